@@ -1,0 +1,59 @@
+//! The error type of the physics crate.
+
+use thiserror::Error;
+
+/// Everything that can go wrong in `scopegym-physics`.
+///
+/// Each variant names the offending field or operation so that a user can fix the input
+/// without reading the source.
+#[derive(Debug, Error, Clone, PartialEq)]
+pub enum PhysicsError {
+    /// A configuration field holds a value outside its allowed range.
+    #[error("invalid value for `{field}`: {reason}")]
+    InvalidParameter {
+        /// Dotted path of the field, e.g. `optics.convergence_angle`.
+        field: String,
+        /// What was expected.
+        reason: String,
+    },
+    /// A quantity string such as `"1.42 Å"` could not be parsed or has the wrong dimension.
+    #[error("invalid quantity {input:?}: {reason}")]
+    InvalidQuantity {
+        /// The text as written.
+        input: String,
+        /// What went wrong and what was expected.
+        reason: String,
+    },
+    /// An argument passed to an instrument operation is out of range (e.g. NaN position).
+    #[error("invalid argument `{argument}`: {reason}")]
+    InvalidArgument {
+        /// The argument's name.
+        argument: String,
+        /// What was expected.
+        reason: String,
+    },
+    /// The operation is refused in the instrument's current state (e.g. acquiring with a blanked beam
+    /// is fine, but moving the probe outside the field of view is not).
+    #[error("operation `{operation}` refused: {reason}")]
+    Refused {
+        /// The operation's name.
+        operation: String,
+        /// Why it was refused.
+        reason: String,
+    },
+}
+
+impl PhysicsError {
+    /// Shorthand for [`PhysicsError::InvalidParameter`].
+    pub fn param(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self::InvalidParameter { field: field.into(), reason: reason.into() }
+    }
+
+    /// Shorthand for [`PhysicsError::InvalidArgument`].
+    pub fn arg(argument: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self::InvalidArgument { argument: argument.into(), reason: reason.into() }
+    }
+}
+
+/// Result alias of the physics crate.
+pub type Result<T, E = PhysicsError> = std::result::Result<T, E>;

@@ -1,0 +1,133 @@
+//! The seam between environments and microscopes: instrument traits.
+//!
+//! Environments talk to an instrument only through these traits. The simulators in this crate
+//! implement them, and so do the real-instrument clients in `scopegym-drivers`, so a policy
+//! trained in simulation runs unchanged on hardware (DESIGN.md §10).
+//!
+//! Coordinates are lab coordinates in metres: the origin is the centre of the scan field at zero
+//! scan offset, x along the fast scan axis, y along the slow axis. The specimen may drift
+//! relative to this frame.
+
+use crate::error::Result;
+use crate::stem::optics::Aberrations;
+use ndarray::ArrayView2;
+
+/// What kind of microscope an instrument is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InstrumentKind {
+    /// Scanning transmission electron microscope.
+    Stem,
+    /// Scanning probe microscope (AFM, STM, PFM).
+    Spm,
+}
+
+/// Static facts about an instrument.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InstrumentInfo {
+    /// Human-readable name, e.g. `"scopegym STEM simulator"`.
+    pub name: String,
+    /// The instrument family.
+    pub kind: InstrumentKind,
+    /// Whether this is a simulator (true) or a real instrument (false).
+    pub simulated: bool,
+}
+
+/// Raster scan settings, as requested and as accepted by the instrument.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ScanSettings {
+    /// Rows (slow axis) of a frame.
+    pub rows: usize,
+    /// Columns (fast axis) of a frame.
+    pub cols: usize,
+    /// Pixel size, m.
+    pub pixel_size: f64,
+    /// Dwell time per pixel, s.
+    pub dwell_time: f64,
+    /// Flyback time per line, s.
+    pub flyback_time: f64,
+    /// Centre of the frame in lab coordinates, m.
+    pub center: [f64; 2],
+}
+
+impl ScanSettings {
+    /// Time to acquire one frame, s: `rows · (cols · dwell + flyback)`.
+    pub fn frame_time(&self) -> f64 {
+        self.rows as f64 * (self.cols as f64 * self.dwell_time + self.flyback_time)
+    }
+
+    /// Field of view `[width, height]`, m.
+    pub fn field_of_view(&self) -> [f64; 2] {
+        [self.cols as f64 * self.pixel_size, self.rows as f64 * self.pixel_size]
+    }
+}
+
+/// Facts about one acquired frame.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct FrameMeta {
+    /// Frame number since the last reset (0-based).
+    pub index: u64,
+    /// Instrument clock at the frame's first pixel, s.
+    pub t_start: f64,
+    /// Acquisition time including flyback, s.
+    pub duration: f64,
+    /// Electrons per pixel, `I·t_dwell/e`.
+    pub electrons_per_pixel: f64,
+    /// Dose per area delivered by this frame, e⁻/m².
+    pub dose: f64,
+}
+
+/// A frame borrowed from the instrument's buffer (valid until the next acquisition).
+#[derive(Debug, Clone, Copy)]
+pub struct Frame<'a> {
+    /// The image, `rows × cols`, row = slow scan axis.
+    pub image: ArrayView2<'a, f32>,
+    /// Acquisition facts.
+    pub meta: FrameMeta,
+}
+
+/// A spectrum borrowed from the instrument's buffer (valid until the next acquisition).
+#[derive(Debug, Clone, Copy)]
+pub struct Spectrum<'a> {
+    /// Energy loss of each channel, eV.
+    pub energy: &'a [f64],
+    /// Counts per channel.
+    pub counts: &'a [f32],
+}
+
+/// A scanning transmission electron microscope.
+pub trait StemInstrument {
+    /// Static facts about the instrument.
+    fn info(&self) -> InstrumentInfo;
+    /// Instrument clock, s since the last reset or connection.
+    fn clock(&self) -> f64;
+    /// Beam energy, eV.
+    fn beam_energy(&self) -> f64;
+    /// Beam current, A.
+    fn beam_current(&self) -> f64;
+    /// The scan settings in force.
+    fn scan_settings(&self) -> ScanSettings;
+    /// Requests new scan settings; returns what the instrument accepted.
+    fn configure_scan(&mut self, request: &ScanSettings) -> Result<ScanSettings>;
+    /// Acquires one HAADF frame with the current scan settings.
+    fn acquire_frame(&mut self) -> Result<Frame<'_>>;
+    /// Current probe position in lab coordinates, m.
+    fn probe_position(&self) -> [f64; 2];
+    /// Moves the (parked) probe to a lab position, m.
+    fn move_probe(&mut self, position: [f64; 2]) -> Result<()>;
+    /// Dwells the beam at the probe position for `dwell_time` s; returns the HAADF counts.
+    fn acquire_point(&mut self, dwell_time: f64) -> Result<f64>;
+    /// Acquires an EELS spectrum at the probe position with exposure `exposure` s.
+    fn acquire_spectrum(&mut self, exposure: f64) -> Result<Spectrum<'_>>;
+    /// The coherent aberrations in force.
+    fn aberrations(&self) -> Aberrations;
+    /// Requests new aberrations; returns what the corrector accepted.
+    fn set_aberrations(&mut self, aberrations: &Aberrations) -> Result<Aberrations>;
+    /// Blanks (true) or unblanks (false) the beam. Acquisitions are refused while blanked.
+    fn set_blanked(&mut self, blanked: bool) -> Result<()>;
+    /// Whether the beam is blanked.
+    fn is_blanked(&self) -> bool;
+    /// Puts the instrument in a safe state (beam blanked). Idempotent.
+    fn make_safe(&mut self) -> Result<()> {
+        self.set_blanked(true)
+    }
+}

@@ -1,0 +1,26 @@
+//! # scopegym-physics
+//!
+//! Simulated microscopes for the scopegym gym: image formation, drift, noise, damage and
+//! specimen dynamics, with no notion of reinforcement learning and no I/O.
+//!
+//! - [`stem`]: the scanning transmission electron microscope (aberrated probe, HAADF imaging,
+//!   scan distortions, knock-on damage and dopant hops, EELS).
+//! - [`instrument`]: the traits environments use, implemented by the simulators here and by the
+//!   real-instrument drivers.
+//! - [`units`] and [`param`]: quantities with units (`"1.42 Å"`) and domain-randomized
+//!   parameters (`{ uniform = [lo, hi] }`).
+//! - [`rng`]: portable seeded generators and fast samplers.
+//!
+//! All quantities are SI (energies in eV).
+
+#![deny(missing_docs)]
+
+pub mod constants;
+pub mod error;
+pub mod instrument;
+pub mod param;
+pub mod rng;
+pub mod stem;
+pub mod units;
+
+pub use error::{PhysicsError, Result};

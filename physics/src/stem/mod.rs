@@ -1,0 +1,12 @@
+//! The simulated scanning transmission electron microscope (DESIGN.md §4).
+
+pub mod damage;
+pub mod eels;
+pub mod fft2;
+pub mod haadf;
+pub mod optics;
+pub mod scan;
+pub mod sim;
+pub mod specimen;
+
+pub use sim::{BeamConfig, DamageReport, StemConfig, StemSimulator};

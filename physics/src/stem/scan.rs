@@ -1,0 +1,366 @@
+//! Scan geometry and scan distortions: per-pixel timestamps, sample drift (constant velocity plus
+//! a random walk, persistent across frames), line jitter, 1/√f scan noise up to 500 Hz and mains
+//! pickup.
+//!
+//! Each pixel `(i, j)` of a frame is visited at `t = t₀ + i (W·dwell + flyback) + j·dwell`. The
+//! probe then sees the specimen shifted by the drift `d(t)` and deflected by scan noise `n(t)`
+//! and line jitter: the recorded value is the ideal image at `r + n(t) + jitter − (d(t) − d(t₀))`
+//! (the bulk shift `d(t₀)` is applied to the atoms before image formation).
+
+use crate::error::{PhysicsError, Result};
+use crate::param::Param;
+use crate::param::dims::{Angle, Diffusivity, Dose, Frequency, Length, Time, Unitless, Velocity};
+use crate::rng::{SimRng, normal, poisson};
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+use std::f64::consts::PI;
+
+/// Raster scan settings (`[scan]`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ScanConfig {
+    /// Frame size in pixels, `[rows, columns]`. Default `[256, 256]`.
+    pub pixels: [usize; 2],
+    /// Pixel size, m. Default 0.2 Å.
+    pub pixel_size: Param<Length>,
+    /// Dwell time per pixel, s. Default 4 µs.
+    pub dwell_time: Param<Time>,
+    /// Flyback time at the end of each line, s. Default 50 µs.
+    pub flyback_time: Param<Time>,
+    /// Frame centre in specimen coordinates `[x, y]`, m. Default `[0, 0]`.
+    pub center: [Param<Length>; 2],
+    /// Optional dose per frame, e⁻/m². When set, the dwell time is derived from it:
+    /// `dwell = dose · pixel_size² · e / current`.
+    pub dose: Option<Param<Dose>>,
+}
+
+impl Default for ScanConfig {
+    fn default() -> Self {
+        Self {
+            pixels: [256, 256],
+            pixel_size: Param::fixed(0.2e-10),
+            dwell_time: Param::fixed(4e-6),
+            flyback_time: Param::fixed(50e-6),
+            center: [Param::fixed(0.0), Param::fixed(0.0)],
+            dose: None,
+        }
+    }
+}
+
+impl ScanConfig {
+    /// Checks ranges; `prefix` is prepended to field names in errors.
+    pub fn validate(&self, prefix: &str) -> Result<()> {
+        let [h, w] = self.pixels;
+        if !(8..=4096).contains(&h) || !(8..=4096).contains(&w) {
+            return Err(PhysicsError::param(format!("{prefix}pixels"), format!("each side must be 8..=4096, got [{h}, {w}]")));
+        }
+        let px = self.pixel_size.get();
+        if !(1e-13..=1e-6).contains(&px) {
+            return Err(PhysicsError::param(format!("{prefix}pixel_size"), format!("must be 0.001 Å to 1 µm, got {px} m")));
+        }
+        let d = self.dwell_time.get();
+        if !(d > 0.0 && d <= 1.0) {
+            return Err(PhysicsError::param(format!("{prefix}dwell_time"), format!("must be in (0, 1] s, got {d}")));
+        }
+        let f = self.flyback_time.get();
+        if !(0.0..=1.0).contains(&f) {
+            return Err(PhysicsError::param(format!("{prefix}flyback_time"), format!("must be in [0, 1] s, got {f}")));
+        }
+        for (i, c) in self.center.iter().enumerate() {
+            if !c.get().is_finite() {
+                return Err(PhysicsError::param(format!("{prefix}center[{i}]"), "must be finite"));
+            }
+        }
+        if let Some(dose) = &self.dose {
+            let v = dose.get();
+            if !(v > 0.0 && v.is_finite()) {
+                return Err(PhysicsError::param(format!("{prefix}dose"), format!("must be a positive dose (e⁻/m², e.g. \"1e4 e/Å²\"), got {v}")));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Sample drift (`[drift]`): constant velocity plus a random walk.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DriftConfig {
+    /// Drift speed, m/s. Default 0.5 nm/min (typical 0.1-1 nm/min).
+    pub speed: Param<Velocity>,
+    /// Drift direction (angle from +x toward +y), rad. Default 0.5 rad.
+    pub direction: Param<Angle>,
+    /// Diffusivity of the random walk added to the constant velocity (per axis, variance
+    /// `2 D Δt`), m²/s. Default 1e-22 m²/s (≈ 0.1 nm r.m.s. per minute).
+    pub diffusivity: Param<Diffusivity>,
+}
+
+impl Default for DriftConfig {
+    fn default() -> Self {
+        Self { speed: Param::fixed(0.5e-9 / 60.0), direction: Param::fixed(0.5), diffusivity: Param::fixed(1e-22) }
+    }
+}
+
+impl DriftConfig {
+    /// Checks ranges; `prefix` is prepended to field names in errors.
+    pub fn validate(&self, prefix: &str) -> Result<()> {
+        let s = self.speed.get();
+        if !(0.0..1e-6).contains(&s) {
+            return Err(PhysicsError::param(format!("{prefix}speed"), format!("must be in [0, 1 µm/s), got {s} m/s")));
+        }
+        if !self.direction.get().is_finite() {
+            return Err(PhysicsError::param(format!("{prefix}direction"), "must be finite"));
+        }
+        let d = self.diffusivity.get();
+        if !(0.0..1e-12).contains(&d) {
+            return Err(PhysicsError::param(format!("{prefix}diffusivity"), format!("must be in [0, 1e-12) m²/s, got {d}")));
+        }
+        Ok(())
+    }
+}
+
+/// Scan noise (`[scan_noise]`): line jitter, 1/√f deflection noise and mains pickup.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ScanNoiseConfig {
+    /// Mean of the Poisson-distributed line shift along x, pixels (random sign). Default 0.05.
+    pub jitter_pixels: Param<Unitless>,
+    /// Total r.m.s. deflection of the 1/√f noise per axis, m. Default 0.05 Å.
+    pub rms: Param<Length>,
+    /// Number of sinusoidal components (log-spaced). Default 16.
+    pub components: u32,
+    /// Lowest noise frequency, Hz. Default 10 Hz.
+    pub min_frequency: Param<Frequency>,
+    /// Highest noise frequency, Hz. Default 500 Hz.
+    pub max_frequency: Param<Frequency>,
+    /// Mains pickup amplitude per axis, m. Default 0.03 Å.
+    pub mains_amplitude: Param<Length>,
+    /// Mains frequency, Hz. Default 50 Hz.
+    pub mains_frequency: Param<Frequency>,
+}
+
+impl Default for ScanNoiseConfig {
+    fn default() -> Self {
+        Self {
+            jitter_pixels: Param::fixed(0.05),
+            rms: Param::fixed(0.05e-10),
+            components: 16,
+            min_frequency: Param::fixed(10.0),
+            max_frequency: Param::fixed(500.0),
+            mains_amplitude: Param::fixed(0.03e-10),
+            mains_frequency: Param::fixed(50.0),
+        }
+    }
+}
+
+impl ScanNoiseConfig {
+    /// Checks ranges; `prefix` is prepended to field names in errors.
+    pub fn validate(&self, prefix: &str) -> Result<()> {
+        let j = self.jitter_pixels.get();
+        if !(0.0..=50.0).contains(&j) {
+            return Err(PhysicsError::param(format!("{prefix}jitter_pixels"), format!("must be in [0, 50], got {j}")));
+        }
+        for (n, v) in [("rms", self.rms.get()), ("mains_amplitude", self.mains_amplitude.get())] {
+            if !(0.0..1e-8).contains(&v) {
+                return Err(PhysicsError::param(format!("{prefix}{n}"), format!("must be in [0, 10 nm), got {v} m")));
+            }
+        }
+        if self.components > 256 {
+            return Err(PhysicsError::param(format!("{prefix}components"), "must be <= 256"));
+        }
+        let (lo, hi) = (self.min_frequency.get(), self.max_frequency.get());
+        if !(lo > 0.0 && hi >= lo && hi <= 1e6) {
+            return Err(PhysicsError::param(format!("{prefix}max_frequency"), format!("need 0 < min_frequency <= max_frequency <= 1 MHz, got {lo}, {hi}")));
+        }
+        let m = self.mains_frequency.get();
+        if !(m > 0.0 && m < 1e4) {
+            return Err(PhysicsError::param(format!("{prefix}mains_frequency"), "must be in (0, 10 kHz)"));
+        }
+        Ok(())
+    }
+}
+
+/// The sample's drift state: it persists across frames within an episode.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DriftState {
+    /// Displacement of the specimen relative to the lab at the current time, m.
+    pub offset: [f64; 2],
+    /// Constant drift velocity, m/s.
+    pub velocity: [f64; 2],
+    /// Random-walk diffusivity, m²/s.
+    pub diffusivity: f64,
+}
+
+impl DriftState {
+    /// A drift starting at zero displacement.
+    pub fn new(cfg: &DriftConfig) -> Self {
+        let (s, a) = (cfg.speed.get(), cfg.direction.get());
+        Self { offset: [0.0, 0.0], velocity: [s * a.cos(), s * a.sin()], diffusivity: cfg.diffusivity.get() }
+    }
+
+    /// Advances the state by `dt` seconds (velocity plus a random-walk step).
+    pub fn advance(&mut self, dt: f64, rng: &mut SimRng) {
+        let sd = (2.0 * self.diffusivity * dt).sqrt();
+        for k in 0..2 {
+            self.offset[k] += self.velocity[k] * dt;
+            if sd > 0.0 {
+                self.offset[k] += sd * normal(rng);
+            }
+        }
+    }
+}
+
+/// One sinusoidal noise component.
+#[derive(Debug, Clone, Copy, Default)]
+struct Component {
+    omega: f64,
+    amp: [f64; 2],
+    phase: [f64; 2],
+}
+
+/// Per-frame distortion generator: fills per-row shifts and evaluates noise, reusing buffers.
+#[derive(Debug, Clone, Default)]
+pub struct Distortion {
+    comps: Vec<Component>,
+    /// Per row: drift displacement relative to the frame start at the row's first pixel, m.
+    pub row_drift_start: Vec<[f64; 2]>,
+    /// Per row: drift displacement relative to the frame start at the row's last pixel, m.
+    pub row_drift_end: Vec<[f64; 2]>,
+    /// Per row: jitter along x, pixels.
+    pub row_jitter: Vec<f64>,
+    /// Noise deflection at nodes every `NODE` pixels along each row (plus the row end), m.
+    pub noise_nodes: Vec<[f64; 2]>,
+}
+
+/// Spacing of scan-noise evaluation nodes along a row, pixels.
+pub const NODE: usize = 16;
+
+impl Distortion {
+    /// Draws the distortions of one frame of `rows × cols` pixels starting at time `t0` and
+    /// advances `drift` through the frame.
+    #[allow(clippy::too_many_arguments)]
+    pub fn generate(&mut self, cfg: &ScanNoiseConfig, rows: usize, cols: usize, dwell: f64, flyback: f64, t0: f64, drift: &mut DriftState, rng: &mut SimRng) {
+        let line = cols as f64 * dwell + flyback;
+        let row_span = (cols.max(1) - 1) as f64 * dwell;
+        // Components: log-spaced 1/√f amplitudes normalized to the configured r.m.s., random phases.
+        let n = cfg.components as usize;
+        self.comps.clear();
+        let (lo, hi) = (cfg.min_frequency.get(), cfg.max_frequency.get());
+        let mut norm = 0.0;
+        for k in 0..n {
+            let f = if n == 1 { lo } else { lo * (hi / lo).powf(k as f64 / (n - 1) as f64) };
+            let a = 1.0 / f.sqrt();
+            norm += 0.5 * a * a;
+            self.comps.push(Component { omega: 2.0 * PI * f, amp: [a, a], phase: [0.0, 0.0] });
+        }
+        let scale = if norm > 0.0 { cfg.rms.get() / norm.sqrt() } else { 0.0 };
+        for c in &mut self.comps {
+            c.amp = [c.amp[0] * scale, c.amp[1] * scale];
+            c.phase = [2.0 * PI * rng.random::<f64>(), 2.0 * PI * rng.random::<f64>()];
+        }
+        let mains = cfg.mains_amplitude.get();
+        if mains > 0.0 {
+            let ph = 2.0 * PI * rng.random::<f64>();
+            self.comps.push(Component { omega: 2.0 * PI * cfg.mains_frequency.get(), amp: [mains, mains], phase: [ph, ph + 0.5 * PI] });
+        }
+        // Rows: drift (relative to the frame start) and jitter.
+        self.row_drift_start.clear();
+        self.row_drift_end.clear();
+        self.row_jitter.clear();
+        let start = drift.offset;
+        let jit = cfg.jitter_pixels.get();
+        for _ in 0..rows {
+            let a = drift.offset;
+            drift.advance(row_span, rng);
+            let b = drift.offset;
+            drift.advance(line - row_span, rng);
+            self.row_drift_start.push([a[0] - start[0], a[1] - start[1]]);
+            self.row_drift_end.push([b[0] - start[0], b[1] - start[1]]);
+            let j = if jit > 0.0 {
+                let k = f64::from(poisson(rng, jit));
+                if rng.random::<bool>() { k } else { -k }
+            } else {
+                0.0
+            };
+            self.row_jitter.push(j);
+        }
+        // Noise at nodes (phasor recurrence along the row).
+        let nodes_per_row = cols.div_ceil(NODE) + 1;
+        self.noise_nodes.clear();
+        self.noise_nodes.resize(rows * nodes_per_row, [0.0, 0.0]);
+        if self.comps.iter().all(|c| c.amp == [0.0, 0.0]) {
+            return;
+        }
+        for i in 0..rows {
+            let tr = t0 + i as f64 * line;
+            for c in &self.comps {
+                for ax in 0..2 {
+                    let (mut s, mut co) = (c.omega * tr + c.phase[ax]).sin_cos();
+                    let (ds, dc) = (c.omega * NODE as f64 * dwell).sin_cos();
+                    for k in 0..nodes_per_row {
+                        self.noise_nodes[i * nodes_per_row + k][ax] += c.amp[ax] * s;
+                        let ns = s * dc + co * ds;
+                        co = co * dc - s * ds;
+                        s = ns;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Number of noise nodes per row for a frame of `cols` columns.
+    pub fn nodes_per_row(cols: usize) -> usize {
+        cols.div_ceil(NODE) + 1
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::seeded;
+
+    #[test]
+    fn drift_moves_at_the_configured_velocity() {
+        let cfg = DriftConfig { speed: Param::fixed(1e-9), direction: Param::fixed(0.0), diffusivity: Param::fixed(0.0) };
+        let mut d = DriftState::new(&cfg);
+        let mut rng = seeded(0);
+        d.advance(2.0, &mut rng);
+        assert!((d.offset[0] - 2e-9).abs() < 1e-20 && d.offset[1].abs() < 1e-20);
+    }
+
+    #[test]
+    fn random_walk_variance_is_two_d_t() {
+        let cfg = DriftConfig { speed: Param::fixed(0.0), direction: Param::fixed(0.0), diffusivity: Param::fixed(1e-20) };
+        let mut rng = seeded(1);
+        let n = 4000;
+        let mut sum2 = 0.0;
+        for _ in 0..n {
+            let mut d = DriftState::new(&cfg);
+            for _ in 0..10 {
+                d.advance(0.1, &mut rng);
+            }
+            sum2 += d.offset[0] * d.offset[0];
+        }
+        let var = sum2 / n as f64;
+        let expected = 2.0 * 1e-20 * 1.0;
+        assert!((var / expected - 1.0).abs() < 0.1, "{var} vs {expected}");
+    }
+
+    #[test]
+    fn scan_noise_has_the_configured_rms() {
+        let cfg = ScanNoiseConfig { mains_amplitude: Param::fixed(0.0), jitter_pixels: Param::fixed(0.0), rms: Param::fixed(1e-10), ..Default::default() };
+        let mut dist = Distortion::default();
+        let mut drift = DriftState::new(&DriftConfig::default());
+        let mut rng = seeded(2);
+        let mut acc = 0.0;
+        let mut n = 0.0;
+        for f in 0..20 {
+            dist.generate(&cfg, 64, 64, 4e-6, 50e-6, f as f64 * 0.05, &mut drift, &mut rng);
+            for v in &dist.noise_nodes {
+                acc += v[0] * v[0];
+                n += 1.0;
+            }
+        }
+        let rms = (acc / n).sqrt();
+        assert!((rms / 1e-10 - 1.0).abs() < 0.3, "{rms}");
+    }
+}

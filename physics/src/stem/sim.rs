@@ -1,0 +1,563 @@
+//! The simulated STEM: a specimen under an aberrated probe, with drift, noise and damage.
+//!
+//! ```
+//! use scopegym_physics::stem::{StemConfig, StemSimulator};
+//! use scopegym_physics::instrument::StemInstrument;
+//! let mut cfg = StemConfig::default();
+//! cfg.scan.pixels = [64, 64];
+//! let mut sim = StemSimulator::new(cfg, 42).unwrap();
+//! let frame = sim.acquire_frame().unwrap();
+//! assert_eq!(frame.image.dim(), (64, 64));
+//! assert!(frame.image.iter().all(|v| v.is_finite() && *v >= 0.0));
+//! ```
+
+use crate::constants::ELEMENTARY_CHARGE;
+use crate::error::{PhysicsError, Result};
+use crate::instrument::{Frame, FrameMeta, InstrumentInfo, InstrumentKind, ScanSettings, Spectrum, StemInstrument};
+use crate::param::{Param, resolve};
+use crate::param::dims::Current;
+use crate::rng::{SimRng, derive_seed, poisson, seeded};
+use crate::stem::damage::{DamageConfig, DoseMap, Hop, HopModel, sputter};
+use crate::stem::eels::{EelsConfig, EelsModel};
+use crate::stem::haadf::{DetectorConfig, HaadfRenderer};
+use crate::stem::optics::{Aberrations, OpticsConfig, ProbeCalculator, ProbeSpec};
+use crate::stem::scan::{DriftConfig, DriftState, Distortion, ScanConfig, ScanNoiseConfig};
+use crate::stem::specimen::{Atom, Specimen, SpecimenConfig};
+use ndarray::ArrayView2;
+use serde::{Deserialize, Serialize};
+
+/// Beam settings (`[beam]`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BeamConfig {
+    /// Probe current, A. Default 100 pA.
+    pub current: Param<Current>,
+}
+
+impl Default for BeamConfig {
+    fn default() -> Self {
+        Self { current: Param::fixed(100e-12) }
+    }
+}
+
+/// Everything that defines a simulated STEM session: one scenario's instrument and specimen.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct StemConfig {
+    /// The specimen.
+    pub specimen: SpecimenConfig,
+    /// Probe-forming optics.
+    pub optics: OpticsConfig,
+    /// Beam current.
+    pub beam: BeamConfig,
+    /// Raster scan.
+    pub scan: ScanConfig,
+    /// HAADF detector.
+    pub detector: DetectorConfig,
+    /// Sample drift.
+    pub drift: DriftConfig,
+    /// Scan noise.
+    pub scan_noise: ScanNoiseConfig,
+    /// Beam damage.
+    pub damage: DamageConfig,
+    /// EELS spectrometer.
+    pub eels: EelsConfig,
+}
+
+impl StemConfig {
+    /// Validates every section, naming the offending field (`optics.convergence_angle`, ...).
+    pub fn validate(&self) -> Result<()> {
+        self.specimen.validate("specimen.")?;
+        self.optics.validate("optics.")?;
+        let i = self.beam.current.get();
+        if !(i > 0.0 && i <= 1e-6) {
+            return Err(PhysicsError::param("beam.current", format!("must be in (0, 1 µA], got {i} A")));
+        }
+        self.scan.validate("scan.")?;
+        self.detector.validate("detector.")?;
+        self.drift.validate("drift.")?;
+        self.scan_noise.validate("scan_noise.")?;
+        self.damage.validate("damage.")?;
+        self.eels.validate("eels.")?;
+        Ok(())
+    }
+}
+
+/// What happened to the specimen in the last exposure.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DamageReport {
+    /// Atoms removed by knock-on (specimen coordinates).
+    pub sputtered: Vec<Atom>,
+    /// Dopant hops.
+    pub hops: Vec<Hop>,
+}
+
+/// The simulated STEM. Implements [`StemInstrument`].
+#[derive(Debug)]
+pub struct StemSimulator {
+    template: StemConfig,
+    cfg: StemConfig,
+    seed: u64,
+    rng_noise: SimRng,
+    rng_scan: SimRng,
+    rng_damage: SimRng,
+    specimen: Specimen,
+    aberrations: Aberrations,
+    scan: ScanSettings,
+    probe_calc: ProbeCalculator,
+    kernel: Vec<f64>,
+    kernel_side: usize,
+    probe_sigma: f64,
+    probe_dirty: bool,
+    renderer: HaadfRenderer,
+    dist: Distortion,
+    drift: DriftState,
+    dose_map: DoseMap,
+    clock: f64,
+    probe_pos: [f64; 2],
+    blanked: bool,
+    frames: u64,
+    sigma_haadf: [f64; 93],
+    sigma_knock: [f64; 93],
+    any_knock: bool,
+    hop: HopModel,
+    eels: EelsModel,
+    spectrum: Vec<f32>,
+    composition: Vec<(u8, f64)>,
+    last_damage: DamageReport,
+    last_meta: FrameMeta,
+}
+
+/// Probe intensity per area (1/m²) at offset `(ox, oy)` (m) from a binned kernel `k` of `s × s`
+/// pixels of size `px`, bilinear; 0 outside it.
+fn kernel_density(k: &[f64], s: usize, px: f64, ox: f64, oy: f64) -> f64 {
+    let u = ox / px + (s / 2) as f64;
+    let v = oy / px + (s / 2) as f64;
+    if !(u >= 0.0 && v >= 0.0 && u < (s - 1) as f64 && v < (s - 1) as f64) {
+        return 0.0;
+    }
+    let (j, i) = (u as usize, v as usize);
+    let (fx, fy) = (u - j as f64, v - i as f64);
+    let val = (k[i * s + j] * (1.0 - fx) + k[i * s + j + 1] * fx) * (1.0 - fy) + (k[(i + 1) * s + j] * (1.0 - fx) + k[(i + 1) * s + j + 1] * fx) * fy;
+    val / (px * px)
+}
+
+/// Bond length used to find a dopant's neighbours, m (graphene C-C 1.42 Å plus tolerance).
+const HOP_BOND: f64 = 1.7e-10;
+
+impl StemSimulator {
+    /// Builds a simulator: resolves distributions in `config` with `seed`, validates, builds the
+    /// specimen. The same config and seed give the same session, bit for bit.
+    pub fn new(config: StemConfig, seed: u64) -> Result<Self> {
+        config.validate()?;
+        let cfg = resolve(&config, &mut seeded(derive_seed(seed, "params")))?;
+        cfg.validate()?;
+        let eels = EelsModel::new(&cfg.eels)?;
+        let mut sim = Self {
+            template: config,
+            scan: Self::scan_from(&cfg),
+            aberrations: cfg.optics.aberrations(),
+            sigma_haadf: cfg.detector.cross_sections(),
+            sigma_knock: cfg.damage.cross_sections(cfg.optics.energy.get()),
+            any_knock: false,
+            hop: HopModel::from_config(&cfg.damage),
+            drift: DriftState::new(&cfg.drift),
+            dose_map: DoseMap::new([1e-9, 1e-9], 1e-10),
+            spectrum: vec![0.0; eels.energy_axis().len()],
+            eels,
+            cfg,
+            seed,
+            rng_noise: seeded(derive_seed(seed, "noise")),
+            rng_scan: seeded(derive_seed(seed, "scan")),
+            rng_damage: seeded(derive_seed(seed, "damage")),
+            specimen: Specimen::default(),
+            probe_calc: ProbeCalculator::new(),
+            kernel: Vec::new(),
+            kernel_side: 0,
+            probe_sigma: 0.0,
+            probe_dirty: true,
+            renderer: HaadfRenderer::default(),
+            dist: Distortion::default(),
+            clock: 0.0,
+            probe_pos: [0.0, 0.0],
+            blanked: false,
+            frames: 0,
+            composition: Vec::new(),
+            last_damage: DamageReport::default(),
+            last_meta: FrameMeta::default(),
+        };
+        sim.reset(seed)?;
+        Ok(sim)
+    }
+
+    fn scan_from(cfg: &StemConfig) -> ScanSettings {
+        let s = &cfg.scan;
+        let dx = s.pixel_size.get();
+        let dwell = match &s.dose {
+            Some(d) => d.get() * dx * dx * ELEMENTARY_CHARGE / cfg.beam.current.get(),
+            None => s.dwell_time.get(),
+        };
+        ScanSettings {
+            rows: s.pixels[0],
+            cols: s.pixels[1],
+            pixel_size: dx,
+            dwell_time: dwell,
+            flyback_time: s.flyback_time.get(),
+            center: [s.center[0].get(), s.center[1].get()],
+        }
+    }
+
+    /// Starts a new session with `seed`: redraws randomized parameters, rebuilds the specimen,
+    /// zeroes the clock, drift, dose map and frame counter. Buffers are kept.
+    pub fn reset(&mut self, seed: u64) -> Result<()> {
+        let cfg = resolve(&self.template, &mut seeded(derive_seed(seed, "params")))?;
+        cfg.validate()?;
+        if cfg.eels != self.cfg.eels {
+            self.eels = EelsModel::new(&cfg.eels)?;
+            self.spectrum = vec![0.0; self.eels.energy_axis().len()];
+        }
+        self.seed = seed;
+        self.rng_noise = seeded(derive_seed(seed, "noise"));
+        self.rng_scan = seeded(derive_seed(seed, "scan"));
+        self.rng_damage = seeded(derive_seed(seed, "damage"));
+        self.scan = Self::scan_from(&cfg);
+        let new_ab = cfg.optics.aberrations();
+        if new_ab != self.aberrations || cfg.optics != self.cfg.optics {
+            self.probe_dirty = true;
+        }
+        self.aberrations = new_ab;
+        self.sigma_haadf = cfg.detector.cross_sections();
+        self.sigma_knock = cfg.damage.cross_sections(cfg.optics.energy.get());
+        self.any_knock = cfg.damage.sputtering && self.sigma_knock.iter().any(|s| *s > 0.0);
+        self.hop = HopModel::from_config(&cfg.damage);
+        self.drift = DriftState::new(&cfg.drift);
+        // Specimen: the configured size, or the field of view plus 2 nm on each side.
+        let fov = self.scan.field_of_view();
+        let mut half = [0.0; 2];
+        for k in 0..2 {
+            let s = cfg.specimen.size[k].get();
+            half[k] = if s > 0.0 { 0.5 * s } else { 0.5 * fov[k] + self.scan.center[k].abs() + 2e-9 };
+        }
+        self.specimen = cfg.specimen.build(half, &mut seeded(derive_seed(seed, "specimen")))?;
+        self.dose_map = DoseMap::new(half, cfg.damage.dose_map_cell.get());
+        self.cfg = cfg;
+        self.clock = 0.0;
+        self.frames = 0;
+        self.probe_pos = [0.0, 0.0];
+        self.blanked = false;
+        self.last_damage = DamageReport::default();
+        self.last_meta = FrameMeta::default();
+        Ok(())
+    }
+
+    /// The resolved configuration (every distribution replaced by its drawn value).
+    pub fn config(&self) -> &StemConfig {
+        &self.cfg
+    }
+
+    /// The configuration as given, distributions included.
+    pub fn template(&self) -> &StemConfig {
+        &self.template
+    }
+
+    /// The seed of the current session.
+    pub fn seed(&self) -> u64 {
+        self.seed
+    }
+
+    /// Ground truth: the specimen in specimen coordinates (lab = specimen + [`Self::drift_offset`]).
+    pub fn specimen(&self) -> &Specimen {
+        &self.specimen
+    }
+
+    /// Mutable access to the specimen, for tasks that set up or manipulate it directly
+    /// (simulation only: a real instrument has no such handle).
+    pub fn specimen_mut(&mut self) -> &mut Specimen {
+        &mut self.specimen
+    }
+
+    /// Ground truth: the specimen's current displacement relative to the lab, m.
+    pub fn drift_offset(&self) -> [f64; 2] {
+        self.drift.offset
+    }
+
+    /// Ground truth: the drift state (velocity, random walk).
+    pub fn drift(&self) -> &DriftState {
+        &self.drift
+    }
+
+    /// The cumulative dose map (specimen coordinates).
+    pub fn dose_map(&self) -> &DoseMap {
+        &self.dose_map
+    }
+
+    /// What the last exposure did to the specimen.
+    pub fn last_damage(&self) -> &DamageReport {
+        &self.last_damage
+    }
+
+    /// The last frame's expected values (noiseless, along the distorted scan path).
+    pub fn last_noiseless(&self) -> ArrayView2<'_, f32> {
+        ArrayView2::from_shape((self.scan.rows, self.scan.cols), &self.renderer.noiseless[..self.scan.rows * self.scan.cols])
+            .expect("buffer sized to the scan")
+    }
+
+    /// The binned probe intensity on the image grid (side, values summing to 1), computing it if
+    /// needed.
+    pub fn probe_kernel(&mut self) -> (usize, &[f64]) {
+        self.ensure_probe();
+        (self.kernel_side, &self.kernel)
+    }
+
+    /// The probe's specification in force.
+    pub fn probe_spec(&self) -> ProbeSpec {
+        ProbeSpec {
+            energy: self.cfg.optics.energy.get(),
+            alpha: self.cfg.optics.convergence_angle.get(),
+            aberrations: self.aberrations,
+            cc: self.cfg.optics.cc.get(),
+            energy_spread: self.cfg.optics.energy_spread.get(),
+        }
+    }
+
+    /// Recomputes the probe if the optics or scan geometry changed.
+    pub fn ensure_probe(&mut self) {
+        if !self.probe_dirty {
+            return;
+        }
+        let spec = self.probe_spec();
+        let dx = self.scan.pixel_size;
+        let max_extent = dx * (self.scan.rows.max(self.scan.cols)) as f64;
+        self.kernel_side = self.probe_calc.binned_probe(&spec, dx, max_extent, &mut self.kernel);
+        // Second moment of the kernel, for spreading point doses.
+        let s = self.kernel_side;
+        let c = (s / 2) as f64;
+        let mut m2 = 0.0;
+        for y in 0..s {
+            for x in 0..s {
+                m2 += self.kernel[y * s + x] * ((x as f64 - c).powi(2) + (y as f64 - c).powi(2));
+            }
+        }
+        let src = self.cfg.optics.source_size.get();
+        self.probe_sigma = ((0.5 * m2).sqrt() * dx).hypot(src);
+        self.renderer.set_probe(&self.kernel, s, self.scan.rows, self.scan.cols, dx, src);
+        self.probe_dirty = false;
+    }
+
+    fn electrons(&self, time: f64) -> f64 {
+        self.cfg.beam.current.get() * time / ELEMENTARY_CHARGE
+    }
+
+    fn check_beam(&self, op: &str) -> Result<()> {
+        if self.blanked {
+            return Err(PhysicsError::Refused { operation: op.into(), reason: "the beam is blanked".into() });
+        }
+        Ok(())
+    }
+
+    /// Probe intensity per area (1/m²) at lab offset `(dx, dy)` from the probe, from the binned
+    /// kernel (bilinear), 0 outside it.
+    fn probe_density(&self, ox: f64, oy: f64) -> f64 {
+        kernel_density(&self.kernel, self.kernel_side, self.scan.pixel_size, ox, oy)
+    }
+
+    /// Acquires a spectrum image: an EELS spectrum at each point of a `rows × cols` grid with step
+    /// `step` (m) centred on the scan centre; returns `(rows, cols, channels)` counts.
+    pub fn spectrum_image(&mut self, rows: usize, cols: usize, step: f64, exposure: f64) -> Result<ndarray::Array3<f32>> {
+        if rows == 0 || cols == 0 || !(step > 0.0 && step.is_finite()) {
+            return Err(PhysicsError::arg("spectrum_image", "rows, cols must be > 0 and step a positive length"));
+        }
+        let nch = self.eels.energy_axis().len();
+        let mut out = ndarray::Array3::zeros((rows, cols, nch));
+        let c = self.scan.center;
+        for i in 0..rows {
+            for j in 0..cols {
+                let x = c[0] + (j as f64 - 0.5 * (cols as f64 - 1.0)) * step;
+                let y = c[1] + (i as f64 - 0.5 * (rows as f64 - 1.0)) * step;
+                self.move_probe([x, y])?;
+                let s = self.acquire_spectrum(exposure)?;
+                out.slice_mut(ndarray::s![i, j, ..]).assign(&ndarray::ArrayView1::from(s.counts));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Point exposure shared by `acquire_point` and `acquire_spectrum`: dose, sputtering, hops,
+    /// drift and clock. Returns the expected HAADF counts at the probe.
+    fn expose_point(&mut self, time: f64) -> Result<f64> {
+        self.ensure_probe();
+        let n_e = self.electrons(time);
+        let d = self.drift.offset;
+        let b = [self.probe_pos[0] - d[0], self.probe_pos[1] - d[1]];
+        // Expected HAADF signal and the composition under the probe.
+        let mut signal = 0.0;
+        self.composition.clear();
+        let reach = self.kernel_side as f64 * 0.5 * self.scan.pixel_size;
+        for a in &self.specimen.atoms {
+            let (ox, oy) = (a.x - b[0], a.y - b[1]);
+            if ox.abs() > reach || oy.abs() > reach {
+                continue;
+            }
+            let p = self.probe_density(ox, oy);
+            if p <= 0.0 {
+                continue;
+            }
+            signal += self.sigma_haadf[a.z as usize] * p;
+            // Effective atoms under the probe: P × 1 Å².
+            let w = p * 1e-20;
+            match self.composition.iter_mut().find(|c| c.0 == a.z) {
+                Some(c) => c.1 += w,
+                None => self.composition.push((a.z, w)),
+            }
+        }
+        self.dose_map.add_gaussian(b[0], b[1], self.probe_sigma, n_e);
+        let mut report = DamageReport::default();
+        if self.any_knock {
+            let kernel_reach = reach;
+            // Split borrows: the kernel is read while the specimen is modified.
+            let (kernel, side, px) = (&self.kernel, self.kernel_side, self.scan.pixel_size);
+            let probe = |a: &Atom| -> f64 {
+                let (ox, oy) = (a.x - b[0], a.y - b[1]);
+                if ox.abs() > kernel_reach || oy.abs() > kernel_reach { 0.0 } else { n_e * kernel_density(kernel, side, px, ox, oy) }
+            };
+            report.sputtered = sputter(&mut self.specimen, &self.sigma_knock, &mut self.rng_damage, probe);
+        }
+        if self.cfg.damage.dopant_hops {
+            report.hops = self.hop.dwell(&mut self.specimen, b, self.cfg.beam.current.get(), time, HOP_BOND, &mut self.rng_damage);
+        }
+        self.last_damage = report;
+        self.drift.advance(time, &mut self.rng_scan);
+        self.clock += time;
+        Ok(signal * n_e)
+    }
+}
+
+impl StemInstrument for StemSimulator {
+    fn info(&self) -> InstrumentInfo {
+        InstrumentInfo { name: "scopegym STEM simulator".into(), kind: InstrumentKind::Stem, simulated: true }
+    }
+
+    fn clock(&self) -> f64 {
+        self.clock
+    }
+
+    fn beam_energy(&self) -> f64 {
+        self.cfg.optics.energy.get()
+    }
+
+    fn beam_current(&self) -> f64 {
+        self.cfg.beam.current.get()
+    }
+
+    fn scan_settings(&self) -> ScanSettings {
+        self.scan
+    }
+
+    fn configure_scan(&mut self, request: &ScanSettings) -> Result<ScanSettings> {
+        let mut s = self.cfg.scan.clone();
+        s.pixels = [request.rows, request.cols];
+        s.pixel_size = Param::fixed(request.pixel_size);
+        s.dwell_time = Param::fixed(request.dwell_time);
+        s.flyback_time = Param::fixed(request.flyback_time);
+        s.center = [Param::fixed(request.center[0]), Param::fixed(request.center[1])];
+        s.dose = None;
+        s.validate("scan.")?;
+        if (request.rows, request.cols, request.pixel_size) != (self.scan.rows, self.scan.cols, self.scan.pixel_size) {
+            self.probe_dirty = true;
+        }
+        self.scan = *request;
+        Ok(self.scan)
+    }
+
+    fn acquire_frame(&mut self) -> Result<Frame<'_>> {
+        self.check_beam("acquire_frame")?;
+        self.ensure_probe();
+        let sc = self.scan;
+        let epp = self.electrons(sc.dwell_time);
+        let shift = self.drift.offset;
+        self.renderer.render_ideal(&self.specimen.atoms, &self.sigma_haadf, epp, shift, sc.center)?;
+        let t0 = self.clock;
+        self.dist.generate(&self.cfg.scan_noise, sc.rows, sc.cols, sc.dwell_time, sc.flyback_time, t0, &mut self.drift, &mut self.rng_scan);
+        self.renderer.record(&self.dist, &self.cfg.detector, &mut self.rng_noise);
+        // Dose over the scanned area, in specimen coordinates at the frame start.
+        let dose = epp / (sc.pixel_size * sc.pixel_size);
+        let [w, h] = sc.field_of_view();
+        let (x0, y0) = (sc.center[0] - 0.5 * w - shift[0], sc.center[1] - 0.5 * h - shift[1]);
+        self.dose_map.add_rect(x0, x0 + w, y0, y0 + h, dose);
+        let mut report = DamageReport::default();
+        if self.any_knock {
+            report.sputtered = sputter(&mut self.specimen, &self.sigma_knock, &mut self.rng_damage, |a| {
+                if a.x >= x0 && a.x < x0 + w && a.y >= y0 && a.y < y0 + h { dose } else { 0.0 }
+            });
+        }
+        self.last_damage = report;
+        self.clock = t0 + sc.frame_time();
+        let meta = FrameMeta { index: self.frames, t_start: t0, duration: sc.frame_time(), electrons_per_pixel: epp, dose };
+        self.frames += 1;
+        self.last_meta = meta;
+        let image = ArrayView2::from_shape((sc.rows, sc.cols), &self.renderer.frame[..sc.rows * sc.cols]).expect("buffer sized to the scan");
+        Ok(Frame { image, meta })
+    }
+
+    fn probe_position(&self) -> [f64; 2] {
+        self.probe_pos
+    }
+
+    fn move_probe(&mut self, position: [f64; 2]) -> Result<()> {
+        if !(position[0].is_finite() && position[1].is_finite()) {
+            return Err(PhysicsError::arg("position", "must be finite"));
+        }
+        let [w, h] = self.scan.field_of_view();
+        let c = self.scan.center;
+        // Positions are allowed anywhere within twice the field of view (the scan coils' range).
+        if (position[0] - c[0]).abs() > w || (position[1] - c[1]).abs() > h {
+            return Err(PhysicsError::Refused { operation: "move_probe".into(), reason: format!("position {position:?} m is outside the deflection range") });
+        }
+        self.probe_pos = position;
+        Ok(())
+    }
+
+    fn acquire_point(&mut self, dwell_time: f64) -> Result<f64> {
+        self.check_beam("acquire_point")?;
+        if !(dwell_time > 0.0 && dwell_time <= 1000.0) {
+            return Err(PhysicsError::arg("dwell_time", format!("must be in (0, 1000] s, got {dwell_time}")));
+        }
+        let expected = self.expose_point(dwell_time)?;
+        let gain = self.cfg.detector.gain.get();
+        let counts = if self.cfg.detector.shot_noise { f64::from(poisson(&mut self.rng_noise, expected)) } else { expected };
+        Ok(gain * counts + self.cfg.detector.offset.get())
+    }
+
+    fn acquire_spectrum(&mut self, exposure: f64) -> Result<Spectrum<'_>> {
+        self.check_beam("acquire_spectrum")?;
+        if !(exposure > 0.0 && exposure <= 1000.0) {
+            return Err(PhysicsError::arg("exposure", format!("must be in (0, 1000] s, got {exposure}")));
+        }
+        self.expose_point(exposure)?;
+        let n_e = self.electrons(exposure);
+        self.eels.sample(&self.composition, n_e, &mut self.rng_noise, &mut self.spectrum);
+        Ok(Spectrum { energy: self.eels.energy_axis(), counts: &self.spectrum })
+    }
+
+    fn aberrations(&self) -> Aberrations {
+        self.aberrations
+    }
+
+    fn set_aberrations(&mut self, aberrations: &Aberrations) -> Result<Aberrations> {
+        aberrations.validate("aberrations.")?;
+        if *aberrations != self.aberrations {
+            self.aberrations = *aberrations;
+            self.probe_dirty = true;
+        }
+        Ok(self.aberrations)
+    }
+
+    fn set_blanked(&mut self, blanked: bool) -> Result<()> {
+        self.blanked = blanked;
+        Ok(())
+    }
+
+    fn is_blanked(&self) -> bool {
+        self.blanked
+    }
+}

@@ -1,0 +1,278 @@
+//! Checks of the STEM simulator against the formulas and numbers of DESIGN.md §4.
+
+use scopegym_physics::instrument::StemInstrument;
+use scopegym_physics::param::Param;
+use scopegym_physics::stem::haadf::{DetectorConfig, HaadfRenderer};
+use scopegym_physics::stem::optics::{Aberrations, ProbeCalculator, ProbeSpec, electron_wavelength};
+use scopegym_physics::stem::specimen::{Atom, ContaminationConfig, Crystal, SpecimenConfig};
+use scopegym_physics::stem::{StemConfig, StemSimulator};
+
+fn unaberrated(energy: f64, alpha: f64) -> ProbeSpec {
+    ProbeSpec { energy, alpha, aberrations: Aberrations::default(), cc: 0.0, energy_spread: 0.0 }
+}
+
+/// Full width at half maximum along the x axis through the centre of an `n × n` image.
+fn fwhm_x(img: &[f64], n: usize, dx: f64) -> f64 {
+    let c = n / 2;
+    let row = &img[c * n..(c + 1) * n];
+    let peak = row[c];
+    let half = 0.5 * peak;
+    let cross = |dir: i64| -> f64 {
+        let mut i = c as i64;
+        loop {
+            let j = i + dir;
+            let (a, b) = (row[i as usize], row[j as usize]);
+            if b < half {
+                // Linear interpolation between i and j.
+                let t = (a - half) / (a - b);
+                return (i as f64 + t * dir as f64 - c as f64).abs();
+            }
+            i = j;
+        }
+    };
+    (cross(1) + cross(-1)) * dx
+}
+
+#[test]
+fn unaberrated_probe_has_the_airy_width_and_unit_sum() {
+    for &(e, alpha) in &[(60e3, 30e-3), (200e3, 25e-3)] {
+        let spec = unaberrated(e, alpha);
+        let lambda = electron_wavelength(e);
+        let dx = lambda / alpha / 40.0;
+        let n = 512;
+        let mut pc = ProbeCalculator::new();
+        pc.fine_intensity(&spec, n, dx);
+        let sum: f64 = pc.intensity().iter().sum();
+        assert!((sum - 1.0).abs() < 1e-9, "sum {sum}");
+        let w = fwhm_x(pc.intensity(), n, dx);
+        let airy = 0.51 * lambda / alpha;
+        assert!((w / airy - 1.0).abs() < 0.05, "E={e}: FWHM {w:e} vs Airy {airy:e}");
+    }
+}
+
+#[test]
+fn defocus_broadens_the_probe_and_the_binned_kernel_sums_to_one() {
+    let mut spec = unaberrated(60e3, 30e-3);
+    let lambda = electron_wavelength(60e3);
+    let dx = lambda / 30e-3 / 40.0;
+    let n = 512;
+    let mut pc = ProbeCalculator::new();
+    pc.fine_intensity(&spec, n, dx);
+    let peak0 = pc.intensity()[(n / 2) * n + n / 2];
+    let w0 = fwhm_x(pc.intensity(), n, dx);
+    spec.aberrations.c10 = 5e-9;
+    pc.fine_intensity(&spec, n, dx);
+    let peak1 = pc.intensity()[(n / 2) * n + n / 2];
+    let w1 = fwhm_x(pc.intensity(), n, dx);
+    assert!(peak1 < 0.7 * peak0, "peak {peak0} -> {peak1}");
+    assert!(w1 > w0, "FWHM {w0} -> {w1}");
+    let mut k = Vec::new();
+    let side = pc.binned_probe(&spec, 0.2e-10, 5e-9, &mut k);
+    assert_eq!(k.len(), side * side);
+    assert!((k.iter().sum::<f64>() - 1.0).abs() < 1e-9);
+}
+
+#[test]
+fn si_over_c_column_ratio_is_z_ratio_to_the_n() {
+    let det = DetectorConfig::default();
+    let n = det.haadf_exponent.get();
+    let sigma = det.cross_sections();
+    let dx = 0.2e-10;
+    let spec = ProbeSpec { aberrations: Aberrations { c30: 123e-9, c50: 0.55e-3, ..Default::default() }, ..unaberrated(60e3, 30e-3) };
+    let mut pc = ProbeCalculator::new();
+    let mut kernel = Vec::new();
+    let side = pc.binned_probe(&spec, dx, 128.0 * dx, &mut kernel);
+    let mut r = HaadfRenderer::default();
+    r.set_probe(&kernel, side, 128, 128, dx, 0.35e-10);
+    // Two isolated atoms 2 nm apart, both exactly on pixel centres (same sampling of the probe).
+    let g = r.geometry().unwrap();
+    let px = |j: usize| (j as f64 + 0.5 - 64.0) * dx;
+    let atoms = [Atom { x: px(34), y: px(64), height: 0.0, z: 6 }, Atom { x: px(94), y: px(64), height: 0.0, z: 14 }];
+    r.render_ideal(&atoms, &sigma, 2500.0, [0.0, 0.0], [0.0, 0.0]).unwrap();
+    let at = |j: usize, i: usize| f64::from(r.ideal[(i + g.margin) * g.pcols + j + g.margin]);
+    let (c, si) = (at(34, 64), at(94, 64));
+    let expected = (14.0f64 / 6.0).powf(n);
+    assert!((si / c / expected - 1.0).abs() < 0.05, "ratio {} vs {expected}", si / c);
+    // Expected counts on a carbon atom: N σ_C P(0) with P from the kernel (order 10 counts).
+    assert!(c > 1.0 && c < 100.0, "{c}");
+}
+
+fn quiet_config(pixels: usize) -> StemConfig {
+    let mut cfg = StemConfig::default();
+    cfg.scan.pixels = [pixels, pixels];
+    cfg.scan_noise.rms = Param::fixed(0.0);
+    cfg.scan_noise.mains_amplitude = Param::fixed(0.0);
+    cfg.scan_noise.jitter_pixels = Param::fixed(0.0);
+    cfg.drift.speed = Param::fixed(0.0);
+    cfg.drift.diffusivity = Param::fixed(0.0);
+    cfg
+}
+
+#[test]
+fn noisy_counts_average_to_the_noiseless_expectation() {
+    let mut sim = StemSimulator::new(quiet_config(128), 5).unwrap();
+    let f = sim.acquire_frame().unwrap().image.to_owned();
+    let nl = sim.last_noiseless();
+    let sum_noisy: f64 = f.iter().map(|&v| f64::from(v)).sum();
+    let sum_exp: f64 = nl.iter().map(|&v| f64::from(v)).sum();
+    // Poisson: the variance of the sum equals the sum of the means.
+    let sd = sum_exp.sqrt();
+    assert!((sum_noisy - sum_exp).abs() < 4.0 * sd, "{sum_noisy} vs {sum_exp} ± {sd}");
+    assert!(sum_exp > 1e4);
+    // Per-pixel variance also matches the mean (Poisson), pooled over bright and dark pixels.
+    let resid: f64 = f.iter().zip(nl.iter()).map(|(&a, &b)| (f64::from(a) - f64::from(b)).powi(2)).sum();
+    assert!((resid / sum_exp - 1.0).abs() < 0.05, "variance/mean = {}", resid / sum_exp);
+}
+
+/// Integer-pixel + Gaussian three-point sub-pixel shift of `b` relative to `a` by brute-force
+/// correlation of the mean-subtracted images over a window of ±`max` pixels.
+fn measure_shift(a: &[f32], b: &[f32], n: usize, max: i64) -> (f64, f64) {
+    let mean = |x: &[f32]| x.iter().map(|&v| f64::from(v)).sum::<f64>() / x.len() as f64;
+    let (ma, mb) = (mean(a), mean(b));
+    let a: Vec<f32> = a.iter().map(|&v| (f64::from(v) - ma) as f32).collect();
+    let b: Vec<f32> = b.iter().map(|&v| (f64::from(v) - mb) as f32).collect();
+    let corr = |sx: i64, sy: i64| -> f64 {
+        let mut s = 0.0;
+        let m = max as usize;
+        for i in m..n - m {
+            for j in m..n - m {
+                let bi = (i as i64 + sy) as usize;
+                let bj = (j as i64 + sx) as usize;
+                s += f64::from(a[i * n + j]) * f64::from(b[bi * n + bj]);
+            }
+        }
+        s
+    };
+    let mut best = (0, 0, f64::MIN);
+    for sy in -max + 1..max {
+        for sx in -max + 1..max {
+            let c = corr(sx, sy);
+            if c > best.2 {
+                best = (sx, sy, c);
+            }
+        }
+    }
+    let (bx, by, c0) = best;
+    let sub = |m: f64, p: f64| {
+        let (lm, l0, lp) = (m.max(1e-300).ln(), c0.ln(), p.max(1e-300).ln());
+        0.5 * (lm - lp) / (lm - 2.0 * l0 + lp)
+    };
+    let dx = bx as f64 + sub(corr(bx - 1, by), corr(bx + 1, by));
+    let dy = by as f64 + sub(corr(bx, by - 1), corr(bx, by + 1));
+    (dx, dy)
+}
+
+#[test]
+fn lattice_displacement_between_frames_matches_the_drift_velocity() {
+    let mut cfg = quiet_config(96);
+    // An aperiodic specimen, so that the correlation peak is unique.
+    cfg.specimen = SpecimenConfig {
+        crystal: Crystal::None,
+        contamination: Some(ContaminationConfig { coverage: Param::fixed(0.999), density: Param::fixed(0.05e20), ..Default::default() }),
+        ..Default::default()
+    };
+    cfg.detector.shot_noise = false;
+    let speed = 2e-9; // m/s
+    let dir: f64 = 0.6;
+    cfg.drift.speed = Param::fixed(speed);
+    cfg.drift.direction = Param::fixed(dir);
+    let mut sim = StemSimulator::new(cfg, 9).unwrap();
+    let f0 = sim.acquire_frame().unwrap();
+    let t0 = f0.meta.t_start;
+    let a = f0.image.to_owned();
+    sim.acquire_frame().unwrap();
+    let f2 = sim.acquire_frame().unwrap();
+    let dt = f2.meta.t_start - t0;
+    let b = f2.image.to_owned();
+    let (sx, sy) = measure_shift(a.as_slice().unwrap(), b.as_slice().unwrap(), 96, 12);
+    let px = sim.scan_settings().pixel_size;
+    let (ex, ey) = (speed * dir.cos() * dt / px, speed * dir.sin() * dt / px);
+    assert!(ex > 3.0, "test needs a visible shift, got {ex}");
+    assert!((sx - ex).abs() < 0.3 && (sy - ey).abs() < 0.3, "measured ({sx:.2}, {sy:.2}) px, expected ({ex:.2}, {ey:.2}) px");
+    // The drift state persisted across frames: its offset equals v·t at the clock.
+    let off = sim.drift_offset();
+    assert!((off[0] - speed * dir.cos() * sim.clock()).abs() < 1e-15);
+}
+
+#[test]
+fn aberration_change_recomputes_the_probe_and_blurs_the_image() {
+    let mut cfg = quiet_config(64);
+    cfg.detector.shot_noise = false;
+    let mut sim = StemSimulator::new(cfg, 1).unwrap();
+    let sharp = sim.acquire_frame().unwrap().image.to_owned();
+    let mut ab = sim.aberrations();
+    ab.c10 = 8e-9;
+    sim.set_aberrations(&ab).unwrap();
+    let blurred = sim.acquire_frame().unwrap().image.to_owned();
+    let var = |x: &ndarray::Array2<f32>| {
+        let m = x.mean().unwrap();
+        x.iter().map(|v| (v - m).powi(2)).sum::<f32>() / x.len() as f32
+    };
+    assert!(var(&blurred) < 0.5 * var(&sharp), "{} vs {}", var(&blurred), var(&sharp));
+}
+
+#[test]
+fn blanked_beam_refuses_acquisition_and_bad_arguments_are_errors() {
+    let mut sim = StemSimulator::new(quiet_config(32), 1).unwrap();
+    sim.make_safe().unwrap();
+    assert!(sim.acquire_frame().is_err());
+    sim.set_blanked(false).unwrap();
+    assert!(sim.move_probe([f64::NAN, 0.0]).is_err());
+    assert!(sim.acquire_point(-1.0).is_err());
+    assert!(sim.acquire_point(f64::NAN).is_err());
+    let bad = Aberrations { c10: f64::INFINITY, ..Default::default() };
+    assert!(sim.set_aberrations(&bad).is_err());
+    let mut cfg = quiet_config(32);
+    cfg.optics.convergence_angle = Param::fixed(-0.01);
+    let e = StemSimulator::new(cfg, 0).unwrap_err().to_string();
+    assert!(e.contains("optics.convergence_angle"), "{e}");
+}
+
+#[test]
+fn same_seed_same_frames_different_seed_different_frames() {
+    let cfg = StemConfig { scan: scopegym_physics::stem::scan::ScanConfig { pixels: [48, 48], ..Default::default() }, ..Default::default() };
+    let run = |seed| {
+        let mut sim = StemSimulator::new(cfg.clone(), seed).unwrap();
+        let a = sim.acquire_frame().unwrap().image.to_owned();
+        let b = sim.acquire_frame().unwrap().image.to_owned();
+        (a, b)
+    };
+    let (a1, b1) = run(3);
+    let (a2, b2) = run(3);
+    let (a3, _) = run(4);
+    assert_eq!(a1, a2);
+    assert_eq!(b1, b2);
+    assert_ne!(a1, a3);
+}
+
+#[test]
+fn dopant_hops_under_a_parked_beam_at_the_putting_dune_rate() {
+    let mut cfg = quiet_config(64);
+    cfg.specimen.dopants = vec![Default::default()];
+    let mut sim = StemSimulator::new(cfg, 11).unwrap();
+    let si = sim.specimen().indices_of(14)[0];
+    let s = sim.specimen().atoms[si];
+    let nb = sim.specimen().neighbors(si, 1.6e-10);
+    let q = sim.specimen().atoms[nb[0]];
+    let len = (q.x - s.x).hypot(q.y - s.y);
+    let beam = [s.x + 0.85e-10 * (q.x - s.x) / len, s.y + 0.85e-10 * (q.y - s.y) / len];
+    // Mean time to the first hop at the peak is 3/ln2 s plus small side rates: over many 1.5 s
+    // dwells, the first hop comes after about 3 dwells.
+    let mut waits = Vec::new();
+    for seed in 0..60 {
+        sim.reset(seed).unwrap();
+        let mut n = 0;
+        loop {
+            n += 1;
+            sim.move_probe(beam).unwrap();
+            sim.acquire_point(1.5).unwrap();
+            if !sim.last_damage().hops.is_empty() || n > 50 {
+                break;
+            }
+        }
+        waits.push(f64::from(n) * 1.5);
+    }
+    let mean = waits.iter().sum::<f64>() / waits.len() as f64;
+    // Exponential with rate ≈ ln2/3 (+ small rates toward the other two neighbours), discretized.
+    assert!(mean > 2.5 && mean < 7.5, "mean wait {mean} s");
+}
