@@ -1,1 +1,211 @@
-fn main() {}
+//! The `scopegym` command-line program.
+
+use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use ndarray::{Array2, Array3, Axis};
+use scopegym::error::CliError;
+use scopegym::output::{AttrValue, Data, Dataset, check_writable, montage_u8, write_hdf5, write_png};
+use scopegym::scenario::{InstrumentConfig, Scenario, physics_to_scenario};
+use scopegym_physics::instrument::StemInstrument;
+use scopegym_physics::stem::StemSimulator;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+/// scopegym: microscopy simulation engine and reinforcement-learning gym.
+#[derive(Debug, Parser)]
+#[command(name = "scopegym", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Simulate frames from a scenario and save them as PNG (and HDF5 with ground truth).
+    Simulate {
+        /// Scenario TOML file.
+        scenario: PathBuf,
+        /// Output PNG (frames side by side when --frames > 1).
+        #[arg(long)]
+        out: PathBuf,
+        /// Also write an HDF5 file with the frames, the noiseless expectation and the atoms.
+        #[arg(long)]
+        hdf5: Option<PathBuf>,
+        /// Seed of the session (same seed, same output).
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Number of consecutive frames (drift and damage carry over).
+        #[arg(long, default_value_t = 1)]
+        frames: usize,
+    },
+    /// Time frame simulation and probe recomputation for a scenario (median ms).
+    Perf {
+        /// Scenario TOML file.
+        scenario: PathBuf,
+        /// Frames to time.
+        #[arg(long, default_value_t = 50)]
+        frames: usize,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let res = match cli.command {
+        Command::Simulate { scenario, out, hdf5, seed, frames } => simulate(scenario, out, hdf5, seed, frames),
+        Command::Perf { scenario, frames, json } => perf(scenario, frames, json),
+    };
+    match res {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(e.exit_code() as u8)
+        }
+    }
+}
+
+fn stem_sim(sc: &Scenario, seed: u64) -> Result<StemSimulator, CliError> {
+    let InstrumentConfig::Stem(cfg) = &sc.config;
+    StemSimulator::new(cfg.clone(), seed).map_err(|e| physics_to_scenario(&sc.path, e))
+}
+
+fn simulate(scenario: PathBuf, out: PathBuf, hdf5: Option<PathBuf>, seed: u64, frames: usize) -> Result<(), CliError> {
+    if !(1..=10_000).contains(&frames) {
+        return Err(CliError::Argument { argument: "--frames".into(), message: format!("must be 1..=10000, got {frames}") });
+    }
+    check_writable(&out, "--out")?;
+    if let Some(h) = &hdf5 {
+        check_writable(h, "--hdf5")?;
+    }
+    let sc = Scenario::load(&scenario)?;
+    let mut sim = stem_sim(&sc, seed)?;
+    let s = sim.scan_settings();
+    let mut stack = Array3::<f32>::zeros((frames, s.rows, s.cols));
+    let mut noiseless = Array3::<f32>::zeros((frames, s.rows, s.cols));
+    let mut times = Vec::with_capacity(frames);
+    let d0 = sim.drift_offset();
+    let atoms0 = sim.specimen().atoms.clone();
+    let bar = if frames > 1 { ProgressBar::new(frames as u64) } else { ProgressBar::hidden() };
+    bar.set_style(ProgressStyle::with_template("{spinner} simulating {bar:40} {pos}/{len} frames ({eta})").expect("valid template"));
+    for k in 0..frames {
+        let f = sim.acquire_frame()?;
+        times.push(f.meta.t_start);
+        stack.index_axis_mut(Axis(0), k).assign(&f.image);
+        noiseless.index_axis_mut(Axis(0), k).assign(&sim.last_noiseless());
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let views: Vec<_> = stack.outer_iter().collect();
+    let png = montage_u8(&views);
+    if let Some(h) = &hdf5 {
+        let cfg = sim.config();
+        let ab = sim.aberrations();
+        // Atoms at the first frame, in metres from the frame's top-left corner: pixel (i, j)
+        // centre is at ((j + 0.5) dx, (i + 0.5) dx).
+        let [w, hgt] = s.field_of_view();
+        let mut pos = Array2::<f64>::zeros((atoms0.len(), 2));
+        for (i, a) in atoms0.iter().enumerate() {
+            pos[[i, 0]] = a.x + d0[0] - s.center[0] + 0.5 * w;
+            pos[[i, 1]] = a.y + d0[1] - s.center[1] + 0.5 * hgt;
+        }
+        let z: Vec<i32> = atoms0.iter().map(|a| i32::from(a.z)).collect();
+        let attrs = |u: &str, q: &str| vec![("units".to_string(), u.to_string()), ("quantity".to_string(), q.to_string())];
+        let datasets = vec![
+            Dataset { name: "frame".into(), data: Data::F32x3(stack.clone()), attrs: attrs("counts", "HAADF intensity") },
+            Dataset { name: "noiseless".into(), data: Data::F32x3(noiseless), attrs: attrs("counts", "expected HAADF intensity before noise") },
+            Dataset { name: "frame_start_time".into(), data: Data::F64x1(times), attrs: attrs("s", "time of each frame's first pixel") },
+            Dataset { name: "atoms/positions".into(), data: Data::F64x2(pos), attrs: attrs("m", "atom position (x, y) from the frame's top-left corner") },
+            Dataset { name: "atoms/z".into(), data: Data::I32x1(z), attrs: attrs("1", "atomic number") },
+        ];
+        let resolved = toml::to_string(cfg).unwrap_or_default();
+        let template = std::fs::read_to_string(&scenario).unwrap_or_default();
+        let f = AttrValue::F64;
+        let root = vec![
+            ("beam_energy_eV".into(), f(sim.beam_energy())),
+            ("convergence_angle_rad".into(), f(cfg.optics.convergence_angle.get())),
+            ("pixel_size_m".into(), f(s.pixel_size)),
+            ("dwell_time_s".into(), f(s.dwell_time)),
+            ("flyback_time_s".into(), f(s.flyback_time)),
+            ("beam_current_A".into(), f(sim.beam_current())),
+            ("haadf_exponent".into(), f(cfg.detector.haadf_exponent.get())),
+            ("C10_m".into(), f(ab.c10)),
+            ("C12_m".into(), f(ab.c12)),
+            ("phi12_rad".into(), f(ab.phi12)),
+            ("C21_m".into(), f(ab.c21)),
+            ("phi21_rad".into(), f(ab.phi21)),
+            ("C23_m".into(), f(ab.c23)),
+            ("phi23_rad".into(), f(ab.phi23)),
+            ("C30_m".into(), f(ab.c30)),
+            ("C50_m".into(), f(ab.c50)),
+            ("source_size_m".into(), f(cfg.optics.source_size.get())),
+            ("seed".into(), AttrValue::U64(seed)),
+            ("frames".into(), AttrValue::U64(frames as u64)),
+            ("scenario_name".into(), AttrValue::Str(sc.name.clone())),
+            ("scenario_version".into(), AttrValue::I64(sc.version)),
+            ("scenario_file".into(), AttrValue::Str(template)),
+            ("resolved_config".into(), AttrValue::Str(resolved)),
+            ("scopegym_version".into(), AttrValue::Str(scopegym::VERSION.into())),
+            ("git_commit".into(), AttrValue::Str(scopegym::GIT_COMMIT.into())),
+        ];
+        write_hdf5(h, &datasets, &root)?;
+    }
+    write_png(&out, &png)?;
+    eprintln!(
+        "wrote {} frame(s) of {}x{} ({:.3} s each, {:.0} e-/Å² per frame) to {}{}",
+        frames,
+        s.rows,
+        s.cols,
+        s.frame_time(),
+        sim.config().beam.current.get() * s.dwell_time / scopegym_physics::constants::ELEMENTARY_CHARGE / (s.pixel_size * s.pixel_size) * 1e-20,
+        out.display(),
+        hdf5.map(|h| format!(" and {}", h.display())).unwrap_or_default()
+    );
+    Ok(())
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn perf(scenario: PathBuf, frames: usize, json: bool) -> Result<(), CliError> {
+    if frames == 0 {
+        return Err(CliError::Argument { argument: "--frames".into(), message: "must be > 0".into() });
+    }
+    let sc = Scenario::load(&scenario)?;
+    let mut sim = stem_sim(&sc, 0)?;
+    sim.acquire_frame()?; // warm-up: plans, probe, buffers
+    let mut frame_ms = Vec::with_capacity(frames);
+    for _ in 0..frames {
+        let t = Instant::now();
+        std::hint::black_box(sim.acquire_frame()?.image[[0, 0]]);
+        frame_ms.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    let mut probe_ms = Vec::with_capacity(frames);
+    let base = sim.aberrations();
+    for k in 0..frames.min(50) {
+        let mut ab = base;
+        ab.c10 += if k % 2 == 0 { 1e-10 } else { -1e-10 };
+        let t = Instant::now();
+        sim.set_aberrations(&ab)?;
+        std::hint::black_box(sim.probe_kernel().1[0]);
+        probe_ms.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    let s = sim.scan_settings();
+    let (f, p) = (median(frame_ms), median(probe_ms));
+    let atoms = sim.specimen().atoms.len();
+    if json {
+        println!(
+            "{{\"scenario\": {:?}, \"pixels\": [{}, {}], \"atoms\": {}, \"frames\": {}, \"frame_ms\": {:.4}, \"probe_ms\": {:.4}}}",
+            sc.name, s.rows, s.cols, atoms, frames, f, p
+        );
+    } else {
+        println!("{}: {}x{} pixels, {} atoms", sc.name, s.rows, s.cols, atoms);
+        println!("frame (unchanged probe): {f:.3} ms (median of {frames})");
+        println!("probe recomputation:     {p:.3} ms");
+    }
+    Ok(())
+}

@@ -1,0 +1,58 @@
+//! Errors of the command-line program.
+
+use std::path::PathBuf;
+use thiserror::Error;
+
+/// What can go wrong in the CLI. Input errors exit with code 2, the rest with 1.
+#[derive(Debug, Error)]
+pub enum CliError {
+    /// A scenario file is malformed or holds an invalid value.
+    #[error("{file}: {key}{message}")]
+    Scenario {
+        /// The scenario file.
+        file: PathBuf,
+        /// The offending key, formatted as "key `a.b`: " (empty when not known).
+        key: String,
+        /// What is wrong and what is expected.
+        message: String,
+    },
+    /// A command-line argument is invalid.
+    #[error("argument {argument}: {message}")]
+    Argument {
+        /// The argument's name.
+        argument: String,
+        /// What is wrong and what is expected.
+        message: String,
+    },
+    /// Reading or writing a file failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// Writing an HDF5 file failed.
+    #[error("{path}: HDF5: {message}")]
+    Hdf5 {
+        /// The file.
+        path: PathBuf,
+        /// The HDF5 library's message.
+        message: String,
+    },
+    /// The simulation refused an operation.
+    #[error(transparent)]
+    Physics(#[from] scopegym_physics::PhysicsError),
+}
+
+impl CliError {
+    /// The process exit code for this error: 2 for bad input, 1 otherwise.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Self::Scenario { .. } | Self::Argument { .. } => 2,
+            Self::Physics(scopegym_physics::PhysicsError::InvalidParameter { .. } | scopegym_physics::PhysicsError::InvalidQuantity { .. }) => 2,
+            Self::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => 2,
+            _ => 1,
+        }
+    }
+}
