@@ -54,7 +54,10 @@ const META: [&str; 4] = ["name", "version", "description", "instrument"];
 
 fn scenario_err(path: &Path, key: &str, message: impl Into<String>) -> CliError {
     let key = if key.is_empty() { String::new() } else { format!("key `{key}`: ") };
-    CliError::Scenario { file: path.to_path_buf(), key, message: message.into() }
+    // One line: the TOML parser appends "in `table`" lines, which the key already says.
+    let message: String = message.into();
+    let message = message.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with("in `")).collect::<Vec<_>>().join(" ");
+    CliError::Scenario { file: path.to_path_buf(), key, message }
 }
 
 /// Maps a physics validation error to a scenario error naming the key.

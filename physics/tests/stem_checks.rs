@@ -276,3 +276,42 @@ fn dopant_hops_under_a_parked_beam_at_the_putting_dune_rate() {
     // Exponential with rate ≈ ln2/3 (+ small rates toward the other two neighbours), discretized.
     assert!(mean > 2.5 && mean < 7.5, "mean wait {mean} s");
 }
+
+#[test]
+fn eels_shows_the_edges_of_the_atoms_under_the_probe() {
+    let mut cfg = quiet_config(64);
+    cfg.specimen.dopants = vec![Default::default()];
+    // Monolayer graphene: t/λ ≈ 0.3 nm / ~100 nm.
+    cfg.eels.thickness_ratio = Param::fixed(0.005);
+    let mut sim = StemSimulator::new(cfg, 2).unwrap();
+    let si = sim.specimen().indices_of(14)[0];
+    let a = sim.specimen().atoms[si];
+    // A carbon atom about 1 nm from the dopant.
+    let c_idx = (0..sim.specimen().atoms.len())
+        .filter(|&i| sim.specimen().atoms[i].z == 6)
+        .min_by(|&i, &j| {
+            let d = |k: usize| ((sim.specimen().atoms[k].x - a.x).hypot(sim.specimen().atoms[k].y - a.y) - 1e-9).abs();
+            d(i).total_cmp(&d(j))
+        })
+        .unwrap();
+    let carbon = sim.specimen().atoms[c_idx];
+    let mut measure = |x: f64, y: f64| {
+        let d = sim.drift_offset();
+        sim.move_probe([x + d[0], y + d[1]]).unwrap();
+        let spec = sim.acquire_spectrum(0.5).unwrap();
+        let (e, c) = (spec.energy.to_vec(), spec.counts.to_vec());
+        assert!(c.iter().all(|v| v.is_finite() && *v >= 0.0));
+        move |lo: f64, hi: f64| -> f64 { e.iter().zip(&c).filter(|(x, _)| **x >= lo && **x < hi).map(|(_, v)| f64::from(*v)).sum::<f64>() }
+    };
+    let on_si = measure(a.x, a.y);
+    let on_c = measure(carbon.x, carbon.y);
+    // Si-L2,3 (99 eV) jumps on the dopant, not on a carbon atom 1 nm away.
+    assert!(on_si(100.0, 110.0) > 1.5 * on_si(88.0, 98.0), "Si-L on Si: {} vs {}", on_si(100.0, 110.0), on_si(88.0, 98.0));
+    let (b, ab) = (on_c(88.0, 98.0), on_c(100.0, 110.0));
+    assert!(ab < b + 5.0 * b.sqrt() + 5.0, "Si-L on C: {ab} vs {b}");
+    // C-K (284 eV) jumps on the carbon atom.
+    assert!(on_c(286.0, 296.0) > 1.5 * on_c(272.0, 282.0), "C-K on C: {} vs {}", on_c(286.0, 296.0), on_c(272.0, 282.0));
+    // No oxygen in graphene: no jump at O-K (532 eV) beyond noise.
+    let (below, above) = (on_c(515.0, 530.0), on_c(534.0, 549.0));
+    assert!(above < below + 5.0 * below.sqrt() + 5.0, "O-K: {above} vs {below}");
+}
