@@ -50,7 +50,10 @@ impl CliError {
     pub fn exit_code(&self) -> i32 {
         match self {
             Self::Scenario { .. } | Self::Argument { .. } => 2,
-            Self::Physics(scopegym_physics::PhysicsError::InvalidParameter { .. } | scopegym_physics::PhysicsError::InvalidQuantity { .. }) => 2,
+            Self::Physics(
+                scopegym_physics::PhysicsError::InvalidParameter { .. }
+                | scopegym_physics::PhysicsError::InvalidQuantity { .. },
+            ) => 2,
             Self::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => 2,
             _ => 1,
         }

@@ -4,7 +4,9 @@ use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use ndarray::{Array2, Array3, Axis};
 use scopegym::error::CliError;
-use scopegym::output::{AttrValue, Data, Dataset, check_writable, montage_u8, write_hdf5, write_png};
+use scopegym::output::{
+    AttrValue, Data, Dataset, check_writable, montage_u8, write_hdf5, write_png,
+};
 use scopegym::scenario::{InstrumentConfig, Scenario, physics_to_scenario};
 use scopegym_physics::instrument::StemInstrument;
 use scopegym_physics::stem::StemSimulator;
@@ -39,7 +41,7 @@ enum Command {
         #[arg(long, default_value_t = 1)]
         frames: usize,
     },
-    /// Time frame simulation and probe recomputation for a scenario (median ms).
+    /// Time frames (unchanged probe and specimen; changed specimen) and probe recomputation (median ms).
     Perf {
         /// Scenario TOML file.
         scenario: PathBuf,
@@ -55,8 +57,18 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let res = match cli.command {
-        Command::Simulate { scenario, out, hdf5, seed, frames } => simulate(scenario, out, hdf5, seed, frames),
-        Command::Perf { scenario, frames, json } => perf(scenario, frames, json),
+        Command::Simulate {
+            scenario,
+            out,
+            hdf5,
+            seed,
+            frames,
+        } => simulate(scenario, out, hdf5, seed, frames),
+        Command::Perf {
+            scenario,
+            frames,
+            json,
+        } => perf(scenario, frames, json),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,
@@ -72,9 +84,18 @@ fn stem_sim(sc: &Scenario, seed: u64) -> Result<StemSimulator, CliError> {
     StemSimulator::new(cfg.clone(), seed).map_err(|e| physics_to_scenario(&sc.path, e))
 }
 
-fn simulate(scenario: PathBuf, out: PathBuf, hdf5: Option<PathBuf>, seed: u64, frames: usize) -> Result<(), CliError> {
+fn simulate(
+    scenario: PathBuf,
+    out: PathBuf,
+    hdf5: Option<PathBuf>,
+    seed: u64,
+    frames: usize,
+) -> Result<(), CliError> {
     if !(1..=10_000).contains(&frames) {
-        return Err(CliError::Argument { argument: "--frames".into(), message: format!("must be 1..=10000, got {frames}") });
+        return Err(CliError::Argument {
+            argument: "--frames".into(),
+            message: format!("must be 1..=10000, got {frames}"),
+        });
     }
     check_writable(&out, "--out")?;
     if let Some(h) = &hdf5 {
@@ -88,13 +109,22 @@ fn simulate(scenario: PathBuf, out: PathBuf, hdf5: Option<PathBuf>, seed: u64, f
     let mut times = Vec::with_capacity(frames);
     let d0 = sim.drift_offset();
     let atoms0 = sim.specimen().atoms.clone();
-    let bar = if frames > 1 { ProgressBar::new(frames as u64) } else { ProgressBar::hidden() };
-    bar.set_style(ProgressStyle::with_template("{spinner} simulating {bar:40} {pos}/{len} frames ({eta})").expect("valid template"));
+    let bar = if frames > 1 {
+        ProgressBar::new(frames as u64)
+    } else {
+        ProgressBar::hidden()
+    };
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} simulating {bar:40} {pos}/{len} frames ({eta})")
+            .expect("valid template"),
+    );
     for k in 0..frames {
         let f = sim.acquire_frame()?;
         times.push(f.meta.t_start);
         stack.index_axis_mut(Axis(0), k).assign(&f.image);
-        noiseless.index_axis_mut(Axis(0), k).assign(&sim.last_noiseless());
+        noiseless
+            .index_axis_mut(Axis(0), k)
+            .assign(&sim.last_noiseless());
         bar.inc(1);
     }
     bar.finish_and_clear();
@@ -112,25 +142,56 @@ fn simulate(scenario: PathBuf, out: PathBuf, hdf5: Option<PathBuf>, seed: u64, f
             pos[[i, 1]] = a.y + d0[1] - s.center[1] + 0.5 * hgt;
         }
         let z: Vec<i32> = atoms0.iter().map(|a| i32::from(a.z)).collect();
-        let attrs = |u: &str, q: &str| vec![("units".to_string(), u.to_string()), ("quantity".to_string(), q.to_string())];
+        let attrs = |u: &str, q: &str| {
+            vec![
+                ("units".to_string(), u.to_string()),
+                ("quantity".to_string(), q.to_string()),
+            ]
+        };
         let datasets = vec![
-            Dataset { name: "frame".into(), data: Data::F32x3(stack.clone()), attrs: attrs("counts", "HAADF intensity") },
-            Dataset { name: "noiseless".into(), data: Data::F32x3(noiseless), attrs: attrs("counts", "expected HAADF intensity before noise") },
-            Dataset { name: "frame_start_time".into(), data: Data::F64x1(times), attrs: attrs("s", "time of each frame's first pixel") },
-            Dataset { name: "atoms/positions".into(), data: Data::F64x2(pos), attrs: attrs("m", "atom position (x, y) from the frame's top-left corner") },
-            Dataset { name: "atoms/z".into(), data: Data::I32x1(z), attrs: attrs("1", "atomic number") },
+            Dataset {
+                name: "frame".into(),
+                data: Data::F32x3(stack.clone()),
+                attrs: attrs("counts", "HAADF intensity"),
+            },
+            Dataset {
+                name: "noiseless".into(),
+                data: Data::F32x3(noiseless),
+                attrs: attrs("counts", "expected HAADF intensity before noise"),
+            },
+            Dataset {
+                name: "frame_start_time".into(),
+                data: Data::F64x1(times),
+                attrs: attrs("s", "time of each frame's first pixel"),
+            },
+            Dataset {
+                name: "atoms/positions".into(),
+                data: Data::F64x2(pos),
+                attrs: attrs("m", "atom position (x, y) from the frame's top-left corner"),
+            },
+            Dataset {
+                name: "atoms/z".into(),
+                data: Data::I32x1(z),
+                attrs: attrs("1", "atomic number"),
+            },
         ];
         let resolved = toml::to_string(cfg).unwrap_or_default();
         let template = std::fs::read_to_string(&scenario).unwrap_or_default();
         let f = AttrValue::F64;
         let root = vec![
             ("beam_energy_eV".into(), f(sim.beam_energy())),
-            ("convergence_angle_rad".into(), f(cfg.optics.convergence_angle.get())),
+            (
+                "convergence_angle_rad".into(),
+                f(cfg.optics.convergence_angle.get()),
+            ),
             ("pixel_size_m".into(), f(s.pixel_size)),
             ("dwell_time_s".into(), f(s.dwell_time)),
             ("flyback_time_s".into(), f(s.flyback_time)),
             ("beam_current_A".into(), f(sim.beam_current())),
-            ("haadf_exponent".into(), f(cfg.detector.haadf_exponent.get())),
+            (
+                "haadf_exponent".into(),
+                f(cfg.detector.haadf_exponent.get()),
+            ),
             ("C10_m".into(), f(ab.c10)),
             ("C12_m".into(), f(ab.c12)),
             ("phi12_rad".into(), f(ab.phi12)),
@@ -147,8 +208,14 @@ fn simulate(scenario: PathBuf, out: PathBuf, hdf5: Option<PathBuf>, seed: u64, f
             ("scenario_version".into(), AttrValue::I64(sc.version)),
             ("scenario_file".into(), AttrValue::Str(template)),
             ("resolved_config".into(), AttrValue::Str(resolved)),
-            ("scopegym_version".into(), AttrValue::Str(scopegym::VERSION.into())),
-            ("git_commit".into(), AttrValue::Str(scopegym::GIT_COMMIT.into())),
+            (
+                "scopegym_version".into(),
+                AttrValue::Str(scopegym::VERSION.into()),
+            ),
+            (
+                "git_commit".into(),
+                AttrValue::Str(scopegym::GIT_COMMIT.into()),
+            ),
         ];
         write_hdf5(h, &datasets, &root)?;
     }
@@ -159,9 +226,13 @@ fn simulate(scenario: PathBuf, out: PathBuf, hdf5: Option<PathBuf>, seed: u64, f
         s.rows,
         s.cols,
         s.frame_time(),
-        sim.config().beam.current.get() * s.dwell_time / scopegym_physics::constants::ELEMENTARY_CHARGE / (s.pixel_size * s.pixel_size) * 1e-20,
+        sim.config().beam.current.get() * s.dwell_time
+            / scopegym_physics::constants::ELEMENTARY_CHARGE
+            / (s.pixel_size * s.pixel_size)
+            * 1e-20,
         out.display(),
-        hdf5.map(|h| format!(" and {}", h.display())).unwrap_or_default()
+        hdf5.map(|h| format!(" and {}", h.display()))
+            .unwrap_or_default()
     );
     Ok(())
 }
@@ -173,7 +244,10 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 fn perf(scenario: PathBuf, frames: usize, json: bool) -> Result<(), CliError> {
     if frames == 0 {
-        return Err(CliError::Argument { argument: "--frames".into(), message: "must be > 0".into() });
+        return Err(CliError::Argument {
+            argument: "--frames".into(),
+            message: "must be > 0".into(),
+        });
     }
     let sc = Scenario::load(&scenario)?;
     let mut sim = stem_sim(&sc, 0)?;
@@ -183,6 +257,15 @@ fn perf(scenario: PathBuf, frames: usize, json: bool) -> Result<(), CliError> {
         let t = Instant::now();
         std::hint::black_box(sim.acquire_frame()?.image[[0, 0]]);
         frame_ms.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    // Frames whose specimen changed (as after damage): the ideal image is re-rendered (splat, FFT
+    // convolution), the probe is not recomputed.
+    let mut rerender_ms = Vec::with_capacity(frames);
+    for _ in 0..frames {
+        let t = Instant::now();
+        sim.specimen_mut();
+        std::hint::black_box(sim.acquire_frame()?.image[[0, 0]]);
+        rerender_ms.push(t.elapsed().as_secs_f64() * 1e3);
     }
     let mut probe_ms = Vec::with_capacity(frames);
     let base = sim.aberrations();
@@ -195,16 +278,17 @@ fn perf(scenario: PathBuf, frames: usize, json: bool) -> Result<(), CliError> {
         probe_ms.push(t.elapsed().as_secs_f64() * 1e3);
     }
     let s = sim.scan_settings();
-    let (f, p) = (median(frame_ms), median(probe_ms));
+    let (f, r, p) = (median(frame_ms), median(rerender_ms), median(probe_ms));
     let atoms = sim.specimen().atoms.len();
     if json {
         println!(
-            "{{\"scenario\": {:?}, \"pixels\": [{}, {}], \"atoms\": {}, \"frames\": {}, \"frame_ms\": {:.4}, \"probe_ms\": {:.4}}}",
-            sc.name, s.rows, s.cols, atoms, frames, f, p
+            "{{\"scenario\": {:?}, \"pixels\": [{}, {}], \"atoms\": {}, \"frames\": {}, \"frame_ms\": {:.4}, \"frame_rerender_ms\": {:.4}, \"probe_ms\": {:.4}}}",
+            sc.name, s.rows, s.cols, atoms, frames, f, r, p
         );
     } else {
         println!("{}: {}x{} pixels, {} atoms", sc.name, s.rows, s.cols, atoms);
         println!("frame (unchanged probe): {f:.3} ms (median of {frames})");
+        println!("frame (specimen changed): {r:.3} ms");
         println!("probe recomputation:     {p:.3} ms");
     }
     Ok(())

@@ -13,7 +13,11 @@ use std::str::FromStr;
 /// horizontally with a 2-pixel gap.
 pub fn montage_u8(frames: &[ArrayView2<'_, f32>]) -> image::GrayImage {
     let (h, w) = frames.first().map_or((1, 1), |f| f.dim());
-    let mut vals: Vec<f32> = frames.iter().flat_map(|f| f.iter().copied()).filter(|v| v.is_finite()).collect();
+    let mut vals: Vec<f32> = frames
+        .iter()
+        .flat_map(|f| f.iter().copied())
+        .filter(|v| v.is_finite())
+        .collect();
     let (lo, hi) = if vals.is_empty() {
         (0.0, 1.0)
     } else {
@@ -28,7 +32,11 @@ pub fn montage_u8(frames: &[ArrayView2<'_, f32>]) -> image::GrayImage {
     for (k, f) in frames.iter().enumerate() {
         for ((i, j), &v) in f.indexed_iter() {
             let t = ((v - lo) / span).clamp(0.0, 1.0);
-            img.put_pixel((k * (w + gap) + j) as u32, i as u32, image::Luma([(t * 255.0).round() as u8]));
+            img.put_pixel(
+                (k * (w + gap) + j) as u32,
+                i as u32,
+                image::Luma([(t * 255.0).round() as u8]),
+            );
         }
     }
     img
@@ -36,15 +44,24 @@ pub fn montage_u8(frames: &[ArrayView2<'_, f32>]) -> image::GrayImage {
 
 /// A temporary path beside `path` (same directory, so the final rename is atomic).
 pub fn temp_path(path: &Path) -> PathBuf {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     path.with_file_name(format!(".{name}.partial-{}", std::process::id()))
 }
 
 /// Checks that the directory of `path` exists, before any work is done.
 pub fn check_writable(path: &Path, argument: &str) -> Result<(), CliError> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     if !dir.is_dir() {
-        return Err(CliError::Argument { argument: argument.into(), message: format!("directory {} does not exist", dir.display()) });
+        return Err(CliError::Argument {
+            argument: argument.into(),
+            message: format!("directory {} does not exist", dir.display()),
+        });
     }
     Ok(())
 }
@@ -52,13 +69,21 @@ pub fn check_writable(path: &Path, argument: &str) -> Result<(), CliError> {
 /// Writes an 8-bit PNG atomically.
 pub fn write_png(path: &Path, img: &image::GrayImage) -> Result<(), CliError> {
     let tmp = temp_path(path);
-    let res = img.save_with_format(&tmp, image::ImageFormat::Png).map_err(|e| CliError::Io { path: path.to_path_buf(), source: std::io::Error::other(e.to_string()) });
+    let res = img
+        .save_with_format(&tmp, image::ImageFormat::Png)
+        .map_err(|e| CliError::Io {
+            path: path.to_path_buf(),
+            source: std::io::Error::other(e.to_string()),
+        });
     finish(res, &tmp, path)
 }
 
 fn finish(res: Result<(), CliError>, tmp: &Path, path: &Path) -> Result<(), CliError> {
     match res {
-        Ok(()) => std::fs::rename(tmp, path).map_err(|source| CliError::Io { path: path.to_path_buf(), source }),
+        Ok(()) => std::fs::rename(tmp, path).map_err(|source| CliError::Io {
+            path: path.to_path_buf(),
+            source,
+        }),
         Err(e) => {
             let _ = std::fs::remove_file(tmp);
             Err(e)
@@ -104,23 +129,46 @@ pub struct Dataset {
 }
 
 fn h5err(path: &Path) -> impl Fn(hdf5::Error) -> CliError + '_ {
-    move |e| CliError::Hdf5 { path: path.to_path_buf(), message: e.to_string() }
+    move |e| CliError::Hdf5 {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    }
 }
 
 fn write_attr(loc: &hdf5::Location, name: &str, v: &AttrValue) -> hdf5::Result<()> {
     match v {
-        AttrValue::F64(x) => loc.new_attr::<f64>().shape(()).create(name)?.write_scalar(x),
-        AttrValue::U64(x) => loc.new_attr::<u64>().shape(()).create(name)?.write_scalar(x),
-        AttrValue::I64(x) => loc.new_attr::<i64>().shape(()).create(name)?.write_scalar(x),
+        AttrValue::F64(x) => loc
+            .new_attr::<f64>()
+            .shape(())
+            .create(name)?
+            .write_scalar(x),
+        AttrValue::U64(x) => loc
+            .new_attr::<u64>()
+            .shape(())
+            .create(name)?
+            .write_scalar(x),
+        AttrValue::I64(x) => loc
+            .new_attr::<i64>()
+            .shape(())
+            .create(name)?
+            .write_scalar(x),
         AttrValue::Str(s) => {
-            let s = VarLenUnicode::from_str(s).map_err(|e| hdf5::Error::from(e.to_string().as_str()))?;
-            loc.new_attr::<VarLenUnicode>().shape(()).create(name)?.write_scalar(&s)
+            let s = VarLenUnicode::from_str(s)
+                .map_err(|e| hdf5::Error::from(e.to_string().as_str()))?;
+            loc.new_attr::<VarLenUnicode>()
+                .shape(())
+                .create(name)?
+                .write_scalar(&s)
         }
     }
 }
 
 /// Writes datasets and root attributes to an HDF5 file atomically.
-pub fn write_hdf5(path: &Path, datasets: &[Dataset], root_attrs: &[(String, AttrValue)]) -> Result<(), CliError> {
+pub fn write_hdf5(
+    path: &Path,
+    datasets: &[Dataset],
+    root_attrs: &[(String, AttrValue)],
+) -> Result<(), CliError> {
     let tmp = temp_path(path);
     let res = (|| -> hdf5::Result<()> {
         let file = hdf5::File::create(&tmp)?;
@@ -142,8 +190,14 @@ pub fn write_hdf5(path: &Path, datasets: &[Dataset], root_attrs: &[(String, Attr
             let ds = match &d.data {
                 Data::F32x3(a) => g.new_dataset_builder().with_data(a).create(leaf)?,
                 Data::F64x2(a) => g.new_dataset_builder().with_data(a).create(leaf)?,
-                Data::F64x1(a) => g.new_dataset_builder().with_data(a.as_slice()).create(leaf)?,
-                Data::I32x1(a) => g.new_dataset_builder().with_data(a.as_slice()).create(leaf)?,
+                Data::F64x1(a) => g
+                    .new_dataset_builder()
+                    .with_data(a.as_slice())
+                    .create(leaf)?,
+                Data::I32x1(a) => g
+                    .new_dataset_builder()
+                    .with_data(a.as_slice())
+                    .create(leaf)?,
             };
             for (k, v) in &d.attrs {
                 write_attr(&ds, k, &AttrValue::Str(v.clone()))?;

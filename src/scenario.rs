@@ -53,11 +53,24 @@ pub struct Scenario {
 const META: [&str; 4] = ["name", "version", "description", "instrument"];
 
 fn scenario_err(path: &Path, key: &str, message: impl Into<String>) -> CliError {
-    let key = if key.is_empty() { String::new() } else { format!("key `{key}`: ") };
+    let key = if key.is_empty() {
+        String::new()
+    } else {
+        format!("key `{key}`: ")
+    };
     // One line: the TOML parser appends "in `table`" lines, which the key already says.
     let message: String = message.into();
-    let message = message.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with("in `")).collect::<Vec<_>>().join(" ");
-    CliError::Scenario { file: path.to_path_buf(), key, message }
+    let message = message
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with("in `"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    CliError::Scenario {
+        file: path.to_path_buf(),
+        key,
+        message,
+    }
 }
 
 /// Maps a physics validation error to a scenario error naming the key.
@@ -71,7 +84,10 @@ pub fn physics_to_scenario(path: &Path, e: PhysicsError) -> CliError {
 impl Scenario {
     /// Reads and validates a scenario file.
     pub fn load(path: &Path) -> Result<Self, CliError> {
-        let text = std::fs::read_to_string(path).map_err(|source| CliError::Io { path: path.to_path_buf(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| CliError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
         Self::from_str(&text, path)
     }
 
@@ -86,7 +102,10 @@ impl Scenario {
             });
             scenario_err(path, "", format!("{}{msg}", loc.unwrap_or_default()))
         })?;
-        let stem_name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        let stem_name = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
         let get_str = |t: &toml::Table, k: &str| -> Result<Option<String>, CliError> {
             match t.get(k) {
                 None => Ok(None),
@@ -107,7 +126,8 @@ impl Scenario {
         }
         let config = match instrument.as_str() {
             "stem" => {
-                let cfg: StemConfig = serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+                let cfg: StemConfig = serde_path_to_error::deserialize(toml::Value::Table(table))
+                    .map_err(|e| {
                     let key = e.path().to_string();
                     let key = if key == "." { String::new() } else { key };
                     scenario_err(path, &key, e.into_inner().to_string())
@@ -115,9 +135,21 @@ impl Scenario {
                 cfg.validate().map_err(|e| physics_to_scenario(path, e))?;
                 InstrumentConfig::Stem(cfg)
             }
-            other => return Err(scenario_err(path, "instrument", format!("unknown instrument {other:?}; expected \"stem\""))),
+            other => {
+                return Err(scenario_err(
+                    path,
+                    "instrument",
+                    format!("unknown instrument {other:?}; expected \"stem\""),
+                ));
+            }
         };
-        Ok(Self { name, version, description, path: path.to_path_buf(), config })
+        Ok(Self {
+            name,
+            version,
+            description,
+            path: path.to_path_buf(),
+            config,
+        })
     }
 }
 
@@ -126,7 +158,9 @@ mod tests {
     use super::*;
 
     fn err(text: &str) -> String {
-        Scenario::from_str(text, Path::new("s.toml")).unwrap_err().to_string()
+        Scenario::from_str(text, Path::new("s.toml"))
+            .unwrap_err()
+            .to_string()
     }
 
     #[test]

@@ -38,8 +38,23 @@ fn writes_png_and_hdf5_with_the_documented_layout() {
     let sc = small_scenario(dir.path(), "");
     let png = dir.path().join("f.png");
     let h5 = dir.path().join("f.h5");
-    let out = run(&["simulate", sc.to_str().unwrap(), "--out", png.to_str().unwrap(), "--hdf5", h5.to_str().unwrap(), "--frames", "3", "--seed", "7"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = run(&[
+        "simulate",
+        sc.to_str().unwrap(),
+        "--out",
+        png.to_str().unwrap(),
+        "--hdf5",
+        h5.to_str().unwrap(),
+        "--frames",
+        "3",
+        "--seed",
+        "7",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let img = image::open(&png).unwrap();
     assert_eq!(img.height(), 48);
     assert_eq!(img.width(), 3 * 64 + 2 * 2);
@@ -55,8 +70,24 @@ fn writes_png_and_hdf5_with_the_documented_layout() {
     let z = f.dataset("atoms/z").unwrap().read_raw::<i32>().unwrap();
     assert_eq!(z.len(), pos.shape()[0]);
     assert_eq!(z.iter().filter(|&&v| v == 14).count(), 1);
-    for a in ["beam_energy_eV", "convergence_angle_rad", "pixel_size_m", "dwell_time_s", "beam_current_A", "haadf_exponent", "C10_m", "C12_m", "phi12_rad", "C30_m", "C50_m"] {
-        let v: f64 = f.attr(a).unwrap_or_else(|_| panic!("missing {a}")).read_scalar().unwrap();
+    for a in [
+        "beam_energy_eV",
+        "convergence_angle_rad",
+        "pixel_size_m",
+        "dwell_time_s",
+        "beam_current_A",
+        "haadf_exponent",
+        "C10_m",
+        "C12_m",
+        "phi12_rad",
+        "C30_m",
+        "C50_m",
+    ] {
+        let v: f64 = f
+            .attr(a)
+            .unwrap_or_else(|_| panic!("missing {a}"))
+            .read_scalar()
+            .unwrap();
         assert!(v.is_finite(), "{a}");
     }
     let e: f64 = f.attr("beam_energy_eV").unwrap().read_scalar().unwrap();
@@ -67,13 +98,19 @@ fn writes_png_and_hdf5_with_the_documented_layout() {
     assert!(cfg.as_str().contains("[optics]"));
     // Noisy frames average to the noiseless expectation.
     let (a, b) = (read_f32(&f, "frame"), read_f32(&f, "noiseless"));
-    let (sa, sb) = (a.iter().map(|&v| f64::from(v)).sum::<f64>(), b.iter().map(|&v| f64::from(v)).sum::<f64>());
+    let (sa, sb) = (
+        a.iter().map(|&v| f64::from(v)).sum::<f64>(),
+        b.iter().map(|&v| f64::from(v)).sum::<f64>(),
+    );
     assert!((sa - sb).abs() < 5.0 * sb.sqrt(), "{sa} vs {sb}");
     // Atom positions are in frame coordinates: the Si dopant sits near the frame centre.
     let p = pos.read_2d::<f64>().unwrap();
     let si = z.iter().position(|&v| v == 14).unwrap();
     let (x, y) = (p[[si, 0]], p[[si, 1]]);
-    assert!((x - 32.0 * 0.2e-10).abs() < 2e-10 && (y - 24.0 * 0.2e-10).abs() < 2e-10, "({x}, {y})");
+    assert!(
+        (x - 32.0 * 0.2e-10).abs() < 2e-10 && (y - 24.0 * 0.2e-10).abs() < 2e-10,
+        "({x}, {y})"
+    );
 }
 
 #[test]
@@ -84,7 +121,18 @@ fn same_seed_gives_identical_datasets_and_different_seeds_differ() {
     for (k, seed) in ["5", "5", "6"].iter().enumerate() {
         let h5 = dir.path().join(format!("{k}.h5"));
         let png = dir.path().join(format!("{k}.png"));
-        let out = run(&["simulate", sc.to_str().unwrap(), "--out", png.to_str().unwrap(), "--hdf5", h5.to_str().unwrap(), "--frames", "2", "--seed", seed]);
+        let out = run(&[
+            "simulate",
+            sc.to_str().unwrap(),
+            "--out",
+            png.to_str().unwrap(),
+            "--hdf5",
+            h5.to_str().unwrap(),
+            "--frames",
+            "2",
+            "--seed",
+            seed,
+        ]);
         assert!(out.status.success());
         files.push(hdf5::File::open(&h5).unwrap());
     }
@@ -95,8 +143,16 @@ fn same_seed_gives_identical_datasets_and_different_seeds_differ() {
         assert_eq!(bytes(&a), bytes(&b), "{name}");
         assert_ne!(bytes(&a), bytes(&c), "{name}");
     }
-    let pa = files[0].dataset("atoms/positions").unwrap().read_raw::<f64>().unwrap();
-    let pb = files[1].dataset("atoms/positions").unwrap().read_raw::<f64>().unwrap();
+    let pa = files[0]
+        .dataset("atoms/positions")
+        .unwrap()
+        .read_raw::<f64>()
+        .unwrap();
+    let pb = files[1]
+        .dataset("atoms/positions")
+        .unwrap()
+        .read_raw::<f64>()
+        .unwrap();
     assert_eq!(pa, pb);
 }
 
@@ -106,7 +162,14 @@ fn assert_input_error(scenario_text: &str, needle: &str) {
     std::fs::write(&sc, scenario_text).unwrap();
     let png = dir.path().join("o.png");
     let h5 = dir.path().join("o.h5");
-    let out = run(&["simulate", sc.to_str().unwrap(), "--out", png.to_str().unwrap(), "--hdf5", h5.to_str().unwrap()]);
+    let out = run(&[
+        "simulate",
+        sc.to_str().unwrap(),
+        "--out",
+        png.to_str().unwrap(),
+        "--hdf5",
+        h5.to_str().unwrap(),
+    ]);
     assert_eq!(out.status.code(), Some(2), "{scenario_text}");
     let err = String::from_utf8_lossy(&out.stderr);
     let lines: Vec<&str> = err.lines().collect();
@@ -114,33 +177,62 @@ fn assert_input_error(scenario_text: &str, needle: &str) {
     assert!(err.contains("bad.toml"), "{err}");
     assert!(err.contains(needle), "{needle} not in {err}");
     assert!(!png.exists() && !h5.exists(), "nothing must be written");
-    let leftovers: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
     assert_eq!(leftovers.len(), 1, "{leftovers:?}");
 }
 
 #[test]
 fn bad_input_gives_one_line_and_exit_code_2_and_writes_nothing() {
-    assert_input_error("[optics]\nconvergence_angel = \"30 mrad\"\n", "convergence_angel");
+    assert_input_error(
+        "[optics]\nconvergence_angel = \"30 mrad\"\n",
+        "convergence_angel",
+    );
     assert_input_error("[optics]\nenergy = \"60 nm\"\n", "optics.energy");
     assert_input_error("[scan]\ndose = \"-1e4 e/Å²\"\n", "scan.dose");
     assert_input_error("[scan]\ndwell_time = \"4 furlongs\"\n", "scan.dwell_time");
     assert_input_error("[specimen]\ncrystal = \"diamond\"\n", "specimen.crystal");
-    assert_input_error("[detector]\nhaadf_exponent = 9\n", "detector.haadf_exponent");
-    assert_input_error("[beam]\ncurrent = { uniform = [\"2 pA\", \"1 pA\"] }\n", "beam.current");
+    assert_input_error(
+        "[detector]\nhaadf_exponent = 9\n",
+        "detector.haadf_exponent",
+    );
+    assert_input_error(
+        "[beam]\ncurrent = { uniform = [\"2 pA\", \"1 pA\"] }\n",
+        "beam.current",
+    );
 }
 
 #[test]
 fn missing_file_and_bad_arguments_exit_2() {
     let dir = tempfile::tempdir().unwrap();
     let png = dir.path().join("o.png");
-    let out = run(&["simulate", "/nonexistent/scenario.toml", "--out", png.to_str().unwrap()]);
+    let out = run(&[
+        "simulate",
+        "/nonexistent/scenario.toml",
+        "--out",
+        png.to_str().unwrap(),
+    ]);
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("/nonexistent/scenario.toml"), "{err}");
     let sc = repo("scenarios/stem_graphene_si.toml");
-    let out = run(&["simulate", sc.to_str().unwrap(), "--out", "/nonexistent/dir/o.png"]);
+    let out = run(&[
+        "simulate",
+        sc.to_str().unwrap(),
+        "--out",
+        "/nonexistent/dir/o.png",
+    ]);
     assert_eq!(out.status.code(), Some(2));
-    let out = run(&["simulate", sc.to_str().unwrap(), "--out", png.to_str().unwrap(), "--frames", "0"]);
+    let out = run(&[
+        "simulate",
+        sc.to_str().unwrap(),
+        "--out",
+        png.to_str().unwrap(),
+        "--frames",
+        "0",
+    ]);
     assert_eq!(out.status.code(), Some(2));
     assert!(!png.exists());
 }
@@ -151,12 +243,25 @@ fn shipped_scenarios_load_and_simulate() {
         let dir = tempfile::tempdir().unwrap();
         let png = dir.path().join("o.png");
         let sc = repo(&format!("scenarios/{name}.toml"));
-        let out = run(&["simulate", sc.to_str().unwrap(), "--out", png.to_str().unwrap(), "--seed", "3"]);
-        assert!(out.status.success(), "{name}: {}", String::from_utf8_lossy(&out.stderr));
+        let out = run(&[
+            "simulate",
+            sc.to_str().unwrap(),
+            "--out",
+            png.to_str().unwrap(),
+            "--seed",
+            "3",
+        ]);
+        assert!(
+            out.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let img = image::open(&png).unwrap().to_luma8();
         assert_eq!(img.dimensions(), (256, 256));
         // Not blank: atoms give contrast.
-        let (mn, mx) = img.pixels().fold((255u8, 0u8), |(a, b), p| (a.min(p[0]), b.max(p[0])));
+        let (mn, mx) = img
+            .pixels()
+            .fold((255u8, 0u8), |(a, b), p| (a.min(p[0]), b.max(p[0])));
         assert!(mx > mn + 100, "{name}: contrast {mn}..{mx}");
     }
 }

@@ -46,12 +46,18 @@ pub enum PhysicsError {
 impl PhysicsError {
     /// Shorthand for [`PhysicsError::InvalidParameter`].
     pub fn param(field: impl Into<String>, reason: impl Into<String>) -> Self {
-        Self::InvalidParameter { field: field.into(), reason: reason.into() }
+        Self::InvalidParameter {
+            field: field.into(),
+            reason: reason.into(),
+        }
     }
 
     /// Shorthand for [`PhysicsError::InvalidArgument`].
     pub fn arg(argument: impl Into<String>, reason: impl Into<String>) -> Self {
-        Self::InvalidArgument { argument: argument.into(), reason: reason.into() }
+        Self::InvalidArgument {
+            argument: argument.into(),
+            reason: reason.into(),
+        }
     }
 }
 

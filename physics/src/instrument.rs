@@ -57,7 +57,10 @@ impl ScanSettings {
 
     /// Field of view `[width, height]`, m.
     pub fn field_of_view(&self) -> [f64; 2] {
-        [self.cols as f64 * self.pixel_size, self.rows as f64 * self.pixel_size]
+        [
+            self.cols as f64 * self.pixel_size,
+            self.rows as f64 * self.pixel_size,
+        ]
     }
 }
 

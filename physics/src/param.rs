@@ -180,7 +180,9 @@ fn check_dist(kind: &str, a: f64, b: f64) -> std::result::Result<(), String> {
     match kind {
         "uniform" if a > b => Err(format!("uniform needs lo <= hi, got [{a}, {b}]")),
         "normal" if b < 0.0 => Err(format!("normal needs sd >= 0, got {b}")),
-        "log_uniform" if !(a > 0.0 && a <= b) => Err(format!("log_uniform needs 0 < lo <= hi, got [{a}, {b}]")),
+        "log_uniform" if !(a > 0.0 && a <= b) => {
+            Err(format!("log_uniform needs 0 < lo <= hi, got [{a}, {b}]"))
+        }
         _ => Ok(()),
     }
 }
@@ -241,21 +243,32 @@ impl<'de, D: Dim> Deserialize<'de> for Param<D> {
                 Ok(Param::fixed(v as f64))
             }
             fn visit_str<E: de::Error>(self, v: &str) -> std::result::Result<Self::Value, E> {
-                parse_quantity(v, D::DIM).map(Param::fixed).map_err(E::custom)
+                parse_quantity(v, D::DIM)
+                    .map(Param::fixed)
+                    .map_err(E::custom)
             }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> std::result::Result<Self::Value, A::Error> {
+            fn visit_map<A: MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> std::result::Result<Self::Value, A::Error> {
                 let Some(key) = map.next_key::<String>()? else {
-                    return Err(de::Error::custom("empty table: expected one of uniform, normal, log_uniform"));
+                    return Err(de::Error::custom(
+                        "empty table: expected one of uniform, normal, log_uniform",
+                    ));
                 };
                 if !KINDS.contains(&key.as_str()) {
                     return Err(de::Error::unknown_field(&key, &KINDS));
                 }
                 let pair: Vec<Scalar> = map.next_value()?;
                 if pair.len() != 2 {
-                    return Err(de::Error::custom(format!("`{key}` needs exactly two values")));
+                    return Err(de::Error::custom(format!(
+                        "`{key}` needs exactly two values"
+                    )));
                 }
                 if map.next_key::<String>()?.is_some() {
-                    return Err(de::Error::custom("a distribution table holds exactly one key"));
+                    return Err(de::Error::custom(
+                        "a distribution table holds exactly one key",
+                    ));
                 }
                 let mut it = pair.into_iter();
                 let a = scalar_to_si(it.next().expect("two values"), D::DIM)?;
@@ -285,7 +298,9 @@ where
     let mut value = toml::Value::try_from(cfg)
         .map_err(|e| PhysicsError::param("<config>", format!("cannot serialize: {e}")))?;
     walk(&mut value, rng);
-    value.try_into().map_err(|e: toml::de::Error| PhysicsError::param("<config>", e.to_string()))
+    value
+        .try_into()
+        .map_err(|e: toml::de::Error| PhysicsError::param("<config>", e.to_string()))
 }
 
 /// The number of distributions (randomized parameters) in `cfg`.

@@ -176,18 +176,30 @@ fn superscript_to_ascii(c: char) -> Option<char> {
 
 /// Parses one factor such as `nm`, `Å²`, `s^-1` into (factor, dimension).
 fn parse_factor(text: &str, input: &str) -> Result<(f64, Dimension)> {
-    let bad = |reason: String| PhysicsError::InvalidQuantity { input: input.into(), reason };
+    let bad = |reason: String| PhysicsError::InvalidQuantity {
+        input: input.into(),
+        reason,
+    };
     // Split off an exponent: either `^n` or trailing superscript characters.
     let (sym, exp): (String, i8) = if let Some((s, e)) = text.split_once('^') {
-        let e: i8 = e.trim().parse().map_err(|_| bad(format!("bad exponent `{e}`")))?;
+        let e: i8 = e
+            .trim()
+            .parse()
+            .map_err(|_| bad(format!("bad exponent `{e}`")))?;
         (s.trim().to_string(), e)
     } else {
-        let sup: String = text.chars().rev().take_while(|c| superscript_to_ascii(*c).is_some()).collect();
+        let sup: String = text
+            .chars()
+            .rev()
+            .take_while(|c| superscript_to_ascii(*c).is_some())
+            .collect();
         if sup.is_empty() {
             (text.to_string(), 1)
         } else {
             let digits: String = sup.chars().rev().filter_map(superscript_to_ascii).collect();
-            let e: i8 = digits.parse().map_err(|_| bad(format!("bad exponent `{digits}`")))?;
+            let e: i8 = digits
+                .parse()
+                .map_err(|_| bad(format!("bad exponent `{digits}`")))?;
             let n = text.chars().count() - sup.chars().count();
             (text.chars().take(n).collect(), e)
         }
@@ -238,15 +250,22 @@ pub fn parse_quantity(text: &str, expected: Dimension) -> Result<f64> {
                 || c == '+'
                 || c == '-'
                 || ((c == 'e' || c == 'E')
-                    && t[i + 1..].starts_with(|n: char| n.is_ascii_digit() || n == '-' || n == '+')
+                    && t[i + 1..]
+                        .starts_with(|n: char| n.is_ascii_digit() || n == '-' || n == '+')
                     && i > 0))
         })
         .map_or(t.len(), |(i, _)| i);
     let (num, unit) = t.split_at(split);
-    let value: f64 = num.trim().parse().map_err(|_| PhysicsError::InvalidQuantity {
-        input: text.into(),
-        reason: format!("expected a number followed by a unit, e.g. \"1.5 nm\" ({})", expected),
-    })?;
+    let value: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| PhysicsError::InvalidQuantity {
+            input: text.into(),
+            reason: format!(
+                "expected a number followed by a unit, e.g. \"1.5 nm\" ({})",
+                expected
+            ),
+        })?;
     let (factor, dim) = parse_unit(unit).map_err(|e| match e {
         PhysicsError::InvalidQuantity { reason, .. } => PhysicsError::InvalidQuantity {
             input: text.into(),
@@ -263,7 +282,10 @@ pub fn parse_quantity(text: &str, expected: Dimension) -> Result<f64> {
     }
     let v = value * factor;
     if !v.is_finite() {
-        return Err(PhysicsError::InvalidQuantity { input: text.into(), reason: "not a finite number".into() });
+        return Err(PhysicsError::InvalidQuantity {
+            input: text.into(),
+            reason: "not a finite number".into(),
+        });
     }
     Ok(v)
 }
@@ -278,14 +300,38 @@ mod tests {
 
     #[test]
     fn parses_the_design_examples() {
-        assert!(close(parse_quantity("1.42 Å", Dimension::LENGTH).unwrap(), 1.42e-10));
-        assert!(close(parse_quantity("20 nm", Dimension::LENGTH).unwrap(), 20e-9));
-        assert!(close(parse_quantity("60 kV", Dimension::ENERGY).unwrap(), 60e3));
-        assert!(close(parse_quantity("100 pA", Dimension::CURRENT).unwrap(), 100e-12));
-        assert!(close(parse_quantity("4 µs", Dimension::TIME).unwrap(), 4e-6));
-        assert!(close(parse_quantity("4 us", Dimension::TIME).unwrap(), 4e-6));
-        assert!(close(parse_quantity("30 mrad", Dimension::ANGLE).unwrap(), 0.03));
-        assert!(close(parse_quantity("0.55 mm", Dimension::LENGTH).unwrap(), 0.55e-3));
+        assert!(close(
+            parse_quantity("1.42 Å", Dimension::LENGTH).unwrap(),
+            1.42e-10
+        ));
+        assert!(close(
+            parse_quantity("20 nm", Dimension::LENGTH).unwrap(),
+            20e-9
+        ));
+        assert!(close(
+            parse_quantity("60 kV", Dimension::ENERGY).unwrap(),
+            60e3
+        ));
+        assert!(close(
+            parse_quantity("100 pA", Dimension::CURRENT).unwrap(),
+            100e-12
+        ));
+        assert!(close(
+            parse_quantity("4 µs", Dimension::TIME).unwrap(),
+            4e-6
+        ));
+        assert!(close(
+            parse_quantity("4 us", Dimension::TIME).unwrap(),
+            4e-6
+        ));
+        assert!(close(
+            parse_quantity("30 mrad", Dimension::ANGLE).unwrap(),
+            0.03
+        ));
+        assert!(close(
+            parse_quantity("0.55 mm", Dimension::LENGTH).unwrap(),
+            0.55e-3
+        ));
     }
 
     #[test]
@@ -302,17 +348,30 @@ mod tests {
         assert!(close(f2, 2.0));
         let diff = parse_quantity("0.01 nm²/s", Dimension::DIFFUSIVITY).unwrap();
         assert!(close(diff, 0.01e-18));
-        assert!(close(parse_quantity("-2.5e-3", Dimension::DIMENSIONLESS).unwrap(), -2.5e-3));
-        assert!(close(parse_quantity("30 deg", Dimension::ANGLE).unwrap(), std::f64::consts::PI / 6.0));
+        assert!(close(
+            parse_quantity("-2.5e-3", Dimension::DIMENSIONLESS).unwrap(),
+            -2.5e-3
+        ));
+        assert!(close(
+            parse_quantity("30 deg", Dimension::ANGLE).unwrap(),
+            std::f64::consts::PI / 6.0
+        ));
     }
 
     #[test]
     fn rejects_wrong_dimension_and_garbage() {
-        let e = parse_quantity("60 kV", Dimension::LENGTH).unwrap_err().to_string();
+        let e = parse_quantity("60 kV", Dimension::LENGTH)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("expected a length"), "{e}");
         assert!(e.contains("voltage"), "{e}");
         assert!(parse_quantity("abc nm", Dimension::LENGTH).is_err());
-        assert!(parse_quantity("3 furlongs", Dimension::LENGTH).unwrap_err().to_string().contains("furlongs"));
+        assert!(
+            parse_quantity("3 furlongs", Dimension::LENGTH)
+                .unwrap_err()
+                .to_string()
+                .contains("furlongs")
+        );
         assert!(parse_quantity("", Dimension::LENGTH).is_err());
         assert!(parse_quantity("1e999 m", Dimension::LENGTH).is_err());
     }
@@ -320,7 +379,13 @@ mod tests {
     #[test]
     fn ampere_and_angstrom_are_distinct() {
         assert!(parse_quantity("1 A", Dimension::LENGTH).is_err());
-        assert!(close(parse_quantity("1 A", Dimension::CURRENT).unwrap(), 1.0));
-        assert!(close(parse_quantity("1 Å", Dimension::LENGTH).unwrap(), 1e-10));
+        assert!(close(
+            parse_quantity("1 A", Dimension::CURRENT).unwrap(),
+            1.0
+        ));
+        assert!(close(
+            parse_quantity("1 Å", Dimension::LENGTH).unwrap(),
+            1e-10
+        ));
     }
 }

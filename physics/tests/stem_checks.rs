@@ -3,12 +3,20 @@
 use scopegym_physics::instrument::StemInstrument;
 use scopegym_physics::param::Param;
 use scopegym_physics::stem::haadf::{DetectorConfig, HaadfRenderer};
-use scopegym_physics::stem::optics::{Aberrations, ProbeCalculator, ProbeSpec, electron_wavelength};
+use scopegym_physics::stem::optics::{
+    Aberrations, ProbeCalculator, ProbeSpec, electron_wavelength,
+};
 use scopegym_physics::stem::specimen::{Atom, ContaminationConfig, Crystal, SpecimenConfig};
 use scopegym_physics::stem::{StemConfig, StemSimulator};
 
 fn unaberrated(energy: f64, alpha: f64) -> ProbeSpec {
-    ProbeSpec { energy, alpha, aberrations: Aberrations::default(), cc: 0.0, energy_spread: 0.0 }
+    ProbeSpec {
+        energy,
+        alpha,
+        aberrations: Aberrations::default(),
+        cc: 0.0,
+        energy_spread: 0.0,
+    }
 }
 
 /// Full width at half maximum along the x axis through the centre of an `n × n` image.
@@ -46,7 +54,10 @@ fn unaberrated_probe_has_the_airy_width_and_unit_sum() {
         assert!((sum - 1.0).abs() < 1e-9, "sum {sum}");
         let w = fwhm_x(pc.intensity(), n, dx);
         let airy = 0.51 * lambda / alpha;
-        assert!((w / airy - 1.0).abs() < 0.05, "E={e}: FWHM {w:e} vs Airy {airy:e}");
+        assert!(
+            (w / airy - 1.0).abs() < 0.05,
+            "E={e}: FWHM {w:e} vs Airy {airy:e}"
+        );
     }
 }
 
@@ -78,7 +89,14 @@ fn si_over_c_column_ratio_is_z_ratio_to_the_n() {
     let n = det.haadf_exponent.get();
     let sigma = det.cross_sections();
     let dx = 0.2e-10;
-    let spec = ProbeSpec { aberrations: Aberrations { c30: 123e-9, c50: 0.55e-3, ..Default::default() }, ..unaberrated(60e3, 30e-3) };
+    let spec = ProbeSpec {
+        aberrations: Aberrations {
+            c30: 123e-9,
+            c50: 0.55e-3,
+            ..Default::default()
+        },
+        ..unaberrated(60e3, 30e-3)
+    };
     let mut pc = ProbeCalculator::new();
     let mut kernel = Vec::new();
     let side = pc.binned_probe(&spec, dx, 128.0 * dx, &mut kernel);
@@ -87,12 +105,30 @@ fn si_over_c_column_ratio_is_z_ratio_to_the_n() {
     // Two isolated atoms 2 nm apart, both exactly on pixel centres (same sampling of the probe).
     let g = r.geometry().unwrap();
     let px = |j: usize| (j as f64 + 0.5 - 64.0) * dx;
-    let atoms = [Atom { x: px(34), y: px(64), height: 0.0, z: 6 }, Atom { x: px(94), y: px(64), height: 0.0, z: 14 }];
-    r.render_ideal(&atoms, &sigma, 2500.0, [0.0, 0.0], [0.0, 0.0]).unwrap();
+    let atoms = [
+        Atom {
+            x: px(34),
+            y: px(64),
+            height: 0.0,
+            z: 6,
+        },
+        Atom {
+            x: px(94),
+            y: px(64),
+            height: 0.0,
+            z: 14,
+        },
+    ];
+    r.render_ideal(&atoms, &sigma, 2500.0, [0.0, 0.0], [0.0, 0.0])
+        .unwrap();
     let at = |j: usize, i: usize| f64::from(r.ideal[(i + g.margin) * g.pcols + j + g.margin]);
     let (c, si) = (at(34, 64), at(94, 64));
     let expected = (14.0f64 / 6.0).powf(n);
-    assert!((si / c / expected - 1.0).abs() < 0.05, "ratio {} vs {expected}", si / c);
+    assert!(
+        (si / c / expected - 1.0).abs() < 0.05,
+        "ratio {} vs {expected}",
+        si / c
+    );
     // Expected counts on a carbon atom: N σ_C P(0) with P from the kernel (order 10 counts).
     assert!(c > 1.0 && c < 100.0, "{c}");
 }
@@ -117,11 +153,22 @@ fn noisy_counts_average_to_the_noiseless_expectation() {
     let sum_exp: f64 = nl.iter().map(|&v| f64::from(v)).sum();
     // Poisson: the variance of the sum equals the sum of the means.
     let sd = sum_exp.sqrt();
-    assert!((sum_noisy - sum_exp).abs() < 4.0 * sd, "{sum_noisy} vs {sum_exp} ± {sd}");
+    assert!(
+        (sum_noisy - sum_exp).abs() < 4.0 * sd,
+        "{sum_noisy} vs {sum_exp} ± {sd}"
+    );
     assert!(sum_exp > 1e4);
     // Per-pixel variance also matches the mean (Poisson), pooled over bright and dark pixels.
-    let resid: f64 = f.iter().zip(nl.iter()).map(|(&a, &b)| (f64::from(a) - f64::from(b)).powi(2)).sum();
-    assert!((resid / sum_exp - 1.0).abs() < 0.05, "variance/mean = {}", resid / sum_exp);
+    let resid: f64 = f
+        .iter()
+        .zip(nl.iter())
+        .map(|(&a, &b)| (f64::from(a) - f64::from(b)).powi(2))
+        .sum();
+    assert!(
+        (resid / sum_exp - 1.0).abs() < 0.05,
+        "variance/mean = {}",
+        resid / sum_exp
+    );
 }
 
 /// Integer-pixel + Gaussian three-point sub-pixel shift of `b` relative to `a` by brute-force
@@ -168,7 +215,11 @@ fn lattice_displacement_between_frames_matches_the_drift_velocity() {
     // An aperiodic specimen, so that the correlation peak is unique.
     cfg.specimen = SpecimenConfig {
         crystal: Crystal::None,
-        contamination: Some(ContaminationConfig { coverage: Param::fixed(0.999), density: Param::fixed(0.05e20), ..Default::default() }),
+        contamination: Some(ContaminationConfig {
+            coverage: Param::fixed(0.999),
+            density: Param::fixed(0.05e20),
+            ..Default::default()
+        }),
         ..Default::default()
     };
     cfg.detector.shot_noise = false;
@@ -188,7 +239,10 @@ fn lattice_displacement_between_frames_matches_the_drift_velocity() {
     let px = sim.scan_settings().pixel_size;
     let (ex, ey) = (speed * dir.cos() * dt / px, speed * dir.sin() * dt / px);
     assert!(ex > 3.0, "test needs a visible shift, got {ex}");
-    assert!((sx - ex).abs() < 0.3 && (sy - ey).abs() < 0.3, "measured ({sx:.2}, {sy:.2}) px, expected ({ex:.2}, {ey:.2}) px");
+    assert!(
+        (sx - ex).abs() < 0.3 && (sy - ey).abs() < 0.3,
+        "measured ({sx:.2}, {sy:.2}) px, expected ({ex:.2}, {ey:.2}) px"
+    );
     // The drift state persisted across frames: its offset equals v·t at the clock.
     let off = sim.drift_offset();
     assert!((off[0] - speed * dir.cos() * sim.clock()).abs() < 1e-15);
@@ -208,7 +262,12 @@ fn aberration_change_recomputes_the_probe_and_blurs_the_image() {
         let m = x.mean().unwrap();
         x.iter().map(|v| (v - m).powi(2)).sum::<f32>() / x.len() as f32
     };
-    assert!(var(&blurred) < 0.5 * var(&sharp), "{} vs {}", var(&blurred), var(&sharp));
+    assert!(
+        var(&blurred) < 0.5 * var(&sharp),
+        "{} vs {}",
+        var(&blurred),
+        var(&sharp)
+    );
 }
 
 #[test]
@@ -220,7 +279,10 @@ fn blanked_beam_refuses_acquisition_and_bad_arguments_are_errors() {
     assert!(sim.move_probe([f64::NAN, 0.0]).is_err());
     assert!(sim.acquire_point(-1.0).is_err());
     assert!(sim.acquire_point(f64::NAN).is_err());
-    let bad = Aberrations { c10: f64::INFINITY, ..Default::default() };
+    let bad = Aberrations {
+        c10: f64::INFINITY,
+        ..Default::default()
+    };
     assert!(sim.set_aberrations(&bad).is_err());
     let mut cfg = quiet_config(32);
     cfg.optics.convergence_angle = Param::fixed(-0.01);
@@ -230,7 +292,13 @@ fn blanked_beam_refuses_acquisition_and_bad_arguments_are_errors() {
 
 #[test]
 fn same_seed_same_frames_different_seed_different_frames() {
-    let cfg = StemConfig { scan: scopegym_physics::stem::scan::ScanConfig { pixels: [48, 48], ..Default::default() }, ..Default::default() };
+    let cfg = StemConfig {
+        scan: scopegym_physics::stem::scan::ScanConfig {
+            pixels: [48, 48],
+            ..Default::default()
+        },
+        ..Default::default()
+    };
     let run = |seed| {
         let mut sim = StemSimulator::new(cfg.clone(), seed).unwrap();
         let a = sim.acquire_frame().unwrap().image.to_owned();
@@ -255,7 +323,10 @@ fn dopant_hops_under_a_parked_beam_at_the_putting_dune_rate() {
     let nb = sim.specimen().neighbors(si, 1.6e-10);
     let q = sim.specimen().atoms[nb[0]];
     let len = (q.x - s.x).hypot(q.y - s.y);
-    let beam = [s.x + 0.85e-10 * (q.x - s.x) / len, s.y + 0.85e-10 * (q.y - s.y) / len];
+    let beam = [
+        s.x + 0.85e-10 * (q.x - s.x) / len,
+        s.y + 0.85e-10 * (q.y - s.y) / len,
+    ];
     // Mean time to the first hop at the peak is 3/ln2 s plus small side rates: over many 1.5 s
     // dwells, the first hop comes after about 3 dwells.
     let mut waits = Vec::new();
@@ -290,7 +361,10 @@ fn eels_shows_the_edges_of_the_atoms_under_the_probe() {
     let c_idx = (0..sim.specimen().atoms.len())
         .filter(|&i| sim.specimen().atoms[i].z == 6)
         .min_by(|&i, &j| {
-            let d = |k: usize| ((sim.specimen().atoms[k].x - a.x).hypot(sim.specimen().atoms[k].y - a.y) - 1e-9).abs();
+            let d = |k: usize| {
+                ((sim.specimen().atoms[k].x - a.x).hypot(sim.specimen().atoms[k].y - a.y) - 1e-9)
+                    .abs()
+            };
             d(i).total_cmp(&d(j))
         })
         .unwrap();
@@ -301,17 +375,36 @@ fn eels_shows_the_edges_of_the_atoms_under_the_probe() {
         let spec = sim.acquire_spectrum(0.5).unwrap();
         let (e, c) = (spec.energy.to_vec(), spec.counts.to_vec());
         assert!(c.iter().all(|v| v.is_finite() && *v >= 0.0));
-        move |lo: f64, hi: f64| -> f64 { e.iter().zip(&c).filter(|(x, _)| **x >= lo && **x < hi).map(|(_, v)| f64::from(*v)).sum::<f64>() }
+        move |lo: f64, hi: f64| -> f64 {
+            e.iter()
+                .zip(&c)
+                .filter(|(x, _)| **x >= lo && **x < hi)
+                .map(|(_, v)| f64::from(*v))
+                .sum::<f64>()
+        }
     };
     let on_si = measure(a.x, a.y);
     let on_c = measure(carbon.x, carbon.y);
     // Si-L2,3 (99 eV) jumps on the dopant, not on a carbon atom 1 nm away.
-    assert!(on_si(100.0, 110.0) > 1.5 * on_si(88.0, 98.0), "Si-L on Si: {} vs {}", on_si(100.0, 110.0), on_si(88.0, 98.0));
+    assert!(
+        on_si(100.0, 110.0) > 1.5 * on_si(88.0, 98.0),
+        "Si-L on Si: {} vs {}",
+        on_si(100.0, 110.0),
+        on_si(88.0, 98.0)
+    );
     let (b, ab) = (on_c(88.0, 98.0), on_c(100.0, 110.0));
     assert!(ab < b + 5.0 * b.sqrt() + 5.0, "Si-L on C: {ab} vs {b}");
     // C-K (284 eV) jumps on the carbon atom.
-    assert!(on_c(286.0, 296.0) > 1.5 * on_c(272.0, 282.0), "C-K on C: {} vs {}", on_c(286.0, 296.0), on_c(272.0, 282.0));
+    assert!(
+        on_c(286.0, 296.0) > 1.5 * on_c(272.0, 282.0),
+        "C-K on C: {} vs {}",
+        on_c(286.0, 296.0),
+        on_c(272.0, 282.0)
+    );
     // No oxygen in graphene: no jump at O-K (532 eV) beyond noise.
     let (below, above) = (on_c(515.0, 530.0), on_c(534.0, 549.0));
-    assert!(above < below + 5.0 * below.sqrt() + 5.0, "O-K: {above} vs {below}");
+    assert!(
+        above < below + 5.0 * below.sqrt() + 5.0,
+        "O-K: {above} vs {below}"
+    );
 }

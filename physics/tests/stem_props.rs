@@ -7,7 +7,15 @@ use scopegym_physics::param::Param;
 use scopegym_physics::stem::specimen::Crystal;
 use scopegym_physics::stem::{StemConfig, StemSimulator};
 
-fn config(px: usize, dx: f64, energy: f64, c10: f64, c12: f64, n: f64, crystal: Crystal) -> StemConfig {
+fn config(
+    px: usize,
+    dx: f64,
+    energy: f64,
+    c10: f64,
+    c12: f64,
+    n: f64,
+    crystal: Crystal,
+) -> StemConfig {
     let mut c = StemConfig::default();
     c.scan.pixels = [px, px + 8];
     c.scan.pixel_size = Param::fixed(dx);
@@ -16,12 +24,21 @@ fn config(px: usize, dx: f64, energy: f64, c10: f64, c12: f64, n: f64, crystal: 
     c.optics.c12 = Param::fixed(c12);
     c.detector.haadf_exponent = Param::fixed(n);
     c.specimen.crystal = crystal;
-    c.specimen.dopants = if crystal == Crystal::Graphene { vec![Default::default()] } else { vec![] };
+    c.specimen.dopants = if crystal == Crystal::Graphene {
+        vec![Default::default()]
+    } else {
+        vec![]
+    };
     c
 }
 
 fn crystal() -> impl Strategy<Value = Crystal> {
-    prop_oneof![Just(Crystal::Graphene), Just(Crystal::Mos2), Just(Crystal::Srtio3), Just(Crystal::Fcc110)]
+    prop_oneof![
+        Just(Crystal::Graphene),
+        Just(Crystal::Mos2),
+        Just(Crystal::Srtio3),
+        Just(Crystal::Fcc110)
+    ]
 }
 
 proptest! {

@@ -13,7 +13,10 @@
 //! `k₀ (I/I₀) exp(-|b - μ_j|² / (2 s²))`, μ_j the point 0.85 Å from the Si toward j, s² = 0.1 Å²,
 //! k₀ = ln2/3 s⁻¹ at 60 kV and the reference current I₀ (the putting-dune model).
 
-use crate::constants::{AMU, AMU_ENERGY_EV, ATOMIC_MASS_U, BOHR_RADIUS, BOLTZMANN, ELECTRON_REST_ENERGY_EV, FINE_STRUCTURE, RYDBERG_EV, SPEED_OF_LIGHT, SYMBOLS};
+use crate::constants::{
+    AMU, AMU_ENERGY_EV, ATOMIC_MASS_U, BOHR_RADIUS, BOLTZMANN, ELECTRON_REST_ENERGY_EV,
+    FINE_STRUCTURE, RYDBERG_EV, SPEED_OF_LIGHT, SYMBOLS,
+};
 use crate::error::{PhysicsError, Result};
 use crate::param::Param;
 use crate::param::dims::{Area, Current, Energy, Frequency, Length, Temperature};
@@ -46,8 +49,17 @@ pub fn mckinley_feshbach(energy_ev: f64, z: u8, t_max: f64, e_d: f64) -> f64 {
     let b2 = beta * beta;
     let zf = f64::from(z);
     let ratio = t_max / e_d;
-    let pref = 4.0 * PI * BOHR_RADIUS * BOHR_RADIUS * zf * zf * (RYDBERG_EV / ELECTRON_REST_ENERGY_EV).powi(2) * (1.0 - b2) / (b2 * b2);
-    let bracket = ratio - 1.0 - b2 * ratio.ln() + PI * FINE_STRUCTURE * zf * beta * (2.0 * ratio.sqrt() - ratio.ln() - 2.0);
+    let pref = 4.0
+        * PI
+        * BOHR_RADIUS
+        * BOHR_RADIUS
+        * zf
+        * zf
+        * (RYDBERG_EV / ELECTRON_REST_ENERGY_EV).powi(2)
+        * (1.0 - b2)
+        / (b2 * b2);
+    let bracket = ratio - 1.0 - b2 * ratio.ln()
+        + PI * FINE_STRUCTURE * zf * beta * (2.0 * ratio.sqrt() - ratio.ln() - 2.0);
     (pref * bracket).max(0.0)
 }
 
@@ -79,7 +91,8 @@ fn gauss_hermite_20() -> &'static [(f64, f64)] {
                 for j in 1..=n {
                     let p3 = p2;
                     p2 = p1;
-                    p1 = x * (2.0 / j as f64).sqrt() * p2 - ((j as f64 - 1.0) / j as f64).sqrt() * p3;
+                    p1 = x * (2.0 / j as f64).sqrt() * p2
+                        - ((j as f64 - 1.0) / j as f64).sqrt() * p3;
                 }
                 pp = (2.0 * n as f64).sqrt() * p2;
                 let dx = p1 / pp;
@@ -196,18 +209,32 @@ impl DamageConfig {
     pub fn validate(&self, prefix: &str) -> Result<()> {
         for (k, v) in &self.displacement_energy {
             if crate::constants::atomic_number(k).is_none() {
-                return Err(PhysicsError::param(format!("{prefix}displacement_energy.{k}"), "unknown element symbol"));
+                return Err(PhysicsError::param(
+                    format!("{prefix}displacement_energy.{k}"),
+                    "unknown element symbol",
+                ));
             }
             if !(v.get() > 0.0) {
-                return Err(PhysicsError::param(format!("{prefix}displacement_energy.{k}"), "must be > 0 eV"));
+                return Err(PhysicsError::param(
+                    format!("{prefix}displacement_energy.{k}"),
+                    "must be > 0 eV",
+                ));
             }
         }
         let checks = [
-            ("default_displacement_energy", self.default_displacement_energy.get(), 0.0),
+            (
+                "default_displacement_energy",
+                self.default_displacement_energy.get(),
+                0.0,
+            ),
             ("temperature", self.temperature.get(), -1.0),
             ("cross_section_scale", self.cross_section_scale.get(), -1.0),
             ("hop_peak_rate", self.hop_peak_rate.get(), -1.0),
-            ("hop_reference_current", self.hop_reference_current.get(), 0.0),
+            (
+                "hop_reference_current",
+                self.hop_reference_current.get(),
+                0.0,
+            ),
             ("hop_offset", self.hop_offset.get(), -1.0),
             ("hop_variance", self.hop_variance.get(), 0.0),
             ("dose_map_cell", self.dose_map_cell.get(), 0.0),
@@ -216,7 +243,10 @@ impl DamageConfig {
             let ok = v.is_finite() && if strict_min == 0.0 { v > 0.0 } else { v >= 0.0 };
             if !ok {
                 let what = if strict_min == 0.0 { "> 0" } else { ">= 0" };
-                return Err(PhysicsError::param(format!("{prefix}{n}"), format!("must be finite and {what}, got {v}")));
+                return Err(PhysicsError::param(
+                    format!("{prefix}{n}"),
+                    format!("must be finite and {what}, got {v}"),
+                ));
             }
         }
         Ok(())
@@ -237,7 +267,13 @@ impl DamageConfig {
             let m = ATOMIC_MASS_U[z];
             let v_rms = (BOLTZMANN * t / (m * AMU)).sqrt();
             *o = self.cross_section_scale.get()
-                * knock_on_cross_section(energy_ev, z as u8, m, self.displacement_energy_of(z as u8), v_rms);
+                * knock_on_cross_section(
+                    energy_ev,
+                    z as u8,
+                    m,
+                    self.displacement_energy_of(z as u8),
+                    v_rms,
+                );
         }
         out
     }
@@ -261,7 +297,12 @@ impl DoseMap {
     pub fn new(half_size: [f64; 2], cell: f64) -> Self {
         let nx = ((2.0 * half_size[0] / cell).ceil() as usize).max(1);
         let ny = ((2.0 * half_size[1] / cell).ceil() as usize).max(1);
-        Self { dose: vec![0.0; nx * ny], shape: [nx, ny], cell, origin: [-half_size[0], -half_size[1]] }
+        Self {
+            dose: vec![0.0; nx * ny],
+            shape: [nx, ny],
+            cell,
+            origin: [-half_size[0], -half_size[1]],
+        }
     }
 
     /// Adds a uniform dose (e⁻/m²) over the rectangle `[x0, x1] × [y0, y1]` (specimen coordinates),
@@ -331,7 +372,12 @@ impl DoseMap {
 ///
 /// `dose_of(atom)` returns the dose (e⁻/m²) an atom received in this exposure. Returns the removed
 /// atoms in their original order (no allocation when none is removed).
-pub fn sputter(specimen: &mut Specimen, sigma_by_z: &[f64; 93], rng: &mut SimRng, mut dose_of: impl FnMut(&Atom) -> f64) -> Vec<Atom> {
+pub fn sputter(
+    specimen: &mut Specimen,
+    sigma_by_z: &[f64; 93],
+    rng: &mut SimRng,
+    mut dose_of: impl FnMut(&Atom) -> f64,
+) -> Vec<Atom> {
     let mut removed = Vec::new();
     specimen.atoms.retain(|a| {
         let sigma = sigma_by_z.get(a.z as usize).copied().unwrap_or(0.0);
@@ -411,7 +457,15 @@ impl HopModel {
 
     /// Runs the chain for `duration` seconds with the beam at `beam` (specimen coordinates, m).
     /// Each dopant's neighbours are the host atoms within `bond` (m). Returns the hops in order.
-    pub fn dwell(&self, specimen: &mut Specimen, beam: [f64; 2], current: f64, duration: f64, bond: f64, rng: &mut SimRng) -> Vec<Hop> {
+    pub fn dwell(
+        &self,
+        specimen: &mut Specimen,
+        beam: [f64; 2],
+        current: f64,
+        duration: f64,
+        bond: f64,
+        rng: &mut SimRng,
+    ) -> Vec<Hop> {
         let mut hops = Vec::new();
         let mut t = 0.0;
         // Only dopants close enough to the beam can have a non-negligible rate.
@@ -454,7 +508,12 @@ impl HopModel {
             let (a, b) = (specimen.atoms[i], specimen.atoms[j]);
             specimen.atoms[i].z = b.z;
             specimen.atoms[j].z = a.z;
-            hops.push(Hop { atom: j, from: [a.x, a.y], to: [b.x, b.y], time: t });
+            hops.push(Hop {
+                atom: j,
+                from: [a.x, a.y],
+                to: [b.x, b.y],
+                time: t,
+            });
         }
         hops
     }
@@ -495,10 +554,16 @@ mod tests {
         let s100 = sig(100e3);
         let s120 = sig(120e3);
         assert!(s60 < 1e-40, "{s60}");
-        assert!(s80 < s95 && s95 < s100 && s100 < s120, "{s80} {s95} {s100} {s120}");
+        assert!(
+            s80 < s95 && s95 < s100 && s100 < s120,
+            "{s80} {s95} {s100} {s120}"
+        );
         // Thermal smearing gives a finite cross-section below the static threshold.
         assert!(s95 > 0.0);
-        assert_eq!(mckinley_feshbach(95e3, 6, max_transfer(95e3, 12.011), 21.0), 0.0);
+        assert_eq!(
+            mckinley_feshbach(95e3, 6, max_transfer(95e3, 12.011), 21.0),
+            0.0
+        );
         // Order of magnitude at 120 keV: well above 1 barn-scale threshold values (1e-28 m²)... below 100 b.
         assert!(s120 > 1e-29 && s120 < 1e-26, "{s120}");
     }
@@ -526,7 +591,10 @@ mod tests {
 
     #[test]
     fn dopant_hops_toward_the_beam_and_never_creates_atoms() {
-        let cfg = SpecimenConfig { dopants: vec![DopantConfig::default()], ..Default::default() };
+        let cfg = SpecimenConfig {
+            dopants: vec![DopantConfig::default()],
+            ..Default::default()
+        };
         let mut s = cfg.build([1e-9, 1e-9], &mut seeded(0)).unwrap();
         let n_before = s.atoms.len();
         let si = s.indices_of(14)[0];
@@ -534,7 +602,10 @@ mod tests {
         let nb = s.neighbors(si, 1.6e-10)[0];
         let q = s.atoms[nb];
         let len = (q.x - p.x).hypot(q.y - p.y);
-        let beam = [p.x + 0.85e-10 * (q.x - p.x) / len, p.y + 0.85e-10 * (q.y - p.y) / len];
+        let beam = [
+            p.x + 0.85e-10 * (q.x - p.x) / len,
+            p.y + 0.85e-10 * (q.y - p.y) / len,
+        ];
         let h = HopModel::from_config(&DamageConfig::default());
         let mut rng = seeded(3);
         // Mean waiting time 3/ln2 ≈ 4.3 s: over 100 s the dopant hops at least once.

@@ -96,22 +96,79 @@ impl EelsConfig {
     /// Checks ranges; `prefix` is prepended to field names in errors.
     pub fn validate(&self, prefix: &str) -> Result<()> {
         if self.channels == 0 || self.channels > 1 << 20 {
-            return Err(PhysicsError::param(format!("{prefix}channels"), format!("must be in 1..=1048576, got {}", self.channels)));
+            return Err(PhysicsError::param(
+                format!("{prefix}channels"),
+                format!("must be in 1..=1048576, got {}", self.channels),
+            ));
         }
         // (name, value, lower bound, lower bound allowed, upper bound)
         let checks = [
-            ("energy_offset", self.energy_offset.get(), f64::NEG_INFINITY, true, f64::INFINITY),
-            ("dispersion", self.dispersion.get(), 0.0, false, f64::INFINITY),
+            (
+                "energy_offset",
+                self.energy_offset.get(),
+                f64::NEG_INFINITY,
+                true,
+                f64::INFINITY,
+            ),
+            (
+                "dispersion",
+                self.dispersion.get(),
+                0.0,
+                false,
+                f64::INFINITY,
+            ),
             ("zlp_fwhm", self.zlp_fwhm.get(), 0.0, false, f64::INFINITY),
-            ("plasmon_energy", self.plasmon_energy.get(), 0.0, false, f64::INFINITY),
-            ("plasmon_width", self.plasmon_width.get(), 0.0, false, f64::INFINITY),
-            ("thickness_ratio", self.thickness_ratio.get(), 0.0, true, 20.0),
-            ("background_exponent", self.background_exponent.get(), 1.0, false, 20.0),
-            ("background_fraction", self.background_fraction.get(), 0.0, true, 1.0),
-            ("background_onset", self.background_onset.get(), 0.0, false, f64::INFINITY),
+            (
+                "plasmon_energy",
+                self.plasmon_energy.get(),
+                0.0,
+                false,
+                f64::INFINITY,
+            ),
+            (
+                "plasmon_width",
+                self.plasmon_width.get(),
+                0.0,
+                false,
+                f64::INFINITY,
+            ),
+            (
+                "thickness_ratio",
+                self.thickness_ratio.get(),
+                0.0,
+                true,
+                20.0,
+            ),
+            (
+                "background_exponent",
+                self.background_exponent.get(),
+                1.0,
+                false,
+                20.0,
+            ),
+            (
+                "background_fraction",
+                self.background_fraction.get(),
+                0.0,
+                true,
+                1.0,
+            ),
+            (
+                "background_onset",
+                self.background_onset.get(),
+                0.0,
+                false,
+                f64::INFINITY,
+            ),
             ("edge_scale", self.edge_scale.get(), 0.0, true, 1.0),
             ("edge_exponent", self.edge_exponent.get(), 1.0, false, 20.0),
-            ("collection_efficiency", self.collection_efficiency.get(), 0.0, false, 1.0),
+            (
+                "collection_efficiency",
+                self.collection_efficiency.get(),
+                0.0,
+                false,
+                1.0,
+            ),
         ];
         for (n, v, lo, lo_ok, hi) in checks {
             let ok = v.is_finite() && (v > lo || (lo_ok && v == lo)) && v <= hi;
@@ -123,7 +180,10 @@ impl EelsConfig {
                 if hi.is_finite() {
                     want += &format!(", <= {hi}");
                 }
-                return Err(PhysicsError::param(format!("{prefix}{n}"), format!("{want}; got {v}")));
+                return Err(PhysicsError::param(
+                    format!("{prefix}{n}"),
+                    format!("{want}; got {v}"),
+                ));
             }
         }
         Ok(())
@@ -156,25 +216,52 @@ impl Edge {
     }
 }
 
-const fn edge(z: u8, name: &'static str, onset: f64, shell_factor: f64, split: f64, white_fraction: f64) -> Edge {
-    Edge { z, name, onset, shell_factor, split, white_fraction }
+const fn edge(
+    z: u8,
+    name: &'static str,
+    onset: f64,
+    shell_factor: f64,
+    split: f64,
+    white_fraction: f64,
+) -> Edge {
+    Edge {
+        z,
+        name,
+        onset,
+        shell_factor,
+        split,
+        white_fraction,
+    }
 }
 
 /// The built-in edge table (onsets from standard EELS atlases, rounded).
 pub const EDGES: &[Edge] = &[
-    edge(5, "B-K", 188.0, 1.0, 0.0, 0.0), edge(6, "C-K", 284.0, 1.0, 0.0, 0.0),
-    edge(7, "N-K", 401.0, 1.0, 0.0, 0.0), edge(8, "O-K", 532.0, 1.0, 0.0, 0.0),
-    edge(13, "Al-L2,3", 73.0, 2.5, 0.0, 0.0), edge(13, "Al-K", 1560.0, 1.0, 0.0, 0.0),
-    edge(14, "Si-L2,3", 99.0, 2.5, 0.0, 0.0), edge(14, "Si-K", 1839.0, 1.0, 0.0, 0.0),
-    edge(15, "P-L2,3", 132.0, 2.5, 0.0, 0.0), edge(16, "S-L2,3", 165.0, 2.5, 0.0, 0.0),
-    edge(22, "Ti-L2,3", 456.0, 2.5, 5.7, 0.5), edge(23, "V-L2,3", 513.0, 2.5, 7.5, 0.5),
-    edge(24, "Cr-L2,3", 575.0, 2.5, 9.0, 0.45), edge(25, "Mn-L2,3", 640.0, 2.5, 11.0, 0.45),
-    edge(26, "Fe-L2,3", 708.0, 2.5, 13.0, 0.4), edge(27, "Co-L2,3", 779.0, 2.5, 15.0, 0.35),
-    edge(28, "Ni-L2,3", 855.0, 2.5, 17.0, 0.3), edge(29, "Cu-L2,3", 931.0, 2.5, 20.0, 0.08),
-    edge(38, "Sr-M4,5", 133.0, 2.0, 0.0, 0.0), edge(38, "Sr-L3", 1940.0, 1.7, 0.0, 0.0),
-    edge(42, "Mo-M4,5", 227.0, 2.0, 0.0, 0.0), edge(42, "Mo-L3", 2520.0, 1.7, 0.0, 0.0),
-    edge(47, "Ag-M4,5", 367.0, 2.0, 0.0, 0.0), edge(74, "W-N4,5", 245.0, 1.0, 0.0, 0.0),
-    edge(74, "W-M4,5", 1809.0, 2.0, 0.0, 0.0), edge(79, "Au-N4,5", 335.0, 1.0, 0.0, 0.0),
+    edge(5, "B-K", 188.0, 1.0, 0.0, 0.0),
+    edge(6, "C-K", 284.0, 1.0, 0.0, 0.0),
+    edge(7, "N-K", 401.0, 1.0, 0.0, 0.0),
+    edge(8, "O-K", 532.0, 1.0, 0.0, 0.0),
+    edge(13, "Al-L2,3", 73.0, 2.5, 0.0, 0.0),
+    edge(13, "Al-K", 1560.0, 1.0, 0.0, 0.0),
+    edge(14, "Si-L2,3", 99.0, 2.5, 0.0, 0.0),
+    edge(14, "Si-K", 1839.0, 1.0, 0.0, 0.0),
+    edge(15, "P-L2,3", 132.0, 2.5, 0.0, 0.0),
+    edge(16, "S-L2,3", 165.0, 2.5, 0.0, 0.0),
+    edge(22, "Ti-L2,3", 456.0, 2.5, 5.7, 0.5),
+    edge(23, "V-L2,3", 513.0, 2.5, 7.5, 0.5),
+    edge(24, "Cr-L2,3", 575.0, 2.5, 9.0, 0.45),
+    edge(25, "Mn-L2,3", 640.0, 2.5, 11.0, 0.45),
+    edge(26, "Fe-L2,3", 708.0, 2.5, 13.0, 0.4),
+    edge(27, "Co-L2,3", 779.0, 2.5, 15.0, 0.35),
+    edge(28, "Ni-L2,3", 855.0, 2.5, 17.0, 0.3),
+    edge(29, "Cu-L2,3", 931.0, 2.5, 20.0, 0.08),
+    edge(38, "Sr-M4,5", 133.0, 2.0, 0.0, 0.0),
+    edge(38, "Sr-L3", 1940.0, 1.7, 0.0, 0.0),
+    edge(42, "Mo-M4,5", 227.0, 2.0, 0.0, 0.0),
+    edge(42, "Mo-L3", 2520.0, 1.7, 0.0, 0.0),
+    edge(47, "Ag-M4,5", 367.0, 2.0, 0.0, 0.0),
+    edge(74, "W-N4,5", 245.0, 1.0, 0.0, 0.0),
+    edge(74, "W-M4,5", 1809.0, 2.0, 0.0, 0.0),
+    edge(79, "Au-N4,5", 335.0, 1.0, 0.0, 0.0),
     edge(79, "Au-M4,5", 2206.0, 2.0, 0.0, 0.0),
 ];
 
@@ -208,7 +295,18 @@ pub struct EelsModel {
 fn erfc(x: f64) -> f64 {
     let z = x.abs();
     let t = 1.0 / (1.0 + 0.5 * z);
-    let c = [-1.265_512_23, 1.000_023_68, 0.374_091_96, 0.096_784_18, -0.186_288_06, 0.278_868_07, -1.135_203_98, 1.488_515_87, -0.822_152_23, 0.170_872_77];
+    let c = [
+        -1.265_512_23,
+        1.000_023_68,
+        0.374_091_96,
+        0.096_784_18,
+        -0.186_288_06,
+        0.278_868_07,
+        -1.135_203_98,
+        1.488_515_87,
+        -0.822_152_23,
+        0.170_872_77,
+    ];
     let poly = c.iter().rev().fold(0.0, |acc, &ci| acc * t + ci);
     let r = t * (-z * z + poly).exp();
     if x >= 0.0 { r } else { 2.0 - r }
@@ -236,11 +334,13 @@ fn integrate_log(f: impl Fn(f64) -> f64, lo: f64, hi: f64) -> f64 {
     let n = 4000;
     let (a, b) = (lo.ln(), hi.ln());
     let h = (b - a) / n as f64;
-    (0..=n).map(|i| {
-        let e = (a + h * i as f64).exp();
-        let w = if i == 0 || i == n { 0.5 } else { 1.0 };
-        w * f(e) * e * h
-    }).sum()
+    (0..=n)
+        .map(|i| {
+            let e = (a + h * i as f64).exp();
+            let w = if i == 0 || i == n { 0.5 } else { 1.0 };
+            w * f(e) * e * h
+        })
+        .sum()
 }
 
 impl EelsModel {
@@ -280,7 +380,13 @@ impl EelsModel {
         }
         // Power-law background, smoothly switched on around `background_onset`.
         let (r, eb) = (cfg.background_exponent.get(), cfg.background_onset.get());
-        let bg = |e: f64| if e <= 0.0 { 0.0 } else { e.powf(-r) * -(-(e / eb).powf(r + 2.0)).exp_m1() };
+        let bg = |e: f64| {
+            if e <= 0.0 {
+                0.0
+            } else {
+                e.powf(-r) * -(-(e / eb).powf(r + 2.0)).exp_m1()
+            }
+        };
         let hi = 1e4 * eb;
         let norm = integrate_log(bg, 1e-4 * eb, hi) + hi.powf(1.0 - r) / (r - 1.0);
         let wb = cfg.background_fraction.get() * (1.0 - p0) / norm;
@@ -294,19 +400,42 @@ impl EelsModel {
         let mut edges = Vec::new();
         for ed in EDGES.iter().filter(|ed| ed.onset - 6.0 * sigma < last) {
             let wl_width = 1.0 + cfg.zlp_fwhm.get();
-            let onsets: &[(f64, f64)] = if ed.split > 0.0 { &[(0.0, 2.0 / 3.0), (1.0, 1.0 / 3.0)] } else { &[(0.0, 1.0)] };
-            let shape: Vec<f64> = energy.iter().map(|&e| {
-                onsets.iter().map(|&(k, frac)| {
-                    let on = ed.onset + k * ed.split;
-                    let cont = phi((e - on) / sigma) * (s - 1.0) / on * (e.max(on) / on).powf(-s);
-                    let lor = wl_width / (2.0 * PI) / ((e - on).powi(2) + 0.25 * wl_width * wl_width);
-                    frac * ((1.0 - ed.white_fraction) * cont + ed.white_fraction * lor) * d
-                }).sum::<f64>()
-            }).collect();
+            let onsets: &[(f64, f64)] = if ed.split > 0.0 {
+                &[(0.0, 2.0 / 3.0), (1.0, 1.0 / 3.0)]
+            } else {
+                &[(0.0, 1.0)]
+            };
+            let shape: Vec<f64> = energy
+                .iter()
+                .map(|&e| {
+                    onsets
+                        .iter()
+                        .map(|&(k, frac)| {
+                            let on = ed.onset + k * ed.split;
+                            let cont =
+                                phi((e - on) / sigma) * (s - 1.0) / on * (e.max(on) / on).powf(-s);
+                            let lor = wl_width
+                                / (2.0 * PI)
+                                / ((e - on).powi(2) + 0.25 * wl_width * wl_width);
+                            frac * ((1.0 - ed.white_fraction) * cont + ed.white_fraction * lor) * d
+                        })
+                        .sum::<f64>()
+                })
+                .collect();
             let first = shape.iter().position(|&v| v > 1e-12).unwrap_or(n);
-            edges.push(EdgeShape { z: ed.z, prob: cfg.edge_scale.get() * ed.strength(), first, shape });
+            edges.push(EdgeShape {
+                z: ed.z,
+                prob: cfg.edge_scale.get() * ed.strength(),
+                first,
+                shape,
+            });
         }
-        Ok(Self { energy, base, edges, collection: cfg.collection_efficiency.get() })
+        Ok(Self {
+            energy,
+            base,
+            edges,
+            collection: cfg.collection_efficiency.get(),
+        })
     }
 
     /// Energy loss at each channel centre, eV (length `channels`).
@@ -315,7 +444,12 @@ impl EelsModel {
     }
 
     /// Calls `add(channel, expected counts)` for every contribution.
-    fn accumulate(&self, composition: &[(u8, f64)], electrons: f64, mut add: impl FnMut(usize, f64)) {
+    fn accumulate(
+        &self,
+        composition: &[(u8, f64)],
+        electrons: f64,
+        mut add: impl FnMut(usize, f64),
+    ) {
         if !(electrons.is_finite() && electrons > 0.0) {
             return;
         }
@@ -326,8 +460,16 @@ impl EelsModel {
                 wz[usize::from(z)] += w;
             }
         }
-        let p_core: f64 = self.edges.iter().map(|e| wz[usize::from(e.z)] * e.prob).sum();
-        let k = if p_core > MAX_CORE_FRACTION { MAX_CORE_FRACTION / p_core } else { 1.0 };
+        let p_core: f64 = self
+            .edges
+            .iter()
+            .map(|e| wz[usize::from(e.z)] * e.prob)
+            .sum();
+        let k = if p_core > MAX_CORE_FRACTION {
+            MAX_CORE_FRACTION / p_core
+        } else {
+            1.0
+        };
         let rest = collected * (1.0 - p_core * k);
         for (i, &b) in self.base.iter().enumerate() {
             add(i, rest * b);
@@ -356,7 +498,13 @@ impl EelsModel {
 
     /// A noisy spectrum: the [`expected`](Self::expected) counts, then a Poisson draw per
     /// channel, written into `out` (counts as `f32`). Allocates nothing.
-    pub fn sample(&self, composition: &[(u8, f64)], electrons: f64, rng: &mut SimRng, out: &mut [f32]) {
+    pub fn sample(
+        &self,
+        composition: &[(u8, f64)],
+        electrons: f64,
+        rng: &mut SimRng,
+        out: &mut [f32],
+    ) {
         out.fill(0.0);
         self.accumulate(composition, electrons, |i, v| {
             if let Some(o) = out.get_mut(i) {
@@ -388,19 +536,32 @@ mod tests {
 
     /// (loss, value) of the channels with loss in [lo, hi].
     fn window(m: &EelsModel, s: &[f64], lo: f64, hi: f64) -> Vec<(f64, f64)> {
-        m.energy_axis().iter().copied().zip(s.iter().copied()).filter(|(e, _)| (lo..=hi).contains(e)).collect()
+        m.energy_axis()
+            .iter()
+            .copied()
+            .zip(s.iter().copied())
+            .filter(|(e, _)| (lo..=hi).contains(e))
+            .collect()
     }
 
     fn argmax_in(m: &EelsModel, s: &[f64], lo: f64, hi: f64) -> f64 {
-        window(m, s, lo, hi).into_iter().max_by(|a, b| a.1.total_cmp(&b.1)).unwrap().0
+        window(m, s, lo, hi)
+            .into_iter()
+            .max_by(|a, b| a.1.total_cmp(&b.1))
+            .unwrap()
+            .0
     }
 
     /// Least-squares slope and intercept of ln(value) against ln(loss).
     fn loglog_fit(pts: &[(f64, f64)]) -> (f64, f64) {
         let l: Vec<(f64, f64)> = pts.iter().map(|(e, v)| (e.ln(), v.ln())).collect();
         let n = l.len() as f64;
-        let (mx, my) = (l.iter().map(|p| p.0).sum::<f64>() / n, l.iter().map(|p| p.1).sum::<f64>() / n);
-        let b = l.iter().map(|p| (p.0 - mx) * (p.1 - my)).sum::<f64>() / l.iter().map(|p| (p.0 - mx).powi(2)).sum::<f64>();
+        let (mx, my) = (
+            l.iter().map(|p| p.0).sum::<f64>() / n,
+            l.iter().map(|p| p.1).sum::<f64>() / n,
+        );
+        let b = l.iter().map(|p| (p.0 - mx) * (p.1 - my)).sum::<f64>()
+            / l.iter().map(|p| (p.0 - mx).powi(2)).sum::<f64>();
         (b, my - b * mx)
     }
 
@@ -409,14 +570,18 @@ mod tests {
     fn edge_excess(m: &EelsModel, s: &[f64], onset: f64) -> f64 {
         let (b, a) = loglog_fit(&window(m, s, onset - 20.0, onset - 4.0));
         let post = window(m, s, onset + 0.5, onset + 10.0);
-        post.iter().map(|(e, v)| v / (a + b * e.ln()).exp() - 1.0).sum::<f64>() / post.len() as f64
+        post.iter()
+            .map(|(e, v)| v / (a + b * e.ln()).exp() - 1.0)
+            .sum::<f64>()
+            / post.len() as f64
     }
 
     #[test]
     fn zlp_is_centred_at_zero_with_the_configured_fwhm() {
         for (fwhm, d) in [(0.3, 0.02), (0.5, 0.05), (1.0, 0.1), (0.5, 0.5)] {
             let m = model(|c| {
-                (c.zlp_fwhm, c.dispersion, c.energy_offset) = (Param::fixed(fwhm), Param::fixed(d), Param::fixed(-5.0));
+                (c.zlp_fwhm, c.dispersion, c.energy_offset) =
+                    (Param::fixed(fwhm), Param::fixed(d), Param::fixed(-5.0));
                 c.channels = (40.0 / d) as usize;
             });
             let (s, e) = (spectrum(&m, &[]), m.energy_axis());
@@ -432,7 +597,10 @@ mod tests {
                 e[i] + (e[j] - e[i]) * (half - s[i]) / (s[j] - s[i])
             };
             let width = cross(1) - cross(-1);
-            assert!((width - fwhm).abs() <= d, "fwhm {fwhm} at {d} eV/ch: measured {width}");
+            assert!(
+                (width - fwhm).abs() <= d,
+                "fwhm {fwhm} at {d} eV/ch: measured {width}"
+            );
         }
     }
 
@@ -450,36 +618,80 @@ mod tests {
         let m = model(|_| {});
         let (empty, e) = (spectrum(&m, &[]), m.energy_axis());
         // DESIGN §4 onsets.
-        for (z, onset) in [(6u8, 284.0), (7, 401.0), (8, 532.0), (14, 99.0), (22, 456.0), (26, 708.0)] {
+        for (z, onset) in [
+            (6u8, 284.0),
+            (7, 401.0),
+            (8, 532.0),
+            (14, 99.0),
+            (22, 456.0),
+            (26, 708.0),
+        ] {
             let s = spectrum(&m, &[(z, 1.0)]);
             let diff: Vec<f64> = s.iter().zip(&empty).map(|(a, b)| a - b).collect();
             let max = diff.iter().cloned().fold(0.0, f64::max);
             let i = diff.iter().position(|&v| v > 0.5 * max).unwrap();
-            assert!((e[i] - onset).abs() <= 1.0, "Z={z}: edge rises at {} not {onset}", e[i]);
+            assert!(
+                (e[i] - onset).abs() <= 1.0,
+                "Z={z}: edge rises at {} not {onset}",
+                e[i]
+            );
             // Visible on the background: > 20 % over the pre-edge power law fitted and extrapolated.
-            assert!(edge_excess(&m, &s, onset) > 0.2, "Z={z}: excess {}", edge_excess(&m, &s, onset));
-            assert!(edge_excess(&m, &empty, onset).abs() < 0.06, "Z={z}: empty excess {}", edge_excess(&m, &empty, onset));
+            assert!(
+                edge_excess(&m, &s, onset) > 0.2,
+                "Z={z}: excess {}",
+                edge_excess(&m, &s, onset)
+            );
+            assert!(
+                edge_excess(&m, &empty, onset).abs() < 0.06,
+                "Z={z}: empty excess {}",
+                edge_excess(&m, &empty, onset)
+            );
             // No edge of an absent element; C changes nothing below its onset but the ZLP share.
             if z == 6 {
                 for o in [401.0, 532.0, 708.0] {
-                    assert!(edge_excess(&m, &s, o).abs() < 0.02, "C spectrum has an edge at {o}");
+                    assert!(
+                        edge_excess(&m, &s, o).abs() < 0.02,
+                        "C spectrum has an edge at {o}"
+                    );
                 }
-                assert!(diff.iter().zip(e).zip(&empty).all(|((v, &x), b)| x > 280.0 || v.abs() <= 1e-3 * b));
+                assert!(
+                    diff.iter()
+                        .zip(e)
+                        .zip(&empty)
+                        .all(|((v, &x), b)| x > 280.0 || v.abs() <= 1e-3 * b)
+                );
             }
         }
         // Every element of the shipped specimens has an edge in the default window.
         for z in [6u8, 14, 16, 22, 38, 42, 74, 79] {
-            assert!(EDGES.iter().any(|ed| ed.z == z && ed.onset < e[e.len() - 1]) && m.edges.iter().any(|ed| ed.z == z), "Z={z}");
+            assert!(
+                EDGES
+                    .iter()
+                    .any(|ed| ed.z == z && ed.onset < e[e.len() - 1])
+                    && m.edges.iter().any(|ed| ed.z == z),
+                "Z={z}"
+            );
         }
         // Ti-L2,3 white line: a peak at the L3 onset well above the continuum.
-        let diff: Vec<f64> = spectrum(&m, &[(22, 1.0)]).iter().zip(&empty).map(|(a, b)| a - b).collect();
+        let diff: Vec<f64> = spectrum(&m, &[(22, 1.0)])
+            .iter()
+            .zip(&empty)
+            .map(|(a, b)| a - b)
+            .collect();
         assert!((argmax_in(&m, &diff, 440.0, 500.0) - 456.0).abs() <= 1.0);
-        let mean = |lo, hi| window(&m, &diff, lo, hi).iter().map(|p| p.1).sum::<f64>() / (2.0 * (hi - lo) + 1.0);
+        let mean = |lo, hi| {
+            window(&m, &diff, lo, hi).iter().map(|p| p.1).sum::<f64>() / (2.0 * (hi - lo) + 1.0)
+        };
         assert!(mean(455.5, 456.5) > 3.0 * mean(480.0, 490.0));
         // Relative strengths: L2,3 beats K, and strength falls with onset.
         let st = |n: &str| EDGES.iter().find(|ed| ed.name == n).unwrap().strength();
         assert!((st("C-K") - 1.0).abs() < 1e-12);
-        assert!(st("Si-L2,3") > st("C-K") && st("C-K") > st("N-K") && st("N-K") > st("O-K") && st("Ti-L2,3") > st("N-K"));
+        assert!(
+            st("Si-L2,3") > st("C-K")
+                && st("C-K") > st("N-K")
+                && st("N-K") > st("O-K")
+                && st("Ti-L2,3") > st("N-K")
+        );
     }
 
     #[test]
@@ -501,7 +713,10 @@ mod tests {
             assert!((total / 0.8e8 - 1.0).abs() < 0.01, "t/λ={tau}: {total}");
             // The zero-loss peak holds e^{-t/λ} of the electrons.
             let zlp: f64 = window(&m, &s, -2.0, 2.0).iter().map(|p| p.1).sum();
-            assert!((zlp / 0.8e8 - (-tau).exp()).abs() < 0.02, "t/λ={tau}: zlp {zlp}");
+            assert!(
+                (zlp / 0.8e8 - (-tau).exp()).abs() < 0.02,
+                "t/λ={tau}: zlp {zlp}"
+            );
         }
     }
 
@@ -514,12 +729,20 @@ mod tests {
         let (mut rng, draws) = (seeded(3), 2000);
         for _ in 0..draws {
             m.sample(&comp, 1e5, &mut rng, &mut out);
-            assert!(out.iter().all(|v| v.is_finite() && *v >= 0.0 && v.fract() == 0.0));
-            acc.iter_mut().zip(&out).for_each(|(a, &v)| *a += f64::from(v));
+            assert!(
+                out.iter()
+                    .all(|v| v.is_finite() && *v >= 0.0 && v.fract() == 0.0)
+            );
+            acc.iter_mut()
+                .zip(&out)
+                .for_each(|(a, &v)| *a += f64::from(v));
         }
         for (a, &x) in acc.iter().zip(&exp) {
             let mean = a / f64::from(draws);
-            assert!((mean - x).abs() < 5.0 * (x / f64::from(draws)).sqrt() + 1e-3, "mean {mean} vs {x}");
+            assert!(
+                (mean - x).abs() < 5.0 * (x / f64::from(draws)).sqrt() + 1e-3,
+                "mean {mean} vs {x}"
+            );
         }
     }
 
@@ -528,9 +751,17 @@ mod tests {
         let mut rng = seeded(9);
         for (tau, r, off) in [(0.0, 2.0, -10.0), (3.0, 5.0, 200.0), (20.0, 1.5, -50.0)] {
             let m = model(|c| {
-                (c.thickness_ratio, c.background_exponent, c.energy_offset) = (Param::fixed(tau), Param::fixed(r), Param::fixed(off));
+                (c.thickness_ratio, c.background_exponent, c.energy_offset) =
+                    (Param::fixed(tau), Param::fixed(r), Param::fixed(off));
             });
-            let comp = [(0u8, 1.0), (255, 1.0), (6, f64::NAN), (8, -1.0), (26, 1e6), (79, f64::INFINITY)];
+            let comp = [
+                (0u8, 1.0),
+                (255, 1.0),
+                (6, f64::NAN),
+                (8, -1.0),
+                (26, 1e6),
+                (79, f64::INFINITY),
+            ];
             let mut out = vec![0.0; 2048];
             for el in [1e6, 0.0, -5.0, f64::NAN] {
                 m.expected(&comp, el, &mut out);
@@ -551,11 +782,19 @@ mod tests {
             ("channels", |c| c.channels = 0),
             ("dispersion", |c| c.dispersion = Param::fixed(-0.5)),
             ("zlp_fwhm", |c| c.zlp_fwhm = Param::fixed(0.0)),
-            ("plasmon_energy", |c| c.plasmon_energy = Param::fixed(f64::NAN)),
-            ("thickness_ratio", |c| c.thickness_ratio = Param::fixed(-0.1)),
-            ("background_exponent", |c| c.background_exponent = Param::fixed(1.0)),
+            ("plasmon_energy", |c| {
+                c.plasmon_energy = Param::fixed(f64::NAN)
+            }),
+            ("thickness_ratio", |c| {
+                c.thickness_ratio = Param::fixed(-0.1)
+            }),
+            ("background_exponent", |c| {
+                c.background_exponent = Param::fixed(1.0)
+            }),
             ("edge_exponent", |c| c.edge_exponent = Param::fixed(0.5)),
-            ("collection_efficiency", |c| c.collection_efficiency = Param::fixed(1.5)),
+            ("collection_efficiency", |c| {
+                c.collection_efficiency = Param::fixed(1.5)
+            }),
         ];
         for (field, f) in cases {
             let mut c = EelsConfig::default();
@@ -569,9 +808,18 @@ mod tests {
 
     #[test]
     fn config_reads_toml_with_units_and_rejects_unknown_fields() {
-        let c: EelsConfig = toml::from_str("dispersion = \"0.25 eV\"\nchannels = 1024\nthickness_ratio = { uniform = [0.1, 0.5] }").unwrap();
-        assert_eq!((c.dispersion.get(), c.channels, c.zlp_fwhm), (0.25, 1024, EelsConfig::default().zlp_fwhm));
+        let c: EelsConfig = toml::from_str(
+            "dispersion = \"0.25 eV\"\nchannels = 1024\nthickness_ratio = { uniform = [0.1, 0.5] }",
+        )
+        .unwrap();
+        assert_eq!(
+            (c.dispersion.get(), c.channels, c.zlp_fwhm),
+            (0.25, 1024, EelsConfig::default().zlp_fwhm)
+        );
         assert!(toml::from_str::<EelsConfig>("dispersoin = 0.1").is_err());
-        assert_eq!(toml::from_str::<EelsConfig>(&toml::to_string(&c).unwrap()).unwrap(), c);
+        assert_eq!(
+            toml::from_str::<EelsConfig>(&toml::to_string(&c).unwrap()).unwrap(),
+            c
+        );
     }
 }

@@ -72,7 +72,11 @@ impl Fft2 {
         for y in 0..ny {
             self.row_in.copy_from_slice(&input[y * nx..(y + 1) * nx]);
             // Sizes are consistent by construction, so the transform cannot fail.
-            let _ = self.r2c.process_with_scratch(&mut self.row_in, &mut self.rows[y * nxc..(y + 1) * nxc], &mut self.scratch_c);
+            let _ = self.r2c.process_with_scratch(
+                &mut self.row_in,
+                &mut self.rows[y * nxc..(y + 1) * nxc],
+                &mut self.scratch_c,
+            );
         }
         transpose(&self.rows, spec, ny, nxc);
         self.col_fwd.process_with_scratch(spec, &mut self.scratch_c);
@@ -91,7 +95,11 @@ impl Fft2 {
             if nx % 2 == 0 {
                 row[nxc - 1].im = 0.0;
             }
-            let _ = self.c2r.process_with_scratch(row, &mut out[y * nx..(y + 1) * nx], &mut self.scratch_c);
+            let _ = self.c2r.process_with_scratch(
+                row,
+                &mut out[y * nx..(y + 1) * nx],
+                &mut self.scratch_c,
+            );
         }
     }
 }

@@ -10,7 +10,7 @@
 use crate::error::{PhysicsError, Result};
 use crate::param::Param;
 use crate::param::dims::{Area, Unitless};
-use crate::rng::{SimRng, normal, poisson};
+use crate::rng::{SimRng, normal, poisson_fill};
 use crate::stem::fft2::Fft2;
 use crate::stem::optics::next_fast_len;
 use crate::stem::scan::{Distortion, NODE};
@@ -63,11 +63,17 @@ impl DetectorConfig {
     pub fn validate(&self, prefix: &str) -> Result<()> {
         let n = self.haadf_exponent.get();
         if !(0.5..=3.0).contains(&n) {
-            return Err(PhysicsError::param(format!("{prefix}haadf_exponent"), format!("must be in [0.5, 3] (physically 1.4-2.0), got {n}")));
+            return Err(PhysicsError::param(
+                format!("{prefix}haadf_exponent"),
+                format!("must be in [0.5, 3] (physically 1.4-2.0), got {n}"),
+            ));
         }
         let s = self.carbon_cross_section.get();
         if !(s > 0.0 && s < 1e-18) {
-            return Err(PhysicsError::param(format!("{prefix}carbon_cross_section"), format!("must be in (0, 100 Å²), got {s} m²")));
+            return Err(PhysicsError::param(
+                format!("{prefix}carbon_cross_section"),
+                format!("must be in (0, 100 Å²), got {s} m²"),
+            ));
         }
         let checks = [
             ("gain", self.gain.get(), 0.0, 1e9),
@@ -78,7 +84,10 @@ impl DetectorConfig {
         ];
         for (name, v, lo, hi) in checks {
             if !(v >= lo && v <= hi) {
-                return Err(PhysicsError::param(format!("{prefix}{name}"), format!("must be in [{lo}, {hi}], got {v}")));
+                return Err(PhysicsError::param(
+                    format!("{prefix}{name}"),
+                    format!("must be in [{lo}, {hi}], got {v}"),
+                ));
             }
         }
         if self.gain.get() <= 0.0 {
@@ -122,7 +131,14 @@ impl FrameGeometry {
         let margin = (kernel_side / 2 + 4).clamp(8, rows.max(cols) / 2);
         let prows = next_fast_len(rows + 2 * margin);
         let pcols = next_fast_len(cols + 2 * margin);
-        Self { rows, cols, dx, margin, prows, pcols }
+        Self {
+            rows,
+            cols,
+            dx,
+            margin,
+            prows,
+            pcols,
+        }
     }
 
     /// Padded-grid pixel coordinates `(u, v)` (column, row) of a lab-frame position relative to
@@ -161,7 +177,15 @@ impl HaadfRenderer {
     ///
     /// The kernel is the binned intensity, `side × side`, centred at `side/2`, summing to 1; the
     /// Gaussian source blur has standard deviation `source_sigma` (m).
-    pub fn set_probe(&mut self, kernel: &[f64], side: usize, rows: usize, cols: usize, dx: f64, source_sigma: f64) {
+    pub fn set_probe(
+        &mut self,
+        kernel: &[f64],
+        side: usize,
+        rows: usize,
+        cols: usize,
+        dx: f64,
+        source_sigma: f64,
+    ) {
         let g = FrameGeometry::new(rows, cols, dx, side);
         if self.geom.map(|o| (o.prows, o.pcols)) != Some((g.prows, g.pcols)) {
             self.fft = Some(Fft2::new(g.prows, g.pcols));
@@ -174,29 +198,42 @@ impl HaadfRenderer {
         self.frame.resize(rows * cols, 0.0);
         self.noiseless.resize(rows * cols, 0.0);
         self.spec.resize(fft.spectrum_len(), Complex::new(0.0, 0.0));
-        self.kernel_spec.resize(fft.spectrum_len(), Complex::new(0.0, 0.0));
+        self.kernel_spec
+            .resize(fft.spectrum_len(), Complex::new(0.0, 0.0));
         // Wrap the kernel around the origin of the padded grid.
         self.splat.iter_mut().for_each(|v| *v = 0.0);
         let h = side / 2;
         for ky in 0..side {
             let gy = (ky + g.prows * (side / g.prows + 1) - h) % g.prows;
-            for kx in 0..side {
+            let row = &kernel[ky * side..(ky + 1) * side];
+            for (kx, &v) in row.iter().enumerate() {
                 let gx = (kx + g.pcols * (side / g.pcols + 1) - h) % g.pcols;
-                self.splat[gy * g.pcols + gx] += kernel[ky * side + kx] as f32;
+                self.splat[gy * g.pcols + gx] += v as f32;
             }
         }
         fft.forward(&self.splat, &mut self.kernel_spec);
         // Source blur and the 1/(N) normalization of the unnormalized inverse.
+        // The Gaussian transfer function is separable: exp(-2π²σ²fx²) · exp(-2π²σ²fy²).
         let nxc = g.pcols / 2 + 1;
         let norm = 1.0 / (g.prows * g.pcols) as f64;
         let s2 = 2.0 * PI * PI * source_sigma * source_sigma;
+        let ty: Vec<f32> = (0..g.prows)
+            .map(|ky| {
+                let kyi = if ky <= g.prows / 2 {
+                    ky as f64
+                } else {
+                    ky as f64 - g.prows as f64
+                };
+                let fy = kyi / (g.prows as f64 * dx);
+                (-(s2 * fy * fy)).exp() as f32
+            })
+            .collect();
         for kx in 0..nxc {
             let fx = kx as f64 / (g.pcols as f64 * dx);
-            for ky in 0..g.prows {
-                let kyi = if ky <= g.prows / 2 { ky as f64 } else { ky as f64 - g.prows as f64 };
-                let fy = kyi / (g.prows as f64 * dx);
-                let t = (-(s2 * (fx * fx + fy * fy))).exp() * norm;
-                self.kernel_spec[kx * g.prows + ky] *= t as f32;
+            let tx = ((-(s2 * fx * fx)).exp() * norm) as f32;
+            let col = &mut self.kernel_spec[kx * g.prows..(kx + 1) * g.prows];
+            for (c, &t) in col.iter_mut().zip(&ty) {
+                *c *= tx * t;
             }
         }
     }
@@ -204,8 +241,18 @@ impl HaadfRenderer {
     /// Forms the ideal expected-count image on the padded grid: atoms at lab positions
     /// `(a.x + shift[0] − centre[0], a.y + shift[1] − centre[1])` relative to the frame centre,
     /// each weighted by `electrons · σ(Z) / dx²`.
-    pub fn render_ideal(&mut self, atoms: &[Atom], sigma_by_z: &[f64; 93], electrons: f64, shift: [f64; 2], centre: [f64; 2]) -> Result<()> {
-        let g = self.geom.ok_or_else(|| PhysicsError::Refused { operation: "render".into(), reason: "no probe installed".into() })?;
+    pub fn render_ideal(
+        &mut self,
+        atoms: &[Atom],
+        sigma_by_z: &[f64; 93],
+        electrons: f64,
+        shift: [f64; 2],
+        centre: [f64; 2],
+    ) -> Result<()> {
+        let g = self.geom.ok_or_else(|| PhysicsError::Refused {
+            operation: "render".into(),
+            reason: "no probe installed".into(),
+        })?;
         let fft = self.fft.as_mut().expect("geometry implies plans");
         self.splat.iter_mut().for_each(|v| *v = 0.0);
         let scale = electrons / (g.dx * g.dx);
@@ -236,55 +283,84 @@ impl HaadfRenderer {
 
     /// Samples the ideal image along the distorted scan path into `noiseless` and draws the
     /// recorded `frame`.
+    ///
+    /// Within a row the drift is linear in time and the scan noise is linear between its nodes,
+    /// so the sampling position is linear over each node segment and is stepped incrementally.
     pub fn record(&mut self, dist: &Distortion, det: &DetectorConfig, rng: &mut SimRng) {
         let Some(g) = self.geom else { return };
         let (rows, cols) = (g.rows, g.cols);
         let npr = Distortion::nodes_per_row(cols);
         let inv_dx = 1.0 / g.dx;
-        let gain = det.gain.get() as f32;
-        let offset = det.offset.get() as f32;
-        let read = det.read_noise.get();
-        let salt = det.salt_probability.get();
-        let salt_v = det.salt_value.get() as f32;
-        let (maxu, maxv) = ((g.pcols - 2) as f64, (g.prows - 2) as f64);
+        let (maxu, maxv) = ((g.pcols - 2) as f32, (g.prows - 2) as f32);
+        let pc = g.pcols;
+        let inv_span = if cols > 1 {
+            1.0 / (cols - 1) as f64
+        } else {
+            0.0
+        };
+        // Pass 1: expected counts λ along the scan path (kept in `noiseless` for now).
         for i in 0..rows {
             let d0 = dist.row_drift_start.get(i).copied().unwrap_or([0.0; 2]);
             let d1 = dist.row_drift_end.get(i).copied().unwrap_or([0.0; 2]);
             let jit = dist.row_jitter.get(i).copied().unwrap_or(0.0);
             let nodes = dist.noise_nodes.get(i * npr..(i + 1) * npr);
-            let inv_span = if cols > 1 { 1.0 / (cols - 1) as f64 } else { 0.0 };
-            for j in 0..cols {
+            // Position (u, v) on the padded grid at column j (any real j).
+            let pos = |j: usize, k: usize| -> (f64, f64) {
                 let f = j as f64 * inv_span;
-                let dxm = d0[0] + (d1[0] - d0[0]) * f;
-                let dym = d0[1] + (d1[1] - d0[1]) * f;
-                let (nx, ny) = match nodes {
-                    Some(nd) => {
-                        let k = j / NODE;
-                        let t = (j % NODE) as f64 / NODE as f64;
-                        (nd[k][0] + (nd[k + 1][0] - nd[k][0]) * t, nd[k][1] + (nd[k + 1][1] - nd[k][1]) * t)
-                    }
-                    None => (0.0, 0.0),
-                };
-                let u = (g.margin + j) as f64 + jit + (nx - dxm) * inv_dx;
-                let v = (g.margin + i) as f64 + (ny - dym) * inv_dx;
-                let u = u.clamp(0.0, maxu);
-                let v = v.clamp(0.0, maxv);
-                let (i0, j0) = (v as usize, u as usize);
-                let (fy, fx) = ((v - i0 as f64) as f32, (u - j0 as f64) as f32);
-                let b = i0 * g.pcols + j0;
-                let id = &self.ideal;
-                let lam = (id[b] * (1.0 - fx) + id[b + 1] * fx) * (1.0 - fy) + (id[b + g.pcols] * (1.0 - fx) + id[b + g.pcols + 1] * fx) * fy;
-                let o = i * cols + j;
-                self.noiseless[o] = gain * lam + offset;
-                let counts = if det.shot_noise { poisson(rng, f64::from(lam)) as f32 } else { lam };
-                let mut val = gain * counts + offset;
-                if read > 0.0 {
-                    val += (read * normal(rng)) as f32;
+                let (nx, ny) = nodes.map_or((0.0, 0.0), |nd| (nd[k][0], nd[k][1]));
+                let u = (g.margin + j) as f64 + jit + (nx - (d0[0] + (d1[0] - d0[0]) * f)) * inv_dx;
+                let v = (g.margin + i) as f64 + (ny - (d0[1] + (d1[1] - d0[1]) * f)) * inv_dx;
+                (u, v)
+            };
+            let out = &mut self.noiseless[i * cols..(i + 1) * cols];
+            for (seg, chunk) in out.chunks_mut(NODE).enumerate() {
+                let j0 = seg * NODE;
+                let (ua, va) = pos(j0, seg);
+                let (ub, vb) = pos(j0 + NODE, seg + 1);
+                let (du, dv) = (
+                    ((ub - ua) / NODE as f64) as f32,
+                    ((vb - va) / NODE as f64) as f32,
+                );
+                let (ua, va) = (ua as f32, va as f32);
+                for (t, o) in chunk.iter_mut().enumerate() {
+                    let u = (ua + du * t as f32).clamp(0.0, maxu);
+                    let v = (va + dv * t as f32).clamp(0.0, maxv);
+                    let (i0, j0) = (v as usize, u as usize);
+                    let (fy, fx) = (v - i0 as f32, u - j0 as f32);
+                    let b = i0 * pc + j0;
+                    let id = &self.ideal[b..b + pc + 2];
+                    *o = (id[0] * (1.0 - fx) + id[1] * fx) * (1.0 - fy)
+                        + (id[pc] * (1.0 - fx) + id[pc + 1] * fx) * fy;
                 }
-                if salt > 0.0 && rng.random::<f64>() < salt {
-                    val = salt_v;
+            }
+        }
+        // Pass 2: counts.
+        let n = rows * cols;
+        if det.shot_noise {
+            poisson_fill(rng, &self.noiseless[..n], &mut self.frame[..n]);
+        } else {
+            self.frame[..n].copy_from_slice(&self.noiseless[..n]);
+        }
+        // Pass 3: detector gain, offset, read and salt noise.
+        let gain = det.gain.get() as f32;
+        let offset = det.offset.get() as f32;
+        for (f, e) in self.frame[..n].iter_mut().zip(&mut self.noiseless[..n]) {
+            *f = gain * *f + offset;
+            *e = gain * *e + offset;
+        }
+        let read = det.read_noise.get();
+        if read > 0.0 {
+            for f in &mut self.frame[..n] {
+                *f += (read * normal(rng)) as f32;
+            }
+        }
+        let salt = det.salt_probability.get();
+        if salt > 0.0 {
+            let salt_v = det.salt_value.get() as f32;
+            for f in &mut self.frame[..n] {
+                if rng.random::<f64>() < salt {
+                    *f = salt_v;
                 }
-                self.frame[o] = val;
             }
         }
     }

@@ -11,7 +11,9 @@
 //! image grid and normalized to sum to 1. Source-size blur is applied by the image formation
 //! step as a Gaussian transfer function.
 
-use crate::constants::{ELECTRON_MASS, ELECTRON_REST_ENERGY_EV, ELEMENTARY_CHARGE, PLANCK, SPEED_OF_LIGHT};
+use crate::constants::{
+    ELECTRON_MASS, ELECTRON_REST_ENERGY_EV, ELEMENTARY_CHARGE, PLANCK, SPEED_OF_LIGHT,
+};
 use crate::error::{PhysicsError, Result};
 use crate::param::Param;
 use crate::param::dims::{Angle, Energy, Length};
@@ -30,7 +32,12 @@ use std::sync::Arc;
 /// ```
 pub fn electron_wavelength(energy_ev: f64) -> f64 {
     let e = energy_ev * ELEMENTARY_CHARGE;
-    PLANCK / (2.0 * ELECTRON_MASS * e * (1.0 + e / (2.0 * ELECTRON_MASS * SPEED_OF_LIGHT * SPEED_OF_LIGHT))).sqrt()
+    PLANCK
+        / (2.0
+            * ELECTRON_MASS
+            * e
+            * (1.0 + e / (2.0 * ELECTRON_MASS * SPEED_OF_LIGHT * SPEED_OF_LIGHT)))
+            .sqrt()
 }
 
 /// Electron momentum times c, in eV: `pc = sqrt(E (E + 2 m₀c²))`.
@@ -74,13 +81,20 @@ pub struct Aberrations {
 impl Aberrations {
     /// Cartesian two-fold astigmatism `(C12a, C12b)`, m.
     pub fn c12_cartesian(&self) -> (f64, f64) {
-        (self.c12 * (2.0 * self.phi12).cos(), self.c12 * (2.0 * self.phi12).sin())
+        (
+            self.c12 * (2.0 * self.phi12).cos(),
+            self.c12 * (2.0 * self.phi12).sin(),
+        )
     }
 
     /// Sets two-fold astigmatism from Cartesian components, m.
     pub fn set_c12_cartesian(&mut self, a: f64, b: f64) {
         self.c12 = a.hypot(b);
-        self.phi12 = if self.c12 > 0.0 { 0.5 * b.atan2(a) } else { 0.0 };
+        self.phi12 = if self.c12 > 0.0 {
+            0.5 * b.atan2(a)
+        } else {
+            0.0
+        };
     }
 
     /// Checks every value is finite and every magnitude non-negative.
@@ -98,7 +112,10 @@ impl Aberrations {
         ];
         for (n, v) in vals {
             if !v.is_finite() {
-                return Err(PhysicsError::param(format!("{prefix}{n}"), "must be finite"));
+                return Err(PhysicsError::param(
+                    format!("{prefix}{n}"),
+                    "must be finite",
+                ));
             }
         }
         for (n, v) in [("c12", self.c12), ("c21", self.c21), ("c23", self.c23)] {
@@ -121,7 +138,8 @@ impl Aberrations {
         2.0 * PI / lambda
             * (t2 / 2.0 * (self.c10 + self.c12 * (2.0 * (phi - self.phi12)).cos())
                 + theta * t2 / 3.0
-                    * (self.c21 * (phi - self.phi21).cos() + self.c23 * (3.0 * (phi - self.phi23)).cos())
+                    * (self.c21 * (phi - self.phi21).cos()
+                        + self.c23 * (3.0 * (phi - self.phi23)).cos())
                 + t2 * t2 / 4.0 * self.c30
                 + t2 * t2 * t2 / 6.0 * self.c50)
     }
@@ -213,7 +231,10 @@ impl OpticsConfig {
     pub fn validate(&self, prefix: &str) -> Result<()> {
         let e = self.energy.get();
         if !(1e3..=1e6).contains(&e) {
-            return Err(PhysicsError::param(format!("{prefix}energy"), format!("must be 1 keV to 1 MeV, got {e} eV")));
+            return Err(PhysicsError::param(
+                format!("{prefix}energy"),
+                format!("must be 1 keV to 1 MeV, got {e} eV"),
+            ));
         }
         let a = self.convergence_angle.get();
         if !(a > 0.0 && a <= 0.2) {
@@ -222,9 +243,16 @@ impl OpticsConfig {
                 format!("must be in (0, 0.2] rad, got {a}"),
             ));
         }
-        for (n, v) in [("source_size", self.source_size.get()), ("cc", self.cc.get()), ("energy_spread", self.energy_spread.get())] {
+        for (n, v) in [
+            ("source_size", self.source_size.get()),
+            ("cc", self.cc.get()),
+            ("energy_spread", self.energy_spread.get()),
+        ] {
             if !(v >= 0.0 && v.is_finite()) {
-                return Err(PhysicsError::param(format!("{prefix}{n}"), format!("must be finite and >= 0, got {v}")));
+                return Err(PhysicsError::param(
+                    format!("{prefix}{n}"),
+                    format!("must be finite and >= 0, got {v}"),
+                ));
             }
         }
         self.aberrations().validate(prefix)
@@ -283,7 +311,10 @@ pub struct ProbeCalculator {
 
 impl std::fmt::Debug for ProbeCalculator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ProbeCalculator").field("fine_n", &self.fine_n).field("fine_dx", &self.fine_dx).finish()
+        f.debug_struct("ProbeCalculator")
+            .field("fine_n", &self.fine_n)
+            .field("fine_dx", &self.fine_dx)
+            .finish()
     }
 }
 
@@ -313,7 +344,15 @@ pub fn next_fast_len(n: usize) -> usize {
 impl ProbeCalculator {
     /// A calculator with no cached plans.
     pub fn new() -> Self {
-        Self { planner: FftPlanner::new(), plan: None, field: Vec::new(), intensity: Vec::new(), scratch: Vec::new(), fine_n: 0, fine_dx: 0.0 }
+        Self {
+            planner: FftPlanner::new(),
+            plan: None,
+            field: Vec::new(),
+            intensity: Vec::new(),
+            scratch: Vec::new(),
+            fine_n: 0,
+            fine_dx: 0.0,
+        }
     }
 
     /// Fine-grid geometry for an image pixel `dx`: (subsampling factor m, side n, fine pixel).
@@ -326,27 +365,32 @@ impl ProbeCalculator {
         let limit = lambda / (4.0 * spec.alpha);
         let m = ((dx / limit).ceil() as usize).max(1);
         let fdx = dx / m as f64;
+        // Radius holding the probe: geometric blur of the aberrations and chromatic spread, plus
+        // 3 λ/α of diffraction (97 % of an Airy disc's intensity lies inside).
         let chrom = 3.0 * spec.defocus_spread() * spec.alpha;
-        let radius = spec.aberrations.geometric_radius(spec.alpha) + chrom + 12.0 * lambda / spec.alpha;
-        let extent = (4.0 * radius).max(32.0 * lambda / spec.alpha).min(max_extent.max(8.0 * dx));
-        // Side in image pixels (even), then fine pixels.
-        let side_px = ((extent / dx).ceil() as usize).max(4);
-        let n = next_fast_len(side_px * m);
-        // Keep n a multiple of m so bins align: round the image-pixel side up until it does.
-        let mut side = side_px;
-        let mut nn = n;
-        while nn % m != 0 {
+        let radius =
+            spec.aberrations.geometric_radius(spec.alpha) + chrom + 3.0 * lambda / spec.alpha;
+        let max_side = ((max_extent / dx).floor() as usize).max(8);
+        let mut side = (2 * ((radius / dx).ceil() as usize + 2)).clamp(8, max_side);
+        // The fine grid (side · m) must be a fast FFT length.
+        while next_fast_len(side * m) != side * m {
             side += 1;
-            nn = next_fast_len(side * m);
         }
-        (m, nn, fdx)
+        (m, side * m, fdx)
     }
 
     /// Computes the probe intensity binned onto image pixels of size `dx` (m), as a square kernel
     /// of side `n/m` image pixels centred at index `side/2`, summing to 1. `out` is resized.
-    pub fn binned_probe(&mut self, spec: &ProbeSpec, dx: f64, max_extent: f64, out: &mut Vec<f64>) -> usize {
+    pub fn binned_probe(
+        &mut self,
+        spec: &ProbeSpec,
+        dx: f64,
+        max_extent: f64,
+        out: &mut Vec<f64>,
+    ) -> usize {
         let (m, n, fdx) = Self::fine_geometry(spec, dx, max_extent);
-        self.fine_intensity(spec, n, fdx);
+        // Centre the probe on the centre of kernel bin side/2: fine index (side/2)·m + (m-1)/2.
+        self.fine_intensity_shifted(spec, n, fdx, 0.5 * (m as f64 - 1.0));
         let side = n / m;
         out.clear();
         out.resize(side * side, 0.0);
@@ -357,8 +401,6 @@ impl ProbeCalculator {
                 out[by * side + fx / m] += v;
             }
         }
-        // The fine grid is centred at n/2; with n = side·m the centre falls in bin (side/2) when m
-        // is odd, and on a bin edge when m is even: shift half a fine pixel is below resolution.
         let s: f64 = out.iter().sum();
         if s > 0.0 {
             out.iter_mut().for_each(|v| *v /= s);
@@ -370,6 +412,12 @@ impl ProbeCalculator {
     /// sum 1 (incoherent sum over defoci when the energy spread is non-zero). The result is in
     /// [`ProbeCalculator::intensity`].
     pub fn fine_intensity(&mut self, spec: &ProbeSpec, n: usize, dx: f64) {
+        self.fine_intensity_shifted(spec, n, dx, 0.0);
+    }
+
+    /// As [`Self::fine_intensity`], with the probe centred at `(n/2 + shift, n/2 + shift)` fine
+    /// pixels (a sub-pixel shift applied exactly as a phase ramp).
+    pub fn fine_intensity_shifted(&mut self, spec: &ProbeSpec, n: usize, dx: f64, shift: f64) {
         self.fine_n = n;
         self.fine_dx = dx;
         let plan = match &self.plan {
@@ -388,7 +436,7 @@ impl ProbeCalculator {
         for &(z, w) in nodes {
             let mut ab = spec.aberrations;
             ab.c10 += z * sigma_f;
-            self.coherent_probe(spec, &ab, n, dx, &*plan);
+            self.coherent_probe(spec, &ab, n, dx, shift, &*plan);
             let total: f64 = self.field.iter().map(|c| f64::from(c.norm_sqr())).sum();
             let scale = w / norm_w / total.max(f64::MIN_POSITIVE);
             // Field index (0,0) is r = 0; shift by n/2 to centre.
@@ -397,7 +445,8 @@ impl ProbeCalculator {
                 let sy = (y + h) % n;
                 for x in 0..n {
                     let sx = (x + h) % n;
-                    self.intensity[sy * n + sx] += f64::from(self.field[y * n + x].norm_sqr()) * scale;
+                    self.intensity[sy * n + sx] +=
+                        f64::from(self.field[y * n + x].norm_sqr()) * scale;
                 }
             }
         }
@@ -408,7 +457,15 @@ impl ProbeCalculator {
         &self.intensity
     }
 
-    fn coherent_probe(&mut self, spec: &ProbeSpec, ab: &Aberrations, n: usize, dx: f64, plan: &dyn Fft<f32>) {
+    fn coherent_probe(
+        &mut self,
+        spec: &ProbeSpec,
+        ab: &Aberrations,
+        n: usize,
+        dx: f64,
+        shift: f64,
+        plan: &dyn Fft<f32>,
+    ) {
         let lambda = electron_wavelength(spec.energy);
         let dk = 1.0 / (n as f64 * dx);
         let kmax = spec.alpha / lambda;
@@ -416,9 +473,18 @@ impl ProbeCalculator {
         self.field.resize(n * n, Complex::new(0.0, 0.0));
         let (c12a, c12b) = ab.c12_cartesian();
         let (c21a, c21b) = (ab.c21 * ab.phi21.cos(), ab.c21 * ab.phi21.sin());
-        let (c23a, c23b) = (ab.c23 * (3.0 * ab.phi23).cos(), ab.c23 * (3.0 * ab.phi23).sin());
+        let (c23a, c23b) = (
+            ab.c23 * (3.0 * ab.phi23).cos(),
+            ab.c23 * (3.0 * ab.phi23).sin(),
+        );
         let pref = 2.0 * PI / lambda;
-        let kidx = |i: usize| if i <= n / 2 { i as f64 } else { i as f64 - n as f64 };
+        let kidx = |i: usize| {
+            if i <= n / 2 {
+                i as f64
+            } else {
+                i as f64 - n as f64
+            }
+        };
         let in_band: Vec<usize> = (0..n).filter(|&i| (kidx(i) * dk).abs() <= kmax).collect();
         for &iy in &in_band {
             let ty = kidx(iy) * dk * lambda;
@@ -432,10 +498,14 @@ impl ProbeCalculator {
                 let chi = pref
                     * (0.5 * (ab.c10 * t2 + c12a * (tx * tx - ty * ty) + c12b * 2.0 * tx * ty)
                         + (t2 * (c21a * tx + c21b * ty)) / 3.0
-                        + (c23a * (tx * tx * tx - 3.0 * tx * ty * ty) + c23b * (3.0 * tx * tx * ty - ty * ty * ty)) / 3.0
+                        + (c23a * (tx * tx * tx - 3.0 * tx * ty * ty)
+                            + c23b * (3.0 * tx * tx * ty - ty * ty * ty))
+                            / 3.0
                         + 0.25 * ab.c30 * t2 * t2
                         + ab.c50 * t2 * t2 * t2 / 6.0);
-                let (s, c) = chi.sin_cos();
+                // Shift by `shift` pixels along x and y: ψ(r - s) ↔ Ψ(k) e^{-2πi k·s}.
+                let ramp = 2.0 * PI * shift * (kidx(ix) + kidx(iy)) / n as f64;
+                let (s, c) = (chi + ramp).sin_cos();
                 self.field[iy * n + ix] = Complex::new(c as f32, -s as f32);
             }
         }
@@ -453,18 +523,10 @@ impl ProbeCalculator {
     }
 }
 
-/// Out-of-place transpose of a row-major `rows × cols` matrix into `cols × rows`, blocked for cache.
+/// Out-of-place transpose of a row-major `rows × cols` matrix into `cols × rows`.
 pub fn transpose<T: Copy>(src: &[T], dst: &mut [T], rows: usize, cols: usize) {
-    const B: usize = 32;
-    for r0 in (0..rows).step_by(B) {
-        for c0 in (0..cols).step_by(B) {
-            for r in r0..(r0 + B).min(rows) {
-                for c in c0..(c0 + B).min(cols) {
-                    dst[c * rows + r] = src[r * cols + c];
-                }
-            }
-        }
-    }
+    // The `transpose` crate takes (input width, input height).
+    ::transpose::transpose(src, dst, cols, rows);
 }
 
 #[cfg(test)]
@@ -482,21 +544,39 @@ mod tests {
 
     #[test]
     fn chi_matches_cartesian_form_used_for_the_probe() {
-        let ab = Aberrations { c10: 3e-9, c12: 2e-9, phi12: 0.4, c21: 50e-9, phi21: 1.0, c23: 30e-9, phi23: -0.3, c30: 1e-6, c50: 1e-3 };
+        let ab = Aberrations {
+            c10: 3e-9,
+            c12: 2e-9,
+            phi12: 0.4,
+            c21: 50e-9,
+            phi21: 1.0,
+            c23: 30e-9,
+            phi23: -0.3,
+            c30: 1e-6,
+            c50: 1e-3,
+        };
         let lambda = electron_wavelength(100e3);
         let (c12a, c12b) = ab.c12_cartesian();
         for &(tx, ty) in &[(0.01, 0.0), (0.003, -0.02), (-0.015, 0.012)] {
             let t2: f64 = tx * tx + ty * ty;
             let (c21a, c21b) = (ab.c21 * ab.phi21.cos(), ab.c21 * ab.phi21.sin());
-            let (c23a, c23b) = (ab.c23 * (3.0 * ab.phi23).cos(), ab.c23 * (3.0 * ab.phi23).sin());
+            let (c23a, c23b) = (
+                ab.c23 * (3.0 * ab.phi23).cos(),
+                ab.c23 * (3.0 * ab.phi23).sin(),
+            );
             let cart = 2.0 * PI / lambda
                 * (0.5 * (ab.c10 * t2 + c12a * (tx * tx - ty * ty) + c12b * 2.0 * tx * ty)
                     + (t2 * (c21a * tx + c21b * ty)) / 3.0
-                    + (c23a * (tx * tx * tx - 3.0 * tx * ty * ty) + c23b * (3.0 * tx * tx * ty - ty * ty * ty)) / 3.0
+                    + (c23a * (tx * tx * tx - 3.0 * tx * ty * ty)
+                        + c23b * (3.0 * tx * tx * ty - ty * ty * ty))
+                        / 3.0
                     + 0.25 * ab.c30 * t2 * t2
                     + ab.c50 * t2 * t2 * t2 / 6.0);
             let polar = ab.chi(lambda, tx, ty);
-            assert!((cart - polar).abs() < 1e-9 * polar.abs().max(1.0), "{cart} vs {polar}");
+            assert!(
+                (cart - polar).abs() < 1e-9 * polar.abs().max(1.0),
+                "{cart} vs {polar}"
+            );
         }
     }
 

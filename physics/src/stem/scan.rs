@@ -52,29 +52,47 @@ impl ScanConfig {
     pub fn validate(&self, prefix: &str) -> Result<()> {
         let [h, w] = self.pixels;
         if !(8..=4096).contains(&h) || !(8..=4096).contains(&w) {
-            return Err(PhysicsError::param(format!("{prefix}pixels"), format!("each side must be 8..=4096, got [{h}, {w}]")));
+            return Err(PhysicsError::param(
+                format!("{prefix}pixels"),
+                format!("each side must be 8..=4096, got [{h}, {w}]"),
+            ));
         }
         let px = self.pixel_size.get();
         if !(1e-13..=1e-6).contains(&px) {
-            return Err(PhysicsError::param(format!("{prefix}pixel_size"), format!("must be 0.001 Å to 1 µm, got {px} m")));
+            return Err(PhysicsError::param(
+                format!("{prefix}pixel_size"),
+                format!("must be 0.001 Å to 1 µm, got {px} m"),
+            ));
         }
         let d = self.dwell_time.get();
         if !(d > 0.0 && d <= 1.0) {
-            return Err(PhysicsError::param(format!("{prefix}dwell_time"), format!("must be in (0, 1] s, got {d}")));
+            return Err(PhysicsError::param(
+                format!("{prefix}dwell_time"),
+                format!("must be in (0, 1] s, got {d}"),
+            ));
         }
         let f = self.flyback_time.get();
         if !(0.0..=1.0).contains(&f) {
-            return Err(PhysicsError::param(format!("{prefix}flyback_time"), format!("must be in [0, 1] s, got {f}")));
+            return Err(PhysicsError::param(
+                format!("{prefix}flyback_time"),
+                format!("must be in [0, 1] s, got {f}"),
+            ));
         }
         for (i, c) in self.center.iter().enumerate() {
             if !c.get().is_finite() {
-                return Err(PhysicsError::param(format!("{prefix}center[{i}]"), "must be finite"));
+                return Err(PhysicsError::param(
+                    format!("{prefix}center[{i}]"),
+                    "must be finite",
+                ));
             }
         }
         if let Some(dose) = &self.dose {
             let v = dose.get();
             if !(v > 0.0 && v.is_finite()) {
-                return Err(PhysicsError::param(format!("{prefix}dose"), format!("must be a positive dose (e⁻/m², e.g. \"1e4 e/Å²\"), got {v}")));
+                return Err(PhysicsError::param(
+                    format!("{prefix}dose"),
+                    format!("must be a positive dose (e⁻/m², e.g. \"1e4 e/Å²\"), got {v}"),
+                ));
             }
         }
         Ok(())
@@ -96,7 +114,11 @@ pub struct DriftConfig {
 
 impl Default for DriftConfig {
     fn default() -> Self {
-        Self { speed: Param::fixed(0.5e-9 / 60.0), direction: Param::fixed(0.5), diffusivity: Param::fixed(1e-22) }
+        Self {
+            speed: Param::fixed(0.5e-9 / 60.0),
+            direction: Param::fixed(0.5),
+            diffusivity: Param::fixed(1e-22),
+        }
     }
 }
 
@@ -105,14 +127,23 @@ impl DriftConfig {
     pub fn validate(&self, prefix: &str) -> Result<()> {
         let s = self.speed.get();
         if !(0.0..1e-6).contains(&s) {
-            return Err(PhysicsError::param(format!("{prefix}speed"), format!("must be in [0, 1 µm/s), got {s} m/s")));
+            return Err(PhysicsError::param(
+                format!("{prefix}speed"),
+                format!("must be in [0, 1 µm/s), got {s} m/s"),
+            ));
         }
         if !self.direction.get().is_finite() {
-            return Err(PhysicsError::param(format!("{prefix}direction"), "must be finite"));
+            return Err(PhysicsError::param(
+                format!("{prefix}direction"),
+                "must be finite",
+            ));
         }
         let d = self.diffusivity.get();
         if !(0.0..1e-12).contains(&d) {
-            return Err(PhysicsError::param(format!("{prefix}diffusivity"), format!("must be in [0, 1e-12) m²/s, got {d}")));
+            return Err(PhysicsError::param(
+                format!("{prefix}diffusivity"),
+                format!("must be in [0, 1e-12) m²/s, got {d}"),
+            ));
         }
         Ok(())
     }
@@ -157,23 +188,41 @@ impl ScanNoiseConfig {
     pub fn validate(&self, prefix: &str) -> Result<()> {
         let j = self.jitter_pixels.get();
         if !(0.0..=50.0).contains(&j) {
-            return Err(PhysicsError::param(format!("{prefix}jitter_pixels"), format!("must be in [0, 50], got {j}")));
+            return Err(PhysicsError::param(
+                format!("{prefix}jitter_pixels"),
+                format!("must be in [0, 50], got {j}"),
+            ));
         }
-        for (n, v) in [("rms", self.rms.get()), ("mains_amplitude", self.mains_amplitude.get())] {
+        for (n, v) in [
+            ("rms", self.rms.get()),
+            ("mains_amplitude", self.mains_amplitude.get()),
+        ] {
             if !(0.0..1e-8).contains(&v) {
-                return Err(PhysicsError::param(format!("{prefix}{n}"), format!("must be in [0, 10 nm), got {v} m")));
+                return Err(PhysicsError::param(
+                    format!("{prefix}{n}"),
+                    format!("must be in [0, 10 nm), got {v} m"),
+                ));
             }
         }
         if self.components > 256 {
-            return Err(PhysicsError::param(format!("{prefix}components"), "must be <= 256"));
+            return Err(PhysicsError::param(
+                format!("{prefix}components"),
+                "must be <= 256",
+            ));
         }
         let (lo, hi) = (self.min_frequency.get(), self.max_frequency.get());
         if !(lo > 0.0 && hi >= lo && hi <= 1e6) {
-            return Err(PhysicsError::param(format!("{prefix}max_frequency"), format!("need 0 < min_frequency <= max_frequency <= 1 MHz, got {lo}, {hi}")));
+            return Err(PhysicsError::param(
+                format!("{prefix}max_frequency"),
+                format!("need 0 < min_frequency <= max_frequency <= 1 MHz, got {lo}, {hi}"),
+            ));
         }
         let m = self.mains_frequency.get();
         if !(m > 0.0 && m < 1e4) {
-            return Err(PhysicsError::param(format!("{prefix}mains_frequency"), "must be in (0, 10 kHz)"));
+            return Err(PhysicsError::param(
+                format!("{prefix}mains_frequency"),
+                "must be in (0, 10 kHz)",
+            ));
         }
         Ok(())
     }
@@ -194,7 +243,11 @@ impl DriftState {
     /// A drift starting at zero displacement.
     pub fn new(cfg: &DriftConfig) -> Self {
         let (s, a) = (cfg.speed.get(), cfg.direction.get());
-        Self { offset: [0.0, 0.0], velocity: [s * a.cos(), s * a.sin()], diffusivity: cfg.diffusivity.get() }
+        Self {
+            offset: [0.0, 0.0],
+            velocity: [s * a.cos(), s * a.sin()],
+            diffusivity: cfg.diffusivity.get(),
+        }
     }
 
     /// Advances the state by `dt` seconds (velocity plus a random-walk step).
@@ -221,9 +274,9 @@ struct Component {
 #[derive(Debug, Clone, Default)]
 pub struct Distortion {
     comps: Vec<Component>,
-    /// Per row: drift displacement relative to the frame start at the row's first pixel, m.
+    /// Per row: drift displacement relative to the reference at the row's first pixel, m.
     pub row_drift_start: Vec<[f64; 2]>,
-    /// Per row: drift displacement relative to the frame start at the row's last pixel, m.
+    /// Per row: drift displacement relative to the reference at the row's last pixel, m.
     pub row_drift_end: Vec<[f64; 2]>,
     /// Per row: jitter along x, pixels.
     pub row_jitter: Vec<f64>,
@@ -236,9 +289,21 @@ pub const NODE: usize = 16;
 
 impl Distortion {
     /// Draws the distortions of one frame of `rows × cols` pixels starting at time `t0` and
-    /// advances `drift` through the frame.
+    /// advances `drift` through the frame. Row drifts are relative to `reference`, the drift
+    /// offset the ideal image was rendered with.
     #[allow(clippy::too_many_arguments)]
-    pub fn generate(&mut self, cfg: &ScanNoiseConfig, rows: usize, cols: usize, dwell: f64, flyback: f64, t0: f64, drift: &mut DriftState, rng: &mut SimRng) {
+    pub fn generate(
+        &mut self,
+        cfg: &ScanNoiseConfig,
+        rows: usize,
+        cols: usize,
+        dwell: f64,
+        flyback: f64,
+        t0: f64,
+        reference: [f64; 2],
+        drift: &mut DriftState,
+        rng: &mut SimRng,
+    ) {
         let line = cols as f64 * dwell + flyback;
         let row_span = (cols.max(1) - 1) as f64 * dwell;
         // Components: log-spaced 1/√f amplitudes normalized to the configured r.m.s., random phases.
@@ -247,33 +312,53 @@ impl Distortion {
         let (lo, hi) = (cfg.min_frequency.get(), cfg.max_frequency.get());
         let mut norm = 0.0;
         for k in 0..n {
-            let f = if n == 1 { lo } else { lo * (hi / lo).powf(k as f64 / (n - 1) as f64) };
+            let f = if n == 1 {
+                lo
+            } else {
+                lo * (hi / lo).powf(k as f64 / (n - 1) as f64)
+            };
             let a = 1.0 / f.sqrt();
             norm += 0.5 * a * a;
-            self.comps.push(Component { omega: 2.0 * PI * f, amp: [a, a], phase: [0.0, 0.0] });
+            self.comps.push(Component {
+                omega: 2.0 * PI * f,
+                amp: [a, a],
+                phase: [0.0, 0.0],
+            });
         }
-        let scale = if norm > 0.0 { cfg.rms.get() / norm.sqrt() } else { 0.0 };
+        let scale = if norm > 0.0 {
+            cfg.rms.get() / norm.sqrt()
+        } else {
+            0.0
+        };
         for c in &mut self.comps {
             c.amp = [c.amp[0] * scale, c.amp[1] * scale];
-            c.phase = [2.0 * PI * rng.random::<f64>(), 2.0 * PI * rng.random::<f64>()];
+            c.phase = [
+                2.0 * PI * rng.random::<f64>(),
+                2.0 * PI * rng.random::<f64>(),
+            ];
         }
         let mains = cfg.mains_amplitude.get();
         if mains > 0.0 {
             let ph = 2.0 * PI * rng.random::<f64>();
-            self.comps.push(Component { omega: 2.0 * PI * cfg.mains_frequency.get(), amp: [mains, mains], phase: [ph, ph + 0.5 * PI] });
+            self.comps.push(Component {
+                omega: 2.0 * PI * cfg.mains_frequency.get(),
+                amp: [mains, mains],
+                phase: [ph, ph + 0.5 * PI],
+            });
         }
         // Rows: drift (relative to the frame start) and jitter.
         self.row_drift_start.clear();
         self.row_drift_end.clear();
         self.row_jitter.clear();
-        let start = drift.offset;
+        let start = reference;
         let jit = cfg.jitter_pixels.get();
         for _ in 0..rows {
             let a = drift.offset;
             drift.advance(row_span, rng);
             let b = drift.offset;
             drift.advance(line - row_span, rng);
-            self.row_drift_start.push([a[0] - start[0], a[1] - start[1]]);
+            self.row_drift_start
+                .push([a[0] - start[0], a[1] - start[1]]);
             self.row_drift_end.push([b[0] - start[0], b[1] - start[1]]);
             let j = if jit > 0.0 {
                 let k = f64::from(poisson(rng, jit));
@@ -290,18 +375,25 @@ impl Distortion {
         if self.comps.iter().all(|c| c.amp == [0.0, 0.0]) {
             return;
         }
-        for i in 0..rows {
-            let tr = t0 + i as f64 * line;
-            for c in &self.comps {
-                for ax in 0..2 {
-                    let (mut s, mut co) = (c.omega * tr + c.phase[ax]).sin_cos();
-                    let (ds, dc) = (c.omega * NODE as f64 * dwell).sin_cos();
-                    for k in 0..nodes_per_row {
-                        self.noise_nodes[i * nodes_per_row + k][ax] += c.amp[ax] * s;
+        // Phasors rotate by ω·NODE·dwell from node to node and by ω·line from row to row: one
+        // sin_cos per component and frame.
+        for c in &self.comps {
+            let (ds, dc) = (c.omega * NODE as f64 * dwell).sin_cos();
+            let (rs, rc) = (c.omega * line).sin_cos();
+            for ax in 0..2 {
+                let (mut row_s, mut row_c) = (c.omega * t0 + c.phase[ax]).sin_cos();
+                for i in 0..rows {
+                    let (mut s, mut co) = (row_s, row_c);
+                    let out = &mut self.noise_nodes[i * nodes_per_row..(i + 1) * nodes_per_row];
+                    for o in out.iter_mut() {
+                        o[ax] += c.amp[ax] * s;
                         let ns = s * dc + co * ds;
                         co = co * dc - s * ds;
                         s = ns;
                     }
+                    let nrs = row_s * rc + row_c * rs;
+                    row_c = row_c * rc - row_s * rs;
+                    row_s = nrs;
                 }
             }
         }
@@ -320,7 +412,11 @@ mod tests {
 
     #[test]
     fn drift_moves_at_the_configured_velocity() {
-        let cfg = DriftConfig { speed: Param::fixed(1e-9), direction: Param::fixed(0.0), diffusivity: Param::fixed(0.0) };
+        let cfg = DriftConfig {
+            speed: Param::fixed(1e-9),
+            direction: Param::fixed(0.0),
+            diffusivity: Param::fixed(0.0),
+        };
         let mut d = DriftState::new(&cfg);
         let mut rng = seeded(0);
         d.advance(2.0, &mut rng);
@@ -329,7 +425,11 @@ mod tests {
 
     #[test]
     fn random_walk_variance_is_two_d_t() {
-        let cfg = DriftConfig { speed: Param::fixed(0.0), direction: Param::fixed(0.0), diffusivity: Param::fixed(1e-20) };
+        let cfg = DriftConfig {
+            speed: Param::fixed(0.0),
+            direction: Param::fixed(0.0),
+            diffusivity: Param::fixed(1e-20),
+        };
         let mut rng = seeded(1);
         let n = 4000;
         let mut sum2 = 0.0;
@@ -347,14 +447,29 @@ mod tests {
 
     #[test]
     fn scan_noise_has_the_configured_rms() {
-        let cfg = ScanNoiseConfig { mains_amplitude: Param::fixed(0.0), jitter_pixels: Param::fixed(0.0), rms: Param::fixed(1e-10), ..Default::default() };
+        let cfg = ScanNoiseConfig {
+            mains_amplitude: Param::fixed(0.0),
+            jitter_pixels: Param::fixed(0.0),
+            rms: Param::fixed(1e-10),
+            ..Default::default()
+        };
         let mut dist = Distortion::default();
         let mut drift = DriftState::new(&DriftConfig::default());
         let mut rng = seeded(2);
         let mut acc = 0.0;
         let mut n = 0.0;
         for f in 0..20 {
-            dist.generate(&cfg, 64, 64, 4e-6, 50e-6, f as f64 * 0.05, &mut drift, &mut rng);
+            dist.generate(
+                &cfg,
+                64,
+                64,
+                4e-6,
+                50e-6,
+                f as f64 * 0.05,
+                [0.0, 0.0],
+                &mut drift,
+                &mut rng,
+            );
             for v in &dist.noise_nodes {
                 acc += v[0] * v[0];
                 n += 1.0;

@@ -13,15 +13,17 @@
 
 use crate::constants::ELEMENTARY_CHARGE;
 use crate::error::{PhysicsError, Result};
-use crate::instrument::{Frame, FrameMeta, InstrumentInfo, InstrumentKind, ScanSettings, Spectrum, StemInstrument};
-use crate::param::{Param, resolve};
+use crate::instrument::{
+    Frame, FrameMeta, InstrumentInfo, InstrumentKind, ScanSettings, Spectrum, StemInstrument,
+};
 use crate::param::dims::Current;
+use crate::param::{Param, resolve};
 use crate::rng::{SimRng, derive_seed, poisson, seeded};
 use crate::stem::damage::{DamageConfig, DoseMap, Hop, HopModel, sputter};
 use crate::stem::eels::{EelsConfig, EelsModel};
 use crate::stem::haadf::{DetectorConfig, HaadfRenderer};
 use crate::stem::optics::{Aberrations, OpticsConfig, ProbeCalculator, ProbeSpec};
-use crate::stem::scan::{DriftConfig, DriftState, Distortion, ScanConfig, ScanNoiseConfig};
+use crate::stem::scan::{Distortion, DriftConfig, DriftState, ScanConfig, ScanNoiseConfig};
 use crate::stem::specimen::{Atom, Specimen, SpecimenConfig};
 use ndarray::ArrayView2;
 use serde::{Deserialize, Serialize};
@@ -36,7 +38,9 @@ pub struct BeamConfig {
 
 impl Default for BeamConfig {
     fn default() -> Self {
-        Self { current: Param::fixed(100e-12) }
+        Self {
+            current: Param::fixed(100e-12),
+        }
     }
 }
 
@@ -71,7 +75,10 @@ impl StemConfig {
         self.optics.validate("optics.")?;
         let i = self.beam.current.get();
         if !(i > 0.0 && i <= 1e-6) {
-            return Err(PhysicsError::param("beam.current", format!("must be in (0, 1 µA], got {i} A")));
+            return Err(PhysicsError::param(
+                "beam.current",
+                format!("must be in (0, 1 µA], got {i} A"),
+            ));
         }
         self.scan.validate("scan.")?;
         self.detector.validate("detector.")?;
@@ -109,6 +116,12 @@ pub struct StemSimulator {
     kernel_side: usize,
     probe_sigma: f64,
     probe_dirty: bool,
+    /// Whether the renderer's ideal image matches the specimen, probe and scan geometry.
+    ideal_valid: bool,
+    /// The drift offset the ideal image was rendered with, m.
+    ideal_shift: [f64; 2],
+    /// Electrons per pixel the ideal image was rendered with.
+    rendered_electrons: f64,
     renderer: HaadfRenderer,
     dist: Distortion,
     drift: DriftState,
@@ -138,7 +151,8 @@ fn kernel_density(k: &[f64], s: usize, px: f64, ox: f64, oy: f64) -> f64 {
     }
     let (j, i) = (u as usize, v as usize);
     let (fx, fy) = (u - j as f64, v - i as f64);
-    let val = (k[i * s + j] * (1.0 - fx) + k[i * s + j + 1] * fx) * (1.0 - fy) + (k[(i + 1) * s + j] * (1.0 - fx) + k[(i + 1) * s + j + 1] * fx) * fy;
+    let val = (k[i * s + j] * (1.0 - fx) + k[i * s + j + 1] * fx) * (1.0 - fy)
+        + (k[(i + 1) * s + j] * (1.0 - fx) + k[(i + 1) * s + j + 1] * fx) * fy;
     val / (px * px)
 }
 
@@ -176,6 +190,9 @@ impl StemSimulator {
             kernel_side: 0,
             probe_sigma: 0.0,
             probe_dirty: true,
+            ideal_valid: false,
+            ideal_shift: [0.0, 0.0],
+            rendered_electrons: 0.0,
             renderer: HaadfRenderer::default(),
             dist: Distortion::default(),
             clock: 0.0,
@@ -236,11 +253,18 @@ impl StemSimulator {
         let mut half = [0.0; 2];
         for k in 0..2 {
             let s = cfg.specimen.size[k].get();
-            half[k] = if s > 0.0 { 0.5 * s } else { 0.5 * fov[k] + self.scan.center[k].abs() + 2e-9 };
+            half[k] = if s > 0.0 {
+                0.5 * s
+            } else {
+                0.5 * fov[k] + self.scan.center[k].abs() + 2e-9
+            };
         }
-        self.specimen = cfg.specimen.build(half, &mut seeded(derive_seed(seed, "specimen")))?;
+        self.specimen = cfg
+            .specimen
+            .build(half, &mut seeded(derive_seed(seed, "specimen")))?;
         self.dose_map = DoseMap::new(half, cfg.damage.dose_map_cell.get());
         self.cfg = cfg;
+        self.ideal_valid = false;
         self.clock = 0.0;
         self.frames = 0;
         self.probe_pos = [0.0, 0.0];
@@ -273,6 +297,7 @@ impl StemSimulator {
     /// Mutable access to the specimen, for tasks that set up or manipulate it directly
     /// (simulation only: a real instrument has no such handle).
     pub fn specimen_mut(&mut self) -> &mut Specimen {
+        self.ideal_valid = false;
         &mut self.specimen
     }
 
@@ -298,8 +323,11 @@ impl StemSimulator {
 
     /// The last frame's expected values (noiseless, along the distorted scan path).
     pub fn last_noiseless(&self) -> ArrayView2<'_, f32> {
-        ArrayView2::from_shape((self.scan.rows, self.scan.cols), &self.renderer.noiseless[..self.scan.rows * self.scan.cols])
-            .expect("buffer sized to the scan")
+        ArrayView2::from_shape(
+            (self.scan.rows, self.scan.cols),
+            &self.renderer.noiseless[..self.scan.rows * self.scan.cols],
+        )
+        .expect("buffer sized to the scan")
     }
 
     /// The binned probe intensity on the image grid (side, values summing to 1), computing it if
@@ -328,7 +356,9 @@ impl StemSimulator {
         let spec = self.probe_spec();
         let dx = self.scan.pixel_size;
         let max_extent = dx * (self.scan.rows.max(self.scan.cols)) as f64;
-        self.kernel_side = self.probe_calc.binned_probe(&spec, dx, max_extent, &mut self.kernel);
+        self.kernel_side = self
+            .probe_calc
+            .binned_probe(&spec, dx, max_extent, &mut self.kernel);
         // Second moment of the kernel, for spreading point doses.
         let s = self.kernel_side;
         let c = (s / 2) as f64;
@@ -340,8 +370,10 @@ impl StemSimulator {
         }
         let src = self.cfg.optics.source_size.get();
         self.probe_sigma = ((0.5 * m2).sqrt() * dx).hypot(src);
-        self.renderer.set_probe(&self.kernel, s, self.scan.rows, self.scan.cols, dx, src);
+        self.renderer
+            .set_probe(&self.kernel, s, self.scan.rows, self.scan.cols, dx, src);
         self.probe_dirty = false;
+        self.ideal_valid = false;
     }
 
     fn electrons(&self, time: f64) -> f64 {
@@ -350,7 +382,10 @@ impl StemSimulator {
 
     fn check_beam(&self, op: &str) -> Result<()> {
         if self.blanked {
-            return Err(PhysicsError::Refused { operation: op.into(), reason: "the beam is blanked".into() });
+            return Err(PhysicsError::Refused {
+                operation: op.into(),
+                reason: "the beam is blanked".into(),
+            });
         }
         Ok(())
     }
@@ -363,9 +398,18 @@ impl StemSimulator {
 
     /// Acquires a spectrum image: an EELS spectrum at each point of a `rows × cols` grid with step
     /// `step` (m) centred on the scan centre; returns `(rows, cols, channels)` counts.
-    pub fn spectrum_image(&mut self, rows: usize, cols: usize, step: f64, exposure: f64) -> Result<ndarray::Array3<f32>> {
+    pub fn spectrum_image(
+        &mut self,
+        rows: usize,
+        cols: usize,
+        step: f64,
+        exposure: f64,
+    ) -> Result<ndarray::Array3<f32>> {
         if rows == 0 || cols == 0 || !(step > 0.0 && step.is_finite()) {
-            return Err(PhysicsError::arg("spectrum_image", "rows, cols must be > 0 and step a positive length"));
+            return Err(PhysicsError::arg(
+                "spectrum_image",
+                "rows, cols must be > 0 and step a positive length",
+            ));
         }
         let nch = self.eels.energy_axis().len();
         let mut out = ndarray::Array3::zeros((rows, cols, nch));
@@ -376,7 +420,8 @@ impl StemSimulator {
                 let y = c[1] + (i as f64 - 0.5 * (rows as f64 - 1.0)) * step;
                 self.move_probe([x, y])?;
                 let s = self.acquire_spectrum(exposure)?;
-                out.slice_mut(ndarray::s![i, j, ..]).assign(&ndarray::ArrayView1::from(s.counts));
+                out.slice_mut(ndarray::s![i, j, ..])
+                    .assign(&ndarray::ArrayView1::from(s.counts));
             }
         }
         Ok(out)
@@ -410,7 +455,8 @@ impl StemSimulator {
                 None => self.composition.push((a.z, w)),
             }
         }
-        self.dose_map.add_gaussian(b[0], b[1], self.probe_sigma, n_e);
+        self.dose_map
+            .add_gaussian(b[0], b[1], self.probe_sigma, n_e);
         let mut report = DamageReport::default();
         if self.any_knock {
             let kernel_reach = reach;
@@ -418,12 +464,31 @@ impl StemSimulator {
             let (kernel, side, px) = (&self.kernel, self.kernel_side, self.scan.pixel_size);
             let probe = |a: &Atom| -> f64 {
                 let (ox, oy) = (a.x - b[0], a.y - b[1]);
-                if ox.abs() > kernel_reach || oy.abs() > kernel_reach { 0.0 } else { n_e * kernel_density(kernel, side, px, ox, oy) }
+                if ox.abs() > kernel_reach || oy.abs() > kernel_reach {
+                    0.0
+                } else {
+                    n_e * kernel_density(kernel, side, px, ox, oy)
+                }
             };
-            report.sputtered = sputter(&mut self.specimen, &self.sigma_knock, &mut self.rng_damage, probe);
+            report.sputtered = sputter(
+                &mut self.specimen,
+                &self.sigma_knock,
+                &mut self.rng_damage,
+                probe,
+            );
         }
         if self.cfg.damage.dopant_hops {
-            report.hops = self.hop.dwell(&mut self.specimen, b, self.cfg.beam.current.get(), time, HOP_BOND, &mut self.rng_damage);
+            report.hops = self.hop.dwell(
+                &mut self.specimen,
+                b,
+                self.cfg.beam.current.get(),
+                time,
+                HOP_BOND,
+                &mut self.rng_damage,
+            );
+        }
+        if !report.sputtered.is_empty() || !report.hops.is_empty() {
+            self.ideal_valid = false;
         }
         self.last_damage = report;
         self.drift.advance(time, &mut self.rng_scan);
@@ -434,7 +499,11 @@ impl StemSimulator {
 
 impl StemInstrument for StemSimulator {
     fn info(&self) -> InstrumentInfo {
-        InstrumentInfo { name: "scopegym STEM simulator".into(), kind: InstrumentKind::Stem, simulated: true }
+        InstrumentInfo {
+            name: "scopegym STEM simulator".into(),
+            kind: InstrumentKind::Stem,
+            simulated: true,
+        }
     }
 
     fn clock(&self) -> f64 {
@@ -459,11 +528,19 @@ impl StemInstrument for StemSimulator {
         s.pixel_size = Param::fixed(request.pixel_size);
         s.dwell_time = Param::fixed(request.dwell_time);
         s.flyback_time = Param::fixed(request.flyback_time);
-        s.center = [Param::fixed(request.center[0]), Param::fixed(request.center[1])];
+        s.center = [
+            Param::fixed(request.center[0]),
+            Param::fixed(request.center[1]),
+        ];
         s.dose = None;
         s.validate("scan.")?;
-        if (request.rows, request.cols, request.pixel_size) != (self.scan.rows, self.scan.cols, self.scan.pixel_size) {
+        if (request.rows, request.cols, request.pixel_size)
+            != (self.scan.rows, self.scan.cols, self.scan.pixel_size)
+        {
             self.probe_dirty = true;
+        }
+        if request.center != self.scan.center {
+            self.ideal_valid = false;
         }
         self.scan = *request;
         Ok(self.scan)
@@ -475,27 +552,80 @@ impl StemInstrument for StemSimulator {
         let sc = self.scan;
         let epp = self.electrons(sc.dwell_time);
         let shift = self.drift.offset;
-        self.renderer.render_ideal(&self.specimen.atoms, &self.sigma_haadf, epp, shift, sc.center)?;
+        // The ideal image depends on the specimen, the probe and the geometry; a rigid drift is
+        // applied when resampling, so it is re-rendered only when the specimen drifted by more
+        // than a pixel since (bilinear resampling is exact to well below the probe size there).
+        let moved = (shift[0] - self.ideal_shift[0])
+            .abs()
+            .max((shift[1] - self.ideal_shift[1]).abs());
+        if !self.ideal_valid || moved > sc.pixel_size || epp != self.rendered_electrons {
+            self.renderer.render_ideal(
+                &self.specimen.atoms,
+                &self.sigma_haadf,
+                epp,
+                shift,
+                sc.center,
+            )?;
+            self.ideal_shift = shift;
+            self.rendered_electrons = epp;
+            self.ideal_valid = true;
+        }
         let t0 = self.clock;
-        self.dist.generate(&self.cfg.scan_noise, sc.rows, sc.cols, sc.dwell_time, sc.flyback_time, t0, &mut self.drift, &mut self.rng_scan);
-        self.renderer.record(&self.dist, &self.cfg.detector, &mut self.rng_noise);
+        self.dist.generate(
+            &self.cfg.scan_noise,
+            sc.rows,
+            sc.cols,
+            sc.dwell_time,
+            sc.flyback_time,
+            t0,
+            self.ideal_shift,
+            &mut self.drift,
+            &mut self.rng_scan,
+        );
+        self.renderer
+            .record(&self.dist, &self.cfg.detector, &mut self.rng_noise);
         // Dose over the scanned area, in specimen coordinates at the frame start.
         let dose = epp / (sc.pixel_size * sc.pixel_size);
         let [w, h] = sc.field_of_view();
-        let (x0, y0) = (sc.center[0] - 0.5 * w - shift[0], sc.center[1] - 0.5 * h - shift[1]);
+        let (x0, y0) = (
+            sc.center[0] - 0.5 * w - shift[0],
+            sc.center[1] - 0.5 * h - shift[1],
+        );
         self.dose_map.add_rect(x0, x0 + w, y0, y0 + h, dose);
         let mut report = DamageReport::default();
         if self.any_knock {
-            report.sputtered = sputter(&mut self.specimen, &self.sigma_knock, &mut self.rng_damage, |a| {
-                if a.x >= x0 && a.x < x0 + w && a.y >= y0 && a.y < y0 + h { dose } else { 0.0 }
-            });
+            report.sputtered = sputter(
+                &mut self.specimen,
+                &self.sigma_knock,
+                &mut self.rng_damage,
+                |a| {
+                    if a.x >= x0 && a.x < x0 + w && a.y >= y0 && a.y < y0 + h {
+                        dose
+                    } else {
+                        0.0
+                    }
+                },
+            );
+            if !report.sputtered.is_empty() {
+                self.ideal_valid = false;
+            }
         }
         self.last_damage = report;
         self.clock = t0 + sc.frame_time();
-        let meta = FrameMeta { index: self.frames, t_start: t0, duration: sc.frame_time(), electrons_per_pixel: epp, dose };
+        let meta = FrameMeta {
+            index: self.frames,
+            t_start: t0,
+            duration: sc.frame_time(),
+            electrons_per_pixel: epp,
+            dose,
+        };
         self.frames += 1;
         self.last_meta = meta;
-        let image = ArrayView2::from_shape((sc.rows, sc.cols), &self.renderer.frame[..sc.rows * sc.cols]).expect("buffer sized to the scan");
+        let image = ArrayView2::from_shape(
+            (sc.rows, sc.cols),
+            &self.renderer.frame[..sc.rows * sc.cols],
+        )
+        .expect("buffer sized to the scan");
         Ok(Frame { image, meta })
     }
 
@@ -511,7 +641,10 @@ impl StemInstrument for StemSimulator {
         let c = self.scan.center;
         // Positions are allowed anywhere within twice the field of view (the scan coils' range).
         if (position[0] - c[0]).abs() > w || (position[1] - c[1]).abs() > h {
-            return Err(PhysicsError::Refused { operation: "move_probe".into(), reason: format!("position {position:?} m is outside the deflection range") });
+            return Err(PhysicsError::Refused {
+                operation: "move_probe".into(),
+                reason: format!("position {position:?} m is outside the deflection range"),
+            });
         }
         self.probe_pos = position;
         Ok(())
@@ -520,23 +653,41 @@ impl StemInstrument for StemSimulator {
     fn acquire_point(&mut self, dwell_time: f64) -> Result<f64> {
         self.check_beam("acquire_point")?;
         if !(dwell_time > 0.0 && dwell_time <= 1000.0) {
-            return Err(PhysicsError::arg("dwell_time", format!("must be in (0, 1000] s, got {dwell_time}")));
+            return Err(PhysicsError::arg(
+                "dwell_time",
+                format!("must be in (0, 1000] s, got {dwell_time}"),
+            ));
         }
         let expected = self.expose_point(dwell_time)?;
         let gain = self.cfg.detector.gain.get();
-        let counts = if self.cfg.detector.shot_noise { f64::from(poisson(&mut self.rng_noise, expected)) } else { expected };
+        let counts = if self.cfg.detector.shot_noise {
+            f64::from(poisson(&mut self.rng_noise, expected))
+        } else {
+            expected
+        };
         Ok(gain * counts + self.cfg.detector.offset.get())
     }
 
     fn acquire_spectrum(&mut self, exposure: f64) -> Result<Spectrum<'_>> {
         self.check_beam("acquire_spectrum")?;
         if !(exposure > 0.0 && exposure <= 1000.0) {
-            return Err(PhysicsError::arg("exposure", format!("must be in (0, 1000] s, got {exposure}")));
+            return Err(PhysicsError::arg(
+                "exposure",
+                format!("must be in (0, 1000] s, got {exposure}"),
+            ));
         }
         self.expose_point(exposure)?;
         let n_e = self.electrons(exposure);
-        self.eels.sample(&self.composition, n_e, &mut self.rng_noise, &mut self.spectrum);
-        Ok(Spectrum { energy: self.eels.energy_axis(), counts: &self.spectrum })
+        self.eels.sample(
+            &self.composition,
+            n_e,
+            &mut self.rng_noise,
+            &mut self.spectrum,
+        );
+        Ok(Spectrum {
+            energy: self.eels.energy_axis(),
+            counts: &self.spectrum,
+        })
     }
 
     fn aberrations(&self) -> Aberrations {

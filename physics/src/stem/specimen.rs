@@ -87,7 +87,12 @@ pub struct DopantConfig {
 
 impl Default for DopantConfig {
     fn default() -> Self {
-        Self { element: "Si".into(), replaces: "C".into(), count: 1, placement: "center".into() }
+        Self {
+            element: "Si".into(),
+            replaces: "C".into(),
+            count: 1,
+            placement: "center".into(),
+        }
     }
 }
 
@@ -107,7 +112,11 @@ pub struct GrainBoundaryConfig {
 
 impl Default for GrainBoundaryConfig {
     fn default() -> Self {
-        Self { misorientation: Param::fixed(21.8f64.to_radians()), position: Param::fixed(0.0), min_distance: Param::fixed(1.1e-10) }
+        Self {
+            misorientation: Param::fixed(21.8f64.to_radians()),
+            position: Param::fixed(0.0),
+            min_distance: Param::fixed(1.1e-10),
+        }
     }
 }
 
@@ -180,7 +189,8 @@ impl Default for SpecimenConfig {
 }
 
 fn element(symbol: &str, field: &str) -> Result<u8> {
-    atomic_number(symbol).ok_or_else(|| PhysicsError::param(field, format!("unknown element symbol {symbol:?}")))
+    atomic_number(symbol)
+        .ok_or_else(|| PhysicsError::param(field, format!("unknown element symbol {symbol:?}")))
 }
 
 impl SpecimenConfig {
@@ -188,20 +198,32 @@ impl SpecimenConfig {
     pub fn validate(&self, prefix: &str) -> Result<()> {
         let a = self.lattice_constant.get();
         if !(a == 0.0 || (0.5e-10..=50e-10).contains(&a)) {
-            return Err(PhysicsError::param(format!("{prefix}lattice_constant"), format!("must be 0 (default) or 0.5-50 Å, got {a} m")));
+            return Err(PhysicsError::param(
+                format!("{prefix}lattice_constant"),
+                format!("must be 0 (default) or 0.5-50 Å, got {a} m"),
+            ));
         }
         for (i, s) in self.size.iter().enumerate() {
             let v = s.get();
             if !(0.0..=1e-6).contains(&v) {
-                return Err(PhysicsError::param(format!("{prefix}size[{i}]"), format!("must be 0 (auto) to 1 µm, got {v} m")));
+                return Err(PhysicsError::param(
+                    format!("{prefix}size[{i}]"),
+                    format!("must be 0 (auto) to 1 µm, got {v} m"),
+                ));
             }
         }
         if !(1..=200).contains(&self.thickness) {
-            return Err(PhysicsError::param(format!("{prefix}thickness"), "must be 1..=200"));
+            return Err(PhysicsError::param(
+                format!("{prefix}thickness"),
+                "must be 1..=200",
+            ));
         }
         let v = self.vacancies.get();
         if !(0.0..=1.0).contains(&v) {
-            return Err(PhysicsError::param(format!("{prefix}vacancies"), format!("must be a fraction in [0, 1], got {v}")));
+            return Err(PhysicsError::param(
+                format!("{prefix}vacancies"),
+                format!("must be a fraction in [0, 1], got {v}"),
+            ));
         }
         if self.crystal == Crystal::Fcc110 {
             element(&self.element, &format!("{prefix}element"))?;
@@ -210,14 +232,20 @@ impl SpecimenConfig {
             element(&d.element, &format!("{prefix}dopants[{i}].element"))?;
             element(&d.replaces, &format!("{prefix}dopants[{i}].replaces"))?;
             if !matches!(d.placement.as_str(), "center" | "random") {
-                return Err(PhysicsError::param(format!("{prefix}dopants[{i}].placement"), "must be \"center\" or \"random\""));
+                return Err(PhysicsError::param(
+                    format!("{prefix}dopants[{i}].placement"),
+                    "must be \"center\" or \"random\"",
+                ));
             }
         }
         if let Some(c) = &self.contamination {
             element(&c.element, &format!("{prefix}contamination.element"))?;
             let cov = c.coverage.get();
             if !(0.0..=1.0).contains(&cov) {
-                return Err(PhysicsError::param(format!("{prefix}contamination.coverage"), "must be in [0, 1]"));
+                return Err(PhysicsError::param(
+                    format!("{prefix}contamination.coverage"),
+                    "must be in [0, 1]",
+                ));
             }
             if !(c.patch_radius.get() > 0.0) || c.density.get() < 0.0 || c.density.get() > 1e21 {
                 return Err(PhysicsError::param(
@@ -233,7 +261,11 @@ impl SpecimenConfig {
     pub fn build(&self, half_size: [f64; 2], rng: &mut SimRng) -> Result<Specimen> {
         self.validate("specimen.")?;
         let a = self.lattice_constant.get();
-        let a = if a > 0.0 { a } else { self.crystal.default_lattice_constant() };
+        let a = if a > 0.0 {
+            a
+        } else {
+            self.crystal.default_lattice_constant()
+        };
         let rot = self.rotation.get();
         let mut atoms = match &self.grain_boundary {
             None => self.lattice(a, rot, half_size)?,
@@ -241,13 +273,24 @@ impl SpecimenConfig {
                 let half = 0.5 * gb.misorientation.get();
                 let x0 = gb.position.get();
                 let dmin = gb.min_distance.get();
-                let left: Vec<Atom> = self.lattice(a, rot + half, half_size)?.into_iter().filter(|p| p.x < x0).collect();
-                let right: Vec<Atom> = self.lattice(a, rot - half, half_size)?.into_iter().filter(|p| p.x >= x0).collect();
+                let left: Vec<Atom> = self
+                    .lattice(a, rot + half, half_size)?
+                    .into_iter()
+                    .filter(|p| p.x < x0)
+                    .collect();
+                let right: Vec<Atom> = self
+                    .lattice(a, rot - half, half_size)?
+                    .into_iter()
+                    .filter(|p| p.x >= x0)
+                    .collect();
                 let near: Vec<&Atom> = left.iter().filter(|p| p.x > x0 - 3.0 * dmin).collect();
                 let mut all = left.clone();
                 for r in right {
                     let clash = r.x < x0 + 3.0 * dmin
-                        && near.iter().any(|l| (l.x - r.x).hypot(l.y - r.y) < dmin && (l.height - r.height).abs() < 0.5e-10);
+                        && near.iter().any(|l| {
+                            (l.x - r.x).hypot(l.y - r.y) < dmin
+                                && (l.height - r.height).abs() < 0.5e-10
+                        });
                     if !clash {
                         all.push(r);
                     }
@@ -265,11 +308,19 @@ impl SpecimenConfig {
             let dz = element(&d.element, "dopants.element")?;
             let host = element(&d.replaces, "dopants.replaces")?;
             for k in 0..d.count {
-                let hosts: Vec<usize> = atoms.iter().enumerate().filter(|(_, p)| p.z == host).map(|(i, _)| i).collect();
+                let hosts: Vec<usize> = atoms
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, p)| p.z == host)
+                    .map(|(i, _)| i)
+                    .collect();
                 if hosts.is_empty() {
                     return Err(PhysicsError::param(
                         "specimen.dopants",
-                        format!("no {} atoms left to replace with {}", SYMBOLS[host as usize], d.element),
+                        format!(
+                            "no {} atoms left to replace with {}",
+                            SYMBOLS[host as usize], d.element
+                        ),
                     ));
                 }
                 let pick = if k == 0 && d.placement == "center" {
@@ -294,9 +345,18 @@ impl SpecimenConfig {
             let area = 4.0 * half_size[0] * half_size[1];
             // Overlapping discs: coverage = 1 - exp(-n π r² / area).
             let cov = c.coverage.get().min(0.999);
-            let n_patch = if cov > 0.0 { (-(1.0 - cov).ln() * area / (PI * r * r)).round() as usize } else { 0 };
+            let n_patch = if cov > 0.0 {
+                (-(1.0 - cov).ln() * area / (PI * r * r)).round() as usize
+            } else {
+                0
+            };
             let centres: Vec<(f64, f64)> = (0..n_patch)
-                .map(|_| (rng.random_range(-half_size[0]..half_size[0]), rng.random_range(-half_size[1]..half_size[1])))
+                .map(|_| {
+                    (
+                        rng.random_range(-half_size[0]..half_size[0]),
+                        rng.random_range(-half_size[1]..half_size[1]),
+                    )
+                })
                 .collect();
             let n_atoms = (c.density.get() * area).round() as usize;
             for _ in 0..n_atoms {
@@ -304,7 +364,12 @@ impl SpecimenConfig {
                 let y = rng.random_range(-half_size[1]..half_size[1]);
                 if centres.iter().any(|&(cx, cy)| (x - cx).hypot(y - cy) < r) {
                     let h = 3.4e-10 + rng.random::<f64>() * 10e-10;
-                    atoms.push(Atom { x, y, height: h, z: ez });
+                    atoms.push(Atom {
+                        x,
+                        y,
+                        height: h,
+                        z: ez,
+                    });
                 }
             }
         }
@@ -318,15 +383,27 @@ impl SpecimenConfig {
         type Basis = Vec<([f64; 2], f64, u8)>;
         let (a1, a2, basis): ([f64; 2], [f64; 2], Basis) = match self.crystal {
             Crystal::None => return Ok(Vec::new()),
-            Crystal::Graphene => ([a, 0.0], [0.5 * a, 0.5 * s3 * a], vec![([0.0, 0.0], 0.0, 6), ([1.0 / 3.0, 1.0 / 3.0], 0.0, 6)]),
+            Crystal::Graphene => (
+                [a, 0.0],
+                [0.5 * a, 0.5 * s3 * a],
+                vec![([0.0, 0.0], 0.0, 6), ([1.0 / 3.0, 1.0 / 3.0], 0.0, 6)],
+            ),
             Crystal::Mos2 | Crystal::Ws2 => {
-                let metal = if self.crystal == Crystal::Mos2 { 42 } else { 74 };
+                let metal = if self.crystal == Crystal::Mos2 {
+                    42
+                } else {
+                    74
+                };
                 let mut b = Vec::new();
                 let dz_s = 1.56e-10;
                 let c_half = 6.15e-10;
                 for l in 0..self.thickness {
                     // 2H stacking: odd layers are rotated by 180°, swapping the metal and S₂ sites.
-                    let (m_site, s_site) = if l % 2 == 0 { ([0.0, 0.0], [1.0 / 3.0, 1.0 / 3.0]) } else { ([1.0 / 3.0, 1.0 / 3.0], [0.0, 0.0]) };
+                    let (m_site, s_site) = if l % 2 == 0 {
+                        ([0.0, 0.0], [1.0 / 3.0, 1.0 / 3.0])
+                    } else {
+                        ([1.0 / 3.0, 1.0 / 3.0], [0.0, 0.0])
+                    };
                     let h = f64::from(l) * c_half;
                     b.push((m_site, h, metal));
                     b.push((s_site, h - dz_s, 16));
@@ -388,7 +465,12 @@ impl SpecimenConfig {
 impl Specimen {
     /// Indices of atoms with atomic number `z`.
     pub fn indices_of(&self, z: u8) -> Vec<usize> {
-        self.atoms.iter().enumerate().filter(|(_, a)| a.z == z).map(|(i, _)| i).collect()
+        self.atoms
+            .iter()
+            .enumerate()
+            .filter(|(_, a)| a.z == z)
+            .map(|(i, _)| i)
+            .collect()
     }
 
     /// Indices of atoms within `radius` (m) of atom `i` in projection, excluding `i`.
@@ -397,7 +479,11 @@ impl Specimen {
         self.atoms
             .iter()
             .enumerate()
-            .filter(|&(j, q)| j != i && (q.x - p.x).hypot(q.y - p.y) <= radius && (q.height - p.height).abs() < 1e-10)
+            .filter(|&(j, q)| {
+                j != i
+                    && (q.x - p.x).hypot(q.y - p.y) <= radius
+                    && (q.height - p.height).abs() < 1e-10
+            })
             .map(|(j, _)| j)
             .collect()
     }
@@ -408,7 +494,12 @@ impl Specimen {
         for a in &self.atoms {
             counts[a.z as usize] += 1;
         }
-        counts.iter().enumerate().filter(|(_, c)| **c > 0).map(|(z, c)| (z as u8, *c)).collect()
+        counts
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| **c > 0)
+            .map(|(z, c)| (z as u8, *c))
+            .collect()
     }
 }
 
@@ -436,7 +527,14 @@ mod tests {
         let expected = 16e-18 / (0.5 * 3f64.sqrt() * a * a) * 2.0;
         let n = s.atoms.len() as f64;
         assert!((n / expected - 1.0).abs() < 0.05, "{n} vs {expected}");
-        let centre = (0..s.atoms.len()).min_by(|&i, &j| s.atoms[i].x.hypot(s.atoms[i].y).total_cmp(&s.atoms[j].x.hypot(s.atoms[j].y))).unwrap();
+        let centre = (0..s.atoms.len())
+            .min_by(|&i, &j| {
+                s.atoms[i]
+                    .x
+                    .hypot(s.atoms[i].y)
+                    .total_cmp(&s.atoms[j].x.hypot(s.atoms[j].y))
+            })
+            .unwrap();
         let d = nearest_distance(&s, centre);
         assert!((d - 1.42e-10).abs() < 0.01e-10, "{d}");
         assert_eq!(s.neighbors(centre, 1.6e-10).len(), 3);
@@ -444,7 +542,10 @@ mod tests {
 
     #[test]
     fn dopant_replaces_the_central_carbon() {
-        let cfg = SpecimenConfig { dopants: vec![DopantConfig::default()], ..Default::default() };
+        let cfg = SpecimenConfig {
+            dopants: vec![DopantConfig::default()],
+            ..Default::default()
+        };
         let s = cfg.build([1e-9, 1e-9], &mut seeded(0)).unwrap();
         let si = s.indices_of(14);
         assert_eq!(si.len(), 1);
@@ -454,12 +555,23 @@ mod tests {
     #[test]
     fn other_crystals_have_their_species_and_spacing() {
         let mut rng = seeded(1);
-        let mos2 = SpecimenConfig { crystal: Crystal::Mos2, ..Default::default() }.build([1e-9, 1e-9], &mut rng).unwrap();
+        let mos2 = SpecimenConfig {
+            crystal: Crystal::Mos2,
+            ..Default::default()
+        }
+        .build([1e-9, 1e-9], &mut rng)
+        .unwrap();
         let comp = mos2.composition();
         let mo = comp.iter().find(|c| c.0 == 42).unwrap().1 as f64;
         let s = comp.iter().find(|c| c.0 == 16).unwrap().1 as f64;
         assert!((s / mo - 2.0).abs() < 0.2, "S/Mo = {}", s / mo);
-        let sto = SpecimenConfig { crystal: Crystal::Srtio3, thickness: 2, ..Default::default() }.build([3e-9, 3e-9], &mut rng).unwrap();
+        let sto = SpecimenConfig {
+            crystal: Crystal::Srtio3,
+            thickness: 2,
+            ..Default::default()
+        }
+        .build([3e-9, 3e-9], &mut rng)
+        .unwrap();
         let comp = sto.composition();
         let sr = comp.iter().find(|c| c.0 == 38).unwrap().1 as f64;
         let o = comp.iter().find(|c| c.0 == 8).unwrap().1 as f64;
@@ -467,28 +579,52 @@ mod tests {
         assert!((o / sr - 3.0).abs() < 0.5, "O/Sr = {}", o / sr);
         let ti = comp.iter().find(|c| c.0 == 22).unwrap().1 as f64;
         assert!((ti / sr - 1.0).abs() < 0.2, "Ti/Sr = {}", ti / sr);
-        let fcc = SpecimenConfig { crystal: Crystal::Fcc110, thickness: 3, ..Default::default() }.build([1e-9, 1e-9], &mut rng).unwrap();
+        let fcc = SpecimenConfig {
+            crystal: Crystal::Fcc110,
+            thickness: 3,
+            ..Default::default()
+        }
+        .build([1e-9, 1e-9], &mut rng)
+        .unwrap();
         assert!(fcc.atoms.iter().all(|a| a.z == 79));
         // Projected column spacing along y is a/(2√2) between the two column types at x offset a/2.
-        let d = (0..fcc.atoms.len()).map(|i| nearest_distance(&fcc, i)).fold(f64::INFINITY, f64::min);
+        let d = (0..fcc.atoms.len())
+            .map(|i| nearest_distance(&fcc, i))
+            .fold(f64::INFINITY, f64::min);
         assert!(d > 1e-10, "{d}");
     }
 
     #[test]
     fn vacancies_contamination_and_grain_boundary() {
         let mut rng = seeded(2);
-        let base = SpecimenConfig::default().build([2e-9, 2e-9], &mut rng).unwrap();
-        let vac = SpecimenConfig { vacancies: Param::fixed(0.1), ..Default::default() }.build([2e-9, 2e-9], &mut rng).unwrap();
-        let ratio = vac.atoms.len() as f64 / base.atoms.len() as f64;
-        assert!((ratio - 0.9).abs() < 0.03, "{ratio}");
-        let gb = SpecimenConfig { grain_boundary: Some(GrainBoundaryConfig::default()), ..Default::default() }
+        let base = SpecimenConfig::default()
             .build([2e-9, 2e-9], &mut rng)
             .unwrap();
-        let min_d = (0..gb.atoms.len()).map(|i| nearest_distance(&gb, i)).fold(f64::INFINITY, f64::min);
+        let vac = SpecimenConfig {
+            vacancies: Param::fixed(0.1),
+            ..Default::default()
+        }
+        .build([2e-9, 2e-9], &mut rng)
+        .unwrap();
+        let ratio = vac.atoms.len() as f64 / base.atoms.len() as f64;
+        assert!((ratio - 0.9).abs() < 0.03, "{ratio}");
+        let gb = SpecimenConfig {
+            grain_boundary: Some(GrainBoundaryConfig::default()),
+            ..Default::default()
+        }
+        .build([2e-9, 2e-9], &mut rng)
+        .unwrap();
+        let min_d = (0..gb.atoms.len())
+            .map(|i| nearest_distance(&gb, i))
+            .fold(f64::INFINITY, f64::min);
         assert!(min_d >= 1.1e-10 - 1e-15, "{min_d}");
-        let cont = SpecimenConfig { crystal: Crystal::None, contamination: Some(ContaminationConfig::default()), ..Default::default() }
-            .build([5e-9, 5e-9], &mut rng)
-            .unwrap();
+        let cont = SpecimenConfig {
+            crystal: Crystal::None,
+            contamination: Some(ContaminationConfig::default()),
+            ..Default::default()
+        }
+        .build([5e-9, 5e-9], &mut rng)
+        .unwrap();
         let expected = 0.2 * 0.3e20 * 100e-18;
         let n = cont.atoms.len() as f64;
         assert!((n / expected - 1.0).abs() < 0.5, "{n} vs {expected}");
@@ -496,10 +632,24 @@ mod tests {
 
     #[test]
     fn bad_config_names_the_field() {
-        let cfg = SpecimenConfig { vacancies: Param::fixed(1.5), ..Default::default() };
+        let cfg = SpecimenConfig {
+            vacancies: Param::fixed(1.5),
+            ..Default::default()
+        };
         let e = cfg.validate("specimen.").unwrap_err().to_string();
         assert!(e.contains("specimen.vacancies"), "{e}");
-        let cfg = SpecimenConfig { dopants: vec![DopantConfig { element: "Xx".into(), ..Default::default() }], ..Default::default() };
-        assert!(cfg.validate("specimen.").unwrap_err().to_string().contains("dopants[0].element"));
+        let cfg = SpecimenConfig {
+            dopants: vec![DopantConfig {
+                element: "Xx".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        assert!(
+            cfg.validate("specimen.")
+                .unwrap_err()
+                .to_string()
+                .contains("dopants[0].element")
+        );
     }
 }

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Installs everything scopegym needs on a fresh Debian machine with Rust and Python 3.11:
+# the HDF5 C library (Debian's libhdf5-dev 1.10), and a Python virtual environment in .venv with
+# the test and benchmark tools. Safe to run repeatedly.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! pkg-config --exists hdf5 2>/dev/null && [ ! -e /usr/include/hdf5/serial/hdf5.h ]; then
+    SUDO=""
+    [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq libhdf5-dev pkg-config >/dev/null
+fi
+
+if [ ! -x .venv/bin/python ]; then
+    python3 -m venv .venv
+fi
+if ! .venv/bin/python -c "import numpy, scipy, h5py, pytest" 2>/dev/null; then
+    .venv/bin/pip install -q --disable-pip-version-check -r requirements-dev.txt
+fi

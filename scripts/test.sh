@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Every test: formatting, lints, Rust unit/integration/property/doc tests, and the Python tests.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+source scripts/env.sh
+
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+if cargo nextest --version >/dev/null 2>&1; then
+    cargo nextest run --workspace --locked
+else
+    cargo test --workspace --locked --lib --bins --tests
+fi
+cargo test --workspace --locked --doc
+cargo build --locked --bin scopegym
+SCOPEGYM_BIN="$CARGO_TARGET_DIR/debug/scopegym" .venv/bin/python -m pytest -q tests/python
