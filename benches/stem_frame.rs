@@ -11,12 +11,17 @@
 //!
 //! With `SCOPEGYM_BENCH_DUMP=<dir>` set, the bench first writes `.npy` files that the Python
 //! script's `--check` mode compares against: `probe_kernel.npy` (the binned probe of the bench
-//! configuration, f64), `atoms.npy` (x, y in m and Z of every atom, f64) and
-//! `noiseless_quiet.npy` (the noiseless frame, f32, with drift, jitter and scan noise off).
+//! configuration, f64), `probe_kernel_coarse.npy` (the same probe binned onto 0.5 Å pixels,
+//! two fine pixels each, f64), `atoms.npy` (x, y in m and Z of every atom, f64),
+//! `noiseless_quiet.npy` (the noiseless frame, f32, with drift, jitter and scan noise off) and
+//! `noiseless_drift.npy` (4 × rows × cols, f32: the first four noiseless frames with a constant
+//! drift of 0.03 Å/s only; frame 0 renders the ideal image, frames 1-2 reuse it with the drift
+//! applied in the resampling, frame 3 re-renders it after the drift passed one pixel).
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use scopegym_physics::instrument::StemInstrument;
 use scopegym_physics::param::Param;
+use scopegym_physics::stem::optics::ProbeCalculator;
 use scopegym_physics::stem::specimen::DopantConfig;
 use scopegym_physics::stem::{StemConfig, StemSimulator};
 use std::hint::black_box;
@@ -57,6 +62,19 @@ fn quiet_config() -> StemConfig {
     cfg.scan_noise.mains_amplitude = Param::fixed(0.0);
     cfg
 }
+
+/// [`quiet_config`] with a constant drift (no random walk) of `DRIFT_SPEED` along 0.5 rad.
+fn drift_config() -> StemConfig {
+    let mut cfg = quiet_config();
+    cfg.drift.speed = Param::fixed(DRIFT_SPEED);
+    cfg
+}
+
+/// Image pixel of the coarse reference probe kernel, m.
+const COARSE_DX: f64 = 0.5e-10;
+
+/// Drift speed of the drift-only reference frames, m/s (0.08 Å per 0.275 s frame).
+const DRIFT_SPEED: f64 = 0.3e-10;
 
 fn simulator(cfg: StemConfig) -> StemSimulator {
     let sim = StemSimulator::new(cfg, SEED).expect("valid benchmark configuration");
@@ -101,6 +119,22 @@ fn dump_reference(dir: &Path) -> std::io::Result<()> {
     let (side, kernel) = sim.probe_kernel();
     let bytes: Vec<u8> = kernel.iter().flat_map(|v| v.to_le_bytes()).collect();
     write_npy(&dir.join("probe_kernel.npy"), "<f8", &[side, side], &bytes)?;
+    // The same probe binned onto 0.5 Å pixels: two fine pixels per image pixel, so the sub-pixel
+    // centring of `binned_probe` is exercised (at 0.2 Å the fine grid is the image grid).
+    let mut coarse = Vec::new();
+    let cside = ProbeCalculator::new().binned_probe(
+        &sim.probe_spec(),
+        COARSE_DX,
+        256.0 * COARSE_DX,
+        &mut coarse,
+    );
+    let bytes: Vec<u8> = coarse.iter().flat_map(|v| v.to_le_bytes()).collect();
+    write_npy(
+        &dir.join("probe_kernel_coarse.npy"),
+        "<f8",
+        &[cside, cside],
+        &bytes,
+    )?;
     let atoms = &sim.specimen().atoms;
     let bytes: Vec<u8> = atoms
         .iter()
@@ -119,8 +153,25 @@ fn dump_reference(dir: &Path) -> std::io::Result<()> {
         &[rows, cols],
         &bytes,
     )?;
+    let mut drifting = simulator(drift_config());
+    let mut bytes: Vec<u8> = Vec::new();
+    for _ in 0..4 {
+        drifting.acquire_frame().expect("frame");
+        bytes.extend(
+            drifting
+                .last_noiseless()
+                .iter()
+                .flat_map(|v| v.to_le_bytes()),
+        );
+    }
+    write_npy(
+        &dir.join("noiseless_drift.npy"),
+        "<f4",
+        &[4, rows, cols],
+        &bytes,
+    )?;
     eprintln!(
-        "stem_frame: wrote probe_kernel.npy, atoms.npy, noiseless_quiet.npy to {}",
+        "stem_frame: wrote probe_kernel.npy, probe_kernel_coarse.npy, atoms.npy, noiseless_quiet.npy, noiseless_drift.npy to {}",
         dir.display()
     );
     Ok(())

@@ -3,34 +3,53 @@
 
 The model is the one in `physics/src/stem/` (DESIGN.md §4), step for step:
 
-* probe: fine grid with pixel <= lambda/(4 alpha) and the same side length (`fine_geometry`),
-  aperture x exp(-i chi) in Krivanek's Cartesian form, inverse FFT, |psi|^2 normalized, shifted
-  to the centre, binned onto image pixels and normalized (Gauss-Hermite defocus sum when the
-  energy spread is non-zero);
-* kernel: the binned probe wrapped around the origin of the padded grid (margin = side/2 + 4,
-  fast FFT sizes), real FFT, times the Gaussian source-size transfer exp(-2 pi^2 s^2 f^2);
-* ideal image: bilinear splat of every atom with weight electrons * sigma_C (Z/6)^n / dx^2, real
-  FFT convolution with the kernel, clipped at 0 (float32 like the Rust renderer);
-* scan: per-row drift (constant velocity + random walk, sampled at each row's first and last
-  pixel), Poisson line jitter with random sign, 1/sqrt(f) scan noise (16 log-spaced sinusoids
-  normalized to the r.m.s.) plus mains pickup evaluated at nodes every 16 pixels and linearly
-  interpolated; the ideal image is resampled bilinearly along the distorted path;
-* counts: `numpy.random.Generator.poisson`, detector gain/offset; the dose map gets the frame's
-  dose over the scanned rectangle.
+* probe (`ProbeCalculator::fine_geometry`, `binned_probe`): fine pixel dx/m <= lambda/(4 alpha);
+  a compact kernel of side 2 (ceil(r/dx) + 2) image pixels, r = geometric blur + chromatic term +
+  3 lambda/alpha, clamped to [8, field/dx] and grown until side*m is a fast FFT length; aperture
+  x exp(-i chi) in Krivanek's Cartesian form times the phase ramp that shifts the probe by
+  (m-1)/2 fine pixels (so it sits on the centre of kernel bin side/2), inverse FFT (the rows in
+  the aperture band, then all columns), |psi|^2 normalized, rolled to the centre, binned onto
+  image pixels and normalized (Gauss-Hermite defocus sum when the energy spread is non-zero);
+* kernel (`HaadfRenderer::set_probe`): the binned probe wrapped around the origin of the padded
+  grid (margin = clamp(side/2 + 4, 8, max(rows, cols)/2), fast FFT sizes), real FFT, times the
+  separable Gaussian source-size transfer exp(-2 pi^2 s^2 fy^2) exp(-2 pi^2 s^2 fx^2);
+* ideal image (`render_ideal`): bilinear splat of every atom with weight
+  electrons * sigma_C (Z/6)^n / dx^2, real FFT convolution with the kernel, clipped at 0 (float32
+  like the Rust renderer). It is cached as in `StemSimulator::acquire_frame`: re-rendered only
+  when the probe or the specimen changed (`specimen_mut`), electrons per pixel changed, or the
+  drift moved the specimen by more than one pixel since the last render; otherwise the drift
+  relative to the rendered shift is applied in the resampling;
+* scan (`Distortion::generate`): per-row drift relative to that reference shift (constant
+  velocity + random walk, sampled at each row's first and last pixel), Poisson line jitter with
+  random sign, 1/sqrt(f) scan noise (16 log-spaced sinusoids normalized to the r.m.s.) plus mains
+  pickup evaluated at nodes every 16 pixels;
+* resampling (`HaadfRenderer::record`): the sampling position is computed in float64 at the node
+  columns, then linearly per 16-pixel node segment in float32 (start + step * t), clamped, and the
+  ideal image is interpolated bilinearly in float32;
+* counts: `numpy.random.Generator.poisson` (Rust: `rng::poisson_fill`, batched inversion below a
+  mean of 10, PTRS above: same distribution, different streams), detector gain/offset; the dose
+  map gets the frame's dose over the scanned rectangle.
 
 Both sides use the bench configuration of `benches/stem_frame.rs`: 256 x 256 pixels of 0.2 A,
 graphene (a = 2.46 A, no rotation) with one Si dopant on the field of view plus 2 nm on each
 side, 60 keV, alpha = 30 mrad, C10 = 2 nm, C12 = 1 nm, C30 = 123 nm, C50 = 0.55 mm, source
 sigma 0.35 A, 100 pA, 4 us dwell, 50 us flyback, default drift and scan noise, Poisson noise.
+The Rust side runs it as the scenario `stem_frame_bench.toml` next to this script (the default;
+another scenario can be given, but its randomized aberrations change the kernel and padded grid).
 
-It times (a) a frame with an unchanged probe (median over --frames frames) and (b) a probe
-recomputation (median over --probes recomputations, C10 alternating between 2 and 2.5 nm), then
-runs `scopegym perf <scenario> --frames N --json` for the Rust numbers and prints both with
-their ratio. Everything runs on one thread.
+It times, like `scopegym perf <scenario> --frames N --json` does on the Rust side (medians):
+(a) `frame_ms`: frames with the ideal image cached (distortion + resampling + counts; the odd
+    frame where the drift passed a pixel re-renders, on both sides);
+(b) `frame_rerender_ms`: frames after `specimen_mut()` (splat + FFT convolution + resampling +
+    counts; the probe is not recomputed);
+(c) `probe_ms`: `set_aberrations` (C10 +- 0.1 nm) + `probe_kernel` (fine probe, binning, kernel
+    spectrum with the source blur);
+then runs `scopegym perf` and prints both with their ratios. Everything runs on one thread.
 
 --check compares the NumPy model against reference arrays written by the Rust bench
-(`SCOPEGYM_BENCH_DUMP=DIR cargo bench --bench stem_frame -- dump-only`): probe kernel, atoms
-and a noiseless frame with drift, jitter and scan noise switched off.
+(`SCOPEGYM_BENCH_DUMP=DIR cargo bench --bench stem_frame -- dump-only`): atoms, probe kernel,
+a noiseless frame with drift, jitter and scan noise switched off and, when the dump has it, four
+noiseless frames with a constant drift only (rendered, cached with a rigid shift, re-rendered).
 """
 
 import os
@@ -73,6 +92,9 @@ GH7 = [
     (3.750_439_717_725_742, 0.000_548_268_855_972_22),
 ]
 
+
+# Same rule as physics/src/stem/sim.rs: re-render the ideal image after this much drift (pixels).
+RERENDER_DRIFT = 0.1
 
 def default_config():
     """The Rust config-struct defaults (OpticsConfig, BeamConfig, ScanConfig, DetectorConfig,
@@ -175,21 +197,22 @@ def fine_geometry(cfg, ab, dx, max_extent):
     limit = lam / (4.0 * alpha)
     m = max(int(math.ceil(dx / limit)), 1)
     fdx = dx / m
+    # Geometric blur + chromatic spread + 3 lambda/alpha of diffraction.
     chrom = 3.0 * defocus_spread(cfg) * alpha
-    radius = geometric_radius(ab, alpha) + chrom + 12.0 * lam / alpha
-    extent = min(max(4.0 * radius, 32.0 * lam / alpha), max(max_extent, 8.0 * dx))
-    side = max(int(math.ceil(extent / dx)), 4)
-    n = next_fast_len(side * m)
-    while n % m != 0:
+    radius = geometric_radius(ab, alpha) + chrom + 3.0 * lam / alpha
+    max_side = max(int(math.floor(max_extent / dx)), 8)
+    side = min(max(2 * (int(math.ceil(radius / dx)) + 2), 8), max_side)
+    while next_fast_len(side * m) != side * m:  # the fine grid must be a fast FFT length
         side += 1
-        n = next_fast_len(side * m)
-    return m, n, fdx
+    return m, side * m, fdx
 
 
-def coherent_probe(cfg, ab, n, dx):
-    """psi(r) = IFFT[A(k) exp(-i chi(k))] on an n x n grid (complex64, like the Rust f32 FFT).
+def coherent_probe(cfg, ab, n, dx, shift):
+    """psi(r - s) = IFFT[A(k) exp(-i chi(k)) exp(-2 pi i k.s)] on an n x n grid, s = (shift, shift)
+    fine pixels (complex64, like the Rust f32 FFT).
 
-    chi is evaluated only on the rows and columns inside the aperture band, as in Rust."""
+    chi is evaluated only on the rows and columns inside the aperture band, and the inverse FFT
+    transforms only the band's rows before all columns, as in Rust."""
     lam = electron_wavelength(cfg["energy"])
     alpha = cfg["alpha"]
     dk = 1.0 / (n * dx)
@@ -197,7 +220,8 @@ def coherent_probe(cfg, ab, n, dx):
     idx = np.arange(n)
     kidx = np.where(idx <= n // 2, idx, idx - n).astype(np.float64)
     band = np.flatnonzero(np.abs(kidx * dk) <= kmax)
-    t = kidx[band] * dk * lam  # scattering angle components
+    kb = kidx[band]
+    t = kb * dk * lam  # scattering angle components
     tx = t[None, :]
     ty = t[:, None]
     t2 = tx * tx + ty * ty
@@ -211,24 +235,27 @@ def coherent_probe(cfg, ab, n, dx):
         + 0.25 * ab["c30"] * t2 * t2
         + ab["c50"] * t2 * t2 * t2 / 6.0
     )
+    if shift != 0.0:
+        chi += 2.0 * math.pi * shift * (kb[None, :] + kb[:, None]) / n
     inside = t2 <= alpha * alpha
-    sub = np.zeros(chi.shape, np.complex64)
-    sub.real = np.where(inside, np.cos(chi), 0.0)
-    sub.imag = np.where(inside, -np.sin(chi), 0.0)
+    rows = np.zeros((band.size, n), np.complex64)
+    rows[:, band] = np.where(inside, np.exp(-1j * chi), 0.0)
+    rows = sfft.ifft(rows, axis=1, overwrite_x=True)
     field = np.zeros((n, n), np.complex64)
-    field[np.ix_(band, band)] = sub
-    return sfft.ifft2(field, overwrite_x=True)
+    field[band] = rows
+    return sfft.ifft(field, axis=0, overwrite_x=True)
 
 
-def fine_intensity(cfg, ab, n, dx):
-    """|psi|^2 on the fine grid, centred at (n/2, n/2), sum 1 (defocus-spread sum if any)."""
+def fine_intensity(cfg, ab, n, dx, shift=0.0):
+    """|psi|^2 on the fine grid, centred at (n/2 + shift, n/2 + shift), sum 1 (defocus-spread sum
+    if any): `ProbeCalculator::fine_intensity_shifted`."""
     sigma_f = defocus_spread(cfg)
     nodes = GH7 if sigma_f > 0.0 else GH7[3:4]
     norm_w = sum(w for _, w in nodes)
     out = np.zeros((n, n))
     for z, w in nodes:
         ab_z = dict(ab, c10=ab["c10"] + z * sigma_f)
-        psi = coherent_probe(cfg, ab_z, n, dx)
+        psi = coherent_probe(cfg, ab_z, n, dx, shift)
         i = (psi.real * psi.real + psi.imag * psi.imag).astype(np.float64)
         out += i * (w / norm_w / max(i.sum(), np.finfo(float).tiny))
     h = n // 2
@@ -236,9 +263,10 @@ def fine_intensity(cfg, ab, n, dx):
 
 
 def binned_probe(cfg, ab, dx, max_extent):
-    """The probe binned onto image pixels: (side, kernel summing to 1), centred at side/2."""
+    """The probe binned onto image pixels: (side, kernel summing to 1), centred on the centre of
+    bin side/2 (fine index (side/2) m + (m-1)/2)."""
     m, n, fdx = fine_geometry(cfg, ab, dx, max_extent)
-    fine = fine_intensity(cfg, ab, n, fdx)
+    fine = fine_intensity(cfg, ab, n, fdx, 0.5 * (m - 1.0))
     side = n // m
     k = fine.reshape(side, m, side, m).sum(axis=(1, 3))
     s = k.sum()
@@ -290,7 +318,6 @@ class NumpyStem:
         self.x, self.y, self.z = graphene(cfg, self.half)
         zz = np.arange(93)
         self.sigma_by_z = cfg["carbon_cross_section"] * (zz / 6.0) ** cfg["haadf_exponent"]
-        self.electrons = cfg["current"] * cfg["dwell"] / ELEMENTARY_CHARGE
         # Drift state persists across frames.
         sp, d = cfg["drift_speed"], cfg["drift_direction"]
         self.drift_offset = np.zeros(2)
@@ -299,17 +326,43 @@ class NumpyStem:
         cell = cfg["dose_map_cell"]
         self.dose_shape = (max(int(math.ceil(2 * self.half[1] / cell)), 1), max(int(math.ceil(2 * self.half[0] / cell)), 1))
         self.dose = np.zeros(self.dose_shape)
+        # The ideal-image cache (`StemSimulator::{ideal_valid, ideal_shift, rendered_electrons}`).
+        self.ideal = None
+        self.ideal_valid = False
+        self.ideal_shift = np.zeros(2)
+        self.rendered_electrons = 0.0
+        self.renders = 0
         self.timings = {}
+        self.probe_dirty = True
         self.ensure_probe()
+
+    def electrons(self):
+        """Electrons per pixel (`StemSimulator::electrons(dwell)`)."""
+        return self.cfg["current"] * self.cfg["dwell"] / ELEMENTARY_CHARGE
+
+    def specimen_mut(self):
+        """`StemSimulator::specimen_mut`: the specimen may change, so the ideal image is stale."""
+        self.ideal_valid = False
+        return self
 
     # -- probe ---------------------------------------------------------------------------------
 
     def set_aberrations(self, **kw):
-        self.ab.update(kw)
+        """`StemSimulator::set_aberrations`: marks the probe dirty if anything changed."""
+        new = dict(self.ab, **kw)
+        if new != self.ab:
+            self.ab = new
+            self.probe_dirty = True
+
+    def probe_kernel(self):
+        """`StemSimulator::probe_kernel`: (side, kernel), recomputing the probe if needed."""
         self.ensure_probe()
+        return self.kernel_side, self.kernel
 
     def ensure_probe(self):
         """`StemSimulator::ensure_probe`: binned probe, its second moment, the kernel spectrum."""
+        if not self.probe_dirty:
+            return
         cfg = self.cfg
         rows, cols, dx = cfg["rows"], cfg["cols"], cfg["dx"]
         side, k = binned_probe(cfg, self.ab, dx, dx * max(rows, cols))
@@ -319,6 +372,8 @@ class NumpyStem:
         m2 = float((k * (r[None, :] ** 2 + r[:, None] ** 2)).sum())
         self.probe_sigma = math.hypot(math.sqrt(0.5 * m2) * dx, cfg["source_size"])
         self.set_probe(k, side, rows, cols, dx, cfg["source_size"])
+        self.probe_dirty = False
+        self.ideal_valid = False
 
     def set_probe(self, kernel, side, rows, cols, dx, source_sigma):
         """`HaadfRenderer::set_probe`: padded geometry, wrapped kernel, FFT, source blur."""
@@ -340,35 +395,41 @@ class NumpyStem:
         fy = sfft.fftfreq(pr, d=dx)
         fx = np.arange(pc // 2 + 1) / (pc * dx)
         s2 = 2.0 * math.pi**2 * source_sigma**2
-        # exp(-s2 (fx² + fy²)) as an outer product of 1-D factors.
-        transfer = (np.exp(-s2 * fy**2)[:, None] * np.exp(-s2 * fx**2)[None, :]).astype(np.float32)
+        # The separable transfer exp(-s2 fy²) exp(-s2 fx²) as an outer product of 1-D factors.
+        transfer = np.exp(-s2 * fy**2).astype(np.float32)[:, None] * np.exp(-s2 * fx**2).astype(np.float32)[None, :]
         spec *= transfer  # irfft2 normalizes, so no 1/N factor here
         self.kernel_spec = spec
         # Per-geometry constants of the scan resampling (the Rust side keeps its buffers too).
         npr = -(-cols // NODE) + 1
-        j = np.arange(cols)
-        k = j // NODE
-        t = (j % NODE) / NODE
-        w = np.zeros((npr, cols))
-        w[k, j] = 1.0 - t
-        w[k + 1, j] += t
-        self.node_interp = w  # nodes (rows × npr) @ w -> per-pixel linear interpolation
-        self.col_frac = j * (1.0 / (cols - 1) if cols > 1 else 0.0)
-        self.col_base = (margin + j).astype(np.float64)
+        kcols = np.arange(npr) * NODE  # columns of the noise nodes (the last may be past the row)
+        self.node_frac = kcols * (1.0 / (cols - 1) if cols > 1 else 0.0)
+        self.node_ucol = (margin + kcols).astype(np.float64)
         self.row_base = (margin + np.arange(rows)).astype(np.float64)
+        self.seg_t = np.arange(NODE, dtype=np.float32)
 
     # -- image formation -----------------------------------------------------------------------
 
-    def render_ideal(self, shift):
-        """`HaadfRenderer::render_ideal`: bilinear splat, FFT convolution, clip at 0."""
+    def grid_coords(self, shift):
+        """`FrameGeometry::to_grid` of every atom shifted by `shift` (m): padded-grid (u, v)."""
         cfg = self.cfg
         dx, rows, cols, m = cfg["dx"], cfg["rows"], cfg["cols"], self.margin
-        pr, pc = self.prows, self.pcols
         u = (self.x + shift[0] - cfg["center"][0]) / dx + cols * 0.5 - 0.5 + m
         v = (self.y + shift[1] - cfg["center"][1]) / dx + rows * 0.5 - 0.5 + m
+        return u, v
+
+    def splat_mask(self, shift):
+        """The atoms that `render_ideal` splats (inside the padded grid)."""
+        u, v = self.grid_coords(shift)
+        return (u >= 0.0) & (v >= 0.0) & (u < self.pcols - 1.0) & (v < self.prows - 1.0)
+
+    def render_ideal(self, shift, electrons):
+        """`HaadfRenderer::render_ideal`: bilinear splat, FFT convolution, clip at 0."""
+        dx = self.cfg["dx"]
+        pr, pc = self.prows, self.pcols
+        u, v = self.grid_coords(shift)
         ok = (u >= 0.0) & (v >= 0.0) & (u < pc - 1.0) & (v < pr - 1.0)
         u, v = u[ok], v[ok]
-        w = (self.electrons / (dx * dx) * self.sigma_by_z[self.z[ok]]).astype(np.float32)
+        w = (electrons / (dx * dx) * self.sigma_by_z[self.z[ok]]).astype(np.float32)
         i0 = v.astype(np.intp)
         j0 = u.astype(np.intp)
         fy = (v - i0).astype(np.float32)
@@ -383,8 +444,9 @@ class NumpyStem:
         np.maximum(ideal, 0.0, out=ideal)
         return ideal
 
-    def distortion(self, t0):
-        """`Distortion::generate`: per-row drift and jitter, scan-noise nodes; advances drift."""
+    def distortion(self, t0, reference):
+        """`Distortion::generate`: per-row drift relative to `reference` (the shift the ideal image
+        was rendered with) and jitter, scan-noise nodes; advances the drift."""
         cfg, rng = self.cfg, self.rng
         rows, cols, dwell, fly = cfg["rows"], cfg["cols"], cfg["dwell"], cfg["flyback"]
         line = cols * dwell + fly
@@ -410,8 +472,9 @@ class NumpyStem:
         if cfg["drift_diffusivity"] > 0:
             steps += np.sqrt(2 * cfg["drift_diffusivity"] * dts)[:, None] * rng.standard_normal((2 * rows, 2))
         path = np.cumsum(steps, axis=0)  # displacement after each step, relative to the frame start
-        drift_end = path[0::2]
-        drift_start = np.vstack((np.zeros((1, 2)), path[1::2][:-1]))
+        base = self.drift_offset - reference
+        drift_end = base + path[0::2]
+        drift_start = base + np.vstack((np.zeros((1, 2)), path[1::2][:-1]))
         self.drift_offset = self.drift_offset + path[-1]
         jit = cfg["jitter_pixels"]
         if jit > 0:
@@ -432,39 +495,56 @@ class NumpyStem:
                 nodes[ax] = (np.sin(a) * amp[:, ax]) @ cb + (np.cos(a) * amp[:, ax]) @ sb
         return drift_start, drift_end, jitter, nodes
 
-    def record(self, ideal, dist):
-        """`HaadfRenderer::record`: bilinear resampling along the distorted path, counts."""
-        cfg, rng = self.cfg, self.rng
-        dx = cfg["dx"]
+    def resample(self, ideal, dist):
+        """`HaadfRenderer::record`, pass 1: expected counts along the distorted scan path.
+
+        The position is evaluated in float64 at the node columns; within each 16-pixel node
+        segment it is start + step * t in float32 (drift is linear in time along a row, the scan
+        noise linear between nodes), clamped, then bilinear interpolation in float32."""
+        cfg = self.cfg
+        rows, cols = cfg["rows"], cfg["cols"]
+        inv_dx = 1.0 / cfg["dx"]
         pr, pc = self.prows, self.pcols
         d0, d1, jitter, nodes = dist
-        # Deflection minus drift along each row, in pixels, plus the nominal position.
-        u = nodes[0] @ self.node_interp
-        u -= d0[:, 0:1] + (d1[:, 0:1] - d0[:, 0:1]) * self.col_frac
-        u *= 1.0 / dx
-        u += self.col_base
-        u += jitter[:, None]
-        v = nodes[1] @ self.node_interp
-        v -= d0[:, 1:2] + (d1[:, 1:2] - d0[:, 1:2]) * self.col_frac
-        v *= 1.0 / dx
-        v += self.row_base[:, None]
-        np.clip(u, 0.0, pc - 2, out=u)
-        np.clip(v, 0.0, pr - 2, out=v)
-        i0 = v.astype(np.intp)
-        j0 = u.astype(np.intp)
-        fy = (v - i0).astype(np.float32)
-        fx = (u - j0).astype(np.float32)
-        b = i0 * pc + j0
+        f = self.node_frac
+        # (rows × nodes) positions on the padded grid, float64, in the Rust evaluation order.
+        un = (self.node_ucol[None, :] + jitter[:, None]) + (nodes[0] - (d0[:, 0:1] + (d1[:, 0:1] - d0[:, 0:1]) * f)) * inv_dx
+        vn = self.row_base[:, None] + (nodes[1] - (d0[:, 1:2] + (d1[:, 1:2] - d0[:, 1:2]) * f)) * inv_dx
+        ua = un[:, :-1].astype(np.float32)
+        va = vn[:, :-1].astype(np.float32)
+        du = ((un[:, 1:] - un[:, :-1]) / NODE).astype(np.float32)
+        dv = ((vn[:, 1:] - vn[:, :-1]) / NODE).astype(np.float32)
+        t = self.seg_t
+        u = (ua[:, :, None] + du[:, :, None] * t).reshape(rows, -1)[:, :cols]
+        v = (va[:, :, None] + dv[:, :, None] * t).reshape(rows, -1)[:, :cols]
+        np.clip(u, np.float32(0.0), np.float32(pc - 2), out=u)
+        np.clip(v, np.float32(0.0), np.float32(pr - 2), out=v)
+        fu = np.floor(u)
+        fv = np.floor(v)
+        b = fv.astype(np.intp)
+        b *= pc
+        b += fu.astype(np.intp)
+        fx = u - fu
+        fy = v - fv
+        gx = 1.0 - fx
         idf = ideal.ravel()
-        a00, a01 = np.take(idf, b), np.take(idf, b + 1)
-        a10, a11 = np.take(idf, b + pc), np.take(idf, b + pc + 1)
-        top = a00 + (a01 - a00) * fx
-        bot = a10 + (a11 - a10) * fx
-        lam = top + (bot - top) * fy
+        top = np.take(idf, b) * gx
+        top += np.take(idf, b + 1) * fx
+        b += pc
+        bot = np.take(idf, b) * gx
+        bot += np.take(idf, b + 1) * fx
+        top *= 1.0 - fy
+        bot *= fy
+        top += bot
+        return top
+
+    def counts(self, lam):
+        """`HaadfRenderer::record`, passes 2-3: counts, gain/offset, read and salt noise."""
+        cfg, rng = self.cfg, self.rng
         gain, offset = np.float32(cfg["gain"]), np.float32(cfg["offset"])
-        noiseless = gain * lam + offset
         counts = rng.poisson(lam).astype(np.float32) if cfg["shot_noise"] else lam
         frame = gain * counts + offset
+        noiseless = gain * lam + offset
         if cfg["read_noise"] > 0:
             frame += (cfg["read_noise"] * rng.standard_normal(frame.shape)).astype(np.float32)
         if cfg["salt_probability"] > 0:
@@ -487,29 +567,44 @@ class NumpyStem:
         self.dose[iy0:iy1, ix0:ix1] += dose * cy[:, None] * cx[None, :]
 
     def acquire_frame(self):
-        """`StemSimulator::acquire_frame` (sputtering off): ideal image, distortions, counts."""
+        """`StemSimulator::acquire_frame` (sputtering off): cached or re-rendered ideal image,
+        distortions, resampling, counts, dose."""
         cfg = self.cfg
+        dx = cfg["dx"]
         tm = time.perf_counter
         t_a = tm()
+        self.ensure_probe()
+        epp = self.electrons()
         shift = self.drift_offset.copy()
-        ideal = self.render_ideal(shift)
+        moved = float(np.max(np.abs(shift - self.ideal_shift)))
+        rendered = not self.ideal_valid or moved > RERENDER_DRIFT * dx or epp != self.rendered_electrons
+        if rendered:
+            self.ideal = self.render_ideal(shift, epp)
+            self.ideal_shift = shift
+            self.rendered_electrons = epp
+            self.ideal_valid = True
+            self.renders += 1
         t_b = tm()
         t0 = self.clock
-        dist = self.distortion(t0)
+        dist = self.distortion(t0, self.ideal_shift)
         t_c = tm()
-        frame, noiseless = self.record(ideal, dist)
+        lam = self.resample(self.ideal, dist)
         t_d = tm()
-        dx = cfg["dx"]
-        dose = self.electrons / (dx * dx)
+        frame, noiseless = self.counts(lam)
+        t_e = tm()
+        dose = epp / (dx * dx)
         w, h = cfg["cols"] * dx, cfg["rows"] * dx
         x0 = cfg["center"][0] - 0.5 * w - shift[0]
         y0 = cfg["center"][1] - 0.5 * h - shift[1]
         self.add_dose_rect(x0, x0 + w, y0, y0 + h, dose)
         self.clock = t0 + cfg["rows"] * (cfg["cols"] * cfg["dwell"] + cfg["flyback"])
-        t_e = tm()
-        for key, dt in (("splat+fft", t_b - t_a), ("distortion", t_c - t_b), ("resample+poisson", t_d - t_c), ("dose map", t_e - t_d)):
+        t_f = tm()
+        stages = [("distortion", t_c - t_b), ("resample", t_d - t_c), ("poisson+gain", t_e - t_d), ("dose map", t_f - t_e)]
+        if rendered:
+            stages.insert(0, ("render (splat+FFT)", t_b - t_a))
+        for key, dt in stages:
             self.timings.setdefault(key, []).append(dt)
-        self.last_ideal, self.last_noiseless = ideal, noiseless
+        self.last_noiseless = noiseless
         return frame
 
 
@@ -521,41 +616,51 @@ def median_ms(samples):
     return 1e3 * float(np.median(samples))
 
 
-def time_numpy(frames, probes, seed):
+def time_numpy(frames, seed):
+    """The NumPy counterpart of `scopegym perf` (src/main.rs `perf`), same loops and medians."""
     sim = NumpyStem(default_config(), seed)
     for _ in range(3):  # warm-up: page in buffers, FFT plan caches
         sim.acquire_frame()
+    # (a) frames with the ideal image cached (it is re-rendered when the drift passes a pixel).
     sim.timings.clear()
+    r0 = sim.renders
     ft = []
     for _ in range(frames):
         t = time.perf_counter()
         sim.acquire_frame()
         ft.append(time.perf_counter() - t)
-    stages = {k: median_ms(v) for k, v in sim.timings.items()}
-    # Poisson alone on this frame's expected counts, to show its share of the frame.
-    lam = sim.last_noiseless
-    pt = []
-    for _ in range(max(5, frames // 2)):
+    cached_renders = sim.renders - r0
+    stages_cached = {k: median_ms(v) for k, v in sim.timings.items()}
+    # (b) frames after the specimen changed: splat + FFT convolution every frame, probe kept.
+    sim.timings.clear()
+    rt = []
+    for _ in range(frames):
         t = time.perf_counter()
-        sim.rng.poisson(lam)
-        pt.append(time.perf_counter() - t)
-    stages["poisson alone"] = median_ms(pt)
-    c10s = (2.5e-9, 2e-9)
-    for i in range(2):
-        sim.set_aberrations(c10=c10s[i % 2])
+        sim.specimen_mut()
+        sim.acquire_frame()
+        rt.append(time.perf_counter() - t)
+    stages_rerender = {k: median_ms(v) for k, v in sim.timings.items()}
+    # (c) probe recomputation: C10 ± 0.1 nm around the configured value, as `perf` does.
+    base = sim.ab["c10"]
     prt = []
-    for i in range(probes):
+    for k in range(min(frames, 50)):
+        c10 = base + (1e-10 if k % 2 == 0 else -1e-10)
         t = time.perf_counter()
-        sim.set_aberrations(c10=c10s[i % 2])
+        sim.set_aberrations(c10=c10)
+        sim.probe_kernel()
         prt.append(time.perf_counter() - t)
     return {
         "frame_ms": median_ms(ft),
+        "frame_rerender_ms": median_ms(rt),
         "probe_ms": median_ms(prt),
+        "frames": frames,
+        "renders_in_cached_loop": cached_renders,
         "atoms": int(sim.x.size),
         "pixels": [sim.cfg["rows"], sim.cfg["cols"]],
         "padded": [sim.prows, sim.pcols],
         "kernel_side": sim.kernel_side,
-        "frame_stages_ms": stages,
+        "frame_stages_ms": stages_cached,
+        "rerender_stages_ms": stages_rerender,
     }
 
 
@@ -607,27 +712,81 @@ def fmt(v, w=10):
 # --check
 
 
+# `benches/stem_frame.rs::COARSE_DX`: image pixel of the coarse reference probe kernel (m = 2).
+COARSE_DX = 0.5e-10
+# `benches/stem_frame.rs::DRIFT_SPEED`: the drift-only reference frames.
+DRIFT_SPEED = 0.3e-10
+DRIFT_FRAMES = 4
+
+
+def drift_config():
+    """`quiet_config` with a constant drift (no random walk), as the bench's `drift_config`."""
+    cfg = quiet_config()
+    cfg.update(drift_speed=DRIFT_SPEED)
+    return cfg
+
+
 def load_npy(d, name):
     p = Path(d) / name
     return np.load(p) if p.is_file() else None
 
 
+def centroid_offset(k):
+    """Centroid of a kernel relative to the centre of bin side/2, in image pixels (x, y), over
+    the window symmetric about that bin (for an even side, row and column 0 have no partner)."""
+    side = k.shape[0]
+    h = side // 2
+    lo = max(2 * h - (side - 1), 0)
+    w = k[lo:, lo:]
+    r = np.arange(lo, side) - h
+    s = w.sum()
+    return float((w.sum(axis=0) * r).sum() / s), float((w.sum(axis=1) * r).sum() / s)
+
+
+def rigid_shift_errors(sim, s):
+    """Max |resampled - re-rendered| / peak for a rigid specimen shift `s` (m) applied in the
+    resampling of the image rendered at 0 (the cached path), with the right and the wrong sign."""
+    cfg = sim.cfg
+    rows, cols, m = cfg["rows"], cfg["cols"], sim.margin
+    e = sim.electrons()
+    ideal0 = sim.render_ideal(np.zeros(2), e)
+    ref = sim.render_ideal(np.asarray(s), e)[m : m + rows, m : m + cols].astype(np.float64)
+    npr = -(-cols // NODE) + 1
+    out = []
+    for sign in (1.0, -1.0):
+        d = np.tile(sign * np.asarray(s), (rows, 1))
+        lam = sim.resample(ideal0, (d, d, np.zeros(rows), np.zeros((2, rows, npr))))
+        out.append(float(np.abs(lam - ref).max() / ref.max()))
+    return out
+
+
 def check(rust_dump):
-    """Compares the NumPy model with itself (conservation) and with the Rust reference arrays."""
+    """Compares the NumPy model with itself (conservation, caching) and with the Rust arrays."""
     ok = True
     cfg = quiet_config()
     sim = NumpyStem(cfg, seed=0)
     sim.acquire_frame()
     nl = sim.last_noiseless
     # Conservation: the convolution keeps the total; the crop equals the ideal image.
-    expected = sim.electrons / cfg["dx"] ** 2 * float(sim.sigma_by_z[sim.z].sum())
-    total = float(sim.last_ideal.astype(np.float64).sum())
+    # (atoms outside the padded grid are not splatted, as in Rust: they only reach its margin)
+    inside = sim.splat_mask(np.zeros(2))
+    expected = sim.electrons() / cfg["dx"] ** 2 * float(sim.sigma_by_z[sim.z[inside]].sum())
+    total = float(sim.ideal.astype(np.float64).sum())
     m = sim.margin
-    crop = sim.last_ideal[m : m + cfg["rows"], m : m + cfg["cols"]]
-    print(f"numpy: {sim.x.size} atoms, kernel {sim.kernel_side}², padded grid {sim.prows}×{sim.pcols}, kernel sum {sim.kernel.sum():.6f}")
-    print(f"numpy: ideal-image total {total:.6e} vs electrons·Σσ/dx² {expected:.6e} (rel {total / expected - 1:+.2e})")
+    crop = sim.ideal[m : m + cfg["rows"], m : m + cfg["cols"]]
+    cx, cy = centroid_offset(sim.kernel)
+    print(f"numpy: {sim.x.size} atoms, kernel {sim.kernel_side}², margin {m}, padded grid {sim.prows}×{sim.pcols}, "
+          f"kernel sum {sim.kernel.sum():.6f}, centroid − bin centre ({cx:+.1e}, {cy:+.1e}) px")
+    print(f"numpy: ideal-image total {total:.6e} vs electrons·Σσ/dx² over the {int(inside.sum())} atoms on the padded grid "
+          f"{expected:.6e} (rel {total / expected - 1:+.2e})")
     print(f"numpy: quiet noiseless frame == ideal crop: {bool(np.array_equal(crop, nl))}; mean {nl.mean():.4f} counts")
-    ok &= abs(total / expected - 1) < 1e-3
+    ok &= abs(total / expected - 1) < 1e-3 and bool(np.array_equal(crop, nl))
+    # The cached path: a sub-pixel rigid drift applied in the resampling vs a re-render.
+    dx = cfg["dx"]
+    good, bad = rigid_shift_errors(sim, (0.9 * dx, -0.5 * dx))
+    print(f"numpy: rigid shift (0.9, -0.5) px in the resampling vs re-rendered: max dev / peak {good:.2e} "
+          f"(wrong sign: {bad:.2e})")
+    ok &= good < 0.25 * bad
     if not rust_dump:
         print("no Rust reference given: write one with\n"
               "  SCOPEGYM_BENCH_DUMP=/tmp/scopegym-dump cargo bench --bench stem_frame -- dump-only\n"
@@ -636,6 +795,7 @@ def check(rust_dump):
     atoms = load_npy(rust_dump, "atoms.npy")
     kern = load_npy(rust_dump, "probe_kernel.npy")
     frame = load_npy(rust_dump, "noiseless_quiet.npy")
+    drift = load_npy(rust_dump, "noiseless_drift.npy")
     if atoms is None or kern is None or frame is None:
         print(f"missing reference arrays in {rust_dump}")
         return False
@@ -652,11 +812,32 @@ def check(rust_dump):
     probe = NumpyStem(default_config(), seed=0)
     if kern.shape == probe.kernel.shape:
         d = np.abs(kern - probe.kernel).max() / kern.max()
-        print(f"probe kernel {kern.shape[0]}²: max |rust - numpy| / peak = {d:.2e}")
+        rx, ry = centroid_offset(kern)
+        print(f"probe kernel {kern.shape[0]}² (both): max |rust - numpy| / peak = {d:.2e}; "
+              f"rust centroid − bin centre ({rx:+.1e}, {ry:+.1e}) px")
         ok &= d < 1e-4
     else:
         print(f"probe kernel shapes differ: rust {kern.shape}, numpy {probe.kernel.shape}")
         ok = False
+    coarse = load_npy(rust_dump, "probe_kernel_coarse.npy")
+    if coarse is None:
+        print("probe_kernel_coarse.npy not in the dump (older bench): sub-pixel centring not compared")
+    else:
+        pcfg = default_config()
+        mc, nc, _ = fine_geometry(pcfg, pcfg["ab"], COARSE_DX, 256 * COARSE_DX)
+        sc, kc = binned_probe(pcfg, pcfg["ab"], COARSE_DX, 256 * COARSE_DX)
+        nx_, ny_ = centroid_offset(kc)
+        print(f"numpy probe at {COARSE_DX * 1e10:g} Å pixels: m = {mc}, fine grid {nc}, kernel {sc}², "
+              f"centroid − bin centre ({nx_:+.1e}, {ny_:+.1e}) px", end="")
+        ok &= max(abs(nx_), abs(ny_)) < 1e-3
+        if coarse.shape == kc.shape:
+            d = np.abs(coarse - kc).max() / coarse.max()
+            rx, ry = centroid_offset(coarse)
+            print(f"; rust: centroid ({rx:+.1e}, {ry:+.1e}) px, max |rust - numpy| / peak = {d:.2e}")
+            ok &= d < 1e-4
+        else:
+            print(f"; shapes differ: rust {coarse.shape}, numpy {kc.shape}")
+            ok = False
     if frame.shape == nl.shape:
         d = np.abs(frame.astype(np.float64) - nl).max() / float(nl.max())
         rms = np.sqrt(np.mean((frame.astype(np.float64) - nl) ** 2)) / float(nl.mean())
@@ -665,16 +846,31 @@ def check(rust_dump):
     else:
         print(f"frame shapes differ: rust {frame.shape}, numpy {nl.shape}")
         ok = False
+    if drift is None:
+        print("noiseless_drift.npy not in the dump (older bench): drift frames not compared")
+    else:
+        ds = NumpyStem(drift_config(), seed=0)
+        devs, paths = [], []
+        for k in range(min(DRIFT_FRAMES, drift.shape[0])):
+            r0 = ds.renders
+            ds.acquire_frame()
+            paths.append("rendered" if ds.renders > r0 else "cached")
+            ref = drift[k].astype(np.float64)
+            devs.append(float(np.abs(ref - ds.last_noiseless).max() / ref.max()))
+        print(f"drift-only noiseless frames ({DRIFT_SPEED * 1e10:g} Å/s): numpy ideal image "
+              + ", ".join(f"{i}: {p}" for i, p in enumerate(paths))
+              + "; max |rust - numpy| / peak " + ", ".join(f"{d:.2e}" for d in devs))
+        ok &= paths == ["rendered", "cached", "cached", "rendered"] and max(devs) < 1e-3
     print("check:", "PASS" if ok else "FAIL")
     return ok
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("scenario", nargs="?", default=str(REPO / "scenarios" / "stem_graphene_si.toml"), help="scenario for `scopegym perf`")
+    ap.add_argument("scenario", nargs="?", default=str(Path(__file__).resolve().parent / "stem_frame_bench.toml"),
+                    help="scenario for `scopegym perf` (default: stem_frame_bench.toml, the configuration timed here)")
     ap.add_argument("--scopegym", default=None, help="scopegym binary (default: $CARGO_TARGET_DIR or ./target, release/scopegym)")
-    ap.add_argument("--frames", type=int, default=30, help="frames to time on each side (>= 20 recommended)")
-    ap.add_argument("--probes", type=int, default=20, help="probe recomputations to time")
+    ap.add_argument("--frames", type=int, default=30, help="frames per loop on each side (>= 20 recommended; probe loop: at most 50)")
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--json", action="store_true", help="print one JSON object with all numbers instead of the table")
     ap.add_argument("--no-rust", action="store_true", help="skip the Rust side")
@@ -685,8 +881,10 @@ def main():
     if args.check:
         sys.exit(0 if check(args.rust_dump) else 1)
 
-    py = time_numpy(args.frames, args.probes, args.seed)
+    py = time_numpy(args.frames, args.seed)
     rust, note = (None, "skipped (--no-rust)") if args.no_rust else run_rust(args.scopegym or default_binary(), args.scenario, args.frames)
+
+    keys = (("frame_ms", "frame, cached ideal image"), ("frame_rerender_ms", "frame, re-rendered image"), ("probe_ms", "probe recomputation"))
 
     def ratio(key):
         if rust and isinstance(rust.get(key), (int, float)) and rust[key] > 0:
@@ -695,29 +893,31 @@ def main():
 
     env = {"python": sys.version.split()[0], "numpy": np.__version__, "scipy": scipy.__version__, "threads": 1}
     if args.json:
-        out = {"numpy": py, "rust": rust, "ratio": {"frame": ratio("frame_ms"), "probe": ratio("probe_ms")}, "note": note or None, "env": env}
+        out = {"numpy": py, "rust": rust, "ratio": {k.removesuffix("_ms"): ratio(k) for k, _ in keys},
+               "scenario": str(args.scenario), "note": note or None, "env": env}
         print(json.dumps(out))
         return
 
     print(f"STEM HAADF frame, {py['pixels'][0]}×{py['pixels'][1]} px at 0.2 Å, graphene+Si ({py['atoms']} atoms), "
           f"probe kernel {py['kernel_side']}² on a {py['padded'][0]}×{py['padded'][1]} padded grid; one thread")
-    print(f"NumPy {env['numpy']} / SciPy {env['scipy']}, Python {env['python']}")
+    print(f"NumPy {env['numpy']} / SciPy {env['scipy']}, Python {env['python']}; medians of {py['frames']} "
+          f"(probe: {min(py['frames'], 50)})")
     print()
-    print(f"{'':28}{'numpy ms':>10}{'rust ms':>10}{'numpy/rust':>12}")
-    rf = rust.get("frame_ms") if rust else None
-    rp = rust.get("probe_ms") if rust else None
-    print(f"{'frame (unchanged probe)':28}{fmt(py['frame_ms'])}{fmt(rf)}{fmt(ratio('frame_ms'), 12)}")
-    print(f"{'probe recomputation':28}{fmt(py['probe_ms'])}{fmt(rp)}{fmt(ratio('probe_ms'), 12)}")
+    print(f"{'':30}{'numpy ms':>10}{'rust ms':>10}{'numpy/rust':>12}")
+    for key, label in keys:
+        print(f"{label:30}{fmt(py[key])}{fmt(rust.get(key) if rust else None)}{fmt(ratio(key), 12)}")
     print()
-    st = py["frame_stages_ms"]
-    print("NumPy frame stages (median ms): " + ", ".join(f"{k} {v:.2f}" for k, v in st.items()))
-    print(f"note: the NumPy frame time includes Generator.poisson on {py['pixels'][0] * py['pixels'][1]} pixels "
-          f"(about {st['poisson alone']:.2f} ms alone), as the Rust frame includes its own Poisson sampler.")
+    for name, st in (("cached frame", py["frame_stages_ms"]), ("re-rendered frame", py["rerender_stages_ms"])):
+        print(f"NumPy {name} stages (median ms): " + ", ".join(f"{k} {v:.2f}" for k, v in st.items()))
+    print(f"NumPy: {py['renders_in_cached_loop']} of the {py['frames']} cached-loop frames re-rendered (drift passed a pixel; "
+          f"the Rust loop does the same). Counts: Generator.poisson on both frame kinds, as Rust runs poisson_fill.")
     if rust:
-        print(f"Rust: `scopegym perf {Path(args.scenario).name}`: {rust.get('atoms')} atoms (the scenario may randomize "
-              f"rotation, vacancies and aberrations; the probe kernel is clamped to the field either way)")
+        print(f"Rust: `scopegym perf {Path(args.scenario).name} --frames {args.frames} --json`: {rust.get('atoms')} atoms")
         if rust.get("pixels") and list(rust["pixels"]) != py["pixels"]:
             print(f"warning: the Rust scenario's frame is {rust['pixels']}, not {py['pixels']}: the ratio compares different work")
+        if rust.get("atoms") != py["atoms"]:
+            print("warning: the Rust scenario is not the bench configuration (atom counts differ): its kernel and "
+                  "padded grid may differ too, so the ratios compare somewhat different work")
     else:
         print(f"note: no Rust numbers: {note}")
 

@@ -124,64 +124,71 @@ fn exp_neg_f32(x: f32) -> f32 {
 /// Means below 10 are drawn eight at a time by inversion in single precision (each uniform has
 /// 24 random bits, so probabilities are resolved to 6e-8), branch-free so that the compiler
 /// vectorizes it (AVX2 selected at run time); larger means use the exact scalar [`poisson`].
+/// `uniforms` is scratch space (resized to the input length; reuse it to avoid allocation).
 /// The stream of random numbers depends only on the inputs, not on the CPU.
-pub fn poisson_fill<R: Rng + ?Sized>(rng: &mut R, lambda: &[f32], out: &mut [f32]) {
+pub fn poisson_fill<R: Rng + ?Sized>(
+    rng: &mut R,
+    lambda: &[f32],
+    out: &mut [f32],
+    uniforms: &mut Vec<f32>,
+) {
     let n = lambda.len().min(out.len());
-    let mut uni = [0.0f32; LANES];
-    let mut i = 0;
-    while i < n {
-        let m = LANES.min(n - i);
-        for pair in uni.chunks_mut(2) {
-            let r = rng.next_u64();
-            pair[0] = (r >> 40) as f32 * (1.0 / 16_777_216.0);
-            if pair.len() > 1 {
-                pair[1] = ((r >> 8) & 0xFF_FFFF) as f32 * (1.0 / 16_777_216.0);
-            }
+    uniforms.resize(n.next_multiple_of(2), 0.0);
+    for pair in uniforms.chunks_exact_mut(2) {
+        let r = rng.next_u64();
+        pair[0] = (r >> 40) as f32 * (1.0 / 16_777_216.0);
+        pair[1] = ((r >> 8) & 0xFF_FFFF) as f32 * (1.0 / 16_777_216.0);
+    }
+    inversion(&lambda[..n], &uniforms[..n], &mut out[..n]);
+    // Means of 10 and more: exact scalar sampler, in order.
+    for (o, &v) in out[..n].iter_mut().zip(&lambda[..n]) {
+        if v >= 10.0 {
+            *o = poisson(rng, f64::from(v)) as f32;
         }
-        let mut lam = [0.0f32; LANES];
-        lam[..m].copy_from_slice(&lambda[i..i + m]);
-        let mut counts = [0.0f32; LANES];
-        inversion_lanes(&lam, &uni, &mut counts);
-        for l in 0..m {
-            let v = lam[l];
-            out[i + l] = if v >= 10.0 {
-                poisson(rng, f64::from(v)) as f32
-            } else {
-                counts[l]
-            };
-        }
-        i += m;
     }
 }
 
+/// Inversion for means in (0, 10), eight lanes at a time; other means give 0.
 #[multiversion::multiversion(targets("x86_64+avx2+fma"))]
-fn inversion_lanes(lam: &[f32; LANES], uni: &[f32; LANES], counts: &mut [f32; LANES]) {
-    let mut l8 = [0.0f32; LANES];
-    let mut p = [0.0f32; LANES];
-    let mut cdf = [0.0f32; LANES];
-    for l in 0..LANES {
-        // Means that are not small, negative or NaN run zero iterations here.
-        l8[l] = if lam[l] > 0.0 && lam[l] < 10.0 {
-            lam[l]
-        } else {
-            0.0
-        };
-        p[l] = exp_neg_f32(l8[l]);
-        cdf[l] = if l8[l] > 0.0 { p[l] } else { 2.0 };
-        counts[l] = 0.0;
-    }
-    for &inv in &INV_F32[1..48] {
-        let mut any = false;
+fn inversion(lambda: &[f32], uni: &[f32], out: &mut [f32]) {
+    let mut lam = [0.0f32; LANES];
+    let mut u = [0.0f32; LANES];
+    for ((lc, uc), oc) in lambda
+        .chunks(LANES)
+        .zip(uni.chunks(LANES))
+        .zip(out.chunks_mut(LANES))
+    {
+        let m = lc.len();
+        lam[..m].copy_from_slice(lc);
+        lam[m..].iter_mut().for_each(|v| *v = 0.0);
+        u[..m].copy_from_slice(uc);
+        let mut p = [0.0f32; LANES];
+        let mut cdf = [0.0f32; LANES];
+        let mut counts = [0.0f32; LANES];
         for l in 0..LANES {
-            let more = uni[l] >= cdf[l];
-            any |= more;
-            counts[l] += if more { 1.0 } else { 0.0 };
-            p[l] *= l8[l] * inv;
-            cdf[l] += p[l];
+            // Means that are not small, negative or NaN run zero iterations.
+            lam[l] = if lam[l] > 0.0 && lam[l] < 10.0 {
+                lam[l]
+            } else {
+                0.0
+            };
+            p[l] = exp_neg_f32(lam[l]);
+            cdf[l] = if lam[l] > 0.0 { p[l] } else { 2.0 };
         }
-        if !any {
-            break;
+        for &inv in &INV_F32[1..48] {
+            let mut any = false;
+            for l in 0..LANES {
+                let more = u[l] >= cdf[l];
+                any |= more;
+                counts[l] += if more { 1.0 } else { 0.0 };
+                p[l] *= lam[l] * inv;
+                cdf[l] += p[l];
+            }
+            if !any {
+                break;
+            }
         }
+        oc.copy_from_slice(&counts[..m]);
     }
 }
 
@@ -299,7 +306,7 @@ mod tests {
             let n = 200_000;
             let means = vec![lam; n];
             let mut out = vec![0.0f32; n];
-            poisson_fill(&mut rng, &means, &mut out);
+            poisson_fill(&mut rng, &means, &mut out, &mut Vec::new());
             assert!(out.iter().all(|v| *v >= 0.0 && v.fract() == 0.0));
             let m = out.iter().map(|&v| f64::from(v)).sum::<f64>() / n as f64;
             let v = out.iter().map(|&x| (f64::from(x) - m).powi(2)).sum::<f64>() / n as f64;
@@ -323,7 +330,7 @@ mod tests {
         // Mixed means, odd length, zeros and NaN.
         let means = [0.0f32, f32::NAN, -1.0, 3.0, 25.0];
         let mut out = [9.0f32; 5];
-        poisson_fill(&mut rng, &means, &mut out);
+        poisson_fill(&mut rng, &means, &mut out, &mut Vec::new());
         assert_eq!(&out[..3], &[0.0, 0.0, 0.0]);
         assert!(out.iter().all(|v| v.is_finite()));
     }

@@ -408,3 +408,32 @@ fn eels_shows_the_edges_of_the_atoms_under_the_probe() {
         "O-K: {above} vs {below}"
     );
 }
+
+#[test]
+fn spectrum_image_maps_the_dopant() {
+    let mut cfg = quiet_config(64);
+    cfg.specimen.dopants = vec![Default::default()];
+    cfg.eels.thickness_ratio = Param::fixed(0.005);
+    let mut sim = StemSimulator::new(cfg, 4).unwrap();
+    let si = sim.specimen().atoms[sim.specimen().indices_of(14)[0]];
+    // Centre the 9×9 map (0.5 Å steps) on the dopant.
+    let mut scan = sim.scan_settings();
+    let d = sim.drift_offset();
+    scan.center = [si.x + d[0], si.y + d[1]];
+    sim.configure_scan(&scan).unwrap();
+    let cube = sim.spectrum_image(9, 9, 0.5e-10, 0.05).unwrap();
+    let energy = sim.probe_spec().energy;
+    assert!(energy > 0.0);
+    assert_eq!(cube.dim().0, 9);
+    assert_eq!(cube.dim().1, 9);
+    // Si-L2,3 signal (100-130 eV window index range from the default axis: -10 eV + 0.5 eV/ch).
+    let ch = |e: f64| ((e + 10.0) / 0.5) as usize;
+    let si_signal =
+        |i: usize, j: usize| -> f32 { (ch(100.0)..ch(130.0)).map(|k| cube[[i, j, k]]).sum() };
+    let centre = si_signal(4, 4);
+    let corner = si_signal(0, 0);
+    assert!(
+        centre > 1.5 * corner,
+        "Si-L at the dopant {centre} vs 2.8 Å away {corner}"
+    );
+}

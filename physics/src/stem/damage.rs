@@ -334,20 +334,27 @@ impl DoseMap {
         let r = (4.0 * s / c).ceil() as i64;
         let cx = ((x - self.origin[0]) / c).floor() as i64;
         let cy = ((y - self.origin[1]) / c).floor() as i64;
-        let mut weights = 0.0;
-        let mut cells = Vec::new();
-        for iy in (cy - r).max(0)..=(cy + r).min(ny as i64 - 1) {
-            for ix in (cx - r).max(0)..=(cx + r).min(nx as i64 - 1) {
-                let px = self.origin[0] + (ix as f64 + 0.5) * c;
-                let py = self.origin[1] + (iy as f64 + 0.5) * c;
-                let w = (-((px - x).powi(2) + (py - y).powi(2)) / (2.0 * s * s)).exp();
-                weights += w;
-                cells.push((iy as usize * nx + ix as usize, w));
+        // Two passes over the window (normalize, then deposit): no allocation.
+        let (ox, oy) = (self.origin[0], self.origin[1]);
+        let weight = |ix: i64, iy: i64| {
+            let px = ox + (ix as f64 + 0.5) * c;
+            let py = oy + (iy as f64 + 0.5) * c;
+            (-((px - x).powi(2) + (py - y).powi(2)) / (2.0 * s * s)).exp()
+        };
+        let (y0, y1) = ((cy - r).max(0), (cy + r).min(ny as i64 - 1));
+        let (x0, x1) = ((cx - r).max(0), (cx + r).min(nx as i64 - 1));
+        let mut total = 0.0;
+        for iy in y0..=y1 {
+            for ix in x0..=x1 {
+                total += weight(ix, iy);
             }
         }
-        if weights > 0.0 {
-            for (i, w) in cells {
-                self.dose[i] += electrons * w / weights / (c * c);
+        if total > 0.0 {
+            let scale = electrons / total / (c * c);
+            for iy in y0..=y1 {
+                for ix in x0..=x1 {
+                    self.dose[iy as usize * nx + ix as usize] += scale * weight(ix, iy);
+                }
             }
         }
     }

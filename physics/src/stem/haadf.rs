@@ -165,6 +165,8 @@ pub struct HaadfRenderer {
     pub noiseless: Vec<f32>,
     /// The last recorded frame.
     pub frame: Vec<f32>,
+    /// Scratch for the noise sampler.
+    uniforms: Vec<f32>,
 }
 
 impl HaadfRenderer {
@@ -211,7 +213,12 @@ impl HaadfRenderer {
                 self.splat[gy * g.pcols + gx] += v as f32;
             }
         }
-        fft.forward(&self.splat, &mut self.kernel_spec);
+        // Only the rows the kernel wraps into are non-zero.
+        fft.forward_sparse_rows(
+            &self.splat,
+            |y| y < side || y + side >= g.prows,
+            &mut self.kernel_spec,
+        );
         // Source blur and the 1/(N) normalization of the unnormalized inverse.
         // The Gaussian transfer function is separable: exp(-2π²σ²fx²) · exp(-2π²σ²fy²).
         let nxc = g.pcols / 2 + 1;
@@ -322,22 +329,42 @@ impl HaadfRenderer {
                     ((vb - va) / NODE as f64) as f32,
                 );
                 let (ua, va) = (ua as f32, va as f32);
-                for (t, o) in chunk.iter_mut().enumerate() {
-                    let u = (ua + du * t as f32).clamp(0.0, maxu);
-                    let v = (va + dv * t as f32).clamp(0.0, maxv);
+                let id = &self.ideal;
+                let sample = |u: f32, v: f32| {
                     let (i0, j0) = (v as usize, u as usize);
                     let (fy, fx) = (v - i0 as f32, u - j0 as f32);
                     let b = i0 * pc + j0;
-                    let id = &self.ideal[b..b + pc + 2];
-                    *o = (id[0] * (1.0 - fx) + id[1] * fx) * (1.0 - fy)
-                        + (id[pc] * (1.0 - fx) + id[pc + 1] * fx) * fy;
+                    let top = id[b] + (id[b + 1] - id[b]) * fx;
+                    let bottom = id[b + pc] + (id[b + pc + 1] - id[b + pc]) * fx;
+                    top + (bottom - top) * fy
+                };
+                let last = chunk.len() as f32 - 1.0;
+                let inside = |a: f32, d: f32, max: f32| {
+                    a >= 0.0 && a <= max && a + d * last >= 0.0 && a + d * last <= max
+                };
+                if inside(ua, du, maxu) && inside(va, dv, maxv) {
+                    for (t, o) in chunk.iter_mut().enumerate() {
+                        *o = sample(ua + du * t as f32, va + dv * t as f32);
+                    }
+                } else {
+                    for (t, o) in chunk.iter_mut().enumerate() {
+                        *o = sample(
+                            (ua + du * t as f32).clamp(0.0, maxu),
+                            (va + dv * t as f32).clamp(0.0, maxv),
+                        );
+                    }
                 }
             }
         }
         // Pass 2: counts.
         let n = rows * cols;
         if det.shot_noise {
-            poisson_fill(rng, &self.noiseless[..n], &mut self.frame[..n]);
+            poisson_fill(
+                rng,
+                &self.noiseless[..n],
+                &mut self.frame[..n],
+                &mut self.uniforms,
+            );
         } else {
             self.frame[..n].copy_from_slice(&self.noiseless[..n]);
         }

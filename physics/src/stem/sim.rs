@@ -156,6 +156,9 @@ fn kernel_density(k: &[f64], s: usize, px: f64, ox: f64, oy: f64) -> f64 {
     val / (px * px)
 }
 
+/// Drift (pixels) after which the cached ideal image is re-rendered rather than shifted.
+const RERENDER_DRIFT: f64 = 0.1;
+
 /// Bond length used to find a dopant's neighbours, m (graphene C-C 1.42 Å plus tolerance).
 const HOP_BOND: f64 = 1.7e-10;
 
@@ -554,11 +557,15 @@ impl StemInstrument for StemSimulator {
         let shift = self.drift.offset;
         // The ideal image depends on the specimen, the probe and the geometry; a rigid drift is
         // applied when resampling, so it is re-rendered only when the specimen drifted by more
-        // than a pixel since (bilinear resampling is exact to well below the probe size there).
+        // than `RERENDER_DRIFT` pixels since (bilinear resampling of the cached image at such a
+        // small offset differs from a re-render by well under 1 % of the peak).
         let moved = (shift[0] - self.ideal_shift[0])
             .abs()
             .max((shift[1] - self.ideal_shift[1]).abs());
-        if !self.ideal_valid || moved > sc.pixel_size || epp != self.rendered_electrons {
+        if !self.ideal_valid
+            || moved > RERENDER_DRIFT * sc.pixel_size
+            || epp != self.rendered_electrons
+        {
             self.renderer.render_ideal(
                 &self.specimen.atoms,
                 &self.sigma_haadf,
