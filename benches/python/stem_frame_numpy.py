@@ -79,7 +79,19 @@ ELECTRON_MASS = 9.109_383_701_5e-31
 SPEED_OF_LIGHT = 299_792_458.0
 ELECTRON_REST_ENERGY_EV = 510_998.950_00
 
-NODE = 16  # scan.rs: spacing of scan-noise nodes along a row, pixels
+NODE = 32  # scan.rs: spacing of scan-noise nodes along a row, pixels (set per config below)
+
+
+def node_spacing(cfg):
+    """scan.rs: at least 16 nodes per period of the fastest noise component, at most 32 px."""
+    freqs = []
+    if cfg["noise_components"] > 0:
+        freqs.append(cfg["noise_fmax"] if cfg["noise_components"] > 1 else cfg["noise_fmin"])
+    if cfg["mains_amplitude"] > 0:
+        freqs.append(cfg["mains_frequency"])
+    if not freqs:
+        return 32
+    return int(min(max(math.floor(1.0 / (16.0 * max(freqs) * cfg["dwell"])), 1), 32))
 
 # Gauss-Hermite nodes and weights (optics.rs GH7) for the chromatic defocus sum.
 GH7 = [
@@ -309,6 +321,8 @@ def graphene(cfg, half):
 
 class NumpyStem:
     def __init__(self, cfg, seed=7):
+        global NODE
+        NODE = node_spacing(cfg)
         self.cfg = cfg
         self.rng = np.random.default_rng(seed)
         self.ab = dict(cfg["ab"])

@@ -13,7 +13,7 @@ use crate::param::dims::{Area, Unitless};
 use crate::rng::{SimRng, normal, poisson_fill};
 use crate::stem::fft2::Fft2;
 use crate::stem::optics::next_fast_len;
-use crate::stem::scan::{Distortion, NODE};
+use crate::stem::scan::Distortion;
 use crate::stem::specimen::Atom;
 use num_complex::Complex;
 use rand::Rng;
@@ -296,7 +296,8 @@ impl HaadfRenderer {
     pub fn record(&mut self, dist: &Distortion, det: &DetectorConfig, rng: &mut SimRng) {
         let Some(g) = self.geom else { return };
         let (rows, cols) = (g.rows, g.cols);
-        let npr = Distortion::nodes_per_row(cols);
+        let node = dist.node.max(1);
+        let npr = Distortion::nodes_per_row(cols, node);
         let inv_dx = 1.0 / g.dx;
         let (maxu, maxv) = ((g.pcols - 2) as f32, (g.prows - 2) as f32);
         let pc = g.pcols;
@@ -305,7 +306,9 @@ impl HaadfRenderer {
         } else {
             0.0
         };
-        // Pass 1: expected counts λ along the scan path (kept in `noiseless` for now).
+        let gain = det.gain.get() as f32;
+        let offset = det.offset.get() as f32;
+        // Row by row: expected counts λ along the scan path, counts, gain and offset.
         for i in 0..rows {
             let d0 = dist.row_drift_start.get(i).copied().unwrap_or([0.0; 2]);
             let d1 = dist.row_drift_end.get(i).copied().unwrap_or([0.0; 2]);
@@ -320,18 +323,20 @@ impl HaadfRenderer {
                 (u, v)
             };
             let out = &mut self.noiseless[i * cols..(i + 1) * cols];
-            for (seg, chunk) in out.chunks_mut(NODE).enumerate() {
-                let j0 = seg * NODE;
+            for (seg, chunk) in out.chunks_mut(node).enumerate() {
+                let j0 = seg * node;
                 let (ua, va) = pos(j0, seg);
-                let (ub, vb) = pos(j0 + NODE, seg + 1);
+                let (ub, vb) = pos(j0 + node, seg + 1);
                 let (du, dv) = (
-                    ((ub - ua) / NODE as f64) as f32,
-                    ((vb - va) / NODE as f64) as f32,
+                    ((ub - ua) / node as f64) as f32,
+                    ((vb - va) / node as f64) as f32,
                 );
                 let (ua, va) = (ua as f32, va as f32);
                 let id = &self.ideal;
                 let sample = |u: f32, v: f32| {
-                    let (i0, j0) = (v as usize, u as usize);
+                    // In range by construction; the i32 cast is one instruction on x86-64
+                    // (f32 → u64 is not).
+                    let (i0, j0) = (v as i32 as usize, u as i32 as usize);
                     let (fy, fx) = (v - i0 as f32, u - j0 as f32);
                     let b = i0 * pc + j0;
                     let top = id[b] + (id[b + 1] - id[b]) * fx;
@@ -355,26 +360,22 @@ impl HaadfRenderer {
                     }
                 }
             }
-        }
-        // Pass 2: counts.
-        let n = rows * cols;
-        if det.shot_noise {
-            poisson_fill(
-                rng,
-                &self.noiseless[..n],
-                &mut self.frame[..n],
-                &mut self.uniforms,
+            // Counts for this row while its expectation is in cache, then gain and offset.
+            let (lam, rec) = (
+                &mut self.noiseless[i * cols..(i + 1) * cols],
+                &mut self.frame[i * cols..(i + 1) * cols],
             );
-        } else {
-            self.frame[..n].copy_from_slice(&self.noiseless[..n]);
+            if det.shot_noise {
+                poisson_fill(rng, lam, rec, &mut self.uniforms);
+            } else {
+                rec.copy_from_slice(lam);
+            }
+            for (f, e) in rec.iter_mut().zip(lam.iter_mut()) {
+                *f = gain * *f + offset;
+                *e = gain * *e + offset;
+            }
         }
-        // Pass 3: detector gain, offset, read and salt noise.
-        let gain = det.gain.get() as f32;
-        let offset = det.offset.get() as f32;
-        for (f, e) in self.frame[..n].iter_mut().zip(&mut self.noiseless[..n]) {
-            *f = gain * *f + offset;
-            *e = gain * *e + offset;
-        }
+        let n = rows * cols;
         let read = det.read_noise.get();
         if read > 0.0 {
             for f in &mut self.frame[..n] {

@@ -324,12 +324,12 @@ impl Default for ProbeCalculator {
     }
 }
 
-/// Smallest n' ≥ n whose prime factors are 2, 3 and 5 only (fast FFT sizes).
+/// Smallest n' ≥ n whose prime factors are 2, 3, 5 and 7 only (sizes with fast FFT butterflies).
 pub fn next_fast_len(n: usize) -> usize {
     let mut m = n.max(1);
     loop {
         let mut r = m;
-        for p in [2, 3, 5] {
+        for p in [2, 3, 5, 7] {
             while r % p == 0 {
                 r /= p;
             }
@@ -593,6 +593,7 @@ mod tests {
     fn fast_lengths() {
         assert_eq!(next_fast_len(256), 256);
         assert_eq!(next_fast_len(257), 270);
-        assert_eq!(next_fast_len(289), 300);
+        assert_eq!(next_fast_len(289), 294);
+        assert_eq!(next_fast_len(331), 336);
     }
 }

@@ -270,22 +270,93 @@ struct Component {
     phase: [f64; 2],
 }
 
+/// Dot product with four independent partial sums (no serial dependency on one accumulator).
+fn dot(a: &[f64], b: &[f64]) -> f64 {
+    let mut acc = [0.0; 4];
+    let (ca, cb) = (a.chunks_exact(4), b.chunks_exact(4));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for k in 0..4 {
+            acc[k] += x[k] * y[k];
+        }
+    }
+    let tail: f64 = ra.iter().zip(rb).map(|(x, y)| x * y).sum();
+    (acc[0] + acc[1]) + (acc[2] + acc[3]) + tail
+}
+
+/// Rotates phasors `(s, c)` by angles given as `(sin, cos)` pairs, element-wise.
+fn rotate(s: &mut [f64], c: &mut [f64], ds: &[f64], dc: &[f64]) {
+    for (((s, c), &ds), &dc) in s.iter_mut().zip(c.iter_mut()).zip(ds).zip(dc) {
+        let ns = *s * dc + *c * ds;
+        *c = *c * dc - *s * ds;
+        *s = ns;
+    }
+}
+
+/// Scan-noise channels in structure-of-arrays form (reused between frames).
+#[derive(Debug, Clone, Default)]
+struct Phasors {
+    amp: Vec<f64>,
+    ds: Vec<f64>,
+    dc: Vec<f64>,
+    rs: Vec<f64>,
+    rc: Vec<f64>,
+    row_s: Vec<f64>,
+    row_c: Vec<f64>,
+    s: Vec<f64>,
+    c: Vec<f64>,
+}
+
+impl Phasors {
+    fn clear(&mut self, per_axis: usize) {
+        for v in [
+            &mut self.amp,
+            &mut self.ds,
+            &mut self.dc,
+            &mut self.rs,
+            &mut self.rc,
+            &mut self.row_s,
+            &mut self.row_c,
+        ] {
+            v.clear();
+        }
+        self.s.resize(2 * per_axis, 0.0);
+        self.c.resize(2 * per_axis, 0.0);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn push(&mut self, amp: f64, ds: f64, dc: f64, rs: f64, rc: f64, s0: f64, c0: f64) {
+        self.amp.push(amp);
+        self.ds.push(ds);
+        self.dc.push(dc);
+        self.rs.push(rs);
+        self.rc.push(rc);
+        self.row_s.push(s0);
+        self.row_c.push(c0);
+    }
+}
+
 /// Per-frame distortion generator: fills per-row shifts and evaluates noise, reusing buffers.
 #[derive(Debug, Clone, Default)]
 pub struct Distortion {
     comps: Vec<Component>,
+    phasors: Phasors,
     /// Per row: drift displacement relative to the reference at the row's first pixel, m.
     pub row_drift_start: Vec<[f64; 2]>,
     /// Per row: drift displacement relative to the reference at the row's last pixel, m.
     pub row_drift_end: Vec<[f64; 2]>,
     /// Per row: jitter along x, pixels.
     pub row_jitter: Vec<f64>,
-    /// Noise deflection at nodes every `NODE` pixels along each row (plus the row end), m.
+    /// Spacing of the noise nodes along a row, pixels (set per frame by [`Distortion::generate`]).
+    pub node: usize,
+    /// Noise deflection at nodes every `node` pixels along each row (plus the row end), m.
     pub noise_nodes: Vec<[f64; 2]>,
 }
 
-/// Spacing of scan-noise evaluation nodes along a row, pixels.
-pub const NODE: usize = 16;
+/// Largest spacing of scan-noise nodes along a row, pixels. The spacing is reduced so that the
+/// fastest noise component gets at least 16 nodes per period (linear interpolation between
+/// nodes then errs by under 2 % of its amplitude).
+pub const MAX_NODE: usize = 32;
 
 impl Distortion {
     /// Draws the distortions of one frame of `rows × cols` pixels starting at time `t0` and
@@ -369,39 +440,55 @@ impl Distortion {
             self.row_jitter.push(j);
         }
         // Noise at nodes (phasor recurrence along the row).
-        let nodes_per_row = cols.div_ceil(NODE) + 1;
+        let f_max = self
+            .comps
+            .iter()
+            .map(|c| c.omega / (2.0 * PI))
+            .fold(0.0, f64::max);
+        self.node = if f_max > 0.0 {
+            ((1.0 / (16.0 * f_max * dwell)).floor() as usize).clamp(1, MAX_NODE)
+        } else {
+            MAX_NODE
+        };
+        let node = self.node;
+        let nodes_per_row = Self::nodes_per_row(cols, node);
         self.noise_nodes.clear();
         self.noise_nodes.resize(rows * nodes_per_row, [0.0, 0.0]);
         if self.comps.iter().all(|c| c.amp == [0.0, 0.0]) {
             return;
         }
-        // Phasors rotate by ω·NODE·dwell from node to node and by ω·line from row to row: one
-        // sin_cos per component and frame.
-        for c in &self.comps {
-            let (ds, dc) = (c.omega * NODE as f64 * dwell).sin_cos();
-            let (rs, rc) = (c.omega * line).sin_cos();
-            for ax in 0..2 {
-                let (mut row_s, mut row_c) = (c.omega * t0 + c.phase[ax]).sin_cos();
-                for i in 0..rows {
-                    let (mut s, mut co) = (row_s, row_c);
-                    let out = &mut self.noise_nodes[i * nodes_per_row..(i + 1) * nodes_per_row];
-                    for o in out.iter_mut() {
-                        o[ax] += c.amp[ax] * s;
-                        let ns = s * dc + co * ds;
-                        co = co * dc - s * ds;
-                        s = ns;
-                    }
-                    let nrs = row_s * rc + row_c * rs;
-                    row_c = row_c * rc - row_s * rs;
-                    row_s = nrs;
-                }
+        // Phasors rotate by ω·node·dwell from node to node and by ω·line from row to row: one
+        // sin_cos per channel and frame. Channels (component × axis) are laid out x first, then
+        // y, in structure-of-arrays form so the per-node update vectorizes across channels.
+        let nc = self.comps.len();
+        let ph = &mut self.phasors;
+        ph.clear(nc);
+        for ax in 0..2 {
+            for c in &self.comps {
+                let (ds, dc) = (c.omega * node as f64 * dwell).sin_cos();
+                let (rs, rc) = (c.omega * line).sin_cos();
+                let (s0, c0) = (c.omega * t0 + c.phase[ax]).sin_cos();
+                ph.push(c.amp[ax], ds, dc, rs, rc, s0, c0);
             }
+        }
+        for i in 0..rows {
+            ph.s.copy_from_slice(&ph.row_s);
+            ph.c.copy_from_slice(&ph.row_c);
+            let out = &mut self.noise_nodes[i * nodes_per_row..(i + 1) * nodes_per_row];
+            for o in out.iter_mut() {
+                *o = [
+                    dot(&ph.amp[..nc], &ph.s[..nc]),
+                    dot(&ph.amp[nc..], &ph.s[nc..]),
+                ];
+                rotate(&mut ph.s, &mut ph.c, &ph.ds, &ph.dc);
+            }
+            rotate(&mut ph.row_s, &mut ph.row_c, &ph.rs, &ph.rc);
         }
     }
 
-    /// Number of noise nodes per row for a frame of `cols` columns.
-    pub fn nodes_per_row(cols: usize) -> usize {
-        cols.div_ceil(NODE) + 1
+    /// Number of noise nodes per row for a frame of `cols` columns and node spacing `node`.
+    pub fn nodes_per_row(cols: usize, node: usize) -> usize {
+        cols.div_ceil(node) + 1
     }
 }
 
