@@ -174,11 +174,11 @@ def electron_wavelength(energy_ev):
 
 
 def next_fast_len(n):
-    """Smallest m >= n with prime factors 2, 3, 5 only (optics.rs `next_fast_len`)."""
+    """Smallest m >= n with prime factors 2, 3, 5 and 7 only (optics.rs `next_fast_len`)."""
     m = max(n, 1)
     while True:
         r = m
-        for p in (2, 3, 5):
+        for p in (2, 3, 5, 7):
             while r % p == 0:
                 r //= p
         if r == 1:
