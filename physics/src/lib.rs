@@ -5,6 +5,7 @@
 //!
 //! - [`stem`]: the scanning transmission electron microscope (aberrated probe, HAADF imaging,
 //!   scan distortions, knock-on damage and dopant hops, EELS).
+//! - [`spm`]: the scanning probe microscope (so far: tip imaging by grey-scale dilation).
 //! - [`instrument`]: the traits environments use, implemented by the simulators here and by the
 //!   real-instrument drivers.
 //! - [`units`] and [`param`]: quantities with units (`"1.42 Å"`) and domain-randomized
@@ -20,6 +21,7 @@ pub mod error;
 pub mod instrument;
 pub mod param;
 pub mod rng;
+pub mod spm;
 pub mod stem;
 pub mod units;
 

@@ -1,0 +1,10 @@
+//! The simulated scanning probe microscope (AFM, STM, PFM; DESIGN.md §5).
+//!
+//! The simulator grows here piece by piece: surfaces, tips that wear and are conditioned,
+//! feedback scanning, atom manipulation and ferroelectric films. What exists so far:
+//!
+//! - [`dilation`]: tip height maps and the imaging kernel, the grey-scale dilation of the
+//!   surface by the (reflected) tip, `img(x) = max_u [ s(x-u) + t(u) ]`, with a general path for
+//!   any tip shape and an exact separable fast path for paraboloid tips.
+
+pub mod dilation;
