@@ -144,6 +144,24 @@ impl Aberrations {
                 + t2 * t2 * t2 / 6.0 * self.c50)
     }
 
+    /// The aberration function in Cartesian form for wavelength `lambda` (m): no trigonometry
+    /// per evaluation, for filling the aperture.
+    pub fn cartesian(&self, lambda: f64) -> ChiCartesian {
+        let (c12a, c12b) = self.c12_cartesian();
+        ChiCartesian {
+            pref: 2.0 * PI / lambda,
+            c10: self.c10,
+            c12: [c12a, c12b],
+            c21: [self.c21 * self.phi21.cos(), self.c21 * self.phi21.sin()],
+            c23: [
+                self.c23 * (3.0 * self.phi23).cos(),
+                self.c23 * (3.0 * self.phi23).sin(),
+            ],
+            c30: self.c30,
+            c50: self.c50,
+        }
+    }
+
     /// Geometric-optics blur radius at the aperture edge, m: `max |∇χ| λ / 2π` over θ ≤ α,
     /// bounded above by the sum of the terms' contributions.
     pub fn geometric_radius(&self, alpha: f64) -> f64 {
@@ -152,6 +170,37 @@ impl Aberrations {
             + (self.c21 + self.c23) * alpha * alpha
             + self.c30.abs() * alpha.powi(3)
             + self.c50.abs() * alpha.powi(5)
+    }
+}
+
+/// [`Aberrations`] with the azimuths folded into Cartesian coefficients (see
+/// [`Aberrations::cartesian`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ChiCartesian {
+    pref: f64,
+    c10: f64,
+    c12: [f64; 2],
+    c21: [f64; 2],
+    c23: [f64; 2],
+    c30: f64,
+    c50: f64,
+}
+
+impl ChiCartesian {
+    /// χ in radians at angles `(θx, θy)` (rad), using θ² cos2φ = θx²−θy², θ² sin2φ = 2θxθy,
+    /// θ³ cos3φ = θx³−3θxθy², θ³ sin3φ = 3θx²θy−θy³.
+    #[inline]
+    pub fn chi(&self, tx: f64, ty: f64) -> f64 {
+        let t2 = tx * tx + ty * ty;
+        self.pref
+            * (0.5
+                * (self.c10 * t2 + self.c12[0] * (tx * tx - ty * ty) + self.c12[1] * 2.0 * tx * ty)
+                + t2 * (self.c21[0] * tx + self.c21[1] * ty) / 3.0
+                + (self.c23[0] * (tx * tx * tx - 3.0 * tx * ty * ty)
+                    + self.c23[1] * (3.0 * tx * tx * ty - ty * ty * ty))
+                    / 3.0
+                + 0.25 * self.c30 * t2 * t2
+                + self.c50 * t2 * t2 * t2 / 6.0)
     }
 }
 
@@ -471,13 +520,7 @@ impl ProbeCalculator {
         let kmax = spec.alpha / lambda;
         self.field.clear();
         self.field.resize(n * n, Complex::new(0.0, 0.0));
-        let (c12a, c12b) = ab.c12_cartesian();
-        let (c21a, c21b) = (ab.c21 * ab.phi21.cos(), ab.c21 * ab.phi21.sin());
-        let (c23a, c23b) = (
-            ab.c23 * (3.0 * ab.phi23).cos(),
-            ab.c23 * (3.0 * ab.phi23).sin(),
-        );
-        let pref = 2.0 * PI / lambda;
+        let chi_of = ab.cartesian(lambda);
         let kidx = |i: usize| {
             if i <= n / 2 {
                 i as f64
@@ -494,15 +537,7 @@ impl ProbeCalculator {
                 if t2 > spec.alpha * spec.alpha {
                     continue;
                 }
-                // Cartesian forms: θ² cos2φ = tx²-ty², θ² sin2φ = 2 tx ty, θ³ cos3φ = tx³-3tx ty², θ³ sin3φ = 3tx² ty - ty³.
-                let chi = pref
-                    * (0.5 * (ab.c10 * t2 + c12a * (tx * tx - ty * ty) + c12b * 2.0 * tx * ty)
-                        + (t2 * (c21a * tx + c21b * ty)) / 3.0
-                        + (c23a * (tx * tx * tx - 3.0 * tx * ty * ty)
-                            + c23b * (3.0 * tx * tx * ty - ty * ty * ty))
-                            / 3.0
-                        + 0.25 * ab.c30 * t2 * t2
-                        + ab.c50 * t2 * t2 * t2 / 6.0);
+                let chi = chi_of.chi(tx, ty);
                 // Shift by `shift` pixels along x and y: ψ(r - s) ↔ Ψ(k) e^{-2πi k·s}.
                 let ramp = 2.0 * PI * shift * (kidx(ix) + kidx(iy)) / n as f64;
                 let (s, c) = (chi + ramp).sin_cos();
@@ -556,22 +591,9 @@ mod tests {
             c50: 1e-3,
         };
         let lambda = electron_wavelength(100e3);
-        let (c12a, c12b) = ab.c12_cartesian();
+        let cartesian = ab.cartesian(lambda);
         for &(tx, ty) in &[(0.01, 0.0), (0.003, -0.02), (-0.015, 0.012)] {
-            let t2: f64 = tx * tx + ty * ty;
-            let (c21a, c21b) = (ab.c21 * ab.phi21.cos(), ab.c21 * ab.phi21.sin());
-            let (c23a, c23b) = (
-                ab.c23 * (3.0 * ab.phi23).cos(),
-                ab.c23 * (3.0 * ab.phi23).sin(),
-            );
-            let cart = 2.0 * PI / lambda
-                * (0.5 * (ab.c10 * t2 + c12a * (tx * tx - ty * ty) + c12b * 2.0 * tx * ty)
-                    + (t2 * (c21a * tx + c21b * ty)) / 3.0
-                    + (c23a * (tx * tx * tx - 3.0 * tx * ty * ty)
-                        + c23b * (3.0 * tx * tx * ty - ty * ty * ty))
-                        / 3.0
-                    + 0.25 * ab.c30 * t2 * t2
-                    + ab.c50 * t2 * t2 * t2 / 6.0);
+            let cart = cartesian.chi(tx, ty);
             let polar = ab.chi(lambda, tx, ty);
             assert!(
                 (cart - polar).abs() < 1e-9 * polar.abs().max(1.0),
