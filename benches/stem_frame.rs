@@ -73,8 +73,9 @@ fn drift_config() -> StemConfig {
 /// Image pixel of the coarse reference probe kernel, m.
 const COARSE_DX: f64 = 0.5e-10;
 
-/// Drift speed of the drift-only reference frames, m/s (0.08 Å per 0.275 s frame).
-const DRIFT_SPEED: f64 = 0.3e-10;
+/// Drift speed of the drift-only reference frames, m/s (0.014 Å = 0.07 px per 0.275 s frame, so the
+/// 0.1 px re-render rule alternates rendered and cached frames).
+const DRIFT_SPEED: f64 = 0.05e-10;
 
 fn simulator(cfg: StemConfig) -> StemSimulator {
     let sim = StemSimulator::new(cfg, SEED).expect("valid benchmark configuration");

@@ -729,7 +729,7 @@ def fmt(v, w=10):
 # `benches/stem_frame.rs::COARSE_DX`: image pixel of the coarse reference probe kernel (m = 2).
 COARSE_DX = 0.5e-10
 # `benches/stem_frame.rs::DRIFT_SPEED`: the drift-only reference frames.
-DRIFT_SPEED = 0.3e-10
+DRIFT_SPEED = 0.05e-10
 DRIFT_FRAMES = 4
 
 
@@ -874,7 +874,8 @@ def check(rust_dump):
         print(f"drift-only noiseless frames ({DRIFT_SPEED * 1e10:g} Å/s): numpy ideal image "
               + ", ".join(f"{i}: {p}" for i, p in enumerate(paths))
               + "; max |rust - numpy| / peak " + ", ".join(f"{d:.2e}" for d in devs))
-        ok &= paths == ["rendered", "cached", "cached", "rendered"] and max(devs) < 1e-3
+        # 0.069 px of drift per frame against the 0.1 px re-render rule.
+        ok &= paths == ["rendered", "cached", "rendered", "cached"] and max(devs) < 1e-3
     print("check:", "PASS" if ok else "FAIL")
     return ok
 

@@ -108,6 +108,30 @@ impl DetectorConfig {
     }
 }
 
+/// Bilinear samples along a run whose column advances by one per pixel: sample `t` lies between
+/// `top[t..=t+1]` and `bottom[t..=t+1]` at fractions `fx0 + dfx·t` (x) and `fy0 + dfy·t` (y).
+#[multiversion::multiversion(targets("x86_64+avx2+fma"))]
+fn resample_run(
+    top: &[f32],
+    bottom: &[f32],
+    fx0: f32,
+    dfx: f32,
+    fy0: f32,
+    dfy: f32,
+    out: &mut [f32],
+) {
+    let n = out.len();
+    let (t0, t1) = (&top[..n], &top[1..=n]);
+    let (b0, b1) = (&bottom[..n], &bottom[1..=n]);
+    for (t, o) in out.iter_mut().enumerate() {
+        let fx = fx0 + dfx * t as f32;
+        let fy = fy0 + dfy * t as f32;
+        let a = t0[t] + (t1[t] - t0[t]) * fx;
+        let b = b0[t] + (b1[t] - b0[t]) * fx;
+        *o = a + (b - a) * fy;
+    }
+}
+
 /// Geometry of one frame on the padded simulation grid.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct FrameGeometry {
@@ -347,7 +371,22 @@ impl HaadfRenderer {
                 let inside = |a: f32, d: f32, max: f32| {
                     a >= 0.0 && a <= max && a + d * last >= 0.0 && a + d * last <= max
                 };
-                if inside(ua, du, maxu) && inside(va, dv, maxv) {
+                // The common case: along the segment the sample stays in one row pair and moves
+                // one column per pixel (u - t and v keep their integer parts), so the reads are
+                // contiguous and the loop vectorizes.
+                let (j0, i0) = (ua.floor(), va.floor());
+                let contiguous = inside(ua, du, maxu)
+                    && inside(va, dv, maxv)
+                    && (ua + (du - 1.0) * last).floor() == j0
+                    && (va + dv * last).floor() == i0;
+                if contiguous {
+                    let (j0, i0) = (j0 as i32 as usize, i0 as i32 as usize);
+                    let len = chunk.len();
+                    let top = &id[i0 * pc + j0..i0 * pc + j0 + len + 1];
+                    let bottom = &id[(i0 + 1) * pc + j0..(i0 + 1) * pc + j0 + len + 1];
+                    let (fx0, fy0) = (ua - j0 as f32, va - i0 as f32);
+                    resample_run(top, bottom, fx0, du - 1.0, fy0, dv, chunk);
+                } else if inside(ua, du, maxu) && inside(va, dv, maxv) {
                     for (t, o) in chunk.iter_mut().enumerate() {
                         *o = sample(ua + du * t as f32, va + dv * t as f32);
                     }
@@ -389,6 +428,57 @@ impl HaadfRenderer {
                 if rng.random::<f64>() < salt {
                     *f = salt_v;
                 }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Reference bilinear sample of a row-major grid of width `pc` at (u, v).
+    fn bilinear(id: &[f32], pc: usize, u: f32, v: f32) -> f32 {
+        let (i0, j0) = (v.floor() as usize, u.floor() as usize);
+        let (fy, fx) = (v - i0 as f32, u - j0 as f32);
+        let b = i0 * pc + j0;
+        let top = id[b] * (1.0 - fx) + id[b + 1] * fx;
+        let bottom = id[b + pc] * (1.0 - fx) + id[b + pc + 1] * fx;
+        top * (1.0 - fy) + bottom * fy
+    }
+
+    #[test]
+    fn contiguous_run_equals_pointwise_bilinear_sampling() {
+        let pc = 64;
+        let id: Vec<f32> = (0..pc * pc)
+            .map(|k| ((k * 2_654_435_761usize) % 1000) as f32 * 0.01)
+            .collect();
+        for &(ua, du, va, dv) in &[
+            (3.25f32, 1.0f32, 5.5f32, 0.0f32),
+            (10.1, 1.004, 20.9, 0.003),
+            (0.5, 0.999, 7.5, -0.002),
+        ] {
+            let n = 20;
+            let (j0, i0) = (ua.floor() as usize, va.floor() as usize);
+            // The precondition `record` checks: u - t and v keep their integer parts.
+            let last = (n - 1) as f32;
+            assert_eq!((ua + (du - 1.0) * last).floor() as usize, j0);
+            assert_eq!((va + dv * last).floor() as usize, i0);
+            let top = &id[i0 * pc + j0..i0 * pc + j0 + n + 1];
+            let bottom = &id[(i0 + 1) * pc + j0..(i0 + 1) * pc + j0 + n + 1];
+            let mut out = vec![0.0f32; n];
+            resample_run(
+                top,
+                bottom,
+                ua - j0 as f32,
+                du - 1.0,
+                va - i0 as f32,
+                dv,
+                &mut out,
+            );
+            for (t, &o) in out.iter().enumerate() {
+                let r = bilinear(&id, pc, ua + du * t as f32, va + dv * t as f32);
+                assert!((o - r).abs() < 1e-4 * r.abs().max(1.0), "t={t}: {o} vs {r}");
             }
         }
     }
