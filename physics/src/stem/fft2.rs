@@ -91,18 +91,19 @@ impl Fft2 {
         spec: &mut [Complex<f32>],
     ) {
         let (nx, ny, nxc) = (self.nx, self.ny, self.nx / 2 + 1);
-        for y in 0..ny {
-            let out = &mut self.rows[y * nxc..(y + 1) * nxc];
-            if nonzero(y) {
-                self.row_in.copy_from_slice(&input[y * nx..(y + 1) * nx]);
-                let _ = self
-                    .r2c
-                    .process_with_scratch(&mut self.row_in, out, &mut self.scratch_c);
-            } else {
-                out.iter_mut().for_each(|c| *c = Complex::new(0.0, 0.0));
+        // Zero rows stay zero: clear the spectrum and scatter only the transformed rows into
+        // their columns of the transposed layout.
+        spec.iter_mut().for_each(|c| *c = Complex::new(0.0, 0.0));
+        for y in (0..ny).filter(|&y| nonzero(y)) {
+            let out = &mut self.rows[..nxc];
+            self.row_in.copy_from_slice(&input[y * nx..(y + 1) * nx]);
+            let _ = self
+                .r2c
+                .process_with_scratch(&mut self.row_in, out, &mut self.scratch_c);
+            for (kx, &c) in out.iter().enumerate() {
+                spec[kx * ny + y] = c;
             }
         }
-        transpose(&self.rows, spec, ny, nxc);
         self.col_fwd.process_with_scratch(spec, &mut self.scratch_c);
     }
 
