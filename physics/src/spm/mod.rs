@@ -6,5 +6,8 @@
 //! - [`dilation`]: tip height maps and the imaging kernel, the grey-scale dilation of the
 //!   surface by the (reflected) tip, `img(x) = max_u [ s(x-u) + t(u) ]`, with a general path for
 //!   any tip shape and an exact separable fast path for paraboloid tips.
+//! - [`ferro`]: a ferroelectric film, polarization under time-dependent Ginzburg-Landau
+//!   dynamics with disorder, imprint and a tip field.
 
 pub mod dilation;
+pub mod ferro;

@@ -1,0 +1,401 @@
+//! Ferroelectric film: out-of-plane polarization with time-dependent Ginzburg-Landau dynamics.
+//!
+//! The Landau-Khalatnikov / TDGL equation of DESIGN.md §5,
+//! `dP/dt = -γ(αP + βP³ - k∇²P - E_loc)`, α < 0, β > 0, in reduced units (defaults α = -1.85,
+//! β = 1.25, γ = 2). The state is stored as `p = P/P_s` with `P_s = sqrt(-α/β)` the spontaneous
+//! polarization, so `p ∈ [-1, 1]` (a cell saturates at ±1); the equation becomes
+//! `dp/dt = -γ(α(p - p³) - k∇²p - E_loc/P_s)`. The homogeneous coercive field is
+//! `E_c = (2|α|/3) sqrt(|α|/(3β))` (0.866 for the defaults). The local field is the external
+//! (tip) field plus a frozen random field, the imprint (built-in bias) and a depolarizing term
+//! `-d·⟨p⟩`; pinning sites deepen the local double well. Explicit Euler on a periodic grid of
+//! unit spacing.
+//!
+//! ```
+//! use scopegym_physics::spm::ferro::{FerroConfig, FerroFilm, coercive_field};
+//! assert!((coercive_field(-1.85, 1.25) - 0.866).abs() < 1e-3);
+//! let mut film = FerroFilm::new(&FerroConfig::default(), [32, 32], 1).unwrap();
+//! film.fill(-1.0);
+//! film.relax(10, 0.0);
+//! assert!(film.polarization().iter().all(|p| (-1.0..=1.0).contains(p)));
+//! ```
+
+use crate::error::{PhysicsError, Result};
+use crate::param::Param;
+use crate::param::dims::Unitless;
+use crate::rng::{normal, seeded};
+use ndarray::ArrayView2;
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+
+/// Homogeneous coercive field of the Landau free energy `αP²/2 + βP⁴/4`:
+/// `E_c = (2|α|/3) sqrt(|α|/(3β))` (reduced units).
+pub fn coercive_field(alpha: f64, beta: f64) -> f64 {
+    2.0 * alpha.abs() / 3.0 * (alpha.abs() / (3.0 * beta)).sqrt()
+}
+
+/// TDGL film settings (reduced units; `[ferroelectric]` in a scenario).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FerroConfig {
+    /// Landau coefficient α (< 0). Default -1.85.
+    pub alpha: Param<Unitless>,
+    /// Landau coefficient β (> 0). Default 1.25.
+    pub beta: Param<Unitless>,
+    /// Kinetic coefficient γ (> 0). Default 2.
+    pub gamma: Param<Unitless>,
+    /// Gradient (domain-wall) coefficient k (≥ 0), per cell². Default 1.
+    pub gradient: Param<Unitless>,
+    /// Time step (reduced). Default 0.02 (stable for k ≤ 2).
+    pub dt: Param<Unitless>,
+    /// Standard deviation of the frozen random field (reduced field units). Default 0.1.
+    pub random_field: Param<Unitless>,
+    /// Fraction of cells that are pinning sites, 0..1. Default 0.05.
+    pub pinning_fraction: Param<Unitless>,
+    /// Factor (≥ 1) by which a pinning site deepens the double well. Default 1.5.
+    pub pinning_strength: Param<Unitless>,
+    /// Built-in bias field (imprint), reduced field units. Default 0.
+    pub imprint: Param<Unitless>,
+    /// Depolarization coefficient d ≥ 0 (field `-d·⟨p⟩`). Default 0.
+    pub depolarization: Param<Unitless>,
+}
+
+impl Default for FerroConfig {
+    fn default() -> Self {
+        Self {
+            alpha: Param::fixed(-1.85),
+            beta: Param::fixed(1.25),
+            gamma: Param::fixed(2.0),
+            gradient: Param::fixed(1.0),
+            dt: Param::fixed(0.02),
+            random_field: Param::fixed(0.1),
+            pinning_fraction: Param::fixed(0.05),
+            pinning_strength: Param::fixed(1.5),
+            imprint: Param::fixed(0.0),
+            depolarization: Param::fixed(0.0),
+        }
+    }
+}
+
+impl FerroConfig {
+    /// Checks ranges and the explicit-Euler stability limit; `prefix` names the section.
+    pub fn validate(&self, prefix: &str) -> Result<()> {
+        let f = |n: &str, ok: bool, what: &str| {
+            if ok {
+                Ok(())
+            } else {
+                Err(PhysicsError::param(
+                    format!("{prefix}{n}"),
+                    what.to_string(),
+                ))
+            }
+        };
+        let (a, b, g, k, dt) = (
+            self.alpha.get(),
+            self.beta.get(),
+            self.gamma.get(),
+            self.gradient.get(),
+            self.dt.get(),
+        );
+        f("alpha", a < 0.0 && a > -100.0, "must be in (-100, 0)")?;
+        f("beta", b > 0.0 && b < 100.0, "must be in (0, 100)")?;
+        f("gamma", g > 0.0 && g < 100.0, "must be in (0, 100)")?;
+        f("gradient", (0.0..100.0).contains(&k), "must be in [0, 100)")?;
+        f(
+            "random_field",
+            (0.0..10.0).contains(&self.random_field.get()),
+            "must be in [0, 10)",
+        )?;
+        f(
+            "pinning_fraction",
+            (0.0..=1.0).contains(&self.pinning_fraction.get()),
+            "must be in [0, 1]",
+        )?;
+        f(
+            "pinning_strength",
+            (1.0..100.0).contains(&self.pinning_strength.get()),
+            "must be in [1, 100)",
+        )?;
+        f(
+            "imprint",
+            self.imprint.get().abs() < 10.0,
+            "must be in (-10, 10)",
+        )?;
+        f(
+            "depolarization",
+            (0.0..10.0).contains(&self.depolarization.get()),
+            "must be in [0, 10)",
+        )?;
+        // Stability of explicit Euler: dt·γ·(2|α|·s + 8k) < 2 (s the pinning factor).
+        let limit = 2.0 / (g * (2.0 * a.abs() * self.pinning_strength.get() + 8.0 * k));
+        f(
+            "dt",
+            dt > 0.0 && dt < limit,
+            &format!("must be in (0, {limit:.4}) for stable integration"),
+        )
+    }
+}
+
+/// A ferroelectric film: reduced polarization `p ∈ [-1, 1]` on an `ny × nx` periodic grid.
+#[derive(Debug, Clone)]
+pub struct FerroFilm {
+    shape: [usize; 2],
+    p: Vec<f32>,
+    next: Vec<f32>,
+    /// Frozen local field: random field plus imprint, divided by P_s.
+    bias: Vec<f32>,
+    /// Per-cell α multiplier (1, or the pinning strength).
+    well: Vec<f32>,
+    /// External field buffer (reduced units, divided by P_s when used).
+    field: Vec<f32>,
+    alpha: f32,
+    gamma: f32,
+    gradient: f32,
+    dt: f32,
+    depol: f32,
+    ps: f32,
+    /// Elapsed reduced time.
+    pub time: f64,
+}
+
+impl FerroFilm {
+    /// A film of `shape = [rows, cols]` cells, polarization 0, disorder drawn from `seed`.
+    pub fn new(cfg: &FerroConfig, shape: [usize; 2], seed: u64) -> Result<Self> {
+        cfg.validate("ferroelectric.")?;
+        let [ny, nx] = shape;
+        if !(4..=4096).contains(&ny) || !(4..=4096).contains(&nx) {
+            return Err(PhysicsError::arg(
+                "shape",
+                format!("each side must be 4..=4096, got {shape:?}"),
+            ));
+        }
+        let n = ny * nx;
+        let mut rng = seeded(seed);
+        let (alpha, beta) = (cfg.alpha.get(), cfg.beta.get());
+        let ps = (-alpha / beta).sqrt();
+        let sd = cfg.random_field.get();
+        let imprint = cfg.imprint.get();
+        let bias = (0..n)
+            .map(|_| ((imprint + sd * normal(&mut rng)) / ps) as f32)
+            .collect();
+        let frac = cfg.pinning_fraction.get();
+        let strength = cfg.pinning_strength.get() as f32;
+        let well = (0..n)
+            .map(|_| {
+                if rng.random::<f64>() < frac {
+                    strength
+                } else {
+                    1.0
+                }
+            })
+            .collect();
+        Ok(Self {
+            shape,
+            p: vec![0.0; n],
+            next: vec![0.0; n],
+            bias,
+            well,
+            field: vec![0.0; n],
+            alpha: alpha as f32,
+            gamma: cfg.gamma.get() as f32,
+            gradient: cfg.gradient.get() as f32,
+            dt: cfg.dt.get() as f32,
+            depol: cfg.depolarization.get() as f32,
+            ps: ps as f32,
+            time: 0.0,
+        })
+    }
+
+    /// Sets every cell to `p` (clamped to [-1, 1]).
+    pub fn fill(&mut self, p: f32) {
+        self.p.iter_mut().for_each(|v| *v = p.clamp(-1.0, 1.0));
+    }
+
+    /// The polarization `p = P/P_s`, `rows × cols`.
+    pub fn polarization(&self) -> ArrayView2<'_, f32> {
+        ArrayView2::from_shape(self.shape, &self.p).expect("sized at construction")
+    }
+
+    /// Mutable polarization values (row-major).
+    pub fn polarization_mut(&mut self) -> &mut [f32] {
+        &mut self.p
+    }
+
+    /// Sets the external field to a Lorentzian tip profile `E(r) = amplitude / (1 + r²/width²)`
+    /// centred at `(x, y)` (cells), reduced field units.
+    pub fn set_tip_field(&mut self, x: f64, y: f64, amplitude: f64, width: f64) {
+        let [ny, nx] = self.shape;
+        let w2 = width * width;
+        for i in 0..ny {
+            for j in 0..nx {
+                // Periodic minimum-image distance.
+                let dx = (j as f64 - x).rem_euclid(nx as f64);
+                let dx = dx.min(nx as f64 - dx);
+                let dy = (i as f64 - y).rem_euclid(ny as f64);
+                let dy = dy.min(ny as f64 - dy);
+                self.field[i * nx + j] = (amplitude / (1.0 + (dx * dx + dy * dy) / w2)) as f32;
+            }
+        }
+    }
+
+    /// Sets a uniform external field (reduced units).
+    pub fn set_uniform_field(&mut self, e: f64) {
+        self.field.iter_mut().for_each(|v| *v = e as f32);
+    }
+
+    /// Advances `steps` time steps under the current external field.
+    pub fn run(&mut self, steps: usize) {
+        let [ny, nx] = self.shape;
+        let (a, g, k, dt) = (self.alpha, self.gamma, self.gradient, self.dt);
+        let inv_ps = 1.0 / self.ps;
+        for _ in 0..steps {
+            let mean = self.p.iter().sum::<f32>() / self.p.len() as f32;
+            let depol = -self.depol * mean * inv_ps;
+            for i in 0..ny {
+                let up = if i == 0 { ny - 1 } else { i - 1 };
+                let down = if i + 1 == ny { 0 } else { i + 1 };
+                let (row, rup, rdn) = (
+                    &self.p[i * nx..(i + 1) * nx],
+                    &self.p[up * nx..(up + 1) * nx],
+                    &self.p[down * nx..(down + 1) * nx],
+                );
+                let out = &mut self.next[i * nx..(i + 1) * nx];
+                let (bias, well, field) = (
+                    &self.bias[i * nx..(i + 1) * nx],
+                    &self.well[i * nx..(i + 1) * nx],
+                    &self.field[i * nx..(i + 1) * nx],
+                );
+                for j in 0..nx {
+                    let left = row[if j == 0 { nx - 1 } else { j - 1 }];
+                    let right = row[if j + 1 == nx { 0 } else { j + 1 }];
+                    let p = row[j];
+                    let lap = left + right + rup[j] + rdn[j] - 4.0 * p;
+                    let e = field[j] * inv_ps + bias[j] + depol;
+                    let dp = -g * (a * well[j] * (p - p * p * p) - k * lap - e);
+                    out[j] = (p + dt * dp).clamp(-1.0, 1.0);
+                }
+            }
+            std::mem::swap(&mut self.p, &mut self.next);
+            self.time += f64::from(dt);
+        }
+    }
+
+    /// Runs `steps` steps under a uniform field `e`.
+    pub fn relax(&mut self, steps: usize, e: f64) {
+        self.set_uniform_field(e);
+        self.run(steps);
+    }
+
+    /// Fraction of cells with `p > 0`.
+    pub fn up_fraction(&self) -> f64 {
+        self.p.iter().filter(|&&v| v > 0.0).count() as f64 / self.p.len() as f64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn clean() -> FerroConfig {
+        FerroConfig {
+            random_field: Param::fixed(0.0),
+            pinning_fraction: Param::fixed(0.0),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn coercive_field_of_the_reduced_defaults_is_0_866() {
+        assert!((coercive_field(-1.85, 1.25) / 0.866 - 1.0).abs() < 2e-3);
+    }
+
+    #[test]
+    fn quasi_static_sweep_switches_at_the_coercive_field() {
+        // A homogeneous film (no disorder, no gradients matter) swept slowly from -1.
+        let mut film = FerroFilm::new(&clean(), [4, 4], 0).unwrap();
+        film.fill(-1.0);
+        let mut e = 0.80;
+        let rate = 2e-5; // field per step
+        let switched = loop {
+            film.relax(1, e);
+            if film.polarization()[[0, 0]] > 0.0 {
+                break e;
+            }
+            e += rate;
+            assert!(e < 1.2, "never switched");
+        };
+        println!(
+            "switched at E = {switched:.4} (analytic {:.4})",
+            coercive_field(-1.85, 1.25)
+        );
+        // Within 2 % of the analytic E_c = 0.866.
+        assert!(
+            (switched / coercive_field(-1.85, 1.25) - 1.0).abs() < 0.02,
+            "switched at {switched}"
+        );
+        // And it does not switch below E_c: a film held at 0.95 E_c stays down.
+        let mut film = FerroFilm::new(&clean(), [4, 4], 0).unwrap();
+        film.fill(-1.0);
+        film.relax(20_000, 0.95 * coercive_field(-1.85, 1.25));
+        assert!(film.polarization()[[0, 0]] < 0.0);
+    }
+
+    fn written_radius(amplitude: f64, steps: usize) -> f64 {
+        let mut film = FerroFilm::new(&FerroConfig::default(), [96, 96], 3).unwrap();
+        film.fill(-1.0);
+        film.relax(50, 0.0);
+        film.set_tip_field(48.0, 48.0, amplitude, 3.0);
+        film.run(steps);
+        (film.up_fraction() * 96.0 * 96.0 / std::f64::consts::PI).sqrt()
+    }
+
+    #[test]
+    fn written_domains_grow_with_amplitude_and_duration() {
+        let by_amp: Vec<f64> = [2.0, 4.0, 8.0]
+            .iter()
+            .map(|&a| written_radius(a, 500))
+            .collect();
+        assert!(by_amp[0] > 1.0, "{by_amp:?}");
+        assert!(by_amp[0] < by_amp[1] && by_amp[1] < by_amp[2], "{by_amp:?}");
+        let by_time: Vec<f64> = [50, 500, 5000]
+            .iter()
+            .map(|&s| written_radius(4.0, s))
+            .collect();
+        println!(
+            "radius by amplitude 2/4/8: {by_amp:.2?}; by duration 50/500/5000 steps: {by_time:.2?}"
+        );
+        assert!(
+            by_time[0] < by_time[1] && by_time[1] < by_time[2],
+            "{by_time:?}"
+        );
+        // Roughly logarithmic: each decade of duration adds a comparable radius.
+        let ratio = (by_time[2] - by_time[1]) / (by_time[1] - by_time[0]);
+        assert!(
+            (0.5..=2.0).contains(&ratio),
+            "per-decade growth ratio {ratio}"
+        );
+    }
+
+    #[test]
+    fn bad_config_names_the_field() {
+        let cfg = FerroConfig {
+            dt: Param::fixed(1.0),
+            ..Default::default()
+        };
+        assert!(
+            cfg.validate("ferroelectric.")
+                .unwrap_err()
+                .to_string()
+                .contains("ferroelectric.dt")
+        );
+        let cfg = FerroConfig {
+            alpha: Param::fixed(1.0),
+            ..Default::default()
+        };
+        assert!(
+            cfg.validate("ferroelectric.")
+                .unwrap_err()
+                .to_string()
+                .contains("ferroelectric.alpha")
+        );
+    }
+}
