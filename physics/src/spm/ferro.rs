@@ -285,10 +285,90 @@ impl FerroFilm {
         self.run(steps);
     }
 
+    /// Mean polarization within `radius` cells of `(x, y)`: the local piezoresponse under a tip
+    /// (arbitrary units, sign = polarization direction).
+    pub fn local_response(&self, x: f64, y: f64, radius: f64) -> f64 {
+        let [ny, nx] = self.shape;
+        let (mut sum, mut n) = (0.0, 0usize);
+        let r = radius.max(0.5);
+        let (i0, i1) = ((y - r).floor() as i64, (y + r).ceil() as i64);
+        let (j0, j1) = ((x - r).floor() as i64, (x + r).ceil() as i64);
+        for i in i0..=i1 {
+            for j in j0..=j1 {
+                if ((i as f64 - y).powi(2) + (j as f64 - x).powi(2)) <= r * r {
+                    let (ii, jj) = (
+                        i.rem_euclid(ny as i64) as usize,
+                        j.rem_euclid(nx as i64) as usize,
+                    );
+                    sum += f64::from(self.p[ii * nx + jj]);
+                    n += 1;
+                }
+            }
+        }
+        if n == 0 { 0.0 } else { sum / n as f64 }
+    }
+
+    /// Switching spectroscopy at `(x, y)` (cells): for each value of the tip bias `waveform`
+    /// (reduced field at the tip apex), applies the Lorentzian tip field of `width` cells for
+    /// `steps_per_point` steps and records [`Self::local_response`] within `width`. Returns one
+    /// response per waveform point: a hysteresis loop when the waveform sweeps up and down.
+    pub fn switching_spectroscopy(
+        &mut self,
+        x: f64,
+        y: f64,
+        waveform: &[f64],
+        width: f64,
+        steps_per_point: usize,
+    ) -> Vec<f64> {
+        waveform
+            .iter()
+            .map(|&v| {
+                self.set_tip_field(x, y, v, width);
+                self.run(steps_per_point);
+                self.local_response(x, y, width)
+            })
+            .collect()
+    }
+
     /// Fraction of cells with `p > 0`.
     pub fn up_fraction(&self) -> f64 {
         self.p.iter().filter(|&&v| v > 0.0).count() as f64 / self.p.len() as f64
     }
+}
+
+/// Coercive biases of a hysteresis loop: the bias at which the response crosses zero going up
+/// (switching to positive while the bias rises) and going down, by linear interpolation.
+/// `None` where the loop does not cross.
+pub fn loop_coercive(bias: &[f64], response: &[f64]) -> (Option<f64>, Option<f64>) {
+    let (mut up, mut down) = (None, None);
+    for k in 1..bias.len().min(response.len()) {
+        let (r0, r1) = (response[k - 1], response[k]);
+        let t = if r1 != r0 { r0 / (r0 - r1) } else { 0.0 };
+        let v = bias[k - 1] + t * (bias[k] - bias[k - 1]);
+        if r0 <= 0.0 && r1 > 0.0 && bias[k] >= bias[k - 1] && up.is_none() {
+            up = Some(v);
+        } else if r0 >= 0.0 && r1 < 0.0 && bias[k] <= bias[k - 1] && down.is_none() {
+            down = Some(v);
+        }
+    }
+    (up, down)
+}
+
+/// A triangle waveform 0 → +a → 0 → -a → 0 in `n` points (the BEPS sweep shape).
+pub fn triangle_waveform(amplitude: f64, n: usize) -> Vec<f64> {
+    (0..n)
+        .map(|k| {
+            let t = k as f64 / n as f64 * 4.0;
+            amplitude
+                * if t < 1.0 {
+                    t
+                } else if t < 3.0 {
+                    2.0 - t
+                } else {
+                    t - 4.0
+                }
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -373,6 +453,54 @@ mod tests {
             (0.5..=2.0).contains(&ratio),
             "per-decade growth ratio {ratio}"
         );
+    }
+
+    fn loop_for(imprint: f64) -> (f64, f64) {
+        let cfg = FerroConfig {
+            imprint: Param::fixed(imprint),
+            ..Default::default()
+        };
+        let mut film = FerroFilm::new(&cfg, [48, 48], 5).unwrap();
+        film.fill(-1.0);
+        film.relax(50, 0.0);
+        let w = triangle_waveform(3.0, 120);
+        // Two cycles; the second is the steady loop.
+        let mut both = w.clone();
+        both.extend_from_slice(&w);
+        let r = film.switching_spectroscopy(24.0, 24.0, &both, 4.0, 40);
+        let (up, down) = loop_coercive(&both[w.len()..], &r[w.len()..]);
+        (up.expect("switches up"), down.expect("switches down"))
+    }
+
+    #[test]
+    fn switching_spectroscopy_gives_a_loop_shifted_by_the_imprint() {
+        let (up0, down0) = loop_for(0.0);
+        println!("loop without imprint: +{up0:.3} / {down0:.3}");
+        assert!(up0 > 0.3 && down0 < -0.3, "hysteresis: {up0} {down0}");
+        assert!(
+            (up0 + down0).abs() < 0.25,
+            "symmetric without imprint: {up0} {down0}"
+        );
+        let (up1, down1) = loop_for(0.3);
+        println!("loop with imprint 0.3: +{up1:.3} / {down1:.3}");
+        // A built-in bias of +0.3 helps the up switch and hinders the down switch.
+        assert!(up1 < up0 && down1 < down0, "{up1} {down1} vs {up0} {down0}");
+        let shift = 0.5 * ((up1 + down1) - (up0 + down0));
+        // The loop centre moves toward negative bias. In bias units the shift is larger than the
+        // imprint itself, because the response averages over a region where the tip field is
+        // below its apex value.
+        assert!(
+            shift < -0.15,
+            "loop centre shifted by {shift}, expected clearly negative"
+        );
+    }
+
+    #[test]
+    fn triangle_waveform_has_the_beps_shape() {
+        let w = triangle_waveform(8.5, 64);
+        assert_eq!(w[0], 0.0);
+        assert!((w[16] - 8.5).abs() < 1e-12 && (w[48] + 8.5).abs() < 1e-12);
+        assert!(w.iter().all(|v| v.abs() <= 8.5));
     }
 
     #[test]
