@@ -15,6 +15,21 @@ fn run(args: &[&str]) -> Output {
     bin().args(args).output().expect("runs")
 }
 
+/// `scopegym simulate <scenario> --out <png> [--hdf5 <h5>] [extra...]`.
+fn simulate(scenario: &Path, png: &Path, h5: Option<&Path>, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "simulate",
+        scenario.to_str().unwrap(),
+        "--out",
+        png.to_str().unwrap(),
+    ];
+    if let Some(h) = h5 {
+        args.extend(["--hdf5", h.to_str().unwrap()]);
+    }
+    args.extend_from_slice(extra);
+    run(&args)
+}
+
 /// A small, fast scenario written to `dir`.
 fn small_scenario(dir: &Path, extra: &str) -> PathBuf {
     let p = dir.join("small.toml");
@@ -38,18 +53,7 @@ fn writes_png_and_hdf5_with_the_documented_layout() {
     let sc = small_scenario(dir.path(), "");
     let png = dir.path().join("f.png");
     let h5 = dir.path().join("f.h5");
-    let out = run(&[
-        "simulate",
-        sc.to_str().unwrap(),
-        "--out",
-        png.to_str().unwrap(),
-        "--hdf5",
-        h5.to_str().unwrap(),
-        "--frames",
-        "3",
-        "--seed",
-        "7",
-    ]);
+    let out = simulate(&sc, &png, Some(&h5), &["--frames", "3", "--seed", "7"]);
     assert!(
         out.status.success(),
         "{}",
@@ -121,18 +125,7 @@ fn same_seed_gives_identical_datasets_and_different_seeds_differ() {
     for (k, seed) in ["5", "5", "6"].iter().enumerate() {
         let h5 = dir.path().join(format!("{k}.h5"));
         let png = dir.path().join(format!("{k}.png"));
-        let out = run(&[
-            "simulate",
-            sc.to_str().unwrap(),
-            "--out",
-            png.to_str().unwrap(),
-            "--hdf5",
-            h5.to_str().unwrap(),
-            "--frames",
-            "2",
-            "--seed",
-            seed,
-        ]);
+        let out = simulate(&sc, &png, Some(&h5), &["--frames", "2", "--seed", seed]);
         assert!(out.status.success());
         files.push(hdf5::File::open(&h5).unwrap());
     }
@@ -162,14 +155,7 @@ fn assert_input_error(scenario_text: &str, needle: &str) {
     std::fs::write(&sc, scenario_text).unwrap();
     let png = dir.path().join("o.png");
     let h5 = dir.path().join("o.h5");
-    let out = run(&[
-        "simulate",
-        sc.to_str().unwrap(),
-        "--out",
-        png.to_str().unwrap(),
-        "--hdf5",
-        h5.to_str().unwrap(),
-    ]);
+    let out = simulate(&sc, &png, Some(&h5), &[]);
     assert_eq!(out.status.code(), Some(2), "{scenario_text}");
     let err = String::from_utf8_lossy(&out.stderr);
     let lines: Vec<&str> = err.lines().collect();
@@ -208,31 +194,14 @@ fn bad_input_gives_one_line_and_exit_code_2_and_writes_nothing() {
 fn missing_file_and_bad_arguments_exit_2() {
     let dir = tempfile::tempdir().unwrap();
     let png = dir.path().join("o.png");
-    let out = run(&[
-        "simulate",
-        "/nonexistent/scenario.toml",
-        "--out",
-        png.to_str().unwrap(),
-    ]);
+    let out = simulate(Path::new("/nonexistent/scenario.toml"), &png, None, &[]);
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("/nonexistent/scenario.toml"), "{err}");
     let sc = repo("scenarios/stem_graphene_si.toml");
-    let out = run(&[
-        "simulate",
-        sc.to_str().unwrap(),
-        "--out",
-        "/nonexistent/dir/o.png",
-    ]);
+    let out = simulate(&sc, Path::new("/nonexistent/dir/o.png"), None, &[]);
     assert_eq!(out.status.code(), Some(2));
-    let out = run(&[
-        "simulate",
-        sc.to_str().unwrap(),
-        "--out",
-        png.to_str().unwrap(),
-        "--frames",
-        "0",
-    ]);
+    let out = simulate(&sc, &png, None, &["--frames", "0"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(!png.exists());
 }
@@ -243,14 +212,7 @@ fn shipped_scenarios_load_and_simulate() {
         let dir = tempfile::tempdir().unwrap();
         let png = dir.path().join("o.png");
         let sc = repo(&format!("scenarios/{name}.toml"));
-        let out = run(&[
-            "simulate",
-            sc.to_str().unwrap(),
-            "--out",
-            png.to_str().unwrap(),
-            "--seed",
-            "3",
-        ]);
+        let out = simulate(&sc, &png, None, &["--seed", "3"]);
         assert!(
             out.status.success(),
             "{name}: {}",
