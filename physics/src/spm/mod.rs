@@ -8,6 +8,8 @@
 //!   any tip shape and an exact separable fast path for paraboloid tips.
 //! - [`ferro`]: a ferroelectric film, polarization under time-dependent Ginzburg-Landau
 //!   dynamics with disorder, imprint and a tip field.
+//! - [`manipulation`]: STM lateral manipulation of an Ag adatom between Ag(111) hollow sites.
 
 pub mod dilation;
 pub mod ferro;
+pub mod manipulation;
