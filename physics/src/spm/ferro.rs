@@ -336,6 +336,53 @@ impl FerroFilm {
     }
 }
 
+/// PFM images of a film: the local piezoresponse `R = (p ⊛ g)` with `g` the tip transfer
+/// function (a normalized Gaussian of standard deviation `tip_sigma` cells), amplitude
+/// `|R|·gain + noise` and phase 0° where `R > 0`, 180° where `R < 0` (plus Gaussian phase noise
+/// of `phase_noise_deg`). Returns `(amplitude, phase_deg)` as `rows × cols` arrays.
+pub fn pfm_image(
+    film: &FerroFilm,
+    tip_sigma: f64,
+    gain: f64,
+    amplitude_noise: f64,
+    phase_noise_deg: f64,
+    rng: &mut crate::rng::SimRng,
+) -> (ndarray::Array2<f32>, ndarray::Array2<f32>) {
+    let p = film.polarization();
+    let (ny, nx) = p.dim();
+    // Separable Gaussian blur with periodic boundaries.
+    let r = (3.0 * tip_sigma).ceil().max(0.0) as i64;
+    let w: Vec<f64> = (-r..=r)
+        .map(|k| (-(k * k) as f64 / (2.0 * tip_sigma.max(1e-6).powi(2))).exp())
+        .collect();
+    let norm: f64 = w.iter().sum();
+    let blur = |src: &ndarray::Array2<f64>, axis: usize| -> ndarray::Array2<f64> {
+        let mut out = ndarray::Array2::<f64>::zeros((ny, nx));
+        for i in 0..ny {
+            for j in 0..nx {
+                let mut acc = 0.0;
+                for (t, &wk) in w.iter().enumerate() {
+                    let k = t as i64 - r;
+                    let (ii, jj) = if axis == 0 {
+                        ((i as i64 + k).rem_euclid(ny as i64) as usize, j)
+                    } else {
+                        (i, (j as i64 + k).rem_euclid(nx as i64) as usize)
+                    };
+                    acc += wk * src[[ii, jj]];
+                }
+                out[[i, j]] = acc / norm;
+            }
+        }
+        out
+    };
+    let r0 = p.mapv(f64::from);
+    let resp = blur(&blur(&r0, 0), 1);
+    let amp = resp.mapv(|v| (v.abs() * gain + amplitude_noise * normal(rng)).max(0.0) as f32);
+    let phase =
+        resp.mapv(|v| (if v >= 0.0 { 0.0 } else { 180.0 } + phase_noise_deg * normal(rng)) as f32);
+    (amp, phase)
+}
+
 /// Coercive biases of a hysteresis loop: the bias at which the response crosses zero going up
 /// (switching to positive while the bias rises) and going down, by linear interpolation.
 /// `None` where the loop does not cross.
@@ -492,6 +539,31 @@ mod tests {
         assert!(
             shift < -0.15,
             "loop centre shifted by {shift}, expected clearly negative"
+        );
+    }
+
+    #[test]
+    fn pfm_phase_is_bimodal_180_degrees_apart_and_amplitude_dips_at_walls() {
+        let mut film = FerroFilm::new(&FerroConfig::default(), [64, 64], 2).unwrap();
+        film.fill(-1.0);
+        film.relax(20, 0.0);
+        film.set_tip_field(32.0, 32.0, 6.0, 4.0);
+        film.run(400);
+        film.relax(50, 0.0);
+        let mut rng = seeded(4);
+        let (amp, phase) = pfm_image(&film, 1.5, 1.0, 0.02, 5.0, &mut rng);
+        let near = |c: f32| {
+            phase.iter().filter(|&&v| (v - c).abs() < 20.0).count() as f64 / phase.len() as f64
+        };
+        let (up, down) = (near(0.0), near(180.0));
+        assert!(up > 0.05 && down > 0.05 && up + down > 0.98, "{up} {down}");
+        // Amplitude is lower at the domain wall than inside either domain.
+        let up_amp: f32 = amp[[32, 32]];
+        let far: f32 = amp[[2, 2]];
+        let wall = (0..64).map(|j| amp[[32, j]]).fold(f32::INFINITY, f32::min);
+        assert!(
+            wall < 0.5 * up_amp.min(far),
+            "wall {wall} vs {up_amp} {far}"
         );
     }
 
