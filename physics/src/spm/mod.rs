@@ -9,7 +9,9 @@
 //! - [`ferro`]: a ferroelectric film, polarization under time-dependent Ginzburg-Landau
 //!   dynamics with disorder, imprint and a tip field.
 //! - [`manipulation`]: STM lateral manipulation of an Ag adatom between Ag(111) hollow sites.
+//! - [`surface`]: procedural surfaces (terraces with atomic steps, particles, grains, rough films).
 
 pub mod dilation;
 pub mod ferro;
 pub mod manipulation;
+pub mod surface;
