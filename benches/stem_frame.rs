@@ -53,13 +53,8 @@ fn bench_config() -> StemConfig {
 /// The bench configuration with every random distortion off and no shot noise: the noiseless
 /// frame is then the ideal image cropped from the padded grid.
 fn quiet_config() -> StemConfig {
-    let mut cfg = bench_config();
+    let mut cfg = bench_config().without_scan_distortions();
     cfg.detector.shot_noise = false;
-    cfg.drift.speed = Param::fixed(0.0);
-    cfg.drift.diffusivity = Param::fixed(0.0);
-    cfg.scan_noise.jitter_pixels = Param::fixed(0.0);
-    cfg.scan_noise.rms = Param::fixed(0.0);
-    cfg.scan_noise.mains_amplitude = Param::fixed(0.0);
     cfg
 }
 

@@ -134,13 +134,8 @@ fn si_over_c_column_ratio_is_z_ratio_to_the_n() {
 }
 
 fn quiet_config(pixels: usize) -> StemConfig {
-    let mut cfg = StemConfig::default();
+    let mut cfg = StemConfig::default().without_scan_distortions();
     cfg.scan.pixels = [pixels, pixels];
-    cfg.scan_noise.rms = Param::fixed(0.0);
-    cfg.scan_noise.mains_amplitude = Param::fixed(0.0);
-    cfg.scan_noise.jitter_pixels = Param::fixed(0.0);
-    cfg.drift.speed = Param::fixed(0.0);
-    cfg.drift.diffusivity = Param::fixed(0.0);
     cfg
 }
 

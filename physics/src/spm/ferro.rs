@@ -248,8 +248,12 @@ impl FerroFilm {
         let (a, g, k, dt) = (self.alpha, self.gamma, self.gradient, self.dt);
         let inv_ps = 1.0 / self.ps;
         for _ in 0..steps {
-            let mean = self.p.iter().sum::<f32>() / self.p.len() as f32;
-            let depol = -self.depol * mean * inv_ps;
+            // The depolarizing field needs ⟨p⟩: a pass over the film only when it is on.
+            let depol = if self.depol == 0.0 {
+                0.0
+            } else {
+                -self.depol * self.p.iter().sum::<f32>() / self.p.len() as f32 * inv_ps
+            };
             for i in 0..ny {
                 let up = if i == 0 { ny - 1 } else { i - 1 };
                 let down = if i + 1 == ny { 0 } else { i + 1 };

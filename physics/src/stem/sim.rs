@@ -69,6 +69,17 @@ pub struct StemConfig {
 }
 
 impl StemConfig {
+    /// This config with drift, line jitter, scan noise and mains pickup switched off: frames
+    /// are then the probe-convolved specimen plus shot noise only (for calibration and tests).
+    pub fn without_scan_distortions(mut self) -> Self {
+        self.drift.speed = Param::fixed(0.0);
+        self.drift.diffusivity = Param::fixed(0.0);
+        self.scan_noise.jitter_pixels = Param::fixed(0.0);
+        self.scan_noise.rms = Param::fixed(0.0);
+        self.scan_noise.mains_amplitude = Param::fixed(0.0);
+        self
+    }
+
     /// Validates every section, naming the offending field (`optics.convergence_angle`, ...).
     pub fn validate(&self) -> Result<()> {
         self.specimen.validate("specimen.")?;
@@ -138,7 +149,6 @@ pub struct StemSimulator {
     spectrum: Vec<f32>,
     composition: Vec<(u8, f64)>,
     last_damage: DamageReport,
-    last_meta: FrameMeta,
 }
 
 /// Probe intensity per area (1/m²) at offset `(ox, oy)` (m) from a binned kernel `k` of `s × s`
@@ -204,7 +214,6 @@ impl StemSimulator {
             frames: 0,
             composition: Vec::new(),
             last_damage: DamageReport::default(),
-            last_meta: FrameMeta::default(),
         };
         sim.reset(seed)?;
         Ok(sim)
@@ -273,7 +282,6 @@ impl StemSimulator {
         self.probe_pos = [0.0, 0.0];
         self.blanked = false;
         self.last_damage = DamageReport::default();
-        self.last_meta = FrameMeta::default();
         Ok(())
     }
 
@@ -627,7 +635,6 @@ impl StemInstrument for StemSimulator {
             dose,
         };
         self.frames += 1;
-        self.last_meta = meta;
         let image = ArrayView2::from_shape(
             (sc.rows, sc.cols),
             &self.renderer.frame[..sc.rows * sc.cols],
