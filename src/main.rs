@@ -9,7 +9,10 @@ use scopegym::output::{
 };
 use scopegym::scenario::{InstrumentConfig, Scenario, physics_to_scenario};
 use scopegym_physics::instrument::StemInstrument;
-use scopegym_physics::stem::StemSimulator;
+use scopegym_physics::stem::{StemConfig, StemSimulator};
+
+mod spm_cli;
+use spm_cli::{perf_spm, simulate_spm};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
@@ -28,18 +31,22 @@ enum Command {
     Simulate {
         /// Scenario TOML file.
         scenario: PathBuf,
-        /// Output PNG (frames side by side when --frames > 1).
-        #[arg(long)]
-        out: PathBuf,
+        /// Output PNG of the main channel (frames side by side when --frames > 1).
+        #[arg(long, required_unless_present = "hdf5")]
+        out: Option<PathBuf>,
         /// Also write an HDF5 file with the frames, the noiseless expectation and the atoms.
         #[arg(long)]
         hdf5: Option<PathBuf>,
         /// Seed of the session (same seed, same output).
         #[arg(long, default_value_t = 0)]
         seed: u64,
-        /// Number of consecutive frames (drift and damage carry over).
+        /// Number of consecutive frames (drift, damage and tip wear carry over).
         #[arg(long, default_value_t = 1)]
         frames: usize,
+        /// PFM: after the frames, run switching spectroscopy at X,Y (metres from the first
+        /// frame's top-left corner, x along the fast axis) and write /spectroscopy/* to --hdf5.
+        #[arg(long, value_name = "X,Y", requires = "hdf5")]
+        spectroscopy: Option<String>,
     },
     /// Time frames (unchanged probe and specimen; changed specimen) and probe recomputation (median ms).
     Perf {
@@ -63,7 +70,8 @@ fn main() -> ExitCode {
             hdf5,
             seed,
             frames,
-        } => simulate(scenario, out, hdf5, seed, frames),
+            spectroscopy,
+        } => simulate(scenario, out, hdf5, seed, frames, spectroscopy),
         Command::Perf {
             scenario,
             frames,
@@ -79,36 +87,11 @@ fn main() -> ExitCode {
     }
 }
 
-fn stem_sim(sc: &Scenario, seed: u64) -> Result<StemSimulator, CliError> {
-    let InstrumentConfig::Stem(cfg) = &sc.config;
+fn stem_sim(sc: &Scenario, cfg: &StemConfig, seed: u64) -> Result<StemSimulator, CliError> {
     StemSimulator::new(cfg.clone(), seed).map_err(|e| physics_to_scenario(&sc.path, e))
 }
 
-fn simulate(
-    scenario: PathBuf,
-    out: PathBuf,
-    hdf5: Option<PathBuf>,
-    seed: u64,
-    frames: usize,
-) -> Result<(), CliError> {
-    if !(1..=10_000).contains(&frames) {
-        return Err(CliError::Argument {
-            argument: "--frames".into(),
-            message: format!("must be 1..=10000, got {frames}"),
-        });
-    }
-    check_writable(&out, "--out")?;
-    if let Some(h) = &hdf5 {
-        check_writable(h, "--hdf5")?;
-    }
-    let sc = Scenario::load(&scenario)?;
-    let mut sim = stem_sim(&sc, seed)?;
-    let s = sim.scan_settings();
-    let mut stack = Array3::<f32>::zeros((frames, s.rows, s.cols));
-    let mut noiseless = Array3::<f32>::zeros((frames, s.rows, s.cols));
-    let mut times = Vec::with_capacity(frames);
-    let d0 = sim.drift_offset();
-    let atoms0 = sim.specimen().atoms.clone();
+fn progress(frames: usize) -> ProgressBar {
     let bar = if frames > 1 {
         ProgressBar::new(frames as u64)
     } else {
@@ -118,6 +101,83 @@ fn simulate(
         ProgressStyle::with_template("{spinner} simulating {bar:40} {pos}/{len} frames ({eta})")
             .expect("valid template"),
     );
+    bar
+}
+
+fn attrs(u: &str, q: &str) -> Vec<(String, String)> {
+    vec![
+        ("units".to_string(), u.to_string()),
+        ("quantity".to_string(), q.to_string()),
+    ]
+}
+
+fn parse_point(text: &str) -> Result<[f64; 2], CliError> {
+    let bad = || CliError::Argument {
+        argument: "--spectroscopy".into(),
+        message: format!("expected X,Y in metres (e.g. 2.5e-7,4e-7), got {text:?}"),
+    };
+    let mut it = text.split(',').map(|v| v.trim().parse::<f64>());
+    match (it.next(), it.next(), it.next()) {
+        (Some(Ok(x)), Some(Ok(y)), None) if x.is_finite() && y.is_finite() => Ok([x, y]),
+        _ => Err(bad()),
+    }
+}
+
+fn simulate(
+    scenario: PathBuf,
+    out: Option<PathBuf>,
+    hdf5: Option<PathBuf>,
+    seed: u64,
+    frames: usize,
+    spectroscopy: Option<String>,
+) -> Result<(), CliError> {
+    if !(1..=10_000).contains(&frames) {
+        return Err(CliError::Argument {
+            argument: "--frames".into(),
+            message: format!("must be 1..=10000, got {frames}"),
+        });
+    }
+    if let Some(o) = &out {
+        check_writable(o, "--out")?;
+    }
+    if let Some(h) = &hdf5 {
+        check_writable(h, "--hdf5")?;
+    }
+    let point = spectroscopy.as_deref().map(parse_point).transpose()?;
+    let sc = Scenario::load(&scenario)?;
+    match &sc.config {
+        InstrumentConfig::Stem(cfg) => {
+            if point.is_some() {
+                return Err(CliError::Argument {
+                    argument: "--spectroscopy".into(),
+                    message: "switching spectroscopy needs a PFM scenario".into(),
+                });
+            }
+            simulate_stem(&sc, cfg, &scenario, out, hdf5, seed, frames)
+        }
+        InstrumentConfig::Spm(cfg) => {
+            simulate_spm(&sc, cfg, &scenario, out, hdf5, seed, frames, point)
+        }
+    }
+}
+
+fn simulate_stem(
+    sc: &Scenario,
+    cfg: &StemConfig,
+    scenario: &std::path::Path,
+    out: Option<PathBuf>,
+    hdf5: Option<PathBuf>,
+    seed: u64,
+    frames: usize,
+) -> Result<(), CliError> {
+    let mut sim = stem_sim(sc, cfg, seed)?;
+    let s = sim.scan_settings();
+    let mut stack = Array3::<f32>::zeros((frames, s.rows, s.cols));
+    let mut noiseless = Array3::<f32>::zeros((frames, s.rows, s.cols));
+    let mut times = Vec::with_capacity(frames);
+    let d0 = sim.drift_offset();
+    let atoms0 = sim.specimen().atoms.clone();
+    let bar = progress(frames);
     for k in 0..frames {
         let f = sim.acquire_frame()?;
         times.push(f.meta.t_start);
@@ -142,12 +202,6 @@ fn simulate(
             pos[[i, 1]] = a.y + d0[1] - s.center[1] + 0.5 * hgt;
         }
         let z: Vec<i32> = atoms0.iter().map(|a| i32::from(a.z)).collect();
-        let attrs = |u: &str, q: &str| {
-            vec![
-                ("units".to_string(), u.to_string()),
-                ("quantity".to_string(), q.to_string()),
-            ]
-        };
         let datasets = vec![
             Dataset {
                 name: "frame".into(),
@@ -176,7 +230,7 @@ fn simulate(
             },
         ];
         let resolved = toml::to_string(cfg).unwrap_or_default();
-        let template = std::fs::read_to_string(&scenario).unwrap_or_default();
+        let template = std::fs::read_to_string(scenario).unwrap_or_default();
         let f = AttrValue::F64;
         let root = vec![
             ("beam_energy_eV".into(), f(sim.beam_energy())),
@@ -219,9 +273,11 @@ fn simulate(
         ];
         write_hdf5(h, &datasets, &root)?;
     }
-    write_png(&out, &png)?;
+    if let Some(o) = &out {
+        write_png(o, &png)?;
+    }
     eprintln!(
-        "wrote {} frame(s) of {}x{} ({:.3} s each, {:.0} e-/Å² per frame) to {}{}",
+        "wrote {} frame(s) of {}x{} ({:.3} s each, {:.0} e-/Å² per frame) to {}",
         frames,
         s.rows,
         s.cols,
@@ -230,9 +286,11 @@ fn simulate(
             / scopegym_physics::constants::ELEMENTARY_CHARGE
             / (s.pixel_size * s.pixel_size)
             * 1e-20,
-        out.display(),
-        hdf5.map(|h| format!(" and {}", h.display()))
-            .unwrap_or_default()
+        out.iter()
+            .chain(hdf5.iter())
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(" and ")
     );
     Ok(())
 }
@@ -250,7 +308,11 @@ fn perf(scenario: PathBuf, frames: usize, json: bool) -> Result<(), CliError> {
         });
     }
     let sc = Scenario::load(&scenario)?;
-    let mut sim = stem_sim(&sc, 0)?;
+    let cfg = match &sc.config {
+        InstrumentConfig::Stem(cfg) => cfg,
+        InstrumentConfig::Spm(cfg) => return perf_spm(&sc, cfg, frames, json),
+    };
+    let mut sim = stem_sim(&sc, cfg, 0)?;
     sim.acquire_frame()?; // warm-up: plans, probe, buffers
     let mut frame_ms = Vec::with_capacity(frames);
     for _ in 0..frames {

@@ -109,6 +109,8 @@ pub enum AttrValue {
 pub enum Data {
     /// A 3-D float32 stack.
     F32x3(Array3<f32>),
+    /// A 2-D float32 array.
+    F32x2(Array2<f32>),
     /// A 2-D float64 array.
     F64x2(Array2<f64>),
     /// A 1-D float64 array.
@@ -189,6 +191,7 @@ pub fn write_hdf5(
             };
             let ds = match &d.data {
                 Data::F32x3(a) => g.new_dataset_builder().with_data(a).create(leaf)?,
+                Data::F32x2(a) => g.new_dataset_builder().with_data(a).create(leaf)?,
                 Data::F64x2(a) => g.new_dataset_builder().with_data(a).create(leaf)?,
                 Data::F64x1(a) => g
                     .new_dataset_builder()

@@ -4,7 +4,9 @@
 //! A scenario has top-level metadata (`name`, `version`, `description`, `instrument`) and the
 //! instrument's sections (for `instrument = "stem"`: `[specimen]`, `[optics]`, `[beam]`,
 //! `[scan]`, `[detector]`, `[drift]`, `[scan_noise]`, `[damage]`, `[eels]`; see
-//! [`scopegym_physics::stem::StemConfig`]). Quantities are SI numbers or strings with units
+//! [`scopegym_physics::stem::StemConfig`]; for `"afm"`, `"stm"` and `"pfm"`: `[sample]`,
+//! `[scan]`, `[surface]`, `[adatoms]`, `[tip]`, `[feedback]`, `[scanner]`, `[ferroelectric]`,
+//! `[pfm]`, `[manipulation]`; see [`scopegym_physics::spm::sim::SpmConfig`]). Quantities are SI numbers or strings with units
 //! (`"1.42 Å"`, `"60 kV"`); any physical parameter may be a distribution
 //! (`{ uniform = [lo, hi] }`) drawn from the seed.
 //!
@@ -19,20 +21,25 @@
 //! "#;
 //! let s = scopegym::scenario::Scenario::from_str(text, "demo.toml".as_ref()).unwrap();
 //! assert_eq!(s.name, "demo");
-//! let scopegym::scenario::InstrumentConfig::Stem(cfg) = &s.config;
+//! let scopegym::scenario::InstrumentConfig::Stem(cfg) = &s.config else { panic!() };
 //! assert_eq!(cfg.optics.energy.get(), 80e3);
 //! ```
 
 use crate::error::CliError;
 use scopegym_physics::PhysicsError;
+use scopegym_physics::instrument::SpmMode;
+use scopegym_physics::spm::sim::SpmConfig;
 use scopegym_physics::stem::StemConfig;
 use std::path::{Path, PathBuf};
 
 /// The instrument a scenario configures.
 #[derive(Debug, Clone, PartialEq)]
+#[allow(clippy::large_enum_variant)] // loaded once per run; boxing buys nothing
 pub enum InstrumentConfig {
     /// A scanning transmission electron microscope.
     Stem(StemConfig),
+    /// A scanning probe microscope (`instrument = "afm"`, `"stm"` or `"pfm"`).
+    Spm(SpmConfig),
 }
 
 /// A loaded and validated scenario.
@@ -124,22 +131,43 @@ impl Scenario {
         for k in META {
             table.remove(k);
         }
+        let de_err = |e: serde_path_to_error::Error<toml::de::Error>| {
+            let key = e.path().to_string();
+            let key = if key == "." { String::new() } else { key };
+            scenario_err(path, &key, e.into_inner().to_string())
+        };
         let config = match instrument.as_str() {
             "stem" => {
-                let cfg: StemConfig = serde_path_to_error::deserialize(toml::Value::Table(table))
-                    .map_err(|e| {
-                    let key = e.path().to_string();
-                    let key = if key == "." { String::new() } else { key };
-                    scenario_err(path, &key, e.into_inner().to_string())
-                })?;
+                let cfg: StemConfig =
+                    serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(de_err)?;
                 cfg.validate().map_err(|e| physics_to_scenario(path, e))?;
                 InstrumentConfig::Stem(cfg)
+            }
+            "afm" | "stm" | "pfm" => {
+                if table.contains_key("mode") {
+                    return Err(scenario_err(
+                        path,
+                        "mode",
+                        "the mode comes from `instrument`; remove this key",
+                    ));
+                }
+                let mut cfg: SpmConfig =
+                    serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(de_err)?;
+                cfg.mode = match instrument.as_str() {
+                    "afm" => SpmMode::Afm,
+                    "stm" => SpmMode::Stm,
+                    _ => SpmMode::Pfm,
+                };
+                cfg.validate().map_err(|e| physics_to_scenario(path, e))?;
+                InstrumentConfig::Spm(cfg)
             }
             other => {
                 return Err(scenario_err(
                     path,
                     "instrument",
-                    format!("unknown instrument {other:?}; expected \"stem\""),
+                    format!(
+                        "unknown instrument {other:?}; expected \"stem\", \"afm\", \"stm\" or \"pfm\""
+                    ),
                 ));
             }
         };
@@ -189,7 +217,9 @@ mod tests {
         )
         .unwrap();
         assert_eq!(s.version, 3);
-        let InstrumentConfig::Stem(c) = s.config;
+        let InstrumentConfig::Stem(c) = s.config else {
+            panic!("a STEM scenario")
+        };
         assert!(!c.beam.current.is_fixed());
         assert!((c.beam.current.get() - 100e-12).abs() < 1e-20);
     }

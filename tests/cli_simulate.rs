@@ -208,7 +208,13 @@ fn missing_file_and_bad_arguments_exit_2() {
 
 #[test]
 fn shipped_scenarios_load_and_simulate() {
-    for name in ["stem_graphene_si", "stem_mos2", "stem_srtio3"] {
+    for name in [
+        "stem_graphene_si",
+        "stem_mos2",
+        "stem_srtio3",
+        "afm_terraces",
+        "pfm_pto_film",
+    ] {
         let dir = tempfile::tempdir().unwrap();
         let png = dir.path().join("o.png");
         let sc = repo(&format!("scenarios/{name}.toml"));
@@ -225,5 +231,150 @@ fn shipped_scenarios_load_and_simulate() {
             .pixels()
             .fold((255u8, 0u8), |(a, b), p| (a.min(p[0]), b.max(p[0])));
         assert!(mx > mn + 100, "{name}: contrast {mn}..{mx}");
+    }
+}
+
+fn attr_str(ds: &hdf5::Dataset, name: &str) -> String {
+    let v: hdf5::types::VarLenUnicode = ds.attr(name).unwrap().read_scalar().unwrap();
+    v.to_string()
+}
+
+#[test]
+fn spm_scenarios_write_channels_and_ground_truth() {
+    for (name, main, extra) in [
+        ("afm_terraces", "height", vec![]),
+        ("stm_ag111_adatoms", "height", vec!["truth/adatoms"]),
+        (
+            "pfm_pto_film",
+            "phase",
+            vec!["truth/polarization", "channels/amplitude"],
+        ),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let png = dir.path().join("o.png");
+        let h5 = dir.path().join("o.h5");
+        let out = simulate(
+            &repo(&format!("scenarios/{name}.toml")),
+            &png,
+            Some(&h5),
+            &[],
+        );
+        assert!(
+            out.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(png.exists());
+        let f = hdf5::File::open(&h5).unwrap();
+        let frame = f.dataset("frame").unwrap();
+        let (rows, cols) = (frame.shape()[1], frame.shape()[2]);
+        assert_eq!(frame.shape()[0], 1);
+        assert!(attr_str(&frame, "quantity").starts_with(main), "{name}");
+        assert_eq!(f.dataset("noiseless").unwrap().shape(), frame.shape());
+        for ch in ["height", "height_retrace", "error"] {
+            let ds = f.dataset(&format!("channels/{ch}")).unwrap();
+            assert_eq!(ds.shape(), vec![1, rows, cols], "{name}/{ch}");
+            assert_eq!(attr_str(&ds, "units"), "m", "{name}/{ch}");
+            assert!(!attr_str(&ds, "quantity").is_empty());
+            assert!(
+                read_f32(&f, &format!("channels/{ch}"))
+                    .iter()
+                    .all(|v| v.is_finite())
+            );
+        }
+        // The main channel is /frame.
+        assert_eq!(
+            read_f32(&f, "frame"),
+            read_f32(&f, &format!("channels/{main}"))
+        );
+        let surface = f.dataset("truth/surface").unwrap();
+        assert_eq!(attr_str(&surface, "units"), "m");
+        assert_eq!(surface.shape().len(), 2);
+        let tip = read_f32(&f, "truth/tip");
+        assert!(
+            tip.iter().all(|&t| t <= 0.0) && tip.contains(&0.0),
+            "{name}: tip apex at 0"
+        );
+        for path in extra {
+            assert!(f.dataset(path).is_ok(), "{name}: {path} missing");
+        }
+        if name == "pfm_pto_film" {
+            let ds = f.dataset("channels/phase").unwrap();
+            assert_eq!(attr_str(&ds, "units"), "deg");
+            let p = read_f32(&f, "truth/polarization");
+            assert!(p.iter().all(|v| (-1.0..=1.0).contains(v)));
+        }
+    }
+}
+
+#[test]
+fn pfm_spectroscopy_writes_a_hysteresis_loop() {
+    let dir = tempfile::tempdir().unwrap();
+    let h5 = dir.path().join("loop.h5");
+    let sc = dir.path().join("pfm.toml");
+    // The shipped film on a smaller grid (the loop is local; the frame is not the point here).
+    let text = std::fs::read_to_string(repo("scenarios/pfm_pto_film.toml"))
+        .unwrap()
+        .replace("pixels = [256, 256]", "pixels = [32, 32]");
+    std::fs::write(&sc, text).unwrap();
+    let out = run(&[
+        "simulate",
+        sc.to_str().unwrap(),
+        "--spectroscopy",
+        "5e-7,8e-7",
+        "--hdf5",
+        h5.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("coercive"), "{stderr}");
+    let f = hdf5::File::open(&h5).unwrap();
+    let (bias_ds, resp_ds) = (
+        f.dataset("spectroscopy/bias").unwrap(),
+        f.dataset("spectroscopy/response").unwrap(),
+    );
+    assert_eq!(attr_str(&bias_ds, "units"), "V");
+    assert!(!attr_str(&resp_ds, "units").is_empty());
+    let bias: Vec<f64> = bias_ds.read_raw().unwrap();
+    let resp: Vec<f64> = resp_ds.read_raw().unwrap();
+    assert_eq!(bias.len(), resp.len());
+    assert_eq!(bias.len(), 128, "two cycles of 64 points");
+    assert!((bias.iter().cloned().fold(f64::MIN, f64::max) - 8.5).abs() < 1e-9);
+    // A loop: the response is positive at +8.5 V and negative at -8.5 V.
+    let at = |v: f64| {
+        bias.iter()
+            .zip(&resp)
+            .skip(64)
+            .find(|(b, _)| (*b - v).abs() < 1e-9)
+            .map(|(_, r)| *r)
+            .unwrap()
+    };
+    assert!(at(8.5) > 0.5 && at(-8.5) < -0.5, "{} {}", at(8.5), at(-8.5));
+}
+
+#[test]
+fn spectroscopy_needs_pfm_and_a_valid_point() {
+    let dir = tempfile::tempdir().unwrap();
+    let h5 = dir.path().join("x.h5");
+    for (scenario, point, needle) in [
+        ("afm_terraces", "1e-7,1e-7", "PFM"),
+        ("pfm_pto_film", "1e-7", "X,Y"),
+        ("pfm_pto_film", "1e-7,nan", "X,Y"),
+        ("pfm_pto_film", "1e-7,5e-6", "scanner range"),
+    ] {
+        let out = run(&[
+            "simulate",
+            repo(&format!("scenarios/{scenario}.toml"))
+                .to_str()
+                .unwrap(),
+            "--spectroscopy",
+            point,
+            "--hdf5",
+            h5.to_str().unwrap(),
+        ]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{scenario} {point}: {stderr}");
+        assert!(stderr.contains(needle), "{scenario} {point}: {stderr}");
+        assert!(!h5.exists(), "nothing written on error");
     }
 }

@@ -134,3 +134,148 @@ pub trait StemInstrument {
         self.set_blanked(true)
     }
 }
+
+/// The imaging mode of a scanning probe microscope.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SpmMode {
+    /// Atomic force microscopy (contact mode, deflection feedback).
+    #[default]
+    Afm,
+    /// Scanning tunnelling microscopy (constant-current feedback).
+    Stm,
+    /// Piezoresponse force microscopy (contact AFM plus an AC bias; amplitude and phase).
+    Pfm,
+}
+
+impl SpmMode {
+    /// Lower-case name: `"afm"`, `"stm"`, `"pfm"`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Afm => "afm",
+            Self::Stm => "stm",
+            Self::Pfm => "pfm",
+        }
+    }
+}
+
+/// One image channel of an SPM frame (height, error, amplitude, phase, ...).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Channel {
+    /// Channel name, e.g. `"height"`, `"height_retrace"`, `"error"`, `"amplitude"`, `"phase"`.
+    pub name: String,
+    /// Units of the values, e.g. `"m"`, `"deg"`, `"a.u."`.
+    pub units: String,
+    /// What the values are, in words.
+    pub quantity: String,
+    /// The image, `rows × cols`, row = slow scan axis, column = fast axis position (retrace
+    /// channels are stored in the same left-to-right order as trace channels).
+    pub image: ndarray::Array2<f32>,
+}
+
+/// Facts about one acquired SPM frame.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct SpmFrameMeta {
+    /// Frame number since the last reset (0-based).
+    pub index: u64,
+    /// Instrument clock at the frame's first pixel, s.
+    pub t_start: f64,
+    /// Acquisition time, trace and retrace of every line, s.
+    pub duration: f64,
+}
+
+/// An SPM frame borrowed from the instrument's buffers (valid until the next acquisition).
+#[derive(Debug, Clone, Copy)]
+pub struct SpmFrame<'a> {
+    /// Every channel; the first is the main channel (trace height, or PFM phase).
+    pub channels: &'a [Channel],
+    /// Acquisition facts.
+    pub meta: SpmFrameMeta,
+}
+
+impl<'a> SpmFrame<'a> {
+    /// The channel called `name`, if the instrument recorded it.
+    pub fn channel(&self, name: &str) -> Option<&'a Channel> {
+        self.channels.iter().find(|c| c.name == name)
+    }
+
+    /// The main channel.
+    pub fn main(&self) -> &'a Channel {
+        &self.channels[0]
+    }
+}
+
+/// A scanning probe microscope (AFM, STM or PFM).
+///
+/// Scan settings use the same [`ScanSettings`] as STEM: `dwell_time` is the time per pixel in
+/// one scan direction, and every line is scanned forward (trace) and back (retrace), so a frame
+/// takes `rows · (2 · cols · dwell_time + flyback_time)`.
+pub trait SpmInstrument {
+    /// Static facts about the instrument.
+    fn info(&self) -> InstrumentInfo;
+    /// The imaging mode.
+    fn mode(&self) -> SpmMode;
+    /// Instrument clock, s since the last reset or connection.
+    fn clock(&self) -> f64;
+    /// The scan settings in force.
+    fn scan_settings(&self) -> ScanSettings;
+    /// Requests new scan settings; returns what the instrument accepted.
+    fn configure_scan(&mut self, request: &ScanSettings) -> Result<ScanSettings>;
+    /// Scans one frame (trace and retrace of every line) with the current settings.
+    fn acquire_frame(&mut self) -> Result<SpmFrame<'_>>;
+    /// Current tip position in lab coordinates, m.
+    fn probe_position(&self) -> [f64; 2];
+    /// Moves the tip (feedback on) to a lab position, m.
+    fn move_probe(&mut self, position: [f64; 2]) -> Result<()>;
+    /// Sample bias, V.
+    fn bias(&self) -> f64;
+    /// Requests a sample bias, V; returns what was applied.
+    fn set_bias(&mut self, bias: f64) -> Result<f64>;
+    /// Feedback gains `(P, I)`: P dimensionless, I in 1/s.
+    fn feedback_gains(&self) -> (f64, f64);
+    /// Requests feedback gains; returns what the controller accepted.
+    fn set_feedback_gains(&mut self, p_gain: f64, i_gain: f64) -> Result<(f64, f64)>;
+    /// Whether the tip is withdrawn (no scanning, no tip-sample interaction).
+    fn is_withdrawn(&self) -> bool;
+    /// Withdraws (true) or re-engages (false) the tip. Acquisitions are refused while withdrawn.
+    fn set_withdrawn(&mut self, withdrawn: bool) -> Result<()>;
+    /// Puts the instrument in a safe state (tip withdrawn). Idempotent.
+    fn make_safe(&mut self) -> Result<()> {
+        self.set_withdrawn(true)
+    }
+}
+
+/// Tip conditioning in place (STM): bias pulses and controlled dips (DeepSPM's action set).
+pub trait TipConditioning: SpmInstrument {
+    /// Applies one conditioning action at the current tip position. What it did to the tip is
+    /// not reported: it shows in later images.
+    fn condition_tip(&mut self, action: &crate::spm::tip::Conditioning) -> Result<()>;
+}
+
+/// Writing with the tip field (PFM): a bias pulse at a point.
+pub trait BiasWriting: SpmInstrument {
+    /// Applies a bias pulse of `bias` V for `duration` s with the tip at `position` (lab, m).
+    fn bias_pulse(&mut self, position: [f64; 2], bias: f64, duration: f64) -> Result<()>;
+}
+
+/// STM lateral manipulation: drag the tip along a path at low tunnelling resistance.
+pub trait LateralManipulation: SpmInstrument {
+    /// Moves the tip from `start` to `end` (lab, m) at `bias` V and `conductance` S, then returns
+    /// to imaging conditions. Returns the tip height trace along the path (m), the signal
+    /// experimenters watch for hops.
+    fn manipulate(
+        &mut self,
+        start: [f64; 2],
+        end: [f64; 2],
+        bias: f64,
+        conductance: f64,
+    ) -> Result<Vec<f64>>;
+}
+
+/// Spectroscopy at a point: the response to a bias waveform (PFM switching spectroscopy,
+/// STM I(V)).
+pub trait PointSpectroscopy: SpmInstrument {
+    /// Moves the tip to `position` (lab, m), steps through `waveform` (V) and returns one
+    /// response per waveform point (PFM: piezoresponse, arbitrary units, sign = polarization).
+    fn point_spectroscopy(&mut self, position: [f64; 2], waveform: &[f64]) -> Result<Vec<f64>>;
+}

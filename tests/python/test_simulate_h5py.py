@@ -57,3 +57,38 @@ def test_same_seed_is_byte_identical(tmp_path):
             h5py.File(simulate(b, "stem_graphene_si.toml", 9), "r") as fb:
         for name in ["frame", "noiseless", "atoms/positions", "atoms/z"]:
             assert fa[name][()].tobytes() == fb[name][()].tobytes(), name
+
+
+@pytest.mark.parametrize("scenario,main", [("afm_terraces.toml", "height"),
+                                           ("stm_ag111_adatoms.toml", "height"),
+                                           ("pfm_pto_film.toml", "phase")])
+def test_spm_channels_and_truth(tmp_path, scenario, main):
+    with h5py.File(simulate(tmp_path, scenario, 1, frames=1), "r") as f:
+        frame = f["frame"]
+        assert frame.dtype == np.float32 and frame.ndim == 3
+        np.testing.assert_array_equal(frame[()], f[f"channels/{main}"][()])
+        for name, ds in f["channels"].items():
+            assert ds.shape == frame.shape, name
+            assert ds.attrs["units"] in ("m", "deg", "a.u."), name
+            assert np.all(np.isfinite(ds[()])), name
+        assert f["truth/surface"].attrs["units"] == "m"
+        tip = f["truth/tip"][()]
+        assert tip.max() == 0.0 and tip.min() < 0.0
+        assert f.attrs["instrument"] in ("afm", "stm", "pfm")
+
+
+def test_pfm_spectroscopy_loop(tmp_path):
+    h5 = tmp_path / "loop.h5"
+    subprocess.run([BIN, "simulate", str(ROOT / "scenarios" / "pfm_pto_film.toml"),
+                    "--spectroscopy", "1e-6,1e-6", "--hdf5", str(h5)],
+                   check=True, capture_output=True)
+    with h5py.File(h5, "r") as f:
+        bias, resp = f["spectroscopy/bias"][()], f["spectroscopy/response"][()]
+        assert f["spectroscopy/bias"].attrs["units"] == "V"
+        assert bias.shape == resp.shape == (128,)
+        # The steady (second) cycle switches up at positive and down at negative bias.
+        b, r = bias[64:], resp[64:]
+        up = b[1:][(r[:-1] <= 0) & (r[1:] > 0)]
+        down = b[1:][(r[:-1] >= 0) & (r[1:] < 0)]
+        assert len(up) and len(down)
+        assert 3.6 < up[0] < 5.6 and -3.9 < down[0] < -1.9

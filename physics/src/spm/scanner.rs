@@ -1,0 +1,1220 @@
+//! Scanner imperfections of a scanning probe microscope (DESIGN.md §5 "Scanning"): thermal
+//! drift that settles after the engage, piezo creep after offset jumps, fast-axis hysteresis,
+//! and height noise (white, 1/f and per-line offsets).
+//!
+//! # Model
+//!
+//! **Coordinates.** Lab coordinates in metres (see [`crate::instrument`]). Pixel `(i, j)` (row
+//! `i` on the slow axis, column `j` on the fast axis) of a frame of `H × W` pixels of size `p`
+//! centred on `c` is commanded at `x = c_x + (j − (W−1)/2)·p`, `y = c_y + (i − (H−1)/2)·p`. A
+//! line starting at `t_start` visits its `k`-th pixel (in scan order) at the middle of its dwell,
+//! `t = t_start + (k + ½)·dwell`; the trace visits columns `0 → W−1` (`k = j`), the retrace
+//! `W−1 → 0` (`k = W−1−j`). The sample drifts relative to the lab by `d(t)`, so the tip's
+//! position on the sample is
+//!
+//! `r_sample = r_cmd + hysteresis − creep deficit(t) − d(t)`.
+//!
+//! **Thermal drift.** The engage is at `t = 0`. The drift speed relaxes from `v₀`
+//! (`drift_initial`, default 5 nm/min) toward `v_s` (`drift_settled`, default 0.5 nm/min) with
+//! time constant `τ` (`drift_settle_time`, default 10 min), `v(t) = v_s + (v₀ − v_s) e^{−t/τ}`,
+//! along the direction `θ` (`drift_direction`). Integrated in closed form:
+//!
+//! `d(t) = [v_s t + (v₀ − v_s) τ (1 − e^{−t/τ})]·(cos θ, sin θ) + w(t)`,
+//!
+//! where `w(t)` is a random walk with diffusivity `D` (`drift_diffusivity`): each axis gains
+//! `N(0, 2 D Δt)` whenever the scanner's clock advances by `Δt`. The walk persists across lines
+//! and frames. Within one line it is drawn at the line's start and end and interpolated linearly
+//! (the Brownian-bridge mean; the omitted in-line fluctuation, `√(D·t_line/2)`, is far below a
+//! picometre for realistic `D`). Low-temperature STM: set all three drift rates far lower.
+//!
+//! **Piezo creep.** When the scan centre jumps by `Δ` at `t_j` ([`Scanner::move_center`]), the
+//! piezo reaches only `(1 − c)·Δ` at once (`c` = `creep_fraction`, default 5 %) and creeps the
+//! rest logarithmically in time, with `t₀` = `creep_time` (default 1 s) and settling time
+//! `T = 100·t₀` ([`CREEP_SETTLE_RATIO`]):
+//!
+//! `deficit(t) = c·Δ·max(0, 1 − log₁₀(1 + (t − t_j)/t₀) / log₁₀(1 + T/t₀))` for `t ≥ t_j`.
+//!
+//! Every jump creeps, proportionally to its size; overlapping jumps add up, and settled ones are
+//! forgotten. The deficit of one jump never exceeds `c·|Δ|` and decays monotonically to 0.
+//!
+//! **Hysteresis.** On the fast axis the actual position bows away from the command, in opposite
+//! directions on trace and retrace: with `u = (j + ½)/W ∈ (0, 1)` across the line, `L = W·p`
+//! the line length and `s = +1` (trace) or `−1` (retrace),
+//!
+//! `x_actual = x_cmd + s·h·(L/2)·(1 − (2u − 1)²)`,
+//!
+//! so trace and retrace differ by `2·h·(L/2)·(1 − (2u − 1)²)`, at most `h·L` at the line's
+//! centre (`h` = `hysteresis`, default 1 %).
+//!
+//! **Height noise** ([`Scanner::add_line_noise`]), in metres, added in scan order:
+//! - white, r.m.s. `white_noise` (default 20 pm), independent per pixel;
+//! - 1/f (pink), r.m.s. `pink_noise` (default 50 pm) over 0.01 Hz–1 kHz: the sum of
+//!   [`PINK_COMPONENTS`] Ornstein-Uhlenbeck (AR(1)) processes with equal variance
+//!   `pink_noise²/N` and corner frequencies `f_k` log-spaced about one octave apart from
+//!   [`PINK_LOW`] to [`PINK_HIGH`]. Each has spectrum `∝ 1/(f_k (1 + (f/f_k)²))`, and their sum
+//!   falls as `1/f` between the extreme corners. A process's state persists from line to line,
+//!   sampled with the pixel period `Δt` as `x ← a x + σ_k √(1 − a²) ξ`, `a = e^{−2π f_k Δt}`.
+//!   Slow processes are advanced exactly every `m` pixels (`2π f_k m Δt ≈ 0.05`) and interpolated
+//!   linearly in between; processes far faster than the pixel rate (`2π f_k Δt > 6`) are
+//!   uncorrelated from pixel to pixel and are drawn as white noise;
+//! - a line offset, r.m.s. `line_offset` (default 100 pm), one independent draw per line and
+//!   direction, added to all the line's pixels.
+//!
+//! ```
+//! use scopegym_physics::instrument::ScanSettings;
+//! use scopegym_physics::rng::seeded;
+//! use scopegym_physics::spm::scanner::{Scanner, ScannerConfig};
+//! let mut rng = seeded(3);
+//! let mut sc = Scanner::new(&ScannerConfig::default(), &mut rng).unwrap();
+//! let settings = ScanSettings {
+//!     rows: 64,
+//!     cols: 64,
+//!     pixel_size: 1e-9,
+//!     dwell_time: 1e-3,
+//!     flyback_time: 0.0,
+//!     center: [0.0, 0.0],
+//! };
+//! let (mut xs, mut ys) = (vec![0.0; 64], vec![0.0; 64]);
+//! sc.line_positions(&settings, 0, 0.0, false, &mut rng, &mut xs, &mut ys).unwrap();
+//! assert!(xs[0] < xs[63]);
+//! let mut heights = vec![0.0f32; 64];
+//! sc.add_line_noise(&mut heights, settings.dwell_time, false, &mut rng);
+//! assert!(heights.iter().all(|h| h.abs() < 2e-9));
+//! // Ten minutes after the engage the sample has drifted about 33 nm.
+//! sc.advance(600.0, &mut rng);
+//! let [dx, dy] = sc.drift();
+//! assert!((30e-9..37e-9).contains(&dx.hypot(dy)));
+//! ```
+
+use crate::error::{PhysicsError, Result};
+use crate::instrument::ScanSettings;
+use crate::param::Param;
+use crate::param::dims::{Angle, Diffusivity, Length, Time, Unitless, Velocity};
+use crate::rng::{SimRng, normal};
+use serde::{Deserialize, Serialize};
+use std::f64::consts::PI;
+
+/// The creep settling time in units of `creep_time`: a jump's deficit reaches 0 at
+/// `t − t_j = CREEP_SETTLE_RATIO · creep_time`.
+pub const CREEP_SETTLE_RATIO: f64 = 100.0;
+
+/// Lowest corner frequency of the 1/f noise, Hz.
+pub const PINK_LOW: f64 = 0.01;
+
+/// Highest corner frequency of the 1/f noise, Hz.
+pub const PINK_HIGH: f64 = 1000.0;
+
+/// Number of AR(1) processes summed into the 1/f noise (corners ≈ one octave apart).
+pub const PINK_COMPONENTS: usize = 18;
+
+/// Decay `2π f_k m Δt` between the nodes of a slowly varying 1/f process.
+const NODE_DECAY: f64 = 0.05;
+
+/// Decay per pixel above which a 1/f process is drawn as white noise (`e^{-6} ≈ 0.0025`).
+const WHITE_DECAY: f64 = 6.0;
+
+/// Scanner imperfections (`[scanner]`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ScannerConfig {
+    /// Thermal drift speed just after the engage (t = 0), m/s. Default 5 nm/min.
+    pub drift_initial: Param<Velocity>,
+    /// Drift speed once settled, m/s. Default 0.5 nm/min (typically 0.1-1 nm/min).
+    pub drift_settled: Param<Velocity>,
+    /// Time constant of the exponential settling of the drift speed, s. Default 10 min.
+    pub drift_settle_time: Param<Time>,
+    /// Drift direction (angle from +x toward +y), rad. Default 0.5 rad.
+    pub drift_direction: Param<Angle>,
+    /// Diffusivity of the random walk added to the drift (per axis, variance `2 D Δt`), m²/s.
+    /// Default 1e-22 m²/s (≈ 0.1 nm r.m.s. per minute).
+    pub drift_diffusivity: Param<Diffusivity>,
+    /// Fraction of an offset jump left to creep, in [0, 0.5]. Default 0.05.
+    pub creep_fraction: Param<Unitless>,
+    /// Time scale `t₀` of the logarithmic creep, s; the creep settles after 100·t₀. Default 1 s.
+    pub creep_time: Param<Time>,
+    /// Fast-axis hysteresis `h`: trace and retrace bow apart by up to `h` times the line length,
+    /// in [0, 0.25]. Default 0.01.
+    pub hysteresis: Param<Unitless>,
+    /// White height noise (r.m.s. per pixel), m. Default 20 pm.
+    pub white_noise: Param<Length>,
+    /// 1/f height noise (r.m.s. over 0.01 Hz-1 kHz), m. Default 50 pm.
+    pub pink_noise: Param<Length>,
+    /// Height offset of each line (r.m.s., independent per line and direction), m. Default 100 pm.
+    pub line_offset: Param<Length>,
+}
+
+impl Default for ScannerConfig {
+    fn default() -> Self {
+        Self {
+            drift_initial: Param::fixed(5e-9 / 60.0),
+            drift_settled: Param::fixed(0.5e-9 / 60.0),
+            drift_settle_time: Param::fixed(600.0),
+            drift_direction: Param::fixed(0.5),
+            drift_diffusivity: Param::fixed(1e-22),
+            creep_fraction: Param::fixed(0.05),
+            creep_time: Param::fixed(1.0),
+            hysteresis: Param::fixed(0.01),
+            white_noise: Param::fixed(20e-12),
+            pink_noise: Param::fixed(50e-12),
+            line_offset: Param::fixed(100e-12),
+        }
+    }
+}
+
+impl ScannerConfig {
+    /// Checks ranges (NaN is rejected everywhere); `prefix` is prepended to field names in errors.
+    pub fn validate(&self, prefix: &str) -> Result<()> {
+        let check = |name: &str, v: f64, ok: bool, range: &str| {
+            if ok {
+                Ok(())
+            } else {
+                Err(PhysicsError::param(
+                    format!("{prefix}{name}"),
+                    format!("must be {range}, got {v}"),
+                ))
+            }
+        };
+        for (n, v) in [
+            ("drift_initial", self.drift_initial.get()),
+            ("drift_settled", self.drift_settled.get()),
+        ] {
+            check(n, v, (0.0..1e-6).contains(&v), "in [0, 1 µm/s) (m/s)")?;
+        }
+        let tau = self.drift_settle_time.get();
+        check(
+            "drift_settle_time",
+            tau,
+            tau > 0.0 && tau <= 1e6,
+            "in (0, 1e6] s",
+        )?;
+        let dir = self.drift_direction.get();
+        check("drift_direction", dir, dir.is_finite(), "finite (rad)")?;
+        let d = self.drift_diffusivity.get();
+        check(
+            "drift_diffusivity",
+            d,
+            (0.0..1e-12).contains(&d),
+            "in [0, 1e-12) m²/s",
+        )?;
+        let c = self.creep_fraction.get();
+        check("creep_fraction", c, (0.0..=0.5).contains(&c), "in [0, 0.5]")?;
+        let t0 = self.creep_time.get();
+        check("creep_time", t0, t0 > 0.0 && t0 <= 1e4, "in (0, 1e4] s")?;
+        let h = self.hysteresis.get();
+        check("hysteresis", h, (0.0..=0.25).contains(&h), "in [0, 0.25]")?;
+        for (n, v) in [
+            ("white_noise", self.white_noise.get()),
+            ("pink_noise", self.pink_noise.get()),
+            ("line_offset", self.line_offset.get()),
+        ] {
+            check(n, v, (0.0..1e-8).contains(&v), "in [0, 10 nm) (m)")?;
+        }
+        Ok(())
+    }
+}
+
+/// One offset jump that is still creeping.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct CreepEvent {
+    /// Time of the jump, s.
+    t: f64,
+    /// Initial deficit `c·Δ`, m.
+    deficit: [f64; 2],
+}
+
+/// One AR(1) (Ornstein-Uhlenbeck) process of the 1/f noise, advanced at nodes `len` pixels
+/// apart and interpolated linearly between them.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct PinkProcess {
+    /// Corner frequency, Hz.
+    corner: f64,
+    /// Standard deviation, m.
+    sd: f64,
+    /// Value at the last node, m.
+    v0: f64,
+    /// Value at the next node, m.
+    v1: f64,
+    /// Pixels since the last node.
+    pos: usize,
+    /// Pixels between the last and the next node (0: no next node drawn yet).
+    len: usize,
+    /// Node step `m` and its AR(1) coefficients `(a, sd·sqrt(1 - a²))`, cached for `cached_dt`.
+    cached: (usize, f64, f64),
+    /// Pixel period the cache is for, s (NaN: none).
+    cached_dt: f64,
+}
+
+/// The scanner of an SPM: drift, creep, hysteresis and height noise, with state that persists
+/// across lines and frames (the drift's random walk, creep events, the 1/f noise).
+///
+/// See the [module docs](self) for the model.
+#[derive(Debug, Clone)]
+pub struct Scanner {
+    v_initial: f64,
+    v_settled: f64,
+    settle_time: f64,
+    direction: [f64; 2],
+    diffusivity: f64,
+    creep_fraction: f64,
+    creep_time: f64,
+    hysteresis: f64,
+    white: f64,
+    line_offset: f64,
+    /// Scanner clock, s since the engage.
+    clock: f64,
+    /// Random-walk part of the drift at `clock`, m.
+    walk: [f64; 2],
+    creep: Vec<CreepEvent>,
+    pink: Vec<PinkProcess>,
+}
+
+impl Scanner {
+    /// A scanner just after the engage (clock 0, no drift yet, no creep). `cfg` must hold fixed
+    /// values (distributions are read at their centre; resolve them first); it is validated
+    /// with the prefix `scanner.`. `rng` draws the initial state of the 1/f noise.
+    pub fn new(cfg: &ScannerConfig, rng: &mut SimRng) -> Result<Self> {
+        cfg.validate("scanner.")?;
+        let dir = cfg.drift_direction.get();
+        let n = PINK_COMPONENTS;
+        let sd = cfg.pink_noise.get() / (n as f64).sqrt();
+        let pink = (0..n)
+            .map(|k| {
+                let corner = PINK_LOW * (PINK_HIGH / PINK_LOW).powf(k as f64 / (n - 1) as f64);
+                PinkProcess {
+                    corner,
+                    sd,
+                    v0: sd * normal(rng),
+                    v1: 0.0,
+                    pos: 0,
+                    len: 0,
+                    cached: (1, 0.0, 0.0),
+                    cached_dt: f64::NAN,
+                }
+            })
+            .collect();
+        Ok(Self {
+            v_initial: cfg.drift_initial.get(),
+            v_settled: cfg.drift_settled.get(),
+            settle_time: cfg.drift_settle_time.get(),
+            direction: [dir.cos(), dir.sin()],
+            diffusivity: cfg.drift_diffusivity.get(),
+            creep_fraction: cfg.creep_fraction.get(),
+            creep_time: cfg.creep_time.get(),
+            hysteresis: cfg.hysteresis.get(),
+            white: cfg.white_noise.get(),
+            line_offset: cfg.line_offset.get(),
+            clock: 0.0,
+            walk: [0.0, 0.0],
+            creep: Vec::with_capacity(16),
+            pink,
+        })
+    }
+
+    /// The scanner's clock: s since the engage.
+    pub fn clock(&self) -> f64 {
+        self.clock
+    }
+
+    /// Current sample displacement relative to the lab, m: the deterministic drift at the
+    /// clock plus the random walk accumulated so far.
+    pub fn drift(&self) -> [f64; 2] {
+        let d = self.deterministic_drift(self.clock);
+        [d[0] + self.walk[0], d[1] + self.walk[1]]
+    }
+
+    /// The deterministic part of the drift at time `t` (s), m:
+    /// `[v_s t + (v₀ − v_s) τ (1 − e^{−t/τ})]·(cos θ, sin θ)`; zero before the engage (`t ≤ 0`).
+    pub fn deterministic_drift(&self, t: f64) -> [f64; 2] {
+        let t = t.max(0.0);
+        let tau = self.settle_time;
+        let s = self.v_settled * t + (self.v_initial - self.v_settled) * tau * -(-t / tau).exp_m1();
+        [s * self.direction[0], s * self.direction[1]]
+    }
+
+    /// The deterministic drift velocity at time `t` (s), m/s:
+    /// `[v_s + (v₀ − v_s) e^{−t/τ}]·(cos θ, sin θ)`; zero before the engage (`t < 0`).
+    pub fn drift_velocity(&self, t: f64) -> [f64; 2] {
+        if !(t >= 0.0) {
+            return [0.0, 0.0];
+        }
+        let v = self.v_settled + (self.v_initial - self.v_settled) * (-t / self.settle_time).exp();
+        [v * self.direction[0], v * self.direction[1]]
+    }
+
+    /// Moves the scanner's clock forward to the absolute time `t` (s), adding the random walk
+    /// over the elapsed time. Times at or before the clock, and non-finite times, change nothing.
+    pub fn advance(&mut self, t: f64, rng: &mut SimRng) {
+        if !(t.is_finite() && t > self.clock) {
+            return;
+        }
+        let dt = t - self.clock;
+        if self.diffusivity > 0.0 {
+            let sd = (2.0 * self.diffusivity * dt).sqrt();
+            for w in &mut self.walk {
+                *w += sd * normal(rng);
+            }
+        }
+        self.clock = t;
+    }
+
+    /// Records a jump of the scan centre from `from` to `to` (lab coordinates, m) at time `t`
+    /// (s): the piezo then lags by [`Scanner::creep_deficit`]. Jumps settled by `t` are
+    /// forgotten. Non-finite arguments are ignored.
+    pub fn move_center(&mut self, from: [f64; 2], to: [f64; 2], t: f64) {
+        if !(t.is_finite() && from.iter().chain(&to).all(|v| v.is_finite())) {
+            return;
+        }
+        self.forget_settled(t);
+        let c = self.creep_fraction;
+        let deficit = [c * (to[0] - from[0]), c * (to[1] - from[1])];
+        if deficit != [0.0, 0.0] {
+            self.creep.push(CreepEvent { t, deficit });
+        }
+    }
+
+    /// Number of offset jumps still creeping (not yet forgotten).
+    pub fn creeping_jumps(&self) -> usize {
+        self.creep.len()
+    }
+
+    /// How far the piezo lags behind the commanded centre at time `t` (s), m: the sum over
+    /// remembered jumps of `c·Δ·max(0, 1 − log₁₀(1 + (t − t_j)/t₀) / log₁₀(1 + T/t₀))`
+    /// (zero for jumps after `t`). The actual position is the command minus this.
+    pub fn creep_deficit(&self, t: f64) -> [f64; 2] {
+        let mut acc = [0.0, 0.0];
+        let norm = 1.0 / CREEP_SETTLE_RATIO.ln_1p();
+        for e in &self.creep {
+            let dt = t - e.t;
+            if !(dt >= 0.0) {
+                continue;
+            }
+            let g = 1.0 - (dt / self.creep_time).ln_1p() * norm;
+            if g > 0.0 {
+                acc[0] += e.deficit[0] * g;
+                acc[1] += e.deficit[1] * g;
+            }
+        }
+        acc
+    }
+
+    fn forget_settled(&mut self, t: f64) {
+        let settle = CREEP_SETTLE_RATIO * self.creep_time;
+        self.creep.retain(|e| !(t - e.t >= settle));
+    }
+
+    /// Sample-frame coordinates (m) of each pixel of row `row` of a frame with `settings`, the
+    /// line starting at absolute time `t_start` (s), each pixel taking `settings.dwell_time`;
+    /// `reverse` = retrace (pixels visited from the last to the first; index = pixel column).
+    /// Includes drift (advancing the clock to the line's end, `t_start + cols·dwell`), creep
+    /// and hysteresis. Errors on `xs`/`ys` lengths other than `settings.cols`, `row ≥ rows`,
+    /// non-positive or non-finite pixel size or dwell time, and non-finite centre or `t_start`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn line_positions(
+        &mut self,
+        settings: &ScanSettings,
+        row: usize,
+        t_start: f64,
+        reverse: bool,
+        rng: &mut SimRng,
+        xs: &mut [f64],
+        ys: &mut [f64],
+    ) -> Result<()> {
+        let ScanSettings {
+            rows,
+            cols,
+            pixel_size: p,
+            dwell_time: dwell,
+            center,
+            ..
+        } = *settings;
+        if xs.len() != cols || ys.len() != cols {
+            return Err(PhysicsError::arg(
+                "xs, ys",
+                format!(
+                    "need one entry per column ({cols}), got {} and {}",
+                    xs.len(),
+                    ys.len()
+                ),
+            ));
+        }
+        if row >= rows {
+            return Err(PhysicsError::arg(
+                "row",
+                format!("must be below rows = {rows}, got {row}"),
+            ));
+        }
+        if !(p > 0.0 && p.is_finite()) {
+            return Err(PhysicsError::arg(
+                "settings.pixel_size",
+                format!("must be positive and finite, got {p}"),
+            ));
+        }
+        if !(dwell > 0.0 && dwell.is_finite()) {
+            return Err(PhysicsError::arg(
+                "settings.dwell_time",
+                format!("must be positive and finite, got {dwell}"),
+            ));
+        }
+        if !(center[0].is_finite() && center[1].is_finite()) {
+            return Err(PhysicsError::arg("settings.center", "must be finite"));
+        }
+        if !t_start.is_finite() {
+            return Err(PhysicsError::arg("t_start", "must be finite"));
+        }
+        let t_end = t_start + cols as f64 * dwell;
+        // Random walk at the line's ends (or at the clock, if that is later).
+        self.advance(t_start, rng);
+        let (ta, wa) = (self.clock, self.walk);
+        self.advance(t_end, rng);
+        let (tb, wb) = (self.clock, self.walk);
+        self.forget_settled(t_start);
+        let half_len = 0.5 * cols as f64 * p;
+        let bow = if reverse { -1.0 } else { 1.0 } * self.hysteresis * half_len;
+        let mid_col = 0.5 * (cols as f64 - 1.0);
+        let y_cmd = center[1] + (row as f64 - 0.5 * (rows as f64 - 1.0)) * p;
+        for (j, (x, y)) in xs.iter_mut().zip(ys.iter_mut()).enumerate() {
+            let k = if reverse { cols - 1 - j } else { j };
+            let t = t_start + (k as f64 + 0.5) * dwell;
+            let u = (j as f64 + 0.5) / cols as f64;
+            let x_cmd =
+                center[0] + (j as f64 - mid_col) * p + bow * (1.0 - (2.0 * u - 1.0).powi(2));
+            let frac = if tb > ta {
+                ((t - ta) / (tb - ta)).clamp(0.0, 1.0)
+            } else {
+                1.0
+            };
+            let det = self.deterministic_drift(t);
+            let creep = self.creep_deficit(t);
+            *x = x_cmd - creep[0] - det[0] - (wa[0] + (wb[0] - wa[0]) * frac);
+            *y = y_cmd - creep[1] - det[1] - (wa[1] + (wb[1] - wa[1]) * frac);
+        }
+        Ok(())
+    }
+
+    /// Adds white + 1/f noise and one line offset to `line` (heights, m), pixel period
+    /// `pixel_time` s, in scan order per `reverse` (`true`: the last pixel is the first
+    /// visited). The 1/f noise continues from the previous call. A non-positive or non-finite
+    /// `pixel_time` draws the 1/f noise as white noise of the same variance.
+    pub fn add_line_noise(
+        &mut self,
+        line: &mut [f32],
+        pixel_time: f64,
+        reverse: bool,
+        rng: &mut SimRng,
+    ) {
+        if reverse {
+            line.reverse();
+        }
+        let offset = self.line_offset * normal(rng);
+        let mut white_var = self.white * self.white;
+        let valid_dt = pixel_time > 0.0 && pixel_time.is_finite();
+        let n = line.len();
+        for c in &mut self.pink {
+            let r = 2.0 * PI * c.corner * pixel_time;
+            if !valid_dt || r > WHITE_DECAY {
+                white_var += c.sd * c.sd;
+                continue;
+            }
+            if c.cached_dt != pixel_time {
+                let m = ((NODE_DECAY / r).floor() as usize).clamp(1, 1 << 30);
+                let a = (-r * m as f64).exp();
+                c.cached = (m, a, c.sd * (1.0 - a * a).max(0.0).sqrt());
+                c.cached_dt = pixel_time;
+            }
+            let (m, a, b) = c.cached;
+            if m == 1 && c.pos >= c.len {
+                // A node every pixel: the same recursion as below without the interpolation.
+                for v in line.iter_mut() {
+                    if c.len > 0 {
+                        c.v0 = c.v1;
+                    }
+                    c.len = 1;
+                    c.v1 = a * c.v0 + b * normal(rng);
+                    *v += c.v0 as f32;
+                }
+                c.pos = if n > 0 { 1 } else { c.pos };
+                continue;
+            }
+            let mut i = 0;
+            while i < n {
+                if c.pos >= c.len {
+                    if c.len > 0 {
+                        c.v0 = c.v1;
+                    }
+                    c.len = m;
+                    c.v1 = a * c.v0 + b * normal(rng);
+                    c.pos = 0;
+                }
+                let k = (c.len - c.pos).min(n - i);
+                let slope = (c.v1 - c.v0) / c.len as f64;
+                let base = c.v0 + slope * c.pos as f64;
+                for (s, v) in line[i..i + k].iter_mut().enumerate() {
+                    *v += (base + slope * s as f64) as f32;
+                }
+                c.pos += k;
+                i += k;
+            }
+        }
+        let sd_white = white_var.sqrt();
+        if sd_white > 0.0 {
+            for v in line.iter_mut() {
+                *v += (sd_white * normal(rng)) as f32;
+            }
+        }
+        if offset != 0.0 {
+            for v in line.iter_mut() {
+                *v += offset as f32;
+            }
+        }
+        if reverse {
+            line.reverse();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::seeded;
+    use num_complex::Complex;
+    use proptest::prelude::*;
+
+    /// A scanner with every imperfection off; tests switch on what they look at.
+    fn quiet() -> ScannerConfig {
+        ScannerConfig {
+            drift_initial: Param::fixed(0.0),
+            drift_settled: Param::fixed(0.0),
+            drift_diffusivity: Param::fixed(0.0),
+            creep_fraction: Param::fixed(0.0),
+            hysteresis: Param::fixed(0.0),
+            white_noise: Param::fixed(0.0),
+            pink_noise: Param::fixed(0.0),
+            line_offset: Param::fixed(0.0),
+            ..Default::default()
+        }
+    }
+
+    fn settings(rows: usize, cols: usize, pixel: f64, dwell: f64) -> ScanSettings {
+        ScanSettings {
+            rows,
+            cols,
+            pixel_size: pixel,
+            dwell_time: dwell,
+            flyback_time: 0.0,
+            center: [30e-9, -20e-9],
+        }
+    }
+
+    fn commanded(s: &ScanSettings, row: usize, j: usize) -> [f64; 2] {
+        [
+            s.center[0] + (j as f64 - 0.5 * (s.cols as f64 - 1.0)) * s.pixel_size,
+            s.center[1] + (row as f64 - 0.5 * (s.rows as f64 - 1.0)) * s.pixel_size,
+        ]
+    }
+
+    #[test]
+    fn defaults_validate_and_bad_values_name_the_field() {
+        ScannerConfig::default().validate("scanner.").unwrap();
+        Scanner::new(&ScannerConfig::default(), &mut seeded(0)).unwrap();
+        let bad: Vec<(&str, ScannerConfig)> = vec![
+            (
+                "drift_initial",
+                ScannerConfig {
+                    drift_initial: Param::fixed(f64::NAN),
+                    ..Default::default()
+                },
+            ),
+            (
+                "drift_settled",
+                ScannerConfig {
+                    drift_settled: Param::fixed(-1e-12),
+                    ..Default::default()
+                },
+            ),
+            (
+                "drift_settle_time",
+                ScannerConfig {
+                    drift_settle_time: Param::fixed(0.0),
+                    ..Default::default()
+                },
+            ),
+            (
+                "drift_direction",
+                ScannerConfig {
+                    drift_direction: Param::fixed(f64::INFINITY),
+                    ..Default::default()
+                },
+            ),
+            (
+                "drift_diffusivity",
+                ScannerConfig {
+                    drift_diffusivity: Param::fixed(f64::NAN),
+                    ..Default::default()
+                },
+            ),
+            (
+                "creep_fraction",
+                ScannerConfig {
+                    creep_fraction: Param::fixed(0.8),
+                    ..Default::default()
+                },
+            ),
+            (
+                "creep_time",
+                ScannerConfig {
+                    creep_time: Param::fixed(f64::NAN),
+                    ..Default::default()
+                },
+            ),
+            (
+                "hysteresis",
+                ScannerConfig {
+                    hysteresis: Param::fixed(-0.01),
+                    ..Default::default()
+                },
+            ),
+            (
+                "white_noise",
+                ScannerConfig {
+                    white_noise: Param::fixed(f64::NAN),
+                    ..Default::default()
+                },
+            ),
+            (
+                "pink_noise",
+                ScannerConfig {
+                    pink_noise: Param::fixed(1e-6),
+                    ..Default::default()
+                },
+            ),
+            (
+                "line_offset",
+                ScannerConfig {
+                    line_offset: Param::fixed(-1e-12),
+                    ..Default::default()
+                },
+            ),
+        ];
+        for (field, cfg) in bad {
+            match cfg.validate("scanner.") {
+                Err(PhysicsError::InvalidParameter { field: f, .. }) => {
+                    assert_eq!(f, format!("scanner.{field}"))
+                }
+                other => panic!("{field}: {other:?}"),
+            }
+            assert!(Scanner::new(&cfg, &mut seeded(0)).is_err(), "{field}");
+        }
+        // Quantity strings parse; unknown fields are rejected.
+        let cfg: ScannerConfig =
+            toml::from_str("drift_initial = \"3 nm/min\"\nwhite_noise = \"10 pm\"").unwrap();
+        assert!((cfg.drift_initial.get() - 0.05e-9).abs() < 1e-20);
+        assert!((cfg.white_noise.get() - 10e-12).abs() < 1e-24);
+        assert_eq!(cfg.creep_time.get(), 1.0);
+        assert!(toml::from_str::<ScannerConfig>("drift = 1.0").is_err());
+    }
+
+    #[test]
+    fn drift_follows_the_closed_form_and_its_speed_settles() {
+        let (v0, vs, tau, theta) = (6e-9 / 60.0, 0.6e-9 / 60.0, 300.0, 1.0f64);
+        let cfg = ScannerConfig {
+            drift_initial: Param::fixed(v0),
+            drift_settled: Param::fixed(vs),
+            drift_settle_time: Param::fixed(tau),
+            drift_direction: Param::fixed(theta),
+            ..quiet()
+        };
+        let mut rng = seeded(1);
+        let mut sc = Scanner::new(&cfg, &mut rng).unwrap();
+        assert_eq!(sc.drift(), [0.0, 0.0]);
+        // Displacement = ∫ v, v(t) = v_s + (v0 − v_s) e^{−t/τ}: integrate numerically (Simpson).
+        let integral = |t: f64| {
+            let n = 2000;
+            let h = t / n as f64;
+            let v = |s: f64| vs + (v0 - vs) * (-s / tau).exp();
+            let mut acc = v(0.0) + v(t);
+            for i in 1..n {
+                acc += if i % 2 == 1 { 4.0 } else { 2.0 } * v(i as f64 * h);
+            }
+            acc * h / 3.0
+        };
+        for t in [1.0, 10.0, 100.0, 300.0, 1000.0, 3000.0] {
+            sc.advance(t, &mut rng);
+            let d = sc.drift();
+            let s = integral(t);
+            // Closed form of DESIGN: v_s t + (v0 − v_s) τ (1 − e^{−t/τ}).
+            let closed = vs * t + (v0 - vs) * tau * (1.0 - (-t / tau).exp());
+            assert!((s / closed - 1.0).abs() < 1e-9, "t={t}");
+            assert!((d[0] - s * theta.cos()).abs() < 1e-9 * s, "t={t} {d:?}");
+            assert!((d[1] - s * theta.sin()).abs() < 1e-9 * s, "t={t} {d:?}");
+        }
+        // Speed by finite differences of the state: v0 just after the engage, settling to v_s.
+        let speed = |t: f64| {
+            let h = 1e-3 * tau;
+            let mut a = Scanner::new(&cfg, &mut seeded(1)).unwrap();
+            let mut r = seeded(1);
+            a.advance(t, &mut r);
+            let p = a.drift();
+            a.advance(t + h, &mut r);
+            let q = a.drift();
+            (q[0] - p[0]).hypot(q[1] - p[1]) / h
+        };
+        assert!((speed(0.0) / v0 - 1.0).abs() < 2e-3);
+        let at_tau = vs + (v0 - vs) / std::f64::consts::E;
+        assert!((speed(tau) / at_tau - 1.0).abs() < 2e-3);
+        assert!((speed(20.0 * tau) / vs - 1.0).abs() < 1e-3);
+        let speeds: Vec<f64> = [0.0, 0.5, 1.0, 2.0, 4.0, 8.0]
+            .iter()
+            .map(|k| speed(k * tau))
+            .collect();
+        assert!(speeds.windows(2).all(|w| w[1] < w[0]), "{speeds:?}");
+        let v = sc.drift_velocity(tau);
+        assert!((v[0].hypot(v[1]) / at_tau - 1.0).abs() < 1e-12);
+        // Time never runs backwards.
+        let before = sc.drift();
+        sc.advance(10.0, &mut rng);
+        sc.advance(f64::NAN, &mut rng);
+        assert_eq!(sc.drift(), before);
+    }
+
+    #[test]
+    fn random_walk_variance_is_two_d_t() {
+        let d = 1e-20;
+        let cfg = ScannerConfig {
+            drift_diffusivity: Param::fixed(d),
+            ..quiet()
+        };
+        let n = 2000;
+        let (mut sum, mut sum2) = (0.0, 0.0);
+        for seed in 0..n {
+            let mut rng = seeded(seed);
+            let mut sc = Scanner::new(&cfg, &mut rng).unwrap();
+            for t in [1.0, 7.0, 20.0, 50.0] {
+                sc.advance(t, &mut rng);
+            }
+            for x in sc.drift() {
+                sum += x;
+                sum2 += x * x;
+            }
+        }
+        let m = sum / (2 * n) as f64;
+        let var = sum2 / (2 * n) as f64 - m * m;
+        let expected = 2.0 * d * 50.0;
+        // Standard error of a variance from 4000 draws: √(2/4000) ≈ 2.2 %.
+        assert!((var / expected - 1.0).abs() < 0.08, "{var} vs {expected}");
+        assert!(m.abs() < 5.0 * (expected / (2 * n) as f64).sqrt());
+    }
+
+    #[test]
+    fn creep_starts_at_c_delta_and_decays_logarithmically_to_zero() {
+        let (c, t0) = (0.05, 1.0);
+        let cfg = ScannerConfig {
+            creep_fraction: Param::fixed(c),
+            creep_time: Param::fixed(t0),
+            ..quiet()
+        };
+        let mut sc = Scanner::new(&cfg, &mut seeded(2)).unwrap();
+        let (from, to, tj) = ([0.0, 0.0], [100e-9, -40e-9], 10.0);
+        sc.move_center(from, to, tj);
+        let full = [c * 100e-9, c * -40e-9];
+        assert_eq!(sc.creep_deficit(tj - 1.0), [0.0, 0.0]);
+        assert_eq!(sc.creep_deficit(tj), full);
+        let just_after = sc.creep_deficit(tj + 1e-4);
+        assert!((just_after[0] / full[0] - 1.0).abs() < 1e-4);
+        assert!((just_after[1] / full[1] - 1.0).abs() < 1e-4);
+        // Logarithmic: equal losses per decade of 1 + τ/t₀ (τ = 0, 9 t₀, 99 t₀).
+        let x = |tau: f64| sc.creep_deficit(tj + tau * t0)[0];
+        let (a, b, e) = (x(0.0), x(9.0), x(99.0));
+        assert!(((a - b) / (b - e) - 1.0).abs() < 1e-9, "{a} {b} {e}");
+        assert!(e > 0.0 && e < 0.01 * a);
+        // Monotonic decay to exactly 0 after 100 t₀.
+        let mut last = f64::INFINITY;
+        for i in 0..=3000 {
+            let tau = 0.1 * i as f64;
+            let v = sc.creep_deficit(tj + tau)[0];
+            assert!(v <= last && v >= 0.0, "τ={tau}");
+            last = v;
+        }
+        assert_eq!(sc.creep_deficit(tj + 100.0 * t0), [0.0, 0.0]);
+        // Overlapping jumps add; settled ones are forgotten.
+        sc.move_center(to, [0.0, 0.0], tj + 50.0);
+        let sum = sc.creep_deficit(tj + 60.0);
+        let first = {
+            let g = 1.0 - (61.0f64).log10() / (101.0f64).log10();
+            full[0] * g
+        };
+        let second = -full[0] * (1.0 - (11.0f64).log10() / (101.0f64).log10());
+        assert!((sum[0] - (first + second)).abs() < 1e-12 * full[0]);
+        assert_eq!(sc.creeping_jumps(), 2);
+        sc.move_center([0.0, 0.0], [0.0, 0.0], tj + 120.0);
+        assert_eq!(sc.creeping_jumps(), 1);
+        sc.move_center([0.0, 0.0], [1e-9, 0.0], tj + 200.0);
+        assert_eq!(sc.creeping_jumps(), 1);
+    }
+
+    #[test]
+    fn creep_shifts_the_scanned_positions() {
+        let cfg = ScannerConfig {
+            creep_fraction: Param::fixed(0.1),
+            ..quiet()
+        };
+        let mut rng = seeded(3);
+        let mut sc = Scanner::new(&cfg, &mut rng).unwrap();
+        let s = settings(16, 32, 1e-9, 1e-2);
+        sc.move_center([0.0, 0.0], s.center, 5.0);
+        let (mut xs, mut ys) = (vec![0.0; 32], vec![0.0; 32]);
+        sc.line_positions(&s, 3, 5.0, false, &mut rng, &mut xs, &mut ys)
+            .unwrap();
+        for j in 0..32 {
+            let t = 5.0 + (j as f64 + 0.5) * 1e-2;
+            let def = sc.creep_deficit(t);
+            let cmd = commanded(&s, 3, j);
+            assert!((xs[j] - (cmd[0] - def[0])).abs() < 1e-18);
+            assert!((ys[j] - (cmd[1] - def[1])).abs() < 1e-18);
+            // The piezo lags behind by nearly 10 % of the jump at first.
+            assert!(def[0] > 0.08 * s.center[0] && def[0] <= 0.1 * s.center[0]);
+        }
+    }
+
+    #[test]
+    fn hysteresis_bows_trace_and_retrace_apart() {
+        let h = 0.02;
+        let cfg = ScannerConfig {
+            hysteresis: Param::fixed(h),
+            ..quiet()
+        };
+        let mut rng = seeded(4);
+        let mut sc = Scanner::new(&cfg, &mut rng).unwrap();
+        let s = settings(8, 100, 2e-9, 1e-3);
+        let l = 100.0 * 2e-9;
+        let (mut xt, mut yt) = (vec![0.0; 100], vec![0.0; 100]);
+        let (mut xr, mut yr) = (vec![0.0; 100], vec![0.0; 100]);
+        sc.line_positions(&s, 2, 0.0, false, &mut rng, &mut xt, &mut yt)
+            .unwrap();
+        sc.line_positions(&s, 2, 0.1, true, &mut rng, &mut xr, &mut yr)
+            .unwrap();
+        let mut max = 0.0f64;
+        for j in 0..100 {
+            let u = (j as f64 + 0.5) / 100.0;
+            let expected = 2.0 * h * (l / 2.0) * (1.0 - (2.0 * u - 1.0).powi(2));
+            assert!((xt[j] - xr[j] - expected).abs() < 1e-18, "j={j}");
+            assert_eq!(yt[j], yr[j]);
+            let cmd = commanded(&s, 2, j);
+            // Symmetric bow: trace ahead by half the mismatch, retrace behind.
+            assert!((xt[j] - cmd[0] - 0.5 * expected).abs() < 1e-18);
+            max = max.max(xt[j] - xr[j]);
+        }
+        // At most h·L, at the centre.
+        assert!(max <= h * l && max > 0.999 * h * l, "{max}");
+    }
+
+    #[test]
+    fn pixels_are_timed_in_scan_order_and_the_clock_advances() {
+        let v = 1e-9;
+        let cfg = ScannerConfig {
+            drift_initial: Param::fixed(v),
+            drift_settled: Param::fixed(v),
+            drift_direction: Param::fixed(0.0),
+            ..quiet()
+        };
+        let mut rng = seeded(5);
+        let mut sc = Scanner::new(&cfg, &mut rng).unwrap();
+        let (cols, dwell, t_start) = (50, 2e-3, 7.0);
+        let s = settings(10, cols, 1e-9, dwell);
+        let (mut xs, mut ys) = (vec![0.0; cols], vec![0.0; cols]);
+        for reverse in [false, true] {
+            sc.line_positions(&s, 9, t_start, reverse, &mut rng, &mut xs, &mut ys)
+                .unwrap();
+            for j in 0..cols {
+                let k = if reverse { cols - 1 - j } else { j };
+                let t = t_start + (k as f64 + 0.5) * dwell;
+                let cmd = commanded(&s, 9, j);
+                assert!((xs[j] - (cmd[0] - v * t)).abs() < 1e-18, "{reverse} {j}");
+                assert!((ys[j] - cmd[1]).abs() < 1e-18);
+            }
+            assert_eq!(sc.clock(), t_start + cols as f64 * dwell);
+            assert!((sc.drift()[0] - v * sc.clock()).abs() < 1e-18);
+        }
+    }
+
+    #[test]
+    fn bad_line_arguments_are_errors() {
+        let mut rng = seeded(6);
+        let mut sc = Scanner::new(&ScannerConfig::default(), &mut rng).unwrap();
+        let s = settings(4, 8, 1e-9, 1e-3);
+        let (mut xs, mut ys) = (vec![0.0; 8], vec![0.0; 7]);
+        let mut check = |s: &ScanSettings, row: usize, t: f64, xs: &mut [f64], ys: &mut [f64]| {
+            matches!(
+                sc.line_positions(s, row, t, false, &mut rng, xs, ys),
+                Err(PhysicsError::InvalidArgument { .. })
+            )
+        };
+        assert!(check(&s, 0, 0.0, &mut xs, &mut ys));
+        let mut ys = vec![0.0; 8];
+        assert!(check(&s, 4, 0.0, &mut xs, &mut ys));
+        assert!(check(&s, 0, f64::NAN, &mut xs, &mut ys));
+        let mut z = s;
+        z.dwell_time = 0.0;
+        assert!(check(&z, 0, 0.0, &mut xs, &mut ys));
+        z = s;
+        z.pixel_size = f64::NAN;
+        assert!(check(&z, 0, 0.0, &mut xs, &mut ys));
+        z = s;
+        z.center[1] = f64::INFINITY;
+        assert!(check(&z, 0, 0.0, &mut xs, &mut ys));
+        assert!(!check(&s, 3, 0.0, &mut xs, &mut ys));
+    }
+
+    fn rms(v: impl Iterator<Item = f64>) -> f64 {
+        let (mut s, mut n) = (0.0, 0.0);
+        for x in v {
+            s += x * x;
+            n += 1.0;
+        }
+        (s / n).sqrt()
+    }
+
+    #[test]
+    fn white_noise_and_line_offsets_have_their_rms() {
+        let cfg = ScannerConfig {
+            white_noise: Param::fixed(20e-12),
+            ..quiet()
+        };
+        let mut rng = seeded(7);
+        let mut sc = Scanner::new(&cfg, &mut rng).unwrap();
+        let mut all = Vec::new();
+        let mut line = vec![0.0f32; 256];
+        for i in 0..400 {
+            line.fill(0.0);
+            sc.add_line_noise(&mut line, 1e-3, i % 2 == 1, &mut rng);
+            all.extend(line.iter().map(|&v| f64::from(v)));
+        }
+        let r = rms(all.iter().copied());
+        assert!((r / 20e-12 - 1.0).abs() < 0.02, "{r}");
+        // Uncorrelated from pixel to pixel.
+        let lag1: f64 = all.windows(2).map(|w| w[0] * w[1]).sum::<f64>() / (all.len() - 1) as f64;
+        assert!((lag1 / (r * r)).abs() < 0.02);
+
+        let cfg = ScannerConfig {
+            line_offset: Param::fixed(100e-12),
+            ..quiet()
+        };
+        let mut sc = Scanner::new(&cfg, &mut rng).unwrap();
+        let mut line = vec![0.0f32; 16];
+        let (mut offsets, mut pairs) = (Vec::new(), 0.0);
+        for _ in 0..3000 {
+            let mut o = [0.0; 2];
+            for (d, reverse) in [false, true].into_iter().enumerate() {
+                line.fill(0.0);
+                sc.add_line_noise(&mut line, 1e-3, reverse, &mut rng);
+                // One constant per line.
+                assert!(line.iter().all(|&v| v == line[0]));
+                o[d] = f64::from(line[0]);
+                offsets.push(o[d]);
+            }
+            pairs += o[0] * o[1];
+        }
+        let r = rms(offsets.iter().copied());
+        assert!((r / 100e-12 - 1.0).abs() < 0.04, "{r}");
+        // Trace and retrace offsets are independent.
+        assert!((pairs / 3000.0 / (r * r)).abs() < 0.08);
+    }
+
+    /// Welch periodogram (Hann window, segments of `seg`) of `x` sampled every `dt`:
+    /// `(frequency, power)` for bins 1..seg/2.
+    fn welch(x: &[f64], seg: usize, dt: f64) -> Vec<(f64, f64)> {
+        let fft = rustfft::FftPlanner::<f64>::new().plan_fft_forward(seg);
+        let mut acc = vec![0.0; seg / 2];
+        let mut buf = vec![Complex::new(0.0, 0.0); seg];
+        for chunk in x.chunks_exact(seg) {
+            let mean = chunk.iter().sum::<f64>() / seg as f64;
+            for (i, (b, &v)) in buf.iter_mut().zip(chunk).enumerate() {
+                let w = 0.5 - 0.5 * (2.0 * PI * i as f64 / seg as f64).cos();
+                *b = Complex::new((v - mean) * w, 0.0);
+            }
+            fft.process(&mut buf);
+            for (a, b) in acc.iter_mut().zip(&buf) {
+                *a += b.norm_sqr();
+            }
+        }
+        (1..seg / 2)
+            .map(|k| (k as f64 / (seg as f64 * dt), acc[k]))
+            .collect()
+    }
+
+    #[test]
+    fn pink_noise_has_its_rms_and_a_one_over_f_spectrum() {
+        let cfg = ScannerConfig {
+            pink_noise: Param::fixed(50e-12),
+            ..quiet()
+        };
+        let mut rng = seeded(8);
+        let mut sc = Scanner::new(&cfg, &mut rng).unwrap();
+        let dt = 1e-3;
+        let mut x = Vec::with_capacity(1 << 20);
+        let mut line = vec![0.0f32; 1024];
+        for _ in 0..1024 {
+            line.fill(0.0);
+            sc.add_line_noise(&mut line, dt, false, &mut rng);
+            x.extend(line.iter().map(|&v| f64::from(v)));
+        }
+        let r = rms(x.iter().copied());
+        assert!((r / 50e-12 - 1.0).abs() < 0.15, "{r}");
+        // Persistent across lines: no jump at line boundaries beyond the in-line steps.
+        let step = |i: usize| (x[i] - x[i - 1]).abs();
+        let at_edges = (1..1024).map(|l| step(l * 1024)).sum::<f64>() / 1023.0;
+        let inside = (1..1024).map(|l| step(l * 1024 + 500)).sum::<f64>() / 1023.0;
+        assert!(at_edges < 1.3 * inside, "{at_edges} vs {inside}");
+        // Log-log slope of the spectrum between 0.2 and 50 Hz, averaged in log-spaced bins.
+        let spec = welch(&x, 1 << 14, dt);
+        let nb = 24;
+        let (lo, hi) = (0.2f64.log10(), 50f64.log10());
+        let mut pts = Vec::new();
+        for b in 0..nb {
+            let (a, e) = (
+                lo + (hi - lo) * b as f64 / nb as f64,
+                lo + (hi - lo) * (b + 1) as f64 / nb as f64,
+            );
+            let sel: Vec<&(f64, f64)> = spec
+                .iter()
+                .filter(|(f, _)| (a..e).contains(&f.log10()))
+                .collect();
+            if sel.is_empty() {
+                continue;
+            }
+            let p = sel.iter().map(|(_, p)| p).sum::<f64>() / sel.len() as f64;
+            pts.push((0.5 * (a + e), p.log10()));
+        }
+        let n = pts.len() as f64;
+        let (mx, my) = (
+            pts.iter().map(|p| p.0).sum::<f64>() / n,
+            pts.iter().map(|p| p.1).sum::<f64>() / n,
+        );
+        let slope = pts.iter().map(|p| (p.0 - mx) * (p.1 - my)).sum::<f64>()
+            / pts.iter().map(|p| (p.0 - mx).powi(2)).sum::<f64>();
+        assert!((-1.3..=-0.7).contains(&slope), "slope {slope}");
+    }
+
+    #[test]
+    fn retrace_noise_is_the_trace_noise_in_reverse_scan_order() {
+        let mut rng = seeded(9);
+        let sc = Scanner::new(&ScannerConfig::default(), &mut rng).unwrap();
+        let (mut a, mut b) = (sc.clone(), sc);
+        let (mut ra, mut rb) = (rng.clone(), rng);
+        let mut la = vec![0.0f32; 300];
+        let mut lb = vec![0.0f32; 300];
+        a.add_line_noise(&mut la, 2e-3, false, &mut ra);
+        b.add_line_noise(&mut lb, 2e-3, true, &mut rb);
+        lb.reverse();
+        assert_eq!(la, lb);
+        // A bad pixel time still gives finite noise of the same total variance.
+        let mut l = vec![0.0f32; 4000];
+        a.add_line_noise(&mut l, f64::NAN, false, &mut ra);
+        assert!(l.iter().all(|v| v.is_finite()));
+    }
+
+    /// Runs a short session and returns everything it produced.
+    fn session(seed: u64) -> (Vec<f64>, Vec<f32>) {
+        let mut rng = seeded(seed);
+        let mut sc = Scanner::new(&ScannerConfig::default(), &mut rng).unwrap();
+        let s = settings(8, 32, 1e-9, 1e-3);
+        let (mut xs, mut ys) = (vec![0.0; 32], vec![0.0; 32]);
+        let mut line = vec![0.0f32; 32];
+        let (mut pos, mut noise) = (Vec::new(), Vec::new());
+        sc.move_center([0.0, 0.0], s.center, 0.5);
+        let mut t = 1.0;
+        for row in 0..8 {
+            for reverse in [false, true] {
+                sc.line_positions(&s, row, t, reverse, &mut rng, &mut xs, &mut ys)
+                    .unwrap();
+                line.fill(0.0);
+                sc.add_line_noise(&mut line, s.dwell_time, reverse, &mut rng);
+                pos.extend_from_slice(&xs);
+                pos.extend_from_slice(&ys);
+                noise.extend_from_slice(&line);
+                t += 0.04;
+            }
+        }
+        pos.extend_from_slice(&sc.drift());
+        (pos, noise)
+    }
+
+    #[test]
+    fn same_seed_same_output_bit_for_bit() {
+        let (a, b) = (session(11), session(11));
+        assert!(
+            a.0.iter()
+                .zip(&b.0)
+                .all(|(x, y)| x.to_bits() == y.to_bits())
+        );
+        assert!(
+            a.1.iter()
+                .zip(&b.1)
+                .all(|(x, y)| x.to_bits() == y.to_bits())
+        );
+        assert_ne!(session(12).1, a.1);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        #[test]
+        fn outputs_are_finite_and_creep_is_bounded(
+            v0 in 0.0..1e-7f64, vs in 0.0..1e-7f64, tau in 1.0..1e5f64, dir in -10.0..10.0f64,
+            d in 0.0..1e-16f64, c in 0.0..=0.5f64, t0 in 1e-3..1e3f64, h in 0.0..=0.25f64,
+            white in 0.0..1e-9f64, pink in 0.0..1e-9f64, off in 0.0..1e-9f64,
+            rows in 1usize..40, cols in 1usize..80, px in 1e-11..1e-6f64, dwell in 1e-6..0.1f64,
+            jumps in proptest::collection::vec(
+                (-1e-6..1e-6f64, -1e-6..1e-6f64, 0.0..50.0f64), 1..6),
+            seed in 0u64..1000,
+        ) {
+            let cfg = ScannerConfig {
+                drift_initial: Param::fixed(v0),
+                drift_settled: Param::fixed(vs),
+                drift_settle_time: Param::fixed(tau),
+                drift_direction: Param::fixed(dir),
+                drift_diffusivity: Param::fixed(d),
+                creep_fraction: Param::fixed(c),
+                creep_time: Param::fixed(t0),
+                hysteresis: Param::fixed(h),
+                white_noise: Param::fixed(white),
+                pink_noise: Param::fixed(pink),
+                line_offset: Param::fixed(off),
+            };
+            let mut rng = seeded(seed);
+            let mut sc = Scanner::new(&cfg, &mut rng).unwrap();
+            let mut s = settings(rows, cols, px, dwell);
+            let (mut xs, mut ys) = (vec![0.0; cols], vec![0.0; cols]);
+            let mut line = vec![0.0f32; cols];
+            let mut t = 0.0;
+            let mut total = 0.0f64;
+            for (i, &(x, y, wait)) in jumps.iter().enumerate() {
+                let to = [x, y];
+                let step = (to[0] - s.center[0]).hypot(to[1] - s.center[1]);
+                sc.move_center(s.center, to, t);
+                total += step;
+                // One jump alone never lags by more than c·|Δ|.
+                if i == 0 {
+                    for k in 0..50 {
+                        let one = sc.creep_deficit(t + t0 * 2f64.powi(k - 10));
+                        prop_assert!(one[0].hypot(one[1]) <= c * step * (1.0 + 1e-12));
+                    }
+                }
+                s.center = to;
+                let row = i % rows;
+                sc.line_positions(&s, row, t, i % 2 == 1, &mut rng, &mut xs, &mut ys).unwrap();
+                prop_assert!(xs.iter().chain(&ys).all(|v| v.is_finite()));
+                line.fill(0.0);
+                sc.add_line_noise(&mut line, dwell, i % 2 == 1, &mut rng);
+                prop_assert!(line.iter().all(|v| v.is_finite()));
+                for k in 0..20 {
+                    let def = sc.creep_deficit(t + wait * k as f64 / 19.0);
+                    prop_assert!(def[0].is_finite() && def[1].is_finite());
+                    prop_assert!(def[0].hypot(def[1]) <= c * total * (1.0 + 1e-12) + 1e-30);
+                }
+                t += cols as f64 * dwell + wait;
+                sc.advance(t, &mut rng);
+                let dr = sc.drift();
+                prop_assert!(dr[0].is_finite() && dr[1].is_finite());
+            }
+        }
+    }
+}
