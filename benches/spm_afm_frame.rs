@@ -7,7 +7,8 @@
 //! - `spm_afm_frame_256/new_double_tip`: the tip changed before the frame (a double tip, general
 //!   25 × 25 dilation of the 256² sample, then the frame).
 //!
-//! The sample is 256 nm of terraces with particles, 1 nm per cell; the tip has R = 10 nm.
+//! The sample is 256 nm of particles (radius 6.2 nm) on terraces, 1 nm per cell; the tip has
+//! R = 10 nm, which over that relief is a 25 × 25-pixel kernel.
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use scopegym_physics::instrument::SpmInstrument;
@@ -25,7 +26,7 @@ fn afm() -> SpmSimulator {
     c.scan.size = Param::fixed(256e-9);
     c.scan.pixels = [256, 256];
     c.surface.kind = SurfaceKind::Particles;
-    c.surface.particle_radius = Param::fixed(5e-9);
+    c.surface.particle_radius = Param::fixed(6.2e-9);
     c.tip.initial_radius = Param::fixed(10e-9);
     c.tip.wear_rate = Param::fixed(0.0);
     c.tip.adsorbate_rate = Param::fixed(0.0);

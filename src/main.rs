@@ -111,6 +111,33 @@ fn attrs(u: &str, q: &str) -> Vec<(String, String)> {
     ]
 }
 
+/// Root attributes every output file carries: seed, frames, the scenario as written and as
+/// resolved, the version and git commit.
+fn provenance(
+    sc: &Scenario,
+    seed: u64,
+    frames: usize,
+    template: String,
+    resolved: String,
+) -> Vec<(String, AttrValue)> {
+    vec![
+        ("seed".into(), AttrValue::U64(seed)),
+        ("frames".into(), AttrValue::U64(frames as u64)),
+        ("scenario_name".into(), AttrValue::Str(sc.name.clone())),
+        ("scenario_version".into(), AttrValue::I64(sc.version)),
+        ("scenario_file".into(), AttrValue::Str(template)),
+        ("resolved_config".into(), AttrValue::Str(resolved)),
+        (
+            "scopegym_version".into(),
+            AttrValue::Str(scopegym::VERSION.into()),
+        ),
+        (
+            "git_commit".into(),
+            AttrValue::Str(scopegym::GIT_COMMIT.into()),
+        ),
+    ]
+}
+
 fn parse_point(text: &str) -> Result<[f64; 2], CliError> {
     let bad = || CliError::Argument {
         argument: "--spectroscopy".into(),
@@ -232,7 +259,7 @@ fn simulate_stem(
         let resolved = toml::to_string(cfg).unwrap_or_default();
         let template = std::fs::read_to_string(scenario).unwrap_or_default();
         let f = AttrValue::F64;
-        let root = vec![
+        let mut root = vec![
             ("beam_energy_eV".into(), f(sim.beam_energy())),
             (
                 "convergence_angle_rad".into(),
@@ -256,21 +283,8 @@ fn simulate_stem(
             ("C30_m".into(), f(ab.c30)),
             ("C50_m".into(), f(ab.c50)),
             ("source_size_m".into(), f(cfg.optics.source_size.get())),
-            ("seed".into(), AttrValue::U64(seed)),
-            ("frames".into(), AttrValue::U64(frames as u64)),
-            ("scenario_name".into(), AttrValue::Str(sc.name.clone())),
-            ("scenario_version".into(), AttrValue::I64(sc.version)),
-            ("scenario_file".into(), AttrValue::Str(template)),
-            ("resolved_config".into(), AttrValue::Str(resolved)),
-            (
-                "scopegym_version".into(),
-                AttrValue::Str(scopegym::VERSION.into()),
-            ),
-            (
-                "git_commit".into(),
-                AttrValue::Str(scopegym::GIT_COMMIT.into()),
-            ),
         ];
+        root.extend(provenance(sc, seed, frames, template, resolved));
         write_hdf5(h, &datasets, &root)?;
     }
     if let Some(o) = &out {

@@ -1,6 +1,6 @@
 //! `scopegym simulate` and `scopegym perf` for SPM scenarios (AFM, STM, PFM).
 
-use super::{attrs, median, progress};
+use super::{attrs, median, progress, provenance};
 use ndarray::{Array2, Array3, Axis};
 use scopegym::error::CliError;
 use scopegym::output::{AttrValue, Data, Dataset, montage_u8, write_hdf5, write_png};
@@ -202,7 +202,7 @@ pub fn simulate_spm(
         let template = std::fs::read_to_string(scenario).unwrap_or_default();
         let f = AttrValue::F64;
         let (p_gain, i_gain) = sim.feedback_gains();
-        let root = vec![
+        let mut root = vec![
             ("instrument".into(), AttrValue::Str(cfg.mode.name().into())),
             ("pixel_size_m".into(), f(s.pixel_size)),
             ("dwell_time_s".into(), f(s.dwell_time)),
@@ -213,21 +213,8 @@ pub fn simulate_spm(
             ("feedback_p_gain".into(), f(p_gain)),
             ("feedback_i_gain_per_s".into(), f(i_gain)),
             ("tip_state".into(), AttrValue::Str(tip_state0)),
-            ("seed".into(), AttrValue::U64(seed)),
-            ("frames".into(), AttrValue::U64(frames as u64)),
-            ("scenario_name".into(), AttrValue::Str(sc.name.clone())),
-            ("scenario_version".into(), AttrValue::I64(sc.version)),
-            ("scenario_file".into(), AttrValue::Str(template)),
-            ("resolved_config".into(), AttrValue::Str(resolved)),
-            (
-                "scopegym_version".into(),
-                AttrValue::Str(scopegym::VERSION.into()),
-            ),
-            (
-                "git_commit".into(),
-                AttrValue::Str(scopegym::GIT_COMMIT.into()),
-            ),
         ];
+        root.extend(provenance(sc, seed, frames, template, resolved));
         write_hdf5(h, &datasets, &root)?;
     }
     if let Some(o) = &out {
