@@ -1,0 +1,274 @@
+//! The step/reset API with Gymnasium 1.x semantics, and the wrapper that turns a task's inner
+//! dynamics into an environment (time limit, done-masking, action checks, seeding).
+
+use crate::error::{EnvError, Result};
+use crate::space::{Space, Value};
+use rand::RngCore;
+use scopegym_physics::rng::{SimRng, seeded};
+use std::collections::BTreeMap;
+
+/// One entry of an `info` dict.
+#[derive(Debug, Clone, PartialEq)]
+pub enum InfoValue {
+    /// A float.
+    F64(f64),
+    /// An integer.
+    I64(i64),
+    /// A flag.
+    Bool(bool),
+    /// Text.
+    Str(String),
+    /// A float vector.
+    F64s(Vec<f64>),
+}
+
+/// The `info` dict of `reset` and `step`: diagnostics and ground truth that never enter the
+/// observation.
+pub type Info = BTreeMap<String, InfoValue>;
+
+/// An RGB image, row-major, 3 bytes per pixel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RgbImage {
+    /// Width, pixels.
+    pub width: usize,
+    /// Height, pixels.
+    pub height: usize,
+    /// `height × width × 3` bytes.
+    pub data: Vec<u8>,
+}
+
+impl RgbImage {
+    /// A grey-scale rendering of `values` (`height × width`, row-major) scaled between their
+    /// minimum and maximum.
+    pub fn from_grey(values: &[f32], height: usize, width: usize) -> Self {
+        let (lo, hi) = values
+            .iter()
+            .filter(|v| v.is_finite())
+            .fold((f32::MAX, f32::MIN), |(a, b), &v| (a.min(v), b.max(v)));
+        let span = if hi > lo { hi - lo } else { 1.0 };
+        let mut data = Vec::with_capacity(values.len() * 3);
+        for &v in values {
+            let g = if v.is_finite() {
+                (((v - lo) / span).clamp(0.0, 1.0) * 255.0).round() as u8
+            } else {
+                0
+            };
+            data.extend_from_slice(&[g, g, g]);
+        }
+        Self {
+            width,
+            height,
+            data,
+        }
+    }
+}
+
+/// What `step` returns.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Step {
+    /// The next observation.
+    pub obs: Value,
+    /// The reward of this transition.
+    pub reward: f64,
+    /// The episode reached a terminal state of the task (success or failure).
+    pub terminated: bool,
+    /// The episode was cut (time limit).
+    pub truncated: bool,
+    /// Diagnostics and ground truth.
+    pub info: Info,
+}
+
+/// An environment (Gymnasium 1.x semantics).
+pub trait Env: Send {
+    /// The task id, e.g. `"scopegym/SpmTipConditioning-v0"`.
+    fn id(&self) -> &str;
+    /// The observation space.
+    fn observation_space(&self) -> &Space;
+    /// The action space.
+    fn action_space(&self) -> &Space;
+    /// Steps after which an episode is truncated.
+    fn max_episode_steps(&self) -> usize;
+    /// Starts an episode. `Some(seed)` reseeds the environment; `None` continues its seed
+    /// stream (drawn from OS entropy on the very first reset, as Gymnasium does).
+    fn reset(&mut self, seed: Option<u64>) -> Result<(Value, Info)>;
+    /// Advances one step. Errors on invalid actions and when called before `reset` or after the
+    /// episode ended.
+    fn step(&mut self, action: &Value) -> Result<Step>;
+    /// An RGB picture of the current state.
+    fn render(&self) -> RgbImage;
+    /// The task's expert rule of thumb for the current observation.
+    fn heuristic_action(&mut self, obs: &Value) -> Value;
+}
+
+/// What a task's inner `step` returns.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskStep {
+    /// The next observation.
+    pub obs: Value,
+    /// The reward.
+    pub reward: f64,
+    /// Whether the task reached a terminal state.
+    pub terminated: bool,
+}
+
+/// A task's inner dynamics: [`TaskEnv`] adds time limits, done-masking, action checks and
+/// seeding.
+pub trait Task: Send {
+    /// The observation space.
+    fn observation_space(&self) -> Space;
+    /// The action space.
+    fn action_space(&self) -> Space;
+    /// Steps after which an episode is truncated.
+    fn max_episode_steps(&self) -> usize;
+    /// Starts an episode from `seed` (domain randomization draws from it); fills `info`.
+    fn reset(&mut self, seed: u64, info: &mut Info) -> Result<Value>;
+    /// One transition with an action already checked (and clipped) against the action space.
+    fn step(&mut self, action: &Value, info: &mut Info) -> Result<TaskStep>;
+    /// An RGB picture of the current state.
+    fn render(&self) -> RgbImage;
+    /// The expert's rule of thumb.
+    fn heuristic_action(&mut self, obs: &Value) -> Value;
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    NeedsReset,
+    Running,
+    Done,
+}
+
+/// A [`Task`] as an [`Env`].
+#[derive(Debug)]
+pub struct TaskEnv<T: Task> {
+    id: String,
+    task: T,
+    obs_space: Space,
+    act_space: Space,
+    max_steps: usize,
+    steps: usize,
+    phase: Phase,
+    seeds: Option<SimRng>,
+}
+
+fn entropy_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    h.finish()
+}
+
+impl<T: Task> TaskEnv<T> {
+    /// Wraps `task` under `id`.
+    pub fn new(id: impl Into<String>, task: T) -> Self {
+        Self {
+            id: id.into(),
+            obs_space: task.observation_space(),
+            act_space: task.action_space(),
+            max_steps: task.max_episode_steps(),
+            task,
+            steps: 0,
+            phase: Phase::NeedsReset,
+            seeds: None,
+        }
+    }
+
+    /// The task.
+    pub fn task(&self) -> &T {
+        &self.task
+    }
+
+    /// Steps taken in this episode.
+    pub fn elapsed_steps(&self) -> usize {
+        self.steps
+    }
+}
+
+impl<T: Task> Env for TaskEnv<T> {
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn observation_space(&self) -> &Space {
+        &self.obs_space
+    }
+
+    fn action_space(&self) -> &Space {
+        &self.act_space
+    }
+
+    fn max_episode_steps(&self) -> usize {
+        self.max_steps
+    }
+
+    fn reset(&mut self, seed: Option<u64>) -> Result<(Value, Info)> {
+        if let Some(s) = seed {
+            self.seeds = Some(seeded(s));
+        }
+        let episode_seed = self
+            .seeds
+            .get_or_insert_with(|| seeded(entropy_seed()))
+            .next_u64();
+        let mut info = Info::new();
+        info.insert("episode_seed".into(), InfoValue::I64(episode_seed as i64));
+        self.phase = Phase::NeedsReset;
+        let obs = self.task.reset(episode_seed, &mut info)?;
+        self.steps = 0;
+        self.phase = Phase::Running;
+        Ok((obs, info))
+    }
+
+    fn step(&mut self, action: &Value) -> Result<Step> {
+        match self.phase {
+            Phase::NeedsReset => {
+                return Err(EnvError::NeedsReset(format!(
+                    "{}: step called before reset",
+                    self.id
+                )));
+            }
+            Phase::Done => {
+                return Err(EnvError::NeedsReset(format!(
+                    "{}: step called after the episode ended; call reset",
+                    self.id
+                )));
+            }
+            Phase::Running => {}
+        }
+        let (action, clipped) = self.act_space.check_action(action, "action")?;
+        let mut info = Info::new();
+        if clipped {
+            info.insert("action_clipped".into(), InfoValue::Bool(true));
+        }
+        let s = self.task.step(&action, &mut info)?;
+        self.steps += 1;
+        let truncated = !s.terminated && self.steps >= self.max_steps;
+        if s.terminated || truncated {
+            self.phase = Phase::Done;
+        }
+        if !s.reward.is_finite() {
+            return Err(EnvError::Physics(scopegym_physics::PhysicsError::arg(
+                "reward",
+                format!("{}: the task produced a non-finite reward", self.id),
+            )));
+        }
+        Ok(Step {
+            obs: s.obs,
+            reward: s.reward,
+            terminated: s.terminated,
+            truncated,
+            info,
+        })
+    }
+
+    fn render(&self) -> RgbImage {
+        self.task.render()
+    }
+
+    fn heuristic_action(&mut self, obs: &Value) -> Value {
+        self.task.heuristic_action(obs)
+    }
+}

@@ -1,0 +1,62 @@
+//! The task registry: one line per task.
+//!
+//! ```
+//! let env = scopegym_envs::registry::make("scopegym/AfmFeedbackTuning-v0", None).unwrap();
+//! assert_eq!(env.max_episode_steps(), 30);
+//! assert!(scopegym_envs::registry::make("scopegym/Nope-v0", None).is_err());
+//! ```
+
+use crate::env::{Env, TaskEnv};
+use crate::error::{EnvError, Result};
+use crate::tasks::afm_feedback_tuning::AfmFeedbackTuning;
+
+/// Builds a task's environment from its id and an optional TOML config.
+pub type MakeFn = fn(&'static str, Option<&toml::Value>) -> Result<Box<dyn Env>>;
+
+/// A registered task.
+#[derive(Debug, Clone, Copy)]
+pub struct TaskSpec {
+    /// The id, `scopegym/<Name>-v0`.
+    pub id: &'static str,
+    /// The instrument family: `"stem"`, `"stm"`, `"afm"`, `"pfm"`.
+    pub instrument: &'static str,
+    /// One line on what the agent does.
+    pub description: &'static str,
+    /// Builds the environment from an optional TOML config.
+    pub make: MakeFn,
+}
+
+/// Every task, one line each.
+pub const TASKS: &[TaskSpec] = &[TaskSpec {
+    id: "scopegym/AfmFeedbackTuning-v0",
+    instrument: "afm",
+    description: "tune P, I and scan speed of the z-feedback for accurate, fast tracking",
+    make: |id, c| {
+        Ok(Box::new(TaskEnv::new(
+            id,
+            AfmFeedbackTuning::from_config(c)?,
+        )))
+    },
+}];
+
+/// The registered ids.
+pub fn ids() -> Vec<&'static str> {
+    TASKS.iter().map(|t| t.id).collect()
+}
+
+/// The spec of `id`.
+pub fn spec(id: &str) -> Result<&'static TaskSpec> {
+    TASKS
+        .iter()
+        .find(|t| t.id == id)
+        .ok_or_else(|| EnvError::UnknownTask {
+            id: id.into(),
+            known: ids().join(", "),
+        })
+}
+
+/// Builds the environment registered as `id`, with an optional config (TOML table).
+pub fn make(id: &str, config: Option<&toml::Value>) -> Result<Box<dyn Env>> {
+    let s = spec(id)?;
+    (s.make)(s.id, config)
+}

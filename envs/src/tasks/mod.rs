@@ -1,0 +1,96 @@
+//! The microscopy tasks of DESIGN.md §6, one file each, and what they share: starting a new
+//! episode on an instrument, and reading a task config from TOML.
+
+pub mod afm_feedback_tuning;
+
+use crate::env::{Info, InfoValue};
+use crate::error::{EnvError, Result};
+use scopegym_physics::spm::sim::SpmSimulator;
+use scopegym_physics::stem::StemSimulator;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+/// Starting a new episode on an instrument: the simulators redraw their randomized parameters
+/// from the seed and rebuild the sample; a real-instrument driver moves to a fresh area.
+pub trait NewEpisode {
+    /// Starts an episode from `seed`; records what was randomized in `info` (`param.<key>`).
+    fn new_episode(&mut self, seed: u64, info: &mut Info) -> Result<()>;
+}
+
+impl NewEpisode for SpmSimulator {
+    fn new_episode(&mut self, seed: u64, info: &mut Info) -> Result<()> {
+        self.reset(seed)?;
+        record_randomized(self.template(), self.config(), info);
+        Ok(())
+    }
+}
+
+impl NewEpisode for StemSimulator {
+    fn new_episode(&mut self, seed: u64, info: &mut Info) -> Result<()> {
+        self.reset(seed)?;
+        record_randomized(self.template(), self.config(), info);
+        Ok(())
+    }
+}
+
+/// Records in `info` the value drawn for every parameter that `template` gives as a
+/// distribution, as `param.<dotted key>`.
+pub fn record_randomized<T: Serialize>(template: &T, resolved: &T, info: &mut Info) {
+    fn walk(t: &toml::Value, r: &toml::Value, path: &str, info: &mut Info) {
+        match (t, r) {
+            (toml::Value::Table(tt), _)
+                if ["uniform", "normal", "log_uniform"]
+                    .iter()
+                    .any(|k| tt.contains_key(*k)) =>
+            {
+                let v = match r {
+                    toml::Value::Float(f) => Some(*f),
+                    toml::Value::Integer(i) => Some(*i as f64),
+                    _ => None,
+                };
+                if let Some(v) = v {
+                    info.insert(format!("param.{path}"), InfoValue::F64(v));
+                }
+            }
+            (toml::Value::Table(tt), toml::Value::Table(rt)) => {
+                for (k, tv) in tt {
+                    if let Some(rv) = rt.get(k) {
+                        let p = if path.is_empty() {
+                            k.clone()
+                        } else {
+                            format!("{path}.{k}")
+                        };
+                        walk(tv, rv, &p, info);
+                    }
+                }
+            }
+            (toml::Value::Array(ta), toml::Value::Array(ra)) => {
+                for (k, (tv, rv)) in ta.iter().zip(ra).enumerate() {
+                    walk(tv, rv, &format!("{path}[{k}]"), info);
+                }
+            }
+            _ => {}
+        }
+    }
+    if let (Ok(t), Ok(r)) = (
+        toml::Value::try_from(template),
+        toml::Value::try_from(resolved),
+    ) {
+        walk(&t, &r, "", info);
+    }
+}
+
+/// Reads a task config from optional TOML (missing keys take their defaults); an unknown key or
+/// a wrong type is an [`EnvError::InvalidConfig`] naming the key.
+pub fn config_from_toml<C: DeserializeOwned + Default>(config: Option<&toml::Value>) -> Result<C> {
+    match config {
+        None => Ok(C::default()),
+        Some(v) => serde_path_to_error::deserialize(v.clone()).map_err(|e| {
+            let key = e.path().to_string();
+            EnvError::config(
+                if key == "." { "config".into() } else { key },
+                e.into_inner().to_string(),
+            )
+        }),
+    }
+}

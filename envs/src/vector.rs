@@ -1,0 +1,331 @@
+//! A vector of environments stepped in parallel (rayon) into contiguous, preallocated buffers,
+//! with Gymnasium 1.x autoreset modes.
+//!
+//! Observations are flattened to `f32` in the space's order (Dict: keys in order), so the
+//! buffer is `[num_envs, obs_len]`. Env `i` is seeded `seed + i`. Each env owns its random
+//! streams, so results do not depend on the number of threads.
+
+use crate::env::{Env, Info, InfoValue};
+use crate::error::{EnvError, Result};
+use crate::space::Value;
+
+/// What happens after an episode ends (Gymnasium's `AutoresetMode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AutoReset {
+    /// The step after the last one resets the env (its action is ignored) and returns the
+    /// first observation of the next episode with reward 0. Gymnasium's default.
+    #[default]
+    NextStep,
+    /// The env resets in the same step; the last observation and info of the finished
+    /// episode go into `info` as `final_obs` and `final_info.*`.
+    SameStep,
+    /// No automatic reset: reset finished envs with [`VectorEnv::reset_mask`].
+    Disabled,
+}
+
+impl AutoReset {
+    /// Gymnasium's name: `"NextStep"`, `"SameStep"` or `"Disabled"`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::NextStep => "NextStep",
+            Self::SameStep => "SameStep",
+            Self::Disabled => "Disabled",
+        }
+    }
+}
+
+/// Flattens a value into `out` (Box elements, Discrete and MultiDiscrete as numbers, Dict in
+/// key order).
+pub fn flatten_into(v: &Value, out: &mut [f32]) -> usize {
+    match v {
+        Value::Box(x) => {
+            out[..x.len()].copy_from_slice(x);
+            x.len()
+        }
+        Value::Discrete(d) => {
+            out[0] = *d as f32;
+            1
+        }
+        Value::MultiDiscrete(x) => {
+            for (o, v) in out.iter_mut().zip(x) {
+                *o = *v as f32;
+            }
+            x.len()
+        }
+        Value::MultiBinary(x) => {
+            for (o, v) in out.iter_mut().zip(x) {
+                *o = f32::from(*v);
+            }
+            x.len()
+        }
+        Value::Dict(items) => {
+            let mut k = 0;
+            for (_, v) in items {
+                k += flatten_into(v, &mut out[k..]);
+            }
+            k
+        }
+    }
+}
+
+struct Slot {
+    env: Box<dyn Env>,
+    needs_reset: bool,
+    reward: f64,
+    terminated: bool,
+    truncated: bool,
+    info: Info,
+    obs: Value,
+    error: Option<EnvError>,
+}
+
+/// N environments stepped together.
+pub struct VectorEnv {
+    slots: Vec<Slot>,
+    mode: AutoReset,
+    pool: rayon::ThreadPool,
+    obs_len: usize,
+    obs: Vec<f32>,
+    rewards: Vec<f64>,
+    terminated: Vec<bool>,
+    truncated: Vec<bool>,
+}
+
+impl std::fmt::Debug for VectorEnv {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VectorEnv")
+            .field("num_envs", &self.slots.len())
+            .field("mode", &self.mode)
+            .field("threads", &self.pool.current_num_threads())
+            .finish()
+    }
+}
+
+impl VectorEnv {
+    /// Wraps `envs` (all with the same spaces) stepped on `threads` threads.
+    pub fn new(envs: Vec<Box<dyn Env>>, mode: AutoReset, threads: usize) -> Result<Self> {
+        let Some(first) = envs.first() else {
+            return Err(EnvError::arg("num_envs", "needs at least one env"));
+        };
+        let (os, acts) = (
+            first.observation_space().clone(),
+            first.action_space().clone(),
+        );
+        if envs
+            .iter()
+            .any(|e| e.observation_space() != &os || e.action_space() != &acts)
+        {
+            return Err(EnvError::arg("envs", "all envs must share their spaces"));
+        }
+        if threads == 0 {
+            return Err(EnvError::arg("threads", "must be at least 1"));
+        }
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .map_err(|e| EnvError::arg("threads", e.to_string()))?;
+        let n = envs.len();
+        let obs_len = os.flat_len();
+        Ok(Self {
+            slots: envs
+                .into_iter()
+                .map(|env| Slot {
+                    env,
+                    needs_reset: true,
+                    reward: 0.0,
+                    terminated: false,
+                    truncated: false,
+                    info: Info::new(),
+                    obs: Value::Box(Vec::new()),
+                    error: None,
+                })
+                .collect(),
+            mode,
+            pool,
+            obs_len,
+            obs: vec![0.0; n * obs_len],
+            rewards: vec![0.0; n],
+            terminated: vec![false; n],
+            truncated: vec![false; n],
+        })
+    }
+
+    /// Number of environments.
+    pub fn num_envs(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// The autoreset mode.
+    pub fn mode(&self) -> AutoReset {
+        self.mode
+    }
+
+    /// Flattened observation length per env.
+    pub fn obs_len(&self) -> usize {
+        self.obs_len
+    }
+
+    /// The first env (spaces, id).
+    pub fn env(&self, i: usize) -> &dyn Env {
+        self.slots[i].env.as_ref()
+    }
+
+    /// Observations `[num_envs × obs_len]` after the last reset or step.
+    pub fn observations(&self) -> &[f32] {
+        &self.obs
+    }
+
+    /// Observation values (unflattened) after the last reset or step.
+    pub fn observation_values(&self) -> Vec<&Value> {
+        self.slots.iter().map(|s| &s.obs).collect()
+    }
+
+    /// Rewards of the last step.
+    pub fn rewards(&self) -> &[f64] {
+        &self.rewards
+    }
+
+    /// Terminations of the last step.
+    pub fn terminated(&self) -> &[bool] {
+        &self.terminated
+    }
+
+    /// Truncations of the last step.
+    pub fn truncated(&self) -> &[bool] {
+        &self.truncated
+    }
+
+    /// Infos of the last reset or step, one per env.
+    pub fn infos(&self) -> Vec<&Info> {
+        self.slots.iter().map(|s| &s.info).collect()
+    }
+
+    /// Copies the slots' results into the buffers; returns the first env error (every slot's
+    /// error is cleared, and the buffers hold the last good values of failed envs).
+    fn gather(&mut self) -> Result<()> {
+        let mut first = None;
+        for (i, s) in self.slots.iter_mut().enumerate() {
+            if let Some(e) = s.error.take() {
+                first.get_or_insert(e);
+                continue;
+            }
+            flatten_into(
+                &s.obs,
+                &mut self.obs[i * self.obs_len..(i + 1) * self.obs_len],
+            );
+            self.rewards[i] = s.reward;
+            self.terminated[i] = s.terminated;
+            self.truncated[i] = s.truncated;
+        }
+        first.map_or(Ok(()), Err)
+    }
+
+    /// Resets every env; env `i` gets `seed + i` (or continues its stream when `None`).
+    pub fn reset(&mut self, seed: Option<u64>) -> Result<()> {
+        let mask = vec![true; self.slots.len()];
+        self.reset_inner(seed, &mask)
+    }
+
+    /// Resets the envs where `mask` is true (for [`AutoReset::Disabled`]).
+    pub fn reset_mask(&mut self, seed: Option<u64>, mask: &[bool]) -> Result<()> {
+        if mask.len() != self.slots.len() {
+            return Err(EnvError::arg(
+                "mask",
+                format!("expected {} flags, got {}", self.slots.len(), mask.len()),
+            ));
+        }
+        self.reset_inner(seed, mask)
+    }
+
+    fn reset_inner(&mut self, seed: Option<u64>, mask: &[bool]) -> Result<()> {
+        use rayon::prelude::*;
+        let slots = &mut self.slots;
+        self.pool.install(|| {
+            slots.par_iter_mut().enumerate().for_each(|(i, s)| {
+                if !mask[i] {
+                    return;
+                }
+                match s.env.reset(seed.map(|v| v.wrapping_add(i as u64))) {
+                    Ok((obs, info)) => {
+                        s.obs = obs;
+                        s.info = info;
+                        s.reward = 0.0;
+                        s.terminated = false;
+                        s.truncated = false;
+                        s.needs_reset = false;
+                    }
+                    Err(e) => s.error = Some(e),
+                }
+            })
+        });
+        self.gather()
+    }
+
+    /// Steps every env with its action (`actions.len() == num_envs`).
+    pub fn step(&mut self, actions: &[Value]) -> Result<()> {
+        use rayon::prelude::*;
+        if actions.len() != self.slots.len() {
+            return Err(EnvError::action(
+                "actions",
+                format!(
+                    "expected {} actions, got {}",
+                    self.slots.len(),
+                    actions.len()
+                ),
+            ));
+        }
+        let mode = self.mode;
+        let slots = &mut self.slots;
+        self.pool.install(|| {
+            slots
+                .par_iter_mut()
+                .zip(actions.par_iter())
+                .for_each(|(s, a)| {
+                    if let Err(e) = step_slot(s, a, mode) {
+                        s.error = Some(e);
+                    }
+                })
+        });
+        self.gather()
+    }
+}
+
+fn step_slot(s: &mut Slot, action: &Value, mode: AutoReset) -> Result<()> {
+    if s.needs_reset && mode == AutoReset::NextStep {
+        let (obs, info) = s.env.reset(None)?;
+        s.obs = obs;
+        s.info = info;
+        s.reward = 0.0;
+        s.terminated = false;
+        s.truncated = false;
+        s.needs_reset = false;
+        return Ok(());
+    }
+    let st = s.env.step(action)?;
+    s.reward = st.reward;
+    s.terminated = st.terminated;
+    s.truncated = st.truncated;
+    s.info = st.info;
+    s.obs = st.obs;
+    if st.terminated || st.truncated {
+        match mode {
+            AutoReset::NextStep | AutoReset::Disabled => s.needs_reset = true,
+            AutoReset::SameStep => {
+                let mut flat = vec![0.0f32; s.env.observation_space().flat_len()];
+                flatten_into(&s.obs, &mut flat);
+                let final_info = std::mem::take(&mut s.info);
+                let (obs, mut info) = s.env.reset(None)?;
+                for (k, v) in final_info {
+                    info.insert(format!("final_info.{k}"), v);
+                }
+                info.insert(
+                    "final_obs".into(),
+                    InfoValue::F64s(flat.iter().map(|&v| f64::from(v)).collect()),
+                );
+                s.obs = obs;
+                s.info = info;
+            }
+        }
+    }
+    Ok(())
+}
