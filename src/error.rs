@@ -43,6 +43,9 @@ pub enum CliError {
     /// The simulation refused an operation.
     #[error(transparent)]
     Physics(#[from] scopegym_physics::PhysicsError),
+    /// An environment could not be built or stepped.
+    #[error(transparent)]
+    Env(#[from] scopegym_envs::EnvError),
 }
 
 impl CliError {
@@ -55,6 +58,12 @@ impl CliError {
                 | scopegym_physics::PhysicsError::InvalidQuantity { .. },
             ) => 2,
             Self::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => 2,
+            Self::Env(
+                scopegym_envs::EnvError::InvalidConfig { .. }
+                | scopegym_envs::EnvError::UnknownTask { .. }
+                | scopegym_envs::EnvError::InvalidAction { .. }
+                | scopegym_envs::EnvError::InvalidArgument { .. },
+            ) => 2,
             _ => 1,
         }
     }

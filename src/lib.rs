@@ -4,16 +4,19 @@
 //! command-line program `scopegym` and re-exports the workspace crates:
 //!
 //! - [`physics`]: the simulated instruments (`scopegym-physics`).
+//! - [`envs`]: the environments and tasks (`scopegym-envs`).
 //!
 //! The library part holds what the CLI needs and tests reuse: scenario loading ([`scenario`]),
 //! and output writers ([`output`]).
 
 #![deny(missing_docs)]
 
+pub use scopegym_envs as envs;
 pub use scopegym_physics as physics;
 
 pub mod error;
 pub mod output;
+pub mod record;
 pub mod scenario;
 
 pub use error::CliError;

@@ -11,6 +11,7 @@ use scopegym::scenario::{InstrumentConfig, Scenario, physics_to_scenario};
 use scopegym_physics::instrument::StemInstrument;
 use scopegym_physics::stem::{StemConfig, StemSimulator};
 
+mod env_cli;
 mod spm_cli;
 use spm_cli::{perf_spm, simulate_spm};
 use std::path::PathBuf;
@@ -48,6 +49,57 @@ enum Command {
         #[arg(long, value_name = "X,Y", requires = "hdf5")]
         spectroscopy: Option<String>,
     },
+    /// List the registered environments (id, instrument, spaces, max steps, description).
+    List {
+        /// Print one JSON array instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Steps per second of a vector env with random actions.
+    Bench {
+        /// Environment id, e.g. scopegym/AfmFeedbackTuning-v0.
+        env_id: String,
+        /// Number of environments.
+        #[arg(long, default_value_t = 16)]
+        num_envs: usize,
+        /// Worker threads.
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
+        /// Vector steps to time.
+        #[arg(long, default_value_t = 100)]
+        steps: usize,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Record episodes of an agent into a Minari-compatible dataset folder.
+    Record {
+        /// Environment id.
+        env_id: String,
+        /// The agent: random or heuristic.
+        #[arg(long, default_value = "random")]
+        agent: String,
+        /// Number of episodes.
+        #[arg(long, default_value_t = 10)]
+        episodes: usize,
+        /// Seed of the first episode (episode i resets with seed + i).
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Output folder (gets data/main_data.hdf5 and data/metadata.json).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Reset an environment and save its render as a PNG.
+    Render {
+        /// Environment id.
+        env_id: String,
+        /// Reset seed.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Output PNG.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Time frames (unchanged probe and specimen; changed specimen) and probe recomputation (median ms).
     Perf {
         /// Scenario TOML file.
@@ -77,6 +129,22 @@ fn main() -> ExitCode {
             frames,
             json,
         } => perf(scenario, frames, json),
+        Command::List { json } => env_cli::list(json),
+        Command::Bench {
+            env_id,
+            num_envs,
+            threads,
+            steps,
+            json,
+        } => env_cli::bench(&env_id, num_envs, threads, steps, json),
+        Command::Render { env_id, seed, out } => env_cli::render(&env_id, seed, &out),
+        Command::Record {
+            env_id,
+            agent,
+            episodes,
+            seed,
+            out,
+        } => env_cli::record(&env_id, &agent, episodes, seed, &out),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,

@@ -68,6 +68,20 @@ pub fn check_writable(path: &Path, argument: &str) -> Result<(), CliError> {
 
 /// Writes an 8-bit PNG atomically.
 pub fn write_png(path: &Path, img: &image::GrayImage) -> Result<(), CliError> {
+    save_png(path, img)
+}
+
+/// Writes an RGB PNG atomically.
+pub fn write_rgb_png(path: &Path, img: &image::RgbImage) -> Result<(), CliError> {
+    save_png(path, img)
+}
+
+fn save_png<P, C>(path: &Path, img: &image::ImageBuffer<P, C>) -> Result<(), CliError>
+where
+    P: image::PixelWithColorType,
+    [P::Subpixel]: image::EncodableLayout,
+    C: std::ops::Deref<Target = [P::Subpixel]>,
+{
     let tmp = temp_path(path);
     let res = img
         .save_with_format(&tmp, image::ImageFormat::Png)

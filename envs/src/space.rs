@@ -293,6 +293,50 @@ impl Space {
         }
     }
 
+    /// A short description, like Gymnasium's repr: `Box(-1.0, 1.0, (2,), float32)`,
+    /// `Discrete(14)`, `Dict('image': Box(...), ...)`.
+    pub fn describe(&self) -> String {
+        match self {
+            Self::Box {
+                shape,
+                low,
+                high,
+                dtype,
+            } => {
+                let bound = |v: &[f32]| -> String {
+                    match v.first() {
+                        Some(&f) if v.iter().all(|&x| x == f) => format!("{f:?}"),
+                        _ => "[...]".into(),
+                    }
+                };
+                let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
+                let tuple = if dims.len() == 1 {
+                    format!("({},)", dims[0])
+                } else {
+                    format!("({})", dims.join(", "))
+                };
+                format!(
+                    "Box({}, {}, {tuple}, {})",
+                    bound(low),
+                    bound(high),
+                    dtype.name()
+                )
+            }
+            Self::Discrete { n, start } if *start == 0 => format!("Discrete({n})"),
+            Self::Discrete { n, start } => format!("Discrete({n}, start={start})"),
+            Self::MultiDiscrete { nvec } => format!("MultiDiscrete({nvec:?})"),
+            Self::MultiBinary { n } => format!("MultiBinary({n})"),
+            Self::Dict(items) => format!(
+                "Dict({})",
+                items
+                    .iter()
+                    .map(|(k, s)| format!("'{k}': {}", s.describe()))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        }
+    }
+
     /// The space in the JSON form Gymnasium's and Minari's space serialization use
     /// (`{"type": "Box", "dtype": "float32", "shape": [..], "low": [..], "high": [..]}`, ...).
     pub fn to_json(&self) -> Json {
@@ -428,6 +472,15 @@ mod tests {
         assert_eq!(
             j["subspaces"]["mode"],
             json!({"type": "Discrete", "dtype": "int64", "start": 1, "n": 3})
+        );
+        assert_eq!(
+            Space::uniform_box(&[2], -1.0, 1.0).describe(),
+            "Box(-1.0, 1.0, (2,), float32)"
+        );
+        assert!(
+            dict()
+                .describe()
+                .starts_with("Dict('image': Box(0.0, 255.0, (4, 4), uint8)")
         );
         let inf = Space::uniform_box(&[1], f32::NEG_INFINITY, f32::INFINITY).to_json();
         assert_eq!(inf["low"], json!(["-inf"]));

@@ -1,0 +1,221 @@
+//! `scopegym list`, `scopegym bench` and `scopegym render`: the environments from the command
+//! line.
+
+use indicatif::{ProgressBar, ProgressStyle};
+use scopegym::error::CliError;
+use scopegym::output::check_writable;
+use scopegym_envs::registry::{TASKS, make};
+use scopegym_envs::rng::seeded;
+use scopegym_envs::vector::{AutoReset, VectorEnv};
+use std::path::Path;
+use std::time::Instant;
+
+/// Prints every registered task: id, instrument, spaces, max steps, description.
+pub fn list(json: bool) -> Result<(), CliError> {
+    let mut rows = Vec::new();
+    for t in TASKS {
+        let env = make(t.id, None)?;
+        rows.push(serde_json::json!({
+            "id": t.id,
+            "instrument": t.instrument,
+            "observation_space": env.observation_space().to_json(),
+            "action_space": env.action_space().to_json(),
+            "max_episode_steps": env.max_episode_steps(),
+            "description": t.description,
+        }));
+        if !json {
+            println!(
+                "{}  [{}]  max {} steps",
+                t.id,
+                t.instrument,
+                env.max_episode_steps()
+            );
+            println!("    {}", t.description);
+            println!("    observation: {}", env.observation_space().describe());
+            println!("    action:      {}", env.action_space().describe());
+        }
+    }
+    if json {
+        println!("{}", serde_json::Value::Array(rows));
+    }
+    Ok(())
+}
+
+fn positive(name: &str, v: usize, max: usize) -> Result<(), CliError> {
+    if !(1..=max).contains(&v) {
+        return Err(CliError::Argument {
+            argument: name.into(),
+            message: format!("must be 1..={max}, got {v}"),
+        });
+    }
+    Ok(())
+}
+
+/// Steps per second of the vector env with random actions.
+pub fn bench(
+    id: &str,
+    num_envs: usize,
+    threads: usize,
+    steps: usize,
+    json: bool,
+) -> Result<(), CliError> {
+    positive("--num-envs", num_envs, 65_536)?;
+    positive("--threads", threads, 1024)?;
+    positive("--steps", steps, 100_000_000)?;
+    let envs = (0..num_envs)
+        .map(|_| make(id, None))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut v = VectorEnv::new(envs, AutoReset::NextStep, threads)?;
+    v.reset(Some(0))?;
+    let space = v.env(0).action_space().clone();
+    let mut rngs: Vec<_> = (0..num_envs).map(|i| seeded(1_000 + i as u64)).collect();
+    let mut actions: Vec<_> = rngs.iter_mut().map(|r| space.sample(r)).collect();
+    let bar = if json || steps < 50 {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(steps as u64)
+    };
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} stepping {bar:40} {pos}/{len} ({eta})")
+            .expect("valid template"),
+    );
+    let start = Instant::now();
+    for k in 0..steps {
+        for (a, r) in actions.iter_mut().zip(&mut rngs) {
+            *a = space.sample(r);
+        }
+        v.step(&actions)?;
+        if k % 16 == 0 {
+            bar.set_position(k as u64);
+        }
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    bar.finish_and_clear();
+    let sps = (num_envs * steps) as f64 / seconds;
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "env_id": id,
+                "num_envs": num_envs,
+                "threads": threads,
+                "steps": steps,
+                "seconds": seconds,
+                "steps_per_second": sps,
+            })
+        );
+    } else {
+        println!(
+            "{id}: {num_envs} envs x {steps} steps on {threads} thread(s) in {seconds:.3} s: {sps:.0} steps/s"
+        );
+    }
+    Ok(())
+}
+
+/// Resets `id` with `seed` and writes its render as an RGB PNG.
+pub fn render(id: &str, seed: u64, out: &Path) -> Result<(), CliError> {
+    check_writable(out, "--out")?;
+    let mut env = make(id, None)?;
+    env.reset(Some(seed))?;
+    let img = env.render();
+    let rgb = image::RgbImage::from_raw(img.width as u32, img.height as u32, img.data).ok_or_else(
+        || CliError::Argument {
+            argument: "env".into(),
+            message: "render returned an image of the wrong size".into(),
+        },
+    )?;
+    scopegym::output::write_rgb_png(out, &rgb)?;
+    eprintln!(
+        "wrote {}x{} render of {id} to {}",
+        img.width,
+        img.height,
+        out.display()
+    );
+    Ok(())
+}
+
+/// `scopegym record`: runs `episodes` episodes of `id` with the `agent` (`random` or
+/// `heuristic`) from `seed` (episode `i` resets with `seed + i`) and writes a Minari-compatible
+/// dataset to `out`.
+pub fn record(
+    id: &str,
+    agent: &str,
+    episodes: usize,
+    seed: u64,
+    out: &Path,
+) -> Result<(), CliError> {
+    positive("--episodes", episodes, 10_000_000)?;
+    if agent != "random" && agent != "heuristic" {
+        return Err(CliError::Argument {
+            argument: "--agent".into(),
+            message: format!("expected random or heuristic, got {agent:?}"),
+        });
+    }
+    let mut env = make(id, None)?;
+    let name = id.trim_start_matches("scopegym/");
+    let mut prov = serde_json::Map::new();
+    prov.insert("env_id".into(), id.into());
+    prov.insert("agent".into(), agent.into());
+    prov.insert("seed".into(), seed.into());
+    prov.insert("max_episode_steps".into(), env.max_episode_steps().into());
+    prov.insert(
+        "env_spec".into(),
+        serde_json::json!({"id": id, "max_episode_steps": env.max_episode_steps(), "kwargs": {}})
+            .to_string()
+            .into(),
+    );
+    prov.insert("config".into(), "defaults of the registered task".into());
+    let mut rec = scopegym::record::Recorder::create(
+        out,
+        &format!("scopegym/{name}/{agent}-v0"),
+        env.observation_space(),
+        env.action_space(),
+        prov,
+    )?;
+    let bar = if episodes > 1 {
+        ProgressBar::new(episodes as u64)
+    } else {
+        ProgressBar::hidden()
+    };
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} recording {bar:40} {pos}/{len} episodes ({eta})")
+            .expect("valid template"),
+    );
+    let space = env.action_space().clone();
+    for i in 0..episodes {
+        let ep_seed = seed.wrapping_add(i as u64);
+        let mut rng = seeded(ep_seed ^ 0x5eed);
+        let (obs, _) = env.reset(Some(ep_seed))?;
+        let mut ep = scopegym::record::Episode {
+            seed: ep_seed,
+            observations: vec![obs],
+            ..Default::default()
+        };
+        loop {
+            let last = ep.observations.last().expect("reset observation");
+            let a = if agent == "heuristic" {
+                env.heuristic_action(last)
+            } else {
+                space.sample(&mut rng)
+            };
+            let s = env.step(&a)?;
+            ep.actions.push(a);
+            ep.observations.push(s.obs);
+            ep.rewards.push(s.reward);
+            ep.terminations.push(s.terminated);
+            ep.truncations.push(s.truncated);
+            if s.terminated || s.truncated {
+                break;
+            }
+        }
+        rec.write_episode(&ep)?;
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    eprintln!(
+        "wrote {} episode(s) of {id} to {}",
+        rec.episodes(),
+        out.display()
+    );
+    Ok(())
+}

@@ -1,0 +1,243 @@
+//! `scopegym list`, `bench`, `render` and `record` end to end; the recorded dataset reads back
+//! into what the environment produced, and survives the process being killed.
+
+use scopegym::envs::registry::{TASKS, make};
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+const ID: &str = "scopegym/AfmFeedbackTuning-v0";
+
+fn run(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_scopegym"))
+        .args(args)
+        .output()
+        .expect("runs")
+}
+
+fn ok(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn list_names_every_task_with_its_spaces() {
+    let text = ok(&run(&["list"]));
+    let json: serde_json::Value = serde_json::from_str(&ok(&run(&["list", "--json"]))).unwrap();
+    let rows = json.as_array().unwrap();
+    assert_eq!(rows.len(), TASKS.len());
+    for (row, t) in rows.iter().zip(TASKS) {
+        assert_eq!(row["id"], t.id);
+        assert!(text.contains(t.id));
+        assert!(row["observation_space"]["type"].is_string());
+        assert!(row["action_space"]["type"].is_string());
+        assert!(row["max_episode_steps"].as_u64().unwrap() > 0);
+    }
+}
+
+#[test]
+fn bench_prints_the_documented_json() {
+    let out = ok(&run(&[
+        "bench",
+        ID,
+        "--num-envs",
+        "3",
+        "--threads",
+        "2",
+        "--steps",
+        "4",
+        "--json",
+    ]));
+    let j: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(j["env_id"], ID);
+    assert_eq!(
+        (
+            j["num_envs"].as_u64(),
+            j["threads"].as_u64(),
+            j["steps"].as_u64()
+        ),
+        (Some(3), Some(2), Some(4))
+    );
+    let (s, sps) = (
+        j["seconds"].as_f64().unwrap(),
+        j["steps_per_second"].as_f64().unwrap(),
+    );
+    assert!(s > 0.0 && (sps - 12.0 / s).abs() < 1e-6 * sps);
+    let bad = run(&["bench", "scopegym/Nope-v0"]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("unknown task id"));
+    assert_eq!(
+        run(&["bench", ID, "--num-envs", "0"]).status.code(),
+        Some(2)
+    );
+}
+
+#[test]
+fn render_writes_an_rgb_png() {
+    let dir = tempfile::tempdir().unwrap();
+    let png = dir.path().join("r.png");
+    ok(&run(&[
+        "render",
+        ID,
+        "--seed",
+        "3",
+        "--out",
+        png.to_str().unwrap(),
+    ]));
+    let img = image::open(&png).unwrap();
+    assert_eq!(img.color(), image::ColorType::Rgb8);
+    assert!(img.width() > 0 && img.height() > 0);
+}
+
+fn read_f32(g: &hdf5::Group, name: &str) -> Vec<f32> {
+    g.dataset(name).unwrap().read_raw::<f32>().unwrap()
+}
+
+#[test]
+fn recorded_dataset_reads_back_into_what_was_produced() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("ds");
+    ok(&run(&[
+        "record",
+        ID,
+        "--agent",
+        "heuristic",
+        "--episodes",
+        "2",
+        "--seed",
+        "40",
+        "--out",
+        out.to_str().unwrap(),
+    ]));
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("data/metadata.json")).unwrap())
+            .unwrap();
+    assert_eq!(meta["total_episodes"], 2);
+    assert_eq!(meta["data_format"], "hdf5");
+    assert_eq!(meta["env_id"], ID);
+    assert!(
+        meta["observation_space"]
+            .as_str()
+            .unwrap()
+            .contains("\"Box\"")
+    );
+    let f = hdf5::File::open(out.join("data/main_data.hdf5")).unwrap();
+    // Replay the same episodes in-process and compare.
+    let mut env = make(ID, None).unwrap();
+    let mut total = 0;
+    for i in 0..2u64 {
+        let g = f.group(&format!("episode_{i}")).unwrap();
+        assert_eq!(
+            g.attr("seed").unwrap().read_scalar::<i64>().unwrap(),
+            40 + i as i64
+        );
+        let (mut obs, _) = env.reset(Some(40 + i)).unwrap();
+        let mut want_obs: Vec<f32> = obs.as_box().unwrap().to_vec();
+        let (mut want_act, mut want_rew) = (Vec::new(), Vec::new());
+        let mut flags = Vec::new();
+        loop {
+            let a = env.heuristic_action(&obs);
+            let s = env.step(&a).unwrap();
+            want_act.extend_from_slice(a.as_box().unwrap());
+            want_rew.push(s.reward);
+            flags.push((s.terminated, s.truncated));
+            want_obs.extend_from_slice(s.obs.as_box().unwrap());
+            obs = s.obs;
+            if s.terminated || s.truncated {
+                break;
+            }
+        }
+        let t = want_rew.len();
+        total += t;
+        assert_eq!(
+            g.attr("total_steps").unwrap().read_scalar::<i64>().unwrap(),
+            t as i64
+        );
+        assert_eq!(read_f32(&g, "observations"), want_obs);
+        assert_eq!(read_f32(&g, "actions"), want_act);
+        assert_eq!(
+            g.dataset("rewards").unwrap().read_raw::<f64>().unwrap(),
+            want_rew
+        );
+        let term = g
+            .dataset("terminations")
+            .unwrap()
+            .read_raw::<bool>()
+            .unwrap();
+        let trunc = g
+            .dataset("truncations")
+            .unwrap()
+            .read_raw::<bool>()
+            .unwrap();
+        assert_eq!(term.into_iter().zip(trunc).collect::<Vec<_>>(), flags);
+        assert_eq!(g.dataset("observations").unwrap().shape(), vec![t + 1, 7]);
+    }
+    assert_eq!(meta["total_steps"], total);
+    // Recording into an existing dataset is refused.
+    let again = run(&[
+        "record",
+        ID,
+        "--episodes",
+        "1",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(again.status.code(), Some(2));
+}
+
+#[test]
+fn killed_recording_keeps_every_finished_episode() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("ds");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_scopegym"))
+        .args([
+            "record",
+            ID,
+            "--episodes",
+            "100000",
+            "--out",
+            out.to_str().unwrap(),
+        ])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let meta_path = out.join("data/metadata.json");
+    let start = Instant::now();
+    let episodes = |p: &Path| -> u64 {
+        std::fs::read_to_string(p)
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .and_then(|m| m["total_episodes"].as_u64())
+            .unwrap_or(0)
+    };
+    while episodes(&meta_path) < 3 {
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "recording too slow"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let n = episodes(&meta_path);
+    let f = hdf5::File::open(out.join("data/main_data.hdf5")).expect("still a valid HDF5 file");
+    for i in 0..n {
+        let g = f
+            .group(&format!("episode_{i}"))
+            .expect("every finished episode is there");
+        let t = g.attr("total_steps").unwrap().read_scalar::<i64>().unwrap() as usize;
+        assert_eq!(
+            g.dataset("rewards")
+                .unwrap()
+                .read_raw::<f64>()
+                .unwrap()
+                .len(),
+            t
+        );
+        assert_eq!(g.dataset("observations").unwrap().shape()[0], t + 1);
+    }
+}
