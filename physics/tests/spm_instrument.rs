@@ -325,3 +325,33 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn wear_blunts_the_tip_and_later_images() {
+    let mut c = SpmConfig::default().without_scanner_imperfections();
+    c.sample.pixels = 96;
+    c.sample.size = Param::fixed(0.4e-6);
+    c.scan.pixels = [48, 48];
+    c.scan.size = Param::fixed(0.4e-6);
+    c.surface.kind = SurfaceKind::Particles;
+    c.surface.particle_radius = Param::fixed(6e-9);
+    c.tip.initial_radius = Param::fixed(5e-9);
+    c.tip.min_radius = Param::fixed(2e-9);
+    c.tip.wear_rate = Param::fixed(1e-3); // fast wear: ~0.4 nm per line pass
+    c.tip.adsorbate_rate = Param::fixed(0.0);
+    c.sample.crash_threshold = Param::fixed(1e-6);
+    let mut sim = SpmSimulator::new(c, 2).unwrap();
+    let first = sharpness(image(&mut sim).view());
+    let r1 = sim.tip_state().radius();
+    for _ in 0..3 {
+        image(&mut sim);
+    }
+    let last = sharpness(image(&mut sim).view());
+    let r2 = sim.tip_state().radius();
+    println!("wear: R {r1:.2e} -> {r2:.2e} m, sharpness {first:.3} -> {last:.3}");
+    assert!(r2 > 2.0 * r1, "the tip wore: {r1} -> {r2}");
+    assert!(
+        last < first,
+        "a worn tip images blurrier: {first} -> {last}"
+    );
+}

@@ -373,6 +373,10 @@ impl SpmConfig {
     }
 }
 
+/// Largest change of the imaging kernel that gradual wear may make before the image is
+/// recomputed, m (below the default white noise of 20 pm).
+pub const KERNEL_TOLERANCE: f64 = 10e-12;
+
 /// Tip speed during a lateral manipulation, m/s (sets how much clock time a drag takes).
 const MANIPULATION_SPEED: f64 = 1e-9;
 
@@ -640,6 +644,23 @@ impl SpmSimulator {
         Ok(())
     }
 
+    /// After gradual wear: refreshes the imaging kernel only when the tip's kernel differs
+    /// from the one in use by more than [`KERNEL_TOLERANCE`] somewhere (the hidden state
+    /// accumulates every change; the image follows once it is visible).
+    fn refresh_kernel(&mut self) -> Result<()> {
+        let side = self.kernel.side();
+        let candidate = self.tip.kernel(self.cell, side)?;
+        let moved = candidate
+            .heights()
+            .iter()
+            .zip(self.kernel.heights())
+            .any(|(a, b)| f64::from((a - b).abs()) > KERNEL_TOLERANCE);
+        if moved {
+            self.rebuild_kernel()?;
+        }
+        Ok(())
+    }
+
     fn ensure_dilated(&mut self) -> Result<()> {
         if !self.dilated_valid {
             if self.dilated.dim() != self.truth.dim() {
@@ -727,7 +748,8 @@ impl SpmSimulator {
         &self.kernel
     }
 
-    /// Number of times the tip changed (conditioning, crash, wear step, pick-up) this session.
+    /// Number of abrupt tip changes (conditioning, crash, pick-up) this session; gradual wear
+    /// is not counted.
     pub fn tip_events(&self) -> u64 {
         self.tip_events
     }
@@ -930,12 +952,17 @@ impl SpmSimulator {
                             .for_each(|(d, v)| *d = *v);
                     }
                 }
-                // Tip evolution along this pass.
-                let before = self.tip.clone();
+                // Tip evolution along this pass: gradual wear first (the image follows once the
+                // kernel changed visibly), then abrupt changes.
                 if contact {
+                    let r0 = self.tip.radius();
                     self.tip
                         .wear(cols as f64 * s.pixel_size, &self.cfg.tip, &mut self.rng_tip)?;
+                    if self.tip.radius() != r0 {
+                        self.refresh_kernel()?;
+                    }
                 }
+                let before = self.tip.clone();
                 if stats.max_abs_error > crash {
                     self.tip.crash(
                         stats.max_abs_error - crash,
