@@ -190,7 +190,7 @@ impl RecordedLoops {
         let file = hdf5::File::open(path).map_err(err)?;
         let ds = file.dataset("Channel_000/generic/generic").map_err(err)?;
         let shape = ds.shape();
-        if shape.len() != 3 || shape.iter().any(|&s| s == 0) {
+        if shape.len() != 3 || shape.contains(&0) {
             return Err(EnvError::config(
                 "real_data",
                 format!("{path}: expected a 3-D (x, y, bias) dataset, got shape {shape:?}"),
