@@ -259,7 +259,7 @@ fn heuristics_beat_random() {
     // this much.
     let margins = [
         ("scopegym/AfmFeedbackTuning-v0", 20.0),
-        ("scopegym/PfmDomainWriting-v0", 3.0),
+        ("scopegym/PfmDomainWriting-v0", 5.0),
         ("scopegym/PfmSpectroscopyExplore-v0", 0.0),
     ];
     for (id, margin) in margins {
