@@ -9,6 +9,8 @@
 use crate::env::{Env, TaskEnv};
 use crate::error::{EnvError, Result};
 use crate::tasks::afm_feedback_tuning::AfmFeedbackTuning;
+use crate::tasks::pfm_domain_writing::PfmDomainWriting;
+use crate::tasks::pfm_spectroscopy_explore::PfmSpectroscopyExplore;
 
 /// Builds a task's environment from its id and an optional TOML config.
 pub type MakeFn = fn(&'static str, Option<&toml::Value>) -> Result<Box<dyn Env>>;
@@ -27,17 +29,41 @@ pub struct TaskSpec {
 }
 
 /// Every task, one line each.
-pub const TASKS: &[TaskSpec] = &[TaskSpec {
-    id: "scopegym/AfmFeedbackTuning-v0",
-    instrument: "afm",
-    description: "tune P, I and scan speed of the z-feedback for accurate, fast tracking",
-    make: |id, c| {
-        Ok(Box::new(TaskEnv::new(
-            id,
-            AfmFeedbackTuning::from_config(c)?,
-        )))
+pub const TASKS: &[TaskSpec] = &[
+    TaskSpec {
+        id: "scopegym/AfmFeedbackTuning-v0",
+        instrument: "afm",
+        description: "tune P, I and scan speed of the z-feedback for accurate, fast tracking",
+        make: |id, c| {
+            Ok(Box::new(TaskEnv::new(
+                id,
+                AfmFeedbackTuning::from_config(c)?,
+            )))
+        },
     },
-}];
+    TaskSpec {
+        id: "scopegym/PfmDomainWriting-v0",
+        instrument: "pfm",
+        description: "write a target domain pattern with tip bias pulses, below the breakdown bias",
+        make: |id, c| {
+            Ok(Box::new(TaskEnv::new(
+                id,
+                PfmDomainWriting::from_config(c)?,
+            )))
+        },
+    },
+    TaskSpec {
+        id: "scopegym/PfmSpectroscopyExplore-v0",
+        instrument: "pfm",
+        description: "choose where to measure switching loops to find the largest loop in a budget",
+        make: |id, c| {
+            Ok(Box::new(TaskEnv::new(
+                id,
+                PfmSpectroscopyExplore::from_config(c)?,
+            )))
+        },
+    },
+];
 
 /// The registered ids.
 pub fn ids() -> Vec<&'static str> {

@@ -2,6 +2,8 @@
 //! episode on an instrument, and reading a task config from TOML.
 
 pub mod afm_feedback_tuning;
+pub mod pfm_domain_writing;
+pub mod pfm_spectroscopy_explore;
 
 use crate::env::{Info, InfoValue};
 use crate::error::{EnvError, Result};
