@@ -29,40 +29,11 @@ pub struct TaskSpec {
 }
 
 /// Every task, one line each.
+#[rustfmt::skip]
 pub const TASKS: &[TaskSpec] = &[
-    TaskSpec {
-        id: "scopegym/AfmFeedbackTuning-v0",
-        instrument: "afm",
-        description: "tune P, I and scan speed of the z-feedback for accurate, fast tracking",
-        make: |id, c| {
-            Ok(Box::new(TaskEnv::new(
-                id,
-                AfmFeedbackTuning::from_config(c)?,
-            )))
-        },
-    },
-    TaskSpec {
-        id: "scopegym/PfmDomainWriting-v0",
-        instrument: "pfm",
-        description: "write a target domain pattern with tip bias pulses, below the breakdown bias",
-        make: |id, c| {
-            Ok(Box::new(TaskEnv::new(
-                id,
-                PfmDomainWriting::from_config(c)?,
-            )))
-        },
-    },
-    TaskSpec {
-        id: "scopegym/PfmSpectroscopyExplore-v0",
-        instrument: "pfm",
-        description: "choose where to measure switching loops to find the largest loop in a budget",
-        make: |id, c| {
-            Ok(Box::new(TaskEnv::new(
-                id,
-                PfmSpectroscopyExplore::from_config(c)?,
-            )))
-        },
-    },
+    TaskSpec { id: "scopegym/AfmFeedbackTuning-v0", instrument: "afm", description: "tune P, I and scan speed of the z-feedback for accurate, fast tracking", make: |id, c| Ok(Box::new(TaskEnv::new(id, AfmFeedbackTuning::from_config(c)?))) },
+    TaskSpec { id: "scopegym/PfmDomainWriting-v0", instrument: "pfm", description: "write a target domain pattern with tip bias pulses, below the breakdown bias", make: |id, c| Ok(Box::new(TaskEnv::new(id, PfmDomainWriting::from_config(c)?))) },
+    TaskSpec { id: "scopegym/PfmSpectroscopyExplore-v0", instrument: "pfm", description: "choose where to measure switching loops to find the largest loop in a budget", make: |id, c| Ok(Box::new(TaskEnv::new(id, PfmSpectroscopyExplore::from_config(c)?))) },
 ];
 
 /// The registered ids.

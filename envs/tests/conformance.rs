@@ -85,6 +85,8 @@ fn stepping_rules_follow_gymnasium() {
                 spec.id
             );
         }
+        // (A full-scale action may have ended the episode, e.g. by dielectric breakdown.)
+        env.reset(Some(4)).unwrap();
         // Run to the end, then stepping again is an error until reset.
         loop {
             let s = env.step(&a).unwrap();

@@ -47,8 +47,8 @@ pub struct Config {
     pub field: f64,
     /// Steps per episode. Default 25.
     pub max_steps: usize,
-    /// Lowest and highest pulse bias the action allows, V. Default -15 and +12: the writing
-    /// polarity stops at the breakdown limit, the erasing one reaches past it.
+    /// Lowest and highest pulse bias the action allows, V. Default ±15 V: beyond the
+    /// breakdown limit, so an agent must learn to stay below it.
     pub bias_range: [f64; 2],
     /// Pulses with a larger magnitude break the film down, V. Default 12.
     pub breakdown: f64,
@@ -91,7 +91,7 @@ impl Default for Config {
             pixels: 32,
             field: 0.5e-6,
             max_steps: 25,
-            bias_range: [-15.0, 12.0],
+            bias_range: [-15.0, 15.0],
             breakdown: 12.0,
             log_duration_range: [-3.0, -1.5],
             iou_scale: 10.0,
