@@ -9,6 +9,8 @@
 use crate::env::{Env, TaskEnv};
 use crate::error::{EnvError, Result};
 use crate::tasks::afm_feedback_tuning::AfmFeedbackTuning;
+use crate::tasks::spm_atom_manipulation::SpmAtomManipulation;
+use crate::tasks::spm_tip_conditioning::SpmTipConditioning;
 
 /// Builds a task's environment from its id and an optional TOML config.
 pub type MakeFn = fn(&'static str, Option<&toml::Value>) -> Result<Box<dyn Env>>;
@@ -27,17 +29,41 @@ pub struct TaskSpec {
 }
 
 /// Every task, one line each.
-pub const TASKS: &[TaskSpec] = &[TaskSpec {
-    id: "scopegym/AfmFeedbackTuning-v0",
-    instrument: "afm",
-    description: "tune P, I and scan speed of the z-feedback for accurate, fast tracking",
-    make: |id, c| {
-        Ok(Box::new(TaskEnv::new(
-            id,
-            AfmFeedbackTuning::from_config(c)?,
-        )))
+pub const TASKS: &[TaskSpec] = &[
+    TaskSpec {
+        id: "scopegym/AfmFeedbackTuning-v0",
+        instrument: "afm",
+        description: "tune P, I and scan speed of the z-feedback for accurate, fast tracking",
+        make: |id, c| {
+            Ok(Box::new(TaskEnv::new(
+                id,
+                AfmFeedbackTuning::from_config(c)?,
+            )))
+        },
     },
-}];
+    TaskSpec {
+        id: "scopegym/SpmTipConditioning-v0",
+        instrument: "stm",
+        description: "condition the STM tip with pulses and dips until it images sharply",
+        make: |id, c| {
+            Ok(Box::new(TaskEnv::new(
+                id,
+                SpmTipConditioning::from_config(c)?,
+            )))
+        },
+    },
+    TaskSpec {
+        id: "scopegym/SpmAtomManipulation-v0",
+        instrument: "stm",
+        description: "drag an adatom to a goal site by lateral manipulation",
+        make: |id, c| {
+            Ok(Box::new(TaskEnv::new(
+                id,
+                SpmAtomManipulation::from_config(c)?,
+            )))
+        },
+    },
+];
 
 /// The registered ids.
 pub fn ids() -> Vec<&'static str> {

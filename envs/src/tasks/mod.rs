@@ -2,6 +2,8 @@
 //! episode on an instrument, and reading a task config from TOML.
 
 pub mod afm_feedback_tuning;
+pub mod spm_atom_manipulation;
+pub mod spm_tip_conditioning;
 
 use crate::env::{Info, InfoValue};
 use crate::error::{EnvError, Result};
