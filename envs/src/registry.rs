@@ -11,6 +11,8 @@ use crate::error::{EnvError, Result};
 use crate::tasks::afm_feedback_tuning::AfmFeedbackTuning;
 use crate::tasks::pfm_domain_writing::PfmDomainWriting;
 use crate::tasks::pfm_spectroscopy_explore::PfmSpectroscopyExplore;
+use crate::tasks::spm_atom_manipulation::SpmAtomManipulation;
+use crate::tasks::spm_tip_conditioning::SpmTipConditioning;
 
 /// Builds a task's environment from its id and an optional TOML config.
 pub type MakeFn = fn(&'static str, Option<&toml::Value>) -> Result<Box<dyn Env>>;
@@ -34,6 +36,8 @@ pub const TASKS: &[TaskSpec] = &[
     TaskSpec { id: "scopegym/AfmFeedbackTuning-v0", instrument: "afm", description: "tune P, I and scan speed of the z-feedback for accurate, fast tracking", make: |id, c| Ok(Box::new(TaskEnv::new(id, AfmFeedbackTuning::from_config(c)?))) },
     TaskSpec { id: "scopegym/PfmDomainWriting-v0", instrument: "pfm", description: "write a target domain pattern with tip bias pulses, below the breakdown bias", make: |id, c| Ok(Box::new(TaskEnv::new(id, PfmDomainWriting::from_config(c)?))) },
     TaskSpec { id: "scopegym/PfmSpectroscopyExplore-v0", instrument: "pfm", description: "choose where to measure switching loops to find the largest loop in a budget", make: |id, c| Ok(Box::new(TaskEnv::new(id, PfmSpectroscopyExplore::from_config(c)?))) },
+    TaskSpec { id: "scopegym/SpmTipConditioning-v0", instrument: "stm", description: "condition the STM tip with pulses and dips until it images sharply", make: |id, c| Ok(Box::new(TaskEnv::new(id, SpmTipConditioning::from_config(c)?))) },
+    TaskSpec { id: "scopegym/SpmAtomManipulation-v0", instrument: "stm", description: "drag an adatom to a goal site by lateral manipulation", make: |id, c| Ok(Box::new(TaskEnv::new(id, SpmAtomManipulation::from_config(c)?))) },
 ];
 
 /// The registered ids.

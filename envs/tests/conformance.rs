@@ -263,6 +263,8 @@ fn heuristics_beat_random() {
         ("scopegym/AfmFeedbackTuning-v0", 20.0),
         ("scopegym/PfmDomainWriting-v0", 5.0),
         ("scopegym/PfmSpectroscopyExplore-v0", 0.0),
+        ("scopegym/SpmTipConditioning-v0", 6.0),
+        ("scopegym/SpmAtomManipulation-v0", 15.0),
     ];
     for (id, margin) in margins {
         let (h, r) = (mean_return(id, 0..20, true), mean_return(id, 0..20, false));

@@ -4,6 +4,8 @@
 pub mod afm_feedback_tuning;
 pub mod pfm_domain_writing;
 pub mod pfm_spectroscopy_explore;
+pub mod spm_atom_manipulation;
+pub mod spm_tip_conditioning;
 
 use crate::env::{Info, InfoValue};
 use crate::error::{EnvError, Result};
