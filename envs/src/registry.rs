@@ -9,6 +9,8 @@
 use crate::env::{Env, TaskEnv};
 use crate::error::{EnvError, Result};
 use crate::tasks::afm_feedback_tuning::AfmFeedbackTuning;
+use crate::tasks::stem_autofocus::StemAutofocus;
+use crate::tasks::stem_dopant_steer::StemDopantSteer;
 
 /// Builds a task's environment from its id and an optional TOML config.
 pub type MakeFn = fn(&'static str, Option<&toml::Value>) -> Result<Box<dyn Env>>;
@@ -27,17 +29,31 @@ pub struct TaskSpec {
 }
 
 /// Every task, one line each.
-pub const TASKS: &[TaskSpec] = &[TaskSpec {
-    id: "scopegym/AfmFeedbackTuning-v0",
-    instrument: "afm",
-    description: "tune P, I and scan speed of the z-feedback for accurate, fast tracking",
-    make: |id, c| {
-        Ok(Box::new(TaskEnv::new(
-            id,
-            AfmFeedbackTuning::from_config(c)?,
-        )))
+pub const TASKS: &[TaskSpec] = &[
+    TaskSpec {
+        id: "scopegym/AfmFeedbackTuning-v0",
+        instrument: "afm",
+        description: "tune P, I and scan speed of the z-feedback for accurate, fast tracking",
+        make: |id, c| {
+            Ok(Box::new(TaskEnv::new(
+                id,
+                AfmFeedbackTuning::from_config(c)?,
+            )))
+        },
     },
-}];
+    TaskSpec {
+        id: "scopegym/StemAutofocus-v0",
+        instrument: "stem",
+        description: "correct defocus and two-fold astigmatism from HAADF image sharpness",
+        make: |id, c| Ok(Box::new(TaskEnv::new(id, StemAutofocus::from_config(c)?))),
+    },
+    TaskSpec {
+        id: "scopegym/StemDopantSteer-v0",
+        instrument: "stem",
+        description: "steer a Si dopant in graphene to a goal site by parking the beam beside it",
+        make: |id, c| Ok(Box::new(TaskEnv::new(id, StemDopantSteer::from_config(c)?))),
+    },
+];
 
 /// The registered ids.
 pub fn ids() -> Vec<&'static str> {

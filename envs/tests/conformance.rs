@@ -257,7 +257,11 @@ fn mean_return(id: &str, seeds: std::ops::Range<u64>, heuristic: bool) -> f64 {
 fn heuristics_beat_random() {
     // Margins per task: the heuristic's mean return over 20 seeds exceeds random's by at least
     // this much.
-    let margins = [("scopegym/AfmFeedbackTuning-v0", 20.0)];
+    let margins = [
+        ("scopegym/AfmFeedbackTuning-v0", 20.0),
+        ("scopegym/StemAutofocus-v0", 1.0),
+        ("scopegym/StemDopantSteer-v0", 1.0),
+    ];
     for (id, margin) in margins {
         let (h, r) = (mean_return(id, 0..20, true), mean_return(id, 0..20, false));
         println!("{id}: heuristic {h:.2}, random {r:.2} (margin {margin})");

@@ -2,6 +2,8 @@
 //! episode on an instrument, and reading a task config from TOML.
 
 pub mod afm_feedback_tuning;
+pub mod stem_autofocus;
+pub mod stem_dopant_steer;
 
 use crate::env::{Info, InfoValue};
 use crate::error::{EnvError, Result};
