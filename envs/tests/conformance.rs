@@ -259,7 +259,7 @@ fn heuristics_beat_random() {
     // this much.
     let margins = [
         ("scopegym/AfmFeedbackTuning-v0", 20.0),
-        ("scopegym/StemAutofocus-v0", 1.0),
+        ("scopegym/StemAutofocus-v0", 2.0),
         ("scopegym/StemDopantSteer-v0", 1.0),
     ];
     for (id, margin) in margins {
