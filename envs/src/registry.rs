@@ -13,6 +13,8 @@ use crate::tasks::pfm_domain_writing::PfmDomainWriting;
 use crate::tasks::pfm_spectroscopy_explore::PfmSpectroscopyExplore;
 use crate::tasks::spm_atom_manipulation::SpmAtomManipulation;
 use crate::tasks::spm_tip_conditioning::SpmTipConditioning;
+use crate::tasks::stem_autofocus::StemAutofocus;
+use crate::tasks::stem_dopant_steer::StemDopantSteer;
 
 /// Builds a task's environment from its id and an optional TOML config.
 pub type MakeFn = fn(&'static str, Option<&toml::Value>) -> Result<Box<dyn Env>>;
@@ -38,6 +40,8 @@ pub const TASKS: &[TaskSpec] = &[
     TaskSpec { id: "scopegym/PfmSpectroscopyExplore-v0", instrument: "pfm", description: "choose where to measure switching loops to find the largest loop in a budget", make: |id, c| Ok(Box::new(TaskEnv::new(id, PfmSpectroscopyExplore::from_config(c)?))) },
     TaskSpec { id: "scopegym/SpmTipConditioning-v0", instrument: "stm", description: "condition the STM tip with pulses and dips until it images sharply", make: |id, c| Ok(Box::new(TaskEnv::new(id, SpmTipConditioning::from_config(c)?))) },
     TaskSpec { id: "scopegym/SpmAtomManipulation-v0", instrument: "stm", description: "drag an adatom to a goal site by lateral manipulation", make: |id, c| Ok(Box::new(TaskEnv::new(id, SpmAtomManipulation::from_config(c)?))) },
+    TaskSpec { id: "scopegym/StemAutofocus-v0", instrument: "stem", description: "correct defocus and two-fold astigmatism from HAADF image sharpness", make: |id, c| Ok(Box::new(TaskEnv::new(id, StemAutofocus::from_config(c)?))) },
+    TaskSpec { id: "scopegym/StemDopantSteer-v0", instrument: "stem", description: "steer a Si dopant in graphene to a goal site by parking the beam beside it", make: |id, c| Ok(Box::new(TaskEnv::new(id, StemDopantSteer::from_config(c)?))) },
 ];
 
 /// The registered ids.

@@ -265,6 +265,8 @@ fn heuristics_beat_random() {
         ("scopegym/PfmSpectroscopyExplore-v0", 0.0),
         ("scopegym/SpmTipConditioning-v0", 6.0),
         ("scopegym/SpmAtomManipulation-v0", 15.0),
+        ("scopegym/StemAutofocus-v0", 2.0),
+        ("scopegym/StemDopantSteer-v0", 1.0),
     ];
     for (id, margin) in margins {
         let (h, r) = (mean_return(id, 0..20, true), mean_return(id, 0..20, false));

@@ -6,6 +6,8 @@ pub mod pfm_domain_writing;
 pub mod pfm_spectroscopy_explore;
 pub mod spm_atom_manipulation;
 pub mod spm_tip_conditioning;
+pub mod stem_autofocus;
+pub mod stem_dopant_steer;
 
 use crate::env::{Info, InfoValue};
 use crate::error::{EnvError, Result};
