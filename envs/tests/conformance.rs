@@ -262,7 +262,7 @@ fn heuristics_beat_random() {
     let margins = [
         ("scopegym/AfmFeedbackTuning-v0", 20.0),
         ("scopegym/PfmDomainWriting-v0", 5.0),
-        ("scopegym/PfmSpectroscopyExplore-v0", 0.0),
+        ("scopegym/PfmSpectroscopyExplore-v0", 0.3),
         ("scopegym/SpmTipConditioning-v0", 6.0),
         ("scopegym/SpmAtomManipulation-v0", 15.0),
         ("scopegym/StemAutofocus-v0", 2.0),

@@ -81,7 +81,10 @@ impl Default for Config {
         instrument.pfm.point_time = Param::fixed(0.5e-3);
         instrument.pfm.domain_size = Param::Uniform(200e-9, 400e-9, Default::default());
         instrument.pfm.up_fraction = Param::Uniform(0.3, 0.7, Default::default());
-        instrument.ferroelectric.random_field = Param::Uniform(0.1, 0.3, Default::default());
+        instrument.ferroelectric.random_field = Param::Uniform(0.2, 0.4, Default::default());
+        // Disorder correlated over ~150 nm (10 cells), a little less than the grid spacing, so
+        // loop properties vary smoothly and the neighbourhood of a good loop is worth probing.
+        instrument.ferroelectric.random_field_correlation = Param::fixed(10.0);
         instrument.ferroelectric.pinning_fraction = Param::Uniform(0.02, 0.1, Default::default());
         Self {
             instrument,

@@ -27,6 +27,47 @@ use ndarray::ArrayView2;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
+/// Periodic separable Gaussian smoothing of a `rows × cols` field (row-major) with standard
+/// deviation `sigma` cells.
+pub fn smooth_periodic(v: &[f64], shape: [usize; 2], sigma: f64) -> Vec<f64> {
+    let [ny, nx] = shape;
+    if sigma < 0.3 || v.len() != ny * nx {
+        return v.to_vec();
+    }
+    let r = (3.0 * sigma).ceil() as i64;
+    let w: Vec<f64> = (-r..=r)
+        .map(|k| (-((k * k) as f64) / (2.0 * sigma * sigma)).exp())
+        .collect();
+    let norm: f64 = w.iter().sum();
+    let mut tmp = vec![0.0; ny * nx];
+    let mut out = vec![0.0; ny * nx];
+    for i in 0..ny {
+        for j in 0..nx {
+            tmp[i * nx + j] = w
+                .iter()
+                .enumerate()
+                .map(|(t, wk)| {
+                    wk * v[i * nx + (j as i64 + t as i64 - r).rem_euclid(nx as i64) as usize]
+                })
+                .sum::<f64>()
+                / norm;
+        }
+    }
+    for i in 0..ny {
+        for j in 0..nx {
+            out[i * nx + j] = w
+                .iter()
+                .enumerate()
+                .map(|(t, wk)| {
+                    wk * tmp[(i as i64 + t as i64 - r).rem_euclid(ny as i64) as usize * nx + j]
+                })
+                .sum::<f64>()
+                / norm;
+        }
+    }
+    out
+}
+
 /// Homogeneous coercive field of the Landau free energy `αP²/2 + βP⁴/4`:
 /// `E_c = (2|α|/3) sqrt(|α|/(3β))` (reduced units).
 pub fn coercive_field(alpha: f64, beta: f64) -> f64 {
@@ -49,6 +90,10 @@ pub struct FerroConfig {
     pub dt: Param<Unitless>,
     /// Standard deviation of the frozen random field (reduced field units). Default 0.1.
     pub random_field: Param<Unitless>,
+    /// Correlation length of the frozen random field, cells: it is smoothed by a Gaussian of
+    /// this standard deviation (and rescaled to keep `random_field` as its r.m.s.), so loop
+    /// properties vary smoothly across the film. Default 0 (uncorrelated).
+    pub random_field_correlation: Param<Unitless>,
     /// Fraction of cells that are pinning sites, 0..1. Default 0.05.
     pub pinning_fraction: Param<Unitless>,
     /// Factor (≥ 1) by which a pinning site deepens the double well. Default 1.5.
@@ -68,6 +113,7 @@ impl Default for FerroConfig {
             gradient: Param::fixed(1.0),
             dt: Param::fixed(0.02),
             random_field: Param::fixed(0.1),
+            random_field_correlation: Param::fixed(0.0),
             pinning_fraction: Param::fixed(0.05),
             pinning_strength: Param::fixed(1.5),
             imprint: Param::fixed(0.0),
@@ -104,6 +150,11 @@ impl FerroConfig {
             "random_field",
             (0.0..10.0).contains(&self.random_field.get()),
             "must be in [0, 10)",
+        )?;
+        f(
+            "random_field_correlation",
+            (0.0..=256.0).contains(&self.random_field_correlation.get()),
+            "must be in [0, 256] cells",
         )?;
         f(
             "pinning_fraction",
@@ -174,8 +225,18 @@ impl FerroFilm {
         let ps = (-alpha / beta).sqrt();
         let sd = cfg.random_field.get();
         let imprint = cfg.imprint.get();
-        let bias = (0..n)
-            .map(|_| ((imprint + sd * normal(&mut rng)) / ps) as f32)
+        let mut noise: Vec<f64> = (0..n).map(|_| normal(&mut rng)).collect();
+        let corr = cfg.random_field_correlation.get();
+        if corr >= 0.3 {
+            noise = smooth_periodic(&noise, [ny, nx], corr);
+            let rms = (noise.iter().map(|v| v * v).sum::<f64>() / n as f64).sqrt();
+            if rms > 0.0 {
+                noise.iter_mut().for_each(|v| *v /= rms);
+            }
+        }
+        let bias = noise
+            .iter()
+            .map(|z| ((imprint + sd * z) / ps) as f32)
             .collect();
         let frac = cfg.pinning_fraction.get();
         let strength = cfg.pinning_strength.get() as f32;
@@ -802,6 +863,45 @@ mod tests {
             .collect();
         assert!(!phase_clusters(near).unwrap().is_bimodal());
         assert!(phase_clusters([f64::NAN, 1.0]).is_none());
+    }
+
+    #[test]
+    fn correlated_random_field_keeps_its_rms_and_gains_a_correlation_length() {
+        let stats = |corr: f64| {
+            let cfg = FerroConfig {
+                random_field: Param::fixed(0.3),
+                random_field_correlation: Param::fixed(corr),
+                imprint: Param::fixed(0.0),
+                ..Default::default()
+            };
+            let film = FerroFilm::new(&cfg, [64, 64], 9).unwrap();
+            let b: Vec<f64> = film
+                .bias
+                .iter()
+                .map(|&v| f64::from(v) * f64::from(film.ps))
+                .collect();
+            let rms = (b.iter().map(|v| v * v).sum::<f64>() / b.len() as f64).sqrt();
+            // Neighbour correlation along x at lag 4 cells.
+            let lag = |l: usize| {
+                let mut s = 0.0;
+                for i in 0..64 {
+                    for j in 0..64 {
+                        s += b[i * 64 + j] * b[i * 64 + (j + l) % 64];
+                    }
+                }
+                s / (64.0 * 64.0) / (rms * rms)
+            };
+            (rms, lag(4))
+        };
+        let (r0, c0) = stats(0.0);
+        let (r1, c1) = stats(4.0);
+        assert!(
+            (r0 / 0.3 - 1.0).abs() < 0.05 && (r1 / 0.3 - 1.0).abs() < 1e-6,
+            "{r0} {r1}"
+        );
+        // A Gaussian of σ = 4 cells: correlation exp(-l²/4σ²) = exp(-1/4) ≈ 0.78 at lag 4.
+        assert!(c0.abs() < 0.1, "uncorrelated: {c0}");
+        assert!((c1 - (-0.25f64).exp()).abs() < 0.1, "correlated: {c1}");
     }
 
     #[test]

@@ -45,7 +45,7 @@ use crate::rng::{SimRng, derive_seed, normal, seeded};
 use crate::spm::adatoms::{AdatomConfig, place_adatoms, render};
 use crate::spm::dilation::{Dilator, Tip};
 use crate::spm::feedback::{FeedbackConfig, ZFeedback};
-use crate::spm::ferro::{FerroConfig, FerroFilm, pfm_response, pfm_signal};
+use crate::spm::ferro::{FerroConfig, FerroFilm, pfm_response, pfm_signal, smooth_periodic};
 use crate::spm::manipulation::{ManipulationConfig, Outcome, lateral_manipulation};
 use crate::spm::scanner::{Scanner, ScannerConfig};
 use crate::spm::surface::{SurfaceConfig, generate};
@@ -445,40 +445,6 @@ fn bilinear(grid: ArrayView2<'_, f32>, cell: f64, x: f64, y: f64) -> f32 {
     top * (1.0 - fv) + bottom * fv
 }
 
-/// Periodic separable Gaussian smoothing of an `n × n` field with standard deviation `sigma`
-/// cells (no smoothing for `sigma < 0.3`).
-fn smooth_periodic(v: &[f64], n: usize, sigma: f64) -> Vec<f64> {
-    if sigma < 0.3 {
-        return v.to_vec();
-    }
-    let r = (3.0 * sigma).ceil() as i64;
-    let w: Vec<f64> = (-r..=r)
-        .map(|k| (-((k * k) as f64) / (2.0 * sigma * sigma)).exp())
-        .collect();
-    let mut tmp = vec![0.0; n * n];
-    let mut out = vec![0.0; n * n];
-    let wrap = |i: i64| i.rem_euclid(n as i64) as usize;
-    for i in 0..n {
-        for j in 0..n {
-            tmp[i * n + j] = w
-                .iter()
-                .enumerate()
-                .map(|(t, wk)| wk * v[i * n + wrap(j as i64 + t as i64 - r)])
-                .sum();
-        }
-    }
-    for i in 0..n {
-        for j in 0..n {
-            out[i * n + j] = w
-                .iter()
-                .enumerate()
-                .map(|(t, wk)| wk * tmp[wrap(i as i64 + t as i64 - r) * n + j])
-                .sum();
-        }
-    }
-    out
-}
-
 /// [`bilinear`] for an `f64` grid.
 fn bilinear_f64(grid: ArrayView2<'_, f64>, cell: f64, x: f64, y: f64) -> f32 {
     let (ny, nx) = grid.dim();
@@ -587,7 +553,8 @@ impl SpmSimulator {
             // thresholded so `up_fraction` of the film points up, relaxed into domains.
             let mut rng = seeded(derive_seed(seed, "film_init"));
             let noise: Vec<f64> = (0..n * n).map(|_| normal(&mut rng)).collect();
-            let smooth = smooth_periodic(&noise, n, 0.5 * cfg.pfm.domain_size.get() / self.cell);
+            let smooth =
+                smooth_periodic(&noise, [n, n], 0.5 * cfg.pfm.domain_size.get() / self.cell);
             let mut sorted = smooth.clone();
             sorted.sort_by(f64::total_cmp);
             let up = cfg.pfm.up_fraction.get();
