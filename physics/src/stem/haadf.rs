@@ -181,6 +181,12 @@ pub struct HaadfRenderer {
     geom: Option<FrameGeometry>,
     fft: Option<Fft2>,
     kernel_spec: Vec<Complex<f32>>,
+    /// Geometry and source size `(prows, pcols, dx, σ)` of the cached transfer factors.
+    transfer_key: Option<(usize, usize, u64, u64)>,
+    /// Source-blur transfer factor along the padded rows, per `ky`.
+    transfer_y: Vec<f32>,
+    /// Source-blur transfer factor along the padded columns, per `kx`, times `1/(prows·pcols)`.
+    transfer_x: Vec<f32>,
     splat: Vec<f32>,
     spec: Vec<Complex<f32>>,
     /// The ideal (undistorted, noiseless) expected counts on the padded grid.
@@ -226,30 +232,17 @@ impl HaadfRenderer {
         self.spec.resize(fft.spectrum_len(), Complex::new(0.0, 0.0));
         self.kernel_spec
             .resize(fft.spectrum_len(), Complex::new(0.0, 0.0));
-        // Wrap the kernel around the origin of the padded grid.
-        self.splat.iter_mut().for_each(|v| *v = 0.0);
-        let h = side / 2;
-        for ky in 0..side {
-            let gy = (ky + g.prows * (side / g.prows + 1) - h) % g.prows;
-            let row = &kernel[ky * side..(ky + 1) * side];
-            for (kx, &v) in row.iter().enumerate() {
-                let gx = (kx + g.pcols * (side / g.pcols + 1) - h) % g.pcols;
-                self.splat[gy * g.pcols + gx] += v as f32;
-            }
-        }
-        // Only the rows the kernel wraps into are non-zero.
-        fft.forward_sparse_rows(
-            &self.splat,
-            |y| y < side || y + side >= g.prows,
-            &mut self.kernel_spec,
-        );
         // Source blur and the 1/(N) normalization of the unnormalized inverse.
-        // The Gaussian transfer function is separable: exp(-2π²σ²fx²) · exp(-2π²σ²fy²).
-        let nxc = g.pcols / 2 + 1;
-        let norm = 1.0 / (g.prows * g.pcols) as f64;
-        let s2 = 2.0 * PI * PI * source_sigma * source_sigma;
-        let ty: Vec<f32> = (0..g.prows)
-            .map(|ky| {
+        // The Gaussian transfer function is separable: exp(-2π²σ²fx²) · exp(-2π²σ²fy²); its
+        // factors depend on the geometry and σ only, so they are kept across aberration changes.
+        let key = (g.prows, g.pcols, dx.to_bits(), source_sigma.to_bits());
+        if self.transfer_key != Some(key) {
+            self.transfer_key = Some(key);
+            let nxc = g.pcols / 2 + 1;
+            let norm = 1.0 / (g.prows * g.pcols) as f64;
+            let s2 = 2.0 * PI * PI * source_sigma * source_sigma;
+            self.transfer_y.clear();
+            self.transfer_y.extend((0..g.prows).map(|ky| {
                 let kyi = if ky <= g.prows / 2 {
                     ky as f64
                 } else {
@@ -257,16 +250,22 @@ impl HaadfRenderer {
                 };
                 let fy = kyi / (g.prows as f64 * dx);
                 (-(s2 * fy * fy)).exp() as f32
-            })
-            .collect();
-        for kx in 0..nxc {
-            let fx = kx as f64 / (g.pcols as f64 * dx);
-            let tx = ((-(s2 * fx * fx)).exp() * norm) as f32;
-            let col = &mut self.kernel_spec[kx * g.prows..(kx + 1) * g.prows];
-            for (c, &t) in col.iter_mut().zip(&ty) {
-                *c *= tx * t;
-            }
+            }));
+            self.transfer_x.clear();
+            self.transfer_x.extend((0..nxc).map(|kx| {
+                let fx = kx as f64 / (g.pcols as f64 * dx);
+                ((-(s2 * fx * fx)).exp() * norm) as f32
+            }));
         }
+        // The kernel wrapped around the origin of the padded grid, times the transfer function.
+        fft.forward_wrapped_filtered(
+            kernel,
+            side,
+            side / 2,
+            &self.transfer_x,
+            &self.transfer_y,
+            &mut self.kernel_spec,
+        );
     }
 
     /// Forms the ideal expected-count image on the padded grid: atoms at lab positions

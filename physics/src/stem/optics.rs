@@ -349,9 +349,14 @@ const GH7: [(f64, f64); 7] = [
 pub struct ProbeCalculator {
     planner: FftPlanner<f32>,
     plan: Option<(usize, Arc<dyn Fft<f32>>)>,
+    /// The coherent probe: its spectrum (transposed), then ψ (row-major).
     field: Vec<Complex<f32>>,
+    /// Second `n × n` buffer of the 2-D transform.
+    work: Vec<Complex<f32>>,
     intensity: Vec<f64>,
     scratch: Vec<Complex<f32>>,
+    /// Indices of the spectrum rows and columns inside the aperture band.
+    band: Vec<usize>,
     /// Fine-grid side length (pixels) of the last computation.
     pub fine_n: usize,
     /// Fine-grid pixel size of the last computation, m.
@@ -397,8 +402,10 @@ impl ProbeCalculator {
             planner: FftPlanner::new(),
             plan: None,
             field: Vec::new(),
+            work: Vec::new(),
             intensity: Vec::new(),
             scratch: Vec::new(),
+            band: Vec::new(),
             fine_n: 0,
             fine_dx: 0.0,
         }
@@ -442,17 +449,24 @@ impl ProbeCalculator {
         self.fine_intensity_shifted(spec, n, fdx, 0.5 * (m as f64 - 1.0));
         let side = n / m;
         out.clear();
-        out.resize(side * side, 0.0);
-        for fy in 0..n {
-            let by = fy / m;
-            let row = &self.intensity[fy * n..(fy + 1) * n];
-            for (fx, &v) in row.iter().enumerate() {
-                out[by * side + fx / m] += v;
+        if m == 1 {
+            out.extend_from_slice(&self.intensity);
+        } else {
+            out.resize(side * side, 0.0);
+            // Each bin sums its m × m fine pixels row by row (the order of a row-major scan).
+            for (fy, row) in self.intensity.chunks_exact(n).enumerate() {
+                let bins = &mut out[(fy / m) * side..(fy / m + 1) * side];
+                for (o, fine) in bins.iter_mut().zip(row.chunks_exact(m)) {
+                    for &v in fine {
+                        *o += v;
+                    }
+                }
             }
         }
-        let s: f64 = out.iter().sum();
+        let s = sum_f64(out);
         if s > 0.0 {
-            out.iter_mut().for_each(|v| *v /= s);
+            let inv = 1.0 / s;
+            out.iter_mut().for_each(|v| *v *= inv);
         }
         side
     }
@@ -486,16 +500,21 @@ impl ProbeCalculator {
             let mut ab = spec.aberrations;
             ab.c10 += z * sigma_f;
             self.coherent_probe(spec, &ab, n, dx, shift, &*plan);
-            let total: f64 = self.field.iter().map(|c| f64::from(c.norm_sqr())).sum();
+            let total = sum_norm_sqr(&self.field);
             let scale = w / norm_w / total.max(f64::MIN_POSITIVE);
-            // Field index (0,0) is r = 0; shift by n/2 to centre.
+            // Field index (0,0) is r = 0; shift by n/2 to centre: row y goes to row (y + h) mod n,
+            // and within a row x goes to (x + h) mod n (two runs).
             let h = n / 2;
-            for y in 0..n {
+            for (y, src) in self.field.chunks_exact(n).enumerate() {
                 let sy = (y + h) % n;
-                for x in 0..n {
-                    let sx = (x + h) % n;
-                    self.intensity[sy * n + sx] +=
-                        f64::from(self.field[y * n + x].norm_sqr()) * scale;
+                let dst = &mut self.intensity[sy * n..(sy + 1) * n];
+                let (a, b) = src.split_at(n - h);
+                let (d_lo, d_hi) = dst.split_at_mut(h);
+                for (d, c) in d_hi.iter_mut().zip(a) {
+                    *d += f64::from(c.norm_sqr()) * scale;
+                }
+                for (d, c) in d_lo.iter_mut().zip(b) {
+                    *d += f64::from(c.norm_sqr()) * scale;
                 }
             }
         }
@@ -528,11 +547,16 @@ impl ProbeCalculator {
                 i as f64 - n as f64
             }
         };
-        let in_band: Vec<usize> = (0..n).filter(|&i| (kidx(i) * dk).abs() <= kmax).collect();
-        for &iy in &in_band {
-            let ty = kidx(iy) * dk * lambda;
-            for &ix in &in_band {
-                let tx = kidx(ix) * dk * lambda;
+        self.band.clear();
+        self.band
+            .extend((0..n).filter(|&i| (kidx(i) * dk).abs() <= kmax));
+        // The spectrum is stored transposed (column ix of the spectrum is row ix of `field`), so
+        // that the first pass of the inverse transform runs along y on the band's rows only.
+        for &ix in &self.band {
+            let tx = kidx(ix) * dk * lambda;
+            let col = &mut self.field[ix * n..(ix + 1) * n];
+            for &iy in &self.band {
+                let ty = kidx(iy) * dk * lambda;
                 let t2 = tx * tx + ty * ty;
                 if t2 > spec.alpha * spec.alpha {
                     continue;
@@ -541,21 +565,51 @@ impl ProbeCalculator {
                 // Shift by `shift` pixels along x and y: ψ(r - s) ↔ Ψ(k) e^{-2πi k·s}.
                 let ramp = 2.0 * PI * shift * (kidx(ix) + kidx(iy)) / n as f64;
                 let (s, c) = (chi + ramp).sin_cos();
-                self.field[iy * n + ix] = Complex::new(c as f32, -s as f32);
+                col[iy] = Complex::new(c as f32, -s as f32);
             }
         }
-        // 2-D inverse FFT: the rows inside the aperture band (others are zero), then all columns
-        // through a transpose.
+        // 2-D inverse FFT: along y on the band's columns (the others are zero), one transpose,
+        // then along x on every row; ψ ends up row-major in `field`.
         let need = plan.get_inplace_scratch_len();
-        self.scratch.resize(n * n + need, Complex::new(0.0, 0.0));
-        let (tbuf, inner) = self.scratch.split_at_mut(n * n);
-        for &iy in &in_band {
-            plan.process_with_scratch(&mut self.field[iy * n..(iy + 1) * n], inner);
+        self.scratch.resize(need, Complex::new(0.0, 0.0));
+        self.work.resize(n * n, Complex::new(0.0, 0.0));
+        for &ix in &self.band {
+            plan.process_with_scratch(&mut self.field[ix * n..(ix + 1) * n], &mut self.scratch);
         }
-        transpose(&self.field, tbuf, n, n);
-        plan.process_with_scratch(tbuf, inner);
-        transpose(tbuf, &mut self.field, n, n);
+        transpose(&self.field, &mut self.work, n, n);
+        plan.process_with_scratch(&mut self.work, &mut self.scratch);
+        std::mem::swap(&mut self.field, &mut self.work);
     }
+}
+
+/// Sum of `|c|²` in f64 over four interleaved partial sums (vectorizable).
+fn sum_norm_sqr(v: &[Complex<f32>]) -> f64 {
+    let mut acc = [0.0f64; 4];
+    let chunks = v.chunks_exact(4);
+    let rest: f64 = chunks
+        .remainder()
+        .iter()
+        .map(|c| f64::from(c.norm_sqr()))
+        .sum();
+    for c in chunks {
+        for (a, z) in acc.iter_mut().zip(c) {
+            *a += f64::from(z.norm_sqr());
+        }
+    }
+    (acc[0] + acc[1]) + (acc[2] + acc[3]) + rest
+}
+
+/// Sum over four interleaved partial sums (vectorizable).
+fn sum_f64(v: &[f64]) -> f64 {
+    let mut acc = [0.0f64; 4];
+    let chunks = v.chunks_exact(4);
+    let rest: f64 = chunks.remainder().iter().sum();
+    for c in chunks {
+        for (a, x) in acc.iter_mut().zip(c) {
+            *a += x;
+        }
+    }
+    (acc[0] + acc[1]) + (acc[2] + acc[3]) + rest
 }
 
 /// Out-of-place transpose of a row-major `rows × cols` matrix into `cols × rows`.
