@@ -79,6 +79,20 @@ struct Slot {
     error: Option<EnvError>,
 }
 
+impl Slot {
+    /// Resets the env and records the first observation of the new episode.
+    fn reset(&mut self, seed: Option<u64>) -> Result<()> {
+        let (obs, info) = self.env.reset(seed)?;
+        self.obs = obs;
+        self.info = info;
+        self.reward = 0.0;
+        self.terminated = false;
+        self.truncated = false;
+        self.needs_reset = false;
+        Ok(())
+    }
+}
+
 /// N environments stepped together.
 pub struct VectorEnv {
     slots: Vec<Slot>,
@@ -245,16 +259,8 @@ impl VectorEnv {
                 if !mask[i] {
                     return;
                 }
-                match s.env.reset(seed.map(|v| v.wrapping_add(i as u64))) {
-                    Ok((obs, info)) => {
-                        s.obs = obs;
-                        s.info = info;
-                        s.reward = 0.0;
-                        s.terminated = false;
-                        s.truncated = false;
-                        s.needs_reset = false;
-                    }
-                    Err(e) => s.error = Some(e),
+                if let Err(e) = s.reset(seed.map(|v| v.wrapping_add(i as u64))) {
+                    s.error = Some(e);
                 }
             })
         });
@@ -292,14 +298,7 @@ impl VectorEnv {
 
 fn step_slot(s: &mut Slot, action: &Value, mode: AutoReset) -> Result<()> {
     if s.needs_reset && mode == AutoReset::NextStep {
-        let (obs, info) = s.env.reset(None)?;
-        s.obs = obs;
-        s.info = info;
-        s.reward = 0.0;
-        s.terminated = false;
-        s.truncated = false;
-        s.needs_reset = false;
-        return Ok(());
+        return s.reset(None);
     }
     let st = s.env.step(action)?;
     s.reward = st.reward;

@@ -599,14 +599,18 @@ impl SpmSimulator {
         Ok(())
     }
 
-    fn rebuild_kernel(&mut self) -> Result<()> {
+    /// Kernel side for the current tip over the relief of the true surface.
+    fn kernel_side(&self) -> usize {
         let (lo, hi) = self
             .truth
             .iter()
             .fold((f32::MAX, f32::MIN), |(a, b), &v| (a.min(v), b.max(v)));
         let depth = f64::from(hi - lo).max(self.cell);
-        let side = self.tip.kernel_side(self.cell, depth);
-        self.kernel = self.tip.kernel(self.cell, side)?;
+        self.tip.kernel_side(self.cell, depth)
+    }
+
+    fn rebuild_kernel(&mut self) -> Result<()> {
+        self.kernel = self.tip.kernel(self.cell, self.kernel_side())?;
         self.dilated_valid = false;
         Ok(())
     }
@@ -623,7 +627,14 @@ impl SpmSimulator {
             .zip(self.kernel.heights())
             .any(|(a, b)| f64::from((a - b).abs()) > KERNEL_TOLERANCE);
         if moved {
-            self.rebuild_kernel()?;
+            // The candidate is the new kernel unless the side grew with the radius.
+            let new_side = self.kernel_side();
+            self.kernel = if new_side == side {
+                candidate
+            } else {
+                self.tip.kernel(self.cell, new_side)?
+            };
+            self.dilated_valid = false;
         }
         Ok(())
     }
