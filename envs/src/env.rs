@@ -5,6 +5,7 @@ use crate::error::{EnvError, Result};
 use crate::space::{Space, Value};
 use rand::RngCore;
 use scopegym_physics::rng::{SimRng, seeded};
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 /// One entry of an `info` dict.
@@ -23,8 +24,9 @@ pub enum InfoValue {
 }
 
 /// The `info` dict of `reset` and `step`: diagnostics and ground truth that never enter the
-/// observation.
-pub type Info = BTreeMap<String, InfoValue>;
+/// observation. Keys are usually string literals (`"success".into()` borrows, allocating
+/// nothing); built keys (`format!(..).into()`) are owned.
+pub type Info = BTreeMap<Cow<'static, str>, InfoValue>;
 
 /// An RGB image, row-major, 3 bytes per pixel.
 #[derive(Debug, Clone, PartialEq, Eq)]

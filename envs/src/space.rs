@@ -157,6 +157,65 @@ impl Space {
         }
     }
 
+    /// The value whose flattened form ([`crate::vector::flatten_into`]) is `flat` (Box
+    /// elements as given; Discrete, MultiDiscrete and MultiBinary elements must be whole
+    /// numbers). Errors name `field[i]` for a wrong length or a non-finite or fractional
+    /// integer element; bounds are checked later by [`Space::check_action`].
+    pub fn unflatten(&self, flat: &[f32], field: &str) -> Result<Value> {
+        if flat.len() != self.flat_len() {
+            return Err(EnvError::action(
+                field,
+                format!(
+                    "expected shape [{}] (flattened), got {} values",
+                    self.flat_len(),
+                    flat.len()
+                ),
+            ));
+        }
+        let whole = |k: usize| -> Result<i64> {
+            let v = flat[k];
+            if v.is_finite() && v.fract() == 0.0 {
+                Ok(v as i64)
+            } else {
+                Err(EnvError::action(
+                    format!("{field}[{k}]"),
+                    format!("must be a whole number, got {v}"),
+                ))
+            }
+        };
+        Ok(match self {
+            Self::Box { .. } => Value::Box(flat.to_vec()),
+            Self::Discrete { .. } => Value::Discrete(whole(0)?),
+            Self::MultiDiscrete { nvec } => {
+                Value::MultiDiscrete((0..nvec.len()).map(whole).collect::<Result<_>>()?)
+            }
+            Self::MultiBinary { n } => Value::MultiBinary(
+                (0..*n)
+                    .map(|k| match whole(k)? {
+                        b @ (0 | 1) => Ok(b as u8),
+                        b => Err(EnvError::action(
+                            format!("{field}[{k}]"),
+                            format!("must be 0 or 1, got {b}"),
+                        )),
+                    })
+                    .collect::<Result<_>>()?,
+            ),
+            Self::Dict(items) => {
+                let mut k = 0;
+                let mut out = Vec::with_capacity(items.len());
+                for (key, s) in items {
+                    let n = s.flat_len();
+                    out.push((
+                        key.clone(),
+                        s.unflatten(&flat[k..k + n], &format!("{field}.{key}"))?,
+                    ));
+                    k += n;
+                }
+                Value::Dict(out)
+            }
+        })
+    }
+
     /// A uniformly random value (Box: uniform within finite bounds; a normal draw around the
     /// finite bound, or a standard normal, where a bound is infinite, as Gymnasium does).
     pub fn sample<R: Rng + ?Sized>(&self, rng: &mut R) -> Value {
@@ -407,6 +466,46 @@ mod tests {
             ("md".into(), Space::MultiDiscrete { nvec: vec![2, 5] }),
             ("mb".into(), Space::MultiBinary { n: 3 }),
         ])
+    }
+
+    #[test]
+    fn unflatten_inverts_flatten_and_names_bad_elements() {
+        let s = Space::Dict(vec![
+            (
+                "a".into(),
+                Space::bounded_box(vec![-1.0, 0.0], vec![1.0, 5.0]),
+            ),
+            ("d".into(), Space::Discrete { n: 3, start: 1 }),
+            ("m".into(), Space::MultiDiscrete { nvec: vec![2, 4] }),
+            ("b".into(), Space::MultiBinary { n: 2 }),
+        ]);
+        let mut rng = seeded(3);
+        for _ in 0..50 {
+            let v = s.sample(&mut rng);
+            let mut flat = vec![0.0f32; s.flat_len()];
+            crate::vector::flatten_into(&v, &mut flat);
+            assert_eq!(s.unflatten(&flat, "action").unwrap(), v);
+        }
+        let e = s.unflatten(&[0.0; 3], "action").unwrap_err().to_string();
+        assert!(e.contains("expected shape [7]"), "{e}");
+        let e = s
+            .unflatten(&[0.0, 0.0, 1.5, 0.0, 0.0, 0.0, 1.0], "action")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("action.d[0]") && e.contains("whole number"),
+            "{e}"
+        );
+        let e = s
+            .unflatten(&[0.0, 0.0, 1.0, 0.0, 0.0, 2.0, 1.0], "action")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("action.b[0]") && e.contains("0 or 1"), "{e}");
+        let e = s
+            .unflatten(&[0.0, 0.0, 1.0, f32::NAN, 0.0, 0.0, 1.0], "action")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("action.m[0]"), "{e}");
     }
 
     #[test]

@@ -99,6 +99,7 @@ pub struct VectorEnv {
     mode: AutoReset,
     pool: rayon::ThreadPool,
     obs_len: usize,
+    action_len: usize,
     obs: Vec<f32>,
     rewards: Vec<f64>,
     terminated: Vec<bool>,
@@ -157,6 +158,7 @@ impl VectorEnv {
             mode,
             pool,
             obs_len,
+            action_len: acts.flat_len(),
             obs: vec![0.0; n * obs_len],
             rewards: vec![0.0; n],
             terminated: vec![false; n],
@@ -252,24 +254,66 @@ impl VectorEnv {
     }
 
     fn reset_inner(&mut self, seed: Option<u64>, mask: &[bool]) -> Result<()> {
+        self.for_each_slot(|i, s| {
+            if mask[i] {
+                s.reset(seed.map(|v| v.wrapping_add(i as u64)))?;
+            }
+            Ok(())
+        });
+        self.gather()
+    }
+
+    /// Runs `f` on every slot (in parallel on the pool, or in order on the calling thread when
+    /// the pool has one thread: no hand-off cost), recording each slot's error in the slot.
+    fn for_each_slot(&mut self, f: impl Fn(usize, &mut Slot) -> Result<()> + Sync + Send) {
         use rayon::prelude::*;
-        let slots = &mut self.slots;
-        self.pool.install(|| {
-            slots.par_iter_mut().enumerate().for_each(|(i, s)| {
-                if !mask[i] {
-                    return;
-                }
-                if let Err(e) = s.reset(seed.map(|v| v.wrapping_add(i as u64))) {
-                    s.error = Some(e);
-                }
-            })
+        let run = |(i, s): (usize, &mut Slot)| {
+            if let Err(e) = f(i, s) {
+                s.error = Some(e);
+            }
+        };
+        if self.pool.current_num_threads() == 1 {
+            self.slots.iter_mut().enumerate().for_each(run);
+        } else {
+            let slots = &mut self.slots;
+            self.pool
+                .install(|| slots.par_iter_mut().enumerate().for_each(run));
+        }
+    }
+
+    /// Flattened action length per env.
+    pub fn action_len(&self) -> usize {
+        self.action_len
+    }
+
+    /// Steps every env with actions flattened in the action space's order: `num_envs ×
+    /// action_len` numbers (Discrete, MultiDiscrete and MultiBinary elements as whole numbers),
+    /// the form NumPy hands over.
+    pub fn step_flat(&mut self, actions: &[f32]) -> Result<()> {
+        let (n, len) = (self.slots.len(), self.action_len);
+        if actions.len() != n * len {
+            return Err(EnvError::action(
+                "actions",
+                format!(
+                    "expected shape [{n}, {len}] ({} values), got {}",
+                    n * len,
+                    actions.len()
+                ),
+            ));
+        }
+        let mode = self.mode;
+        self.for_each_slot(|i, s| {
+            let a = s
+                .env
+                .action_space()
+                .unflatten(&actions[i * len..(i + 1) * len], &format!("actions[{i}]"))?;
+            step_slot(s, &a, mode)
         });
         self.gather()
     }
 
     /// Steps every env with its action (`actions.len() == num_envs`).
     pub fn step(&mut self, actions: &[Value]) -> Result<()> {
-        use rayon::prelude::*;
         if actions.len() != self.slots.len() {
             return Err(EnvError::action(
                 "actions",
@@ -281,17 +325,7 @@ impl VectorEnv {
             ));
         }
         let mode = self.mode;
-        let slots = &mut self.slots;
-        self.pool.install(|| {
-            slots
-                .par_iter_mut()
-                .zip(actions.par_iter())
-                .for_each(|(s, a)| {
-                    if let Err(e) = step_slot(s, a, mode) {
-                        s.error = Some(e);
-                    }
-                })
-        });
+        self.for_each_slot(|i, s| step_slot(s, &actions[i], mode));
         self.gather()
     }
 }
@@ -315,7 +349,7 @@ fn step_slot(s: &mut Slot, action: &Value, mode: AutoReset) -> Result<()> {
                 let final_info = std::mem::take(&mut s.info);
                 let (obs, mut info) = s.env.reset(None)?;
                 for (k, v) in final_info {
-                    info.insert(format!("final_info.{k}"), v);
+                    info.insert(format!("final_info.{k}").into(), v);
                 }
                 info.insert(
                     "final_obs".into(),

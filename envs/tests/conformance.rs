@@ -121,9 +121,10 @@ fn vector_env_equals_single_envs_and_is_thread_count_independent() {
         let n = 4;
         let probe = make(spec.id, None).unwrap();
         let actions = random_actions(probe.as_ref(), n, 11);
-        let run = |threads: usize| {
+        let run_with = |threads: usize, flat: bool| {
             let envs = (0..n).map(|_| make(spec.id, None).unwrap()).collect();
             let mut v = VectorEnv::new(envs, AutoReset::NextStep, threads).unwrap();
+            let alen = v.action_len();
             v.reset(Some(100)).unwrap();
             let mut out = vec![(
                 v.observations().to_vec(),
@@ -132,7 +133,16 @@ fn vector_env_equals_single_envs_and_is_thread_count_independent() {
                 vec![false; n],
             )];
             for a in &actions {
-                v.step(a).unwrap();
+                if flat {
+                    // The flattened form NumPy hands over.
+                    let mut buf = vec![0.0f32; n * alen];
+                    for (i, ai) in a.iter().enumerate() {
+                        scopegym_envs::vector::flatten_into(ai, &mut buf[i * alen..]);
+                    }
+                    v.step_flat(&buf).unwrap();
+                } else {
+                    v.step(a).unwrap();
+                }
                 out.push((
                     v.observations().to_vec(),
                     v.rewards().to_vec(),
@@ -142,8 +152,10 @@ fn vector_env_equals_single_envs_and_is_thread_count_independent() {
             }
             out
         };
+        let run = |threads| run_with(threads, false);
         let one = run(1);
         assert_eq!(one, run(2), "{}: 1 thread != 2 threads", spec.id);
+        assert_eq!(one, run_with(2, true), "{}: step_flat != step", spec.id);
         // By hand: env i seeded 100 + i, NEXT_STEP autoreset.
         let mut singles: Vec<_> = (0..n).map(|_| make(spec.id, None).unwrap()).collect();
         let len = probe.observation_space().flat_len();

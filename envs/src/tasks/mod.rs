@@ -13,6 +13,7 @@ use crate::env::{Info, InfoValue};
 use crate::error::{EnvError, Result};
 use scopegym_physics::spm::sim::SpmSimulator;
 use scopegym_physics::stem::StemSimulator;
+use scopegym_physics::stem::dopant::DopantSimulator;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -27,6 +28,16 @@ impl NewEpisode for SpmSimulator {
     fn new_episode(&mut self, seed: u64, info: &mut Info) -> Result<()> {
         self.reset(seed)?;
         record_randomized(self.template(), self.config(), info);
+        Ok(())
+    }
+}
+
+impl NewEpisode for DopantSimulator {
+    fn new_episode(&mut self, seed: u64, info: &mut Info) -> Result<()> {
+        self.reset(seed)?;
+        for (name, v) in self.randomized() {
+            info.insert(format!("param.{name}").into(), InfoValue::F64(v));
+        }
         Ok(())
     }
 }
@@ -55,7 +66,7 @@ pub fn record_randomized<T: Serialize>(template: &T, resolved: &T, info: &mut In
                     _ => None,
                 };
                 if let Some(v) = v {
-                    info.insert(format!("param.{path}"), InfoValue::F64(v));
+                    info.insert(format!("param.{path}").into(), InfoValue::F64(v));
                 }
             }
             (toml::Value::Table(tt), toml::Value::Table(rt)) => {

@@ -453,7 +453,7 @@ impl HopModel {
     /// carrying `current` (A).
     pub fn rate(&self, d: [f64; 2], n: [f64; 2], b: [f64; 2], current: f64) -> f64 {
         let (ux, uy) = (n[0] - d[0], n[1] - d[1]);
-        let len = ux.hypot(uy);
+        let len = (ux * ux + uy * uy).sqrt();
         if len == 0.0 {
             return 0.0;
         }

@@ -1,6 +1,7 @@
 //! The simulated scanning transmission electron microscope (DESIGN.md §4).
 
 pub mod damage;
+pub mod dopant;
 pub mod eels;
 pub mod fft2;
 pub mod haadf;

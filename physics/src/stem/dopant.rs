@@ -1,0 +1,1053 @@
+//! A light STEM model for steering one substitutional dopant through graphene.
+//!
+//! [`StemSimulator`](crate::stem::StemSimulator) renders a finite specimen with the full probe,
+//! scan distortions and damage. Steering a single Si dopant needs far less: where the dopant
+//! sits on the honeycomb lattice, where the beam is parked, and the beam-driven hop chain. This
+//! model keeps exactly that physics, so a step costs a fraction of a microsecond:
+//!
+//! - **Lattice**: an unbounded graphene sheet (lattice constant `a`, C-C bond `a/√3`), rotated
+//!   by `rotation`, with the dopant on a lattice site. Sites are computed from integer indices,
+//!   never stored. The sheet drifts at a constant velocity: lab = specimen + `drift_velocity`·t.
+//! - **Hops** (putting-dune, DESIGN.md §4): a continuous-time Markov chain with the rate toward
+//!   each of the dopant's three C neighbours given by [`HopModel::rate`] (Gaussian in the beam
+//!   offset, centred `hop_offset` from the dopant toward the neighbour, variance `hop_variance`,
+//!   peak `hop_peak_rate` at `hop_reference_current`, linear in current). Exponential event
+//!   times; the successor drawn by rate. During a point dwell the beam is fixed; within one
+//!   dwell the drift of the sheet (≲ 0.03 Å per 2 s at 1 nm/min) is neglected.
+//! - **Knock-on loss** of the dopant: a competing event of rate `σ_d(E) · (I/e) · ρ(b − d)`,
+//!   with the smooth thermal cross-section [`knock_on_cross_section`] for the dopant's
+//!   displacement energy and `ρ` the probe's intensity per area (a Gaussian). At 60 kV the
+//!   maximum transfer to ²⁸Si is 5 eV, far below its 15 eV displacement energy, so the dopant
+//!   is practically never lost; at 300 kV it is.
+//! - **Probe**: a round Gaussian of intensity FWHM `probe_fwhm` in focus, widened by the
+//!   geometric blur of the aberrated cone: `σ² = σ₀² + α²(C10² + C12²)/4` (a uniform disc of
+//!   radius `α·C` has variance `(α·C)²/4` per axis).
+//! - **Images** (`acquire_frame`, `acquire_point`): HAADF counts `n_e · Σ_atoms σ_Z ρ(x − x_a)`
+//!   with `σ_Z = σ_C (Z/6)^n` ([`DetectorConfig`]-like `haadf_exponent`,
+//!   `carbon_cross_section`), Poisson shot noise. While a frame is scanned the hop chain runs
+//!   with the raster-averaged rates `Σ_pixels t_dwell · rate(pixel) / t_frame`.
+//!
+//! It implements [`StemInstrument`] like the full simulator (no EELS: `acquire_spectrum` is
+//! refused). The dopant's true position is ground truth ([`DopantSimulator::dopant`]).
+
+use crate::constants::{AMU, ATOMIC_MASS_U, BOLTZMANN, ELEMENTARY_CHARGE};
+use crate::error::{PhysicsError, Result};
+use crate::instrument::{
+    Frame, FrameMeta, InstrumentInfo, InstrumentKind, ScanSettings, Spectrum, StemInstrument,
+};
+use crate::param::Param;
+use crate::param::dims::{Angle, Area, Current, Energy, Frequency, Length, Temperature, Time};
+use crate::param::dims::{Unitless, Velocity};
+use crate::rng::{SimRng, derive_seed, poisson, seeded};
+use crate::stem::damage::{HopModel, knock_on_cross_section};
+use crate::stem::optics::Aberrations;
+use ndarray::Array2;
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+use std::f64::consts::PI;
+
+/// `FWHM / σ` of a Gaussian.
+const FWHM_PER_SIGMA: f64 = 2.354_820_045_030_949;
+
+/// Settings of the light dopant model (`instrument = {...}` of `StemDopantSteer`). Every
+/// physical parameter may be a distribution, redrawn at each reset.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DopantSimConfig {
+    /// Beam (kinetic) energy, eV. Default 60 keV.
+    pub energy: Param<Energy>,
+    /// Probe current, A. Default 100 pA.
+    pub current: Param<Current>,
+    /// Convergence semi-angle α, rad (geometric blur under defocus). Default 30 mrad.
+    pub convergence_angle: Param<Angle>,
+    /// Intensity FWHM of the focused probe, m. Default 1.1 Å.
+    pub probe_fwhm: Param<Length>,
+    /// Graphene lattice constant, m. Default 2.46 Å (C-C 1.42 Å).
+    pub lattice_constant: Param<Length>,
+    /// Rotation of the lattice in the lab frame, rad. Default uniform in [0, π/3).
+    pub rotation: Param<Angle>,
+    /// Atomic number of the dopant. Default 14 (Si).
+    pub dopant_z: u8,
+    /// Peak hop rate toward one neighbour at `hop_reference_current`, 1/s. Default ln2/3 ≈ 0.231.
+    pub hop_peak_rate: Param<Frequency>,
+    /// Current at which the hop rate equals `hop_peak_rate`, A. Default 100 pA.
+    pub hop_reference_current: Param<Current>,
+    /// Distance from the dopant to the rate maximum, toward the neighbour, m. Default 0.85 Å.
+    pub hop_offset: Param<Length>,
+    /// Variance of the Gaussian rate profile, m². Default 0.1 Å².
+    pub hop_variance: Param<Area>,
+    /// Whether the dopant can be sputtered (knock-on). Default true.
+    pub sputtering: bool,
+    /// Displacement energy of the dopant, eV. Default 15 eV (Si in graphene).
+    pub displacement_energy: Param<Energy>,
+    /// Specimen temperature (thermal vibrations smooth the knock-on threshold), K. Default 300 K.
+    pub temperature: Param<Temperature>,
+    /// Drift velocity of the sheet in the lab frame `[vx, vy]`, m/s. Default 0.
+    pub drift_velocity: [Param<Velocity>; 2],
+    /// Exponent n of the Z^n HAADF contrast. Default 1.7.
+    pub haadf_exponent: Param<Unitless>,
+    /// HAADF cross-section of one carbon atom, m². Default 5e-23 m².
+    pub carbon_cross_section: Param<Area>,
+    /// Whether counts are Poisson-sampled. Default true.
+    pub shot_noise: bool,
+    /// Frame pixels `[rows, cols]`. Default 64 × 64.
+    pub pixels: [usize; 2],
+    /// Pixel size of frames, m. Default 0.2 Å.
+    pub pixel_size: Param<Length>,
+    /// Dwell time per pixel of frames, s. Default 4 µs.
+    pub dwell_time: Param<Time>,
+    /// Flyback time per line, s. Default 0.
+    pub flyback_time: Param<Time>,
+    /// Half-width of the beam deflection range around the origin, m. Default 5 nm.
+    pub deflection_range: f64,
+}
+
+impl Default for DopantSimConfig {
+    fn default() -> Self {
+        Self {
+            energy: Param::fixed(60e3),
+            current: Param::fixed(100e-12),
+            convergence_angle: Param::fixed(30e-3),
+            probe_fwhm: Param::fixed(1.1e-10),
+            lattice_constant: Param::fixed(2.46e-10),
+            rotation: Param::uniform(0.0, PI / 3.0),
+            dopant_z: 14,
+            hop_peak_rate: Param::fixed(std::f64::consts::LN_2 / 3.0),
+            hop_reference_current: Param::fixed(100e-12),
+            hop_offset: Param::fixed(0.85e-10),
+            hop_variance: Param::fixed(0.1e-20),
+            sputtering: true,
+            displacement_energy: Param::fixed(15.0),
+            temperature: Param::fixed(300.0),
+            drift_velocity: [Param::fixed(0.0), Param::fixed(0.0)],
+            haadf_exponent: Param::fixed(1.7),
+            carbon_cross_section: Param::fixed(5e-23),
+            shot_noise: true,
+            pixels: [64, 64],
+            pixel_size: Param::fixed(0.2e-10),
+            dwell_time: Param::fixed(4e-6),
+            flyback_time: Param::fixed(0.0),
+            deflection_range: 5e-9,
+        }
+    }
+}
+
+/// The drawn values of one episode, SI units.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+struct Drawn {
+    energy: f64,
+    current: f64,
+    alpha: f64,
+    fwhm: f64,
+    a: f64,
+    rotation: f64,
+    hop: [f64; 4],
+    e_d: f64,
+    temperature: f64,
+    drift: [f64; 2],
+    exponent: f64,
+    sigma_c: f64,
+    pixel_size: f64,
+    dwell: f64,
+    flyback: f64,
+}
+
+impl DopantSimConfig {
+    /// The parameters in draw order: dotted name, distribution.
+    fn params(&self) -> [(&'static str, [f64; 3], bool); 19] {
+        fn p<D: crate::param::Dim>(x: &Param<D>) -> ([f64; 3], bool) {
+            let v = x.get();
+            match *x {
+                Param::Fixed(..) => ([0.0, v, v], true),
+                Param::Uniform(a, b, _) => ([1.0, a, b], false),
+                Param::Normal(a, b, _) => ([2.0, a, b], false),
+                Param::LogUniform(a, b, _) => ([3.0, a, b], false),
+            }
+        }
+        macro_rules! list {
+            ($($name:literal => $e:expr),* $(,)?) => {
+                [$({ let (d, f) = p(&$e); ($name, d, f) }),*]
+            };
+        }
+        list![
+            "energy" => self.energy,
+            "current" => self.current,
+            "convergence_angle" => self.convergence_angle,
+            "probe_fwhm" => self.probe_fwhm,
+            "lattice_constant" => self.lattice_constant,
+            "rotation" => self.rotation,
+            "hop_peak_rate" => self.hop_peak_rate,
+            "hop_reference_current" => self.hop_reference_current,
+            "hop_offset" => self.hop_offset,
+            "hop_variance" => self.hop_variance,
+            "displacement_energy" => self.displacement_energy,
+            "temperature" => self.temperature,
+            "drift_velocity[0]" => self.drift_velocity[0],
+            "drift_velocity[1]" => self.drift_velocity[1],
+            "haadf_exponent" => self.haadf_exponent,
+            "carbon_cross_section" => self.carbon_cross_section,
+            "pixel_size" => self.pixel_size,
+            "dwell_time" => self.dwell_time,
+            "flyback_time" => self.flyback_time,
+        ]
+    }
+
+    /// Draws every parameter (fixed ones give their value) and checks the drawn values.
+    fn draw(&self, rng: &mut SimRng) -> Result<(Drawn, [f64; 19])> {
+        let mut v = [0.0; 19];
+        for (k, (_, d, _)) in self.params().iter().enumerate() {
+            let x = match d[0] as u8 {
+                0 => d[1],
+                1 => Param::<Unitless>::uniform(d[1], d[2]).sample(rng),
+                2 => Param::<Unitless>::Normal(d[1], d[2], Default::default()).sample(rng),
+                _ => Param::<Unitless>::LogUniform(d[1], d[2], Default::default()).sample(rng),
+            };
+            v[k] = x;
+        }
+        let d = Drawn {
+            energy: v[0],
+            current: v[1],
+            alpha: v[2],
+            fwhm: v[3],
+            a: v[4],
+            rotation: v[5],
+            hop: [v[6], v[7], v[8], v[9]],
+            e_d: v[10],
+            temperature: v[11],
+            drift: [v[12], v[13]],
+            exponent: v[14],
+            sigma_c: v[15],
+            pixel_size: v[16],
+            dwell: v[17],
+            flyback: v[18],
+        };
+        let checks: [(&str, f64, f64, f64); 17] = [
+            ("energy", d.energy, 1e3, 1e6),
+            ("current", d.current, 0.0, 1e-6),
+            ("convergence_angle", d.alpha, 1e-4, 0.2),
+            ("probe_fwhm", d.fwhm, 0.1e-10, 10e-10),
+            ("lattice_constant", d.a, 1e-10, 5e-10),
+            ("rotation", d.rotation, -10.0, 10.0),
+            ("hop_peak_rate", d.hop[0], 0.0, 1e6),
+            ("hop_reference_current", d.hop[1], 1e-15, 1e-6),
+            ("hop_offset", d.hop[2], 0.0, 5e-10),
+            ("hop_variance", d.hop[3], 1e-24, 1e-18),
+            ("displacement_energy", d.e_d, 0.1, 1e3),
+            ("temperature", d.temperature, 0.0, 3000.0),
+            ("haadf_exponent", d.exponent, 0.0, 3.0),
+            ("carbon_cross_section", d.sigma_c, 0.0, 1e-18),
+            ("pixel_size", d.pixel_size, 1e-13, 1e-8),
+            ("dwell_time", d.dwell, 1e-9, 1.0),
+            ("flyback_time", d.flyback, 0.0, 1.0),
+        ];
+        for (name, x, lo, hi) in checks {
+            if !(x.is_finite() && x >= lo && x <= hi) {
+                return Err(PhysicsError::param(
+                    name,
+                    format!("must lie in [{lo:e}, {hi:e}] (SI units), got {x:e}"),
+                ));
+            }
+        }
+        for (k, x) in d.drift.iter().enumerate() {
+            if !(x.is_finite() && x.abs() <= 1e-6) {
+                return Err(PhysicsError::param(
+                    format!("drift_velocity[{k}]"),
+                    format!("must lie within ±1 µm/s, got {x:e} m/s"),
+                ));
+            }
+        }
+        Ok((d, v))
+    }
+
+    /// Checks the settings (and one draw of every distribution).
+    pub fn validate(&self) -> Result<()> {
+        if !(1..=92).contains(&self.dopant_z) {
+            return Err(PhysicsError::param(
+                "dopant_z",
+                format!("must be an atomic number 1-92, got {}", self.dopant_z),
+            ));
+        }
+        let [r, c] = self.pixels;
+        if !(1..=4096).contains(&r) || !(1..=4096).contains(&c) {
+            return Err(PhysicsError::param(
+                "pixels",
+                format!("must be 1-4096 each, got {:?}", self.pixels),
+            ));
+        }
+        if !(self.deflection_range > 0.0 && self.deflection_range <= 1e-6) {
+            return Err(PhysicsError::param(
+                "deflection_range",
+                format!("must be in (0, 1 µm], got {} m", self.deflection_range),
+            ));
+        }
+        self.draw(&mut seeded(0)).map(|_| ())
+    }
+}
+
+/// A lattice site: cell indices and sublattice (0 = A, 1 = B).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+struct Site {
+    i: i64,
+    j: i64,
+    sub: u8,
+}
+
+/// The light dopant model as a STEM instrument. See the module docs.
+#[derive(Debug, Clone)]
+pub struct DopantSimulator {
+    template: DopantSimConfig,
+    p: Drawn,
+    values: [f64; 19],
+    hop: HopModel,
+    /// Lattice vectors a1, a2 and the A→B basis offset δ, specimen frame, m.
+    a1: [f64; 2],
+    a2: [f64; 2],
+    delta: [f64; 2],
+    site: Site,
+    present: bool,
+    hops: u64,
+    sigma_knock: f64,
+    sigma_z: [f64; 2],
+    probe_sigma: f64,
+    clock: f64,
+    probe: [f64; 2],
+    blanked: bool,
+    aberrations: Aberrations,
+    scan: ScanSettings,
+    frame: Array2<f32>,
+    frames: u64,
+    rng_hop: SimRng,
+    rng_noise: SimRng,
+}
+
+impl DopantSimulator {
+    /// A simulator drawing its episode from `seed`.
+    pub fn new(config: DopantSimConfig, seed: u64) -> Result<Self> {
+        config.validate()?;
+        let mut s = Self {
+            p: Drawn::default(),
+            values: [0.0; 19],
+            hop: HopModel {
+                peak_rate: 0.0,
+                reference_current: 1.0,
+                offset: 0.0,
+                variance: 1.0,
+                dopant_z: config.dopant_z,
+                host_z: 6,
+            },
+            a1: [0.0; 2],
+            a2: [0.0; 2],
+            delta: [0.0; 2],
+            site: Site::default(),
+            present: true,
+            hops: 0,
+            sigma_knock: 0.0,
+            sigma_z: [0.0; 2],
+            probe_sigma: 1e-10,
+            clock: 0.0,
+            probe: [0.0; 2],
+            blanked: false,
+            aberrations: Aberrations::default(),
+            scan: ScanSettings {
+                rows: config.pixels[0],
+                cols: config.pixels[1],
+                pixel_size: 0.0,
+                dwell_time: 0.0,
+                flyback_time: 0.0,
+                center: [0.0; 2],
+            },
+            frame: Array2::zeros((config.pixels[0], config.pixels[1])),
+            frames: 0,
+            rng_hop: seeded(0),
+            rng_noise: seeded(0),
+            template: config,
+        };
+        s.reset(seed)?;
+        Ok(s)
+    }
+
+    /// Starts a new episode: redraws the randomized parameters from `seed`, puts the dopant on
+    /// the A site at the origin, the beam there, the clock at 0, the aberrations at zero.
+    pub fn reset(&mut self, seed: u64) -> Result<()> {
+        let (p, values) = self
+            .template
+            .draw(&mut seeded(derive_seed(seed, "params")))?;
+        self.p = p;
+        self.values = values;
+        self.hop = HopModel {
+            peak_rate: p.hop[0],
+            reference_current: p.hop[1],
+            offset: p.hop[2],
+            variance: p.hop[3],
+            dopant_z: self.template.dopant_z,
+            host_z: 6,
+        };
+        let (s, c) = p.rotation.sin_cos();
+        let (s60, c60) = (p.rotation + PI / 3.0).sin_cos();
+        self.a1 = [p.a * c, p.a * s];
+        self.a2 = [p.a * c60, p.a * s60];
+        self.delta = [
+            (self.a1[0] + self.a2[0]) / 3.0,
+            (self.a1[1] + self.a2[1]) / 3.0,
+        ];
+        self.site = Site::default();
+        self.present = true;
+        self.hops = 0;
+        let z = self.template.dopant_z;
+        let m = ATOMIC_MASS_U[z as usize];
+        let v_rms = (BOLTZMANN * p.temperature / (m * AMU)).sqrt();
+        self.sigma_knock = if self.template.sputtering {
+            knock_on_cross_section(p.energy, z, m, p.e_d, v_rms)
+        } else {
+            0.0
+        };
+        self.sigma_z = [p.sigma_c, p.sigma_c * (f64::from(z) / 6.0).powf(p.exponent)];
+        self.clock = 0.0;
+        self.probe = [0.0; 2];
+        self.blanked = false;
+        self.aberrations = Aberrations::default();
+        self.update_probe();
+        self.scan = ScanSettings {
+            rows: self.template.pixels[0],
+            cols: self.template.pixels[1],
+            pixel_size: p.pixel_size,
+            dwell_time: p.dwell,
+            flyback_time: p.flyback,
+            center: [0.0; 2],
+        };
+        self.frame = Array2::zeros((self.scan.rows, self.scan.cols));
+        self.frames = 0;
+        self.rng_hop = seeded(derive_seed(seed, "hops"));
+        self.rng_noise = seeded(derive_seed(seed, "noise"));
+        Ok(())
+    }
+
+    /// The configuration as given (with its distributions).
+    pub fn template(&self) -> &DopantSimConfig {
+        &self.template
+    }
+
+    /// The randomized parameters of this episode and their drawn values (SI units).
+    pub fn randomized(&self) -> impl Iterator<Item = (&'static str, f64)> + '_ {
+        self.template
+            .params()
+            .into_iter()
+            .zip(self.values)
+            .filter(|((_, _, fixed), _)| !fixed)
+            .map(|((name, _, _), v)| (name, v))
+    }
+
+    fn update_probe(&mut self) {
+        let s0 = self.p.fwhm / FWHM_PER_SIGMA;
+        let (a, ab) = (self.p.alpha, &self.aberrations);
+        self.probe_sigma = (s0 * s0 + a * a * (ab.c10 * ab.c10 + ab.c12 * ab.c12) / 4.0).sqrt();
+    }
+
+    /// Lab offset of the sheet (drift), m.
+    fn drift(&self) -> [f64; 2] {
+        [self.p.drift[0] * self.clock, self.p.drift[1] * self.clock]
+    }
+
+    /// Specimen position of a site, m.
+    fn pos(&self, s: Site) -> [f64; 2] {
+        let (i, j, b) = (s.i as f64, s.j as f64, f64::from(s.sub));
+        [
+            i * self.a1[0] + j * self.a2[0] + b * self.delta[0],
+            i * self.a1[1] + j * self.a2[1] + b * self.delta[1],
+        ]
+    }
+
+    /// The three bonded neighbours of a site.
+    fn neighbours(s: Site) -> [Site; 3] {
+        let (i, j) = (s.i, s.j);
+        if s.sub == 0 {
+            [(i, j), (i - 1, j), (i, j - 1)].map(|(i, j)| Site { i, j, sub: 1 })
+        } else {
+            [(i, j), (i + 1, j), (i, j + 1)].map(|(i, j)| Site { i, j, sub: 0 })
+        }
+    }
+
+    fn to_lab(&self, p: [f64; 2]) -> [f64; 2] {
+        let d = self.drift();
+        [p[0] + d[0], p[1] + d[1]]
+    }
+
+    /// The dopant's lab position (m), or `None` once it was sputtered.
+    pub fn dopant(&self) -> Option<[f64; 2]> {
+        self.present.then(|| self.to_lab(self.pos(self.site)))
+    }
+
+    /// Lab positions (m) of the dopant's three bonded C neighbours.
+    pub fn dopant_neighbours(&self) -> [[f64; 2]; 3] {
+        Self::neighbours(self.site).map(|n| self.to_lab(self.pos(n)))
+    }
+
+    /// Hops since the reset.
+    pub fn hops(&self) -> u64 {
+        self.hops
+    }
+
+    /// The probe's Gaussian σ, m.
+    pub fn probe_sigma(&self) -> f64 {
+        self.probe_sigma
+    }
+
+    /// Knock-on cross-section of the dopant this episode, m².
+    pub fn dopant_cross_section(&self) -> f64 {
+        self.sigma_knock
+    }
+
+    /// Lab positions (m) of the C sites within `radius` (m) of `center` (lab, m), written to
+    /// `out` (the dopant's site excluded).
+    pub fn host_sites(&self, center: [f64; 2], radius: f64, out: &mut Vec<[f64; 2]>) {
+        out.clear();
+        let d = self.drift();
+        let c = [center[0] - d[0], center[1] - d[1]];
+        // Cell indices of the centre: solve c = i a1 + j a2.
+        let det = self.a1[0] * self.a2[1] - self.a1[1] * self.a2[0];
+        let fi = (c[0] * self.a2[1] - c[1] * self.a2[0]) / det;
+        let fj = (self.a1[0] * c[1] - self.a1[1] * c[0]) / det;
+        let n = (2.0 * radius / self.p.a).ceil() as i64 + 2;
+        let (ci, cj) = (fi.round() as i64, fj.round() as i64);
+        for i in ci - n..=ci + n {
+            for j in cj - n..=cj + n {
+                for sub in 0..2 {
+                    let s = Site { i, j, sub };
+                    if self.present && s == self.site {
+                        continue;
+                    }
+                    let p = self.pos(s);
+                    if (p[0] - c[0]).hypot(p[1] - c[1]) <= radius {
+                        out.push([p[0] + d[0], p[1] + d[1]]);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Probe intensity per area (1/m²) at offset `r2` (squared distance, m²) from its centre.
+    fn density(&self, r2: f64) -> f64 {
+        let v = self.probe_sigma * self.probe_sigma;
+        (-0.5 * r2 / v).exp() / (2.0 * PI * v)
+    }
+
+    /// Runs the hop chain for `duration` s with constant rates from `rates(dopant, neighbours)`
+    /// (`[hop toward each neighbour, loss]`, 1/s), recomputed after every hop.
+    fn run_chain(
+        &mut self,
+        duration: f64,
+        rates: impl Fn(&Self, [f64; 2], [[f64; 2]; 3]) -> [f64; 4],
+    ) {
+        let mut t = 0.0;
+        while self.present {
+            let d = self.pos(self.site);
+            let nb = Self::neighbours(self.site);
+            let r = rates(self, d, nb.map(|n| self.pos(n)));
+            let total: f64 = r.iter().sum();
+            if total <= 0.0 {
+                break;
+            }
+            let u: f64 = self.rng_hop.random();
+            t += -(1.0 - u).ln() / total;
+            if t >= duration {
+                break;
+            }
+            let mut pick = self.rng_hop.random::<f64>() * total;
+            let mut k = 3;
+            for (m, &x) in r.iter().enumerate() {
+                if pick < x {
+                    k = m;
+                    break;
+                }
+                pick -= x;
+            }
+            if k == 3 {
+                self.present = false;
+            } else {
+                self.site = nb[k];
+                self.hops += 1;
+            }
+        }
+    }
+
+    /// Rates with the beam parked at specimen position `b`.
+    fn parked_rates(&self, b: [f64; 2], d: [f64; 2], nb: [[f64; 2]; 3]) -> [f64; 4] {
+        let i = self.p.current;
+        let loss = self.sigma_knock
+            * (i / ELEMENTARY_CHARGE)
+            * self.density((b[0] - d[0]).powi(2) + (b[1] - d[1]).powi(2));
+        [
+            self.hop.rate(d, nb[0], b, i),
+            self.hop.rate(d, nb[1], b, i),
+            self.hop.rate(d, nb[2], b, i),
+            loss,
+        ]
+    }
+
+    /// Expected HAADF counts with the probe at specimen position `b` and `n_e` electrons.
+    fn expected_counts(&self, b: [f64; 2], n_e: f64) -> f64 {
+        // Within 4.5 σ: the tails beyond hold exp(-10) of a column's peak.
+        let reach = 4.5 * self.probe_sigma;
+        let mut sum = 0.0;
+        self.for_sites_near(b, reach, |s, p| {
+            let r2 = (p[0] - b[0]).powi(2) + (p[1] - b[1]).powi(2);
+            sum += self.sigma_of(s) * self.density(r2);
+        });
+        n_e * sum
+    }
+
+    fn sigma_of(&self, s: Site) -> f64 {
+        if s == self.site {
+            if self.present { self.sigma_z[1] } else { 0.0 }
+        } else {
+            self.sigma_z[0]
+        }
+    }
+
+    /// Calls `f(site, specimen position)` for every site within `reach` (m) of `c` (specimen).
+    fn for_sites_near(&self, c: [f64; 2], reach: f64, mut f: impl FnMut(Site, [f64; 2])) {
+        let det = self.a1[0] * self.a2[1] - self.a1[1] * self.a2[0];
+        let fi = (c[0] * self.a2[1] - c[1] * self.a2[0]) / det;
+        let fj = (self.a1[0] * c[1] - self.a1[1] * c[0]) / det;
+        // A lab offset r changes a cell index by at most r / (a·sin 60°); plus rounding of the
+        // centre (½) and the basis offset (⅓).
+        let n = (reach / (self.p.a * 0.866_025_403_784_438_6) + 0.9).ceil() as i64;
+        let (ci, cj) = (fi.round() as i64, fj.round() as i64);
+        for i in ci - n..=ci + n {
+            for j in cj - n..=cj + n {
+                for sub in 0..2 {
+                    let s = Site { i, j, sub };
+                    let p = self.pos(s);
+                    if (p[0] - c[0]).powi(2) + (p[1] - c[1]).powi(2) <= reach * reach {
+                        f(s, p);
+                    }
+                }
+            }
+        }
+    }
+
+    fn check_beam(&self, op: &str) -> Result<()> {
+        if self.blanked {
+            return Err(PhysicsError::Refused {
+                operation: op.into(),
+                reason: "the beam is blanked".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+impl StemInstrument for DopantSimulator {
+    fn info(&self) -> InstrumentInfo {
+        InstrumentInfo {
+            name: "scopegym STEM dopant-lattice model".into(),
+            kind: InstrumentKind::Stem,
+            simulated: true,
+        }
+    }
+
+    fn clock(&self) -> f64 {
+        self.clock
+    }
+
+    fn beam_energy(&self) -> f64 {
+        self.p.energy
+    }
+
+    fn beam_current(&self) -> f64 {
+        self.p.current
+    }
+
+    fn scan_settings(&self) -> ScanSettings {
+        self.scan
+    }
+
+    fn configure_scan(&mut self, request: &ScanSettings) -> Result<ScanSettings> {
+        let r = request;
+        if !(1..=4096).contains(&r.rows) || !(1..=4096).contains(&r.cols) {
+            return Err(PhysicsError::arg(
+                "scan.pixels",
+                format!("must be 1-4096 each, got {} × {}", r.rows, r.cols),
+            ));
+        }
+        for (name, v, lo, hi) in [
+            ("scan.pixel_size", r.pixel_size, 1e-13, 1e-8),
+            ("scan.dwell_time", r.dwell_time, 1e-9, 1.0),
+            ("scan.flyback_time", r.flyback_time, 0.0, 1.0),
+        ] {
+            if !(v.is_finite() && v >= lo && v <= hi) {
+                return Err(PhysicsError::arg(
+                    name,
+                    format!("must lie in [{lo:e}, {hi:e}], got {v:e}"),
+                ));
+            }
+        }
+        if !r
+            .center
+            .iter()
+            .all(|c| c.is_finite() && c.abs() <= self.template.deflection_range)
+        {
+            return Err(PhysicsError::arg(
+                "scan.center",
+                format!(
+                    "must lie within ±{} m, got {:?}",
+                    self.template.deflection_range, r.center
+                ),
+            ));
+        }
+        if (r.rows, r.cols) != self.frame.dim() {
+            self.frame = Array2::zeros((r.rows, r.cols));
+        }
+        self.scan = *r;
+        Ok(self.scan)
+    }
+
+    fn acquire_frame(&mut self) -> Result<Frame<'_>> {
+        self.check_beam("acquire_frame")?;
+        let sc = self.scan;
+        let n_e = self.p.current * sc.dwell_time / ELEMENTARY_CHARGE;
+        let t_start = self.clock;
+        let duration = sc.frame_time();
+        // Hops while scanning: raster-averaged rates over the pixels near the dopant.
+        let d0 = self.drift();
+        let pixel_lab = |r: usize, c: usize| {
+            [
+                sc.center[0] + (c as f64 - 0.5 * (sc.cols as f64 - 1.0)) * sc.pixel_size,
+                sc.center[1] + (r as f64 - 0.5 * (sc.rows as f64 - 1.0)) * sc.pixel_size,
+            ]
+        };
+        let reach = self.hop.offset + 6.0 * self.hop.variance.sqrt() + 5.0 * self.probe_sigma;
+        let rates = |me: &Self, d: [f64; 2], nb: [[f64; 2]; 3]| {
+            let mut acc = [0.0; 4];
+            // Pixel index range within `reach` of the dopant (lab = specimen + drift).
+            let lab = [d[0] + d0[0], d[1] + d0[1]];
+            let idx = |x: f64, c0: f64, n: usize| {
+                let k = (x - c0) / sc.pixel_size + 0.5 * (n as f64 - 1.0);
+                k.clamp(-1.0, n as f64) as i64
+            };
+            let (c_lo, c_hi) = (
+                idx(lab[0] - reach, sc.center[0], sc.cols).max(0) as usize,
+                idx(lab[0] + reach, sc.center[0], sc.cols).min(sc.cols as i64 - 1),
+            );
+            let (r_lo, r_hi) = (
+                idx(lab[1] - reach, sc.center[1], sc.rows).max(0) as usize,
+                idx(lab[1] + reach, sc.center[1], sc.rows).min(sc.rows as i64 - 1),
+            );
+            if c_hi < 0 || r_hi < 0 {
+                return acc;
+            }
+            for r in r_lo..=r_hi as usize {
+                for c in c_lo..=c_hi as usize {
+                    let p = pixel_lab(r, c);
+                    let b = [p[0] - d0[0], p[1] - d0[1]];
+                    let x = me.parked_rates(b, d, nb);
+                    for k in 0..4 {
+                        acc[k] += x[k] * sc.dwell_time;
+                    }
+                }
+            }
+            acc.map(|a| a / duration.max(1e-300))
+        };
+        if duration > 0.0 {
+            self.run_chain(duration, rates);
+        }
+        // The image of the final configuration.
+        let shot = self.template.shot_noise;
+        let (rows, cols) = (sc.rows, sc.cols);
+        let mut img = std::mem::take(&mut self.frame);
+        for r in 0..rows {
+            for c in 0..cols {
+                let p = pixel_lab(r, c);
+                let b = [p[0] - d0[0], p[1] - d0[1]];
+                let lam = self.expected_counts(b, n_e);
+                img[[r, c]] = if shot {
+                    poisson(&mut self.rng_noise, lam) as f32
+                } else {
+                    lam as f32
+                };
+            }
+        }
+        self.frame = img;
+        self.clock += duration;
+        let meta = FrameMeta {
+            index: self.frames,
+            t_start,
+            duration,
+            electrons_per_pixel: n_e,
+            dose: n_e / (sc.pixel_size * sc.pixel_size),
+        };
+        self.frames += 1;
+        Ok(Frame {
+            image: self.frame.view(),
+            meta,
+        })
+    }
+
+    fn probe_position(&self) -> [f64; 2] {
+        self.probe
+    }
+
+    fn move_probe(&mut self, position: [f64; 2]) -> Result<()> {
+        let r = self.template.deflection_range;
+        if !position.iter().all(|v| v.is_finite() && v.abs() <= r) {
+            return Err(PhysicsError::arg(
+                "position",
+                format!("must be finite and within ±{r} m, got {position:?}"),
+            ));
+        }
+        self.probe = position;
+        Ok(())
+    }
+
+    fn acquire_point(&mut self, dwell_time: f64) -> Result<f64> {
+        self.check_beam("acquire_point")?;
+        if !(dwell_time > 0.0 && dwell_time <= 1000.0) {
+            return Err(PhysicsError::arg(
+                "dwell_time",
+                format!("must be in (0, 1000] s, got {dwell_time}"),
+            ));
+        }
+        let dr = self.drift();
+        let b = [self.probe[0] - dr[0], self.probe[1] - dr[1]];
+        self.run_chain(dwell_time, |me, d, nb| me.parked_rates(b, d, nb));
+        let n_e = self.p.current * dwell_time / ELEMENTARY_CHARGE;
+        let lam = self.expected_counts(b, n_e);
+        self.clock += dwell_time;
+        Ok(if self.template.shot_noise {
+            f64::from(poisson(&mut self.rng_noise, lam))
+        } else {
+            lam
+        })
+    }
+
+    fn acquire_spectrum(&mut self, _exposure: f64) -> Result<Spectrum<'_>> {
+        Err(PhysicsError::Refused {
+            operation: "acquire_spectrum".into(),
+            reason: "the dopant-lattice model has no EELS; use StemSimulator".into(),
+        })
+    }
+
+    fn aberrations(&self) -> Aberrations {
+        self.aberrations
+    }
+
+    fn set_aberrations(&mut self, aberrations: &Aberrations) -> Result<Aberrations> {
+        aberrations.validate("aberrations.")?;
+        self.aberrations = *aberrations;
+        self.update_probe();
+        Ok(self.aberrations)
+    }
+
+    fn set_blanked(&mut self, blanked: bool) -> Result<()> {
+        self.blanked = blanked;
+        Ok(())
+    }
+
+    fn is_blanked(&self) -> bool {
+        self.blanked
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stem::damage::max_transfer;
+
+    fn quiet(cfg: DopantSimConfig) -> DopantSimulator {
+        DopantSimulator::new(cfg, 1).unwrap()
+    }
+
+    #[test]
+    fn lattice_geometry_is_graphene() {
+        let s = quiet(DopantSimConfig::default());
+        let d = s.dopant().unwrap();
+        assert_eq!(d, [0.0, 0.0]);
+        let nb = s.dopant_neighbours();
+        for n in nb {
+            let r = n[0].hypot(n[1]);
+            assert!((r / 1.4203e-10 - 1.0).abs() < 1e-3, "bond {r}");
+        }
+        // 120° apart.
+        for k in 0..3 {
+            let (a, b) = (nb[k], nb[(k + 1) % 3]);
+            let cos = (a[0] * b[0] + a[1] * b[1]) / (a[0].hypot(a[1]) * b[0].hypot(b[1]));
+            assert!((cos + 0.5).abs() < 1e-9, "{cos}");
+        }
+        // Areal density of graphene: 2 atoms per (√3/2)a² = 0.3818 Å⁻²; a 2 nm disc holds
+        // π·20²·0.3818 ≈ 480 sites (minus the dopant's).
+        let mut out = Vec::new();
+        s.host_sites([0.0, 0.0], 2e-9, &mut out);
+        let expect = PI * 400.0 * 2.0 / (3f64.sqrt() / 2.0 * 2.46f64.powi(2)) - 1.0;
+        assert!(
+            (out.len() as f64 / expect - 1.0).abs() < 0.03,
+            "{} vs {expect}",
+            out.len()
+        );
+    }
+
+    #[test]
+    fn parked_beam_hops_toward_the_neighbour_at_the_putting_dune_rate() {
+        // Beam 0.85 Å from the Si toward neighbour 0: rate ln2/3 per second toward it (the
+        // other two neighbours' maxima are 1.47 Å away: exp(-0.5·2.17/0.1) ≈ 2e-5 of the peak).
+        // P(hop within 1.5 s) = 1 - exp(-0.231·1.5) = 0.293.
+        let mut sim = quiet(DopantSimConfig::default());
+        let n = 4000;
+        let mut hopped = 0;
+        let mut elsewhere = 0;
+        for seed in 0..n {
+            sim.reset(seed).unwrap();
+            let nb = sim.dopant_neighbours();
+            let u = [nb[0][0] / 1.42e-10, nb[0][1] / 1.42e-10];
+            sim.move_probe([0.85e-10 * u[0], 0.85e-10 * u[1]]).unwrap();
+            sim.acquire_point(1.5).unwrap();
+            hopped += usize::from(sim.hops() > 0);
+            // The beam now sits 0.57 Å from a hopped Si toward its old site, so it may hop
+            // back; but it ends on the origin or on neighbour 0, never elsewhere.
+            let d = sim.dopant().unwrap();
+            let at = |q: [f64; 2]| (d[0] - q[0]).hypot(d[1] - q[1]) < 1e-12;
+            elsewhere += usize::from(!at([0.0, 0.0]) && !at(nb[0]));
+        }
+        let p = hopped as f64 / n as f64;
+        let expect = 1.0 - (-(std::f64::consts::LN_2 / 3.0) * 1.5).exp();
+        let sd = (expect * (1.0 - expect) / n as f64).sqrt();
+        assert!((p - expect).abs() < 4.0 * sd, "{p} vs {expect}");
+        assert!(elsewhere <= n as usize / 200, "{elsewhere}");
+    }
+
+    #[test]
+    fn hop_rate_scales_linearly_with_current() {
+        let cfg = DopantSimConfig {
+            current: Param::fixed(400e-12),
+            ..Default::default()
+        };
+        let mut sim = quiet(cfg);
+        let n = 3000;
+        let mut hopped = 0;
+        for seed in 0..n {
+            sim.reset(seed).unwrap();
+            let nb = sim.dopant_neighbours();
+            let u = [nb[1][0] / 1.42e-10, nb[1][1] / 1.42e-10];
+            sim.move_probe([0.85e-10 * u[0], 0.85e-10 * u[1]]).unwrap();
+            sim.acquire_point(0.5).unwrap();
+            hopped += usize::from(sim.hops() > 0);
+        }
+        let p = hopped as f64 / n as f64;
+        let expect = 1.0 - (-4.0 * std::f64::consts::LN_2 / 3.0 * 0.5).exp();
+        let sd = (expect * (1.0 - expect) / n as f64).sqrt();
+        assert!((p - expect).abs() < 4.0 * sd, "{p} vs {expect}");
+    }
+
+    #[test]
+    fn knock_on_loss_follows_the_cross_section() {
+        // 60 kV: T_max(²⁸Si) ≈ 5 eV ≪ 15 eV: never lost. 300 kV: T_max ≈ 30 eV, lost with
+        // probability 1 - exp(-σ·n_e·ρ(0)) with the beam on the dopant.
+        assert!(max_transfer(60e3, ATOMIC_MASS_U[14]) < 5.1);
+        let mut sim = quiet(DopantSimConfig::default());
+        sim.acquire_point(100.0).unwrap();
+        assert!(sim.dopant().is_some());
+        assert!(sim.dopant_cross_section() < 1e-40);
+
+        let cfg = DopantSimConfig {
+            energy: Param::fixed(300e3),
+            hop_peak_rate: Param::fixed(0.0),
+            ..Default::default()
+        };
+        let mut sim = quiet(cfg);
+        let sigma = sim.dopant_cross_section();
+        assert!(sigma > 1e-30, "{sigma}");
+        // Loss rate with the beam on the dopant: σ·(I/e)·ρ(0), ρ(0) = 1/(2πσ_p²); dwell for a
+        // mean of 0.5 events.
+        let rate = sigma * 100e-12 / ELEMENTARY_CHARGE / (2.0 * PI * sim.probe_sigma().powi(2));
+        let dwell = 0.5 / rate;
+        assert!(dwell <= 1000.0, "{dwell}");
+        let expect = 1.0 - (-0.5f64).exp();
+        let n = 3000;
+        let mut lost = 0;
+        for seed in 0..n {
+            sim.reset(seed).unwrap();
+            sim.acquire_point(dwell).unwrap();
+            lost += usize::from(sim.dopant().is_none());
+        }
+        let p = lost as f64 / n as f64;
+        let sd = (expect * (1.0 - expect) / n as f64).sqrt();
+        assert!((p - expect).abs() < 4.0 * sd, "{p} vs {expect}");
+    }
+
+    #[test]
+    fn haadf_contrast_is_z_to_the_n_and_drift_moves_the_lattice() {
+        let cfg = DopantSimConfig {
+            shot_noise: false,
+            rotation: Param::fixed(0.0),
+            drift_velocity: [Param::fixed(1e-11), Param::fixed(-0.5e-11)],
+            ..Default::default()
+        };
+        let mut sim = quiet(cfg);
+        let si = sim.dopant().unwrap();
+        // A carbon whose neighbours are all carbon.
+        let mut far = Vec::new();
+        sim.host_sites(si, 6e-10, &mut far);
+        let c = *far.iter().find(|p| p[0].hypot(p[1]) > 4e-10).unwrap();
+        sim.move_probe(si).unwrap();
+        let a = sim.acquire_point(1e-6).unwrap();
+        let t = sim.clock();
+        let shift = [1e-11 * t, -0.5e-11 * t];
+        sim.move_probe([c[0] + shift[0], c[1] + shift[1]]).unwrap();
+        let b = sim.acquire_point(1e-6).unwrap();
+        // Si/C = (14/6)^1.7 = 4.22; each column also gets its three neighbours' tails
+        // (exp(-1.42²/2σ²) ≈ 1 % each), within 5 %.
+        let ratio = a / b;
+        assert!(
+            (ratio / (14.0f64 / 6.0).powf(1.7) - 1.0).abs() < 0.05,
+            "{ratio}"
+        );
+        // After 10 s the dopant has moved with the sheet.
+        sim.set_blanked(true).unwrap();
+        sim.clock += 10.0;
+        let d = sim.dopant().unwrap();
+        let t = sim.clock();
+        assert!(
+            (d[0] - si[0] - 1e-11 * t).abs() < 1e-15 && (d[1] - si[1] + 0.5e-11 * t).abs() < 1e-15
+        );
+    }
+
+    #[test]
+    fn frames_show_the_dopant_brightest_and_are_reproducible() {
+        let mut sim = quiet(DopantSimConfig::default());
+        let f = sim.acquire_frame().unwrap().image.to_owned();
+        assert_eq!(f.dim(), (64, 64));
+        assert!(f.iter().all(|v| v.is_finite() && *v >= 0.0));
+        // The brightest 3×3 block is at the centre (the dopant at the origin).
+        let mut best = (0.0, 0, 0);
+        for r in 1..63 {
+            for c in 1..63 {
+                let s: f32 = (0..3)
+                    .flat_map(|i| (0..3).map(move |j| (i, j)))
+                    .map(|(i, j)| f[[r + i - 1, c + j - 1]])
+                    .sum();
+                if s > best.0 {
+                    best = (s, r, c);
+                }
+            }
+        }
+        assert!(
+            (best.1 as i64 - 32).abs() <= 3 && (best.2 as i64 - 32).abs() <= 3,
+            "{best:?}"
+        );
+        let mut again = quiet(DopantSimConfig::default());
+        assert_eq!(again.acquire_frame().unwrap().image.to_owned(), f);
+        assert!(sim.acquire_spectrum(1.0).is_err());
+    }
+
+    #[test]
+    fn bad_parameters_name_the_field() {
+        let cfg = DopantSimConfig {
+            hop_variance: Param::fixed(-1.0),
+            ..Default::default()
+        };
+        let e = DopantSimulator::new(cfg, 0).unwrap_err().to_string();
+        assert!(e.contains("hop_variance"), "{e}");
+        let mut sim = quiet(DopantSimConfig::default());
+        let e = sim.move_probe([f64::NAN, 0.0]).unwrap_err().to_string();
+        assert!(e.contains("position"), "{e}");
+    }
+}
