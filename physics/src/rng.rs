@@ -215,11 +215,12 @@ const INV: [f64; 64] = {
 
 fn ptrs<R: Rng + ?Sized>(rng: &mut R, lambda: f64) -> u32 {
     let slam = lambda.sqrt();
-    let loglam = lambda.ln();
     let b = 0.931 + 2.53 * slam;
     let a = -0.059 + 0.02483 * b;
-    let inv_alpha = 1.1239 + 1.1328 / (b - 3.4);
     let vr = 0.9277 - 3.6224 / (b - 2.0);
+    // Only the rejection test needs these logarithms; most draws end at the squeeze, so they
+    // are computed on first use (the draws are the same either way).
+    let mut logs: Option<(f64, f64)> = None;
     loop {
         let u: f64 = rng.random::<f64>() - 0.5;
         let v: f64 = rng.random();
@@ -231,7 +232,9 @@ fn ptrs<R: Rng + ?Sized>(rng: &mut R, lambda: f64) -> u32 {
         if k < 0.0 || (us < 0.013 && v > us) {
             continue;
         }
-        if v.ln() + inv_alpha.ln() - (a / (us * us) + b).ln()
+        let (loglam, log_inv_alpha) =
+            *logs.get_or_insert_with(|| (lambda.ln(), (1.1239 + 1.1328 / (b - 3.4)).ln()));
+        if v.ln() + log_inv_alpha - (a / (us * us) + b).ln()
             <= -lambda + k * loglam - ln_factorial(k)
         {
             return k as u32;
