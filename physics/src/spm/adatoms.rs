@@ -157,14 +157,27 @@ pub fn render(
     shape: [usize; 2],
     pixel: f64,
 ) -> Result<Array2<f32>> {
+    let mut h = corrugation(cfg, shape, pixel)?;
+    h += &bumps(cfg, atoms, shape, pixel)?;
+    Ok(h)
+}
+
+fn check_grid(cfg: &AdatomConfig, shape: [usize; 2], pixel: f64) -> Result<()> {
     cfg.validate("adatoms.")?;
-    let [ny, nx] = shape;
-    if ny == 0 || nx == 0 || !(pixel > 0.0 && pixel.is_finite()) {
+    if shape[0] == 0 || shape[1] == 0 || !(pixel > 0.0 && pixel.is_finite()) {
         return Err(PhysicsError::arg(
             "shape",
             "needs at least one pixel and a positive pixel size",
         ));
     }
+    Ok(())
+}
+
+/// The terrace's atomic corrugation `c/9 · Σ_k cos(g_k · r)` on the grid of [`render`] (it
+/// does not depend on the adatoms, so a simulator computes it once per sample).
+pub fn corrugation(cfg: &AdatomConfig, shape: [usize; 2], pixel: f64) -> Result<Array2<f32>> {
+    check_grid(cfg, shape, pixel)?;
+    let [ny, nx] = shape;
     let a = cfg.lattice_constant.get();
     let c = cfg.corrugation.get();
     let g = 4.0 * std::f64::consts::PI / (3f64.sqrt() * a);
@@ -186,6 +199,20 @@ pub fn render(
             }
         }
     }
+    Ok(h)
+}
+
+/// The adatoms' Gaussian bumps on the grid of [`render`] (where bumps overlap, the higher one).
+pub fn bumps(
+    cfg: &AdatomConfig,
+    atoms: &[[f64; 2]],
+    shape: [usize; 2],
+    pixel: f64,
+) -> Result<Array2<f32>> {
+    check_grid(cfg, shape, pixel)?;
+    let [ny, nx] = shape;
+    let x0 = -0.5 * nx as f64 * pixel;
+    let y0 = -0.5 * ny as f64 * pixel;
     let amp = cfg.apparent_height.get();
     let sigma = cfg.width.get() / (2.0 * (2.0 * std::f64::consts::LN_2).sqrt());
     let reach = 4.0 * sigma;
@@ -212,8 +239,7 @@ pub fn render(
             }
         }
     }
-    h += &bumps;
-    Ok(h)
+    Ok(bumps)
 }
 
 #[cfg(test)]

@@ -42,7 +42,7 @@ use crate::instrument::{
 use crate::param::dims::{Angle, Frequency, Length, Time, Unitless, Voltage};
 use crate::param::{Param, resolve};
 use crate::rng::{SimRng, derive_seed, normal, seeded};
-use crate::spm::adatoms::{AdatomConfig, place_adatoms, render};
+use crate::spm::adatoms::{AdatomConfig, bumps, corrugation, place_adatoms};
 use crate::spm::dilation::{Dilator, Tip};
 use crate::spm::feedback::{FeedbackConfig, ZFeedback};
 use crate::spm::ferro::{FerroConfig, FerroFilm, pfm_response, pfm_signal, smooth_periodic};
@@ -394,6 +394,8 @@ pub struct SpmSimulator {
     cell: f64,
     /// The topography without adatoms, m.
     base_topography: Array2<f32>,
+    /// `base_topography` plus the adatom terrace's corrugation (computed once per sample).
+    terrace: Array2<f32>,
     /// The true surface the tip meets (topography plus adatoms), m.
     truth: Array2<f32>,
     /// The truth dilated by the tip: what a perfect feedback would record, m.
@@ -478,6 +480,7 @@ impl SpmSimulator {
             rng_sample: seeded(derive_seed(seed, "sample")),
             cell: 1.0,
             base_topography: Array2::zeros((1, 1)),
+            terrace: Array2::zeros((1, 1)),
             truth: Array2::zeros((1, 1)),
             dilated: Array2::zeros((1, 1)),
             dilated_valid: false,
@@ -574,6 +577,12 @@ impl SpmSimulator {
             None
         };
         self.cfg = cfg;
+        let n = self.cfg.sample.pixels;
+        self.terrace = if self.adatoms.is_empty() {
+            Array2::zeros((1, 1))
+        } else {
+            &topo + &corrugation(&self.cfg.adatoms, [n, n], self.cell)?
+        };
         self.base_topography = topo;
         self.rebuild_truth()?;
         self.rebuild_kernel()?;
@@ -593,7 +602,7 @@ impl SpmSimulator {
         self.truth = if self.adatoms.is_empty() {
             self.base_topography.clone()
         } else {
-            &self.base_topography + &render(&self.cfg.adatoms, &self.adatoms, [n, n], self.cell)?
+            &self.terrace + &bumps(&self.cfg.adatoms, &self.adatoms, [n, n], self.cell)?
         };
         self.dilated_valid = false;
         Ok(())
