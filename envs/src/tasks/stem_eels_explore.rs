@@ -286,20 +286,38 @@ impl SpectrumTruth for StemSimulator {
         let n_e = self.beam_current() * exposure / ELEMENTARY_CHARGE;
         let d = self.drift_offset();
         let reach = side as f64 * 0.5 * px;
-        let has_edge = |z: u8| {
-            EDGES
-                .iter()
-                .any(|e| e.z == z && e.onset >= window[0] - 20.0 && e.onset <= window[1])
-        };
+        // Elements with an edge in the window, and the atoms of those elements.
+        let mut has_edge = [false; 256];
+        for e in EDGES {
+            if e.onset >= window[0] - 20.0 && e.onset <= window[1] {
+                has_edge[usize::from(e.z)] = true;
+            }
+        }
+        let atoms = &self.specimen().atoms;
+        let edge_atoms: Vec<[f64; 2]> = atoms
+            .iter()
+            .filter(|a| has_edge[usize::from(a.z)])
+            .map(|a| [a.x, a.y])
+            .collect();
         let mut spec = vec![0.0; model.energy_axis().len()];
         model.expected(&[], n_e, &mut spec);
         let plain = value(model.energy_axis(), &spec);
         out.clear();
         for p in positions {
             let b = [p[0] - d[0], p[1] - d[1]];
+            // Without an edge atom under the probe the spectrum is the edge-free one.
+            let near = edge_atoms.iter().any(|e| {
+                let (ox, oy) = (e[0] - b[0], e[1] - b[1]);
+                ox.abs() <= reach
+                    && oy.abs() <= reach
+                    && kernel_density(&scratch.kernel, side, px, ox, oy) > 0.0
+            });
+            if !near {
+                out.push(plain);
+                continue;
+            }
             scratch.composition.clear();
-            let mut edge_atoms = false;
-            for a in &self.specimen().atoms {
+            for a in atoms {
                 let (ox, oy) = (a.x - b[0], a.y - b[1]);
                 if ox.abs() > reach || oy.abs() > reach {
                     continue;
@@ -308,18 +326,13 @@ impl SpectrumTruth for StemSimulator {
                 if w <= 0.0 {
                     continue;
                 }
-                edge_atoms |= has_edge(a.z);
                 match scratch.composition.iter_mut().find(|c| c.0 == a.z) {
                     Some(c) => c.1 += w,
                     None => scratch.composition.push((a.z, w)),
                 }
             }
-            if edge_atoms {
-                model.expected(&scratch.composition, n_e, &mut spec);
-                out.push(value(model.energy_axis(), &spec));
-            } else {
-                out.push(plain);
-            }
+            model.expected(&scratch.composition, n_e, &mut spec);
+            out.push(value(model.energy_axis(), &spec));
         }
         true
     }
@@ -782,45 +795,5 @@ mod tests {
             }
         }
         assert!(low_regret >= 8, "{low_regret}/10");
-    }
-}
-
-#[cfg(test)]
-mod debug_tests {
-    use super::*;
-    use crate::env::{Env, TaskEnv};
-    use scopegym_physics::rng::seeded;
-    #[test]
-    fn debug_returns() {
-        let mut env = TaskEnv::new("t", StemEelsExplore::from_config(None).unwrap());
-        for mode in 0..2 {
-            let mut tot = 0.0;
-            let mut err = 0.0;
-            for seed in 0..20u64 {
-                let (mut obs, _) = env.reset(Some(seed)).unwrap();
-                let mut rng = seeded(seed + 1000);
-                loop {
-                    let a = if mode == 0 {
-                        env.heuristic_action(&obs)
-                    } else {
-                        env.action_space().sample(&mut rng)
-                    };
-                    let s = env.step(&a).unwrap();
-                    tot += s.reward;
-                    obs = s.obs;
-                    if s.terminated || s.truncated {
-                        if let Some(InfoValue::F64(e)) = s.info.get("regret") {
-                            err += e;
-                        }
-                        break;
-                    }
-                }
-            }
-            println!(
-                "mode {mode}: mean return {:.3}, mean final regret {:.4}",
-                tot / 20.0,
-                err / 20.0
-            );
-        }
     }
 }

@@ -265,9 +265,12 @@ pub struct StemSparseScan<I> {
     /// Mean counts per tile (valid where scanned).
     tile_mean: Vec<f64>,
     tile_scans: Vec<u32>,
-    /// Reconstruction, counts per pixel.
-    recon: Vec<f64>,
     truth: Option<Vec<f64>>,
+    /// Per tile: `Σ x` and `Σ x²` of the noiseless field, and the true squared error of the
+    /// scanned tiles' mean counts.
+    truth_s1: Vec<f64>,
+    truth_s2: Vec<f64>,
+    tile_err: Vec<f64>,
     truth_norm: f64,
     truth_err: f64,
     scratch: TruthScratch,
@@ -335,8 +338,10 @@ impl<I: StemInstrument + FieldTruth + NewEpisode + Send> StemSparseScan<I> {
             scans: vec![0; n],
             tile_mean: vec![0.0; a * b],
             tile_scans: vec![0; a * b],
-            recon: vec![0.0; n],
             truth: None,
+            truth_s1: vec![0.0; a * b],
+            truth_s2: vec![0.0; a * b],
+            tile_err: vec![0.0; a * b],
             truth_norm: 0.0,
             truth_err: 0.0,
             scratch: TruthScratch::default(),
@@ -390,58 +395,79 @@ impl<I: StemInstrument + FieldTruth + NewEpisode + Send> StemSparseScan<I> {
             .map(|(t, (m, _))| (t, *m))
     }
 
-    /// Rebuilds the reconstruction of every unscanned tile; returns the true squared error
-    /// against the noiseless field (0 without truth).
-    fn rebuild(&mut self) -> f64 {
+    /// The reconstruction (counts per pixel): scanned pixels keep their mean counts, unscanned
+    /// tiles their prediction.
+    pub fn reconstruction(&self) -> Vec<f64> {
         let grid = self.cfg.tile_grid();
         let tile = self.cfg.tile;
         let p = self.cfg.pixels;
+        let mut recon = vec![0.0; p * p];
         for t in 0..self.n_tiles() {
             let (r0, c0) = self.tile_origin(t);
-            if self.tile_scans[t] > 0 {
-                for i in r0..r0 + tile[0] {
-                    for j in c0..c0 + tile[1] {
-                        let k = i * p + j;
-                        self.recon[k] = self.sum[k] / f64::from(self.scans[k].max(1));
-                    }
-                }
+            let pred = if self.tile_scans[t] > 0 {
+                None
             } else {
-                let pred = predict(t, grid, tile, self.scanned_means()).map_or(0.0, |x| x.0);
-                for i in r0..r0 + tile[0] {
-                    self.recon[i * p + c0..i * p + c0 + tile[1]].fill(pred);
+                Some(predict(t, grid, tile, self.scanned_means()).map_or(0.0, |x| x.0))
+            };
+            for i in r0..r0 + tile[0] {
+                for j in c0..c0 + tile[1] {
+                    let k = i * p + j;
+                    recon[k] = pred.unwrap_or(self.sum[k] / f64::from(self.scans[k].max(1)));
                 }
             }
         }
-        match &self.truth {
-            Some(x) => x
-                .iter()
-                .zip(&self.recon)
-                .map(|(a, b)| (a - b).powi(2))
-                .sum(),
-            None => 0.0,
-        }
+        recon
     }
 
-    fn observation(&mut self) -> Value {
+    /// The true squared error of the reconstruction against the noiseless field (0 without
+    /// truth), from the per-tile sums: `Σ (x − ŷ)² = Σ x² − 2ŷ Σ x + n ŷ²` on an unscanned tile.
+    fn truth_error(&self) -> f64 {
+        if self.truth.is_none() {
+            return 0.0;
+        }
+        let grid = self.cfg.tile_grid();
+        let tile = self.cfg.tile;
+        let n = (tile[0] * tile[1]) as f64;
+        (0..self.n_tiles())
+            .map(|t| {
+                if self.tile_scans[t] > 0 {
+                    self.tile_err[t]
+                } else {
+                    let y = predict(t, grid, tile, self.scanned_means()).map_or(0.0, |x| x.0);
+                    (self.truth_s2[t] - 2.0 * y * self.truth_s1[t] + n * y * y).max(0.0)
+                }
+            })
+            .sum()
+    }
+
+    /// Writes tile `t` of the observation from the scan sums.
+    fn observe_tile(&mut self, t: usize) {
         let scale = if self.electrons_per_pixel > 0.0 {
             1e3 / self.electrons_per_pixel
         } else {
             0.0
         };
-        for k in 0..self.sum.len() {
-            let n = self.scans[k];
-            self.obs_mask[k] = n as f32;
-            self.obs_image[k] = if n > 0 {
-                let v = (self.sum[k] / f64::from(n) * scale) as f32;
-                if v.is_finite() {
-                    v.clamp(0.0, IMG_MAX)
+        let (r0, c0) = self.tile_origin(t);
+        let p = self.cfg.pixels;
+        for i in r0..r0 + self.cfg.tile[0] {
+            for k in i * p + c0..i * p + c0 + self.cfg.tile[1] {
+                let n = self.scans[k];
+                self.obs_mask[k] = n as f32;
+                self.obs_image[k] = if n > 0 {
+                    let v = (self.sum[k] / f64::from(n) * scale) as f32;
+                    if v.is_finite() {
+                        v.clamp(0.0, IMG_MAX)
+                    } else {
+                        0.0
+                    }
                 } else {
                     0.0
-                }
-            } else {
-                0.0
-            };
+                };
+            }
         }
+    }
+
+    fn observation(&self) -> Value {
         Value::Dict(vec![
             ("image".into(), Value::Box(self.obs_image.clone())),
             ("mask".into(), Value::Box(self.obs_mask.clone())),
@@ -489,7 +515,9 @@ impl<I: StemInstrument + FieldTruth + NewEpisode + Send> Task for StemSparseScan
         self.scans.fill(0);
         self.tile_mean.fill(0.0);
         self.tile_scans.fill(0);
-        self.recon.fill(0.0);
+        self.tile_err.fill(0.0);
+        self.obs_image.fill(0.0);
+        self.obs_mask.fill(0.0);
         self.steps = 0;
         self.dose = 0.0;
         // Set the tile scan grid (the probe kernel is computed for it), then the truth with it.
@@ -512,10 +540,22 @@ impl<I: StemInstrument + FieldTruth + NewEpisode + Send> Task for StemSparseScan
                 .noiseless_field(&field, &mut self.scratch, &mut buf)
             {
                 self.truth_norm = buf.iter().map(|v| v * v).sum();
+                for t in 0..self.n_tiles() {
+                    let (r0, c0) = self.tile_origin(t);
+                    let (mut s1, mut s2) = (0.0, 0.0);
+                    for i in r0..r0 + self.cfg.tile[0] {
+                        for &x in &buf[i * p + c0..i * p + c0 + self.cfg.tile[1]] {
+                            s1 += x;
+                            s2 += x * x;
+                        }
+                    }
+                    self.truth_s1[t] = s1;
+                    self.truth_s2[t] = s2;
+                }
                 self.truth = Some(buf);
             }
         }
-        self.truth_err = self.rebuild();
+        self.truth_err = self.truth_error();
         self.truth_info(info);
         Ok(self.observation())
     }
@@ -565,6 +605,15 @@ impl<I: StemInstrument + FieldTruth + NewEpisode + Send> Task for StemSparseScan
         }
         self.tile_scans[t] = k_old + 1;
         self.tile_mean[t] = total / (tr * tc) as f64;
+        if let Some(x) = &self.truth {
+            let mut e = 0.0;
+            for i in r0..r0 + tr {
+                for k in i * p + c0..i * p + c0 + tc {
+                    e += (x[k] - self.sum[k] / f64::from(self.scans[k])).powi(2);
+                }
+            }
+            self.tile_err[t] = e;
+        }
         // Mean counts over every measured pixel.
         let (mut msum, mut mn) = (0.0, 0usize);
         for (m, k) in self.tile_mean.iter().zip(&self.tile_scans) {
@@ -587,7 +636,8 @@ impl<I: StemInstrument + FieldTruth + NewEpisode + Send> Task for StemSparseScan
         self.electrons_per_pixel = electrons;
         self.steps += 1;
         let old_err = self.truth_err;
-        self.truth_err = self.rebuild();
+        self.truth_err = self.truth_error();
+        self.observe_tile(t);
         if self.truth.is_some() && self.truth_norm > 0.0 {
             info.insert(
                 "true_gain".into(),
@@ -622,14 +672,15 @@ impl<I: StemInstrument + FieldTruth + NewEpisode + Send> Task for StemSparseScan
         let grey = |v: f64, (lo, span): (f64, f64)| {
             (((v - lo) / span).clamp(0.0, 1.0) * 255.0).round() as u8
         };
+        let recon = self.reconstruction();
         let rr = match &self.truth {
             Some(x) => range(x),
-            None => range(&self.recon),
+            None => range(&recon),
         };
         for i in 0..p {
             for j in 0..p {
                 let k = i * p + j;
-                let g = grey(self.recon[k], rr);
+                let g = grey(recon[k], rr);
                 let px = if self.scans[k] > 0 {
                     [g, g, g]
                 } else {
@@ -755,6 +806,20 @@ mod tests {
                 "({i},{j}): tile {v} vs field {x}"
             );
         }
+        // The per-tile bookkeeping of the true error equals the error of the reconstruction.
+        task.step(&Value::Discrete(2), &mut info).unwrap();
+        task.step(&Value::Discrete(13), &mut info).unwrap();
+        let direct: f64 = task
+            .reconstruction()
+            .iter()
+            .zip(&truth)
+            .map(|(a, b)| (a - b).powi(2))
+            .sum();
+        assert!(
+            (direct - task.truth_err).abs() < 1e-9 * direct,
+            "{direct} vs {}",
+            task.truth_err
+        );
     }
 
     #[test]
@@ -772,7 +837,7 @@ mod tests {
                 if task.tile_scans[t] > 0 {
                     continue;
                 }
-                let pred = task.recon[{
+                let pred = task.reconstruction()[{
                     let (r0, c0) = task.tile_origin(t);
                     r0 * task.cfg.pixels + c0
                 }];
@@ -825,45 +890,5 @@ mod tests {
         }
         println!("final recon_error: heuristic {h_err:.4}, random {r_err:.4}");
         assert!(h_err < r_err, "{h_err} vs {r_err}");
-    }
-}
-
-#[cfg(test)]
-mod debug_tests {
-    use super::*;
-    use crate::env::{Env, TaskEnv};
-    use scopegym_physics::rng::seeded;
-    #[test]
-    fn debug_returns() {
-        let mut env = TaskEnv::new("t", StemSparseScan::from_config(None).unwrap());
-        for mode in 0..2 {
-            let mut tot = 0.0;
-            let mut err = 0.0;
-            for seed in 0..20u64 {
-                let (mut obs, _) = env.reset(Some(seed)).unwrap();
-                let mut rng = seeded(seed + 1000);
-                loop {
-                    let a = if mode == 0 {
-                        env.heuristic_action(&obs)
-                    } else {
-                        env.action_space().sample(&mut rng)
-                    };
-                    let s = env.step(&a).unwrap();
-                    tot += s.reward;
-                    obs = s.obs;
-                    if s.terminated || s.truncated {
-                        if let Some(InfoValue::F64(e)) = s.info.get("recon_error") {
-                            err += e;
-                        }
-                        break;
-                    }
-                }
-            }
-            println!(
-                "mode {mode}: mean return {:.3}, mean final recon_error {:.4}",
-                tot / 20.0,
-                err / 20.0
-            );
-        }
     }
 }
