@@ -58,7 +58,8 @@ pub struct Config {
     /// The simulated instrument. Default: 60 kV, 30 mrad, 100 pA; a 4.4 nm square of graphene
     /// at a random rotation with 5 Si dopants at random sites; no drift or scan noise; no
     /// sputtering (below threshold at 60 kV); beam-driven dopant hops on; the spectrometer at
-    /// 60-188 eV (256 channels of 0.5 eV); the scan grid set to the overview.
+    /// 60-188 eV (256 channels of 0.5 eV). Its scan grid is replaced by the overview's
+    /// ([`Config::instrument_config`]).
     pub instrument: StemConfig,
     /// Overview side, pixels. Default 64.
     pub pixels: usize,
@@ -91,9 +92,6 @@ impl Default for Config {
             placement: "random".into(),
             ..Default::default()
         }];
-        instrument.scan.pixels = [64, 64];
-        instrument.scan.pixel_size = Param::fixed(0.5e-10);
-        instrument.scan.dwell_time = Param::fixed(2e-6);
         instrument.damage.sputtering = false;
         instrument.eels = EelsConfig {
             channels: 256,
@@ -117,6 +115,17 @@ impl Default for Config {
 }
 
 impl Config {
+    /// The instrument config with its scan grid set to the overview (`pixels`, `pixel_size`,
+    /// `dwell_time`), so that resets keep the probe kernel the spectra use.
+    pub fn instrument_config(&self) -> StemConfig {
+        let mut c = self.instrument.clone();
+        c.scan.pixels = [self.pixels, self.pixels];
+        c.scan.pixel_size = Param::fixed(self.pixel_size);
+        c.scan.dwell_time = Param::fixed(self.dwell_time);
+        c.scan.dose = None;
+        c
+    }
+
     /// Checks ranges, naming the field.
     pub fn validate(&self) -> Result<()> {
         self.instrument
@@ -362,7 +371,7 @@ impl StemEelsExplore<StemSimulator> {
     pub fn from_config(config: Option<&toml::Value>) -> Result<Self> {
         let cfg: Config = config_from_toml(config)?;
         cfg.validate()?;
-        let inst = StemSimulator::new(cfg.instrument.clone(), 0)?;
+        let inst = StemSimulator::new(cfg.instrument_config(), 0)?;
         Ok(Self::new(cfg, inst))
     }
 }
@@ -733,7 +742,7 @@ mod tests {
         // Dopant hops would move the truth: switched off for this check.
         let mut cfg = Config::default();
         cfg.instrument.damage.dopant_hops = false;
-        let inst = StemSimulator::new(cfg.instrument.clone(), 0).unwrap();
+        let inst = StemSimulator::new(cfg.instrument_config(), 0).unwrap();
         let mut task = StemEelsExplore::new(cfg, inst);
         let mut info = Info::new();
         task.reset(4, &mut info).unwrap();

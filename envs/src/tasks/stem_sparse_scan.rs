@@ -36,11 +36,12 @@
 //!   `new_tile` (whether the tile had not been scanned before), and the randomized scenario
 //!   values (`param.*`).
 //! - **Heuristic** (the expert's rule of thumb, from the observation): never rescan; scan the
-//!   unmeasured tile whose prediction is most uncertain, scored as the spread of the measured
-//!   tile means around its prediction (weighted as the prediction is) plus the global variance
-//!   of the tile means times `1 − exp(−d/ℓ)` (`d` the distance to the nearest measured tile, `ℓ`
-//!   two tiles): heterogeneous neighbourhoods first, far-away ground next. The first tile is
-//!   the central one.
+//!   unmeasured tile with the largest expected surprise, scored as the pixel variance inside
+//!   the measured tiles plus the spread of their means around the tile's prediction (both
+//!   weighted as the prediction is, by inverse squared distance), plus the variance of all
+//!   measured tile means times `1 − exp(−d/ℓ)` (`d` the distance to the nearest measured tile,
+//!   `ℓ` two tiles): structured, heterogeneous neighbourhoods first, far-away ground next. The
+//!   first tile is the central one.
 
 use crate::env::{Info, InfoValue, RgbImage, Task, TaskStep};
 use crate::error::{EnvError, Result};
@@ -61,8 +62,8 @@ pub struct Config {
     /// The simulated instrument. Default: 60 kV, 30 mrad, 100 pA; an 8 nm square of graphene at
     /// a random rotation with 6 Si dopants at random sites and amorphous carbon patches
     /// (coverage 10-35 %, radius 0.4-1 nm); no drift or scan noise; no sputtering (the field's
-    /// ground truth stays fixed; knock-on in graphene at 60 kV is negligible anyway); the scan
-    /// grid set to the tile.
+    /// ground truth stays fixed; knock-on in graphene at 60 kV is negligible anyway). Its scan
+    /// grid is replaced by the tile's ([`Config::instrument_config`]).
     pub instrument: StemConfig,
     /// Field side, pixels. Default 64.
     pub pixels: usize,
@@ -100,9 +101,6 @@ impl Default for Config {
             density: Param::Uniform(0.5e20, 1.5e20, Default::default()),
             ..Default::default()
         });
-        instrument.scan.pixels = [8, 16];
-        instrument.scan.pixel_size = Param::fixed(1e-10);
-        instrument.scan.dwell_time = Param::fixed(8e-6);
         instrument.damage.sputtering = false;
         Self {
             instrument,
@@ -171,6 +169,17 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// The instrument config with its scan grid set to a tile (`tile`, `pixel_size`,
+    /// `dwell_time`), so that resets keep the probe kernel the tiles use.
+    pub fn instrument_config(&self) -> StemConfig {
+        let mut c = self.instrument.clone();
+        c.scan.pixels = self.tile;
+        c.scan.pixel_size = Param::fixed(self.pixel_size);
+        c.scan.dwell_time = Param::fixed(self.dwell_time);
+        c.scan.dose = None;
+        c
     }
 
     /// Tiles per column and per row of the field.
@@ -286,7 +295,7 @@ impl StemSparseScan<StemSimulator> {
     pub fn from_config(config: Option<&toml::Value>) -> Result<Self> {
         let cfg: Config = config_from_toml(config)?;
         cfg.validate()?;
-        let inst = StemSimulator::new(cfg.instrument.clone(), 0)?;
+        let inst = StemSimulator::new(cfg.instrument_config(), 0)?;
         Ok(Self::new(cfg, inst))
     }
 }
@@ -718,17 +727,20 @@ impl<I: StemInstrument + FieldTruth + NewEpisode + Send> Task for StemSparseScan
         let n = grid[0] * grid[1];
         // Tile means from the observation.
         let mut means = Vec::with_capacity(n);
+        let mut vars = vec![0.0; n];
         for t in 0..n {
             let (r0, c0) = ((t / grid[1]) * tile[0], (t % grid[1]) * tile[1]);
             if mask[r0 * p + c0] > 0.0 {
-                let mut s = 0.0;
+                let (mut s, mut s2) = (0.0, 0.0);
                 for i in r0..r0 + tile[0] {
-                    s += img[i * p + c0..i * p + c0 + tile[1]]
-                        .iter()
-                        .map(|&v| f64::from(v))
-                        .sum::<f64>();
+                    for &v in &img[i * p + c0..i * p + c0 + tile[1]] {
+                        s += f64::from(v);
+                        s2 += f64::from(v) * f64::from(v);
+                    }
                 }
-                means.push((t, s / (tile[0] * tile[1]) as f64));
+                let nn = (tile[0] * tile[1]) as f64;
+                means.push((t, s / nn));
+                vars[t] = s2 / nn - (s / nn).powi(2);
             }
         }
         if means.is_empty() {
@@ -746,7 +758,19 @@ impl<I: StemInstrument + FieldTruth + NewEpisode + Send> Task for StemSparseScan
             let Some((_, spread, d)) = predict(t, grid, tile, means.iter().copied()) else {
                 continue;
             };
-            let score = spread + var * (1.0 - (-d / ell).exp());
+            let (ur, uc) = (t / grid[1], t % grid[1]);
+            let (mut sw, mut swv) = (0.0, 0.0);
+            for &(i, _) in &means {
+                let dy = ((i / grid[1]) as f64 - ur as f64) * tile[0] as f64;
+                let dx = ((i % grid[1]) as f64 - uc as f64) * tile[1] as f64;
+                let w = 1.0 / (dy * dy + dx * dx).max(1.0);
+                sw += w;
+                swv += w * vars[i];
+            }
+            let vloc = swv / sw;
+            // Expected surprise: the structure inside neighbouring tiles, how much their means
+            // disagree around the prediction, and how far the nearest measurement is.
+            let score = swv / sw + spread + var * (1.0 - (-d / ell).exp());
             if score > best.0 {
                 best = (score, t);
             }
