@@ -671,8 +671,8 @@ impl<I: StemInstrument + SpectrumTruth + NewEpisode + Send> Task for StemEelsExp
         }
         let cell = p / g;
         let mut best = (f32::NEG_INFINITY, 0usize);
-        for k in 0..g * g {
-            if mask[k] > 0.0 {
+        for (k, &m) in mask.iter().enumerate() {
+            if m > 0.0 {
                 continue;
             }
             // The brightest 2 × 2 pixel block of the cell (a dopant anywhere in it).

@@ -617,9 +617,13 @@ impl<I: StemInstrument + FieldTruth + NewEpisode + Send> Task for StemSparseScan
         if let Some(x) = &self.truth {
             let mut e = 0.0;
             for i in r0..r0 + tr {
-                for k in i * p + c0..i * p + c0 + tc {
-                    e += (x[k] - self.sum[k] / f64::from(self.scans[k])).powi(2);
-                }
+                let row = i * p + c0..i * p + c0 + tc;
+                e += x[row.clone()]
+                    .iter()
+                    .zip(&self.sum[row.clone()])
+                    .zip(&self.scans[row])
+                    .map(|((x, s), n)| (x - s / f64::from(*n)).powi(2))
+                    .sum::<f64>();
             }
             self.tile_err[t] = e;
         }
@@ -728,7 +732,7 @@ impl<I: StemInstrument + FieldTruth + NewEpisode + Send> Task for StemSparseScan
         // Tile means from the observation.
         let mut means = Vec::with_capacity(n);
         let mut vars = vec![0.0; n];
-        for t in 0..n {
+        for (t, var_t) in vars.iter_mut().enumerate() {
             let (r0, c0) = ((t / grid[1]) * tile[0], (t % grid[1]) * tile[1]);
             if mask[r0 * p + c0] > 0.0 {
                 let (mut s, mut s2) = (0.0, 0.0);
@@ -740,7 +744,7 @@ impl<I: StemInstrument + FieldTruth + NewEpisode + Send> Task for StemSparseScan
                 }
                 let nn = (tile[0] * tile[1]) as f64;
                 means.push((t, s / nn));
-                vars[t] = s2 / nn - (s / nn).powi(2);
+                *var_t = s2 / nn - (s / nn).powi(2);
             }
         }
         if means.is_empty() {
@@ -770,7 +774,7 @@ impl<I: StemInstrument + FieldTruth + NewEpisode + Send> Task for StemSparseScan
             let vloc = swv / sw;
             // Expected surprise: the structure inside neighbouring tiles, how much their means
             // disagree around the prediction, and how far the nearest measurement is.
-            let score = swv / sw + spread + var * (1.0 - (-d / ell).exp());
+            let score = vloc + spread + var * (1.0 - (-d / ell).exp());
             if score > best.0 {
                 best = (score, t);
             }
