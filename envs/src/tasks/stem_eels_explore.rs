@@ -17,7 +17,10 @@
 //!   (`pre_edge`, default 80-97 eV, weights = counts, the Poisson inverse variance of
 //!   `ln counts`), extrapolated under the signal window (`signal`, default 99-129 eV) and
 //!   subtracted; the value is the background-subtracted integral per 10⁴ incident electrons
-//!   (`I·t/e`).
+//!   (`I·t/e`). With the defaults a Si atom under the probe scores about 6 and an edge-free
+//!   spectrum about 0.65 (the multiple-plasmon tails bend the background slightly away from a
+//!   pure power law; the ground truth applies the same scalarization, so this offset is part
+//!   of both), with a shot-noise spread of about 0.4 per spectrum.
 //! - **Observation** (Dict): `overview`, the HAADF frame divided by its mean, clipped to
 //!   `[0, 20]`; `values`, the mean scalarized value measured at each cell (`(grid, grid)`, 0
 //!   where unmeasured, clipped to `±1000`); `mask`, the number of spectra taken at each cell
@@ -65,7 +68,7 @@ pub struct Config {
     pub pixels: usize,
     /// Overview pixel size, m. Default 0.5 Å.
     pub pixel_size: f64,
-    /// Overview dwell time per pixel, s. Default 2 µs.
+    /// Overview dwell time per pixel, s. Default 8 µs (5000 e⁻ per pixel at 100 pA, 2·10⁴ e⁻/Å²).
     pub dwell_time: f64,
     /// Candidate cells per side; must divide `pixels`. Default 16.
     pub grid: usize,
@@ -103,7 +106,7 @@ impl Default for Config {
             instrument,
             pixels: 64,
             pixel_size: 0.5e-10,
-            dwell_time: 2e-6,
+            dwell_time: 8e-6,
             grid: 16,
             exposure: 0.01,
             budget: 16,
