@@ -41,6 +41,8 @@
 //! - **Heuristic** (Z-contrast: Si is brighter than C, HAADF ∝ Z^1.7): probe the unmeasured
 //!   cell holding the brightest spot of the overview (the largest sum over a 2 × 2 pixel block
 //!   within the cell), brightest first.
+//! - **Render**: the overview, measured cells tinted from blue (no edge) to red (the strongest
+//!   value so far), the cell with the best mean outlined in yellow.
 
 use crate::env::{Info, InfoValue, RgbImage, Task, TaskStep};
 use crate::error::{EnvError, Result};
@@ -135,8 +137,9 @@ impl Config {
             .validate()
             .map_err(|e| EnvError::config("instrument", e.to_string()))?;
         let bad = |f: &str, r: String| Err(EnvError::config(f, r));
-        if !(8..=512).contains(&self.pixels) {
-            return bad("pixels", format!("must be 8..=512, got {}", self.pixels));
+        if !(16..=512).contains(&self.pixels) {
+            // (The simulator's frame renderer needs at least 16 pixels.)
+            return bad("pixels", format!("must be 16..=512, got {}", self.pixels));
         }
         if !(self.pixel_size > 0.0 && self.pixel_size <= 1e-8) {
             return bad(
@@ -362,6 +365,7 @@ pub struct StemEelsExplore<I> {
     values: Vec<f32>,
     mask: Vec<f32>,
     spectrum: Vec<f32>,
+    energy: Vec<f64>,
     counts: Vec<f64>,
     best: f64,
     truth: Option<Vec<f64>>,
@@ -397,6 +401,7 @@ impl<I: StemInstrument + SpectrumTruth + NewEpisode + Send> StemEelsExplore<I> {
             values: vec![0.0; g * g],
             mask: vec![0.0; g * g],
             spectrum: vec![0.0; BINS],
+            energy: Vec::new(),
             counts: Vec::new(),
             best: 0.0,
             truth: None,
@@ -557,7 +562,6 @@ impl<I: StemInstrument + SpectrumTruth + NewEpisode + Send> Task for StemEelsExp
             .filter(|&k| k < n)
             .ok_or_else(|| EnvError::action("action", format!("cell must be 0..{n}")))?;
         self.inst.move_probe(self.position(k))?;
-        let energy: Vec<f64>;
         {
             let s = self.inst.acquire_spectrum(self.cfg.exposure)?;
             self.counts.clear();
@@ -565,9 +569,10 @@ impl<I: StemInstrument + SpectrumTruth + NewEpisode + Send> Task for StemEelsExp
                 let v = f64::from(v);
                 if v.is_finite() { v.max(0.0) } else { 0.0 }
             }));
-            energy = s.energy.to_vec();
+            self.energy.clear();
+            self.energy.extend_from_slice(s.energy);
         }
-        let v = self.scalarize(&energy, &self.counts);
+        let v = self.scalarize(&self.energy, &self.counts);
         // The binned spectrum: each bin's share of the counts, times BINS.
         let total: f64 = self.counts.iter().sum();
         let per = self.counts.len().div_ceil(BINS).max(1);
@@ -711,6 +716,7 @@ mod tests {
     fn bad_config_names_the_field() {
         for (toml_text, field) in [
             ("grid = 7", "grid"),
+            ("pixels = 8", "pixels"),
             ("exposure = 0.0", "exposure"),
             ("budget = 0", "budget"),
             ("signal = [130.0, 99.0]", "signal"),

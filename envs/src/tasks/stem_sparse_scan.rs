@@ -8,7 +8,10 @@
 //! tile on the instrument (`configure_scan` with the tile's centre, `acquire_frame`): every tile
 //! has the same scan grid, so the simulator computes the probe kernel once and a step only
 //! renders the tile. A scanned tile equals the crop of a full frame of the field (the kernel,
-//! 16 × 16 pixels at 1 Å, fits a tile, and the frame margin covers it).
+//! 16 × 16 pixels at 1 Å, fits a tile, and the frame margin covers it). This is why tiles are
+//! 8 × 16 rather than 8 × 8: the simulator's frame renderer needs 16 pixels on one side, and a
+//! smaller tile would truncate the probe's tails (the pixel size is 1 Å for the same reason: the
+//! whole probe, out to 3λ/α ≈ 5 Å, must fit a tile).
 //!
 //! - **Observation** (Dict): `image`, the measured signal (`(pixels, pixels)`, detected
 //!   electrons per 1000 incident, i.e. `1000 · counts / (I·t_dwell/e)`, the mean over the scans
@@ -42,6 +45,8 @@
 //!   measured tile means times `1 − exp(−d/ℓ)` (`d` the distance to the nearest measured tile,
 //!   `ℓ` two tiles): structured, heterogeneous neighbourhoods first, far-away ground next. The
 //!   first tile is the central one.
+//! - **Render**: the reconstruction (unscanned tiles tinted blue, showing their prediction)
+//!   beside the noiseless field when the truth is known.
 
 use crate::env::{Info, InfoValue, RgbImage, Task, TaskStep};
 use crate::error::{EnvError, Result};
@@ -61,7 +66,8 @@ use serde::{Deserialize, Serialize};
 pub struct Config {
     /// The simulated instrument. Default: 60 kV, 30 mrad, 100 pA; an 8 nm square of graphene at
     /// a random rotation with 6 Si dopants at random sites and amorphous carbon patches
-    /// (coverage 10-35 %, radius 0.4-1 nm); no drift or scan noise; no sputtering (the field's
+    /// (coverage 10-35 %, radius 0.4-1 nm, 0.5-1.5 atoms/Å², i.e. about 0.5-1.5 nm of
+    /// amorphous carbon); no drift or scan noise; no sputtering (the field's
     /// ground truth stays fixed; knock-on in graphene at 60 kV is negligible anyway). Its scan
     /// grid is replaced by the tile's ([`Config::instrument_config`]).
     pub instrument: StemConfig,
