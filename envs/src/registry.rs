@@ -15,6 +15,8 @@ use crate::tasks::spm_atom_manipulation::SpmAtomManipulation;
 use crate::tasks::spm_tip_conditioning::SpmTipConditioning;
 use crate::tasks::stem_autofocus::StemAutofocus;
 use crate::tasks::stem_dopant_steer::StemDopantSteer;
+use crate::tasks::stem_eels_explore::StemEelsExplore;
+use crate::tasks::stem_sparse_scan::StemSparseScan;
 
 /// Builds a task's environment from its id and an optional TOML config.
 pub type MakeFn = fn(&'static str, Option<&toml::Value>) -> Result<Box<dyn Env>>;
@@ -42,6 +44,8 @@ pub const TASKS: &[TaskSpec] = &[
     TaskSpec { id: "scopegym/SpmAtomManipulation-v0", instrument: "stm", description: "drag an adatom to a goal site by lateral manipulation", make: |id, c| Ok(Box::new(TaskEnv::new(id, SpmAtomManipulation::from_config(c)?))) },
     TaskSpec { id: "scopegym/StemAutofocus-v0", instrument: "stem", description: "correct defocus and two-fold astigmatism from HAADF image sharpness", make: |id, c| Ok(Box::new(TaskEnv::new(id, StemAutofocus::from_config(c)?))) },
     TaskSpec { id: "scopegym/StemDopantSteer-v0", instrument: "stem", description: "steer a Si dopant in graphene to a goal site by parking the beam beside it", make: |id, c| Ok(Box::new(TaskEnv::new(id, StemDopantSteer::from_config(c)?))) },
+    TaskSpec { id: "scopegym/StemEelsExplore-v0", instrument: "stem", description: "choose where to take EELS spectra to find the strongest Si-L edge within a budget", make: |id, c| Ok(Box::new(TaskEnv::new(id, StemEelsExplore::from_config(c)?))) },
+    TaskSpec { id: "scopegym/StemSparseScan-v0", instrument: "stem", description: "choose which tiles of a field to scan to image it well within a dose budget", make: |id, c| Ok(Box::new(TaskEnv::new(id, StemSparseScan::from_config(c)?))) },
 ];
 
 /// The registered ids.

@@ -279,6 +279,8 @@ fn heuristics_beat_random() {
         ("scopegym/SpmAtomManipulation-v0", 15.0),
         ("scopegym/StemAutofocus-v0", 2.0),
         ("scopegym/StemDopantSteer-v0", 1.0),
+        ("scopegym/StemEelsExplore-v0", 0.6),
+        ("scopegym/StemSparseScan-v0", 0.5),
     ];
     for (id, margin) in margins {
         let (h, r) = (mean_return(id, 0..20, true), mean_return(id, 0..20, false));

@@ -8,6 +8,8 @@ pub mod spm_atom_manipulation;
 pub mod spm_tip_conditioning;
 pub mod stem_autofocus;
 pub mod stem_dopant_steer;
+pub mod stem_eels_explore;
+pub mod stem_sparse_scan;
 
 use crate::env::{Info, InfoValue};
 use crate::error::{EnvError, Result};

@@ -359,10 +359,15 @@ impl SpecimenConfig {
                 })
                 .collect();
             let n_atoms = (c.density.get() * area).round() as usize;
+            // Squared distances: this loop runs for every candidate atom of every patch.
+            let r2 = r * r;
             for _ in 0..n_atoms {
                 let x = rng.random_range(-half_size[0]..half_size[0]);
                 let y = rng.random_range(-half_size[1]..half_size[1]);
-                if centres.iter().any(|&(cx, cy)| (x - cx).hypot(y - cy) < r) {
+                if centres
+                    .iter()
+                    .any(|&(cx, cy)| (x - cx) * (x - cx) + (y - cy) * (y - cy) < r2)
+                {
                     let h = 3.4e-10 + rng.random::<f64>() * 10e-10;
                     atoms.push(Atom {
                         x,
