@@ -432,3 +432,23 @@ fn spectrum_image_maps_the_dopant() {
         "Si-L at the dopant {centre} vs 2.8 Å away {corner}"
     );
 }
+
+#[test]
+fn small_frames_and_a_grid_changed_before_reset_acquire_without_panicking() {
+    // Regressions: frames under 16 pixels a side (8 is the smallest accepted) panicked in the frame geometry, and a scan grid
+    // changed by configure_scan and then reset kept the old grid's probe kernel.
+    let mut sim = StemSimulator::new(quiet_config(64), 3).unwrap();
+    let mut small = sim.scan_settings();
+    for (rows, cols) in [(8, 8), (8, 12), (15, 9)] {
+        small.rows = rows;
+        small.cols = cols;
+        sim.configure_scan(&small).unwrap();
+        let f = sim.acquire_frame().unwrap();
+        assert_eq!(f.image.dim(), (rows, cols));
+        assert!(f.image.iter().all(|v| v.is_finite() && *v >= 0.0));
+    }
+    sim.reset(4).unwrap();
+    let f = sim.acquire_frame().unwrap();
+    assert_eq!(f.image.dim(), (64, 64));
+    assert!(f.image.iter().all(|v| v.is_finite() && *v >= 0.0));
+}

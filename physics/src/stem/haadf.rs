@@ -152,7 +152,9 @@ pub struct FrameGeometry {
 impl FrameGeometry {
     /// Geometry for a frame with a probe kernel of `kernel_side` pixels.
     pub fn new(rows: usize, cols: usize, dx: f64, kernel_side: usize) -> Self {
-        let margin = (kernel_side / 2 + 4).clamp(8, rows.max(cols) / 2);
+        // Half the kernel and a little more, so the circular convolution never wraps into the
+        // frame (however small the frame).
+        let margin = (kernel_side / 2 + 4).max(8);
         let prows = next_fast_len(rows + 2 * margin);
         let pcols = next_fast_len(cols + 2 * margin);
         Self {

@@ -274,7 +274,15 @@ impl StemSimulator {
         self.rng_noise = seeded(derive_seed(seed, "noise"));
         self.rng_scan = seeded(derive_seed(seed, "scan"));
         self.rng_damage = seeded(derive_seed(seed, "damage"));
+        let old = self.scan;
         self.scan = Self::scan_from(&cfg);
+        // The probe kernel is sampled on the scan grid: a grid changed by `configure_scan`
+        // before this reset needs it again.
+        if (old.rows, old.cols, old.pixel_size)
+            != (self.scan.rows, self.scan.cols, self.scan.pixel_size)
+        {
+            self.probe_dirty = true;
+        }
         let new_ab = cfg.optics.aberrations();
         if new_ab != self.aberrations || cfg.optics != self.cfg.optics {
             self.probe_dirty = true;
