@@ -197,7 +197,8 @@ impl Recorder {
         std::fs::create_dir_all(&data).map_err(io(&data))?;
         let mut meta = serde_json::Map::new();
         meta.insert("dataset_id".into(), dataset_id.into());
-        meta.insert("minari_version".into(), ">=0.5.0".into());
+        // Minari checks this against the exact versions whose format it reads.
+        meta.insert("minari_version".into(), "0.5.0".into());
         meta.insert("data_format".into(), "hdf5".into());
         meta.insert(
             "observation_space".into(),
