@@ -27,8 +27,7 @@ def test_stubs_match_the_built_module():
 
 
 def test_package_type_checks():
-    pkg = Path(scopegym.__file__).parent
-    out = subprocess.run([sys.executable, "-m", "mypy", str(pkg)], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "mypy", "-p", "scopegym"], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
 
 
