@@ -14,4 +14,9 @@ else
 fi
 cargo test --workspace --locked --doc
 cargo build --locked --bin scopegym
+# The Python package: build the abi3 wheel (maturin, release) and install it into .venv.
+WHEELS="$CARGO_TARGET_DIR/python-wheels"
+rm -rf "$WHEELS"
+.venv/bin/maturin build --release --locked --quiet --auditwheel skip --out "$WHEELS"
+.venv/bin/pip install --quiet --disable-pip-version-check --no-deps --force-reinstall "$WHEELS"/scopegym-*.whl
 SCOPEGYM_BIN="$CARGO_TARGET_DIR/debug/scopegym" .venv/bin/python -m pytest -q tests/python

@@ -165,6 +165,7 @@ pub fn record(
             .into(),
     );
     prov.insert("config".into(), "defaults of the registered task".into());
+    prov.insert("git_commit".into(), scopegym::GIT_COMMIT.into());
     let mut rec = scopegym::record::Recorder::create(
         out,
         &format!("scopegym/{name}/{agent}-v0"),

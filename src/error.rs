@@ -68,3 +68,21 @@ impl CliError {
         }
     }
 }
+
+impl From<scopegym_envs::record::RecordError> for CliError {
+    fn from(e: scopegym_envs::record::RecordError) -> Self {
+        use scopegym_envs::record::RecordError;
+        match e {
+            RecordError::Exists(dir) => Self::Argument {
+                argument: "--out".into(),
+                message: format!("{} already holds a dataset", dir.display()),
+            },
+            RecordError::Episode(message) => Self::Argument {
+                argument: "episode".into(),
+                message,
+            },
+            RecordError::Io { path, source } => Self::Io { path, source },
+            RecordError::Hdf5 { path, message } => Self::Hdf5 { path, message },
+        }
+    }
+}

@@ -7,12 +7,14 @@
 //! - [`env`]: the [`env::Env`] trait, the [`env::Task`] trait a task implements, and
 //!   [`env::TaskEnv`], which adds time limits, done-masking, action checks and seeding.
 //! - [`vector`]: N envs stepped in parallel into contiguous buffers, with autoreset modes.
+//! - [`record`]: Minari-compatible datasets of recorded episodes.
 //! - [`registry`]: `scopegym/<Name>-v0` ids.
 //! - [`tasks`]: the tasks.
 #![deny(missing_docs)]
 
 pub mod env;
 pub mod error;
+pub mod record;
 pub mod registry;
 pub mod space;
 pub mod tasks;

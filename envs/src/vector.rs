@@ -68,6 +68,42 @@ pub fn flatten_into(v: &Value, out: &mut [f32]) -> usize {
     }
 }
 
+/// Caller-provided buffers a vector step or reset writes into (`num_envs × obs_len`
+/// observations, `num_envs` rewards and flags).
+#[derive(Debug)]
+pub struct Outputs<'a> {
+    /// Flattened observations, `num_envs × obs_len`.
+    pub obs: &'a mut [f32],
+    /// Rewards, `num_envs`.
+    pub rewards: &'a mut [f64],
+    /// Terminations, `num_envs`.
+    pub terminated: &'a mut [bool],
+    /// Truncations, `num_envs`.
+    pub truncated: &'a mut [bool],
+}
+
+impl Outputs<'_> {
+    /// Errors unless the buffers fit `n` envs of `obs_len` observation values.
+    fn check(&self, n: usize, obs_len: usize) -> Result<()> {
+        let want = [n * obs_len, n, n, n];
+        let got = [
+            self.obs.len(),
+            self.rewards.len(),
+            self.terminated.len(),
+            self.truncated.len(),
+        ];
+        if want != got {
+            return Err(EnvError::arg(
+                "outputs",
+                format!(
+                    "expected buffer lengths {want:?} (obs, rewards, terminated, truncated), got {got:?}"
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
 struct Slot {
     env: Box<dyn Env>,
     needs_reset: bool,
@@ -219,6 +255,24 @@ impl VectorEnv {
     /// Copies the slots' results into the buffers; returns the first env error (every slot's
     /// error is cleared, and the buffers hold the last good values of failed envs).
     fn gather(&mut self) -> Result<()> {
+        let mut obs = std::mem::take(&mut self.obs);
+        let mut rewards = std::mem::take(&mut self.rewards);
+        let mut terminated = std::mem::take(&mut self.terminated);
+        let mut truncated = std::mem::take(&mut self.truncated);
+        let res = self.gather_into(Outputs {
+            obs: &mut obs,
+            rewards: &mut rewards,
+            terminated: &mut terminated,
+            truncated: &mut truncated,
+        });
+        (self.obs, self.rewards, self.terminated, self.truncated) =
+            (obs, rewards, terminated, truncated);
+        res
+    }
+
+    /// Copies the slots' results into `out` (already checked by [`Outputs::check`]); returns
+    /// the first env error (every slot's error is cleared).
+    fn gather_into(&mut self, out: Outputs<'_>) -> Result<()> {
         let mut first = None;
         for (i, s) in self.slots.iter_mut().enumerate() {
             if let Some(e) = s.error.take() {
@@ -227,13 +281,48 @@ impl VectorEnv {
             }
             flatten_into(
                 &s.obs,
-                &mut self.obs[i * self.obs_len..(i + 1) * self.obs_len],
+                &mut out.obs[i * self.obs_len..(i + 1) * self.obs_len],
             );
-            self.rewards[i] = s.reward;
-            self.terminated[i] = s.terminated;
-            self.truncated[i] = s.truncated;
+            out.rewards[i] = s.reward;
+            out.terminated[i] = s.terminated;
+            out.truncated[i] = s.truncated;
         }
         first.map_or(Ok(()), Err)
+    }
+
+    /// Like [`VectorEnv::step_flat`], but writes observations, rewards and flags straight into
+    /// `out` (e.g. the memory of freshly allocated NumPy arrays) instead of this env's own
+    /// buffers, which keep the values of the last call without `_into`.
+    pub fn step_flat_into(&mut self, actions: &[f32], out: Outputs<'_>) -> Result<()> {
+        out.check(self.slots.len(), self.obs_len)?;
+        self.step_flat_inner(actions)?;
+        self.gather_into(out)
+    }
+
+    /// Like [`VectorEnv::reset_mask`] (`mask` `None`: every env), writing into `out`; envs
+    /// outside the mask write their last observation and flags again.
+    pub fn reset_into(
+        &mut self,
+        seed: Option<u64>,
+        mask: Option<&[bool]>,
+        out: Outputs<'_>,
+    ) -> Result<()> {
+        out.check(self.slots.len(), self.obs_len)?;
+        let all = vec![true; self.slots.len()];
+        let mask = mask.unwrap_or(&all);
+        if mask.len() != self.slots.len() {
+            return Err(EnvError::arg(
+                "mask",
+                format!("expected {} flags, got {}", self.slots.len(), mask.len()),
+            ));
+        }
+        self.for_each_slot(|i, s| {
+            if mask[i] {
+                s.reset(seed.map(|v| v.wrapping_add(i as u64)))?;
+            }
+            Ok(())
+        });
+        self.gather_into(out)
     }
 
     /// Resets every env; env `i` gets `seed + i` (or continues its stream when `None`).
@@ -290,6 +379,12 @@ impl VectorEnv {
     /// action_len` numbers (Discrete, MultiDiscrete and MultiBinary elements as whole numbers),
     /// the form NumPy hands over.
     pub fn step_flat(&mut self, actions: &[f32]) -> Result<()> {
+        self.step_flat_inner(actions)?;
+        self.gather()
+    }
+
+    /// Steps every env from flat actions, leaving the results in the slots.
+    fn step_flat_inner(&mut self, actions: &[f32]) -> Result<()> {
         let (n, len) = (self.slots.len(), self.action_len);
         if actions.len() != n * len {
             return Err(EnvError::action(
@@ -309,7 +404,7 @@ impl VectorEnv {
                 .unflatten(&actions[i * len..(i + 1) * len], &format!("actions[{i}]"))?;
             step_slot(s, &a, mode)
         });
-        self.gather()
+        Ok(())
     }
 
     /// Steps every env with its action (`actions.len() == num_envs`).
@@ -361,4 +456,63 @@ fn step_slot(s: &mut Slot, action: &Value, mode: AutoReset) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::make;
+
+    fn vec_env(n: usize) -> VectorEnv {
+        let envs = (0..n)
+            .map(|_| make("scopegym/StemDopantSteer-v0", None).unwrap())
+            .collect();
+        VectorEnv::new(envs, AutoReset::NextStep, 1).unwrap()
+    }
+
+    #[test]
+    fn into_buffers_match_own_buffers() {
+        let (mut a, mut b) = (vec_env(3), vec_env(3));
+        let (ol, al) = (a.obs_len(), a.action_len());
+        let mut obs = vec![0.0f32; 3 * ol];
+        let (mut r, mut te, mut tr) = (vec![0.0; 3], vec![false; 3], vec![false; 3]);
+        a.reset(Some(7)).unwrap();
+        let out = Outputs {
+            obs: &mut obs,
+            rewards: &mut r,
+            terminated: &mut te,
+            truncated: &mut tr,
+        };
+        b.reset_into(Some(7), None, out).unwrap();
+        assert_eq!(a.observations(), &obs[..]);
+        let actions: Vec<f32> = (0..3 * al).map(|k| [0.1, -0.1, 0.5][k % 3]).collect();
+        for _ in 0..40 {
+            a.step_flat(&actions).unwrap();
+            b.step_flat_into(
+                &actions,
+                Outputs {
+                    obs: &mut obs,
+                    rewards: &mut r,
+                    terminated: &mut te,
+                    truncated: &mut tr,
+                },
+            )
+            .unwrap();
+            assert_eq!(a.observations(), &obs[..]);
+            assert_eq!(a.rewards(), &r[..]);
+            assert_eq!(a.terminated(), &te[..]);
+            assert_eq!(a.truncated(), &tr[..]);
+        }
+        let mut short = vec![0.0f32; 1];
+        let e = b.step_flat_into(
+            &actions,
+            Outputs {
+                obs: &mut short,
+                rewards: &mut r,
+                terminated: &mut te,
+                truncated: &mut tr,
+            },
+        );
+        assert!(matches!(e, Err(EnvError::InvalidArgument { .. })));
+    }
 }

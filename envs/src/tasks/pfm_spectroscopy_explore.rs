@@ -19,7 +19,7 @@
 //!   best loop found.
 //! - **Episode**: `budget` measurements (truncation); no terminal state.
 //! - **Info** (never in the observation): `area` and the coercive biases `v_up`, `v_down` of
-//!   the loop just measured, `best`, and where the source knows it `true_best` (the largest
+//!   the loop just measured (each left out when the loop does not switch), `best`, and where the source knows it `true_best` (the largest
 //!   loop area over the grid: the simulator measures every point on a fresh copy of the
 //!   episode's film at reset; recorded data are read off) and `regret = true_best - best`.
 //! - **Real data**: `real_data = "<path>"` serves the loops of an NSID HDF5 BEPS file
@@ -480,8 +480,14 @@ impl<I: SpmInstrument + PointSpectroscopy + LoopTruth + NewEpisode + Send> Task
         self.best = self.best.max(area);
         let (up, down) = loop_coercive(&bias, &resp);
         info.insert("area".into(), InfoValue::F64(area));
-        info.insert("v_up".into(), InfoValue::F64(up.unwrap_or(f64::NAN)));
-        info.insert("v_down".into(), InfoValue::F64(down.unwrap_or(f64::NAN)));
+        // A loop that does not switch has no coercive bias: the key is left out (NaN would
+        // make equal infos compare unequal).
+        if let Some(up) = up {
+            info.insert("v_up".into(), InfoValue::F64(up));
+        }
+        if let Some(down) = down {
+            info.insert("v_down".into(), InfoValue::F64(down));
+        }
         info.insert("best".into(), InfoValue::F64(self.best));
         if let Some(t) = self.true_best {
             info.insert("true_best".into(), InfoValue::F64(t));

@@ -1,0 +1,685 @@
+//! `scopegym._native`: the Python extension module over the Rust environment engine
+//! (`scopegym-envs`). It only converts types; the Gymnasium classes live in the pure-Python
+//! package `scopegym`, which flattens actions to `float32` and reshapes observations.
+//!
+//! - [`NativeEnv`]: one environment; observations and actions cross as flat `float32` arrays in
+//!   the space's order (Dict: keys in order).
+//! - [`NativeVectorEnv`]: the engine's vector env; each step is one call that releases the GIL
+//!   and writes observations, rewards and flags straight into fresh NumPy arrays.
+//! - [`NativeRecorder`]: the engine's Minari-compatible dataset writer.
+//!
+//! Engine errors become the exception classes of `scopegym._errors` (rooted at
+//! `ScopegymError`); a Rust panic is caught and raised as `NativePanic`, never aborting the
+//! interpreter.
+#![deny(missing_docs)]
+// PyO3's `#[pymodule]`, `#[pyclass]` and `#[pymethods]` expand to `unsafe` FFI glue (the
+// workspace denies `unsafe_code`); this crate itself writes no `unsafe` block.
+#![allow(unsafe_code)]
+
+use numpy::{PyArray1, PyArray2, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2};
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyType};
+use scopegym_envs::record::{Episode, RecordError, Recorder};
+use scopegym_envs::registry::{TASKS, make};
+use scopegym_envs::vector::{AutoReset, Outputs, VectorEnv, flatten_into};
+use scopegym_envs::{Env, EnvError, Info, InfoValue, Space, Value};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+
+/// An error on the Rust side, before it becomes a Python exception.
+enum Failure {
+    Env(EnvError),
+    Record(RecordError),
+    Panic(String),
+}
+
+impl From<EnvError> for Failure {
+    fn from(e: EnvError) -> Self {
+        Self::Env(e)
+    }
+}
+
+impl From<RecordError> for Failure {
+    fn from(e: RecordError) -> Self {
+        Self::Record(e)
+    }
+}
+
+/// The exception class `name` of `scopegym._errors`.
+fn exception(py: Python<'_>, name: &str, message: String) -> PyErr {
+    let class = py
+        .import("scopegym._errors")
+        .and_then(|m| m.getattr(name))
+        .and_then(|c| c.cast_into::<PyType>().map_err(PyErr::from));
+    match class {
+        Ok(c) => PyErr::from_type(c, message),
+        Err(e) => e,
+    }
+}
+
+impl Failure {
+    fn into_py(self, py: Python<'_>) -> PyErr {
+        let (class, msg) = match self {
+            Self::Env(e) => {
+                let class = match &e {
+                    EnvError::InvalidAction { .. } => "InvalidAction",
+                    EnvError::InvalidConfig { .. } => "InvalidConfig",
+                    EnvError::UnknownTask { .. } => "UnknownTask",
+                    EnvError::NeedsReset(_) => "ResetNeeded",
+                    EnvError::InvalidArgument { .. } => "InvalidArgument",
+                    EnvError::Physics(_) => "PhysicsError",
+                };
+                (class, e.to_string())
+            }
+            Self::Record(e) => ("DatasetError", e.to_string()),
+            Self::Panic(m) => ("NativePanic", format!("the Rust engine panicked: {m}")),
+        };
+        exception(py, class, msg)
+    }
+}
+
+/// Runs `f`, turning a panic into [`Failure::Panic`].
+fn guarded<T>(f: impl FnOnce() -> Result<T, Failure>) -> Result<T, Failure> {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(payload) => {
+            let msg = payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            Err(Failure::Panic(msg))
+        }
+    }
+}
+
+/// Runs `f` without the GIL, catching panics, and converts its error.
+fn native<T: Send>(py: Python<'_>, f: impl FnOnce() -> Result<T, Failure> + Send) -> PyResult<T> {
+    py.detach(|| guarded(f)).map_err(|e| e.into_py(py))
+}
+
+/// Locks `m`, recovering from a poisoned lock (a panic already became an exception).
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn merge(base: &mut toml::Table, over: toml::Table) {
+    for (k, v) in over {
+        match (base.get_mut(&k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),
+            (_, v) => {
+                base.insert(k, v);
+            }
+        }
+    }
+}
+
+/// The task config: a scenario file's `[task]` table (or its whole content when it has none),
+/// with `config_json` (a JSON object) merged over it.
+fn build_config(
+    config_json: Option<&str>,
+    scenario: Option<&Path>,
+) -> Result<Option<toml::Value>, EnvError> {
+    let mut table: Option<toml::Table> = None;
+    if let Some(path) = scenario {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| EnvError::config("scenario", format!("{}: {e}", path.display())))?;
+        let mut t: toml::Table = toml::from_str(&text).map_err(|e| {
+            EnvError::config(
+                "scenario",
+                format!("{}: {}", path.display(), e.message().trim()),
+            )
+        })?;
+        table = Some(match t.remove("task") {
+            Some(toml::Value::Table(task)) => task,
+            Some(_) => {
+                return Err(EnvError::config(
+                    "task",
+                    format!("{}: [task] must be a table", path.display()),
+                ));
+            }
+            None => t,
+        });
+    }
+    if let Some(json) = config_json {
+        let over: toml::Table = serde_json::from_str(json).map_err(|e| {
+            EnvError::config(
+                "config",
+                format!("must be a dict of TOML-compatible values (no None): {e}"),
+            )
+        })?;
+        match &mut table {
+            Some(t) => merge(t, over),
+            None => table = Some(over),
+        }
+    }
+    Ok(table.map(toml::Value::Table))
+}
+
+fn make_env(
+    id: &str,
+    config: Option<&str>,
+    scenario: Option<&Path>,
+) -> Result<Box<dyn Env>, Failure> {
+    let cfg = build_config(config, scenario)?;
+    Ok(make(id, cfg.as_ref())?)
+}
+
+fn info_value<'py>(py: Python<'py>, v: &InfoValue) -> PyResult<Bound<'py, PyAny>> {
+    Ok(match v {
+        InfoValue::F64(x) => x.into_pyobject(py)?.into_any(),
+        InfoValue::I64(x) => x.into_pyobject(py)?.into_any(),
+        InfoValue::Bool(x) => x.into_pyobject(py)?.to_owned().into_any(),
+        InfoValue::Str(x) => x.into_pyobject(py)?.into_any(),
+        InfoValue::F64s(x) => PyArray1::from_slice(py, x).into_any(),
+    })
+}
+
+fn info_dict<'py>(py: Python<'py>, info: &Info) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    for (k, v) in info {
+        d.set_item(k.as_ref(), info_value(py, v)?)?;
+    }
+    Ok(d)
+}
+
+/// One info key over all envs as a NumPy array (float64, int64 or bool when every present
+/// value has that type; object otherwise), absent entries 0 / False / None.
+fn info_column<'py>(py: Python<'py>, col: &[Option<&InfoValue>]) -> PyResult<Bound<'py, PyAny>> {
+    let present = || col.iter().flatten();
+    if present().all(|v| matches!(v, InfoValue::F64(_))) {
+        let v: Vec<f64> = col
+            .iter()
+            .map(|v| match v {
+                Some(InfoValue::F64(x)) => *x,
+                _ => 0.0,
+            })
+            .collect();
+        return Ok(PyArray1::from_vec(py, v).into_any());
+    }
+    if present().all(|v| matches!(v, InfoValue::I64(_))) {
+        let v: Vec<i64> = col
+            .iter()
+            .map(|v| match v {
+                Some(InfoValue::I64(x)) => *x,
+                _ => 0,
+            })
+            .collect();
+        return Ok(PyArray1::from_vec(py, v).into_any());
+    }
+    if present().all(|v| matches!(v, InfoValue::Bool(_))) {
+        let v: Vec<bool> = col
+            .iter()
+            .map(|v| matches!(v, Some(InfoValue::Bool(true))))
+            .collect();
+        return Ok(PyArray1::from_vec(py, v).into_any());
+    }
+    let objs = col
+        .iter()
+        .map(|v| match v {
+            Some(v) => info_value(py, v).map(Bound::unbind),
+            None => Ok(py.None()),
+        })
+        .collect::<PyResult<Vec<Py<PyAny>>>>()?;
+    Ok(PyArray1::from_vec(py, objs).into_any())
+}
+
+/// Infos in Gymnasium's vector form: `{key: array(num_envs), "_key": mask(num_envs)}`.
+fn vector_infos<'py>(py: Python<'py>, infos: &[&Info]) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    let n = infos.len();
+    let Some(first) = infos.first() else {
+        return Ok(d);
+    };
+    let same_keys = infos.iter().all(|i| i.keys().eq(first.keys()));
+    let (keys, columns): (Vec<&str>, Vec<Vec<Option<&InfoValue>>>) = if same_keys {
+        let mut cols: Vec<Vec<Option<&InfoValue>>> = vec![Vec::with_capacity(n); first.len()];
+        for info in infos {
+            for (c, v) in cols.iter_mut().zip(info.values()) {
+                c.push(Some(v));
+            }
+        }
+        (first.keys().map(|k| k.as_ref()).collect(), cols)
+    } else {
+        let keys: std::collections::BTreeSet<&str> = infos
+            .iter()
+            .flat_map(|i| i.keys().map(|k| k.as_ref()))
+            .collect();
+        let cols = keys
+            .iter()
+            .map(|k| infos.iter().map(|i| i.get(*k)).collect())
+            .collect();
+        (keys.into_iter().collect(), cols)
+    };
+    for (k, col) in keys.into_iter().zip(columns) {
+        let mask: Vec<bool> = col.iter().map(Option::is_some).collect();
+        d.set_item(k, info_column(py, &col)?)?;
+        d.set_item(format!("_{k}"), PyArray1::from_vec(py, mask))?;
+    }
+    Ok(d)
+}
+
+/// The space's JSON form with Dict subspaces as `[key, space]` pairs in the space's own order
+/// (the order of the flattened values; a JSON object would sort them).
+fn ordered_json(space: &Space) -> String {
+    fn go(space: &Space) -> serde_json::Value {
+        match space {
+            Space::Dict(items) => serde_json::json!({
+                "type": "Dict",
+                "subspaces": items
+                    .iter()
+                    .map(|(k, s)| serde_json::json!([k, go(s)]))
+                    .collect::<Vec<_>>(),
+            }),
+            other => other.to_json(),
+        }
+    }
+    go(space).to_string()
+}
+
+fn flat_obs<'py>(py: Python<'py>, space: &Space, v: &Value) -> Bound<'py, PyArray1<f32>> {
+    let mut flat = vec![0.0f32; space.flat_len()];
+    flatten_into(v, &mut flat);
+    PyArray1::from_vec(py, flat)
+}
+
+/// The registered tasks as `(id, instrument, description)`.
+#[pyfunction]
+fn task_specs() -> Vec<(&'static str, &'static str, &'static str)> {
+    TASKS
+        .iter()
+        .map(|t| (t.id, t.instrument, t.description))
+        .collect()
+}
+
+/// Panics inside the engine's guard (tests that a panic becomes `NativePanic`).
+#[pyfunction]
+fn _panic_for_test(py: Python<'_>) -> PyResult<()> {
+    native(py, || -> Result<(), Failure> {
+        panic!("deliberate test panic")
+    })
+}
+
+/// One environment, built from a registered id and an optional config.
+#[pyclass(module = "scopegym._native", frozen)]
+struct NativeEnv {
+    env: Mutex<Box<dyn Env>>,
+    id: String,
+    obs_space: Space,
+    act_space: Space,
+    max_steps: usize,
+}
+
+#[pymethods]
+impl NativeEnv {
+    /// Builds `env_id` with `config_json` (a JSON object) merged over a scenario file's `[task]`.
+    #[new]
+    #[pyo3(signature = (env_id, config_json=None, scenario=None))]
+    fn new(
+        py: Python<'_>,
+        env_id: &str,
+        config_json: Option<&str>,
+        scenario: Option<PathBuf>,
+    ) -> PyResult<Self> {
+        let env = native(py, || make_env(env_id, config_json, scenario.as_deref()))?;
+        Ok(Self {
+            id: env.id().to_string(),
+            obs_space: env.observation_space().clone(),
+            act_space: env.action_space().clone(),
+            max_steps: env.max_episode_steps(),
+            env: Mutex::new(env),
+        })
+    }
+
+    /// The task id.
+    #[getter]
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The observation space in Gymnasium's JSON form, Dict subspaces as ordered `[key, space]` pairs.
+    #[getter]
+    fn observation_space_json(&self) -> String {
+        ordered_json(&self.obs_space)
+    }
+
+    /// The action space in Gymnasium's JSON form, Dict subspaces as ordered `[key, space]` pairs.
+    #[getter]
+    fn action_space_json(&self) -> String {
+        ordered_json(&self.act_space)
+    }
+
+    /// Steps after which an episode is truncated.
+    #[getter]
+    fn max_episode_steps(&self) -> usize {
+        self.max_steps
+    }
+
+    /// Starts an episode: `(flat observation, info)`.
+    #[pyo3(signature = (seed=None))]
+    fn reset<'py>(
+        &self,
+        py: Python<'py>,
+        seed: Option<u64>,
+    ) -> PyResult<(Bound<'py, PyArray1<f32>>, Bound<'py, PyDict>)> {
+        let (obs, info) = native(py, || Ok(lock(&self.env).reset(seed)?))?;
+        Ok((flat_obs(py, &self.obs_space, &obs), info_dict(py, &info)?))
+    }
+
+    /// One step from a flat float32 action: `(flat obs, reward, terminated, truncated, info)`.
+    #[allow(clippy::type_complexity)]
+    fn step<'py>(
+        &self,
+        py: Python<'py>,
+        action: PyReadonlyArray1<'py, f32>,
+    ) -> PyResult<(
+        Bound<'py, PyArray1<f32>>,
+        f64,
+        bool,
+        bool,
+        Bound<'py, PyDict>,
+    )> {
+        let flat = action.as_slice()?;
+        let s = native(py, || {
+            let a = self.act_space.unflatten(flat, "action")?;
+            Ok(lock(&self.env).step(&a)?)
+        })?;
+        Ok((
+            flat_obs(py, &self.obs_space, &s.obs),
+            s.reward,
+            s.terminated,
+            s.truncated,
+            info_dict(py, &s.info)?,
+        ))
+    }
+
+    /// An RGB picture of the current state, `(H, W, 3)` uint8.
+    fn render<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let img = native(py, || Ok(lock(&self.env).render()))?;
+        Ok(PyArray1::from_vec(py, img.data)
+            .reshape([img.height, img.width, 3])?
+            .into_any())
+    }
+
+    /// The task's expert rule of thumb for a flat observation, as a flat action.
+    fn heuristic_action<'py>(
+        &self,
+        py: Python<'py>,
+        obs: PyReadonlyArray1<'py, f32>,
+    ) -> PyResult<Bound<'py, PyArray1<f32>>> {
+        let flat = obs.as_slice()?;
+        let a = native(py, || {
+            let o = self.obs_space.unflatten(flat, "obs")?;
+            Ok(lock(&self.env).heuristic_action(&o))
+        })?;
+        Ok(flat_obs(py, &self.act_space, &a))
+    }
+}
+
+/// The engine's vector env: `num_envs` copies of one task stepped by one native call.
+#[pyclass(module = "scopegym._native", frozen)]
+struct NativeVectorEnv {
+    venv: Mutex<VectorEnv>,
+    num_envs: usize,
+    obs_len: usize,
+    action_len: usize,
+    mode: AutoReset,
+    obs_space: Space,
+    act_space: Space,
+    max_steps: usize,
+}
+
+type StepResult<'py> = (
+    Bound<'py, PyArray2<f32>>,
+    Bound<'py, PyArray1<f64>>,
+    Bound<'py, PyArray1<bool>>,
+    Bound<'py, PyArray1<bool>>,
+    Bound<'py, PyDict>,
+);
+
+impl NativeVectorEnv {
+    /// Runs `f` on the vector env without the GIL, writing into fresh NumPy arrays.
+    fn run<'py>(
+        &self,
+        py: Python<'py>,
+        f: impl FnOnce(&mut VectorEnv, Outputs<'_>) -> Result<(), EnvError> + Send,
+    ) -> PyResult<StepResult<'py>> {
+        let n = self.num_envs;
+        let obs = PyArray2::<f32>::zeros(py, [n, self.obs_len], false);
+        let rewards = PyArray1::<f64>::zeros(py, n, false);
+        let terminated = PyArray1::<bool>::zeros(py, n, false);
+        let truncated = PyArray1::<bool>::zeros(py, n, false);
+        {
+            let (mut o, mut r, mut te, mut tr) = (
+                obs.readwrite(),
+                rewards.readwrite(),
+                terminated.readwrite(),
+                truncated.readwrite(),
+            );
+            let out = Outputs {
+                obs: o.as_slice_mut()?,
+                rewards: r.as_slice_mut()?,
+                terminated: te.as_slice_mut()?,
+                truncated: tr.as_slice_mut()?,
+            };
+            native(py, || Ok(f(&mut lock(&self.venv), out)?))?;
+        }
+        let venv = lock(&self.venv);
+        let infos = vector_infos(py, &venv.infos())?;
+        Ok((obs, rewards, terminated, truncated, infos))
+    }
+}
+
+#[pymethods]
+impl NativeVectorEnv {
+    /// `num_envs` envs of `env_id` (same config) with an autoreset mode (`"NextStep"`,
+    /// `"SameStep"` or `"Disabled"`), stepped on `threads` threads.
+    #[new]
+    #[pyo3(signature = (env_id, num_envs, config_json=None, scenario=None, autoreset_mode="NextStep", threads=1))]
+    fn new(
+        py: Python<'_>,
+        env_id: &str,
+        num_envs: usize,
+        config_json: Option<&str>,
+        scenario: Option<PathBuf>,
+        autoreset_mode: &str,
+        threads: usize,
+    ) -> PyResult<Self> {
+        let mode = match autoreset_mode {
+            "NextStep" => AutoReset::NextStep,
+            "SameStep" => AutoReset::SameStep,
+            "Disabled" => AutoReset::Disabled,
+            other => {
+                return Err(Failure::Env(EnvError::arg(
+                    "autoreset_mode",
+                    format!("expected NextStep, SameStep or Disabled, got {other:?}"),
+                ))
+                .into_py(py));
+            }
+        };
+        let venv = native(py, || {
+            let envs = (0..num_envs)
+                .map(|_| make_env(env_id, config_json, scenario.as_deref()))
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(VectorEnv::new(envs, mode, threads)?)
+        })?;
+        let e = venv.env(0);
+        Ok(Self {
+            num_envs,
+            obs_len: venv.obs_len(),
+            action_len: venv.action_len(),
+            mode,
+            obs_space: e.observation_space().clone(),
+            act_space: e.action_space().clone(),
+            max_steps: e.max_episode_steps(),
+            venv: Mutex::new(venv),
+        })
+    }
+
+    /// Number of envs.
+    #[getter]
+    fn num_envs(&self) -> usize {
+        self.num_envs
+    }
+
+    /// The autoreset mode's name.
+    #[getter]
+    fn autoreset_mode(&self) -> &'static str {
+        self.mode.name()
+    }
+
+    /// Flattened action length per env.
+    #[getter]
+    fn action_len(&self) -> usize {
+        self.action_len
+    }
+
+    /// One env's observation space in Gymnasium's JSON form, Dict subspaces as ordered `[key, space]` pairs.
+    #[getter]
+    fn observation_space_json(&self) -> String {
+        ordered_json(&self.obs_space)
+    }
+
+    /// One env's action space in Gymnasium's JSON form, Dict subspaces as ordered `[key, space]` pairs.
+    #[getter]
+    fn action_space_json(&self) -> String {
+        ordered_json(&self.act_space)
+    }
+
+    /// Steps after which an episode is truncated.
+    #[getter]
+    fn max_episode_steps(&self) -> usize {
+        self.max_steps
+    }
+
+    /// Resets the envs (where `mask` is true; all when `None`); env `i` gets `seed + i`.
+    /// Returns `(obs, rewards, terminated, truncated, infos)`.
+    #[pyo3(signature = (seed=None, mask=None))]
+    fn reset<'py>(
+        &self,
+        py: Python<'py>,
+        seed: Option<u64>,
+        mask: Option<PyReadonlyArray1<'py, bool>>,
+    ) -> PyResult<StepResult<'py>> {
+        let mask = mask.as_ref().map(|m| m.as_slice()).transpose()?;
+        self.run(py, |v, out| v.reset_into(seed, mask, out))
+    }
+
+    /// Steps every env with flat float32 actions `(num_envs, action_len)`.
+    fn step<'py>(
+        &self,
+        py: Python<'py>,
+        actions: PyReadonlyArray2<'py, f32>,
+    ) -> PyResult<StepResult<'py>> {
+        let a = actions.as_slice()?;
+        self.run(py, |v, out| v.step_flat_into(a, out))
+    }
+
+    /// Env `i`'s picture, `(H, W, 3)` uint8.
+    fn render<'py>(&self, py: Python<'py>, i: usize) -> PyResult<Bound<'py, PyAny>> {
+        if i >= self.num_envs {
+            return Err(Failure::Env(EnvError::arg("i", "out of range")).into_py(py));
+        }
+        let img = native(py, || Ok(lock(&self.venv).env(i).render()))?;
+        Ok(PyArray1::from_vec(py, img.data)
+            .reshape([img.height, img.width, 3])?
+            .into_any())
+    }
+}
+
+/// Writes a Minari-compatible dataset (`<dir>/data/`) of episodes of `env`'s spaces.
+#[pyclass(module = "scopegym._native", frozen)]
+struct NativeRecorder {
+    rec: Mutex<Recorder>,
+    obs_space: Space,
+    act_space: Space,
+}
+
+#[pymethods]
+impl NativeRecorder {
+    /// Creates the dataset folder; `provenance_json` (a JSON object) goes into the metadata.
+    #[new]
+    fn new(
+        py: Python<'_>,
+        dir: PathBuf,
+        dataset_id: &str,
+        env: &NativeEnv,
+        provenance_json: &str,
+    ) -> PyResult<Self> {
+        let rec = native(py, || {
+            let prov: serde_json::Map<String, serde_json::Value> =
+                serde_json::from_str(provenance_json)
+                    .map_err(|e| EnvError::arg("provenance", e.to_string()))?;
+            Ok(Recorder::create(
+                &dir,
+                dataset_id,
+                &env.obs_space,
+                &env.act_space,
+                prov,
+            )?)
+        })?;
+        Ok(Self {
+            rec: Mutex::new(rec),
+            obs_space: env.obs_space.clone(),
+            act_space: env.act_space.clone(),
+        })
+    }
+
+    /// Episodes written so far.
+    #[getter]
+    fn episodes(&self) -> usize {
+        lock(&self.rec).episodes()
+    }
+
+    /// Appends one episode (flat observations `(T+1, obs_len)`, flat actions `(T,
+    /// action_len)`, and `T` rewards and flags) and makes it durable.
+    #[allow(clippy::too_many_arguments)]
+    fn write_episode<'py>(
+        &self,
+        py: Python<'py>,
+        seed: u64,
+        observations: PyReadonlyArray2<'py, f32>,
+        actions: PyReadonlyArray2<'py, f32>,
+        rewards: PyReadonlyArray1<'py, f64>,
+        terminations: PyReadonlyArray1<'py, bool>,
+        truncations: PyReadonlyArray1<'py, bool>,
+    ) -> PyResult<()> {
+        let (o, a) = (observations.as_slice()?, actions.as_slice()?);
+        let (r, te, tr) = (
+            rewards.as_slice()?,
+            terminations.as_slice()?,
+            truncations.as_slice()?,
+        );
+        let (ol, al) = (self.obs_space.flat_len(), self.act_space.flat_len());
+        native(py, || {
+            let rows = |flat: &[f32], len: usize, space: &Space, name: &str| {
+                flat.chunks(len.max(1))
+                    .enumerate()
+                    .map(|(i, c)| space.unflatten(c, &format!("{name}[{i}]")))
+                    .collect::<Result<Vec<_>, _>>()
+            };
+            let ep = Episode {
+                seed,
+                observations: rows(o, ol, &self.obs_space, "observations")?,
+                actions: rows(a, al, &self.act_space, "actions")?,
+                rewards: r.to_vec(),
+                terminations: te.to_vec(),
+                truncations: tr.to_vec(),
+            };
+            Ok(lock(&self.rec).write_episode(&ep)?)
+        })
+    }
+}
+
+/// The extension module.
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add_function(wrap_pyfunction!(task_specs, m)?)?;
+    m.add_function(wrap_pyfunction!(_panic_for_test, m)?)?;
+    m.add_class::<NativeEnv>()?;
+    m.add_class::<NativeVectorEnv>()?;
+    m.add_class::<NativeRecorder>()?;
+    Ok(())
+}

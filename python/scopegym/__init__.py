@@ -1,0 +1,116 @@
+"""scopegym: microscopy simulation environments (STEM, AFM, STM, PFM) for reinforcement
+learning, on a Rust engine.
+
+``import scopegym`` registers every task with Gymnasium::
+
+    import gymnasium as gym
+    import scopegym
+
+    env = gym.make("scopegym/StemDopantSteer-v0")
+    obs, info = env.reset(seed=0)
+    envs = gym.make_vec("scopegym/StemDopantSteer-v0", num_envs=16)  # native Rust vector env
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import gymnasium as gym
+
+from . import _native
+from ._errors import (
+    DatasetError,
+    InvalidAction,
+    InvalidArgument,
+    InvalidConfig,
+    NativePanic,
+    PhysicsError,
+    ResetNeeded,
+    ScopegymError,
+    UnknownTask,
+)
+from .env import ScopegymEnv
+from .record import record
+from .vector import ScopegymVectorEnv
+
+__version__: str = _native.__version__
+
+__all__ = [
+    "ScopegymEnv",
+    "ScopegymVectorEnv",
+    "make",
+    "make_vec",
+    "record",
+    "task_ids",
+    "ScopegymError",
+    "InvalidAction",
+    "InvalidConfig",
+    "UnknownTask",
+    "ResetNeeded",
+    "InvalidArgument",
+    "PhysicsError",
+    "DatasetError",
+    "NativePanic",
+]
+
+
+def task_ids() -> list[str]:
+    """The registered task ids."""
+    return [t[0] for t in _native.task_specs()]
+
+
+def _check_id(env_id: str) -> None:
+    if env_id not in task_ids():
+        raise UnknownTask(f"unknown task id {env_id!r}; registered: {', '.join(task_ids())}")
+
+
+def make(env_id: str, **kwargs: Any) -> gym.Env[Any, Any]:
+    """``gymnasium.make(env_id, **kwargs)`` for a scopegym task (raises :class:`UnknownTask`
+    for an unknown id)."""
+    _check_id(env_id)
+    return gym.make(env_id, **kwargs)
+
+
+def make_vec(
+    env_id: str,
+    num_envs: int = 1,
+    *,
+    autoreset_mode: str | gym.vector.AutoresetMode = gym.vector.AutoresetMode.NEXT_STEP,
+    threads: int = 1,
+    config: dict[str, Any] | None = None,
+    scenario: str | os.PathLike[str] | None = None,
+    render_mode: str | None = None,
+    normalize_actions: bool = True,
+) -> ScopegymVectorEnv:
+    """The native Rust vector env of ``num_envs`` copies of ``env_id`` (what
+    ``gymnasium.make_vec(env_id, num_envs, vectorization_mode="vector_entry_point")``
+    returns, without Gymnasium's spec bookkeeping)."""
+    _check_id(env_id)
+    return ScopegymVectorEnv(
+        env_id,
+        num_envs=num_envs,
+        render_mode=render_mode,
+        config=config,
+        scenario=scenario,
+        autoreset_mode=autoreset_mode,
+        threads=threads,
+        normalize_actions=normalize_actions,
+    )
+
+
+def _register() -> None:
+    for env_id, _instrument, _description in _native.task_specs():
+        if env_id in gym.registry:
+            continue
+        gym.register(
+            id=env_id,
+            entry_point="scopegym.env:ScopegymEnv",
+            vector_entry_point="scopegym.vector:ScopegymVectorEnv",
+            kwargs={"task_id": env_id},
+            # The engine truncates episodes itself; a Gymnasium TimeLimit would be a second one.
+            max_episode_steps=None,
+        )
+
+
+_register()

@@ -1,0 +1,104 @@
+"""Type stubs of the extension module ``scopegym._native`` (the Rust engine's bindings)."""
+
+from os import PathLike
+from typing import final
+
+import numpy as np
+import numpy.typing as npt
+
+__all__ = ["__version__", "task_specs", "_panic_for_test", "NativeEnv", "NativeVectorEnv", "NativeRecorder"]
+
+__version__: str
+
+def task_specs() -> list[tuple[str, str, str]]:
+    """The registered tasks as ``(id, instrument, description)``."""
+
+def _panic_for_test() -> None:
+    """Panics inside the engine's guard (raises ``NativePanic``)."""
+
+@final
+class NativeEnv:
+    """One environment; observations and actions cross as flat float32 arrays."""
+
+    def __new__(
+        cls,
+        env_id: str,
+        config_json: str | None = None,
+        scenario: str | PathLike[str] | None = None,
+    ) -> NativeEnv: ...
+    @property
+    def id(self) -> str: ...
+    @property
+    def observation_space_json(self) -> str: ...
+    @property
+    def action_space_json(self) -> str: ...
+    @property
+    def max_episode_steps(self) -> int: ...
+    def reset(self, seed: int | None = None) -> tuple[npt.NDArray[np.float32], dict[str, object]]: ...
+    def step(
+        self, action: npt.NDArray[np.float32]
+    ) -> tuple[npt.NDArray[np.float32], float, bool, bool, dict[str, object]]: ...
+    def render(self) -> npt.NDArray[np.uint8]: ...
+    def heuristic_action(self, obs: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]: ...
+
+@final
+class NativeVectorEnv:
+    """The engine's vector env: one native call per vector step, without the GIL."""
+
+    def __new__(
+        cls,
+        env_id: str,
+        num_envs: int,
+        config_json: str | None = None,
+        scenario: str | PathLike[str] | None = None,
+        autoreset_mode: str = "NextStep",
+        threads: int = 1,
+    ) -> NativeVectorEnv: ...
+    @property
+    def num_envs(self) -> int: ...
+    @property
+    def autoreset_mode(self) -> str: ...
+    @property
+    def action_len(self) -> int: ...
+    @property
+    def observation_space_json(self) -> str: ...
+    @property
+    def action_space_json(self) -> str: ...
+    @property
+    def max_episode_steps(self) -> int: ...
+    def reset(
+        self, seed: int | None = None, mask: npt.NDArray[np.bool_] | None = None
+    ) -> tuple[
+        npt.NDArray[np.float32],
+        npt.NDArray[np.float64],
+        npt.NDArray[np.bool_],
+        npt.NDArray[np.bool_],
+        dict[str, npt.NDArray[np.generic]],
+    ]: ...
+    def step(
+        self, actions: npt.NDArray[np.float32]
+    ) -> tuple[
+        npt.NDArray[np.float32],
+        npt.NDArray[np.float64],
+        npt.NDArray[np.bool_],
+        npt.NDArray[np.bool_],
+        dict[str, npt.NDArray[np.generic]],
+    ]: ...
+    def render(self, i: int) -> npt.NDArray[np.uint8]: ...
+
+@final
+class NativeRecorder:
+    """The engine's Minari-compatible dataset writer."""
+
+    def __new__(cls, dir: str | PathLike[str], dataset_id: str, env: NativeEnv, provenance_json: str) -> NativeRecorder: ...
+    @property
+    def episodes(self) -> int: ...
+    def write_episode(
+        self,
+        seed: int,
+        observations: npt.NDArray[np.float32],
+        actions: npt.NDArray[np.float32],
+        rewards: npt.NDArray[np.float64],
+        terminations: npt.NDArray[np.bool_],
+        truncations: npt.NDArray[np.bool_],
+    ) -> None: ...

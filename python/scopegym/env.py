@@ -1,0 +1,108 @@
+"""Each task as a :class:`gymnasium.Env`: a thin Python shell over the Rust environment."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, SupportsFloat
+
+import gymnasium as gym
+import numpy as np
+
+from . import _native, _spaces
+from ._errors import InvalidArgument, ResetNeeded
+
+__all__ = ["ScopegymEnv", "config_json"]
+
+RENDER_FPS = 4
+
+
+def config_json(config: dict[str, Any] | None) -> str | None:
+    """The task config as JSON for the native module (``None``: the task's defaults)."""
+    if config is None:
+        return None
+    if not isinstance(config, dict):
+        raise InvalidArgument(f"invalid argument config: expected a dict, got {type(config).__name__}")
+    return json.dumps(config)
+
+
+class ScopegymEnv(gym.Env[Any, Any]):
+    """A scopegym task. Build it with ``gymnasium.make("scopegym/<Task>-v0", config={...},
+    scenario="file.toml", render_mode="rgb_array")``.
+
+    The Rust engine enforces the task's time limit (``truncated=True`` after
+    ``max_episode_steps``), checks actions (:class:`scopegym.InvalidAction`) and seeds itself
+    from ``reset(seed=...)``. ``config`` is merged over the scenario file's ``[task]`` table (or
+    its whole content when it has none).
+
+    Box action spaces with finite bounds are exposed normalized to ``[-1, 1]`` (mapped
+    affinely onto the task's physical bounds, ``physical_action_space``), as Gymnasium's
+    checker and Stable-Baselines3 recommend; ``normalize_actions=False`` exposes the physical
+    space instead.
+    """
+
+    metadata: dict[str, Any] = {"render_modes": ["rgb_array"], "render_fps": RENDER_FPS}
+
+    def __init__(
+        self,
+        task_id: str,
+        render_mode: str | None = None,
+        config: dict[str, Any] | None = None,
+        scenario: str | os.PathLike[str] | None = None,
+        normalize_actions: bool = True,
+    ) -> None:
+        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
+            raise InvalidArgument(
+                f"invalid argument render_mode: expected one of {self.metadata['render_modes']} or None, got {render_mode!r}"
+            )
+        self._native: _native.NativeEnv | None = _native.NativeEnv(
+            task_id, config_json(config), None if scenario is None else os.fspath(scenario)
+        )
+        self.task_id = task_id
+        self.render_mode = render_mode
+        self.observation_space = _spaces.from_json(self._native.observation_space_json)
+        physical = _spaces.from_json(self._native.action_space_json)
+        self._scale = _spaces.ActionScale(physical) if normalize_actions and _spaces.ActionScale.needed(physical) else None  # type: ignore[arg-type]
+        self.physical_action_space = physical
+        self.action_space = physical if self._scale is None else self._scale.normalized
+        self.max_episode_steps: int = self._native.max_episode_steps
+        self._decode = _spaces.decoder(self.observation_space)
+        enc = _spaces.encoder(self.action_space)
+        scale = self._scale
+        self._encode = enc if scale is None else (lambda a: scale.to_physical(enc(a)))
+        self._obs_encode = _spaces.encoder(self.observation_space)
+
+    @property
+    def native(self) -> _native.NativeEnv:
+        """The native environment (raises :class:`scopegym.ResetNeeded` after ``close``)."""
+        if self._native is None:
+            raise ResetNeeded(f"{self.task_id}: the environment is closed")
+        return self._native
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
+        super().reset(seed=seed)
+        if seed is not None and seed < 0:
+            raise InvalidArgument(f"invalid argument seed: must be non-negative, got {seed}")
+        obs, info = self.native.reset(seed)
+        return self._decode(obs), info
+
+    def step(self, action: Any) -> tuple[Any, SupportsFloat, bool, bool, dict[str, Any]]:
+        obs, reward, terminated, truncated, info = self.native.step(self._encode(action))
+        return self._decode(obs), reward, terminated, truncated, info
+
+    def render(self) -> np.ndarray | None:  # type: ignore[override]
+        if self.render_mode is None:
+            gym.logger.warn("render() called without a render_mode; make the env with render_mode='rgb_array'")
+            return None
+        return self.native.render()
+
+    def heuristic_action(self, obs: Any) -> Any:
+        """The task's expert rule of thumb for ``obs``."""
+        flat = self.native.heuristic_action(self._obs_encode(obs))
+        if self._scale is not None:
+            flat = self._scale.to_normalized(flat)
+        return _spaces.decoder(self.action_space)(flat)
+
+    def close(self) -> None:
+        self._native = None
+        super().close()
