@@ -30,19 +30,20 @@ def mean_return(env, act, episodes, seed):
 
 
 def test_ppo_beats_random_on_stem_dopant_steer():
-    """About 15 s: 40k steps over 8 envs; the deterministic policy then reaches the goal in
-    some episodes, which random actions almost never do."""
+    """About 10 s: 61k steps over 8 envs. Random actions rarely park the beam where a hop
+    toward the goal is likely (return about -0.93); the trained policy steers the dopant to the
+    goal in most episodes (about -0.2 to 0; seeds 0, 1, 2 gave margins 0.70 to 0.90)."""
     torch.manual_seed(0)
     torch.set_num_threads(1)
     venv = make_vec_env(STEER, n_envs=8, seed=0)
     model = PPO("MlpPolicy", venv, n_steps=256, batch_size=256, learning_rate=3e-4, seed=0, device="cpu")
-    model.learn(total_timesteps=40_960)
+    model.learn(total_timesteps=61_440)
     eval_env = gym.make(STEER)
     eval_env.action_space.seed(123)
     random = mean_return(eval_env, lambda o: eval_env.action_space.sample(), 50, 10_000)
     trained = mean_return(eval_env, lambda o: model.predict(o, deterministic=True)[0], 50, 10_000)
     print(f"random {random:.3f}  ppo {trained:.3f}")
-    assert trained > random + 0.02
+    assert trained > random + 0.3
 
 
 class SmallCnn(BaseFeaturesExtractor):
