@@ -6,7 +6,9 @@
 - the Rust-only ``scopegym bench`` figure (the CLI binary: ``$SCOPEGYM_BIN``, else
   ``$CARGO_TARGET_DIR/release/scopegym``).
 
-Run: ``.venv/bin/python benches/python/bench_vector.py [--seconds 2] [--json]``.
+Run: ``.venv/bin/python benches/python/bench_vector.py [--seconds 2] [--json]``. Everything runs
+on one thread: OpenBLAS's worker threads (which spin on the second core) are limited to one
+unless ``OPENBLAS_NUM_THREADS`` is set.
 Targets: native at 16 envs >= 10x Sync and >= 40x Async; at 256 envs within 20% of Rust-only.
 """
 
@@ -20,11 +22,13 @@ import subprocess
 import time
 from typing import Any
 
-import gymnasium as gym
-import numpy as np
-from gymnasium.vector import AsyncVectorEnv, SyncVectorEnv
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # before NumPy loads OpenBLAS
 
-import scopegym
+import gymnasium as gym  # noqa: E402
+import numpy as np  # noqa: E402
+from gymnasium.vector import AsyncVectorEnv, SyncVectorEnv  # noqa: E402
+
+import scopegym  # noqa: E402
 
 ENV_ID = "scopegym/StemDopantSteer-v0"
 BOND = 0.142  # nm, C-C
@@ -73,7 +77,7 @@ class NumpyDopantSteer(gym.Env[np.ndarray, np.ndarray]):
 
     def step(self, action: np.ndarray):
         a = np.clip(np.asarray(action, dtype=np.float32), -1, 1)
-        beam = self.si + 0.3 * a[:2]
+        beam = self.si + 0.12 * a[:2]  # ±1.2 Å, as the task
         dwell = 0.1 + (a[2] + 1) * 2.45
         n = self._neighbours()
         ideal = self.si + BEAM_OFFSET * (n - self.si) / BOND

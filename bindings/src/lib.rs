@@ -226,35 +226,37 @@ fn info_column<'py>(py: Python<'py>, col: &[Option<&InfoValue>]) -> PyResult<Bou
 }
 
 /// Infos in Gymnasium's vector form: `{key: array(num_envs), "_key": mask(num_envs)}`.
+///
+/// One pass over the envs: each entry goes to its key's column, found among the few keys seen
+/// so far (literal keys are the same `&'static str` in every env, so the pointer check
+/// usually settles it without comparing text).
 fn vector_infos<'py>(py: Python<'py>, infos: &[&Info]) -> PyResult<Bound<'py, PyDict>> {
     let d = PyDict::new(py);
     let n = infos.len();
-    let Some(first) = infos.first() else {
-        return Ok(d);
-    };
-    let same_keys = infos.iter().all(|i| i.keys().eq(first.keys()));
-    let (keys, columns): (Vec<&str>, Vec<Vec<Option<&InfoValue>>>) = if same_keys {
-        let mut cols: Vec<Vec<Option<&InfoValue>>> = vec![Vec::with_capacity(n); first.len()];
-        for info in infos {
-            for (c, v) in cols.iter_mut().zip(info.values()) {
-                c.push(Some(v));
-            }
+    let mut keys: Vec<&str> = Vec::new();
+    let mut columns: Vec<Vec<Option<&InfoValue>>> = Vec::new();
+    let same = |a: &str, b: &str| std::ptr::eq(a, b) || a == b;
+    for (i, info) in infos.iter().enumerate() {
+        for (k, v) in info.iter() {
+            let k: &str = k.as_ref();
+            let c = match keys.iter().position(|q| same(q, k)) {
+                Some(c) => c,
+                None => {
+                    keys.push(k);
+                    columns.push(vec![None; n]);
+                    columns.len() - 1
+                }
+            };
+            columns[c][i] = Some(v);
         }
-        (first.keys().map(|k| k.as_ref()).collect(), cols)
-    } else {
-        let keys: std::collections::BTreeSet<&str> = infos
-            .iter()
-            .flat_map(|i| i.keys().map(|k| k.as_ref()))
-            .collect();
-        let cols = keys
-            .iter()
-            .map(|k| infos.iter().map(|i| i.get(*k)).collect())
-            .collect();
-        (keys.into_iter().collect(), cols)
-    };
-    for (k, col) in keys.into_iter().zip(columns) {
+    }
+    // Sorted keys, as the engine's maps give them.
+    let mut order: Vec<usize> = (0..keys.len()).collect();
+    order.sort_by(|&a, &b| keys[a].cmp(keys[b]));
+    for c in order {
+        let (k, col) = (keys[c], &columns[c]);
         let mask: Vec<bool> = col.iter().map(Option::is_some).collect();
-        d.set_item(k, info_column(py, &col)?)?;
+        d.set_item(k, info_column(py, col)?)?;
         d.set_item(format!("_{k}"), PyArray1::from_vec(py, mask))?;
     }
     Ok(d)
@@ -421,6 +423,9 @@ impl NativeEnv {
 #[pyclass(module = "scopegym._native", frozen)]
 struct NativeVectorEnv {
     venv: Mutex<VectorEnv>,
+    /// The affine map `physical = (a + 1)·half + low` from normalized Box actions, per action
+    /// element (set by the Python layer when it exposes `[-1, 1]` actions).
+    scale: Mutex<Option<(Vec<f32>, Vec<f32>)>>,
     num_envs: usize,
     obs_len: usize,
     action_len: usize,
@@ -514,7 +519,42 @@ impl NativeVectorEnv {
             act_space: e.action_space().clone(),
             max_steps: e.max_episode_steps(),
             venv: Mutex::new(venv),
+            scale: Mutex::new(None),
         })
+    }
+
+    /// Maps the actions given to `step` from `[-1, 1]` to `(a + 1)·half + low` (float32, per
+    /// action element) before stepping; `None` takes actions as they are.
+    #[pyo3(signature = (low=None, half=None))]
+    fn set_action_scale<'py>(
+        &self,
+        py: Python<'py>,
+        low: Option<PyReadonlyArray1<'py, f32>>,
+        half: Option<PyReadonlyArray1<'py, f32>>,
+    ) -> PyResult<()> {
+        let scale = match (low, half) {
+            (Some(l), Some(h)) => {
+                let (l, h) = (l.as_slice()?.to_vec(), h.as_slice()?.to_vec());
+                if l.len() != self.action_len || h.len() != self.action_len {
+                    return Err(Failure::Env(EnvError::arg(
+                        "scale",
+                        format!("expected {} low and half values", self.action_len),
+                    ))
+                    .into_py(py));
+                }
+                Some((l, h))
+            }
+            (None, None) => None,
+            _ => {
+                return Err(Failure::Env(EnvError::arg(
+                    "scale",
+                    "give both low and half, or neither",
+                ))
+                .into_py(py));
+            }
+        };
+        *lock(&self.scale) = scale;
+        Ok(())
     }
 
     /// Number of envs.
@@ -573,7 +613,19 @@ impl NativeVectorEnv {
         actions: PyReadonlyArray2<'py, f32>,
     ) -> PyResult<StepResult<'py>> {
         let a = actions.as_slice()?;
-        self.run(py, |v, out| v.step_flat_into(a, out))
+        let scale = lock(&self.scale).clone();
+        match scale {
+            None => self.run(py, |v, out| v.step_flat_into(a, out)),
+            Some((low, half)) => {
+                let n = self.action_len.max(1);
+                let physical: Vec<f32> = a
+                    .iter()
+                    .enumerate()
+                    .map(|(k, &x)| (x + 1.0) * half[k % n] + low[k % n])
+                    .collect();
+                self.run(py, |v, out| v.step_flat_into(&physical, out))
+            }
+        }
     }
 
     /// Env `i`'s picture, `(H, W, 3)` uint8.

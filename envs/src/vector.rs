@@ -398,10 +398,13 @@ impl VectorEnv {
         }
         let mode = self.mode;
         self.for_each_slot(|i, s| {
-            let a = s
-                .env
-                .action_space()
-                .unflatten(&actions[i * len..(i + 1) * len], &format!("actions[{i}]"))?;
+            let flat = &actions[i * len..(i + 1) * len];
+            let space = s.env.action_space();
+            // The field name is formatted only for an error (this runs every step).
+            let a = match space.unflatten(flat, "actions") {
+                Ok(a) => a,
+                Err(_) => space.unflatten(flat, &format!("actions[{i}]"))?,
+            };
             step_slot(s, &a, mode)
         });
         Ok(())

@@ -66,6 +66,9 @@ class NativeVectorEnv:
     def action_space_json(self) -> str: ...
     @property
     def max_episode_steps(self) -> int: ...
+    def set_action_scale(
+        self, low: npt.NDArray[np.float32] | None = None, half: npt.NDArray[np.float32] | None = None
+    ) -> None: ...
     def reset(
         self, seed: int | None = None, mask: npt.NDArray[np.bool_] | None = None
     ) -> tuple[
