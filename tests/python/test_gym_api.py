@@ -20,7 +20,12 @@ STEER = "scopegym/StemDopantSteer-v0"
 
 
 def test_every_task_is_registered():
-    assert len(IDS) >= 7
+    nine = {
+        "StemAutofocus", "StemDopantSteer", "StemSparseScan", "StemEelsExplore",
+        "SpmTipConditioning", "SpmAtomManipulation", "PfmDomainWriting",
+        "PfmSpectroscopyExplore", "AfmFeedbackTuning",
+    }  # fmt: skip
+    assert set(IDS) == {f"scopegym/{n}-v0" for n in nine}
     for tid in IDS:
         assert tid in gym.registry
         assert gym.spec(tid).max_episode_steps is None  # the engine truncates; no second TimeLimit
