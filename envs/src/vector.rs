@@ -136,6 +136,11 @@ pub struct VectorEnv {
     pool: rayon::ThreadPool,
     obs_len: usize,
     action_len: usize,
+    /// Calls of [`VectorEnv::for_each_slot`] so far (every `PROBE_EVERY`-th runs in order on the
+    /// calling thread to time the work).
+    calls: u64,
+    /// Whether the last timed call's work was large enough to share among threads.
+    share: bool,
     obs: Vec<f32>,
     rewards: Vec<f64>,
     terminated: Vec<bool>,
@@ -195,6 +200,8 @@ impl VectorEnv {
             pool,
             obs_len,
             action_len: acts.flat_len(),
+            calls: 0,
+            share: true,
             obs: vec![0.0; n * obs_len],
             rewards: vec![0.0; n],
             terminated: vec![false; n],
@@ -354,15 +361,30 @@ impl VectorEnv {
 
     /// Runs `f` on every slot (in parallel on the pool, or in order on the calling thread when
     /// the pool has one thread: no hand-off cost), recording each slot's error in the slot.
+    ///
+    /// Handing work to the pool costs tens of microseconds on a small machine, more than a
+    /// whole step of a light task (StemDopantSteer: ~0.6 µs per env). So every
+    /// `PROBE_EVERY`-th call runs in order and is timed, and the calls until the next probe
+    /// share the envs among the threads only if that work exceeded `SHARE_MIN_WORK`. Each env
+    /// owns its state and random streams, so the results are the same either way.
     fn for_each_slot(&mut self, f: impl Fn(usize, &mut Slot) -> Result<()> + Sync + Send) {
         use rayon::prelude::*;
+        const PROBE_EVERY: u64 = 64;
+        const SHARE_MIN_WORK: std::time::Duration = std::time::Duration::from_micros(200);
         let run = |(i, s): (usize, &mut Slot)| {
             if let Err(e) = f(i, s) {
                 s.error = Some(e);
             }
         };
-        if self.pool.current_num_threads() == 1 {
+        let threads = self.pool.current_num_threads();
+        let probe = threads > 1 && self.calls % PROBE_EVERY == 0;
+        self.calls += 1;
+        if threads == 1 || probe || !self.share {
+            let start = probe.then(std::time::Instant::now);
             self.slots.iter_mut().enumerate().for_each(run);
+            if let Some(t) = start {
+                self.share = t.elapsed() > SHARE_MIN_WORK;
+            }
         } else {
             let slots = &mut self.slots;
             self.pool
