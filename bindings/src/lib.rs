@@ -236,19 +236,29 @@ fn vector_infos<'py>(py: Python<'py>, infos: &[&Info]) -> PyResult<Bound<'py, Py
     let mut keys: Vec<&str> = Vec::new();
     let mut columns: Vec<Vec<Option<&InfoValue>>> = Vec::new();
     let same = |a: &str, b: &str| std::ptr::eq(a, b) || a == b;
+    // Consecutive envs mostly carry the same keys in the same (sorted) order: try the column
+    // of the previous env's entry at the same place first.
+    let mut prev: Vec<usize> = Vec::new();
+    let mut cur: Vec<usize> = Vec::new();
     for (i, info) in infos.iter().enumerate() {
-        for (k, v) in info.iter() {
+        cur.clear();
+        for (j, (k, v)) in info.iter().enumerate() {
             let k: &str = k.as_ref();
-            let c = match keys.iter().position(|q| same(q, k)) {
-                Some(c) => c,
-                None => {
-                    keys.push(k);
-                    columns.push(vec![None; n]);
-                    columns.len() - 1
-                }
+            let c = match prev.get(j) {
+                Some(&c) if std::ptr::eq(keys[c], k) => c,
+                _ => match keys.iter().position(|q| same(q, k)) {
+                    Some(c) => c,
+                    None => {
+                        keys.push(k);
+                        columns.push(vec![None; n]);
+                        columns.len() - 1
+                    }
+                },
             };
             columns[c][i] = Some(v);
+            cur.push(c);
         }
+        std::mem::swap(&mut prev, &mut cur);
     }
     // Sorted keys, as the engine's maps give them.
     let mut order: Vec<usize> = (0..keys.len()).collect();

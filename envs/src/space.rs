@@ -216,6 +216,21 @@ impl Space {
         })
     }
 
+    /// [`Space::unflatten`] into `out`, reusing its buffer when `out` is already a Box (the
+    /// vector env decodes every step's actions this way without allocating).
+    pub fn unflatten_into(&self, flat: &[f32], field: &str, out: &mut Value) -> Result<()> {
+        if let (Self::Box { .. }, Value::Box(v)) = (self, &mut *out) {
+            if flat.len() != self.flat_len() {
+                return self.unflatten(flat, field).map(|_| ());
+            }
+            v.clear();
+            v.extend_from_slice(flat);
+            return Ok(());
+        }
+        *out = self.unflatten(flat, field)?;
+        Ok(())
+    }
+
     /// A uniformly random value (Box: uniform within finite bounds; a normal draw around the
     /// finite bound, or a standard normal, where a bound is infinite, as Gymnasium does).
     pub fn sample<R: Rng + ?Sized>(&self, rng: &mut R) -> Value {

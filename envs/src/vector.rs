@@ -113,6 +113,8 @@ struct Slot {
     info: Info,
     obs: Value,
     error: Option<EnvError>,
+    /// Scratch for the action decoded from flat numbers (its buffer is reused every step).
+    action: Value,
 }
 
 impl Slot {
@@ -194,6 +196,7 @@ impl VectorEnv {
                     info: Info::new(),
                     obs: Value::Box(Vec::new()),
                     error: None,
+                    action: Value::Box(Vec::new()),
                 })
                 .collect(),
             mode,
@@ -423,11 +426,13 @@ impl VectorEnv {
             let flat = &actions[i * len..(i + 1) * len];
             let space = s.env.action_space();
             // The field name is formatted only for an error (this runs every step).
-            let a = match space.unflatten(flat, "actions") {
-                Ok(a) => a,
-                Err(_) => space.unflatten(flat, &format!("actions[{i}]"))?,
-            };
-            step_slot(s, &a, mode)
+            let mut a = std::mem::replace(&mut s.action, Value::Discrete(0));
+            if space.unflatten_into(flat, "actions", &mut a).is_err() {
+                space.unflatten_into(flat, &format!("actions[{i}]"), &mut a)?;
+            }
+            let r = step_slot(s, &a, mode);
+            s.action = a;
+            r
         });
         Ok(())
     }
