@@ -185,7 +185,9 @@ fn info_dict<'py>(py: Python<'py>, info: &Info) -> PyResult<Bound<'py, PyDict>> 
 }
 
 /// One info key over all envs as a NumPy array (float64, int64 or bool when every present
-/// value has that type; object otherwise), absent entries 0 / False / None.
+/// value has that type; object otherwise), absent entries 0 / False / None. Numeric columns
+/// are copied into arrays NumPy allocates (`from_slice`), which is cheaper for these short
+/// columns than handing over the `Vec` (a container object per array).
 fn info_column<'py>(py: Python<'py>, col: &[Option<&InfoValue>]) -> PyResult<Bound<'py, PyAny>> {
     let present = || col.iter().flatten();
     if present().all(|v| matches!(v, InfoValue::F64(_))) {
@@ -196,7 +198,7 @@ fn info_column<'py>(py: Python<'py>, col: &[Option<&InfoValue>]) -> PyResult<Bou
                 _ => 0.0,
             })
             .collect();
-        return Ok(PyArray1::from_vec(py, v).into_any());
+        return Ok(PyArray1::from_slice(py, &v).into_any());
     }
     if present().all(|v| matches!(v, InfoValue::I64(_))) {
         let v: Vec<i64> = col
@@ -206,14 +208,14 @@ fn info_column<'py>(py: Python<'py>, col: &[Option<&InfoValue>]) -> PyResult<Bou
                 _ => 0,
             })
             .collect();
-        return Ok(PyArray1::from_vec(py, v).into_any());
+        return Ok(PyArray1::from_slice(py, &v).into_any());
     }
     if present().all(|v| matches!(v, InfoValue::Bool(_))) {
         let v: Vec<bool> = col
             .iter()
             .map(|v| matches!(v, Some(InfoValue::Bool(true))))
             .collect();
-        return Ok(PyArray1::from_vec(py, v).into_any());
+        return Ok(PyArray1::from_slice(py, &v).into_any());
     }
     let objs = col
         .iter()
@@ -267,7 +269,7 @@ fn vector_infos<'py>(py: Python<'py>, infos: &[&Info]) -> PyResult<Bound<'py, Py
         let (k, col) = (keys[c], &columns[c]);
         let mask: Vec<bool> = col.iter().map(Option::is_some).collect();
         d.set_item(k, info_column(py, col)?)?;
-        d.set_item(format!("_{k}"), PyArray1::from_vec(py, mask))?;
+        d.set_item(format!("_{k}"), PyArray1::from_slice(py, &mask))?;
     }
     Ok(d)
 }
