@@ -113,3 +113,31 @@ pub fn config_from_toml<C: DeserializeOwned + Default>(config: Option<&toml::Val
         }),
     }
 }
+
+/// Helpers the tasks' unit tests share.
+#[cfg(test)]
+pub(crate) mod testing {
+    use crate::env::{Info, InfoValue};
+    use crate::error::Result;
+
+    /// The float `info[key]` (panics when absent or not a float).
+    pub fn info_f64(info: &Info, key: &str) -> f64 {
+        match info.get(key) {
+            Some(InfoValue::F64(v)) => *v,
+            other => panic!("info[{key}]: expected a float, got {other:?}"),
+        }
+    }
+
+    /// Asserts that building a task from each TOML snippet fails with an error naming the
+    /// field.
+    pub fn assert_config_errors_name_fields<T: std::fmt::Debug>(
+        make: impl Fn(Option<&toml::Value>) -> Result<T>,
+        cases: &[(&str, &str)],
+    ) {
+        for (text, field) in cases {
+            let c: toml::Value = toml::from_str(text).unwrap();
+            let e = make(Some(&c)).unwrap_err().to_string();
+            assert!(e.contains(field), "{text}: {e}");
+        }
+    }
+}

@@ -705,30 +705,22 @@ mod tests {
     use super::*;
     use crate::env::{Env, TaskEnv};
 
-    fn f(info: &Info, k: &str) -> f64 {
-        match info.get(k) {
-            Some(InfoValue::F64(v)) => *v,
-            _ => panic!("no {k}"),
-        }
-    }
+    use crate::tasks::testing::{assert_config_errors_name_fields, info_f64 as f};
 
     #[test]
     fn bad_config_names_the_field() {
-        for (toml_text, field) in [
-            ("grid = 7", "grid"),
-            ("pixels = 8", "pixels"),
-            ("exposure = 0.0", "exposure"),
-            ("budget = 0", "budget"),
-            ("signal = [130.0, 99.0]", "signal"),
-            ("pre_edge = [80.0, 110.0]", "pre_edge"),
-            ("nope = 1", "nope"),
-        ] {
-            let c: toml::Value = toml::from_str(toml_text).unwrap();
-            let e = StemEelsExplore::from_config(Some(&c))
-                .unwrap_err()
-                .to_string();
-            assert!(e.contains(field), "{toml_text}: {e}");
-        }
+        assert_config_errors_name_fields(
+            StemEelsExplore::from_config,
+            &[
+                ("grid = 7", "grid"),
+                ("pixels = 8", "pixels"),
+                ("exposure = 0.0", "exposure"),
+                ("budget = 0", "budget"),
+                ("signal = [130.0, 99.0]", "signal"),
+                ("pre_edge = [80.0, 110.0]", "pre_edge"),
+                ("nope = 1", "nope"),
+            ],
+        );
     }
 
     #[test]

@@ -796,29 +796,21 @@ mod tests {
     use rand::Rng;
     use scopegym_physics::rng::seeded;
 
-    fn f(info: &Info, k: &str) -> f64 {
-        match info.get(k) {
-            Some(InfoValue::F64(v)) => *v,
-            _ => panic!("no {k}"),
-        }
-    }
+    use crate::tasks::testing::{assert_config_errors_name_fields, info_f64 as f};
 
     #[test]
     fn bad_config_names_the_field() {
-        for (toml_text, field) in [
-            ("tile = [8, 12]", "tile"),
-            ("tile = [8, 8]", "tile"),
-            ("pixels = 4", "pixels"),
-            ("budget_fraction = 0.0", "budget_fraction"),
-            ("dose_weight = -1.0", "dose_weight"),
-            ("nope = 1", "nope"),
-        ] {
-            let c: toml::Value = toml::from_str(toml_text).unwrap();
-            let e = StemSparseScan::from_config(Some(&c))
-                .unwrap_err()
-                .to_string();
-            assert!(e.contains(field), "{toml_text}: {e}");
-        }
+        assert_config_errors_name_fields(
+            StemSparseScan::from_config,
+            &[
+                ("tile = [8, 12]", "tile"),
+                ("tile = [8, 8]", "tile"),
+                ("pixels = 4", "pixels"),
+                ("budget_fraction = 0.0", "budget_fraction"),
+                ("dose_weight = -1.0", "dose_weight"),
+                ("nope = 1", "nope"),
+            ],
+        );
     }
 
     #[test]
