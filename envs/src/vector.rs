@@ -318,48 +318,40 @@ impl VectorEnv {
         out: Outputs<'_>,
     ) -> Result<()> {
         out.check(self.slots.len(), self.obs_len)?;
-        let all = vec![true; self.slots.len()];
-        let mask = mask.unwrap_or(&all);
-        if mask.len() != self.slots.len() {
-            return Err(EnvError::arg(
-                "mask",
-                format!("expected {} flags, got {}", self.slots.len(), mask.len()),
-            ));
-        }
-        self.for_each_slot(|i, s| {
-            if mask[i] {
-                s.reset(seed.map(|v| v.wrapping_add(i as u64)))?;
-            }
-            Ok(())
-        });
+        self.reset_slots(seed, mask)?;
         self.gather_into(out)
     }
 
     /// Resets every env; env `i` gets `seed + i` (or continues its stream when `None`).
     pub fn reset(&mut self, seed: Option<u64>) -> Result<()> {
-        let mask = vec![true; self.slots.len()];
-        self.reset_inner(seed, &mask)
+        self.reset_slots(seed, None)?;
+        self.gather()
     }
 
     /// Resets the envs where `mask` is true (for [`AutoReset::Disabled`]).
     pub fn reset_mask(&mut self, seed: Option<u64>, mask: &[bool]) -> Result<()> {
-        if mask.len() != self.slots.len() {
-            return Err(EnvError::arg(
-                "mask",
-                format!("expected {} flags, got {}", self.slots.len(), mask.len()),
-            ));
-        }
-        self.reset_inner(seed, mask)
+        self.reset_slots(seed, Some(mask))?;
+        self.gather()
     }
 
-    fn reset_inner(&mut self, seed: Option<u64>, mask: &[bool]) -> Result<()> {
+    /// Resets the envs where `mask` is true (every env when `None`), leaving the results in
+    /// the slots; env `i` gets `seed + i`.
+    fn reset_slots(&mut self, seed: Option<u64>, mask: Option<&[bool]>) -> Result<()> {
+        if let Some(m) = mask
+            && m.len() != self.slots.len()
+        {
+            return Err(EnvError::arg(
+                "mask",
+                format!("expected {} flags, got {}", self.slots.len(), m.len()),
+            ));
+        }
         self.for_each_slot(|i, s| {
-            if mask[i] {
+            if mask.is_none_or(|m| m[i]) {
                 s.reset(seed.map(|v| v.wrapping_add(i as u64)))?;
             }
             Ok(())
         });
-        self.gather()
+        Ok(())
     }
 
     /// Runs `f` on every slot (in parallel on the pool, or in order on the calling thread when
