@@ -153,20 +153,20 @@ struct Drawn {
 }
 
 impl DopantSimConfig {
-    /// The parameters in draw order: dotted name, distribution.
-    fn params(&self) -> [(&'static str, [f64; 3], bool); 19] {
-        fn p<D: crate::param::Dim>(x: &Param<D>) -> ([f64; 3], bool) {
-            let v = x.get();
+    /// The parameters in draw order: dotted name and distribution (units dropped: draws only
+    /// need the numbers).
+    fn params(&self) -> [(&'static str, Param<Unitless>); 19] {
+        fn p<D: crate::param::Dim>(x: &Param<D>) -> Param<Unitless> {
             match *x {
-                Param::Fixed(..) => ([0.0, v, v], true),
-                Param::Uniform(a, b, _) => ([1.0, a, b], false),
-                Param::Normal(a, b, _) => ([2.0, a, b], false),
-                Param::LogUniform(a, b, _) => ([3.0, a, b], false),
+                Param::Fixed(v, _) => Param::fixed(v),
+                Param::Uniform(a, b, _) => Param::uniform(a, b),
+                Param::Normal(a, b, _) => Param::Normal(a, b, Default::default()),
+                Param::LogUniform(a, b, _) => Param::LogUniform(a, b, Default::default()),
             }
         }
         macro_rules! list {
             ($($name:literal => $e:expr),* $(,)?) => {
-                [$({ let (d, f) = p(&$e); ($name, d, f) }),*]
+                [$(($name, p(&$e))),*]
             };
         }
         list![
@@ -195,14 +195,8 @@ impl DopantSimConfig {
     /// Draws every parameter (fixed ones give their value) and checks the drawn values.
     fn draw(&self, rng: &mut SimRng) -> Result<(Drawn, [f64; 19])> {
         let mut v = [0.0; 19];
-        for (k, (_, d, _)) in self.params().iter().enumerate() {
-            let x = match d[0] as u8 {
-                0 => d[1],
-                1 => Param::<Unitless>::uniform(d[1], d[2]).sample(rng),
-                2 => Param::<Unitless>::Normal(d[1], d[2], Default::default()).sample(rng),
-                _ => Param::<Unitless>::LogUniform(d[1], d[2], Default::default()).sample(rng),
-            };
-            v[k] = x;
+        for (k, (_, dist)) in self.params().iter().enumerate() {
+            v[k] = dist.sample(rng);
         }
         let d = Drawn {
             energy: v[0],
@@ -433,8 +427,8 @@ impl DopantSimulator {
             .params()
             .into_iter()
             .zip(self.values)
-            .filter(|((_, _, fixed), _)| !fixed)
-            .map(|((name, _, _), v)| (name, v))
+            .filter(|((_, dist), _)| !dist.is_fixed())
+            .map(|((name, _), v)| (name, v))
     }
 
     fn update_probe(&mut self) {
@@ -503,26 +497,11 @@ impl DopantSimulator {
         out.clear();
         let d = self.drift();
         let c = [center[0] - d[0], center[1] - d[1]];
-        // Cell indices of the centre: solve c = i a1 + j a2.
-        let det = self.a1[0] * self.a2[1] - self.a1[1] * self.a2[0];
-        let fi = (c[0] * self.a2[1] - c[1] * self.a2[0]) / det;
-        let fj = (self.a1[0] * c[1] - self.a1[1] * c[0]) / det;
-        let n = (2.0 * radius / self.p.a).ceil() as i64 + 2;
-        let (ci, cj) = (fi.round() as i64, fj.round() as i64);
-        for i in ci - n..=ci + n {
-            for j in cj - n..=cj + n {
-                for sub in 0..2 {
-                    let s = Site { i, j, sub };
-                    if self.present && s == self.site {
-                        continue;
-                    }
-                    let p = self.pos(s);
-                    if (p[0] - c[0]).hypot(p[1] - c[1]) <= radius {
-                        out.push([p[0] + d[0], p[1] + d[1]]);
-                    }
-                }
+        self.for_sites_near(c, radius, |s, p| {
+            if !(self.present && s == self.site) {
+                out.push([p[0] + d[0], p[1] + d[1]]);
             }
-        }
+        });
     }
 
     /// Probe intensity per area (1/m²) at offset `r2` (squared distance, m²) from its centre.
