@@ -25,7 +25,7 @@
 use crate::env::{Info, InfoValue, RgbImage, Task, TaskStep};
 use crate::error::{EnvError, Result};
 use crate::space::{Space, Value};
-use crate::tasks::{NewEpisode, config_from_toml};
+use crate::tasks::{NewEpisode, check_nonnegative, config_from_toml};
 use scopegym_physics::instrument::{ScanSettings, SpmInstrument};
 use scopegym_physics::param::Param;
 use scopegym_physics::spm::sim::{SpmConfig, SpmSimulator};
@@ -133,17 +133,13 @@ impl Config {
                 ),
             );
         }
-        for (f, v) in [
+        check_nonnegative(&[
             ("time_weight", self.time_weight),
             ("error_cap", self.error_cap),
             ("success_error", self.success_error),
             ("success_rate", self.success_rate),
             ("success_bonus", self.success_bonus),
-        ] {
-            if !(v.is_finite() && v >= 0.0) {
-                return bad(f, format!("must be finite and ≥ 0, got {v}"));
-            }
-        }
+        ])?;
         Ok(())
     }
 }

@@ -99,6 +99,28 @@ pub fn record_randomized<T: Serialize>(template: &T, resolved: &T, info: &mut In
     }
 }
 
+/// Checks that every `(field, value)` is finite and ≥ 0; the error names the first that is not.
+pub fn check_nonnegative(fields: &[(&str, f64)]) -> Result<()> {
+    match fields.iter().find(|(_, v)| !(v.is_finite() && *v >= 0.0)) {
+        Some((f, v)) => Err(EnvError::config(
+            *f,
+            format!("must be finite and ≥ 0, got {v}"),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Checks that every `(field, value)` is finite and > 0; the error names the first that is not.
+pub fn check_positive(fields: &[(&str, f64)]) -> Result<()> {
+    match fields.iter().find(|(_, v)| !(v.is_finite() && *v > 0.0)) {
+        Some((f, v)) => Err(EnvError::config(
+            *f,
+            format!("must be finite and > 0, got {v}"),
+        )),
+        None => Ok(()),
+    }
+}
+
 /// Reads a task config from optional TOML (missing keys take their defaults); an unknown key or
 /// a wrong type is an [`EnvError::InvalidConfig`] naming the key.
 pub fn config_from_toml<C: DeserializeOwned + Default>(config: Option<&toml::Value>) -> Result<C> {

@@ -26,7 +26,7 @@
 use crate::env::{Info, InfoValue, RgbImage, Task, TaskStep};
 use crate::error::{EnvError, Result};
 use crate::space::{Dtype, Space, Value};
-use crate::tasks::{NewEpisode, config_from_toml};
+use crate::tasks::{NewEpisode, check_nonnegative, config_from_toml};
 use rand::Rng;
 use scopegym_physics::instrument::{BiasWriting, ScanSettings, SpmInstrument, SpmMode};
 use scopegym_physics::param::Param;
@@ -160,16 +160,12 @@ impl Config {
                 format!("must be in [0, 1], got {}", self.success_iou),
             );
         }
-        for (f, v) in [
+        check_nonnegative(&[
             ("iou_scale", self.iou_scale),
             ("breakdown_penalty", self.breakdown_penalty),
             ("success_bonus", self.success_bonus),
             ("heuristic_radius", self.heuristic_radius),
-        ] {
-            if !(v.is_finite() && v >= 0.0) {
-                return bad(f, format!("must be finite and ≥ 0, got {v}"));
-            }
-        }
+        ])?;
         if !(lo..=hi).contains(&self.heuristic_bias) {
             return bad(
                 "heuristic_bias",

@@ -31,7 +31,7 @@
 use crate::env::{Info, InfoValue, RgbImage, Task, TaskStep};
 use crate::error::{EnvError, Result};
 use crate::space::{Space, Value};
-use crate::tasks::{NewEpisode, config_from_toml};
+use crate::tasks::{NewEpisode, check_nonnegative, check_positive, config_from_toml};
 use rand::Rng;
 use scopegym_physics::instrument::{LateralManipulation, ScanSettings, SpmInstrument, SpmMode};
 use scopegym_physics::param::Param;
@@ -178,23 +178,15 @@ impl Config {
                 ),
             );
         }
-        for (f, v) in [
+        check_positive(&[
             ("success_radius", self.success_radius),
             ("detect_height", self.detect_height),
             ("obs_clip", self.obs_clip),
-        ] {
-            if !(v.is_finite() && v > 0.0) {
-                return bad(f, format!("must be finite and > 0, got {v}"));
-            }
-        }
-        for (f, v) in [
+        ])?;
+        check_nonnegative(&[
             ("success_bonus", self.success_bonus),
             ("lost_penalty", self.lost_penalty),
-        ] {
-            if !(v.is_finite() && v >= 0.0) {
-                return bad(f, format!("must be finite and ≥ 0, got {v}"));
-            }
-        }
+        ])?;
         Ok(())
     }
 }

@@ -35,7 +35,7 @@
 use crate::env::{Info, InfoValue, RgbImage, Task, TaskStep};
 use crate::error::{EnvError, Result};
 use crate::space::{Space, Value};
-use crate::tasks::{NewEpisode, config_from_toml};
+use crate::tasks::{NewEpisode, check_nonnegative, check_positive, config_from_toml};
 use rand::Rng;
 use scopegym_physics::instrument::{ScanSettings, SpmInstrument, SpmMode, TipConditioning};
 use scopegym_physics::param::Param;
@@ -170,24 +170,16 @@ impl Config {
         if self.max_steps == 0 {
             return bad("max_steps", "must be at least 1".into());
         }
-        for (f, v) in [
+        check_positive(&[
             ("height_unit", self.height_unit),
             ("obs_clip", self.obs_clip),
             ("sharp_threshold", self.sharp_threshold),
             ("noise_threshold", self.noise_threshold),
-        ] {
-            if !(v.is_finite() && v > 0.0) {
-                return bad(f, format!("must be finite and > 0, got {v}"));
-            }
-        }
-        for (f, v) in [
+        ])?;
+        check_nonnegative(&[
             ("wear_weight", self.wear_weight),
             ("success_bonus", self.success_bonus),
-        ] {
-            if !(v.is_finite() && v >= 0.0) {
-                return bad(f, format!("must be finite and ≥ 0, got {v}"));
-            }
-        }
+        ])?;
         Ok(())
     }
 }

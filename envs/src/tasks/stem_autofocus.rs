@@ -27,7 +27,7 @@
 use crate::env::{Info, InfoValue, RgbImage, Task, TaskStep};
 use crate::error::{EnvError, Result};
 use crate::space::{Space, Value};
-use crate::tasks::{NewEpisode, config_from_toml};
+use crate::tasks::{NewEpisode, check_nonnegative, config_from_toml};
 use rand::Rng;
 use scopegym_physics::instrument::{ScanSettings, StemInstrument};
 use scopegym_physics::param::Param;
@@ -128,14 +128,10 @@ impl Config {
         if self.max_step <= 0.0 {
             return bad("max_step", "must be > 0".into());
         }
-        for (f, v) in [
+        check_nonnegative(&[
             ("dose_weight", self.dose_weight),
             ("success_bonus", self.success_bonus),
-        ] {
-            if !(v.is_finite() && v >= 0.0) {
-                return bad(f, format!("must be finite and ≥ 0, got {v}"));
-            }
-        }
+        ])?;
         Ok(())
     }
 }

@@ -38,7 +38,7 @@
 use crate::env::{Info, InfoValue, RgbImage, Task, TaskStep};
 use crate::error::{EnvError, Result};
 use crate::space::{Space, Value};
-use crate::tasks::{NewEpisode, config_from_toml};
+use crate::tasks::{NewEpisode, check_nonnegative, config_from_toml};
 use rand::Rng;
 use scopegym_physics::instrument::StemInstrument;
 use scopegym_physics::rng::{derive_seed, seeded};
@@ -214,15 +214,11 @@ impl Config {
                 format!("must lie in dwell_range, got {} s", self.heuristic_dwell),
             );
         }
-        for (f, v) in [
+        check_nonnegative(&[
             ("step_cost", self.step_cost),
             ("lost_penalty", self.lost_penalty),
             ("shaping", self.shaping),
-        ] {
-            if !(v.is_finite() && v >= 0.0) {
-                return bad(f, format!("must be finite and ≥ 0, got {v}"));
-            }
-        }
+        ])?;
         Ok(())
     }
 }

@@ -51,7 +51,7 @@
 use crate::env::{Info, InfoValue, RgbImage, Task, TaskStep};
 use crate::error::{EnvError, Result};
 use crate::space::{Space, Value};
-use crate::tasks::{NewEpisode, config_from_toml};
+use crate::tasks::{NewEpisode, check_nonnegative, config_from_toml};
 use scopegym_physics::constants::ELEMENTARY_CHARGE;
 use scopegym_physics::instrument::{ScanSettings, StemInstrument};
 use scopegym_physics::param::Param;
@@ -166,14 +166,10 @@ impl Config {
                 format!("must be in (0, 4], got {}", self.budget_fraction),
             );
         }
-        for (f, v) in [
+        check_nonnegative(&[
             ("reward_scale", self.reward_scale),
             ("dose_weight", self.dose_weight),
-        ] {
-            if !(v.is_finite() && v >= 0.0) {
-                return bad(f, format!("must be finite and ≥ 0, got {v}"));
-            }
-        }
+        ])?;
         Ok(())
     }
 
