@@ -516,8 +516,10 @@ impl NativeVectorEnv {
             }
         };
         let venv = native(py, || {
+            // The scenario file is read and the config merged once for all envs.
+            let cfg = build_config(config_json, scenario.as_deref())?;
             let envs = (0..num_envs)
-                .map(|_| make_env(env_id, config_json, scenario.as_deref()))
+                .map(|_| make(env_id, cfg.as_ref()))
                 .collect::<Result<Vec<_>, _>>()?;
             Ok(VectorEnv::new(envs, mode, threads)?)
         })?;
@@ -625,19 +627,15 @@ impl NativeVectorEnv {
         actions: PyReadonlyArray2<'py, f32>,
     ) -> PyResult<StepResult<'py>> {
         let a = actions.as_slice()?;
-        let scale = lock(&self.scale).clone();
-        match scale {
-            None => self.run(py, |v, out| v.step_flat_into(a, out)),
-            Some((low, half)) => {
-                let n = self.action_len.max(1);
-                let physical: Vec<f32> = a
-                    .iter()
-                    .enumerate()
-                    .map(|(k, &x)| (x + 1.0) * half[k % n] + low[k % n])
-                    .collect();
-                self.run(py, |v, out| v.step_flat_into(&physical, out))
-            }
-        }
+        let n = self.action_len.max(1);
+        let physical: Option<Vec<f32>> = lock(&self.scale).as_ref().map(|(low, half)| {
+            a.iter()
+                .enumerate()
+                .map(|(k, &x)| (x + 1.0) * half[k % n] + low[k % n])
+                .collect()
+        });
+        let a = physical.as_deref().unwrap_or(a);
+        self.run(py, |v, out| v.step_flat_into(a, out))
     }
 
     /// Env `i`'s picture, `(H, W, 3)` uint8.
