@@ -100,12 +100,18 @@ pub fn poisson<R: Rng + ?Sized>(rng: &mut R, lambda: f64) -> u32 {
 const LANES: usize = 32;
 
 /// `e^{-x}` for `x ∈ [0, 10]` in single precision, branch-free so that it vectorizes:
-/// `2^t` with `t = -x·log₂e` split into an integer and a fraction in [-½, ½], the fraction's power
-/// by a degree-7 Taylor series (relative error < 1e-6, set by the rounding of t).
+/// `2^t` with `t = -x·log₂e` split into the nearest integer and a fraction in [-½, ½], the
+/// fraction's power by a degree-7 Taylor series (relative error < 1e-6, set by the rounding of t).
 #[inline(always)]
 fn exp_neg_f32(x: f32) -> f32 {
+    /// 1.5 · 2²³: adding it rounds a float of magnitude below 2²² to an integer, which then
+    /// sits in the low mantissa bits (no float-to-int cast, whose saturation checks stop the
+    /// loop from vectorizing).
+    const ROUND: f32 = 12_582_912.0;
     let t = -x * std::f32::consts::LOG2_E;
-    let n = t.round();
+    let shifted = t + ROUND;
+    let n = shifted - ROUND;
+    let n_int = shifted.to_bits() as i32 - ROUND.to_bits() as i32;
     let f = (t - n) * std::f32::consts::LN_2;
     let mut p = 1.0 / 5040.0;
     p = p * f + 1.0 / 720.0;
@@ -115,7 +121,7 @@ fn exp_neg_f32(x: f32) -> f32 {
     p = p * f + 0.5;
     p = p * f + 1.0;
     p = p * f + 1.0;
-    let scale = f32::from_bits(((n as i32 + 127).max(0) as u32) << 23);
+    let scale = f32::from_bits(((n_int + 127).max(0) as u32) << 23);
     p * scale
 }
 
@@ -139,18 +145,22 @@ pub fn poisson_fill<R: Rng + ?Sized>(
         pair[0] = (r >> 40) as f32 * (1.0 / 16_777_216.0);
         pair[1] = ((r >> 8) & 0xFF_FFFF) as f32 * (1.0 / 16_777_216.0);
     }
-    inversion(&lambda[..n], &uniforms[..n], &mut out[..n]);
+    let large = inversion(&lambda[..n], &uniforms[..n], &mut out[..n]);
     // Means of 10 and more: exact scalar sampler, in order.
-    for (o, &v) in out[..n].iter_mut().zip(&lambda[..n]) {
-        if v >= 10.0 {
-            *o = poisson(rng, f64::from(v)) as f32;
+    if large {
+        for (o, &v) in out[..n].iter_mut().zip(&lambda[..n]) {
+            if v >= 10.0 {
+                *o = poisson(rng, f64::from(v)) as f32;
+            }
         }
     }
 }
 
-/// Inversion for means in (0, 10), 32 lanes at a time; other means give 0.
+/// Inversion for means in (0, 10), 32 lanes at a time; other means give 0. Returns whether any
+/// mean is 10 or more (those are left for the exact scalar sampler).
 #[multiversion::multiversion(targets("x86_64+avx2+fma"))]
-fn inversion(lambda: &[f32], uni: &[f32], out: &mut [f32]) {
+fn inversion(lambda: &[f32], uni: &[f32], out: &mut [f32]) -> bool {
+    let mut large = false;
     let mut lam = [0.0f32; LANES];
     let mut u = [0.0f32; LANES];
     for ((lc, uc), oc) in lambda
@@ -166,6 +176,7 @@ fn inversion(lambda: &[f32], uni: &[f32], out: &mut [f32]) {
         let mut cdf = [0.0f32; LANES];
         let mut counts = [0.0f32; LANES];
         for l in 0..LANES {
+            large |= lam[l] >= 10.0;
             // Means that are not small, negative or NaN run zero iterations.
             lam[l] = if lam[l] > 0.0 && lam[l] < 10.0 {
                 lam[l]
@@ -190,6 +201,7 @@ fn inversion(lambda: &[f32], uni: &[f32], out: &mut [f32]) {
         }
         oc.copy_from_slice(&counts[..m]);
     }
+    large
 }
 
 const INV_F32: [f32; 64] = {

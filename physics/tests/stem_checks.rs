@@ -133,6 +133,75 @@ fn si_over_c_column_ratio_is_z_ratio_to_the_n() {
     assert!(c > 1.0 && c < 100.0, "{c}");
 }
 
+/// A drift applied to the spectrum of the last render (`shift_ideal`) equals a fresh render at
+/// the drifted position: to FFT rounding for a whole-pixel shift (the bilinear splat then moves
+/// exactly); for half a pixel within 3.5 % of the peak, the blur of the fresh render's bilinear
+/// splat, which spreads an atom half a pixel off a pixel centre over two (the phase ramp shifts
+/// without blur). Shifts past a pixel are refused.
+#[test]
+fn spectral_shift_of_the_ideal_image_matches_a_fresh_render() {
+    let det = DetectorConfig::default();
+    let sigma = det.cross_sections();
+    let dx = 0.2e-10;
+    let spec = ProbeSpec {
+        aberrations: Aberrations {
+            c10: 2e-9,
+            c30: 123e-9,
+            c50: 0.55e-3,
+            ..Default::default()
+        },
+        ..unaberrated(60e3, 30e-3)
+    };
+    let mut pc = ProbeCalculator::new();
+    let mut kernel = Vec::new();
+    let side = pc.binned_probe(&spec, dx, 64.0 * dx, &mut kernel);
+    let specimen = SpecimenConfig {
+        crystal: Crystal::Graphene,
+        ..Default::default()
+    }
+    .build([1.2e-9, 1.2e-9], &mut scopegym_physics::rng::seeded(3))
+    .unwrap();
+    let atoms = &specimen.atoms;
+    let crop = |r: &HaadfRenderer| -> Vec<f64> {
+        let g = r.geometry().unwrap();
+        (0..g.rows)
+            .flat_map(|i| (0..g.cols).map(move |j| (i + g.margin) * g.pcols + j + g.margin))
+            .map(|k| f64::from(r.ideal[k]))
+            .collect()
+    };
+    let mut r = HaadfRenderer::default();
+    r.set_probe(&kernel, side, 64, 64, dx, 0.35e-10);
+    let mut fresh = HaadfRenderer::default();
+    fresh.set_probe(&kernel, side, 64, 64, dx, 0.35e-10);
+    assert!(
+        !r.shift_ideal([0.0, 0.0]),
+        "no spectrum before the first render"
+    );
+    r.render_ideal(atoms, &sigma, 2500.0, [0.0, 0.0], [0.0, 0.0])
+        .unwrap();
+    for (d, tol) in [([dx, -dx], 1e-4), ([0.5 * dx, 0.25 * dx], 0.035)] {
+        assert!(r.shift_ideal(d));
+        fresh
+            .render_ideal(atoms, &sigma, 2500.0, d, [0.0, 0.0])
+            .unwrap();
+        let (a, b) = (crop(&r), crop(&fresh));
+        let peak = b.iter().copied().fold(0.0, f64::max);
+        let dev = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f64::max);
+        assert!(
+            peak > 1.0 && dev < tol * peak,
+            "shift {d:?}: {dev} of {peak}"
+        );
+    }
+    assert!(
+        !r.shift_ideal([1.5 * dx, 0.0]),
+        "a shift past a pixel is refused"
+    );
+}
+
 fn quiet_config(pixels: usize) -> StemConfig {
     let mut cfg = StemConfig::default().without_scan_distortions();
     cfg.scan.pixels = [pixels, pixels];

@@ -132,6 +132,10 @@ fn resample_run(
     }
 }
 
+/// Largest drift (pixels, along each axis) that [`HaadfRenderer::shift_ideal`] applies to the
+/// last rendered spectrum instead of splatting and transforming again.
+pub const MAX_SPECTRAL_SHIFT: f64 = 1.0;
+
 /// Geometry of one frame on the padded simulation grid.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct FrameGeometry {
@@ -191,6 +195,15 @@ pub struct HaadfRenderer {
     transfer_x: Vec<f32>,
     splat: Vec<f32>,
     spec: Vec<Complex<f32>>,
+    /// Spectrum of the last splatted image convolved with the probe (transposed layout), kept
+    /// so that a drifted image is a phase ramp and one inverse transform away.
+    base_spec: Vec<Complex<f32>>,
+    /// Drift shift (m) the atoms of [`Self::base_spec`] were splatted with; `None` when there
+    /// is none for the installed probe.
+    base_shift: Option<[f64; 2]>,
+    /// Phase-ramp factors along the spectrum's columns (`kx`) and rows (`ky`).
+    ramp_x: Vec<Complex<f32>>,
+    ramp_y: Vec<Complex<f32>>,
     /// The ideal (undistorted, noiseless) expected counts on the padded grid.
     pub ideal: Vec<f32>,
     /// The last frame's expected counts along the distorted scan path, after gain and offset.
@@ -225,6 +238,7 @@ impl HaadfRenderer {
             self.fft = Some(Fft2::new(g.prows, g.pcols));
         }
         self.geom = Some(g);
+        self.base_shift = None;
         let fft = self.fft.as_mut().expect("planned above");
         let n = g.prows * g.pcols;
         self.splat.resize(n, 0.0);
@@ -232,6 +246,11 @@ impl HaadfRenderer {
         self.frame.resize(rows * cols, 0.0);
         self.noiseless.resize(rows * cols, 0.0);
         self.spec.resize(fft.spectrum_len(), Complex::new(0.0, 0.0));
+        self.base_spec
+            .resize(fft.spectrum_len(), Complex::new(0.0, 0.0));
+        // The phase ramps of `shift_ideal`, so no frame allocates.
+        self.ramp_x.reserve(g.pcols / 2 + 1);
+        self.ramp_y.reserve(g.prows);
         self.kernel_spec
             .resize(fft.spectrum_len(), Complex::new(0.0, 0.0));
         // Source blur and the 1/(N) normalization of the unnormalized inverse.
@@ -303,14 +322,75 @@ impl HaadfRenderer {
             self.splat[base + g.pcols] += w * (1.0 - fx) * fy;
             self.splat[base + g.pcols + 1] += w * fx * fy;
         }
-        fft.forward(&self.splat, &mut self.spec);
-        for (s, k) in self.spec.iter_mut().zip(&self.kernel_spec) {
-            *s *= *k;
+        fft.forward(&self.splat, &mut self.base_spec);
+        for ((b, s), k) in self
+            .base_spec
+            .iter_mut()
+            .zip(self.spec.iter_mut())
+            .zip(&self.kernel_spec)
+        {
+            *b *= *k;
+            *s = *b;
         }
+        self.base_shift = Some(shift);
         fft.inverse(&mut self.spec, &mut self.ideal);
         // FFT rounding can leave tiny negative values in empty regions.
         self.ideal.iter_mut().for_each(|v| *v = v.max(0.0));
         Ok(())
+    }
+
+    /// Re-forms the ideal image for a new drift `shift` (m) from the spectrum of the last
+    /// [`Self::render_ideal`], when the specimen moved by at most [`MAX_SPECTRAL_SHIFT`] pixels
+    /// along each axis since: the image moved by `d` is the spectrum times the phase ramp
+    /// `exp(−2πi (kx·dx/nx + ky·dy/ny))`, an exact band-limited shift, so only the inverse
+    /// transform is needed (no splat, no forward transform). Returns `false` (and changes
+    /// nothing) when there is no such spectrum or the shift is larger; render then.
+    ///
+    /// The shift moves the whole padded grid circularly; the margin keeps
+    /// `4 − MAX_SPECTRAL_SHIFT` pixels of slack beyond the frame for the scan distortions, as a
+    /// full render keeps 4.
+    pub fn shift_ideal(&mut self, shift: [f64; 2]) -> bool {
+        let (Some(g), Some(base)) = (self.geom, self.base_shift) else {
+            return false;
+        };
+        let d = [(shift[0] - base[0]) / g.dx, (shift[1] - base[1]) / g.dx];
+        if !(d[0].abs() <= MAX_SPECTRAL_SHIFT && d[1].abs() <= MAX_SPECTRAL_SHIFT) {
+            return false;
+        }
+        let Some(fft) = self.fft.as_mut() else {
+            return false;
+        };
+        let (ny, nx) = (g.prows, g.pcols);
+        let phase = |k: f64, n: usize, d: f64| {
+            let (s, c) = (-2.0 * PI * k * d / n as f64).sin_cos();
+            Complex::new(c as f32, s as f32)
+        };
+        self.ramp_x.clear();
+        self.ramp_x
+            .extend((0..nx / 2 + 1).map(|kx| phase(kx as f64, nx, d[0])));
+        self.ramp_y.clear();
+        self.ramp_y.extend((0..ny).map(|ky| {
+            let k = if ky <= ny / 2 {
+                ky as f64
+            } else {
+                ky as f64 - ny as f64
+            };
+            phase(k, ny, d[1])
+        }));
+        // Transposed layout: row kx holds every ky.
+        for ((col_s, col_b), &rx) in self
+            .spec
+            .chunks_exact_mut(ny)
+            .zip(self.base_spec.chunks_exact(ny))
+            .zip(&self.ramp_x)
+        {
+            for ((s, b), &ry) in col_s.iter_mut().zip(col_b).zip(&self.ramp_y) {
+                *s = *b * (rx * ry);
+            }
+        }
+        fft.inverse(&mut self.spec, &mut self.ideal);
+        self.ideal.iter_mut().for_each(|v| *v = v.max(0.0));
+        true
     }
 
     /// Samples the ideal image along the distorted scan path into `noiseless` and draws the
@@ -348,10 +428,13 @@ impl HaadfRenderer {
                 (u, v)
             };
             let out = &mut self.noiseless[i * cols..(i + 1) * cols];
+            // A segment's end is the next segment's start.
+            let mut start = pos(0, 0);
             for (seg, chunk) in out.chunks_mut(node).enumerate() {
                 let j0 = seg * node;
-                let (ua, va) = pos(j0, seg);
+                let (ua, va) = start;
                 let (ub, vb) = pos(j0 + node, seg + 1);
+                start = (ub, vb);
                 let (du, dv) = (
                     ((ub - ua) / node as f64) as f32,
                     ((vb - va) / node as f64) as f32,

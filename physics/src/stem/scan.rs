@@ -271,6 +271,7 @@ struct Component {
 }
 
 /// Dot product with four independent partial sums (no serial dependency on one accumulator).
+#[inline(always)]
 fn dot(a: &[f64], b: &[f64]) -> f64 {
     let mut acc = [0.0; 4];
     let (ca, cb) = (a.chunks_exact(4), b.chunks_exact(4));
@@ -285,11 +286,31 @@ fn dot(a: &[f64], b: &[f64]) -> f64 {
 }
 
 /// Rotates phasors `(s, c)` by angles given as `(sin, cos)` pairs, element-wise.
+#[inline(always)]
 fn rotate(s: &mut [f64], c: &mut [f64], ds: &[f64], dc: &[f64]) {
     for (((s, c), &ds), &dc) in s.iter_mut().zip(c.iter_mut()).zip(ds).zip(dc) {
         let ns = *s * dc + *c * ds;
         *c = *c * dc - *s * ds;
         *s = ns;
+    }
+}
+
+/// Evaluates the noise at every node, row after row (`nc` channels per axis,
+/// `nodes_per_row` nodes per row, `out.len() / nodes_per_row` rows), advancing the phasors.
+/// AVX2 is selected at run time; without FMA contraction the results are the same on every CPU.
+#[multiversion::multiversion(targets("x86_64+avx2"))]
+fn noise_rows(ph: &mut Phasors, nc: usize, nodes_per_row: usize, out: &mut [[f64; 2]]) {
+    for row in out.chunks_exact_mut(nodes_per_row) {
+        ph.s.copy_from_slice(&ph.row_s);
+        ph.c.copy_from_slice(&ph.row_c);
+        for o in row.iter_mut() {
+            *o = [
+                dot(&ph.amp[..nc], &ph.s[..nc]),
+                dot(&ph.amp[nc..], &ph.s[nc..]),
+            ];
+            rotate(&mut ph.s, &mut ph.c, &ph.ds, &ph.dc);
+        }
+        rotate(&mut ph.row_s, &mut ph.row_c, &ph.rs, &ph.rc);
     }
 }
 
@@ -471,19 +492,7 @@ impl Distortion {
                 ph.push(c.amp[ax], ds, dc, rs, rc, s0, c0);
             }
         }
-        for i in 0..rows {
-            ph.s.copy_from_slice(&ph.row_s);
-            ph.c.copy_from_slice(&ph.row_c);
-            let out = &mut self.noise_nodes[i * nodes_per_row..(i + 1) * nodes_per_row];
-            for o in out.iter_mut() {
-                *o = [
-                    dot(&ph.amp[..nc], &ph.s[..nc]),
-                    dot(&ph.amp[nc..], &ph.s[nc..]),
-                ];
-                rotate(&mut ph.s, &mut ph.c, &ph.ds, &ph.dc);
-            }
-            rotate(&mut ph.row_s, &mut ph.row_c, &ph.rs, &ph.rc);
-        }
+        noise_rows(ph, nc, nodes_per_row, &mut self.noise_nodes);
     }
 
     /// Number of noise nodes per row for a frame of `cols` columns and node spacing `node`.

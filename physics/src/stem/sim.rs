@@ -591,23 +591,24 @@ impl StemInstrument for StemSimulator {
         let epp = self.electrons(sc.dwell_time);
         let shift = self.drift.offset;
         // The ideal image depends on the specimen, the probe and the geometry; a rigid drift is
-        // applied when resampling, so it is re-rendered only when the specimen drifted by more
+        // applied when resampling, so it is re-formed only when the specimen drifted by more
         // than `RERENDER_DRIFT` pixels since (bilinear resampling of the cached image at such a
-        // small offset differs from a re-render by well under 1 % of the peak).
+        // small offset differs from a re-render by well under 1 % of the peak). A drift of up to
+        // a pixel from the last splat is applied as a phase ramp to its spectrum.
         let moved = (shift[0] - self.ideal_shift[0])
             .abs()
             .max((shift[1] - self.ideal_shift[1]).abs());
-        if !self.ideal_valid
-            || moved > RERENDER_DRIFT * sc.pixel_size
-            || epp != self.rendered_electrons
-        {
-            self.renderer.render_ideal(
-                &self.specimen.atoms,
-                &self.sigma_haadf,
-                epp,
-                shift,
-                sc.center,
-            )?;
+        let stale = !self.ideal_valid || epp != self.rendered_electrons;
+        if stale || moved > RERENDER_DRIFT * sc.pixel_size {
+            if stale || !self.renderer.shift_ideal(shift) {
+                self.renderer.render_ideal(
+                    &self.specimen.atoms,
+                    &self.sigma_haadf,
+                    epp,
+                    shift,
+                    sc.center,
+                )?;
+            }
             self.ideal_shift = shift;
             self.rendered_electrons = epp;
             self.ideal_valid = true;
