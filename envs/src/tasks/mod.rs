@@ -16,6 +16,7 @@ use crate::error::{EnvError, Result};
 use scopegym_physics::spm::sim::SpmSimulator;
 use scopegym_physics::stem::StemSimulator;
 use scopegym_physics::stem::dopant::DopantSimulator;
+use scopegym_physics::stem::lattice::LatticeSimulator;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -40,6 +41,14 @@ impl NewEpisode for DopantSimulator {
         for (name, v) in self.randomized() {
             info.insert(format!("param.{name}").into(), InfoValue::F64(v));
         }
+        Ok(())
+    }
+}
+
+impl NewEpisode for LatticeSimulator {
+    fn new_episode(&mut self, seed: u64, info: &mut Info) -> Result<()> {
+        self.reset(seed)?;
+        record_randomized(self.template(), self.config(), info);
         Ok(())
     }
 }

@@ -23,7 +23,7 @@
 //!   geometric blur of the aberrated cone: `σ² = σ₀² + α²(C10² + C12²)/4` (a uniform disc of
 //!   radius `α·C` has variance `(α·C)²/4` per axis).
 //! - **Images** (`acquire_frame`, `acquire_point`): HAADF counts `n_e · Σ_atoms σ_Z ρ(x − x_a)`
-//!   with `σ_Z = σ_C (Z/6)^n` ([`DetectorConfig`]-like `haadf_exponent`,
+//!   with `σ_Z = σ_C (Z/6)^n` (`DetectorConfig`-like `haadf_exponent`,
 //!   `carbon_cross_section`), Poisson shot noise. While a frame is scanned the hop chain runs
 //!   with the raster-averaged rates `Σ_pixels t_dwell · rate(pixel) / t_frame`.
 //!

@@ -10,7 +10,7 @@
 use crate::error::{PhysicsError, Result};
 use crate::param::Param;
 use crate::param::dims::{Area, Unitless};
-use crate::rng::{SimRng, normal, poisson_fill};
+use crate::rng::{PoissonScratch, SimRng, normal, poisson_fill};
 use crate::stem::fft2::Fft2;
 use crate::stem::optics::next_fast_len;
 use crate::stem::scan::Distortion;
@@ -211,7 +211,7 @@ pub struct HaadfRenderer {
     /// The last recorded frame.
     pub frame: Vec<f32>,
     /// Scratch for the noise sampler.
-    uniforms: Vec<f32>,
+    poisson: PoissonScratch,
 }
 
 impl HaadfRenderer {
@@ -489,7 +489,7 @@ impl HaadfRenderer {
                 &mut self.frame[i * cols..(i + 1) * cols],
             );
             if det.shot_noise {
-                poisson_fill(rng, lam, rec, &mut self.uniforms);
+                poisson_fill(rng, lam, rec, &mut self.poisson);
             } else {
                 rec.copy_from_slice(lam);
             }

@@ -5,6 +5,7 @@ pub mod dopant;
 pub mod eels;
 pub mod fft2;
 pub mod haadf;
+pub mod lattice;
 pub mod optics;
 pub mod scan;
 pub mod sim;

@@ -244,7 +244,8 @@ impl StemSimulator {
         Ok(sim)
     }
 
-    fn scan_from(cfg: &StemConfig) -> ScanSettings {
+    /// The scan settings a (resolved) configuration asks for.
+    pub(crate) fn scan_from(cfg: &StemConfig) -> ScanSettings {
         let s = &cfg.scan;
         let dx = s.pixel_size.get();
         let dwell = match &s.dose {

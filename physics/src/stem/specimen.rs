@@ -381,13 +381,14 @@ impl SpecimenConfig {
         Ok(Specimen { atoms, half_size })
     }
 
-    /// The perfect lattice, rotated by `rot`, clipped to the rectangle.
-    fn lattice(&self, a: f64, rot: f64, half: [f64; 2]) -> Result<Vec<Atom>> {
+    /// The crystal's projected unit cell with lattice constant `a` (m), rotated by `rot` (rad):
+    /// `None` for [`Crystal::None`].
+    pub fn unit_cell(&self, a: f64, rot: f64) -> Result<Option<UnitCell>> {
         let s3 = 3f64.sqrt();
         // Lattice vectors, basis (fractional coordinates, height, Z) per crystal.
         type Basis = Vec<([f64; 2], f64, u8)>;
         let (a1, a2, basis): ([f64; 2], [f64; 2], Basis) = match self.crystal {
-            Crystal::None => return Ok(Vec::new()),
+            Crystal::None => return Ok(None),
             Crystal::Graphene => (
                 [a, 0.0],
                 [0.5 * a, 0.5 * s3 * a],
@@ -443,7 +444,18 @@ impl SpecimenConfig {
         };
         let (c, s) = (rot.cos(), rot.sin());
         let r = |v: [f64; 2]| [c * v[0] - s * v[1], s * v[0] + c * v[1]];
-        let (a1, a2) = (r(a1), r(a2));
+        Ok(Some(UnitCell {
+            a1: r(a1),
+            a2: r(a2),
+            basis,
+        }))
+    }
+
+    /// The perfect lattice, rotated by `rot`, clipped to the rectangle.
+    fn lattice(&self, a: f64, rot: f64, half: [f64; 2]) -> Result<Vec<Atom>> {
+        let Some(UnitCell { a1, a2, basis }) = self.unit_cell(a, rot)? else {
+            return Ok(Vec::new());
+        };
         let reach = half[0].hypot(half[1]) + 2.0 * a;
         let det = a1[0] * a2[1] - a1[1] * a2[0];
         // Bound the index range by the reach in each lattice direction.
@@ -464,6 +476,40 @@ impl SpecimenConfig {
             }
         }
         Ok(atoms)
+    }
+}
+
+/// A projected crystal cell: lattice vectors (m, lab frame) and the atoms of one cell.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UnitCell {
+    /// First lattice vector, m.
+    pub a1: [f64; 2],
+    /// Second lattice vector, m.
+    pub a2: [f64; 2],
+    /// Atoms of the cell: fractional coordinates along `a1`, `a2`, height along the beam (m)
+    /// and atomic number.
+    pub basis: Vec<([f64; 2], f64, u8)>,
+}
+
+impl UnitCell {
+    /// Projected cell area, m².
+    pub fn area(&self) -> f64 {
+        (self.a1[0] * self.a2[1] - self.a1[1] * self.a2[0]).abs()
+    }
+
+    /// Reciprocal lattice vectors `(b1, b2)` with `a_i · b_j = δ_ij`, 1/m.
+    pub fn reciprocal(&self) -> ([f64; 2], [f64; 2]) {
+        let (a1, a2) = (self.a1, self.a2);
+        let det = a1[0] * a2[1] - a1[1] * a2[0];
+        ([a2[1] / det, -a2[0] / det], [-a1[1] / det, a1[0] / det])
+    }
+
+    /// Cartesian position (m) of a basis atom at fractional coordinates `f`.
+    pub fn position(&self, f: [f64; 2]) -> [f64; 2] {
+        [
+            f[0] * self.a1[0] + f[1] * self.a2[0],
+            f[0] * self.a1[1] + f[1] * self.a2[1],
+        ]
     }
 }
 
