@@ -176,17 +176,22 @@ pub fn poisson_fill<R: Rng + ?Sized>(
     }
     // Means in [10, 64): gathered, so each batch holds only long searches.
     let s = scratch;
-    s.mid_lambda.clear();
-    s.mid_uniform.clear();
-    s.mid_index.clear();
+    // Written at a running count into buffers of the full length (no per-element capacity
+    // check), then cut to the count.
+    s.mid_lambda.resize(n, 0.0);
+    s.mid_uniform.resize(n, 0.0);
+    s.mid_index.resize(n, 0);
+    let mut m = 0;
     for (i, (&v, &u)) in lambda.iter().zip(&s.uniforms[..n]).enumerate() {
-        if (10.0..MID_MAX).contains(&v) {
-            s.mid_lambda.push(v);
-            s.mid_uniform.push(u);
-            s.mid_index.push(i as u32);
-        }
+        s.mid_lambda[m] = v;
+        s.mid_uniform[m] = u;
+        s.mid_index[m] = i as u32;
+        m += usize::from((10.0..MID_MAX).contains(&v));
     }
-    s.mid_out.resize(s.mid_lambda.len(), 0.0);
+    s.mid_lambda.truncate(m);
+    s.mid_uniform.truncate(m);
+    s.mid_index.truncate(m);
+    s.mid_out.resize(m, 0.0);
     inversion(
         &s.mid_lambda,
         &s.mid_uniform,

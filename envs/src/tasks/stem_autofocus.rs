@@ -171,14 +171,24 @@ pub fn normalized_variance(values: &[f32]) -> f64 {
     if values.is_empty() {
         return 0.0;
     }
-    let mean = values.iter().map(|&v| f64::from(v)).sum::<f64>() / n;
-    let var = values
-        .iter()
-        .map(|&v| (f64::from(v) - mean).powi(2))
-        .sum::<f64>()
-        / n;
+    let mean = sum_by(values, |v| f64::from(v)) / n;
+    let var = sum_by(values, |v| (f64::from(v) - mean).powi(2)) / n;
     let s = var / (mean * mean);
     if mean > 0.0 && s.is_finite() { s } else { 0.0 }
+}
+
+/// `Σ f(v)` over `values` with eight partial sums (so the additions need not wait for each
+/// other).
+fn sum_by(values: &[f32], f: impl Fn(f32) -> f64) -> f64 {
+    let mut acc = [0.0f64; 8];
+    let chunks = values.chunks_exact(8);
+    let tail: f64 = chunks.remainder().iter().map(|&v| f(v)).sum();
+    for c in chunks {
+        for k in 0..8 {
+            acc[k] += f(c[k]);
+        }
+    }
+    acc.iter().sum::<f64>() + tail
 }
 
 /// The heuristic's coordinate-search state (settings relative to the episode start, nm).
@@ -248,14 +258,23 @@ impl<I: StemInstrument + NewEpisode + Send> StemAutofocus<I> {
         let f = self.inst.acquire_frame()?;
         let dose = f.meta.dose * 1e-20;
         let n = f.image.len().max(1) as f64;
-        let mean = f.image.iter().map(|&v| f64::from(v)).sum::<f64>() / n;
+        // A real driver may hand over a non-contiguous view; the simulators' are contiguous.
+        let owned;
+        let img = match f.image.as_slice() {
+            Some(s) => s,
+            None => {
+                owned = f.image.iter().copied().collect::<Vec<f32>>();
+                &owned
+            }
+        };
+        let mean = sum_by(img, f64::from) / n;
         let scale = if mean > 0.0 && mean.is_finite() {
             (1.0 / mean) as f32
         } else {
             0.0
         };
         self.last.clear();
-        self.last.extend(f.image.iter().map(|&v| {
+        self.last.extend(img.iter().map(|&v| {
             let x = v * scale;
             if x.is_finite() {
                 x.clamp(0.0, OBS_MAX)

@@ -92,7 +92,10 @@ pub struct LatticeSimulator {
     /// Probe-transform scratch: phasors along one axis and the row sums.
     ex_re: Vec<f32>,
     ex_im: Vec<f32>,
-    row_sums: Vec<[f64; 2]>,
+    ey_re: Vec<f32>,
+    ey_im: Vec<f32>,
+    /// Column sums of the probe transform (real parts, then imaginary parts).
+    col_acc: Vec<f32>,
     /// The probe intensity in single precision (its transform is summed in f32 lanes).
     intensity: Vec<f32>,
     noiseless: Vec<f32>,
@@ -133,7 +136,9 @@ impl LatticeSimulator {
             rows_coef: Vec::new(),
             ex_re: Vec::new(),
             ex_im: Vec::new(),
-            row_sums: Vec::new(),
+            ey_re: Vec::new(),
+            ey_im: Vec::new(),
+            col_acc: Vec::new(),
             intensity: Vec::new(),
             noiseless: Vec::new(),
             image: Vec::new(),
@@ -316,28 +321,29 @@ impl LatticeSimulator {
         let c = (n / 2) as f64;
         self.ex_re.resize(n, 0.0);
         self.ex_im.resize(n, 0.0);
-        self.row_sums.resize(n, [0.0; 2]);
+        self.ey_re.resize(n, 0.0);
+        self.ey_im.resize(n, 0.0);
+        self.col_acc.resize(2 * n, 0.0);
         for b in &mut self.beams {
-            // P̂(g) = Σ_{y,x} I[y][x] exp(−2πi g·((x − c), (y − c))·fdx): rows first.
+            // P̂(g) = Σ_{y,x} I[y][x] exp(−2πi g·((x − c), (y − c))·fdx).
             phasors(
                 -2.0 * PI * b.g[0] * fdx,
                 -c,
                 &mut self.ex_re,
                 &mut self.ex_im,
             );
-            row_transform(inten, &self.ex_re, &self.ex_im, &mut self.row_sums);
             phasors(
                 -2.0 * PI * b.g[1] * fdx,
                 -c,
-                &mut self.ex_re,
-                &mut self.ex_im,
+                &mut self.ey_re,
+                &mut self.ey_im,
             );
-            let (mut re, mut im) = (0.0, 0.0);
-            for ((r, &er), &ei) in self.row_sums.iter().zip(&self.ex_re).zip(&self.ex_im) {
-                let (er, ei) = (f64::from(er), f64::from(ei));
-                re += r[0] * er - r[1] * ei;
-                im += r[0] * ei + r[1] * er;
-            }
+            let [re, im] = probe_transform(
+                inten,
+                [&self.ex_re, &self.ex_im],
+                [&self.ey_re, &self.ey_im],
+                &mut self.col_acc,
+            );
             let g2 = b.g[0] * b.g[0] + b.g[1] * b.g[1];
             let t = (-2.0 * PI * PI * src * src * g2).exp();
             b.transfer = [re * t, im * t];
@@ -503,33 +509,29 @@ fn phasors(w: f64, x0: f64, re: &mut [f32], im: &mut [f32]) {
     }
 }
 
-/// `out[y] = Σ_x rows[y][x] · (re[x], im[x])` for the rows of `rows` (each `re.len()` long), in
-/// single precision lanes (AVX2 at run time) summed in f64.
+/// `Σ_{y,x} img[y][x] · ex[x] · ey[y]` for a square `n × n` image (`n = ex[0].len()`) and
+/// complex phasors `ex`, `ey` given as (re, im) parts: the image is first summed down its
+/// columns against `ey` (whole rows of single-precision lanes at a time, AVX2 at run time, no
+/// reduction per row), then the column sums against `ex` in f64. `acc` is scratch of `2n`.
 #[multiversion::multiversion(targets("x86_64+avx2"))]
-fn row_transform(rows: &[f32], re: &[f32], im: &[f32], out: &mut [[f64; 2]]) {
-    for (o, line) in out.iter_mut().zip(rows.chunks_exact(re.len())) {
-        *o = [dot(line, re), dot(line, im)];
-    }
-}
-
-/// Dot product in single precision with sixteen partial sums, so that it vectorizes; the sum of
-/// the partial sums is taken in f64.
-#[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f64 {
-    let mut acc = [0.0f32; 16];
-    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
-    let tail: f64 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(&x, &y)| f64::from(x) * f64::from(y))
-        .sum();
-    for (x, y) in ca.zip(cb) {
-        for k in 0..16 {
-            acc[k] += x[k] * y[k];
+fn probe_transform(img: &[f32], ex: [&[f32]; 2], ey: [&[f32]; 2], acc: &mut [f32]) -> [f64; 2] {
+    let n = ex[0].len();
+    let (cr, ci) = acc[..2 * n].split_at_mut(n);
+    cr.fill(0.0);
+    ci.fill(0.0);
+    for ((line, &yr), &yi) in img.chunks_exact(n).zip(ey[0]).zip(ey[1]) {
+        for ((r, i), &v) in cr.iter_mut().zip(ci.iter_mut()).zip(line) {
+            *r += v * yr;
+            *i += v * yi;
         }
     }
-    acc.iter().map(|&v| f64::from(v)).sum::<f64>() + tail
+    let (mut re, mut im) = (0.0f64, 0.0f64);
+    for (((&r, &i), &xr), &xi) in cr.iter().zip(ci.iter()).zip(ex[0]).zip(ex[1]) {
+        let (r, i, xr, xi) = (f64::from(r), f64::from(i), f64::from(xr), f64::from(xi));
+        re += r * xr - i * xi;
+        im += r * xi + i * xr;
+    }
+    [re, im]
 }
 
 impl StemInstrument for LatticeSimulator {
