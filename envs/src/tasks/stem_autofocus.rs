@@ -171,7 +171,7 @@ pub fn normalized_variance(values: &[f32]) -> f64 {
     if values.is_empty() {
         return 0.0;
     }
-    let mean = sum_by(values, |v| f64::from(v)) / n;
+    let mean = sum_by(values, f64::from) / n;
     let var = sum_by(values, |v| (f64::from(v) - mean).powi(2)) / n;
     let s = var / (mean * mean);
     if mean > 0.0 && s.is_finite() { s } else { 0.0 }
