@@ -126,12 +126,11 @@ fn exp_neg_f32(x: f32) -> f32 {
     p * scale
 }
 
-/// Largest mean (exclusive) of the second, gathered inversion pass of [`poisson_fill`].
+/// Largest mean (exclusive) that [`poisson_fill`] draws by batched inversion.
 const MID_MAX: f32 = 64.0;
-/// Terms of that pass: the mean plus twelve standard deviations at the largest mean.
-const MID_TERMS: usize = 160;
-/// Terms of the first pass (means below 10).
-const SMALL_TERMS: usize = 48;
+/// Terms of the inversion search: the mean plus twelve standard deviations at the largest mean
+/// (searches end as soon as every lane of a batch has found its count).
+const TERMS: usize = 160;
 
 /// Reusable buffers of [`poisson_fill`] (after the first call of a given length it allocates
 /// nothing).
@@ -146,11 +145,13 @@ pub struct PoissonScratch {
 
 /// Draws Poisson counts for every mean in `lambda` into `out` (as `f32`).
 ///
-/// Every mean gets one 24-bit uniform, drawn first in order. Means below 10 are then drawn by
+/// Every mean gets one 24-bit uniform, drawn first in order. Means below 64 are then drawn by
 /// inversion (sequential search `P(k) = P(k−1)·λ/k`) 32 at a time in single precision, four AVX2
 /// vectors whose dependent multiply-add chains overlap, branch-free so that the compiler
-/// vectorizes it (AVX2 selected at run time); means in [10, 64) are gathered and drawn the same
-/// way in a second pass, so that small means do not wait for the long searches of large ones.
+/// vectorizes it (AVX2 selected at run time). When fewer than a quarter of the means lie in
+/// [10, 64), those are gathered into batches of their own after the small ones, so that small
+/// means do not wait for their long searches; a count depends only on its mean and uniform,
+/// however the batches are formed.
 /// Single precision resolves the probabilities to about 1e-5 of their size at a mean of 64 (6e-8
 /// below 10), far below what any detector statistic can see. Means of 64 and more, and the
 /// rare search that runs out of terms, use the exact scalar [`poisson`] (PTRS), in order,
@@ -171,36 +172,44 @@ pub fn poisson_fill<R: Rng + ?Sized>(
         pair[0] = (r >> 40) as f32 * (1.0 / 16_777_216.0);
         pair[1] = ((r >> 8) & 0xFF_FFFF) as f32 * (1.0 / 16_777_216.0);
     }
-    if !inversion(lambda, &uniforms[..n], out, 10.0, SMALL_TERMS) {
-        return;
-    }
-    // Means in [10, 64): gathered, so each batch holds only long searches.
-    let s = scratch;
-    // Written at a running count into buffers of the full length (no per-element capacity
-    // check), then cut to the count.
-    s.mid_lambda.resize(n, 0.0);
-    s.mid_uniform.resize(n, 0.0);
-    s.mid_index.resize(n, 0);
-    let mut m = 0;
-    for (i, (&v, &u)) in lambda.iter().zip(&s.uniforms[..n]).enumerate() {
-        s.mid_lambda[m] = v;
-        s.mid_uniform[m] = u;
-        s.mid_index[m] = i as u32;
-        m += usize::from((10.0..MID_MAX).contains(&v));
-    }
-    s.mid_lambda.truncate(m);
-    s.mid_uniform.truncate(m);
-    s.mid_index.truncate(m);
-    s.mid_out.resize(m, 0.0);
-    inversion(
-        &s.mid_lambda,
-        &s.mid_uniform,
-        &mut s.mid_out,
-        MID_MAX,
-        MID_TERMS,
-    );
-    for (&i, &c) in s.mid_index.iter().zip(&s.mid_out) {
-        out[i as usize] = c;
+    let mid = lambda
+        .iter()
+        .filter(|&&v| (10.0..MID_MAX).contains(&v))
+        .count();
+    if 4 * mid >= n {
+        // Mostly means in [10, 64): one pass over everything (the few small means wait).
+        if !inversion(lambda, &uniforms[..n], out, MID_MAX, TERMS) {
+            return;
+        }
+    } else {
+        let more = inversion(lambda, &uniforms[..n], out, 10.0, TERMS);
+        if mid > 0 {
+            // The means in [10, 64), gathered, so each batch holds only long searches.
+            let s = &mut *scratch;
+            s.mid_lambda.clear();
+            s.mid_uniform.clear();
+            s.mid_index.clear();
+            for (i, (&v, &u)) in lambda.iter().zip(&s.uniforms[..n]).enumerate() {
+                if (10.0..MID_MAX).contains(&v) {
+                    s.mid_lambda.push(v);
+                    s.mid_uniform.push(u);
+                    s.mid_index.push(i as u32);
+                }
+            }
+            s.mid_out.resize(mid, 0.0);
+            inversion(
+                &s.mid_lambda,
+                &s.mid_uniform,
+                &mut s.mid_out,
+                MID_MAX,
+                TERMS,
+            );
+            for (&i, &c) in s.mid_index.iter().zip(&s.mid_out) {
+                out[i as usize] = c;
+            }
+        } else if !more {
+            return;
+        }
     }
     // Large means and unfinished searches (marked -1): the exact scalar sampler, in order.
     for (o, &v) in out.iter_mut().zip(lambda) {
@@ -230,7 +239,7 @@ fn inversion(lambda: &[f32], uni: &[f32], out: &mut [f32], max_mean: f32, terms:
         u[..m].copy_from_slice(uc);
         let mut p = [0.0f32; LANES];
         let mut cdf = [0.0f32; LANES];
-        let mut counts = [0.0f32; LANES];
+        let mut counts = [0i32; LANES];
         for l in 0..LANES {
             more_work |= lam[l] >= max_mean;
             // Means that are out of range, negative or NaN run zero iterations.
@@ -242,34 +251,40 @@ fn inversion(lambda: &[f32], uni: &[f32], out: &mut [f32], max_mean: f32, terms:
             p[l] = exp_neg_f32(lam[l]);
             cdf[l] = if lam[l] > 0.0 { p[l] } else { 2.0 };
         }
-        for &inv in inv {
+        // Terms four at a time, then a check whether any lane still searches (a lane whose
+        // search ended counts nothing more: its cdf only grows).
+        for block in inv.chunks(4) {
+            for &inv in block {
+                for l in 0..LANES {
+                    counts[l] += i32::from(u[l] >= cdf[l]);
+                    p[l] *= lam[l] * inv;
+                    cdf[l] += p[l];
+                }
+            }
             let mut any = false;
             for l in 0..LANES {
-                let more = u[l] >= cdf[l];
-                any |= more;
-                counts[l] += if more { 1.0 } else { 0.0 };
-                p[l] *= lam[l] * inv;
-                cdf[l] += p[l];
+                any |= u[l] >= cdf[l];
             }
             if !any {
                 break;
             }
         }
+        let mut res = [0.0f32; LANES];
         for l in 0..LANES {
             let unfinished = u[l] >= cdf[l];
             more_work |= unfinished;
-            counts[l] = if unfinished { -1.0 } else { counts[l] };
+            res[l] = if unfinished { -1.0 } else { counts[l] as f32 };
         }
-        oc.copy_from_slice(&counts[..m]);
+        oc.copy_from_slice(&res[..m]);
     }
     more_work
 }
 
-/// 1/k in single precision for k ≤ [`MID_TERMS`] (entry 0 unused).
-const INV_F32: [f32; MID_TERMS + 1] = {
-    let mut t = [0.0; MID_TERMS + 1];
+/// 1/k in single precision for k ≤ [`TERMS`] (entry 0 unused).
+const INV_F32: [f32; TERMS + 1] = {
+    let mut t = [0.0; TERMS + 1];
     let mut k = 1;
-    while k <= MID_TERMS {
+    while k <= TERMS {
         t[k] = 1.0 / k as f32;
         k += 1;
     }
@@ -442,6 +457,29 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn a_count_does_not_depend_on_how_the_batches_are_formed() {
+        // The same 100 leading means and uniforms, followed once by small means (the means in
+        // [10, 64) are gathered) and once by mid-range ones (one pass over everything).
+        let head: Vec<f32> = (0..100)
+            .map(|i| [3.0, 40.0, 0.5, 20.0, 63.0][i % 5])
+            .collect();
+        let run = |tail: f32| {
+            let mut means = head.clone();
+            means.extend(std::iter::repeat_n(tail, 900));
+            let mut out = vec![0.0f32; means.len()];
+            poisson_fill(
+                &mut seeded(9),
+                &means,
+                &mut out,
+                &mut PoissonScratch::default(),
+            );
+            out.truncate(100);
+            out
+        };
+        assert_eq!(run(2.0), run(30.0));
     }
 
     #[test]

@@ -422,24 +422,14 @@ impl LatticeSimulator {
         }
         let mean = (scale * self.s0) as f32;
         self.noiseless.resize(rows * cols, 0.0);
-        for i in 0..rows {
-            let out = &mut self.noiseless[i * cols..(i + 1) * cols];
-            out.fill(mean);
-            for (k, (c0, row_step, step, a)) in self.rows_coef.iter_mut().enumerate() {
-                if i % 64 == 0 {
-                    *a = cmul(*c0, cis(*row_step * i as f64));
-                }
-                add_real_part(
-                    out,
-                    [a[0] as f32, a[1] as f32],
-                    &self.col_re[k * cols..(k + 1) * cols],
-                    &self.col_im[k * cols..(k + 1) * cols],
-                );
-                *a = cmul(*a, *step);
-            }
-            // Rounding can leave tiny negatives where the image is dark.
-            out.iter_mut().for_each(|x| *x = x.max(0.0));
-        }
+        synthesize_rows(
+            &mut self.noiseless,
+            cols,
+            mean,
+            &mut self.rows_coef,
+            &self.col_re,
+            &self.col_im,
+        );
     }
 
     /// Counts, gain, offset, read noise and salt from `noiseless` into `image`.
@@ -477,11 +467,37 @@ impl LatticeSimulator {
     }
 }
 
-/// `out[j] += a_re·re[j] − a_im·im[j]`, the real part of `a·(re + i·im)` (AVX2 at run time).
+/// Fills the rows of `out` (`cols` wide): `mean + Σ_beams Re(a_k(i) · col_k[j])`, with the row
+/// coefficient `a_k(i) = c0_k · step_k^i` advanced by recurrence (re-anchored every 64 rows) and
+/// the column phasors `col_k` (`col_re`, `col_im`, beams × cols). Clipped at 0. One call per
+/// frame, AVX2 selected at run time.
 #[multiversion::multiversion(targets("x86_64+avx2"))]
-fn add_real_part(out: &mut [f32], a: [f32; 2], re: &[f32], im: &[f32]) {
-    for ((o, &r), &i) in out.iter_mut().zip(re).zip(im) {
-        *o += a[0] * r - a[1] * i;
+fn synthesize_rows(
+    out: &mut [f32],
+    cols: usize,
+    mean: f32,
+    coef: &mut [RowCoef],
+    col_re: &[f32],
+    col_im: &[f32],
+) {
+    for (i, row) in out.chunks_exact_mut(cols).enumerate() {
+        row.fill(mean);
+        for (k, (c0, row_step, step, a)) in coef.iter_mut().enumerate() {
+            if i % 64 == 0 {
+                *a = cmul(*c0, cis(*row_step * i as f64));
+            }
+            let (ar, ai) = (a[0] as f32, a[1] as f32);
+            let (re, im) = (
+                &col_re[k * cols..(k + 1) * cols],
+                &col_im[k * cols..(k + 1) * cols],
+            );
+            for ((o, &r), &m) in row.iter_mut().zip(re).zip(im) {
+                *o += ar * r - ai * m;
+            }
+            *a = cmul(*a, *step);
+        }
+        // Rounding can leave tiny negatives where the image is dark.
+        row.iter_mut().for_each(|x| *x = x.max(0.0));
     }
 }
 
