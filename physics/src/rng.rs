@@ -186,9 +186,14 @@ pub fn poisson_fill<R: Rng + ?Sized>(
         if mid > 0 {
             // The means in [10, 64), gathered, so each batch holds only long searches.
             let s = &mut *scratch;
+            // Room for every mean, so that later calls of this length allocate nothing.
             s.mid_lambda.clear();
+            s.mid_lambda.reserve(n);
             s.mid_uniform.clear();
+            s.mid_uniform.reserve(n);
             s.mid_index.clear();
+            s.mid_index.reserve(n);
+            s.mid_out.reserve(n);
             for (i, (&v, &u)) in lambda.iter().zip(&s.uniforms[..n]).enumerate() {
                 if (10.0..MID_MAX).contains(&v) {
                     s.mid_lambda.push(v);
