@@ -83,23 +83,30 @@ fn defocus_broadens_the_probe_and_the_binned_kernel_sums_to_one() {
     assert!((k.iter().sum::<f64>() - 1.0).abs() < 1e-9);
 }
 
-#[test]
-fn si_over_c_column_ratio_is_z_ratio_to_the_n() {
-    let det = DetectorConfig::default();
-    let n = det.haadf_exponent.get();
-    let sigma = det.cross_sections();
-    let dx = 0.2e-10;
+/// The binned probe kernel (and its side) at 60 kV and 30 mrad with the default C30 and C50 and
+/// defocus `c10` (m), on pixels of `dx` (m), at most `max_side` pixels across.
+fn binned_kernel(c10: f64, dx: f64, max_side: usize) -> (Vec<f64>, usize) {
     let spec = ProbeSpec {
         aberrations: Aberrations {
+            c10,
             c30: 123e-9,
             c50: 0.55e-3,
             ..Default::default()
         },
         ..unaberrated(60e3, 30e-3)
     };
-    let mut pc = ProbeCalculator::new();
     let mut kernel = Vec::new();
-    let side = pc.binned_probe(&spec, dx, 128.0 * dx, &mut kernel);
+    let side = ProbeCalculator::new().binned_probe(&spec, dx, max_side as f64 * dx, &mut kernel);
+    (kernel, side)
+}
+
+#[test]
+fn si_over_c_column_ratio_is_z_ratio_to_the_n() {
+    let det = DetectorConfig::default();
+    let n = det.haadf_exponent.get();
+    let sigma = det.cross_sections();
+    let dx = 0.2e-10;
+    let (kernel, side) = binned_kernel(0.0, dx, 128);
     let mut r = HaadfRenderer::default();
     r.set_probe(&kernel, side, 128, 128, dx, 0.35e-10);
     // Two isolated atoms 2 nm apart, both exactly on pixel centres (same sampling of the probe).
@@ -143,18 +150,7 @@ fn spectral_shift_of_the_ideal_image_matches_a_fresh_render() {
     let det = DetectorConfig::default();
     let sigma = det.cross_sections();
     let dx = 0.2e-10;
-    let spec = ProbeSpec {
-        aberrations: Aberrations {
-            c10: 2e-9,
-            c30: 123e-9,
-            c50: 0.55e-3,
-            ..Default::default()
-        },
-        ..unaberrated(60e3, 30e-3)
-    };
-    let mut pc = ProbeCalculator::new();
-    let mut kernel = Vec::new();
-    let side = pc.binned_probe(&spec, dx, 64.0 * dx, &mut kernel);
+    let (kernel, side) = binned_kernel(2e-9, dx, 64);
     let specimen = SpecimenConfig {
         crystal: Crystal::Graphene,
         ..Default::default()

@@ -37,7 +37,7 @@ use crate::instrument::{
 use crate::param::resolve;
 use crate::rng::{PoissonScratch, SimRng, derive_seed, normal, poisson, poisson_fill, seeded};
 use crate::stem::optics::{Aberrations, ProbeCalculator, ProbeSpec, electron_wavelength};
-use crate::stem::sim::{StemConfig, StemSimulator};
+use crate::stem::sim::{StemConfig, StemSimulator, check_scan_request};
 use ndarray::ArrayView2;
 use rand::Rng;
 use std::f64::consts::PI;
@@ -576,17 +576,7 @@ impl StemInstrument for LatticeSimulator {
     }
 
     fn configure_scan(&mut self, request: &ScanSettings) -> Result<ScanSettings> {
-        let mut s = self.cfg.scan.clone();
-        s.pixels = [request.rows, request.cols];
-        s.pixel_size = crate::param::Param::fixed(request.pixel_size);
-        s.dwell_time = crate::param::Param::fixed(request.dwell_time);
-        s.flyback_time = crate::param::Param::fixed(request.flyback_time);
-        s.center = [
-            crate::param::Param::fixed(request.center[0]),
-            crate::param::Param::fixed(request.center[1]),
-        ];
-        s.dose = None;
-        s.validate("scan.")?;
+        check_scan_request(&self.cfg, request)?;
         if request.pixel_size != self.scan.pixel_size {
             self.probe_dirty = true;
         }

@@ -536,6 +536,22 @@ impl StemSimulator {
     }
 }
 
+/// Checks requested scan settings against the limits of a scan configuration (the other
+/// settings of `cfg.scan` kept), naming the field (`scan.pixels`, `scan.dwell_time`, ...).
+pub(crate) fn check_scan_request(cfg: &StemConfig, request: &ScanSettings) -> Result<()> {
+    let mut s = cfg.scan.clone();
+    s.pixels = [request.rows, request.cols];
+    s.pixel_size = Param::fixed(request.pixel_size);
+    s.dwell_time = Param::fixed(request.dwell_time);
+    s.flyback_time = Param::fixed(request.flyback_time);
+    s.center = [
+        Param::fixed(request.center[0]),
+        Param::fixed(request.center[1]),
+    ];
+    s.dose = None;
+    s.validate("scan.")
+}
+
 impl StemInstrument for StemSimulator {
     fn info(&self) -> InstrumentInfo {
         InstrumentInfo {
@@ -562,17 +578,7 @@ impl StemInstrument for StemSimulator {
     }
 
     fn configure_scan(&mut self, request: &ScanSettings) -> Result<ScanSettings> {
-        let mut s = self.cfg.scan.clone();
-        s.pixels = [request.rows, request.cols];
-        s.pixel_size = Param::fixed(request.pixel_size);
-        s.dwell_time = Param::fixed(request.dwell_time);
-        s.flyback_time = Param::fixed(request.flyback_time);
-        s.center = [
-            Param::fixed(request.center[0]),
-            Param::fixed(request.center[1]),
-        ];
-        s.dose = None;
-        s.validate("scan.")?;
+        check_scan_request(&self.cfg, request)?;
         if (request.rows, request.cols, request.pixel_size)
             != (self.scan.rows, self.scan.cols, self.scan.pixel_size)
         {
