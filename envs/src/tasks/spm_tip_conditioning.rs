@@ -42,7 +42,7 @@ use scopegym_physics::param::Param;
 use scopegym_physics::rng::{SimRng, seeded};
 use scopegym_physics::spm::sim::{SpmConfig, SpmSimulator};
 use scopegym_physics::spm::surface::SurfaceKind;
-use scopegym_physics::spm::tip::{Conditioning, feature_sharpness};
+use scopegym_physics::spm::tip::{Conditioning, feature_sharpness, median_filter_3x3};
 use serde::{Deserialize, Serialize};
 
 /// Number of actions: stall, 6 pulses, 6 dips, move.
@@ -211,27 +211,16 @@ pub fn frame_stats(img: &[f32], n: usize) -> FrameStats {
     }
     let view = ndarray::ArrayView2::from_shape((n, n), img).ok();
     let sharpness = view.map_or(0.0, feature_sharpness);
+    let mut med = vec![0.0f32; n * n];
+    median_filter_3x3(img, n, &mut med);
     let mut lo = f64::MAX;
     let mut hi = f64::MIN;
     let mut sq = 0.0;
-    let mut win = [0.0f32; 9];
-    let mut med = vec![0.0f32; n * n];
-    for i in 0..n {
-        for j in 0..n {
-            let mut k = 0;
-            for di in [i.saturating_sub(1), i, (i + 1).min(n - 1)] {
-                for dj in [j.saturating_sub(1), j, (j + 1).min(n - 1)] {
-                    win[k] = img[di * n + dj];
-                    k += 1;
-                }
-            }
-            win.sort_by(f32::total_cmp);
-            med[i * n + j] = win[4];
-            let m = f64::from(win[4]);
-            lo = lo.min(m);
-            hi = hi.max(m);
-            sq += (f64::from(img[i * n + j]) - m).powi(2);
-        }
+    for (&v, &m) in img.iter().zip(&med) {
+        let m = f64::from(m);
+        lo = lo.min(m);
+        hi = hi.max(m);
+        sq += (f64::from(v) - m).powi(2);
     }
     // Blobs: strict maxima over a 7×7 window, at least 0.4 units high and 3 pixels from the
     // edge; their area above half the peak within 5 pixels.

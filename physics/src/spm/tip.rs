@@ -953,6 +953,69 @@ fn draw_second(cfg: &TipConfig, rng: &mut SimRng) -> SecondApex {
     }
 }
 
+/// 3×3 median filter of a row-major image `cols` wide (edges repeat the border pixels) into
+/// `out` (the same size). Each median comes from a fixed network of 19 compare-exchanges, so
+/// values must be ordered (finite floats).
+pub fn median_filter_3x3<T: Copy + PartialOrd>(img: &[T], cols: usize, out: &mut [T]) {
+    if cols == 0 {
+        return;
+    }
+    let rows = img.len() / cols;
+    for i in 0..rows {
+        let rs = [i.saturating_sub(1), i, (i + 1).min(rows - 1)];
+        for j in 0..cols {
+            let cs = [j.saturating_sub(1), j, (j + 1).min(cols - 1)];
+            let w: [T; 9] = std::array::from_fn(|k| img[rs[k / 3] * cols + cs[k % 3]]);
+            out[i * cols + j] = median9(w);
+        }
+    }
+}
+
+/// The median of nine ordered values by a fixed network of 19 compare-exchanges (on locals, so
+/// it compiles to branch-free min/max selects).
+#[inline]
+pub fn median9<T: Copy + PartialOrd>(p: [T; 9]) -> T {
+    #[inline(always)]
+    fn cx<T: Copy + PartialOrd>(a: &mut T, b: &mut T) {
+        let (x, y) = (*a, *b);
+        let swap = x > y;
+        *a = if swap { y } else { x };
+        *b = if swap { x } else { y };
+    }
+    let [
+        mut p0,
+        mut p1,
+        mut p2,
+        mut p3,
+        mut p4,
+        mut p5,
+        mut p6,
+        mut p7,
+        mut p8,
+    ] = p;
+    cx(&mut p1, &mut p2);
+    cx(&mut p4, &mut p5);
+    cx(&mut p7, &mut p8);
+    cx(&mut p0, &mut p1);
+    cx(&mut p3, &mut p4);
+    cx(&mut p6, &mut p7);
+    cx(&mut p1, &mut p2);
+    cx(&mut p4, &mut p5);
+    cx(&mut p7, &mut p8);
+    cx(&mut p0, &mut p3);
+    cx(&mut p5, &mut p8);
+    cx(&mut p4, &mut p7);
+    cx(&mut p3, &mut p6);
+    cx(&mut p1, &mut p4);
+    cx(&mut p2, &mut p5);
+    cx(&mut p4, &mut p7);
+    cx(&mut p4, &mut p2);
+    cx(&mut p6, &mut p4);
+    cx(&mut p4, &mut p2);
+    let _ = (p0, p1, p3, p5, p6, p7, p8);
+    p4
+}
+
 /// A noise-robust sharpness statistic: the inverse apparent feature width, in 1/pixel,
 /// estimated from the image autocorrelation at lags 1 and 2 (never lag 0, where white noise
 /// lives). Each row is first levelled by its median (standard SPM line flattening, which also
@@ -975,8 +1038,7 @@ pub fn feature_sharpness(image: ArrayView2<'_, f32>) -> f64 {
     for (i, row) in image.rows().into_iter().enumerate() {
         buf.clear();
         buf.extend(row.iter().map(|&v| f64::from(v)));
-        buf.sort_by(f64::total_cmp);
-        let med = buf[cols / 2];
+        let (_, &mut med, _) = buf.select_nth_unstable_by(cols / 2, f64::total_cmp);
         for (j, &v) in row.iter().enumerate() {
             lev[[i, j]] = f64::from(v) - med;
         }
@@ -984,20 +1046,11 @@ pub fn feature_sharpness(image: ArrayView2<'_, f32>) -> f64 {
     // A 3×3 median removes single-line glitches and most white noise, keeps features wider
     // than a pixel.
     let mut med = ndarray::Array2::<f64>::zeros((rows, cols));
-    let mut win = [0.0f64; 9];
-    for i in 0..rows {
-        for j in 0..cols {
-            let mut k = 0;
-            for di in [i.saturating_sub(1), i, (i + 1).min(rows - 1)] {
-                for dj in [j.saturating_sub(1), j, (j + 1).min(cols - 1)] {
-                    win[k] = lev[[di, dj]];
-                    k += 1;
-                }
-            }
-            win.sort_by(f64::total_cmp);
-            med[[i, j]] = win[4];
-        }
-    }
+    median_filter_3x3(
+        lev.as_slice().expect("standard layout"),
+        cols,
+        med.as_slice_mut().expect("standard layout"),
+    );
     let centred = |mut a: ndarray::Array2<f64>| {
         let mean = a.mean().unwrap_or(0.0);
         a.mapv_inplace(|v| v - mean);
@@ -1081,6 +1134,23 @@ pub fn sharpness(image: ArrayView2<'_, f32>) -> f64 {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_median_network_equals_the_middle_of_the_sorted_values() {
+        use rand::Rng;
+        let mut rng = crate::rng::seeded(4);
+        for _ in 0..20_000 {
+            // Few distinct values, so ties are common too.
+            let w: [f32; 9] = std::array::from_fn(|_| (rng.random::<u32>() % 7) as f32 - 3.0);
+            let mut s = w;
+            s.sort_by(f32::total_cmp);
+            assert_eq!(super::median9(w), s[4], "{w:?}");
+            let w: [f64; 9] = std::array::from_fn(|_| rng.random::<f64>());
+            let mut s = w;
+            s.sort_by(f64::total_cmp);
+            assert_eq!(super::median9(w), s[4], "{w:?}");
+        }
+    }
+
     #[test]
     fn feature_sharpness_measures_width_and_ignores_white_noise() {
         use crate::rng::{normal, seeded};
