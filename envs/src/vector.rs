@@ -131,18 +131,35 @@ impl Slot {
     }
 }
 
+/// Work per [`VectorEnv::run_slots_into`] call (thread time, nanoseconds) from which the envs
+/// are shared among the threads: waking the pool and handing out the blocks costs a few
+/// microseconds, so sharing work much smaller than this gains little or loses.
+const SHARE_MIN_WORK_NS: u64 = 50_000;
+
+/// How long the calling thread waits awake for the others to finish their blocks.
+const SPIN_MAX: std::time::Duration = std::time::Duration::from_micros(500);
+
+/// Contiguous blocks of envs per thread when shared.
+const SHARE_BLOCKS: usize = 2;
+
+/// Nanoseconds since `start` (saturating; a call never takes 584 years).
+fn nanos(start: std::time::Instant) -> u64 {
+    u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX)
+}
+
 /// N environments stepped together.
 pub struct VectorEnv {
     slots: Vec<Slot>,
     mode: AutoReset,
-    pool: rayon::ThreadPool,
+    /// Threads stepping the envs, the calling one included.
+    threads: usize,
+    /// The `threads - 1` threads helping the calling one (`None` for one thread).
+    pool: Option<rayon::ThreadPool>,
     obs_len: usize,
     action_len: usize,
-    /// Calls of [`VectorEnv::for_each_slot`] so far (every `PROBE_EVERY`-th runs in order on the
-    /// calling thread to time the work).
-    calls: u64,
-    /// Whether the last timed call's work was large enough to share among threads.
-    share: bool,
+    /// Work of the last [`VectorEnv::run_slots_into`] call, nanoseconds of thread time (the
+    /// next call shares the envs among the threads if it reached `SHARE_MIN_WORK_NS`).
+    work_ns: u64,
     obs: Vec<f32>,
     rewards: Vec<f64>,
     terminated: Vec<bool>,
@@ -154,7 +171,7 @@ impl std::fmt::Debug for VectorEnv {
         f.debug_struct("VectorEnv")
             .field("num_envs", &self.slots.len())
             .field("mode", &self.mode)
-            .field("threads", &self.pool.current_num_threads())
+            .field("threads", &self.threads)
             .finish()
     }
 }
@@ -178,10 +195,15 @@ impl VectorEnv {
         if threads == 0 {
             return Err(EnvError::arg("threads", "must be at least 1"));
         }
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()
-            .map_err(|e| EnvError::arg("threads", e.to_string()))?;
+        let pool = if threads > 1 {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads - 1)
+                .build()
+                .map_err(|e| EnvError::arg("threads", e.to_string()))?;
+            Some(pool)
+        } else {
+            None
+        };
         let n = envs.len();
         let obs_len = os.flat_len();
         Ok(Self {
@@ -200,11 +222,11 @@ impl VectorEnv {
                 })
                 .collect(),
             mode,
+            threads,
             pool,
             obs_len,
             action_len: acts.flat_len(),
-            calls: 0,
-            share: true,
+            work_ns: u64::MAX,
             obs: vec![0.0; n * obs_len],
             rewards: vec![0.0; n],
             terminated: vec![false; n],
@@ -262,40 +284,165 @@ impl VectorEnv {
         self.slots.iter().map(|s| &s.info).collect()
     }
 
-    /// Copies the slots' results into the buffers; returns the first env error (every slot's
-    /// error is cleared, and the buffers hold the last good values of failed envs).
-    fn gather(&mut self) -> Result<()> {
+    /// Runs `f` on every slot and copies the slots' results into `out` (this env's own
+    /// buffers when `None`, already checked by [`Outputs::check`] otherwise); returns the first
+    /// env error (every slot's error is cleared, and the buffers hold the last good values of
+    /// failed envs).
+    fn run_slots(
+        &mut self,
+        f: impl Fn(usize, &mut Slot) -> Result<()> + Sync + Send,
+        out: Option<Outputs<'_>>,
+    ) -> Result<()> {
+        if let Some(out) = out {
+            return self.run_slots_into(f, out);
+        }
         let mut obs = std::mem::take(&mut self.obs);
         let mut rewards = std::mem::take(&mut self.rewards);
         let mut terminated = std::mem::take(&mut self.terminated);
         let mut truncated = std::mem::take(&mut self.truncated);
-        let res = self.gather_into(Outputs {
-            obs: &mut obs,
-            rewards: &mut rewards,
-            terminated: &mut terminated,
-            truncated: &mut truncated,
-        });
+        let res = self.run_slots_into(
+            f,
+            Outputs {
+                obs: &mut obs,
+                rewards: &mut rewards,
+                terminated: &mut terminated,
+                truncated: &mut truncated,
+            },
+        );
         (self.obs, self.rewards, self.terminated, self.truncated) =
             (obs, rewards, terminated, truncated);
         res
     }
 
-    /// Copies the slots' results into `out` (already checked by [`Outputs::check`]); returns
-    /// the first env error (every slot's error is cleared).
-    fn gather_into(&mut self, out: Outputs<'_>) -> Result<()> {
+    /// Runs `f` on every slot (in parallel on the pool, or in order on the calling thread when
+    /// the pool has one thread: no hand-off cost) and copies each slot's results into its rows
+    /// of `out` on the same thread (the slots stay in that thread's cache).
+    ///
+    /// Handing work to the pool costs microseconds (waking the workers), more than a whole
+    /// step of a light task with few envs (StemDopantSteer: ~0.6 µs per env). So every call
+    /// times its work (the sum over the threads' blocks when shared), and the next call shares
+    /// the envs among the threads only if that work reached `SHARE_MIN_WORK_NS`. Shared, the
+    /// envs go out in contiguous blocks, `SHARE_BLOCKS` per thread: few enough that a block
+    /// costs one timer read and one hand-off, enough that a thread left with cheap envs
+    /// (steps) takes blocks from one held up by costly ones (resets). Each env owns its state
+    /// and random streams, so the results are the same either way.
+    fn run_slots_into(
+        &mut self,
+        f: impl Fn(usize, &mut Slot) -> Result<()> + Sync + Send,
+        out: Outputs<'_>,
+    ) -> Result<()> {
+        use std::sync::Mutex;
+        use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+        use std::time::Instant;
+        let obs_len = self.obs_len;
+        let failed = AtomicBool::new(false);
+        let run_block = |first: usize, block: &mut [Slot], out: Outputs<'_>| {
+            for (k, s) in block.iter_mut().enumerate() {
+                if let Err(e) = f(first + k, s) {
+                    s.error = Some(e);
+                }
+                if s.error.is_some() {
+                    failed.store(true, Ordering::Relaxed);
+                    continue;
+                }
+                flatten_into(&s.obs, &mut out.obs[k * obs_len..(k + 1) * obs_len]);
+                out.rewards[k] = s.reward;
+                out.terminated[k] = s.terminated;
+                out.truncated[k] = s.truncated;
+            }
+        };
+        let n = self.slots.len();
+        let pool = match &self.pool {
+            Some(pool) if n > 1 && self.work_ns >= SHARE_MIN_WORK_NS => pool,
+            Some(_) if n > 1 => {
+                let start = Instant::now();
+                run_block(0, &mut self.slots, out);
+                self.work_ns = nanos(start);
+                return self.take_errors(failed.into_inner());
+            }
+            _ => {
+                run_block(0, &mut self.slots, out);
+                return self.take_errors(failed.into_inner());
+            }
+        };
+        // The calling thread is member 0, the pool's threads the others; member `p` runs its
+        // own blocks `p * per..(p + 1) * per` in order (the same envs each call, so they stay
+        // in its cache), then takes what is left of the others'.
+        let (members, per) = (self.threads, SHARE_BLOCKS);
+        let len = n.div_ceil(members * per);
+        let mut blocks = Vec::with_capacity(n.div_ceil(len));
+        let (mut slots, mut rest) = (&mut self.slots[..], out);
+        while !slots.is_empty() {
+            let (first, k) = (n - slots.len(), len.min(slots.len()));
+            let (s, s_rest) = slots.split_at_mut(k);
+            let (o, o_rest) = rest.obs.split_at_mut(k * obs_len);
+            let (r, r_rest) = rest.rewards.split_at_mut(k);
+            let (te, te_rest) = rest.terminated.split_at_mut(k);
+            let (tr, tr_rest) = rest.truncated.split_at_mut(k);
+            let block = Outputs {
+                obs: o,
+                rewards: r,
+                terminated: te,
+                truncated: tr,
+            };
+            blocks.push(Mutex::new(Some((first, s, block))));
+            slots = s_rest;
+            rest = Outputs {
+                obs: o_rest,
+                rewards: r_rest,
+                terminated: te_rest,
+                truncated: tr_rest,
+            };
+        }
+        let next: Vec<AtomicUsize> = (0..members).map(|_| AtomicUsize::new(0)).collect();
+        let (work, done) = (AtomicU64::new(0), AtomicUsize::new(0));
+        let member = |p: usize| {
+            let mut busy = 0;
+            for q in (0..members).map(|k| (p + k) % members) {
+                loop {
+                    let j = next[q].fetch_add(1, Ordering::Relaxed);
+                    let Some(cell) = blocks.get(q * per + j).filter(|_| j < per) else {
+                        break;
+                    };
+                    let taken = cell.lock().ok().and_then(|mut c| c.take());
+                    if let Some((first, block, out)) = taken {
+                        let start = Instant::now();
+                        run_block(first, block, out);
+                        busy += nanos(start);
+                    }
+                }
+            }
+            work.fetch_add(busy, Ordering::Relaxed);
+            done.fetch_add(1, Ordering::Release);
+        };
+        let member = &member;
+        pool.in_place_scope(|scope| {
+            for p in 1..members {
+                scope.spawn(move |_| member(p));
+            }
+            member(0);
+            // The others are finishing their last blocks: wait for them awake (for at most
+            // `SPIN_MAX`), since sleeping means being woken, which costs tens of microseconds.
+            let start = Instant::now();
+            while done.load(Ordering::Acquire) < members && start.elapsed() < SPIN_MAX {
+                std::hint::spin_loop();
+            }
+        });
+        self.work_ns = work.into_inner();
+        self.take_errors(failed.into_inner())
+    }
+
+    /// After a call where some env failed (`failed`), clears every slot's error and returns
+    /// the first.
+    fn take_errors(&mut self, failed: bool) -> Result<()> {
+        if !failed {
+            return Ok(());
+        }
         let mut first = None;
-        for (i, s) in self.slots.iter_mut().enumerate() {
+        for s in &mut self.slots {
             if let Some(e) = s.error.take() {
                 first.get_or_insert(e);
-                continue;
             }
-            flatten_into(
-                &s.obs,
-                &mut out.obs[i * self.obs_len..(i + 1) * self.obs_len],
-            );
-            out.rewards[i] = s.reward;
-            out.terminated[i] = s.terminated;
-            out.truncated[i] = s.truncated;
         }
         first.map_or(Ok(()), Err)
     }
@@ -305,8 +452,7 @@ impl VectorEnv {
     /// buffers, which keep the values of the last call without `_into`.
     pub fn step_flat_into(&mut self, actions: &[f32], out: Outputs<'_>) -> Result<()> {
         out.check(self.slots.len(), self.obs_len)?;
-        self.step_flat_inner(actions)?;
-        self.gather_into(out)
+        self.step_flat_inner(actions, Some(out))
     }
 
     /// Like [`VectorEnv::reset_mask`] (`mask` `None`: every env), writing into `out`; envs
@@ -318,25 +464,27 @@ impl VectorEnv {
         out: Outputs<'_>,
     ) -> Result<()> {
         out.check(self.slots.len(), self.obs_len)?;
-        self.reset_slots(seed, mask)?;
-        self.gather_into(out)
+        self.reset_slots(seed, mask, Some(out))
     }
 
     /// Resets every env; env `i` gets `seed + i` (or continues its stream when `None`).
     pub fn reset(&mut self, seed: Option<u64>) -> Result<()> {
-        self.reset_slots(seed, None)?;
-        self.gather()
+        self.reset_slots(seed, None, None)
     }
 
     /// Resets the envs where `mask` is true (for [`AutoReset::Disabled`]).
     pub fn reset_mask(&mut self, seed: Option<u64>, mask: &[bool]) -> Result<()> {
-        self.reset_slots(seed, Some(mask))?;
-        self.gather()
+        self.reset_slots(seed, Some(mask), None)
     }
 
-    /// Resets the envs where `mask` is true (every env when `None`), leaving the results in
-    /// the slots; env `i` gets `seed + i`.
-    fn reset_slots(&mut self, seed: Option<u64>, mask: Option<&[bool]>) -> Result<()> {
+    /// Resets the envs where `mask` is true (every env when `None`), env `i` with `seed + i`,
+    /// and copies every env's results into `out` (this env's buffers when `None`).
+    fn reset_slots(
+        &mut self,
+        seed: Option<u64>,
+        mask: Option<&[bool]>,
+        out: Option<Outputs<'_>>,
+    ) -> Result<()> {
         if let Some(m) = mask
             && m.len() != self.slots.len()
         {
@@ -345,46 +493,15 @@ impl VectorEnv {
                 format!("expected {} flags, got {}", self.slots.len(), m.len()),
             ));
         }
-        self.for_each_slot(|i, s| {
-            if mask.is_none_or(|m| m[i]) {
-                s.reset(seed.map(|v| v.wrapping_add(i as u64)))?;
-            }
-            Ok(())
-        });
-        Ok(())
-    }
-
-    /// Runs `f` on every slot (in parallel on the pool, or in order on the calling thread when
-    /// the pool has one thread: no hand-off cost), recording each slot's error in the slot.
-    ///
-    /// Handing work to the pool costs tens of microseconds on a small machine, more than a
-    /// whole step of a light task (StemDopantSteer: ~0.6 µs per env). So every
-    /// `PROBE_EVERY`-th call runs in order and is timed, and the calls until the next probe
-    /// share the envs among the threads only if that work exceeded `SHARE_MIN_WORK`. Each env
-    /// owns its state and random streams, so the results are the same either way.
-    fn for_each_slot(&mut self, f: impl Fn(usize, &mut Slot) -> Result<()> + Sync + Send) {
-        use rayon::prelude::*;
-        const PROBE_EVERY: u64 = 64;
-        const SHARE_MIN_WORK: std::time::Duration = std::time::Duration::from_micros(200);
-        let run = |(i, s): (usize, &mut Slot)| {
-            if let Err(e) = f(i, s) {
-                s.error = Some(e);
-            }
-        };
-        let threads = self.pool.current_num_threads();
-        let probe = threads > 1 && self.calls % PROBE_EVERY == 0;
-        self.calls += 1;
-        if threads == 1 || probe || !self.share {
-            let start = probe.then(std::time::Instant::now);
-            self.slots.iter_mut().enumerate().for_each(run);
-            if let Some(t) = start {
-                self.share = t.elapsed() > SHARE_MIN_WORK;
-            }
-        } else {
-            let slots = &mut self.slots;
-            self.pool
-                .install(|| slots.par_iter_mut().enumerate().for_each(run));
-        }
+        self.run_slots(
+            |i, s| {
+                if mask.is_none_or(|m| m[i]) {
+                    s.reset(seed.map(|v| v.wrapping_add(i as u64)))?;
+                }
+                Ok(())
+            },
+            out,
+        )
     }
 
     /// Flattened action length per env.
@@ -396,12 +513,12 @@ impl VectorEnv {
     /// action_len` numbers (Discrete, MultiDiscrete and MultiBinary elements as whole numbers),
     /// the form NumPy hands over.
     pub fn step_flat(&mut self, actions: &[f32]) -> Result<()> {
-        self.step_flat_inner(actions)?;
-        self.gather()
+        self.step_flat_inner(actions, None)
     }
 
-    /// Steps every env from flat actions, leaving the results in the slots.
-    fn step_flat_inner(&mut self, actions: &[f32]) -> Result<()> {
+    /// Steps every env from flat actions and copies the results into `out` (this env's
+    /// buffers when `None`).
+    fn step_flat_inner(&mut self, actions: &[f32], out: Option<Outputs<'_>>) -> Result<()> {
         let (n, len) = (self.slots.len(), self.action_len);
         if actions.len() != n * len {
             return Err(EnvError::action(
@@ -414,19 +531,21 @@ impl VectorEnv {
             ));
         }
         let mode = self.mode;
-        self.for_each_slot(|i, s| {
-            let flat = &actions[i * len..(i + 1) * len];
-            let space = s.env.action_space();
-            // The field name is formatted only for an error (this runs every step).
-            let mut a = std::mem::replace(&mut s.action, Value::Discrete(0));
-            if space.unflatten_into(flat, "actions", &mut a).is_err() {
-                space.unflatten_into(flat, &format!("actions[{i}]"), &mut a)?;
-            }
-            let r = step_slot(s, &a, mode);
-            s.action = a;
-            r
-        });
-        Ok(())
+        self.run_slots(
+            |i, s| {
+                let flat = &actions[i * len..(i + 1) * len];
+                let space = s.env.action_space();
+                // The field name is formatted only for an error (this runs every step).
+                let mut a = std::mem::replace(&mut s.action, Value::Discrete(0));
+                if space.unflatten_into(flat, "actions", &mut a).is_err() {
+                    space.unflatten_into(flat, &format!("actions[{i}]"), &mut a)?;
+                }
+                let r = step_slot(s, &a, mode);
+                s.action = a;
+                r
+            },
+            out,
+        )
     }
 
     /// Steps every env with its action (`actions.len() == num_envs`).
@@ -442,8 +561,7 @@ impl VectorEnv {
             ));
         }
         let mode = self.mode;
-        self.for_each_slot(|i, s| step_slot(s, &actions[i], mode));
-        self.gather()
+        self.run_slots(|i, s| step_slot(s, &actions[i], mode), None)
     }
 }
 
