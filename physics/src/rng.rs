@@ -96,74 +96,6 @@ pub fn poisson<R: Rng + ?Sized>(rng: &mut R, lambda: f64) -> u32 {
     ptrs(rng, lambda)
 }
 
-/// Fills `out` with standard normal deviates by the Box–Muller transform in single precision,
-/// a pair per 64-bit draw, in a branch-free loop that vectorizes (AVX2 selected at run time):
-/// for each pair, 24 bits give `u ∈ (0, 1]` and the radius `ρ = √(−2 ln u)`, 2 bits a quadrant
-/// and 22 bits an angle `t ∈ [−π/4, π/4)` within it, and the pair is `ρ·(cos θ, sin θ)` with
-/// `θ` the angle in that quadrant. The logarithm, sine and cosine are polynomials accurate to
-/// a few units of single precision, so the deviates are exact to about 1e-6 of their size,
-/// with tails to ±5.8 (the smallest `u`, 2⁻²⁴). For the noise of simulated signals; the
-/// stream depends only on the generator, not on the CPU.
-pub fn normal_fill<R: Rng + ?Sized>(rng: &mut R, out: &mut [f32]) {
-    let mut bits = [0u64; 32];
-    for chunk in out.chunks_mut(64) {
-        let pairs = chunk.len().div_ceil(2);
-        for b in &mut bits[..pairs] {
-            *b = rng.next_u64();
-        }
-        let mut z = [0.0f32; 64];
-        box_muller(&bits, &mut z);
-        chunk.copy_from_slice(&z[..chunk.len()]);
-    }
-}
-
-/// Box–Muller for 32 pairs (see [`normal_fill`]).
-#[multiversion::multiversion(targets("x86_64+avx2"))]
-fn box_muller(bits: &[u64; 32], out: &mut [f32; 64]) {
-    for (k, &r) in bits.iter().enumerate() {
-        let u = ((r >> 40) + 1) as f32 * (1.0 / 16_777_216.0);
-        let quadrant = (r >> 38) & 3;
-        let t = ((r >> 16) & 0x3F_FFFF) as f32 * (std::f32::consts::FRAC_PI_2 / 4_194_304.0)
-            - std::f32::consts::FRAC_PI_4;
-        let rho = (-2.0 * ln_f32(u)).sqrt();
-        let (s, c) = sin_cos_small(t);
-        // Rotate (cos t, sin t) by a quarter turn per quadrant.
-        let (cq, sq) = match quadrant {
-            0 => (c, s),
-            1 => (-s, c),
-            2 => (-c, -s),
-            _ => (s, -c),
-        };
-        out[2 * k] = rho * cq;
-        out[2 * k + 1] = rho * sq;
-    }
-}
-
-/// Natural logarithm of a positive, finite, normal `x` in single precision: `x = m·2^e` with
-/// `m ∈ [√½, √2)`, `ln m = 2·atanh(s)`, `s = (m − 1)/(m + 1)`, by its series to `s⁹`.
-#[inline(always)]
-fn ln_f32(x: f32) -> f32 {
-    let bits = x.to_bits();
-    let mut e = ((bits >> 23) & 0xFF) as i32 - 127;
-    let mut m = f32::from_bits((bits & 0x007F_FFFF) | 0x3F80_0000);
-    let big = m > std::f32::consts::SQRT_2;
-    m = if big { 0.5 * m } else { m };
-    e += i32::from(big);
-    let s = (m - 1.0) / (m + 1.0);
-    let s2 = s * s;
-    let series = s * (2.0 + s2 * (2.0 / 3.0 + s2 * (2.0 / 5.0 + s2 * (2.0 / 7.0 + s2 * (2.0 / 9.0)))));
-    e as f32 * std::f32::consts::LN_2 + series
-}
-
-/// `(sin t, cos t)` for `|t| ≤ π/4` in single precision by Taylor polynomials (to `t⁹` and `t⁸`).
-#[inline(always)]
-fn sin_cos_small(t: f32) -> (f32, f32) {
-    let t2 = t * t;
-    let s = t * (1.0 - t2 / 6.0 * (1.0 - t2 / 20.0 * (1.0 - t2 / 42.0 * (1.0 - t2 / 72.0))));
-    let c = 1.0 - t2 / 2.0 * (1.0 - t2 / 12.0 * (1.0 - t2 / 30.0 * (1.0 - t2 / 56.0)));
-    (s, c)
-}
-
 /// Lanes of the batched sampler.
 const LANES: usize = 32;
 
@@ -553,48 +485,6 @@ mod tests {
             out
         };
         assert_eq!(run(2.0), run(30.0));
-    }
-
-    #[test]
-    fn batched_normals_have_the_moments_and_tails_of_a_gaussian() {
-        let mut rng = seeded(21);
-        let n = 400_000;
-        let mut z = vec![0.0f32; n + 1]; // odd length: the last pair is cut
-        normal_fill(&mut rng, &mut z);
-        let z: Vec<f64> = z.iter().map(|&v| f64::from(v)).collect();
-        let m = z.iter().sum::<f64>() / z.len() as f64;
-        let v = z.iter().map(|x| (x - m).powi(2)).sum::<f64>() / z.len() as f64;
-        let k = z.iter().map(|x| (x - m).powi(4)).sum::<f64>() / z.len() as f64 / (v * v);
-        let se = 1.0 / (z.len() as f64).sqrt();
-        assert!(m.abs() < 5.0 * se, "mean {m}");
-        assert!((v - 1.0).abs() < 5.0 * 2f64.sqrt() * se, "variance {v}");
-        assert!((k - 3.0).abs() < 5.0 * 24f64.sqrt() * se, "kurtosis {k}");
-        // The CDF at a few points: Φ(-2) = 0.02275, Φ(-1) = 0.15866, Φ(0.5) = 0.69146,
-        // Φ(3) = 0.99865.
-        for (x, phi) in [(-2.0, 0.02275), (-1.0, 0.15866), (0.5, 0.69146), (3.0, 0.99865)] {
-            let f = z.iter().filter(|&&v| v <= x).count() as f64 / z.len() as f64;
-            let sd = (phi * (1.0 - phi) / z.len() as f64).sqrt();
-            assert!((f - phi).abs() < 5.0 * sd + 1e-5, "Φ({x}): {f} vs {phi}");
-        }
-        // Pairs are independent: no correlation between the two members.
-        let c = z.chunks_exact(2).map(|p| p[0] * p[1]).sum::<f64>() / (z.len() / 2) as f64;
-        assert!(c.abs() < 5.0 * (2.0 / z.len() as f64).sqrt(), "pair correlation {c}");
-    }
-
-    #[test]
-    fn single_precision_log_sine_and_cosine_are_accurate() {
-        for i in 1..=100_000 {
-            let x = i as f32 / 100_000.0;
-            let err = (f64::from(ln_f32(x)) - f64::from(x).ln()).abs();
-            assert!(err < 3e-7 * f64::from(x).ln().abs().max(1.0), "ln {x}: {err}");
-        }
-        for i in -1000..=1000 {
-            let t = i as f32 * (std::f32::consts::FRAC_PI_4 / 1000.0);
-            let (s, c) = sin_cos_small(t);
-            let td = f64::from(t);
-            assert!((f64::from(s) - td.sin()).abs() < 2e-7, "sin {t}");
-            assert!((f64::from(c) - td.cos()).abs() < 2e-7, "cos {t}");
-        }
     }
 
     #[test]
