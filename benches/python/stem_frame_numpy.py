@@ -972,7 +972,7 @@ def main():
     print()
     for name, st in (("cached frame", py["frame_stages_ms"]), ("re-rendered frame", py["rerender_stages_ms"])):
         print(f"NumPy {name} stages (median ms): " + ", ".join(f"{k} {v:.2f}" for k, v in st.items()))
-    print(f"NumPy: {py['renders_in_cached_loop']} of the {py['frames']} cached-loop frames re-rendered (drift passed a pixel; "
+    print(f"NumPy: {py['renders_in_cached_loop']} of the {py['frames']} cached-loop frames re-formed their ideal image (drift passed 0.1 pixel; "
           f"the Rust loop does the same). Counts: Generator.poisson on both frame kinds, as Rust runs poisson_fill.")
     if rust:
         print(f"Rust: `scopegym perf {Path(args.scenario).name} --frames {args.frames} --json`: {rust.get('atoms')} atoms")
