@@ -577,7 +577,10 @@ impl StemInstrument for LatticeSimulator {
 
     fn configure_scan(&mut self, request: &ScanSettings) -> Result<ScanSettings> {
         check_scan_request(&self.cfg, request)?;
-        if request.pixel_size != self.scan.pixel_size {
+        // The probe grid depends on the pixel size and, through its largest extent, the frame.
+        if (request.rows, request.cols, request.pixel_size)
+            != (self.scan.rows, self.scan.cols, self.scan.pixel_size)
+        {
             self.probe_dirty = true;
         }
         self.scan = *request;
