@@ -155,11 +155,14 @@ pub fn residual_chi(ab: &Aberrations, lambda: f64, alpha: f64) -> f64 {
         (c, s)
     });
     let mut worst = 0.0f64;
+    let mut vals = [0.0f64; 48];
     for i in 1..=24 {
         let t = alpha * i as f64 / 24.0;
-        for &(cs, sn) in &dirs {
-            worst = worst.max(c.chi(t * cs, t * sn).abs());
+        // Evaluated into an array first, so the evaluations vectorize; then the maximum.
+        for (v, &(cs, sn)) in vals.iter_mut().zip(&dirs) {
+            *v = c.chi(t * cs, t * sn).abs();
         }
+        worst = vals.iter().fold(worst, |w, &v| w.max(v));
     }
     worst
 }
