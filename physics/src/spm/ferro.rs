@@ -198,6 +198,8 @@ pub struct FerroFilm {
     well: Vec<f32>,
     /// External field buffer (reduced units, divided by P_s when used).
     field: Vec<f32>,
+    /// Squared column distances of [`FerroFilm::set_tip_field`] (scratch).
+    dx2: Vec<f64>,
     alpha: f32,
     gamma: f32,
     gradient: f32,
@@ -256,6 +258,7 @@ impl FerroFilm {
             bias,
             well,
             field: vec![0.0; n],
+            dx2: Vec::with_capacity(nx),
             alpha: alpha as f32,
             gamma: cfg.gamma.get() as f32,
             gradient: cfg.gradient.get() as f32,
@@ -286,14 +289,21 @@ impl FerroFilm {
     pub fn set_tip_field(&mut self, x: f64, y: f64, amplitude: f64, width: f64) {
         let [ny, nx] = self.shape;
         let w2 = width * width;
-        for i in 0..ny {
-            for j in 0..nx {
-                // Periodic minimum-image distance.
-                let dx = (j as f64 - x).rem_euclid(nx as f64);
-                let dx = dx.min(nx as f64 - dx);
-                let dy = (i as f64 - y).rem_euclid(ny as f64);
-                let dy = dy.min(ny as f64 - dy);
-                self.field[i * nx + j] = (amplitude / (1.0 + (dx * dx + dy * dy) / w2)) as f32;
+        // Periodic minimum-image distances: x² per column once, y² per row.
+        let min_image = |d: f64, n: usize| {
+            let d = d.rem_euclid(n as f64);
+            d.min(n as f64 - d)
+        };
+        self.dx2.clear();
+        self.dx2.extend((0..nx).map(|j| {
+            let dx = min_image(j as f64 - x, nx);
+            dx * dx
+        }));
+        for (i, row) in self.field.chunks_exact_mut(nx).enumerate() {
+            let dy = min_image(i as f64 - y, ny);
+            let dy2 = dy * dy;
+            for (f, &dx2) in row.iter_mut().zip(&self.dx2) {
+                *f = (amplitude / (1.0 + (dx2 + dy2) / w2)) as f32;
             }
         }
     }
