@@ -148,7 +148,7 @@ pub fn config_from_toml<C: DeserializeOwned + Default>(config: Option<&toml::Val
 /// Helpers the tasks' unit tests share.
 #[cfg(test)]
 pub(crate) mod testing {
-    use crate::env::{Info, InfoValue};
+    use crate::env::{Env, Info, InfoValue};
     use crate::error::Result;
 
     /// The float `info[key]` (panics when absent or not a float).
@@ -157,6 +157,25 @@ pub(crate) mod testing {
             Some(InfoValue::F64(v)) => *v,
             other => panic!("info[{key}]: expected a float, got {other:?}"),
         }
+    }
+
+    /// Runs the heuristic for one episode per seed; returns how many ended with
+    /// `info["success"] = true`.
+    pub fn heuristic_successes(env: &mut impl Env, seeds: std::ops::Range<u64>) -> usize {
+        let mut successes = 0;
+        for seed in seeds {
+            let (mut obs, _) = env.reset(Some(seed)).unwrap();
+            loop {
+                let a = env.heuristic_action(&obs);
+                let s = env.step(&a).unwrap();
+                obs = s.obs;
+                if s.terminated || s.truncated {
+                    successes += usize::from(s.info.get("success") == Some(&InfoValue::Bool(true)));
+                    break;
+                }
+            }
+        }
+        successes
     }
 
     /// Asserts that building a task from each TOML snippet fails with an error naming the

@@ -419,21 +419,7 @@ mod tests {
     #[test]
     fn heuristic_focuses() {
         let mut env = TaskEnv::new("t", StemAutofocus::from_config(None).unwrap());
-        let mut successes = 0;
-        for seed in 0..5 {
-            let (mut obs, _) = env.reset(Some(seed)).unwrap();
-            loop {
-                let a = env.heuristic_action(&obs);
-                let s = env.step(&a).unwrap();
-                obs = s.obs;
-                if s.terminated || s.truncated {
-                    if s.info.get("success") == Some(&InfoValue::Bool(true)) {
-                        successes += 1;
-                    }
-                    break;
-                }
-            }
-        }
+        let successes = crate::tasks::testing::heuristic_successes(&mut env, 0..5);
         println!("heuristic: {successes}/5 successes");
         assert!(successes >= 3, "{successes}");
     }

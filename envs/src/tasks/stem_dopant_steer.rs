@@ -516,19 +516,7 @@ mod tests {
         sc.scan.pixel_size = Param::fixed(0.2e-10);
         let task = StemDopantSteer::new(Config::default(), StemSimulator::new(sc, 0).unwrap());
         let mut env = TaskEnv::new("t", task);
-        let mut successes = 0;
-        for seed in 0..6 {
-            let (mut obs, _) = env.reset(Some(seed)).unwrap();
-            loop {
-                let a = env.heuristic_action(&obs);
-                let s = env.step(&a).unwrap();
-                obs = s.obs;
-                if s.terminated || s.truncated {
-                    successes += usize::from(s.info.get("success") == Some(&InfoValue::Bool(true)));
-                    break;
-                }
-            }
-        }
+        let successes = crate::tasks::testing::heuristic_successes(&mut env, 0..6);
         assert!(successes >= 4, "{successes}/6");
     }
 

@@ -59,6 +59,49 @@ impl Default for DetectorConfig {
 }
 
 impl DetectorConfig {
+    /// Records expected counts `lam` (a row or a whole frame) into `out`: Poisson counts (the
+    /// expectation itself without shot noise), then gain and offset, which are applied to `lam`
+    /// as well (it becomes the noiseless recorded signal). Read noise and salt follow over the
+    /// whole frame ([`Self::add_read_noise_and_salt`]).
+    pub fn count(
+        &self,
+        rng: &mut SimRng,
+        lam: &mut [f32],
+        out: &mut [f32],
+        scratch: &mut PoissonScratch,
+    ) {
+        if self.shot_noise {
+            poisson_fill(rng, lam, out, scratch);
+        } else {
+            out.copy_from_slice(lam);
+        }
+        let (gain, offset) = (self.gain.get() as f32, self.offset.get() as f32);
+        for (f, e) in out.iter_mut().zip(lam.iter_mut()) {
+            *f = gain * *f + offset;
+            *e = gain * *e + offset;
+        }
+    }
+
+    /// Adds Gaussian read noise and replaces pixels by the salt value with the salt
+    /// probability, over a recorded frame, in that order.
+    pub fn add_read_noise_and_salt(&self, rng: &mut SimRng, frame: &mut [f32]) {
+        let read = self.read_noise.get();
+        if read > 0.0 {
+            for f in frame.iter_mut() {
+                *f += (read * normal(rng)) as f32;
+            }
+        }
+        let salt = self.salt_probability.get();
+        if salt > 0.0 {
+            let v = self.salt_value.get() as f32;
+            for f in frame.iter_mut() {
+                if rng.random::<f64>() < salt {
+                    *f = v;
+                }
+            }
+        }
+    }
+
     /// Checks ranges; `prefix` is prepended to field names in errors.
     pub fn validate(&self, prefix: &str) -> Result<()> {
         let n = self.haadf_exponent.get();
@@ -411,8 +454,6 @@ impl HaadfRenderer {
         } else {
             0.0
         };
-        let gain = det.gain.get() as f32;
-        let offset = det.offset.get() as f32;
         // Row by row: expected counts λ along the scan path, counts, gain and offset.
         for i in 0..rows {
             let d0 = dist.row_drift_start.get(i).copied().unwrap_or([0.0; 2]);
@@ -483,37 +524,15 @@ impl HaadfRenderer {
                     }
                 }
             }
-            // Counts for this row while its expectation is in cache, then gain and offset.
-            let (lam, rec) = (
+            // Counts for this row while its expectation is in cache.
+            det.count(
+                rng,
                 &mut self.noiseless[i * cols..(i + 1) * cols],
                 &mut self.frame[i * cols..(i + 1) * cols],
+                &mut self.poisson,
             );
-            if det.shot_noise {
-                poisson_fill(rng, lam, rec, &mut self.poisson);
-            } else {
-                rec.copy_from_slice(lam);
-            }
-            for (f, e) in rec.iter_mut().zip(lam.iter_mut()) {
-                *f = gain * *f + offset;
-                *e = gain * *e + offset;
-            }
         }
-        let n = rows * cols;
-        let read = det.read_noise.get();
-        if read > 0.0 {
-            for f in &mut self.frame[..n] {
-                *f += (read * normal(rng)) as f32;
-            }
-        }
-        let salt = det.salt_probability.get();
-        if salt > 0.0 {
-            let salt_v = det.salt_value.get() as f32;
-            for f in &mut self.frame[..n] {
-                if rng.random::<f64>() < salt {
-                    *f = salt_v;
-                }
-            }
-        }
+        det.add_read_noise_and_salt(rng, &mut self.frame[..rows * cols]);
     }
 }
 

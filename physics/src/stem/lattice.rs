@@ -35,11 +35,10 @@ use crate::instrument::{
     Frame, FrameMeta, InstrumentInfo, InstrumentKind, ScanSettings, Spectrum, StemInstrument,
 };
 use crate::param::resolve;
-use crate::rng::{PoissonScratch, SimRng, derive_seed, normal, poisson, poisson_fill, seeded};
-use crate::stem::optics::{Aberrations, ProbeCalculator, ProbeSpec, electron_wavelength};
+use crate::rng::{PoissonScratch, SimRng, derive_seed, poisson, seeded};
+use crate::stem::optics::{Aberrations, ProbeCalculator, electron_wavelength};
 use crate::stem::sim::{StemConfig, StemSimulator, check_scan_request};
 use ndarray::ArrayView2;
-use rand::Rng;
 use std::f64::consts::PI;
 
 /// Largest deflection of the probe or the scan centre from the optic axis, m.
@@ -277,7 +276,8 @@ impl LatticeSimulator {
         &self.cfg
     }
 
-    /// The noiseless expected counts of the last frame (before gain and offset), `rows × cols`.
+    /// The noiseless recorded signal of the last frame (expected counts after gain and offset,
+    /// like [`StemSimulator::last_noiseless`]), `rows × cols`.
     pub fn last_noiseless(&self) -> ArrayView2<'_, f32> {
         let s = self.scan;
         ArrayView2::from_shape((s.rows, s.cols), &self.noiseless[..s.rows * s.cols])
@@ -289,22 +289,12 @@ impl LatticeSimulator {
         self.beams.len()
     }
 
-    fn probe_spec(&self) -> ProbeSpec {
-        ProbeSpec {
-            energy: self.cfg.optics.energy.get(),
-            alpha: self.cfg.optics.convergence_angle.get(),
-            aberrations: self.aberrations,
-            cc: self.cfg.optics.cc.get(),
-            energy_spread: self.cfg.optics.energy_spread.get(),
-        }
-    }
-
     /// Recomputes `P̂(g)·T(g)` for every beam if the optics changed.
     fn ensure_probe(&mut self) {
         if !self.probe_dirty {
             return;
         }
-        let spec = self.probe_spec();
+        let spec = self.cfg.optics.probe_spec(self.aberrations);
         // The probe grid of the full simulator's kernel for this scan: it resolves the probe
         // (fine pixel ≤ λ/4α, so P̂ is not aliased below 2α/λ) and holds it (geometric blur +
         // 3 λ/α), up to the field of view (a probe wider than the field gives a featureless
@@ -432,38 +422,18 @@ impl LatticeSimulator {
         );
     }
 
-    /// Counts, gain, offset, read noise and salt from `noiseless` into `image`.
+    /// Counts, gain, offset, read noise and salt from `noiseless` into `image` (gain and
+    /// offset are applied to `noiseless` too, as the full simulator does).
     fn record(&mut self) {
-        let n = self.noiseless.len();
+        self.image.resize(self.noiseless.len(), 0.0);
         let det = &self.cfg.detector;
-        self.image.resize(n, 0.0);
-        if det.shot_noise {
-            poisson_fill(
-                &mut self.rng_noise,
-                &self.noiseless,
-                &mut self.image,
-                &mut self.poisson,
-            );
-        } else {
-            self.image.copy_from_slice(&self.noiseless);
-        }
-        let (gain, offset) = (det.gain.get() as f32, det.offset.get() as f32);
-        self.image.iter_mut().for_each(|f| *f = gain * *f + offset);
-        let read = det.read_noise.get();
-        if read > 0.0 {
-            for f in &mut self.image {
-                *f += (read * normal(&mut self.rng_noise)) as f32;
-            }
-        }
-        let salt = det.salt_probability.get();
-        if salt > 0.0 {
-            let v = det.salt_value.get() as f32;
-            for f in &mut self.image {
-                if self.rng_noise.random::<f64>() < salt {
-                    *f = v;
-                }
-            }
-        }
+        det.count(
+            &mut self.rng_noise,
+            &mut self.noiseless,
+            &mut self.image,
+            &mut self.poisson,
+        );
+        det.add_read_noise_and_salt(&mut self.rng_noise, &mut self.image);
     }
 }
 

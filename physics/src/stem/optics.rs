@@ -261,6 +261,17 @@ impl Default for OpticsConfig {
 }
 
 impl OpticsConfig {
+    /// The probe of these optics (resolved values) with the aberrations `aberrations` in force.
+    pub fn probe_spec(&self, aberrations: Aberrations) -> ProbeSpec {
+        ProbeSpec {
+            energy: self.energy.get(),
+            alpha: self.convergence_angle.get(),
+            aberrations,
+            cc: self.cc.get(),
+            energy_spread: self.energy_spread.get(),
+        }
+    }
+
     /// The coherent aberrations this config starts with.
     pub fn aberrations(&self) -> Aberrations {
         Aberrations {

@@ -384,13 +384,7 @@ impl StemSimulator {
 
     /// The probe's specification in force.
     pub fn probe_spec(&self) -> ProbeSpec {
-        ProbeSpec {
-            energy: self.cfg.optics.energy.get(),
-            alpha: self.cfg.optics.convergence_angle.get(),
-            aberrations: self.aberrations,
-            cc: self.cfg.optics.cc.get(),
-            energy_spread: self.cfg.optics.energy_spread.get(),
-        }
+        self.cfg.optics.probe_spec(self.aberrations)
     }
 
     /// Recomputes the probe if the optics or scan geometry changed.
