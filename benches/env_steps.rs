@@ -32,7 +32,7 @@ fn steps(c: &mut Criterion) {
         let name = spec
             .id
             .trim_start_matches("scopegym/")
-            .trim_end_matches("-v0");
+            .trim_end_matches("-v1");
         let light = name == "StemDopantSteer";
         g.sample_size(if light { 50 } else { 10 });
         g.measurement_time(Duration::from_secs(if light { 3 } else { 2 }));

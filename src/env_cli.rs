@@ -169,7 +169,7 @@ pub fn record(
     prov.insert("git_commit".into(), scopegym::GIT_COMMIT.into());
     let mut rec = scopegym::record::Recorder::create(
         out,
-        &format!("scopegym/{name}/{agent}-v0"),
+        &format!("scopegym/{name}/{agent}-v1"),
         env.observation_space(),
         env.action_space(),
         prov,

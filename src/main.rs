@@ -57,7 +57,7 @@ enum Command {
     },
     /// Steps per second of a vector env with random actions.
     Bench {
-        /// Environment id, e.g. scopegym/AfmFeedbackTuning-v0.
+        /// Environment id, e.g. scopegym/AfmFeedbackTuning-v1.
         env_id: String,
         /// Number of environments.
         #[arg(long, default_value_t = 16)]

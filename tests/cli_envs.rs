@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-const ID: &str = "scopegym/AfmFeedbackTuning-v0";
+const ID: &str = "scopegym/AfmFeedbackTuning-v1";
 
 fn run(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_scopegym"))
@@ -67,7 +67,7 @@ fn bench_prints_the_documented_json() {
         j["steps_per_second"].as_f64().unwrap(),
     );
     assert!(s > 0.0 && (sps - 12.0 / s).abs() < 1e-6 * sps);
-    let bad = run(&["bench", "scopegym/Nope-v0"]);
+    let bad = run(&["bench", "scopegym/Nope-v1"]);
     assert_eq!(bad.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("unknown task id"));
     assert_eq!(

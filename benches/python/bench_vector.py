@@ -30,7 +30,7 @@ from gymnasium.vector import AsyncVectorEnv, SyncVectorEnv  # noqa: E402
 
 import scopegym  # noqa: E402
 
-ENV_ID = "scopegym/StemDopantSteer-v0"
+ENV_ID = "scopegym/StemDopantSteer-v1"
 BOND = 0.142  # nm, C-C
 BEAM_OFFSET = 0.085  # nm: the hop rate toward a neighbour peaks with the beam here
 SIGMA = 0.03  # nm

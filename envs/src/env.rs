@@ -82,7 +82,7 @@ pub struct Step {
 
 /// An environment (Gymnasium 1.x semantics).
 pub trait Env: Send {
-    /// The task id, e.g. `"scopegym/SpmTipConditioning-v0"`.
+    /// The task id, e.g. `"scopegym/SpmTipConditioning-v1"`.
     fn id(&self) -> &str;
     /// The observation space.
     fn observation_space(&self) -> &Space;
@@ -111,6 +111,10 @@ pub struct TaskStep {
     pub reward: f64,
     /// Whether the task reached a terminal state.
     pub terminated: bool,
+    /// Whether the task counts as solved at this step (`info["is_success"]`), decided from
+    /// ground truth where the simulator knows it: it scores the agent and never enters the
+    /// observation or reward.
+    pub success: bool,
 }
 
 /// A task's inner dynamics: [`TaskEnv`] adds time limits, done-masking, action checks and
@@ -246,6 +250,7 @@ impl<T: Task> Env for TaskEnv<T> {
             info.insert("action_clipped".into(), InfoValue::Bool(true));
         }
         let s = self.task.step(&action, &mut info)?;
+        info.insert("is_success".into(), InfoValue::Bool(s.success));
         self.steps += 1;
         let truncated = !s.terminated && self.steps >= self.max_steps;
         if s.terminated || truncated {

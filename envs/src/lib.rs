@@ -8,12 +8,14 @@
 //!   [`env::TaskEnv`], which adds time limits, done-masking, action checks and seeding.
 //! - [`vector`]: N envs stepped in parallel into contiguous buffers, with autoreset modes.
 //! - [`record`]: Minari-compatible datasets of recorded episodes.
-//! - [`registry`]: `scopegym/<Name>-v0` ids.
+//! - [`registry`]: `scopegym/<Name>-v1` ids.
+//! - [`level`]: the `difficulty` and `split` options every task takes.
 //! - [`tasks`]: the tasks.
 #![deny(missing_docs)]
 
 pub mod env;
 pub mod error;
+pub mod level;
 pub mod record;
 pub mod registry;
 pub mod space;

@@ -1,9 +1,9 @@
 //! The task registry: one line per task.
 //!
 //! ```
-//! let env = scopegym_envs::registry::make("scopegym/AfmFeedbackTuning-v0", None).unwrap();
+//! let env = scopegym_envs::registry::make("scopegym/AfmFeedbackTuning-v1", None).unwrap();
 //! assert_eq!(env.max_episode_steps(), 30);
-//! assert!(scopegym_envs::registry::make("scopegym/Nope-v0", None).is_err());
+//! assert!(scopegym_envs::registry::make("scopegym/Nope-v1", None).is_err());
 //! ```
 
 use crate::env::{Env, TaskEnv};
@@ -24,7 +24,7 @@ pub type MakeFn = fn(&'static str, Option<&toml::Value>) -> Result<Box<dyn Env>>
 /// A registered task.
 #[derive(Debug, Clone, Copy)]
 pub struct TaskSpec {
-    /// The id, `scopegym/<Name>-v0`.
+    /// The id, `scopegym/<Name>-v1`.
     pub id: &'static str,
     /// The instrument family: `"stem"`, `"stm"`, `"afm"`, `"pfm"`.
     pub instrument: &'static str,
@@ -37,15 +37,15 @@ pub struct TaskSpec {
 /// Every task, one line each.
 #[rustfmt::skip]
 pub const TASKS: &[TaskSpec] = &[
-    TaskSpec { id: "scopegym/AfmFeedbackTuning-v0", instrument: "afm", description: "tune P, I and scan speed of the z-feedback for accurate, fast tracking", make: |id, c| Ok(Box::new(TaskEnv::new(id, AfmFeedbackTuning::from_config(c)?))) },
-    TaskSpec { id: "scopegym/PfmDomainWriting-v0", instrument: "pfm", description: "write a target domain pattern with tip bias pulses, below the breakdown bias", make: |id, c| Ok(Box::new(TaskEnv::new(id, PfmDomainWriting::from_config(c)?))) },
-    TaskSpec { id: "scopegym/PfmSpectroscopyExplore-v0", instrument: "pfm", description: "choose where to measure switching loops to find the largest loop in a budget", make: |id, c| Ok(Box::new(TaskEnv::new(id, PfmSpectroscopyExplore::from_config(c)?))) },
-    TaskSpec { id: "scopegym/SpmTipConditioning-v0", instrument: "stm", description: "condition the STM tip with pulses and dips until it images sharply", make: |id, c| Ok(Box::new(TaskEnv::new(id, SpmTipConditioning::from_config(c)?))) },
-    TaskSpec { id: "scopegym/SpmAtomManipulation-v0", instrument: "stm", description: "drag an adatom to a goal site by lateral manipulation", make: |id, c| Ok(Box::new(TaskEnv::new(id, SpmAtomManipulation::from_config(c)?))) },
-    TaskSpec { id: "scopegym/StemAutofocus-v0", instrument: "stem", description: "correct defocus and two-fold astigmatism from HAADF image sharpness", make: |id, c| Ok(Box::new(TaskEnv::new(id, StemAutofocus::from_config(c)?))) },
-    TaskSpec { id: "scopegym/StemDopantSteer-v0", instrument: "stem", description: "steer a Si dopant in graphene to a goal site by parking the beam beside it", make: |id, c| Ok(Box::new(TaskEnv::new(id, StemDopantSteer::from_config(c)?))) },
-    TaskSpec { id: "scopegym/StemEelsExplore-v0", instrument: "stem", description: "choose where to take EELS spectra to find the strongest Si-L edge within a budget", make: |id, c| Ok(Box::new(TaskEnv::new(id, StemEelsExplore::from_config(c)?))) },
-    TaskSpec { id: "scopegym/StemSparseScan-v0", instrument: "stem", description: "choose which tiles of a field to scan to image it well within a dose budget", make: |id, c| Ok(Box::new(TaskEnv::new(id, StemSparseScan::from_config(c)?))) },
+    TaskSpec { id: "scopegym/AfmFeedbackTuning-v1", instrument: "afm", description: "tune P, I and scan speed of the z-feedback for accurate, fast tracking", make: |id, c| Ok(Box::new(TaskEnv::new(id, AfmFeedbackTuning::from_config(c)?))) },
+    TaskSpec { id: "scopegym/PfmDomainWriting-v1", instrument: "pfm", description: "write a target domain pattern with tip bias pulses, below the breakdown bias", make: |id, c| Ok(Box::new(TaskEnv::new(id, PfmDomainWriting::from_config(c)?))) },
+    TaskSpec { id: "scopegym/PfmSpectroscopyExplore-v1", instrument: "pfm", description: "choose where to measure switching loops to find the largest loop in a budget", make: |id, c| Ok(Box::new(TaskEnv::new(id, PfmSpectroscopyExplore::from_config(c)?))) },
+    TaskSpec { id: "scopegym/SpmTipConditioning-v1", instrument: "stm", description: "condition the STM tip with pulses and dips until it images sharply", make: |id, c| Ok(Box::new(TaskEnv::new(id, SpmTipConditioning::from_config(c)?))) },
+    TaskSpec { id: "scopegym/SpmAtomManipulation-v1", instrument: "stm", description: "drag an adatom to a goal site by lateral manipulation", make: |id, c| Ok(Box::new(TaskEnv::new(id, SpmAtomManipulation::from_config(c)?))) },
+    TaskSpec { id: "scopegym/StemAutofocus-v1", instrument: "stem", description: "correct defocus and two-fold astigmatism from HAADF image sharpness", make: |id, c| Ok(Box::new(TaskEnv::new(id, StemAutofocus::from_config(c)?))) },
+    TaskSpec { id: "scopegym/StemDopantSteer-v1", instrument: "stem", description: "steer a Si dopant in graphene to a goal site by parking the beam beside it", make: |id, c| Ok(Box::new(TaskEnv::new(id, StemDopantSteer::from_config(c)?))) },
+    TaskSpec { id: "scopegym/StemEelsExplore-v1", instrument: "stem", description: "choose where to take EELS spectra to find the strongest Si-L edge within a budget", make: |id, c| Ok(Box::new(TaskEnv::new(id, StemEelsExplore::from_config(c)?))) },
+    TaskSpec { id: "scopegym/StemSparseScan-v1", instrument: "stem", description: "choose which tiles of a field to scan to image it well within a dose budget", make: |id, c| Ok(Box::new(TaskEnv::new(id, StemSparseScan::from_config(c)?))) },
 ];
 
 /// The registered ids.

@@ -605,7 +605,7 @@ mod tests {
 
     fn vec_env(n: usize) -> VectorEnv {
         let envs = (0..n)
-            .map(|_| make("scopegym/StemDopantSteer-v0", None).unwrap())
+            .map(|_| make("scopegym/StemDopantSteer-v1", None).unwrap())
             .collect();
         VectorEnv::new(envs, AutoReset::NextStep, 1).unwrap()
     }

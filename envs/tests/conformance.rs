@@ -272,15 +272,15 @@ fn heuristics_beat_random() {
     // Margins per task: the heuristic's mean return over 20 seeds exceeds random's by at least
     // this much.
     let margins = [
-        ("scopegym/AfmFeedbackTuning-v0", 20.0),
-        ("scopegym/PfmDomainWriting-v0", 5.0),
-        ("scopegym/PfmSpectroscopyExplore-v0", 0.3),
-        ("scopegym/SpmTipConditioning-v0", 6.0),
-        ("scopegym/SpmAtomManipulation-v0", 15.0),
-        ("scopegym/StemAutofocus-v0", 2.0),
-        ("scopegym/StemDopantSteer-v0", 1.0),
-        ("scopegym/StemEelsExplore-v0", 0.6),
-        ("scopegym/StemSparseScan-v0", 0.5),
+        ("scopegym/AfmFeedbackTuning-v1", 20.0),
+        ("scopegym/PfmDomainWriting-v1", 5.0),
+        ("scopegym/PfmSpectroscopyExplore-v1", 0.3),
+        ("scopegym/SpmTipConditioning-v1", 6.0),
+        ("scopegym/SpmAtomManipulation-v1", 15.0),
+        ("scopegym/StemAutofocus-v1", 2.0),
+        ("scopegym/StemDopantSteer-v1", 1.0),
+        ("scopegym/StemEelsExplore-v1", 0.6),
+        ("scopegym/StemSparseScan-v1", 0.5),
     ];
     for (id, margin) in margins {
         let (h, r) = (mean_return(id, 0..20, true), mean_return(id, 0..20, false));

@@ -146,7 +146,12 @@ impl<D: Dim> Param<D> {
 
     /// Draws a value.
     pub fn sample<R: Rng + ?Sized>(&self, rng: &mut R) -> f64 {
-        sample_dist(self.kind(), rng)
+        sample_dist(self.kind(), rng, Region::All)
+    }
+
+    /// Draws a value from `region` of the distribution (see [`Region`]).
+    pub fn sample_in<R: Rng + ?Sized>(&self, rng: &mut R, region: Region) -> f64 {
+        sample_dist(self.kind(), rng, region)
     }
 
     fn kind(&self) -> (Option<&'static str>, f64, f64) {
@@ -159,16 +164,119 @@ impl<D: Dim> Param<D> {
     }
 }
 
-fn sample_dist<R: Rng + ?Sized>(kind: (Option<&str>, f64, f64), rng: &mut R) -> f64 {
+/// The part of every distribution that draws come from: the whole of it, or one of two
+/// complementary sets of quantile bands, so that two sets of episodes can be drawn whose
+/// parameters never meet (held-out evaluation ranges) while covering the same overall span.
+///
+/// The unit interval of quantiles is cut into four strata of width ¼; [`Region::Main`] draws
+/// from the lower 80 % of each stratum, [`Region::HeldOut`] from the upper 20 %
+/// (`[0.2, 0.25) ∪ [0.45, 0.5) ∪ [0.7, 0.75) ∪ [0.95, 1)`). A uniform `u` is mapped onto the
+/// region's bands, then through the distribution's quantile function, so every region costs the
+/// same draws and the same seed gives the same stream of generator calls in each.
+///
+/// ```
+/// use scopegym_physics::param::Region;
+/// assert_eq!(Region::All.quantile(0.3), 0.3);
+/// let q = Region::HeldOut.quantile(0.3); // stratum 1, 20 % into its held-out band
+/// assert!((q - 0.46).abs() < 1e-12);
+/// assert!(Region::Main.quantile(0.999) < 0.95);
+/// ```
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum Region {
+    /// The whole distribution.
+    #[default]
+    All,
+    /// The lower 80 % of each quarter of the quantile range.
+    Main,
+    /// The upper 20 % of each quarter of the quantile range (disjoint from [`Region::Main`]).
+    HeldOut,
+}
+
+impl Region {
+    /// Maps a uniform `u ∈ [0, 1)` onto this region's quantile bands (measure-preserving up to
+    /// scale, monotone within each stratum).
+    pub fn quantile(self, u: f64) -> f64 {
+        let u = u.clamp(0.0, 1.0 - f64::EPSILON);
+        let (k, v) = ((4.0 * u).floor(), (4.0 * u).fract());
+        match self {
+            Self::All => u,
+            Self::Main => 0.25 * (k + 0.8 * v),
+            Self::HeldOut => 0.25 * (k + 0.8 + 0.2 * v),
+        }
+    }
+
+    /// Draws a value uniformly from `[lo, hi]`, restricted to this region's bands.
+    pub fn uniform<R: Rng + ?Sized>(self, rng: &mut R, lo: f64, hi: f64) -> f64 {
+        lo + (hi - lo) * self.quantile(rng.random::<f64>())
+    }
+}
+
+/// The standard normal quantile function Φ⁻¹(p) for `p ∈ (0, 1)` (Acklam's rational
+/// approximation, relative error below 1.2e-9: ample for parameter draws).
+pub fn normal_quantile(p: f64) -> f64 {
+    const A: [f64; 6] = [
+        -3.969683028665376e1,
+        2.209460984245205e2,
+        -2.759285104469687e2,
+        1.383577518672690e2,
+        -3.066479806614716e1,
+        2.506628277459239,
+    ];
+    const B: [f64; 5] = [
+        -5.447609879822406e1,
+        1.615858368580409e2,
+        -1.556989798598866e2,
+        6.680131188771972e1,
+        -1.328068155288572e1,
+    ];
+    const C: [f64; 6] = [
+        -7.784894002430293e-3,
+        -3.223964580411365e-1,
+        -2.400758277161838,
+        -2.549732539343734,
+        4.374664141464968,
+        2.938163982698783,
+    ];
+    const D: [f64; 4] = [
+        7.784695709041462e-3,
+        3.224671290700398e-1,
+        2.445134137142996,
+        3.754408661907416,
+    ];
+    let p = p.clamp(1e-300, 1.0 - 1e-16);
+    let tail = |q: f64| {
+        (((((C[0] * q + C[1]) * q + C[2]) * q + C[3]) * q + C[4]) * q + C[5])
+            / ((((D[0] * q + D[1]) * q + D[2]) * q + D[3]) * q + 1.0)
+    };
+    if p < 0.02425 {
+        tail((-2.0 * p.ln()).sqrt())
+    } else if p > 1.0 - 0.02425 {
+        -tail((-2.0 * (1.0 - p).ln()).sqrt())
+    } else {
+        let q = p - 0.5;
+        let r = q * q;
+        (((((A[0] * r + A[1]) * r + A[2]) * r + A[3]) * r + A[4]) * r + A[5]) * q
+            / (((((B[0] * r + B[1]) * r + B[2]) * r + B[3]) * r + B[4]) * r + 1.0)
+    }
+}
+
+fn sample_dist<R: Rng + ?Sized>(
+    kind: (Option<&str>, f64, f64),
+    rng: &mut R,
+    region: Region,
+) -> f64 {
     let (k, a, b) = kind;
     match k {
         None => a,
-        Some("uniform") => a + (b - a) * rng.random::<f64>(),
-        Some("normal") => {
+        Some("uniform") => a + (b - a) * region.quantile(rng.random::<f64>()),
+        Some("normal") if region == Region::All => {
             let z: f64 = StandardNormal.sample(rng);
             a + b * z
         }
-        Some("log_uniform") => (a.ln() + (b.ln() - a.ln()) * rng.random::<f64>()).exp(),
+        Some("normal") => a + b * normal_quantile(region.quantile(rng.random::<f64>()).max(1e-12)),
+        Some("log_uniform") => {
+            (a.ln() + (b.ln() - a.ln()) * region.quantile(rng.random::<f64>())).exp()
+        }
         Some(_) => a,
     }
 }
@@ -295,9 +403,18 @@ where
     T: Serialize + DeserializeOwned,
     R: Rng + ?Sized,
 {
+    resolve_in(cfg, rng, Region::All)
+}
+
+/// [`resolve`], drawing every distribution from `region` (held-out parameter ranges).
+pub fn resolve_in<T, R>(cfg: &T, rng: &mut R, region: Region) -> Result<T>
+where
+    T: Serialize + DeserializeOwned,
+    R: Rng + ?Sized,
+{
     let mut value = toml::Value::try_from(cfg)
         .map_err(|e| PhysicsError::param("<config>", format!("cannot serialize: {e}")))?;
-    walk(&mut value, rng);
+    walk(&mut value, rng, region);
     value
         .try_into()
         .map_err(|e: toml::de::Error| PhysicsError::param("<config>", e.to_string()))
@@ -330,18 +447,18 @@ fn as_dist(t: &toml::map::Map<String, toml::Value>) -> Option<(&'static str, f64
     Some((kind, num(&arr[0])?, num(&arr[1])?))
 }
 
-fn walk<R: Rng + ?Sized>(v: &mut toml::Value, rng: &mut R) {
+fn walk<R: Rng + ?Sized>(v: &mut toml::Value, rng: &mut R, region: Region) {
     match v {
         toml::Value::Table(t) => {
             if let Some((k, a, b)) = as_dist(t) {
-                *v = toml::Value::Float(sample_dist((Some(k), a, b), rng));
+                *v = toml::Value::Float(sample_dist((Some(k), a, b), rng, region));
             } else {
                 for (_, child) in t.iter_mut() {
-                    walk(child, rng);
+                    walk(child, rng, region);
                 }
             }
         }
-        toml::Value::Array(a) => a.iter_mut().for_each(|c| walk(c, rng)),
+        toml::Value::Array(a) => a.iter_mut().for_each(|c| walk(c, rng, region)),
         _ => {}
     }
 }
@@ -408,6 +525,60 @@ mod tests {
         }
         for b in bad {
             assert!(toml::from_str::<One>(b).is_err(), "accepted {b}");
+        }
+    }
+
+    #[test]
+    fn regions_are_disjoint_and_cover_the_span() {
+        let p: Param<Length> = Param::uniform(1.0, 5.0);
+        let mut rng = seeded(9);
+        let band = |x: f64| {
+            let q = (x - 1.0) / 4.0;
+            (4.0 * q).fract() >= 0.8 - 1e-12
+        };
+        let (mut lo, mut hi) = (f64::MAX, f64::MIN);
+        for _ in 0..20000 {
+            let m = p.sample_in(&mut rng, Region::Main);
+            let h = p.sample_in(&mut rng, Region::HeldOut);
+            assert!(!band(m), "main draw {m} in a held-out band");
+            assert!(band(h), "held-out draw {h} outside the held-out bands");
+            lo = lo.min(m.min(h));
+            hi = hi.max(m.max(h));
+        }
+        assert!(lo < 1.01 && hi > 4.99, "[{lo}, {hi}]");
+        // Normals: held-out draws are the held-out quantile bands of N(0, 1).
+        let n: Param<Length> = Param::Normal(0.0, 1.0, PhantomData);
+        for _ in 0..2000 {
+            let z = n.sample_in(&mut rng, Region::HeldOut);
+            let q = 0.5 * (1.0 + erf(z / 2f64.sqrt()));
+            assert!((4.0 * q).fract() >= 0.8 - 1e-6, "z {z} q {q}");
+        }
+    }
+
+    /// erf by Abramowitz–Stegun 7.1.26 (|error| < 1.5e-7): an independent check of the quantile.
+    fn erf(x: f64) -> f64 {
+        let t = 1.0 / (1.0 + 0.3275911 * x.abs());
+        let y = 1.0
+            - (((((1.061405429 * t - 1.453152027) * t) + 1.421413741) * t - 0.284496736) * t
+                + 0.254829592)
+                * t
+                * (-x * x).exp();
+        y.copysign(x)
+    }
+
+    #[test]
+    fn normal_quantile_matches_known_values() {
+        for (p, z) in [
+            (0.5, 0.0),
+            (0.975, 1.959963985),
+            (0.8413447461, 1.0),
+            (0.001, -3.090232306),
+        ] {
+            assert!(
+                (normal_quantile(p) - z).abs() < 1e-6,
+                "{p}: {}",
+                normal_quantile(p)
+            );
         }
     }
 

@@ -6,9 +6,9 @@ learning, on a Rust engine.
     import gymnasium as gym
     import scopegym
 
-    env = gym.make("scopegym/StemDopantSteer-v0")
+    env = gym.make("scopegym/StemDopantSteer-v1")
     obs, info = env.reset(seed=0)
-    envs = gym.make_vec("scopegym/StemDopantSteer-v0", num_envs=16)  # native Rust vector env
+    envs = gym.make_vec("scopegym/StemDopantSteer-v1", num_envs=16)  # native Rust vector env
 """
 
 from __future__ import annotations

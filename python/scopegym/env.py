@@ -27,7 +27,7 @@ def config_json(config: dict[str, Any] | None) -> str | None:
 
 
 class ScopegymEnv(gym.Env[Any, Any]):
-    """A scopegym task. Build it with ``gymnasium.make("scopegym/<Task>-v0", config={...},
+    """A scopegym task. Build it with ``gymnasium.make("scopegym/<Task>-v1", config={...},
     scenario="file.toml", render_mode="rgb_array")``.
 
     The Rust engine enforces the task's time limit (``truncated=True`` after

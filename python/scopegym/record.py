@@ -44,7 +44,7 @@ def record(
     space).
     The dataset goes to ``path`` (default: Minari's datasets folder / ``dataset_id``, so
     ``minari.load_dataset(dataset_id)`` finds it); ``dataset_id`` defaults to
-    ``scopegym/<Task>/<policy>-v0``. Each finished episode is durable before the next starts.
+    ``scopegym/<Task>/<policy>-v1``. Each finished episode is durable before the next starts.
     Returns the dataset folder.
     """
     if not isinstance(episodes, (int, np.integer)) or episodes < 1:
@@ -53,7 +53,7 @@ def record(
         raise InvalidArgument(f"invalid argument policy: expected 'random', 'heuristic' or a callable, got {policy!r}")
     name = env_id.split("/", 1)[-1].rsplit("-v", 1)[0]
     agent = policy if isinstance(policy, str) else getattr(policy, "__name__", "policy")
-    dataset_id = dataset_id or f"scopegym/{name}/{agent}-v0"
+    dataset_id = dataset_id or f"scopegym/{name}/{agent}-v1"
     out = Path(path) if path is not None else default_dataset_path(dataset_id)
     env = ScopegymEnv(env_id, config=config, scenario=scenario, normalize_actions=False)
     spec_kwargs: dict[str, Any] = {}

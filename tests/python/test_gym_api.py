@@ -16,7 +16,7 @@ from gymnasium.utils.env_checker import check_env
 import scopegym
 
 IDS = scopegym.task_ids()
-STEER = "scopegym/StemDopantSteer-v0"
+STEER = "scopegym/StemDopantSteer-v1"
 
 
 def test_every_task_is_registered():
@@ -25,7 +25,7 @@ def test_every_task_is_registered():
         "SpmTipConditioning", "SpmAtomManipulation", "PfmDomainWriting",
         "PfmSpectroscopyExplore", "AfmFeedbackTuning",
     }  # fmt: skip
-    assert set(IDS) == {f"scopegym/{n}-v0" for n in nine}
+    assert set(IDS) == {f"scopegym/{n}-v1" for n in nine}
     for tid in IDS:
         assert tid in gym.registry
         assert gym.spec(tid).max_episode_steps is None  # the engine truncates; no second TimeLimit
@@ -147,7 +147,7 @@ def test_make_vec_is_the_native_vector_env():
     v.close()
 
 
-@pytest.mark.parametrize("tid", ["scopegym/PfmDomainWriting-v0", "scopegym/SpmTipConditioning-v0"])
+@pytest.mark.parametrize("tid", ["scopegym/PfmDomainWriting-v1", "scopegym/SpmTipConditioning-v1"])
 def test_vector_observations_match_the_declared_space(tid):
     v = scopegym.make_vec(tid, 2)
     obs, _ = v.reset(seed=0)
@@ -217,7 +217,7 @@ def test_gil_is_released_while_stepping():
             ticks.append(time.perf_counter())
 
     # One long native call: a batch of envs at one step each is fast, so step a slow task.
-    slow = scopegym.make_vec("scopegym/StemAutofocus-v0", 64)
+    slow = scopegym.make_vec("scopegym/StemAutofocus-v1", 64)
     slow.reset(seed=0)
     t = threading.Thread(target=spin)
     t.start()
@@ -262,13 +262,13 @@ def test_bad_inputs_raise_the_documented_exceptions():
     with pytest.raises(scopegym.InvalidAction):
         env.step(np.zeros(3, dtype=np.complex64))
     with pytest.raises(scopegym.UnknownTask):
-        scopegym.make_vec("scopegym/Nope-v0", 2)
+        scopegym.make_vec("scopegym/Nope-v1", 2)
     with pytest.raises(scopegym.UnknownTask):
-        scopegym.ScopegymEnv("scopegym/Nope-v0")
+        scopegym.ScopegymEnv("scopegym/Nope-v1")
     with pytest.raises(scopegym.UnknownTask):
-        scopegym.make("scopegym/Nope-v0")
+        scopegym.make("scopegym/Nope-v1")
     with pytest.raises(gym.error.Error):
-        gym.make("scopegym/Nope-v0")  # Gymnasium's own lookup error comes first
+        gym.make("scopegym/Nope-v1")  # Gymnasium's own lookup error comes first
     with pytest.raises(scopegym.InvalidConfig, match="no_such_key"):
         gym.make(STEER, config={"no_such_key": 1})
     with pytest.raises(scopegym.InvalidConfig):
@@ -291,7 +291,7 @@ def test_bad_inputs_raise_the_documented_exceptions():
 
 
 def test_discrete_actions():
-    env = gym.make("scopegym/SpmTipConditioning-v0").unwrapped
+    env = gym.make("scopegym/SpmTipConditioning-v1").unwrapped
     env.reset(seed=0)
     env.step(3)
     env.step(np.int64(2))

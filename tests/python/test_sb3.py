@@ -14,7 +14,7 @@ from stable_baselines3 import PPO  # noqa: E402
 from stable_baselines3.common.env_util import make_vec_env  # noqa: E402
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor  # noqa: E402
 
-STEER = "scopegym/StemDopantSteer-v0"
+STEER = "scopegym/StemDopantSteer-v1"
 
 
 def mean_return(env, act, episodes, seed):
@@ -70,7 +70,7 @@ class SmallCnn(BaseFeaturesExtractor):
 def test_ppo_trains_on_an_image_task():
     torch.manual_seed(0)
     torch.set_num_threads(1)
-    env = gym.make("scopegym/SpmTipConditioning-v0")
+    env = gym.make("scopegym/SpmTipConditioning-v1")
     model = PPO(
         "MlpPolicy",
         env,

@@ -14,7 +14,7 @@ import pytest
 
 import scopegym
 
-STEER = "scopegym/StemDopantSteer-v0"
+STEER = "scopegym/StemDopantSteer-v1"
 
 
 def test_stubs_match_the_built_module():
@@ -48,8 +48,8 @@ def test_record_loads_with_minari_and_matches_what_was_stepped(tmp_path, monkeyp
     import minari
 
     path = scopegym.record(STEER, 3, seed=7, policy="random", config={"max_steps": 20})
-    assert path == tmp_path / "scopegym/StemDopantSteer/random-v0"
-    ds = minari.load_dataset("scopegym/StemDopantSteer/random-v0")
+    assert path == tmp_path / "scopegym/StemDopantSteer/random-v1"
+    ds = minari.load_dataset("scopegym/StemDopantSteer/random-v1")
     assert ds.total_episodes == 3
     assert ds.observation_space == gym.make(STEER).observation_space
     eps = list(ds.iterate_episodes())
@@ -76,7 +76,7 @@ def test_record_heuristic_and_callable_policies(tmp_path):
         calls.append(obs)
         return np.array([0.0, 0.0, 1.0], dtype=np.float32)
 
-    p = scopegym.record("scopegym/SpmTipConditioning-v0", 1, policy=lambda o: 0, path=tmp_path / "d")
+    p = scopegym.record("scopegym/SpmTipConditioning-v1", 1, policy=lambda o: 0, path=tmp_path / "d")
     with h5py.File(p / "data" / "main_data.hdf5") as f:
         assert (f["episode_0/actions"][()] == 0).all()
     scopegym.record(STEER, 1, policy=policy, path=tmp_path / "c", config={"max_steps": 4})

@@ -1,4 +1,4 @@
-//! `scopegym/AfmFeedbackTuning-v0`: tune the z-feedback of an AFM (P, I, scan speed) so it
+//! `scopegym/AfmFeedbackTuning-v1`: tune the z-feedback of an AFM (P, I, scan speed) so it
 //! tracks a rough surface accurately and fast (anchor: BO tuning of SPM feedback, spmsimu).
 //!
 //! Each step applies the action's gains and line rate and scans `lines` lines of `cols` pixels,
@@ -24,8 +24,9 @@
 
 use crate::env::{Info, InfoValue, RgbImage, Task, TaskStep};
 use crate::error::{EnvError, Result};
+use crate::level::{Difficulty, Split};
 use crate::space::{Space, Value};
-use crate::tasks::{NewEpisode, check_nonnegative, config_from_toml};
+use crate::tasks::{NewEpisode, TaskConfig, check_nonnegative, config_from_toml};
 use scopegym_physics::instrument::{ScanSettings, SpmInstrument};
 use scopegym_physics::param::Param;
 use scopegym_physics::spm::sim::{SpmConfig, SpmSimulator};
@@ -36,6 +37,12 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
+    /// Difficulty level (`"easy"`, `"medium"`, `"hard"`): picks the defaults of the
+    /// domain-randomization ranges (module docs). Default `"medium"`.
+    pub difficulty: Difficulty,
+    /// Parameter split (`"train"`, or the held-out `"test"`): which bands of every randomized
+    /// range episodes draw from ([`crate::level`]). Default `"train"`.
+    pub split: Split,
     /// The simulated instrument (AFM mode).
     pub instrument: SpmConfig,
     /// Lines scanned per step. Default 8.
@@ -74,6 +81,8 @@ impl Default for Config {
         instrument.tip.wear_rate = Param::fixed(0.0);
         instrument.sample.crash_threshold = Param::fixed(1e-6);
         Self {
+            difficulty: Difficulty::Medium,
+            split: Split::Train,
             instrument,
             lines: 8,
             cols: 128,
@@ -87,6 +96,15 @@ impl Default for Config {
             success_error: 0.3,
             success_rate: 2.0,
             success_bonus: 10.0,
+        }
+    }
+}
+
+impl TaskConfig for Config {
+    fn at_level(difficulty: Difficulty) -> Self {
+        Self {
+            difficulty,
+            ..Self::default()
         }
     }
 }
@@ -190,7 +208,8 @@ impl AfmFeedbackTuning<SpmSimulator> {
 
 impl<I: SpmInstrument + NewEpisode + Send> AfmFeedbackTuning<I> {
     /// The task on `inst` with `cfg`.
-    pub fn new(cfg: Config, inst: I) -> Self {
+    pub fn new(cfg: Config, mut inst: I) -> Self {
+        inst.set_region(cfg.split.region());
         Self {
             last_height: vec![0.0; cfg.lines * cfg.cols],
             cfg,
@@ -342,6 +361,7 @@ impl<I: SpmInstrument + NewEpisode + Send> Task for AfmFeedbackTuning<I> {
             obs: Value::Box(obs.to_vec()),
             reward,
             terminated: success,
+            success,
         })
     }
 

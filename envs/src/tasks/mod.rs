@@ -13,6 +13,8 @@ pub mod stem_sparse_scan;
 
 use crate::env::{Info, InfoValue};
 use crate::error::{EnvError, Result};
+use crate::level::Difficulty;
+use scopegym_physics::param::Region;
 use scopegym_physics::spm::sim::SpmSimulator;
 use scopegym_physics::stem::StemSimulator;
 use scopegym_physics::stem::dopant::DopantSimulator;
@@ -25,15 +27,29 @@ use serde::de::DeserializeOwned;
 pub trait NewEpisode {
     /// Starts an episode from `seed`; records what was randomized in `info` (`param.<key>`).
     fn new_episode(&mut self, seed: u64, info: &mut Info) -> Result<()>;
+
+    /// Draws later episodes' randomized parameters from `region` (the task's split). A real
+    /// instrument draws nothing: the default does nothing.
+    fn set_region(&mut self, _region: Region) {}
 }
 
-impl NewEpisode for SpmSimulator {
-    fn new_episode(&mut self, seed: u64, info: &mut Info) -> Result<()> {
-        self.reset(seed)?;
-        record_randomized(self.template(), self.config(), info);
-        Ok(())
-    }
+macro_rules! new_episode_from_template {
+    ($($sim:ty),*) => {$(
+        impl NewEpisode for $sim {
+            fn new_episode(&mut self, seed: u64, info: &mut Info) -> Result<()> {
+                self.reset(seed)?;
+                record_randomized(self.template(), self.config(), info);
+                Ok(())
+            }
+
+            fn set_region(&mut self, region: Region) {
+                <$sim>::set_region(self, region);
+            }
+        }
+    )*};
 }
+
+new_episode_from_template!(SpmSimulator, LatticeSimulator, StemSimulator);
 
 impl NewEpisode for DopantSimulator {
     fn new_episode(&mut self, seed: u64, info: &mut Info) -> Result<()> {
@@ -43,21 +59,9 @@ impl NewEpisode for DopantSimulator {
         }
         Ok(())
     }
-}
 
-impl NewEpisode for LatticeSimulator {
-    fn new_episode(&mut self, seed: u64, info: &mut Info) -> Result<()> {
-        self.reset(seed)?;
-        record_randomized(self.template(), self.config(), info);
-        Ok(())
-    }
-}
-
-impl NewEpisode for StemSimulator {
-    fn new_episode(&mut self, seed: u64, info: &mut Info) -> Result<()> {
-        self.reset(seed)?;
-        record_randomized(self.template(), self.config(), info);
-        Ok(())
+    fn set_region(&mut self, region: Region) {
+        DopantSimulator::set_region(self, region);
     }
 }
 
@@ -130,19 +134,68 @@ pub fn check_positive(fields: &[(&str, f64)]) -> Result<()> {
     }
 }
 
-/// Reads a task config from optional TOML (missing keys take their defaults); an unknown key or
-/// a wrong type is an [`EnvError::InvalidConfig`] naming the key.
-pub fn config_from_toml<C: DeserializeOwned + Default>(config: Option<&toml::Value>) -> Result<C> {
-    match config {
-        None => Ok(C::default()),
-        Some(v) => serde_path_to_error::deserialize(v.clone()).map_err(|e| {
-            let key = e.path().to_string();
-            EnvError::config(
-                if key == "." { "config".into() } else { key },
-                e.into_inner().to_string(),
-            )
-        }),
+/// A task's config: serde, with defaults per [`Difficulty`] level.
+pub trait TaskConfig: Serialize + DeserializeOwned {
+    /// The defaults at `difficulty` (its `difficulty` field set to it): the ranges the task's
+    /// domain randomization draws from at that level.
+    fn at_level(difficulty: Difficulty) -> Self;
+}
+
+fn is_distribution(t: &toml::map::Map<String, toml::Value>) -> bool {
+    t.len() == 1
+        && ["uniform", "normal", "log_uniform"]
+            .iter()
+            .any(|k| t.contains_key(*k))
+}
+
+/// Writes `over` onto `base`: tables merge key by key; anything else (numbers, strings, arrays,
+/// distribution tables such as `{ uniform = [lo, hi] }`) replaces what was there.
+pub fn merge_toml(base: &mut toml::Value, over: &toml::Value) {
+    match (base, over) {
+        (toml::Value::Table(b), toml::Value::Table(o)) if !is_distribution(o) => {
+            for (k, v) in o {
+                let nested = matches!(b.get(k), Some(toml::Value::Table(t)) if !is_distribution(t));
+                match b.get_mut(k) {
+                    Some(bv) if nested => merge_toml(bv, v),
+                    _ => {
+                        b.insert(k.clone(), v.clone());
+                    }
+                }
+            }
+        }
+        (b, o) => *b = o.clone(),
     }
+}
+
+fn config_error(e: serde_path_to_error::Error<toml::de::Error>) -> EnvError {
+    let key = e.path().to_string();
+    EnvError::config(
+        if key == "." { "config".into() } else { key },
+        e.into_inner().to_string(),
+    )
+}
+
+/// Reads a task config from optional TOML. The `difficulty` key (default `"medium"`) picks the
+/// defaults ([`TaskConfig::at_level`]); the keys given are written over them (tables merge key
+/// by key, so `instrument.tip.initial_radius = "2 nm"` changes one value). An unknown key or a
+/// wrong type is an [`EnvError::InvalidConfig`] naming the key.
+pub fn config_from_toml<C: TaskConfig>(config: Option<&toml::Value>) -> Result<C> {
+    let difficulty = match config.and_then(|c| c.get("difficulty")) {
+        None => Difficulty::default(),
+        Some(d) => serde_path_to_error::deserialize(d.clone())
+            .map_err(|e| EnvError::config("difficulty", e.into_inner().to_string()))?,
+    };
+    let defaults = C::at_level(difficulty);
+    let Some(over) = config else {
+        return Ok(defaults);
+    };
+    if !over.is_table() {
+        return Err(EnvError::config("config", "expected a table of settings"));
+    }
+    let mut merged = toml::Value::try_from(&defaults)
+        .map_err(|e| EnvError::config("config", format!("cannot serialize the defaults: {e}")))?;
+    merge_toml(&mut merged, over);
+    serde_path_to_error::deserialize(merged).map_err(config_error)
 }
 
 /// Helpers the tasks' unit tests share.

@@ -1,4 +1,4 @@
-//! `scopegym/PfmDomainWriting-v0`: write a target domain pattern into a ferroelectric film with
+//! `scopegym/PfmDomainWriting-v1`: write a target domain pattern into a ferroelectric film with
 //! tip bias pulses, checking the result in the PFM phase image (anchor: AEcroscopy writing).
 //!
 //! The film starts polarized down (phase 180°). Each step applies one bias pulse at the chosen
@@ -25,8 +25,9 @@
 
 use crate::env::{Info, InfoValue, RgbImage, Task, TaskStep};
 use crate::error::{EnvError, Result};
+use crate::level::{Difficulty, Split};
 use crate::space::{Dtype, Space, Value};
-use crate::tasks::{NewEpisode, check_nonnegative, config_from_toml};
+use crate::tasks::{NewEpisode, TaskConfig, check_nonnegative, config_from_toml};
 use rand::Rng;
 use scopegym_physics::instrument::{BiasWriting, ScanSettings, SpmInstrument, SpmMode};
 use scopegym_physics::param::Param;
@@ -39,6 +40,12 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
+    /// Difficulty level (`"easy"`, `"medium"`, `"hard"`): picks the defaults of the
+    /// domain-randomization ranges (module docs). Default `"medium"`.
+    pub difficulty: Difficulty,
+    /// Parameter split (`"train"`, or the held-out `"test"`): which bands of every randomized
+    /// range episodes draw from ([`crate::level`]). Default `"train"`.
+    pub split: Split,
     /// The simulated instrument (PFM mode; 64² sample grid over 0.5 µm, film poled down).
     pub instrument: SpmConfig,
     /// Pixels per side of the phase frame and the target. Default 32.
@@ -87,6 +94,8 @@ impl Default for Config {
         instrument.pfm.phase_noise =
             Param::Uniform(2f64.to_radians(), 10f64.to_radians(), Default::default());
         Self {
+            difficulty: Difficulty::Medium,
+            split: Split::Train,
             instrument,
             pixels: 32,
             field: 0.5e-6,
@@ -101,6 +110,15 @@ impl Default for Config {
             heuristic_bias: 6.0,
             heuristic_log_duration: -2.5,
             heuristic_radius: 3.0,
+        }
+    }
+}
+
+impl TaskConfig for Config {
+    fn at_level(difficulty: Difficulty) -> Self {
+        Self {
+            difficulty,
+            ..Self::default()
         }
     }
 }
@@ -312,7 +330,8 @@ impl PfmDomainWriting<SpmSimulator> {
 
 impl<I: SpmInstrument + BiasWriting + PolarizationTruth + NewEpisode + Send> PfmDomainWriting<I> {
     /// The task on `inst` with `cfg`.
-    pub fn new(cfg: Config, inst: I) -> Self {
+    pub fn new(cfg: Config, mut inst: I) -> Self {
+        inst.set_region(cfg.split.region());
         let n = cfg.pixels;
         Self {
             cfg,
@@ -451,6 +470,7 @@ impl<I: SpmInstrument + BiasWriting + PolarizationTruth + NewEpisode + Send> Tas
                 obs: self.obs(),
                 reward: -c.breakdown_penalty,
                 terminated: true,
+                success: false,
             });
         }
         let half = 0.5 * c.field;
@@ -473,6 +493,7 @@ impl<I: SpmInstrument + BiasWriting + PolarizationTruth + NewEpisode + Send> Tas
             obs: self.obs(),
             reward,
             terminated: success,
+            success,
         })
     }
 

@@ -1,4 +1,4 @@
-//! `scopegym/PfmSpectroscopyExplore-v0`: choose where to measure switching-spectroscopy loops
+//! `scopegym/PfmSpectroscopyExplore-v1`: choose where to measure switching-spectroscopy loops
 //! on a ferroelectric film to find the largest loop within a budget of measurements (anchor:
 //! GPax/AEcroscopy active learning over BEPS maps).
 //!
@@ -30,8 +30,9 @@
 
 use crate::env::{Info, InfoValue, RgbImage, Task, TaskStep};
 use crate::error::{EnvError, Result};
+use crate::level::{Difficulty, Split};
 use crate::space::{Dtype, Space, Value};
-use crate::tasks::{NewEpisode, config_from_toml};
+use crate::tasks::{NewEpisode, TaskConfig, config_from_toml};
 use scopegym_physics::instrument::{PointSpectroscopy, ScanSettings, SpmInstrument, SpmMode};
 use scopegym_physics::param::Param;
 use scopegym_physics::spm::ferro::{loop_coercive, triangle_waveform};
@@ -43,6 +44,12 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
+    /// Difficulty level (`"easy"`, `"medium"`, `"hard"`): picks the defaults of the
+    /// domain-randomization ranges (module docs). Default `"medium"`.
+    pub difficulty: Difficulty,
+    /// Parameter split (`"train"`, or the held-out `"test"`): which bands of every randomized
+    /// range episodes draw from ([`crate::level`]). Default `"train"`.
+    pub split: Split,
     /// The simulated instrument (PFM mode; 64² sample grid over 1 µm).
     pub instrument: SpmConfig,
     /// Recorded loops to serve instead of simulating (path of an NSID HDF5 BEPS file).
@@ -87,6 +94,8 @@ impl Default for Config {
         instrument.ferroelectric.random_field_correlation = Param::fixed(10.0);
         instrument.ferroelectric.pinning_fraction = Param::Uniform(0.02, 0.1, Default::default());
         Self {
+            difficulty: Difficulty::Medium,
+            split: Split::Train,
             instrument,
             real_data: None,
             grid: 6,
@@ -97,6 +106,15 @@ impl Default for Config {
             loop_points: 24,
             reward_scale: 10.0,
             truth: true,
+        }
+    }
+}
+
+impl TaskConfig for Config {
+    fn at_level(difficulty: Difficulty) -> Self {
+        Self {
+            difficulty,
+            ..Self::default()
         }
     }
 }
@@ -293,7 +311,8 @@ impl<I: SpmInstrument + PointSpectroscopy + LoopTruth + NewEpisode + Send>
     PfmSpectroscopyExplore<I>
 {
     /// The task on `inst` with `cfg` (`cfg.real_data` is ignored).
-    pub fn new(cfg: Config, inst: I) -> Self {
+    pub fn new(cfg: Config, mut inst: I) -> Self {
+        inst.set_region(cfg.split.region());
         Self::with_source(cfg, Source::Instrument(inst))
     }
 
@@ -497,6 +516,7 @@ impl<I: SpmInstrument + PointSpectroscopy + LoopTruth + NewEpisode + Send> Task
             obs: self.obs(),
             reward: self.cfg.reward_scale * (self.best - before),
             terminated: false,
+            success: false,
         })
     }
 

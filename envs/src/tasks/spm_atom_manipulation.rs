@@ -1,4 +1,4 @@
-//! `scopegym/SpmAtomManipulation-v0`: drag an Ag adatom on Ag(111) to a goal site by STM
+//! `scopegym/SpmAtomManipulation-v1`: drag an Ag adatom on Ag(111) to a goal site by STM
 //! lateral manipulation (anchor: SINGROUP's RL atom manipulation).
 //!
 //! The instrument images a small field (`pixels²`, `field` wide, fixed at the centre of the
@@ -30,8 +30,9 @@
 
 use crate::env::{Info, InfoValue, RgbImage, Task, TaskStep};
 use crate::error::{EnvError, Result};
+use crate::level::{Difficulty, Split};
 use crate::space::{Space, Value};
-use crate::tasks::{NewEpisode, check_nonnegative, check_positive, config_from_toml};
+use crate::tasks::{NewEpisode, TaskConfig, check_nonnegative, check_positive, config_from_toml};
 use rand::Rng;
 use scopegym_physics::instrument::{LateralManipulation, ScanSettings, SpmInstrument, SpmMode};
 use scopegym_physics::param::Param;
@@ -45,6 +46,12 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
+    /// Difficulty level (`"easy"`, `"medium"`, `"hard"`): picks the defaults of the
+    /// domain-randomization ranges (module docs). Default `"medium"`.
+    pub difficulty: Difficulty,
+    /// Parameter split (`"train"`, or the held-out `"test"`): which bands of every randomized
+    /// range episodes draw from ([`crate::level`]). Default `"train"`.
+    pub split: Split,
     /// The simulated instrument (STM mode).
     pub instrument: SpmConfig,
     /// Pixels per side of the frame. Default 40.
@@ -110,6 +117,8 @@ impl Default for Config {
         s.pink_noise = Param::fixed(3e-12);
         s.line_offset = Param::fixed(2e-12);
         Self {
+            difficulty: Difficulty::Medium,
+            split: Split::Train,
             instrument: inst,
             pixels: 40,
             field: 4.8e-9,
@@ -123,6 +132,15 @@ impl Default for Config {
             obs_clip: 10.0,
             success_bonus: 5.0,
             lost_penalty: 10.0,
+        }
+    }
+}
+
+impl TaskConfig for Config {
+    fn at_level(difficulty: Difficulty) -> Self {
+        Self {
+            difficulty,
+            ..Self::default()
         }
     }
 }
@@ -277,7 +295,8 @@ impl<I: SpmInstrument + LateralManipulation + AtomTruth + NewEpisode + Send>
     SpmAtomManipulation<I>
 {
     /// The task on `inst` with `cfg`.
-    pub fn new(cfg: Config, inst: I) -> Self {
+    pub fn new(cfg: Config, mut inst: I) -> Self {
+        inst.set_region(cfg.split.region());
         Self {
             img: vec![0.0; cfg.pixels * cfg.pixels],
             cfg,
@@ -472,6 +491,7 @@ impl<I: SpmInstrument + LateralManipulation + AtomTruth + NewEpisode + Send> Tas
             obs,
             reward,
             terminated,
+            success: info.get("success") == Some(&InfoValue::Bool(true)),
         })
     }
 

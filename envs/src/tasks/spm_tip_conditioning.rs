@@ -1,4 +1,4 @@
-//! `scopegym/SpmTipConditioning-v0`: condition an STM tip with bias pulses and dips until it
+//! `scopegym/SpmTipConditioning-v1`: condition an STM tip with bias pulses and dips until it
 //! images adatoms sharply (anchor: DeepSPM).
 //!
 //! The instrument images Ag(111) with Ag adatoms at constant current. Episodes start from a
@@ -34,8 +34,9 @@
 
 use crate::env::{Info, InfoValue, RgbImage, Task, TaskStep};
 use crate::error::{EnvError, Result};
+use crate::level::{Difficulty, Split};
 use crate::space::{Space, Value};
-use crate::tasks::{NewEpisode, check_nonnegative, check_positive, config_from_toml};
+use crate::tasks::{NewEpisode, TaskConfig, check_nonnegative, check_positive, config_from_toml};
 use rand::Rng;
 use scopegym_physics::instrument::{ScanSettings, SpmInstrument, SpmMode, TipConditioning};
 use scopegym_physics::param::Param;
@@ -60,6 +61,12 @@ const HEURISTIC_DIP: i64 = 10;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
+    /// Difficulty level (`"easy"`, `"medium"`, `"hard"`): picks the defaults of the
+    /// domain-randomization ranges (module docs). Default `"medium"`.
+    pub difficulty: Difficulty,
+    /// Parameter split (`"train"`, or the held-out `"test"`): which bands of every randomized
+    /// range episodes draw from ([`crate::level`]). Default `"train"`.
+    pub split: Split,
     /// The simulated instrument (STM mode).
     pub instrument: SpmConfig,
     /// Pixels per side of a frame. Default 32.
@@ -127,6 +134,8 @@ impl Default for Config {
         s.pink_noise = Param::fixed(3e-12);
         s.line_offset = Param::fixed(2e-12);
         Self {
+            difficulty: Difficulty::Medium,
+            split: Split::Train,
             instrument: inst,
             pixels: 32,
             field: 4.8e-9,
@@ -138,6 +147,15 @@ impl Default for Config {
             noise_threshold: 0.1,
             wear_weight: 0.5,
             success_bonus: 10.0,
+        }
+    }
+}
+
+impl TaskConfig for Config {
+    fn at_level(difficulty: Difficulty) -> Self {
+        Self {
+            difficulty,
+            ..Self::default()
         }
     }
 }
@@ -306,7 +324,8 @@ impl TipTruth for SpmSimulator {
 
 impl<I: SpmInstrument + TipConditioning + TipTruth + NewEpisode + Send> SpmTipConditioning<I> {
     /// The task on `inst` with `cfg`.
-    pub fn new(cfg: Config, inst: I) -> Self {
+    pub fn new(cfg: Config, mut inst: I) -> Self {
+        inst.set_region(cfg.split.region());
         Self {
             last: vec![0.0; cfg.pixels * cfg.pixels],
             cfg,
@@ -442,6 +461,7 @@ impl<I: SpmInstrument + TipConditioning + TipTruth + NewEpisode + Send> Task
             obs: Value::Box(self.last.clone()),
             reward,
             terminated: judged_good,
+            success: judged_good,
         })
     }
 

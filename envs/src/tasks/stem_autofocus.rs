@@ -1,4 +1,4 @@
-//! `scopegym/StemAutofocus-v0`: correct defocus and two-fold astigmatism of a STEM probe from
+//! `scopegym/StemAutofocus-v1`: correct defocus and two-fold astigmatism of a STEM probe from
 //! the images alone (anchor: CEOS / SmartTuning autofocus).
 //!
 //! Each episode starts from random defocus C10 and astigmatism (C12a, C12b) drawn from the seed
@@ -32,8 +32,9 @@
 
 use crate::env::{Info, InfoValue, RgbImage, Task, TaskStep};
 use crate::error::{EnvError, Result};
+use crate::level::{Difficulty, Split};
 use crate::space::{Space, Value};
-use crate::tasks::{NewEpisode, check_nonnegative, config_from_toml};
+use crate::tasks::{NewEpisode, TaskConfig, check_nonnegative, config_from_toml};
 use rand::Rng;
 use scopegym_physics::instrument::{ScanSettings, StemInstrument};
 use scopegym_physics::param::Param;
@@ -51,6 +52,12 @@ use std::f64::consts::PI;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
+    /// Difficulty level (`"easy"`, `"medium"`, `"hard"`): picks the defaults of the
+    /// domain-randomization ranges (module docs). Default `"medium"`.
+    pub difficulty: Difficulty,
+    /// Parameter split (`"train"`, or the held-out `"test"`): which bands of every randomized
+    /// range episodes draw from ([`crate::level`]). Default `"train"`.
+    pub split: Split,
     /// The simulated instrument ([`LatticeSimulator`]: a perfect, unbounded crystal; constant
     /// drift at most). Default: 60 kV, 30 mrad, 100 pA, monolayer MoS₂ at a random rotation, no
     /// drift or scan noise.
@@ -86,6 +93,8 @@ impl Default for Config {
         instrument.scan.pixel_size = Param::fixed(0.25e-10);
         instrument.damage.sputtering = false;
         Self {
+            difficulty: Difficulty::Medium,
+            split: Split::Train,
             instrument,
             pixels: 64,
             pixel_size: 0.25e-10,
@@ -96,6 +105,15 @@ impl Default for Config {
             c12_range: 4e-9,
             dose_weight: 1e-6,
             success_bonus: 1.0,
+        }
+    }
+}
+
+impl TaskConfig for Config {
+    fn at_level(difficulty: Difficulty) -> Self {
+        Self {
+            difficulty,
+            ..Self::default()
         }
     }
 }
@@ -246,7 +264,8 @@ const S_FLOOR: f64 = 0.01;
 
 impl<I: StemInstrument + NewEpisode + Send> StemAutofocus<I> {
     /// The task on `inst` with `cfg`.
-    pub fn new(cfg: Config, inst: I) -> Self {
+    pub fn new(cfg: Config, mut inst: I) -> Self {
+        inst.set_region(cfg.split.region());
         Self {
             last: vec![0.0; cfg.pixels * cfg.pixels],
             search: Search::new(cfg.max_step * 1e9),
@@ -369,6 +388,7 @@ impl<I: StemInstrument + NewEpisode + Send> Task for StemAutofocus<I> {
             obs: Value::Box(self.last.clone()),
             reward,
             terminated: success,
+            success,
         })
     }
 

@@ -1,4 +1,4 @@
-//! `scopegym/StemDopantSteer-v0`: move a Si dopant in graphene to a goal lattice site by parking
+//! `scopegym/StemDopantSteer-v1`: move a Si dopant in graphene to a goal lattice site by parking
 //! the electron beam beside it (anchor: putting-dune).
 //!
 //! Each step moves the parked probe to the chosen offset from the dopant and dwells there
@@ -37,8 +37,9 @@
 
 use crate::env::{Info, InfoValue, RgbImage, Task, TaskStep};
 use crate::error::{EnvError, Result};
+use crate::level::{Difficulty, Split};
 use crate::space::{Space, Value};
-use crate::tasks::{NewEpisode, check_nonnegative, config_from_toml};
+use crate::tasks::{NewEpisode, TaskConfig, check_nonnegative, config_from_toml};
 use rand::Rng;
 use scopegym_physics::instrument::StemInstrument;
 use scopegym_physics::rng::{derive_seed, seeded};
@@ -117,6 +118,12 @@ impl DopantFinder for StemSimulator {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
+    /// Difficulty level (`"easy"`, `"medium"`, `"hard"`): picks the defaults of the
+    /// domain-randomization ranges (module docs). Default `"medium"`.
+    pub difficulty: Difficulty,
+    /// Parameter split (`"train"`, or the held-out `"test"`): which bands of every randomized
+    /// range episodes draw from ([`crate::level`]). Default `"train"`.
+    pub split: Split,
     /// The simulated instrument ([`DopantSimConfig`]). Default: 60 kV, 100 pA, graphene at a
     /// random rotation with one Si at the origin, no drift, 64² scan of 0.2 Å pixels (the probe
     /// is kept within ± the field of view, 1.28 nm, of the scan centre).
@@ -149,6 +156,8 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Self {
+            difficulty: Difficulty::Medium,
+            split: Split::Train,
             instrument: DopantSimConfig::default(),
             max_steps: 100,
             max_offset: 1.2e-10,
@@ -160,6 +169,15 @@ impl Default for Config {
             lost_penalty: 1.0,
             shaping: 0.1,
             heuristic_dwell: 2.0,
+        }
+    }
+}
+
+impl TaskConfig for Config {
+    fn at_level(difficulty: Difficulty) -> Self {
+        Self {
+            difficulty,
+            ..Self::default()
         }
     }
 }
@@ -254,7 +272,8 @@ const OBS_BOUND: f32 = 100.0;
 impl<I: StemInstrument + DopantFinder + NewEpisode + Send> StemDopantSteer<I> {
     /// The task on `inst` with `cfg` (`cfg.instrument` configures only [`DopantSimulator`];
     /// another instrument comes configured).
-    pub fn new(cfg: Config, inst: I) -> Self {
+    pub fn new(cfg: Config, mut inst: I) -> Self {
+        inst.set_region(cfg.split.region());
         Self {
             cfg,
             inst,
@@ -401,6 +420,7 @@ impl<I: StemInstrument + DopantFinder + NewEpisode + Send> Task for StemDopantSt
             obs: self.observe(),
             reward,
             terminated: success || lost,
+            success,
         })
     }
 

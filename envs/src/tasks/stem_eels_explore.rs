@@ -1,4 +1,4 @@
-//! `scopegym/StemEelsExplore-v0`: choose where to park the probe for EELS to find the strongest
+//! `scopegym/StemEelsExplore-v1`: choose where to park the probe for EELS to find the strongest
 //! Si-L₂,₃ signal within a budget of spectra (anchor: DTMicroscope deep-kernel-learning
 //! exploration, structure image → spectral property).
 //!
@@ -46,8 +46,9 @@
 
 use crate::env::{Info, InfoValue, RgbImage, Task, TaskStep};
 use crate::error::{EnvError, Result};
+use crate::level::{Difficulty, Split};
 use crate::space::{Space, Value};
-use crate::tasks::{NewEpisode, config_from_toml};
+use crate::tasks::{NewEpisode, TaskConfig, config_from_toml};
 use scopegym_physics::constants::ELEMENTARY_CHARGE;
 use scopegym_physics::instrument::{ScanSettings, StemInstrument};
 use scopegym_physics::param::Param;
@@ -60,6 +61,12 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
+    /// Difficulty level (`"easy"`, `"medium"`, `"hard"`): picks the defaults of the
+    /// domain-randomization ranges (module docs). Default `"medium"`.
+    pub difficulty: Difficulty,
+    /// Parameter split (`"train"`, or the held-out `"test"`): which bands of every randomized
+    /// range episodes draw from ([`crate::level`]). Default `"train"`.
+    pub split: Split,
     /// The simulated instrument. Default: 60 kV, 30 mrad, 100 pA; a 4.4 nm square of graphene
     /// at a random rotation with 5 Si dopants at random sites; no drift or scan noise; no
     /// sputtering (below threshold at 60 kV); beam-driven dopant hops on; the spectrometer at
@@ -105,6 +112,8 @@ impl Default for Config {
             ..Default::default()
         };
         Self {
+            difficulty: Difficulty::Medium,
+            split: Split::Train,
             instrument,
             pixels: 64,
             pixel_size: 0.5e-10,
@@ -115,6 +124,15 @@ impl Default for Config {
             pre_edge: [80.0, 97.0],
             signal: [99.0, 129.0],
             reward_scale: 1.0,
+        }
+    }
+}
+
+impl TaskConfig for Config {
+    fn at_level(difficulty: Difficulty) -> Self {
+        Self {
+            difficulty,
+            ..Self::default()
         }
     }
 }
@@ -392,7 +410,8 @@ const BINS: usize = 64;
 
 impl<I: StemInstrument + SpectrumTruth + NewEpisode + Send> StemEelsExplore<I> {
     /// The task on `inst` with `cfg`.
-    pub fn new(cfg: Config, inst: I) -> Self {
+    pub fn new(cfg: Config, mut inst: I) -> Self {
+        inst.set_region(cfg.split.region());
         let (g, p) = (cfg.grid, cfg.pixels);
         Self {
             overview: vec![0.0; p * p],
@@ -621,6 +640,7 @@ impl<I: StemInstrument + SpectrumTruth + NewEpisode + Send> Task for StemEelsExp
             obs: self.observation(),
             reward: if reward.is_finite() { reward } else { 0.0 },
             terminated: false,
+            success: false,
         })
     }
 

@@ -1,4 +1,4 @@
-//! `scopegym/StemSparseScan-v0`: image a heterogeneous field by scanning only some of its tiles,
+//! `scopegym/StemSparseScan-v1`: image a heterogeneous field by scanning only some of its tiles,
 //! choosing each next tile from what has been measured so far (anchor: adaptive-scan RL, sparse
 //! sampling in STEM to limit dose).
 //!
@@ -50,8 +50,9 @@
 
 use crate::env::{Info, InfoValue, RgbImage, Task, TaskStep};
 use crate::error::{EnvError, Result};
+use crate::level::{Difficulty, Split};
 use crate::space::{Space, Value};
-use crate::tasks::{NewEpisode, check_nonnegative, config_from_toml};
+use crate::tasks::{NewEpisode, TaskConfig, check_nonnegative, config_from_toml};
 use scopegym_physics::constants::ELEMENTARY_CHARGE;
 use scopegym_physics::instrument::{ScanSettings, StemInstrument};
 use scopegym_physics::param::Param;
@@ -64,6 +65,12 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
+    /// Difficulty level (`"easy"`, `"medium"`, `"hard"`): picks the defaults of the
+    /// domain-randomization ranges (module docs). Default `"medium"`.
+    pub difficulty: Difficulty,
+    /// Parameter split (`"train"`, or the held-out `"test"`): which bands of every randomized
+    /// range episodes draw from ([`crate::level`]). Default `"train"`.
+    pub split: Split,
     /// The simulated instrument. Default: 60 kV, 30 mrad, 100 pA; an 8 nm square of graphene at
     /// a random rotation with 6 Si dopants at random sites and amorphous carbon patches
     /// (coverage 10-35 %, radius 0.4-1 nm, 0.5-1.5 atoms/Å², i.e. about 0.5-1.5 nm of
@@ -109,6 +116,8 @@ impl Default for Config {
         });
         instrument.damage.sputtering = false;
         Self {
+            difficulty: Difficulty::Medium,
+            split: Split::Train,
             instrument,
             pixels: 64,
             tile: [8, 16],
@@ -118,6 +127,15 @@ impl Default for Config {
             reward_scale: 100.0,
             dose_weight: 1e-4,
             truth: true,
+        }
+    }
+}
+
+impl TaskConfig for Config {
+    fn at_level(difficulty: Difficulty) -> Self {
+        Self {
+            difficulty,
+            ..Self::default()
         }
     }
 }
@@ -341,7 +359,8 @@ fn predict(
 
 impl<I: StemInstrument + FieldTruth + NewEpisode + Send> StemSparseScan<I> {
     /// The task on `inst` with `cfg`.
-    pub fn new(cfg: Config, inst: I) -> Self {
+    pub fn new(cfg: Config, mut inst: I) -> Self {
+        inst.set_region(cfg.split.region());
         let n = cfg.pixels * cfg.pixels;
         let [a, b] = cfg.tile_grid();
         Self {
@@ -667,6 +686,7 @@ impl<I: StemInstrument + FieldTruth + NewEpisode + Send> Task for StemSparseScan
             obs: self.observation(),
             reward: if reward.is_finite() { reward } else { 0.0 },
             terminated: self.steps >= self.cfg.budget(),
+            success: false,
         })
     }
 

@@ -40,7 +40,7 @@ use crate::instrument::{
     ScanSettings, SpmFrame, SpmFrameMeta, SpmInstrument, SpmMode, TipConditioning,
 };
 use crate::param::dims::{Angle, Frequency, Length, Time, Unitless, Voltage};
-use crate::param::{Param, resolve};
+use crate::param::{Param, Region, resolve, resolve_in};
 use crate::rng::{SimRng, derive_seed, normal, seeded};
 use crate::spm::adatoms::{AdatomConfig, bumps, corrugation, place_adatoms};
 use crate::spm::dilation::{Dilator, Tip};
@@ -384,6 +384,7 @@ const MANIPULATION_SPEED: f64 = 1e-9;
 #[derive(Debug)]
 pub struct SpmSimulator {
     template: SpmConfig,
+    region: Region,
     cfg: SpmConfig,
     seed: u64,
     rng_noise: SimRng,
@@ -473,6 +474,7 @@ impl SpmSimulator {
         let tip = TipState::new(&cfg.tip, &mut seeded(derive_seed(seed, "tip_init")))?;
         let mut sim = Self {
             template: config,
+            region: Region::All,
             seed,
             rng_noise: seeded(derive_seed(seed, "noise")),
             rng_scan,
@@ -526,7 +528,11 @@ impl SpmSimulator {
     /// Starts a new session with `seed`: redraws randomized parameters, rebuilds the sample, the
     /// tip, the film and the scanner; zeroes the clock and frame counter.
     pub fn reset(&mut self, seed: u64) -> Result<()> {
-        let cfg = resolve(&self.template, &mut seeded(derive_seed(seed, "params")))?;
+        let cfg = resolve_in(
+            &self.template,
+            &mut seeded(derive_seed(seed, "params")),
+            self.region,
+        )?;
         cfg.validate()?;
         self.seed = seed;
         self.rng_noise = seeded(derive_seed(seed, "noise"));
@@ -702,6 +708,12 @@ impl SpmSimulator {
     /// The configuration as given, distributions included.
     pub fn template(&self) -> &SpmConfig {
         &self.template
+    }
+
+    /// Draws every later episode's randomized parameters from `region` of their distributions
+    /// (held-out evaluation ranges); takes effect at the next reset.
+    pub fn set_region(&mut self, region: Region) {
+        self.region = region;
     }
 
     /// The seed of the current session.

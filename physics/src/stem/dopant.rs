@@ -35,9 +35,9 @@ use crate::error::{PhysicsError, Result};
 use crate::instrument::{
     Frame, FrameMeta, InstrumentInfo, InstrumentKind, ScanSettings, Spectrum, StemInstrument,
 };
-use crate::param::Param;
 use crate::param::dims::{Angle, Area, Current, Energy, Frequency, Length, Temperature, Time};
 use crate::param::dims::{Unitless, Velocity};
+use crate::param::{Param, Region};
 use crate::rng::{SimRng, derive_seed, poisson, seeded};
 use crate::stem::damage::{HopModel, knock_on_cross_section};
 use crate::stem::optics::Aberrations;
@@ -193,10 +193,10 @@ impl DopantSimConfig {
     }
 
     /// Draws every parameter (fixed ones give their value) and checks the drawn values.
-    fn draw(&self, rng: &mut SimRng) -> Result<(Drawn, [f64; 19])> {
+    fn draw(&self, rng: &mut SimRng, region: Region) -> Result<(Drawn, [f64; 19])> {
         let mut v = [0.0; 19];
         for (k, (_, dist)) in self.params().iter().enumerate() {
-            v[k] = dist.sample(rng);
+            v[k] = dist.sample_in(rng, region);
         }
         let d = Drawn {
             energy: v[0],
@@ -274,7 +274,7 @@ impl DopantSimConfig {
                 format!("must be in (0, 1 µm], got {} m", self.deflection_range),
             ));
         }
-        self.draw(&mut seeded(0)).map(|_| ())
+        self.draw(&mut seeded(0), Region::All).map(|_| ())
     }
 }
 
@@ -290,6 +290,7 @@ struct Site {
 #[derive(Debug, Clone)]
 pub struct DopantSimulator {
     template: DopantSimConfig,
+    region: Region,
     p: Drawn,
     values: [f64; 19],
     hop: HopModel,
@@ -355,6 +356,7 @@ impl DopantSimulator {
             rng_hop: seeded(0),
             rng_noise: seeded(0),
             template: config,
+            region: Region::All,
         };
         s.reset(seed)?;
         Ok(s)
@@ -365,7 +367,7 @@ impl DopantSimulator {
     pub fn reset(&mut self, seed: u64) -> Result<()> {
         let (p, values) = self
             .template
-            .draw(&mut seeded(derive_seed(seed, "params")))?;
+            .draw(&mut seeded(derive_seed(seed, "params")), self.region)?;
         self.p = p;
         self.values = values;
         self.hop = HopModel {
@@ -419,6 +421,12 @@ impl DopantSimulator {
     /// The configuration as given (with its distributions).
     pub fn template(&self) -> &DopantSimConfig {
         &self.template
+    }
+
+    /// Draws every later episode's randomized parameters from `region` of their distributions
+    /// (held-out evaluation ranges); takes effect at the next reset.
+    pub fn set_region(&mut self, region: Region) {
+        self.region = region;
     }
 
     /// The randomized parameters of this episode and their drawn values (SI units).

@@ -34,7 +34,7 @@ use crate::error::{PhysicsError, Result};
 use crate::instrument::{
     Frame, FrameMeta, InstrumentInfo, InstrumentKind, ScanSettings, Spectrum, StemInstrument,
 };
-use crate::param::resolve;
+use crate::param::{Region, resolve_in};
 use crate::rng::{PoissonScratch, SimRng, derive_seed, poisson, seeded};
 use crate::stem::optics::{Aberrations, ProbeCalculator, electron_wavelength};
 use crate::stem::sim::{StemConfig, StemSimulator, check_scan_request};
@@ -63,6 +63,7 @@ struct Beam {
 #[derive(Debug)]
 pub struct LatticeSimulator {
     template: StemConfig,
+    region: Region,
     cfg: StemConfig,
     seed: u64,
     rng_noise: SimRng,
@@ -109,6 +110,7 @@ impl LatticeSimulator {
         let mut sim = Self {
             cfg: config.clone(),
             template: config,
+            region: Region::All,
             seed,
             rng_noise: seeded(0),
             scan: ScanSettings {
@@ -150,7 +152,11 @@ impl LatticeSimulator {
     /// Starts a new session with `seed`: redraws the randomized parameters (rotation, lattice
     /// constant, optics, ...), zeroes the clock, the drift and the frame counter.
     pub fn reset(&mut self, seed: u64) -> Result<()> {
-        let cfg = resolve(&self.template, &mut seeded(derive_seed(seed, "params")))?;
+        let cfg = resolve_in(
+            &self.template,
+            &mut seeded(derive_seed(seed, "params")),
+            self.region,
+        )?;
         cfg.validate()?;
         Self::check_representable(&cfg)?;
         let sp = &cfg.specimen;
@@ -269,6 +275,12 @@ impl LatticeSimulator {
     /// The configuration as given (distributions unresolved).
     pub fn template(&self) -> &StemConfig {
         &self.template
+    }
+
+    /// Draws every later episode's randomized parameters from `region` of their distributions
+    /// (held-out evaluation ranges); takes effect at the next reset.
+    pub fn set_region(&mut self, region: Region) {
+        self.region = region;
     }
 
     /// The configuration in force (distributions drawn for this session).

@@ -17,7 +17,7 @@ use crate::instrument::{
     Frame, FrameMeta, InstrumentInfo, InstrumentKind, ScanSettings, Spectrum, StemInstrument,
 };
 use crate::param::dims::Current;
-use crate::param::{Param, resolve};
+use crate::param::{Param, Region, resolve, resolve_in};
 use crate::rng::{SimRng, derive_seed, poisson, seeded};
 use crate::stem::damage::{DamageConfig, DoseMap, Hop, HopModel, sputter};
 use crate::stem::eels::{EelsConfig, EelsModel};
@@ -114,6 +114,7 @@ pub struct DamageReport {
 #[derive(Debug)]
 pub struct StemSimulator {
     template: StemConfig,
+    region: Region,
     cfg: StemConfig,
     seed: u64,
     rng_noise: SimRng,
@@ -207,6 +208,7 @@ impl StemSimulator {
         let eels = EelsModel::new(&cfg.eels)?;
         let mut sim = Self {
             template: config,
+            region: Region::All,
             scan: Self::scan_from(&cfg),
             aberrations: cfg.optics.aberrations(),
             sigma_haadf: cfg.detector.cross_sections(),
@@ -265,7 +267,11 @@ impl StemSimulator {
     /// Starts a new session with `seed`: redraws randomized parameters, rebuilds the specimen,
     /// zeroes the clock, drift, dose map and frame counter. Buffers are kept.
     pub fn reset(&mut self, seed: u64) -> Result<()> {
-        let cfg = resolve(&self.template, &mut seeded(derive_seed(seed, "params")))?;
+        let cfg = resolve_in(
+            &self.template,
+            &mut seeded(derive_seed(seed, "params")),
+            self.region,
+        )?;
         cfg.validate()?;
         if cfg.eels != self.cfg.eels {
             self.eels = EelsModel::new(&cfg.eels)?;
@@ -327,6 +333,12 @@ impl StemSimulator {
     /// The configuration as given, distributions included.
     pub fn template(&self) -> &StemConfig {
         &self.template
+    }
+
+    /// Draws every later episode's randomized parameters from `region` of their distributions
+    /// (held-out evaluation ranges); takes effect at the next reset.
+    pub fn set_region(&mut self, region: Region) {
+        self.region = region;
     }
 
     /// The seed of the current session.
