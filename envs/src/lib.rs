@@ -9,12 +9,14 @@
 //! - [`vector`]: N envs stepped in parallel into contiguous buffers, with autoreset modes.
 //! - [`record`]: Minari-compatible datasets of recorded episodes.
 //! - [`registry`]: `scopegym/<Name>-v1` ids.
+//! - [`evaluate`]: scoring policies over seeds (floors, degenerate policies).
 //! - [`level`]: the `difficulty` and `split` options every task takes.
 //! - [`tasks`]: the tasks.
 #![deny(missing_docs)]
 
 pub mod env;
 pub mod error;
+pub mod evaluate;
 pub mod level;
 pub mod record;
 pub mod registry;
