@@ -303,17 +303,11 @@ impl Space {
         }
     }
 
-    /// Checks an action against this space: NaN/inf, wrong kind or length, and out-of-range
-    /// discrete values are errors naming `field`; Box values outside the bounds are clipped.
-    /// Returns the (possibly clipped) action and whether anything was clipped.
-    pub fn check_action(&self, v: &Value, field: &str) -> Result<(Value, bool)> {
+    /// The errors of [`Space::check_action`] without building the clipped value: NaN/inf, wrong
+    /// kind, length or keys, and out-of-range discrete values, each naming `field`.
+    pub fn validate_action(&self, v: &Value, field: &str) -> Result<()> {
         match (self, v) {
-            (
-                Self::Box {
-                    shape, low, high, ..
-                },
-                Value::Box(x),
-            ) => {
+            (Self::Box { shape, low, .. }, Value::Box(x)) => {
                 if x.len() != low.len() {
                     return Err(EnvError::action(
                         field,
@@ -324,12 +318,41 @@ impl Space {
                         ),
                     ));
                 }
-                if let Some(i) = x.iter().position(|v| !v.is_finite()) {
-                    return Err(EnvError::action(
+                match x.iter().position(|v| !v.is_finite()) {
+                    Some(i) => Err(EnvError::action(
                         format!("{field}[{i}]"),
                         format!("must be finite, got {}", x[i]),
-                    ));
+                    )),
+                    None => Ok(()),
                 }
+            }
+            (Self::Dict(items), Value::Dict(vals)) => {
+                if items.len() != vals.len()
+                    || items.iter().zip(vals).any(|((k, _), (kv, _))| k != kv)
+                {
+                    let keys: Vec<&str> = items.iter().map(|(k, _)| k.as_str()).collect();
+                    return Err(EnvError::action(field, format!("expected keys {keys:?}")));
+                }
+                for ((k, s), (_, v)) in items.iter().zip(vals) {
+                    s.validate_action(v, &format!("{field}.{k}"))?;
+                }
+                Ok(())
+            }
+            _ if self.contains(v) => Ok(()),
+            _ => Err(EnvError::action(
+                field,
+                format!("{v:?} is not in {}", self.to_json()),
+            )),
+        }
+    }
+
+    /// Checks an action against this space: NaN/inf, wrong kind or length, and out-of-range
+    /// discrete values are errors naming `field`; Box values outside the bounds are clipped.
+    /// Returns the (possibly clipped) action and whether anything was clipped.
+    pub fn check_action(&self, v: &Value, field: &str) -> Result<(Value, bool)> {
+        self.validate_action(v, field)?;
+        match (self, v) {
+            (Self::Box { low, high, .. }, Value::Box(x)) => {
                 let mut clipped = false;
                 let y = x
                     .iter()
@@ -344,12 +367,6 @@ impl Space {
                 Ok((Value::Box(y), clipped))
             }
             (Self::Dict(items), Value::Dict(vals)) => {
-                if items.len() != vals.len()
-                    || items.iter().zip(vals).any(|((k, _), (kv, _))| k != kv)
-                {
-                    let keys: Vec<&str> = items.iter().map(|(k, _)| k.as_str()).collect();
-                    return Err(EnvError::action(field, format!("expected keys {keys:?}")));
-                }
                 let mut clipped = false;
                 let mut out = Vec::with_capacity(items.len());
                 for ((k, s), (_, v)) in items.iter().zip(vals) {
@@ -359,11 +376,8 @@ impl Space {
                 }
                 Ok((Value::Dict(out), clipped))
             }
-            _ if self.contains(v) => Ok((v.clone(), false)),
-            _ => Err(EnvError::action(
-                field,
-                format!("{v:?} is not in {}", self.to_json()),
-            )),
+            // Validated above: in the space.
+            _ => Ok((v.clone(), false)),
         }
     }
 

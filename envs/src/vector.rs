@@ -118,6 +118,17 @@ struct Slot {
 }
 
 impl Slot {
+    /// Errors when env `i` cannot take a step: never reset, or (with autoreset disabled)
+    /// finished and not reset since.
+    fn check_steppable(&self, i: usize, mode: AutoReset) -> Result<()> {
+        if self.needs_reset && (mode == AutoReset::Disabled || self.obs == Value::Box(Vec::new())) {
+            return Err(EnvError::NeedsReset(format!(
+                "env {i} needs a reset before it can step (reset, or reset_mask with autoreset disabled)"
+            )));
+        }
+        Ok(())
+    }
+
     /// Resets the env and records the first observation of the new episode.
     fn reset(&mut self, seed: Option<u64>) -> Result<()> {
         let (obs, info) = self.env.reset(seed)?;
@@ -517,7 +528,8 @@ impl VectorEnv {
     }
 
     /// Steps every env from flat actions and copies the results into `out` (this env's
-    /// buffers when `None`).
+    /// buffers when `None`). Every action is decoded and checked before any env steps, so a bad
+    /// action leaves the batch as it was.
     fn step_flat_inner(&mut self, actions: &[f32], out: Option<Outputs<'_>>) -> Result<()> {
         let (n, len) = (self.slots.len(), self.action_len);
         if actions.len() != n * len {
@@ -531,15 +543,24 @@ impl VectorEnv {
             ));
         }
         let mode = self.mode;
+        for (i, s) in self.slots.iter_mut().enumerate() {
+            let space = s.env.action_space();
+            // The field name is formatted only for an error (this runs every step).
+            let flat = &actions[i * len..(i + 1) * len];
+            if space
+                .unflatten_into(flat, "actions", &mut s.action)
+                .is_err()
+                || space.validate_action(&s.action, "actions").is_err()
+            {
+                let field = format!("actions[{i}]");
+                space.unflatten_into(flat, &field, &mut s.action)?;
+                space.validate_action(&s.action, &field)?;
+            }
+            s.check_steppable(i, mode)?;
+        }
         self.run_slots(
-            |i, s| {
-                let flat = &actions[i * len..(i + 1) * len];
-                let space = s.env.action_space();
-                // The field name is formatted only for an error (this runs every step).
-                let mut a = std::mem::replace(&mut s.action, Value::Discrete(0));
-                if space.unflatten_into(flat, "actions", &mut a).is_err() {
-                    space.unflatten_into(flat, &format!("actions[{i}]"), &mut a)?;
-                }
+            |_, s| {
+                let a = std::mem::replace(&mut s.action, Value::Discrete(0));
                 let r = step_slot(s, &a, mode);
                 s.action = a;
                 r
@@ -548,7 +569,8 @@ impl VectorEnv {
         )
     }
 
-    /// Steps every env with its action (`actions.len() == num_envs`).
+    /// Steps every env with its action (`actions.len() == num_envs`). Every action is checked
+    /// before any env steps.
     pub fn step(&mut self, actions: &[Value]) -> Result<()> {
         if actions.len() != self.slots.len() {
             return Err(EnvError::action(
@@ -561,21 +583,42 @@ impl VectorEnv {
             ));
         }
         let mode = self.mode;
+        for (i, (s, a)) in self.slots.iter().zip(actions).enumerate() {
+            s.env
+                .action_space()
+                .validate_action(a, &format!("actions[{i}]"))?;
+            s.check_steppable(i, mode)?;
+        }
         self.run_slots(|i, s| step_slot(s, &actions[i], mode), None)
     }
 }
 
+/// Steps one env. A failure of the env itself (the instrument refused or failed) does not fail
+/// the batch: it ends that env's episode as truncated, with the message in `info["error"]`,
+/// the last observation kept and reward 0; the env is then reset like any finished env.
 fn step_slot(s: &mut Slot, action: &Value, mode: AutoReset) -> Result<()> {
     if s.needs_reset && mode == AutoReset::NextStep {
         return s.reset(None);
     }
-    let st = s.env.step(action)?;
-    s.reward = st.reward;
-    s.terminated = st.terminated;
-    s.truncated = st.truncated;
-    s.info = st.info;
-    s.obs = st.obs;
-    if st.terminated || st.truncated {
+    match s.env.step(action) {
+        Ok(st) => {
+            s.reward = st.reward;
+            s.terminated = st.terminated;
+            s.truncated = st.truncated;
+            s.info = st.info;
+            s.obs = st.obs;
+        }
+        Err(e) => {
+            s.reward = 0.0;
+            s.terminated = false;
+            s.truncated = true;
+            s.info = Info::from([
+                ("error".into(), InfoValue::Str(e.to_string())),
+                ("is_success".into(), InfoValue::Bool(false)),
+            ]);
+        }
+    }
+    if s.terminated || s.truncated {
         match mode {
             AutoReset::NextStep | AutoReset::Disabled => s.needs_reset = true,
             AutoReset::SameStep => {
@@ -602,6 +645,7 @@ fn step_slot(s: &mut Slot, action: &Value, mode: AutoReset) -> Result<()> {
 mod tests {
     use super::*;
     use crate::registry::make;
+    use crate::space::Space;
 
     fn vec_env(n: usize) -> VectorEnv {
         let envs = (0..n)
@@ -654,5 +698,128 @@ mod tests {
             },
         );
         assert!(matches!(e, Err(EnvError::InvalidArgument { .. })));
+    }
+
+    /// An env that fails (as an instrument refusing) on the steps listed in `fail_at`.
+    #[derive(Debug)]
+    struct Flaky {
+        obs: Space,
+        act: Space,
+        t: usize,
+        fail_at: Vec<usize>,
+    }
+
+    impl Env for Flaky {
+        fn id(&self) -> &str {
+            "test/Flaky-v1"
+        }
+        fn observation_space(&self) -> &Space {
+            &self.obs
+        }
+        fn action_space(&self) -> &Space {
+            &self.act
+        }
+        fn max_episode_steps(&self) -> usize {
+            100
+        }
+        fn reset(&mut self, _seed: Option<u64>) -> Result<(Value, Info)> {
+            self.t = 0;
+            Ok((Value::Box(vec![0.0]), Info::new()))
+        }
+        fn step(&mut self, _action: &Value) -> Result<crate::env::Step> {
+            self.t += 1;
+            if self.fail_at.contains(&self.t) {
+                return Err(scopegym_physics::PhysicsError::arg("bias", "refused").into());
+            }
+            Ok(crate::env::Step {
+                obs: Value::Box(vec![self.t as f32]),
+                reward: 1.0,
+                terminated: false,
+                truncated: false,
+                info: Info::new(),
+            })
+        }
+        fn render(&self) -> crate::env::RgbImage {
+            crate::env::RgbImage::from_grey(&[0.0], 1, 1)
+        }
+        fn heuristic_action(&mut self, _obs: &Value) -> Value {
+            Value::Box(vec![0.0])
+        }
+    }
+
+    fn flaky(fail_at: &[usize]) -> Box<dyn Env> {
+        Box::new(Flaky {
+            obs: Space::uniform_box(&[1], 0.0, 100.0),
+            act: Space::uniform_box(&[1], -1.0, 1.0),
+            t: 0,
+            fail_at: fail_at.to_vec(),
+        })
+    }
+
+    #[test]
+    fn a_bad_action_steps_no_env() {
+        let (mut a, mut b) = (vec_env(4), vec_env(4));
+        a.reset(Some(1)).unwrap();
+        b.reset(Some(1)).unwrap();
+        let al = a.action_len();
+        let good: Vec<f32> = (0..4 * al).map(|k| [0.05, -0.05, 0.5][k % 3]).collect();
+        let mut bad = good.clone();
+        bad[3 * al] = f32::NAN;
+        let e = a.step_flat(&bad).unwrap_err().to_string();
+        assert!(e.contains("actions[3][0]"), "{e}");
+        let vals: Vec<Value> = (0..4)
+            .map(|i| Value::Box(bad[i * al..(i + 1) * al].to_vec()))
+            .collect();
+        let e = a.step(&vals).unwrap_err().to_string();
+        assert!(e.contains("actions[3][0]"), "{e}");
+        // Neither failed call stepped any env: a and b stay in lockstep.
+        for _ in 0..10 {
+            a.step_flat(&good).unwrap();
+            b.step_flat(&good).unwrap();
+            assert_eq!(a.observations(), b.observations());
+            assert_eq!(a.rewards(), b.rewards());
+        }
+    }
+
+    #[test]
+    fn an_env_failure_ends_that_episode_and_keeps_the_others() {
+        for mode in [
+            AutoReset::NextStep,
+            AutoReset::SameStep,
+            AutoReset::Disabled,
+        ] {
+            let envs = vec![flaky(&[]), flaky(&[3]), flaky(&[])];
+            let mut v = VectorEnv::new(envs, mode, 1).unwrap();
+            v.reset(Some(0)).unwrap();
+            let a = [0.0f32; 3];
+            for _ in 0..2 {
+                v.step_flat(&a).unwrap();
+            }
+            v.step_flat(&a).unwrap();
+            assert_eq!(v.rewards(), &[1.0, 0.0, 1.0], "{mode:?}");
+            assert_eq!(v.truncated(), &[false, true, false], "{mode:?}");
+            assert_eq!(v.observations()[0], 3.0);
+            let info = v.infos()[1];
+            match info.get("error").or_else(|| info.get("final_info.error")) {
+                Some(InfoValue::Str(m)) => assert!(m.contains("bias"), "{m}"),
+                other => panic!("{mode:?}: no error in info: {other:?}"),
+            }
+            match mode {
+                AutoReset::SameStep => assert_eq!(v.observations()[1], 0.0),
+                _ => assert_eq!(v.observations()[1], 2.0, "last good observation kept"),
+            }
+            if mode == AutoReset::Disabled {
+                // The failed env must be reset before it steps again; the others were kept.
+                assert!(matches!(v.step_flat(&a), Err(EnvError::NeedsReset(_))));
+                v.reset_mask(None, &[false, true, false]).unwrap();
+            }
+            v.step_flat(&a).unwrap();
+            assert_eq!(v.observations()[0], 4.0, "{mode:?}");
+            assert_eq!(v.observations()[2], 4.0, "{mode:?}");
+            assert!(
+                v.observations()[1] <= 1.0,
+                "{mode:?}: the failed env was reset"
+            );
+        }
     }
 }
