@@ -9,11 +9,14 @@
 //! - [`vector`]: N envs stepped in parallel into contiguous buffers, with autoreset modes.
 //! - [`record`]: Minari-compatible datasets of recorded episodes.
 //! - [`registry`]: `scopegym/<Name>-v1` ids.
+//! - [`audit`]: [`audit::Blind`], an instrument wrapper that records every command and hides
+//!   ground truth, as a real driver does (the sim-to-real checks).
 //! - [`evaluate`]: scoring policies over seeds (floors, degenerate policies).
 //! - [`level`]: the `difficulty` and `split` options every task takes.
 //! - [`tasks`]: the tasks.
 #![deny(missing_docs)]
 
+pub mod audit;
 pub mod env;
 pub mod error;
 pub mod evaluate;
