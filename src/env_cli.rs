@@ -41,6 +41,89 @@ pub fn list(json: bool) -> Result<(), CliError> {
     Ok(())
 }
 
+/// The random and heuristic floors of `ids` (every task when empty) over seeds `0..seeds` at
+/// `difficulty` and `split`: a table (or JSON) of mean returns with 95 % intervals and success
+/// rates.
+pub fn floors(
+    ids: &[String],
+    seeds: u64,
+    difficulty: &str,
+    split: &str,
+    json: bool,
+) -> Result<(), CliError> {
+    use scopegym_envs::evaluate::{Policy, evaluate};
+    positive("--seeds", seeds as usize, 100_000)?;
+    let ids: Vec<&str> = if ids.is_empty() {
+        TASKS.iter().map(|t| t.id).collect()
+    } else {
+        ids.iter().map(String::as_str).collect()
+    };
+    let mut cfg = toml::Table::new();
+    cfg.insert("difficulty".into(), difficulty.into());
+    cfg.insert("split".into(), split.into());
+    let cfg = toml::Value::Table(cfg);
+    let envs = ids
+        .iter()
+        .map(|id| make(id, Some(&cfg)))
+        .collect::<Result<Vec<_>, _>>()?;
+    let bar = if json {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(2 * ids.len() as u64)
+    };
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} floors {bar:40} {pos}/{len} ({msg}, {eta})")
+            .expect("valid template"),
+    );
+    let mut rows = Vec::new();
+    for (id, mut env) in ids.iter().zip(envs) {
+        let mut scores = Vec::new();
+        for (name, policy) in [("random", Policy::Random), ("heuristic", Policy::Heuristic)] {
+            bar.set_message(format!("{id} {name}"));
+            scores.push(evaluate(env.as_mut(), &policy, 0..seeds)?);
+            bar.inc(1);
+        }
+        rows.push(serde_json::json!({
+            "id": id,
+            "difficulty": difficulty,
+            "split": split,
+            "seeds": seeds,
+            "random": scores[0],
+            "heuristic": scores[1],
+        }));
+    }
+    bar.finish_and_clear();
+    if json {
+        println!("{}", serde_json::Value::Array(rows));
+        return Ok(());
+    }
+    println!(
+        "{:<38} {:>20} {:>8} {:>20} {:>8} {:>6}",
+        "task", "random return", "success", "heuristic return", "success", "seeds"
+    );
+    for r in &rows {
+        let cell = |p: &str| {
+            format!(
+                "{:.3} ± {:.3}",
+                r[p]["mean_return"].as_f64().unwrap_or(f64::NAN),
+                r[p]["return_ci95"].as_f64().unwrap_or(f64::NAN)
+            )
+        };
+        let rate = |p: &str| r[p]["success_rate"].as_f64().unwrap_or(f64::NAN);
+        println!(
+            "{:<38} {:>20} {:>8.2} {:>20} {:>8.2} {:>6}",
+            r["id"].as_str().unwrap_or("?"),
+            cell("random"),
+            rate("random"),
+            cell("heuristic"),
+            rate("heuristic"),
+            seeds
+        );
+    }
+    println!("(difficulty {difficulty}, split {split}; ± is the 95 % interval of the mean)");
+    Ok(())
+}
+
 fn positive(name: &str, v: usize, max: usize) -> Result<(), CliError> {
     if !(1..=max).contains(&v) {
         return Err(CliError::Argument {

@@ -55,6 +55,24 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The floors of the benchmark: random and heuristic mean returns and success rates of
+    /// every task (or those named) over seeds, at a difficulty and split.
+    Floors {
+        /// Task ids (default: every registered task).
+        env_ids: Vec<String>,
+        /// Episodes (seeds 0..N) per policy and task.
+        #[arg(long, default_value_t = 20)]
+        seeds: u64,
+        /// Difficulty level: easy, medium or hard.
+        #[arg(long, default_value = "medium")]
+        difficulty: String,
+        /// Parameter split: train or test.
+        #[arg(long, default_value = "test")]
+        split: String,
+        /// Print one JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Steps per second of a vector env with random actions.
     Bench {
         /// Environment id, e.g. scopegym/AfmFeedbackTuning-v1.
@@ -130,6 +148,13 @@ fn main() -> ExitCode {
             json,
         } => perf(scenario, frames, json),
         Command::List { json } => env_cli::list(json),
+        Command::Floors {
+            env_ids,
+            seeds,
+            difficulty,
+            split,
+            json,
+        } => env_cli::floors(&env_ids, seeds, &difficulty, &split, json),
         Command::Bench {
             env_id,
             num_envs,

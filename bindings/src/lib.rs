@@ -21,6 +21,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyType};
 use scopegym_envs::record::{Episode, RecordError, Recorder};
 use scopegym_envs::registry::{TASKS, make};
+use scopegym_envs::tasks::merge_toml;
 use scopegym_envs::vector::{AutoReset, Outputs, VectorEnv, flatten_into};
 use scopegym_envs::{Env, EnvError, Info, InfoValue, Space, Value};
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -104,17 +105,6 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn merge(base: &mut toml::Table, over: toml::Table) {
-    for (k, v) in over {
-        match (base.get_mut(&k), v) {
-            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),
-            (_, v) => {
-                base.insert(k, v);
-            }
-        }
-    }
-}
-
 /// The task config: a scenario file's `[task]` table (or its whole content when it has none),
 /// with `config_json` (a JSON object) merged over it.
 fn build_config(
@@ -150,7 +140,13 @@ fn build_config(
             )
         })?;
         match &mut table {
-            Some(t) => merge(t, over),
+            Some(t) => {
+                let mut base = toml::Value::Table(std::mem::take(t));
+                merge_toml(&mut base, &toml::Value::Table(over));
+                if let toml::Value::Table(merged) = base {
+                    *t = merged;
+                }
+            }
             None => table = Some(over),
         }
     }
@@ -298,13 +294,19 @@ fn flat_obs<'py>(py: Python<'py>, space: &Space, v: &Value) -> Bound<'py, PyArra
     PyArray1::from_vec(py, flat)
 }
 
-/// The registered tasks as `(id, instrument, description)`.
+/// The registered tasks as `(id, instrument, description, max_episode_steps)`, the last of the
+/// default config (each task is built once to read it).
 #[pyfunction]
-fn task_specs() -> Vec<(&'static str, &'static str, &'static str)> {
-    TASKS
-        .iter()
-        .map(|t| (t.id, t.instrument, t.description))
-        .collect()
+fn task_specs(py: Python<'_>) -> PyResult<Vec<(&'static str, &'static str, &'static str, usize)>> {
+    native(py, || {
+        TASKS
+            .iter()
+            .map(|t| {
+                let env = make(t.id, None)?;
+                Ok((t.id, t.instrument, t.description, env.max_episode_steps()))
+            })
+            .collect::<Result<Vec<_>, Failure>>()
+    })
 }
 
 /// Panics inside the engine's guard (tests that a panic becomes `NativePanic`).

@@ -56,7 +56,7 @@ pub fn evaluate(env: &mut dyn Env, policy: &Policy, seeds: std::ops::Range<u64>)
     let (mut successes, mut steps) = (0usize, 0usize);
     for seed in seeds {
         let (mut obs, _) = env.reset(Some(seed))?;
-        let mut rng = seeded(seed ^ 0x5eed_0f_a11_ac75);
+        let mut rng = seeded(seed ^ 0x0005_eed0_fa11_ac75);
         let mut ret = 0.0;
         loop {
             let a = match policy {
@@ -120,13 +120,13 @@ pub fn degenerate_policies(space: &Space, max_discrete: usize, seed: u64) -> Vec
                 ("centre".into(), Value::Box(mid)),
                 (
                     "constant random".into(),
-                    space.sample(&mut seeded(seed ^ 0xc0_57a7)),
+                    space.sample(&mut seeded(seed ^ 0x00c0_57a7)),
                 ),
             ]
         }
         other => vec![(
             "constant random".into(),
-            other.sample(&mut seeded(seed ^ 0xc0_57a7)),
+            other.sample(&mut seeded(seed ^ 0x00c0_57a7)),
         )],
     }
 }

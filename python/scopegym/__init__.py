@@ -30,7 +30,7 @@ from ._errors import (
     ScopegymError,
     UnknownTask,
 )
-from .env import ScopegymEnv
+from .env import ScopegymEnv, config_json, level_config
 from .record import record
 from .vector import ScopegymVectorEnv
 
@@ -55,9 +55,12 @@ __all__ = [
 ]
 
 
+_SPECS = _native.task_specs()
+
+
 def task_ids() -> list[str]:
     """The registered task ids."""
-    return [t[0] for t in _native.task_specs()]
+    return [t[0] for t in _SPECS]
 
 
 def _check_id(env_id: str) -> None:
@@ -67,8 +70,18 @@ def _check_id(env_id: str) -> None:
 
 def make(env_id: str, **kwargs: Any) -> gym.Env[Any, Any]:
     """``gymnasium.make(env_id, **kwargs)`` for a scopegym task (raises :class:`UnknownTask`
-    for an unknown id)."""
+    for an unknown id), with Gymnasium's time limit set to the configured task's own (a config
+    may change ``max_steps`` or a budget)."""
     _check_id(env_id)
+    if "max_episode_steps" not in kwargs:
+        keys = ("config", "scenario", "difficulty", "split")
+        probe = _native.NativeEnv(
+            env_id,
+            config_json(level_config(kwargs.get("config"), kwargs.get("difficulty"), kwargs.get("split"))),
+            None if kwargs.get("scenario") is None else os.fspath(kwargs["scenario"]),
+        ) if any(kwargs.get(k) is not None for k in keys) else None
+        if probe is not None:
+            kwargs["max_episode_steps"] = probe.max_episode_steps
     return gym.make(env_id, **kwargs)
 
 
@@ -77,15 +90,18 @@ def make_vec(
     num_envs: int = 1,
     *,
     autoreset_mode: str | gym.vector.AutoresetMode = gym.vector.AutoresetMode.NEXT_STEP,
-    threads: int = 1,
+    threads: int | None = None,
     config: dict[str, Any] | None = None,
     scenario: str | os.PathLike[str] | None = None,
     render_mode: str | None = None,
     normalize_actions: bool = True,
+    difficulty: str | None = None,
+    split: str | None = None,
 ) -> ScopegymVectorEnv:
     """The native Rust vector env of ``num_envs`` copies of ``env_id`` (what
     ``gymnasium.make_vec(env_id, num_envs, vectorization_mode="vector_entry_point")``
-    returns, without Gymnasium's spec bookkeeping)."""
+    returns, without Gymnasium's spec bookkeeping), stepped on ``threads`` threads (default:
+    every core)."""
     _check_id(env_id)
     return ScopegymVectorEnv(
         env_id,
@@ -96,11 +112,13 @@ def make_vec(
         autoreset_mode=autoreset_mode,
         threads=threads,
         normalize_actions=normalize_actions,
+        difficulty=difficulty,
+        split=split,
     )
 
 
 def _register() -> None:
-    for env_id, _instrument, _description in _native.task_specs():
+    for env_id, _instrument, _description, max_steps in _SPECS:
         if env_id in gym.registry:
             continue
         gym.register(
@@ -108,8 +126,9 @@ def _register() -> None:
             entry_point="scopegym.env:ScopegymEnv",
             vector_entry_point="scopegym.vector:ScopegymVectorEnv",
             kwargs={"task_id": env_id},
-            # The engine truncates episodes itself; a Gymnasium TimeLimit would be a second one.
-            max_episode_steps=None,
+            # The engine truncates at the same step (Gymnasium's TimeLimit is then a no-op that
+            # gives env.spec.max_episode_steps); scopegym.make sets it for configs that change it.
+            max_episode_steps=max_steps,
         )
 
 

@@ -10,7 +10,7 @@ __all__ = ["__version__", "task_specs", "_panic_for_test", "NativeEnv", "NativeV
 
 __version__: str
 
-def task_specs() -> list[tuple[str, str, str]]:
+def task_specs() -> list[tuple[str, str, str, int]]:
     """The registered tasks as ``(id, instrument, description)``."""
 
 def _panic_for_test() -> None:

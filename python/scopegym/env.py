@@ -12,9 +12,43 @@ import numpy as np
 from . import _native, _spaces
 from ._errors import InvalidArgument, ResetNeeded
 
-__all__ = ["ScopegymEnv", "config_json"]
+__all__ = ["ScopegymEnv", "config_json", "level_config", "RESET_OPTIONS"]
 
 RENDER_FPS = 4
+
+#: The keys ``reset(options=...)`` accepts: the task's difficulty level and parameter split.
+RESET_OPTIONS = ("difficulty", "split")
+
+
+def level_config(
+    config: dict[str, Any] | None, difficulty: str | None = None, split: str | None = None
+) -> dict[str, Any] | None:
+    """``config`` with ``difficulty`` and ``split`` set where given (``None``: unchanged)."""
+    if difficulty is None and split is None:
+        return config
+    if config is not None and not isinstance(config, dict):
+        raise InvalidArgument(f"invalid argument config: expected a dict, got {type(config).__name__}")
+    out = dict(config or {})
+    if difficulty is not None:
+        out["difficulty"] = difficulty
+    if split is not None:
+        out["split"] = split
+    return out
+
+
+def check_reset_options(options: dict[str, Any] | None, extra: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The level options in ``options`` (``difficulty``, ``split``); any other key than those and
+    ``extra`` is an :class:`InvalidArgument` naming it."""
+    if options is None:
+        return {}
+    if not isinstance(options, dict):
+        raise InvalidArgument(f"invalid argument options: expected a dict, got {type(options).__name__}")
+    unknown = sorted(str(k) for k in options if k not in RESET_OPTIONS and k not in extra)
+    if unknown:
+        raise InvalidArgument(
+            f"invalid argument options: unknown key(s) {unknown}; accepted: {', '.join(RESET_OPTIONS + extra)}"
+        )
+    return {k: options[k] for k in RESET_OPTIONS if k in options}
 
 
 def config_json(config: dict[str, Any] | None) -> str | None:
@@ -28,7 +62,12 @@ def config_json(config: dict[str, Any] | None) -> str | None:
 
 class ScopegymEnv(gym.Env[Any, Any]):
     """A scopegym task. Build it with ``gymnasium.make("scopegym/<Task>-v1", config={...},
-    scenario="file.toml", render_mode="rgb_array")``.
+    scenario="file.toml", difficulty="medium", split="train", render_mode="rgb_array")``.
+
+    ``difficulty`` (``"easy"``, ``"medium"``, ``"hard"``) picks the task's domain-randomization
+    ranges and ``split`` (``"train"``, ``"test"``) the disjoint parameter bands episodes draw
+    from (held-out evaluation); both may also change at ``reset(options={"difficulty": ...,
+    "split": ...})``, which rebuilds the task (pass a seed to reproduce the episodes).
 
     The Rust engine enforces the task's time limit (``truncated=True`` after
     ``max_episode_steps``), checks actions (:class:`scopegym.InvalidAction`) and seeds itself
@@ -50,14 +89,17 @@ class ScopegymEnv(gym.Env[Any, Any]):
         config: dict[str, Any] | None = None,
         scenario: str | os.PathLike[str] | None = None,
         normalize_actions: bool = True,
+        difficulty: str | None = None,
+        split: str | None = None,
     ) -> None:
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise InvalidArgument(
                 f"invalid argument render_mode: expected one of {self.metadata['render_modes']} or None, got {render_mode!r}"
             )
-        self._native: _native.NativeEnv | None = _native.NativeEnv(
-            task_id, config_json(config), None if scenario is None else os.fspath(scenario)
-        )
+        config = level_config(config, difficulty, split)
+        self._scenario = None if scenario is None else os.fspath(scenario)
+        self._config = config
+        self._native: _native.NativeEnv | None = _native.NativeEnv(task_id, config_json(config), self._scenario)
         self.task_id = task_id
         self.render_mode = render_mode
         self.observation_space = _spaces.from_json(self._native.observation_space_json)
@@ -66,6 +108,13 @@ class ScopegymEnv(gym.Env[Any, Any]):
         self.physical_action_space = physical
         self.action_space = physical if self._scale is None else self._scale.normalized
         self.max_episode_steps: int = self._native.max_episode_steps
+        registered = gym.registry.get(task_id)
+        if registered is not None and (registered.max_episode_steps or 0) < self.max_episode_steps:
+            gym.logger.warn(
+                f"{task_id}: this config runs {self.max_episode_steps} steps per episode, more than the "
+                f"registered {registered.max_episode_steps}; pass max_episode_steps={self.max_episode_steps} "
+                "to gymnasium.make (or use scopegym.make, which does)"
+            )
         self._decode = _spaces.decoder(self.observation_space)
         enc = _spaces.encoder(self.action_space)
         scale = self._scale
@@ -83,6 +132,16 @@ class ScopegymEnv(gym.Env[Any, Any]):
         super().reset(seed=seed)
         if seed is not None and seed < 0:
             raise InvalidArgument(f"invalid argument seed: must be non-negative, got {seed}")
+        level = check_reset_options(options)
+        if level and level_config(self._config, **level) != self._config:
+            config = level_config(self._config, **level)
+            rebuilt = _native.NativeEnv(self.task_id, config_json(config), self._scenario)
+            if (rebuilt.observation_space_json, rebuilt.action_space_json) != (
+                self.native.observation_space_json,
+                self.native.action_space_json,
+            ):
+                raise InvalidArgument(f"invalid argument options: {level} changes the task's spaces; make a new env")
+            self._native, self._config = rebuilt, config
         obs, info = self.native.reset(seed)
         return self._decode(obs), info
 

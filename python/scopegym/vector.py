@@ -5,13 +5,14 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import gymnasium as gym
 import numpy as np
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
 from . import _native, _spaces
 from ._errors import InvalidArgument, ResetNeeded
-from .env import RENDER_FPS, config_json
+from .env import RENDER_FPS, check_reset_options, config_json, level_config
 
 __all__ = ["ScopegymVectorEnv"]
 
@@ -35,7 +36,7 @@ _NATIVE_NAME = {
 
 class ScopegymVectorEnv(VectorEnv[Any, Any, Any]):
     """``num_envs`` copies of a task stepped by the Rust engine: one native call per vector
-    step, with the GIL released; observations come back as NumPy arrays the engine wrote into
+    step, with the GIL released, on ``threads`` threads (default: every core); observations come back as NumPy arrays the engine wrote into
     directly (float32 Box observations without any further copy). Env ``i`` is seeded
     ``seed + i``. Box actions are normalized to ``[-1, 1]`` as in :class:`scopegym.ScopegymEnv`
     (``normalize_actions=False``: physical units). Build it with ``gymnasium.make_vec(id, num_envs=N)`` or
@@ -56,9 +57,11 @@ class ScopegymVectorEnv(VectorEnv[Any, Any, Any]):
         config: dict[str, Any] | None = None,
         scenario: str | os.PathLike[str] | None = None,
         autoreset_mode: str | AutoresetMode = AutoresetMode.NEXT_STEP,
-        threads: int = 1,
+        threads: int | None = None,
         max_episode_steps: int | None = None,
         normalize_actions: bool = True,
+        difficulty: str | None = None,
+        split: str | None = None,
     ) -> None:
         mode = _MODES.get(autoreset_mode)  # type: ignore[call-overload]
         if mode is None:
@@ -69,16 +72,14 @@ class ScopegymVectorEnv(VectorEnv[Any, Any, Any]):
             raise InvalidArgument(f"invalid argument render_mode: expected 'rgb_array' or None, got {render_mode!r}")
         if not isinstance(num_envs, (int, np.integer)) or num_envs < 1:
             raise InvalidArgument(f"invalid argument num_envs: must be a positive integer, got {num_envs!r}")
+        if threads is None:
+            threads = os.cpu_count() or 1
         if not isinstance(threads, (int, np.integer)) or threads < 1:
             raise InvalidArgument(f"invalid argument threads: must be a positive integer, got {threads!r}")
-        self._native: _native.NativeVectorEnv | None = _native.NativeVectorEnv(
-            task_id,
-            int(num_envs),
-            config_json(config),
-            None if scenario is None else os.fspath(scenario),
-            _NATIVE_NAME[mode],
-            int(threads),
-        )
+        config = level_config(config, difficulty, split)
+        self._build = (task_id, int(num_envs), None if scenario is None else os.fspath(scenario), _NATIVE_NAME[mode], int(threads))
+        self._config = config
+        self._native: _native.NativeVectorEnv | None = self._make_native(config)
         self.task_id = task_id
         self.num_envs = int(num_envs)
         self.render_mode = render_mode
@@ -91,7 +92,9 @@ class ScopegymVectorEnv(VectorEnv[Any, Any, Any]):
         self.observation_space = batch_space(self.single_observation_space, self.num_envs)
         self.action_space = batch_space(self.single_action_space, self.num_envs)
         self.max_episode_steps: int = self._native.max_episode_steps
-        if max_episode_steps is not None and max_episode_steps != self.max_episode_steps:
+        registered = gym.registry.get(task_id)
+        default_steps = None if registered is None else registered.max_episode_steps
+        if max_episode_steps is not None and max_episode_steps not in (self.max_episode_steps, default_steps):
             raise InvalidArgument(
                 f"invalid argument max_episode_steps: the task truncates after {self.max_episode_steps} steps; "
                 "set its time limit through config"
@@ -100,9 +103,14 @@ class ScopegymVectorEnv(VectorEnv[Any, Any, Any]):
         # Normalized actions are mapped to physical ones natively (the same float32 arithmetic
         # as ActionScale.to_physical), saving NumPy temporaries on every step.
         self._encode = _spaces.encoder(self.single_action_space, self.num_envs)
+        self._scale = scale
         if scale is not None:
             self._native.set_action_scale(scale.low, scale.half)
         self._obs_len = _spaces.flat_len(self.single_observation_space)
+
+    def _make_native(self, config: dict[str, Any] | None) -> _native.NativeVectorEnv:
+        task_id, num_envs, scenario, mode, threads = self._build
+        return _native.NativeVectorEnv(task_id, num_envs, config_json(config), scenario, mode, threads)
 
     @property
     def native(self) -> _native.NativeVectorEnv:
@@ -138,6 +146,18 @@ class ScopegymVectorEnv(VectorEnv[Any, Any, Any]):
         self, *, seed: int | list[int | None] | None = None, options: dict[str, Any] | None = None
     ) -> tuple[Any, dict[str, Any]]:
         mask = None
+        level = check_reset_options(options, extra=("reset_mask",))
+        if level and level_config(self._config, **level) != self._config:
+            config = level_config(self._config, **level)
+            rebuilt = self._make_native(config)
+            if (rebuilt.observation_space_json, rebuilt.action_space_json) != (
+                self.native.observation_space_json,
+                self.native.action_space_json,
+            ):
+                raise InvalidArgument(f"invalid argument options: {level} changes the task's spaces; make a new env")
+            if self._scale is not None:
+                rebuilt.set_action_scale(self._scale.low, self._scale.half)
+            self._native, self._config = rebuilt, config
         if options is not None and "reset_mask" in options:
             mask = np.ascontiguousarray(options["reset_mask"], dtype=bool)
             if mask.shape != (self.num_envs,):
