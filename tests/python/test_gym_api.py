@@ -28,7 +28,65 @@ def test_every_task_is_registered():
     assert set(IDS) == {f"scopegym/{n}-v1" for n in nine}
     for tid in IDS:
         assert tid in gym.registry
-        assert gym.spec(tid).max_episode_steps is None  # the engine truncates; no second TimeLimit
+        steps = gym.spec(tid).max_episode_steps
+        assert isinstance(steps, int) and steps > 0, tid
+        env = gym.make(tid)
+        assert env.spec.max_episode_steps == env.unwrapped.max_episode_steps == steps
+        env.close()
+
+
+@pytest.mark.parametrize("tid", IDS)
+def test_every_step_reports_is_success(tid):
+    env = gym.make(tid)
+    env.reset(seed=2)
+    env.action_space.seed(2)
+    for _ in range(3):
+        _, _, te, tr, info = env.step(env.action_space.sample())
+        assert type(info["is_success"]) is bool, info
+        if te or tr:
+            break
+    env.close()
+
+
+def test_difficulty_and_split_reach_the_engine_and_reset_options_rebuild():
+    tid = "scopegym/SpmTipConditioning-v1"
+    env = gym.make(tid, difficulty="hard", split="test")
+    assert env.unwrapped._config == {"difficulty": "hard", "split": "test"}
+    with pytest.raises(scopegym.InvalidConfig, match="difficulty"):
+        gym.make(tid, difficulty="impossible")
+    with pytest.raises(scopegym.InvalidConfig, match="split"):
+        gym.make(tid, split="validation")
+    # The same seed on the two splits draws different tips; options switch the split.
+    a = gym.make(tid)
+    obs_train, info_train = a.reset(seed=5)
+    obs_test, info_test = a.reset(seed=5, options={"split": "test"})
+    params = lambda info: {k: v for k, v in info.items() if k.startswith("param.")}  # noqa: E731
+    assert params(info_train) != params(info_test)
+    b = gym.make(tid, split="test")
+    obs_b, info_b = b.reset(seed=5)
+    np.testing.assert_array_equal(obs_b, obs_test)
+    assert params(info_b) == params(info_test)
+    with pytest.raises(scopegym.InvalidArgument, match="colour"):
+        a.reset(seed=1, options={"colour": "red"})
+    v = scopegym.make_vec(tid, num_envs=2, threads=1)
+    v.reset(seed=5, options={"split": "test", "difficulty": "hard"})
+    with pytest.raises(scopegym.InvalidArgument, match="colour"):
+        v.reset(seed=1, options={"colour": "red"})
+    v.close()
+
+
+def test_make_vec_uses_every_core_by_default():
+    import os
+
+    v = scopegym.make_vec(STEER, num_envs=2)
+    assert v._build[4] == (os.cpu_count() or 1)
+    v.close()
+
+
+def test_scopegym_make_sets_the_time_limit_of_the_config():
+    env = scopegym.make(STEER, config={"max_steps": 7})
+    assert env.spec.max_episode_steps == 7 == env.unwrapped.max_episode_steps
+    env.close()
 
 
 @pytest.mark.parametrize("tid", IDS)

@@ -85,3 +85,19 @@ def test_ppo_trains_on_an_image_task():
     obs, _ = env.reset(seed=0)
     a, _ = model.predict(obs)
     assert env.action_space.contains(int(a))
+
+
+@pytest.mark.parametrize("tid", scopegym.task_ids())
+def test_the_fitting_sb3_policy_builds_and_updates(tid):
+    """Dict observations take MultiInputPolicy (whose ModuleDict needs keys that are not torch
+    attribute names), Box observations MlpPolicy; one PPO update on each task."""
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    env = gym.make(tid)
+    policy = "MultiInputPolicy" if isinstance(env.observation_space, gym.spaces.Dict) else "MlpPolicy"
+    model = PPO(policy, env, n_steps=16, batch_size=16, n_epochs=1, seed=0, device="cpu")
+    model.learn(total_timesteps=16)
+    obs, _ = env.reset(seed=1)
+    action, _ = model.predict(obs, deterministic=True)
+    assert env.action_space.contains(action)
+    env.close()
