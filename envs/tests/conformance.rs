@@ -29,6 +29,11 @@ fn episode(env: &mut dyn Env, seed: u64) -> (Vec<Value>, Vec<f64>, bool, bool) {
             s.obs
         );
         assert!(s.reward.is_finite(), "{}: reward {}", env.id(), s.reward);
+        assert!(
+            matches!(s.info.get("is_success"), Some(InfoValue::Bool(_))),
+            "{}: no info[\"is_success\"]",
+            env.id()
+        );
         all.push(s.obs);
         rewards.push(s.reward);
         if s.terminated || s.truncated {
@@ -50,6 +55,55 @@ fn every_task_is_deterministic_contained_and_renders() {
         let img = env.render();
         assert!(img.width > 0 && img.height > 0, "{}", spec.id);
         assert_eq!(img.data.len(), img.width * img.height * 3, "{}", spec.id);
+    }
+}
+
+#[test]
+fn every_task_randomizes_by_default_and_its_splits_draw_apart() {
+    let cfg =
+        |split: &str| -> toml::Value { toml::from_str(&format!("split = \"{split}\"")).unwrap() };
+    for spec in TASKS {
+        let mut train = make(spec.id, Some(&cfg("train"))).unwrap();
+        let mut test = make(spec.id, Some(&cfg("test"))).unwrap();
+        for seed in 0..3 {
+            let (_, a) = train.reset(Some(seed)).unwrap();
+            let (_, b) = test.reset(Some(seed)).unwrap();
+            let params = |i: &scopegym_envs::Info| {
+                i.iter()
+                    .filter(|(k, _)| k.starts_with("param."))
+                    .map(|(k, v)| (k.to_string(), v.clone()))
+                    .collect::<Vec<_>>()
+            };
+            let (pa, pb) = (params(&a), params(&b));
+            assert!(
+                pa.len() >= 2,
+                "{}: randomizes {} parameters by default: {pa:?}",
+                spec.id,
+                pa.len()
+            );
+            assert_eq!(pa.len(), pb.len(), "{}", spec.id);
+            for ((k, va), (_, vb)) in pa.iter().zip(&pb) {
+                assert_ne!(va, vb, "{} seed {seed}: {k} equal on both splits", spec.id);
+            }
+        }
+    }
+}
+
+#[test]
+fn difficulty_levels_are_valid_configs_and_unknown_levels_are_errors() {
+    for spec in TASKS {
+        for level in ["easy", "medium", "hard"] {
+            let c: toml::Value = toml::from_str(&format!("difficulty = \"{level}\"")).unwrap();
+            let mut env =
+                make(spec.id, Some(&c)).unwrap_or_else(|e| panic!("{} {level}: {e}", spec.id));
+            env.reset(Some(1)).unwrap();
+        }
+        let c: toml::Value = toml::from_str("difficulty = \"extreme\"").unwrap();
+        let e = match make(spec.id, Some(&c)) {
+            Ok(_) => panic!("{}: accepted difficulty = \"extreme\"", spec.id),
+            Err(e) => e.to_string(),
+        };
+        assert!(e.contains("difficulty"), "{}: {e}", spec.id);
     }
 }
 
