@@ -40,6 +40,44 @@ fn list_names_every_task_with_its_spaces() {
 }
 
 #[test]
+fn floors_score_random_and_heuristic_on_the_test_split() {
+    let steer = "scopegym/StemDopantSteer-v1";
+    let out = ok(&run(&["floors", steer, "--seeds", "6", "--json"]));
+    let rows: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let row = &rows.as_array().unwrap()[0];
+    assert_eq!(row["id"], steer);
+    assert_eq!(
+        (row["split"].as_str(), row["seeds"].as_u64()),
+        (Some("test"), Some(6))
+    );
+    for p in ["random", "heuristic"] {
+        let s = &row[p];
+        assert_eq!(s["episodes"].as_u64(), Some(6));
+        assert_eq!(s["returns"].as_array().map(Vec::len), Some(6));
+        let rate = s["success_rate"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&rate), "{p}: {rate}");
+    }
+    // The same numbers as scoring in-process with the same config and seeds.
+    let cfg: toml::Value = toml::from_str("split = \"test\"").unwrap();
+    let mut env = make(steer, Some(&cfg)).unwrap();
+    let h = scopegym::envs::evaluate::evaluate(
+        env.as_mut(),
+        &scopegym::envs::evaluate::Policy::Heuristic,
+        0..6,
+    )
+    .unwrap();
+    assert_eq!(
+        row["heuristic"]["mean_return"].as_f64(),
+        Some(h.mean_return)
+    );
+    let text = ok(&run(&["floors", steer, "--seeds", "2"]));
+    assert!(text.contains(steer) && text.contains("heuristic"), "{text}");
+    let bad = run(&["floors", steer, "--split", "validation"]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("split"));
+}
+
+#[test]
 fn bench_prints_the_documented_json() {
     let out = ok(&run(&[
         "bench",
