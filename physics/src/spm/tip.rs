@@ -1818,7 +1818,10 @@ mod tests {
         for _ in 0..10 {
             // Nothing but wear can happen: R grows by 0.05..0.15 nm per unit-strength action.
             let r0 = t.radius();
-            assert_eq!(t.condition(&dip, &worn, &mut rng).unwrap(), Outcome::Unchanged);
+            assert_eq!(
+                t.condition(&dip, &worn, &mut rng).unwrap(),
+                Outcome::Unchanged
+            );
             let dr = t.radius() - r0;
             assert!((0.05 * NM..=0.15 * NM).contains(&dr), "{dr:e}");
         }
