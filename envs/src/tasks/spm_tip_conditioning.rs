@@ -5,8 +5,9 @@
 //! randomized tip (blunt, often double, often carrying an adsorbate). Each step applies one
 //! action and scans one small frame (`pixels²`) through the instrument traits only.
 //!
-//! - **Observation** (Box, `pixels × pixels`): the height, trace and retrace averaged (which
-//!   cancels the feedback lag), each line levelled by its median, in units of `height_unit`
+//! - **Observation** (Box, `pixels × pixels`): the height, trace and retrace aligned (the
+//!   feedback lag estimated from their cross-correlation, [`align_and_average`]) and averaged,
+//!   each line levelled by its median, in units of `height_unit`
 //!   (default 0.1 nm, about one adatom), clipped to `±obs_clip` (default 3 units).
 //! - **Action** (Discrete(14)): 0 stall (rescan as is); 1–6 the six DeepSPM pulses (±2.5, ±4,
 //!   ±8 V, 200 ms) and 7–12 the six DeepSPM dips (0.8–5 nm at 20 mV, 200 ms), in the order of
@@ -36,9 +37,9 @@
 //!   `judged_good` (the judge), `blob_width` (m), `roughness` (m), and the randomized scenario
 //!   values (`param.*`).
 //! - **Heuristic**: the operator's rule of thumb on the image: looks good → stall (rescan to
-//!   confirm); nothing resolved → move to a new area; noisy or streaky (an adsorbate) → a −4 V
-//!   pulse; doubled (close pairs or elongated blobs) → a 3 nm dip; otherwise (blurred) → a
-//!   2 nm dip.
+//!   confirm); nothing resolved (median-filtered height range below `empty_range`) → move to a
+//!   new area; noisy or streaky (an adsorbate) → a −4 V pulse; doubled (close pairs or
+//!   elongated blobs) or no adatom measurable → a 3 nm dip; otherwise (blurred) → a 2 nm dip.
 //!
 //! # Domain randomization (per episode, by level)
 //!
