@@ -25,6 +25,9 @@
 //!   `δ` deep), and with probability `double_probability` a second apex forms.
 //! - [`TipState::spontaneous`] while scanning for `T`: `k ~ Poisson(adsorbate_rate · T)` pick-ups;
 //!   each makes a second apex with probability `double_probability`, else an adsorbate.
+//! - Conditioning wear: every conditioning action, whatever its outcome, then grows `R` by
+//!   `conditioning_wear · s · u` (`s` its strength, `u ~ U(0.5, 1.5)`; default 0, off), so a
+//!   tip conditioned again and again blunts even when each action sharpens it.
 //!
 //! Growth is capped: neither `R` nor the flat radius grows past `max_radius`.
 //!
@@ -70,7 +73,8 @@
 //!   `k = sharpen_rate · s · e_b` (`sharpen_rate` 2.5). If the tip has a double and/or an
 //!   adsorbate, one of them (picked with probability ∝ its efficacy) is removed, and the other
 //!   with probability equal to its efficacy. A Sharpened event therefore always improves the
-//!   tip (it has probability 0 for the ideal tip).
+//!   tip (it has probability 0 for the ideal tip), before the conditioning wear (above), which
+//!   every action adds whatever its outcome.
 //! - Worsened: `R ← R·(1 + worsen_growth · s · u)`, `u ~ U(0.5, 1.5)` (`worsen_growth` 0.5); a dip
 //!   also flattens the apex (probability 0.5) to `a ≥ crash_flattening · √(2Rδ) · u`; a second
 //!   apex forms (if there is none) with probability `double_probability` (dips) or half that
@@ -236,6 +240,10 @@ pub struct TipConfig {
     /// Relative radius growth per unit strength when worsened (times `U(0.5, 1.5)`).
     /// Default 0.5.
     pub worsen_growth: Param<Unitless>,
+    /// Wear of every conditioning action, whatever its outcome: apex radius growth per unit
+    /// strength, m (times `U(0.5, 1.5)`; a dip indents the apex, a pulse melts and reshapes it).
+    /// Default 0 (off; the STM tasks switch it on).
+    pub conditioning_wear: Param<Length>,
 }
 
 impl Default for TipConfig {
@@ -264,6 +272,7 @@ impl Default for TipConfig {
             strength_scale: Param::fixed(0.3),
             sharpen_rate: Param::fixed(2.5),
             worsen_growth: Param::fixed(0.5),
+            conditioning_wear: Param::fixed(0.0),
         }
     }
 }
@@ -325,6 +334,12 @@ impl TipConfig {
         range("strength_scale", self.strength_scale.get(), 1e-3, 10.0)?;
         range("sharpen_rate", self.sharpen_rate.get(), 0.0, 20.0)?;
         range("worsen_growth", self.worsen_growth.get(), 0.0, 10.0)?;
+        range(
+            "conditioning_wear",
+            self.conditioning_wear.get(),
+            0.0,
+            MAX_FEATURE,
+        )?;
         Ok(())
     }
 }
@@ -723,15 +738,22 @@ impl TipState {
         let s = action.strength()?;
         let col = action.column();
         let u = uniform(rng);
-        if u < p_s {
+        let outcome = if u < p_s {
             self.sharpen(s, col, cfg, rng);
-            Ok(Outcome::Sharpened)
+            Outcome::Sharpened
         } else if u < p_s + p_w {
             self.worsen(action, s, col, cfg, rng);
-            Ok(Outcome::Worsened)
+            Outcome::Worsened
         } else {
-            Ok(Outcome::Unchanged)
+            Outcome::Unchanged
+        };
+        // Wear of the action itself (drawn only when on, so the default stream is unchanged).
+        let wear = cfg.conditioning_wear.get();
+        if wear > 0.0 {
+            let u = jitter(rng);
+            self.grow_radius(self.radius + wear * s * u, cfg);
         }
+        Ok(outcome)
     }
 
     fn sharpen(&mut self, s: f64, col: usize, cfg: &TipConfig, rng: &mut SimRng) {
@@ -1776,6 +1798,52 @@ mod tests {
         // Strengths.
         assert_eq!(Conditioning::pulse(-8.0).strength().unwrap(), 1.0);
         assert!((Conditioning::dip(0.8 * NM).strength().unwrap() - 0.16).abs() < 1e-12);
+    }
+
+    #[test]
+    fn conditioning_wear_grows_the_apex_whatever_the_outcome() {
+        use crate::rng::seeded;
+        // Off by default: the same draws as before the option existed.
+        let base = TipConfig::default();
+        let worn = TipConfig {
+            conditioning_wear: Param::fixed(0.1 * NM),
+            sharpen_max: Param::fixed(0.0),
+            worsen_base: Param::fixed(0.0),
+            worsen_slope: Param::fixed(0.0),
+            ..Default::default()
+        };
+        let dip = Conditioning::dip(5.0 * NM);
+        let mut t = TipState::sharp(3.0 * NM).unwrap();
+        let mut rng = seeded(1);
+        for _ in 0..10 {
+            // Nothing but wear can happen: R grows by 0.05..0.15 nm per unit-strength action.
+            let r0 = t.radius();
+            assert_eq!(
+                t.condition(&dip, &worn, &mut rng).unwrap(),
+                Outcome::Unchanged
+            );
+            let dr = t.radius() - r0;
+            assert!((0.05 * NM..=0.15 * NM).contains(&dr), "{dr:e}");
+        }
+        let mut t = TipState::sharp(3.0 * NM).unwrap();
+        let quiet = TipConfig {
+            sharpen_max: Param::fixed(0.0),
+            worsen_base: Param::fixed(0.0),
+            worsen_slope: Param::fixed(0.0),
+            ..base.clone()
+        };
+        t.condition(&dip, &quiet, &mut rng).unwrap();
+        assert_eq!(t.radius(), 3.0 * NM);
+        let bad = TipConfig {
+            conditioning_wear: Param::fixed(-1.0),
+            ..base
+        };
+        assert!(
+            bad.validate("tip.")
+                .unwrap_err()
+                .to_string()
+                .contains("tip.conditioning_wear")
+        );
     }
 
     #[test]
