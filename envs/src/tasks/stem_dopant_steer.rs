@@ -77,7 +77,7 @@
 //! | probe current | 100 pA | 70-130 pA | 40-200 pA |
 //! | HAADF exponent | 1.7 | 1.55-1.85 | 1.4-2.0 |
 //! | probe FWHM | 1.1 Å | 1.0-1.3 Å | 0.9-1.6 Å |
-//! | detector gain / offset / read noise | 1 / 0 / 0 | 0.8-1.25 / 0-5 / 0-1 | 0.5-2 / 0-20 / 0-3 |
+//! | detector gain / offset / read noise | 1 / 0 / 0 | 0.8-1.25 / 0-5 / 0 | 0.5-2 / 0-20 / 0-3 |
 //! | hop peak rate (× ln2/3 s⁻¹) | 1 | 0.8-1.25 | 0.6-1.6 |
 //! | hop offset | 0.85 Å | 0.85 Å | 0.75-0.95 Å |
 //! | goal distance | 1.4-3 Å | 2.5-5 Å | 4-7.5 Å |
@@ -169,7 +169,10 @@ impl Default for DetectionConfig {
 impl DetectionConfig {
     fn validate(&self) -> Result<()> {
         let bad = |f: &str, r: String| Err(EnvError::config(format!("detection.{f}"), r));
-        for (f, n) in [("pixels", self.pixels), ("survey_pixels", self.survey_pixels)] {
+        for (f, n) in [
+            ("pixels", self.pixels),
+            ("survey_pixels", self.survey_pixels),
+        ] {
             if !(5..=256).contains(&n) {
                 return bad(f, format!("must be 5..=256, got {n}"));
             }
@@ -368,15 +371,32 @@ impl TaskConfig for Config {
                 Param::uniform(70e-12, 130e-12),
                 Param::uniform(40e-12, 200e-12),
             ),
-            haadf_exponent: d.pick(Param::fixed(1.7), Param::uniform(1.55, 1.85), Param::uniform(1.4, 2.0)),
+            haadf_exponent: d.pick(
+                Param::fixed(1.7),
+                Param::uniform(1.55, 1.85),
+                Param::uniform(1.4, 2.0),
+            ),
             probe_fwhm: d.pick(
                 Param::fixed(1.1e-10),
                 Param::uniform(1.0e-10, 1.3e-10),
                 Param::uniform(0.9e-10, 1.6e-10),
             ),
-            detector_gain: d.pick(Param::fixed(1.0), Param::uniform(0.8, 1.25), Param::uniform(0.5, 2.0)),
-            detector_offset: d.pick(Param::fixed(0.0), Param::uniform(0.0, 5.0), Param::uniform(0.0, 20.0)),
-            read_noise: d.pick(Param::fixed(0.0), Param::uniform(0.0, 1.0), Param::uniform(0.0, 3.0)),
+            detector_gain: d.pick(
+                Param::fixed(1.0),
+                Param::uniform(0.8, 1.25),
+                Param::uniform(0.5, 2.0),
+            ),
+            detector_offset: d.pick(
+                Param::fixed(0.0),
+                Param::uniform(0.0, 5.0),
+                Param::uniform(0.0, 20.0),
+            ),
+            // Negligible beside the shot noise of a typical HAADF detector: hard only.
+            read_noise: d.pick(
+                Param::fixed(0.0),
+                Param::fixed(0.0),
+                Param::uniform(0.0, 3.0),
+            ),
             hop_peak_rate: d.pick(
                 Param::fixed(hop),
                 Param::uniform(0.8 * hop, 1.25 * hop),
@@ -608,7 +628,15 @@ fn brightest_column(
             &img[(r + 2) * cols..(r + 3) * cols],
         );
         for k in 0..bc {
-            let v = a[k] + a[k + 1] + a[k + 2] + b[k] + b[k + 1] + b[k + 2] + c[k] + c[k + 1] + c[k + 2];
+            let v = a[k]
+                + a[k + 1]
+                + a[k + 2]
+                + b[k]
+                + b[k + 1]
+                + b[k + 2]
+                + c[k]
+                + c[k + 1]
+                + c[k + 2];
             let v = if v.is_finite() { v } else { 0.0 };
             boxes[r * bc + k] = v;
             if v > best.0 {
@@ -713,6 +741,10 @@ pub struct StemDopantSteer<I> {
     center0: [f64; 2],
     beam: [f64; 2],
     boxes: Vec<f32>,
+    /// The survey's scratch: site offsets of the lattice model, pixels.
+    offsets: Vec<[f64; 2]>,
+    /// The survey frame.
+    survey: Vec<f32>,
     obs_bound: f32,
     last_obs: [f32; OBS],
 }
@@ -761,6 +793,8 @@ impl<I: StemInstrument + DopantTruth + NewEpisode + Send> StemDopantSteer<I> {
             center0: [0.0; 2],
             beam: [0.0; 2],
             boxes: Vec::new(),
+            offsets: Vec::new(),
+            survey: Vec::new(),
             obs_bound,
             last_obs: [0.0; OBS],
             cfg,
@@ -806,9 +840,10 @@ impl<I: StemInstrument + DopantTruth + NewEpisode + Send> StemDopantSteer<I> {
         let (min_z, bond) = (c.min_zscore, c.bond_length);
         let s = self.inst.configure_scan(&s)?;
         let f = self.inst.acquire_frame()?;
-        let img: Vec<f32> = f.image.iter().copied().collect();
+        self.survey.clear();
+        self.survey.extend(f.image.iter());
         let (rows, cols) = (s.rows, s.cols);
-        let Some((z, p)) = brightest_column(&img, rows, cols, &mut self.boxes) else {
+        let Some((z, p)) = brightest_column(&self.survey, rows, cols, &mut self.boxes) else {
             return Err(EnvError::config(
                 "detection.survey_dwell",
                 "the survey frame is flat: no dopant found",
@@ -853,29 +888,35 @@ impl<I: StemInstrument + DopantTruth + NewEpisode + Send> StemDopantSteer<I> {
             (1.0 - fv) * ((1.0 - fu) * at(r0, k0) + fu * at(r0, k0 + 1))
                 + fv * ((1.0 - fu) * at(r0 + 1, k0) + fu * at(r0 + 1, k0 + 1))
         };
-        let score = |theta: f64| {
-            let lat = Lattice::new(theta, bond);
-            let n = (radius / bond).ceil() as i32 + 1;
-            let (mut sum, mut count) = (0.0, 0usize);
-            for i in -n..=n {
-                for j in -n..=n {
-                    for sub in 0..2u8 {
-                        let q = lat.rel(Site { i, j, sub });
-                        let d = q[0].hypot(q[1]);
-                        if d < 0.9 * bond || d > radius {
-                            continue;
-                        }
-                        sum += sample(p[0] + q[0] / px, p[1] + q[1] / px);
-                        count += 1;
+        // The sites of the model within the disc (distances do not depend on the rotation),
+        // beyond the Si's own peak; then, per rotation, their mean box sum.
+        let base = Lattice::new(0.0, bond);
+        let n = (radius / bond).ceil() as i32 + 1;
+        let mut offsets = std::mem::take(&mut self.offsets);
+        offsets.clear();
+        for i in -n..=n {
+            for j in -n..=n {
+                for sub in 0..2u8 {
+                    let q = base.rel(Site { i, j, sub });
+                    let d2 = q[0] * q[0] + q[1] * q[1];
+                    if d2 >= (0.9 * bond).powi(2) && d2 <= radius * radius {
+                        offsets.push([q[0] / px, q[1] / px]);
                     }
                 }
             }
-            sum / count.max(1) as f64
+        }
+        let score = |theta: f64| {
+            let (sn, cs) = theta.sin_cos();
+            let sum: f64 = offsets
+                .iter()
+                .map(|q| sample(p[0] + cs * q[0] - sn * q[1], p[1] + sn * q[0] + cs * q[1]))
+                .sum();
+            sum / offsets.len().max(1) as f64
         };
         // Bonds repeat every 120°: a 4° grid, then a parabola through the best and its sides.
         const STEPS: usize = 30;
         let step = 2.0 * PI / 3.0 / STEPS as f64;
-        let scores: Vec<f64> = (0..STEPS).map(|k| score(k as f64 * step)).collect();
+        let scores: [f64; STEPS] = std::array::from_fn(|k| score(k as f64 * step));
         let k = (0..STEPS)
             .max_by(|&a, &b| scores[a].total_cmp(&scores[b]))
             .unwrap_or(0);
@@ -891,6 +932,7 @@ impl<I: StemInstrument + DopantTruth + NewEpisode + Send> StemDopantSteer<I> {
             0.0
         };
         let theta = (k as f64 + frac) * step;
+        self.offsets = offsets;
         self.lattice = Lattice::new(theta, bond);
         self.anchor = si;
         Ok(())
@@ -964,10 +1006,10 @@ impl<I: StemInstrument + DopantTruth + NewEpisode + Send> StemDopantSteer<I> {
                 let res = [rel[0] - sp[0], rel[1] - sp[1]];
                 let tr = &mut self.tracker;
                 tr.site = site;
-                for k in 0..2 {
-                    tr.offset[k] += alpha * res[k];
+                for ((o, v), r) in tr.offset.iter_mut().zip(&mut tr.velocity).zip(res) {
+                    *o += alpha * r;
                     if dt > 0.0 {
-                        tr.velocity[k] += beta * res[k] / dt;
+                        *v += beta * r / dt;
                     }
                 }
                 self.dopant = q;
@@ -1103,10 +1145,7 @@ impl<I: StemInstrument + DopantTruth + NewEpisode + Send> Task for StemDopantSte
         };
         self.goal = goal;
         let goal_lab = self.site_lab(goal, self.tracker.t);
-        self.true_goal = match (
-            self.inst.true_site_near(goal_lab),
-            self.inst.true_drift(),
-        ) {
+        self.true_goal = match (self.inst.true_site_near(goal_lab), self.inst.true_drift()) {
             (Some(p), Some(d)) => Some([p[0] - d[0], p[1] - d[1]]),
             _ => None,
         };
@@ -1181,10 +1220,7 @@ impl<I: StemInstrument + DopantTruth + NewEpisode + Send> Task for StemDopantSte
         info.insert("dwell".into(), InfoValue::F64(dwell));
         info.insert("scan_dose".into(), InfoValue::F64(scan_dose));
         info.insert("detected".into(), InfoValue::Bool(self.detected));
-        info.insert(
-            "measured_success".into(),
-            InfoValue::Bool(measured_success),
-        );
+        info.insert("measured_success".into(), InfoValue::Bool(measured_success));
         info.insert("measured_lost".into(), InfoValue::Bool(measured_lost));
         info.insert("goal_distance".into(), InfoValue::F64(true_dist));
         info.insert("success".into(), InfoValue::Bool(success));
@@ -1341,7 +1377,10 @@ mod tests {
                 ("goal_distance = [40e-9, 41e-9]", "goal_distance"),
                 ("observation = \"perfect\"", "observation"),
                 ("detection = { pixels = 2 }", "detection.pixels"),
-                ("detection = { tracker_gains = [2.0, 0.1] }", "detection.tracker_gains"),
+                (
+                    "detection = { tracker_gains = [2.0, 0.1] }",
+                    "detection.tracker_gains",
+                ),
                 ("discount = 1.5", "discount"),
                 ("beam_range = 4.9e-9", "beam_range"),
             ],
@@ -1402,9 +1441,11 @@ mod tests {
         // Per level, 20 episodes of the heuristic: the survey's lattice model is within a few
         // degrees of the truth, and the windows find the dopant on most steps, rarely at the
         // wrong column, to a fraction of an ångström.
-        for (level, min_found, max_false) in
-            [("easy", 0.97, 0.01), ("medium", 0.93, 0.03), ("hard", 0.85, 0.06)]
-        {
+        for (level, min_found, max_false) in [
+            ("easy", 0.97, 0.01),
+            ("medium", 0.93, 0.03),
+            ("hard", 0.85, 0.06),
+        ] {
             let mut env = env(&format!("difficulty = \"{level}\""));
             let (steps, found, right, err2, angles) = detection_stats(&mut env, 0..20);
             let worst = angles.iter().fold(0.0f64, |m, &a| m.max(a));
@@ -1474,7 +1515,11 @@ mod tests {
         let mut env = env("");
         let (h, others) = degenerate_scores(&mut env, 0..20, 0).unwrap();
         assert_no_degenerate_wins("StemDopantSteer-v1", &h, &others, 0.5, 0.4);
-        assert!(h.success_rate >= 0.8, "heuristic success {}", h.success_rate);
+        assert!(
+            h.success_rate >= 0.8,
+            "heuristic success {}",
+            h.success_rate
+        );
     }
 
     #[test]
@@ -1487,7 +1532,11 @@ mod tests {
         println!(
             "test split: heuristic success {:.2}, return {:.3} ± {:.3}; random success {:.2}, \
              return {:.3} ± {:.3}",
-            h.success_rate, h.mean_return, h.return_ci95, r.success_rate, r.mean_return,
+            h.success_rate,
+            h.mean_return,
+            h.return_ci95,
+            r.success_rate,
+            r.mean_return,
             r.return_ci95
         );
         assert!(h.success_rate >= r.success_rate + 0.6);
