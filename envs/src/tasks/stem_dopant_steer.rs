@@ -12,17 +12,20 @@
 //!
 //! Everything the task observes comes from frames, as on a real microscope:
 //!
-//! - **Survey** (at reset): a `detection.survey_pixels`² frame around the scan centre. The
-//!   brightest column (3 × 3 box sums, parabolic sub-pixel refinement) is the Si; the three
-//!   strongest local maxima 0.6-1.4 bonds from it are its carbon neighbours, whose directions
-//!   fix the orientation of the honeycomb (the three-fold mean of their angles); with the
-//!   calibrated `detection.bond_length` this gives the lattice model. The goal is a site of
-//!   that model.
+//! - **Survey** (at reset): a `detection.survey_pixels`² frame (default 20² of 0.4 Å, 10 µs
+//!   per pixel) around the scan centre. The brightest column (3 × 3 box sums, parabolic
+//!   sub-pixel refinement) is the Si. The orientation of the honeycomb around it is the
+//!   rotation whose sites (beyond the Si's own peak, within the field) have the largest mean
+//!   box sum (a 4° grid over the 120° period, refined by a parabola); rotating by 60° would put
+//!   the Si's neighbours on hexagon centres, so the sublattice is told apart too. With the
+//!   calibrated `detection.bond_length` this gives the lattice model; the goal is one of its
+//!   sites.
 //! - **Window** (every step, after the dwell): a `detection.pixels`² frame (default 10² of
-//!   0.5 Å, 4 µs per pixel: ≈ 0.6 ms and 10⁵ e⁻/Å² at 100 pA) centred on the predicted
+//!   0.5 Å, 4 µs per pixel: 0.6 ms and 10⁴ e⁻/Å² at 100 pA) centred on the predicted
 //!   dopant position. The dopant is *detected* when its brightest 3 × 3 box sum stands
-//!   `detection.min_zscore` standard deviations above the window's mean box sum (gain and
-//!   offset of the detector cancel); it is localized to sub-pixel precision and snapped to the
+//!   `detection.min_zscore` standard deviations above the mean of the box sums more than two
+//!   boxes away (gain and offset of the detector cancel); it is localized to sub-pixel
+//!   precision (parabolas through the box sums) and snapped to the
 //!   nearest site of the lattice model, which an α-β tracker (`detection.tracker_gains`) moves
 //!   with the estimated drift. Shot noise, read noise and a weak Si/C contrast (low HAADF
 //!   exponent, low current) give localization noise, misses (the dopant then keeps its last
@@ -52,10 +55,12 @@
 //!   - `−lost_penalty` when the dopant is declared lost (terminates);
 //!   - potential-based shaping `discount · Φ(s') − Φ(s)`, `Φ = −shaping · |dopant − goal|`
 //!     (in bonds, from the observation; `Φ = 0` at a terminal state). With `discount` equal to
-//!     the agent's discount this leaves the optimal policies unchanged (Ng et al. 1999); a
-//!     policy that stays put collects `(1 − discount) · shaping · |dopant − goal|` per step
-//!     (≤ 0.004 at the defaults), which the time cost of its dwells outweighs. `shaping = 0`
-//!     gives the sparse reward of putting-dune.
+//!     the agent's discount this leaves the optimal policies unchanged (Ng et al. 1999). A
+//!     policy that stays away from the goal collects `(1 − discount) · shaping · |dopant −
+//!     goal|` per step (≤ 0.007 at the medium defaults, so at most about 0.3 over an episode of
+//!     shortest dwells, against 1 for reaching the goal); `discount = 1` removes it (then the
+//!     shaping is invariant for undiscounted returns only). `shaping = 0` gives the sparse
+//!     reward of putting-dune.
 //! - **Termination**: measured success or measured loss (above); the step limit truncates.
 //! - **Success** (`info["is_success"]`, ground truth): the true dopant within
 //!   `success_radius` of the true goal site (the host site nearest the goal of the lattice
@@ -134,7 +139,8 @@ pub struct DetectionConfig {
     /// Dwell per pixel of the survey, s. Default 10 µs.
     pub survey_dwell: f64,
     /// Detection threshold: the brightest 3 × 3 box sum of a frame must lie this many standard
-    /// deviations above the mean box sum. Default 4.5.
+    /// deviations above the mean of the box sums more than two boxes away from it
+    /// (dimensionless: detector gain and offset cancel). Default 4.5.
     pub min_zscore: f64,
     /// Calibrated nearest-neighbour distance of the host lattice, m (the lattice model's bond).
     /// Default 1.42 Å (graphene).
@@ -1329,11 +1335,22 @@ mod tests {
         for seed in 0..10 {
             let (mut obs, info) = env.reset(Some(seed)).unwrap();
             assert!(matches!(info.get("goal_distance"), Some(InfoValue::F64(d)) if *d >= 2.4e-10));
+            let mut clock = None;
             loop {
                 let a = env.heuristic_action(&obs);
                 let s = env.step(&a).unwrap();
                 steps += 1;
                 obs = s.obs;
+                // Each step's instrument time: the dwell and the window scan, 10 × (10 × 4 µs +
+                // 20 µs); the window's dose is counted.
+                let f = |k: &str| crate::tasks::testing::info_f64(&s.info, k);
+                let t = f("elapsed");
+                if let Some(t0) = clock {
+                    let extra: f64 = t - t0 - f("dwell");
+                    assert!((extra - 6e-4).abs() < 1e-9, "{extra}");
+                }
+                clock = Some(t);
+                assert!(f("scan_dose") > 5e3, "{}", f("scan_dose"));
                 if s.terminated || s.truncated {
                     if s.info.get("is_success") == Some(&InfoValue::Bool(true)) {
                         successes += 1;

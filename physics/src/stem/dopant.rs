@@ -24,8 +24,15 @@
 //!   radius `α·C` has variance `(α·C)²/4` per axis).
 //! - **Images** (`acquire_frame`, `acquire_point`): HAADF counts `n_e · Σ_atoms σ_Z ρ(x − x_a)`
 //!   with `σ_Z = σ_C (Z/6)^n` (`DetectorConfig`-like `haadf_exponent`,
-//!   `carbon_cross_section`), Poisson shot noise. While a frame is scanned the hop chain runs
-//!   with the raster-averaged rates `Σ_pixels t_dwell · rate(pixel) / t_frame`.
+//!   `carbon_cross_section`), Poisson shot noise, then `detector_gain`, `detector_offset` and
+//!   Gaussian `read_noise`. While a frame is scanned the hop chain runs with the
+//!   raster-averaged rates `Σ_pixels t_dwell · rate(pixel) / t_frame`, so a frame's dose drives
+//!   hops (and knock-on) like a parked beam's. Every rate and every column's image is a
+//!   Gaussian in the beam position, so both are computed separably: a rate's raster sum is the
+//!   product of a sum along x and one along y, and a column adds the outer product of its
+//!   factors along x and y (cut 3.5 σ out along each axis; points use a 4.5 σ disc), each
+//!   factor row by a recurrence with two exponentials. A small window (10² pixels around the
+//!   dopant) costs a few microseconds.
 //!
 //! It implements [`StemInstrument`] like the full simulator (no EELS: `acquire_spectrum` is
 //! refused). The dopant's true position is ground truth ([`DopantSimulator::dopant`]).
