@@ -38,11 +38,14 @@
 //!   `dose` (e⁻/Å²), `dwell` (s), `done`, `success`, and the randomized scenario values
 //!   (`param.*`). The truth comes from [`ProbeTruth`]; on a real instrument it is unknown and
 //!   `is_success` is false.
-//! - **Heuristic**: the classic autofocus, a coordinate search on the observed sharpness at the
-//!   nominal dwell: step one coefficient while the sharpness improves; when it worsens, go back
-//!   to the best setting and try the other direction, then the next coefficient; halve the
-//!   steps after each round. When the step falls below `heuristic_min_step` (or two steps are
-//!   left) it returns to the best setting and declares done.
+//! - **Heuristic**: the classic autofocus on the observed sharpness, every frame at the nominal
+//!   dwell. First a through-focus series: C10 in steps of `max_step` down to `−c10_range` and
+//!   up to `+c10_range` (far from focus the sharpness is flat and not monotonic, so a local
+//!   search alone can stall there), then to the sharpest position. Then a coordinate search:
+//!   step one coefficient (half a step at first) while the sharpness improves; when it worsens,
+//!   go back to the best setting and try the other direction, then the next coefficient; halve
+//!   the steps after each round. When the step falls below `heuristic_min_step` (or two steps
+//!   are left) it returns to the best setting and declares done.
 //!
 //! # Levels (defaults of the randomized ranges; every range is split train/test)
 //!
@@ -370,33 +373,80 @@ fn sum_by(values: &[f32], f: impl Fn(f32) -> f64) -> f64 {
     acc.iter().sum::<f64>() + tail
 }
 
-/// The heuristic's coordinate-search state (settings relative to the episode start, in units
-/// of `max_step`).
+/// Largest number of defocus steps on either side of the start that the heuristic sweeps.
+const MAX_SWEEP: usize = 16;
+
+/// What the heuristic is doing.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Phase {
+    /// Through-focus series: C10 in whole steps down to `-half`, then up to `+half`
+    /// (direction −1 or +1).
+    Sweep(i32),
+    /// Moving to `target` (observations ignored on the way).
+    Travel,
+    /// Coordinate search around the best setting.
+    Search,
+    /// Back at the best setting: declare done.
+    Finishing,
+}
+
+/// The heuristic's state (settings relative to the episode start, in units of `max_step`).
 #[derive(Debug, Clone, Copy)]
 struct Search {
+    phase: Phase,
     now: [f64; 3],
+    target: [f64; 3],
+    /// Defocus steps on either side of the start in the sweep.
+    half: i32,
+    /// Per sweep position: the sum of the sharpness measured there and the count.
+    bins: [(f64, u32); 2 * MAX_SWEEP + 1],
     best: Option<(f64, [f64; 3])>,
     coord: usize,
     dir: f64,
     step: f64,
     flips: u32,
     calls: usize,
-    finishing: bool,
 }
 
 impl Search {
-    fn new() -> Self {
+    /// A fresh search sweeping `half` steps either side of the start.
+    fn new(half: usize) -> Self {
+        let half = half.min(MAX_SWEEP) as i32;
         Self {
+            phase: if half > 0 {
+                Phase::Sweep(-1)
+            } else {
+                Phase::Search
+            },
             now: [0.0; 3],
+            target: [0.0; 3],
+            half,
+            bins: [(0.0, 0); 2 * MAX_SWEEP + 1],
             best: None,
             coord: 0,
             dir: 1.0,
-            step: 1.0,
+            step: if half > 0 { 0.5 } else { 1.0 },
             flips: 0,
             calls: 0,
-            finishing: false,
         }
     }
+
+    /// The move (each coefficient's change within ±1) from `now` toward `next`, applied.
+    fn move_to(&mut self, next: [f64; 3], dwell: f32) -> Value {
+        let mut act = [0.0f32, 0.0, 0.0, -1.0, dwell];
+        for k in 0..3 {
+            let d = (next[k] - self.now[k]).clamp(-1.0, 1.0);
+            act[k] = d as f32;
+            self.now[k] += d;
+        }
+        Value::Box(act.to_vec())
+    }
+}
+
+/// The heuristic's through-focus half-range in steps: the initial defocus range over the
+/// largest step, rounded up.
+fn sweep_steps(cfg: &Config) -> usize {
+    (cfg.c10_range / cfg.max_step).ceil() as usize
 }
 
 /// The task over any STEM instrument `I`.
@@ -436,7 +486,7 @@ impl<I: StemInstrument + ProbeTruth + NewEpisode + Send> StemAutofocus<I> {
         };
         Self {
             last: vec![0.0; cfg.pixels * cfg.pixels],
-            search: Search::new(),
+            search: Search::new(0),
             cfg,
             inst,
             reference: 1.0,
@@ -524,7 +574,7 @@ impl<I: StemInstrument + ProbeTruth + NewEpisode + Send> Task for StemAutofocus<
     fn reset(&mut self, seed: u64, info: &mut Info) -> Result<Value> {
         self.inst.new_episode(seed, info)?;
         self.inst.set_blanked(false)?;
-        self.search = Search::new();
+        self.search = Search::new(sweep_steps(&self.cfg));
         let c = &self.cfg;
         self.scan = ScanSettings {
             rows: c.pixels,
@@ -599,9 +649,53 @@ impl<I: StemInstrument + ProbeTruth + NewEpisode + Send> Task for StemAutofocus<
         let left = self.cfg.max_steps.saturating_sub(self.search.calls);
         let s = &mut self.search;
         s.calls += 1;
-        let done = [0.0, 0.0, 0.0, 1.0, dwell];
-        if s.finishing {
-            return Value::Box(done.to_vec());
+        let done = Value::Box(vec![0.0, 0.0, 0.0, 1.0, dwell]);
+        if let Phase::Sweep(dir) = s.phase {
+            // A through-focus series: each position's sharpness (averaged where measured
+            // twice), then to the best position.
+            let k = s.now[0].round() as i32;
+            let bin = &mut s.bins[(k + s.half) as usize];
+            bin.0 += s_now;
+            bin.1 += 1;
+            let next = match dir {
+                -1 if k > -s.half => Some(k - 1),
+                -1 => {
+                    s.phase = Phase::Sweep(1);
+                    Some(k + 1)
+                }
+                _ if k < s.half => Some(k + 1),
+                _ => None,
+            };
+            match next {
+                Some(k) if left > 2 * s.half as usize + 4 => {
+                    return s.move_to([f64::from(k), 0.0, 0.0], dwell);
+                }
+                _ => {
+                    let mean = |b: &(f64, u32)| {
+                        if b.1 > 0 {
+                            b.0 / f64::from(b.1)
+                        } else {
+                            f64::NEG_INFINITY
+                        }
+                    };
+                    let best = (0..s.bins.len())
+                        .max_by(|&a, &b| mean(&s.bins[a]).total_cmp(&mean(&s.bins[b])))
+                        .unwrap_or(0) as i32
+                        - s.half;
+                    s.target = [f64::from(best), 0.0, 0.0];
+                    s.phase = Phase::Travel;
+                }
+            }
+        }
+        if s.phase == Phase::Travel {
+            if s.now != s.target {
+                let t = s.target;
+                return s.move_to(t, dwell);
+            }
+            s.phase = Phase::Search;
+        }
+        if s.phase == Phase::Finishing {
+            return done;
         }
         match s.best {
             Some((best, _)) if s_now <= best => {
@@ -626,19 +720,13 @@ impl<I: StemInstrument + ProbeTruth + NewEpisode + Send> Task for StemAutofocus<
         if s.step < min_step || left <= 2 {
             // Finish: back to the best setting, then declare done.
             if best == s.now {
-                return Value::Box(done.to_vec());
+                return done;
             }
-            s.finishing = true;
+            s.phase = Phase::Finishing;
         } else {
             next[s.coord] += s.dir * s.step;
         }
-        let mut act = [0.0f32, 0.0, 0.0, -1.0, dwell];
-        for k in 0..3 {
-            let d = (next[k] - s.now[k]).clamp(-1.0, 1.0);
-            act[k] = d as f32;
-            s.now[k] += d;
-        }
-        Value::Box(act.to_vec())
+        s.move_to(next, dwell)
     }
 }
 
