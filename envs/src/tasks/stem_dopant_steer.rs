@@ -738,7 +738,7 @@ pub struct StemDopantSteer<I> {
     /// Whether the last window found the dopant.
     detected: bool,
     misses: usize,
-    /// Oracle mode: the true dopant (None when gone), neighbours and goal (lab, m).
+    /// Scratch for the true neighbours of the dopant (lab, m; the oracle's observation).
     truth_neighbours: Vec<[f64; 2]>,
     /// The true goal site in specimen coordinates (lab minus drift), when the truth is known.
     true_goal: Option<[f64; 2]>,
