@@ -24,8 +24,15 @@
 //!   radius `α·C` has variance `(α·C)²/4` per axis).
 //! - **Images** (`acquire_frame`, `acquire_point`): HAADF counts `n_e · Σ_atoms σ_Z ρ(x − x_a)`
 //!   with `σ_Z = σ_C (Z/6)^n` (`DetectorConfig`-like `haadf_exponent`,
-//!   `carbon_cross_section`), Poisson shot noise. While a frame is scanned the hop chain runs
-//!   with the raster-averaged rates `Σ_pixels t_dwell · rate(pixel) / t_frame`.
+//!   `carbon_cross_section`), Poisson shot noise, then `detector_gain`, `detector_offset` and
+//!   Gaussian `read_noise`. While a frame is scanned the hop chain runs with the
+//!   raster-averaged rates `Σ_pixels t_dwell · rate(pixel) / t_frame`, so a frame's dose drives
+//!   hops (and knock-on) like a parked beam's. Every rate and every column's image is a
+//!   Gaussian in the beam position, so both are computed separably: a rate's raster sum is the
+//!   product of a sum along x and one along y, and a column adds the outer product of its
+//!   factors along x and y (cut 3.5 σ out along each axis; points use a 4.5 σ disc), each
+//!   factor row by a recurrence with two exponentials. A small window (10² pixels around the
+//!   dopant) costs a few microseconds.
 //!
 //! It implements [`StemInstrument`] like the full simulator (no EELS: `acquire_spectrum` is
 //! refused). The dopant's true position is ground truth ([`DopantSimulator::dopant`]).
@@ -38,13 +45,16 @@ use crate::instrument::{
 use crate::param::dims::{Angle, Area, Current, Energy, Frequency, Length, Temperature, Time};
 use crate::param::dims::{Unitless, Velocity};
 use crate::param::{Param, Region};
-use crate::rng::{SimRng, derive_seed, poisson, seeded};
+use crate::rng::{PoissonScratch, SimRng, derive_seed, normal, poisson, poisson_fill, seeded};
 use crate::stem::damage::{HopModel, knock_on_cross_section};
 use crate::stem::optics::Aberrations;
 use ndarray::Array2;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 use std::f64::consts::PI;
+
+/// Number of (possibly randomized) physical parameters of [`DopantSimConfig`].
+const NPARAMS: usize = 22;
 
 /// `FWHM / σ` of a Gaussian.
 const FWHM_PER_SIGMA: f64 = 2.354_820_045_030_949;
@@ -90,6 +100,13 @@ pub struct DopantSimConfig {
     pub carbon_cross_section: Param<Area>,
     /// Whether counts are Poisson-sampled. Default true.
     pub shot_noise: bool,
+    /// Detector output units per detected electron. Default 1.
+    pub detector_gain: Param<Unitless>,
+    /// Constant added to every recorded pixel or point, output units. Default 0.
+    pub detector_offset: Param<Unitless>,
+    /// Gaussian read noise per recorded pixel or point, standard deviation in output units.
+    /// Default 0.
+    pub read_noise: Param<Unitless>,
     /// Frame pixels `[rows, cols]`. Default 64 × 64.
     pub pixels: [usize; 2],
     /// Pixel size of frames, m. Default 0.2 Å.
@@ -123,6 +140,9 @@ impl Default for DopantSimConfig {
             haadf_exponent: Param::fixed(1.7),
             carbon_cross_section: Param::fixed(5e-23),
             shot_noise: true,
+            detector_gain: Param::fixed(1.0),
+            detector_offset: Param::fixed(0.0),
+            read_noise: Param::fixed(0.0),
             pixels: [64, 64],
             pixel_size: Param::fixed(0.2e-10),
             dwell_time: Param::fixed(4e-6),
@@ -150,12 +170,15 @@ struct Drawn {
     pixel_size: f64,
     dwell: f64,
     flyback: f64,
+    gain: f64,
+    offset: f64,
+    read_noise: f64,
 }
 
 impl DopantSimConfig {
     /// The parameters in draw order: dotted name and distribution (units dropped: draws only
     /// need the numbers).
-    fn params(&self) -> [(&'static str, Param<Unitless>); 19] {
+    fn params(&self) -> [(&'static str, Param<Unitless>); NPARAMS] {
         fn p<D: crate::param::Dim>(x: &Param<D>) -> Param<Unitless> {
             match *x {
                 Param::Fixed(v, _) => Param::fixed(v),
@@ -189,12 +212,15 @@ impl DopantSimConfig {
             "pixel_size" => self.pixel_size,
             "dwell_time" => self.dwell_time,
             "flyback_time" => self.flyback_time,
+            "detector_gain" => self.detector_gain,
+            "detector_offset" => self.detector_offset,
+            "read_noise" => self.read_noise,
         ]
     }
 
     /// Draws every parameter (fixed ones give their value) and checks the drawn values.
-    fn draw(&self, rng: &mut SimRng, region: Region) -> Result<(Drawn, [f64; 19])> {
-        let mut v = [0.0; 19];
+    fn draw(&self, rng: &mut SimRng, region: Region) -> Result<(Drawn, [f64; NPARAMS])> {
+        let mut v = [0.0; NPARAMS];
         for (k, (_, dist)) in self.params().iter().enumerate() {
             v[k] = dist.sample_in(rng, region);
         }
@@ -214,8 +240,11 @@ impl DopantSimConfig {
             pixel_size: v[16],
             dwell: v[17],
             flyback: v[18],
+            gain: v[19],
+            offset: v[20],
+            read_noise: v[21],
         };
-        let checks: [(&str, f64, f64, f64); 17] = [
+        let checks: [(&str, f64, f64, f64); 20] = [
             ("energy", d.energy, 1e3, 1e6),
             ("current", d.current, 0.0, 1e-6),
             ("convergence_angle", d.alpha, 1e-4, 0.2),
@@ -233,6 +262,9 @@ impl DopantSimConfig {
             ("pixel_size", d.pixel_size, 1e-13, 1e-8),
             ("dwell_time", d.dwell, 1e-9, 1.0),
             ("flyback_time", d.flyback, 0.0, 1.0),
+            ("detector_gain", d.gain, 1e-6, 1e9),
+            ("detector_offset", d.offset, -1e9, 1e9),
+            ("read_noise", d.read_noise, 0.0, 1e9),
         ];
         for (name, x, lo, hi) in checks {
             if !(x.is_finite() && x >= lo && x <= hi) {
@@ -292,7 +324,7 @@ pub struct DopantSimulator {
     template: DopantSimConfig,
     region: Region,
     p: Drawn,
-    values: [f64; 19],
+    values: [f64; NPARAMS],
     hop: HopModel,
     /// Lattice vectors a1, a2 and the A→B basis offset δ, specimen frame, m.
     a1: [f64; 2],
@@ -313,6 +345,11 @@ pub struct DopantSimulator {
     frames: u64,
     rng_hop: SimRng,
     rng_noise: SimRng,
+    /// Frame scratch: expected counts, and the Gaussian factors of one column along x and y.
+    lam: Vec<f32>,
+    gx: Vec<f32>,
+    gy: Vec<f32>,
+    poisson: PoissonScratch,
 }
 
 impl DopantSimulator {
@@ -321,7 +358,7 @@ impl DopantSimulator {
         config.validate()?;
         let mut s = Self {
             p: Drawn::default(),
-            values: [0.0; 19],
+            values: [0.0; NPARAMS],
             hop: HopModel {
                 peak_rate: 0.0,
                 reference_current: 1.0,
@@ -355,6 +392,10 @@ impl DopantSimulator {
             frames: 0,
             rng_hop: seeded(0),
             rng_noise: seeded(0),
+            lam: Vec::new(),
+            gx: Vec::new(),
+            gy: Vec::new(),
+            poisson: PoissonScratch::default(),
             template: config,
             region: Region::All,
         };
@@ -613,6 +654,143 @@ impl DopantSimulator {
         }
     }
 
+    /// The raster-averaged rates (`[hop toward each neighbour, loss]`, 1/s) of a frame whose
+    /// pixel (0, 0) sits at specimen position `origin`, each pixel holding the beam for `share`
+    /// of the frame time.
+    fn raster_rates(
+        &self,
+        d: [f64; 2],
+        nb: [[f64; 2]; 3],
+        origin: [f64; 2],
+        sc: &ScanSettings,
+        share: f64,
+    ) -> [f64; 4] {
+        let (dx, i) = (sc.pixel_size, self.p.current);
+        let mut out = [0.0; 4];
+        let hv = self.hop.variance;
+        let reach = 8.0 * hv.sqrt();
+        let peak = self.hop.peak_rate * (i / self.hop.reference_current);
+        for (o, n) in out.iter_mut().zip(nb) {
+            let (ux, uy) = (n[0] - d[0], n[1] - d[1]);
+            let len = (ux * ux + uy * uy).sqrt();
+            if len == 0.0 {
+                continue;
+            }
+            let mu = [
+                d[0] + self.hop.offset * ux / len,
+                d[1] + self.hop.offset * uy / len,
+            ];
+            let sx = gauss_sum(origin[0], dx, sc.cols, mu[0], hv, reach);
+            if sx > 0.0 {
+                let sy = gauss_sum(origin[1], dx, sc.rows, mu[1], hv, reach);
+                *o = peak * sx * sy * share;
+            }
+        }
+        if self.sigma_knock > 0.0 {
+            let v = self.probe_sigma * self.probe_sigma;
+            let reach = 8.0 * self.probe_sigma;
+            let sx = gauss_sum(origin[0], dx, sc.cols, d[0], v, reach);
+            let sy = gauss_sum(origin[1], dx, sc.rows, d[1], v, reach);
+            out[3] = self.sigma_knock * (i / ELEMENTARY_CHARGE) * sx * sy / (2.0 * PI * v) * share;
+        }
+        out
+    }
+
+    /// Fills `lam` with the expected HAADF counts of the scan (`n_e` electrons per pixel, pixel
+    /// (0, 0) at specimen position `origin`): every site within reach of the frame adds its
+    /// column's Gaussian as the product of its factors along x and y (the probe intensity is a
+    /// round Gaussian), cut 3.5 σ from the column along each axis (the tails beyond hold 0.2 %
+    /// of a column's peak, far below the shot noise of a pixel at any practical dose).
+    fn expected_frame(&mut self, n_e: f64, origin: [f64; 2]) {
+        let sc = self.scan;
+        let (rows, cols, dx) = (sc.rows, sc.cols, sc.pixel_size);
+        let (mut lam, mut gx, mut gy) = (
+            std::mem::take(&mut self.lam),
+            std::mem::take(&mut self.gx),
+            std::mem::take(&mut self.gy),
+        );
+        lam.clear();
+        lam.resize(rows * cols, 0.0);
+        gx.resize(cols, 0.0);
+        gy.resize(rows, 0.0);
+        let v = self.probe_sigma * self.probe_sigma;
+        let reach = 3.5 * self.probe_sigma;
+        let norm = n_e / (2.0 * PI * v);
+        let m2 = exp_fast(-dx * dx / v);
+        let half = [
+            0.5 * (cols as f64 - 1.0) * dx,
+            0.5 * (rows as f64 - 1.0) * dx,
+        ];
+        let centre = [origin[0] + half[0], origin[1] + half[1]];
+        let radius = half[0].hypot(half[1]) + reach;
+        self.for_sites_near(centre, radius, |s, p| {
+            let w = self.sigma_of(s) * norm;
+            if w == 0.0 {
+                return;
+            }
+            let Some((c0, c1)) = gauss_samples(origin[0], dx, cols, p[0], v, reach, m2, &mut gx)
+            else {
+                return;
+            };
+            let Some((r0, r1)) = gauss_samples(origin[1], dx, rows, p[1], v, reach, m2, &mut gy)
+            else {
+                return;
+            };
+            let gxs = &gx[c0..=c1];
+            for r in r0..=r1 {
+                let wy = (w * f64::from(gy[r])) as f32;
+                let row = &mut lam[r * cols + c0..=r * cols + c1];
+                for (o, &g) in row.iter_mut().zip(gxs) {
+                    *o += wy * g;
+                }
+            }
+        });
+        self.lam = lam;
+        self.gx = gx;
+        self.gy = gy;
+    }
+
+    /// Records the expected counts `lam` into `out`: Poisson counts (or the expectation without
+    /// shot noise), detector gain and offset, Gaussian read noise.
+    fn record(&mut self, out: &mut [f32]) {
+        if self.template.shot_noise {
+            poisson_fill(&mut self.rng_noise, &self.lam, out, &mut self.poisson);
+        } else {
+            out.copy_from_slice(&self.lam);
+        }
+        let (gain, offset) = (self.p.gain as f32, self.p.offset as f32);
+        if gain != 1.0 || offset != 0.0 {
+            for o in out.iter_mut() {
+                *o = gain * *o + offset;
+            }
+        }
+        if self.p.read_noise > 0.0 {
+            for o in out.iter_mut() {
+                *o += (self.p.read_noise * normal(&mut self.rng_noise)) as f32;
+            }
+        }
+    }
+
+    /// Lab displacement of the sheet by drift since the reset, m (lab = specimen + this).
+    pub fn drift_offset(&self) -> [f64; 2] {
+        self.drift()
+    }
+
+    /// Lab position (m) of the lattice site (host or dopant) nearest the lab position `p`.
+    pub fn nearest_site(&self, p: [f64; 2]) -> [f64; 2] {
+        let d = self.drift();
+        let c = [p[0] - d[0], p[1] - d[1]];
+        let mut best = (f64::INFINITY, [0.0; 2]);
+        // Within one bond of any point lies a site.
+        self.for_sites_near(c, self.p.a, |_, q| {
+            let r2 = (q[0] - c[0]).powi(2) + (q[1] - c[1]).powi(2);
+            if r2 < best.0 {
+                best = (r2, q);
+            }
+        });
+        [best.1[0] + d[0], best.1[1] + d[1]]
+    }
+
     fn check_beam(&self, op: &str) -> Result<()> {
         if self.blanked {
             return Err(PhysicsError::Refused {
@@ -622,6 +800,101 @@ impl DopantSimulator {
         }
         Ok(())
     }
+}
+
+/// `e^x` for `|x| ≤ 700` (relative error below 2e-10; beyond the range the result saturates
+/// but stays finite): `2^t` with `t = x·log₂e` split into the nearest integer and a fraction in
+/// [-½, ½], the fraction's power by a degree-9 Taylor series. No library call: the frame
+/// renderer evaluates a few per atom.
+#[inline]
+fn exp_fast(x: f64) -> f64 {
+    /// 1.5 · 2⁵²: adding it rounds a double of magnitude below 2⁵¹ to an integer.
+    const ROUND: f64 = 6_755_399_441_055_744.0;
+    let t = x.clamp(-700.0, 700.0) * std::f64::consts::LOG2_E;
+    let shifted = t + ROUND;
+    let n = shifted - ROUND;
+    let k = shifted.to_bits() as i64 - ROUND.to_bits() as i64;
+    let f = (t - n) * std::f64::consts::LN_2;
+    let mut p = 1.0 / 362_880.0;
+    for c in [
+        1.0 / 40_320.0,
+        1.0 / 5040.0,
+        1.0 / 720.0,
+        1.0 / 120.0,
+        1.0 / 24.0,
+        1.0 / 6.0,
+        0.5,
+        1.0,
+        1.0,
+    ] {
+        p = p * f + c;
+    }
+    p * f64::from_bits(((k + 1023) as u64) << 52)
+}
+
+/// The index range `[lo, hi]` of the samples `x0 + k·dx` (`k < n`) within `reach` of `m`, if
+/// any (floor and ceiling by integer casts: the samples of a frame are few).
+#[inline]
+fn sample_range(x0: f64, dx: f64, n: usize, m: f64, reach: f64) -> Option<(usize, usize)> {
+    let a = (m - reach - x0) / dx;
+    let b = (m + reach - x0) / dx;
+    if !(b >= 0.0 && a <= n as f64 - 1.0) {
+        return None;
+    }
+    // a ≤ n − 1 and b ≥ 0 here, so the casts are in range; ceil(a) for a > −1, floor(b).
+    let lo = if a <= 0.0 {
+        0
+    } else {
+        let t = a as usize;
+        t + usize::from((t as f64) < a)
+    };
+    let hi = (b as usize).min(n - 1);
+    (lo <= hi).then_some((lo, hi))
+}
+
+/// Writes `exp(-(x0 + k·dx - m)²/(2v))` into `out[k]` for the `k < n` whose sample lies within
+/// `reach` of `m`, by a recurrence (two exponentials per call, with `m2 = exp(-dx²/v)` given),
+/// and returns that range of `k` (`None` when no sample is within reach).
+#[allow(clippy::too_many_arguments)]
+fn gauss_samples(
+    x0: f64,
+    dx: f64,
+    n: usize,
+    m: f64,
+    v: f64,
+    reach: f64,
+    m2: f64,
+    out: &mut [f32],
+) -> Option<(usize, usize)> {
+    let (lo, hi) = sample_range(x0, dx, n, m, reach)?;
+    let u = x0 + lo as f64 * dx - m;
+    // g(k+1)/g(k) = exp(-(2u_k dx + dx²)/2v), itself multiplied by exp(-dx²/v) per step.
+    let mut g = exp_fast(-0.5 * u * u / v);
+    let mut q = exp_fast(-(2.0 * u * dx + dx * dx) / (2.0 * v));
+    for o in &mut out[lo..=hi] {
+        *o = g as f32;
+        g *= q;
+        q *= m2;
+    }
+    Some((lo, hi))
+}
+
+/// `Σ_k exp(-(x0 + k·dx - m)²/(2v))` over `k < n`, the samples beyond `reach` of `m` left out.
+fn gauss_sum(x0: f64, dx: f64, n: usize, m: f64, v: f64, reach: f64) -> f64 {
+    let Some((lo, hi)) = sample_range(x0, dx, n, m, reach) else {
+        return 0.0;
+    };
+    let u = x0 + lo as f64 * dx - m;
+    let mut g = exp_fast(-0.5 * u * u / v);
+    let mut q = exp_fast(-(2.0 * u * dx + dx * dx) / (2.0 * v));
+    let m2 = exp_fast(-dx * dx / v);
+    let mut sum = 0.0;
+    for _ in lo..=hi {
+        sum += g;
+        g *= q;
+        q *= m2;
+    }
+    sum
 }
 
 impl StemInstrument for DopantSimulator {
@@ -695,64 +968,27 @@ impl StemInstrument for DopantSimulator {
         let n_e = self.p.current * sc.dwell_time / ELEMENTARY_CHARGE;
         let t_start = self.clock;
         let duration = sc.frame_time();
-        // Hops while scanning: raster-averaged rates over the pixels near the dopant.
+        // Specimen position of pixel (0, 0) (lab = specimen + drift at the frame start); pixel
+        // (r, c) sits at origin + (c, r)·pixel_size.
         let d0 = self.drift();
-        let pixel_lab = |r: usize, c: usize| {
-            [
-                sc.center[0] + (c as f64 - 0.5 * (sc.cols as f64 - 1.0)) * sc.pixel_size,
-                sc.center[1] + (r as f64 - 0.5 * (sc.rows as f64 - 1.0)) * sc.pixel_size,
-            ]
-        };
-        let reach = self.hop.offset + 6.0 * self.hop.variance.sqrt() + 5.0 * self.probe_sigma;
-        let rates = |me: &Self, d: [f64; 2], nb: [[f64; 2]; 3]| {
-            let mut acc = [0.0; 4];
-            // Pixel index range within `reach` of the dopant (lab = specimen + drift).
-            let lab = [d[0] + d0[0], d[1] + d0[1]];
-            let idx = |x: f64, c0: f64, n: usize| {
-                let k = (x - c0) / sc.pixel_size + 0.5 * (n as f64 - 1.0);
-                k.clamp(-1.0, n as f64) as i64
-            };
-            let (c_lo, c_hi) = (
-                idx(lab[0] - reach, sc.center[0], sc.cols).max(0) as usize,
-                idx(lab[0] + reach, sc.center[0], sc.cols).min(sc.cols as i64 - 1),
-            );
-            let (r_lo, r_hi) = (
-                idx(lab[1] - reach, sc.center[1], sc.rows).max(0) as usize,
-                idx(lab[1] + reach, sc.center[1], sc.rows).min(sc.rows as i64 - 1),
-            );
-            if c_hi < 0 || r_hi < 0 {
-                return acc;
-            }
-            for r in r_lo..=r_hi as usize {
-                for c in c_lo..=c_hi as usize {
-                    let p = pixel_lab(r, c);
-                    let b = [p[0] - d0[0], p[1] - d0[1]];
-                    let x = me.parked_rates(b, d, nb);
-                    for k in 0..4 {
-                        acc[k] += x[k] * sc.dwell_time;
-                    }
-                }
-            }
-            acc.map(|a| a / duration.max(1e-300))
-        };
+        let origin = [
+            sc.center[0] - 0.5 * (sc.cols as f64 - 1.0) * sc.pixel_size - d0[0],
+            sc.center[1] - 0.5 * (sc.rows as f64 - 1.0) * sc.pixel_size - d0[1],
+        ];
         if duration > 0.0 {
-            self.run_chain(duration, rates);
+            // Hops while scanning: the raster-averaged rates `Σ_pixels t_dwell·rate / t_frame`.
+            // Every rate is a Gaussian in the beam position, so its sum over the raster is the
+            // product of a sum along x and a sum along y.
+            let share = sc.dwell_time / duration;
+            self.run_chain(duration, |me, d, nb| {
+                me.raster_rates(d, nb, origin, &sc, share)
+            });
         }
         // The image of the final configuration.
-        let shot = self.template.shot_noise;
-        let (rows, cols) = (sc.rows, sc.cols);
+        self.expected_frame(n_e, origin);
         let mut img = std::mem::take(&mut self.frame);
-        for r in 0..rows {
-            for c in 0..cols {
-                let p = pixel_lab(r, c);
-                let b = [p[0] - d0[0], p[1] - d0[1]];
-                let lam = self.expected_counts(b, n_e);
-                img[[r, c]] = if shot {
-                    poisson(&mut self.rng_noise, lam) as f32
-                } else {
-                    lam as f32
-                };
-            }
+        if let Some(out) = img.as_slice_mut() {
+            self.record(out);
         }
         self.frame = img;
         self.clock += duration;
@@ -800,11 +1036,16 @@ impl StemInstrument for DopantSimulator {
         let n_e = self.p.current * dwell_time / ELEMENTARY_CHARGE;
         let lam = self.expected_counts(b, n_e);
         self.clock += dwell_time;
-        Ok(if self.template.shot_noise {
+        let counts = if self.template.shot_noise {
             f64::from(poisson(&mut self.rng_noise, lam))
         } else {
             lam
-        })
+        };
+        let mut signal = self.p.gain * counts + self.p.offset;
+        if self.p.read_noise > 0.0 {
+            signal += self.p.read_noise * normal(&mut self.rng_noise);
+        }
+        Ok(signal)
     }
 
     fn acquire_spectrum(&mut self, _exposure: f64) -> Result<Spectrum<'_>> {
@@ -1023,6 +1264,87 @@ mod tests {
         let mut again = quiet(DopantSimConfig::default());
         assert_eq!(again.acquire_frame().unwrap().image.to_owned(), f);
         assert!(sim.acquire_spectrum(1.0).is_err());
+    }
+
+    #[test]
+    fn fast_exponential_is_accurate() {
+        let mut worst = 0.0f64;
+        for k in -70_000..=70_000 {
+            let x = k as f64 * 1e-2;
+            worst = worst.max((exp_fast(x) / x.exp() - 1.0).abs());
+        }
+        assert!(worst < 2e-10, "{worst}");
+        assert!(exp_fast(-1e300) >= 0.0 && exp_fast(1e300).is_finite());
+        assert_eq!(sample_range(0.0, 1.0, 10, 4.2, 1.5), Some((3, 5)));
+        assert_eq!(sample_range(0.0, 1.0, 10, -3.0, 1.5), None);
+        assert_eq!(sample_range(0.0, 1.0, 10, 10.0, 1.5), Some((9, 9)));
+        assert_eq!(sample_range(0.0, 1.0, 10, f64::NAN, 1.5), None);
+    }
+
+    #[test]
+    fn separable_frames_and_raster_rates_match_pixel_sums() {
+        // A small window off the origin, no shot noise, gain and offset: each pixel is the
+        // point expectation; the raster-averaged rates are the pixel sums of the parked rates.
+        let cfg = DopantSimConfig {
+            shot_noise: false,
+            detector_gain: Param::fixed(2.0),
+            detector_offset: Param::fixed(3.0),
+            energy: Param::fixed(300e3),
+            ..Default::default()
+        };
+        let mut sim = quiet(cfg);
+        let s = ScanSettings {
+            rows: 11,
+            cols: 13,
+            pixel_size: 0.37e-10,
+            dwell_time: 2e-6,
+            flyback_time: 1e-5,
+            center: [0.3e-10, -0.2e-10],
+        };
+        sim.configure_scan(&s).unwrap();
+        let n_e = sim.p.current * s.dwell_time / ELEMENTARY_CHARGE;
+        let origin = [
+            s.center[0] - 6.0 * s.pixel_size,
+            s.center[1] - 5.0 * s.pixel_size,
+        ];
+        let d = sim.pos(sim.site);
+        let nb = DopantSimulator::neighbours(sim.site).map(|n| sim.pos(n));
+        let share = s.dwell_time / s.frame_time();
+        let fast = sim.raster_rates(d, nb, origin, &s, share);
+        let mut slow = [0.0; 4];
+        for r in 0..s.rows {
+            for c in 0..s.cols {
+                let b = [
+                    origin[0] + c as f64 * s.pixel_size,
+                    origin[1] + r as f64 * s.pixel_size,
+                ];
+                let x = sim.parked_rates(b, d, nb);
+                for k in 0..4 {
+                    slow[k] += x[k] * share;
+                }
+            }
+        }
+        for k in 0..4 {
+            assert!(
+                slow[k] > 0.0 && (fast[k] / slow[k] - 1.0).abs() < 1e-9,
+                "{fast:?} {slow:?}"
+            );
+        }
+        let f = sim.acquire_frame().unwrap().image.to_owned();
+        let want = Array2::from_shape_fn((s.rows, s.cols), |(r, c)| {
+            let b = [
+                origin[0] + c as f64 * s.pixel_size,
+                origin[1] + r as f64 * s.pixel_size,
+            ];
+            2.0 * sim.expected_counts(b, n_e) + 3.0
+        });
+        let peak = want.iter().fold(0.0f64, |m, &v| m.max(v));
+        assert!(peak > 20.0, "{peak}");
+        for ((r, c), &w) in want.indexed_iter() {
+            let got = f64::from(f[[r, c]]);
+            // Frames cut each column 3.5 σ out along each axis, points 4.5 σ out radially.
+            assert!((got - w).abs() < 3e-3 * peak, "{r} {c}: {got} {w}");
+        }
     }
 
     #[test]
