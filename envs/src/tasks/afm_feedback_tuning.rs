@@ -26,31 +26,36 @@
 //!   the instrument accepted): `[P, I, rate, scan size]` as log positions in their ranges
 //!   (`2·(log v − log lo)/(log hi − log lo) − 1`); the relative tracking error
 //!   `e = rms(error) / relief` and the relative trace–retrace difference
-//!   `d = rms(trace − retrace) / relief`, each as `(log10 x + 1)/2` clipped (`x` from 0.001 to
+//!   `d = rms(trace − retrace) / relief` (each line's mean difference, the line offsets,
+//!   removed), each as `(log10 x + 1)/2` clipped (`x` from 0.001 to
 //!   10); the fraction of sign changes of the error between neighbouring pixels (ringing),
 //!   mapped to `2f − 1`; the mean error over the relief, clipped; and the elapsed fraction of
 //!   the episode, `2·t/max_steps − 1`. `relief` is the r.m.s. of the trace height after
 //!   removing a straight line from each scan line (first-order flattening, as in Gwyddion), at
 //!   least `relief_floor`.
-//! - **Reward**: `−min(e, error_cap) − time_weight · success_rate / rate`, plus
-//!   `success_bonus` at every step that meets the success criterion. Faster scanning costs
-//!   less time but tracks worse; an unstable loop rings and is punished through the error. The
-//!   return rewards reaching a good setting early and keeping it.
+//! - **Reward**: `−min(e, error_cap) − min(d, error_cap) − time_weight · success_rate /
+//!   rate`, plus `success_bonus` at every step that meets the success criterion. Faster
+//!   scanning costs less time but tracks worse; an unstable loop rings and is punished through
+//!   the errors. The return rewards reaching a good setting early and keeping it.
+//! - **Scale**: the defaults scan small areas (50-250 nm) fast (success at 8 lines/s) with
+//!   the simulator's 2 kHz controller: the tip moves as far per controller sample as over a
+//!   1 µm area at 2 lines/s, while a step costs a quarter of the controller samples.
 //! - **Success** (`info["is_success"]`, measured, so it works on a real instrument): the
-//!   step's scan has `e ≤ success_error` at a line rate of at least `success_rate`. An episode
-//!   counts as solved when its last step meets it: a setting swept through on the way does
-//!   not count, the agent has to settle on one.
+//!   step's scan has `e ≤ success_error` and `d ≤ success_difference` (trace and retrace
+//!   agree, which an unstable loop's do not) at a line rate of at least `success_rate`. An
+//!   episode counts as solved when its last step meets it: a setting swept through on the way
+//!   does not count, the agent has to settle on one.
 //! - **Termination**: none (no terminal state); the episode is truncated at `max_steps`.
 //! - **Info** (never in the observation): `tracking_error` (`e`), `retrace_difference` (`d`),
 //!   `relief` (m), `line_rate` (Hz), `field` (m); where the simulator knows them (the
 //!   [`LoopTruth`] trait): `loop_gain` and `stable` (whether the set gains give a stable
 //!   loop with the hidden loop gain); the randomized scenario values (`param.*`).
-//! - **Heuristic** (what a microscopist does by hand, from the observation only): raise the
-//!   integral gain a step at a time until the error stops improving or the loop starts to ring
-//!   (the sign-change fraction jumps or the errors grow), then back off by two steps; then
-//!   speed the scan up to `success_rate`, and whenever the error exceeds `success_error`
-//!   lower the speed or retune the gain. P follows I at a fixed ratio `P = heuristic_p_ratio ·
-//!   K_i·T`.
+//! - **Heuristic** (what a microscopist does by hand, from the observation only): at the slow
+//!   start rate, double the integral gain each step until the error grows by a quarter over
+//!   the best seen (the loop rings), then back off by 1.5 steps; speed the scan up to
+//!   `success_rate`; there, while an error is above its success threshold, search log I on
+//!   both sides of the best setting with halving steps, and hold once both are below. P
+//!   follows I at a fixed ratio, `K_p = heuristic_p_ratio · K_i·T`.
 //!
 //! Domain-randomization ranges per level (`difficulty`; the split draws disjoint bands of
 //! each, [`crate::level`]):
@@ -58,13 +63,13 @@
 //! | parameter | easy | medium | hard |
 //! |---|---|---|---|
 //! | loop gain `g` (log-uniform) | 0.5-2 | 0.15-6 | 0.07-15 |
-//! | scan size, µm (log-uniform) | 0.3-0.5 | 0.25-0.8 | 0.2-1 |
-//! | step height, nm | 0.2-0.5 | 0.2-1 | 0.2-2 |
-//! | terrace width, nm | 60-150 | 30-150 | 20-150 |
-//! | particles per µm² | 0-50 | 0-200 | 0-400 |
-//! | particle radius, nm | 3-6 | 3-12 | 3-20 |
-//! | roughness r.m.s., nm | 0.02-0.1 | 0.02-0.3 | 0.02-0.6 |
-//! | tip radius, nm | 5-10 | 5-20 | 5-40 |
+//! | scan size, nm (log-uniform) | 50-90 | 60-200 | 50-250 |
+//! | step height, nm | 0.2-1 | 0.2-1 | 0.2-2 |
+//! | terrace width, nm | 30-150 | 30-150 | 20-150 |
+//! | particles per µm² | 300-800 | 300-1000 | 100-1500 |
+//! | particle radius, nm | 3-12 | 3-12 | 3-20 |
+//! | roughness r.m.s., nm | 0.05-0.3 | 0.05-0.3 | 0.05-0.6 |
+//! | tip radius, nm | 5-20 | 5-20 | 5-40 |
 //! | white / 1/f noise, pm | 10-20 / 20-50 | 10-40 / 20-100 | 20-80 / 50-200 |
 //! | line offsets, pm | 50-100 | 50-200 | 100-400 |
 //! | initial drift, nm/min | 1-3 | 1-10 | 5-20 |
@@ -92,12 +97,12 @@ pub struct Config {
     /// Parameter split (`"train"`, or the held-out `"test"`): which bands of every randomized
     /// range episodes draw from ([`crate::level`]). Default `"train"`.
     pub split: Split,
-    /// The simulated instrument (AFM mode; a 1 µm sample of terraces with particles, every
-    /// physical parameter randomized per the level's table).
+    /// The simulated instrument (AFM mode; a 250 nm sample on a 128² grid of terraces with
+    /// particles, every physical parameter randomized per the level's table).
     pub instrument: SpmConfig,
     /// Lines scanned per step. Default 8.
     pub lines: usize,
-    /// Pixels per line. Default 128.
+    /// Pixels per line. Default 64.
     pub cols: usize,
     /// Smallest and largest scan size (side of the field), m, drawn log-uniformly per episode;
     /// the field's centre is drawn uniformly where it fits the sample. Default per level.
@@ -106,30 +111,32 @@ pub struct Config {
     pub max_steps: usize,
     /// Smallest and largest proportional gain `K_p` as set, dimensionless. Default 0.01 and 1.
     pub p_range: [f64; 2],
-    /// Smallest and largest integral gain `K_i` as set, 1/s. Default 10 and 10⁴.
+    /// Smallest and largest integral gain `K_i` as set, 1/s. Default 10 and 3·10⁴.
     pub i_range: [f64; 2],
-    /// Slowest and fastest line rate (trace and retrace), Hz. Default 0.25 and 8.
+    /// Slowest and fastest line rate (trace and retrace), Hz. Default 1 and 32.
     pub rate_range: [f64; 2],
-    /// The setting at reset: `[K_p, K_i (1/s), line rate (Hz)]`. Default `[0.05, 30, 0.5]`:
+    /// The setting at reset: `[K_p, K_i (1/s), line rate (Hz)]`. Default `[0.05, 30, 2]`:
     /// low gains, slow scan.
     pub start: [f64; 3],
     /// The largest change per step of `[log10 P, log10 I, log10 rate]`, decades (an action
     /// component of ±1). Default 0.3 each (×2 per step).
     pub log_step: [f64; 3],
-    /// Floor of the relief used to normalize the errors, m. Default 0.05 nm.
+    /// Floor of the relief used to normalize the errors, m. Default 0.2 nm.
     pub relief_floor: f64,
     /// Reward cost per step at `success_rate`, scaled by `success_rate / rate`. Default 0.25.
     pub time_weight: f64,
     /// Cap of each relative error term in the reward. Default 2.
     pub error_cap: f64,
-    /// Success: relative tracking error `e` at most this.
-    /// Default 0.2.
+    /// Success: relative tracking error `e` at most this. Default 0.2.
     pub success_error: f64,
-    /// Success: at a line rate of at least this, Hz. Default 2.
+    /// Success: relative trace–retrace difference `d` at most this (trace and retrace agree;
+    /// an unstable loop records two unrelated images, `d ≈ √2`). Default 0.6.
+    pub success_difference: f64,
+    /// Success: at a line rate of at least this, Hz. Default 8.
     pub success_rate: f64,
     /// Reward added at every step that meets the success criterion. Default 1.
     pub success_bonus: f64,
-    /// The heuristic's proportional gain per unit of `K_i·T` (P follows I). Default 0.3.
+    /// The heuristic's proportional gain per unit of `K_i·T` (P follows I). Default 0.02.
     pub heuristic_p_ratio: f64,
 }
 
@@ -151,28 +158,50 @@ impl TaskConfig for Config {
     fn at_level(difficulty: Difficulty) -> Self {
         let d = difficulty;
         let mut inst = SpmConfig::default();
-        inst.sample.pixels = 256;
+        inst.sample.pixels = 128;
+        inst.sample.size = Param::fixed(0.25e-6);
+        inst.scan.size = Param::fixed(0.2e-6);
         inst.sample.crash_threshold = Param::fixed(1e-6);
-        inst.scan.pixels = [8, 128];
+        inst.scan.pixels = [8, 64];
         let s = &mut inst.surface;
         s.kind = SurfaceKind::Mixed;
-        s.step_height = uniform(0.2e-9, d.pick(0.5e-9, 1e-9, 2e-9));
-        s.terrace_width = uniform(d.pick(60e-9, 30e-9, 20e-9), 150e-9);
+        s.step_height = uniform(0.2e-9, d.pick(1e-9, 1e-9, 2e-9));
+        s.terrace_width = uniform(d.pick(30e-9, 30e-9, 20e-9), 150e-9);
         s.step_direction = uniform(0.0, std::f64::consts::PI);
-        s.particle_density = uniform(0.0, d.pick(50e12, 200e12, 400e12));
-        s.particle_radius = uniform(3e-9, d.pick(6e-9, 12e-9, 20e-9));
-        s.roughness = uniform(0.02e-9, d.pick(0.1e-9, 0.3e-9, 0.6e-9));
-        inst.tip.initial_radius = uniform(5e-9, d.pick(10e-9, 20e-9, 40e-9));
+        s.particle_density = d.pick(
+            uniform(300e12, 800e12),
+            uniform(300e12, 1000e12),
+            uniform(100e12, 1500e12),
+        );
+        s.particle_radius = uniform(3e-9, d.pick(12e-9, 12e-9, 20e-9));
+        s.roughness = uniform(0.05e-9, d.pick(0.3e-9, 0.3e-9, 0.6e-9));
+        inst.tip.initial_radius = uniform(5e-9, d.pick(20e-9, 20e-9, 40e-9));
         inst.tip.wear_rate = Param::fixed(0.0);
         let f = &mut inst.feedback;
         let (g_lo, g_hi) = d.pick((0.5, 2.0), (0.15, 6.0), (0.07, 15.0));
         f.loop_gain = log_uniform(g_lo, g_hi);
         f.z_speed_limit = uniform(d.pick(50e-6, 20e-6, 10e-6), 200e-6);
         let sc = &mut inst.scanner;
-        sc.white_noise = d.pick(uniform(10e-12, 20e-12), uniform(10e-12, 40e-12), uniform(20e-12, 80e-12));
-        sc.pink_noise = d.pick(uniform(20e-12, 50e-12), uniform(20e-12, 100e-12), uniform(50e-12, 200e-12));
-        sc.line_offset = d.pick(uniform(50e-12, 100e-12), uniform(50e-12, 200e-12), uniform(100e-12, 400e-12));
-        sc.drift_initial = d.pick(uniform(1e-9, 3e-9), uniform(1e-9, 10e-9), uniform(5e-9, 20e-9));
+        sc.white_noise = d.pick(
+            uniform(10e-12, 20e-12),
+            uniform(10e-12, 40e-12),
+            uniform(20e-12, 80e-12),
+        );
+        sc.pink_noise = d.pick(
+            uniform(20e-12, 50e-12),
+            uniform(20e-12, 100e-12),
+            uniform(50e-12, 200e-12),
+        );
+        sc.line_offset = d.pick(
+            uniform(50e-12, 100e-12),
+            uniform(50e-12, 200e-12),
+            uniform(100e-12, 400e-12),
+        );
+        sc.drift_initial = d.pick(
+            uniform(1e-9, 3e-9),
+            uniform(1e-9, 10e-9),
+            uniform(5e-9, 20e-9),
+        );
         sc.drift_initial = match sc.drift_initial {
             Param::Uniform(a, b, _) => uniform(a / 60.0, b / 60.0),
             p => p,
@@ -182,21 +211,22 @@ impl TaskConfig for Config {
             split: Split::Train,
             instrument: inst,
             lines: 8,
-            cols: 128,
-            field_range: d.pick([0.3e-6, 0.5e-6], [0.25e-6, 0.8e-6], [0.2e-6, 1e-6]),
+            cols: 64,
+            field_range: d.pick([0.05e-6, 0.09e-6], [0.06e-6, 0.2e-6], [0.05e-6, 0.25e-6]),
             max_steps: 30,
             p_range: [0.01, 1.0],
             i_range: [10.0, 3e4],
-            rate_range: [0.25, 8.0],
-            start: [0.05, 30.0, 0.5],
+            rate_range: [1.0, 32.0],
+            start: [0.05, 30.0, 2.0],
             log_step: [0.3, 0.3, 0.3],
-            relief_floor: 0.05e-9,
+            relief_floor: 0.2e-9,
             time_weight: 0.25,
             error_cap: 2.0,
             success_error: 0.2,
-            success_rate: 2.0,
+            success_difference: 0.6,
+            success_rate: 8.0,
             success_bonus: 1.0,
-            heuristic_p_ratio: 0.1,
+            heuristic_p_ratio: 0.02,
         }
     }
 }
@@ -247,7 +277,11 @@ impl Config {
                 );
             }
         }
-        if !self.log_step.iter().all(|v| v.is_finite() && *v > 0.0 && *v <= 3.0) {
+        if !self
+            .log_step
+            .iter()
+            .all(|v| v.is_finite() && *v > 0.0 && *v <= 3.0)
+        {
             return bad(
                 "log_step",
                 format!("each must be in (0, 3] decades, got {:?}", self.log_step),
@@ -261,6 +295,7 @@ impl Config {
         check_nonnegative(&[
             ("time_weight", self.time_weight),
             ("success_error", self.success_error),
+            ("success_difference", self.success_difference),
             ("success_bonus", self.success_bonus),
             ("heuristic_p_ratio", self.heuristic_p_ratio),
         ])?;
@@ -331,11 +366,13 @@ struct Search {
     phase: u8,
     /// Best relative error seen in this phase.
     best_e: f64,
-    /// Phase 2: direction and size (in units of `log_step`) of the next gain move, and the
-    /// size of the last one.
+    /// Phase 2: log10 I of the best setting, the direction and size (decades) of the next
+    /// try, the side changes since the last improvement, and whether a try is under way.
+    best_log_i: f64,
     dir: f64,
     step: f64,
-    step_taken: f64,
+    flips: u32,
+    searching: bool,
 }
 
 impl Default for Search {
@@ -343,9 +380,11 @@ impl Default for Search {
         Self {
             phase: 0,
             best_e: f64::INFINITY,
+            best_log_i: 0.0,
             dir: 1.0,
-            step: 0.5,
-            step_taken: 0.0,
+            step: 0.15,
+            flips: 0,
+            searching: false,
         }
     }
 }
@@ -443,7 +482,12 @@ impl<I: SpmInstrument + LoopTruth + NewEpisode + Send> AfmFeedbackTuning<I> {
         let mut dss = 0.0;
         for (a, b) in h.image.rows().into_iter().zip(hr.image.rows()) {
             let m = a.len().max(1) as f64;
-            let md = a.iter().zip(b.iter()).map(|(&x, &y)| clean(x) - clean(y)).sum::<f64>() / m;
+            let md = a
+                .iter()
+                .zip(b.iter())
+                .map(|(&x, &y)| clean(x) - clean(y))
+                .sum::<f64>()
+                / m;
             dss += a
                 .iter()
                 .zip(b.iter())
@@ -588,8 +632,11 @@ impl<I: SpmInstrument + LoopTruth + NewEpisode + Send> Task for AfmFeedbackTunin
         self.steps += 1;
         let c = &self.cfg;
         let m = self.last;
-        let success = m.e <= c.success_error && m.rate >= c.success_rate * (1.0 - 1e-4);
-        let mut reward = -m.e.min(c.error_cap) - c.time_weight * c.success_rate / m.rate;
+        let success = m.e <= c.success_error
+            && m.d <= c.success_difference
+            && m.rate >= c.success_rate * (1.0 - 1e-4);
+        let mut reward = -(m.e.min(c.error_cap) + m.d.min(c.error_cap))
+            - c.time_weight * c.success_rate / m.rate;
         if success {
             reward += c.success_bonus;
         }
@@ -625,6 +672,9 @@ impl<I: SpmInstrument + LoopTruth + NewEpisode + Send> Task for AfmFeedbackTunin
             from_pos(o[2], c.rate_range),
         );
         let e = 10f64.powf(2.0 * f64::from(o[4]) - 1.0);
+        let d = 10f64.powf(2.0 * f64::from(o[5]) - 1.0);
+        // Both errors against their success thresholds: success iff q ≤ success_error.
+        let q = e.max(d * c.success_error / c.success_difference.max(1e-9));
         let s = &mut self.search;
         // Relative moves of log I and log rate, in units of log_step.
         let (mut di, mut dr) = (0.0f64, 0.0f64);
@@ -648,17 +698,24 @@ impl<I: SpmInstrument + LoopTruth + NewEpisode + Send> Task for AfmFeedbackTunin
             }
         }
         if s.phase == 2 {
-            // At the target rate: a coordinate search on the gain, halving its step.
-            if e > c.success_error {
-                if e > s.best_e {
-                    s.dir = -s.dir;
-                    di = s.dir * (s.step + s.step_taken);
+            // At the target rate: a line search on log I around the best setting so far,
+            // halving the step after trying both sides; hold once the error is small enough.
+            let li = i.log10();
+            if q < s.best_e {
+                s.best_e = q;
+                s.best_log_i = li;
+            } else if s.searching {
+                s.dir = -s.dir;
+                s.flips += 1;
+                if s.flips >= 2 {
+                    s.flips = 0;
                     s.step *= 0.5;
-                } else {
-                    s.best_e = e;
-                    di = s.dir * s.step;
                 }
-                s.step_taken = di.abs();
+            }
+            s.searching = q > c.success_error;
+            if s.searching {
+                let target = s.best_log_i + s.dir * s.step;
+                di = (target - li) / c.log_step[1];
             }
         }
         // P follows I: K_p = ratio · K_i T.
@@ -715,19 +772,47 @@ mod tests {
     }
 
     #[test]
+    fn random_steps_cost_no_more_than_in_v0() {
+        // The work of a step is the controller samples it runs, `lines · f_s / rate`. v0 drew
+        // absolute rates uniformly in 0.25-8 Hz over 8 lines at 2 kHz: about 7.2k samples per
+        // step plus a 32k-sample reset every 30 steps (8.3k per step). Random relative actions
+        // must not cost more than that plus 10 %.
+        let mut e = env("");
+        let mut rng = scopegym_physics::rng::seeded(1);
+        let lines = e.task().cfg.lines as f64;
+        let fs = e.task().cfg.instrument.feedback.sample_rate.get();
+        let start = e.task().cfg.start[2];
+        e.reset(Some(0)).unwrap();
+        let (mut samples, mut n) = (lines * fs / start, 0usize);
+        for _ in 0..3000 {
+            let a = e.action_space().sample(&mut rng);
+            let s = e.step(&a).unwrap();
+            samples += lines * fs / info_f64(&s.info, "line_rate");
+            n += 1;
+            if s.terminated || s.truncated {
+                e.reset(None).unwrap();
+                samples += lines * fs / start;
+            }
+        }
+        let per_step = samples / n as f64;
+        println!("controller samples per random step: {per_step:.0} (v0: about 8300)");
+        assert!(per_step < 1.1 * 8300.0, "{per_step}");
+    }
+
+    #[test]
     fn actions_are_relative_and_observations_tight() {
         let mut e = env("");
         let (obs, info) = e.reset(Some(3)).unwrap();
         assert!(e.observation_space().contains(&obs));
-        assert!((info_f64(&info, "line_rate") - 0.5).abs() < 1e-9);
+        assert!((info_f64(&info, "line_rate") - 2.0).abs() < 1e-9);
         // +1 on the rate doubles it (0.3 decade), 0 keeps the gains.
         let s = e.step(&Value::Box(vec![0.0, 0.0, 1.0])).unwrap();
         let r = info_f64(&s.info, "line_rate");
-        assert!((r / 0.5 - 10f64.powf(0.3)).abs() < 1e-6, "{r}");
+        assert!((r / 2.0 - 10f64.powf(0.3)).abs() < 1e-6, "{r}");
         assert!(e.observation_space().contains(&s.obs));
         assert!(!s.terminated);
         let field = info_f64(&s.info, "field");
-        assert!((0.25e-6..=0.8e-6).contains(&field), "{field}");
+        assert!((0.06e-6..=0.2e-6).contains(&field), "{field}");
         // The settings stay within their ranges however far the actions push.
         let mut last = None;
         for _ in 0..12 {
@@ -736,7 +821,7 @@ mod tests {
             last = Some(s);
         }
         let s = last.unwrap();
-        assert!((info_f64(&s.info, "line_rate") - 8.0).abs() < 1e-6);
+        assert!((info_f64(&s.info, "line_rate") - 32.0).abs() < 1e-6);
         assert_eq!(&s.obs.as_box().unwrap()[..3], &[1.0, 1.0, 1.0]);
         crate::tasks::testing::assert_config_errors_name_fields(
             AfmFeedbackTuning::from_config,
@@ -759,11 +844,17 @@ mod tests {
         );
         assert_eq!(Config::at_level(Difficulty::Medium), Config::default());
         assert!(easy.field_range[1] < hard.field_range[1]);
-        assert_ne!(easy.instrument.feedback.loop_gain, hard.instrument.feedback.loop_gain);
-        for (level, min_success) in [("easy", 0.9), ("hard", 0.5)] {
+        assert_ne!(
+            easy.instrument.feedback.loop_gain,
+            hard.instrument.feedback.loop_gain
+        );
+        for (level, min_success) in [("easy", 0.9), ("hard", 0.6)] {
             let mut e = env(&format!("difficulty = \"{level}\""));
-            let h = evaluate(&mut e, &Policy::Heuristic, 0..10).unwrap();
-            println!("{level}: heuristic success {:.2}, return {:.2}", h.success_rate, h.mean_return);
+            let h = evaluate(&mut e, &Policy::Heuristic, 0..20).unwrap();
+            println!(
+                "{level}: heuristic success {:.2}, return {:.2}",
+                h.success_rate, h.mean_return
+            );
             assert!(h.success_rate >= min_success, "{level}: {}", h.success_rate);
         }
     }
@@ -802,7 +893,7 @@ mod tests {
         for p in [0.03, 0.1, 0.3] {
             for k in 0..11 {
                 let i = 30.0 * 2f64.powi(k);
-                for rate in [2.0, 2.83] {
+                for rate in [8.0, 11.3] {
                     let w = go_to(&mut e, [p, i, rate], seeds.clone());
                     if w > best.0 {
                         best = (w, [p, i, rate]);
@@ -816,6 +907,11 @@ mod tests {
         );
         // Margin: the best held setting succeeds at least 0.4 less often (measured: heuristic
         // 1.00, best setting 0.40).
-        assert!(h.success_rate >= best.0 + 0.4, "{} vs {:?}", h.success_rate, best);
+        assert!(
+            h.success_rate >= best.0 + 0.4,
+            "{} vs {:?}",
+            h.success_rate,
+            best
+        );
     }
 }

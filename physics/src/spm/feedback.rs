@@ -819,8 +819,12 @@ mod tests {
         assert_eq!(a.poles(), b.poles());
         let (mut ha, mut ea, mut hb, mut eb) = ([0f32; 64], [0f32; 64], [0f32; 64], [0f32; 64]);
         for reverse in [false, true] {
-            let sa = a.scan_line(&profile, 1e-3, reverse, &mut ha, &mut ea).unwrap();
-            let sb = b.scan_line(&profile, 1e-3, reverse, &mut hb, &mut eb).unwrap();
+            let sa = a
+                .scan_line(&profile, 1e-3, reverse, &mut ha, &mut ea)
+                .unwrap();
+            let sb = b
+                .scan_line(&profile, 1e-3, reverse, &mut hb, &mut eb)
+                .unwrap();
             assert_eq!((ha, ea, sa), (hb, eb, sb));
         }
         // Gains stable at g = 1 ring at g = 2.5.
@@ -831,7 +835,12 @@ mod tests {
             loop_gain: Param::fixed(0.0),
             ..FeedbackConfig::default()
         };
-        assert!(bad.validate("feedback.").unwrap_err().to_string().contains("loop_gain"));
+        assert!(
+            bad.validate("feedback.")
+                .unwrap_err()
+                .to_string()
+                .contains("loop_gain")
+        );
     }
 
     #[test]
