@@ -3,25 +3,59 @@
 //!
 //! The film starts polarized down (phase 180°). Each step applies one bias pulse at the chosen
 //! position, then scans a `pixels²` PFM frame over the field. A positive pulse writes an up
-//! domain (phase 0°), a negative one erases.
+//! domain (phase 0°), a negative one erases. Every episode draws a new film and tip (the
+//! level's table below): film disorder (random field, its correlation, pinning sites), imprint
+//! (the built-in bias that shifts switching), the tip's field (width and coupling per volt)
+//! and the imaging noise; so the bias and duration that write a domain of a given size change
+//! from episode to episode and must be found from the images.
 //!
 //! - **Observation** (Dict): `phase`, the PFM phase frame as a uint8 image `(pixels, pixels)`
 //!   mapped by `255·(1 + cos φ)/2` (up domains bright), and `target`, the pattern to write,
-//!   a binary uint8 image of the same shape (1 = write up).
-//! - **Action** (Box, 4): `[x, y, bias, log10 duration]`: the tip position normalized to the
-//!   field (`-1..1` each, x along the fast axis, y along the rows), the pulse amplitude in V
-//!   (`bias_range`) and the pulse duration as log10 of seconds (`log_duration_range`).
+//!   a binary uint8 image of the same shape (1 = write up). Targets: a square (side 30-50 % of
+//!   the field), a line (50-70 % long, 24 % wide, any angle) or a ring (outer radius 30-38 %,
+//!   22 % wide), placed near the centre; features at least about two written domains wide.
+//! - **Action** (Box, 4, each in `[-1, 1]`): `[x, y, bias, duration]`: the tip position
+//!   normalized to the field (x along the fast axis, y along the rows), the pulse amplitude
+//!   mapped linearly onto `bias_range` (V; default ±15 V, beyond the breakdown limit, so an
+//!   agent must learn to stay below it; 0 V at the action 0 for a symmetric range) and the pulse duration mapped
+//!   linearly onto `log_duration_range` (log10 s).
 //! - **Reward**: `iou_scale · (IoU_t - IoU_{t-1})`, with IoU between the observed written mask
-//!   (phase pixels brighter than 127) and the target; so the return is the IoU gained. A pulse
+//!   (phase pixels brighter than 127) and the target; so the return is the IoU gained (the
+//!   difference of one measured quantity: no best-so-far, nothing for noise to farm). A pulse
 //!   with `|bias| > breakdown` is not applied: it ends the episode with `-breakdown_penalty`
-//!   (dielectric breakdown would destroy the film). `success_bonus` on success.
-//! - **Success** (terminates): observed IoU ≥ `success_iou`.
-//! - **Info** (never in the observation): `iou` (observed), `true_iou` (from the film's true
-//!   polarization at the frame's pixels, where the instrument can tell it), `breakdown`,
-//!   `success`, `target_shape` and the randomized scenario values (`param.*`).
-//! - **Heuristic**: among target pixels not yet written, put the tip at the pixel whose disc of
-//!   the expected domain radius covers the most unwritten target pixels minus the pixels
-//!   outside the target, and pulse at a moderate bias (`heuristic_bias`, `heuristic_log_duration`).
+//!   (dielectric breakdown would destroy the film). `success_bonus` when the episode ends by
+//!   reaching `done_iou`.
+//! - **Termination** (measured): the observed IoU reaches `done_iou` (default 0.75, a margin
+//!   over `success_iou` for the blur and noise of the phase image), or breakdown. Truncation
+//!   at `max_steps`.
+//! - **Success** (`info["is_success"]`, from the truth where the simulator knows it): the true
+//!   IoU, from the film's polarization at the frame's pixels, at least `success_iou` (default
+//!   0.7). A breakdown never succeeds.
+//! - **Info** (never in the observation): `iou` (observed), `true_iou`, `breakdown`, `success`
+//!   (the observed criterion), `target_shape` and the randomized scenario values (`param.*`).
+//! - **Heuristic** (from the observation): each step, the pulse that fixes the most pixels of
+//!   a disc of `heuristic_radius` pixels: writing where the target is still down, or erasing
+//!   where the film is up outside the target (only when that fixes `4` pixels more than any
+//!   write, and never again once an erase has lowered the observed IoU); each pixel of the disc
+//!   counts +1 when it would become right and −1 when it would become wrong. The bias starts
+//!   at `heuristic_bias` (erasing at half of it) and follows what the last pulse did: ×1.15
+//!   when it flipped under half of the disc's flippable pixels (writes only), ×0.85 when it
+//!   flipped over 1.3 times as many (an oversized domain), always below the breakdown. Duration
+//!   `heuristic_log_duration`.
+//!
+//! Domain-randomization ranges per level (`difficulty`; the split draws disjoint bands of
+//! each, [`crate::level`], and of the targets' placement and size):
+//!
+//! | parameter | easy | medium | hard |
+//! |---|---|---|---|
+//! | imprint (`pfm.bias_offset`), V | ±0.5 | ±1 | ±2 |
+//! | tip field width, nm | 40-60 | 35-70 | 25-90 |
+//! | field per volt at the apex (reduced, 1/V) | 0.23-0.27 | 0.2-0.3 | 0.17-0.33 |
+//! | random field (r.m.s., reduced) | 0.05-0.1 | 0.05-0.2 | 0.1-0.3 |
+//! | random-field correlation, cells | 0-1 | 0-2 | 0-4 |
+//! | pinning-site fraction | 0.02-0.05 | 0.02-0.1 | 0.05-0.2 |
+//! | phase noise, ° | 2-6 | 2-12 | 5-25 |
+//! | amplitude noise | 0.02-0.04 | 0.02-0.06 | 0.03-0.15 |
 
 use crate::env::{Info, InfoValue, RgbImage, Task, TaskStep};
 use crate::error::{EnvError, Result};
@@ -54,22 +88,27 @@ pub struct Config {
     pub field: f64,
     /// Steps per episode. Default 25.
     pub max_steps: usize,
-    /// Lowest and highest pulse bias the action allows, V. Default ±15 V: beyond the
-    /// breakdown limit, so an agent must learn to stay below it.
+    /// Lowest and highest pulse bias, V, onto which the action's `[-1, 1]` maps. Default
+    /// ±15 V: beyond the breakdown limit, so an agent must learn to stay below it.
     pub bias_range: [f64; 2],
     /// Pulses with a larger magnitude break the film down, V. Default 12.
     pub breakdown: f64,
-    /// Shortest and longest pulse, log10 s. Default -3 and -1.5.
+    /// Shortest and longest pulse, log10 s, onto which the action's `[-1, 1]` maps. Default -3
+    /// and -1.5.
     pub log_duration_range: [f64; 2],
     /// Reward per unit of IoU gained. Default 10.
     pub iou_scale: f64,
     /// Reward lost on breakdown. Default 5.
     pub breakdown_penalty: f64,
-    /// Success: observed IoU at least this. Default 0.75.
+    /// Success (`info["is_success"]`): the true IoU at least this. Default 0.7.
     pub success_iou: f64,
-    /// Reward added on success. Default 2.
+    /// The episode terminates (the pattern is taken as written) when the observed IoU reaches
+    /// this: a margin over `success_iou` for the blur and noise of the phase image. Default
+    /// 0.75.
+    pub done_iou: f64,
+    /// Reward added when the episode ends by reaching `done_iou`. Default 2.
     pub success_bonus: f64,
-    /// The heuristic's pulse bias, V. Default 6.
+    /// The heuristic's starting pulse bias, V (it adapts from the images). Default 6.
     pub heuristic_bias: f64,
     /// The heuristic's pulse duration, log10 s. Default -2.5.
     pub heuristic_log_duration: f64,
@@ -77,8 +116,19 @@ pub struct Config {
     pub heuristic_radius: f64,
 }
 
+fn uniform<D: scopegym_physics::param::Dim>(lo: f64, hi: f64) -> Param<D> {
+    Param::Uniform(lo, hi, Default::default())
+}
+
 impl Default for Config {
     fn default() -> Self {
+        Self::at_level(Difficulty::Medium)
+    }
+}
+
+impl TaskConfig for Config {
+    fn at_level(difficulty: Difficulty) -> Self {
+        let d = difficulty;
         let mut instrument = SpmConfig::default().without_scanner_imperfections();
         instrument.mode = SpmMode::Pfm;
         instrument.max_bias = Param::fixed(20.0);
@@ -90,11 +140,31 @@ impl Default for Config {
         instrument.scan.line_rate = Param::fixed(2.0);
         instrument.surface.kind = SurfaceKind::Flat;
         instrument.tip.wear_rate = Param::fixed(0.0);
-        instrument.pfm.up_fraction = Param::fixed(0.0);
-        instrument.pfm.phase_noise =
-            Param::Uniform(2f64.to_radians(), 10f64.to_radians(), Default::default());
+        let pfm = &mut instrument.pfm;
+        pfm.up_fraction = Param::fixed(0.0);
+        let (pn_lo, pn_hi): (f64, f64) = d.pick((2.0, 6.0), (2.0, 12.0), (5.0, 25.0));
+        pfm.phase_noise = uniform(pn_lo.to_radians(), pn_hi.to_radians());
+        pfm.amplitude_noise = d.pick(
+            uniform(0.02, 0.04),
+            uniform(0.02, 0.06),
+            uniform(0.03, 0.15),
+        );
+        // Imprint (built-in bias) and the tip's field: width and coupling.
+        pfm.bias_offset = d.pick(uniform(-0.5, 0.5), uniform(-1.0, 1.0), uniform(-2.0, 2.0));
+        pfm.tip_width = d.pick(
+            uniform(40e-9, 60e-9),
+            uniform(35e-9, 70e-9),
+            uniform(25e-9, 90e-9),
+        );
+        pfm.field_per_volt = d.pick(uniform(0.23, 0.27), uniform(0.2, 0.3), uniform(0.17, 0.33));
+        // Film disorder: the frozen random field, its correlation and the pinning sites.
+        let f = &mut instrument.ferroelectric;
+        f.random_field = d.pick(uniform(0.05, 0.1), uniform(0.05, 0.2), uniform(0.1, 0.3));
+        f.random_field_correlation =
+            d.pick(uniform(0.0, 1.0), uniform(0.0, 2.0), uniform(0.0, 4.0));
+        f.pinning_fraction = d.pick(uniform(0.02, 0.05), uniform(0.02, 0.1), uniform(0.05, 0.2));
         Self {
-            difficulty: Difficulty::Medium,
+            difficulty,
             split: Split::Train,
             instrument,
             pixels: 32,
@@ -105,20 +175,12 @@ impl Default for Config {
             log_duration_range: [-3.0, -1.5],
             iou_scale: 10.0,
             breakdown_penalty: 5.0,
-            success_iou: 0.75,
+            success_iou: 0.7,
+            done_iou: 0.75,
             success_bonus: 2.0,
             heuristic_bias: 6.0,
             heuristic_log_duration: -2.5,
             heuristic_radius: 3.0,
-        }
-    }
-}
-
-impl TaskConfig for Config {
-    fn at_level(difficulty: Difficulty) -> Self {
-        Self {
-            difficulty,
-            ..Self::default()
         }
     }
 }
@@ -172,11 +234,13 @@ impl Config {
                 ),
             );
         }
-        if !(0.0..=1.0).contains(&self.success_iou) {
-            return bad(
-                "success_iou",
-                format!("must be in [0, 1], got {}", self.success_iou),
-            );
+        for (name, v) in [
+            ("success_iou", self.success_iou),
+            ("done_iou", self.done_iou),
+        ] {
+            if !(0.0..=1.0).contains(&v) {
+                return bad(name, format!("must be in [0, 1], got {v}"));
+            }
         }
         check_nonnegative(&[
             ("iou_scale", self.iou_scale),
@@ -238,22 +302,25 @@ impl PolarizationTruth for SpmSimulator {
     }
 }
 
+/// Net pixels an erasing pulse must fix before the heuristic prefers it to writing.
+const HEURISTIC_ERASE_SCORE: f64 = 4.0;
+
 /// The target shapes.
 const SHAPES: [&str; 3] = ["square", "line", "ring"];
 
 /// A binary target pattern of `shape` (index into [`SHAPES`]) on an `n × n` grid, placed and
-/// sized from `rng`.
-fn target_pattern<R: Rng>(shape: usize, n: usize, rng: &mut R) -> Vec<u8> {
+/// sized from `rng` within the split's bands.
+fn target_pattern<R: Rng>(shape: usize, n: usize, split: Split, rng: &mut R) -> Vec<u8> {
     let nf = n as f64;
     let mut t = vec![0u8; n * n];
-    let jitter = |rng: &mut R, span: f64| (rng.random::<f64>() - 0.5) * span;
+    let jitter = |rng: &mut R, span: f64| split.uniform(rng, -0.5, 0.5) * span;
     let (cx, cy) = (
         0.5 * (nf - 1.0) + jitter(rng, 0.2 * nf),
         0.5 * (nf - 1.0) + jitter(rng, 0.2 * nf),
     );
     match shape {
         0 => {
-            let half = nf * (0.15 + 0.1 * rng.random::<f64>());
+            let half = nf * split.uniform(rng, 0.15, 0.25);
             for i in 0..n {
                 for j in 0..n {
                     if (i as f64 - cy).abs() <= half && (j as f64 - cx).abs() <= half {
@@ -263,10 +330,10 @@ fn target_pattern<R: Rng>(shape: usize, n: usize, rng: &mut R) -> Vec<u8> {
             }
         }
         1 => {
-            let angle = rng.random::<f64>() * std::f64::consts::PI;
+            let angle = split.uniform(rng, 0.0, std::f64::consts::PI);
             let (dx, dy) = (angle.cos(), angle.sin());
-            let half_len = nf * (0.25 + 0.1 * rng.random::<f64>());
-            let half_width = nf * 0.07;
+            let half_len = nf * split.uniform(rng, 0.25, 0.35);
+            let half_width = nf * 0.12;
             for i in 0..n {
                 for j in 0..n {
                     let (x, y) = (j as f64 - cx, i as f64 - cy);
@@ -279,8 +346,8 @@ fn target_pattern<R: Rng>(shape: usize, n: usize, rng: &mut R) -> Vec<u8> {
             }
         }
         _ => {
-            let outer = nf * (0.25 + 0.08 * rng.random::<f64>());
-            let inner = outer - nf * 0.14;
+            let outer = nf * split.uniform(rng, 0.3, 0.38);
+            let inner = outer - nf * 0.22;
             for i in 0..n {
                 for j in 0..n {
                     let r = (j as f64 - cx).hypot(i as f64 - cy);
@@ -292,6 +359,16 @@ fn target_pattern<R: Rng>(shape: usize, n: usize, rng: &mut R) -> Vec<u8> {
         }
     }
     t
+}
+
+/// `[-1, 1]` → `[lo, hi]`, linearly (clamped).
+fn from_unit(a: f32, [lo, hi]: [f64; 2]) -> f64 {
+    lo + 0.5 * (f64::from(a).clamp(-1.0, 1.0) + 1.0) * (hi - lo)
+}
+
+/// `[lo, hi]` → `[-1, 1]`, linearly.
+fn to_unit(v: f64, [lo, hi]: [f64; 2]) -> f32 {
+    (2.0 * (v - lo) / (hi - lo) - 1.0).clamp(-1.0, 1.0) as f32
 }
 
 /// Intersection over union of two masks (1 when both are empty).
@@ -316,6 +393,13 @@ pub struct PfmDomainWriting<I> {
     target: Vec<u8>,
     phase: Vec<f32>,
     iou: f64,
+    /// The heuristic's memory: its last pulse (pixel row and column, whether it erased) with
+    /// the phase image before it, and its current writing and erasing bias magnitudes, V.
+    h_last: Option<(usize, usize, bool)>,
+    h_before: Vec<f32>,
+    h_bias: [f64; 2],
+    /// Whether an erasing pulse made the observed IoU worse this episode (no more erasing).
+    h_no_erase: bool,
 }
 
 impl PfmDomainWriting<SpmSimulator> {
@@ -334,11 +418,15 @@ impl<I: SpmInstrument + BiasWriting + PolarizationTruth + NewEpisode + Send> Pfm
         inst.set_region(cfg.split.region());
         let n = cfg.pixels;
         Self {
-            cfg,
             inst,
             target: vec![0; n * n],
             phase: vec![0.0; n * n],
             iou: 0.0,
+            h_last: None,
+            h_before: vec![0.0; n * n],
+            h_bias: [0.0; 2],
+            h_no_erase: false,
+            cfg,
         }
     }
 
@@ -386,11 +474,12 @@ impl<I: SpmInstrument + BiasWriting + PolarizationTruth + NewEpisode + Send> Pfm
         ])
     }
 
-    fn truth(&self, info: &mut Info) {
-        if let Some(up) = self.inst.true_up(&self.settings()) {
-            let v = iou(up.into_iter(), self.target.iter().map(|&t| t == 1));
-            info.insert("true_iou".into(), InfoValue::F64(v));
-        }
+    /// Records the true IoU in `info` where the instrument knows the polarization; returns it.
+    fn truth(&self, info: &mut Info) -> Option<f64> {
+        let up = self.inst.true_up(&self.settings())?;
+        let v = iou(up.into_iter(), self.target.iter().map(|&t| t == 1));
+        info.insert("true_iou".into(), InfoValue::F64(v));
+        Some(v)
     }
 }
 
@@ -414,21 +503,7 @@ impl<I: SpmInstrument + BiasWriting + PolarizationTruth + NewEpisode + Send> Tas
     }
 
     fn action_space(&self) -> Space {
-        let c = &self.cfg;
-        Space::bounded_box(
-            vec![
-                -1.0,
-                -1.0,
-                c.bias_range[0] as f32,
-                c.log_duration_range[0] as f32,
-            ],
-            vec![
-                1.0,
-                1.0,
-                c.bias_range[1] as f32,
-                c.log_duration_range[1] as f32,
-            ],
-        )
+        Space::bounded_box(vec![-1.0; 4], vec![1.0; 4])
     }
 
     fn max_episode_steps(&self) -> usize {
@@ -438,8 +513,13 @@ impl<I: SpmInstrument + BiasWriting + PolarizationTruth + NewEpisode + Send> Tas
     fn reset(&mut self, seed: u64, info: &mut Info) -> Result<Value> {
         self.inst.new_episode(seed, info)?;
         let mut rng = seeded(derive_seed(seed, "target"));
-        let shape = rng.random_range(0..SHAPES.len());
-        self.target = target_pattern(shape, self.cfg.pixels, &mut rng);
+        let split = self.cfg.split;
+        let shape =
+            (split.uniform(&mut rng, 0.0, SHAPES.len() as f64) as usize).min(SHAPES.len() - 1);
+        self.target = target_pattern(shape, self.cfg.pixels, split, &mut rng);
+        self.h_last = None;
+        self.h_bias = [self.cfg.heuristic_bias, 0.5 * self.cfg.heuristic_bias];
+        self.h_no_erase = false;
         let s = self.settings();
         self.inst.configure_scan(&s)?;
         self.image()?;
@@ -457,10 +537,10 @@ impl<I: SpmInstrument + BiasWriting + PolarizationTruth + NewEpisode + Send> Tas
             .ok_or_else(|| EnvError::action("action", "expected a Box value of 4"))?;
         let c = &self.cfg;
         let (x, y, bias, log_t) = (
-            f64::from(a[0]),
-            f64::from(a[1]),
-            f64::from(a[2]),
-            f64::from(a[3]),
+            f64::from(a[0]).clamp(-1.0, 1.0),
+            f64::from(a[1]).clamp(-1.0, 1.0),
+            from_unit(a[2], c.bias_range),
+            from_unit(a[3], c.log_duration_range),
         );
         if bias.abs() > c.breakdown {
             info.insert("breakdown".into(), InfoValue::Bool(true));
@@ -474,26 +554,28 @@ impl<I: SpmInstrument + BiasWriting + PolarizationTruth + NewEpisode + Send> Tas
             });
         }
         let half = 0.5 * c.field;
-        let pos = [x.clamp(-1.0, 1.0) * half, y.clamp(-1.0, 1.0) * half];
+        let pos = [x * half, y * half];
         self.inst.bias_pulse(pos, bias, 10f64.powf(log_t))?;
         self.image()?;
         let now = self.observed_iou();
         let c = &self.cfg;
-        let success = now >= c.success_iou;
+        // Termination uses the observed IoU (what the instrument measures); is_success the true
+        // one, where the simulator knows it.
+        let done = now >= c.done_iou;
         let mut reward = c.iou_scale * (now - self.iou);
-        if success {
+        if done {
             reward += c.success_bonus;
         }
         self.iou = now;
         info.insert("breakdown".into(), InfoValue::Bool(false));
-        info.insert("success".into(), InfoValue::Bool(success));
+        info.insert("success".into(), InfoValue::Bool(done));
         info.insert("iou".into(), InfoValue::F64(now));
-        self.truth(info);
+        let true_iou = self.truth(info);
         Ok(TaskStep {
             obs: self.obs(),
             reward,
-            terminated: success,
-            success,
+            terminated: done,
+            success: true_iou.is_some_and(|v| v >= self.cfg.success_iou),
         })
     }
 
@@ -524,58 +606,130 @@ impl<I: SpmInstrument + BiasWriting + PolarizationTruth + NewEpisode + Send> Tas
     fn heuristic_action(&mut self, obs: &Value) -> Value {
         let c = &self.cfg;
         let n = c.pixels;
+        let harmless = Value::Box(vec![0.0, 0.0, to_unit(0.0, c.bias_range), -1.0]);
         let (Some(phase), Some(target)) = (
             obs.get("phase").and_then(Value::as_box),
             obs.get("target").and_then(Value::as_box),
         ) else {
-            return Value::Box(vec![0.0, 0.0, 0.0, c.log_duration_range[0] as f32]);
+            return harmless;
         };
         if phase.len() != n * n || target.len() != n * n {
-            return Value::Box(vec![0.0, 0.0, 0.0, c.log_duration_range[0] as f32]);
+            return harmless;
         }
         let r = c.heuristic_radius;
         let ri = r.ceil() as i64;
-        let mut best: Option<(f64, usize, usize)> = None;
-        for i in 0..n {
-            for j in 0..n {
-                let k = i * n + j;
-                if target[k] < 0.5 || phase[k] > 127.0 {
-                    continue;
+        let disc = |i: usize, j: usize| {
+            (-ri..=ri)
+                .flat_map(move |di| (-ri..=ri).map(move |dj| (di, dj)))
+                .filter_map(move |(di, dj)| {
+                    let (ii, jj) = (i as i64 + di, j as i64 + dj);
+                    ((di * di + dj * dj) as f64 <= r * r).then_some((ii, jj))
+                })
+        };
+        let inside = |ii: i64, jj: i64| ii >= 0 && jj >= 0 && ii < n as i64 && jj < n as i64;
+        let up = |k: usize| phase[k] > 127.0;
+        // Feedback on the bias from what the last pulse did: the pixels of its disc that could
+        // flip (down before a write, up before an erase) against those that flipped within
+        // twice the radius (an oversized domain shows there).
+        if let Some((i0, j0, erase)) = self.h_last {
+            let was_up = |k: usize| self.h_before[k] > 127.0;
+            let (mut could, mut flipped) = (0usize, 0usize);
+            for (ii, jj) in disc(i0, j0) {
+                if inside(ii, jj) {
+                    could += usize::from(was_up(ii as usize * n + jj as usize) == erase);
                 }
-                let mut score = 0.0;
-                for di in -ri..=ri {
-                    for dj in -ri..=ri {
-                        if ((di * di + dj * dj) as f64) > r * r {
-                            continue;
-                        }
-                        let (ii, jj) = (i as i64 + di, j as i64 + dj);
-                        if ii < 0 || jj < 0 || ii >= n as i64 || jj >= n as i64 {
-                            score -= 1.0;
-                            continue;
-                        }
-                        let kk = ii as usize * n + jj as usize;
-                        if target[kk] < 0.5 {
-                            score -= 1.0;
-                        } else if phase[kk] <= 127.0 {
-                            score += 1.0;
-                        }
-                    }
+            }
+            let w = 2 * ri;
+            for ii in (i0 as i64 - w).max(0)..=(i0 as i64 + w).min(n as i64 - 1) {
+                for jj in (j0 as i64 - w).max(0)..=(j0 as i64 + w).min(n as i64 - 1) {
+                    let k = ii as usize * n + jj as usize;
+                    flipped += usize::from(was_up(k) == erase && up(k) != erase);
                 }
-                if best.is_none_or(|b| score > b.0) {
-                    best = Some((score, i, j));
+            }
+            // An erase that lowered the observed IoU: the film does not take erasing well.
+            let iou_of = |img: &[f32]| {
+                iou(
+                    img.iter().map(|&v| v > 127.0),
+                    target.iter().map(|&t| t >= 0.5),
+                )
+            };
+            if erase && iou_of(phase) < iou_of(&self.h_before) {
+                self.h_no_erase = true;
+            }
+            if could >= 5 {
+                let ratio = flipped as f64 / could as f64;
+                let max_bias = (c.breakdown - 0.5)
+                    .min(c.bias_range[1])
+                    .min(-c.bias_range[0]);
+                let b = &mut self.h_bias[usize::from(erase)];
+                // An erase that misses is not strengthened: a strong negative pulse can wipe a
+                // whole written domain.
+                if ratio < 0.5 && !erase {
+                    *b = (*b * 1.15).min(max_bias);
+                } else if ratio > 1.3 {
+                    *b = (*b * 0.85).max(1.0);
                 }
             }
         }
-        let Some((_, i, j)) = best else {
-            // Nothing left to write: a harmless pulse too weak to switch.
-            return Value::Box(vec![0.0, 0.0, 0.0, c.log_duration_range[0] as f32]);
+        // The pulse that fixes the most pixels: writing where the target is still down, or
+        // erasing where the film is up outside the target; each pixel of the disc counts +1
+        // when it would become right and −1 when it would become wrong (or lies off the field).
+        let mut best: Option<(f64, usize, usize, bool)> = None;
+        for i in 0..n {
+            for j in 0..n {
+                let k = i * n + j;
+                let want = target[k] >= 0.5;
+                if want == up(k) {
+                    continue;
+                }
+                let erase = !want;
+                if erase && self.h_no_erase {
+                    continue;
+                }
+                let mut score = 0.0;
+                for (ii, jj) in disc(i, j) {
+                    if !inside(ii, jj) {
+                        score -= 1.0;
+                        continue;
+                    }
+                    let kk = ii as usize * n + jj as usize;
+                    let (w, u) = (target[kk] >= 0.5, up(kk));
+                    // After the pulse the pixel is up for a write, down for an erase.
+                    let after = !erase;
+                    if u != after {
+                        score += if w == after { 1.0 } else { -1.0 };
+                    }
+                }
+                // Erasing only where it clearly pays (HEURISTIC_ERASE_SCORE pixels net).
+                let score = if erase {
+                    score - HEURISTIC_ERASE_SCORE
+                } else {
+                    score
+                };
+                if best.is_none_or(|b| score > b.0) {
+                    best = Some((score, i, j, erase));
+                }
+            }
+        }
+        let Some((_, i, j, erase)) = best.filter(|b| b.0 > 0.0) else {
+            // Nothing worth a pulse: a harmless one too weak to switch.
+            self.h_last = None;
+            return harmless;
+        };
+        self.h_last = Some((i, j, erase));
+        self.h_before.clear();
+        self.h_before.extend_from_slice(phase);
+        let bias = if erase {
+            -self.h_bias[1]
+        } else {
+            self.h_bias[0]
         };
         let to_norm = |k: usize| ((2.0 * k as f64 + 1.0) / n as f64 - 1.0) as f32;
         Value::Box(vec![
             to_norm(j),
             to_norm(i),
-            c.heuristic_bias as f32,
-            c.heuristic_log_duration as f32,
+            to_unit(bias, c.bias_range),
+            to_unit(c.heuristic_log_duration, c.log_duration_range),
         ])
     }
 }
@@ -584,19 +738,34 @@ impl<I: SpmInstrument + BiasWriting + PolarizationTruth + NewEpisode + Send> Tas
 mod tests {
     use super::*;
     use crate::env::{Env, TaskEnv};
+    use crate::evaluate::{Policy, assert_no_degenerate_wins, degenerate_scores, evaluate};
 
     fn env() -> TaskEnv<PfmDomainWriting<SpmSimulator>> {
         TaskEnv::new("t", PfmDomainWriting::from_config(None).unwrap())
     }
 
+    fn env_with(toml: &str) -> TaskEnv<PfmDomainWriting<SpmSimulator>> {
+        let v: toml::Value = toml::from_str(toml).unwrap();
+        TaskEnv::new("t", PfmDomainWriting::from_config(Some(&v)).unwrap())
+    }
+
+    /// The normalized action of a pulse at `(x, y)` with `bias` V for `10^log_t` s.
+    fn pulse(x: f32, y: f32, bias: f64, log_t: f64) -> Value {
+        let c = Config::default();
+        Value::Box(vec![
+            x,
+            y,
+            to_unit(bias, c.bias_range),
+            to_unit(log_t, c.log_duration_range),
+        ])
+    }
+
     #[test]
     fn a_pulse_writes_an_up_domain_where_the_tip_is() {
-        let mut e = env();
-        e.reset(Some(1)).unwrap();
         for (bias, logt) in [(4.0, -2.5), (6.0, -2.5), (8.0, -2.5), (6.0, -1.5)] {
             let mut e = env();
             e.reset(Some(1)).unwrap();
-            let s = e.step(&Value::Box(vec![0.5, -0.5, bias, logt])).unwrap();
+            let s = e.step(&pulse(0.5, -0.5, bias, logt)).unwrap();
             let ph = s.obs.get("phase").unwrap().as_box().unwrap().to_vec();
             let n = 32;
             let written: Vec<(usize, usize)> = (0..n * n)
@@ -623,10 +792,11 @@ mod tests {
     fn breakdown_ends_the_episode_with_the_penalty() {
         let mut e = env();
         e.reset(Some(2)).unwrap();
-        let s = e.step(&Value::Box(vec![0.0, 0.0, -13.0, -2.0])).unwrap();
+        let s = e.step(&pulse(0.0, 0.0, -13.0, -2.0)).unwrap();
         assert!(s.terminated);
         assert_eq!(s.reward, -5.0);
         assert_eq!(s.info.get("breakdown"), Some(&InfoValue::Bool(true)));
+        assert_eq!(s.info.get("is_success"), Some(&InfoValue::Bool(false)));
     }
 
     #[test]
@@ -641,10 +811,89 @@ mod tests {
             assert!(matches!(info.get("true_iou"), Some(InfoValue::F64(_))));
         }
         assert_eq!(shapes.len(), 3);
-        let v: toml::Value = toml::from_str("breakdown = -1.0").unwrap();
-        let err = PfmDomainWriting::from_config(Some(&v))
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("breakdown"), "{err}");
+        crate::tasks::testing::assert_config_errors_name_fields(
+            PfmDomainWriting::from_config,
+            &[
+                ("breakdown = -1.0", "breakdown"),
+                ("done_iou = 1.5", "done_iou"),
+                ("bias_range = [5.0, -5.0]", "bias_range"),
+                ("nope = 1", "nope"),
+            ],
+        );
+    }
+
+    #[test]
+    fn success_is_the_true_iou_and_termination_the_observed_one() {
+        let mut e = env();
+        let c = Config::default();
+        let mut ended_by_observation = 0;
+        for seed in 0..6 {
+            let (mut obs, _) = e.reset(Some(seed)).unwrap();
+            loop {
+                let a = e.heuristic_action(&obs);
+                let s = e.step(&a).unwrap();
+                let f = |k: &str| match s.info.get(k) {
+                    Some(InfoValue::F64(v)) => *v,
+                    other => panic!("{k}: {other:?}"),
+                };
+                let (iou, true_iou) = (f("iou"), f("true_iou"));
+                assert_eq!(
+                    s.info.get("is_success"),
+                    Some(&InfoValue::Bool(true_iou >= c.success_iou))
+                );
+                assert_eq!(s.terminated, iou >= c.done_iou);
+                ended_by_observation += usize::from(s.terminated);
+                obs = s.obs;
+                if s.terminated || s.truncated {
+                    break;
+                }
+            }
+        }
+        assert!(ended_by_observation > 0);
+    }
+
+    #[test]
+    fn degenerate_policies_do_not_come_close() {
+        // 20 seeds, the default config. The Box degenerates: zero and centre (no pulse: the
+        // zero bias), the corners (±15 V: breakdown at once), a constant random pulse at one
+        // place (one domain, rewritten), and random actions.
+        let mut e = env();
+        let (h, others) = degenerate_scores(&mut e, 0..20, 16).unwrap();
+        assert_no_degenerate_wins("PfmDomainWriting", &h, &others, 4.0, 0.5);
+    }
+
+    #[test]
+    fn heuristic_beats_random_on_the_test_split() {
+        let mut e = env_with("split = \"test\"");
+        let h = evaluate(&mut e, &Policy::Heuristic, 0..20).unwrap();
+        let r = evaluate(&mut e, &Policy::Random, 0..20).unwrap();
+        println!(
+            "test split, medium, 20 seeds: heuristic return {:.2} success {:.2}; random return {:.2} success {:.2}",
+            h.mean_return, h.success_rate, r.mean_return, r.success_rate
+        );
+        assert!(h.mean_return > r.mean_return + 5.0);
+        assert!(h.success_rate >= r.success_rate + 0.5);
+    }
+
+    #[test]
+    fn levels_set_the_ranges() {
+        let (easy, hard) = (
+            Config::at_level(Difficulty::Easy),
+            Config::at_level(Difficulty::Hard),
+        );
+        assert_eq!(Config::at_level(Difficulty::Medium), Config::default());
+        assert_ne!(
+            easy.instrument.pfm.bias_offset,
+            hard.instrument.pfm.bias_offset
+        );
+        for level in ["easy", "hard"] {
+            let mut e = env_with(&format!("difficulty = \"{level}\""));
+            let h = evaluate(&mut e, &Policy::Heuristic, 0..10).unwrap();
+            println!(
+                "{level}: heuristic success {:.2} return {:.2}",
+                h.success_rate, h.mean_return
+            );
+            assert!(h.mean_return > 3.0, "{level}: {}", h.mean_return);
+        }
     }
 }

@@ -23,6 +23,9 @@
 //!   `z_{k+1} = clamp(z_k + Δ_k, −R, R)`. `K_p` is dimensionless, `K_i` in 1/s. The velocity
 //!   form has no integrator state to wind up: at a range or speed limit the loop simply keeps
 //!   its last error.
+//! - Loop gain `g` (`loop_gain`, default 1): the gains acting on the loop are `g·K_p` and
+//!   `g·K_i` (the set gains times the error-signal and piezo sensitivities relative to their
+//!   nominal calibration). Everything below holds with the effective gains.
 //! - Pixel outputs: the height channel of pixel `j` is the mean of `z_k` over the samples whose
 //!   time falls in the pixel (`j·t_p ≤ t_k < (j+1)·t_p`, in scan order), the error channel the
 //!   mean of `e_k`. A pixel that gets no sample (`t_p < T`) takes the sample nearest in time to
@@ -106,6 +109,13 @@ pub struct FeedbackConfig {
     /// Lost-contact saturation `c` of the error signal, m, in `(0, 10 µm]`: the error never
     /// reads below `−c`. Default 5 nm.
     pub saturation: Param<Length>,
+    /// Loop gain `g`, dimensionless, in `(0, 100]`: the factor between the gains as set and
+    /// those acting on the loop, `K_p,eff = g·K_p`, `K_i,eff = g·K_i`. It is the product of
+    /// the error-signal and z-piezo sensitivities relative to their nominal calibration
+    /// (deflection sensitivity, cantilever stiffness, contact stiffness), which a real
+    /// instrument does not know exactly and which changes from cantilever to cantilever; so
+    /// the same set gains track better or ring on different samples and tips. Default 1.
+    pub loop_gain: Param<Unitless>,
 }
 
 impl Default for FeedbackConfig {
@@ -117,6 +127,7 @@ impl Default for FeedbackConfig {
             z_speed_limit: Param::fixed(1e-6),
             z_range: Param::fixed(1e-6),
             saturation: Param::fixed(5e-9),
+            loop_gain: Param::fixed(1.0),
         }
     }
 }
@@ -166,6 +177,7 @@ impl FeedbackConfig {
         check_speed(self.z_speed_limit.get(), prefix)?;
         pos("z_range", self.z_range.get(), 1e-3, "m")?;
         pos("saturation", self.saturation.get(), 1e-5, "m")?;
+        pos("loop_gain", self.loop_gain.get(), 100.0, "")?;
         Ok(())
     }
 }
@@ -195,6 +207,7 @@ pub struct ZFeedback {
     z_speed_limit: f64,
     z_range: f64,
     saturation: f64,
+    loop_gain: f64,
     z: f64,
     prev_error: f64,
 }
@@ -325,6 +338,7 @@ impl ZFeedback {
             z_speed_limit: cfg.z_speed_limit.get(),
             z_range: cfg.z_range.get(),
             saturation: cfg.saturation.get(),
+            loop_gain: cfg.loop_gain.get(),
             z: 0.0,
             prev_error: 0.0,
         })
@@ -340,9 +354,19 @@ impl ZFeedback {
         Ok(())
     }
 
-    /// The gains `(K_p, K_i)`, K_i in 1/s.
+    /// The gains `(K_p, K_i)` as set, K_i in 1/s.
     pub fn gains(&self) -> (f64, f64) {
         (self.p_gain, self.i_gain)
+    }
+
+    /// The loop gain `g` (the gains acting on the loop are `g·K_p`, `g·K_i`).
+    pub fn loop_gain(&self) -> f64 {
+        self.loop_gain
+    }
+
+    /// The gains acting on the loop, `(g·K_p, g·K_i)`, K_i in 1/s.
+    pub fn effective_gains(&self) -> (f64, f64) {
+        (self.loop_gain * self.p_gain, self.loop_gain * self.i_gain)
     }
 
     /// Sets the z-speed limit `v_max`, m/s, in `(0, 1000]`; otherwise an error naming
@@ -387,23 +411,26 @@ impl ZFeedback {
     }
 
     /// The two poles of the linearized loop (no saturation or limits), largest first:
-    /// roots of `λ² − (1 − K_p − K_i T) λ − K_p = 0`.
+    /// roots of `λ² − (1 − K_p − K_i T) λ − K_p = 0` with the effective gains
+    /// ([`effective_gains`](Self::effective_gains)).
     pub fn poles(&self) -> [f64; 2] {
-        let b = 1.0 - self.p_gain - self.i_gain * self.period;
-        let disc = (b * b + 4.0 * self.p_gain).sqrt();
+        let (kp, ki) = self.effective_gains();
+        let b = 1.0 - kp - ki * self.period;
+        let disc = (b * b + 4.0 * kp).sqrt();
         [0.5 * (b + disc), 0.5 * (b - disc)]
     }
 
     /// Whether the linearized loop is asymptotically stable (both poles inside the unit
-    /// circle): `K_p < 1` and `0 < K_i T < 2(1 − K_p)`.
+    /// circle): `K_p < 1` and `0 < K_i T < 2(1 − K_p)` with the effective gains.
     pub fn is_stable(&self) -> bool {
         self.poles().iter().all(|p| p.abs() < 1.0)
     }
 
     fn law(&self) -> Law {
+        let (kp, ki) = self.effective_gains();
         Law {
-            kp: self.p_gain,
-            a: self.p_gain + self.i_gain * self.period,
+            kp,
+            a: kp + ki * self.period,
             c: self.saturation,
             vt: self.z_speed_limit * self.period,
             r: self.z_range,
@@ -771,6 +798,48 @@ mod tests {
         assert!(
             (shift - expected).abs() < 0.1 * expected,
             "{shift} vs {expected}"
+        );
+    }
+
+    #[test]
+    fn loop_gain_scales_the_gains_acting_on_the_loop() {
+        // Gains (p, i) with loop gain g scan exactly as gains (g p, g i) with loop gain 1.
+        let profile: Vec<f32> = (0..64).map(|j| if j < 32 { 0.0 } else { 2e-9 }).collect();
+        let g = 2.5;
+        let scaled = FeedbackConfig {
+            p_gain: Param::fixed(0.1),
+            i_gain: Param::fixed(200.0),
+            loop_gain: Param::fixed(g),
+            ..FeedbackConfig::default()
+        };
+        let mut a = ZFeedback::new(&scaled).unwrap();
+        let mut b = controller(0.1 * g, 200.0 * g, 1e-6, 5e-9);
+        assert_eq!(a.gains(), (0.1, 200.0));
+        assert_eq!(a.effective_gains(), b.gains());
+        assert_eq!(a.poles(), b.poles());
+        let (mut ha, mut ea, mut hb, mut eb) = ([0f32; 64], [0f32; 64], [0f32; 64], [0f32; 64]);
+        for reverse in [false, true] {
+            let sa = a
+                .scan_line(&profile, 1e-3, reverse, &mut ha, &mut ea)
+                .unwrap();
+            let sb = b
+                .scan_line(&profile, 1e-3, reverse, &mut hb, &mut eb)
+                .unwrap();
+            assert_eq!((ha, ea, sa), (hb, eb, sb));
+        }
+        // Gains stable at g = 1 ring at g = 2.5.
+        a.set_gains(0.3, 2000.0).unwrap();
+        assert!(!a.is_stable());
+        assert!(controller(0.3, 2000.0, 1e-6, 5e-9).is_stable());
+        let bad = FeedbackConfig {
+            loop_gain: Param::fixed(0.0),
+            ..FeedbackConfig::default()
+        };
+        assert!(
+            bad.validate("feedback.")
+                .unwrap_err()
+                .to_string()
+                .contains("loop_gain")
         );
     }
 

@@ -30,6 +30,9 @@ pub enum SurfaceKind {
     Grains,
     /// A flat film with roughness only.
     Flat,
+    /// Terraces with particles lying on them (the terrace and particle settings both apply;
+    /// `particle_density = 0` gives bare terraces, a tiny `step_height` bare particles).
+    Mixed,
 }
 
 /// Surface generator settings (`[surface]`).
@@ -116,6 +119,46 @@ impl SurfaceConfig {
     }
 }
 
+/// Writes vicinal terraces into `h` (pixel size `pixel`, m).
+fn terraces(cfg: &SurfaceConfig, pixel: f64, h: &mut Array2<f64>, rng: &mut SimRng) {
+    let (c, s) = (
+        cfg.step_direction.get().cos(),
+        cfg.step_direction.get().sin(),
+    );
+    let (w, dz) = (cfg.terrace_width.get(), cfg.step_height.get());
+    let phase = rng.random::<f64>() * w;
+    for ((i, j), v) in h.indexed_iter_mut() {
+        let d = (j as f64 * pixel) * c + (i as f64 * pixel) * s + phase;
+        *v = (d / w).floor() * dz;
+    }
+}
+
+/// Raises hemispherical particles in `h` (each pixel the highest of what is there and the
+/// particles over it).
+fn particles(cfg: &SurfaceConfig, pixel: f64, h: &mut Array2<f64>, rng: &mut SimRng) {
+    let (ny, nx) = h.dim();
+    let area = nx as f64 * ny as f64 * pixel * pixel;
+    let n = (cfg.particle_density.get() * area).round() as usize;
+    let r = cfg.particle_radius.get();
+    let rp = (r / pixel).ceil() as i64;
+    for _ in 0..n {
+        let (cx, cy) = (
+            rng.random::<f64>() * nx as f64,
+            rng.random::<f64>() * ny as f64,
+        );
+        for i in (cy as i64 - rp).max(0)..=(cy as i64 + rp).min(ny as i64 - 1) {
+            for j in (cx as i64 - rp).max(0)..=(cx as i64 + rp).min(nx as i64 - 1) {
+                let d2 = ((j as f64 - cx).powi(2) + (i as f64 - cy).powi(2)) * pixel * pixel;
+                if d2 < r * r {
+                    let z = (r * r - d2).sqrt();
+                    let cell = &mut h[[i as usize, j as usize]];
+                    *cell = cell.max(z);
+                }
+            }
+        }
+    }
+}
+
 /// Generates a surface of `shape = [rows, cols]` pixels of size `pixel` (m). Heights in m.
 pub fn generate(
     cfg: &SurfaceConfig,
@@ -134,40 +177,13 @@ pub fn generate(
     let mut h = Array2::<f64>::zeros((ny, nx));
     match cfg.kind {
         SurfaceKind::Flat => {}
-        SurfaceKind::Terraces => {
-            let (c, s) = (
-                cfg.step_direction.get().cos(),
-                cfg.step_direction.get().sin(),
-            );
-            let (w, dz) = (cfg.terrace_width.get(), cfg.step_height.get());
-            let phase = rng.random::<f64>() * w;
-            for ((i, j), v) in h.indexed_iter_mut() {
-                let d = (j as f64 * pixel) * c + (i as f64 * pixel) * s + phase;
-                *v = (d / w).floor() * dz;
-            }
-        }
-        SurfaceKind::Particles => {
-            let area = nx as f64 * ny as f64 * pixel * pixel;
-            let n = (cfg.particle_density.get() * area).round() as usize;
-            let r = cfg.particle_radius.get();
-            let rp = (r / pixel).ceil() as i64;
-            for _ in 0..n {
-                let (cx, cy) = (
-                    rng.random::<f64>() * nx as f64,
-                    rng.random::<f64>() * ny as f64,
-                );
-                for i in (cy as i64 - rp).max(0)..=(cy as i64 + rp).min(ny as i64 - 1) {
-                    for j in (cx as i64 - rp).max(0)..=(cx as i64 + rp).min(nx as i64 - 1) {
-                        let d2 =
-                            ((j as f64 - cx).powi(2) + (i as f64 - cy).powi(2)) * pixel * pixel;
-                        if d2 < r * r {
-                            let z = (r * r - d2).sqrt();
-                            let cell = &mut h[[i as usize, j as usize]];
-                            *cell = cell.max(z);
-                        }
-                    }
-                }
-            }
+        SurfaceKind::Terraces => terraces(cfg, pixel, &mut h, rng),
+        SurfaceKind::Particles => particles(cfg, pixel, &mut h, rng),
+        SurfaceKind::Mixed => {
+            terraces(cfg, pixel, &mut h, rng);
+            let mut p = Array2::<f64>::zeros((ny, nx));
+            particles(cfg, pixel, &mut p, rng);
+            h += &p;
         }
         SurfaceKind::Grains => {
             let area = nx as f64 * ny as f64 * pixel * pixel;
@@ -248,6 +264,34 @@ mod tests {
         let f = generate(&flat, [128, 128], 2e-9, &mut seeded(3)).unwrap();
         let rms = (f.iter().map(|&v| f64::from(v).powi(2)).sum::<f64>() / f.len() as f64).sqrt();
         assert!((rms / 0.03e-9 - 1.0).abs() < 0.05, "{rms}");
+    }
+
+    #[test]
+    fn mixed_is_terraces_plus_particles() {
+        let base = SurfaceConfig {
+            roughness: Param::fixed(0.0),
+            ..Default::default()
+        };
+        let mixed = SurfaceConfig {
+            kind: SurfaceKind::Mixed,
+            ..base.clone()
+        };
+        let t = generate(&base, [128, 128], 2e-9, &mut seeded(4)).unwrap();
+        let m = generate(&mixed, [128, 128], 2e-9, &mut seeded(4)).unwrap();
+        // Same terraces (the same draws come first); particles only ever add height, up to
+        // their radius.
+        let raised: Vec<f32> = m.iter().zip(&t).map(|(a, b)| a - b).collect();
+        assert!(raised.iter().all(|&d| (-1e-15..=10.01e-9).contains(&d)));
+        let covered = raised.iter().filter(|&&d| d > 0.0).count() as f64 / raised.len() as f64;
+        assert!((0.03..0.1).contains(&covered), "{covered}");
+        let none = SurfaceConfig {
+            particle_density: Param::fixed(0.0),
+            ..mixed
+        };
+        assert_eq!(
+            generate(&none, [64, 64], 2e-9, &mut seeded(4)).unwrap(),
+            generate(&base, [64, 64], 2e-9, &mut seeded(4)).unwrap()
+        );
     }
 
     #[test]
