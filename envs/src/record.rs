@@ -36,8 +36,9 @@
 //! pass its version), `data_format: "hdf5"`, `jpeg_encoding: false` (images are stored raw),
 //! `total_episodes`, `total_steps`, `dataset_size` (MB as Minari computes it: the sizes of
 //! every entry under `data/` / 10⁶, rounded to 0.1; updated after each episode),
-//! `observation_space` / `action_space` (Gymnasium's JSON as strings), `author` (a list;
-//! default `["scopegym"]`), and what the caller adds: `description`, `env_spec`,
+//! `observation_space` / `action_space` (strings in Minari's serialization,
+//! [`minari_space_json`]), `author` (a list; default `["scopegym"]`), and what the caller
+//! adds: `description`, `env_spec`,
 //! `eval_env_spec`, `requirements`, `algorithm_name`, and the reference scores from
 //! [`reference_scores`] (`ref_min_score`, `ref_max_score`, `num_episodes_average_score`)
 //! with which `minari.get_normalized_score` normalizes returns. Provenance: `scopegym_version`,
@@ -56,7 +57,8 @@
 //! `main_data.hdf5` in place and synced, then `metadata.json` is replaced atomically.
 //! Killing the process loses at most the episode in progress. The only window in which a crash
 //! can damage something is the in-place update of `main_data.hdf5` (a few small writes);
-//! [`Recorder::repair`] (`scopegym record --repair`, `scopegym.record.repair_dataset`)
+//! [`Recorder::repair`] (`scopegym record --repair`, Python
+//! `from scopegym.record import repair_dataset`)
 //! rebuilds it and the metadata counts from the episode files.
 //!
 //! The `scopegym record` command and the Python package (`scopegym.record`) both write through
@@ -545,11 +547,11 @@ impl Recorder {
         meta.insert("jpeg_encoding".into(), false.into());
         meta.insert(
             "observation_space".into(),
-            obs_space.to_json().to_string().into(),
+            minari_space_json(obs_space).to_string().into(),
         );
         meta.insert(
             "action_space".into(),
-            act_space.to_json().to_string().into(),
+            minari_space_json(act_space).to_string().into(),
         );
         meta.insert("author".into(), Json::Array(vec!["scopegym".into()]));
         meta.insert(
@@ -874,6 +876,112 @@ pub fn reference_scores(env: &mut dyn Env, episodes: u64) -> crate::Result<Map<S
         }),
     );
     Ok(out)
+}
+
+/// The space as Minari serializes it (`minari.serialization.serialize_space`, which the
+/// metadata's `observation_space` / `action_space` must follow): Gymnasium's JSON form with
+/// Box bounds nested to the Box's shape (a flat list does not deserialize for shapes of more
+/// than one dimension).
+pub fn minari_space_json(space: &Space) -> Json {
+    fn nest(flat: &[Json], shape: &[usize]) -> Json {
+        if flat.len() != shape.iter().product::<usize>() {
+            return Json::Array(flat.to_vec());
+        }
+        match shape {
+            [] => flat.first().cloned().unwrap_or(Json::Null),
+            [_] => Json::Array(flat.to_vec()),
+            [n, rest @ ..] => {
+                let step = rest.iter().product::<usize>();
+                Json::Array(
+                    (0..*n)
+                        .map(|i| nest(&flat[i * step..(i + 1) * step], rest))
+                        .collect(),
+                )
+            }
+        }
+    }
+    let mut j = space.to_json();
+    match space {
+        Space::Box { shape, .. } => {
+            for key in ["low", "high"] {
+                if let Some(Json::Array(flat)) = j.get(key).cloned() {
+                    j[key] = nest(&flat, shape);
+                }
+            }
+        }
+        Space::Dict(items) => {
+            for (k, s) in items {
+                j["subspaces"][k.as_str()] = minari_space_json(s);
+            }
+        }
+        _ => {}
+    }
+    j
+}
+
+/// `value` as Python's `json.dumps` writes it (separators `", "` and `": "`; object keys in
+/// the map's order).
+fn py_json_into(v: &Json, out: &mut String) {
+    match v {
+        Json::Array(a) => {
+            out.push('[');
+            for (i, x) in a.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(", ");
+                }
+                py_json_into(x, out);
+            }
+            out.push(']');
+        }
+        Json::Object(m) => {
+            out.push('{');
+            for (i, (k, x)) in m.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(", ");
+                }
+                out.push_str(&Json::String(k.clone()).to_string());
+                out.push_str(": ");
+                py_json_into(x, out);
+            }
+            out.push('}');
+        }
+        other => out.push_str(&other.to_string()),
+    }
+}
+
+/// The Gymnasium `EnvSpec` of a scopegym task as `EnvSpec.to_json()` writes it (same fields,
+/// order and formatting), for Minari's `env_spec` / `eval_env_spec`: entry point
+/// `scopegym.env:ScopegymEnv`, vector entry point `scopegym.vector:ScopegymVectorEnv`,
+/// `max_episode_steps` (the configured task's), and `kwargs` in the given order (e.g.
+/// `task_id`, `normalize_actions`, `config`).
+pub fn env_spec_json(id: &str, max_episode_steps: usize, kwargs: &[(&str, Json)]) -> String {
+    let mut out = String::from("{");
+    let fields: [(&str, Json); 7] = [
+        ("id", id.into()),
+        ("entry_point", "scopegym.env:ScopegymEnv".into()),
+        ("reward_threshold", Json::Null),
+        ("nondeterministic", false.into()),
+        ("max_episode_steps", max_episode_steps.into()),
+        ("order_enforce", true.into()),
+        ("disable_env_checker", false.into()),
+    ];
+    for (k, v) in &fields {
+        out.push_str(&format!("\"{k}\": "));
+        py_json_into(v, &mut out);
+        out.push_str(", ");
+    }
+    out.push_str("\"kwargs\": {");
+    for (i, (k, v)) in kwargs.iter().enumerate() {
+        if i > 0 {
+            out.push_str(", ");
+        }
+        out.push_str(&Json::String((*k).to_string()).to_string());
+        out.push_str(": ");
+        py_json_into(v, &mut out);
+    }
+    out.push_str("}, \"additional_wrappers\": [], ");
+    out.push_str("\"vector_entry_point\": \"scopegym.vector:ScopegymVectorEnv\"}");
+    out
 }
 
 #[cfg(test)]
@@ -1238,5 +1346,40 @@ mod tests {
         let meta = read_meta(&tmp.0);
         assert_eq!(meta["ref_min_score"].as_f64().unwrap(), random.mean_return);
         assert_eq!(meta["total_episodes"], 0);
+    }
+
+    #[test]
+    fn record_env_spec_is_gymnasium_json() {
+        let cfg = serde_json::json!({"difficulty": "hard", "split": "test"});
+        let s = env_spec_json(
+            "scopegym/X-v1",
+            30,
+            &[
+                ("task_id", "scopegym/X-v1".into()),
+                ("normalize_actions", false.into()),
+                ("config", cfg),
+            ],
+        );
+        assert_eq!(
+            s,
+            r#"{"id": "scopegym/X-v1", "entry_point": "scopegym.env:ScopegymEnv", "reward_threshold": null, "nondeterministic": false, "max_episode_steps": 30, "order_enforce": true, "disable_env_checker": false, "kwargs": {"task_id": "scopegym/X-v1", "normalize_actions": false, "config": {"difficulty": "hard", "split": "test"}}, "additional_wrappers": [], "vector_entry_point": "scopegym.vector:ScopegymVectorEnv"}"#
+        );
+        let parsed: Json = serde_json::from_str(&s).unwrap();
+        assert_eq!(parsed["kwargs"]["normalize_actions"], false);
+    }
+
+    #[test]
+    fn record_spaces_nest_box_bounds_to_their_shape() {
+        let b = Space::uniform_box(&[2, 3], 0.0, 1.0);
+        let j = minari_space_json(&b);
+        assert_eq!(j["shape"], serde_json::json!([2, 3]));
+        assert_eq!(j["low"], serde_json::json!([[0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]));
+        let d = Space::Dict(vec![
+            ("img".into(), b),
+            ("v".into(), Space::uniform_box(&[2], -1.0, 1.0)),
+        ]);
+        let j = minari_space_json(&d);
+        assert_eq!(j["subspaces"]["img"]["high"][1], serde_json::json!([1.0, 1.0, 1.0]));
+        assert_eq!(j["subspaces"]["v"]["low"], serde_json::json!([-1.0, -1.0]));
     }
 }
