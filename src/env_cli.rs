@@ -283,7 +283,6 @@ pub fn record(o: &RecordOptions<'_>) -> Result<(), CliError> {
     let spec = |split: &str| {
         env_spec_json(
             id,
-            env.max_episode_steps(),
             &[
                 ("task_id", id.into()),
                 ("normalize_actions", false.into()),

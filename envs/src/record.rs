@@ -535,7 +535,9 @@ impl Recorder {
         let data = dir.join("data");
         let episodes = data.join(EPISODES_DIR);
         let non_empty = |p: &Path| std::fs::read_dir(p).is_ok_and(|mut d| d.next().is_some());
-        if data.join(MAIN_FILE).exists() || data.join(METADATA_FILE).exists() || non_empty(&episodes)
+        if data.join(MAIN_FILE).exists()
+            || data.join(METADATA_FILE).exists()
+            || non_empty(&episodes)
         {
             return Err(RecordError::Exists(dir.to_path_buf()));
         }
@@ -952,16 +954,18 @@ fn py_json_into(v: &Json, out: &mut String) {
 /// The Gymnasium `EnvSpec` of a scopegym task as `EnvSpec.to_json()` writes it (same fields,
 /// order and formatting), for Minari's `env_spec` / `eval_env_spec`: entry point
 /// `scopegym.env:ScopegymEnv`, vector entry point `scopegym.vector:ScopegymVectorEnv`,
-/// `max_episode_steps` (the configured task's), and `kwargs` in the given order (e.g.
-/// `task_id`, `normalize_actions`, `config`).
-pub fn env_spec_json(id: &str, max_episode_steps: usize, kwargs: &[(&str, Json)]) -> String {
+/// `kwargs` in the given order (e.g. `task_id`, `normalize_actions`, `config`), and
+/// `max_episode_steps` null: the engine truncates at the configured task's limit itself, and
+/// Gymnasium's `TimeLimit` would also flag `truncated` on an episode that terminates at its
+/// last step, which the stored flags (the engine's) do not.
+pub fn env_spec_json(id: &str, kwargs: &[(&str, Json)]) -> String {
     let mut out = String::from("{");
     let fields: [(&str, Json); 7] = [
         ("id", id.into()),
         ("entry_point", "scopegym.env:ScopegymEnv".into()),
         ("reward_threshold", Json::Null),
         ("nondeterministic", false.into()),
-        ("max_episode_steps", max_episode_steps.into()),
+        ("max_episode_steps", Json::Null),
         ("order_enforce", true.into()),
         ("disable_env_checker", false.into()),
     ];
@@ -1118,7 +1122,10 @@ mod tests {
             // Through the link, as readers see it.
             let g = main.group(&format!("episode_{i}")).unwrap();
             let t = 5 + i;
-            assert_eq!(g.attr("id").unwrap().read_scalar::<i64>().unwrap(), i as i64);
+            assert_eq!(
+                g.attr("id").unwrap().read_scalar::<i64>().unwrap(),
+                i as i64
+            );
             assert_eq!(
                 g.attr("total_steps").unwrap().read_scalar::<i64>().unwrap(),
                 t as i64
@@ -1133,7 +1140,11 @@ mod tests {
             let mut keys = infos.member_names().unwrap();
             keys.sort();
             assert_eq!(keys, ["count", "error", "is_success", "mixed", "vec"]);
-            let succ = infos.dataset("is_success").unwrap().read_raw::<bool>().unwrap();
+            let succ = infos
+                .dataset("is_success")
+                .unwrap()
+                .read_raw::<bool>()
+                .unwrap();
             // The reset info lacks the key: false; then the step values.
             let mut want = vec![false; t + 1];
             want[t] = true;
@@ -1192,7 +1203,10 @@ mod tests {
         // Non-consecutive seeds: one run each.
         rec.write_episode(&episode(7, 2)).unwrap();
         rec.write_episode(&episode(8, 2)).unwrap();
-        assert_eq!(read_meta(&tmp.0)["seeds"], serde_json::json!([[1, 2], [7, 9]]));
+        assert_eq!(
+            read_meta(&tmp.0)["seeds"],
+            serde_json::json!([[1, 2], [7, 9]])
+        );
     }
 
     /// Bytes this thread has passed to write calls so far (Linux), from `/proc/thread-self/io`.
@@ -1353,7 +1367,6 @@ mod tests {
         let cfg = serde_json::json!({"difficulty": "hard", "split": "test"});
         let s = env_spec_json(
             "scopegym/X-v1",
-            30,
             &[
                 ("task_id", "scopegym/X-v1".into()),
                 ("normalize_actions", false.into()),
@@ -1362,7 +1375,7 @@ mod tests {
         );
         assert_eq!(
             s,
-            r#"{"id": "scopegym/X-v1", "entry_point": "scopegym.env:ScopegymEnv", "reward_threshold": null, "nondeterministic": false, "max_episode_steps": 30, "order_enforce": true, "disable_env_checker": false, "kwargs": {"task_id": "scopegym/X-v1", "normalize_actions": false, "config": {"difficulty": "hard", "split": "test"}}, "additional_wrappers": [], "vector_entry_point": "scopegym.vector:ScopegymVectorEnv"}"#
+            r#"{"id": "scopegym/X-v1", "entry_point": "scopegym.env:ScopegymEnv", "reward_threshold": null, "nondeterministic": false, "max_episode_steps": null, "order_enforce": true, "disable_env_checker": false, "kwargs": {"task_id": "scopegym/X-v1", "normalize_actions": false, "config": {"difficulty": "hard", "split": "test"}}, "additional_wrappers": [], "vector_entry_point": "scopegym.vector:ScopegymVectorEnv"}"#
         );
         let parsed: Json = serde_json::from_str(&s).unwrap();
         assert_eq!(parsed["kwargs"]["normalize_actions"], false);
@@ -1373,13 +1386,19 @@ mod tests {
         let b = Space::uniform_box(&[2, 3], 0.0, 1.0);
         let j = minari_space_json(&b);
         assert_eq!(j["shape"], serde_json::json!([2, 3]));
-        assert_eq!(j["low"], serde_json::json!([[0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]));
+        assert_eq!(
+            j["low"],
+            serde_json::json!([[0.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+        );
         let d = Space::Dict(vec![
             ("img".into(), b),
             ("v".into(), Space::uniform_box(&[2], -1.0, 1.0)),
         ]);
         let j = minari_space_json(&d);
-        assert_eq!(j["subspaces"]["img"]["high"][1], serde_json::json!([1.0, 1.0, 1.0]));
+        assert_eq!(
+            j["subspaces"]["img"]["high"][1],
+            serde_json::json!([1.0, 1.0, 1.0])
+        );
         assert_eq!(j["subspaces"]["v"]["low"], serde_json::json!([-1.0, -1.0]));
     }
 }

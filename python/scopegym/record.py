@@ -41,9 +41,12 @@ def _minari_version() -> str:
         return MINARI_FORMAT_VERSION
 
 
-def _env_spec(env_id: str, max_episode_steps: int, extra: dict[str, Any]) -> str | None:
+def _env_spec(env_id: str, extra: dict[str, Any]) -> str | None:
     """The Gymnasium EnvSpec (JSON) that rebuilds the recorded env: physical actions
-    (``normalize_actions=False``, the stored convention) and ``extra`` kwargs."""
+    (``normalize_actions=False``, the stored convention) and ``extra`` kwargs. No
+    ``max_episode_steps``: the engine truncates at the configured limit itself, and Gymnasium's
+    ``TimeLimit`` would also flag ``truncated`` on an episode that terminates at its last step,
+    which the stored flags (the engine's) do not."""
     try:
         spec = gym.spec(env_id)
     except gym.error.Error:
@@ -53,8 +56,7 @@ def _env_spec(env_id: str, max_episode_steps: int, extra: dict[str, Any]) -> str
         entry_point=spec.entry_point,
         vector_entry_point=spec.vector_entry_point,
         kwargs={**spec.kwargs, "normalize_actions": False, **extra},
-        # The configured task's own limit (the engine truncates at the same step).
-        max_episode_steps=max_episode_steps,
+        max_episode_steps=None,
         disable_env_checker=spec.disable_env_checker,
     ).to_json()
 
@@ -116,10 +118,8 @@ def record(
     if scenario is not None:
         # Absolute, so the recovered env finds it from any working directory.
         spec_kwargs["scenario"] = os.path.abspath(os.fspath(scenario))
-    env_spec = _env_spec(env_id, env.max_episode_steps, spec_kwargs)
-    eval_env_spec = _env_spec(
-        env_id, env.max_episode_steps, {**spec_kwargs, "config": level_config(config, split="test")}
-    )
+    env_spec = _env_spec(env_id, spec_kwargs)
+    eval_env_spec = _env_spec(env_id, {**spec_kwargs, "config": level_config(config, split="test")})
     what = "the task's heuristic" if policy == "heuristic" else (
         "uniformly random actions" if policy == "random" else f"the policy {agent!r}"
     )

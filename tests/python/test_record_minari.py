@@ -95,7 +95,10 @@ def test_recovered_environment_replays_the_stored_actions(tmp_path, writer):
     assert env.unwrapped.physical_action_space == ds.action_space
     assert env.spec is not None and env.spec.kwargs["normalize_actions"] is False
     assert env.spec.kwargs["config"] == config
-    assert env.spec.max_episode_steps == meta["max_episode_steps"]
+    # No TimeLimit: the engine truncates at the configured limit (TimeLimit would also flag
+    # truncated on a termination at the last step, which the stored flags do not).
+    assert env.spec.max_episode_steps is None
+    assert env.unwrapped.max_episode_steps == meta["max_episode_steps"]
     assert [m["seed"] for m in ds.storage.get_episode_metadata(range(len(seeds)))] == seeds
     assert replay_against(ds, env) == ds.total_steps
     # The evaluation env: the same task on the held-out split.
@@ -108,7 +111,6 @@ def test_recovered_environment_replays_the_stored_actions(tmp_path, writer):
         entry_point=spec.entry_point,
         vector_entry_point=spec.vector_entry_point,
         kwargs={"task_id": env_id, "normalize_actions": False, "config": config},
-        max_episode_steps=meta["max_episode_steps"],
     ).to_json()
     assert json.loads(meta["env_spec"]) == json.loads(want)
     if writer == "cli":
