@@ -55,7 +55,9 @@
 //! made durable before the next starts: its file is written under a temporary name, synced and
 //! renamed into place (so an episode file is complete or absent), then the link is added to
 //! `main_data.hdf5` in place and synced, then `metadata.json` is replaced atomically.
-//! Killing the process loses at most the episode in progress. The only window in which a crash
+//! Killing the process loses at most the episode in progress. While another process reads
+//! the dataset (HDF5 locks `main_data.hdf5` against writers), adding a link waits for it (up
+//! to 30 s) rather than failing. The only window in which a crash
 //! can damage something is the in-place update of `main_data.hdf5` (a few small writes);
 //! [`Recorder::repair`] (`scopegym record --repair`, Python
 //! `from scopegym.record import repair_dataset`)
@@ -499,6 +501,33 @@ fn write_main(path: &Path, n: usize) -> Result<(), RecordError> {
     Ok(())
 }
 
+/// How long [`open_rw_waiting`] waits for readers to close the main file.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Opens the main file for writing; while another process reads it (HDF5 locks the file),
+/// retries for up to [`LOCK_WAIT`] (readers such as Minari hold it only while they read).
+fn open_rw_waiting(path: &Path) -> Result<hdf5::File, RecordError> {
+    let start = std::time::Instant::now();
+    let mut pause = std::time::Duration::from_millis(5);
+    loop {
+        match hdf5::File::open_rw(path) {
+            Ok(f) => return Ok(f),
+            Err(e) if e.to_string().contains("lock") && start.elapsed() < LOCK_WAIT => {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(std::time::Duration::from_millis(200));
+            }
+            Err(e) => {
+                let hint = if e.to_string().contains("lock") {
+                    "another process keeps it open; close it to go on recording"
+                } else {
+                    "if a crash damaged it, Recorder::repair / `scopegym record --repair` rebuilds it"
+                };
+                return Err(h5err(path)(hdf5::Error::from(format!("{e} ({hint})"))));
+            }
+        }
+    }
+}
+
 /// Minari's `dataset_size`: MB (10⁶ bytes) rounded to 0.1.
 fn megabytes(bytes: u64) -> f64 {
     (bytes as f64 / 1e5).round() / 10.0
@@ -690,11 +719,7 @@ impl Recorder {
         // The link, added in place.
         let main = self.data.join(MAIN_FILE);
         let before = file_len(&main);
-        let file = hdf5::File::open_rw(&main).map_err(|e| {
-            h5err(&main)(hdf5::Error::from(format!(
-                "{e} (if a crash damaged it, Recorder::repair / `scopegym record --repair` rebuilds it)"
-            )))
-        })?;
+        let file = open_rw_waiting(&main)?;
         file.link_external(&episode_rel(i), "/", &episode_name(i))
             .map_err(h5err(&main))?;
         close(file, &main)?;

@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -259,3 +260,23 @@ def test_cli_record_rejects_bad_levels(tmp_path):
                               "--out", str(tmp_path / args[1]), *args], capture_output=True, text=True)
         assert out.returncode == 2, out.stderr
         assert args[0].lstrip("-") in out.stderr
+
+
+def test_recording_waits_for_a_reader_holding_the_main_file(tmp_path):
+    """HDF5 locks a file a process reads against writers: the recorder waits instead of failing."""
+    out = tmp_path / "ds"
+    proc = subprocess.Popen([BIN, "record", AFM, "--episodes", "60", "--reference-episodes", "0", "--out", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    meta = out / "data" / "metadata.json"
+    deadline = time.monotonic() + 60
+    while not (meta.exists() and json.loads(meta.read_text() or "{}").get("total_episodes", 0) >= 1):
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.01)
+    with h5py.File(out / "data" / "main_data.hdf5", "r") as f:
+        held = sorted(f)
+        time.sleep(1.0)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert len(held) >= 1
+    ds = minari.MinariDataset(out / "data")
+    assert ds.total_episodes == 60 and len(list(ds.iterate_episodes())) == 60
