@@ -218,47 +218,131 @@ pub fn render(id: &str, seed: u64, out: &Path) -> Result<(), CliError> {
     Ok(())
 }
 
-/// `scopegym record`: runs `episodes` episodes of `id` with the `agent` (`random` or
-/// `heuristic`) from `seed` (episode `i` resets with `seed + i`) and writes a Minari-compatible
-/// dataset to `out`.
-pub fn record(
-    id: &str,
-    agent: &str,
-    episodes: usize,
-    seed: u64,
-    out: &Path,
-) -> Result<(), CliError> {
-    positive("--episodes", episodes, 10_000_000)?;
-    if agent != "random" && agent != "heuristic" {
+/// What `scopegym record` records.
+#[derive(Debug)]
+pub struct RecordOptions<'a> {
+    /// Task id.
+    pub id: &'a str,
+    /// `random` or `heuristic`.
+    pub agent: &'a str,
+    /// Episodes to record.
+    pub episodes: usize,
+    /// Episode `i` resets with `seed + i`.
+    pub seed: u64,
+    /// The dataset folder.
+    pub out: &'a Path,
+    /// Difficulty level (`easy`, `medium`, `hard`).
+    pub difficulty: &'a str,
+    /// Parameter split (`train`, `test`).
+    pub split: &'a str,
+    /// Seeds `0..N` of the reference scores (0: none).
+    pub reference_episodes: u64,
+    /// The dataset's author.
+    pub author: &'a str,
+    /// The dataset's description (default: generated from the options).
+    pub description: Option<&'a str>,
+}
+
+/// `scopegym record`: runs `episodes` episodes of `id` at `difficulty` and `split` with the
+/// `agent` (`random` or `heuristic`) from `seed` (episode `i` resets with `seed + i`) and
+/// writes a Minari-compatible dataset to `out` (DESIGN.md §8; the layout is
+/// `scopegym_envs::record`'s). The metadata carries the Gymnasium `env_spec` that rebuilds the
+/// env with the stored (physical, `normalize_actions=False`) action convention and the same
+/// config, an `eval_env_spec` on the held-out `test` split, reference scores of the random
+/// and heuristic policies over seeds `0..reference_episodes` (so `minari.get_normalized_score`
+/// works), the author and a description. `minari_version` is
+/// `scopegym_envs::record::MINARI_FORMAT_VERSION` ("0.5.0"): the oldest Minari release whose
+/// format this writes (the CLI cannot know which Minari will read it).
+pub fn record(o: &RecordOptions<'_>) -> Result<(), CliError> {
+    use scopegym_envs::record::{Episode, Recorder, env_spec_json, reference_scores};
+    positive("--episodes", o.episodes, 10_000_000)?;
+    if o.reference_episodes > 100_000 {
         return Err(CliError::Argument {
-            argument: "--agent".into(),
-            message: format!("expected random or heuristic, got {agent:?}"),
+            argument: "--reference-episodes".into(),
+            message: format!("must be 0..=100000, got {}", o.reference_episodes),
         });
     }
-    let mut env = make(id, None)?;
+    if o.agent != "random" && o.agent != "heuristic" {
+        return Err(CliError::Argument {
+            argument: "--agent".into(),
+            message: format!("expected random or heuristic, got {:?}", o.agent),
+        });
+    }
+    let id = o.id;
+    let level = |split: &str| {
+        let mut t = toml::Table::new();
+        t.insert("difficulty".into(), o.difficulty.into());
+        t.insert("split".into(), split.into());
+        toml::Value::Table(t)
+    };
+    let cfg = level(o.split);
+    let mut env = make(id, Some(&cfg))?;
     let name = id.trim_start_matches("scopegym/");
+    let name = name.rsplit_once("-v").map_or(name, |(n, _)| n);
+    let config_json = |split: &str| serde_json::json!({"difficulty": o.difficulty, "split": split});
+    let spec = |split: &str| {
+        env_spec_json(
+            id,
+            &[
+                ("task_id", id.into()),
+                ("normalize_actions", false.into()),
+                ("config", config_json(split)),
+            ],
+        )
+    };
+    let version = env!("CARGO_PKG_VERSION");
     let mut prov = serde_json::Map::new();
     prov.insert("env_id".into(), id.into());
-    prov.insert("agent".into(), agent.into());
-    prov.insert("seed".into(), seed.into());
+    prov.insert("agent".into(), o.agent.into());
+    prov.insert("algorithm_name".into(), o.agent.into());
+    prov.insert("seed".into(), o.seed.into());
     prov.insert("max_episode_steps".into(), env.max_episode_steps().into());
-    prov.insert(
-        "env_spec".into(),
-        serde_json::json!({"id": id, "max_episode_steps": env.max_episode_steps(), "kwargs": {}})
-            .to_string()
-            .into(),
-    );
-    prov.insert("config".into(), "defaults of the registered task".into());
+    prov.insert("env_spec".into(), spec(o.split).into());
+    prov.insert("eval_env_spec".into(), spec("test").into());
+    prov.insert("config".into(), config_json(o.split));
+    prov.insert("difficulty".into(), o.difficulty.into());
+    prov.insert("split".into(), o.split.into());
     prov.insert("git_commit".into(), scopegym::GIT_COMMIT.into());
-    let mut rec = scopegym::record::Recorder::create(
-        out,
-        &format!("scopegym/{name}/{agent}-v1"),
+    prov.insert("author".into(), o.author.into());
+    prov.insert(
+        "requirements".into(),
+        serde_json::json!([format!("scopegym=={version}")]),
+    );
+    let policy = if o.agent == "heuristic" {
+        "the task's heuristic (its rule of thumb)"
+    } else {
+        "uniformly random actions"
+    };
+    let description = o.description.map(str::to_string).unwrap_or_else(|| {
+        format!(
+            "Episodes of {id} at difficulty {} on the {} split, acted by {policy} (agent {}); \
+             episode i resets with seed {} + i. Actions are stored in the task's physical units \
+             (normalize_actions=False); config {}. Recorded by `scopegym record` (scopegym {version}).",
+            o.difficulty,
+            o.split,
+            o.agent,
+            o.seed,
+            config_json(o.split)
+        )
+    });
+    prov.insert("description".into(), description.into());
+    if o.reference_episodes > 0 {
+        eprintln!(
+            "reference scores: random and heuristic over seeds 0..{}",
+            o.reference_episodes
+        );
+        let mut ref_env = make(id, Some(&cfg))?;
+        prov.extend(reference_scores(ref_env.as_mut(), o.reference_episodes)?);
+    }
+    let mut rec = Recorder::create(
+        o.out,
+        &format!("scopegym/{name}/{}-v1", o.agent),
         env.observation_space(),
         env.action_space(),
         prov,
     )?;
-    let bar = if episodes > 1 {
-        ProgressBar::new(episodes as u64)
+    let bar = if o.episodes > 1 {
+        ProgressBar::new(o.episodes as u64)
     } else {
         ProgressBar::hidden()
     };
@@ -267,18 +351,19 @@ pub fn record(
             .expect("valid template"),
     );
     let space = env.action_space().clone();
-    for i in 0..episodes {
-        let ep_seed = seed.wrapping_add(i as u64);
+    for i in 0..o.episodes {
+        let ep_seed = o.seed.wrapping_add(i as u64);
         let mut rng = seeded(ep_seed ^ 0x5eed);
-        let (obs, _) = env.reset(Some(ep_seed))?;
-        let mut ep = scopegym::record::Episode {
+        let (obs, info) = env.reset(Some(ep_seed))?;
+        let mut ep = Episode {
             seed: ep_seed,
             observations: vec![obs],
+            infos: vec![info],
             ..Default::default()
         };
         loop {
             let last = ep.observations.last().expect("reset observation");
-            let a = if agent == "heuristic" {
+            let a = if o.agent == "heuristic" {
                 env.heuristic_action(last)
             } else {
                 space.sample(&mut rng)
@@ -289,6 +374,7 @@ pub fn record(
             ep.rewards.push(s.reward);
             ep.terminations.push(s.terminated);
             ep.truncations.push(s.truncated);
+            ep.infos.push(s.info);
             if s.terminated || s.truncated {
                 break;
             }
@@ -300,7 +386,26 @@ pub fn record(
     eprintln!(
         "wrote {} episode(s) of {id} to {}",
         rec.episodes(),
-        out.display()
+        o.out.display()
+    );
+    Ok(())
+}
+
+/// `scopegym record --repair`: rebuilds the main file and metadata counts of the dataset at
+/// `out` from its episode files after a crash (`Recorder::repair`).
+pub fn repair(out: &Path) -> Result<(), CliError> {
+    let r = scopegym_envs::record::Recorder::repair(out)?;
+    for p in &r.removed {
+        eprintln!("removed unfinished {}", p.display());
+    }
+    for p in &r.moved {
+        eprintln!("moved aside {}", p.display());
+    }
+    eprintln!(
+        "{}: {} episode(s), {} step(s) linked",
+        out.display(),
+        r.episodes,
+        r.steps
     );
     Ok(())
 }

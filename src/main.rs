@@ -92,8 +92,9 @@ enum Command {
     },
     /// Record episodes of an agent into a Minari-compatible dataset folder.
     Record {
-        /// Environment id.
-        env_id: String,
+        /// Environment id (not needed with --repair).
+        #[arg(required_unless_present = "repair")]
+        env_id: Option<String>,
         /// The agent: random or heuristic.
         #[arg(long, default_value = "random")]
         agent: String,
@@ -103,9 +104,29 @@ enum Command {
         /// Seed of the first episode (episode i resets with seed + i).
         #[arg(long, default_value_t = 0)]
         seed: u64,
-        /// Output folder (gets data/main_data.hdf5 and data/metadata.json).
+        /// Output folder (gets data/main_data.hdf5, data/episodes/ and data/metadata.json).
         #[arg(long)]
         out: PathBuf,
+        /// Difficulty level: easy, medium or hard.
+        #[arg(long, default_value = "medium")]
+        difficulty: String,
+        /// Parameter split: train or test.
+        #[arg(long, default_value = "train")]
+        split: String,
+        /// Episodes (seeds 0..N) of the random and heuristic policies whose mean returns become
+        /// Minari's reference scores (ref_min_score, ref_max_score); 0 skips them.
+        #[arg(long, default_value_t = 20)]
+        reference_episodes: u64,
+        /// The dataset's author (Minari metadata).
+        #[arg(long, default_value = "scopegym")]
+        author: String,
+        /// The dataset's description (default: the task, agent, seeds and config).
+        #[arg(long)]
+        description: Option<String>,
+        /// Instead of recording: rebuild --out's main file and metadata counts from its
+        /// episode files (after a crash).
+        #[arg(long)]
+        repair: bool,
     },
     /// Reset an environment and save its render as a PNG.
     Render {
@@ -164,12 +185,32 @@ fn main() -> ExitCode {
         } => env_cli::bench(&env_id, num_envs, threads, steps, json),
         Command::Render { env_id, seed, out } => env_cli::render(&env_id, seed, &out),
         Command::Record {
+            repair: true, out, ..
+        } => env_cli::repair(&out),
+        Command::Record {
             env_id,
             agent,
             episodes,
             seed,
             out,
-        } => env_cli::record(&env_id, &agent, episodes, seed, &out),
+            difficulty,
+            split,
+            reference_episodes,
+            author,
+            description,
+            repair: false,
+        } => env_cli::record(&env_cli::RecordOptions {
+            id: env_id.as_deref().unwrap_or_default(),
+            agent: &agent,
+            episodes,
+            seed,
+            out: &out,
+            difficulty: &difficulty,
+            split: &split,
+            reference_episodes,
+            author: &author,
+            description: description.as_deref(),
+        }),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,

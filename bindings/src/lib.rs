@@ -19,7 +19,7 @@
 use numpy::{PyArray1, PyArray2, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyType};
-use scopegym_envs::record::{Episode, RecordError, Recorder};
+use scopegym_envs::record::{Episode, RecordError, Recorder, reference_scores};
 use scopegym_envs::registry::{TASKS, make};
 use scopegym_envs::tasks::merge_toml;
 use scopegym_envs::vector::{AutoReset, Outputs, VectorEnv, flatten_into};
@@ -652,6 +652,58 @@ impl NativeVectorEnv {
     }
 }
 
+/// One Python info value as the engine's: `bool` / `numpy.bool_`, `int` / NumPy integers,
+/// `float` / NumPy floats, 0-d NumPy arrays of those, and 1-D numeric NumPy arrays (as
+/// float64 vectors); anything else (text, lists, dicts, None, N-d arrays) is `None` (skipped).
+fn info_value_from_py(v: &Bound<'_, PyAny>) -> PyResult<Option<InfoValue>> {
+    use numpy::{PyArrayDescrMethods, PyUntypedArray, PyUntypedArrayMethods};
+    if let Ok(a) = v.cast::<PyUntypedArray>() {
+        let kind = a.dtype().kind();
+        if !matches!(kind, b'b' | b'i' | b'u' | b'f') {
+            return Ok(None);
+        }
+        return Ok(match a.ndim() {
+            0 => info_value_from_py(&v.call_method0("item")?)?,
+            1 => {
+                let f = v.call_method1("astype", ("float64",))?;
+                let f = f.cast::<PyArray1<f64>>()?.readonly();
+                Some(InfoValue::F64s(f.as_slice()?.to_vec()))
+            }
+            _ => None,
+        });
+    }
+    if let Ok(b) = v.extract::<bool>() {
+        return Ok(Some(InfoValue::Bool(b)));
+    }
+    if v.is_instance_of::<pyo3::types::PyFloat>() {
+        return Ok(Some(InfoValue::F64(v.extract::<f64>()?)));
+    }
+    if let Ok(i) = v.extract::<i64>() {
+        return Ok(Some(InfoValue::I64(i)));
+    }
+    // NumPy floats other than float64 (which subclasses `float`).
+    let floating = v.py().import("numpy")?.getattr("floating")?;
+    if v.is_instance(&floating)? {
+        return Ok(Some(InfoValue::F64(v.extract::<f64>()?)));
+    }
+    Ok(None)
+}
+
+/// A Python info dict as the engine's (string keys; values as [`info_value_from_py`]).
+fn info_from_py(d: &Bound<'_, PyAny>) -> PyResult<Info> {
+    let d = d.cast::<PyDict>()?;
+    let mut info = Info::new();
+    for (k, v) in d.iter() {
+        let Ok(k) = k.extract::<String>() else {
+            continue;
+        };
+        if let Some(v) = info_value_from_py(&v)? {
+            info.insert(k.into(), v);
+        }
+    }
+    Ok(info)
+}
+
 /// Writes a Minari-compatible dataset (`<dir>/data/`) of episodes of `env`'s spaces.
 #[pyclass(module = "scopegym._native", frozen)]
 struct NativeRecorder {
@@ -696,9 +748,27 @@ impl NativeRecorder {
         lock(&self.rec).episodes()
     }
 
+    /// The metadata as written, a JSON object.
+    #[getter]
+    fn metadata_json(&self) -> String {
+        serde_json::Value::Object(lock(&self.rec).metadata().clone()).to_string()
+    }
+
+    /// Runs the random and heuristic policies on `env` over seeds `0..episodes` and stores
+    /// their mean returns as Minari's `ref_min_score` / `ref_max_score` (0: nothing).
+    fn set_reference_scores(&self, py: Python<'_>, env: &NativeEnv, episodes: u64) -> PyResult<()> {
+        native(py, || {
+            let scores = reference_scores(lock(&env.env).as_mut(), episodes)?;
+            Ok(lock(&self.rec).update_metadata(scores)?)
+        })
+    }
+
     /// Appends one episode (flat observations `(T+1, obs_len)`, flat actions `(T,
-    /// action_len)`, and `T` rewards and flags) and makes it durable.
+    /// action_len)`, `T` rewards and flags, and optionally the `T+1` info dicts, the reset
+    /// info first) and makes it durable. Info values that are numbers, booleans or 1-D numeric
+    /// arrays are kept (the `infos` group); others are skipped.
     #[allow(clippy::too_many_arguments)]
+    #[pyo3(signature = (seed, observations, actions, rewards, terminations, truncations, infos=None))]
     fn write_episode<'py>(
         &self,
         py: Python<'py>,
@@ -708,6 +778,7 @@ impl NativeRecorder {
         rewards: PyReadonlyArray1<'py, f64>,
         terminations: PyReadonlyArray1<'py, bool>,
         truncations: PyReadonlyArray1<'py, bool>,
+        infos: Option<Vec<Bound<'py, PyAny>>>,
     ) -> PyResult<()> {
         let (o, a) = (observations.as_slice()?, actions.as_slice()?);
         let (r, te, tr) = (
@@ -715,6 +786,11 @@ impl NativeRecorder {
             terminations.as_slice()?,
             truncations.as_slice()?,
         );
+        let infos = infos
+            .unwrap_or_default()
+            .iter()
+            .map(info_from_py)
+            .collect::<PyResult<Vec<Info>>>()?;
         let (ol, al) = (self.obs_space.flat_len(), self.act_space.flat_len());
         native(py, || {
             let rows = |flat: &[f32], len: usize, space: &Space, name: &str| {
@@ -730,8 +806,31 @@ impl NativeRecorder {
                 rewards: r.to_vec(),
                 terminations: te.to_vec(),
                 truncations: tr.to_vec(),
+                infos,
             };
             Ok(lock(&self.rec).write_episode(&ep)?)
+        })
+    }
+
+    /// Rebuilds the main file and metadata counts of the dataset at `dir` from its episode
+    /// files after a crash; returns what it did as a JSON object (`episodes`, `steps`,
+    /// `removed`, `moved`).
+    #[staticmethod]
+    fn repair(py: Python<'_>, dir: PathBuf) -> PyResult<String> {
+        native(py, || {
+            let r = Recorder::repair(&dir)?;
+            let paths = |v: &[PathBuf]| {
+                v.iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+            };
+            Ok(serde_json::json!({
+                "episodes": r.episodes,
+                "steps": r.steps,
+                "removed": paths(&r.removed),
+                "moved": paths(&r.moved),
+            })
+            .to_string())
         })
     }
 }

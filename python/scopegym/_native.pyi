@@ -1,5 +1,6 @@
 """Type stubs of the extension module ``scopegym._native`` (the Rust engine's bindings)."""
 
+from collections.abc import Mapping, Sequence
 from os import PathLike
 from typing import final
 
@@ -96,6 +97,9 @@ class NativeRecorder:
     def __new__(cls, dir: str | PathLike[str], dataset_id: str, env: NativeEnv, provenance_json: str) -> NativeRecorder: ...
     @property
     def episodes(self) -> int: ...
+    @property
+    def metadata_json(self) -> str: ...
+    def set_reference_scores(self, env: NativeEnv, episodes: int) -> None: ...
     def write_episode(
         self,
         seed: int,
@@ -104,4 +108,7 @@ class NativeRecorder:
         rewards: npt.NDArray[np.float64],
         terminations: npt.NDArray[np.bool_],
         truncations: npt.NDArray[np.bool_],
+        infos: Sequence[Mapping[str, object]] | None = None,
     ) -> None: ...
+    @staticmethod
+    def repair(dir: str | PathLike[str]) -> str: ...

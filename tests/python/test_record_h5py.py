@@ -27,10 +27,16 @@ def test_minari_layout(tmp_path):
     act_space = json.loads(meta["action_space"])
     assert obs_space["type"] == "Box" and act_space["type"] == "Box"
     steps = 0
+    # One file per episode, linked from the main file (relative to its folder).
+    assert sorted(p.name for p in (data / "episodes").iterdir()) == ["episode_0.hdf5", "episode_1.hdf5"]
     with h5py.File(data / "main_data.hdf5", "r") as f:
         assert sorted(f.keys()) == ["episode_0", "episode_1"]
         for i in range(2):
+            link = f.get(f"episode_{i}", getlink=True)
+            assert isinstance(link, h5py.ExternalLink)
+            assert (link.filename, link.path) == (f"episodes/episode_{i}.hdf5", "/")
             ep = f[f"episode_{i}"]
+            assert ep["infos/is_success"].dtype == np.bool_
             t = int(ep.attrs["total_steps"])
             steps += t
             assert ep.attrs["id"] == i and ep.attrs["seed"] == 5 + i
@@ -45,6 +51,18 @@ def test_minari_layout(tmp_path):
             act = ep["actions"][()]
             assert np.all(act >= np.array(act_space["low"])) and np.all(act <= np.array(act_space["high"]))
     assert meta["total_steps"] == steps
+    # Minari's metadata: author, description, size, reference scores, and the spec that
+    # rebuilds the env with physical actions at the recorded level.
+    assert meta["author"] == ["scopegym"] and ENV in meta["description"]
+    assert meta["minari_version"] == "0.5.0" and meta["jpeg_encoding"] is False
+    assert meta["dataset_size"] >= 0.0
+    assert meta["num_episodes_average_score"] == 20
+    assert meta["ref_max_score"] > meta["ref_min_score"]
+    spec = json.loads(meta["env_spec"])
+    assert spec["entry_point"] == "scopegym.env:ScopegymEnv"
+    assert spec["kwargs"] == {"task_id": ENV, "normalize_actions": False,
+                              "config": {"difficulty": "medium", "split": "train"}}
+    assert json.loads(meta["eval_env_spec"])["kwargs"]["config"]["split"] == "test"
 
 
 def test_same_seed_same_data(tmp_path):

@@ -62,6 +62,15 @@ def test_record_loads_with_minari_and_matches_what_was_stepped(tmp_path, monkeyp
         assert f["episode_0"].attrs["seed"] == 7
     meta = json.loads((path / "data" / "metadata.json").read_text())
     assert meta["env_id"] == STEER and meta["total_episodes"] == 3
+    assert meta["minari_version"] == minari.__version__
+    assert json.loads(meta["env_spec"])["kwargs"]["normalize_actions"] is False
+    assert {"ref_min_score", "ref_max_score", "author", "description"} <= set(meta)
+    # The recovered env takes the stored (physical) actions.
+    env = ds.recover_environment()
+    obs, _ = env.reset(seed=7)
+    for a, want in zip(eps[0].actions, eps[0].observations[1:]):
+        obs = env.step(a)[0]
+        np.testing.assert_array_equal(obs, want)
     with pytest.raises(scopegym.DatasetError):
         scopegym.record(STEER, 1, seed=7, policy="random")
 
