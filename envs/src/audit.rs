@@ -245,9 +245,6 @@ impl<I> FieldTruth for Blind<I> {
         false
     }
 }
-impl<I> crate::tasks::stem_dopant_steer::DopantFinder for Blind<I> {
-    fn find_dopant(&self, _near: [f64; 2], _neighbours: &mut Vec<[f64; 2]>) -> Option<[f64; 2]> {
-        None
-    }
-    fn host_sites(&self, _center: [f64; 2], _radius: f64, _out: &mut Vec<[f64; 2]>) {}
-}
+impl<I> crate::tasks::stem_dopant_steer::DopantTruth for Blind<I> {}
+impl<I> crate::tasks::stem_autofocus::ProbeTruth for Blind<I> {}
+impl<I> crate::tasks::afm_feedback_tuning::LoopTruth for Blind<I> {}

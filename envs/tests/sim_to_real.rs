@@ -113,7 +113,7 @@ fn afm_feedback_tuning() {
         afm::AfmFeedbackTuning::new(c.clone(), sim(&c)),
         afm::AfmFeedbackTuning::new(c.clone(), Blind::new(sim(&c))),
         3,
-        false,
+        true,
     );
 }
 
@@ -178,7 +178,7 @@ fn stem_autofocus() {
         saf::StemAutofocus::new(c.clone(), sim(&c)),
         saf::StemAutofocus::new(c.clone(), Blind::new(sim(&c))),
         3,
-        false,
+        true,
     );
 }
 
