@@ -1,48 +1,88 @@
-//! `scopegym/StemEelsExplore-v1`: choose where to park the probe for EELS to find the strongest
-//! Si-L₂,₃ signal within a budget of spectra (anchor: DTMicroscope deep-kernel-learning
-//! exploration, structure image → spectral property).
+//! `scopegym/StemEelsExplore-v1`: choose where to park the probe for EELS to find the cell with
+//! the strongest Si-L₂,₃ signal within a budget of spectra (anchor: DTMicroscope deep-kernel-
+//! learning exploration, structure image → spectral property).
 //!
-//! The specimen is graphene with a few substitutional Si dopants at random sites (default 5 on a
-//! 4.4 nm square, about 2.6 inside the 3.2 nm field). At reset the instrument takes a HAADF
-//! overview of the field (default 64², 0.5 Å pixels); the field is divided into a
-//! `grid × grid` lattice of cells (default 16², 2 Å) whose centres are the candidate probe
-//! positions. Each step moves the probe to the chosen cell's centre (`move_probe`) and acquires
-//! a spectrum (`acquire_spectrum`) with the spectrometer set to the Si-L₂,₃ window (default
-//! 60-188 eV, 256 channels of 0.5 eV: the zero-loss peak is off the camera, as for core-loss
-//! work). The Si-L edge comes from the Si atoms under the probe, so the signal falls off within
-//! about an ångström of a dopant.
+//! The specimen is graphene with a few substitutional Si dopants at random sites (medium: 5 on a
+//! square of random side 4.0-5.5 nm, so 1.7-3.2 inside the 3.2 nm field on average; a few
+//! episodes have none). At reset the instrument takes a HAADF overview of the field (default
+//! 64², 0.5 Å pixels); the field is divided into a `grid × grid` lattice of cells (default 32²,
+//! 1 Å: the EELS signal of a Si atom falls off within about an ångström) whose centres are the
+//! candidate probe positions. Each step moves the probe to the chosen cell's centre
+//! (`move_probe`) and acquires a spectrum (`acquire_spectrum`, default 10 ms) with the
+//! spectrometer set to the Si-L₂,₃ window (60-188 eV, 256 channels of 0.5 eV: the zero-loss
+//! peak is off the camera, as for core-loss work).
 //!
 //! - **Scalarization** (from the spectrum alone, as microscopists quantify an edge): a power
 //!   law `A·E^-r` fitted by weighted least squares to `ln counts` over the pre-edge window
 //!   (`pre_edge`, default 80-97 eV, weights = counts, the Poisson inverse variance of
 //!   `ln counts`), extrapolated under the signal window (`signal`, default 99-129 eV) and
-//!   subtracted; the value is the background-subtracted integral per 10⁴ incident electrons
-//!   (`I·t/e`). With the defaults a Si atom under the probe scores about 6 and an edge-free
-//!   spectrum about 0.65 (the multiple-plasmon tails bend the background slightly away from a
-//!   pure power law; the ground truth applies the same scalarization, so this offset is part
-//!   of both), with a shot-noise spread of about 0.4 per spectrum.
-//! - **Observation** (Dict): `overview`, the HAADF frame divided by its mean, clipped to
-//!   `[0, 20]`; `values`, the mean scalarized value measured at each cell (`(grid, grid)`, 0
-//!   where unmeasured, clipped to `±1000`); `mask`, the number of spectra taken at each cell
-//!   (`(grid, grid)`, 0 to `budget`); `spectrum`, the last spectrum binned to 64 channels, each
-//!   bin's share of the counts times 64 (mean 1, clipped to `[0, 64]`; 0 before the first).
+//!   subtracted; the *value* is the background-subtracted integral per 10⁵ incident electrons
+//!   (`I·t/e`). With the medium defaults a Si atom under the probe scores about 0.6 and an
+//!   edge-free spectrum about 0.065 (the plasmon tails bend the background slightly away from a
+//!   pure power law; the ground truth applies the same scalarization, so this offset is part of
+//!   both), with a shot-noise spread of about 0.04 per spectrum.
+//! - **Posterior** (what the instrument can compute; [`CellPosterior`]): each cell's value is
+//!   an unknown mean with the prior `N(prior_mean, prior_sd²)`, and each spectrum a measurement
+//!   of it with the known noise `noise_sd` (the three are config fields in value units, the
+//!   defaults measured on the simulator at medium: the mean and spread of the cell values over
+//!   episodes, and the shot noise). The *recommended* cell is the measured cell with the
+//!   largest posterior mean; the *score* `S` is that posterior mean (`S₀ = prior_mean` before
+//!   any spectrum).
+//! - **Reward**: `reward_scale · (S_t − S_{t−1})`: the return is `reward_scale · (S_T −
+//!   prior_mean)`, the improvement of the estimated value of the recommended cell. It cannot be
+//!   farmed: the posterior mean is a martingale under repeated spectra of one cell, a single
+//!   noisy spectrum is shrunk toward the prior, and the first spectrum earns only what its
+//!   cell's estimate exceeds the prior mean by (on average nothing for a random cell).
+//! - **Observation** (Dict, keys safe for torch `ModuleDict`): `overview`, the HAADF frame
+//!   divided by its mean, clipped to `[0, 20]` (`(pixels, pixels)`); `patches`, the
+//!   `patch × patch` pixels of the overview centred on each cell (`(grid², patch, patch)`, row
+//!   `row · grid + column`, 0 outside the frame; the structure input of deep-kernel learning;
+//!   left out when `patch = 0`); `measured_value`, the mean value measured at each cell
+//!   (`(grid, grid)`, 0 where unmeasured, clipped to `[-1, 2]`); `measured_count`, the spectra
+//!   taken at each cell over the budget (`(grid, grid)`, in `[0, 1]`); `spectrum`, the last
+//!   spectrum binned to 64 channels, each bin's share of the counts times 64 (mean 1, clipped to
+//!   `[0, 64]`; 0 before the first). With the defaults that is 22.6 k floats: the default patch
+//!   (4 px = 2 Å) covers the probe's cell and half of each neighbour, where the atoms that give
+//!   the cell its signal sit; set `patch = 8` (65 k floats of patches) for more context.
 //! - **Action** (Discrete, `grid²`): the cell `row · grid + column`.
-//! - **Reward**: `reward_scale · (best_t − best_{t−1})`, `best_t` the largest mean value over
-//!   the measured cells (`best_0 = 0`, floored at 0): the return is `reward_scale · best_T`, the
-//!   negative simple regret up to the constant `true_best`. Averaging repeated spectra of a
-//!   cell keeps noise from being farmed by re-measuring.
-//! - **Episode**: `budget` spectra (truncation); no terminal state.
-//! - **Info** (never in the observation): `value` (this step's scalarized value), `best`,
-//!   `true_value` (the noiseless scalarized value at the cell: the same scalarization of the
-//!   expected spectrum), `true_best` (the largest over the grid, computed at reset from the
-//!   specimen), `regret` (`true_best` minus the true value of the cell with the best measured
-//!   mean), `dose` (electrons delivered by this spectrum), and the randomized scenario values
-//!   (`param.*`).
-//! - **Heuristic** (Z-contrast: Si is brighter than C, HAADF ∝ Z^1.7): probe the unmeasured
-//!   cell holding the brightest spot of the overview (the largest sum over a 2 × 2 pixel block
-//!   within the cell), brightest first.
+//! - **Episode**: `budget` spectra (truncation, default 100); no terminal state.
+//! - **Success** (`info["is_success"]`, every step, from ground truth): the true value of the
+//!   recommended cell is within `success_tolerance` (default 0.1) of the true range
+//!   (`true_best − true_min`) of the best cell's: `regret ≤ success_tolerance · (true_best −
+//!   true_min)`.
+//! - **Info** (never in the observation): `value` (this spectrum's value), `posterior_best`
+//!   (`S`), `recommended` (the cell), `dose` (electrons of this spectrum); from the simulator's
+//!   ground truth (the same scalarization of the expected spectrum at every cell, computed at
+//!   reset): `true_value` (at the cell just measured), `true_best`, `true_min`,
+//!   `true_recommended` and `regret` (`true_best − true_recommended`); and the randomized
+//!   scenario values (`param.*`).
+//! - **Heuristic** (Z-contrast: Si is brighter than C, HAADF ∝ Z^1.7): for the first half of the
+//!   budget probe the unmeasured cell holding the brightest spot of the overview (the largest
+//!   sum over a 2 × 2 pixel block starting within the cell), brightest first; then re-measure
+//!   the measured cell with the largest upper confidence bound (posterior mean plus one
+//!   posterior standard deviation), which settles which candidate is really best.
 //! - **Render**: the overview, measured cells tinted from blue (no edge) to red (the strongest
-//!   value so far), the cell with the best mean outlined in yellow.
+//!   value so far), the recommended cell outlined in yellow.
+//!
+//! **Domain randomization** (each level's defaults; every range is split into train/test
+//! bands). Beam-driven dopant hops, sputtering and stage drift are off at every level so the
+//! ground truth computed at reset holds all episode (a drift of 2 nm/min moves a dopant 0.3 Å
+//! in an episode, enough to move its signal between 1 Å cells): the stage is taken as
+//! drift-corrected, as for spectrum imaging.
+//!
+//! | parameter | easy | medium | hard |
+//! |---|---|---|---|
+//! | specimen rotation | 0-60° | 0-60° | 0-60° |
+//! | Si dopants on the specimen; specimen side (the field is 3.2 nm) | 6; 4.0-4.6 nm | 5; 4.0-5.5 nm | 6; 4.4-6.0 nm |
+//! | contamination (area fraction; patch radius) | none | 0-0.15; 0.5-1 nm | 0.1-0.3; 0.5-1.5 nm |
+//! | beam current | 100 pA | 80-120 pA | 50-150 pA |
+//! | HAADF exponent | 1.7 | 1.55-1.85 | 1.4-2.0 |
+//! | HAADF read noise (counts) | 0 | 0-2 | 1-5 |
+//! | scan noise, line jitter, mains pickup (overview) | off | the simulator's defaults | 3× the defaults |
+//! | EELS background exponent | 3 | 2.5-3.5 | 2.2-4.5 |
+//! | EELS t/λ | 0.3 | 0.2-0.4 | 0.2-0.6 |
+//! | Si-L cross-section (`edge_scale`) | 2.0e-4 | 1.7-2.3e-4 | 1.4-2.6e-4 |
+//! | EELS camera read noise (counts/channel) | 0 | 0-10 | 5-30 |
 
 use crate::env::{Info, InfoValue, RgbImage, Task, TaskStep};
 use crate::error::{EnvError, Result};
@@ -51,11 +91,14 @@ use crate::space::{Space, Value};
 use crate::tasks::{NewEpisode, TaskConfig, config_from_toml};
 use scopegym_physics::constants::ELEMENTARY_CHARGE;
 use scopegym_physics::instrument::{ScanSettings, StemInstrument};
-use scopegym_physics::param::Param;
+use scopegym_physics::param::{Dim, Param};
 use scopegym_physics::stem::eels::{EDGES, EelsConfig, EelsModel};
-use scopegym_physics::stem::specimen::DopantConfig;
+use scopegym_physics::stem::specimen::{ContaminationConfig, DopantConfig};
 use scopegym_physics::stem::{StemConfig, StemSimulator};
 use serde::{Deserialize, Serialize};
+
+/// Incident electrons a value is normalized to (the value is the edge integral per this many).
+pub const VALUE_ELECTRONS: f64 = 1e3;
 
 /// Task settings (`config = {...}` or a scenario's `[task]`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -67,11 +110,10 @@ pub struct Config {
     /// Parameter split (`"train"`, or the held-out `"test"`): which bands of every randomized
     /// range episodes draw from ([`crate::level`]). Default `"train"`.
     pub split: Split,
-    /// The simulated instrument. Default: 60 kV, 30 mrad, 100 pA; a 4.4 nm square of graphene
-    /// at a random rotation with 5 Si dopants at random sites; no drift or scan noise; no
-    /// sputtering (below threshold at 60 kV); beam-driven dopant hops on; the spectrometer at
-    /// 60-188 eV (256 channels of 0.5 eV). Its scan grid is replaced by the overview's
-    /// ([`Config::instrument_config`]).
+    /// The simulated instrument: 60 kV, 30 mrad; graphene with Si dopants, contamination,
+    /// detector and spectrometer randomized per level (module docs); no sputtering (below
+    /// threshold at 60 kV) and no beam-driven hops; the spectrometer at 60-188 eV (256 channels
+    /// of 0.5 eV). Its scan grid is replaced by the overview's ([`Config::instrument_config`]).
     pub instrument: StemConfig,
     /// Overview side, pixels. Default 64.
     pub pixels: usize,
@@ -79,52 +121,106 @@ pub struct Config {
     pub pixel_size: f64,
     /// Overview dwell time per pixel, s. Default 8 µs (5000 e⁻ per pixel at 100 pA, 2·10⁴ e⁻/Å²).
     pub dwell_time: f64,
-    /// Candidate cells per side; must divide `pixels`. Default 16.
+    /// Candidate cells per side; must divide `pixels`. Default 32.
     pub grid: usize,
+    /// Side of the overview patch observed per cell, pixels (0: no `patches` key). Default 4.
+    pub patch: usize,
     /// Spectrum exposure, s. Default 10 ms.
     pub exposure: f64,
-    /// Spectra per episode. Default 16.
+    /// Spectra per episode. Default 100.
     pub budget: usize,
     /// Pre-edge (background fit) window `[from, to]`, eV. Default 80-97 eV.
     pub pre_edge: [f64; 2],
     /// Signal (integration) window `[from, to]`, eV. Default 99-129 eV (Si-L₂,₃).
     pub signal: [f64; 2],
-    /// Reward per unit of best value gained. Default 1.
+    /// Prior mean of a cell's value, value units (edge integral per 10³ incident electrons).
+    /// Default 0.067 (the mean cell value at medium, over 20 episodes).
+    pub prior_mean: f64,
+    /// Prior standard deviation of a cell's value, value units. Default 0.03 (the spread of
+    /// the cell values at medium).
+    pub prior_sd: f64,
+    /// Standard deviation of one spectrum's value around its cell's mean, value units.
+    /// Default 0.05 (shot and read noise of a 10 ms spectrum at medium: 0.04 at 100 pA without
+    /// read noise, 0.09 at hard's worst).
+    pub noise_sd: f64,
+    /// Success when the recommended cell's true regret is at most this fraction of the true
+    /// range of cell values. Default 0.1.
+    pub success_tolerance: f64,
+    /// Reward per unit of posterior value gained. Default 10.
     pub reward_scale: f64,
+}
+
+/// A uniform distribution on `[a, b]`.
+pub(crate) fn u<D: Dim>(a: f64, b: f64) -> Param<D> {
+    Param::Uniform(a, b, Default::default())
+}
+
+/// A fixed value.
+pub(crate) fn f<D: Dim>(v: f64) -> Param<D> {
+    Param::fixed(v)
+}
+
+/// The instrument at a difficulty level (module docs).
+fn instrument_at(d: Difficulty) -> StemConfig {
+    // Drift off at every level: the ground truth is computed at reset, and a drifting specimen
+    // (0.3 Å over an episode at 2 nm/min) would move the signal between 1 Å cells; the stage
+    // is taken as drift-corrected, as for spectrum imaging. Scan noise distorts the overview.
+    let mut ins = StemConfig::default();
+    ins.drift.speed = f(0.0);
+    ins.drift.diffusivity = f(0.0);
+    match d {
+        Difficulty::Easy => ins = ins.without_scan_distortions(),
+        Difficulty::Medium => {}
+        Difficulty::Hard => {
+            let n = &mut ins.scan_noise;
+            n.jitter_pixels = f(3.0 * n.jitter_pixels.get());
+            n.rms = f(3.0 * n.rms.get());
+            n.mains_amplitude = f(3.0 * n.mains_amplitude.get());
+        }
+    }
+    let s = &mut ins.specimen;
+    s.rotation = u(0.0, std::f64::consts::FRAC_PI_3);
+    let side = d.pick(u(4.0e-9, 4.6e-9), u(4.0e-9, 5.5e-9), u(4.4e-9, 6.0e-9));
+    s.size = [side, side];
+    s.dopants = vec![DopantConfig {
+        count: d.pick(6, 5, 6),
+        placement: "random".into(),
+        ..Default::default()
+    }];
+    s.contamination = match d {
+        Difficulty::Easy => None,
+        Difficulty::Medium => Some(ContaminationConfig {
+            coverage: u(0.0, 0.15),
+            patch_radius: u(0.5e-9, 1e-9),
+            ..Default::default()
+        }),
+        Difficulty::Hard => Some(ContaminationConfig {
+            coverage: u(0.1, 0.3),
+            patch_radius: u(0.5e-9, 1.5e-9),
+            ..Default::default()
+        }),
+    };
+    ins.damage.sputtering = false;
+    ins.damage.dopant_hops = false;
+    ins.beam.current = d.pick(f(100e-12), u(80e-12, 120e-12), u(50e-12, 150e-12));
+    ins.detector.haadf_exponent = d.pick(f(1.7), u(1.55, 1.85), u(1.4, 2.0));
+    ins.detector.read_noise = d.pick(f(0.0), u(0.0, 2.0), u(1.0, 5.0));
+    ins.eels = EelsConfig {
+        channels: 256,
+        energy_offset: f(60.0),
+        dispersion: f(0.5),
+        background_exponent: d.pick(f(3.0), u(2.5, 3.5), u(2.2, 4.5)),
+        thickness_ratio: d.pick(f(0.3), u(0.2, 0.4), u(0.2, 0.6)),
+        edge_scale: d.pick(f(2e-4), u(1.7e-4, 2.3e-4), u(1.4e-4, 2.6e-4)),
+        read_noise: d.pick(f(0.0), u(0.0, 10.0), u(5.0, 30.0)),
+        ..Default::default()
+    };
+    ins
 }
 
 impl Default for Config {
     fn default() -> Self {
-        let mut instrument = StemConfig::default().without_scan_distortions();
-        let s = &mut instrument.specimen;
-        s.rotation = Param::Uniform(0.0, std::f64::consts::FRAC_PI_3, Default::default());
-        s.size = [Param::fixed(4.4e-9), Param::fixed(4.4e-9)];
-        s.dopants = vec![DopantConfig {
-            count: 5,
-            placement: "random".into(),
-            ..Default::default()
-        }];
-        instrument.damage.sputtering = false;
-        instrument.eels = EelsConfig {
-            channels: 256,
-            energy_offset: Param::fixed(60.0),
-            dispersion: Param::fixed(0.5),
-            ..Default::default()
-        };
-        Self {
-            difficulty: Difficulty::Medium,
-            split: Split::Train,
-            instrument,
-            pixels: 64,
-            pixel_size: 0.5e-10,
-            dwell_time: 8e-6,
-            grid: 16,
-            exposure: 0.01,
-            budget: 16,
-            pre_edge: [80.0, 97.0],
-            signal: [99.0, 129.0],
-            reward_scale: 1.0,
-        }
+        Self::at_level(Difficulty::Medium)
     }
 }
 
@@ -132,7 +228,22 @@ impl TaskConfig for Config {
     fn at_level(difficulty: Difficulty) -> Self {
         Self {
             difficulty,
-            ..Self::default()
+            split: Split::Train,
+            instrument: instrument_at(difficulty),
+            pixels: 64,
+            pixel_size: 0.5e-10,
+            dwell_time: 8e-6,
+            grid: 32,
+            patch: 4,
+            exposure: 0.01,
+            budget: 100,
+            pre_edge: [80.0, 97.0],
+            signal: [99.0, 129.0],
+            prior_mean: 0.067,
+            prior_sd: 0.03,
+            noise_sd: 0.05,
+            success_tolerance: 0.1,
+            reward_scale: 10.0,
         }
     }
 }
@@ -180,14 +291,20 @@ impl Config {
                 ),
             );
         }
+        if self.patch > 32 || self.patch > self.pixels {
+            return bad(
+                "patch",
+                format!("must be 0..=min(32, pixels), got {}", self.patch),
+            );
+        }
         if !(self.exposure > 0.0 && self.exposure <= 1000.0) {
             return bad(
                 "exposure",
                 format!("must be in (0, 1000] s, got {}", self.exposure),
             );
         }
-        if self.budget == 0 {
-            return bad("budget", "must be at least 1".into());
+        if !(1..=100_000).contains(&self.budget) {
+            return bad("budget", format!("must be 1..=100000, got {}", self.budget));
         }
         for (f, [a, b]) in [("pre_edge", self.pre_edge), ("signal", self.signal)] {
             if !(a.is_finite() && b.is_finite() && 0.0 < a && a < b) {
@@ -206,6 +323,13 @@ impl Config {
                 ),
             );
         }
+        check_posterior(self.prior_mean, self.prior_sd, self.noise_sd)?;
+        if !(self.success_tolerance.is_finite() && self.success_tolerance >= 0.0) {
+            return bad(
+                "success_tolerance",
+                format!("must be finite and ≥ 0, got {}", self.success_tolerance),
+            );
+        }
         if !(self.reward_scale.is_finite() && self.reward_scale >= 0.0) {
             return bad(
                 "reward_scale",
@@ -213,6 +337,132 @@ impl Config {
             );
         }
         Ok(())
+    }
+}
+
+/// Checks the posterior calibrations (`prior_mean` finite, `prior_sd` and `noise_sd` finite and
+/// positive), naming the field.
+pub fn check_posterior(prior_mean: f64, prior_sd: f64, noise_sd: f64) -> Result<()> {
+    if !prior_mean.is_finite() {
+        return Err(EnvError::config(
+            "prior_mean",
+            format!("must be finite, got {prior_mean}"),
+        ));
+    }
+    crate::tasks::check_positive(&[("prior_sd", prior_sd), ("noise_sd", noise_sd)])
+}
+
+/// A per-cell normal posterior with known measurement noise: each cell's property is an unknown
+/// mean with the prior `N(prior_mean, prior_sd²)`, each measurement of it that mean plus
+/// `N(0, noise_sd²)` noise; cells are independent. The recommended cell is the measured cell
+/// with the largest posterior mean; the score is that posterior mean, or the prior mean before
+/// any measurement. Everything here is computed from measurements only, as an instrument would.
+///
+/// ```
+/// use scopegym_envs::tasks::stem_eels_explore::CellPosterior;
+/// let mut p = CellPosterior::new(4, 0.0, 1.0, 1.0);
+/// assert_eq!((p.score(), p.recommended()), (0.0, None));
+/// p.add(2, 2.0); // one measurement, as noisy as the prior is wide: halfway to it
+/// assert_eq!((p.score(), p.recommended()), (1.0, Some(2)));
+/// p.add(1, -1.0); // a worse cell does not change the recommendation
+/// assert_eq!(p.recommended(), Some(2));
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+pub struct CellPosterior {
+    prior_mean: f64,
+    prior_precision: f64,
+    noise_precision: f64,
+    sum: Vec<f64>,
+    count: Vec<u32>,
+    recommended: Option<usize>,
+}
+
+impl CellPosterior {
+    /// `cells` cells with the given prior and noise (standard deviations, > 0).
+    pub fn new(cells: usize, prior_mean: f64, prior_sd: f64, noise_sd: f64) -> Self {
+        Self {
+            prior_mean,
+            prior_precision: 1.0 / (prior_sd * prior_sd),
+            noise_precision: 1.0 / (noise_sd * noise_sd),
+            sum: vec![0.0; cells],
+            count: vec![0; cells],
+            recommended: None,
+        }
+    }
+
+    /// Forgets every measurement.
+    pub fn clear(&mut self) {
+        self.sum.fill(0.0);
+        self.count.fill(0);
+        self.recommended = None;
+    }
+
+    /// Records a measurement `y` of cell `k` (ignored if not finite) and updates the
+    /// recommendation.
+    pub fn add(&mut self, k: usize, y: f64) {
+        if !y.is_finite() || k >= self.sum.len() {
+            return;
+        }
+        self.sum[k] += y;
+        self.count[k] += 1;
+        // Only cell k changed: it becomes the recommendation if it beats the current one; if
+        // it was the recommendation and fell, every measured cell is compared again.
+        self.recommended = match self.recommended {
+            Some(r) if r != k => {
+                if self.mean(k) > self.mean(r) || (self.mean(k) == self.mean(r) && k < r) {
+                    Some(k)
+                } else {
+                    Some(r)
+                }
+            }
+            _ => (0..self.sum.len())
+                .filter(|&i| self.count[i] > 0)
+                .max_by(|&a, &b| self.mean(a).total_cmp(&self.mean(b)).then(b.cmp(&a))),
+        };
+    }
+
+    /// Measurements of cell `k`.
+    pub fn count(&self, k: usize) -> u32 {
+        self.count[k]
+    }
+
+    /// The mean of the measurements of cell `k` (0 when unmeasured).
+    pub fn sample_mean(&self, k: usize) -> f64 {
+        if self.count[k] == 0 {
+            0.0
+        } else {
+            self.sum[k] / f64::from(self.count[k])
+        }
+    }
+
+    /// The posterior `(mean, standard deviation)` of a cell measured `n` times with values
+    /// summing to `sum`.
+    pub fn posterior(&self, n: u32, sum: f64) -> (f64, f64) {
+        let precision = self.prior_precision + self.noise_precision * f64::from(n);
+        (
+            (self.prior_precision * self.prior_mean + self.noise_precision * sum) / precision,
+            precision.recip().sqrt(),
+        )
+    }
+
+    /// Posterior mean of cell `k` (the prior mean when unmeasured).
+    pub fn mean(&self, k: usize) -> f64 {
+        self.posterior(self.count[k], self.sum[k]).0
+    }
+
+    /// Posterior standard deviation of cell `k`.
+    pub fn sd(&self, k: usize) -> f64 {
+        self.posterior(self.count[k], self.sum[k]).1
+    }
+
+    /// The measured cell with the largest posterior mean (ties: the lowest index).
+    pub fn recommended(&self) -> Option<usize> {
+        self.recommended
+    }
+
+    /// The posterior mean at the recommended cell; the prior mean before any measurement.
+    pub fn score(&self) -> f64 {
+        self.recommended.map_or(self.prior_mean, |r| self.mean(r))
     }
 }
 
@@ -274,7 +524,10 @@ pub trait SpectrumTruth {
         value: &dyn Fn(&[f64], &[f64]) -> f64,
         scratch: &mut SpectrumScratch,
         out: &mut Vec<f64>,
-    ) -> bool;
+    ) -> bool {
+        let _ = (positions, exposure, window, value, scratch, out);
+        false
+    }
 }
 
 /// Probe intensity per area (1/m²) at offset `(ox, oy)` (m) from a binned kernel of side `s`
@@ -377,17 +630,18 @@ pub struct StemEelsExplore<I> {
     cfg: Config,
     inst: I,
     overview: Vec<f32>,
-    /// Sum of the values measured at each cell.
-    sum: Vec<f64>,
-    count: Vec<u32>,
-    values: Vec<f32>,
-    mask: Vec<f32>,
+    patches: Vec<f32>,
+    post: CellPosterior,
+    measured_value: Vec<f32>,
+    measured_count: Vec<f32>,
     spectrum: Vec<f32>,
     energy: Vec<f64>,
     counts: Vec<f64>,
-    best: f64,
+    /// The score `S` after the last step.
+    score: f64,
     truth: Option<Vec<f64>>,
     true_best: f64,
+    true_min: f64,
     scratch: SpectrumScratch,
 }
 
@@ -403,10 +657,39 @@ impl StemEelsExplore<StemSimulator> {
 
 /// Upper bound of the normalized overview.
 const OVERVIEW_MAX: f32 = 20.0;
-/// Bound of the observed values.
-const VALUE_MAX: f32 = 1000.0;
+/// Bounds of the observed values (value units).
+const VALUE_RANGE: [f32; 2] = [-0.5, 1.5];
 /// Channels of the binned spectrum.
 const BINS: usize = 64;
+
+/// Fills `out` (`cells × patch²`) with the `patch × patch` pixels of the `pixels²` image `img`
+/// centred on each cell of a `grid²` lattice (0 outside the image).
+pub(crate) fn cell_patches(
+    img: &[f32],
+    pixels: usize,
+    grid: usize,
+    patch: usize,
+    out: &mut Vec<f32>,
+) {
+    out.clear();
+    let cell = pixels as f64 / grid as f64;
+    for k in 0..grid * grid {
+        let (r, c) = (k / grid, k % grid);
+        // Top-left pixel of the patch: the cell centre minus half the patch, rounded.
+        let i0 = ((r as f64 + 0.5) * cell - 0.5 * patch as f64).round() as i64;
+        let j0 = ((c as f64 + 0.5) * cell - 0.5 * patch as f64).round() as i64;
+        for i in i0..i0 + patch as i64 {
+            for j in j0..j0 + patch as i64 {
+                let inside = (0..pixels as i64).contains(&i) && (0..pixels as i64).contains(&j);
+                out.push(if inside {
+                    img[i as usize * pixels + j as usize]
+                } else {
+                    0.0
+                });
+            }
+        }
+    }
+}
 
 impl<I: StemInstrument + SpectrumTruth + NewEpisode + Send> StemEelsExplore<I> {
     /// The task on `inst` with `cfg`.
@@ -415,16 +698,17 @@ impl<I: StemInstrument + SpectrumTruth + NewEpisode + Send> StemEelsExplore<I> {
         let (g, p) = (cfg.grid, cfg.pixels);
         Self {
             overview: vec![0.0; p * p],
-            sum: vec![0.0; g * g],
-            count: vec![0; g * g],
-            values: vec![0.0; g * g],
-            mask: vec![0.0; g * g],
+            patches: vec![0.0; g * g * cfg.patch * cfg.patch],
+            post: CellPosterior::new(g * g, cfg.prior_mean, cfg.prior_sd, cfg.noise_sd),
+            measured_value: vec![0.0; g * g],
+            measured_count: vec![0.0; g * g],
             spectrum: vec![0.0; BINS],
             energy: Vec::new(),
             counts: Vec::new(),
-            best: 0.0,
+            score: cfg.prior_mean,
             truth: None,
             true_best: 0.0,
+            true_min: 0.0,
             scratch: SpectrumScratch::default(),
             cfg,
             inst,
@@ -442,58 +726,78 @@ impl<I: StemInstrument + SpectrumTruth + NewEpisode + Send> StemEelsExplore<I> {
         ]
     }
 
-    /// The scalarized value of a spectrum: the background-subtracted edge integral per 10⁴
-    /// incident electrons.
+    /// The value of a spectrum: the background-subtracted edge integral per 10⁵ incident
+    /// electrons.
     fn scalarize(&self, energy: &[f64], counts: &[f64]) -> f64 {
         let n_e = self.inst.beam_current() * self.cfg.exposure / ELEMENTARY_CHARGE;
-        let v = edge_integral(energy, counts, self.cfg.pre_edge, self.cfg.signal) * 1e4 / n_e;
+        let v = edge_integral(energy, counts, self.cfg.pre_edge, self.cfg.signal) * VALUE_ELECTRONS
+            / n_e;
         if v.is_finite() { v } else { 0.0 }
     }
 
     fn observation(&self) -> Value {
-        Value::Dict(vec![
-            ("overview".into(), Value::Box(self.overview.clone())),
-            ("values".into(), Value::Box(self.values.clone())),
-            ("mask".into(), Value::Box(self.mask.clone())),
-            ("spectrum".into(), Value::Box(self.spectrum.clone())),
-        ])
+        let mut d = Vec::with_capacity(5);
+        d.push(("overview".into(), Value::Box(self.overview.clone())));
+        if self.cfg.patch > 0 {
+            d.push(("patches".into(), Value::Box(self.patches.clone())));
+        }
+        d.push((
+            "measured_value".into(),
+            Value::Box(self.measured_value.clone()),
+        ));
+        d.push((
+            "measured_count".into(),
+            Value::Box(self.measured_count.clone()),
+        ));
+        d.push(("spectrum".into(), Value::Box(self.spectrum.clone())));
+        Value::Dict(d)
     }
 
-    /// The cell with the best measured mean, if any.
-    fn best_cell(&self) -> Option<usize> {
-        (0..self.count.len())
-            .filter(|&k| self.count[k] > 0)
-            .max_by(|&a, &b| {
-                let (va, vb) = (
-                    self.sum[a] / f64::from(self.count[a]),
-                    self.sum[b] / f64::from(self.count[b]),
-                );
-                va.total_cmp(&vb)
-            })
+    /// Ground-truth entries of `info` for the current recommendation; whether it succeeds.
+    fn truth_info(&self, info: &mut Info) -> bool {
+        let Some(t) = &self.truth else {
+            return false;
+        };
+        info.insert("true_best".into(), InfoValue::F64(self.true_best));
+        info.insert("true_min".into(), InfoValue::F64(self.true_min));
+        let Some(r) = self.post.recommended() else {
+            return false;
+        };
+        let regret = (self.true_best - t[r]).max(0.0);
+        info.insert("true_recommended".into(), InfoValue::F64(t[r]));
+        info.insert("regret".into(), InfoValue::F64(regret));
+        regret <= self.cfg.success_tolerance * (self.true_best - self.true_min)
     }
 }
 
 impl<I: StemInstrument + SpectrumTruth + NewEpisode + Send> Task for StemEelsExplore<I> {
     fn observation_space(&self) -> Space {
-        let (g, p) = (self.cfg.grid, self.cfg.pixels);
-        Space::Dict(vec![
+        let (g, p, s) = (self.cfg.grid, self.cfg.pixels, self.cfg.patch);
+        let mut d = vec![(
+            "overview".into(),
+            Space::uniform_box(&[p, p], 0.0, OVERVIEW_MAX),
+        )];
+        if s > 0 {
+            d.push((
+                "patches".into(),
+                Space::uniform_box(&[g * g, s, s], 0.0, OVERVIEW_MAX),
+            ));
+        }
+        d.extend([
             (
-                "overview".into(),
-                Space::uniform_box(&[p, p], 0.0, OVERVIEW_MAX),
+                "measured_value".into(),
+                Space::uniform_box(&[g, g], VALUE_RANGE[0], VALUE_RANGE[1]),
             ),
             (
-                "values".into(),
-                Space::uniform_box(&[g, g], -VALUE_MAX, VALUE_MAX),
-            ),
-            (
-                "mask".into(),
-                Space::uniform_box(&[g, g], 0.0, self.cfg.budget as f32),
+                "measured_count".into(),
+                Space::uniform_box(&[g, g], 0.0, 1.0),
             ),
             (
                 "spectrum".into(),
                 Space::uniform_box(&[BINS], 0.0, BINS as f32),
             ),
-        ])
+        ]);
+        Space::Dict(d)
     }
 
     fn action_space(&self) -> Space {
@@ -510,12 +814,11 @@ impl<I: StemInstrument + SpectrumTruth + NewEpisode + Send> Task for StemEelsExp
     fn reset(&mut self, seed: u64, info: &mut Info) -> Result<Value> {
         self.inst.new_episode(seed, info)?;
         self.inst.set_blanked(false)?;
-        self.sum.fill(0.0);
-        self.count.fill(0);
-        self.values.fill(0.0);
-        self.mask.fill(0.0);
+        self.post.clear();
+        self.score = self.cfg.prior_mean;
+        self.measured_value.fill(0.0);
+        self.measured_count.fill(0.0);
         self.spectrum.fill(0.0);
-        self.best = 0.0;
         let c = &self.cfg;
         self.inst.configure_scan(&ScanSettings {
             rows: c.pixels,
@@ -544,11 +847,14 @@ impl<I: StemInstrument + SpectrumTruth + NewEpisode + Send> Task for StemEelsExp
                 }
             }));
         }
+        let (p, g, s) = (c.pixels, c.grid, c.patch);
+        cell_patches(&self.overview, p, g, s, &mut self.patches);
         // Ground truth: the noiseless value at every cell.
-        let positions: Vec<[f64; 2]> = (0..c.grid * c.grid).map(|k| self.position(k)).collect();
+        let positions: Vec<[f64; 2]> = (0..g * g).map(|k| self.position(k)).collect();
         let (exposure, pre, sig) = (c.exposure, c.pre_edge, c.signal);
         let n_e = self.inst.beam_current() * exposure / ELEMENTARY_CHARGE;
-        let value = move |e: &[f64], s: &[f64]| edge_integral(e, s, pre, sig) * 1e4 / n_e;
+        let value =
+            move |e: &[f64], s: &[f64]| edge_integral(e, s, pre, sig) * VALUE_ELECTRONS / n_e;
         let mut out = Vec::with_capacity(positions.len());
         self.truth = self
             .inst
@@ -561,13 +867,15 @@ impl<I: StemInstrument + SpectrumTruth + NewEpisode + Send> Task for StemEelsExp
                 &mut out,
             )
             .then_some(out);
-        self.true_best = self
-            .truth
-            .as_ref()
-            .map_or(0.0, |t| t.iter().copied().fold(f64::NEG_INFINITY, f64::max));
-        if self.truth.is_some() {
-            info.insert("true_best".into(), InfoValue::F64(self.true_best));
+        if let Some(t) = &self.truth {
+            let (lo, hi) = t
+                .iter()
+                .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &v| {
+                    (a.min(v), b.max(v))
+                });
+            (self.true_min, self.true_best) = (lo, hi);
         }
+        self.truth_info(info);
         Ok(self.observation())
     }
 
@@ -608,61 +916,50 @@ impl<I: StemInstrument + SpectrumTruth + NewEpisode + Send> Task for StemEelsExp
                 0.0
             };
         }
-        self.sum[k] += v;
-        self.count[k] += 1;
-        let mean = self.sum[k] / f64::from(self.count[k]);
-        self.values[k] = (mean as f32).clamp(-VALUE_MAX, VALUE_MAX);
-        self.mask[k] = self.count[k] as f32;
-        let best = self
-            .best_cell()
-            .map_or(0.0, |b| self.sum[b] / f64::from(self.count[b]))
-            .max(0.0);
-        let reward = self.cfg.reward_scale * (best - self.best);
-        self.best = best;
+        self.post.add(k, v);
+        self.measured_value[k] =
+            (self.post.sample_mean(k) as f32).clamp(VALUE_RANGE[0], VALUE_RANGE[1]);
+        self.measured_count[k] = (self.post.count(k) as f32 / self.cfg.budget as f32).min(1.0);
+        let score = self.post.score();
+        let reward = self.cfg.reward_scale * (score - self.score);
+        self.score = score;
         info.insert("value".into(), InfoValue::F64(v));
-        info.insert("best".into(), InfoValue::F64(best));
+        info.insert("posterior_best".into(), InfoValue::F64(score));
+        if let Some(r) = self.post.recommended() {
+            info.insert("recommended".into(), InfoValue::I64(r as i64));
+        }
         info.insert(
             "dose".into(),
             InfoValue::F64(self.inst.beam_current() * self.cfg.exposure / ELEMENTARY_CHARGE),
         );
         if let Some(t) = &self.truth {
             info.insert("true_value".into(), InfoValue::F64(t[k]));
-            info.insert("true_best".into(), InfoValue::F64(self.true_best));
-            let found = self.best_cell().map_or(f64::NEG_INFINITY, |b| t[b]);
-            let regret = if found.is_finite() {
-                self.true_best - found
-            } else {
-                self.true_best
-            };
-            info.insert("regret".into(), InfoValue::F64(regret));
         }
+        let success = self.truth_info(info);
         Ok(TaskStep {
             obs: self.observation(),
             reward: if reward.is_finite() { reward } else { 0.0 },
             terminated: false,
-            success: false,
+            success,
         })
     }
 
     fn render(&self) -> RgbImage {
         // The overview in grey; measured cells tinted by their value (red = strongest, blue =
-        // none), the cell with the best mean outlined in yellow.
+        // none), the recommended cell outlined in yellow.
         let mut img = RgbImage::from_grey(&self.overview, self.cfg.pixels, self.cfg.pixels);
         let (g, p) = (self.cfg.grid, self.cfg.pixels);
         let cell = p / g;
-        let vmax = self
-            .values
-            .iter()
-            .zip(&self.mask)
-            .filter(|(_, m)| **m > 0.0)
-            .fold(0.0f32, |a, (v, _)| a.max(*v));
-        let best = self.best_cell();
+        let vmax = (0..g * g)
+            .filter(|&k| self.post.count(k) > 0)
+            .fold(0.0f32, |a, k| a.max(self.measured_value[k]));
+        let best = self.post.recommended();
         for k in 0..g * g {
-            if self.count[k] == 0 {
+            if self.post.count(k) == 0 {
                 continue;
             }
             let t = if vmax > 0.0 {
-                (self.values[k] / vmax).clamp(0.0, 1.0)
+                (self.measured_value[k] / vmax).clamp(0.0, 1.0)
             } else {
                 0.0
             };
@@ -687,36 +984,57 @@ impl<I: StemInstrument + SpectrumTruth + NewEpisode + Send> Task for StemEelsExp
     }
 
     fn heuristic_action(&mut self, obs: &Value) -> Value {
-        let (Some(ov), Some(mask)) = (
+        let (Some(ov), Some(count), Some(value)) = (
             obs.get("overview").and_then(Value::as_box),
-            obs.get("mask").and_then(Value::as_box),
+            obs.get("measured_count").and_then(Value::as_box),
+            obs.get("measured_value").and_then(Value::as_box),
         ) else {
             return Value::Discrete(0);
         };
-        let (g, p) = (self.cfg.grid, self.cfg.pixels);
-        if ov.len() != p * p || mask.len() != g * g {
+        let (g, p, budget) = (self.cfg.grid, self.cfg.pixels, self.cfg.budget);
+        if ov.len() != p * p || count.len() != g * g || value.len() != g * g {
             return Value::Discrete(0);
         }
+        let n: Vec<u32> = count
+            .iter()
+            .map(|&c| (f64::from(c) * budget as f64).round() as u32)
+            .collect();
+        let taken: u32 = n.iter().sum();
         let cell = p / g;
-        let mut best = (f32::NEG_INFINITY, 0usize);
-        for (k, &m) in mask.iter().enumerate() {
-            if m > 0.0 {
-                continue;
-            }
-            // The brightest 2 × 2 pixel block of the cell (a dopant anywhere in it).
-            let (r0, c0) = ((k / g) * cell, (k % g) * cell);
-            let mut s = f32::NEG_INFINITY;
-            for i in r0..r0 + cell {
-                for j in c0..c0 + cell {
-                    let (i1, j1) = ((i + 1).min(p - 1), (j + 1).min(p - 1));
-                    s = s.max(ov[i * p + j] + ov[i * p + j1] + ov[i1 * p + j] + ov[i1 * p + j1]);
+        // Explore: the brightest unmeasured cell, for the first half of the budget.
+        if (taken as usize) < budget / 2 {
+            let mut best = (f32::NEG_INFINITY, None);
+            for k in (0..g * g).filter(|&k| n[k] == 0) {
+                // The brightest 2 × 2 pixel block starting in the cell (a dopant anywhere in it).
+                let (r0, c0) = ((k / g) * cell, (k % g) * cell);
+                let mut s = f32::NEG_INFINITY;
+                for i in r0..r0 + cell {
+                    for j in c0..c0 + cell {
+                        let (i1, j1) = ((i + 1).min(p - 1), (j + 1).min(p - 1));
+                        s = s
+                            .max(ov[i * p + j] + ov[i * p + j1] + ov[i1 * p + j] + ov[i1 * p + j1]);
+                    }
+                }
+                if s > best.0 {
+                    best = (s, Some(k));
                 }
             }
-            if s > best.0 {
-                best = (s, k);
+            if let Some(k) = best.1 {
+                return Value::Discrete(k as i64);
             }
         }
-        Value::Discrete(best.1 as i64)
+        // Confirm: the measured cell with the largest upper confidence bound of its mean, two
+        // standard errors above the measured mean (not the posterior's: the sparse bright
+        // cells sit far in the tail of the normal prior, which would hide them behind
+        // well-measured mediocre ones).
+        let se = self.cfg.noise_sd;
+        let ucb = |k: usize| f64::from(value[k]) + 2.0 * se / f64::from(n[k]).sqrt();
+        let k = (0..g * g)
+            .filter(|&k| n[k] > 0)
+            .map(|k| (ucb(k), k))
+            .max_by(|a, b| a.0.total_cmp(&b.0).then(b.1.cmp(&a.1)))
+            .map_or(0, |(_, k)| k);
+        Value::Discrete(k as i64)
     }
 }
 
@@ -724,8 +1042,13 @@ impl<I: StemInstrument + SpectrumTruth + NewEpisode + Send> Task for StemEelsExp
 mod tests {
     use super::*;
     use crate::env::{Env, TaskEnv};
-
+    use crate::evaluate::{Policy, assert_no_degenerate_wins, degenerate_scores, evaluate};
     use crate::tasks::testing::{assert_config_errors_name_fields, info_f64 as f};
+
+    fn env(extra: &str) -> TaskEnv<StemEelsExplore<StemSimulator>> {
+        let cfg: toml::Value = toml::from_str(extra).unwrap();
+        TaskEnv::new("t", StemEelsExplore::from_config(Some(&cfg)).unwrap())
+    }
 
     #[test]
     fn bad_config_names_the_field() {
@@ -734,13 +1057,49 @@ mod tests {
             &[
                 ("grid = 7", "grid"),
                 ("pixels = 8", "pixels"),
+                ("patch = 33", "patch"),
                 ("exposure = 0.0", "exposure"),
                 ("budget = 0", "budget"),
                 ("signal = [130.0, 99.0]", "signal"),
                 ("pre_edge = [80.0, 110.0]", "pre_edge"),
+                ("prior_sd = 0.0", "prior_sd"),
+                ("noise_sd = -1.0", "noise_sd"),
+                ("prior_mean = nan", "prior_mean"),
+                ("success_tolerance = -0.1", "success_tolerance"),
+                ("difficulty = \"extreme\"", "difficulty"),
                 ("nope = 1", "nope"),
             ],
         );
+    }
+
+    #[test]
+    fn levels_widen_the_randomization() {
+        let (e, m, h) = (
+            Config::at_level(Difficulty::Easy),
+            Config::at_level(Difficulty::Medium),
+            Config::at_level(Difficulty::Hard),
+        );
+        assert_eq!(Config::default(), m);
+        let width = |p: &Param<scopegym_physics::param::dims::Unitless>| match p {
+            Param::Uniform(a, b, _) => b - a,
+            _ => 0.0,
+        };
+        let widths = |c: &Config| {
+            [
+                width(&c.instrument.detector.haadf_exponent),
+                width(&c.instrument.eels.read_noise),
+                width(&c.instrument.eels.background_exponent),
+            ]
+        };
+        let (we, wm, wh) = (widths(&e), widths(&m), widths(&h));
+        for k in 0..3 {
+            assert!(we[k] < wm[k] && wm[k] < wh[k], "{k}: {we:?} {wm:?} {wh:?}");
+        }
+        // Every level's instrument is valid and randomizes by default.
+        for c in [e, m, h] {
+            c.validate().unwrap();
+            assert!(scopegym_physics::param::count_distributions(&c.instrument) >= 3);
+        }
     }
 
     #[test]
@@ -757,17 +1116,13 @@ mod tests {
     }
 
     #[test]
-    fn truth_matches_the_measured_mean() {
+    fn truth_matches_the_measured_mean_and_the_noise_calibration() {
         // The expected value at a cell (from the specimen) agrees with the mean of many noisy
-        // spectra there: at the true best cell and at an empty one.
-        // Dopant hops would move the truth: switched off for this check.
-        let mut cfg = Config::default();
-        cfg.instrument.damage.dopant_hops = false;
-        let inst = StemSimulator::new(cfg.instrument_config(), 0).unwrap();
-        let mut task = StemEelsExplore::new(cfg, inst);
-        let mut info = Info::new();
-        task.reset(4, &mut info).unwrap();
-        let truth = task.truth.clone().unwrap();
+        // spectra there, at the true best cell and at an empty one, and their spread is near
+        // the configured `noise_sd`.
+        let mut e = env("");
+        e.reset(Some(4)).unwrap();
+        let truth = e.task().truth.clone().unwrap();
         let kbest = (0..truth.len())
             .max_by(|&a, &b| truth[a].total_cmp(&truth[b]))
             .unwrap();
@@ -775,17 +1130,15 @@ mod tests {
             .min_by(|&a, &b| truth[a].total_cmp(&truth[b]))
             .unwrap();
         for k in [kbest, kmin] {
+            e.reset(Some(4)).unwrap();
             let n = 100;
             let v: Vec<f64> = (0..n)
-                .map(|_| {
-                    task.step(&Value::Discrete(k as i64), &mut info).unwrap();
-                    f(&info, "value")
-                })
+                .map(|_| f(&e.step(&Value::Discrete(k as i64)).unwrap().info, "value"))
                 .collect();
             let mean = v.iter().sum::<f64>() / n as f64;
             let sd = (v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n as f64).sqrt();
             println!(
-                "cell {k}: truth {:.3}, measured {mean:.3} ± {sd:.3}",
+                "cell {k}: truth {:.4}, measured {mean:.4} ± {sd:.4}",
                 truth[k]
             );
             // Shot noise, and the small bias of a log-space fit to Poisson counts.
@@ -794,36 +1147,153 @@ mod tests {
                 "cell {k}: {mean} vs {}",
                 truth[k]
             );
+            let nominal = Config::default().noise_sd;
+            assert!(
+                sd > 0.5 * nominal && sd < 2.0 * nominal,
+                "{sd} vs {nominal}"
+            );
         }
-        assert!(
-            truth[kbest] > 2.0 * truth[kmin],
-            "{} vs {}",
-            truth[kbest],
-            truth[kmin]
-        );
+        assert!(truth[kbest] > 4.0 * truth[kmin].abs().max(0.05));
     }
 
     #[test]
-    fn heuristic_finds_a_dopant() {
-        let mut env = TaskEnv::new("t", StemEelsExplore::from_config(None).unwrap());
-        let mut low_regret = 0;
-        for seed in 0..10 {
-            let (mut obs, info) = env.reset(Some(seed)).unwrap();
-            let tb = f(&info, "true_best");
-            loop {
-                let a = env.heuristic_action(&obs);
-                let s = env.step(&a).unwrap();
-                obs = s.obs;
-                if s.terminated || s.truncated {
-                    let r = f(&s.info, "regret");
-                    println!("seed {seed}: true best {tb:.3}, regret {r:.3}");
-                    if r < 0.25 * tb {
-                        low_regret += 1;
-                    }
-                    break;
-                }
+    fn observation_keys_patches_and_bounds() {
+        let mut e = env("");
+        let (obs, _) = e.reset(Some(1)).unwrap();
+        let Value::Dict(d) = &obs else { panic!() };
+        let keys: Vec<&str> = d.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "overview",
+                "patches",
+                "measured_value",
+                "measured_count",
+                "spectrum"
+            ]
+        );
+        assert!(e.observation_space().contains(&obs));
+        // Patch of cell (row 5, column 9): the 4 × 4 pixels centred on the cell's centre
+        // (cells of 2 pixels: rows 9..13, columns 17..21).
+        let ov = obs.get("overview").and_then(Value::as_box).unwrap();
+        let pa = obs.get("patches").and_then(Value::as_box).unwrap();
+        assert_eq!(pa.len(), 32 * 32 * 16);
+        let k = 5 * 32 + 9;
+        for i in 0..4 {
+            for j in 0..4 {
+                assert_eq!(pa[k * 16 + i * 4 + j], ov[(9 + i) * 64 + 17 + j]);
             }
         }
-        assert!(low_regret >= 8, "{low_regret}/10");
+        // Corner cell: the pixels outside the frame read 0.
+        assert_eq!(pa[0], 0.0);
+        assert_eq!(pa[5], ov[0]);
+        // Without patches the key is gone.
+        let mut e = env("patch = 0");
+        let (obs, _) = e.reset(Some(1)).unwrap();
+        assert!(obs.get("patches").is_none() && e.observation_space().contains(&obs));
+        // A spectrum taken twice at one cell: count 2/budget, value its mean.
+        let s1 = e.step(&Value::Discrete(7)).unwrap();
+        let s2 = e.step(&Value::Discrete(7)).unwrap();
+        let m = 0.5 * (f(&s1.info, "value") + f(&s2.info, "value"));
+        let mv = s2
+            .obs
+            .get("measured_value")
+            .and_then(Value::as_box)
+            .unwrap();
+        let mc = s2
+            .obs
+            .get("measured_count")
+            .and_then(Value::as_box)
+            .unwrap();
+        assert!((f64::from(mv[7]) - m).abs() < 1e-6 && mc[7] == 2.0 / 100.0);
+    }
+
+    #[test]
+    fn posterior_score_does_not_pay_for_noise() {
+        // On graphene without dopants there is nothing to find: whatever a policy measures,
+        // it only samples noise and the background's offset from the prior. Returns stay near
+        // zero for random probing, for the heuristic (which re-measures the cells that looked
+        // best: the winner's curse) and for a constant cell, and the first spectrum of a random
+        // cell is not paid on average.
+        let mut e = env("[instrument.specimen]\ndopants = []");
+        let seeds = 0..20;
+        let mut first = 0.0;
+        for seed in seeds.clone() {
+            e.reset(Some(seed)).unwrap();
+            let a = e.action_space().sample(&mut crate::rng::seeded(seed));
+            first += e.step(&a).unwrap().reward / 20.0;
+        }
+        let heur = evaluate(&mut e, &Policy::Heuristic, seeds.clone()).unwrap();
+        let rand = evaluate(&mut e, &Policy::Random, seeds.clone()).unwrap();
+        let cons = evaluate(&mut e, &Policy::Constant(Value::Discrete(500)), seeds).unwrap();
+        println!(
+            "no dopants: first step {first:.3}; returns heuristic {:.3} ± {:.3}, random {:.3} \
+             ± {:.3}, constant {:.3} ± {:.3}",
+            heur.mean_return,
+            heur.return_ci95,
+            rand.mean_return,
+            rand.return_ci95,
+            cons.mean_return,
+            cons.return_ci95
+        );
+        // With dopants the heuristic earns about 4.7 (see the degenerate-policy test).
+        for (name, r) in [
+            ("first step", first),
+            ("heuristic", heur.mean_return),
+            ("random", rand.mean_return),
+            ("constant", cons.mean_return),
+        ] {
+            assert!(r.abs() < 0.5, "{name}: {r}");
+        }
+    }
+
+    #[test]
+    fn no_degenerate_policy_comes_close() {
+        // 20 seeds at the default config (medium, train split): the heuristic against random
+        // probing and 16 constant cells spread over the grid. Margins: return 3 (reward
+        // units, the heuristic earns about 4.7), success rate 0.5.
+        let mut e = env("");
+        let (h, others) = degenerate_scores(&mut e, 0..20, 16).unwrap();
+        assert_no_degenerate_wins("StemEelsExplore-v1", &h, &others, 3.0, 0.5);
+    }
+
+    #[test]
+    fn heuristic_beats_random_on_the_test_split() {
+        // 20 held-out episodes at medium: the heuristic's mean return exceeds random's by 3 and
+        // its success rate by 0.5.
+        let mut e = env("split = \"test\"");
+        let h = evaluate(&mut e, &Policy::Heuristic, 0..20).unwrap();
+        let r = evaluate(&mut e, &Policy::Random, 0..20).unwrap();
+        println!(
+            "test split: heuristic return {:.3} ± {:.3} success {:.2}; random {:.3} ± {:.3} \
+             success {:.2}",
+            h.mean_return,
+            h.return_ci95,
+            h.success_rate,
+            r.mean_return,
+            r.return_ci95,
+            r.success_rate
+        );
+        assert!(h.mean_return > r.mean_return + 3.0);
+        assert!(h.success_rate > r.success_rate + 0.5);
+    }
+
+    #[test]
+    fn heuristic_works_at_every_level() {
+        // 10 episodes per level (train split): success rates printed; the heuristic keeps
+        // finding the best cell at least 6 times in 10 even at hard.
+        for level in ["easy", "medium", "hard"] {
+            let mut e = env(&format!("difficulty = \"{level}\""));
+            let h = evaluate(&mut e, &Policy::Heuristic, 100..110).unwrap();
+            let r = evaluate(&mut e, &Policy::Random, 100..110).unwrap();
+            println!(
+                "{level}: heuristic return {:.3} success {:.2}; random {:.3} success {:.2}",
+                h.mean_return, h.success_rate, r.mean_return, r.success_rate
+            );
+            assert!(
+                h.success_rate >= 0.6 && h.mean_return > r.mean_return + 1.0,
+                "{level}"
+            );
+        }
     }
 }

@@ -29,7 +29,7 @@
 use crate::error::{PhysicsError, Result};
 use crate::param::Param;
 use crate::param::dims::{Energy, Unitless};
-use crate::rng::{SimRng, poisson};
+use crate::rng::{SimRng, normal, poisson};
 use serde::{Deserialize, Serialize};
 use std::f64::consts::{PI, SQRT_2};
 
@@ -70,6 +70,10 @@ pub struct EelsConfig {
     pub edge_exponent: Param<Unitless>,
     /// Fraction of the incident electrons that reach the spectrometer, in (0, 1]. Default 0.8.
     pub collection_efficiency: Param<Unitless>,
+    /// Gaussian read noise of the spectrometer camera, counts r.m.s. per channel, added after
+    /// the Poisson draw (a spectrum may then hold small negative counts). Default 0 (a counting
+    /// detector).
+    pub read_noise: Param<Unitless>,
 }
 
 impl Default for EelsConfig {
@@ -88,6 +92,7 @@ impl Default for EelsConfig {
             edge_scale: Param::fixed(2e-4),
             edge_exponent: Param::fixed(3.0),
             collection_efficiency: Param::fixed(0.8),
+            read_noise: Param::fixed(0.0),
         }
     }
 }
@@ -168,6 +173,13 @@ impl EelsConfig {
                 0.0,
                 false,
                 1.0,
+            ),
+            (
+                "read_noise",
+                self.read_noise.get(),
+                0.0,
+                true,
+                f64::INFINITY,
             ),
         ];
         for (n, v, lo, lo_ok, hi) in checks {
@@ -289,6 +301,7 @@ pub struct EelsModel {
     base: Vec<f64>,
     edges: Vec<EdgeShape>,
     collection: f64,
+    read_noise: f64,
 }
 
 /// Complementary error function (Chebyshev fit, fractional error < 1.2e-7).
@@ -435,6 +448,7 @@ impl EelsModel {
             base,
             edges,
             collection: cfg.collection_efficiency.get(),
+            read_noise: cfg.read_noise.get(),
         })
     }
 
@@ -497,7 +511,8 @@ impl EelsModel {
     }
 
     /// A noisy spectrum: the [`expected`](Self::expected) counts, then a Poisson draw per
-    /// channel, written into `out` (counts as `f32`). Allocates nothing.
+    /// channel and, when [`EelsConfig::read_noise`] is set, Gaussian read noise, written into
+    /// `out` (counts as `f32`). Allocates nothing.
     pub fn sample(
         &self,
         composition: &[(u8, f64)],
@@ -513,6 +528,11 @@ impl EelsModel {
         });
         for o in out.iter_mut() {
             *o = poisson(rng, f64::from(*o)) as f32;
+        }
+        if self.read_noise > 0.0 {
+            for o in out.iter_mut() {
+                *o += (self.read_noise * normal(rng)) as f32;
+            }
         }
     }
 }
@@ -795,6 +815,7 @@ mod tests {
             ("collection_efficiency", |c| {
                 c.collection_efficiency = Param::fixed(1.5)
             }),
+            ("read_noise", |c| c.read_noise = Param::fixed(-1.0)),
         ];
         for (field, f) in cases {
             let mut c = EelsConfig::default();
@@ -804,6 +825,40 @@ mod tests {
             assert!(EelsModel::new(&c).is_err());
         }
         assert!(EelsConfig::default().validate("").is_ok());
+    }
+
+    #[test]
+    fn read_noise_adds_its_variance_and_leaves_the_mean() {
+        // 64 channels from 100 eV (a few hundred counts each at 1e7 electrons): the deviations
+        // from the expectation have the Poisson variance without read noise, plus 30² with it.
+        let setup = |noise: f64| {
+            model(|c| {
+                c.channels = 64;
+                c.energy_offset = Param::fixed(100.0);
+                c.read_noise = Param::fixed(noise);
+            })
+        };
+        let (quiet, noisy) = (setup(0.0), setup(30.0));
+        let mut e = vec![0.0; 64];
+        quiet.expected(&[], 1e7, &mut e);
+        assert!(e.iter().all(|&v| v > 50.0 && v < 5000.0), "{e:?}");
+        let excess = |m: &EelsModel| {
+            let (mut out, mut rng) = (vec![0.0f32; 64], seeded(1));
+            let (mut mean, mut var, mut n) = (0.0, 0.0, 0.0);
+            for _ in 0..200 {
+                m.sample(&[], 1e7, &mut rng, &mut out);
+                for (o, ek) in out.iter().zip(&e) {
+                    let d = f64::from(*o) - ek;
+                    mean += d;
+                    var += d * d - ek;
+                    n += 1.0;
+                }
+            }
+            (mean / n, var / n)
+        };
+        let ((mq, vq), (mn, vn)) = (excess(&quiet), excess(&noisy));
+        assert!(vq.abs() < 60.0 && (vn - 900.0).abs() < 100.0, "{vq} {vn}");
+        assert!(mq.abs() < 2.0 && mn.abs() < 2.0, "{mq} {mn}");
     }
 
     #[test]
