@@ -212,7 +212,11 @@ fn recorded_dataset_reads_back_into_what_was_produced() {
             .read_raw::<bool>()
             .unwrap();
         assert_eq!(term.into_iter().zip(trunc).collect::<Vec<_>>(), flags);
-        assert_eq!(g.dataset("observations").unwrap().shape(), vec![t + 1, 7]);
+        let obs_len = env.observation_space().flat_len();
+        assert_eq!(
+            g.dataset("observations").unwrap().shape(),
+            vec![t + 1, obs_len]
+        );
     }
     assert_eq!(meta["total_steps"], total);
     // Recording into an existing dataset is refused.
