@@ -281,7 +281,7 @@ def test_gil_is_released_while_stepping():
     t.start()
     time.sleep(0.01)
     t0 = time.perf_counter()
-    slow.step(np.zeros((64, 3), dtype=np.float32))
+    slow.step(np.zeros(slow.action_space.shape, dtype=np.float32))
     t1 = time.perf_counter()
     stop.set()
     t.join()
