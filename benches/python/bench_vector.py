@@ -2,7 +2,9 @@
 
 - the native vector env (``scopegym.make_vec``) at 16 and 256 envs,
 - Gymnasium's ``SyncVectorEnv`` and ``AsyncVectorEnv`` at 16 envs over a plain-NumPy
-  implementation of the same task (below: the same dopant hop chain on graphene, simplified),
+  implementation of the same task (below: the same dopant hop chain on graphene, simplified;
+  it reads the dopant for free where v1 detects it with a window scan each step, so the
+  comparison favours the NumPy peer),
 - the Rust-only ``scopegym bench`` figure (the CLI binary: ``$SCOPEGYM_BIN``, else
   ``$CARGO_TARGET_DIR/release/scopegym``).
 

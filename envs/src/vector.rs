@@ -330,7 +330,7 @@ impl VectorEnv {
     /// of `out` on the same thread (the slots stay in that thread's cache).
     ///
     /// Handing work to the pool costs microseconds (waking the workers), more than a whole
-    /// step of a light task with few envs (StemDopantSteer: ~0.6 µs per env). So every call
+    /// step of a light task with few envs (StemDopantSteer: a few µs per env). So every call
     /// times its work (the sum over the threads' blocks when shared), and the next call shares
     /// the envs among the threads only if that work reached `SHARE_MIN_WORK_NS`. Shared, the
     /// envs go out in contiguous blocks, `SHARE_BLOCKS` per thread: few enough that a block
