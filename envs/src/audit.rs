@@ -217,11 +217,7 @@ impl<I> PolarizationTruth for Blind<I> {
         None
     }
 }
-impl<I> LoopTruth for Blind<I> {
-    fn true_loop_areas(&self, _positions: &[[f64; 2]], _waveform: &[f64]) -> Option<Vec<f64>> {
-        None
-    }
-}
+impl<I> LoopTruth for Blind<I> {}
 impl<I> SpectrumTruth for Blind<I> {
     fn expected_values(
         &mut self,

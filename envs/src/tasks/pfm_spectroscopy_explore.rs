@@ -678,7 +678,11 @@ impl PfmSpectroscopyExplore<SpmSimulator> {
         cfg.validate()?;
         let source = match &cfg.real_data {
             Some(path) => Source::Recorded(RecordedLoops::open(path)?),
-            None => Source::Instrument(SpmSimulator::new(cfg.instrument.clone(), 0)?),
+            None => {
+                let mut sim = SpmSimulator::new(cfg.instrument.clone(), 0)?;
+                sim.set_region(cfg.split.region());
+                Source::Instrument(sim)
+            }
         };
         Self::with_source(cfg, source)
     }

@@ -798,7 +798,7 @@ mod tests {
     #[test]
     fn validate_names_the_bad_field() {
         type Edit = fn(&mut EelsConfig);
-        let cases: [(&str, Edit); 8] = [
+        let cases: [(&str, Edit); 9] = [
             ("channels", |c| c.channels = 0),
             ("dispersion", |c| c.dispersion = Param::fixed(-0.5)),
             ("zlp_fwhm", |c| c.zlp_fwhm = Param::fixed(0.0)),
