@@ -879,80 +879,6 @@ mod tests {
         }
     }
 
-    /// The simulator behind the instrument trait only: every truth accessor at its default
-    /// ("unknown"), as on a real microscope.
-    struct Blind(LatticeSimulator);
-
-    impl StemInstrument for Blind {
-        fn info(&self) -> scopegym_physics::instrument::InstrumentInfo {
-            self.0.info()
-        }
-        fn clock(&self) -> f64 {
-            self.0.clock()
-        }
-        fn beam_energy(&self) -> f64 {
-            self.0.beam_energy()
-        }
-        fn beam_current(&self) -> f64 {
-            self.0.beam_current()
-        }
-        fn scan_settings(&self) -> ScanSettings {
-            self.0.scan_settings()
-        }
-        fn configure_scan(
-            &mut self,
-            r: &ScanSettings,
-        ) -> scopegym_physics::error::Result<ScanSettings> {
-            self.0.configure_scan(r)
-        }
-        fn acquire_frame(
-            &mut self,
-        ) -> scopegym_physics::error::Result<scopegym_physics::instrument::Frame<'_>> {
-            self.0.acquire_frame()
-        }
-        fn probe_position(&self) -> [f64; 2] {
-            self.0.probe_position()
-        }
-        fn move_probe(&mut self, p: [f64; 2]) -> scopegym_physics::error::Result<()> {
-            self.0.move_probe(p)
-        }
-        fn acquire_point(&mut self, t: f64) -> scopegym_physics::error::Result<f64> {
-            self.0.acquire_point(t)
-        }
-        fn acquire_spectrum(
-            &mut self,
-            t: f64,
-        ) -> scopegym_physics::error::Result<scopegym_physics::instrument::Spectrum<'_>> {
-            self.0.acquire_spectrum(t)
-        }
-        fn aberrations(&self) -> Aberrations {
-            self.0.aberrations()
-        }
-        fn set_aberrations(
-            &mut self,
-            a: &Aberrations,
-        ) -> scopegym_physics::error::Result<Aberrations> {
-            self.0.set_aberrations(a)
-        }
-        fn set_blanked(&mut self, b: bool) -> scopegym_physics::error::Result<()> {
-            self.0.set_blanked(b)
-        }
-        fn is_blanked(&self) -> bool {
-            self.0.is_blanked()
-        }
-    }
-
-    impl ProbeTruth for Blind {}
-
-    impl NewEpisode for Blind {
-        fn new_episode(&mut self, seed: u64, info: &mut Info) -> Result<()> {
-            self.0.new_episode(seed, info)
-        }
-        fn set_region(&mut self, region: scopegym_physics::param::Region) {
-            NewEpisode::set_region(&mut self.0, region);
-        }
-    }
-
     #[test]
     fn observations_and_rewards_use_no_ground_truth() {
         // The same episodes on the simulator and on the simulator seen through the instrument
@@ -964,7 +890,10 @@ mod tests {
         };
         let sim = || LatticeSimulator::new(cfg.instrument.clone(), 0).unwrap();
         let mut a = TaskEnv::new("a", StemAutofocus::new(cfg.clone(), sim()));
-        let mut b = TaskEnv::new("b", StemAutofocus::new(cfg.clone(), Blind(sim())));
+        let mut b = TaskEnv::new(
+            "b",
+            StemAutofocus::new(cfg.clone(), crate::audit::Blind::new(sim())),
+        );
         let mut rng = scopegym_physics::rng::seeded(7);
         let mut steps = 0;
         for seed in 0..4 {
