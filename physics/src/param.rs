@@ -128,6 +128,21 @@ impl<D: Dim> Param<D> {
         Self::Uniform(lo, hi, PhantomData)
     }
 
+    /// Log-uniform distribution on `[lo, hi]`, `0 < lo ≤ hi`.
+    pub const fn log_uniform(lo: f64, hi: f64) -> Self {
+        Self::LogUniform(lo, hi, PhantomData)
+    }
+
+    /// The fixed value `lo` when `lo == hi`, else uniform on `[lo, hi]` (a range in a table of
+    /// levels, where an easy level often pins a parameter).
+    pub fn between(lo: f64, hi: f64) -> Self {
+        if lo == hi {
+            Self::fixed(lo)
+        } else {
+            Self::uniform(lo, hi)
+        }
+    }
+
     /// The value: the fixed value, or the distribution's centre (mean, midpoint or geometric mean)
     /// when the config has not been [`resolve`]d.
     pub fn get(&self) -> f64 {

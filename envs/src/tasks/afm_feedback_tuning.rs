@@ -141,14 +141,6 @@ pub struct Config {
     pub heuristic_p_per_i: f64,
 }
 
-fn uniform<D: scopegym_physics::param::Dim>(lo: f64, hi: f64) -> Param<D> {
-    Param::Uniform(lo, hi, Default::default())
-}
-
-fn log_uniform<D: scopegym_physics::param::Dim>(lo: f64, hi: f64) -> Param<D> {
-    Param::LogUniform(lo, hi, Default::default())
-}
-
 impl Default for Config {
     fn default() -> Self {
         Self::at_level(Difficulty::Medium)
@@ -166,45 +158,45 @@ impl TaskConfig for Config {
         inst.scan.pixels = [8, 64];
         let s = &mut inst.surface;
         s.kind = SurfaceKind::Mixed;
-        s.step_height = uniform(0.2e-9, d.pick(1e-9, 1e-9, 2e-9));
-        s.terrace_width = uniform(d.pick(30e-9, 30e-9, 20e-9), 150e-9);
-        s.step_direction = uniform(0.0, std::f64::consts::PI);
+        s.step_height = Param::uniform(0.2e-9, d.pick(1e-9, 1e-9, 2e-9));
+        s.terrace_width = Param::uniform(d.pick(30e-9, 30e-9, 20e-9), 150e-9);
+        s.step_direction = Param::uniform(0.0, std::f64::consts::PI);
         s.particle_density = d.pick(
-            uniform(300e12, 800e12),
-            uniform(300e12, 1000e12),
-            uniform(100e12, 1500e12),
+            Param::uniform(300e12, 800e12),
+            Param::uniform(300e12, 1000e12),
+            Param::uniform(100e12, 1500e12),
         );
-        s.particle_radius = uniform(3e-9, d.pick(12e-9, 12e-9, 20e-9));
-        s.roughness = uniform(0.05e-9, d.pick(0.3e-9, 0.3e-9, 0.6e-9));
-        inst.tip.initial_radius = uniform(5e-9, d.pick(20e-9, 20e-9, 40e-9));
+        s.particle_radius = Param::uniform(3e-9, d.pick(12e-9, 12e-9, 20e-9));
+        s.roughness = Param::uniform(0.05e-9, d.pick(0.3e-9, 0.3e-9, 0.6e-9));
+        inst.tip.initial_radius = Param::uniform(5e-9, d.pick(20e-9, 20e-9, 40e-9));
         inst.tip.wear_rate = Param::fixed(0.0);
         let f = &mut inst.feedback;
         let (g_lo, g_hi) = d.pick((0.5, 2.0), (0.15, 6.0), (0.07, 15.0));
-        f.loop_gain = log_uniform(g_lo, g_hi);
-        f.z_speed_limit = uniform(d.pick(50e-6, 20e-6, 10e-6), 200e-6);
+        f.loop_gain = Param::log_uniform(g_lo, g_hi);
+        f.z_speed_limit = Param::uniform(d.pick(50e-6, 20e-6, 10e-6), 200e-6);
         let sc = &mut inst.scanner;
         sc.white_noise = d.pick(
-            uniform(10e-12, 20e-12),
-            uniform(10e-12, 40e-12),
-            uniform(20e-12, 80e-12),
+            Param::uniform(10e-12, 20e-12),
+            Param::uniform(10e-12, 40e-12),
+            Param::uniform(20e-12, 80e-12),
         );
         sc.pink_noise = d.pick(
-            uniform(20e-12, 50e-12),
-            uniform(20e-12, 100e-12),
-            uniform(50e-12, 200e-12),
+            Param::uniform(20e-12, 50e-12),
+            Param::uniform(20e-12, 100e-12),
+            Param::uniform(50e-12, 200e-12),
         );
         sc.line_offset = d.pick(
-            uniform(50e-12, 100e-12),
-            uniform(50e-12, 200e-12),
-            uniform(100e-12, 400e-12),
+            Param::uniform(50e-12, 100e-12),
+            Param::uniform(50e-12, 200e-12),
+            Param::uniform(100e-12, 400e-12),
         );
         sc.drift_initial = d.pick(
-            uniform(1e-9, 3e-9),
-            uniform(1e-9, 10e-9),
-            uniform(5e-9, 20e-9),
+            Param::uniform(1e-9, 3e-9),
+            Param::uniform(1e-9, 10e-9),
+            Param::uniform(5e-9, 20e-9),
         );
         sc.drift_initial = match sc.drift_initial {
-            Param::Uniform(a, b, _) => uniform(a / 60.0, b / 60.0),
+            Param::Uniform(a, b, _) => Param::uniform(a / 60.0, b / 60.0),
             p => p,
         };
         Self {

@@ -116,10 +116,6 @@ pub struct Config {
     pub heuristic_radius: f64,
 }
 
-fn uniform<D: scopegym_physics::param::Dim>(lo: f64, hi: f64) -> Param<D> {
-    Param::Uniform(lo, hi, Default::default())
-}
-
 impl Default for Config {
     fn default() -> Self {
         Self::at_level(Difficulty::Medium)
@@ -143,26 +139,45 @@ impl TaskConfig for Config {
         let pfm = &mut instrument.pfm;
         pfm.up_fraction = Param::fixed(0.0);
         let (pn_lo, pn_hi): (f64, f64) = d.pick((2.0, 6.0), (2.0, 12.0), (5.0, 25.0));
-        pfm.phase_noise = uniform(pn_lo.to_radians(), pn_hi.to_radians());
+        pfm.phase_noise = Param::uniform(pn_lo.to_radians(), pn_hi.to_radians());
         pfm.amplitude_noise = d.pick(
-            uniform(0.02, 0.04),
-            uniform(0.02, 0.06),
-            uniform(0.03, 0.15),
+            Param::uniform(0.02, 0.04),
+            Param::uniform(0.02, 0.06),
+            Param::uniform(0.03, 0.15),
         );
         // Imprint (built-in bias) and the tip's field: width and coupling.
-        pfm.bias_offset = d.pick(uniform(-0.5, 0.5), uniform(-1.0, 1.0), uniform(-2.0, 2.0));
-        pfm.tip_width = d.pick(
-            uniform(40e-9, 60e-9),
-            uniform(35e-9, 70e-9),
-            uniform(25e-9, 90e-9),
+        pfm.bias_offset = d.pick(
+            Param::uniform(-0.5, 0.5),
+            Param::uniform(-1.0, 1.0),
+            Param::uniform(-2.0, 2.0),
         );
-        pfm.field_per_volt = d.pick(uniform(0.23, 0.27), uniform(0.2, 0.3), uniform(0.17, 0.33));
+        pfm.tip_width = d.pick(
+            Param::uniform(40e-9, 60e-9),
+            Param::uniform(35e-9, 70e-9),
+            Param::uniform(25e-9, 90e-9),
+        );
+        pfm.field_per_volt = d.pick(
+            Param::uniform(0.23, 0.27),
+            Param::uniform(0.2, 0.3),
+            Param::uniform(0.17, 0.33),
+        );
         // Film disorder: the frozen random field, its correlation and the pinning sites.
         let f = &mut instrument.ferroelectric;
-        f.random_field = d.pick(uniform(0.05, 0.1), uniform(0.05, 0.2), uniform(0.1, 0.3));
-        f.random_field_correlation =
-            d.pick(uniform(0.0, 1.0), uniform(0.0, 2.0), uniform(0.0, 4.0));
-        f.pinning_fraction = d.pick(uniform(0.02, 0.05), uniform(0.02, 0.1), uniform(0.05, 0.2));
+        f.random_field = d.pick(
+            Param::uniform(0.05, 0.1),
+            Param::uniform(0.05, 0.2),
+            Param::uniform(0.1, 0.3),
+        );
+        f.random_field_correlation = d.pick(
+            Param::uniform(0.0, 1.0),
+            Param::uniform(0.0, 2.0),
+            Param::uniform(0.0, 4.0),
+        );
+        f.pinning_fraction = d.pick(
+            Param::uniform(0.02, 0.05),
+            Param::uniform(0.02, 0.1),
+            Param::uniform(0.05, 0.2),
+        );
         Self {
             difficulty,
             split: Split::Train,

@@ -71,7 +71,7 @@ use crate::space::{Space, Value};
 use crate::tasks::spm_tip_conditioning::align_and_average;
 use crate::tasks::{NewEpisode, TaskConfig, check_nonnegative, check_positive, config_from_toml};
 use scopegym_physics::instrument::{LateralManipulation, ScanSettings, SpmInstrument, SpmMode};
-use scopegym_physics::param::{Dim, Param};
+use scopegym_physics::param::Param;
 use scopegym_physics::rng::seeded;
 use scopegym_physics::spm::manipulation::{AG111_A, MAX_BIAS, MAX_CONDUCTANCE};
 use scopegym_physics::spm::sim::{SpmConfig, SpmSimulator};
@@ -137,15 +137,6 @@ pub struct Config {
     pub lost_penalty: f64,
 }
 
-/// A fixed value when `lo == hi`, else uniform on `[lo, hi]`.
-fn range<D: Dim>(lo: f64, hi: f64) -> Param<D> {
-    if lo == hi {
-        Param::fixed(lo)
-    } else {
-        Param::uniform(lo, hi)
-    }
-}
-
 /// The STM instrument of the task at `d` (module docs).
 fn instrument_at(d: Difficulty) -> SpmConfig {
     const PM: f64 = 1e-12;
@@ -167,10 +158,10 @@ fn instrument_at(d: Difficulty) -> SpmConfig {
     inst.adatoms.count = 1;
     inst.adatoms.margin = Param::fixed(2.8 * NM);
     let (lo, hi) = p((0.1, 0.1), (0.08, 0.12), (0.06, 0.12));
-    inst.adatoms.apparent_height = range(lo * NM, hi * NM);
+    inst.adatoms.apparent_height = Param::between(lo * NM, hi * NM);
     let t = &mut inst.tip;
     let (lo, hi) = p((0.4, 0.4), (0.3, 0.6), (0.3, 0.9));
-    t.initial_radius = range(lo * NM, hi * NM);
+    t.initial_radius = Param::between(lo * NM, hi * NM);
     t.min_radius = Param::fixed(0.3 * NM);
     t.good_radius = Param::fixed(1.0 * NM);
     t.max_radius = Param::fixed(5.0 * NM);
@@ -178,34 +169,34 @@ fn instrument_at(d: Difficulty) -> SpmConfig {
     t.adsorbate_rate = Param::fixed(0.0);
     let m = &mut inst.manipulation;
     let (lo, hi) = p((1.5, 1.5), (1.0, 2.5), (1.0, 3.5));
-    m.conductance_half = range(lo, hi);
+    m.conductance_half = Param::between(lo, hi);
     let (lo, hi) = p((8.0, 8.0), (6.0, 10.0), (4.0, 10.0));
-    m.bias_scale = range(lo * 1e-3, hi * 1e-3);
+    m.bias_scale = Param::between(lo * 1e-3, hi * 1e-3);
     let (lo, hi) = p((0.9, 0.9), (0.8, 0.95), (0.6, 0.95));
-    m.p_max = range(lo, hi);
+    m.p_max = Param::between(lo, hi);
     let (lo, hi) = p((0.05, 0.05), (0.03, 0.08), (0.05, 0.15));
-    m.pickup_max = range(lo, hi);
+    m.pickup_max = Param::between(lo, hi);
     let (lo, hi) = p((0.3, 0.3), (0.25, 0.35), (0.22, 0.35));
-    m.interaction_range = range(lo * NM, hi * NM);
+    m.interaction_range = Param::between(lo * NM, hi * NM);
     let f = &mut inst.feedback;
     f.p_gain = Param::fixed(0.1);
     let (lo, hi) = p((1500.0, 1500.0), (1000.0, 2000.0), (600.0, 2000.0));
-    f.i_gain = range(lo, hi);
+    f.i_gain = Param::between(lo, hi);
     f.z_speed_limit = Param::fixed(100.0 * NM);
     let s = &mut inst.scanner;
     let (lo, hi) = p((0.02, 0.02), (0.01, 0.05), (0.05, 0.2));
-    s.drift_initial = range(lo * NM_MIN, hi * NM_MIN);
+    s.drift_initial = Param::between(lo * NM_MIN, hi * NM_MIN);
     let (lo, hi) = p((0.005, 0.005), (0.002, 0.01), (0.01, 0.05));
-    s.drift_settled = range(lo * NM_MIN, hi * NM_MIN);
+    s.drift_settled = Param::between(lo * NM_MIN, hi * NM_MIN);
     s.drift_direction = Param::uniform(0.0, std::f64::consts::TAU);
     let (lo, hi) = p((2.0, 2.0), (1.0, 4.0), (2.0, 6.0));
-    s.white_noise = range(lo * PM, hi * PM);
+    s.white_noise = Param::between(lo * PM, hi * PM);
     let (lo, hi) = p((3.0, 3.0), (2.0, 6.0), (3.0, 10.0));
-    s.pink_noise = range(lo * PM, hi * PM);
+    s.pink_noise = Param::between(lo * PM, hi * PM);
     let (lo, hi) = p((2.0, 2.0), (1.0, 10.0), (5.0, 30.0));
-    s.line_offset = range(lo * PM, hi * PM);
+    s.line_offset = Param::between(lo * PM, hi * PM);
     let (lo, hi) = p((0.0, 0.0), (0.0, 0.01), (0.0, 0.02));
-    s.hysteresis = range(lo, hi);
+    s.hysteresis = Param::between(lo, hi);
     inst
 }
 

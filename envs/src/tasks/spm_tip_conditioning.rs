@@ -156,19 +156,6 @@ pub struct Config {
     pub success_bonus: f64,
 }
 
-fn log_uniform<D: scopegym_physics::param::Dim>(lo: f64, hi: f64) -> Param<D> {
-    Param::LogUniform(lo, hi, Default::default())
-}
-
-/// A fixed value when `lo == hi`, else uniform on `[lo, hi]`.
-fn range<D: scopegym_physics::param::Dim>(lo: f64, hi: f64) -> Param<D> {
-    if lo == hi {
-        Param::fixed(lo)
-    } else {
-        Param::uniform(lo, hi)
-    }
-}
-
 /// The STM instrument of the task at `d` (module docs).
 fn instrument_at(d: Difficulty) -> SpmConfig {
     const NM: f64 = 1e-9;
@@ -193,56 +180,56 @@ fn instrument_at(d: Difficulty) -> SpmConfig {
     inst.adatoms.margin = Param::fixed(0.3 * NM);
     let t = &mut inst.tip;
     let (lo, hi) = p((1.2, 3.0), (1.5, 5.0), (2.0, 8.0));
-    t.initial_radius = log_uniform(lo * NM, hi * NM);
+    t.initial_radius = Param::log_uniform(lo * NM, hi * NM);
     let (lo, hi) = p((0.3, 0.4), (0.3, 0.45), (0.35, 0.5));
-    t.min_radius = range(lo * NM, hi * NM);
+    t.min_radius = Param::between(lo * NM, hi * NM);
     let (lo, hi) = p((8.0, 12.0), (6.0, 10.0), (4.0, 8.0));
-    t.sharpen_rate = range(lo, hi);
+    t.sharpen_rate = Param::between(lo, hi);
     let (lo, hi) = p((0.4, 0.6), (0.25, 0.45), (0.15, 0.35));
-    t.sharpen_max = range(lo, hi);
+    t.sharpen_max = Param::between(lo, hi);
     let (lo, hi) = p((0.2, 0.2), (0.2, 0.3), (0.25, 0.35));
-    t.worsen_base = range(lo, hi);
+    t.worsen_base = Param::between(lo, hi);
     let (lo, hi) = p((0.3, 0.3), (0.3, 0.5), (0.4, 0.6));
-    t.worsen_slope = range(lo, hi);
+    t.worsen_slope = Param::between(lo, hi);
     t.good_radius = Param::fixed(1.0 * NM);
     t.max_radius = Param::fixed(10.0 * NM);
     let pr = d.pick(0.2, 0.4, 0.6);
     t.initial_double_probability = Param::fixed(pr);
     t.initial_adsorbate_probability = Param::fixed(pr);
     let (lo, hi) = p((0.0, 0.0), (0.0, 2e-3), (1e-3, 4e-3));
-    t.adsorbate_rate = range(lo, hi);
+    t.adsorbate_rate = Param::between(lo, hi);
     let (lo, hi) = p((0.01, 0.02), (0.02, 0.05), (0.04, 0.08));
-    t.conditioning_wear = range(lo * NM, hi * NM);
+    t.conditioning_wear = Param::between(lo * NM, hi * NM);
     t.wear_rate = Param::fixed(0.0);
     let (lo, hi) = p((1.0, 1.0), (0.9, 1.0), (0.8, 1.0));
-    t.double_offset = range(lo * NM, hi * NM);
+    t.double_offset = Param::between(lo * NM, hi * NM);
     let (lo, hi) = p((0.02, 0.02), (0.02, 0.03), (0.02, 0.04));
-    t.double_dz = range(lo * NM, hi * NM);
+    t.double_dz = Param::between(lo * NM, hi * NM);
     let (lo, hi) = p((0.3, 0.3), (0.2, 0.4), (0.2, 0.4));
-    t.adsorbate_blur = range(lo * NM, hi * NM);
+    t.adsorbate_blur = Param::between(lo * NM, hi * NM);
     let (lo, hi) = p((4.0, 4.0), (3.5, 5.0), (3.0, 5.0));
-    t.adsorbate_noise = range(lo, hi);
+    t.adsorbate_noise = Param::between(lo, hi);
     let (lo, hi) = p((0.15, 0.15), (0.1, 0.2), (0.05, 0.2));
-    t.adsorbate_glitch = range(lo, hi);
+    t.adsorbate_glitch = Param::between(lo, hi);
     let f = &mut inst.feedback;
     f.p_gain = Param::fixed(0.1);
     let (lo, hi) = p((1500.0, 1500.0), (1000.0, 2000.0), (600.0, 2000.0));
-    f.i_gain = range(lo, hi);
+    f.i_gain = Param::between(lo, hi);
     f.z_speed_limit = Param::fixed(100.0 * NM);
     let s = &mut inst.scanner;
     let (lo, hi) = p((0.05, 0.05), (0.02, 0.2), (0.1, 1.0));
-    s.drift_initial = range(lo * NM_MIN, hi * NM_MIN);
+    s.drift_initial = Param::between(lo * NM_MIN, hi * NM_MIN);
     let (lo, hi) = p((0.01, 0.01), (0.005, 0.05), (0.02, 0.2));
-    s.drift_settled = range(lo * NM_MIN, hi * NM_MIN);
+    s.drift_settled = Param::between(lo * NM_MIN, hi * NM_MIN);
     s.drift_direction = Param::uniform(0.0, std::f64::consts::TAU);
     let (lo, hi) = p((2.0, 2.0), (1.0, 4.0), (2.0, 6.0));
-    s.white_noise = range(lo * PM, hi * PM);
+    s.white_noise = Param::between(lo * PM, hi * PM);
     let (lo, hi) = p((3.0, 3.0), (2.0, 6.0), (3.0, 10.0));
-    s.pink_noise = range(lo * PM, hi * PM);
+    s.pink_noise = Param::between(lo * PM, hi * PM);
     let (lo, hi) = p((2.0, 2.0), (1.0, 10.0), (5.0, 30.0));
-    s.line_offset = range(lo * PM, hi * PM);
+    s.line_offset = Param::between(lo * PM, hi * PM);
     let (lo, hi) = p((0.0, 0.0), (0.0, 0.01), (0.0, 0.02));
-    s.hysteresis = range(lo, hi);
+    s.hysteresis = Param::between(lo, hi);
     inst
 }
 

@@ -139,10 +139,6 @@ pub struct Config {
     pub truth: bool,
 }
 
-fn uniform<D: scopegym_physics::param::Dim>(lo: f64, hi: f64) -> Param<D> {
-    Param::Uniform(lo, hi, Default::default())
-}
-
 impl Default for Config {
     fn default() -> Self {
         Self::at_level(Difficulty::Medium)
@@ -154,7 +150,7 @@ impl TaskConfig for Config {
         let d = difficulty;
         let mut instrument = StemConfig::default();
         let s = &mut instrument.specimen;
-        s.rotation = uniform(0.0, std::f64::consts::FRAC_PI_3);
+        s.rotation = Param::uniform(0.0, std::f64::consts::FRAC_PI_3);
         s.size = [Param::fixed(8e-9), Param::fixed(8e-9)];
         s.dopants = vec![DopantConfig {
             count: 6,
@@ -167,36 +163,52 @@ impl TaskConfig for Config {
             ((0.1, 0.6), (0.8e-9, 3e-9), (0.3e20, 2e20)),
         );
         s.contamination = Some(ContaminationConfig {
-            coverage: uniform(cov.0, cov.1),
-            patch_radius: uniform(rad.0, rad.1),
-            density: uniform(dens.0, dens.1),
+            coverage: Param::uniform(cov.0, cov.1),
+            patch_radius: Param::uniform(rad.0, rad.1),
+            density: Param::uniform(dens.0, dens.1),
             ..Default::default()
         });
         instrument.damage.sputtering = false;
         let (i_lo, i_hi) = d.pick((90e-12, 110e-12), (70e-12, 130e-12), (40e-12, 160e-12));
-        instrument.beam.current = uniform(i_lo, i_hi);
+        instrument.beam.current = Param::uniform(i_lo, i_hi);
         let det = &mut instrument.detector;
-        det.haadf_exponent = d.pick(uniform(1.6, 1.8), uniform(1.5, 1.9), uniform(1.4, 2.0));
-        det.gain = d.pick(uniform(0.95, 1.05), uniform(0.9, 1.1), uniform(0.8, 1.25));
-        det.read_noise = d.pick(uniform(0.0, 0.5), uniform(0.0, 1.0), uniform(0.0, 3.0));
+        det.haadf_exponent = d.pick(
+            Param::uniform(1.6, 1.8),
+            Param::uniform(1.5, 1.9),
+            Param::uniform(1.4, 2.0),
+        );
+        det.gain = d.pick(
+            Param::uniform(0.95, 1.05),
+            Param::uniform(0.9, 1.1),
+            Param::uniform(0.8, 1.25),
+        );
+        det.read_noise = d.pick(
+            Param::uniform(0.0, 0.5),
+            Param::uniform(0.0, 1.0),
+            Param::uniform(0.0, 3.0),
+        );
         let nm_per_min = 1e-9 / 60.0;
         instrument.drift.speed = d.pick(
-            uniform(0.0, 0.5 * nm_per_min),
-            uniform(0.0, 2.0 * nm_per_min),
-            uniform(0.0, 10.0 * nm_per_min),
+            Param::uniform(0.0, 0.5 * nm_per_min),
+            Param::uniform(0.0, 2.0 * nm_per_min),
+            Param::uniform(0.0, 10.0 * nm_per_min),
         );
-        instrument.drift.direction = uniform(0.0, std::f64::consts::TAU);
+        instrument.drift.direction = Param::uniform(0.0, std::f64::consts::TAU);
         let sn = &mut instrument.scan_noise;
-        sn.jitter_pixels = d.pick(uniform(0.0, 0.02), uniform(0.0, 0.05), uniform(0.0, 0.2));
+        sn.jitter_pixels = d.pick(
+            Param::uniform(0.0, 0.02),
+            Param::uniform(0.0, 0.05),
+            Param::uniform(0.0, 0.2),
+        );
         sn.rms = d.pick(
-            uniform(0.0, 0.02e-10),
-            uniform(0.0, 0.05e-10),
-            uniform(0.0, 0.2e-10),
+            Param::uniform(0.0, 0.02e-10),
+            Param::uniform(0.0, 0.05e-10),
+            Param::uniform(0.0, 0.2e-10),
         );
         sn.mains_amplitude = d.pick(
-            uniform(0.0, 0.01e-10),
-            uniform(0.0, 0.03e-10),
-            uniform(0.0, 0.1e-10),
+            Param::uniform(0.0, 0.01e-10),
+            Param::uniform(0.0, 0.03e-10),
+            Param::uniform(0.0, 0.1e-10),
         );
         Self {
             difficulty,
