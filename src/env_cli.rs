@@ -167,8 +167,17 @@ pub fn bench(
             .expect("valid template"),
     );
     let start = Instant::now();
+    let mut episodes = 0usize;
     for k in 0..steps {
         v.step(&batches[k % batches.len()])?;
+        // Ended episodes: with next-step autoreset, each costs one of the timed steps (the
+        // reset) besides its own.
+        episodes += v
+            .terminated()
+            .iter()
+            .zip(v.truncated())
+            .filter(|(a, b)| **a || **b)
+            .count();
         if k % 16 == 0 {
             bar.set_position(k as u64);
         }
@@ -186,11 +195,12 @@ pub fn bench(
                 "steps": steps,
                 "seconds": seconds,
                 "steps_per_second": sps,
+                "episodes": episodes,
             })
         );
     } else {
         println!(
-            "{id}: {num_envs} envs x {steps} steps on {threads} thread(s) in {seconds:.3} s: {sps:.0} steps/s"
+            "{id}: {num_envs} envs x {steps} steps on {threads} thread(s) in {seconds:.3} s: {sps:.0} steps/s ({episodes} episodes ended)"
         );
     }
     Ok(())

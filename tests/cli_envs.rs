@@ -105,6 +105,8 @@ fn bench_prints_the_documented_json() {
         j["steps_per_second"].as_f64().unwrap(),
     );
     assert!(s > 0.0 && (sps - 12.0 / s).abs() < 1e-6 * sps);
+    // At most one ended episode per env and step.
+    assert!(j["episodes"].as_u64().is_some_and(|e| e <= 12), "{j}");
     let bad = run(&["bench", "scopegym/Nope-v1"]);
     assert_eq!(bad.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("unknown task id"));

@@ -435,6 +435,96 @@ where
         .map_err(|e: toml::de::Error| PhysicsError::param("<config>", e.to_string()))
 }
 
+/// A config template whose distributions are redrawn at every episode: [`resolve_in`] with the
+/// template serialized once, and the drawn values reported by their dotted keys.
+///
+/// ```
+/// use scopegym_physics::param::{Param, Randomizer, Region};
+/// use scopegym_physics::rng::seeded;
+/// use scopegym_physics::param::dims::Length;
+/// #[derive(serde::Serialize, serde::Deserialize)]
+/// struct Film {
+///     thickness: Param<Length>,
+/// }
+/// let r = Randomizer::new(Film { thickness: Param::uniform(1e-9, 2e-9) }).unwrap();
+/// let (film, drawn) = r.draw(&mut seeded(4), Region::All).unwrap();
+/// assert_eq!(drawn, vec![("thickness".to_string(), film.thickness.get())]);
+/// assert!((1e-9..=2e-9).contains(&film.thickness.get()));
+/// ```
+#[derive(Debug, Clone)]
+pub struct Randomizer<T> {
+    template: T,
+    tree: toml::Value,
+}
+
+impl<T: Serialize + DeserializeOwned> Randomizer<T> {
+    /// Serializes `template` once; fails if it cannot be written as TOML.
+    pub fn new(template: T) -> Result<Self> {
+        let tree = toml::Value::try_from(&template)
+            .map_err(|e| PhysicsError::param("<config>", format!("cannot serialize: {e}")))?;
+        Ok(Self { template, tree })
+    }
+
+    /// The template, distributions included.
+    pub fn template(&self) -> &T {
+        &self.template
+    }
+
+    /// Draws every distribution from `region` (in sorted key order, the same draws as
+    /// [`resolve_in`]) and returns the resolved config with `(dotted key, value)` for every
+    /// drawn parameter, array elements as `key[i]`.
+    pub fn draw<R: Rng + ?Sized>(
+        &self,
+        rng: &mut R,
+        region: Region,
+    ) -> Result<(T, Vec<(String, f64)>)> {
+        let mut value = self.tree.clone();
+        let mut drawn = Vec::new();
+        walk_recorded(&mut value, rng, region, &mut String::new(), &mut drawn);
+        let cfg = value
+            .try_into()
+            .map_err(|e: toml::de::Error| PhysicsError::param("<config>", e.to_string()))?;
+        Ok((cfg, drawn))
+    }
+}
+
+fn walk_recorded<R: Rng + ?Sized>(
+    v: &mut toml::Value,
+    rng: &mut R,
+    region: Region,
+    path: &mut String,
+    drawn: &mut Vec<(String, f64)>,
+) {
+    let len = path.len();
+    match v {
+        toml::Value::Table(t) => {
+            if let Some((k, a, b)) = as_dist(t) {
+                let x = sample_dist((Some(k), a, b), rng, region);
+                drawn.push((path.clone(), x));
+                *v = toml::Value::Float(x);
+            } else {
+                for (key, child) in t.iter_mut() {
+                    if !path.is_empty() {
+                        path.push('.');
+                    }
+                    path.push_str(key);
+                    walk_recorded(child, rng, region, path, drawn);
+                    path.truncate(len);
+                }
+            }
+        }
+        toml::Value::Array(a) => {
+            for (i, child) in a.iter_mut().enumerate() {
+                use std::fmt::Write as _;
+                let _ = write!(path, "[{i}]");
+                walk_recorded(child, rng, region, path, drawn);
+                path.truncate(len);
+            }
+        }
+        _ => {}
+    }
+}
+
 /// The number of distributions (randomized parameters) in `cfg`.
 pub fn count_distributions<T: Serialize>(cfg: &T) -> usize {
     fn count(v: &toml::Value) -> usize {
@@ -484,13 +574,13 @@ mod tests {
     use super::*;
     use crate::rng::seeded;
 
-    #[derive(Serialize, Deserialize, Debug, PartialEq)]
+    #[derive(Serialize, Deserialize, Debug, PartialEq, Clone)]
     #[serde(deny_unknown_fields)]
     struct Inner {
         e: Param<Energy>,
         i: Param<Current>,
     }
-    #[derive(Serialize, Deserialize, Debug, PartialEq)]
+    #[derive(Serialize, Deserialize, Debug, PartialEq, Clone)]
     #[serde(deny_unknown_fields)]
     struct Outer {
         a: Param<Length>,
@@ -521,6 +611,32 @@ mod tests {
         // Reproducible and seed-dependent.
         assert_eq!(r, resolve(&c, &mut seeded(1)).unwrap());
         assert_ne!(r, resolve(&c, &mut seeded(2)).unwrap());
+    }
+
+    #[test]
+    fn randomizer_draws_what_resolve_draws_and_names_each_draw() {
+        let c: Outer = toml::from_str(
+            r#"
+            a = { normal = ["2 nm", "0.1 nm"] }
+            n = 3
+            [inner]
+            e = { uniform = ["60 kV", "80 kV"] }
+            i = 1e-9
+            "#,
+        )
+        .unwrap();
+        let r = Randomizer::new(c.clone()).unwrap();
+        for region in [Region::All, Region::Main, Region::HeldOut] {
+            let (got, drawn) = r.draw(&mut seeded(9), region).unwrap();
+            assert_eq!(got, resolve_in(&c, &mut seeded(9), region).unwrap());
+            assert_eq!(
+                drawn,
+                vec![
+                    ("a".to_string(), got.a.get()),
+                    ("inner.e".to_string(), got.inner.e.get())
+                ]
+            );
+        }
     }
 
     #[test]

@@ -488,6 +488,36 @@ mod tests {
     }
 
     #[test]
+    fn every_count_is_its_own_inversion_whatever_the_batch() {
+        // Means spread over (0, 64), small and mid-range mixed, some 0, NaN or ≥ 64: each inverted count
+        // equals the inversion of its own mean and uniform alone (one lane).
+        let mut rng = seeded(21);
+        let means: Vec<f32> = (0..3000)
+            .map(|i| match i % 97 {
+                0 => 0.0,
+                1 => f32::NAN,
+                2 => 80.0,
+                _ => 64.0 * uniform(&mut rng) as f32,
+            })
+            .collect();
+        let mut out = vec![0.0f32; means.len()];
+        let mut scratch = PoissonScratch::default();
+        poisson_fill(&mut seeded(4), &means, &mut out, &mut scratch);
+        let uniforms = scratch.uniforms.clone();
+        for (i, &v) in means.iter().enumerate() {
+            if !(v > 0.0 && v < MID_MAX) {
+                assert!(v >= MID_MAX || out[i] == 0.0, "mean {v}: {}", out[i]);
+                continue;
+            }
+            let mut alone = [0.0f32];
+            inversion(&[v], &uniforms[i..=i], &mut alone, MID_MAX, TERMS);
+            if alone[0] >= 0.0 {
+                assert_eq!(out[i], alone[0], "mean {v} at {i}");
+            }
+        }
+    }
+
+    #[test]
     fn fast_exp_is_accurate() {
         // Used for means below 64.
         for i in 0..=6400 {

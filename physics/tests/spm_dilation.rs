@@ -258,6 +258,80 @@ mod spm {
         }
     }
 
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+
+        /// A worn tip (flat disc swept by one or two paraboloids): the disc filter then the
+        /// separable passes give the brute force's image to rounding, near the edges too (surfaces
+        /// smaller than the disc included), into a non-contiguous output as well.
+        #[test]
+        fn worn_tip_equals_brute_force(
+            rows in 1usize..40, cols in 1usize..70, half in 0usize..10,
+            radius in 1e-9f64..30e-9, flat in 0.0f64..4e-9, pixel in 0.3e-9f64..1.5e-9,
+            relief in prop_oneof![Just(0.0), 0.01e-9f64..15e-9],
+            double in any::<bool>(), dx in -4e-9f64..4e-9, dz in 0.0f64..2e-9,
+            seed in any::<u64>(),
+        ) {
+            let r = (flat / pixel * (1.0 + 1e-9)).floor() as usize;
+            let side = 2 * (half + r) + 1;
+            let surface = random_surface(rows, cols, relief, 1e-9, seed);
+            let second = double.then_some(([dx, -0.5 * dx], dz));
+            let tip = Tip::worn(radius, flat, pixel, side, second).unwrap();
+            prop_assert!(tip.is_separable());
+            let fast = dilate(surface.view(), &tip);
+            let reference = dilate_brute_force(surface.view(), &tip);
+            prop_assert_eq!(&general(surface.view(), &tip), &reference);
+            assert_rounding_close(&fast, &reference, scale(&surface, &tip), "worn tip vs brute force");
+            prop_assert!(fast.iter().zip(surface.iter()).all(|(i, s)| i >= s));
+            // Into a transposed (non-contiguous) view.
+            let mut t = Array2::<f32>::zeros((cols, rows));
+            Dilator::new().dilate(surface.view(), &tip, t.view_mut().reversed_axes()).unwrap();
+            prop_assert_eq!(&t.t().to_owned(), &fast);
+        }
+    }
+
+    /// On the grid, the worn tip is the continuous blunted tip `-(|u| - a)²/2R` to within the
+    /// paraboloid's drop over one pixel diagonal, never above it, and equal on the flat disc.
+    #[test]
+    fn worn_tip_is_the_blunted_tip_on_the_grid() {
+        for (radius, flat, pixel, side) in [(5e-9, 1.5e-9, NM, 15), (20e-9, 2.2e-9, 0.4e-9, 41)] {
+            let worn = Tip::worn(radius, flat, pixel, side, None).unwrap();
+            let blunt = Tip::blunted(radius, flat, pixel, side).unwrap();
+            let c = (side / 2) as f64;
+            for i in 0..side {
+                for j in 0..side {
+                    let (w, b) = (f64::from(worn.height(i, j)), f64::from(blunt.height(i, j)));
+                    let d = ((i as f64 - c).powi(2) + (j as f64 - c).powi(2)).sqrt() * pixel;
+                    if w == f64::NEG_INFINITY {
+                        // Outside the inner window swept by the disc (the window's rounded-off
+                        // corners): deeper than the inner window's edge.
+                        let edge = (c - (flat / pixel).floor()) * pixel;
+                        assert!(b < -edge * edge / (2.0 * radius), "({i}, {j}): blunted {b}");
+                        continue;
+                    }
+                    // At most what the paraboloid drops over 1.5 more pixels below the blunted tip.
+                    let floor = -((d - flat).max(0.0) + 1.5 * pixel).powi(2) / (2.0 * radius);
+                    assert!(w <= b + 1e-15, "({i}, {j}): worn {w} above blunted {b}");
+                    assert!(w >= floor - 1e-15, "({i}, {j}): worn {w} vs blunted {b}");
+                    if d <= flat {
+                        assert_eq!(w, 0.0, "({i}, {j}) lies on the flat disc");
+                    }
+                }
+            }
+        }
+        // A disc wider than the window is clipped to it: flat on the clipped disc (the 5 × 5
+        // window's square within 3 nm of the apex), the brute force's image still.
+        let clipped = Tip::worn(5e-9, 3e-9, NM, 5, None).unwrap();
+        assert!(clipped.heights().iter().all(|&h| h == 0.0));
+        let surface = random_surface(9, 11, 4e-9, 0.0, 5);
+        assert_rounding_close(
+            &dilate(surface.view(), &clipped),
+            &dilate_brute_force(surface.view(), &clipped),
+            scale(&surface, &clipped),
+            "clipped worn tip",
+        );
+    }
+
     // ---------------------------------------------------------------------------------------------
     // Examples.
 
@@ -409,6 +483,7 @@ mod spm {
             Tip::paraboloid(10e-9, NM, 25).unwrap(),
             Tip::double(10e-9, NM, 25, [6e-9, -4e-9], 1e-9).unwrap(),
             random_tip(25, 12e-9, 0.1, 7),
+            Tip::worn(10e-9, 2.5e-9, NM, 25, Some(([3e-9, 1e-9], 0.5e-9))).unwrap(),
         ];
         let mut out_big = Array2::<f32>::zeros(big.dim());
         let mut out_small = Array2::<f32>::zeros(small.dim());

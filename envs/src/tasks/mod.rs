@@ -38,7 +38,9 @@ macro_rules! new_episode_from_template {
         impl NewEpisode for $sim {
             fn new_episode(&mut self, seed: u64, info: &mut Info) -> Result<()> {
                 self.reset(seed)?;
-                record_randomized(self.template(), self.config(), info);
+                for (name, v) in self.randomized() {
+                    info.insert(format!("param.{name}").into(), InfoValue::F64(*v));
+                }
                 Ok(())
             }
 
@@ -62,53 +64,6 @@ impl NewEpisode for DopantSimulator {
 
     fn set_region(&mut self, region: Region) {
         DopantSimulator::set_region(self, region);
-    }
-}
-
-/// Records in `info` the value drawn for every parameter that `template` gives as a
-/// distribution, as `param.<dotted key>`.
-pub fn record_randomized<T: Serialize>(template: &T, resolved: &T, info: &mut Info) {
-    fn walk(t: &toml::Value, r: &toml::Value, path: &str, info: &mut Info) {
-        match (t, r) {
-            (toml::Value::Table(tt), _)
-                if ["uniform", "normal", "log_uniform"]
-                    .iter()
-                    .any(|k| tt.contains_key(*k)) =>
-            {
-                let v = match r {
-                    toml::Value::Float(f) => Some(*f),
-                    toml::Value::Integer(i) => Some(*i as f64),
-                    _ => None,
-                };
-                if let Some(v) = v {
-                    info.insert(format!("param.{path}").into(), InfoValue::F64(v));
-                }
-            }
-            (toml::Value::Table(tt), toml::Value::Table(rt)) => {
-                for (k, tv) in tt {
-                    if let Some(rv) = rt.get(k) {
-                        let p = if path.is_empty() {
-                            k.clone()
-                        } else {
-                            format!("{path}.{k}")
-                        };
-                        walk(tv, rv, &p, info);
-                    }
-                }
-            }
-            (toml::Value::Array(ta), toml::Value::Array(ra)) => {
-                for (k, (tv, rv)) in ta.iter().zip(ra).enumerate() {
-                    walk(tv, rv, &format!("{path}[{k}]"), info);
-                }
-            }
-            _ => {}
-        }
-    }
-    if let (Ok(t), Ok(r)) = (
-        toml::Value::try_from(template),
-        toml::Value::try_from(resolved),
-    ) {
-        walk(&t, &r, "", info);
     }
 }
 

@@ -40,7 +40,12 @@
 //!   It equals the general path up to the rounding of the order of the two `f32` additions.
 //! - [`dilate_brute_force`]: the definition as plain loops, the reference for tests.
 //!
-//! [`Dilator::dilate`] picks the separable path when the tip has parts. A [`Dilator`] holds the
+//! - [`Tip::worn`] (a flat disc swept by separable parts, `t = D ⊕ p`): a flat-disc maximum
+//!   filter (one sliding-window maximum per disc row) on the grid grown by the disc, then the
+//!   separable passes, `2·side + log₂ side` operations per pixel and disc row instead of `side²`.
+//!   It equals the brute force to the same rounding as the separable path.
+//!
+//! [`Dilator::dilate`] picks the worn, then the separable path when the tip has parts. A [`Dilator`] holds the
 //! scratch buffers: after the first frame of a given size it allocates nothing.
 //!
 //! ```
@@ -91,6 +96,9 @@ pub struct Tip {
     pixel: f64,
     heights: Vec<f32>,
     parts: Vec<SeparablePart>,
+    /// For a worn tip ([`Tip::worn`]): the half-widths (pixels) of the rows `-r..=r` of its flat
+    /// disc, which the parts (over the inner `side - 2r` window) are swept over; empty otherwise.
+    disc: Vec<usize>,
 }
 
 /// A separable piece of a tip over its whole square window: `t_k(i, j) = rows[i] + cols[j]` (m),
@@ -254,6 +262,70 @@ impl Tip {
             pixel,
             heights,
             parts: Vec::new(),
+            disc: Vec::new(),
+        })
+    }
+
+    /// A worn tip on the pixel grid: a flat disc of radius `flat_radius` (m, ≥ 0) swept by a
+    /// paraboloid of radius `radius` (or by the double tip of [`Tip::double`] when `second` is
+    /// `Some((offset, dz))`): `t(u) = max_{w ∈ D} p(u - w)` over the grid offsets `w` of the disc
+    /// `D = {|w| ≤ a}` and the separable parts `p` over the inner `side - 2r` window (`r` the
+    /// disc's radius in whole pixels). On the grid this is the shape of [`Tip::blunted`], whose
+    /// `t = -(|u| - a)²/2R` is the same sweep with continuous `w`: the two differ by less than the
+    /// paraboloid's drop over one pixel. [`Dilator::dilate`] images it exactly and fast: a
+    /// flat-disc maximum filter (sliding-window maxima, one per disc row), then the parts'
+    /// separable passes. A disc wider than the window is clipped to the window (the tip is then
+    /// flat on the clipped disc).
+    ///
+    /// ```
+    /// use scopegym_physics::spm::dilation::Tip;
+    /// // R = 5 nm, a = 1 nm, 0.5 nm pixels: the apex is flat within 2 pixels.
+    /// let tip = Tip::worn(5e-9, 1e-9, 0.5e-9, 15, None).unwrap();
+    /// assert_eq!(tip.height(7, 9), 0.0);
+    /// assert!(tip.height(7, 10) < 0.0);
+    /// assert!(tip.is_separable());
+    /// ```
+    pub fn worn(
+        radius: f64,
+        flat_radius: f64,
+        pixel: f64,
+        side: usize,
+        second: Option<([f64; 2], f64)>,
+    ) -> Result<Self> {
+        check_length("radius", radius, false)?;
+        check_length("flat_radius", flat_radius, true)?;
+        check_length("pixel", pixel, false)?;
+        check_side(side)?;
+        // A disc wider than the window is clipped to it (rows and half-widths at most side/2).
+        let full = disc_rows(flat_radius, pixel);
+        let r = (full.len() / 2).min(side / 2);
+        let mid = full.len() / 2;
+        let disc: Vec<usize> = full[mid - r..=mid + r].iter().map(|&w| w.min(r)).collect();
+        let inner_side = side - 2 * r;
+        let inner = match second {
+            None => Self::paraboloid(radius, pixel, inner_side)?,
+            Some((offset, dz)) => Self::double(radius, pixel, inner_side, offset, dz)?,
+        };
+        if r == 0 {
+            return Ok(inner);
+        }
+        // t(u) = max over disc offsets of the inner tip moved by them: the disc filter of the
+        // inner heights on the window grown by r.
+        let inner_view = ArrayView2::from_shape((inner_side, inner_side), &inner.heights[..])
+            .expect("inner side²");
+        let mut heights = Vec::new();
+        disc_max_filter(
+            &inner_view,
+            &disc,
+            [&mut Vec::new(), &mut Vec::new(), &mut Vec::new()],
+            &mut heights,
+        );
+        Ok(Self {
+            side,
+            pixel,
+            heights,
+            parts: inner.parts,
+            disc,
         })
     }
 
@@ -296,6 +368,7 @@ impl Tip {
             pixel,
             heights,
             parts: Vec::new(),
+            disc: Vec::new(),
         })
     }
 
@@ -319,6 +392,7 @@ impl Tip {
             pixel,
             heights,
             parts,
+            disc: Vec::new(),
         }
     }
 
@@ -396,6 +470,20 @@ impl Tip {
     }
 }
 
+/// The half-widths (pixels) of the rows `dy = -r..=r` of a flat disc of radius `a` (m) on a
+/// `pixel` grid: the columns `|dx| ≤ w(dy)` with `(dx² + dy²)·pixel² ≤ a²` (a relative 1e-9 of
+/// slack keeps grid points on the rim). Just `[0]` for `a < pixel`.
+fn disc_rows(a: f64, pixel: f64) -> Vec<usize> {
+    let rho = a / pixel * (1.0 + 1e-9);
+    let r = rho.floor() as usize;
+    (0..=2 * r)
+        .map(|k| {
+            let dy = k as f64 - r as f64;
+            (rho * rho - dy * dy).max(0.0).sqrt().floor() as usize
+        })
+        .collect()
+}
+
 /// A run of taps along one source row: tap `k < len` adds `weights[w + k]` to the source value at
 /// offset `off + k` from the output position.
 #[derive(Debug, Clone, Copy)]
@@ -461,6 +549,13 @@ pub struct Dilator {
     bounds: Vec<f32>,
     scratch: Vec<f32>,
     taps: Taps,
+    /// Worn tips: the surface's rows padded by `2r` each side, their window maxima, and the
+    /// disc-filtered surface and its image on the grid grown by `r` each side.
+    disc_rows: Vec<f32>,
+    disc_max: Vec<f32>,
+    disc_tmp: Vec<f32>,
+    grown: Vec<f32>,
+    grown_out: Vec<f32>,
 }
 
 fn round_up(n: usize, m: usize) -> usize {
@@ -663,6 +758,54 @@ fn window_max(src: &[f32], n: usize, out: &mut Vec<f32>, tmp: &mut Vec<f32>) {
     }
 }
 
+/// The maximum of `src` (`rows × cols`) over the flat disc whose rows `-r..=r` have the
+/// half-widths `disc`, on the grid grown by `r` each side: `grown[(y, x)] = max src[(y - r - dy,
+/// x - r - dx)]` over `|dx| ≤ disc[dy + r]` and the positions inside `src` (`-∞` where there is
+/// none), row-major `(rows + 2r) × (cols + 2r)`. One sliding-window maximum of the padded rows per
+/// distinct half-width; `bufs` are scratch.
+fn disc_max_filter(
+    src: &ArrayView2<'_, f32>,
+    disc: &[usize],
+    bufs: [&mut Vec<f32>; 3],
+    grown: &mut Vec<f32>,
+) {
+    let [padded, maxima, tmp] = bufs;
+    let (rows, cols) = src.dim();
+    let r = disc.len() / 2;
+    let grown_width = cols + 2 * r;
+    // Source rows with 2r of -∞ each side, so that every window stays inside its row.
+    let line = cols + 4 * r;
+    pad_into(padded, src, 0, 2 * r, rows, line);
+    grown.clear();
+    grown.resize((rows + 2 * r) * grown_width, f32::NEG_INFINITY);
+    for k in 0..=r {
+        let w = disc[r + k];
+        // maxima[y·line + a] = max of padded row y over columns a..a + 2w + 1.
+        window_max(padded, 2 * w + 1, maxima, tmp);
+        // Grown (y + r + dy, x') takes row y's window centred on padded column x' + r.
+        let dys: &[isize] = if k == 0 { &[0] } else { &[-1, 1] };
+        for &sign in dys {
+            let dy = sign * k as isize;
+            for y in 0..rows {
+                let gy = (y as isize + r as isize + dy) as usize;
+                let start = y * line + r - w;
+                max_into(
+                    &mut grown[gy * grown_width..(gy + 1) * grown_width],
+                    &maxima[start..start + grown_width],
+                );
+            }
+        }
+    }
+}
+
+/// `dst[a] = max(dst[a], src[a])`.
+#[multiversion::multiversion(targets("x86_64+avx2+fma"))]
+fn max_into(dst: &mut [f32], src: &[f32]) {
+    for (d, &x) in dst.iter_mut().zip(src) {
+        *d = if x > *d { x } else { *d };
+    }
+}
+
 /// `dst[a] = max(src[a], src[a + k])`, and `src[a]` where `a + k` is past the end.
 #[multiversion::multiversion(targets("x86_64+avx2+fma"))]
 fn window_max_step(src: &[f32], dst: &mut [f32], k: usize) {
@@ -787,7 +930,9 @@ impl Dilator {
         tip: &Tip,
         out: ArrayViewMut2<'_, f32>,
     ) -> Result<()> {
-        if tip.is_separable() {
+        if !tip.disc.is_empty() {
+            self.dilate_worn(surface, tip, out)
+        } else if tip.is_separable() {
             self.dilate_separable(surface, tip, out)
         } else {
             self.dilate_general(surface, tip, out)
@@ -813,6 +958,7 @@ impl Dilator {
             bounds,
             scratch,
             taps,
+            ..
         } = self;
         let (side, c) = (tip.side, tip.side / 2);
         // Padded surface: P(y + c, x + c) = s(y, x), -∞ around, rows rounded up to whole vectors.
@@ -838,6 +984,52 @@ impl Dilator {
         Ok(())
     }
 
+    /// A worn tip ([`Tip::worn`]): the surface's maximum over the flat disc `D`, on the grid grown
+    /// by the disc's radius `r` each side (`g(z) = max_{w ∈ D} s(z - w)` over the `w` with
+    /// `z - w` inside the surface, `-∞` where there is none), then the separable parts over it
+    /// (`img(x) = max_v [g(x - v) + p(v)]`, the same maximum as over `t = D ⊕ p`), cropped to the
+    /// surface. Each disc row is one sliding-window maximum of the padded rows.
+    fn dilate_worn(
+        &mut self,
+        surface: ArrayView2<'_, f32>,
+        tip: &Tip,
+        mut out: ArrayViewMut2<'_, f32>,
+    ) -> Result<()> {
+        check_shapes(&surface, &out)?;
+        let (rows, width) = surface.dim();
+        if rows == 0 || width == 0 {
+            return Ok(());
+        }
+        let r = tip.disc.len() / 2;
+        let (grown_rows, grown_width) = (rows + 2 * r, width + 2 * r);
+        let mut grown = std::mem::take(&mut self.grown);
+        disc_max_filter(
+            &surface,
+            &tip.disc,
+            [&mut self.disc_rows, &mut self.disc_max, &mut self.disc_tmp],
+            &mut grown,
+        );
+        let mut grown_out = std::mem::take(&mut self.grown_out);
+        grown_out.clear();
+        grown_out.resize(grown_rows * grown_width, 0.0);
+        let inner_c = tip.side / 2 - r;
+        let result = {
+            let g = ArrayView2::from_shape((grown_rows, grown_width), &grown[..])
+                .expect("grown rows × columns");
+            let o = ArrayViewMut2::from_shape((grown_rows, grown_width), &mut grown_out[..])
+                .expect("grown rows × columns");
+            self.separable_parts(g, &tip.parts, inner_c, o)
+        };
+        if result.is_ok() {
+            let g = ArrayView2::from_shape((grown_rows, grown_width), &grown_out[..])
+                .expect("grown rows × columns");
+            out.assign(&g.slice(ndarray::s![r..r + rows, r..r + width]));
+        }
+        self.grown = grown;
+        self.grown_out = grown_out;
+        result
+    }
+
     /// The exact fast path for tips made of separable parts ([`Tip::paraboloid`],
     /// [`Tip::point`], [`Tip::double`]): for each part a 1-D max-plus with its column profile
     /// along `x`, then with its row profile along `y`, and the maximum over the parts. Equals the
@@ -848,7 +1040,7 @@ impl Dilator {
         &mut self,
         surface: ArrayView2<'_, f32>,
         tip: &Tip,
-        mut out: ArrayViewMut2<'_, f32>,
+        out: ArrayViewMut2<'_, f32>,
     ) -> Result<()> {
         if tip.parts.is_empty() {
             return Err(PhysicsError::arg(
@@ -856,6 +1048,20 @@ impl Dilator {
                 "has no separable parts: use dilate_general",
             ));
         }
+        if !tip.disc.is_empty() {
+            return self.dilate_worn(surface, tip, out);
+        }
+        self.separable_parts(surface, &tip.parts, tip.side / 2, out)
+    }
+
+    /// [`Dilator::dilate_separable`] for `parts` whose profiles have `2c + 1` entries.
+    fn separable_parts(
+        &mut self,
+        surface: ArrayView2<'_, f32>,
+        parts: &[SeparablePart],
+        c: usize,
+        mut out: ArrayViewMut2<'_, f32>,
+    ) -> Result<()> {
         check_shapes(&surface, &out)?;
         let (rows, width) = surface.dim();
         if rows == 0 || width == 0 {
@@ -868,7 +1074,6 @@ impl Dilator {
             taps,
             ..
         } = self;
-        let c = tip.side / 2;
         let w8 = round_up(width, LANE);
         // Pass 1 along x reads rows padded left and right only.
         let stride = w8 + 2 * c;
@@ -886,7 +1091,7 @@ impl Dilator {
         let padded = &padded[..];
         with_out(&mut out, scratch, |dst| {
             let mut first = true;
-            for part in &tip.parts {
+            for part in parts {
                 let (rmax, cmax) = (profile_max(&part.rows), profile_max(&part.cols));
                 // Skipping: a term s + cols(j) + rows(i) below min s loses to the apex term s(x),
                 // which the part holding the apex contributes exactly. The margin covers the two

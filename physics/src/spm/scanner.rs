@@ -523,16 +523,21 @@ impl Scanner {
             }
             let (m, a, b) = c.cached;
             if m == 1 && c.pos >= c.len {
-                // A node every pixel: the same recursion as below without the interpolation.
-                for v in line.iter_mut() {
-                    if c.len > 0 {
-                        c.v0 = c.v1;
-                    }
-                    c.len = 1;
-                    c.v1 = a * c.v0 + b * normal(rng);
-                    *v += c.v0 as f32;
+                // A node every pixel: the same recursion as below without the interpolation,
+                // with the state in locals (the generator cannot alias it).
+                if n == 0 {
+                    continue;
                 }
-                c.pos = if n > 0 { 1 } else { c.pos };
+                // The first node ever keeps v0 where it is.
+                let mut v0 = if c.len > 0 { c.v1 } else { c.v0 };
+                let mut v1 = a * v0 + b * normal(rng);
+                line[0] += v0 as f32;
+                for v in line[1..].iter_mut() {
+                    v0 = v1;
+                    v1 = a * v0 + b * normal(rng);
+                    *v += v0 as f32;
+                }
+                (c.v0, c.v1, c.len, c.pos) = (v0, v1, 1, 1);
                 continue;
             }
             let mut i = 0;

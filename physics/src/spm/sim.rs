@@ -40,7 +40,7 @@ use crate::instrument::{
     ScanSettings, SpmFrame, SpmFrameMeta, SpmInstrument, SpmMode, TipConditioning,
 };
 use crate::param::dims::{Angle, Frequency, Length, Time, Unitless, Voltage};
-use crate::param::{Param, Region, resolve, resolve_in};
+use crate::param::{Param, Randomizer, Region};
 use crate::rng::{SimRng, derive_seed, normal, seeded};
 use crate::spm::adatoms::{AdatomConfig, bumps, corrugation, place_adatoms};
 use crate::spm::dilation::{Dilator, Tip};
@@ -383,7 +383,9 @@ const MANIPULATION_SPEED: f64 = 1e-9;
 /// A simulated SPM session.
 #[derive(Debug)]
 pub struct SpmSimulator {
-    template: SpmConfig,
+    template: Randomizer<SpmConfig>,
+    /// This episode's drawn parameters, by dotted config key (SI units).
+    drawn: Vec<(String, f64)>,
     region: Region,
     cfg: SpmConfig,
     seed: u64,
@@ -466,14 +468,16 @@ impl SpmSimulator {
     /// sample, tip and scanner. The same config and seed give the same session, bit for bit.
     pub fn new(config: SpmConfig, seed: u64) -> Result<Self> {
         config.validate()?;
-        let cfg = resolve(&config, &mut seeded(derive_seed(seed, "params")))?;
+        let template = Randomizer::new(config)?;
+        let (cfg, drawn) = template.draw(&mut seeded(derive_seed(seed, "params")), Region::All)?;
         cfg.validate()?;
         let mut rng_scan = seeded(derive_seed(seed, "scan"));
         let scanner = Scanner::new(&cfg.scanner, &mut rng_scan)?;
         let feedback = ZFeedback::new(&cfg.feedback)?;
         let tip = TipState::new(&cfg.tip, &mut seeded(derive_seed(seed, "tip_init")))?;
         let mut sim = Self {
-            template: config,
+            template,
+            drawn,
             region: Region::All,
             seed,
             rng_noise: seeded(derive_seed(seed, "noise")),
@@ -528,11 +532,9 @@ impl SpmSimulator {
     /// Starts a new session with `seed`: redraws randomized parameters, rebuilds the sample, the
     /// tip, the film and the scanner; zeroes the clock and frame counter.
     pub fn reset(&mut self, seed: u64) -> Result<()> {
-        let cfg = resolve_in(
-            &self.template,
-            &mut seeded(derive_seed(seed, "params")),
-            self.region,
-        )?;
+        let (cfg, drawn) = self
+            .template
+            .draw(&mut seeded(derive_seed(seed, "params")), self.region)?;
         cfg.validate()?;
         self.seed = seed;
         self.rng_noise = seeded(derive_seed(seed, "noise"));
@@ -583,6 +585,7 @@ impl SpmSimulator {
             None
         };
         self.cfg = cfg;
+        self.drawn = drawn;
         let n = self.cfg.sample.pixels;
         self.terrace = if self.adatoms.is_empty() {
             Array2::zeros((1, 1))
@@ -707,7 +710,13 @@ impl SpmSimulator {
 
     /// The configuration as given, distributions included.
     pub fn template(&self) -> &SpmConfig {
-        &self.template
+        self.template.template()
+    }
+
+    /// The randomized parameters of this episode and their drawn values (SI units), by dotted
+    /// config key (`scanner.drift_settled`, `specimen.rotation`, ...).
+    pub fn randomized(&self) -> &[(String, f64)] {
+        &self.drawn
     }
 
     /// Draws every later episode's randomized parameters from `region` of their distributions

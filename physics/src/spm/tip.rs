@@ -13,7 +13,8 @@
 //! `t(u) = max( -(|u| - a)₊²/(2R_k), -dz - (|u - d|  - a)₊²/(2R_k) )`, the second term only for
 //! a double tip (second apex at offset `d`, `dz ≥ 0` below the main one in `t`: a feature at `p`
 //! is imaged again, `dz` lower, at `p + d`). Without flat and double it is
-//! [`Tip::paraboloid`], with a double and no flat [`Tip::double`] (both separable, fast).
+//! [`Tip::paraboloid`], with a double and no flat [`Tip::double`], with a flat [`Tip::worn`] (the
+//! flat disc swept by the paraboloids on the pixel grid; all three image fast).
 //!
 //! # Slow changes (never decrease `R`)
 //!
@@ -919,8 +920,9 @@ impl TipState {
     }
 
     /// The dilation kernel `t` on a `pixel` grid (m, in `(0, 1e-4]`) of `side × side` pixels
-    /// (odd, at most [`MAX_TIP_SIDE`]): apex at 0, heights ≤ 0 and finite (see the module
-    /// docs).
+    /// (odd, at most [`MAX_TIP_SIDE`]): apex at 0, heights ≤ 0 (see the module docs). A blunted
+    /// apex is [`Tip::worn`]: the flat disc swept by the paraboloid(s) on the grid, `-∞` in the
+    /// window's corners that the sweep does not reach (deeper than the window's edge).
     pub fn kernel(&self, pixel: f64, side: usize) -> Result<Tip> {
         if !(pixel > 0.0 && pixel <= MAX_PIXEL) {
             return Err(PhysicsError::arg(
@@ -939,26 +941,7 @@ impl TipState {
         match (a > 0.0, self.second) {
             (false, None) => Tip::paraboloid(rk, pixel, side),
             (false, Some(d)) => Tip::double(rk, pixel, side, d.offset, d.dz),
-            (true, second) => {
-                let c = (side / 2) as f64;
-                let blunted = |ux: f64, uy: f64| {
-                    let beyond = ((ux * ux + uy * uy).sqrt() - a).max(0.0);
-                    0.0 - beyond * beyond / (2.0 * rk)
-                };
-                let mut heights = Vec::with_capacity(side * side);
-                for i in 0..side {
-                    let uy = (i as f64 - c) * pixel;
-                    for j in 0..side {
-                        let ux = (j as f64 - c) * pixel;
-                        let mut t = blunted(ux, uy);
-                        if let Some(d) = second {
-                            t = t.max(-d.dz + blunted(ux - d.offset[0], uy - d.offset[1]));
-                        }
-                        heights.push(t as f32);
-                    }
-                }
-                Tip::from_heights(side, pixel, heights)
-            }
+            (true, second) => Tip::worn(rk, a, pixel, side, second.map(|d| (d.offset, d.dz))),
         }
     }
 }
@@ -1934,7 +1917,10 @@ mod tests {
                 let k = tip.kernel(pixel, side).unwrap();
                 let c = side / 2;
                 prop_assert_eq!(k.height(c, c), 0.0);
-                prop_assert!(k.heights().iter().all(|h| h.is_finite() && *h <= 0.0));
+                // Finite wherever the paraboloid's window reaches (−∞ only in the corners a
+                // worn tip's flat disc does not sweep), never above the apex.
+                prop_assert!(k.heights().iter().all(|h| !h.is_nan() && *h <= 0.0));
+                prop_assert!((0..side).all(|j| k.height(c, j).is_finite() && k.height(j, c).is_finite()));
             }
         }
     }

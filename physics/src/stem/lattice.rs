@@ -34,7 +34,7 @@ use crate::error::{PhysicsError, Result};
 use crate::instrument::{
     Frame, FrameMeta, InstrumentInfo, InstrumentKind, ScanSettings, Spectrum, StemInstrument,
 };
-use crate::param::{Region, resolve_in};
+use crate::param::{Randomizer, Region};
 use crate::rng::{PoissonScratch, SimRng, derive_seed, poisson, seeded};
 use crate::stem::optics::{Aberrations, ProbeCalculator, electron_wavelength};
 use crate::stem::sim::{StemConfig, StemSimulator, check_scan_request};
@@ -62,7 +62,9 @@ struct Beam {
 /// A perfect crystal imaged by HAADF STEM through Fourier synthesis (see the module docs).
 #[derive(Debug)]
 pub struct LatticeSimulator {
-    template: StemConfig,
+    template: Randomizer<StemConfig>,
+    /// This episode's drawn parameters, by dotted config key (SI units).
+    drawn: Vec<(String, f64)>,
     region: Region,
     cfg: StemConfig,
     seed: u64,
@@ -109,7 +111,8 @@ impl LatticeSimulator {
         config.validate()?;
         let mut sim = Self {
             cfg: config.clone(),
-            template: config,
+            template: Randomizer::new(config)?,
+            drawn: Vec::new(),
             region: Region::All,
             seed,
             rng_noise: seeded(0),
@@ -152,11 +155,9 @@ impl LatticeSimulator {
     /// Starts a new session with `seed`: redraws the randomized parameters (rotation, lattice
     /// constant, optics, ...), zeroes the clock, the drift and the frame counter.
     pub fn reset(&mut self, seed: u64) -> Result<()> {
-        let cfg = resolve_in(
-            &self.template,
-            &mut seeded(derive_seed(seed, "params")),
-            self.region,
-        )?;
+        let (cfg, drawn) = self
+            .template
+            .draw(&mut seeded(derive_seed(seed, "params")), self.region)?;
         cfg.validate()?;
         Self::check_representable(&cfg)?;
         let sp = &cfg.specimen;
@@ -219,6 +220,7 @@ impl LatticeSimulator {
         self.scan = StemSimulator::scan_from(&cfg);
         self.aberrations = cfg.optics.aberrations();
         self.cfg = cfg;
+        self.drawn = drawn;
         self.seed = seed;
         self.rng_noise = seeded(derive_seed(seed, "noise"));
         self.probe_dirty = true;
@@ -274,7 +276,13 @@ impl LatticeSimulator {
 
     /// The configuration as given (distributions unresolved).
     pub fn template(&self) -> &StemConfig {
-        &self.template
+        self.template.template()
+    }
+
+    /// The randomized parameters of this episode and their drawn values (SI units), by dotted
+    /// config key (`scanner.drift_settled`, `specimen.rotation`, ...).
+    pub fn randomized(&self) -> &[(String, f64)] {
+        &self.drawn
     }
 
     /// Draws every later episode's randomized parameters from `region` of their distributions

@@ -17,7 +17,7 @@ use crate::instrument::{
     Frame, FrameMeta, InstrumentInfo, InstrumentKind, ScanSettings, Spectrum, StemInstrument,
 };
 use crate::param::dims::Current;
-use crate::param::{Param, Region, resolve, resolve_in};
+use crate::param::{Param, Randomizer, Region};
 use crate::rng::{SimRng, derive_seed, poisson, seeded};
 use crate::stem::damage::{DamageConfig, DoseMap, Hop, HopModel, sputter};
 use crate::stem::eels::{EelsConfig, EelsModel};
@@ -113,7 +113,9 @@ pub struct DamageReport {
 /// The simulated STEM. Implements [`StemInstrument`].
 #[derive(Debug)]
 pub struct StemSimulator {
-    template: StemConfig,
+    template: Randomizer<StemConfig>,
+    /// This episode's drawn parameters, by dotted config key (SI units).
+    drawn: Vec<(String, f64)>,
     region: Region,
     cfg: StemConfig,
     seed: u64,
@@ -203,11 +205,13 @@ impl StemSimulator {
     /// specimen. The same config and seed give the same session, bit for bit.
     pub fn new(config: StemConfig, seed: u64) -> Result<Self> {
         config.validate()?;
-        let cfg = resolve(&config, &mut seeded(derive_seed(seed, "params")))?;
+        let template = Randomizer::new(config)?;
+        let (cfg, drawn) = template.draw(&mut seeded(derive_seed(seed, "params")), Region::All)?;
         cfg.validate()?;
         let eels = EelsModel::new(&cfg.eels)?;
         let mut sim = Self {
-            template: config,
+            template,
+            drawn,
             region: Region::All,
             scan: Self::scan_from(&cfg),
             aberrations: cfg.optics.aberrations(),
@@ -267,11 +271,9 @@ impl StemSimulator {
     /// Starts a new session with `seed`: redraws randomized parameters, rebuilds the specimen,
     /// zeroes the clock, drift, dose map and frame counter. Buffers are kept.
     pub fn reset(&mut self, seed: u64) -> Result<()> {
-        let cfg = resolve_in(
-            &self.template,
-            &mut seeded(derive_seed(seed, "params")),
-            self.region,
-        )?;
+        let (cfg, drawn) = self
+            .template
+            .draw(&mut seeded(derive_seed(seed, "params")), self.region)?;
         cfg.validate()?;
         if cfg.eels != self.cfg.eels {
             self.eels = EelsModel::new(&cfg.eels)?;
@@ -316,6 +318,7 @@ impl StemSimulator {
             .build(half, &mut seeded(derive_seed(seed, "specimen")))?;
         self.dose_map = DoseMap::new(half, cfg.damage.dose_map_cell.get());
         self.cfg = cfg;
+        self.drawn = drawn;
         self.ideal_valid = false;
         self.clock = 0.0;
         self.frames = 0;
@@ -332,7 +335,13 @@ impl StemSimulator {
 
     /// The configuration as given, distributions included.
     pub fn template(&self) -> &StemConfig {
-        &self.template
+        self.template.template()
+    }
+
+    /// The randomized parameters of this episode and their drawn values (SI units), by dotted
+    /// config key (`scanner.drift_settled`, `specimen.rotation`, ...).
+    pub fn randomized(&self) -> &[(String, f64)] {
+        &self.drawn
     }
 
     /// Draws every later episode's randomized parameters from `region` of their distributions
