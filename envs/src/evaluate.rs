@@ -187,6 +187,34 @@ pub fn assert_no_degenerate_wins(
     );
 }
 
+/// The check of issue 12 for one task: the heuristic and random actions over `seeds` of `env`
+/// (configure its split and level beforehand); prints both scores and panics unless the
+/// heuristic's mean return exceeds random's by more than `return_margin` and its success rate
+/// by at least `success_margin`. Returns `(heuristic, random)`.
+pub fn assert_heuristic_beats_random(
+    id: &str,
+    env: &mut dyn Env,
+    seeds: std::ops::Range<u64>,
+    return_margin: f64,
+    success_margin: f64,
+) -> (Score, Score) {
+    let n = seeds.end.saturating_sub(seeds.start);
+    let h = evaluate(env, &Policy::Heuristic, seeds.clone()).expect("heuristic episodes run");
+    let r = evaluate(env, &Policy::Random, seeds).expect("random episodes run");
+    let table = format!(
+        "{id}, {n} seeds: heuristic return {:.3} ± {:.3}, success {:.3}; random return {:.3} ± \
+         {:.3}, success {:.3}",
+        h.mean_return, h.return_ci95, h.success_rate, r.mean_return, r.return_ci95, r.success_rate
+    );
+    println!("{table}");
+    assert!(
+        h.mean_return > r.mean_return + return_margin
+            && h.success_rate >= r.success_rate + success_margin,
+        "{table}: margins (return {return_margin}, success {success_margin}) not reached"
+    );
+    (h, r)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -17,31 +17,39 @@
 //! inside large domains, so the overview predicts where to look (structure → property, what
 //! deep-kernel learning exploits).
 //!
-//! **History**: a loop writes a domain about a tip radius wide at its point, whose new walls
-//! change the loops measured next to it: within 2.5 grid spacings of earlier loops a loop
-//! differs from the fresh film's by 0.1 r.m.s. at medium (0.05 over random probing, nothing
-//! beyond 4 spacings), heavy-tailed: now and then a loop opens (or closes) only because of a
-//! wall an earlier loop wrote. The posterior takes this as measurement noise (`noise_sd`);
-//! success is judged on the fresh film. Such reads are no larger than the real large loops, so
-//! writing walls cannot raise the score above what finding a real large loop gives.
+//! **History**: a loop writes a domain at its point and moves walls around it, which changes
+//! the loops measured next to it and at the point itself (a loop measured again opens further:
+//! the wake-up of a ferroelectric). Measured on the test split with random probing, a loop
+//! within 1-4 grid spacings of earlier loops differs from the as-grown film's by 0.06-0.09
+//! r.m.s., heavy-tailed (up to 0.6: a loop that opens only because of a wall an earlier loop
+//! wrote, a "phantom"), 0.03 at 5 spacings and almost never beyond. Phantoms read as large as
+//! the real large loops, so a score that counted them would pay for writing walls. Hence the
+//! instrument-side rule a BEPS experiment follows: **only a loop measured on as-grown film
+//! counts**, i.e. with no earlier loop within `history_radius` (default 250 nm, 4 spacings),
+//! the point itself included. Other loops are observed (`measured_value`) but neither enter
+//! the estimate nor earn reward. The rule uses the measurement log only; success is judged on
+//! the fresh film.
 //!
 //! - **Posterior** ([`CellPosterior`], computed from the measured areas only): each point's
 //!   area is an unknown mean with the prior `N(prior_mean, prior_sd²)`, each loop a measurement
 //!   of it with the noise `noise_sd` (its repeatability; the three are config fields in area
-//!   units, defaults measured on the simulator at medium). The *recommended* point is the
-//!   measured point with the largest posterior mean; the *score* `S` is that posterior mean
-//!   (`S₀ = prior_mean`).
+//!   units, defaults measured on the simulator at medium), counted loops only (see History).
+//!   The *recommended* point is the measured point with the largest posterior mean; the
+//!   *score* `S` is that posterior mean (`S₀ = prior_mean`).
 //! - **Reward**: `reward_scale · (S_t − S_{t−1})`: the return is `reward_scale · (S_T −
 //!   prior_mean)`. The first loop earns only what its point's estimate exceeds the prior mean
-//!   by; re-measuring a point moves its estimate toward its true area (a martingale), and a
-//!   single lucky reading is shrunk toward the prior.
+//!   by, a single lucky reading is shrunk toward the prior, and a loop that does not count
+//!   earns nothing. (With `history_radius = 0`, or on recorded loops, every loop counts and
+//!   re-measuring a point moves its estimate toward its mean reading.)
 //! - **Observation** (Dict, keys safe for torch `ModuleDict`): `overview`, a PFM image of the
 //!   area taken at reset (`(pixels, pixels)` in `[0, 1]`, `(1 + cos phase)/2`: up domains
 //!   bright; in real-data mode the recorded response at the first bias point, min-max scaled);
 //!   `patches`, the `patch × patch` pixels of the overview centred on each point (`(grid²,
 //!   patch, patch)`, 0 outside the image; left out when `patch = 0`); `measured_value`, the
 //!   mean area measured at each point (`(grid, grid)`, 0 where unmeasured); `measured_count`,
-//!   the loops measured at each point over the budget (`(grid, grid)`, `[0, 1]`); `last_loop`,
+//!   the loops measured at each point over the budget (`(grid, grid)`, `[0, 1]`); `pristine`,
+//!   1 where a loop measured now would count (no loop within `history_radius` so far), else 0
+//!   (`(grid, grid)`); `last_loop`,
 //!   the last loop's response scaled to `[-1, 1]` by `R_span` (`(loop points,)`, 0 before the
 //!   first). With the defaults that is 22.6 k floats; the 4-pixel patch (125 nm) spans the
 //!   point's cell and half of each neighbour's, about the domain a loop writes.
@@ -73,13 +81,13 @@
 //!   defaults are the simulator's; the shared file's areas (with its default `R_span`) have
 //!   mean 0.01 and spread 0.03, and a recorded loop reads the same every time: set
 //!   `prior_mean = 0.01`, `prior_sd = 0.03`, `noise_sd = 0.005` for it.
-//! - **Heuristic**: first a coarse lattice (3 × 3 points); then the
-//!   unmeasured point with the largest upper confidence bound of two cheap models fitted to the
-//!   measured areas: a structure model (loops open near domain walls: the mean area measured at
-//!   each distance from the nearest wall of the overview) as the prior of a spatial kernel
-//!   regression; over the last quarter of the budget, re-measure the measured point with the
-//!   largest upper confidence bound of its mean, which unmasks loops that opened only because
-//!   an earlier loop wrote a domain wall beside them.
+//! - **Heuristic**: first a coarse lattice (3 × 3 points); then the pristine unmeasured point
+//!   with the largest upper confidence bound of two cheap models fitted to the measured areas:
+//!   a structure model (loops open near domain walls: the mean area measured at each distance
+//!   from the nearest wall of the overview) as the prior of a spatial kernel regression; over
+//!   the last quarter of the budget, or once no pristine point is left, re-measure the counted
+//!   point with the largest upper confidence bound of its mean (which counts only where every
+//!   loop does).
 //!
 //! **Domain randomization** (each level's defaults; every range is split into train/test
 //! bands; scanner drift is off so the measurement points stay where the ground truth was
@@ -166,15 +174,14 @@ pub struct Config {
     /// reduced polarization; recorded data: the file's units). Default: 2 for the simulator,
     /// the 99th percentile of the (despiked) recorded loops' ranges.
     pub response_span: Option<f64>,
-    /// Prior mean of a point's loop area, area units. Default 0.11 (the mean area over the
+    /// Prior mean of a point's loop area, area units. Default 0.07 (the mean area over the
     /// grid at medium: most points, inside domains, barely open a loop).
     pub prior_mean: f64,
-    /// Prior standard deviation of a point's loop area. Default 0.2 (the spread at medium).
+    /// Prior standard deviation of a point's loop area. Default 0.16 (the spread at medium).
     pub prior_sd: f64,
-    /// Standard deviation of one loop's area around the fresh film's at its point, area units.
-    /// Default 0.1: the r.m.s. difference at medium for loops measured within 2.5 grid spacings
-    /// of earlier ones (0.05 over random probing; 0 beyond 4 spacings), heavy-tailed (module
-    /// docs).
+    /// Standard deviation of one counted loop's area around the fresh film's at its point, area
+    /// units. Default 0.1: the history the radius leaves (0.03-0.09 r.m.s. at 4-5 spacings from
+    /// earlier loops, heavy-tailed; module docs); a real instrument sets its repeatability.
     pub noise_sd: f64,
     /// Success when the recommended point's true regret is at most this fraction of the true
     /// best area. Default 0.05 (the areas saturate near 0.6-0.75 where loops switch fully: 10 %
@@ -182,6 +189,12 @@ pub struct Config {
     pub success_tolerance: f64,
     /// Reward per unit of posterior loop area gained. Default 10.
     pub reward_scale: f64,
+    /// History radius, m: a loop counts toward the estimate (and the recommendation) only if
+    /// no loop at another point within this distance came before it, i.e. the film there was
+    /// as grown. Default 320 nm (five spacings of the default grid: the simulated film changes
+    /// within that distance of a loop, module docs); 0 counts every loop. Ignored for recorded
+    /// loops, which have no history.
+    pub history_radius: f64,
     /// Ground truth to compute (`"search"`, `"exhaustive"` or `"off"`; module docs). Default
     /// `"search"`.
     pub truth: TruthMode,
@@ -260,6 +273,7 @@ impl TaskConfig for Config {
             noise_sd: 0.1,
             success_tolerance: 0.05,
             reward_scale: 10.0,
+            history_radius: 250e-9,
             truth: TruthMode::Search,
         }
     }
@@ -322,6 +336,12 @@ impl Config {
             );
         }
         check_posterior(self.prior_mean, self.prior_sd, self.noise_sd)?;
+        if !(self.history_radius.is_finite() && self.history_radius >= 0.0) {
+            return bad(
+                "history_radius",
+                format!("must be finite and ≥ 0 m, got {}", self.history_radius),
+            );
+        }
         if !(self.success_tolerance.is_finite() && self.success_tolerance >= 0.0) {
             return bad(
                 "success_tolerance",
@@ -662,6 +682,14 @@ pub struct PfmSpectroscopyExplore<I> {
     post: CellPosterior,
     measured_value: Vec<f32>,
     measured_count: Vec<f32>,
+    /// 1 where a loop measured now would count toward the estimate (no loop at another point
+    /// within `history_radius` so far), else 0.
+    pristine: Vec<f32>,
+    /// The history radius in grid spacings (0: off), and every loop's sum and count (the
+    /// observation's `measured_value`, counted or not).
+    history: f64,
+    read_sum: Vec<f64>,
+    read_count: Vec<u32>,
     last_loop: Vec<f32>,
     score: f64,
     oracle: Option<LoopOracle>,
@@ -734,6 +762,13 @@ impl<I: SpmInstrument + PointSpectroscopy + LoopTruth + NewEpisode + Send>
             patches: vec![0.0; n * cfg.patch * cfg.patch],
             measured_value: vec![0.0; n],
             measured_count: vec![0.0; n],
+            pristine: vec![1.0; n],
+            history: match &source {
+                Source::Instrument(_) => cfg.history_radius / (cfg.field / grid as f64),
+                Source::Recorded(_) => 0.0,
+            },
+            read_sum: vec![0.0; n],
+            read_count: vec![0; n],
             last_loop: vec![0.0; waveform.len() - loop_start],
             loop_start,
             score: cfg.prior_mean,
@@ -748,6 +783,25 @@ impl<I: SpmInstrument + PointSpectroscopy + LoopTruth + NewEpisode + Send>
             cfg,
             source,
         })
+    }
+
+    /// Marks `k` and the points within the history radius of it as no longer pristine.
+    fn mark_history(&mut self, k: usize) {
+        let (g, r) = (self.grid, self.history);
+        if r <= 0.0 {
+            return;
+        }
+        self.pristine[k] = 0.0;
+        let (ki, kj) = ((k / g) as i64, (k % g) as i64);
+        let reach = r.floor() as i64;
+        for i in (ki - reach).max(0)..=(ki + reach).min(g as i64 - 1) {
+            for j in (kj - reach).max(0)..=(kj + reach).min(g as i64 - 1) {
+                let d2 = ((i - ki).pow(2) + (j - kj).pow(2)) as f64;
+                if d2 > 0.0 && d2 <= r * r {
+                    self.pristine[i as usize * g + j as usize] = 0.0;
+                }
+            }
+        }
     }
 
     /// Lab position of grid point `k`, m.
@@ -858,6 +912,7 @@ impl<I: SpmInstrument + PointSpectroscopy + LoopTruth + NewEpisode + Send>
             "measured_count".into(),
             Value::Box(self.measured_count.clone()),
         ));
+        d.push(("pristine".into(), Value::Box(self.pristine.clone())));
         d.push(("last_loop".into(), Value::Box(self.last_loop.clone())));
         Value::Dict(d)
     }
@@ -884,6 +939,7 @@ impl<I: SpmInstrument + PointSpectroscopy + LoopTruth + NewEpisode + Send> Task
                 "measured_count".into(),
                 Space::uniform_box(&[g, g], 0.0, 1.0),
             ),
+            ("pristine".into(), Space::uniform_box(&[g, g], 0.0, 1.0)),
             (
                 "last_loop".into(),
                 Space::uniform_box(&[self.last_loop.len()], -LOOP_MAX, LOOP_MAX),
@@ -909,6 +965,9 @@ impl<I: SpmInstrument + PointSpectroscopy + LoopTruth + NewEpisode + Send> Task
         self.score = self.cfg.prior_mean;
         self.measured_value.fill(0.0);
         self.measured_count.fill(0.0);
+        self.pristine.fill(1.0);
+        self.read_sum.fill(0.0);
+        self.read_count.fill(0);
         self.last_loop.fill(0.0);
         self.truth.fill(f64::NAN);
         self.true_best = None;
@@ -990,14 +1049,31 @@ impl<I: SpmInstrument + PointSpectroscopy + LoopTruth + NewEpisode + Send> Task
                 0.0
             };
         }
-        self.post.add(k, area);
-        self.measured_value[k] = (self.post.sample_mean(k) as f32).clamp(0.0, 1.0);
-        self.measured_count[k] = (self.post.count(k) as f32 / self.cfg.budget as f32).min(1.0);
+        // Only a loop on as-grown film counts; then the film within the history radius of k,
+        // k included, is no longer as grown (a loop's own written walls open its next loops
+        // further: the wake-up of a ferroelectric).
+        let counted = self.pristine[k] > 0.5;
+        if counted {
+            self.post.add(k, area);
+        }
+        self.mark_history(k);
+        if area.is_finite() {
+            self.read_sum[k] += area;
+            self.read_count[k] += 1;
+        }
+        let c = self.read_count[k];
+        self.measured_value[k] = if c > 0 {
+            ((self.read_sum[k] / f64::from(c)) as f32).clamp(0.0, 1.0)
+        } else {
+            0.0
+        };
+        self.measured_count[k] = (c as f32 / self.cfg.budget as f32).min(1.0);
         let score = self.post.score();
         let reward = self.cfg.reward_scale * (score - self.score);
         self.score = score;
         let (up, down) = loop_coercive(&self.waveform[ls..], &resp[ls..]);
         info.insert("area".into(), InfoValue::F64(area));
+        info.insert("counted".into(), InfoValue::Bool(counted));
         // A loop that does not switch has no coercive bias: the key is left out (NaN would
         // make equal infos compare unequal).
         if let Some(up) = up {
@@ -1057,26 +1133,35 @@ impl<I: SpmInstrument + PointSpectroscopy + LoopTruth + NewEpisode + Send> Task
             .iter()
             .map(|&c| (f64::from(c) * budget as f64).round() as u32)
             .collect();
-        // Confirm, over the last quarter of the budget: re-measure the measured point with the
-        // largest upper confidence bound of its mean (two noise standard errors above it): a
-        // loop that opened only because an earlier loop left a domain wall nearby often reads
-        // small when measured again.
-        let taken: u32 = n.iter().sum();
-        if taken as usize >= budget - budget / 4 {
+        // Which loops would count (no history nearby); all of them without the key.
+        let pristine: Vec<bool> = match obs.get("pristine").and_then(Value::as_box) {
+            Some(p) if p.len() == g * g => p.iter().map(|&v| v > 0.5).collect(),
+            _ => vec![true; g * g],
+        };
+        // Confirm: re-measure the counted point with the largest upper confidence bound of its
+        // mean (two noise standard errors above it), over the last quarter of the budget or
+        // once no point is left whose loop would count.
+        let confirm = || {
             let se = self.cfg.noise_sd;
-            let k = (0..g * g)
-                .filter(|&k| n[k] > 0)
+            (0..g * g)
+                .filter(|&k| n[k] > 0 && pristine[k])
                 .map(|k| (f64::from(value[k]) + 2.0 * se / f64::from(n[k]).sqrt(), k))
                 .max_by(|a, b| a.0.total_cmp(&b.0).then(b.1.cmp(&a.1)))
-                .map_or(0, |(_, k)| k);
-            return Value::Discrete(k as i64);
+                .map(|(_, k)| Value::Discrete(k as i64))
+        };
+        let taken: u32 = n.iter().sum();
+        let fresh_left = (0..g * g).any(|k| n[k] == 0 && pristine[k]);
+        if taken as usize >= budget - budget / 4 || !fresh_left {
+            if let Some(a) = confirm() {
+                return a;
+            }
         }
         // A coarse lattice first (3 × 3 points), to start the models.
         let stride = ((g as f64 / 3.0).round() as usize).max(1);
         let off = stride / 2;
         for i in (off..g).step_by(stride) {
             for j in (off..g).step_by(stride) {
-                if n[i * g + j] == 0 {
+                if n[i * g + j] == 0 && pristine[i * g + j] {
                     return Value::Discrete((i * g + j) as i64);
                 }
             }
@@ -1120,7 +1205,7 @@ impl<I: SpmInstrument + PointSpectroscopy + LoopTruth + NewEpisode + Send> Task
         let inv = 1.0 / (2.0 * HEURISTIC_LENGTH * HEURISTIC_LENGTH);
         let w0 = 0.3;
         let next = (0..g * g)
-            .filter(|&k| n[k] == 0)
+            .filter(|&k| n[k] == 0 && (pristine[k] || !fresh_left))
             .map(|k| {
                 let b = bin(k);
                 let prior = (bsum[b] + 2.0 * m0) / (bn[b] + 2.0);
@@ -1143,7 +1228,10 @@ impl<I: SpmInstrument + PointSpectroscopy + LoopTruth + NewEpisode + Send> Task
 mod tests {
     use super::*;
     use crate::env::{Env, TaskEnv};
-    use crate::evaluate::{Policy, assert_no_degenerate_wins, degenerate_scores, evaluate};
+    use crate::evaluate::{
+        Policy, assert_heuristic_beats_random, assert_no_degenerate_wins, degenerate_scores,
+        evaluate,
+    };
     use crate::tasks::testing::{assert_config_errors_name_fields, info_f64 as fv};
     use std::path::PathBuf;
 
@@ -1187,6 +1275,7 @@ mod tests {
                 ("response_span = 0.0", "response_span"),
                 ("prior_sd = 0.0", "prior_sd"),
                 ("noise_sd = -0.1", "noise_sd"),
+                ("history_radius = -1e-9", "history_radius"),
                 ("success_tolerance = -1.0", "success_tolerance"),
                 ("truth = \"sometimes\"", "truth"),
                 ("field = 1.0", "field"),
@@ -1268,6 +1357,52 @@ mod tests {
     }
 
     #[test]
+    fn only_loops_on_as_grown_film_count() {
+        // History radius 250 nm = 4 spacings of 62.5 nm. A loop at (10, 10) makes its point and
+        // every point within 4 spacings non-pristine; a loop there then earns nothing and does
+        // not enter the estimate, but shows in `measured_value`.
+        let mut e = env("truth = \"off\"");
+        e.reset(Some(3)).unwrap();
+        let k = 10 * 32 + 10;
+        let s = e.step(&Value::Discrete(k)).unwrap();
+        assert_eq!(s.info.get("counted"), Some(&InfoValue::Bool(true)));
+        let best = fv(&s.info, "posterior_best");
+        let pristine = s
+            .obs
+            .get("pristine")
+            .and_then(Value::as_box)
+            .unwrap()
+            .to_vec();
+        for i in 0..32i64 {
+            for j in 0..32i64 {
+                let d2 = (i - 10).pow(2) + (j - 10).pow(2);
+                let want = if d2 <= 16 { 0.0 } else { 1.0 };
+                assert_eq!(pristine[(i * 32 + j) as usize], want, "({i}, {j})");
+            }
+        }
+        for near in [k, 10 * 32 + 14, 13 * 32 + 12] {
+            let s = e.step(&Value::Discrete(near)).unwrap();
+            assert_eq!(s.info.get("counted"), Some(&InfoValue::Bool(false)));
+            assert_eq!((s.reward, fv(&s.info, "posterior_best")), (0.0, best));
+            let mv = s.obs.get("measured_value").and_then(Value::as_box).unwrap();
+            if near != k {
+                let a = fv(&s.info, "area").clamp(0.0, 1.0);
+                assert!((f64::from(mv[near as usize]) - a).abs() < 1e-6, "{a}");
+            }
+        }
+        // Six spacings above the first loop (and over four from the others): as grown, counted.
+        let s = e.step(&Value::Discrete(4 * 32 + 10)).unwrap();
+        assert_eq!(s.info.get("counted"), Some(&InfoValue::Bool(true)));
+        // With the radius at 0 every loop counts.
+        let mut e = env("truth = \"off\"\nhistory_radius = 0.0");
+        e.reset(Some(3)).unwrap();
+        for _ in 0..3 {
+            let s = e.step(&Value::Discrete(k)).unwrap();
+            assert_eq!(s.info.get("counted"), Some(&InfoValue::Bool(true)));
+        }
+    }
+
+    #[test]
     fn observation_keys_patches_and_bounds() {
         let mut e = env("");
         let (obs, info) = e.reset(Some(1)).unwrap();
@@ -1280,6 +1415,7 @@ mod tests {
                 "patches",
                 "measured_value",
                 "measured_count",
+                "pristine",
                 "last_loop"
             ]
         );
@@ -1333,28 +1469,12 @@ mod tests {
 
     #[test]
     fn heuristic_beats_random_on_the_test_split() {
-        // 20 held-out episodes at medium (default grid and budget): the heuristic's mean return
-        // exceeds random's by 0.5 (4.5 against 3.4). Its success rate does not beat random's on
-        // this split (0.15 against 0.25 at the 5 % tolerance, 0.30 against 0.40 at 10 %): it
-        // re-measures next to its own loops, whose written walls open later loops, so its
-        // recommendation reads larger than it is on the fresh film. A known gap (issue 12),
-        // kept visible here rather than tuned away: the success rates are printed, and the
-        // test fails if the heuristic's success falls further below random's.
+        // 40 held-out episodes at medium (default grid, budget and history radius): the
+        // heuristic, which spreads its loops over as-grown film, against random probing, whose
+        // loops mostly land near earlier ones and do not count.
         let mut e = env("split = \"test\"");
-        let h = evaluate(&mut e, &Policy::Heuristic, 0..20).unwrap();
-        let r = evaluate(&mut e, &Policy::Random, 0..20).unwrap();
-        println!(
-            "test split: heuristic return {:.3} ± {:.3} success {:.2}; random {:.3} ± {:.3} \
-             success {:.2}",
-            h.mean_return,
-            h.return_ci95,
-            h.success_rate,
-            r.mean_return,
-            r.return_ci95,
-            r.success_rate
-        );
-        assert!(h.mean_return > r.mean_return + 0.5);
-        assert!(h.success_rate >= r.success_rate - 0.15);
+        let (_, _) =
+            assert_heuristic_beats_random("PfmSpectroscopyExplore-v1", &mut e, 0..40, 0.2, 0.05);
     }
 
     #[test]

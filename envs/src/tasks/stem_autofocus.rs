@@ -734,7 +734,10 @@ impl<I: StemInstrument + ProbeTruth + NewEpisode + Send> Task for StemAutofocus<
 mod tests {
     use super::*;
     use crate::env::{Env, TaskEnv};
-    use crate::evaluate::{Policy, assert_no_degenerate_wins, degenerate_scores, evaluate};
+    use crate::evaluate::{
+        Policy, assert_heuristic_beats_random, assert_no_degenerate_wins, degenerate_scores,
+        evaluate,
+    };
 
     fn env(extra: &str) -> TaskEnv<StemAutofocus<LatticeSimulator>> {
         let c: toml::Value = toml::from_str(extra).unwrap();
@@ -829,21 +832,8 @@ mod tests {
     fn heuristic_beats_random_on_the_test_split() {
         // Held-out parameters (split = "test"), medium, 20 seeds: the heuristic's success rate
         // exceeds random's by at least 0.6 and its mean return by at least 1.0.
-        let mut env = env("split = \"test\"");
-        let h = evaluate(&mut env, &Policy::Heuristic, 0..20).unwrap();
-        let r = evaluate(&mut env, &Policy::Random, 0..20).unwrap();
-        println!(
-            "test split: heuristic success {:.2}, return {:.3} ± {:.3}; random success {:.2}, \
-             return {:.3} ± {:.3}",
-            h.success_rate,
-            h.mean_return,
-            h.return_ci95,
-            r.success_rate,
-            r.mean_return,
-            r.return_ci95
-        );
-        assert!(h.success_rate >= r.success_rate + 0.6);
-        assert!(h.mean_return >= r.mean_return + 1.0);
+        let mut e = env("split = \"test\"");
+        let (_, _) = assert_heuristic_beats_random("StemAutofocus-v1", &mut e, 0..20, 1.0, 0.6);
     }
 
     #[test]

@@ -1318,7 +1318,9 @@ impl<I: StemInstrument + DopantTruth + NewEpisode + Send> Task for StemDopantSte
 mod tests {
     use super::*;
     use crate::env::{Env, TaskEnv};
-    use crate::evaluate::{Policy, assert_no_degenerate_wins, degenerate_scores, evaluate};
+    use crate::evaluate::{
+        assert_heuristic_beats_random, assert_no_degenerate_wins, degenerate_scores,
+    };
     use scopegym_physics::rng::seeded;
 
     fn env(extra: &str) -> TaskEnv<StemDopantSteer<DopantSimulator>> {
@@ -1543,21 +1545,8 @@ mod tests {
     fn heuristic_beats_random_on_the_test_split() {
         // Held-out parameters (split = "test"), medium, 30 seeds: the heuristic's success rate
         // exceeds random's by at least 0.6 and its mean return by at least 0.8.
-        let mut env = env("split = \"test\"");
-        let h = evaluate(&mut env, &Policy::Heuristic, 0..30).unwrap();
-        let r = evaluate(&mut env, &Policy::Random, 0..30).unwrap();
-        println!(
-            "test split: heuristic success {:.2}, return {:.3} ± {:.3}; random success {:.2}, \
-             return {:.3} ± {:.3}",
-            h.success_rate,
-            h.mean_return,
-            h.return_ci95,
-            r.success_rate,
-            r.mean_return,
-            r.return_ci95
-        );
-        assert!(h.success_rate >= r.success_rate + 0.6);
-        assert!(h.mean_return >= r.mean_return + 0.8);
+        let mut e = env("split = \"test\"");
+        let (_, _) = assert_heuristic_beats_random("StemDopantSteer-v1", &mut e, 0..30, 0.8, 0.6);
     }
 
     #[test]

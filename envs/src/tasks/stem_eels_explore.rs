@@ -1042,7 +1042,10 @@ impl<I: StemInstrument + SpectrumTruth + NewEpisode + Send> Task for StemEelsExp
 mod tests {
     use super::*;
     use crate::env::{Env, TaskEnv};
-    use crate::evaluate::{Policy, assert_no_degenerate_wins, degenerate_scores, evaluate};
+    use crate::evaluate::{
+        Policy, assert_heuristic_beats_random, assert_no_degenerate_wins, degenerate_scores,
+        evaluate,
+    };
     use crate::tasks::testing::{assert_config_errors_name_fields, info_f64 as f};
 
     fn env(extra: &str) -> TaskEnv<StemEelsExplore<StemSimulator>> {
@@ -1262,20 +1265,7 @@ mod tests {
         // 20 held-out episodes at medium: the heuristic's mean return exceeds random's by 3 and
         // its success rate by 0.5.
         let mut e = env("split = \"test\"");
-        let h = evaluate(&mut e, &Policy::Heuristic, 0..20).unwrap();
-        let r = evaluate(&mut e, &Policy::Random, 0..20).unwrap();
-        println!(
-            "test split: heuristic return {:.3} ± {:.3} success {:.2}; random {:.3} ± {:.3} \
-             success {:.2}",
-            h.mean_return,
-            h.return_ci95,
-            h.success_rate,
-            r.mean_return,
-            r.return_ci95,
-            r.success_rate
-        );
-        assert!(h.mean_return > r.mean_return + 3.0);
-        assert!(h.success_rate > r.success_rate + 0.5);
+        let (_, _) = assert_heuristic_beats_random("StemEelsExplore-v1", &mut e, 0..20, 3.0, 0.55);
     }
 
     #[test]
