@@ -190,15 +190,12 @@ impl TaskConfig for Config {
             Param::uniform(50e-12, 200e-12),
             Param::uniform(100e-12, 400e-12),
         );
+        // 1-3, 1-10, 5-20 nm/min, in m/s.
         sc.drift_initial = d.pick(
-            Param::uniform(1e-9, 3e-9),
-            Param::uniform(1e-9, 10e-9),
-            Param::uniform(5e-9, 20e-9),
+            Param::uniform(1e-9 / 60.0, 3e-9 / 60.0),
+            Param::uniform(1e-9 / 60.0, 10e-9 / 60.0),
+            Param::uniform(5e-9 / 60.0, 20e-9 / 60.0),
         );
-        sc.drift_initial = match sc.drift_initial {
-            Param::Uniform(a, b, _) => Param::uniform(a / 60.0, b / 60.0),
-            p => p,
-        };
         Self {
             difficulty,
             split: Split::Train,

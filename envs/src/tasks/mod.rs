@@ -14,8 +14,10 @@ pub mod stem_sparse_scan;
 use crate::env::{Info, InfoValue};
 use crate::error::{EnvError, Result};
 use crate::level::Difficulty;
-use scopegym_physics::param::Region;
-use scopegym_physics::spm::sim::SpmSimulator;
+use scopegym_physics::instrument::SpmMode;
+use scopegym_physics::param::{Param, Region};
+use scopegym_physics::spm::sim::{SpmConfig, SpmSimulator};
+use scopegym_physics::spm::surface::SurfaceKind;
 use scopegym_physics::stem::StemSimulator;
 use scopegym_physics::stem::dopant::DopantSimulator;
 use scopegym_physics::stem::lattice::LatticeSimulator;
@@ -65,6 +67,46 @@ impl NewEpisode for DopantSimulator {
     fn set_region(&mut self, region: Region) {
         DopantSimulator::set_region(self, region);
     }
+}
+
+/// The STM the two STM tasks start from at difficulty `d`: 0.1 V bias over a flat 8 nm sample
+/// of 100² cells (crash at 0.5 nm), a 4.8 nm scan of `scan_pixels`² at 10 lines/s, the current
+/// feedback (P 0.1, I 1000-2000 at medium, 100 nm/s), and the scanner's white and 1/f noise,
+/// line offsets and hysteresis from the level's ranges, drifting in a uniform direction. Each
+/// task adds its drift rates, tip and adatoms.
+pub(crate) fn stm_instrument_at(d: Difficulty, scan_pixels: usize) -> SpmConfig {
+    const NM: f64 = 1e-9;
+    const PM: f64 = 1e-12;
+    let mut inst = SpmConfig {
+        mode: SpmMode::Stm,
+        ..SpmConfig::default()
+    };
+    let p = |e: (f64, f64), m: (f64, f64), h: (f64, f64)| d.pick(e, m, h);
+    inst.bias = Param::fixed(0.1);
+    inst.sample.size = Param::fixed(8.0 * NM);
+    inst.sample.pixels = 100;
+    inst.sample.crash_threshold = Param::fixed(0.5 * NM);
+    inst.scan.pixels = [scan_pixels, scan_pixels];
+    inst.scan.size = Param::fixed(4.8 * NM);
+    inst.scan.line_rate = Param::fixed(10.0);
+    inst.surface.kind = SurfaceKind::Flat;
+    inst.surface.roughness = Param::fixed(0.0);
+    let f = &mut inst.feedback;
+    f.p_gain = Param::fixed(0.1);
+    let (lo, hi) = p((1500.0, 1500.0), (1000.0, 2000.0), (600.0, 2000.0));
+    f.i_gain = Param::between(lo, hi);
+    f.z_speed_limit = Param::fixed(100.0 * NM);
+    let s = &mut inst.scanner;
+    s.drift_direction = Param::uniform(0.0, std::f64::consts::TAU);
+    let (lo, hi) = p((2.0, 2.0), (1.0, 4.0), (2.0, 6.0));
+    s.white_noise = Param::between(lo * PM, hi * PM);
+    let (lo, hi) = p((3.0, 3.0), (2.0, 6.0), (3.0, 10.0));
+    s.pink_noise = Param::between(lo * PM, hi * PM);
+    let (lo, hi) = p((2.0, 2.0), (1.0, 10.0), (5.0, 30.0));
+    s.line_offset = Param::between(lo * PM, hi * PM);
+    let (lo, hi) = p((0.0, 0.0), (0.0, 0.01), (0.0, 0.02));
+    s.hysteresis = Param::between(lo, hi);
+    inst
 }
 
 /// Checks that every `(field, value)` is finite and ≥ 0; the error names the first that is not.

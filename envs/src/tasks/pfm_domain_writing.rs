@@ -885,7 +885,7 @@ mod tests {
         // Held-out parameters (split = "test") at medium, 20 seeds: the heuristic's mean return
         // exceeds random's by more than 5.0, its success rate by at least 0.5.
         let mut e = env_with("split = \"test\"");
-        let (_, _) = assert_heuristic_beats_random("PfmDomainWriting-v1", &mut e, 0..20, 5.0, 0.5);
+        assert_heuristic_beats_random("PfmDomainWriting-v1", &mut e, 0..20, 5.0, 0.5);
     }
 
     #[test]

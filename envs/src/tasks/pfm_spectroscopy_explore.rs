@@ -899,7 +899,7 @@ impl<I: SpmInstrument + PointSpectroscopy + LoopTruth + NewEpisode + Send>
     }
 
     fn obs(&self) -> Value {
-        let mut d = Vec::with_capacity(5);
+        let mut d = Vec::with_capacity(6);
         d.push(("overview".into(), Value::Box(self.overview.clone())));
         if self.cfg.patch > 0 {
             d.push(("patches".into(), Value::Box(self.patches.clone())));

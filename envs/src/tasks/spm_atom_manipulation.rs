@@ -69,13 +69,13 @@ use crate::error::{EnvError, Result};
 use crate::level::{Difficulty, Split};
 use crate::space::{Space, Value};
 use crate::tasks::spm_tip_conditioning::align_and_average;
+use crate::tasks::stm_instrument_at;
 use crate::tasks::{NewEpisode, TaskConfig, check_nonnegative, check_positive, config_from_toml};
 use scopegym_physics::instrument::{LateralManipulation, ScanSettings, SpmInstrument, SpmMode};
 use scopegym_physics::param::Param;
 use scopegym_physics::rng::seeded;
 use scopegym_physics::spm::manipulation::{AG111_A, MAX_BIAS, MAX_CONDUCTANCE};
 use scopegym_physics::spm::sim::{SpmConfig, SpmSimulator};
-use scopegym_physics::spm::surface::SurfaceKind;
 use serde::{Deserialize, Serialize};
 
 /// One nanometre, the length unit of the observation and of the shaping potential.
@@ -139,22 +139,9 @@ pub struct Config {
 
 /// The STM instrument of the task at `d` (module docs).
 fn instrument_at(d: Difficulty) -> SpmConfig {
-    const PM: f64 = 1e-12;
     const NM_MIN: f64 = 1e-9 / 60.0;
-    let mut inst = SpmConfig {
-        mode: SpmMode::Stm,
-        ..SpmConfig::default()
-    };
+    let mut inst = stm_instrument_at(d, 40);
     let p = |e: (f64, f64), m: (f64, f64), h: (f64, f64)| d.pick(e, m, h);
-    inst.bias = Param::fixed(0.1);
-    inst.sample.size = Param::fixed(8.0 * NM);
-    inst.sample.pixels = 100;
-    inst.sample.crash_threshold = Param::fixed(0.5 * NM);
-    inst.scan.pixels = [40, 40];
-    inst.scan.size = Param::fixed(4.8 * NM);
-    inst.scan.line_rate = Param::fixed(10.0);
-    inst.surface.kind = SurfaceKind::Flat;
-    inst.surface.roughness = Param::fixed(0.0);
     inst.adatoms.count = 1;
     inst.adatoms.margin = Param::fixed(2.8 * NM);
     let (lo, hi) = p((0.1, 0.1), (0.08, 0.12), (0.06, 0.12));
@@ -178,25 +165,11 @@ fn instrument_at(d: Difficulty) -> SpmConfig {
     m.pickup_max = Param::between(lo, hi);
     let (lo, hi) = p((0.3, 0.3), (0.25, 0.35), (0.22, 0.35));
     m.interaction_range = Param::between(lo * NM, hi * NM);
-    let f = &mut inst.feedback;
-    f.p_gain = Param::fixed(0.1);
-    let (lo, hi) = p((1500.0, 1500.0), (1000.0, 2000.0), (600.0, 2000.0));
-    f.i_gain = Param::between(lo, hi);
-    f.z_speed_limit = Param::fixed(100.0 * NM);
     let s = &mut inst.scanner;
     let (lo, hi) = p((0.02, 0.02), (0.01, 0.05), (0.05, 0.2));
     s.drift_initial = Param::between(lo * NM_MIN, hi * NM_MIN);
     let (lo, hi) = p((0.005, 0.005), (0.002, 0.01), (0.01, 0.05));
     s.drift_settled = Param::between(lo * NM_MIN, hi * NM_MIN);
-    s.drift_direction = Param::uniform(0.0, std::f64::consts::TAU);
-    let (lo, hi) = p((2.0, 2.0), (1.0, 4.0), (2.0, 6.0));
-    s.white_noise = Param::between(lo * PM, hi * PM);
-    let (lo, hi) = p((3.0, 3.0), (2.0, 6.0), (3.0, 10.0));
-    s.pink_noise = Param::between(lo * PM, hi * PM);
-    let (lo, hi) = p((2.0, 2.0), (1.0, 10.0), (5.0, 30.0));
-    s.line_offset = Param::between(lo * PM, hi * PM);
-    let (lo, hi) = p((0.0, 0.0), (0.0, 0.01), (0.0, 0.02));
-    s.hysteresis = Param::between(lo, hi);
     inst
 }
 

@@ -863,7 +863,7 @@ mod tests {
         // Held-out parameters (split = "test"), medium, 20 seeds: the heuristic's success rate
         // exceeds random's by at least 0.6 and its mean return by at least 1.0.
         let mut e = env("split = \"test\"");
-        let (_, _) = assert_heuristic_beats_random("StemAutofocus-v1", &mut e, 0..20, 1.0, 0.6);
+        assert_heuristic_beats_random("StemAutofocus-v1", &mut e, 0..20, 1.0, 0.6);
     }
 
     #[test]

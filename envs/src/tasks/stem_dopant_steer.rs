@@ -1546,7 +1546,7 @@ mod tests {
         // Held-out parameters (split = "test"), medium, 30 seeds: the heuristic's success rate
         // exceeds random's by at least 0.6 and its mean return by at least 0.8.
         let mut e = env("split = \"test\"");
-        let (_, _) = assert_heuristic_beats_random("StemDopantSteer-v1", &mut e, 0..30, 0.8, 0.6);
+        assert_heuristic_beats_random("StemDopantSteer-v1", &mut e, 0..30, 0.8, 0.6);
     }
 
     #[test]

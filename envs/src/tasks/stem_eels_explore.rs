@@ -1265,7 +1265,7 @@ mod tests {
         // 20 held-out episodes at medium: the heuristic's mean return exceeds random's by 3 and
         // its success rate by 0.5.
         let mut e = env("split = \"test\"");
-        let (_, _) = assert_heuristic_beats_random("StemEelsExplore-v1", &mut e, 0..20, 3.0, 0.55);
+        assert_heuristic_beats_random("StemEelsExplore-v1", &mut e, 0..20, 3.0, 0.55);
     }
 
     #[test]

@@ -1113,7 +1113,7 @@ mod tests {
         // Held-out parameters (split = "test") at medium, 30 seeds: the heuristic's mean return
         // exceeds random's by more than 1.0, its success rate by at least 0.2.
         let mut e = env("split = \"test\"");
-        let (_, _) = assert_heuristic_beats_random("StemSparseScan-v1", &mut e, 0..30, 1.0, 0.2);
+        assert_heuristic_beats_random("StemSparseScan-v1", &mut e, 0..30, 1.0, 0.2);
     }
 
     #[test]
