@@ -429,7 +429,7 @@ where
 {
     let mut value = toml::Value::try_from(cfg)
         .map_err(|e| PhysicsError::param("<config>", format!("cannot serialize: {e}")))?;
-    walk(&mut value, rng, region);
+    walk_recorded(&mut value, rng, region, &mut String::new(), &mut Vec::new());
     value
         .try_into()
         .map_err(|e: toml::de::Error| PhysicsError::param("<config>", e.to_string()))
@@ -550,22 +550,6 @@ fn as_dist(t: &toml::map::Map<String, toml::Value>) -> Option<(&'static str, f64
     }
     let num = |x: &toml::Value| x.as_float().or_else(|| x.as_integer().map(|i| i as f64));
     Some((kind, num(&arr[0])?, num(&arr[1])?))
-}
-
-fn walk<R: Rng + ?Sized>(v: &mut toml::Value, rng: &mut R, region: Region) {
-    match v {
-        toml::Value::Table(t) => {
-            if let Some((k, a, b)) = as_dist(t) {
-                *v = toml::Value::Float(sample_dist((Some(k), a, b), rng, region));
-            } else {
-                for (_, child) in t.iter_mut() {
-                    walk(child, rng, region);
-                }
-            }
-        }
-        toml::Value::Array(a) => a.iter_mut().for_each(|c| walk(c, rng, region)),
-        _ => {}
-    }
 }
 
 #[cfg(test)]
