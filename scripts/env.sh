@@ -2,3 +2,17 @@
 # clones and CI runs), unless the caller chose one.
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/scopegym/target}"
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+# libtorch for the `torch` feature (tch): PyTorch 2.13.0 from the project's .venv
+# (scripts/setup.sh installs it), found by tch's build through the venv's python, and its
+# shared libraries on the loader path for the binaries and tests that link them.
+# SCOPEGYM_VENV picks another virtual environment (default: the clone's .venv).
+SCOPEGYM_VENV="${SCOPEGYM_VENV:-$PWD/.venv}"
+if [ -x "$SCOPEGYM_VENV/bin/python" ]; then
+    export VIRTUAL_ENV="$SCOPEGYM_VENV"
+    export PATH="$VIRTUAL_ENV/bin:$PATH"
+    export LIBTORCH_USE_PYTORCH=1
+    TORCH_DIR="$("$VIRTUAL_ENV/bin/python" -c 'import importlib.util as u; s = u.find_spec("torch"); print(s.submodule_search_locations[0] if s else "")' 2>/dev/null || true)"
+    if [ -n "$TORCH_DIR" ]; then
+        export LD_LIBRARY_PATH="$TORCH_DIR/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    fi
+fi

@@ -1,0 +1,25 @@
+//! scopegym agents: the baselines that make the tasks a benchmark (DESIGN.md §9).
+//!
+//! - [`agent`]: the [`Agent`] trait and [`agent::run_episode`].
+//! - [`floors`]: random, raster and heuristic.
+//! - [`acquisition`]: EI, LogEI, UCB, PI, maximum uncertainty, Thompson sampling.
+//! - [`registry`]: the agents by name.
+#![deny(missing_docs)]
+
+pub mod acquisition;
+pub mod agent;
+pub mod error;
+pub mod floors;
+pub mod registry;
+
+pub use agent::{Agent, CurvePoint, EpisodeRecord, TrainSpec, run_episode};
+pub use error::{AgentError, Result};
+
+#[cfg(all(test, feature = "torch"))]
+mod torch_smoke {
+    #[test]
+    fn libtorch_links_and_computes() {
+        let t = tch::Tensor::from_slice(&[1.0f64, 2.0, 3.0]);
+        assert_eq!(t.sum(tch::Kind::Double).double_value(&[]), 6.0);
+    }
+}

@@ -1,0 +1,74 @@
+//! The agents by name, as `scopegym run --agent` takes them: one line each.
+//!
+//! ```
+//! use scopegym_agents::registry;
+//! let env = scopegym_envs::registry::make("scopegym/StemSparseScan-v1", None).unwrap();
+//! let agent = registry::make("raster", env.as_ref(), None, 0).unwrap();
+//! assert_eq!(agent.name(), "raster");
+//! assert!(registry::make("nope", env.as_ref(), None, 0).is_err());
+//! ```
+
+use crate::agent::Agent;
+use crate::error::{AgentError, Result};
+use crate::floors::{HeuristicAgent, RandomAgent, RasterAgent};
+use scopegym_envs::Env;
+
+/// Builds an agent for `env` from its config (TOML table; `None` for the defaults) and seed.
+pub type MakeAgentFn = fn(&dyn Env, Option<&toml::Value>, u64) -> Result<Box<dyn Agent>>;
+
+/// A registered agent.
+#[derive(Debug, Clone, Copy)]
+pub struct AgentSpec {
+    /// The name, as `--agent` spells it.
+    pub name: &'static str,
+    /// One line on what it does.
+    pub description: &'static str,
+    /// Whether it learns across episodes before evaluation ([`Agent::train`]).
+    pub learns: bool,
+    /// Builds it.
+    pub make: MakeAgentFn,
+}
+
+fn no_config(name: &str, config: Option<&toml::Value>) -> Result<()> {
+    match config {
+        Some(toml::Value::Table(t)) if !t.is_empty() => Err(AgentError::config(
+            t.keys().next().map(String::as_str).unwrap_or(""),
+            format!("the {name} agent takes no settings"),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Every agent, one line each.
+#[rustfmt::skip]
+pub const AGENTS: &[AgentSpec] = &[
+    AgentSpec { name: "random", description: "uniform random actions", learns: false, make: |_, c, _| { no_config("random", c)?; Ok(Box::new(RandomAgent::default())) } },
+    AgentSpec { name: "raster", description: "raster (grid) sampling of the action space", learns: false, make: |_, c, _| { no_config("raster", c)?; Ok(Box::new(RasterAgent::default())) } },
+    AgentSpec { name: "heuristic", description: "the task's expert rule of thumb", learns: false, make: |_, c, _| { no_config("heuristic", c)?; Ok(Box::new(HeuristicAgent)) } },
+];
+
+/// The registered names.
+pub fn names() -> Vec<&'static str> {
+    AGENTS.iter().map(|a| a.name).collect()
+}
+
+/// The spec of `name`.
+pub fn spec(name: &str) -> Result<&'static AgentSpec> {
+    AGENTS
+        .iter()
+        .find(|a| a.name == name)
+        .ok_or_else(|| AgentError::UnknownAgent {
+            name: name.into(),
+            known: names().join(", "),
+        })
+}
+
+/// Builds the agent `name` for `env`.
+pub fn make(
+    name: &str,
+    env: &dyn Env,
+    config: Option<&toml::Value>,
+    seed: u64,
+) -> Result<Box<dyn Agent>> {
+    (spec(name)?.make)(env, config, seed)
+}
