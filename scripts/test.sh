@@ -5,15 +5,19 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh
 source scripts/env.sh
 
+# The `torch` feature (tch on the .venv's PyTorch: DKL, REINFORCE, PPO) is on for everything;
+# the agents also build and pass their lints without it.
+FEATURES=(--features scopegym/torch)
 cargo fmt --all -- --check
-cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo clippy --workspace --all-targets --locked "${FEATURES[@]}" -- -D warnings
+cargo clippy -p scopegym-agents --all-targets --locked -- -D warnings
 if cargo nextest --version >/dev/null 2>&1; then
-    cargo nextest run --workspace --locked
+    cargo nextest run --workspace --locked "${FEATURES[@]}"
 else
-    cargo test --workspace --locked --lib --bins --tests
+    cargo test --workspace --locked --lib --bins --tests "${FEATURES[@]}"
 fi
-cargo test --workspace --locked --doc
-cargo build --locked --bin scopegym
+cargo test --workspace --locked --doc "${FEATURES[@]}"
+cargo build --locked --bin scopegym "${FEATURES[@]}"
 # The Python package: build the abi3 wheel (maturin, release) and install it into .venv.
 WHEELS="$CARGO_TARGET_DIR/python-wheels"
 rm -rf "$WHEELS"
