@@ -3,11 +3,13 @@
 //! - [`agent`]: the [`Agent`] trait and [`agent::run_episode`].
 //! - [`floors`]: random, raster and heuristic.
 //! - [`acquisition`]: EI, LogEI, UCB, PI, maximum uncertainty, Thompson sampling.
+//! - [`bo_agent`]: Bayesian optimization on the tasks (`bo`, `sgp`).
 //! - [`registry`]: the agents by name.
 #![deny(missing_docs)]
 
 pub mod acquisition;
 pub mod agent;
+pub mod bo_agent;
 pub mod error;
 pub mod floors;
 pub mod registry;
