@@ -534,10 +534,10 @@ impl Agent for BoAgent {
                     .as_box()
                     .ok_or_else(|| AgentError::arg("observation", "not a Box"))?;
                 let p: Vec<f64> = o[..3].iter().map(|&v| f64::from(v)).collect();
-                for i in 0..3 {
+                for (i, &pi) in p.iter().enumerate() {
                     let a = self.last_action.get(i).copied().unwrap_or(0.0);
-                    if a.abs() > 0.2 && p[i].abs() < 0.98 && self.now[i].abs() < 0.98 {
-                        let r = (p[i] - self.now[i]) / a;
+                    if a.abs() > 0.2 && pi.abs() < 0.98 && self.now[i].abs() < 0.98 {
+                        let r = (pi - self.now[i]) / a;
                         if r > 0.0 && r.is_finite() {
                             self.ratios[i].push(r);
                         }
@@ -546,16 +546,16 @@ impl Agent for BoAgent {
                 self.xs.push(Self::afm_unit(&p));
                 self.ys.push(reward);
             }
-            Some(Mode::Focus) => {
-                if self.last_action.len() == 3 {
-                    self.now = std::mem::take(&mut self.last_action);
-                    let frame = next_obs
-                        .as_box()
-                        .ok_or_else(|| AgentError::arg("observation", "not a Box"))?;
-                    self.xs.push(self.focus_unit(&self.now));
-                    self.ys.push(normalized_variance(frame));
-                }
+            // A move's frame (a `done` step sets no move).
+            Some(Mode::Focus) if self.last_action.len() == 3 => {
+                self.now = std::mem::take(&mut self.last_action);
+                let frame = next_obs
+                    .as_box()
+                    .ok_or_else(|| AgentError::arg("observation", "not a Box"))?;
+                self.xs.push(self.focus_unit(&self.now));
+                self.ys.push(normalized_variance(frame));
             }
+            Some(Mode::Focus) => {}
             None => {}
         }
         Ok(())
