@@ -10,6 +10,7 @@ pub mod acquisition;
 pub mod agent;
 pub mod error;
 pub mod floors;
+pub mod gp;
 pub mod registry;
 
 pub use agent::{Agent, CurvePoint, EpisodeRecord, TrainSpec, run_episode};
