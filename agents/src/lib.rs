@@ -7,6 +7,7 @@
 #![deny(missing_docs)]
 
 pub mod acquisition;
+pub mod bo;
 pub mod agent;
 pub mod error;
 pub mod floors;
