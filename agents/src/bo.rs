@@ -46,8 +46,12 @@ pub struct BoConfig {
     pub n_initial: usize,
     /// Random L-BFGS restarts of a cold GP fit (default 4).
     pub restarts: usize,
-    /// Random restarts besides the warm start in later fits (default 1).
+    /// Random restarts besides the warm start in later fits (default 0).
     pub warm_restarts: usize,
+    /// Every this many fits, a cold fit (default start plus `restarts`) instead of a
+    /// warm-started one, so that a stale local optimum of the likelihood is left (default 10;
+    /// 0: always warm after the first).
+    pub refit_every: usize,
     /// L-BFGS iterations per start (default 50).
     pub max_iters: u64,
     /// Improvement margin ξ of EI/LogEI/PI, in output units (default 0).
@@ -73,7 +77,8 @@ impl Default for BoConfig {
             acquisition: Acquisition::LogEi,
             n_initial: 10,
             restarts: 4,
-            warm_restarts: 1,
+            warm_restarts: 0,
+            refit_every: 10,
             max_iters: 50,
             xi: 0.0,
             q: 1,
@@ -102,12 +107,18 @@ impl BoConfig {
             return Err(AgentError::config("n_candidates", "must be at least 1"));
         }
         if self.thompson_candidates == 0 {
-            return Err(AgentError::config("thompson_candidates", "must be at least 1"));
+            return Err(AgentError::config(
+                "thompson_candidates",
+                "must be at least 1",
+            ));
         }
         if let Acquisition::Ucb { beta } = self.acquisition
             && !(beta.is_finite() && beta >= 0.0)
         {
-            return Err(AgentError::config("acquisition", "ucb beta must be finite and ≥ 0"));
+            return Err(AgentError::config(
+                "acquisition",
+                "ucb beta must be finite and ≥ 0",
+            ));
         }
         self.gp_config().validate()
     }
@@ -136,6 +147,7 @@ pub struct BayesOpt {
     rng: SimRng,
     hyp: Option<Hyperparameters>,
     gp: Option<Gp>,
+    n_fits: usize,
     ws: PredictWorkspace,
 }
 
@@ -175,6 +187,7 @@ impl BayesOpt {
             rng,
             hyp: None,
             gp: None,
+            n_fits: 0,
             ws: PredictWorkspace::default(),
         })
     }
@@ -232,15 +245,18 @@ impl BayesOpt {
                 return Err(AgentError::arg("observations", "no data to fit"));
             }
             let seed = self.config.seed ^ (self.x.len() as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            let cold = self.config.refit_every > 0 && self.n_fits % self.config.refit_every == 0;
+            let warm = if cold { None } else { self.hyp.as_ref() };
             let gp = Gp::fit_with_mean(
                 &self.config.gp_config(),
                 self.mean.clone(),
                 &self.bounds,
                 &self.x,
                 &self.y,
-                self.hyp.as_ref(),
+                warm,
                 seed,
             )?;
+            self.n_fits += 1;
             self.hyp = Some(gp.hyperparameters().clone());
             self.gp = Some(gp);
         }
@@ -272,9 +288,17 @@ impl BayesOpt {
         let acq = self.config.acquisition;
         let mut best = self.y.iter().copied().fold(f64::NEG_INFINITY, f64::max);
         if acq == Acquisition::Thompson {
-            let m = self.config.n_candidates.min(self.config.thompson_candidates);
+            let m = self
+                .config
+                .n_candidates
+                .min(self.config.thompson_candidates);
             let cands: Vec<Vec<f64>> = (0..m)
-                .map(|_| from_unit(&self.bounds, &(0..d).map(|_| self.rng.random()).collect::<Vec<f64>>()))
+                .map(|_| {
+                    from_unit(
+                        &self.bounds,
+                        &(0..d).map(|_| self.rng.random()).collect::<Vec<f64>>(),
+                    )
+                })
                 .collect();
             let draws = gp.sample_joint(&cands, q - out.len(), &mut self.rng)?;
             for f in draws {
@@ -300,7 +324,9 @@ impl BayesOpt {
         out.clear();
         let acq = self.config.acquisition;
         for (m, v) in mu.iter().zip(&var) {
-            let s = acq.score(*m, v.sqrt(), best, self.config.xi).unwrap_or(f64::NEG_INFINITY);
+            let s = acq
+                .score(*m, v.sqrt(), best, self.config.xi)
+                .unwrap_or(f64::NEG_INFINITY);
             out.push(if s.is_nan() { f64::NEG_INFINITY } else { s });
         }
     }
@@ -348,7 +374,11 @@ impl BayesOpt {
             let mut g = vec![0.0; d];
             for k in 0..d {
                 let du = (u[k] + h).min(1.0) - (u[k] - h).max(0.0);
-                g[k] = if du > 0.0 { (sc[2 * k] - sc[2 * k + 1]) / du } else { 0.0 };
+                g[k] = if du > 0.0 {
+                    (sc[2 * k] - sc[2 * k + 1]) / du
+                } else {
+                    0.0
+                };
                 if !g[k].is_finite() {
                     g[k] = 0.0;
                 }
@@ -398,8 +428,14 @@ impl BayesOpt {
                 format!("{} flags for {} candidates", e.len(), candidates.len()),
             ));
         }
-        if let Some(i) = candidates.iter().position(|c| c.len() != d || c.iter().any(|v| !v.is_finite())) {
-            return Err(AgentError::arg("candidates", format!("candidate {i}: need {d} finite coordinates")));
+        if let Some(i) = candidates
+            .iter()
+            .position(|c| c.len() != d || c.iter().any(|v| !v.is_finite()))
+        {
+            return Err(AgentError::arg(
+                "candidates",
+                format!("candidate {i}: need {d} finite coordinates"),
+            ));
         }
         let mut allowed: Vec<usize> = (0..candidates.len())
             .filter(|&i| !exclude.is_some_and(|e| e[i]))
@@ -454,7 +490,9 @@ impl BayesOpt {
 }
 
 fn argmax(v: &[f64]) -> usize {
-    (0..v.len()).max_by(|&a, &b| v[a].total_cmp(&v[b])).unwrap_or(0)
+    (0..v.len())
+        .max_by(|&a, &b| v[a].total_cmp(&v[b]))
+        .unwrap_or(0)
 }
 
 fn from_unit(bounds: &[(f64, f64)], u: &[f64]) -> Vec<f64> {
@@ -506,7 +544,9 @@ pub fn minimize(
     if n_initial == 0 || n_calls < n_initial {
         return Err(AgentError::arg(
             "n_calls",
-            format!("need 1 ≤ n_initial ≤ n_calls, got n_initial = {n_initial}, n_calls = {n_calls}"),
+            format!(
+                "need 1 ≤ n_initial ≤ n_calls, got n_initial = {n_initial}, n_calls = {n_calls}"
+            ),
         ));
     }
     let config = BoConfig {

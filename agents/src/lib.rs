@@ -7,8 +7,8 @@
 #![deny(missing_docs)]
 
 pub mod acquisition;
-pub mod bo;
 pub mod agent;
+pub mod bo;
 pub mod error;
 pub mod floors;
 pub mod gp;

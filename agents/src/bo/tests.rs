@@ -4,7 +4,14 @@ use super::*;
 use std::f64::consts::PI;
 
 fn branin(x: &[f64]) -> f64 {
-    let (a, b, c, r, s, t) = (1.0, 5.1 / (4.0 * PI * PI), 5.0 / PI, 6.0, 10.0, 1.0 / (8.0 * PI));
+    let (a, b, c, r, s, t) = (
+        1.0,
+        5.1 / (4.0 * PI * PI),
+        5.0 / PI,
+        6.0,
+        10.0,
+        1.0 / (8.0 * PI),
+    );
     a * (x[1] - b * x[0] * x[0] + c * x[0] - r).powi(2) + s * (1.0 - t) * x[0].cos() + s
 }
 
@@ -33,14 +40,24 @@ fn hartmann6(x: &[f64]) -> f64 {
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     let n = v.len();
-    if n % 2 == 1 { v[n / 2] } else { 0.5 * (v[n / 2 - 1] + v[n / 2]) }
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        0.5 * (v[n / 2 - 1] + v[n / 2])
+    }
 }
 
 #[test]
 fn test_functions_have_their_known_optima() {
     assert!((branin(&[PI, 2.275]) - 0.397_887).abs() < 1e-5);
-    let xh = [0.201_69, 0.150_011, 0.476_874, 0.275_332, 0.311_652, 0.657_3];
-    assert!((hartmann6(&xh) + 3.322_37).abs() < 1e-4, "{}", hartmann6(&xh));
+    let xh = [
+        0.201_69, 0.150_011, 0.476_874, 0.275_332, 0.311_652, 0.657_3,
+    ];
+    assert!(
+        (hartmann6(&xh) + 3.322_37).abs() < 1e-4,
+        "{}",
+        hartmann6(&xh)
+    );
 }
 
 #[test]
@@ -49,14 +66,24 @@ fn branin_logei_median_regret_below_0_05() {
     let t = std::time::Instant::now();
     let regrets: Vec<f64> = (0..10)
         .map(|seed| {
-            let r = minimize(branin, &[(-5.0, 10.0), (0.0, 15.0)], 10, 40, Acquisition::LogEi, seed)
-                .unwrap();
+            let r = minimize(
+                branin,
+                &[(-5.0, 10.0), (0.0, 15.0)],
+                10,
+                40,
+                Acquisition::LogEi,
+                seed,
+            )
+            .unwrap();
             assert_eq!(r.func_vals.len(), 40);
             r.fun - 0.397_887
         })
         .collect();
     let med = median(regrets.clone());
-    println!("Branin regrets {regrets:.4?}; median {med:.5} (budget 0.05); {:.1} s", t.elapsed().as_secs_f64());
+    println!(
+        "Branin regrets {regrets:.4?}; median {med:.5} (budget 0.05); {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
     assert!(med < 0.05, "median regret {med}");
 }
 
@@ -93,8 +120,18 @@ fn batches_and_finite_candidate_sets() {
         .collect();
     let f = |p: &[f64]| -(p[0] - 0.7).powi(2) - (p[1] - 0.2).powi(2);
     let opt = grid.iter().map(|p| f(p)).fold(f64::NEG_INFINITY, f64::max);
-    for acq in [Acquisition::LogEi, Acquisition::Thompson, Acquisition::Ucb { beta: 4.0 }] {
-        let cfg = BoConfig { acquisition: acq, n_initial: 6, q: 3, seed: 5, ..BoConfig::default() };
+    for acq in [
+        Acquisition::LogEi,
+        Acquisition::Thompson,
+        Acquisition::Ucb { beta: 4.0 },
+    ] {
+        let cfg = BoConfig {
+            acquisition: acq,
+            n_initial: 6,
+            q: 3,
+            seed: 5,
+            ..BoConfig::default()
+        };
         let mut bo = BayesOpt::new(&[(0.0, 1.0), (0.0, 1.0)], cfg).unwrap();
         let mut exclude = vec![false; grid.len()];
         for _ in 0..10 {
@@ -115,7 +152,13 @@ fn batches_and_finite_candidate_sets() {
 #[test]
 fn ask_tell_batches_in_a_box() {
     for acq in [Acquisition::Ei, Acquisition::Thompson] {
-        let cfg = BoConfig { acquisition: acq, n_initial: 5, q: 2, seed: 1, ..BoConfig::default() };
+        let cfg = BoConfig {
+            acquisition: acq,
+            n_initial: 5,
+            q: 2,
+            seed: 1,
+            ..BoConfig::default()
+        };
         let bounds = [(-1.0, 2.0)];
         let mut bo = BayesOpt::new(&bounds, cfg).unwrap();
         for _ in 0..8 {
@@ -139,13 +182,19 @@ fn bad_arguments_are_errors() {
     assert!(minimize(|x| x[0], &[(0.0, 1.0)], 5, 3, Acquisition::LogEi, 0).is_err());
     let e = minimize(|_| f64::NAN, &[(0.0, 1.0)], 2, 5, Acquisition::LogEi, 0).unwrap_err();
     assert!(e.to_string().contains("NaN"), "{e}");
-    let bad = BoConfig { q: 0, ..BoConfig::default() };
+    let bad = BoConfig {
+        q: 0,
+        ..BoConfig::default()
+    };
     let e = BayesOpt::new(&[(0.0, 1.0)], bad).unwrap_err();
     assert!(e.to_string().contains('q'), "{e}");
     let cfg: std::result::Result<BoConfig, _> = toml::from_str("n_initial = 3\nbogus = 1");
     assert!(cfg.is_err());
     let cfg: BoConfig = toml::from_str("acquisition = \"ei\"\nq = 4").unwrap();
-    assert_eq!((cfg.acquisition, cfg.q, cfg.n_initial), (Acquisition::Ei, 4, 10));
+    assert_eq!(
+        (cfg.acquisition, cfg.q, cfg.n_initial),
+        (Acquisition::Ei, 4, 10)
+    );
     let mut bo = BayesOpt::new(&[(0.0, 1.0)], BoConfig::default()).unwrap();
     assert!(bo.tell(vec![0.5], f64::INFINITY).is_err());
     assert!(bo.suggest_from(&[vec![0.1]], 2, None).is_err());

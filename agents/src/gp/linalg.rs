@@ -191,7 +191,13 @@ mod tests {
         let mut kinv = Vec::new();
         inverse_from_lower_inverse(&m, n, &mut kinv);
         // A K⁻¹ = I using the lower triangle of K⁻¹.
-        let sym = |i: usize, j: usize| if i >= j { kinv[i + j * n] } else { kinv[j + i * n] };
+        let sym = |i: usize, j: usize| {
+            if i >= j {
+                kinv[i + j * n]
+            } else {
+                kinv[j + i * n]
+            }
+        };
         for i in 0..n {
             for j in 0..n {
                 let s: f64 = (0..n).map(|k| a[i + k * n] * sym(k, j)).sum();

@@ -32,6 +32,9 @@
 //! assert!((mu[1] - (1.75f64).sin()).abs() < 0.1);
 //! ```
 
+// Index loops mirror the formulas (several arrays indexed together).
+#![allow(clippy::needless_range_loop)]
+
 mod linalg;
 pub mod mean;
 
@@ -50,6 +53,10 @@ use std::sync::Arc;
 
 /// The noise variance floor (standardized units): `σ_n² = 10⁻⁶ + e^z`.
 pub const NOISE_FLOOR: f64 = 1e-6;
+/// L-BFGS stops when the gradient norm of the objective per observation falls below this.
+const TOL_GRAD: f64 = 1e-4;
+/// ... or when the objective per observation changes by less than this.
+const TOL_COST: f64 = 1e-8;
 const LN_2PI: f64 = 1.837_877_066_409_345_5;
 
 /// The kernel's radial profile.
@@ -153,7 +160,10 @@ impl Hyperparameters {
 
     fn validate(&self, d: usize, n_mean: usize) -> Result<()> {
         if self.lengthscales.len() != d
-            || self.lengthscales.iter().any(|l| !(l.is_finite() && *l > 0.0))
+            || self
+                .lengthscales
+                .iter()
+                .any(|l| !(l.is_finite() && *l > 0.0))
         {
             return Err(AgentError::arg(
                 "hyperparameters.lengthscales",
@@ -161,7 +171,10 @@ impl Hyperparameters {
             ));
         }
         if !(self.output_scale.is_finite() && self.output_scale > 0.0) {
-            return Err(AgentError::arg("hyperparameters.output_scale", "must be > 0"));
+            return Err(AgentError::arg(
+                "hyperparameters.output_scale",
+                "must be > 0",
+            ));
         }
         if !(self.noise.is_finite() && self.noise >= 0.0) {
             return Err(AgentError::arg("hyperparameters.noise", "must be ≥ 0"));
@@ -273,7 +286,14 @@ fn standardize(y: &[f64]) -> (f64, f64) {
     let m = y.iter().sum::<f64>() / n;
     let var = y.iter().map(|v| (v - m) * (v - m)).sum::<f64>() / (n - 1.0).max(1.0);
     let sd = var.sqrt();
-    (m, if sd > 1e-12 * m.abs().max(1e-300) && sd > 0.0 { sd } else { 1.0 })
+    (
+        m,
+        if sd > 1e-12 * m.abs().max(1e-300) && sd > 0.0 {
+            sd
+        } else {
+            1.0
+        },
+    )
 }
 
 /// The negative log posterior `−(ln p(y | θ) + ln p(θ))` and its gradient in `θ`.
@@ -364,7 +384,9 @@ impl<'a> Objective<'a> {
         let en = theta[d + 1].exp();
         let noise = NOISE_FLOOR + en;
         let phi = &theta[d + 2..];
-        if !(sf2.is_finite() && noise.is_finite() && sf2 > 0.0) || ls_inv2.iter().any(|v| !v.is_finite()) {
+        if !(sf2.is_finite() && noise.is_finite() && sf2 > 0.0)
+            || ls_inv2.iter().any(|v| !v.is_finite())
+        {
             return bad;
         }
         let npairs = self.diff2.len() / d.max(1);
@@ -494,8 +516,8 @@ impl Gradient for Problem<'_, '_> {
 fn run_lbfgs(obj: &Objective, x0: Vec<f64>, max_iters: u64) {
     let ls = MoreThuenteLineSearch::new();
     let Ok(solver) = LBFGS::new(ls, 7)
-        .with_tolerance_grad(1e-5)
-        .and_then(|s| s.with_tolerance_cost(1e-10))
+        .with_tolerance_grad(TOL_GRAD)
+        .and_then(|s| s.with_tolerance_cost(TOL_COST))
     else {
         return;
     };
@@ -546,7 +568,10 @@ impl Gp {
         if mean_init.len() != nm {
             return Err(AgentError::arg(
                 "mean",
-                format!("initial() gave {} parameters, n_params() says {nm}", mean_init.len()),
+                format!(
+                    "initial() gave {} parameters, n_params() says {nm}",
+                    mean_init.len()
+                ),
             ));
         }
         let mu_ls = ls_prior_mu(d);
@@ -613,7 +638,10 @@ impl Gp {
         let st = match standardization {
             Some((m, s)) if m.is_finite() && s.is_finite() && s > 0.0 => (m, s),
             Some(_) => {
-                return Err(AgentError::arg("standardization", "need a finite mean and sd > 0"));
+                return Err(AgentError::arg(
+                    "standardization",
+                    "need a finite mean and sd > 0",
+                ));
             }
             None => standardize(y),
         };
@@ -715,7 +743,12 @@ impl Gp {
             .collect();
         let sf2 = self.hyp.output_scale;
         let mut kv: Vec<f64> = (0..n)
-            .map(|i| sf2 * self.kernel.eval(sqdist(&self.u_ls[i * d..(i + 1) * d], &uls)).0)
+            .map(|i| {
+                sf2 * self
+                    .kernel
+                    .eval(sqdist(&self.u_ls[i * d..(i + 1) * d], &uls))
+                    .0
+            })
             .collect();
         linalg::solve_lower(&self.l, n, &mut kv);
         let d2 = sf2 + self.diag_noise - linalg::dot(&kv, &kv);
@@ -807,7 +840,11 @@ impl Gp {
                 }
                 let col = &mut ws.kstar.as_mut_slice()[j * n..(j + 1) * n];
                 for (i, cv) in col.iter_mut().enumerate() {
-                    *cv = sf2 * self.kernel.eval(sqdist(&self.u_ls[i * d..(i + 1) * d], &ws.q)).0;
+                    *cv = sf2
+                        * self
+                            .kernel
+                            .eval(sqdist(&self.u_ls[i * d..(i + 1) * d], &ws.q))
+                            .0;
                 }
                 let mut uq = ws.q.clone();
                 for (v, l) in uq.iter_mut().zip(&self.hyp.lengthscales) {
@@ -868,8 +905,14 @@ impl Gp {
         let mut kstar = DMatrix::zeros(n, m);
         for j in 0..m {
             for i in 0..n {
-                kstar[(i, j)] =
-                    sf2 * self.kernel.eval(sqdist(&self.u_ls[i * d..(i + 1) * d], &q[j * d..(j + 1) * d])).0;
+                kstar[(i, j)] = sf2
+                    * self
+                        .kernel
+                        .eval(sqdist(
+                            &self.u_ls[i * d..(i + 1) * d],
+                            &q[j * d..(j + 1) * d],
+                        ))
+                        .0;
             }
         }
         let v = &self.linv * &kstar;

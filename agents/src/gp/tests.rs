@@ -10,7 +10,9 @@ fn gauss_solve(a: &[Vec<f64>], b: &[f64]) -> Vec<f64> {
     let mut m: Vec<Vec<f64>> = a.to_vec();
     let mut r = b.to_vec();
     for c in 0..n {
-        let p = (c..n).max_by(|&i, &j| m[i][c].abs().total_cmp(&m[j][c].abs())).unwrap();
+        let p = (c..n)
+            .max_by(|&i, &j| m[i][c].abs().total_cmp(&m[j][c].abs()))
+            .unwrap();
         m.swap(c, p);
         r.swap(c, p);
         for i in c + 1..n {
@@ -47,7 +49,9 @@ fn k_ref(kernel: Kernel, a: &[f64], b: &[f64], bounds: &[(f64, f64)], h: &Hyperp
         }
 }
 
-fn toy(n: usize, seed: u64) -> (Vec<(f64, f64)>, Vec<Vec<f64>>, Vec<f64>) {
+type Data = (Vec<(f64, f64)>, Vec<Vec<f64>>, Vec<f64>);
+
+fn toy(n: usize, seed: u64) -> Data {
     let bounds = vec![(-2.0, 3.0), (10.0, 30.0)];
     let mut rng = scopegym_envs::rng::seeded(seed);
     let x: Vec<Vec<f64>> = (0..n)
@@ -69,7 +73,12 @@ fn posterior_equals_closed_form() {
         noise: 0.01,
         mean: vec![0.2],
     };
-    let xs: Vec<Vec<f64>> = vec![vec![0.1, 12.0], vec![2.9, 29.0], vec![-1.0, 20.0], x[3].clone()];
+    let xs: Vec<Vec<f64>> = vec![
+        vec![0.1, 12.0],
+        vec![2.9, 29.0],
+        vec![-1.0, 20.0],
+        x[3].clone(),
+    ];
     for kernel in [Kernel::Matern52, Kernel::Rbf] {
         let gp = Gp::with_hyperparameters(kernel, Arc::new(Constant), &bounds, &x, &y, &h, None)
             .unwrap();
@@ -83,20 +92,29 @@ fn posterior_equals_closed_form() {
             .map(|i| {
                 (0..n)
                     .map(|j| {
-                        k_ref(kernel, &x[i], &x[j], &bounds, &h) + if i == j { h.noise } else { 0.0 }
+                        k_ref(kernel, &x[i], &x[j], &bounds, &h)
+                            + if i == j { h.noise } else { 0.0 }
                     })
                     .collect()
             })
             .collect();
         let alpha = gauss_solve(&kmat, &r);
         for (j, q) in xs.iter().enumerate() {
-            let ks: Vec<f64> = x.iter().map(|xi| k_ref(kernel, xi, q, &bounds, &h)).collect();
+            let ks: Vec<f64> = x
+                .iter()
+                .map(|xi| k_ref(kernel, xi, q, &bounds, &h))
+                .collect();
             let w = gauss_solve(&kmat, &ks);
-            let m_ref = ym + sd * (h.mean[0] + ks.iter().zip(&alpha).map(|(a, b)| a * b).sum::<f64>());
-            let v_ref = sd * sd * (h.output_scale - ks.iter().zip(&w).map(|(a, b)| a * b).sum::<f64>());
+            let m_ref =
+                ym + sd * (h.mean[0] + ks.iter().zip(&alpha).map(|(a, b)| a * b).sum::<f64>());
+            let v_ref =
+                sd * sd * (h.output_scale - ks.iter().zip(&w).map(|(a, b)| a * b).sum::<f64>());
             let em = (mu[j] - m_ref).abs() / m_ref.abs();
             let ev = (var[j] - v_ref).abs() / v_ref.abs();
-            println!("{kernel:?} point {j}: mean {:.12} vs {m_ref:.12} (rel {em:.1e}), var {:.6e} vs {v_ref:.6e} (rel {ev:.1e})", mu[j], var[j]);
+            println!(
+                "{kernel:?} point {j}: mean {:.12} vs {m_ref:.12} (rel {em:.1e}), var {:.6e} vs {v_ref:.6e} (rel {ev:.1e})",
+                mu[j], var[j]
+            );
             assert!(em < 1e-8, "mean rel error {em}");
             assert!(ev < 1e-8, "variance rel error {ev}");
         }
@@ -126,9 +144,16 @@ fn check_gradient(kernel: Kernel, mean: &dyn MeanFunction, theta: &[f64]) {
         let fd = (obj.eval(&tp).0 - obj.eval(&tm).0) / (2.0 * h);
         let err = (fd - g[k]).abs() / (1.0 + fd.abs());
         worst = worst.max(err);
-        assert!(err < 1e-6, "{kernel:?} param {k}: analytic {} vs fd {fd}", g[k]);
+        assert!(
+            err < 1e-6,
+            "{kernel:?} param {k}: analytic {} vs fd {fd}",
+            g[k]
+        );
     }
-    println!("{kernel:?} {mean:?}: worst relative gradient error {worst:.2e} over {} params", theta.len());
+    println!(
+        "{kernel:?} {mean:?}: worst relative gradient error {worst:.2e} over {} params",
+        theta.len()
+    );
 }
 
 #[test]
@@ -169,7 +194,7 @@ fn fitted_lengthscales_recover_known_ones() {
     // from deciding; the median of the estimates is checked).
     let truth = [0.15, 0.5];
     let n = 120;
-    let mut est = vec![Vec::new(), Vec::new()];
+    let mut est = [Vec::new(), Vec::new()];
     for seed in 0..3u64 {
         let mut rng = scopegym_envs::rng::seeded(100 + seed);
         let x: Vec<Vec<f64>> = (0..n).map(|_| vec![rng.random(), rng.random()]).collect();
@@ -186,11 +211,19 @@ fn fitted_lengthscales_recover_known_ones() {
             .collect();
         let l = chol_ref(&kmat);
         let z: Vec<f64> = (0..n).map(|_| rng.sample(StandardNormal)).collect();
-        let y: Vec<f64> = (0..n).map(|i| (0..=i).map(|k| l[i][k] * z[k]).sum()).collect();
-        let cfg = GpConfig { kernel: Kernel::Rbf, ..GpConfig::default() };
+        let y: Vec<f64> = (0..n)
+            .map(|i| (0..=i).map(|k| l[i][k] * z[k]).sum())
+            .collect();
+        let cfg = GpConfig {
+            kernel: Kernel::Rbf,
+            ..GpConfig::default()
+        };
         let gp = Gp::fit(&cfg, &[(0.0, 1.0), (0.0, 1.0)], &x, &y, None, seed).unwrap();
         let h = gp.hyperparameters();
-        println!("draw {seed}: lengthscales {:?} (truth {truth:?}), noise {:.2e}", h.lengthscales, h.noise);
+        println!(
+            "draw {seed}: lengthscales {:?} (truth {truth:?}), noise {:.2e}",
+            h.lengthscales, h.noise
+        );
         for k in 0..2 {
             est[k].push(h.lengthscales[k]);
         }
@@ -200,7 +233,10 @@ fn fitted_lengthscales_recover_known_ones() {
         let med = est[k][1];
         let ratio = med / truth[k];
         println!("dimension {k}: median fitted {med:.4}, ratio {ratio:.3}");
-        assert!((1.0 / 1.6..1.6).contains(&ratio), "dimension {k}: ratio {ratio}");
+        assert!(
+            (1.0 / 1.6..1.6).contains(&ratio),
+            "dimension {k}: ratio {ratio}"
+        );
     }
 }
 
@@ -214,16 +250,26 @@ fn incremental_update_equals_full_conditioning() {
         mean: vec![-0.1],
     };
     for kernel in [Kernel::Matern52, Kernel::Rbf] {
-        let mut gp =
-            Gp::with_hyperparameters(kernel, Arc::new(Constant), &bounds, &x[..20], &y[..20], &h, None)
-                .unwrap();
+        let mut gp = Gp::with_hyperparameters(
+            kernel,
+            Arc::new(Constant),
+            &bounds,
+            &x[..20],
+            &y[..20],
+            &h,
+            None,
+        )
+        .unwrap();
         let st = gp.standardization();
         for i in 20..30 {
             gp.add_point(&x[i], y[i]).unwrap();
         }
         let full =
-            Gp::with_hyperparameters(kernel, Arc::new(Constant), &bounds, &x, &y, &h, Some(st)).unwrap();
-        let xs: Vec<Vec<f64>> = (0..50).map(|i| vec![-2.0 + 0.1 * i as f64, 10.0 + 0.4 * i as f64]).collect();
+            Gp::with_hyperparameters(kernel, Arc::new(Constant), &bounds, &x, &y, &h, Some(st))
+                .unwrap();
+        let xs: Vec<Vec<f64>> = (0..50)
+            .map(|i| vec![-2.0 + 0.1 * i as f64, 10.0 + 0.4 * i as f64])
+            .collect();
         let (m1, v1) = gp.predict(&xs);
         let (m2, v2) = full.predict(&xs);
         let mut worst: f64 = 0.0;
@@ -251,9 +297,19 @@ fn thompson_draws_have_the_posterior_moments() {
         noise: 0.01,
         mean: vec![0.0],
     };
-    let gp = Gp::with_hyperparameters(Kernel::Matern52, Arc::new(Constant), &bounds, &x, &y, &h, None)
-        .unwrap();
-    let xs: Vec<Vec<f64>> = (0..6).map(|i| vec![-2.0 + 0.8 * i as f64, 12.0 + 3.0 * i as f64]).collect();
+    let gp = Gp::with_hyperparameters(
+        Kernel::Matern52,
+        Arc::new(Constant),
+        &bounds,
+        &x,
+        &y,
+        &h,
+        None,
+    )
+    .unwrap();
+    let xs: Vec<Vec<f64>> = (0..6)
+        .map(|i| vec![-2.0 + 0.8 * i as f64, 12.0 + 3.0 * i as f64])
+        .collect();
     let (mu, var) = gp.predict(&xs);
     let mut rng = scopegym_envs::rng::seeded(9);
     let ns = 20000;
@@ -278,7 +334,10 @@ fn thompson_draws_have_the_posterior_moments() {
         let sd = var[a].sqrt();
         let em = (mean[a] - mu[a]).abs() / sd;
         let ev = (cov[a][a] - var[a]).abs() / var[a];
-        println!("point {a}: mean {:.4} vs {:.4} ({em:.3} sd), var {:.4e} vs {:.4e} (rel {ev:.3})", mean[a], mu[a], cov[a][a], var[a]);
+        println!(
+            "point {a}: mean {:.4} vs {:.4} ({em:.3} sd), var {:.4e} vs {:.4e} (rel {ev:.3})",
+            mean[a], mu[a], cov[a][a], var[a]
+        );
         assert!(em < 0.05, "{em}");
         assert!(ev < 0.05, "{ev}");
     }
@@ -287,16 +346,36 @@ fn thompson_draws_have_the_posterior_moments() {
     let (ym, sd) = gp.standardization();
     let _ = ym;
     let kmat: Vec<Vec<f64>> = (0..n)
-        .map(|i| (0..n).map(|j| k_ref(Kernel::Matern52, &x[i], &x[j], &bounds, &h) + if i == j { h.noise } else { 0.0 }).collect())
+        .map(|i| {
+            (0..n)
+                .map(|j| {
+                    k_ref(Kernel::Matern52, &x[i], &x[j], &bounds, &h)
+                        + if i == j { h.noise } else { 0.0 }
+                })
+                .collect()
+        })
         .collect();
     for a in 0..m {
         for b in 0..a {
-            let ka: Vec<f64> = x.iter().map(|xi| k_ref(Kernel::Matern52, xi, &xs[a], &bounds, &h)).collect();
-            let kb: Vec<f64> = x.iter().map(|xi| k_ref(Kernel::Matern52, xi, &xs[b], &bounds, &h)).collect();
+            let ka: Vec<f64> = x
+                .iter()
+                .map(|xi| k_ref(Kernel::Matern52, xi, &xs[a], &bounds, &h))
+                .collect();
+            let kb: Vec<f64> = x
+                .iter()
+                .map(|xi| k_ref(Kernel::Matern52, xi, &xs[b], &bounds, &h))
+                .collect();
             let w = gauss_solve(&kmat, &kb);
-            let c = sd * sd * (k_ref(Kernel::Matern52, &xs[a], &xs[b], &bounds, &h) - ka.iter().zip(&w).map(|(p, q)| p * q).sum::<f64>());
+            let c = sd
+                * sd
+                * (k_ref(Kernel::Matern52, &xs[a], &xs[b], &bounds, &h)
+                    - ka.iter().zip(&w).map(|(p, q)| p * q).sum::<f64>());
             let tol = 0.05 * (var[a] * var[b]).sqrt();
-            assert!((cov[a][b] - c).abs() < tol, "cov {a},{b}: {} vs {c}", cov[a][b]);
+            assert!(
+                (cov[a][b] - c).abs() < tol,
+                "cov {a},{b}: {} vs {c}",
+                cov[a][b]
+            );
         }
     }
 }
@@ -308,6 +387,9 @@ fn bad_inputs_are_errors_not_panics() {
     assert!(Gp::fit(&cfg, &[(0.0, 1.0)], &[vec![0.5]], &[f64::NAN], None, 0).is_err());
     assert!(Gp::fit(&cfg, &[(0.0, 1.0)], &[vec![0.5, 1.0]], &[1.0], None, 0).is_err());
     assert!(Gp::fit(&cfg, &[(0.0, 1.0)], &[], &[], None, 0).is_err());
-    let bad = GpConfig { max_iters: 0, ..cfg };
+    let bad = GpConfig {
+        max_iters: 0,
+        ..cfg
+    };
     assert!(Gp::fit(&bad, &[(0.0, 1.0)], &[vec![0.5]], &[1.0], None, 0).is_err());
 }
