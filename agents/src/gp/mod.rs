@@ -53,8 +53,9 @@ use std::sync::Arc;
 
 /// The noise variance floor (standardized units): `σ_n² = 10⁻⁶ + e^z`.
 pub const NOISE_FLOOR: f64 = 1e-6;
-/// L-BFGS stops when the gradient norm of the objective per observation falls below this.
-const TOL_GRAD: f64 = 1e-4;
+/// L-BFGS stops when the gradient norm of the objective per observation falls below this
+/// (1e-3: hyperparameters to ~0.1% of a log unit, ample for BO; halves the warm fit time vs 1e-4).
+const TOL_GRAD: f64 = 1e-3;
 /// ... or when the objective per observation changes by less than this.
 const TOL_COST: f64 = 1e-8;
 const LN_2PI: f64 = 1.837_877_066_409_345_5;
