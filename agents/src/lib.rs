@@ -3,15 +3,19 @@
 //! - [`agent`]: the [`Agent`] trait and [`agent::run_episode`].
 //! - [`floors`]: random, raster and heuristic.
 //! - [`acquisition`]: EI, LogEI, UCB, PI, maximum uncertainty, Thompson sampling.
+//! - [`gp`]: exact Gaussian process regression.
+//! - [`bo`]: Bayesian optimization of black-box functions (ask/tell, `minimize`).
 //! - [`bo_agent`]: Bayesian optimization on the tasks (`bo`, `sgp`).
 //! - [`registry`]: the agents by name.
 #![deny(missing_docs)]
 
 pub mod acquisition;
 pub mod agent;
+pub mod bo;
 pub mod bo_agent;
 pub mod error;
 pub mod floors;
+pub mod gp;
 pub mod registry;
 
 pub use agent::{Agent, CurvePoint, EpisodeRecord, TrainSpec, run_episode};
