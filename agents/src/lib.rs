@@ -3,11 +3,14 @@
 //! - [`agent`]: the [`Agent`] trait and [`agent::run_episode`].
 //! - [`floors`]: random, raster and heuristic.
 //! - [`acquisition`]: EI, LogEI, UCB, PI, maximum uncertainty, Thompson sampling.
+//! - `dkl` (feature `torch`): deep kernel learning for the explore tasks.
 //! - [`registry`]: the agents by name.
 #![deny(missing_docs)]
 
 pub mod acquisition;
 pub mod agent;
+#[cfg(feature = "torch")]
+pub mod dkl;
 pub mod error;
 pub mod floors;
 pub mod registry;
