@@ -30,7 +30,7 @@
 //! seed) among the unmeasured candidates; afterwards, each step refits the model on the
 //! measured points (`measured_count > 0`, values `measured_value`: the mean of the readings at a
 //! point) and measures the unmeasured candidate with the largest acquisition
-//! ([`Acquisition`]: default LogEI; Thompson sampling is not offered, as it would need a joint
+//! ([`Acquisition`]: default UCB, β = 4; Thompson sampling is not offered, as it would need a joint
 //! draw over all candidates). On PfmSpectroscopyExplore the candidates are restricted to the
 //! `pristine` points (where a loop still counts: the film there is as grown); once none is
 //! left, to all unmeasured points (nothing counts any more then, so the choice no longer
@@ -78,7 +78,9 @@ pub enum Inputs {
 pub struct DklConfig {
     /// Points drawn uniformly at random before the model takes over. Default 10.
     pub n_initial: usize,
-    /// Acquisition function. Default `"logei"` (Thompson sampling is not offered).
+    /// Acquisition function. Default UCB with β = 4 (`{ ucb = { beta = 4.0 } }`; on the real
+    /// BEPS map it found the top-1 % loop sooner than LogEI, tests/dkl.rs). Thompson sampling
+    /// is not offered.
     pub acquisition: Acquisition,
     /// Improvement margin ξ of EI, LogEI and PI, in standardized output units. Default 0.
     pub xi: f64,
@@ -108,7 +110,7 @@ impl Default for DklConfig {
     fn default() -> Self {
         Self {
             n_initial: 10,
-            acquisition: Acquisition::LogEi,
+            acquisition: Acquisition::Ucb { beta: 4.0 },
             xi: 0.0,
             inputs: Inputs::Patches,
             hidden: 64,
@@ -130,7 +132,10 @@ impl DklConfig {
             if v.is_finite() && v > 0.0 {
                 Ok(())
             } else {
-                Err(AgentError::config(name, format!("must be finite and > 0, got {v}")))
+                Err(AgentError::config(
+                    name,
+                    format!("must be finite and > 0, got {v}"),
+                ))
             }
         };
         if self.n_initial == 0 {
@@ -221,17 +226,12 @@ pub struct DklModel {
 
 /// A trainable f64 scalar or tensor from values.
 fn param(v: &[f64], shape: &[i64]) -> Tensor {
-    Tensor::from_slice(v)
-        .reshape(shape)
-        .set_requires_grad(true)
+    Tensor::from_slice(v).reshape(shape).set_requires_grad(true)
 }
 
 /// The values of a tensor, as f64.
 fn values(t: &Tensor) -> Result<Vec<f64>> {
-    let t = t
-        .f_to_kind(Kind::Double)?
-        .f_contiguous()?
-        .f_view([-1])?;
+    let t = t.f_to_kind(Kind::Double)?.f_contiguous()?.f_view([-1])?;
     Ok(Vec::<f64>::try_from(&t)?)
 }
 
@@ -240,7 +240,14 @@ impl DklModel {
     /// feature_dim` initialized as PyTorch's `Linear` (weights and biases uniform in
     /// `±1/√fan_in`) from `seed` (this crate's generator, not torch's); with `hidden = 0` the
     /// identity (`feature_dim` ignored). `hyper` gives the initial GP hyperparameters.
-    pub fn new(d: usize, hidden: usize, feature_dim: usize, hyper: Hyper, jitter: f64, seed: u64) -> Self {
+    pub fn new(
+        d: usize,
+        hidden: usize,
+        feature_dim: usize,
+        hyper: Hyper,
+        jitter: f64,
+        seed: u64,
+    ) -> Self {
         let mut rng = seeded(seed ^ 0xd1c1_5eed_0000_0001);
         let mut mlp = Vec::new();
         if hidden > 0 {
@@ -393,7 +400,10 @@ impl DklModel {
         let (x, y) = tensors(x, y)?;
         let d = x.size()[1];
         if xs.len() % d as usize != 0 {
-            return Err(AgentError::arg("xs", format!("length {} is not a multiple of {d}", xs.len())));
+            return Err(AgentError::arg(
+                "xs",
+                format!("length {} is not a multiple of {d}", xs.len()),
+            ));
         }
         let xs = Tensor::from_slice(xs).reshape([-1, d]);
         tch::no_grad(|| {
@@ -478,15 +488,26 @@ impl DklAgent {
     /// The candidate inputs of the episode from the first observation.
     fn inputs(&self, obs: &Value) -> Result<(Vec<f64>, usize)> {
         let (n, g) = (self.n, (self.n as f64).sqrt().round() as usize);
-        let coords = |k: usize| [(k / g) as f64 / (g - 1) as f64, (k % g) as f64 / (g - 1) as f64];
+        let coords = |k: usize| {
+            [
+                (k / g) as f64 / (g - 1) as f64,
+                (k % g) as f64 / (g - 1) as f64,
+            ]
+        };
         if self.cfg.inputs == Inputs::Coordinates {
             return Ok(((0..n).flat_map(coords).collect(), 2));
         }
         let p = obs_box(obs, "patches").ok_or_else(|| {
-            AgentError::arg("obs", "no `patches` key (set the task's patch > 0, or inputs = \"coordinates\")")
+            AgentError::arg(
+                "obs",
+                "no `patches` key (set the task's patch > 0, or inputs = \"coordinates\")",
+            )
         })?;
         if p.is_empty() || p.len() % n != 0 {
-            return Err(AgentError::arg("patches", format!("{} values for {n} candidates", p.len())));
+            return Err(AgentError::arg(
+                "patches",
+                format!("{} values for {n} candidates", p.len()),
+            ));
         }
         let dp = p.len() / n;
         // Standardize each pixel over the candidates.
@@ -563,13 +584,23 @@ impl Agent for DklAgent {
         if self.x.is_empty() {
             return Err(AgentError::arg("dkl", "act called before begin_episode"));
         }
-        let (Some(value), Some(count)) = (obs_box(obs, "measured_value"), obs_box(obs, "measured_count")) else {
-            return Err(AgentError::arg("obs", "needs `measured_value` and `measured_count`"));
+        let (Some(value), Some(count)) = (
+            obs_box(obs, "measured_value"),
+            obs_box(obs, "measured_count"),
+        ) else {
+            return Err(AgentError::arg(
+                "obs",
+                "needs `measured_value` and `measured_count`",
+            ));
         };
         if value.len() != n || count.len() != n {
             return Err(AgentError::arg(
                 "measured_value",
-                format!("{} and {} values for {n} candidates", value.len(), count.len()),
+                format!(
+                    "{} and {} values for {n} candidates",
+                    value.len(),
+                    count.len()
+                ),
             ));
         }
         let pristine: Vec<bool> = match obs_box(obs, "pristine") {
@@ -598,10 +629,17 @@ impl Agent for DklAgent {
         let sd = if sd > 1e-12 { sd } else { 1.0 };
         let y: Vec<f64> = raw.iter().map(|v| (v - mean) / sd).collect();
         let d = self.d;
-        let xm: Vec<f64> = measured.iter().flat_map(|&k| self.x[k * d..(k + 1) * d].iter().copied()).collect();
+        let xm: Vec<f64> = measured
+            .iter()
+            .flat_map(|&k| self.x[k * d..(k + 1) * d].iter().copied())
+            .collect();
         let first = self.model.is_none();
         let model = self.model.get_or_insert_with(|| {
-            let hidden = if self.cfg.inputs == Inputs::Coordinates { 0 } else { self.cfg.hidden };
+            let hidden = if self.cfg.inputs == Inputs::Coordinates {
+                0
+            } else {
+                self.cfg.hidden
+            };
             DklModel::new(
                 d,
                 hidden,
@@ -616,9 +654,16 @@ impl Agent for DklAgent {
                 self.rng.random(),
             )
         });
-        let epochs = if first { self.cfg.epochs_initial } else { self.cfg.epochs_step };
+        let epochs = if first {
+            self.cfg.epochs_initial
+        } else {
+            self.cfg.epochs_step
+        };
         model.fit(&xm, &y, epochs, self.cfg.lr)?;
-        let xs: Vec<f64> = cands.iter().flat_map(|&k| self.x[k * d..(k + 1) * d].iter().copied()).collect();
+        let xs: Vec<f64> = cands
+            .iter()
+            .flat_map(|&k| self.x[k * d..(k + 1) * d].iter().copied())
+            .collect();
         let (mu, var) = model.posterior(&xm, &y, &xs)?;
         let best = y.iter().copied().fold(f64::MIN, f64::max);
         let mut pick = (f64::NEG_INFINITY, cands[0]);
@@ -695,7 +740,13 @@ mod tests {
     }
 
     /// Posterior mean, variance and NLL per point in closed form on fixed features.
-    fn closed_form(z: &[Vec<f64>], y: &[f64], zs: &[Vec<f64>], h: Hyper, jitter: f64) -> (Vec<f64>, Vec<f64>, f64) {
+    fn closed_form(
+        z: &[Vec<f64>],
+        y: &[f64],
+        zs: &[Vec<f64>],
+        h: Hyper,
+        jitter: f64,
+    ) -> (Vec<f64>, Vec<f64>, f64) {
         let k = |a: &[f64], b: &[f64]| {
             let d2: f64 = a.iter().zip(b).map(|(p, q)| (p - q).powi(2)).sum();
             h.outputscale.powi(2) * (-d2 / (2.0 * h.lengthscale.powi(2))).exp()
@@ -704,12 +755,18 @@ mod tests {
         let mut ky = vec![0.0; n * n];
         for i in 0..n {
             for j in 0..n {
-                ky[i * n + j] = k(&z[i], &z[j]) + if i == j { h.noise.powi(2) + jitter } else { 0.0 };
+                ky[i * n + j] = k(&z[i], &z[j])
+                    + if i == j {
+                        h.noise.powi(2) + jitter
+                    } else {
+                        0.0
+                    };
             }
         }
         let r: Vec<f64> = y.iter().map(|v| v - h.mean).collect();
         let (alpha, logdet) = solve(&ky, &r, n);
-        let nll = (0.5 * r.iter().zip(&alpha).map(|(a, b)| a * b).sum::<f64>() + 0.5 * logdet) / n as f64
+        let nll = (0.5 * r.iter().zip(&alpha).map(|(a, b)| a * b).sum::<f64>() + 0.5 * logdet)
+            / n as f64
             + 0.5 * (2.0 * std::f64::consts::PI).ln();
         let (mut mu, mut var) = (Vec::new(), Vec::new());
         for s in zs {
@@ -732,7 +789,12 @@ mod tests {
         let x: Vec<f64> = (0..n * d).map(|_| rng.random_range(-1.0..1.0)).collect();
         let xs: Vec<f64> = (0..m * d).map(|_| rng.random_range(-1.0..1.0)).collect();
         let y: Vec<f64> = (0..n).map(|_| rng.random_range(-2.0..2.0)).collect();
-        let h = Hyper { outputscale: 1.3, lengthscale: 0.45, noise: 0.2, mean: 0.3 };
+        let h = Hyper {
+            outputscale: 1.3,
+            lengthscale: 0.45,
+            noise: 0.2,
+            mean: 0.3,
+        };
         let jitter = 1e-6;
         for hidden in [0, 8] {
             let model = DklModel::new(d, hidden, 3, h, jitter, 11);
@@ -749,9 +811,17 @@ mod tests {
                 .chain(var.iter().zip(&var0))
                 .map(|(a, b)| rel(*a, *b))
                 .fold(rel(nll, nll0), f64::max);
-            println!("hidden {hidden}: nll {nll:.12} (closed form {nll0:.12}), worst relative error {worst:.2e}");
-            assert!(worst < 1e-8, "hidden {hidden}: worst relative error {worst:e}");
-            assert!(var0.iter().all(|&v| v > 1e-3), "the test's variances are not degenerate");
+            println!(
+                "hidden {hidden}: nll {nll:.12} (closed form {nll0:.12}), worst relative error {worst:.2e}"
+            );
+            assert!(
+                worst < 1e-8,
+                "hidden {hidden}: worst relative error {worst:e}"
+            );
+            assert!(
+                var0.iter().all(|&v| v > 1e-3),
+                "the test's variances are not degenerate"
+            );
         }
     }
 
@@ -770,7 +840,12 @@ mod tests {
         let mean = raw.iter().sum::<f64>() / n as f64;
         let sd = (raw.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n as f64).sqrt();
         let y: Vec<f64> = raw.iter().map(|v| (v - mean) / sd).collect();
-        let h = Hyper { outputscale: 1.0, lengthscale: 0.2, noise: 0.1, mean: 0.0 };
+        let h = Hyper {
+            outputscale: 1.0,
+            lengthscale: 0.2,
+            noise: 0.1,
+            mean: 0.0,
+        };
         let mut model = DklModel::new(d, 64, 2, h, 1e-6, 5);
         let before = model.nll(&x, &y).unwrap();
         let trace = model.fit(&x, &y, 300, 0.01).unwrap();
@@ -797,12 +872,20 @@ mod tests {
             let vt = yt.iter().map(|v| v * v).sum::<f64>();
             let ybar = yt.iter().sum::<f64>() / yt.len() as f64;
             let tot = vt - yt.len() as f64 * ybar * ybar;
-            1.0 - mu.iter().zip(&yt).map(|(a, b)| (a - b).powi(2)).sum::<f64>() / tot
+            1.0 - mu
+                .iter()
+                .zip(&yt)
+                .map(|(a, b)| (a - b).powi(2))
+                .sum::<f64>()
+                / tot
         };
         let r2_before = r2(&DklModel::new(d, 64, 2, h, 1e-6, 5));
         let r2_after = r2(&model);
         println!("held-out R²: {r2_before:.3} before training, {r2_after:.3} after");
-        assert!(r2_after > 0.2 && r2_before < 0.1, "R² {r2_before} → {r2_after}");
+        assert!(
+            r2_after > 0.2 && r2_before < 0.1,
+            "R² {r2_before} → {r2_after}"
+        );
         // Same seed, same result.
         let mut again = DklModel::new(d, 64, 2, h, 1e-6, 5);
         again.fit(&x, &y, 300, 0.01).unwrap();
@@ -826,7 +909,10 @@ mod tests {
             let e = DklConfig::from_toml(Some(&v)).unwrap_err().to_string();
             assert!(e.contains(field), "{text}: {e}");
         }
-        let v: toml::Value = toml::from_str("inputs = \"patches+coordinates\"\nacquisition = { ucb = { beta = 2.0 } }").unwrap();
+        let v: toml::Value = toml::from_str(
+            "inputs = \"patches+coordinates\"\nacquisition = { ucb = { beta = 2.0 } }",
+        )
+        .unwrap();
         let c = DklConfig::from_toml(Some(&v)).unwrap();
         assert_eq!(c.inputs, Inputs::PatchesAndCoordinates);
         assert_eq!(c.acquisition, Acquisition::Ucb { beta: 2.0 });
