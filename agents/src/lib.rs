@@ -6,6 +6,7 @@
 //! - [`gp`]: exact Gaussian process regression.
 //! - [`bo`]: Bayesian optimization of black-box functions (ask/tell, `minimize`).
 //! - [`bo_agent`]: Bayesian optimization on the tasks (`bo`, `sgp`).
+//! - `dkl` (feature `torch`): deep kernel learning for the explore tasks.
 //! - [`registry`]: the agents by name.
 #![deny(missing_docs)]
 
@@ -13,6 +14,8 @@ pub mod acquisition;
 pub mod agent;
 pub mod bo;
 pub mod bo_agent;
+#[cfg(feature = "torch")]
+pub mod dkl;
 pub mod error;
 pub mod floors;
 pub mod gp;

@@ -44,6 +44,8 @@ fn no_config(name: &str, config: Option<&toml::Value>) -> Result<()> {
 pub const AGENTS: &[AgentSpec] = &[
     AgentSpec { name: "random", description: "uniform random actions", learns: false, make: |_, c, _| { no_config("random", c)?; Ok(Box::new(RandomAgent::default())) } },
     AgentSpec { name: "raster", description: "raster (grid) sampling of the action space", learns: false, make: |_, c, _| { no_config("raster", c)?; Ok(Box::new(RasterAgent::default())) } },
+    #[cfg(feature = "torch")] AgentSpec { name: "dkl", description: "deep kernel learning (MLP on image patches under an RBF GP) for the explore tasks", learns: false, make: crate::dkl::DklAgent::make },
+    #[cfg(not(feature = "torch"))] AgentSpec { name: "dkl", description: "deep kernel learning (needs the torch feature)", learns: false, make: |_, _, _| Err(AgentError::MissingFeature { agent: "dkl".into(), feature: "torch".into() }) },
     AgentSpec { name: "heuristic", description: "the task's expert rule of thumb", learns: false, make: |_, c, _| { no_config("heuristic", c)?; Ok(Box::new(HeuristicAgent)) } },
 ];
 
