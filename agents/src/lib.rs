@@ -4,6 +4,7 @@
 //! - [`floors`]: random, raster and heuristic.
 //! - [`acquisition`]: EI, LogEI, UCB, PI, maximum uncertainty, Thompson sampling.
 //! - [`registry`]: the agents by name.
+//! - `rl` (feature `torch`): PPO, REINFORCE with a baseline, TorchScript policies.
 #![deny(missing_docs)]
 
 pub mod acquisition;
@@ -11,6 +12,8 @@ pub mod agent;
 pub mod error;
 pub mod floors;
 pub mod registry;
+#[cfg(feature = "torch")]
+pub mod rl;
 
 pub use agent::{Agent, CurvePoint, EpisodeRecord, TrainSpec, run_episode};
 pub use error::{AgentError, Result};

@@ -39,12 +39,33 @@ fn no_config(name: &str, config: Option<&toml::Value>) -> Result<()> {
     }
 }
 
+/// The error of a neural agent in a build without the `torch` feature.
+#[cfg(not(feature = "torch"))]
+fn missing_torch(agent: &str) -> AgentError {
+    AgentError::MissingFeature {
+        agent: agent.into(),
+        feature: "torch".into(),
+    }
+}
+
 /// Every agent, one line each.
 #[rustfmt::skip]
 pub const AGENTS: &[AgentSpec] = &[
     AgentSpec { name: "random", description: "uniform random actions", learns: false, make: |_, c, _| { no_config("random", c)?; Ok(Box::new(RandomAgent::default())) } },
     AgentSpec { name: "raster", description: "raster (grid) sampling of the action space", learns: false, make: |_, c, _| { no_config("raster", c)?; Ok(Box::new(RasterAgent::default())) } },
     AgentSpec { name: "heuristic", description: "the task's expert rule of thumb", learns: false, make: |_, c, _| { no_config("heuristic", c)?; Ok(Box::new(HeuristicAgent)) } },
+    #[cfg(feature = "torch")]
+    AgentSpec { name: "ppo", description: "PPO with CleanRL's defaults (libtorch)", learns: true, make: |e, c, s| Ok(Box::new(crate::rl::PpoAgent::from_toml(e, c, s)?)) },
+    #[cfg(feature = "torch")]
+    AgentSpec { name: "reinforce", description: "REINFORCE with a learned value baseline (libtorch)", learns: true, make: |e, c, s| Ok(Box::new(crate::rl::ReinforceAgent::from_toml(e, c, s)?)) },
+    #[cfg(feature = "torch")]
+    AgentSpec { name: "torchscript", description: "a TorchScript policy file (config: policy = \"file.pt\")", learns: false, make: |e, c, _| Ok(Box::new(crate::rl::TorchScriptAgent::from_toml(e, c)?)) },
+    #[cfg(not(feature = "torch"))]
+    AgentSpec { name: "ppo", description: "PPO with CleanRL's defaults (needs feature torch)", learns: true, make: |_, _, _| Err(missing_torch("ppo")) },
+    #[cfg(not(feature = "torch"))]
+    AgentSpec { name: "reinforce", description: "REINFORCE with a learned value baseline (needs feature torch)", learns: true, make: |_, _, _| Err(missing_torch("reinforce")) },
+    #[cfg(not(feature = "torch"))]
+    AgentSpec { name: "torchscript", description: "a TorchScript policy file (needs feature torch)", learns: false, make: |_, _, _| Err(missing_torch("torchscript")) },
 ];
 
 /// The registered names.
