@@ -180,13 +180,20 @@ pub(crate) fn load<C: serde::de::DeserializeOwned>(
 ) -> Result<(Checkpoint<C>, ActorCritic)> {
     let js = sidecar(path);
     let text = std::fs::read_to_string(&js).map_err(|e| io_err(&js, e))?;
-    let ck: Checkpoint<C> = serde_json::from_str(&text).map_err(|e| io_err(&js, e))?;
-    if ck.agent != agent {
+    let raw: Checkpoint<serde_json::Value> =
+        serde_json::from_str(&text).map_err(|e| io_err(&js, e))?;
+    if raw.agent != agent {
         return Err(io_err(
             &js,
-            format!("a checkpoint of agent {:?}, not {agent:?}", ck.agent),
+            format!("a checkpoint of agent {:?}, not {agent:?}", raw.agent),
         ));
     }
+    let ck = Checkpoint {
+        config: serde_json::from_value(raw.config).map_err(|e| io_err(&js, e))?,
+        agent: raw.agent,
+        spec: raw.spec,
+        seed: raw.seed,
+    };
     let mut net = ActorCritic::new(ck.spec.clone(), ck.seed)?;
     net.vs.load(path).map_err(|e| io_err(path, e))?;
     Ok((ck, net))
@@ -196,9 +203,14 @@ pub(crate) fn load<C: serde::de::DeserializeOwned>(
 /// Gaussian means) as TorchScript, by tracing.
 pub(crate) fn export_torchscript(net: &ActorCritic, path: &Path) -> Result<()> {
     let example = Tensor::zeros([1, net.spec.obs.len as i64], (tch::Kind::Float, tch::Device::Cpu));
+    // Tracing records parameters as constants, which must not require gradients: trace a
+    // frozen copy.
+    let mut copy = ActorCritic::new(net.spec.clone(), 0)?;
+    copy.vs.copy(&net.vs)?;
+    copy.vs.freeze();
     let m = tch::no_grad(|| {
         tch::CModule::create_by_tracing("policy", "forward", &[example], &mut |xs| {
-            vec![net.policy(&xs[0])]
+            vec![copy.policy(&xs[0])]
         })
     })?;
     m.save(path).map_err(|e| io_err(path, e))

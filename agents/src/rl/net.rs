@@ -335,20 +335,30 @@ fn linear(p: nn::Path, i: usize, o: usize, gain: f64) -> nn::Linear {
 }
 
 fn conv(p: nn::Path, i: i64, o: i64, k: i64, stride: i64) -> nn::Conv2D {
-    nn::conv2d(
+    let mut c = nn::conv2d(
         p,
         i,
         o,
         k,
         nn::ConvConfig {
             stride,
-            ws_init: nn::Init::Orthogonal {
-                gain: std::f64::consts::SQRT_2,
-            },
             bs_init: nn::Init::Const(0.0),
             ..Default::default()
         },
-    )
+    );
+    // tch's orthogonal initializer returns the 2-D matrix for a 4-D weight, so set it in place
+    // (a `[out, in · k · k]` orthogonal matrix viewed as the kernel, as PyTorch does).
+    tch::no_grad(|| {
+        let q = nn::init(
+            nn::Init::Orthogonal {
+                gain: std::f64::consts::SQRT_2,
+            },
+            &[o, i * k * k],
+            Device::Cpu,
+        );
+        c.ws.copy_(&q.view_as(&c.ws));
+    });
+    c
 }
 
 /// A CNN for a `h × w` image (one channel) and its output width.
@@ -362,7 +372,7 @@ fn cnn(p: &nn::Path, h: usize, w: usize) -> (nn::Sequential, usize) {
         };
         let flat = 64 * oh * ow;
         let s = nn::seq()
-            .add_fn(move |x| x.view([-1, 1, h, w]))
+            .add_fn(move |x| x.reshape([-1, 1, h, w]))
             .add(conv(p / "c1", 1, 32, 8, 4))
             .add_fn(|x| x.relu())
             .add(conv(p / "c2", 32, 64, 4, 2))
@@ -379,7 +389,7 @@ fn cnn(p: &nn::Path, h: usize, w: usize) -> (nn::Sequential, usize) {
         };
         let flat = 32 * oh * ow;
         let s = nn::seq()
-            .add_fn(move |x| x.view([-1, 1, h, w]))
+            .add_fn(move |x| x.reshape([-1, 1, h, w]))
             .add(conv(p / "c1", 1, 16, 3, 2))
             .add_fn(|x| x.relu())
             .add(conv(p / "c2", 16, 32, 3, 2))
