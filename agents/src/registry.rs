@@ -93,3 +93,18 @@ pub fn make(
 ) -> Result<Box<dyn Agent>> {
     (spec(name)?.make)(env, config, seed)
 }
+
+#[cfg(all(test, not(feature = "torch")))]
+mod tests {
+    #[test]
+    fn neural_agents_need_the_torch_feature() {
+        let env = scopegym_envs::registry::make("scopegym/StemDopantSteer-v1", None).unwrap();
+        for name in ["ppo", "reinforce", "torchscript"] {
+            let e = super::make(name, env.as_ref(), None, 0).err().unwrap();
+            assert!(
+                matches!(&e, crate::AgentError::MissingFeature { agent, feature } if agent == name && feature == "torch"),
+                "{name}: {e}"
+            );
+        }
+    }
+}

@@ -264,7 +264,7 @@ fn dopant_ppo(steps: u64, seed: u64, seeds: std::ops::Range<u64>, cfg: PpoConfig
         agent.act(env.as_mut(), &o).unwrap()
     });
     let random = evaluate(env.as_mut(), &Policy::Random, seeds.clone()).unwrap();
-    let heur = evaluate(env.as_mut(), &Policy::Heuristic, seeds).unwrap();
+    let heur = evaluate(env.as_mut(), &Policy::Heuristic, seeds.clone()).unwrap();
     let pts: Vec<String> = curve
         .iter()
         .step_by((curve.len() / 10).max(1))
@@ -272,14 +272,41 @@ fn dopant_ppo(steps: u64, seed: u64, seeds: std::ops::Range<u64>, cfg: PpoConfig
         .collect();
     println!(
         "StemDopantSteer-v1: {steps} steps in {secs:.1} s ({:.0} steps/s, stats {:?}); test \
-         split: ppo {ppo:.3}, random {:.3}, heuristic {:.3}; curve {}",
+         split: ppo {ppo:.3}, random {:.3} (success {:.2}), heuristic {:.3} (success {:.2}); curve {}",
         steps as f64 / secs,
         agent.stats,
         random.mean_return,
+        random.success_rate,
         heur.mean_return,
+        heur.success_rate,
         pts.join(" ")
     );
+    if let Ok((_, deg)) = scopegym_envs::evaluate::degenerate_scores(env.as_mut(), seeds, 2) {
+        let d: Vec<String> = deg
+            .iter()
+            .map(|(n, s)| format!("{n} {:.3}/{:.2}", s.mean_return, s.success_rate))
+            .collect();
+        println!("floors and degenerate policies (return/success): {}", d.join(", "));
+    }
     (ppo, random.mean_return, heur.mean_return)
+}
+
+#[test]
+fn ppo_beats_random_on_stem_dopant_steer() {
+    // Budget: 200 000 env steps of PPO with the defaults (about 7 s here in the dev profile),
+    // trained on the train split (medium), scored deterministically on 30 seeds of the test
+    // split beside random and the heuristic on the same seeds. Measured (seed 0): PPO ≈ 0.17,
+    // random ≈ −1.08, heuristic ≈ 1.09, i.e. PPO closes ≈ 58 % of the random → heuristic gap.
+    // Margins: PPO beats random by ≥ 0.8 and closes ≥ 45 % of the gap. What PPO learns in this
+    // budget (and in 1.5 M steps, which do no better) is to keep the dopant (no loss penalty)
+    // while collecting the shaping term, as the degenerate "low corner" constant action does
+    // (0.178, printed): its success rate stays 0, where the heuristic's is high (printed), so
+    // it does not yet approach the heuristic in success.
+    let (ppo, random, heur) = dopant_ppo(200_000, 0, 0..30, PpoConfig::default());
+    let closed = (ppo - random) / (heur - random);
+    println!("gap closed: {:.0} %", 100.0 * closed);
+    assert!(ppo > random + 0.8, "ppo {ppo:.3}, random {random:.3}");
+    assert!(closed >= 0.45, "ppo closes {closed:.2} of the gap");
 }
 
 #[test]
