@@ -92,9 +92,9 @@ def main() -> None:
         print(json.dumps(res))
     else:
         print(f"PPO on {ENV_ID}, {a.steps} steps, one thread, learning included")
-        print(f"{'scopegym (Rust, tch)':>24}: {rust:10.0} steps/s")
-        print(f"{'Stable-Baselines3':>24}: {sb3:10.0} steps/s")
-        print(f"{'ratio':>24}: {rust / sb3:10.1}x")
+        print(f"{'scopegym (Rust, tch)':>24}: {rust:10.0f} steps/s")
+        print(f"{'Stable-Baselines3':>24}: {sb3:10.0f} steps/s")
+        print(f"{'ratio':>24}: {rust / sb3:10.1f}x")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,11 @@ pub(crate) fn make_envs(spec: &TrainSpec<'_>, num_envs: usize) -> Result<Vec<Box
 
 /// The training vector env over `envs` (same-step autoreset: a finished episode's last
 /// observation is in `info["final_obs"]`, which truncated episodes bootstrap from).
-pub(crate) fn vec_env(envs: Vec<Box<dyn Env>>, num_envs: usize, threads: usize) -> Result<VectorEnv> {
+pub(crate) fn vec_env(
+    envs: Vec<Box<dyn Env>>,
+    num_envs: usize,
+    threads: usize,
+) -> Result<VectorEnv> {
     if envs.len() != num_envs {
         return Err(AgentError::arg(
             "envs",
@@ -47,12 +51,18 @@ pub(crate) fn final_obs(venv: &VectorEnv, i: usize, net: &ActorCritic, out: &mut
 
 /// Copies a tensor's values into a `Vec<f32>`.
 pub(crate) fn to_vec(t: &Tensor) -> Result<Vec<f32>> {
-    Ok(Vec::<f32>::try_from(&t.flatten(0, -1).to_kind(tch::Kind::Float))?)
+    Ok(Vec::<f32>::try_from(
+        &t.flatten(0, -1).to_kind(tch::Kind::Float),
+    )?)
 }
 
 /// The policy's outputs for normalized observations `x` (`rows × len`): policy outputs
 /// (flattened `rows × outputs`) and values.
-pub(crate) fn eval_batch(net: &ActorCritic, x: &[f32], rows: usize) -> Result<(Vec<f32>, Vec<f32>)> {
+pub(crate) fn eval_batch(
+    net: &ActorCritic,
+    x: &[f32],
+    rows: usize,
+) -> Result<(Vec<f32>, Vec<f32>)> {
     let t = Tensor::from_slice(x).view([rows as i64, net.spec.obs.len as i64]);
     let (out, v) = tch::no_grad(|| net.forward(&t));
     Ok((to_vec(&out)?, to_vec(&v)?))
@@ -87,7 +97,11 @@ pub(crate) fn sample_batch(
     env_flat: &mut [f32],
 ) {
     let kind = &net.spec.action;
-    let (k, sl, el) = (kind.outputs(), kind.stored_len(), env_flat.len() / logp.len());
+    let (k, sl, el) = (
+        kind.outputs(),
+        kind.stored_len(),
+        env_flat.len() / logp.len(),
+    );
     for i in 0..logp.len() {
         let s = &mut stored[i * sl..(i + 1) * sl];
         logp[i] = sample_row(kind, &out[i * k..(i + 1) * k], std, log_std, rng, s);
@@ -115,7 +129,12 @@ impl Actor {
         self.rng = seeded(seed ^ 0x5eed_ac70_0000_0001);
     }
 
-    pub(crate) fn act(&mut self, net: &ActorCritic, obs: &Value, deterministic: bool) -> Result<Value> {
+    pub(crate) fn act(
+        &mut self,
+        net: &ActorCritic,
+        obs: &Value,
+        deterministic: bool,
+    ) -> Result<Value> {
         self.buf.resize(net.spec.obs.len, 0.0);
         net.spec.obs.normalize_into(obs, &mut self.buf)?;
         let t = Tensor::from_slice(&self.buf).view([1, net.spec.obs.len as i64]);
@@ -202,7 +221,10 @@ pub(crate) fn load<C: serde::de::DeserializeOwned>(
 /// Exports the deterministic policy head (normalized observation `[1, len]` → logits or
 /// Gaussian means) as TorchScript, by tracing.
 pub(crate) fn export_torchscript(net: &ActorCritic, path: &Path) -> Result<()> {
-    let example = Tensor::zeros([1, net.spec.obs.len as i64], (tch::Kind::Float, tch::Device::Cpu));
+    let example = Tensor::zeros(
+        [1, net.spec.obs.len as i64],
+        (tch::Kind::Float, tch::Device::Cpu),
+    );
     // Tracing records parameters as constants, which must not require gradients: trace a
     // frozen copy.
     let mut copy = ActorCritic::new(net.spec.clone(), 0)?;

@@ -3,6 +3,20 @@
 //! (runs any TorchScript policy, e.g. one exported by [`PpoAgent::export_torchscript`] or
 //! trained in Python with PyTorch).
 //!
+//! ```
+//! use scopegym_agents::{Agent, TrainSpec, registry, run_episode};
+//! let id = "scopegym/StemDopantSteer-v1";
+//! let mut env = scopegym_envs::registry::make(id, None).unwrap();
+//! let cfg: toml::Value = toml::from_str("num_envs = 2\nnum_steps = 16").unwrap();
+//! let mut ppo = registry::make("ppo", env.as_ref(), Some(&cfg), 0).unwrap();
+//! let spec = TrainSpec { env_id: id, env_config: None, steps: 64, seed: 0 };
+//! let mut done = 0;
+//! ppo.train(&spec, &mut |s| done = s).unwrap();
+//! assert_eq!(done, 64);
+//! let rec = run_episode(env.as_mut(), ppo.as_mut(), 1).unwrap();
+//! assert!(rec.steps >= 1);
+//! ```
+//!
 //! # Observations
 //!
 //! Every observation is flattened in the space's order (Dict: keys in order), as

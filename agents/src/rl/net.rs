@@ -208,10 +208,7 @@ impl ActionKind {
             }
             other => Err(AgentError::arg(
                 "action_space",
-                format!(
-                    "needs Discrete or a finite Box, got {}",
-                    other.describe()
-                ),
+                format!("needs Discrete or a finite Box, got {}", other.describe()),
             )),
         }
     }
@@ -239,7 +236,11 @@ impl ActionKind {
             Self::Discrete { start, .. } => out[0] = (stored[0] as i64 + start) as f32,
             Self::Gaussian { low, high } => {
                 for (((o, &a), &lo), &hi) in out.iter_mut().zip(stored).zip(low).zip(high) {
-                    *o = if a.is_finite() { a.clamp(lo, hi) } else { 0.5 * (lo + hi) };
+                    *o = if a.is_finite() {
+                        a.clamp(lo, hi)
+                    } else {
+                        0.5 * (lo + hi)
+                    };
                 }
             }
         }
@@ -442,9 +443,7 @@ impl ActorCritic {
         let actor = mlp(&(&root / "actor"), features, spec.action.outputs(), 0.01);
         let critic = mlp(&(&root / "critic"), features, 1, 1.0);
         let log_std = match &spec.action {
-            ActionKind::Gaussian { low, .. } => {
-                Some(root.zeros("log_std", &[low.len() as i64]))
-            }
+            ActionKind::Gaussian { low, .. } => Some(root.zeros("log_std", &[low.len() as i64])),
             ActionKind::Discrete { .. } => None,
         };
         let identity = matches!(spec.obs.parts.as_slice(), [(_, Part::Vector { offset: 0, len })] if *len == spec.obs.len);
@@ -493,7 +492,10 @@ impl ActorCritic {
     /// Policy output and value `[B]` for normalized observations `[B, len]`.
     pub fn forward(&self, x: &Tensor) -> (Tensor, Tensor) {
         let f = self.features(x);
-        (self.actor.forward(&f), self.critic.forward(&f).squeeze_dim(1))
+        (
+            self.actor.forward(&f),
+            self.critic.forward(&f).squeeze_dim(1),
+        )
     }
 
     /// The value `[B]` of normalized observations `[B, len]`.

@@ -103,23 +103,63 @@ impl PpoConfig {
     pub fn validate(&self) -> Result<()> {
         let pos = |v: f64| v.is_finite() && v > 0.0;
         let nonneg = |v: f64| v.is_finite() && v >= 0.0;
-        check(pos(self.learning_rate), "learning_rate", "must be positive and finite")?;
-        check(pos(self.adam_eps), "adam_eps", "must be positive and finite")?;
+        check(
+            pos(self.learning_rate),
+            "learning_rate",
+            "must be positive and finite",
+        )?;
+        check(
+            pos(self.adam_eps),
+            "adam_eps",
+            "must be positive and finite",
+        )?;
         check(self.num_envs >= 1, "num_envs", "must be at least 1")?;
         check(self.num_steps >= 1, "num_steps", "must be at least 1")?;
-        check((0.0..=1.0).contains(&self.gamma), "gamma", "must be in [0, 1]")?;
-        check((0.0..=1.0).contains(&self.gae_lambda), "gae_lambda", "must be in [0, 1]")?;
-        check(self.num_minibatches >= 1, "num_minibatches", "must be at least 1")?;
+        check(
+            (0.0..=1.0).contains(&self.gamma),
+            "gamma",
+            "must be in [0, 1]",
+        )?;
+        check(
+            (0.0..=1.0).contains(&self.gae_lambda),
+            "gae_lambda",
+            "must be in [0, 1]",
+        )?;
+        check(
+            self.num_minibatches >= 1,
+            "num_minibatches",
+            "must be at least 1",
+        )?;
         check(
             self.num_minibatches <= self.num_envs * self.num_steps,
             "num_minibatches",
             "must not exceed num_envs · num_steps",
         )?;
-        check(self.update_epochs >= 1, "update_epochs", "must be at least 1")?;
-        check(pos(self.clip_coef), "clip_coef", "must be positive and finite")?;
-        check(nonneg(self.ent_coef), "ent_coef", "must be non-negative and finite")?;
-        check(nonneg(self.vf_coef), "vf_coef", "must be non-negative and finite")?;
-        check(pos(self.max_grad_norm), "max_grad_norm", "must be positive and finite")?;
+        check(
+            self.update_epochs >= 1,
+            "update_epochs",
+            "must be at least 1",
+        )?;
+        check(
+            pos(self.clip_coef),
+            "clip_coef",
+            "must be positive and finite",
+        )?;
+        check(
+            nonneg(self.ent_coef),
+            "ent_coef",
+            "must be non-negative and finite",
+        )?;
+        check(
+            nonneg(self.vf_coef),
+            "vf_coef",
+            "must be non-negative and finite",
+        )?;
+        check(
+            pos(self.max_grad_norm),
+            "max_grad_norm",
+            "must be positive and finite",
+        )?;
         check(self.env_threads >= 1, "env_threads", "must be at least 1")?;
         Ok(())
     }
@@ -225,7 +265,10 @@ impl PpoAgent {
     ) -> Result<()> {
         let c = &self.cfg;
         let b = logp.len();
-        let (len, sl) = (self.net.spec.obs.len as i64, self.net.spec.action.stored_len() as i64);
+        let (len, sl) = (
+            self.net.spec.obs.len as i64,
+            self.net.spec.action.stored_len() as i64,
+        );
         let b_obs = Tensor::from_slice(obs).view([b as i64, len]);
         let b_act = Tensor::from_slice(actions).view([b as i64, sl]);
         let b_logp = Tensor::from_slice(logp);
@@ -239,7 +282,11 @@ impl PpoAgent {
             idx.shuffle(rng);
             let mut clipped = 0.0;
             for k in 0..c.num_minibatches {
-                let end = if k + 1 == c.num_minibatches { b } else { (k + 1) * mb };
+                let end = if k + 1 == c.num_minibatches {
+                    b
+                } else {
+                    (k + 1) * mb
+                };
                 let i = Tensor::from_slice(&idx[k * mb..end]);
                 let o = b_obs.index_select(0, &i);
                 let a = b_act.index_select(0, &i);
@@ -343,7 +390,10 @@ impl PpoAgent {
                 obs[t * n * len..(t + 1) * n * len].copy_from_slice(&next_obs);
                 let (out, v) = common::eval_batch(&self.net, &next_obs, n)?;
                 if out.iter().any(|x| !x.is_finite()) {
-                    return Err(AgentError::numerical("ppo rollout", "non-finite policy output"));
+                    return Err(AgentError::numerical(
+                        "ppo rollout",
+                        "non-finite policy output",
+                    ));
                 }
                 vals[rows.clone()].copy_from_slice(&v);
                 common::sample_batch(
@@ -391,7 +441,11 @@ impl PpoAgent {
             for t in (0..t_len).rev() {
                 for i in 0..n {
                     let j = t * n + i;
-                    let nv = if t + 1 == t_len { next_v[i] } else { vals[j + n] };
+                    let nv = if t + 1 == t_len {
+                        next_v[i]
+                    } else {
+                        vals[j + n]
+                    };
                     let nonterm = if dones[j] { 0.0 } else { 1.0 };
                     let delta = rewards[j] + g * nv * nonterm - vals[j];
                     last[i] = delta + g * lam * nonterm * last[i];

@@ -70,14 +70,38 @@ impl ReinforceConfig {
     pub fn validate(&self) -> Result<()> {
         let pos = |v: f64| v.is_finite() && v > 0.0;
         let nonneg = |v: f64| v.is_finite() && v >= 0.0;
-        check(pos(self.learning_rate), "learning_rate", "must be positive and finite")?;
-        check(pos(self.adam_eps), "adam_eps", "must be positive and finite")?;
+        check(
+            pos(self.learning_rate),
+            "learning_rate",
+            "must be positive and finite",
+        )?;
+        check(
+            pos(self.adam_eps),
+            "adam_eps",
+            "must be positive and finite",
+        )?;
         check(self.num_envs >= 1, "num_envs", "must be at least 1")?;
         check(self.batch_steps >= 1, "batch_steps", "must be at least 1")?;
-        check((0.0..=1.0).contains(&self.gamma), "gamma", "must be in [0, 1]")?;
-        check(nonneg(self.ent_coef), "ent_coef", "must be non-negative and finite")?;
-        check(nonneg(self.vf_coef), "vf_coef", "must be non-negative and finite")?;
-        check(pos(self.max_grad_norm), "max_grad_norm", "must be positive and finite")?;
+        check(
+            (0.0..=1.0).contains(&self.gamma),
+            "gamma",
+            "must be in [0, 1]",
+        )?;
+        check(
+            nonneg(self.ent_coef),
+            "ent_coef",
+            "must be non-negative and finite",
+        )?;
+        check(
+            nonneg(self.vf_coef),
+            "vf_coef",
+            "must be non-negative and finite",
+        )?;
+        check(
+            pos(self.max_grad_norm),
+            "max_grad_norm",
+            "must be positive and finite",
+        )?;
         check(self.env_threads >= 1, "env_threads", "must be at least 1")?;
         Ok(())
     }
@@ -152,10 +176,19 @@ impl ReinforceAgent {
         common::export_torchscript(&self.net, path.as_ref())
     }
 
-    fn update(&mut self, opt: &mut nn::Optimizer, obs: &[f32], actions: &[f32], ret: &[f32]) -> Result<()> {
+    fn update(
+        &mut self,
+        opt: &mut nn::Optimizer,
+        obs: &[f32],
+        actions: &[f32],
+        ret: &[f32],
+    ) -> Result<()> {
         let c = &self.cfg;
         let b = ret.len() as i64;
-        let (len, sl) = (self.net.spec.obs.len as i64, self.net.spec.action.stored_len() as i64);
+        let (len, sl) = (
+            self.net.spec.obs.len as i64,
+            self.net.spec.action.stored_len() as i64,
+        );
         let o = Tensor::from_slice(obs).view([b, len]);
         let a = Tensor::from_slice(actions).view([b, sl]);
         let g = Tensor::from_slice(ret);
@@ -170,7 +203,10 @@ impl ReinforceAgent {
         let loss = pg - ent.mean(Kind::Float) * c.ent_coef + vl * c.vf_coef;
         let lv = loss.double_value(&[]);
         if !lv.is_finite() {
-            return Err(AgentError::numerical("reinforce update", format!("loss is {lv}")));
+            return Err(AgentError::numerical(
+                "reinforce update",
+                format!("loss is {lv}"),
+            ));
         }
         opt.zero_grad();
         loss.backward();
@@ -219,7 +255,10 @@ impl ReinforceAgent {
         while global < steps.max(1) {
             let (out, _) = common::eval_batch(&self.net, &next_obs, n)?;
             if out.iter().any(|x| !x.is_finite()) {
-                return Err(AgentError::numerical("reinforce rollout", "non-finite policy output"));
+                return Err(AgentError::numerical(
+                    "reinforce rollout",
+                    "non-finite policy output",
+                ));
             }
             common::sample_batch(
                 &self.net,

@@ -225,18 +225,28 @@ fn reinforce_beats_random_on_the_point_mass() {
         "point mass: reinforce {rf:.3}, random {random:.3}, {:.1} s",
         t0.elapsed().as_secs_f64()
     );
-    assert!(rf >= random + 0.5 && rf >= 0.3, "reinforce {rf:.3}, random {random:.3}");
+    assert!(
+        rf >= random + 0.5 && rf >= 0.3,
+        "reinforce {rf:.3}, random {random:.3}"
+    );
 }
 
 /// PPO on StemDopantSteer-v1 (medium) trained on the train split for `steps`, then scored
 /// deterministically on `seeds` of the test split beside the floors on the same seeds:
 /// `(ppo, random, heuristic)` mean returns.
-fn dopant_ppo(steps: u64, seed: u64, seeds: std::ops::Range<u64>, cfg: PpoConfig) -> (f64, f64, f64) {
+fn dopant_ppo(
+    steps: u64,
+    seed: u64,
+    seeds: std::ops::Range<u64>,
+    cfg: PpoConfig,
+) -> (f64, f64, f64) {
     use scopegym_envs::evaluate::{Policy, evaluate};
     let id = "scopegym/StemDopantSteer-v1";
     let lvl = std::env::var("LEVEL").unwrap_or_else(|_| "medium".into());
-    let train: toml::Value = toml::from_str(&format!("split = \"train\"\ndifficulty = \"{lvl}\"")).unwrap();
-    let test: toml::Value = toml::from_str(&format!("split = \"test\"\ndifficulty = \"{lvl}\"")).unwrap();
+    let train: toml::Value =
+        toml::from_str(&format!("split = \"train\"\ndifficulty = \"{lvl}\"")).unwrap();
+    let test: toml::Value =
+        toml::from_str(&format!("split = \"test\"\ndifficulty = \"{lvl}\"")).unwrap();
     let mut env = scopegym_envs::registry::make(id, Some(&test)).unwrap();
     let mut agent = PpoAgent::new(NetSpec::for_env(env.as_ref()).unwrap(), cfg, seed).unwrap();
     let t0 = Instant::now();
@@ -259,10 +269,13 @@ fn dopant_ppo(steps: u64, seed: u64, seeds: std::ops::Range<u64>, cfg: PpoConfig
     let ppo = recs.iter().map(|r| r.ret).sum::<f64>() / recs.len() as f64;
     let succ = recs.iter().filter(|r| r.success).count() as f64 / recs.len() as f64;
     let len = recs.iter().map(|r| r.steps).sum::<usize>() as f64 / recs.len() as f64;
-    println!("ppo success {succ:.2}, mean length {len:.1}; first actions {:?}", {
-        let (o, _) = env.reset(Some(seeds.start)).unwrap();
-        agent.act(env.as_mut(), &o).unwrap()
-    });
+    println!(
+        "ppo success {succ:.2}, mean length {len:.1}; first actions {:?}",
+        {
+            let (o, _) = env.reset(Some(seeds.start)).unwrap();
+            agent.act(env.as_mut(), &o).unwrap()
+        }
+    );
     let random = evaluate(env.as_mut(), &Policy::Random, seeds.clone()).unwrap();
     let heur = evaluate(env.as_mut(), &Policy::Heuristic, seeds.clone()).unwrap();
     let pts: Vec<String> = curve
@@ -286,7 +299,10 @@ fn dopant_ppo(steps: u64, seed: u64, seeds: std::ops::Range<u64>, cfg: PpoConfig
             .iter()
             .map(|(n, s)| format!("{n} {:.3}/{:.2}", s.mean_return, s.success_rate))
             .collect();
-        println!("floors and degenerate policies (return/success): {}", d.join(", "));
+        println!(
+            "floors and degenerate policies (return/success): {}",
+            d.join(", ")
+        );
     }
     (ppo, random.mean_return, heur.mean_return)
 }
@@ -312,9 +328,15 @@ fn ppo_beats_random_on_stem_dopant_steer() {
 #[test]
 #[ignore = "exploration of budgets: STEPS=... cargo nextest run --run-ignored only"]
 fn explore_dopant_budget() {
-    let steps = std::env::var("STEPS").ok().and_then(|s| s.parse().ok()).unwrap_or(100_000);
+    let steps = std::env::var("STEPS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(100_000);
     let cfg: PpoConfig = toml::from_str(&std::env::var("CFG").unwrap_or_default()).unwrap();
-    let seed = std::env::var("SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0);
+    let seed = std::env::var("SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
     dopant_ppo(steps, seed, 0..30, cfg);
 }
 
@@ -326,7 +348,9 @@ fn tmp(name: &str) -> std::path::PathBuf {
 
 /// Observations spread over the point mass's range.
 fn line_obs() -> Vec<Value> {
-    (0..41).map(|k| Value::Box(vec![-2.0 + 0.1 * k as f32])).collect()
+    (0..41)
+        .map(|k| Value::Box(vec![-2.0 + 0.1 * k as f32]))
+        .collect()
 }
 
 fn actions(agent: &mut dyn Agent, env: &mut dyn Env, obs: &[Value]) -> Vec<Value> {
@@ -371,13 +395,17 @@ fn checkpoints_reload_to_identical_actions() {
 fn training_is_deterministic_per_seed() {
     let run = |seed: u64| {
         let env = Corridor::boxed();
-        let mut a = PpoAgent::new(NetSpec::for_env(env.as_ref()).unwrap(), PpoConfig::default(), seed)
-            .unwrap();
-        let c = a.train_envs(envs(Corridor::boxed, 8), 3 * 1024, seed, &mut |_| {}).unwrap();
-        let w: Vec<f32> = Vec::<f32>::try_from(
-            &a.net().vs.trainable_variables()[0].flatten(0, -1),
+        let mut a = PpoAgent::new(
+            NetSpec::for_env(env.as_ref()).unwrap(),
+            PpoConfig::default(),
+            seed,
         )
         .unwrap();
+        let c = a
+            .train_envs(envs(Corridor::boxed, 8), 3 * 1024, seed, &mut |_| {})
+            .unwrap();
+        let w: Vec<f32> =
+            Vec::<f32>::try_from(&a.net().vs.trainable_variables()[0].flatten(0, -1)).unwrap();
         (c, w)
     };
     let (a, b, c) = (run(9), run(9), run(10));
@@ -392,12 +420,19 @@ fn exported_torchscript_policies_act_like_the_agents() {
         (Corridor::boxed, "corridor.pt"),
     ] {
         let mut env = make();
-        let mut agent = PpoAgent::new(NetSpec::for_env(env.as_ref()).unwrap(), PpoConfig::default(), 7)
+        let mut agent = PpoAgent::new(
+            NetSpec::for_env(env.as_ref()).unwrap(),
+            PpoConfig::default(),
+            7,
+        )
+        .unwrap();
+        agent
+            .train_envs(envs(make, 8), 4096, 7, &mut |_| {})
             .unwrap();
-        agent.train_envs(envs(make, 8), 4096, 7, &mut |_| {}).unwrap();
         let path = tmp(name);
         agent.export_torchscript(&path).unwrap();
-        let cfg: toml::Value = toml::from_str(&format!("policy = {:?}", path.display().to_string())).unwrap();
+        let cfg: toml::Value =
+            toml::from_str(&format!("policy = {:?}", path.display().to_string())).unwrap();
         let mut ts = crate::registry::make("torchscript", env.as_ref(), Some(&cfg), 0).unwrap();
         let obs: Vec<Value> = if name == "corridor.pt" {
             (0..9).map(|k| Value::Box(vec![k as f32])).collect()
@@ -413,7 +448,10 @@ fn exported_torchscript_policies_act_like_the_agents() {
     let bad: toml::Value = toml::from_str("policy = \"/nonexistent/p.pt\"").unwrap();
     let env = PointMass::boxed();
     assert!(crate::registry::make("torchscript", env.as_ref(), Some(&bad), 0).is_err());
-    let e = crate::registry::make("torchscript", env.as_ref(), None, 0).err().unwrap().to_string();
+    let e = crate::registry::make("torchscript", env.as_ref(), None, 0)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(e.contains("policy"), "{e}");
 }
 
@@ -456,7 +494,8 @@ torch.jit.script(Steer()).save(sys.argv[1])
     );
     let id = "scopegym/StemDopantSteer-v1";
     let mut env = scopegym_envs::registry::make(id, None).unwrap();
-    let cfg: toml::Value = toml::from_str(&format!("policy = {:?}", path.display().to_string())).unwrap();
+    let cfg: toml::Value =
+        toml::from_str(&format!("policy = {:?}", path.display().to_string())).unwrap();
     let mut agent = crate::registry::make("torchscript", env.as_ref(), Some(&cfg), 0).unwrap();
     let layout = ObsLayout::new(env.observation_space()).unwrap();
     for seed in 0..3 {
@@ -470,7 +509,10 @@ torch.jit.script(Steer()).save(sys.argv[1])
             assert!((g - w).abs() < 1e-6, "seed {seed}: {got:?} vs {want:?}");
         }
         let rec = run_episode(env.as_mut(), agent.as_mut(), seed).unwrap();
-        println!("python policy, seed {seed}: return {:.3} in {} steps", rec.ret, rec.steps);
+        println!(
+            "python policy, seed {seed}: return {:.3} in {} steps",
+            rec.ret, rec.steps
+        );
         assert!(rec.steps >= 1 && rec.ret.is_finite());
     }
 }
@@ -486,11 +528,17 @@ fn configs_are_validated_naming_the_field() {
         ("num_minibatches = 0", "num_minibatches"),
     ] {
         let c: toml::Value = toml::from_str(text).unwrap();
-        let e = crate::registry::make("ppo", env.as_ref(), Some(&c), 0).err().unwrap().to_string();
+        let e = crate::registry::make("ppo", env.as_ref(), Some(&c), 0)
+            .err()
+            .unwrap()
+            .to_string();
         assert!(e.contains(field), "{text}: {e}");
     }
     let c: toml::Value = toml::from_str("batch_steps = 0").unwrap();
-    let e = crate::registry::make("reinforce", env.as_ref(), Some(&c), 0).err().unwrap().to_string();
+    let e = crate::registry::make("reinforce", env.as_ref(), Some(&c), 0)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(e.contains("batch_steps"), "{e}");
     assert!(crate::registry::make("ppo", env.as_ref(), None, 0).is_ok());
 }
@@ -558,6 +606,13 @@ fn ppo_and_reinforce_train_through_the_cnn_on_an_image_task() {
     let mut rf = ReinforceAgent::new(ns, rcfg, 0).unwrap();
     let before = cnn_w(&rf.net().vs);
     let max = env.max_episode_steps() as u64;
-    rf.train(&TrainSpec { steps: 2 * max + 2, ..spec }, &mut |_| {}).unwrap();
+    rf.train(
+        &TrainSpec {
+            steps: 2 * max + 2,
+            ..spec
+        },
+        &mut |_| {},
+    )
+    .unwrap();
     assert_ne!(before, cnn_w(&rf.net().vs));
 }

@@ -44,7 +44,10 @@ impl TorchScriptAgent {
     /// Loads `cfg.policy` for `env`'s spaces.
     pub fn new(env: &dyn Env, cfg: &TorchScriptConfig) -> Result<Self> {
         if cfg.policy.is_empty() {
-            return Err(AgentError::config("policy", "the TorchScript file is required"));
+            return Err(AgentError::config(
+                "policy",
+                "the TorchScript file is required",
+            ));
         }
         tch::set_num_threads(1);
         let module = CModule::load(&cfg.policy).map_err(|e| AgentError::Io {
@@ -104,7 +107,10 @@ impl Agent for TorchScriptAgent {
                 } else {
                     return Err(AgentError::arg(
                         "policy",
-                        format!("output has {} elements; expected {n} logits or 1 index", y.len()),
+                        format!(
+                            "output has {} elements; expected {n} logits or 1 index",
+                            y.len()
+                        ),
                     ));
                 };
                 Ok(Value::Discrete(k + start))
