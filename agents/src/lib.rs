@@ -8,6 +8,7 @@
 //! - [`bo_agent`]: Bayesian optimization on the tasks (`bo`, `sgp`).
 //! - `dkl` (feature `torch`): deep kernel learning for the explore tasks.
 //! - [`registry`]: the agents by name.
+//! - `rl` (feature `torch`): PPO, REINFORCE with a baseline, TorchScript policies.
 #![deny(missing_docs)]
 
 pub mod acquisition;
@@ -20,6 +21,8 @@ pub mod error;
 pub mod floors;
 pub mod gp;
 pub mod registry;
+#[cfg(feature = "torch")]
+pub mod rl;
 
 pub use agent::{Agent, CurvePoint, EpisodeRecord, TrainSpec, run_episode};
 pub use error::{AgentError, Result};

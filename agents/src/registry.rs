@@ -39,6 +39,15 @@ fn no_config(name: &str, config: Option<&toml::Value>) -> Result<()> {
     }
 }
 
+/// The error of a neural agent in a build without the `torch` feature.
+#[cfg(not(feature = "torch"))]
+fn missing_torch(agent: &str) -> AgentError {
+    AgentError::MissingFeature {
+        agent: agent.into(),
+        feature: "torch".into(),
+    }
+}
+
 /// Every agent, one line each.
 #[rustfmt::skip]
 pub const AGENTS: &[AgentSpec] = &[
@@ -47,6 +56,18 @@ pub const AGENTS: &[AgentSpec] = &[
     #[cfg(feature = "torch")] AgentSpec { name: "dkl", description: "deep kernel learning (MLP on image patches under an RBF GP) for the explore tasks", learns: false, make: crate::dkl::DklAgent::make },
     #[cfg(not(feature = "torch"))] AgentSpec { name: "dkl", description: "deep kernel learning (needs the torch feature)", learns: false, make: |_, _, _| Err(AgentError::MissingFeature { agent: "dkl".into(), feature: "torch".into() }) },
     AgentSpec { name: "heuristic", description: "the task's expert rule of thumb", learns: false, make: |_, c, _| { no_config("heuristic", c)?; Ok(Box::new(HeuristicAgent)) } },
+    #[cfg(feature = "torch")]
+    AgentSpec { name: "ppo", description: "PPO with CleanRL's defaults (libtorch)", learns: true, make: |e, c, s| Ok(Box::new(crate::rl::PpoAgent::from_toml(e, c, s)?)) },
+    #[cfg(feature = "torch")]
+    AgentSpec { name: "reinforce", description: "REINFORCE with a learned value baseline (libtorch)", learns: true, make: |e, c, s| Ok(Box::new(crate::rl::ReinforceAgent::from_toml(e, c, s)?)) },
+    #[cfg(feature = "torch")]
+    AgentSpec { name: "torchscript", description: "a TorchScript policy file (config: policy = \"file.pt\")", learns: false, make: |e, c, _| Ok(Box::new(crate::rl::TorchScriptAgent::from_toml(e, c)?)) },
+    #[cfg(not(feature = "torch"))]
+    AgentSpec { name: "ppo", description: "PPO with CleanRL's defaults (needs feature torch)", learns: true, make: |_, _, _| Err(missing_torch("ppo")) },
+    #[cfg(not(feature = "torch"))]
+    AgentSpec { name: "reinforce", description: "REINFORCE with a learned value baseline (needs feature torch)", learns: true, make: |_, _, _| Err(missing_torch("reinforce")) },
+    #[cfg(not(feature = "torch"))]
+    AgentSpec { name: "torchscript", description: "a TorchScript policy file (needs feature torch)", learns: false, make: |_, _, _| Err(missing_torch("torchscript")) },
 ];
 
 /// The registered names.
@@ -73,4 +94,19 @@ pub fn make(
     seed: u64,
 ) -> Result<Box<dyn Agent>> {
     (spec(name)?.make)(env, config, seed)
+}
+
+#[cfg(all(test, not(feature = "torch")))]
+mod tests {
+    #[test]
+    fn neural_agents_need_the_torch_feature() {
+        let env = scopegym_envs::registry::make("scopegym/StemDopantSteer-v1", None).unwrap();
+        for name in ["ppo", "reinforce", "torchscript"] {
+            let e = super::make(name, env.as_ref(), None, 0).err().unwrap();
+            assert!(
+                matches!(&e, crate::AgentError::MissingFeature { agent, feature } if agent == name && feature == "torch"),
+                "{name}: {e}"
+            );
+        }
+    }
 }

@@ -1,0 +1,244 @@
+//! What PPO and REINFORCE share: the training envs, policy evaluation and sampling on
+//! batches, evaluation-time acting, and checkpoints.
+
+use super::net::{ActorCritic, NetSpec, sample_row};
+use crate::agent::TrainSpec;
+use crate::error::{AgentError, Result};
+use scopegym_envs::rng::{SimRng, seeded};
+use scopegym_envs::vector::{AutoReset, VectorEnv};
+use scopegym_envs::{Env, InfoValue, Value};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use tch::Tensor;
+
+/// `num_envs` envs of the task `spec` names, with its config.
+pub(crate) fn make_envs(spec: &TrainSpec<'_>, num_envs: usize) -> Result<Vec<Box<dyn Env>>> {
+    Ok((0..num_envs)
+        .map(|_| scopegym_envs::registry::make(spec.env_id, spec.env_config))
+        .collect::<std::result::Result<Vec<_>, _>>()?)
+}
+
+/// The training vector env over `envs` (same-step autoreset: a finished episode's last
+/// observation is in `info["final_obs"]`, which truncated episodes bootstrap from).
+pub(crate) fn vec_env(
+    envs: Vec<Box<dyn Env>>,
+    num_envs: usize,
+    threads: usize,
+) -> Result<VectorEnv> {
+    if envs.len() != num_envs {
+        return Err(AgentError::arg(
+            "envs",
+            format!("expected num_envs = {num_envs} envs, got {}", envs.len()),
+        ));
+    }
+    Ok(VectorEnv::new(envs, AutoReset::SameStep, threads.max(1))?)
+}
+
+/// The normalized final observation of env `i` of `venv` after a step that ended its episode
+/// (into `out`); false when the env reported none.
+pub(crate) fn final_obs(venv: &VectorEnv, i: usize, net: &ActorCritic, out: &mut [f32]) -> bool {
+    match venv.infos()[i].get("final_obs") {
+        Some(InfoValue::F64s(v)) if v.len() == out.len() => {
+            for (o, x) in out.iter_mut().zip(v) {
+                *o = *x as f32;
+            }
+            net.spec.obs.normalize_in_place(out);
+            true
+        }
+        _ => false,
+    }
+}
+
+/// Copies a tensor's values into a `Vec<f32>`.
+pub(crate) fn to_vec(t: &Tensor) -> Result<Vec<f32>> {
+    Ok(Vec::<f32>::try_from(
+        &t.flatten(0, -1).to_kind(tch::Kind::Float),
+    )?)
+}
+
+/// The policy's outputs for normalized observations `x` (`rows × len`): policy outputs
+/// (flattened `rows × outputs`) and values.
+pub(crate) fn eval_batch(
+    net: &ActorCritic,
+    x: &[f32],
+    rows: usize,
+) -> Result<(Vec<f32>, Vec<f32>)> {
+    let t = Tensor::from_slice(x).view([rows as i64, net.spec.obs.len as i64]);
+    let (out, v) = tch::no_grad(|| net.forward(&t));
+    Ok((to_vec(&out)?, to_vec(&v)?))
+}
+
+/// The values of normalized observations `x` (`rows × len`).
+pub(crate) fn values(net: &ActorCritic, x: &[f32], rows: usize) -> Result<Vec<f32>> {
+    let t = Tensor::from_slice(x).view([rows as i64, net.spec.obs.len as i64]);
+    to_vec(&tch::no_grad(|| net.value(&t)))
+}
+
+/// The Gaussian's standard deviations and their logarithms (empty for Discrete).
+pub(crate) fn stds(net: &ActorCritic) -> Result<(Vec<f32>, Vec<f32>)> {
+    match net.log_std() {
+        Some(l) => {
+            let ls = to_vec(&l.detach())?;
+            Ok((ls.iter().map(|v| v.exp()).collect(), ls))
+        }
+        None => Ok((Vec::new(), Vec::new())),
+    }
+}
+
+/// Samples one action per row of policy outputs: stored actions into `stored` (`rows ×
+/// stored_len`), their log-probabilities into `logp`, the env actions into `env_flat`.
+pub(crate) fn sample_batch(
+    net: &ActorCritic,
+    out: &[f32],
+    (std, log_std): (&[f32], &[f32]),
+    rng: &mut SimRng,
+    stored: &mut [f32],
+    logp: &mut [f32],
+    env_flat: &mut [f32],
+) {
+    let kind = &net.spec.action;
+    let (k, sl, el) = (
+        kind.outputs(),
+        kind.stored_len(),
+        env_flat.len() / logp.len(),
+    );
+    for i in 0..logp.len() {
+        let s = &mut stored[i * sl..(i + 1) * sl];
+        logp[i] = sample_row(kind, &out[i * k..(i + 1) * k], std, log_std, rng, s);
+        kind.to_env_flat(s, &mut env_flat[i * el..(i + 1) * el]);
+    }
+}
+
+/// Evaluation-time acting: the deterministic action (most probable, or the mean, clipped) or a
+/// sample from the policy.
+#[derive(Debug)]
+pub(crate) struct Actor {
+    rng: SimRng,
+    buf: Vec<f32>,
+}
+
+impl Actor {
+    pub(crate) fn new(seed: u64) -> Self {
+        Self {
+            rng: seeded(seed),
+            buf: Vec::new(),
+        }
+    }
+
+    pub(crate) fn begin(&mut self, seed: u64) {
+        self.rng = seeded(seed ^ 0x5eed_ac70_0000_0001);
+    }
+
+    pub(crate) fn act(
+        &mut self,
+        net: &ActorCritic,
+        obs: &Value,
+        deterministic: bool,
+    ) -> Result<Value> {
+        self.buf.resize(net.spec.obs.len, 0.0);
+        net.spec.obs.normalize_into(obs, &mut self.buf)?;
+        let t = Tensor::from_slice(&self.buf).view([1, net.spec.obs.len as i64]);
+        let out = to_vec(&tch::no_grad(|| net.policy(&t)))?;
+        if out.iter().any(|v| !v.is_finite()) {
+            return Err(AgentError::numerical("policy", "non-finite policy output"));
+        }
+        let kind = &net.spec.action;
+        let stored = if deterministic {
+            kind.mode(&out)
+        } else {
+            let (std, log_std) = stds(net)?;
+            let mut s = vec![0.0; kind.stored_len()];
+            sample_row(kind, &out, &std, &log_std, &mut self.rng, &mut s);
+            s
+        };
+        Ok(kind.to_value(&stored))
+    }
+}
+
+/// The JSON written beside a checkpoint's weights (`<path>.json`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Checkpoint<C> {
+    /// `ppo` or `reinforce`.
+    pub agent: String,
+    /// The agent's config.
+    pub config: C,
+    /// The network's spec.
+    pub spec: NetSpec,
+    /// The agent's seed.
+    pub seed: u64,
+}
+
+/// `<path>.json`.
+pub(crate) fn sidecar(path: &Path) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(".json");
+    PathBuf::from(s)
+}
+
+fn io_err(path: &Path, e: impl std::fmt::Display) -> AgentError {
+    AgentError::Io {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    }
+}
+
+/// Saves the weights to `path` (tch's format by extension: `.safetensors`, else `.ot`) and the
+/// checkpoint description to `<path>.json`.
+pub(crate) fn save<C: Serialize>(net: &ActorCritic, ck: &Checkpoint<C>, path: &Path) -> Result<()> {
+    net.vs.save(path).map_err(|e| io_err(path, e))?;
+    let js = sidecar(path);
+    let text = serde_json::to_string_pretty(ck).map_err(|e| io_err(&js, e))?;
+    std::fs::write(&js, text).map_err(|e| io_err(&js, e))
+}
+
+/// Loads a checkpoint written by [`save`]: its description and the network with its weights.
+pub(crate) fn load<C: serde::de::DeserializeOwned>(
+    path: &Path,
+    agent: &str,
+) -> Result<(Checkpoint<C>, ActorCritic)> {
+    let js = sidecar(path);
+    let text = std::fs::read_to_string(&js).map_err(|e| io_err(&js, e))?;
+    let raw: Checkpoint<serde_json::Value> =
+        serde_json::from_str(&text).map_err(|e| io_err(&js, e))?;
+    if raw.agent != agent {
+        return Err(io_err(
+            &js,
+            format!("a checkpoint of agent {:?}, not {agent:?}", raw.agent),
+        ));
+    }
+    let ck = Checkpoint {
+        config: serde_json::from_value(raw.config).map_err(|e| io_err(&js, e))?,
+        agent: raw.agent,
+        spec: raw.spec,
+        seed: raw.seed,
+    };
+    let mut net = ActorCritic::new(ck.spec.clone(), ck.seed)?;
+    net.vs.load(path).map_err(|e| io_err(path, e))?;
+    Ok((ck, net))
+}
+
+/// Exports the deterministic policy head (normalized observation `[1, len]` → logits or
+/// Gaussian means) as TorchScript, by tracing.
+pub(crate) fn export_torchscript(net: &ActorCritic, path: &Path) -> Result<()> {
+    let example = Tensor::zeros(
+        [1, net.spec.obs.len as i64],
+        (tch::Kind::Float, tch::Device::Cpu),
+    );
+    // Tracing records parameters as constants, which must not require gradients: trace a
+    // frozen copy.
+    let mut copy = ActorCritic::new(net.spec.clone(), 0)?;
+    copy.vs.copy(&net.vs)?;
+    copy.vs.freeze();
+    let m = tch::no_grad(|| {
+        tch::CModule::create_by_tracing("policy", "forward", &[example], &mut |xs| {
+            vec![copy.policy(&xs[0])]
+        })
+    })?;
+    m.save(path).map_err(|e| io_err(path, e))
+}
+
+/// Mean of the returns of the episodes that ended, if any.
+pub(crate) fn mean(v: &[f64]) -> Option<f64> {
+    (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
+}
