@@ -4,10 +4,12 @@
 //! - [`floors`]: random, raster and heuristic.
 //! - [`acquisition`]: EI, LogEI, UCB, PI, maximum uncertainty, Thompson sampling.
 //! - [`registry`]: the agents by name.
+//! - [`bench`]: the benchmark protocol: runs over seeds, the suite, its scores.
 #![deny(missing_docs)]
 
 pub mod acquisition;
 pub mod agent;
+pub mod bench;
 pub mod error;
 pub mod floors;
 pub mod registry;
