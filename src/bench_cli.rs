@@ -129,7 +129,11 @@ pub fn run(o: &RunOptions<'_>) -> Result<(), CliError> {
         &plots::run_panels(&r),
         &format!(
             "{} on {} ({} seeds, {} split, {})",
-            r.agent, r.env_id, r.seeds.len(), r.provenance.split, r.provenance.difficulty
+            r.agent,
+            r.env_id,
+            r.seeds.len(),
+            r.provenance.split,
+            r.provenance.difficulty
         ),
     )?;
     print_run(&r);
@@ -173,7 +177,10 @@ pub fn compare(dirs: &[PathBuf], out: &Path) -> Result<(), CliError> {
         })?;
         let r: RunResults = serde_json::from_str(&text).map_err(|e| CliError::Argument {
             argument: "--compare".into(),
-            message: format!("{}: not a results.json of scopegym run: {e}", path.display()),
+            message: format!(
+                "{}: not a results.json of scopegym run: {e}",
+                path.display()
+            ),
         })?;
         runs.push(r);
     }
@@ -187,7 +194,10 @@ pub fn compare(dirs: &[PathBuf], out: &Path) -> Result<(), CliError> {
             r.env_id,
             r.agent,
             r.seeds.len(),
-            format!("{:.4} ± {:.4}", r.summary.return_mean, r.summary.return_ci95),
+            format!(
+                "{:.4} ± {:.4}",
+                r.summary.return_mean, r.summary.return_ci95
+            ),
             r.summary.success_rate
         );
     }
@@ -277,7 +287,10 @@ fn print_suite(s: &SuiteResults) {
         print!("{:<34}", t.id.trim_start_matches("scopegym/"));
         for a in &agents {
             match t.agents.iter().find(|x| x.agent == *a) {
-                Some(x) => print!(" {:>10}", format!("{:.3}", x.normalized_mean).replace("-0.000", "0.000")),
+                Some(x) => print!(
+                    " {:>10}",
+                    format!("{:.3}", x.normalized_mean).replace("-0.000", "0.000")
+                ),
                 None => print!(" {:>10}", "-"),
             }
         }

@@ -245,11 +245,10 @@ fn main() -> ExitCode {
             steps,
             json,
         } => env_cli::bench(&env_id, num_envs, threads, steps, json),
-        Command::Run {
-            compare, out, ..
-        } if !compare.is_empty() => {
-            bench_cli::compare(&compare, out.as_deref().unwrap_or(std::path::Path::new(".")))
-        }
+        Command::Run { compare, out, .. } if !compare.is_empty() => bench_cli::compare(
+            &compare,
+            out.as_deref().unwrap_or(std::path::Path::new(".")),
+        ),
         Command::Run {
             env_id,
             agent,

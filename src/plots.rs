@@ -38,6 +38,9 @@ fn plot_err(path: &Path, e: impl std::fmt::Display) -> CliError {
     }
 }
 
+/// A curve: (x, y) points.
+pub type Curve = Vec<(f64, f64)>;
+
 /// One curve per seed on a common x grid.
 #[derive(Debug, Clone)]
 pub struct Panel {
@@ -48,7 +51,7 @@ pub struct Panel {
     /// y-axis label.
     pub y_label: String,
     /// Series: a label and the per-seed curves (x, y), all on the same x.
-    pub series: Vec<(String, Vec<Vec<(f64, f64)>>)>,
+    pub series: Vec<(String, Vec<Curve>)>,
     /// Draw every seed's thin line.
     pub seeds: bool,
 }
@@ -119,7 +122,11 @@ fn common_grid(curves: &[Vec<(f64, f64)>]) -> Vec<Vec<(f64, f64)>> {
 
 /// The panels of a run's `curves.png`.
 pub fn run_panels(r: &RunResults) -> Vec<Panel> {
-    let label = format!("{} on {}", r.agent, r.env_id.trim_start_matches("scopegym/"));
+    let label = format!(
+        "{} on {}",
+        r.agent,
+        r.env_id.trim_start_matches("scopegym/")
+    );
     let mut panels = Vec::new();
     if r.has_curve() {
         let curves: Vec<Vec<(f64, f64)>> = r
@@ -260,7 +267,10 @@ fn draw_panel<DB: DrawingBackend>(
         if p.seeds {
             for s in curves {
                 chart
-                    .draw_series(LineSeries::new(s.iter().copied(), c.mix(0.3).stroke_width(1)))
+                    .draw_series(LineSeries::new(
+                        s.iter().copied(),
+                        c.mix(0.3).stroke_width(1),
+                    ))
                     .map_err(|e| e.to_string())?;
             }
         }
@@ -317,7 +327,13 @@ pub fn write_panels(path: &Path, panels: &[Panel], title: &str) -> Result<(), Cl
 /// overlaid (mean and band per run).
 pub fn write_compare(path: &Path, runs: &[RunResults]) -> Result<(), CliError> {
     register_font();
-    let label = |r: &RunResults| format!("{} on {}", r.agent, r.env_id.trim_start_matches("scopegym/"));
+    let label = |r: &RunResults| {
+        format!(
+            "{} on {}",
+            r.agent,
+            r.env_id.trim_start_matches("scopegym/")
+        )
+    };
     // Overlay the first panel kind the first run has (learning curves or return so far).
     let mut overlay = Panel {
         title: String::new(),
@@ -459,7 +475,13 @@ pub fn write_suite(path: &Path, s: &SuiteResults) -> Result<(), CliError> {
                 .map(|a| {
                     (
                         a.agent.clone(),
-                        vec![s.taus.iter().copied().zip(a.profile.iter().copied()).collect()],
+                        vec![
+                            s.taus
+                                .iter()
+                                .copied()
+                                .zip(a.profile.iter().copied())
+                                .collect(),
+                        ],
                     )
                 })
                 .collect(),

@@ -32,11 +32,20 @@ fn assert_png(path: &Path, min_width: u32) {
     let img = image::open(path)
         .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
         .to_rgb8();
-    assert!(img.width() >= min_width && img.height() >= 300, "{:?}", img.dimensions());
+    assert!(
+        img.width() >= min_width && img.height() >= 300,
+        "{:?}",
+        img.dimensions()
+    );
     let mut colours: Vec<[u8; 3]> = img.pixels().map(|p| p.0).collect();
     colours.sort_unstable();
     colours.dedup();
-    println!("{}: {:?}, {} colours", path.display(), img.dimensions(), colours.len());
+    println!(
+        "{}: {:?}, {} colours",
+        path.display(),
+        img.dimensions(),
+        colours.len()
+    );
     assert!(colours.len() > 20, "{} looks blank", path.display());
 }
 
@@ -83,7 +92,13 @@ fn run_writes_results_and_curves_and_compare_overlays() {
     assert_eq!(p["env_config"]["difficulty"], "medium");
     assert_eq!(p["budget"]["episodes"], 2);
     // The explore task reports regret: kept per step for the curves.
-    assert_eq!(per_seed[0]["episodes"][0]["regret"].as_array().unwrap().len(), 100);
+    assert_eq!(
+        per_seed[0]["episodes"][0]["regret"]
+            .as_array()
+            .unwrap()
+            .len(),
+        100
+    );
     // Seed 1's returns equal the envs crate's own evaluation on episode seeds 1000000, 1000001.
     let mut env = make(
         id,
@@ -92,7 +107,11 @@ fn run_writes_results_and_curves_and_compare_overlays() {
     .unwrap();
     let s = evaluate(env.as_mut(), &Policy::Heuristic, 1_000_000..1_000_002).unwrap();
     let got = per_seed[1]["return_mean"].as_f64().unwrap();
-    assert!((got - s.mean_return).abs() < 1e-9, "{got} vs {}", s.mean_return);
+    assert!(
+        (got - s.mean_return).abs() < 1e-9,
+        "{got} vs {}",
+        s.mean_return
+    );
     assert_png(&outs[0].join("curves.png"), 1000);
 
     let cmp = dir.path().join("cmp");
@@ -104,7 +123,10 @@ fn run_writes_results_and_curves_and_compare_overlays() {
         "--out",
         cmp.to_str().unwrap(),
     ]));
-    assert!(text.contains("heuristic") && text.contains("random"), "{text}");
+    assert!(
+        text.contains("heuristic") && text.contains("random"),
+        "{text}"
+    );
     assert_png(&cmp.join("compare.png"), 1000);
 }
 
@@ -115,7 +137,14 @@ fn run_rejects_bad_input_with_exit_code_2() {
     let o = out.to_str().unwrap();
     for (args, needle) in [
         (
-            vec!["run", "scopegym/StemSparseScan-v1", "--agent", "nope", "--out", o],
+            vec![
+                "run",
+                "scopegym/StemSparseScan-v1",
+                "--agent",
+                "nope",
+                "--out",
+                o,
+            ],
             "unknown agent",
         ),
         (
@@ -123,11 +152,23 @@ fn run_rejects_bad_input_with_exit_code_2() {
             "Nope",
         ),
         (
-            vec!["run", "scopegym/StemSparseScan-v1", "--agent", "random", "--seeds", "0", "--out", o],
+            vec![
+                "run",
+                "scopegym/StemSparseScan-v1",
+                "--agent",
+                "random",
+                "--seeds",
+                "0",
+                "--out",
+                o,
+            ],
             "--seeds",
         ),
         (vec!["suite", "--budget", "huge", "--out", o], "huge"),
-        (vec!["suite", "--tasks", "NoSuchTask", "--out", o], "NoSuchTask"),
+        (
+            vec!["suite", "--tasks", "NoSuchTask", "--out", o],
+            "NoSuchTask",
+        ),
     ] {
         let r = run(&args);
         let err = String::from_utf8_lossy(&r.stderr);
@@ -152,7 +193,10 @@ fn suite_small_on_two_tasks_writes_scores_and_figure() {
     ]);
     let text = ok(&r);
     let err = String::from_utf8_lossy(&r.stderr);
-    println!("suite on 2 tasks in {:.2} s\n{text}", t.elapsed().as_secs_f64());
+    println!(
+        "suite on 2 tasks in {:.2} s\n{text}",
+        t.elapsed().as_secs_f64()
+    );
     assert!(text.contains("IQM"), "{text}");
     let s = json(&out.join("suite.json"));
     assert_eq!(s["suite"]["version"], 1);
@@ -183,7 +227,10 @@ fn suite_small_on_two_tasks_writes_scores_and_figure() {
     // Agents the suite lists that this build lacks are reported, never silently dropped.
     for sk in s["skipped"].as_array().unwrap() {
         let (agent, task) = (sk["agent"].as_str().unwrap(), sk["task"].as_str().unwrap());
-        assert!(err.contains(&format!("skipping {agent} on {task}")), "{err}");
+        assert!(
+            err.contains(&format!("skipping {agent} on {task}")),
+            "{err}"
+        );
         assert!(!sk["reason"].as_str().unwrap().is_empty());
     }
     assert_png(&out.join("suite.png"), 1000);

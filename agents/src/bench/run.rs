@@ -454,10 +454,20 @@ mod tests {
     fn bad_specs_are_errors_naming_the_field() {
         let mut s = small("random");
         s.seeds.clear();
-        assert!(run_agent(&s, &mut |_| {}).unwrap_err().to_string().contains("seeds"));
+        assert!(
+            run_agent(&s, &mut |_| {})
+                .unwrap_err()
+                .to_string()
+                .contains("seeds")
+        );
         let mut s = small("random");
         s.episodes = 0;
-        assert!(run_agent(&s, &mut |_| {}).unwrap_err().to_string().contains("episodes"));
+        assert!(
+            run_agent(&s, &mut |_| {})
+                .unwrap_err()
+                .to_string()
+                .contains("episodes")
+        );
         let s = small("nope");
         assert!(matches!(
             run_agent(&s, &mut |_| {}),
@@ -465,6 +475,11 @@ mod tests {
         ));
         let mut s = small("random");
         s.env_config = Some(toml::from_str("bogus_key = 1").unwrap());
-        assert!(run_agent(&s, &mut |_| {}).unwrap_err().to_string().contains("bogus_key"));
+        assert!(
+            run_agent(&s, &mut |_| {})
+                .unwrap_err()
+                .to_string()
+                .contains("bogus_key")
+        );
     }
 }

@@ -193,7 +193,13 @@ mod tests {
     fn quantiles_interpolate_like_numpy() {
         let s = [1.0, 2.0, 4.0, 8.0];
         // numpy.quantile([1,2,4,8], [0, 0.25, 0.5, 0.975, 1]) = 1, 1.75, 3, 7.7, 8.
-        for (p, want) in [(0.0, 1.0), (0.25, 1.75), (0.5, 3.0), (0.975, 7.7), (1.0, 8.0)] {
+        for (p, want) in [
+            (0.0, 1.0),
+            (0.25, 1.75),
+            (0.5, 3.0),
+            (0.975, 7.7),
+            (1.0, 8.0),
+        ] {
             assert!((quantile(&s, p) - want).abs() < 1e-12, "p {p}");
         }
     }
@@ -242,7 +248,10 @@ mod tests {
         // σ_w² = 0.5·2500/3 + 0.5·2500 = 1666.7; σ_T = √(σ_w² / 0.25 / 200) = 5.77.
         let sigma_t = (1666.67f64 / 0.25 / 200.0).sqrt();
         let half = 0.5 * (hi - lo);
-        println!("bootstrap interval [{lo:.2}, {hi:.2}], half-width {half:.2} vs 1.96·σ_T = {:.2}", 1.96 * sigma_t);
+        println!(
+            "bootstrap interval [{lo:.2}, {hi:.2}], half-width {half:.2} vs 1.96·σ_T = {:.2}",
+            1.96 * sigma_t
+        );
         assert!(lo < 99.5 && 99.5 < hi);
         assert!((half / (1.96 * sigma_t) - 1.0).abs() < 0.25, "{half}");
         // Deterministic for a seed.

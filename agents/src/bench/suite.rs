@@ -136,7 +136,10 @@ impl SuiteFile {
             ));
         }
         if !(sc.confidence > 0.0 && sc.confidence < 1.0) {
-            return Err(AgentError::config("scoring.confidence", "must be in (0, 1)"));
+            return Err(AgentError::config(
+                "scoring.confidence",
+                "must be in (0, 1)",
+            ));
         }
         if !(sc.tau_min.is_finite() && sc.tau_max > sc.tau_min) || sc.tau_points < 2 {
             return Err(AgentError::config(
@@ -680,15 +683,33 @@ mod tests {
             tasks: vec!["StemSparseScan".into()],
         };
         let jobs = plan(&s, &sel, &BuildInfo::default()).unwrap();
-        assert_eq!(jobs[2].skip.as_deref(), Some("not registered in this build"));
-        assert!(plan(&s, &Selection { budget: "huge".into(), ..sel.clone() }, &BuildInfo::default()).is_err());
+        assert_eq!(
+            jobs[2].skip.as_deref(),
+            Some("not registered in this build")
+        );
+        assert!(
+            plan(
+                &s,
+                &Selection {
+                    budget: "huge".into(),
+                    ..sel.clone()
+                },
+                &BuildInfo::default()
+            )
+            .is_err()
+        );
         // The override of the small budget applies to its task.
         let sel = Selection {
             budget: "small".into(),
             agents: vec![],
             tasks: vec!["StemEelsExplore".into()],
         };
-        assert_eq!(plan(&SuiteFile::v1(), &sel, &BuildInfo::default()).unwrap()[0].spec.episodes, 2);
+        assert_eq!(
+            plan(&SuiteFile::v1(), &sel, &BuildInfo::default()).unwrap()[0]
+                .spec
+                .episodes,
+            2
+        );
     }
 
     fn fake(task: &str, agent: &str, means: &[f64]) -> RunResults {
@@ -777,7 +798,14 @@ mod tests {
         assert_eq!(rand_a.normalized, vec![-0.25, 0.25]);
         assert_eq!(r.tasks[1].agents[1].normalized_mean, 1.0);
         // A task without a reference is an error.
-        let e = score(&file, &sel, "", &BuildInfo::default(), vec![fake("C", "raster", &[1.0])], vec![]);
+        let e = score(
+            &file,
+            &sel,
+            "",
+            &BuildInfo::default(),
+            vec![fake("C", "raster", &[1.0])],
+            vec![],
+        );
         assert!(e.unwrap_err().to_string().contains("reference"));
     }
 
@@ -804,7 +832,12 @@ mod tests {
         let h = a.aggregate.iter().find(|x| x.agent == "heuristic").unwrap();
         // The heuristic's normalized task means are exactly 1.
         for t in &a.tasks {
-            let m = t.agents.iter().find(|x| x.agent == "heuristic").unwrap().normalized_mean;
+            let m = t
+                .agents
+                .iter()
+                .find(|x| x.agent == "heuristic")
+                .unwrap()
+                .normalized_mean;
             assert!((m - 1.0).abs() < 1e-12, "{m}");
         }
         assert_eq!(h.runs, 10);
