@@ -46,6 +46,9 @@ pub enum CliError {
     /// An environment could not be built or stepped.
     #[error(transparent)]
     Env(#[from] scopegym_envs::EnvError),
+    /// An agent could not be built, trained or run.
+    #[error(transparent)]
+    Agent(#[from] scopegym_agents::AgentError),
 }
 
 impl CliError {
@@ -58,14 +61,32 @@ impl CliError {
                 | scopegym_physics::PhysicsError::InvalidQuantity { .. },
             ) => 2,
             Self::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => 2,
-            Self::Env(
-                scopegym_envs::EnvError::InvalidConfig { .. }
-                | scopegym_envs::EnvError::UnknownTask { .. }
-                | scopegym_envs::EnvError::InvalidAction { .. }
-                | scopegym_envs::EnvError::InvalidArgument { .. },
-            ) => 2,
+            Self::Env(e) => env_exit_code(e),
+            Self::Agent(e) => {
+                use scopegym_agents::AgentError as A;
+                match e {
+                    A::InvalidConfig { .. }
+                    | A::InvalidArgument { .. }
+                    | A::UnknownAgent { .. }
+                    | A::Unsupported { .. }
+                    | A::MissingFeature { .. } => 2,
+                    A::Env(env) => env_exit_code(env),
+                    _ => 1,
+                }
+            }
             _ => 1,
         }
+    }
+}
+
+fn env_exit_code(e: &scopegym_envs::EnvError) -> i32 {
+    use scopegym_envs::EnvError as E;
+    match e {
+        E::InvalidConfig { .. }
+        | E::UnknownTask { .. }
+        | E::InvalidAction { .. }
+        | E::InvalidArgument { .. } => 2,
+        _ => 1,
     }
 }
 

@@ -5,12 +5,14 @@
 //!
 //! - [`physics`]: the simulated instruments (`scopegym-physics`).
 //! - [`envs`]: the environments and tasks (`scopegym-envs`).
+//! - [`agents`]: the agents and the benchmark protocol (`scopegym-agents`).
 //!
 //! The library part holds what the CLI needs and tests reuse: scenario loading ([`scenario`]),
 //! and output writers ([`output`]).
 
 #![deny(missing_docs)]
 
+pub use scopegym_agents as agents;
 pub use scopegym_envs as envs;
 pub use scopegym_physics as physics;
 

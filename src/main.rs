@@ -11,7 +11,9 @@ use scopegym::scenario::{InstrumentConfig, Scenario, physics_to_scenario};
 use scopegym_physics::instrument::StemInstrument;
 use scopegym_physics::stem::{StemConfig, StemSimulator};
 
+mod bench_cli;
 mod env_cli;
+mod plots;
 mod spm_cli;
 use spm_cli::{perf_spm, simulate_spm};
 use std::path::PathBuf;
@@ -128,6 +130,66 @@ enum Command {
         #[arg(long)]
         repair: bool,
     },
+    /// Run an agent on a task over seeds (train learning agents, then evaluate): a table,
+    /// <out>/results.json and <out>/curves.png. With --compare, overlay earlier runs instead.
+    Run {
+        /// Environment id, e.g. scopegym/StemAutofocus-v1.
+        #[arg(required_unless_present = "compare")]
+        env_id: Option<String>,
+        /// The agent (see the agents registry: random, raster, heuristic, ...).
+        #[arg(long, required_unless_present = "compare")]
+        agent: Option<String>,
+        /// Run seeds 0..N.
+        #[arg(long, default_value_t = 5)]
+        seeds: u64,
+        /// Training env steps per seed (learning agents; default 10000).
+        #[arg(long)]
+        steps: Option<u64>,
+        /// Evaluation episodes per seed (default 5); episode i of seed s resets with
+        /// s * 1000000 + i.
+        #[arg(long)]
+        episodes: Option<usize>,
+        /// Agent config (TOML table).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Task config overrides (TOML table, e.g. max_steps = 20).
+        #[arg(long)]
+        env_config: Option<PathBuf>,
+        /// Difficulty level: easy, medium or hard.
+        #[arg(long, default_value = "medium")]
+        difficulty: String,
+        /// Parameter split evaluated on: train or test (training always uses train).
+        #[arg(long, default_value = "test")]
+        split: String,
+        /// Output folder (results.json, curves.png; compare.png with --compare).
+        #[arg(long, required_unless_present = "compare")]
+        out: Option<PathBuf>,
+        /// Overlay the results of these run folders (a table and <out>/compare.png, <out>
+        /// defaulting to the current folder).
+        #[arg(long, num_args = 1.., conflicts_with_all = ["env_id", "agent"])]
+        compare: Vec<PathBuf>,
+    },
+    /// Run the benchmark suite (suite/suite-v1.toml): every task's agents on the test split,
+    /// normalized scores, IQM with bootstrap 95 % intervals and performance profiles:
+    /// <out>/suite.json, <out>/suite.png and a table.
+    Suite {
+        /// The budget: small (a few minutes) or full.
+        #[arg(long, default_value = "small")]
+        budget: String,
+        /// Output folder.
+        #[arg(long)]
+        out: PathBuf,
+        /// Only these agents, comma-separated (random and heuristic always run: they are the
+        /// references).
+        #[arg(long, value_delimiter = ',')]
+        agents: Vec<String>,
+        /// Only these tasks, comma-separated (ids or a unique part such as StemAutofocus).
+        #[arg(long, value_delimiter = ',')]
+        tasks: Vec<String>,
+        /// A suite file instead of the embedded suite-v1.toml.
+        #[arg(long)]
+        suite: Option<PathBuf>,
+    },
     /// Reset an environment and save its render as a PNG.
     Render {
         /// Environment id.
@@ -183,6 +245,47 @@ fn main() -> ExitCode {
             steps,
             json,
         } => env_cli::bench(&env_id, num_envs, threads, steps, json),
+        Command::Run { compare, out, .. } if !compare.is_empty() => bench_cli::compare(
+            &compare,
+            out.as_deref().unwrap_or(std::path::Path::new(".")),
+        ),
+        Command::Run {
+            env_id,
+            agent,
+            seeds,
+            steps,
+            episodes,
+            config,
+            env_config,
+            difficulty,
+            split,
+            out,
+            compare: _,
+        } => bench_cli::run(&bench_cli::RunOptions {
+            env_id: env_id.as_deref().unwrap_or_default(),
+            agent: agent.as_deref().unwrap_or_default(),
+            seeds,
+            steps,
+            episodes,
+            config: config.as_deref(),
+            env_config: env_config.as_deref(),
+            difficulty: &difficulty,
+            split: &split,
+            out: out.as_deref().unwrap_or(std::path::Path::new(".")),
+        }),
+        Command::Suite {
+            budget,
+            out,
+            agents,
+            tasks,
+            suite,
+        } => bench_cli::suite(&bench_cli::SuiteOptions {
+            budget: &budget,
+            out: &out,
+            agents: &agents,
+            tasks: &tasks,
+            suite: suite.as_deref(),
+        }),
         Command::Render { env_id, seed, out } => env_cli::render(&env_id, seed, &out),
         Command::Record {
             repair: true, out, ..

@@ -9,11 +9,13 @@
 //! - `dkl` (feature `torch`): deep kernel learning for the explore tasks.
 //! - [`registry`]: the agents by name.
 //! - `rl` (feature `torch`): PPO, REINFORCE with a baseline, TorchScript policies.
+//! - [`bench`]: the benchmark protocol: runs over seeds, the suite, its scores.
 #![deny(missing_docs)]
 
 pub mod acquisition;
 pub mod agent;
 pub mod bo;
+pub mod bench;
 pub mod bo_agent;
 #[cfg(feature = "torch")]
 pub mod dkl;

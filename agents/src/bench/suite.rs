@@ -1,0 +1,845 @@
+//! The benchmark suite: a versioned file of tasks, agents and budgets ([`SuiteFile`], the
+//! repository's `suite/suite-v1.toml` embedded as [`SUITE_V1`]), run by [`run_suite`] and
+//! scored by [`score`] into [`SuiteResults`] (what `scopegym suite` writes as `suite.json`).
+//!
+//! Scoring (the file's header says the same):
+//!
+//! - the score of a run (task, agent, seed) is its mean evaluation return ([`super::run`]);
+//! - its normalized score is `(score − R) / (H − R)` with `R` and `H` the mean scores over the
+//!   task's seeds of the reference agents (`reference_low = "random"`,
+//!   `reference_high = "heuristic"`), run in the same suite on the same seeds;
+//! - per agent, over the tasks it ran: the IQM of its normalized run scores pooled
+//!   ([`stats::pooled_iqm`]), a stratified-bootstrap percentile interval
+//!   ([`stats::stratified_bootstrap_iqm`], seeded with `bootstrap_seed` plus the FNV-1a hash of
+//!   the agent's name, [`agent_seed`]) and the performance profile on the `τ` grid
+//!   ([`stats::performance_profile`]).
+//!
+//! Agents this build cannot run (not registered, a missing cargo feature, or not applicable to
+//! the task) are skipped and listed in [`SuiteResults::skipped`], never silently.
+
+use super::run::{BuildInfo, RunProgress, RunResults, RunSpec, run_agent};
+use super::stats;
+use crate::error::{AgentError, Result};
+use crate::registry;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// The text of `suite/suite-v1.toml`, embedded.
+pub const SUITE_V1: &str = include_str!("../../../suite/suite-v1.toml");
+
+/// The suite file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SuiteFile {
+    /// The suite's name.
+    pub name: String,
+    /// Its version (a change of budgets, seeds, configs or scoring bumps it).
+    pub version: u32,
+    /// Difficulty of every task.
+    pub difficulty: String,
+    /// The split evaluated on (`test`).
+    pub split: String,
+    /// The agent whose mean score normalizes to 0.
+    pub reference_low: String,
+    /// The agent whose mean score normalizes to 1.
+    pub reference_high: String,
+    /// Bootstrap and profile settings.
+    pub scoring: Scoring,
+    /// The budgets by name (`small`, `full`).
+    pub budgets: BTreeMap<String, Budget>,
+    /// The tasks.
+    pub tasks: Vec<SuiteTask>,
+}
+
+/// Bootstrap and profile settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scoring {
+    /// Bootstrap resamples.
+    pub bootstrap_resamples: usize,
+    /// Confidence of the intervals (0.95).
+    pub confidence: f64,
+    /// Base seed of the bootstrap.
+    pub bootstrap_seed: u64,
+    /// Lowest `τ` of the performance profiles.
+    pub tau_min: f64,
+    /// Highest `τ`.
+    pub tau_max: f64,
+    /// Points of the `τ` grid (evenly spaced, ends included).
+    pub tau_points: usize,
+}
+
+/// A budget.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Budget {
+    /// Run seeds.
+    pub seeds: Vec<u64>,
+    /// Evaluation episodes per seed.
+    pub episodes: usize,
+    /// Training env steps per seed (learning agents).
+    pub train_steps: u64,
+}
+
+/// One budget's overrides for one task.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BudgetOverride {
+    /// Run seeds.
+    pub seeds: Option<Vec<u64>>,
+    /// Evaluation episodes per seed.
+    pub episodes: Option<usize>,
+    /// Training env steps per seed.
+    pub train_steps: Option<u64>,
+    /// Task config overrides (merged over the task's `config`, key by key at the top level).
+    pub config: Option<toml::Table>,
+}
+
+/// A task of the suite.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SuiteTask {
+    /// The task id.
+    pub id: String,
+    /// The agents to run on it.
+    pub agents: Vec<String>,
+    /// Task config overrides for every budget.
+    #[serde(default)]
+    pub config: Option<toml::Table>,
+    /// Per-budget overrides.
+    #[serde(default)]
+    pub budgets: BTreeMap<String, BudgetOverride>,
+}
+
+impl SuiteFile {
+    /// Parses and validates a suite file's text.
+    pub fn parse(text: &str) -> Result<Self> {
+        let de = toml::Deserializer::parse(text)
+            .map_err(|e| AgentError::config("suite", e.to_string()))?;
+        let s: Self = serde_path_to_error::deserialize(de)
+            .map_err(|e| AgentError::config(e.path().to_string(), e.into_inner().to_string()))?;
+        s.validate()?;
+        Ok(s)
+    }
+
+    /// The embedded `suite-v1.toml`.
+    pub fn v1() -> Self {
+        Self::parse(SUITE_V1).expect("the embedded suite file is valid")
+    }
+
+    fn validate(&self) -> Result<()> {
+        let sc = &self.scoring;
+        if sc.bootstrap_resamples == 0 {
+            return Err(AgentError::config(
+                "scoring.bootstrap_resamples",
+                "must be > 0",
+            ));
+        }
+        if !(sc.confidence > 0.0 && sc.confidence < 1.0) {
+            return Err(AgentError::config(
+                "scoring.confidence",
+                "must be in (0, 1)",
+            ));
+        }
+        if !(sc.tau_min.is_finite() && sc.tau_max > sc.tau_min) || sc.tau_points < 2 {
+            return Err(AgentError::config(
+                "scoring.tau_min",
+                "the τ grid needs tau_min < tau_max and tau_points ≥ 2",
+            ));
+        }
+        for (name, b) in &self.budgets {
+            if b.seeds.is_empty() || b.episodes == 0 {
+                return Err(AgentError::config(
+                    format!("budgets.{name}"),
+                    "needs at least one seed and one episode",
+                ));
+            }
+        }
+        for (i, t) in self.tasks.iter().enumerate() {
+            scopegym_envs::registry::spec(&t.id)
+                .map_err(|e| AgentError::config(format!("tasks[{i}].id"), e.to_string()))?;
+            for (name, o) in &t.budgets {
+                if !self.budgets.contains_key(name) {
+                    return Err(AgentError::config(
+                        format!("tasks[{i}].budgets.{name}"),
+                        "no such budget",
+                    ));
+                }
+                if o.seeds.as_ref().is_some_and(Vec::is_empty) || o.episodes == Some(0) {
+                    return Err(AgentError::config(
+                        format!("tasks[{i}].budgets.{name}"),
+                        "needs at least one seed and one episode",
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The `τ` grid of the performance profiles.
+    pub fn taus(&self) -> Vec<f64> {
+        stats::linspace(
+            self.scoring.tau_min,
+            self.scoring.tau_max,
+            self.scoring.tau_points,
+        )
+    }
+}
+
+/// What to run of the suite.
+#[derive(Debug, Clone, Default)]
+pub struct Selection {
+    /// The budget's name.
+    pub budget: String,
+    /// Only these agents (the references are always run); empty for all.
+    pub agents: Vec<String>,
+    /// Only these tasks (ids, or a unique part of one such as `StemAutofocus`); empty for all.
+    pub tasks: Vec<String>,
+}
+
+/// One (task, agent) job of the suite.
+#[derive(Debug, Clone)]
+pub struct Job {
+    /// The run.
+    pub spec: RunSpec,
+    /// Why it will not run, when known before running (agent not registered).
+    pub skip: Option<String>,
+    /// Progress units of the job (see [`RunProgress::total`]).
+    pub units: u64,
+}
+
+/// An agent the suite lists that did not run on a task.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Skipped {
+    /// The task id.
+    pub task: String,
+    /// The agent.
+    pub agent: String,
+    /// Why.
+    pub reason: String,
+}
+
+fn resolve_task<'a>(file: &'a SuiteFile, name: &str) -> Result<&'a SuiteTask> {
+    if let Some(t) = file.tasks.iter().find(|t| t.id == name) {
+        return Ok(t);
+    }
+    let hits: Vec<&SuiteTask> = file.tasks.iter().filter(|t| t.id.contains(name)).collect();
+    match hits.as_slice() {
+        [t] => Ok(t),
+        [] => Err(AgentError::arg(
+            "tasks",
+            format!("{name:?} names no task of the suite"),
+        )),
+        _ => Err(AgentError::arg(
+            "tasks",
+            format!("{name:?} names several tasks of the suite"),
+        )),
+    }
+}
+
+/// The jobs of `sel`: per selected task, the reference agents first, then the others the file
+/// lists (restricted to `sel.agents` when given), each with the budget resolved.
+pub fn plan(file: &SuiteFile, sel: &Selection, build: &BuildInfo) -> Result<Vec<Job>> {
+    let budget = file.budgets.get(&sel.budget).ok_or_else(|| {
+        AgentError::arg(
+            "budget",
+            format!(
+                "no budget {:?} in the suite (has: {})",
+                sel.budget,
+                file.budgets.keys().cloned().collect::<Vec<_>>().join(", ")
+            ),
+        )
+    })?;
+    let tasks: Vec<&SuiteTask> = if sel.tasks.is_empty() {
+        file.tasks.iter().collect()
+    } else {
+        sel.tasks
+            .iter()
+            .map(|n| resolve_task(file, n))
+            .collect::<Result<_>>()?
+    };
+    for a in &sel.agents {
+        if !file.tasks.iter().any(|t| t.agents.contains(a)) {
+            return Err(AgentError::arg(
+                "agents",
+                format!("{a:?} is not an agent of the suite"),
+            ));
+        }
+    }
+    let mut jobs = Vec::new();
+    for t in tasks {
+        let o = t.budgets.get(&sel.budget).cloned().unwrap_or_default();
+        let mut config = t.config.clone().unwrap_or_default();
+        for (k, v) in o.config.unwrap_or_default() {
+            config.insert(k, v);
+        }
+        let mut agents = vec![file.reference_low.clone(), file.reference_high.clone()];
+        for a in &t.agents {
+            if !agents.contains(a) && (sel.agents.is_empty() || sel.agents.contains(a)) {
+                agents.push(a.clone());
+            }
+        }
+        let max_steps = {
+            let mut s = RunSpec::new(&t.id, "random");
+            s.env_config = Some(toml::Value::Table(config.clone()));
+            s.difficulty = file.difficulty.clone();
+            let cfg = s.env_table(&file.split)?;
+            scopegym_envs::registry::make(&t.id, Some(&cfg))?.max_episode_steps()
+        };
+        for a in agents {
+            let mut spec = RunSpec::new(&t.id, &a);
+            spec.env_config = Some(toml::Value::Table(config.clone()));
+            spec.difficulty = file.difficulty.clone();
+            spec.split = file.split.clone();
+            spec.seeds = o.seeds.clone().unwrap_or_else(|| budget.seeds.clone());
+            spec.episodes = o.episodes.unwrap_or(budget.episodes);
+            spec.train_steps = o.train_steps.unwrap_or(budget.train_steps);
+            spec.keep_steps = false;
+            spec.build = build.clone();
+            let (skip, learns) = match registry::spec(&a) {
+                Ok(s) => (None, s.learns),
+                Err(_) => (Some("not registered in this build".to_string()), false),
+            };
+            let units = if skip.is_some() {
+                0
+            } else {
+                spec.seeds.len() as u64
+                    * (if learns { spec.train_steps } else { 0 }
+                        + (spec.episodes * max_steps) as u64)
+            };
+            jobs.push(Job { spec, skip, units });
+        }
+    }
+    Ok(jobs)
+}
+
+/// Progress of the suite: the job running and the units done over all jobs.
+#[derive(Debug, Clone)]
+pub struct SuiteProgress<'a> {
+    /// The task of the job.
+    pub task: &'a str,
+    /// The agent of the job.
+    pub agent: &'a str,
+    /// Units done over all jobs.
+    pub done: u64,
+    /// Units of all jobs.
+    pub total: u64,
+}
+
+/// Runs the jobs; an agent that cannot run (not registered, [`AgentError::MissingFeature`],
+/// [`AgentError::Unsupported`]) is skipped with its reason; `note` hears of each skip as it
+/// happens. Any other error stops the suite.
+pub fn run_jobs(
+    jobs: &[Job],
+    progress: &mut dyn FnMut(SuiteProgress<'_>),
+    note: &mut dyn FnMut(&Skipped),
+) -> Result<(Vec<RunResults>, Vec<Skipped>)> {
+    let total: u64 = jobs.iter().map(|j| j.units).sum();
+    let mut base = 0;
+    let (mut results, mut skipped) = (Vec::new(), Vec::new());
+    for job in jobs {
+        let (task, agent) = (job.spec.env_id.as_str(), job.spec.agent.as_str());
+        let skip = |reason: String| Skipped {
+            task: task.into(),
+            agent: agent.into(),
+            reason,
+        };
+        if let Some(r) = &job.skip {
+            let s = skip(r.clone());
+            note(&s);
+            skipped.push(s);
+            continue;
+        }
+        let res = run_agent(&job.spec, &mut |p: RunProgress| {
+            progress(SuiteProgress {
+                task,
+                agent,
+                done: base + p.done,
+                total,
+            })
+        });
+        match res {
+            Ok(r) => results.push(r),
+            Err(e @ (AgentError::MissingFeature { .. } | AgentError::Unsupported { .. })) => {
+                let s = skip(e.to_string());
+                note(&s);
+                skipped.push(s);
+            }
+            Err(e) => return Err(e),
+        }
+        base += job.units;
+        progress(SuiteProgress {
+            task,
+            agent,
+            done: base,
+            total,
+        });
+    }
+    Ok((results, skipped))
+}
+
+/// The scores of one agent on one task.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentOnTask {
+    /// The agent.
+    pub agent: String,
+    /// The normalized score of each run seed, in the order of `results.per_seed`.
+    pub normalized: Vec<f64>,
+    /// Their mean (the task's normalized score of the agent).
+    pub normalized_mean: f64,
+    /// The raw results (per-step records dropped).
+    pub results: RunResults,
+}
+
+/// The reference scores of a task.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Reference {
+    /// The agent normalized to 0.
+    pub low_agent: String,
+    /// Its mean score over the task's seeds.
+    pub low: f64,
+    /// The agent normalized to 1.
+    pub high_agent: String,
+    /// Its mean score over the task's seeds.
+    pub high: f64,
+}
+
+/// One task's results.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskResults {
+    /// The task id.
+    pub id: String,
+    /// The references.
+    pub reference: Reference,
+    /// Every agent that ran, references included.
+    pub agents: Vec<AgentOnTask>,
+}
+
+/// An agent across tasks.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Aggregate {
+    /// The agent.
+    pub agent: String,
+    /// The tasks it ran on.
+    pub tasks: Vec<String>,
+    /// Its runs (task × seed) in all.
+    pub runs: usize,
+    /// IQM of its normalized run scores pooled over its tasks.
+    pub iqm: f64,
+    /// Stratified-bootstrap percentile interval of the IQM.
+    pub iqm_ci: [f64; 2],
+    /// Plain mean of the normalized run scores.
+    pub mean: f64,
+    /// The performance profile on [`SuiteResults::taus`].
+    pub profile: Vec<f64>,
+    /// The seed its bootstrap used ([`agent_seed`]).
+    pub bootstrap_seed: u64,
+}
+
+/// The suite's meta data.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SuiteMeta {
+    /// Name.
+    pub name: String,
+    /// Version.
+    pub version: u32,
+    /// The budget run.
+    pub budget: String,
+    /// Difficulty.
+    pub difficulty: String,
+    /// Split.
+    pub split: String,
+    /// Bootstrap and profile settings.
+    pub scoring: Scoring,
+    /// The suite file's text.
+    pub file: String,
+    /// The tasks selected (empty: all).
+    pub selected_tasks: Vec<String>,
+    /// The agents selected (empty: all).
+    pub selected_agents: Vec<String>,
+}
+
+/// What `scopegym suite` writes as `suite.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SuiteResults {
+    /// The suite.
+    pub suite: SuiteMeta,
+    /// Version and commit of the build.
+    pub provenance: BuildInfo,
+    /// Per task.
+    pub tasks: Vec<TaskResults>,
+    /// The `τ` grid of the profiles.
+    pub taus: Vec<f64>,
+    /// Per agent across tasks (references included), in order of first appearance.
+    pub aggregate: Vec<Aggregate>,
+    /// Agents listed that did not run, with the reason.
+    pub skipped: Vec<Skipped>,
+}
+
+/// The bootstrap seed of `agent`: `base` plus the 64-bit FNV-1a hash of its name (wrapping), so
+/// an agent's interval does not depend on which others ran.
+pub fn agent_seed(base: u64, agent: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in agent.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    base.wrapping_add(h)
+}
+
+/// Scores the results of a suite run: normalized scores per task, IQM with bootstrap interval
+/// and profile per agent.
+///
+/// Errors when a task lacks a reference agent's results.
+pub fn score(
+    file: &SuiteFile,
+    sel: &Selection,
+    text: &str,
+    build: &BuildInfo,
+    results: Vec<RunResults>,
+    skipped: Vec<Skipped>,
+) -> Result<SuiteResults> {
+    let taus = file.taus();
+    let mut task_ids: Vec<String> = Vec::new();
+    for r in &results {
+        if !task_ids.contains(&r.env_id) {
+            task_ids.push(r.env_id.clone());
+        }
+    }
+    let mut by_task: Vec<TaskResults> = Vec::new();
+    for id in &task_ids {
+        let mean_of = |agent: &str| -> Result<f64> {
+            results
+                .iter()
+                .find(|r| &r.env_id == id && r.agent == agent)
+                .map(|r| {
+                    r.per_seed.iter().map(|s| s.return_mean).sum::<f64>() / r.per_seed.len() as f64
+                })
+                .ok_or_else(|| {
+                    AgentError::arg(
+                        "results",
+                        format!("{id} has no results of the reference agent {agent}"),
+                    )
+                })
+        };
+        let low = mean_of(&file.reference_low)?;
+        let high = mean_of(&file.reference_high)?;
+        let agents = results
+            .iter()
+            .filter(|r| &r.env_id == id)
+            .map(|r| {
+                let normalized: Vec<f64> = r
+                    .per_seed
+                    .iter()
+                    .map(|s| stats::normalized(s.return_mean, low, high))
+                    .collect();
+                let mut results = r.clone();
+                results.drop_steps();
+                AgentOnTask {
+                    agent: r.agent.clone(),
+                    normalized_mean: normalized.iter().sum::<f64>() / normalized.len() as f64,
+                    normalized,
+                    results,
+                }
+            })
+            .collect();
+        by_task.push(TaskResults {
+            id: id.clone(),
+            reference: Reference {
+                low_agent: file.reference_low.clone(),
+                low,
+                high_agent: file.reference_high.clone(),
+                high,
+            },
+            agents,
+        });
+    }
+    let mut names: Vec<String> = Vec::new();
+    for r in &results {
+        if !names.contains(&r.agent) {
+            names.push(r.agent.clone());
+        }
+    }
+    let sc = &file.scoring;
+    let aggregate = names
+        .iter()
+        .map(|name| {
+            let mut tasks = Vec::new();
+            let mut per_task = Vec::new();
+            for t in &by_task {
+                if let Some(a) = t.agents.iter().find(|a| &a.agent == name) {
+                    tasks.push(t.id.clone());
+                    per_task.push(a.normalized.clone());
+                }
+            }
+            let seed = agent_seed(sc.bootstrap_seed, name);
+            let all: Vec<f64> = per_task.iter().flatten().copied().collect();
+            Aggregate {
+                agent: name.clone(),
+                tasks,
+                runs: all.len(),
+                iqm: stats::pooled_iqm(&per_task).unwrap_or(f64::NAN),
+                iqm_ci: stats::stratified_bootstrap_iqm(
+                    &per_task,
+                    sc.bootstrap_resamples,
+                    sc.confidence,
+                    seed,
+                )
+                .unwrap_or([f64::NAN; 2]),
+                mean: stats::mean_ci95(&all).0,
+                profile: stats::performance_profile(&per_task, &taus),
+                bootstrap_seed: seed,
+            }
+        })
+        .collect();
+    Ok(SuiteResults {
+        suite: SuiteMeta {
+            name: file.name.clone(),
+            version: file.version,
+            budget: sel.budget.clone(),
+            difficulty: file.difficulty.clone(),
+            split: file.split.clone(),
+            scoring: file.scoring.clone(),
+            file: text.into(),
+            selected_tasks: sel.tasks.clone(),
+            selected_agents: sel.agents.clone(),
+        },
+        provenance: build.clone(),
+        tasks: by_task,
+        taus,
+        aggregate,
+        skipped,
+    })
+}
+
+/// Plans, runs and scores the suite in `text` (a suite file): [`plan`], [`run_jobs`], [`score`].
+pub fn run_suite(
+    text: &str,
+    sel: &Selection,
+    build: &BuildInfo,
+    progress: &mut dyn FnMut(SuiteProgress<'_>),
+    note: &mut dyn FnMut(&Skipped),
+) -> Result<SuiteResults> {
+    let file = SuiteFile::parse(text)?;
+    let jobs = plan(&file, sel, build)?;
+    let (results, skipped) = run_jobs(&jobs, progress, note)?;
+    score(&file, sel, text, build, results, skipped)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bench::run::{Budget as RunBudget, Provenance, SeedResult, Summary};
+
+    #[test]
+    fn the_embedded_suite_parses_and_lists_every_task() {
+        let s = SuiteFile::v1();
+        assert_eq!(s.version, 1);
+        assert_eq!(s.split, "test");
+        let ids: Vec<&str> = s.tasks.iter().map(|t| t.id.as_str()).collect();
+        for t in scopegym_envs::registry::TASKS {
+            assert!(ids.contains(&t.id), "{} missing from the suite", t.id);
+        }
+        for t in &s.tasks {
+            assert!(t.agents.contains(&"random".to_string()));
+            assert!(t.agents.contains(&"heuristic".to_string()));
+        }
+        assert!(s.budgets.contains_key("small") && s.budgets.contains_key("full"));
+        assert_eq!(s.taus().len(), 61);
+    }
+
+    #[test]
+    fn bad_suite_files_name_the_field() {
+        let bad = SUITE_V1.replace("bootstrap_resamples = 2000", "bootstrap_resamples = 0");
+        let e = SuiteFile::parse(&bad).unwrap_err().to_string();
+        assert!(e.contains("bootstrap_resamples"), "{e}");
+        let bad = SUITE_V1.replace("id = \"scopegym/StemSparseScan-v1\"", "id = \"nope\"");
+        let e = SuiteFile::parse(&bad).unwrap_err().to_string();
+        assert!(e.contains("tasks[8].id"), "{e}");
+        let bad = SUITE_V1.replace("episodes = 4", "episodes = 4\nbogus = 1");
+        let e = SuiteFile::parse(&bad).unwrap_err().to_string();
+        assert!(e.contains("bogus"), "{e}");
+    }
+
+    #[test]
+    fn plan_puts_references_first_and_skips_unregistered_agents() {
+        let s = SuiteFile::v1();
+        let sel = Selection {
+            budget: "small".into(),
+            agents: vec!["raster".into()],
+            tasks: vec!["StemSparseScan".into()],
+        };
+        let jobs = plan(&s, &sel, &BuildInfo::default()).unwrap();
+        let names: Vec<&str> = jobs.iter().map(|j| j.spec.agent.as_str()).collect();
+        assert_eq!(names, ["random", "heuristic", "raster"]);
+        assert!(jobs.iter().all(|j| j.skip.is_none()));
+        assert_eq!(jobs[0].units, 5 * 4 * 12);
+        // An agent the suite lists that no build registers is planned as skipped.
+        let text = SUITE_V1.replace("\"bo\", \"reinforce\"", "\"no-such-agent\", \"reinforce\"");
+        let s = SuiteFile::parse(&text).unwrap();
+        let sel = Selection {
+            budget: "small".into(),
+            agents: vec!["no-such-agent".into()],
+            tasks: vec!["StemSparseScan".into()],
+        };
+        let jobs = plan(&s, &sel, &BuildInfo::default()).unwrap();
+        assert_eq!(
+            jobs[2].skip.as_deref(),
+            Some("not registered in this build")
+        );
+        assert!(
+            plan(
+                &s,
+                &Selection {
+                    budget: "huge".into(),
+                    ..sel.clone()
+                },
+                &BuildInfo::default()
+            )
+            .is_err()
+        );
+        // The override of the small budget applies to its task.
+        let sel = Selection {
+            budget: "small".into(),
+            agents: vec![],
+            tasks: vec!["StemEelsExplore".into()],
+        };
+        assert_eq!(
+            plan(&SuiteFile::v1(), &sel, &BuildInfo::default()).unwrap()[0]
+                .spec
+                .episodes,
+            2
+        );
+    }
+
+    fn fake(task: &str, agent: &str, means: &[f64]) -> RunResults {
+        RunResults {
+            env_id: task.into(),
+            agent: agent.into(),
+            seeds: (0..means.len() as u64).collect(),
+            per_seed: means
+                .iter()
+                .enumerate()
+                .map(|(i, &m)| SeedResult {
+                    seed: i as u64,
+                    return_mean: m,
+                    success_rate: 0.0,
+                    steps: 1,
+                    train_steps: 0,
+                    eval_steps: 1,
+                    curve: vec![],
+                    episodes: vec![],
+                })
+                .collect(),
+            summary: Summary {
+                return_mean: 0.0,
+                return_ci95: 0.0,
+                success_rate: 0.0,
+                episodes: 0,
+            },
+            provenance: Provenance {
+                version: String::new(),
+                commit: String::new(),
+                env_config: serde_json::Value::Null,
+                train_env_config: serde_json::Value::Null,
+                agent_config: serde_json::Value::Null,
+                difficulty: String::new(),
+                split: String::new(),
+                learns: false,
+                budget: RunBudget {
+                    train_steps: 0,
+                    episodes: 1,
+                },
+                max_episode_steps: 1,
+                episode_seeds: String::new(),
+            },
+        }
+    }
+
+    #[test]
+    fn scores_by_hand() {
+        // Task A: random 0, 2 (mean 1); heuristic 5, 5 (mean 5): span 4.
+        //   raster 3, 9 → normalized (3−1)/4 = 0.5, (9−1)/4 = 2.
+        // Task B: random −10, −10; heuristic −6, −6: span 4. raster −8, −10 → 0.5, 0.
+        // Raster's pooled runs {0.5, 2, 0.5, 0}: IQM (n = 4, drop 1 each end) = mean(0.5, 0.5)
+        // = 0.5; mean = 0.75. Profile at τ = 0.25: A 2/2, B 1/2 → 0.75; at τ = 1: A 1/2,
+        // B 0 → 0.25.
+        let results = vec![
+            fake("A", "random", &[0.0, 2.0]),
+            fake("A", "heuristic", &[5.0, 5.0]),
+            fake("A", "raster", &[3.0, 9.0]),
+            fake("B", "random", &[-10.0, -10.0]),
+            fake("B", "heuristic", &[-6.0, -6.0]),
+            fake("B", "raster", &[-8.0, -10.0]),
+        ];
+        let mut file = SuiteFile::v1();
+        file.scoring.tau_min = 0.25;
+        file.scoring.tau_max = 1.0;
+        file.scoring.tau_points = 2;
+        let sel = Selection {
+            budget: "small".into(),
+            ..Default::default()
+        };
+        let r = score(&file, &sel, "", &BuildInfo::default(), results, vec![]).unwrap();
+        assert_eq!(r.tasks[0].reference.low, 1.0);
+        assert_eq!(r.tasks[0].reference.high, 5.0);
+        let raster_a = &r.tasks[0].agents[2];
+        assert_eq!(raster_a.normalized, vec![0.5, 2.0]);
+        assert_eq!(raster_a.normalized_mean, 1.25);
+        assert_eq!(r.tasks[1].agents[2].normalized, vec![0.5, 0.0]);
+        let agg = r.aggregate.iter().find(|a| a.agent == "raster").unwrap();
+        assert_eq!(agg.iqm, 0.5);
+        assert_eq!(agg.mean, 0.75);
+        assert_eq!(agg.runs, 4);
+        assert_eq!(agg.profile, vec![0.75, 0.25]);
+        assert!(agg.iqm_ci[0] <= 0.5 && 0.5 <= agg.iqm_ci[1]);
+        // The references normalize to means of exactly 0 and 1.
+        let rand_a = &r.tasks[0].agents[0];
+        assert_eq!(rand_a.normalized, vec![-0.25, 0.25]);
+        assert_eq!(r.tasks[1].agents[1].normalized_mean, 1.0);
+        // A task without a reference is an error.
+        let e = score(
+            &file,
+            &sel,
+            "",
+            &BuildInfo::default(),
+            vec![fake("C", "raster", &[1.0])],
+            vec![],
+        );
+        assert!(e.unwrap_err().to_string().contains("reference"));
+    }
+
+    #[test]
+    fn a_small_suite_runs_and_is_deterministic() {
+        let text = SUITE_V1.replace("episodes = 4", "episodes = 1");
+        let sel = Selection {
+            budget: "small".into(),
+            agents: vec!["raster".into()],
+            tasks: vec!["StemSparseScan".into(), "AfmFeedbackTuning".into()],
+        };
+        let t = std::time::Instant::now();
+        let mut notes = Vec::new();
+        let a = run_suite(&text, &sel, &BuildInfo::default(), &mut |_| {}, &mut |s| {
+            notes.push(s.clone())
+        })
+        .unwrap();
+        println!("2-task suite in {:.2} s", t.elapsed().as_secs_f64());
+        let b = run_suite(&text, &sel, &BuildInfo::default(), &mut |_| {}, &mut |_| {}).unwrap();
+        assert_eq!(a, b);
+        assert_eq!(a.tasks.len(), 2);
+        assert_eq!(a.aggregate.len(), 3);
+        assert!(notes.is_empty());
+        let h = a.aggregate.iter().find(|x| x.agent == "heuristic").unwrap();
+        // The heuristic's normalized task means are exactly 1.
+        for t in &a.tasks {
+            let m = t
+                .agents
+                .iter()
+                .find(|x| x.agent == "heuristic")
+                .unwrap()
+                .normalized_mean;
+            assert!((m - 1.0).abs() < 1e-12, "{m}");
+        }
+        assert_eq!(h.runs, 10);
+    }
+}

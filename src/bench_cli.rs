@@ -1,0 +1,317 @@
+//! `scopegym run` and `scopegym suite`: agents on tasks over seeds, and the scored benchmark
+//! suite. The protocol lives in `scopegym_agents::bench`; this module parses, shows progress,
+//! writes the files and prints the tables.
+
+use crate::plots;
+use indicatif::{ProgressBar, ProgressStyle};
+use scopegym::error::CliError;
+use scopegym_agents::bench::suite::{SUITE_V1, Selection, Skipped, SuiteProgress, SuiteResults};
+use scopegym_agents::bench::{BuildInfo, RunProgress, RunResults, RunSpec, run_agent, run_suite};
+use std::path::{Path, PathBuf};
+
+fn build() -> BuildInfo {
+    BuildInfo {
+        version: scopegym::VERSION.into(),
+        commit: scopegym::GIT_COMMIT.into(),
+    }
+}
+
+fn bar(total: u64, what: &str) -> ProgressBar {
+    let b = ProgressBar::new(total.max(1));
+    b.set_style(
+        ProgressStyle::with_template(&format!(
+            "{{spinner}} {what} {{bar:40}} {{pos}}/{{len}} env steps ({{msg}}, {{eta}})"
+        ))
+        .expect("valid template"),
+    );
+    b
+}
+
+fn read_toml(path: &Path, argument: &str) -> Result<toml::Value, CliError> {
+    let text = std::fs::read_to_string(path).map_err(|source| CliError::Io {
+        path: path.into(),
+        source,
+    })?;
+    let v: toml::Table = toml::from_str(&text).map_err(|e| CliError::Argument {
+        argument: argument.into(),
+        message: format!("{}: {e}", path.display()),
+    })?;
+    Ok(toml::Value::Table(v))
+}
+
+fn make_dir(dir: &Path) -> Result<(), CliError> {
+    std::fs::create_dir_all(dir).map_err(|source| CliError::Io {
+        path: dir.into(),
+        source,
+    })
+}
+
+fn write_json<T: serde::Serialize>(path: &Path, v: &T) -> Result<(), CliError> {
+    let text = serde_json::to_string_pretty(v).map_err(|e| CliError::Io {
+        path: path.into(),
+        source: std::io::Error::other(e),
+    })?;
+    std::fs::write(path, text + "\n").map_err(|source| CliError::Io {
+        path: path.into(),
+        source,
+    })
+}
+
+/// What `scopegym run <env-id>` runs.
+#[derive(Debug)]
+pub struct RunOptions<'a> {
+    /// Task id.
+    pub env_id: &'a str,
+    /// Agent name.
+    pub agent: &'a str,
+    /// Seeds 0..N.
+    pub seeds: u64,
+    /// Training env steps per seed (learning agents).
+    pub steps: Option<u64>,
+    /// Evaluation episodes per seed.
+    pub episodes: Option<usize>,
+    /// Agent config file (TOML).
+    pub config: Option<&'a Path>,
+    /// Task config overrides file (TOML).
+    pub env_config: Option<&'a Path>,
+    /// Difficulty.
+    pub difficulty: &'a str,
+    /// Split.
+    pub split: &'a str,
+    /// Output folder.
+    pub out: &'a Path,
+}
+
+/// `scopegym run <env-id> --agent <name> ...`.
+pub fn run(o: &RunOptions<'_>) -> Result<(), CliError> {
+    if !(1..=10_000).contains(&o.seeds) {
+        return Err(CliError::Argument {
+            argument: "--seeds".into(),
+            message: format!("must be 1..=10000, got {}", o.seeds),
+        });
+    }
+    let spec_entry = scopegym_agents::registry::spec(o.agent)?;
+    let mut spec = RunSpec::new(o.env_id, o.agent);
+    spec.seeds = (0..o.seeds).collect();
+    if let Some(e) = o.episodes {
+        spec.episodes = e;
+    }
+    if let Some(s) = o.steps {
+        if !spec_entry.learns {
+            eprintln!(
+                "note: --steps is the training budget of learning agents; {} does not learn",
+                o.agent
+            );
+        }
+        spec.train_steps = s;
+    }
+    spec.agent_config = o.config.map(|p| read_toml(p, "--config")).transpose()?;
+    spec.env_config = o
+        .env_config
+        .map(|p| read_toml(p, "--env-config"))
+        .transpose()?;
+    spec.difficulty = o.difficulty.into();
+    spec.split = o.split.into();
+    spec.build = build();
+    make_dir(o.out)?;
+    let b = bar(0, &format!("{} on {}", o.agent, o.env_id));
+    let r = run_agent(&spec, &mut |p: RunProgress| {
+        b.set_length(p.total.max(1));
+        b.set_position(p.done);
+        b.set_message(format!("seed {}", p.seed));
+    })?;
+    b.finish_and_clear();
+    let results = o.out.join("results.json");
+    write_json(&results, &r)?;
+    let curves = o.out.join("curves.png");
+    plots::write_panels(
+        &curves,
+        &plots::run_panels(&r),
+        &format!(
+            "{} on {} ({} seeds, {} split, {})",
+            r.agent,
+            r.env_id,
+            r.seeds.len(),
+            r.provenance.split,
+            r.provenance.difficulty
+        ),
+    )?;
+    print_run(&r);
+    eprintln!("wrote {} and {}", results.display(), curves.display());
+    Ok(())
+}
+
+fn print_run(r: &RunResults) {
+    println!("{} on {}", r.agent, r.env_id);
+    println!(
+        "{:>6} {:>12} {:>8} {:>10} {:>9}",
+        "seed", "return", "success", "steps", "episodes"
+    );
+    for s in &r.per_seed {
+        println!(
+            "{:>6} {:>12.4} {:>8.2} {:>10} {:>9}",
+            s.seed,
+            s.return_mean,
+            s.success_rate,
+            s.steps,
+            s.episodes.len()
+        );
+    }
+    println!(
+        "mean return {:.4} ± {:.4} (95 % interval over {} seeds), success rate {:.2}",
+        r.summary.return_mean,
+        r.summary.return_ci95,
+        r.seeds.len(),
+        r.summary.success_rate
+    );
+}
+
+/// `scopegym run --compare <dir>...`: a table and `compare.png` in `out`.
+pub fn compare(dirs: &[PathBuf], out: &Path) -> Result<(), CliError> {
+    let mut runs = Vec::new();
+    for d in dirs {
+        let path = d.join("results.json");
+        let text = std::fs::read_to_string(&path).map_err(|source| CliError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        let r: RunResults = serde_json::from_str(&text).map_err(|e| CliError::Argument {
+            argument: "--compare".into(),
+            message: format!(
+                "{}: not a results.json of scopegym run: {e}",
+                path.display()
+            ),
+        })?;
+        runs.push(r);
+    }
+    println!(
+        "{:<40} {:<12} {:>6} {:>22} {:>8}",
+        "task", "agent", "seeds", "return (95 % interval)", "success"
+    );
+    for r in &runs {
+        println!(
+            "{:<40} {:<12} {:>6} {:>22} {:>8.2}",
+            r.env_id,
+            r.agent,
+            r.seeds.len(),
+            format!(
+                "{:.4} ± {:.4}",
+                r.summary.return_mean, r.summary.return_ci95
+            ),
+            r.summary.success_rate
+        );
+    }
+    make_dir(out)?;
+    let png = out.join("compare.png");
+    plots::write_compare(&png, &runs)?;
+    eprintln!("wrote {}", png.display());
+    Ok(())
+}
+
+/// What `scopegym suite` runs.
+#[derive(Debug)]
+pub struct SuiteOptions<'a> {
+    /// `small` or `full` (or another budget of the file).
+    pub budget: &'a str,
+    /// Output folder.
+    pub out: &'a Path,
+    /// Only these agents (references always run).
+    pub agents: &'a [String],
+    /// Only these tasks.
+    pub tasks: &'a [String],
+    /// A suite file instead of the embedded `suite/suite-v1.toml`.
+    pub suite: Option<&'a Path>,
+}
+
+/// `scopegym suite --budget <b> --out <dir>`.
+pub fn suite(o: &SuiteOptions<'_>) -> Result<(), CliError> {
+    let text = match o.suite {
+        None => SUITE_V1.to_string(),
+        Some(p) => std::fs::read_to_string(p).map_err(|source| CliError::Io {
+            path: p.into(),
+            source,
+        })?,
+    };
+    let sel = Selection {
+        budget: o.budget.into(),
+        agents: o.agents.to_vec(),
+        tasks: o.tasks.to_vec(),
+    };
+    make_dir(o.out)?;
+    let b = bar(0, "suite");
+    let t0 = std::time::Instant::now();
+    let res = run_suite(
+        &text,
+        &sel,
+        &build(),
+        &mut |p: SuiteProgress<'_>| {
+            b.set_length(p.total.max(1));
+            b.set_position(p.done);
+            b.set_message(format!(
+                "{} on {}",
+                p.agent,
+                p.task.trim_start_matches("scopegym/")
+            ));
+        },
+        &mut |s: &Skipped| {
+            b.suspend(|| eprintln!("note: skipping {} on {}: {}", s.agent, s.task, s.reason))
+        },
+    )?;
+    b.finish_and_clear();
+    let json = o.out.join("suite.json");
+    write_json(&json, &res)?;
+    let png = o.out.join("suite.png");
+    plots::write_suite(&png, &res)?;
+    print_suite(&res);
+    eprintln!(
+        "wrote {} and {} in {:.1} s",
+        json.display(),
+        png.display(),
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn print_suite(s: &SuiteResults) {
+    let agents: Vec<&str> = s.aggregate.iter().map(|a| a.agent.as_str()).collect();
+    println!(
+        "{} v{}, budget {}, {} split, {}: normalized scores (random 0, heuristic 1; mean over seeds)",
+        s.suite.name, s.suite.version, s.suite.budget, s.suite.split, s.suite.difficulty
+    );
+    print!("{:<34}", "task");
+    for a in &agents {
+        print!(" {a:>10}");
+    }
+    println!();
+    for t in &s.tasks {
+        print!("{:<34}", t.id.trim_start_matches("scopegym/"));
+        for a in &agents {
+            match t.agents.iter().find(|x| x.agent == *a) {
+                Some(x) => print!(
+                    " {:>10}",
+                    format!("{:.3}", x.normalized_mean).replace("-0.000", "0.000")
+                ),
+                None => print!(" {:>10}", "-"),
+            }
+        }
+        println!();
+    }
+    println!(
+        "{:<12} {:>6} {:>6} {:>8} {:>22} {:>8}",
+        "agent", "tasks", "runs", "IQM", "95 % CI (bootstrap)", "mean"
+    );
+    for a in &s.aggregate {
+        println!(
+            "{:<12} {:>6} {:>6} {:>8.3} {:>22} {:>8.3}",
+            a.agent,
+            a.tasks.len(),
+            a.runs,
+            a.iqm,
+            format!("[{:.3}, {:.3}]", a.iqm_ci[0], a.iqm_ci[1]),
+            a.mean
+        );
+    }
+    for k in &s.skipped {
+        println!("skipped: {} on {}: {}", k.agent, k.task, k.reason);
+    }
+}
