@@ -27,7 +27,7 @@
 
 use crate::acquisition::Acquisition;
 use crate::error::{AgentError, Result};
-use crate::gp::{Constant, Gp, GpConfig, Hyperparameters, Kernel, MeanFunction, PredictWorkspace};
+use crate::gp::{Constant, Gp, GpConfig, Kernel, MeanFunction, PredictWorkspace, Refitter};
 use rand::Rng;
 use rand::seq::SliceRandom;
 use scopegym_envs::rng::SimRng;
@@ -145,9 +145,8 @@ pub struct BayesOpt {
     design: Vec<Vec<f64>>,
     next_design: usize,
     rng: SimRng,
-    hyp: Option<Hyperparameters>,
+    refitter: Refitter,
     gp: Option<Gp>,
-    n_fits: usize,
     ws: PredictWorkspace,
 }
 
@@ -176,8 +175,10 @@ impl BayesOpt {
             .into_iter()
             .map(|u| from_unit(bounds, &u))
             .collect();
+        let refitter = Refitter::new(config.gp_config(), config.refit_every);
         Ok(Self {
             config,
+            refitter,
             bounds: bounds.to_vec(),
             mean: Arc::new(Constant),
             x: Vec::new(),
@@ -185,9 +186,7 @@ impl BayesOpt {
             design,
             next_design: 0,
             rng,
-            hyp: None,
             gp: None,
-            n_fits: 0,
             ws: PredictWorkspace::default(),
         })
     }
@@ -195,7 +194,7 @@ impl BayesOpt {
     /// Uses a parametric GP mean (the structured GP) instead of the constant.
     pub fn with_mean(mut self, mean: Arc<dyn MeanFunction>) -> Self {
         self.mean = mean;
-        self.hyp = None;
+        self.refitter.reset();
         self.gp = None;
         self
     }
@@ -245,19 +244,9 @@ impl BayesOpt {
                 return Err(AgentError::arg("observations", "no data to fit"));
             }
             let seed = self.config.seed ^ (self.x.len() as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-            let cold = self.config.refit_every > 0 && self.n_fits % self.config.refit_every == 0;
-            let warm = if cold { None } else { self.hyp.as_ref() };
-            let gp = Gp::fit_with_mean(
-                &self.config.gp_config(),
-                self.mean.clone(),
-                &self.bounds,
-                &self.x,
-                &self.y,
-                warm,
-                seed,
-            )?;
-            self.n_fits += 1;
-            self.hyp = Some(gp.hyperparameters().clone());
+            let gp = self
+                .refitter
+                .fit(self.mean.clone(), &self.bounds, &self.x, &self.y, seed)?;
             self.gp = Some(gp);
         }
         Ok(self.gp.as_ref().expect("fitted above"))

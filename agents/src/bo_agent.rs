@@ -33,11 +33,13 @@
 use crate::acquisition::Acquisition;
 use crate::agent::Agent;
 use crate::error::{AgentError, Result};
+use crate::gp::{Constant, Gp, GpConfig, Kernel, MeanFunction, Quadratic, Refitter};
 use rand::Rng;
 use scopegym_envs::rng::{SimRng, seeded};
 use scopegym_envs::tasks::stem_autofocus::normalized_variance;
 use scopegym_envs::{Env, Space, Value};
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 
 /// What the task adapters ask of a surrogate model: fit to data, then the posterior mean and
 /// standard deviation at candidates, and a joint posterior draw (Thompson sampling).
@@ -48,6 +50,85 @@ pub trait Surrogate: Send + std::fmt::Debug {
     fn predict(&self, x: &[Vec<f64>]) -> Result<(Vec<f64>, Vec<f64>)>;
     /// One joint posterior draw at `x`.
     fn sample(&self, x: &[Vec<f64>], rng: &mut SimRng) -> Result<Vec<f64>>;
+}
+
+/// The GP surrogate of the `bo` (constant mean) and `sgp` (quadratic peak mean) agents: an
+/// exact [`Gp`] on the unit cube, its hyperparameters refitted at every call (warm-started from
+/// the previous fit, a cold fit with random restarts every tenth, see [`Refitter`]).
+#[derive(Debug)]
+pub struct GpSurrogate {
+    refitter: Refitter,
+    mean: Arc<dyn MeanFunction>,
+    dim: usize,
+    seed: u64,
+    fits: u64,
+    gp: Option<Gp>,
+}
+
+impl GpSurrogate {
+    /// A GP with the given kernel and mean on `[0, 1]^dim`.
+    pub fn new(kernel: Kernel, mean: Arc<dyn MeanFunction>, dim: usize, seed: u64) -> Self {
+        let config = GpConfig {
+            kernel,
+            ..GpConfig::default()
+        };
+        Self {
+            refitter: Refitter::new(config, 10),
+            mean,
+            dim,
+            seed,
+            fits: 0,
+            gp: None,
+        }
+    }
+
+    /// The [`ModelFactory`] of the `bo` and `sgp` agents: a constant mean, or with
+    /// `structured` the quadratic peak `a − Σ bᵢ (uᵢ − cᵢ)²`.
+    pub fn factory(
+        dim: usize,
+        structured: bool,
+        cfg: &BoAgentConfig,
+        seed: u64,
+    ) -> Result<Box<dyn Surrogate>> {
+        let mean: Arc<dyn MeanFunction> = if structured {
+            Arc::new(Quadratic { dim })
+        } else {
+            Arc::new(Constant)
+        };
+        Ok(Box::new(Self::new(cfg.kernel, mean, dim, seed)))
+    }
+
+    /// The fitted GP (after [`Surrogate::fit`]).
+    pub fn gp(&self) -> Option<&Gp> {
+        self.gp.as_ref()
+    }
+
+    fn fitted(&self) -> Result<&Gp> {
+        self.gp
+            .as_ref()
+            .ok_or_else(|| AgentError::arg("surrogate", "predict before fit"))
+    }
+}
+
+impl Surrogate for GpSurrogate {
+    fn fit(&mut self, x: &[Vec<f64>], y: &[f64]) -> Result<()> {
+        let bounds = vec![(0.0, 1.0); self.dim];
+        let seed = self.seed.wrapping_add(self.fits);
+        self.gp = Some(self.refitter.fit(self.mean.clone(), &bounds, x, y, seed)?);
+        self.fits += 1;
+        Ok(())
+    }
+
+    fn predict(&self, x: &[Vec<f64>]) -> Result<(Vec<f64>, Vec<f64>)> {
+        Ok(self.fitted()?.predict(x))
+    }
+
+    fn sample(&self, x: &[Vec<f64>], rng: &mut SimRng) -> Result<Vec<f64>> {
+        let mut draws = self.fitted()?.sample_joint(x, 1, rng)?;
+        draws
+            .pop()
+            .ok_or_else(|| AgentError::numerical("GP sample", "no draw"))
+    }
 }
 
 /// The index of the candidate with the best acquisition (ties: the first).
@@ -91,6 +172,8 @@ fn argmax(v: &[f64]) -> usize {
 pub struct BoAgentConfig {
     /// The acquisition function. Default LogEI.
     pub acquisition: Acquisition,
+    /// The GP kernel (`matern52` or `rbf`). Default Matérn-5/2.
+    pub kernel: Kernel,
     /// The improvement margin ξ of EI, LogEI and PI, in the units of the modelled quantity.
     /// Default 0.
     pub xi: f64,
@@ -120,6 +203,7 @@ impl Default for BoAgentConfig {
     fn default() -> Self {
         Self {
             acquisition: Acquisition::LogEi,
+            kernel: Kernel::Matern52,
             xi: 0.0,
             n_initial: None,
             candidates: 1000,
@@ -243,7 +327,8 @@ pub struct BoAgent {
 
 /// Builds the surrogate for inputs of dimension `dim`; `structured` asks for the physical
 /// (quadratic peak) mean.
-pub type ModelFactory = fn(dim: usize, structured: bool, seed: u64) -> Result<Box<dyn Surrogate>>;
+pub type ModelFactory =
+    fn(dim: usize, structured: bool, cfg: &BoAgentConfig, seed: u64) -> Result<Box<dyn Surrogate>>;
 
 impl BoAgent {
     /// A `bo` (`structured = false`) or `sgp` agent with models from `factory`.
@@ -272,6 +357,12 @@ impl BoAgent {
             last_action: Vec::new(),
             factory,
         })
+    }
+
+    /// A `bo` or `sgp` agent with the GP surrogate from a TOML config (`None`: the defaults).
+    pub fn from_toml(config: Option<&toml::Value>, structured: bool, seed: u64) -> Result<Self> {
+        let cfg: BoAgentConfig = crate::error::parse_config(config)?;
+        Self::new(cfg, structured, seed, GpSurrogate::factory)
     }
 
     fn n_initial(&self) -> usize {
@@ -486,7 +577,12 @@ impl Agent for BoAgent {
         };
         self.mode = Some(mode);
         self.rng = seeded(self.seed ^ seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
-        self.model = Some((self.factory)(dim, self.structured, seed ^ self.seed)?);
+        self.model = Some((self.factory)(
+            dim,
+            self.structured,
+            &self.cfg,
+            seed ^ self.seed,
+        )?);
         self.xs.clear();
         self.ys.clear();
         self.steps = 0;
@@ -610,7 +706,12 @@ mod tests {
         }
     }
 
-    fn idw(_dim: usize, _structured: bool, _seed: u64) -> Result<Box<dyn Surrogate>> {
+    fn idw(
+        _dim: usize,
+        _structured: bool,
+        _cfg: &BoAgentConfig,
+        _seed: u64,
+    ) -> Result<Box<dyn Surrogate>> {
         Ok(Box::new(Idw::default()))
     }
 

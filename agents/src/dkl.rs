@@ -181,18 +181,7 @@ impl DklConfig {
 
     /// Reads a TOML table (`None`: the defaults) and validates it.
     pub fn from_toml(config: Option<&toml::Value>) -> Result<Self> {
-        let cfg: Self = match config {
-            None => Self::default(),
-            Some(v) => serde_path_to_error::deserialize(v.clone()).map_err(
-                |e: serde_path_to_error::Error<toml::de::Error>| {
-                    let path = e.path().to_string();
-                    AgentError::config(
-                        if path == "." { "config".into() } else { path },
-                        e.inner().to_string(),
-                    )
-                },
-            )?,
-        };
+        let cfg: Self = crate::error::parse_config(config)?;
         cfg.validate()?;
         Ok(cfg)
     }

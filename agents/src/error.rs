@@ -107,3 +107,18 @@ impl From<tch::TchError> for AgentError {
 
 /// Result with [`AgentError`].
 pub type Result<T> = std::result::Result<T, AgentError>;
+
+/// Parses an agent config (a TOML table; `None` for the defaults), naming the offending
+/// field on error.
+pub(crate) fn parse_config<T: serde::de::DeserializeOwned + Default>(
+    config: Option<&toml::Value>,
+) -> Result<T> {
+    let Some(v) = config else {
+        return Ok(T::default());
+    };
+    serde_path_to_error::deserialize(v.clone()).map_err(|e| {
+        let path = e.path().to_string();
+        let field = if path == "." { "config".into() } else { path };
+        AgentError::config(field, e.into_inner().to_string())
+    })
+}

@@ -14,8 +14,8 @@
 
 pub mod acquisition;
 pub mod agent;
-pub mod bo;
 pub mod bench;
+pub mod bo;
 pub mod bo_agent;
 #[cfg(feature = "torch")]
 pub mod dkl;

@@ -9,6 +9,7 @@
 //! ```
 
 use crate::agent::Agent;
+use crate::bo_agent::BoAgent;
 use crate::error::{AgentError, Result};
 use crate::floors::{HeuristicAgent, RandomAgent, RasterAgent};
 use scopegym_envs::Env;
@@ -53,19 +54,21 @@ fn missing_torch(agent: &str) -> AgentError {
 pub const AGENTS: &[AgentSpec] = &[
     AgentSpec { name: "random", description: "uniform random actions", learns: false, make: |_, c, _| { no_config("random", c)?; Ok(Box::new(RandomAgent::default())) } },
     AgentSpec { name: "raster", description: "raster (grid) sampling of the action space", learns: false, make: |_, c, _| { no_config("raster", c)?; Ok(Box::new(RasterAgent::default())) } },
-    #[cfg(feature = "torch")] AgentSpec { name: "dkl", description: "deep kernel learning (MLP on image patches under an RBF GP) for the explore tasks", learns: false, make: crate::dkl::DklAgent::make },
-    #[cfg(not(feature = "torch"))] AgentSpec { name: "dkl", description: "deep kernel learning (needs the torch feature)", learns: false, make: |_, _, _| Err(AgentError::MissingFeature { agent: "dkl".into(), feature: "torch".into() }) },
     AgentSpec { name: "heuristic", description: "the task's expert rule of thumb", learns: false, make: |_, c, _| { no_config("heuristic", c)?; Ok(Box::new(HeuristicAgent)) } },
+    AgentSpec { name: "bo", description: "GP Bayesian optimization (constant mean) of grid points or instrument settings", learns: false, make: |_, c, s| Ok(Box::new(BoAgent::from_toml(c, false, s)?)) },
+    AgentSpec { name: "sgp", description: "structured GP: BO whose GP mean is a physical peak model of the settings", learns: false, make: |_, c, s| Ok(Box::new(BoAgent::from_toml(c, true, s)?)) },
+    #[cfg(feature = "torch")] AgentSpec { name: "dkl", description: "deep kernel learning (MLP on image patches under an RBF GP) for the explore tasks", learns: false, make: crate::dkl::DklAgent::make },
+    #[cfg(not(feature = "torch"))] AgentSpec { name: "dkl", description: "deep kernel learning (needs feature torch)", learns: false, make: |_, _, _| Err(missing_torch("dkl")) },
     #[cfg(feature = "torch")]
     AgentSpec { name: "ppo", description: "PPO with CleanRL's defaults (libtorch)", learns: true, make: |e, c, s| Ok(Box::new(crate::rl::PpoAgent::from_toml(e, c, s)?)) },
-    #[cfg(feature = "torch")]
-    AgentSpec { name: "reinforce", description: "REINFORCE with a learned value baseline (libtorch)", learns: true, make: |e, c, s| Ok(Box::new(crate::rl::ReinforceAgent::from_toml(e, c, s)?)) },
-    #[cfg(feature = "torch")]
-    AgentSpec { name: "torchscript", description: "a TorchScript policy file (config: policy = \"file.pt\")", learns: false, make: |e, c, _| Ok(Box::new(crate::rl::TorchScriptAgent::from_toml(e, c)?)) },
     #[cfg(not(feature = "torch"))]
     AgentSpec { name: "ppo", description: "PPO with CleanRL's defaults (needs feature torch)", learns: true, make: |_, _, _| Err(missing_torch("ppo")) },
+    #[cfg(feature = "torch")]
+    AgentSpec { name: "reinforce", description: "REINFORCE with a learned value baseline (libtorch)", learns: true, make: |e, c, s| Ok(Box::new(crate::rl::ReinforceAgent::from_toml(e, c, s)?)) },
     #[cfg(not(feature = "torch"))]
     AgentSpec { name: "reinforce", description: "REINFORCE with a learned value baseline (needs feature torch)", learns: true, make: |_, _, _| Err(missing_torch("reinforce")) },
+    #[cfg(feature = "torch")]
+    AgentSpec { name: "torchscript", description: "a TorchScript policy file (config: policy = \"file.pt\")", learns: false, make: |e, c, _| Ok(Box::new(crate::rl::TorchScriptAgent::from_toml(e, c)?)) },
     #[cfg(not(feature = "torch"))]
     AgentSpec { name: "torchscript", description: "a TorchScript policy file (needs feature torch)", learns: false, make: |_, _, _| Err(missing_torch("torchscript")) },
 ];

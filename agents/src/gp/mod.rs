@@ -529,6 +529,57 @@ fn run_lbfgs(obj: &Objective, x0: Vec<f64>, max_iters: u64) {
         .run();
 }
 
+/// Repeated fits to a growing data set: each fit starts from the previous fit's
+/// hyperparameters (plus [`GpConfig::warm_restarts`] random starts), except every
+/// `refit_every`-th fit, which starts afresh (the default start plus [`GpConfig::restarts`]) so
+/// that a stale local optimum of the likelihood is left. `refit_every = 0`: only the first fit
+/// is cold.
+#[derive(Debug, Clone)]
+pub struct Refitter {
+    /// The fit settings.
+    pub config: GpConfig,
+    /// Every this many fits, a cold fit.
+    pub refit_every: usize,
+    n_fits: usize,
+    last: Option<Hyperparameters>,
+}
+
+impl Refitter {
+    /// No fit yet (the first is cold).
+    pub fn new(config: GpConfig, refit_every: usize) -> Self {
+        Self {
+            config,
+            refit_every,
+            n_fits: 0,
+            last: None,
+        }
+    }
+
+    /// Forgets the previous hyperparameters (the next fit is cold).
+    pub fn reset(&mut self) {
+        self.n_fits = 0;
+        self.last = None;
+    }
+
+    /// Fits a GP with `mean` to `(x, y)` in `bounds` (see [`Gp::fit_with_mean`]).
+    pub fn fit(
+        &mut self,
+        mean: Arc<dyn MeanFunction>,
+        bounds: &[(f64, f64)],
+        x: &[Vec<f64>],
+        y: &[f64],
+        seed: u64,
+    ) -> Result<Gp> {
+        let cold = self.n_fits == 0
+            || (self.refit_every > 0 && self.n_fits.is_multiple_of(self.refit_every));
+        let warm = if cold { None } else { self.last.as_ref() };
+        let gp = Gp::fit_with_mean(&self.config, mean, bounds, x, y, warm, seed)?;
+        self.n_fits += 1;
+        self.last = Some(gp.hyperparameters().clone());
+        Ok(gp)
+    }
+}
+
 impl Gp {
     /// Fits the hyperparameters (maximum a posteriori, see the module docs) with the constant
     /// mean and conditions on the data. `warm`: the previous fit's hyperparameters, used as the

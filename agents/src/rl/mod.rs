@@ -66,18 +66,4 @@ pub use ppo::{PpoAgent, PpoConfig};
 pub use reinforce::{ReinforceAgent, ReinforceConfig};
 pub use torchscript::{TorchScriptAgent, TorchScriptConfig};
 
-use crate::error::{AgentError, Result};
-
-/// Parses an agent config (a TOML table; `None` for the defaults), naming the offending
-/// field on error.
-pub(crate) fn parse_config<T: serde::de::DeserializeOwned + Default>(
-    config: Option<&toml::Value>,
-) -> Result<T> {
-    let Some(v) = config else {
-        return Ok(T::default());
-    };
-    serde_path_to_error::deserialize(v.clone()).map_err(|e| {
-        let path = e.path().to_string();
-        AgentError::config(path, e.into_inner().to_string())
-    })
-}
+pub(crate) use crate::error::parse_config;
