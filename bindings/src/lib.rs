@@ -7,6 +7,7 @@
 //! - [`NativeVectorEnv`]: the engine's vector env; each step is one call that releases the GIL
 //!   and writes observations, rewards and flags straight into fresh NumPy arrays.
 //! - [`NativeRecorder`]: the engine's Minari-compatible dataset writer.
+//! - [`BayesOpt`]: the agents' ask/tell Bayesian optimizer (`scopegym.bo.minimize`).
 //!
 //! Engine errors become the exception classes of `scopegym._errors` (rooted at
 //! `ScopegymError`); a Rust panic is caught and raised as `NativePanic`, never aborting the
@@ -19,6 +20,10 @@
 use numpy::{PyArray1, PyArray2, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyType};
+use scopegym_agents::AgentError;
+use scopegym_agents::acquisition::Acquisition;
+use scopegym_agents::bo::{BayesOpt as RustBayesOpt, BoConfig};
+use scopegym_agents::gp::Kernel;
 use scopegym_envs::record::{Episode, RecordError, Recorder, reference_scores};
 use scopegym_envs::registry::{TASKS, make};
 use scopegym_envs::tasks::merge_toml;
@@ -31,6 +36,7 @@ use std::sync::{Mutex, MutexGuard};
 /// An error on the Rust side, before it becomes a Python exception.
 enum Failure {
     Env(EnvError),
+    Agent(AgentError),
     Record(RecordError),
     Panic(String),
 }
@@ -38,6 +44,15 @@ enum Failure {
 impl From<EnvError> for Failure {
     fn from(e: EnvError) -> Self {
         Self::Env(e)
+    }
+}
+
+impl From<AgentError> for Failure {
+    fn from(e: AgentError) -> Self {
+        match e {
+            AgentError::Env(e) => Self::Env(e),
+            e => Self::Agent(e),
+        }
     }
 }
 
@@ -70,6 +85,15 @@ impl Failure {
                     EnvError::NeedsReset(_) => "ResetNeeded",
                     EnvError::InvalidArgument { .. } => "InvalidArgument",
                     EnvError::Physics(_) => "PhysicsError",
+                };
+                (class, e.to_string())
+            }
+            Self::Agent(e) => {
+                let class = match &e {
+                    AgentError::InvalidConfig { .. } => "InvalidConfig",
+                    AgentError::InvalidArgument { .. } => "InvalidArgument",
+                    AgentError::Io { .. } => "DatasetError",
+                    _ => "ScopegymError",
                 };
                 (class, e.to_string())
             }
@@ -835,6 +859,89 @@ impl NativeRecorder {
     }
 }
 
+/// The ask/tell Bayesian optimizer of `scopegym-agents` (maximization; `scopegym.bo.minimize`
+/// negates): an exact GP with hyperparameters refitted by maximum marginal likelihood, a Latin
+/// hypercube of `n_initial` points first, then the acquisition's maximizer.
+#[pyclass(module = "scopegym._native", frozen)]
+struct BayesOpt {
+    bo: Mutex<RustBayesOpt>,
+}
+
+#[pymethods]
+impl BayesOpt {
+    /// `bounds`: one `(low, high)` per dimension; `acquisition`: `ei`, `logei`, `ucb`, `pi`,
+    /// `maxuncertainty` or `thompson`; `kernel`: `matern52` or `rbf`; `xi`: the improvement
+    /// margin of EI, LogEI and PI (output units); `beta`: UCB's β.
+    #[new]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        py: Python<'_>,
+        bounds: Vec<(f64, f64)>,
+        n_initial: usize,
+        acquisition: &str,
+        seed: u64,
+        kernel: &str,
+        xi: f64,
+        beta: f64,
+    ) -> PyResult<Self> {
+        let bo = native(py, || {
+            let mut acquisition = Acquisition::parse(acquisition).ok_or_else(|| {
+                AgentError::arg(
+                    "acquisition",
+                    format!(
+                        "unknown {acquisition:?}; known: ei, logei, ucb, pi, maxuncertainty, \
+                         thompson"
+                    ),
+                )
+            })?;
+            if let Acquisition::Ucb { beta: b } = &mut acquisition {
+                *b = beta;
+            }
+            let kernel = match kernel.to_ascii_lowercase().as_str() {
+                "matern52" | "matern" => Kernel::Matern52,
+                "rbf" => Kernel::Rbf,
+                k => {
+                    return Err(AgentError::arg(
+                        "kernel",
+                        format!("unknown {k:?}; known: matern52, rbf"),
+                    )
+                    .into());
+                }
+            };
+            let config = BoConfig {
+                kernel,
+                acquisition,
+                n_initial,
+                xi,
+                seed,
+                ..BoConfig::default()
+            };
+            Ok(RustBayesOpt::new(&bounds, config)?)
+        })?;
+        Ok(Self { bo: Mutex::new(bo) })
+    }
+
+    /// The next point to evaluate.
+    fn ask(&self, py: Python<'_>) -> PyResult<Vec<f64>> {
+        native(py, || {
+            let mut pts = lock(&self.bo).ask()?;
+            pts.pop()
+                .ok_or_else(|| AgentError::numerical("ask", "no point suggested").into())
+        })
+    }
+
+    /// Records `y = f(x)` (to be maximized).
+    fn tell(&self, py: Python<'_>, x: Vec<f64>, y: f64) -> PyResult<()> {
+        native(py, || Ok(lock(&self.bo).tell(x, y)?))
+    }
+
+    /// Observations so far.
+    #[getter]
+    fn n_observations(&self) -> usize {
+        lock(&self.bo).observations().1.len()
+    }
+}
+
 /// The extension module.
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -844,5 +951,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<NativeEnv>()?;
     m.add_class::<NativeVectorEnv>()?;
     m.add_class::<NativeRecorder>()?;
+    m.add_class::<BayesOpt>()?;
     Ok(())
 }

@@ -18,7 +18,7 @@ from typing import Any
 
 import gymnasium as gym
 
-from . import _native
+from . import _native, bo
 from ._errors import (
     DatasetError,
     InvalidAction,
@@ -41,6 +41,7 @@ __all__ = [
     "ScopegymVectorEnv",
     "make",
     "make_vec",
+    "bo",
     "record",
     "task_ids",
     "ScopegymError",

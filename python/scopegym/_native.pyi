@@ -7,7 +7,7 @@ from typing import final
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["__version__", "task_specs", "_panic_for_test", "NativeEnv", "NativeVectorEnv", "NativeRecorder"]
+__all__ = ["__version__", "task_specs", "_panic_for_test", "NativeEnv", "NativeVectorEnv", "NativeRecorder", "BayesOpt"]
 
 __version__: str
 
@@ -112,3 +112,22 @@ class NativeRecorder:
     ) -> None: ...
     @staticmethod
     def repair(dir: str | PathLike[str]) -> str: ...
+
+@final
+class BayesOpt:
+    """The Rust ask/tell Bayesian optimizer (maximizes; see :func:`scopegym.bo.minimize`)."""
+
+    def __new__(
+        cls,
+        bounds: Sequence[tuple[float, float]],
+        n_initial: int,
+        acquisition: str,
+        seed: int,
+        kernel: str,
+        xi: float,
+        beta: float,
+    ) -> BayesOpt: ...
+    def ask(self) -> list[float]: ...
+    def tell(self, x: Sequence[float], y: float) -> None: ...
+    @property
+    def n_observations(self) -> int: ...

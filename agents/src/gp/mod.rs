@@ -570,8 +570,8 @@ impl Refitter {
         y: &[f64],
         seed: u64,
     ) -> Result<Gp> {
-        let cold = self.n_fits == 0
-            || (self.refit_every > 0 && self.n_fits.is_multiple_of(self.refit_every));
+        let cold =
+            self.n_fits == 0 || (self.refit_every > 0 && self.n_fits % self.refit_every == 0);
         let warm = if cold { None } else { self.last.as_ref() };
         let gp = Gp::fit_with_mean(&self.config, mean, bounds, x, y, warm, seed)?;
         self.n_fits += 1;
