@@ -25,6 +25,26 @@ fn ok(out: &Output) -> String {
 }
 
 #[test]
+fn a_closed_stdout_ends_quietly() {
+    // `scopegym list | head -1`: the reader closes the pipe before the program writes.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_scopegym"))
+        .args(["list", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("runs");
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(
+        out.status.success() || out.status.code() == Some(141),
+        "{:?}: {err}",
+        out.status
+    );
+}
+
+#[test]
 fn list_names_every_task_with_its_spaces() {
     let text = ok(&run(&["list"]));
     let json: serde_json::Value = serde_json::from_str(&ok(&run(&["list", "--json"]))).unwrap();
