@@ -4,24 +4,10 @@
 use scopegym::envs::evaluate::{Policy, evaluate};
 use scopegym::envs::registry::make;
 use std::path::Path;
-use std::process::{Command, Output};
 use std::time::Instant;
 
-fn run(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_scopegym"))
-        .args(args)
-        .output()
-        .expect("runs")
-}
-
-fn ok(out: &Output) -> String {
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
+mod common;
+use common::{ok, run};
 
 fn json(path: &Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()

@@ -3,26 +3,13 @@
 
 use scopegym::envs::registry::{TASKS, make};
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 const ID: &str = "scopegym/AfmFeedbackTuning-v1";
 
-fn run(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_scopegym"))
-        .args(args)
-        .output()
-        .expect("runs")
-}
-
-fn ok(out: &Output) -> String {
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
+mod common;
+use common::{ok, run};
 
 #[test]
 fn a_closed_stdout_ends_quietly() {

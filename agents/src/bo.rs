@@ -27,7 +27,9 @@
 
 use crate::acquisition::Acquisition;
 use crate::error::{AgentError, Result};
-use crate::gp::{Constant, Gp, GpConfig, Kernel, MeanFunction, PredictWorkspace, Refitter};
+use crate::gp::{
+    Constant, Gp, GpConfig, Kernel, MeanFunction, PredictWorkspace, Refitter, check_bounds,
+};
 use rand::Rng;
 use rand::seq::SliceRandom;
 use scopegym_envs::rng::SimRng;
@@ -489,21 +491,6 @@ fn from_unit(bounds: &[(f64, f64)], u: &[f64]) -> Vec<f64> {
         .zip(bounds)
         .map(|(v, &(lo, hi))| (lo + v * (hi - lo)).clamp(lo, hi))
         .collect()
-}
-
-fn check_bounds(bounds: &[(f64, f64)]) -> Result<()> {
-    if bounds.is_empty() {
-        return Err(AgentError::arg("bounds", "need at least one dimension"));
-    }
-    for (k, &(lo, hi)) in bounds.iter().enumerate() {
-        if !(lo.is_finite() && hi.is_finite() && hi > lo) {
-            return Err(AgentError::arg(
-                "bounds",
-                format!("dimension {k}: need finite lo < hi, got ({lo}, {hi})"),
-            ));
-        }
-    }
-    Ok(())
 }
 
 /// The result of [`minimize`], named as scipy's `OptimizeResult`.

@@ -32,22 +32,11 @@ mod torch {
     use std::path::PathBuf;
     use std::time::Instant;
 
-    /// The shared BEPS file: `$SCOPEGYM_DATA_DIR/beps_pto_50x50.h5`, else `shared/data/` in the
-    /// nearest folder above the crate that has one.
     fn data_file() -> Option<PathBuf> {
-        let name = "beps_pto_50x50.h5";
-        let found = match std::env::var_os("SCOPEGYM_DATA_DIR") {
-            Some(d) => Some(PathBuf::from(d).join(name)),
-            None => std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-                .ancestors()
-                .map(|a| a.join("shared/data").join(name))
-                .find(|f| f.is_file()),
-        }
-        .filter(|f| f.is_file());
-        if found.is_none() {
-            eprintln!("SKIPPED: real BEPS data {name} not found (set SCOPEGYM_DATA_DIR)");
-        }
-        found
+        scopegym_envs::tasks::pfm_spectroscopy_explore::find_shared_data(
+            "beps_pto_50x50.h5",
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")),
+        )
     }
 
     fn median(v: &[usize]) -> f64 {

@@ -236,7 +236,8 @@ pub struct Gp {
     log_posterior: f64,
 }
 
-fn check_bounds(bounds: &[(f64, f64)]) -> Result<()> {
+/// Checks a box: at least one dimension, each `(lo, hi)` finite with `lo < hi`.
+pub(crate) fn check_bounds(bounds: &[(f64, f64)]) -> Result<()> {
     if bounds.is_empty() {
         return Err(AgentError::arg("bounds", "need at least one dimension"));
     }

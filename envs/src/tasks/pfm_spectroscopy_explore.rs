@@ -414,6 +414,25 @@ pub fn despiked_loop_area(bias: &[f64], response: &[f64], span: f64) -> f64 {
     }
 }
 
+/// A file of the shared real-instrument data: `$SCOPEGYM_DATA_DIR/<name>`, else
+/// `shared/data/<name>` in the nearest folder at or above `start` that has one (a checkout's
+/// sibling `../shared/data`). `None`, with a `SKIPPED` line on stderr for the tests that need
+/// it, when there is no such file.
+pub fn find_shared_data(name: &str, start: &std::path::Path) -> Option<std::path::PathBuf> {
+    let found = match std::env::var_os("SCOPEGYM_DATA_DIR") {
+        Some(d) => Some(std::path::PathBuf::from(d).join(name)),
+        None => start
+            .ancestors()
+            .map(|a| a.join("shared/data").join(name))
+            .find(|f| f.is_file()),
+    }
+    .filter(|f| f.is_file());
+    if found.is_none() {
+        eprintln!("SKIPPED: real data {name} not found (set SCOPEGYM_DATA_DIR)");
+    }
+    found
+}
+
 /// Loops recorded on a real instrument (BEPS).
 #[derive(Debug, Clone)]
 pub struct RecordedLoops {
@@ -1235,23 +1254,11 @@ mod tests {
     use crate::tasks::testing::{assert_config_errors_name_fields, info_f64 as fv};
     use std::path::PathBuf;
 
-    /// The shared BEPS file: `$SCOPEGYM_DATA_DIR/beps_pto_50x50.h5`, else `shared/data/` in
-    /// the nearest folder above the crate that has one (the main checkout's sibling, or a
-    /// worktree's grandparent).
     fn data_file() -> Option<PathBuf> {
-        let name = "beps_pto_50x50.h5";
-        let found = match std::env::var_os("SCOPEGYM_DATA_DIR") {
-            Some(d) => Some(PathBuf::from(d).join(name)),
-            None => std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-                .ancestors()
-                .map(|a| a.join("shared/data").join(name))
-                .find(|f| f.is_file()),
-        }
-        .filter(|f| f.is_file());
-        if found.is_none() {
-            eprintln!("SKIPPED: real BEPS data {name} not found (set SCOPEGYM_DATA_DIR)");
-        }
-        found
+        find_shared_data(
+            "beps_pto_50x50.h5",
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")),
+        )
     }
 
     fn env(extra: &str) -> TaskEnv<PfmSpectroscopyExplore<SpmSimulator>> {
