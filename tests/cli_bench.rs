@@ -117,6 +117,50 @@ fn run_writes_results_and_curves_and_compare_overlays() {
 }
 
 #[test]
+fn run_records_the_resolved_agent_config() {
+    // `--config` sets one field; results.json records every field, defaults filled in.
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("bo.toml");
+    std::fs::write(&cfg, "xi = 0.01\nacquisition = \"ucb\"\n").unwrap();
+    let out = dir.path().join("bo");
+    ok(&run(&[
+        "run",
+        "scopegym/StemAutofocus-v1",
+        "--agent",
+        "bo",
+        "--seeds",
+        "1",
+        "--episodes",
+        "1",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]));
+    let r = json(&out.join("results.json"));
+    let a = &r["provenance"]["agent_config"];
+    assert_eq!(a["xi"], 0.01);
+    assert_eq!(a["acquisition"]["ucb"]["beta"], 4.0, "{a}");
+    assert_eq!(a["kernel"], "matern52");
+    assert_eq!(a["candidates"], 1000);
+    // Agents without settings record null.
+    let out = dir.path().join("random");
+    ok(&run(&[
+        "run",
+        "scopegym/StemAutofocus-v1",
+        "--agent",
+        "random",
+        "--seeds",
+        "1",
+        "--episodes",
+        "1",
+        "--out",
+        out.to_str().unwrap(),
+    ]));
+    assert!(json(&out.join("results.json"))["provenance"]["agent_config"].is_null());
+}
+
+#[test]
 fn run_rejects_bad_input_with_exit_code_2() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("x");

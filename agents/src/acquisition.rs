@@ -27,10 +27,11 @@ use std::f64::consts::{FRAC_1_SQRT_2, PI};
 /// `ln(2π) / 2`.
 const HALF_LN_2PI: f64 = 0.918_938_533_204_672_8;
 
-/// An acquisition function, as written in agent configs (`acquisition = "logei"`, or
-/// `acquisition = { ucb = { beta = 4.0 } }`).
+/// An acquisition function, as written in agent configs: a name (`acquisition = "logei"`,
+/// any name [`Acquisition::parse`] takes, `"ucb"` with β = 4), or UCB with its β
+/// (`acquisition = { ucb = { beta = 2.0 } }`).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "lowercase", try_from = "AcquisitionRepr")]
 pub enum Acquisition {
     /// Expected improvement.
     Ei,
@@ -53,6 +54,37 @@ pub enum Acquisition {
 
 fn default_beta() -> f64 {
     4.0
+}
+
+/// UCB's settings in the table form.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UcbRepr {
+    #[serde(default = "default_beta")]
+    beta: f64,
+}
+
+/// What a config may write for an [`Acquisition`].
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum AcquisitionRepr {
+    Name(String),
+    Ucb { ucb: UcbRepr },
+}
+
+impl TryFrom<AcquisitionRepr> for Acquisition {
+    type Error = String;
+    fn try_from(r: AcquisitionRepr) -> std::result::Result<Self, String> {
+        match r {
+            AcquisitionRepr::Name(n) => Self::parse(&n).ok_or_else(|| {
+                format!(
+                    "unknown acquisition {n:?}; known: ei, logei, ucb, pi, maxuncertainty, \
+                     thompson (or {{ ucb = {{ beta = 4.0 }} }})"
+                )
+            }),
+            AcquisitionRepr::Ucb { ucb } => Ok(Self::Ucb { beta: ucb.beta }),
+        }
+    }
 }
 
 impl Acquisition {
@@ -285,6 +317,29 @@ mod tests {
             .try_into()
             .unwrap();
         assert_eq!(cfg, Acquisition::Ucb { beta: 9.0 });
+        // Names as configs write them, and what serializes reads back.
+        let read = |t: &str| -> std::result::Result<Acquisition, String> {
+            toml::from_str::<toml::Table>(&format!("a = {t}")).unwrap()["a"]
+                .clone()
+                .try_into()
+                .map_err(|e: toml::de::Error| e.to_string())
+        };
+        assert_eq!(read("\"ucb\""), Ok(Acquisition::Ucb { beta: 4.0 }));
+        assert_eq!(read("\"thompson\""), Ok(Acquisition::Thompson));
+        assert_eq!(read("{ ucb = {} }"), Ok(Acquisition::Ucb { beta: 4.0 }));
+        assert!(
+            read("\"best\"")
+                .unwrap_err()
+                .contains("unknown acquisition")
+        );
+        for a in [
+            Acquisition::LogEi,
+            Acquisition::Ucb { beta: 2.5 },
+            Acquisition::MaxUncertainty,
+        ] {
+            let v = toml::Value::try_from(a).unwrap();
+            assert_eq!(v.try_into::<Acquisition>().unwrap(), a);
+        }
     }
 
     proptest! {

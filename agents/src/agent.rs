@@ -40,6 +40,12 @@ pub trait Agent: Send {
     /// The name, as `scopegym run --agent` spells it.
     fn name(&self) -> &str;
 
+    /// The settings the agent runs with, every default filled in (what `results.json` records
+    /// as the resolved agent config); `null` for agents without settings.
+    fn config(&self) -> serde_json::Value {
+        serde_json::Value::Null
+    }
+
     /// Trains (reinforcement-learning agents) and returns the learning curve. `progress` is
     /// called with the environment steps done so far. The default trains nothing.
     fn train(

@@ -556,6 +556,10 @@ impl Agent for BoAgent {
         if self.structured { "sgp" } else { "bo" }
     }
 
+    fn config(&self) -> serde_json::Value {
+        serde_json::to_value(&self.cfg).unwrap_or_default()
+    }
+
     fn begin_episode(&mut self, env: &dyn Env, obs: &Value, seed: u64) -> Result<()> {
         let mode = mode_of(env).map_err(|reason| AgentError::Unsupported {
             agent: self.name().into(),

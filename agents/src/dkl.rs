@@ -557,6 +557,10 @@ impl Agent for DklAgent {
         "dkl"
     }
 
+    fn config(&self) -> serde_json::Value {
+        serde_json::to_value(&self.cfg).unwrap_or_default()
+    }
+
     fn begin_episode(&mut self, env: &dyn Env, obs: &Value, seed: u64) -> Result<()> {
         tch::set_num_threads(1);
         self.n = check_env(env)?;

@@ -200,7 +200,7 @@ pub struct Provenance {
     pub env_config: serde_json::Value,
     /// The task config of training (`split = "train"`), for learning agents; null otherwise.
     pub train_env_config: serde_json::Value,
-    /// The agent config (null for the agent's defaults).
+    /// The agent config with every default filled in (null for agents without settings).
     pub agent_config: serde_json::Value,
     /// Difficulty level.
     pub difficulty: String,
@@ -312,9 +312,13 @@ pub fn run_agent_with(
     let per_seed_units = train_steps + (spec.episodes * max_steps) as u64;
     let total = per_seed_units * spec.seeds.len() as u64;
     let mut per_seed = Vec::with_capacity(spec.seeds.len());
+    let mut resolved_agent_config = serde_json::Value::Null;
     for (k, &seed) in spec.seeds.iter().enumerate() {
         let base = per_seed_units * k as u64;
         let mut agent = (agent_spec.make)(env.as_ref(), spec.agent_config.as_ref(), seed)?;
+        if k == 0 {
+            resolved_agent_config = agent.config();
+        }
         let curve = if agent_spec.learns {
             let ts = TrainSpec {
                 env_id: &spec.env_id,
@@ -387,10 +391,7 @@ pub fn run_agent_with(
             } else {
                 serde_json::Value::Null
             },
-            agent_config: spec
-                .agent_config
-                .as_ref()
-                .map_or(serde_json::Value::Null, to_json),
+            agent_config: resolved_agent_config,
             difficulty: spec.difficulty.clone(),
             split: spec.split.clone(),
             learns: agent_spec.learns,

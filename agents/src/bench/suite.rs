@@ -675,7 +675,10 @@ mod tests {
         assert!(jobs.iter().all(|j| j.skip.is_none()));
         assert_eq!(jobs[0].units, 5 * 4 * 12);
         // An agent the suite lists that no build registers is planned as skipped.
-        let text = SUITE_V1.replace("\"bo\", \"reinforce\"", "\"no-such-agent\", \"reinforce\"");
+        let text = SUITE_V1.replace(
+            "\"heuristic\", \"reinforce\"",
+            "\"heuristic\", \"no-such-agent\", \"reinforce\"",
+        );
         let s = SuiteFile::parse(&text).unwrap();
         let sel = Selection {
             budget: "small".into(),

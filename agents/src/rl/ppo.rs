@@ -471,6 +471,10 @@ impl Agent for PpoAgent {
         "ppo"
     }
 
+    fn config(&self) -> serde_json::Value {
+        serde_json::to_value(&self.cfg).unwrap_or_default()
+    }
+
     fn train(
         &mut self,
         spec: &TrainSpec<'_>,

@@ -329,6 +329,10 @@ impl Agent for ReinforceAgent {
         "reinforce"
     }
 
+    fn config(&self) -> serde_json::Value {
+        serde_json::to_value(&self.cfg).unwrap_or_default()
+    }
+
     fn train(
         &mut self,
         spec: &TrainSpec<'_>,

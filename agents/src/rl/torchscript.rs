@@ -38,6 +38,7 @@ pub struct TorchScriptAgent {
     action: ActionKind,
     raw: bool,
     buf: Vec<f32>,
+    cfg: TorchScriptConfig,
 }
 
 impl TorchScriptAgent {
@@ -60,6 +61,7 @@ impl TorchScriptAgent {
             action: ActionKind::new(env.action_space())?,
             raw: cfg.raw_observations,
             buf: Vec::new(),
+            cfg: cfg.clone(),
         })
     }
 
@@ -87,6 +89,10 @@ impl TorchScriptAgent {
 impl Agent for TorchScriptAgent {
     fn name(&self) -> &str {
         "torchscript"
+    }
+
+    fn config(&self) -> serde_json::Value {
+        serde_json::to_value(&self.cfg).unwrap_or_default()
     }
 
     fn begin_episode(&mut self, _env: &dyn Env, _obs: &Value, _seed: u64) -> Result<()> {
