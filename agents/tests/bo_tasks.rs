@@ -65,7 +65,7 @@ fn bo_beats_random_on_autofocus_and_feedback_tuning() {
 #[test]
 fn structured_gp_beats_the_plain_gp_on_feedback_tuning() {
     // The tracking reward against the (log) P, I and line-rate positions is a single broad
-    // peak: the quadratic-peak mean extrapolates it from a few settings, where the constant
+    // peak: the Gaussian-peak mean extrapolates it from a few settings, where the constant
     // mean reverts to the data mean away from them.
     let t = "scopegym/AfmFeedbackTuning-v1";
     let (sgp, bo) = (returns(t, "sgp", 0..8), returns(t, "bo", 0..8));
@@ -75,7 +75,7 @@ fn structured_gp_beats_the_plain_gp_on_feedback_tuning() {
         mean(&bo)
     );
     assert!(mean(&sgp) > mean(&bo) + 5.0, "sgp {sgp:?} vs bo {bo:?}");
-    assert!(wins(&sgp, &bo) >= 6, "sgp {sgp:?} vs bo {bo:?}");
+    assert!(wins(&sgp, &bo) >= 7, "sgp {sgp:?} vs bo {bo:?}");
 }
 
 #[test]

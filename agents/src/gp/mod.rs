@@ -38,7 +38,7 @@
 mod linalg;
 pub mod mean;
 
-pub use mean::{Constant, MeanFunction, Quadratic};
+pub use mean::{Constant, GaussianPeak, MeanFunction, Quadratic};
 
 use crate::error::{AgentError, Result};
 use argmin::core::{CostFunction, Executor, Gradient};
