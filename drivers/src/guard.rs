@@ -27,7 +27,10 @@
 //! - Beam blanking (STEM, `blank_outside_acquisition`): the caller's `set_blanked(false)` is
 //!   remembered, not sent; the beam is unblanked just before an acquisition and blanked right
 //!   after (a failure to blank is recorded in the audit line's message). `is_blanked` reports
-//!   the caller's view, so the environment sees what it would see on the bare instrument.
+//!   the caller's view, so the environment sees what it would see on the bare instrument, and
+//!   an acquisition asked for with the beam blanked fails as on the simulator
+//!   (`PhysicsError::Refused`, "the beam is blanked", not a guard refusal) without being sent,
+//!   so a real instrument does not record a dark frame where the simulator fails.
 //! - Dose accounting (STEM): the guard adds the dose of every acquisition it sends to its
 //!   [`DoseMap`] (frames at the dose `I·t_dwell/(e·pixel²)` over the cells they touch, ignoring
 //!   drift; points and spectra as `I·t/e` electrons over the probe's cell) and refuses an
@@ -998,9 +1001,12 @@ impl<I: StemInstrument> Guarded<I> {
                 let epp = current * s.dwell_time / ELEMENTARY_CHARGE;
                 let dose = epp / (s.pixel_size * s.pixel_size);
                 let [w, h] = s.field_of_view();
-                if !(dose.is_finite() && dose >= 0.0 && w.is_finite() && h.is_finite())
-                    || !s.center.iter().all(|c| c.is_finite())
-                {
+                let finite = dose.is_finite()
+                    && dose >= 0.0
+                    && w.is_finite()
+                    && h.is_finite()
+                    && s.center.iter().all(|c| c.is_finite());
+                if !finite {
                     refuse(
                         "stem.dose_budget",
                         name,
@@ -1087,7 +1093,7 @@ impl<I: StemInstrument> Guarded<I> {
     fn check_frame_time(&self, name: &str, s: &ScanSettings) -> Result<()> {
         let max = self.limits.stem.max_frame_time;
         let t = s.frame_time();
-        if !(t >= 0.0 && t <= max) || !(s.dwell_time > 0.0) {
+        if !(t >= 0.0 && t <= max && s.dwell_time > 0.0) {
             return refuse(
                 "stem.max_frame_time",
                 name,
@@ -1123,12 +1129,21 @@ impl<I: StemInstrument> Guarded<I> {
         let manage = self.limits.stem.blank_outside_acquisition;
         let wants_beam = !*self.blank_request.get_or_insert(self.inner.is_blanked());
         let mut note = String::new();
-        if manage && wants_beam && self.inner.is_blanked() {
+        if manage && !wants_beam {
+            // As a simulator does; a real instrument would record a dark frame.
+            let e = PhysicsError::Refused {
+                operation: command.name().into(),
+                reason: "the beam is blanked".into(),
+            };
+            return (Err(e), note);
+        }
+        if manage && self.inner.is_blanked() {
             self.forwarded += 1;
             if let Err(e) = self.inner.set_blanked(false) {
                 return (Err(e), note);
             }
         }
+        self.forwarded += 1;
         let r = acquire(self);
         let delivered = match &r {
             Ok(_) => true,
@@ -1268,7 +1283,6 @@ impl<I: StemInstrument> StemInstrument for Guarded<I> {
                 meta: FrameMeta::default(),
             });
         }
-        self.forwarded += 1;
         let (r, note) = self.around_acquisition(&cmd, |g| match g.inner.acquire_frame() {
             Ok(f) => {
                 if g.stem_image.dim() == f.image.dim() {
@@ -1314,7 +1328,6 @@ impl<I: StemInstrument> StemInstrument for Guarded<I> {
         if !self.admit(cmd.name(), || cmd.args(), verdict, false)? {
             return Ok(0.0);
         }
-        self.forwarded += 1;
         let (r, note) = self.around_acquisition(&cmd, |g| g.inner.acquire_point(dwell_time));
         self.finish(cmd.name(), cmd.args(), r, |c| format!("counts {c}{note}"))
     }
@@ -1328,7 +1341,6 @@ impl<I: StemInstrument> StemInstrument for Guarded<I> {
                 counts: &[],
             });
         }
-        self.forwarded += 1;
         let (r, note) =
             self.around_acquisition(&cmd, |g| match g.inner.acquire_spectrum(exposure) {
                 Ok(s) => {
