@@ -23,7 +23,11 @@
 //! - Crash/corrugation abort (SPM): after each frame, if its `height` channel spans more than
 //!   `abort_corrugation`, leaves `z_range` or holds a non-finite value, the guard withdraws the
 //!   tip (`make_safe`) and returns a refusal. This is the only refusal that comes after the
-//!   command was sent.
+//!   command was sent. The abort trips the guard: every later SPM command but `make_safe` and
+//!   `set_withdrawn(true)` is refused (limit `spm.tripped`) until [`Guarded::clear_trip`].
+//! - Fixed sanity limits that `limits.toml` does not set: feedback gains must be finite and
+//!   ≥ 0 (limit `spm.feedback_gains`); after a failed audit write only `make_safe` passes
+//!   (limit `audit`).
 //! - Beam blanking (STEM, `blank_outside_acquisition`): the caller's `set_blanked(false)` is
 //!   remembered, not sent; the beam is unblanked just before an acquisition and blanked right
 //!   after (a failure to blank is recorded in the audit line's message). `is_blanked` reports
@@ -184,6 +188,7 @@ pub struct Guarded<I> {
     dose: DoseMap,
     blank_request: Option<bool>,
     last_refusal: Option<Refusal>,
+    tripped: Option<Refusal>,
     forwarded: u64,
     stem_image: Array2<f32>,
     stem_energy: Vec<f64>,
@@ -199,6 +204,7 @@ impl<I> std::fmt::Debug for Guarded<I> {
             .field("audit", &self.audit)
             .field("forwarded", &self.forwarded)
             .field("last_refusal", &self.last_refusal)
+            .field("tripped", &self.tripped)
             .finish_non_exhaustive()
     }
 }
@@ -251,6 +257,7 @@ impl<I> Guarded<I> {
             audit: AuditLog::disabled(),
             blank_request: None,
             last_refusal: None,
+            tripped: None,
             forwarded: 0,
             stem_image: Array2::zeros((0, 0)),
             stem_energy: Vec::new(),
@@ -303,6 +310,19 @@ impl<I> Guarded<I> {
     /// kept: see [`Guarded::reset_dose`].
     pub fn resync(&mut self) {
         self.blank_request = None;
+    }
+
+    /// The abort that tripped the guard, if one did (SPM crash/corrugation abort): until
+    /// [`Guarded::clear_trip`], every SPM command but `make_safe` and `set_withdrawn(true)` is
+    /// refused by the limit `spm.tripped`.
+    pub fn tripped(&self) -> Option<&Refusal> {
+        self.tripped.as_ref()
+    }
+
+    /// Re-arms the guard after an abort, once a person (or, on a simulator, a new episode) has
+    /// dealt with its cause.
+    pub fn clear_trip(&mut self) {
+        self.tripped = None;
     }
 
     /// Clears the dose map (a new specimen or a new, unexposed area after a stage move).
@@ -596,6 +616,21 @@ impl<I: SpmInstrument> Check<SpmCommand> for Guarded<I> {
     fn check(&self, command: &SpmCommand) -> Result<()> {
         let name = command.name();
         let s = &self.limits.spm;
+        if let Some(t) = &self.tripped {
+            if !matches!(
+                command,
+                SpmCommand::MakeSafe | SpmCommand::SetWithdrawn(true)
+            ) {
+                return refuse(
+                    "spm.tripped",
+                    name,
+                    format!(
+                        "the guard tripped ({}: {}); clear_trip re-arms it",
+                        t.limit, t.reason
+                    ),
+                );
+            }
+        }
         match command {
             SpmCommand::ConfigureScan(r) => self.check_frame_area(name, r),
             SpmCommand::AcquireFrame => self.check_frame_area(name, &self.inner.scan_settings()),
@@ -614,7 +649,7 @@ impl<I: SpmInstrument> Check<SpmCommand> for Guarded<I> {
             SpmCommand::SetFeedbackGains(p, i) => {
                 if !(p.is_finite() && i.is_finite() && *p >= 0.0 && *i >= 0.0) {
                     return refuse(
-                        "feedback_gains",
+                        "spm.feedback_gains",
                         name,
                         format!("gains must be finite and ≥ 0, got P = {p}, I = {i} 1/s"),
                     );
@@ -768,6 +803,7 @@ impl<I: SpmInstrument> SpmInstrument for Guarded<I> {
                 },
             );
             self.last_refusal = Some(r.clone());
+            self.tripped = Some(r.clone());
             return Err(DriverError::Refused {
                 limit: r.limit,
                 command: r.command,

@@ -449,6 +449,17 @@ fn a_crash_aborts_the_frame_and_withdraws_the_tip() {
     );
     assert!(g.is_withdrawn());
     assert_eq!(refused_lines(&sink, "spm.abort_corrugation"), 1);
+    // Tripped: nothing but withdrawing passes until the guard is re-armed.
+    let sent = log.lock().unwrap().len();
+    expect_refused(g.set_withdrawn(false), "spm.tripped");
+    expect_refused(g.acquire_frame(), "spm.tripped");
+    g.set_withdrawn(true).unwrap();
+    g.make_safe().unwrap();
+    assert_eq!(log.lock().unwrap().len(), sent + 2);
+    assert_eq!(g.tripped().unwrap().limit, "spm.abort_corrugation");
+    g.clear_trip();
+    g.set_withdrawn(false).unwrap();
+    assert!(!g.is_withdrawn());
 
     let mut limits = Limits::default();
     limits.spm.z_range = [1.0, 2.0];
