@@ -7,7 +7,8 @@
 //! environment cannot tell it from the bare instrument. `PhysicsError` already has a
 //! [`PhysicsError::Refused`] variant (`operation`, `reason`), which simulators use for operations
 //! refused in the current state, so no new physics variant is needed: a guard refusal converts
-//! into `PhysicsError::Refused { operation: <command>, reason: "guard: limit `<limit>`: ..." }`.
+//! into a `PhysicsError::Refused` whose `operation` is the command and whose `reason` reads
+//! ``guard: limit `spm.bias_window`: bias 100 V is outside [-10 V, 10 V]``.
 //! The fixed prefix ([`REFUSAL_PREFIX`]) tells a guard refusal from a simulator's own refusal;
 //! [`guard_refusal`] recovers the limit's name from a `PhysicsError`, and
 //! [`Guarded::last_refusal`](crate::guard::Guarded::last_refusal) keeps the structured

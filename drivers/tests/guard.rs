@@ -83,7 +83,11 @@ fn refused_lines(sink: &Sink, limit: &str) -> usize {
 #[test]
 fn out_of_limit_spm_commands_are_refused_unsent_and_logged() {
     let (mut g, log, sink) = guarded(spm_sim(SpmMode::Stm, 1), Limits::default());
-    expect_refused(g.set_bias(100.0), "spm.bias_window");
+    assert_eq!(
+        g.set_bias(100.0).unwrap_err().to_string(),
+        "operation `set_bias` refused: guard: limit `spm.bias_window`: \
+         bias 100 V is outside [-10 V, 10 V]"
+    );
     expect_refused(g.set_bias(f64::NAN), "spm.bias_window");
     expect_refused(
         g.condition_tip(&Conditioning::Pulse {
