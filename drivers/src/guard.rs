@@ -37,7 +37,8 @@
 //!   so a real instrument does not record a dark frame where the simulator fails.
 //! - Dose accounting (STEM): the guard adds the dose of every acquisition it sends to its
 //!   [`DoseMap`] (frames at the dose `I·t_dwell/(e·pixel²)` over the cells they touch, ignoring
-//!   drift; points and spectra as `I·t/e` electrons over the probe's cell) and refuses an
+//!   drift and flyback, as the simulator does; points and spectra as `I·t/e` electrons over
+//!   the probe's cell) and refuses an
 //!   acquisition that would take any cell over `dose_budget`. A failed acquisition counts too,
 //!   unless the instrument refused it or rejected its arguments.
 //!

@@ -501,6 +501,14 @@ fn check_is_pure_and_agrees_with_the_guard() {
 }
 
 #[test]
+fn guarded_simulators_can_run_in_environments() {
+    // Environments need `Send` instruments (vector envs step them on a thread pool).
+    fn send<T: Send>() {}
+    send::<Guarded<SpmSimulator>>();
+    send::<Guarded<StemSimulator>>();
+}
+
+#[test]
 fn aberration_steps_measure_azimuthal_coefficients_as_vectors() {
     use scopegym_physics::stem::optics::Aberrations;
     let a = Aberrations {
