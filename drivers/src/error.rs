@@ -1,0 +1,170 @@
+//! The error type of the drivers crate, and how it crosses the instrument traits.
+//!
+//! # Refusals through the instrument traits
+//!
+//! The instrument traits of `scopegym-physics` return [`PhysicsError`], and a
+//! [`Guarded`](crate::guard::Guarded) instrument must implement the same traits so that an
+//! environment cannot tell it from the bare instrument. `PhysicsError` already has a
+//! [`PhysicsError::Refused`] variant (`operation`, `reason`), which simulators use for operations
+//! refused in the current state, so no new physics variant is needed: a guard refusal converts
+//! into a `PhysicsError::Refused` whose `operation` is the command and whose `reason` reads
+//! ``guard: limit `spm.bias_window`: bias 100 V is outside [-10 V, 10 V]``.
+//! The fixed prefix ([`REFUSAL_PREFIX`]) tells a guard refusal from a simulator's own refusal;
+//! [`guard_refusal`] recovers the limit's name from a `PhysicsError`, and
+//! [`Guarded::last_refusal`](crate::guard::Guarded::last_refusal) keeps the structured
+//! [`Refusal`] of the latest refused command. Driver failures that are not refusals (a timeout,
+//! an I/O error of the audit log) convert into `PhysicsError::Refused` with the prefix
+//! [`DRIVER_PREFIX`], so the environment stops instead of carrying on after an unlogged command.
+
+use scopegym_physics::PhysicsError;
+use thiserror::Error;
+
+/// Start of the `reason` of a [`PhysicsError::Refused`] made from a guard refusal.
+pub const REFUSAL_PREFIX: &str = "guard: limit `";
+
+/// Start of the `reason` of a [`PhysicsError::Refused`] made from a driver failure (timeout, I/O).
+pub const DRIVER_PREFIX: &str = "driver: ";
+
+/// A command the guard refused, structured (see [`DriverError::Refused`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Refusal {
+    /// The limit that refused it, as named in `limits.toml`, e.g. `spm.bias_window`.
+    pub limit: String,
+    /// The command, e.g. `set_bias`.
+    pub command: String,
+    /// The offending values and the limit's values, with units.
+    pub reason: String,
+}
+
+/// Everything that can go wrong in `scopegym-drivers`.
+#[derive(Debug, Error)]
+pub enum DriverError {
+    /// A command was refused by a configured limit before it was sent.
+    #[error("`{command}` refused by limit `{limit}`: {reason}")]
+    Refused {
+        /// The limit, as named in `limits.toml`, e.g. `spm.bias_window`.
+        limit: String,
+        /// The command, e.g. `set_bias`.
+        command: String,
+        /// The offending values and the limit's values, with units.
+        reason: String,
+    },
+    /// A `limits.toml` field is missing, malformed or out of range.
+    #[error("invalid limits: `{field}`: {reason}")]
+    InvalidLimits {
+        /// Dotted path of the field, e.g. `spm.bias_window`.
+        field: String,
+        /// What was expected.
+        reason: String,
+    },
+    /// A call to the instrument did not complete in time.
+    #[error("`{command}` timed out after {seconds} s")]
+    Timeout {
+        /// The command.
+        command: String,
+        /// The time waited, s.
+        seconds: f64,
+    },
+    /// Reading the limits or writing the audit log failed.
+    #[error("I/O error ({context}): {source}")]
+    Io {
+        /// What was being read or written.
+        context: String,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The instrument (simulated or real) returned an error.
+    #[error(transparent)]
+    Instrument(#[from] PhysicsError),
+}
+
+impl DriverError {
+    /// A [`DriverError::Refused`].
+    pub fn refused(
+        limit: impl Into<String>,
+        command: impl Into<String>,
+        reason: impl Into<String>,
+    ) -> Self {
+        Self::Refused {
+            limit: limit.into(),
+            command: command.into(),
+            reason: reason.into(),
+        }
+    }
+
+    /// A [`DriverError::InvalidLimits`].
+    pub fn limits(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self::InvalidLimits {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+
+    /// The structured refusal, if this is one.
+    pub fn as_refusal(&self) -> Option<Refusal> {
+        match self {
+            Self::Refused {
+                limit,
+                command,
+                reason,
+            } => Some(Refusal {
+                limit: limit.clone(),
+                command: command.clone(),
+                reason: reason.clone(),
+            }),
+            _ => None,
+        }
+    }
+}
+
+impl From<DriverError> for PhysicsError {
+    fn from(e: DriverError) -> Self {
+        match e {
+            DriverError::Refused {
+                limit,
+                command,
+                reason,
+            } => PhysicsError::Refused {
+                operation: command,
+                reason: format!("{REFUSAL_PREFIX}{limit}`: {reason}"),
+            },
+            DriverError::InvalidLimits { field, reason } => PhysicsError::InvalidParameter {
+                field: format!("limits.{field}"),
+                reason,
+            },
+            DriverError::Timeout { command, seconds } => PhysicsError::Refused {
+                operation: command,
+                reason: format!("{DRIVER_PREFIX}timed out after {seconds} s"),
+            },
+            DriverError::Io { context, source } => PhysicsError::Refused {
+                operation: context,
+                reason: format!("{DRIVER_PREFIX}I/O error: {source}"),
+            },
+            DriverError::Instrument(p) => p,
+        }
+    }
+}
+
+/// The limit's name if `e` is a guard refusal (made by converting a [`DriverError::Refused`]),
+/// `None` for every other error, including an instrument's own refusals.
+///
+/// ```
+/// use scopegym_drivers::error::{guard_refusal, DriverError};
+/// use scopegym_physics::PhysicsError;
+/// let e: PhysicsError = DriverError::refused("spm.bias_window", "set_bias", "100 V").into();
+/// assert_eq!(guard_refusal(&e), Some("spm.bias_window"));
+/// assert_eq!(guard_refusal(&PhysicsError::arg("x", "bad")), None);
+/// ```
+pub fn guard_refusal(e: &PhysicsError) -> Option<&str> {
+    match e {
+        PhysicsError::Refused { reason, .. } => {
+            let rest = reason.strip_prefix(REFUSAL_PREFIX)?;
+            rest.split_once('`').map(|(limit, _)| limit)
+        }
+        _ => None,
+    }
+}
+
+/// Result with [`DriverError`].
+pub type Result<T, E = DriverError> = std::result::Result<T, E>;
