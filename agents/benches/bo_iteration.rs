@@ -6,10 +6,11 @@
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use rand::Rng;
-use scopegym_agents::acquisition::log_expected_improvement;
 use scopegym_agents::bo::BoConfig;
-use scopegym_agents::gp::{Gp, PredictWorkspace};
+use scopegym_agents::gp::Gp;
 use std::hint::black_box;
+
+mod common;
 
 /// Synthetic data: `sin(3x) cos(5y) + 0.5 x` plus Gaussian-ish noise of sd 0.05, seeded.
 pub fn data(n: usize, seed: u64) -> (Vec<Vec<f64>>, Vec<f64>) {
@@ -25,16 +26,10 @@ pub fn data(n: usize, seed: u64) -> (Vec<Vec<f64>>, Vec<f64>) {
     (x, y)
 }
 
-fn grid() -> Vec<Vec<f64>> {
-    (0..50 * 50)
-        .map(|i| vec![(i % 50) as f64 / 49.0, (i / 50) as f64 / 49.0])
-        .collect()
-}
-
 fn bench(c: &mut Criterion) {
     let bounds = [(0.0, 1.0), (0.0, 1.0)];
     let cfg = BoConfig::default().gp_config();
-    let grid = grid();
+    let grid = common::grid();
     let mut group = c.benchmark_group("bo_iteration_2d_grid2500");
     group.sample_size(20);
     for n in [50usize, 100, 200, 400] {
@@ -42,22 +37,9 @@ fn bench(c: &mut Criterion) {
         // The previous iteration's fit (on n − 1 points) provides the warm start.
         let prev = Gp::fit(&cfg, &bounds, &x[..n - 1], &y[..n - 1], None, 1).unwrap();
         let warm = prev.hyperparameters().clone();
-        let mut ws = PredictWorkspace::default();
-        let (mut mu, mut var) = (Vec::new(), Vec::new());
-        let mut acq = Vec::with_capacity(grid.len());
+        let mut buf = common::Buffers::default();
         group.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, _| {
-            b.iter(|| {
-                let gp = Gp::fit(&cfg, &bounds, &x, &y, Some(&warm), 2).unwrap();
-                gp.predict_into(&grid, &mut ws, &mut mu, &mut var);
-                let best = y.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-                acq.clear();
-                acq.extend(
-                    mu.iter()
-                        .zip(&var)
-                        .map(|(m, v)| log_expected_improvement(*m, v.sqrt(), best, 0.0)),
-                );
-                black_box(acq.iter().copied().fold(f64::NEG_INFINITY, f64::max))
-            })
+            b.iter(|| black_box(common::iteration(&cfg, &x, &y, &warm, &grid, &mut buf).unwrap()))
         });
     }
     group.finish();

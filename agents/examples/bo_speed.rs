@@ -6,12 +6,14 @@
 //! `bo_speed <data.json> [repeats]`; the file is `{"<n>": {"x": [[x0, x1], ...], "y": [...]}}`.
 //! Prints `{"<n>": median milliseconds}` as JSON.
 
-use scopegym_agents::acquisition::log_expected_improvement;
 use scopegym_agents::bo::BoConfig;
-use scopegym_agents::gp::{Gp, PredictWorkspace};
+use scopegym_agents::gp::Gp;
 use std::collections::BTreeMap;
 use std::hint::black_box;
 use std::time::Instant;
+
+#[path = "../benches/common/mod.rs"]
+mod common;
 
 #[derive(serde::Deserialize)]
 struct Data {
@@ -26,28 +28,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let sets: BTreeMap<String, Data> = serde_json::from_str(&std::fs::read_to_string(&path)?)?;
     let bounds = [(0.0, 1.0), (0.0, 1.0)];
     let cfg = BoConfig::default().gp_config();
-    let grid: Vec<Vec<f64>> = (0..50 * 50)
-        .map(|i| vec![(i % 50) as f64 / 49.0, (i / 50) as f64 / 49.0])
-        .collect();
+    let grid = common::grid();
     let mut out = BTreeMap::new();
     for (name, d) in &sets {
         let n = d.y.len();
         let prev = Gp::fit(&cfg, &bounds, &d.x[..n - 1], &d.y[..n - 1], None, 1)?;
         let warm = prev.hyperparameters().clone();
-        let mut ws = PredictWorkspace::default();
-        let (mut mu, mut var) = (Vec::new(), Vec::new());
+        let mut buf = common::Buffers::default();
         let mut times = Vec::with_capacity(repeats);
         for _ in 0..repeats {
             let t = Instant::now();
-            let gp = Gp::fit(&cfg, &bounds, &d.x, &d.y, Some(&warm), 2)?;
-            gp.predict_into(&grid, &mut ws, &mut mu, &mut var);
-            let best = d.y.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-            let top = mu
-                .iter()
-                .zip(&var)
-                .map(|(m, v)| log_expected_improvement(*m, v.sqrt(), best, 0.0))
-                .fold(f64::NEG_INFINITY, f64::max);
-            black_box(top);
+            black_box(common::iteration(&cfg, &d.x, &d.y, &warm, &grid, &mut buf)?);
             times.push(t.elapsed().as_secs_f64() * 1e3);
         }
         times.sort_by(f64::total_cmp);

@@ -66,7 +66,6 @@ pub struct GpSurrogate {
     mean: Arc<dyn MeanFunction>,
     dim: usize,
     seed: u64,
-    fits: u64,
     gp: Option<Gp>,
 }
 
@@ -82,7 +81,6 @@ impl GpSurrogate {
             mean,
             dim,
             seed,
-            fits: 0,
             gp: None,
         }
     }
@@ -118,9 +116,8 @@ impl GpSurrogate {
 impl Surrogate for GpSurrogate {
     fn fit(&mut self, x: &[Vec<f64>], y: &[f64]) -> Result<()> {
         let bounds = vec![(0.0, 1.0); self.dim];
-        let seed = self.seed.wrapping_add(self.fits);
+        let seed = self.seed.wrapping_add(self.refitter.fits() as u64);
         self.gp = Some(self.refitter.fit(self.mean.clone(), &bounds, x, y, seed)?);
-        self.fits += 1;
         Ok(())
     }
 

@@ -47,6 +47,15 @@ impl MeanFunction for Constant {
     }
 }
 
+/// The largest standardized output and its input (the start of a peak's centre): `(0, the
+/// box centre)` without data.
+fn best_observed(u: &[Vec<f64>], ys: &[f64], d: usize) -> (f64, Vec<f64>) {
+    match ys.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)) {
+        Some((k, &y)) => (y, u.get(k).map_or_else(|| vec![0.5; d], Clone::clone)),
+        None => (0.0, vec![0.5; d]),
+    }
+}
+
 /// A concave quadratic bowl `m(u) = a − Σ_i b_i (u_i − c_i)²` (e.g. image sharpness against
 /// aberrations). Parameters `θ = [a, ln b_1 … ln b_d, c_1 … c_d]` (so `b > 0`), with a weak
 /// Normal(0, 2²) prior on `ln b_i` and Normal(0.5, 1) on `c_i` (unit-scaled inputs).
@@ -81,15 +90,11 @@ impl MeanFunction for Quadratic {
     }
     fn initial(&self, u: &[Vec<f64>], ys: &[f64]) -> Vec<f64> {
         let d = self.dim;
-        let (best, &ymax) = ys
-            .iter()
-            .enumerate()
-            .max_by(|a, b| a.1.total_cmp(b.1))
-            .unwrap_or((0, &0.0));
+        let (ymax, centre) = best_observed(u, ys, d);
         let mut theta = vec![ymax; 1 + 2 * d];
         for i in 0..d {
             theta[1 + i] = 0.0;
-            theta[1 + d + i] = u.get(best).map_or(0.5, |x| x[i]);
+            theta[1 + d + i] = centre[i];
         }
         theta
     }
@@ -160,11 +165,7 @@ impl MeanFunction for GaussianPeak {
     }
     fn initial(&self, u: &[Vec<f64>], ys: &[f64]) -> Vec<f64> {
         let d = self.dim;
-        let (best, &ymax) = ys
-            .iter()
-            .enumerate()
-            .max_by(|a, b| a.1.total_cmp(b.1))
-            .unwrap_or((0, &0.0));
+        let (ymax, centre) = best_observed(u, ys, d);
         let ymin = ys.iter().copied().fold(f64::INFINITY, f64::min);
         let ymin = if ymin.is_finite() { ymin } else { 0.0 };
         let mut theta = vec![0.0; 2 + 2 * d];
@@ -172,7 +173,7 @@ impl MeanFunction for GaussianPeak {
         theta[1] = (ymax - ymin).max(0.1).ln();
         for i in 0..d {
             theta[2 + i] = LN_10;
-            theta[2 + d + i] = u.get(best).map_or(0.5, |x| x[i]);
+            theta[2 + d + i] = centre[i];
         }
         theta
     }

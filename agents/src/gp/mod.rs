@@ -556,6 +556,11 @@ impl Refitter {
         }
     }
 
+    /// Fits done so far.
+    pub fn fits(&self) -> usize {
+        self.n_fits
+    }
+
     /// Forgets the previous hyperparameters (the next fit is cold).
     pub fn reset(&mut self) {
         self.n_fits = 0;
