@@ -32,9 +32,11 @@ pub mod command;
 pub mod error;
 pub mod guard;
 pub mod limits;
+pub mod watchdog;
 
 pub use audit::AuditLog;
 pub use command::{SpmCommand, StemCommand};
 pub use error::{DriverError, Refusal, Result};
 pub use guard::{Check, Guarded};
 pub use limits::Limits;
+pub use watchdog::{HasSafeHandle, SafeHandle};
