@@ -20,7 +20,7 @@ use scopegym_physics::PhysicsError;
 use thiserror::Error;
 
 /// Start of the `reason` of a [`PhysicsError::Refused`] made from a guard refusal.
-pub const REFUSAL_PREFIX: &str = "guard: limit `";
+pub const REFUSAL_PREFIX: &str = scopegym_physics::error::GUARD_REFUSAL_PREFIX;
 
 /// Start of the `reason` of a [`PhysicsError::Refused`] made from a driver failure (timeout, I/O).
 pub const DRIVER_PREFIX: &str = "driver: ";
@@ -77,6 +77,17 @@ pub enum DriverError {
     /// The instrument (simulated or real) returned an error.
     #[error(transparent)]
     Instrument(#[from] PhysicsError),
+    /// A driver URL could not be understood or does not fit the task.
+    #[error("driver `{url}`: {reason}")]
+    InvalidUrl {
+        /// The URL as given.
+        url: String,
+        /// What was expected.
+        reason: String,
+    },
+    /// The task could not be built or run (unknown id, bad config, ...).
+    #[error(transparent)]
+    Env(Box<scopegym_envs::EnvError>),
 }
 
 impl DriverError {
@@ -142,6 +153,17 @@ impl From<DriverError> for PhysicsError {
                 reason: format!("{DRIVER_PREFIX}I/O error: {source}"),
             },
             DriverError::Instrument(p) => p,
+            DriverError::InvalidUrl { url, reason } => PhysicsError::InvalidParameter {
+                field: "driver".into(),
+                reason: format!("`{url}`: {reason}"),
+            },
+            DriverError::Env(e) => match *e {
+                scopegym_envs::EnvError::Physics(p) => p,
+                other => PhysicsError::InvalidArgument {
+                    argument: "task".into(),
+                    reason: other.to_string(),
+                },
+            },
         }
     }
 }
@@ -157,13 +179,7 @@ impl From<DriverError> for PhysicsError {
 /// assert_eq!(guard_refusal(&PhysicsError::arg("x", "bad")), None);
 /// ```
 pub fn guard_refusal(e: &PhysicsError) -> Option<&str> {
-    match e {
-        PhysicsError::Refused { reason, .. } => {
-            let rest = reason.strip_prefix(REFUSAL_PREFIX)?;
-            rest.split_once('`').map(|(limit, _)| limit)
-        }
-        _ => None,
-    }
+    e.guard_limit()
 }
 
 /// Result with [`DriverError`].

@@ -76,6 +76,8 @@ use scopegym_physics::instrument::{
 use scopegym_physics::spm::tip::Conditioning;
 use scopegym_physics::stem::optics::Aberrations;
 use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 type PResult<T> = scopegym_physics::Result<T>;
 
@@ -191,6 +193,7 @@ pub struct Guarded<I> {
     last_refusal: Option<Refusal>,
     tripped: Option<Refusal>,
     forwarded: u64,
+    watchdog: Option<Arc<AtomicBool>>,
     stem_image: Array2<f32>,
     stem_energy: Vec<f64>,
     stem_counts: Vec<f32>,
@@ -260,6 +263,7 @@ impl<I> Guarded<I> {
             last_refusal: None,
             tripped: None,
             forwarded: 0,
+            watchdog: None,
             stem_image: Array2::zeros((0, 0)),
             stem_energy: Vec::new(),
             stem_counts: Vec::new(),
@@ -276,6 +280,15 @@ impl<I> Guarded<I> {
     /// This guard in dry-run mode (`true`: check and log, send nothing) or not.
     pub fn dry_run(mut self, dry_run: bool) -> Self {
         self.dry_run = dry_run;
+        self
+    }
+
+    /// This guard refusing every command but `make_safe` (limit `watchdog`) once `fired` turns
+    /// true: the [`Watchdog`](crate::watchdog::Watchdog)'s
+    /// [`fired_flag`](crate::watchdog::Watchdog::fired_flag), set when it made the instrument
+    /// safe because the policy side went quiet. [`Guarded::clear_trip`] re-arms.
+    pub fn watch(mut self, fired: Arc<AtomicBool>) -> Self {
+        self.watchdog = Some(fired);
         self
     }
 
@@ -324,6 +337,9 @@ impl<I> Guarded<I> {
     /// dealt with its cause.
     pub fn clear_trip(&mut self) {
         self.tripped = None;
+        if let Some(w) = &self.watchdog {
+            w.store(false, Ordering::SeqCst);
+        }
     }
 
     /// Clears the dose map (a new specimen or a new, unexposed area after a stage move).
@@ -356,6 +372,17 @@ impl<I> Guarded<I> {
         &self.audit
     }
 
+    /// Writes one line to the audit log for something done outside the limits' reach
+    /// (starting an episode, the watchdog).
+    pub fn log(
+        &mut self,
+        command: &str,
+        args: serde_json::Map<String, serde_json::Value>,
+        outcome: &Outcome,
+    ) -> Result<()> {
+        self.audit.record(command, args, outcome)
+    }
+
     /// Step 1 and 2 of every command: refused, skipped (dry run) or to send (`true`).
     fn admit(
         &mut self,
@@ -364,11 +391,22 @@ impl<I> Guarded<I> {
         verdict: Result<()>,
         always: bool,
     ) -> PResult<bool> {
+        let fired = self
+            .watchdog
+            .as_ref()
+            .is_some_and(|w| w.load(Ordering::SeqCst));
         let verdict = match (&self.audit.failure(), always) {
             (Some(why), false) => Err(DriverError::refused(
                 "audit",
                 name,
                 format!("the audit log failed ({why}); only make_safe is allowed"),
+            )),
+            (None, false) if fired => Err(DriverError::refused(
+                "watchdog",
+                name,
+                "the watchdog made the instrument safe after the policy side went quiet; \
+                 only make_safe is allowed until a person re-arms the guard (clear_trip)"
+                    .to_owned(),
             )),
             _ => verdict,
         };

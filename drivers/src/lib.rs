@@ -29,6 +29,8 @@
 
 pub mod audit;
 pub mod command;
+pub mod connect;
+pub mod episode;
 pub mod error;
 pub mod guard;
 pub mod limits;
@@ -39,4 +41,4 @@ pub use command::{SpmCommand, StemCommand};
 pub use error::{DriverError, Refusal, Result};
 pub use guard::{Check, Guarded};
 pub use limits::Limits;
-pub use watchdog::{HasSafeHandle, SafeHandle};
+pub use watchdog::{HasSafeHandle, SafeHandle, Watchdog};

@@ -154,6 +154,8 @@ pub struct TaskEnv<T: Task> {
     steps: usize,
     phase: Phase,
     seeds: Option<SimRng>,
+    /// The latest observation, returned again when a step is refused by a safety guard.
+    last_obs: Option<Value>,
 }
 
 fn entropy_seed() -> u64 {
@@ -180,6 +182,7 @@ impl<T: Task> TaskEnv<T> {
             steps: 0,
             phase: Phase::NeedsReset,
             seeds: None,
+            last_obs: None,
         }
     }
 
@@ -191,6 +194,32 @@ impl<T: Task> TaskEnv<T> {
     /// Steps taken in this episode.
     pub fn elapsed_steps(&self) -> usize {
         self.steps
+    }
+
+    /// The documented outcome of a step a safety guard refused (a command outside the
+    /// configured limits, never sent): the episode ends (`terminated`, reward 0), the
+    /// observation is the previous one, and `info` says why: `refused` (true), `refused_limit`
+    /// (the limit's name in `limits.toml`), `refused_reason` (the full message) and
+    /// `is_success` (false). The same on a simulator and on hardware, since both run behind
+    /// the same guard.
+    fn refused(&mut self, e: &scopegym_physics::PhysicsError, mut info: Info) -> Step {
+        info.insert("refused".into(), InfoValue::Bool(true));
+        if let Some(limit) = e.guard_limit() {
+            info.insert("refused_limit".into(), InfoValue::Str(limit.to_owned()));
+        }
+        info.insert("refused_reason".into(), InfoValue::Str(e.to_string()));
+        info.insert("is_success".into(), InfoValue::Bool(false));
+        self.steps += 1;
+        self.phase = Phase::Done;
+        // `last_obs` is set by every reset, so a running episode always has one.
+        let obs = self.last_obs.clone().unwrap_or(Value::Box(Vec::new()));
+        Step {
+            obs,
+            reward: 0.0,
+            terminated: true,
+            truncated: false,
+            info,
+        }
     }
 }
 
@@ -225,6 +254,7 @@ impl<T: Task> Env for TaskEnv<T> {
         let obs = self.task.reset(episode_seed, &mut info)?;
         self.steps = 0;
         self.phase = Phase::Running;
+        self.last_obs = Some(obs.clone());
         Ok((obs, info))
     }
 
@@ -249,7 +279,13 @@ impl<T: Task> Env for TaskEnv<T> {
         if clipped {
             info.insert("action_clipped".into(), InfoValue::Bool(true));
         }
-        let s = self.task.step(&action, &mut info)?;
+        let s = match self.task.step(&action, &mut info) {
+            Ok(s) => s,
+            Err(EnvError::Physics(e)) if e.guard_limit().is_some() => {
+                return Ok(self.refused(&e, info));
+            }
+            Err(e) => return Err(e),
+        };
         info.insert("is_success".into(), InfoValue::Bool(s.success));
         self.steps += 1;
         let truncated = !s.terminated && self.steps >= self.max_steps;
@@ -262,6 +298,7 @@ impl<T: Task> Env for TaskEnv<T> {
                 format!("{}: the task produced a non-finite reward", self.id),
             )));
         }
+        self.last_obs = Some(s.obs.clone());
         Ok(Step {
             obs: s.obs,
             reward: s.reward,

@@ -43,7 +43,36 @@ pub enum PhysicsError {
     },
 }
 
+/// Start of the `reason` of a [`PhysicsError::Refused`] made by a safety guard (the
+/// `scopegym-drivers` crate's `Guarded`): ``guard: limit `spm.bias_window`: ...``. An
+/// environment turns such a refusal into a documented outcome (the episode ends with
+/// `info["refused"]`) instead of an error.
+pub const GUARD_REFUSAL_PREFIX: &str = "guard: limit `";
+
 impl PhysicsError {
+    /// The limit's name if this is a safety-guard refusal (its reason starts with
+    /// [`GUARD_REFUSAL_PREFIX`]), `None` for every other error, an instrument's own refusals
+    /// included.
+    ///
+    /// ```
+    /// use scopegym_physics::PhysicsError;
+    /// let e = PhysicsError::Refused {
+    ///     operation: "set_bias".into(),
+    ///     reason: "guard: limit `spm.bias_window`: bias 100 V is outside [-10 V, 10 V]".into(),
+    /// };
+    /// assert_eq!(e.guard_limit(), Some("spm.bias_window"));
+    /// assert_eq!(PhysicsError::arg("x", "bad").guard_limit(), None);
+    /// ```
+    pub fn guard_limit(&self) -> Option<&str> {
+        match self {
+            Self::Refused { reason, .. } => reason
+                .strip_prefix(GUARD_REFUSAL_PREFIX)?
+                .split_once('`')
+                .map(|(limit, _)| limit),
+            _ => None,
+        }
+    }
+
     /// Shorthand for [`PhysicsError::InvalidParameter`].
     pub fn param(field: impl Into<String>, reason: impl Into<String>) -> Self {
         Self::InvalidParameter {

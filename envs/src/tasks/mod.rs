@@ -33,6 +33,15 @@ pub trait NewEpisode {
     /// Draws later episodes' randomized parameters from `region` (the task's split). A real
     /// instrument draws nothing: the default does nothing.
     fn set_region(&mut self, _region: Region) {}
+
+    /// Whether [`NewEpisode::new_episode`] puts a fresh, unexposed specimen under the probe
+    /// with the instrument in a known good state (a simulator rebuilds everything: true). A
+    /// real instrument keeps its specimen, its history and whatever crashed: false, the
+    /// default. A safety guard clears its dose map and re-arms after an abort only when this
+    /// is true.
+    fn fresh_specimen(&self) -> bool {
+        false
+    }
 }
 
 macro_rules! new_episode_from_template {
@@ -48,6 +57,10 @@ macro_rules! new_episode_from_template {
 
             fn set_region(&mut self, region: Region) {
                 <$sim>::set_region(self, region);
+            }
+
+            fn fresh_specimen(&self) -> bool {
+                true
             }
         }
     )*};
@@ -66,6 +79,10 @@ impl NewEpisode for DopantSimulator {
 
     fn set_region(&mut self, region: Region) {
         DopantSimulator::set_region(self, region);
+    }
+
+    fn fresh_specimen(&self) -> bool {
+        true
     }
 }
 

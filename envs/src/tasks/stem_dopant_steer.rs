@@ -445,6 +445,19 @@ impl Config {
             .validate()
             .map_err(|e| EnvError::config("instrument", e.to_string()))?;
         self.detection.validate()?;
+        let half = 0.5
+            * (self.detection.pixels as f64 * self.detection.pixel_size)
+                .max(self.detection.survey_pixels as f64 * self.detection.survey_pixel_size);
+        if self.beam_range + half > self.instrument.deflection_range {
+            return Err(EnvError::config(
+                "beam_range",
+                format!(
+                    "plus half a scan window must lie within instrument.deflection_range ({} m), \
+                     got {} m",
+                    self.instrument.deflection_range, self.beam_range
+                ),
+            ));
+        }
         let bad = |f: &str, r: String| Err(EnvError::config(f, r));
         if self.max_steps == 0 {
             return bad("max_steps", "must be at least 1".into());
@@ -760,19 +773,6 @@ impl StemDopantSteer<DopantSimulator> {
     pub fn from_config(config: Option<&toml::Value>) -> Result<Self> {
         let cfg: Config = config_from_toml(config)?;
         cfg.validate()?;
-        let half = 0.5
-            * (cfg.detection.pixels as f64 * cfg.detection.pixel_size)
-                .max(cfg.detection.survey_pixels as f64 * cfg.detection.survey_pixel_size);
-        if cfg.beam_range + half > cfg.instrument.deflection_range {
-            return Err(EnvError::config(
-                "beam_range",
-                format!(
-                    "plus half a scan window must lie within instrument.deflection_range ({} m), \
-                     got {} m",
-                    cfg.instrument.deflection_range, cfg.beam_range
-                ),
-            ));
-        }
         let inst = DopantSimulator::new(cfg.instrument.clone(), 0)?;
         Ok(Self::new(cfg, inst))
     }

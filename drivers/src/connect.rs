@@ -1,0 +1,350 @@
+//! Opening a task on a driver: the driver URL, and the task's environment on that instrument
+//! behind the guard, the audit log and the watchdog.
+//!
+//! | URL | instrument | tasks |
+//! |---|---|---|
+//! | `sim` | the task's own simulator | all |
+//! | `nanonis://HOST:PORT` | a Nanonis SPM controller | SPM tasks |
+//! | `stem-gateway://HOST:PORT` | a STEM behind the scopegym gateway protocol | STEM tasks |
+//! | `replay:FILE` | recorded NSID HDF5 data | tasks the recording can serve |
+//!
+//! Every instrument, the simulator included, runs behind [`Guarded`] with the same limits, so a
+//! policy meets the same refusals in simulation and on hardware; a refused step ends the
+//! episode with `info["refused"]` (see `scopegym_envs::env::TaskEnv`).
+//!
+//! ```
+//! use scopegym_drivers::connect::{DeployOptions, DriverUrl, make_env};
+//! let url: DriverUrl = "sim".parse().unwrap();
+//! let mut env = make_env("scopegym/StemAutofocus-v1", &url, DeployOptions::default()).unwrap();
+//! let (_obs, _info) = env.reset(Some(0)).unwrap();
+//! assert!("ftp://x".parse::<DriverUrl>().is_err());
+//! ```
+
+use crate::audit::AuditLog;
+use crate::error::{DriverError, Result};
+use crate::guard::Guarded;
+use crate::limits::Limits;
+use crate::watchdog::{SafeHandle, Watchdog};
+use scopegym_envs::env::{Env, Info, RgbImage, Step, TaskEnv};
+use scopegym_envs::space::{Space, Value};
+use scopegym_envs::tasks::config_from_toml;
+use scopegym_envs::tasks::{
+    afm_feedback_tuning, pfm_domain_writing, pfm_spectroscopy_explore, spm_atom_manipulation,
+    spm_tip_conditioning, stem_autofocus, stem_dopant_steer, stem_eels_explore, stem_sparse_scan,
+};
+use scopegym_physics::spm::sim::SpmSimulator;
+use scopegym_physics::stem::StemSimulator;
+use scopegym_physics::stem::dopant::DopantSimulator;
+use scopegym_physics::stem::lattice::LatticeSimulator;
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Where the instrument is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DriverUrl {
+    /// The task's simulator (`sim`).
+    Sim,
+    /// A Nanonis controller's TCP programming interface (`nanonis://HOST:PORT`).
+    Nanonis(String),
+    /// A STEM gateway (`stem-gateway://HOST:PORT`).
+    StemGateway(String),
+    /// Recorded data (`replay:FILE`).
+    Replay(PathBuf),
+}
+
+impl FromStr for DriverUrl {
+    type Err = DriverError;
+
+    fn from_str(s: &str) -> Result<Self> {
+        let bad = |why: &str| DriverError::InvalidUrl {
+            url: s.to_owned(),
+            reason: why.to_owned(),
+        };
+        let host_port = |rest: &str| {
+            let ok = rest
+                .rsplit_once(':')
+                .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0));
+            if ok {
+                Ok(rest.to_owned())
+            } else {
+                Err(bad("expected HOST:PORT with a port in 1-65535"))
+            }
+        };
+        if s == "sim" {
+            Ok(Self::Sim)
+        } else if let Some(rest) = s.strip_prefix("nanonis://") {
+            host_port(rest).map(Self::Nanonis)
+        } else if let Some(rest) = s.strip_prefix("stem-gateway://") {
+            host_port(rest).map(Self::StemGateway)
+        } else if let Some(rest) = s.strip_prefix("replay:") {
+            if rest.is_empty() {
+                Err(bad("expected replay:FILE"))
+            } else {
+                Ok(Self::Replay(PathBuf::from(rest)))
+            }
+        } else {
+            Err(bad(
+                "expected sim, nanonis://HOST:PORT, stem-gateway://HOST:PORT or replay:FILE",
+            ))
+        }
+    }
+}
+
+impl fmt::Display for DriverUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Sim => write!(f, "sim"),
+            Self::Nanonis(a) => write!(f, "nanonis://{a}"),
+            Self::StemGateway(a) => write!(f, "stem-gateway://{a}"),
+            Self::Replay(p) => write!(f, "replay:{}", p.display()),
+        }
+    }
+}
+
+/// How to run a task on a driver.
+#[derive(Debug, Default)]
+pub struct DeployOptions {
+    /// The task's config (TOML table), as for `scopegym_envs::registry::make`.
+    pub config: Option<toml::Value>,
+    /// The limits (default: [`Limits::default`], the conservative example).
+    pub limits: Limits,
+    /// Check and log every command, send none that changes the instrument's state.
+    pub dry_run: bool,
+    /// Append the audit log to this file (JSON lines); `None` logs nothing.
+    pub audit: Option<PathBuf>,
+    /// Make the instrument safe when the policy side goes quiet this long between calls
+    /// (`None`: no watchdog). A call in progress has its own deadline instead.
+    pub watchdog: Option<Duration>,
+}
+
+/// A task on a driver (an [`Env`]), with the watchdog that guards it.
+///
+/// Every `reset` and `step` pets the watchdog and pauses it while the call runs. Dropping a
+/// deployment makes the instrument safe (the watchdog fires on drop); [`Deployment::close`]
+/// does so explicitly and reports whether it worked.
+pub struct Deployment {
+    env: Box<dyn Env>,
+    watchdog: Option<Watchdog>,
+    safe: Arc<dyn SafeHandle>,
+    url: DriverUrl,
+}
+
+impl fmt::Debug for Deployment {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Deployment")
+            .field("env", &self.env.id())
+            .field("url", &self.url)
+            .field("watchdog", &self.watchdog)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Deployment {
+    /// The driver URL.
+    pub fn url(&self) -> &DriverUrl {
+        &self.url
+    }
+
+    /// Whether the watchdog has made the instrument safe.
+    pub fn watchdog_fired(&self) -> bool {
+        self.watchdog.as_ref().is_some_and(Watchdog::fired)
+    }
+
+    /// Ends the deployment: makes the instrument safe (tip withdrawn, beam blanked) over the
+    /// driver's safe handle and stops the watchdog.
+    pub fn close(mut self) -> Result<()> {
+        if let Some(w) = self.watchdog.take() {
+            w.disarm();
+        }
+        self.safe.make_safe()
+    }
+}
+
+impl Drop for Deployment {
+    fn drop(&mut self) {
+        if self.watchdog.is_none() {
+            let _ = self.safe.make_safe();
+        }
+        // Otherwise the watchdog's own drop makes the instrument safe.
+    }
+}
+
+impl Env for Deployment {
+    fn id(&self) -> &str {
+        self.env.id()
+    }
+
+    fn observation_space(&self) -> &Space {
+        self.env.observation_space()
+    }
+
+    fn action_space(&self) -> &Space {
+        self.env.action_space()
+    }
+
+    fn max_episode_steps(&self) -> usize {
+        self.env.max_episode_steps()
+    }
+
+    fn reset(&mut self, seed: Option<u64>) -> scopegym_envs::Result<(Value, Info)> {
+        let _busy = self.watchdog.as_ref().map(Watchdog::busy);
+        self.env.reset(seed)
+    }
+
+    fn step(&mut self, action: &Value) -> scopegym_envs::Result<Step> {
+        let _busy = self.watchdog.as_ref().map(Watchdog::busy);
+        self.env.step(action)
+    }
+
+    fn render(&self) -> RgbImage {
+        self.env.render()
+    }
+
+    fn heuristic_action(&mut self, obs: &Value) -> Value {
+        self.env.heuristic_action(obs)
+    }
+}
+
+/// A simulator has nothing to withdraw from another thread (it does not move while nobody
+/// calls it); the watchdog's flag makes the guard refuse every later command instead.
+#[derive(Debug)]
+struct SimHandle;
+
+impl SafeHandle for SimHandle {
+    fn make_safe(&self) -> Result<()> {
+        Ok(())
+    }
+
+    fn describe(&self) -> String {
+        "sim".into()
+    }
+}
+
+/// The guard every instrument runs behind, with the options' limits, mode and log.
+fn guard<I>(inst: I, o: &DeployOptions, dog: Option<&Watchdog>) -> Result<Guarded<I>> {
+    let audit = match &o.audit {
+        Some(p) => AuditLog::append_file(p)?,
+        None => AuditLog::disabled(),
+    };
+    let g = Guarded::new(inst, o.limits.clone())?
+        .dry_run(o.dry_run)
+        .with_audit(audit);
+    Ok(match dog {
+        Some(d) => g.watch(d.fired_flag()),
+        None => g,
+    })
+}
+
+fn env_err(e: scopegym_envs::EnvError) -> DriverError {
+    DriverError::Env(Box::new(e))
+}
+
+fn wrong_family(id: &str, url: &DriverUrl) -> DriverError {
+    DriverError::InvalidUrl {
+        url: url.to_string(),
+        reason: format!("this driver cannot run {id}"),
+    }
+}
+
+/// Builds task `id` on the instrument at `url`, behind the guard.
+pub fn make_env(id: &str, url: &DriverUrl, opts: DeployOptions) -> Result<Deployment> {
+    let spec = scopegym_envs::registry::spec(id).map_err(env_err)?;
+    let id = spec.id;
+    let c = opts.config.as_ref();
+    let (safe, dog): (Arc<dyn SafeHandle>, _) = match url {
+        DriverUrl::Sim => {
+            let safe: Arc<dyn SafeHandle> = Arc::new(SimHandle);
+            let dog = opts.watchdog.map(|t| Watchdog::start(safe.clone(), t));
+            (safe, dog)
+        }
+        _ => return Err(wrong_family(id, url)),
+    };
+    let d = dog.as_ref();
+    macro_rules! on_sim {
+        ($task:ident, $ty:ident, $inst:expr) => {{
+            let cfg: $task::Config = config_from_toml(c).map_err(env_err)?;
+            cfg.validate().map_err(env_err)?;
+            #[allow(clippy::redundant_closure_call)]
+            let inst = ($inst)(&cfg).map_err(|e: scopegym_physics::PhysicsError| {
+                env_err(scopegym_envs::EnvError::config("instrument", e.to_string()))
+            })?;
+            let task = $task::$ty::new(cfg, guard(inst, &opts, d)?);
+            Box::new(TaskEnv::new(id, task)) as Box<dyn Env>
+        }};
+    }
+    let env: Box<dyn Env> = match (id, url) {
+        ("scopegym/AfmFeedbackTuning-v1", DriverUrl::Sim) => {
+            on_sim!(
+                afm_feedback_tuning,
+                AfmFeedbackTuning,
+                |c: &afm_feedback_tuning::Config| SpmSimulator::new(c.instrument.clone(), 0)
+            )
+        }
+        ("scopegym/PfmDomainWriting-v1", DriverUrl::Sim) => {
+            on_sim!(
+                pfm_domain_writing,
+                PfmDomainWriting,
+                |c: &pfm_domain_writing::Config| SpmSimulator::new(c.instrument.clone(), 0)
+            )
+        }
+        ("scopegym/PfmSpectroscopyExplore-v1", DriverUrl::Sim) => {
+            on_sim!(
+                pfm_spectroscopy_explore,
+                PfmSpectroscopyExplore,
+                |c: &pfm_spectroscopy_explore::Config| SpmSimulator::new(c.instrument.clone(), 0)
+            )
+        }
+        ("scopegym/SpmTipConditioning-v1", DriverUrl::Sim) => {
+            on_sim!(
+                spm_tip_conditioning,
+                SpmTipConditioning,
+                |c: &spm_tip_conditioning::Config| SpmSimulator::new(c.instrument.clone(), 0)
+            )
+        }
+        ("scopegym/SpmAtomManipulation-v1", DriverUrl::Sim) => {
+            on_sim!(
+                spm_atom_manipulation,
+                SpmAtomManipulation,
+                |c: &spm_atom_manipulation::Config| SpmSimulator::new(c.instrument.clone(), 0)
+            )
+        }
+        ("scopegym/StemAutofocus-v1", DriverUrl::Sim) => {
+            on_sim!(
+                stem_autofocus,
+                StemAutofocus,
+                |c: &stem_autofocus::Config| LatticeSimulator::new(c.instrument.clone(), 0)
+            )
+        }
+        ("scopegym/StemDopantSteer-v1", DriverUrl::Sim) => {
+            on_sim!(
+                stem_dopant_steer,
+                StemDopantSteer,
+                |c: &stem_dopant_steer::Config| DopantSimulator::new(c.instrument.clone(), 0)
+            )
+        }
+        ("scopegym/StemEelsExplore-v1", DriverUrl::Sim) => {
+            on_sim!(
+                stem_eels_explore,
+                StemEelsExplore,
+                |c: &stem_eels_explore::Config| StemSimulator::new(c.instrument_config(), 0)
+            )
+        }
+        ("scopegym/StemSparseScan-v1", DriverUrl::Sim) => {
+            on_sim!(
+                stem_sparse_scan,
+                StemSparseScan,
+                |c: &stem_sparse_scan::Config| StemSimulator::new(c.instrument_config(), 0)
+            )
+        }
+        _ => return Err(wrong_family(id, url)),
+    };
+    Ok(Deployment {
+        env,
+        watchdog: dog,
+        safe,
+        url: url.clone(),
+    })
+}
