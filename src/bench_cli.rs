@@ -27,7 +27,7 @@ fn bar(total: u64, what: &str) -> ProgressBar {
     b
 }
 
-fn read_toml(path: &Path, argument: &str) -> Result<toml::Value, CliError> {
+pub(crate) fn read_toml(path: &Path, argument: &str) -> Result<toml::Value, CliError> {
     let text = std::fs::read_to_string(path).map_err(|source| CliError::Io {
         path: path.into(),
         source,
@@ -39,7 +39,7 @@ fn read_toml(path: &Path, argument: &str) -> Result<toml::Value, CliError> {
     Ok(toml::Value::Table(v))
 }
 
-fn make_dir(dir: &Path) -> Result<(), CliError> {
+pub(crate) fn make_dir(dir: &Path) -> Result<(), CliError> {
     std::fs::create_dir_all(dir).map_err(|source| CliError::Io {
         path: dir.into(),
         source,
@@ -113,6 +113,9 @@ pub fn run(o: &RunOptions<'_>) -> Result<(), CliError> {
     spec.difficulty = o.difficulty.into();
     spec.split = o.split.into();
     spec.build = build();
+    if spec_entry.learns {
+        spec.save_dir = Some(o.out.join("checkpoints"));
+    }
     make_dir(o.out)?;
     let b = bar(0, &format!("{} on {}", o.agent, o.env_id));
     let r = run_agent(&spec, &mut |p: RunProgress| {

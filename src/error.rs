@@ -49,6 +49,9 @@ pub enum CliError {
     /// An agent could not be built, trained or run.
     #[error(transparent)]
     Agent(#[from] scopegym_agents::AgentError),
+    /// A driver could not be opened, or its limits read.
+    #[error(transparent)]
+    Driver(#[from] scopegym_drivers::DriverError),
 }
 
 impl CliError {
@@ -62,6 +65,14 @@ impl CliError {
             ) => 2,
             Self::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => 2,
             Self::Env(e) => env_exit_code(e),
+            Self::Driver(e) => {
+                use scopegym_drivers::DriverError as D;
+                match e {
+                    D::InvalidUrl { .. } | D::InvalidLimits { .. } => 2,
+                    D::Env(env) => env_exit_code(env),
+                    _ => 1,
+                }
+            }
             Self::Agent(e) => {
                 use scopegym_agents::AgentError as A;
                 match e {

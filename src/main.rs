@@ -12,6 +12,7 @@ use scopegym_physics::instrument::StemInstrument;
 use scopegym_physics::stem::{StemConfig, StemSimulator};
 
 mod bench_cli;
+mod deploy_cli;
 mod env_cli;
 mod plots;
 mod spm_cli;
@@ -190,6 +191,60 @@ enum Command {
         #[arg(long)]
         suite: Option<PathBuf>,
     },
+    /// Run a policy on an instrument through the safety guard (limits, dry run, watchdog) with
+    /// a live progress line and an audit log of every command.
+    Deploy {
+        /// Environment id, e.g. scopegym/PfmDomainWriting-v1.
+        env_id: String,
+        /// The instrument: sim, nanonis://HOST:PORT, stem-gateway://HOST:PORT or replay:FILE.
+        #[arg(long)]
+        driver: String,
+        /// The agent (random, raster, heuristic, bo, sgp, dkl, ppo, reinforce).
+        #[arg(long, required_unless_present = "policy", conflicts_with = "policy")]
+        agent: Option<String>,
+        /// The checkpoint of a learning agent (written by `scopegym run` under
+        /// <out>/checkpoints/seed<s>/).
+        #[arg(long, requires = "agent")]
+        checkpoint: Option<PathBuf>,
+        /// A TorchScript policy file (exported by PPO or REINFORCE, or scripted in PyTorch).
+        #[arg(long)]
+        policy: Option<PathBuf>,
+        /// Agent config (TOML table).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Task config overrides (TOML table).
+        #[arg(long)]
+        env_config: Option<PathBuf>,
+        /// Difficulty level: easy, medium or hard.
+        #[arg(long, default_value = "medium")]
+        difficulty: String,
+        /// Parameter split (matters on the simulator only).
+        #[arg(long, default_value = "test")]
+        split: String,
+        /// Safety limits (TOML with units; required for real instruments; see
+        /// drivers/limits.example.toml).
+        #[arg(long)]
+        limits: Option<PathBuf>,
+        /// Check and log every command; send none that changes the instrument's state.
+        #[arg(long)]
+        dry_run: bool,
+        /// Episodes to run.
+        #[arg(long, default_value_t = 1)]
+        episodes: usize,
+        /// Seed of the first episode's seed stream.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// The audit log (JSON lines, appended).
+        #[arg(long)]
+        log: PathBuf,
+        /// Make the instrument safe when the policy side is quiet this long between steps, s
+        /// (0: no watchdog).
+        #[arg(long, default_value_t = 30.0)]
+        watchdog: f64,
+        /// Print one JSON object instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Reset an environment and save its render as a PNG.
     Render {
         /// Environment id.
@@ -306,6 +361,41 @@ fn main() -> ExitCode {
             suite: suite.as_deref(),
         }),
         Command::Render { env_id, seed, out } => env_cli::render(&env_id, seed, &out),
+        Command::Deploy {
+            env_id,
+            driver,
+            agent,
+            checkpoint,
+            policy,
+            config,
+            env_config,
+            difficulty,
+            split,
+            limits,
+            dry_run,
+            episodes,
+            seed,
+            log,
+            watchdog,
+            json,
+        } => deploy_cli::deploy(&deploy_cli::DeployArgs {
+            env_id: &env_id,
+            driver: &driver,
+            agent: agent.as_deref(),
+            checkpoint: checkpoint.as_deref(),
+            policy: policy.as_deref(),
+            config: config.as_deref(),
+            env_config: env_config.as_deref(),
+            difficulty: &difficulty,
+            split: &split,
+            limits: limits.as_deref(),
+            dry_run,
+            episodes,
+            seed,
+            log: &log,
+            watchdog,
+            json,
+        }),
         Command::Record {
             repair: true, out, ..
         } => env_cli::repair(&out),

@@ -69,6 +69,15 @@ pub trait Agent: Send {
         let _ = (action, reward, next_obs);
         Ok(())
     }
+
+    /// Saves what the agent learned into the folder `dir` (a checkpoint that
+    /// [`crate::registry::load`] reads back, and a TorchScript export where the agent has a
+    /// network) and returns the files written. The default (agents that learn nothing across
+    /// episodes) writes nothing.
+    fn save(&self, dir: &std::path::Path) -> Result<Vec<std::path::PathBuf>> {
+        let _ = dir;
+        Ok(Vec::new())
+    }
 }
 
 /// What one episode gave.

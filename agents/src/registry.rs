@@ -99,6 +99,36 @@ pub fn make(
     (spec(name)?.make)(env, config, seed)
 }
 
+/// Loads agent `name` from a checkpoint written by [`Agent::save`] (`<dir>/<name>.safetensors`)
+/// for `env`, checking that its network fits `env`'s spaces. Only agents that learn across
+/// episodes have checkpoints (ppo, reinforce).
+pub fn load(name: &str, path: &std::path::Path, env: &dyn Env) -> Result<Box<dyn Agent>> {
+    spec(name)?;
+    #[cfg(not(feature = "torch"))]
+    let _ = path;
+    match name {
+        #[cfg(feature = "torch")]
+        "ppo" => {
+            let a = crate::rl::PpoAgent::load(path)?;
+            crate::rl::common::check_fits(&a.net().spec, env, path)?;
+            Ok(Box::new(a))
+        }
+        #[cfg(feature = "torch")]
+        "reinforce" => {
+            let a = crate::rl::ReinforceAgent::load(path)?;
+            crate::rl::common::check_fits(&a.net().spec, env, path)?;
+            Ok(Box::new(a))
+        }
+        #[cfg(not(feature = "torch"))]
+        "ppo" | "reinforce" => Err(missing_torch(name)),
+        _ => Err(AgentError::Unsupported {
+            agent: name.into(),
+            task: env.id().into(),
+            reason: "this agent has no checkpoints (only ppo and reinforce do)".into(),
+        }),
+    }
+}
+
 #[cfg(all(test, not(feature = "torch")))]
 mod tests {
     #[test]

@@ -148,6 +148,11 @@ impl Deployment {
         &self.url
     }
 
+    /// The handle that makes the instrument safe from any thread (a Ctrl-C handler).
+    pub fn safe_handle(&self) -> Arc<dyn SafeHandle> {
+        self.safe.clone()
+    }
+
     /// Whether the watchdog has made the instrument safe.
     pub fn watchdog_fired(&self) -> bool {
         self.watchdog.as_ref().is_some_and(Watchdog::fired)

@@ -78,6 +78,9 @@ pub struct RunSpec {
     pub keep_steps: bool,
     /// Version and commit for the provenance.
     pub build: BuildInfo,
+    /// Where learning agents save what they learned, per seed: `<dir>/seed<s>/` (checkpoint
+    /// and TorchScript policy, [`crate::Agent::save`]); `None` saves nothing.
+    pub save_dir: Option<std::path::PathBuf>,
 }
 
 impl RunSpec {
@@ -96,6 +99,7 @@ impl RunSpec {
             episodes: 5,
             keep_steps: true,
             build: BuildInfo::default(),
+            save_dir: None,
         }
     }
 
@@ -336,6 +340,9 @@ pub fn run_agent_with(
         } else {
             Vec::new()
         };
+        if let (true, Some(dir)) = (agent_spec.learns, &spec.save_dir) {
+            agent.save(&dir.join(format!("seed{seed}")))?;
+        }
         let mut episodes = Vec::with_capacity(spec.episodes);
         for i in 0..spec.episodes {
             let rec = run_episode(env.as_mut(), agent.as_mut(), episode_seed(seed, i))?;

@@ -242,3 +242,36 @@ pub(crate) fn export_torchscript(net: &ActorCritic, path: &Path) -> Result<()> {
 pub(crate) fn mean(v: &[f64]) -> Option<f64> {
     (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
 }
+
+/// [`crate::Agent::save`] of a neural agent: the checkpoint `<dir>/<name>.safetensors` (with
+/// its `.json`) and the TorchScript policy `<dir>/<name>.pt`.
+pub(crate) fn save_agent_files(
+    dir: &Path,
+    name: &str,
+    checkpoint: impl FnOnce(&Path) -> Result<()>,
+    torchscript: impl FnOnce(&Path) -> Result<()>,
+) -> Result<Vec<PathBuf>> {
+    std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
+    let ck = dir.join(format!("{name}.safetensors"));
+    let pt = dir.join(format!("{name}.pt"));
+    checkpoint(&ck)?;
+    torchscript(&pt)?;
+    Ok(vec![ck.clone(), sidecar(&ck), pt])
+}
+
+/// Checks that a loaded network fits `env`'s spaces (a checkpoint of another task would
+/// otherwise fail deep inside libtorch).
+pub(crate) fn check_fits(spec: &NetSpec, env: &dyn Env, path: &Path) -> Result<()> {
+    let want = NetSpec::for_env(env)?;
+    if *spec == want {
+        Ok(())
+    } else {
+        Err(io_err(
+            path,
+            format!(
+                "the checkpoint's network does not fit {}'s spaces (trained for another task?)",
+                env.id()
+            ),
+        ))
+    }
+}

@@ -52,7 +52,7 @@
 //! sampling and minibatch shuffling use our seeded generators; libtorch runs on one thread
 //! (`tch::set_num_threads(1)`). The same seed gives the same training run.
 
-mod common;
+pub(crate) mod common;
 pub mod net;
 pub mod ppo;
 pub mod reinforce;

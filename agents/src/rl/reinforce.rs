@@ -329,6 +329,15 @@ impl Agent for ReinforceAgent {
         "reinforce"
     }
 
+    fn save(&self, dir: &Path) -> Result<Vec<std::path::PathBuf>> {
+        super::common::save_agent_files(
+            dir,
+            "reinforce",
+            |p| self.save(p),
+            |p| self.export_torchscript(p),
+        )
+    }
+
     fn config(&self) -> serde_json::Value {
         serde_json::to_value(&self.cfg).unwrap_or_default()
     }
