@@ -20,14 +20,14 @@
 //!
 //! Precision: Nanonis carries positions in `FolMe.*` as `f64` (exact), but the scan frame,
 //! scan speed, bias, pulse and tip-shaper values as `f32`; the instrument receives those
-//! rounded to `f32` (a relative change below 6e-8), and the client reports the rounded values
-//! as accepted.
+//! rounded to `f32` (a relative change below 6e-8), and the client reports the values read
+//! back, widened by [`widen`] (0.05 reads as 0.05).
 //!
 //! The getters of the traits (`bias`, `probe_position`, `scan_settings`, `is_withdrawn`, ...)
 //! return what the client last set or read back; the client reads the instrument's state when
 //! it connects and after each new episode.
 
-use super::codec::{self, ErrorBlock, HEADER_LEN, Ty, Value};
+use super::codec::{self, ErrorBlock, HEADER_LEN, Ty, Value, widen};
 use super::{ChannelMap, ZSTATUS_HOLD, ZSTATUS_ON, ZSTATUS_SAFE_TIP, command_types};
 use crate::error::{DriverError, FaultKind, Result};
 use crate::watchdog::{HasSafeHandle, SafeHandle};
@@ -307,7 +307,7 @@ fn resolve(addr: &str) -> Result<SocketAddr> {
 
 fn f32_of(v: &Value) -> f64 {
     match v {
-        Value::F32(x) => f64::from(*x),
+        Value::F32(x) => widen(*x),
         Value::F64(x) => *x,
         _ => f64::NAN,
     }
@@ -756,7 +756,7 @@ impl SpmInstrument for NanonisClient {
     fn set_bias(&mut self, bias: f64) -> scopegym_physics::Result<f64> {
         let b = finite("bias", bias)? as f32;
         self.call_t("Bias.Set", &[Value::F32(b)])?;
-        self.bias = f64::from(b);
+        self.bias = widen(b);
         Ok(self.bias)
     }
 

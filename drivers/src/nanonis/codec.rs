@@ -23,6 +23,24 @@ pub const NAME_LEN: usize = 32;
 /// Length of a request or reply header, bytes.
 pub const HEADER_LEN: usize = 40;
 
+/// Widens an `f32` from the wire to the `f64` of its shortest decimal form (the fewest digits
+/// that round to the same `f32`): `0.05f32` becomes `0.05`, not `0.05000000074505806`. Values a
+/// person or a config writes (0.05 s per line, 4.8 nm, a 0.2 s pulse, 20 mV) then arrive
+/// exactly; any other value moves by less than half an `f32` step, as with a plain widening.
+///
+/// ```
+/// use scopegym_drivers::nanonis::codec::widen;
+/// assert_eq!(widen(0.05f32), 0.05);
+/// assert_eq!(widen(4.8e-9f32), 4.8e-9);
+/// assert_eq!(widen(0.5f32), 0.5);
+/// ```
+pub fn widen(x: f32) -> f64 {
+    if !x.is_finite() {
+        return f64::from(x);
+    }
+    format!("{x:e}").parse().unwrap_or(f64::from(x))
+}
+
 /// A malformed message or value: what was being decoded and what was wrong.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WireError(pub String);

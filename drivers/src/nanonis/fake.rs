@@ -21,11 +21,16 @@
 //! - `ZCtrl.StatusGet` answers 2 (on) when engaged, 1 (off) when withdrawn, 5 after an injected
 //!   safe-tip event (which also withdraws the simulated tip).
 //!
+//! Every `f32` argument reaches the simulator through [`widen`] (its shortest decimal form),
+//! so a value like 0.05 s per line arrives as 0.05, not 0.0500000007: the simulator's time base
+//! has exact boundaries (3.125 controller samples per pixel at 10 lines/s and 32 px) that a
+//! plain widening would move, changing heights by picometres.
+//!
 //! Every request is recorded, decoded, in [`FakeNanonis::log`], with the connection it came on.
 //! Faults ([`ServerFault`]) are injected per command and fire once; split and delayed writes
 //! ([`FakeNanonis::set_split_writes`]) apply to every reply until turned off.
 
-use super::codec::{self, ErrorBlock, HEADER_LEN, Value};
+use super::codec::{self, ErrorBlock, HEADER_LEN, Value, widen};
 use super::{ChannelMap, ZSTATUS_OFF, ZSTATUS_ON, ZSTATUS_SAFE_TIP, command_types};
 use ndarray::Array2;
 use scopegym_physics::instrument::{
@@ -444,6 +449,11 @@ fn f(v: &Value) -> f32 {
     }
 }
 
+/// An `f32` argument as the simulator's `f64` ([`widen`]).
+fn w(v: &Value) -> f64 {
+    widen(f(v))
+}
+
 fn u(v: &Value) -> u32 {
     match v {
         Value::U32(x) => *x,
@@ -467,9 +477,9 @@ fn apply_pending(st: &mut State) -> Result<(), String> {
     if let Some((ch, _, _)) = &p.buffer {
         st.buffer_channels = ch.clone();
     }
-    let width = p.frame.map_or(cur.cols as f64 * cur.pixel_size, |fr| f64::from(fr[2]));
-    let t_line = p.t_line.map_or(cur.cols as f64 * cur.dwell_time, f64::from);
-    let center = p.frame.map_or(cur.center, |fr| [f64::from(fr[0]), f64::from(fr[1])]);
+    let width = p.frame.map_or(cur.cols as f64 * cur.pixel_size, |fr| widen(fr[2]));
+    let t_line = p.t_line.map_or(cur.cols as f64 * cur.dwell_time, widen);
+    let center = p.frame.map_or(cur.center, |fr| [widen(fr[0]), widen(fr[1])]);
     if cols == 0 {
         return Err("Scan.BufferSet: zero pixels".into());
     }
@@ -489,12 +499,12 @@ fn handle(st: &mut State, name: &str, a: &[Value]) -> Result<Vec<Value>, String>
     let none = Ok(Vec::new());
     match name {
         "Bias.Set" => {
-            st.sim.set_bias(f64::from(f(&a[0]))).map_err(e)?;
+            st.sim.set_bias(w(&a[0])).map_err(e)?;
             none
         }
         "Bias.Get" => Ok(vec![Value::F32(st.sim.bias() as f32)]),
         "Bias.Pulse" => {
-            let (width, bias) = (f64::from(f(&a[1])), f64::from(f(&a[2])));
+            let (width, bias) = (w(&a[1]), w(&a[2]));
             apply_pending(st)?;
             if st.sim.film().is_some() {
                 let p = st.sim.probe_position();
@@ -536,7 +546,7 @@ fn handle(st: &mut State, name: &str, a: &[Value]) -> Result<Vec<Value>, String>
         }
         "ZCtrl.GainSet" => {
             st.sim
-                .set_feedback_gains(f64::from(f(&a[0])), f64::from(f(&a[2])))
+                .set_feedback_gains(w(&a[0]), w(&a[2]))
                 .map_err(e)?;
             none
         }
@@ -641,9 +651,9 @@ fn handle(st: &mut State, name: &str, a: &[Value]) -> Result<Vec<Value>, String>
         "TipShaper.Start" => {
             let t = &st.tip_shaper;
             let c = Conditioning::Dip {
-                depth: -f64::from(t[3]),
-                bias: f64::from(t[2]),
-                duration: f64::from(t[4]),
+                depth: -widen(t[3]),
+                bias: widen(t[2]),
+                duration: widen(t[4]),
             };
             apply_pending(st)?;
             st.sim.condition_tip(&c).map_err(e)?;
@@ -666,7 +676,7 @@ fn handle(st: &mut State, name: &str, a: &[Value]) -> Result<Vec<Value>, String>
             if n == 0 || n > 100_000 {
                 return Err(format!("BiasSpectr.Start: {n} points"));
             }
-            let (lo, hi) = (f64::from(lo), f64::from(hi));
+            let (lo, hi) = (widen(lo), widen(hi));
             let w: Vec<f64> = (0..n)
                 .map(|k| if n == 1 { lo } else { lo + (hi - lo) * k as f64 / (n - 1) as f64 })
                 .collect();
