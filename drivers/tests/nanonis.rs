@@ -457,3 +457,211 @@ fn domain_writing_over_tcp_equals_the_simulator() {
     report.push(compare_episode(&mut direct, &mut tcp, 3, 0.0, Some(&script)));
     eprintln!("domain writing (steps, max |Δobs|, success): {report:?}");
 }
+
+// ---------------------------------------------------------------- faults
+
+const TIMEOUT: Duration = Duration::from_secs(1);
+/// Slack on top of a deadline for scheduling and the make_safe round trip on loopback.
+const MARGIN: Duration = Duration::from_millis(1500);
+
+fn fault_rig() -> (FakeNanonis, NanonisClient, stc::Config) {
+    let cfg = stc::Config::at_level(Difficulty::Medium);
+    let fake = FakeNanonis::from_config(cfg.instrument.clone(), cfg.split.region()).unwrap();
+    let opts = NanonisOptions {
+        timeout: TIMEOUT,
+        connect_timeout: TIMEOUT,
+        scan_margin: TIMEOUT,
+        ..NanonisOptions::for_mode(SpmMode::Stm)
+    };
+    let c = NanonisClient::connect(&fake.url(), opts).unwrap();
+    fake.clear_log();
+    (fake, c, cfg)
+}
+
+/// Asserts that `r` is the driver fault `kind`, returned within `limit` of `t0`, after which
+/// the server saw `ZCtrl.Withdraw` on a connection other than the one `command` came on.
+fn assert_fault<T: std::fmt::Debug>(
+    fake: &FakeNanonis,
+    r: Result<T, PhysicsError>,
+    kind: FaultKind,
+    command: &str,
+    t0: Instant,
+    limit: Duration,
+) -> String {
+    let elapsed = t0.elapsed();
+    let e = r.expect_err("a fault must be an error");
+    let PhysicsError::Refused { reason, .. } = &e else {
+        panic!("expected a driver refusal, got {e:?}");
+    };
+    assert!(reason.starts_with(&format!("{DRIVER_PREFIX}{kind}")), "{kind}: {reason}");
+    assert!(reason.contains("make_safe: tip withdrawn"), "{reason}");
+    assert!(elapsed < limit, "{kind}: took {elapsed:?}, limit {limit:?}");
+    let log: Vec<LoggedCommand> = fake.log();
+    let at = log.iter().rposition(|l| l.name == command).unwrap_or_else(|| panic!("{command} not sent: {log:?}"));
+    let conn = log[at].connection;
+    assert!(
+        log[at + 1..].iter().any(|l| l.name == "ZCtrl.Withdraw" && l.connection != conn),
+        "{kind}: no ZCtrl.Withdraw on a fresh connection after {command}: {log:?}"
+    );
+    assert!(fake.with_sim(|s| s.is_withdrawn()), "{kind}: the tip must be withdrawn");
+    reason.clone()
+}
+
+#[test]
+fn a_stalled_reply_times_out_and_withdraws() {
+    let (fake, mut c, _) = fault_rig();
+    fake.inject("Bias.Set", ServerFault::Stall);
+    let t0 = Instant::now();
+    let r = c.set_bias(0.2);
+    assert!(t0.elapsed() >= TIMEOUT - Duration::from_millis(50), "gave up before the deadline");
+    assert_fault(&fake, r, FaultKind::Timeout, "Bias.Set", t0, TIMEOUT + MARGIN);
+    // Withdrawn now: acquisitions are refused until re-engaged; the client reconnects.
+    assert!(c.is_withdrawn() && c.acquire_frame().is_err());
+    c.set_withdrawn(false).unwrap();
+    assert!(c.acquire_frame().is_ok());
+}
+
+#[test]
+fn a_dribbling_reply_cannot_stretch_the_deadline() {
+    let (fake, mut c, _) = fault_rig();
+    // 48 reply bytes, one every 100 ms: 4.8 s in all, each read well within the timeout.
+    fake.inject("Bias.Set", ServerFault::Split(1, Duration::from_millis(100)));
+    let t0 = Instant::now();
+    let r = c.set_bias(0.2);
+    assert_fault(&fake, r, FaultKind::Timeout, "Bias.Set", t0, TIMEOUT + MARGIN);
+}
+
+#[test]
+fn split_and_delayed_writes_within_the_deadline_are_read_whole() {
+    let (fake, mut c, cfg) = fault_rig();
+    fake.set_split_writes(Some((61, Duration::from_millis(1))));
+    let got = c.acquire_frame().unwrap().channel("height").unwrap().image.clone();
+    fake.set_split_writes(None);
+    let mut twin = SpmSimulator::new(cfg.instrument.clone(), 0).unwrap();
+    twin.set_region(cfg.split.region());
+    let want = twin.acquire_frame().unwrap().channel("height").unwrap().image.clone();
+    assert_eq!(got, want);
+    assert!(!fake.log().iter().any(|l| l.name == "ZCtrl.Withdraw"));
+}
+
+#[test]
+fn an_error_reply_is_reported_with_its_message() {
+    let (fake, mut c, _) = fault_rig();
+    fake.inject("Bias.Set", ServerFault::ErrorReply("bias out of range".into()));
+    let t0 = Instant::now();
+    let before = fake.connections();
+    let reason = assert_fault(&fake, c.set_bias(0.2), FaultKind::ErrorReply, "Bias.Set", t0, TIMEOUT);
+    assert!(reason.contains("bias out of range"), "{reason}");
+    // The main connection is kept: only make_safe's connection was opened.
+    assert_eq!(fake.connections(), before + 1);
+    assert_eq!(c.set_bias(0.3).unwrap(), 0.3);
+    assert_eq!(fake.connections(), before + 1);
+}
+
+#[test]
+fn a_server_that_stops_mid_body_is_a_lost_connection() {
+    let (fake, mut c, _) = fault_rig();
+    fake.inject("Scan.FrameDataGrab", ServerFault::StopMidBody);
+    let t0 = Instant::now();
+    let r = c.acquire_frame().map(|_| ());
+    assert_fault(&fake, r, FaultKind::Connection, "Scan.FrameDataGrab", t0, TIMEOUT);
+}
+
+#[test]
+fn an_absurd_body_size_is_refused_before_reading() {
+    let (fake, mut c, _) = fault_rig();
+    fake.inject("Scan.FrameDataGrab", ServerFault::AbsurdBodySize);
+    let t0 = Instant::now();
+    let r = c.acquire_frame().map(|_| ());
+    let reason = assert_fault(&fake, r, FaultKind::BodyTooLarge, "Scan.FrameDataGrab", t0, TIMEOUT);
+    assert!(reason.contains("2147483647"), "{reason}");
+}
+
+#[test]
+fn a_garbage_header_is_a_protocol_error() {
+    let (fake, mut c, _) = fault_rig();
+    fake.inject("ZCtrl.StatusGet", ServerFault::GarbageHeader);
+    let t0 = Instant::now();
+    let r = c.acquire_frame().map(|_| ());
+    assert_fault(&fake, r, FaultKind::Protocol, "ZCtrl.StatusGet", t0, TIMEOUT);
+}
+
+#[test]
+fn a_safe_tip_event_stops_the_client() {
+    let (fake, mut c, _) = fault_rig();
+    fake.inject("ZCtrl.StatusGet", ServerFault::SafeTip);
+    let t0 = Instant::now();
+    let r = c.condition_tip(&Conditioning::pulse(-4.0));
+    let reason = assert_fault(&fake, r, FaultKind::SafeTip, "ZCtrl.StatusGet", t0, TIMEOUT);
+    assert!(reason.contains("status 5"), "{reason}");
+    let e = c.acquire_frame().map(|_| ()).unwrap_err();
+    assert!(e.to_string().contains("withdrawn"), "{e}");
+}
+
+#[test]
+fn fault_kinds_are_typed_through_call() {
+    let (fake, mut c, _) = fault_rig();
+    fake.inject("Bias.Get", ServerFault::Delay(Duration::from_millis(1500)));
+    match c.call("Bias.Get", &[], TIMEOUT) {
+        Err(DriverError::Fault { kind, command, safe, .. }) => {
+            assert_eq!((kind, command.as_str()), (FaultKind::Timeout, "Bias.Get"));
+            assert!(safe.starts_with("tip withdrawn"), "{safe}");
+        }
+        other => panic!("expected a timeout fault, got {other:?}"),
+    }
+    // Nothing listening: a connection fault, quickly.
+    let port = {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let t0 = Instant::now();
+    let e = NanonisClient::connect(&format!("127.0.0.1:{port}"), NanonisOptions::default()).unwrap_err();
+    assert!(matches!(e, DriverError::Fault { kind: FaultKind::Connection, .. }), "{e}");
+    assert!(t0.elapsed() < Duration::from_secs(6));
+}
+
+#[test]
+fn the_safe_handle_withdraws_over_its_own_connection() {
+    let (fake, c, _) = fault_rig();
+    let h = c.safe_handle();
+    assert_eq!(h.describe(), fake.url());
+    h.make_safe().unwrap();
+    let log = fake.log();
+    assert_eq!(log.len(), 1);
+    assert_eq!(log[0].name, "ZCtrl.Withdraw");
+    assert_ne!(log[0].connection, 1);
+    assert!(fake.with_sim(|s| s.is_withdrawn()));
+}
+
+// ---------------------------------------------------------------- limits before the wire
+
+#[test]
+fn the_guard_refuses_before_anything_reaches_the_server() {
+    let (fake, c, _) = fault_rig();
+    let sink = Sink::default();
+    let mut g = Guarded::new(c, Limits::default()).unwrap().with_audit(AuditLog::new(sink.clone()));
+    let limit = |e: PhysicsError| scopegym_drivers::error::guard_refusal(&e).map(str::to_owned);
+    assert_eq!(limit(g.set_bias(100.0).unwrap_err()).as_deref(), Some("spm.bias_window"));
+    let long = Conditioning::Pulse { bias: 2.0, duration: 10.0 };
+    assert_eq!(limit(g.condition_tip(&long).unwrap_err()).as_deref(), Some("spm.pulse_width_max"));
+    let outside = ScanSettings {
+        rows: 32,
+        cols: 32,
+        pixel_size: 0.15 * NM,
+        dwell_time: 1e-3,
+        flyback_time: 0.0,
+        center: [0.6e-6, 0.0],
+    };
+    assert_eq!(limit(g.configure_scan(&outside).unwrap_err()).as_deref(), Some("spm.scan_area_fraction"));
+    assert!(fake.log().is_empty(), "sent: {:?}", fake.log());
+    let refused: Vec<String> = sink
+        .lines()
+        .iter()
+        .filter(|l| l["result"] == "refused")
+        .map(|l| l["limit"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    assert_eq!(refused, ["spm.bias_window", "spm.pulse_width_max", "spm.scan_area_fraction"]);
+    // A command inside the limits does reach it.
+    g.set_bias(0.2).unwrap();
+    assert_eq!(fake.log().last().map(|l| l.name.as_str()), Some("Bias.Set"));
+}

@@ -69,6 +69,8 @@ pub enum ServerFault {
     Stall,
     /// Execute, then answer after this delay.
     Delay(Duration),
+    /// Execute, then write this one reply in pieces of `.0` bytes with `.1` between them.
+    Split(usize, Duration),
 }
 
 /// One request the server received.
@@ -436,6 +438,10 @@ fn serve(mut s: TcpStream, id: u64, sh: &Shared) {
             Some(ServerFault::Delay(d)) => std::thread::sleep(d),
             _ => {}
         }
+        let split = match fault {
+            Some(ServerFault::Split(c, d)) => Some((c.max(1), d)),
+            _ => split,
+        };
         if !send(&mut s, &reply, split) {
             return;
         }
