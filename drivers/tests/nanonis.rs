@@ -15,12 +15,12 @@ use scopegym_drivers::nanonis::{
 };
 use scopegym_drivers::{AuditLog, DriverError, Guarded, HasSafeHandle, Limits};
 use scopegym_envs::env::{Env, Info, InfoValue, TaskEnv};
+use scopegym_envs::level::Difficulty;
 use scopegym_envs::space::Value as Obs;
 use scopegym_envs::tasks::NewEpisode;
+use scopegym_envs::tasks::TaskConfig;
 use scopegym_envs::tasks::pfm_domain_writing::{self as pdw, PfmDomainWriting, PolarizationTruth};
 use scopegym_envs::tasks::spm_tip_conditioning::{self as stc, SpmTipConditioning, TipTruth};
-use scopegym_envs::tasks::TaskConfig;
-use scopegym_envs::level::Difficulty;
 use scopegym_physics::PhysicsError;
 use scopegym_physics::instrument::{
     BiasWriting, InstrumentInfo, ScanSettings, SpmFrame, SpmInstrument, SpmMode, TipConditioning,
@@ -64,7 +64,10 @@ fn golden_bias_set_request() {
     assert_eq!(req, want);
     let h: [u8; HEADER_LEN] = req[..HEADER_LEN].try_into().unwrap();
     let dh = codec::decode_request_header(&h).unwrap();
-    assert_eq!((dh.name.as_str(), dh.body_size, dh.send_response), ("Bias.Set", 4, true));
+    assert_eq!(
+        (dh.name.as_str(), dh.body_size, dh.send_response),
+        ("Bias.Set", 4, true)
+    );
     assert_eq!(
         codec::decode_values(&req[HEADER_LEN..], &[Ty::F32]).unwrap(),
         vec![Value::F32(0.5)]
@@ -78,7 +81,10 @@ fn golden_ok_reply() {
     want.extend(unhex("00000008 00000000 00000000 00000000"));
     assert_eq!(reply, want);
     let h: [u8; HEADER_LEN] = reply[..HEADER_LEN].try_into().unwrap();
-    assert_eq!(codec::decode_reply_header(&h).unwrap(), ("Bias.Set".into(), 8));
+    assert_eq!(
+        codec::decode_reply_header(&h).unwrap(),
+        ("Bias.Set".into(), 8)
+    );
     let (v, e) = codec::decode_reply_body(&reply[HEADER_LEN..], &[]).unwrap();
     assert!(v.is_empty() && e.is_ok() && e.message.is_empty());
 }
@@ -144,7 +150,10 @@ fn nanonis_rs_agrees_with_the_golden_vectors() {
     let req = h.join().unwrap();
     assert_eq!(&req[..32], &name32("FolMe.XYPosSet")[..]);
     assert_eq!(&req[32..40], &unhex("00000014 0001 0000")[..]);
-    assert_eq!(&req[40..], &unhex("3E45798EE2308C3A 3E501B2B29A4692B 00000001")[..]);
+    assert_eq!(
+        &req[40..],
+        &unhex("3E45798EE2308C3A 3E501B2B29A4692B 00000001")[..]
+    );
 
     // The golden FolMe.XYPosGet reply.
     let mut reply = name32("FolMe.XYPosGet");
@@ -160,10 +169,20 @@ fn nanonis_rs_agrees_with_the_golden_vectors() {
 /// an empty message passes as success there; our client reports it.
 #[test]
 fn nanonis_rs_ignores_an_error_status_without_message() {
-    let bad = codec::encode_reply("Bias.Set", &[], &ErrorBlock { status: 3, message: String::new() })
-        .unwrap();
+    let bad = codec::encode_reply(
+        "Bias.Set",
+        &[],
+        &ErrorBlock {
+            status: 3,
+            message: String::new(),
+        },
+    )
+    .unwrap();
     let (port, h) = capture_server(bad.clone(), 44);
-    assert!(nrs(port).bias_set(0.5).is_ok(), "nanonis-rs 0.5 treats this as ok");
+    assert!(
+        nrs(port).bias_set(0.5).is_ok(),
+        "nanonis-rs 0.5 treats this as ok"
+    );
     h.join().unwrap();
     let (_, body) = bad.split_at(HEADER_LEN);
     let (_, e) = codec::decode_reply_body(body, &[]).unwrap();
@@ -172,16 +191,21 @@ fn nanonis_rs_ignores_an_error_status_without_message() {
 
 #[test]
 fn nanonis_rs_talks_to_the_fake_server() {
-    let fake = FakeNanonis::from_config(stc::Config::default().instrument, Default::default()).unwrap();
+    let fake =
+        FakeNanonis::from_config(stc::Config::default().instrument, Default::default()).unwrap();
     let mut c = nrs(fake.addr().port());
     c.bias_set(0.25).unwrap();
     assert_eq!(c.bias_get().unwrap(), 0.25);
-    c.folme_xy_pos_set(nanonis_rs::Position::new(1.0 * NM, -2.0 * NM), true).unwrap();
+    c.folme_xy_pos_set(nanonis_rs::Position::new(1.0 * NM, -2.0 * NM), true)
+        .unwrap();
     let p = c.folme_xy_pos_get(true).unwrap();
     assert_eq!((p.x, p.y), (1.0 * NM, -2.0 * NM));
     assert_eq!(fake.with_sim(|s| s.probe_position()), [1.0 * NM, -2.0 * NM]);
     let names: Vec<String> = fake.log().into_iter().map(|l| l.name).collect();
-    assert_eq!(names, ["Bias.Set", "Bias.Get", "FolMe.XYPosSet", "FolMe.XYPosGet"]);
+    assert_eq!(
+        names,
+        ["Bias.Set", "Bias.Get", "FolMe.XYPosSet", "FolMe.XYPosGet"]
+    );
 }
 
 // ---------------------------------------------------------------- property round-trips
@@ -354,11 +378,16 @@ fn obs_diff(a: &Obs, b: &Obs) -> f64 {
     match (a, b) {
         (Obs::Box(x), Obs::Box(y)) => {
             assert_eq!(x.len(), y.len());
-            x.iter().zip(y).map(|(p, q)| f64::from((p - q).abs())).fold(0.0, f64::max)
+            x.iter()
+                .zip(y)
+                .map(|(p, q)| f64::from((p - q).abs()))
+                .fold(0.0, f64::max)
         }
-        (Obs::Dict(x), Obs::Dict(y)) => {
-            x.iter().zip(y).map(|((_, p), (_, q))| obs_diff(p, q)).fold(0.0, f64::max)
-        }
+        (Obs::Dict(x), Obs::Dict(y)) => x
+            .iter()
+            .zip(y)
+            .map(|((_, p), (_, q))| obs_diff(p, q))
+            .fold(0.0, f64::max),
         _ => panic!("observation kinds differ: {a:?} / {b:?}"),
     }
 }
@@ -382,7 +411,10 @@ fn compare_episode(
     let (mut o1, _) = direct.reset(Some(seed)).unwrap();
     let (o2, _) = tcp.reset(Some(seed)).unwrap();
     let mut worst = obs_diff(&o1, &o2);
-    assert!(worst <= tol, "seed {seed}: reset observations differ by {worst}");
+    assert!(
+        worst <= tol,
+        "seed {seed}: reset observations differ by {worst}"
+    );
     for step in 1.. {
         let a = match script {
             Some(s) => s[(step - 1) % s.len()].clone(),
@@ -392,7 +424,10 @@ fn compare_episode(
         let s2 = tcp.step(&a).unwrap();
         let d = obs_diff(&s1.obs, &s2.obs);
         worst = worst.max(d);
-        assert!(d <= tol, "seed {seed} step {step}: observations differ by {d}");
+        assert!(
+            d <= tol,
+            "seed {seed} step {step}: observations differ by {d}"
+        );
         assert_eq!(s1.reward, s2.reward, "seed {seed} step {step}: reward");
         assert_eq!(
             (s1.terminated, s1.truncated),
@@ -400,7 +435,11 @@ fn compare_episode(
             "seed {seed} step {step}"
         );
         let succ = |i: &Info| i.get("is_success").cloned();
-        assert_eq!(succ(&s1.info), succ(&s2.info), "seed {seed} step {step}: is_success");
+        assert_eq!(
+            succ(&s1.info),
+            succ(&s2.info),
+            "seed {seed} step {step}: is_success"
+        );
         o1 = s1.obs;
         if s1.terminated || s1.truncated {
             return (step, worst, succ(&s1.info) == Some(InfoValue::Bool(true)));
@@ -426,10 +465,21 @@ fn tip_conditioning_over_tcp_equals_the_simulator() {
     }
     // Every action (pulses, dips, moves, stalls) in turn, to the end of the budget.
     let script: Vec<Obs> = (1..14).chain([0]).map(Obs::Discrete).collect();
-    report.push(compare_episode(&mut direct, &mut tcp, 4, TIP_TOL, Some(&script)));
+    report.push(compare_episode(
+        &mut direct,
+        &mut tcp,
+        4,
+        TIP_TOL,
+        Some(&script),
+    ));
     eprintln!("tip conditioning (steps, max |Δobs|, success): {report:?}");
     let names: Vec<String> = fake.log().into_iter().map(|l| l.name).collect();
-    assert!(names.iter().any(|n| n == "Bias.Pulse" || n == "TipShaper.Start"), "{names:?}");
+    assert!(
+        names
+            .iter()
+            .any(|n| n == "Bias.Pulse" || n == "TipShaper.Start"),
+        "{names:?}"
+    );
 }
 
 #[test]
@@ -451,10 +501,21 @@ fn domain_writing_over_tcp_equals_the_simulator() {
     let script: Vec<Obs> = (0..7)
         .map(|k| {
             let t = k as f32 / 7.0;
-            Obs::Box(vec![1.6 * t - 0.8, 0.8 - 1.6 * t, if k % 3 == 2 { -0.4 } else { 0.5 }, 0.3])
+            Obs::Box(vec![
+                1.6 * t - 0.8,
+                0.8 - 1.6 * t,
+                if k % 3 == 2 { -0.4 } else { 0.5 },
+                0.3,
+            ])
         })
         .collect();
-    report.push(compare_episode(&mut direct, &mut tcp, 3, 0.0, Some(&script)));
+    report.push(compare_episode(
+        &mut direct,
+        &mut tcp,
+        3,
+        0.0,
+        Some(&script),
+    ));
     eprintln!("domain writing (steps, max |Δobs|, success): {report:?}");
 }
 
@@ -493,17 +554,28 @@ fn assert_fault<T: std::fmt::Debug>(
     let PhysicsError::Refused { reason, .. } = &e else {
         panic!("expected a driver refusal, got {e:?}");
     };
-    assert!(reason.starts_with(&format!("{DRIVER_PREFIX}{kind}")), "{kind}: {reason}");
+    assert!(
+        reason.starts_with(&format!("{DRIVER_PREFIX}{kind}")),
+        "{kind}: {reason}"
+    );
     assert!(reason.contains("make_safe: tip withdrawn"), "{reason}");
     assert!(elapsed < limit, "{kind}: took {elapsed:?}, limit {limit:?}");
     let log: Vec<LoggedCommand> = fake.log();
-    let at = log.iter().rposition(|l| l.name == command).unwrap_or_else(|| panic!("{command} not sent: {log:?}"));
+    let at = log
+        .iter()
+        .rposition(|l| l.name == command)
+        .unwrap_or_else(|| panic!("{command} not sent: {log:?}"));
     let conn = log[at].connection;
     assert!(
-        log[at + 1..].iter().any(|l| l.name == "ZCtrl.Withdraw" && l.connection != conn),
+        log[at + 1..]
+            .iter()
+            .any(|l| l.name == "ZCtrl.Withdraw" && l.connection != conn),
         "{kind}: no ZCtrl.Withdraw on a fresh connection after {command}: {log:?}"
     );
-    assert!(fake.with_sim(|s| s.is_withdrawn()), "{kind}: the tip must be withdrawn");
+    assert!(
+        fake.with_sim(|s| s.is_withdrawn()),
+        "{kind}: the tip must be withdrawn"
+    );
     reason.clone()
 }
 
@@ -513,8 +585,18 @@ fn a_stalled_reply_times_out_and_withdraws() {
     fake.inject("Bias.Set", ServerFault::Stall);
     let t0 = Instant::now();
     let r = c.set_bias(0.2);
-    assert!(t0.elapsed() >= TIMEOUT - Duration::from_millis(50), "gave up before the deadline");
-    assert_fault(&fake, r, FaultKind::Timeout, "Bias.Set", t0, TIMEOUT + MARGIN);
+    assert!(
+        t0.elapsed() >= TIMEOUT - Duration::from_millis(50),
+        "gave up before the deadline"
+    );
+    assert_fault(
+        &fake,
+        r,
+        FaultKind::Timeout,
+        "Bias.Set",
+        t0,
+        TIMEOUT + MARGIN,
+    );
     // Withdrawn now: acquisitions are refused until re-engaged; the client reconnects.
     assert!(c.is_withdrawn() && c.acquire_frame().is_err());
     c.set_withdrawn(false).unwrap();
@@ -525,21 +607,43 @@ fn a_stalled_reply_times_out_and_withdraws() {
 fn a_dribbling_reply_cannot_stretch_the_deadline() {
     let (fake, mut c, _) = fault_rig();
     // 48 reply bytes, one every 100 ms: 4.8 s in all, each read well within the timeout.
-    fake.inject("Bias.Set", ServerFault::Split(1, Duration::from_millis(100)));
+    fake.inject(
+        "Bias.Set",
+        ServerFault::Split(1, Duration::from_millis(100)),
+    );
     let t0 = Instant::now();
     let r = c.set_bias(0.2);
-    assert_fault(&fake, r, FaultKind::Timeout, "Bias.Set", t0, TIMEOUT + MARGIN);
+    assert_fault(
+        &fake,
+        r,
+        FaultKind::Timeout,
+        "Bias.Set",
+        t0,
+        TIMEOUT + MARGIN,
+    );
 }
 
 #[test]
 fn split_and_delayed_writes_within_the_deadline_are_read_whole() {
     let (fake, mut c, cfg) = fault_rig();
     fake.set_split_writes(Some((61, Duration::from_millis(1))));
-    let got = c.acquire_frame().unwrap().channel("height").unwrap().image.clone();
+    let got = c
+        .acquire_frame()
+        .unwrap()
+        .channel("height")
+        .unwrap()
+        .image
+        .clone();
     fake.set_split_writes(None);
     let mut twin = SpmSimulator::new(cfg.instrument.clone(), 0).unwrap();
     twin.set_region(cfg.split.region());
-    let want = twin.acquire_frame().unwrap().channel("height").unwrap().image.clone();
+    let want = twin
+        .acquire_frame()
+        .unwrap()
+        .channel("height")
+        .unwrap()
+        .image
+        .clone();
     assert_eq!(got, want);
     assert!(!fake.log().iter().any(|l| l.name == "ZCtrl.Withdraw"));
 }
@@ -547,10 +651,20 @@ fn split_and_delayed_writes_within_the_deadline_are_read_whole() {
 #[test]
 fn an_error_reply_is_reported_with_its_message() {
     let (fake, mut c, _) = fault_rig();
-    fake.inject("Bias.Set", ServerFault::ErrorReply("bias out of range".into()));
+    fake.inject(
+        "Bias.Set",
+        ServerFault::ErrorReply("bias out of range".into()),
+    );
     let t0 = Instant::now();
     let before = fake.connections();
-    let reason = assert_fault(&fake, c.set_bias(0.2), FaultKind::ErrorReply, "Bias.Set", t0, TIMEOUT);
+    let reason = assert_fault(
+        &fake,
+        c.set_bias(0.2),
+        FaultKind::ErrorReply,
+        "Bias.Set",
+        t0,
+        TIMEOUT,
+    );
     assert!(reason.contains("bias out of range"), "{reason}");
     // The main connection is kept: only make_safe's connection was opened.
     assert_eq!(fake.connections(), before + 1);
@@ -564,7 +678,14 @@ fn a_server_that_stops_mid_body_is_a_lost_connection() {
     fake.inject("Scan.FrameDataGrab", ServerFault::StopMidBody);
     let t0 = Instant::now();
     let r = c.acquire_frame().map(|_| ());
-    assert_fault(&fake, r, FaultKind::Connection, "Scan.FrameDataGrab", t0, TIMEOUT);
+    assert_fault(
+        &fake,
+        r,
+        FaultKind::Connection,
+        "Scan.FrameDataGrab",
+        t0,
+        TIMEOUT,
+    );
 }
 
 #[test]
@@ -573,7 +694,14 @@ fn an_absurd_body_size_is_refused_before_reading() {
     fake.inject("Scan.FrameDataGrab", ServerFault::AbsurdBodySize);
     let t0 = Instant::now();
     let r = c.acquire_frame().map(|_| ());
-    let reason = assert_fault(&fake, r, FaultKind::BodyTooLarge, "Scan.FrameDataGrab", t0, TIMEOUT);
+    let reason = assert_fault(
+        &fake,
+        r,
+        FaultKind::BodyTooLarge,
+        "Scan.FrameDataGrab",
+        t0,
+        TIMEOUT,
+    );
     assert!(reason.contains("2147483647"), "{reason}");
 }
 
@@ -583,7 +711,14 @@ fn a_garbage_header_is_a_protocol_error() {
     fake.inject("ZCtrl.StatusGet", ServerFault::GarbageHeader);
     let t0 = Instant::now();
     let r = c.acquire_frame().map(|_| ());
-    assert_fault(&fake, r, FaultKind::Protocol, "ZCtrl.StatusGet", t0, TIMEOUT);
+    assert_fault(
+        &fake,
+        r,
+        FaultKind::Protocol,
+        "ZCtrl.StatusGet",
+        t0,
+        TIMEOUT,
+    );
 }
 
 #[test]
@@ -603,7 +738,12 @@ fn fault_kinds_are_typed_through_call() {
     let (fake, mut c, _) = fault_rig();
     fake.inject("Bias.Get", ServerFault::Delay(Duration::from_millis(1500)));
     match c.call("Bias.Get", &[], TIMEOUT) {
-        Err(DriverError::Fault { kind, command, safe, .. }) => {
+        Err(DriverError::Fault {
+            kind,
+            command,
+            safe,
+            ..
+        }) => {
             assert_eq!((kind, command.as_str()), (FaultKind::Timeout, "Bias.Get"));
             assert!(safe.starts_with("tip withdrawn"), "{safe}");
         }
@@ -615,8 +755,18 @@ fn fault_kinds_are_typed_through_call() {
         l.local_addr().unwrap().port()
     };
     let t0 = Instant::now();
-    let e = NanonisClient::connect(&format!("127.0.0.1:{port}"), NanonisOptions::default()).unwrap_err();
-    assert!(matches!(e, DriverError::Fault { kind: FaultKind::Connection, .. }), "{e}");
+    let e = NanonisClient::connect(&format!("127.0.0.1:{port}"), NanonisOptions::default())
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            DriverError::Fault {
+                kind: FaultKind::Connection,
+                ..
+            }
+        ),
+        "{e}"
+    );
     assert!(t0.elapsed() < Duration::from_secs(6));
 }
 
@@ -639,11 +789,22 @@ fn the_safe_handle_withdraws_over_its_own_connection() {
 fn the_guard_refuses_before_anything_reaches_the_server() {
     let (fake, c, _) = fault_rig();
     let sink = Sink::default();
-    let mut g = Guarded::new(c, Limits::default()).unwrap().with_audit(AuditLog::new(sink.clone()));
+    let mut g = Guarded::new(c, Limits::default())
+        .unwrap()
+        .with_audit(AuditLog::new(sink.clone()));
     let limit = |e: PhysicsError| scopegym_drivers::error::guard_refusal(&e).map(str::to_owned);
-    assert_eq!(limit(g.set_bias(100.0).unwrap_err()).as_deref(), Some("spm.bias_window"));
-    let long = Conditioning::Pulse { bias: 2.0, duration: 10.0 };
-    assert_eq!(limit(g.condition_tip(&long).unwrap_err()).as_deref(), Some("spm.pulse_width_max"));
+    assert_eq!(
+        limit(g.set_bias(100.0).unwrap_err()).as_deref(),
+        Some("spm.bias_window")
+    );
+    let long = Conditioning::Pulse {
+        bias: 2.0,
+        duration: 10.0,
+    };
+    assert_eq!(
+        limit(g.condition_tip(&long).unwrap_err()).as_deref(),
+        Some("spm.pulse_width_max")
+    );
     let outside = ScanSettings {
         rows: 32,
         cols: 32,
@@ -652,7 +813,10 @@ fn the_guard_refuses_before_anything_reaches_the_server() {
         flyback_time: 0.0,
         center: [0.6e-6, 0.0],
     };
-    assert_eq!(limit(g.configure_scan(&outside).unwrap_err()).as_deref(), Some("spm.scan_area_fraction"));
+    assert_eq!(
+        limit(g.configure_scan(&outside).unwrap_err()).as_deref(),
+        Some("spm.scan_area_fraction")
+    );
     assert!(fake.log().is_empty(), "sent: {:?}", fake.log());
     let refused: Vec<String> = sink
         .lines()
@@ -660,7 +824,14 @@ fn the_guard_refuses_before_anything_reaches_the_server() {
         .filter(|l| l["result"] == "refused")
         .map(|l| l["limit"].as_str().unwrap_or_default().to_owned())
         .collect();
-    assert_eq!(refused, ["spm.bias_window", "spm.pulse_width_max", "spm.scan_area_fraction"]);
+    assert_eq!(
+        refused,
+        [
+            "spm.bias_window",
+            "spm.pulse_width_max",
+            "spm.scan_area_fraction"
+        ]
+    );
     // A command inside the limits does reach it.
     g.set_bias(0.2).unwrap();
     assert_eq!(fake.log().last().map(|l| l.name.as_str()), Some("Bias.Set"));

@@ -112,7 +112,11 @@ fn connect(addr: SocketAddr, timeout: Duration) -> std::result::Result<TcpStream
     Ok(s)
 }
 
-fn write_all(s: &mut TcpStream, mut buf: &[u8], deadline: Instant) -> std::result::Result<(), Fail> {
+fn write_all(
+    s: &mut TcpStream,
+    mut buf: &[u8],
+    deadline: Instant,
+) -> std::result::Result<(), Fail> {
     while !buf.is_empty() {
         let left = remaining(deadline, "sending the request")?;
         s.set_write_timeout(Some(left))
@@ -136,14 +140,20 @@ fn read_exact(
 ) -> std::result::Result<(), Fail> {
     let mut filled = 0;
     while filled < buf.len() {
-        let left = remaining(deadline, &format!("reading {what} ({filled} of {} bytes)", buf.len()))?;
+        let left = remaining(
+            deadline,
+            &format!("reading {what} ({filled} of {} bytes)", buf.len()),
+        )?;
         s.set_read_timeout(Some(left))
             .map_err(|e| io_fail(&e, "setting the read timeout"))?;
         match s.read(&mut buf[filled..]) {
             Ok(0) => {
                 return Err((
                     FaultKind::Connection,
-                    format!("the peer closed the connection after {filled} of {} bytes of {what}", buf.len()),
+                    format!(
+                        "the peer closed the connection after {filled} of {} bytes of {what}",
+                        buf.len()
+                    ),
                 ));
             }
             Ok(n) => filled += n,
@@ -167,7 +177,10 @@ fn exchange(
         .ok_or_else(|| (FaultKind::Protocol, format!("unknown command {name}")))?;
     let types: Vec<Ty> = args.iter().map(Value::ty).collect();
     if types != arg_types {
-        return Err((FaultKind::Protocol, format!("{name} takes {arg_types:?}, given {types:?}")));
+        return Err((
+            FaultKind::Protocol,
+            format!("{name} takes {arg_types:?}, given {types:?}"),
+        ));
     }
     let body = codec::encode_values(args).map_err(|e| (FaultKind::Protocol, e.0))?;
     let req = codec::encode_request(name, &body).map_err(|e| (FaultKind::Protocol, e.0))?;
@@ -176,7 +189,10 @@ fn exchange(
     read_exact(s, &mut h, deadline, "the reply header")?;
     let (got, size) = codec::decode_reply_header(&h).map_err(|e| (FaultKind::Protocol, e.0))?;
     if got != name {
-        return Err((FaultKind::Protocol, format!("reply is for {got:?}, not {name:?}")));
+        return Err((
+            FaultKind::Protocol,
+            format!("reply is for {got:?}, not {name:?}"),
+        ));
     }
     if size > max_body {
         return Err((
@@ -223,7 +239,10 @@ impl NanonisSafeHandle {
         let args = [Value::U32(1), Value::I32(ms(self.timeout))];
         let (_, e) = exchange(&mut s, "ZCtrl.Withdraw", &args, deadline, 1 << 16)?;
         if !e.is_ok() {
-            return Err((FaultKind::ErrorReply, format!("status {}: {}", e.status, e.message)));
+            return Err((
+                FaultKind::ErrorReply,
+                format!("status {}: {}", e.status, e.message),
+            ));
         }
         Ok(())
     }
@@ -231,12 +250,13 @@ impl NanonisSafeHandle {
 
 impl SafeHandle for NanonisSafeHandle {
     fn make_safe(&self) -> Result<()> {
-        self.withdraw().map_err(|(kind, detail)| DriverError::Fault {
-            command: "ZCtrl.Withdraw".into(),
-            kind,
-            detail,
-            safe: "this was the make_safe attempt".into(),
-        })
+        self.withdraw()
+            .map_err(|(kind, detail)| DriverError::Fault {
+                command: "ZCtrl.Withdraw".into(),
+                kind,
+                detail,
+                safe: "this was the make_safe attempt".into(),
+            })
     }
 
     fn describe(&self) -> String {
@@ -257,7 +277,7 @@ pub type EpisodeHook = Box<dyn FnMut(u64) -> std::result::Result<(), String> + S
 /// use scopegym_physics::param::Region;
 /// use scopegym_physics::spm::sim::SpmConfig;
 ///
-/// let fake = FakeNanonis::from_config(SpmConfig::default(), Region::Full).unwrap();
+/// let fake = FakeNanonis::from_config(SpmConfig::default(), Region::default()).unwrap();
 /// let mut c = NanonisClient::connect(&fake.url(), NanonisOptions::for_mode(SpmMode::Afm)).unwrap();
 /// assert_eq!(c.set_bias(0.5).unwrap(), 0.5);
 /// assert_eq!(fake.log().last().unwrap().name, "Bias.Set");
@@ -353,12 +373,13 @@ impl NanonisClient {
             sent: 0,
             opts,
         };
-        let s = connect(addr, c.opts.connect_timeout).map_err(|(kind, detail)| DriverError::Fault {
-            command: "connect".into(),
-            kind,
-            detail,
-            safe: "not attempted (never connected)".into(),
-        })?;
+        let s =
+            connect(addr, c.opts.connect_timeout).map_err(|(kind, detail)| DriverError::Fault {
+                command: "connect".into(),
+                kind,
+                detail,
+                safe: "not attempted (never connected)".into(),
+            })?;
         c.stream = Some(s);
         c.refresh()?;
         Ok(c)
@@ -551,7 +572,11 @@ impl NanonisClient {
         let t_start = self.clock();
         self.call_t("Scan.Action", &[Value::U16(0), Value::U32(1)])?;
         let wait = Duration::from_secs_f64(frame_time.clamp(0.0, 1e6)) + self.opts.scan_margin;
-        let v = self.call("Scan.WaitEndOfScan", &[Value::I32(ms(wait))], wait + self.opts.timeout)?;
+        let v = self.call(
+            "Scan.WaitEndOfScan",
+            &[Value::I32(ms(wait))],
+            wait + self.opts.timeout,
+        )?;
         if v[0] != Value::U32(0) {
             return Err(self.fault(
                 "Scan.WaitEndOfScan",
@@ -590,7 +615,10 @@ impl NanonisClient {
 
     fn spectroscopy(&mut self, position: [f64; 2], waveform: &[f64]) -> Result<Vec<f64>> {
         self.engaged("point_spectroscopy")?;
-        if waveform.is_empty() || waveform.len() > 100_000 || !waveform.iter().all(|v| v.is_finite()) {
+        if waveform.is_empty()
+            || waveform.len() > 100_000
+            || !waveform.iter().all(|v| v.is_finite())
+        {
             return Err(DriverError::Instrument(PhysicsError::arg(
                 "waveform",
                 format!("needs 1..=100000 finite points, got {}", waveform.len()),
@@ -601,7 +629,10 @@ impl NanonisClient {
         for seg in linear_segments(waveform) {
             let (a, b) = (waveform[seg.start], waveform[seg.end - 1]);
             let n = seg.len();
-            self.call_t("BiasSpectr.LimitsSet", &[Value::F32(a as f32), Value::F32(b as f32)])?;
+            self.call_t(
+                "BiasSpectr.LimitsSet",
+                &[Value::F32(a as f32), Value::F32(b as f32)],
+            )?;
             let props = [
                 Value::U16(0),
                 Value::I32(1),
@@ -612,7 +643,10 @@ impl NanonisClient {
                 Value::U16(2),
             ];
             self.call_t("BiasSpectr.PropsSet", &props)?;
-            let v = self.call_t("BiasSpectr.Start", &[Value::U32(1), Value::Str(String::new())])?;
+            let v = self.call_t(
+                "BiasSpectr.Start",
+                &[Value::U32(1), Value::Str(String::new())],
+            )?;
             let Value::Arr2F32(data) = &v[2] else {
                 return Err(self.protocol("BiasSpectr.Start", "no data".into()));
             };
@@ -633,7 +667,10 @@ impl NanonisClient {
                 format!("must be finite, got {p:?}"),
             )));
         }
-        self.call_t("FolMe.XYPosSet", &[Value::F64(p[0]), Value::F64(p[1]), Value::U32(1)])?;
+        self.call_t(
+            "FolMe.XYPosSet",
+            &[Value::F64(p[0]), Value::F64(p[1]), Value::U32(1)],
+        )?;
         self.probe = p;
         Ok(())
     }
@@ -720,7 +757,10 @@ impl SpmInstrument for NanonisClient {
             v
         };
         let dims = |n: usize| Value::I32(i32::try_from(n).unwrap_or(i32::MAX));
-        self.call_t("Scan.BufferSet", &[Value::ArrI32(ch), dims(r.cols), dims(r.rows)])?;
+        self.call_t(
+            "Scan.BufferSet",
+            &[Value::ArrI32(ch), dims(r.cols), dims(r.rows)],
+        )?;
         let speeds = [
             Value::F32(speed as f32),
             Value::F32(speed as f32),
@@ -772,7 +812,14 @@ impl SpmInstrument for NanonisClient {
             ));
         }
         let t = if i > 0.0 { p / i } else { 0.0 };
-        self.call_t("ZCtrl.GainSet", &[Value::F32(p as f32), Value::F32(t as f32), Value::F32(i as f32)])?;
+        self.call_t(
+            "ZCtrl.GainSet",
+            &[
+                Value::F32(p as f32),
+                Value::F32(t as f32),
+                Value::F32(i as f32),
+            ],
+        )?;
         let v = self.call_t("ZCtrl.GainGet", &[])?;
         self.gains = (f32_of(&v[0]), f32_of(&v[2]));
         Ok(self.gains)
@@ -835,7 +882,12 @@ impl TipConditioning for NanonisClient {
 }
 
 impl BiasWriting for NanonisClient {
-    fn bias_pulse(&mut self, position: [f64; 2], bias: f64, duration: f64) -> scopegym_physics::Result<()> {
+    fn bias_pulse(
+        &mut self,
+        position: [f64; 2],
+        bias: f64,
+        duration: f64,
+    ) -> scopegym_physics::Result<()> {
         self.engaged("bias_pulse")?;
         finite("bias", bias)?;
         finite("duration", duration)?;
@@ -845,7 +897,11 @@ impl BiasWriting for NanonisClient {
 }
 
 impl PointSpectroscopy for NanonisClient {
-    fn point_spectroscopy(&mut self, position: [f64; 2], waveform: &[f64]) -> scopegym_physics::Result<Vec<f64>> {
+    fn point_spectroscopy(
+        &mut self,
+        position: [f64; 2],
+        waveform: &[f64],
+    ) -> scopegym_physics::Result<Vec<f64>> {
         Ok(self.spectroscopy(position, waveform)?)
     }
 }

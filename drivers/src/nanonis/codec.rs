@@ -153,15 +153,18 @@ pub fn encode_value(v: &Value, out: &mut Vec<u8>) -> Result<(), WireError> {
         Value::Str(s) => put_str(s, out)?,
         Value::ArrI32(a) => {
             put_len(a.len(), "array count", out)?;
-            a.iter().for_each(|x| out.extend_from_slice(&x.to_be_bytes()));
+            a.iter()
+                .for_each(|x| out.extend_from_slice(&x.to_be_bytes()));
         }
         Value::ArrF32(a) => {
             put_len(a.len(), "array count", out)?;
-            a.iter().for_each(|x| out.extend_from_slice(&x.to_be_bytes()));
+            a.iter()
+                .for_each(|x| out.extend_from_slice(&x.to_be_bytes()));
         }
         Value::ArrF64(a) => {
             put_len(a.len(), "array count", out)?;
-            a.iter().for_each(|x| out.extend_from_slice(&x.to_be_bytes()));
+            a.iter()
+                .for_each(|x| out.extend_from_slice(&x.to_be_bytes()));
         }
         Value::ArrStr(a) => {
             put_len(a.len(), "array count", out)?;
@@ -173,7 +176,8 @@ pub fn encode_value(v: &Value, out: &mut Vec<u8>) -> Result<(), WireError> {
             let (r, c) = a.dim();
             put_len(r, "2-D rows", out)?;
             put_len(c, "2-D columns", out)?;
-            a.iter().for_each(|x| out.extend_from_slice(&x.to_be_bytes()));
+            a.iter()
+                .for_each(|x| out.extend_from_slice(&x.to_be_bytes()));
         }
     }
     Ok(())
@@ -309,7 +313,9 @@ impl<'a> Reader<'a> {
                 let (Ok(ru), Ok(cu)) = (usize::try_from(r), usize::try_from(c)) else {
                     return err(format!("2-D f32 array: negative shape {r}×{c}"));
                 };
-                let n = ru.checked_mul(cu).filter(|n| n.saturating_mul(4) <= self.remaining());
+                let n = ru
+                    .checked_mul(cu)
+                    .filter(|n| n.saturating_mul(4) <= self.remaining());
                 let Some(n) = n else {
                     return err(format!(
                         "2-D f32 array: {r}×{c} values do not fit the {} bytes left",
@@ -442,7 +448,11 @@ pub fn decode_request_header(h: &[u8; HEADER_LEN]) -> Result<RequestHeader, Wire
 }
 
 /// A whole reply: header, the return values, then the error block.
-pub fn encode_reply(name: &str, values: &[Value], error: &ErrorBlock) -> Result<Vec<u8>, WireError> {
+pub fn encode_reply(
+    name: &str,
+    values: &[Value],
+    error: &ErrorBlock,
+) -> Result<Vec<u8>, WireError> {
     let mut body = encode_values(values)?;
     error.encode(&mut body)?;
     let mut out = Vec::with_capacity(HEADER_LEN + body.len());
@@ -458,7 +468,10 @@ pub fn decode_reply_header(h: &[u8; HEADER_LEN]) -> Result<(String, usize), Wire
     let name = get_name(h)?;
     let size = body_size(h)?;
     if h[36..40] != [0; 4] {
-        return err(format!("reply header padding {:02x?} is not zero", &h[36..40]));
+        return err(format!(
+            "reply header padding {:02x?} is not zero",
+            &h[36..40]
+        ));
     }
     Ok((name, size))
 }
@@ -470,7 +483,10 @@ pub fn decode_reply_body(body: &[u8], types: &[Ty]) -> Result<(Vec<Value>, Error
     let v = r.values(types)?;
     let e = ErrorBlock::decode(&mut r)?;
     if r.remaining() != 0 {
-        return err(format!("{} bytes left after the error block", r.remaining()));
+        return err(format!(
+            "{} bytes left after the error block",
+            r.remaining()
+        ));
     }
     Ok((v, e))
 }
@@ -484,7 +500,12 @@ mod tests {
         assert!(decode_values(&[0, 0], &[Ty::I32]).is_err());
         // A count of 2^31-1 with 4 bytes left: refused before allocating.
         let lie = [0x7f, 0xff, 0xff, 0xff, 0, 0, 0, 0];
-        assert!(decode_values(&lie, &[Ty::ArrF64]).unwrap_err().0.contains("count"));
+        assert!(
+            decode_values(&lie, &[Ty::ArrF64])
+                .unwrap_err()
+                .0
+                .contains("count")
+        );
         let lie2 = [0x7f, 0xff, 0xff, 0xff, 0x7f, 0xff, 0xff, 0xff];
         assert!(decode_values(&lie2, &[Ty::Arr2F32]).is_err());
         assert!(decode_values(&[0xff, 0xff, 0xff, 0xff], &[Ty::Str]).is_err());

@@ -128,7 +128,7 @@ impl Shared {
 /// use scopegym_drivers::nanonis::FakeNanonis;
 /// use scopegym_physics::param::Region;
 /// use scopegym_physics::spm::sim::SpmConfig;
-/// let fake = FakeNanonis::from_config(SpmConfig::default(), Region::Full).unwrap();
+/// let fake = FakeNanonis::from_config(SpmConfig::default(), Region::default()).unwrap();
 /// assert!(fake.url().starts_with("nanonis://127.0.0.1:"));
 /// fake.reset(7).unwrap(); // a new episode of the simulator, seed 7
 /// assert!(fake.log().is_empty());
@@ -158,7 +158,10 @@ impl FakeNanonis {
     }
 
     /// Serves `sim` with the channel mapping `channels` (it must match the client's).
-    pub fn start_with_channels(sim: SpmSimulator, channels: Vec<ChannelMap>) -> std::io::Result<Self> {
+    pub fn start_with_channels(
+        sim: SpmSimulator,
+        channels: Vec<ChannelMap>,
+    ) -> std::io::Result<Self> {
         let listener = TcpListener::bind("127.0.0.1:0")?;
         let addr = listener.local_addr()?;
         let mut buffer_channels: Vec<i32> = Vec::new();
@@ -314,7 +317,11 @@ fn read_full(s: &mut TcpStream, buf: &mut [u8], sh: &Shared) -> bool {
         match s.read(&mut buf[n..]) {
             Ok(0) => return false,
             Ok(k) => n += k,
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
+                ) => {}
             Err(_) => return false,
         }
     }
@@ -329,7 +336,11 @@ fn linger(s: &mut TcpStream, sh: &Shared) {
         match s.read(&mut b) {
             Ok(0) => return,
             Ok(_) => {}
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
+                ) => {}
             Err(_) => return,
         }
     }
@@ -376,8 +387,8 @@ fn serve(mut s: TcpStream, id: u64, sh: &Shared) {
         }
         let (reply, fault, split) = {
             let mut st = sh.lock();
-            let args = command_types(&header.name)
-                .and_then(|(t, _)| codec::decode_values(&body, t).ok());
+            let args =
+                command_types(&header.name).and_then(|(t, _)| codec::decode_values(&body, t).ok());
             st.log.push(LoggedCommand {
                 connection: id,
                 name: header.name.clone(),
@@ -400,7 +411,14 @@ fn serve(mut s: TcpStream, id: u64, sh: &Shared) {
             };
             let reply = match result {
                 Ok(v) => codec::encode_reply(&header.name, &v, &ErrorBlock::ok()),
-                Err(m) => codec::encode_reply(&header.name, &[], &ErrorBlock { status: 1, message: m }),
+                Err(m) => codec::encode_reply(
+                    &header.name,
+                    &[],
+                    &ErrorBlock {
+                        status: 1,
+                        message: m,
+                    },
+                ),
             };
             (reply, fault, st.split)
         };
@@ -426,7 +444,9 @@ fn serve(mut s: TcpStream, id: u64, sh: &Shared) {
                 return;
             }
             Some(ServerFault::GarbageHeader) => {
-                let garbage: Vec<u8> = (0..HEADER_LEN as u32).map(|i| (i.wrapping_mul(0x9d) ^ 0xa5) as u8).collect();
+                let garbage: Vec<u8> = (0..HEADER_LEN as u32)
+                    .map(|i| (i.wrapping_mul(0x9d) ^ 0xa5) as u8)
+                    .collect();
                 let _ = send(&mut s, &garbage, split);
                 linger(&mut s, sh);
                 return;
@@ -479,13 +499,20 @@ fn apply_pending(st: &mut State) -> Result<(), String> {
         return Ok(());
     }
     let cur = st.sim.scan_settings();
-    let (cols, rows) = p.buffer.as_ref().map_or((cur.cols, cur.rows), |b| (b.1, b.2));
+    let (cols, rows) = p
+        .buffer
+        .as_ref()
+        .map_or((cur.cols, cur.rows), |b| (b.1, b.2));
     if let Some((ch, _, _)) = &p.buffer {
         st.buffer_channels = ch.clone();
     }
-    let width = p.frame.map_or(cur.cols as f64 * cur.pixel_size, |fr| widen(fr[2]));
+    let width = p
+        .frame
+        .map_or(cur.cols as f64 * cur.pixel_size, |fr| widen(fr[2]));
     let t_line = p.t_line.map_or(cur.cols as f64 * cur.dwell_time, widen);
-    let center = p.frame.map_or(cur.center, |fr| [widen(fr[0]), widen(fr[1])]);
+    let center = p
+        .frame
+        .map_or(cur.center, |fr| [widen(fr[0]), widen(fr[1])]);
     if cols == 0 {
         return Err("Scan.BufferSet: zero pixels".into());
     }
@@ -551,15 +578,17 @@ fn handle(st: &mut State, name: &str, a: &[Value]) -> Result<Vec<Value>, String>
             Ok(vec![Value::U16(s)])
         }
         "ZCtrl.GainSet" => {
-            st.sim
-                .set_feedback_gains(w(&a[0]), w(&a[2]))
-                .map_err(e)?;
+            st.sim.set_feedback_gains(w(&a[0]), w(&a[2])).map_err(e)?;
             none
         }
         "ZCtrl.GainGet" => {
             let (p, i) = st.sim.feedback_gains();
             let t = if i > 0.0 { p / i } else { 0.0 };
-            Ok(vec![Value::F32(p as f32), Value::F32(t as f32), Value::F32(i as f32)])
+            Ok(vec![
+                Value::F32(p as f32),
+                Value::F32(t as f32),
+                Value::F32(i as f32),
+            ])
         }
         "ZCtrl.LimitsSet" => none,
         "Scan.FrameSet" => {
@@ -573,10 +602,13 @@ fn handle(st: &mut State, name: &str, a: &[Value]) -> Result<Vec<Value>, String>
             apply_pending(st)?;
             let s = st.sim.scan_settings();
             let [w, h] = s.field_of_view();
-            Ok([s.center[0], s.center[1], w, h, 0.0].map(|v| Value::F32(v as f32)).to_vec())
+            Ok([s.center[0], s.center[1], w, h, 0.0]
+                .map(|v| Value::F32(v as f32))
+                .to_vec())
         }
         "Scan.BufferSet" => {
-            let (Value::ArrI32(ch), Value::I32(px), Value::I32(lines)) = (&a[0], &a[1], &a[2]) else {
+            let (Value::ArrI32(ch), Value::I32(px), Value::I32(lines)) = (&a[0], &a[1], &a[2])
+            else {
                 return Err("Scan.BufferSet: bad arguments".into());
             };
             let (Ok(px), Ok(lines)) = (usize::try_from(*px), usize::try_from(*lines)) else {
@@ -589,7 +621,11 @@ fn handle(st: &mut State, name: &str, a: &[Value]) -> Result<Vec<Value>, String>
             apply_pending(st)?;
             let s = st.sim.scan_settings();
             let n = |v: usize| Value::I32(i32::try_from(v).unwrap_or(i32::MAX));
-            Ok(vec![Value::ArrI32(st.buffer_channels.clone()), n(s.cols), n(s.rows)])
+            Ok(vec![
+                Value::ArrI32(st.buffer_channels.clone()),
+                n(s.cols),
+                n(s.rows),
+            ])
         }
         "Scan.SpeedSet" => {
             st.pending.t_line = Some(f(&a[2]));
@@ -684,7 +720,13 @@ fn handle(st: &mut State, name: &str, a: &[Value]) -> Result<Vec<Value>, String>
             }
             let (lo, hi) = (widen(lo), widen(hi));
             let w: Vec<f64> = (0..n)
-                .map(|k| if n == 1 { lo } else { lo + (hi - lo) * k as f64 / (n - 1) as f64 })
+                .map(|k| {
+                    if n == 1 {
+                        lo
+                    } else {
+                        lo + (hi - lo) * k as f64 / (n - 1) as f64
+                    }
+                })
                 .collect();
             apply_pending(st)?;
             let p = st.sim.probe_position();

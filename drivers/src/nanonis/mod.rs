@@ -124,7 +124,10 @@ pub fn command_types(name: &str) -> Option<(&'static [Ty], &'static [Ty])> {
         // switch-off delay (s), change bias (0 no change, 1 yes, 2 no), bias (V), tip lift (m,
         // negative = towards the sample), lift time 1 (s), bias lift (V), bias settling time
         // (s), lift height (m), lift time 2 (s), end wait time (s), restore feedback (0/1).
-        "TipShaper.PropsSet" => (&[F32, U32, F32, F32, F32, F32, F32, F32, F32, F32, U32], &[]),
+        "TipShaper.PropsSet" => (
+            &[F32, U32, F32, F32, F32, F32, F32, F32, F32, F32, U32],
+            &[],
+        ),
         // wait until finished, timeout (ms).
         "TipShaper.Start" => (&[U32, I32], &[]),
         // start, end (V).
@@ -175,8 +178,20 @@ impl ChannelMap {
             v.push(Self::new("phase", 86, false, "deg", "PFM phase"));
             v.push(Self::new("amplitude", 87, false, "a.u.", "PFM amplitude"));
         }
-        v.push(Self::new("height", 30, false, "m", "topography (z piezo), trace"));
-        v.push(Self::new("height_retrace", 30, true, "m", "topography (z piezo), retrace"));
+        v.push(Self::new(
+            "height",
+            30,
+            false,
+            "m",
+            "topography (z piezo), trace",
+        ));
+        v.push(Self::new(
+            "height_retrace",
+            30,
+            true,
+            "m",
+            "topography (z piezo), retrace",
+        ));
         v.push(Self::new("error", 0, false, "m", "feedback error, trace"));
         v
     }
