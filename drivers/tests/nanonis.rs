@@ -836,3 +836,40 @@ fn the_guard_refuses_before_anything_reaches_the_server() {
     g.set_bias(0.2).unwrap();
     assert_eq!(fake.log().last().map(|l| l.name.as_str()), Some("Bias.Set"));
 }
+
+#[test]
+fn point_spectroscopy_runs_as_linear_sweeps() {
+    use scopegym_physics::instrument::PointSpectroscopy;
+    let cfg = pdw::Config::at_level(Difficulty::Medium);
+    let fake = FakeNanonis::from_config(cfg.instrument.clone(), cfg.split.region()).unwrap();
+    let mut c = client_for(&fake, SpmMode::Pfm);
+    let mut direct = SpmSimulator::new(cfg.instrument.clone(), 0).unwrap();
+    direct.set_region(cfg.split.region());
+    // A triangle: up 0 → 8 V, down to −8 V, back to 0 (three linear sweeps).
+    let mut w: Vec<f64> = (0..=16).map(|k| 0.5 * k as f64).collect();
+    w.extend((1..=32).map(|k| 8.0 - 0.5 * k as f64));
+    w.extend((1..=16).map(|k| -8.0 + 0.5 * k as f64));
+    let p = [20.0 * NM, -10.0 * NM];
+    let got = c.point_spectroscopy(p, &w).unwrap();
+    let want = direct.point_spectroscopy(p, &w).unwrap();
+    assert_eq!(got.len(), w.len());
+    let worst = got
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f64::max);
+    let scale = want.iter().map(|v| v.abs()).fold(0.0, f64::max);
+    eprintln!("spectroscopy: max |Δ| {worst:e} of {scale:e}");
+    // The response crosses the wire as f32 (Nanonis spectroscopy data); the film steps are the
+    // same, so only that rounding remains.
+    assert!(
+        worst <= 1e-6 * scale.max(1.0),
+        "max |Δ| {worst:e} of {scale:e}"
+    );
+    let sweeps = fake
+        .log()
+        .iter()
+        .filter(|l| l.name == "BiasSpectr.Start")
+        .count();
+    assert_eq!(sweeps, 3);
+}
