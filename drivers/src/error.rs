@@ -36,6 +36,43 @@ pub struct Refusal {
     pub reason: String,
 }
 
+/// The kinds of [`DriverError::Fault`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultKind {
+    /// No complete reply before the deadline.
+    Timeout,
+    /// Connecting failed, or the peer closed or reset the connection.
+    Connection,
+    /// Malformed header or body (garbage name, wrong command, bad padding, short body).
+    Protocol,
+    /// The reply header announced a body larger than the configured cap.
+    BodyTooLarge,
+    /// The instrument answered with a non-zero error status.
+    ErrorReply,
+    /// The Z controller reported a safe-tip event.
+    SafeTip,
+}
+
+impl FaultKind {
+    /// Lower-case name, e.g. `"timeout"`, `"safe-tip event"`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Timeout => "timeout",
+            Self::Connection => "connection lost",
+            Self::Protocol => "protocol error",
+            Self::BodyTooLarge => "reply body too large",
+            Self::ErrorReply => "error reply",
+            Self::SafeTip => "safe-tip event",
+        }
+    }
+}
+
+impl std::fmt::Display for FaultKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// Everything that can go wrong in `scopegym-drivers`.
 #[derive(Debug, Error)]
 pub enum DriverError {
@@ -73,6 +110,20 @@ pub enum DriverError {
         /// The underlying error.
         #[source]
         source: std::io::Error,
+    },
+    /// A network instrument failed mid-command (timeout, dropped connection, malformed or
+    /// oversized reply, error reply, safe-tip event); the driver attempted `make_safe` (tip
+    /// withdrawn over a fresh connection) before returning this, and `safe` says how that went.
+    #[error("`{command}`: {kind}: {detail}; make_safe: {safe}")]
+    Fault {
+        /// The command that failed, e.g. `Scan.Action`.
+        command: String,
+        /// What kind of fault.
+        kind: FaultKind,
+        /// What exactly happened, with the values seen.
+        detail: String,
+        /// The outcome of the `make_safe` attempt that followed.
+        safe: String,
     },
     /// The instrument (simulated or real) returned an error.
     #[error(transparent)]
@@ -151,6 +202,15 @@ impl From<DriverError> for PhysicsError {
             DriverError::Io { context, source } => PhysicsError::Refused {
                 operation: context,
                 reason: format!("{DRIVER_PREFIX}I/O error: {source}"),
+            },
+            DriverError::Fault {
+                command,
+                kind,
+                detail,
+                safe,
+            } => PhysicsError::Refused {
+                operation: command,
+                reason: format!("{DRIVER_PREFIX}{kind}: {detail}; make_safe: {safe}"),
             },
             DriverError::Instrument(p) => p,
             DriverError::InvalidUrl { url, reason } => PhysicsError::InvalidParameter {

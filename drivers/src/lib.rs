@@ -9,6 +9,8 @@
 //!   this crate is a conservative start).
 //! - [`command`]: commands as values, for checking and logging.
 //! - [`audit`]: the JSON-lines audit log.
+//! - [`nanonis`]: the Nanonis SPM client ([`nanonis::NanonisClient`]) and a fake Nanonis
+//!   server backed by the simulator ([`nanonis::FakeNanonis`]).
 //! - [`error`]: [`DriverError`], and how a refusal crosses the physics traits.
 //!
 //! All quantities are SI.
@@ -34,6 +36,7 @@ pub mod episode;
 pub mod error;
 pub mod guard;
 pub mod limits;
+pub mod nanonis;
 pub mod watchdog;
 
 pub use audit::AuditLog;
