@@ -74,9 +74,38 @@ pub enum DriverError {
         #[source]
         source: std::io::Error,
     },
+    /// A recording (replay driver) is missing a dataset or attribute, is malformed, or holds
+    /// nothing the driver can serve.
+    #[error("recording {file}: {}{reason}", if object.is_empty() { String::new() } else { format!("`{object}`: ") })]
+    Recording {
+        /// The file, as given.
+        file: String,
+        /// The HDF5 object (dataset path, or `dataset@attribute`), or `""` for the file.
+        object: String,
+        /// What is missing or wrong.
+        reason: String,
+    },
+    /// A driver option is out of range.
+    #[error("invalid option `{field}`: {reason}")]
+    InvalidOptions {
+        /// The option's name.
+        field: String,
+        /// What was expected.
+        reason: String,
+    },
     /// The instrument (simulated or real) returned an error.
     #[error(transparent)]
     Instrument(#[from] PhysicsError),
+}
+
+impl From<scopegym_envs::nsid::NsidError> for DriverError {
+    fn from(e: scopegym_envs::nsid::NsidError) -> Self {
+        Self::Recording {
+            file: e.file,
+            object: e.object,
+            reason: e.reason,
+        }
+    }
 }
 
 impl DriverError {
@@ -140,6 +169,14 @@ impl From<DriverError> for PhysicsError {
             DriverError::Io { context, source } => PhysicsError::Refused {
                 operation: context,
                 reason: format!("{DRIVER_PREFIX}I/O error: {source}"),
+            },
+            e @ DriverError::Recording { .. } => PhysicsError::Refused {
+                operation: "replay".into(),
+                reason: format!("{DRIVER_PREFIX}{e}"),
+            },
+            DriverError::InvalidOptions { field, reason } => PhysicsError::InvalidParameter {
+                field: format!("driver.{field}"),
+                reason,
             },
             DriverError::Instrument(p) => p,
         }

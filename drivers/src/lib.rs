@@ -10,6 +10,8 @@
 //! - [`command`]: commands as values, for checking and logging.
 //! - [`audit`]: the JSON-lines audit log.
 //! - [`error`]: [`DriverError`], and how a refusal crosses the physics traits.
+//! - [`replay`]: [`ReplaySpm`], recorded NSID HDF5 data served through the SPM traits
+//!   (driver URL `replay:FILE`).
 //!
 //! All quantities are SI.
 //!
@@ -32,6 +34,7 @@ pub mod command;
 pub mod error;
 pub mod guard;
 pub mod limits;
+pub mod replay;
 pub mod watchdog;
 
 pub use audit::AuditLog;
@@ -39,4 +42,5 @@ pub use command::{SpmCommand, StemCommand};
 pub use error::{DriverError, Refusal, Result};
 pub use guard::{Check, Guarded};
 pub use limits::Limits;
+pub use replay::{ReplayOptions, ReplaySpm};
 pub use watchdog::{HasSafeHandle, SafeHandle};
