@@ -751,8 +751,10 @@ impl ReplaySpm {
             let s = length_scale(&a.units).unwrap_or(1.0);
             a.values.iter().map(|v| v * s).collect()
         };
-        let x = GridAxis::centred(&metres(0)).map_err(|e| recording_error(file, &ref_axes[0].path, e))?;
-        let y = GridAxis::centred(&metres(1)).map_err(|e| recording_error(file, &ref_axes[1].path, e))?;
+        let x = GridAxis::centred(&metres(0))
+            .map_err(|e| recording_error(file, &ref_axes[0].path, e))?;
+        let y = GridAxis::centred(&metres(1))
+            .map_err(|e| recording_error(file, &ref_axes[1].path, e))?;
         let (nx, ny) = (x.n, y.n);
         let mut out_images = Vec::new();
         let mut recorded: Vec<(String, bool, String, String, usize, f64)> = Vec::new();
@@ -762,8 +764,7 @@ impl ReplaySpm {
                 let r = ref_axes[k];
                 let same = |p: &[f64], q: &[f64]| {
                     let span = (q[q.len() - 1] - q[0]).abs().max(1e-300);
-                    p.len() == q.len()
-                        && p.iter().zip(q).all(|(u, v)| (u - v).abs() <= 1e-6 * span)
+                    p.len() == q.len() && p.iter().zip(q).all(|(u, v)| (u - v).abs() <= 1e-6 * span)
                 };
                 match length_scale(&a.units) {
                     Some(s) => {
@@ -810,7 +811,14 @@ impl ReplaySpm {
             }
             let (units, scale) = si_units(&d.units);
             let (base, retrace) = channel_name(&d.quantity);
-            recorded.push((base, retrace, units, d.quantity.clone(), out_images.len(), scale));
+            recorded.push((
+                base,
+                retrace,
+                units,
+                d.quantity.clone(),
+                out_images.len(),
+                scale,
+            ));
             out_images.push(img);
         }
         let mut served: Vec<Served> = Vec::new();
@@ -939,7 +947,10 @@ impl ReplaySpm {
 
     fn check_position(&self, name: &str, p: [f64; 2]) -> Result<(), PhysicsError> {
         if !p.iter().all(|v| v.is_finite()) {
-            return Err(PhysicsError::arg(name, format!("must be finite, got {p:?}")));
+            return Err(PhysicsError::arg(
+                name,
+                format!("must be finite, got {p:?}"),
+            ));
         }
         Ok(())
     }
@@ -1036,10 +1047,14 @@ impl SpmInstrument for ReplaySpm {
         let (nx, ny) = (sc.x.n, sc.y.n);
         // Fractional recorded indices of each column and row.
         let us: Vec<f64> = (0..cols)
-            .map(|j| sc.x.index(s.center[0] + (j as f64 - 0.5 * (cols as f64 - 1.0)) * s.pixel_size))
+            .map(|j| {
+                sc.x.index(s.center[0] + (j as f64 - 0.5 * (cols as f64 - 1.0)) * s.pixel_size)
+            })
             .collect();
         let vs: Vec<f64> = (0..rows)
-            .map(|i| sc.y.index(s.center[1] + (i as f64 - 0.5 * (rows as f64 - 1.0)) * s.pixel_size))
+            .map(|i| {
+                sc.y.index(s.center[1] + (i as f64 - 0.5 * (rows as f64 - 1.0)) * s.pixel_size)
+            })
             .collect();
         let fresh = self.channels.len() != sc.served.len()
             || self
@@ -1111,7 +1126,10 @@ impl SpmInstrument for ReplaySpm {
 
     fn set_bias(&mut self, bias: f64) -> Result<f64, PhysicsError> {
         if !bias.is_finite() {
-            return Err(PhysicsError::arg("bias", format!("must be finite, got {bias}")));
+            return Err(PhysicsError::arg(
+                "bias",
+                format!("must be finite, got {bias}"),
+            ));
         }
         self.bias = bias;
         Ok(bias)
@@ -1200,7 +1218,9 @@ impl PointSpectroscopy for ReplaySpm {
                 .check_turns(waveform, &dirs)
                 .map_err(|e| refused(OP, e))?;
         }
-        let r = l.rec.loop_at(l.x.nearest(position[0]), l.y.nearest(position[1]));
+        let r = l
+            .rec
+            .loop_at(l.x.nearest(position[0]), l.y.nearest(position[1]));
         let mut out = Vec::with_capacity(waveform.len());
         for (k, (&v, &d)) in waveform.iter().zip(&dirs).enumerate() {
             let (a, b, t) = l.sweep.locate(v, d).ok_or_else(|| {
@@ -1260,7 +1280,10 @@ mod tests {
         let a = GridAxis::centred(&[0.0, 1e-6, 2e-6, 3e-6, 4e-6]).unwrap();
         assert!((a.first + 2e-6).abs() < 1e-18 && (a.step - 1e-6).abs() < 1e-18);
         let c = a.cover();
-        assert!((c[0] + 2.5e-6).abs() < 1e-18 && (c[1] - 2.5e-6).abs() < 1e-18, "{c:?}");
+        assert!(
+            (c[0] + 2.5e-6).abs() < 1e-18 && (c[1] - 2.5e-6).abs() < 1e-18,
+            "{c:?}"
+        );
         assert!(a.covers(2.5e-6) && a.covers(-2.5e-6) && !a.covers(2.51e-6));
         assert!((a.index(0.0) - 2.0).abs() < 1e-12);
         assert_eq!(a.nearest(0.4e-6), 2);
@@ -1342,10 +1365,16 @@ mod tests {
         let s = Sweep::new(&beps_sweep()).unwrap();
         // A triangle of the recorded amplitude turns at the extremes: fine.
         let w = [0.0, 4.25, 8.5, 4.25, 0.0, -4.25, -8.5, -4.25];
-        assert!(s.check_turns(&w, &Sweep::directions(&w, 0.0).unwrap()).is_ok());
+        assert!(
+            s.check_turns(&w, &Sweep::directions(&w, 0.0).unwrap())
+                .is_ok()
+        );
         // A coarse triangle whose samples miss the peak by less than its step: fine.
         let w = [0.0, 3.0, 6.0, 8.0, 6.0];
-        assert!(s.check_turns(&w, &Sweep::directions(&w, 0.0).unwrap()).is_ok());
+        assert!(
+            s.check_turns(&w, &Sweep::directions(&w, 0.0).unwrap())
+                .is_ok()
+        );
         // A 4 V minor loop: refused, naming the turn.
         let w = [0.0, 2.0, 4.0, 2.0, 0.0];
         let e = s
@@ -1364,11 +1393,25 @@ mod tests {
         assert_eq!(si_units("nm"), ("m".into(), 1e-9));
         assert_eq!(si_units("rad").0, "deg");
         assert_eq!(si_units("a.u."), ("a.u.".into(), 1.0));
-        let mut names = ["error", "height", "zz", "phase", "height_retrace", "amplitude"];
+        let mut names = [
+            "error",
+            "height",
+            "zz",
+            "phase",
+            "height_retrace",
+            "amplitude",
+        ];
         names.sort_by_key(|n| rank(n));
         assert_eq!(
             names,
-            ["phase", "amplitude", "height", "height_retrace", "error", "zz"]
+            [
+                "phase",
+                "amplitude",
+                "height",
+                "height_retrace",
+                "error",
+                "zz"
+            ]
         );
     }
 }

@@ -122,11 +122,7 @@ fn h5err(file: &str, object: &str, e: hdf5::Error) -> NsidError {
 
 /// A string attribute (variable- or fixed-length, ASCII or UTF-8; a one-element array reads as
 /// its element). `Ok(None)` when the attribute is absent.
-fn string_attr(
-    loc: &hdf5::Location,
-    name: &str,
-    file: &str,
-) -> Result<Option<String>, NsidError> {
+fn string_attr(loc: &hdf5::Location, name: &str, file: &str) -> Result<Option<String>, NsidError> {
     use hdf5::types::{FixedAscii, FixedUnicode, TypeDescriptor as TD, VarLenAscii, VarLenUnicode};
     if !loc
         .attr_names()
@@ -425,7 +421,10 @@ mod tests {
         let d = &m[0];
         assert_eq!(d.path, "/Channel_000/generic/generic");
         assert_eq!(d.shape, [50, 50, 64]);
-        assert_eq!((d.quantity.as_str(), d.units.as_str()), ("Piezoresponse", "a.u."));
+        assert_eq!(
+            (d.quantity.as_str(), d.units.as_str()),
+            ("Piezoresponse", "a.u.")
+        );
         let names: Vec<&str> = d.axes.iter().map(|a| a.name.as_str()).collect();
         assert_eq!(names, ["X", "Y", "Voltage"]);
         assert_eq!(d.axes_of(DimensionType::Spatial), [0, 1]);

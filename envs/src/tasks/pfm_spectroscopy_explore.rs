@@ -455,21 +455,18 @@ impl RecordedLoops {
     /// `Voltage` scale in the shared file).
     pub fn open(path: &str) -> Result<Self> {
         let err = |e: String| EnvError::config("real_data", e);
-        let sets =
-            crate::nsid::read_main_datasets(std::path::Path::new(path)).map_err(|e| err(e.to_string()))?;
-        let ds = sets
-            .iter()
-            .find(|d| Self::is_beps(d))
-            .ok_or_else(|| {
-                err(format!(
-                    "{path}: no main dataset with two spatial axes and one spectral axis in V \
+        let sets = crate::nsid::read_main_datasets(std::path::Path::new(path))
+            .map_err(|e| err(e.to_string()))?;
+        let ds = sets.iter().find(|d| Self::is_beps(d)).ok_or_else(|| {
+            err(format!(
+                "{path}: no main dataset with two spatial axes and one spectral axis in V \
                      (found {})",
-                    sets.iter()
-                        .map(|d| format!("`{}` {:?}", d.path, d.shape))
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ))
-            })?;
+                sets.iter()
+                    .map(|d| format!("`{}` {:?}", d.path, d.shape))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
+        })?;
         Self::from_dataset(ds).map_err(|e| err(format!("{path}: {e}")))
     }
 
