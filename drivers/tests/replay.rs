@@ -205,11 +205,14 @@ fn served_loops_have_the_films_coercive_voltages() {
     assert!(0.5 * (mu + md) > 0.8);
 }
 
+/// Frames served, each with the settings it was scanned with.
+type Served = Arc<Mutex<Vec<(ScanSettings, Vec<Channel>)>>>;
+
 /// A [`ReplaySpm`] that keeps a copy of every frame it serves, with its settings.
 #[derive(Debug)]
 struct Spy {
     inner: ReplaySpm,
-    frames: Arc<Mutex<Vec<(ScanSettings, Vec<Channel>)>>>,
+    frames: Served,
 }
 
 impl SpmInstrument for Spy {
