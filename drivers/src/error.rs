@@ -125,6 +125,25 @@ pub enum DriverError {
         /// The outcome of the `make_safe` attempt that followed.
         safe: String,
     },
+    /// A recording (replay driver) is missing a dataset or attribute, is malformed, or holds
+    /// nothing the driver can serve.
+    #[error("recording {file}: {}{reason}", if object.is_empty() { String::new() } else { format!("`{object}`: ") })]
+    Recording {
+        /// The file, as given.
+        file: String,
+        /// The HDF5 object (dataset path, or `dataset@attribute`), or `""` for the file.
+        object: String,
+        /// What is missing or wrong.
+        reason: String,
+    },
+    /// A driver option is out of range.
+    #[error("invalid option `{field}`: {reason}")]
+    InvalidOptions {
+        /// The option's name.
+        field: String,
+        /// What was expected.
+        reason: String,
+    },
     /// The instrument (simulated or real) returned an error.
     #[error(transparent)]
     Instrument(#[from] PhysicsError),
@@ -139,6 +158,16 @@ pub enum DriverError {
     /// The task could not be built or run (unknown id, bad config, ...).
     #[error(transparent)]
     Env(Box<scopegym_envs::EnvError>),
+}
+
+impl From<scopegym_envs::nsid::NsidError> for DriverError {
+    fn from(e: scopegym_envs::nsid::NsidError) -> Self {
+        Self::Recording {
+            file: e.file,
+            object: e.object,
+            reason: e.reason,
+        }
+    }
 }
 
 impl DriverError {
@@ -211,6 +240,14 @@ impl From<DriverError> for PhysicsError {
             } => PhysicsError::Refused {
                 operation: command,
                 reason: format!("{DRIVER_PREFIX}{kind}: {detail}; make_safe: {safe}"),
+            },
+            e @ DriverError::Recording { .. } => PhysicsError::Refused {
+                operation: "replay".into(),
+                reason: format!("{DRIVER_PREFIX}{e}"),
+            },
+            DriverError::InvalidOptions { field, reason } => PhysicsError::InvalidParameter {
+                field: format!("driver.{field}"),
+                reason,
             },
             DriverError::Instrument(p) => p,
             DriverError::InvalidUrl { url, reason } => PhysicsError::InvalidParameter {

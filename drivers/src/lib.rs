@@ -12,6 +12,8 @@
 //! - [`nanonis`]: the Nanonis SPM client ([`nanonis::NanonisClient`]) and a fake Nanonis
 //!   server backed by the simulator ([`nanonis::FakeNanonis`]).
 //! - [`error`]: [`DriverError`], and how a refusal crosses the physics traits.
+//! - [`replay`]: [`ReplaySpm`], recorded NSID HDF5 data served through the SPM traits
+//!   (driver URL `replay:FILE`).
 //!
 //! All quantities are SI.
 //!
@@ -37,6 +39,7 @@ pub mod error;
 pub mod guard;
 pub mod limits;
 pub mod nanonis;
+pub mod replay;
 pub mod watchdog;
 
 pub use audit::AuditLog;
@@ -44,4 +47,5 @@ pub use command::{SpmCommand, StemCommand};
 pub use error::{DriverError, Refusal, Result};
 pub use guard::{Check, Guarded};
 pub use limits::Limits;
+pub use replay::{ReplayOptions, ReplaySpm};
 pub use watchdog::{HasSafeHandle, SafeHandle, Watchdog};

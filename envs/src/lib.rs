@@ -13,6 +13,7 @@
 //!   ground truth, as a real driver does (the sim-to-real checks).
 //! - [`evaluate`]: scoring policies over seeds (floors, degenerate policies).
 //! - [`level`]: the `difficulty` and `split` options every task takes.
+//! - [`nsid`]: reading recorded data stored as NSID HDF5 (pycroscopy / sidpy).
 //! - [`tasks`]: the tasks.
 #![deny(missing_docs)]
 
@@ -21,6 +22,7 @@ pub mod env;
 pub mod error;
 pub mod evaluate;
 pub mod level;
+pub mod nsid;
 pub mod record;
 pub mod registry;
 pub mod space;

@@ -450,39 +450,71 @@ pub struct RecordedLoops {
 }
 
 impl RecordedLoops {
-    /// Reads `Channel_000/generic/generic` and its `Voltage` scale from an NSID HDF5 file.
+    /// Reads the BEPS map of an NSID HDF5 file: its first main dataset with two spatial axes and
+    /// one spectral axis in volts ([`crate::nsid`]; `Channel_000/generic/generic` with its
+    /// `Voltage` scale in the shared file).
     pub fn open(path: &str) -> Result<Self> {
-        let err = |e: hdf5::Error| EnvError::config("real_data", format!("{path}: {e}"));
-        let file = hdf5::File::open(path).map_err(err)?;
-        let ds = file.dataset("Channel_000/generic/generic").map_err(err)?;
-        let shape = ds.shape();
-        if shape.len() != 3 || shape.contains(&0) {
-            return Err(EnvError::config(
-                "real_data",
-                format!("{path}: expected a 3-D (x, y, bias) dataset, got shape {shape:?}"),
+        let err = |e: String| EnvError::config("real_data", e);
+        let sets = crate::nsid::read_main_datasets(std::path::Path::new(path))
+            .map_err(|e| err(e.to_string()))?;
+        let ds = sets.iter().find(|d| Self::is_beps(d)).ok_or_else(|| {
+            err(format!(
+                "{path}: no main dataset with two spatial axes and one spectral axis in V \
+                     (found {})",
+                sets.iter()
+                    .map(|d| format!("`{}` {:?}", d.path, d.shape))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
+        })?;
+        Self::from_dataset(ds).map_err(|e| err(format!("{path}: {e}")))
+    }
+
+    /// Whether `d` is a BEPS map: two spatial axes and one spectral axis in volts.
+    pub fn is_beps(d: &crate::nsid::MainDataset) -> bool {
+        use crate::nsid::DimensionType as T;
+        let spectral = d.axes_of(T::Spectral);
+        d.shape.len() == 3
+            && d.axes_of(T::Spatial).len() == 2
+            && spectral.len() == 1
+            && d.axes[spectral[0]].units.trim() == "V"
+    }
+
+    /// The loops of a BEPS main dataset ([`Self::is_beps`]), reordered to `(x, y, bias)`: `x`
+    /// is the spatial axis named `x` (any case), else the first spatial axis.
+    pub fn from_dataset(d: &crate::nsid::MainDataset) -> std::result::Result<Self, String> {
+        use crate::nsid::DimensionType as T;
+        if !Self::is_beps(d) {
+            return Err(format!(
+                "`{}`: expected two spatial axes and one spectral axis in V, got shape {:?}",
+                d.path, d.shape
             ));
         }
-        let data: Vec<f64> = ds.read_raw().map_err(err)?;
-        let bias: Vec<f64> = file
-            .dataset("Channel_000/generic/Voltage")
-            .and_then(|d| d.read_raw())
-            .map_err(err)?;
-        if bias.len() != shape[2] || data.len() != shape.iter().product::<usize>() {
-            return Err(EnvError::config(
-                "real_data",
-                format!("{path}: bias axis of {} for shape {shape:?}", bias.len()),
-            ));
+        let sp = d.axes_of(T::Spatial);
+        let (ax, ay) = if d.axes[sp[1]].name.eq_ignore_ascii_case("x") {
+            (sp[1], sp[0])
+        } else {
+            (sp[0], sp[1])
+        };
+        let ab = d.axes_of(T::Spectral)[0];
+        let shape = &d.shape;
+        if shape.contains(&0) {
+            return Err(format!("`{}`: empty shape {shape:?}", d.path));
         }
-        if data.iter().chain(&bias).any(|v| !v.is_finite()) {
-            return Err(EnvError::config(
-                "real_data",
-                format!("{path}: non-finite values"),
-            ));
+        let (nx, ny, m) = (shape[ax], shape[ay], shape[ab]);
+        let strides = [shape[1] * shape[2], shape[2], 1];
+        let mut data = Vec::with_capacity(nx * ny * m);
+        for x in 0..nx {
+            for y in 0..ny {
+                for b in 0..m {
+                    data.push(d.data[x * strides[ax] + y * strides[ay] + b * strides[ab]]);
+                }
+            }
         }
+        let bias = d.axes[ab].values.clone();
         // Robust scales (recorded loops carry single-point glitches a hundred times the
         // loops' size, and the despiked loops' ranges still spread over four decades): the
         // 99th percentile over loops of each despiked loop's range, the median midpoint.
-        let m = shape[2];
         let (mut ranges, mut mids): (Vec<f64>, Vec<f64>) = data
             .chunks_exact(m)
             .map(|l| {
@@ -497,7 +529,7 @@ impl RecordedLoops {
             v[((v.len() - 1) as f64 * q).round() as usize]
         };
         Ok(Self {
-            shape: [shape[0], shape[1]],
+            shape: [nx, ny],
             bias,
             data,
             span: quantile(&mut ranges, 0.99).max(1e-30),
