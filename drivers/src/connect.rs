@@ -24,8 +24,11 @@ use crate::audit::AuditLog;
 use crate::error::{DriverError, Result};
 use crate::guard::Guarded;
 use crate::limits::Limits;
+use crate::nanonis::{NanonisClient, NanonisOptions};
+use crate::replay::{ReplayOptions, ReplaySpm};
+use crate::watchdog::HasSafeHandle;
 use crate::watchdog::{SafeHandle, Watchdog};
-use scopegym_envs::env::{Env, Info, RgbImage, Step, TaskEnv};
+use scopegym_envs::env::{Env, Info, RgbImage, Step, Task, TaskEnv};
 use scopegym_envs::space::{Space, Value};
 use scopegym_envs::tasks::config_from_toml;
 use scopegym_envs::tasks::{
@@ -213,18 +216,19 @@ impl Env for Deployment {
     }
 }
 
-/// A simulator has nothing to withdraw from another thread (it does not move while nobody
-/// calls it); the watchdog's flag makes the guard refuse every later command instead.
+/// An instrument without hardware behind it (a simulator, a recording): nothing moves while
+/// nobody calls it, so there is nothing to withdraw from another thread; the watchdog's flag
+/// makes the guard refuse every later command instead.
 #[derive(Debug)]
-struct SimHandle;
+struct NoHardware(&'static str);
 
-impl SafeHandle for SimHandle {
+impl SafeHandle for NoHardware {
     fn make_safe(&self) -> Result<()> {
         Ok(())
     }
 
     fn describe(&self) -> String {
-        "sim".into()
+        self.0.into()
     }
 }
 
@@ -247,109 +251,176 @@ fn env_err(e: scopegym_envs::EnvError) -> DriverError {
     DriverError::Env(Box::new(e))
 }
 
+fn phys_err(e: scopegym_physics::PhysicsError) -> DriverError {
+    env_err(scopegym_envs::EnvError::config("instrument", e.to_string()))
+}
+
 fn wrong_family(id: &str, url: &DriverUrl) -> DriverError {
+    let can = match url {
+        DriverUrl::Sim => "every task",
+        DriverUrl::Nanonis(_) => {
+            "the SPM tasks with a Nanonis command for every action: AfmFeedbackTuning, \
+             PfmDomainWriting, PfmSpectroscopyExplore, SpmTipConditioning"
+        }
+        DriverUrl::StemGateway(_) => "the STEM tasks",
+        DriverUrl::Replay(_) => {
+            "the tasks a recording can serve: PfmSpectroscopyExplore (recorded loops) and \
+             AfmFeedbackTuning (a recorded scan)"
+        }
+    };
     DriverError::InvalidUrl {
         url: url.to_string(),
-        reason: format!("this driver cannot run {id}"),
+        reason: format!("this driver cannot run {id}; it runs {can}"),
     }
 }
 
-/// Builds task `id` on the instrument at `url`, behind the guard.
-pub fn make_env(id: &str, url: &DriverUrl, opts: DeployOptions) -> Result<Deployment> {
-    let spec = scopegym_envs::registry::spec(id).map_err(env_err)?;
-    let id = spec.id;
-    let c = opts.config.as_ref();
-    let (safe, dog): (Arc<dyn SafeHandle>, _) = match url {
-        DriverUrl::Sim => {
-            let safe: Arc<dyn SafeHandle> = Arc::new(SimHandle);
-            let dog = opts.watchdog.map(|t| Watchdog::start(safe.clone(), t));
-            (safe, dog)
-        }
-        _ => return Err(wrong_family(id, url)),
-    };
-    let d = dog.as_ref();
-    macro_rules! on_sim {
-        ($task:ident, $ty:ident, $inst:expr) => {{
-            let cfg: $task::Config = config_from_toml(c).map_err(env_err)?;
-            cfg.validate().map_err(env_err)?;
-            #[allow(clippy::redundant_closure_call)]
-            let inst = ($inst)(&cfg).map_err(|e: scopegym_physics::PhysicsError| {
-                env_err(scopegym_envs::EnvError::config("instrument", e.to_string()))
-            })?;
-            let task = $task::$ty::new(cfg, guard(inst, &opts, d)?);
-            Box::new(TaskEnv::new(id, task)) as Box<dyn Env>
-        }};
-    }
-    let env: Box<dyn Env> = match (id, url) {
-        ("scopegym/AfmFeedbackTuning-v1", DriverUrl::Sim) => {
-            on_sim!(
-                afm_feedback_tuning,
-                AfmFeedbackTuning,
-                |c: &afm_feedback_tuning::Config| SpmSimulator::new(c.instrument.clone(), 0)
-            )
-        }
-        ("scopegym/PfmDomainWriting-v1", DriverUrl::Sim) => {
-            on_sim!(
-                pfm_domain_writing,
-                PfmDomainWriting,
-                |c: &pfm_domain_writing::Config| SpmSimulator::new(c.instrument.clone(), 0)
-            )
-        }
-        ("scopegym/PfmSpectroscopyExplore-v1", DriverUrl::Sim) => {
-            on_sim!(
-                pfm_spectroscopy_explore,
-                PfmSpectroscopyExplore,
-                |c: &pfm_spectroscopy_explore::Config| SpmSimulator::new(c.instrument.clone(), 0)
-            )
-        }
-        ("scopegym/SpmTipConditioning-v1", DriverUrl::Sim) => {
-            on_sim!(
-                spm_tip_conditioning,
-                SpmTipConditioning,
-                |c: &spm_tip_conditioning::Config| SpmSimulator::new(c.instrument.clone(), 0)
-            )
-        }
-        ("scopegym/SpmAtomManipulation-v1", DriverUrl::Sim) => {
-            on_sim!(
-                spm_atom_manipulation,
-                SpmAtomManipulation,
-                |c: &spm_atom_manipulation::Config| SpmSimulator::new(c.instrument.clone(), 0)
-            )
-        }
-        ("scopegym/StemAutofocus-v1", DriverUrl::Sim) => {
-            on_sim!(
-                stem_autofocus,
-                StemAutofocus,
-                |c: &stem_autofocus::Config| LatticeSimulator::new(c.instrument.clone(), 0)
-            )
-        }
-        ("scopegym/StemDopantSteer-v1", DriverUrl::Sim) => {
-            on_sim!(
-                stem_dopant_steer,
-                StemDopantSteer,
-                |c: &stem_dopant_steer::Config| DopantSimulator::new(c.instrument.clone(), 0)
-            )
-        }
-        ("scopegym/StemEelsExplore-v1", DriverUrl::Sim) => {
-            on_sim!(
-                stem_eels_explore,
-                StemEelsExplore,
-                |c: &stem_eels_explore::Config| StemSimulator::new(c.instrument_config(), 0)
-            )
-        }
-        ("scopegym/StemSparseScan-v1", DriverUrl::Sim) => {
-            on_sim!(
-                stem_sparse_scan,
-                StemSparseScan,
-                |c: &stem_sparse_scan::Config| StemSimulator::new(c.instrument_config(), 0)
-            )
-        }
-        _ => return Err(wrong_family(id, url)),
-    };
+/// The last step of [`make_env`]: watchdog, guard, task, environment.
+fn deploy<I, T: Task + 'static>(
+    id: &'static str,
+    url: &DriverUrl,
+    opts: &DeployOptions,
+    inst: I,
+    safe: Arc<dyn SafeHandle>,
+    task: impl FnOnce(Guarded<I>) -> T,
+) -> Result<Deployment> {
+    let dog = opts.watchdog.map(|t| Watchdog::start(safe.clone(), t));
+    let g = guard(inst, opts, dog.as_ref())?;
     Ok(Deployment {
-        env,
+        env: Box::new(TaskEnv::new(id, task(g))),
         watchdog: dog,
         safe,
         url: url.clone(),
     })
+}
+
+/// Builds task `id` on the instrument at `url`, behind the guard (limits, dry run, audit log)
+/// and, where `opts.watchdog` is set, the watchdog. Connecting reads the instrument's state and
+/// changes nothing.
+pub fn make_env(id: &str, url: &DriverUrl, opts: DeployOptions) -> Result<Deployment> {
+    use afm_feedback_tuning::AfmFeedbackTuning;
+    use pfm_domain_writing::PfmDomainWriting;
+    use pfm_spectroscopy_explore::PfmSpectroscopyExplore;
+    use spm_atom_manipulation::SpmAtomManipulation;
+    use spm_tip_conditioning::SpmTipConditioning;
+    use stem_autofocus::StemAutofocus;
+    use stem_dopant_steer::StemDopantSteer;
+    use stem_eels_explore::StemEelsExplore;
+    use stem_sparse_scan::StemSparseScan;
+
+    let id = scopegym_envs::registry::spec(id).map_err(env_err)?.id;
+    let c = opts.config.as_ref();
+    // The task's config, validated.
+    macro_rules! config {
+        ($task:ident) => {{
+            let cfg: $task::Config = config_from_toml(c).map_err(env_err)?;
+            cfg.validate().map_err(env_err)?;
+            cfg
+        }};
+    }
+    // The task `$ty` on `$inst` (with its safe handle `$safe`).
+    macro_rules! on {
+        ($cfg:ident, $ty:ident, $inst:expr, $safe:expr) => {{
+            let inst = $inst;
+            let safe: Arc<dyn SafeHandle> = $safe(&inst);
+            deploy(id, url, &opts, inst, safe, |g| $ty::new($cfg, g))
+        }};
+    }
+    fn sim<T>(_: &T) -> Arc<dyn SafeHandle> {
+        Arc::new(NoHardware("sim"))
+    }
+    fn replay<T>(_: &T) -> Arc<dyn SafeHandle> {
+        Arc::new(NoHardware("replay"))
+    }
+    let nanonis = |c: &NanonisClient| c.safe_handle();
+    let connect_nanonis =
+        |addr: &str, mode| NanonisClient::connect(addr, NanonisOptions::for_mode(mode));
+    let open_replay = |p: &PathBuf| ReplaySpm::open(p, ReplayOptions::default());
+    let spm_sim = |c: &scopegym_physics::spm::sim::SpmConfig| {
+        SpmSimulator::new(c.clone(), 0).map_err(phys_err)
+    };
+    match (id, url) {
+        ("scopegym/AfmFeedbackTuning-v1", u) => {
+            let cfg = config!(afm_feedback_tuning);
+            match u {
+                DriverUrl::Sim => on!(cfg, AfmFeedbackTuning, spm_sim(&cfg.instrument)?, sim),
+                DriverUrl::Nanonis(a) => on!(
+                    cfg,
+                    AfmFeedbackTuning,
+                    connect_nanonis(a, cfg.instrument.mode)?,
+                    nanonis
+                ),
+                DriverUrl::Replay(p) => on!(cfg, AfmFeedbackTuning, open_replay(p)?, replay),
+                _ => Err(wrong_family(id, url)),
+            }
+        }
+        ("scopegym/PfmSpectroscopyExplore-v1", u) => {
+            let cfg = config!(pfm_spectroscopy_explore);
+            match u {
+                DriverUrl::Sim => {
+                    on!(cfg, PfmSpectroscopyExplore, spm_sim(&cfg.instrument)?, sim)
+                }
+                DriverUrl::Nanonis(a) => on!(
+                    cfg,
+                    PfmSpectroscopyExplore,
+                    connect_nanonis(a, cfg.instrument.mode)?,
+                    nanonis
+                ),
+                DriverUrl::Replay(p) => {
+                    on!(cfg, PfmSpectroscopyExplore, open_replay(p)?, replay)
+                }
+                _ => Err(wrong_family(id, url)),
+            }
+        }
+        ("scopegym/PfmDomainWriting-v1", u) => {
+            let cfg = config!(pfm_domain_writing);
+            match u {
+                DriverUrl::Sim => on!(cfg, PfmDomainWriting, spm_sim(&cfg.instrument)?, sim),
+                DriverUrl::Nanonis(a) => on!(
+                    cfg,
+                    PfmDomainWriting,
+                    connect_nanonis(a, cfg.instrument.mode)?,
+                    nanonis
+                ),
+                _ => Err(wrong_family(id, url)),
+            }
+        }
+        ("scopegym/SpmTipConditioning-v1", u) => {
+            let cfg = config!(spm_tip_conditioning);
+            match u {
+                DriverUrl::Sim => on!(cfg, SpmTipConditioning, spm_sim(&cfg.instrument)?, sim),
+                DriverUrl::Nanonis(a) => on!(
+                    cfg,
+                    SpmTipConditioning,
+                    connect_nanonis(a, cfg.instrument.mode)?,
+                    nanonis
+                ),
+                _ => Err(wrong_family(id, url)),
+            }
+        }
+        ("scopegym/SpmAtomManipulation-v1", DriverUrl::Sim) => {
+            let cfg = config!(spm_atom_manipulation);
+            on!(cfg, SpmAtomManipulation, spm_sim(&cfg.instrument)?, sim)
+        }
+        ("scopegym/StemAutofocus-v1", DriverUrl::Sim) => {
+            let cfg = config!(stem_autofocus);
+            let inst = LatticeSimulator::new(cfg.instrument.clone(), 0).map_err(phys_err)?;
+            on!(cfg, StemAutofocus, inst, sim)
+        }
+        ("scopegym/StemDopantSteer-v1", DriverUrl::Sim) => {
+            let cfg = config!(stem_dopant_steer);
+            let inst = DopantSimulator::new(cfg.instrument.clone(), 0).map_err(phys_err)?;
+            on!(cfg, StemDopantSteer, inst, sim)
+        }
+        ("scopegym/StemEelsExplore-v1", DriverUrl::Sim) => {
+            let cfg = config!(stem_eels_explore);
+            let inst = StemSimulator::new(cfg.instrument_config(), 0).map_err(phys_err)?;
+            on!(cfg, StemEelsExplore, inst, sim)
+        }
+        ("scopegym/StemSparseScan-v1", DriverUrl::Sim) => {
+            let cfg = config!(stem_sparse_scan);
+            let inst = StemSimulator::new(cfg.instrument_config(), 0).map_err(phys_err)?;
+            on!(cfg, StemSparseScan, inst, sim)
+        }
+        _ => Err(wrong_family(id, url)),
+    }
 }
