@@ -9,6 +9,8 @@
 //!   this crate is a conservative start).
 //! - [`command`]: commands as values, for checking and logging.
 //! - [`audit`]: the JSON-lines audit log.
+//! - [`stem_gateway`]: [`StemGatewayClient`], a STEM behind a gateway speaking the protocol of
+//!   `drivers/STEM_GATEWAY.md` (the reference gateway is `drivers/python/stem_gateway.py`).
 //! - [`error`]: [`DriverError`], and how a refusal crosses the physics traits.
 //!
 //! All quantities are SI.
@@ -32,6 +34,7 @@ pub mod command;
 pub mod error;
 pub mod guard;
 pub mod limits;
+pub mod stem_gateway;
 pub mod watchdog;
 
 pub use audit::AuditLog;
@@ -39,4 +42,5 @@ pub use command::{SpmCommand, StemCommand};
 pub use error::{DriverError, Refusal, Result};
 pub use guard::{Check, Guarded};
 pub use limits::Limits;
+pub use stem_gateway::{StemGatewayClient, StemGatewayOptions};
 pub use watchdog::{HasSafeHandle, SafeHandle};
