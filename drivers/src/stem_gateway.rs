@@ -226,7 +226,9 @@ pub mod wire {
         #[error("I/O error: {0}")]
         Io(#[from] std::io::Error),
         /// The peer closed the connection before the message ended.
-        #[error("truncated message: the connection closed after {got} of {expected} bytes of the {part}")]
+        #[error(
+            "truncated message: the connection closed after {got} of {expected} bytes of the {part}"
+        )]
         Truncated {
             /// Which part: `length`, `header` or an attachment's name.
             part: String,
@@ -302,7 +304,9 @@ pub mod wire {
         let expected = shape
             .iter()
             .try_fold(dtype.size(), |a, &b| a.checked_mul(b))
-            .ok_or_else(|| WireError::TooLarge(format!("attachment `{name}`: shape {shape:?} overflows")))?;
+            .ok_or_else(|| {
+                WireError::TooLarge(format!("attachment `{name}`: shape {shape:?} overflows"))
+            })?;
         if expected != nbytes {
             return Err(bad(format!(
                 "`{name}`: nbytes {nbytes} ≠ {expected} for shape {shape:?} of {}",
@@ -1020,7 +1024,11 @@ impl StemGatewayClient {
     }
 
     /// A getter's call: the value, or the last seen one with the fault kept for later.
-    fn get<T>(&self, method: &str, pick: impl FnOnce(Map<String, Value>) -> Result<T>) -> Option<T> {
+    fn get<T>(
+        &self,
+        method: &str,
+        pick: impl FnOnce(Map<String, Value>) -> Result<T>,
+    ) -> Option<T> {
         let r = self
             .call(method, json!({}), self.endpoint.opts.timeout)
             .and_then(|(m, _)| pick(m));
@@ -1049,11 +1057,18 @@ impl StemGatewayClient {
         } else {
             Duration::ZERO
         };
-        self.endpoint.opts.timeout.max(e + self.endpoint.opts.acquisition_margin)
+        self.endpoint
+            .opts
+            .timeout
+            .max(e + self.endpoint.opts.acquisition_margin)
     }
 
     /// Decodes a result, sending `make_safe` when it does not follow the spec.
-    fn decoded<T: for<'de> Deserialize<'de>>(&self, method: &str, m: Map<String, Value>) -> Result<T> {
+    fn decoded<T: for<'de> Deserialize<'de>>(
+        &self,
+        method: &str,
+        m: Map<String, Value>,
+    ) -> Result<T> {
         decode(method, m).inspect_err(|_| self.safe_after_fault())
     }
 }
@@ -1065,7 +1080,11 @@ fn decode<T: for<'de> Deserialize<'de>>(method: &str, m: Map<String, Value>) -> 
     })
 }
 
-fn field<T: for<'de> Deserialize<'de>>(method: &str, key: &str, mut m: Map<String, Value>) -> Result<T> {
+fn field<T: for<'de> Deserialize<'de>>(
+    method: &str,
+    key: &str,
+    mut m: Map<String, Value>,
+) -> Result<T> {
     let v = m.remove(key).ok_or_else(|| DriverError::Protocol {
         command: method.into(),
         reason: format!("result lacks `{key}`"),
@@ -1127,7 +1146,10 @@ impl StemInstrument for StemGatewayClient {
         let (m, _) = self
             .call("configure_scan", params, self.endpoint.opts.timeout)
             .map_err(pe)?;
-        let s: ScanSettings = self.decoded::<WireScan>("configure_scan", m).map_err(pe)?.into();
+        let s: ScanSettings = self
+            .decoded::<WireScan>("configure_scan", m)
+            .map_err(pe)?
+            .into();
         self.update(|x| x.scan = s);
         Ok(s)
     }
@@ -1156,7 +1178,9 @@ impl StemInstrument for StemGatewayClient {
                 .map_err(|e| bad(format!("`image`: {e}")))?;
             Ok((meta, img))
         })();
-        let (meta, img) = decoded.inspect_err(|_| self.safe_after_fault()).map_err(pe)?;
+        let (meta, img) = decoded
+            .inspect_err(|_| self.safe_after_fault())
+            .map_err(pe)?;
         self.image = img;
         self.update(|s| s.clock = meta.t_start + meta.duration);
         Ok(Frame {
@@ -1253,7 +1277,9 @@ impl StemInstrument for StemGatewayClient {
             }
             Ok((energy, counts))
         })();
-        let (energy, counts) = decoded.inspect_err(|_| self.safe_after_fault()).map_err(pe)?;
+        let (energy, counts) = decoded
+            .inspect_err(|_| self.safe_after_fault())
+            .map_err(pe)?;
         self.energy = energy;
         self.counts = counts;
         Ok(Spectrum {
@@ -1271,7 +1297,10 @@ impl StemInstrument for StemGatewayClient {
         self.seen.get().aberrations
     }
 
-    fn set_aberrations(&mut self, aberrations: &Aberrations) -> scopegym_physics::Result<Aberrations> {
+    fn set_aberrations(
+        &mut self,
+        aberrations: &Aberrations,
+    ) -> scopegym_physics::Result<Aberrations> {
         const M: &str = "set_aberrations";
         aberrations.validate("aberrations.")?;
         let params = serde_json::to_value(WireAberrations::from(aberrations))
@@ -1402,11 +1431,19 @@ mod tests {
     #[test]
     fn a_message_with_attachments_round_trips() {
         let mut m = reply(json!(3), json!({"meta": {"dose": 1.5}}), vec![]);
-        m.attachments.push(Attachment::f32("image", &[2, 3], &[1.0, -2.0, 3.5, 0.0, 1e-30, f32::MAX]));
-        m.attachments.push(Attachment::f64("energy", &[2], &[0.1, 1e300]));
+        m.attachments.push(Attachment::f32(
+            "image",
+            &[2, 3],
+            &[1.0, -2.0, 3.5, 0.0, 1e-30, f32::MAX],
+        ));
+        m.attachments
+            .push(Attachment::f64("energy", &[2], &[0.1, 1e300]));
         let back = roundtrip(&m).unwrap();
         assert_eq!(back, m);
-        assert_eq!(back.attachment("energy").unwrap().to_f64().unwrap(), vec![0.1, 1e300]);
+        assert_eq!(
+            back.attachment("energy").unwrap().to_f64().unwrap(),
+            vec![0.1, 1e300]
+        );
     }
 
     #[test]
@@ -1440,8 +1477,14 @@ mod tests {
         let cases: [(&[u8], &str); 4] = [
             (b"not json", "not JSON"),
             (b"[1,2]", "not a JSON object"),
-            (br#"{"attachments":[{"name":"a","dtype":"<i4","shape":[1],"nbytes":4}]}"#, "dtype"),
-            (br#"{"attachments":[{"name":"a","dtype":"<f4","shape":[2],"nbytes":4}]}"#, "nbytes"),
+            (
+                br#"{"attachments":[{"name":"a","dtype":"<i4","shape":[1],"nbytes":4}]}"#,
+                "dtype",
+            ),
+            (
+                br#"{"attachments":[{"name":"a","dtype":"<f4","shape":[2],"nbytes":4}]}"#,
+                "nbytes",
+            ),
         ];
         for (h, want) in cases {
             let mut buf = (h.len() as u32).to_be_bytes().to_vec();
@@ -1454,22 +1497,32 @@ mod tests {
     #[test]
     fn a_truncated_message_says_how_much_arrived() {
         let mut m = reply(json!(1), json!({}), vec![]);
-        m.attachments.push(Attachment::f32("image", &[4], &[1.0; 4]));
+        m.attachments
+            .push(Attachment::f32("image", &[4], &[1.0; 4]));
         let mut buf = Vec::new();
         write_message(&mut buf, &m, DEFAULT_MAX_MESSAGE).unwrap();
         buf.truncate(buf.len() - 3);
         match read_message(&mut buf.as_slice(), DEFAULT_MAX_MESSAGE).unwrap_err() {
-            WireError::Truncated { part, got, expected } => {
+            WireError::Truncated {
+                part,
+                got,
+                expected,
+            } => {
                 assert_eq!((part.as_str(), got, expected), ("image", 13, 16));
             }
             e => panic!("{e}"),
         }
-        assert!(matches!(read_message(&mut [].as_slice(), 1024), Err(WireError::Closed)));
+        assert!(matches!(
+            read_message(&mut [].as_slice(), 1024),
+            Err(WireError::Closed)
+        ));
     }
 
     #[test]
     fn every_code_has_a_name() {
-        for c in [-32700, -32600, -32601, -32602, -32603, -32000, -32001, -32002, -32003, -32004] {
+        for c in [
+            -32700, -32600, -32601, -32602, -32603, -32000, -32001, -32002, -32003, -32004,
+        ] {
             assert_ne!(codes::name(c), "unknown");
         }
         assert_eq!(codes::name(7), "unknown");
@@ -1484,8 +1537,9 @@ mod tests {
             .unwrap()
             .port();
         let t = Instant::now();
-        let e = StemGatewayClient::connect(&format!("127.0.0.1:{port}"), StemGatewayOptions::default())
-            .unwrap_err();
+        let e =
+            StemGatewayClient::connect(&format!("127.0.0.1:{port}"), StemGatewayOptions::default())
+                .unwrap_err();
         assert!(matches!(e, DriverError::Connection { .. }), "{e}");
         assert!(t.elapsed() < Duration::from_secs(5));
         let p: PhysicsError = e.into();
