@@ -407,16 +407,21 @@ fn the_python_gateway_serves_an_episode() {
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let mut line = String::new();
-    {
+    // The first stdout line is the port; never wait for it forever.
+    let out = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
         use std::io::BufRead;
-        let out = child.stdout.take().unwrap();
-        std::io::BufReader::new(out).read_line(&mut line).unwrap();
-    }
-    let port: u16 = line
-        .trim()
-        .parse()
-        .unwrap_or_else(|_| panic!("first line {line:?}"));
+        let mut line = String::new();
+        let _ = std::io::BufReader::new(out).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let line = rx.recv_timeout(Duration::from_secs(30)).unwrap_or_default();
+    let Ok(port) = line.trim().parse::<u16>() else {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("the gateway's first line is not a port: {line:?}");
+    };
     let result = std::panic::catch_unwind(|| {
         let client =
             StemGatewayClient::connect(&format!("127.0.0.1:{port}"), opts(10_000)).unwrap();

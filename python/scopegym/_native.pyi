@@ -2,12 +2,12 @@
 
 from collections.abc import Mapping, Sequence
 from os import PathLike
-from typing import final
+from typing import Any, final
 
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["__version__", "task_specs", "_panic_for_test", "NativeEnv", "NativeVectorEnv", "NativeRecorder", "BayesOpt"]
+__all__ = ["__version__", "task_specs", "_panic_for_test", "NativeEnv", "NativeVectorEnv", "NativeRecorder", "BayesOpt", "StemSim"]
 
 __version__: str
 
