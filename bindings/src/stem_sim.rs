@@ -8,7 +8,9 @@ use numpy::{PyArray1, PyArray2};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 use scopegym_envs::tasks::{NewEpisode, TaskConfig, config_from_toml};
-use scopegym_envs::tasks::{stem_autofocus, stem_dopant_steer, stem_eels_explore, stem_sparse_scan};
+use scopegym_envs::tasks::{
+    stem_autofocus, stem_dopant_steer, stem_eels_explore, stem_sparse_scan,
+};
 use scopegym_envs::{EnvError, Info, InfoValue};
 use scopegym_physics::PhysicsError;
 use scopegym_physics::instrument::{FrameMeta, ScanSettings, StemInstrument};
@@ -128,6 +130,9 @@ fn aberration_dict<'py>(py: Python<'py>, a: &Aberrations) -> PyResult<Bound<'py,
     Ok(d)
 }
 
+/// `(energy, counts)` of a spectrum, as NumPy arrays.
+type Spectrum<'py> = (Bound<'py, PyArray1<f64>>, Bound<'py, PyArray1<f32>>);
+
 /// The bare STEM simulator a task runs on, for serving it through the STEM gateway.
 #[pyclass(module = "scopegym._native", frozen)]
 pub(crate) struct StemSim {
@@ -183,6 +188,7 @@ impl StemSim {
     }
 
     /// Requests scan settings; returns what was accepted.
+    #[allow(clippy::too_many_arguments)] // one argument per field of the protocol's `Scan`
     fn configure_scan<'py>(
         &self,
         py: Python<'py>,
@@ -242,11 +248,7 @@ impl StemSim {
     }
 
     /// An EELS spectrum at the probe: `(energy float64 eV, counts float32)`.
-    fn acquire_spectrum<'py>(
-        &self,
-        py: Python<'py>,
-        exposure: f64,
-    ) -> PyResult<(Bound<'py, PyArray1<f64>>, Bound<'py, PyArray1<f32>>)> {
+    fn acquire_spectrum<'py>(&self, py: Python<'py>, exposure: f64) -> PyResult<Spectrum<'py>> {
         let (e, c) = run(py, || {
             let mut i = lock(&self.inst);
             let s = phys(i.acquire_spectrum(exposure))?;

@@ -976,10 +976,8 @@ impl StemGatewayClient {
         params: Value,
         limit: Duration,
     ) -> Result<(Map<String, Value>, Vec<wire::Attachment>)> {
-        self.raw_call(method, params, limit).map_err(|e| {
-            self.safe_after_fault();
-            e
-        })
+        self.raw_call(method, params, limit)
+            .inspect_err(|_| self.safe_after_fault())
     }
 
     /// [`Self::call`] without the `make_safe`.
