@@ -7,6 +7,7 @@
 //! - [`NativeVectorEnv`]: the engine's vector env; each step is one call that releases the GIL
 //!   and writes observations, rewards and flags straight into fresh NumPy arrays.
 //! - [`NativeRecorder`]: the engine's Minari-compatible dataset writer.
+//! - `StemSim` (stem_sim.rs): the bare STEM simulator of a task, for the reference STEM gateway.
 //! - [`BayesOpt`]: the agents' ask/tell Bayesian optimizer (`scopegym.bo.minimize`).
 //!
 //! Engine errors become the exception classes of `scopegym._errors` (rooted at
@@ -32,6 +33,8 @@ use scopegym_envs::{Env, EnvError, Info, InfoValue, Space, Value};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
+
+mod stem_sim;
 
 /// An error on the Rust side, before it becomes a Python exception.
 enum Failure {
@@ -952,5 +955,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<NativeVectorEnv>()?;
     m.add_class::<NativeRecorder>()?;
     m.add_class::<BayesOpt>()?;
+    m.add_class::<stem_sim::StemSim>()?;
     Ok(())
 }

@@ -144,6 +144,36 @@ pub enum DriverError {
         /// What was expected.
         reason: String,
     },
+    /// Connecting to an instrument server failed, or its connection broke or was closed after
+    /// an earlier fault.
+    #[error("connection to {endpoint} failed ({context}): {reason}")]
+    Connection {
+        /// The server, e.g. `stem-gateway://127.0.0.1:7001`.
+        endpoint: String,
+        /// What was being done: `connect`, or the command.
+        context: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// The server sent bytes that break the protocol (truncated message, declared size over the
+    /// limit, malformed header, wrong reply id, missing attachment).
+    #[error("`{command}`: protocol error: {reason}")]
+    Protocol {
+        /// The command whose reply broke the protocol.
+        command: String,
+        /// What was wrong.
+        reason: String,
+    },
+    /// The server answered a command with an error reply.
+    #[error("`{command}`: gateway error {code} ({}): {message}", crate::stem_gateway::codes::name(*code))]
+    Gateway {
+        /// The command.
+        command: String,
+        /// The error code (see `drivers/STEM_GATEWAY.md`).
+        code: i64,
+        /// The server's message.
+        message: String,
+    },
     /// The instrument (simulated or real) returned an error.
     #[error(transparent)]
     Instrument(#[from] PhysicsError),
@@ -248,6 +278,29 @@ impl From<DriverError> for PhysicsError {
             DriverError::InvalidOptions { field, reason } => PhysicsError::InvalidParameter {
                 field: format!("driver.{field}"),
                 reason,
+            },
+            DriverError::Connection {
+                endpoint,
+                context,
+                reason,
+            } => PhysicsError::Refused {
+                operation: context,
+                reason: format!("{DRIVER_PREFIX}connection to {endpoint} failed: {reason}"),
+            },
+            DriverError::Protocol { command, reason } => PhysicsError::Refused {
+                operation: command,
+                reason: format!("{DRIVER_PREFIX}protocol error: {reason}"),
+            },
+            DriverError::Gateway {
+                command,
+                code,
+                message,
+            } => PhysicsError::Refused {
+                operation: command,
+                reason: format!(
+                    "{DRIVER_PREFIX}gateway error {code} ({}): {message}",
+                    crate::stem_gateway::codes::name(code)
+                ),
             },
             DriverError::Instrument(p) => p,
             DriverError::InvalidUrl { url, reason } => PhysicsError::InvalidParameter {

@@ -11,6 +11,8 @@
 //! - [`audit`]: the JSON-lines audit log.
 //! - [`nanonis`]: the Nanonis SPM client ([`nanonis::NanonisClient`]) and a fake Nanonis
 //!   server backed by the simulator ([`nanonis::FakeNanonis`]).
+//! - [`stem_gateway`]: [`StemGatewayClient`], a STEM behind a gateway speaking the protocol of
+//!   `drivers/STEM_GATEWAY.md` (the reference gateway is `drivers/python/stem_gateway.py`).
 //! - [`error`]: [`DriverError`], and how a refusal crosses the physics traits.
 //! - [`replay`]: [`ReplaySpm`], recorded NSID HDF5 data served through the SPM traits
 //!   (driver URL `replay:FILE`).
@@ -40,6 +42,7 @@ pub mod guard;
 pub mod limits;
 pub mod nanonis;
 pub mod replay;
+pub mod stem_gateway;
 pub mod watchdog;
 
 pub use audit::AuditLog;
@@ -48,4 +51,5 @@ pub use error::{DriverError, Refusal, Result};
 pub use guard::{Check, Guarded};
 pub use limits::Limits;
 pub use replay::{ReplayOptions, ReplaySpm};
+pub use stem_gateway::{StemGatewayClient, StemGatewayOptions};
 pub use watchdog::{HasSafeHandle, SafeHandle, Watchdog};
