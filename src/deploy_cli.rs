@@ -6,7 +6,6 @@ use indicatif::{ProgressBar, ProgressStyle};
 use scopegym::error::CliError;
 use scopegym_agents::agent::Agent;
 use scopegym_agents::bench::run::episode_seed;
-use scopegym_drivers::Limits;
 use scopegym_drivers::connect::{DeployOptions, DriverUrl, make_env};
 use scopegym_envs::env::{Env, InfoValue};
 use std::path::Path;
@@ -110,17 +109,7 @@ fn env_table(a: &DeployArgs<'_>) -> Result<toml::Value, CliError> {
 /// Runs `scopegym deploy`.
 pub(crate) fn deploy(a: &DeployArgs<'_>) -> Result<(), CliError> {
     let url: DriverUrl = a.driver.parse()?;
-    let limits = match (a.limits, &url) {
-        (Some(p), _) => Limits::from_file(p)?,
-        (None, DriverUrl::Sim | DriverUrl::Replay(_)) => Limits::default(),
-        (None, _) => {
-            return Err(arg(
-                "--limits",
-                "a real instrument needs a limits file written for it \
-                 (drivers/limits.example.toml is a conservative start)",
-            ));
-        }
-    };
+    let limits = scopegym_drivers::connect::limits_for(&url, a.limits)?;
     if !(a.watchdog.is_finite() && a.watchdog >= 0.0) {
         return Err(arg("--watchdog", "must be ≥ 0 s (0: no watchdog)"));
     }
@@ -242,4 +231,55 @@ pub(crate) fn deploy(a: &DeployArgs<'_>) -> Result<(), CliError> {
     }
     eprintln!("audit log: {}", a.log.display());
     Ok(())
+}
+
+/// Runs `scopegym fake-nanonis`.
+pub(crate) fn fake_nanonis(
+    env_id: &str,
+    env_config: Option<&Path>,
+    seed: u64,
+) -> Result<(), CliError> {
+    use scopegym_envs::tasks::{
+        afm_feedback_tuning, config_from_toml, pfm_domain_writing, pfm_spectroscopy_explore,
+        spm_tip_conditioning,
+    };
+    let id = scopegym_envs::registry::spec(env_id)?.id;
+    let table = env_config
+        .map(|p| read_toml(p, "--env-config"))
+        .transpose()?;
+    let c = table.as_ref();
+    macro_rules! instrument {
+        ($task:ident) => {{
+            let cfg: $task::Config = config_from_toml(c)?;
+            cfg.validate()?;
+            (cfg.instrument.clone(), cfg.split.region())
+        }};
+    }
+    let (inst, region) = match id {
+        "scopegym/AfmFeedbackTuning-v1" => instrument!(afm_feedback_tuning),
+        "scopegym/PfmDomainWriting-v1" => instrument!(pfm_domain_writing),
+        "scopegym/PfmSpectroscopyExplore-v1" => instrument!(pfm_spectroscopy_explore),
+        "scopegym/SpmTipConditioning-v1" => instrument!(spm_tip_conditioning),
+        _ => {
+            return Err(arg(
+                "env_id",
+                format!("{id} does not run on a Nanonis controller"),
+            ));
+        }
+    };
+    let fake =
+        scopegym_drivers::nanonis::FakeNanonis::from_config(inst, region).map_err(|source| {
+            CliError::Io {
+                path: "127.0.0.1".into(),
+                source,
+            }
+        })?;
+    fake.reset(seed).map_err(|e| arg("--seed", e.to_string()))?;
+    println!("{}", fake.url());
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    eprintln!("serving {id}'s simulator as a fake Nanonis controller; Ctrl-C stops it");
+    loop {
+        std::thread::park();
+    }
 }

@@ -13,6 +13,7 @@
 #![deny(missing_docs)]
 
 pub use scopegym_agents as agents;
+pub use scopegym_drivers as drivers;
 pub use scopegym_envs as envs;
 pub use scopegym_physics as physics;
 

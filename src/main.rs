@@ -245,6 +245,19 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Serve a fake Nanonis controller backed by the simulator of an SPM task, to try `deploy`
+    /// and Python's `driver=` without hardware: prints its nanonis://127.0.0.1:PORT URL on the
+    /// first line and serves until stopped.
+    FakeNanonis {
+        /// The SPM task whose instrument to simulate.
+        env_id: String,
+        /// Task config overrides (TOML table).
+        #[arg(long)]
+        env_config: Option<PathBuf>,
+        /// Seed of the simulated sample.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
     /// Reset an environment and save its render as a PNG.
     Render {
         /// Environment id.
@@ -361,6 +374,11 @@ fn main() -> ExitCode {
             suite: suite.as_deref(),
         }),
         Command::Render { env_id, seed, out } => env_cli::render(&env_id, seed, &out),
+        Command::FakeNanonis {
+            env_id,
+            env_config,
+            seed,
+        } => deploy_cli::fake_nanonis(&env_id, env_config.as_deref(), seed),
         Command::Deploy {
             env_id,
             driver,

@@ -41,7 +41,17 @@ enum Failure {
     Env(EnvError),
     Agent(AgentError),
     Record(RecordError),
+    Driver(scopegym_drivers::DriverError),
     Panic(String),
+}
+
+impl From<scopegym_drivers::DriverError> for Failure {
+    fn from(e: scopegym_drivers::DriverError) -> Self {
+        match e {
+            scopegym_drivers::DriverError::Env(e) => Self::Env(*e),
+            e => Self::Driver(e),
+        }
+    }
 }
 
 impl From<EnvError> for Failure {
@@ -101,6 +111,15 @@ impl Failure {
                 (class, e.to_string())
             }
             Self::Record(e) => ("DatasetError", e.to_string()),
+            Self::Driver(e) => {
+                use scopegym_drivers::DriverError as D;
+                let class = match &e {
+                    D::InvalidUrl { .. } | D::InvalidOptions { .. } => "InvalidArgument",
+                    D::InvalidLimits { .. } => "InvalidConfig",
+                    _ => "DriverError",
+                };
+                (class, e.to_string())
+            }
             Self::Panic(m) => ("NativePanic", format!("the Rust engine panicked: {m}")),
         };
         exception(py, class, msg)
@@ -178,6 +197,18 @@ fn build_config(
         }
     }
     Ok(table.map(toml::Value::Table))
+}
+
+/// A watchdog timeout from Python (`None`: no watchdog).
+fn watchdog_duration(s: Option<f64>) -> Result<Option<std::time::Duration>, Failure> {
+    match s {
+        None => Ok(None),
+        Some(s) if s.is_finite() && s > 0.0 => Ok(Some(std::time::Duration::from_secs_f64(s))),
+        Some(s) => Err(Failure::Env(EnvError::InvalidArgument {
+            name: "watchdog".into(),
+            reason: format!("must be a positive number of seconds or None, got {s}"),
+        })),
+    }
 }
 
 fn make_env(
@@ -357,15 +388,43 @@ struct NativeEnv {
 #[pymethods]
 impl NativeEnv {
     /// Builds `env_id` with `config_json` (a JSON object) merged over a scenario file's `[task]`.
+    /// With `driver` (`sim`, `nanonis://HOST:PORT`, `stem-gateway://HOST:PORT`,
+    /// `replay:FILE`) the task runs on that instrument behind the safety guard: `limits` (a
+    /// limits TOML; required for real instruments), `dry_run`, the audit log `audit_log`
+    /// (JSON lines) and a watchdog of `watchdog` s.
     #[new]
-    #[pyo3(signature = (env_id, config_json=None, scenario=None))]
+    #[pyo3(signature = (env_id, config_json=None, scenario=None, driver=None, limits=None, dry_run=false, audit_log=None, watchdog=None))]
+    #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
         env_id: &str,
         config_json: Option<&str>,
         scenario: Option<PathBuf>,
+        driver: Option<&str>,
+        limits: Option<PathBuf>,
+        dry_run: bool,
+        audit_log: Option<PathBuf>,
+        watchdog: Option<f64>,
     ) -> PyResult<Self> {
-        let env = native(py, || make_env(env_id, config_json, scenario.as_deref()))?;
+        let env = native(py, || match driver {
+            None => make_env(env_id, config_json, scenario.as_deref()),
+            Some(url) => {
+                let opts = scopegym_drivers::connect::DeployOptions {
+                    config: build_config(config_json, scenario.as_deref())?,
+                    dry_run,
+                    audit: audit_log,
+                    watchdog: watchdog_duration(watchdog)?,
+                    ..Default::default()
+                };
+                let url: scopegym_drivers::connect::DriverUrl = url.parse()?;
+                let opts = scopegym_drivers::connect::DeployOptions {
+                    limits: scopegym_drivers::connect::limits_for(&url, limits.as_deref())?,
+                    ..opts
+                };
+                let d = scopegym_drivers::connect::make_env(env_id, &url, opts)?;
+                Ok(Box::new(d) as Box<dyn Env>)
+            }
+        })?;
         Ok(Self {
             id: env.id().to_string(),
             obs_space: env.observation_space().clone(),

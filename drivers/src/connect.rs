@@ -26,6 +26,7 @@ use crate::guard::Guarded;
 use crate::limits::Limits;
 use crate::nanonis::{NanonisClient, NanonisOptions};
 use crate::replay::{ReplayOptions, ReplaySpm};
+use crate::stem_gateway::{StemGatewayClient, StemGatewayOptions};
 use crate::watchdog::HasSafeHandle;
 use crate::watchdog::{SafeHandle, Watchdog};
 use scopegym_envs::env::{Env, Info, RgbImage, Step, Task, TaskEnv};
@@ -104,6 +105,30 @@ impl fmt::Display for DriverUrl {
             Self::StemGateway(a) => write!(f, "stem-gateway://{a}"),
             Self::Replay(p) => write!(f, "replay:{}", p.display()),
         }
+    }
+}
+
+impl DriverUrl {
+    /// Whether the URL names real hardware (`nanonis://`, `stem-gateway://`), which needs
+    /// limits written for it.
+    pub fn is_hardware(&self) -> bool {
+        matches!(self, Self::Nanonis(_) | Self::StemGateway(_))
+    }
+}
+
+/// The limits for `url`: read from `file`, or the defaults ([`Limits::default`]) for a
+/// simulator or a recording. Real hardware without a limits file is an error: its limits must
+/// be written for it (`drivers/limits.example.toml` is a conservative start).
+pub fn limits_for(url: &DriverUrl, file: Option<&std::path::Path>) -> Result<Limits> {
+    match file {
+        Some(p) => Limits::from_file(p),
+        None if url.is_hardware() => Err(DriverError::InvalidUrl {
+            url: url.to_string(),
+            reason: "a real instrument needs a limits file written for it (limits=...; \
+                     drivers/limits.example.toml is a conservative start)"
+                .into(),
+        }),
+        None => Ok(Limits::default()),
     }
 }
 
@@ -334,6 +359,9 @@ pub fn make_env(id: &str, url: &DriverUrl, opts: DeployOptions) -> Result<Deploy
     let nanonis = |c: &NanonisClient| c.safe_handle();
     let connect_nanonis =
         |addr: &str, mode| NanonisClient::connect(addr, NanonisOptions::for_mode(mode));
+    let gateway = |c: &StemGatewayClient| c.safe_handle();
+    let connect_gateway =
+        |addr: &str| StemGatewayClient::connect(addr, StemGatewayOptions::default());
     let open_replay = |p: &PathBuf| ReplaySpm::open(p, ReplayOptions::default());
     let spm_sim = |c: &scopegym_physics::spm::sim::SpmConfig| {
         SpmSimulator::new(c.clone(), 0).map_err(phys_err)
@@ -401,25 +429,54 @@ pub fn make_env(id: &str, url: &DriverUrl, opts: DeployOptions) -> Result<Deploy
             let cfg = config!(spm_atom_manipulation);
             on!(cfg, SpmAtomManipulation, spm_sim(&cfg.instrument)?, sim)
         }
-        ("scopegym/StemAutofocus-v1", DriverUrl::Sim) => {
+        ("scopegym/StemAutofocus-v1", u) => {
             let cfg = config!(stem_autofocus);
-            let inst = LatticeSimulator::new(cfg.instrument.clone(), 0).map_err(phys_err)?;
-            on!(cfg, StemAutofocus, inst, sim)
+            match u {
+                DriverUrl::Sim => {
+                    let inst =
+                        LatticeSimulator::new(cfg.instrument.clone(), 0).map_err(phys_err)?;
+                    on!(cfg, StemAutofocus, inst, sim)
+                }
+                DriverUrl::StemGateway(a) => on!(cfg, StemAutofocus, connect_gateway(a)?, gateway),
+                _ => Err(wrong_family(id, url)),
+            }
         }
-        ("scopegym/StemDopantSteer-v1", DriverUrl::Sim) => {
+        ("scopegym/StemDopantSteer-v1", u) => {
             let cfg = config!(stem_dopant_steer);
-            let inst = DopantSimulator::new(cfg.instrument.clone(), 0).map_err(phys_err)?;
-            on!(cfg, StemDopantSteer, inst, sim)
+            match u {
+                DriverUrl::Sim => {
+                    let inst = DopantSimulator::new(cfg.instrument.clone(), 0).map_err(phys_err)?;
+                    on!(cfg, StemDopantSteer, inst, sim)
+                }
+                DriverUrl::StemGateway(a) => {
+                    on!(cfg, StemDopantSteer, connect_gateway(a)?, gateway)
+                }
+                _ => Err(wrong_family(id, url)),
+            }
         }
-        ("scopegym/StemEelsExplore-v1", DriverUrl::Sim) => {
+        ("scopegym/StemEelsExplore-v1", u) => {
             let cfg = config!(stem_eels_explore);
-            let inst = StemSimulator::new(cfg.instrument_config(), 0).map_err(phys_err)?;
-            on!(cfg, StemEelsExplore, inst, sim)
+            match u {
+                DriverUrl::Sim => {
+                    let inst = StemSimulator::new(cfg.instrument_config(), 0).map_err(phys_err)?;
+                    on!(cfg, StemEelsExplore, inst, sim)
+                }
+                DriverUrl::StemGateway(a) => {
+                    on!(cfg, StemEelsExplore, connect_gateway(a)?, gateway)
+                }
+                _ => Err(wrong_family(id, url)),
+            }
         }
-        ("scopegym/StemSparseScan-v1", DriverUrl::Sim) => {
+        ("scopegym/StemSparseScan-v1", u) => {
             let cfg = config!(stem_sparse_scan);
-            let inst = StemSimulator::new(cfg.instrument_config(), 0).map_err(phys_err)?;
-            on!(cfg, StemSparseScan, inst, sim)
+            match u {
+                DriverUrl::Sim => {
+                    let inst = StemSimulator::new(cfg.instrument_config(), 0).map_err(phys_err)?;
+                    on!(cfg, StemSparseScan, inst, sim)
+                }
+                DriverUrl::StemGateway(a) => on!(cfg, StemSparseScan, connect_gateway(a)?, gateway),
+                _ => Err(wrong_family(id, url)),
+            }
         }
         _ => Err(wrong_family(id, url)),
     }

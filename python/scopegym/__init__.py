@@ -21,6 +21,7 @@ import gymnasium as gym
 from . import _native, bo
 from ._errors import (
     DatasetError,
+    DriverError,
     InvalidAction,
     InvalidArgument,
     InvalidConfig,
@@ -52,6 +53,7 @@ __all__ = [
     "InvalidArgument",
     "PhysicsError",
     "DatasetError",
+    "DriverError",
     "NativePanic",
 ]
 

@@ -16,6 +16,7 @@ __all__ = [
     "InvalidArgument",
     "PhysicsError",
     "DatasetError",
+    "DriverError",
     "NativePanic",
 ]
 
@@ -51,6 +52,11 @@ class PhysicsError(ScopegymError, RuntimeError):
 
 class DatasetError(ScopegymError, OSError):
     """Writing a dataset failed (the folder already holds one, I/O or HDF5 error)."""
+
+
+class DriverError(ScopegymError, RuntimeError):
+    """A real-instrument driver failed (connection, timeout, protocol, recording); a network
+    driver tried to make the instrument safe (tip withdrawn, beam blanked) before raising."""
 
 
 class NativePanic(ScopegymError, RuntimeError):

@@ -26,6 +26,11 @@ class NativeEnv:
         env_id: str,
         config_json: str | None = None,
         scenario: str | PathLike[str] | None = None,
+        driver: str | None = None,
+        limits: str | PathLike[str] | None = None,
+        dry_run: bool = False,
+        audit_log: str | PathLike[str] | None = None,
+        watchdog: float | None = None,
     ) -> NativeEnv: ...
     @property
     def id(self) -> str: ...

@@ -78,6 +78,16 @@ class ScopegymEnv(gym.Env[Any, Any]):
     affinely onto the task's physical bounds, ``physical_action_space``), as Gymnasium's
     checker and Stable-Baselines3 recommend; ``normalize_actions=False`` exposes the physical
     space instead.
+
+    ``driver`` runs the task on an instrument instead of its bare simulator, behind the safety
+    guard: ``"sim"`` (the simulator, guarded), ``"nanonis://HOST:PORT"``,
+    ``"stem-gateway://HOST:PORT"`` or ``"replay:FILE"``. ``limits`` is a limits TOML file
+    (required for real instruments), ``dry_run`` checks and logs every command but sends none
+    that changes the instrument, ``audit_log`` appends a JSON line per command, and
+    ``watchdog`` (seconds) makes the instrument safe when no step comes for that long. A
+    command outside the limits is never sent: the step ends the episode (``terminated``,
+    reward 0) with ``info["refused"]``, ``info["refused_limit"]`` and
+    ``info["refused_reason"]``. ``close()`` makes the instrument safe.
     """
 
     metadata: dict[str, Any] = {"render_modes": ["rgb_array"], "render_fps": RENDER_FPS}
@@ -91,6 +101,11 @@ class ScopegymEnv(gym.Env[Any, Any]):
         normalize_actions: bool = True,
         difficulty: str | None = None,
         split: str | None = None,
+        driver: str | None = None,
+        limits: str | os.PathLike[str] | None = None,
+        dry_run: bool = False,
+        audit_log: str | os.PathLike[str] | None = None,
+        watchdog: float | None = None,
     ) -> None:
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise InvalidArgument(
@@ -99,7 +114,20 @@ class ScopegymEnv(gym.Env[Any, Any]):
         config = level_config(config, difficulty, split)
         self._scenario = None if scenario is None else os.fspath(scenario)
         self._config = config
-        self._native: _native.NativeEnv | None = _native.NativeEnv(task_id, config_json(config), self._scenario)
+        self._driver: dict[str, Any] = {}
+        if driver is not None:
+            self._driver = {
+                "driver": driver,
+                "limits": None if limits is None else os.fspath(limits),
+                "dry_run": bool(dry_run),
+                "audit_log": None if audit_log is None else os.fspath(audit_log),
+                "watchdog": watchdog,
+            }
+        elif limits is not None or dry_run or audit_log is not None or watchdog is not None:
+            raise InvalidArgument("invalid argument driver: limits, dry_run, audit_log and watchdog need a driver")
+        self._native: _native.NativeEnv | None = _native.NativeEnv(
+            task_id, config_json(config), self._scenario, **self._driver
+        )
         self.task_id = task_id
         self.render_mode = render_mode
         self.observation_space = _spaces.from_json(self._native.observation_space_json)
@@ -135,6 +163,11 @@ class ScopegymEnv(gym.Env[Any, Any]):
         level = check_reset_options(options)
         if level and level_config(self._config, **level) != self._config:
             config = level_config(self._config, **level)
+            if self._driver:
+                raise InvalidArgument(
+                    "invalid argument options: difficulty and split select simulator parameters; "
+                    "make a new env to change them on a driver"
+                )
             rebuilt = _native.NativeEnv(self.task_id, config_json(config), self._scenario)
             if (rebuilt.observation_space_json, rebuilt.action_space_json) != (
                 self.native.observation_space_json,
