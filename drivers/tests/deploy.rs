@@ -206,3 +206,71 @@ fn every_task_runs_on_the_guarded_simulator_as_on_the_bare_one() {
         }
     }
 }
+
+#[path = "support/data.rs"]
+mod data;
+
+#[test]
+fn recorded_loops_serve_a_spectroscopy_episode_through_the_guard() {
+    let Some(file) = data::data("beps_pto_50x50.h5") else {
+        return;
+    };
+    // The recorded map: 50² points over 2 µm, one loop per point (the driver's module docs).
+    let span = scopegym_drivers::ReplaySpm::open(&file, Default::default())
+        .unwrap()
+        .recorded_loops()
+        .unwrap()
+        .span;
+    let config: toml::Value = toml::from_str(&format!(
+        "grid = 50\nfield = 2e-6\npixels = 50\nhistory_radius = 0.0\nresponse_span = {span}\n\
+         prior_mean = 0.01\nprior_sd = 0.03\nnoise_sd = 0.005\nbudget = 12\n"
+    ))
+    .unwrap();
+    let url = DriverUrl::Replay(file.clone());
+    let tight = DeployOptions {
+        config: Some(config.clone()),
+        ..DeployOptions::default()
+    };
+    // The default limits' 1 µm scanner cannot hold the recorded 2 µm field: refused at reset.
+    let e = make_env("scopegym/PfmSpectroscopyExplore-v1", &url, tight)
+        .unwrap()
+        .reset(Some(0))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("spm.scan_area_fraction"), "{e}");
+    let opts = DeployOptions {
+        config: Some(config),
+        limits: limits(
+            "[spm]\nbias_window = [\"-10 V\", \"10 V\"]\nscanner_range = [\"10 µm\", \"10 µm\"]",
+        ),
+        ..DeployOptions::default()
+    };
+    let mut env = make_env("scopegym/PfmSpectroscopyExplore-v1", &url, opts).unwrap();
+    let (mut obs, info) = env.reset(Some(0)).unwrap();
+    assert_eq!(
+        info.get("real_data"),
+        Some(&InfoValue::Bool(true)),
+        "{info:?}"
+    );
+    let mut steps = 0;
+    loop {
+        let a = env.heuristic_action(&obs);
+        let s = env.step(&a).unwrap();
+        assert!(!s.info.contains_key("refused"), "{:?}", s.info);
+        steps += 1;
+        obs = s.obs;
+        if s.terminated || s.truncated {
+            break;
+        }
+    }
+    assert_eq!(steps, 12);
+    // A recording runs only the tasks it can serve.
+    let e = make_env(
+        "scopegym/PfmDomainWriting-v1",
+        &url,
+        DeployOptions::default(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("cannot run"), "{e}");
+}

@@ -20,27 +20,11 @@ use scopegym_physics::instrument::{
 };
 use scopegym_physics::spm::ferro::{loop_coercive, triangle_waveform};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
 
-/// The shared data file `name`, or `None` (with a SKIPPED line) when it is missing.
-fn data(name: &str) -> Option<PathBuf> {
-    let dir = std::env::var_os("SCOPEGYM_DATA")
-        .or_else(|| std::env::var_os("SCOPEGYM_DATA_DIR"))
-        .map(PathBuf::from)
-        .or_else(|| {
-            // `../shared/data` beside the workspace root (or any folder above it).
-            let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-            root.ancestors()
-                .skip(1)
-                .map(|a| a.join("shared/data"))
-                .find(|d| d.is_dir())
-        });
-    let f = dir.map(|d| d.join(name)).filter(|f| f.is_file());
-    if f.is_none() {
-        eprintln!("SKIPPED: real data {name} not found (set SCOPEGYM_DATA)");
-    }
-    f
-}
+#[path = "support/data.rs"]
+mod data;
+use data::data;
+use std::sync::{Arc, Mutex};
 
 /// A dataset of `file`, read raw as f64, with its shape.
 fn raw(file: &PathBuf, dataset: &str) -> (Vec<f64>, Vec<usize>) {
