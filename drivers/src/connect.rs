@@ -284,8 +284,8 @@ fn wrong_family(id: &str, url: &DriverUrl) -> DriverError {
     let can = match url {
         DriverUrl::Sim => "every task",
         DriverUrl::Nanonis(_) => {
-            "the SPM tasks with a Nanonis command for every action: AfmFeedbackTuning, \
-             PfmDomainWriting, PfmSpectroscopyExplore, SpmTipConditioning"
+            "the SPM tasks: AfmFeedbackTuning, PfmDomainWriting, PfmSpectroscopyExplore, \
+             SpmAtomManipulation, SpmTipConditioning"
         }
         DriverUrl::StemGateway(_) => "the STEM tasks",
         DriverUrl::Replay(_) => {
@@ -425,9 +425,18 @@ pub fn make_env(id: &str, url: &DriverUrl, opts: DeployOptions) -> Result<Deploy
                 _ => Err(wrong_family(id, url)),
             }
         }
-        ("scopegym/SpmAtomManipulation-v1", DriverUrl::Sim) => {
+        ("scopegym/SpmAtomManipulation-v1", u) => {
             let cfg = config!(spm_atom_manipulation);
-            on!(cfg, SpmAtomManipulation, spm_sim(&cfg.instrument)?, sim)
+            match u {
+                DriverUrl::Sim => on!(cfg, SpmAtomManipulation, spm_sim(&cfg.instrument)?, sim),
+                DriverUrl::Nanonis(a) => on!(
+                    cfg,
+                    SpmAtomManipulation,
+                    connect_nanonis(a, cfg.instrument.mode)?,
+                    nanonis
+                ),
+                _ => Err(wrong_family(id, url)),
+            }
         }
         ("scopegym/StemAutofocus-v1", u) => {
             let cfg = config!(stem_autofocus);

@@ -14,9 +14,7 @@
 //! | `condition_tip` dip | `TipShaper.PropsSet` (lift = −depth for the dip time, back up by the depth), `TipShaper.Start`, `ZCtrl.StatusGet` |
 //! | `bias_pulse` | `FolMe.XYPosSet`, `Bias.Pulse`, `ZCtrl.StatusGet` |
 //! | `point_spectroscopy` | `FolMe.XYPosSet`, then per linear segment of the waveform `BiasSpectr.LimitsSet`, `BiasSpectr.PropsSet`, `BiasSpectr.Start` (response = data row 1), `ZCtrl.StatusGet` |
-//!
-//! `LateralManipulation` is not implemented: a drag needs the z trace sampled along the path
-//! (oscilloscope or a follow-me data stream), which §10's command list does not cover yet.
+//! | `manipulate` | `ZCtrl.SetpntGet`, `Bias.Get`, `FolMe.SpeedGet`, `FolMe.XYPosSet` (start), `FolMe.SpeedSet`, `Bias.Set`, `ZCtrl.SetpntSet`, then per segment `FolMe.XYPosSet` + `Signals.ValsGet` (Z), then `ZCtrl.SetpntSet`, `Bias.Set`, `FolMe.SpeedSet` (restore), `ZCtrl.StatusGet` (order and safety: the `LateralManipulation` impl of [`NanonisClient`]) |
 //!
 //! Precision: Nanonis carries positions in `FolMe.*` as `f64` (exact), but the scan frame,
 //! scan speed, bias, pulse and tip-shaper values as `f32`; the instrument receives those
@@ -35,7 +33,8 @@ use ndarray::Array2;
 use scopegym_envs::env::Info;
 use scopegym_physics::PhysicsError;
 use scopegym_physics::instrument::{
-    BiasWriting, Channel, InstrumentInfo, InstrumentKind, PointSpectroscopy, ScanSettings,
+    BiasWriting, Channel, InstrumentInfo, InstrumentKind, LateralManipulation, PointSpectroscopy,
+    ScanSettings,
     SpmFrame, SpmFrameMeta, SpmInstrument, SpmMode, TipConditioning,
 };
 use scopegym_physics::spm::tip::Conditioning;
@@ -63,7 +62,22 @@ pub struct NanonisOptions {
     pub mode: SpmMode,
     /// The image channels to record and where each comes from. Default
     /// [`ChannelMap::defaults`] of `mode` (check the signal indexes for your controller).
+    /// Lateral manipulation reads Z from the signal of the forward channel named `"height"`.
     pub channels: Vec<ChannelMap>,
+    /// Lateral manipulation: the longest tip step along the path, m. The path is cut into
+    /// `N = max(1, ceil(length / manip_step))` equal segments, one `FolMe.XYPosSet` and one Z
+    /// reading each. Default 20 pm (the tip step of the simulator's manipulation model, an
+    /// eighth of the Ag(111) hollow-site spacing); at most 100 000 segments per path.
+    pub manip_step: f64,
+    /// Lateral manipulation: the Follow Me speed during the drag, m/s (`FolMe.SpeedSet`, then
+    /// the controller's speed is restored); `None` leaves the controller's speed. Default
+    /// 1 nm/s (the speed the simulator assumes).
+    pub manip_speed: Option<f64>,
+    /// Lateral manipulation: the smallest current setpoint, A. A drag whose conductance ×
+    /// |bias| is below it is refused before anything is sent: a constant-current feedback
+    /// cannot hold a vanishing current (at 0 V it would drive the tip into the sample).
+    /// Default 1 pA.
+    pub manip_min_current: f64,
 }
 
 impl Default for NanonisOptions {
@@ -82,6 +96,9 @@ impl NanonisOptions {
             max_body: 64 << 20,
             mode,
             channels: ChannelMap::defaults(mode),
+            manip_step: 20e-12,
+            manip_speed: Some(1e-9),
+            manip_min_current: 1e-12,
         }
     }
 }
@@ -268,8 +285,8 @@ impl SafeHandle for NanonisSafeHandle {
 pub type EpisodeHook = Box<dyn FnMut(u64) -> std::result::Result<(), String> + Send>;
 
 /// A client for a Nanonis SPM controller (TCP programming interface, DESIGN.md §10),
-/// implementing [`SpmInstrument`], [`TipConditioning`], [`BiasWriting`] and
-/// [`PointSpectroscopy`]. See the [module docs](super) for timeouts and faults.
+/// implementing [`SpmInstrument`], [`TipConditioning`], [`BiasWriting`],
+/// [`PointSpectroscopy`] and [`LateralManipulation`]. See the [module docs](super) for timeouts and faults.
 ///
 /// ```
 /// use scopegym_drivers::nanonis::{FakeNanonis, NanonisClient, NanonisOptions};
@@ -297,6 +314,9 @@ pub struct NanonisClient {
     channels: Vec<Channel>,
     frames: u64,
     sent: u64,
+    /// Imaging setpoint and bias (as sent) still to be restored after a manipulation that
+    /// failed half-way; applied before the tip is engaged again.
+    pending_restore: Option<(f32, f32)>,
 }
 
 impl std::fmt::Debug for NanonisClient {
@@ -371,6 +391,7 @@ impl NanonisClient {
             channels: Vec::new(),
             frames: 0,
             sent: 0,
+            pending_restore: None,
             opts,
         };
         let s =
@@ -674,6 +695,152 @@ impl NanonisClient {
         self.probe = p;
         Ok(())
     }
+
+    /// The Z signal index: the forward channel named `"height"` of the channel map.
+    fn z_signal(&self) -> Result<i32> {
+        self.opts
+            .channels
+            .iter()
+            .find(|m| m.name == "height" && !m.backward)
+            .map(|m| i32::try_from(m.signal).unwrap_or(i32::MAX))
+            .ok_or_else(|| {
+                DriverError::Instrument(PhysicsError::arg(
+                    "channels",
+                    "lateral manipulation reads Z from the forward channel named \"height\"; \
+                     map it",
+                ))
+            })
+    }
+
+    fn read_z(&mut self, z: i32) -> Result<f64> {
+        let v = self.call_t("Signals.ValsGet", &[Value::ArrI32(vec![z]), Value::U32(1)])?;
+        match v.first() {
+            Some(Value::ArrF32(a)) if a.len() == 1 => Ok(f64::from(a[0])),
+            other => Err(self.protocol(
+                "Signals.ValsGet",
+                format!("expected one value for signal {z}, got {other:?}"),
+            )),
+        }
+    }
+
+    /// Restores the imaging setpoint, then the imaging bias (see [`LateralManipulation`]
+    /// below for why in that order); stops at the first failure, leaving the rest pending.
+    fn restore_imaging(&mut self) -> Result<()> {
+        let Some((setpoint, bias)) = self.pending_restore else {
+            return Ok(());
+        };
+        self.call_t("ZCtrl.SetpntSet", &[Value::F32(setpoint)])?;
+        self.call_t("Bias.Set", &[Value::F32(bias)])?;
+        self.bias = widen(bias);
+        self.pending_restore = None;
+        Ok(())
+    }
+
+    fn manipulation(
+        &mut self,
+        start: [f64; 2],
+        end: [f64; 2],
+        bias: f64,
+        conductance: f64,
+    ) -> Result<Vec<f64>> {
+        self.engaged("manipulate")?;
+        let bad = |n: &str, r: String| Err(DriverError::Instrument(PhysicsError::arg(n, r)));
+        if !start.iter().chain(&end).all(|v| v.is_finite()) {
+            return bad("path", format!("must be finite, got {start:?} -> {end:?}"));
+        }
+        if !(conductance.is_finite() && conductance > 0.0) {
+            return bad("conductance", format!("must be positive, got {conductance} S"));
+        }
+        let v_m = finite("bias", bias)? as f32;
+        let current = conductance * f64::from(v_m).abs();
+        if !(current >= self.opts.manip_min_current) {
+            return bad(
+                "bias",
+                format!(
+                    "{conductance} S × |{bias} V| = {current} A is below the smallest current \
+                     setpoint of {} A (manip_min_current)",
+                    self.opts.manip_min_current
+                ),
+            );
+        }
+        let step = self.opts.manip_step;
+        let len = (end[0] - start[0]).hypot(end[1] - start[1]);
+        // A path of exactly k steps (0.3 nm in 20 pm) is k segments despite rounding.
+        let n = (len / step * (1.0 - 1e-9)).ceil().max(1.0);
+        if !(step > 0.0 && n <= 100_000.0) {
+            return bad(
+                "path",
+                format!("{len} m in steps of {step} m (manip_step) is over 100000 segments"),
+            );
+        }
+        let n = n as usize;
+        let z = self.z_signal()?;
+        // Imaging conditions, to restore.
+        let v = self.call_t("ZCtrl.SetpntGet", &[])?;
+        let Some(Value::F32(i_img)) = v.first().cloned() else {
+            return Err(self.protocol("ZCtrl.SetpntGet", "no setpoint".into()));
+        };
+        let v = self.call_t("Bias.Get", &[])?;
+        let Some(Value::F32(v_img)) = v.first().cloned() else {
+            return Err(self.protocol("Bias.Get", "no bias".into()));
+        };
+        let v = self.call_t("FolMe.SpeedGet", &[])?;
+        let (Some(Value::F32(speed0)), Some(Value::U32(custom0))) =
+            (v.first().cloned(), v.get(1).cloned())
+        else {
+            return Err(self.protocol("FolMe.SpeedGet", "no speed".into()));
+        };
+        // The current keeps the sign convention of the imaging setpoint.
+        let sign = if i_img < 0.0 { -1.0 } else { 1.0 };
+        let i_m = (sign * current) as f32;
+        // Approach the start at imaging conditions.
+        self.goto(start)?;
+        if let Some(sp) = self.opts.manip_speed {
+            self.call_t("FolMe.SpeedSet", &[Value::F32(sp as f32), Value::U32(1)])?;
+        }
+        let speed = self.opts.manip_speed.unwrap_or(f64::from(speed0));
+        let seg_time = if speed > 0.0 { len / n as f64 / speed } else { 0.0 };
+        let seg_deadline = self.opts.timeout + Duration::from_secs_f64(seg_time.clamp(0.0, 1e6));
+        self.pending_restore = Some((i_img, v_img));
+        let drag = (|| -> Result<Vec<f64>> {
+            // Bias first, then the setpoint: the intermediate state is the imaging current at
+            // the manipulation bias.
+            self.call_t("Bias.Set", &[Value::F32(v_m)])?;
+            self.bias = widen(v_m);
+            self.call_t("ZCtrl.SetpntSet", &[Value::F32(i_m)])?;
+            let mut trace = Vec::with_capacity(n + 1);
+            trace.push(self.read_z(z)?);
+            for k in 1..=n {
+                let p = if k == n {
+                    end
+                } else {
+                    let t = k as f64 / n as f64;
+                    [
+                        start[0] + t * (end[0] - start[0]),
+                        start[1] + t * (end[1] - start[1]),
+                    ]
+                };
+                self.call(
+                    "FolMe.XYPosSet",
+                    &[Value::F64(p[0]), Value::F64(p[1]), Value::U32(1)],
+                    seg_deadline,
+                )?;
+                self.probe = p;
+                trace.push(self.read_z(z)?);
+            }
+            Ok(trace)
+        })();
+        // Restore whatever happened (after a fault the tip is already withdrawn; this is best
+        // effort, and what fails stays pending until the tip is engaged again).
+        let restored = self.restore_imaging();
+        let trace = drag?;
+        restored?;
+        if self.opts.manip_speed.is_some() {
+            self.call_t("FolMe.SpeedSet", &[Value::F32(speed0), Value::U32(custom0)])?;
+        }
+        self.check_status("the manipulation")?;
+        Ok(trace)
+    }
 }
 
 /// Splits `w` into maximal runs of equally spaced values (each run one linear sweep).
@@ -834,6 +1001,8 @@ impl SpmInstrument for NanonisClient {
             let t = self.opts.timeout;
             self.call("ZCtrl.Withdraw", &[Value::U32(1), Value::I32(ms(t))], t + t)?;
         } else {
+            // Never engage at a manipulation setpoint left by a failed drag.
+            self.restore_imaging()?;
             self.call_t("ZCtrl.OnOffSet", &[Value::U32(1)])?;
         }
         self.withdrawn = withdrawn;
@@ -906,6 +1075,49 @@ impl PointSpectroscopy for NanonisClient {
     }
 }
 
+/// Lateral manipulation as an STM operator does it through the Nanonis interface:
+///
+/// 1. `ZCtrl.SetpntGet`, `Bias.Get`, `FolMe.SpeedGet`: the imaging conditions to restore.
+/// 2. `FolMe.XYPosSet(start, wait)` at imaging conditions; `FolMe.SpeedSet(manip_speed,
+///    custom)` when [`NanonisOptions::manip_speed`] is set.
+/// 3. `Bias.Set(bias)`, then `ZCtrl.SetpntSet(conductance × |bias|)` (feedback stays on, so
+///    the tip closes in to the manipulation gap), then `Signals.ValsGet([Z], wait)`.
+/// 4. `N` equal segments ([`NanonisOptions::manip_step`]): `FolMe.XYPosSet(p_k, wait)` and
+///    `Signals.ValsGet([Z], wait)` each. The height trace returned is these `N + 1` Z readings
+///    (m), start included.
+/// 5. `ZCtrl.SetpntSet(imaging)`, then `Bias.Set(imaging)`, then `FolMe.SpeedSet` back to the
+///    controller's speed, then `ZCtrl.StatusGet` (a safe-tip event is a fault).
+///
+/// Why this order: going in, the bias changes first at the small imaging current and the
+/// current rises last; coming out, the current drops first at the small manipulation bias and
+/// the bias rises last. The state in between is, both ways, the imaging current at the
+/// manipulation bias, whose gap (conductance `I_img/|V_m|`) lies between the imaging and the
+/// manipulation gaps whenever `|V_m| ≤ |V_img|` and `I_img ≤ I_m` (the usual case): the tip
+/// moves monotonically towards the sample and back, never passes closer than the drag
+/// requires, and the large manipulation current never flows at the large imaging bias.
+///
+/// The current setpoint keeps the sign of the imaging setpoint. A drag whose current would
+/// be below [`NanonisOptions::manip_min_current`] (e.g. at 0 V) is refused before anything is
+/// sent; the simulator accepts it, hardware cannot regulate on it.
+///
+/// Faults: every command has its deadline (a segment gets `timeout` plus its travel time at
+/// the drag speed) and a fault withdraws the tip as everywhere else. The imaging setpoint and
+/// bias are then restored at once, best effort (over a fresh connection if the old one
+/// died); whatever could not be restored is re-sent by `set_withdrawn(false)` before it
+/// re-engages, so the tip is never engaged at the manipulation setpoint afterwards. The error
+/// returned is the first fault (`driver: <kind>: ...; make_safe: tip withdrawn ...`).
+impl LateralManipulation for NanonisClient {
+    fn manipulate(
+        &mut self,
+        start: [f64; 2],
+        end: [f64; 2],
+        bias: f64,
+        conductance: f64,
+    ) -> scopegym_physics::Result<Vec<f64>> {
+        Ok(self.manipulation(start, end, bias, conductance)?)
+    }
+}
+
 impl HasSafeHandle for NanonisClient {
     fn safe_handle(&self) -> Arc<dyn SafeHandle> {
         self.safe.clone()
@@ -929,6 +1141,7 @@ impl scopegym_envs::tasks::NewEpisode for NanonisClient {
 impl scopegym_envs::tasks::spm_tip_conditioning::TipTruth for NanonisClient {}
 impl scopegym_envs::tasks::afm_feedback_tuning::LoopTruth for NanonisClient {}
 impl scopegym_envs::tasks::pfm_spectroscopy_explore::LoopTruth for NanonisClient {}
+impl scopegym_envs::tasks::spm_atom_manipulation::AtomTruth for NanonisClient {}
 impl scopegym_envs::tasks::pfm_domain_writing::PolarizationTruth for NanonisClient {
     fn true_up(&self, _scan: &ScanSettings) -> Option<Vec<bool>> {
         None

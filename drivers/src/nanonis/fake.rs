@@ -18,6 +18,17 @@
 //! - `BiasSpectr.Start` runs `point_spectroscopy` at the tip over the linear sweep set by
 //!   `BiasSpectr.LimitsSet` and the points of `BiasSpectr.PropsSet`; data row 0 is the bias,
 //!   row 1 the response.
+//! - `FolMe.XYPosSet` under manipulation conditions (STM mode, tip engaged, `0 < |V| ≤
+//!   15 mV` — the domain of the simulator's manipulation model — and a non-zero current
+//!   setpoint) drags: the conductance is `|setpoint| / |bias|` and the moves map onto the
+//!   simulator's `manipulate` as set by [`DragModel`] (default: a straight run of moves is
+//!   one drag). Outside those conditions (e.g. at the 0.1 V imaging bias) it only moves the
+//!   tip. The fake sees only what the commands carry: setpoint, bias and positions.
+//! - `Signals.ValsGet` / `Signals.ValGet`: Z (the signal of the forward `"height"` channel)
+//!   is the true surface height under the tip (no tip shape, no feedback dynamics); signal 0
+//!   is the current (the setpoint while engaged); other signals are an error reply.
+//! - `ZCtrl.SetpntSet`/`Get` hold the setpoint (STM mode starts at [`IMAGING_CURRENT`]);
+//!   `FolMe.SpeedSet`/`Get` hold the Follow Me speed (the simulator's drag takes its own time).
 //! - `ZCtrl.StatusGet` answers 2 (on) when engaged, 1 (off) when withdrawn, 5 after an injected
 //!   safe-tip event (which also withdraws the simulated tip).
 //!
@@ -34,8 +45,10 @@ use super::codec::{self, ErrorBlock, HEADER_LEN, Value, widen};
 use super::{ChannelMap, ZSTATUS_OFF, ZSTATUS_ON, ZSTATUS_SAFE_TIP, command_types};
 use ndarray::Array2;
 use scopegym_physics::instrument::{
-    BiasWriting, PointSpectroscopy, ScanSettings, SpmInstrument, TipConditioning,
+    BiasWriting, LateralManipulation, PointSpectroscopy, ScanSettings, SpmInstrument, SpmMode,
+    TipConditioning,
 };
+use scopegym_physics::spm::manipulation::{MAX_BIAS, MAX_CONDUCTANCE};
 use scopegym_physics::param::Region;
 use scopegym_physics::spm::sim::{SpmConfig, SpmSimulator};
 use scopegym_physics::spm::tip::Conditioning;
@@ -49,6 +62,10 @@ use std::time::{Duration, Instant};
 
 /// Largest request body the fake accepts, bytes (a larger one closes the connection).
 const MAX_REQUEST: usize = 16 << 20;
+
+/// The imaging current setpoint an STM-mode fake starts with, A (100 pA; at the simulator's
+/// 0.1 V imaging bias a gap of 1 nA/V, far outside the manipulation regime).
+pub const IMAGING_CURRENT: f32 = 100e-12;
 
 /// A fault the server injects into its reply to one command.
 #[derive(Debug, Clone, PartialEq)]
@@ -71,6 +88,33 @@ pub enum ServerFault {
     Delay(Duration),
     /// Execute, then write this one reply in pieces of `.0` bytes with `.1` between them.
     Split(usize, Duration),
+}
+
+/// How the fake maps tip moves made under manipulation conditions (STM, engaged, `|V| ≤
+/// 15 mV`, current setpoint non-zero) onto the simulator's `manipulate`, which models one drag
+/// along a straight path as one event (one pick-up draw, one choice of the adatom nearest the
+/// start, hops at its own tip steps).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DragModel {
+    /// Consecutive `FolMe.XYPosSet` moves under the same conditions that continue one straight
+    /// line are one drag, from where the first began to where the last ended; it runs on the
+    /// simulator when a command other than a read (`Signals.Val(s)Get`, `FolMe.XYPosGet`,
+    /// `FolMe.Speed*`, `ZCtrl.SetpntGet`, `Bias.Get`, `ZCtrl.StatusGet`) or a move off the line
+    /// arrives, typically the `ZCtrl.SetpntSet` that restores the imaging setpoint. Z readings
+    /// during the drag therefore show the surface before the adatom moved. Default.
+    WholePath,
+    /// Every move is its own drag (`manipulate(from, to)` at once): Z readings show the adatom
+    /// following the tip, but a path cut into `N` segments gets `N` pick-up draws and `N`
+    /// choices of adatom.
+    PerSegment,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Drag {
+    start: [f64; 2],
+    end: [f64; 2],
+    bias: f64,
+    conductance: f64,
 }
 
 /// One request the server received.
@@ -101,9 +145,13 @@ struct State {
     tip_shaper: Vec<f32>,
     spectr: (f32, f32, usize),
     setpoint: f32,
+    folme_speed: (f32, u32),
+    drag: Option<Drag>,
+    drag_model: DragModel,
     safe_tip: bool,
     log: Vec<LoggedCommand>,
-    faults: VecDeque<(String, ServerFault)>,
+    /// (command, occurrences still to let pass, fault).
+    faults: VecDeque<(String, u32, ServerFault)>,
     split: Option<(usize, Duration)>,
 }
 
@@ -162,6 +210,7 @@ impl FakeNanonis {
         sim: SpmSimulator,
         channels: Vec<ChannelMap>,
     ) -> std::io::Result<Self> {
+        let stm = sim.mode() == SpmMode::Stm;
         let listener = TcpListener::bind("127.0.0.1:0")?;
         let addr = listener.local_addr()?;
         let mut buffer_channels: Vec<i32> = Vec::new();
@@ -180,7 +229,10 @@ impl FakeNanonis {
                 frame: Vec::new(),
                 tip_shaper: vec![0.0; 11],
                 spectr: (0.0, 0.0, 0),
-                setpoint: 0.0,
+                setpoint: if stm { IMAGING_CURRENT } else { 0.0 },
+                folme_speed: (1e-9, 0),
+                drag: None,
+                drag_model: DragModel::WholePath,
                 safe_tip: false,
                 log: Vec::new(),
                 faults: VecDeque::new(),
@@ -236,7 +288,27 @@ impl FakeNanonis {
 
     /// Injects `fault` into the reply to the next request named `command` (once).
     pub fn inject(&self, command: &str, fault: ServerFault) {
-        self.shared.lock().faults.push_back((command.into(), fault));
+        self.inject_after(command, 0, fault);
+    }
+
+    /// Injects `fault` into the reply to the request named `command` after letting `skip` of
+    /// them pass (once): `skip = 3` faults the fourth.
+    pub fn inject_after(&self, command: &str, skip: u32, fault: ServerFault) {
+        self.shared
+            .lock()
+            .faults
+            .push_back((command.into(), skip, fault));
+    }
+
+    /// How `FolMe.XYPosSet` moves under manipulation conditions map onto the simulator
+    /// (default [`DragModel::WholePath`]).
+    pub fn set_drag_model(&self, model: DragModel) {
+        self.shared.lock().drag_model = model;
+    }
+
+    /// The Z controller's current setpoint as the server holds it (A in STM mode).
+    pub fn setpoint(&self) -> f32 {
+        self.shared.lock().setpoint
     }
 
     /// Writes every reply in pieces of `chunk` bytes with `delay` between them (`None`: whole).
@@ -252,6 +324,7 @@ impl FakeNanonis {
         st.pending = Pending::default();
         st.safe_tip = false;
         st.frame.clear();
+        st.drag = None;
         Ok(())
     }
 
@@ -265,6 +338,7 @@ impl FakeNanonis {
             st.pending = Pending::default();
             st.safe_tip = false;
             st.frame.clear();
+            st.drag = None;
             Ok(())
         })
     }
@@ -394,12 +468,14 @@ fn serve(mut s: TcpStream, id: u64, sh: &Shared) {
                 name: header.name.clone(),
                 args: args.clone().unwrap_or_default(),
             });
-            let fault = st
-                .faults
-                .iter()
-                .position(|(c, _)| *c == header.name)
-                .and_then(|i| st.faults.remove(i))
-                .map(|(_, f)| f);
+            let fault = match st.faults.iter().position(|(c, _, _)| *c == header.name) {
+                Some(i) if st.faults[i].1 > 0 => {
+                    st.faults[i].1 -= 1;
+                    None
+                }
+                Some(i) => st.faults.remove(i).map(|(_, _, f)| f),
+                None => None,
+            };
             if fault == Some(ServerFault::SafeTip) {
                 st.safe_tip = true;
                 let _ = st.sim.set_withdrawn(true);
@@ -492,6 +568,127 @@ fn e(err: scopegym_physics::PhysicsError) -> String {
     err.to_string()
 }
 
+/// The value of signal `i` now: Z (the signal of the forward `"height"` channel) is the true
+/// surface height under the tip; signal 0 (current) is the setpoint while engaged, else 0.
+fn signal_value(st: &State, i: i32) -> Result<f32, String> {
+    let z = st
+        .channels
+        .iter()
+        .find(|m| m.name == "height" && !m.backward)
+        .map(|m| i64::from(m.signal));
+    if Some(i64::from(i)) == z {
+        let p = st.sim.lab_to_sample(st.sim.probe_position());
+        return Ok(height_at(st.sim.truth_surface(), st.sim.cell_size(), p));
+    }
+    if i == 0 {
+        return Ok(if st.sim.is_withdrawn() {
+            0.0
+        } else {
+            st.setpoint
+        });
+    }
+    Err(format!("Signals: signal {i} is not simulated by the fake"))
+}
+
+/// Bilinear height of a centred grid (row = y, cell `cell` m) at sample position `p`.
+fn height_at(g: ndarray::ArrayView2<'_, f32>, cell: f64, p: [f64; 2]) -> f32 {
+    let (ny, nx) = g.dim();
+    if nx == 0 || ny == 0 {
+        return 0.0;
+    }
+    let fx = (p[0] / cell + 0.5 * nx as f64 - 0.5).clamp(0.0, (nx - 1) as f64);
+    let fy = (p[1] / cell + 0.5 * ny as f64 - 0.5).clamp(0.0, (ny - 1) as f64);
+    let (j, i) = (fx.floor() as usize, fy.floor() as usize);
+    let (j1, i1) = ((j + 1).min(nx - 1), (i + 1).min(ny - 1));
+    let (tx, ty) = (fx - j as f64, fy - i as f64);
+    let row = |r: usize| f64::from(g[[r, j]]) * (1.0 - tx) + f64::from(g[[r, j1]]) * tx;
+    (row(i) * (1.0 - ty) + row(i1) * ty) as f32
+}
+
+/// The bias (V) and tunnelling conductance (S) of a drag when the present conditions are
+/// inside the simulator's manipulation model: STM, tip engaged, `0 < |V| ≤ 15 mV` and a
+/// non-zero current setpoint. The conductance is `|I| / |V|` from the `f32` values the
+/// controller holds, and a value above the model's 6 nA/mV by less than the `f32` precision
+/// of the two is taken as 6 nA/mV.
+fn drag_conditions(st: &State) -> Result<Option<(f64, f64)>, String> {
+    if st.sim.mode() != SpmMode::Stm || st.sim.is_withdrawn() {
+        return Ok(None);
+    }
+    let v = st.sim.bias();
+    let v32 = f64::from(v as f32).abs();
+    if v32 == 0.0 || v.abs() > MAX_BIAS || st.setpoint == 0.0 {
+        return Ok(None);
+    }
+    let mut g = f64::from(st.setpoint).abs() / v32;
+    let g_max = MAX_CONDUCTANCE * 1e-6;
+    if g > g_max {
+        if g <= g_max * (1.0 + 1e-6) {
+            g = g_max;
+        } else {
+            return Err(format!(
+                "FolMe.XYPosSet: setpoint {} A at {v} V is {} nA/mV, beyond the simulated \
+                 manipulation model (at most {MAX_CONDUCTANCE} nA/mV)",
+                st.setpoint,
+                g * 1e6
+            ));
+        }
+    }
+    Ok(Some((v, g)))
+}
+
+/// Whether `q` continues the straight path `s → e` beyond `e`.
+fn continues(s: [f64; 2], e: [f64; 2], q: [f64; 2]) -> bool {
+    let (d, r) = ([e[0] - s[0], e[1] - s[1]], [q[0] - s[0], q[1] - s[1]]);
+    let (ld, lr) = (d[0].hypot(d[1]), r[0].hypot(r[1]));
+    let cross = d[0] * r[1] - d[1] * r[0];
+    let dot = d[0] * r[0] + d[1] * r[1];
+    ld > 0.0 && lr >= ld && dot > 0.0 && cross.abs() <= 1e-9 * ld * lr
+}
+
+/// A tip move: a plain move, or part of a drag under manipulation conditions (module docs).
+fn folme_move(st: &mut State, q: [f64; 2]) -> Result<(), String> {
+    let Some((v, g)) = drag_conditions(st)? else {
+        finish_drag(st)?;
+        return st.sim.move_probe(q).map_err(e);
+    };
+    let p = st.sim.probe_position();
+    match st.drag_model {
+        DragModel::PerSegment => {
+            st.sim.manipulate(p, q, v, g).map_err(e)?;
+        }
+        DragModel::WholePath => {
+            let extends = st.drag.as_ref().is_some_and(|d| {
+                d.bias == v && d.conductance == g && d.end == p && continues(d.start, d.end, q)
+            });
+            if extends {
+                if let Some(d) = st.drag.as_mut() {
+                    d.end = q;
+                }
+            } else {
+                finish_drag(st)?;
+                st.drag = Some(Drag {
+                    start: p,
+                    end: q,
+                    bias: v,
+                    conductance: g,
+                });
+            }
+            st.sim.move_probe(q).map_err(e)?;
+        }
+    }
+    Ok(())
+}
+
+/// Runs the drag collected so far (if any) on the simulator, as one lateral manipulation.
+fn finish_drag(st: &mut State) -> Result<(), String> {
+    if let Some(d) = st.drag.take() {
+        st.sim
+            .manipulate(d.start, d.end, d.bias, d.conductance)
+            .map_err(|x| format!("the drag {:?} -> {:?}: {x}", d.start, d.end))?;
+    }
+    Ok(())
+}
+
 /// Applies recorded scan settings to the simulator (one `configure_scan`).
 fn apply_pending(st: &mut State) -> Result<(), String> {
     let p = std::mem::take(&mut st.pending);
@@ -528,8 +725,23 @@ fn apply_pending(st: &mut State) -> Result<(), String> {
     Ok(())
 }
 
+/// Commands that neither move the tip nor change the conditions: they do not end a drag.
+const PASSIVE: [&str; 8] = [
+    "Signals.ValsGet",
+    "Signals.ValGet",
+    "FolMe.XYPosGet",
+    "FolMe.SpeedGet",
+    "FolMe.SpeedSet",
+    "ZCtrl.SetpntGet",
+    "Bias.Get",
+    "ZCtrl.StatusGet",
+];
+
 fn handle(st: &mut State, name: &str, a: &[Value]) -> Result<Vec<Value>, String> {
     let none = Ok(Vec::new());
+    if name != "FolMe.XYPosSet" && !PASSIVE.contains(&name) {
+        finish_drag(st)?;
+    }
     match name {
         "Bias.Set" => {
             st.sim.set_bias(w(&a[0])).map_err(e)?;
@@ -679,8 +891,36 @@ fn handle(st: &mut State, name: &str, a: &[Value]) -> Result<Vec<Value>, String>
             let (Value::F64(x), Value::F64(y)) = (&a[0], &a[1]) else {
                 return Err("FolMe.XYPosSet: bad arguments".into());
             };
-            st.sim.move_probe([*x, *y]).map_err(e)?;
+            folme_move(st, [*x, *y])?;
             none
+        }
+        "FolMe.SpeedSet" => {
+            let sp = f(&a[0]);
+            if !(sp.is_finite() && sp > 0.0) {
+                return Err(format!("FolMe.SpeedSet: speed {sp} m/s"));
+            }
+            st.folme_speed = (sp, u(&a[1]));
+            none
+        }
+        "FolMe.SpeedGet" => Ok(vec![
+            Value::F32(st.folme_speed.0),
+            Value::U32(st.folme_speed.1),
+        ]),
+        "Signals.ValsGet" => {
+            let Value::ArrI32(idx) = &a[0] else {
+                return Err("Signals.ValsGet: bad arguments".into());
+            };
+            let vals = idx
+                .iter()
+                .map(|&i| signal_value(st, i))
+                .collect::<Result<Vec<f32>, String>>()?;
+            Ok(vec![Value::ArrF32(vals)])
+        }
+        "Signals.ValGet" => {
+            let Value::I32(i) = a[0] else {
+                return Err("Signals.ValGet: bad arguments".into());
+            };
+            Ok(vec![Value::F32(signal_value(st, i)?)])
         }
         "FolMe.XYPosGet" => {
             let p = st.sim.probe_position();

@@ -57,6 +57,30 @@
 //! | non-zero status in the error block | `ErrorReply` | kept |
 //! | `ZCtrl.StatusGet` = 5 after a frame or a tip action | `SafeTip` | kept |
 //!
+//! # Lateral manipulation: which argument layouts are established, which assumed
+//!
+//! `LateralManipulation` (see the impl on [`NanonisClient`]) adds `FolMe.SpeedSet`,
+//! `FolMe.SpeedGet`, `Signals.ValsGet` and `Signals.ValGet` to the commands above, and uses
+//! `ZCtrl.SetpntSet`/`Get`. We have no copy of Nanonis' `TCPProtocol` PDF; the layouts in
+//! [`command_types`] come from several independent public client libraries that agree with
+//! each other (Rust, Python, Java and Perl wrappers of the interface):
+//!
+//! - `Signals.ValsGet`: arguments `i32` count + `i32` signal indexes, `u32` wait for newest
+//!   data; reply `i32` count + `f32` values. The count is an element count (a Perl client
+//!   remarks on it), which is our array encoding. `Signals.ValGet`: `i32` index, `u32` wait ->
+//!   `f32`.
+//! - `FolMe.SpeedSet`: `f32` speed (m/s), `u32` custom-speed flag (body 8 bytes);
+//!   `FolMe.SpeedGet` returns the same pair.
+//! - `ZCtrl.SetpntSet`/`Get`: one `f32` in the controller's setpoint units (A for a current
+//!   feedback).
+//!
+//! **Assumed**, to check on a real controller before trusting a drag: that Z is the signal of
+//! the forward `"height"` channel of [`NanonisOptions::channels`] (30 in the defaults; read
+//! `Signals.NamesGet`); that the Z controller regulates on the current with the sign
+//! convention of the imaging setpoint the client reads (the drag current gets that sign);
+//! that `FolMe.XYPosSet` with wait = 1 returns when the tip has arrived, with the feedback
+//! still on; and that `Signals.ValsGet` with wait = 1 returns a Z sample taken after that.
+//!
 //! After a fault the tip is withdrawn; acquisitions are refused until something re-engages it
 //! (`set_withdrawn(false)`): the driver never re-approaches on its own.
 
@@ -65,7 +89,7 @@ pub mod codec;
 pub mod fake;
 
 pub use client::{EpisodeHook, NanonisClient, NanonisOptions, NanonisSafeHandle};
-pub use fake::{FakeNanonis, LoggedCommand, ServerFault};
+pub use fake::{DragModel, FakeNanonis, LoggedCommand, ServerFault};
 
 use codec::Ty;
 use scopegym_physics::instrument::SpmMode;
@@ -121,6 +145,14 @@ pub fn command_types(name: &str) -> Option<(&'static [Ty], &'static [Ty])> {
         "FolMe.XYPosSet" => (&[F64, F64, U32], &[]),
         // wait for newest data -> x, y (m, f64).
         "FolMe.XYPosGet" => (&[U32], &[F64, F64]),
+        // speed (m/s), custom speed (0 use the scan speed, 1 use this speed).
+        "FolMe.SpeedSet" => (&[F32, U32], &[]),
+        "FolMe.SpeedGet" => (&[], &[F32, U32]),
+        // signal indexes (count-prefixed), wait for newest data (0/1) -> values
+        // (count-prefixed), in the order asked.
+        "Signals.ValsGet" => (&[ArrI32, U32], &[ArrF32]),
+        // signal index, wait for newest data -> value.
+        "Signals.ValGet" => (&[I32, U32], &[F32]),
         // switch-off delay (s), change bias (0 no change, 1 yes, 2 no), bias (V), tip lift (m,
         // negative = towards the sample), lift time 1 (s), bias lift (V), bias settling time
         // (s), lift height (m), lift time 2 (s), end wait time (s), restore feedback (0/1).
