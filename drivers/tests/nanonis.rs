@@ -1025,10 +1025,7 @@ fn a_fault_mid_path_withdraws_and_restores_imaging_conditions() {
     );
     eprintln!("mid-path fault: {reason}");
     let log = fake.log();
-    let w = log
-        .iter()
-        .position(|l| l.name == "ZCtrl.Withdraw")
-        .unwrap();
+    let w = log.iter().position(|l| l.name == "ZCtrl.Withdraw").unwrap();
     let moves = log[..w]
         .iter()
         .filter(|l| l.name == "FolMe.XYPosSet")
@@ -1169,7 +1166,10 @@ fn atom_manipulation_over_tcp_equals_the_simulator() {
         ));
     }
     eprintln!("atom manipulation (steps, max |Δobs|, success): {report:?}");
-    assert!(report.iter().any(|r| r.2), "no episode succeeded: {report:?}");
+    assert!(
+        report.iter().any(|r| r.2),
+        "no episode succeeded: {report:?}"
+    );
     let log = fake.log();
     assert!(log.iter().any(|l| l.name == "Signals.ValsGet"));
     let last_setpoint = log.iter().rev().find(|l| l.name == "ZCtrl.SetpntSet");
@@ -1223,5 +1223,36 @@ fn per_segment_drags_lose_the_atom_far_more_often_than_one_drag() {
     // Measured (seeds 1-40): direct moved 40 lost 0; per segment moved 25 lost 15.
     assert!(t[1] >= d[1] + 5, "direct {d:?}, per segment {t:?}");
     // The adatom still follows the tip whenever it is not picked up.
-    assert!(t[0] + t[1] + 2 >= n as u32, "direct {d:?}, per segment {t:?}");
+    assert!(
+        t[0] + t[1] + 2 >= n as u32,
+        "direct {d:?}, per segment {t:?}"
+    );
+}
+
+#[test]
+fn make_env_runs_atom_manipulation_on_a_nanonis_url_through_the_guard() {
+    use scopegym_drivers::connect::{DeployOptions, DriverUrl, make_env};
+    let cfg = sam::Config::at_level(Difficulty::Medium);
+    let fake = FakeNanonis::from_config(cfg.instrument.clone(), cfg.split.region()).unwrap();
+    fake.reset(3).unwrap();
+    let url: DriverUrl = fake.url().parse().unwrap();
+    let mut d = make_env(
+        "scopegym/SpmAtomManipulation-v1",
+        &url,
+        DeployOptions::default(),
+    )
+    .unwrap();
+    let (mut obs, _) = d.reset(Some(3)).unwrap();
+    for _ in 0..3 {
+        let a = d.heuristic_action(&obs);
+        let s = d.step(&a).unwrap();
+        assert!(!s.info.contains_key("refused"), "{:?}", s.info);
+        obs = s.obs;
+        if s.terminated || s.truncated {
+            break;
+        }
+    }
+    let log = fake.log();
+    assert!(log.iter().any(|l| l.name == "Signals.ValsGet"), "no drag");
+    assert_eq!(fake.setpoint(), IMAGING_CURRENT);
 }

@@ -34,8 +34,7 @@ use scopegym_envs::env::Info;
 use scopegym_physics::PhysicsError;
 use scopegym_physics::instrument::{
     BiasWriting, Channel, InstrumentInfo, InstrumentKind, LateralManipulation, PointSpectroscopy,
-    ScanSettings,
-    SpmFrame, SpmFrameMeta, SpmInstrument, SpmMode, TipConditioning,
+    ScanSettings, SpmFrame, SpmFrameMeta, SpmInstrument, SpmMode, TipConditioning,
 };
 use scopegym_physics::spm::tip::Conditioning;
 use std::io::{ErrorKind, Read, Write};
@@ -749,7 +748,10 @@ impl NanonisClient {
             return bad("path", format!("must be finite, got {start:?} -> {end:?}"));
         }
         if !(conductance.is_finite() && conductance > 0.0) {
-            return bad("conductance", format!("must be positive, got {conductance} S"));
+            return bad(
+                "conductance",
+                format!("must be positive, got {conductance} S"),
+            );
         }
         let v_m = finite("bias", bias)? as f32;
         let current = conductance * f64::from(v_m).abs();
@@ -799,7 +801,11 @@ impl NanonisClient {
             self.call_t("FolMe.SpeedSet", &[Value::F32(sp as f32), Value::U32(1)])?;
         }
         let speed = self.opts.manip_speed.unwrap_or(f64::from(speed0));
-        let seg_time = if speed > 0.0 { len / n as f64 / speed } else { 0.0 };
+        let seg_time = if speed > 0.0 {
+            len / n as f64 / speed
+        } else {
+            0.0
+        };
         let seg_deadline = self.opts.timeout + Duration::from_secs_f64(seg_time.clamp(0.0, 1e6));
         self.pending_restore = Some((i_img, v_img));
         let drag = (|| -> Result<Vec<f64>> {

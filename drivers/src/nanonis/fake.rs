@@ -48,8 +48,8 @@ use scopegym_physics::instrument::{
     BiasWriting, LateralManipulation, PointSpectroscopy, ScanSettings, SpmInstrument, SpmMode,
     TipConditioning,
 };
-use scopegym_physics::spm::manipulation::{MAX_BIAS, MAX_CONDUCTANCE};
 use scopegym_physics::param::Region;
+use scopegym_physics::spm::manipulation::{MAX_BIAS, MAX_CONDUCTANCE};
 use scopegym_physics::spm::sim::{SpmConfig, SpmSimulator};
 use scopegym_physics::spm::tip::Conditioning;
 use std::collections::VecDeque;
