@@ -14,6 +14,7 @@
 //!
 //! ```
 //! use scopegym_drivers::connect::{DeployOptions, DriverUrl, make_env};
+//! use scopegym_envs::env::Env;
 //! let url: DriverUrl = "sim".parse().unwrap();
 //! let mut env = make_env("scopegym/StemAutofocus-v1", &url, DeployOptions::default()).unwrap();
 //! let (_obs, _info) = env.reset(Some(0)).unwrap();
