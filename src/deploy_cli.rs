@@ -241,7 +241,7 @@ pub(crate) fn fake_nanonis(
 ) -> Result<(), CliError> {
     use scopegym_envs::tasks::{
         afm_feedback_tuning, config_from_toml, pfm_domain_writing, pfm_spectroscopy_explore,
-        spm_tip_conditioning,
+        spm_atom_manipulation, spm_tip_conditioning,
     };
     let id = scopegym_envs::registry::spec(env_id)?.id;
     let table = env_config
@@ -260,6 +260,7 @@ pub(crate) fn fake_nanonis(
         "scopegym/PfmDomainWriting-v1" => instrument!(pfm_domain_writing),
         "scopegym/PfmSpectroscopyExplore-v1" => instrument!(pfm_spectroscopy_explore),
         "scopegym/SpmTipConditioning-v1" => instrument!(spm_tip_conditioning),
+        "scopegym/SpmAtomManipulation-v1" => instrument!(spm_atom_manipulation),
         _ => {
             return Err(arg(
                 "env_id",
