@@ -438,3 +438,74 @@ fn the_python_gateway_serves_an_episode() {
         std::panic::resume_unwind(p);
     }
 }
+
+#[test]
+fn out_of_limit_stem_commands_never_reach_the_gateway() {
+    use scopegym_drivers::{AuditLog, Guarded, Limits};
+    let (server, mut client) = lattice_server();
+    client.set_blanked(false).unwrap();
+    let s = client.scan_settings();
+    // The dose of one frame with the gateway's settings, measured on the gateway itself.
+    let frame_dose = client.acquire_frame().unwrap().meta.dose;
+    assert!(frame_dose > 0.0);
+    let mut limits = Limits::default();
+    limits.stem.dose_budget = 1.5 * frame_dose;
+    limits.stem.dose_cell = 10.0 * s.field_of_view()[0];
+    let dir = tempfile::tempdir().unwrap();
+    let audit = dir.path().join("audit.jsonl");
+    let mut g = Guarded::new(client, limits)
+        .unwrap()
+        .with_audit(AuditLog::append_file(&audit).unwrap());
+    let seen = |server: &Server| server.shared.log.lock().unwrap().methods.clone();
+    let before = seen(&server);
+
+    // The first frame fits the budget; the second would exceed it and is never sent.
+    g.acquire_frame().unwrap();
+    let refused = |r: Result<(), PhysicsError>, limit: &str| {
+        let e = r.unwrap_err();
+        assert_eq!(e.guard_limit(), Some(limit), "{e}");
+    };
+    refused(g.acquire_frame().map(|_| ()), "stem.dose_budget");
+    // A 1 µm defocus step, a 256² frame at 1 ms per pixel, a 10 s spectrum.
+    let mut a = g.aberrations();
+    a.c10 += 1e-6;
+    refused(
+        g.set_aberrations(&a).map(|_| ()),
+        "stem.aberration_step_max.c10",
+    );
+    let slow = ScanSettings {
+        rows: 256,
+        cols: 256,
+        dwell_time: 1e-3,
+        ..s
+    };
+    refused(g.configure_scan(&slow).map(|_| ()), "stem.max_frame_time");
+    refused(g.acquire_spectrum(10.0).map(|_| ()), "stem.max_exposure");
+
+    let after = seen(&server);
+    let sent: Vec<&String> = after[before.len()..].iter().collect();
+    println!("sent after the limits were set: {sent:?}");
+    assert_eq!(sent.iter().filter(|m| **m == "acquire_frame").count(), 1);
+    for m in ["set_aberrations", "configure_scan", "acquire_spectrum"] {
+        assert!(!sent.iter().any(|x| *x == m), "{m} reached the gateway");
+    }
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&audit)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let limits: Vec<&str> = lines
+        .iter()
+        .filter(|l| l["result"] == "refused")
+        .map(|l| l["limit"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        limits,
+        [
+            "stem.dose_budget",
+            "stem.aberration_step_max.c10",
+            "stem.max_frame_time",
+            "stem.max_exposure"
+        ]
+    );
+}
