@@ -994,30 +994,7 @@ impl SpmInstrument for ReplaySpm {
     }
 
     fn configure_scan(&mut self, r: &ScanSettings) -> Result<ScanSettings, PhysicsError> {
-        if !(2..=4096).contains(&r.rows) || !(2..=4096).contains(&r.cols) {
-            return Err(PhysicsError::arg(
-                "rows/cols",
-                format!("must be 2..=4096, got {}x{}", r.rows, r.cols),
-            ));
-        }
-        if !(r.pixel_size.is_finite() && r.pixel_size > 0.0) {
-            return Err(PhysicsError::arg(
-                "pixel_size",
-                format!("must be positive, got {}", r.pixel_size),
-            ));
-        }
-        if !(r.dwell_time.is_finite() && r.dwell_time > 0.0 && r.dwell_time <= 10.0) {
-            return Err(PhysicsError::arg(
-                "dwell_time",
-                format!("must be in (0, 10] s, got {}", r.dwell_time),
-            ));
-        }
-        if !(r.flyback_time.is_finite() && r.flyback_time >= 0.0) {
-            return Err(PhysicsError::arg(
-                "flyback_time",
-                format!("must be ≥ 0, got {}", r.flyback_time),
-            ));
-        }
+        r.check_spm_request()?;
         self.check_position("center", r.center)?;
         let half = |n: usize| 0.5 * (n as f64 - 1.0) * r.pixel_size;
         let req = [

@@ -55,6 +55,42 @@ impl ScanSettings {
         self.rows as f64 * (self.cols as f64 * self.dwell_time + self.flyback_time)
     }
 
+    /// Checks a scan request as an SPM controller does before anything moves: 2-4096 rows and
+    /// columns, a positive pixel size, a dwell time in (0, 10] s per pixel, a flyback ≥ 0 and a
+    /// finite centre. The error names the field.
+    pub fn check_spm_request(&self) -> Result<()> {
+        let r = self;
+        let bad = |field: &str, reason: String| Err(crate::PhysicsError::arg(field, reason));
+        if !(2..=4096).contains(&r.rows) || !(2..=4096).contains(&r.cols) {
+            return bad(
+                "rows/cols",
+                format!("must be 2..=4096, got {}x{}", r.rows, r.cols),
+            );
+        }
+        if !(r.pixel_size.is_finite() && r.pixel_size > 0.0) {
+            return bad(
+                "pixel_size",
+                format!("must be positive, got {}", r.pixel_size),
+            );
+        }
+        if !(r.dwell_time.is_finite() && r.dwell_time > 0.0 && r.dwell_time <= 10.0) {
+            return bad(
+                "dwell_time",
+                format!("must be in (0, 10] s, got {}", r.dwell_time),
+            );
+        }
+        if !(r.flyback_time.is_finite() && r.flyback_time >= 0.0) {
+            return bad(
+                "flyback_time",
+                format!("must be ≥ 0, got {}", r.flyback_time),
+            );
+        }
+        if !r.center.iter().all(|v| v.is_finite()) {
+            return bad("center", "must be finite".into());
+        }
+        Ok(())
+    }
+
     /// Field of view `[width, height]`, m.
     pub fn field_of_view(&self) -> [f64; 2] {
         [

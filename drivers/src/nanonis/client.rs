@@ -902,18 +902,7 @@ impl SpmInstrument for NanonisClient {
     }
 
     fn configure_scan(&mut self, r: &ScanSettings) -> scopegym_physics::Result<ScanSettings> {
-        if !(2..=4096).contains(&r.rows) || !(2..=4096).contains(&r.cols) {
-            return Err(PhysicsError::arg(
-                "rows/cols",
-                format!("must be 2..=4096, got {}x{}", r.rows, r.cols),
-            ));
-        }
-        for (n, v) in [("pixel_size", r.pixel_size), ("dwell_time", r.dwell_time)] {
-            if !(v.is_finite() && v > 0.0) {
-                return Err(PhysicsError::arg(n, format!("must be positive, got {v}")));
-            }
-        }
-        finite("center", r.center[0] + r.center[1])?;
+        r.check_spm_request()?;
         let [w, h] = r.field_of_view();
         let t_line = r.cols as f64 * r.dwell_time;
         let speed = w / t_line;

@@ -1031,34 +1031,8 @@ impl SpmInstrument for SpmSimulator {
 
     fn configure_scan(&mut self, request: &ScanSettings) -> Result<ScanSettings> {
         let r = request;
-        if !(2..=4096).contains(&r.rows) || !(2..=4096).contains(&r.cols) {
-            return Err(PhysicsError::arg(
-                "rows/cols",
-                format!("must be 2..=4096, got {}x{}", r.rows, r.cols),
-            ));
-        }
+        r.check_spm_request()?;
         let size = self.cfg.sample.size.get();
-        if !(r.pixel_size.is_finite() && r.pixel_size > 0.0) {
-            return Err(PhysicsError::arg(
-                "pixel_size",
-                format!("must be positive, got {}", r.pixel_size),
-            ));
-        }
-        if !(r.dwell_time.is_finite() && r.dwell_time > 0.0 && r.dwell_time <= 10.0) {
-            return Err(PhysicsError::arg(
-                "dwell_time",
-                format!("must be in (0, 10] s, got {}", r.dwell_time),
-            ));
-        }
-        if !(r.flyback_time.is_finite() && r.flyback_time >= 0.0) {
-            return Err(PhysicsError::arg(
-                "flyback_time",
-                format!("must be ≥ 0, got {}", r.flyback_time),
-            ));
-        }
-        if !r.center.iter().all(|v| v.is_finite()) {
-            return Err(PhysicsError::arg("center", "must be finite"));
-        }
         let mut acc = *r;
         // The field must fit in the scanner range: shrink the pixel, then clamp the centre.
         let widest = r.rows.max(r.cols) as f64;
