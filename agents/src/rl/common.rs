@@ -7,8 +7,11 @@ use crate::error::{AgentError, Result};
 use scopegym_envs::rng::{SimRng, seeded};
 use scopegym_envs::vector::{AutoReset, VectorEnv};
 use scopegym_envs::{Env, InfoValue, Value};
+use scopegym_physics::rng::derive_seed;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use tch::Tensor;
 
 /// `num_envs` envs of the task `spec` names, with its config.
@@ -16,6 +19,72 @@ pub(crate) fn make_envs(spec: &TrainSpec<'_>, num_envs: usize) -> Result<Vec<Box
     Ok((0..num_envs)
         .map(|_| scopegym_envs::registry::make(spec.env_id, spec.env_config))
         .collect::<std::result::Result<Vec<_>, _>>()?)
+}
+
+/// A training env whose failed resets are retried: when the task cannot set up an episode
+/// (e.g. StemDopantSteer-v1's survey misses the lattice for about one seed in 20 000), the
+/// reset is tried again with seeds derived from the failed one, up to [`RESET_RETRIES`]
+/// times, and counted in `failures`. Training only: evaluation sees every failure.
+pub(crate) struct RetryReset {
+    inner: Box<dyn Env>,
+    /// Seed stream of the retries (advanced on every retry).
+    next: u64,
+    failures: Arc<AtomicU64>,
+}
+
+/// Retries of a failed training reset before its error is returned.
+pub(crate) const RESET_RETRIES: usize = 8;
+
+impl RetryReset {
+    pub(crate) fn wrap(inner: Box<dyn Env>, seed: u64, failures: Arc<AtomicU64>) -> Box<dyn Env> {
+        Box::new(Self {
+            inner,
+            next: seed,
+            failures,
+        })
+    }
+}
+
+impl std::fmt::Debug for RetryReset {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "RetryReset({})", self.inner.id())
+    }
+}
+
+impl Env for RetryReset {
+    fn id(&self) -> &str {
+        self.inner.id()
+    }
+    fn observation_space(&self) -> &scopegym_envs::Space {
+        self.inner.observation_space()
+    }
+    fn action_space(&self) -> &scopegym_envs::Space {
+        self.inner.action_space()
+    }
+    fn max_episode_steps(&self) -> usize {
+        self.inner.max_episode_steps()
+    }
+    fn reset(&mut self, seed: Option<u64>) -> scopegym_envs::Result<(Value, scopegym_envs::Info)> {
+        let mut r = self.inner.reset(seed);
+        for _ in 0..RESET_RETRIES {
+            if r.is_ok() {
+                break;
+            }
+            self.failures.fetch_add(1, Ordering::Relaxed);
+            self.next = derive_seed(self.next ^ seed.unwrap_or(0), "ppo-reset-retry");
+            r = self.inner.reset(Some(self.next));
+        }
+        r
+    }
+    fn step(&mut self, action: &Value) -> scopegym_envs::Result<scopegym_envs::Step> {
+        self.inner.step(action)
+    }
+    fn render(&self) -> scopegym_envs::RgbImage {
+        self.inner.render()
+    }
+    fn heuristic_action(&mut self, obs: &Value) -> Value {
+        self.inner.heuristic_action(obs)
+    }
 }
 
 /// The training vector env over `envs` (same-step autoreset: a finished episode's last

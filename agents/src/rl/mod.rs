@@ -41,7 +41,7 @@
 //! # Actions
 //!
 //! Discrete: a categorical over the logits. Box: a diagonal Gaussian with a state-independent
-//! learned log standard deviation (initially 0); samples are unclipped in the rollout buffer
+//! learned log standard deviation (initially 0, or PPO's `init_log_std`); samples are unclipped in the rollout buffer
 //! (their log-probabilities) and clipped to the bounds when sent to the env, as CleanRL does.
 //! Evaluation ([`crate::Agent::act`]) is deterministic by default (`deterministic_eval`): the
 //! most probable action or the Gaussian mean, clipped.

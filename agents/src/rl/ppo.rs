@@ -12,6 +12,12 @@
 //!
 //! Training runs `⌈steps / (num_steps · num_envs)⌉` iterations (at least one), so it may take
 //! up to one batch more env steps than asked.
+//!
+//! Options beyond CleanRL's (off by default): `init_log_std` (the Gaussian's initial spread)
+//! and `curriculum` (stages of training on the task's own config with some settings changed,
+//! e.g. nearer goals, before the evaluated setting; [`CurriculumStage`]). A training env
+//! whose reset fails (a task that cannot set up an episode for some seed) is reset again with
+//! another seed (counted in [`PpoStats::reset_failures`]).
 
 use super::common::{self, Actor, Checkpoint};
 use super::net::{ActorCritic, NetSpec};
@@ -64,6 +70,30 @@ pub struct PpoConfig {
     pub deterministic_eval: bool,
     /// Threads stepping the envs (libtorch itself uses one). Default 1.
     pub env_threads: usize,
+    /// Initial log standard deviation of the Gaussian policy (Box actions), per component, in
+    /// units of the action (CleanRL: 0, a standard deviation of 1, half the width of a
+    /// `[-1, 1]` Box). Default 0.
+    pub init_log_std: f64,
+    /// A training curriculum over the task's own config (default empty: none). Stage `k`
+    /// trains on envs whose config is the task's training config with `stage.env_config`
+    /// merged over it, until the fraction `stage.until` of the training steps; after the last
+    /// stage, training goes on with the task's config unchanged (the evaluated setting). Only
+    /// [`Agent::train`] applies it (evaluation never sees it); every stage must keep the
+    /// task's observation and action spaces. See [`CurriculumStage`].
+    pub curriculum: Vec<CurriculumStage>,
+}
+
+/// One stage of [`PpoConfig::curriculum`], e.g. `{ until = 0.3, env_config = { goal_distance =
+/// [1.4e-10, 1.6e-10] } }`: the first 30 % of training with goals one bond away.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CurriculumStage {
+    /// The stage ends at this fraction of the training steps, in (0, 1] (stages in increasing
+    /// order).
+    pub until: f64,
+    /// Task settings merged over the training config for this stage (a TOML table, as a
+    /// task's `config`; the task validates it).
+    pub env_config: toml::Table,
 }
 
 impl Default for PpoConfig {
@@ -86,8 +116,28 @@ impl Default for PpoConfig {
             norm_adv: true,
             deterministic_eval: true,
             env_threads: 1,
+            init_log_std: 0.0,
+            curriculum: Vec::new(),
         }
     }
+}
+
+/// A fresh network for `spec` (seeded from `seed`), its Gaussian log standard deviations set
+/// to `cfg.init_log_std`.
+fn init_net(spec: NetSpec, cfg: &PpoConfig, seed: u64) -> Result<ActorCritic> {
+    let net = ActorCritic::new(spec, derive_seed(seed, "ppo-init"))?;
+    if let Some(l) = net.log_std() {
+        tch::no_grad(|| {
+            let _ = l.shallow_clone().fill_(cfg.init_log_std);
+        });
+    }
+    Ok(net)
+}
+
+/// Whether two specs have the same observation layout and action distribution (their
+/// observation normalizations may differ).
+fn same_shapes(a: &NetSpec, b: &NetSpec) -> bool {
+    a.action == b.action && a.obs.len == b.obs.len && a.obs.parts == b.obs.parts
 }
 
 pub(crate) fn check(ok: bool, field: &str, reason: &str) -> Result<()> {
@@ -161,6 +211,20 @@ impl PpoConfig {
             "must be positive and finite",
         )?;
         check(self.env_threads >= 1, "env_threads", "must be at least 1")?;
+        check(
+            self.init_log_std.is_finite() && self.init_log_std.abs() <= 5.0,
+            "init_log_std",
+            "must lie in [-5, 5]",
+        )?;
+        let mut prev = 0.0;
+        for st in &self.curriculum {
+            check(
+                st.until.is_finite() && st.until > prev && st.until <= 1.0,
+                "curriculum",
+                "each stage's `until` must lie in (0, 1], increasing",
+            )?;
+            prev = st.until;
+        }
         Ok(())
     }
 }
@@ -176,6 +240,8 @@ pub struct PpoStats {
     pub entropy: f64,
     /// Fraction of samples of the last epoch whose ratio was clipped.
     pub clip_fraction: f64,
+    /// Training resets that failed and were retried with another seed, so far.
+    pub reset_failures: u64,
 }
 
 /// The PPO agent.
@@ -195,7 +261,7 @@ impl PpoAgent {
         cfg.validate()?;
         tch::set_num_threads(1);
         Ok(Self {
-            net: ActorCritic::new(spec, derive_seed(seed, "ppo-init"))?,
+            net: init_net(spec, &cfg, seed)?,
             cfg,
             seed,
             actor: Actor::new(seed),
@@ -347,13 +413,66 @@ impl PpoAgent {
         seed: u64,
         progress: &mut dyn FnMut(u64),
     ) -> Result<Vec<CurvePoint>> {
+        self.train_stages(vec![(1.0, envs)], steps, seed, progress)
+    }
+
+    /// [`PpoAgent::train_envs`] through a sequence of stages `(until, envs)`: stage `k` runs
+    /// the iterations up to the fraction `until` of the training (the last stage's `until` is
+    /// taken as 1), each stage on its own envs (reset with a seed derived from `seed` and the
+    /// stage; episodes in progress at a stage's end are dropped). The network, the optimizer
+    /// and the learning-rate schedule carry over. The network is the last stage's (its
+    /// observation normalization included); earlier stages must have the same observation
+    /// layout and action distribution (their Box bounds may differ).
+    pub fn train_stages(
+        &mut self,
+        stages: Vec<(f64, Vec<Box<dyn Env>>)>,
+        steps: u64,
+        seed: u64,
+        progress: &mut dyn FnMut(u64),
+    ) -> Result<Vec<CurvePoint>> {
         tch::set_num_threads(1);
         let cfg = self.cfg.clone();
-        let mut venv = common::vec_env(envs, cfg.num_envs, cfg.env_threads)?;
-        let netspec = NetSpec::for_env(venv.env(0))?;
-        if netspec != self.net.spec {
-            self.net = ActorCritic::new(netspec, derive_seed(self.seed, "ppo-init"))?;
+        let n_stages = stages.len();
+        if n_stages == 0 {
+            return Err(AgentError::arg("stages", "at least one stage is needed"));
         }
+        // The network (and its observation normalization) is the last stage's: the setting
+        // trained for. Earlier stages must have the same layout and action distribution.
+        let last = stages[n_stages - 1].1.first().ok_or_else(|| {
+            AgentError::arg(
+                "envs",
+                format!("expected num_envs = {} envs, got 0", cfg.num_envs),
+            )
+        })?;
+        let netspec = NetSpec::for_env(last.as_ref())?;
+        for (k, (_, envs)) in stages.iter().enumerate() {
+            for e in envs {
+                if !same_shapes(&NetSpec::for_env(e.as_ref())?, &netspec) {
+                    return Err(AgentError::arg(
+                        "curriculum",
+                        format!(
+                            "stage {k} has other observation or action spaces than the last stage"
+                        ),
+                    ));
+                }
+            }
+        }
+        if netspec != self.net.spec {
+            self.net = init_net(netspec, &cfg, self.seed)?;
+        }
+        let failures = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let retrying = |envs: Vec<Box<dyn Env>>, stage: usize| -> Vec<Box<dyn Env>> {
+            envs.into_iter()
+                .enumerate()
+                .map(|(i, e)| {
+                    let s = derive_seed(seed, &format!("ppo-retry-{stage}-{i}"));
+                    common::RetryReset::wrap(e, s, failures.clone())
+                })
+                .collect()
+        };
+        let mut stages = stages.into_iter();
+        let (first_until, envs) = stages.next().expect("one stage");
+        let mut venv = common::vec_env(retrying(envs, 0), cfg.num_envs, cfg.env_threads)?;
         let mut opt = nn::Adam {
             eps: cfg.adam_eps,
             ..Default::default()
@@ -365,6 +484,15 @@ impl PpoAgent {
         let k_out = self.net.spec.action.outputs();
         let batch = n * t_len;
         let iters = steps.div_ceil(batch as u64).max(1);
+        let stage_end = |until: f64, last: bool| -> u64 {
+            if last {
+                iters
+            } else {
+                ((until * iters as f64).round() as u64).min(iters)
+            }
+        };
+        let mut stage = 0usize;
+        let mut end = stage_end(first_until, n_stages == 1);
         venv.reset(Some(derive_seed(seed, "ppo-envs")))?;
         let mut rng = seeded(derive_seed(seed, "ppo-sampling"));
         let mut obs = vec![0.0f32; batch * len];
@@ -380,6 +508,18 @@ impl PpoAgent {
         let mut curve = Vec::new();
         let mut global = 0u64;
         for it in 0..iters {
+            while it >= end {
+                let Some((until, envs)) = stages.next() else {
+                    break;
+                };
+                stage += 1;
+                venv = common::vec_env(retrying(envs, stage), cfg.num_envs, cfg.env_threads)?;
+                end = stage_end(until, stage + 1 == n_stages);
+                venv.reset(Some(derive_seed(seed, &format!("ppo-envs-stage{stage}"))))?;
+                next_obs.copy_from_slice(venv.observations());
+                self.net.spec.obs.normalize_in_place(&mut next_obs);
+                ep_ret.iter_mut().for_each(|r| *r = 0.0);
+            }
             if cfg.anneal_lr {
                 opt.set_lr(cfg.learning_rate * (1.0 - it as f64 / iters as f64));
             }
@@ -454,6 +594,7 @@ impl PpoAgent {
             }
             let ret: Vec<f32> = adv.iter().zip(&vals).map(|(a, v)| a + v).collect();
             self.update(&mut opt, &mut rng, &obs, &actions, &logp, &adv, &ret, &vals)?;
+            self.stats.reset_failures = failures.load(std::sync::atomic::Ordering::Relaxed);
             progress(global);
             if let Some(m) = common::mean(&finished) {
                 curve.push(CurvePoint {
@@ -489,8 +630,21 @@ impl Agent for PpoAgent {
         spec: &TrainSpec<'_>,
         progress: &mut dyn FnMut(u64),
     ) -> Result<Vec<CurvePoint>> {
-        let envs = common::make_envs(spec, self.cfg.num_envs)?;
-        self.train_envs(envs, spec.steps, spec.seed, progress)
+        let mut stages = Vec::with_capacity(self.cfg.curriculum.len() + 1);
+        for st in &self.cfg.curriculum {
+            let mut c = spec
+                .env_config
+                .cloned()
+                .unwrap_or_else(|| toml::Value::Table(toml::Table::new()));
+            scopegym_envs::tasks::merge_toml(&mut c, &toml::Value::Table(st.env_config.clone()));
+            let s = TrainSpec {
+                env_config: Some(&c),
+                ..*spec
+            };
+            stages.push((st.until, common::make_envs(&s, self.cfg.num_envs)?));
+        }
+        stages.push((1.0, common::make_envs(spec, self.cfg.num_envs)?));
+        self.train_stages(stages, spec.steps, spec.seed, progress)
     }
 
     fn begin_episode(&mut self, _env: &dyn Env, _obs: &Value, seed: u64) -> Result<()> {

@@ -233,13 +233,13 @@ fn reinforce_beats_random_on_the_point_mass() {
 
 /// PPO on StemDopantSteer-v1 (medium) trained on the train split for `steps`, then scored
 /// deterministically on `seeds` of the test split beside the floors on the same seeds:
-/// `(ppo, random, heuristic)` mean returns.
+/// `(ppo, ppo success rate, random, heuristic)` (mean returns).
 fn dopant_ppo(
     steps: u64,
     seed: u64,
     seeds: std::ops::Range<u64>,
     cfg: PpoConfig,
-) -> (f64, f64, f64) {
+) -> (f64, f64, f64, f64) {
     use scopegym_envs::evaluate::{Policy, evaluate};
     let id = "scopegym/StemDopantSteer-v1";
     let lvl = std::env::var("LEVEL").unwrap_or_else(|_| "medium".into());
@@ -270,12 +270,25 @@ fn dopant_ppo(
     let succ = recs.iter().filter(|r| r.success).count() as f64 / recs.len() as f64;
     let len = recs.iter().map(|r| r.steps).sum::<usize>() as f64 / recs.len() as f64;
     println!(
-        "ppo success {succ:.2}, mean length {len:.1}; first actions {:?}",
+        "ppo return {ppo:.3}, success {succ:.2}, mean length {len:.1}; first actions {:?}",
         {
             let (o, _) = env.reset(Some(seeds.start)).unwrap();
             agent.act(env.as_mut(), &o).unwrap()
         }
     );
+    if std::env::var("DIAG").is_ok() {
+        let ls = agent
+            .net()
+            .log_std()
+            .map(|l| Vec::<f32>::try_from(&l.detach()).unwrap());
+        println!("log_std {ls:?}");
+        for s in 0..4 {
+            let (o, _) = env.reset(Some(seeds.start + s)).unwrap();
+            let a = agent.act(env.as_mut(), &o).unwrap();
+            let h = env.heuristic_action(&o);
+            println!("obs {:?}\n  ppo {a:?} heuristic {h:?}", o.as_box().unwrap());
+        }
+    }
     let random = evaluate(env.as_mut(), &Policy::Random, seeds.clone()).unwrap();
     let heur = evaluate(env.as_mut(), &Policy::Heuristic, seeds.clone()).unwrap();
     let pts: Vec<String> = curve
@@ -304,25 +317,59 @@ fn dopant_ppo(
             d.join(", ")
         );
     }
-    (ppo, random.mean_return, heur.mean_return)
+    (ppo, succ, random.mean_return, heur.mean_return)
+}
+
+/// PPO's training procedure for StemDopantSteer-v1 (the defaults are CleanRL's, which learn
+/// the degenerate "shortest dwell, never hop" policy): three changes, each necessary
+/// (measured: without any one of them, 300 k steps on seeds 0-1 end at the degenerate return
+/// ≈ 0.19 with success 0):
+///
+/// - a curriculum on the train split: the first 20 % of the steps with goals one bond away
+///   (`goal_distance = [1.4, 1.6] Å`: a single hop toward the goal pays the success reward, so
+///   a long dwell beside the right neighbour is worth its time cost), then up to 80 % with
+///   goals 1-3.5 bonds away (`[1.4, 5] Å`, the near goals kept), then the evaluated setting;
+/// - `init_log_std = -1` (σ ≈ 0.37 instead of 1): the hop rate peaks 0.85 Å from the dopant
+///   toward a neighbour within ±0.35 Å, i.e. ±0.29 in action units; with σ = 1 even the
+///   heuristic's mean action scores −0.67 (diagnostics: `explore_dopant_scripted`), so
+///   the shortest dwell is the best thing a σ = 1 policy can do;
+/// - `learning_rate = 1e-3`: the goal vector enters the network normalized by the
+///   observation bound (±7 bonds), so the offset toward the goal needs weights ~5× the
+///   input; at 2.5e-4 the one-hop stage is not learned in the budget.
+fn dopant_training() -> PpoConfig {
+    toml::from_str(
+        r#"
+        learning_rate = 1e-3
+        init_log_std = -1.0
+        curriculum = [
+            { until = 0.2, env_config = { goal_distance = [1.4e-10, 1.6e-10] } },
+            { until = 0.8, env_config = { goal_distance = [1.4e-10, 5e-10] } },
+        ]
+        "#,
+    )
+    .unwrap()
 }
 
 #[test]
 fn ppo_beats_random_on_stem_dopant_steer() {
-    // Budget: 200 000 env steps of PPO with the defaults (about 7 s here in the dev profile),
-    // trained on the train split (medium), scored deterministically on 30 seeds of the test
-    // split beside random and the heuristic on the same seeds. Measured (seed 0): PPO ≈ 0.17,
-    // random ≈ −1.08, heuristic ≈ 1.09, i.e. PPO closes ≈ 58 % of the random → heuristic gap.
-    // Margins: PPO beats random by ≥ 0.8 and closes ≥ 45 % of the gap. What PPO learns in this
-    // budget (and in 1.5 M steps, which do no better) is to keep the dopant (no loss penalty)
-    // while collecting the shaping term, as the degenerate "low corner" constant action does
-    // (0.178, printed): its success rate stays 0, where the heuristic's is high (printed), so
-    // it does not yet approach the heuristic in success.
-    let (ppo, random, heur) = dopant_ppo(200_000, 0, 0..30, PpoConfig::default());
+    // Budget: 500 000 env steps of PPO with the curriculum of `dopant_training` (about 19 s
+    // here in the dev profile, alone on a core), trained on the train split (medium), scored
+    // deterministically on 30 seeds of the test split beside random and the heuristic on the
+    // same seeds. Measured over training seeds 0-7 (return / success): 0.739/0.83 (seed 0,
+    // the one tested: training is deterministic per seed), 0.667/0.90, 0.686/0.87,
+    // 0.636/0.73, 0.726/0.90, 0.596/0.80, 0.691/0.87, 0.676/0.83; mean 0.677/0.84. Floors on the same seeds: random
+    // −1.080/0.00, heuristic 1.085/1.00, the degenerate low-corner constant 0.178/0.00 (what
+    // PPO with the defaults learns). So PPO closes 77-84 % of the random → heuristic gap and
+    // steers the dopant to the goal in most episodes, more slowly than the heuristic.
+    // Margins (below the worst seed): success ≥ 0.5, return ≥ 0.45 (degenerate + 0.27), gap
+    // closed ≥ 70 %.
+    let (ppo, succ, random, heur) = dopant_ppo(500_000, 0, 0..30, dopant_training());
     let closed = (ppo - random) / (heur - random);
     println!("gap closed: {:.0} %", 100.0 * closed);
+    assert!(succ >= 0.5, "ppo success {succ:.2}");
+    assert!(ppo >= 0.45, "ppo {ppo:.3} (degenerate low corner 0.178)");
     assert!(ppo > random + 0.8, "ppo {ppo:.3}, random {random:.3}");
-    assert!(closed >= 0.45, "ppo closes {closed:.2} of the gap");
+    assert!(closed >= 0.7, "ppo closes {closed:.2} of the gap");
 }
 
 #[test]
@@ -338,6 +385,265 @@ fn explore_dopant_budget() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
     dopant_ppo(steps, seed, 0..30, cfg);
+}
+
+/// An env counting the steps taken on it (for the curriculum's stage switching).
+struct Counting {
+    inner: Box<dyn Env>,
+    steps: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl std::fmt::Debug for Counting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Counting")
+    }
+}
+
+impl Env for Counting {
+    fn id(&self) -> &str {
+        self.inner.id()
+    }
+    fn observation_space(&self) -> &Space {
+        self.inner.observation_space()
+    }
+    fn action_space(&self) -> &Space {
+        self.inner.action_space()
+    }
+    fn max_episode_steps(&self) -> usize {
+        self.inner.max_episode_steps()
+    }
+    fn reset(&mut self, seed: Option<u64>) -> scopegym_envs::Result<(Value, Info)> {
+        self.inner.reset(seed)
+    }
+    fn step(&mut self, action: &Value) -> scopegym_envs::Result<Step> {
+        self.steps
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.inner.step(action)
+    }
+    fn render(&self) -> RgbImage {
+        self.inner.render()
+    }
+    fn heuristic_action(&mut self, obs: &Value) -> Value {
+        self.inner.heuristic_action(obs)
+    }
+}
+
+/// The point mass, whose reset fails for even seeds (all seeds when `always`).
+#[derive(Debug)]
+struct FlakyReset {
+    inner: PointMass,
+    always: bool,
+}
+
+impl Env for FlakyReset {
+    fn id(&self) -> &str {
+        "test/FlakyReset-v1"
+    }
+    fn observation_space(&self) -> &Space {
+        self.inner.observation_space()
+    }
+    fn action_space(&self) -> &Space {
+        self.inner.action_space()
+    }
+    fn max_episode_steps(&self) -> usize {
+        self.inner.max_episode_steps()
+    }
+    fn reset(&mut self, seed: Option<u64>) -> scopegym_envs::Result<(Value, Info)> {
+        if self.always || seed.is_some_and(|s| s % 2 == 0) {
+            return Err(scopegym_envs::EnvError::config(
+                "seed",
+                "no episode for this seed",
+            ));
+        }
+        self.inner.reset(seed)
+    }
+    fn step(&mut self, action: &Value) -> scopegym_envs::Result<Step> {
+        self.inner.step(action)
+    }
+    fn render(&self) -> RgbImage {
+        self.inner.render()
+    }
+    fn heuristic_action(&mut self, obs: &Value) -> Value {
+        self.inner.heuristic_action(obs)
+    }
+}
+
+#[test]
+fn failed_training_resets_are_retried_with_other_seeds() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let point = || PointMass {
+        obs: Space::uniform_box(&[1], -2.0, 2.0),
+        act: Space::uniform_box(&[1], -1.0, 1.0),
+        x: 0.0,
+        t: 0,
+        rng: seeded(0),
+    };
+    let n = Arc::new(AtomicU64::new(0));
+    let flaky = |always| {
+        Box::new(FlakyReset {
+            inner: point(),
+            always,
+        }) as Box<dyn Env>
+    };
+    let mut e = common::RetryReset::wrap(flaky(false), 3, n.clone());
+    e.reset(Some(1)).unwrap();
+    assert_eq!(n.load(Ordering::Relaxed), 0);
+    let failed = (0..20).filter(|s| s % 2 == 0).count() as u64;
+    for s in 0..20 {
+        e.reset(Some(s)).unwrap();
+    }
+    assert!(n.load(Ordering::Relaxed) >= failed);
+    let mut e = common::RetryReset::wrap(flaky(true), 3, n.clone());
+    assert!(e.reset(Some(1)).is_err());
+    // PPO trains through a flaky env and counts the retries.
+    let mut agent = PpoAgent::new(
+        NetSpec::for_env(PointMass::boxed().as_ref()).unwrap(),
+        PpoConfig {
+            num_envs: 2,
+            num_steps: 64,
+            ..PpoConfig::default()
+        },
+        0,
+    )
+    .unwrap();
+    agent
+        .train_envs(vec![flaky(false), flaky(false)], 1024, 0, &mut |_| {})
+        .unwrap();
+    assert!(agent.stats.reset_failures > 0);
+}
+
+#[test]
+fn training_stages_switch_envs_at_their_fractions() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let cfg = PpoConfig {
+        num_envs: 2,
+        num_steps: 16,
+        ..PpoConfig::default()
+    };
+    let counters: Vec<Arc<AtomicUsize>> = (0..3).map(|_| Arc::default()).collect();
+    let stage = |k: usize| -> Vec<Box<dyn Env>> {
+        (0..2)
+            .map(|_| {
+                Box::new(Counting {
+                    inner: PointMass::boxed(),
+                    steps: counters[k].clone(),
+                }) as Box<dyn Env>
+            })
+            .collect()
+    };
+    let mut agent = PpoAgent::new(
+        NetSpec::for_env(PointMass::boxed().as_ref()).unwrap(),
+        cfg.clone(),
+        0,
+    )
+    .unwrap();
+    // 10 iterations of 32 steps: stage 0 up to 0.25 (iterations 0-2, rounded from 2.5),
+    // stage 1 up to 0.5 (3-4), the last stage the rest (5-9), whatever its `until`.
+    let stages = vec![(0.25, stage(0)), (0.5, stage(1)), (0.7, stage(2))];
+    agent.train_stages(stages, 320, 0, &mut |_| {}).unwrap();
+    let got: Vec<usize> = counters.iter().map(|c| c.load(Ordering::Relaxed)).collect();
+    assert_eq!(got, vec![3 * 32, 2 * 32, 5 * 32]);
+    // A stage with other spaces is refused.
+    let mut agent = PpoAgent::new(
+        NetSpec::for_env(PointMass::boxed().as_ref()).unwrap(),
+        cfg,
+        0,
+    )
+    .unwrap();
+    let e = agent
+        .train_stages(
+            vec![
+                (0.5, envs(PointMass::boxed, 2)),
+                (1.0, envs(Corridor::boxed, 2)),
+            ],
+            320,
+            0,
+            &mut |_| {},
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("curriculum"), "{e}");
+}
+
+#[test]
+fn curriculum_configs_are_parsed_validated_and_applied_to_the_task() {
+    let text =
+        "curriculum = [{ until = 0.3, env_config = { goal_distance = [1.4e-10, 1.6e-10] } }]";
+    let cfg: PpoConfig = toml::from_str(text).unwrap();
+    assert_eq!(cfg.curriculum.len(), 1);
+    assert_eq!(cfg.curriculum[0].until, 0.3);
+    assert!(cfg.validate().is_ok());
+    assert!(PpoConfig::default().curriculum.is_empty());
+    for bad in [
+        "curriculum = [{ until = 0.0, env_config = {} }]",
+        "curriculum = [{ until = 1.5, env_config = {} }]",
+        "curriculum = [{ until = 0.5, env_config = {} }, { until = 0.4, env_config = {} }]",
+    ] {
+        let c: PpoConfig = toml::from_str(bad).unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("curriculum"), "{bad}: {e}");
+    }
+    // Agent::train builds each stage's envs from the task's config with the stage's settings
+    // merged over it: the task validates them (naming its field) ...
+    let id = "scopegym/StemDopantSteer-v1";
+    let env = scopegym_envs::registry::make(id, None).unwrap();
+    let small = "num_envs = 2\nnum_steps = 8\n";
+    let c: toml::Value = toml::from_str(&format!(
+        "{small}curriculum = [{{ until = 0.5, env_config = {{ goal_distance = [5e-10, 1e-10] }} }}]"
+    ))
+    .unwrap();
+    let mut agent = crate::registry::make("ppo", env.as_ref(), Some(&c), 0).unwrap();
+    let train: toml::Value = toml::from_str("split = \"train\"").unwrap();
+    let spec = TrainSpec {
+        env_id: id,
+        env_config: Some(&train),
+        steps: 32,
+        seed: 0,
+    };
+    let e = agent.train(&spec, &mut |_| {}).unwrap_err().to_string();
+    assert!(e.contains("goal_distance"), "{e}");
+    // ... and a stage whose observation bounds differ (they follow the largest goal distance)
+    // trains, its observations normalized as the evaluated task's.
+    let c: toml::Value = toml::from_str(&format!(
+        "{small}curriculum = [{{ until = 0.5, env_config = {{ goal_distance = [1.4e-10, 1.6e-10] }} }}]"
+    ))
+    .unwrap();
+    let near = scopegym_envs::registry::make(
+        id,
+        Some(&toml::from_str("goal_distance = [1.4e-10, 1.6e-10]").unwrap()),
+    )
+    .unwrap();
+    assert_ne!(
+        NetSpec::for_env(near.as_ref()).unwrap(),
+        NetSpec::for_env(env.as_ref()).unwrap()
+    );
+    let mut agent = PpoAgent::from_toml(env.as_ref(), Some(&c), 0).unwrap();
+    agent.train(&spec, &mut |_| {}).unwrap();
+    assert_eq!(agent.net().spec, NetSpec::for_env(env.as_ref()).unwrap());
+}
+
+#[test]
+fn init_log_std_sets_the_gaussian_spread() {
+    let env = PointMass::boxed();
+    let spec = NetSpec::for_env(env.as_ref()).unwrap();
+    for v in [0.0, -1.0] {
+        let cfg = PpoConfig {
+            init_log_std: v,
+            ..PpoConfig::default()
+        };
+        let a = PpoAgent::new(spec.clone(), cfg, 0).unwrap();
+        let ls = Vec::<f32>::try_from(a.net().log_std().unwrap()).unwrap();
+        assert_eq!(ls, vec![v as f32]);
+    }
+    let c: PpoConfig = toml::from_str("init_log_std = 9.0").unwrap();
+    assert!(
+        c.validate()
+            .unwrap_err()
+            .to_string()
+            .contains("init_log_std")
+    );
 }
 
 fn tmp(name: &str) -> std::path::PathBuf {
@@ -615,4 +921,103 @@ fn ppo_and_reinforce_train_through_the_cnn_on_an_image_task() {
     )
     .unwrap();
     assert_ne!(before, cnn_w(&rf.net().vs));
+}
+
+#[test]
+#[ignore = "diagnostics of StemDopantSteer-v1's scripted policies: --run-ignored only"]
+fn explore_dopant_scripted() {
+    use rand::Rng;
+    let id = "scopegym/StemDopantSteer-v1";
+    let test: toml::Value = toml::from_str("split = \"test\"").unwrap();
+    let mut env = scopegym_envs::registry::make(id, Some(&test)).unwrap();
+    let dw = |t: f64| (2.0 * (t / 0.1f64).ln() / 50f64.ln() - 1.0) as f32;
+    type Pol<'a> = Box<dyn FnMut(&mut dyn Env, &[f32], &mut SimRng) -> Vec<f32> + 'a>;
+    let heur = |dwell: f64, noise: f32| -> Pol<'static> {
+        Box::new(move |e: &mut dyn Env, o: &[f32], r: &mut SimRng| {
+            let h = e.heuristic_action(&Value::Box(o.to_vec()));
+            let mut a = h.as_box().unwrap().to_vec();
+            for x in &mut a[..2] {
+                let n: f32 = r.sample(rand_distr::StandardNormal);
+                *x = (*x + noise * n).clamp(-1.0, 1.0);
+            }
+            a[2] = dw(dwell);
+            a
+        })
+    };
+    let goal_dir = |dwell: f64| -> Pol<'static> {
+        Box::new(move |_e: &mut dyn Env, o: &[f32], _r: &mut SimRng| {
+            let l = o[0].hypot(o[1]).max(1e-6);
+            vec![-0.71 * o[0] / l, -0.71 * o[1] / l, dw(dwell)]
+        })
+    };
+    let random_off = |dwell: f64| -> Pol<'static> {
+        Box::new(move |_e: &mut dyn Env, _o: &[f32], r: &mut SimRng| {
+            vec![
+                r.random_range(-1.0..1.0),
+                r.random_range(-1.0..1.0),
+                dw(dwell),
+            ]
+        })
+    };
+    let mut pols: Vec<(String, Pol)> = Vec::new();
+    for d in [0.1, 0.3, 1.0, 2.0, 5.0] {
+        pols.push((format!("heuristic dwell {d}"), heur(d, 0.0)));
+    }
+    for n in [0.2, 0.5, 1.0] {
+        pols.push((format!("heuristic+noise {n} dwell 2"), heur(2.0, n)));
+    }
+    for d in [0.3, 1.0, 2.0] {
+        pols.push((format!("goal direction dwell {d}"), goal_dir(d)));
+        pols.push((format!("random offset dwell {d}"), random_off(d)));
+    }
+    for (name, mut p) in pols {
+        let (mut ret, mut succ, mut len, mut lost) = (0.0, 0, 0, 0);
+        let mut rng = seeded(11);
+        for seed in 0..30 {
+            let (mut obs, _) = env.reset(Some(seed)).unwrap();
+            loop {
+                let o = obs.as_box().unwrap().to_vec();
+                let a = p(env.as_mut(), &o, &mut rng);
+                let s = env.step(&Value::Box(a)).unwrap();
+                ret += s.reward;
+                len += 1;
+                obs = s.obs;
+                if s.terminated || s.truncated {
+                    if s.info.get("is_success") == Some(&scopegym_envs::InfoValue::Bool(true)) {
+                        succ += 1;
+                    }
+                    if s.info.get("measured_lost") == Some(&scopegym_envs::InfoValue::Bool(true)) {
+                        lost += 1;
+                    }
+                    break;
+                }
+            }
+        }
+        println!(
+            "{name:>32}: return {:.3}, success {:.2}, lost {:.2}, length {:.1}",
+            ret / 30.0,
+            succ as f64 / 30.0,
+            lost as f64 / 30.0,
+            len as f64 / 30.0
+        );
+    }
+}
+
+#[test]
+#[ignore = "diagnostics: reset failures of StemDopantSteer-v1 over many seeds"]
+fn explore_dopant_resets() {
+    let id = "scopegym/StemDopantSteer-v1";
+    let train: toml::Value = toml::from_str("split = \"train\"").unwrap();
+    let mut env = scopegym_envs::registry::make(id, Some(&train)).unwrap();
+    let mut bad = Vec::new();
+    for seed in 0..20_000u64 {
+        if let Err(e) = env.reset(Some(seed)) {
+            bad.push((seed, e.to_string()));
+        }
+    }
+    println!(
+        "{} of 20000 resets failed: {:?}",
+        bad.len(),
+        &bad[..bad.len().min(5)]
+    );
 }
