@@ -228,6 +228,13 @@ pub(crate) fn deploy(a: &DeployArgs<'_>) -> Result<(), CliError> {
         if fired {
             println!("the watchdog made the instrument safe during the run");
         }
+        if a.dry_run {
+            println!(
+                "dry run: every command was checked and logged, none that changes the \
+                 instrument was sent; observations were placeholders (zeros), so the returns \
+                 and successes above measure nothing"
+            );
+        }
     }
     eprintln!("audit log: {}", a.log.display());
     Ok(())

@@ -52,7 +52,9 @@
 //! returns what an instrument that accepted it unchanged would return: `set_bias(b)` → `b`,
 //! `configure_scan(r)` → `r`, `set_feedback_gains(p, i)` → `(p, i)`, `set_aberrations(a)` →
 //! `a`; unit results → `Ok(())`; `acquire_frame` → all-zero images of the configured size
-//! (SPM: the channels of the last real frame, or `height` and `height_retrace`) with default
+//! (SPM: the channels of the last real frame, or those the simulator records in the
+//! instrument's mode: `phase` and `amplitude` in PFM, then `height`, `height_retrace` and
+//! `error`) with default
 //! metadata; `acquire_point` → 0; `acquire_spectrum` → an empty spectrum;
 //! `point_spectroscopy` → zeros, one per waveform point; `manipulate` → an empty trace.
 //!
@@ -618,10 +620,18 @@ impl<I: SpmInstrument> Guarded<I> {
     fn spm_dry_frame(&mut self) -> SpmFrame<'_> {
         let s = self.inner.scan_settings();
         if self.spm_channels.is_empty() {
-            for name in ["height", "height_retrace"] {
+            // The channels an instrument of this mode records (the simulator's names).
+            let pfm = [("phase", "deg"), ("amplitude", "a.u.")];
+            let topo = [("height", "m"), ("height_retrace", "m"), ("error", "m")];
+            let extra: &[(&str, &str)] = if self.inner.mode() == SpmMode::Pfm {
+                &pfm
+            } else {
+                &[]
+            };
+            for (name, units) in extra.iter().chain(&topo) {
                 self.spm_channels.push(Channel {
-                    name: name.into(),
-                    units: "m".into(),
+                    name: (*name).into(),
+                    units: (*units).into(),
                     quantity: "dry run: not measured".into(),
                     image: Array2::zeros((s.rows, s.cols)),
                 });

@@ -274,3 +274,39 @@ fn recorded_loops_serve_a_spectroscopy_episode_through_the_guard() {
     .to_string();
     assert!(e.contains("cannot run"), "{e}");
 }
+
+#[test]
+fn a_dry_run_checks_and_logs_every_command_and_sends_none() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("dry.jsonl");
+    for id in [WRITING, "scopegym/StemAutofocus-v1"] {
+        let opts = DeployOptions {
+            limits: limits("[spm]\nscanner_range = [\"10 µm\", \"10 µm\"]"),
+            dry_run: true,
+            audit: Some(log.clone()),
+            ..DeployOptions::default()
+        };
+        let mut env = make_env(id, &DriverUrl::Sim, opts).unwrap();
+        // The placeholder frames carry the channels the task reads (PFM phase, ...).
+        let (obs, _) = env.reset(Some(0)).unwrap();
+        let a = env.heuristic_action(&obs);
+        let s = env.step(&a).unwrap();
+        assert!(!s.info.contains_key("refused"), "{id}: {:?}", s.info);
+    }
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(lines.len() > 4);
+    for l in &lines {
+        let expected = if l["command"] == "new_episode" {
+            "ok"
+        } else {
+            "dry_run"
+        };
+        assert_eq!(l["result"], expected, "{l}");
+    }
+    assert!(lines.iter().any(|l| l["command"] == "bias_pulse"));
+    assert!(lines.iter().any(|l| l["command"] == "set_aberrations"));
+}
