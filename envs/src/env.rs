@@ -196,6 +196,14 @@ impl<T: Task> TaskEnv<T> {
         self.steps
     }
 
+    /// Keeps `obs` as the latest observation, in the buffers of the previous one.
+    fn keep(&mut self, obs: &Value) {
+        match &mut self.last_obs {
+            Some(last) => last.assign(obs),
+            slot => *slot = Some(obs.clone()),
+        }
+    }
+
     /// The documented outcome of a step a safety guard refused (a command outside the
     /// configured limits, never sent): the episode ends (`terminated`, reward 0), the
     /// observation is the previous one, and `info` says why: `refused` (true), `refused_limit`
@@ -254,7 +262,7 @@ impl<T: Task> Env for TaskEnv<T> {
         let obs = self.task.reset(episode_seed, &mut info)?;
         self.steps = 0;
         self.phase = Phase::Running;
-        self.last_obs = Some(obs.clone());
+        self.keep(&obs);
         Ok((obs, info))
     }
 
@@ -298,7 +306,7 @@ impl<T: Task> Env for TaskEnv<T> {
                 format!("{}: the task produced a non-finite reward", self.id),
             )));
         }
-        self.last_obs = Some(s.obs.clone());
+        self.keep(&s.obs);
         Ok(Step {
             obs: s.obs,
             reward: s.reward,

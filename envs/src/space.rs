@@ -88,6 +88,24 @@ pub enum Value {
 }
 
 impl Value {
+    /// Makes `self` equal to `other`, reusing `self`'s buffers where the shapes agree (no
+    /// allocation when the same observation layout is copied step after step).
+    pub fn assign(&mut self, other: &Value) {
+        match (&mut *self, other) {
+            (Value::Box(a), Value::Box(b)) => a.clone_from(b),
+            (Value::Discrete(a), Value::Discrete(b)) => *a = *b,
+            (Value::MultiDiscrete(a), Value::MultiDiscrete(b)) => a.clone_from(b),
+            (Value::MultiBinary(a), Value::MultiBinary(b)) => a.clone_from(b),
+            (Value::Dict(a), Value::Dict(b)) if a.len() == b.len() => {
+                for ((ka, va), (kb, vb)) in a.iter_mut().zip(b) {
+                    ka.clone_from(kb);
+                    va.assign(vb);
+                }
+            }
+            (slot, _) => *slot = other.clone(),
+        }
+    }
+
     /// The Box elements, if this is a Box value.
     pub fn as_box(&self) -> Option<&[f32]> {
         match self {
@@ -481,6 +499,41 @@ fn normal<R: Rng + ?Sized>(rng: &mut R) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn assign_equals_clone_across_every_kind_and_reuses_buffers() {
+        let a = Value::Dict(vec![
+            ("image".into(), Value::Box(vec![1.0, 2.0, 3.0])),
+            ("mode".into(), Value::Discrete(2)),
+            ("bits".into(), Value::MultiBinary(vec![0, 1])),
+            ("nvec".into(), Value::MultiDiscrete(vec![3, 4])),
+        ]);
+        let b = Value::Dict(vec![
+            ("image".into(), Value::Box(vec![-1.0, 0.5, 9.0])),
+            ("mode".into(), Value::Discrete(0)),
+            ("bits".into(), Value::MultiBinary(vec![1, 1])),
+            ("nvec".into(), Value::MultiDiscrete(vec![0, 1])),
+        ]);
+        let mut x = a.clone();
+        let ptr = match &x {
+            Value::Dict(d) => d[0].1.as_box().unwrap().as_ptr(),
+            _ => unreachable!(),
+        };
+        x.assign(&b);
+        assert_eq!(x, b);
+        let same = match &x {
+            Value::Dict(d) => d[0].1.as_box().unwrap().as_ptr(),
+            _ => unreachable!(),
+        };
+        assert_eq!(ptr, same, "the Box buffer was reused");
+        // Another kind or shape is replaced outright.
+        let mut y = Value::Discrete(1);
+        y.assign(&a);
+        assert_eq!(y, a);
+        let mut z = Value::Dict(vec![]);
+        z.assign(&b);
+        assert_eq!(z, b);
+    }
     use crate::rng::seeded;
     use proptest::prelude::*;
 
