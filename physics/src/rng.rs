@@ -74,11 +74,19 @@ fn ln_fact_small(k: usize) -> f64 {
 ///
 /// Small means (λ < 10) use inversion by sequential search (one uniform); larger means use
 /// Hörmann's transformed rejection with squeeze (PTRS, 1993), the method NumPy uses, which needs
-/// about 1.1 uniform pairs per draw. Negative or NaN means give 0.
+/// about 1.1 uniform pairs per draw. Negative or NaN means give 0; an infinite mean gives
+/// infinity.
+///
+/// The count is returned as an `f64`, so it never saturates: it is exact (an integer) for any
+/// mean an instrument can produce, and for means beyond 2⁵³ it is the nearest double of the
+/// draw (the Poisson spread, √λ, is then ≫ the spacing of doubles).
 #[inline]
-pub fn poisson<R: Rng + ?Sized>(rng: &mut R, lambda: f64) -> u32 {
+pub fn poisson<R: Rng + ?Sized>(rng: &mut R, lambda: f64) -> f64 {
     if lambda.is_nan() || lambda <= 0.0 {
-        return 0;
+        return 0.0;
+    }
+    if lambda == f64::INFINITY {
+        return f64::INFINITY;
     }
     if lambda < 10.0 {
         // Sequential search: P(k) = P(k-1)·λ/k. Past k = 64 the tail mass is below 1e-30.
@@ -91,7 +99,7 @@ pub fn poisson<R: Rng + ?Sized>(rng: &mut R, lambda: f64) -> u32 {
             p *= lambda * INV[k];
             cdf += p;
         }
-        return k as u32;
+        return k as f64;
     }
     ptrs(rng, lambda)
 }
@@ -307,7 +315,37 @@ const INV: [f64; 64] = {
     t
 };
 
-fn ptrs<R: Rng + ?Sized>(rng: &mut R, lambda: f64) -> u32 {
+/// Means from which PTRS evaluates the log-probability in the cancellation-free form of
+/// [`log_pmf_large`]: below it `-λ + k ln λ - ln k!` loses under 1e-8 to rounding (and the
+/// draws of every realistic detector mean stay as they were); above it the three terms, each
+/// ~λ ln λ, would cancel to nothing.
+const STABLE_LOG_PMF: f64 = 1e7;
+
+/// `ln P(k; λ)` for large `λ`, without the cancellation of `-λ + k ln λ - ln k!`: with
+/// `t = (k - λ)/λ` it is `-λ·g(t) - ½ ln(2πk) - 1/(12k) + 1/(360k³)` (Stirling), where
+/// `g(t) = (1+t) ln(1+t) - t`, summed as its series `Σ (-t)ⁿ/(n(n-1))` for small `|t|`.
+fn log_pmf_large(k: f64, lambda: f64) -> f64 {
+    if k <= 0.0 {
+        return -lambda;
+    }
+    let t = (k - lambda) / lambda;
+    let g = if t.abs() < 1e-2 {
+        // Σ_{n≥2} (-t)ⁿ / (n(n-1)); eight terms reach 1e-20 relative at |t| = 0.01.
+        let mut term = t * t;
+        let mut sum = 0.0;
+        for n in 2..10 {
+            sum += term / (n * (n - 1)) as f64;
+            term *= -t;
+        }
+        sum
+    } else {
+        (1.0 + t) * t.ln_1p() - t
+    };
+    let inv = 1.0 / k;
+    -lambda * g - 0.5 * (std::f64::consts::TAU * k).ln() - inv * (1.0 / 12.0 - inv * inv / 360.0)
+}
+
+fn ptrs<R: Rng + ?Sized>(rng: &mut R, lambda: f64) -> f64 {
     let slam = lambda.sqrt();
     let b = 0.931 + 2.53 * slam;
     let a = -0.059 + 0.02483 * b;
@@ -321,17 +359,20 @@ fn ptrs<R: Rng + ?Sized>(rng: &mut R, lambda: f64) -> u32 {
         let us = 0.5 - u.abs();
         let k = ((2.0 * a / us + b) * u + lambda + 0.43).floor();
         if us >= 0.07 && v <= vr {
-            return k as u32;
+            return k;
         }
         if k < 0.0 || (us < 0.013 && v > us) {
             continue;
         }
         let (loglam, log_inv_alpha) =
             *logs.get_or_insert_with(|| (lambda.ln(), (1.1239 + 1.1328 / (b - 3.4)).ln()));
-        if v.ln() + log_inv_alpha - (a / (us * us) + b).ln()
-            <= -lambda + k * loglam - ln_factorial(k)
-        {
-            return k as u32;
+        let log_pmf = if lambda < STABLE_LOG_PMF {
+            -lambda + k * loglam - ln_factorial(k)
+        } else {
+            log_pmf_large(k, lambda)
+        };
+        if v.ln() + log_inv_alpha - (a / (us * us) + b).ln() <= log_pmf {
+            return k;
         }
     }
 }
@@ -345,7 +386,7 @@ mod tests {
         let mut rng = seeded(42);
         for &lam in &[0.3, 2.5, 9.9, 10.0, 25.0, 2500.0] {
             let n = 200_000;
-            let xs: Vec<f64> = (0..n).map(|_| f64::from(poisson(&mut rng, lam))).collect();
+            let xs: Vec<f64> = (0..n).map(|_| poisson(&mut rng, lam)).collect();
             let m = xs.iter().sum::<f64>() / n as f64;
             let v = xs.iter().map(|x| (x - m).powi(2)).sum::<f64>() / n as f64;
             // Standard error of the mean is sqrt(λ/n); allow 5 of them.
@@ -529,11 +570,49 @@ mod tests {
     }
 
     #[test]
+    fn stable_log_pmf_matches_the_direct_formula() {
+        for &lam in &[50.0, 1e4, 2e6] {
+            let sd: f64 = f64::sqrt(lam);
+            for dk in [-4.0, -1.0, 0.0, 0.5, 3.0] {
+                let k = (lam + dk * sd).floor();
+                let direct = -lam + k * lam.ln() - ln_factorial(k);
+                let stable = log_pmf_large(k, lam);
+                assert!((direct - stable).abs() < 1e-6, "λ={lam} k={k}: {direct} vs {stable}");
+            }
+        }
+    }
+
+    #[test]
+    fn huge_means_do_not_saturate() {
+        // A u32 count saturated at 4.29e9; the draws must follow N(λ, λ) however large λ is.
+        let mut rng = seeded(3);
+        for &lam in &[1e10, 3.5e12, 1e18] {
+            let n = 2000;
+            let xs: Vec<f64> = (0..n).map(|_| poisson(&mut rng, lam)).collect();
+            let m = xs.iter().sum::<f64>() / n as f64;
+            let v = xs.iter().map(|x| (x - m).powi(2)).sum::<f64>() / n as f64;
+            assert!(
+                (m - lam).abs() < 5.0 * (lam / n as f64).sqrt(),
+                "λ={lam} mean {m}"
+            );
+            assert!((v / lam - 1.0).abs() < 0.2, "λ={lam} var/λ {}", v / lam);
+            assert!(xs.iter().all(|x| x.fract() == 0.0), "counts are integers");
+        }
+        assert_eq!(poisson(&mut rng, f64::INFINITY), f64::INFINITY);
+        // The batched sampler too (f32 counts).
+        let lam = vec![2e10f32; 512];
+        let mut out = vec![0.0f32; 512];
+        poisson_fill(&mut rng, &lam, &mut out, &mut PoissonScratch::default());
+        let m = out.iter().map(|&x| f64::from(x)).sum::<f64>() / 512.0;
+        assert!((m / 2e10 - 1.0).abs() < 1e-4, "batched mean {m}");
+    }
+
+    #[test]
     fn zero_and_nan_means_give_zero() {
         let mut rng = seeded(0);
-        assert_eq!(poisson(&mut rng, 0.0), 0);
-        assert_eq!(poisson(&mut rng, -1.0), 0);
-        assert_eq!(poisson(&mut rng, f64::NAN), 0);
+        assert_eq!(poisson(&mut rng, 0.0), 0.0);
+        assert_eq!(poisson(&mut rng, -1.0), 0.0);
+        assert_eq!(poisson(&mut rng, f64::NAN), 0.0);
     }
 
     #[test]

@@ -469,8 +469,12 @@ impl SpmSimulator {
     pub fn new(config: SpmConfig, seed: u64) -> Result<Self> {
         config.validate()?;
         let template = Randomizer::new(config)?;
-        let (cfg, drawn) = template.draw(&mut seeded(derive_seed(seed, "params")), Region::All)?;
-        cfg.validate()?;
+        template.check_support(SpmConfig::validate)?;
+        let (cfg, drawn) = template.draw_valid(
+            &mut seeded(derive_seed(seed, "params")),
+            Region::All,
+            SpmConfig::validate,
+        )?;
         let mut rng_scan = seeded(derive_seed(seed, "scan"));
         let scanner = Scanner::new(&cfg.scanner, &mut rng_scan)?;
         let feedback = ZFeedback::new(&cfg.feedback)?;
@@ -532,10 +536,11 @@ impl SpmSimulator {
     /// Starts a new session with `seed`: redraws randomized parameters, rebuilds the sample, the
     /// tip, the film and the scanner; zeroes the clock and frame counter.
     pub fn reset(&mut self, seed: u64) -> Result<()> {
-        let (cfg, drawn) = self
-            .template
-            .draw(&mut seeded(derive_seed(seed, "params")), self.region)?;
-        cfg.validate()?;
+        let (cfg, drawn) = self.template.draw_valid(
+            &mut seeded(derive_seed(seed, "params")),
+            self.region,
+            SpmConfig::validate,
+        )?;
         self.seed = seed;
         self.rng_noise = seeded(derive_seed(seed, "noise"));
         self.rng_scan = seeded(derive_seed(seed, "scan"));

@@ -886,7 +886,8 @@ impl TipState {
                 format!("must be a finite time >= 0 s, got {scan_time}"),
             ));
         }
-        let k = poisson(rng, cfg.adsorbate_rate.get() * scan_time).min(MAX_PICKUPS);
+        let k =
+            poisson(rng, cfg.adsorbate_rate.get() * scan_time).min(f64::from(MAX_PICKUPS)) as u32;
         for _ in 0..k {
             if uniform(rng) < cfg.double_probability.get() {
                 if self.second.is_none() {

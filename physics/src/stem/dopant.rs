@@ -44,7 +44,7 @@ use crate::instrument::{
 };
 use crate::param::dims::{Angle, Area, Current, Energy, Frequency, Length, Temperature, Time};
 use crate::param::dims::{Unitless, Velocity};
-use crate::param::{Param, Region};
+use crate::param::{MAX_REDRAWS, Param, Region};
 use crate::rng::{PoissonScratch, SimRng, derive_seed, normal, poisson, poisson_fill, seeded};
 use crate::stem::damage::{HopModel, knock_on_cross_section};
 use crate::stem::optics::Aberrations;
@@ -218,12 +218,73 @@ impl DopantSimConfig {
         ]
     }
 
-    /// Draws every parameter (fixed ones give their value) and checks the drawn values.
+    /// Draws every parameter (fixed ones give their value) until the drawn values pass
+    /// [`Self::check`], continuing the same generator (the distributions are truncated to the
+    /// valid ranges); fails after [`MAX_REDRAWS`] invalid draws in a row.
     fn draw(&self, rng: &mut SimRng, region: Region) -> Result<(Drawn, [f64; NPARAMS])> {
-        let mut v = [0.0; NPARAMS];
-        for (k, (_, dist)) in self.params().iter().enumerate() {
-            v[k] = dist.sample_in(rng, region);
+        let params = self.params();
+        let mut last = None;
+        for _ in 0..MAX_REDRAWS {
+            let mut v = [0.0; NPARAMS];
+            for (k, (_, dist)) in params.iter().enumerate() {
+                v[k] = dist.sample_in(rng, region);
+            }
+            match Self::check(v) {
+                Ok(d) => return Ok((d, v)),
+                Err(e) => last = Some(e),
+            }
         }
+        Err(match last.expect("MAX_REDRAWS > 0") {
+            PhysicsError::InvalidParameter { field, reason } => PhysicsError::param(
+                field,
+                format!(
+                    "{MAX_REDRAWS} draws of the randomized parameters in a row were invalid \
+                     (narrow the distribution); the last: {reason}"
+                ),
+            ),
+            other => other,
+        })
+    }
+
+    /// Checks the whole support of every distribution, not just its centre: each parameter in
+    /// turn at each end of its support (uniform and log-uniform: `lo` and `hi`; normal:
+    /// `mean ± 2 sd`, beyond which [`Self::draw`] redraws), the others at their centres.
+    fn check_support(&self) -> Result<()> {
+        let params = self.params();
+        let centre: [f64; NPARAMS] = std::array::from_fn(|k| params[k].1.get());
+        Self::check(centre)?;
+        for (k, (name, dist)) in params.iter().enumerate() {
+            let (what, ends) = match *dist {
+                Param::Fixed(..) => continue,
+                Param::Normal(m, sd, _) => (
+                    format!("normal(mean {m:e}, sd {sd:e}) puts draws beyond"),
+                    [m - 2.0 * sd, m + 2.0 * sd],
+                ),
+                Param::Uniform(a, b, _) => (format!("uniform [{a:e}, {b:e}] reaches"), [a, b]),
+                Param::LogUniform(a, b, _) => {
+                    (format!("log_uniform [{a:e}, {b:e}] reaches"), [a, b])
+                }
+            };
+            for end in ends {
+                let mut v = centre;
+                v[k] = end;
+                if let Err(e) = Self::check(v) {
+                    let reason = match e {
+                        PhysicsError::InvalidParameter { reason, .. } => reason,
+                        other => other.to_string(),
+                    };
+                    return Err(PhysicsError::param(
+                        *name,
+                        format!("{what} {end:e}, where it is invalid: {reason}"),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The drawn values as a [`Drawn`], or an error naming the first one out of range.
+    fn check(v: [f64; NPARAMS]) -> Result<Drawn> {
         let d = Drawn {
             energy: v[0],
             current: v[1],
@@ -282,7 +343,7 @@ impl DopantSimConfig {
                 ));
             }
         }
-        Ok((d, v))
+        Ok(d)
     }
 
     /// Checks the settings (and one draw of every distribution).
@@ -306,7 +367,7 @@ impl DopantSimConfig {
                 format!("must be in (0, 1 µm], got {} m", self.deflection_range),
             ));
         }
-        self.draw(&mut seeded(0), Region::All).map(|_| ())
+        self.check_support()
     }
 }
 
@@ -1037,7 +1098,7 @@ impl StemInstrument for DopantSimulator {
         let lam = self.expected_counts(b, n_e);
         self.clock += dwell_time;
         let counts = if self.template.shot_noise {
-            f64::from(poisson(&mut self.rng_noise, lam))
+            poisson(&mut self.rng_noise, lam)
         } else {
             lam
         };

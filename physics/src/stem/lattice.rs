@@ -111,7 +111,11 @@ impl LatticeSimulator {
         config.validate()?;
         let mut sim = Self {
             cfg: config.clone(),
-            template: Randomizer::new(config)?,
+            template: {
+                let t = Randomizer::new(config)?;
+                t.check_support(Self::check_drawn)?;
+                t
+            },
             drawn: Vec::new(),
             region: Region::All,
             seed,
@@ -155,11 +159,11 @@ impl LatticeSimulator {
     /// Starts a new session with `seed`: redraws the randomized parameters (rotation, lattice
     /// constant, optics, ...), zeroes the clock, the drift and the frame counter.
     pub fn reset(&mut self, seed: u64) -> Result<()> {
-        let (cfg, drawn) = self
-            .template
-            .draw(&mut seeded(derive_seed(seed, "params")), self.region)?;
-        cfg.validate()?;
-        Self::check_representable(&cfg)?;
+        let (cfg, drawn) = self.template.draw_valid(
+            &mut seeded(derive_seed(seed, "params")),
+            self.region,
+            Self::check_drawn,
+        )?;
         let sp = &cfg.specimen;
         let a = sp.lattice_constant.get();
         let a = if a > 0.0 {
@@ -229,6 +233,13 @@ impl LatticeSimulator {
         self.blanked = false;
         self.frames = 0;
         Ok(())
+    }
+
+    /// The checks every drawn config must pass: the config's own and
+    /// [`Self::check_representable`].
+    fn check_drawn(cfg: &StemConfig) -> Result<()> {
+        cfg.validate()?;
+        Self::check_representable(cfg)
     }
 
     /// Refuses what the Fourier synthesis of a perfect, unbounded crystal cannot represent.
@@ -632,7 +643,7 @@ impl StemInstrument for LatticeSimulator {
         self.clock += dwell_time;
         let det = &self.cfg.detector;
         let counts = if det.shot_noise {
-            f64::from(poisson(&mut self.rng_noise, lam))
+            poisson(&mut self.rng_noise, lam)
         } else {
             lam
         };

@@ -453,7 +453,7 @@ impl Distortion {
                 .push([a[0] - start[0], a[1] - start[1]]);
             self.row_drift_end.push([b[0] - start[0], b[1] - start[1]]);
             let j = if jit > 0.0 {
-                let k = f64::from(poisson(rng, jit));
+                let k = poisson(rng, jit);
                 if rng.random::<bool>() { k } else { -k }
             } else {
                 0.0

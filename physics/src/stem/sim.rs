@@ -206,8 +206,12 @@ impl StemSimulator {
     pub fn new(config: StemConfig, seed: u64) -> Result<Self> {
         config.validate()?;
         let template = Randomizer::new(config)?;
-        let (cfg, drawn) = template.draw(&mut seeded(derive_seed(seed, "params")), Region::All)?;
-        cfg.validate()?;
+        template.check_support(StemConfig::validate)?;
+        let (cfg, drawn) = template.draw_valid(
+            &mut seeded(derive_seed(seed, "params")),
+            Region::All,
+            StemConfig::validate,
+        )?;
         let eels = EelsModel::new(&cfg.eels)?;
         let mut sim = Self {
             template,
@@ -271,10 +275,11 @@ impl StemSimulator {
     /// Starts a new session with `seed`: redraws randomized parameters, rebuilds the specimen,
     /// zeroes the clock, drift, dose map and frame counter. Buffers are kept.
     pub fn reset(&mut self, seed: u64) -> Result<()> {
-        let (cfg, drawn) = self
-            .template
-            .draw(&mut seeded(derive_seed(seed, "params")), self.region)?;
-        cfg.validate()?;
+        let (cfg, drawn) = self.template.draw_valid(
+            &mut seeded(derive_seed(seed, "params")),
+            self.region,
+            StemConfig::validate,
+        )?;
         if cfg.eels != self.cfg.eels {
             self.eels = EelsModel::new(&cfg.eels)?;
             self.spectrum = vec![0.0; self.eels.energy_axis().len()];
@@ -725,7 +730,7 @@ impl StemInstrument for StemSimulator {
         let expected = self.expose_point(dwell_time)?;
         let gain = self.cfg.detector.gain.get();
         let counts = if self.cfg.detector.shot_noise {
-            f64::from(poisson(&mut self.rng_noise, expected))
+            poisson(&mut self.rng_noise, expected)
         } else {
             expected
         };
