@@ -58,8 +58,10 @@ fn normal_tails_are_redrawn_so_every_seed_resets() {
 
 #[test]
 fn the_dopant_model_checks_the_support_and_redraws_tails() {
-    let mut c = DopantSimConfig::default();
-    c.current = Param::uniform(-10e-12, 60e-12);
+    let mut c = DopantSimConfig {
+        current: Param::uniform(-10e-12, 60e-12),
+        ..Default::default()
+    };
     let e = DopantSimulator::new(c.clone(), 0).expect_err("must be refused");
     assert_eq!(field(&e), "current", "{e}");
     c.current = Param::Normal(50e-12, 22e-12, Default::default());
