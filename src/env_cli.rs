@@ -6,6 +6,7 @@ use scopegym::error::CliError;
 use scopegym::output::check_writable;
 use scopegym_envs::registry::{TASKS, make};
 use scopegym_envs::rng::seeded;
+use scopegym_envs::tasks::Fidelity;
 use scopegym_envs::vector::{AutoReset, VectorEnv};
 use std::path::Path;
 use std::time::Instant;
@@ -140,13 +141,58 @@ pub fn bench(
     num_envs: usize,
     threads: usize,
     steps: usize,
+    fidelity: Option<&str>,
     json: bool,
 ) -> Result<(), CliError> {
     positive("--num-envs", num_envs, 65_536)?;
     positive("--threads", threads, 1024)?;
     positive("--steps", steps, 100_000_000)?;
+    let spec = scopegym_envs::registry::spec(id)?;
+    // The fidelities to time: the one asked for, else both where the task has the knob.
+    let fidelities: Vec<Option<Fidelity>> = match fidelity {
+        Some(f) => {
+            let f = match f {
+                "fast" => Fidelity::Fast,
+                "full" => Fidelity::Full,
+                other => {
+                    return Err(CliError::Argument {
+                        argument: "--fidelity".into(),
+                        message: format!("expected fast or full, got {other:?}"),
+                    });
+                }
+            };
+            if !spec.fidelity {
+                return Err(CliError::Argument {
+                    argument: "--fidelity".into(),
+                    message: format!("{id} has one model and no fidelity knob"),
+                });
+            }
+            vec![Some(f)]
+        }
+        None if spec.fidelity => Fidelity::ALL.iter().copied().map(Some).collect(),
+        None => vec![None],
+    };
+    for f in fidelities {
+        bench_one(id, f, num_envs, threads, steps, json)?;
+    }
+    Ok(())
+}
+
+fn bench_one(
+    id: &str,
+    fidelity: Option<Fidelity>,
+    num_envs: usize,
+    threads: usize,
+    steps: usize,
+    json: bool,
+) -> Result<(), CliError> {
+    let config = fidelity.map(|f| {
+        let mut t = toml::Table::new();
+        t.insert("fidelity".into(), toml::Value::String(f.name().into()));
+        toml::Value::Table(t)
+    });
     let envs = (0..num_envs)
-        .map(|_| make(id, None))
+        .map(|_| make(id, config.as_ref()))
         .collect::<Result<Vec<_>, _>>()?;
     let mut v = VectorEnv::new(envs, AutoReset::NextStep, threads)?;
     v.reset(Some(0))?;
@@ -190,6 +236,7 @@ pub fn bench(
             "{}",
             serde_json::json!({
                 "env_id": id,
+                "fidelity": fidelity.map_or("full", Fidelity::name),
                 "num_envs": num_envs,
                 "threads": threads,
                 "steps": steps,
@@ -200,7 +247,8 @@ pub fn bench(
         );
     } else {
         println!(
-            "{id}: {num_envs} envs x {steps} steps on {threads} thread(s) in {seconds:.3} s: {sps:.0} steps/s ({episodes} episodes ended)"
+            "{id} ({}): {num_envs} envs x {steps} steps on {threads} thread(s) in {seconds:.3} s: {sps:.0} steps/s ({episodes} episodes ended)",
+            fidelity.map_or("full", Fidelity::name)
         );
     }
     Ok(())

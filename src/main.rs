@@ -89,7 +89,11 @@ enum Command {
         /// Vector steps to time.
         #[arg(long, default_value_t = 100)]
         steps: usize,
-        /// Print one JSON object instead of text.
+        /// Time only this fidelity (fast or full); by default both, where the task has the
+        /// fidelity knob.
+        #[arg(long)]
+        fidelity: Option<String>,
+        /// Print one JSON object per timed fidelity (a line each) instead of text.
         #[arg(long)]
         json: bool,
     },
@@ -330,8 +334,9 @@ fn main() -> ExitCode {
             num_envs,
             threads,
             steps,
+            fidelity,
             json,
-        } => env_cli::bench(&env_id, num_envs, threads, steps, json),
+        } => env_cli::bench(&env_id, num_envs, threads, steps, fidelity.as_deref(), json),
         Command::Run { compare, out, .. } if !compare.is_empty() => bench_cli::compare(
             &compare,
             out.as_deref().unwrap_or(std::path::Path::new(".")),

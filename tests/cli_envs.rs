@@ -114,6 +114,45 @@ fn bench_prints_the_documented_json() {
     assert!(s > 0.0 && (sps - 12.0 / s).abs() < 1e-6 * sps);
     // At most one ended episode per env and step.
     assert!(j["episodes"].as_u64().is_some_and(|e| e <= 12), "{j}");
+    assert_eq!(
+        j["fidelity"], "full",
+        "a task without the knob runs its full model"
+    );
+    // A task with the fidelity knob is timed at both, a JSON line each.
+    let af = "scopegym/StemAutofocus-v1";
+    let out = ok(&run(&[
+        "bench",
+        af,
+        "--num-envs",
+        "2",
+        "--steps",
+        "2",
+        "--json",
+    ]));
+    let lines: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let names: Vec<_> = lines
+        .iter()
+        .map(|j| j["fidelity"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["fast", "full"]);
+    let one = ok(&run(&[
+        "bench",
+        af,
+        "--num-envs",
+        "2",
+        "--steps",
+        "2",
+        "--fidelity",
+        "full",
+        "--json",
+    ]));
+    assert_eq!(one.lines().count(), 1);
+    let no_knob = run(&["bench", ID, "--fidelity", "fast"]);
+    assert_eq!(no_knob.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&no_knob.stderr).contains("fidelity"));
     let bad = run(&["bench", "scopegym/Nope-v1"]);
     assert_eq!(bad.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("unknown task id"));

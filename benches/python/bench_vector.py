@@ -136,7 +136,7 @@ def rust_only(n: int, steps: int, threads: int) -> float | None:
     if not (os.path.exists(exe) or shutil.which(exe)):
         return None
     out = subprocess.run(
-        [exe, "bench", ENV_ID, "--num-envs", str(n), "--threads", str(threads), "--steps", str(steps), "--json"],
+        [exe, "bench", ENV_ID, "--num-envs", str(n), "--threads", str(threads), "--steps", str(steps), "--fidelity", "fast", "--json"],
         capture_output=True,
         text=True,
         check=True,

@@ -577,7 +577,10 @@ mod tests {
                 let k = (lam + dk * sd).floor();
                 let direct = -lam + k * lam.ln() - ln_factorial(k);
                 let stable = log_pmf_large(k, lam);
-                assert!((direct - stable).abs() < 1e-6, "λ={lam} k={k}: {direct} vs {stable}");
+                assert!(
+                    (direct - stable).abs() < 1e-6,
+                    "λ={lam} k={k}: {direct} vs {stable}"
+                );
             }
         }
     }

@@ -21,8 +21,8 @@ use scopegym_physics::spm::surface::SurfaceKind;
 use scopegym_physics::stem::StemSimulator;
 use scopegym_physics::stem::dopant::DopantSimulator;
 use scopegym_physics::stem::lattice::LatticeSimulator;
-use serde::Serialize;
 use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 
 /// Starting a new episode on an instrument: the simulators redraw their randomized parameters
 /// from the seed and rebuild the sample; a real-instrument driver moves to a fresh area.
@@ -145,6 +145,37 @@ pub fn check_positive(fields: &[(&str, f64)]) -> Result<()> {
             format!("must be finite and > 0, got {v}"),
         )),
         None => Ok(()),
+    }
+}
+
+/// Which models a task's simulator runs (`fidelity = "fast" | "full"` in a task config).
+///
+/// `"full"` runs the complete simulator ([`StemSimulator`], [`SpmSimulator`]); `"fast"` a light
+/// model of the same instrument that reproduces the statistics of what the task observes (the
+/// tests of each task compare the two: means, variances and spectra within stated
+/// tolerances) at a fraction of the cost. Both give the same spaces, reward and info, so a
+/// multi-fidelity agent may train on one and evaluate on the other. A real instrument has one
+/// fidelity: the knob configures the simulators only.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Fidelity {
+    /// The light model.
+    #[default]
+    Fast,
+    /// The complete model.
+    Full,
+}
+
+impl Fidelity {
+    /// Both fidelities, fast first.
+    pub const ALL: [Fidelity; 2] = [Fidelity::Fast, Fidelity::Full];
+
+    /// `"fast"` or `"full"`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Fast => "fast",
+            Self::Full => "full",
+        }
     }
 }
 
