@@ -3,6 +3,7 @@
 pub mod damage;
 pub mod dopant;
 pub mod eels;
+pub mod equivalent;
 pub mod fft2;
 pub mod haadf;
 pub mod lattice;
