@@ -417,6 +417,9 @@ pub struct SpmSimulator {
     /// The truth dilated by the tip: what a perfect feedback would record, m.
     dilated: Array2<f32>,
     dilated_valid: bool,
+    /// Whether `dilated` is exact up to the grid's edge (the periodic dilation), not only at
+    /// least the kernel's half width inside it.
+    dilated_edges: bool,
     /// The truth extended periodically by the kernel's half width, and its dilation (scratch).
     padded: Array2<f32>,
     padded_dilated: Array2<f32>,
@@ -484,6 +487,7 @@ impl SpmSimulator {
             truth: Array2::zeros((1, 1)),
             dilated: Array2::zeros((1, 1)),
             dilated_valid: false,
+            dilated_edges: false,
             padded: Array2::zeros((1, 1)),
             padded_dilated: Array2::zeros((1, 1)),
             drag_events: Vec::new(),
@@ -658,36 +662,72 @@ impl SpmSimulator {
         Ok(())
     }
 
-    /// Dilates the truth by the tip, periodically: the truth is extended by the kernel's half
-    /// width with its periodic continuation, dilated, and the grid's part kept, so that cells
-    /// near the edge see the tip meet the sample across it.
+    /// Dilates the truth by the tip where the kernel stays inside the grid: exact on every
+    /// cell at least the kernel's half width from the edge ([`Self::dilate_to_edges`] finishes
+    /// the band along the edge when a scan reaches it).
     fn ensure_dilated(&mut self) -> Result<()> {
         if !self.dilated_valid {
             let (ny, nx) = self.truth.dim();
             if self.dilated.dim() != (ny, nx) {
                 self.dilated = Array2::zeros((ny, nx));
             }
-            let h = self.kernel.half_width();
-            if h == 0 {
-                self.dilator
-                    .dilate(self.truth.view(), &self.kernel, self.dilated.view_mut())?;
-            } else {
-                let shape = (ny + 2 * h, nx + 2 * h);
-                if self.padded.dim() != shape {
-                    self.padded = Array2::zeros(shape);
-                    self.padded_dilated = Array2::zeros(shape);
-                }
-                pad_periodic(self.truth.view(), self.rise, h, self.padded.view_mut())?;
-                self.dilator.dilate(
-                    self.padded.view(),
-                    &self.kernel,
-                    self.padded_dilated.view_mut(),
-                )?;
-                self.dilated
-                    .assign(&self.padded_dilated.slice(ndarray::s![h..h + ny, h..h + nx]));
-            }
+            self.dilator
+                .dilate(self.truth.view(), &self.kernel, self.dilated.view_mut())?;
             self.dilated_valid = true;
+            self.dilated_edges = self.kernel.half_width() == 0;
         }
+        Ok(())
+    }
+
+    /// Whether sampling the image anywhere in the box `[lo, hi]` (sample frame, m) reads a node
+    /// within the kernel's half width of the grid's edge (or past it).
+    fn reaches_edge_band(&self, lo: [f64; 2], hi: [f64; 2]) -> bool {
+        let n = self.cfg.sample.pixels as f64;
+        let h = self.kernel.half_width() as f64;
+        let u = |x: f64| x / self.cell + 0.5 * n - 0.5;
+        // Nodes floor(u) and floor(u) + 1 must lie in [h, n − 1 − h].
+        !(u(lo[0]) >= h && u(lo[1]) >= h && u(hi[0]) < n - 1.0 - h && u(hi[1]) < n - 1.0 - h)
+    }
+
+    /// Makes the valid image exact up to the grid's edge when sampling the box `[lo, hi]`
+    /// (sample frame, m) needs it: the periodic dilation (the truth extended by the kernel's
+    /// half width with its periodic continuation, dilated, the grid's part kept), so that cells
+    /// near the edge see the tip meet the sample across it.
+    fn dilate_to_edges_over(&mut self, lo: [f64; 2], hi: [f64; 2]) -> Result<()> {
+        if self.dilated_valid && !self.dilated_edges && self.reaches_edge_band(lo, hi) {
+            self.dilate_to_edges()?;
+        }
+        Ok(())
+    }
+
+    /// The periodic dilation of the truth over the whole grid (see
+    /// [`Self::dilate_to_edges_over`]).
+    fn dilate_to_edges(&mut self) -> Result<()> {
+        let (ny, nx) = self.truth.dim();
+        if self.dilated.dim() != (ny, nx) {
+            self.dilated = Array2::zeros((ny, nx));
+        }
+        let h = self.kernel.half_width();
+        if h == 0 {
+            self.dilator
+                .dilate(self.truth.view(), &self.kernel, self.dilated.view_mut())?;
+        } else {
+            let shape = (ny + 2 * h, nx + 2 * h);
+            if self.padded.dim() != shape {
+                self.padded = Array2::zeros(shape);
+                self.padded_dilated = Array2::zeros(shape);
+            }
+            pad_periodic(self.truth.view(), self.rise, h, self.padded.view_mut())?;
+            self.dilator.dilate(
+                self.padded.view(),
+                &self.kernel,
+                self.padded_dilated.view_mut(),
+            )?;
+            self.dilated
+                .assign(&self.padded_dilated.slice(ndarray::s![h..h + ny, h..h + nx]));
+        }
+        self.dilated_valid = true;
+        self.dilated_edges = true;
         Ok(())
     }
 
@@ -901,6 +941,14 @@ impl SpmSimulator {
                     &mut self.xs,
                     &mut self.ys,
                 )?;
+                if !self.dilated_edges {
+                    let range = |v: &[f64]| {
+                        v.iter()
+                            .fold((f64::MAX, f64::MIN), |(a, b), &x| (a.min(x), b.max(x)))
+                    };
+                    let ((x0, x1), (y0, y1)) = (range(&self.xs), range(&self.ys));
+                    self.dilate_to_edges_over([x0, y0], [x1, y1])?;
+                }
                 for j in 0..cols {
                     self.profile[j] = bilinear(
                         self.dilated.view(),
@@ -1282,6 +1330,10 @@ impl LateralManipulation for SpmSimulator {
             // Still validate the arguments the way a real drag would.
             lateral_manipulation(&self.cfg.manipulation, s, s, s, bias, g, &mut seeded(0))?;
             self.ensure_dilated()?;
+            self.dilate_to_edges_over(
+                [s[0].min(e[0]), s[1].min(e[1])],
+                [s[0].max(e[0]), s[1].max(e[1])],
+            )?;
             (0..n)
                 .map(|k| {
                     let p = point(k).1;
@@ -1530,7 +1582,14 @@ impl SpmSimulator {
             (hi[1] - lo[1]) as usize + 1 + 2 * h,
         ];
         let src = [side[0] + 2 * h, side[1] + 2 * h];
-        if !self.dilated_valid || src[0] >= n || src[1] >= n {
+        if !self.dilated_valid {
+            return self.ensure_dilated();
+        }
+        if src[0] >= n || src[1] >= n {
+            // Redo it all, as exact near the edge as before.
+            if self.dilated_edges {
+                return self.dilate_to_edges();
+            }
             self.dilated_valid = false;
             return self.ensure_dilated();
         }
@@ -1667,6 +1726,11 @@ impl SpmSimulator {
                         self.tip.pick_up(&self.cfg.tip, &mut self.rng_tip);
                         self.tip_changed(&before)?;
                         self.ensure_dilated()?;
+                        let (a, b) = (point(0).1, point(n - 1).1);
+                        self.dilate_to_edges_over(
+                            [a[0].min(b[0]), a[1].min(b[1])],
+                            [a[0].max(b[0]), a[1].max(b[1])],
+                        )?;
                     }
                 }
                 cache.clear();
@@ -1756,6 +1820,7 @@ mod tests {
             .unwrap();
         sim.set_tip_state(tip).unwrap();
         sim.ensure_dilated().unwrap();
+        sim.dilate_to_edges().unwrap();
         let h = sim.kernel.half_width();
         assert!(h >= 4, "the kernel reaches {h} cells across the edge");
         assert!(sim.rise[0] != 0.0 || sim.rise[1] != 0.0);
@@ -1835,6 +1900,7 @@ mod tests {
                 sim.adatoms[i] = to;
                 sim.rebuild_truth().unwrap();
                 sim.ensure_dilated().unwrap();
+                sim.dilate_to_edges().unwrap();
                 let h = sim.kernel.half_width() as i64;
                 let [[r_lo, r_hi], [c_lo, c_hi]] = field.region;
                 let mut worst = 0.0f64;
@@ -1852,6 +1918,7 @@ mod tests {
                 sim.adatoms[i] = from;
                 sim.rebuild_truth().unwrap();
                 sim.ensure_dilated().unwrap();
+                sim.dilate_to_edges().unwrap();
                 sim.write_window(&start, &without);
                 sim.add_bump(&moved);
                 sim.redilate_windows(&[&start, &moved]).unwrap();
@@ -1859,6 +1926,7 @@ mod tests {
                 sim.adatoms[i] = to;
                 sim.rebuild_truth().unwrap();
                 sim.ensure_dilated().unwrap();
+                sim.dilate_to_edges().unwrap();
                 assert_eq!(local, sim.truth);
                 let worst = local_image
                     .iter()

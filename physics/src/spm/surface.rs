@@ -311,7 +311,7 @@ pub fn generate(
 /// `(x, y)` (m), any position, from the four surrounding nodes. `node(i, j)` gives the value at
 /// node `(i, j)` for any integers (outside `0..ny`, `0..nx` the caller continues its grid
 /// periodically). The crate's one bilinear rule; [`bilinear`] applies it to a grid.
-#[inline]
+#[inline(always)]
 pub fn bilinear_nodes(
     [ny, nx]: [usize; 2],
     cell: f64,
@@ -333,7 +333,7 @@ pub fn bilinear_nodes(
 
 /// The value of the periodic grid `grid` (rise `rise` per period, m, see [`Surface::rise`]) at
 /// node `(i, j)`, any integers: `grid[i mod ny, j mod nx]` plus the rise of the periods crossed.
-#[inline]
+#[inline(always)]
 pub fn periodic_node<T: Copy + Into<f64>>(
     grid: ArrayView2<'_, T>,
     rise: [f64; 2],
@@ -409,13 +409,10 @@ pub fn pad_periodic(
         ];
         for (range, from, offset) in parts {
             let n = range.len();
-            let dst_part = out.slice_mut(ndarray::s![range]);
+            let mut dst_part = out.slice_mut(ndarray::s![range]);
             let src_part = row.slice(ndarray::s![from..from + n]);
             if offset == 0.0 {
-                dst_part
-                    .into_iter()
-                    .zip(src_part)
-                    .for_each(|(d, &v)| *d = v);
+                dst_part.assign(&src_part);
             } else {
                 dst_part
                     .into_iter()
