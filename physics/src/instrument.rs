@@ -297,8 +297,8 @@ pub trait BiasWriting: SpmInstrument {
 /// STM lateral manipulation: drag the tip along a path at low tunnelling resistance.
 pub trait LateralManipulation: SpmInstrument {
     /// Moves the tip from `start` to `end` (lab, m) at `bias` V and `conductance` S, then returns
-    /// to imaging conditions. Returns the tip height trace along the path (m), the signal
-    /// experimenters watch for hops.
+    /// to imaging conditions. Returns the tip height trace along the path (m), recorded while
+    /// the tip moves: the signal experimenters watch for hops (steps where the adatom jumps).
     fn manipulate(
         &mut self,
         start: [f64; 2],

@@ -355,3 +355,247 @@ fn wear_blunts_the_tip_and_later_images() {
         "a worn tip images blurrier: {first} -> {last}"
     );
 }
+
+/// Issue 15 §1: with the default scan (field = sample) a drift that carries the field past the
+/// sample's edge must not repeat the edge values as streaks. The sample is periodic: outside the
+/// grid the scan sees the sample continued, never a copied edge row or column.
+///
+/// Statistic: for every pair of adjacent columns (and of adjacent rows) of the noiseless height
+/// image, the mean absolute difference over the pair. A streak (the same edge value repeated)
+/// makes it 0; the sample's roughness (white, 0.03 nm) and steps keep it near its median
+/// everywhere else. Threshold: every pair at least 30 % of the median pair.
+#[test]
+fn drifted_default_scan_has_no_edge_streaks() {
+    let mut c = SpmConfig::default();
+    // The default sample (1 µm) and scan field (1 µm), on coarser grids to keep the test fast.
+    c.sample.pixels = 64;
+    c.scan.pixels = [32, 32];
+    // A fast drift along the diagonal, 1 nm/s: during the second frame (64-128 s) the sample
+    // has moved 45-90 nm along x and along y, 1.5-3 scan pixels past the edge.
+    c.scanner.drift_initial = Param::fixed(1e-9);
+    c.scanner.drift_settled = Param::fixed(1e-9);
+    c.scanner.drift_direction = Param::fixed(std::f64::consts::FRAC_PI_4);
+    let mut sim = SpmSimulator::new(c, 3).unwrap();
+    sim.acquire_frame().unwrap();
+    sim.acquire_frame().unwrap();
+    let [dx, dy] = sim.drift();
+    assert!(dx > 80e-9 && dy > 80e-9, "drift {dx:e}, {dy:e}");
+    let img = sim.last_noiseless().to_owned();
+    let (rows, cols) = img.dim();
+    let pairs = |along_rows: bool| -> Vec<f64> {
+        let n = if along_rows { rows } else { cols };
+        (0..n - 1)
+            .map(|k| {
+                let m = if along_rows { cols } else { rows };
+                (0..m)
+                    .map(|l| {
+                        let (a, b) = if along_rows {
+                            (img[[k, l]], img[[k + 1, l]])
+                        } else {
+                            (img[[l, k]], img[[l, k + 1]])
+                        };
+                        f64::from((a - b).abs())
+                    })
+                    .sum::<f64>()
+                    / m as f64
+            })
+            .collect()
+    };
+    for (name, d) in [("column", pairs(false)), ("row", pairs(true))] {
+        let mut sorted = d.clone();
+        sorted.sort_by(f64::total_cmp);
+        let median = sorted[sorted.len() / 2];
+        let (k, least) = d
+            .iter()
+            .copied()
+            .enumerate()
+            .min_by(|a, b| a.1.total_cmp(&b.1))
+            .unwrap();
+        println!(
+            "adjacent {name}s: least mean |difference| {least:.3e} m (pair {k}), median {median:.3e} m"
+        );
+        assert!(
+            least >= 0.3 * median,
+            "{name} pair {k} is a streak: {least:e} vs median {median:e}"
+        );
+    }
+}
+
+/// A quiet STM with one adatom near the centre of a sample whose grid has `a/8` cells and a node
+/// at the origin (odd pixel count), a flat substrate and a very sharp tip (the image is the
+/// apparent-height map itself).
+fn one_adatom_stm(corrugation: f64) -> SpmConfig {
+    let a = scopegym_physics::spm::manipulation::AG111_A;
+    let mut c = stm();
+    c.sample.pixels = 161;
+    c.sample.size = Param::fixed(161.0 * a / 8.0);
+    c.adatoms.count = 1;
+    c.adatoms.corrugation = Param::fixed(corrugation);
+    // The atom lands within ±0.3 nm of the centre.
+    c.adatoms.margin = Param::fixed(0.5 * 161.0 * a / 8.0 - 0.3e-9);
+    c.scan.pixels = [32, 32];
+    c.scan.size = Param::fixed(4e-9);
+    c
+}
+
+/// Issue 15 §1: the substrate corrugation is documented as peak-to-peak; the noiseless image of
+/// the terrace beside an isolated adatom (sharp tip) spans exactly the configured corrugation.
+#[test]
+fn stm_terrace_corrugation_is_the_configured_peak_to_peak() {
+    let a = scopegym_physics::spm::manipulation::AG111_A;
+    let cell = a / 8.0;
+    let corr = 10e-12;
+    let mut c = one_adatom_stm(corr);
+    // 25² pixels of one cell each, centred on a grid node 50 cells (1.8 nm) from the origin
+    // along both axes: every pixel is a grid node, at least 1.4 nm (5.5 σ) from the adatom.
+    c.scan.pixels = [25, 25];
+    c.scan.size = Param::fixed(25.0 * cell);
+    c.scan.center = [Param::fixed(50.0 * cell), Param::fixed(50.0 * cell)];
+    let mut sim = SpmSimulator::new(c, 4).unwrap();
+    sim.set_tip_state(TipState::sharp(0.01e-9).unwrap())
+        .unwrap();
+    let p = sim.adatoms()[0];
+    assert!(p[0].abs() <= 0.31e-9 && p[1].abs() <= 0.31e-9, "{p:?}");
+    sim.acquire_frame().unwrap();
+    let img = sim.last_noiseless();
+    let (lo, hi) = img
+        .iter()
+        .fold((f32::MAX, f32::MIN), |(l, h), &v| (l.min(v), h.max(v)));
+    let pp = f64::from(hi - lo);
+    println!("terrace peak-to-peak {pp:.4e} m, configured {corr:e} m");
+    assert!(
+        (pp / corr - 1.0).abs() < 0.03,
+        "peak-to-peak {pp:e} vs {corr:e}"
+    );
+}
+
+/// Issue 15 §1: the manipulation trace is the tip height along the path while dragging. Its
+/// first sample (tip at the path start) sees the adatom at its start site, its last (tip at the
+/// end) at the site where the drag left it: with a sharp tip on a flat terrace (no
+/// corrugation), both are `h·exp(-d²/2σ²)` of the distance `d` from the tip to that site.
+#[test]
+fn manipulation_trace_is_sampled_while_dragging() {
+    let a = scopegym_physics::spm::manipulation::AG111_A;
+    let cell = a / 8.0;
+    let mut c = one_adatom_stm(0.0);
+    c.manipulation.pickup_max = Param::fixed(0.0);
+    let (h, fwhm) = (0.1e-9, 0.6e-9);
+    let sigma = fwhm / (8.0 * 2f64.ln()).sqrt();
+    let bump = |p: [f64; 2], q: [f64; 2]| {
+        h * (-((p[0] - q[0]).powi(2) + (p[1] - q[1]).powi(2)) / (2.0 * sigma * sigma)).exp()
+    };
+    let node = |x: f64| (x / cell).round() * cell;
+    let mut moved = 0;
+    for seed in 0..6 {
+        let mut sim = SpmSimulator::new(c.clone(), seed).unwrap();
+        sim.set_tip_state(TipState::sharp(0.01e-9).unwrap())
+            .unwrap();
+        let a0 = sim.adatoms()[0];
+        // From about 0.3 nm behind the atom, 1.2 nm through it along +x, on grid nodes.
+        let start = [node(a0[0] - 0.3e-9), node(a0[1])];
+        let end = [node(a0[0] + 1.2e-9), start[1]];
+        let trace = sim.manipulate(start, end, 0.002, 6e-6).unwrap();
+        let a1 = sim.adatoms()[0];
+        if a1 == a0 {
+            continue;
+        }
+        moved += 1;
+        let (first, last) = (trace[0], *trace.last().unwrap());
+        println!(
+            "seed {seed}: atom {:.3?} -> {:.3?} nm; trace start {first:.4e} (expected {:.4e}), \
+             end {last:.4e} (expected {:.4e})",
+            a0.map(|v| v * 1e9),
+            a1.map(|v| v * 1e9),
+            bump(start, a0),
+            bump(end, a1)
+        );
+        assert!((first - bump(start, a0)).abs() < 1e-3 * h, "{first:e}");
+        assert!((last - bump(end, a1)).abs() < 1e-3 * h, "{last:e}");
+    }
+    assert!(moved >= 3, "the atom moved in {moved} of 6 drags");
+}
+
+/// Issue 15 §1 and DESIGN.md §5: a lost adatom is either picked up by the tip or lost to
+/// another site. Picked up, it is gone from the surface and the tip carries it: with
+/// `double_probability = 0` an adsorbate, whose documented effect is a kernel of radius
+/// `R + adsorbate_blur` (blurrier images). Lost to a site, the surface shows it there.
+#[test]
+fn a_lost_adatom_changes_the_tip_or_lands_elsewhere() {
+    let mut c = stm();
+    c.adatoms.count = 2;
+    c.adatoms.min_separation = Param::fixed(4e-9);
+    c.adatoms.margin = Param::fixed(2e-9);
+    c.manipulation.pickup_max = Param::fixed(1.0);
+    c.tip.double_probability = Param::fixed(0.0);
+    let (r, blur) = (0.5e-9, c.tip.adsorbate_blur.get());
+    let (mut picked, mut landed) = (0, 0);
+    for seed in 0..12 {
+        let mut sim = SpmSimulator::new(c.clone(), seed).unwrap();
+        let before = sim.adatoms().to_vec();
+        let w0 = imaged_width(&mut sim, before[1]);
+        let start = sim.sample_to_lab(before[0]);
+        // 15 mV at 6 nA/mV: q = pickup_max = 1, the atom is lost on every drag.
+        sim.manipulate(start, [start[0] + 0.5e-9, start[1]], 0.015, 6e-6)
+            .unwrap();
+        let after = sim.adatoms().to_vec();
+        if after.len() == 1 {
+            picked += 1;
+            assert_eq!(after[0], before[1]);
+            let tip = sim.tip_state();
+            assert!(tip.has_adsorbate(), "seed {seed}: picked up, tip unchanged");
+            assert!((tip.kernel_radius() - (r + blur)).abs() < 1e-15);
+            let w1 = imaged_width(&mut sim, before[1]);
+            println!("seed {seed}: picked up; the other atom images {w0:.3e} -> {w1:.3e} m wide");
+            assert!(w1 > w0 * 1.2, "seed {seed}: {w0:e} -> {w1:e}");
+        } else {
+            landed += 1;
+            assert_eq!(after.len(), 2);
+            assert!(!sim.tip_state().has_adsorbate());
+            let p = after[0];
+            assert_ne!(p, before[0]);
+            // The surface shows it there: the truth peaks at the new site with the atom's height.
+            let peak = truth_at(&sim, p);
+            println!(
+                "seed {seed}: lost to {:.3?} nm, surface there {peak:.3e} m",
+                p.map(|v| v * 1e9)
+            );
+            assert!(peak > 0.08e-9, "seed {seed}: {peak:e}");
+        }
+    }
+    println!("{picked} picked up, {landed} lost to a site");
+    assert!(picked >= 2 && landed >= 2, "{picked} / {landed}");
+}
+
+/// The true surface (nearest grid node) at sample position `p`.
+fn truth_at(sim: &SpmSimulator, p: [f64; 2]) -> f64 {
+    let t = sim.truth_surface();
+    let (n, cell) = (t.dim().0 as f64, sim.cell_size());
+    let idx = |v: f64| ((v / cell + 0.5 * n - 0.5).round() as i64).rem_euclid(n as i64) as usize;
+    f64::from(t[[idx(p[1]), idx(p[0])]])
+}
+
+/// The width (m) over which the noiseless image of the adatom at `p` (sample frame) stays above
+/// half its peak, along x through its centre, from a frame of 2 nm centred on it.
+fn imaged_width(sim: &mut SpmSimulator, p: [f64; 2]) -> f64 {
+    let n = 81;
+    let px = 2e-9 / n as f64;
+    let lab = sim.sample_to_lab(p);
+    let s = sim
+        .configure_scan(&scopegym_physics::instrument::ScanSettings {
+            rows: n,
+            cols: n,
+            pixel_size: px,
+            dwell_time: 1e-4,
+            flyback_time: 0.0,
+            center: lab,
+        })
+        .unwrap();
+    assert_eq!(s.center, lab);
+    sim.acquire_frame().unwrap();
+    let img = sim.last_noiseless();
+    let row = img.row(n / 2);
+    let base = row.iter().copied().fold(f32::MAX, f32::min);
+    let peak = row.iter().copied().fold(f32::MIN, f32::max);
+    let half = 0.5 * (peak + base);
+    row.iter().filter(|&&v| v > half).count() as f64 * px
+}

@@ -30,8 +30,9 @@
 //!   (proof in [`Config::loss_charge`]; checked on episodes by the test
 //!   `losing_is_always_worse_than_keeping`).
 //! - **Termination** (what the instrument sees): the detected atom within `success_radius` of
-//!   the goal, or no atom detected (picked up by the tip, or dragged out of view). A spent
-//!   budget truncates.
+//!   the goal, or no atom detected (picked up by the tip, which then images blurred or
+//!   double; or dragged, or lost to a random site, out of view). A lost atom that lands in
+//!   view is seen there and the episode goes on. A spent budget truncates.
 //! - **Success** (`info["is_success"]`, from ground truth): the true atom within
 //!   `success_radius` (default `a/√3 ≈ 0.166 nm`, the hollow-site spacing) of the goal.
 //! - **Info** (never in the observation): `atom_true` (the true atom in the lab frame, m, empty

@@ -4,13 +4,18 @@
 //! The constant-current image follows an isosurface of the local density of states. Here that
 //! isosurface is modelled as the sum of
 //! - the substrate corrugation of a close-packed (111) lattice with constant a,
-//!   `c/9 · Σ_k cos(g_k · r)` over the three reciprocal vectors `g_k` (|g| = 4π/(√3 a)), which
-//!   peaks with height `c/3` on atoms and `-c/6` at the hollows (total corrugation `c/2`;
-//!   defaults give ~1 pm as on Ag(111)),
+//!   `2c/9 · Σ_k cos(g_k · r)` over the three reciprocal vectors `g_k` (|g| = 4π/(√3 a)), which
+//!   peaks at `2c/3` on atoms and bottoms out at `-c/3` at the hollows: the peak-to-peak
+//!   corrugation is the configured `c` (default 1 pm, as on Ag(111)),
 //! - one Gaussian bump per adatom, `h · exp(-r²/(2σ²))` with `σ = FWHM/(2√(2 ln 2))`
 //!   (apparent height ≈ 0.1 nm and FWHM ≈ 0.6 nm for Ag on Ag(111) at small bias).
 //!
-//! Positions are in metres in the sample frame, origin at the centre of the sample grid.
+//! Positions are in metres in the sample frame, origin at the centre of the sample grid. The
+//! grid is one period of the sample ([`super::surface`]): a bump near an edge continues across
+//! it, and an adatom anywhere is drawn at its periodic image on the grid. The atomic
+//! corrugation repeats over the grid only when its sides are whole multiples of `a` (along x)
+//! and `√3 a` (along y); otherwise the periodic continuation joins two lattice phases along the
+//! edge, a seam as high as the corrugation (about a picometre).
 //!
 //! ```
 //! use scopegym_physics::spm::adatoms::{AdatomConfig, place_adatoms, render};
@@ -43,7 +48,7 @@ pub struct AdatomConfig {
     pub apparent_height: Param<Length>,
     /// Apparent full width at half maximum of an adatom, m. Default 0.6 nm.
     pub width: Param<Length>,
-    /// Peak-to-peak substrate corrugation, m. Default 2 pm.
+    /// Peak-to-peak substrate corrugation, m. Default 1 pm.
     pub corrugation: Param<Length>,
     /// Smallest distance between two adatoms at placement, m. Default 1.5 nm.
     pub min_separation: Param<Length>,
@@ -58,7 +63,7 @@ impl Default for AdatomConfig {
             lattice_constant: Param::fixed(AG111_A),
             apparent_height: Param::fixed(0.1e-9),
             width: Param::fixed(0.6e-9),
-            corrugation: Param::fixed(2e-12),
+            corrugation: Param::fixed(1e-12),
             min_separation: Param::fixed(1.5e-9),
             margin: Param::fixed(1e-9),
         }
@@ -173,8 +178,8 @@ fn check_grid(cfg: &AdatomConfig, shape: [usize; 2], pixel: f64) -> Result<()> {
     Ok(())
 }
 
-/// The terrace's atomic corrugation `c/9 · Σ_k cos(g_k · r)` on the grid of [`render`] (it
-/// does not depend on the adatoms, so a simulator computes it once per sample).
+/// The terrace's atomic corrugation `2c/9 · Σ_k cos(g_k · r)` (peak-to-peak `c`) on the grid of
+/// [`render`] (it does not depend on the adatoms, so a simulator computes it once per sample).
 pub fn corrugation(cfg: &AdatomConfig, shape: [usize; 2], pixel: f64) -> Result<Array2<f32>> {
     check_grid(cfg, shape, pixel)?;
     let [ny, nx] = shape;
@@ -195,14 +200,102 @@ pub fn corrugation(cfg: &AdatomConfig, shape: [usize; 2], pixel: f64) -> Result<
             for j in 0..nx {
                 let x = x0 + (j as f64 + 0.5) * pixel;
                 let s: f64 = dirs.iter().map(|(gx, gy)| (gx * x + gy * y).cos()).sum();
-                h[[i, j]] = (c / 9.0 * s) as f32;
+                h[[i, j]] = (2.0 * c / 9.0 * s) as f32;
             }
         }
     }
     Ok(h)
 }
 
-/// The adatoms' Gaussian bumps on the grid of [`render`] (where bumps overlap, the higher one).
+/// One adatom's Gaussian bump on a window of the grid of [`render`]: `side × side` cells from
+/// cell `(row0, col0)`, indices that may lie outside the grid (the sample is periodic), values in
+/// m (row-major).
+#[derive(Debug, Clone, PartialEq)]
+pub struct BumpPatch {
+    /// First row of the window (any integer: a row outside the grid is its periodic image).
+    pub row0: i64,
+    /// First column of the window.
+    pub col0: i64,
+    /// Side of the square window, cells.
+    pub side: usize,
+    /// The bump's heights on the window, m, row-major.
+    pub values: Vec<f32>,
+}
+
+impl BumpPatch {
+    /// The bump of an adatom at `atom` (m, sample frame) on the grid of [`render`]: the cells
+    /// within `4σ` (rounded up to cells) of the cell nearest the atom along each axis.
+    pub fn new(cfg: &AdatomConfig, atom: [f64; 2], shape: [usize; 2], pixel: f64) -> Result<Self> {
+        let mut p = Self {
+            row0: 0,
+            col0: 0,
+            side: 0,
+            values: Vec::new(),
+        };
+        p.set(cfg, atom, shape, pixel)?;
+        Ok(p)
+    }
+
+    /// Recomputes the patch for an adatom at `atom` in place (reusing its buffer).
+    pub fn set(
+        &mut self,
+        cfg: &AdatomConfig,
+        atom: [f64; 2],
+        shape: [usize; 2],
+        pixel: f64,
+    ) -> Result<()> {
+        check_grid(cfg, shape, pixel)?;
+        if !(atom[0].is_finite() && atom[1].is_finite()) {
+            return Err(PhysicsError::arg("atom", "position must be finite"));
+        }
+        let [ny, nx] = shape;
+        let x0 = -0.5 * nx as f64 * pixel;
+        let y0 = -0.5 * ny as f64 * pixel;
+        let amp = cfg.apparent_height.get();
+        let sigma = cfg.width.get() / (2.0 * (2.0 * std::f64::consts::LN_2).sqrt());
+        let r = (4.0 * sigma / pixel).ceil() as i64;
+        let (jc, ic) = ((atom[0] - x0) / pixel - 0.5, (atom[1] - y0) / pixel - 0.5);
+        self.row0 = ic.round() as i64 - r;
+        self.col0 = jc.round() as i64 - r;
+        self.side = (2 * r + 1) as usize;
+        // The Gaussian is separable: one factor per row and per column.
+        let factor = |k: i64, c: f64| {
+            let d = (k as f64 - c) * pixel;
+            (-(d * d) / (2.0 * sigma * sigma)).exp()
+        };
+        let cols: Vec<f64> = (self.col0..self.col0 + self.side as i64)
+            .map(|j| factor(j, jc))
+            .collect();
+        self.values.clear();
+        for i in self.row0..self.row0 + self.side as i64 {
+            let fy = amp * factor(i, ic);
+            self.values.extend(cols.iter().map(|&fx| (fy * fx) as f32));
+        }
+        Ok(())
+    }
+
+    /// The bump's height at cell `(i, j)` (any integers) of the periodic grid of `shape`, m: the
+    /// highest of the window's cells that are images of it, `None` if none is.
+    pub fn get_periodic(&self, i: i64, j: i64, shape: [usize; 2]) -> Option<f32> {
+        let (ny, nx) = (shape[0] as i64, shape[1] as i64);
+        let s = self.side as i64;
+        let mut best: Option<f32> = None;
+        let mut di = (i - self.row0).rem_euclid(ny);
+        while di < s {
+            let mut dj = (j - self.col0).rem_euclid(nx);
+            while dj < s {
+                let v = self.values[(di * s + dj) as usize];
+                best = Some(best.map_or(v, |b| b.max(v)));
+                dj += nx;
+            }
+            di += ny;
+        }
+        best
+    }
+}
+
+/// The adatoms' Gaussian bumps on the grid of [`render`] (where bumps overlap, the higher one),
+/// drawn periodically: a bump across an edge continues at the opposite edge.
 pub fn bumps(
     cfg: &AdatomConfig,
     atoms: &[[f64; 2]],
@@ -211,30 +304,18 @@ pub fn bumps(
 ) -> Result<Array2<f32>> {
     check_grid(cfg, shape, pixel)?;
     let [ny, nx] = shape;
-    let x0 = -0.5 * nx as f64 * pixel;
-    let y0 = -0.5 * ny as f64 * pixel;
-    let amp = cfg.apparent_height.get();
-    let sigma = cfg.width.get() / (2.0 * (2.0 * std::f64::consts::LN_2).sqrt());
-    let reach = 4.0 * sigma;
     // Overlapping adatoms: the isosurface follows the higher bump.
     let mut bumps = Array2::<f32>::zeros((ny, nx));
-    for p in atoms {
-        let (jc, ic) = ((p[0] - x0) / pixel - 0.5, (p[1] - y0) / pixel - 0.5);
-        let r = (reach / pixel).ceil() as i64;
-        let (i_lo, i_hi) = (
-            (ic.round() as i64 - r).max(0),
-            (ic.round() as i64 + r).min(ny as i64 - 1),
-        );
-        let (j_lo, j_hi) = (
-            (jc.round() as i64 - r).max(0),
-            (jc.round() as i64 + r).min(nx as i64 - 1),
-        );
-        for i in i_lo..=i_hi {
-            let dy = (i as f64 - ic) * pixel;
-            for j in j_lo..=j_hi {
-                let dx = (j as f64 - jc) * pixel;
-                let v = (amp * (-(dx * dx + dy * dy) / (2.0 * sigma * sigma)).exp()) as f32;
-                let cell = &mut bumps[[i as usize, j as usize]];
+    let mut patch = BumpPatch::new(cfg, [0.0, 0.0], shape, pixel)?;
+    for &p in atoms {
+        patch.set(cfg, p, shape, pixel)?;
+        let s = patch.side as i64;
+        for di in 0..s {
+            let i = (patch.row0 + di).rem_euclid(ny as i64) as usize;
+            for dj in 0..s {
+                let j = (patch.col0 + dj).rem_euclid(nx as i64) as usize;
+                let v = patch.values[(di * s + dj) as usize];
+                let cell = &mut bumps[[i, j]];
                 *cell = cell.max(v);
             }
         }
@@ -298,9 +379,10 @@ mod tests {
         let (lo, hi) = h
             .iter()
             .fold((f32::MAX, f32::MIN), |(a, b), &v| (a.min(v), b.max(v)));
-        // Peak-to-peak c/3 - (-c/6) = c/2 (sampling may miss the exact extremes slightly).
+        // Peak-to-peak 2c/3 - (-c/3) = c, the configured value (sampling may miss the exact
+        // extremes slightly).
         let pp = f64::from(hi - lo);
-        assert!((pp / 5e-12 - 1.0).abs() < 0.1, "peak-to-peak {pp}");
+        assert!((pp / 10e-12 - 1.0).abs() < 0.1, "peak-to-peak {pp}");
         // Periodic along x with period a (16 px): row values repeat.
         for j in 0..40 {
             assert!((h[[10, j]] - h[[10, j + 16]]).abs() < 1e-15);
@@ -319,5 +401,29 @@ mod tests {
                 .to_string()
                 .contains("adatoms.width")
         );
+    }
+
+    /// The sample is periodic: an adatom 0.1 nm inside the right edge also raises the cells at
+    /// the left edge, by the Gaussian of its distance through the edge.
+    #[test]
+    fn a_bump_across_the_edge_continues_on_the_other_side() {
+        let cfg = AdatomConfig {
+            corrugation: Param::fixed(0.0),
+            ..Default::default()
+        };
+        let (n, px) = (100usize, 0.05e-9);
+        let half = 0.5 * n as f64 * px;
+        let atom = [half - 0.1e-9, 0.5 * px];
+        let h = bumps(&cfg, &[atom], [n, n], px).unwrap();
+        let sigma = 0.6e-9 / (8.0 * 2f64.ln()).sqrt();
+        // Column 0 is at x = -half + px/2, i.e. half + px/2 past the right edge's atom image.
+        let d = (-half + 0.5 * px + 2.0 * half) - atom[0];
+        let expected = 0.1e-9 * (-d * d / (2.0 * sigma * sigma)).exp();
+        let got = f64::from(h[[n / 2, 0]]);
+        assert!(
+            (got - expected).abs() < 1e-6 * 0.1e-9,
+            "{got:e} vs {expected:e}"
+        );
+        assert!(expected > 0.05e-9);
     }
 }

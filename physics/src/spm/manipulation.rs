@@ -9,8 +9,18 @@
 //! `p = p_max · σ((log₁₀G − log₁₀G½)/w) · exp(−|V|/V₀)`:
 //! it follows a close, strongly coupled tip (high conductance) and is pushed away from the tip's
 //! grip by a higher bias. With probability `q = q₀ (G/G_max)(|V|/V_max)` per manipulation the
-//! adatom is picked up by the tip (lost). Success: the adatom ends within a/√3 of the goal.
-//! Limits (DESIGN.md §5): bias ≤ 15 mV, conductance ≤ 6 nA/mV.
+//! adatom is lost (DESIGN.md §5: it "can be lost or picked up"), at a tip step drawn uniformly
+//! along the path: with probability `pickup_share` the tip picks it up ([`Outcome::PickedUp`]:
+//! it leaves the surface and sits on the tip apex, see
+//! [`TipState::pick_up`](super::tip::TipState::pick_up)), otherwise it jumps out of the tip's
+//! control to a random hollow site between `2a/√3` and `scatter_range` from where it was
+//! ([`Outcome::Scattered`], uniform over that annulus before snapping to the nearest hollow).
+//! Success: the adatom ends within a/√3 of the goal. Limits (DESIGN.md §5): bias ≤ 15 mV,
+//! conductance ≤ 6 nA/mV.
+//!
+//! [`drag`] also reports where along the path each change happens ([`DragEvent`]), so a
+//! simulator can record the tip height while dragging: hops show as steps in that trace where
+//! they happen, as in measured manipulation signals.
 
 use crate::error::{PhysicsError, Result};
 use crate::param::Param;
@@ -40,8 +50,15 @@ pub struct ManipulationConfig {
     pub conductance_width: Param<Unitless>,
     /// Bias scale V₀ of the decoupling, V. Default 8 mV.
     pub bias_scale: Param<Voltage>,
-    /// Pick-up probability per manipulation at the largest conductance and bias. Default 0.05.
+    /// Probability per manipulation, at the largest conductance and bias, that the adatom is
+    /// lost (picked up by the tip or scattered to a random site). Default 0.05.
     pub pickup_max: Param<Unitless>,
+    /// Fraction of the losses in which the tip picks the adatom up; in the others it jumps to a
+    /// random site. Default 0.5.
+    pub pickup_share: Param<Unitless>,
+    /// Largest distance of the random site a scattered adatom jumps to, m (at least `2a/√3`).
+    /// Default 2 nm.
+    pub scatter_range: Param<Length>,
 }
 
 impl Default for ManipulationConfig {
@@ -55,6 +72,8 @@ impl Default for ManipulationConfig {
             conductance_width: Param::fixed(0.25),
             bias_scale: Param::fixed(8e-3),
             pickup_max: Param::fixed(0.05),
+            pickup_share: Param::fixed(0.5),
+            scatter_range: Param::fixed(2e-9),
         }
     }
 }
@@ -84,11 +103,23 @@ impl ManipulationConfig {
         chk("conductance_half", self.conductance_half.get(), 0.0, 100.0)?;
         chk("conductance_width", self.conductance_width.get(), 0.0, 10.0)?;
         chk("bias_scale", self.bias_scale.get(), 0.0, 1.0)?;
-        let q = self.pickup_max.get();
-        if !(0.0..=1.0).contains(&q) {
+        for (n, v) in [
+            ("pickup_max", self.pickup_max.get()),
+            ("pickup_share", self.pickup_share.get()),
+        ] {
+            if !(0.0..=1.0).contains(&v) {
+                return Err(PhysicsError::param(
+                    format!("{prefix}{n}"),
+                    format!("must be in [0, 1], got {v}"),
+                ));
+            }
+        }
+        let lo = 2.0 * self.lattice_constant.get() / 3f64.sqrt();
+        let r = self.scatter_range.get();
+        if !(r >= lo && r <= 1e-6) {
             return Err(PhysicsError::param(
-                format!("{prefix}pickup_max"),
-                "must be in [0, 1]",
+                format!("{prefix}scatter_range"),
+                format!("must be in [2a/√3 = {lo:e}, 1e-6] m, got {r}"),
             ));
         }
         Ok(())
@@ -104,10 +135,21 @@ impl ManipulationConfig {
 /// Outcome of one lateral manipulation.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Outcome {
-    /// The adatom ended on a site (position in m).
+    /// The adatom ended on a site under the tip's control (position in m).
     Moved([f64; 2]),
-    /// The tip picked the adatom up.
-    Lost,
+    /// The tip picked the adatom up: it is gone from the surface and sits on the tip.
+    PickedUp,
+    /// The adatom was lost to a random site (position in m).
+    Scattered([f64; 2]),
+}
+
+/// A change of the adatom during a drag.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DragEvent {
+    /// Where along the tip path it happens: the fraction of the path travelled, in `(0, 1]`.
+    pub at: f64,
+    /// Where the adatom is from then on, m; `None` once the tip has picked it up.
+    pub to: Option<[f64; 2]>,
 }
 
 /// The nearest hollow site to `p` (m) on the honeycomb net of hollows of a (111) surface with
@@ -142,6 +184,7 @@ pub fn nearest_hollow(p: [f64; 2], a: f64) -> [f64; 2] {
 
 /// Drags the adatom at `atom` (on a hollow site, m) with the tip moving from `start` to `end`
 /// (m) at bias `bias` (V, |bias| ≤ 15 mV) and conductance `conductance` (nA/mV, ≤ 6).
+/// [`drag`] without the record of where things happened.
 pub fn lateral_manipulation(
     cfg: &ManipulationConfig,
     atom: [f64; 2],
@@ -151,6 +194,35 @@ pub fn lateral_manipulation(
     conductance: f64,
     rng: &mut SimRng,
 ) -> Result<Outcome> {
+    drag(
+        cfg,
+        atom,
+        start,
+        end,
+        bias,
+        conductance,
+        rng,
+        &mut Vec::new(),
+    )
+}
+
+/// Drags the adatom at `atom` (on a hollow site, m) with the tip moving from `start` to `end`
+/// (m) at bias `bias` (V, |bias| ≤ 15 mV) and conductance `conductance` (nA/mV, ≤ 6), in tip
+/// steps of `tip_step` (the module docs). `events` is cleared, then receives every change of
+/// the adatom in path order: each hop (at the fraction of the path where the tip was), and the
+/// loss if there is one (the last event).
+#[allow(clippy::too_many_arguments)]
+pub fn drag(
+    cfg: &ManipulationConfig,
+    atom: [f64; 2],
+    start: [f64; 2],
+    end: [f64; 2],
+    bias: f64,
+    conductance: f64,
+    rng: &mut SimRng,
+    events: &mut Vec<DragEvent>,
+) -> Result<Outcome> {
+    events.clear();
     if !(bias.is_finite() && bias.abs() <= MAX_BIAS) {
         return Err(PhysicsError::arg(
             "bias",
@@ -168,18 +240,34 @@ pub fn lateral_manipulation(
     }
     let a = cfg.lattice_constant.get();
     let nn = a / 3f64.sqrt();
-    if rng.random::<f64>()
-        < cfg.pickup_max.get() * (conductance / MAX_CONDUCTANCE) * (bias.abs() / MAX_BIAS)
-    {
-        return Ok(Outcome::Lost);
-    }
-    let p = cfg.hop_probability(bias, conductance);
-    let range = cfg.interaction_range.get();
     let len = (end[0] - start[0]).hypot(end[1] - start[1]);
     let steps = (len / cfg.tip_step.get()).ceil().max(1.0) as usize;
+    // The loss, if any, and the tip step where it happens.
+    let lost_at = (rng.random::<f64>()
+        < cfg.pickup_max.get() * (conductance / MAX_CONDUCTANCE) * (bias.abs() / MAX_BIAS))
+        .then(|| rng.random_range(1..=steps));
+    let p = cfg.hop_probability(bias, conductance);
+    let range = cfg.interaction_range.get();
     let mut pos = nearest_hollow(atom, a);
     for k in 1..=steps {
         let t = k as f64 / steps as f64;
+        if lost_at == Some(k) {
+            if rng.random::<f64>() < cfg.pickup_share.get() {
+                events.push(DragEvent { at: t, to: None });
+                return Ok(Outcome::PickedUp);
+            }
+            // Uniform over the annulus 2a/√3 ≤ r ≤ scatter_range, then the nearest hollow
+            // (at least a/√3 from `pos`, so a different site).
+            let (r0, r1) = (2.0 * nn, cfg.scatter_range.get());
+            let r = (r0 * r0 + rng.random::<f64>() * (r1 * r1 - r0 * r0)).sqrt();
+            let phi = std::f64::consts::TAU * rng.random::<f64>();
+            let site = nearest_hollow([pos[0] + r * phi.cos(), pos[1] + r * phi.sin()], a);
+            events.push(DragEvent {
+                at: t,
+                to: Some(site),
+            });
+            return Ok(Outcome::Scattered(site));
+        }
         let tip = [
             start[0] + t * (end[0] - start[0]),
             start[1] + t * (end[1] - start[1]),
@@ -198,6 +286,10 @@ pub fn lateral_manipulation(
         );
         if target != pos && rng.random::<f64>() < p {
             pos = target;
+            events.push(DragEvent {
+                at: t,
+                to: Some(pos),
+            });
         }
     }
     Ok(Outcome::Moved(pos))
@@ -220,7 +312,7 @@ mod tests {
                     Outcome::Moved(p) => {
                         (p[0] - goal[0]).hypot(p[1] - goal[1]) <= AG111_A / 3f64.sqrt() + 1e-15
                     }
-                    Outcome::Lost => false,
+                    Outcome::PickedUp | Outcome::Scattered(_) => false,
                 }
             })
             .count();
@@ -286,6 +378,78 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("m.p_max")
+        );
+    }
+
+    /// DESIGN.md §5: a lost adatom is picked up (share `pickup_share`) or scattered to a
+    /// different hollow site within `scatter_range`; the events chain hop by hop (each hop to a
+    /// neighbouring site, at increasing fractions of the path) and end where the outcome says.
+    #[test]
+    fn drags_record_hops_and_losses_split_between_tip_and_sites() {
+        let cfg = ManipulationConfig {
+            pickup_max: Param::fixed(1.0),
+            pickup_share: Param::fixed(0.3),
+            ..Default::default()
+        };
+        let nn = AG111_A / 3f64.sqrt();
+        let atom = nearest_hollow([0.0, 0.0], AG111_A);
+        let mut rng = seeded(4);
+        let mut events = Vec::new();
+        let (mut picked, mut scattered, mut hops) = (0usize, 0usize, 0usize);
+        let n = 2000;
+        for _ in 0..n {
+            // 15 mV, 6 nA/mV: q = pickup_max = 1, every drag loses the atom somewhere on the way.
+            let out = drag(
+                &cfg,
+                atom,
+                atom,
+                [1.5e-9, 0.0],
+                0.015,
+                6.0,
+                &mut rng,
+                &mut events,
+            )
+            .unwrap();
+            let mut pos = atom;
+            let mut last_at = 0.0;
+            for (k, e) in events.iter().enumerate() {
+                assert!(e.at > last_at && e.at <= 1.0);
+                last_at = e.at;
+                if k + 1 < events.len() {
+                    let q = e.to.unwrap();
+                    assert!(((q[0] - pos[0]).hypot(q[1] - pos[1]) - nn).abs() < 1e-15);
+                    pos = q;
+                    hops += 1;
+                }
+            }
+            match (out, events.last()) {
+                (Outcome::PickedUp, Some(e)) => {
+                    assert_eq!(e.to, None);
+                    picked += 1;
+                }
+                (Outcome::Scattered(p), Some(e)) => {
+                    assert_eq!(e.to, Some(p));
+                    let d = (p[0] - pos[0]).hypot(p[1] - pos[1]);
+                    assert!(d >= nn - 1e-15 && d <= 2e-9 + nn, "{d:e}");
+                    scattered += 1;
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        let share = picked as f64 / n as f64;
+        println!("{picked} picked up, {scattered} scattered, {hops} hops before the loss");
+        // Binomial(2000, 0.3): standard deviation 0.010.
+        assert!((share - 0.3).abs() < 0.04, "{share}");
+        assert!(hops > 0);
+        assert!(
+            ManipulationConfig {
+                scatter_range: Param::fixed(0.1e-9),
+                ..Default::default()
+            }
+            .validate("m.")
+            .unwrap_err()
+            .to_string()
+            .contains("m.scatter_range")
         );
     }
 }

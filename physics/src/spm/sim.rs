@@ -5,20 +5,26 @@
 //! - **AFM** (contact): the height channel is the z-piezo signal of the feedback tracking the
 //!   surface dilated by the tip; the error channel is the deflection error (height units).
 //! - **STM** (constant current): the surface is the apparent-height map of an Ag(111) terrace
-//!   with adatoms ([`super::adatoms`]); lateral manipulation moves the adatoms; bias pulses and
-//!   dips condition the tip.
+//!   with adatoms ([`super::adatoms`]); lateral manipulation moves the adatoms (its trace is the
+//!   tip height recorded while dragging; an adatom the tip picks up changes the tip, one lost
+//!   to a random site lies there); bias pulses and dips condition the tip.
 //! - **PFM**: contact AFM over a ferroelectric film ([`super::ferro`]) whose polarization grid
 //!   coincides with the sample grid; amplitude and phase channels, bias-pulse writing and
 //!   switching spectroscopy.
 //!
 //! The sample is a square grid of `sample.pixels²` cells spanning `sample.size`, centred on the
-//! origin of the sample frame. The scanner's drift moves the sample relative to the lab frame
-//! (instrument coordinates, [`crate::instrument`]). Per line: the scanner gives the positions
-//! each pixel actually visits on the sample (drift, creep, hysteresis), the tip-dilated surface
-//! is interpolated there, the PI loop tracks it (trace, then retrace), and height noise (white,
-//! 1/f, line offsets, plus the extra noise and glitches of an adsorbate on the tip) is added.
-//! Contact wears the tip; a tracking error beyond `sample.crash_threshold` is a crash; the tip
-//! can change spontaneously while scanning. A changed tip re-images the rest of the frame.
+//! origin of the sample frame. The grid is one period of an endless periodic sample
+//! ([`super::surface`]: surfaces, adatoms and the film are all periodic; terraces up to a
+//! constant rise per period), so a drift or offset that carries the scan past the grid's edge
+//! images the sample continued, never a repeated edge value. The scanner's drift moves the
+//! sample relative to the lab frame (instrument coordinates, [`crate::instrument`]). Per line:
+//! the scanner gives the positions each pixel actually visits on the sample (drift, creep,
+//! hysteresis), the tip-dilated surface (dilated periodically: the tip meets the sample across
+//! the grid's edge) is interpolated there ([`bilinear`], the crate's one bilinear sampler), the
+//! PI loop tracks it (trace, then retrace), and height noise (white, 1/f, line offsets, plus the
+//! extra noise and glitches of an adsorbate on the tip) is added. Contact wears the tip; a
+//! tracking error beyond `sample.crash_threshold` is a crash; the tip can change spontaneously
+//! while scanning. A changed tip re-images the rest of the frame.
 //!
 //! ```
 //! use scopegym_physics::spm::sim::{SpmConfig, SpmSimulator};
@@ -42,13 +48,17 @@ use crate::instrument::{
 use crate::param::dims::{Angle, Frequency, Length, Time, Unitless, Voltage};
 use crate::param::{Param, Randomizer, Region};
 use crate::rng::{SimRng, derive_seed, normal, seeded};
-use crate::spm::adatoms::{AdatomConfig, bumps, corrugation, place_adatoms};
+use crate::spm::adatoms::{AdatomConfig, BumpPatch, bumps, corrugation, place_adatoms};
 use crate::spm::dilation::{Dilator, Tip};
 use crate::spm::feedback::{FeedbackConfig, ZFeedback};
 use crate::spm::ferro::{FerroConfig, FerroFilm, pfm_response, pfm_signal, smooth_periodic};
-use crate::spm::manipulation::{ManipulationConfig, Outcome, lateral_manipulation};
+use crate::spm::manipulation::{
+    DragEvent, ManipulationConfig, Outcome, drag, lateral_manipulation,
+};
 use crate::spm::scanner::{Scanner, ScannerConfig};
-use crate::spm::surface::{SurfaceConfig, generate};
+use crate::spm::surface::{
+    SurfaceConfig, bilinear, bilinear_nodes, generate, pad_periodic, periodic_node,
+};
 use crate::spm::tip::{Conditioning, TipConfig, TipState};
 use ndarray::{Array2, ArrayView2};
 use rand::Rng;
@@ -397,13 +407,26 @@ pub struct SpmSimulator {
     cell: f64,
     /// The topography without adatoms, m.
     base_topography: Array2<f32>,
-    /// `base_topography` plus the adatom terrace's corrugation (computed once per sample).
-    terrace: Array2<f32>,
+    /// Height the periodic sample gains per period along x and y (terraces), m.
+    rise: [f64; 2],
+    /// STM with adatoms: `base_topography` plus the terrace's atomic corrugation (computed once
+    /// per sample).
+    terrace: Option<Array2<f32>>,
     /// The true surface the tip meets (topography plus adatoms), m.
     truth: Array2<f32>,
     /// The truth dilated by the tip: what a perfect feedback would record, m.
     dilated: Array2<f32>,
     dilated_valid: bool,
+    /// Whether `dilated` is exact up to the grid's edge (the periodic dilation), not only at
+    /// least the kernel's half width inside it.
+    dilated_edges: bool,
+    /// The truth extended periodically by the kernel's half width, and its dilation (scratch).
+    padded: Array2<f32>,
+    padded_dilated: Array2<f32>,
+    /// Scratch for a drag: its events, and a block of the truth and of its dilation.
+    drag_events: Vec<DragEvent>,
+    block: Array2<f32>,
+    block_dilated: Array2<f32>,
     tip: TipState,
     kernel: Tip,
     dilator: Dilator,
@@ -436,33 +459,6 @@ fn channel(name: &str, units: &str, quantity: &str, shape: (usize, usize)) -> Ch
     }
 }
 
-/// Bilinear interpolation of `grid` (cell size `cell`, centred on the origin) at `(x, y)` m;
-/// positions outside the grid take the nearest edge value.
-fn bilinear(grid: ArrayView2<'_, f32>, cell: f64, x: f64, y: f64) -> f32 {
-    let (ny, nx) = grid.dim();
-    let u = (x / cell + 0.5 * nx as f64 - 0.5).clamp(0.0, (nx - 1) as f64);
-    let v = (y / cell + 0.5 * ny as f64 - 0.5).clamp(0.0, (ny - 1) as f64);
-    let (j0, i0) = (u.floor() as usize, v.floor() as usize);
-    let (j1, i1) = ((j0 + 1).min(nx - 1), (i0 + 1).min(ny - 1));
-    let (fu, fv) = ((u - j0 as f64) as f32, (v - i0 as f64) as f32);
-    let top = grid[[i0, j0]] * (1.0 - fu) + grid[[i0, j1]] * fu;
-    let bottom = grid[[i1, j0]] * (1.0 - fu) + grid[[i1, j1]] * fu;
-    top * (1.0 - fv) + bottom * fv
-}
-
-/// [`bilinear`] for an `f64` grid.
-fn bilinear_f64(grid: ArrayView2<'_, f64>, cell: f64, x: f64, y: f64) -> f32 {
-    let (ny, nx) = grid.dim();
-    let u = (x / cell + 0.5 * nx as f64 - 0.5).clamp(0.0, (nx - 1) as f64);
-    let v = (y / cell + 0.5 * ny as f64 - 0.5).clamp(0.0, (ny - 1) as f64);
-    let (j0, i0) = (u.floor() as usize, v.floor() as usize);
-    let (j1, i1) = ((j0 + 1).min(nx - 1), (i0 + 1).min(ny - 1));
-    let (fu, fv) = (u - j0 as f64, v - i0 as f64);
-    let top = grid[[i0, j0]] * (1.0 - fu) + grid[[i0, j1]] * fu;
-    let bottom = grid[[i1, j0]] * (1.0 - fu) + grid[[i1, j1]] * fu;
-    (top * (1.0 - fv) + bottom * fv) as f32
-}
-
 impl SpmSimulator {
     /// Builds a simulator: resolves distributions in `config` with `seed`, validates, builds the
     /// sample, tip and scanner. The same config and seed give the same session, bit for bit.
@@ -490,10 +486,17 @@ impl SpmSimulator {
             rng_sample: seeded(derive_seed(seed, "sample")),
             cell: 1.0,
             base_topography: Array2::zeros((1, 1)),
-            terrace: Array2::zeros((1, 1)),
+            rise: [0.0, 0.0],
+            terrace: None,
             truth: Array2::zeros((1, 1)),
             dilated: Array2::zeros((1, 1)),
             dilated_valid: false,
+            dilated_edges: false,
+            padded: Array2::zeros((1, 1)),
+            padded_dilated: Array2::zeros((1, 1)),
+            drag_events: Vec::new(),
+            block: Array2::zeros((1, 1)),
+            block_dilated: Array2::zeros((1, 1)),
             kernel: Tip::point(1, 1.0)?,
             tip,
             dilator: Dilator::new(),
@@ -593,11 +596,12 @@ impl SpmSimulator {
         self.drawn = drawn;
         let n = self.cfg.sample.pixels;
         self.terrace = if self.adatoms.is_empty() {
-            Array2::zeros((1, 1))
+            None
         } else {
-            &topo + &corrugation(&self.cfg.adatoms, [n, n], self.cell)?
+            Some(&topo.heights + &corrugation(&self.cfg.adatoms, [n, n], self.cell)?)
         };
-        self.base_topography = topo;
+        self.base_topography = topo.heights;
+        self.rise = topo.rise;
         self.rebuild_truth()?;
         self.rebuild_kernel()?;
         self.scan = Self::scan_from(&self.cfg);
@@ -613,10 +617,11 @@ impl SpmSimulator {
 
     fn rebuild_truth(&mut self) -> Result<()> {
         let n = self.cfg.sample.pixels;
+        let under = self.terrace.as_ref().unwrap_or(&self.base_topography);
         self.truth = if self.adatoms.is_empty() {
-            self.base_topography.clone()
+            under.clone()
         } else {
-            &self.terrace + &bumps(&self.cfg.adatoms, &self.adatoms, [n, n], self.cell)?
+            under + &bumps(&self.cfg.adatoms, &self.adatoms, [n, n], self.cell)?
         };
         self.dilated_valid = false;
         Ok(())
@@ -662,15 +667,72 @@ impl SpmSimulator {
         Ok(())
     }
 
+    /// Dilates the truth by the tip where the kernel stays inside the grid: exact on every
+    /// cell at least the kernel's half width from the edge ([`Self::dilate_to_edges`] finishes
+    /// the band along the edge when a scan reaches it).
     fn ensure_dilated(&mut self) -> Result<()> {
         if !self.dilated_valid {
-            if self.dilated.dim() != self.truth.dim() {
-                self.dilated = Array2::zeros(self.truth.dim());
+            let (ny, nx) = self.truth.dim();
+            if self.dilated.dim() != (ny, nx) {
+                self.dilated = Array2::zeros((ny, nx));
             }
             self.dilator
                 .dilate(self.truth.view(), &self.kernel, self.dilated.view_mut())?;
             self.dilated_valid = true;
+            self.dilated_edges = self.kernel.half_width() == 0;
         }
+        Ok(())
+    }
+
+    /// Whether sampling the image anywhere in the box `[lo, hi]` (sample frame, m) reads a node
+    /// within the kernel's half width of the grid's edge (or past it).
+    fn reaches_edge_band(&self, lo: [f64; 2], hi: [f64; 2]) -> bool {
+        let n = self.cfg.sample.pixels as f64;
+        let h = self.kernel.half_width() as f64;
+        let u = |x: f64| x / self.cell + 0.5 * n - 0.5;
+        // Nodes floor(u) and floor(u) + 1 must lie in [h, n − 1 − h].
+        !(u(lo[0]) >= h && u(lo[1]) >= h && u(hi[0]) < n - 1.0 - h && u(hi[1]) < n - 1.0 - h)
+    }
+
+    /// Makes the valid image exact up to the grid's edge when sampling the box `[lo, hi]`
+    /// (sample frame, m) needs it: the periodic dilation (the truth extended by the kernel's
+    /// half width with its periodic continuation, dilated, the grid's part kept), so that cells
+    /// near the edge see the tip meet the sample across it.
+    fn dilate_to_edges_over(&mut self, lo: [f64; 2], hi: [f64; 2]) -> Result<()> {
+        if self.dilated_valid && !self.dilated_edges && self.reaches_edge_band(lo, hi) {
+            self.dilate_to_edges()?;
+        }
+        Ok(())
+    }
+
+    /// The periodic dilation of the truth over the whole grid (see
+    /// [`Self::dilate_to_edges_over`]).
+    fn dilate_to_edges(&mut self) -> Result<()> {
+        let (ny, nx) = self.truth.dim();
+        if self.dilated.dim() != (ny, nx) {
+            self.dilated = Array2::zeros((ny, nx));
+        }
+        let h = self.kernel.half_width();
+        if h == 0 {
+            self.dilator
+                .dilate(self.truth.view(), &self.kernel, self.dilated.view_mut())?;
+        } else {
+            let shape = (ny + 2 * h, nx + 2 * h);
+            if self.padded.dim() != shape {
+                self.padded = Array2::zeros(shape);
+                self.padded_dilated = Array2::zeros(shape);
+            }
+            pad_periodic(self.truth.view(), self.rise, h, self.padded.view_mut())?;
+            self.dilator.dilate(
+                self.padded.view(),
+                &self.kernel,
+                self.padded_dilated.view_mut(),
+            )?;
+            self.dilated
+                .assign(&self.padded_dilated.slice(ndarray::s![h..h + ny, h..h + nx]));
+        }
+        self.dilated_valid = true;
+        self.dilated_edges = true;
         Ok(())
     }
 
@@ -884,9 +946,22 @@ impl SpmSimulator {
                     &mut self.xs,
                     &mut self.ys,
                 )?;
+                if !self.dilated_edges {
+                    let range = |v: &[f64]| {
+                        v.iter()
+                            .fold((f64::MAX, f64::MIN), |(a, b), &x| (a.min(x), b.max(x)))
+                    };
+                    let ((x0, x1), (y0, y1)) = (range(&self.xs), range(&self.ys));
+                    self.dilate_to_edges_over([x0, y0], [x1, y1])?;
+                }
                 for j in 0..cols {
-                    self.profile[j] =
-                        bilinear(self.dilated.view(), self.cell, self.xs[j], self.ys[j]);
+                    self.profile[j] = bilinear(
+                        self.dilated.view(),
+                        self.cell,
+                        self.rise,
+                        self.xs[j],
+                        self.ys[j],
+                    ) as f32;
                 }
                 if !engaged {
                     let first = if reverse {
@@ -945,12 +1020,15 @@ impl SpmSimulator {
                     if let Some(resp) = &pfm {
                         // The main channel is the phase: its noiseless value is 0° or 180°.
                         for j in 0..cols {
-                            let v = f64::from(bilinear_f64(
+                            // The film is periodic without rise.
+                            let v = bilinear(
                                 resp.view(),
                                 self.cell,
+                                [0.0, 0.0],
                                 self.xs[j],
                                 self.ys[j],
-                            ));
+                            ) as f32;
+                            let v = f64::from(v);
                             let (a, ph) =
                                 pfm_signal(v, gain, amp_noise, phase_noise, &mut self.rng_noise);
                             self.channels[0].image[[r, j]] = ph;
@@ -1195,6 +1273,13 @@ impl PointSpectroscopy for SpmSimulator {
 }
 
 impl LateralManipulation for SpmSimulator {
+    /// Drags the adatom nearest `start` (within twice the interaction range, on the periodic
+    /// sample) along the path ([`drag`]) and returns the tip height (m) at points every quarter
+    /// cell along the path, recorded while dragging: each point sees the adatom where it is when
+    /// the tip passes there (at its start site before the first hop, at each new site after a
+    /// hop, gone once the tip has picked it up, imaged with the changed tip from then on), so
+    /// hops show as steps in the trace where they happen. A picked-up adatom changes the tip
+    /// ([`TipState::pick_up`]); a scattered one lies on its new site.
     fn manipulate(
         &mut self,
         start: [f64; 2],
@@ -1219,43 +1304,644 @@ impl LateralManipulation for SpmSimulator {
             .adatoms
             .iter()
             .enumerate()
-            .map(|(i, a)| (i, (a[0] - s[0]).hypot(a[1] - s[1])))
-            .filter(|&(_, d)| d <= reach)
-            .min_by(|a, b| a.1.total_cmp(&b.1));
-        if let Some((i, _)) = nearest {
-            let out = lateral_manipulation(
+            .map(|(i, &a)| {
+                let a = self.image_near(a, s);
+                (i, a, (a[0] - s[0]).hypot(a[1] - s[1]))
+            })
+            .filter(|&(_, _, d)| d <= reach)
+            .min_by(|a, b| a.2.total_cmp(&b.2));
+        let len = (e[0] - s[0]).hypot(e[1] - s[1]);
+        let n = ((len / (0.25 * self.cell)).ceil() as usize).clamp(2, 10_000);
+        let point = |k: usize| {
+            let t = k as f64 / (n - 1) as f64;
+            (t, [s[0] + t * (e[0] - s[0]), s[1] + t * (e[1] - s[1])])
+        };
+        let trace = if let Some((i, atom, _)) = nearest {
+            let mut events = std::mem::take(&mut self.drag_events);
+            let out = drag(
                 &self.cfg.manipulation,
-                self.adatoms[i],
+                atom,
                 s,
                 e,
                 bias,
                 g,
                 &mut self.rng_sample,
-            )?;
-            match out {
-                Outcome::Moved(p) => self.adatoms[i] = p,
-                Outcome::Lost => {
-                    self.adatoms.remove(i);
-                }
-            }
-            self.rebuild_truth()?;
+                &mut events,
+            );
+            let trace = out.and_then(|out| self.drag_trace(i, atom, out, &events, n, point));
+            self.drag_events = events;
+            trace?
         } else {
             // Still validate the arguments the way a real drag would.
             lateral_manipulation(&self.cfg.manipulation, s, s, s, bias, g, &mut seeded(0))?;
-        }
-        self.ensure_dilated()?;
-        let len = (e[0] - s[0]).hypot(e[1] - s[1]);
-        let n = ((len / (0.25 * self.cell)).ceil() as usize).clamp(2, 10_000);
-        let trace = (0..n)
-            .map(|k| {
-                let t = k as f64 / (n - 1) as f64;
-                let p = [s[0] + t * (e[0] - s[0]), s[1] + t * (e[1] - s[1])];
-                f64::from(bilinear(self.dilated.view(), self.cell, p[0], p[1]))
-            })
-            .collect();
+            self.ensure_dilated()?;
+            self.dilate_to_edges_over(
+                [s[0].min(e[0]), s[1].min(e[1])],
+                [s[0].max(e[0]), s[1].max(e[1])],
+            )?;
+            (0..n)
+                .map(|k| {
+                    let p = point(k).1;
+                    bilinear(self.dilated.view(), self.cell, self.rise, p[0], p[1])
+                })
+                .collect()
+        };
         self.probe = end;
         self.clock += len / MANIPULATION_SPEED;
         self.scanner.advance(self.clock, &mut self.rng_scan);
         Ok(trace)
+    }
+}
+
+/// The cells of a bump window (`side²` cells from `(row0, col0)`, any integers) and all their
+/// periodic images on a grid of `shape` that fall in `region` (`[rows, cols]`, inclusive
+/// ranges): calls `f(k, r, c, period)` with `k` the window's row-major cell index, `(r, c)` the
+/// cell's position in the region and `period = [py, px]` the periods between the image and the
+/// grid (the image of grid cell `(i, j)` is `(i + py·rows, j + px·cols)`).
+fn for_window_images(
+    row0: i64,
+    col0: i64,
+    side: usize,
+    shape: [usize; 2],
+    region: [[i64; 2]; 2],
+    mut f: impl FnMut(usize, usize, usize, [i64; 2]),
+) {
+    let (ny, nx) = (shape[0] as i64, shape[1] as i64);
+    let [[r_lo, r_hi], [c_lo, c_hi]] = region;
+    // The images x + k·n of the cells x of a window axis inside [lo, hi]:
+    // ceil((lo − x)/n) ≤ k ≤ floor((hi − x)/n). Each as (window index, region index, period).
+    let images = |first: i64, n: i64, lo: i64, hi: i64| -> Vec<(usize, usize, i64)> {
+        let mut out = Vec::new();
+        for d in 0..side {
+            let x = first + d as i64;
+            for k in -(x - lo).div_euclid(n)..=(hi - x).div_euclid(n) {
+                let at = x + k * n;
+                out.push((d, (at - lo) as usize, at.div_euclid(n)));
+            }
+        }
+        out
+    };
+    let cols = images(col0, nx, c_lo, c_hi);
+    if cols.is_empty() {
+        return;
+    }
+    for (di, r, py) in images(row0, ny, r_lo, r_hi) {
+        for &(dj, c, px) in &cols {
+            f(di * side + dj, r, c, [py, px]);
+        }
+    }
+}
+
+/// The surface near a drag's path, for its trace: on a region of the periodic sample (any
+/// integer cells) around the path, the truth without the dragged adatom (`base`), the surface
+/// under the adatoms (`under`), and `field`, the truth with the dragged adatom's bump at its
+/// current site (the maximum of `base` and `under + bump`, as [`bumps`] combines bumps). The
+/// trace's nodes are the brute-force dilation of `field` by the tip, equal (up to the order of
+/// `f32` roundings) to the image of that surface.
+#[derive(Debug)]
+struct DragField {
+    /// Rows and columns of the region, inclusive.
+    region: [[i64; 2]; 2],
+    width: usize,
+    base: Vec<f32>,
+    under: Vec<f32>,
+    field: Vec<f32>,
+}
+
+impl DragField {
+    fn new(region: [[i64; 2]; 2]) -> Self {
+        let [[r_lo, r_hi], [c_lo, c_hi]] = region;
+        let (h, w) = ((r_hi - r_lo + 1) as usize, (c_hi - c_lo + 1) as usize);
+        Self {
+            region,
+            width: w,
+            base: vec![0.0; h * w],
+            under: vec![0.0; h * w],
+            field: vec![0.0; h * w],
+        }
+    }
+
+    /// Fills `dst` with the periodic grid `g` (rise `rise`) over the region.
+    fn fill(&mut self, which: usize, g: ArrayView2<'_, f32>, rise: [f64; 2]) {
+        let [[r_lo, _], [c_lo, _]] = self.region;
+        let w = self.width;
+        let dst = if which == 0 {
+            &mut self.base
+        } else {
+            &mut self.under
+        };
+        for (k, v) in dst.iter_mut().enumerate() {
+            let (r, c) = ((k / w) as i64, (k % w) as i64);
+            *v = periodic_node(g, rise, r_lo + r, c_lo + c) as f32;
+        }
+    }
+
+    /// `field` with the bump `patch` (on the grid of `shape`) on `base`.
+    fn place(&mut self, patch: Option<&BumpPatch>, shape: [usize; 2]) {
+        self.field.copy_from_slice(&self.base);
+        if let Some(p) = patch {
+            let w = self.width;
+            let (field, under) = (&mut self.field, &self.under);
+            for_window_images(p.row0, p.col0, p.side, shape, self.region, |k, r, c, _| {
+                let at = r * w + c;
+                let v = under[at] + p.values[k];
+                if v > field[at] {
+                    field[at] = v;
+                }
+            });
+        }
+    }
+
+    /// The brute-force dilation of `field` by `kernel` at grid node `(i, j)` (its sources must
+    /// lie in the region), m.
+    fn node(&self, kernel: &Tip, i: i64, j: i64) -> f64 {
+        let side = kernel.side();
+        let c = (side / 2) as i64;
+        let heights = kernel.heights();
+        let [[r_lo, _], [c_lo, _]] = self.region;
+        let mut best = f32::NEG_INFINITY;
+        for ti in 0..side {
+            let r = (i + c - ti as i64 - r_lo) as usize;
+            let row = &self.field[r * self.width..(r + 1) * self.width];
+            let c0 = (j + c - c_lo) as usize;
+            for (tj, &t) in heights[ti * side..(ti + 1) * side].iter().enumerate() {
+                let v = row[c0 - tj] + t;
+                if v > best {
+                    best = v;
+                }
+            }
+        }
+        f64::from(best)
+    }
+}
+
+impl SpmSimulator {
+    /// The periodic image of sample position `p` (m) nearest `near` (m).
+    fn image_near(&self, p: [f64; 2], near: [f64; 2]) -> [f64; 2] {
+        let l = self.cfg.sample.pixels as f64 * self.cell;
+        [
+            p[0] + l * ((near[0] - p[0]) / l).round(),
+            p[1] + l * ((near[1] - p[1]) / l).round(),
+        ]
+    }
+
+    /// The periodic image of sample position `p` (m) on the sample grid, `[-L/2, L/2]`.
+    fn on_grid(&self, p: [f64; 2]) -> [f64; 2] {
+        self.image_near(p, [0.0, 0.0])
+    }
+
+    /// The truth without adatom `i` on the cells of `patch` (its bump window; wrapped cells,
+    /// row-major): the surface under the adatoms plus the other adatoms' bumps there.
+    fn without_adatom(&self, i: usize, patch: &BumpPatch) -> Result<Vec<f32>> {
+        let n = self.cfg.sample.pixels;
+        let shape = [n, n];
+        let under = self.terrace.as_ref().unwrap_or(&self.base_topography);
+        let side = patch.side;
+        let mut bump = vec![0.0f32; side * side];
+        // The other adatoms whose windows can reach this one (minimum-image distance).
+        let centre = [
+            (patch.col0 as f64 + 0.5 * side as f64 - 0.5 * n as f64) * self.cell,
+            (patch.row0 as f64 + 0.5 * side as f64 - 0.5 * n as f64) * self.cell,
+        ];
+        let reach = (side as f64 + 1.0) * self.cell;
+        for (k, &a) in self.adatoms.iter().enumerate() {
+            let q = self.image_near(a, centre);
+            if k == i || (q[0] - centre[0]).abs() > reach || (q[1] - centre[1]).abs() > reach {
+                continue;
+            }
+            let other = BumpPatch::new(&self.cfg.adatoms, a, shape, self.cell)?;
+            for (k, b) in bump.iter_mut().enumerate() {
+                let (r, c) = (
+                    patch.row0 + (k / side) as i64,
+                    patch.col0 + (k % side) as i64,
+                );
+                if let Some(v) = other.get_periodic(r, c, shape) {
+                    *b = b.max(v);
+                }
+            }
+        }
+        let (rows, cols) = self.window_cells(patch);
+        Ok(rows
+            .iter()
+            .flat_map(|&r| cols.iter().map(move |&c| (r, c)))
+            .zip(&bump)
+            .map(|((r, c), &b)| under[[r, c]] + b)
+            .collect())
+    }
+
+    /// The grid rows and columns (wrapped) of the cells of `patch`'s window.
+    fn window_cells(&self, patch: &BumpPatch) -> (Vec<usize>, Vec<usize>) {
+        let ni = self.cfg.sample.pixels as i64;
+        let wrap = |first: i64| -> Vec<usize> {
+            (0..patch.side as i64)
+                .map(|d| (first + d).rem_euclid(ni) as usize)
+                .collect()
+        };
+        (wrap(patch.row0), wrap(patch.col0))
+    }
+
+    /// Writes `values` (the truth on the cells of `patch`'s window, wrapped, row-major) into the
+    /// truth.
+    fn write_window(&mut self, patch: &BumpPatch, values: &[f32]) {
+        let (rows, cols) = self.window_cells(patch);
+        for (&r, line) in rows.iter().zip(values.chunks(patch.side)) {
+            for (&c, &v) in cols.iter().zip(line) {
+                self.truth[[r, c]] = v;
+            }
+        }
+    }
+
+    /// Raises the truth by the bump `patch` (the higher of the two, as [`bumps`] does).
+    fn add_bump(&mut self, patch: &BumpPatch) {
+        let (rows, cols) = self.window_cells(patch);
+        let under = self.terrace.as_ref().unwrap_or(&self.base_topography);
+        for (&r, line) in rows.iter().zip(patch.values.chunks(patch.side)) {
+            for (&c, &b) in cols.iter().zip(line) {
+                let v = under[[r, c]] + b;
+                let t = &mut self.truth[[r, c]];
+                if v > *t {
+                    *t = v;
+                }
+            }
+        }
+    }
+
+    /// After the truth changed only on the windows of `patches`: recomputes the (valid) image
+    /// on the nodes that see them, by dilating a block of the periodic truth around their
+    /// bounding box (the dilation is local: the same values as a full dilation there). Falls
+    /// back to a full dilation when the block would not be smaller than the grid.
+    fn redilate_windows(&mut self, patches: &[&BumpPatch]) -> Result<()> {
+        let Some(first) = patches.first() else {
+            return Ok(());
+        };
+        let (mut lo, mut hi) = ([first.row0, first.col0], [first.row0, first.col0]);
+        for p in patches {
+            let last = p.side as i64 - 1;
+            lo = [lo[0].min(p.row0), lo[1].min(p.col0)];
+            hi = [hi[0].max(p.row0 + last), hi[1].max(p.col0 + last)];
+        }
+        let n = self.cfg.sample.pixels;
+        let h = self.kernel.half_width();
+        let side = [
+            (hi[0] - lo[0]) as usize + 1 + 2 * h,
+            (hi[1] - lo[1]) as usize + 1 + 2 * h,
+        ];
+        let src = [side[0] + 2 * h, side[1] + 2 * h];
+        if !self.dilated_valid {
+            return self.ensure_dilated();
+        }
+        if src[0] >= n || src[1] >= n {
+            // Redo it all, as exact near the edge as before.
+            if self.dilated_edges {
+                return self.dilate_to_edges();
+            }
+            self.dilated_valid = false;
+            return self.ensure_dilated();
+        }
+        let (r0, c0) = (lo[0] - h as i64, lo[1] - h as i64);
+        if self.block.dim() != (src[0], src[1]) {
+            self.block = Array2::zeros((src[0], src[1]));
+            self.block_dilated = Array2::zeros((src[0], src[1]));
+        }
+        // Grid index and period of each block row and column.
+        let ni = n as i64;
+        let axis = |first: i64, len: usize| -> Vec<(usize, i64)> {
+            (first..first + len as i64)
+                .map(|k| (k.rem_euclid(ni) as usize, k.div_euclid(ni)))
+                .collect()
+        };
+        let (rows, cols) = (axis(r0 - h as i64, src[0]), axis(c0 - h as i64, src[1]));
+        let rise = self.rise;
+        let shift = |py: i64, px: i64| px as f64 * rise[0] + py as f64 * rise[1];
+        for (mut out, &(i, py)) in self.block.rows_mut().into_iter().zip(&rows) {
+            let line = self.truth.row(i);
+            for (v, &(j, px)) in out.iter_mut().zip(&cols) {
+                *v = if py == 0 && px == 0 {
+                    line[j]
+                } else {
+                    (f64::from(line[j]) + shift(py, px)) as f32
+                };
+            }
+        }
+        self.dilator.dilate(
+            self.block.view(),
+            &self.kernel,
+            self.block_dilated.view_mut(),
+        )?;
+        for (a, &(i, py)) in rows[h..h + side[0]].iter().enumerate() {
+            let line = self.block_dilated.row(a + h);
+            let mut out = self.dilated.row_mut(i);
+            for (b, &(j, px)) in cols[h..h + side[1]].iter().enumerate() {
+                let v = line[b + h];
+                out[j] = if py == 0 && px == 0 {
+                    v
+                } else {
+                    (f64::from(v) - shift(py, px)) as f32
+                };
+            }
+        }
+        Ok(())
+    }
+
+    /// The [`DragField`] of a drag from `p0` to `p1` (sample frame, m) of the adatom whose bump
+    /// is `start`, `without` the truth without it on that bump's window ([`Self::without_adatom`]):
+    /// its region holds every node the trace interpolates, widened by the kernel's half width.
+    fn drag_field(
+        &self,
+        start: &BumpPatch,
+        without: &[f32],
+        p0: [f64; 2],
+        p1: [f64; 2],
+    ) -> DragField {
+        let grid = self.cfg.sample.pixels;
+        let c = self.kernel.half_width() as i64;
+        let node_of = |x: f64| (x / self.cell + 0.5 * grid as f64 - 0.5).floor() as i64;
+        let rows = [
+            node_of(p0[1]).min(node_of(p1[1])),
+            node_of(p0[1]).max(node_of(p1[1])),
+        ];
+        let cols = [
+            node_of(p0[0]).min(node_of(p1[0])),
+            node_of(p0[0]).max(node_of(p1[0])),
+        ];
+        let region = [
+            [rows[0] - c, rows[1] + 1 + c],
+            [cols[0] - c, cols[1] + 1 + c],
+        ];
+        let mut field = DragField::new(region);
+        let under = self.terrace.as_ref().unwrap_or(&self.base_topography);
+        field.fill(0, self.truth.view(), self.rise);
+        field.fill(1, under.view(), self.rise);
+        let (w, rise) = (field.width, self.rise);
+        let base = &mut field.base;
+        for_window_images(
+            start.row0,
+            start.col0,
+            start.side,
+            [grid, grid],
+            region,
+            |k, r, c, period| {
+                let shift = period[1] as f64 * rise[0] + period[0] as f64 * rise[1];
+                base[r * w + c] = (f64::from(without[k]) + shift) as f32;
+            },
+        );
+        field
+    }
+
+    /// Applies a drag of adatom `i` (at `atom`, its image near the path) that ended in `out`
+    /// with `events`, and records the trace at the `n` points `point(k) = (fraction, position)`
+    /// (see [`LateralManipulation::manipulate`]).
+    fn drag_trace(
+        &mut self,
+        i: usize,
+        atom: [f64; 2],
+        out: Outcome,
+        events: &[DragEvent],
+        n: usize,
+        point: impl Fn(usize) -> (f64, [f64; 2]),
+    ) -> Result<Vec<f64>> {
+        let grid = self.cfg.sample.pixels;
+        let shape = [grid, grid];
+        // The image before the drag (usually still valid from the last frame), updated around
+        // the adatom's start and end sites afterwards.
+        self.ensure_dilated()?;
+        let start = BumpPatch::new(&self.cfg.adatoms, atom, shape, self.cell)?;
+        let without = self.without_adatom(i, &start)?;
+        let mut field = self.drag_field(&start, &without, point(0).1, point(n - 1).1);
+        let mut bump = Some(start.clone());
+        field.place(bump.as_ref(), shape);
+        // The nodes of the last cells sampled (consecutive points mostly share a cell).
+        let mut cache: Vec<((i64, i64), f64)> = Vec::with_capacity(8);
+        let mut next = 0;
+        let mut trace = Vec::with_capacity(n);
+        for k in 0..n {
+            let (t, p) = point(k);
+            while next < events.len() && events[next].at <= t {
+                match (events[next].to, bump.as_mut()) {
+                    (Some(q), Some(b)) => {
+                        b.set(&self.cfg.adatoms, q, shape, self.cell)?;
+                        field.place(Some(b), shape);
+                    }
+                    _ => {
+                        // Picked up: off the surface, onto the tip; imaged with the new tip.
+                        bump = None;
+                        self.write_window(&start, &without);
+                        self.redilate_windows(&[&start])?;
+                        let before = self.tip.clone();
+                        self.tip.pick_up(&self.cfg.tip, &mut self.rng_tip);
+                        self.tip_changed(&before)?;
+                        self.ensure_dilated()?;
+                        let (a, b) = (point(0).1, point(n - 1).1);
+                        self.dilate_to_edges_over(
+                            [a[0].min(b[0]), a[1].min(b[1])],
+                            [a[0].max(b[0]), a[1].max(b[1])],
+                        )?;
+                    }
+                }
+                cache.clear();
+                next += 1;
+            }
+            let v = if bump.is_some() {
+                let kernel = &self.kernel;
+                bilinear_nodes(shape, self.cell, p[0], p[1], |ni, nj| {
+                    if let Some(&(_, v)) = cache.iter().find(|(key, _)| *key == (ni, nj)) {
+                        return v;
+                    }
+                    let v = field.node(kernel, ni, nj);
+                    if cache.len() == 8 {
+                        cache.remove(0);
+                    }
+                    cache.push(((ni, nj), v));
+                    v
+                })
+            } else {
+                bilinear(self.dilated.view(), self.cell, self.rise, p[0], p[1])
+            };
+            trace.push(v);
+        }
+        match out {
+            Outcome::Moved(q) | Outcome::Scattered(q) => {
+                self.write_window(&start, &without);
+                let q = self.on_grid(q);
+                let end = BumpPatch::new(&self.cfg.adatoms, q, shape, self.cell)?;
+                self.add_bump(&end);
+                self.adatoms[i] = q;
+                // One block when the two windows overlap much, else one each.
+                let overlap = |a: i64, b: i64| (end.side as i64 - (a - b).abs()).max(0);
+                let shared = overlap(start.row0, end.row0) * overlap(start.col0, end.col0);
+                if 2 * shared >= (end.side * end.side) as i64 {
+                    self.redilate_windows(&[&start, &end])?;
+                } else {
+                    self.redilate_windows(&[&start])?;
+                    self.redilate_windows(&[&end])?;
+                }
+            }
+            Outcome::PickedUp => {
+                self.adatoms.remove(i);
+            }
+        }
+        Ok(trace)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spm::dilation::dilate_brute_force;
+    use crate::spm::surface::SurfaceKind;
+    use crate::spm::tip::SecondApex;
+
+    /// `tiles × tiles` periodic copies of `g` (rise `rise` per period), the middle one at
+    /// `(tiles/2, tiles/2)`.
+    fn tiled(g: ArrayView2<'_, f32>, rise: [f64; 2], tiles: usize) -> Array2<f32> {
+        let (ny, nx) = g.dim();
+        let o = (tiles / 2) as i64;
+        Array2::from_shape_fn((ny * tiles, nx * tiles), |(i, j)| {
+            periodic_node(g, rise, i as i64 - o * ny as i64, j as i64 - o * nx as i64) as f32
+        })
+    }
+
+    /// The dilation is periodic: the simulator's image of the truth equals the brute-force
+    /// dilation of the truth tiled 3 × 3 (the sample continued on every side), middle tile, for
+    /// terraces with particles (a rise per period) and a large double tip whose kernel reaches
+    /// far across the edge.
+    #[test]
+    fn dilation_sees_the_sample_across_the_edge() {
+        let mut c = SpmConfig::default().without_scanner_imperfections();
+        c.sample.pixels = 40;
+        c.sample.size = Param::fixed(0.2e-6);
+        c.scan.pixels = [8, 8];
+        c.scan.size = Param::fixed(0.1e-6);
+        c.surface.kind = SurfaceKind::Mixed;
+        c.surface.particle_density = Param::fixed(1e15);
+        c.surface.terrace_width = Param::fixed(30e-9);
+        let mut sim = SpmSimulator::new(c, 5).unwrap();
+        let tip = TipState::sharp(20e-9)
+            .unwrap()
+            .with_second_apex(Some(SecondApex {
+                offset: [12e-9, -7e-9],
+                dz: 0.5e-9,
+            }))
+            .unwrap();
+        sim.set_tip_state(tip).unwrap();
+        sim.ensure_dilated().unwrap();
+        sim.dilate_to_edges().unwrap();
+        let h = sim.kernel.half_width();
+        assert!(h >= 4, "the kernel reaches {h} cells across the edge");
+        assert!(sim.rise[0] != 0.0 || sim.rise[1] != 0.0);
+        let reference =
+            dilate_brute_force(tiled(sim.truth.view(), sim.rise, 3).view(), &sim.kernel);
+        let n = 40;
+        let mid = reference.slice(ndarray::s![n..2 * n, n..2 * n]);
+        let worst = mid
+            .iter()
+            .zip(sim.dilated.iter())
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        assert!(worst < 1e-15, "largest difference {worst:e} m");
+    }
+
+    /// The manipulation trace's nodes (the brute-force dilation of the truth with the dragged
+    /// adatom's bump moved) equal the image rendered and dilated in full with the adatom at its
+    /// new site, at every node the trace can use, for adatoms inside the grid and across its edge
+    /// (the sample periodic), beside another adatom, with a sharp and with a double tip; and the
+    /// truth and image updated locally after the drag equal the full render and dilation.
+    #[test]
+    fn dragged_adatom_nodes_equal_the_full_image() {
+        let mut c = SpmConfig::default().without_scanner_imperfections();
+        c.mode = SpmMode::Stm;
+        c.sample.size = Param::fixed(6e-9);
+        c.sample.pixels = 60;
+        c.scan.pixels = [16, 16];
+        c.scan.size = Param::fixed(3e-9);
+        c.surface.kind = SurfaceKind::Flat;
+        c.surface.roughness = Param::fixed(2e-12);
+        c.adatoms.count = 2;
+        c.adatoms.corrugation = Param::fixed(5e-12);
+        let mut sim = SpmSimulator::new(c, 2).unwrap();
+        let double = TipState::sharp(0.8e-9)
+            .unwrap()
+            .with_second_apex(Some(SecondApex {
+                offset: [0.4e-9, 0.2e-9],
+                dz: 0.03e-9,
+            }))
+            .unwrap();
+        let shape = [60, 60];
+        let near_other = {
+            let o = sim.adatoms[0];
+            [o[0] + 0.4e-9, o[1] - 0.3e-9]
+        };
+        for tip in [TipState::sharp(0.4e-9).unwrap(), double] {
+            sim.set_tip_state(tip).unwrap();
+            // (from, to, path start, path end); the path may run past the grid's edge.
+            for (from, to, p0, p1) in [
+                (
+                    [0.3e-9, -0.7e-9],
+                    [0.6e-9, -0.5e-9],
+                    [0.2e-9, -0.7e-9],
+                    [1.1e-9, -0.4e-9],
+                ),
+                (
+                    [2.9e-9, -2.9e-9],
+                    [3.2e-9, -3.1e-9],
+                    [2.7e-9, -2.8e-9],
+                    [3.6e-9, -3.3e-9],
+                ),
+                (
+                    near_other,
+                    [near_other[0] - 0.3e-9, near_other[1]],
+                    near_other,
+                    [near_other[0] - 0.8e-9, near_other[1]],
+                ),
+            ] {
+                sim.adatoms.push(from);
+                let i = sim.adatoms.len() - 1;
+                sim.rebuild_truth().unwrap();
+                let start = BumpPatch::new(&sim.cfg.adatoms, from, shape, sim.cell).unwrap();
+                let without = sim.without_adatom(i, &start).unwrap();
+                let mut field = sim.drag_field(&start, &without, p0, p1);
+                let moved = BumpPatch::new(&sim.cfg.adatoms, to, shape, sim.cell).unwrap();
+                field.place(Some(&moved), shape);
+                sim.adatoms[i] = to;
+                sim.rebuild_truth().unwrap();
+                sim.ensure_dilated().unwrap();
+                sim.dilate_to_edges().unwrap();
+                let h = sim.kernel.half_width() as i64;
+                let [[r_lo, r_hi], [c_lo, c_hi]] = field.region;
+                let mut worst = 0.0f64;
+                for ni in r_lo + h..=r_hi - h {
+                    for nj in c_lo + h..=c_hi - h {
+                        let full = periodic_node(sim.dilated.view(), sim.rise, ni, nj);
+                        worst = worst.max((field.node(&sim.kernel, ni, nj) - full).abs());
+                    }
+                }
+                assert!(
+                    worst < 1e-15,
+                    "{from:?} -> {to:?}: largest difference {worst:e} m"
+                );
+                // The truth kept by local updates equals the full render.
+                sim.adatoms[i] = from;
+                sim.rebuild_truth().unwrap();
+                sim.ensure_dilated().unwrap();
+                sim.dilate_to_edges().unwrap();
+                sim.write_window(&start, &without);
+                sim.add_bump(&moved);
+                sim.redilate_windows(&[&start, &moved]).unwrap();
+                let (local, local_image) = (sim.truth.clone(), sim.dilated.clone());
+                sim.adatoms[i] = to;
+                sim.rebuild_truth().unwrap();
+                sim.ensure_dilated().unwrap();
+                sim.dilate_to_edges().unwrap();
+                assert_eq!(local, sim.truth);
+                let worst = local_image
+                    .iter()
+                    .zip(sim.dilated.iter())
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0.0f32, f32::max);
+                assert!(worst < 1e-15, "locally updated image off by {worst:e} m");
+                sim.adatoms.pop();
+                sim.rebuild_truth().unwrap();
+            }
+        }
     }
 }

@@ -24,8 +24,9 @@
 //! - [`TipState::crash`] into the surface by `δ`: `R += crash_growth · δ · u`, the apex is
 //!   flattened to `a ≥ crash_flattening · √(2Rδ)` (the contact radius of a paraboloid pressed
 //!   `δ` deep), and with probability `double_probability` a second apex forms.
-//! - [`TipState::spontaneous`] while scanning for `T`: `k ~ Poisson(adsorbate_rate · T)` pick-ups;
-//!   each makes a second apex with probability `double_probability`, else an adsorbate.
+//! - [`TipState::spontaneous`] while scanning for `T`: `k ~ Poisson(adsorbate_rate · T)` pick-ups
+//!   ([`TipState::pick_up`]); each makes a second apex with probability `double_probability`,
+//!   else an adsorbate. A manipulated adatom the tip picks up is one more pick-up.
 //! - Conditioning wear: every conditioning action, whatever its outcome, then grows `R` by
 //!   `conditioning_wear · s · u` (`s` its strength, `u ~ U(0.5, 1.5)`; default 0, off), so a
 //!   tip conditioned again and again blunts even when each action sharpens it.
@@ -889,15 +890,24 @@ impl TipState {
         let k =
             poisson(rng, cfg.adsorbate_rate.get() * scan_time).min(f64::from(MAX_PICKUPS)) as u32;
         for _ in 0..k {
-            if uniform(rng) < cfg.double_probability.get() {
-                if self.second.is_none() {
-                    self.second = Some(draw_second(cfg, rng));
-                }
-            } else if self.adsorbate.is_none() {
-                self.adsorbate = Some(Adsorbate::from_config(cfg));
-            }
+            self.pick_up(cfg, rng);
         }
         Ok(())
+    }
+
+    /// One pick-up of material by the apex (a contaminant while scanning, an adatom the tip
+    /// takes during a manipulation): with probability `double_probability` it forms a second
+    /// apex (a double tip), otherwise it sits on the apex as an adsorbate ([`Adsorbate`]: the
+    /// kernel radius grows by `adsorbate_blur`, the images get `adsorbate_noise` times noisier
+    /// and streaky). Nothing changes if the tip already has that defect.
+    pub fn pick_up(&mut self, cfg: &TipConfig, rng: &mut SimRng) {
+        if uniform(rng) < cfg.double_probability.get() {
+            if self.second.is_none() {
+                self.second = Some(draw_second(cfg, rng));
+            }
+        } else if self.adsorbate.is_none() {
+            self.adsorbate = Some(Adsorbate::from_config(cfg));
+        }
     }
 
     /// A good kernel side (pixels, odd, at most [`MAX_KERNEL_SIDE`]) for imaging a surface of
