@@ -24,7 +24,7 @@ use crate::stem::eels::{EelsConfig, EelsModel};
 use crate::stem::haadf::{DetectorConfig, HaadfRenderer};
 use crate::stem::optics::{Aberrations, OpticsConfig, ProbeCalculator, ProbeSpec};
 use crate::stem::scan::{Distortion, DriftConfig, DriftState, ScanConfig, ScanNoiseConfig};
-use crate::stem::specimen::{Atom, Specimen, SpecimenConfig};
+use crate::stem::specimen::{Atom, Images, Specimen, SpecimenConfig, Supercell};
 use ndarray::ArrayView2;
 use serde::{Deserialize, Serialize};
 
@@ -200,6 +200,9 @@ const RERENDER_DRIFT: f64 = 0.1;
 /// Bond length used to find a dopant's neighbours, m (graphene C-C 1.42 Å plus tolerance).
 const HOP_BOND: f64 = 1.7e-10;
 
+/// Added to the frame's diagonal for the side of an auto-sized specimen cell, m.
+const AUTO_CELL_MARGIN: f64 = 4e-9;
+
 impl StemSimulator {
     /// Builds a simulator: resolves distributions in `config` with `seed`, validates, builds the
     /// specimen. The same config and seed give the same session, bit for bit.
@@ -220,7 +223,7 @@ impl StemSimulator {
             any_knock: false,
             hop: HopModel::from_config(&cfg.damage),
             drift: DriftState::new(&cfg.drift),
-            dose_map: DoseMap::new([1e-9, 1e-9], 1e-10),
+            dose_map: DoseMap::new(Supercell::new([1e-9, 1e-9], 0.0), 1e-10),
             spectrum: vec![0.0; eels.energy_axis().len()],
             eels,
             cfg,
@@ -302,21 +305,25 @@ impl StemSimulator {
         self.any_knock = cfg.damage.sputtering && self.sigma_knock.iter().any(|s| *s > 0.0);
         self.hop = HopModel::from_config(&cfg.damage);
         self.drift = DriftState::new(&cfg.drift);
-        // Specimen: the configured size, or the field of view plus 2 nm on each side.
-        let fov = self.scan.field_of_view();
-        let mut half = [0.0; 2];
-        for k in 0..2 {
-            let s = cfg.specimen.size[k].get();
-            half[k] = if s > 0.0 {
-                0.5 * s
-            } else {
-                0.5 * fov[k] + self.scan.center[k].abs() + 2e-9
-            };
-        }
+        // Specimen: a periodic cell of the configured size, or by default one whose shortest
+        // period exceeds the frame's diagonal plus 4 nm, so that no frame of the configured
+        // scan shows an atom twice (a larger frame set later shows the tiling).
+        let size = cfg.specimen.size.each_ref().map(|s| s.get());
+        let size = if size.iter().all(|s| *s > 0.0) {
+            size
+        } else {
+            let fov = self.scan.field_of_view();
+            let auto = fov[0].hypot(fov[1]) + AUTO_CELL_MARGIN;
+            size.map(|s| if s > 0.0 { s } else { auto })
+        };
         self.specimen = cfg
             .specimen
-            .build(half, &mut seeded(derive_seed(seed, "specimen")))?;
-        self.dose_map = DoseMap::new(half, cfg.damage.dose_map_cell.get());
+            .build(size, &mut seeded(derive_seed(seed, "specimen")))?;
+        let period = self
+            .specimen
+            .cell
+            .unwrap_or_else(|| Supercell::new(size, 0.0));
+        self.dose_map = DoseMap::new(period, cfg.damage.dose_map_cell.get());
         self.cfg = cfg;
         self.drawn = drawn;
         self.ideal_valid = false;
@@ -356,6 +363,10 @@ impl StemSimulator {
     }
 
     /// Ground truth: the specimen in specimen coordinates (lab = specimen + [`Self::drift_offset`]).
+    /// It is periodic: the atoms fill one cell ([`Specimen::cell`]) that repeats over the plane,
+    /// so the atoms under a scan far from the origin (or after a long drift) are images of the
+    /// listed ones; [`Specimen::image_near`] and [`Specimen::separation`] give positions and
+    /// distances in the scan's frame of reference.
     pub fn specimen(&self) -> &Specimen {
         &self.specimen
     }
@@ -377,7 +388,7 @@ impl StemSimulator {
         &self.drift
     }
 
-    /// The cumulative dose map (specimen coordinates).
+    /// The cumulative dose map (specimen coordinates, periodic on the specimen's cell).
     pub fn dose_map(&self) -> &DoseMap {
         &self.dose_map
     }
@@ -488,25 +499,24 @@ impl StemSimulator {
         let n_e = self.electrons(time);
         let d = self.drift.offset;
         let b = [self.probe_pos[0] - d[0], self.probe_pos[1] - d[1]];
-        // Expected HAADF signal and the composition under the probe.
+        // Expected HAADF signal and the composition under the probe, over every image of
+        // each atom within the kernel's reach (periodic specimen).
         let mut signal = 0.0;
         self.composition.clear();
         let reach = self.kernel_side as f64 * 0.5 * self.scan.pixel_size;
         for a in &self.specimen.atoms {
-            let (ox, oy) = (a.x - b[0], a.y - b[1]);
-            if ox.abs() > reach || oy.abs() > reach {
-                continue;
-            }
-            let p = self.probe_density(ox, oy);
-            if p <= 0.0 {
-                continue;
-            }
-            signal += self.sigma_haadf[a.z as usize] * p;
-            // Effective atoms under the probe: P × 1 Å².
-            let w = p * 1e-20;
-            match self.composition.iter_mut().find(|c| c.0 == a.z) {
-                Some(c) => c.1 += w,
-                None => self.composition.push((a.z, w)),
+            for [ox, oy] in self.specimen.images([a.x - b[0], a.y - b[1]], [reach, reach]) {
+                let p = self.probe_density(ox, oy);
+                if p <= 0.0 {
+                    continue;
+                }
+                signal += self.sigma_haadf[a.z as usize] * p;
+                // Effective atoms under the probe: P × 1 Å².
+                let w = p * 1e-20;
+                match self.composition.iter_mut().find(|c| c.0 == a.z) {
+                    Some(c) => c.1 += w,
+                    None => self.composition.push((a.z, w)),
+                }
             }
         }
         self.dose_map
@@ -516,13 +526,12 @@ impl StemSimulator {
             let kernel_reach = reach;
             // Split borrows: the kernel is read while the specimen is modified.
             let (kernel, side, px) = (&self.kernel, self.kernel_side, self.scan.pixel_size);
+            let cell = self.specimen.cell;
             let probe = |a: &Atom| -> f64 {
-                let (ox, oy) = (a.x - b[0], a.y - b[1]);
-                if ox.abs() > kernel_reach || oy.abs() > kernel_reach {
-                    0.0
-                } else {
-                    n_e * kernel_density(kernel, side, px, ox, oy)
-                }
+                let half = [kernel_reach, kernel_reach];
+                Images::within(cell.as_ref(), [a.x - b[0], a.y - b[1]], half)
+                    .map(|[ox, oy]| n_e * kernel_density(kernel, side, px, ox, oy))
+                    .sum()
             };
             report.sputtered = sputter(
                 &mut self.specimen,
@@ -624,7 +633,7 @@ impl StemInstrument for StemSimulator {
         if stale || moved > RERENDER_DRIFT * sc.pixel_size {
             if stale || !self.renderer.shift_ideal(shift) {
                 self.renderer.render_ideal(
-                    &self.specimen.atoms,
+                    &self.specimen,
                     &self.sigma_haadf,
                     epp,
                     shift,
@@ -659,17 +668,14 @@ impl StemInstrument for StemSimulator {
         self.dose_map.add_rect(x0, x0 + w, y0, y0 + h, dose);
         let mut report = DamageReport::default();
         if self.any_knock {
+            // Each image of an atom inside the scanned rectangle receives the frame's dose.
+            let cell = self.specimen.cell;
+            let (cx, cy, half) = (x0 + 0.5 * w, y0 + 0.5 * h, [0.5 * w, 0.5 * h]);
             report.sputtered = sputter(
                 &mut self.specimen,
                 &self.sigma_knock,
                 &mut self.rng_damage,
-                |a| {
-                    if a.x >= x0 && a.x < x0 + w && a.y >= y0 && a.y < y0 + h {
-                        dose
-                    } else {
-                        0.0
-                    }
-                },
+                |a| Images::within(cell.as_ref(), [a.x - cx, a.y - cy], half).count() as f64 * dose,
             );
             if !report.sputtered.is_empty() {
                 self.ideal_valid = false;
