@@ -299,8 +299,15 @@ fn lattice_displacement_between_frames_matches_the_drift_velocity() {
     let dt = f2.meta.t_start - t0;
     let b = f2.image.to_owned();
     let (sx, sy) = measure_shift(a.as_slice().unwrap(), b.as_slice().unwrap(), 96, 12);
-    let px = sim.scan_settings().pixel_size;
-    let (ex, ey) = (speed * dir.cos() * dt / px, speed * dir.sin() * dt / px);
+    let sc = sim.scan_settings();
+    let px = sc.pixel_size;
+    // A feature displaced by (Δj, Δi) pixels is also scanned later by Δi lines and Δj dwells,
+    // during which it drifts further: Δ·px = v·T with T = dt + Δi·line + Δj·dwell, so
+    // T = dt / (1 − (v_y·line + v_x·dwell)/px).
+    let (vx, vy) = (speed * dir.cos(), speed * dir.sin());
+    let line = sc.cols as f64 * sc.dwell_time + sc.flyback_time;
+    let t = dt / (1.0 - (vy * line + vx * sc.dwell_time) / px);
+    let (ex, ey) = (vx * t / px, vy * t / px);
     assert!(ex > 3.0, "test needs a visible shift, got {ex}");
     assert!(
         (sx - ex).abs() < 0.3 && (sy - ey).abs() < 0.3,

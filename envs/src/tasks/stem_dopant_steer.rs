@@ -266,21 +266,28 @@ impl DopantTruth for StemSimulator {
             self.config().damage.hop_dopant_z,
             self.config().damage.hop_host_z,
         );
+        // Lab = specimen + drift; the specimen is periodic: the dopant's image nearest `near`
+        // and its neighbours' images around it (minimum image), in the lab frame.
         let d = self.drift_offset();
-        let atoms = &self.specimen().atoms;
-        let best = atoms
+        let sp = self.specimen();
+        let near_s = [near[0] - d[0], near[1] - d[1]];
+        let (best, img) = sp
+            .atoms
             .iter()
             .filter(|a| a.z == dz)
-            .map(|a| (a, (a.x + d[0] - near[0]).hypot(a.y + d[1] - near[1])))
-            .min_by(|a, b| a.1.total_cmp(&b.1))?
-            .0;
-        for a in atoms {
-            let r = (a.x - best.x).hypot(a.y - best.y);
+            .map(|a| (a, sp.image_near([a.x, a.y], near_s)))
+            .min_by(|a, b| {
+                let r = |p: [f64; 2]| (p[0] - near_s[0]).hypot(p[1] - near_s[1]);
+                r(a.1).total_cmp(&r(b.1))
+            })?;
+        for a in &sp.atoms {
+            let [sx, sy] = sp.separation([best.x, best.y], [a.x, a.y]);
+            let r = sx.hypot(sy);
             if a.z == hz && r > 0.0 && r <= BOND_SEARCH && (a.height - best.height).abs() < 1e-10 {
-                neighbours.push([a.x + d[0], a.y + d[1]]);
+                neighbours.push([img[0] + sx + d[0], img[1] + sy + d[1]]);
             }
         }
-        Some([best.x + d[0], best.y + d[1]])
+        Some([img[0] + d[0], img[1] + d[1]])
     }
 
     fn true_site_near(&self, p: [f64; 2]) -> Option<[f64; 2]> {
@@ -289,11 +296,15 @@ impl DopantTruth for StemSimulator {
             self.config().damage.hop_host_z,
         );
         let d = self.drift_offset();
-        self.specimen()
-            .atoms
+        let sp = self.specimen();
+        let ps = [p[0] - d[0], p[1] - d[1]];
+        sp.atoms
             .iter()
             .filter(|a| a.z == dz || a.z == hz)
-            .map(|a| [a.x + d[0], a.y + d[1]])
+            .map(|a| {
+                let q = sp.image_near([a.x, a.y], ps);
+                [q[0] + d[0], q[1] + d[1]]
+            })
             .min_by(|a, b| {
                 let da = (a[0] - p[0]).hypot(a[1] - p[1]);
                 let db = (b[0] - p[0]).hypot(b[1] - p[1]);
