@@ -1,6 +1,6 @@
 //! STEM HAADF frame benchmarks (DESIGN.md §11): a 256² frame of Si-doped graphene at 0.2 Å per
 //! pixel under an aberrated probe (C10 = 2 nm, C12 = 1 nm, default C30/C50), Poisson counts and
-//! the default scan distortions (drift, line jitter, 1/√f scan noise, mains pickup).
+//! the default scan distortions (drift, line jitter, 1/f scan noise, mains pickup).
 //!
 //! - `stem_frame_256/unchanged_probe`: `acquire_frame` with the probe cached.
 //! - `stem_frame_256/after_aberration_change`: C10 alternates between two values before every

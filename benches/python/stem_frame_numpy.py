@@ -24,7 +24,8 @@ The model is the one in `physics/src/stem/` (DESIGN.md §4), step for step:
   that, or when anything else changed, it is splatted and transformed again;
 * scan (`Distortion::generate`): per-row drift relative to that reference shift (constant
   velocity + random walk, sampled at each row's first and last pixel), Poisson line jitter with
-  random sign, 1/sqrt(f) scan noise (16 log-spaced sinusoids normalized to the r.m.s.) plus mains
+  random sign, 1/f scan noise (16 sinusoids of equal amplitude, one at a log-uniform random
+  frequency in each of 16 equal log-width bands, so the PSD is 1/f; total r.m.s. as set) plus mains
   pickup evaluated at nodes every 16 pixels;
 * resampling (`HaadfRenderer::record`): the sampling position is computed in float64 at the node
   columns, then linearly per 16-pixel node segment in float32 (start + step * t), clamped, and the
@@ -90,7 +91,7 @@ def node_spacing(cfg):
     """scan.rs: at least 16 nodes per period of the fastest noise component, at most 32 px."""
     freqs = []
     if cfg["noise_components"] > 0:
-        freqs.append(cfg["noise_fmax"] if cfg["noise_components"] > 1 else cfg["noise_fmin"])
+        freqs.append(cfg["noise_fmax"])
     if cfg["mains_amplitude"] > 0:
         freqs.append(cfg["mains_frequency"])
     if not freqs:
@@ -496,15 +497,15 @@ class NumpyStem:
         rows, cols, dwell, fly = cfg["rows"], cfg["cols"], cfg["dwell"], cfg["flyback"]
         line = cols * dwell + fly
         row_span = (max(cols, 1) - 1) * dwell
-        # 1/sqrt(f) components, normalized to the r.m.s., random phases; then mains.
+        # 1/f components: one per equal log-width band at a log-uniform random frequency in it,
+        # equal amplitudes rms·sqrt(2/n), random phases; then mains.
         n = cfg["noise_components"]
         lo, hi = cfg["noise_fmin"], cfg["noise_fmax"]
-        f = lo * (hi / lo) ** (np.arange(n) / (n - 1)) if n > 1 else np.full(n, lo)
-        a = 1.0 / np.sqrt(f)
-        norm = float((0.5 * a * a).sum())
-        scale = cfg["noise_rms"] / math.sqrt(norm) if norm > 0 else 0.0
+        width = math.log(hi / lo) / max(n, 1)
+        f = lo * np.exp(width * (np.arange(n) + rng.random(n)))
+        a = cfg["noise_rms"] * math.sqrt(2.0 / n) if n > 0 else 0.0
         omega = 2 * math.pi * f
-        amp = np.repeat((a * scale)[:, None], 2, axis=1)
+        amp = np.full((n, 2), a)
         phase = 2 * math.pi * rng.random((n, 2))
         if cfg["mains_amplitude"] > 0:
             ph = 2 * math.pi * rng.random()
