@@ -593,12 +593,12 @@ impl SpectrumTruth for StemSimulator {
         for p in positions {
             let b = [p[0] - d[0], p[1] - d[1]];
             // Without an edge atom under the probe the spectrum is the edge-free one.
-            // (Minimum-image offsets: the specimen is periodic.)
+            // (The images of the periodic specimen under the probe: `Window`.)
+            let window = specimen.window([-b[0], -b[1]], [reach, reach]);
             let near = edge_atoms.iter().any(|e| {
-                let [ox, oy] = specimen.separation(b, *e);
-                ox.abs() <= reach
-                    && oy.abs() <= reach
-                    && kernel_density(&scratch.kernel, side, px, ox, oy) > 0.0
+                window
+                    .images(*e)
+                    .any(|[ox, oy]| kernel_density(&scratch.kernel, side, px, ox, oy) > 0.0)
             });
             if !near {
                 out.push(plain);
@@ -606,7 +606,7 @@ impl SpectrumTruth for StemSimulator {
             }
             scratch.composition.clear();
             for a in atoms {
-                for [ox, oy] in specimen.images([a.x - b[0], a.y - b[1]], [reach, reach]) {
+                for [ox, oy] in window.images([a.x, a.y]) {
                     let w = kernel_density(&scratch.kernel, side, px, ox, oy) * 1e-20;
                     if w <= 0.0 {
                         continue;

@@ -376,13 +376,47 @@ impl DoseMap {
         let hi = [0, 1].map(|k| poly.iter().map(|p| p[k]).fold(f64::NEG_INFINITY, f64::max));
         let [b1, b2] = self.cell;
         let half = c.size().map(|l| 0.5 * l);
+        let (i0, i1) = (self.index(lo[0], 0), self.index(hi[0], 0));
+        let (j0, j1) = (self.index(lo[1], 1), self.index(hi[1], 1));
+        let [e1, e2] = c.periods();
+        if e1[1] == 0.0 && e2[0] == 0.0 {
+            // Axes along the lab's (up to their sense): the covered fraction of a bin is the
+            // product of its covered fractions along each axis.
+            let cover = |lo: f64, hi: f64, start: f64, b: f64| {
+                ((hi.min(start + b) - lo.max(start)) / b).clamp(0.0, 1.0)
+            };
+            for j in j0..=j1 {
+                let fy = cover(lo[1], hi[1], j as f64 * b2 - half[1], b2);
+                if fy <= 0.0 {
+                    continue;
+                }
+                for i in i0..=i1 {
+                    let fx = cover(lo[0], hi[0], i as f64 * b1 - half[0], b1);
+                    if fx > 0.0 {
+                        let k = self.flat(i, j);
+                        self.dose[k] += dose * fx * fy;
+                    }
+                }
+            }
+            return;
+        }
+        // Rotated axes: bins with all four corners inside the rectangle are covered; the others
+        // are clipped. Lab corners advance by the bin's edge vectors.
         let inside = |p: [f64; 2]| p[0] >= x0 && p[0] <= x1 && p[1] >= y0 && p[1] <= y1;
-        for j in self.index(lo[1], 1)..=self.index(hi[1], 1) {
+        let (di, dj) = (c.from_cell([b1, 0.0]), c.from_cell([0.0, b2]));
+        for j in j0..=j1 {
             let e0 = j as f64 * b2 - half[1];
-            for i in self.index(lo[0], 0)..=self.index(hi[0], 0) {
+            let row = c.from_cell([i0 as f64 * b1 - half[0], e0]);
+            for (n, i) in (i0..=i1).enumerate() {
                 let s0 = i as f64 * b1 - half[0];
-                let corners = [[s0, e0], [s0 + b1, e0], [s0 + b1, e0 + b2], [s0, e0 + b2]];
-                let frac = if corners.iter().all(|&q| inside(c.from_cell(q))) {
+                let p = [row[0] + n as f64 * di[0], row[1] + n as f64 * di[1]];
+                let corners = [
+                    p,
+                    [p[0] + di[0], p[1] + di[1]],
+                    [p[0] + dj[0], p[1] + dj[1]],
+                    [p[0] + di[0] + dj[0], p[1] + di[1] + dj[1]],
+                ];
+                let frac = if corners.iter().all(|&q| inside(q)) {
                     1.0
                 } else {
                     clipped_area(&poly, [s0, e0], [s0 + b1, e0 + b2]) / (b1 * b2)

@@ -24,7 +24,7 @@ use crate::stem::eels::{EelsConfig, EelsModel};
 use crate::stem::haadf::{DetectorConfig, HaadfRenderer};
 use crate::stem::optics::{Aberrations, OpticsConfig, ProbeCalculator, ProbeSpec};
 use crate::stem::scan::{Distortion, DriftConfig, DriftState, ScanConfig, ScanNoiseConfig};
-use crate::stem::specimen::{Atom, Images, Specimen, SpecimenConfig, Supercell};
+use crate::stem::specimen::{Atom, Specimen, SpecimenConfig, Supercell};
 use ndarray::ArrayView2;
 use serde::{Deserialize, Serialize};
 
@@ -455,12 +455,6 @@ impl StemSimulator {
         Ok(())
     }
 
-    /// Probe intensity per area (1/m²) at lab offset `(dx, dy)` from the probe, from the binned
-    /// kernel (bilinear), 0 outside it.
-    fn probe_density(&self, ox: f64, oy: f64) -> f64 {
-        kernel_density(&self.kernel, self.kernel_side, self.scan.pixel_size, ox, oy)
-    }
-
     /// Acquires a spectrum image: an EELS spectrum at each point of a `rows × cols` grid with step
     /// `step` (m) centred on the scan centre; returns `(rows, cols, channels)` counts.
     pub fn spectrum_image(
@@ -504,20 +498,23 @@ impl StemSimulator {
         let mut signal = 0.0;
         self.composition.clear();
         let reach = self.kernel_side as f64 * 0.5 * self.scan.pixel_size;
+        let window = self.specimen.window([-b[0], -b[1]], [reach, reach]);
+        let (kernel, side, px) = (&self.kernel, self.kernel_side, self.scan.pixel_size);
+        let (sigma_haadf, composition) = (&self.sigma_haadf, &mut self.composition);
         for a in &self.specimen.atoms {
-            for [ox, oy] in self.specimen.images([a.x - b[0], a.y - b[1]], [reach, reach]) {
-                let p = self.probe_density(ox, oy);
+            window.for_each_image([a.x, a.y], |[ox, oy]| {
+                let p = kernel_density(kernel, side, px, ox, oy);
                 if p <= 0.0 {
-                    continue;
+                    return;
                 }
-                signal += self.sigma_haadf[a.z as usize] * p;
+                signal += sigma_haadf[a.z as usize] * p;
                 // Effective atoms under the probe: P × 1 Å².
                 let w = p * 1e-20;
-                match self.composition.iter_mut().find(|c| c.0 == a.z) {
+                match composition.iter_mut().find(|c| c.0 == a.z) {
                     Some(c) => c.1 += w,
-                    None => self.composition.push((a.z, w)),
+                    None => composition.push((a.z, w)),
                 }
-            }
+            });
         }
         self.dose_map
             .add_gaussian(b[0], b[1], self.probe_sigma, n_e);
@@ -526,12 +523,15 @@ impl StemSimulator {
             let kernel_reach = reach;
             // Split borrows: the kernel is read while the specimen is modified.
             let (kernel, side, px) = (&self.kernel, self.kernel_side, self.scan.pixel_size);
-            let cell = self.specimen.cell;
+            let window = self
+                .specimen
+                .window([-b[0], -b[1]], [kernel_reach, kernel_reach]);
             let probe = |a: &Atom| -> f64 {
-                let half = [kernel_reach, kernel_reach];
-                Images::within(cell.as_ref(), [a.x - b[0], a.y - b[1]], half)
-                    .map(|[ox, oy]| n_e * kernel_density(kernel, side, px, ox, oy))
-                    .sum()
+                let mut dose = 0.0;
+                window.for_each_image([a.x, a.y], |[ox, oy]| {
+                    dose += n_e * kernel_density(kernel, side, px, ox, oy);
+                });
+                dose
             };
             report.sputtered = sputter(
                 &mut self.specimen,
@@ -669,13 +669,17 @@ impl StemInstrument for StemSimulator {
         let mut report = DamageReport::default();
         if self.any_knock {
             // Each image of an atom inside the scanned rectangle receives the frame's dose.
-            let cell = self.specimen.cell;
-            let (cx, cy, half) = (x0 + 0.5 * w, y0 + 0.5 * h, [0.5 * w, 0.5 * h]);
+            let (cx, cy) = (x0 + 0.5 * w, y0 + 0.5 * h);
+            let window = self.specimen.window([-cx, -cy], [0.5 * w, 0.5 * h]);
             report.sputtered = sputter(
                 &mut self.specimen,
                 &self.sigma_knock,
                 &mut self.rng_damage,
-                |a| Images::within(cell.as_ref(), [a.x - cx, a.y - cy], half).count() as f64 * dose,
+                |a| {
+                    let mut images = 0.0;
+                    window.for_each_image([a.x, a.y], |_| images += 1.0);
+                    images * dose
+                },
             );
             if !report.sputtered.is_empty() {
                 self.ideal_valid = false;

@@ -45,7 +45,8 @@ pub struct Specimen {
     pub atoms: Vec<Atom>,
     /// The periodic cell the atoms fill (they are repeated over the plane with its periods), or
     /// `None` for a finite specimen (the atoms alone, vacuum elsewhere). Built specimens are
-    /// periodic.
+    /// periodic, and their atoms lie in the cell ([`Supercell::wrap`]); code that moves atoms
+    /// keeps them there ([`Window`] relies on it).
     pub cell: Option<Supercell>,
 }
 
@@ -140,6 +141,19 @@ impl Supercell {
         [0, 1].map(|k| ((w[k] + 0.5 * self.size[k]) / self.size[k]).floor() as i64)
     }
 
+    /// `wrap(c)` when the lab rectangle `[−half[0], half[0]] × [−half[1], half[1]]` lies inside
+    /// the cell translated by `wrap(c)`, else `None`. Then, for every position `p` inside the
+    /// cell (every atom of a built specimen), `p + wrap(c)` is the only image of `p + c` that
+    /// can lie in the rectangle: no per-atom wrapping is needed.
+    pub fn interior_offset(&self, c: [f64; 2], half: [f64; 2]) -> Option<[f64; 2]> {
+        let w = self.wrap(c);
+        let q = self.to_cell(w);
+        let (cs, sn) = (self.cos.abs(), self.sin.abs());
+        let ext = [cs * half[0] + sn * half[1], sn * half[0] + cs * half[1]];
+        let inside = (0..2).all(|k| q[k].abs() + ext[k] <= 0.5 * self.size[k]);
+        inside.then_some(w)
+    }
+
     /// Every image of the lab vector `p` (m, relative to the centre of the rectangle) that lies
     /// in the lab rectangle `[−half[0], half[0]] × [−half[1], half[1]]`.
     pub fn images(&self, p: [f64; 2], half: [f64; 2]) -> Images {
@@ -159,16 +173,6 @@ pub struct Images {
 }
 
 impl Images {
-    /// The images of `p` (m, relative to the centre of a lab rectangle of half-sides `half`)
-    /// inside the rectangle, for a specimen periodic on `cell` (or finite: `p` alone, if
-    /// inside).
-    pub fn within(cell: Option<&Supercell>, p: [f64; 2], half: [f64; 2]) -> Self {
-        match cell {
-            Some(c) => c.images(p, half),
-            None => Self::new(p, [[0.0; 2]; 2], [0, 0], half),
-        }
-    }
-
     fn new(q: [f64; 2], periods: [[f64; 2]; 2], n: [i64; 2], half: [f64; 2]) -> Self {
         Self {
             q,
@@ -202,6 +206,85 @@ impl Iterator for Images {
             }
         }
         None
+    }
+}
+
+/// The images of a specimen's atoms in a lab rectangle, at a fixed offset from the specimen
+/// frame: set up once per exposure ([`Specimen::window`]), then asked per atom. When the
+/// rectangle lies inside one translated cell (the common case: a frame or a probe away from the
+/// translated cell's edge) an atom's image is found without wrapping, as fast as in a finite
+/// specimen.
+#[derive(Debug, Clone, Copy)]
+pub struct Window {
+    cell: Option<Supercell>,
+    offset: [f64; 2],
+    half: [f64; 2],
+    direct: bool,
+}
+
+impl Window {
+    /// The rectangle `[−half[0], half[0]] × [−half[1], half[1]]` (m, lab) and the offset `c`
+    /// (m) from specimen positions to the rectangle's frame, for a specimen periodic on `cell`
+    /// (or finite).
+    pub fn new(cell: Option<&Supercell>, c: [f64; 2], half: [f64; 2]) -> Self {
+        match cell {
+            None => Self {
+                cell: None,
+                offset: c,
+                half,
+                direct: true,
+            },
+            Some(cell) => match cell.interior_offset(c, half) {
+                Some(w) => Self {
+                    cell: Some(*cell),
+                    offset: w,
+                    half,
+                    direct: true,
+                },
+                None => Self {
+                    cell: Some(*cell),
+                    offset: c,
+                    half,
+                    direct: false,
+                },
+            },
+        }
+    }
+
+    /// Whether each atom has at most one image in the rectangle, at `p + offset`.
+    pub fn is_direct(&self) -> bool {
+        self.direct
+    }
+
+    /// The offset added to specimen positions, m (wrapped when [`Self::is_direct`]).
+    pub fn offset(&self) -> [f64; 2] {
+        self.offset
+    }
+
+    /// Calls `f` with each image in the rectangle (rectangle frame, m) of the atom at specimen
+    /// position `p`, which lies in the cell (as every atom of a built specimen does). The fast
+    /// form of [`Self::images`].
+    #[inline]
+    pub fn for_each_image(&self, p: [f64; 2], mut f: impl FnMut([f64; 2])) {
+        let q = [p[0] + self.offset[0], p[1] + self.offset[1]];
+        match (&self.cell, self.direct) {
+            (Some(c), false) => c.images(q, self.half).for_each(f),
+            _ => {
+                if q[0].abs() <= self.half[0] && q[1].abs() <= self.half[1] {
+                    f(q);
+                }
+            }
+        }
+    }
+
+    /// Images in the rectangle (rectangle frame, m) of the atom at specimen position `p`, which
+    /// lies in the cell (as every atom of a built specimen does).
+    pub fn images(&self, p: [f64; 2]) -> Images {
+        let q = [p[0] + self.offset[0], p[1] + self.offset[1]];
+        match (&self.cell, self.direct) {
+            (Some(c), false) => c.images(q, self.half),
+            _ => Images::new(q, [[0.0; 2]; 2], [0, 0], self.half),
+        }
     }
 }
 
@@ -987,7 +1070,16 @@ impl Specimen {
     /// half-sides `half`) that lies in the rectangle ([`Supercell::images`]); a finite specimen
     /// has one, `p` itself, if inside.
     pub fn images(&self, p: [f64; 2], half: [f64; 2]) -> Images {
-        Images::within(self.cell.as_ref(), p, half)
+        match &self.cell {
+            Some(c) => c.images(p, half),
+            None => Images::new(p, [[0.0; 2]; 2], [0, 0], half),
+        }
+    }
+
+    /// The images of the atoms in the lab rectangle of half-sides `half` (m) whose frame is the
+    /// specimen frame shifted by `c` (m): see [`Window`].
+    pub fn window(&self, c: [f64; 2], half: [f64; 2]) -> Window {
+        Window::new(self.cell.as_ref(), c, half)
     }
 
     /// The atoms' atomic numbers as a count per element, sorted by Z.
