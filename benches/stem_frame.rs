@@ -35,7 +35,7 @@ const C10_A: f64 = 2e-9;
 const C10_B: f64 = 2.5e-9;
 
 /// The benchmark configuration: 256 × 256 pixels of 0.2 Å, graphene with one Si dopant (the
-/// auto-sized periodic cell is the field's diagonal plus 4 nm on a side), an aberrated probe, Poisson
+/// auto-sized periodic cell is the field's diagonal plus 2 nm on a side), an aberrated probe, Poisson
 /// noise and the default scan distortions. Sputtering is off so the specimen stays fixed.
 fn bench_config() -> StemConfig {
     let mut cfg = StemConfig::default();

@@ -36,8 +36,9 @@ The model is the one in `physics/src/stem/` (DESIGN.md §4), step for step:
 
 Both sides use the bench configuration of `benches/stem_frame.rs`: 256 x 256 pixels of 0.2 A,
 graphene (a = 2.46 A, no rotation) with one Si dopant in a periodic cell of about the field's
-diagonal plus 4 nm on a side (its images do not reach the padded grid), 60 keV, alpha = 30 mrad, C10 = 2 nm, C12 = 1 nm, C30 = 123 nm, C50 = 0.55 mm, source
-sigma 0.35 A, 100 pA, 4 us dwell, 50 us flyback, default drift and scan noise, Poisson noise.
+diagonal plus 2 nm on a side (its images do not reach the padded grid), 60 keV, alpha = 30
+mrad, C10 = 2 nm, C12 = 1 nm, C30 = 123 nm, C50 = 0.55 mm, source sigma 0.35 A, 100 pA, 4 us
+dwell, 50 us flyback, default drift and scan noise, Poisson noise.
 The Rust side runs it as the scenario `stem_frame_bench.toml` next to this script (the default;
 another scenario can be given, but its randomized aberrations change the kernel and padded grid).
 
@@ -346,7 +347,7 @@ class NumpyStem:
         self.ab = dict(cfg["ab"])
         rows, cols, dx = cfg["rows"], cfg["cols"], cfg["dx"]
         fov = (cols * dx, rows * dx)
-        side = math.hypot(fov[0], fov[1]) + 4e-9  # sim.rs: the auto-sized cell
+        side = math.hypot(fov[0], fov[1]) + 2e-9  # sim.rs: the auto-sized cell
         self.x, self.y, self.z, self.cell_size = graphene(cfg, (side, side))
         zz = np.arange(93)
         self.sigma_by_z = cfg["carbon_cross_section"] * (zz / 6.0) ** cfg["haadf_exponent"]

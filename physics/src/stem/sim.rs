@@ -201,7 +201,7 @@ const RERENDER_DRIFT: f64 = 0.1;
 const HOP_BOND: f64 = 1.7e-10;
 
 /// Added to the frame's diagonal for the side of an auto-sized specimen cell, m.
-const AUTO_CELL_MARGIN: f64 = 4e-9;
+const AUTO_CELL_MARGIN: f64 = 2e-9;
 
 impl StemSimulator {
     /// Builds a simulator: resolves distributions in `config` with `seed`, validates, builds the
@@ -306,7 +306,7 @@ impl StemSimulator {
         self.hop = HopModel::from_config(&cfg.damage);
         self.drift = DriftState::new(&cfg.drift);
         // Specimen: a periodic cell of the configured size, or by default one whose shortest
-        // period exceeds the frame's diagonal plus 4 nm, so that no frame of the configured
+        // period exceeds the frame's diagonal plus 2 nm, so that no frame of the configured
         // scan shows an atom twice (a larger frame set later shows the tiling).
         let size = cfg.specimen.size.each_ref().map(|s| s.get());
         let size = if size.iter().all(|s| *s > 0.0) {

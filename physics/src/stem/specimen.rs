@@ -421,7 +421,7 @@ pub struct SpecimenConfig {
     /// lattice direction, rotated with `rotation`; the boundary normal and direction with a
     /// grain boundary), m, each rounded to a whole number of lattice periods. The specimen
     /// repeats with this period (module docs). Default 0 = the simulator's choice: the diagonal
-    /// of the field of view plus 4 nm, so that a frame never shows one atom twice.
+    /// of the field of view plus 2 nm, so that a frame never shows one atom twice.
     pub size: [Param<Length>; 2],
     /// Thickness in unit cells along the beam (SrTiO₃, fcc) or layers (MoS₂/WS₂). Default 1.
     pub thickness: u32,
