@@ -6,7 +6,9 @@ use scopegym_physics::stem::haadf::{DetectorConfig, HaadfRenderer};
 use scopegym_physics::stem::optics::{
     Aberrations, ProbeCalculator, ProbeSpec, electron_wavelength,
 };
-use scopegym_physics::stem::specimen::{Atom, ContaminationConfig, Crystal, Specimen, SpecimenConfig};
+use scopegym_physics::stem::specimen::{
+    Atom, ContaminationConfig, Crystal, Specimen, SpecimenConfig,
+};
 use scopegym_physics::stem::{StemConfig, StemSimulator};
 
 fn unaberrated(energy: f64, alpha: f64) -> ProbeSpec {

@@ -108,11 +108,7 @@ fn far_scans_and_long_drifts_image_the_same_material() {
          drifted {after_drift:?}",
         rho * 1e-18
     );
-    for (name, (mean, density)) in [
-        ("centred", centred),
-        ("far", far),
-        ("drifted", after_drift),
-    ] {
+    for (name, (mean, density)) in [("centred", centred), ("far", far), ("drifted", after_drift)] {
         assert!(
             rel(mean, expected_mean) < 0.01 && rel(mean, centred.0) < 0.01,
             "{name}: mean {mean} counts, expected {expected_mean} (centred {})",
@@ -184,7 +180,10 @@ fn dose_map_is_periodic_on_a_rotated_cell() {
     m.add_rect(x0, x0 + 5e-9, y0, y0 + 3e-9, 1e20);
     let total = m.total_electrons();
     let expected = 1e20 * 15e-18;
-    assert!((total / expected - 1.0).abs() < 1e-9, "{total} vs {expected}");
+    assert!(
+        (total / expected - 1.0).abs() < 1e-9,
+        "{total} vs {expected}"
+    );
     m.add_gaussian(-81e-9, 4e-9, 0.4e-10, 5000.0);
     assert!((m.total_electrons() - total - 5000.0).abs() < 1e-6);
     let [p1, p2] = cell.periods();

@@ -1478,7 +1478,10 @@ mod tests {
         }
         let q = [far[0] + 0.37e-9, far[1] - 0.21e-9];
         let s = sim.true_site_near(q).unwrap();
-        assert!((s[0] - q[0]).hypot(s[1] - q[1]) <= 1.42e-10, "{s:?} vs {q:?}");
+        assert!(
+            (s[0] - q[0]).hypot(s[1] - q[1]) <= 1.42e-10,
+            "{s:?} vs {q:?}"
+        );
         // The task centred there (on the dopant's image) steers it like at the origin.
         sc.scan.center = [Param::fixed(p[0] - d[0]), Param::fixed(p[1] - d[1])];
         sc.drift.speed = Param::fixed(0.0);

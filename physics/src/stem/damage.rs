@@ -306,7 +306,12 @@ fn clipped_area(poly: &[[f64; 2]; 4], lo: [f64; 2], hi: [f64; 2]) -> f64 {
     let (mut cur, mut next) = ([[0.0f64; 2]; 8], [[0.0f64; 2]; 8]);
     cur[..4].copy_from_slice(poly);
     let mut n = 4;
-    for (axis, bound, sign) in [(0, lo[0], 1.0), (0, hi[0], -1.0), (1, lo[1], 1.0), (1, hi[1], -1.0)] {
+    for (axis, bound, sign) in [
+        (0, lo[0], 1.0),
+        (0, hi[0], -1.0),
+        (1, lo[1], 1.0),
+        (1, hi[1], -1.0),
+    ] {
         let inside = |p: [f64; 2]| sign * (p[axis] - bound) >= 0.0;
         let mut m = 0;
         for k in 0..n {

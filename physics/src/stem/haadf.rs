@@ -367,44 +367,25 @@ impl HaadfRenderer {
             splat[base + g.pcols] += w * (1.0 - fx) * fy;
             splat[base + g.pcols + 1] += w * fx * fy;
         };
-        let weight = |a: &Atom| (scale * sigma_by_z.get(a.z as usize).copied().unwrap_or(0.0)) as f32;
+        let weight =
+            |a: &Atom| (scale * sigma_by_z.get(a.z as usize).copied().unwrap_or(0.0)) as f32;
         // The padded grid's half-extent around the frame centre (it is not centred exactly: the
         // larger side).
         let (u0, v0) = g.to_grid(0.0, 0.0);
-        let half = [
-            u0.max(pw - 1.0 - u0) * g.dx,
-            v0.max(ph - 1.0 - v0) * g.dx,
-        ];
+        let half = [u0.max(pw - 1.0 - u0) * g.dx, v0.max(ph - 1.0 - v0) * g.dx];
         let c = [shift[0] - centre[0], shift[1] - centre[1]];
         let window = specimen.window(c, half);
-        match &specimen.cell {
+        if window.is_direct() {
             // A finite specimen, or the grid inside one translated cell: one image per atom at
             // a fixed offset, no wrapping.
-            _ if window.is_direct() => {
-                let o = window.offset();
-                for a in &specimen.atoms {
-                    put(a.x + o[0], a.y + o[1], weight(a));
-                }
+            let o = window.offset();
+            for a in &specimen.atoms {
+                put(a.x + o[0], a.y + o[1], weight(a));
             }
-            None => unreachable!("a finite specimen's window is direct"),
-            Some(cell) => {
-                // The cell translations that can reach the grid.
-                let [n1, n2] = cell.image_range(half);
-                let [pa, pb] = cell.periods();
-                for a in &specimen.atoms {
-                    let q = cell.wrap([a.x + shift[0] - centre[0], a.y + shift[1] - centre[1]]);
-                    let w = weight(a);
-                    if n1 == 0 && n2 == 0 {
-                        put(q[0], q[1], w);
-                        continue;
-                    }
-                    for i in -n1..=n1 {
-                        for j in -n2..=n2 {
-                            let (i, j) = (i as f64, j as f64);
-                            put(q[0] + i * pa[0] + j * pb[0], q[1] + i * pa[1] + j * pb[1], w);
-                        }
-                    }
-                }
+        } else {
+            for a in &specimen.atoms {
+                let w = weight(a);
+                window.for_each_image([a.x, a.y], |[x, y]| put(x, y, w));
             }
         }
         fft.forward(&self.splat, &mut self.base_spec);

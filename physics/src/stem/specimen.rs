@@ -817,7 +817,8 @@ impl IntLattice {
         let unit = 0.5 * dot(a1, a1);
         let raw = [[dot(a1, a1), dot(a1, a2)], [dot(a1, a2), dot(a2, a2)]];
         let g = raw.map(|row| row.map(|v| (v / unit).round() as i64));
-        let exact = (0..2).all(|i| (0..2).all(|j| (raw[i][j] - g[i][j] as f64 * unit).abs() <= 1e-9 * raw[0][0]));
+        let exact = (0..2)
+            .all(|i| (0..2).all(|j| (raw[i][j] - g[i][j] as f64 * unit).abs() <= 1e-9 * raw[0][0]));
         if !exact || a1[0] * a2[1] - a1[1] * a2[0] <= 0.0 {
             return Err(PhysicsError::param(
                 "specimen.crystal",
@@ -1284,7 +1285,11 @@ mod tests {
         let a: f64 = 2.46e-10;
         let bond = a / 3f64.sqrt();
         let n_expected = cell.area() / (0.5 * 3f64.sqrt() * a * a) * 2.0;
-        assert!((s.atoms.len() as f64 - n_expected).abs() < 1e-6, "{}", s.atoms.len());
+        assert!(
+            (s.atoms.len() as f64 - n_expected).abs() < 1e-6,
+            "{}",
+            s.atoms.len()
+        );
         // Atoms within 2 Å of the edge: the nearest-neighbour histogram across the edge.
         let [l1, l2] = cell.size();
         let mut edge = 0;
@@ -1294,7 +1299,10 @@ mod tests {
             edge += usize::from(at_edge);
             let d = distances(&s, i);
             let nearest = d.iter().copied().fold(f64::INFINITY, f64::min);
-            let bonds = d.iter().filter(|&&r| (r - bond).abs() < 1e-3 * bond).count();
+            let bonds = d
+                .iter()
+                .filter(|&&r| (r - bond).abs() < 1e-3 * bond)
+                .count();
             assert!(
                 (nearest - bond).abs() < 1e-3 * bond && bonds == 3,
                 "atom {i} (edge: {at_edge}): nearest {nearest}, {bonds} bonds"
@@ -1355,7 +1363,10 @@ mod tests {
                 let [dx, dy] = s.separation([p.x, p.y], [o.x, o.y]);
                 assert!((dx.hypot(dy) - bond).abs() < 1e-3 * bond);
                 let e = ang_err(dy.atan2(dx), expected);
-                assert!(e < 1e-6, "atom {i}: bond off the grain orientation by {e} rad");
+                assert!(
+                    e < 1e-6,
+                    "atom {i}: bond off the grain orientation by {e} rad"
+                );
             }
         }
         assert!(left > 50 && right > 50, "{left} {right}");
