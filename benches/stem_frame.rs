@@ -1,6 +1,6 @@
 //! STEM HAADF frame benchmarks (DESIGN.md §11): a 256² frame of Si-doped graphene at 0.2 Å per
 //! pixel under an aberrated probe (C10 = 2 nm, C12 = 1 nm, default C30/C50), Poisson counts and
-//! the default scan distortions (drift, line jitter, 1/√f scan noise, mains pickup).
+//! the default scan distortions (drift, line jitter, 1/f scan noise, mains pickup).
 //!
 //! - `stem_frame_256/unchanged_probe`: `acquire_frame` with the probe cached.
 //! - `stem_frame_256/after_aberration_change`: C10 alternates between two values before every
@@ -35,7 +35,7 @@ const C10_A: f64 = 2e-9;
 const C10_B: f64 = 2.5e-9;
 
 /// The benchmark configuration: 256 × 256 pixels of 0.2 Å, graphene with one Si dopant (the
-/// auto-sized specimen covers the field plus 2 nm on each side), an aberrated probe, Poisson
+/// auto-sized periodic cell is the field's diagonal plus 2 nm on a side), an aberrated probe, Poisson
 /// noise and the default scan distortions. Sputtering is off so the specimen stays fixed.
 fn bench_config() -> StemConfig {
     let mut cfg = StemConfig::default();

@@ -572,7 +572,7 @@ fn simulate_stem(
     let mut noiseless = Array3::<f32>::zeros((frames, s.rows, s.cols));
     let mut times = Vec::with_capacity(frames);
     let d0 = sim.drift_offset();
-    let atoms0 = sim.specimen().atoms.clone();
+    let specimen0 = sim.specimen().clone();
     let bar = progress(frames);
     for k in 0..frames {
         let f = sim.acquire_frame()?;
@@ -590,14 +590,24 @@ fn simulate_stem(
         let cfg = sim.config();
         let ab = sim.aberrations();
         // Atoms at the first frame, in metres from the frame's top-left corner: pixel (i, j)
-        // centre is at ((j + 0.5) dx, (i + 0.5) dx).
+        // centre is at ((j + 0.5) dx, (i + 0.5) dx). The specimen is periodic: every image of
+        // its atoms over the frame and 2 nm around it.
         let [w, hgt] = s.field_of_view();
-        let mut pos = Array2::<f64>::zeros((atoms0.len(), 2));
-        for (i, a) in atoms0.iter().enumerate() {
-            pos[[i, 0]] = a.x + d0[0] - s.center[0] + 0.5 * w;
-            pos[[i, 1]] = a.y + d0[1] - s.center[1] + 0.5 * hgt;
+        let half = [0.5 * w + 2e-9, 0.5 * hgt + 2e-9];
+        let mut xy = Vec::new();
+        let mut z: Vec<i32> = Vec::new();
+        for a in &specimen0.atoms {
+            let rel = [a.x + d0[0] - s.center[0], a.y + d0[1] - s.center[1]];
+            for p in specimen0.images(rel, half) {
+                xy.push([p[0] + 0.5 * w, p[1] + 0.5 * hgt]);
+                z.push(i32::from(a.z));
+            }
         }
-        let z: Vec<i32> = atoms0.iter().map(|a| i32::from(a.z)).collect();
+        let mut pos = Array2::<f64>::zeros((xy.len(), 2));
+        for (i, p) in xy.iter().enumerate() {
+            pos[[i, 0]] = p[0];
+            pos[[i, 1]] = p[1];
+        }
         let datasets = vec![
             Dataset {
                 name: "frame".into(),

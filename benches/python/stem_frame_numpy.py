@@ -24,7 +24,8 @@ The model is the one in `physics/src/stem/` (DESIGN.md §4), step for step:
   that, or when anything else changed, it is splatted and transformed again;
 * scan (`Distortion::generate`): per-row drift relative to that reference shift (constant
   velocity + random walk, sampled at each row's first and last pixel), Poisson line jitter with
-  random sign, 1/sqrt(f) scan noise (16 log-spaced sinusoids normalized to the r.m.s.) plus mains
+  random sign, 1/f scan noise (16 sinusoids of equal amplitude, one at a log-uniform random
+  frequency in each of 16 equal log-width bands, so the PSD is 1/f; total r.m.s. as set) plus mains
   pickup evaluated at nodes every 16 pixels;
 * resampling (`HaadfRenderer::record`): the sampling position is computed in float64 at the node
   columns, then linearly per 16-pixel node segment in float32 (start + step * t), clamped, and the
@@ -34,9 +35,10 @@ The model is the one in `physics/src/stem/` (DESIGN.md §4), step for step:
   map gets the frame's dose over the scanned rectangle.
 
 Both sides use the bench configuration of `benches/stem_frame.rs`: 256 x 256 pixels of 0.2 A,
-graphene (a = 2.46 A, no rotation) with one Si dopant on the field of view plus 2 nm on each
-side, 60 keV, alpha = 30 mrad, C10 = 2 nm, C12 = 1 nm, C30 = 123 nm, C50 = 0.55 mm, source
-sigma 0.35 A, 100 pA, 4 us dwell, 50 us flyback, default drift and scan noise, Poisson noise.
+graphene (a = 2.46 A, no rotation) with one Si dopant in a periodic cell of about the field's
+diagonal plus 2 nm on a side (its images do not reach the padded grid), 60 keV, alpha = 30
+mrad, C10 = 2 nm, C12 = 1 nm, C30 = 123 nm, C50 = 0.55 mm, source sigma 0.35 A, 100 pA, 4 us
+dwell, 50 us flyback, default drift and scan noise, Poisson noise.
 The Rust side runs it as the scenario `stem_frame_bench.toml` next to this script (the default;
 another scenario can be given, but its randomized aberrations change the kernel and padded grid).
 
@@ -90,7 +92,7 @@ def node_spacing(cfg):
     """scan.rs: at least 16 nodes per period of the fastest noise component, at most 32 px."""
     freqs = []
     if cfg["noise_components"] > 0:
-        freqs.append(cfg["noise_fmax"] if cfg["noise_components"] > 1 else cfg["noise_fmin"])
+        freqs.append(cfg["noise_fmax"])
     if cfg["mains_amplitude"] > 0:
         freqs.append(cfg["mains_frequency"])
     if not freqs:
@@ -298,28 +300,38 @@ def binned_probe(cfg, ab, dx, max_extent):
 # Specimen (specimen.rs: graphene lattice and a centred dopant)
 
 
-def graphene(cfg, half):
-    """Graphene atoms (x, y, Z) clipped to [-hx, hx] x [-hy, hy], in the Rust builder's order."""
+def graphene(cfg, size):
+    """Graphene atoms (x, y, Z) of the periodic cell of sides about `size` (specimen.rs `build`:
+    a whole number of periods a along a1 and sqrt(3) a across it, the lattice point at the
+    origin, atoms centred on it), in the Rust builder's order."""
     a, rot = cfg["lattice_constant"], cfg["rotation"]
-    s3 = math.sqrt(3.0)
-    c, s = math.cos(rot), math.sin(rot)
-    a1 = (c * a - s * 0.0, s * a + c * 0.0)
-    a2 = (c * (0.5 * a) - s * (0.5 * s3 * a), s * (0.5 * a) + c * (0.5 * s3 * a))
-    reach = math.hypot(half[0], half[1]) + 2.0 * a
-    det = a1[0] * a2[1] - a1[1] * a2[0]
-    n1 = int(math.ceil(reach * math.hypot(*a2) / abs(det))) + 1
-    n2 = int(math.ceil(reach * math.hypot(*a1) / abs(det))) + 1
-    i, j, b = np.meshgrid(np.arange(-n1, n1 + 1), np.arange(-n2, n2 + 1), np.arange(2), indexing="ij")
-    frac = np.array([0.0, 1.0 / 3.0])
-    u = i.ravel() + frac[b.ravel()]
-    v = j.ravel() + frac[b.ravel()]
-    x = u * a1[0] + v * a2[0]
-    y = u * a1[1] + v * a2[1]
-    keep = (np.abs(x) <= half[0]) & (np.abs(y) <= half[1])
-    x, y = x[keep], y[keep]
+    unit = 0.5 * (a * a + 0.0 * 0.0)
+    len_p, len_t = math.sqrt(2.0 * unit), math.sqrt(6.0 * unit)  # a1 = (1, 0), t = (-1, 2)
+    k0 = max(int(round(size[0] / len_p)), 1)
+    k1 = max(int(round(size[1] / len_t)), 1)
+    l1, l2 = k0 * len_p, k1 * len_t
+    p1, p2 = (k0, 0), (-k1, 2 * k1)
+    d = p1[0] * p2[1] - p2[0] * p1[1]
+    basis = [(0.0, 0.0), (1.0 / 3.0, 1.0 / 3.0)]
+    xi, eta = [], []
+    for i in range(min(0, p1[0], p2[0], p1[0] + p2[0]), max(0, p1[0], p2[0], p1[0] + p2[0]) + 1):
+        for j in range(min(0, p1[1], p2[1], p1[1] + p2[1]), max(0, p1[1], p2[1], p1[1] + p2[1]) + 1):
+            nu = p2[1] * i - p2[0] * j
+            nv = -p1[1] * i + p1[0] * j
+            if not (0 <= nu < d and 0 <= nv < d):
+                continue
+            for f in basis:
+                u = (float(nu) + float(p2[1]) * f[0] - float(p2[0]) * f[1]) / float(d)
+                v = (float(nv) - float(p1[1]) * f[0] + float(p1[0]) * f[1]) / float(d)
+                xi.append((u - math.floor(u + 0.5)) * l1)
+                eta.append((v - math.floor(v + 0.5)) * l2)
+    xi, eta = np.array(xi), np.array(eta)
+    s, c = math.sin(rot), math.cos(rot)
+    x = c * xi - s * eta
+    y = s * xi + c * eta
     z = np.full(x.shape, 6, dtype=np.int64)
     z[np.argmin(np.hypot(x, y))] = cfg["dopant_z"]  # "center" placement: the C nearest the origin
-    return x, y, z
+    return x, y, z, (l1, l2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -335,8 +347,8 @@ class NumpyStem:
         self.ab = dict(cfg["ab"])
         rows, cols, dx = cfg["rows"], cfg["cols"], cfg["dx"]
         fov = (cols * dx, rows * dx)
-        self.half = tuple(0.5 * fov[k] + abs(cfg["center"][k]) + 2e-9 for k in range(2))
-        self.x, self.y, self.z = graphene(cfg, self.half)
+        side = math.hypot(fov[0], fov[1]) + 2e-9  # sim.rs: the auto-sized cell
+        self.x, self.y, self.z, self.cell_size = graphene(cfg, (side, side))
         zz = np.arange(93)
         self.sigma_by_z = cfg["carbon_cross_section"] * (zz / 6.0) ** cfg["haadf_exponent"]
         # Drift state persists across frames.
@@ -344,8 +356,11 @@ class NumpyStem:
         self.drift_offset = np.zeros(2)
         self.drift_velocity = np.array([sp * math.cos(d), sp * math.sin(d)])
         self.clock = 0.0
+        # The dose map: periodic on the specimen cell (unrotated here), whole bins across it.
         cell = cfg["dose_map_cell"]
-        self.dose_shape = (max(int(math.ceil(2 * self.half[1] / cell)), 1), max(int(math.ceil(2 * self.half[0] / cell)), 1))
+        l1, l2 = self.cell_size
+        self.dose_shape = (max(int(round(l2 / cell)), 1), max(int(round(l1 / cell)), 1))
+        self.dose_bin = (l1 / self.dose_shape[1], l2 / self.dose_shape[0])
         self.dose = np.zeros(self.dose_shape)
         # The ideal-image cache (`StemSimulator::{ideal_valid, ideal_shift, rendered_electrons}`).
         self.ideal = None
@@ -496,15 +511,15 @@ class NumpyStem:
         rows, cols, dwell, fly = cfg["rows"], cfg["cols"], cfg["dwell"], cfg["flyback"]
         line = cols * dwell + fly
         row_span = (max(cols, 1) - 1) * dwell
-        # 1/sqrt(f) components, normalized to the r.m.s., random phases; then mains.
+        # 1/f components: one per equal log-width band at a log-uniform random frequency in it,
+        # equal amplitudes rms·sqrt(2/n), random phases; then mains.
         n = cfg["noise_components"]
         lo, hi = cfg["noise_fmin"], cfg["noise_fmax"]
-        f = lo * (hi / lo) ** (np.arange(n) / (n - 1)) if n > 1 else np.full(n, lo)
-        a = 1.0 / np.sqrt(f)
-        norm = float((0.5 * a * a).sum())
-        scale = cfg["noise_rms"] / math.sqrt(norm) if norm > 0 else 0.0
+        width = math.log(hi / lo) / max(n, 1)
+        f = lo * np.exp(width * (np.arange(n) + rng.random(n)))
+        a = cfg["noise_rms"] * math.sqrt(2.0 / n) if n > 0 else 0.0
         omega = 2 * math.pi * f
-        amp = np.repeat((a * scale)[:, None], 2, axis=1)
+        amp = np.full((n, 2), a)
         phase = 2 * math.pi * rng.random((n, 2))
         if cfg["mains_amplitude"] > 0:
             ph = 2 * math.pi * rng.random()
@@ -597,19 +612,18 @@ class NumpyStem:
         return frame, noiseless
 
     def add_dose_rect(self, x0, x1, y0, y1, dose):
-        """`DoseMap::add_rect` (uniform dose, partially covered cells weighted)."""
-        c = self.cfg["dose_map_cell"]
+        """`DoseMap::add_rect` (uniform dose, partially covered bins weighted, wrapped onto the
+        periodic cell; the cell is unrotated here, so the coverage is a product)."""
+        cx_, cy_ = self.dose_bin
         ny, nx = self.dose_shape
-        ox, oy = -self.half[0], -self.half[1]
-        ix0 = min(max(math.floor((x0 - ox) / c), 0), nx)
-        ix1 = min(max(math.ceil((x1 - ox) / c), 0), nx)
-        iy0 = min(max(math.floor((y0 - oy) / c), 0), ny)
-        iy1 = min(max(math.ceil((y1 - oy) / c), 0), ny)
-        ax = ox + np.arange(ix0, ix1) * c
-        ay = oy + np.arange(iy0, iy1) * c
-        cx = np.clip((np.minimum(x1, ax + c) - np.maximum(x0, ax)) / c, 0, 1)
-        cy = np.clip((np.minimum(y1, ay + c) - np.maximum(y0, ay)) / c, 0, 1)
-        self.dose[iy0:iy1, ix0:ix1] += dose * cy[:, None] * cx[None, :]
+        ox, oy = -0.5 * self.cell_size[0], -0.5 * self.cell_size[1]
+        ix = np.arange(math.floor((x0 - ox) / cx_), math.floor((x1 - ox) / cx_) + 1)
+        iy = np.arange(math.floor((y0 - oy) / cy_), math.floor((y1 - oy) / cy_) + 1)
+        ax = ox + ix * cx_
+        ay = oy + iy * cy_
+        fx = np.clip((np.minimum(x1, ax + cx_) - np.maximum(x0, ax)) / cx_, 0, 1)
+        fy = np.clip((np.minimum(y1, ay + cy_) - np.maximum(y0, ay)) / cy_, 0, 1)
+        np.add.at(self.dose, (np.mod(iy, ny)[:, None], np.mod(ix, nx)[None, :]), dose * fy[:, None] * fx[None, :])
 
     def acquire_frame(self):
         """`StemSimulator::acquire_frame` (sputtering off): cached or re-rendered ideal image,

@@ -6,7 +6,9 @@ use scopegym_physics::stem::haadf::{DetectorConfig, HaadfRenderer};
 use scopegym_physics::stem::optics::{
     Aberrations, ProbeCalculator, ProbeSpec, electron_wavelength,
 };
-use scopegym_physics::stem::specimen::{Atom, ContaminationConfig, Crystal, SpecimenConfig};
+use scopegym_physics::stem::specimen::{
+    Atom, ContaminationConfig, Crystal, Specimen, SpecimenConfig,
+};
 use scopegym_physics::stem::{StemConfig, StemSimulator};
 
 fn unaberrated(energy: f64, alpha: f64) -> ProbeSpec {
@@ -126,7 +128,11 @@ fn si_over_c_column_ratio_is_z_ratio_to_the_n() {
             z: 14,
         },
     ];
-    r.render_ideal(&atoms, &sigma, 2500.0, [0.0, 0.0], [0.0, 0.0])
+    let specimen = Specimen {
+        atoms: atoms.to_vec(),
+        cell: None,
+    };
+    r.render_ideal(&specimen, &sigma, 2500.0, [0.0, 0.0], [0.0, 0.0])
         .unwrap();
     let at = |j: usize, i: usize| f64::from(r.ideal[(i + g.margin) * g.pcols + j + g.margin]);
     let (c, si) = (at(34, 64), at(94, 64));
@@ -155,9 +161,8 @@ fn spectral_shift_of_the_ideal_image_matches_a_fresh_render() {
         crystal: Crystal::Graphene,
         ..Default::default()
     }
-    .build([1.2e-9, 1.2e-9], &mut scopegym_physics::rng::seeded(3))
+    .build([2.4e-9, 2.4e-9], &mut scopegym_physics::rng::seeded(3))
     .unwrap();
-    let atoms = &specimen.atoms;
     let crop = |r: &HaadfRenderer| -> Vec<f64> {
         let g = r.geometry().unwrap();
         (0..g.rows)
@@ -173,12 +178,12 @@ fn spectral_shift_of_the_ideal_image_matches_a_fresh_render() {
         !r.shift_ideal([0.0, 0.0]),
         "no spectrum before the first render"
     );
-    r.render_ideal(atoms, &sigma, 2500.0, [0.0, 0.0], [0.0, 0.0])
+    r.render_ideal(&specimen, &sigma, 2500.0, [0.0, 0.0], [0.0, 0.0])
         .unwrap();
     for (d, tol) in [([dx, -dx], 1e-4), ([0.5 * dx, 0.25 * dx], 0.035)] {
         assert!(r.shift_ideal(d));
         fresh
-            .render_ideal(atoms, &sigma, 2500.0, d, [0.0, 0.0])
+            .render_ideal(&specimen, &sigma, 2500.0, d, [0.0, 0.0])
             .unwrap();
         let (a, b) = (crop(&r), crop(&fresh));
         let peak = b.iter().copied().fold(0.0, f64::max);
@@ -296,8 +301,15 @@ fn lattice_displacement_between_frames_matches_the_drift_velocity() {
     let dt = f2.meta.t_start - t0;
     let b = f2.image.to_owned();
     let (sx, sy) = measure_shift(a.as_slice().unwrap(), b.as_slice().unwrap(), 96, 12);
-    let px = sim.scan_settings().pixel_size;
-    let (ex, ey) = (speed * dir.cos() * dt / px, speed * dir.sin() * dt / px);
+    let sc = sim.scan_settings();
+    let px = sc.pixel_size;
+    // A feature displaced by (Δj, Δi) pixels is also scanned later by Δi lines and Δj dwells,
+    // during which it drifts further: Δ·px = v·T with T = dt + Δi·line + Δj·dwell, so
+    // T = dt / (1 − (v_y·line + v_x·dwell)/px).
+    let (vx, vy) = (speed * dir.cos(), speed * dir.sin());
+    let line = sc.cols as f64 * sc.dwell_time + sc.flyback_time;
+    let t = dt / (1.0 - (vy * line + vx * sc.dwell_time) / px);
+    let (ex, ey) = (vx * t / px, vy * t / px);
     assert!(ex > 3.0, "test needs a visible shift, got {ex}");
     assert!(
         (sx - ex).abs() < 0.3 && (sy - ey).abs() < 0.3,

@@ -579,7 +579,8 @@ impl SpectrumTruth for StemSimulator {
                 has_edge[usize::from(e.z)] = true;
             }
         }
-        let atoms = &self.specimen().atoms;
+        let specimen = self.specimen();
+        let atoms = &specimen.atoms;
         let edge_atoms: Vec<[f64; 2]> = atoms
             .iter()
             .filter(|a| has_edge[usize::from(a.z)])
@@ -592,11 +593,12 @@ impl SpectrumTruth for StemSimulator {
         for p in positions {
             let b = [p[0] - d[0], p[1] - d[1]];
             // Without an edge atom under the probe the spectrum is the edge-free one.
+            // (The images of the periodic specimen under the probe: `Window`.)
+            let window = specimen.window([-b[0], -b[1]], [reach, reach]);
             let near = edge_atoms.iter().any(|e| {
-                let (ox, oy) = (e[0] - b[0], e[1] - b[1]);
-                ox.abs() <= reach
-                    && oy.abs() <= reach
-                    && kernel_density(&scratch.kernel, side, px, ox, oy) > 0.0
+                window
+                    .images(*e)
+                    .any(|[ox, oy]| kernel_density(&scratch.kernel, side, px, ox, oy) > 0.0)
             });
             if !near {
                 out.push(plain);
@@ -604,17 +606,15 @@ impl SpectrumTruth for StemSimulator {
             }
             scratch.composition.clear();
             for a in atoms {
-                let (ox, oy) = (a.x - b[0], a.y - b[1]);
-                if ox.abs() > reach || oy.abs() > reach {
-                    continue;
-                }
-                let w = kernel_density(&scratch.kernel, side, px, ox, oy) * 1e-20;
-                if w <= 0.0 {
-                    continue;
-                }
-                match scratch.composition.iter_mut().find(|c| c.0 == a.z) {
-                    Some(c) => c.1 += w,
-                    None => scratch.composition.push((a.z, w)),
+                for [ox, oy] in window.images([a.x, a.y]) {
+                    let w = kernel_density(&scratch.kernel, side, px, ox, oy) * 1e-20;
+                    if w <= 0.0 {
+                        continue;
+                    }
+                    match scratch.composition.iter_mut().find(|c| c.0 == a.z) {
+                        Some(c) => c.1 += w,
+                        None => scratch.composition.push((a.z, w)),
+                    }
                 }
             }
             model.expected(&scratch.composition, n_e, &mut spec);

@@ -365,7 +365,7 @@ impl FieldTruth for StemSimulator {
         let epp = self.beam_current() * s.dwell_time / ELEMENTARY_CHARGE;
         let shift = self.drift_offset();
         let r = &mut scratch.renderer;
-        if r.render_ideal(&self.specimen().atoms, &sigma, epp, shift, s.center)
+        if r.render_ideal(self.specimen(), &sigma, epp, shift, s.center)
             .is_err()
         {
             return false;

@@ -22,7 +22,7 @@ use crate::param::Param;
 use crate::param::dims::{Area, Current, Energy, Frequency, Length, Temperature};
 use crate::rng::SimRng;
 use crate::stem::optics::{electron_beta, electron_momentum_ev};
-use crate::stem::specimen::{Atom, Specimen};
+use crate::stem::specimen::{Atom, Specimen, Supercell};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -280,98 +280,201 @@ impl DamageConfig {
 }
 
 /// Cumulative electron dose per area on a grid fixed to the specimen, electrons/m².
+///
+/// The grid is periodic on the specimen's [`Supercell`]: its bins are aligned with the cell's
+/// axes and a whole number of them spans the cell, so a dose delivered anywhere in the plane
+/// lands on the bin of the specimen region it hit (the same atoms), however far the scan is
+/// panned or the specimen drifted, and the map's memory stays that of one cell.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DoseMap {
-    /// Dose per cell, row-major (row = y), electrons/m².
+    /// Dose per bin, row-major (row = the cell's second axis ê₂), electrons/m².
     pub dose: Vec<f64>,
-    /// Cells along x and y.
+    /// Bins along the cell's axes ê₁ and ê₂.
     pub shape: [usize; 2],
-    /// Cell size, m.
-    pub cell: f64,
-    /// Specimen coordinates of the corner of cell (0, 0), m.
-    pub origin: [f64; 2],
+    /// Bin sides along ê₁ and ê₂, m: the requested bin size rounded so that whole bins span the
+    /// cell.
+    pub cell: [f64; 2],
+    /// The periodic cell the map covers (specimen coordinates); bin (0, 0) starts at its corner
+    /// `(ξ, η) = −size/2`.
+    pub period: Supercell,
+}
+
+/// Area (m²) of the convex polygon `poly` (cell coordinates, either orientation) inside the
+/// rectangle `[lo, hi]` (Sutherland-Hodgman clipping, then the shoelace formula).
+fn clipped_area(poly: &[[f64; 2]; 4], lo: [f64; 2], hi: [f64; 2]) -> f64 {
+    // A quadrilateral clipped by four half-planes has at most 8 vertices.
+    let (mut cur, mut next) = ([[0.0f64; 2]; 8], [[0.0f64; 2]; 8]);
+    cur[..4].copy_from_slice(poly);
+    let mut n = 4;
+    for (axis, bound, sign) in [
+        (0, lo[0], 1.0),
+        (0, hi[0], -1.0),
+        (1, lo[1], 1.0),
+        (1, hi[1], -1.0),
+    ] {
+        let inside = |p: [f64; 2]| sign * (p[axis] - bound) >= 0.0;
+        let mut m = 0;
+        for k in 0..n {
+            let (p, q) = (cur[k], cur[(k + 1) % n]);
+            let (ip, iq) = (inside(p), inside(q));
+            if ip {
+                next[m] = p;
+                m += 1;
+            }
+            if ip != iq {
+                let t = (bound - p[axis]) / (q[axis] - p[axis]);
+                next[m] = [p[0] + t * (q[0] - p[0]), p[1] + t * (q[1] - p[1])];
+                m += 1;
+            }
+        }
+        std::mem::swap(&mut cur, &mut next);
+        n = m;
+        if n == 0 {
+            return 0.0;
+        }
+    }
+    let twice: f64 = (0..n)
+        .map(|k| {
+            let (p, q) = (cur[k], cur[(k + 1) % n]);
+            p[0] * q[1] - q[0] * p[1]
+        })
+        .sum();
+    0.5 * twice.abs()
 }
 
 impl DoseMap {
-    /// An empty map covering `[-half_x, half_x] × [-half_y, half_y]`.
-    pub fn new(half_size: [f64; 2], cell: f64) -> Self {
-        let nx = ((2.0 * half_size[0] / cell).ceil() as usize).max(1);
-        let ny = ((2.0 * half_size[1] / cell).ceil() as usize).max(1);
+    /// An empty map periodic on `period`, with bins of about `bin` (m) on a side.
+    pub fn new(period: Supercell, bin: f64) -> Self {
+        let size = period.size();
+        let shape = size.map(|l| ((l / bin).round() as usize).max(1));
         Self {
-            dose: vec![0.0; nx * ny],
-            shape: [nx, ny],
-            cell,
-            origin: [-half_size[0], -half_size[1]],
+            dose: vec![0.0; shape[0] * shape[1]],
+            shape,
+            cell: [size[0] / shape[0] as f64, size[1] / shape[1] as f64],
+            period,
         }
     }
 
-    /// Adds a uniform dose (e⁻/m²) over the rectangle `[x0, x1] × [y0, y1]` (specimen coordinates),
-    /// weighting partially covered cells by their covered fraction.
+    /// Unwrapped bin index along axis `k` of cell coordinate `q` (m).
+    fn index(&self, q: f64, k: usize) -> i64 {
+        ((q + 0.5 * self.period.size()[k]) / self.cell[k]).floor() as i64
+    }
+
+    /// Flat index of the bin with unwrapped indices `(i, j)`, wrapped onto the cell.
+    fn flat(&self, i: i64, j: i64) -> usize {
+        let i = i.rem_euclid(self.shape[0] as i64) as usize;
+        let j = j.rem_euclid(self.shape[1] as i64) as usize;
+        j * self.shape[0] + i
+    }
+
+    /// Adds a uniform dose (e⁻/m²) over the rectangle `[x0, x1] × [y0, y1]` (specimen
+    /// coordinates, lab axes), weighting partially covered bins by their covered fraction (exact
+    /// polygon clipping), wrapped onto the periodic cell: the electrons added are exactly
+    /// `dose · (x1 − x0)(y1 − y0)`.
     pub fn add_rect(&mut self, x0: f64, x1: f64, y0: f64, y1: f64, dose: f64) {
-        let [nx, ny] = self.shape;
-        let c = self.cell;
-        let cover = |lo: f64, hi: f64, i: usize, o: f64| {
-            let a = o + i as f64 * c;
-            ((hi.min(a + c) - lo.max(a)) / c).clamp(0.0, 1.0)
-        };
-        let ix0 = (((x0 - self.origin[0]) / c).floor().max(0.0) as usize).min(nx);
-        let ix1 = (((x1 - self.origin[0]) / c).ceil().max(0.0) as usize).min(nx);
-        let iy0 = (((y0 - self.origin[1]) / c).floor().max(0.0) as usize).min(ny);
-        let iy1 = (((y1 - self.origin[1]) / c).ceil().max(0.0) as usize).min(ny);
-        for iy in iy0..iy1 {
-            let fy = cover(y0, y1, iy, self.origin[1]);
-            for ix in ix0..ix1 {
-                self.dose[iy * nx + ix] += dose * fy * cover(x0, x1, ix, self.origin[0]);
-            }
+        if !(x1 > x0 && y1 > y0) {
+            return;
         }
-    }
-
-    /// Adds `electrons` spread as a Gaussian of standard deviation `sigma` (m) around `(x, y)`.
-    pub fn add_gaussian(&mut self, x: f64, y: f64, sigma: f64, electrons: f64) {
-        let [nx, ny] = self.shape;
-        let c = self.cell;
-        let s = sigma.max(0.25 * c);
-        let r = (4.0 * s / c).ceil() as i64;
-        let cx = ((x - self.origin[0]) / c).floor() as i64;
-        let cy = ((y - self.origin[1]) / c).floor() as i64;
-        // Two passes over the window (normalize, then deposit): no allocation.
-        let (ox, oy) = (self.origin[0], self.origin[1]);
-        let weight = |ix: i64, iy: i64| {
-            let px = ox + (ix as f64 + 0.5) * c;
-            let py = oy + (iy as f64 + 0.5) * c;
-            (-((px - x).powi(2) + (py - y).powi(2)) / (2.0 * s * s)).exp()
-        };
-        let (y0, y1) = ((cy - r).max(0), (cy + r).min(ny as i64 - 1));
-        let (x0, x1) = ((cx - r).max(0), (cx + r).min(nx as i64 - 1));
-        let mut total = 0.0;
-        for iy in y0..=y1 {
-            for ix in x0..=x1 {
-                total += weight(ix, iy);
+        let c = self.period;
+        let poly = [[x0, y0], [x1, y0], [x1, y1], [x0, y1]].map(|p| c.to_cell(p));
+        let lo = [0, 1].map(|k| poly.iter().map(|p| p[k]).fold(f64::INFINITY, f64::min));
+        let hi = [0, 1].map(|k| poly.iter().map(|p| p[k]).fold(f64::NEG_INFINITY, f64::max));
+        let [b1, b2] = self.cell;
+        let half = c.size().map(|l| 0.5 * l);
+        let (i0, i1) = (self.index(lo[0], 0), self.index(hi[0], 0));
+        let (j0, j1) = (self.index(lo[1], 1), self.index(hi[1], 1));
+        let [e1, e2] = c.periods();
+        if e1[1] == 0.0 && e2[0] == 0.0 {
+            // Axes along the lab's (up to their sense): the covered fraction of a bin is the
+            // product of its covered fractions along each axis.
+            let cover = |lo: f64, hi: f64, start: f64, b: f64| {
+                ((hi.min(start + b) - lo.max(start)) / b).clamp(0.0, 1.0)
+            };
+            for j in j0..=j1 {
+                let fy = cover(lo[1], hi[1], j as f64 * b2 - half[1], b2);
+                if fy <= 0.0 {
+                    continue;
+                }
+                for i in i0..=i1 {
+                    let fx = cover(lo[0], hi[0], i as f64 * b1 - half[0], b1);
+                    if fx > 0.0 {
+                        let k = self.flat(i, j);
+                        self.dose[k] += dose * fx * fy;
+                    }
+                }
             }
+            return;
         }
-        if total > 0.0 {
-            let scale = electrons / total / (c * c);
-            for iy in y0..=y1 {
-                for ix in x0..=x1 {
-                    self.dose[iy as usize * nx + ix as usize] += scale * weight(ix, iy);
+        // Rotated axes: bins with all four corners inside the rectangle are covered; the others
+        // are clipped. Lab corners advance by the bin's edge vectors.
+        let inside = |p: [f64; 2]| p[0] >= x0 && p[0] <= x1 && p[1] >= y0 && p[1] <= y1;
+        let (di, dj) = (c.from_cell([b1, 0.0]), c.from_cell([0.0, b2]));
+        for j in j0..=j1 {
+            let e0 = j as f64 * b2 - half[1];
+            let row = c.from_cell([i0 as f64 * b1 - half[0], e0]);
+            for (n, i) in (i0..=i1).enumerate() {
+                let s0 = i as f64 * b1 - half[0];
+                let p = [row[0] + n as f64 * di[0], row[1] + n as f64 * di[1]];
+                let corners = [
+                    p,
+                    [p[0] + di[0], p[1] + di[1]],
+                    [p[0] + dj[0], p[1] + dj[1]],
+                    [p[0] + di[0] + dj[0], p[1] + di[1] + dj[1]],
+                ];
+                let frac = if corners.iter().all(|&q| inside(q)) {
+                    1.0
+                } else {
+                    clipped_area(&poly, [s0, e0], [s0 + b1, e0 + b2]) / (b1 * b2)
+                };
+                if frac > 0.0 {
+                    let k = self.flat(i, j);
+                    self.dose[k] += dose * frac;
                 }
             }
         }
     }
 
-    /// Dose at a specimen position (the containing cell's), e⁻/m²; 0 outside the map.
-    pub fn at(&self, x: f64, y: f64) -> f64 {
-        let ix = ((x - self.origin[0]) / self.cell).floor();
-        let iy = ((y - self.origin[1]) / self.cell).floor();
-        if ix < 0.0 || iy < 0.0 || ix as usize >= self.shape[0] || iy as usize >= self.shape[1] {
-            return 0.0;
+    /// Adds `electrons` spread as a Gaussian of standard deviation `sigma` (m) around `(x, y)`
+    /// (specimen coordinates), wrapped onto the periodic cell.
+    pub fn add_gaussian(&mut self, x: f64, y: f64, sigma: f64, electrons: f64) {
+        let [b1, b2] = self.cell;
+        let s = sigma.max(0.25 * b1.min(b2));
+        let q = self.period.to_cell([x, y]);
+        let (ri, rj) = ((4.0 * s / b1).ceil() as i64, (4.0 * s / b2).ceil() as i64);
+        let (ci, cj) = (self.index(q[0], 0), self.index(q[1], 1));
+        let half = self.period.size().map(|l| 0.5 * l);
+        // Two passes over the window (normalize, then deposit): no allocation.
+        let weight = |i: i64, j: i64| {
+            let px = (i as f64 + 0.5) * b1 - half[0];
+            let py = (j as f64 + 0.5) * b2 - half[1];
+            (-((px - q[0]).powi(2) + (py - q[1]).powi(2)) / (2.0 * s * s)).exp()
+        };
+        let mut total = 0.0;
+        for j in cj - rj..=cj + rj {
+            for i in ci - ri..=ci + ri {
+                total += weight(i, j);
+            }
         }
-        self.dose[iy as usize * self.shape[0] + ix as usize]
+        if total > 0.0 {
+            let scale = electrons / total / (b1 * b2);
+            for j in cj - rj..=cj + rj {
+                for i in ci - ri..=ci + ri {
+                    let k = self.flat(i, j);
+                    self.dose[k] += scale * weight(i, j);
+                }
+            }
+        }
+    }
+
+    /// Dose at a specimen position (the containing bin's, on the periodic cell), e⁻/m².
+    pub fn at(&self, x: f64, y: f64) -> f64 {
+        let q = self.period.to_cell([x, y]);
+        self.dose[self.flat(self.index(q[0], 0), self.index(q[1], 1))]
     }
 
     /// Total number of electrons delivered.
     pub fn total_electrons(&self) -> f64 {
-        self.dose.iter().sum::<f64>() * self.cell * self.cell
+        self.dose.iter().sum::<f64>() * self.cell[0] * self.cell[1]
     }
 }
 
@@ -406,7 +509,9 @@ pub fn sputter(
 }
 
 /// One hop of a dopant: it moved from `from` to `to` (specimen coordinates, m) at time `time` (s,
-/// since the start of the dwell).
+/// since the start of the dwell). Both are the stored positions of the two atoms, in the
+/// specimen's periodic cell: a hop across the cell edge has `to − from` one cell period off the
+/// bond ([`Specimen::separation`] gives the bond).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Hop {
     /// Index of the dopant atom (its index after the swap).
@@ -462,8 +567,9 @@ impl HopModel {
         self.peak_rate * (current / self.reference_current) * (-0.5 * r2 / self.variance).exp()
     }
 
-    /// Runs the chain for `duration` seconds with the beam at `beam` (specimen coordinates, m).
-    /// Each dopant's neighbours are the host atoms within `bond` (m). Returns the hops in order.
+    /// Runs the chain for `duration` seconds with the beam at `beam` (specimen coordinates, m;
+    /// any image of it in a periodic specimen). Each dopant's neighbours are the host atoms
+    /// within `bond` (m, minimum-image distance). Returns the hops in order.
     pub fn dwell(
         &self,
         specimen: &mut Specimen,
@@ -480,13 +586,19 @@ impl HopModel {
         loop {
             let mut rates: Vec<(usize, usize, f64)> = Vec::new();
             for (i, a) in specimen.atoms.iter().enumerate() {
-                if a.z != self.dopant_z || (a.x - beam[0]).hypot(a.y - beam[1]) > reach {
+                if a.z != self.dopant_z {
+                    continue;
+                }
+                // Minimum images (periodic specimen): the beam and neighbours nearest the dopant.
+                let b = specimen.image_near(beam, [a.x, a.y]);
+                if (a.x - b[0]).hypot(a.y - b[1]) > reach {
                     continue;
                 }
                 for j in specimen.neighbors(i, bond) {
                     let n = specimen.atoms[j];
                     if n.z == self.host_z {
-                        let r = self.rate([a.x, a.y], [n.x, n.y], beam, current);
+                        let n = specimen.image_near([n.x, n.y], [a.x, a.y]);
+                        let r = self.rate([a.x, a.y], n, b, current);
                         if r > 0.0 {
                             rates.push((i, j, r));
                         }
@@ -577,7 +689,7 @@ mod tests {
 
     #[test]
     fn dose_map_rect_adds_exact_totals() {
-        let mut m = DoseMap::new([1e-9, 1e-9], 1e-10);
+        let mut m = DoseMap::new(Supercell::new([2e-9, 2e-9], 0.0), 1e-10);
         m.add_rect(-0.55e-9, 0.45e-9, -0.5e-9, 0.5e-9, 1e20);
         let total = m.total_electrons();
         assert!((total - 1e20 * 1e-18).abs() < 1e-6 * total, "{total}");

@@ -14,7 +14,7 @@ use crate::rng::{PoissonScratch, SimRng, normal, poisson_fill};
 use crate::stem::fft2::Fft2;
 use crate::stem::optics::next_fast_len;
 use crate::stem::scan::Distortion;
-use crate::stem::specimen::Atom;
+use crate::stem::specimen::{Atom, Specimen};
 use num_complex::Complex;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
@@ -334,10 +334,12 @@ impl HaadfRenderer {
 
     /// Forms the ideal expected-count image on the padded grid: atoms at lab positions
     /// `(a.x + shift[0] − centre[0], a.y + shift[1] − centre[1])` relative to the frame centre,
-    /// each weighted by `electrons · σ(Z) / dx²`.
+    /// each weighted by `electrons · σ(Z) / dx²`. A periodic specimen is splatted with every
+    /// image of each atom that falls on the padded grid (a column straddling the cell edge
+    /// appears on both sides), so any centre and any drift image material.
     pub fn render_ideal(
         &mut self,
-        atoms: &[Atom],
+        specimen: &Specimen,
         sigma_by_z: &[f64; 93],
         electrons: f64,
         shift: [f64; 2],
@@ -351,19 +353,40 @@ impl HaadfRenderer {
         self.splat.iter_mut().for_each(|v| *v = 0.0);
         let scale = electrons / (g.dx * g.dx);
         let (pw, ph) = (g.pcols as f64, g.prows as f64);
-        for a in atoms {
-            let (u, v) = g.to_grid(a.x + shift[0] - centre[0], a.y + shift[1] - centre[1]);
+        let splat = &mut self.splat;
+        let mut put = |x: f64, y: f64, w: f32| {
+            let (u, v) = g.to_grid(x, y);
             if !(u >= 0.0 && v >= 0.0 && u < pw - 1.0 && v < ph - 1.0) {
-                continue;
+                return;
             }
-            let w = (scale * sigma_by_z.get(a.z as usize).copied().unwrap_or(0.0)) as f32;
             let (i0, j0) = (v as usize, u as usize);
             let (fy, fx) = ((v - i0 as f64) as f32, (u - j0 as f64) as f32);
             let base = i0 * g.pcols + j0;
-            self.splat[base] += w * (1.0 - fx) * (1.0 - fy);
-            self.splat[base + 1] += w * fx * (1.0 - fy);
-            self.splat[base + g.pcols] += w * (1.0 - fx) * fy;
-            self.splat[base + g.pcols + 1] += w * fx * fy;
+            splat[base] += w * (1.0 - fx) * (1.0 - fy);
+            splat[base + 1] += w * fx * (1.0 - fy);
+            splat[base + g.pcols] += w * (1.0 - fx) * fy;
+            splat[base + g.pcols + 1] += w * fx * fy;
+        };
+        let weight =
+            |a: &Atom| (scale * sigma_by_z.get(a.z as usize).copied().unwrap_or(0.0)) as f32;
+        // The padded grid's half-extent around the frame centre (it is not centred exactly: the
+        // larger side).
+        let (u0, v0) = g.to_grid(0.0, 0.0);
+        let half = [u0.max(pw - 1.0 - u0) * g.dx, v0.max(ph - 1.0 - v0) * g.dx];
+        let c = [shift[0] - centre[0], shift[1] - centre[1]];
+        let window = specimen.window(c, half);
+        if window.is_direct() {
+            // A finite specimen, or the grid inside one translated cell: one image per atom at
+            // a fixed offset, no wrapping.
+            let o = window.offset();
+            for a in &specimen.atoms {
+                put(a.x + o[0], a.y + o[1], weight(a));
+            }
+        } else {
+            for a in &specimen.atoms {
+                let w = weight(a);
+                window.for_each_image([a.x, a.y], |[x, y]| put(x, y, w));
+            }
         }
         fft.forward(&self.splat, &mut self.base_spec);
         for ((b, s), k) in self

@@ -1,6 +1,6 @@
 //! A light STEM model for imaging a perfect crystal: HAADF lattice images by Fourier synthesis.
 //!
-//! [`StemSimulator`] splats every atom of a finite specimen and
+//! [`StemSimulator`] splats every atom of a periodic specimen cell (with its images) and
 //! convolves on a padded grid. For a perfect, unbounded crystal the same incoherent image
 //! (DESIGN.md §4: columns weighted by `σ_Z ∝ Z^n`, convolved with the probe intensity and the
 //! Gaussian source) is periodic, and the probe's transfer is zero beyond `2α/λ`, so the image is
@@ -715,7 +715,7 @@ mod tests {
 
     #[test]
     fn matches_the_full_simulator_on_a_perfect_crystal() {
-        // The full simulator splats a finite flake (the field plus 2 nm) bilinearly, bins the
+        // The full simulator splats a periodic cell (with its images) bilinearly, bins the
         // probe over each pixel and convolves on a padded grid; inside the field the images
         // agree up to the blur of its splat and binning (a few % of the contrast).
         let cfg = config(false);

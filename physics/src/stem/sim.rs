@@ -24,7 +24,7 @@ use crate::stem::eels::{EelsConfig, EelsModel};
 use crate::stem::haadf::{DetectorConfig, HaadfRenderer};
 use crate::stem::optics::{Aberrations, OpticsConfig, ProbeCalculator, ProbeSpec};
 use crate::stem::scan::{Distortion, DriftConfig, DriftState, ScanConfig, ScanNoiseConfig};
-use crate::stem::specimen::{Atom, Specimen, SpecimenConfig};
+use crate::stem::specimen::{Atom, Specimen, SpecimenConfig, Supercell};
 use ndarray::ArrayView2;
 use serde::{Deserialize, Serialize};
 
@@ -200,6 +200,9 @@ const RERENDER_DRIFT: f64 = 0.1;
 /// Bond length used to find a dopant's neighbours, m (graphene C-C 1.42 Å plus tolerance).
 const HOP_BOND: f64 = 1.7e-10;
 
+/// Added to the frame's diagonal for the side of an auto-sized specimen cell, m.
+const AUTO_CELL_MARGIN: f64 = 2e-9;
+
 impl StemSimulator {
     /// Builds a simulator: resolves distributions in `config` with `seed`, validates, builds the
     /// specimen. The same config and seed give the same session, bit for bit.
@@ -224,7 +227,7 @@ impl StemSimulator {
             any_knock: false,
             hop: HopModel::from_config(&cfg.damage),
             drift: DriftState::new(&cfg.drift),
-            dose_map: DoseMap::new([1e-9, 1e-9], 1e-10),
+            dose_map: DoseMap::new(Supercell::new([1e-9, 1e-9], 0.0), 1e-10),
             spectrum: vec![0.0; eels.energy_axis().len()],
             eels,
             cfg,
@@ -307,21 +310,25 @@ impl StemSimulator {
         self.any_knock = cfg.damage.sputtering && self.sigma_knock.iter().any(|s| *s > 0.0);
         self.hop = HopModel::from_config(&cfg.damage);
         self.drift = DriftState::new(&cfg.drift);
-        // Specimen: the configured size, or the field of view plus 2 nm on each side.
-        let fov = self.scan.field_of_view();
-        let mut half = [0.0; 2];
-        for k in 0..2 {
-            let s = cfg.specimen.size[k].get();
-            half[k] = if s > 0.0 {
-                0.5 * s
-            } else {
-                0.5 * fov[k] + self.scan.center[k].abs() + 2e-9
-            };
-        }
+        // Specimen: a periodic cell of the configured size, or by default one whose shortest
+        // period exceeds the frame's diagonal plus 2 nm, so that no frame of the configured
+        // scan shows an atom twice (a larger frame set later shows the tiling).
+        let size = cfg.specimen.size.each_ref().map(|s| s.get());
+        let size = if size.iter().all(|s| *s > 0.0) {
+            size
+        } else {
+            let fov = self.scan.field_of_view();
+            let auto = fov[0].hypot(fov[1]) + AUTO_CELL_MARGIN;
+            size.map(|s| if s > 0.0 { s } else { auto })
+        };
         self.specimen = cfg
             .specimen
-            .build(half, &mut seeded(derive_seed(seed, "specimen")))?;
-        self.dose_map = DoseMap::new(half, cfg.damage.dose_map_cell.get());
+            .build(size, &mut seeded(derive_seed(seed, "specimen")))?;
+        let period = self
+            .specimen
+            .cell
+            .unwrap_or_else(|| Supercell::new(size, 0.0));
+        self.dose_map = DoseMap::new(period, cfg.damage.dose_map_cell.get());
         self.cfg = cfg;
         self.drawn = drawn;
         self.ideal_valid = false;
@@ -361,6 +368,10 @@ impl StemSimulator {
     }
 
     /// Ground truth: the specimen in specimen coordinates (lab = specimen + [`Self::drift_offset`]).
+    /// It is periodic: the atoms fill one cell ([`Specimen::cell`]) that repeats over the plane,
+    /// so the atoms under a scan far from the origin (or after a long drift) are images of the
+    /// listed ones; [`Specimen::image_near`] and [`Specimen::separation`] give positions and
+    /// distances in the scan's frame of reference.
     pub fn specimen(&self) -> &Specimen {
         &self.specimen
     }
@@ -382,7 +393,7 @@ impl StemSimulator {
         &self.drift
     }
 
-    /// The cumulative dose map (specimen coordinates).
+    /// The cumulative dose map (specimen coordinates, periodic on the specimen's cell).
     pub fn dose_map(&self) -> &DoseMap {
         &self.dose_map
     }
@@ -449,12 +460,6 @@ impl StemSimulator {
         Ok(())
     }
 
-    /// Probe intensity per area (1/m²) at lab offset `(dx, dy)` from the probe, from the binned
-    /// kernel (bilinear), 0 outside it.
-    fn probe_density(&self, ox: f64, oy: f64) -> f64 {
-        kernel_density(&self.kernel, self.kernel_side, self.scan.pixel_size, ox, oy)
-    }
-
     /// Acquires a spectrum image: an EELS spectrum at each point of a `rows × cols` grid with step
     /// `step` (m) centred on the scan centre; returns `(rows, cols, channels)` counts.
     pub fn spectrum_image(
@@ -493,26 +498,28 @@ impl StemSimulator {
         let n_e = self.electrons(time);
         let d = self.drift.offset;
         let b = [self.probe_pos[0] - d[0], self.probe_pos[1] - d[1]];
-        // Expected HAADF signal and the composition under the probe.
+        // Expected HAADF signal and the composition under the probe, over every image of
+        // each atom within the kernel's reach (periodic specimen).
         let mut signal = 0.0;
         self.composition.clear();
         let reach = self.kernel_side as f64 * 0.5 * self.scan.pixel_size;
+        let window = self.specimen.window([-b[0], -b[1]], [reach, reach]);
+        let (kernel, side, px) = (&self.kernel, self.kernel_side, self.scan.pixel_size);
+        let (sigma_haadf, composition) = (&self.sigma_haadf, &mut self.composition);
         for a in &self.specimen.atoms {
-            let (ox, oy) = (a.x - b[0], a.y - b[1]);
-            if ox.abs() > reach || oy.abs() > reach {
-                continue;
-            }
-            let p = self.probe_density(ox, oy);
-            if p <= 0.0 {
-                continue;
-            }
-            signal += self.sigma_haadf[a.z as usize] * p;
-            // Effective atoms under the probe: P × 1 Å².
-            let w = p * 1e-20;
-            match self.composition.iter_mut().find(|c| c.0 == a.z) {
-                Some(c) => c.1 += w,
-                None => self.composition.push((a.z, w)),
-            }
+            window.for_each_image([a.x, a.y], |[ox, oy]| {
+                let p = kernel_density(kernel, side, px, ox, oy);
+                if p <= 0.0 {
+                    return;
+                }
+                signal += sigma_haadf[a.z as usize] * p;
+                // Effective atoms under the probe: P × 1 Å².
+                let w = p * 1e-20;
+                match composition.iter_mut().find(|c| c.0 == a.z) {
+                    Some(c) => c.1 += w,
+                    None => composition.push((a.z, w)),
+                }
+            });
         }
         self.dose_map
             .add_gaussian(b[0], b[1], self.probe_sigma, n_e);
@@ -521,13 +528,15 @@ impl StemSimulator {
             let kernel_reach = reach;
             // Split borrows: the kernel is read while the specimen is modified.
             let (kernel, side, px) = (&self.kernel, self.kernel_side, self.scan.pixel_size);
+            let window = self
+                .specimen
+                .window([-b[0], -b[1]], [kernel_reach, kernel_reach]);
             let probe = |a: &Atom| -> f64 {
-                let (ox, oy) = (a.x - b[0], a.y - b[1]);
-                if ox.abs() > kernel_reach || oy.abs() > kernel_reach {
-                    0.0
-                } else {
-                    n_e * kernel_density(kernel, side, px, ox, oy)
-                }
+                let mut dose = 0.0;
+                window.for_each_image([a.x, a.y], |[ox, oy]| {
+                    dose += n_e * kernel_density(kernel, side, px, ox, oy);
+                });
+                dose
             };
             report.sputtered = sputter(
                 &mut self.specimen,
@@ -629,7 +638,7 @@ impl StemInstrument for StemSimulator {
         if stale || moved > RERENDER_DRIFT * sc.pixel_size {
             if stale || !self.renderer.shift_ideal(shift) {
                 self.renderer.render_ideal(
-                    &self.specimen.atoms,
+                    &self.specimen,
                     &self.sigma_haadf,
                     epp,
                     shift,
@@ -664,16 +673,17 @@ impl StemInstrument for StemSimulator {
         self.dose_map.add_rect(x0, x0 + w, y0, y0 + h, dose);
         let mut report = DamageReport::default();
         if self.any_knock {
+            // Each image of an atom inside the scanned rectangle receives the frame's dose.
+            let (cx, cy) = (x0 + 0.5 * w, y0 + 0.5 * h);
+            let window = self.specimen.window([-cx, -cy], [0.5 * w, 0.5 * h]);
             report.sputtered = sputter(
                 &mut self.specimen,
                 &self.sigma_knock,
                 &mut self.rng_damage,
                 |a| {
-                    if a.x >= x0 && a.x < x0 + w && a.y >= y0 && a.y < y0 + h {
-                        dose
-                    } else {
-                        0.0
-                    }
+                    let mut images = 0.0;
+                    window.for_each_image([a.x, a.y], |_| images += 1.0);
+                    images * dose
                 },
             );
             if !report.sputtered.is_empty() {
