@@ -531,7 +531,8 @@ pub trait SpectrumTruth {
 }
 
 /// Probe intensity per area (1/m²) at offset `(ox, oy)` (m) from a binned kernel of side `s`
-/// and pixel `px`, bilinear (the simulator's own rule); 0 outside it.
+/// and pixel `px` (the simulator's effective probe), bilinear (the simulator's own rule); 0
+/// outside it.
 fn kernel_density(k: &[f64], s: usize, px: f64, ox: f64, oy: f64) -> f64 {
     let u = ox / px + (s / 2) as f64;
     let v = oy / px + (s / 2) as f64;
@@ -563,7 +564,8 @@ impl SpectrumTruth for StemSimulator {
             }
         }
         let px = self.scan_settings().pixel_size;
-        let (side, k) = self.probe_kernel();
+        // The probe a point exposure sees (source blur included).
+        let (side, k) = self.effective_probe();
         scratch.kernel.clear();
         scratch.kernel.extend_from_slice(k);
         let Some((_, model)) = &scratch.model else {
