@@ -67,7 +67,10 @@ fn point_counts_equal_the_frame_counts_at_the_same_positions() {
     let mut cfg = quiet(40, 0.25 * ANGSTROM);
     cfg.optics.source_size = Param::fixed(ANGSTROM);
     let worst = point_vs_frame(cfg);
-    assert!(worst < 0.015, "source blur: worst relative difference {worst}");
+    assert!(
+        worst < 0.015,
+        "source blur: worst relative difference {worst}"
+    );
     // An asymmetric probe (axial coma) with chromatic spread and the default 0.35 Å source: the
     // point exposure and the frame see each atom through the same effective probe, with the
     // same orientation.
@@ -84,7 +87,10 @@ fn point_counts_equal_the_frame_counts_at_the_same_positions() {
     let mut cfg = quiet(32, ANGSTROM);
     cfg.specimen.contamination = Some(ContaminationConfig::default());
     let worst = point_vs_frame(cfg);
-    assert!(worst < 0.025, "coarse pixels: worst relative difference {worst}");
+    assert!(
+        worst < 0.025,
+        "coarse pixels: worst relative difference {worst}"
+    );
 }
 
 #[test]
@@ -155,9 +161,8 @@ fn point_knock_on_dose_is_the_blurred_probe_and_the_point_dose_has_the_blurred_w
     let frame = reference.last_noiseless().to_owned();
     let current = cfg.beam.current.get();
     let n_px = current * sc.dwell_time / ELEMENTARY_CHARGE;
-    let density = |r: usize, c: usize| {
-        f64::from(frame[[r, c]]) / (n_px * cfg.detector.cross_sections()[6])
-    };
+    let density =
+        |r: usize, c: usize| f64::from(frame[[r, c]]) / (n_px * cfg.detector.cross_sections()[6]);
     let sigma_d = cfg.damage.cross_sections(200e3)[6];
     assert!(sigma_d > 1e-30, "{sigma_d}");
     // Dwell for a probability of 1/2 with the beam on the atom.
@@ -268,7 +273,11 @@ fn frames_drive_dopant_hops_at_the_raster_integrated_putting_dune_rate() {
     sc.center = [mu[0][0] + 0.13 * ANGSTROM, mu[0][1] - 0.07 * ANGSTROM];
     // Dwell for an integrated hazard of 0.8 over the raster.
     let total: f64 = (0..16 * 16)
-        .map(|k| (0..3).map(|j| rate(j, pixel_position(&sc, k / 16, k % 16))).sum::<f64>())
+        .map(|k| {
+            (0..3)
+                .map(|j| rate(j, pixel_position(&sc, k / 16, k % 16)))
+                .sum::<f64>()
+        })
         .sum();
     sc.dwell_time = 0.8 / total;
     sim.configure_scan(&sc).unwrap();
@@ -311,7 +320,10 @@ fn frames_drive_dopant_hops_at_the_raster_integrated_putting_dune_rate() {
         assert_eq!(sis.len(), 1);
         let last = hops[hops.len() - 1].to;
         assert_eq!([s.atoms[sis[0]].x, s.atoms[sis[0]].y], last);
-        assert!(hops.iter().all(|h| h.time >= 0.0 && h.time <= sc.frame_time()));
+        assert!(
+            hops.iter()
+                .all(|h| h.time >= 0.0 && h.time <= sc.frame_time())
+        );
     }
     let n = trials as f64;
     let p = 1.0 - (-0.8f64).exp();
@@ -336,12 +348,7 @@ fn frames_drive_dopant_hops_at_the_raster_integrated_putting_dune_rate() {
 fn column(x: f64, y: f64, heights: &[f64], z: u8) -> Vec<Atom> {
     heights
         .iter()
-        .map(|&h| Atom {
-            x,
-            y,
-            height: h,
-            z,
-        })
+        .map(|&h| Atom { x, y, height: h, z })
         .collect()
 }
 
@@ -396,7 +403,10 @@ fn a_column_loses_atoms_from_the_exit_surface_only() {
             .filter(|a| a.x.abs() < 1e-11)
             .map(|a| a.height)
             .collect();
-        assert!(left.iter().all(|h| *h < 4e-10 - 1e-10 * k as f64), "{left:?}");
+        assert!(
+            left.iter().all(|h| *h < 4e-10 - 1e-10 * k as f64),
+            "{left:?}"
+        );
     }
     let n = trials as f64;
     for k in 0..5 {

@@ -481,9 +481,11 @@ pub fn sputter(
 /// atom) when every atom lies at one height.
 fn shielding(atoms: &[Atom], hit: &[(usize, f64)]) -> Vec<Vec<usize>> {
     let mut out = vec![Vec::new(); hit.len()];
-    let (lo, hi) = atoms.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(l, h), a| {
-        (l.min(a.height), h.max(a.height))
-    });
+    let (lo, hi) = atoms
+        .iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(l, h), a| {
+            (l.min(a.height), h.max(a.height))
+        });
     if hi - lo <= LEVEL {
         return out;
     }
@@ -669,8 +671,7 @@ impl HopModel {
             flyback,
         } = *raster;
         let k = self.peak_rate * (current / self.reference_current);
-        if rows == 0 || cols == 0 || !(k > 0.0 && dwell > 0.0 && dx > 0.0 && self.variance > 0.0)
-        {
+        if rows == 0 || cols == 0 || !(k > 0.0 && dwell > 0.0 && dx > 0.0 && self.variance > 0.0) {
             return hops;
         }
         let line = cols as f64 * dwell + flyback;
@@ -714,7 +715,10 @@ impl HopModel {
         // (dopant, host, μ, Σ_x of the profile over the whole row), filled when a hop comes.
         let mut pairs: Vec<(usize, usize, [f64; 2], f64)> = Vec::new();
         let reach = self.offset + cut;
-        let (x_lo, x_hi) = (origin[0] - reach, origin[0] + (cols - 1) as f64 * dx + reach);
+        let (x_lo, x_hi) = (
+            origin[0] - reach,
+            origin[0] + (cols - 1) as f64 * dx + reach,
+        );
         let y_hi = origin[1] + (rows - 1) as f64 * dx + reach;
         loop {
             let (r0, c0) = (pos / cols, pos % cols);
@@ -802,9 +806,7 @@ impl HopModel {
         }
         hops
     }
-}
 
-impl HopModel {
     /// Calls `f(dopant, host, μ)` for every dopant (atomic number [`Self::dopant_z`]) inside
     /// `window = [x_lo, x_hi, y_lo, y_hi]` (m) and each host atom ([`Self::host_z`]) within
     /// `bond` (m) of it in projection at its height, μ the centre of the hop's rate profile
@@ -832,7 +834,11 @@ impl HopModel {
                 {
                     continue;
                 }
-                f(i, j, [a.x + self.offset * ux / len, a.y + self.offset * uy / len]);
+                f(
+                    i,
+                    j,
+                    [a.x + self.offset * ux / len, a.y + self.offset * uy / len],
+                );
             }
         }
     }

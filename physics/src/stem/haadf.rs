@@ -665,7 +665,11 @@ mod tests {
         // Wide blur (σ = 2.5 pixels): the taps are the sampled Gaussian, second moment σ².
         let w = source_taps(128, 1.0, 2.5);
         let m0 = w[0] + 2.0 * w[1..].iter().sum::<f64>();
-        let m2: f64 = 2.0 * w.iter().enumerate().map(|(t, v)| (t * t) as f64 * v).sum::<f64>();
+        let m2: f64 = 2.0
+            * w.iter()
+                .enumerate()
+                .map(|(t, v)| (t * t) as f64 * v)
+                .sum::<f64>();
         assert!((m0 - 1.0).abs() < 1e-12, "{m0}");
         assert!((m2 / 6.25 - 1.0).abs() < 1e-3, "{m2}");
         let g0 = 1.0 / (2.5 * (2.0 * PI).sqrt());
@@ -680,7 +684,11 @@ mod tests {
                 .map(|t| {
                     (0..n)
                         .map(|k| {
-                            let f = if k <= n / 2 { k as f64 } else { k as f64 - n as f64 } / n as f64;
+                            let f = if k <= n / 2 {
+                                k as f64
+                            } else {
+                                k as f64 - n as f64
+                            } / n as f64;
                             (-(s2 * f * f)).exp() * (2.0 * PI * (k * t) as f64 / n as f64).cos()
                         })
                         .sum::<f64>()
@@ -689,7 +697,11 @@ mod tests {
                 .collect()
         };
         let cut = full[w.len()..].iter().fold(0.0f64, |m, v| m.max(v.abs()));
-        assert!(w.len() <= 7 && cut < 5e-3 * full[0], "{} taps, {cut} cut", w.len());
+        assert!(
+            w.len() <= 7 && cut < 5e-3 * full[0],
+            "{} taps, {cut} cut",
+            w.len()
+        );
         let kept = full[0] + 2.0 * full[1..w.len()].iter().sum::<f64>();
         assert!((w[0] - full[0] / kept).abs() < 1e-12);
     }

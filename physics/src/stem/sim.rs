@@ -476,7 +476,13 @@ impl StemSimulator {
     /// Effective probe intensity per area (1/m²) at lab offset `(dx, dy)` from the probe, from
     /// [`Self::effective_probe`] (bilinear), 0 outside it.
     fn probe_density(&self, ox: f64, oy: f64) -> f64 {
-        kernel_density(&self.eff_kernel, self.eff_side, self.scan.pixel_size, ox, oy)
+        kernel_density(
+            &self.eff_kernel,
+            self.eff_side,
+            self.scan.pixel_size,
+            ox,
+            oy,
+        )
     }
 
     /// Acquires a spectrum image: an EELS spectrum at each point of a `rows × cols` grid with step
