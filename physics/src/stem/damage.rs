@@ -825,13 +825,11 @@ impl HopModel {
             }
             for (j, n) in atoms.iter().enumerate() {
                 let (ux, uy) = (n.x - a.x, n.y - a.y);
+                if n.z != self.host_z || ux.abs() > bond || uy.abs() > bond || j == i {
+                    continue;
+                }
                 let len = (ux * ux + uy * uy).sqrt();
-                if n.z != self.host_z
-                    || j == i
-                    || len == 0.0
-                    || len > bond
-                    || (n.height - a.height).abs() >= 1e-10
-                {
+                if len == 0.0 || len > bond || (n.height - a.height).abs() >= 1e-10 {
                     continue;
                 }
                 f(
