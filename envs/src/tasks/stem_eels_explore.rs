@@ -17,8 +17,9 @@
 //!   (`pre_edge`, default 80-97 eV, weights = counts, the Poisson inverse variance of
 //!   `ln counts`), extrapolated under the signal window (`signal`, default 99-129 eV) and
 //!   subtracted; the *value* is the background-subtracted integral per 10⁵ incident electrons
-//!   (`I·t/e`). With the medium defaults a Si atom under the probe scores about 0.6 and an
-//!   edge-free spectrum about 0.065 (the plasmon tails bend the background slightly away from a
+//!   (`I·t/e`). With the medium defaults a Si atom under the probe scores about 0.4 (the best
+//!   cell of an episode 0.36 on average: the 0.35 Å source blur of the effective probe spreads
+//!   a dopant's signal into the neighbouring cells) and an edge-free spectrum about 0.065 (the plasmon tails bend the background slightly away from a
 //!   pure power law; the ground truth applies the same scalarization, so this offset is part of
 //!   both), with a shot-noise spread of about 0.04 per spectrum.
 //! - **Posterior** (what the instrument can compute; [`CellPosterior`]): each cell's value is
@@ -531,7 +532,8 @@ pub trait SpectrumTruth {
 }
 
 /// Probe intensity per area (1/m²) at offset `(ox, oy)` (m) from a binned kernel of side `s`
-/// and pixel `px`, bilinear (the simulator's own rule); 0 outside it.
+/// and pixel `px` (the simulator's effective probe), bilinear (the simulator's own rule); 0
+/// outside it.
 fn kernel_density(k: &[f64], s: usize, px: f64, ox: f64, oy: f64) -> f64 {
     let u = ox / px + (s / 2) as f64;
     let v = oy / px + (s / 2) as f64;
@@ -563,7 +565,8 @@ impl SpectrumTruth for StemSimulator {
             }
         }
         let px = self.scan_settings().pixel_size;
-        let (side, k) = self.probe_kernel();
+        // The probe a point exposure sees (source blur included).
+        let (side, k) = self.effective_probe();
         scratch.kernel.clear();
         scratch.kernel.extend_from_slice(k);
         let Some((_, model)) = &scratch.model else {
@@ -1253,19 +1256,19 @@ mod tests {
     #[test]
     fn no_degenerate_policy_comes_close() {
         // 20 seeds at the default config (medium, train split): the heuristic against random
-        // probing and 16 constant cells spread over the grid. Margins: return 3 (reward
-        // units, the heuristic earns about 4.7), success rate 0.5.
+        // probing and 16 constant cells spread over the grid. Margins: return 2 (reward
+        // units, the heuristic earns about 2.7, random 0.4), success rate 0.5.
         let mut e = env("");
         let (h, others) = degenerate_scores(&mut e, 0..20, 16).unwrap();
-        assert_no_degenerate_wins("StemEelsExplore-v1", &h, &others, 3.0, 0.5);
+        assert_no_degenerate_wins("StemEelsExplore-v1", &h, &others, 2.0, 0.5);
     }
 
     #[test]
     fn heuristic_beats_random_on_the_test_split() {
-        // 20 held-out episodes at medium: the heuristic's mean return exceeds random's by 3 and
-        // its success rate by 0.5.
+        // 20 held-out episodes at medium: the heuristic's mean return exceeds random's by 2
+        // (about 2.7 against 0.4) and its success rate by 0.55.
         let mut e = env("split = \"test\"");
-        assert_heuristic_beats_random("StemEelsExplore-v1", &mut e, 0..20, 3.0, 0.55);
+        assert_heuristic_beats_random("StemEelsExplore-v1", &mut e, 0..20, 2.0, 0.55);
     }
 
     #[test]

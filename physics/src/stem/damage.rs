@@ -8,10 +8,21 @@
 //! 2012). It rises smoothly from zero where `T_max ≈ E_d` instead of jumping. The sputtering
 //! probability of an atom that receives a dose D (electrons/m²) is `1 - exp(-σ D)`.
 //!
+//! Only an atom at the beam's exit surface can leave: a knocked interior atom is driven into the
+//! atoms below it and stays. [`Atom::height`] is measured along the beam's direction of travel
+//! (larger heights are further downstream), so in each atomic column (atoms whose projected
+//! positions lie within [`COLUMN_RADIUS`]) only the atom of largest height can be sputtered;
+//! once it is gone, the next one is at the exit surface and receives the rest of the exposure.
+//! A column of atoms with equal cross-sections then loses `min(Poisson(σ D), atoms)` atoms per
+//! exposure; a single layer is unchanged (each atom independently with `1 - exp(-σ D)`).
+//!
 //! **Dopant hops.** A Si dopant in graphene hops to a neighbouring carbon site (they swap) as a
 //! continuous-time Markov chain while the beam dwells at b. The rate toward neighbour j is
 //! `k₀ (I/I₀) exp(-|b - μ_j|² / (2 s²))`, μ_j the point 0.85 Å from the Si toward j, s² = 0.1 Å²,
-//! k₀ = ln2/3 s⁻¹ at 60 kV and the reference current I₀ (the putting-dune model).
+//! k₀ = ln2/3 s⁻¹ at 60 kV and the reference current I₀ (the putting-dune model). A parked beam
+//! runs the chain with constant rates ([`HopModel::dwell`]); a raster frame runs it with the
+//! rates of the pixel the beam holds at each moment ([`HopModel::raster`]), so a frame's first
+//! hop comes with probability `1 - exp(-Σ_pixels t_dwell Σ_j rate_j(pixel))`.
 
 use crate::constants::{
     AMU, AMU_ENERGY_EV, ATOMIC_MASS_U, BOHR_RADIUS, BOLTZMANN, ELECTRON_REST_ENERGY_EV,
@@ -478,34 +489,139 @@ impl DoseMap {
     }
 }
 
+/// Projected distance (m) within which atoms belong to one atomic column for sputtering: 0.2 Å
+/// (well below any projected interatomic distance of the crystals the builder makes).
+pub const COLUMN_RADIUS: f64 = 0.2e-10;
+
+/// Height difference (m) below which two atoms count as level (both at the exit surface).
+const LEVEL: f64 = 1e-13;
+
 /// Removes atoms by knock-on sputtering given the dose each received.
 ///
-/// `dose_of(atom)` returns the dose (e⁻/m²) an atom received in this exposure. Returns the removed
-/// atoms in their original order (no allocation when none is removed).
+/// `dose_of(atom)` returns the dose (e⁻/m²) an atom received in this exposure, delivered
+/// uniformly over it. Only exit-surface atoms can be sputtered (module docs): an atom with
+/// another atom within [`COLUMN_RADIUS`] in projection at a larger [`Atom::height`] (further
+/// along the beam) is shielded until that atom has gone; then it receives the rest of the
+/// exposure (the fraction left when the last atom below it was removed, times its dose). Each
+/// exposed atom is removed with probability `1 - exp(-σ D)`, one uniform draw per atom that can
+/// be hit, first for the atoms at the exit surface in the specimen's order (so a specimen with
+/// no stacked atoms draws exactly as an atom-by-atom rule), then for uncovered atoms from the
+/// exit side inward. Returns the removed atoms in their original order (no allocation when none
+/// can be hit).
 pub fn sputter(
     specimen: &mut Specimen,
     sigma_by_z: &[f64; 93],
     rng: &mut SimRng,
     mut dose_of: impl FnMut(&Atom) -> f64,
 ) -> Vec<Atom> {
-    let mut removed = Vec::new();
-    specimen.atoms.retain(|a| {
-        let sigma = sigma_by_z.get(a.z as usize).copied().unwrap_or(0.0);
+    let sigma_of = |a: &Atom| sigma_by_z.get(a.z as usize).copied().unwrap_or(0.0);
+    // Atoms this exposure may remove: (index, dose).
+    let mut hit: Vec<(usize, f64)> = Vec::new();
+    for (i, a) in specimen.atoms.iter().enumerate() {
+        let sigma = sigma_of(a);
         if sigma <= 0.0 {
-            return true;
+            continue;
         }
         let d = dose_of(a);
-        // Draw only when the probability is non-zero so that damage-free exposures consume no
-        // random numbers.
-        let p = -(-sigma * d).exp_m1();
-        if p > 0.0 && rng.random::<f64>() < p {
-            removed.push(*a);
-            false
-        } else {
-            true
+        if -(-sigma * d).exp_m1() > 0.0 {
+            hit.push((i, d));
         }
+    }
+    if hit.is_empty() {
+        return Vec::new();
+    }
+    let atoms = &specimen.atoms;
+    // Exposure fraction at which each atom left (infinite: still there).
+    let mut gone = vec![f64::INFINITY; atoms.len()];
+    let shields = shielding(atoms, &hit);
+    // Atoms at the exit surface, in the specimen's order. Draw only when the probability is
+    // non-zero so that damage-free exposures consume no random numbers.
+    for (k, &(i, d)) in hit.iter().enumerate() {
+        if shields[k].is_empty() {
+            let sigma = sigma_of(&atoms[i]);
+            let p = -(-sigma * d).exp_m1();
+            let u: f64 = rng.random();
+            if u < p {
+                // Removed once σ times the dose delivered so far reached E = −ln(1 − u).
+                gone[i] = (-(-u).ln_1p() / (sigma * d)).min(1.0);
+            }
+        }
+    }
+    // Covered atoms, from the exit side inward: exposed from the moment the last atom below
+    // them left.
+    let mut covered: Vec<usize> = (0..hit.len()).filter(|&k| !shields[k].is_empty()).collect();
+    covered.sort_by(|&a, &b| atoms[hit[b].0].height.total_cmp(&atoms[hit[a].0].height));
+    for k in covered {
+        let (i, d) = hit[k];
+        let start = shields[k].iter().fold(0.0f64, |m, &j| m.max(gone[j]));
+        if start >= 1.0 {
+            continue;
+        }
+        let sigma = sigma_of(&atoms[i]);
+        let p = -(-sigma * d * (1.0 - start)).exp_m1();
+        if p > 0.0 {
+            let u: f64 = rng.random();
+            if u < p {
+                gone[i] = (start - (-u).ln_1p() / (sigma * d)).min(1.0);
+            }
+        }
+    }
+    let mut removed = Vec::new();
+    let mut k = 0;
+    specimen.atoms.retain(|a| {
+        let keep = gone[k].is_infinite();
+        k += 1;
+        if !keep {
+            removed.push(*a);
+        }
+        keep
     });
     removed
+}
+
+/// For each hit atom `(index, _)`, the indices of the atoms that shield it: within
+/// [`COLUMN_RADIUS`] in projection and further along the beam. Empty lists (no allocation per
+/// atom) when every atom lies at one height.
+fn shielding(atoms: &[Atom], hit: &[(usize, f64)]) -> Vec<Vec<usize>> {
+    let mut out = vec![Vec::new(); hit.len()];
+    let (lo, hi) = atoms
+        .iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(l, h), a| {
+            (l.min(a.height), h.max(a.height))
+        });
+    if hi - lo <= LEVEL {
+        return out;
+    }
+    // Atoms in the hit atoms' bounding box (plus the column radius), sorted by x.
+    let r = COLUMN_RADIUS;
+    let (mut x0, mut x1, mut y0, mut y1) = (
+        f64::INFINITY,
+        f64::NEG_INFINITY,
+        f64::INFINITY,
+        f64::NEG_INFINITY,
+    );
+    for &(i, _) in hit {
+        let a = &atoms[i];
+        (x0, x1, y0, y1) = (x0.min(a.x), x1.max(a.x), y0.min(a.y), y1.max(a.y));
+    }
+    let mut near: Vec<(f64, usize)> = atoms
+        .iter()
+        .enumerate()
+        .filter(|(_, a)| a.x >= x0 - r && a.x <= x1 + r && a.y >= y0 - r && a.y <= y1 + r)
+        .map(|(j, a)| (a.x, j))
+        .collect();
+    near.sort_by(|a, b| a.0.total_cmp(&b.0));
+    for (o, &(i, _)) in out.iter_mut().zip(hit) {
+        let a = &atoms[i];
+        let from = near.partition_point(|e| e.0 < a.x - r);
+        for &(x, j) in near[from..].iter().take_while(|e| e.0 <= a.x + r) {
+            let b = &atoms[j];
+            if (x - a.x).powi(2) + (b.y - a.y).powi(2) <= r * r && b.height > a.height + LEVEL {
+                o.push(j);
+            }
+        }
+    }
+    out
 }
 
 /// One hop of a dopant: it moved from `from` to `to` (specimen coordinates, m) at time `time` (s,
@@ -520,7 +636,7 @@ pub struct Hop {
     pub from: [f64; 2],
     /// New position, m.
     pub to: [f64; 2],
-    /// Time of the hop within the dwell, s.
+    /// Time of the hop since the start of the dwell or frame, s.
     pub time: f64,
 }
 
@@ -636,6 +752,223 @@ impl HopModel {
         }
         hops
     }
+
+    /// Runs the chain while a raster frame is scanned (specimen coordinates): the beam holds
+    /// pixel `(r, c)` at `raster.origin + (c, r)·pixel_size` for `dwell` from
+    /// `r·(cols·dwell + flyback) + c·dwell` on, and the chain's rates are those of the pixel the
+    /// beam holds (none during flyback). Each dopant's neighbours are the host atoms within
+    /// `bond` (m). Hop times are from the start of the frame, s. Returns the hops in order.
+    ///
+    /// The event times are exact for rates constant over each dwell: the next hop comes when
+    /// the hazard integrated along the raster from the last event reaches an exponential draw,
+    /// and goes toward a neighbour with probability proportional to its rate at that pixel.
+    /// Every rate is a Gaussian in the beam position, so the hazard of the whole raster is a
+    /// product of sums along x and y; a frame without a hop costs a few of those sums per
+    /// dopant within reach of the raster (and one uniform draw).
+    pub fn raster(
+        &self,
+        specimen: &mut Specimen,
+        raster: &Raster,
+        current: f64,
+        bond: f64,
+        rng: &mut SimRng,
+    ) -> Vec<Hop> {
+        let mut hops = Vec::new();
+        let Raster {
+            origin,
+            pixel_size: dx,
+            rows,
+            cols,
+            dwell,
+            flyback,
+        } = *raster;
+        let k = self.peak_rate * (current / self.reference_current);
+        if rows == 0 || cols == 0 || !(k > 0.0 && dwell > 0.0 && dx > 0.0 && self.variance > 0.0) {
+            return hops;
+        }
+        let line = cols as f64 * dwell + flyback;
+        // Rate profiles are cut 8 standard deviations out (exp(−32) of the peak).
+        let cut = 8.0 * self.variance.sqrt();
+        let two_v = 2.0 * self.variance;
+        let g = |x: f64, m: f64| {
+            let d = x - m;
+            if d.abs() <= cut {
+                (-(d * d) / two_v).exp()
+            } else {
+                0.0
+            }
+        };
+        let range = |o: f64, n: usize, m: f64| -> (usize, usize) {
+            let lo = ((m - cut - o) / dx).ceil().max(0.0);
+            let hi = ((m + cut - o) / dx).floor().min(n as f64 - 1.0);
+            if hi < lo {
+                (1, 0)
+            } else {
+                (lo as usize, hi as usize)
+            }
+        };
+        // Sum of the profile along x over columns `from..`, or along y over rows `from..`.
+        let sum_x = |m: f64, from: usize| {
+            let (lo, hi) = range(origin[0], cols, m);
+            (lo.max(from)..=hi)
+                .map(|c| g(origin[0] + c as f64 * dx, m))
+                .sum::<f64>()
+        };
+        let sum_y = |m: f64, from: usize| {
+            let (lo, hi) = range(origin[1], rows, m);
+            (lo.max(from)..=hi)
+                .map(|r| g(origin[1] + r as f64 * dx, m))
+                .sum::<f64>()
+        };
+        let gx = |m: f64, c: usize| g(origin[0] + c as f64 * dx, m);
+        let gy = |m: f64, r: usize| g(origin[1] + r as f64 * dx, m);
+        // Where the raster stands: pixel `pos` (row-major) with `frac` of its dwell elapsed.
+        let (mut pos, mut frac) = (0usize, 0.0f64);
+        // (dopant, host, μ, Σ_x of the profile over the whole row), filled when a hop comes.
+        let mut pairs: Vec<(usize, usize, [f64; 2], f64)> = Vec::new();
+        let reach = self.offset + cut;
+        let (x_lo, x_hi) = (
+            origin[0] - reach,
+            origin[0] + (cols - 1) as f64 * dx + reach,
+        );
+        let y_hi = origin[1] + (rows - 1) as f64 * dx + reach;
+        loop {
+            let (r0, c0) = (pos / cols, pos % cols);
+            let window = [x_lo, x_hi, origin[1] + r0 as f64 * dx - reach, y_hi];
+            // Hazard of the rest of the raster: the rest of the current pixel and row, then the
+            // rows below (nothing is stored: a frame without a hop allocates nothing).
+            let mut hazard = 0.0;
+            self.each_pair(&specimen.atoms, bond, window, |_, _, mu| {
+                let sx = sum_x(mu[0], 0);
+                if sx > 0.0 {
+                    hazard += gy(mu[1], r0) * ((1.0 - frac) * gx(mu[0], c0) + sum_x(mu[0], c0 + 1))
+                        + sx * sum_y(mu[1], r0 + 1);
+                }
+            });
+            hazard *= k * dwell;
+            if hazard <= 0.0 {
+                break;
+            }
+            let u: f64 = rng.random();
+            let e = -(-u).ln_1p();
+            if e >= hazard {
+                break;
+            }
+            pairs.clear();
+            self.each_pair(&specimen.atoms, bond, window, |i, j, mu| {
+                let sx = sum_x(mu[0], 0);
+                if sx > 0.0 {
+                    pairs.push((i, j, mu, sx));
+                }
+            });
+            // Walk the raster to the pixel where the integrated hazard reaches `e`.
+            let pixel_rate = |r: usize, c: usize| {
+                k * pairs
+                    .iter()
+                    .map(|p| gy(p.2[1], r) * gx(p.2[0], c))
+                    .sum::<f64>()
+            };
+            let mut acc = 0.0;
+            let mut found = None;
+            'rows: for r in r0..rows {
+                if r > r0 {
+                    let whole = k * dwell * pairs.iter().map(|p| gy(p.2[1], r) * p.3).sum::<f64>();
+                    if acc + whole <= e {
+                        acc += whole;
+                        continue;
+                    }
+                }
+                let c_from = if r == r0 { c0 } else { 0 };
+                for c in c_from..cols {
+                    let start = if r == r0 && c == c0 { frac } else { 0.0 };
+                    let rate = pixel_rate(r, c);
+                    let h = rate * dwell * (1.0 - start);
+                    if acc + h > e {
+                        let f = (start + (e - acc) / (rate * dwell)).min(1.0);
+                        found = Some((r, c, f));
+                        break 'rows;
+                    }
+                    acc += h;
+                }
+            }
+            // Rounding can leave the walk a hair short of `e`: no hop then.
+            let Some((r, c, f)) = found else { break };
+            // The neighbour, by its rate at this pixel.
+            let mut pick = rng.random::<f64>() * pixel_rate(r, c) / k;
+            let mut chosen = pairs[pairs.len() - 1];
+            for p in &pairs {
+                let w = gy(p.2[1], r) * gx(p.2[0], c);
+                if pick < w {
+                    chosen = *p;
+                    break;
+                }
+                pick -= w;
+            }
+            let (i, j) = (chosen.0, chosen.1);
+            let (a, b) = (specimen.atoms[i], specimen.atoms[j]);
+            specimen.atoms[i].z = b.z;
+            specimen.atoms[j].z = a.z;
+            hops.push(Hop {
+                atom: j,
+                from: [a.x, a.y],
+                to: [b.x, b.y],
+                time: r as f64 * line + (c as f64 + f) * dwell,
+            });
+            (pos, frac) = (r * cols + c, f);
+        }
+        hops
+    }
+
+    /// Calls `f(dopant, host, μ)` for every dopant (atomic number [`Self::dopant_z`]) inside
+    /// `window = [x_lo, x_hi, y_lo, y_hi]` (m) and each host atom ([`Self::host_z`]) within
+    /// `bond` (m) of it in projection at its height, μ the centre of the hop's rate profile
+    /// ([`Self::offset`] from the dopant toward the host). Allocates nothing.
+    fn each_pair(
+        &self,
+        atoms: &[Atom],
+        bond: f64,
+        window: [f64; 4],
+        mut f: impl FnMut(usize, usize, [f64; 2]),
+    ) {
+        let [x_lo, x_hi, y_lo, y_hi] = window;
+        for (i, a) in atoms.iter().enumerate() {
+            if a.z != self.dopant_z || a.x < x_lo || a.x > x_hi || a.y < y_lo || a.y > y_hi {
+                continue;
+            }
+            for (j, n) in atoms.iter().enumerate() {
+                let (ux, uy) = (n.x - a.x, n.y - a.y);
+                if n.z != self.host_z || ux.abs() > bond || uy.abs() > bond || j == i {
+                    continue;
+                }
+                let len = (ux * ux + uy * uy).sqrt();
+                if len == 0.0 || len > bond || (n.height - a.height).abs() >= 1e-10 {
+                    continue;
+                }
+                f(
+                    i,
+                    j,
+                    [a.x + self.offset * ux / len, a.y + self.offset * uy / len],
+                );
+            }
+        }
+    }
+}
+
+/// A raster frame as the beam visits it, in specimen coordinates (for [`HopModel::raster`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Raster {
+    /// Position of pixel (0, 0), m; pixel `(r, c)` lies at `origin + (c, r)·pixel_size`.
+    pub origin: [f64; 2],
+    /// Pixel size, m.
+    pub pixel_size: f64,
+    /// Rows (slow axis).
+    pub rows: usize,
+    /// Columns (fast axis).
+    pub cols: usize,
+    /// Dwell per pixel, s.
+    pub dwell: f64,
+    /// Flyback per row, s (the beam leaves the specimen alone meanwhile).
+    pub flyback: f64,
 }
 
 #[cfg(test)]

@@ -1,11 +1,15 @@
 //! HAADF image formation in the incoherent approximation.
 //!
 //! Each atom contributes a scattering cross-section `σ(Z) = σ_C (Z/6)^n` (n = 1.7 by default)
-//! placed at its sub-pixel position by a bilinear splat; the splat is convolved with the probe
-//! intensity (FFT) and a Gaussian source-size blur. With `N = I·t_dwell/e` electrons per pixel the
-//! expected detector counts at a pixel are `N · Σ_atoms σ_a P(r − r_a)`, P the probe intensity per
-//! unit area (∫P = 1). The recorded frame resamples this ideal image along the distorted scan
-//! path, draws Poisson counts, and applies detector gain, offset, read noise and salt noise.
+//! placed at its sub-pixel position by a bilinear splat; the splat is convolved with the
+//! reflected probe intensity (FFT) and a Gaussian source-size blur. With `N = I·t_dwell/e`
+//! electrons per pixel the expected detector counts with the beam at r are
+//! `N · Σ_atoms σ_a P(r_a − r)`, P the effective probe intensity per unit area about the probe
+//! centre (∫P = 1): the beam at r lights the atom at r_a with the probe's intensity at the
+//! atom's offset (so an asymmetric probe, e.g. with coma, images each atom reflected through
+//! it). [`HaadfRenderer::effective_probe`] gives P on the pixel grid for point exposures. The
+//! recorded frame resamples this ideal image along the distorted scan path, draws Poisson
+//! counts, and applies detector gain, offset, read noise and salt noise.
 
 use crate::error::{PhysicsError, Result};
 use crate::param::Param;
@@ -175,6 +179,46 @@ fn resample_run(
     }
 }
 
+/// The taps `w[0..=reach]` (symmetric: `w[−t] = w[t]`) of a Gaussian blur of standard deviation
+/// `sigma` (m) on a periodic axis of `n` pixels of size `dx` (m), as the frame renderer applies it:
+/// `w[t] = (1/n) Σ_k exp(−2π²σ²f_k²) cos(2π k t/n)`, `f_k` the axis' signed frequencies. Taps
+/// are kept out to `5σ/dx + 4` (and not beyond the last one of at least 1e-5 of `w[0]`, nor
+/// beyond `n/2 − 1`) and renormalized to sum to 1 over `−reach..=reach`. A blur much wider than
+/// a pixel is a sampled Gaussian that has died out by then; a narrower one is band-limited and
+/// rings with alternating sign, each cut tap under 0.5 % of `w[0]`.
+fn source_taps(n: usize, dx: f64, sigma: f64) -> Vec<f64> {
+    if sigma <= 0.0 || n < 4 {
+        return vec![1.0];
+    }
+    let s2 = 2.0 * PI * PI * sigma * sigma;
+    let transfer: Vec<f64> = (0..n)
+        .map(|k| {
+            let ki = if k <= n / 2 {
+                k as f64
+            } else {
+                k as f64 - n as f64
+            };
+            let f = ki / (n as f64 * dx);
+            (-(s2 * f * f)).exp()
+        })
+        .collect();
+    let tap = |t: usize| {
+        transfer
+            .iter()
+            .enumerate()
+            .map(|(k, &v)| v * (2.0 * PI * (k * t % n) as f64 / n as f64).cos())
+            .sum::<f64>()
+            / n as f64
+    };
+    let most = ((5.0 * sigma / dx).ceil() as usize + 4).min(n / 2 - 1);
+    let mut w: Vec<f64> = (0..=most).map(tap).collect();
+    let last = w.iter().rposition(|v| v.abs() >= 1e-5 * w[0]).unwrap_or(0);
+    w.truncate(last + 1);
+    let total = w[0] + 2.0 * w[1..].iter().sum::<f64>();
+    w.iter_mut().for_each(|v| *v /= total);
+    w
+}
+
 /// Largest drift (pixels, along each axis) that [`HaadfRenderer::shift_ideal`] applies to the
 /// last rendered spectrum instead of splatting and transforming again.
 pub const MAX_SPECTRAL_SHIFT: f64 = 1.0;
@@ -330,6 +374,72 @@ impl HaadfRenderer {
             &self.transfer_y,
             &mut self.kernel_spec,
         );
+        // The image convolves with the reflected probe, P(−r), whose spectrum is the conjugate
+        // (the kernel is real, the transfer function real and even).
+        for k in &mut self.kernel_spec {
+            *k = k.conj();
+        }
+    }
+
+    /// The effective probe of the frames on the pixel grid: the probe `kernel` (`side × side`,
+    /// centred at `side/2`, summing to 1, as given to [`Self::set_probe`]) convolved with the
+    /// source blur of standard deviation `source_sigma` (m) exactly as the frames apply it: the
+    /// blur's taps along each axis are the inverse transform of its transfer function
+    /// `exp(−2π²σ²f²)` at the padded grid's frequencies, kept out to `5σ + 4` pixels and
+    /// renormalized, so the result sums to 1 (a blur narrower than a pixel is band-limited on
+    /// the grid and rings beyond that with taps under 0.5 % of the central one, which are cut;
+    /// a point then differs from the frame by up to about 2 %; with σ of a few pixels, by
+    /// 2e-6 as measured at 3.5 and 4 pixels). Written to `out` as a square kernel centred at
+    /// `side_out/2`; returns `side_out`. Without an installed probe, the kernel is returned
+    /// unblurred.
+    pub fn effective_probe(
+        &self,
+        kernel: &[f64],
+        side: usize,
+        source_sigma: f64,
+        out: &mut Vec<f64>,
+    ) -> usize {
+        let Some(g) = self.geom else {
+            out.clear();
+            out.extend_from_slice(kernel);
+            return side;
+        };
+        let taps_x = source_taps(g.pcols, g.dx, source_sigma);
+        let taps_y = source_taps(g.prows, g.dx, source_sigma);
+        let reach = (taps_x.len().max(taps_y.len())) - 1;
+        let s2 = side + 2 * reach;
+        // Along x into a `side × s2` buffer, then along y into `s2 × s2`.
+        let mut tmp = vec![0.0; side * s2];
+        for (row, trow) in kernel.chunks_exact(side).zip(tmp.chunks_exact_mut(s2)) {
+            for (j, &v) in row.iter().enumerate() {
+                if v == 0.0 {
+                    continue;
+                }
+                let c = j + reach;
+                for (t, &w) in taps_x.iter().enumerate() {
+                    trow[c + t] += v * w;
+                    if t > 0 {
+                        trow[c - t] += v * w;
+                    }
+                }
+            }
+        }
+        out.clear();
+        out.resize(s2 * s2, 0.0);
+        for (i, trow) in tmp.chunks_exact(s2).enumerate() {
+            let r = i + reach;
+            for (t, &w) in taps_y.iter().enumerate() {
+                for (o, &v) in out[(r + t) * s2..(r + t + 1) * s2].iter_mut().zip(trow) {
+                    *o += v * w;
+                }
+                if t > 0 {
+                    for (o, &v) in out[(r - t) * s2..(r - t + 1) * s2].iter_mut().zip(trow) {
+                        *o += v * w;
+                    }
+                }
+            }
+        }
+        s2
     }
 
     /// Forms the ideal expected-count image on the padded grid: atoms at lab positions
@@ -571,6 +681,52 @@ mod tests {
         let top = id[b] * (1.0 - fx) + id[b + 1] * fx;
         let bottom = id[b + pc] * (1.0 - fx) + id[b + pc + 1] * fx;
         top * (1.0 - fy) + bottom * fy
+    }
+
+    #[test]
+    fn source_taps_are_the_gaussian_with_its_variance() {
+        // Wide blur (σ = 2.5 pixels): the taps are the sampled Gaussian, second moment σ².
+        let w = source_taps(128, 1.0, 2.5);
+        let m0 = w[0] + 2.0 * w[1..].iter().sum::<f64>();
+        let m2: f64 = 2.0
+            * w.iter()
+                .enumerate()
+                .map(|(t, v)| (t * t) as f64 * v)
+                .sum::<f64>();
+        assert!((m0 - 1.0).abs() < 1e-12, "{m0}");
+        assert!((m2 / 6.25 - 1.0).abs() < 1e-3, "{m2}");
+        let g0 = 1.0 / (2.5 * (2.0 * PI).sqrt());
+        assert!((w[0] / g0 - 1.0).abs() < 1e-3, "{} vs {g0}", w[0]);
+        // Narrow blur (σ = 0.35 pixel, the default source at 1 Å pixels): band-limited, it
+        // rings; the cut taps are each under 0.5 % of the central one.
+        let n = 96;
+        let w = source_taps(n, 1.0, 0.35);
+        let full: Vec<f64> = {
+            let s2 = 2.0 * PI * PI * 0.35 * 0.35;
+            (0..n / 2)
+                .map(|t| {
+                    (0..n)
+                        .map(|k| {
+                            let f = if k <= n / 2 {
+                                k as f64
+                            } else {
+                                k as f64 - n as f64
+                            } / n as f64;
+                            (-(s2 * f * f)).exp() * (2.0 * PI * (k * t) as f64 / n as f64).cos()
+                        })
+                        .sum::<f64>()
+                        / n as f64
+                })
+                .collect()
+        };
+        let cut = full[w.len()..].iter().fold(0.0f64, |m, v| m.max(v.abs()));
+        assert!(
+            w.len() <= 7 && cut < 5e-3 * full[0],
+            "{} taps, {cut} cut",
+            w.len()
+        );
+        let kept = full[0] + 2.0 * full[1..w.len()].iter().sum::<f64>();
+        assert!((w[0] - full[0] / kept).abs() < 1e-12);
     }
 
     #[test]

@@ -8,12 +8,14 @@
 //! pairs for MoS₂ at 60 kV and 30 mrad). By Poisson summation the expected counts at a lab
 //! position `r` are
 //!
-//! `λ(r) = (N_e / A_cell) · Σ_g S_g · P̂(g) · T(g) · exp(2πi g·(r − d(t)))`
+//! `λ(r) = (N_e / A_cell) · Σ_g S_g · P̂(−g) · T(g) · exp(2πi g·(r − d(t)))`
 //!
 //! with `N_e = I·t_dwell/e` electrons per pixel, `S_g = Σ_j σ_j exp(−2πi g·r_j)` the HAADF
 //! structure factor of the cell, `P̂` the Fourier transform of the probe intensity (normalized,
 //! `P̂(0) = 1`; computed from [`ProbeCalculator::fine_intensity`], so every aberration,
-//! the aperture and the chromatic defocus spread enter as in the full simulator),
+//! the aperture and the chromatic defocus spread enter as in the full simulator; `P̂(−g)`, the
+//! conjugate, because the beam at r lights an atom at r_j with the probe's intensity at
+//! `r_j − r`),
 //! `T(g) = exp(−2π²σ_s²|g|²)` the source blur and `d(t)` the drift. Pixels are point samples
 //! at the probe position. The drift is a constant velocity, applied at each pixel's time
 //! (so a frame is sheared as it is scanned); its phase factorizes into row and column parts.
@@ -55,7 +57,7 @@ struct Beam {
     g: [f64; 2],
     /// Structure factor `S_g`, m² (complex: re, im).
     s: [f64; 2],
-    /// `P̂(g)·T(g)` of the probe in force.
+    /// `P̂(−g)·T(g)` of the probe in force.
     transfer: [f64; 2],
 }
 
@@ -320,7 +322,7 @@ impl LatticeSimulator {
         self.beams.len()
     }
 
-    /// Recomputes `P̂(g)·T(g)` for every beam if the optics changed.
+    /// Recomputes `P̂(−g)·T(g)` for every beam if the optics changed.
     fn ensure_probe(&mut self) {
         if !self.probe_dirty {
             return;
@@ -367,7 +369,8 @@ impl LatticeSimulator {
             );
             let g2 = b.g[0] * b.g[0] + b.g[1] * b.g[1];
             let t = (-2.0 * PI * PI * src * src * g2).exp();
-            b.transfer = [re * t, im * t];
+            // P̂(−g) = conj P̂(g): the image is the lattice convolved with the reflected probe.
+            b.transfer = [re * t, -im * t];
         }
         self.probe_dirty = false;
     }

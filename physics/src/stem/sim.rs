@@ -19,7 +19,7 @@ use crate::instrument::{
 use crate::param::dims::Current;
 use crate::param::{Param, Randomizer, Region};
 use crate::rng::{SimRng, derive_seed, poisson, seeded};
-use crate::stem::damage::{DamageConfig, DoseMap, Hop, HopModel, sputter};
+use crate::stem::damage::{DamageConfig, DoseMap, Hop, HopModel, Raster, sputter};
 use crate::stem::eels::{EelsConfig, EelsModel};
 use crate::stem::haadf::{DetectorConfig, HaadfRenderer};
 use crate::stem::optics::{Aberrations, OpticsConfig, ProbeCalculator, ProbeSpec};
@@ -106,7 +106,7 @@ impl StemConfig {
 pub struct DamageReport {
     /// Atoms removed by knock-on (specimen coordinates).
     pub sputtered: Vec<Atom>,
-    /// Dopant hops.
+    /// Dopant hops (under a parked beam or while a frame is scanned).
     pub hops: Vec<Hop>,
 }
 
@@ -128,6 +128,11 @@ pub struct StemSimulator {
     probe_calc: ProbeCalculator,
     kernel: Vec<f64>,
     kernel_side: usize,
+    /// The effective probe of point exposures (the kernel with the frames' source blur).
+    eff_kernel: Vec<f64>,
+    eff_side: usize,
+    /// Whether `eff_kernel` needs recomputing (the probe changed since).
+    eff_dirty: bool,
     probe_sigma: f64,
     probe_dirty: bool,
     /// Whether the renderer's ideal image matches the specimen, probe and scan geometry.
@@ -239,6 +244,9 @@ impl StemSimulator {
             probe_calc: ProbeCalculator::new(),
             kernel: Vec::new(),
             kernel_side: 0,
+            eff_kernel: Vec::new(),
+            eff_side: 0,
+            eff_dirty: true,
             probe_sigma: 0.0,
             probe_dirty: true,
             ideal_valid: false,
@@ -443,7 +451,28 @@ impl StemSimulator {
         self.renderer
             .set_probe(&self.kernel, s, self.scan.rows, self.scan.cols, dx, src);
         self.probe_dirty = false;
+        self.eff_dirty = true;
         self.ideal_valid = false;
+    }
+
+    /// The effective probe every exposure sees, on the image grid (side, values summing to 1,
+    /// centred at side/2): the binned probe intensity (chromatic spread included) convolved
+    /// with the Gaussian source blur as the frames apply it. Point exposures use it for their
+    /// counts, EELS composition and knock-on dose. Computed when first needed after a probe
+    /// change.
+    pub fn effective_probe(&mut self) -> (usize, &[f64]) {
+        self.ensure_probe();
+        if self.eff_dirty {
+            let src = self.cfg.optics.source_size.get();
+            self.eff_side = self.renderer.effective_probe(
+                &self.kernel,
+                self.kernel_side,
+                src,
+                &mut self.eff_kernel,
+            );
+            self.eff_dirty = false;
+        }
+        (self.eff_side, &self.eff_kernel)
     }
 
     fn electrons(&self, time: f64) -> f64 {
@@ -492,9 +521,11 @@ impl StemSimulator {
     }
 
     /// Point exposure shared by `acquire_point` and `acquire_spectrum`: dose, sputtering, hops,
-    /// drift and clock. Returns the expected HAADF counts at the probe.
+    /// drift and clock. Returns the expected HAADF counts at the probe. Counts, composition and
+    /// knock-on dose all use the effective probe of the frames ([`Self::effective_probe`]), so a
+    /// point's expected counts equal the noiseless frame's at the same position.
     fn expose_point(&mut self, time: f64) -> Result<f64> {
-        self.ensure_probe();
+        self.effective_probe();
         let n_e = self.electrons(time);
         let d = self.drift.offset;
         let b = [self.probe_pos[0] - d[0], self.probe_pos[1] - d[1]];
@@ -502,9 +533,9 @@ impl StemSimulator {
         // each atom within the kernel's reach (periodic specimen).
         let mut signal = 0.0;
         self.composition.clear();
-        let reach = self.kernel_side as f64 * 0.5 * self.scan.pixel_size;
+        let reach = self.eff_side as f64 * 0.5 * self.scan.pixel_size;
         let window = self.specimen.window([-b[0], -b[1]], [reach, reach]);
-        let (kernel, side, px) = (&self.kernel, self.kernel_side, self.scan.pixel_size);
+        let (kernel, side, px) = (&self.eff_kernel, self.eff_side, self.scan.pixel_size);
         let (sigma_haadf, composition) = (&self.sigma_haadf, &mut self.composition);
         for a in &self.specimen.atoms {
             window.for_each_image([a.x, a.y], |[ox, oy]| {
@@ -527,7 +558,7 @@ impl StemSimulator {
         if self.any_knock {
             let kernel_reach = reach;
             // Split borrows: the kernel is read while the specimen is modified.
-            let (kernel, side, px) = (&self.kernel, self.kernel_side, self.scan.pixel_size);
+            let (kernel, side, px) = (&self.eff_kernel, self.eff_side, self.scan.pixel_size);
             let window = self
                 .specimen
                 .window([-b[0], -b[1]], [kernel_reach, kernel_reach]);
@@ -561,7 +592,8 @@ impl StemSimulator {
         self.last_damage = report;
         self.drift.advance(time, &mut self.rng_scan);
         self.clock += time;
-        Ok(signal * n_e)
+        // Tiny negative tails of the band-limited source blur, as the frames clamp them.
+        Ok((signal * n_e).max(0.0))
     }
 }
 
@@ -671,6 +703,8 @@ impl StemInstrument for StemSimulator {
             sc.center[1] - 0.5 * h - shift[1],
         );
         self.dose_map.add_rect(x0, x0 + w, y0, y0 + h, dose);
+        // The frame shows the specimen as it was when the scan began; what the scan did to it
+        // (sputtering, hops: `last_damage`) shows from the next exposure on.
         let mut report = DamageReport::default();
         if self.any_knock {
             // Each image of an atom inside the scanned rectangle receives the frame's dose.
@@ -686,9 +720,37 @@ impl StemInstrument for StemSimulator {
                     images * dose
                 },
             );
-            if !report.sputtered.is_empty() {
-                self.ideal_valid = false;
-            }
+        }
+        // Beam-driven hops while the frame is scanned, pixel by pixel in time order (the
+        // specimen as placed at the frame start, like the dose).
+        if self.cfg.damage.dopant_hops {
+            // The raster moved by the period that brings its centre into the specimen's cell
+            // (periodic specimen: the dopants are stored in one cell).
+            let origin = [x0 + 0.5 * sc.pixel_size, y0 + 0.5 * sc.pixel_size];
+            let half = [
+                0.5 * (sc.cols as f64 - 1.0) * sc.pixel_size,
+                0.5 * (sc.rows as f64 - 1.0) * sc.pixel_size,
+            ];
+            let centre = [origin[0] + half[0], origin[1] + half[1]];
+            let home = self.specimen.image_near(centre, [0.0, 0.0]);
+            let raster = Raster {
+                origin: [home[0] - half[0], home[1] - half[1]],
+                pixel_size: sc.pixel_size,
+                rows: sc.rows,
+                cols: sc.cols,
+                dwell: sc.dwell_time,
+                flyback: sc.flyback_time,
+            };
+            report.hops = self.hop.raster(
+                &mut self.specimen,
+                &raster,
+                self.cfg.beam.current.get(),
+                HOP_BOND,
+                &mut self.rng_damage,
+            );
+        }
+        if !report.sputtered.is_empty() || !report.hops.is_empty() {
+            self.ideal_valid = false;
         }
         self.last_damage = report;
         self.clock = t0 + sc.frame_time();
