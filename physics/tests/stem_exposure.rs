@@ -210,8 +210,14 @@ fn point_knock_on_dose_is_the_blurred_probe_and_the_point_dose_has_the_blurred_w
     for iy in 0..m.shape[1] {
         for ix in 0..m.shape[0] {
             let d = m.dose[iy * m.shape[0] + ix];
-            let x = m.origin[0] + (ix as f64 + 0.5) * m.cell - b[0];
-            let y = m.origin[1] + (iy as f64 + 0.5) * m.cell - b[1];
+            // Bin centre in the (rotated) cell's coordinates, then in the lab.
+            let size = m.period.size();
+            let q = [
+                -0.5 * size[0] + (ix as f64 + 0.5) * m.cell[0],
+                -0.5 * size[1] + (iy as f64 + 0.5) * m.cell[1],
+            ];
+            let p = m.period.from_cell(q);
+            let (x, y) = (p[0] - b[0], p[1] - b[1]);
             w += d;
             vx += d * x * x;
             vy += d * y * y;
@@ -381,7 +387,7 @@ fn a_column_loses_atoms_from_the_exit_surface_only() {
     for _ in 0..trials {
         let mut s = Specimen {
             atoms: atoms.clone(),
-            half_size: [1e-9, 1e-9],
+            cell: None,
         };
         let removed = sputter(&mut s, &sig, &mut rng, |_| dose);
         let from_stack: Vec<f64> = removed

@@ -185,8 +185,10 @@ mod tests {
 
     #[test]
     fn the_equivalent_config_is_valid_and_carries_the_fields() {
-        let mut c = DopantSimConfig::default();
-        c.drift_velocity = [Param::fixed(3e-12), Param::fixed(4e-12)];
+        let c = DopantSimConfig {
+            drift_velocity: [Param::fixed(3e-12), Param::fixed(4e-12)],
+            ..DopantSimConfig::default()
+        };
         let s = stem_config_for_dopant(&c);
         s.validate().unwrap();
         assert!((s.drift.speed.get() - 5e-12).abs() < 1e-24);
