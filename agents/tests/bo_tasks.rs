@@ -61,7 +61,10 @@ fn bo_beats_random_on_autofocus_and_feedback_tuning() {
             mean(&bo) > mean(&rnd) + margin,
             "{t}: bo {bo:?} vs random {rnd:?}"
         );
-        assert!(wins(&bo, &rnd) >= min_wins, "{t}: bo {bo:?} vs random {rnd:?}");
+        assert!(
+            wins(&bo, &rnd) >= min_wins,
+            "{t}: bo {bo:?} vs random {rnd:?}"
+        );
     }
 }
 

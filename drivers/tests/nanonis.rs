@@ -1220,8 +1220,10 @@ fn per_segment_drags_lose_the_atom_far_more_often_than_one_drag() {
          {} lost {}; same outcome {same}",
         d[0], d[1], t[0], t[1]
     );
-    // Measured (seeds 1-40): direct moved 40 lost 0; per segment moved 25 lost 15.
-    assert!(t[1] >= d[1] + 5, "direct {d:?}, per segment {t:?}");
+    // Measured (seeds 1-40): before step 8 direct moved 40 lost 0, per segment moved 25 lost
+    // 15; since a lost adatom is either picked up or lands on a site in view (where the task
+    // finds it again) and the drag samples hops along the path: direct 40/0, per segment 38/2.
+    assert!(t[1] > d[1], "direct {d:?}, per segment {t:?}");
     // The adatom still follows the tip whenever it is not picked up.
     assert!(
         t[0] + t[1] + 2 >= n as u32,
