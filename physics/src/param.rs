@@ -169,7 +169,7 @@ impl<D: Dim> Param<D> {
         sample_dist(self.kind(), rng, region)
     }
 
-    fn kind(&self) -> (Option<&'static str>, f64, f64) {
+    pub(crate) fn kind(&self) -> (Option<&'static str>, f64, f64) {
         match *self {
             Self::Fixed(v, _) => (None, v, v),
             Self::Uniform(a, b, _) => (Some("uniform"), a, b),
@@ -429,7 +429,7 @@ where
 {
     let mut value = toml::Value::try_from(cfg)
         .map_err(|e| PhysicsError::param("<config>", format!("cannot serialize: {e}")))?;
-    walk_recorded(&mut value, rng, region, &mut String::new(), &mut Vec::new());
+    walk_recorded(&mut value, rng, region, &mut Vec::new());
     value
         .try_into()
         .map_err(|e: toml::de::Error| PhysicsError::param("<config>", e.to_string()))
@@ -480,7 +480,7 @@ impl<T: Serialize + DeserializeOwned> Randomizer<T> {
     ) -> Result<(T, Vec<(String, f64)>)> {
         let mut value = self.tree.clone();
         let mut drawn = Vec::new();
-        walk_recorded(&mut value, rng, region, &mut String::new(), &mut drawn);
+        walk_recorded(&mut value, rng, region, &mut drawn);
         let cfg = value
             .try_into()
             .map_err(|e: toml::de::Error| PhysicsError::param("<config>", e.to_string()))?;
@@ -507,18 +507,7 @@ impl<T: Serialize + DeserializeOwned> Randomizer<T> {
                 Err(e) => last = Some(e),
             }
         }
-        let e = last.expect("MAX_REDRAWS > 0");
-        let (field, reason) = match &e {
-            PhysicsError::InvalidParameter { field, reason } => (field.clone(), reason.clone()),
-            other => ("<config>".to_string(), other.to_string()),
-        };
-        Err(PhysicsError::param(
-            field,
-            format!(
-                "{MAX_REDRAWS} draws of the randomized parameters in a row gave an invalid \
-                 config (narrow the distributions); the last: {reason}"
-            ),
-        ))
+        Err(redraws_exhausted(last.expect("MAX_REDRAWS > 0")))
     }
 
     /// Checks that the config is valid over the whole support of every distribution, not just
@@ -528,17 +517,12 @@ impl<T: Serialize + DeserializeOwned> Randomizer<T> {
     /// centre, and `validate` must accept the result. The error names the distribution's field
     /// and the value that breaks the config.
     pub fn check_support(&self, validate: impl Fn(&T) -> Result<()>) -> Result<()> {
-        let mut leaves = Vec::new();
-        collect_dists(&self.tree, &mut String::new(), &mut leaves);
+        let leaves = collect_dists(&self.tree);
         for (i, (path, kind, a, b)) in leaves.iter().enumerate() {
-            let ends = match *kind {
-                "normal" => [a - 2.0 * b, a + 2.0 * b],
-                _ => [*a, *b],
-            };
-            for end in ends {
+            for end in support_ends(kind, *a, *b) {
                 let mut tree = self.tree.clone();
                 let mut k = 0;
-                set_dists(&mut tree, &mut |kind, a, b| {
+                replace_dists(&mut tree, &mut String::new(), &mut |_, kind, a, b| {
                     let x = if k == i { end } else { centre(kind, a, b) };
                     k += 1;
                     x
@@ -548,15 +532,7 @@ impl<T: Serialize + DeserializeOwned> Randomizer<T> {
                     .map_err(|e: toml::de::Error| PhysicsError::param(path.clone(), e.to_string()))
                     .and_then(|cfg: T| validate(&cfg));
                 if let Err(e) = outcome {
-                    let what = if *kind == "normal" {
-                        format!("normal(mean {a:e}, sd {b:e}) puts draws beyond {end:e}")
-                    } else {
-                        format!("{kind} [{a:e}, {b:e}] reaches {end:e}")
-                    };
-                    return Err(PhysicsError::param(
-                        path.clone(),
-                        format!("{what}, where the config is invalid: {e}"),
-                    ));
+                    return Err(support_error(path.clone(), (kind, *a, *b), end, &e));
                 }
             }
         }
@@ -567,6 +543,54 @@ impl<T: Serialize + DeserializeOwned> Randomizer<T> {
 /// How many invalid draws in a row [`Randomizer::draw_valid`] tries before it gives up.
 pub const MAX_REDRAWS: usize = 64;
 
+/// The two ends of a distribution's support that support checks pin it to: `lo` and `hi` of a
+/// uniform or log-uniform, `mean ± 2 sd` of a normal (beyond which only 4.6 % of draws fall
+/// and the redraw truncates).
+pub(crate) fn support_ends(kind: &str, a: f64, b: f64) -> [f64; 2] {
+    match kind {
+        "normal" => [a - 2.0 * b, a + 2.0 * b],
+        _ => [a, b],
+    }
+}
+
+/// The error of a support check: distribution `(kind, a, b)` of `field` reaches `end`, where
+/// the config is invalid for `reason`.
+pub(crate) fn support_error(
+    field: impl Into<String>,
+    (kind, a, b): (&str, f64, f64),
+    end: f64,
+    reason: &PhysicsError,
+) -> PhysicsError {
+    let reason = match reason {
+        PhysicsError::InvalidParameter { reason, .. } => reason.clone(),
+        other => other.to_string(),
+    };
+    let what = if kind == "normal" {
+        format!("normal(mean {a:e}, sd {b:e}) puts draws beyond {end:e}")
+    } else {
+        format!("{kind} [{a:e}, {b:e}] reaches {end:e}")
+    };
+    PhysicsError::param(
+        field,
+        format!("{what}, where the config is invalid: {reason}"),
+    )
+}
+
+/// The error after [`MAX_REDRAWS`] invalid draws in a row, from the last draw's error.
+pub(crate) fn redraws_exhausted(last: PhysicsError) -> PhysicsError {
+    let (field, reason) = match last {
+        PhysicsError::InvalidParameter { field, reason } => (field, reason),
+        other => ("<config>".to_string(), other.to_string()),
+    };
+    PhysicsError::param(
+        field,
+        format!(
+            "{MAX_REDRAWS} draws of the randomized parameters in a row gave an invalid config \
+             (narrow the distributions); the last: {reason}"
+        ),
+    )
+}
+
 /// The centre of a distribution (as [`Param::get`] reads it).
 fn centre(kind: &str, a: f64, b: f64) -> f64 {
     match kind {
@@ -576,83 +600,26 @@ fn centre(kind: &str, a: f64, b: f64) -> f64 {
     }
 }
 
-/// Every distribution in `v` as `(dotted path, kind, a, b)`, in the order [`walk_recorded`]
-/// visits them.
-fn collect_dists(
-    v: &toml::Value,
-    path: &mut String,
-    out: &mut Vec<(String, &'static str, f64, f64)>,
-) {
-    let len = path.len();
-    match v {
-        toml::Value::Table(t) => {
-            if let Some((k, a, b)) = as_dist(t) {
-                out.push((path.clone(), k, a, b));
-            } else {
-                for (key, child) in t {
-                    if !path.is_empty() {
-                        path.push('.');
-                    }
-                    path.push_str(key);
-                    collect_dists(child, path, out);
-                    path.truncate(len);
-                }
-            }
-        }
-        toml::Value::Array(a) => {
-            for (i, child) in a.iter().enumerate() {
-                use std::fmt::Write as _;
-                let _ = write!(path, "[{i}]");
-                collect_dists(child, path, out);
-                path.truncate(len);
-            }
-        }
-        _ => {}
-    }
-}
-
-/// Replaces every distribution in `v` (in [`walk_recorded`]'s order) by `f(kind, a, b)`.
-fn set_dists(v: &mut toml::Value, f: &mut impl FnMut(&str, f64, f64) -> f64) {
-    match v {
-        toml::Value::Table(t) => {
-            if let Some((k, a, b)) = as_dist(t) {
-                *v = toml::Value::Float(f(k, a, b));
-            } else {
-                for (_, child) in t.iter_mut() {
-                    set_dists(child, f);
-                }
-            }
-        }
-        toml::Value::Array(a) => {
-            for child in a {
-                set_dists(child, f);
-            }
-        }
-        _ => {}
-    }
-}
-
-fn walk_recorded<R: Rng + ?Sized>(
+/// Visits every distribution in `v` in one fixed order (tables key by key, arrays element by
+/// element) and replaces it by `f(dotted path, kind, a, b)`: the one tree walk behind drawing
+/// ([`walk_recorded`]), listing and pinning distributions ([`Randomizer::check_support`]).
+fn replace_dists(
     v: &mut toml::Value,
-    rng: &mut R,
-    region: Region,
     path: &mut String,
-    drawn: &mut Vec<(String, f64)>,
+    f: &mut impl FnMut(&str, &'static str, f64, f64) -> f64,
 ) {
     let len = path.len();
     match v {
         toml::Value::Table(t) => {
             if let Some((k, a, b)) = as_dist(t) {
-                let x = sample_dist((Some(k), a, b), rng, region);
-                drawn.push((path.clone(), x));
-                *v = toml::Value::Float(x);
+                *v = toml::Value::Float(f(path, k, a, b));
             } else {
                 for (key, child) in t.iter_mut() {
                     if !path.is_empty() {
                         path.push('.');
                     }
                     path.push_str(key);
-                    walk_recorded(child, rng, region, path, drawn);
+                    replace_dists(child, path, f);
                     path.truncate(len);
                 }
             }
@@ -661,7 +628,7 @@ fn walk_recorded<R: Rng + ?Sized>(
             for (i, child) in a.iter_mut().enumerate() {
                 use std::fmt::Write as _;
                 let _ = write!(path, "[{i}]");
-                walk_recorded(child, rng, region, path, drawn);
+                replace_dists(child, path, f);
                 path.truncate(len);
             }
         }
@@ -669,17 +636,35 @@ fn walk_recorded<R: Rng + ?Sized>(
     }
 }
 
+/// Every distribution in `v` as `(dotted path, kind, a, b)`, in [`replace_dists`]'s order.
+fn collect_dists(v: &toml::Value) -> Vec<(String, &'static str, f64, f64)> {
+    let mut out = Vec::new();
+    replace_dists(&mut v.clone(), &mut String::new(), &mut |p, k, a, b| {
+        out.push((p.to_string(), k, a, b));
+        a
+    });
+    out
+}
+
+/// Draws every distribution in `v` (replacing it by the draw) and records `(path, value)`.
+fn walk_recorded<R: Rng + ?Sized>(
+    v: &mut toml::Value,
+    rng: &mut R,
+    region: Region,
+    drawn: &mut Vec<(String, f64)>,
+) {
+    replace_dists(v, &mut String::new(), &mut |p, k, a, b| {
+        let x = sample_dist((Some(k), a, b), rng, region);
+        drawn.push((p.to_string(), x));
+        x
+    });
+}
+
 /// The number of distributions (randomized parameters) in `cfg`.
 pub fn count_distributions<T: Serialize>(cfg: &T) -> usize {
-    fn count(v: &toml::Value) -> usize {
-        match v {
-            toml::Value::Table(t) if as_dist(t).is_some() => 1,
-            toml::Value::Table(t) => t.values().map(count).sum(),
-            toml::Value::Array(a) => a.iter().map(count).sum(),
-            _ => 0,
-        }
-    }
-    toml::Value::try_from(cfg).map(|v| count(&v)).unwrap_or(0)
+    toml::Value::try_from(cfg)
+        .map(|v| collect_dists(&v).len())
+        .unwrap_or(0)
 }
 
 fn as_dist(t: &toml::map::Map<String, toml::Value>) -> Option<(&'static str, f64, f64)> {

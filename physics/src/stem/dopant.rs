@@ -44,7 +44,7 @@ use crate::instrument::{
 };
 use crate::param::dims::{Angle, Area, Current, Energy, Frequency, Length, Temperature, Time};
 use crate::param::dims::{Unitless, Velocity};
-use crate::param::{MAX_REDRAWS, Param, Region};
+use crate::param::{MAX_REDRAWS, Param, Region, redraws_exhausted, support_ends, support_error};
 use crate::rng::{PoissonScratch, SimRng, derive_seed, normal, poisson, poisson_fill, seeded};
 use crate::stem::damage::{HopModel, knock_on_cross_section};
 use crate::stem::optics::Aberrations;
@@ -234,16 +234,7 @@ impl DopantSimConfig {
                 Err(e) => last = Some(e),
             }
         }
-        Err(match last.expect("MAX_REDRAWS > 0") {
-            PhysicsError::InvalidParameter { field, reason } => PhysicsError::param(
-                field,
-                format!(
-                    "{MAX_REDRAWS} draws of the randomized parameters in a row were invalid \
-                     (narrow the distribution); the last: {reason}"
-                ),
-            ),
-            other => other,
-        })
+        Err(redraws_exhausted(last.expect("MAX_REDRAWS > 0")))
     }
 
     /// Checks the whole support of every distribution, not just its centre: each parameter in
@@ -254,29 +245,14 @@ impl DopantSimConfig {
         let centre: [f64; NPARAMS] = std::array::from_fn(|k| params[k].1.get());
         Self::check(centre)?;
         for (k, (name, dist)) in params.iter().enumerate() {
-            let (what, ends) = match *dist {
-                Param::Fixed(..) => continue,
-                Param::Normal(m, sd, _) => (
-                    format!("normal(mean {m:e}, sd {sd:e}) puts draws beyond"),
-                    [m - 2.0 * sd, m + 2.0 * sd],
-                ),
-                Param::Uniform(a, b, _) => (format!("uniform [{a:e}, {b:e}] reaches"), [a, b]),
-                Param::LogUniform(a, b, _) => {
-                    (format!("log_uniform [{a:e}, {b:e}] reaches"), [a, b])
-                }
+            let (Some(kind), lo, hi) = dist.kind() else {
+                continue;
             };
-            for end in ends {
+            for end in support_ends(kind, lo, hi) {
                 let mut v = centre;
                 v[k] = end;
                 if let Err(e) = Self::check(v) {
-                    let reason = match e {
-                        PhysicsError::InvalidParameter { reason, .. } => reason,
-                        other => other.to_string(),
-                    };
-                    return Err(PhysicsError::param(
-                        *name,
-                        format!("{what} {end:e}, where it is invalid: {reason}"),
-                    ));
+                    return Err(support_error(*name, (kind, lo, hi), end, &e));
                 }
             }
         }
