@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job: set up, build (with the torch feature: DKL, REINFORCE, PPO) and run the
-# benchmark suite's small budget (suite/suite-v1.toml: every task, every baseline agent,
+# benchmark suite's small budget (suite/suite-v2.toml: every task, every baseline agent,
 # evaluated on the test split) into out/suite: results.json and a table per run, scores.json,
 # suite.png (interquartile mean with bootstrap intervals, performance profiles) and the table.
 set -euo pipefail

@@ -5,7 +5,7 @@
 use crate::plots;
 use indicatif::{ProgressBar, ProgressStyle};
 use scopegym::error::CliError;
-use scopegym_agents::bench::suite::{SUITE_V1, Selection, Skipped, SuiteProgress, SuiteResults};
+use scopegym_agents::bench::suite::{SUITE_V2, Selection, Skipped, SuiteProgress, SuiteResults};
 use scopegym_agents::bench::{BuildInfo, RunProgress, RunResults, RunSpec, run_agent, run_suite};
 use std::path::{Path, PathBuf};
 
@@ -222,14 +222,14 @@ pub struct SuiteOptions<'a> {
     pub agents: &'a [String],
     /// Only these tasks.
     pub tasks: &'a [String],
-    /// A suite file instead of the embedded `suite/suite-v1.toml`.
+    /// A suite file instead of the embedded `suite/suite-v2.toml`.
     pub suite: Option<&'a Path>,
 }
 
 /// `scopegym suite --budget <b> --out <dir>`.
 pub fn suite(o: &SuiteOptions<'_>) -> Result<(), CliError> {
     let text = match o.suite {
-        None => SUITE_V1.to_string(),
+        None => SUITE_V2.to_string(),
         Some(p) => std::fs::read_to_string(p).map_err(|source| CliError::Io {
             path: p.into(),
             source,

@@ -263,11 +263,11 @@ pub(crate) fn fake_nanonis(
         }};
     }
     let (inst, region) = match id {
-        "scopegym/AfmFeedbackTuning-v1" => instrument!(afm_feedback_tuning),
+        "scopegym/AfmFeedbackTuning-v2" => instrument!(afm_feedback_tuning),
         "scopegym/PfmDomainWriting-v1" => instrument!(pfm_domain_writing),
         "scopegym/PfmSpectroscopyExplore-v1" => instrument!(pfm_spectroscopy_explore),
-        "scopegym/SpmTipConditioning-v1" => instrument!(spm_tip_conditioning),
-        "scopegym/SpmAtomManipulation-v1" => instrument!(spm_atom_manipulation),
+        "scopegym/SpmTipConditioning-v2" => instrument!(spm_tip_conditioning),
+        "scopegym/SpmAtomManipulation-v2" => instrument!(spm_atom_manipulation),
         _ => {
             return Err(arg(
                 "env_id",

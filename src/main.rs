@@ -78,7 +78,7 @@ enum Command {
     },
     /// Steps per second of a vector env with random actions.
     Bench {
-        /// Environment id, e.g. scopegym/AfmFeedbackTuning-v1.
+        /// Environment id, e.g. scopegym/AfmFeedbackTuning-v2.
         env_id: String,
         /// Number of environments.
         #[arg(long, default_value_t = 16)]
@@ -138,7 +138,7 @@ enum Command {
     /// Run an agent on a task over seeds (train learning agents, then evaluate): a table,
     /// <out>/results.json and <out>/curves.png. With --compare, overlay earlier runs instead.
     Run {
-        /// Environment id, e.g. scopegym/StemAutofocus-v1.
+        /// Environment id, e.g. scopegym/StemAutofocus-v2.
         #[arg(required_unless_present = "compare")]
         env_id: Option<String>,
         /// The agent (see the agents registry: random, raster, heuristic, ...).
@@ -174,7 +174,7 @@ enum Command {
         #[arg(long, num_args = 1.., conflicts_with_all = ["env_id", "agent"])]
         compare: Vec<PathBuf>,
     },
-    /// Run the benchmark suite (suite/suite-v1.toml): every task's agents on the test split,
+    /// Run the benchmark suite (suite/suite-v2.toml): every task's agents on the test split,
     /// normalized scores, IQM with bootstrap 95 % intervals and performance profiles:
     /// <out>/suite.json, <out>/suite.png and a table.
     Suite {
@@ -191,7 +191,7 @@ enum Command {
         /// Only these tasks, comma-separated (ids or a unique part such as StemAutofocus).
         #[arg(long, value_delimiter = ',')]
         tasks: Vec<String>,
-        /// A suite file instead of the embedded suite-v1.toml.
+        /// A suite file instead of the embedded suite-v2.toml.
         #[arg(long)]
         suite: Option<PathBuf>,
     },

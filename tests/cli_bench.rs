@@ -38,7 +38,7 @@ fn assert_png(path: &Path, min_width: u32) {
 #[test]
 fn run_writes_results_and_curves_and_compare_overlays() {
     let dir = tempfile::tempdir().unwrap();
-    let id = "scopegym/StemEelsExplore-v1";
+    let id = "scopegym/StemEelsExplore-v2";
     let t = Instant::now();
     let mut outs = Vec::new();
     for agent in ["heuristic", "random"] {
@@ -125,7 +125,7 @@ fn run_records_the_resolved_agent_config() {
     let out = dir.path().join("bo");
     ok(&run(&[
         "run",
-        "scopegym/StemAutofocus-v1",
+        "scopegym/StemAutofocus-v2",
         "--agent",
         "bo",
         "--seeds",
@@ -147,7 +147,7 @@ fn run_records_the_resolved_agent_config() {
     let out = dir.path().join("random");
     ok(&run(&[
         "run",
-        "scopegym/StemAutofocus-v1",
+        "scopegym/StemAutofocus-v2",
         "--agent",
         "random",
         "--seeds",
@@ -169,7 +169,7 @@ fn run_rejects_bad_input_with_exit_code_2() {
         (
             vec![
                 "run",
-                "scopegym/StemSparseScan-v1",
+                "scopegym/StemSparseScan-v2",
                 "--agent",
                 "nope",
                 "--out",
@@ -184,7 +184,7 @@ fn run_rejects_bad_input_with_exit_code_2() {
         (
             vec![
                 "run",
-                "scopegym/StemSparseScan-v1",
+                "scopegym/StemSparseScan-v2",
                 "--agent",
                 "random",
                 "--seeds",

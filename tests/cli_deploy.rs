@@ -150,7 +150,7 @@ fn real_instruments_need_a_limits_file_and_bad_urls_are_named() {
     // An SPM controller cannot run a STEM task.
     let out = run(&[
         "deploy",
-        "scopegym/StemAutofocus-v1",
+        "scopegym/StemAutofocus-v2",
         "--driver",
         "nanonis://127.0.0.1:9",
         "--limits",
@@ -249,7 +249,7 @@ fn a_ppo_policy_runs_over_tcp_from_its_torchscript_export_and_its_checkpoint() {
     // A checkpoint of another task does not fit.
     let out = run(&[
         "deploy",
-        "scopegym/SpmTipConditioning-v1",
+        "scopegym/SpmTipConditioning-v2",
         "--driver",
         "sim",
         "--agent",

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-const ID: &str = "scopegym/AfmFeedbackTuning-v1";
+const ID: &str = "scopegym/AfmFeedbackTuning-v2";
 
 mod common;
 use common::{ok, run};
@@ -119,7 +119,7 @@ fn bench_prints_the_documented_json() {
         "a task without the knob runs its full model"
     );
     // A task with the fidelity knob is timed at both, a JSON line each.
-    let af = "scopegym/StemAutofocus-v1";
+    let af = "scopegym/StemAutofocus-v2";
     let out = ok(&run(&[
         "bench",
         af,

@@ -264,7 +264,7 @@ enum Mode {
     Focus,
 }
 
-/// The task's name from its id (`scopegym/StemAutofocus-v1` → `StemAutofocus`).
+/// The task's name from its id (`scopegym/StemAutofocus-v2` → `StemAutofocus`).
 fn task_name(id: &str) -> &str {
     let s = id.rsplit('/').next().unwrap_or(id);
     s.rsplit_once("-v").map_or(s, |(n, _)| n)
@@ -732,23 +732,23 @@ mod tests {
             })
         );
         assert_eq!(
-            mode("scopegym/StemEelsExplore-v1"),
+            mode("scopegym/StemEelsExplore-v2"),
             Ok(Mode::Grid {
                 g: 32,
                 pristine: false
             })
         );
-        assert_eq!(mode("scopegym/AfmFeedbackTuning-v1"), Ok(Mode::Afm));
-        assert_eq!(mode("scopegym/StemAutofocus-v1"), Ok(Mode::Focus));
+        assert_eq!(mode("scopegym/AfmFeedbackTuning-v2"), Ok(Mode::Afm));
+        assert_eq!(mode("scopegym/StemAutofocus-v2"), Ok(Mode::Focus));
         assert!(mode("scopegym/StemDopantSteer-v1").is_err());
         assert_eq!(task_name("scopegym/StemAutofocus-v12"), "StemAutofocus");
     }
 
     #[test]
     fn sgp_refuses_grids_and_bo_refuses_control_tasks() {
-        let env = make("scopegym/StemEelsExplore-v1", None).unwrap();
+        let env = make("scopegym/StemEelsExplore-v2", None).unwrap();
         let mut a = BoAgent::new(BoAgentConfig::default(), true, 0, idw).unwrap();
-        let (obs, _) = make("scopegym/StemEelsExplore-v1", None)
+        let (obs, _) = make("scopegym/StemEelsExplore-v2", None)
             .unwrap()
             .reset(Some(0))
             .unwrap();
@@ -774,7 +774,7 @@ mod tests {
 
     #[test]
     fn grid_agent_measures_fresh_pristine_points_within_budget() {
-        let mut env = make("scopegym/StemEelsExplore-v1", None).unwrap();
+        let mut env = make("scopegym/StemEelsExplore-v2", None).unwrap();
         let mut a = BoAgent::new(BoAgentConfig::default(), false, 3, idw).unwrap();
         let rec = run_episode(env.as_mut(), &mut a, 5).unwrap();
         assert_eq!(rec.steps, env.max_episode_steps());
@@ -788,7 +788,7 @@ mod tests {
 
     #[test]
     fn setting_agents_move_within_one_step_and_finish() {
-        for id in ["scopegym/StemAutofocus-v1", "scopegym/AfmFeedbackTuning-v1"] {
+        for id in ["scopegym/StemAutofocus-v2", "scopegym/AfmFeedbackTuning-v2"] {
             let mut env = make(id, None).unwrap();
             for s in [true, false] {
                 let mut a = BoAgent::new(BoAgentConfig::default(), s, 1, idw).unwrap();

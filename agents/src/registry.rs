@@ -2,7 +2,7 @@
 //!
 //! ```
 //! use scopegym_agents::registry;
-//! let env = scopegym_envs::registry::make("scopegym/StemSparseScan-v1", None).unwrap();
+//! let env = scopegym_envs::registry::make("scopegym/StemSparseScan-v2", None).unwrap();
 //! let agent = registry::make("raster", env.as_ref(), None, 0).unwrap();
 //! assert_eq!(agent.name(), "raster");
 //! assert!(registry::make("nope", env.as_ref(), None, 0).is_err());

@@ -52,8 +52,8 @@ fn bo_beats_random_on_autofocus_and_feedback_tuning() {
     // BO declares focus at once on two easy seeds where random pays about as little (measured
     // bo −0.16/−0.16 vs random −0.01/−0.06) while winning the other four by 1.3-6 : 4 of 6.
     for (t, margin, min_wins) in [
-        ("scopegym/StemAutofocus-v1", 1.0, 4),
-        ("scopegym/AfmFeedbackTuning-v1", 15.0, 5),
+        ("scopegym/StemAutofocus-v2", 1.0, 4),
+        ("scopegym/AfmFeedbackTuning-v2", 15.0, 5),
     ] {
         let (bo, rnd) = (returns(t, "bo", 0..6), returns(t, "random", 0..6));
         eprintln!("{t}: bo {bo:.2?} random {rnd:.2?}");
@@ -73,7 +73,7 @@ fn structured_gp_beats_the_plain_gp_on_feedback_tuning() {
     // The tracking reward against the (log) P, I and line-rate positions is a single broad
     // peak: the Gaussian-peak mean extrapolates it from a few settings, where the constant
     // mean reverts to the data mean away from them.
-    let t = "scopegym/AfmFeedbackTuning-v1";
+    let t = "scopegym/AfmFeedbackTuning-v2";
     let (sgp, bo) = (returns(t, "sgp", 0..8), returns(t, "bo", 0..8));
     eprintln!(
         "AFM tuning: sgp {sgp:.2?} (mean {:.2}) bo {bo:.2?} (mean {:.2})",
@@ -93,9 +93,9 @@ fn bo_and_sgp_refuse_what_they_cannot_drive() {
         let e = run_episode(env.as_mut(), a.as_mut(), 0).unwrap_err();
         assert!(e.to_string().contains("does not apply"), "{name}: {e}");
     }
-    let env = scopegym_envs::registry::make("scopegym/StemEelsExplore-v1", None).unwrap();
+    let env = scopegym_envs::registry::make("scopegym/StemEelsExplore-v2", None).unwrap();
     let mut a = registry::make("sgp", env.as_ref(), None, 0).unwrap();
-    let mut env = scopegym_envs::registry::make("scopegym/StemEelsExplore-v1", None).unwrap();
+    let mut env = scopegym_envs::registry::make("scopegym/StemEelsExplore-v2", None).unwrap();
     let e = run_episode(env.as_mut(), a.as_mut(), 0).unwrap_err();
     assert!(e.to_string().contains("grid"), "{e}");
     // A bad setting names its field.

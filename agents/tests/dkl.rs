@@ -187,7 +187,7 @@ mod torch {
         let t0 = Instant::now();
         let cfg: toml::Value = toml::from_str("split = \"test\"\nbudget = 100").unwrap();
         let mut env =
-            scopegym_envs::registry::make("scopegym/StemEelsExplore-v1", Some(&cfg)).unwrap();
+            scopegym_envs::registry::make("scopegym/StemEelsExplore-v2", Some(&cfg)).unwrap();
         let (mut r_dkl, mut r_rand) = (Vec::new(), Vec::new());
         for seed in 0..6u64 {
             let mut agent = scopegym_agents::registry::make("dkl", env.as_ref(), None, 0).unwrap();
@@ -198,7 +198,7 @@ mod torch {
         }
         let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
         println!(
-            "StemEelsExplore-v1 final regret: DKL {r_dkl:.3?} mean {:.3}; random {r_rand:.3?} mean {:.3}; {:.1} s",
+            "StemEelsExplore-v2 final regret: DKL {r_dkl:.3?} mean {:.3}; random {r_rand:.3?} mean {:.3}; {:.1} s",
             mean(&r_dkl),
             mean(&r_rand),
             t0.elapsed().as_secs_f64()

@@ -26,7 +26,7 @@ use scopegym_agents::acquisition::Acquisition;
 use scopegym_agents::bo::{BayesOpt as RustBayesOpt, BoConfig};
 use scopegym_agents::gp::Kernel;
 use scopegym_envs::record::{Episode, RecordError, Recorder, reference_scores};
-use scopegym_envs::registry::{TASKS, make};
+use scopegym_envs::registry::{RETIRED, TASKS, make};
 use scopegym_envs::tasks::merge_toml;
 use scopegym_envs::vector::{AutoReset, Outputs, VectorEnv, flatten_into};
 use scopegym_envs::{Env, EnvError, Info, InfoValue, Space, Value};
@@ -95,6 +95,7 @@ impl Failure {
                     EnvError::InvalidAction { .. } => "InvalidAction",
                     EnvError::InvalidConfig { .. } => "InvalidConfig",
                     EnvError::UnknownTask { .. } => "UnknownTask",
+                    EnvError::RetiredTask { .. } => "RetiredTask",
                     EnvError::NeedsReset(_) => "ResetNeeded",
                     EnvError::InvalidArgument { .. } => "InvalidArgument",
                     EnvError::Physics(_) => "PhysicsError",
@@ -365,6 +366,12 @@ fn task_specs(py: Python<'_>) -> PyResult<Vec<(&'static str, &'static str, &'sta
             })
             .collect::<Result<Vec<_>, Failure>>()
     })
+}
+
+/// The retired task ids: `(old id, current id, what changed)`.
+#[pyfunction]
+fn retired_tasks() -> Vec<(&'static str, &'static str, &'static str)> {
+    RETIRED.to_vec()
 }
 
 /// Panics inside the engine's guard (tests that a panic becomes `NativePanic`).
@@ -1009,6 +1016,7 @@ impl BayesOpt {
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_function(wrap_pyfunction!(task_specs, m)?)?;
+    m.add_function(wrap_pyfunction!(retired_tasks, m)?)?;
     m.add_function(wrap_pyfunction!(_panic_for_test, m)?)?;
     m.add_class::<NativeEnv>()?;
     m.add_class::<NativeVectorEnv>()?;

@@ -36,21 +36,21 @@ fn task_instrument(
         config_from_toml(c)
     }
     let sim: Box<dyn Instrument> = match id {
-        "scopegym/StemAutofocus-v1" => {
+        "scopegym/StemAutofocus-v2" => {
             let c: stem_autofocus::Config = read(config)?;
             c.validate()?;
             let mut s = LatticeSimulator::new(c.instrument.clone(), 0).map_err(inst)?;
             NewEpisode::set_region(&mut s, c.split.region());
             Box::new(s)
         }
-        "scopegym/StemSparseScan-v1" => {
+        "scopegym/StemSparseScan-v2" => {
             let c: stem_sparse_scan::Config = read(config)?;
             c.validate()?;
             let mut s = StemSimulator::new(c.instrument_config(), 0).map_err(inst)?;
             NewEpisode::set_region(&mut s, c.split.region());
             Box::new(s)
         }
-        "scopegym/StemEelsExplore-v1" => {
+        "scopegym/StemEelsExplore-v2" => {
             let c: stem_eels_explore::Config = read(config)?;
             c.validate()?;
             let mut s = StemSimulator::new(c.instrument_config(), 0).map_err(inst)?;
@@ -67,8 +67,8 @@ fn task_instrument(
         other => {
             return Err(EnvError::UnknownTask {
                 id: other.into(),
-                known: "scopegym/StemAutofocus-v1, scopegym/StemDopantSteer-v1, \
-                        scopegym/StemEelsExplore-v1, scopegym/StemSparseScan-v1"
+                known: "scopegym/StemAutofocus-v2, scopegym/StemDopantSteer-v1, \
+                        scopegym/StemEelsExplore-v2, scopegym/StemSparseScan-v2"
                     .into(),
             });
         }

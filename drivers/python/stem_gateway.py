@@ -4,7 +4,7 @@
 
 Run it over the scopegym simulator of a task::
 
-    python drivers/python/stem_gateway.py --task scopegym/StemAutofocus-v1 --port 0
+    python drivers/python/stem_gateway.py --task scopegym/StemAutofocus-v2 --port 0
 
 (the first stdout line is the bound port), or over a lab's own backend::
 
@@ -492,7 +492,7 @@ def _load_backend(spec: str) -> Backend:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     src = ap.add_mutually_exclusive_group(required=True)
-    src.add_argument("--task", help="serve the simulator of this scopegym STEM task, e.g. scopegym/StemAutofocus-v1")
+    src.add_argument("--task", help="serve the simulator of this scopegym STEM task, e.g. scopegym/StemAutofocus-v2")
     src.add_argument("--backend", help="serve a lab backend: module:Class (a Backend subclass, built with no arguments)")
     ap.add_argument("--config-json", help="task config as a JSON object (simulator backend)")
     ap.add_argument("--scenario", help="scenario TOML file whose [task] configures the task (simulator backend)")

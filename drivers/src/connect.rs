@@ -16,7 +16,7 @@
 //! use scopegym_drivers::connect::{DeployOptions, DriverUrl, make_env};
 //! use scopegym_envs::env::Env;
 //! let url: DriverUrl = "sim".parse().unwrap();
-//! let mut env = make_env("scopegym/StemAutofocus-v1", &url, DeployOptions::default()).unwrap();
+//! let mut env = make_env("scopegym/StemAutofocus-v2", &url, DeployOptions::default()).unwrap();
 //! let (_obs, _info) = env.reset(Some(0)).unwrap();
 //! assert!("ftp://x".parse::<DriverUrl>().is_err());
 //! ```
@@ -368,7 +368,7 @@ pub fn make_env(id: &str, url: &DriverUrl, opts: DeployOptions) -> Result<Deploy
         SpmSimulator::new(c.clone(), 0).map_err(phys_err)
     };
     match (id, url) {
-        ("scopegym/AfmFeedbackTuning-v1", u) => {
+        ("scopegym/AfmFeedbackTuning-v2", u) => {
             let cfg = config!(afm_feedback_tuning);
             match u {
                 DriverUrl::Sim => on!(cfg, AfmFeedbackTuning, spm_sim(&cfg.instrument)?, sim),
@@ -413,7 +413,7 @@ pub fn make_env(id: &str, url: &DriverUrl, opts: DeployOptions) -> Result<Deploy
                 _ => Err(wrong_family(id, url)),
             }
         }
-        ("scopegym/SpmTipConditioning-v1", u) => {
+        ("scopegym/SpmTipConditioning-v2", u) => {
             let cfg = config!(spm_tip_conditioning);
             match u {
                 DriverUrl::Sim => on!(cfg, SpmTipConditioning, spm_sim(&cfg.instrument)?, sim),
@@ -426,7 +426,7 @@ pub fn make_env(id: &str, url: &DriverUrl, opts: DeployOptions) -> Result<Deploy
                 _ => Err(wrong_family(id, url)),
             }
         }
-        ("scopegym/SpmAtomManipulation-v1", u) => {
+        ("scopegym/SpmAtomManipulation-v2", u) => {
             let cfg = config!(spm_atom_manipulation);
             match u {
                 DriverUrl::Sim => on!(cfg, SpmAtomManipulation, spm_sim(&cfg.instrument)?, sim),
@@ -439,7 +439,7 @@ pub fn make_env(id: &str, url: &DriverUrl, opts: DeployOptions) -> Result<Deploy
                 _ => Err(wrong_family(id, url)),
             }
         }
-        ("scopegym/StemAutofocus-v1", u) => {
+        ("scopegym/StemAutofocus-v2", u) => {
             let cfg = config!(stem_autofocus);
             match u {
                 DriverUrl::Sim => {
@@ -464,7 +464,7 @@ pub fn make_env(id: &str, url: &DriverUrl, opts: DeployOptions) -> Result<Deploy
                 _ => Err(wrong_family(id, url)),
             }
         }
-        ("scopegym/StemEelsExplore-v1", u) => {
+        ("scopegym/StemEelsExplore-v2", u) => {
             let cfg = config!(stem_eels_explore);
             match u {
                 DriverUrl::Sim => {
@@ -477,7 +477,7 @@ pub fn make_env(id: &str, url: &DriverUrl, opts: DeployOptions) -> Result<Deploy
                 _ => Err(wrong_family(id, url)),
             }
         }
-        ("scopegym/StemSparseScan-v1", u) => {
+        ("scopegym/StemSparseScan-v2", u) => {
             let cfg = config!(stem_sparse_scan);
             match u {
                 DriverUrl::Sim => {

@@ -97,7 +97,7 @@
 //! The capabilities a recording cannot honour (bias writing, tip conditioning, lateral
 //! manipulation) are not implemented, so a task that needs them does not compile against
 //! `ReplaySpm`. The tasks that run on it: `scopegym/PfmSpectroscopyExplore-v1` (loops, and a
-//! PFM overview frame) and `scopegym/AfmFeedbackTuning-v1` (frames with `height`,
+//! PFM overview frame) and `scopegym/AfmFeedbackTuning-v2` (frames with `height`,
 //! `height_retrace`, `error`); it implements their ground-truth traits with nothing known.
 //!
 //! ```no_run

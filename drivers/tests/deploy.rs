@@ -279,7 +279,7 @@ fn recorded_loops_serve_a_spectroscopy_episode_through_the_guard() {
 fn a_dry_run_checks_and_logs_every_command_and_sends_none() {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("dry.jsonl");
-    for id in [WRITING, "scopegym/StemAutofocus-v1"] {
+    for id in [WRITING, "scopegym/StemAutofocus-v2"] {
         let opts = DeployOptions {
             limits: limits("[spm]\nscanner_range = [\"10 µm\", \"10 µm\"]"),
             dry_run: true,

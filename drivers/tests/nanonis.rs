@@ -1239,7 +1239,7 @@ fn make_env_runs_atom_manipulation_on_a_nanonis_url_through_the_guard() {
     fake.reset(3).unwrap();
     let url: DriverUrl = fake.url().parse().unwrap();
     let mut d = make_env(
-        "scopegym/SpmAtomManipulation-v1",
+        "scopegym/SpmAtomManipulation-v2",
         &url,
         DeployOptions::default(),
     )

@@ -308,7 +308,7 @@ fn afm_feedback_tuning_renders_frames_of_the_recorded_scan() {
     cfg.max_steps = 10;
     cfg.validate().unwrap();
     let mut env = TaskEnv::new(
-        "scopegym/AfmFeedbackTuning-v1",
+        "scopegym/AfmFeedbackTuning-v2",
         AfmFeedbackTuning::new(cfg, spy),
     );
     for seed in 0..2 {

@@ -1,7 +1,7 @@
 //! The STEM gateway client against a Rust gateway over the simulators on loopback: every
 //! method round trip gives what the simulator gives in process, every injected fault gives its
 //! documented error within the deadline followed by a `make_safe` over a fresh connection, and
-//! a full StemAutofocus-v1 episode through the gateway equals the one on the simulator.
+//! a full StemAutofocus-v2 episode through the gateway equals the one on the simulator.
 //! The last test drives the Python reference gateway when the `scopegym` package with
 //! `StemSim` is importable, and skips with a printed reason otherwise.
 
@@ -337,14 +337,14 @@ fn a_silent_server_cannot_hang_connect() {
     assert!(t.elapsed() < Duration::from_secs(2));
 }
 
-/// A StemAutofocus-v1 episode over `inst`, driven by the task's heuristic: observations,
+/// A StemAutofocus-v2 episode over `inst`, driven by the task's heuristic: observations,
 /// rewards and flags of every step.
 fn autofocus_episode<I>(inst: I, seed: u64) -> Vec<(Vec<f32>, f64, bool, bool)>
 where
     I: StemInstrument + scopegym_envs::tasks::stem_autofocus::ProbeTruth + NewEpisode + Send,
 {
     let cfg = AutofocusConfig::default();
-    let mut env = TaskEnv::new("scopegym/StemAutofocus-v1", StemAutofocus::new(cfg, inst));
+    let mut env = TaskEnv::new("scopegym/StemAutofocus-v2", StemAutofocus::new(cfg, inst));
     let (mut obs, _) = env.reset(Some(seed)).unwrap();
     let mut out = vec![(obs.as_box().unwrap().to_vec(), 0.0, false, false)];
     loop {
@@ -403,7 +403,7 @@ fn the_python_gateway_serves_an_episode() {
     }
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/stem_gateway.py");
     let mut child = std::process::Command::new(&python)
-        .args([script, "--task", "scopegym/StemAutofocus-v1", "--port", "0"])
+        .args([script, "--task", "scopegym/StemAutofocus-v2", "--port", "0"])
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();

@@ -82,7 +82,7 @@ pub struct Step {
 
 /// An environment (Gymnasium 1.x semantics).
 pub trait Env: Send {
-    /// The task id, e.g. `"scopegym/SpmTipConditioning-v1"`.
+    /// The task id, e.g. `"scopegym/SpmTipConditioning-v2"`.
     fn id(&self) -> &str;
     /// The observation space.
     fn observation_space(&self) -> &Space;

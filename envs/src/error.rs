@@ -29,6 +29,17 @@ pub enum EnvError {
         /// The registered ids, comma-separated.
         known: String,
     },
+    /// The id names a retired version of a task: its dynamics, reward or spaces changed and the
+    /// task now lives under a new `-vN` id.
+    #[error("task id {id:?} is retired: use {replacement:?} ({why})")]
+    RetiredTask {
+        /// The id asked for.
+        id: String,
+        /// The id of the current version.
+        replacement: String,
+        /// What changed.
+        why: String,
+    },
     /// `step` was called before `reset` or after the episode ended without a reset.
     #[error("{0}")]
     NeedsReset(String),

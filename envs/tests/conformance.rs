@@ -326,15 +326,15 @@ fn heuristics_beat_random() {
     // Margins per task: the heuristic's mean return over 20 seeds exceeds random's by at least
     // this much.
     let margins = [
-        ("scopegym/AfmFeedbackTuning-v1", 20.0),
+        ("scopegym/AfmFeedbackTuning-v2", 20.0),
         ("scopegym/PfmDomainWriting-v1", 5.0),
         ("scopegym/PfmSpectroscopyExplore-v1", 0.3),
-        ("scopegym/SpmTipConditioning-v1", 6.0),
-        ("scopegym/SpmAtomManipulation-v1", 15.0),
-        ("scopegym/StemAutofocus-v1", 2.0),
+        ("scopegym/SpmTipConditioning-v2", 6.0),
+        ("scopegym/SpmAtomManipulation-v2", 15.0),
+        ("scopegym/StemAutofocus-v2", 2.0),
         ("scopegym/StemDopantSteer-v1", 1.0),
-        ("scopegym/StemEelsExplore-v1", 0.6),
-        ("scopegym/StemSparseScan-v1", 0.5),
+        ("scopegym/StemEelsExplore-v2", 0.6),
+        ("scopegym/StemSparseScan-v2", 0.5),
     ];
     for (id, margin) in margins {
         let (h, r) = (mean_return(id, 0..20, true), mean_return(id, 0..20, false));

@@ -28,6 +28,7 @@ from ._errors import (
     NativePanic,
     PhysicsError,
     ResetNeeded,
+    RetiredTask,
     ScopegymError,
     UnknownTask,
 )
@@ -49,6 +50,7 @@ __all__ = [
     "InvalidAction",
     "InvalidConfig",
     "UnknownTask",
+    "RetiredTask",
     "ResetNeeded",
     "InvalidArgument",
     "PhysicsError",
@@ -66,7 +68,13 @@ def task_ids() -> list[str]:
     return [t[0] for t in _SPECS]
 
 
+_RETIRED = {old: (new, why) for old, new, why in _native.retired_tasks()}
+
+
 def _check_id(env_id: str) -> None:
+    if env_id in _RETIRED:
+        new, why = _RETIRED[env_id]
+        raise RetiredTask(f"task id {env_id!r} is retired: use {new!r} ({why})")
     if env_id not in task_ids():
         raise UnknownTask(f"unknown task id {env_id!r}; registered: {', '.join(task_ids())}")
 

@@ -12,6 +12,7 @@ __all__ = [
     "InvalidAction",
     "InvalidConfig",
     "UnknownTask",
+    "RetiredTask",
     "ResetNeeded",
     "InvalidArgument",
     "PhysicsError",
@@ -36,6 +37,11 @@ class InvalidConfig(ScopegymError, ValueError):
 
 class UnknownTask(ScopegymError, LookupError):
     """No task is registered under this id."""
+
+
+class RetiredTask(UnknownTask):
+    """The id names a retired version of a task (its dynamics, reward or spaces changed); the
+    message names the current ``-vN`` id."""
 
 
 class ResetNeeded(ScopegymError, RuntimeError):

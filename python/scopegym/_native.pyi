@@ -14,6 +14,9 @@ __version__: str
 def task_specs() -> list[tuple[str, str, str, int]]:
     """The registered tasks as ``(id, instrument, description)``."""
 
+def retired_tasks() -> list[tuple[str, str, str]]:
+    """The retired task ids as ``(old id, current id, what changed)``."""
+
 def _panic_for_test() -> None:
     """Panics inside the engine's guard (raises ``NativePanic``)."""
 

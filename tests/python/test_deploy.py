@@ -21,7 +21,7 @@ import scopegym
 ROOT = Path(__file__).resolve().parents[2]
 BIN = os.environ.get("SCOPEGYM_BIN", str(ROOT / "target" / "debug" / "scopegym"))
 GATEWAY = ROOT / "drivers" / "python" / "stem_gateway.py"
-AUTOFOCUS = "scopegym/StemAutofocus-v1"
+AUTOFOCUS = "scopegym/StemAutofocus-v2"
 WRITING = "scopegym/PfmDomainWriting-v1"
 
 # Limits a careful lab would widen only for a simulator: a huge dose budget, long frames.

@@ -49,7 +49,7 @@ def test_every_step_reports_is_success(tid):
 
 
 def test_difficulty_and_split_reach_the_engine_and_reset_options_rebuild():
-    tid = "scopegym/SpmTipConditioning-v1"
+    tid = "scopegym/SpmTipConditioning-v2"
     env = gym.make(tid, difficulty="hard", split="test")
     assert env.unwrapped._config == {"difficulty": "hard", "split": "test"}
     with pytest.raises(scopegym.InvalidConfig, match="difficulty"):
@@ -205,7 +205,7 @@ def test_make_vec_is_the_native_vector_env():
     v.close()
 
 
-@pytest.mark.parametrize("tid", ["scopegym/PfmDomainWriting-v1", "scopegym/SpmTipConditioning-v1"])
+@pytest.mark.parametrize("tid", ["scopegym/PfmDomainWriting-v1", "scopegym/SpmTipConditioning-v2"])
 def test_vector_observations_match_the_declared_space(tid):
     v = scopegym.make_vec(tid, 2)
     obs, _ = v.reset(seed=0)
@@ -275,7 +275,7 @@ def test_gil_is_released_while_stepping():
             ticks.append(time.perf_counter())
 
     # One long native call: a batch of envs at one step each is fast, so step a slow task.
-    slow = scopegym.make_vec("scopegym/StemAutofocus-v1", 64)
+    slow = scopegym.make_vec("scopegym/StemAutofocus-v2", 64)
     slow.reset(seed=0)
     t = threading.Thread(target=spin)
     t.start()
@@ -349,7 +349,7 @@ def test_bad_inputs_raise_the_documented_exceptions():
 
 
 def test_discrete_actions():
-    env = gym.make("scopegym/SpmTipConditioning-v1").unwrapped
+    env = gym.make("scopegym/SpmTipConditioning-v2").unwrapped
     env.reset(seed=0)
     env.step(3)
     env.step(np.int64(2))
@@ -377,3 +377,16 @@ def test_normalized_actions_map_to_physical_bounds():
     env.reset(seed=0)
     a = env.heuristic_action(env.reset(seed=0)[0])
     assert env.action_space.contains(a)
+
+
+def test_retired_ids_name_their_replacement() -> None:
+    # StemAutofocus-v1 was retired when the step-8 physics fixes changed its dynamics.
+    old, new = "scopegym/StemAutofocus-v1", "scopegym/StemAutofocus-v2"
+    assert old not in scopegym.task_ids() and new in scopegym.task_ids()
+    for build in (lambda: scopegym.make(old), lambda: scopegym.make_vec(old, 2), lambda: scopegym.ScopegymEnv(old)):
+        with pytest.raises(scopegym.RetiredTask, match="StemAutofocus-v2") as e:
+            build()
+        assert isinstance(e.value, scopegym.UnknownTask) and isinstance(e.value, LookupError)
+    # Gymnasium's own registry knows the newer version and says so.
+    with pytest.raises(gym.error.DeprecatedEnv, match="StemAutofocus-v2"):
+        gym.make(old)

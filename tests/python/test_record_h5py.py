@@ -10,7 +10,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = os.environ.get("SCOPEGYM_BIN", str(ROOT / "target" / "debug" / "scopegym"))
-ENV = "scopegym/AfmFeedbackTuning-v1"
+ENV = "scopegym/AfmFeedbackTuning-v2"
 
 
 def record(out, seed, agent="random", episodes=2):

@@ -28,8 +28,8 @@ minari = pytest.importorskip("minari")
 ROOT = Path(__file__).resolve().parents[2]
 BIN = os.environ.get("SCOPEGYM_BIN", str(ROOT / "target" / "debug" / "scopegym"))
 STEER = "scopegym/StemDopantSteer-v1"
-AFM = "scopegym/AfmFeedbackTuning-v1"
-SPARSE = "scopegym/StemSparseScan-v1"  # Dict observations, Discrete actions
+AFM = "scopegym/AfmFeedbackTuning-v2"
+SPARSE = "scopegym/StemSparseScan-v2"  # Dict observations, Discrete actions
 
 
 def cli_record(out: Path, env_id: str, *args: str) -> Path:

@@ -70,7 +70,7 @@ class SmallCnn(BaseFeaturesExtractor):
 def test_ppo_trains_on_an_image_task():
     torch.manual_seed(0)
     torch.set_num_threads(1)
-    env = gym.make("scopegym/SpmTipConditioning-v1")
+    env = gym.make("scopegym/SpmTipConditioning-v2")
     model = PPO(
         "MlpPolicy",
         env,

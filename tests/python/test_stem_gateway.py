@@ -265,7 +265,7 @@ def test_the_simulator_gateway_in_a_subprocess_matches_the_simulator():
     from scopegym import _native
 
     proc = subprocess.Popen(
-        [sys.executable, str(SCRIPT), "--task", "scopegym/StemAutofocus-v1", "--port", "0"],
+        [sys.executable, str(SCRIPT), "--task", "scopegym/StemAutofocus-v2", "--port", "0"],
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -275,7 +275,7 @@ def test_the_simulator_gateway_in_a_subprocess_matches_the_simulator():
         c = Client(port)
         info, _ = c.result("info")
         assert info["protocol"] == 1 and info["simulated"] is True
-        direct = _native.StemSim("scopegym/StemAutofocus-v1")
+        direct = _native.StemSim("scopegym/StemAutofocus-v2")
         params, _ = c.result("start_episode", seed=4)
         assert params["params"] == direct.start_episode(4) and params["params"]
         c.result("set_blanked", blanked=False)

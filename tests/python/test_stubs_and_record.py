@@ -85,7 +85,7 @@ def test_record_heuristic_and_callable_policies(tmp_path):
         calls.append(obs)
         return np.array([0.0, 0.0, 1.0], dtype=np.float32)
 
-    p = scopegym.record("scopegym/SpmTipConditioning-v1", 1, policy=lambda o: 0, path=tmp_path / "d")
+    p = scopegym.record("scopegym/SpmTipConditioning-v2", 1, policy=lambda o: 0, path=tmp_path / "d")
     with h5py.File(p / "data" / "main_data.hdf5") as f:
         assert (f["episode_0/actions"][()] == 0).all()
     scopegym.record(STEER, 1, policy=policy, path=tmp_path / "c", config={"max_steps": 4})

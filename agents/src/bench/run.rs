@@ -17,7 +17,7 @@
 //!
 //! ```
 //! use scopegym_agents::bench::run::{RunSpec, run_agent};
-//! let mut spec = RunSpec::new("scopegym/StemSparseScan-v1", "raster");
+//! let mut spec = RunSpec::new("scopegym/StemSparseScan-v2", "raster");
 //! spec.seeds = vec![0, 1];
 //! spec.episodes = 2;
 //! let r = run_agent(&spec, &mut |_| {}).unwrap();
@@ -418,7 +418,7 @@ mod tests {
     use scopegym_envs::evaluate::{Policy, evaluate};
 
     fn small(agent: &str) -> RunSpec {
-        let mut s = RunSpec::new("scopegym/StemSparseScan-v1", agent);
+        let mut s = RunSpec::new("scopegym/StemSparseScan-v2", agent);
         s.seeds = vec![0, 3];
         s.episodes = 3;
         s
@@ -431,7 +431,7 @@ mod tests {
         for (agent, policy) in [("random", Policy::Random), ("heuristic", Policy::Heuristic)] {
             let r = run_agent(&small(agent), &mut |_| {}).unwrap();
             let mut env = scopegym_envs::registry::make(
-                "scopegym/StemSparseScan-v1",
+                "scopegym/StemSparseScan-v2",
                 Some(&small(agent).env_table("test").unwrap()),
             )
             .unwrap();

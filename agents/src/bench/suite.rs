@@ -1,5 +1,5 @@
 //! The benchmark suite: a versioned file of tasks, agents and budgets ([`SuiteFile`], the
-//! repository's `suite/suite-v1.toml` embedded as [`SUITE_V1`]), run by [`run_suite`] and
+//! repository's `suite/suite-v2.toml` embedded as [`SUITE_V2`]), run by [`run_suite`] and
 //! scored by [`score`] into [`SuiteResults`] (what `scopegym suite` writes as `suite.json`).
 //!
 //! Scoring (the file's header says the same):
@@ -24,8 +24,8 @@ use crate::registry;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
-/// The text of `suite/suite-v1.toml`, embedded.
-pub const SUITE_V1: &str = include_str!("../../../suite/suite-v1.toml");
+/// The text of `suite/suite-v2.toml`, embedded.
+pub const SUITE_V2: &str = include_str!("../../../suite/suite-v2.toml");
 
 /// The suite file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -122,9 +122,9 @@ impl SuiteFile {
         Ok(s)
     }
 
-    /// The embedded `suite-v1.toml`.
-    pub fn v1() -> Self {
-        Self::parse(SUITE_V1).expect("the embedded suite file is valid")
+    /// The embedded `suite-v2.toml`.
+    pub fn embedded() -> Self {
+        Self::parse(SUITE_V2).expect("the embedded suite file is valid")
     }
 
     fn validate(&self) -> Result<()> {
@@ -633,8 +633,8 @@ mod tests {
 
     #[test]
     fn the_embedded_suite_parses_and_lists_every_task() {
-        let s = SuiteFile::v1();
-        assert_eq!(s.version, 1);
+        let s = SuiteFile::embedded();
+        assert_eq!(s.version, 2);
         assert_eq!(s.split, "test");
         let ids: Vec<&str> = s.tasks.iter().map(|t| t.id.as_str()).collect();
         for t in scopegym_envs::registry::TASKS {
@@ -650,20 +650,20 @@ mod tests {
 
     #[test]
     fn bad_suite_files_name_the_field() {
-        let bad = SUITE_V1.replace("bootstrap_resamples = 2000", "bootstrap_resamples = 0");
+        let bad = SUITE_V2.replace("bootstrap_resamples = 2000", "bootstrap_resamples = 0");
         let e = SuiteFile::parse(&bad).unwrap_err().to_string();
         assert!(e.contains("bootstrap_resamples"), "{e}");
-        let bad = SUITE_V1.replace("id = \"scopegym/StemSparseScan-v1\"", "id = \"nope\"");
+        let bad = SUITE_V2.replace("id = \"scopegym/StemSparseScan-v2\"", "id = \"nope\"");
         let e = SuiteFile::parse(&bad).unwrap_err().to_string();
         assert!(e.contains("tasks[8].id"), "{e}");
-        let bad = SUITE_V1.replace("episodes = 4", "episodes = 4\nbogus = 1");
+        let bad = SUITE_V2.replace("episodes = 4", "episodes = 4\nbogus = 1");
         let e = SuiteFile::parse(&bad).unwrap_err().to_string();
         assert!(e.contains("bogus"), "{e}");
     }
 
     #[test]
     fn plan_puts_references_first_and_skips_unregistered_agents() {
-        let s = SuiteFile::v1();
+        let s = SuiteFile::embedded();
         let sel = Selection {
             budget: "small".into(),
             agents: vec!["raster".into()],
@@ -675,7 +675,7 @@ mod tests {
         assert!(jobs.iter().all(|j| j.skip.is_none()));
         assert_eq!(jobs[0].units, 5 * 4 * 12);
         // An agent the suite lists that no build registers is planned as skipped.
-        let text = SUITE_V1.replace(
+        let text = SUITE_V2.replace(
             "\"heuristic\", \"reinforce\"",
             "\"heuristic\", \"no-such-agent\", \"reinforce\"",
         );
@@ -708,7 +708,7 @@ mod tests {
             tasks: vec!["StemEelsExplore".into()],
         };
         assert_eq!(
-            plan(&SuiteFile::v1(), &sel, &BuildInfo::default()).unwrap()[0]
+            plan(&SuiteFile::embedded(), &sel, &BuildInfo::default()).unwrap()[0]
                 .spec
                 .episodes,
             2
@@ -775,7 +775,7 @@ mod tests {
             fake("B", "heuristic", &[-6.0, -6.0]),
             fake("B", "raster", &[-8.0, -10.0]),
         ];
-        let mut file = SuiteFile::v1();
+        let mut file = SuiteFile::embedded();
         file.scoring.tau_min = 0.25;
         file.scoring.tau_max = 1.0;
         file.scoring.tau_points = 2;
@@ -814,7 +814,7 @@ mod tests {
 
     #[test]
     fn a_small_suite_runs_and_is_deterministic() {
-        let text = SUITE_V1.replace("episodes = 4", "episodes = 1");
+        let text = SUITE_V2.replace("episodes = 4", "episodes = 1");
         let sel = Selection {
             budget: "small".into(),
             agents: vec!["raster".into()],

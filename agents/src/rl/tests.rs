@@ -880,7 +880,7 @@ fn layouts_cover_every_task() {
 fn ppo_and_reinforce_train_through_the_cnn_on_an_image_task() {
     // One short PPO iteration and one REINFORCE update on SpmTipConditioning (32 × 32 image,
     // Discrete actions): the CNN's weights change and stay finite.
-    let id = "scopegym/SpmTipConditioning-v1";
+    let id = "scopegym/SpmTipConditioning-v2";
     let env = scopegym_envs::registry::make(id, None).unwrap();
     let ns = NetSpec::for_env(env.as_ref()).unwrap();
     let cfg = PpoConfig {

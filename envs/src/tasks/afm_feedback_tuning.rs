@@ -1,4 +1,4 @@
-//! `scopegym/AfmFeedbackTuning-v1`: tune the z-feedback of an AFM (P, I, scan speed) so it
+//! `scopegym/AfmFeedbackTuning-v2`: tune the z-feedback of an AFM (P, I, scan speed) so it
 //! tracks an unknown surface accurately and fast (anchor: BO tuning of SPM feedback, spmsimu).
 //!
 //! Every episode draws a new sample, tip, scan area and loop: terraces of random step height,
@@ -866,7 +866,7 @@ mod tests {
         // exceeds random's by more than 30.0, its success rate by at least 0.5.
         let mut e = env("split = \"test\"");
         let (_, _) =
-            assert_heuristic_beats_random("AfmFeedbackTuning-v1", &mut e, 0..20, 30.0, 0.5);
+            assert_heuristic_beats_random("AfmFeedbackTuning-v2", &mut e, 0..20, 30.0, 0.5);
     }
 
     #[test]

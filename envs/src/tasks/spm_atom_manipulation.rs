@@ -1,4 +1,4 @@
-//! `scopegym/SpmAtomManipulation-v1`: drag an Ag adatom on Ag(111) to a goal site by STM
+//! `scopegym/SpmAtomManipulation-v2`: drag an Ag adatom on Ag(111) to a goal site by STM
 //! lateral manipulation (anchor: SINGROUP's RL atom manipulation).
 //!
 //! The instrument images a small field (`pixels²`, `field` wide, fixed at the centre of the
@@ -696,7 +696,7 @@ mod tests {
     };
     use crate::tasks::testing::info_f64;
 
-    const ID: &str = "scopegym/SpmAtomManipulation-v1";
+    const ID: &str = "scopegym/SpmAtomManipulation-v2";
 
     fn config(toml_text: &str) -> Config {
         config_from_toml(Some(&toml::from_str(toml_text).unwrap())).unwrap()
@@ -952,7 +952,7 @@ mod tests {
         // exceeds random's by more than 15.0, its success rate by at least 0.5.
         let mut e = env("split = \"test\"");
         let (h, _) =
-            assert_heuristic_beats_random("SpmAtomManipulation-v1", &mut e, 0..24, 15.0, 0.5);
+            assert_heuristic_beats_random("SpmAtomManipulation-v2", &mut e, 0..24, 15.0, 0.5);
         assert!(
             h.success_rate >= 0.8,
             "heuristic success {}",

@@ -1,4 +1,4 @@
-//! `scopegym/SpmTipConditioning-v1`: condition an STM tip with bias pulses and dips until it
+//! `scopegym/SpmTipConditioning-v2`: condition an STM tip with bias pulses and dips until it
 //! images adatoms sharply (anchor: DeepSPM).
 //!
 //! The instrument images Ag(111) with Ag adatoms at constant current. Episodes start from a
@@ -775,7 +775,7 @@ mod tests {
     use rand::Rng;
     use scopegym_physics::spm::tip::{Adsorbate, SecondApex, TipState};
 
-    const ID: &str = "scopegym/SpmTipConditioning-v1";
+    const ID: &str = "scopegym/SpmTipConditioning-v2";
 
     fn task(toml_text: &str) -> SpmTipConditioning<SpmSimulator> {
         let c: toml::Value = toml::from_str(toml_text).unwrap();
@@ -1037,7 +1037,7 @@ mod tests {
         // exceeds random's by more than 10.0, its success rate by at least 0.25.
         let mut e = env("split = \"test\"");
         let (h, _) =
-            assert_heuristic_beats_random("SpmTipConditioning-v1", &mut e, 0..24, 10.0, 0.208);
+            assert_heuristic_beats_random("SpmTipConditioning-v2", &mut e, 0..24, 10.0, 0.208);
         assert!(
             h.success_rate >= 0.8,
             "heuristic success {}",

@@ -1,4 +1,4 @@
-//! `scopegym/StemAutofocus-v1`: correct defocus and two-fold astigmatism of a STEM probe from
+//! `scopegym/StemAutofocus-v2`: correct defocus and two-fold astigmatism of a STEM probe from
 //! the images alone, and say when it is done (anchor: CEOS / SmartTuning autofocus).
 //!
 //! Each episode starts from random defocus C10 and astigmatism (C12a, C12b) drawn from the seed
@@ -950,7 +950,7 @@ mod tests {
         // return, 0.5 in success rate.
         let mut env = env("");
         let (h, others) = degenerate_scores(&mut env, 0..20, 0).unwrap();
-        assert_no_degenerate_wins("StemAutofocus-v1", &h, &others, 1.0, 0.5);
+        assert_no_degenerate_wins("StemAutofocus-v2", &h, &others, 1.0, 0.5);
         assert!(
             h.success_rate >= 0.8,
             "heuristic success {}",
@@ -972,7 +972,7 @@ mod tests {
         // Held-out parameters (split = "test"), medium, 20 seeds: the heuristic's success rate
         // exceeds random's by at least 0.6 and its mean return by at least 1.0.
         let mut e = env("split = \"test\"");
-        assert_heuristic_beats_random("StemAutofocus-v1", &mut e, 0..20, 1.0, 0.6);
+        assert_heuristic_beats_random("StemAutofocus-v2", &mut e, 0..20, 1.0, 0.6);
     }
 
     #[test]

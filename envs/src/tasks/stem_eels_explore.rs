@@ -1,4 +1,4 @@
-//! `scopegym/StemEelsExplore-v1`: choose where to park the probe for EELS to find the cell with
+//! `scopegym/StemEelsExplore-v2`: choose where to park the probe for EELS to find the cell with
 //! the strongest Si-L₂,₃ signal within a budget of spectra (anchor: DTMicroscope deep-kernel-
 //! learning exploration, structure image → spectral property).
 //!
@@ -1260,7 +1260,7 @@ mod tests {
         // units, the heuristic earns about 2.7, random 0.4), success rate 0.5.
         let mut e = env("");
         let (h, others) = degenerate_scores(&mut e, 0..20, 16).unwrap();
-        assert_no_degenerate_wins("StemEelsExplore-v1", &h, &others, 2.0, 0.5);
+        assert_no_degenerate_wins("StemEelsExplore-v2", &h, &others, 2.0, 0.5);
     }
 
     #[test]
@@ -1268,7 +1268,7 @@ mod tests {
         // 20 held-out episodes at medium: the heuristic's mean return exceeds random's by 2
         // (about 2.7 against 0.4) and its success rate by 0.55.
         let mut e = env("split = \"test\"");
-        assert_heuristic_beats_random("StemEelsExplore-v1", &mut e, 0..20, 2.0, 0.55);
+        assert_heuristic_beats_random("StemEelsExplore-v2", &mut e, 0..20, 2.0, 0.55);
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! `scopegym/StemSparseScan-v1`: image a heterogeneous field by scanning only some of its tiles,
+//! `scopegym/StemSparseScan-v2`: image a heterogeneous field by scanning only some of its tiles,
 //! choosing each next tile from what has been measured so far (anchor: adaptive-scan RL, sparse
 //! sampling in STEM to limit dose).
 //!
@@ -1113,7 +1113,7 @@ mod tests {
         // Held-out parameters (split = "test") at medium, 30 seeds: the heuristic's mean return
         // exceeds random's by more than 1.0, its success rate by at least 0.2.
         let mut e = env("split = \"test\"");
-        assert_heuristic_beats_random("StemSparseScan-v1", &mut e, 0..30, 1.0, 0.2);
+        assert_heuristic_beats_random("StemSparseScan-v2", &mut e, 0..30, 1.0, 0.2);
     }
 
     #[test]
