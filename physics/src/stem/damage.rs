@@ -640,6 +640,21 @@ pub struct Hop {
     pub time: f64,
 }
 
+/// Performs one hop: the dopant at index `dopant` and the host atom at index `host` swap
+/// species (positions stay), and the hop at `time` (s) is returned with the dopant's old and new
+/// positions. The one place [`HopModel::dwell`] and [`HopModel::raster`] change the specimen.
+fn swap_dopant(specimen: &mut Specimen, dopant: usize, host: usize, time: f64) -> Hop {
+    let (a, b) = (specimen.atoms[dopant], specimen.atoms[host]);
+    specimen.atoms[dopant].z = b.z;
+    specimen.atoms[host].z = a.z;
+    Hop {
+        atom: host,
+        from: [a.x, a.y],
+        to: [b.x, b.y],
+        time,
+    }
+}
+
 /// Parameters of the hop chain, in SI units, resolved from a [`DamageConfig`].
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct HopModel {
@@ -740,15 +755,7 @@ impl HopModel {
                 pick -= r.2;
             }
             let (i, j, _) = chosen;
-            let (a, b) = (specimen.atoms[i], specimen.atoms[j]);
-            specimen.atoms[i].z = b.z;
-            specimen.atoms[j].z = a.z;
-            hops.push(Hop {
-                atom: j,
-                from: [a.x, a.y],
-                to: [b.x, b.y],
-                time: t,
-            });
+            hops.push(swap_dopant(specimen, i, j, t));
         }
         hops
     }
@@ -904,16 +911,8 @@ impl HopModel {
                 }
                 pick -= w;
             }
-            let (i, j) = (chosen.0, chosen.1);
-            let (a, b) = (specimen.atoms[i], specimen.atoms[j]);
-            specimen.atoms[i].z = b.z;
-            specimen.atoms[j].z = a.z;
-            hops.push(Hop {
-                atom: j,
-                from: [a.x, a.y],
-                to: [b.x, b.y],
-                time: r as f64 * line + (c as f64 + f) * dwell,
-            });
+            let time = r as f64 * line + (c as f64 + f) * dwell;
+            hops.push(swap_dopant(specimen, chosen.0, chosen.1, time));
             (pos, frac) = (r * cols + c, f);
         }
         hops
