@@ -23,7 +23,10 @@ use crate::stem::damage::{DamageConfig, DoseMap, Hop, HopModel, Raster, sputter}
 use crate::stem::eels::{EelsConfig, EelsModel};
 use crate::stem::haadf::{DetectorConfig, HaadfRenderer};
 use crate::stem::optics::{Aberrations, OpticsConfig, ProbeCalculator, ProbeSpec};
-use crate::stem::scan::{Distortion, DriftConfig, DriftState, ScanConfig, ScanNoiseConfig};
+use crate::stem::scan::{
+    Distortion, DriftConfig, DriftState, MAX_DISTORTION_PIXELS, ScanConfig, ScanDistortion,
+    ScanNoiseConfig,
+};
 use crate::stem::specimen::{Atom, Specimen, SpecimenConfig, Supercell};
 use ndarray::ArrayView2;
 use serde::{Deserialize, Serialize};
@@ -62,6 +65,8 @@ pub struct StemConfig {
     pub drift: DriftConfig,
     /// Scan noise.
     pub scan_noise: ScanNoiseConfig,
+    /// Scan-system distortions (rotation, shear, scale errors, flyback lag). Default: none.
+    pub scan_distortion: ScanDistortion,
     /// Beam damage.
     pub damage: DamageConfig,
     /// EELS spectrometer.
@@ -69,9 +74,11 @@ pub struct StemConfig {
 }
 
 impl StemConfig {
-    /// This config with drift, line jitter, scan noise and mains pickup switched off: frames
-    /// are then the probe-convolved specimen plus shot noise only (for calibration and tests).
+    /// This config with drift, line jitter, scan noise, mains pickup and scan-system distortions
+    /// switched off: frames are then the probe-convolved specimen plus shot noise only (for
+    /// calibration and tests).
     pub fn without_scan_distortions(mut self) -> Self {
+        self.scan_distortion = ScanDistortion::default();
         self.drift.speed = Param::fixed(0.0);
         self.drift.diffusivity = Param::fixed(0.0);
         self.scan_noise.jitter_pixels = Param::fixed(0.0);
@@ -95,6 +102,13 @@ impl StemConfig {
         self.detector.validate("detector.")?;
         self.drift.validate("drift.")?;
         self.scan_noise.validate("scan_noise.")?;
+        self.scan_distortion.validate("scan_distortion.")?;
+        check_distortion(
+            &self.scan_distortion,
+            self.scan.pixels[0],
+            self.scan.pixels[1],
+            self.scan.pixel_size.get(),
+        )?;
         self.damage.validate("damage.")?;
         self.eels.validate("eels.")?;
         Ok(())
@@ -597,6 +611,25 @@ impl StemSimulator {
     }
 }
 
+/// Checks that the scan distortion `sd` keeps every pixel of a `rows × cols` frame of pixels
+/// `pixel_size` (m) within [`MAX_DISTORTION_PIXELS`] of its nominal position.
+fn check_distortion(sd: &ScanDistortion, rows: usize, cols: usize, pixel_size: f64) -> Result<()> {
+    if sd.is_identity() {
+        return Ok(());
+    }
+    let d = sd.max_displacement(rows, cols, pixel_size) / pixel_size;
+    if !(d <= MAX_DISTORTION_PIXELS) {
+        return Err(PhysicsError::param(
+            "scan_distortion",
+            format!(
+                "displaces pixels of a {rows}×{cols} frame by up to {d:.2} pixels; at most \
+                 {MAX_DISTORTION_PIXELS} are rendered"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Checks requested scan settings against the limits of a scan configuration (the other
 /// settings of `cfg.scan` kept), naming the field (`scan.pixels`, `scan.dwell_time`, ...).
 pub(crate) fn check_scan_request(cfg: &StemConfig, request: &ScanSettings) -> Result<()> {
@@ -640,6 +673,12 @@ impl StemInstrument for StemSimulator {
 
     fn configure_scan(&mut self, request: &ScanSettings) -> Result<ScanSettings> {
         check_scan_request(&self.cfg, request)?;
+        check_distortion(
+            &self.cfg.scan_distortion,
+            request.rows,
+            request.cols,
+            request.pixel_size,
+        )?;
         if (request.rows, request.cols, request.pixel_size)
             != (self.scan.rows, self.scan.cols, self.scan.pixel_size)
         {
@@ -692,6 +731,13 @@ impl StemInstrument for StemSimulator {
             self.ideal_shift,
             &mut self.drift,
             &mut self.rng_scan,
+        );
+        self.dist.distort(
+            &self.cfg.scan_distortion,
+            sc.rows,
+            sc.cols,
+            sc.pixel_size,
+            sc.dwell_time,
         );
         self.renderer
             .record(&self.dist, &self.cfg.detector, &mut self.rng_noise);
