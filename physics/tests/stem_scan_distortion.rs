@@ -115,7 +115,11 @@ fn scan_rotation_turns_the_lattice_peaks_by_minus_theta() {
     }));
     let turn = k1[1].atan2(k1[0]) - k0[1].atan2(k0[0]);
     println!("peaks {k0:?} -> {k1:?}, turn {turn}");
-    assert!((turn + theta).abs() < 0.05 * theta, "turn {turn} vs {}", -theta);
+    assert!(
+        (turn + theta).abs() < 0.05 * theta,
+        "turn {turn} vs {}",
+        -theta
+    );
     let (r0, r1) = (k0[0].hypot(k0[1]), k1[0].hypot(k1[1]));
     assert!((r1 / r0 - 1.0).abs() < 1e-3, "{r0} {r1}");
 }
@@ -130,7 +134,14 @@ fn identity_distortion_gives_bit_identical_frames() {
         cfg.scan_distortion = sd;
         let mut sim = StemSimulator::new(cfg, 9).unwrap();
         (0..2)
-            .flat_map(|_| sim.acquire_frame().unwrap().image.iter().copied().collect::<Vec<_>>())
+            .flat_map(|_| {
+                sim.acquire_frame()
+                    .unwrap()
+                    .image
+                    .iter()
+                    .copied()
+                    .collect::<Vec<_>>()
+            })
             .collect::<Vec<f32>>()
     };
     let plain = run(ScanDistortion::default());
@@ -138,7 +149,12 @@ fn identity_distortion_gives_bit_identical_frames() {
         flyback_time_constant: Param::fixed(1e-6),
         ..Default::default()
     });
-    assert!(plain.iter().zip(&identity).all(|(a, b)| a.to_bits() == b.to_bits()));
+    assert!(
+        plain
+            .iter()
+            .zip(&identity)
+            .all(|(a, b)| a.to_bits() == b.to_bits())
+    );
     let lagged = run(ScanDistortion {
         flyback_amplitude: Param::fixed(0.3e-10),
         flyback_time_constant: Param::fixed(1e-6),

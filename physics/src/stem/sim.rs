@@ -16,10 +16,12 @@ use crate::error::{PhysicsError, Result};
 use crate::instrument::{
     Frame, FrameMeta, InstrumentInfo, InstrumentKind, ScanSettings, Spectrum, StemInstrument,
 };
-use crate::param::dims::Current;
+use crate::param::dims::{Current, Time, Unitless};
 use crate::param::{Param, Randomizer, Region};
-use crate::rng::{SimRng, derive_seed, poisson, seeded};
-use crate::stem::damage::{DamageConfig, DoseMap, Hop, HopModel, Raster, sputter};
+use crate::rng::{PoissonScratch, SimRng, derive_seed, poisson, seeded};
+use crate::stem::damage::{
+    CurrentFluctuation, DamageConfig, DoseMap, Hop, HopModel, KnockOn, Raster, sputter_with,
+};
 use crate::stem::eels::{EelsConfig, EelsModel};
 use crate::stem::haadf::{DetectorConfig, HaadfRenderer};
 use crate::stem::optics::{Aberrations, OpticsConfig, ProbeCalculator, ProbeSpec};
@@ -37,12 +39,23 @@ use serde::{Deserialize, Serialize};
 pub struct BeamConfig {
     /// Probe current, A. Default 100 pA.
     pub current: Param<Current>,
+    /// Relative r.m.s. fluctuation of the current (emission noise of the gun), dimensionless:
+    /// each pixel's (and each point exposure's) dose is multiplied by a positive factor of mean
+    /// 1 and this r.m.s., correlated over [`Self::current_correlation_time`]
+    /// ([`CurrentFluctuation`]). Default 0 (off); a cold FEG's emission fluctuates by a few %
+    /// over ms to s (flicker), a Schottky source's by under 1 %. Frames' dose map and damage use
+    /// the mean current.
+    pub current_fluctuation: Param<Unitless>,
+    /// Correlation time of the current fluctuation, s. Default 1 ms.
+    pub current_correlation_time: Param<Time>,
 }
 
 impl Default for BeamConfig {
     fn default() -> Self {
         Self {
             current: Param::fixed(100e-12),
+            current_fluctuation: Param::fixed(0.0),
+            current_correlation_time: Param::fixed(1e-3),
         }
     }
 }
@@ -96,6 +109,20 @@ impl StemConfig {
             return Err(PhysicsError::param(
                 "beam.current",
                 format!("must be in (0, 1 µA], got {i} A"),
+            ));
+        }
+        let r = self.beam.current_fluctuation.get();
+        if !(0.0..=1.0).contains(&r) {
+            return Err(PhysicsError::param(
+                "beam.current_fluctuation",
+                format!("must be in [0, 1], got {r}"),
+            ));
+        }
+        let tau = self.beam.current_correlation_time.get();
+        if !(tau > 0.0 && tau.is_finite()) {
+            return Err(PhysicsError::param(
+                "beam.current_correlation_time",
+                format!("must be a positive time, got {tau} s"),
             ));
         }
         self.scan.validate("scan.")?;
@@ -164,8 +191,14 @@ pub struct StemSimulator {
     blanked: bool,
     frames: u64,
     sigma_haadf: [f64; 93],
-    sigma_knock: [f64; 93],
+    knock: KnockOn,
     any_knock: bool,
+    /// The current's fluctuation and the time of its last draw, s.
+    fluct: CurrentFluctuation,
+    fluct_time: f64,
+    /// Per-pixel dose factors of the last frame (reused).
+    fluct_buf: Vec<f32>,
+    poisson: PoissonScratch,
     hop: HopModel,
     eels: EelsModel,
     spectrum: Vec<f32>,
@@ -242,8 +275,12 @@ impl StemSimulator {
             scan: Self::scan_from(&cfg),
             aberrations: cfg.optics.aberrations(),
             sigma_haadf: cfg.detector.cross_sections(),
-            sigma_knock: cfg.damage.cross_sections(cfg.optics.energy.get()),
+            knock: cfg.damage.knock_on(cfg.optics.energy.get()),
             any_knock: false,
+            fluct: CurrentFluctuation::new(0.0, 1.0),
+            fluct_time: 0.0,
+            fluct_buf: Vec::new(),
+            poisson: PoissonScratch::default(),
             hop: HopModel::from_config(&cfg.damage),
             drift: DriftState::new(&cfg.drift),
             dose_map: DoseMap::new(Supercell::new([1e-9, 1e-9], 0.0), 1e-10),
@@ -328,8 +365,13 @@ impl StemSimulator {
         }
         self.aberrations = new_ab;
         self.sigma_haadf = cfg.detector.cross_sections();
-        self.sigma_knock = cfg.damage.cross_sections(cfg.optics.energy.get());
-        self.any_knock = cfg.damage.sputtering && self.sigma_knock.iter().any(|s| *s > 0.0);
+        self.knock = cfg.damage.knock_on(cfg.optics.energy.get());
+        self.any_knock = cfg.damage.sputtering && self.knock.any();
+        self.fluct = CurrentFluctuation::new(
+            cfg.beam.current_fluctuation.get(),
+            cfg.beam.current_correlation_time.get(),
+        );
+        self.fluct_time = 0.0;
         self.hop = HopModel::from_config(&cfg.damage);
         self.drift = DriftState::new(&cfg.drift);
         // Specimen: a periodic cell of the configured size, or by default one whose shortest
@@ -489,6 +531,84 @@ impl StemSimulator {
         (self.eff_side, &self.eff_kernel)
     }
 
+    /// Thickness of the contamination deposit at specimen position `(x, y)` (m): the growth
+    /// rate ([`DamageConfig::contamination_rate`]) times the dose delivered there so far
+    /// ([`Self::dose_map`]), m.
+    pub fn contamination_thickness(&self, x: f64, y: f64) -> f64 {
+        self.cfg.damage.contamination_rate.get() * self.dose_map.at(x, y)
+    }
+
+    /// Expected HAADF counts per electron from the contamination deposited by `dose` (e⁻/m²):
+    /// its areal atom density `ρ·rate·dose` times the deposit element's cross-section.
+    fn contamination_signal(&self, dose: f64) -> f64 {
+        let rate = self.cfg.damage.contamination_rate.get();
+        if rate <= 0.0 {
+            return 0.0;
+        }
+        let z =
+            crate::constants::atomic_number(&self.cfg.damage.contamination_element).unwrap_or(6);
+        let density = self.cfg.damage.contamination_density.get();
+        self.sigma_haadf[z as usize] * density * rate * dose
+    }
+
+    /// Records a frame with a fluctuating current and/or a contamination deposit: the expected
+    /// counts along the scan path (recorded with an ideal detector) plus the deposit's
+    /// background at each pixel's specimen position (dose map as the scan begins), each pixel
+    /// times its current factor (an AR(1) in the pixel times), then counted by the detector.
+    fn record_with_beam_effects(&mut self, epp: f64, shift: [f64; 2]) {
+        let sc = self.scan;
+        let (rows, cols) = (sc.rows, sc.cols);
+        let bare = DetectorConfig {
+            shot_noise: false,
+            gain: Param::fixed(1.0),
+            offset: Param::fixed(0.0),
+            read_noise: Param::fixed(0.0),
+            salt_probability: Param::fixed(0.0),
+            ..self.cfg.detector.clone()
+        };
+        self.renderer.record(&self.dist, &bare, &mut self.rng_noise);
+        let n = rows * cols;
+        self.fluct_buf.clear();
+        self.fluct_buf.resize(n, 1.0);
+        if self.fluct.is_on() {
+            let t0 = self.clock;
+            let line = cols as f64 * sc.dwell_time + sc.flyback_time;
+            for (k, f) in self.fluct_buf.iter_mut().enumerate() {
+                let t = t0 + (k / cols) as f64 * line + (k % cols) as f64 * sc.dwell_time;
+                *f = self.fluct.next(t - self.fluct_time, &mut self.rng_noise) as f32;
+                self.fluct_time = t;
+            }
+        }
+        let per_dose = self.contamination_signal(1.0) * epp;
+        let dx = sc.pixel_size;
+        for i in 0..rows {
+            let y = sc.center[1] + (i as f64 - 0.5 * (rows as f64 - 1.0)) * dx - shift[1];
+            let lam = &mut self.renderer.noiseless[i * cols..(i + 1) * cols];
+            for (j, (l, f)) in lam
+                .iter_mut()
+                .zip(&self.fluct_buf[i * cols..(i + 1) * cols])
+                .enumerate()
+            {
+                let bg = if per_dose > 0.0 {
+                    let x = sc.center[0] + (j as f64 - 0.5 * (cols as f64 - 1.0)) * dx - shift[0];
+                    (per_dose * self.dose_map.at(x, y)) as f32
+                } else {
+                    0.0
+                };
+                *l = (*l + bg) * f;
+            }
+            self.cfg.detector.count(
+                &mut self.rng_noise,
+                &mut self.renderer.noiseless[i * cols..(i + 1) * cols],
+                &mut self.renderer.frame[i * cols..(i + 1) * cols],
+                &mut self.poisson,
+            );
+        }
+        self.cfg
+            .detector
+            .add_read_noise_and_salt(&mut self.rng_noise, &mut self.renderer.frame[..n]);
+    }
+
     fn electrons(&self, time: f64) -> f64 {
         self.cfg.beam.current.get() * time / ELEMENTARY_CHARGE
     }
@@ -540,7 +660,18 @@ impl StemSimulator {
     /// point's expected counts equal the noiseless frame's at the same position.
     fn expose_point(&mut self, time: f64) -> Result<f64> {
         self.effective_probe();
-        let n_e = self.electrons(time);
+        // A fluctuating current: one factor for the exposure, correlated with the last draw.
+        let f = if self.fluct.is_on() {
+            let f = self
+                .fluct
+                .next(self.clock - self.fluct_time, &mut self.rng_noise);
+            self.fluct_time = self.clock;
+            f
+        } else {
+            1.0
+        };
+        let current = self.cfg.beam.current.get() * f;
+        let n_e = self.electrons(time) * f;
         let d = self.drift.offset;
         let b = [self.probe_pos[0] - d[0], self.probe_pos[1] - d[1]];
         // Expected HAADF signal and the composition under the probe, over every image of
@@ -566,6 +697,8 @@ impl StemSimulator {
                 }
             });
         }
+        // The contamination deposited so far adds its atoms' signal.
+        signal += self.contamination_signal(self.dose_map.at(b[0], b[1]));
         self.dose_map
             .add_gaussian(b[0], b[1], self.probe_sigma, n_e);
         let mut report = DamageReport::default();
@@ -583,9 +716,10 @@ impl StemSimulator {
                 });
                 dose
             };
-            report.sputtered = sputter(
+            let bonds = self.knock.coordination_of(&self.specimen);
+            report.sputtered = sputter_with(
                 &mut self.specimen,
-                &self.sigma_knock,
+                self.knock.sigma_of(&bonds),
                 &mut self.rng_damage,
                 probe,
             );
@@ -594,7 +728,7 @@ impl StemSimulator {
             report.hops = self.hop.dwell(
                 &mut self.specimen,
                 b,
-                self.cfg.beam.current.get(),
+                current,
                 time,
                 HOP_BOND,
                 &mut self.rng_damage,
@@ -739,8 +873,12 @@ impl StemInstrument for StemSimulator {
             sc.pixel_size,
             sc.dwell_time,
         );
-        self.renderer
-            .record(&self.dist, &self.cfg.detector, &mut self.rng_noise);
+        if self.fluct.is_on() || self.cfg.damage.contamination_rate.get() > 0.0 {
+            self.record_with_beam_effects(epp, shift);
+        } else {
+            self.renderer
+                .record(&self.dist, &self.cfg.detector, &mut self.rng_noise);
+        }
         // Dose over the scanned area, in specimen coordinates at the frame start.
         let dose = epp / (sc.pixel_size * sc.pixel_size);
         let [w, h] = sc.field_of_view();
@@ -756,9 +894,10 @@ impl StemInstrument for StemSimulator {
             // Each image of an atom inside the scanned rectangle receives the frame's dose.
             let (cx, cy) = (x0 + 0.5 * w, y0 + 0.5 * h);
             let window = self.specimen.window([-cx, -cy], [0.5 * w, 0.5 * h]);
-            report.sputtered = sputter(
+            let bonds = self.knock.coordination_of(&self.specimen);
+            report.sputtered = sputter_with(
                 &mut self.specimen,
-                &self.sigma_knock,
+                self.knock.sigma_of(&bonds),
                 &mut self.rng_damage,
                 |a| {
                     let mut images = 0.0;
