@@ -267,7 +267,8 @@ impl StemSimulator {
             Region::All,
             StemConfig::validate,
         )?;
-        let eels = EelsModel::new(&cfg.eels)?;
+        let mut eels = EelsModel::new(&cfg.eels)?;
+        eels.set_beam_energy(cfg.optics.energy.get());
         let mut sim = Self {
             template,
             drawn,
@@ -346,6 +347,7 @@ impl StemSimulator {
             self.eels = EelsModel::new(&cfg.eels)?;
             self.spectrum = vec![0.0; self.eels.energy_axis().len()];
         }
+        self.eels.set_beam_energy(cfg.optics.energy.get());
         self.seed = seed;
         self.rng_noise = seeded(derive_seed(seed, "noise"));
         self.rng_scan = seeded(derive_seed(seed, "scan"));
