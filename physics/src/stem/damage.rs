@@ -1,4 +1,5 @@
-//! Beam damage: knock-on sputtering, beam-driven dopant hops, and the cumulative dose map.
+//! Beam damage: knock-on sputtering (lower thresholds at edges and vacancies), beam-driven dopant
+//! hops, contamination build-up, beam-current fluctuation and the cumulative dose map.
 //!
 //! **Knock-on.** The largest energy an electron of kinetic energy E can give a nucleus of mass M
 //! at rest is `T_max = 2E(E + 2m₀c²)/(Mc²)`. A nucleus moving along the beam with velocity v
@@ -16,6 +17,23 @@
 //! A column of atoms with equal cross-sections then loses `min(Poisson(σ D), atoms)` atoms per
 //! exposure; a single layer is unchanged (each atom independently with `1 - exp(-σ D)`).
 //!
+//! **Under-coordinated atoms** (off by default). An atom with fewer bonds than in the bulk is
+//! easier to displace: at an edge or beside a vacancy a graphene carbon atom has two bonds and a
+//! threshold of ≈ 15-17 eV instead of the bulk 21.14 eV (Meyer et al. 2012; Kotakoski et al.,
+//! ACS Nano 6, 671, 2012), which is what makes 60-80 kV imaging of graphene edges destructive
+//! while the bulk survives. [`DamageConfig::under_coordinated`] lowers an element's threshold
+//! by a fixed energy per missing bond (bonded neighbours counted within
+//! [`DamageConfig::bond_length`], [`coordination`]), and each atom's cross-section is the
+//! smeared McKinley-Feshbach one at its own threshold ([`KnockOn`]).
+//!
+//! **Contamination** (off by default): mobile hydrocarbons polymerize where the beam dwells,
+//! so a deposit grows in proportion to the local dose: thickness `t = rate × D` at each bin of
+//! the dose map. The deposit's atoms (density ρ) add `N_e σ_HAADF ρ t` expected counts per
+//! pixel, a mass-thickness background that lowers the atoms' contrast where the beam has been.
+//!
+//! **Beam-current fluctuation** (off by default, [`CurrentFluctuation`]): the dose of each pixel
+//! and point exposure is the nominal one times a positive lognormal AR(1) factor of mean 1.
+//!
 //! **Dopant hops.** A Si dopant in graphene hops to a neighbouring carbon site (they swap) as a
 //! continuous-time Markov chain while the beam dwells at b. The rate toward neighbour j is
 //! `k₀ (I/I₀) exp(-|b - μ_j|² / (2 s²))`, μ_j the point 0.85 Å from the Si toward j, s² = 0.1 Å²,
@@ -30,8 +48,8 @@ use crate::constants::{
 };
 use crate::error::{PhysicsError, Result};
 use crate::param::Param;
-use crate::param::dims::{Area, Current, Energy, Frequency, Length, Temperature};
-use crate::rng::SimRng;
+use crate::param::dims::{Area, Current, Energy, Frequency, Length, Temperature, Unitless};
+use crate::rng::{SimRng, normal};
 use crate::stem::optics::{electron_beta, electron_momentum_ev};
 use crate::stem::specimen::{Atom, Specimen, Supercell};
 use rand::Rng;
@@ -189,6 +207,50 @@ pub struct DamageConfig {
     pub hop_host_z: u8,
     /// Cell size of the cumulative dose map, m. Default 1 Å.
     pub dose_map_cell: Param<Length>,
+    /// Lower displacement energies of under-coordinated atoms (at edges, beside vacancies), by
+    /// element symbol (module docs, *Under-coordinated atoms*). Default: none (every atom has
+    /// its element's energy). For graphene at 60-80 kV:
+    /// `C = { bonds = 3, missing_bond_energy = 5 }` with `displacement_energy.C = 21.14`.
+    pub under_coordinated: BTreeMap<String, UnderCoordinated>,
+    /// Largest projected distance of a bonded neighbour (atoms at the same height within 1 Å),
+    /// m. Default 1.7 Å (graphene C-C 1.42 Å; about 2.8 Å for MoS₂'s Mo-S).
+    pub bond_length: Param<Length>,
+    /// Growth of the hydrocarbon contamination deposit under the beam: thickness per dose,
+    /// m per (e⁻/m²) (= m³). Default 0 (off). Order 1e-34 m³ (0.1 nm of deposit per
+    /// 10⁴ e⁻/Å²) on a specimen with mobile hydrocarbons, none on a clean (baked) one; see
+    /// Egerton, Li & Malac, Micron 35, 399 (2004) on contamination build-up.
+    pub contamination_rate: Param<Unitless>,
+    /// Atom density of the deposit, atoms/m³. Default 1e29 (amorphous carbon, 2 g/cm³).
+    pub contamination_density: Param<Unitless>,
+    /// Element of the deposit's atoms (its HAADF cross-section sets the background). Default
+    /// `"C"`.
+    pub contamination_element: String,
+}
+
+/// Lower displacement energy of under-coordinated atoms of one element (`[damage.under_coordinated.C]`).
+///
+/// An atom of this element with `n` bonded neighbours (within [`DamageConfig::bond_length`])
+/// has the displacement energy `max(E_d − (bonds − n)·missing_bond_energy, 1 eV)`, E_d its
+/// element's ([`DamageConfig::displacement_energy`]); atoms with `n ≥ bonds` keep E_d.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UnderCoordinated {
+    /// Bonded neighbours of a bulk atom (graphene 3). Default 3.
+    pub bonds: u32,
+    /// Displacement energy lost per missing bond, eV. Default 5 eV: graphene's 21.14 eV bulk
+    /// threshold (Meyer et al., PRL 108, 196102, 2012) falls to ≈ 16 eV for a two-fold
+    /// coordinated atom at an edge or beside a vacancy (≈ 15-17 eV computed by Kotakoski et
+    /// al., ACS Nano 6, 671, 2012, for edge atoms).
+    pub missing_bond_energy: Param<Energy>,
+}
+
+impl Default for UnderCoordinated {
+    fn default() -> Self {
+        Self {
+            bonds: 3,
+            missing_bond_energy: Param::fixed(5.0),
+        }
+    }
 }
 
 impl Default for DamageConfig {
@@ -211,6 +273,11 @@ impl Default for DamageConfig {
             hop_dopant_z: 14,
             hop_host_z: 6,
             dose_map_cell: Param::fixed(1e-10),
+            under_coordinated: BTreeMap::new(),
+            bond_length: Param::fixed(1.7e-10),
+            contamination_rate: Param::fixed(0.0),
+            contamination_density: Param::fixed(1e29),
+            contamination_element: "C".into(),
         }
     }
 }
@@ -249,6 +316,13 @@ impl DamageConfig {
             ("hop_offset", self.hop_offset.get(), -1.0),
             ("hop_variance", self.hop_variance.get(), 0.0),
             ("dose_map_cell", self.dose_map_cell.get(), 0.0),
+            ("bond_length", self.bond_length.get(), 0.0),
+            ("contamination_rate", self.contamination_rate.get(), -1.0),
+            (
+                "contamination_density",
+                self.contamination_density.get(),
+                0.0,
+            ),
         ];
         for (n, v, strict_min) in checks {
             let ok = v.is_finite() && if strict_min == 0.0 { v > 0.0 } else { v >= 0.0 };
@@ -260,7 +334,49 @@ impl DamageConfig {
                 ));
             }
         }
+        for (k, u) in &self.under_coordinated {
+            if crate::constants::atomic_number(k).is_none() {
+                return Err(PhysicsError::param(
+                    format!("{prefix}under_coordinated.{k}"),
+                    "unknown element symbol",
+                ));
+            }
+            if !(1..=12).contains(&u.bonds) {
+                return Err(PhysicsError::param(
+                    format!("{prefix}under_coordinated.{k}.bonds"),
+                    format!("must be 1..=12, got {}", u.bonds),
+                ));
+            }
+            let e = u.missing_bond_energy.get();
+            if !(e.is_finite() && e >= 0.0) {
+                return Err(PhysicsError::param(
+                    format!("{prefix}under_coordinated.{k}.missing_bond_energy"),
+                    format!("must be finite and >= 0 eV, got {e}"),
+                ));
+            }
+        }
+        if crate::constants::atomic_number(&self.contamination_element).is_none() {
+            return Err(PhysicsError::param(
+                format!("{prefix}contamination_element"),
+                "unknown element symbol",
+            ));
+        }
         Ok(())
+    }
+
+    /// Displacement energy (eV) of an atom of element `z` with `bonds` bonded neighbours: its
+    /// element's, lowered for under-coordinated atoms of the elements listed in
+    /// [`Self::under_coordinated`].
+    pub fn displacement_energy_with_bonds(&self, z: u8, bonds: u32) -> f64 {
+        let e = self.displacement_energy_of(z);
+        let sym = SYMBOLS.get(z as usize).copied().unwrap_or("X");
+        match self.under_coordinated.get(sym) {
+            Some(u) if bonds < u.bonds => {
+                let missing = f64::from(u.bonds - bonds);
+                (e - missing * u.missing_bond_energy.get()).max(MIN_DISPLACEMENT_ENERGY)
+            }
+            _ => e,
+        }
     }
 
     /// Displacement energy of element `z`, eV.
@@ -273,20 +389,210 @@ impl DamageConfig {
     /// A table of knock-on cross-sections (m²) by atomic number at `energy_ev`.
     pub fn cross_sections(&self, energy_ev: f64) -> [f64; 93] {
         let mut out = [0.0; 93];
-        let t = self.temperature.get();
         for (z, o) in out.iter_mut().enumerate().skip(1) {
-            let m = ATOMIC_MASS_U[z];
-            let v_rms = (BOLTZMANN * t / (m * AMU)).sqrt();
-            *o = self.cross_section_scale.get()
-                * knock_on_cross_section(
-                    energy_ev,
-                    z as u8,
-                    m,
-                    self.displacement_energy_of(z as u8),
-                    v_rms,
-                );
+            *o = self.cross_section_at(energy_ev, z as u8, self.displacement_energy_of(z as u8));
         }
         out
+    }
+
+    /// Knock-on cross-section (m²) of element `z` at `energy_ev` for displacement energy `e_d`
+    /// (eV), thermally smeared at [`Self::temperature`] and scaled by
+    /// [`Self::cross_section_scale`].
+    pub fn cross_section_at(&self, energy_ev: f64, z: u8, e_d: f64) -> f64 {
+        let m = ATOMIC_MASS_U[z as usize];
+        let v_rms = (BOLTZMANN * self.temperature.get() / (m * AMU)).sqrt();
+        self.cross_section_scale.get() * knock_on_cross_section(energy_ev, z, m, e_d, v_rms)
+    }
+
+    /// The knock-on cross-sections at `energy_ev`, per element and per coordination.
+    pub fn knock_on(&self, energy_ev: f64) -> KnockOn {
+        let under = self
+            .under_coordinated
+            .iter()
+            .filter_map(|(k, u)| {
+                let z = crate::constants::atomic_number(k)?;
+                let by_bonds = (0..u.bonds)
+                    .map(|n| {
+                        self.cross_section_at(
+                            energy_ev,
+                            z,
+                            self.displacement_energy_with_bonds(z, n),
+                        )
+                    })
+                    .collect();
+                Some((z, by_bonds))
+            })
+            .collect();
+        KnockOn {
+            by_z: self.cross_sections(energy_ev),
+            under,
+            bond: self.bond_length.get(),
+        }
+    }
+}
+
+/// Lowest displacement energy an under-coordinated atom is given, eV.
+pub const MIN_DISPLACEMENT_ENERGY: f64 = 1.0;
+
+/// Knock-on cross-sections at one beam energy (m²): by element, and for the elements with
+/// [`DamageConfig::under_coordinated`] thresholds by number of bonded neighbours.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KnockOn {
+    /// Cross-section of a fully coordinated atom by atomic number, m².
+    pub by_z: [f64; 93],
+    /// `(z, σ by bonded neighbours 0..bonds)` for under-coordinated atoms, m².
+    pub under: Vec<(u8, Vec<f64>)>,
+    /// Bond length cutoff, m.
+    pub bond: f64,
+}
+
+impl KnockOn {
+    /// Whether any atom can be sputtered (some cross-section is positive).
+    pub fn any(&self) -> bool {
+        self.by_z.iter().any(|s| *s > 0.0) || self.under.iter().flat_map(|u| &u.1).any(|s| *s > 0.0)
+    }
+
+    /// Cross-section (m²) of an atom of element `z` with `bonds` bonded neighbours.
+    pub fn sigma(&self, z: u8, bonds: u32) -> f64 {
+        if let Some((_, by)) = self.under.iter().find(|u| u.0 == z)
+            && let Some(s) = by.get(bonds as usize)
+        {
+            return *s;
+        }
+        self.by_z.get(z as usize).copied().unwrap_or(0.0)
+    }
+
+    /// Bonded-neighbour counts of `specimen`'s atoms ([`coordination`]), or `None` when no
+    /// element has under-coordinated thresholds (then the cross-section is by element).
+    pub fn coordination_of(&self, specimen: &Specimen) -> Option<Vec<u32>> {
+        (!self.under.is_empty()).then(|| coordination(specimen, self.bond))
+    }
+
+    /// The cross-section function [`sputter_with`] takes, given the counts of
+    /// [`Self::coordination_of`].
+    pub fn sigma_of<'a>(
+        &'a self,
+        bonds: &'a Option<Vec<u32>>,
+    ) -> impl Fn(usize, &Atom) -> f64 + 'a {
+        move |i, a| match bonds {
+            Some(b) => self.sigma(a.z, b[i]),
+            None => self.by_z.get(a.z as usize).copied().unwrap_or(0.0),
+        }
+    }
+}
+
+/// Number of bonded neighbours of each atom: atoms within `bond` (m) in projection
+/// (minimum-image distance in a periodic specimen) and at the same height within 1 Å, as
+/// [`Specimen::neighbors`] counts them. Linear in the number of atoms (a cell list) for periodic
+/// specimens whose cell spans at least three bonds along each axis; quadratic otherwise.
+pub fn coordination(specimen: &Specimen, bond: f64) -> Vec<u32> {
+    let atoms = &specimen.atoms;
+    let n = atoms.len();
+    let mut out = vec![0u32; n];
+    let bonded = |i: usize, j: usize| {
+        let (p, q) = (atoms[i], atoms[j]);
+        if (q.height - p.height).abs() >= 1e-10 {
+            return false;
+        }
+        let [dx, dy] = specimen.separation([p.x, p.y], [q.x, q.y]);
+        dx.hypot(dy) <= bond
+    };
+    let bins = specimen.cell.map(|c| {
+        let size = c.size();
+        [0, 1].map(|k| (size[k] / bond).floor() as usize)
+    });
+    match (specimen.cell, bins) {
+        (Some(cell), Some([b1, b2])) if b1 >= 3 && b2 >= 3 => {
+            let size = cell.size();
+            let bin_of = |a: &Atom| {
+                let q = cell.to_cell(cell.wrap([a.x, a.y]));
+                let f = |k: usize, nb: usize| {
+                    let u = ((q[k] / size[k] + 0.5) * nb as f64).floor() as i64;
+                    u.rem_euclid(nb as i64) as usize
+                };
+                (f(0, b1), f(1, b2))
+            };
+            let mut head: Vec<Vec<usize>> = vec![Vec::new(); b1 * b2];
+            let home: Vec<(usize, usize)> = atoms.iter().map(bin_of).collect();
+            for (i, &(u, v)) in home.iter().enumerate() {
+                head[v * b1 + u].push(i);
+            }
+            for (i, &(u, v)) in home.iter().enumerate() {
+                for dv in [b2 - 1, 0, 1] {
+                    for du in [b1 - 1, 0, 1] {
+                        let cell_idx = ((v + dv) % b2) * b1 + (u + du) % b1;
+                        for &j in &head[cell_idx] {
+                            if j != i && bonded(i, j) {
+                                out[i] += 1;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        _ => {
+            for i in 0..n {
+                for j in i + 1..n {
+                    if bonded(i, j) {
+                        out[i] += 1;
+                        out[j] += 1;
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Beam-current fluctuation: the current (and so every pixel's dose) times a positive factor
+/// `f = exp(g − s²/2)`, g a stationary Gaussian AR(1) (Ornstein-Uhlenbeck) process of variance
+/// `s² = ln(1 + r²)` and correlation `exp(−Δt/τ)` between times Δt apart. Then exactly
+/// `E[f] = 1` (the mean dose is kept), `Var f = r²` and the correlation of f at lag Δt is
+/// `(exp(s²·e^{−Δt/τ}) − 1)/(exp(s²) − 1)`, which is `exp(−Δt/τ)` to first order in r² (for
+/// r = 5 % within 0.13 % of it).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CurrentFluctuation {
+    /// Relative r.m.s. r of the current.
+    pub relative_rms: f64,
+    /// Correlation time τ, s.
+    pub correlation_time: f64,
+    /// The Gaussian state g; `None` before the first draw (then drawn from the stationary law).
+    state: Option<f64>,
+}
+
+impl CurrentFluctuation {
+    /// A process of relative r.m.s. `relative_rms` and correlation time `correlation_time` (s).
+    pub fn new(relative_rms: f64, correlation_time: f64) -> Self {
+        Self {
+            relative_rms,
+            correlation_time,
+            state: None,
+        }
+    }
+
+    /// Whether the current fluctuates at all.
+    pub fn is_on(&self) -> bool {
+        self.relative_rms > 0.0
+    }
+
+    /// Forgets the state (the next draw comes from the stationary law).
+    pub fn reset(&mut self) {
+        self.state = None;
+    }
+
+    /// The factor `dt` (s) after the previous draw.
+    pub fn next(&mut self, dt: f64, rng: &mut SimRng) -> f64 {
+        let s2 = self.relative_rms.powi(2).ln_1p();
+        let s = s2.sqrt();
+        let g = match self.state {
+            None => s * normal(rng),
+            Some(g) => {
+                let rho = (-dt.max(0.0) / self.correlation_time).exp();
+                rho * g + s * (1.0 - rho * rho).max(0.0).sqrt() * normal(rng)
+            }
+        };
+        self.state = Some(g);
+        (g - 0.5 * s2).exp()
     }
 }
 
@@ -512,13 +818,29 @@ pub fn sputter(
     specimen: &mut Specimen,
     sigma_by_z: &[f64; 93],
     rng: &mut SimRng,
+    dose_of: impl FnMut(&Atom) -> f64,
+) -> Vec<Atom> {
+    sputter_with(
+        specimen,
+        |_, a| sigma_by_z.get(a.z as usize).copied().unwrap_or(0.0),
+        rng,
+        dose_of,
+    )
+}
+
+/// [`sputter`] with a cross-section (m²) per atom: `sigma_of(index, atom)`, e.g. lower for
+/// under-coordinated atoms ([`KnockOn::sigma_of`]). Draws exactly as [`sputter`] when
+/// `sigma_of` depends on the atomic number only.
+pub fn sputter_with(
+    specimen: &mut Specimen,
+    sigma_of: impl Fn(usize, &Atom) -> f64,
+    rng: &mut SimRng,
     mut dose_of: impl FnMut(&Atom) -> f64,
 ) -> Vec<Atom> {
-    let sigma_of = |a: &Atom| sigma_by_z.get(a.z as usize).copied().unwrap_or(0.0);
     // Atoms this exposure may remove: (index, dose).
     let mut hit: Vec<(usize, f64)> = Vec::new();
     for (i, a) in specimen.atoms.iter().enumerate() {
-        let sigma = sigma_of(a);
+        let sigma = sigma_of(i, a);
         if sigma <= 0.0 {
             continue;
         }
@@ -538,7 +860,7 @@ pub fn sputter(
     // non-zero so that damage-free exposures consume no random numbers.
     for (k, &(i, d)) in hit.iter().enumerate() {
         if shields[k].is_empty() {
-            let sigma = sigma_of(&atoms[i]);
+            let sigma = sigma_of(i, &atoms[i]);
             let p = -(-sigma * d).exp_m1();
             let u: f64 = rng.random();
             if u < p {
@@ -557,7 +879,7 @@ pub fn sputter(
         if start >= 1.0 {
             continue;
         }
-        let sigma = sigma_of(&atoms[i]);
+        let sigma = sigma_of(i, &atoms[i]);
         let p = -(-sigma * d * (1.0 - start)).exp_m1();
         if p > 0.0 {
             let u: f64 = rng.random();
@@ -638,6 +960,21 @@ pub struct Hop {
     pub to: [f64; 2],
     /// Time of the hop since the start of the dwell or frame, s.
     pub time: f64,
+}
+
+/// Performs one hop: the dopant at index `dopant` and the host atom at index `host` swap
+/// species (positions stay), and the hop at `time` (s) is returned with the dopant's old and new
+/// positions. The one place [`HopModel::dwell`] and [`HopModel::raster`] change the specimen.
+fn swap_dopant(specimen: &mut Specimen, dopant: usize, host: usize, time: f64) -> Hop {
+    let (a, b) = (specimen.atoms[dopant], specimen.atoms[host]);
+    specimen.atoms[dopant].z = b.z;
+    specimen.atoms[host].z = a.z;
+    Hop {
+        atom: host,
+        from: [a.x, a.y],
+        to: [b.x, b.y],
+        time,
+    }
 }
 
 /// Parameters of the hop chain, in SI units, resolved from a [`DamageConfig`].
@@ -740,15 +1077,7 @@ impl HopModel {
                 pick -= r.2;
             }
             let (i, j, _) = chosen;
-            let (a, b) = (specimen.atoms[i], specimen.atoms[j]);
-            specimen.atoms[i].z = b.z;
-            specimen.atoms[j].z = a.z;
-            hops.push(Hop {
-                atom: j,
-                from: [a.x, a.y],
-                to: [b.x, b.y],
-                time: t,
-            });
+            hops.push(swap_dopant(specimen, i, j, t));
         }
         hops
     }
@@ -904,16 +1233,8 @@ impl HopModel {
                 }
                 pick -= w;
             }
-            let (i, j) = (chosen.0, chosen.1);
-            let (a, b) = (specimen.atoms[i], specimen.atoms[j]);
-            specimen.atoms[i].z = b.z;
-            specimen.atoms[j].z = a.z;
-            hops.push(Hop {
-                atom: j,
-                from: [a.x, a.y],
-                to: [b.x, b.y],
-                time: r as f64 * line + (c as f64 + f) * dwell,
-            });
+            let time = r as f64 * line + (c as f64 + f) * dwell;
+            hops.push(swap_dopant(specimen, chosen.0, chosen.1, time));
             (pos, frac) = (r * cols + c, f);
         }
         hops
@@ -1066,6 +1387,134 @@ mod tests {
         assert_eq!(hops[0].to, [q.x, q.y]);
         assert_eq!(s.atoms.len(), n_before);
         assert_eq!(s.indices_of(14).len(), 1);
+    }
+
+    /// Issue 15 §2 (damage at 60-80 kV): an atom beside a vacancy has two bonds instead of
+    /// three, and its cross-section is the McKinley-Feshbach formula at the lowered threshold
+    /// (21.14 − 5 eV), a bulk atom's at 21.14 eV (Meyer et al. 2012): checked at 120 kV without
+    /// thermal smearing (both thresholds below T_max = 24.5 eV) and at 80 kV at 300 K (the
+    /// smeared formula, [`knock_on_cross_section`], at the two thresholds).
+    #[test]
+    fn edge_atoms_follow_mckinley_feshbach_at_their_lower_threshold() {
+        let mut s = SpecimenConfig::default()
+            .build([2e-9, 2e-9], &mut seeded(0))
+            .unwrap();
+        let bonds = coordination(&s, 1.7e-10);
+        // Pristine periodic graphene: three bonds everywhere, across the cell edge too.
+        assert!(bonds.iter().all(|&b| b == 3), "{bonds:?}");
+        for (i, b) in bonds.iter().enumerate().step_by(7) {
+            assert_eq!(*b as usize, s.neighbors(i, 1.7e-10).len());
+        }
+        let gone = s.atoms.len() / 2;
+        let beside = s.neighbors(gone, 1.7e-10);
+        assert_eq!(beside.len(), 3);
+        s.atoms.remove(gone);
+        let bonds = coordination(&s, 1.7e-10);
+        let edge: Vec<usize> = beside
+            .iter()
+            .map(|&j| if j > gone { j - 1 } else { j })
+            .collect();
+        for (i, &b) in bonds.iter().enumerate() {
+            assert_eq!(b, if edge.contains(&i) { 2 } else { 3 }, "atom {i}");
+        }
+        let mut cfg = DamageConfig::default();
+        cfg.displacement_energy
+            .insert("C".into(), Param::fixed(21.14));
+        cfg.under_coordinated
+            .insert("C".into(), UnderCoordinated::default());
+        let m = ATOMIC_MASS_U[6];
+        for (energy, temperature) in [(120e3, 0.0), (80e3, 300.0)] {
+            cfg.temperature = Param::fixed(temperature);
+            let knock = cfg.knock_on(energy);
+            let b = knock.coordination_of(&s);
+            let sigma = knock.sigma_of(&b);
+            let v_rms = (BOLTZMANN * temperature / (m * AMU)).sqrt();
+            let (bulk, low) = if temperature == 0.0 {
+                let t = max_transfer(energy, m);
+                (
+                    mckinley_feshbach(energy, 6, t, 21.14),
+                    mckinley_feshbach(energy, 6, t, 16.14),
+                )
+            } else {
+                (
+                    knock_on_cross_section(energy, 6, m, 21.14, v_rms),
+                    knock_on_cross_section(energy, 6, m, 16.14, v_rms),
+                )
+            };
+            assert!(low > bulk && low > 0.0, "{energy}: {low} vs {bulk}");
+            for (i, a) in s.atoms.iter().enumerate() {
+                let want = if edge.contains(&i) { low } else { bulk };
+                let got = sigma(i, a);
+                assert!(
+                    (got - want).abs() <= 1e-12 * want,
+                    "{energy} eV, atom {i}: {got:e} vs {want:e}"
+                );
+            }
+        }
+        // Thresholds never fall below 1 eV; elements not listed keep theirs.
+        cfg.under_coordinated.insert(
+            "C".into(),
+            UnderCoordinated {
+                bonds: 3,
+                missing_bond_energy: Param::fixed(15.0),
+            },
+        );
+        assert_eq!(cfg.displacement_energy_with_bonds(6, 1), 1.0);
+        assert_eq!(cfg.displacement_energy_with_bonds(6, 3), 21.14);
+        assert_eq!(cfg.displacement_energy_with_bonds(14, 0), 15.0);
+    }
+
+    /// With no under-coordinated table, [`sputter_with`] through [`KnockOn::sigma_of`] draws
+    /// exactly as [`sputter`] by element.
+    #[test]
+    fn knock_on_without_edges_sputters_as_by_element() {
+        let cfg = DamageConfig {
+            cross_section_scale: Param::fixed(1e6),
+            ..Default::default()
+        };
+        let knock = cfg.knock_on(100e3);
+        assert!(knock.coordination_of(&Specimen::default()).is_none());
+        let s0 = SpecimenConfig::default()
+            .build([2e-9, 2e-9], &mut seeded(0))
+            .unwrap();
+        let (mut a, mut b) = (s0.clone(), s0);
+        let ra = sputter(&mut a, &knock.by_z, &mut seeded(4), |_| 1e22);
+        let ra2 = sputter_with(&mut b, knock.sigma_of(&None), &mut seeded(4), |_| 1e22);
+        assert!(!ra.is_empty());
+        assert_eq!(ra, ra2);
+    }
+
+    /// The current factor (lognormal AR(1)) has mean 1 (the mean dose is kept), variance r² and
+    /// lag correlation `(exp(s²ρ) − 1)/(exp(s²) − 1)`, `ρ = exp(−Δt/τ)`, s² = ln(1 + r²): with
+    /// r = 0.3 that is 0.596 for Δt = τ/2 (ρ = 0.6065; the small-r limit is ρ itself).
+    #[test]
+    fn current_fluctuation_keeps_the_mean_and_has_the_configured_variance_and_correlation() {
+        let (r, tau, dt) = (0.3f64, 1e-3, 0.5e-3);
+        let mut p = CurrentFluctuation::new(r, tau);
+        let mut rng = seeded(11);
+        let n = 200_000;
+        let f: Vec<f64> = (0..n).map(|_| p.next(dt, &mut rng)).collect();
+        let mean = f.iter().sum::<f64>() / n as f64;
+        let var = f.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n as f64;
+        let cov = f
+            .windows(2)
+            .map(|w| (w[0] - mean) * (w[1] - mean))
+            .sum::<f64>()
+            / (n - 1) as f64;
+        let rho = (-dt / tau).exp();
+        let s2 = (r * r).ln_1p();
+        let want = (s2 * rho).exp_m1() / s2.exp_m1();
+        println!(
+            "mean {mean}, var {var}, lag-1 {} vs {want} (ρ {rho})",
+            cov / var
+        );
+        assert!(f.iter().all(|v| *v > 0.0));
+        assert!((mean - 1.0).abs() < 0.005, "{mean}");
+        assert!((var / (r * r) - 1.0).abs() < 0.05, "{var}");
+        assert!((cov / var - want).abs() < 0.01, "{} vs {want}", cov / var);
+        // At r = 5 % the correlation is ρ within 0.2 %.
+        let s2 = 0.05f64.powi(2).ln_1p();
+        assert!(((s2 * rho).exp_m1() / s2.exp_m1() / rho - 1.0).abs() < 2e-3);
     }
 
     #[test]

@@ -14,6 +14,16 @@
 //!   onset, a rise smoothed by the ZLP resolution, then `(E/E_onset)^-edge_exponent`. 3d metals get
 //!   L3/L2 white lines (Lorentzians, 2:1 area) on top of a split continuum.
 //!
+//! **Collection angle and beam energy** (off by default). With
+//! [`EelsConfig::collection_angle`] β set, each edge's probability follows the small-angle Bethe
+//! scaling of the partial cross-section (Egerton, *Electron Energy-Loss Spectroscopy in the
+//! Electron Microscope*, 3rd ed., ch. 3): `σ(β, E₀) ∝ ln(1 + β²/θ_E²) / T`, with the
+//! characteristic angle `θ_E = E_edge/(2γT)`, `T = m₀v²/2` and γ the beam electron's (energy
+//! E₀). [`EelsConfig::edge_scale`] then holds at the reference angle and energy
+//! ([`EelsConfig::reference_collection_angle`], [`EelsConfig::reference_energy`]); a smaller β
+//! or a higher E₀ collects fewer core-loss electrons, high-energy edges the more so. The beam
+//! energy comes from the microscope ([`EelsModel::set_beam_energy`]).
+//!
 //! Edge electrons are taken from the other components, so a spectrum over a wide enough window
 //! sums to `collection_efficiency × N`. Plural scattering of core-loss electrons is ignored.
 //!
@@ -26,10 +36,12 @@
 //! assert!((total - 0.8e6).abs() < 0.01 * 0.8e6);
 //! ```
 
+use crate::constants::ELECTRON_REST_ENERGY_EV;
 use crate::error::{PhysicsError, Result};
 use crate::param::Param;
-use crate::param::dims::{Energy, Unitless};
+use crate::param::dims::{Angle, Energy, Unitless};
 use crate::rng::{SimRng, normal, poisson};
+use crate::stem::optics::electron_beta;
 use serde::{Deserialize, Serialize};
 use std::f64::consts::{PI, SQRT_2};
 
@@ -74,6 +86,13 @@ pub struct EelsConfig {
     /// the Poisson draw (a spectrum may then hold small negative counts). Default 0 (a counting
     /// detector).
     pub read_noise: Param<Unitless>,
+    /// Collection semi-angle β of the spectrometer, rad; 0 (default) leaves the edge
+    /// probabilities as configured, whatever the beam energy (module docs). Typical 10-100 mrad.
+    pub collection_angle: Param<Angle>,
+    /// Collection semi-angle at which [`Self::edge_scale`] holds, rad. Default 50 mrad.
+    pub reference_collection_angle: Param<Angle>,
+    /// Beam energy at which [`Self::edge_scale`] holds, eV. Default 60 keV.
+    pub reference_energy: Param<Energy>,
 }
 
 impl Default for EelsConfig {
@@ -93,8 +112,22 @@ impl Default for EelsConfig {
             edge_exponent: Param::fixed(3.0),
             collection_efficiency: Param::fixed(0.8),
             read_noise: Param::fixed(0.0),
+            collection_angle: Param::fixed(0.0),
+            reference_collection_angle: Param::fixed(50e-3),
+            reference_energy: Param::fixed(60e3),
         }
     }
+}
+
+/// Small-angle Bethe partial cross-section of an edge at `onset` (eV) collected within `beta`
+/// (rad) from a beam of `energy_ev`, up to a factor common to all β and E₀ (module docs):
+/// `ln(1 + β²/θ_E²) / T`, `θ_E = E_edge/(2γT)`, `T = m₀v²/2` (eV).
+pub fn bethe_edge_factor(onset: f64, beta: f64, energy_ev: f64) -> f64 {
+    let gamma = 1.0 + energy_ev / ELECTRON_REST_ENERGY_EV;
+    let b = electron_beta(energy_ev);
+    let t = 0.5 * ELECTRON_REST_ENERGY_EV * b * b;
+    let theta_e = onset / (2.0 * gamma * t);
+    (beta * beta / (theta_e * theta_e)).ln_1p() / t
 }
 
 impl EelsConfig {
@@ -167,6 +200,27 @@ impl EelsConfig {
             ),
             ("edge_scale", self.edge_scale.get(), 0.0, true, 1.0),
             ("edge_exponent", self.edge_exponent.get(), 1.0, false, 20.0),
+            (
+                "collection_angle",
+                self.collection_angle.get(),
+                0.0,
+                true,
+                0.5,
+            ),
+            (
+                "reference_collection_angle",
+                self.reference_collection_angle.get(),
+                0.0,
+                false,
+                0.5,
+            ),
+            (
+                "reference_energy",
+                self.reference_energy.get(),
+                1e3,
+                true,
+                1e7,
+            ),
             (
                 "collection_efficiency",
                 self.collection_efficiency.get(),
@@ -281,7 +335,13 @@ pub const EDGES: &[Edge] = &[
 #[derive(Debug, Clone)]
 struct EdgeShape {
     z: u8,
-    /// Probability per electron per effective atom.
+    /// Label, e.g. `"C-K"`.
+    name: &'static str,
+    /// Onset, eV.
+    onset: f64,
+    /// Probability per electron per effective atom at the reference angle and energy.
+    prob_ref: f64,
+    /// Probability per electron per effective atom at the current beam energy.
     prob: f64,
     /// First channel with a non-negligible value.
     first: usize,
@@ -302,6 +362,8 @@ pub struct EelsModel {
     edges: Vec<EdgeShape>,
     collection: f64,
     read_noise: f64,
+    /// `(β, β_ref, E₀_ref)`, rad, rad, eV, when the collection angle is set.
+    angles: Option<(f64, f64, f64)>,
 }
 
 /// Complementary error function (Chebyshev fit, fractional error < 1.2e-7).
@@ -438,18 +500,54 @@ impl EelsModel {
             let first = shape.iter().position(|&v| v > 1e-12).unwrap_or(n);
             edges.push(EdgeShape {
                 z: ed.z,
+                name: ed.name,
+                onset: ed.onset,
+                prob_ref: cfg.edge_scale.get() * ed.strength(),
                 prob: cfg.edge_scale.get() * ed.strength(),
                 first,
                 shape,
             });
         }
-        Ok(Self {
+        let beta = cfg.collection_angle.get();
+        let mut model = Self {
             energy,
             base,
             edges,
             collection: cfg.collection_efficiency.get(),
             read_noise: cfg.read_noise.get(),
-        })
+            angles: (beta > 0.0).then(|| {
+                (
+                    beta,
+                    cfg.reference_collection_angle.get(),
+                    cfg.reference_energy.get(),
+                )
+            }),
+        };
+        model.set_beam_energy(cfg.reference_energy.get());
+        Ok(model)
+    }
+
+    /// Sets the beam energy (eV) the edge probabilities are for: with a collection angle set,
+    /// each edge's probability is its reference one times
+    /// `bethe_edge_factor(onset, β, E₀) / bethe_edge_factor(onset, β_ref, E₀_ref)`
+    /// ([`bethe_edge_factor`]); without, nothing changes. A model starts at the reference
+    /// energy.
+    pub fn set_beam_energy(&mut self, energy_ev: f64) {
+        for e in &mut self.edges {
+            e.prob = match self.angles {
+                Some((beta, beta_ref, e_ref)) if energy_ev > 0.0 => {
+                    e.prob_ref * bethe_edge_factor(e.onset, beta, energy_ev)
+                        / bethe_edge_factor(e.onset, beta_ref, e_ref)
+                }
+                _ => e.prob_ref,
+            };
+        }
+    }
+
+    /// Each edge in the window with its probability per electron per effective atom at the
+    /// current beam energy: `(label, atomic number, probability)`.
+    pub fn edge_probabilities(&self) -> impl Iterator<Item = (&'static str, u8, f64)> + '_ {
+        self.edges.iter().map(|e| (e.name, e.z, e.prob))
     }
 
     /// Energy loss at each channel centre, eV (length `channels`).
@@ -552,6 +650,102 @@ mod tests {
         let mut out = vec![0.0; m.energy_axis().len()];
         m.expected(comp, 1e8, &mut out);
         out
+    }
+
+    /// Closed form of the small-angle Bethe partial cross-section (Egerton ch. 3), up to a
+    /// constant: `ln(1 + β²/θ_E²)/T`, `θ_E = E/(2γT)`, `T = m₀v²/2`, m₀c² = 510 998.95 eV.
+    fn bethe(e_edge: f64, beta: f64, e0: f64) -> f64 {
+        let mc2 = 510_998.95;
+        let gamma = 1.0 + e0 / mc2;
+        let t = 0.5 * mc2 * (1.0 - 1.0 / (gamma * gamma));
+        let theta = e_edge / (2.0 * gamma * t);
+        (1.0 + beta * beta / (theta * theta)).ln() / t
+    }
+
+    /// The C-K edge's electrons in a spectrum: (with one C atom) − (without), summed from
+    /// 280 eV on, equals `collected · p · Σ(shape − base)`, linear in its probability p.
+    fn ck_edge_counts(m: &EelsModel) -> f64 {
+        let (with, without) = (spectrum(m, &[(6, 1.0)]), spectrum(m, &[]));
+        m.energy_axis()
+            .iter()
+            .zip(with.iter().zip(&without))
+            .filter(|(e, _)| **e >= 280.0)
+            .map(|(_, (a, b))| a - b)
+            .sum()
+    }
+
+    /// Issue 15 §2: EELS edge cross-sections depend on the collection angle β as
+    /// `ln(1 + β²/θ_E²)`: the C-K (284 eV) and Fe-L (708 eV) edge probabilities at 20 and 80 mrad
+    /// (60 kV) differ by the closed-form ratio, and so do the C-K electrons in the spectra; the
+    /// reference angle reproduces `edge_scale`.
+    #[test]
+    fn edge_probability_follows_the_bethe_log_between_collection_angles() {
+        let at = |beta: f64| model(|c| c.collection_angle = Param::fixed(beta));
+        let (m20, m80, m50) = (at(20e-3), at(80e-3), at(50e-3));
+        let prob = |m: &EelsModel, name: &str| {
+            m.edge_probabilities()
+                .find(|e| e.0 == name)
+                .map(|e| e.2)
+                .unwrap()
+        };
+        for (name, onset) in [("C-K", 284.0), ("Fe-L2,3", 708.0)] {
+            let got = prob(&m20, name) / prob(&m80, name);
+            let want = bethe(onset, 20e-3, 60e3) / bethe(onset, 80e-3, 60e3);
+            assert!((got / want - 1.0).abs() < 1e-12, "{name}: {got} vs {want}");
+            assert!(want < 1.0);
+        }
+        assert!((prob(&m50, "C-K") - 2e-4).abs() < 1e-18);
+        let got = ck_edge_counts(&m20) / ck_edge_counts(&m80);
+        let want = bethe(284.0, 20e-3, 60e3) / bethe(284.0, 80e-3, 60e3);
+        assert!((got / want - 1.0).abs() < 1e-9, "spectra: {got} vs {want}");
+    }
+
+    /// ... and on the beam energy through θ_E and the 1/T prefactor: at 30 mrad, 60 kV against
+    /// 200 kV, in the probabilities and the spectra.
+    #[test]
+    fn edge_probability_follows_the_bethe_scaling_between_beam_energies() {
+        let mut m = model(|c| c.collection_angle = Param::fixed(30e-3));
+        m.set_beam_energy(60e3);
+        let (p60, n60) = (
+            m.edge_probabilities().find(|e| e.0 == "C-K").unwrap().2,
+            ck_edge_counts(&m),
+        );
+        m.set_beam_energy(200e3);
+        let (p200, n200) = (
+            m.edge_probabilities().find(|e| e.0 == "C-K").unwrap().2,
+            ck_edge_counts(&m),
+        );
+        let want = bethe(284.0, 30e-3, 60e3) / bethe(284.0, 30e-3, 200e3);
+        assert!(
+            (p60 / p200 / want - 1.0).abs() < 1e-12,
+            "{} vs {want}",
+            p60 / p200
+        );
+        assert!(
+            (n60 / n200 / want - 1.0).abs() < 1e-9,
+            "{} vs {want}",
+            n60 / n200
+        );
+        assert!(want > 1.5, "{want}");
+    }
+
+    /// Without a collection angle the edges are as configured at any beam energy (the default:
+    /// spectra unchanged bit for bit).
+    #[test]
+    fn no_collection_angle_leaves_edges_as_configured() {
+        let plain = model(|_| {});
+        let mut moved = plain.clone();
+        moved.set_beam_energy(300e3);
+        let (a, b) = (spectrum(&plain, &[(6, 1.0)]), spectrum(&moved, &[(6, 1.0)]));
+        assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()));
+        let e = EelsConfig {
+            collection_angle: Param::fixed(-1e-3),
+            ..Default::default()
+        }
+        .validate("eels.")
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("eels.collection_angle"), "{e}");
     }
 
     /// (loss, value) of the channels with loss in [lo, hi].

@@ -16,6 +16,10 @@
 //! probe then sees the specimen shifted by the drift `d(t)` and deflected by scan noise `n(t)`
 //! and line jitter: the recorded value is the ideal image at `r + n(t) + jitter − (d(t) − d(t₀))`
 //! (the bulk shift `d(t₀)` is applied to the atoms before image formation).
+//!
+//! **Scan-system distortions** ([`ScanDistortion`], off by default): scale errors, shear and
+//! rotation of the raster and the fast axis' lag after each flyback move the nominal pixel
+//! positions; they are added to the scan-noise deflection ([`Distortion::distort`]).
 
 use crate::error::{PhysicsError, Result};
 use crate::param::Param;
@@ -240,6 +244,161 @@ impl ScanNoiseConfig {
     }
 }
 
+/// Scan-system distortions (`[scan_distortion]`): where the beam actually goes for each nominal
+/// pixel position. All default to the identity (no distortion), under which frames are bit for
+/// bit those without this section.
+///
+/// A pixel at nominal position `r = (x, y)` relative to the frame centre, visited `t` after the
+/// start of its line, is scanned at
+/// `r' = R(θ) · [[1, h], [0, 1]] · diag(1 + s_x, 1 + s_y) · r − (A·exp(−t/τ), 0)`:
+/// per-axis scale errors `s`, then shear `h` (x displaced in proportion to y), then rotation
+/// `θ` of the raster about the frame centre, then the flyback lag of the fast axis (after each
+/// flyback the deflection trails the ramp by `A` and relaxes exponentially with time constant
+/// `τ`). In the image a lattice wave vector `k` then appears as `Mᵀk` (M the matrix above): a
+/// scale error `s_x` shrinks the apparent period along x by `1/(1 + s_x)`, a rotation `θ` turns
+/// the image's FFT peaks by `−θ`.
+///
+/// The distortion is evaluated at the scan-noise nodes ([`Distortion::node`]) and is linear
+/// between them: exact for the affine part; for the flyback the node spacing is cut to at most
+/// `τ/4`, so the interpolation errs by under `A/128`. Limits: the frame is resampled from an
+/// ideal image rendered a few pixels beyond the field of view, so the displacement anywhere in
+/// the frame must stay within [`MAX_DISTORTION_PIXELS`] pixels (checked at each frame); the dose
+/// map and beam-driven hops follow the nominal raster.
+///
+/// Typical values of an uncalibrated scan (orders of magnitude from instrument practice, e.g.
+/// Sang & LeBeau, Ultramicroscopy 138, 28 (2014) for scan distortions of aberration-corrected
+/// STEM): scale errors and shear ~1 %, rotation ~10 mrad, flyback lag `A` of a few Å relaxing
+/// over `τ` ≈ 10-50 µs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ScanDistortion {
+    /// Scan rotation error θ (counter-clockwise, from +x toward +y), rad. Default 0.
+    pub rotation: Param<Angle>,
+    /// Shear h: x is displaced by `h·y`, dimensionless. Default 0.
+    pub shear: Param<Unitless>,
+    /// Scale errors `[s_x, s_y]`: the beam moves `1 + s` times the nominal distance along each
+    /// axis, dimensionless. Default `[0, 0]`.
+    pub scale: [Param<Unitless>; 2],
+    /// Flyback lag amplitude A of the fast (x) axis at the start of each line, m. Default 0.
+    pub flyback_amplitude: Param<Length>,
+    /// Relaxation time τ of the flyback lag, s. Default 20 µs.
+    pub flyback_time_constant: Param<Time>,
+}
+
+/// Largest displacement of a scan distortion from the nominal pixel position anywhere in a
+/// frame, pixels: the ideal image is rendered 4 pixels beyond the field of view, one of which is
+/// kept for drift applied as a spectral shift.
+pub const MAX_DISTORTION_PIXELS: f64 = 3.0;
+
+impl Default for ScanDistortion {
+    fn default() -> Self {
+        Self {
+            rotation: Param::fixed(0.0),
+            shear: Param::fixed(0.0),
+            scale: [Param::fixed(0.0), Param::fixed(0.0)],
+            flyback_amplitude: Param::fixed(0.0),
+            flyback_time_constant: Param::fixed(20e-6),
+        }
+    }
+}
+
+impl ScanDistortion {
+    /// Checks ranges; `prefix` is prepended to field names in errors.
+    pub fn validate(&self, prefix: &str) -> Result<()> {
+        let r = self.rotation.get();
+        if !(r.abs() <= 0.2) {
+            return Err(PhysicsError::param(
+                format!("{prefix}rotation"),
+                format!("must be within ±0.2 rad, got {r}"),
+            ));
+        }
+        let h = self.shear.get();
+        if !(h.abs() <= 0.2) {
+            return Err(PhysicsError::param(
+                format!("{prefix}shear"),
+                format!("must be within ±0.2, got {h}"),
+            ));
+        }
+        for (i, s) in self.scale.iter().enumerate() {
+            let s = s.get();
+            if !(s.abs() <= 0.2) {
+                return Err(PhysicsError::param(
+                    format!("{prefix}scale[{i}]"),
+                    format!("must be within ±0.2, got {s}"),
+                ));
+            }
+        }
+        let a = self.flyback_amplitude.get();
+        if !(a.abs() < 1e-8) {
+            return Err(PhysicsError::param(
+                format!("{prefix}flyback_amplitude"),
+                format!("must be within ±10 nm, got {a} m"),
+            ));
+        }
+        let tau = self.flyback_time_constant.get();
+        if !(tau > 0.0 && tau <= 1.0) {
+            return Err(PhysicsError::param(
+                format!("{prefix}flyback_time_constant"),
+                format!("must be in (0, 1] s, got {tau}"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether this is the identity (no displacement anywhere).
+    pub fn is_identity(&self) -> bool {
+        self.rotation.get() == 0.0
+            && self.shear.get() == 0.0
+            && self.scale.iter().all(|s| s.get() == 0.0)
+            && self.flyback_amplitude.get() == 0.0
+    }
+
+    /// The matrix M mapping nominal to scanned positions (before the flyback lag), row-major.
+    pub fn matrix(&self) -> [[f64; 2]; 2] {
+        let (sn, cs) = self.rotation.get().sin_cos();
+        let h = self.shear.get();
+        let [sx, sy] = self.scale.each_ref().map(|s| 1.0 + s.get());
+        // R(θ) · [[1, h], [0, 1]] · diag(sx, sy)
+        let k = [[sx, h * sy], [0.0, sy]];
+        [
+            [cs * k[0][0] - sn * k[1][0], cs * k[0][1] - sn * k[1][1]],
+            [sn * k[0][0] + cs * k[1][0], sn * k[0][1] + cs * k[1][1]],
+        ]
+    }
+
+    /// Displacement `r' − r` (m) of the beam from the nominal position `r` (m, relative to the
+    /// frame centre) of a pixel visited `t` (s) after the start of its line.
+    pub fn displacement(&self, r: [f64; 2], t: f64) -> [f64; 2] {
+        let m = self.matrix();
+        let lag = self.flyback_amplitude.get() * (-t / self.flyback_time_constant.get()).exp();
+        [
+            (m[0][0] - 1.0) * r[0] + m[0][1] * r[1] - lag,
+            m[1][0] * r[0] + (m[1][1] - 1.0) * r[1],
+        ]
+    }
+
+    /// Largest displacement (m) over a frame of `rows × cols` pixels of size `pixel_size` (m):
+    /// the affine part is largest at a corner, the lag at the line start.
+    pub fn max_displacement(&self, rows: usize, cols: usize, pixel_size: f64) -> f64 {
+        let (hx, hy) = (
+            0.5 * (cols.max(1) - 1) as f64 * pixel_size,
+            0.5 * (rows.max(1) - 1) as f64 * pixel_size,
+        );
+        let zero = Self {
+            flyback_amplitude: Param::fixed(0.0),
+            ..self.clone()
+        };
+        let corner = [[hx, hy], [hx, -hy], [-hx, hy], [-hx, -hy]]
+            .iter()
+            .map(|&r| {
+                let d = zero.displacement(r, 0.0);
+                d[0].hypot(d[1])
+            })
+            .fold(0.0, f64::max);
+        corner + self.flyback_amplitude.get().abs()
+    }
+}
+
 /// The sample's drift state: it persists across frames within an episode.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct DriftState {
@@ -384,6 +543,8 @@ pub struct Distortion {
     pub node: usize,
     /// Noise deflection at nodes every `node` pixels along each row (plus the row end), m.
     pub noise_nodes: Vec<[f64; 2]>,
+    /// Scratch for [`Self::distort`]'s refined nodes (reused between frames).
+    fine: Vec<[f64; 2]>,
 }
 
 /// Largest spacing of scan-noise nodes along a row, pixels. The spacing is reduced so that the
@@ -501,6 +662,66 @@ impl Distortion {
         noise_rows(ph, nc, nodes_per_row, &mut self.noise_nodes);
     }
 
+    /// Adds the scan-system distortion `sd` of a frame of `rows × cols` pixels of size
+    /// `pixel_size` (m) and `dwell` (s) to the noise nodes drawn by [`Self::generate`] (call it
+    /// after that, for the same frame). Nothing changes under the identity. With a flyback lag
+    /// the node spacing is first cut to at most `τ/4` (and at most the current spacing): the
+    /// noise at the new nodes is the linear interpolation [`HaadfRenderer::record`] would have
+    /// used between the old ones, so the noise seen by the frame is unchanged.
+    ///
+    /// [`HaadfRenderer::record`]: crate::stem::haadf::HaadfRenderer::record
+    pub fn distort(
+        &mut self,
+        sd: &ScanDistortion,
+        rows: usize,
+        cols: usize,
+        pixel_size: f64,
+        dwell: f64,
+    ) {
+        if sd.is_identity() || rows == 0 || cols == 0 {
+            return;
+        }
+        let old = self.node.max(1);
+        let old_npr = Self::nodes_per_row(cols, old);
+        let node = if sd.flyback_amplitude.get() != 0.0 {
+            ((sd.flyback_time_constant.get() / (4.0 * dwell)).floor() as usize).clamp(1, old)
+        } else {
+            old
+        };
+        let npr = Self::nodes_per_row(cols, node);
+        if node != old {
+            let mut fine = std::mem::take(&mut self.fine);
+            fine.clear();
+            fine.resize(rows * npr, [0.0; 2]);
+            for (i, row) in fine.chunks_exact_mut(npr).enumerate() {
+                let coarse = &self.noise_nodes[i * old_npr..(i + 1) * old_npr];
+                for (k, o) in row.iter_mut().enumerate() {
+                    let col = k * node;
+                    let seg = (col / old).min(old_npr - 2);
+                    let f = (col - seg * old) as f64 / old as f64;
+                    let (a, b) = (coarse[seg], coarse[seg + 1]);
+                    *o = [a[0] + (b[0] - a[0]) * f, a[1] + (b[1] - a[1]) * f];
+                }
+            }
+            std::mem::swap(&mut self.noise_nodes, &mut fine);
+            self.fine = fine;
+            self.node = node;
+        }
+        let (cx, cy) = (
+            0.5 * (cols - 1) as f64 * pixel_size,
+            0.5 * (rows - 1) as f64 * pixel_size,
+        );
+        for (i, row) in self.noise_nodes.chunks_exact_mut(npr).enumerate() {
+            let y = i as f64 * pixel_size - cy;
+            for (k, o) in row.iter_mut().enumerate() {
+                let col = (k * node) as f64;
+                let d = sd.displacement([col * pixel_size - cx, y], col * dwell);
+                o[0] += d[0];
+                o[1] += d[1];
+            }
+        }
+    }
+
     /// Number of noise nodes per row for a frame of `cols` columns and node spacing `node`.
     pub fn nodes_per_row(cols: usize, node: usize) -> usize {
         cols.div_ceil(node) + 1
@@ -579,6 +800,155 @@ mod tests {
         }
         let rms = (acc / n).sqrt();
         assert!((rms / 1e-10 - 1.0).abs() < 0.3, "{rms}");
+    }
+
+    /// Issue 15 §2 (scan systems): after each flyback the fast axis lags by `A·exp(−t/τ)`, t
+    /// the time since the line start. With scan noise, jitter and drift off, the deflection at
+    /// the first pixels of every line (nodes every pixel once τ/4 is under one dwell) equals the
+    /// closed form to float precision, and y is untouched.
+    #[test]
+    fn flyback_lag_is_the_exponential_closed_form() {
+        let quiet = ScanNoiseConfig {
+            mains_amplitude: Param::fixed(0.0),
+            jitter_pixels: Param::fixed(0.0),
+            rms: Param::fixed(0.0),
+            ..Default::default()
+        };
+        let still = DriftConfig {
+            speed: Param::fixed(0.0),
+            diffusivity: Param::fixed(0.0),
+            ..Default::default()
+        };
+        let (a, tau, dwell) = (0.5e-10, 10e-6, 4e-6);
+        let sd = ScanDistortion {
+            flyback_amplitude: Param::fixed(a),
+            flyback_time_constant: Param::fixed(tau),
+            ..Default::default()
+        };
+        let (rows, cols) = (8, 64);
+        let mut dist = Distortion::default();
+        let mut drift = DriftState::new(&still);
+        dist.generate(
+            &quiet,
+            rows,
+            cols,
+            dwell,
+            50e-6,
+            0.0,
+            [0.0; 2],
+            &mut drift,
+            &mut seeded(3),
+        );
+        dist.distort(&sd, rows, cols, 0.2e-10, dwell);
+        assert_eq!(dist.node, 1);
+        let npr = Distortion::nodes_per_row(cols, dist.node);
+        for i in 0..rows {
+            for j in 0..8 {
+                let got = dist.noise_nodes[i * npr + j];
+                let want = -a * (-(j as f64 * dwell) / tau).exp();
+                assert!(
+                    (got[0] - want).abs() <= 1e-15 * a && got[1] == 0.0,
+                    "row {i} pixel {j}: {got:?} vs {want}"
+                );
+            }
+        }
+    }
+
+    /// Refining the nodes for a flyback lag keeps the scan noise the frame sees: at the new
+    /// nodes it is the linear interpolation between the old ones (what the renderer uses), and
+    /// an affine distortion adds `(M − I)·r` exactly at every node.
+    #[test]
+    fn distortion_keeps_the_noise_and_adds_the_affine_map() {
+        let cfg = ScanNoiseConfig {
+            jitter_pixels: Param::fixed(0.0),
+            ..Default::default()
+        };
+        let (rows, cols, dwell, dx) = (6, 40, 1e-6, 0.2e-10);
+        let mut plain = Distortion::default();
+        let mut drift = DriftState::new(&DriftConfig::default());
+        plain.generate(
+            &cfg,
+            rows,
+            cols,
+            dwell,
+            20e-6,
+            0.0,
+            [0.0; 2],
+            &mut drift,
+            &mut seeded(5),
+        );
+        assert!(plain.node > 4, "{}", plain.node);
+        let sd = ScanDistortion {
+            rotation: Param::fixed(0.01),
+            shear: Param::fixed(0.02),
+            scale: [Param::fixed(0.01), Param::fixed(-0.015)],
+            flyback_amplitude: Param::fixed(1e-10),
+            flyback_time_constant: Param::fixed(8e-6),
+        };
+        let mut dist = plain.clone();
+        dist.distort(&sd, rows, cols, dx, dwell);
+        assert_eq!(dist.node, 2);
+        let (old, npr_old) = (plain.node, Distortion::nodes_per_row(cols, plain.node));
+        let npr = Distortion::nodes_per_row(cols, 2);
+        let m = sd.matrix();
+        let lag = |t: f64| 1e-10 * (-t / 8e-6).exp();
+        for i in 0..rows {
+            for k in 0..npr {
+                let col = 2 * k;
+                let seg = (col / old).min(npr_old - 2);
+                let f = (col - seg * old) as f64 / old as f64;
+                let (a, b) = (
+                    plain.noise_nodes[i * npr_old + seg],
+                    plain.noise_nodes[i * npr_old + seg + 1],
+                );
+                let r = [
+                    (col as f64 - 0.5 * (cols - 1) as f64) * dx,
+                    (i as f64 - 0.5 * (rows - 1) as f64) * dx,
+                ];
+                let want = [
+                    a[0] + (b[0] - a[0]) * f + (m[0][0] - 1.0) * r[0] + m[0][1] * r[1]
+                        - lag(col as f64 * dwell),
+                    a[1] + (b[1] - a[1]) * f + m[1][0] * r[0] + (m[1][1] - 1.0) * r[1],
+                ];
+                let got = dist.noise_nodes[i * npr + k];
+                for ax in 0..2 {
+                    assert!(
+                        (got[ax] - want[ax]).abs() < 1e-24,
+                        "row {i} node {k}: {got:?} vs {want:?}"
+                    );
+                }
+            }
+        }
+        // M is R(θ)·shear·scale.
+        let (sn, cs) = 0.01f64.sin_cos();
+        let (sx, sy, h) = (1.01, 0.985, 0.02);
+        let want = [
+            [cs * sx, cs * h * sy - sn * sy],
+            [sn * sx, sn * h * sy + cs * sy],
+        ];
+        for (r, w) in m.iter().zip(&want) {
+            for (a, b) in r.iter().zip(w) {
+                assert!((a - b).abs() < 1e-15, "{m:?} vs {want:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn scan_distortion_validation_names_the_field() {
+        let bad = ScanDistortion {
+            scale: [Param::fixed(0.0), Param::fixed(0.5)],
+            ..Default::default()
+        };
+        let e = bad.validate("scan_distortion.").unwrap_err().to_string();
+        assert!(e.contains("scan_distortion.scale[1]"), "{e}");
+        let bad = ScanDistortion {
+            flyback_time_constant: Param::fixed(0.0),
+            ..Default::default()
+        };
+        let e = bad.validate("scan_distortion.").unwrap_err().to_string();
+        assert!(e.contains("flyback_time_constant"), "{e}");
+        assert!(ScanDistortion::default().validate("").is_ok());
+        assert!(ScanDistortion::default().is_identity());
     }
 
     /// Issue 15 §1, DESIGN.md §4: the scan-noise displacement has a PSD ∝ 1/f inside its band

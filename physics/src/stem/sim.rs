@@ -16,14 +16,19 @@ use crate::error::{PhysicsError, Result};
 use crate::instrument::{
     Frame, FrameMeta, InstrumentInfo, InstrumentKind, ScanSettings, Spectrum, StemInstrument,
 };
-use crate::param::dims::Current;
+use crate::param::dims::{Current, Time, Unitless};
 use crate::param::{Param, Randomizer, Region};
-use crate::rng::{SimRng, derive_seed, poisson, seeded};
-use crate::stem::damage::{DamageConfig, DoseMap, Hop, HopModel, Raster, sputter};
+use crate::rng::{PoissonScratch, SimRng, derive_seed, poisson, seeded};
+use crate::stem::damage::{
+    CurrentFluctuation, DamageConfig, DoseMap, Hop, HopModel, KnockOn, Raster, sputter_with,
+};
 use crate::stem::eels::{EelsConfig, EelsModel};
 use crate::stem::haadf::{DetectorConfig, HaadfRenderer};
 use crate::stem::optics::{Aberrations, OpticsConfig, ProbeCalculator, ProbeSpec};
-use crate::stem::scan::{Distortion, DriftConfig, DriftState, ScanConfig, ScanNoiseConfig};
+use crate::stem::scan::{
+    Distortion, DriftConfig, DriftState, MAX_DISTORTION_PIXELS, ScanConfig, ScanDistortion,
+    ScanNoiseConfig,
+};
 use crate::stem::specimen::{Atom, Specimen, SpecimenConfig, Supercell};
 use ndarray::ArrayView2;
 use serde::{Deserialize, Serialize};
@@ -34,12 +39,23 @@ use serde::{Deserialize, Serialize};
 pub struct BeamConfig {
     /// Probe current, A. Default 100 pA.
     pub current: Param<Current>,
+    /// Relative r.m.s. fluctuation of the current (emission noise of the gun), dimensionless:
+    /// each pixel's (and each point exposure's) dose is multiplied by a positive factor of mean
+    /// 1 and this r.m.s., correlated over [`Self::current_correlation_time`]
+    /// ([`CurrentFluctuation`]). Default 0 (off); a cold FEG's emission fluctuates by a few %
+    /// over ms to s (flicker), a Schottky source's by under 1 %. Frames' dose map and damage use
+    /// the mean current.
+    pub current_fluctuation: Param<Unitless>,
+    /// Correlation time of the current fluctuation, s. Default 1 ms.
+    pub current_correlation_time: Param<Time>,
 }
 
 impl Default for BeamConfig {
     fn default() -> Self {
         Self {
             current: Param::fixed(100e-12),
+            current_fluctuation: Param::fixed(0.0),
+            current_correlation_time: Param::fixed(1e-3),
         }
     }
 }
@@ -62,6 +78,8 @@ pub struct StemConfig {
     pub drift: DriftConfig,
     /// Scan noise.
     pub scan_noise: ScanNoiseConfig,
+    /// Scan-system distortions (rotation, shear, scale errors, flyback lag). Default: none.
+    pub scan_distortion: ScanDistortion,
     /// Beam damage.
     pub damage: DamageConfig,
     /// EELS spectrometer.
@@ -69,9 +87,11 @@ pub struct StemConfig {
 }
 
 impl StemConfig {
-    /// This config with drift, line jitter, scan noise and mains pickup switched off: frames
-    /// are then the probe-convolved specimen plus shot noise only (for calibration and tests).
+    /// This config with drift, line jitter, scan noise, mains pickup and scan-system distortions
+    /// switched off: frames are then the probe-convolved specimen plus shot noise only (for
+    /// calibration and tests).
     pub fn without_scan_distortions(mut self) -> Self {
+        self.scan_distortion = ScanDistortion::default();
         self.drift.speed = Param::fixed(0.0);
         self.drift.diffusivity = Param::fixed(0.0);
         self.scan_noise.jitter_pixels = Param::fixed(0.0);
@@ -91,10 +111,31 @@ impl StemConfig {
                 format!("must be in (0, 1 µA], got {i} A"),
             ));
         }
+        let r = self.beam.current_fluctuation.get();
+        if !(0.0..=1.0).contains(&r) {
+            return Err(PhysicsError::param(
+                "beam.current_fluctuation",
+                format!("must be in [0, 1], got {r}"),
+            ));
+        }
+        let tau = self.beam.current_correlation_time.get();
+        if !(tau > 0.0 && tau.is_finite()) {
+            return Err(PhysicsError::param(
+                "beam.current_correlation_time",
+                format!("must be a positive time, got {tau} s"),
+            ));
+        }
         self.scan.validate("scan.")?;
         self.detector.validate("detector.")?;
         self.drift.validate("drift.")?;
         self.scan_noise.validate("scan_noise.")?;
+        self.scan_distortion.validate("scan_distortion.")?;
+        check_distortion(
+            &self.scan_distortion,
+            self.scan.pixels[0],
+            self.scan.pixels[1],
+            self.scan.pixel_size.get(),
+        )?;
         self.damage.validate("damage.")?;
         self.eels.validate("eels.")?;
         Ok(())
@@ -150,8 +191,14 @@ pub struct StemSimulator {
     blanked: bool,
     frames: u64,
     sigma_haadf: [f64; 93],
-    sigma_knock: [f64; 93],
+    knock: KnockOn,
     any_knock: bool,
+    /// The current's fluctuation and the time of its last draw, s.
+    fluct: CurrentFluctuation,
+    fluct_time: f64,
+    /// Per-pixel dose factors of the last frame (reused).
+    fluct_buf: Vec<f32>,
+    poisson: PoissonScratch,
     hop: HopModel,
     eels: EelsModel,
     spectrum: Vec<f32>,
@@ -220,7 +267,8 @@ impl StemSimulator {
             Region::All,
             StemConfig::validate,
         )?;
-        let eels = EelsModel::new(&cfg.eels)?;
+        let mut eels = EelsModel::new(&cfg.eels)?;
+        eels.set_beam_energy(cfg.optics.energy.get());
         let mut sim = Self {
             template,
             drawn,
@@ -228,8 +276,12 @@ impl StemSimulator {
             scan: Self::scan_from(&cfg),
             aberrations: cfg.optics.aberrations(),
             sigma_haadf: cfg.detector.cross_sections(),
-            sigma_knock: cfg.damage.cross_sections(cfg.optics.energy.get()),
+            knock: cfg.damage.knock_on(cfg.optics.energy.get()),
             any_knock: false,
+            fluct: CurrentFluctuation::new(0.0, 1.0),
+            fluct_time: 0.0,
+            fluct_buf: Vec::new(),
+            poisson: PoissonScratch::default(),
             hop: HopModel::from_config(&cfg.damage),
             drift: DriftState::new(&cfg.drift),
             dose_map: DoseMap::new(Supercell::new([1e-9, 1e-9], 0.0), 1e-10),
@@ -295,6 +347,7 @@ impl StemSimulator {
             self.eels = EelsModel::new(&cfg.eels)?;
             self.spectrum = vec![0.0; self.eels.energy_axis().len()];
         }
+        self.eels.set_beam_energy(cfg.optics.energy.get());
         self.seed = seed;
         self.rng_noise = seeded(derive_seed(seed, "noise"));
         self.rng_scan = seeded(derive_seed(seed, "scan"));
@@ -314,8 +367,13 @@ impl StemSimulator {
         }
         self.aberrations = new_ab;
         self.sigma_haadf = cfg.detector.cross_sections();
-        self.sigma_knock = cfg.damage.cross_sections(cfg.optics.energy.get());
-        self.any_knock = cfg.damage.sputtering && self.sigma_knock.iter().any(|s| *s > 0.0);
+        self.knock = cfg.damage.knock_on(cfg.optics.energy.get());
+        self.any_knock = cfg.damage.sputtering && self.knock.any();
+        self.fluct = CurrentFluctuation::new(
+            cfg.beam.current_fluctuation.get(),
+            cfg.beam.current_correlation_time.get(),
+        );
+        self.fluct_time = 0.0;
         self.hop = HopModel::from_config(&cfg.damage);
         self.drift = DriftState::new(&cfg.drift);
         // Specimen: a periodic cell of the configured size, or by default one whose shortest
@@ -475,6 +533,84 @@ impl StemSimulator {
         (self.eff_side, &self.eff_kernel)
     }
 
+    /// Thickness of the contamination deposit at specimen position `(x, y)` (m): the growth
+    /// rate ([`DamageConfig::contamination_rate`]) times the dose delivered there so far
+    /// ([`Self::dose_map`]), m.
+    pub fn contamination_thickness(&self, x: f64, y: f64) -> f64 {
+        self.cfg.damage.contamination_rate.get() * self.dose_map.at(x, y)
+    }
+
+    /// Expected HAADF counts per electron from the contamination deposited by `dose` (e⁻/m²):
+    /// its areal atom density `ρ·rate·dose` times the deposit element's cross-section.
+    fn contamination_signal(&self, dose: f64) -> f64 {
+        let rate = self.cfg.damage.contamination_rate.get();
+        if rate <= 0.0 {
+            return 0.0;
+        }
+        let z =
+            crate::constants::atomic_number(&self.cfg.damage.contamination_element).unwrap_or(6);
+        let density = self.cfg.damage.contamination_density.get();
+        self.sigma_haadf[z as usize] * density * rate * dose
+    }
+
+    /// Records a frame with a fluctuating current and/or a contamination deposit: the expected
+    /// counts along the scan path (recorded with an ideal detector) plus the deposit's
+    /// background at each pixel's specimen position (dose map as the scan begins), each pixel
+    /// times its current factor (an AR(1) in the pixel times), then counted by the detector.
+    fn record_with_beam_effects(&mut self, epp: f64, shift: [f64; 2]) {
+        let sc = self.scan;
+        let (rows, cols) = (sc.rows, sc.cols);
+        let bare = DetectorConfig {
+            shot_noise: false,
+            gain: Param::fixed(1.0),
+            offset: Param::fixed(0.0),
+            read_noise: Param::fixed(0.0),
+            salt_probability: Param::fixed(0.0),
+            ..self.cfg.detector.clone()
+        };
+        self.renderer.record(&self.dist, &bare, &mut self.rng_noise);
+        let n = rows * cols;
+        self.fluct_buf.clear();
+        self.fluct_buf.resize(n, 1.0);
+        if self.fluct.is_on() {
+            let t0 = self.clock;
+            let line = cols as f64 * sc.dwell_time + sc.flyback_time;
+            for (k, f) in self.fluct_buf.iter_mut().enumerate() {
+                let t = t0 + (k / cols) as f64 * line + (k % cols) as f64 * sc.dwell_time;
+                *f = self.fluct.next(t - self.fluct_time, &mut self.rng_noise) as f32;
+                self.fluct_time = t;
+            }
+        }
+        let per_dose = self.contamination_signal(1.0) * epp;
+        let dx = sc.pixel_size;
+        for i in 0..rows {
+            let y = sc.center[1] + (i as f64 - 0.5 * (rows as f64 - 1.0)) * dx - shift[1];
+            let lam = &mut self.renderer.noiseless[i * cols..(i + 1) * cols];
+            for (j, (l, f)) in lam
+                .iter_mut()
+                .zip(&self.fluct_buf[i * cols..(i + 1) * cols])
+                .enumerate()
+            {
+                let bg = if per_dose > 0.0 {
+                    let x = sc.center[0] + (j as f64 - 0.5 * (cols as f64 - 1.0)) * dx - shift[0];
+                    (per_dose * self.dose_map.at(x, y)) as f32
+                } else {
+                    0.0
+                };
+                *l = (*l + bg) * f;
+            }
+            self.cfg.detector.count(
+                &mut self.rng_noise,
+                &mut self.renderer.noiseless[i * cols..(i + 1) * cols],
+                &mut self.renderer.frame[i * cols..(i + 1) * cols],
+                &mut self.poisson,
+            );
+        }
+        self.cfg
+            .detector
+            .add_read_noise_and_salt(&mut self.rng_noise, &mut self.renderer.frame[..n]);
+    }
+
     fn electrons(&self, time: f64) -> f64 {
         self.cfg.beam.current.get() * time / ELEMENTARY_CHARGE
     }
@@ -526,7 +662,18 @@ impl StemSimulator {
     /// point's expected counts equal the noiseless frame's at the same position.
     fn expose_point(&mut self, time: f64) -> Result<f64> {
         self.effective_probe();
-        let n_e = self.electrons(time);
+        // A fluctuating current: one factor for the exposure, correlated with the last draw.
+        let f = if self.fluct.is_on() {
+            let f = self
+                .fluct
+                .next(self.clock - self.fluct_time, &mut self.rng_noise);
+            self.fluct_time = self.clock;
+            f
+        } else {
+            1.0
+        };
+        let current = self.cfg.beam.current.get() * f;
+        let n_e = self.electrons(time) * f;
         let d = self.drift.offset;
         let b = [self.probe_pos[0] - d[0], self.probe_pos[1] - d[1]];
         // Expected HAADF signal and the composition under the probe, over every image of
@@ -552,6 +699,8 @@ impl StemSimulator {
                 }
             });
         }
+        // The contamination deposited so far adds its atoms' signal.
+        signal += self.contamination_signal(self.dose_map.at(b[0], b[1]));
         self.dose_map
             .add_gaussian(b[0], b[1], self.probe_sigma, n_e);
         let mut report = DamageReport::default();
@@ -569,9 +718,10 @@ impl StemSimulator {
                 });
                 dose
             };
-            report.sputtered = sputter(
+            let bonds = self.knock.coordination_of(&self.specimen);
+            report.sputtered = sputter_with(
                 &mut self.specimen,
-                &self.sigma_knock,
+                self.knock.sigma_of(&bonds),
                 &mut self.rng_damage,
                 probe,
             );
@@ -580,7 +730,7 @@ impl StemSimulator {
             report.hops = self.hop.dwell(
                 &mut self.specimen,
                 b,
-                self.cfg.beam.current.get(),
+                current,
                 time,
                 HOP_BOND,
                 &mut self.rng_damage,
@@ -595,6 +745,25 @@ impl StemSimulator {
         // Tiny negative tails of the band-limited source blur, as the frames clamp them.
         Ok((signal * n_e).max(0.0))
     }
+}
+
+/// Checks that the scan distortion `sd` keeps every pixel of a `rows × cols` frame of pixels
+/// `pixel_size` (m) within [`MAX_DISTORTION_PIXELS`] of its nominal position.
+fn check_distortion(sd: &ScanDistortion, rows: usize, cols: usize, pixel_size: f64) -> Result<()> {
+    if sd.is_identity() {
+        return Ok(());
+    }
+    let d = sd.max_displacement(rows, cols, pixel_size) / pixel_size;
+    if !(d <= MAX_DISTORTION_PIXELS) {
+        return Err(PhysicsError::param(
+            "scan_distortion",
+            format!(
+                "displaces pixels of a {rows}×{cols} frame by up to {d:.2} pixels; at most \
+                 {MAX_DISTORTION_PIXELS} are rendered"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Checks requested scan settings against the limits of a scan configuration (the other
@@ -640,6 +809,12 @@ impl StemInstrument for StemSimulator {
 
     fn configure_scan(&mut self, request: &ScanSettings) -> Result<ScanSettings> {
         check_scan_request(&self.cfg, request)?;
+        check_distortion(
+            &self.cfg.scan_distortion,
+            request.rows,
+            request.cols,
+            request.pixel_size,
+        )?;
         if (request.rows, request.cols, request.pixel_size)
             != (self.scan.rows, self.scan.cols, self.scan.pixel_size)
         {
@@ -693,8 +868,19 @@ impl StemInstrument for StemSimulator {
             &mut self.drift,
             &mut self.rng_scan,
         );
-        self.renderer
-            .record(&self.dist, &self.cfg.detector, &mut self.rng_noise);
+        self.dist.distort(
+            &self.cfg.scan_distortion,
+            sc.rows,
+            sc.cols,
+            sc.pixel_size,
+            sc.dwell_time,
+        );
+        if self.fluct.is_on() || self.cfg.damage.contamination_rate.get() > 0.0 {
+            self.record_with_beam_effects(epp, shift);
+        } else {
+            self.renderer
+                .record(&self.dist, &self.cfg.detector, &mut self.rng_noise);
+        }
         // Dose over the scanned area, in specimen coordinates at the frame start.
         let dose = epp / (sc.pixel_size * sc.pixel_size);
         let [w, h] = sc.field_of_view();
@@ -710,9 +896,10 @@ impl StemInstrument for StemSimulator {
             // Each image of an atom inside the scanned rectangle receives the frame's dose.
             let (cx, cy) = (x0 + 0.5 * w, y0 + 0.5 * h);
             let window = self.specimen.window([-cx, -cy], [0.5 * w, 0.5 * h]);
-            report.sputtered = sputter(
+            let bonds = self.knock.coordination_of(&self.specimen);
+            report.sputtered = sputter_with(
                 &mut self.specimen,
-                &self.sigma_knock,
+                self.knock.sigma_of(&bonds),
                 &mut self.rng_damage,
                 |a| {
                     let mut images = 0.0;
