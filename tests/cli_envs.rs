@@ -120,15 +120,11 @@ fn bench_prints_the_documented_json() {
     );
     // A task with the fidelity knob is timed at both, a JSON line each.
     let af = "scopegym/StemAutofocus-v2";
-    let out = ok(&run(&[
-        "bench",
-        af,
-        "--num-envs",
-        "2",
-        "--steps",
-        "2",
-        "--json",
-    ]));
+    let af_bench = |extra: &[&str]| {
+        let args = [&["bench", af, "--num-envs", "2", "--steps", "2", "--json"], extra].concat();
+        ok(&run(&args))
+    };
+    let out = af_bench(&[]);
     let lines: Vec<serde_json::Value> = out
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
@@ -138,17 +134,7 @@ fn bench_prints_the_documented_json() {
         .map(|j| j["fidelity"].as_str().unwrap())
         .collect();
     assert_eq!(names, ["fast", "full"]);
-    let one = ok(&run(&[
-        "bench",
-        af,
-        "--num-envs",
-        "2",
-        "--steps",
-        "2",
-        "--fidelity",
-        "full",
-        "--json",
-    ]));
+    let one = af_bench(&["--fidelity", "full"]);
     assert_eq!(one.lines().count(), 1);
     let no_knob = run(&["bench", ID, "--fidelity", "fast"]);
     assert_eq!(no_knob.status.code(), Some(2));

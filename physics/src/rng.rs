@@ -381,19 +381,22 @@ fn ptrs<R: Rng + ?Sized>(rng: &mut R, lambda: f64) -> f64 {
 mod tests {
     use super::*;
 
+    /// `n` Poisson draws of mean `lam` and their (biased) sample variance;
+    /// asserts the mean within 5 standard errors `sqrt(λ/n)` of `lam`.
+    fn poisson_sample(rng: &mut SimRng, lam: f64, n: usize) -> (Vec<f64>, f64) {
+        let xs: Vec<f64> = (0..n).map(|_| poisson(rng, lam)).collect();
+        let m = xs.iter().sum::<f64>() / n as f64;
+        let v = xs.iter().map(|x| (x - m).powi(2)).sum::<f64>() / n as f64;
+        assert!((m - lam).abs() < 5.0 * (lam / n as f64).sqrt(), "λ={lam} mean {m}");
+        (xs, v)
+    }
+
     #[test]
     fn poisson_moments_match_for_small_and_large_means() {
         let mut rng = seeded(42);
         for &lam in &[0.3, 2.5, 9.9, 10.0, 25.0, 2500.0] {
             let n = 200_000;
-            let xs: Vec<f64> = (0..n).map(|_| poisson(&mut rng, lam)).collect();
-            let m = xs.iter().sum::<f64>() / n as f64;
-            let v = xs.iter().map(|x| (x - m).powi(2)).sum::<f64>() / n as f64;
-            // Standard error of the mean is sqrt(λ/n); allow 5 of them.
-            assert!(
-                (m - lam).abs() < 5.0 * (lam / n as f64).sqrt(),
-                "λ={lam} mean {m}"
-            );
+            let (_, v) = poisson_sample(&mut rng, lam, n);
             // Variance of the sample variance ~ (2λ² + λ)/n.
             assert!(
                 (v - lam).abs() < 5.0 * ((2.0 * lam * lam + lam) / n as f64).sqrt(),
@@ -590,14 +593,7 @@ mod tests {
         // A u32 count saturated at 4.29e9; the draws must follow N(λ, λ) however large λ is.
         let mut rng = seeded(3);
         for &lam in &[1e10, 3.5e12, 1e18] {
-            let n = 2000;
-            let xs: Vec<f64> = (0..n).map(|_| poisson(&mut rng, lam)).collect();
-            let m = xs.iter().sum::<f64>() / n as f64;
-            let v = xs.iter().map(|x| (x - m).powi(2)).sum::<f64>() / n as f64;
-            assert!(
-                (m - lam).abs() < 5.0 * (lam / n as f64).sqrt(),
-                "λ={lam} mean {m}"
-            );
+            let (xs, v) = poisson_sample(&mut rng, lam, 2000);
             assert!((v / lam - 1.0).abs() < 0.2, "λ={lam} var/λ {}", v / lam);
             assert!(xs.iter().all(|x| x.fract() == 0.0), "counts are integers");
         }

@@ -1104,16 +1104,7 @@ mod tests {
     use crate::rng::seeded;
 
     fn nearest_distance(s: &Specimen, i: usize) -> f64 {
-        let p = s.atoms[i];
-        s.atoms
-            .iter()
-            .enumerate()
-            .filter(|&(j, q)| j != i && (q.height - p.height).abs() < 1e-12)
-            .map(|(_, q)| {
-                let [dx, dy] = s.separation([p.x, p.y], [q.x, q.y]);
-                dx.hypot(dy)
-            })
-            .fold(f64::INFINITY, f64::min)
+        distances(s, i).into_iter().fold(f64::INFINITY, f64::min)
     }
 
     #[test]
