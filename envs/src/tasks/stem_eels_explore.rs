@@ -16,11 +16,11 @@
 //!   law `A·E^-r` fitted by weighted least squares to `ln counts` over the pre-edge window
 //!   (`pre_edge`, default 80-97 eV, weights = counts, the Poisson inverse variance of
 //!   `ln counts`), extrapolated under the signal window (`signal`, default 99-129 eV) and
-//!   subtracted; the *value* is the background-subtracted integral per 10⁵ incident electrons
+//!   subtracted; the *value* is the background-subtracted integral per 10³ incident electrons
 //!   (`I·t/e`). With the medium defaults a Si atom under the probe scores about 0.4 (the best
 //!   cell of an episode 0.36 on average: the 0.35 Å source blur of the effective probe spreads
-//!   a dopant's signal into the neighbouring cells) and an edge-free spectrum about 0.065 (the plasmon tails bend the background slightly away from a
-//!   pure power law; the ground truth applies the same scalarization, so this offset is part of
+//!   a dopant's signal into the neighbouring cells) and an edge-free spectrum about 0.065 (the
+//!   plasmon tails bend the background slightly away from a pure power law; the ground truth applies the same scalarization, so this offset is part of
 //!   both), with a shot-noise spread of about 0.04 per spectrum.
 //! - **Posterior** (what the instrument can compute; [`CellPosterior`]): each cell's value is
 //!   an unknown mean with the prior `N(prior_mean, prior_sd²)`, and each spectrum a measurement
@@ -729,7 +729,7 @@ impl<I: StemInstrument + SpectrumTruth + NewEpisode + Send> StemEelsExplore<I> {
         ]
     }
 
-    /// The value of a spectrum: the background-subtracted edge integral per 10⁵ incident
+    /// The value of a spectrum: the background-subtracted edge integral per 10³ incident
     /// electrons.
     fn scalarize(&self, energy: &[f64], counts: &[f64]) -> f64 {
         let n_e = self.inst.beam_current() * self.cfg.exposure / ELEMENTARY_CHARGE;
