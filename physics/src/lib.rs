@@ -20,6 +20,7 @@ pub mod constants;
 pub mod error;
 pub mod instrument;
 pub mod param;
+pub mod quadrature;
 pub mod rng;
 pub mod spm;
 pub mod stem;

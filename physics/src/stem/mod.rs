@@ -8,7 +8,9 @@ pub mod fft2;
 pub mod haadf;
 pub mod lattice;
 pub mod optics;
+pub mod probe;
 pub mod scan;
+pub mod settings;
 pub mod sim;
 pub mod specimen;
 

@@ -23,7 +23,9 @@ use crate::stem::damage::{DamageConfig, DoseMap, Hop, HopModel, Raster, sputter}
 use crate::stem::eels::{EelsConfig, EelsModel};
 use crate::stem::haadf::{DetectorConfig, HaadfRenderer};
 use crate::stem::optics::{Aberrations, OpticsConfig, ProbeCalculator, ProbeSpec};
+use crate::stem::probe::ProbeModel;
 use crate::stem::scan::{Distortion, DriftConfig, DriftState, ScanConfig, ScanNoiseConfig};
+use crate::stem::settings::{DEFLECTION_RANGE, check_scan_settings};
 use crate::stem::specimen::{Atom, Specimen, SpecimenConfig, Supercell};
 use ndarray::ArrayView2;
 use serde::{Deserialize, Serialize};
@@ -432,21 +434,25 @@ impl StemSimulator {
         self.cfg.optics.probe_spec(self.aberrations)
     }
 
+    /// The probe in force (coherent part and source blur), as the shared
+    /// [`ProbeModel`] of the three STEM simulators.
+    pub fn probe_model(&self) -> ProbeModel {
+        ProbeModel::new(&self.cfg.optics, self.aberrations)
+    }
+
     /// Recomputes the probe if the optics or scan geometry changed.
     pub fn ensure_probe(&mut self) {
         if !self.probe_dirty {
             return;
         }
-        let spec = self.probe_spec();
+        let model = self.probe_model();
         let dx = self.scan.pixel_size;
         let max_extent = dx * (self.scan.rows.max(self.scan.cols)) as f64;
-        self.kernel_side = self
-            .probe_calc
-            .binned_probe(&spec, dx, max_extent, &mut self.kernel);
+        self.kernel_side = model.binned(&mut self.probe_calc, dx, max_extent, &mut self.kernel);
         // Second moment of the kernel, for spreading point doses.
         let s = self.kernel_side;
         let m2 = second_moment(&self.kernel, s);
-        let src = self.cfg.optics.source_size.get();
+        let src = model.source_sigma;
         self.probe_sigma = ((0.5 * m2).sqrt() * dx).hypot(src);
         self.renderer
             .set_probe(&self.kernel, s, self.scan.rows, self.scan.cols, dx, src);
@@ -463,7 +469,7 @@ impl StemSimulator {
     pub fn effective_probe(&mut self) -> (usize, &[f64]) {
         self.ensure_probe();
         if self.eff_dirty {
-            let src = self.cfg.optics.source_size.get();
+            let src = self.probe_model().source_sigma;
             self.eff_side = self.renderer.effective_probe(
                 &self.kernel,
                 self.kernel_side,
@@ -597,22 +603,6 @@ impl StemSimulator {
     }
 }
 
-/// Checks requested scan settings against the limits of a scan configuration (the other
-/// settings of `cfg.scan` kept), naming the field (`scan.pixels`, `scan.dwell_time`, ...).
-pub(crate) fn check_scan_request(cfg: &StemConfig, request: &ScanSettings) -> Result<()> {
-    let mut s = cfg.scan.clone();
-    s.pixels = [request.rows, request.cols];
-    s.pixel_size = Param::fixed(request.pixel_size);
-    s.dwell_time = Param::fixed(request.dwell_time);
-    s.flyback_time = Param::fixed(request.flyback_time);
-    s.center = [
-        Param::fixed(request.center[0]),
-        Param::fixed(request.center[1]),
-    ];
-    s.dose = None;
-    s.validate("scan.")
-}
-
 impl StemInstrument for StemSimulator {
     fn info(&self) -> InstrumentInfo {
         InstrumentInfo {
@@ -639,7 +629,7 @@ impl StemInstrument for StemSimulator {
     }
 
     fn configure_scan(&mut self, request: &ScanSettings) -> Result<ScanSettings> {
-        check_scan_request(&self.cfg, request)?;
+        check_scan_settings(request, DEFLECTION_RANGE, "scan.")?;
         if (request.rows, request.cols, request.pixel_size)
             != (self.scan.rows, self.scan.cols, self.scan.pixel_size)
         {
