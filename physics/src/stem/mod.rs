@@ -1,5 +1,6 @@
 //! The simulated scanning transmission electron microscope (DESIGN.md §4).
 
+pub mod coherent;
 pub mod damage;
 pub mod dopant;
 pub mod eels;

@@ -19,6 +19,7 @@ use crate::instrument::{
 use crate::param::dims::Current;
 use crate::param::{Param, Randomizer, Region};
 use crate::rng::{SimRng, derive_seed, poisson, seeded};
+use crate::stem::coherent::{AnnularDetector, CoherentGrid};
 use crate::stem::damage::{DamageConfig, DoseMap, Hop, HopModel, Raster, sputter};
 use crate::stem::eels::{EelsConfig, EelsModel};
 use crate::stem::haadf::{DetectorConfig, HaadfRenderer};
@@ -483,6 +484,50 @@ impl StemSimulator {
 
     fn electrons(&self, time: f64) -> f64 {
         self.cfg.beam.current.get() * time / ELEMENTARY_CHARGE
+    }
+
+    /// The Ronchigram at the parked probe position (opt-in; no task uses it yet): the coherent
+    /// probe of the aberrations in force (monochromatic, no source blur) through the specimen as
+    /// a weak-phase object, on `grid` centred on the probe; see [`crate::stem::coherent`].
+    /// Row-major `n × n`, summing to 1, θ = 0 at pixel `(n/2, n/2)`, pixels of
+    /// [`CoherentGrid::angular_pixel`]. A computation, not an exposure: no time passes and no
+    /// dose is given.
+    pub fn ronchigram(&self, grid: &CoherentGrid) -> Result<Vec<f64>> {
+        self.check_beam("ronchigram")?;
+        let spec = self.probe_spec();
+        grid.validate(&spec)?;
+        let p = self.probe_pos;
+        let d = self.drift.offset;
+        let half = 0.5 * grid.n as f64 * grid.dx;
+        let window = self
+            .specimen
+            .window([d[0] - p[0], d[1] - p[1]], [half, half]);
+        let mut atoms = Vec::new();
+        for a in &self.specimen.atoms {
+            window.for_each_image([a.x, a.y], |q| atoms.push((q, a.z)));
+        }
+        let t = grid.transmission(atoms, spec.energy);
+        grid.ronchigram(&spec, &t)
+    }
+
+    /// The fractions of the beam that bright-field, annular bright-field (or any round)
+    /// `detectors` collect with the probe parked where it is: sums of [`Self::ronchigram`] over
+    /// each detector's annulus (opt-in, noiseless expectations; a real detector records
+    /// `I·t/e` times this).
+    pub fn coherent_signals(
+        &self,
+        grid: &CoherentGrid,
+        detectors: &[AnnularDetector],
+    ) -> Result<Vec<f64>> {
+        let energy = self.cfg.optics.energy.get();
+        for (k, d) in detectors.iter().enumerate() {
+            d.validate(&format!("detectors[{k}]"), grid.max_angle(energy))?;
+        }
+        let r = self.ronchigram(grid)?;
+        Ok(detectors
+            .iter()
+            .map(|d| grid.detector_signal(&r, energy, d))
+            .collect())
     }
 
     fn check_beam(&self, op: &str) -> Result<()> {
