@@ -121,7 +121,11 @@ fn bench_prints_the_documented_json() {
     // A task with the fidelity knob is timed at both, a JSON line each.
     let af = "scopegym/StemAutofocus-v2";
     let af_bench = |extra: &[&str]| {
-        let args = [&["bench", af, "--num-envs", "2", "--steps", "2", "--json"], extra].concat();
+        let args = [
+            &["bench", af, "--num-envs", "2", "--steps", "2", "--json"],
+            extra,
+        ]
+        .concat();
         ok(&run(&args))
     };
     let out = af_bench(&[]);

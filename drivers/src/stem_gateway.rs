@@ -780,6 +780,8 @@ impl From<WireAberrations> for Aberrations {
             phi23: a.phi23,
             c30: a.c30,
             c50: a.c50,
+            // The gateway's wire format carries the aberrations up to C50 and C23.
+            ..Aberrations::default()
         }
     }
 }

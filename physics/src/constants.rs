@@ -25,6 +25,16 @@ pub const BOLTZMANN: f64 = 1.380_649e-23;
 /// One ångström in metres.
 pub const ANGSTROM: f64 = 1e-10;
 
+/// Full width at half maximum of a Gaussian in units of its standard deviation, `2√(2 ln 2)`.
+/// The one copy of this number: every FWHM ↔ σ conversion uses it.
+pub const FWHM_PER_SIGMA: f64 = 2.354_820_045_030_949;
+
+/// Intensity FWHM of an aberration-free, aperture-limited probe (the Airy disc's central peak)
+/// in units of `λ/α` (wavelength over convergence semi-angle): FWHM ≈ 0.514 λ/α (Born & Wolf,
+/// *Principles of Optics*, §8.5.2: the half-maximum of `[2J₁(v)/v]²` lies at `v = 1.6163`, and
+/// `v = 2π α r/λ`, so the FWHM is `2 · 1.6163/(2π) λ/α`).
+pub const AIRY_FWHM: f64 = 0.514;
+
 /// Standard atomic mass in atomic mass units for elements 1..=92 (index = Z).
 ///
 /// Used for knock-on damage (the nucleus mass M in T_max). Index 0 is unused.

@@ -3,14 +3,19 @@
 //! Simulated microscopes for the scopegym gym: image formation, drift, noise, damage and
 //! specimen dynamics, with no notion of reinforcement learning and no I/O.
 //!
-//! - [`stem`]: the scanning transmission electron microscope (aberrated probe, HAADF imaging,
-//!   scan distortions, knock-on damage and dopant hops, EELS).
+//! - [`stem`]: the scanning transmission electron microscope (aberrated probe with the
+//!   non-round aberrations up to fifth order, HAADF imaging, opt-in Ronchigram and BF/ABF
+//!   signals, scan distortions, knock-on damage and dopant hops, EELS), with three simulators
+//!   (full, light dopant, lattice) sharing one scan-settings check ([`stem::settings`]) and one
+//!   probe model ([`stem::probe`]).
 //! - [`spm`]: the scanning probe microscope (so far: tip imaging by grey-scale dilation).
 //! - [`instrument`]: the traits environments use, implemented by the simulators here and by the
 //!   real-instrument drivers.
 //! - [`units`] and [`param`]: quantities with units (`"1.42 Å"`) and domain-randomized
 //!   parameters (`{ uniform = [lo, hi] }`).
 //! - [`rng`]: portable seeded generators and fast samplers.
+//! - [`constants`] (physical constants and the one copy of the FWHM factors) and
+//!   [`quadrature`] (the one source of Gauss-Hermite nodes).
 //!
 //! All quantities are SI (energies in eV).
 
@@ -20,6 +25,7 @@ pub mod constants;
 pub mod error;
 pub mod instrument;
 pub mod param;
+pub mod quadrature;
 pub mod rng;
 pub mod spm;
 pub mod stem;

@@ -387,7 +387,10 @@ mod tests {
         let xs: Vec<f64> = (0..n).map(|_| poisson(rng, lam)).collect();
         let m = xs.iter().sum::<f64>() / n as f64;
         let v = xs.iter().map(|x| (x - m).powi(2)).sum::<f64>() / n as f64;
-        assert!((m - lam).abs() < 5.0 * (lam / n as f64).sqrt(), "λ={lam} mean {m}");
+        assert!(
+            (m - lam).abs() < 5.0 * (lam / n as f64).sqrt(),
+            "λ={lam} mean {m}"
+        );
         (xs, v)
     }
 

@@ -505,7 +505,7 @@ impl FrameAnalyzer {
             let disc = (0.25 * tr * tr - det).max(0.0).sqrt();
             let (l1, l2) = (0.5 * tr + disc, (0.5 * tr - disc).max(1e-6));
             let sigma = (0.5 * tr / HALF_MAX_MOMENT).sqrt();
-            widths += 2.0 * (2.0 * std::f64::consts::LN_2).sqrt() * sigma;
+            widths += scopegym_physics::constants::FWHM_PER_SIGMA * sigma;
             elong = elong.max((l1 / l2).sqrt());
             count += 1;
         }

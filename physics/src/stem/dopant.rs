@@ -19,9 +19,12 @@
 //!   displacement energy and `ρ` the probe's intensity per area (a Gaussian). At 60 kV the
 //!   maximum transfer to ²⁸Si is 5 eV, far below its 15 eV displacement energy, so the dopant
 //!   is practically never lost; at 300 kV it is.
-//! - **Probe**: a round Gaussian of intensity FWHM `probe_fwhm` in focus, widened by the
-//!   geometric blur of the aberrated cone: `σ² = σ₀² + α²(C10² + C12²)/4` (a uniform disc of
-//!   radius `α·C` has variance `(α·C)²/4` per axis).
+//! - **Probe**: the shared [`ProbeModel`] of the STEM simulators with the source blur that
+//!   gives an in-focus intensity FWHM of `probe_fwhm` ([`ProbeModel::from_focused_fwhm`]; a
+//!   `probe_fwhm` below the Airy FWHM `0.514 λ/α` gives the Airy probe), in its light form: a
+//!   round Gaussian widened by the geometric blur of the aberrated cone,
+//!   `σ² = σ₀² + α²(C10² + C12²)/4` (a uniform disc of radius `α·C` has variance `(α·C)²/4`
+//!   per axis; [`ProbeModel::gaussian_sigma`]).
 //! - **Images** (`acquire_frame`, `acquire_point`): HAADF counts `n_e · Σ_atoms σ_Z ρ(x − x_a)`
 //!   with `σ_Z = σ_C (Z/6)^n` (`DetectorConfig`-like `haadf_exponent`,
 //!   `carbon_cross_section`), Poisson shot noise, then `detector_gain`, `detector_offset` and
@@ -48,6 +51,8 @@ use crate::param::{MAX_REDRAWS, Param, Region, redraws_exhausted, support_ends, 
 use crate::rng::{PoissonScratch, SimRng, derive_seed, normal, poisson, poisson_fill, seeded};
 use crate::stem::damage::{HopModel, knock_on_cross_section};
 use crate::stem::optics::Aberrations;
+use crate::stem::probe::ProbeModel;
+use crate::stem::settings::check_scan_settings;
 use ndarray::Array2;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
@@ -55,9 +60,6 @@ use std::f64::consts::PI;
 
 /// Number of (possibly randomized) physical parameters of [`DopantSimConfig`].
 const NPARAMS: usize = 22;
-
-/// `FWHM / σ` of a Gaussian.
-const FWHM_PER_SIGMA: f64 = 2.354_820_045_030_949;
 
 /// Settings of the light dopant model (`instrument = {...}` of `StemDopantSteer`). Every
 /// physical parameter may be a distribution, redrawn at each reset.
@@ -229,7 +231,7 @@ impl DopantSimConfig {
             for (k, (_, dist)) in params.iter().enumerate() {
                 v[k] = dist.sample_in(rng, region);
             }
-            match Self::check(v) {
+            match self.check(v) {
                 Ok(d) => return Ok((d, v)),
                 Err(e) => last = Some(e),
             }
@@ -243,7 +245,7 @@ impl DopantSimConfig {
     fn check_support(&self) -> Result<()> {
         let params = self.params();
         let centre: [f64; NPARAMS] = std::array::from_fn(|k| params[k].1.get());
-        Self::check(centre)?;
+        self.check(centre)?;
         for (k, (name, dist)) in params.iter().enumerate() {
             let (Some(kind), lo, hi) = dist.kind() else {
                 continue;
@@ -251,7 +253,7 @@ impl DopantSimConfig {
             for end in support_ends(kind, lo, hi) {
                 let mut v = centre;
                 v[k] = end;
-                if let Err(e) = Self::check(v) {
+                if let Err(e) = self.check(v) {
                     return Err(support_error(*name, (kind, lo, hi), end, &e));
                 }
             }
@@ -259,8 +261,10 @@ impl DopantSimConfig {
         Ok(())
     }
 
-    /// The drawn values as a [`Drawn`], or an error naming the first one out of range.
-    fn check(v: [f64; NPARAMS]) -> Result<Drawn> {
+    /// The drawn values as a [`Drawn`], or an error naming the first one out of range (the
+    /// frame settings by the shared STEM scan check,
+    /// [`check_scan_settings`](crate::stem::settings::check_scan_settings)).
+    fn check(&self, v: [f64; NPARAMS]) -> Result<Drawn> {
         let d = Drawn {
             energy: v[0],
             current: v[1],
@@ -281,7 +285,7 @@ impl DopantSimConfig {
             offset: v[20],
             read_noise: v[21],
         };
-        let checks: [(&str, f64, f64, f64); 20] = [
+        let checks: [(&str, f64, f64, f64); 17] = [
             ("energy", d.energy, 1e3, 1e6),
             ("current", d.current, 0.0, 1e-6),
             ("convergence_angle", d.alpha, 1e-4, 0.2),
@@ -296,9 +300,6 @@ impl DopantSimConfig {
             ("temperature", d.temperature, 0.0, 3000.0),
             ("haadf_exponent", d.exponent, 0.0, 3.0),
             ("carbon_cross_section", d.sigma_c, 0.0, 1e-18),
-            ("pixel_size", d.pixel_size, 1e-13, 1e-8),
-            ("dwell_time", d.dwell, 1e-9, 1.0),
-            ("flyback_time", d.flyback, 0.0, 1.0),
             ("detector_gain", d.gain, 1e-6, 1e9),
             ("detector_offset", d.offset, -1e9, 1e9),
             ("read_noise", d.read_noise, 0.0, 1e9),
@@ -311,6 +312,15 @@ impl DopantSimConfig {
                 ));
             }
         }
+        let frame = ScanSettings {
+            rows: self.pixels[0],
+            cols: self.pixels[1],
+            pixel_size: d.pixel_size,
+            dwell_time: d.dwell,
+            flyback_time: d.flyback,
+            center: [0.0; 2],
+        };
+        check_scan_settings(&frame, self.deflection_range, "")?;
         for (k, x) in d.drift.iter().enumerate() {
             if !(x.is_finite() && x.abs() <= 1e-6) {
                 return Err(PhysicsError::param(
@@ -328,13 +338,6 @@ impl DopantSimConfig {
             return Err(PhysicsError::param(
                 "dopant_z",
                 format!("must be an atomic number 1-92, got {}", self.dopant_z),
-            ));
-        }
-        let [r, c] = self.pixels;
-        if !(1..=4096).contains(&r) || !(1..=4096).contains(&c) {
-            return Err(PhysicsError::param(
-                "pixels",
-                format!("must be 1-4096 each, got {:?}", self.pixels),
             ));
         }
         if !(self.deflection_range > 0.0 && self.deflection_range <= 1e-6) {
@@ -517,10 +520,15 @@ impl DopantSimulator {
             .map(|((name, _), v)| (name, v))
     }
 
+    /// The probe in force: the shared model with this episode's energy, angle and focused FWHM
+    /// and the aberrations set.
+    pub fn probe_model(&self) -> ProbeModel {
+        let p = &self.p;
+        ProbeModel::from_focused_fwhm(p.energy, p.alpha, p.fwhm, self.aberrations)
+    }
+
     fn update_probe(&mut self) {
-        let s0 = self.p.fwhm / FWHM_PER_SIGMA;
-        let (a, ab) = (self.p.alpha, &self.aberrations);
-        self.probe_sigma = (s0 * s0 + a * a * (ab.c10 * ab.c10 + ab.c12 * ab.c12) / 4.0).sqrt();
+        self.probe_sigma = self.probe_model().gaussian_sigma();
     }
 
     /// Lab offset of the sheet (drift), m.
@@ -961,37 +969,7 @@ impl StemInstrument for DopantSimulator {
 
     fn configure_scan(&mut self, request: &ScanSettings) -> Result<ScanSettings> {
         let r = request;
-        if !(1..=4096).contains(&r.rows) || !(1..=4096).contains(&r.cols) {
-            return Err(PhysicsError::arg(
-                "scan.pixels",
-                format!("must be 1-4096 each, got {} × {}", r.rows, r.cols),
-            ));
-        }
-        for (name, v, lo, hi) in [
-            ("scan.pixel_size", r.pixel_size, 1e-13, 1e-8),
-            ("scan.dwell_time", r.dwell_time, 1e-9, 1.0),
-            ("scan.flyback_time", r.flyback_time, 0.0, 1.0),
-        ] {
-            if !(v.is_finite() && v >= lo && v <= hi) {
-                return Err(PhysicsError::arg(
-                    name,
-                    format!("must lie in [{lo:e}, {hi:e}], got {v:e}"),
-                ));
-            }
-        }
-        if !r
-            .center
-            .iter()
-            .all(|c| c.is_finite() && c.abs() <= self.template.deflection_range)
-        {
-            return Err(PhysicsError::arg(
-                "scan.center",
-                format!(
-                    "must lie within ±{} m, got {:?}",
-                    self.template.deflection_range, r.center
-                ),
-            ));
-        }
+        check_scan_settings(r, self.template.deflection_range, "scan.")?;
         if (r.rows, r.cols) != self.frame.dim() {
             self.frame = Array2::zeros((r.rows, r.cols));
         }

@@ -17,16 +17,11 @@ use crate::constants::SYMBOLS;
 use crate::param::{Dim, Param};
 use crate::stem::StemConfig;
 use crate::stem::dopant::DopantSimConfig;
-use crate::stem::optics::electron_wavelength;
 use crate::stem::specimen::{Crystal, DopantConfig};
 use std::marker::PhantomData;
 
-/// Intensity FWHM of an aberration-free, aperture-limited probe in units of `λ/α` (the Airy
-/// disc's central peak: FWHM ≈ 0.514 λ/α).
-pub const AIRY_FWHM: f64 = 0.514;
-
-/// `σ = FWHM / FWHM_PER_SIGMA` for a Gaussian.
-const FWHM_PER_SIGMA: f64 = 2.354_820_045_030_949;
+pub use crate::constants::AIRY_FWHM;
+pub use crate::stem::probe::source_sigma_for_fwhm;
 
 /// Maps a parameter through a monotone function `f`: fixed values and the ends of uniform and
 /// log-uniform ranges exactly (a log-uniform whose image is not positive becomes uniform), a
@@ -54,14 +49,6 @@ pub fn map_param<A: Dim, B: Dim>(p: &Param<A>, f: impl Fn(f64) -> f64) -> Param<
             Param::Normal(f(m), sd * slope.abs(), PhantomData)
         }
     }
-}
-
-/// The source-size blur σ that, added in quadrature to the aberration-free probe of `energy`
-/// (eV) and convergence semi-angle `alpha` (rad), gives an intensity FWHM of `fwhm` (m); 0 when
-/// the diffraction limit alone is already wider.
-pub fn source_sigma_for_fwhm(fwhm: f64, energy: f64, alpha: f64) -> f64 {
-    let airy = AIRY_FWHM * electron_wavelength(energy) / alpha;
-    (fwhm * fwhm - airy * airy).max(0.0).sqrt() / FWHM_PER_SIGMA
 }
 
 /// The [`StemConfig`] equivalent to the light dopant model's `c`:
@@ -154,7 +141,9 @@ pub fn stem_config_for_dopant(c: &DopantSimConfig) -> StemConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::constants::FWHM_PER_SIGMA;
     use crate::param::dims::{Length, Unitless};
+    use crate::stem::optics::electron_wavelength;
 
     #[test]
     fn airy_fwhm_plus_source_blur_gives_the_asked_width() {

@@ -17,6 +17,7 @@ use crate::param::dims::{Area, Unitless};
 use crate::rng::{PoissonScratch, SimRng, normal, poisson_fill};
 use crate::stem::fft2::Fft2;
 use crate::stem::optics::next_fast_len;
+use crate::stem::probe::source_transfer;
 use crate::stem::scan::Distortion;
 use crate::stem::specimen::{Atom, Specimen};
 use num_complex::Complex;
@@ -190,7 +191,6 @@ fn source_taps(n: usize, dx: f64, sigma: f64) -> Vec<f64> {
     if sigma <= 0.0 || n < 4 {
         return vec![1.0];
     }
-    let s2 = 2.0 * PI * PI * sigma * sigma;
     let transfer: Vec<f64> = (0..n)
         .map(|k| {
             let ki = if k <= n / 2 {
@@ -199,7 +199,7 @@ fn source_taps(n: usize, dx: f64, sigma: f64) -> Vec<f64> {
                 k as f64 - n as f64
             };
             let f = ki / (n as f64 * dx);
-            (-(s2 * f * f)).exp()
+            source_transfer(sigma, f * f)
         })
         .collect();
     let tap = |t: usize| {
@@ -348,7 +348,6 @@ impl HaadfRenderer {
             self.transfer_key = Some(key);
             let nxc = g.pcols / 2 + 1;
             let norm = 1.0 / (g.prows * g.pcols) as f64;
-            let s2 = 2.0 * PI * PI * source_sigma * source_sigma;
             self.transfer_y.clear();
             self.transfer_y.extend((0..g.prows).map(|ky| {
                 let kyi = if ky <= g.prows / 2 {
@@ -357,12 +356,12 @@ impl HaadfRenderer {
                     ky as f64 - g.prows as f64
                 };
                 let fy = kyi / (g.prows as f64 * dx);
-                (-(s2 * fy * fy)).exp() as f32
+                source_transfer(source_sigma, fy * fy) as f32
             }));
             self.transfer_x.clear();
             self.transfer_x.extend((0..nxc).map(|kx| {
                 let fx = kx as f64 / (g.pcols as f64 * dx);
-                ((-(s2 * fx * fx)).exp() * norm) as f32
+                (source_transfer(source_sigma, fx * fx) * norm) as f32
             }));
         }
         // The kernel wrapped around the origin of the padded grid, times the transfer function.

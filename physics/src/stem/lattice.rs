@@ -12,11 +12,11 @@
 //!
 //! with `N_e = I·t_dwell/e` electrons per pixel, `S_g = Σ_j σ_j exp(−2πi g·r_j)` the HAADF
 //! structure factor of the cell, `P̂` the Fourier transform of the probe intensity (normalized,
-//! `P̂(0) = 1`; computed from [`ProbeCalculator::fine_intensity`], so every aberration,
+//! `P̂(0) = 1`; computed from the shared [`ProbeModel::fine`], so every aberration,
 //! the aperture and the chromatic defocus spread enter as in the full simulator; `P̂(−g)`, the
 //! conjugate, because the beam at r lights an atom at r_j with the probe's intensity at
 //! `r_j − r`),
-//! `T(g) = exp(−2π²σ_s²|g|²)` the source blur and `d(t)` the drift. Pixels are point samples
+//! `T(g) = exp(−2π²σ_s²|g|²)` the source blur ([`ProbeModel::source_transfer`]) and `d(t)` the drift. Pixels are point samples
 //! at the probe position. The drift is a constant velocity, applied at each pixel's time
 //! (so a frame is sheared as it is scanned); its phase factorizes into row and column parts.
 //!
@@ -39,12 +39,11 @@ use crate::instrument::{
 use crate::param::{Randomizer, Region};
 use crate::rng::{PoissonScratch, SimRng, derive_seed, poisson, seeded};
 use crate::stem::optics::{Aberrations, ProbeCalculator, electron_wavelength};
-use crate::stem::sim::{StemConfig, StemSimulator, check_scan_request};
+use crate::stem::probe::ProbeModel;
+use crate::stem::settings::{DEFLECTION_RANGE, check_scan_settings};
+use crate::stem::sim::{StemConfig, StemSimulator};
 use ndarray::ArrayView2;
 use std::f64::consts::PI;
-
-/// Largest deflection of the probe or the scan centre from the optic axis, m.
-const DEFLECTION_RANGE: f64 = 1e-6;
 
 /// Per beam of a frame: the coefficient of row 0 (complex), the phase step per row (rad and as a
 /// phasor), and the running row coefficient.
@@ -327,20 +326,18 @@ impl LatticeSimulator {
         if !self.probe_dirty {
             return;
         }
-        let spec = self.cfg.optics.probe_spec(self.aberrations);
+        let model = ProbeModel::new(&self.cfg.optics, self.aberrations);
         // The probe grid of the full simulator's kernel for this scan: it resolves the probe
         // (fine pixel ≤ λ/4α, so P̂ is not aliased below 2α/λ) and holds it (geometric blur +
         // 3 λ/α), up to the field of view (a probe wider than the field gives a featureless
         // frame either way).
         let dx = self.scan.pixel_size;
         let extent = dx * self.scan.rows.max(self.scan.cols).max(16) as f64;
-        let (_, n, fdx) = ProbeCalculator::fine_geometry(&spec, dx, extent);
-        self.probe_calc.fine_intensity(&spec, n, fdx);
+        let (n, fdx) = model.fine(&mut self.probe_calc, dx, extent);
         self.intensity.clear();
         self.intensity
             .extend(self.probe_calc.intensity().iter().map(|&v| v as f32));
         let inten = &self.intensity;
-        let src = self.cfg.optics.source_size.get();
         let c = (n / 2) as f64;
         self.ex_re.resize(n, 0.0);
         self.ex_im.resize(n, 0.0);
@@ -368,7 +365,7 @@ impl LatticeSimulator {
                 &mut self.col_acc,
             );
             let g2 = b.g[0] * b.g[0] + b.g[1] * b.g[1];
-            let t = (-2.0 * PI * PI * src * src * g2).exp();
+            let t = model.source_transfer(g2);
             // P̂(−g) = conj P̂(g): the image is the lattice convolved with the reflected probe.
             b.transfer = [re * t, -im * t];
         }
@@ -580,7 +577,7 @@ impl StemInstrument for LatticeSimulator {
     }
 
     fn configure_scan(&mut self, request: &ScanSettings) -> Result<ScanSettings> {
-        check_scan_request(&self.cfg, request)?;
+        check_scan_settings(request, DEFLECTION_RANGE, "scan.")?;
         // The probe grid depends on the pixel size and, through its largest extent, the frame.
         if (request.rows, request.cols, request.pixel_size)
             != (self.scan.rows, self.scan.cols, self.scan.pixel_size)

@@ -1,5 +1,6 @@
 //! The simulated scanning transmission electron microscope (DESIGN.md §4).
 
+pub mod coherent;
 pub mod damage;
 pub mod dopant;
 pub mod eels;
@@ -8,7 +9,9 @@ pub mod fft2;
 pub mod haadf;
 pub mod lattice;
 pub mod optics;
+pub mod probe;
 pub mod scan;
+pub mod settings;
 pub mod sim;
 pub mod specimen;
 

@@ -3,8 +3,15 @@
 //! The probe is `ψ(r) = F⁻¹[A(k) e^{-iχ(k)}]` with a hard aperture `A(k) = 1` for `λ|k| ≤ α`
 //! and the aberration function in Krivanek notation (DESIGN.md §4):
 //!
-//! `χ(θ,φ) = 2π/λ · [ θ²/2 (C10 + C12 cos 2(φ-φ12)) + θ³/3 (C21 cos(φ-φ21) + C23 cos 3(φ-φ23))
-//!  + θ⁴/4 C30 + θ⁶/6 C50 ]`.
+//! `χ(θ,φ) = 2π/λ · Σ_{n,m} C_{n,m} θ^{n+1}/(n+1) · cos m(φ − φ_{n,m})`
+//!
+//! over the round terms C10 (defocus), C30 (Cs), C50 (C5) and the non-round ones up to fifth
+//! order: C12 (two-fold astigmatism), C21 (axial coma), C23 (three-fold astigmatism), C32 (star),
+//! C34 (four-fold astigmatism), C41 (fourth-order coma), C43 (three-lobe), C45 (five-fold
+//! astigmatism), C52, C54 and C56 (fifth-order two-, four- and six-fold terms), as in Krivanek,
+//! Dellby & Lupini, Ultramicroscopy 78 (1999) 1, Table 1 (Haider's S3, A3, B4, D4, A4, S5, R5 and
+//! A5 name the same terms with other numerical factors). Every coefficient defaults to 0 except where the
+//! [`OpticsConfig`] of a scenario sets C30 and C50.
 //!
 //! The intensity `|ψ|²` is computed on a fine grid that resolves the aperture (pixel ≤ λ/(4α)),
 //! optionally summed over a Gauss-Hermite set of defoci for chromatic spread, binned onto the
@@ -12,11 +19,13 @@
 //! step as a Gaussian transfer function.
 
 use crate::constants::{
-    ELECTRON_MASS, ELECTRON_REST_ENERGY_EV, ELEMENTARY_CHARGE, PLANCK, SPEED_OF_LIGHT,
+    ELECTRON_MASS, ELECTRON_REST_ENERGY_EV, ELEMENTARY_CHARGE, FWHM_PER_SIGMA, PLANCK,
+    SPEED_OF_LIGHT,
 };
 use crate::error::{PhysicsError, Result};
 use crate::param::Param;
 use crate::param::dims::{Angle, Energy, Length};
+use crate::quadrature::gauss_hermite;
 use num_complex::Complex;
 use rustfft::{Fft, FftPlanner};
 use serde::{Deserialize, Serialize};
@@ -76,9 +85,74 @@ pub struct Aberrations {
     pub c30: f64,
     /// Fifth-order spherical aberration C50, m. Default 0.
     pub c50: f64,
+    /// Third-order star aberration C32, m (χ term `θ⁴/4 · C32 cos 2(φ − φ32)`). Default 0
+    /// (a few µm uncorrected to ~1 µm after a corrector's tuning; Krivanek et al. 1999).
+    pub c32: f64,
+    /// Azimuth of C32, rad. Default 0.
+    pub phi32: f64,
+    /// Four-fold astigmatism C34, m (`θ⁴/4 · C34 cos 4(φ − φ34)`). Default 0 (typically
+    /// 0.1-1 µm on a tuned corrector).
+    pub c34: f64,
+    /// Azimuth of C34, rad. Default 0.
+    pub phi34: f64,
+    /// Fourth-order axial coma C41, m (`θ⁵/5 · C41 cos(φ − φ41)`). Default 0 (typically
+    /// 1-10 µm).
+    pub c41: f64,
+    /// Azimuth of C41, rad. Default 0.
+    pub phi41: f64,
+    /// Fourth-order three-lobe aberration C43, m (`θ⁵/5 · C43 cos 3(φ − φ43)`). Default 0
+    /// (typically 1-10 µm).
+    pub c43: f64,
+    /// Azimuth of C43, rad. Default 0.
+    pub phi43: f64,
+    /// Five-fold astigmatism C45, m (`θ⁵/5 · C45 cos 5(φ − φ45)`). Default 0 (typically
+    /// 1-10 µm; the limiting term of many quadrupole-octupole correctors).
+    pub c45: f64,
+    /// Azimuth of C45, rad. Default 0.
+    pub phi45: f64,
+    /// Fifth-order two-fold aberration C52, m (`θ⁶/6 · C52 cos 2(φ − φ52)`). Default 0
+    /// (typically 0.1-1 mm).
+    pub c52: f64,
+    /// Azimuth of C52, rad. Default 0.
+    pub phi52: f64,
+    /// Fifth-order four-fold aberration C54, m (`θ⁶/6 · C54 cos 4(φ − φ54)`). Default 0
+    /// (typically 0.1-1 mm).
+    pub c54: f64,
+    /// Azimuth of C54, rad. Default 0.
+    pub phi54: f64,
+    /// Six-fold astigmatism C56, m (`θ⁶/6 · C56 cos 6(φ − φ56)`). Default 0 (typically
+    /// 0.1-5 mm, the usual limit of a hexapole corrector).
+    pub c56: f64,
+    /// Azimuth of C56, rad. Default 0.
+    pub phi56: f64,
+}
+
+/// One non-round term of χ above third order in the aperture angle: order `n` (power `n + 1` of
+/// θ), fold `m`, magnitude (m) and azimuth (rad).
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct HigherTerm {
+    n: u8,
+    m: u8,
+    c: f64,
+    phi: f64,
 }
 
 impl Aberrations {
+    /// The non-round terms of orders 3 to 5 (C32 … C56) with their names.
+    fn higher_terms(&self) -> [(&'static str, &'static str, HigherTerm); 8] {
+        let t = |n, m, c, phi| HigherTerm { n, m, c, phi };
+        [
+            ("c32", "phi32", t(3, 2, self.c32, self.phi32)),
+            ("c34", "phi34", t(3, 4, self.c34, self.phi34)),
+            ("c41", "phi41", t(4, 1, self.c41, self.phi41)),
+            ("c43", "phi43", t(4, 3, self.c43, self.phi43)),
+            ("c45", "phi45", t(4, 5, self.c45, self.phi45)),
+            ("c52", "phi52", t(5, 2, self.c52, self.phi52)),
+            ("c54", "phi54", t(5, 4, self.c54, self.phi54)),
+            ("c56", "phi56", t(5, 6, self.c56, self.phi56)),
+        ]
+    }
+
     /// Cartesian two-fold astigmatism `(C12a, C12b)`, m.
     pub fn c12_cartesian(&self) -> (f64, f64) {
         (
@@ -110,7 +184,11 @@ impl Aberrations {
             ("c30", self.c30),
             ("c50", self.c50),
         ];
-        for (n, v) in vals {
+        let higher = self.higher_terms();
+        let higher_vals = higher
+            .iter()
+            .flat_map(|&(cn, pn, t)| [(cn, t.c), (pn, t.phi)]);
+        for (n, v) in vals.into_iter().chain(higher_vals) {
             if !v.is_finite() {
                 return Err(PhysicsError::param(
                     format!("{prefix}{n}"),
@@ -118,7 +196,11 @@ impl Aberrations {
                 ));
             }
         }
-        for (n, v) in [("c12", self.c12), ("c21", self.c21), ("c23", self.c23)] {
+        let magnitudes = [("c12", self.c12), ("c21", self.c21), ("c23", self.c23)];
+        for (n, v) in magnitudes
+            .into_iter()
+            .chain(higher.iter().map(|&(cn, _, t)| (cn, t.c)))
+        {
             if v < 0.0 {
                 return Err(PhysicsError::param(
                     format!("{prefix}{n}"),
@@ -141,7 +223,15 @@ impl Aberrations {
                     * (self.c21 * (phi - self.phi21).cos()
                         + self.c23 * (3.0 * (phi - self.phi23)).cos())
                 + t2 * t2 / 4.0 * self.c30
-                + t2 * t2 * t2 / 6.0 * self.c50)
+                + t2 * t2 * t2 / 6.0 * self.c50
+                + self
+                    .higher_terms()
+                    .iter()
+                    .map(|&(_, _, t)| {
+                        let k = f64::from(t.n) + 1.0;
+                        t.c * theta.powf(k) / k * (f64::from(t.m) * (phi - t.phi)).cos()
+                    })
+                    .sum::<f64>())
     }
 
     /// The aberration function in Cartesian form for wavelength `lambda` (m): no trigonometry
@@ -159,6 +249,12 @@ impl Aberrations {
             ],
             c30: self.c30,
             c50: self.c50,
+            higher: self.higher_terms().map(|(_, _, t)| {
+                let (s, c) = (f64::from(t.m) * t.phi).sin_cos();
+                let k = f64::from(t.n) + 1.0;
+                [t.c * c / k, t.c * s / k]
+            }),
+            has_higher: self.higher_terms().iter().any(|(_, _, t)| t.c != 0.0),
         }
     }
 
@@ -170,6 +266,11 @@ impl Aberrations {
             + (self.c21 + self.c23) * alpha * alpha
             + self.c30.abs() * alpha.powi(3)
             + self.c50.abs() * alpha.powi(5)
+            + self
+                .higher_terms()
+                .iter()
+                .map(|&(_, _, t)| t.c * alpha.powi(i32::from(t.n)))
+                .sum::<f64>()
     }
 }
 
@@ -184,6 +285,11 @@ pub struct ChiCartesian {
     c23: [f64; 2],
     c30: f64,
     c50: f64,
+    /// `C_{n,m} (cos mφ, sin mφ) / (n + 1)` of C32, C34, C41, C43, C45, C52, C54, C56.
+    higher: [[f64; 2]; 8],
+    /// Whether any of `higher` is non-zero (otherwise χ is evaluated as without them, so the
+    /// result is the same to the bit).
+    has_higher: bool,
 }
 
 impl ChiCartesian {
@@ -192,15 +298,46 @@ impl ChiCartesian {
     #[inline]
     pub fn chi(&self, tx: f64, ty: f64) -> f64 {
         let t2 = tx * tx + ty * ty;
-        self.pref
+        let chi = self.pref
             * (0.5
-                * (self.c10 * t2 + self.c12[0] * (tx * tx - ty * ty) + self.c12[1] * 2.0 * tx * ty)
+                * (self.c10 * t2
+                    + self.c12[0] * (tx * tx - ty * ty)
+                    + self.c12[1] * 2.0 * tx * ty)
                 + t2 * (self.c21[0] * tx + self.c21[1] * ty) / 3.0
                 + (self.c23[0] * (tx * tx * tx - 3.0 * tx * ty * ty)
                     + self.c23[1] * (3.0 * tx * tx * ty - ty * ty * ty))
                     / 3.0
                 + 0.25 * self.c30 * t2 * t2
-                + self.c50 * t2 * t2 * t2 / 6.0)
+                + self.c50 * t2 * t2 * t2 / 6.0);
+        if self.has_higher {
+            chi + self.pref * self.higher_chi(tx, ty, t2)
+        } else {
+            chi
+        }
+    }
+
+    /// The non-round terms of orders 3-5 over `2π/λ`, using `θ^m cos mφ = Re zᵐ` and
+    /// `θ^m sin mφ = Im zᵐ` with `z = θx + iθy`, so `θ^{n+1} cos m(φ − φ₀) = θ^{n+1−m}
+    /// (cos mφ₀ Re zᵐ + sin mφ₀ Im zᵐ)` (`n + 1 − m` is even for every term).
+    fn higher_chi(&self, tx: f64, ty: f64, t2: f64) -> f64 {
+        let mul = |a: [f64; 2], b: [f64; 2]| [a[0] * b[0] - a[1] * b[1], a[0] * b[1] + a[1] * b[0]];
+        let z1 = [tx, ty];
+        let z2 = mul(z1, z1);
+        let z3 = mul(z2, z1);
+        let z4 = mul(z2, z2);
+        let z5 = mul(z4, z1);
+        let z6 = mul(z3, z3);
+        let h = &self.higher;
+        let dot = |c: [f64; 2], z: [f64; 2]| c[0] * z[0] + c[1] * z[1];
+        let t4 = t2 * t2;
+        t2 * dot(h[0], z2)
+            + dot(h[1], z4)
+            + t4 * dot(h[2], z1)
+            + t2 * dot(h[3], z3)
+            + dot(h[4], z5)
+            + t4 * dot(h[5], z2)
+            + t2 * dot(h[6], z4)
+            + dot(h[7], z6)
     }
 }
 
@@ -230,6 +367,38 @@ pub struct OpticsConfig {
     pub c30: Param<Length>,
     /// Fifth-order spherical aberration C50, m. Default 0.55 mm.
     pub c50: Param<Length>,
+    /// C32, m (see [`Aberrations::c32`]). Default 0.
+    pub c32: Param<Length>,
+    /// Azimuth of C32, rad. Default 0.
+    pub phi32: Param<Angle>,
+    /// C34, m (see [`Aberrations::c34`]). Default 0.
+    pub c34: Param<Length>,
+    /// Azimuth of C34, rad. Default 0.
+    pub phi34: Param<Angle>,
+    /// C41, m (see [`Aberrations::c41`]). Default 0.
+    pub c41: Param<Length>,
+    /// Azimuth of C41, rad. Default 0.
+    pub phi41: Param<Angle>,
+    /// C43, m (see [`Aberrations::c43`]). Default 0.
+    pub c43: Param<Length>,
+    /// Azimuth of C43, rad. Default 0.
+    pub phi43: Param<Angle>,
+    /// C45, m (see [`Aberrations::c45`]). Default 0.
+    pub c45: Param<Length>,
+    /// Azimuth of C45, rad. Default 0.
+    pub phi45: Param<Angle>,
+    /// C52, m (see [`Aberrations::c52`]). Default 0.
+    pub c52: Param<Length>,
+    /// Azimuth of C52, rad. Default 0.
+    pub phi52: Param<Angle>,
+    /// C54, m (see [`Aberrations::c54`]). Default 0.
+    pub c54: Param<Length>,
+    /// Azimuth of C54, rad. Default 0.
+    pub phi54: Param<Angle>,
+    /// C56, m (see [`Aberrations::c56`]). Default 0.
+    pub c56: Param<Length>,
+    /// Azimuth of C56, rad. Default 0.
+    pub phi56: Param<Angle>,
     /// Effective source size, Gaussian σ, m. Default 0.35 Å.
     pub source_size: Param<Length>,
     /// Chromatic aberration coefficient Cc, m. Default 1 mm.
@@ -253,6 +422,22 @@ impl Default for OpticsConfig {
             phi23: Param::fixed(0.0),
             c30: Param::fixed(123e-9),
             c50: Param::fixed(0.55e-3),
+            c32: Param::fixed(0.0),
+            phi32: Param::fixed(0.0),
+            c34: Param::fixed(0.0),
+            phi34: Param::fixed(0.0),
+            c41: Param::fixed(0.0),
+            phi41: Param::fixed(0.0),
+            c43: Param::fixed(0.0),
+            phi43: Param::fixed(0.0),
+            c45: Param::fixed(0.0),
+            phi45: Param::fixed(0.0),
+            c52: Param::fixed(0.0),
+            phi52: Param::fixed(0.0),
+            c54: Param::fixed(0.0),
+            phi54: Param::fixed(0.0),
+            c56: Param::fixed(0.0),
+            phi56: Param::fixed(0.0),
             source_size: Param::fixed(0.35e-10),
             cc: Param::fixed(1e-3),
             energy_spread: Param::fixed(0.0),
@@ -284,6 +469,22 @@ impl OpticsConfig {
             phi23: self.phi23.get(),
             c30: self.c30.get(),
             c50: self.c50.get(),
+            c32: self.c32.get(),
+            phi32: self.phi32.get(),
+            c34: self.c34.get(),
+            phi34: self.phi34.get(),
+            c41: self.c41.get(),
+            phi41: self.phi41.get(),
+            c43: self.c43.get(),
+            phi43: self.phi43.get(),
+            c45: self.c45.get(),
+            phi45: self.phi45.get(),
+            c52: self.c52.get(),
+            phi52: self.phi52.get(),
+            c54: self.c54.get(),
+            phi54: self.phi54.get(),
+            c56: self.c56.get(),
+            phi56: self.phi56.get(),
         }
     }
 
@@ -336,24 +537,17 @@ pub struct ProbeSpec {
 
 impl ProbeSpec {
     /// Standard deviation of the defocus spread from chromatic aberration, m:
-    /// `σ_f = Cc · (ΔE/2.3548) / E · (1 + E/m₀c²)/(1 + E/2m₀c²)`.
+    /// `σ_f = Cc · (ΔE/2√(2 ln 2)) / E · (1 + E/m₀c²)/(1 + E/2m₀c²)`.
     pub fn defocus_spread(&self) -> f64 {
         let e = self.energy;
         let rel = (1.0 + e / ELECTRON_REST_ENERGY_EV) / (1.0 + e / (2.0 * ELECTRON_REST_ENERGY_EV));
-        self.cc * (self.energy_spread / 2.354_820_045) / e * rel
+        self.cc * (self.energy_spread / FWHM_PER_SIGMA) / e * rel
     }
 }
 
-/// Gauss-Hermite nodes and weights (probabilists', normalized to sum 1) for 7 points.
-const GH7: [(f64, f64); 7] = [
-    (-3.750_439_717_725_742, 0.000_548_268_855_972_22),
-    (-2.366_759_410_734_541, 0.030_757_123_967_586_5),
-    (-1.154_405_394_739_968, 0.240_123_178_605_012_7),
-    (0.0, 0.457_142_857_142_857_1),
-    (1.154_405_394_739_968, 0.240_123_178_605_012_7),
-    (2.366_759_410_734_541, 0.030_757_123_967_586_5),
-    (3.750_439_717_725_742, 0.000_548_268_855_972_22),
-];
+/// Number of Gauss-Hermite nodes of the chromatic defocus average (from
+/// [`crate::quadrature::gauss_hermite`]).
+const CHROMATIC_NODES: usize = 7;
 
 /// Computes probe intensities on a fine grid and bins them onto an image grid, reusing FFT plans
 /// and buffers between calls.
@@ -505,7 +699,10 @@ impl ProbeCalculator {
         self.intensity.clear();
         self.intensity.resize(n * n, 0.0);
         let sigma_f = spec.defocus_spread();
-        let nodes: &[(f64, f64)] = if sigma_f > 0.0 { &GH7 } else { &GH7[3..4] };
+        let gh = gauss_hermite(CHROMATIC_NODES);
+        // Without a spread only the middle node (exactly 0) is needed.
+        let mid = CHROMATIC_NODES / 2;
+        let nodes: &[(f64, f64)] = if sigma_f > 0.0 { gh } else { &gh[mid..=mid] };
         let norm_w: f64 = nodes.iter().map(|x| x.1).sum();
         for &(z, w) in nodes {
             let mut ab = spec.aberrations;
@@ -654,6 +851,22 @@ mod tests {
             phi23: -0.3,
             c30: 1e-6,
             c50: 1e-3,
+            c32: 2e-6,
+            phi32: 0.3,
+            c34: 1e-6,
+            phi34: -0.8,
+            c41: 5e-6,
+            phi41: 2.1,
+            c43: 4e-6,
+            phi43: 0.6,
+            c45: 3e-6,
+            phi45: -1.7,
+            c52: 0.2e-3,
+            phi52: 1.2,
+            c54: 0.3e-3,
+            phi54: -0.4,
+            c56: 1e-3,
+            phi56: 0.05,
         };
         let lambda = electron_wavelength(100e3);
         let cartesian = ab.cartesian(lambda);
@@ -665,6 +878,201 @@ mod tests {
                 "{cart} vs {polar}"
             );
         }
+    }
+
+    /// Every non-round term of orders 3-5 (C32 … C56) alone, 1 µm at azimuth φ₀ = 0.2 rad,
+    /// evaluated with `2π/λ = 10¹² /m` at θ = 0.1 rad: the closed form of Krivanek et al. (1999),
+    /// `χ = 2π/λ · C θ^{n+1}/(n+1) · cos m(φ − φ₀)`, gives `10⁶ · 0.1^{n+1}/(n+1)` rad on the
+    /// term's axis φ = φ₀ (25 rad for n = 3, 2 rad for n = 4, 1/6 rad for n = 5), its negative at
+    /// φ = φ₀ + π/m and zero at φ = φ₀ + π/(2m); χ is unchanged by a rotation of 2π/m.
+    #[test]
+    fn higher_order_terms_follow_the_closed_form_and_their_symmetry() {
+        type Set = fn(&mut Aberrations, f64, f64);
+        let terms: [(&str, u8, u8, f64, Set); 8] = [
+            ("c32", 3, 2, 25.0, |a, c, p| (a.c32, a.phi32) = (c, p)),
+            ("c34", 3, 4, 25.0, |a, c, p| (a.c34, a.phi34) = (c, p)),
+            ("c41", 4, 1, 2.0, |a, c, p| (a.c41, a.phi41) = (c, p)),
+            ("c43", 4, 3, 2.0, |a, c, p| (a.c43, a.phi43) = (c, p)),
+            ("c45", 4, 5, 2.0, |a, c, p| (a.c45, a.phi45) = (c, p)),
+            ("c52", 5, 2, 1.0 / 6.0, |a, c, p| (a.c52, a.phi52) = (c, p)),
+            ("c54", 5, 4, 1.0 / 6.0, |a, c, p| (a.c54, a.phi54) = (c, p)),
+            ("c56", 5, 6, 1.0 / 6.0, |a, c, p| (a.c56, a.phi56) = (c, p)),
+        ];
+        let lambda = 2.0 * PI * 1e-12;
+        let (theta, phi0) = (0.1, 0.2);
+        for (name, _n, m, on_axis, set) in terms {
+            let mut ab = Aberrations::default();
+            set(&mut ab, 1e-6, phi0);
+            ab.validate("").unwrap();
+            let cart = ab.cartesian(lambda);
+            let at = |phi: f64| {
+                let (tx, ty) = (theta * phi.cos(), theta * phi.sin());
+                (cart.chi(tx, ty), ab.chi(lambda, tx, ty))
+            };
+            let m = f64::from(m);
+            for (phi, want) in [
+                (phi0, on_axis),
+                (phi0 + PI / m, -on_axis),
+                (phi0 + PI / (2.0 * m), 0.0),
+            ] {
+                let (c, p) = at(phi);
+                assert!(
+                    (c - want).abs() < 1e-9 * on_axis,
+                    "{name} φ={phi}: {c} vs {want}"
+                );
+                assert!(
+                    (p - want).abs() < 1e-9 * on_axis,
+                    "{name} φ={phi}: {p} vs {want}"
+                );
+            }
+            // m-fold symmetry at an arbitrary azimuth, and no other term leaks in.
+            for phi in [0.37, 1.9, -2.4] {
+                let (c0, _) = at(phi);
+                let (c1, _) = at(phi + 2.0 * PI / m);
+                assert!((c0 - c1).abs() < 1e-9 * on_axis, "{name}: {c0} vs {c1}");
+                let want = on_axis * (m * (phi - phi0)).cos();
+                assert!((c0 - want).abs() < 1e-9 * on_axis, "{name}: {c0} vs {want}");
+            }
+            // A negative magnitude is refused by name.
+            let mut bad = Aberrations::default();
+            set(&mut bad, -1e-6, 0.0);
+            match bad.validate("optics.") {
+                Err(PhysicsError::InvalidParameter { field, .. }) => {
+                    assert_eq!(field, format!("optics.{name}"))
+                }
+                other => panic!("{name}: {other:?}"),
+            }
+        }
+    }
+
+    /// The aberration function of the terms up to C50 as it was before C32 … C56 existed.
+    fn chi_before_higher_orders(ab: &Aberrations, lambda: f64, tx: f64, ty: f64) -> f64 {
+        let (c12a, c12b) = ab.c12_cartesian();
+        let c21 = [ab.c21 * ab.phi21.cos(), ab.c21 * ab.phi21.sin()];
+        let c23 = [
+            ab.c23 * (3.0 * ab.phi23).cos(),
+            ab.c23 * (3.0 * ab.phi23).sin(),
+        ];
+        let t2 = tx * tx + ty * ty;
+        2.0 * PI / lambda
+            * (0.5 * (ab.c10 * t2 + c12a * (tx * tx - ty * ty) + c12b * 2.0 * tx * ty)
+                + t2 * (c21[0] * tx + c21[1] * ty) / 3.0
+                + (c23[0] * (tx * tx * tx - 3.0 * tx * ty * ty)
+                    + c23[1] * (3.0 * tx * tx * ty - ty * ty * ty))
+                    / 3.0
+                + 0.25 * ab.c30 * t2 * t2
+                + ab.c50 * t2 * t2 * t2 / 6.0)
+    }
+
+    /// With C32 … C56 zero (whatever their azimuths) χ and the probe are the same to the bit as
+    /// without the new terms.
+    #[test]
+    fn probes_without_higher_orders_are_unchanged_bit_for_bit() {
+        let low = Aberrations {
+            c10: 3e-9,
+            c12: 2e-9,
+            phi12: 0.4,
+            c21: 50e-9,
+            phi21: 1.0,
+            c23: 30e-9,
+            phi23: -0.3,
+            c30: 1e-6,
+            c50: 1e-3,
+            ..Aberrations::default()
+        };
+        let lambda = electron_wavelength(60e3);
+        let cart = low.cartesian(lambda);
+        for i in -20..=20 {
+            for j in -20..=20 {
+                let (tx, ty) = (f64::from(i) * 1.7e-3, f64::from(j) * 1.3e-3);
+                let old = chi_before_higher_orders(&low, lambda, tx, ty);
+                assert_eq!(cart.chi(tx, ty).to_bits(), old.to_bits(), "({tx}, {ty})");
+            }
+        }
+        let zero_with_azimuths = Aberrations {
+            phi32: 0.3,
+            phi34: 1.1,
+            phi41: -0.7,
+            phi43: 2.0,
+            phi45: 0.9,
+            phi52: -1.3,
+            phi54: 0.5,
+            phi56: 2.9,
+            ..Aberrations::default()
+        };
+        for ab in [Aberrations::default(), zero_with_azimuths] {
+            let spec = ProbeSpec {
+                energy: 60e3,
+                alpha: 30e-3,
+                aberrations: ab,
+                cc: 0.0,
+                energy_spread: 0.0,
+            };
+            let mut calc = ProbeCalculator::new();
+            let mut kernel = Vec::new();
+            calc.binned_probe(&spec, 0.2e-10, 2e-9, &mut kernel);
+            // The aberration-free probe by the pre-change evaluation: the same spectrum with the
+            // old χ (which is 0 for these aberrations) is the unshifted, phase-free aperture.
+            let zero = chi_before_higher_orders(&ab, electron_wavelength(60e3), 0.01, 0.02);
+            assert_eq!(zero.to_bits(), 0.0f64.to_bits());
+            let mut reference = Vec::new();
+            ProbeCalculator::new().binned_probe(
+                &ProbeSpec {
+                    aberrations: Aberrations::default(),
+                    ..spec
+                },
+                0.2e-10,
+                2e-9,
+                &mut reference,
+            );
+            assert_eq!(kernel.len(), reference.len());
+            assert!(
+                kernel
+                    .iter()
+                    .zip(&reference)
+                    .all(|(a, b)| a.to_bits() == b.to_bits())
+            );
+        }
+    }
+
+    /// A four-fold astigmatism C34 (with defocus, which breaks the χ → −χ symmetry of the
+    /// intensity) gives a probe with four-fold symmetry: on the periodic grid centred on the
+    /// probe its intensity is unchanged by a 90° rotation, while with φ34 = π/8 its mirror image
+    /// about the x axis (which turns the C34 term into its negative) differs.
+    #[test]
+    fn a_c34_probe_has_four_fold_symmetry() {
+        let spec = ProbeSpec {
+            energy: 60e3,
+            alpha: 30e-3,
+            aberrations: Aberrations {
+                c10: 3e-9,
+                c34: 5e-6,
+                phi34: PI / 8.0,
+                ..Aberrations::default()
+            },
+            cc: 0.0,
+            energy_spread: 0.0,
+        };
+        let mut calc = ProbeCalculator::new();
+        let n = 128usize;
+        calc.fine_intensity(&spec, n, 0.04e-10);
+        let im = calc.intensity();
+        let c = (n / 2) as i64;
+        let at = |dx: i64, dy: i64| {
+            let (x, y) = ((c + dx).rem_euclid(n as i64), (c + dy).rem_euclid(n as i64));
+            im[y as usize * n + x as usize]
+        };
+        let (mut rot, mut mirror, mut total) = (0.0, 0.0, 0.0);
+        for dy in -c..c {
+            for dx in -c..c {
+                let v = at(dx, dy);
+                total += v;
+                rot += (v - at(-dy, dx)).abs();
+                mirror += (v - at(dx, -dy)).abs();
+            }
+        }
+        assert!(rot < 1e-4 * total, "{rot} of {total}");
+        assert!(mirror > 1e-2 * total, "{mirror} of {total}");
     }
 
     #[test]

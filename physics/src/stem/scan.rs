@@ -62,44 +62,24 @@ impl Default for ScanConfig {
 }
 
 impl ScanConfig {
-    /// Checks ranges; `prefix` is prepended to field names in errors.
+    /// Checks ranges with the one STEM scan check
+    /// ([`check_scan_settings`](crate::stem::settings::check_scan_settings), the frame centre
+    /// within its default deflection range) and the dose; `prefix` is prepended to field names
+    /// in errors.
     pub fn validate(&self, prefix: &str) -> Result<()> {
-        let [h, w] = self.pixels;
-        if !(8..=4096).contains(&h) || !(8..=4096).contains(&w) {
-            return Err(PhysicsError::param(
-                format!("{prefix}pixels"),
-                format!("each side must be 8..=4096, got [{h}, {w}]"),
-            ));
-        }
-        let px = self.pixel_size.get();
-        if !(1e-13..=1e-6).contains(&px) {
-            return Err(PhysicsError::param(
-                format!("{prefix}pixel_size"),
-                format!("must be 0.001 Å to 1 µm, got {px} m"),
-            ));
-        }
-        let d = self.dwell_time.get();
-        if !(d > 0.0 && d <= 1.0) {
-            return Err(PhysicsError::param(
-                format!("{prefix}dwell_time"),
-                format!("must be in (0, 1] s, got {d}"),
-            ));
-        }
-        let f = self.flyback_time.get();
-        if !(0.0..=1.0).contains(&f) {
-            return Err(PhysicsError::param(
-                format!("{prefix}flyback_time"),
-                format!("must be in [0, 1] s, got {f}"),
-            ));
-        }
-        for (i, c) in self.center.iter().enumerate() {
-            if !c.get().is_finite() {
-                return Err(PhysicsError::param(
-                    format!("{prefix}center[{i}]"),
-                    "must be finite",
-                ));
-            }
-        }
+        let settings = crate::instrument::ScanSettings {
+            rows: self.pixels[0],
+            cols: self.pixels[1],
+            pixel_size: self.pixel_size.get(),
+            dwell_time: self.dwell_time.get(),
+            flyback_time: self.flyback_time.get(),
+            center: [self.center[0].get(), self.center[1].get()],
+        };
+        crate::stem::settings::check_scan_settings(
+            &settings,
+            crate::stem::settings::DEFLECTION_RANGE,
+            prefix,
+        )?;
         if let Some(dose) = &self.dose {
             let v = dose.get();
             if !(v > 0.0 && v.is_finite()) {

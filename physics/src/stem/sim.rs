@@ -19,16 +19,19 @@ use crate::instrument::{
 use crate::param::dims::{Current, Time, Unitless};
 use crate::param::{Param, Randomizer, Region};
 use crate::rng::{PoissonScratch, SimRng, derive_seed, poisson, seeded};
+use crate::stem::coherent::{AnnularDetector, CoherentGrid};
 use crate::stem::damage::{
     CurrentFluctuation, DamageConfig, DoseMap, Hop, HopModel, KnockOn, Raster, sputter_with,
 };
 use crate::stem::eels::{EelsConfig, EelsModel};
 use crate::stem::haadf::{DetectorConfig, HaadfRenderer};
 use crate::stem::optics::{Aberrations, OpticsConfig, ProbeCalculator, ProbeSpec};
+use crate::stem::probe::ProbeModel;
 use crate::stem::scan::{
     Distortion, DriftConfig, DriftState, MAX_DISTORTION_PIXELS, ScanConfig, ScanDistortion,
     ScanNoiseConfig,
 };
+use crate::stem::settings::{DEFLECTION_RANGE, check_scan_settings};
 use crate::stem::specimen::{Atom, Specimen, SpecimenConfig, Supercell};
 use ndarray::ArrayView2;
 use serde::{Deserialize, Serialize};
@@ -490,21 +493,25 @@ impl StemSimulator {
         self.cfg.optics.probe_spec(self.aberrations)
     }
 
+    /// The probe in force (coherent part and source blur), as the shared
+    /// [`ProbeModel`] of the three STEM simulators.
+    pub fn probe_model(&self) -> ProbeModel {
+        ProbeModel::new(&self.cfg.optics, self.aberrations)
+    }
+
     /// Recomputes the probe if the optics or scan geometry changed.
     pub fn ensure_probe(&mut self) {
         if !self.probe_dirty {
             return;
         }
-        let spec = self.probe_spec();
+        let model = self.probe_model();
         let dx = self.scan.pixel_size;
         let max_extent = dx * (self.scan.rows.max(self.scan.cols)) as f64;
-        self.kernel_side = self
-            .probe_calc
-            .binned_probe(&spec, dx, max_extent, &mut self.kernel);
+        self.kernel_side = model.binned(&mut self.probe_calc, dx, max_extent, &mut self.kernel);
         // Second moment of the kernel, for spreading point doses.
         let s = self.kernel_side;
         let m2 = second_moment(&self.kernel, s);
-        let src = self.cfg.optics.source_size.get();
+        let src = model.source_sigma;
         self.probe_sigma = ((0.5 * m2).sqrt() * dx).hypot(src);
         self.renderer
             .set_probe(&self.kernel, s, self.scan.rows, self.scan.cols, dx, src);
@@ -521,7 +528,7 @@ impl StemSimulator {
     pub fn effective_probe(&mut self) -> (usize, &[f64]) {
         self.ensure_probe();
         if self.eff_dirty {
-            let src = self.cfg.optics.source_size.get();
+            let src = self.probe_model().source_sigma;
             self.eff_side = self.renderer.effective_probe(
                 &self.kernel,
                 self.kernel_side,
@@ -613,6 +620,50 @@ impl StemSimulator {
 
     fn electrons(&self, time: f64) -> f64 {
         self.cfg.beam.current.get() * time / ELEMENTARY_CHARGE
+    }
+
+    /// The Ronchigram at the parked probe position (opt-in; no task uses it yet): the coherent
+    /// probe of the aberrations in force (monochromatic, no source blur) through the specimen as
+    /// a weak-phase object, on `grid` centred on the probe; see [`crate::stem::coherent`].
+    /// Row-major `n × n`, summing to 1, θ = 0 at pixel `(n/2, n/2)`, pixels of
+    /// [`CoherentGrid::angular_pixel`]. A computation, not an exposure: no time passes and no
+    /// dose is given.
+    pub fn ronchigram(&self, grid: &CoherentGrid) -> Result<Vec<f64>> {
+        self.check_beam("ronchigram")?;
+        let spec = self.probe_spec();
+        grid.validate(&spec)?;
+        let p = self.probe_pos;
+        let d = self.drift.offset;
+        let half = 0.5 * grid.n as f64 * grid.dx;
+        let window = self
+            .specimen
+            .window([d[0] - p[0], d[1] - p[1]], [half, half]);
+        let mut atoms = Vec::new();
+        for a in &self.specimen.atoms {
+            window.for_each_image([a.x, a.y], |q| atoms.push((q, a.z)));
+        }
+        let t = grid.transmission(atoms, spec.energy);
+        grid.ronchigram(&spec, &t)
+    }
+
+    /// The fractions of the beam that bright-field, annular bright-field (or any round)
+    /// `detectors` collect with the probe parked where it is: sums of [`Self::ronchigram`] over
+    /// each detector's annulus (opt-in, noiseless expectations; a real detector records
+    /// `I·t/e` times this).
+    pub fn coherent_signals(
+        &self,
+        grid: &CoherentGrid,
+        detectors: &[AnnularDetector],
+    ) -> Result<Vec<f64>> {
+        let energy = self.cfg.optics.energy.get();
+        for (k, d) in detectors.iter().enumerate() {
+            d.validate(&format!("detectors[{k}]"), grid.max_angle(energy))?;
+        }
+        let r = self.ronchigram(grid)?;
+        Ok(detectors
+            .iter()
+            .map(|d| grid.detector_signal(&r, energy, d))
+            .collect())
     }
 
     fn check_beam(&self, op: &str) -> Result<()> {
@@ -766,22 +817,6 @@ fn check_distortion(sd: &ScanDistortion, rows: usize, cols: usize, pixel_size: f
     Ok(())
 }
 
-/// Checks requested scan settings against the limits of a scan configuration (the other
-/// settings of `cfg.scan` kept), naming the field (`scan.pixels`, `scan.dwell_time`, ...).
-pub(crate) fn check_scan_request(cfg: &StemConfig, request: &ScanSettings) -> Result<()> {
-    let mut s = cfg.scan.clone();
-    s.pixels = [request.rows, request.cols];
-    s.pixel_size = Param::fixed(request.pixel_size);
-    s.dwell_time = Param::fixed(request.dwell_time);
-    s.flyback_time = Param::fixed(request.flyback_time);
-    s.center = [
-        Param::fixed(request.center[0]),
-        Param::fixed(request.center[1]),
-    ];
-    s.dose = None;
-    s.validate("scan.")
-}
-
 impl StemInstrument for StemSimulator {
     fn info(&self) -> InstrumentInfo {
         InstrumentInfo {
@@ -808,7 +843,7 @@ impl StemInstrument for StemSimulator {
     }
 
     fn configure_scan(&mut self, request: &ScanSettings) -> Result<ScanSettings> {
-        check_scan_request(&self.cfg, request)?;
+        check_scan_settings(request, DEFLECTION_RANGE, "scan.")?;
         check_distortion(
             &self.cfg.scan_distortion,
             request.rows,
