@@ -5,7 +5,12 @@
 //!
 //! - [`stem`]: the scanning transmission electron microscope (aberrated probe, HAADF imaging,
 //!   scan distortions, knock-on damage and dopant hops, EELS).
-//! - [`spm`]: the scanning probe microscope (so far: tip imaging by grey-scale dilation).
+//! - [`spm`]: the scanning probe microscope in AFM (contact), STM (constant current) and PFM
+//!   modes: periodic procedural surfaces, Ag(111) adatoms and a ferroelectric film; imaging by
+//!   grey-scale dilation with a tip that wears, crashes, picks up adsorbates or a second apex
+//!   and is conditioned by pulses and dips; a PI z-feedback scanning trace and retrace on a
+//!   scanner with drift, creep, hysteresis and height noise; lateral atom manipulation, PFM
+//!   bias writing and switching spectroscopy.
 //! - [`instrument`]: the traits environments use, implemented by the simulators here and by the
 //!   real-instrument drivers.
 //! - [`units`] and [`param`]: quantities with units (`"1.42 Å"`) and domain-randomized
