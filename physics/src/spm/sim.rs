@@ -231,6 +231,34 @@ impl PfmConfig {
     }
 }
 
+/// Which models the simulator runs (`fidelity`).
+///
+/// `Full` (the default) runs every model as documented in the module docs. `Fast` keeps every
+/// model and every parameter but takes two shortcuts that leave the statistics of the images
+/// as they were (the SPM tasks of `scopegym-envs` compare the two in their tests):
+///
+/// - the 1/f height noise is summed from 9 AR(1) processes a factor 4.2 apart in corner
+///   frequency instead of 18 a factor 2 apart ([`Scanner::with_pink_components`]): the same
+///   variance and band, half the normal draws per pixel;
+/// - a changed tip re-images the sample with the periodic dilation at once (exact up to the
+///   grid's edge), instead of first the interior dilation and then, when a scan reaches the
+///   edge band, the periodic one: the image values are the same, one dilation is saved.
+///
+/// The random streams differ from `Full`, so the same seed gives a different (equally likely)
+/// session.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SpmFidelity {
+    /// Every model as documented.
+    #[default]
+    Full,
+    /// The cheaper stages above.
+    Fast,
+}
+
+/// Number of 1/f processes in the fast model.
+const FAST_PINK_COMPONENTS: usize = 9;
+
 /// Everything that defines a simulated SPM session (one scenario).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -261,6 +289,8 @@ pub struct SpmConfig {
     pub pfm: PfmConfig,
     /// STM lateral manipulation.
     pub manipulation: ManipulationConfig,
+    /// Which models run ([`SpmFidelity`]). Default `"full"`.
+    pub fidelity: SpmFidelity,
 }
 
 impl Default for SpmConfig {
@@ -279,6 +309,7 @@ impl Default for SpmConfig {
             ferroelectric: FerroConfig::default(),
             pfm: PfmConfig::default(),
             manipulation: ManipulationConfig::default(),
+            fidelity: SpmFidelity::Full,
         }
     }
 }
@@ -549,7 +580,14 @@ impl SpmSimulator {
         self.rng_scan = seeded(derive_seed(seed, "scan"));
         self.rng_tip = seeded(derive_seed(seed, "tip"));
         self.rng_sample = seeded(derive_seed(seed, "sample"));
-        self.scanner = Scanner::new(&cfg.scanner, &mut self.rng_scan)?;
+        self.scanner = match cfg.fidelity {
+            SpmFidelity::Full => Scanner::new(&cfg.scanner, &mut self.rng_scan)?,
+            SpmFidelity::Fast => Scanner::with_pink_components(
+                &cfg.scanner,
+                FAST_PINK_COMPONENTS,
+                &mut self.rng_scan,
+            )?,
+        };
         self.feedback = ZFeedback::new(&cfg.feedback)?;
         self.tip = TipState::new(&cfg.tip, &mut seeded(derive_seed(seed, "tip_init")))?;
         let n = cfg.sample.pixels;
@@ -671,6 +709,10 @@ impl SpmSimulator {
     /// cell at least the kernel's half width from the edge ([`Self::dilate_to_edges`] finishes
     /// the band along the edge when a scan reaches it).
     fn ensure_dilated(&mut self) -> Result<()> {
+        if !self.dilated_valid && self.cfg.fidelity == SpmFidelity::Fast {
+            // The fast model dilates periodically at once (the same values, one pass).
+            return self.dilate_to_edges();
+        }
         if !self.dilated_valid {
             let (ny, nx) = self.truth.dim();
             if self.dilated.dim() != (ny, nx) {
