@@ -1930,6 +1930,32 @@ mod tests {
         assert!(worst < 1e-15, "largest difference {worst:e} m");
     }
 
+    /// Without noise the fast model images exactly what the full one does: its one periodic
+    /// dilation per tip change gives the image values the full model's interior-then-periodic
+    /// dilation gives (a scan reaching the edge band, after two tip changes), and the 1/f
+    /// bank it thins is silent.
+    #[test]
+    fn fast_model_without_noise_images_exactly_what_the_full_one_does() {
+        let frames = |fidelity: SpmFidelity| {
+            let mut c = SpmConfig::default().without_scanner_imperfections();
+            c.fidelity = fidelity;
+            c.sample.pixels = 40;
+            c.sample.size = Param::fixed(0.2e-6);
+            c.scan.pixels = [8, 8];
+            c.scan.size = Param::fixed(0.18e-6);
+            c.surface.kind = SurfaceKind::Mixed;
+            c.surface.particle_density = Param::fixed(1e15);
+            let mut sim = SpmSimulator::new(c, 5).unwrap();
+            let mut out = Vec::new();
+            for r in [10e-9, 25e-9] {
+                sim.set_tip_state(TipState::sharp(r).unwrap()).unwrap();
+                out.push(sim.acquire_frame().unwrap().main().image.clone());
+            }
+            out
+        };
+        assert_eq!(frames(SpmFidelity::Fast), frames(SpmFidelity::Full));
+    }
+
     /// The manipulation trace's nodes (the brute-force dilation of the truth with the dragged
     /// adatom's bump moved) equal the image rendered and dilated in full with the adatom at its
     /// new site, at every node the trace can use, for adatoms inside the grid and across its edge
