@@ -19,7 +19,7 @@
 //!   pick-ups.
 //! - [`conditioning`]: DeepSPM's pulses and dips ([`Conditioning`]) and the probability model of
 //!   their [`Outcome`].
-//! - [`sharpness`]: image statistics that reveal the tip to a policy ([`sharpness`](fn@sharpness),
+//! - [`sharpness`](mod@sharpness): image statistics that reveal the tip to a policy ([`sharpness`](fn@sharpness),
 //!   [`feature_sharpness`]) and the 3×3 median filter they use.
 //!
 //! ```
