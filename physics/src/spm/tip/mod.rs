@@ -19,8 +19,8 @@
 //!   pick-ups.
 //! - [`conditioning`]: DeepSPM's pulses and dips ([`Conditioning`]) and the probability model of
 //!   their [`Outcome`].
-//! - [`sharpness`](mod@sharpness): image statistics that reveal the tip to a policy ([`sharpness`](fn@sharpness),
-//!   [`feature_sharpness`]) and the 3×3 median filter they use.
+//! - [`sharpness`](mod@sharpness): image statistics that reveal the tip to a policy
+//!   ([`sharpness`](fn@sharpness), [`feature_sharpness`]) and the 3×3 median filter they use.
 //!
 //! ```
 //! use ndarray::Array2;
