@@ -5,10 +5,17 @@
 //!
 //! - [`stem`]: the scanning transmission electron microscope (aberrated probe with the
 //!   non-round aberrations up to fifth order, HAADF imaging, opt-in Ronchigram and BF/ABF
-//!   signals, scan distortions, knock-on damage and dopant hops, EELS), with three simulators
+//!   signals, scan distortions, beam-current fluctuation, contamination build-up, knock-on
+//!   damage with lower thresholds at edges and vacancies, dopant hops, EELS with collection-angle
+//!   and beam-energy dependent cross-sections), with three simulators
 //!   (full, light dopant, lattice) sharing one scan-settings check ([`stem::settings`]) and one
 //!   probe model ([`stem::probe`]).
-//! - [`spm`]: the scanning probe microscope (so far: tip imaging by grey-scale dilation).
+//! - [`spm`]: the scanning probe microscope in AFM (contact), STM (constant current) and PFM
+//!   modes: periodic procedural surfaces, Ag(111) adatoms and a ferroelectric film; imaging by
+//!   grey-scale dilation with a tip that wears, crashes, picks up adsorbates or a second apex
+//!   and is conditioned by pulses and dips; a PI z-feedback scanning trace and retrace on a
+//!   scanner with drift, creep, hysteresis and height noise; lateral atom manipulation, PFM
+//!   bias writing and switching spectroscopy.
 //! - [`instrument`]: the traits environments use, implemented by the simulators here and by the
 //!   real-instrument drivers.
 //! - [`units`] and [`param`]: quantities with units (`"1.42 Å"`) and domain-randomized

@@ -16,7 +16,7 @@ use crate::error::{EnvError, Result};
 use crate::level::Difficulty;
 use scopegym_physics::instrument::SpmMode;
 use scopegym_physics::param::{Param, Region};
-use scopegym_physics::spm::sim::{SpmConfig, SpmSimulator};
+use scopegym_physics::spm::sim::{SpmConfig, SpmFidelity, SpmSimulator};
 use scopegym_physics::spm::surface::SurfaceKind;
 use scopegym_physics::stem::StemSimulator;
 use scopegym_physics::stem::dopant::DopantSimulator;
@@ -179,6 +179,24 @@ impl Fidelity {
     }
 }
 
+impl Fidelity {
+    /// The SPM simulator's setting for this fidelity: `"full"` runs [`SpmSimulator`] as
+    /// documented, `"fast"` its cheaper stages ([`SpmFidelity::Fast`]).
+    pub fn spm(self) -> SpmFidelity {
+        match self {
+            Self::Fast => SpmFidelity::Fast,
+            Self::Full => SpmFidelity::Full,
+        }
+    }
+}
+
+/// The SPM simulator of an SPM task: `instrument` with its `fidelity` set from the task's.
+pub(crate) fn spm_simulator(instrument: &SpmConfig, fidelity: Fidelity) -> Result<SpmSimulator> {
+    let mut cfg = instrument.clone();
+    cfg.fidelity = fidelity.spm();
+    Ok(SpmSimulator::new(cfg, 0)?)
+}
+
 /// A task's config: serde, with defaults per [`Difficulty`] level.
 pub trait TaskConfig: Serialize + DeserializeOwned {
     /// The defaults at `difficulty` (its `difficulty` field set to it): the ranges the task's
@@ -255,6 +273,72 @@ pub(crate) mod testing {
             Some(InfoValue::F64(v)) => *v,
             other => panic!("info[{key}]: expected a float, got {other:?}"),
         }
+    }
+
+    /// Statistics of a set of square images (`n × n`, row-major), for comparing what a task
+    /// observes under its two fidelities: the mean of the pixel means, the mean pixel variance
+    /// (each image about its own mean), and the mean power (per pixel, mean removed) in three
+    /// radial bands of spatial frequency `|k|` (in cycles per image): `[1, n/8)`, `[n/8,
+    /// n/4)` and `[n/4, n/2]`, from the image's 2-D discrete Fourier transform.
+    pub fn image_statistics(images: &[Vec<f32>], n: usize) -> [f64; 5] {
+        use std::f64::consts::TAU;
+        let mut acc = [0.0; 5];
+        let (c, s): (Vec<f64>, Vec<f64>) = (0..n)
+            .map(|k| {
+                (
+                    (TAU * k as f64 / n as f64).cos(),
+                    (TAU * k as f64 / n as f64).sin(),
+                )
+            })
+            .unzip();
+        for img in images {
+            let m = img.iter().map(|&v| f64::from(v)).sum::<f64>() / (n * n) as f64;
+            let x: Vec<f64> = img.iter().map(|&v| f64::from(v) - m).collect();
+            acc[0] += m;
+            acc[1] += x.iter().map(|v| v * v).sum::<f64>() / (n * n) as f64;
+            // Rows first, then columns (twiddles from the tables, index (j·k) mod n).
+            let mut rows = vec![(0.0, 0.0); n * n];
+            for i in 0..n {
+                for k in 0..n {
+                    let (mut re, mut im) = (0.0, 0.0);
+                    for j in 0..n {
+                        let w = (j * k) % n;
+                        re += x[i * n + j] * c[w];
+                        im -= x[i * n + j] * s[w];
+                    }
+                    rows[i * n + k] = (re, im);
+                }
+            }
+            for kx in 0..n {
+                for ky in 0..n {
+                    let (mut re, mut im) = (0.0, 0.0);
+                    for i in 0..n {
+                        let w = (i * ky) % n;
+                        let (a, b) = rows[i * n + kx];
+                        re += a * c[w] + b * s[w];
+                        im += b * c[w] - a * s[w];
+                    }
+                    let fx = kx.min(n - kx) as f64;
+                    let fy = ky.min(n - ky) as f64;
+                    let f = (fx * fx + fy * fy).sqrt();
+                    let p = (re * re + im * im) / (n * n * n * n) as f64;
+                    let n = n as f64;
+                    if f >= 1.0 && f < n / 8.0 {
+                        acc[2] += p;
+                    } else if f >= n / 8.0 && f < n / 4.0 {
+                        acc[3] += p;
+                    } else if f >= n / 4.0 {
+                        acc[4] += p;
+                    }
+                }
+            }
+        }
+        acc.map(|v| v / images.len() as f64)
+    }
+
+    /// `|a − b| / |b|`, elementwise.
+    pub fn relative_differences<const N: usize>(a: &[f64; N], b: &[f64; N]) -> [f64; N] {
+        std::array::from_fn(|k| (a[k] - b[k]).abs() / b[k].abs())
     }
 
     /// Runs the heuristic for one episode per seed; returns how many ended with

@@ -1,7 +1,21 @@
 //! The simulated scanning probe microscope (AFM, STM, PFM; DESIGN.md §5).
 //!
-//! The simulator grows here piece by piece: surfaces, tips that wear and are conditioned,
-//! feedback scanning, atom manipulation and ferroelectric films. What exists so far:
+//! What the simulator ([`sim::SpmSimulator`]) models, per frame and per action:
+//!
+//! - the sample: one period of an endless periodic surface (terraces, particles, grains, rough
+//!   films), STM terraces with adatoms, or a ferroelectric film with its domains;
+//! - imaging: the surface dilated by the hidden tip (paraboloid, blunted, double, with an
+//!   adsorbate), sampled where the scanner's pixels really are (drift, creep, hysteresis) and
+//!   tracked by a discrete PI z-feedback, trace and retrace (tracking error, z-speed limit,
+//!   parachuting), with white, 1/f and line-offset height noise and an adsorbate's extra noise
+//!   and glitches; PFM amplitude and phase from the film's polarization;
+//! - the tip's life: wear in contact, crashes when the tracking error exceeds a threshold,
+//!   spontaneous pick-ups, and DeepSPM's conditioning pulses and dips with a stated
+//!   probability model;
+//! - actions on the sample: STM lateral manipulation of adatoms, PFM bias pulses that write
+//!   domains (Ginzburg-Landau dynamics) and switching spectroscopy.
+//!
+//! The modules:
 //!
 //! - [`adatoms`]: Ag(111) terraces with adatoms, the apparent-height map a constant-current STM
 //!   images.
@@ -21,9 +35,9 @@
 //! - [`surface`]: procedural surfaces (terraces with atomic steps, particles, grains, rough films),
 //!   each one period of an endless periodic sample (terraces up to a constant rise per period),
 //!   and the crate's one bilinear sampler, which continues a grid periodically past its edge.
-//! - [`tip`]: the hidden tip state (apex radius, blunting, double tip, adsorbate) that wears,
-//!   picks things up and is conditioned by DeepSPM's pulses and dips; its dilation kernel, and an
-//!   image sharpness statistic.
+//! - [`tip`]: the hidden tip state (apex radius, blunting, double tip, adsorbate), one file per
+//!   concept: its settings, the state, its dilation kernel, wear and pick-ups, DeepSPM's
+//!   conditioning pulses and dips, and the image sharpness statistics.
 
 pub mod adatoms;
 pub mod dilation;

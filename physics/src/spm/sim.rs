@@ -50,7 +50,7 @@ use crate::param::{Param, Randomizer, Region};
 use crate::rng::{SimRng, derive_seed, normal, seeded};
 use crate::spm::adatoms::{AdatomConfig, BumpPatch, bumps, corrugation, place_adatoms};
 use crate::spm::dilation::{Dilator, Tip};
-use crate::spm::feedback::{FeedbackConfig, ZFeedback};
+use crate::spm::feedback::{FeedbackConfig, LineStats, ZFeedback};
 use crate::spm::ferro::{FerroConfig, FerroFilm, pfm_response, pfm_signal, smooth_periodic};
 use crate::spm::manipulation::{
     DragEvent, ManipulationConfig, Outcome, drag, lateral_manipulation,
@@ -231,6 +231,34 @@ impl PfmConfig {
     }
 }
 
+/// Which models the simulator runs (`fidelity`).
+///
+/// `Full` (the default) runs every model as documented in the module docs. `Fast` keeps every
+/// model and every parameter but takes two shortcuts that leave the statistics of the images
+/// as they were (the SPM tasks of `scopegym-envs` compare the two in their tests):
+///
+/// - the 1/f height noise is summed from 9 AR(1) processes a factor 4.2 apart in corner
+///   frequency instead of 18 a factor 2 apart ([`Scanner::with_pink_components`]): the same
+///   variance and band, half the normal draws per pixel;
+/// - a changed tip re-images the sample with the periodic dilation at once (exact up to the
+///   grid's edge), instead of first the interior dilation and then, when a scan reaches the
+///   edge band, the periodic one: the image values are the same, one dilation is saved.
+///
+/// The random streams differ from `Full`, so the same seed gives a different (equally likely)
+/// session.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SpmFidelity {
+    /// Every model as documented.
+    #[default]
+    Full,
+    /// The cheaper stages above.
+    Fast,
+}
+
+/// Number of 1/f processes in the fast model.
+const FAST_PINK_COMPONENTS: usize = 9;
+
 /// Everything that defines a simulated SPM session (one scenario).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -261,6 +289,8 @@ pub struct SpmConfig {
     pub pfm: PfmConfig,
     /// STM lateral manipulation.
     pub manipulation: ManipulationConfig,
+    /// Which models run ([`SpmFidelity`]). Default `"full"`.
+    pub fidelity: SpmFidelity,
 }
 
 impl Default for SpmConfig {
@@ -279,6 +309,7 @@ impl Default for SpmConfig {
             ferroelectric: FerroConfig::default(),
             pfm: PfmConfig::default(),
             manipulation: ManipulationConfig::default(),
+            fidelity: SpmFidelity::Full,
         }
     }
 }
@@ -549,7 +580,14 @@ impl SpmSimulator {
         self.rng_scan = seeded(derive_seed(seed, "scan"));
         self.rng_tip = seeded(derive_seed(seed, "tip"));
         self.rng_sample = seeded(derive_seed(seed, "sample"));
-        self.scanner = Scanner::new(&cfg.scanner, &mut self.rng_scan)?;
+        self.scanner = match cfg.fidelity {
+            SpmFidelity::Full => Scanner::new(&cfg.scanner, &mut self.rng_scan)?,
+            SpmFidelity::Fast => Scanner::with_pink_components(
+                &cfg.scanner,
+                FAST_PINK_COMPONENTS,
+                &mut self.rng_scan,
+            )?,
+        };
         self.feedback = ZFeedback::new(&cfg.feedback)?;
         self.tip = TipState::new(&cfg.tip, &mut seeded(derive_seed(seed, "tip_init")))?;
         let n = cfg.sample.pixels;
@@ -671,6 +709,10 @@ impl SpmSimulator {
     /// cell at least the kernel's half width from the edge ([`Self::dilate_to_edges`] finishes
     /// the band along the edge when a scan reaches it).
     fn ensure_dilated(&mut self) -> Result<()> {
+        if !self.dilated_valid && self.cfg.fidelity == SpmFidelity::Fast {
+            // The fast model dilates periodically at once (the same values, one pass).
+            return self.dilate_to_edges();
+        }
         if !self.dilated_valid {
             let (ny, nx) = self.truth.dim();
             if self.dilated.dim() != (ny, nx) {
@@ -912,60 +954,40 @@ impl SpmSimulator {
         Ok(())
     }
 
+    /// Scans one frame, line by line, as a pipeline of named stages per pass (trace, then
+    /// retrace):
+    ///
+    /// 1. [`Self::pass_positions`]: where each pixel of the pass really is on the sample.
+    /// 2. [`Self::sample_dilated_profile`]: the tip-dilated surface there (what a perfect
+    ///    feedback would record); the first pass of the frame engages the feedback on it.
+    /// 3. The PI z-feedback tracks the profile ([`ZFeedback::scan_line`]).
+    /// 4. [`Self::add_pass_noise`]: scanner noise, and an adsorbate's extra noise and glitch.
+    /// 5. [`Self::record_pass`]: the height, error, PFM and noiseless channels.
+    /// 6. [`Self::evolve_tip_over_pass`]: wear, crashes and spontaneous pick-ups, which re-image
+    ///    the rest of the frame when they change the kernel.
+    ///
+    /// The random streams are drawn in this order, pass after pass, so a seed gives one frame.
     fn scan_frame(&mut self) -> Result<SpmFrameMeta> {
         let s = self.scan;
-        let (rows, cols) = (s.rows, s.cols);
         let t_start = self.clock;
-        let dwell = s.dwell_time;
-        let line_time = 2.0 * cols as f64 * dwell + s.flyback_time;
-        let contact = self.cfg.mode != SpmMode::Stm;
+        let line_time = 2.0 * s.cols as f64 * s.dwell_time + s.flyback_time;
+        // The film does not change during a frame: its PFM response is computed once.
         let pfm = self
             .film
             .as_ref()
             .map(|film| pfm_response(film, self.cfg.pfm.transfer_sigma.get() / self.cell));
-        let (gain, amp_noise, phase_noise) = (
-            self.cfg.pfm.gain.get(),
-            self.cfg.pfm.amplitude_noise.get(),
-            self.cfg.pfm.phase_noise.get().to_degrees(),
-        );
-        let i_height = if pfm.is_some() { 2 } else { 0 };
-        let white = self.cfg.scanner.white_noise.get();
-        let crash = self.cfg.sample.crash_threshold.get();
         let mut engaged = false;
-        for r in 0..rows {
+        for r in 0..s.rows {
             self.ensure_dilated()?;
             let t_line = self.clock;
             for (pass, reverse) in [(0usize, false), (1, true)] {
-                let t0 = t_line + pass as f64 * cols as f64 * dwell;
-                self.scanner.line_positions(
-                    &s,
-                    r,
-                    t0,
-                    reverse,
-                    &mut self.rng_scan,
-                    &mut self.xs,
-                    &mut self.ys,
-                )?;
-                if !self.dilated_edges {
-                    let range = |v: &[f64]| {
-                        v.iter()
-                            .fold((f64::MAX, f64::MIN), |(a, b), &x| (a.min(x), b.max(x)))
-                    };
-                    let ((x0, x1), (y0, y1)) = (range(&self.xs), range(&self.ys));
-                    self.dilate_to_edges_over([x0, y0], [x1, y1])?;
-                }
-                for j in 0..cols {
-                    self.profile[j] = bilinear(
-                        self.dilated.view(),
-                        self.cell,
-                        self.rise,
-                        self.xs[j],
-                        self.ys[j],
-                    ) as f32;
-                }
+                let t0 = t_line + pass as f64 * s.cols as f64 * s.dwell_time;
+                self.pass_positions(r, t0, reverse)?;
+                self.sample_dilated_profile();
                 if !engaged {
+                    // The loop starts settled on the first pixel the frame visits.
                     let first = if reverse {
-                        self.profile[cols - 1]
+                        self.profile[s.cols - 1]
                     } else {
                         self.profile[0]
                     };
@@ -974,96 +996,14 @@ impl SpmSimulator {
                 }
                 let stats = self.feedback.scan_line(
                     &self.profile,
-                    dwell,
+                    s.dwell_time,
                     reverse,
                     &mut self.zbuf,
                     &mut self.ebuf,
                 )?;
-                self.scanner
-                    .add_line_noise(&mut self.zbuf, dwell, reverse, &mut self.rng_noise);
-                // An adsorbate on the tip: extra noise and streaks where the tip state flips.
-                let extra = (self.tip.noise_factor() - 1.0).max(0.0) * white.max(5e-12);
-                if extra > 0.0 {
-                    for z in self.zbuf.iter_mut() {
-                        *z += (extra * normal(&mut self.rng_noise)) as f32;
-                    }
-                }
-                if self.rng_noise.random::<f64>() < self.tip.glitch_probability() {
-                    let from = self.rng_noise.random_range(0..cols);
-                    let jump = (0.5 + self.rng_noise.random::<f64>())
-                        * 0.1e-9
-                        * if self.rng_noise.random::<bool>() {
-                            1.0
-                        } else {
-                            -1.0
-                        };
-                    let range = if reverse { 0..from + 1 } else { from..cols };
-                    for z in &mut self.zbuf[range] {
-                        *z += jump as f32;
-                    }
-                }
-                let row_h = if reverse { i_height + 1 } else { i_height };
-                self.channels[row_h]
-                    .image
-                    .row_mut(r)
-                    .iter_mut()
-                    .zip(&self.zbuf)
-                    .for_each(|(d, v)| *d = *v);
-                if !reverse {
-                    let ie = i_height + 2;
-                    self.channels[ie]
-                        .image
-                        .row_mut(r)
-                        .iter_mut()
-                        .zip(&self.ebuf)
-                        .for_each(|(d, v)| *d = *v);
-                    if let Some(resp) = &pfm {
-                        // The main channel is the phase: its noiseless value is 0° or 180°.
-                        for j in 0..cols {
-                            // The film is periodic without rise.
-                            let v = bilinear(
-                                resp.view(),
-                                self.cell,
-                                [0.0, 0.0],
-                                self.xs[j],
-                                self.ys[j],
-                            ) as f32;
-                            let v = f64::from(v);
-                            let (a, ph) =
-                                pfm_signal(v, gain, amp_noise, phase_noise, &mut self.rng_noise);
-                            self.channels[0].image[[r, j]] = ph;
-                            self.channels[1].image[[r, j]] = a;
-                            self.noiseless[[r, j]] = if v >= 0.0 { 0.0 } else { 180.0 };
-                        }
-                    } else {
-                        self.noiseless
-                            .row_mut(r)
-                            .iter_mut()
-                            .zip(&self.profile)
-                            .for_each(|(d, v)| *d = *v);
-                    }
-                }
-                // Tip evolution along this pass: gradual wear first (the image follows once the
-                // kernel changed visibly), then abrupt changes.
-                if contact {
-                    let r0 = self.tip.radius();
-                    self.tip
-                        .wear(cols as f64 * s.pixel_size, &self.cfg.tip, &mut self.rng_tip)?;
-                    if self.tip.radius() != r0 {
-                        self.refresh_kernel()?;
-                    }
-                }
-                let before = self.tip.clone();
-                if stats.max_abs_error > crash {
-                    self.tip.crash(
-                        stats.max_abs_error - crash,
-                        &self.cfg.tip,
-                        &mut self.rng_tip,
-                    )?;
-                }
-                self.tip
-                    .spontaneous(cols as f64 * dwell, &self.cfg.tip, &mut self.rng_tip)?;
-                self.tip_changed(&before)?;
+                self.add_pass_noise(reverse);
+                self.record_pass(r, reverse, pfm.as_ref());
+                self.evolve_tip_over_pass(&stats)?;
             }
             self.clock = t_line + line_time;
             self.scanner.advance(self.clock, &mut self.rng_scan);
@@ -1075,6 +1015,155 @@ impl SpmSimulator {
         };
         self.frames += 1;
         Ok(meta)
+    }
+
+    /// Stage 1 of a pass: the sample positions (m, into `xs`, `ys`) the scanner's pixels of line
+    /// `r` visit from time `t0` (drift, creep, hysteresis: [`Scanner::line_positions`]), and the
+    /// periodic dilation up to the grid's edge if they reach its band.
+    fn pass_positions(&mut self, r: usize, t0: f64, reverse: bool) -> Result<()> {
+        let s = self.scan;
+        self.scanner.line_positions(
+            &s,
+            r,
+            t0,
+            reverse,
+            &mut self.rng_scan,
+            &mut self.xs,
+            &mut self.ys,
+        )?;
+        if !self.dilated_edges {
+            let range = |v: &[f64]| {
+                v.iter()
+                    .fold((f64::MAX, f64::MIN), |(a, b), &x| (a.min(x), b.max(x)))
+            };
+            let ((x0, x1), (y0, y1)) = (range(&self.xs), range(&self.ys));
+            self.dilate_to_edges_over([x0, y0], [x1, y1])?;
+        }
+        Ok(())
+    }
+
+    /// Stage 2 of a pass: the tip-dilated surface (m) at the pass's positions, into `profile`,
+    /// by the crate's one bilinear sampler over the periodic sample.
+    fn sample_dilated_profile(&mut self) {
+        for ((p, &x), &y) in self.profile.iter_mut().zip(&self.xs).zip(&self.ys) {
+            *p = bilinear(self.dilated.view(), self.cell, self.rise, x, y) as f32;
+        }
+    }
+
+    /// Stage 4 of a pass: height noise on the recorded line `zbuf` (m). The scanner's white,
+    /// 1/f and line-offset noise ([`Scanner::add_line_noise`]); with an adsorbate on the tip,
+    /// extra white noise of `(noise_factor − 1) · max(white_noise, 5 pm)` per pixel, and with
+    /// probability `glitch_probability` a glitch: the tip state flips at a random pixel and the
+    /// rest of the pass (in scan direction) jumps by `±U(0.5, 1.5) · 0.1 nm`, a streak.
+    fn add_pass_noise(&mut self, reverse: bool) {
+        let cols = self.scan.cols;
+        let dwell = self.scan.dwell_time;
+        self.scanner
+            .add_line_noise(&mut self.zbuf, dwell, reverse, &mut self.rng_noise);
+        let white = self.cfg.scanner.white_noise.get();
+        let extra = (self.tip.noise_factor() - 1.0).max(0.0) * white.max(5e-12);
+        if extra > 0.0 {
+            for z in self.zbuf.iter_mut() {
+                *z += (extra * normal(&mut self.rng_noise)) as f32;
+            }
+        }
+        if self.rng_noise.random::<f64>() < self.tip.glitch_probability() {
+            let from = self.rng_noise.random_range(0..cols);
+            let jump = (0.5 + self.rng_noise.random::<f64>())
+                * 0.1e-9
+                * if self.rng_noise.random::<bool>() {
+                    1.0
+                } else {
+                    -1.0
+                };
+            let range = if reverse { 0..from + 1 } else { from..cols };
+            for z in &mut self.zbuf[range] {
+                *z += jump as f32;
+            }
+        }
+    }
+
+    /// Stage 5 of a pass: writes row `r` of the channels. Both passes record the height (trace
+    /// or retrace); the trace also records the feedback error and the noiseless reference: the
+    /// dilated profile, or in PFM mode (`pfm`, the film's response map, [`pfm_response`]) the
+    /// domain phase (0° or 180°), with the phase and amplitude channels from [`pfm_signal`].
+    fn record_pass(&mut self, r: usize, reverse: bool, pfm: Option<&Array2<f64>>) {
+        let i_height = if pfm.is_some() { 2 } else { 0 };
+        let row_h = if reverse { i_height + 1 } else { i_height };
+        self.channels[row_h]
+            .image
+            .row_mut(r)
+            .iter_mut()
+            .zip(&self.zbuf)
+            .for_each(|(d, v)| *d = *v);
+        if reverse {
+            return;
+        }
+        self.channels[i_height + 2]
+            .image
+            .row_mut(r)
+            .iter_mut()
+            .zip(&self.ebuf)
+            .for_each(|(d, v)| *d = *v);
+        if let Some(resp) = pfm {
+            let (gain, amp_noise, phase_noise) = (
+                self.cfg.pfm.gain.get(),
+                self.cfg.pfm.amplitude_noise.get(),
+                self.cfg.pfm.phase_noise.get().to_degrees(),
+            );
+            // The main channel is the phase: its noiseless value is 0° or 180°.
+            for j in 0..self.scan.cols {
+                // The film is periodic without rise.
+                let v = bilinear(resp.view(), self.cell, [0.0, 0.0], self.xs[j], self.ys[j]) as f32;
+                let v = f64::from(v);
+                let (a, ph) = pfm_signal(v, gain, amp_noise, phase_noise, &mut self.rng_noise);
+                self.channels[0].image[[r, j]] = ph;
+                self.channels[1].image[[r, j]] = a;
+                self.noiseless[[r, j]] = if v >= 0.0 { 0.0 } else { 180.0 };
+            }
+        } else {
+            self.noiseless
+                .row_mut(r)
+                .iter_mut()
+                .zip(&self.profile)
+                .for_each(|(d, v)| *d = *v);
+        }
+    }
+
+    /// Stage 6 of a pass: the tip evolves along it. Gradual wear first, in contact modes
+    /// ([`TipState::wear`] over the pass's length; the image follows once the kernel changed
+    /// visibly, [`Self::refresh_kernel`]), then abrupt changes: a crash by the part of the
+    /// pass's largest tracking error beyond `sample.crash_threshold` ([`TipState::crash`]) and
+    /// spontaneous pick-ups over the pass's time ([`TipState::spontaneous`]); a changed tip
+    /// rebuilds the kernel for the rest of the frame.
+    fn evolve_tip_over_pass(&mut self, stats: &LineStats) -> Result<()> {
+        let s = self.scan;
+        if self.cfg.mode != SpmMode::Stm {
+            let r0 = self.tip.radius();
+            self.tip.wear(
+                s.cols as f64 * s.pixel_size,
+                &self.cfg.tip,
+                &mut self.rng_tip,
+            )?;
+            if self.tip.radius() != r0 {
+                self.refresh_kernel()?;
+            }
+        }
+        let before = self.tip.clone();
+        let crash = self.cfg.sample.crash_threshold.get();
+        if stats.max_abs_error > crash {
+            self.tip.crash(
+                stats.max_abs_error - crash,
+                &self.cfg.tip,
+                &mut self.rng_tip,
+            )?;
+        }
+        self.tip.spontaneous(
+            s.cols as f64 * s.dwell_time,
+            &self.cfg.tip,
+            &mut self.rng_tip,
+        )?;
+        self.tip_changed(&before)
     }
 
     fn film_point(&self, p_lab: [f64; 2]) -> Result<(f64, f64, f64, usize)> {
@@ -1839,6 +1928,32 @@ mod tests {
             .map(|(a, b)| (a - b).abs())
             .fold(0.0f32, f32::max);
         assert!(worst < 1e-15, "largest difference {worst:e} m");
+    }
+
+    /// Without noise the fast model images exactly what the full one does: its one periodic
+    /// dilation per tip change gives the image values the full model's interior-then-periodic
+    /// dilation gives (a scan reaching the edge band, after two tip changes), and the 1/f
+    /// bank it thins is silent.
+    #[test]
+    fn fast_model_without_noise_images_exactly_what_the_full_one_does() {
+        let frames = |fidelity: SpmFidelity| {
+            let mut c = SpmConfig::default().without_scanner_imperfections();
+            c.fidelity = fidelity;
+            c.sample.pixels = 40;
+            c.sample.size = Param::fixed(0.2e-6);
+            c.scan.pixels = [8, 8];
+            c.scan.size = Param::fixed(0.18e-6);
+            c.surface.kind = SurfaceKind::Mixed;
+            c.surface.particle_density = Param::fixed(1e15);
+            let mut sim = SpmSimulator::new(c, 5).unwrap();
+            let mut out = Vec::new();
+            for r in [10e-9, 25e-9] {
+                sim.set_tip_state(TipState::sharp(r).unwrap()).unwrap();
+                out.push(sim.acquire_frame().unwrap().main().image.clone());
+            }
+            out
+        };
+        assert_eq!(frames(SpmFidelity::Fast), frames(SpmFidelity::Full));
     }
 
     /// The manipulation trace's nodes (the brute-force dilation of the truth with the dragged
