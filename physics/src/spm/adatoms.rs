@@ -252,7 +252,7 @@ impl BumpPatch {
         let x0 = -0.5 * nx as f64 * pixel;
         let y0 = -0.5 * ny as f64 * pixel;
         let amp = cfg.apparent_height.get();
-        let sigma = cfg.width.get() / (2.0 * (2.0 * std::f64::consts::LN_2).sqrt());
+        let sigma = cfg.width.get() / crate::constants::FWHM_PER_SIGMA;
         let r = (4.0 * sigma / pixel).ceil() as i64;
         let (jc, ic) = ((atom[0] - x0) / pixel - 0.5, (atom[1] - y0) / pixel - 0.5);
         self.row0 = ic.round() as i64 - r;

@@ -92,70 +92,6 @@ pub fn mckinley_feshbach(energy_ev: f64, z: u8, t_max: f64, e_d: f64) -> f64 {
     (pref * bracket).max(0.0)
 }
 
-/// Gauss-Hermite nodes (probabilists') and weights summing to 1, 20 points.
-fn gauss_hermite_20() -> &'static [(f64, f64)] {
-    static NODES: std::sync::OnceLock<Vec<(f64, f64)>> = std::sync::OnceLock::new();
-    NODES.get_or_init(|| {
-        // Golub-Welsch would need an eigen-solver; Newton on Hermite polynomials is enough here.
-        let n = 20usize;
-        let mut out = Vec::with_capacity(n);
-        // Physicists' Hermite roots, then scaled by √2.
-        for i in 0..n / 2 {
-            // Initial guesses (Numerical Recipes), largest root first; the rest by symmetry.
-            let mut x: f64 = if i == 0 {
-                (2.0 * n as f64 + 1.0).sqrt() - 1.85575 * (2.0 * n as f64 + 1.0).powf(-0.16667)
-            } else if i == 1 {
-                out[0] - 1.14 * (n as f64).powf(0.426) / out[0]
-            } else if i == 2 {
-                1.86 * x_prev(&out, 1) - 0.86 * x_prev(&out, 0)
-            } else if i == 3 {
-                1.91 * x_prev(&out, 2) - 0.91 * x_prev(&out, 1)
-            } else {
-                2.0 * x_prev(&out, i - 1) - x_prev(&out, i - 2)
-            };
-            let mut pp = 0.0;
-            for _ in 0..100 {
-                let mut p1 = PI.powf(-0.25);
-                let mut p2 = 0.0;
-                for j in 1..=n {
-                    let p3 = p2;
-                    p2 = p1;
-                    p1 = x * (2.0 / j as f64).sqrt() * p2
-                        - ((j as f64 - 1.0) / j as f64).sqrt() * p3;
-                }
-                pp = (2.0 * n as f64).sqrt() * p2;
-                let dx = p1 / pp;
-                x -= dx;
-                if dx.abs() < 1e-14 {
-                    break;
-                }
-            }
-            out.push(x);
-            let _ = pp;
-        }
-        fn x_prev(v: &[f64], i: usize) -> f64 {
-            v[i]
-        }
-        // Weights from the standard formula w = 2 / pp², recomputed per root.
-        let mirrored: Vec<f64> = out.iter().map(|x| -x).collect();
-        out.extend(mirrored);
-        let mut res = Vec::with_capacity(n);
-        for &x in &out {
-            let mut p1 = PI.powf(-0.25);
-            let mut p2 = 0.0;
-            for j in 1..=n {
-                let p3 = p2;
-                p2 = p1;
-                p1 = x * (2.0 / j as f64).sqrt() * p2 - ((j as f64 - 1.0) / j as f64).sqrt() * p3;
-            }
-            let pp = (2.0 * n as f64).sqrt() * p2;
-            let w = 2.0 / (pp * pp) / PI.sqrt();
-            res.push((x * 2f64.sqrt(), w));
-        }
-        res
-    })
-}
-
 /// Displacement cross-section (m²) of an atom of atomic number `z` and mass `mass_u` (u) with
 /// displacement energy `e_d` (eV), averaged over thermal velocities along the beam with r.m.s.
 /// `v_rms` (m/s). Smooth in the beam energy; equal to [`mckinley_feshbach`] when `v_rms = 0`.
@@ -165,7 +101,7 @@ pub fn knock_on_cross_section(energy_ev: f64, z: u8, mass_u: f64, e_d: f64, v_rm
         return mckinley_feshbach(energy_ev, z, t0, e_d);
     }
     let pc = electron_momentum_ev(energy_ev);
-    gauss_hermite_20()
+    crate::quadrature::gauss_hermite(20)
         .iter()
         .map(|&(x, w)| {
             let v = x * v_rms;
@@ -1307,7 +1243,7 @@ mod tests {
 
     #[test]
     fn gauss_hermite_integrates_moments() {
-        let nodes = gauss_hermite_20();
+        let nodes = crate::quadrature::gauss_hermite(20);
         let m0: f64 = nodes.iter().map(|n| n.1).sum();
         let m2: f64 = nodes.iter().map(|n| n.1 * n.0 * n.0).sum();
         let m4: f64 = nodes.iter().map(|n| n.1 * n.0.powi(4)).sum();

@@ -37,6 +37,7 @@
 //! ```
 
 use crate::constants::ELECTRON_REST_ENERGY_EV;
+use crate::constants::FWHM_PER_SIGMA;
 use crate::error::{PhysicsError, Result};
 use crate::param::Param;
 use crate::param::dims::{Angle, Energy, Unitless};
@@ -45,8 +46,6 @@ use crate::stem::optics::electron_beta;
 use serde::{Deserialize, Serialize};
 use std::f64::consts::{PI, SQRT_2};
 
-/// `2√(2 ln 2)`: FWHM of a Gaussian over its standard deviation.
-const FWHM_PER_SIGMA: f64 = 2.354_820_045_030_949;
 /// At most this fraction of the collected electrons goes into core-loss edges (the linear
 /// single-scattering model saturates there).
 const MAX_CORE_FRACTION: f64 = 0.5;

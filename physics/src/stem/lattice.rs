@@ -280,8 +280,34 @@ impl LatticeSimulator {
                 return refuse(field, "no scan distortions (0 here)");
             }
         }
+        // Off means zero and fixed: a distribution centred on zero still draws distortions.
+        let on = |(v, fixed): (f64, bool)| v != 0.0 || !fixed;
+        let d = &cfg.scan_distortion;
+        if [
+            (d.rotation.get(), d.rotation.is_fixed()),
+            (d.shear.get(), d.shear.is_fixed()),
+            (d.scale[0].get(), d.scale[0].is_fixed()),
+            (d.scale[1].get(), d.scale[1].is_fixed()),
+            (d.flyback_amplitude.get(), d.flyback_amplitude.is_fixed()),
+        ]
+        .into_iter()
+        .any(on)
+        {
+            return refuse("scan_distortion", "no scan distortions (identity here)");
+        }
         if cfg.damage.sputtering {
             return refuse("damage.sputtering", "no damage (false here)");
+        }
+        let r = &cfg.damage.contamination_rate;
+        if on((r.get(), r.is_fixed())) {
+            return refuse(
+                "damage.contamination_rate",
+                "no contamination build-up (0 here)",
+            );
+        }
+        let f = &cfg.beam.current_fluctuation;
+        if on((f.get(), f.is_fixed())) {
+            return refuse("beam.current_fluctuation", "a steady beam current (0 here)");
         }
         Ok(())
     }
@@ -846,6 +872,18 @@ mod tests {
         c.damage.sputtering = true;
         let e = LatticeSimulator::new(c, 0).unwrap_err().to_string();
         assert!(e.contains("damage.sputtering"), "{e}");
+        let mut c = config(false);
+        c.scan_distortion.rotation = Param::uniform(-0.01, 0.01);
+        let e = LatticeSimulator::new(c, 0).unwrap_err().to_string();
+        assert!(e.contains("scan_distortion"), "{e}");
+        let mut c = config(false);
+        c.damage.contamination_rate = Param::fixed(1e-34);
+        let e = LatticeSimulator::new(c, 0).unwrap_err().to_string();
+        assert!(e.contains("damage.contamination_rate"), "{e}");
+        let mut c = config(false);
+        c.beam.current_fluctuation = Param::fixed(0.05);
+        let e = LatticeSimulator::new(c, 0).unwrap_err().to_string();
+        assert!(e.contains("beam.current_fluctuation"), "{e}");
         let mut sim = LatticeSimulator::new(config(false), 0).unwrap();
         assert!(sim.acquire_spectrum(1.0).is_err());
         sim.set_blanked(true).unwrap();
