@@ -112,19 +112,11 @@ fn scan_dict<'py>(py: Python<'py>, s: &ScanSettings) -> PyResult<Bound<'py, PyDi
     Ok(d)
 }
 
-const ABERRATION_KEYS: [&str; 9] = [
-    "c10", "c12", "phi12", "c21", "phi21", "c23", "phi23", "c30", "c50",
-];
-
-fn aberration_values(a: &Aberrations) -> [f64; 9] {
-    [
-        a.c10, a.c12, a.phi12, a.c21, a.phi21, a.c23, a.phi23, a.c30, a.c50,
-    ]
-}
+const ABERRATION_KEYS: [&str; Aberrations::COUNT] = Aberrations::NAMES;
 
 fn aberration_dict<'py>(py: Python<'py>, a: &Aberrations) -> PyResult<Bound<'py, PyDict>> {
     let d = PyDict::new(py);
-    for (k, v) in ABERRATION_KEYS.iter().zip(aberration_values(a)) {
+    for (k, v) in ABERRATION_KEYS.iter().zip(a.values()) {
         d.set_item(*k, v)?;
     }
     Ok(d)
@@ -270,7 +262,7 @@ impl StemSim {
         py: Python<'py>,
         values: std::collections::HashMap<String, f64>,
     ) -> PyResult<Bound<'py, PyDict>> {
-        let mut v = [0.0; 9];
+        let mut v = [0.0; Aberrations::COUNT];
         for (k, x) in &values {
             let i = ABERRATION_KEYS.iter().position(|n| n == k).ok_or_else(|| {
                 Failure::Env(EnvError::Physics(PhysicsError::arg(
@@ -281,17 +273,7 @@ impl StemSim {
             })?;
             v[i] = *x;
         }
-        let req = Aberrations {
-            c10: v[0],
-            c12: v[1],
-            phi12: v[2],
-            c21: v[3],
-            phi21: v[4],
-            c23: v[5],
-            phi23: v[6],
-            c30: v[7],
-            c50: v[8],
-        };
+        let req = Aberrations::from_values(v);
         let a = run(py, || phys(lock(&self.inst).set_aberrations(&req)))?;
         aberration_dict(py, &a)
     }
