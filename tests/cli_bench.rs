@@ -229,7 +229,7 @@ fn suite_small_on_two_tasks_writes_scores_and_figure() {
     );
     assert!(text.contains("IQM"), "{text}");
     let s = json(&out.join("suite.json"));
-    assert_eq!(s["suite"]["version"], 1);
+    assert_eq!(s["suite"]["version"], 2);
     assert_eq!(s["suite"]["budget"], "small");
     assert_eq!(s["suite"]["split"], "test");
     assert_eq!(s["provenance"]["commit"], scopegym::GIT_COMMIT);

@@ -7,7 +7,7 @@ from typing import Any, final
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["__version__", "task_specs", "_panic_for_test", "NativeEnv", "NativeVectorEnv", "NativeRecorder", "BayesOpt", "StemSim"]
+__all__ = ["__version__", "task_specs", "retired_tasks", "_panic_for_test", "NativeEnv", "NativeVectorEnv", "NativeRecorder", "BayesOpt", "StemSim"]
 
 __version__: str
 
