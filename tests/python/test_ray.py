@@ -3,10 +3,14 @@ on a local Ray with 2 CPUs started here (the module is skipped without Ray)."""
 
 from __future__ import annotations
 
+import json
+import math
+import os
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import gymnasium as gym
@@ -18,10 +22,13 @@ import scopegym
 ray = pytest.importorskip("ray")
 pytest.importorskip("ray.rllib")
 import scopegym.ray as sray  # noqa: E402
+import scopegym.ray_examples as rex  # noqa: E402
 from ray.rllib.algorithms.ppo import PPOConfig  # noqa: E402
 from ray.rllib.env.single_agent_env_runner import SingleAgentEnvRunner  # noqa: E402
 
 STEER = "scopegym/StemDopantSteer-v1"
+ROOT = Path(__file__).resolve().parents[2]
+BIN = os.environ.get("SCOPEGYM_BIN", str(ROOT / "target" / "debug" / "scopegym"))
 RUNNERS = 2
 N = 4
 
@@ -201,3 +208,42 @@ def test_ppo_with_two_env_runners_beats_random(local_ray: None) -> None:
     print(f"random {random:.3f}  ppo {trained:.3f} after {steps} steps in {time.monotonic() - start:.0f} s; {history}")
     assert steps >= 30 * 1024
     assert trained > random + 0.3
+
+
+def test_tune_example_rejects_bad_settings(tmp_path: Path) -> None:
+    assert rex.parse_acquisition("ucb:2") == {"acquisition": {"ucb": {"beta": 2.0}}}
+    assert rex.parse_acquisition("thompson") == {"acquisition": "thompson"}
+    with pytest.raises(scopegym.InvalidArgument, match="acquisitions.*nope"):
+        rex.parse_acquisition("nope")
+    with pytest.raises(scopegym.InvalidArgument, match="acquisitions"):
+        rex.parse_acquisition("ei:2")
+    with pytest.raises(scopegym.InvalidArgument, match="scopegym_bin"):
+        rex.sweep_bo(STEER, ["ei"], [0.0], 1, 1, str(tmp_path / "missing"), tmp_path)
+    with pytest.raises(scopegym.InvalidArgument, match="lrs"):
+        rex.sweep_ppo(STEER, [-1.0], 1, 256, 1, 2, 0, tmp_path)
+
+
+def test_tune_example_smoke_writes_the_best_configs(local_ray: None, tmp_path: Path) -> None:
+    """A tiny budget: PPO at 2 learning rates, 2 iterations of 256 steps each; the bo agent
+    with 2 acquisition settings, 2 seeds x 1 episode (about 40 s)."""
+    argv = [
+        "--out", str(tmp_path), "--lrs", "1e-3,3e-3", "--ppo-iterations", "2", "--batch", "256",
+        "--acquisitions", "logei,ucb:2", "--bo-seeds", "2", "--bo-episodes", "1", "--scopegym-bin", BIN,
+    ]  # fmt: skip
+    written = rex.main(argv)
+    on_disk = json.loads((tmp_path / "best.json").read_text())
+    assert on_disk == json.loads(json.dumps(written))
+    prov = on_disk["provenance"]
+    assert prov["scopegym_version"] == scopegym.__version__ and prov["ray_version"] == ray.__version__
+    assert prov["command"][-len(argv) :] == argv
+    ppo, bo = on_disk["ppo"], on_disk["bo"]
+    assert ppo["task"] == STEER and ppo["search_space"] == {"lr": [1e-3, 3e-3]} and ppo["seeds"] == [0]
+    assert bo["task"] == "scopegym/PfmSpectroscopyExplore-v1" and bo["seeds"] == [0, 1]
+    for sweep, n in ((ppo, 2), (bo, 2)):
+        values = [t[sweep["metric"]] for t in sweep["trials"]]
+        assert len(values) == n and all(math.isfinite(v) for v in values)
+        assert sweep["best_metric"] == max(values)
+        assert sweep["best_config"] == sweep["trials"][values.index(max(values))]["config"]
+    key = lambda v: json.dumps(v, sort_keys=True)  # noqa: E731
+    assert sorted(map(key, (t["config"]["agent"] for t in bo["trials"]))) == sorted(map(key, bo["search_space"]["agent"]))
+    assert (tmp_path / "tune" / "ppo").is_dir() and (tmp_path / "tune" / "bo").is_dir()
