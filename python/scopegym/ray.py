@@ -186,6 +186,10 @@ def configure(algo_config: Any, env_id: str, env_config: Mapping[str, Any] | Non
         raise InvalidArgument(
             f"invalid argument algo_config: expected an RLlib AlgorithmConfig, got {type(algo_config).__name__}"
         )
+    if env_config is not None and isinstance(env_config, Mapping) and "num_envs" in env_config:
+        raise InvalidArgument(
+            "invalid argument env_config: num_envs is set by RLlib; use .env_runners(num_envs_per_env_runner=...)"
+        )
     _env_kwargs(env_id, env_config)
     register([env_id])
     return algo_config.environment(env_id, env_config=dict(env_config or {})).env_runners(

@@ -83,6 +83,10 @@ def test_register_covers_every_task_and_rejects_bad_input() -> None:
         sray.make_env(STEER, {"num_envs": 2, "bogus": 1})
     with pytest.raises(scopegym.InvalidArgument, match="num_envs"):
         sray.make_env(STEER, {"num_envs": 0})
+    with pytest.raises(scopegym.InvalidArgument, match="env_config.*num_envs_per_env_runner"):
+        sray.configure(PPOConfig(), STEER, {"num_envs": 4})
+    with pytest.raises(scopegym.InvalidArgument, match="env_config.*bogus"):
+        sray.configure(PPOConfig(), STEER, {"bogus": 4})
     with pytest.raises(scopegym.InvalidArgument, match="algo_config"):
         sray.configure(object(), STEER)
     with pytest.raises(scopegym.InvalidArgument, match="vector_index"):
