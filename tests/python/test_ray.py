@@ -191,11 +191,11 @@ def random_mean_return(seed: int, episodes_per_env: int) -> float:
 
 def test_ppo_with_two_env_runners_beats_random(local_ray: None) -> None:
     """RLlib PPO, 2 env runners x 4 native envs, seed 0: 30 iterations of 1024 env steps
-    (about 31k steps; about 30 s on 2 idle cores, up to about 2 min on a loaded machine).
+    (about 31k steps: 15 s on a quiet 2-core machine, 106 s while others compiled).
     Measured (Ray 2.60.0): random actions return -1.00 on average over the same per-runner
     seeds (200 episodes); PPO's mean training-episode return (exploring, over RLlib's window of
     recent episodes) went -0.96 after the first iteration, -0.32 after 21, -0.10 after 30 (the
-    run is reproducible: seed 0 gave the same curve twice; 106 s on a loaded 2-core machine).
+    run is reproducible: seed 0 gave the same curve twice).
     The test asks for a margin of 0.3 over random."""
     random = random_mean_return(0, 25)
     algo = ppo_config(0).build_algo()
