@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs everything scopegym needs on a fresh Debian machine with Rust and Python 3.11:
 # the HDF5 C library (Debian's libhdf5-dev 1.10), and a Python virtual environment in .venv with
-# the test and benchmark tools (Gymnasium, Stable-Baselines3, Minari, mypy, maturin, torch). Safe to run repeatedly.
+# the test and benchmark tools (Gymnasium, Stable-Baselines3, Minari, mypy, maturin, torch, Ray). Safe to run repeatedly.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,6 +15,6 @@ fi
 if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
 fi
-if ! .venv/bin/python -c "import numpy, scipy, h5py, pytest, gymnasium, stable_baselines3, minari, mypy, maturin, PIL, torch, botorch" 2>/dev/null; then
+if ! .venv/bin/python -c "import numpy, scipy, h5py, pytest, gymnasium, stable_baselines3, minari, mypy, maturin, PIL, torch, botorch, ray" 2>/dev/null; then
     .venv/bin/pip install -q --disable-pip-version-check -r requirements-dev.txt
 fi
