@@ -389,14 +389,19 @@ fn an_autofocus_episode_through_the_gateway_equals_the_simulator() {
 fn the_python_gateway_serves_an_episode() {
     let python = std::env::var("SCOPEGYM_PYTHON").unwrap_or_else(|_| "python3".into());
     let probe = std::process::Command::new(&python)
-        .args(["-c", "import scopegym._native as n; n.StemSim"])
+        .args([
+            "-c",
+            "import scopegym, scopegym._native as n; n.StemSim; \
+             assert 'scopegym/StemAutofocus-v2' in scopegym.task_ids()",
+        ])
         .output();
     match probe {
         Ok(o) if o.status.success() => {}
         _ => {
             println!(
-                "SKIPPED: `{python} -c 'import scopegym._native; StemSim'` fails (build the \
-                 package with StemSim and set SCOPEGYM_PYTHON to run this test)"
+                "SKIPPED: `{python}` has no scopegym package of this version (with StemSim \
+                 and StemAutofocus-v2): build and install it (scripts/test.sh does) or set \
+                 SCOPEGYM_PYTHON to run this test"
             );
             return;
         }
