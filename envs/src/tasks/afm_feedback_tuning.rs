@@ -932,7 +932,7 @@ mod tests {
     /// what it changes downstream) differs.
     #[test]
     fn fast_and_full_observe_the_same_statistics() {
-        use crate::tasks::testing::relative_differences;
+        use crate::tasks::testing::{assert_relatively_close, relative_differences};
         let run = |fidelity: &str| {
             let mut e = env(&format!("fidelity = \"{fidelity}\""));
             let actions = [
@@ -973,21 +973,7 @@ mod tests {
         eprintln!("fast {m_fast:?} {v_fast:?}\nfull {m_full:?} {v_full:?}\nrelative {rm:?} {rv:?}");
         // e, d, ringing fraction (observation, in [-1, 1]), relief, reward (measured: means
         // within 0.5%, variances within 3.2%).
-        for k in 0..5 {
-            assert!(
-                rm[k] < 0.05,
-                "mean {k}: {} vs {} ({})",
-                m_fast[k],
-                m_full[k],
-                rm[k]
-            );
-            assert!(
-                rv[k] < 0.1,
-                "variance {k}: {} vs {} ({})",
-                v_fast[k],
-                v_full[k],
-                rv[k]
-            );
-        }
+        assert_relatively_close("mean", &m_fast, &m_full, 0.05);
+        assert_relatively_close("variance", &v_fast, &v_full, 0.1);
     }
 }

@@ -341,6 +341,18 @@ pub(crate) mod testing {
         std::array::from_fn(|k| (a[k] - b[k]).abs() / b[k].abs())
     }
 
+    /// Asserts `|fast − full| / |full| < tol` for every statistic `k`, naming `what` and `k`.
+    pub fn assert_relatively_close<const N: usize>(
+        what: &str,
+        fast: &[f64; N],
+        full: &[f64; N],
+        tol: f64,
+    ) {
+        for (k, r) in relative_differences(fast, full).into_iter().enumerate() {
+            assert!(r < tol, "{what} {k}: {} vs {} ({r})", fast[k], full[k]);
+        }
+    }
+
     /// Runs the heuristic for one episode per seed; returns how many ended with
     /// `info["success"] = true`.
     pub fn heuristic_successes(env: &mut impl Env, seeds: std::ops::Range<u64>) -> usize {

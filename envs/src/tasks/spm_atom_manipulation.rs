@@ -1022,7 +1022,9 @@ mod tests {
     /// noise realization (and what it changes downstream) differs.
     #[test]
     fn fast_and_full_observe_the_same_statistics() {
-        use crate::tasks::testing::{image_statistics, relative_differences};
+        use crate::tasks::testing::{
+            assert_relatively_close, image_statistics, relative_differences,
+        };
         let run = |fidelity: &str| {
             let mut e = env(&format!("fidelity = \"{fidelity}\""));
             let n = e.task().cfg.pixels;
@@ -1049,15 +1051,7 @@ mod tests {
         let rel = relative_differences(&fast, &full);
         eprintln!("fast {fast:?} {d_fast}\nfull {full:?} {d_full}\nrelative {rel:?}");
         // Mean, variance, low/mid/high band power (measured: mean 2.4%, variance 2.3%, bands 2.7%, 2.7%, 0.2%).
-        for k in 0..5 {
-            assert!(
-                rel[k] < 0.08,
-                "statistic {k}: {} vs {} ({})",
-                fast[k],
-                full[k],
-                rel[k]
-            );
-        }
+        assert_relatively_close("statistic", &fast, &full, 0.08);
         // The mean detected distance to the goal (measured: 0.266 vs 0.248 nm, 7%).
         assert!(
             (d_fast - d_full).abs() < 0.12 * d_full,

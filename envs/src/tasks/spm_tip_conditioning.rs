@@ -1112,7 +1112,9 @@ mod tests {
     /// and tip; only the noise realization (and what it changes downstream) differs.
     #[test]
     fn fast_and_full_observe_the_same_statistics() {
-        use crate::tasks::testing::{image_statistics, relative_differences};
+        use crate::tasks::testing::{
+            assert_relatively_close, image_statistics, relative_differences,
+        };
         let run = |fidelity: &str| {
             let mut e = env(&format!("fidelity = \"{fidelity}\""));
             let n = e.task().cfg.pixels;
@@ -1136,15 +1138,7 @@ mod tests {
         let rel = relative_differences(&fast, &full);
         eprintln!("fast {fast:?} {r_fast}\nfull {full:?} {r_full}\nrelative {rel:?}");
         // Mean, variance, low/mid/high band power (measured: mean 0.1%, variance 0.04%, bands 0.2%, 3.9%, 3.8%).
-        for k in 0..5 {
-            assert!(
-                rel[k] < 0.08,
-                "statistic {k}: {} vs {} ({})",
-                fast[k],
-                full[k],
-                rel[k]
-            );
-        }
+        assert_relatively_close("statistic", &fast, &full, 0.08);
         // The mean reward (measured: equal, −0.598 both).
         assert!(
             (r_fast - r_full).abs() < 0.1 * r_full.abs(),

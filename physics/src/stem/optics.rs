@@ -137,84 +137,37 @@ struct HigherTerm {
     phi: f64,
 }
 
+/// Writes [`Aberrations::NAMES`], [`Aberrations::values`] and [`Aberrations::from_values`] from
+/// one list of the fields.
+macro_rules! aberration_coefficients {
+    ($($f:ident),* $(,)?) => {
+        impl Aberrations {
+            /// The coefficients' names (the serde keys), in the order of [`Self::values`].
+            pub const NAMES: [&'static str; Self::COUNT] = [$(stringify!($f)),*];
+
+            /// Every coefficient (m or rad), in the order of [`Self::NAMES`].
+            pub fn values(&self) -> [f64; Self::COUNT] {
+                [$(self.$f),*]
+            }
+
+            /// The aberrations from coefficients in the order of [`Self::NAMES`].
+            pub fn from_values(v: [f64; Self::COUNT]) -> Self {
+                let [$($f),*] = v;
+                Self { $($f),* }
+            }
+        }
+    };
+}
+
+aberration_coefficients!(
+    c10, c12, phi12, c21, phi21, c23, phi23, c30, c50, c32, phi32, c34, phi34, c41, phi41, c43,
+    phi43, c45, phi45, c52, phi52, c54, phi54, c56, phi56
+);
+
 impl Aberrations {
     /// Number of coefficients ([`Self::NAMES`]).
     pub const COUNT: usize = 25;
 
-    /// The coefficients' names (the serde keys), in the order of [`Self::values`].
-    pub const NAMES: [&'static str; Self::COUNT] = [
-        "c10", "c12", "phi12", "c21", "phi21", "c23", "phi23", "c30", "c50", "c32", "phi32", "c34",
-        "phi34", "c41", "phi41", "c43", "phi43", "c45", "phi45", "c52", "phi52", "c54", "phi54",
-        "c56", "phi56",
-    ];
-
-    /// Every coefficient (m or rad), in the order of [`Self::NAMES`].
-    pub fn values(&self) -> [f64; Self::COUNT] {
-        [
-            self.c10, self.c12, self.phi12, self.c21, self.phi21, self.c23, self.phi23, self.c30,
-            self.c50, self.c32, self.phi32, self.c34, self.phi34, self.c41, self.phi41, self.c43,
-            self.phi43, self.c45, self.phi45, self.c52, self.phi52, self.c54, self.phi54, self.c56,
-            self.phi56,
-        ]
-    }
-
-    /// The aberrations from coefficients in the order of [`Self::NAMES`].
-    pub fn from_values(v: [f64; Self::COUNT]) -> Self {
-        let [
-            c10,
-            c12,
-            phi12,
-            c21,
-            phi21,
-            c23,
-            phi23,
-            c30,
-            c50,
-            c32,
-            phi32,
-            c34,
-            phi34,
-            c41,
-            phi41,
-            c43,
-            phi43,
-            c45,
-            phi45,
-            c52,
-            phi52,
-            c54,
-            phi54,
-            c56,
-            phi56,
-        ] = v;
-        Self {
-            c10,
-            c12,
-            phi12,
-            c21,
-            phi21,
-            c23,
-            phi23,
-            c30,
-            c50,
-            c32,
-            phi32,
-            c34,
-            phi34,
-            c41,
-            phi41,
-            c43,
-            phi43,
-            c45,
-            phi45,
-            c52,
-            phi52,
-            c54,
-            phi54,
-            c56,
-            phi56,
-        }
-    }
     /// The non-round terms of orders 3 to 5 (C32 … C56) with their names.
     fn higher_terms(&self) -> [(&'static str, &'static str, HigherTerm); 8] {
         let t = |n, m, c, phi| HigherTerm { n, m, c, phi };
@@ -906,6 +859,17 @@ pub fn transpose<T: Copy>(src: &[T], dst: &mut [T], rows: usize, cols: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn coefficient_names_are_the_serde_keys_in_value_order() {
+        let a = Aberrations::from_values(std::array::from_fn(|i| i as f64 + 1.0));
+        let t = toml::Value::try_from(a).unwrap();
+        assert_eq!(t.as_table().unwrap().len(), Aberrations::COUNT);
+        for (i, name) in Aberrations::NAMES.iter().enumerate() {
+            assert_eq!(t[*name].as_float(), Some(i as f64 + 1.0), "{name}");
+        }
+        assert_eq!(Aberrations::from_values(a.values()), a);
+    }
 
     #[test]
     fn wavelengths_match_reference_values() {
