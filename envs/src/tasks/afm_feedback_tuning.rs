@@ -932,7 +932,7 @@ mod tests {
     /// what it changes downstream) differs.
     #[test]
     fn fast_and_full_observe_the_same_statistics() {
-        use crate::tasks::testing::{assert_relatively_close, relative_differences};
+        use crate::tasks::testing::{assert_relatively_close, relative_differences, roll_out};
         let run = |fidelity: &str| {
             let mut e = env(&format!("fidelity = \"{fidelity}\""));
             let actions = [
@@ -943,21 +943,24 @@ mod tests {
                 [0.0, 0.0, 0.0],
             ];
             let mut xs: Vec<[f64; 5]> = Vec::new();
-            for seed in 0..6 {
-                e.reset(Some(seed)).unwrap();
-                for k in 0..10 {
-                    let a = Value::Box(actions[k % 5].map(|v: f64| v as f32).to_vec());
-                    let s = e.step(&a).unwrap();
-                    let o = s.obs.as_box().unwrap();
-                    xs.push([
-                        info_f64(&s.info, "tracking_error").min(2.0),
-                        info_f64(&s.info, "retrace_difference").min(2.0),
-                        f64::from(o[6]),
-                        info_f64(&s.info, "relief") * 1e9,
-                        s.reward,
-                    ]);
-                }
-            }
+            roll_out(
+                &mut e,
+                0..6,
+                10,
+                |_, k, _| Value::Box(actions[k % 5].map(|v: f64| v as f32).to_vec()),
+                |_, obs, s| {
+                    if let Some(s) = s {
+                        let o = obs.as_box().unwrap();
+                        xs.push([
+                            info_f64(&s.info, "tracking_error").min(2.0),
+                            info_f64(&s.info, "retrace_difference").min(2.0),
+                            f64::from(o[6]),
+                            info_f64(&s.info, "relief") * 1e9,
+                            s.reward,
+                        ]);
+                    }
+                },
+            );
             let m = xs.len() as f64;
             let mean: [f64; 5] = std::array::from_fn(|k| xs.iter().map(|x| x[k]).sum::<f64>() / m);
             let var: [f64; 5] = std::array::from_fn(|k| {

@@ -264,8 +264,9 @@ pub fn config_from_toml<C: TaskConfig>(config: Option<&toml::Value>) -> Result<C
 /// Helpers the tasks' unit tests share.
 #[cfg(test)]
 pub(crate) mod testing {
-    use crate::env::{Env, Info, InfoValue};
+    use crate::env::{Env, Info, InfoValue, Step};
     use crate::error::Result;
+    use crate::space::Value;
 
     /// The float `info[key]` (panics when absent or not a float).
     pub fn info_f64(info: &Info, key: &str) -> f64 {
@@ -370,6 +371,32 @@ pub(crate) mod testing {
             }
         }
         successes
+    }
+
+    /// Runs one episode per seed, of at most `steps` steps, with the action `policy(env, k,
+    /// obs)` at step `k`; `see(env, obs, step)` hears every observation: after the reset (with
+    /// `None`) and after each step. The loop of the fast/full statistics tests.
+    pub fn roll_out<E: Env>(
+        env: &mut E,
+        seeds: std::ops::Range<u64>,
+        steps: usize,
+        mut policy: impl FnMut(&mut E, usize, &Value) -> Value,
+        mut see: impl FnMut(&E, &Value, Option<&Step>),
+    ) {
+        for seed in seeds {
+            let (mut obs, _) = env.reset(Some(seed)).unwrap();
+            see(env, &obs, None);
+            for k in 0..steps {
+                let a = policy(env, k, &obs);
+                let s = env.step(&a).unwrap();
+                see(env, &s.obs, Some(&s));
+                let done = s.terminated || s.truncated;
+                obs = s.obs;
+                if done {
+                    break;
+                }
+            }
+        }
     }
 
     /// Asserts that building a task from each TOML snippet fails with an error naming the

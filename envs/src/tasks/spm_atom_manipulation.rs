@@ -1023,28 +1023,26 @@ mod tests {
     #[test]
     fn fast_and_full_observe_the_same_statistics() {
         use crate::tasks::testing::{
-            assert_relatively_close, image_statistics, relative_differences,
+            assert_relatively_close, image_statistics, relative_differences, roll_out,
         };
         let run = |fidelity: &str| {
             let mut e = env(&format!("fidelity = \"{fidelity}\""));
             let n = e.task().cfg.pixels;
             let (mut images, mut dist, mut steps) = (Vec::new(), 0.0, 0);
-            for seed in 0..8 {
-                let (mut obs, _) = e.reset(Some(seed)).unwrap();
-                images.push(e.task().img.clone());
-                for _ in 0..5 {
-                    let a = e.heuristic_action(&obs);
-                    let s = e.step(&a).unwrap();
+            roll_out(
+                &mut e,
+                0..8,
+                5,
+                |e, _, obs| e.heuristic_action(obs),
+                |e, obs, s| {
                     images.push(e.task().img.clone());
-                    let o = s.obs.as_box().unwrap();
-                    dist += f64::from(o[0]).hypot(f64::from(o[1]));
-                    steps += 1;
-                    obs = s.obs;
-                    if s.terminated || s.truncated {
-                        break;
+                    if s.is_some() {
+                        let o = obs.as_box().unwrap();
+                        dist += f64::from(o[0]).hypot(f64::from(o[1]));
+                        steps += 1;
                     }
-                }
-            }
+                },
+            );
             (image_statistics(&images, n), dist / steps as f64)
         };
         let ((fast, d_fast), (full, d_full)) = (run("fast"), run("full"));

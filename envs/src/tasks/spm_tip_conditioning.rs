@@ -1113,25 +1113,26 @@ mod tests {
     #[test]
     fn fast_and_full_observe_the_same_statistics() {
         use crate::tasks::testing::{
-            assert_relatively_close, image_statistics, relative_differences,
+            assert_relatively_close, image_statistics, relative_differences, roll_out,
         };
         let run = |fidelity: &str| {
             let mut e = env(&format!("fidelity = \"{fidelity}\""));
             let n = e.task().cfg.pixels;
             let (mut images, mut reward, mut steps) = (Vec::new(), 0.0, 0);
-            for seed in 0..8 {
-                let (obs, _) = e.reset(Some(seed)).unwrap();
-                images.push(obs.as_box().unwrap().to_vec());
-                for a in [0, 10, 0, 4, 0, 13] {
-                    let s = e.step(&Value::Discrete(a)).unwrap();
-                    images.push(s.obs.as_box().unwrap().to_vec());
-                    reward += s.reward;
-                    steps += 1;
-                    if s.terminated || s.truncated {
-                        break;
+            let actions = [0, 10, 0, 4, 0, 13];
+            roll_out(
+                &mut e,
+                0..8,
+                actions.len(),
+                |_, k, _| Value::Discrete(actions[k]),
+                |_, obs, s| {
+                    images.push(obs.as_box().unwrap().to_vec());
+                    if let Some(s) = s {
+                        reward += s.reward;
+                        steps += 1;
                     }
-                }
-            }
+                },
+            );
             (image_statistics(&images, n), reward / steps as f64)
         };
         let ((fast, r_fast), (full, r_full)) = (run("fast"), run("full"));

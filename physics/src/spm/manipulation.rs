@@ -183,30 +183,6 @@ pub fn nearest_hollow(p: [f64; 2], a: f64) -> [f64; 2] {
 }
 
 /// Drags the adatom at `atom` (on a hollow site, m) with the tip moving from `start` to `end`
-/// (m) at bias `bias` (V, |bias| ≤ 15 mV) and conductance `conductance` (nA/mV, ≤ 6).
-/// [`drag`] without the record of where things happened.
-pub fn lateral_manipulation(
-    cfg: &ManipulationConfig,
-    atom: [f64; 2],
-    start: [f64; 2],
-    end: [f64; 2],
-    bias: f64,
-    conductance: f64,
-    rng: &mut SimRng,
-) -> Result<Outcome> {
-    drag(
-        cfg,
-        atom,
-        start,
-        end,
-        bias,
-        conductance,
-        rng,
-        &mut Vec::new(),
-    )
-}
-
-/// Drags the adatom at `atom` (on a hollow site, m) with the tip moving from `start` to `end`
 /// (m) at bias `bias` (V, |bias| ≤ 15 mV) and conductance `conductance` (nA/mV, ≤ 6), in tip
 /// steps of `tip_step` (the module docs). `events` is cleared, then receives every change of
 /// the adatom in path order: each hop (at the fraction of the path where the tip was), and the
@@ -308,7 +284,7 @@ mod tests {
         let n = 400;
         let ok = (0..n)
             .filter(|_| {
-                match lateral_manipulation(&cfg, atom, atom, goal, bias, g, &mut rng).unwrap() {
+                match drag(&cfg, atom, atom, goal, bias, g, &mut rng, &mut Vec::new()).unwrap() {
                     Outcome::Moved(p) => {
                         (p[0] - goal[0]).hypot(p[1] - goal[1]) <= AG111_A / 3f64.sqrt() + 1e-15
                     }
@@ -366,9 +342,14 @@ mod tests {
         let cfg = ManipulationConfig::default();
         let mut rng = seeded(0);
         let z = [0.0, 0.0];
-        assert!(lateral_manipulation(&cfg, z, z, [1e-9, 0.0], 20e-3, 1.0, &mut rng).is_err());
-        assert!(lateral_manipulation(&cfg, z, z, [1e-9, 0.0], 5e-3, 7.0, &mut rng).is_err());
-        assert!(lateral_manipulation(&cfg, z, z, [f64::NAN, 0.0], 5e-3, 1.0, &mut rng).is_err());
+        // Bias over 15 mV, conductance over 6 nA/mV, a NaN end.
+        for (end, bias, g) in [
+            ([1e-9, 0.0], 20e-3, 1.0),
+            ([1e-9, 0.0], 5e-3, 7.0),
+            ([f64::NAN, 0.0], 5e-3, 1.0),
+        ] {
+            assert!(drag(&cfg, z, z, end, bias, g, &mut rng, &mut Vec::new()).is_err());
+        }
         assert!(
             ManipulationConfig {
                 p_max: Param::fixed(2.0),

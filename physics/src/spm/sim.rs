@@ -52,9 +52,7 @@ use crate::spm::adatoms::{AdatomConfig, BumpPatch, bumps, corrugation, place_ada
 use crate::spm::dilation::{Dilator, Tip};
 use crate::spm::feedback::{FeedbackConfig, LineStats, ZFeedback};
 use crate::spm::ferro::{FerroConfig, FerroFilm, pfm_response, pfm_signal, smooth_periodic};
-use crate::spm::manipulation::{
-    DragEvent, ManipulationConfig, Outcome, drag, lateral_manipulation,
-};
+use crate::spm::manipulation::{DragEvent, ManipulationConfig, Outcome, drag};
 use crate::spm::scanner::{Scanner, ScannerConfig};
 use crate::spm::surface::{
     SurfaceConfig, bilinear, bilinear_nodes, generate, pad_periodic, periodic_node,
@@ -1422,7 +1420,16 @@ impl LateralManipulation for SpmSimulator {
             trace?
         } else {
             // Still validate the arguments the way a real drag would.
-            lateral_manipulation(&self.cfg.manipulation, s, s, s, bias, g, &mut seeded(0))?;
+            drag(
+                &self.cfg.manipulation,
+                s,
+                s,
+                s,
+                bias,
+                g,
+                &mut seeded(0),
+                &mut Vec::new(),
+            )?;
             self.ensure_dilated()?;
             self.dilate_to_edges_over(
                 [s[0].min(e[0]), s[1].min(e[1])],

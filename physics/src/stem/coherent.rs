@@ -205,25 +205,35 @@ impl CoherentGrid {
         Ok(field.iter().map(|c| c.norm_sqr() * scale).collect())
     }
 
-    /// The fraction of the beam a detector collects from a Ronchigram of this grid at `energy`
-    /// (eV): the sum over pixels with `inner ≤ |θ| ≤ outer`.
-    pub fn detector_signal(&self, ronchigram: &[f64], energy: f64, det: &AnnularDetector) -> f64 {
+    /// The pixels of a Ronchigram of this grid at `energy` (eV) with their scattering angles:
+    /// `(θx, θy, value)` (rad), row by row (θy), the beam axis at pixel `(n/2, n/2)`.
+    pub fn with_angles<'a>(
+        &self,
+        ronchigram: &'a [f64],
+        energy: f64,
+    ) -> impl Iterator<Item = (f64, f64, f64)> + 'a {
         let n = self.n;
         let a = self.angular_pixel(energy);
         let c = (n / 2) as f64;
+        ronchigram
+            .chunks_exact(n)
+            .enumerate()
+            .flat_map(move |(i, row)| {
+                let ty = (i as f64 - c) * a;
+                row.iter()
+                    .enumerate()
+                    .map(move |(j, &v)| ((j as f64 - c) * a, ty, v))
+            })
+    }
+
+    /// The fraction of the beam a detector collects from a Ronchigram of this grid at `energy`
+    /// (eV): the sum over pixels with `inner ≤ |θ| ≤ outer`.
+    pub fn detector_signal(&self, ronchigram: &[f64], energy: f64, det: &AnnularDetector) -> f64 {
         let (lo, hi) = (det.inner * det.inner, det.outer * det.outer);
-        let mut s = 0.0;
-        for (i, row) in ronchigram.chunks_exact(n).enumerate() {
-            let ty = (i as f64 - c) * a;
-            for (j, v) in row.iter().enumerate() {
-                let tx = (j as f64 - c) * a;
-                let t2 = tx * tx + ty * ty;
-                if t2 >= lo && t2 <= hi {
-                    s += v;
-                }
-            }
-        }
-        s
+        self.with_angles(ronchigram, energy)
+            .filter(|(tx, ty, _)| (lo..=hi).contains(&(tx * tx + ty * ty)))
+            .map(|(_, _, v)| v)
+            .sum()
     }
 }
 
@@ -275,38 +285,20 @@ mod tests {
     /// Angular period (rad) of the fringes along θx inside `0.8 α`: the period among `trial`
     /// maximizing the DFT magnitude of the Ronchigram's band |θy| < α/4.
     fn fringe_period(g: &CoherentGrid, r: &[f64], alpha: f64, trials: &[f64]) -> f64 {
-        let a = g.angular_pixel(60e3);
-        let c = (g.n / 2) as f64;
-        // The band's mean, subtracted so that the bright disc itself does not leak into the
-        // transform.
-        let (mut sum, mut count) = (0.0, 0.0);
-        for (i, row) in r.chunks_exact(g.n).enumerate() {
-            if ((i as f64 - c) * a).abs() > 0.25 * alpha {
-                continue;
-            }
-            for (j, v) in row.iter().enumerate() {
-                if ((j as f64 - c) * a).abs() < 0.8 * alpha {
-                    sum += v;
-                    count += 1.0;
-                }
-            }
-        }
-        let mean = sum / count;
+        // The band, and its mean, subtracted so that the bright disc itself does not leak into
+        // the transform.
+        let band: Vec<(f64, f64)> = g
+            .with_angles(r, 60e3)
+            .filter(|(tx, ty, _)| ty.abs() <= 0.25 * alpha && tx.abs() < 0.8 * alpha)
+            .map(|(tx, _, v)| (tx, v))
+            .collect();
+        let mean = band.iter().map(|(_, v)| v).sum::<f64>() / band.len() as f64;
         let mut best = (0.0, 0.0);
         for &p in trials {
             let (mut re, mut im) = (0.0, 0.0);
-            for (i, row) in r.chunks_exact(g.n).enumerate() {
-                let ty = (i as f64 - c) * a;
-                if ty.abs() > 0.25 * alpha {
-                    continue;
-                }
-                for (j, v) in row.iter().enumerate() {
-                    let tx = (j as f64 - c) * a;
-                    if tx.abs() < 0.8 * alpha {
-                        re += (v - mean) * (2.0 * PI * tx / p).cos();
-                        im += (v - mean) * (2.0 * PI * tx / p).sin();
-                    }
-                }
+            for (tx, v) in &band {
+                re += (v - mean) * (2.0 * PI * tx / p).cos();
+                im += (v - mean) * (2.0 * PI * tx / p).sin();
             }
             let m = re.hypot(im);
             if m > best.1 {

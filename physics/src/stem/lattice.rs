@@ -280,34 +280,11 @@ impl LatticeSimulator {
                 return refuse(field, "no scan distortions (0 here)");
             }
         }
-        // Off means zero and fixed: a distribution centred on zero still draws distortions.
-        let on = |(v, fixed): (f64, bool)| v != 0.0 || !fixed;
-        let d = &cfg.scan_distortion;
-        if [
-            (d.rotation.get(), d.rotation.is_fixed()),
-            (d.shear.get(), d.shear.is_fixed()),
-            (d.scale[0].get(), d.scale[0].is_fixed()),
-            (d.scale[1].get(), d.scale[1].is_fixed()),
-            (d.flyback_amplitude.get(), d.flyback_amplitude.is_fixed()),
-        ]
-        .into_iter()
-        .any(on)
-        {
-            return refuse("scan_distortion", "no scan distortions (identity here)");
-        }
         if cfg.damage.sputtering {
             return refuse("damage.sputtering", "no damage (false here)");
         }
-        let r = &cfg.damage.contamination_rate;
-        if on((r.get(), r.is_fixed())) {
-            return refuse(
-                "damage.contamination_rate",
-                "no contamination build-up (0 here)",
-            );
-        }
-        let f = &cfg.beam.current_fluctuation;
-        if on((f.get(), f.is_fixed())) {
-            return refuse("beam.current_fluctuation", "a steady beam current (0 here)");
+        if let Some(e) = cfg.opt_in_effects().first() {
+            return refuse(e.field(), e.off());
         }
         Ok(())
     }

@@ -89,6 +89,44 @@ pub struct StemConfig {
     pub eels: EelsConfig,
 }
 
+/// An opt-in effect of the full simulator (off by default), which the light lattice model
+/// cannot represent and which takes frames off their plain render-and-count path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OptInEffect {
+    /// Scan rotation, shear, scale errors or flyback lag ([`ScanDistortion`]).
+    ScanDistortion,
+    /// Contamination build-up under the beam ([`DamageConfig::contamination_rate`]).
+    Contamination,
+    /// Beam-current fluctuation ([`BeamConfig::current_fluctuation`]).
+    CurrentFluctuation,
+}
+
+impl OptInEffect {
+    /// The config field that switches it on.
+    pub fn field(self) -> &'static str {
+        match self {
+            Self::ScanDistortion => "scan_distortion",
+            Self::Contamination => "damage.contamination_rate",
+            Self::CurrentFluctuation => "beam.current_fluctuation",
+        }
+    }
+
+    /// What "off" means for it.
+    pub fn off(self) -> &'static str {
+        match self {
+            Self::ScanDistortion => "no scan distortions (identity here)",
+            Self::Contamination => "no contamination build-up (0 here)",
+            Self::CurrentFluctuation => "a steady beam current (0 here)",
+        }
+    }
+
+    /// Whether it changes the electrons a pixel receives (the frame then records through
+    /// the per-pixel beam path instead of the plain one).
+    pub fn acts_on_the_beam(self) -> bool {
+        matches!(self, Self::Contamination | Self::CurrentFluctuation)
+    }
+}
+
 impl StemConfig {
     /// This config with drift, line jitter, scan noise, mains pickup and scan-system distortions
     /// switched off: frames are then the probe-convolved specimen plus shot noise only (for
@@ -101,6 +139,31 @@ impl StemConfig {
         self.scan_noise.rms = Param::fixed(0.0);
         self.scan_noise.mains_amplitude = Param::fixed(0.0);
         self
+    }
+
+    /// The opt-in effects this config switches on. A distribution counts as on unless it is
+    /// fixed at zero: one centred on zero still draws the effect.
+    pub fn opt_in_effects(&self) -> Vec<OptInEffect> {
+        fn on<D: crate::param::Dim>(p: &Param<D>) -> bool {
+            p.get() != 0.0 || !p.is_fixed()
+        }
+        let d = &self.scan_distortion;
+        let distorted =
+            on(&d.rotation) || on(&d.shear) || on(&d.flyback_amplitude) || d.scale.iter().any(on);
+        [
+            (OptInEffect::ScanDistortion, distorted),
+            (
+                OptInEffect::Contamination,
+                on(&self.damage.contamination_rate),
+            ),
+            (
+                OptInEffect::CurrentFluctuation,
+                on(&self.beam.current_fluctuation),
+            ),
+        ]
+        .into_iter()
+        .filter_map(|(e, is_on)| is_on.then_some(e))
+        .collect()
     }
 
     /// Validates every section, naming the offending field (`optics.convergence_angle`, ...).
@@ -910,7 +973,12 @@ impl StemInstrument for StemSimulator {
             sc.pixel_size,
             sc.dwell_time,
         );
-        if self.fluct.is_on() || self.cfg.damage.contamination_rate.get() > 0.0 {
+        if self
+            .cfg
+            .opt_in_effects()
+            .iter()
+            .any(|e| e.acts_on_the_beam())
+        {
             self.record_with_beam_effects(epp, shift);
         } else {
             self.renderer
