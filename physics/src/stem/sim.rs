@@ -21,7 +21,8 @@ use crate::param::{Param, Randomizer, Region};
 use crate::rng::{PoissonScratch, SimRng, derive_seed, poisson, seeded};
 use crate::stem::coherent::{AnnularDetector, CoherentGrid};
 use crate::stem::damage::{
-    CurrentFluctuation, DamageConfig, DoseMap, Hop, HopModel, KnockOn, Raster, sputter_with,
+    CurrentFluctuation, DamageConfig, DoseMap, Hop, HopModel, KnockOn, Raster, RasterPath,
+    sputter_with,
 };
 use crate::stem::eels::{EelsConfig, EelsModel};
 use crate::stem::haadf::{DetectorConfig, HaadfRenderer};
@@ -798,6 +799,81 @@ impl StemSimulator {
     }
 }
 
+/// Beam position of every pixel of the scan `sc` (row-major, m) under the scan distortion `sd`,
+/// the frame centred on `centre` (specimen coordinates): the nominal position plus
+/// [`ScanDistortion::displacement`] at the pixel's time in its line, as [`Distortion::distort`]
+/// places the image's pixels.
+fn distorted_positions(sd: &ScanDistortion, sc: &ScanSettings, centre: [f64; 2]) -> Vec<[f64; 2]> {
+    let dx = sc.pixel_size;
+    let (hx, hy) = (
+        0.5 * (sc.cols as f64 - 1.0) * dx,
+        0.5 * (sc.rows as f64 - 1.0) * dx,
+    );
+    let mut out = Vec::with_capacity(sc.rows * sc.cols);
+    for i in 0..sc.rows {
+        let y = i as f64 * dx - hy;
+        for j in 0..sc.cols {
+            let r = [j as f64 * dx - hx, y];
+            let d = sd.displacement(r, j as f64 * sc.dwell_time);
+            out.push([centre[0] + r[0] + d[0], centre[1] + r[1] + d[1]]);
+        }
+    }
+    out
+}
+
+/// Adds a frame's dose (`epp` electrons per pixel) to `map` over the footprint of the scan `sc`
+/// distorted by `sd`, the frame centred on `centre` (specimen coordinates). Each pixel's cell
+/// (its nominal square, pixel edges mapped like pixel centres, the flyback lag taken at each
+/// edge's time, not before the line start) is a parallelogram; columns are grouped in bands of
+/// equal lag across all rows (the lag depends only on the time in the line) so the footprint is
+/// a few convex quadrilaterals, each receiving its pixels' electrons uniformly. Bands are
+/// `τ / (4 dwell)` columns wide (at least 1) while the lag lasts (20 τ), then one band; without
+/// a lag, one parallelogram. The electrons added are exactly `epp · rows · cols`.
+fn add_distorted_dose(
+    map: &mut DoseMap,
+    sd: &ScanDistortion,
+    sc: &ScanSettings,
+    centre: [f64; 2],
+    epp: f64,
+) {
+    let (rows, cols, dx, dwell) = (sc.rows, sc.cols, sc.pixel_size, sc.dwell_time);
+    if rows == 0 || cols == 0 {
+        return;
+    }
+    let (hx, hy) = (0.5 * cols as f64 * dx, 0.5 * rows as f64 * dx);
+    // Lab position of the pixel-cell corner at column edge `e` (0..=cols) and row edge `y`.
+    let corner = |e: usize, y: f64| {
+        let r = [e as f64 * dx - hx, y];
+        let t = (e as f64 - 0.5).max(0.0) * dwell;
+        let d = sd.displacement(r, t);
+        [centre[0] + r[0] + d[0], centre[1] + r[1] + d[1]]
+    };
+    let mut edges = vec![0usize];
+    if sd.flyback_amplitude.get() != 0.0 {
+        let tau = sd.flyback_time_constant.get();
+        let band = ((tau / (4.0 * dwell)).floor() as usize).max(1);
+        let lasting = ((20.0 * tau / dwell).ceil() as usize).min(cols);
+        let mut e = band;
+        while e < lasting {
+            edges.push(e);
+            e += band;
+        }
+    }
+    edges.push(cols);
+    for w in edges.windows(2) {
+        let (a, b) = (w[0], w[1]);
+        let quad = [corner(a, -hy), corner(b, -hy), corner(b, hy), corner(a, hy)];
+        let area2: f64 = (0..4)
+            .map(|k| {
+                let (p, q) = (quad[k], quad[(k + 1) % 4]);
+                p[0] * q[1] - q[0] * p[1]
+            })
+            .sum();
+        let electrons = epp * ((b - a) * rows) as f64;
+        map.add_quad(quad, electrons / (0.5 * area2.abs()));
+    }
+}
+
 /// Checks that the scan distortion `sd` keeps every pixel of a `rows × cols` frame of pixels
 /// `pixel_size` (m) within [`MAX_DISTORTION_PIXELS`] of its nominal position.
 fn check_distortion(sd: &ScanDistortion, rows: usize, cols: usize, pixel_size: f64) -> Result<()> {
@@ -923,7 +999,18 @@ impl StemInstrument for StemSimulator {
             sc.center[0] - 0.5 * w - shift[0],
             sc.center[1] - 0.5 * h - shift[1],
         );
-        self.dose_map.add_rect(x0, x0 + w, y0, y0 + h, dose);
+        if self.cfg.scan_distortion.is_identity() {
+            self.dose_map.add_rect(x0, x0 + w, y0, y0 + h, dose);
+        } else {
+            let centre = [x0 + 0.5 * w, y0 + 0.5 * h];
+            add_distorted_dose(
+                &mut self.dose_map,
+                &self.cfg.scan_distortion,
+                &sc,
+                centre,
+                epp,
+            );
+        }
         // The frame shows the specimen as it was when the scan began; what the scan did to it
         // (sputtering, hops: `last_damage`) shows from the next exposure on.
         let mut report = DamageReport::default();
@@ -955,21 +1042,40 @@ impl StemInstrument for StemSimulator {
             ];
             let centre = [origin[0] + half[0], origin[1] + half[1]];
             let home = self.specimen.image_near(centre, [0.0, 0.0]);
-            let raster = Raster {
-                origin: [home[0] - half[0], home[1] - half[1]],
-                pixel_size: sc.pixel_size,
-                rows: sc.rows,
-                cols: sc.cols,
-                dwell: sc.dwell_time,
-                flyback: sc.flyback_time,
-            };
-            report.hops = self.hop.raster(
-                &mut self.specimen,
-                &raster,
-                self.cfg.beam.current.get(),
-                HOP_BOND,
-                &mut self.rng_damage,
-            );
+            let sd = &self.cfg.scan_distortion;
+            if sd.is_identity() {
+                let raster = Raster {
+                    origin: [home[0] - half[0], home[1] - half[1]],
+                    pixel_size: sc.pixel_size,
+                    rows: sc.rows,
+                    cols: sc.cols,
+                    dwell: sc.dwell_time,
+                    flyback: sc.flyback_time,
+                };
+                report.hops = self.hop.raster(
+                    &mut self.specimen,
+                    &raster,
+                    self.cfg.beam.current.get(),
+                    HOP_BOND,
+                    &mut self.rng_damage,
+                );
+            } else {
+                // The beam where the distorted scan puts it (the image's pixel positions).
+                let positions = distorted_positions(sd, &sc, home);
+                let path = RasterPath {
+                    positions: &positions,
+                    cols: sc.cols,
+                    dwell: sc.dwell_time,
+                    flyback: sc.flyback_time,
+                };
+                report.hops = self.hop.raster_path(
+                    &mut self.specimen,
+                    &path,
+                    self.cfg.beam.current.get(),
+                    HOP_BOND,
+                    &mut self.rng_damage,
+                );
+            }
         }
         if !report.sputtered.is_empty() || !report.hops.is_empty() {
             self.ideal_valid = false;
