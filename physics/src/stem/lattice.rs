@@ -309,6 +309,10 @@ impl LatticeSimulator {
         if on((f.get(), f.is_fixed())) {
             return refuse("beam.current_fluctuation", "a steady beam current (0 here)");
         }
+        let ad = &cfg.aberration_drift;
+        if ad.is_on() || !ad.c10_diffusivity.is_fixed() || !ad.c12_diffusivity.is_fixed() {
+            return refuse("aberration_drift", "static aberrations (no drift here)");
+        }
         Ok(())
     }
 
@@ -884,6 +888,10 @@ mod tests {
         c.beam.current_fluctuation = Param::fixed(0.05);
         let e = LatticeSimulator::new(c, 0).unwrap_err().to_string();
         assert!(e.contains("beam.current_fluctuation"), "{e}");
+        let mut c = config(false);
+        c.aberration_drift.rates.c10 = 1e-11;
+        let e = LatticeSimulator::new(c, 0).unwrap_err().to_string();
+        assert!(e.contains("aberration_drift"), "{e}");
         let mut sim = LatticeSimulator::new(config(false), 0).unwrap();
         assert!(sim.acquire_spectrum(1.0).is_err());
         sim.set_blanked(true).unwrap();

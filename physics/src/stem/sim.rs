@@ -19,6 +19,7 @@ use crate::instrument::{
 use crate::param::dims::{Current, Time, Unitless};
 use crate::param::{Param, Randomizer, Region};
 use crate::rng::{PoissonScratch, SimRng, derive_seed, poisson, seeded};
+use crate::stem::aberration_drift::{AberrationDrift, AberrationDriftConfig};
 use crate::stem::coherent::{AnnularDetector, CoherentGrid};
 use crate::stem::damage::{
     CurrentFluctuation, DamageConfig, DoseMap, Hop, HopModel, KnockOn, Raster, RasterPath,
@@ -88,6 +89,8 @@ pub struct StemConfig {
     pub damage: DamageConfig,
     /// EELS spectrometer.
     pub eels: EelsConfig,
+    /// Drift of the aberrations and defocus in time. Default: none.
+    pub aberration_drift: AberrationDriftConfig,
 }
 
 impl StemConfig {
@@ -142,6 +145,7 @@ impl StemConfig {
         )?;
         self.damage.validate("damage.")?;
         self.eels.validate("eels.")?;
+        self.aberration_drift.validate("aberration_drift.")?;
         Ok(())
     }
 }
@@ -168,7 +172,13 @@ pub struct StemSimulator {
     rng_scan: SimRng,
     rng_damage: SimRng,
     specimen: Specimen,
+    /// The aberrations the corrector is set to (what the instrument reports).
     aberrations: Aberrations,
+    /// The aberrations the probe is built with: `aberrations` plus the drift at the time the
+    /// probe last followed it ([`AberrationDrift`]); equal to `aberrations` without drift.
+    probe_ab: Aberrations,
+    ab_drift: AberrationDrift,
+    rng_optics: SimRng,
     scan: ScanSettings,
     probe_calc: ProbeCalculator,
     kernel: Vec<f64>,
@@ -279,6 +289,9 @@ impl StemSimulator {
             region: Region::All,
             scan: Self::scan_from(&cfg),
             aberrations: cfg.optics.aberrations(),
+            probe_ab: cfg.optics.aberrations(),
+            ab_drift: AberrationDrift::new(&cfg.aberration_drift),
+            rng_optics: seeded(derive_seed(seed, "aberration_drift")),
             sigma_haadf: cfg.detector.cross_sections(),
             knock: cfg.damage.knock_on(cfg.optics.energy.get()),
             any_knock: false,
@@ -366,10 +379,13 @@ impl StemSimulator {
             self.probe_dirty = true;
         }
         let new_ab = cfg.optics.aberrations();
-        if new_ab != self.aberrations || cfg.optics != self.cfg.optics {
+        if new_ab != self.aberrations || new_ab != self.probe_ab || cfg.optics != self.cfg.optics {
             self.probe_dirty = true;
         }
         self.aberrations = new_ab;
+        self.probe_ab = new_ab;
+        self.ab_drift = AberrationDrift::new(&cfg.aberration_drift);
+        self.rng_optics = seeded(derive_seed(seed, "aberration_drift"));
         self.sigma_haadf = cfg.detector.cross_sections();
         self.knock = cfg.damage.knock_on(cfg.optics.energy.get());
         self.any_knock = cfg.damage.sputtering && self.knock.any();
@@ -491,13 +507,34 @@ impl StemSimulator {
 
     /// The probe's specification in force.
     pub fn probe_spec(&self) -> ProbeSpec {
-        self.cfg.optics.probe_spec(self.aberrations)
+        self.cfg.optics.probe_spec(self.probe_ab)
     }
 
     /// The probe in force (coherent part and source blur), as the shared
     /// [`ProbeModel`] of the three STEM simulators.
     pub fn probe_model(&self) -> ProbeModel {
-        ProbeModel::new(&self.cfg.optics, self.aberrations)
+        ProbeModel::new(&self.cfg.optics, self.probe_ab)
+    }
+
+    /// The aberrations in force (ground truth): the corrector setting
+    /// ([`StemInstrument::aberrations`]) plus the drift ([`AberrationDriftConfig`]) at the start
+    /// of the last exposure. Equal to the setting without drift.
+    pub fn aberrations_in_force(&self) -> Aberrations {
+        self.probe_ab
+    }
+
+    /// Moves the probe's aberrations to the setting plus the drift at the current clock
+    /// (quantized to the drift's update interval); the probe is rebuilt if they changed.
+    fn follow_aberration_drift(&mut self) {
+        if !self.ab_drift.is_on() {
+            return;
+        }
+        let t = self.ab_drift.quantized(self.clock);
+        let a = self.ab_drift.at(&self.aberrations, t, &mut self.rng_optics);
+        if a != self.probe_ab {
+            self.probe_ab = a;
+            self.probe_dirty = true;
+        }
     }
 
     /// Recomputes the probe if the optics or scan geometry changed.
@@ -713,6 +750,7 @@ impl StemSimulator {
     /// knock-on dose all use the effective probe of the frames ([`Self::effective_probe`]), so a
     /// point's expected counts equal the noiseless frame's at the same position.
     fn expose_point(&mut self, time: f64) -> Result<f64> {
+        self.follow_aberration_drift();
         self.effective_probe();
         // A fluctuating current: one factor for the exposure, correlated with the last draw.
         let f = if self.fluct.is_on() {
@@ -940,6 +978,7 @@ impl StemInstrument for StemSimulator {
 
     fn acquire_frame(&mut self) -> Result<Frame<'_>> {
         self.check_beam("acquire_frame")?;
+        self.follow_aberration_drift();
         self.ensure_probe();
         let sc = self.scan;
         let epp = self.electrons(sc.dwell_time);
@@ -1167,7 +1206,12 @@ impl StemInstrument for StemSimulator {
         aberrations.validate("aberrations.")?;
         if *aberrations != self.aberrations {
             self.aberrations = *aberrations;
-            self.probe_dirty = true;
+            if self.ab_drift.is_on() {
+                self.follow_aberration_drift();
+            } else {
+                self.probe_ab = *aberrations;
+                self.probe_dirty = true;
+            }
         }
         Ok(self.aberrations)
     }
