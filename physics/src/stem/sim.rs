@@ -16,7 +16,7 @@ use crate::error::{PhysicsError, Result};
 use crate::instrument::{
     Frame, FrameMeta, InstrumentInfo, InstrumentKind, ScanSettings, Spectrum, StemInstrument,
 };
-use crate::param::dims::{Current, Time, Unitless};
+use crate::param::dims::{Current, Length, Time, Unitless};
 use crate::param::{Param, Randomizer, Region};
 use crate::rng::{PoissonScratch, SimRng, derive_seed, poisson, seeded};
 use crate::stem::aberration_drift::{AberrationDrift, AberrationDriftConfig};
@@ -65,6 +65,37 @@ impl Default for BeamConfig {
     }
 }
 
+/// Depth of focus (`[depth_of_focus]`): frames image each atom with the probe defocused by its
+/// height. Default: off (every atom sees the probe at C10).
+///
+/// C10 is the defocus at the specimen's mid-plane (height 0); an atom at height h (further along
+/// the beam) sees `C10 + h` (Krivanek's sign: positive C10 is overfocus, the crossover before
+/// the specimen; free-space propagation by h adds h to C10). Atoms are grouped by height into
+/// slices of `slice_thickness` (from the lowest atom up), and each occupied slice is imaged with
+/// the probe at the defocus of its atoms' mean height, so single atoms and flat layers are
+/// exact; a column through a thick crystal is the sum of its slices' probes, which sets the
+/// depth of field ≈ 1.77 λ/α² (Born & Wolf §8.8: the on-axis intensity of an aberration-free
+/// probe, `[sin x / x]²` with `x = π Δf α² / (2λ)`, falls to half at Δf = ±0.886 λ/α²). Frames only: point exposures, spectra and damage
+/// use the probe at C10. The probes are recomputed when the aberrations or the set of slice
+/// heights change.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DepthOfFocusConfig {
+    /// Whether frames image each atom at the defocus of its height. Default false.
+    pub enabled: bool,
+    /// Thickness of the depth slices, m. Default 0.5 nm.
+    pub slice_thickness: Param<Length>,
+}
+
+impl Default for DepthOfFocusConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            slice_thickness: Param::fixed(0.5e-9),
+        }
+    }
+}
+
 /// Everything that defines a simulated STEM session: one scenario's instrument and specimen.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(default, deny_unknown_fields)]
@@ -91,6 +122,8 @@ pub struct StemConfig {
     pub eels: EelsConfig,
     /// Drift of the aberrations and defocus in time. Default: none.
     pub aberration_drift: AberrationDriftConfig,
+    /// Depth of focus from the atoms' heights. Default: off.
+    pub depth_of_focus: DepthOfFocusConfig,
 }
 
 impl StemConfig {
@@ -146,6 +179,13 @@ impl StemConfig {
         self.damage.validate("damage.")?;
         self.eels.validate("eels.")?;
         self.aberration_drift.validate("aberration_drift.")?;
+        let s = self.depth_of_focus.slice_thickness.get();
+        if !(1e-12..=1e-6).contains(&s) {
+            return Err(PhysicsError::param(
+                "depth_of_focus.slice_thickness",
+                format!("must be 1 pm to 1 µm, got {s} m"),
+            ));
+        }
         Ok(())
     }
 }
@@ -179,6 +219,12 @@ pub struct StemSimulator {
     probe_ab: Aberrations,
     ab_drift: AberrationDrift,
     rng_optics: SimRng,
+    /// Incremented whenever the probe is rebuilt (keys the depth slices' probes).
+    probe_generation: u64,
+    /// Depth slices: the slice of each atom, and the key (probe generation, slices' mean
+    /// heights' bits) their installed probes were built for.
+    slice_of: Vec<usize>,
+    slice_key: Option<(u64, Vec<u64>)>,
     scan: ScanSettings,
     probe_calc: ProbeCalculator,
     kernel: Vec<f64>,
@@ -292,6 +338,9 @@ impl StemSimulator {
             probe_ab: cfg.optics.aberrations(),
             ab_drift: AberrationDrift::new(&cfg.aberration_drift),
             rng_optics: seeded(derive_seed(seed, "aberration_drift")),
+            probe_generation: 0,
+            slice_of: Vec::new(),
+            slice_key: None,
             sigma_haadf: cfg.detector.cross_sections(),
             knock: cfg.damage.knock_on(cfg.optics.energy.get()),
             any_knock: false,
@@ -556,6 +605,68 @@ impl StemSimulator {
         self.probe_dirty = false;
         self.eff_dirty = true;
         self.ideal_valid = false;
+        self.probe_generation += 1;
+    }
+
+    /// Depth of focus: groups the atoms into slices by height and installs each occupied
+    /// slice's probe (at C10 plus its atoms' mean height) when the probe or the slices changed
+    /// ([`DepthOfFocusConfig`]). The renderer's grid is widened to the largest kernel.
+    fn prepare_depth_slices(&mut self) -> Result<()> {
+        let thick = self.cfg.depth_of_focus.slice_thickness.get();
+        let atoms = &self.specimen.atoms;
+        let lo = atoms.iter().map(|a| a.height).fold(f64::INFINITY, f64::min);
+        let raw: Vec<usize> = atoms
+            .iter()
+            .map(|a| ((a.height - lo) / thick).floor() as usize)
+            .collect();
+        // Occupied slices in height order, their atoms' mean heights.
+        let mut occupied: Vec<usize> = raw.clone();
+        occupied.sort_unstable();
+        occupied.dedup();
+        let mut sums = vec![(0.0f64, 0usize); occupied.len()];
+        self.slice_of.clear();
+        for (a, r) in atoms.iter().zip(&raw) {
+            let k = occupied.binary_search(r).expect("listed above");
+            sums[k].0 += a.height;
+            sums[k].1 += 1;
+            self.slice_of.push(k);
+        }
+        let heights: Vec<f64> = sums.iter().map(|(s, n)| s / *n as f64).collect();
+        let key = (
+            self.probe_generation,
+            heights.iter().map(|h| h.to_bits()).collect(),
+        );
+        if self.slice_key.as_ref() == Some(&key) {
+            return Ok(());
+        }
+        let dx = self.scan.pixel_size;
+        let max_extent = dx * (self.scan.rows.max(self.scan.cols)) as f64;
+        let mut kernels = Vec::with_capacity(heights.len());
+        let mut side = self.kernel_side;
+        for h in &heights {
+            let mut ab = self.probe_ab;
+            ab.c10 += h;
+            let model = ProbeModel::new(&self.cfg.optics, ab);
+            let mut k = Vec::new();
+            let s = model.binned(&mut self.probe_calc, dx, max_extent, &mut k);
+            side = side.max(s);
+            kernels.push((k, s));
+        }
+        let src = self.probe_model().source_sigma;
+        let padded = |k: &[f64], s: usize| pad_kernel(k, s, side);
+        self.renderer.set_probe(
+            &padded(&self.kernel, self.kernel_side),
+            side,
+            self.scan.rows,
+            self.scan.cols,
+            dx,
+            src,
+        );
+        let kernels: Vec<Vec<f64>> = kernels.iter().map(|(k, s)| padded(k, *s)).collect();
+        self.renderer.set_slice_probes(&kernels, side)?;
+        self.slice_key = Some(key);
+        self.ideal_valid = false;
+        Ok(())
     }
 
     /// The effective probe every exposure sees, on the image grid (side, values summing to 1,
@@ -837,6 +948,19 @@ impl StemSimulator {
     }
 }
 
+/// `kernel` (`side × side`, centred at `side/2`) zero-padded to `to × to` (centred at `to/2`).
+fn pad_kernel(kernel: &[f64], side: usize, to: usize) -> Vec<f64> {
+    if side == to {
+        return kernel.to_vec();
+    }
+    let off = to / 2 - side / 2;
+    let mut out = vec![0.0; to * to];
+    for (i, row) in kernel.chunks_exact(side).enumerate() {
+        out[(i + off) * to + off..(i + off) * to + off + side].copy_from_slice(row);
+    }
+    out
+}
+
 /// Beam position of every pixel of the scan `sc` (row-major, m) under the scan distortion `sd`,
 /// the frame centred on `centre` (specimen coordinates): the nominal position plus
 /// [`ScanDistortion::displacement`] at the pixel's time in its line, as [`Distortion::distort`]
@@ -980,6 +1104,10 @@ impl StemInstrument for StemSimulator {
         self.check_beam("acquire_frame")?;
         self.follow_aberration_drift();
         self.ensure_probe();
+        let depth = self.cfg.depth_of_focus.enabled && !self.specimen.atoms.is_empty();
+        if depth {
+            self.prepare_depth_slices()?;
+        }
         let sc = self.scan;
         let epp = self.electrons(sc.dwell_time);
         let shift = self.drift.offset;
@@ -994,13 +1122,24 @@ impl StemInstrument for StemSimulator {
         let stale = !self.ideal_valid || epp != self.rendered_electrons;
         if stale || moved > RERENDER_DRIFT * sc.pixel_size {
             if stale || !self.renderer.shift_ideal(shift) {
-                self.renderer.render_ideal(
-                    &self.specimen,
-                    &self.sigma_haadf,
-                    epp,
-                    shift,
-                    sc.center,
-                )?;
+                if depth {
+                    self.renderer.render_ideal_sliced(
+                        &self.specimen,
+                        &self.sigma_haadf,
+                        epp,
+                        shift,
+                        sc.center,
+                        &self.slice_of,
+                    )?;
+                } else {
+                    self.renderer.render_ideal(
+                        &self.specimen,
+                        &self.sigma_haadf,
+                        epp,
+                        shift,
+                        sc.center,
+                    )?;
+                }
             }
             self.ideal_shift = shift;
             self.rendered_electrons = epp;
