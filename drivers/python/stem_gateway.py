@@ -46,7 +46,13 @@ INSTRUMENT_FAULT = -32003
 TOO_LARGE = -32004
 
 _DTYPES = {"<f4": np.dtype("<f4"), "<f8": np.dtype("<f8")}
-_ABERRATIONS = ("c10", "c12", "phi12", "c21", "phi21", "c23", "phi23", "c30", "c50")
+# The aberration keys (scopegym's ``Aberrations::NAMES``): the first nine since protocol 1, then
+# the non-round terms C32 … C56 (a missing key in a request is 0).
+_ABERRATIONS = (
+    "c10", "c12", "phi12", "c21", "phi21", "c23", "phi23", "c30", "c50",
+    "c32", "phi32", "c34", "phi34", "c41", "phi41", "c43", "phi43",
+    "c45", "phi45", "c52", "phi52", "c54", "phi54", "c56", "phi56",
+)  # fmt: skip
 _SCAN = ("rows", "cols", "pixel_size", "dwell_time", "flyback_time", "center")
 
 

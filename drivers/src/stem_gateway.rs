@@ -738,51 +738,68 @@ impl From<WireScan> for ScanSettings {
     }
 }
 
-/// Aberrations on the wire (every key required in a reply).
-#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
-struct WireAberrations {
-    c10: f64,
-    c12: f64,
-    phi12: f64,
-    c21: f64,
-    phi21: f64,
-    c23: f64,
-    phi23: f64,
-    c30: f64,
-    c50: f64,
+/// How many of [`Aberrations::NAMES`] (the first: `c10` … `c50`) a reply must carry; the
+/// non-round terms after them (`c32` … `phi56`) were added later and read as 0 when absent.
+const WIRE_REQUIRED_ABERRATIONS: usize = 9;
+
+/// Aberrations on the wire: an object keyed by [`Aberrations::NAMES`] (m; azimuths rad).
+///
+/// Decoding requires the first [`WIRE_REQUIRED_ABERRATIONS`] keys, reads a missing C32 … C56
+/// key as 0 (a gateway of the first version) and ignores unknown keys (a later version).
+/// Encoding writes the nine first keys always and a C32 … C56 key only when it is non-zero, so
+/// that a request with the higher-order terms at 0 still suits a first-version gateway (which
+/// refuses unknown keys); missing keys are 0 on both sides, so nothing is lost.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct WireAberrations(Aberrations);
+
+impl Serialize for WireAberrations {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let values = self.0.values();
+        let n = WIRE_REQUIRED_ABERRATIONS
+            + values[WIRE_REQUIRED_ABERRATIONS..]
+                .iter()
+                .filter(|v| **v != 0.0)
+                .count();
+        let mut m = s.serialize_map(Some(n))?;
+        for (i, (k, v)) in Aberrations::NAMES.iter().zip(values).enumerate() {
+            if i < WIRE_REQUIRED_ABERRATIONS || v != 0.0 {
+                m.serialize_entry(k, &v)?;
+            }
+        }
+        m.end()
+    }
+}
+
+impl<'de> Deserialize<'de> for WireAberrations {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        use serde::de::Error;
+        let m = Map::<String, Value>::deserialize(d)?;
+        let mut v = [0.0; Aberrations::COUNT];
+        for (i, (k, x)) in Aberrations::NAMES.iter().zip(v.iter_mut()).enumerate() {
+            match m.get(*k) {
+                Some(val) => {
+                    *x = val
+                        .as_f64()
+                        .ok_or_else(|| D::Error::custom(format!("`{k}` must be a number")))?;
+                }
+                None if i < WIRE_REQUIRED_ABERRATIONS => return Err(D::Error::missing_field(k)),
+                None => {}
+            }
+        }
+        Ok(Self(Aberrations::from_values(v)))
+    }
 }
 
 impl From<&Aberrations> for WireAberrations {
     fn from(a: &Aberrations) -> Self {
-        Self {
-            c10: a.c10,
-            c12: a.c12,
-            phi12: a.phi12,
-            c21: a.c21,
-            phi21: a.phi21,
-            c23: a.c23,
-            phi23: a.phi23,
-            c30: a.c30,
-            c50: a.c50,
-        }
+        Self(*a)
     }
 }
 
 impl From<WireAberrations> for Aberrations {
     fn from(a: WireAberrations) -> Self {
-        Self {
-            c10: a.c10,
-            c12: a.c12,
-            phi12: a.phi12,
-            c21: a.c21,
-            phi21: a.phi21,
-            c23: a.c23,
-            phi23: a.phi23,
-            c30: a.c30,
-            c50: a.c50,
-            // The gateway's wire format carries the aberrations up to C50 and C23.
-            ..Aberrations::default()
-        }
+        a.0
     }
 }
 
@@ -1550,6 +1567,67 @@ mod tests {
             read_message(&mut [].as_slice(), 1024),
             Err(WireError::Closed)
         ));
+    }
+
+    /// All 25 coefficients, each non-zero and distinct (a valid corrector state).
+    fn all_aberrations() -> Aberrations {
+        let mut v = [0.0; Aberrations::COUNT];
+        for (i, (x, name)) in v.iter_mut().zip(Aberrations::NAMES).enumerate() {
+            *x = if name.starts_with("phi") {
+                0.1 * (i as f64 + 1.0)
+            } else {
+                1.25e-9 * (i as f64 + 1.0)
+            };
+        }
+        Aberrations::from_values(v)
+    }
+
+    #[test]
+    fn aberrations_round_trip_on_the_wire_with_all_coefficients() {
+        let a = all_aberrations();
+        assert!(a.values().iter().all(|v| *v != 0.0));
+        let json = serde_json::to_value(WireAberrations::from(&a)).unwrap();
+        let obj = json.as_object().unwrap();
+        assert_eq!(obj.len(), Aberrations::COUNT);
+        for (k, v) in Aberrations::NAMES.iter().zip(a.values()) {
+            assert_eq!(obj[*k].as_f64(), Some(v), "{k}");
+        }
+        // Through the message encoding too, bit for bit.
+        let back = roundtrip(&request(1, "set_aberrations", json)).unwrap();
+        let params = back.header["params"].as_object().unwrap().clone();
+        let b: Aberrations = decode::<WireAberrations>("set_aberrations", params)
+            .unwrap()
+            .into();
+        assert_eq!(b.values().map(f64::to_bits), a.values().map(f64::to_bits));
+    }
+
+    #[test]
+    fn first_version_aberration_messages_still_parse() {
+        // A reply of a gateway that knows only c10 … c50: the rest is 0.
+        let old = json!({"c10": 1e-9, "c12": 2e-9, "phi12": 0.3, "c21": 4e-9, "phi21": 0.5,
+            "c23": 6e-9, "phi23": 0.7, "c30": 8e-6, "c50": 9e-3, "future_key": 1.0});
+        let a: Aberrations = serde_json::from_value::<WireAberrations>(old)
+            .unwrap()
+            .into();
+        assert_eq!(
+            a.values()[..WIRE_REQUIRED_ABERRATIONS],
+            [1e-9, 2e-9, 0.3, 4e-9, 0.5, 6e-9, 0.7, 8e-6, 9e-3]
+        );
+        assert!(
+            a.values()[WIRE_REQUIRED_ABERRATIONS..]
+                .iter()
+                .all(|v| *v == 0.0)
+        );
+        // A request without higher-order terms carries only the first nine keys.
+        let json = serde_json::to_value(WireAberrations::from(&a)).unwrap();
+        assert_eq!(json.as_object().unwrap().len(), WIRE_REQUIRED_ABERRATIONS);
+        // The first nine are still required in a reply; a non-number is refused by name.
+        let e = serde_json::from_value::<WireAberrations>(json!({"c10": 1e-9})).unwrap_err();
+        assert!(e.to_string().contains("c12"), "{e}");
+        let mut bad = serde_json::to_value(WireAberrations::from(&a)).unwrap();
+        bad["c45"] = json!("big");
+        let e = serde_json::from_value::<WireAberrations>(bad).unwrap_err();
+        assert!(e.to_string().contains("c45"), "{e}");
     }
 
     #[test]

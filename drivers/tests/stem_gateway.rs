@@ -20,6 +20,7 @@ use scopegym_physics::PhysicsError;
 use scopegym_physics::instrument::{ScanSettings, StemInstrument};
 use scopegym_physics::stem::StemSimulator;
 use scopegym_physics::stem::lattice::LatticeSimulator;
+use scopegym_physics::stem::optics::Aberrations;
 use std::time::{Duration, Instant};
 use stem_server::{Fault, Server, serve};
 
@@ -83,13 +84,21 @@ fn every_method_round_trips_and_matches_the_simulator() {
     );
     assert_eq!(c.scan_settings(), req);
 
-    let mut ab = d.aberrations();
-    ab.c10 = 3e-9;
-    ab.set_c12_cartesian(1e-9, -0.5e-9);
+    // Every one of the 25 coefficients non-zero (C32 … C56 included) survives the wire.
+    let mut v = d.aberrations().values();
+    for (i, (x, name)) in v.iter_mut().zip(Aberrations::NAMES).enumerate() {
+        *x = if name.starts_with("phi") {
+            0.05 * (i as f64 + 1.0)
+        } else {
+            0.5e-9 * (i as f64 + 1.0)
+        };
+    }
+    let ab = Aberrations::from_values(v);
     assert_eq!(
         c.set_aberrations(&ab).unwrap(),
         d.set_aberrations(&ab).unwrap()
     );
+    assert_eq!(c.aberrations(), ab);
     assert_eq!(c.aberrations(), d.aberrations());
 
     {

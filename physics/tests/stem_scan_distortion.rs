@@ -5,6 +5,7 @@
 use scopegym_physics::instrument::StemInstrument;
 use scopegym_physics::param::Param;
 use scopegym_physics::stem::scan::ScanDistortion;
+use scopegym_physics::stem::specimen::{DopantConfig, Specimen};
 use scopegym_physics::stem::{StemConfig, StemSimulator};
 use std::f64::consts::PI;
 
@@ -171,4 +172,199 @@ fn too_large_a_distortion_is_refused() {
     cfg.scan_distortion.rotation = Param::fixed(0.1);
     let e = StemSimulator::new(cfg, 0).unwrap_err().to_string();
     assert!(e.contains("scan_distortion"), "{e}");
+}
+
+/// `R(θ)·p`, counter-clockwise.
+fn rotate(theta: f64, p: [f64; 2]) -> [f64; 2] {
+    let (s, c) = theta.sin_cos();
+    [c * p[0] - s * p[1], s * p[0] + c * p[1]]
+}
+
+/// With a scan rotation, a frame's dose lands on the rotated footprint (dose map of 0.05 Å
+/// bins): full dose 0.7 pixel inside the rotated square's edge where it sticks out of the
+/// nominal one, none 0.7 pixel inside the nominal square's edge where the rotated one has turned
+/// away (at all four edges); the unrotated frame doses the reverse. The electrons added are
+/// rows · cols · electrons per pixel either way.
+#[test]
+fn a_rotated_scan_doses_the_rotated_footprint() {
+    let theta = 0.06;
+    let run = |rotation: f64| {
+        let mut cfg = StemConfig::default().without_scan_distortions();
+        cfg.scan.pixels = [64, 64];
+        cfg.damage.sputtering = false;
+        cfg.damage.dopant_hops = false;
+        cfg.damage.dose_map_cell = Param::fixed(0.05e-10);
+        cfg.scan_distortion.rotation = Param::fixed(rotation);
+        let mut sim = StemSimulator::new(cfg, 2).unwrap();
+        let meta = sim.acquire_frame().unwrap().meta;
+        (sim.dose_map().clone(), meta, sim.scan_settings())
+    };
+    let (rotated, meta, sc) = run(theta);
+    let (plain, _, _) = run(0.0);
+    let dx = sc.pixel_size;
+    let h = 32.0; // half side of the scanned square, pixels
+    let electrons = 64.0 * 64.0 * meta.electrons_per_pixel;
+    for m in [&rotated, &plain] {
+        assert!((m.total_electrons() / electrons - 1.0).abs() < 1e-9);
+    }
+    let lab = |p: [f64; 2]| [sc.center[0] + p[0] * dx, sc.center[1] + p[1] * dx];
+    for quarter in 0..4 {
+        let q = |p: [f64; 2]| rotate(quarter as f64 * 0.5 * PI, p);
+        // Inside the rotated square only: its edge point at y = −0.8 h, 0.7 pixel in.
+        let a = q(rotate(theta, [h - 0.7, -0.8 * h]));
+        let outside = |p: [f64; 2]| p[0].abs().max(p[1].abs()) > h + 0.5;
+        assert!(outside(a), "{a:?}");
+        // Inside the nominal square only: its edge point at y = +0.8 h, 0.7 pixel in.
+        let b = q([h - 0.7, 0.8 * h]);
+        assert!(outside(rotate(-theta, b)), "{b:?}");
+        let [pa, pb] = [lab(a), lab(b)];
+        let rel = |v: f64| v / meta.dose;
+        assert!(
+            (rel(rotated.at(pa[0], pa[1])) - 1.0).abs() < 1e-9,
+            "{quarter}"
+        );
+        assert_eq!(rotated.at(pb[0], pb[1]), 0.0, "{quarter}");
+        assert_eq!(plain.at(pa[0], pa[1]), 0.0, "{quarter}");
+        assert!(
+            (rel(plain.at(pb[0], pb[1])) - 1.0).abs() < 1e-9,
+            "{quarter}"
+        );
+    }
+}
+
+/// The identity distortion leaves the dose map and beam-driven hops bit for bit as without it.
+#[test]
+fn identity_distortion_leaves_dose_and_hops_unchanged() {
+    let run = |sd: ScanDistortion| {
+        let mut cfg = StemConfig::default();
+        cfg.scan.pixels = [32, 32];
+        cfg.scan.pixel_size = Param::fixed(0.5e-10);
+        cfg.scan.dwell_time = Param::fixed(0.05);
+        cfg.beam.current = Param::fixed(1e-9);
+        cfg.specimen.dopants = vec![DopantConfig::default()];
+        cfg.damage.dopant_hops = true;
+        cfg.scan_distortion = sd;
+        let mut sim = StemSimulator::new(cfg, 5).unwrap();
+        let mut hops = Vec::new();
+        for _ in 0..3 {
+            sim.acquire_frame().unwrap();
+            hops.extend(sim.last_damage().hops.clone());
+        }
+        (sim.dose_map().clone(), hops, sim.specimen().clone())
+    };
+    let plain = run(ScanDistortion::default());
+    let identity = run(ScanDistortion {
+        flyback_time_constant: Param::fixed(1e-6),
+        ..Default::default()
+    });
+    assert!(!plain.1.is_empty(), "the frames make hops to compare");
+    assert_eq!(plain, identity);
+}
+
+/// Frames drive dopant hops along the distorted raster: with the scan rotated by θ = 0.2 rad
+/// and the raster's corner pixel put on the peak μ of a hop's rate profile (just outside the
+/// nominal raster; the corner and μ where the nominal raster sees the least), the fraction of 16² frames with a hop is 1 − exp(−H), H the putting-dune
+/// rate (DESIGN.md §4) integrated over the rotated pixel positions (0.8 by the choice of
+/// dwell), and 1 − exp(−H₀) over the nominal positions without the rotation (H₀ < 0.4).
+#[test]
+fn frames_drive_hops_along_the_rotated_raster() {
+    const A: f64 = 1e-10;
+    let theta = 0.2;
+    let mut cfg = StemConfig::default().without_scan_distortions();
+    cfg.specimen.dopants = vec![DopantConfig::default()];
+    cfg.specimen.size = [Param::fixed(2e-9), Param::fixed(2e-9)];
+    cfg.specimen.rotation = Param::fixed(0.2);
+    cfg.damage.sputtering = false;
+    cfg.detector.shot_noise = false;
+    cfg.scan.pixels = [16, 16];
+    cfg.beam.current = Param::fixed(5e-9);
+    let sim = StemSimulator::new(cfg.clone(), 0).unwrap();
+    let original: Specimen = sim.specimen().clone();
+    let d = original.atoms[original.indices_of(14)[0]];
+    let mu: Vec<[f64; 2]> = original
+        .atoms
+        .iter()
+        .filter(|a| a.z == 6 && (a.x - d.x).hypot(a.y - d.y) < 1.6 * A)
+        .map(|n| {
+            let len = (n.x - d.x).hypot(n.y - d.y);
+            [
+                d.x + 0.85 * A * (n.x - d.x) / len,
+                d.y + 0.85 * A * (n.y - d.y) / len,
+            ]
+        })
+        .collect();
+    assert_eq!(mu.len(), 3);
+    let current = cfg.beam.current.get();
+    let rate = |b: [f64; 2]| -> f64 {
+        mu.iter()
+            .map(|m| {
+                let r2 = (b[0] - m[0]).powi(2) + (b[1] - m[1]).powi(2);
+                std::f64::consts::LN_2 / 3.0
+                    * (current / 100e-12)
+                    * (-r2 / (2.0 * 0.1 * A * A)).exp()
+            })
+            .sum()
+    };
+    let dx = 0.5 * A;
+    // Beam positions of pixel k of a raster centred on `center`, rotated by t or nominal (drift
+    // off: specimen = lab coordinates).
+    let pos = |k: usize, t: f64, center: [f64; 2]| {
+        let r = rotate(
+            t,
+            [
+                (k % 16) as f64 * dx - 7.5 * dx,
+                (k / 16) as f64 * dx - 7.5 * dx,
+            ],
+        );
+        [center[0] + r[0], center[1] + r[1]]
+    };
+    let sum = |t: f64, center: [f64; 2]| (0..256).map(|k| rate(pos(k, t, center))).sum::<f64>();
+    // The rotated raster's corner on one of the profile peaks: the corner and peak where the
+    // nominal raster sees the least of the rates.
+    let mut best = (f64::INFINITY, [0.0; 2]);
+    for m in &mu {
+        for corner in [[1.0, 1.0], [1.0, -1.0], [-1.0, 1.0], [-1.0, -1.0]] {
+            let c = rotate(theta, [7.5 * dx * corner[0], 7.5 * dx * corner[1]]);
+            let center = [m[0] - c[0], m[1] - c[1]];
+            let ratio = sum(0.0, center) / sum(theta, center);
+            if ratio < best.0 {
+                best = (ratio, center);
+            }
+        }
+    }
+    let center = best.1;
+    let dwell = 0.8 / sum(theta, center);
+    let h0 = 0.8 * best.0;
+    assert!(h0 < 0.4, "nominal hazard {h0}");
+    let fraction = |t: f64| {
+        let mut c = cfg.clone();
+        c.scan_distortion.rotation = Param::fixed(t);
+        let mut sim = StemSimulator::new(c, 0).unwrap();
+        let mut sc = sim.scan_settings();
+        sc.pixel_size = dx;
+        sc.dwell_time = dwell;
+        sc.flyback_time = 1e-3;
+        sc.center = center;
+        sim.configure_scan(&sc).unwrap();
+        let trials = 1500;
+        let mut hopped = 0;
+        for _ in 0..trials {
+            *sim.specimen_mut() = original.clone();
+            sim.acquire_frame().unwrap();
+            if !sim.last_damage().hops.is_empty() {
+                hopped += 1;
+            }
+        }
+        (hopped as f64 / trials as f64, trials as f64)
+    };
+    for (t, h) in [(theta, 0.8), (0.0, h0)] {
+        let (f, n) = fraction(t);
+        let p = 1.0 - (-h).exp();
+        let se = (p * (1.0 - p) / n).sqrt();
+        println!("θ = {t}: frames with a hop {f} vs 1 − exp(−{h}) = {p} ± {se}");
+        assert!(
+            (f - p).abs() < 4.0 * se,
+            "θ = {t}: frames with a hop {f} vs 1 − exp(−{h}) = {p} ± {se}"
+        );
+    }
 }

@@ -209,6 +209,11 @@ def test_every_method_over_a_socket(fake):
     assert ab["c10"] == 2e-9 and ab["c50"] == 0.0 and set(ab) == set(gw._ABERRATIONS)
     assert c.result("get_aberrations")[0] == ab
     assert c.error("set_aberrations", c99=1.0)["code"] == gw.INVALID_PARAMS
+    # All 25 coefficients, C32 … C56 included, non-zero and back unchanged.
+    every = {k: (0.1 if k.startswith("phi") else 1e-9) * (i + 1) for i, k in enumerate(gw._ABERRATIONS)}
+    assert len(every) == 25
+    assert c.result("set_aberrations", **every)[0] == every
+    assert c.result("get_aberrations")[0] == every
     assert c.error("start_episode", seed=3)["code"] == gw.UNSUPPORTED
     assert c.result("make_safe")[0] == {"blanked": True}
     assert backend.safe_calls == 1

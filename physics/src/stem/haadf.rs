@@ -274,6 +274,8 @@ pub struct HaadfRenderer {
     geom: Option<FrameGeometry>,
     fft: Option<Fft2>,
     kernel_spec: Vec<Complex<f32>>,
+    /// Probe spectra of the depth slices ([`Self::set_slice_probes`]).
+    slice_specs: Vec<Vec<Complex<f32>>>,
     /// Geometry and source size `(prows, pcols, dx, σ)` of the cached transfer factors.
     transfer_key: Option<(usize, usize, u64, u64)>,
     /// Source-blur transfer factor along the padded rows, per `ky`.
@@ -458,7 +460,128 @@ impl HaadfRenderer {
             operation: "render".into(),
             reason: "no probe installed".into(),
         })?;
+        self.splat_atoms(g, specimen, sigma_by_z, electrons, shift, centre, |_| true);
         let fft = self.fft.as_mut().expect("geometry implies plans");
+        fft.forward(&self.splat, &mut self.base_spec);
+        for ((b, s), k) in self
+            .base_spec
+            .iter_mut()
+            .zip(self.spec.iter_mut())
+            .zip(&self.kernel_spec)
+        {
+            *b *= *k;
+            *s = *b;
+        }
+        self.base_shift = Some(shift);
+        fft.inverse(&mut self.spec, &mut self.ideal);
+        // FFT rounding can leave tiny negative values in empty regions.
+        self.ideal.iter_mut().for_each(|v| *v = v.max(0.0));
+        Ok(())
+    }
+
+    /// Installs the probes of depth slices for [`Self::render_ideal_sliced`]: `kernels[k]` is
+    /// the binned probe of slice k (`side × side`, centred at `side/2`, summing to 1), each with
+    /// the installed probe's source blur. `side` must not exceed the side the installed probe
+    /// was set with (the padded grid's margin holds that one).
+    pub fn set_slice_probes(&mut self, kernels: &[Vec<f64>], side: usize) -> Result<()> {
+        let g = self.geom.ok_or_else(|| PhysicsError::Refused {
+            operation: "set_slice_probes".into(),
+            reason: "no probe installed".into(),
+        })?;
+        if side / 2 + 4 > g.margin {
+            return Err(PhysicsError::arg(
+                "set_slice_probes",
+                format!(
+                    "a {side}-pixel kernel exceeds the padded grid's margin {}",
+                    g.margin
+                ),
+            ));
+        }
+        let fft = self.fft.as_mut().expect("geometry implies plans");
+        self.slice_specs.resize_with(kernels.len(), Vec::new);
+        for (k, spec) in kernels.iter().zip(self.slice_specs.iter_mut()) {
+            spec.clear();
+            spec.resize(fft.spectrum_len(), Complex::new(0.0, 0.0));
+            fft.forward_wrapped_filtered(
+                k,
+                side,
+                side / 2,
+                &self.transfer_x,
+                &self.transfer_y,
+                spec,
+            );
+            for v in spec.iter_mut() {
+                *v = v.conj();
+            }
+        }
+        Ok(())
+    }
+
+    /// [`Self::render_ideal`] with depth of focus: the atoms of slice k (`slice_of[i]` for atom
+    /// i of `specimen`) are convolved with slice k's probe ([`Self::set_slice_probes`]) and the
+    /// slices summed (in the spectrum, so [`Self::shift_ideal`] works on the sum).
+    #[allow(clippy::too_many_arguments)]
+    pub fn render_ideal_sliced(
+        &mut self,
+        specimen: &Specimen,
+        sigma_by_z: &[f64; 93],
+        electrons: f64,
+        shift: [f64; 2],
+        centre: [f64; 2],
+        slice_of: &[usize],
+    ) -> Result<()> {
+        let g = self.geom.ok_or_else(|| PhysicsError::Refused {
+            operation: "render".into(),
+            reason: "no probe installed".into(),
+        })?;
+        if slice_of.len() != specimen.atoms.len()
+            || slice_of.iter().any(|&k| k >= self.slice_specs.len())
+        {
+            return Err(PhysicsError::arg(
+                "slice_of",
+                "one installed slice per atom of the specimen",
+            ));
+        }
+        self.base_spec
+            .iter_mut()
+            .for_each(|v| *v = Complex::new(0.0, 0.0));
+        for k in 0..self.slice_specs.len() {
+            self.splat_atoms(g, specimen, sigma_by_z, electrons, shift, centre, |i| {
+                slice_of[i] == k
+            });
+            let fft = self.fft.as_mut().expect("geometry implies plans");
+            fft.forward(&self.splat, &mut self.spec);
+            for ((b, s), p) in self
+                .base_spec
+                .iter_mut()
+                .zip(&self.spec)
+                .zip(&self.slice_specs[k])
+            {
+                *b += *s * *p;
+            }
+        }
+        self.spec.copy_from_slice(&self.base_spec);
+        self.base_shift = Some(shift);
+        let fft = self.fft.as_mut().expect("geometry implies plans");
+        fft.inverse(&mut self.spec, &mut self.ideal);
+        self.ideal.iter_mut().for_each(|v| *v = v.max(0.0));
+        Ok(())
+    }
+
+    /// Splats the atoms `i` of `specimen` with `keep(i)` onto the padded grid (bilinear, every
+    /// periodic image on the grid), each weighted by `electrons · σ(Z) / dx²`, at lab positions
+    /// `(a.x + shift[0] − centre[0], a.y + shift[1] − centre[1])` relative to the frame centre.
+    #[allow(clippy::too_many_arguments)]
+    fn splat_atoms(
+        &mut self,
+        g: FrameGeometry,
+        specimen: &Specimen,
+        sigma_by_z: &[f64; 93],
+        electrons: f64,
+        shift: [f64; 2],
+        centre: [f64; 2],
+        keep: impl Fn(usize) -> bool,
+    ) {
         self.splat.iter_mut().for_each(|v| *v = 0.0);
         let scale = electrons / (g.dx * g.dx);
         let (pw, ph) = (g.pcols as f64, g.prows as f64);
@@ -488,30 +611,19 @@ impl HaadfRenderer {
             // A finite specimen, or the grid inside one translated cell: one image per atom at
             // a fixed offset, no wrapping.
             let o = window.offset();
-            for a in &specimen.atoms {
-                put(a.x + o[0], a.y + o[1], weight(a));
+            for (i, a) in specimen.atoms.iter().enumerate() {
+                if keep(i) {
+                    put(a.x + o[0], a.y + o[1], weight(a));
+                }
             }
         } else {
-            for a in &specimen.atoms {
-                let w = weight(a);
-                window.for_each_image([a.x, a.y], |[x, y]| put(x, y, w));
+            for (i, a) in specimen.atoms.iter().enumerate() {
+                if keep(i) {
+                    let w = weight(a);
+                    window.for_each_image([a.x, a.y], |[x, y]| put(x, y, w));
+                }
             }
         }
-        fft.forward(&self.splat, &mut self.base_spec);
-        for ((b, s), k) in self
-            .base_spec
-            .iter_mut()
-            .zip(self.spec.iter_mut())
-            .zip(&self.kernel_spec)
-        {
-            *b *= *k;
-            *s = *b;
-        }
-        self.base_shift = Some(shift);
-        fft.inverse(&mut self.spec, &mut self.ideal);
-        // FFT rounding can leave tiny negative values in empty regions.
-        self.ideal.iter_mut().for_each(|v| *v = v.max(0.0));
-        Ok(())
     }
 
     /// Re-forms the ideal image for a new drift `shift` (m) from the spectrum of the last

@@ -286,6 +286,19 @@ impl LatticeSimulator {
         if let Some(e) = cfg.opt_in_effects().first() {
             return refuse(e.field(), e.off());
         }
+        if cfg.depth_of_focus.enabled {
+            return refuse(
+                "depth_of_focus.enabled",
+                "one defocus for all atoms (false here)",
+            );
+        }
+        if sp.tilt.iter().any(|t| on((t.get(), t.is_fixed()))) {
+            return refuse("specimen.tilt", "no tilt (0 here)");
+        }
+        let ad = &cfg.aberration_drift;
+        if ad.is_on() || !ad.c10_diffusivity.is_fixed() || !ad.c12_diffusivity.is_fixed() {
+            return refuse("aberration_drift", "static aberrations (no drift here)");
+        }
         Ok(())
     }
 
@@ -861,6 +874,18 @@ mod tests {
         c.beam.current_fluctuation = Param::fixed(0.05);
         let e = LatticeSimulator::new(c, 0).unwrap_err().to_string();
         assert!(e.contains("beam.current_fluctuation"), "{e}");
+        let mut c = config(false);
+        c.aberration_drift.rates.c10 = 1e-11;
+        let e = LatticeSimulator::new(c, 0).unwrap_err().to_string();
+        assert!(e.contains("aberration_drift"), "{e}");
+        let mut c = config(false);
+        c.depth_of_focus.enabled = true;
+        let e = LatticeSimulator::new(c, 0).unwrap_err().to_string();
+        assert!(e.contains("depth_of_focus.enabled"), "{e}");
+        let mut c = config(false);
+        c.specimen.tilt[1] = Param::fixed(0.01);
+        let e = LatticeSimulator::new(c, 0).unwrap_err().to_string();
+        assert!(e.contains("specimen.tilt"), "{e}");
         let mut sim = LatticeSimulator::new(config(false), 0).unwrap();
         assert!(sim.acquire_spectrum(1.0).is_err());
         sim.set_blanked(true).unwrap();

@@ -1,5 +1,6 @@
 //! The simulated scanning transmission electron microscope (DESIGN.md §4).
 
+pub mod aberration_drift;
 pub mod coherent;
 pub mod damage;
 pub mod dopant;

@@ -16,12 +16,14 @@ use crate::error::{PhysicsError, Result};
 use crate::instrument::{
     Frame, FrameMeta, InstrumentInfo, InstrumentKind, ScanSettings, Spectrum, StemInstrument,
 };
-use crate::param::dims::{Current, Time, Unitless};
+use crate::param::dims::{Current, Length, Time, Unitless};
 use crate::param::{Param, Randomizer, Region};
 use crate::rng::{PoissonScratch, SimRng, derive_seed, poisson, seeded};
+use crate::stem::aberration_drift::{AberrationDrift, AberrationDriftConfig};
 use crate::stem::coherent::{AnnularDetector, CoherentGrid};
 use crate::stem::damage::{
-    CurrentFluctuation, DamageConfig, DoseMap, Hop, HopModel, KnockOn, Raster, sputter_with,
+    CurrentFluctuation, DamageConfig, DoseMap, Hop, HopModel, KnockOn, Raster, RasterPath,
+    sputter_with,
 };
 use crate::stem::eels::{EelsConfig, EelsModel};
 use crate::stem::haadf::{DetectorConfig, HaadfRenderer};
@@ -63,6 +65,37 @@ impl Default for BeamConfig {
     }
 }
 
+/// Depth of focus (`[depth_of_focus]`): frames image each atom with the probe defocused by its
+/// height. Default: off (every atom sees the probe at C10).
+///
+/// C10 is the defocus at the specimen's mid-plane (height 0); an atom at height h (further along
+/// the beam) sees `C10 + h` (Krivanek's sign: positive C10 is overfocus, the crossover before
+/// the specimen; free-space propagation by h adds h to C10). Atoms are grouped by height into
+/// slices of `slice_thickness` (from the lowest atom up), and each occupied slice is imaged with
+/// the probe at the defocus of its atoms' mean height, so single atoms and flat layers are
+/// exact; a column through a thick crystal is the sum of its slices' probes, which sets the
+/// depth of field ≈ 1.77 λ/α² (Born & Wolf §8.8: the on-axis intensity of an aberration-free
+/// probe, `[sin x / x]²` with `x = π Δf α² / (2λ)`, falls to half at Δf = ±0.886 λ/α²). Frames only: point exposures, spectra and damage
+/// use the probe at C10. The probes are recomputed when the aberrations or the set of slice
+/// heights change.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DepthOfFocusConfig {
+    /// Whether frames image each atom at the defocus of its height. Default false.
+    pub enabled: bool,
+    /// Thickness of the depth slices, m. Default 0.5 nm.
+    pub slice_thickness: Param<Length>,
+}
+
+impl Default for DepthOfFocusConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            slice_thickness: Param::fixed(0.5e-9),
+        }
+    }
+}
+
 /// Everything that defines a simulated STEM session: one scenario's instrument and specimen.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(default, deny_unknown_fields)]
@@ -87,6 +120,10 @@ pub struct StemConfig {
     pub damage: DamageConfig,
     /// EELS spectrometer.
     pub eels: EelsConfig,
+    /// Drift of the aberrations and defocus in time. Default: none.
+    pub aberration_drift: AberrationDriftConfig,
+    /// Depth of focus from the atoms' heights. Default: off.
+    pub depth_of_focus: DepthOfFocusConfig,
 }
 
 /// An opt-in effect of the full simulator (off by default), which the light lattice model
@@ -204,6 +241,14 @@ impl StemConfig {
         )?;
         self.damage.validate("damage.")?;
         self.eels.validate("eels.")?;
+        self.aberration_drift.validate("aberration_drift.")?;
+        let s = self.depth_of_focus.slice_thickness.get();
+        if !(1e-12..=1e-6).contains(&s) {
+            return Err(PhysicsError::param(
+                "depth_of_focus.slice_thickness",
+                format!("must be 1 pm to 1 µm, got {s} m"),
+            ));
+        }
         Ok(())
     }
 }
@@ -230,7 +275,19 @@ pub struct StemSimulator {
     rng_scan: SimRng,
     rng_damage: SimRng,
     specimen: Specimen,
+    /// The aberrations the corrector is set to (what the instrument reports).
     aberrations: Aberrations,
+    /// The aberrations the probe is built with: `aberrations` plus the drift at the time the
+    /// probe last followed it ([`AberrationDrift`]); equal to `aberrations` without drift.
+    probe_ab: Aberrations,
+    ab_drift: AberrationDrift,
+    rng_optics: SimRng,
+    /// Incremented whenever the probe is rebuilt (keys the depth slices' probes).
+    probe_generation: u64,
+    /// Depth slices: the slice of each atom, and the key (probe generation, slices' mean
+    /// heights' bits) their installed probes were built for.
+    slice_of: Vec<usize>,
+    slice_key: Option<(u64, Vec<u64>)>,
     scan: ScanSettings,
     probe_calc: ProbeCalculator,
     kernel: Vec<f64>,
@@ -341,6 +398,12 @@ impl StemSimulator {
             region: Region::All,
             scan: Self::scan_from(&cfg),
             aberrations: cfg.optics.aberrations(),
+            probe_ab: cfg.optics.aberrations(),
+            ab_drift: AberrationDrift::new(&cfg.aberration_drift),
+            rng_optics: seeded(derive_seed(seed, "aberration_drift")),
+            probe_generation: 0,
+            slice_of: Vec::new(),
+            slice_key: None,
             sigma_haadf: cfg.detector.cross_sections(),
             knock: cfg.damage.knock_on(cfg.optics.energy.get()),
             any_knock: false,
@@ -428,10 +491,13 @@ impl StemSimulator {
             self.probe_dirty = true;
         }
         let new_ab = cfg.optics.aberrations();
-        if new_ab != self.aberrations || cfg.optics != self.cfg.optics {
+        if new_ab != self.aberrations || new_ab != self.probe_ab || cfg.optics != self.cfg.optics {
             self.probe_dirty = true;
         }
         self.aberrations = new_ab;
+        self.probe_ab = new_ab;
+        self.ab_drift = AberrationDrift::new(&cfg.aberration_drift);
+        self.rng_optics = seeded(derive_seed(seed, "aberration_drift"));
         self.sigma_haadf = cfg.detector.cross_sections();
         self.knock = cfg.damage.knock_on(cfg.optics.energy.get());
         self.any_knock = cfg.damage.sputtering && self.knock.any();
@@ -553,13 +619,34 @@ impl StemSimulator {
 
     /// The probe's specification in force.
     pub fn probe_spec(&self) -> ProbeSpec {
-        self.cfg.optics.probe_spec(self.aberrations)
+        self.cfg.optics.probe_spec(self.probe_ab)
     }
 
     /// The probe in force (coherent part and source blur), as the shared
     /// [`ProbeModel`] of the three STEM simulators.
     pub fn probe_model(&self) -> ProbeModel {
-        ProbeModel::new(&self.cfg.optics, self.aberrations)
+        ProbeModel::new(&self.cfg.optics, self.probe_ab)
+    }
+
+    /// The aberrations in force (ground truth): the corrector setting
+    /// ([`StemInstrument::aberrations`]) plus the drift ([`AberrationDriftConfig`]) at the start
+    /// of the last exposure. Equal to the setting without drift.
+    pub fn aberrations_in_force(&self) -> Aberrations {
+        self.probe_ab
+    }
+
+    /// Moves the probe's aberrations to the setting plus the drift at the current clock
+    /// (quantized to the drift's update interval); the probe is rebuilt if they changed.
+    fn follow_aberration_drift(&mut self) {
+        if !self.ab_drift.is_on() {
+            return;
+        }
+        let t = self.ab_drift.quantized(self.clock);
+        let a = self.ab_drift.at(&self.aberrations, t, &mut self.rng_optics);
+        if a != self.probe_ab {
+            self.probe_ab = a;
+            self.probe_dirty = true;
+        }
     }
 
     /// Recomputes the probe if the optics or scan geometry changed.
@@ -581,6 +668,68 @@ impl StemSimulator {
         self.probe_dirty = false;
         self.eff_dirty = true;
         self.ideal_valid = false;
+        self.probe_generation += 1;
+    }
+
+    /// Depth of focus: groups the atoms into slices by height and installs each occupied
+    /// slice's probe (at C10 plus its atoms' mean height) when the probe or the slices changed
+    /// ([`DepthOfFocusConfig`]). The renderer's grid is widened to the largest kernel.
+    fn prepare_depth_slices(&mut self) -> Result<()> {
+        let thick = self.cfg.depth_of_focus.slice_thickness.get();
+        let atoms = &self.specimen.atoms;
+        let lo = atoms.iter().map(|a| a.height).fold(f64::INFINITY, f64::min);
+        let raw: Vec<usize> = atoms
+            .iter()
+            .map(|a| ((a.height - lo) / thick).floor() as usize)
+            .collect();
+        // Occupied slices in height order, their atoms' mean heights.
+        let mut occupied: Vec<usize> = raw.clone();
+        occupied.sort_unstable();
+        occupied.dedup();
+        let mut sums = vec![(0.0f64, 0usize); occupied.len()];
+        self.slice_of.clear();
+        for (a, r) in atoms.iter().zip(&raw) {
+            let k = occupied.binary_search(r).expect("listed above");
+            sums[k].0 += a.height;
+            sums[k].1 += 1;
+            self.slice_of.push(k);
+        }
+        let heights: Vec<f64> = sums.iter().map(|(s, n)| s / *n as f64).collect();
+        let key = (
+            self.probe_generation,
+            heights.iter().map(|h| h.to_bits()).collect(),
+        );
+        if self.slice_key.as_ref() == Some(&key) {
+            return Ok(());
+        }
+        let dx = self.scan.pixel_size;
+        let max_extent = dx * (self.scan.rows.max(self.scan.cols)) as f64;
+        let mut kernels = Vec::with_capacity(heights.len());
+        let mut side = self.kernel_side;
+        for h in &heights {
+            let mut ab = self.probe_ab;
+            ab.c10 += h;
+            let model = ProbeModel::new(&self.cfg.optics, ab);
+            let mut k = Vec::new();
+            let s = model.binned(&mut self.probe_calc, dx, max_extent, &mut k);
+            side = side.max(s);
+            kernels.push((k, s));
+        }
+        let src = self.probe_model().source_sigma;
+        let padded = |k: &[f64], s: usize| pad_kernel(k, s, side);
+        self.renderer.set_probe(
+            &padded(&self.kernel, self.kernel_side),
+            side,
+            self.scan.rows,
+            self.scan.cols,
+            dx,
+            src,
+        );
+        let kernels: Vec<Vec<f64>> = kernels.iter().map(|(k, s)| padded(k, *s)).collect();
+        self.renderer.set_slice_probes(&kernels, side)?;
+        self.slice_key = Some(key);
+        self.ideal_valid = false;
+        Ok(())
     }
 
     /// The effective probe every exposure sees, on the image grid (side, values summing to 1,
@@ -775,6 +924,7 @@ impl StemSimulator {
     /// knock-on dose all use the effective probe of the frames ([`Self::effective_probe`]), so a
     /// point's expected counts equal the noiseless frame's at the same position.
     fn expose_point(&mut self, time: f64) -> Result<f64> {
+        self.follow_aberration_drift();
         self.effective_probe();
         // A fluctuating current: one factor for the exposure, correlated with the last draw.
         let f = if self.fluct.is_on() {
@@ -861,6 +1011,94 @@ impl StemSimulator {
     }
 }
 
+/// `kernel` (`side × side`, centred at `side/2`) zero-padded to `to × to` (centred at `to/2`).
+fn pad_kernel(kernel: &[f64], side: usize, to: usize) -> Vec<f64> {
+    if side == to {
+        return kernel.to_vec();
+    }
+    let off = to / 2 - side / 2;
+    let mut out = vec![0.0; to * to];
+    for (i, row) in kernel.chunks_exact(side).enumerate() {
+        out[(i + off) * to + off..(i + off) * to + off + side].copy_from_slice(row);
+    }
+    out
+}
+
+/// Beam position of every pixel of the scan `sc` (row-major, m) under the scan distortion `sd`,
+/// the frame centred on `centre` (specimen coordinates): the nominal position plus
+/// [`ScanDistortion::displacement`] at the pixel's time in its line, as [`Distortion::distort`]
+/// places the image's pixels.
+fn distorted_positions(sd: &ScanDistortion, sc: &ScanSettings, centre: [f64; 2]) -> Vec<[f64; 2]> {
+    let dx = sc.pixel_size;
+    let (hx, hy) = (
+        0.5 * (sc.cols as f64 - 1.0) * dx,
+        0.5 * (sc.rows as f64 - 1.0) * dx,
+    );
+    let mut out = Vec::with_capacity(sc.rows * sc.cols);
+    for i in 0..sc.rows {
+        let y = i as f64 * dx - hy;
+        for j in 0..sc.cols {
+            let r = [j as f64 * dx - hx, y];
+            let d = sd.displacement(r, j as f64 * sc.dwell_time);
+            out.push([centre[0] + r[0] + d[0], centre[1] + r[1] + d[1]]);
+        }
+    }
+    out
+}
+
+/// Adds a frame's dose (`epp` electrons per pixel) to `map` over the footprint of the scan `sc`
+/// distorted by `sd`, the frame centred on `centre` (specimen coordinates). Each pixel's cell
+/// (its nominal square, pixel edges mapped like pixel centres, the flyback lag taken at each
+/// edge's time, not before the line start) is a parallelogram; columns are grouped in bands of
+/// equal lag across all rows (the lag depends only on the time in the line) so the footprint is
+/// a few convex quadrilaterals, each receiving its pixels' electrons uniformly. Bands are
+/// `τ / (4 dwell)` columns wide (at least 1) while the lag lasts (20 τ), then one band; without
+/// a lag, one parallelogram. The electrons added are exactly `epp · rows · cols`.
+fn add_distorted_dose(
+    map: &mut DoseMap,
+    sd: &ScanDistortion,
+    sc: &ScanSettings,
+    centre: [f64; 2],
+    epp: f64,
+) {
+    let (rows, cols, dx, dwell) = (sc.rows, sc.cols, sc.pixel_size, sc.dwell_time);
+    if rows == 0 || cols == 0 {
+        return;
+    }
+    let (hx, hy) = (0.5 * cols as f64 * dx, 0.5 * rows as f64 * dx);
+    // Lab position of the pixel-cell corner at column edge `e` (0..=cols) and row edge `y`.
+    let corner = |e: usize, y: f64| {
+        let r = [e as f64 * dx - hx, y];
+        let t = (e as f64 - 0.5).max(0.0) * dwell;
+        let d = sd.displacement(r, t);
+        [centre[0] + r[0] + d[0], centre[1] + r[1] + d[1]]
+    };
+    let mut edges = vec![0usize];
+    if sd.flyback_amplitude.get() != 0.0 {
+        let tau = sd.flyback_time_constant.get();
+        let band = ((tau / (4.0 * dwell)).floor() as usize).max(1);
+        let lasting = ((20.0 * tau / dwell).ceil() as usize).min(cols);
+        let mut e = band;
+        while e < lasting {
+            edges.push(e);
+            e += band;
+        }
+    }
+    edges.push(cols);
+    for w in edges.windows(2) {
+        let (a, b) = (w[0], w[1]);
+        let quad = [corner(a, -hy), corner(b, -hy), corner(b, hy), corner(a, hy)];
+        let area2: f64 = (0..4)
+            .map(|k| {
+                let (p, q) = (quad[k], quad[(k + 1) % 4]);
+                p[0] * q[1] - q[0] * p[1]
+            })
+            .sum();
+        let electrons = epp * ((b - a) * rows) as f64;
+        map.add_quad(quad, electrons / (0.5 * area2.abs()));
+    }
+}
+
 /// Checks that the scan distortion `sd` keeps every pixel of a `rows × cols` frame of pixels
 /// `pixel_size` (m) within [`MAX_DISTORTION_PIXELS`] of its nominal position.
 fn check_distortion(sd: &ScanDistortion, rows: usize, cols: usize, pixel_size: f64) -> Result<()> {
@@ -927,7 +1165,12 @@ impl StemInstrument for StemSimulator {
 
     fn acquire_frame(&mut self) -> Result<Frame<'_>> {
         self.check_beam("acquire_frame")?;
+        self.follow_aberration_drift();
         self.ensure_probe();
+        let depth = self.cfg.depth_of_focus.enabled && !self.specimen.atoms.is_empty();
+        if depth {
+            self.prepare_depth_slices()?;
+        }
         let sc = self.scan;
         let epp = self.electrons(sc.dwell_time);
         let shift = self.drift.offset;
@@ -942,13 +1185,24 @@ impl StemInstrument for StemSimulator {
         let stale = !self.ideal_valid || epp != self.rendered_electrons;
         if stale || moved > RERENDER_DRIFT * sc.pixel_size {
             if stale || !self.renderer.shift_ideal(shift) {
-                self.renderer.render_ideal(
-                    &self.specimen,
-                    &self.sigma_haadf,
-                    epp,
-                    shift,
-                    sc.center,
-                )?;
+                if depth {
+                    self.renderer.render_ideal_sliced(
+                        &self.specimen,
+                        &self.sigma_haadf,
+                        epp,
+                        shift,
+                        sc.center,
+                        &self.slice_of,
+                    )?;
+                } else {
+                    self.renderer.render_ideal(
+                        &self.specimen,
+                        &self.sigma_haadf,
+                        epp,
+                        shift,
+                        sc.center,
+                    )?;
+                }
             }
             self.ideal_shift = shift;
             self.rendered_electrons = epp;
@@ -991,7 +1245,18 @@ impl StemInstrument for StemSimulator {
             sc.center[0] - 0.5 * w - shift[0],
             sc.center[1] - 0.5 * h - shift[1],
         );
-        self.dose_map.add_rect(x0, x0 + w, y0, y0 + h, dose);
+        if self.cfg.scan_distortion.is_identity() {
+            self.dose_map.add_rect(x0, x0 + w, y0, y0 + h, dose);
+        } else {
+            let centre = [x0 + 0.5 * w, y0 + 0.5 * h];
+            add_distorted_dose(
+                &mut self.dose_map,
+                &self.cfg.scan_distortion,
+                &sc,
+                centre,
+                epp,
+            );
+        }
         // The frame shows the specimen as it was when the scan began; what the scan did to it
         // (sputtering, hops: `last_damage`) shows from the next exposure on.
         let mut report = DamageReport::default();
@@ -1023,21 +1288,40 @@ impl StemInstrument for StemSimulator {
             ];
             let centre = [origin[0] + half[0], origin[1] + half[1]];
             let home = self.specimen.image_near(centre, [0.0, 0.0]);
-            let raster = Raster {
-                origin: [home[0] - half[0], home[1] - half[1]],
-                pixel_size: sc.pixel_size,
-                rows: sc.rows,
-                cols: sc.cols,
-                dwell: sc.dwell_time,
-                flyback: sc.flyback_time,
-            };
-            report.hops = self.hop.raster(
-                &mut self.specimen,
-                &raster,
-                self.cfg.beam.current.get(),
-                HOP_BOND,
-                &mut self.rng_damage,
-            );
+            let sd = &self.cfg.scan_distortion;
+            if sd.is_identity() {
+                let raster = Raster {
+                    origin: [home[0] - half[0], home[1] - half[1]],
+                    pixel_size: sc.pixel_size,
+                    rows: sc.rows,
+                    cols: sc.cols,
+                    dwell: sc.dwell_time,
+                    flyback: sc.flyback_time,
+                };
+                report.hops = self.hop.raster(
+                    &mut self.specimen,
+                    &raster,
+                    self.cfg.beam.current.get(),
+                    HOP_BOND,
+                    &mut self.rng_damage,
+                );
+            } else {
+                // The beam where the distorted scan puts it (the image's pixel positions).
+                let positions = distorted_positions(sd, &sc, home);
+                let path = RasterPath {
+                    positions: &positions,
+                    cols: sc.cols,
+                    dwell: sc.dwell_time,
+                    flyback: sc.flyback_time,
+                };
+                report.hops = self.hop.raster_path(
+                    &mut self.specimen,
+                    &path,
+                    self.cfg.beam.current.get(),
+                    HOP_BOND,
+                    &mut self.rng_damage,
+                );
+            }
         }
         if !report.sputtered.is_empty() || !report.hops.is_empty() {
             self.ideal_valid = false;
@@ -1129,7 +1413,12 @@ impl StemInstrument for StemSimulator {
         aberrations.validate("aberrations.")?;
         if *aberrations != self.aberrations {
             self.aberrations = *aberrations;
-            self.probe_dirty = true;
+            if self.ab_drift.is_on() {
+                self.follow_aberration_drift();
+            } else {
+                self.probe_ab = *aberrations;
+                self.probe_dirty = true;
+            }
         }
         Ok(self.aberrations)
     }

@@ -435,6 +435,10 @@ pub struct SpecimenConfig {
     pub grain_boundary: Option<GrainBoundaryConfig>,
     /// Optional amorphous contamination.
     pub contamination: Option<ContaminationConfig>,
+    /// Specimen tilt `[θx, θy]` about the lab y and x axes through the mid-plane, rad: an atom
+    /// at height h is seen along the beam displaced by `h · tan θ` along each axis (projection;
+    /// heights and in-plane spacings stay, a small-tilt model). Default `[0, 0]`.
+    pub tilt: [Param<Angle>; 2],
 }
 
 impl Default for SpecimenConfig {
@@ -450,6 +454,7 @@ impl Default for SpecimenConfig {
             dopants: Vec::new(),
             grain_boundary: None,
             contamination: None,
+            tilt: [Param::fixed(0.0), Param::fixed(0.0)],
         }
     }
 }
@@ -462,6 +467,15 @@ fn element(symbol: &str, field: &str) -> Result<u8> {
 impl SpecimenConfig {
     /// Checks ranges; `prefix` is prepended to field names in errors.
     pub fn validate(&self, prefix: &str) -> Result<()> {
+        for (k, t) in self.tilt.iter().enumerate() {
+            let t = t.get();
+            if !(t.abs() <= 0.5) {
+                return Err(PhysicsError::param(
+                    format!("{prefix}tilt[{k}]"),
+                    format!("must be within ±0.5 rad, got {t}"),
+                ));
+            }
+        }
         let a = self.lattice_constant.get();
         if !(a == 0.0 || (0.5e-10..=50e-10).contains(&a)) {
             return Err(PhysicsError::param(
@@ -663,10 +677,12 @@ impl SpecimenConfig {
                 }
             }
         }
-        Ok(Specimen {
+        let mut specimen = Specimen {
             atoms,
             cell: Some(cell),
-        })
+        };
+        specimen.tilt(self.tilt.each_ref().map(|t| t.get()));
+        Ok(specimen)
     }
 
     /// The crystal's projected unit cell with lattice constant `a` (m), rotated by `rot` (rad):
@@ -1021,6 +1037,24 @@ fn bicrystal(
 }
 
 impl Specimen {
+    /// Tilts the specimen by `[θx, θy]` (rad) about axes through its mid-plane, in projection:
+    /// every atom moves by `height · tan θ` along x and y (kept in the periodic cell); heights
+    /// stay ([`SpecimenConfig::tilt`]).
+    pub fn tilt(&mut self, tilt: [f64; 2]) {
+        if tilt == [0.0, 0.0] {
+            return;
+        }
+        let t = tilt.map(f64::tan);
+        for a in &mut self.atoms {
+            let p = [a.x + a.height * t[0], a.y + a.height * t[1]];
+            let p = match &self.cell {
+                Some(c) => c.wrap(p),
+                None => p,
+            };
+            (a.x, a.y) = (p[0], p[1]);
+        }
+    }
+
     /// Indices of atoms with atomic number `z`.
     pub fn indices_of(&self, z: u8) -> Vec<usize> {
         self.atoms
