@@ -286,19 +286,6 @@ impl LatticeSimulator {
         if let Some(e) = cfg.opt_in_effects().first() {
             return refuse(e.field(), e.off());
         }
-        if cfg.depth_of_focus.enabled {
-            return refuse(
-                "depth_of_focus.enabled",
-                "one defocus for all atoms (false here)",
-            );
-        }
-        if sp.tilt.iter().any(|t| on((t.get(), t.is_fixed()))) {
-            return refuse("specimen.tilt", "no tilt (0 here)");
-        }
-        let ad = &cfg.aberration_drift;
-        if ad.is_on() || !ad.c10_diffusivity.is_fixed() || !ad.c12_diffusivity.is_fixed() {
-            return refuse("aberration_drift", "static aberrations (no drift here)");
-        }
         Ok(())
     }
 

@@ -136,6 +136,12 @@ pub enum OptInEffect {
     Contamination,
     /// Beam-current fluctuation ([`BeamConfig::current_fluctuation`]).
     CurrentFluctuation,
+    /// Each atom imaged at its own defocus ([`DepthOfFocusConfig`]).
+    DepthOfFocus,
+    /// A tilted specimen ([`SpecimenConfig::tilt`]).
+    Tilt,
+    /// Aberrations that drift in time ([`AberrationDriftConfig`]).
+    AberrationDrift,
 }
 
 impl OptInEffect {
@@ -145,6 +151,9 @@ impl OptInEffect {
             Self::ScanDistortion => "scan_distortion",
             Self::Contamination => "damage.contamination_rate",
             Self::CurrentFluctuation => "beam.current_fluctuation",
+            Self::DepthOfFocus => "depth_of_focus.enabled",
+            Self::Tilt => "specimen.tilt",
+            Self::AberrationDrift => "aberration_drift",
         }
     }
 
@@ -154,6 +163,9 @@ impl OptInEffect {
             Self::ScanDistortion => "no scan distortions (identity here)",
             Self::Contamination => "no contamination build-up (0 here)",
             Self::CurrentFluctuation => "a steady beam current (0 here)",
+            Self::DepthOfFocus => "one defocus for all atoms (false here)",
+            Self::Tilt => "no tilt (0 here)",
+            Self::AberrationDrift => "static aberrations (no drift here)",
         }
     }
 
@@ -197,6 +209,12 @@ impl StemConfig {
                 OptInEffect::CurrentFluctuation,
                 on(&self.beam.current_fluctuation),
             ),
+            (OptInEffect::DepthOfFocus, self.depth_of_focus.enabled),
+            (OptInEffect::Tilt, self.specimen.tilt.iter().any(on)),
+            (OptInEffect::AberrationDrift, {
+                let ad = &self.aberration_drift;
+                ad.is_on() || !ad.c10_diffusivity.is_fixed() || !ad.c12_diffusivity.is_fixed()
+            }),
         ]
         .into_iter()
         .filter_map(|(e, is_on)| is_on.then_some(e))
