@@ -242,7 +242,9 @@ impl PfmConfig {
 ///   variance and band, half the normal draws per pixel;
 /// - a changed tip re-images the sample with the periodic dilation at once (exact up to the
 ///   grid's edge), instead of first the interior dilation and then, when a scan reaches the
-///   edge band, the periodic one: the image values are the same, one dilation is saved.
+///   edge band, the periodic one: the image values are the same, one dilation is saved;
+/// - the z feedback evaluates runs of controller samples in closed form where no limit acts
+///   ([`ZFeedback::set_closed_form`]): the same values up to rounding.
 ///
 /// The random streams differ from `Full`, so the same seed gives a different (equally likely)
 /// session.
@@ -589,6 +591,8 @@ impl SpmSimulator {
             )?,
         };
         self.feedback = ZFeedback::new(&cfg.feedback)?;
+        self.feedback
+            .set_closed_form(cfg.fidelity == SpmFidelity::Fast);
         self.tip = TipState::new(&cfg.tip, &mut seeded(derive_seed(seed, "tip_init")))?;
         let n = cfg.sample.pixels;
         self.cell = cfg.sample.size.get() / n as f64;
