@@ -220,6 +220,10 @@ pub struct ZFeedback {
 /// Longest run of samples one closed-form evaluation covers; longer runs are split.
 const CLOSED_MAX: usize = 32;
 
+/// Shortest run worth the closed form (its set-up costs about two samples of the loop);
+/// shorter runs go sample by sample.
+const CLOSED_MIN: usize = 3;
+
 /// Relative margin by which the closed-form path must clear every limit (far above the
 /// rounding of either computation, ≈ 1e-16 relative).
 const CLOSED_MARGIN: f64 = 1e-12;
@@ -454,7 +458,12 @@ impl Run<'_> {
         let mut k = from;
         while k < to {
             let m = (to - k).min(CLOSED_MAX);
-            match self.closed_run(cf, k, m, h0, u0, slope, acc) {
+            let closed = if m >= CLOSED_MIN {
+                self.closed_run(cf, k, m, h0, u0, slope, acc)
+            } else {
+                None
+            };
+            match closed {
                 Some(f) => {
                     first.get_or_insert(f);
                 }
@@ -1511,27 +1520,27 @@ mod tests {
             let mut probe = fb.clone();
             probe.set_closed_form(true);
             let st = probe
-                .scan_line(&profile, 4.0 * T, false, &mut [0.0; 220], &mut [0.0; 220])
+                .scan_line(&profile, 8.0 * T, false, &mut [0.0; 220], &mut [0.0; 220])
                 .unwrap();
             assert!(st.lost_contact_fraction > 0.0, "saturation acts");
             assert!(
                 st.closed_form_samples > 0 && st.closed_form_samples < st.samples,
                 "{st:?}"
             );
-            let (rel, _, _) = closed_vs_loop(&fb, &profile, 4.0 * T, 3, 50e-9);
+            let (rel, _, _) = closed_vs_loop(&fb, &profile, 8.0 * T, 3, 50e-9);
             assert!(rel <= 1e-12, "kp {kp} ki {ki} v {v}: {rel:e}");
         }
         // The z range: a profile beyond ±R pins z at the range.
         let mut fb = controller(0.1, 300.0, 1.0, c);
         fb.engage(0.0);
         let tall: Vec<f32> = (0..64).map(|j| if j < 32 { 0.0 } else { 1.5e-6 }).collect();
-        let (rel, closed, total) = closed_vs_loop(&fb, &tall, 4.0 * T, 2, 1.5e-6);
+        let (rel, closed, total) = closed_vs_loop(&fb, &tall, 8.0 * T, 2, 1.5e-6);
         assert!(rel <= 1e-12 && closed < total, "{rel:e} {closed} {total}");
         // An unstable loop never takes the closed form.
         let mut fb = controller(0.1, 1.2 * 1.8 / T, 1e-6, c);
         fb.set_closed_form(true);
         let st = fb
-            .scan_line(&profile, 4.0 * T, false, &mut [0.0; 220], &mut [0.0; 220])
+            .scan_line(&profile, 8.0 * T, false, &mut [0.0; 220], &mut [0.0; 220])
             .unwrap();
         assert_eq!(st.closed_form_samples, 0);
     }
