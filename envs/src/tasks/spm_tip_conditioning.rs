@@ -46,7 +46,8 @@
 //! `fidelity = "full"` (the default) runs [`SpmSimulator`] as documented; `fidelity = "fast"`
 //! runs its cheaper stages
 //! ([`SpmFidelity::Fast`](scopegym_physics::spm::sim::SpmFidelity::Fast): a 1/f noise bank of 9
-//! processes instead of 18, one periodic dilation per tip change), with the same spaces, reward
+//! processes instead of 18, one periodic dilation per tip change, the PI loop in closed form
+//! where no limit acts), with the same spaces, reward
 //! and info. The test `fast_and_full_observe_the_same_statistics` compares what the task
 //! observes under both (mean, variance and three radial band powers of the observed frames,
 //! within 4% on seeds 0..8). The fast model is about 1.2× faster, not the 10,000 steps/s of the

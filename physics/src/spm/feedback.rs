@@ -195,6 +195,8 @@ pub struct LineStats {
     pub z_clipped_fraction: f64,
     /// Number of controller samples in the line.
     pub samples: usize,
+    /// How many of them the closed-form path evaluated ([`ZFeedback::set_closed_form`]).
+    pub closed_form_samples: usize,
 }
 
 /// The z feedback controller: resolved parameters and its state (z and the previous error),
@@ -210,6 +212,96 @@ pub struct ZFeedback {
     loop_gain: f64,
     z: f64,
     prev_error: f64,
+    /// The closed-form tables when the closed-form path is on and the loop is stable.
+    closed: Option<Box<ClosedForm>>,
+    closed_form: bool,
+}
+
+/// Longest run of samples one closed-form evaluation covers; longer runs are split.
+const CLOSED_MAX: usize = 32;
+
+/// Shortest run worth the closed form (its set-up costs about two samples of the loop);
+/// shorter runs go sample by sample.
+const CLOSED_MIN: usize = 3;
+
+/// Relative margin by which the closed-form path must clear every limit (far above the
+/// rounding of either computation, ≈ 1e-16 relative).
+const CLOSED_MARGIN: f64 = 1e-12;
+
+/// Tables of the closed-form solution of the linear regime (no saturation, no limits).
+///
+/// Along one linear piece of the profile, `h_i = H₀ + β i`, the error obeys
+/// `e_{i+1} = (1 − K_p − K_i T) e_i + K_p e_{i−1} + β`, whose fixed point is `e* = β/(K_i T)`.
+/// The deviation `d_i = e_i − e*` is `d_i = F_i d₀ + G_i d₋₁` with the fundamental solutions
+/// `F₀ = 1, G₀ = 0, F₁ = b, G₁ = K_p`, `X_{i+1} = b X_i + K_p X_{i−1}` (`b = 1 − K_p − K_i T`),
+/// so every sample of a run of `m`, their sums and the state after them are affine in the
+/// start state `(d₀, d₋₁)` with coefficients tabulated here per run length `m ≤ CLOSED_MAX`.
+#[derive(Debug, Clone, PartialEq)]
+struct ClosedForm {
+    inv_kit: f64,
+    /// `F_i`, `G_i`, `i = 0..=CLOSED_MAX`.
+    f: [f64; CLOSED_MAX + 1],
+    g: [f64; CLOSED_MAX + 1],
+    /// `Σ_{i<m} F_i`, `Σ_{i<m} G_i` at index `m`.
+    sf: [f64; CLOSED_MAX + 1],
+    sg: [f64; CLOSED_MAX + 1],
+    /// `Σ_{i<m} F_i²`, `Σ_{i<m} F_i G_i`, `Σ_{i<m} G_i²`.
+    ff: [f64; CLOSED_MAX + 1],
+    fg: [f64; CLOSED_MAX + 1],
+    gg: [f64; CLOSED_MAX + 1],
+    /// `max_{i≤m} |F_i|`, `max_{i≤m} |G_i|`: `|d_i| ≤ |d₀|·mf[m] + |d₋₁|·mg[m]` for `i ≤ m`.
+    mf: [f64; CLOSED_MAX + 1],
+    mg: [f64; CLOSED_MAX + 1],
+    /// `max_{i<m} |F_{i+1} − F_i|` and the same for `G`: bounds the z steps.
+    df: [f64; CLOSED_MAX + 1],
+    dg: [f64; CLOSED_MAX + 1],
+}
+
+impl ClosedForm {
+    /// The tables for effective gains `kp` and `K_i T = kit`; `None` unless the loop is
+    /// stable (the fast path is used only where the loop forgets its rounding).
+    fn new(kp: f64, kit: f64, stable: bool) -> Option<Box<Self>> {
+        if !(stable && kit > 0.0) {
+            return None;
+        }
+        let b = 1.0 - kp - kit;
+        let z = [0.0; CLOSED_MAX + 1];
+        let mut t = Box::new(Self {
+            inv_kit: 1.0 / kit,
+            f: z,
+            g: z,
+            sf: z,
+            sg: z,
+            ff: z,
+            fg: z,
+            gg: z,
+            mf: z,
+            mg: z,
+            df: z,
+            dg: z,
+        });
+        t.f[0] = 1.0;
+        t.f[1] = b;
+        t.g[1] = kp;
+        for i in 1..CLOSED_MAX {
+            t.f[i + 1] = b * t.f[i] + kp * t.f[i - 1];
+            t.g[i + 1] = b * t.g[i] + kp * t.g[i - 1];
+        }
+        t.mf[0] = 1.0;
+        for m in 1..=CLOSED_MAX {
+            let (f, g) = (t.f[m - 1], t.g[m - 1]);
+            t.sf[m] = t.sf[m - 1] + f;
+            t.sg[m] = t.sg[m - 1] + g;
+            t.ff[m] = t.ff[m - 1] + f * f;
+            t.fg[m] = t.fg[m - 1] + f * g;
+            t.gg[m] = t.gg[m - 1] + g * g;
+            t.mf[m] = t.mf[m - 1].max(t.f[m].abs());
+            t.mg[m] = t.mg[m - 1].max(t.g[m].abs());
+            t.df[m] = t.df[m - 1].max((t.f[m] - f).abs());
+            t.dg[m] = t.dg[m - 1].max((t.g[m] - g).abs());
+        }
+        Some(t)
+    }
 }
 
 /// The per-sample law with its constants folded.
@@ -274,8 +366,10 @@ fn ceil(v: f64) -> f64 {
 }
 
 /// The state of one line scan: the law, the controller state and the sums.
-struct Run {
+struct Run<'a> {
     law: Law,
+    /// Measurement noise added to each sample's error (m), by sample index; empty for none.
+    noise: &'a [f64],
     /// Pixels per sample, `T/t_p`.
     r: f64,
     z: f64,
@@ -284,6 +378,7 @@ struct Run {
     max_abs: f64,
     n_lost: usize,
     n_clip: usize,
+    n_closed: usize,
 }
 
 /// Sums of one pixel's samples and its last sample.
@@ -294,7 +389,26 @@ struct PixelSums {
     last: (f64, f64),
 }
 
-impl Run {
+/// A pixel's output value type (`f32` frames, `f64` for checks at full precision).
+trait Out: Copy {
+    fn from_f64(v: f64) -> Self;
+}
+
+impl Out for f32 {
+    #[inline(always)]
+    fn from_f64(v: f64) -> Self {
+        v as f32
+    }
+}
+
+impl Out for f64 {
+    #[inline(always)]
+    fn from_f64(v: f64) -> Self {
+        v
+    }
+}
+
+impl Run<'_> {
     /// Runs one sample against the true height `h` and returns `(z_k, e_k)`.
     #[inline(always)]
     fn sample(&mut self, h: f64) -> (f64, f64) {
@@ -314,14 +428,119 @@ impl Run {
     #[inline(always)]
     fn piece(&mut self, from: usize, to: usize, h0: f64, u0: f64, slope: f64, acc: &mut PixelSums) {
         let mut kf = from as f64 + 0.5;
-        for _ in from..to {
-            let h = h0 + (kf * self.r - u0) * slope;
+        for k in from..to {
+            let mut h = h0 + (kf * self.r - u0) * slope;
+            if !self.noise.is_empty() {
+                // The error reads h − z + noise: as if the height were off by the noise.
+                h += self.noise[k];
+            }
             let (z, e) = self.sample(h);
             acc.z += z;
             acc.e += e;
             acc.last = (z, e);
             kf += 1.0;
         }
+    }
+
+    /// The samples `k ∈ [from, to)` of one linear piece (as [`Self::piece`]) in closed form
+    /// wherever a bound proves that no limit acts, else sample by sample; returns the first
+    /// sample `(z, e)` when `from < to`.
+    #[inline(always)]
+    fn piece_closed(
+        &mut self,
+        cf: &ClosedForm,
+        from: usize,
+        to: usize,
+        (h0, u0, slope): (f64, f64, f64),
+        acc: &mut PixelSums,
+    ) -> Option<(f64, f64)> {
+        let mut first = None;
+        let mut k = from;
+        while k < to {
+            let m = (to - k).min(CLOSED_MAX);
+            let closed = if m >= CLOSED_MIN {
+                self.closed_run(cf, k, m, h0, u0, slope, acc)
+            } else {
+                None
+            };
+            match closed {
+                Some(f) => {
+                    first.get_or_insert(f);
+                }
+                None => {
+                    self.piece(k, k + 1, h0, u0, slope, acc);
+                    first.get_or_insert(acc.last);
+                    self.piece(k + 1, k + m, h0, u0, slope, acc);
+                }
+            }
+            k += m;
+        }
+        first
+    }
+
+    /// `m ∈ [1, CLOSED_MAX]` samples from `k` in closed form ([`ClosedForm`]); `None` (nothing
+    /// changed) unless saturation, the speed limit and the z range provably stay inactive
+    /// over them with a margin. Returns the first sample `(z, e)`.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    fn closed_run(
+        &mut self,
+        cf: &ClosedForm,
+        k: usize,
+        m: usize,
+        h0: f64,
+        u0: f64,
+        slope: f64,
+        acc: &mut PixelSums,
+    ) -> Option<(f64, f64)> {
+        let law = self.law;
+        let (z0, ep) = (self.z, self.ep);
+        // The first sample's height exactly as the sample loop computes it, and the step.
+        let hh0 = h0 + ((k as f64 + 0.5) * self.r - u0) * slope;
+        let beta = self.r * slope;
+        let mf = m as f64;
+        let hh1 = hh0 + beta * mf;
+        let es = beta * cf.inv_kit;
+        let e0 = hh0 - z0;
+        let d0 = e0 - es;
+        let dm = ep - es;
+        let (a0, am) = (d0.abs(), dm.abs());
+        // |d_i| ≤ bd for i ≤ m; |d_{i+1} − d_i| ≤ bs for i < m.
+        let bd = a0 * cf.mf[m] + am * cf.mg[m];
+        let bs = a0 * cf.df[m] + am * cf.dg[m];
+        let hmax = fmax(hh0.abs(), hh1.abs());
+        let tol = CLOSED_MARGIN * (hmax + z0.abs() + es.abs() + bd + law.c);
+        // No saturation (e_i = e* + d_i > −c), no speed clamp (|z_{i+1} − z_i| =
+        // |β − (d_{i+1} − d_i)| < v_max T), no range clamp (|z_i| = |h_i − e_i| < R, i ≤ m).
+        let ok = es - bd > tol - law.c
+            && beta.abs() + bs < law.vt - tol
+            && hmax + es.abs() + bd < law.r - tol;
+        if !ok {
+            return None;
+        }
+        let sd = d0 * cf.sf[m] + dm * cf.sg[m];
+        let se = mf * es + sd;
+        let sd2 = d0 * d0 * cf.ff[m] + 2.0 * d0 * dm * cf.fg[m] + dm * dm * cf.gg[m];
+        let se2 = mf * es * es + 2.0 * es * sd + sd2;
+        let sz = mf * hh0 + beta * (0.5 * mf * (mf - 1.0)) - se;
+        let e_last = es + d0 * cf.f[m - 1] + dm * cf.g[m - 1];
+        let z_last = hh0 + beta * (mf - 1.0) - e_last;
+        let e_end = es + d0 * cf.f[m] + dm * cf.g[m];
+        self.z = hh1 - e_end;
+        self.ep = e_last;
+        self.sum_e2 += se2;
+        self.n_closed += m;
+        // The largest |e_i|, evaluated only where the bound could raise the running maximum.
+        if es.abs() + bd > self.max_abs {
+            for i in 0..m {
+                let e = es + d0 * cf.f[i] + dm * cf.g[i];
+                self.max_abs = fmax(self.max_abs, e.abs());
+            }
+        }
+        acc.z += sz;
+        acc.e += se;
+        acc.last = (z_last, e_last);
+        Some((z0, e0))
     }
 }
 
@@ -341,7 +560,37 @@ impl ZFeedback {
             loop_gain: cfg.loop_gain.get(),
             z: 0.0,
             prev_error: 0.0,
+            closed: None,
+            closed_form: false,
         })
+    }
+
+    /// Switches the closed-form path of [`scan_line`](Self::scan_line) on or off (default
+    /// off). On, runs of samples along one linear piece of the profile are evaluated in
+    /// closed form ([`ClosedForm`]: the linear regime's solution, affine in the controller
+    /// state) wherever a bound proves that saturation, the speed limit and the z range stay
+    /// inactive over them, and sample by sample elsewhere; a stable loop only. The results
+    /// equal the per-sample loop up to rounding (≈ 1e-15 relative to the relief in the tests;
+    /// the f32 outputs may differ in their last bit). One run costs about as much as a few
+    /// samples of the loop, so it pays only at several samples per pixel
+    /// (`benches/spm_feedback.rs` times both).
+    pub fn set_closed_form(&mut self, on: bool) {
+        self.closed_form = on;
+        self.refresh_closed();
+    }
+
+    /// Whether the closed-form path is on ([`set_closed_form`](Self::set_closed_form)).
+    pub fn closed_form(&self) -> bool {
+        self.closed_form
+    }
+
+    fn refresh_closed(&mut self) {
+        self.closed = if self.closed_form {
+            let (kp, ki) = self.effective_gains();
+            ClosedForm::new(kp, ki * self.period, self.is_stable())
+        } else {
+            None
+        };
     }
 
     /// Sets `K_p` (dimensionless, `[0, 10]`) and `K_i` (1/s, `[0, 1e7]`). Unstable gains are
@@ -351,6 +600,7 @@ impl ZFeedback {
         check_gains(p_gain, i_gain, "")?;
         self.p_gain = p_gain;
         self.i_gain = i_gain;
+        self.refresh_closed();
         Ok(())
     }
 
@@ -467,6 +717,65 @@ impl ZFeedback {
         height: &mut [f32],
         error: &mut [f32],
     ) -> Result<LineStats> {
+        self.scan_line_inner(profile, pixel_time, reverse, &[], height, error)
+    }
+
+    /// The number of controller samples in a line of `pixels` pixels at `pixel_time` s per
+    /// pixel: `max(1, ⌈n·t_p/T − ½⌉)` (what [`scan_line_noisy`](Self::scan_line_noisy) needs).
+    pub fn line_samples(&self, pixels: usize, pixel_time: f64) -> usize {
+        let span = pixels as f64 * (pixel_time / self.period);
+        (ceil(span - 0.5) as usize).max(1)
+    }
+
+    /// [`scan_line`](Self::scan_line) with measurement noise: sample `k` of the line reads the
+    /// error `h_k − z_k + noise[k]` (m) before saturation, as noise on the interaction signal
+    /// (e.g. tunnelling-current noise as a gap change) does. `noise`
+    /// holds at least [`line_samples`](Self::line_samples) values, in scan order. Runs sample
+    /// by sample (no closed form).
+    pub fn scan_line_noisy(
+        &mut self,
+        profile: &[f32],
+        pixel_time: f64,
+        reverse: bool,
+        noise: &[f64],
+        height: &mut [f32],
+        error: &mut [f32],
+    ) -> Result<LineStats> {
+        let need = self.line_samples(profile.len(), pixel_time);
+        if noise.len() < need || noise.iter().any(|v| !v.is_finite()) {
+            return Err(PhysicsError::arg(
+                "noise",
+                format!(
+                    "must hold at least {need} finite values, got {}",
+                    noise.len()
+                ),
+            ));
+        }
+        self.scan_line_inner(profile, pixel_time, reverse, noise, height, error)
+    }
+
+    /// [`scan_line`](Self::scan_line) with the pixel outputs in f64 (for comparisons at full
+    /// precision).
+    pub fn scan_line_f64(
+        &mut self,
+        profile: &[f32],
+        pixel_time: f64,
+        reverse: bool,
+        height: &mut [f64],
+        error: &mut [f64],
+    ) -> Result<LineStats> {
+        self.scan_line_inner(profile, pixel_time, reverse, &[], height, error)
+    }
+
+    fn scan_line_inner<T: Out>(
+        &mut self,
+        profile: &[f32],
+        pixel_time: f64,
+        reverse: bool,
+        noise: &[f64],
+        height: &mut [T],
+        error: &mut [T],
+    ) -> Result<LineStats> {
         let n = profile.len();
         if n == 0 {
             return Err(PhysicsError::arg("profile", "must hold at least one pixel"));
@@ -510,8 +819,14 @@ impl ZFeedback {
         let total_f = ceil(span - 0.5);
         let total = (total_f as usize).max(1);
         let idx = |m: usize| if reverse { n - 1 - m } else { m };
+        let closed = if noise.is_empty() {
+            self.closed.as_deref()
+        } else {
+            None
+        };
         let mut run = Run {
             law: self.law(),
+            noise,
             r: self.period / pixel_time,
             z: self.z,
             ep: self.prev_error,
@@ -519,6 +834,7 @@ impl ZFeedback {
             max_abs: 0.0,
             n_lost: 0,
             n_clip: 0,
+            n_closed: 0,
         };
         // First sample not yet run.
         let mut k = 0usize;
@@ -560,13 +876,20 @@ impl ZFeedback {
                 e: 0.0,
                 last: (0.0, 0.0),
             };
-            // The first sample, which empty pixels before this one may need.
-            if k < k_mid {
-                run.piece(k, k + 1, pp, u1, b1, &mut acc);
+            let first = if let Some(cf) = closed {
+                // Closed form: pieces [k, k_mid) and [k_mid, k_end).
+                let f1 = run.piece_closed(cf, k, k_mid, (pp, u1, b1), &mut acc);
+                let f2 = run.piece_closed(cf, k_mid, k_end, (pm, u2, b2), &mut acc);
+                f1.or(f2).unwrap_or(acc.last)
             } else {
-                run.piece(k, k + 1, pm, u2, b2, &mut acc);
-            }
-            let first = acc.last;
+                // The first sample, which empty pixels before this one may need.
+                if k < k_mid {
+                    run.piece(k, k + 1, pp, u1, b1, &mut acc);
+                } else {
+                    run.piece(k, k + 1, pm, u2, b2, &mut acc);
+                }
+                acc.last
+            };
             // Empty pixels before this one: the nearest of the previous and this sample.
             // Sample times in units of T are k − ½ and k + ½; pixel q's centre is (q + ½)·s.
             for q in pending..m {
@@ -574,34 +897,38 @@ impl ZFeedback {
                     Some(p) if (q as f64 + 0.5) * s <= k as f64 => p,
                     _ => first,
                 };
-                height[idx(q)] = zq as f32;
-                error[idx(q)] = eq as f32;
+                height[idx(q)] = T::from_f64(zq);
+                error[idx(q)] = T::from_f64(eq);
             }
-            let mid = k_mid.max(k + 1);
-            run.piece(k + 1, mid, pp, u1, b1, &mut acc);
-            run.piece(mid, k_end, pm, u2, b2, &mut acc);
+            if closed.is_none() {
+                let mid = k_mid.max(k + 1);
+                run.piece(k + 1, mid, pp, u1, b1, &mut acc);
+                run.piece(mid, k_end, pm, u2, b2, &mut acc);
+            }
             let cnt = (k_end - k) as f64;
-            height[idx(m)] = (acc.z / cnt) as f32;
-            error[idx(m)] = (acc.e / cnt) as f32;
+            height[idx(m)] = T::from_f64(acc.z / cnt);
+            error[idx(m)] = T::from_f64(acc.e / cnt);
             prev = Some(acc.last);
             pending = m + 1;
             k = k_end;
         }
         if let Some((zl, el)) = prev {
             for q in pending..n {
-                height[idx(q)] = zl as f32;
-                error[idx(q)] = el as f32;
+                height[idx(q)] = T::from_f64(zl);
+                error[idx(q)] = T::from_f64(el);
             }
         }
         self.z = run.z;
         self.prev_error = run.ep;
         let nk = total as f64;
         Ok(LineStats {
-            rms_error: (run.sum_e2 / nk).sqrt(),
+            // (The closed-form sums may round a zero sum of squares slightly below zero.)
+            rms_error: (fmax(run.sum_e2, 0.0) / nk).sqrt(),
             max_abs_error: run.max_abs,
             lost_contact_fraction: run.n_lost as f64 / nk,
             z_clipped_fraction: run.n_clip as f64 / nk,
             samples: total,
+            closed_form_samples: run.n_closed,
         })
     }
 }
@@ -1096,26 +1423,164 @@ mod tests {
         assert_eq!(back, cfg);
     }
 
-    /// 2 × 256 lines of 256 pixels at 0.5 lines/s: ≈ 1 M controller samples.
+    /// 2 × 256 lines of 256 pixels at 0.5 lines/s: ≈ 1 M controller samples, per-sample and
+    /// closed form.
     /// `cargo test --release -p scopegym-physics --lib feedback::tests::frame_timing -- --ignored --nocapture`
     #[test]
     #[ignore]
     fn frame_timing() {
         let n = 256;
         let profile: Vec<f32> = (0..n).map(|j| ((j / 32) as f32) * 0.39e-9).collect();
-        let mut fb = ZFeedback::new(&FeedbackConfig::default()).unwrap();
-        let (mut h, mut e) = (vec![0f32; n], vec![0f32; n]);
-        let mut samples = 0;
-        let t0 = std::time::Instant::now();
-        for line in 0..2 * n {
-            let st = fb.scan_line(&profile, 1.0 / 256.0, line % 2 == 1, &mut h, &mut e);
-            samples += st.unwrap().samples;
+        for closed in [false, true] {
+            let mut fb = ZFeedback::new(&FeedbackConfig::default()).unwrap();
+            fb.set_closed_form(closed);
+            let (mut h, mut e) = (vec![0f32; n], vec![0f32; n]);
+            let (mut samples, mut in_closed) = (0, 0);
+            let t0 = std::time::Instant::now();
+            for line in 0..2 * n {
+                let st = fb
+                    .scan_line(&profile, 1.0 / 256.0, line % 2 == 1, &mut h, &mut e)
+                    .unwrap();
+                samples += st.samples;
+                in_closed += st.closed_form_samples;
+            }
+            let dt = t0.elapsed();
+            println!(
+                "closed form {closed}: {samples} samples ({in_closed} in closed form) in {dt:?} \
+                 ({:.2} ns/sample)",
+                dt.as_nanos() as f64 / samples as f64
+            );
         }
-        let dt = t0.elapsed();
-        println!(
-            "{samples} samples in {dt:?} ({:.2} ns/sample)",
-            dt.as_nanos() as f64 / samples as f64
-        );
+    }
+
+    /// Scans `lines` lines (alternating direction) with the per-sample loop and with the
+    /// closed-form path from the same state; returns the largest difference of any output
+    /// (pixel values, rms and largest error, final z and error) over `scale`, and the
+    /// closed-form and total sample counts. Counted outcomes (lost contact, clipping) must
+    /// agree exactly.
+    fn closed_vs_loop(
+        fb: &ZFeedback,
+        profile: &[f32],
+        tp: f64,
+        lines: usize,
+        scale: f64,
+    ) -> (f64, usize, usize) {
+        let (mut a, mut b) = (fb.clone(), fb.clone());
+        a.set_closed_form(false);
+        b.set_closed_form(true);
+        assert!(b.closed_form() && !a.closed_form());
+        let n = profile.len();
+        let mut worst = 0f64;
+        let (mut closed, mut total) = (0, 0);
+        for line in 0..lines {
+            let rev = line % 2 == 1;
+            let (mut ha, mut ea, mut hb, mut eb) =
+                (vec![0.0; n], vec![0.0; n], vec![0.0; n], vec![0.0; n]);
+            let sa = a.scan_line_f64(profile, tp, rev, &mut ha, &mut ea).unwrap();
+            let sb = b.scan_line_f64(profile, tp, rev, &mut hb, &mut eb).unwrap();
+            assert_eq!(sa.closed_form_samples, 0);
+            assert_eq!(sa.samples, sb.samples);
+            assert_eq!(sa.lost_contact_fraction, sb.lost_contact_fraction);
+            assert_eq!(sa.z_clipped_fraction, sb.z_clipped_fraction);
+            closed += sb.closed_form_samples;
+            total += sb.samples;
+            for (x, y) in ha.iter().zip(&hb).chain(ea.iter().zip(&eb)) {
+                worst = worst.max((x - y).abs());
+            }
+            worst = worst
+                .max((sa.rms_error - sb.rms_error).abs())
+                .max((sa.max_abs_error - sb.max_abs_error).abs())
+                .max((a.z() - b.z()).abs())
+                .max((a.prev_error - b.prev_error).abs());
+        }
+        (worst / scale, closed, total)
+    }
+
+    #[test]
+    fn closed_form_matches_the_sample_loop_at_the_defaults() {
+        // Terraces of 0.39 nm every 32 pixels, the default scan (7.8 samples per pixel).
+        let profile: Vec<f32> = (0..256).map(|j| ((j / 32) as f32) * 0.39e-9).collect();
+        let mut fb = ZFeedback::new(&FeedbackConfig::default()).unwrap();
+        fb.engage(0.0);
+        let (rel, closed, total) = closed_vs_loop(&fb, &profile, 1.0 / 256.0, 4, 2.73e-9);
+        assert!(rel <= 1e-12, "{rel:e}");
+        // Nearly all samples in closed form: not the speed limit (0.5 pm per sample) nor
+        // saturation acts on 0.39 nm steps.
+        assert!(closed as f64 >= 0.99 * total as f64, "{closed} of {total}");
+    }
+
+    #[test]
+    fn closed_form_falls_back_where_limits_act_and_still_matches() {
+        // The parachute case: a 50 nm block, saturation 5 nm, speed limited descent.
+        let (n, c) = (220usize, 5e-9);
+        let profile: Vec<f32> = (0..n)
+            .map(|j| if (20..100).contains(&j) { 50e-9 } else { 0.0 })
+            .collect();
+        for (kp, ki, v) in [(0.1, 1000.0, 1e-6), (0.1, 1800.0, 1.0), (0.3, 500.0, 2e-5)] {
+            let mut fb = controller(kp, ki, v, c);
+            fb.engage(0.0);
+            let mut probe = fb.clone();
+            probe.set_closed_form(true);
+            let st = probe
+                .scan_line(&profile, 8.0 * T, false, &mut [0.0; 220], &mut [0.0; 220])
+                .unwrap();
+            assert!(st.lost_contact_fraction > 0.0, "saturation acts");
+            assert!(
+                st.closed_form_samples > 0 && st.closed_form_samples < st.samples,
+                "{st:?}"
+            );
+            let (rel, _, _) = closed_vs_loop(&fb, &profile, 8.0 * T, 3, 50e-9);
+            assert!(rel <= 1e-12, "kp {kp} ki {ki} v {v}: {rel:e}");
+        }
+        // The z range: a profile beyond ±R pins z at the range.
+        let mut fb = controller(0.1, 300.0, 1.0, c);
+        fb.engage(0.0);
+        let tall: Vec<f32> = (0..64).map(|j| if j < 32 { 0.0 } else { 1.5e-6 }).collect();
+        let (rel, closed, total) = closed_vs_loop(&fb, &tall, 8.0 * T, 2, 1.5e-6);
+        assert!(rel <= 1e-12 && closed < total, "{rel:e} {closed} {total}");
+        // An unstable loop never takes the closed form.
+        let mut fb = controller(0.1, 1.2 * 1.8 / T, 1e-6, c);
+        fb.set_closed_form(true);
+        let st = fb
+            .scan_line(&profile, 8.0 * T, false, &mut [0.0; 220], &mut [0.0; 220])
+            .unwrap();
+        assert_eq!(st.closed_form_samples, 0);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        #[test]
+        fn closed_form_matches_the_sample_loop_to_rounding(
+            knots in proptest::collection::vec(-1.0f64..1.0, 2..12),
+            n in 1usize..120,
+            relief in prop_oneof![Just(0.4e-9), Just(5e-9), Just(60e-9)],
+            offset in -5e-7f64..5e-7,
+            kp in 0.0f64..0.9,
+            frac in 0.01f64..0.99,
+            samples_per_pixel in prop_oneof![0.3f64..1.0, 1.0f64..12.0, 30.0f64..80.0],
+            v_max in prop_oneof![Just(1e-6), Just(1e-5), Just(1.0)],
+            c in prop_oneof![Just(1e-9), Just(5e-9)],
+            z0 in -1e-9f64..1e-9,
+            lines in 1usize..4,
+        ) {
+            // A random piecewise-smooth profile: linear between random knots, with a step.
+            let profile: Vec<f32> = (0..n)
+                .map(|j| {
+                    let x = j as f64 / n as f64 * (knots.len() - 1) as f64;
+                    let i = (x as usize).min(knots.len() - 2);
+                    let t = x - i as f64;
+                    let v = knots[i] * (1.0 - t) + knots[i + 1] * t;
+                    let step = if j > n / 2 { 0.5 } else { 0.0 };
+                    (offset + relief * (v + step)) as f32
+                })
+                .collect();
+            let ki = frac * 2.0 * (1.0 - kp) / T;
+            let mut fb = controller(kp, ki, v_max, c);
+            fb.engage(f64::from(profile[0]) + z0);
+            let scale = relief.max(offset.abs());
+            let (rel, _, _) = closed_vs_loop(&fb, &profile, samples_per_pixel * T, lines, scale);
+            prop_assert!(rel <= 1e-12, "{:e}", rel);
+        }
     }
 
     proptest! {

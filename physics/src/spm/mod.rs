@@ -38,6 +38,8 @@
 //! - [`tip`]: the hidden tip state (apex radius, blunting, double tip, adsorbate), one file per
 //!   concept: its settings, the state, its dilation kernel, wear and pick-ups, DeepSPM's
 //!   conditioning pulses and dips, and the image sharpness statistics.
+//! - [`tunnel`]: STM tunnelling current `I ∝ V ρ(V) exp(−2κd)`, bias-dependent apparent
+//!   heights, log-current feedback gains and current noise (opt-in, `[tunneling]`).
 
 pub mod adatoms;
 pub mod dilation;
@@ -48,3 +50,4 @@ pub mod scanner;
 pub mod sim;
 pub mod surface;
 pub mod tip;
+pub mod tunnel;

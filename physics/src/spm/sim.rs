@@ -58,6 +58,7 @@ use crate::spm::surface::{
     SurfaceConfig, bilinear, bilinear_nodes, generate, pad_periodic, periodic_node,
 };
 use crate::spm::tip::{Conditioning, TipConfig, TipState};
+use crate::spm::tunnel::{CurrentNoise, TunnelingConfig};
 use ndarray::{Array2, ArrayView2};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
@@ -240,7 +241,9 @@ impl PfmConfig {
 ///   variance and band, half the normal draws per pixel;
 /// - a changed tip re-images the sample with the periodic dilation at once (exact up to the
 ///   grid's edge), instead of first the interior dilation and then, when a scan reaches the
-///   edge band, the periodic one: the image values are the same, one dilation is saved.
+///   edge band, the periodic one: the image values are the same, one dilation is saved;
+/// - the z feedback evaluates runs of controller samples in closed form where no limit acts
+///   ([`ZFeedback::set_closed_form`]): the same values up to rounding.
 ///
 /// The random streams differ from `Full`, so the same seed gives a different (equally likely)
 /// session.
@@ -289,6 +292,9 @@ pub struct SpmConfig {
     pub manipulation: ManipulationConfig,
     /// Which models run ([`SpmFidelity`]). Default `"full"`.
     pub fidelity: SpmFidelity,
+    /// STM tunnelling current, log-current feedback noise and bias-dependent adatom contrast
+    /// ([`crate::spm::tunnel`]). Off by default.
+    pub tunneling: TunnelingConfig,
 }
 
 impl Default for SpmConfig {
@@ -308,6 +314,7 @@ impl Default for SpmConfig {
             pfm: PfmConfig::default(),
             manipulation: ManipulationConfig::default(),
             fidelity: SpmFidelity::Full,
+            tunneling: TunnelingConfig::default(),
         }
     }
 }
@@ -408,6 +415,7 @@ impl SpmConfig {
         self.ferroelectric.validate("ferroelectric.")?;
         self.pfm.validate("pfm.")?;
         self.manipulation.validate("manipulation.")?;
+        self.tunneling.validate("tunneling.")?;
         Ok(())
     }
 }
@@ -477,6 +485,20 @@ pub struct SpmSimulator {
     zbuf: Vec<f32>,
     ebuf: Vec<f32>,
     tip_events: u64,
+    /// STM with `tunneling.enabled`: the current noise, its own random stream, the per-sample
+    /// noise of a pass (m) and the adatoms' apparent height at the reset bias (m).
+    tunnel: Option<TunnelState>,
+}
+
+/// The tunnelling model's state ([`SpmConfig::tunneling`], STM only).
+#[derive(Debug)]
+struct TunnelState {
+    noise: CurrentNoise,
+    rng: SimRng,
+    buf: Vec<f64>,
+    kappa: f64,
+    i_set: f64,
+    adatom_height: f64,
 }
 
 fn channel(name: &str, units: &str, quantity: &str, shape: (usize, usize)) -> Channel {
@@ -547,6 +569,7 @@ impl SpmSimulator {
             zbuf: Vec::new(),
             ebuf: Vec::new(),
             tip_events: 0,
+            tunnel: None,
             cfg,
         };
         sim.reset(seed)?;
@@ -587,6 +610,8 @@ impl SpmSimulator {
             )?,
         };
         self.feedback = ZFeedback::new(&cfg.feedback)?;
+        self.feedback
+            .set_closed_form(cfg.fidelity == SpmFidelity::Fast);
         self.tip = TipState::new(&cfg.tip, &mut seeded(derive_seed(seed, "tip_init")))?;
         let n = cfg.sample.pixels;
         self.cell = cfg.sample.size.get() / n as f64;
@@ -630,6 +655,7 @@ impl SpmSimulator {
         };
         self.cfg = cfg;
         self.drawn = drawn;
+        self.tunnel = self.tunnel_state(seed);
         let n = self.cfg.sample.pixels;
         self.terrace = if self.adatoms.is_empty() {
             None
@@ -649,6 +675,96 @@ impl SpmSimulator {
         self.tip_events = 0;
         self.alloc_channels();
         Ok(())
+    }
+
+    /// The tunnelling state for this session's config, `None` unless STM with
+    /// `tunneling.enabled` (its random stream is its own: the others draw as without it).
+    fn tunnel_state(&self, seed: u64) -> Option<TunnelState> {
+        let t = &self.cfg.tunneling;
+        if !(t.enabled && self.cfg.mode == SpmMode::Stm) {
+            return None;
+        }
+        let mut rng = seeded(derive_seed(seed, "current"));
+        let noise = CurrentNoise::new(
+            t.current_noise.get(),
+            t.current_pink_noise.get(),
+            1.0 / self.feedback.period(),
+            &mut rng,
+        );
+        Some(TunnelState {
+            noise,
+            rng,
+            buf: Vec::new(),
+            kappa: t.kappa(),
+            i_set: t.setpoint_current.get(),
+            adatom_height: self.cfg.adatoms.apparent_height.get(),
+        })
+    }
+
+    /// With tunnelling on, the adatoms' apparent height at bias `bias`: their configured
+    /// height (the apparent height at the reset bias `V₀`) plus
+    /// `[ln ρ(V) − ln ρ(V₀)]/(2κ)` of the resonance ([`crate::spm::tunnel::AdatomResonance`]),
+    /// at least 0; the truth is rebuilt when it changes.
+    fn apply_bias_contrast(&mut self, bias: f64) -> Result<()> {
+        let Some(t) = &self.tunnel else {
+            return Ok(());
+        };
+        let res = self.cfg.tunneling.resonance();
+        let v0 = self.cfg.bias.get();
+        let shift = res.apparent_height(bias, t.kappa) - res.apparent_height(v0, t.kappa);
+        let h = (t.adatom_height + shift).max(0.0);
+        if h != self.cfg.adatoms.apparent_height.get() {
+            self.cfg.adatoms.apparent_height = Param::fixed(h);
+            self.rebuild_truth()?;
+            self.rebuild_kernel()?;
+        }
+        Ok(())
+    }
+
+    /// Stage 3 of a pass: the PI z-feedback tracks the profile ([`ZFeedback::scan_line`]); with
+    /// tunnelling on, each controller sample's error also reads the current noise as a gap
+    /// change, `ln(1 + δI/I_set)/(2κ)` ([`ZFeedback::scan_line_noisy`]).
+    fn track_pass(&mut self, reverse: bool) -> Result<LineStats> {
+        let dwell = self.scan.dwell_time;
+        match self.tunnel.as_mut() {
+            None => self.feedback.scan_line(
+                &self.profile,
+                dwell,
+                reverse,
+                &mut self.zbuf,
+                &mut self.ebuf,
+            ),
+            Some(t) => {
+                let m = self.feedback.line_samples(self.profile.len(), dwell);
+                t.buf.resize(m, 0.0);
+                t.noise
+                    .fill_height_noise(t.i_set, t.kappa, &mut t.buf, &mut t.rng);
+                self.feedback.scan_line_noisy(
+                    &self.profile,
+                    dwell,
+                    reverse,
+                    &t.buf,
+                    &mut self.zbuf,
+                    &mut self.ebuf,
+                )
+            }
+        }
+    }
+
+    /// With tunnelling on, row `r` of the `current` channel (the last): per pixel
+    /// `I_set·exp(2κ·e)` of the pixel's mean error `e` (m), A.
+    fn record_current(&mut self, r: usize) {
+        if let Some(t) = &self.tunnel {
+            let ch = self.channels.len() - 1;
+            for (d, &e) in self.channels[ch]
+                .image
+                .row_mut(r)
+                .iter_mut()
+                .zip(&self.ebuf)
+            {
+                *d = (t.i_set * (2.0 * t.kappa * f64::from(e)).exp()) as f32;
+            }
+        }
     }
 
     fn rebuild_truth(&mut self) -> Result<()> {
@@ -800,6 +916,14 @@ impl SpmSimulator {
             },
             shape,
         ));
+        if self.tunnel.is_some() {
+            ch.push(channel(
+                "current",
+                "A",
+                "tunnelling current (from the log-current error), trace",
+                shape,
+            ));
+        }
         self.channels = ch;
         self.noiseless = Array2::zeros(shape);
         let c = self.scan.cols;
@@ -958,7 +1082,7 @@ impl SpmSimulator {
     /// 1. [`Self::pass_positions`]: where each pixel of the pass really is on the sample.
     /// 2. [`Self::sample_dilated_profile`]: the tip-dilated surface there (what a perfect
     ///    feedback would record); the first pass of the frame engages the feedback on it.
-    /// 3. The PI z-feedback tracks the profile ([`ZFeedback::scan_line`]).
+    /// 3. [`Self::track_pass`]: the PI z-feedback tracks the profile.
     /// 4. [`Self::add_pass_noise`]: scanner noise, and an adsorbate's extra noise and glitch.
     /// 5. [`Self::record_pass`]: the height, error, PFM and noiseless channels.
     /// 6. [`Self::evolve_tip_over_pass`]: wear, crashes and spontaneous pick-ups, which re-image
@@ -992,15 +1116,12 @@ impl SpmSimulator {
                     self.feedback.engage(f64::from(first));
                     engaged = true;
                 }
-                let stats = self.feedback.scan_line(
-                    &self.profile,
-                    s.dwell_time,
-                    reverse,
-                    &mut self.zbuf,
-                    &mut self.ebuf,
-                )?;
+                let stats = self.track_pass(reverse)?;
                 self.add_pass_noise(reverse);
                 self.record_pass(r, reverse, pfm.as_ref());
+                if !reverse {
+                    self.record_current(r);
+                }
                 self.evolve_tip_over_pass(&stats)?;
             }
             self.clock = t_line + line_time;
@@ -1249,6 +1370,7 @@ impl SpmInstrument for SpmSimulator {
 
     fn set_bias(&mut self, bias: f64) -> Result<f64> {
         self.check_bias(bias)?;
+        self.apply_bias_contrast(bias)?;
         self.bias = bias;
         Ok(bias)
     }
@@ -2065,5 +2187,141 @@ mod tests {
                 sim.rebuild_truth().unwrap();
             }
         }
+    }
+
+    /// A small STM session with the scanner's imperfections off and `tunneling.enabled` as
+    /// given.
+    fn stm_tunnel(enabled: bool, adatoms: usize) -> SpmConfig {
+        let mut c = SpmConfig::default().without_scanner_imperfections();
+        c.mode = SpmMode::Stm;
+        c.sample.size = Param::fixed(8e-9);
+        c.sample.pixels = 64;
+        c.scan.pixels = [32, 32];
+        c.scan.size = Param::fixed(8e-9);
+        c.surface.kind = SurfaceKind::Flat;
+        c.surface.roughness = Param::fixed(0.0);
+        c.adatoms.count = adatoms;
+        c.tunneling.enabled = enabled;
+        c
+    }
+
+    #[test]
+    fn tunneling_off_leaves_every_frame_bit_identical() {
+        let base = stm_tunnel(false, 2);
+        let mut other = base.clone();
+        other.tunneling.current_noise = Param::fixed(1e-12);
+        other.tunneling.work_function = Param::fixed(3.0);
+        other.tunneling.resonance_strength = Param::fixed(100.0);
+        let (mut a, mut b) = (
+            SpmSimulator::new(base, 4).unwrap(),
+            SpmSimulator::new(other, 4).unwrap(),
+        );
+        for bias in [0.1, 0.7] {
+            a.set_bias(bias).unwrap();
+            b.set_bias(bias).unwrap();
+            let fa: Vec<(String, Vec<u32>)> = a
+                .acquire_frame()
+                .unwrap()
+                .channels
+                .iter()
+                .map(|c| {
+                    (
+                        c.name.clone(),
+                        c.image.iter().map(|v| v.to_bits()).collect(),
+                    )
+                })
+                .collect();
+            let fb: Vec<(String, Vec<u32>)> = b
+                .acquire_frame()
+                .unwrap()
+                .channels
+                .iter()
+                .map(|c| {
+                    (
+                        c.name.clone(),
+                        c.image.iter().map(|v| v.to_bits()).collect(),
+                    )
+                })
+                .collect();
+            assert_eq!(fa, fb);
+            assert!(fa.iter().all(|(n, _)| n != "current"));
+        }
+    }
+
+    #[test]
+    fn current_noise_reaches_the_error_and_current_channels_as_predicted() {
+        // Flat terrace, a near-frozen loop (K_p = 0, K_i = 1/s): each pixel's error is the
+        // mean of its samples' noise, r.m.s. σ_ε/√s in log current with σ_ε = σ_I/I_set,
+        // σ_I = S_I √(f_s/2), s samples per pixel.
+        let mut c = stm_tunnel(true, 0);
+        let s_i = 100e-15;
+        c.tunneling.current_noise = Param::fixed(s_i);
+        let mut sim = SpmSimulator::new(c, 9).unwrap();
+        sim.set_feedback_gains(0.0, 1.0).unwrap();
+        let (i_set, kappa) = (100e-12, sim.config().tunneling.kappa());
+        let fs = 1.0 / sim.feedback.period();
+        let spp = sim.scan_settings().dwell_time * fs;
+        let frame = sim.acquire_frame().unwrap();
+        let err = &frame.channel("error").unwrap().image;
+        let cur = &frame.channel("current").unwrap().image;
+        let n = err.len() as f64;
+        let mean = err.iter().map(|&v| f64::from(v)).sum::<f64>() / n;
+        let rms_ln = (err
+            .iter()
+            .map(|&v| (2.0 * kappa * (f64::from(v) - mean)).powi(2))
+            .sum::<f64>()
+            / n)
+            .sqrt();
+        let want = s_i * (fs / 2.0).sqrt() / i_set / spp.sqrt();
+        assert!(
+            (rms_ln / want - 1.0).abs() < 0.08,
+            "{rms_ln} vs {want} (s = {spp})"
+        );
+        // The current channel reads I_set·exp(ln-error): its log has the same spread.
+        let lc: Vec<f64> = cur.iter().map(|&v| (f64::from(v) / i_set).ln()).collect();
+        let lm = lc.iter().sum::<f64>() / n;
+        let lrms = (lc.iter().map(|v| (v - lm).powi(2)).sum::<f64>() / n).sqrt();
+        assert!((lrms / rms_ln - 1.0).abs() < 1e-3, "{lrms} vs {rms_ln}");
+        assert!(
+            cur.iter()
+                .all(|&v| v > 0.0 && (f64::from(v) / i_set - 1.0).abs() < 0.2)
+        );
+    }
+
+    #[test]
+    fn bias_changes_the_adatom_contrast_by_its_ldos_term() {
+        let mut c = stm_tunnel(true, 1);
+        c.adatoms.corrugation = Param::fixed(0.0);
+        let mut sim = SpmSimulator::new(c, 3).unwrap();
+        let kappa = sim.config().tunneling.kappa();
+        let res = sim.config().tunneling.resonance();
+        let h0 = sim.config().adatoms.apparent_height.get();
+        let relief = |sim: &SpmSimulator| {
+            let t = sim.truth_surface();
+            let (lo, hi) = t
+                .iter()
+                .fold((f32::MAX, f32::MIN), |(a, b), &v| (a.min(v), b.max(v)));
+            f64::from(hi - lo)
+        };
+        let r0 = relief(&sim);
+        // Near the resonance (0.5 eV) the adatom looks taller by ln(ρ(0.6)/ρ(0.1))/(2κ).
+        sim.set_bias(0.6).unwrap();
+        let shift = (res.ldos(0.6) / res.ldos(0.1)).ln() / (2.0 * kappa);
+        assert!(shift > 10e-12, "{shift:e}");
+        let h1 = sim.config().adatoms.apparent_height.get();
+        assert!((h1 - (h0 + shift)).abs() < 1e-18, "{h1:e}");
+        // The imaged relief scales with the apparent height.
+        let r1 = relief(&sim);
+        assert!(
+            (r1 / r0 - h1 / h0).abs() < 1e-4 * (h1 / h0),
+            "{r0:e} {r1:e}"
+        );
+        sim.set_bias(0.1).unwrap();
+        assert_eq!(relief(&sim), r0);
+        // Off: the bias leaves the surface alone.
+        let mut off = SpmSimulator::new(stm_tunnel(false, 1), 3).unwrap();
+        let r_off = relief(&off);
+        off.set_bias(0.6).unwrap();
+        assert_eq!(relief(&off), r_off);
     }
 }
