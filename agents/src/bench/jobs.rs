@@ -118,7 +118,7 @@ impl JobSpec {
 #[serde(rename_all = "snake_case")]
 pub enum Outcome {
     /// Its one-seed results.
-    Done(RunResults),
+    Done(Box<RunResults>),
     /// The agent cannot run here ([`AgentError::MissingFeature`], [`AgentError::Unsupported`]):
     /// why.
     Skipped(String),
@@ -138,7 +138,7 @@ pub struct JobRecord {
 /// error.
 pub fn run_job(job: &JobSpec, progress: &mut dyn FnMut(RunProgress)) -> Result<Outcome> {
     match run_agent(&job.run_spec(), progress) {
-        Ok(r) => Ok(Outcome::Done(r)),
+        Ok(r) => Ok(Outcome::Done(Box::new(r))),
         Err(e @ (AgentError::MissingFeature { .. } | AgentError::Unsupported { .. })) => {
             Ok(Outcome::Skipped(e.to_string()))
         }
@@ -209,7 +209,7 @@ pub fn reuse(dir: &Path, job: &JobSpec) -> Result<Option<RunResults>> {
         ));
     }
     Ok(match rec.outcome {
-        Outcome::Done(r) => Some(r),
+        Outcome::Done(r) => Some(*r),
         Outcome::Skipped(_) => None,
     })
 }
@@ -365,7 +365,7 @@ mod tests {
             },
         )
         .unwrap();
-        assert_eq!(reuse(&dir, &j).unwrap(), Some(r));
+        assert_eq!(reuse(&dir, &j).unwrap(), Some(*r));
         // No temporary file is left behind.
         assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1);
         // Another build or budget: refused, naming the fields.

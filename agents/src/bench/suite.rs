@@ -405,7 +405,7 @@ pub fn run_jobs_in(
                 )?;
             }
             match outcome {
-                Outcome::Done(r) => parts.push(r),
+                Outcome::Done(r) => parts.push(*r),
                 Outcome::Skipped(reason) => {
                     skip = Some(reason);
                     break;
@@ -470,7 +470,7 @@ pub fn gather(jobs: &[Job], dir: &Path) -> Result<(Vec<RunResults>, Vec<Skipped>
                 jobs::reuse(dir, &one)?;
             }
             match rec.outcome {
-                Outcome::Done(r) => parts.push(r),
+                Outcome::Done(r) => parts.push(*r),
                 Outcome::Skipped(reason) => {
                     skip = Some(reason);
                     break;
