@@ -1,13 +1,146 @@
 //! `scopegym run` and `scopegym suite`: agents on tasks over seeds, and the scored benchmark
 //! suite. The protocol lives in `scopegym_agents::bench`; this module parses, shows progress,
 //! writes the files and prints the tables.
+//!
+//! With `--ray` the runs split into one-seed jobs (`scopegym_agents::bench::jobs`) whose specs
+//! go to `<out>/jobs/`; the Ray driver `python/scopegym/ray_suite.py` (carried in the binary)
+//! runs each as a Ray task calling `scopegym job` and saves its record there; the results are
+//! then gathered and merged exactly as a run without Ray gives them.
 
 use crate::plots;
 use indicatif::{ProgressBar, ProgressStyle};
 use scopegym::error::CliError;
-use scopegym_agents::bench::suite::{SUITE_V2, Selection, Skipped, SuiteProgress, SuiteResults};
-use scopegym_agents::bench::{BuildInfo, RunProgress, RunResults, RunSpec, run_agent, run_suite};
+use scopegym_agents::bench::jobs::{self, JobRecord, JobSpec};
+use scopegym_agents::bench::suite::{
+    self as suite_mod, Job, SUITE_V2, Selection, Skipped, SuiteFile, SuiteProgress, SuiteResults,
+};
+use scopegym_agents::bench::{BuildInfo, RunProgress, RunResults, RunSpec, run_agent};
 use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The Ray driver (`python -m scopegym.ray_suite`), run with `python -c`.
+const RAY_DRIVER: &str = include_str!("../python/scopegym/ray_suite.py");
+
+/// Where `--ray` runs the jobs.
+#[derive(Debug, Clone)]
+pub struct RayOptions {
+    /// `local`, `auto` or `HOST:PORT`.
+    pub address: String,
+    /// CPUs of a local Ray (default: all).
+    pub cpus: Option<usize>,
+}
+
+/// The Python that runs the Ray driver: `$SCOPEGYM_PYTHON`, else the active virtual
+/// environment's, else `python3`.
+fn python() -> String {
+    match (
+        std::env::var("SCOPEGYM_PYTHON"),
+        std::env::var("VIRTUAL_ENV"),
+    ) {
+        (Ok(p), _) if !p.is_empty() => p,
+        (_, Ok(v)) if !v.is_empty() => format!("{v}/bin/python"),
+        _ => "python3".into(),
+    }
+}
+
+fn ray_error(message: String) -> CliError {
+    CliError::Ray { message }
+}
+
+/// Runs the `pending` jobs on Ray: writes their specs to `dir`, starts the driver and waits for
+/// it. Every job that finishes is saved in `dir` by the driver, whatever happens to the others.
+fn run_on_ray(ray: &RayOptions, dir: &Path, pending: &[JobSpec]) -> Result<(), CliError> {
+    if ray.cpus.is_some() && ray.address != "local" {
+        return Err(CliError::Argument {
+            argument: "--ray-cpus".into(),
+            message: format!(
+                "sets the CPUs of the Ray that --ray local starts; --ray {} joins a cluster",
+                ray.address
+            ),
+        });
+    }
+    if pending.is_empty() {
+        return Ok(());
+    }
+    let py = python();
+    let install = "--ray needs a Python with Ray: pip install 'scopegym[ray]' \
+                   (set $SCOPEGYM_PYTHON to choose the Python)";
+    match Command::new(&py).args(["-c", "import ray"]).output() {
+        Err(e) => return Err(ray_error(format!("cannot start {py}: {e}; {install}"))),
+        Ok(o) if !o.status.success() => {
+            let why = String::from_utf8_lossy(&o.stderr);
+            let last = why.trim().lines().last().unwrap_or_default().to_string();
+            return Err(ray_error(format!(
+                "{py} cannot import ray ({last}); {install}"
+            )));
+        }
+        Ok(_) => {}
+    }
+    let exe = std::env::current_exe().map_err(|source| CliError::Io {
+        path: "scopegym".into(),
+        source,
+    })?;
+    let mut names = Vec::with_capacity(pending.len());
+    for j in pending {
+        let name = j.name();
+        write_json(&dir.join(format!("{name}.spec.json")), j)?;
+        names.push(name);
+    }
+    let mut cmd = Command::new(&py);
+    cmd.arg("-c")
+        .arg(RAY_DRIVER)
+        .arg("--address")
+        .arg(&ray.address)
+        .arg("--bin")
+        .arg(&exe)
+        .arg("--jobs")
+        .arg(dir);
+    if let Some(n) = ray.cpus {
+        cmd.arg("--num-cpus").arg(n.to_string());
+    }
+    let status = cmd
+        .args(&names)
+        .status()
+        .map_err(|e| ray_error(format!("cannot start {py}: {e}; {install}")))?;
+    match status.code() {
+        Some(0) => Ok(()),
+        Some(3) => Err(ray_error(install.into())),
+        _ => Err(ray_error(format!(
+            "not every job finished ({status}, see above); the finished ones are saved in {} \
+             and a rerun into the same folder reuses them",
+            dir.display()
+        ))),
+    }
+}
+
+/// `scopegym job <spec> --out <record>` (hidden; what a Ray task runs): one saved job.
+pub fn job(spec: &Path, out: &Path) -> Result<(), CliError> {
+    let text = std::fs::read_to_string(spec).map_err(|source| CliError::Io {
+        path: spec.into(),
+        source,
+    })?;
+    let job: JobSpec = serde_json::from_str(&text).map_err(|e| CliError::Argument {
+        argument: "spec".into(),
+        message: format!("{}: not a job spec of scopegym: {e}", spec.display()),
+    })?;
+    if job.build != build() {
+        return Err(CliError::Argument {
+            argument: "spec".into(),
+            message: format!(
+                "{}: planned by scopegym {} ({}), but this is {} ({}): every Ray node needs the \
+                 same scopegym binary",
+                spec.display(),
+                job.build.version,
+                job.build.commit,
+                scopegym::VERSION,
+                scopegym::GIT_COMMIT
+            ),
+        });
+    }
+    let outcome = jobs::run_job(&job, &mut |_| {})?;
+    jobs::write_record(out, &JobRecord { job, outcome })?;
+    Ok(())
+}
 
 fn build() -> BuildInfo {
     BuildInfo {
@@ -80,6 +213,38 @@ pub struct RunOptions<'a> {
     pub split: &'a str,
     /// Output folder.
     pub out: &'a Path,
+    /// Run the seeds on Ray.
+    pub ray: Option<RayOptions>,
+}
+
+/// Runs `spec`'s seeds as Ray jobs saved in `<out>/jobs/` (reusing finished ones) and merges
+/// them.
+fn run_with_ray(ray: &RayOptions, spec: &mut RunSpec, out: &Path) -> Result<RunResults, CliError> {
+    let out = out.canonicalize().map_err(|source| CliError::Io {
+        path: out.into(),
+        source,
+    })?;
+    if let Some(d) = &mut spec.save_dir {
+        *d = out.join("checkpoints");
+    }
+    let dir = out.join("jobs");
+    make_dir(&dir)?;
+    let job = Job {
+        spec: spec.clone(),
+        skip: None,
+        units: 0,
+    };
+    let pending = suite_mod::pending(std::slice::from_ref(&job), &dir)?;
+    run_on_ray(ray, &dir, &pending)?;
+    let (mut results, skipped) = suite_mod::gather(&[job], &dir)?;
+    match (results.pop(), skipped.first()) {
+        (Some(r), None) => Ok(r),
+        (_, Some(s)) => Err(CliError::Argument {
+            argument: "--agent".into(),
+            message: s.reason.clone(),
+        }),
+        (None, None) => Err(ray_error("no results came back".into())),
+    }
 }
 
 /// `scopegym run <env-id> --agent <name> ...`.
@@ -117,13 +282,19 @@ pub fn run(o: &RunOptions<'_>) -> Result<(), CliError> {
         spec.save_dir = Some(o.out.join("checkpoints"));
     }
     make_dir(o.out)?;
-    let b = bar(0, &format!("{} on {}", o.agent, o.env_id));
-    let r = run_agent(&spec, &mut |p: RunProgress| {
-        b.set_length(p.total.max(1));
-        b.set_position(p.done);
-        b.set_message(format!("seed {}", p.seed));
-    })?;
-    b.finish_and_clear();
+    let r = match &o.ray {
+        Some(ray) => run_with_ray(ray, &mut spec, o.out)?,
+        None => {
+            let b = bar(0, &format!("{} on {}", o.agent, o.env_id));
+            let r = run_agent(&spec, &mut |p: RunProgress| {
+                b.set_length(p.total.max(1));
+                b.set_position(p.done);
+                b.set_message(format!("seed {}", p.seed));
+            })?;
+            b.finish_and_clear();
+            r
+        }
+    };
     let results = o.out.join("results.json");
     write_json(&results, &r)?;
     let curves = o.out.join("curves.png");
@@ -224,6 +395,10 @@ pub struct SuiteOptions<'a> {
     pub tasks: &'a [String],
     /// A suite file instead of the embedded `suite/suite-v2.toml`.
     pub suite: Option<&'a Path>,
+    /// Only the first N seeds of each task's budget.
+    pub seeds: Option<usize>,
+    /// Run the jobs on Ray.
+    pub ray: Option<RayOptions>,
 }
 
 /// `scopegym suite --budget <b> --out <dir>`.
@@ -239,28 +414,59 @@ pub fn suite(o: &SuiteOptions<'_>) -> Result<(), CliError> {
         budget: o.budget.into(),
         agents: o.agents.to_vec(),
         tasks: o.tasks.to_vec(),
+        seeds: o.seeds,
     };
+    let file = SuiteFile::parse(&text)?;
+    let build = build();
+    let jobs = suite_mod::plan(&file, &sel, &build)?;
     make_dir(o.out)?;
-    let b = bar(0, "suite");
+    let dir = o.out.join("jobs");
+    make_dir(&dir)?;
     let t0 = std::time::Instant::now();
-    let res = run_suite(
-        &text,
-        &sel,
-        &build(),
-        &mut |p: SuiteProgress<'_>| {
-            b.set_length(p.total.max(1));
-            b.set_position(p.done);
-            b.set_message(format!(
-                "{} on {}",
-                p.agent,
-                p.task.trim_start_matches("scopegym/")
-            ));
-        },
-        &mut |s: &Skipped| {
-            b.suspend(|| eprintln!("note: skipping {} on {}: {}", s.agent, s.task, s.reason))
-        },
-    )?;
-    b.finish_and_clear();
+    let pending = suite_mod::pending(&jobs, &dir)?;
+    let all: usize = jobs
+        .iter()
+        .filter(|j| j.skip.is_none())
+        .map(|j| j.spec.seeds.len())
+        .sum();
+    if pending.len() < all {
+        eprintln!(
+            "reusing {} of {all} (task, agent, seed) jobs finished in {}",
+            all - pending.len(),
+            dir.display()
+        );
+    }
+    let note = |s: &Skipped| format!("note: skipping {} on {}: {}", s.agent, s.task, s.reason);
+    let (results, skipped) = match &o.ray {
+        None => {
+            let b = bar(0, "suite");
+            let r = suite_mod::run_jobs_in(
+                &jobs,
+                Some(&dir),
+                &mut |p: SuiteProgress<'_>| {
+                    b.set_length(p.total.max(1));
+                    b.set_position(p.done);
+                    b.set_message(format!(
+                        "{} on {}",
+                        p.agent,
+                        p.task.trim_start_matches("scopegym/")
+                    ));
+                },
+                &mut |s: &Skipped| b.suspend(|| eprintln!("{}", note(s))),
+            )?;
+            b.finish_and_clear();
+            r
+        }
+        Some(ray) => {
+            run_on_ray(ray, &dir, &pending)?;
+            let r = suite_mod::gather(&jobs, &dir)?;
+            for s in &r.1 {
+                eprintln!("{}", note(s));
+            }
+            r
+        }
+    };
+    let res = suite_mod::score(&file, &sel, &text, &build, results, skipped)?;
     let json = o.out.join("suite.json");
     write_json(&json, &res)?;
     let png = o.out.join("suite.png");

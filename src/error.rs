@@ -49,6 +49,12 @@ pub enum CliError {
     /// An agent could not be built, trained or run.
     #[error(transparent)]
     Agent(#[from] scopegym_agents::AgentError),
+    /// Running on Ray failed (no Python with Ray, or jobs that did not finish).
+    #[error("--ray: {message}")]
+    Ray {
+        /// What failed and what to do.
+        message: String,
+    },
     /// A driver could not be opened, or its limits read.
     #[error(transparent)]
     Driver(#[from] scopegym_drivers::DriverError),

@@ -173,6 +173,14 @@ enum Command {
         /// defaulting to the current folder).
         #[arg(long, num_args = 1.., conflicts_with_all = ["env_id", "agent"])]
         compare: Vec<PathBuf>,
+        /// Run the seeds as Ray tasks: local (start a Ray on this machine), auto or HOST:PORT
+        /// (join a running cluster). Needs Python with Ray ($SCOPEGYM_PYTHON, else the active
+        /// virtual environment's python, else python3): pip install 'scopegym[ray]'.
+        #[arg(long, value_name = "local|auto|ADDRESS", conflicts_with = "compare")]
+        ray: Option<String>,
+        /// CPUs of the Ray that --ray local starts (default: all).
+        #[arg(long, requires = "ray")]
+        ray_cpus: Option<usize>,
     },
     /// Run the benchmark suite (suite/suite-v2.toml): every task's agents on the test split,
     /// normalized scores, IQM with bootstrap 95 % intervals and performance profiles:
@@ -194,6 +202,28 @@ enum Command {
         /// A suite file instead of the embedded suite-v2.toml.
         #[arg(long)]
         suite: Option<PathBuf>,
+        /// Only the first N run seeds of each task's budget.
+        #[arg(long)]
+        seeds: Option<usize>,
+        /// Run the (task, agent, seed) jobs as Ray tasks: local (start a Ray on this machine),
+        /// auto or HOST:PORT (join a running cluster); the results are the same as without.
+        /// Needs Python with Ray ($SCOPEGYM_PYTHON, else the active virtual environment's
+        /// python, else python3): pip install 'scopegym[ray]'. With or without Ray, each
+        /// finished job is saved in <out>/jobs/ and a rerun into the same <out> reuses it.
+        #[arg(long, value_name = "local|auto|ADDRESS")]
+        ray: Option<String>,
+        /// CPUs of the Ray that --ray local starts (default: all).
+        #[arg(long, requires = "ray")]
+        ray_cpus: Option<usize>,
+    },
+    /// Run one saved job (one task, agent and seed) and write its record (used by --ray).
+    #[command(hide = true)]
+    Job {
+        /// The job's spec (JSON).
+        spec: PathBuf,
+        /// Where to write its record (JSON, written atomically).
+        #[arg(long)]
+        out: PathBuf,
     },
     /// Run a policy on an instrument through the safety guard (limits, dry run, watchdog) with
     /// a live progress line and an audit log of every command.
@@ -353,6 +383,8 @@ fn main() -> ExitCode {
             split,
             out,
             compare: _,
+            ray,
+            ray_cpus,
         } => bench_cli::run(&bench_cli::RunOptions {
             env_id: env_id.as_deref().unwrap_or_default(),
             agent: agent.as_deref().unwrap_or_default(),
@@ -364,6 +396,10 @@ fn main() -> ExitCode {
             difficulty: &difficulty,
             split: &split,
             out: out.as_deref().unwrap_or(std::path::Path::new(".")),
+            ray: ray.map(|address| bench_cli::RayOptions {
+                address,
+                cpus: ray_cpus,
+            }),
         }),
         Command::Suite {
             budget,
@@ -371,13 +407,22 @@ fn main() -> ExitCode {
             agents,
             tasks,
             suite,
+            seeds,
+            ray,
+            ray_cpus,
         } => bench_cli::suite(&bench_cli::SuiteOptions {
             budget: &budget,
             out: &out,
             agents: &agents,
             tasks: &tasks,
             suite: suite.as_deref(),
+            seeds,
+            ray: ray.map(|address| bench_cli::RayOptions {
+                address,
+                cpus: ray_cpus,
+            }),
         }),
+        Command::Job { spec, out } => bench_cli::job(&spec, &out),
         Command::Render { env_id, seed, out } => env_cli::render(&env_id, seed, &out),
         Command::FakeNanonis {
             env_id,

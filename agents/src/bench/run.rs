@@ -286,6 +286,18 @@ fn to_json(v: &toml::Value) -> serde_json::Value {
     serde_json::to_value(v).unwrap_or(serde_json::Value::Null)
 }
 
+/// The summary over seeds of `per_seed` (what [`RunResults::summary`] holds).
+pub fn summarize(per_seed: &[SeedResult]) -> Summary {
+    let means: Vec<f64> = per_seed.iter().map(|s| s.return_mean).collect();
+    let (return_mean, return_ci95) = mean_ci95(&means);
+    Summary {
+        return_mean,
+        return_ci95,
+        success_rate: per_seed.iter().map(|s| s.success_rate).sum::<f64>() / per_seed.len() as f64,
+        episodes: per_seed.iter().map(|s| s.episodes.len()).sum(),
+    }
+}
+
 /// Runs `spec`; `progress` hears of every training report and every finished episode.
 ///
 /// Errors: an unknown task or agent, a bad config (either), an agent that does not apply to the
@@ -375,14 +387,7 @@ pub fn run_agent_with(
             episodes,
         });
     }
-    let means: Vec<f64> = per_seed.iter().map(|s| s.return_mean).collect();
-    let (return_mean, return_ci95) = mean_ci95(&means);
-    let summary = Summary {
-        return_mean,
-        return_ci95,
-        success_rate: per_seed.iter().map(|s| s.success_rate).sum::<f64>() / per_seed.len() as f64,
-        episodes: per_seed.iter().map(|s| s.episodes.len()).sum(),
-    };
+    let summary = summarize(&per_seed);
     Ok(RunResults {
         env_id: spec.env_id.clone(),
         agent: spec.agent.clone(),

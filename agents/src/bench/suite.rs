@@ -17,12 +17,14 @@
 //! Agents this build cannot run (not registered, a missing cargo feature, or not applicable to
 //! the task) are skipped and listed in [`SuiteResults::skipped`], never silently.
 
-use super::run::{BuildInfo, RunProgress, RunResults, RunSpec, run_agent};
+use super::jobs::{self, JobRecord, JobSpec, Outcome};
+use super::run::{BuildInfo, RunProgress, RunResults, RunSpec};
 use super::stats;
 use crate::error::{AgentError, Result};
 use crate::registry;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+use std::path::Path;
 
 /// The text of `suite/suite-v2.toml`, embedded.
 pub const SUITE_V2: &str = include_str!("../../../suite/suite-v2.toml");
@@ -195,6 +197,8 @@ pub struct Selection {
     pub agents: Vec<String>,
     /// Only these tasks (ids, or a unique part of one such as `StemAutofocus`); empty for all.
     pub tasks: Vec<String>,
+    /// Only the first this many run seeds of each task's budget; `None` for all.
+    pub seeds: Option<usize>,
 }
 
 /// One (task, agent) job of the suite.
@@ -258,6 +262,9 @@ pub fn plan(file: &SuiteFile, sel: &Selection, build: &BuildInfo) -> Result<Vec<
             .map(|n| resolve_task(file, n))
             .collect::<Result<_>>()?
     };
+    if sel.seeds == Some(0) {
+        return Err(AgentError::arg("seeds", "at least one seed is needed"));
+    }
     for a in &sel.agents {
         if !file.tasks.iter().any(|t| t.agents.contains(a)) {
             return Err(AgentError::arg(
@@ -292,6 +299,9 @@ pub fn plan(file: &SuiteFile, sel: &Selection, build: &BuildInfo) -> Result<Vec<
             spec.difficulty = file.difficulty.clone();
             spec.split = file.split.clone();
             spec.seeds = o.seeds.clone().unwrap_or_else(|| budget.seeds.clone());
+            if let Some(n) = sel.seeds {
+                spec.seeds.truncate(n);
+            }
             spec.episodes = o.episodes.unwrap_or(budget.episodes);
             spec.train_steps = o.train_steps.unwrap_or(budget.train_steps);
             spec.keep_steps = false;
@@ -328,44 +338,87 @@ pub struct SuiteProgress<'a> {
 
 /// Runs the jobs; an agent that cannot run (not registered, [`AgentError::MissingFeature`],
 /// [`AgentError::Unsupported`]) is skipped with its reason; `note` hears of each skip as it
-/// happens. Any other error stops the suite.
+/// happens. Any other error stops the suite. The same as [`run_jobs_in`] without a folder.
 pub fn run_jobs(
     jobs: &[Job],
     progress: &mut dyn FnMut(SuiteProgress<'_>),
     note: &mut dyn FnMut(&Skipped),
 ) -> Result<(Vec<RunResults>, Vec<Skipped>)> {
+    run_jobs_in(jobs, None, progress, note)
+}
+
+fn skipped(job: &Job, reason: String) -> Skipped {
+    Skipped {
+        task: job.spec.env_id.clone(),
+        agent: job.spec.agent.clone(),
+        reason,
+    }
+}
+
+/// Runs the jobs one seed at a time ([`JobSpec::split`]) and merges each job's seeds
+/// ([`jobs::merge`]: the same results as running its seeds at once). With a folder `dir`, each
+/// finished seed is saved there at once ([`jobs::write_record`]) and a seed already finished
+/// there is reused ([`jobs::reuse`]; one made with another job or build is an error). Skips
+/// and errors as in [`run_jobs`].
+pub fn run_jobs_in(
+    jobs: &[Job],
+    dir: Option<&Path>,
+    progress: &mut dyn FnMut(SuiteProgress<'_>),
+    note: &mut dyn FnMut(&Skipped),
+) -> Result<(Vec<RunResults>, Vec<Skipped>)> {
     let total: u64 = jobs.iter().map(|j| j.units).sum();
     let mut base = 0;
-    let (mut results, mut skipped) = (Vec::new(), Vec::new());
+    let (mut results, mut skips) = (Vec::new(), Vec::new());
     for job in jobs {
         let (task, agent) = (job.spec.env_id.as_str(), job.spec.agent.as_str());
-        let skip = |reason: String| Skipped {
-            task: task.into(),
-            agent: agent.into(),
-            reason,
-        };
         if let Some(r) = &job.skip {
-            let s = skip(r.clone());
+            let s = skipped(job, r.clone());
             note(&s);
-            skipped.push(s);
+            skips.push(s);
             continue;
         }
-        let res = run_agent(&job.spec, &mut |p: RunProgress| {
-            progress(SuiteProgress {
-                task,
-                agent,
-                done: base + p.done,
-                total,
-            })
-        });
-        match res {
-            Ok(r) => results.push(r),
-            Err(e @ (AgentError::MissingFeature { .. } | AgentError::Unsupported { .. })) => {
-                let s = skip(e.to_string());
-                note(&s);
-                skipped.push(s);
+        let seeds = JobSpec::split(&job.spec);
+        let per_seed = job.units / seeds.len() as u64;
+        let mut parts = Vec::with_capacity(seeds.len());
+        let mut skip = None;
+        for (k, one) in seeds.iter().enumerate() {
+            let at = base + per_seed * k as u64;
+            if let Some(r) = dir.map(|d| jobs::reuse(d, one)).transpose()?.flatten() {
+                parts.push(r);
+                continue;
             }
-            Err(e) => return Err(e),
+            let outcome = jobs::run_job(one, &mut |p: RunProgress| {
+                progress(SuiteProgress {
+                    task,
+                    agent,
+                    done: at + p.done,
+                    total,
+                })
+            })?;
+            if let Some(d) = dir {
+                jobs::write_record(
+                    &jobs::record_path(d, one),
+                    &JobRecord {
+                        job: one.clone(),
+                        outcome: outcome.clone(),
+                    },
+                )?;
+            }
+            match outcome {
+                Outcome::Done(r) => parts.push(*r),
+                Outcome::Skipped(reason) => {
+                    skip = Some(reason);
+                    break;
+                }
+            }
+        }
+        match skip {
+            Some(reason) => {
+                let s = skipped(job, reason);
+                note(&s);
+                skips.push(s);
+            }
+            None => results.push(jobs::merge(parts)?),
         }
         base += job.units;
         progress(SuiteProgress {
@@ -375,7 +428,61 @@ pub fn run_jobs(
             total,
         });
     }
-    Ok((results, skipped))
+    Ok((results, skips))
+}
+
+/// The one-seed jobs of `jobs` not yet finished in `dir` (in order); a finished one made with
+/// another job or build is an error ([`jobs::reuse`]). Jobs planned as skipped have none.
+pub fn pending(jobs: &[Job], dir: &Path) -> Result<Vec<JobSpec>> {
+    let mut out = Vec::new();
+    for job in jobs.iter().filter(|j| j.skip.is_none()) {
+        for one in JobSpec::split(&job.spec) {
+            if jobs::reuse(dir, &one)?.is_none() {
+                out.push(one);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Gathers the results of `jobs` from the one-seed records in `dir` (after they ran elsewhere,
+/// e.g. on Ray) as [`run_jobs_in`] would have returned them: per job its seeds merged, or its
+/// skip. A missing record, or one made with another job or build, is an error.
+pub fn gather(jobs: &[Job], dir: &Path) -> Result<(Vec<RunResults>, Vec<Skipped>)> {
+    let (mut results, mut skips) = (Vec::new(), Vec::new());
+    for job in jobs {
+        if let Some(r) = &job.skip {
+            skips.push(skipped(job, r.clone()));
+            continue;
+        }
+        let mut parts = Vec::new();
+        let mut skip = None;
+        for one in JobSpec::split(&job.spec) {
+            let path = jobs::record_path(dir, &one);
+            let rec = jobs::read_record(&path)?.ok_or_else(|| {
+                AgentError::arg(
+                    "out",
+                    format!("{} is missing: that job did not finish", path.display()),
+                )
+            })?;
+            if rec.job != one {
+                // Let reuse() name the differing fields.
+                jobs::reuse(dir, &one)?;
+            }
+            match rec.outcome {
+                Outcome::Done(r) => parts.push(*r),
+                Outcome::Skipped(reason) => {
+                    skip = Some(reason);
+                    break;
+                }
+            }
+        }
+        match skip {
+            Some(reason) => skips.push(skipped(job, reason)),
+            None => results.push(jobs::merge(parts)?),
+        }
+    }
+    Ok((results, skips))
 }
 
 /// The scores of one agent on one task.
@@ -457,6 +564,9 @@ pub struct SuiteMeta {
     pub selected_tasks: Vec<String>,
     /// The agents selected (empty: all).
     pub selected_agents: Vec<String>,
+    /// Only the first this many seeds of each task's budget ran (absent: all).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selected_seeds: Option<usize>,
 }
 
 /// What `scopegym suite` writes as `suite.json`.
@@ -603,6 +713,7 @@ pub fn score(
             file: text.into(),
             selected_tasks: sel.tasks.clone(),
             selected_agents: sel.agents.clone(),
+            selected_seeds: sel.seeds,
         },
         provenance: build.clone(),
         tasks: by_task,
@@ -620,9 +731,22 @@ pub fn run_suite(
     progress: &mut dyn FnMut(SuiteProgress<'_>),
     note: &mut dyn FnMut(&Skipped),
 ) -> Result<SuiteResults> {
+    run_suite_in(text, sel, build, None, progress, note)
+}
+
+/// [`run_suite`] saving each finished seed in `dir` and reusing those already there
+/// ([`run_jobs_in`]).
+pub fn run_suite_in(
+    text: &str,
+    sel: &Selection,
+    build: &BuildInfo,
+    dir: Option<&Path>,
+    progress: &mut dyn FnMut(SuiteProgress<'_>),
+    note: &mut dyn FnMut(&Skipped),
+) -> Result<SuiteResults> {
     let file = SuiteFile::parse(text)?;
     let jobs = plan(&file, sel, build)?;
-    let (results, skipped) = run_jobs(&jobs, progress, note)?;
+    let (results, skipped) = run_jobs_in(&jobs, dir, progress, note)?;
     score(&file, sel, text, build, results, skipped)
 }
 
@@ -668,6 +792,7 @@ mod tests {
             budget: "small".into(),
             agents: vec!["raster".into()],
             tasks: vec!["StemSparseScan".into()],
+            seeds: None,
         };
         let jobs = plan(&s, &sel, &BuildInfo::default()).unwrap();
         let names: Vec<&str> = jobs.iter().map(|j| j.spec.agent.as_str()).collect();
@@ -684,6 +809,7 @@ mod tests {
             budget: "small".into(),
             agents: vec!["no-such-agent".into()],
             tasks: vec!["StemSparseScan".into()],
+            seeds: None,
         };
         let jobs = plan(&s, &sel, &BuildInfo::default()).unwrap();
         assert_eq!(
@@ -706,6 +832,7 @@ mod tests {
             budget: "small".into(),
             agents: vec![],
             tasks: vec!["StemEelsExplore".into()],
+            seeds: None,
         };
         assert_eq!(
             plan(&SuiteFile::embedded(), &sel, &BuildInfo::default()).unwrap()[0]
@@ -819,6 +946,7 @@ mod tests {
             budget: "small".into(),
             agents: vec!["raster".into()],
             tasks: vec!["StemSparseScan".into(), "AfmFeedbackTuning".into()],
+            seeds: None,
         };
         let t = std::time::Instant::now();
         let mut notes = Vec::new();
@@ -844,5 +972,88 @@ mod tests {
             assert!((m - 1.0).abs() < 1e-12, "{m}");
         }
         assert_eq!(h.runs, 10);
+    }
+
+    fn scratch(name: &str) -> std::path::PathBuf {
+        let d = std::env::temp_dir().join(format!("scopegym-suite-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn two_task_jobs(episodes: usize) -> Vec<Job> {
+        let text = SUITE_V2.replace("episodes = 4", &format!("episodes = {episodes}"));
+        let sel = Selection {
+            budget: "small".into(),
+            agents: vec!["raster".into()],
+            tasks: vec!["StemSparseScan".into(), "AfmFeedbackTuning".into()],
+            seeds: Some(3),
+        };
+        plan(
+            &SuiteFile::parse(&text).unwrap(),
+            &sel,
+            &BuildInfo::default(),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn seeds_run_as_saved_jobs_merge_into_the_multi_seed_runs_and_gather_back() {
+        let dir = scratch("saved");
+        let jobs = two_task_jobs(1);
+        assert_eq!(jobs.len(), 6);
+        assert!(jobs.iter().all(|j| j.spec.seeds == [0, 1, 2]));
+        assert_eq!(pending(&jobs, &dir).unwrap().len(), 18);
+        let mut last = 0;
+        let (a, skips) =
+            run_jobs_in(&jobs, Some(&dir), &mut |p| last = p.done, &mut |_| {}).unwrap();
+        assert!(skips.is_empty());
+        assert_eq!(last, jobs.iter().map(|j| j.units).sum::<u64>());
+        // Each merged job equals the run of all its seeds at once.
+        for (j, r) in jobs.iter().zip(&a) {
+            assert_eq!(r, &super::super::run_agent(&j.spec, &mut |_| {}).unwrap());
+        }
+        // Every seed was saved: nothing pending, and gathering the files gives the same.
+        assert!(pending(&jobs, &dir).unwrap().is_empty());
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 18);
+        let (b, _) = gather(&jobs, &dir).unwrap();
+        assert_eq!(a, b);
+        // A missing seed is an error naming its file.
+        let gone = dir.join("AfmFeedbackTuning-v2.raster.seed1.json");
+        std::fs::remove_file(&gone).unwrap();
+        let e = gather(&jobs, &dir).unwrap_err().to_string();
+        assert!(e.contains("AfmFeedbackTuning-v2.raster.seed1.json"), "{e}");
+        assert_eq!(pending(&jobs, &dir).unwrap().len(), 1);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_resumed_suite_reuses_finished_jobs_and_refuses_other_ones() {
+        let dir = scratch("resume");
+        let jobs = two_task_jobs(1);
+        run_jobs_in(&jobs[..2], Some(&dir), &mut |_| {}, &mut |_| {}).unwrap();
+        // Mark one saved seed so that reuse (not a rerun) shows in the results.
+        let one = &JobSpec::split(&jobs[1].spec)[2];
+        let path = jobs::record_path(&dir, one);
+        let mut rec = jobs::read_record(&path).unwrap().unwrap();
+        let Outcome::Done(r) = &mut rec.outcome else {
+            panic!()
+        };
+        r.per_seed[0].return_mean = 1234.5;
+        jobs::write_record(&path, &rec).unwrap();
+        let (res, _) = run_jobs_in(&jobs, Some(&dir), &mut |_| {}, &mut |_| {}).unwrap();
+        assert_eq!(res.len(), 6);
+        assert_eq!(res[1].per_seed[2].return_mean, 1234.5);
+        assert_ne!(res[1].per_seed[1].return_mean, 1234.5);
+        // Another budget (2 episodes) or build in the same folder is refused, naming the field.
+        let e = run_jobs_in(&two_task_jobs(2), Some(&dir), &mut |_| {}, &mut |_| {})
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("different episodes"), "{e}");
+        let mut other = two_task_jobs(1);
+        other[0].spec.build.commit = "0123".into();
+        let e = pending(&other, &dir).unwrap_err().to_string();
+        assert!(e.contains("different build"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
