@@ -48,3 +48,6 @@ pub mod scanner;
 pub mod sim;
 pub mod surface;
 pub mod tip;
+
+#[cfg(test)]
+mod imperfection_tests;

@@ -21,7 +21,8 @@
 //! the scanner gives the positions each pixel actually visits on the sample (drift, creep,
 //! hysteresis), the tip-dilated surface (dilated periodically: the tip meets the sample across
 //! the grid's edge) is interpolated there ([`bilinear`], the crate's one bilinear sampler), the
-//! PI loop tracks it (trace, then retrace), and height noise (white, 1/f, line offsets, plus the
+//! PI loop tracks it plus the scanner's height errors and detector noise (plane tilt, bow, z
+//! drift; all opt-in) (trace, then retrace), and height noise (white, 1/f, line offsets, plus the
 //! extra noise and glitches of an adsorbate on the tip) is added. Contact wears the tip; a
 //! tracking error beyond `sample.crash_threshold` is a crash; the tip can change spontaneously
 //! while scanning. A changed tip re-images the rest of the frame.
@@ -315,8 +316,8 @@ impl Default for SpmConfig {
 }
 
 impl SpmConfig {
-    /// This config with drift, creep, hysteresis and noise switched off (for calibration and
-    /// tests).
+    /// This config with drift, creep, hysteresis, noise and the height errors (tilt, bow, z
+    /// drift, detector noise) switched off (for calibration and tests).
     pub fn without_scanner_imperfections(mut self) -> Self {
         let s = &mut self.scanner;
         s.drift_initial = Param::fixed(0.0);
@@ -327,6 +328,12 @@ impl SpmConfig {
         s.white_noise = Param::fixed(0.0);
         s.pink_noise = Param::fixed(0.0);
         s.line_offset = Param::fixed(0.0);
+        s.tilt = [Param::fixed(0.0), Param::fixed(0.0)];
+        s.bow_curvature = Param::fixed(0.0);
+        s.z_drift = Param::fixed(0.0);
+        s.z_drift_diffusivity = Param::fixed(0.0);
+        s.detector_noise = Param::fixed(0.0);
+        s.detector_pink_noise = Param::fixed(0.0);
         self
     }
 
@@ -434,6 +441,8 @@ pub struct SpmSimulator {
     rng_scan: SimRng,
     rng_tip: SimRng,
     rng_sample: SimRng,
+    /// Detector noise before the loop (its own stream: switching it on leaves the others).
+    rng_detector: SimRng,
     /// Sample grid cell size, m.
     cell: f64,
     /// The topography without adatoms, m.
@@ -476,6 +485,9 @@ pub struct SpmSimulator {
     xs: Vec<f64>,
     ys: Vec<f64>,
     profile: Vec<f32>,
+    /// The heights the feedback loop is handed when the scanner adds height errors or detector
+    /// noise before the loop ([`Self::loop_input`]), m.
+    loop_profile: Vec<f32>,
     zbuf: Vec<f32>,
     ebuf: Vec<f32>,
     tip_events: u64,
@@ -515,6 +527,7 @@ impl SpmSimulator {
             rng_scan,
             rng_tip: seeded(derive_seed(seed, "tip")),
             rng_sample: seeded(derive_seed(seed, "sample")),
+            rng_detector: seeded(derive_seed(seed, "detector")),
             cell: 1.0,
             base_topography: Array2::zeros((1, 1)),
             rise: [0.0, 0.0],
@@ -546,6 +559,7 @@ impl SpmSimulator {
             xs: Vec::new(),
             ys: Vec::new(),
             profile: Vec::new(),
+            loop_profile: Vec::new(),
             zbuf: Vec::new(),
             ebuf: Vec::new(),
             tip_events: 0,
@@ -580,6 +594,7 @@ impl SpmSimulator {
         self.rng_scan = seeded(derive_seed(seed, "scan"));
         self.rng_tip = seeded(derive_seed(seed, "tip"));
         self.rng_sample = seeded(derive_seed(seed, "sample"));
+        self.rng_detector = seeded(derive_seed(seed, "detector"));
         self.scanner = match cfg.fidelity {
             SpmFidelity::Full => Scanner::new(&cfg.scanner, &mut self.rng_scan)?,
             SpmFidelity::Fast => Scanner::with_pink_components(
@@ -959,8 +974,10 @@ impl SpmSimulator {
     ///
     /// 1. [`Self::pass_positions`]: where each pixel of the pass really is on the sample.
     /// 2. [`Self::sample_dilated_profile`]: the tip-dilated surface there (what a perfect
-    ///    feedback would record); the first pass of the frame engages the feedback on it.
-    /// 3. The PI z-feedback tracks the profile ([`ZFeedback::scan_line`]).
+    ///    feedback would record); [`Self::loop_input`] adds what the loop sees besides it
+    ///    (plane tilt, scanner bow, z drift, detector noise; opt-in); the first pass of the
+    ///    frame engages the feedback on it.
+    /// 3. The PI z-feedback tracks the loop's input ([`ZFeedback::scan_line`]).
     /// 4. [`Self::add_pass_noise`]: scanner noise, and an adsorbate's extra noise and glitch.
     /// 5. [`Self::record_pass`]: the height, error, PFM and noiseless channels.
     /// 6. [`Self::evolve_tip_over_pass`]: wear, crashes and spontaneous pick-ups, which re-image
@@ -984,18 +1001,19 @@ impl SpmSimulator {
                 let t0 = t_line + pass as f64 * s.cols as f64 * s.dwell_time;
                 self.pass_positions(r, t0, reverse)?;
                 self.sample_dilated_profile();
+                let input = if self.loop_input(r, t0, reverse)? {
+                    &self.loop_profile
+                } else {
+                    &self.profile
+                };
                 if !engaged {
                     // The loop starts settled on the first pixel the frame visits.
-                    let first = if reverse {
-                        self.profile[s.cols - 1]
-                    } else {
-                        self.profile[0]
-                    };
+                    let first = if reverse { input[s.cols - 1] } else { input[0] };
                     self.feedback.engage(f64::from(first));
                     engaged = true;
                 }
                 let stats = self.feedback.scan_line(
-                    &self.profile,
+                    input,
                     s.dwell_time,
                     reverse,
                     &mut self.zbuf,
@@ -1048,6 +1066,42 @@ impl SpmSimulator {
         for ((p, &x), &y) in self.profile.iter_mut().zip(&self.xs).zip(&self.ys) {
             *p = bilinear(self.dilated.view(), self.cell, self.rise, x, y) as f32;
         }
+    }
+
+    /// Stage 2b of a pass, before the loop: when the scanner adds height errors (plane tilt,
+    /// bow, z drift: [`Scanner::add_line_z_errors`]) or detector noise
+    /// ([`Scanner::add_detector_noise`], drawn from its own stream), writes the profile plus
+    /// them into `loop_profile` and returns `true`: the loop tracks them, so they reach the
+    /// height channel shaped by its transfer function. Otherwise returns `false` and the loop is
+    /// handed `profile` itself. The noiseless channel stays the tip-dilated surface.
+    fn loop_input(&mut self, r: usize, t0: f64, reverse: bool) -> Result<bool> {
+        let z_errors = self.scanner.has_z_errors();
+        let detector = self.scanner.has_detector_noise();
+        if !(z_errors || detector) {
+            return Ok(false);
+        }
+        self.loop_profile.clear();
+        self.loop_profile.extend_from_slice(&self.profile);
+        if z_errors {
+            self.scanner.add_line_z_errors(
+                &self.scan,
+                r,
+                t0,
+                reverse,
+                &self.xs,
+                &self.ys,
+                &mut self.loop_profile,
+            )?;
+        }
+        if detector {
+            self.scanner.add_detector_noise(
+                &mut self.loop_profile,
+                self.scan.dwell_time,
+                reverse,
+                &mut self.rng_detector,
+            );
+        }
+        Ok(true)
     }
 
     /// Stage 4 of a pass: height noise on the recorded line `zbuf` (m). The scanner's white,
