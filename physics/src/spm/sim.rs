@@ -4,6 +4,9 @@
 //! One simulator serves the three modes of DESIGN.md §5:
 //! - **AFM** (contact): the height channel is the z-piezo signal of the feedback tracking the
 //!   surface dilated by the tip; the error channel is the deflection error (height units).
+//!   With `afm.mode = "tapping"` ([`super::tapping`]) the feedback holds the cantilever's
+//!   amplitude instead, and two more channels follow the error: `amplitude` (m) and `phase`
+//!   (deg, the lag behind the drive, from the energy dissipated per tap).
 //! - **STM** (constant current): the surface is the apparent-height map of an Ag(111) terrace
 //!   with adatoms ([`super::adatoms`]); lateral manipulation moves the adatoms (its trace is the
 //!   tip height recorded while dragging; an adatom the tip picks up changes the tip, one lost
@@ -23,7 +26,8 @@
 //! the grid's edge) is interpolated there ([`bilinear`], the crate's one bilinear sampler), the
 //! PI loop tracks it plus the scanner's height errors and detector noise (plane tilt, bow, z
 //! drift; all opt-in) (trace, then retrace), and height noise (white, 1/f, line offsets, plus the
-//! extra noise and glitches of an adsorbate on the tip) is added. Contact wears the tip; a
+//! extra noise and glitches of an adsorbate on the tip) is added. Contact wears the tip (at a
+//! rate, or by Archard's law at the AFM's load: `tip.wear_model`); a
 //! tracking error beyond `sample.crash_threshold` is a crash; the tip can change spontaneously
 //! while scanning. A changed tip re-images the rest of the frame.
 //!
@@ -60,7 +64,8 @@ use crate::spm::scanner::{Scanner, ScannerConfig};
 use crate::spm::surface::{
     SurfaceConfig, bilinear, bilinear_nodes, generate, pad_periodic, periodic_node,
 };
-use crate::spm::tip::{Conditioning, TipConfig, TipState};
+use crate::spm::tapping::AfmConfig;
+use crate::spm::tip::{Conditioning, TipConfig, TipState, WearModel};
 use ndarray::{Array2, ArrayView2};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
@@ -292,6 +297,9 @@ pub struct SpmConfig {
     pub manipulation: ManipulationConfig,
     /// Which models run ([`SpmFidelity`]). Default `"full"`.
     pub fidelity: SpmFidelity,
+    /// AFM operation: contact (default) or tapping, and the tip's load
+    /// ([`crate::spm::tapping`]).
+    pub afm: AfmConfig,
 }
 
 impl Default for SpmConfig {
@@ -311,6 +319,7 @@ impl Default for SpmConfig {
             pfm: PfmConfig::default(),
             manipulation: ManipulationConfig::default(),
             fidelity: SpmFidelity::Full,
+            afm: AfmConfig::default(),
         }
     }
 }
@@ -417,6 +426,16 @@ impl SpmConfig {
         self.ferroelectric.validate("ferroelectric.")?;
         self.pfm.validate("pfm.")?;
         self.manipulation.validate("manipulation.")?;
+        self.afm.validate("afm.")?;
+        if self.afm.is_tapping() && self.mode != SpmMode::Afm {
+            return Err(PhysicsError::param(
+                "afm.mode",
+                format!(
+                    "tapping needs the AFM mode, got mode = \"{}\"",
+                    self.mode.name()
+                ),
+            ));
+        }
         Ok(())
     }
 }
@@ -454,6 +473,9 @@ pub struct SpmSimulator {
     terrace: Option<Array2<f32>>,
     /// The true surface the tip meets (topography plus adatoms), m.
     truth: Array2<f32>,
+    /// Tapping mode: the surface's material map (1 on features, 0 on the substrate,
+    /// [`crate::spm::surface::Surface::feature`]) for the dissipation per tap.
+    feature: Option<Array2<f32>>,
     /// The truth dilated by the tip: what a perfect feedback would record, m.
     dilated: Array2<f32>,
     dilated_valid: bool,
@@ -516,7 +538,7 @@ impl SpmSimulator {
         )?;
         let mut rng_scan = seeded(derive_seed(seed, "scan"));
         let scanner = Scanner::new(&cfg.scanner, &mut rng_scan)?;
-        let feedback = ZFeedback::new(&cfg.feedback)?;
+        let feedback = ZFeedback::new(&cfg.afm.feedback(&cfg.feedback))?;
         let tip = TipState::new(&cfg.tip, &mut seeded(derive_seed(seed, "tip_init")))?;
         let mut sim = Self {
             template,
@@ -533,6 +555,7 @@ impl SpmSimulator {
             rise: [0.0, 0.0],
             terrace: None,
             truth: Array2::zeros((1, 1)),
+            feature: None,
             dilated: Array2::zeros((1, 1)),
             dilated_valid: false,
             dilated_edges: false,
@@ -603,7 +626,7 @@ impl SpmSimulator {
                 &mut self.rng_scan,
             )?,
         };
-        self.feedback = ZFeedback::new(&cfg.feedback)?;
+        self.feedback = ZFeedback::new(&cfg.afm.feedback(&cfg.feedback))?;
         self.tip = TipState::new(&cfg.tip, &mut seeded(derive_seed(seed, "tip_init")))?;
         let n = cfg.sample.pixels;
         self.cell = cfg.sample.size.get() / n as f64;
@@ -652,6 +675,11 @@ impl SpmSimulator {
             None
         } else {
             Some(&topo.heights + &corrugation(&self.cfg.adatoms, [n, n], self.cell)?)
+        };
+        self.feature = if self.cfg.afm.is_tapping() {
+            Some(topo.feature)
+        } else {
+            None
         };
         self.base_topography = topo.heights;
         self.rise = topo.rise;
@@ -817,6 +845,20 @@ impl SpmSimulator {
             },
             shape,
         ));
+        if self.cfg.mode == SpmMode::Afm && self.cfg.afm.is_tapping() {
+            ch.push(channel(
+                "amplitude",
+                "m",
+                "cantilever amplitude (tapping), trace",
+                shape,
+            ));
+            ch.push(channel(
+                "phase",
+                "deg",
+                "cantilever phase lag behind the drive (tapping), trace",
+                shape,
+            ));
+        }
         self.channels = ch;
         self.noiseless = Array2::zeros(shape);
         let c = self.scan.cols;
@@ -1021,6 +1063,7 @@ impl SpmSimulator {
                 )?;
                 self.add_pass_noise(reverse);
                 self.record_pass(r, reverse, pfm.as_ref());
+                self.record_tapping(r, reverse);
                 self.evolve_tip_over_pass(&stats)?;
             }
             self.clock = t_line + line_time;
@@ -1184,6 +1227,37 @@ impl SpmSimulator {
         }
     }
 
+    /// Stage 5b of a pass, tapping mode only (AFM): the trace's amplitude and phase channels
+    /// from the pixel's mean tracking error and the dissipation per tap of the material under
+    /// the tip (the feature map sampled bilinearly at its position, between
+    /// `dissipation_substrate` and `dissipation_feature`), by [`AfmConfig::signals`].
+    fn record_tapping(&mut self, r: usize, reverse: bool) {
+        let Some(feature) = self.feature.as_ref() else {
+            return;
+        };
+        if reverse || self.channels.len() < 5 {
+            return;
+        }
+        let afm = &self.cfg.afm;
+        let (e_sub, e_feat) = (
+            afm.dissipation_substrate.get(),
+            afm.dissipation_feature.get(),
+        );
+        for j in 0..self.scan.cols {
+            let m = bilinear(
+                feature.view(),
+                self.cell,
+                [0.0, 0.0],
+                self.xs[j],
+                self.ys[j],
+            );
+            let e_dis = e_sub + (e_feat - e_sub) * m;
+            let (a, phi) = afm.signals(f64::from(self.ebuf[j]), e_dis);
+            self.channels[3].image[[r, j]] = a as f32;
+            self.channels[4].image[[r, j]] = phi.to_degrees() as f32;
+        }
+    }
+
     /// Stage 6 of a pass: the tip evolves along it. Gradual wear first, in contact modes
     /// ([`TipState::wear`] over the pass's length; the image follows once the kernel changed
     /// visibly, [`Self::refresh_kernel`]), then abrupt changes: a crash by the part of the
@@ -1193,15 +1267,7 @@ impl SpmSimulator {
     fn evolve_tip_over_pass(&mut self, stats: &LineStats) -> Result<()> {
         let s = self.scan;
         if self.cfg.mode != SpmMode::Stm {
-            let r0 = self.tip.radius();
-            self.tip.wear(
-                s.cols as f64 * s.pixel_size,
-                &self.cfg.tip,
-                &mut self.rng_tip,
-            )?;
-            if self.tip.radius() != r0 {
-                self.refresh_kernel()?;
-            }
+            self.wear_over_pass()?;
         }
         let before = self.tip.clone();
         let crash = self.cfg.sample.crash_threshold.get();
@@ -1218,6 +1284,27 @@ impl SpmSimulator {
             &mut self.rng_tip,
         )?;
         self.tip_changed(&before)
+    }
+
+    /// Gradual wear over one pass in a contact mode: `wear_model = "rate"`
+    /// ([`TipState::wear`]) or `"archard"` ([`TipState::wear_archard`] at the AFM's load,
+    /// [`AfmConfig::load`]: `contact_force`, or the mean tapping force at the set point); the
+    /// image follows once the kernel changed visibly ([`Self::refresh_kernel`]).
+    fn wear_over_pass(&mut self) -> Result<()> {
+        let s = self.scan;
+        let travel = s.cols as f64 * s.pixel_size;
+        let (r0, a0) = (self.tip.radius(), self.tip.flat_radius());
+        match self.cfg.tip.wear_model {
+            WearModel::Rate => self.tip.wear(travel, &self.cfg.tip, &mut self.rng_tip)?,
+            WearModel::Archard => {
+                self.tip
+                    .wear_archard(self.cfg.afm.load(), travel, &self.cfg.tip)?;
+            }
+        }
+        if self.tip.radius() != r0 || self.tip.flat_radius() != a0 {
+            self.refresh_kernel()?;
+        }
+        Ok(())
     }
 
     fn film_point(&self, p_lab: [f64; 2]) -> Result<(f64, f64, f64, usize)> {
