@@ -35,6 +35,8 @@
 //! - [`surface`]: procedural surfaces (terraces with atomic steps, particles, grains, rough films),
 //!   each one period of an endless periodic sample (terraces up to a constant rise per period),
 //!   and the crate's one bilinear sampler, which continues a grid periodically past its edge.
+//! - [`tapping`]: AFM contact or tapping operation: the cantilever's amplitude and phase
+//!   (Cleveland et al.'s energy balance) and the tip's load.
 //! - [`tip`]: the hidden tip state (apex radius, blunting, double tip, adsorbate), one file per
 //!   concept: its settings, the state, its dilation kernel, wear and pick-ups, DeepSPM's
 //!   conditioning pulses and dips, and the image sharpness statistics.
@@ -49,5 +51,9 @@ pub mod manipulation;
 pub mod scanner;
 pub mod sim;
 pub mod surface;
+pub mod tapping;
 pub mod tip;
 pub mod tunnel;
+
+#[cfg(test)]
+mod imperfection_tests;

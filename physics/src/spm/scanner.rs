@@ -60,6 +60,26 @@
 //! - a line offset, r.m.s. `line_offset` (default 100 pm), one independent draw per line and
 //!   direction, added to all the line's pixels.
 //!
+//! **Height errors before the loop** ([`Scanner::add_line_z_errors`], all off by default), added
+//! to the height the tip must follow, so the z feedback tracks them (they reach the height
+//! channel through the loop, with its lag):
+//! - plane tilt `[θx, θy]` (`tilt`): `tan θx · x + tan θy · y` at the tip's sample-frame
+//!   position;
+//! - scanner bow (`bow_curvature` `κ`, 1/m): `κ (X² + Y²)/2` at the piezo's lateral excursion
+//!   `(X, Y)` from the tube axis (the lab origin; the commanded position with hysteresis, less
+//!   the creep deficit). A tube of length `L` swings its end on an arc of radius `L`, whose sag
+//!   at excursion `r` is `L − √(L² − r²) ≈ r²/(2L)`: `|κ| = 1/L`, its sign set by whether the
+//!   arc lifts the tip off the sample (`κ = −1/L`, a dome) or the sample toward it;
+//! - z drift (`z_drift` `v_z`, m/s, and a random walk of diffusivity `z_drift_diffusivity`):
+//!   `v_z t + w_z(t)`, the walk advanced with the clock like the lateral one and interpolated
+//!   linearly within a line.
+//!
+//! **Detector noise before the loop** ([`Scanner::add_detector_noise`], off by default): white
+//! noise of one-sided density `ρ` (`detector_noise`, m/√Hz), `N(0, ρ²/(2 t_p))` per pixel of
+//! dwell `t_p`, and a 1/f bank (`detector_pink_noise`), added to the height the loop is handed:
+//! the loop's closed-loop transfer function shapes it, unlike the height noise above, which is
+//! added to the recorded height after the loop.
+//!
 //! ```
 //! use scopegym_physics::instrument::ScanSettings;
 //! use scopegym_physics::rng::seeded;
@@ -141,6 +161,27 @@ pub struct ScannerConfig {
     pub pink_noise: Param<Length>,
     /// Height offset of each line (r.m.s., independent per line and direction), m. Default 100 pm.
     pub line_offset: Param<Length>,
+    /// Sample plane tilt `[θx, θy]`, rad, each in `[−0.5, 0.5]`: the sample surface rises by
+    /// `tan θx` per metre along x and `tan θy` along y of the sample frame. Default `[0, 0]`.
+    pub tilt: [Param<Angle>; 2],
+    /// Scanner bow: signed curvature `κ` of the surface the piezo tube's end sweeps, 1/m, in
+    /// `[−1e4, 1e4]`; the height error at a lateral excursion `r` from the tube axis is
+    /// `κ r²/2`. A tube of length `L` swings its end on an arc of radius `L`: `|κ| = 1/L`.
+    /// Default 0.
+    pub bow_curvature: Param<Unitless>,
+    /// Speed of the z drift (the sample creeping toward the tip: heights rise), m/s, in
+    /// `(−1 µm/s, 1 µm/s)`. Default 0.
+    pub z_drift: Param<Velocity>,
+    /// Diffusivity of a random walk added to the z drift (variance `2 D Δt`), m²/s, in
+    /// `[0, 1e-12)`. Default 0.
+    pub z_drift_diffusivity: Param<Diffusivity>,
+    /// White detector noise before the feedback loop (deflection or gap error), one-sided
+    /// amplitude spectral density, m/√Hz, in `[0, 1e-9)`; a pixel of dwell `t_p` gets
+    /// `N(0, ρ²/(2 t_p))`. Default 0.
+    pub detector_noise: Param<Unitless>,
+    /// 1/f detector noise before the feedback loop, r.m.s. over 0.01 Hz-1 kHz, m, in
+    /// `[0, 10 nm)` (the same AR(1) bank as `pink_noise`). Default 0.
+    pub detector_pink_noise: Param<Length>,
 }
 
 impl Default for ScannerConfig {
@@ -157,6 +198,12 @@ impl Default for ScannerConfig {
             white_noise: Param::fixed(20e-12),
             pink_noise: Param::fixed(50e-12),
             line_offset: Param::fixed(100e-12),
+            tilt: [Param::fixed(0.0), Param::fixed(0.0)],
+            bow_curvature: Param::fixed(0.0),
+            z_drift: Param::fixed(0.0),
+            z_drift_diffusivity: Param::fixed(0.0),
+            detector_noise: Param::fixed(0.0),
+            detector_pink_noise: Param::fixed(0.0),
         }
     }
 }
@@ -209,6 +256,45 @@ impl ScannerConfig {
         ] {
             check(n, v, (0.0..1e-8).contains(&v), "in [0, 10 nm) (m)")?;
         }
+        for (k, t) in self.tilt.iter().enumerate() {
+            let v = t.get();
+            check(
+                &format!("tilt[{k}]"),
+                v,
+                (-0.5..=0.5).contains(&v),
+                "in [-0.5, 0.5] rad",
+            )?;
+        }
+        let kappa = self.bow_curvature.get();
+        check(
+            "bow_curvature",
+            kappa,
+            (-1e4..=1e4).contains(&kappa),
+            "in [-1e4, 1e4] 1/m",
+        )?;
+        let vz = self.z_drift.get();
+        check("z_drift", vz, vz.abs() < 1e-6, "in (-1 µm/s, 1 µm/s) (m/s)")?;
+        let dz = self.z_drift_diffusivity.get();
+        check(
+            "z_drift_diffusivity",
+            dz,
+            (0.0..1e-12).contains(&dz),
+            "in [0, 1e-12) m²/s",
+        )?;
+        let rho = self.detector_noise.get();
+        check(
+            "detector_noise",
+            rho,
+            (0.0..1e-9).contains(&rho),
+            "in [0, 1e-9) m/√Hz",
+        )?;
+        let dp = self.detector_pink_noise.get();
+        check(
+            "detector_pink_noise",
+            dp,
+            (0.0..1e-8).contains(&dp),
+            "in [0, 10 nm) (m)",
+        )?;
         Ok(())
     }
 }
@@ -266,6 +352,166 @@ pub struct Scanner {
     walk: [f64; 2],
     creep: Vec<CreepEvent>,
     pink: Vec<PinkProcess>,
+    /// Plane tilt as slopes `[tan θx, tan θy]`.
+    tilt: [f64; 2],
+    /// Bow curvature `κ`, 1/m.
+    bow: f64,
+    /// z drift speed, m/s, and its random walk's diffusivity, m²/s.
+    z_rate: f64,
+    z_diffusivity: f64,
+    /// Random-walk part of the z drift at `clock`, m.
+    z_walk: f64,
+    /// The z walk at the ends of the line last positioned: `(t_a, t_b, w_a, w_b)`.
+    z_span: (f64, f64, f64, f64),
+    /// Detector noise before the loop: white density, m/√Hz, and the 1/f bank.
+    detector: f64,
+    detector_pink: Vec<PinkProcess>,
+}
+
+/// The AR(1) bank of a 1/f noise of r.m.s. `rms` from `n` processes, corners log-spaced from
+/// [`PINK_LOW`] to [`PINK_HIGH`], initial states drawn from `rng`.
+fn pink_bank(rms: f64, n: usize, rng: &mut SimRng) -> Vec<PinkProcess> {
+    let sd = rms / (n as f64).sqrt();
+    (0..n)
+        .map(|k| {
+            let corner = PINK_LOW * (PINK_HIGH / PINK_LOW).powf(k as f64 / (n - 1) as f64);
+            PinkProcess {
+                corner,
+                sd,
+                v0: sd * normal(rng),
+                v1: 0.0,
+                pos: 0,
+                len: 0,
+                cached: (1, 0.0, 0.0),
+                cached_dt: f64::NAN,
+            }
+        })
+        .collect()
+}
+
+/// Adds the 1/f bank `pink` to `line` (heights, m, in scan order, pixel period `pixel_time`
+/// s), continuing each process; returns `white_var` plus the variance of the processes too
+/// fast to resolve (or of all of them if `pixel_time` is not a positive finite time), which the
+/// caller adds as white noise.
+fn add_pink(
+    pink: &mut [PinkProcess],
+    line: &mut [f32],
+    pixel_time: f64,
+    mut white_var: f64,
+    rng: &mut SimRng,
+) -> f64 {
+    let valid_dt = pixel_time > 0.0 && pixel_time.is_finite();
+    let n = line.len();
+    for c in pink {
+        let r = 2.0 * PI * c.corner * pixel_time;
+        if !valid_dt || r > WHITE_DECAY {
+            white_var += c.sd * c.sd;
+            continue;
+        }
+        if c.cached_dt != pixel_time {
+            let m = ((NODE_DECAY / r).floor() as usize).clamp(1, 1 << 30);
+            let a = (-r * m as f64).exp();
+            c.cached = (m, a, c.sd * (1.0 - a * a).max(0.0).sqrt());
+            c.cached_dt = pixel_time;
+        }
+        let (m, a, b) = c.cached;
+        if m == 1 && c.pos >= c.len {
+            // A node every pixel: the same recursion as below without the interpolation,
+            // with the state in locals (the generator cannot alias it).
+            if n == 0 {
+                continue;
+            }
+            // The first node ever keeps v0 where it is.
+            let mut v0 = if c.len > 0 { c.v1 } else { c.v0 };
+            let mut v1 = a * v0 + b * normal(rng);
+            line[0] += v0 as f32;
+            for v in line[1..].iter_mut() {
+                v0 = v1;
+                v1 = a * v0 + b * normal(rng);
+                *v += v0 as f32;
+            }
+            (c.v0, c.v1, c.len, c.pos) = (v0, v1, 1, 1);
+            continue;
+        }
+        let mut i = 0;
+        while i < n {
+            if c.pos >= c.len {
+                if c.len > 0 {
+                    c.v0 = c.v1;
+                }
+                c.len = m;
+                c.v1 = a * c.v0 + b * normal(rng);
+                c.pos = 0;
+            }
+            let k = (c.len - c.pos).min(n - i);
+            let slope = (c.v1 - c.v0) / c.len as f64;
+            let base = c.v0 + slope * c.pos as f64;
+            for (s, v) in line[i..i + k].iter_mut().enumerate() {
+                *v += (base + slope * s as f64) as f32;
+            }
+            c.pos += k;
+            i += k;
+        }
+    }
+    white_var
+}
+
+/// The commanded geometry of one line: pixel `j`'s fast-axis command (with hysteresis) and
+/// time, and the line's slow-axis command.
+struct LineGeometry {
+    center_x: f64,
+    p: f64,
+    bow: f64,
+    mid_col: f64,
+    cols: usize,
+    y_cmd: f64,
+    t_start: f64,
+    dwell: f64,
+    reverse: bool,
+}
+
+impl LineGeometry {
+    fn new(
+        settings: &ScanSettings,
+        hysteresis: f64,
+        row: usize,
+        t_start: f64,
+        reverse: bool,
+    ) -> Self {
+        let ScanSettings {
+            rows,
+            cols,
+            pixel_size: p,
+            dwell_time: dwell,
+            center,
+            ..
+        } = *settings;
+        let half_len = 0.5 * cols as f64 * p;
+        Self {
+            center_x: center[0],
+            p,
+            bow: if reverse { -1.0 } else { 1.0 } * hysteresis * half_len,
+            mid_col: 0.5 * (cols as f64 - 1.0),
+            cols,
+            y_cmd: center[1] + (row as f64 - 0.5 * (rows as f64 - 1.0)) * p,
+            t_start,
+            dwell,
+            reverse,
+        }
+    }
+
+    /// `(x_cmd, t)` of pixel column `j`: its commanded fast-axis position with hysteresis, m,
+    /// and the time the tip is there, s.
+    #[inline(always)]
+    fn pixel(&self, j: usize) -> (f64, f64) {
+        let k = if self.reverse { self.cols - 1 - j } else { j };
+        let t = self.t_start + (k as f64 + 0.5) * self.dwell;
+        let u = (j as f64 + 0.5) / self.cols as f64;
+        let x_cmd = self.center_x
+            + (j as f64 - self.mid_col) * self.p
+            + self.bow * (1.0 - (2.0 * u - 1.0).powi(2));
+        (x_cmd, t)
+    }
 }
 
 impl Scanner {
@@ -295,23 +541,13 @@ impl Scanner {
             ));
         }
         let dir = cfg.drift_direction.get();
-        let n = components;
-        let sd = cfg.pink_noise.get() / (n as f64).sqrt();
-        let pink = (0..n)
-            .map(|k| {
-                let corner = PINK_LOW * (PINK_HIGH / PINK_LOW).powf(k as f64 / (n - 1) as f64);
-                PinkProcess {
-                    corner,
-                    sd,
-                    v0: sd * normal(rng),
-                    v1: 0.0,
-                    pos: 0,
-                    len: 0,
-                    cached: (1, 0.0, 0.0),
-                    cached_dt: f64::NAN,
-                }
-            })
-            .collect();
+        let pink = pink_bank(cfg.pink_noise.get(), components, rng);
+        // Drawn only when switched on, so that the streams stay as they were without it.
+        let detector_pink = if cfg.detector_pink_noise.get() > 0.0 {
+            pink_bank(cfg.detector_pink_noise.get(), components, rng)
+        } else {
+            Vec::new()
+        };
         Ok(Self {
             v_initial: cfg.drift_initial.get(),
             v_settled: cfg.drift_settled.get(),
@@ -327,6 +563,14 @@ impl Scanner {
             walk: [0.0, 0.0],
             creep: Vec::with_capacity(16),
             pink,
+            tilt: [cfg.tilt[0].get().tan(), cfg.tilt[1].get().tan()],
+            bow: cfg.bow_curvature.get(),
+            z_rate: cfg.z_drift.get(),
+            z_diffusivity: cfg.z_drift_diffusivity.get(),
+            z_walk: 0.0,
+            z_span: (0.0, 0.0, 0.0, 0.0),
+            detector: cfg.detector_noise.get(),
+            detector_pink,
         })
     }
 
@@ -373,6 +617,9 @@ impl Scanner {
             for w in &mut self.walk {
                 *w += sd * normal(rng);
             }
+        }
+        if self.z_diffusivity > 0.0 {
+            self.z_walk += (2.0 * self.z_diffusivity * dt).sqrt() * normal(rng);
         }
         self.clock = t;
     }
@@ -484,20 +731,15 @@ impl Scanner {
         let t_end = t_start + cols as f64 * dwell;
         // Random walk at the line's ends (or at the clock, if that is later).
         self.advance(t_start, rng);
-        let (ta, wa) = (self.clock, self.walk);
+        let (ta, wa, za) = (self.clock, self.walk, self.z_walk);
         self.advance(t_end, rng);
-        let (tb, wb) = (self.clock, self.walk);
+        let (tb, wb, zb) = (self.clock, self.walk, self.z_walk);
+        self.z_span = (ta, tb, za, zb);
         self.forget_settled(t_start);
-        let half_len = 0.5 * cols as f64 * p;
-        let bow = if reverse { -1.0 } else { 1.0 } * self.hysteresis * half_len;
-        let mid_col = 0.5 * (cols as f64 - 1.0);
-        let y_cmd = center[1] + (row as f64 - 0.5 * (rows as f64 - 1.0)) * p;
+        let geometry = LineGeometry::new(settings, self.hysteresis, row, t_start, reverse);
+        let y_cmd = geometry.y_cmd;
         for (j, (x, y)) in xs.iter_mut().zip(ys.iter_mut()).enumerate() {
-            let k = if reverse { cols - 1 - j } else { j };
-            let t = t_start + (k as f64 + 0.5) * dwell;
-            let u = (j as f64 + 0.5) / cols as f64;
-            let x_cmd =
-                center[0] + (j as f64 - mid_col) * p + bow * (1.0 - (2.0 * u - 1.0).powi(2));
+            let (x_cmd, t) = geometry.pixel(j);
             let frac = if tb > ta {
                 ((t - ta) / (tb - ta)).clamp(0.0, 1.0)
             } else {
@@ -526,60 +768,13 @@ impl Scanner {
             line.reverse();
         }
         let offset = self.line_offset * normal(rng);
-        let mut white_var = self.white * self.white;
-        let valid_dt = pixel_time > 0.0 && pixel_time.is_finite();
-        let n = line.len();
-        for c in &mut self.pink {
-            let r = 2.0 * PI * c.corner * pixel_time;
-            if !valid_dt || r > WHITE_DECAY {
-                white_var += c.sd * c.sd;
-                continue;
-            }
-            if c.cached_dt != pixel_time {
-                let m = ((NODE_DECAY / r).floor() as usize).clamp(1, 1 << 30);
-                let a = (-r * m as f64).exp();
-                c.cached = (m, a, c.sd * (1.0 - a * a).max(0.0).sqrt());
-                c.cached_dt = pixel_time;
-            }
-            let (m, a, b) = c.cached;
-            if m == 1 && c.pos >= c.len {
-                // A node every pixel: the same recursion as below without the interpolation,
-                // with the state in locals (the generator cannot alias it).
-                if n == 0 {
-                    continue;
-                }
-                // The first node ever keeps v0 where it is.
-                let mut v0 = if c.len > 0 { c.v1 } else { c.v0 };
-                let mut v1 = a * v0 + b * normal(rng);
-                line[0] += v0 as f32;
-                for v in line[1..].iter_mut() {
-                    v0 = v1;
-                    v1 = a * v0 + b * normal(rng);
-                    *v += v0 as f32;
-                }
-                (c.v0, c.v1, c.len, c.pos) = (v0, v1, 1, 1);
-                continue;
-            }
-            let mut i = 0;
-            while i < n {
-                if c.pos >= c.len {
-                    if c.len > 0 {
-                        c.v0 = c.v1;
-                    }
-                    c.len = m;
-                    c.v1 = a * c.v0 + b * normal(rng);
-                    c.pos = 0;
-                }
-                let k = (c.len - c.pos).min(n - i);
-                let slope = (c.v1 - c.v0) / c.len as f64;
-                let base = c.v0 + slope * c.pos as f64;
-                for (s, v) in line[i..i + k].iter_mut().enumerate() {
-                    *v += (base + slope * s as f64) as f32;
-                }
-                c.pos += k;
-                i += k;
-            }
-        }
+        let white_var = add_pink(
+            &mut self.pink,
+            line,
+            pixel_time,
+            self.white * self.white,
+            rng,
+        );
         let sd_white = white_var.sqrt();
         if sd_white > 0.0 {
             for v in line.iter_mut() {
@@ -589,6 +784,114 @@ impl Scanner {
         if offset != 0.0 {
             for v in line.iter_mut() {
                 *v += offset as f32;
+            }
+        }
+        if reverse {
+            line.reverse();
+        }
+    }
+
+    /// The z drift at the clock, m: `v_z t` plus the z random walk accumulated so far.
+    pub fn z_drift(&self) -> f64 {
+        self.z_rate * self.clock + self.z_walk
+    }
+
+    /// Whether any height error of the scanner is on (plane tilt, bow, z drift): without one,
+    /// [`Scanner::add_line_z_errors`] adds nothing.
+    pub fn has_z_errors(&self) -> bool {
+        self.tilt != [0.0, 0.0] || self.bow != 0.0 || self.z_rate != 0.0 || self.z_diffusivity > 0.0
+    }
+
+    /// Whether detector noise before the loop is on ([`Scanner::add_detector_noise`]).
+    pub fn has_detector_noise(&self) -> bool {
+        self.detector > 0.0 || !self.detector_pink.is_empty()
+    }
+
+    /// The z drift at time `t` (s) of the line last positioned by [`Scanner::line_positions`],
+    /// m: `v_z t` plus the random walk, interpolated linearly between the line's ends (as the
+    /// lateral walk).
+    fn z_drift_at(&self, t: f64) -> f64 {
+        let (ta, tb, wa, wb) = self.z_span;
+        let frac = if tb > ta {
+            ((t - ta) / (tb - ta)).clamp(0.0, 1.0)
+        } else {
+            1.0
+        };
+        self.z_rate * t.max(0.0) + wa + (wb - wa) * frac
+    }
+
+    /// Adds the scanner's height errors to `line` (heights the tip follows, m; index = pixel
+    /// column) of row `row` at the sample positions `xs`, `ys` (m) that
+    /// [`Scanner::line_positions`] just gave for the same arguments:
+    ///
+    /// `Δz_j = tan θx · x_j + tan θy · y_j + κ (X_j² + Y_j²)/2 + v_z t_j + w_z(t_j)`,
+    ///
+    /// with `(x_j, y_j)` the sample-frame position (the tilted plane moves with the sample),
+    /// `(X_j, Y_j)` the piezo's lateral excursion from the tube axis (the lab origin): the
+    /// commanded position with hysteresis, less the creep deficit (drift moves the sample, not
+    /// the tube), `t_j` the pixel's time and `w_z` the z random walk. Errors on slice lengths
+    /// other than `settings.cols`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn add_line_z_errors(
+        &self,
+        settings: &ScanSettings,
+        row: usize,
+        t_start: f64,
+        reverse: bool,
+        xs: &[f64],
+        ys: &[f64],
+        line: &mut [f32],
+    ) -> Result<()> {
+        let cols = settings.cols;
+        if xs.len() != cols || ys.len() != cols || line.len() != cols {
+            return Err(PhysicsError::arg(
+                "xs, ys, line",
+                format!("need one entry per column ({cols})"),
+            ));
+        }
+        let geometry = LineGeometry::new(settings, self.hysteresis, row, t_start, reverse);
+        for (j, v) in line.iter_mut().enumerate() {
+            let (x_cmd, t) = geometry.pixel(j);
+            let creep = self.creep_deficit(t);
+            let (px, py) = (x_cmd - creep[0], geometry.y_cmd - creep[1]);
+            let dz = self.tilt[0] * xs[j]
+                + self.tilt[1] * ys[j]
+                + 0.5 * self.bow * (px * px + py * py)
+                + self.z_drift_at(t);
+            *v = (f64::from(*v) + dz) as f32;
+        }
+        Ok(())
+    }
+
+    /// Adds detector noise to `line` (the heights the feedback loop is handed, m), pixel period
+    /// `pixel_time` s, in scan order per `reverse`: white, `N(0, ρ²/(2 t_p))` per pixel (a white
+    /// one-sided density `ρ`, `detector_noise`, averaged over the dwell), plus the 1/f bank of
+    /// `detector_pink_noise` (as [`Scanner::add_line_noise`]'s, continued from call to call).
+    /// A non-positive or non-finite `pixel_time` adds nothing.
+    pub fn add_detector_noise(
+        &mut self,
+        line: &mut [f32],
+        pixel_time: f64,
+        reverse: bool,
+        rng: &mut SimRng,
+    ) {
+        if !(pixel_time > 0.0 && pixel_time.is_finite()) {
+            return;
+        }
+        if reverse {
+            line.reverse();
+        }
+        let var = add_pink(
+            &mut self.detector_pink,
+            line,
+            pixel_time,
+            self.detector * self.detector / (2.0 * pixel_time),
+            rng,
+        );
+        if var > 0.0 {
+            let sd = var.sqrt();
+            for v in line.iter_mut() {
+                *v += (sd * normal(rng)) as f32;
             }
         }
         if reverse {
@@ -827,6 +1130,35 @@ mod tests {
         // Standard error of a variance from 4000 draws: √(2/4000) ≈ 2.2 %.
         assert!((var / expected - 1.0).abs() < 0.08, "{var} vs {expected}");
         assert!(m.abs() < 5.0 * (expected / (2 * n) as f64).sqrt());
+    }
+
+    /// The z drift: `v_z t` plus a random walk whose increments over `Δt` have variance
+    /// `2 D Δt` (4000 increments of 1 s: the variance within 10 %, 4.5 standard errors); the
+    /// lateral streams are untouched when it is off.
+    #[test]
+    fn z_drift_is_rate_times_time_plus_a_walk_of_variance_two_d_t() {
+        let mut cfg = quiet();
+        cfg.z_drift = Param::fixed(2e-11);
+        let mut sc = Scanner::new(&cfg, &mut seeded(1)).unwrap();
+        sc.advance(50.0, &mut seeded(2));
+        assert!((sc.z_drift() - 1e-9).abs() < 1e-24);
+        cfg.z_drift = Param::fixed(0.0);
+        cfg.z_drift_diffusivity = Param::fixed(1e-20);
+        let mut sc = Scanner::new(&cfg, &mut seeded(1)).unwrap();
+        let mut rng = seeded(3);
+        let n = 4000;
+        let mut prev = 0.0;
+        let mut sum2 = 0.0;
+        for k in 1..=n {
+            sc.advance(k as f64, &mut rng);
+            sum2 += (sc.z_drift() - prev).powi(2);
+            prev = sc.z_drift();
+        }
+        let var = sum2 / n as f64;
+        assert!(
+            (var / 2e-20 - 1.0).abs() < 0.1,
+            "variance {var:e} m², expected 2e-20 m²"
+        );
     }
 
     #[test]
@@ -1212,6 +1544,7 @@ mod tests {
                 white_noise: Param::fixed(white),
                 pink_noise: Param::fixed(pink),
                 line_offset: Param::fixed(off),
+                ..Default::default()
             };
             let mut rng = seeded(seed);
             let mut sc = Scanner::new(&cfg, &mut rng).unwrap();

@@ -4,6 +4,9 @@
 //! One simulator serves the three modes of DESIGN.md §5:
 //! - **AFM** (contact): the height channel is the z-piezo signal of the feedback tracking the
 //!   surface dilated by the tip; the error channel is the deflection error (height units).
+//!   With `afm.mode = "tapping"` ([`super::tapping`]) the feedback holds the cantilever's
+//!   amplitude instead, and two more channels follow the error: `amplitude` (m) and `phase`
+//!   (deg, the lag behind the drive, from the energy dissipated per tap).
 //! - **STM** (constant current): the surface is the apparent-height map of an Ag(111) terrace
 //!   with adatoms ([`super::adatoms`]); lateral manipulation moves the adatoms (its trace is the
 //!   tip height recorded while dragging; an adatom the tip picks up changes the tip, one lost
@@ -21,8 +24,10 @@
 //! the scanner gives the positions each pixel actually visits on the sample (drift, creep,
 //! hysteresis), the tip-dilated surface (dilated periodically: the tip meets the sample across
 //! the grid's edge) is interpolated there ([`bilinear`], the crate's one bilinear sampler), the
-//! PI loop tracks it (trace, then retrace), and height noise (white, 1/f, line offsets, plus the
-//! extra noise and glitches of an adsorbate on the tip) is added. Contact wears the tip; a
+//! PI loop tracks it plus the scanner's height errors and detector noise (plane tilt, bow, z
+//! drift; all opt-in) (trace, then retrace), and height noise (white, 1/f, line offsets, plus the
+//! extra noise and glitches of an adsorbate on the tip) is added. Contact wears the tip (at a
+//! rate, or by Archard's law at the AFM's load: `tip.wear_model`); a
 //! tracking error beyond `sample.crash_threshold` is a crash; the tip can change spontaneously
 //! while scanning. A changed tip re-images the rest of the frame.
 //!
@@ -57,7 +62,8 @@ use crate::spm::scanner::{Scanner, ScannerConfig};
 use crate::spm::surface::{
     SurfaceConfig, bilinear, bilinear_nodes, generate, pad_periodic, periodic_node,
 };
-use crate::spm::tip::{Conditioning, TipConfig, TipState};
+use crate::spm::tapping::AfmConfig;
+use crate::spm::tip::{Conditioning, TipConfig, TipState, WearModel};
 use crate::spm::tunnel::{CurrentNoise, TunnelingConfig};
 use ndarray::{Array2, ArrayView2};
 use rand::Rng;
@@ -295,6 +301,9 @@ pub struct SpmConfig {
     /// STM tunnelling current, log-current feedback noise and bias-dependent adatom contrast
     /// ([`crate::spm::tunnel`]). Off by default.
     pub tunneling: TunnelingConfig,
+    /// AFM operation: contact (default) or tapping, and the tip's load
+    /// ([`crate::spm::tapping`]).
+    pub afm: AfmConfig,
 }
 
 impl Default for SpmConfig {
@@ -315,13 +324,14 @@ impl Default for SpmConfig {
             manipulation: ManipulationConfig::default(),
             fidelity: SpmFidelity::Full,
             tunneling: TunnelingConfig::default(),
+            afm: AfmConfig::default(),
         }
     }
 }
 
 impl SpmConfig {
-    /// This config with drift, creep, hysteresis and noise switched off (for calibration and
-    /// tests).
+    /// This config with drift, creep, hysteresis, noise and the height errors (tilt, bow, z
+    /// drift, detector noise) switched off (for calibration and tests).
     pub fn without_scanner_imperfections(mut self) -> Self {
         let s = &mut self.scanner;
         s.drift_initial = Param::fixed(0.0);
@@ -332,6 +342,12 @@ impl SpmConfig {
         s.white_noise = Param::fixed(0.0);
         s.pink_noise = Param::fixed(0.0);
         s.line_offset = Param::fixed(0.0);
+        s.tilt = [Param::fixed(0.0), Param::fixed(0.0)];
+        s.bow_curvature = Param::fixed(0.0);
+        s.z_drift = Param::fixed(0.0);
+        s.z_drift_diffusivity = Param::fixed(0.0);
+        s.detector_noise = Param::fixed(0.0);
+        s.detector_pink_noise = Param::fixed(0.0);
         self
     }
 
@@ -416,6 +432,16 @@ impl SpmConfig {
         self.pfm.validate("pfm.")?;
         self.manipulation.validate("manipulation.")?;
         self.tunneling.validate("tunneling.")?;
+        self.afm.validate("afm.")?;
+        if self.afm.is_tapping() && self.mode != SpmMode::Afm {
+            return Err(PhysicsError::param(
+                "afm.mode",
+                format!(
+                    "tapping needs the AFM mode, got mode = \"{}\"",
+                    self.mode.name()
+                ),
+            ));
+        }
         Ok(())
     }
 }
@@ -440,6 +466,8 @@ pub struct SpmSimulator {
     rng_scan: SimRng,
     rng_tip: SimRng,
     rng_sample: SimRng,
+    /// Detector noise before the loop (its own stream: switching it on leaves the others).
+    rng_detector: SimRng,
     /// Sample grid cell size, m.
     cell: f64,
     /// The topography without adatoms, m.
@@ -451,6 +479,9 @@ pub struct SpmSimulator {
     terrace: Option<Array2<f32>>,
     /// The true surface the tip meets (topography plus adatoms), m.
     truth: Array2<f32>,
+    /// Tapping mode: the surface's material map (1 on features, 0 on the substrate,
+    /// [`crate::spm::surface::Surface::feature`]) for the dissipation per tap.
+    feature: Option<Array2<f32>>,
     /// The truth dilated by the tip: what a perfect feedback would record, m.
     dilated: Array2<f32>,
     dilated_valid: bool,
@@ -482,6 +513,9 @@ pub struct SpmSimulator {
     xs: Vec<f64>,
     ys: Vec<f64>,
     profile: Vec<f32>,
+    /// The heights the feedback loop is handed when the scanner adds height errors or detector
+    /// noise before the loop ([`Self::loop_input`]), m.
+    loop_profile: Vec<f32>,
     zbuf: Vec<f32>,
     ebuf: Vec<f32>,
     tip_events: u64,
@@ -524,7 +558,7 @@ impl SpmSimulator {
         )?;
         let mut rng_scan = seeded(derive_seed(seed, "scan"));
         let scanner = Scanner::new(&cfg.scanner, &mut rng_scan)?;
-        let feedback = ZFeedback::new(&cfg.feedback)?;
+        let feedback = ZFeedback::new(&cfg.afm.feedback(&cfg.feedback))?;
         let tip = TipState::new(&cfg.tip, &mut seeded(derive_seed(seed, "tip_init")))?;
         let mut sim = Self {
             template,
@@ -535,11 +569,13 @@ impl SpmSimulator {
             rng_scan,
             rng_tip: seeded(derive_seed(seed, "tip")),
             rng_sample: seeded(derive_seed(seed, "sample")),
+            rng_detector: seeded(derive_seed(seed, "detector")),
             cell: 1.0,
             base_topography: Array2::zeros((1, 1)),
             rise: [0.0, 0.0],
             terrace: None,
             truth: Array2::zeros((1, 1)),
+            feature: None,
             dilated: Array2::zeros((1, 1)),
             dilated_valid: false,
             dilated_edges: false,
@@ -566,6 +602,7 @@ impl SpmSimulator {
             xs: Vec::new(),
             ys: Vec::new(),
             profile: Vec::new(),
+            loop_profile: Vec::new(),
             zbuf: Vec::new(),
             ebuf: Vec::new(),
             tip_events: 0,
@@ -601,6 +638,7 @@ impl SpmSimulator {
         self.rng_scan = seeded(derive_seed(seed, "scan"));
         self.rng_tip = seeded(derive_seed(seed, "tip"));
         self.rng_sample = seeded(derive_seed(seed, "sample"));
+        self.rng_detector = seeded(derive_seed(seed, "detector"));
         self.scanner = match cfg.fidelity {
             SpmFidelity::Full => Scanner::new(&cfg.scanner, &mut self.rng_scan)?,
             SpmFidelity::Fast => Scanner::with_pink_components(
@@ -609,7 +647,7 @@ impl SpmSimulator {
                 &mut self.rng_scan,
             )?,
         };
-        self.feedback = ZFeedback::new(&cfg.feedback)?;
+        self.feedback = ZFeedback::new(&cfg.afm.feedback(&cfg.feedback))?;
         self.feedback
             .set_closed_form(cfg.fidelity == SpmFidelity::Fast);
         self.tip = TipState::new(&cfg.tip, &mut seeded(derive_seed(seed, "tip_init")))?;
@@ -661,6 +699,11 @@ impl SpmSimulator {
             None
         } else {
             Some(&topo.heights + &corrugation(&self.cfg.adatoms, [n, n], self.cell)?)
+        };
+        self.feature = if self.cfg.afm.is_tapping() {
+            Some(topo.feature)
+        } else {
+            None
         };
         self.base_topography = topo.heights;
         self.rise = topo.rise;
@@ -721,26 +764,27 @@ impl SpmSimulator {
         Ok(())
     }
 
-    /// Stage 3 of a pass: the PI z-feedback tracks the profile ([`ZFeedback::scan_line`]); with
-    /// tunnelling on, each controller sample's error also reads the current noise as a gap
-    /// change, `ln(1 + δI/I_set)/(2κ)` ([`ZFeedback::scan_line_noisy`]).
-    fn track_pass(&mut self, reverse: bool) -> Result<LineStats> {
+    /// Stage 3 of a pass: the PI z-feedback tracks the loop's input (`loop_profile` when
+    /// `looped`, else `profile`; [`ZFeedback::scan_line`]); with tunnelling on, each controller
+    /// sample's error also reads the current noise as a gap change, `ln(1 + δI/I_set)/(2κ)` ([`ZFeedback::scan_line_noisy`]).
+    fn track_pass(&mut self, reverse: bool, looped: bool) -> Result<LineStats> {
+        let input = if looped {
+            &self.loop_profile
+        } else {
+            &self.profile
+        };
         let dwell = self.scan.dwell_time;
         match self.tunnel.as_mut() {
-            None => self.feedback.scan_line(
-                &self.profile,
-                dwell,
-                reverse,
-                &mut self.zbuf,
-                &mut self.ebuf,
-            ),
+            None => self
+                .feedback
+                .scan_line(input, dwell, reverse, &mut self.zbuf, &mut self.ebuf),
             Some(t) => {
-                let m = self.feedback.line_samples(self.profile.len(), dwell);
+                let m = self.feedback.line_samples(input.len(), dwell);
                 t.buf.resize(m, 0.0);
                 t.noise
                     .fill_height_noise(t.i_set, t.kappa, &mut t.buf, &mut t.rng);
                 self.feedback.scan_line_noisy(
-                    &self.profile,
+                    input,
                     dwell,
                     reverse,
                     &t.buf,
@@ -924,6 +968,20 @@ impl SpmSimulator {
                 shape,
             ));
         }
+        if self.cfg.mode == SpmMode::Afm && self.cfg.afm.is_tapping() {
+            ch.push(channel(
+                "amplitude",
+                "m",
+                "cantilever amplitude (tapping), trace",
+                shape,
+            ));
+            ch.push(channel(
+                "phase",
+                "deg",
+                "cantilever phase lag behind the drive (tapping), trace",
+                shape,
+            ));
+        }
         self.channels = ch;
         self.noiseless = Array2::zeros(shape);
         let c = self.scan.cols;
@@ -1081,8 +1139,10 @@ impl SpmSimulator {
     ///
     /// 1. [`Self::pass_positions`]: where each pixel of the pass really is on the sample.
     /// 2. [`Self::sample_dilated_profile`]: the tip-dilated surface there (what a perfect
-    ///    feedback would record); the first pass of the frame engages the feedback on it.
-    /// 3. [`Self::track_pass`]: the PI z-feedback tracks the profile.
+    ///    feedback would record); [`Self::loop_input`] adds what the loop sees besides it
+    ///    (plane tilt, scanner bow, z drift, detector noise; opt-in); the first pass of the
+    ///    frame engages the feedback on it.
+    /// 3. [`Self::track_pass`]: the PI z-feedback tracks the loop's input.
     /// 4. [`Self::add_pass_noise`]: scanner noise, and an adsorbate's extra noise and glitch.
     /// 5. [`Self::record_pass`]: the height, error, PFM and noiseless channels.
     /// 6. [`Self::evolve_tip_over_pass`]: wear, crashes and spontaneous pick-ups, which re-image
@@ -1106,19 +1166,22 @@ impl SpmSimulator {
                 let t0 = t_line + pass as f64 * s.cols as f64 * s.dwell_time;
                 self.pass_positions(r, t0, reverse)?;
                 self.sample_dilated_profile();
+                let looped = self.loop_input(r, t0, reverse)?;
+                let input = if looped {
+                    &self.loop_profile
+                } else {
+                    &self.profile
+                };
                 if !engaged {
                     // The loop starts settled on the first pixel the frame visits.
-                    let first = if reverse {
-                        self.profile[s.cols - 1]
-                    } else {
-                        self.profile[0]
-                    };
+                    let first = if reverse { input[s.cols - 1] } else { input[0] };
                     self.feedback.engage(f64::from(first));
                     engaged = true;
                 }
-                let stats = self.track_pass(reverse)?;
+                let stats = self.track_pass(reverse, looped)?;
                 self.add_pass_noise(reverse);
                 self.record_pass(r, reverse, pfm.as_ref());
+                self.record_tapping(r, reverse);
                 if !reverse {
                     self.record_current(r);
                 }
@@ -1167,6 +1230,42 @@ impl SpmSimulator {
         for ((p, &x), &y) in self.profile.iter_mut().zip(&self.xs).zip(&self.ys) {
             *p = bilinear(self.dilated.view(), self.cell, self.rise, x, y) as f32;
         }
+    }
+
+    /// Stage 2b of a pass, before the loop: when the scanner adds height errors (plane tilt,
+    /// bow, z drift: [`Scanner::add_line_z_errors`]) or detector noise
+    /// ([`Scanner::add_detector_noise`], drawn from its own stream), writes the profile plus
+    /// them into `loop_profile` and returns `true`: the loop tracks them, so they reach the
+    /// height channel shaped by its transfer function. Otherwise returns `false` and the loop is
+    /// handed `profile` itself. The noiseless channel stays the tip-dilated surface.
+    fn loop_input(&mut self, r: usize, t0: f64, reverse: bool) -> Result<bool> {
+        let z_errors = self.scanner.has_z_errors();
+        let detector = self.scanner.has_detector_noise();
+        if !(z_errors || detector) {
+            return Ok(false);
+        }
+        self.loop_profile.clear();
+        self.loop_profile.extend_from_slice(&self.profile);
+        if z_errors {
+            self.scanner.add_line_z_errors(
+                &self.scan,
+                r,
+                t0,
+                reverse,
+                &self.xs,
+                &self.ys,
+                &mut self.loop_profile,
+            )?;
+        }
+        if detector {
+            self.scanner.add_detector_noise(
+                &mut self.loop_profile,
+                self.scan.dwell_time,
+                reverse,
+                &mut self.rng_detector,
+            );
+        }
+        Ok(true)
     }
 
     /// Stage 4 of a pass: height noise on the recorded line `zbuf` (m). The scanner's white,
@@ -1249,6 +1348,37 @@ impl SpmSimulator {
         }
     }
 
+    /// Stage 5b of a pass, tapping mode only (AFM): the trace's amplitude and phase channels
+    /// from the pixel's mean tracking error and the dissipation per tap of the material under
+    /// the tip (the feature map sampled bilinearly at its position, between
+    /// `dissipation_substrate` and `dissipation_feature`), by [`AfmConfig::signals`].
+    fn record_tapping(&mut self, r: usize, reverse: bool) {
+        let Some(feature) = self.feature.as_ref() else {
+            return;
+        };
+        if reverse || self.channels.len() < 5 {
+            return;
+        }
+        let afm = &self.cfg.afm;
+        let (e_sub, e_feat) = (
+            afm.dissipation_substrate.get(),
+            afm.dissipation_feature.get(),
+        );
+        for j in 0..self.scan.cols {
+            let m = bilinear(
+                feature.view(),
+                self.cell,
+                [0.0, 0.0],
+                self.xs[j],
+                self.ys[j],
+            );
+            let e_dis = e_sub + (e_feat - e_sub) * m;
+            let (a, phi) = afm.signals(f64::from(self.ebuf[j]), e_dis);
+            self.channels[3].image[[r, j]] = a as f32;
+            self.channels[4].image[[r, j]] = phi.to_degrees() as f32;
+        }
+    }
+
     /// Stage 6 of a pass: the tip evolves along it. Gradual wear first, in contact modes
     /// ([`TipState::wear`] over the pass's length; the image follows once the kernel changed
     /// visibly, [`Self::refresh_kernel`]), then abrupt changes: a crash by the part of the
@@ -1258,15 +1388,7 @@ impl SpmSimulator {
     fn evolve_tip_over_pass(&mut self, stats: &LineStats) -> Result<()> {
         let s = self.scan;
         if self.cfg.mode != SpmMode::Stm {
-            let r0 = self.tip.radius();
-            self.tip.wear(
-                s.cols as f64 * s.pixel_size,
-                &self.cfg.tip,
-                &mut self.rng_tip,
-            )?;
-            if self.tip.radius() != r0 {
-                self.refresh_kernel()?;
-            }
+            self.wear_over_pass()?;
         }
         let before = self.tip.clone();
         let crash = self.cfg.sample.crash_threshold.get();
@@ -1283,6 +1405,27 @@ impl SpmSimulator {
             &mut self.rng_tip,
         )?;
         self.tip_changed(&before)
+    }
+
+    /// Gradual wear over one pass in a contact mode: `wear_model = "rate"`
+    /// ([`TipState::wear`]) or `"archard"` ([`TipState::wear_archard`] at the AFM's load,
+    /// [`AfmConfig::load`]: `contact_force`, or the mean tapping force at the set point); the
+    /// image follows once the kernel changed visibly ([`Self::refresh_kernel`]).
+    fn wear_over_pass(&mut self) -> Result<()> {
+        let s = self.scan;
+        let travel = s.cols as f64 * s.pixel_size;
+        let (r0, a0) = (self.tip.radius(), self.tip.flat_radius());
+        match self.cfg.tip.wear_model {
+            WearModel::Rate => self.tip.wear(travel, &self.cfg.tip, &mut self.rng_tip)?,
+            WearModel::Archard => {
+                self.tip
+                    .wear_archard(self.cfg.afm.load(), travel, &self.cfg.tip)?;
+            }
+        }
+        if self.tip.radius() != r0 || self.tip.flat_radius() != a0 {
+            self.refresh_kernel()?;
+        }
+        Ok(())
     }
 
     fn film_point(&self, p_lab: [f64; 2]) -> Result<(f64, f64, f64, usize)> {

@@ -239,6 +239,10 @@ pub struct Surface {
     /// `(x + cols·pixel, y)` is `rise[0]` higher than at `(x, y)`, at `(x, y + rows·pixel)`
     /// `rise[1]` higher. Zero for every other kind.
     pub rise: [f64; 2],
+    /// The material of each cell: 1 on a feature (a particle), 0 on the substrate (terraces,
+    /// grains, the film). Tapping mode reads it as its dissipation map
+    /// ([`super::tapping`]).
+    pub feature: Array2<f32>,
 }
 
 /// Generates a periodic surface of `shape = [rows, cols]` pixels of size `pixel` (m): one period
@@ -259,15 +263,21 @@ pub fn generate(
     }
     let mut h = Array2::<f64>::zeros((ny, nx));
     let mut rise = [0.0, 0.0];
+    let mut feature = Array2::<f32>::zeros((ny, nx));
+    let on_particle = |p: &Array2<f64>| p.mapv(|v| if v > 0.0 { 1.0f32 } else { 0.0 });
     match cfg.kind {
         SurfaceKind::Flat => {}
         SurfaceKind::Terraces => rise = terraces(cfg, pixel, &mut h, rng),
-        SurfaceKind::Particles => particles(cfg, pixel, &mut h, rng),
+        SurfaceKind::Particles => {
+            particles(cfg, pixel, &mut h, rng);
+            feature = on_particle(&h);
+        }
         SurfaceKind::Mixed => {
             rise = terraces(cfg, pixel, &mut h, rng);
             let mut p = Array2::<f64>::zeros((ny, nx));
             particles(cfg, pixel, &mut p, rng);
             h += &p;
+            feature = on_particle(&p);
         }
         SurfaceKind::Grains => {
             let area = nx as f64 * ny as f64 * pixel * pixel;
@@ -303,6 +313,7 @@ pub fn generate(
     Ok(Surface {
         heights: h.mapv(|v| v as f32),
         rise,
+        feature,
     })
 }
 

@@ -6,6 +6,19 @@ use crate::param::Param;
 use crate::param::dims::{Frequency, Length, Unitless};
 use serde::{Deserialize, Serialize};
 
+/// How scanning in contact wears the apex ([`TipState::wear`](super::TipState::wear),
+/// [`TipState::wear_archard`](super::TipState::wear_archard)).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WearModel {
+    /// The apex radius grows by `wear_rate` per metre of travel, whatever the load.
+    #[default]
+    Rate,
+    /// Archard's law: the volume `k_w F s / H` worn over a travel `s` at load `F` truncates
+    /// the paraboloid apex into a flat.
+    Archard,
+}
+
 /// Tip model settings (`[tip]`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -71,6 +84,13 @@ pub struct TipConfig {
     /// strength, m (times `U(0.5, 1.5)`; a dip indents the apex, a pulse melts and reshapes it).
     /// Default 0 (off; the STM tasks switch it on).
     pub conditioning_wear: Param<Length>,
+    /// How scanning wears the apex: `"rate"` (the default: `wear_rate`, load-independent) or
+    /// `"archard"` (load-dependent: `wear_coefficient`, `hardness` and the AFM's load).
+    pub wear_model: WearModel,
+    /// Archard wear coefficient `k_w` (dimensionless), in `[0, 1]`. Default 1e-6.
+    pub wear_coefficient: Param<Unitless>,
+    /// Hardness `H` of the tip's apex, Pa, in `[1e6, 1e12]`. Default 10 GPa (silicon).
+    pub hardness: Param<Unitless>,
 }
 
 impl Default for TipConfig {
@@ -100,6 +120,9 @@ impl Default for TipConfig {
             sharpen_rate: Param::fixed(2.5),
             worsen_growth: Param::fixed(0.5),
             conditioning_wear: Param::fixed(0.0),
+            wear_model: WearModel::Rate,
+            wear_coefficient: Param::fixed(1e-6),
+            hardness: Param::fixed(10e9),
         }
     }
 }
@@ -167,6 +190,8 @@ impl TipConfig {
             0.0,
             MAX_FEATURE,
         )?;
+        range("wear_coefficient", self.wear_coefficient.get(), 0.0, 1.0)?;
+        range("hardness", self.hardness.get(), 1e6, 1e12)?;
         Ok(())
     }
 }

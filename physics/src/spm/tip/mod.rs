@@ -67,7 +67,7 @@ pub mod wear;
 pub use conditioning::{
     Conditioning, DEEPSPM_DIP_BIAS, DEEPSPM_DIPS, DEEPSPM_DURATION, DEEPSPM_PULSES, Outcome,
 };
-pub use config::TipConfig;
+pub use config::{TipConfig, WearModel};
 pub use kernel::MAX_KERNEL_SIDE;
 pub use sharpness::{feature_sharpness, median_filter_3x3, median9, sharpness};
 pub use state::{Adsorbate, SecondApex, TipState};

@@ -10,6 +10,7 @@ use ndarray::Array2;
 use proptest::prelude::*;
 
 const NM: f64 = 1e-9;
+const PI: f64 = std::f64::consts::PI;
 
 /// Sparse Gaussian bumps (σ 0.3 nm, 0.3-1 nm tall) on a flat background, 0.25 nm pixels.
 fn bumps(n: usize, count: usize, seed: u64) -> (Array2<f32>, f64) {
@@ -725,4 +726,68 @@ proptest! {
             prop_assert!((0..side).all(|j| k.height(c, j).is_finite() && k.height(j, c).is_finite()));
         }
     }
+}
+
+/// Archard wear truncates the paraboloid apex: the volume above a flat at height `δ` is
+/// `π R δ²` (checked here by integrating the paraboloid cap `∫₀^a 2πρ (δ − ρ²/2R) dρ`
+/// numerically), so a worn volume `V = k_w F s / H` leaves the flat radius
+/// `a = √(2R·√(V/(πR)))`; volumes of successive passes add, and doubling the load doubles
+/// the volume.
+#[test]
+fn archard_wear_truncates_the_apex_by_the_worn_volume() {
+    let cfg = TipConfig {
+        wear_model: WearModel::Archard,
+        wear_coefficient: Param::fixed(1e-4),
+        hardness: Param::fixed(10e9),
+        ..Default::default()
+    };
+    let r = 10.0 * NM;
+    // 10 nN over 1 mm: V = 1e-4 · 1e-8 · 1e-3 / 1e10 = 1e-25 m³ (100 nm³).
+    let mut tip = TipState::sharp(r).unwrap();
+    let v = tip.wear_archard(10e-9, 1e-3, &cfg).unwrap();
+    assert!((v / 1e-25 - 1.0).abs() < 1e-12, "{v:e}");
+    let delta = (v / (PI * r)).sqrt();
+    let a = (2.0 * r * delta).sqrt();
+    assert!(
+        (tip.flat_radius() / a - 1.0).abs() < 1e-12,
+        "flat {:e} m, closed form {a:e} m",
+        tip.flat_radius()
+    );
+    assert_eq!(tip.radius(), r);
+    // The cap's volume by the midpoint rule.
+    let n = 100_000;
+    let h = a / n as f64;
+    let cap: f64 = (0..n)
+        .map(|i| {
+            let rho = (i as f64 + 0.5) * h;
+            2.0 * PI * rho * (delta - rho * rho / (2.0 * r)) * h
+        })
+        .sum();
+    assert!((cap / v - 1.0).abs() < 1e-8, "cap {cap:e} m³ vs {v:e} m³");
+    assert!((tip.truncated_volume() / v - 1.0).abs() < 1e-12);
+    // Ten more passes of the same volume: 11 V in all; twice the load: twice the volume.
+    for _ in 0..10 {
+        tip.wear_archard(10e-9, 1e-3, &cfg).unwrap();
+    }
+    assert!((tip.truncated_volume() / (11.0 * v) - 1.0).abs() < 1e-12);
+    let mut hard = TipState::sharp(r).unwrap();
+    let v2 = hard.wear_archard(20e-9, 1e-3, &cfg).unwrap();
+    assert!((v2 / v - 2.0).abs() < 1e-12);
+    assert!((hard.truncated_volume() / v - 2.0).abs() < 1e-12);
+    // No load, no wear; bad arguments name themselves and change nothing.
+    let before = tip.clone();
+    tip.wear_archard(0.0, 1.0, &cfg).unwrap();
+    assert_eq!(
+        field(tip.wear_archard(-1.0, 1.0, &cfg).unwrap_err()),
+        "load"
+    );
+    assert_eq!(
+        field(tip.wear_archard(1e-9, f64::NAN, &cfg).unwrap_err()),
+        "contact_travel"
+    );
+    assert_eq!(tip, before);
+    // The flat never grows past max_radius.
+    let mut big = TipState::sharp(r).unwrap();
+    big.wear_archard(1e-6, 1e3, &cfg).unwrap();
+    assert_eq!(big.flat_radius(), cfg.max_radius.get());
 }

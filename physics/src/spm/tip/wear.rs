@@ -3,6 +3,13 @@
 //! - [`TipState::wear`]: `R += wear_rate · L · u`, `L` the tip travel in contact (m), `u ~ U(0.5,
 //!   1.5)`. The default `wear_rate = 1e-7` grows `R` by ≈ 5 nm over 100 frames of 256 lines of
 //!   1 µm, trace and retrace (`L = 100·256·2·1 µm = 5.1 cm`).
+//! - [`TipState::wear_archard`] (opt-in, `wear_model = "archard"`): Archard's law, worn volume
+//!   `V = k_w · F · s / H` for a load `F` over a sliding distance `s` (`k_w` the wear coefficient,
+//!   `H` the hardness), taken off the apex as a flat: a paraboloid `z = ρ²/(2R)` truncated at
+//!   height `δ` above its apex loses `V(δ) = ∫₀^δ π·2Rz dz = π R δ²` and leaves a flat of radius
+//!   `a = √(2Rδ)`. The state's flat radius is its truncation so far (`δ₀ = a²/(2R)`, worn volume
+//!   `π R δ₀² = π a⁴/(4R)`); a further volume `ΔV` truncates it to `δ₁ = √(δ₀² + ΔV/(πR))`, so
+//!   volumes add. Deterministic: the load sets the rate, so a harder set point blunts faster.
 //! - [`TipState::crash`] into the surface by `δ`: `R += crash_growth · δ · u`, the apex is
 //!   flattened to `a ≥ crash_flattening · √(2Rδ)` (the contact radius of a paraboloid pressed
 //!   `δ` deep), and with probability `double_probability` a second apex forms.
@@ -52,6 +59,40 @@ impl TipState {
         let u = jitter(rng);
         self.grow_radius(self.radius + cfg.wear_rate.get() * contact_travel * u, cfg);
         Ok(())
+    }
+
+    /// Archard wear from `contact_travel` (m, ≥ 0) of sliding at `load` (N, ≥ 0): the volume
+    /// `k_w F s / H` (`wear_coefficient`, `hardness`) truncates the paraboloid apex (module
+    /// docs), growing the flat radius to `√(2Rδ₁)`, `δ₁ = √(δ₀² + ΔV/(πR))`, capped at
+    /// `max_radius`. Returns the volume worn, m³.
+    pub fn wear_archard(&mut self, load: f64, contact_travel: f64, cfg: &TipConfig) -> Result<f64> {
+        if !(contact_travel >= 0.0 && contact_travel.is_finite()) {
+            return Err(PhysicsError::arg(
+                "contact_travel",
+                format!("must be a finite length >= 0 m, got {contact_travel}"),
+            ));
+        }
+        if !(load >= 0.0 && load.is_finite()) {
+            return Err(PhysicsError::arg(
+                "load",
+                format!("must be a finite force >= 0 N, got {load}"),
+            ));
+        }
+        let dv = cfg.wear_coefficient.get() * load * contact_travel / cfg.hardness.get();
+        if dv > 0.0 {
+            let r = self.radius;
+            let d0 = self.flat_radius * self.flat_radius / (2.0 * r);
+            let d1 = (d0 * d0 + dv / (std::f64::consts::PI * r)).sqrt();
+            self.grow_flat((2.0 * r * d1).sqrt(), cfg);
+        }
+        Ok(dv)
+    }
+
+    /// The volume truncated off the paraboloid apex so far, m³: `π R δ²` with `δ = a²/(2R)`
+    /// the height of the flat of radius `a` above the apex (see [`TipState::wear_archard`]).
+    pub fn truncated_volume(&self) -> f64 {
+        let d = self.flat_radius * self.flat_radius / (2.0 * self.radius);
+        std::f64::consts::PI * self.radius * d * d
     }
 
     /// A crash `depth` (m, ≥ 0) into the surface: `R += crash_growth · δ · u`, the apex flattened
