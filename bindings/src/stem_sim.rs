@@ -249,8 +249,8 @@ impl StemSim {
         Ok((PyArray1::from_vec(py, e), PyArray1::from_vec(py, c)))
     }
 
-    /// The aberrations in force (`c10`, `c12`, `phi12`, `c21`, `phi21`, `c23`, `phi23`, `c30`,
-    /// `c50`; m and rad).
+    /// The aberration corrector's setting: all 25 coefficients of `Aberrations::NAMES` (`c10`,
+    /// `c12`, `phi12`, … `c50`, then the non-round `c32` … `phi56`; m and rad).
     fn aberrations<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         aberration_dict(py, &lock(&self.inst).aberrations())
     }
