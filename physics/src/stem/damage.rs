@@ -658,33 +658,9 @@ impl DoseMap {
             }
             return;
         }
-        // Rotated axes: bins with all four corners inside the rectangle are covered; the others
-        // are clipped. Lab corners advance by the bin's edge vectors.
-        let inside = |p: [f64; 2]| p[0] >= x0 && p[0] <= x1 && p[1] >= y0 && p[1] <= y1;
-        let (di, dj) = (c.from_cell([b1, 0.0]), c.from_cell([0.0, b2]));
-        for j in j0..=j1 {
-            let e0 = j as f64 * b2 - half[1];
-            let row = c.from_cell([i0 as f64 * b1 - half[0], e0]);
-            for (n, i) in (i0..=i1).enumerate() {
-                let s0 = i as f64 * b1 - half[0];
-                let p = [row[0] + n as f64 * di[0], row[1] + n as f64 * di[1]];
-                let corners = [
-                    p,
-                    [p[0] + di[0], p[1] + di[1]],
-                    [p[0] + dj[0], p[1] + dj[1]],
-                    [p[0] + di[0] + dj[0], p[1] + di[1] + dj[1]],
-                ];
-                let frac = if corners.iter().all(|&q| inside(q)) {
-                    1.0
-                } else {
-                    clipped_area(&poly, [s0, e0], [s0 + b1, e0 + b2]) / (b1 * b2)
-                };
-                if frac > 0.0 {
-                    let k = self.flat(i, j);
-                    self.dose[k] += dose * frac;
-                }
-            }
-        }
+        // Rotated axes: the rectangle as a general quadrilateral (its inside test is exactly
+        // the rectangle's, one of each edge's two products being zero).
+        self.add_quad([[x0, y0], [x1, y0], [x1, y1], [x0, y1]], dose);
     }
 
     /// Adds a uniform dose (e⁻/m²) over the convex quadrilateral `quad` (specimen coordinates,
@@ -704,6 +680,8 @@ impl DoseMap {
             return;
         }
         let sense = area2.signum();
+        // Bins with all four corners inside are covered; the others are clipped. Lab corners
+        // advance by the bin's edge vectors.
         let inside = |t: [f64; 2]| {
             (0..4).all(|k| {
                 let (p, q) = (quad[k], quad[(k + 1) % 4]);
