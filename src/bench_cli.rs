@@ -399,6 +399,8 @@ pub struct SuiteOptions<'a> {
     pub seeds: Option<usize>,
     /// Run the jobs on Ray.
     pub ray: Option<RayOptions>,
+    /// Discard the saved jobs first.
+    pub restart: bool,
 }
 
 /// `scopegym suite --budget <b> --out <dir>`.
@@ -421,6 +423,12 @@ pub fn suite(o: &SuiteOptions<'_>) -> Result<(), CliError> {
     let jobs = suite_mod::plan(&file, &sel, &build)?;
     make_dir(o.out)?;
     let dir = o.out.join("jobs");
+    if o.restart && dir.exists() {
+        std::fs::remove_dir_all(&dir).map_err(|source| CliError::Io {
+            path: dir.clone(),
+            source,
+        })?;
+    }
     make_dir(&dir)?;
     let t0 = std::time::Instant::now();
     let pending = suite_mod::pending(&jobs, &dir)?;

@@ -215,6 +215,10 @@ enum Command {
         /// CPUs of the Ray that --ray local starts (default: all).
         #[arg(long, requires = "ray")]
         ray_cpus: Option<usize>,
+        /// Discard the jobs saved in <out>/jobs/ and run every job again (needed when they
+        /// were made by another build or with other settings).
+        #[arg(long)]
+        restart: bool,
     },
     /// Run one saved job (one task, agent and seed) and write its record (used by --ray).
     #[command(hide = true)]
@@ -410,6 +414,7 @@ fn main() -> ExitCode {
             seeds,
             ray,
             ray_cpus,
+            restart,
         } => bench_cli::suite(&bench_cli::SuiteOptions {
             budget: &budget,
             out: &out,
@@ -421,6 +426,7 @@ fn main() -> ExitCode {
                 address,
                 cpus: ray_cpus,
             }),
+            restart,
         }),
         Command::Job { spec, out } => bench_cli::job(&spec, &out),
         Command::Render { env_id, seed, out } => env_cli::render(&env_id, seed, &out),

@@ -147,6 +147,28 @@ def test_a_suite_resumes_from_its_folder_and_refuses_another_budget(local_suite:
     assert "different episodes" in r.stderr, r.stderr
 
 
+def test_restart_discards_jobs_saved_by_another_build(local_suite: Path, tmp_path: Path) -> None:
+    """A folder whose saved jobs were made otherwise (here: one record's episodes changed, as a
+    rebuild changes its commit) is refused, and `--restart` runs every job again, giving the
+    local run's suite.json (no Ray needed)."""
+    out = tmp_path / "restart"
+    (out / "jobs").mkdir(parents=True)
+    recs = records(local_suite)
+    for p in recs:
+        (out / "jobs" / p.name).write_text(p.read_text())
+    stale = out / "jobs" / recs[0].name
+    rec = json.loads(stale.read_text())
+    rec["job"]["episodes"] += 1
+    stale.write_text(json.dumps(rec))
+    r = cli([*SUITE, "--out", str(out)], timeout=120)
+    assert r.returncode == 2 and "--restart" in r.stderr, r.stderr
+    r = cli([*SUITE, "--restart", "--out", str(out)], timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "reusing" not in r.stderr, r.stderr
+    assert len(records(out)) == JOBS
+    assert (out / "suite.json").read_text() == (local_suite / "suite.json").read_text()
+
+
 @needs_ray
 def test_run_on_ray_gives_the_same_results(tmp_path: Path) -> None:
     args = ["run", "scopegym/StemSparseScan-v2", "--agent", "random", "--seeds", "3", "--episodes", "2"]

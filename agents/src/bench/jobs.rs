@@ -201,8 +201,8 @@ pub fn reuse(dir: &Path, job: &JobSpec) -> Result<Option<RunResults>> {
             "out",
             format!(
                 "{} holds a finished job made with a different {} (another suite file, budget, \
-                 selection or build); use another output folder or delete that one's jobs/ \
-                 folder",
+                 selection or build); use another output folder, or `--restart` to run every job \
+                 again",
                 path.display(),
                 differences(&rec.job, job).join(", ")
             ),
