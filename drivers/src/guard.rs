@@ -1039,7 +1039,7 @@ impl<I: PointSpectroscopy> PointSpectroscopy for Guarded<I> {
 
 /// The size of the change from `a` to `b` of each coefficient, m (module docs of
 /// [`crate::limits::AberrationSteps`]).
-pub fn aberration_steps(a: &Aberrations, b: &Aberrations) -> [(&'static str, f64); 6] {
+pub fn aberration_steps(a: &Aberrations, b: &Aberrations) -> [(&'static str, f64); 14] {
     let polar = |c0: f64, p0: f64, c1: f64, p1: f64, n: f64| {
         let (x0, y0) = (c0 * (n * p0).cos(), c0 * (n * p0).sin());
         let (x1, y1) = (c1 * (n * p1).cos(), c1 * (n * p1).sin());
@@ -1052,6 +1052,14 @@ pub fn aberration_steps(a: &Aberrations, b: &Aberrations) -> [(&'static str, f64
         ("c23", polar(a.c23, a.phi23, b.c23, b.phi23, 3.0)),
         ("c30", (b.c30 - a.c30).abs()),
         ("c50", (b.c50 - a.c50).abs()),
+        ("c32", polar(a.c32, a.phi32, b.c32, b.phi32, 2.0)),
+        ("c34", polar(a.c34, a.phi34, b.c34, b.phi34, 4.0)),
+        ("c41", polar(a.c41, a.phi41, b.c41, b.phi41, 1.0)),
+        ("c43", polar(a.c43, a.phi43, b.c43, b.phi43, 3.0)),
+        ("c45", polar(a.c45, a.phi45, b.c45, b.phi45, 5.0)),
+        ("c52", polar(a.c52, a.phi52, b.c52, b.phi52, 2.0)),
+        ("c54", polar(a.c54, a.phi54, b.c54, b.phi54, 4.0)),
+        ("c56", polar(a.c56, a.phi56, b.c56, b.phi56, 6.0)),
     ]
 }
 
@@ -1289,9 +1297,8 @@ impl<I: StemInstrument> Check<StemCommand> for Guarded<I> {
             }
             StemCommand::SetAberrations(new) => {
                 let now = self.inner.aberrations();
-                let max = &self.limits.stem.aberration_step_max;
-                let maxes = [max.c10, max.c12, max.c21, max.c23, max.c30, max.c50];
-                for ((coef, step), m) in aberration_steps(&now, new).into_iter().zip(maxes) {
+                let maxes = self.limits.stem.aberration_step_max.by_name();
+                for ((coef, step), (_, m)) in aberration_steps(&now, new).into_iter().zip(maxes) {
                     if !(step <= m) {
                         return refuse(
                             &format!("stem.aberration_step_max.{coef}"),

@@ -191,8 +191,9 @@ impl Default for SpmLimits {
 }
 
 /// Largest change of each aberration coefficient per `set_aberrations` call, m
-/// (`[stem.aberration_step_max]`). For coefficients with an azimuth (C12, C21, C23) the step is
-/// the length of the change of the coefficient as a 2-D vector, `|C·e^{inφ} − C'·e^{inφ'}|`.
+/// (`[stem.aberration_step_max]`). For coefficients with an azimuth (C12, C21, C23, C32 … C56;
+/// `n` the symmetry order) the step is the length of the change of the coefficient as a 2-D
+/// vector, `|C·e^{inφ} − C'·e^{inφ'}|`.
 #[derive(Debug, Clone, Copy, PartialEq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AberrationSteps {
@@ -214,6 +215,52 @@ pub struct AberrationSteps {
     /// Fifth-order spherical aberration C50, m. Default `"1 mm"`.
     #[serde(deserialize_with = "metres")]
     pub c50: f64,
+    /// Third-order star aberration C32, m. Default `"5 µm"`.
+    #[serde(deserialize_with = "metres")]
+    pub c32: f64,
+    /// Four-fold astigmatism C34, m. Default `"5 µm"`.
+    #[serde(deserialize_with = "metres")]
+    pub c34: f64,
+    /// Fourth-order axial coma C41, m. Default `"50 µm"`.
+    #[serde(deserialize_with = "metres")]
+    pub c41: f64,
+    /// Fourth-order three-lobe aberration C43, m. Default `"50 µm"`.
+    #[serde(deserialize_with = "metres")]
+    pub c43: f64,
+    /// Five-fold astigmatism C45, m. Default `"50 µm"`.
+    #[serde(deserialize_with = "metres")]
+    pub c45: f64,
+    /// Fifth-order two-fold aberration C52, m. Default `"1 mm"`.
+    #[serde(deserialize_with = "metres")]
+    pub c52: f64,
+    /// Fifth-order four-fold aberration C54, m. Default `"1 mm"`.
+    #[serde(deserialize_with = "metres")]
+    pub c54: f64,
+    /// Six-fold astigmatism C56, m. Default `"1 mm"`.
+    #[serde(deserialize_with = "metres")]
+    pub c56: f64,
+}
+
+impl AberrationSteps {
+    /// Each coefficient's limit by name, in the order of [`crate::guard::aberration_steps`].
+    pub fn by_name(&self) -> [(&'static str, f64); 14] {
+        [
+            ("c10", self.c10),
+            ("c12", self.c12),
+            ("c21", self.c21),
+            ("c23", self.c23),
+            ("c30", self.c30),
+            ("c50", self.c50),
+            ("c32", self.c32),
+            ("c34", self.c34),
+            ("c41", self.c41),
+            ("c43", self.c43),
+            ("c45", self.c45),
+            ("c52", self.c52),
+            ("c54", self.c54),
+            ("c56", self.c56),
+        ]
+    }
 }
 
 impl Default for AberrationSteps {
@@ -225,6 +272,14 @@ impl Default for AberrationSteps {
             c23: 200e-9,
             c30: 5e-6,
             c50: 1e-3,
+            c32: 5e-6,
+            c34: 5e-6,
+            c41: 50e-6,
+            c43: 50e-6,
+            c45: 50e-6,
+            c52: 1e-3,
+            c54: 1e-3,
+            c56: 1e-3,
         }
     }
 }
@@ -354,15 +409,7 @@ impl Limits {
         positive("stem.dose_cell", t.dose_cell)?;
         positive("stem.max_frame_time", t.max_frame_time)?;
         positive("stem.max_exposure", t.max_exposure)?;
-        let a = &t.aberration_step_max;
-        for (n, v) in [
-            ("c10", a.c10),
-            ("c12", a.c12),
-            ("c21", a.c21),
-            ("c23", a.c23),
-            ("c30", a.c30),
-            ("c50", a.c50),
-        ] {
+        for (n, v) in t.aberration_step_max.by_name() {
             positive(&format!("stem.aberration_step_max.{n}"), v)?;
         }
         Ok(())

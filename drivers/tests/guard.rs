@@ -524,6 +524,46 @@ fn aberration_steps_measure_azimuthal_coefficients_as_vectors() {
     assert_eq!(steps[1].0, "c12");
     assert!((steps[1].1 - 20.0 * NM).abs() < 1e-15);
     assert!(steps.iter().filter(|s| s.0 != "c12").all(|s| s.1 == 0.0));
+    // Four-fold C34 turned by π/4 flips its vector too; the step names it.
+    let a = Aberrations {
+        c34: 3e-6,
+        ..Aberrations::default()
+    };
+    let b = Aberrations {
+        phi34: std::f64::consts::FRAC_PI_4,
+        ..a
+    };
+    let steps = aberration_steps(&a, &b);
+    // The limits list the same coefficients in the same order.
+    let names = Limits::default()
+        .stem
+        .aberration_step_max
+        .by_name()
+        .map(|n| n.0);
+    assert_eq!(steps.map(|s| s.0), names);
+    let c34 = steps.iter().find(|s| s.0 == "c34").unwrap();
+    assert!((c34.1 - 6e-6).abs() < 1e-18, "{c34:?}");
+    assert!(steps.iter().filter(|s| s.0 != "c34").all(|s| s.1 == 0.0));
+}
+
+/// A step in a higher-order coefficient beyond its limit is refused by name like the others
+/// (a corrector's C5 terms are as dangerous to jump as its C3).
+#[test]
+fn higher_order_aberration_steps_are_limited() {
+    use scopegym_physics::stem::optics::Aberrations;
+    let limits = Limits::from_toml_str("[stem.aberration_step_max]\nc56 = \"100 µm\"\n").unwrap();
+    let mut g = Guarded::new(stem_sim(4), limits).unwrap();
+    let now = g.aberrations();
+    let big = Aberrations {
+        c56: now.c56 + 200e-6,
+        ..now
+    };
+    expect_refused(g.set_aberrations(&big), "stem.aberration_step_max.c56");
+    let small = Aberrations {
+        c56: now.c56 + 50e-6,
+        ..now
+    };
+    assert!(g.set_aberrations(&small).is_ok());
 }
 
 // ---------------------------------------------------------------------------------------------
