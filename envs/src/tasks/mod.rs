@@ -411,37 +411,4 @@ pub(crate) mod testing {
             assert!(e.contains(field), "{text}: {e}");
         }
     }
-
-    /// Steps per second of every task with a fidelity knob at both fidelities: 16 envs on one
-    /// thread, random actions drawn before timing, as `scopegym bench <id> --num-envs 16
-    /// --threads 1` (a measurement, not a check; a release build gives the real figure):
-    /// `cargo test --release -p scopegym-envs --lib steps_per_second -- --ignored --nocapture`
-    #[test]
-    #[ignore]
-    fn steps_per_second() {
-        use crate::registry::{TASKS, make};
-        use crate::vector::{AutoReset, VectorEnv};
-        let steps = 200;
-        for spec in TASKS.iter().filter(|s| s.fidelity) {
-            for f in ["full", "fast"] {
-                let cfg: toml::Value = toml::from_str(&format!("fidelity = \"{f}\"")).unwrap();
-                let envs = (0..16)
-                    .map(|_| make(spec.id, Some(&cfg)).unwrap())
-                    .collect();
-                let mut v = VectorEnv::new(envs, AutoReset::NextStep, 1).unwrap();
-                v.reset(Some(0)).unwrap();
-                let space = v.env(0).action_space().clone();
-                let mut rngs: Vec<_> = (0..16).map(|i| crate::rng::seeded(1_000 + i)).collect();
-                let batches: Vec<Vec<_>> = (0..16)
-                    .map(|_| rngs.iter_mut().map(|r| space.sample(r)).collect())
-                    .collect();
-                let t0 = std::time::Instant::now();
-                for k in 0..steps {
-                    v.step(&batches[k % 16]).unwrap();
-                }
-                let dt = t0.elapsed().as_secs_f64();
-                println!("{} {f}: {:.0} steps/s", spec.id, (16 * steps) as f64 / dt);
-            }
-        }
-    }
 }

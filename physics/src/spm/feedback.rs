@@ -1423,36 +1423,6 @@ mod tests {
         assert_eq!(back, cfg);
     }
 
-    /// 2 × 256 lines of 256 pixels at 0.5 lines/s: ≈ 1 M controller samples, per-sample and
-    /// closed form.
-    /// `cargo test --release -p scopegym-physics --lib feedback::tests::frame_timing -- --ignored --nocapture`
-    #[test]
-    #[ignore]
-    fn frame_timing() {
-        let n = 256;
-        let profile: Vec<f32> = (0..n).map(|j| ((j / 32) as f32) * 0.39e-9).collect();
-        for closed in [false, true] {
-            let mut fb = ZFeedback::new(&FeedbackConfig::default()).unwrap();
-            fb.set_closed_form(closed);
-            let (mut h, mut e) = (vec![0f32; n], vec![0f32; n]);
-            let (mut samples, mut in_closed) = (0, 0);
-            let t0 = std::time::Instant::now();
-            for line in 0..2 * n {
-                let st = fb
-                    .scan_line(&profile, 1.0 / 256.0, line % 2 == 1, &mut h, &mut e)
-                    .unwrap();
-                samples += st.samples;
-                in_closed += st.closed_form_samples;
-            }
-            let dt = t0.elapsed();
-            println!(
-                "closed form {closed}: {samples} samples ({in_closed} in closed form) in {dt:?} \
-                 ({:.2} ns/sample)",
-                dt.as_nanos() as f64 / samples as f64
-            );
-        }
-    }
-
     /// Scans `lines` lines (alternating direction) with the per-sample loop and with the
     /// closed-form path from the same state; returns the largest difference of any output
     /// (pixel values, rms and largest error, final z and error) over `scale`, and the
