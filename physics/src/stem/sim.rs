@@ -26,7 +26,9 @@ use crate::stem::damage::{
     sputter_with,
 };
 use crate::stem::eels::{EelsConfig, EelsModel};
-use crate::stem::haadf::{DetectorConfig, HaadfRenderer};
+use crate::stem::haadf::{
+    DetectorConfig, GaussianFrameScratch, HaadfRenderer, render_gaussian_frame,
+};
 use crate::stem::optics::{Aberrations, OpticsConfig, ProbeCalculator, ProbeSpec};
 use crate::stem::probe::ProbeModel;
 use crate::stem::scan::{
@@ -34,7 +36,7 @@ use crate::stem::scan::{
     ScanNoiseConfig,
 };
 use crate::stem::settings::{DEFLECTION_RANGE, check_scan_settings};
-use crate::stem::specimen::{Atom, Specimen, SpecimenConfig, Supercell};
+use crate::stem::specimen::{Atom, AtomIndex, Specimen, SpecimenConfig, Supercell};
 use ndarray::ArrayView2;
 use serde::{Deserialize, Serialize};
 
@@ -124,7 +126,42 @@ pub struct StemConfig {
     pub aberration_drift: AberrationDriftConfig,
     /// Depth of focus from the atoms' heights. Default: off.
     pub depth_of_focus: DepthOfFocusConfig,
+    /// Which stages run ([`StemFidelity`]). Default `"full"`.
+    pub fidelity: StemFidelity,
 }
+
+/// Which stages of [`StemSimulator`] run (`fidelity = "full" | "fast"`).
+///
+/// `"full"` runs every model as documented. `"fast"` replaces two stages by lighter ones that
+/// keep the statistics of what is recorded (the tasks' tests compare the two):
+///
+/// - **Frames** without the opt-in effects ([`OptInEffect`]): the ideal image is formed in real
+///   space on the frame's own pixels with the round Gaussian probe of the light models
+///   ([`ProbeModel::gaussian_sigma`]: the focused FWHM, source blur included, widened by the
+///   geometric blur of defocus and astigmatism), each atom adding `n_e·σ_Z` times the
+///   Gaussian's pixel weights normalized to sum to 1 over its ±4σ reach (so a region's mean
+///   counts are the full model's, whose probe also integrates to 1); no padded grid, no FFT.
+///   The scan noise (line jitter, noise nodes, mains pickup) is left out (tens of pm, far below
+///   the pixel sizes the tasks use); drift moves each frame rigidly by the offset at its start.
+///   Counts, gain, offset, read noise and salt as in full. Frames with an opt-in effect run the
+///   full path.
+/// - **Spectra**: a channel whose expected count is at least [`FAST_NORMAL_COUNTS`] is drawn
+///   from the normal distribution with the Poisson mean and variance (rounded, at least 0);
+///   smaller means are Poisson as in full (at 10⁴ counts the Poisson skewness is 1 %).
+///
+/// Point exposures, dose, damage, drift and the clock are the same in both.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StemFidelity {
+    /// Every model as documented.
+    #[default]
+    Full,
+    /// The lighter stages above.
+    Fast,
+}
+
+/// Expected channel counts from which a fast spectrum draws normal instead of Poisson counts.
+pub const FAST_NORMAL_COUNTS: f64 = 1e4;
 
 /// An opt-in effect of the full simulator (off by default), which the light lattice model
 /// cannot represent and which takes frames off their plain render-and-count path.
@@ -319,6 +356,14 @@ pub struct StemSimulator {
     probe_dirty: bool,
     /// Whether the renderer's ideal image matches the specimen, probe and scan geometry.
     ideal_valid: bool,
+    /// Bucket grid of the specimen's atoms for frames and point exposures (rebuilt when atoms
+    /// are added, removed or moved; a hop only swaps elements).
+    atom_index: AtomIndex,
+    index_valid: bool,
+    /// Scratch: the atoms near a point exposure.
+    index_scratch: Vec<u32>,
+    /// Buffers of the fast frames.
+    gauss_scratch: GaussianFrameScratch,
     /// The drift offset the ideal image was rendered with, m.
     ideal_shift: [f64; 2],
     /// Electrons per pixel the ideal image was rendered with.
@@ -393,6 +438,9 @@ const RERENDER_DRIFT: f64 = 0.1;
 /// Bond length used to find a dopant's neighbours, m (graphene C-C 1.42 Å plus tolerance).
 const HOP_BOND: f64 = 1.7e-10;
 
+/// Bucket side of the atom index, m (a few atoms per bucket in graphene).
+const INDEX_BUCKET: f64 = 4e-10;
+
 /// Added to the frame's diagonal for the side of an auto-sized specimen cell, m.
 const AUTO_CELL_MARGIN: f64 = 2e-9;
 
@@ -449,6 +497,10 @@ impl StemSimulator {
             probe_sigma: 0.0,
             probe_dirty: true,
             ideal_valid: false,
+            atom_index: AtomIndex::default(),
+            index_valid: false,
+            gauss_scratch: GaussianFrameScratch::default(),
+            index_scratch: Vec::new(),
             ideal_shift: [0.0, 0.0],
             rendered_electrons: 0.0,
             renderer: HaadfRenderer::default(),
@@ -548,6 +600,7 @@ impl StemSimulator {
         self.cfg = cfg;
         self.drawn = drawn;
         self.ideal_valid = false;
+        self.index_valid = false;
         self.clock = 0.0;
         self.frames = 0;
         self.probe_pos = [0.0, 0.0];
@@ -596,7 +649,15 @@ impl StemSimulator {
     /// (simulation only: a real instrument has no such handle).
     pub fn specimen_mut(&mut self) -> &mut Specimen {
         self.ideal_valid = false;
+        self.index_valid = false;
         &mut self.specimen
+    }
+
+    /// The specimen ([`Self::specimen`]) with a bucket grid of its atoms as they are, to find
+    /// the atoms near a window ([`AtomIndex::candidates`]) without testing every atom.
+    pub fn indexed_specimen(&mut self) -> (&Specimen, &AtomIndex) {
+        self.ensure_index();
+        (&self.specimen, &self.atom_index)
     }
 
     /// Ground truth: the specimen's current displacement relative to the lab, m.
@@ -687,6 +748,14 @@ impl StemSimulator {
         self.eff_dirty = true;
         self.ideal_valid = false;
         self.probe_generation += 1;
+    }
+
+    /// Builds the atom index if the atoms changed since it was built.
+    fn ensure_index(&mut self) {
+        if !self.index_valid || !self.atom_index.covers(self.specimen.atoms.len()) {
+            self.atom_index.rebuild(&self.specimen, INDEX_BUCKET);
+            self.index_valid = true;
+        }
     }
 
     /// Depth of focus: groups the atoms into slices by height and installs each occupied
@@ -964,9 +1033,13 @@ impl StemSimulator {
         self.composition.clear();
         let reach = self.eff_side as f64 * 0.5 * self.scan.pixel_size;
         let window = self.specimen.window([-b[0], -b[1]], [reach, reach]);
+        self.ensure_index();
+        // The atoms near the probe, in atom order (the same sums as over every atom).
+        let indexed = self.atom_index.candidates(&window, &mut self.index_scratch);
         let (kernel, side, px) = (&self.eff_kernel, self.eff_side, self.scan.pixel_size);
         let (sigma_haadf, composition) = (&self.sigma_haadf, &mut self.composition);
-        for a in &self.specimen.atoms {
+        let atoms = &self.specimen.atoms;
+        let mut visit = |a: &Atom| {
             window.for_each_image([a.x, a.y], |[ox, oy]| {
                 let p = kernel_density(kernel, side, px, ox, oy);
                 if p <= 0.0 {
@@ -980,6 +1053,13 @@ impl StemSimulator {
                     None => composition.push((a.z, w)),
                 }
             });
+        };
+        if indexed {
+            for &i in &self.index_scratch {
+                visit(&atoms[i as usize]);
+            }
+        } else {
+            atoms.iter().for_each(visit);
         }
         // The contamination deposited so far adds its atoms' signal.
         signal += self.contamination_signal(self.dose_map.at(b[0], b[1]));
@@ -1020,6 +1100,9 @@ impl StemSimulator {
         }
         if !report.sputtered.is_empty() || !report.hops.is_empty() {
             self.ideal_valid = false;
+        }
+        if !report.sputtered.is_empty() {
+            self.index_valid = false;
         }
         self.last_damage = report;
         self.drift.advance(time, &mut self.rng_scan);
@@ -1136,62 +1219,41 @@ fn check_distortion(sd: &ScanDistortion, rows: usize, cols: usize, pixel_size: f
     Ok(())
 }
 
-impl StemInstrument for StemSimulator {
-    fn info(&self) -> InstrumentInfo {
-        InstrumentInfo {
-            name: "scopegym STEM simulator".into(),
-            kind: InstrumentKind::Stem,
-            simulated: true,
-        }
-    }
-
-    fn clock(&self) -> f64 {
-        self.clock
-    }
-
-    fn beam_energy(&self) -> f64 {
-        self.cfg.optics.energy.get()
-    }
-
-    fn beam_current(&self) -> f64 {
-        self.cfg.beam.current.get()
-    }
-
-    fn scan_settings(&self) -> ScanSettings {
-        self.scan
-    }
-
-    fn configure_scan(&mut self, request: &ScanSettings) -> Result<ScanSettings> {
-        check_scan_settings(request, DEFLECTION_RANGE, "scan.")?;
-        check_distortion(
-            &self.cfg.scan_distortion,
-            request.rows,
-            request.cols,
-            request.pixel_size,
-        )?;
-        if (request.rows, request.cols, request.pixel_size)
-            != (self.scan.rows, self.scan.cols, self.scan.pixel_size)
-        {
-            self.probe_dirty = true;
-        }
-        if request.center != self.scan.center {
-            self.ideal_valid = false;
-        }
-        self.scan = *request;
-        Ok(self.scan)
-    }
-
-    fn acquire_frame(&mut self) -> Result<Frame<'_>> {
-        self.check_beam("acquire_frame")?;
-        self.follow_aberration_drift();
-        self.ensure_probe();
-        let depth = self.cfg.depth_of_focus.enabled && !self.specimen.atoms.is_empty();
-        if depth {
-            self.prepare_depth_slices()?;
-        }
+impl StemSimulator {
+    /// The fast frame ([`StemFidelity::Fast`]): the Gaussian-probe ideal image on the frame's
+    /// pixels, counted; the drift advanced over the frame time.
+    fn fast_frame(&mut self, epp: f64, shift: [f64; 2]) {
         let sc = self.scan;
-        let epp = self.electrons(sc.dwell_time);
-        let shift = self.drift.offset;
+        let n = sc.rows * sc.cols;
+        let sigma = self.probe_model().gaussian_sigma();
+        self.ensure_index();
+        render_gaussian_frame(
+            &self.specimen,
+            Some(&self.atom_index),
+            &self.sigma_haadf,
+            epp,
+            shift,
+            sc.center,
+            (sc.rows, sc.cols, sc.pixel_size),
+            sigma,
+            &mut self.gauss_scratch,
+            &mut self.renderer.noiseless[..n],
+        );
+        let det = &self.cfg.detector;
+        det.count(
+            &mut self.rng_noise,
+            &mut self.renderer.noiseless[..n],
+            &mut self.renderer.frame[..n],
+            &mut self.poisson,
+        );
+        det.add_read_noise_and_salt(&mut self.rng_noise, &mut self.renderer.frame[..n]);
+        self.drift.advance(sc.frame_time(), &mut self.rng_scan);
+    }
+
+    /// The full frame: the ideal image (re-formed when needed), resampled along the distorted
+    /// scan path and counted.
+    fn full_frame(&mut self, epp: f64, shift: [f64; 2], depth: bool) -> Result<()> {
+        let sc = self.scan;
         // The ideal image depends on the specimen, the probe and the geometry; a rigid drift is
         // applied when resampling, so it is re-formed only when the specimen drifted by more
         // than `RERENDER_DRIFT` pixels since (bilinear resampling of the cached image at such a
@@ -1213,8 +1275,10 @@ impl StemInstrument for StemSimulator {
                         &self.slice_of,
                     )?;
                 } else {
-                    self.renderer.render_ideal(
+                    self.ensure_index();
+                    self.renderer.render_ideal_indexed(
                         &self.specimen,
+                        Some(&self.atom_index),
                         &self.sigma_haadf,
                         epp,
                         shift,
@@ -1256,6 +1320,13 @@ impl StemInstrument for StemSimulator {
             self.renderer
                 .record(&self.dist, &self.cfg.detector, &mut self.rng_noise);
         }
+        Ok(())
+    }
+
+    /// Dose, damage, clock and the frame after its image is recorded (both fidelities).
+    fn finish_frame(&mut self, epp: f64, shift: [f64; 2]) -> Result<Frame<'_>> {
+        let sc = self.scan;
+        let t0 = self.clock;
         // Dose over the scanned area, in specimen coordinates at the frame start.
         let dose = epp / (sc.pixel_size * sc.pixel_size);
         let [w, h] = sc.field_of_view();
@@ -1344,6 +1415,9 @@ impl StemInstrument for StemSimulator {
         if !report.sputtered.is_empty() || !report.hops.is_empty() {
             self.ideal_valid = false;
         }
+        if !report.sputtered.is_empty() {
+            self.index_valid = false;
+        }
         self.last_damage = report;
         self.clock = t0 + sc.frame_time();
         let meta = FrameMeta {
@@ -1360,6 +1434,74 @@ impl StemInstrument for StemSimulator {
         )
         .expect("buffer sized to the scan");
         Ok(Frame { image, meta })
+    }
+}
+
+impl StemInstrument for StemSimulator {
+    fn info(&self) -> InstrumentInfo {
+        InstrumentInfo {
+            name: "scopegym STEM simulator".into(),
+            kind: InstrumentKind::Stem,
+            simulated: true,
+        }
+    }
+
+    fn clock(&self) -> f64 {
+        self.clock
+    }
+
+    fn beam_energy(&self) -> f64 {
+        self.cfg.optics.energy.get()
+    }
+
+    fn beam_current(&self) -> f64 {
+        self.cfg.beam.current.get()
+    }
+
+    fn scan_settings(&self) -> ScanSettings {
+        self.scan
+    }
+
+    fn configure_scan(&mut self, request: &ScanSettings) -> Result<ScanSettings> {
+        check_scan_settings(request, DEFLECTION_RANGE, "scan.")?;
+        check_distortion(
+            &self.cfg.scan_distortion,
+            request.rows,
+            request.cols,
+            request.pixel_size,
+        )?;
+        if (request.rows, request.cols, request.pixel_size)
+            != (self.scan.rows, self.scan.cols, self.scan.pixel_size)
+        {
+            self.probe_dirty = true;
+        }
+        if request.center != self.scan.center {
+            self.ideal_valid = false;
+        }
+        self.scan = *request;
+        Ok(self.scan)
+    }
+
+    fn acquire_frame(&mut self) -> Result<Frame<'_>> {
+        self.check_beam("acquire_frame")?;
+        self.follow_aberration_drift();
+        self.ensure_probe();
+        let depth = self.cfg.depth_of_focus.enabled && !self.specimen.atoms.is_empty();
+        if depth {
+            self.prepare_depth_slices()?;
+        }
+        let sc = self.scan;
+        let epp = self.electrons(sc.dwell_time);
+        let shift = self.drift.offset;
+        let fast = self.cfg.fidelity == StemFidelity::Fast
+            && !depth
+            && self.cfg.opt_in_effects().is_empty();
+        if fast {
+            self.fast_frame(epp, shift);
+        } else {
+            self.full_frame(epp, shift, depth)?;
+        }
+        self.finish_frame(epp, shift)
     }
 
     fn probe_position(&self) -> [f64; 2] {
@@ -1411,12 +1553,21 @@ impl StemInstrument for StemSimulator {
         }
         self.expose_point(exposure)?;
         let n_e = self.electrons(exposure);
-        self.eels.sample(
-            &self.composition,
-            n_e,
-            &mut self.rng_noise,
-            &mut self.spectrum,
-        );
+        match self.cfg.fidelity {
+            StemFidelity::Full => self.eels.sample(
+                &self.composition,
+                n_e,
+                &mut self.rng_noise,
+                &mut self.spectrum,
+            ),
+            StemFidelity::Fast => self.eels.sample_normal_approx(
+                &self.composition,
+                n_e,
+                FAST_NORMAL_COUNTS,
+                &mut self.rng_noise,
+                &mut self.spectrum,
+            ),
+        }
         Ok(Spectrum {
             energy: self.eels.energy_axis(),
             counts: &self.spectrum,

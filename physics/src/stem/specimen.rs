@@ -288,6 +288,175 @@ impl Window {
     }
 }
 
+/// A bucket grid over a specimen's atoms (specimen frame) that lists the atoms which may have an
+/// image in a [`Window`], so that an exposure visits those instead of every atom. The candidates
+/// come sorted by atom index, so a sum over them in that order equals, bit for bit, the same sum
+/// over every atom that skips the ones without an image (each candidate is still tested as
+/// before). Built for one state of the atoms: rebuild it when they change.
+#[derive(Debug, Clone, Default)]
+pub struct AtomIndex {
+    /// Lower corner of the bucket grid, m.
+    origin: [f64; 2],
+    /// Bucket side, m.
+    bucket: f64,
+    /// Buckets along x and y.
+    dims: [usize; 2],
+    /// Start of each bucket's atoms in `ids` (row-major buckets, one extra end entry).
+    start: Vec<u32>,
+    /// Atom indices, bucket after bucket, ascending within each.
+    ids: Vec<u32>,
+    /// Atoms the index was built for.
+    n_atoms: usize,
+}
+
+impl AtomIndex {
+    /// Indexes `specimen`'s atoms in square buckets of side `bucket` (m, > 0; larger where
+    /// that would give more than one bucket per atom).
+    pub fn build(specimen: &Specimen, bucket: f64) -> Self {
+        let mut idx = Self::default();
+        idx.rebuild(specimen, bucket);
+        idx
+    }
+
+    /// [`Self::build`] reusing this index's buffers.
+    pub fn rebuild(&mut self, specimen: &Specimen, bucket: f64) {
+        let atoms = &specimen.atoms;
+        self.n_atoms = atoms.len();
+        self.start.clear();
+        self.ids.clear();
+        if atoms.is_empty() || atoms.len() > u32::MAX as usize || bucket.is_nan() || bucket <= 0.0 {
+            return;
+        }
+        let (mut lo, mut hi) = ([f64::INFINITY; 2], [f64::NEG_INFINITY; 2]);
+        for a in atoms {
+            lo = [lo[0].min(a.x), lo[1].min(a.y)];
+            hi = [hi[0].max(a.x), hi[1].max(a.y)];
+        }
+        if !(lo.iter().chain(&hi).all(|v| v.is_finite())) {
+            return;
+        }
+        // At most about one bucket per atom.
+        let area = (hi[0] - lo[0]).max(0.0) * (hi[1] - lo[1]).max(0.0);
+        let b = bucket
+            .max((area / atoms.len() as f64).sqrt())
+            .max((hi[0] - lo[0]).max(hi[1] - lo[1]) / 1024.0)
+            .max(f64::MIN_POSITIVE);
+        let dims = [0, 1].map(|k| ((hi[k] - lo[k]) / b) as usize + 1);
+        self.origin = lo;
+        self.bucket = b;
+        self.dims = dims;
+        let of = |a: &Atom| {
+            let i = (((a.x - lo[0]) / b) as usize).min(dims[0] - 1);
+            let j = (((a.y - lo[1]) / b) as usize).min(dims[1] - 1);
+            j * dims[0] + i
+        };
+        // Counting sort by bucket (atom order kept within each).
+        self.start.resize(dims[0] * dims[1] + 1, 0);
+        for a in atoms {
+            self.start[of(a) + 1] += 1;
+        }
+        let mut acc = 0;
+        for v in self.start.iter_mut() {
+            acc += *v;
+            *v = acc;
+        }
+        self.ids.resize(atoms.len(), 0);
+        for (i, a) in atoms.iter().enumerate() {
+            // `start[k]` runs ahead while bucket k fills, then is set back below.
+            let k = of(a);
+            self.ids[self.start[k] as usize] = i as u32;
+            self.start[k] += 1;
+        }
+        // Each entry now holds the next bucket's start: shift them back by one.
+        let last = self.start.len() - 1;
+        self.start.copy_within(0..last, 1);
+        self.start[0] = 0;
+    }
+
+    /// Whether the index was built for `n` atoms (a cheap staleness check; the owner rebuilds
+    /// it whenever the atoms move).
+    pub fn covers(&self, n: usize) -> bool {
+        self.n_atoms == n && (n == 0 || !self.ids.is_empty())
+    }
+
+    /// Writes into `out`, ascending, the indices of the atoms that may have an image in
+    /// `window` (every atom that has one, and some that have none). Returns false, leaving `out`
+    /// empty, when the window covers so much of the specimen that visiting every atom is
+    /// cheaper (or the index is empty).
+    pub fn candidates(&self, window: &Window, out: &mut Vec<u32>) -> bool {
+        out.clear();
+        if self.ids.is_empty() {
+            return false;
+        }
+        // Specimen-frame rectangles (centre) that hold every atom p with an image in the window:
+        // p + offset + m₁·period₁ + m₂·period₂ in the window for some integers m.
+        let half = window.half;
+        let mut centres = [[0.0f64; 2]; 81];
+        let mut n_centres = 0;
+        match (&window.cell, window.direct) {
+            (Some(c), false) => {
+                let o = c.wrap(window.offset);
+                let [n1, n2] = c.image_range(half).map(|n| n + 2);
+                if (2 * n1 + 1) * (2 * n2 + 1) > centres.len() as i64 {
+                    return false;
+                }
+                let [a, b] = c.periods;
+                for m1 in -n1..=n1 {
+                    for m2 in -n2..=n2 {
+                        let (m1, m2) = (m1 as f64, m2 as f64);
+                        centres[n_centres] = [
+                            -(o[0] + m1 * a[0] + m2 * b[0]),
+                            -(o[1] + m1 * a[1] + m2 * b[1]),
+                        ];
+                        n_centres += 1;
+                    }
+                }
+            }
+            _ => {
+                centres[0] = [-window.offset[0], -window.offset[1]];
+                n_centres = 1;
+            }
+        }
+        // A margin far above the rounding of the window's arithmetic.
+        let margin = 1e-3 * self.bucket;
+        let mut ranges = [[0usize; 4]; 81];
+        let mut n_ranges = 0;
+        let mut visits = 0usize;
+        for c in &centres[..n_centres] {
+            let lo = [0, 1].map(|k| (c[k] - half[k] - margin - self.origin[k]) / self.bucket);
+            let hi = [0, 1].map(|k| (c[k] + half[k] + margin - self.origin[k]) / self.bucket);
+            if (0..2).any(|k| hi[k] < 0.0 || lo[k] >= self.dims[k] as f64) {
+                continue;
+            }
+            let r = [
+                lo[0].max(0.0) as usize,
+                (hi[0] as usize).min(self.dims[0] - 1),
+                lo[1].max(0.0) as usize,
+                (hi[1] as usize).min(self.dims[1] - 1),
+            ];
+            for j in r[2]..=r[3] {
+                let row = j * self.dims[0];
+                visits += (self.start[row + r[1] + 1] - self.start[row + r[0]]) as usize;
+            }
+            ranges[n_ranges] = r;
+            n_ranges += 1;
+        }
+        if 2 * visits > self.n_atoms {
+            return false;
+        }
+        for r in &ranges[..n_ranges] {
+            for j in r[2]..=r[3] {
+                let row = j * self.dims[0];
+                let (s, e) = (self.start[row + r[0]], self.start[row + r[1] + 1]);
+                out.extend_from_slice(&self.ids[s as usize..e as usize]);
+            }
+        }
+        out.sort_unstable();
+        out.dedup();
+        true
+    }
+}
+
 /// Crystal structures the builder knows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -1139,6 +1308,69 @@ mod tests {
 
     fn nearest_distance(s: &Specimen, i: usize) -> f64 {
         distances(s, i).into_iter().fold(f64::INFINITY, f64::min)
+    }
+
+    #[test]
+    fn atom_index_lists_every_atom_with_an_image_in_a_window() {
+        // Brute force (every atom through `Window::images`) as the reference, over rotated and
+        // unrotated cells, windows inside one cell (direct) and across its edges, and windows
+        // larger than the cell (several images).
+        let mut rng = seeded(3);
+        for rotation in [0.0, 0.4, 1.0] {
+            let cfg = SpecimenConfig {
+                rotation: Param::fixed(rotation),
+                ..Default::default()
+            };
+            let s = cfg.build([3e-9, 2.5e-9], &mut seeded(1)).unwrap();
+            let index = AtomIndex::build(&s, 4e-10);
+            let mut out = Vec::new();
+            let (mut direct, mut wrapped, mut indexed) = (0, 0, 0);
+            for _ in 0..300 {
+                let c = [
+                    (rng.random::<f64>() - 0.5) * 8e-9,
+                    (rng.random::<f64>() - 0.5) * 8e-9,
+                ];
+                let h = rng.random::<f64>() * 1.5e-9 + 1e-11;
+                let half = [h, h * (0.5 + rng.random::<f64>())];
+                let w = s.window(c, half);
+                let truth: Vec<u32> = (0..s.atoms.len() as u32)
+                    .filter(|&i| {
+                        let a = &s.atoms[i as usize];
+                        w.images([a.x, a.y]).next().is_some()
+                    })
+                    .collect();
+                if w.is_direct() {
+                    direct += 1;
+                } else {
+                    wrapped += 1;
+                }
+                if index.candidates(&w, &mut out) {
+                    indexed += 1;
+                    assert!(out.windows(2).all(|p| p[0] < p[1]), "ascending, no repeats");
+                    let missing: Vec<_> = truth
+                        .iter()
+                        .filter(|i| out.binary_search(i).is_err())
+                        .collect();
+                    assert!(
+                        missing.is_empty(),
+                        "rotation {rotation}, c {c:?}, half {half:?}: {missing:?}"
+                    );
+                    // Candidates come from the buckets the window touches: few beyond it.
+                    assert!(
+                        out.len() <= truth.len() * 4 + 64,
+                        "{} for {}",
+                        out.len(),
+                        truth.len()
+                    );
+                } else {
+                    assert!(out.is_empty());
+                }
+            }
+            assert!(
+                direct > 20 && wrapped > 20 && indexed > 100,
+                "{direct} {wrapped} {indexed}"
+            );
+        }
     }
 
     #[test]
