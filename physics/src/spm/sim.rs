@@ -2348,6 +2348,21 @@ mod tests {
         c
     }
 
+    /// Every channel of the next frame, by name, as the bits of its values.
+    fn frame_bits(sim: &mut SpmSimulator) -> Vec<(String, Vec<u32>)> {
+        let frame = sim.acquire_frame().unwrap();
+        frame
+            .channels
+            .iter()
+            .map(|c| {
+                (
+                    c.name.clone(),
+                    c.image.iter().map(|v| v.to_bits()).collect(),
+                )
+            })
+            .collect()
+    }
+
     #[test]
     fn tunneling_off_leaves_every_frame_bit_identical() {
         let base = stm_tunnel(false, 2);
@@ -2362,30 +2377,8 @@ mod tests {
         for bias in [0.1, 0.7] {
             a.set_bias(bias).unwrap();
             b.set_bias(bias).unwrap();
-            let fa: Vec<(String, Vec<u32>)> = a
-                .acquire_frame()
-                .unwrap()
-                .channels
-                .iter()
-                .map(|c| {
-                    (
-                        c.name.clone(),
-                        c.image.iter().map(|v| v.to_bits()).collect(),
-                    )
-                })
-                .collect();
-            let fb: Vec<(String, Vec<u32>)> = b
-                .acquire_frame()
-                .unwrap()
-                .channels
-                .iter()
-                .map(|c| {
-                    (
-                        c.name.clone(),
-                        c.image.iter().map(|v| v.to_bits()).collect(),
-                    )
-                })
-                .collect();
+            let fa = frame_bits(&mut a);
+            let fb = frame_bits(&mut b);
             assert_eq!(fa, fb);
             assert!(fa.iter().all(|(n, _)| n != "current"));
         }

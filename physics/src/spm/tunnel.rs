@@ -35,12 +35,13 @@
 //!   `ln(1 + δI/I_set)`, r.m.s. `σ_ε = σ_I/I_set` for small noise, i.e. `σ_ε/(2κ)` in height.
 
 use crate::constants::{ELECTRON_MASS, ELEMENTARY_CHARGE, PLANCK};
-use crate::error::{PhysicsError, Result};
+use crate::error::{Result, check_range};
 use crate::param::Param;
 use crate::param::dims::{Current, Energy, Unitless};
 use crate::rng::{SimRng, normal};
 use serde::{Deserialize, Serialize};
 use std::f64::consts::PI;
+use std::ops::Bound::{Excluded, Included};
 
 /// The conductance quantum `G₀ = 2e²/h`, S.
 pub const CONDUCTANCE_QUANTUM: f64 = 2.0 * ELEMENTARY_CHARGE * ELEMENTARY_CHARGE / PLANCK;
@@ -89,75 +90,42 @@ impl Default for TunnelingConfig {
 impl TunnelingConfig {
     /// Checks ranges (NaN is rejected); `prefix` names the section, e.g. `"tunneling."`.
     pub fn validate(&self, prefix: &str) -> Result<()> {
-        let check = |name: &str, v: f64, lo: f64, hi: f64, lo_open: bool, unit: &str| {
-            let ok = if lo_open { v > lo } else { v >= lo } && v <= hi;
-            if ok {
-                Ok(())
-            } else {
-                let open = if lo_open { "(" } else { "[" };
-                Err(PhysicsError::param(
-                    format!("{prefix}{name}"),
-                    format!("must be in {open}{lo:e}, {hi:e}] {unit}, got {v}"),
-                ))
-            }
-        };
-        check(
-            "work_function",
+        let f = |name: &str| format!("{prefix}{name}");
+        check_range(
+            &f("work_function"),
             self.work_function.get(),
-            0.5,
-            10.0,
-            false,
+            0.5..=10.0,
             "eV",
         )?;
-        check(
-            "setpoint_current",
-            self.setpoint_current.get(),
-            0.0,
-            1e-6,
-            true,
+        let i_set = self.setpoint_current.get();
+        check_range(
+            &f("setpoint_current"),
+            i_set,
+            (Excluded(0.0), Included(1e-6)),
             "A",
         )?;
-        check(
-            "current_noise",
+        check_range(
+            &f("current_noise"),
             self.current_noise.get(),
-            0.0,
-            1e-9,
-            false,
+            0.0..=1e-9,
             "A/√Hz",
         )?;
-        check(
-            "current_pink_noise",
-            self.current_pink_noise.get(),
-            0.0,
-            1e-9,
-            false,
-            "A/√Hz",
-        )?;
-        check(
-            "resonance_energy",
+        let pink = self.current_pink_noise.get();
+        check_range(&f("current_pink_noise"), pink, 0.0..=1e-9, "A/√Hz")?;
+        check_range(
+            &f("resonance_energy"),
             self.resonance_energy.get(),
-            -5.0,
-            5.0,
-            false,
+            -5.0..=5.0,
             "eV",
         )?;
-        check(
-            "resonance_width",
+        check_range(
+            &f("resonance_width"),
             self.resonance_width.get(),
-            0.01,
-            5.0,
-            false,
+            0.01..=5.0,
             "eV",
         )?;
-        check(
-            "resonance_strength",
-            self.resonance_strength.get(),
-            0.0,
-            1e4,
-            false,
-            "",
-        )?;
-        Ok(())
+        let strength = self.resonance_strength.get();
+        check_range(&f("resonance_strength"), strength, 0.0..=1e4, "")
     }
 
     /// The adatom resonance of this config.
