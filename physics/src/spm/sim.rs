@@ -64,7 +64,9 @@ use crate::spm::surface::{
 };
 use crate::spm::tapping::AfmConfig;
 use crate::spm::tip::{Conditioning, TipConfig, TipState, WearModel};
-use crate::spm::tunnel::{CurrentNoise, TunnelingConfig};
+use crate::spm::tunnel::{
+    CurrentNoise, GainUnits, TunnelingConfig, height_gains, log_current_gains,
+};
 use ndarray::{Array2, ArrayView2};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
@@ -647,7 +649,7 @@ impl SpmSimulator {
                 &mut self.rng_scan,
             )?,
         };
-        self.feedback = ZFeedback::new(&cfg.afm.feedback(&cfg.feedback))?;
+        self.feedback = ZFeedback::new(&Self::loop_settings(&cfg)?)?;
         self.feedback
             .set_closed_form(cfg.fidelity == SpmFidelity::Fast);
         self.tip = TipState::new(&cfg.tip, &mut seeded(derive_seed(seed, "tip_init")))?;
@@ -718,6 +720,33 @@ impl SpmSimulator {
         self.tip_events = 0;
         self.alloc_channels();
         Ok(())
+    }
+
+    /// The feedback settings the loop runs with: `[feedback]` as the AFM mode maps it
+    /// ([`crate::spm::tapping::AfmConfig::feedback`]), and with tunnelling on, in height units
+    /// with the current floor's saturation ([`TunnelingConfig::loop_feedback`]).
+    fn loop_settings(cfg: &SpmConfig) -> Result<FeedbackConfig> {
+        let fb = cfg.afm.feedback(&cfg.feedback);
+        if cfg.tunneling.enabled && cfg.mode == SpmMode::Stm {
+            cfg.tunneling.loop_feedback(&fb)
+        } else {
+            Ok(fb)
+        }
+    }
+
+    /// The gains in the units the instrument speaks (`tunneling.gain_units`), from or to the
+    /// loop's height units: `to_loop` converts `(P, I)` for the loop, else back.
+    fn convert_gains(&self, p: f64, i: f64, to_loop: bool) -> (f64, f64) {
+        match &self.tunnel {
+            Some(t) if self.cfg.tunneling.gain_units == GainUnits::LogCurrent => {
+                if to_loop {
+                    height_gains(p, i, t.kappa)
+                } else {
+                    log_current_gains(p, i, t.kappa)
+                }
+            }
+            _ => (p, i),
+        }
     }
 
     /// The tunnelling state for this session's config, `None` unless STM with
@@ -1519,12 +1548,14 @@ impl SpmInstrument for SpmSimulator {
     }
 
     fn feedback_gains(&self) -> (f64, f64) {
-        self.feedback.gains()
+        let (kp, ki) = self.feedback.gains();
+        self.convert_gains(kp, ki, false)
     }
 
     fn set_feedback_gains(&mut self, p_gain: f64, i_gain: f64) -> Result<(f64, f64)> {
-        self.feedback.set_gains(p_gain, i_gain)?;
-        Ok(self.feedback.gains())
+        let (kp, ki) = self.convert_gains(p_gain, i_gain, true);
+        self.feedback.set_gains(kp, ki)?;
+        Ok(self.feedback_gains())
     }
 
     fn is_withdrawn(&self) -> bool {
@@ -2330,6 +2361,110 @@ mod tests {
                 sim.rebuild_truth().unwrap();
             }
         }
+    }
+
+    /// With `gain_units = "log_current"` the gains are a Nanonis Z-controller's P (m) and I
+    /// (m/s) per unit ln I, acting as `K_p = 2κP`, `K_i = 2κI` (κ = 10.868 nm⁻¹ at 4.5 eV):
+    /// the same frames as the height-unit gains they map to, in the config and when set.
+    #[test]
+    fn log_current_gains_act_as_two_kappa_times_the_height_gains() {
+        let kappa = 10.868e9;
+        let base = |units: GainUnits, p: f64, i: f64| {
+            let mut c = stm_tunnel(true, 3);
+            c.tunneling.current_noise = Param::fixed(0.0);
+            c.tunneling.gain_units = units;
+            c.feedback.p_gain = Param::fixed(p);
+            c.feedback.i_gain = Param::fixed(i);
+            SpmSimulator::new(c, 6).unwrap()
+        };
+        let mut h = base(GainUnits::Height, 0.1, 300.0);
+        let mut n = base(
+            GainUnits::LogCurrent,
+            0.1 / (2.0 * kappa),
+            300.0 / (2.0 * kappa),
+        );
+        let (p, i) = n.feedback_gains();
+        assert!((p * 2.0 * kappa / 0.1 - 1.0).abs() < 1e-4, "P {p:e} m");
+        assert!((i * 2.0 * kappa / 300.0 - 1.0).abs() < 1e-4, "I {i:e} m/s");
+        let close = |a: &mut SpmSimulator, b: &mut SpmSimulator| {
+            let (fa, fb) = (a.acquire_frame().unwrap(), b.acquire_frame().unwrap());
+            let (za, zb) = (&fa.main().image, &fb.main().image);
+            let relief = za.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            let worst = za
+                .iter()
+                .zip(zb)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0.0f32, f32::max);
+            assert!(
+                relief > 1e-11 && worst <= 2e-4 * relief,
+                "{worst:e} of {relief:e} m"
+            );
+        };
+        close(&mut h, &mut n);
+        // Set through the instrument: P = 4.6 pm, I = 13.8 nm/s per unit ln I.
+        let (p, i) = n.set_feedback_gains(4.6e-12, 13.8e-9).unwrap();
+        assert!((p / 4.6e-12 - 1.0).abs() < 1e-12 && (i / 13.8e-9 - 1.0).abs() < 1e-12);
+        h.set_feedback_gains(2.0 * kappa * 4.6e-12, 2.0 * kappa * 13.8e-9)
+            .unwrap();
+        close(&mut h, &mut n);
+        // Gains that map beyond the loop's range are refused, naming the setting.
+        let mut c = stm_tunnel(true, 0);
+        c.tunneling.gain_units = GainUnits::LogCurrent;
+        c.feedback.p_gain = Param::fixed(1e-9); // K_p = 21.7 > 10
+        let e = SpmSimulator::new(c, 1).unwrap_err().to_string();
+        assert!(e.contains("tunneling.gain_units"), "{e}");
+    }
+
+    /// A current floor `I_floor` saturates the error at `ln(I_floor/I_set)`: the loop runs as
+    /// with `[feedback] saturation = ln(I_set/I_floor)/(2κ)`, and no pixel's error reads
+    /// below it, while without the floor the same scan reads deeper errors.
+    #[test]
+    fn current_floor_saturates_the_error_at_its_closed_form() {
+        let kappa: f64 = 10.868e9;
+        let (i_set, c_sat): (f64, f64) = (100e-12, 0.02e-9);
+        let floor = i_set * (-2.0 * kappa * c_sat).exp(); // 64.7 pA
+        let session = |floor: f64, saturation: f64| {
+            let mut c = stm_tunnel(true, 6);
+            c.tunneling.current_noise = Param::fixed(0.0);
+            c.tunneling.current_floor = Param::fixed(floor);
+            c.feedback.saturation = Param::fixed(saturation);
+            c.feedback.i_gain = Param::fixed(60.0);
+            c.scan.line_rate = Param::fixed(20.0);
+            let mut sim = SpmSimulator::new(c, 2).unwrap();
+            let f = sim.acquire_frame().unwrap();
+            (
+                f.main().image.clone(),
+                f.channel("error").unwrap().image.clone(),
+            )
+        };
+        let (z_floor, e_floor) = session(floor, 5e-9);
+        let (z_sat, e_sat) = session(0.0, c_sat);
+        let (_, e_free) = session(0.0, 5e-9);
+        let low = |e: &Array2<f32>| e.iter().fold(f32::INFINITY, |m, &v| m.min(v));
+        let lowest = low(&e_floor);
+        assert!(f64::from(lowest) >= -c_sat * (1.0 + 1e-4), "{lowest:e} m");
+        assert!(
+            f64::from(low(&e_free)) < -1.5 * c_sat,
+            "{:e} m",
+            low(&e_free)
+        );
+        let diff = |a: &Array2<f32>, b: &Array2<f32>| {
+            a.iter()
+                .zip(b)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0.0f32, f32::max)
+        };
+        assert!(
+            diff(&z_floor, &z_sat) < 1e-14,
+            "{:e}",
+            diff(&z_floor, &z_sat)
+        );
+        assert!(diff(&e_floor, &e_sat) < 1e-14);
+        // A floor at or above the set point is refused, naming the field.
+        let mut c = stm_tunnel(true, 0);
+        c.tunneling.current_floor = Param::fixed(i_set);
+        let e = SpmSimulator::new(c, 1).unwrap_err().to_string();
+        assert!(e.contains("tunneling.current_floor"), "{e}");
     }
 
     /// A small STM session with the scanner's imperfections off and `tunneling.enabled` as
