@@ -410,6 +410,8 @@ fn grey_png(values: &[f32], rows: usize, cols: usize) -> Result<Vec<u8>, ToolErr
 // The instrument tools
 
 /// The task's instrument behind the guard (a simulator of it).
+// One per server: the size of the variants does not matter.
+#[allow(clippy::large_enum_variant)]
 enum Instrument {
     Spm(Guarded<SpmSimulator>),
     Lattice(Guarded<LatticeSimulator>),
@@ -945,12 +947,17 @@ impl Session {
     }
 
     fn spaces(&self) -> Json {
-        json!({
-            "observation_space": self.env.observation_space().to_json(),
-            "action_space": self.env.action_space().to_json(),
-            "action_space_short": self.env.action_space().describe(),
+        // Short forms: a Box's bounds in full would flood the agent's context.
+        let act = self.env.action_space();
+        let mut j = json!({
+            "observation_space": self.env.observation_space().describe(),
+            "action_space": act.describe(),
             "max_episode_steps": self.env.max_episode_steps(),
-        })
+        });
+        if act.flat_len() <= 64 {
+            j["action_space_json"] = act.to_json();
+        }
+        j
     }
 
     fn list_tasks(&self) -> ToolResult {
@@ -1579,7 +1586,13 @@ pub(crate) fn mcp(a: &McpArgs<'_>) -> Result<(), CliError> {
                         })?;
                 let local = listener.local_addr().map_err(io("--http"))?;
                 eprintln!("scopegym mcp: serving {} on http://{local}/mcp", a.task);
-                axum::serve(listener, app).await.map_err(io("--http"))
+                // Ctrl-C ends the server gracefully: the episode in progress is scored.
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(async {
+                        let _ = tokio::signal::ctrl_c().await;
+                    })
+                    .await
+                    .map_err(io("--http"))
             }
         }
     });
