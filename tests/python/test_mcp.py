@@ -91,3 +91,39 @@ def test_mcp_tools_match_gymnasium_and_refuse_bad_calls(task: str, run_seed: int
     calls = [json.loads(line) for line in (tmp_path / "calls.jsonl").read_text().splitlines()]
     assert any(c["tool"] == "step" and c["ok"] for c in calls)
     assert any(c["tool"] == "move_probe" and not c["ok"] for c in calls)
+
+
+def test_mcp_over_streamable_http_scores_the_episode_on_ctrl_c(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+
+    if not Path(BIN).exists():
+        pytest.skip(f"no scopegym binary at {BIN} (set SCOPEGYM_BIN)")
+    task = "scopegym/SpmTipConditioning-v2"
+    proc = subprocess.Popen(
+        [BIN, "mcp", "--task", task, "--http", "127.0.0.1:0", "--record", str(tmp_path)],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stderr is not None
+        line = proc.stderr.readline()
+        url = line.strip().rsplit(" on ", 1)[1]
+        assert url.startswith("http://127.0.0.1:") and url.endswith("/mcp"), line
+
+        async def run() -> list[float]:
+            async with mcp.Client(url) as c:
+                _structured(await c.call_tool("reset", {}))
+                return [_structured(await c.call_tool("step", {"action": a}))["reward"] for a in (4, 0)]
+
+        rewards = asyncio.run(run())
+        env = gym.make(task, difficulty="medium", split="test")
+        env.reset(seed=0)
+        assert rewards == [env.step(a)[1] for a in (4, 0)]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=30)
+    # Ctrl-C scores the episode in progress into results.json.
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["agent"] == "llm" and res["env_id"] == task
+    assert [e["rewards"] for e in res["per_seed"][0]["episodes"]] == [rewards]
