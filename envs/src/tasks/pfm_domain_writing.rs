@@ -974,8 +974,9 @@ mod tests {
     /// (2) The heuristic's episodes on seeds 0..12: the mean and variance of the reward and of
     /// the observed IoU per step, and the statistics of the phase images (mean, variance,
     /// power in three bands of spatial frequency, [`crate::tasks::testing::image_statistics`]);
-    /// the closed loop makes the episodes diverge, so these agree less closely (measured on
-    /// seeds 0..6: within 21 %).
+    /// the closed loop makes the episodes diverge, so these agree less closely (measured: the
+    /// reward's mean within 9 % and variance within 15 %, the IoU's within 5 %, the image
+    /// statistics within 0.6 %). Tolerance 25 %.
     #[test]
     fn fast_and_full_observe_the_same_statistics() {
         use crate::tasks::testing::{image_statistics, info_f64, relative_differences, roll_out};
