@@ -56,7 +56,9 @@ use crate::rng::{SimRng, derive_seed, normal, seeded};
 use crate::spm::adatoms::{AdatomConfig, BumpPatch, bumps, corrugation, place_adatoms};
 use crate::spm::dilation::{Dilator, Tip};
 use crate::spm::feedback::{FeedbackConfig, LineStats, ZFeedback};
-use crate::spm::ferro::{FerroConfig, FerroFilm, pfm_response, pfm_signal, smooth_periodic};
+use crate::spm::ferro::{
+    FerroConfig, FerroFilm, LightTdgl, TipProtocol, pfm_response, pfm_signal, smooth_periodic,
+};
 use crate::spm::manipulation::{DragEvent, ManipulationConfig, Outcome, drag};
 use crate::spm::scanner::{Scanner, ScannerConfig};
 use crate::spm::surface::{
@@ -251,7 +253,13 @@ impl PfmConfig {
 ///   grid's edge), instead of first the interior dilation and then, when a scan reaches the
 ///   edge band, the periodic one: the image values are the same, one dilation is saved;
 /// - the z feedback evaluates runs of controller samples in closed form where no limit acts
-///   ([`ZFeedback::set_closed_form`]): the same values up to rounding.
+///   ([`ZFeedback::set_closed_form`]): the same values up to rounding;
+/// - PFM: the film's TDGL equation is integrated with a time step 2.5 times longer (at most
+///   0.7 of the explicit scheme's stability limit; its fixed points, the states a pulse
+///   leaves, are the equation's whatever the step), under the tip only where the field reaches
+///   0.1 (reduced; a coercive field is 0.87) plus 4 cells, and only until the film has settled
+///   ([`SpmSimulator::tip_protocol`], [`LightTdgl`]). The statistics of written domains and
+///   switching loops stay within the tolerances the PFM tasks test.
 ///
 /// The random streams differ from `Full`, so the same seed gives a different (equally likely)
 /// session.
@@ -267,6 +275,33 @@ pub enum SpmFidelity {
 
 /// Number of 1/f processes in the fast model.
 const FAST_PINK_COMPONENTS: usize = 9;
+
+/// The fast model's film time step: `FAST_DT_FACTOR` times the configured one, at most
+/// `FAST_DT_STABILITY` of the explicit scheme's stability limit.
+const FAST_DT_FACTOR: f64 = 2.5;
+const FAST_DT_STABILITY: f64 = 0.7;
+
+/// The fast model's film integration window reaches where the tip field is at least this
+/// (reduced field units, against the coercive field 0.87 of the default Landau coefficients)
+/// ...
+const FAST_REACH_LEVEL: f64 = 0.1;
+/// ... plus this many cells.
+const FAST_WINDOW_MARGIN: f64 = 4.0;
+/// The fast model stops integrating the film under one field once no cell changed by this
+/// much in a step.
+const FAST_SETTLED: f32 = 1e-5;
+
+/// The film's time step: `ferroelectric.dt`, or in the fast model [`FAST_DT_FACTOR`] times
+/// it, at most [`FAST_DT_STABILITY`] of the stability limit.
+fn film_dt(cfg: &SpmConfig) -> f64 {
+    let f = &cfg.ferroelectric;
+    match cfg.fidelity {
+        SpmFidelity::Full => f.dt.get(),
+        SpmFidelity::Fast => {
+            (FAST_DT_FACTOR * f.dt.get()).min(FAST_DT_STABILITY * f.stable_dt_limit())
+        }
+    }
+}
 
 /// Everything that defines a simulated SPM session (one scenario).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -671,24 +706,34 @@ impl SpmSimulator {
             let mut film = FerroFilm::new(&cfg.ferroelectric, [n, n], derive_seed(seed, "film"))?;
             // As grown: smooth random polarization (correlation length `domain_size`),
             // thresholded so `up_fraction` of the film points up, relaxed into domains.
-            let mut rng = seeded(derive_seed(seed, "film_init"));
-            let noise: Vec<f64> = (0..n * n).map(|_| normal(&mut rng)).collect();
-            let smooth =
-                smooth_periodic(&noise, [n, n], 0.5 * cfg.pfm.domain_size.get() / self.cell);
-            let mut sorted = smooth.clone();
-            sorted.sort_by(f64::total_cmp);
             let up = cfg.pfm.up_fraction.get();
-            let k = (((1.0 - up) * (n * n) as f64) as usize).min(n * n - 1);
-            let threshold = if up >= 1.0 {
-                f64::NEG_INFINITY
+            if up <= 0.0 || up >= 1.0 {
+                // Poled: the threshold below would leave every cell down (up) whatever the
+                // random polarization.
+                film.fill(if up >= 1.0 { 1.0 } else { -1.0 });
             } else {
-                sorted[k]
-            };
-            for (v, &g) in film.polarization_mut().iter_mut().zip(&smooth) {
-                *v = if g > threshold { 1.0 } else { -1.0 };
+                let mut rng = seeded(derive_seed(seed, "film_init"));
+                let noise: Vec<f64> = (0..n * n).map(|_| normal(&mut rng)).collect();
+                let smooth =
+                    smooth_periodic(&noise, [n, n], 0.5 * cfg.pfm.domain_size.get() / self.cell);
+                let mut sorted = smooth.clone();
+                sorted.sort_by(f64::total_cmp);
+                let k = (((1.0 - up) * (n * n) as f64) as usize).min(n * n - 1);
+                let threshold = sorted[k];
+                for (v, &g) in film.polarization_mut().iter_mut().zip(&smooth) {
+                    *v = if g > threshold { 1.0 } else { -1.0 };
+                }
             }
-            let steps = (cfg.pfm.settle_time.get() / cfg.ferroelectric.dt.get()).round() as usize;
-            film.relax(steps, 0.0);
+            let dt = film_dt(&cfg);
+            film.set_time_step(dt)?;
+            let steps = (cfg.pfm.settle_time.get() / dt).round() as usize;
+            match cfg.fidelity {
+                SpmFidelity::Full => film.relax(steps, 0.0),
+                SpmFidelity::Fast => {
+                    film.set_uniform_field(0.0);
+                    film.run_settling(steps, FAST_SETTLED);
+                }
+            }
             Some(film)
         } else {
             None
@@ -1457,17 +1502,36 @@ impl SpmSimulator {
         Ok(())
     }
 
-    fn film_point(&self, p_lab: [f64; 2]) -> Result<(f64, f64, f64, usize)> {
-        let p = self.lab_to_sample(p_lab);
-        let (x, y) = self.cell_coords(p);
-        let width = self.cfg.pfm.tip_width.get() / self.cell;
-        let half = ((4.0 * width).ceil() as usize).max(12);
-        Ok((x, y, width, half))
+    /// The film cell `(x, y)` under the lab position `p_lab`.
+    fn film_point(&self, p_lab: [f64; 2]) -> (f64, f64) {
+        self.cell_coords(self.lab_to_sample(p_lab))
     }
 
-    fn reduced_steps(&self, duration: f64) -> usize {
+    /// How the tip writes and probes the film (`None` outside PFM mode): the Lorentzian field
+    /// of `pfm.tip_width` in cells, integrated in a window of `max(4·width, 12)` cells around
+    /// the tip; in the fast model ([`SpmFidelity::Fast`]) the light integration
+    /// ([`LightTdgl`]: the window fitted to where the field exceeds [`FAST_REACH_LEVEL`], an
+    /// early stop once the film has settled).
+    pub fn tip_protocol(&self) -> Option<TipProtocol> {
+        self.film.as_ref()?;
+        let width = self.cfg.pfm.tip_width.get() / self.cell;
+        Some(TipProtocol {
+            width,
+            half: ((4.0 * width).ceil() as usize).max(12),
+            field_per_volt: self.cfg.pfm.field_per_volt.get(),
+            bias_offset: self.cfg.pfm.bias_offset.get(),
+            light: (self.cfg.fidelity == SpmFidelity::Fast).then_some(LightTdgl {
+                reach_level: FAST_REACH_LEVEL,
+                margin: FAST_WINDOW_MARGIN,
+                tol: FAST_SETTLED,
+            }),
+        })
+    }
+
+    /// Time steps of the film's explicit scheme in `duration` s (at least 1).
+    pub fn reduced_steps(&self, duration: f64) -> usize {
         let t = duration / self.cfg.pfm.time_unit.get();
-        (t / self.cfg.ferroelectric.dt.get()).round().max(1.0) as usize
+        (t / film_dt(&self.cfg)).round().max(1.0) as usize
     }
 }
 
@@ -1599,17 +1663,13 @@ impl BiasWriting for SpmSimulator {
                 reason: "it needs a ferroelectric film (PFM mode)".into(),
             });
         }
-        let (x, y, width, half) = self.film_point(position)?;
+        let (x, y) = self.film_point(position);
+        let tip = self.tip_protocol().expect("checked above");
         let steps = self.reduced_steps(duration);
+        // Then a brief relaxation at zero field so that unstable nuclei shrink back.
         let relax = self.reduced_steps(0.1 * duration).min(steps);
-        let k = self.cfg.pfm.field_per_volt.get();
         let film = self.film.as_mut().expect("checked above");
-        let v = bias + self.cfg.pfm.bias_offset.get();
-        film.set_tip_field(x, y, v * k, width);
-        film.run_window(steps, x, y, half);
-        // Relax briefly at zero field so unstable nuclei shrink back.
-        film.set_uniform_field(0.0);
-        film.run_window(relax, x, y, half);
+        film.tip_pulse(x, y, bias, steps, relax, &tip);
         self.probe = position;
         self.clock += duration;
         self.scanner.advance(self.clock, &mut self.rng_scan);
@@ -1636,17 +1696,11 @@ impl PointSpectroscopy for SpmSimulator {
                 reason: "switching spectroscopy needs PFM mode".into(),
             });
         }
-        let (x, y, width, half) = self.film_point(position)?;
+        let (x, y) = self.film_point(position);
+        let tip = self.tip_protocol().expect("checked above");
         let steps = self.reduced_steps(self.cfg.pfm.point_time.get());
-        let k = self.cfg.pfm.field_per_volt.get();
-        let offset = self.cfg.pfm.bias_offset.get();
         let film = self.film.as_mut().expect("checked above");
-        let mut out = Vec::with_capacity(waveform.len());
-        for &v in waveform {
-            film.set_tip_field(x, y, (v + offset) * k, width);
-            film.run_window(steps, x, y, half);
-            out.push(film.local_response(x, y, width));
-        }
+        let out = film.tip_spectroscopy(x, y, waveform, steps, &tip);
         film.set_uniform_field(0.0);
         self.probe = position;
         self.clock += waveform.len() as f64 * self.cfg.pfm.point_time.get();
