@@ -860,13 +860,13 @@ impl Session {
             table.insert("split".into(), "test".into());
         }
         let mut suite_config = suite_config;
-        if let Some(p) = a.env_config {
-            if let toml::Value::Table(t) = read_toml(p, "--env-config")? {
-                for (k, v) in t {
-                    table.insert(k, v);
-                }
-                suite_config = false;
+        if let Some(p) = a.env_config
+            && let toml::Value::Table(t) = read_toml(p, "--env-config")?
+        {
+            for (k, v) in t {
+                table.insert(k, v);
             }
+            suite_config = false;
         }
         let env_config = toml::Value::Table(table);
         let audit = match (a.log, a.record) {
