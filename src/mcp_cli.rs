@@ -406,6 +406,37 @@ fn grey_png(values: &[f32], rows: usize, cols: usize) -> Result<Vec<u8>, ToolErr
     png(cols, rows, &px, false)
 }
 
+/// A grey PNG of the first image in an observation (a Box of two or more dimensions; of a
+/// stack, its first plane), if it has one. Built from the observation, never from the task's
+/// `render()`, which may draw ground truth (e.g. StemSparseScan's noiseless field) that the
+/// agent must not see.
+fn observation_png(v: &Value, space: &Space) -> Option<Vec<u8>> {
+    match (v, space) {
+        (Value::Box(x), Space::Box { shape, .. }) => {
+            let (rows, cols, stride) = match shape.as_slice() {
+                [r, c] => (*r, *c, 1),
+                [k, r, c] if *k <= 4 => (*r, *c, 1),
+                [r, c, k] => (*r, *c, *k),
+                _ => return None,
+            };
+            let plane: Vec<f32> = x
+                .iter()
+                .step_by(stride)
+                .take(rows * cols)
+                .copied()
+                .collect();
+            (plane.len() == rows * cols && rows > 1 && cols > 1)
+                .then(|| grey_png(&plane, rows, cols).ok())
+                .flatten()
+        }
+        (Value::Dict(items), Space::Dict(spaces)) => items
+            .iter()
+            .zip(spaces)
+            .find_map(|((_, v), (_, s))| observation_png(v, s)),
+        _ => None,
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // The instrument tools
 
@@ -1092,8 +1123,7 @@ impl Session {
         if include {
             j["observation"] = value_json(&obs);
         }
-        let img = self.env.render();
-        let png = png(img.width, img.height, &img.data, true).ok();
+        let png = observation_png(&obs, self.env.observation_space());
         Ok(Out { json: j, png })
     }
 
@@ -1142,8 +1172,7 @@ impl Session {
             j["observation"] = value_json(&s.obs);
         }
         let done = ep.done;
-        let img = self.env.render();
-        let png = png(img.width, img.height, &img.data, true).ok();
+        let png = observation_png(&s.obs, self.env.observation_space());
         let info = info_json(&s.info);
         if done {
             j["episode_end"] = self.score_json();
