@@ -61,7 +61,11 @@ fn frame(c: &mut Criterion) {
     g.bench_function("new_double_tip", |b| {
         b.iter(|| {
             k += 1;
-            let t = if k % 2 == 0 { &single } else { &double };
+            let t = if k.is_multiple_of(2) {
+                &single
+            } else {
+                &double
+            };
             sim.set_tip_state(t.clone()).unwrap();
             black_box(sim.acquire_frame().unwrap().main().image[[128, 128]])
         })

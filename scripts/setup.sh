@@ -15,6 +15,6 @@ fi
 if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
 fi
-if ! .venv/bin/python -c "import numpy, scipy, h5py, pytest, gymnasium, stable_baselines3, minari, mypy, maturin, PIL, torch, botorch, ray" 2>/dev/null; then
+if ! .venv/bin/python -c "import numpy, scipy, h5py, pytest, gymnasium, stable_baselines3, minari, mypy, maturin, PIL, torch, botorch, ray, mcp" 2>/dev/null; then
     .venv/bin/pip install -q --disable-pip-version-check -r requirements-dev.txt
 fi

@@ -14,6 +14,7 @@ use scopegym_physics::stem::{StemConfig, StemSimulator};
 mod bench_cli;
 mod deploy_cli;
 mod env_cli;
+mod mcp_cli;
 mod plots;
 mod spm_cli;
 use spm_cli::{perf_spm, simulate_spm};
@@ -296,6 +297,46 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
+    /// Serve a task and its instrument as Model Context Protocol tools for a language-model
+    /// agent (stdio by default), through the same guard, limits and audit log as `deploy`.
+    Mcp {
+        /// The task (e.g. scopegym/StemAutofocus-v2).
+        #[arg(long)]
+        task: String,
+        /// Where the instrument is: sim, nanonis://HOST:PORT, stem-gateway://HOST:PORT or
+        /// replay:FILE (the instrument tools run on sim only).
+        #[arg(long, default_value = "sim")]
+        driver: String,
+        /// Run seed: episode i resets with seed * 1000000 + i, as in the benchmark suite.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Record every tool call (DIR/calls.jsonl) and the scored episodes (DIR/results.json,
+        /// as `scopegym run` writes them); the audit log goes to DIR/audit.jsonl unless --log.
+        #[arg(long, value_name = "DIR")]
+        record: Option<PathBuf>,
+        /// Serve streamable HTTP at ADDR:PORT (path /mcp) instead of stdio.
+        #[arg(long, value_name = "ADDR:PORT")]
+        http: Option<String>,
+        /// Safety limits (TOML with units; required for real instruments).
+        #[arg(long)]
+        limits: Option<PathBuf>,
+        /// The audit log (JSON lines, appended).
+        #[arg(long)]
+        log: Option<PathBuf>,
+        /// Task config overrides (TOML table) over the suite's config for the task.
+        #[arg(long)]
+        env_config: Option<PathBuf>,
+        /// The suite budget whose task config to use (small or full).
+        #[arg(long, default_value = "full")]
+        budget: String,
+        /// A suite.json (from `scopegym suite`) whose random and heuristic scores for the task
+        /// normalize the episode scores.
+        #[arg(long)]
+        reference: Option<PathBuf>,
+        /// The agent's name in results.json.
+        #[arg(long, default_value = "llm")]
+        agent: String,
+    },
     /// Reset an environment and save its render as a PNG.
     Render {
         /// Environment id.
@@ -429,6 +470,31 @@ fn main() -> ExitCode {
             restart,
         }),
         Command::Job { spec, out } => bench_cli::job(&spec, &out),
+        Command::Mcp {
+            task,
+            driver,
+            seed,
+            record,
+            http,
+            limits,
+            log,
+            env_config,
+            budget,
+            reference,
+            agent,
+        } => mcp_cli::mcp(&mcp_cli::McpArgs {
+            task: &task,
+            driver: &driver,
+            seed,
+            record: record.as_deref(),
+            http: http.as_deref(),
+            limits: limits.as_deref(),
+            log: log.as_deref(),
+            env_config: env_config.as_deref(),
+            budget: &budget,
+            reference: reference.as_deref(),
+            agent: &agent,
+        }),
         Command::Render { env_id, seed, out } => env_cli::render(&env_id, seed, &out),
         Command::FakeNanonis {
             env_id,

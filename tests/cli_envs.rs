@@ -86,8 +86,8 @@ fn floors_score_random_and_heuristic_on_the_test_split() {
 
 #[test]
 fn bench_prints_the_documented_json() {
-    // A task without the fidelity knob (the SPM image tasks have it).
-    let plain = "scopegym/PfmSpectroscopyExplore-v1";
+    // A task without the fidelity knob (the SPM and PFM tasks have it).
+    let plain = "scopegym/StemEelsExplore-v2";
     let out = ok(&run(&[
         "bench",
         plain,

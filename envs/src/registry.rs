@@ -42,8 +42,8 @@ pub struct TaskSpec {
 #[rustfmt::skip]
 pub const TASKS: &[TaskSpec] = &[
     TaskSpec { id: "scopegym/AfmFeedbackTuning-v2", instrument: "afm", description: "tune P, I and scan speed of the z-feedback for accurate, fast tracking", make: |id, c| Ok(Box::new(TaskEnv::new(id, AfmFeedbackTuning::from_config(c)?))), fidelity: true },
-    TaskSpec { id: "scopegym/PfmDomainWriting-v1", instrument: "pfm", description: "write a target domain pattern with tip bias pulses, below the breakdown bias", make: |id, c| Ok(Box::new(TaskEnv::new(id, PfmDomainWriting::from_config(c)?))), fidelity: false },
-    TaskSpec { id: "scopegym/PfmSpectroscopyExplore-v1", instrument: "pfm", description: "choose where to measure switching loops to find the largest loop in a budget", make: |id, c| Ok(Box::new(TaskEnv::new(id, PfmSpectroscopyExplore::from_config(c)?))), fidelity: false },
+    TaskSpec { id: "scopegym/PfmDomainWriting-v1", instrument: "pfm", description: "write a target domain pattern with tip bias pulses, below the breakdown bias", make: |id, c| Ok(Box::new(TaskEnv::new(id, PfmDomainWriting::from_config(c)?))), fidelity: true },
+    TaskSpec { id: "scopegym/PfmSpectroscopyExplore-v1", instrument: "pfm", description: "choose where to measure switching loops to find the largest loop in a budget", make: |id, c| Ok(Box::new(TaskEnv::new(id, PfmSpectroscopyExplore::from_config(c)?))), fidelity: true },
     TaskSpec { id: "scopegym/SpmTipConditioning-v2", instrument: "stm", description: "condition the STM tip with pulses and dips until it images sharply", make: |id, c| Ok(Box::new(TaskEnv::new(id, SpmTipConditioning::from_config(c)?))), fidelity: true },
     TaskSpec { id: "scopegym/SpmAtomManipulation-v2", instrument: "stm", description: "drag an adatom to a goal site by lateral manipulation", make: |id, c| Ok(Box::new(TaskEnv::new(id, SpmAtomManipulation::from_config(c)?))), fidelity: true },
     TaskSpec { id: "scopegym/StemAutofocus-v2", instrument: "stem", description: "correct defocus and two-fold astigmatism from HAADF image sharpness", make: crate::tasks::stem_autofocus::make_env, fidelity: true },

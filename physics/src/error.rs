@@ -90,5 +90,58 @@ impl PhysicsError {
     }
 }
 
+/// Checks that a configuration value lies in `range` (NaN never does): otherwise
+/// [`PhysicsError::InvalidParameter`] naming `field`, the range with its `unit` (SI; empty for
+/// a ratio) and the value. Open lower ends come as `(Bound::Excluded(lo), Bound::Included(hi))`.
+///
+/// ```
+/// use std::ops::Bound::{Excluded, Included};
+/// use scopegym_physics::error::check_range;
+/// assert!(check_range("afm.quality_factor", 50.0, 1.0..=1e5, "").is_ok());
+/// let e = check_range("afm.contact_force", 0.0, (Excluded(0.0), Included(1e-6)), "N");
+/// assert_eq!(
+///     e.unwrap_err().to_string(),
+///     "invalid value for `afm.contact_force`: must be in (0, 1e-6] N, got 0"
+/// );
+/// assert!(check_range("x", f64::NAN, .., "m").is_err());
+/// ```
+pub fn check_range(
+    field: &str,
+    value: f64,
+    range: impl std::ops::RangeBounds<f64>,
+    unit: &str,
+) -> Result<()> {
+    use std::ops::Bound;
+    if !value.is_nan() && range.contains(&value) {
+        return Ok(());
+    }
+    let num = |v: f64| {
+        if v == 0.0 || (1e-3..1e4).contains(&v.abs()) {
+            format!("{v}")
+        } else {
+            format!("{v:e}")
+        }
+    };
+    let lo = match range.start_bound() {
+        Bound::Included(v) => format!("[{}", num(*v)),
+        Bound::Excluded(v) => format!("({}", num(*v)),
+        Bound::Unbounded => "(-inf".to_string(),
+    };
+    let hi = match range.end_bound() {
+        Bound::Included(v) => format!("{}]", num(*v)),
+        Bound::Excluded(v) => format!("{})", num(*v)),
+        Bound::Unbounded => "inf)".to_string(),
+    };
+    let unit = if unit.is_empty() {
+        String::new()
+    } else {
+        format!(" {unit}")
+    };
+    Err(PhysicsError::param(
+        field,
+        format!("must be in {lo}, {hi}{unit}, got {value}"),
+    ))
+}
+
 /// Result alias of the physics crate.
 pub type Result<T, E = PhysicsError> = std::result::Result<T, E>;

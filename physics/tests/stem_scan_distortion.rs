@@ -368,3 +368,68 @@ fn frames_drive_hops_along_the_rotated_raster() {
         );
     }
 }
+
+/// Knock-on during a rotated frame removes atoms where the rotated scan put the dose, as the
+/// dose map records it: with a cross-section so large that every atom the beam crosses goes,
+/// the sputtered atoms fill the rotated square (none beyond it, some where it sticks out of the
+/// nominal square) and the nominal square's corners the rotation turned away keep theirs.
+#[test]
+fn knock_on_during_a_rotated_frame_follows_the_rotated_footprint() {
+    let theta = 0.06;
+    let run = |rotation: f64| {
+        let mut cfg = StemConfig::default().without_scan_distortions();
+        cfg.scan.pixels = [64, 64];
+        cfg.damage.dopant_hops = false;
+        cfg.scan.pixel_size = Param::fixed(1e-10);
+        cfg.damage
+            .displacement_energy
+            .insert("C".into(), Param::fixed(5.0));
+        cfg.damage.cross_section_scale = Param::fixed(1e6);
+        cfg.scan_distortion.rotation = Param::fixed(rotation);
+        let mut sim = StemSimulator::new(cfg, 4).unwrap();
+        sim.acquire_frame().unwrap();
+        let sc = sim.scan_settings();
+        // Sputtered atoms in pixels from the scan centre (lab axes), and in the scan's axes.
+        let lab: Vec<[f64; 2]> = sim
+            .last_damage()
+            .sputtered
+            .iter()
+            .map(|a| {
+                let p = sim.specimen().image_near([a.x, a.y], sc.center);
+                [
+                    (p[0] - sc.center[0]) / sc.pixel_size,
+                    (p[1] - sc.center[1]) / sc.pixel_size,
+                ]
+            })
+            .collect();
+        let scan: Vec<[f64; 2]> = lab.iter().map(|&p| rotate(-rotation, p)).collect();
+        (scan, lab)
+    };
+    let h = 32.0;
+    let beyond = |p: &[f64; 2], m: f64| p[0].abs().max(p[1].abs()) > h + m;
+    let (in_scan, in_lab) = run(theta);
+    assert!(in_scan.len() > 1000, "{} sputtered", in_scan.len());
+    // None beyond the rotated square (its frame), a hair's margin for the cell edges.
+    let out: Vec<_> = in_scan.iter().filter(|p| beyond(p, 1e-6)).collect();
+    assert!(
+        out.is_empty(),
+        "{} beyond the rotated square: {:?}",
+        out.len(),
+        &out[..out.len().min(3)]
+    );
+    // Some beyond the nominal square (where the rotated one sticks out by up to 1.9 px).
+    let outside_nominal = in_lab.iter().filter(|p| beyond(p, 0.2)).count();
+    assert!(outside_nominal >= 10, "{outside_nominal}");
+    // The unrotated frame sputters nothing beyond the nominal square, and the corners the
+    // rotation turned away (inside the nominal square, 0.2 px or more beyond the rotated one)
+    // lose atoms only without the rotation.
+    let (plain, _) = run(0.0);
+    assert!(plain.iter().all(|p| !beyond(p, 1e-6)));
+    let turned_away = |p: &[f64; 2]| !beyond(p, 0.0) && beyond(&rotate(-theta, *p), 0.2);
+    let plain_there = plain.iter().filter(|p| turned_away(p)).count();
+    let rotated_there = in_lab.iter().filter(|p| turned_away(p)).count();
+    assert!(
+        plain_there >= 10 && rotated_there == 0,
+        "{plain_there} vs {rotated_there}"
+    );
+}

@@ -106,6 +106,16 @@
 //! | as-grown domain size; up fraction | 200-400 nm; 0.3-0.7 | 200-400 nm; 0.3-0.7 | 150-500 nm; 0.2-0.8 |
 //! | PFM image amplitude noise; phase noise | 0.03; 5° | 0.02-0.06; 3-10° | 0.05-0.15; 5-20° |
 //!
+//! **Fidelity**: `fidelity = "full"` (the default) runs [`SpmSimulator`] as documented;
+//! `fidelity = "fast"` runs its cheaper stages
+//! ([`SpmFidelity::Fast`](scopegym_physics::spm::sim::SpmFidelity::Fast)): the same TDGL film,
+//! with a time step 0.7 of the explicit scheme's stability limit (against 0.04), integrated
+//! under the tip only where the waveform's peak field reaches 0.1 (reduced) plus 4 cells and
+//! until the film settles; the ground truth uses the same model ([`LoopOracle`] replays the
+//! simulator's spectroscopy bit for bit at either fidelity). The test
+//! `fast_and_full_observe_the_same_statistics` compares loop areas, coercive biases, rewards,
+//! the true best area and the overview images under both.
+//!
 //! The simulated loops carry no read-out noise of their own (the instrument's
 //! `point_spectroscopy` returns the film's mean polarization under the tip); their variation
 //! comes from the film's history under earlier loops.
@@ -115,10 +125,10 @@ use crate::error::{EnvError, Result};
 use crate::level::{Difficulty, Split};
 use crate::space::{Space, Value};
 use crate::tasks::stem_eels_explore::{CellPosterior, cell_patches, check_posterior, f, u};
-use crate::tasks::{NewEpisode, TaskConfig, config_from_toml};
+use crate::tasks::{Fidelity, NewEpisode, TaskConfig, config_from_toml, spm_simulator};
 use rayon::prelude::*;
 use scopegym_physics::instrument::{PointSpectroscopy, ScanSettings, SpmInstrument, SpmMode};
-use scopegym_physics::spm::ferro::{FerroFilm, loop_coercive, triangle_waveform};
+use scopegym_physics::spm::ferro::{FerroFilm, TipProtocol, loop_coercive, triangle_waveform};
 use scopegym_physics::spm::sim::{SpmConfig, SpmSimulator};
 use scopegym_physics::spm::surface::SurfaceKind;
 use serde::{Deserialize, Serialize};
@@ -147,6 +157,11 @@ pub struct Config {
     /// Parameter split (`"train"`, or the held-out `"test"`): which bands of every randomized
     /// range episodes draw from ([`crate::level`]). Default `"train"`.
     pub split: Split,
+    /// Which SPM model runs (`"fast"` or `"full"`, [`Fidelity`]; it sets
+    /// `instrument.fidelity`). Default `"full"`: the fast model matches the statistics the task
+    /// observes only within the tolerances its test `fast_and_full_observe_the_same_statistics`
+    /// states.
+    pub fidelity: Fidelity,
     /// The simulated instrument (PFM mode; a 64² film over 1 µm, randomized per level).
     pub instrument: SpmConfig,
     /// Recorded loops to serve instead of simulating (path of an NSID HDF5 BEPS file).
@@ -257,6 +272,7 @@ impl TaskConfig for Config {
         Self {
             difficulty,
             split: Split::Train,
+            fidelity: Fidelity::Full,
             instrument: instrument_at(difficulty),
             real_data: None,
             grid: 32,
@@ -563,12 +579,9 @@ pub struct LoopOracle {
     cells: f64,
     /// Sample displacement at the snapshot (drift), m.
     drift: [f64; 2],
-    /// Tip-field half width, cells; window half size, cells; TDGL steps per waveform point.
-    width: f64,
-    half: usize,
+    /// How the tip probes the film, and TDGL steps per waveform point.
+    tip: TipProtocol,
     steps: usize,
-    field_per_volt: f64,
-    bias_offset: f64,
 }
 
 impl LoopOracle {
@@ -576,21 +589,15 @@ impl LoopOracle {
     pub fn from_simulator(sim: &SpmSimulator) -> Option<Self> {
         let film = sim.film()?.clone();
         let c = sim.config();
-        let cell = sim.cell_size();
-        let width = c.pfm.tip_width.get() / cell;
-        // The simulator's rules (SpmSimulator::film_point and reduced_steps), checked bit for
-        // bit against its `point_spectroscopy` in this module's tests.
-        let t = c.pfm.point_time.get() / c.pfm.time_unit.get();
+        // The simulator's rules (its tip protocol and time steps), checked bit for bit
+        // against its `point_spectroscopy` in this module's tests.
         Some(Self {
             film,
-            cell,
+            cell: sim.cell_size(),
             cells: c.sample.pixels as f64,
             drift: sim.drift(),
-            width,
-            half: ((4.0 * width).ceil() as usize).max(12),
-            steps: (t / c.ferroelectric.dt.get()).round().max(1.0) as usize,
-            field_per_volt: c.pfm.field_per_volt.get(),
-            bias_offset: c.pfm.bias_offset.get(),
+            tip: sim.tip_protocol()?,
+            steps: sim.reduced_steps(c.pfm.point_time.get()),
         })
     }
 
@@ -601,19 +608,7 @@ impl LoopOracle {
         let s = [p[0] - self.drift[0], p[1] - self.drift[1]];
         let x = s[0] / self.cell + 0.5 * self.cells - 0.5;
         let y = s[1] / self.cell + 0.5 * self.cells - 0.5;
-        waveform
-            .iter()
-            .map(|&v| {
-                film.set_tip_field(
-                    x,
-                    y,
-                    (v + self.bias_offset) * self.field_per_volt,
-                    self.width,
-                );
-                film.run_window(self.steps, x, y, self.half);
-                film.local_response(x, y, self.width)
-            })
-            .collect()
+        film.tip_spectroscopy(x, y, waveform, self.steps, &self.tip)
     }
 
     /// Normalized loop areas ([`loop_area`] with `span`, over the waveform from `loop_start`)
@@ -758,7 +753,7 @@ impl PfmSpectroscopyExplore<SpmSimulator> {
         let source = match &cfg.real_data {
             Some(path) => Source::Recorded(RecordedLoops::open(path)?),
             None => {
-                let mut sim = SpmSimulator::new(cfg.instrument.clone(), 0)?;
+                let mut sim = spm_simulator(&cfg.instrument, cfg.fidelity)?;
                 sim.set_region(cfg.split.region());
                 Source::Instrument(sim)
             }
@@ -1355,10 +1350,16 @@ mod tests {
         // The oracle replays SpmSimulator::point_spectroscopy on a copy of the film: the same
         // responses, bit for bit, as the simulator's first loop at each point, at every level
         // (tip widths and bias offsets are randomized).
-        for level in [Difficulty::Easy, Difficulty::Hard] {
+        // Both fidelities.
+        for (level, fidelity) in [
+            (Difficulty::Easy, Fidelity::Full),
+            (Difficulty::Hard, Fidelity::Full),
+            (Difficulty::Medium, Fidelity::Fast),
+            (Difficulty::Hard, Fidelity::Fast),
+        ] {
             let cfg = Config::at_level(level);
             let w = poled_waveform(cfg.loop_amplitude, cfg.loop_points, cfg.prepole_points);
-            let mut sim = SpmSimulator::new(cfg.instrument.clone(), 0).unwrap();
+            let mut sim = crate::tasks::spm_simulator(&cfg.instrument, fidelity).unwrap();
             for (seed, p) in [
                 (3u64, [0.0, 0.0]),
                 (4, [-0.61e-6, 0.37e-6]),
@@ -1580,5 +1581,79 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("real_data"), "{err}");
+    }
+
+    /// The fast model (`fidelity = "fast"`) against the full one, on seeds 0..6: loops at 16
+    /// points 8 spacings apart (each on as-grown film): the mean and spread of their areas, the
+    /// mean coercive biases of the loops that switch, the mean reward; the true best area of
+    /// the episode (the truth search); and the statistics of the overview images (mean,
+    /// variance, power in three bands of spatial frequency). Measured: areas, reward and true
+    /// best within 3 %, image statistics within 0.2 %, coercive biases within 0.45 V (the
+    /// waveform's step is 1.42 V). Tolerances: 25 %, and 0.6 V for the coercive biases.
+    #[test]
+    fn fast_and_full_observe_the_same_statistics() {
+        use crate::tasks::testing::{image_statistics, relative_differences, roll_out};
+        let points: Vec<i64> = [4, 12, 20, 28]
+            .iter()
+            .flat_map(|&i| [4, 12, 20, 28].map(|j| i * 32 + j))
+            .collect();
+        let run = |fidelity: &str| {
+            let mut e = env(&format!("fidelity = \"{fidelity}\""));
+            let (mut areas, mut ups, mut downs, mut rewards) = (vec![], vec![], vec![], vec![]);
+            let (mut best, mut images) = (vec![], vec![]);
+            roll_out(
+                &mut e,
+                0..6,
+                points.len(),
+                |_, k, _| Value::Discrete(points[k]),
+                |_, obs, s| match s {
+                    None => {
+                        let ov = obs.get("overview").and_then(Value::as_box).unwrap();
+                        images.push(ov.to_vec());
+                    }
+                    Some(s) => {
+                        areas.push(fv(&s.info, "area"));
+                        rewards.push(s.reward);
+                        best.push(fv(&s.info, "true_best"));
+                        if let Some(InfoValue::F64(v)) = s.info.get("v_up") {
+                            ups.push(*v);
+                        }
+                        if let Some(InfoValue::F64(v)) = s.info.get("v_down") {
+                            downs.push(*v);
+                        }
+                    }
+                },
+            );
+            let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+            let sd = |v: &[f64]| {
+                let m = mean(v);
+                (v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / v.len() as f64).sqrt()
+            };
+            (
+                [mean(&areas), sd(&areas), mean(&rewards), mean(&best)],
+                [mean(&ups), mean(&downs)],
+                image_statistics(&images, 64),
+            )
+        };
+        let ((s_fast, v_fast, i_fast), (s_full, v_full, i_full)) = (run("fast"), run("full"));
+        let (rs, ri) = (
+            relative_differences(&s_fast, &s_full),
+            relative_differences(&i_fast, &i_full),
+        );
+        eprintln!(
+            "fast {s_fast:?} {v_fast:?} {i_fast:?}\nfull {s_full:?} {v_full:?} {i_full:?}\n\
+             relative {rs:?} {ri:?}"
+        );
+        for (k, r) in rs.iter().chain(&ri).enumerate() {
+            assert!(*r < 0.25, "statistic {k}: relative difference {r}");
+        }
+        for k in 0..2 {
+            assert!(
+                (v_fast[k] - v_full[k]).abs() < 0.6,
+                "coercive bias {k}: {} vs {} V",
+                v_fast[k],
+                v_full[k]
+            );
+        }
     }
 }

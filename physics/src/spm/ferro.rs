@@ -176,13 +176,84 @@ impl FerroConfig {
             (0.0..10.0).contains(&self.depolarization.get()),
             "must be in [0, 10)",
         )?;
-        // Stability of explicit Euler: dt·γ·(2|α|·s + 8k) < 2 (s the pinning factor).
-        let limit = 2.0 / (g * (2.0 * a.abs() * self.pinning_strength.get() + 8.0 * k));
+        let limit = self.stable_dt_limit();
         f(
             "dt",
             dt > 0.0 && dt < limit,
             &format!("must be in (0, {limit:.4}) for stable integration"),
         )
+    }
+}
+
+impl FerroConfig {
+    /// The explicit-Euler stability limit of the time step: `dt·γ·(2|α|·s + 8k) < 2` (s the
+    /// pinning factor), i.e. `2 / (γ·(2|α|·s + 8k))`.
+    pub fn stable_dt_limit(&self) -> f64 {
+        2.0 / (self.gamma.get()
+            * (2.0 * self.alpha.get().abs() * self.pinning_strength.get()
+                + 8.0 * self.gradient.get()))
+    }
+}
+
+/// The light integration of [`TipProtocol::light`]: a window fitted to the field's reach and
+/// an early stop once the film has settled.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LightTdgl {
+    /// The window spans the disc where the tip field is at least this (reduced field units,
+    /// [`tip_field_reach`]) ...
+    pub reach_level: f64,
+    /// ... plus this many cells (never more than [`TipProtocol::half`]).
+    pub margin: f64,
+    /// Integration under one field stops after the first step in which no cell of the window
+    /// changed by this or more ([`FerroFilm::run_window_settling`]).
+    pub tol: f32,
+}
+
+/// How a tip writes and probes a [`FerroFilm`]: the Lorentzian field profile of a biased tip
+/// in film units and how the TDGL equation is integrated under it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TipProtocol {
+    /// Lorentzian half width of the tip field, cells.
+    pub width: f64,
+    /// Half size of the integration window around the tip, cells (the whole film when the
+    /// window does not fit in it).
+    pub half: usize,
+    /// Reduced field at the apex per volt of bias, 1/V.
+    pub field_per_volt: f64,
+    /// Added to the applied bias, V (contact potential, imprint).
+    pub bias_offset: f64,
+    /// `None`: integrate every step in the full window; `Some`: the light integration.
+    pub light: Option<LightTdgl>,
+}
+
+impl TipProtocol {
+    /// The window half size for an apex field of at most `amplitude` (reduced units).
+    fn window(&self, amplitude: f64) -> usize {
+        match self.light {
+            None => self.half,
+            Some(l) => {
+                let reach = tip_field_reach(amplitude, self.width, l.reach_level) + l.margin;
+                (reach.ceil() as usize).min(self.half)
+            }
+        }
+    }
+
+    /// Sets the tip field of apex field `amplitude` at `(x, y)`: everywhere, or in the light
+    /// integration inside the window `half` only.
+    fn set_field(&self, film: &mut FerroFilm, x: f64, y: f64, amplitude: f64, half: usize) {
+        match self.light {
+            None => film.set_tip_field(x, y, amplitude, self.width),
+            Some(_) => film.set_tip_field_window(x, y, amplitude, self.width, half),
+        }
+    }
+
+    fn run(&self, film: &mut FerroFilm, steps: usize, x: f64, y: f64, half: usize) {
+        match self.light {
+            None => film.run_window(steps, x, y, half),
+            Some(l) => {
+                film.run_window_settling(steps, x, y, half, l.tol);
+            }
+        }
     }
 }
 
@@ -269,6 +340,69 @@ impl FerroFilm {
         })
     }
 
+    /// The time step of the explicit scheme (reduced units).
+    pub fn time_step(&self) -> f64 {
+        f64::from(self.dt)
+    }
+
+    /// Sets the time step (reduced units). Explicit Euler is stable below
+    /// [`FerroConfig::stable_dt_limit`] of the film's config: the caller keeps it there.
+    pub fn set_time_step(&mut self, dt: f64) -> Result<()> {
+        if !(dt.is_finite() && dt > 0.0) {
+            return Err(PhysicsError::arg(
+                "dt",
+                format!("must be finite and > 0, got {dt}"),
+            ));
+        }
+        self.dt = dt as f32;
+        Ok(())
+    }
+
+    /// A bias pulse of `bias` V at `(x, y)` (cells) under `tip`: the tip field for `steps` time
+    /// steps, then `relax` steps at zero field so that unstable nuclei shrink back.
+    pub fn tip_pulse(
+        &mut self,
+        x: f64,
+        y: f64,
+        bias: f64,
+        steps: usize,
+        relax: usize,
+        tip: &TipProtocol,
+    ) {
+        let a = (bias + tip.bias_offset) * tip.field_per_volt;
+        let half = tip.window(a);
+        tip.set_field(self, x, y, a, half);
+        tip.run(self, steps, x, y, half);
+        self.set_uniform_field(0.0);
+        tip.run(self, relax, x, y, half);
+    }
+
+    /// Switching spectroscopy at `(x, y)` (cells) under `tip`: for each bias of `waveform`
+    /// (V), the tip field for `steps` time steps, then [`Self::local_response`] within the
+    /// tip's width. One response per waveform point. The external field is left on.
+    pub fn tip_spectroscopy(
+        &mut self,
+        x: f64,
+        y: f64,
+        waveform: &[f64],
+        steps: usize,
+        tip: &TipProtocol,
+    ) -> Vec<f64> {
+        let peak = waveform.iter().fold(0.0f64, |m, &v| {
+            m.max(((v + tip.bias_offset) * tip.field_per_volt).abs())
+        });
+        let half = tip.window(peak);
+        waveform
+            .iter()
+            .map(|&v| {
+                let a = (v + tip.bias_offset) * tip.field_per_volt;
+                tip.set_field(self, x, y, a, half);
+                tip.run(self, steps, x, y, half);
+                self.local_response(x, y, tip.width)
+            })
+            .collect()
+    }
+
     /// Sets every cell to `p` (clamped to [-1, 1]).
     pub fn fill(&mut self, p: f32) {
         self.p.iter_mut().for_each(|v| *v = p.clamp(-1.0, 1.0));
@@ -308,6 +442,45 @@ impl FerroFilm {
         }
     }
 
+    /// [`Self::set_tip_field`] inside the window of [`Self::run_window`] (half size `half`
+    /// cells around `(x, y)`) only, with the same values there; the field elsewhere is left as
+    /// it was (the windowed run does not read it).
+    pub fn set_tip_field_window(
+        &mut self,
+        x: f64,
+        y: f64,
+        amplitude: f64,
+        width: f64,
+        half: usize,
+    ) {
+        let [ny, nx] = self.shape;
+        if 2 * half + 1 >= ny.min(nx) {
+            self.set_tip_field(x, y, amplitude, width);
+            return;
+        }
+        let w2 = width * width;
+        let min_image = |d: f64, n: usize| {
+            let d = d.rem_euclid(n as f64);
+            d.min(n as f64 - d)
+        };
+        let (ci, cj, h) = (y.round() as i64, x.round() as i64, half as i64);
+        self.dx2.clear();
+        self.dx2.extend((-h..=h).map(|d| {
+            let j = (cj + d).rem_euclid(nx as i64) as f64;
+            let dx = min_image(j - x, nx);
+            dx * dx
+        }));
+        for di in -h..=h {
+            let i = (ci + di).rem_euclid(ny as i64) as usize;
+            let dy = min_image(i as f64 - y, ny);
+            let dy2 = dy * dy;
+            for (dj, &dx2) in (-h..=h).zip(&self.dx2) {
+                let j = (cj + dj).rem_euclid(nx as i64) as usize;
+                self.field[i * nx + j] = (amplitude / (1.0 + (dx2 + dy2) / w2)) as f32;
+            }
+        }
+    }
+
     /// Sets a uniform external field (reduced units).
     pub fn set_uniform_field(&mut self, e: f64) {
         self.field.iter_mut().for_each(|v| *v = e as f32);
@@ -315,10 +488,21 @@ impl FerroFilm {
 
     /// Advances `steps` time steps under the current external field.
     pub fn run(&mut self, steps: usize) {
+        self.run_steps(steps, None);
+    }
+
+    /// [`Self::run`] that stops once the film has settled: after the first step in which no
+    /// cell changed by `tol` or more (a fixed point of the explicit scheme is one of the TDGL
+    /// equation, whatever the time step). Returns the steps run.
+    pub fn run_settling(&mut self, steps: usize, tol: f32) -> usize {
+        self.run_steps(steps, Some(tol))
+    }
+
+    fn run_steps(&mut self, steps: usize, tol: Option<f32>) -> usize {
         let [ny, nx] = self.shape;
         let (a, g, k, dt) = (self.alpha, self.gamma, self.gradient, self.dt);
         let inv_ps = 1.0 / self.ps;
-        for _ in 0..steps {
+        for step in 0..steps {
             // The depolarizing field needs ⟨p⟩: a pass over the film only when it is on.
             let depol = if self.depol == 0.0 {
                 0.0
@@ -340,7 +524,14 @@ impl FerroFilm {
             self.next = next;
             std::mem::swap(&mut self.p, &mut self.next);
             self.time += f64::from(dt);
+            if let Some(tol) = tol {
+                let change = max_change(&self.p, &self.next);
+                if change < tol {
+                    return step + 1;
+                }
+            }
         }
+        steps
     }
 
     /// Advances `steps` time steps inside a window of half-size `half` cells around `(x, y)`
@@ -349,10 +540,33 @@ impl FerroFilm {
     /// for a window that contains the region the field reaches, at a fraction of the cost.
     /// The depolarizing field uses ⟨p⟩ at the start of the call.
     pub fn run_window(&mut self, steps: usize, x: f64, y: f64, half: usize) {
+        self.window_steps(steps, x, y, half, None);
+    }
+
+    /// [`Self::run_window`] that stops once the window has settled (as [`Self::run_settling`]:
+    /// no cell of the window changed by `tol` or more in the last step). Returns the steps run.
+    pub fn run_window_settling(
+        &mut self,
+        steps: usize,
+        x: f64,
+        y: f64,
+        half: usize,
+        tol: f32,
+    ) -> usize {
+        self.window_steps(steps, x, y, half, Some(tol))
+    }
+
+    fn window_steps(
+        &mut self,
+        steps: usize,
+        x: f64,
+        y: f64,
+        half: usize,
+        tol: Option<f32>,
+    ) -> usize {
         let [ny, nx] = self.shape;
         if 2 * half + 1 >= ny.min(nx) {
-            self.run(steps);
-            return;
+            return self.run_steps(steps, tol);
         }
         let (a, g, k, dt) = (self.alpha, self.gamma, self.gradient, self.dt);
         let inv_ps = 1.0 / self.ps;
@@ -380,7 +594,7 @@ impl FerroFilm {
         let j0 = (cj - h).rem_euclid(nx as i64) as usize;
         let first = w.min(nx - j0);
         let runs = [(0, j0, first), (first, 0, w - first)];
-        for _ in 0..steps {
+        for step in 0..steps {
             for (wi, &i) in rows.iter().enumerate() {
                 for &(wo, j, len) in &runs {
                     if len > 0 {
@@ -389,14 +603,23 @@ impl FerroFilm {
                     }
                 }
             }
+            let mut change = 0.0f32;
             for (wi, &i) in rows.iter().enumerate() {
                 for &(wo, j, len) in &runs {
                     let o = wi * w + wo;
-                    self.p[i * nx + j..i * nx + j + len].copy_from_slice(&out[o..o + len]);
+                    let dst = &mut self.p[i * nx + j..i * nx + j + len];
+                    if tol.is_some() {
+                        change = change.max(max_change(dst, &out[o..o + len]));
+                    }
+                    dst.copy_from_slice(&out[o..o + len]);
                 }
             }
             self.time += f64::from(dt);
+            if tol.is_some_and(|t| change < t) {
+                return step + 1;
+            }
         }
+        steps
     }
 
     /// One explicit step of cells `j_from..j_to` of row `i` (periodic neighbours) into `out`:
@@ -726,6 +949,25 @@ pub fn triangle_waveform(amplitude: f64, n: usize) -> Vec<f64> {
                 }
         })
         .collect()
+}
+
+/// Largest `|a − b|` over two equal runs of cells.
+fn max_change(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .fold(0.0f32, |m, (&u, &v)| m.max((u - v).abs()))
+}
+
+/// Distance (cells) from the tip beyond which the Lorentzian tip field
+/// `E(r) = amplitude / (1 + r²/width²)` is weaker than `level` (reduced field units):
+/// `width·sqrt(|amplitude|/level − 1)`, 0 where the apex field is already weaker.
+pub fn tip_field_reach(amplitude: f64, width: f64, level: f64) -> f64 {
+    let ratio = amplitude.abs() / level;
+    if ratio > 1.0 {
+        width * (ratio - 1.0).sqrt()
+    } else {
+        0.0
+    }
 }
 
 /// The constants of one explicit TDGL step (see [`FerroFilm::run`]).
@@ -1085,5 +1327,68 @@ mod tests {
                 .to_string()
                 .contains("ferroelectric.alpha")
         );
+    }
+
+    #[test]
+    fn light_tip_protocol_writes_the_domain_of_the_full_one() {
+        // Reference: the full integration (every step, window max(4·width, 12)). The light one
+        // (time step 2.5× longer, window where E ≥ 0.1 plus 4 cells, early stop) writes a
+        // domain of the same area within 10 %. Three pulses on one disordered film, each from
+        // the same state.
+        let mut base = FerroFilm::new(&FerroConfig::default(), [64, 64], 5).unwrap();
+        base.fill(-1.0);
+        base.relax(100, 0.0);
+        let full = TipProtocol {
+            width: 5.0,
+            half: 20,
+            field_per_volt: 0.25,
+            bias_offset: 0.0,
+            light: None,
+        };
+        let light = TipProtocol {
+            light: Some(LightTdgl {
+                reach_level: 0.1,
+                margin: 4.0,
+                tol: 1e-5,
+            }),
+            ..full
+        };
+        for bias in [5.0, 7.0, 9.0] {
+            let (mut a, mut b) = (base.clone(), base.clone());
+            a.tip_pulse(30.0, 33.0, bias, 1000, 100, &full);
+            b.set_time_step(0.05).unwrap();
+            b.tip_pulse(30.0, 33.0, bias, 400, 40, &light);
+            let (ua, ub) = (a.up_fraction(), b.up_fraction());
+            eprintln!("{bias} V: up fraction full {ua}, light {ub}");
+            assert!(ua > 0.005, "{bias} V wrote a domain: {ua}");
+            assert!(
+                (ub / ua - 1.0).abs() < 0.1,
+                "{bias} V: full {ua}, light {ub}"
+            );
+        }
+    }
+
+    #[test]
+    fn windowed_tip_field_is_the_tip_field_inside_the_window() {
+        let mut a = FerroFilm::new(&FerroConfig::default(), [40, 40], 1).unwrap();
+        let mut b = a.clone();
+        a.set_tip_field(38.6, 1.2, 2.0, 3.0);
+        b.set_tip_field_window(38.6, 1.2, 2.0, 3.0, 6);
+        let (fa, fb) = (&a.field, &b.field);
+        let mut inside = 0;
+        for i in 0..40i64 {
+            for j in 0..40i64 {
+                let near = |d: i64| d.rem_euclid(40).min((-d).rem_euclid(40)) <= 6;
+                if near(i - 1) && near(j - 39) {
+                    inside += 1;
+                    assert_eq!(fa[(i * 40 + j) as usize], fb[(i * 40 + j) as usize]);
+                }
+            }
+        }
+        assert_eq!(inside, 13 * 13);
+        // The reach: E(reach) = level, closed form.
+        let r = tip_field_reach(2.0, 3.0, 0.1);
+        assert!((2.0 / (1.0 + r * r / 9.0) - 0.1).abs() < 1e-12);
+        assert_eq!(tip_field_reach(0.05, 3.0, 0.1), 0.0);
     }
 }

@@ -106,13 +106,14 @@
 //! assert!((30e-9..37e-9).contains(&dx.hypot(dy)));
 //! ```
 
-use crate::error::{PhysicsError, Result};
+use crate::error::{PhysicsError, Result, check_range};
 use crate::instrument::ScanSettings;
 use crate::param::Param;
 use crate::param::dims::{Angle, Diffusivity, Length, Time, Unitless, Velocity};
 use crate::rng::{SimRng, normal};
 use serde::{Deserialize, Serialize};
 use std::f64::consts::PI;
+use std::ops::Bound::{Excluded, Included};
 
 /// The creep settling time in units of `creep_time`: a jump's deficit reaches 0 at
 /// `t − t_j = CREEP_SETTLE_RATIO · creep_time`.
@@ -211,91 +212,63 @@ impl Default for ScannerConfig {
 impl ScannerConfig {
     /// Checks ranges (NaN is rejected everywhere); `prefix` is prepended to field names in errors.
     pub fn validate(&self, prefix: &str) -> Result<()> {
-        let check = |name: &str, v: f64, ok: bool, range: &str| {
-            if ok {
-                Ok(())
-            } else {
-                Err(PhysicsError::param(
-                    format!("{prefix}{name}"),
-                    format!("must be {range}, got {v}"),
-                ))
-            }
-        };
+        let f = |name: &str| format!("{prefix}{name}");
         for (n, v) in [
             ("drift_initial", self.drift_initial.get()),
             ("drift_settled", self.drift_settled.get()),
         ] {
-            check(n, v, (0.0..1e-6).contains(&v), "in [0, 1 µm/s) (m/s)")?;
+            check_range(&f(n), v, 0.0..1e-6, "m/s")?;
         }
         let tau = self.drift_settle_time.get();
-        check(
-            "drift_settle_time",
+        check_range(
+            &f("drift_settle_time"),
             tau,
-            tau > 0.0 && tau <= 1e6,
-            "in (0, 1e6] s",
+            (Excluded(0.0), Included(1e6)),
+            "s",
         )?;
-        let dir = self.drift_direction.get();
-        check("drift_direction", dir, dir.is_finite(), "finite (rad)")?;
-        let d = self.drift_diffusivity.get();
-        check(
-            "drift_diffusivity",
-            d,
-            (0.0..1e-12).contains(&d),
-            "in [0, 1e-12) m²/s",
+        let finite = (Excluded(f64::NEG_INFINITY), Excluded(f64::INFINITY));
+        check_range(
+            &f("drift_direction"),
+            self.drift_direction.get(),
+            finite,
+            "rad",
         )?;
-        let c = self.creep_fraction.get();
-        check("creep_fraction", c, (0.0..=0.5).contains(&c), "in [0, 0.5]")?;
+        for (n, v) in [
+            ("drift_diffusivity", self.drift_diffusivity.get()),
+            ("z_drift_diffusivity", self.z_drift_diffusivity.get()),
+        ] {
+            check_range(&f(n), v, 0.0..1e-12, "m²/s")?;
+        }
+        check_range(
+            &f("creep_fraction"),
+            self.creep_fraction.get(),
+            0.0..=0.5,
+            "",
+        )?;
         let t0 = self.creep_time.get();
-        check("creep_time", t0, t0 > 0.0 && t0 <= 1e4, "in (0, 1e4] s")?;
-        let h = self.hysteresis.get();
-        check("hysteresis", h, (0.0..=0.25).contains(&h), "in [0, 0.25]")?;
+        check_range(&f("creep_time"), t0, (Excluded(0.0), Included(1e4)), "s")?;
+        check_range(&f("hysteresis"), self.hysteresis.get(), 0.0..=0.25, "")?;
         for (n, v) in [
             ("white_noise", self.white_noise.get()),
             ("pink_noise", self.pink_noise.get()),
             ("line_offset", self.line_offset.get()),
+            ("detector_pink_noise", self.detector_pink_noise.get()),
         ] {
-            check(n, v, (0.0..1e-8).contains(&v), "in [0, 10 nm) (m)")?;
+            check_range(&f(n), v, 0.0..1e-8, "m")?;
         }
         for (k, t) in self.tilt.iter().enumerate() {
-            let v = t.get();
-            check(
-                &format!("tilt[{k}]"),
-                v,
-                (-0.5..=0.5).contains(&v),
-                "in [-0.5, 0.5] rad",
-            )?;
+            check_range(&f(&format!("tilt[{k}]")), t.get(), -0.5..=0.5, "rad")?;
         }
-        let kappa = self.bow_curvature.get();
-        check(
-            "bow_curvature",
-            kappa,
-            (-1e4..=1e4).contains(&kappa),
-            "in [-1e4, 1e4] 1/m",
+        check_range(
+            &f("bow_curvature"),
+            self.bow_curvature.get(),
+            -1e4..=1e4,
+            "1/m",
         )?;
         let vz = self.z_drift.get();
-        check("z_drift", vz, vz.abs() < 1e-6, "in (-1 µm/s, 1 µm/s) (m/s)")?;
-        let dz = self.z_drift_diffusivity.get();
-        check(
-            "z_drift_diffusivity",
-            dz,
-            (0.0..1e-12).contains(&dz),
-            "in [0, 1e-12) m²/s",
-        )?;
+        check_range(&f("z_drift"), vz, (Excluded(-1e-6), Excluded(1e-6)), "m/s")?;
         let rho = self.detector_noise.get();
-        check(
-            "detector_noise",
-            rho,
-            (0.0..1e-9).contains(&rho),
-            "in [0, 1e-9) m/√Hz",
-        )?;
-        let dp = self.detector_pink_noise.get();
-        check(
-            "detector_pink_noise",
-            dp,
-            (0.0..1e-8).contains(&dp),
-            "in [0, 10 nm) (m)",
-        )?;
-        Ok(())
+        check_range(&f("detector_noise"), rho, 0.0..1e-9, "m/√Hz")
     }
 }
 

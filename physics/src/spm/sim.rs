@@ -56,7 +56,9 @@ use crate::rng::{SimRng, derive_seed, normal, seeded};
 use crate::spm::adatoms::{AdatomConfig, BumpPatch, bumps, corrugation, place_adatoms};
 use crate::spm::dilation::{Dilator, Tip};
 use crate::spm::feedback::{FeedbackConfig, LineStats, ZFeedback};
-use crate::spm::ferro::{FerroConfig, FerroFilm, pfm_response, pfm_signal, smooth_periodic};
+use crate::spm::ferro::{
+    FerroConfig, FerroFilm, LightTdgl, TipProtocol, pfm_response, pfm_signal, smooth_periodic,
+};
 use crate::spm::manipulation::{DragEvent, ManipulationConfig, Outcome, drag};
 use crate::spm::scanner::{Scanner, ScannerConfig};
 use crate::spm::surface::{
@@ -64,7 +66,9 @@ use crate::spm::surface::{
 };
 use crate::spm::tapping::AfmConfig;
 use crate::spm::tip::{Conditioning, TipConfig, TipState, WearModel};
-use crate::spm::tunnel::{CurrentNoise, TunnelingConfig};
+use crate::spm::tunnel::{
+    CurrentNoise, GainUnits, TunnelingConfig, height_gains, log_current_gains,
+};
 use ndarray::{Array2, ArrayView2};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
@@ -249,7 +253,13 @@ impl PfmConfig {
 ///   grid's edge), instead of first the interior dilation and then, when a scan reaches the
 ///   edge band, the periodic one: the image values are the same, one dilation is saved;
 /// - the z feedback evaluates runs of controller samples in closed form where no limit acts
-///   ([`ZFeedback::set_closed_form`]): the same values up to rounding.
+///   ([`ZFeedback::set_closed_form`]): the same values up to rounding;
+/// - PFM: the film's TDGL equation is integrated with a time step 2.5 times longer (at most
+///   0.7 of the explicit scheme's stability limit; its fixed points, the states a pulse
+///   leaves, are the equation's whatever the step), under the tip only where the field reaches
+///   0.1 (reduced; a coercive field is 0.87) plus 4 cells, and only until the film has settled
+///   ([`SpmSimulator::tip_protocol`], [`LightTdgl`]). The statistics of written domains and
+///   switching loops stay within the tolerances the PFM tasks test.
 ///
 /// The random streams differ from `Full`, so the same seed gives a different (equally likely)
 /// session.
@@ -265,6 +275,33 @@ pub enum SpmFidelity {
 
 /// Number of 1/f processes in the fast model.
 const FAST_PINK_COMPONENTS: usize = 9;
+
+/// The fast model's film time step: `FAST_DT_FACTOR` times the configured one, at most
+/// `FAST_DT_STABILITY` of the explicit scheme's stability limit.
+const FAST_DT_FACTOR: f64 = 2.5;
+const FAST_DT_STABILITY: f64 = 0.7;
+
+/// The fast model's film integration window reaches where the tip field is at least this
+/// (reduced field units, against the coercive field 0.87 of the default Landau coefficients)
+/// ...
+const FAST_REACH_LEVEL: f64 = 0.1;
+/// ... plus this many cells.
+const FAST_WINDOW_MARGIN: f64 = 4.0;
+/// The fast model stops integrating the film under one field once no cell changed by this
+/// much in a step.
+const FAST_SETTLED: f32 = 1e-5;
+
+/// The film's time step: `ferroelectric.dt`, or in the fast model [`FAST_DT_FACTOR`] times
+/// it, at most [`FAST_DT_STABILITY`] of the stability limit.
+fn film_dt(cfg: &SpmConfig) -> f64 {
+    let f = &cfg.ferroelectric;
+    match cfg.fidelity {
+        SpmFidelity::Full => f.dt.get(),
+        SpmFidelity::Fast => {
+            (FAST_DT_FACTOR * f.dt.get()).min(FAST_DT_STABILITY * f.stable_dt_limit())
+        }
+    }
+}
 
 /// Everything that defines a simulated SPM session (one scenario).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -647,7 +684,7 @@ impl SpmSimulator {
                 &mut self.rng_scan,
             )?,
         };
-        self.feedback = ZFeedback::new(&cfg.afm.feedback(&cfg.feedback))?;
+        self.feedback = ZFeedback::new(&Self::loop_settings(&cfg)?)?;
         self.feedback
             .set_closed_form(cfg.fidelity == SpmFidelity::Fast);
         self.tip = TipState::new(&cfg.tip, &mut seeded(derive_seed(seed, "tip_init")))?;
@@ -669,24 +706,34 @@ impl SpmSimulator {
             let mut film = FerroFilm::new(&cfg.ferroelectric, [n, n], derive_seed(seed, "film"))?;
             // As grown: smooth random polarization (correlation length `domain_size`),
             // thresholded so `up_fraction` of the film points up, relaxed into domains.
-            let mut rng = seeded(derive_seed(seed, "film_init"));
-            let noise: Vec<f64> = (0..n * n).map(|_| normal(&mut rng)).collect();
-            let smooth =
-                smooth_periodic(&noise, [n, n], 0.5 * cfg.pfm.domain_size.get() / self.cell);
-            let mut sorted = smooth.clone();
-            sorted.sort_by(f64::total_cmp);
             let up = cfg.pfm.up_fraction.get();
-            let k = (((1.0 - up) * (n * n) as f64) as usize).min(n * n - 1);
-            let threshold = if up >= 1.0 {
-                f64::NEG_INFINITY
+            if up <= 0.0 || up >= 1.0 {
+                // Poled: the threshold below would leave every cell down (up) whatever the
+                // random polarization.
+                film.fill(if up >= 1.0 { 1.0 } else { -1.0 });
             } else {
-                sorted[k]
-            };
-            for (v, &g) in film.polarization_mut().iter_mut().zip(&smooth) {
-                *v = if g > threshold { 1.0 } else { -1.0 };
+                let mut rng = seeded(derive_seed(seed, "film_init"));
+                let noise: Vec<f64> = (0..n * n).map(|_| normal(&mut rng)).collect();
+                let smooth =
+                    smooth_periodic(&noise, [n, n], 0.5 * cfg.pfm.domain_size.get() / self.cell);
+                let mut sorted = smooth.clone();
+                sorted.sort_by(f64::total_cmp);
+                let k = (((1.0 - up) * (n * n) as f64) as usize).min(n * n - 1);
+                let threshold = sorted[k];
+                for (v, &g) in film.polarization_mut().iter_mut().zip(&smooth) {
+                    *v = if g > threshold { 1.0 } else { -1.0 };
+                }
             }
-            let steps = (cfg.pfm.settle_time.get() / cfg.ferroelectric.dt.get()).round() as usize;
-            film.relax(steps, 0.0);
+            let dt = film_dt(&cfg);
+            film.set_time_step(dt)?;
+            let steps = (cfg.pfm.settle_time.get() / dt).round() as usize;
+            match cfg.fidelity {
+                SpmFidelity::Full => film.relax(steps, 0.0),
+                SpmFidelity::Fast => {
+                    film.set_uniform_field(0.0);
+                    film.run_settling(steps, FAST_SETTLED);
+                }
+            }
             Some(film)
         } else {
             None
@@ -718,6 +765,33 @@ impl SpmSimulator {
         self.tip_events = 0;
         self.alloc_channels();
         Ok(())
+    }
+
+    /// The feedback settings the loop runs with: `[feedback]` as the AFM mode maps it
+    /// ([`crate::spm::tapping::AfmConfig::feedback`]), and with tunnelling on, in height units
+    /// with the current floor's saturation ([`TunnelingConfig::loop_feedback`]).
+    fn loop_settings(cfg: &SpmConfig) -> Result<FeedbackConfig> {
+        let fb = cfg.afm.feedback(&cfg.feedback);
+        if cfg.tunneling.enabled && cfg.mode == SpmMode::Stm {
+            cfg.tunneling.loop_feedback(&fb)
+        } else {
+            Ok(fb)
+        }
+    }
+
+    /// The gains in the units the instrument speaks (`tunneling.gain_units`), from or to the
+    /// loop's height units: `to_loop` converts `(P, I)` for the loop, else back.
+    fn convert_gains(&self, p: f64, i: f64, to_loop: bool) -> (f64, f64) {
+        match &self.tunnel {
+            Some(t) if self.cfg.tunneling.gain_units == GainUnits::LogCurrent => {
+                if to_loop {
+                    height_gains(p, i, t.kappa)
+                } else {
+                    log_current_gains(p, i, t.kappa)
+                }
+            }
+            _ => (p, i),
+        }
     }
 
     /// The tunnelling state for this session's config, `None` unless STM with
@@ -1428,17 +1502,36 @@ impl SpmSimulator {
         Ok(())
     }
 
-    fn film_point(&self, p_lab: [f64; 2]) -> Result<(f64, f64, f64, usize)> {
-        let p = self.lab_to_sample(p_lab);
-        let (x, y) = self.cell_coords(p);
-        let width = self.cfg.pfm.tip_width.get() / self.cell;
-        let half = ((4.0 * width).ceil() as usize).max(12);
-        Ok((x, y, width, half))
+    /// The film cell `(x, y)` under the lab position `p_lab`.
+    fn film_point(&self, p_lab: [f64; 2]) -> (f64, f64) {
+        self.cell_coords(self.lab_to_sample(p_lab))
     }
 
-    fn reduced_steps(&self, duration: f64) -> usize {
+    /// How the tip writes and probes the film (`None` outside PFM mode): the Lorentzian field
+    /// of `pfm.tip_width` in cells, integrated in a window of `max(4·width, 12)` cells around
+    /// the tip; in the fast model ([`SpmFidelity::Fast`]) the light integration
+    /// ([`LightTdgl`]: the window fitted to where the field exceeds [`FAST_REACH_LEVEL`], an
+    /// early stop once the film has settled).
+    pub fn tip_protocol(&self) -> Option<TipProtocol> {
+        self.film.as_ref()?;
+        let width = self.cfg.pfm.tip_width.get() / self.cell;
+        Some(TipProtocol {
+            width,
+            half: ((4.0 * width).ceil() as usize).max(12),
+            field_per_volt: self.cfg.pfm.field_per_volt.get(),
+            bias_offset: self.cfg.pfm.bias_offset.get(),
+            light: (self.cfg.fidelity == SpmFidelity::Fast).then_some(LightTdgl {
+                reach_level: FAST_REACH_LEVEL,
+                margin: FAST_WINDOW_MARGIN,
+                tol: FAST_SETTLED,
+            }),
+        })
+    }
+
+    /// Time steps of the film's explicit scheme in `duration` s (at least 1).
+    pub fn reduced_steps(&self, duration: f64) -> usize {
         let t = duration / self.cfg.pfm.time_unit.get();
-        (t / self.cfg.ferroelectric.dt.get()).round().max(1.0) as usize
+        (t / film_dt(&self.cfg)).round().max(1.0) as usize
     }
 }
 
@@ -1519,12 +1612,14 @@ impl SpmInstrument for SpmSimulator {
     }
 
     fn feedback_gains(&self) -> (f64, f64) {
-        self.feedback.gains()
+        let (kp, ki) = self.feedback.gains();
+        self.convert_gains(kp, ki, false)
     }
 
     fn set_feedback_gains(&mut self, p_gain: f64, i_gain: f64) -> Result<(f64, f64)> {
-        self.feedback.set_gains(p_gain, i_gain)?;
-        Ok(self.feedback.gains())
+        let (kp, ki) = self.convert_gains(p_gain, i_gain, true);
+        self.feedback.set_gains(kp, ki)?;
+        Ok(self.feedback_gains())
     }
 
     fn is_withdrawn(&self) -> bool {
@@ -1568,17 +1663,13 @@ impl BiasWriting for SpmSimulator {
                 reason: "it needs a ferroelectric film (PFM mode)".into(),
             });
         }
-        let (x, y, width, half) = self.film_point(position)?;
+        let (x, y) = self.film_point(position);
+        let tip = self.tip_protocol().expect("checked above");
         let steps = self.reduced_steps(duration);
+        // Then a brief relaxation at zero field so that unstable nuclei shrink back.
         let relax = self.reduced_steps(0.1 * duration).min(steps);
-        let k = self.cfg.pfm.field_per_volt.get();
         let film = self.film.as_mut().expect("checked above");
-        let v = bias + self.cfg.pfm.bias_offset.get();
-        film.set_tip_field(x, y, v * k, width);
-        film.run_window(steps, x, y, half);
-        // Relax briefly at zero field so unstable nuclei shrink back.
-        film.set_uniform_field(0.0);
-        film.run_window(relax, x, y, half);
+        film.tip_pulse(x, y, bias, steps, relax, &tip);
         self.probe = position;
         self.clock += duration;
         self.scanner.advance(self.clock, &mut self.rng_scan);
@@ -1605,17 +1696,11 @@ impl PointSpectroscopy for SpmSimulator {
                 reason: "switching spectroscopy needs PFM mode".into(),
             });
         }
-        let (x, y, width, half) = self.film_point(position)?;
+        let (x, y) = self.film_point(position);
+        let tip = self.tip_protocol().expect("checked above");
         let steps = self.reduced_steps(self.cfg.pfm.point_time.get());
-        let k = self.cfg.pfm.field_per_volt.get();
-        let offset = self.cfg.pfm.bias_offset.get();
         let film = self.film.as_mut().expect("checked above");
-        let mut out = Vec::with_capacity(waveform.len());
-        for &v in waveform {
-            film.set_tip_field(x, y, (v + offset) * k, width);
-            film.run_window(steps, x, y, half);
-            out.push(film.local_response(x, y, width));
-        }
+        let out = film.tip_spectroscopy(x, y, waveform, steps, &tip);
         film.set_uniform_field(0.0);
         self.probe = position;
         self.clock += waveform.len() as f64 * self.cfg.pfm.point_time.get();
@@ -2332,6 +2417,110 @@ mod tests {
         }
     }
 
+    /// With `gain_units = "log_current"` the gains are a Nanonis Z-controller's P (m) and I
+    /// (m/s) per unit ln I, acting as `K_p = 2κP`, `K_i = 2κI` (κ = 10.868 nm⁻¹ at 4.5 eV):
+    /// the same frames as the height-unit gains they map to, in the config and when set.
+    #[test]
+    fn log_current_gains_act_as_two_kappa_times_the_height_gains() {
+        let kappa = 10.868e9;
+        let base = |units: GainUnits, p: f64, i: f64| {
+            let mut c = stm_tunnel(true, 3);
+            c.tunneling.current_noise = Param::fixed(0.0);
+            c.tunneling.gain_units = units;
+            c.feedback.p_gain = Param::fixed(p);
+            c.feedback.i_gain = Param::fixed(i);
+            SpmSimulator::new(c, 6).unwrap()
+        };
+        let mut h = base(GainUnits::Height, 0.1, 300.0);
+        let mut n = base(
+            GainUnits::LogCurrent,
+            0.1 / (2.0 * kappa),
+            300.0 / (2.0 * kappa),
+        );
+        let (p, i) = n.feedback_gains();
+        assert!((p * 2.0 * kappa / 0.1 - 1.0).abs() < 1e-4, "P {p:e} m");
+        assert!((i * 2.0 * kappa / 300.0 - 1.0).abs() < 1e-4, "I {i:e} m/s");
+        let close = |a: &mut SpmSimulator, b: &mut SpmSimulator| {
+            let (fa, fb) = (a.acquire_frame().unwrap(), b.acquire_frame().unwrap());
+            let (za, zb) = (&fa.main().image, &fb.main().image);
+            let relief = za.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            let worst = za
+                .iter()
+                .zip(zb)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0.0f32, f32::max);
+            assert!(
+                relief > 1e-11 && worst <= 2e-4 * relief,
+                "{worst:e} of {relief:e} m"
+            );
+        };
+        close(&mut h, &mut n);
+        // Set through the instrument: P = 4.6 pm, I = 13.8 nm/s per unit ln I.
+        let (p, i) = n.set_feedback_gains(4.6e-12, 13.8e-9).unwrap();
+        assert!((p / 4.6e-12 - 1.0).abs() < 1e-12 && (i / 13.8e-9 - 1.0).abs() < 1e-12);
+        h.set_feedback_gains(2.0 * kappa * 4.6e-12, 2.0 * kappa * 13.8e-9)
+            .unwrap();
+        close(&mut h, &mut n);
+        // Gains that map beyond the loop's range are refused, naming the setting.
+        let mut c = stm_tunnel(true, 0);
+        c.tunneling.gain_units = GainUnits::LogCurrent;
+        c.feedback.p_gain = Param::fixed(1e-9); // K_p = 21.7 > 10
+        let e = SpmSimulator::new(c, 1).unwrap_err().to_string();
+        assert!(e.contains("tunneling.gain_units"), "{e}");
+    }
+
+    /// A current floor `I_floor` saturates the error at `ln(I_floor/I_set)`: the loop runs as
+    /// with `[feedback] saturation = ln(I_set/I_floor)/(2κ)`, and no pixel's error reads
+    /// below it, while without the floor the same scan reads deeper errors.
+    #[test]
+    fn current_floor_saturates_the_error_at_its_closed_form() {
+        let kappa: f64 = 10.868e9;
+        let (i_set, c_sat): (f64, f64) = (100e-12, 0.02e-9);
+        let floor = i_set * (-2.0 * kappa * c_sat).exp(); // 64.7 pA
+        let session = |floor: f64, saturation: f64| {
+            let mut c = stm_tunnel(true, 6);
+            c.tunneling.current_noise = Param::fixed(0.0);
+            c.tunneling.current_floor = Param::fixed(floor);
+            c.feedback.saturation = Param::fixed(saturation);
+            c.feedback.i_gain = Param::fixed(60.0);
+            c.scan.line_rate = Param::fixed(20.0);
+            let mut sim = SpmSimulator::new(c, 2).unwrap();
+            let f = sim.acquire_frame().unwrap();
+            (
+                f.main().image.clone(),
+                f.channel("error").unwrap().image.clone(),
+            )
+        };
+        let (z_floor, e_floor) = session(floor, 5e-9);
+        let (z_sat, e_sat) = session(0.0, c_sat);
+        let (_, e_free) = session(0.0, 5e-9);
+        let low = |e: &Array2<f32>| e.iter().fold(f32::INFINITY, |m, &v| m.min(v));
+        let lowest = low(&e_floor);
+        assert!(f64::from(lowest) >= -c_sat * (1.0 + 1e-4), "{lowest:e} m");
+        assert!(
+            f64::from(low(&e_free)) < -1.5 * c_sat,
+            "{:e} m",
+            low(&e_free)
+        );
+        let diff = |a: &Array2<f32>, b: &Array2<f32>| {
+            a.iter()
+                .zip(b)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0.0f32, f32::max)
+        };
+        assert!(
+            diff(&z_floor, &z_sat) < 1e-14,
+            "{:e}",
+            diff(&z_floor, &z_sat)
+        );
+        assert!(diff(&e_floor, &e_sat) < 1e-14);
+        // A floor at or above the set point is refused, naming the field.
+        let mut c = stm_tunnel(true, 0);
+        c.tunneling.current_floor = Param::fixed(i_set);
+        let e = SpmSimulator::new(c, 1).unwrap_err().to_string();
+        assert!(e.contains("tunneling.current_floor"), "{e}");
+    }
+
     /// A small STM session with the scanner's imperfections off and `tunneling.enabled` as
     /// given.
     fn stm_tunnel(enabled: bool, adatoms: usize) -> SpmConfig {
@@ -2348,6 +2537,21 @@ mod tests {
         c
     }
 
+    /// Every channel of the next frame, by name, as the bits of its values.
+    fn frame_bits(sim: &mut SpmSimulator) -> Vec<(String, Vec<u32>)> {
+        let frame = sim.acquire_frame().unwrap();
+        frame
+            .channels
+            .iter()
+            .map(|c| {
+                (
+                    c.name.clone(),
+                    c.image.iter().map(|v| v.to_bits()).collect(),
+                )
+            })
+            .collect()
+    }
+
     #[test]
     fn tunneling_off_leaves_every_frame_bit_identical() {
         let base = stm_tunnel(false, 2);
@@ -2362,30 +2566,8 @@ mod tests {
         for bias in [0.1, 0.7] {
             a.set_bias(bias).unwrap();
             b.set_bias(bias).unwrap();
-            let fa: Vec<(String, Vec<u32>)> = a
-                .acquire_frame()
-                .unwrap()
-                .channels
-                .iter()
-                .map(|c| {
-                    (
-                        c.name.clone(),
-                        c.image.iter().map(|v| v.to_bits()).collect(),
-                    )
-                })
-                .collect();
-            let fb: Vec<(String, Vec<u32>)> = b
-                .acquire_frame()
-                .unwrap()
-                .channels
-                .iter()
-                .map(|c| {
-                    (
-                        c.name.clone(),
-                        c.image.iter().map(|v| v.to_bits()).collect(),
-                    )
-                })
-                .collect();
+            let fa = frame_bits(&mut a);
+            let fb = frame_bits(&mut b);
             assert_eq!(fa, fb);
             assert!(fa.iter().all(|(n, _)| n != "current"));
         }

@@ -54,12 +54,13 @@
 //! assert!((f - 0.8e-9).abs() < 1e-21);
 //! ```
 
-use crate::error::{PhysicsError, Result};
+use crate::error::{Result, check_range};
 use crate::param::Param;
 use crate::param::dims::{Energy, Length, Unitless};
 use crate::spm::feedback::FeedbackConfig;
 use serde::{Deserialize, Serialize};
 use std::f64::consts::PI;
+use std::ops::Bound::{Excluded, Included};
 
 /// One electronvolt, J.
 const EV: f64 = 1.602_176_634e-19;
@@ -119,55 +120,45 @@ impl Default for AfmConfig {
 impl AfmConfig {
     /// Checks ranges (NaN is rejected); `prefix` names the section, e.g. `"afm."`.
     pub fn validate(&self, prefix: &str) -> Result<()> {
-        let checks: [(&str, f64, bool, &str); 8] = {
-            let (f, a0, r, w, q, k, es, ef) = (
-                self.contact_force.get(),
-                self.free_amplitude.get(),
-                self.setpoint_ratio.get(),
-                self.drive_ratio.get(),
-                self.quality_factor.get(),
-                self.spring_constant.get(),
-                self.dissipation_substrate.get(),
-                self.dissipation_feature.get(),
-            );
-            [
-                ("contact_force", f, f > 0.0 && f <= 1e-6, "in (0, 1e-6] N"),
-                (
-                    "free_amplitude",
-                    a0,
-                    a0 > 0.0 && a0 <= 1e-6,
-                    "in (0, 1e-6] m",
-                ),
-                ("setpoint_ratio", r, r > 0.0 && r < 1.0, "in (0, 1)"),
-                ("drive_ratio", w, w > 0.0 && w <= 2.0, "in (0, 2]"),
-                ("quality_factor", q, (1.0..=1e5).contains(&q), "in [1, 1e5]"),
-                (
-                    "spring_constant",
-                    k,
-                    (1e-3..=1e3).contains(&k),
-                    "in [1e-3, 1e3] N/m",
-                ),
-                (
-                    "dissipation_substrate",
-                    es,
-                    (0.0..=1e6).contains(&es),
-                    "in [0, 1e6] eV",
-                ),
-                (
-                    "dissipation_feature",
-                    ef,
-                    (0.0..=1e6).contains(&ef),
-                    "in [0, 1e6] eV",
-                ),
-            ]
-        };
-        for (name, v, ok, range) in checks {
-            if !ok {
-                return Err(PhysicsError::param(
-                    format!("{prefix}{name}"),
-                    format!("must be {range}, got {v}"),
-                ));
-            }
+        let f = |name: &str| format!("{prefix}{name}");
+        let above_zero = |hi: f64| (Excluded(0.0), Included(hi));
+        check_range(
+            &f("contact_force"),
+            self.contact_force.get(),
+            above_zero(1e-6),
+            "N",
+        )?;
+        check_range(
+            &f("free_amplitude"),
+            self.free_amplitude.get(),
+            above_zero(1e-6),
+            "m",
+        )?;
+        let r = self.setpoint_ratio.get();
+        check_range(&f("setpoint_ratio"), r, (Excluded(0.0), Excluded(1.0)), "")?;
+        check_range(
+            &f("drive_ratio"),
+            self.drive_ratio.get(),
+            above_zero(2.0),
+            "",
+        )?;
+        check_range(
+            &f("quality_factor"),
+            self.quality_factor.get(),
+            1.0..=1e5,
+            "",
+        )?;
+        check_range(
+            &f("spring_constant"),
+            self.spring_constant.get(),
+            1e-3..=1e3,
+            "N/m",
+        )?;
+        for (name, e) in [
+            ("dissipation_substrate", self.dissipation_substrate.get()),
+            ("dissipation_feature", self.dissipation_feature.get()),
+        ] {
+            check_range(&f(name), e, 0.0..=1e6, "eV")?;
         }
         Ok(())
     }

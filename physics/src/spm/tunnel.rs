@@ -28,19 +28,23 @@
 //!   `K_p = 2κ·P`, `K_i = 2κ·I` ([`height_gains`], [`log_current_gains`]). A current amplifier
 //!   with a floor `I_floor` (the smallest current it reads) saturates the error at
 //!   `ε = ln(I_floor/I_set)`, the height-unit saturation `c = ln(I_set/I_floor)/(2κ)`
-//!   ([`saturation_from_floor`]).
+//!   ([`saturation_from_floor`]). `gain_units = "log_current"` makes the simulator take and
+//!   report its gains as `P`, `I` (as a Nanonis driver passes them) and `current_floor` sets the
+//!   loop's saturation from the floor ([`TunnelingConfig::loop_feedback`]).
 //! - Current noise ([`CurrentNoise`]): white with density `S_I` (A/√Hz) plus optional 1/f noise
 //!   of density `S_1/√f` (A/√Hz at 1 Hz), drawn per controller sample at rate `f_s`. A white
 //!   sample has r.m.s. `σ_I = S_I·√(f_s/2)`; it enters the log-current error as
 //!   `ln(1 + δI/I_set)`, r.m.s. `σ_ε = σ_I/I_set` for small noise, i.e. `σ_ε/(2κ)` in height.
 
 use crate::constants::{ELECTRON_MASS, ELEMENTARY_CHARGE, PLANCK};
-use crate::error::{PhysicsError, Result};
+use crate::error::{PhysicsError, Result, check_range};
 use crate::param::Param;
 use crate::param::dims::{Current, Energy, Unitless};
 use crate::rng::{SimRng, normal};
+use crate::spm::feedback::FeedbackConfig;
 use serde::{Deserialize, Serialize};
 use std::f64::consts::PI;
+use std::ops::Bound::{Excluded, Included};
 
 /// The conductance quantum `G₀ = 2e²/h`, S.
 pub const CONDUCTANCE_QUANTUM: f64 = 2.0 * ELEMENTARY_CHARGE * ELEMENTARY_CHARGE / PLANCK;
@@ -69,6 +73,27 @@ pub struct TunnelingConfig {
     /// Adatom resonance strength `A` (relative LDOS at its peak), dimensionless, in
     /// `[0, 1e4]`. Default 20.
     pub resonance_strength: Param<Unitless>,
+    /// Units of the feedback gains (`[feedback] p_gain`, `i_gain` and the instrument's
+    /// `feedback_gains`/`set_feedback_gains`) while tunnelling is on. Default `"height"`.
+    pub gain_units: GainUnits,
+    /// Floor `I_floor` of the current amplifier, A, in `[0, I_set)`: the error never reads
+    /// below `ln(I_floor/I_set)`, the loop's saturation becomes
+    /// `c = ln(I_set/I_floor)/(2κ)` (replacing `[feedback] saturation`). Default 0: no floor,
+    /// `[feedback] saturation` applies.
+    pub current_floor: Param<Current>,
+}
+
+/// Units of the z-feedback gains of an STM with tunnelling on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GainUnits {
+    /// The height-unit PI law of [`super::feedback::ZFeedback`]: `K_p` dimensionless, `K_i`
+    /// in 1/s.
+    #[default]
+    Height,
+    /// A Nanonis-style Z-controller on the log current: `P` in m and `I` in m/s per unit
+    /// `ln(I/I_set)`, acting as `K_p = 2κP`, `K_i = 2κI` ([`height_gains`]).
+    LogCurrent,
 }
 
 impl Default for TunnelingConfig {
@@ -82,6 +107,8 @@ impl Default for TunnelingConfig {
             resonance_energy: Param::fixed(0.5),
             resonance_width: Param::fixed(0.2),
             resonance_strength: Param::fixed(20.0),
+            gain_units: GainUnits::Height,
+            current_floor: Param::fixed(0.0),
         }
     }
 }
@@ -89,75 +116,73 @@ impl Default for TunnelingConfig {
 impl TunnelingConfig {
     /// Checks ranges (NaN is rejected); `prefix` names the section, e.g. `"tunneling."`.
     pub fn validate(&self, prefix: &str) -> Result<()> {
-        let check = |name: &str, v: f64, lo: f64, hi: f64, lo_open: bool, unit: &str| {
-            let ok = if lo_open { v > lo } else { v >= lo } && v <= hi;
-            if ok {
-                Ok(())
-            } else {
-                let open = if lo_open { "(" } else { "[" };
-                Err(PhysicsError::param(
-                    format!("{prefix}{name}"),
-                    format!("must be in {open}{lo:e}, {hi:e}] {unit}, got {v}"),
-                ))
-            }
-        };
-        check(
-            "work_function",
+        let f = |name: &str| format!("{prefix}{name}");
+        check_range(
+            &f("work_function"),
             self.work_function.get(),
-            0.5,
-            10.0,
-            false,
+            0.5..=10.0,
             "eV",
         )?;
-        check(
-            "setpoint_current",
-            self.setpoint_current.get(),
-            0.0,
-            1e-6,
-            true,
+        let i_set = self.setpoint_current.get();
+        check_range(
+            &f("setpoint_current"),
+            i_set,
+            (Excluded(0.0), Included(1e-6)),
             "A",
         )?;
-        check(
-            "current_noise",
+        check_range(
+            &f("current_noise"),
             self.current_noise.get(),
-            0.0,
-            1e-9,
-            false,
+            0.0..=1e-9,
             "A/√Hz",
         )?;
-        check(
-            "current_pink_noise",
-            self.current_pink_noise.get(),
-            0.0,
-            1e-9,
-            false,
-            "A/√Hz",
-        )?;
-        check(
-            "resonance_energy",
+        let pink = self.current_pink_noise.get();
+        check_range(&f("current_pink_noise"), pink, 0.0..=1e-9, "A/√Hz")?;
+        check_range(
+            &f("resonance_energy"),
             self.resonance_energy.get(),
-            -5.0,
-            5.0,
-            false,
+            -5.0..=5.0,
             "eV",
         )?;
-        check(
-            "resonance_width",
+        check_range(
+            &f("resonance_width"),
             self.resonance_width.get(),
-            0.01,
-            5.0,
-            false,
+            0.01..=5.0,
             "eV",
         )?;
-        check(
-            "resonance_strength",
-            self.resonance_strength.get(),
-            0.0,
-            1e4,
-            false,
-            "",
-        )?;
-        Ok(())
+        let strength = self.resonance_strength.get();
+        check_range(&f("resonance_strength"), strength, 0.0..=1e4, "")?;
+        check_range(
+            &f("current_floor"),
+            self.current_floor.get(),
+            0.0..i_set,
+            "A",
+        )
+    }
+
+    /// The height-unit feedback settings the loop runs with while tunnelling is on: `fb` with
+    /// its gains converted from `gain_units` and, with a `current_floor`, the floor's
+    /// saturation. Errors name the field whose value gives an out-of-range loop setting.
+    pub fn loop_feedback(&self, fb: &FeedbackConfig) -> Result<FeedbackConfig> {
+        let mut out = fb.clone();
+        let kappa = self.kappa();
+        if self.gain_units == GainUnits::LogCurrent {
+            let (kp, ki) = height_gains(fb.p_gain.get(), fb.i_gain.get(), kappa);
+            out.p_gain = Param::fixed(kp);
+            out.i_gain = Param::fixed(ki);
+        }
+        let floor = self.current_floor.get();
+        if floor > 0.0 {
+            let c = saturation_from_floor(self.setpoint_current.get(), floor, kappa);
+            out.saturation = Param::fixed(c);
+        }
+        out.validate("feedback.").map_err(|e| {
+            PhysicsError::param(
+                "tunneling.gain_units, tunneling.current_floor",
+                format!("give a loop setting out of range: {e}"),
+            )
+        })?;
+        Ok(out)
     }
 
     /// The adatom resonance of this config.

@@ -933,6 +933,40 @@ pub struct Hop {
     pub time: f64,
 }
 
+/// The integrated hazard at which the next event of a Poisson process happens, `−ln(1 − u)`
+/// for one uniform draw `u`, if it comes before the `hazard` still ahead (dimensionless): `None`
+/// when nothing happens (also for a hazard of 0). The one event draw of [`HopModel::raster`] and
+/// [`HopModel::raster_path`].
+fn next_event(hazard: f64, rng: &mut SimRng) -> Option<f64> {
+    if hazard <= 0.0 {
+        return None;
+    }
+    let u: f64 = rng.random();
+    let e = -(-u).ln_1p();
+    (e < hazard).then_some(e)
+}
+
+/// One of `pairs` drawn with probability proportional to `weight` (the weights summing to
+/// `total`): one uniform draw, the last pair where rounding leaves the draw beyond the sum. The
+/// neighbour draw of every hop chain ([`HopModel::dwell`], [`HopModel::raster`],
+/// [`HopModel::raster_path`]).
+fn pick_weighted<T: Copy>(
+    pairs: &[T],
+    total: f64,
+    weight: impl Fn(&T) -> f64,
+    rng: &mut SimRng,
+) -> T {
+    let mut pick = rng.random::<f64>() * total;
+    for p in pairs {
+        let w = weight(p);
+        if pick < w {
+            return *p;
+        }
+        pick -= w;
+    }
+    pairs[pairs.len() - 1]
+}
+
 /// Performs one hop: the dopant at index `dopant` and the host atom at index `host` swap
 /// species (positions stay), and the hop at `time` (s) is returned with the dopant's old and new
 /// positions. The one place [`HopModel::dwell`] and [`HopModel::raster`] change the specimen.
@@ -1038,16 +1072,7 @@ impl HopModel {
             if t >= duration {
                 break;
             }
-            let mut pick = rng.random::<f64>() * total;
-            let mut chosen = rates[rates.len() - 1];
-            for r in &rates {
-                if pick < r.2 {
-                    chosen = *r;
-                    break;
-                }
-                pick -= r.2;
-            }
-            let (i, j, _) = chosen;
+            let (i, j, _) = pick_weighted(&rates, total, |r| r.2, rng);
             hops.push(swap_dopant(specimen, i, j, t));
         }
         hops
@@ -1146,14 +1171,9 @@ impl HopModel {
                 }
             });
             hazard *= k * dwell;
-            if hazard <= 0.0 {
+            let Some(e) = next_event(hazard, rng) else {
                 break;
-            }
-            let u: f64 = rng.random();
-            let e = -(-u).ln_1p();
-            if e >= hazard {
-                break;
-            }
+            };
             pairs.clear();
             self.each_pair(&specimen.atoms, bond, window, |i, j, mu| {
                 let sx = sum_x(mu[0], 0);
@@ -1194,16 +1214,12 @@ impl HopModel {
             // Rounding can leave the walk a hair short of `e`: no hop then.
             let Some((r, c, f)) = found else { break };
             // The neighbour, by its rate at this pixel.
-            let mut pick = rng.random::<f64>() * pixel_rate(r, c) / k;
-            let mut chosen = pairs[pairs.len() - 1];
-            for p in &pairs {
-                let w = gy(p.2[1], r) * gx(p.2[0], c);
-                if pick < w {
-                    chosen = *p;
-                    break;
-                }
-                pick -= w;
-            }
+            let chosen = pick_weighted(
+                &pairs,
+                pixel_rate(r, c) / k,
+                |p| gy(p.2[1], r) * gx(p.2[0], c),
+                rng,
+            );
             let time = r as f64 * line + (c as f64 + f) * dwell;
             hops.push(swap_dopant(specimen, chosen.0, chosen.1, time));
             (pos, frac) = (r * cols + c, f);
@@ -1277,14 +1293,9 @@ impl HopModel {
                 hazard += if idx == pos { (1.0 - frac) * *r } else { *r };
             }
             hazard *= k * dwell;
-            if hazard <= 0.0 {
+            let Some(e) = next_event(hazard, rng) else {
                 break;
-            }
-            let u: f64 = rng.random();
-            let e = -(-u).ln_1p();
-            if e >= hazard {
-                break;
-            }
+            };
             let mut acc = 0.0;
             let mut found = None;
             for (idx, r) in rates.iter().enumerate().skip(pos) {
@@ -1299,16 +1310,7 @@ impl HopModel {
             }
             // Rounding can leave the walk a hair short of `e`: no hop then.
             let Some((idx, f)) = found else { break };
-            let mut pick = rng.random::<f64>() * rates[idx];
-            let mut chosen = pairs[pairs.len() - 1];
-            for p in &pairs {
-                let w = g(positions[idx], p.2);
-                if pick < w {
-                    chosen = *p;
-                    break;
-                }
-                pick -= w;
-            }
+            let chosen = pick_weighted(&pairs, rates[idx], |p| g(positions[idx], p.2), rng);
             let (r, c) = (idx / cols, idx % cols);
             let time = r as f64 * line + (c as f64 + f) * dwell;
             hops.push(swap_dopant(specimen, chosen.0, chosen.1, time));

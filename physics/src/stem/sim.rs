@@ -1162,9 +1162,23 @@ fn add_distorted_dose(
     centre: [f64; 2],
     epp: f64,
 ) {
+    for (quad, dose) in distorted_footprint(sd, sc, centre, epp) {
+        map.add_quad(quad, dose);
+    }
+}
+
+/// The footprint of a distorted frame (see [`add_distorted_dose`]): quadrilaterals (corners
+/// in order, specimen coordinates, m) that tile it, each with the areal dose it receives
+/// (electrons/m²).
+fn distorted_footprint(
+    sd: &ScanDistortion,
+    sc: &ScanSettings,
+    centre: [f64; 2],
+    epp: f64,
+) -> Vec<([[f64; 2]; 4], f64)> {
     let (rows, cols, dx, dwell) = (sc.rows, sc.cols, sc.pixel_size, sc.dwell_time);
     if rows == 0 || cols == 0 {
-        return;
+        return Vec::new();
     }
     let (hx, hy) = (0.5 * cols as f64 * dx, 0.5 * rows as f64 * dx);
     // Lab position of the pixel-cell corner at column edge `e` (0..=cols) and row edge `y`.
@@ -1186,18 +1200,37 @@ fn add_distorted_dose(
         }
     }
     edges.push(cols);
-    for w in edges.windows(2) {
-        let (a, b) = (w[0], w[1]);
-        let quad = [corner(a, -hy), corner(b, -hy), corner(b, hy), corner(a, hy)];
-        let area2: f64 = (0..4)
-            .map(|k| {
-                let (p, q) = (quad[k], quad[(k + 1) % 4]);
-                p[0] * q[1] - q[0] * p[1]
-            })
-            .sum();
-        let electrons = epp * ((b - a) * rows) as f64;
-        map.add_quad(quad, electrons / (0.5 * area2.abs()));
+    edges
+        .windows(2)
+        .map(|w| {
+            let (a, b) = (w[0], w[1]);
+            let quad = [corner(a, -hy), corner(b, -hy), corner(b, hy), corner(a, hy)];
+            let area2: f64 = (0..4)
+                .map(|k| {
+                    let (p, q) = (quad[k], quad[(k + 1) % 4]);
+                    p[0] * q[1] - q[0] * p[1]
+                })
+                .sum();
+            let electrons = epp * ((b - a) * rows) as f64;
+            (quad, electrons / (0.5 * area2.abs()))
+        })
+        .collect()
+}
+
+/// Whether `p` lies inside the quadrilateral `quad` (corners in order; even-odd rule, so any
+/// simple quadrilateral works).
+fn inside_quad(quad: &[[f64; 2]; 4], p: [f64; 2]) -> bool {
+    let mut inside = false;
+    for k in 0..4 {
+        let (a, b) = (quad[k], quad[(k + 1) % 4]);
+        if (a[1] > p[1]) != (b[1] > p[1]) {
+            let x = a[0] + (p[1] - a[1]) * (b[0] - a[0]) / (b[1] - a[1]);
+            if p[0] < x {
+                inside = !inside;
+            }
+        }
     }
+    inside
 }
 
 /// Checks that the scan distortion `sd` keeps every pixel of a `rows × cols` frame of pixels
@@ -1350,20 +1383,50 @@ impl StemSimulator {
         // (sputtering, hops: `last_damage`) shows from the next exposure on.
         let mut report = DamageReport::default();
         if self.any_knock {
-            // Each image of an atom inside the scanned rectangle receives the frame's dose.
+            // Each image of an atom inside the scanned footprint receives the frame's dose
+            // there: the rectangle, or the distorted scan's pieces (as the dose map).
             let (cx, cy) = (x0 + 0.5 * w, y0 + 0.5 * h);
-            let window = self.specimen.window([-cx, -cy], [0.5 * w, 0.5 * h]);
             let bonds = self.knock.coordination_of(&self.specimen);
-            report.sputtered = sputter_with(
-                &mut self.specimen,
-                self.knock.sigma_of(&bonds),
-                &mut self.rng_damage,
-                |a| {
+            let sigma = self.knock.sigma_of(&bonds);
+            report.sputtered = if self.cfg.scan_distortion.is_identity() {
+                let window = self.specimen.window([-cx, -cy], [0.5 * w, 0.5 * h]);
+                sputter_with(&mut self.specimen, sigma, &mut self.rng_damage, |a| {
                     let mut images = 0.0;
                     window.for_each_image([a.x, a.y], |_| images += 1.0);
                     images * dose
-                },
-            );
+                })
+            } else {
+                let pieces: Vec<_> =
+                    distorted_footprint(&self.cfg.scan_distortion, &sc, [cx, cy], epp)
+                        .into_iter()
+                        .map(|(quad, d)| {
+                            let lo = quad
+                                .iter()
+                                .fold([f64::INFINITY; 2], |m, q| [m[0].min(q[0]), m[1].min(q[1])]);
+                            let hi = quad.iter().fold([f64::NEG_INFINITY; 2], |m, q| {
+                                [m[0].max(q[0]), m[1].max(q[1])]
+                            });
+                            let c = [0.5 * (lo[0] + hi[0]), 0.5 * (lo[1] + hi[1])];
+                            let half = [0.5 * (hi[0] - lo[0]), 0.5 * (hi[1] - lo[1])];
+                            // Corners relative to the window's centre, as its images are.
+                            let rel = quad.map(|q| [q[0] - c[0], q[1] - c[1]]);
+                            (self.specimen.window([-c[0], -c[1]], half), rel, d)
+                        })
+                        .collect();
+                sputter_with(&mut self.specimen, sigma, &mut self.rng_damage, |a| {
+                    let mut total = 0.0;
+                    for (window, quad, d) in &pieces {
+                        let mut images = 0.0;
+                        window.for_each_image([a.x, a.y], |q| {
+                            if inside_quad(quad, q) {
+                                images += 1.0;
+                            }
+                        });
+                        total += images * d;
+                    }
+                    total
+                })
+            };
         }
         // Beam-driven hops while the frame is scanned, pixel by pixel in time order (the
         // specimen as placed at the frame start, like the dose).

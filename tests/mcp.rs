@@ -1,0 +1,291 @@
+//! `scopegym mcp` through the official MCP client (rmcp, child-process stdio transport): the
+//! tools list, scripted episodes that must equal the native environment's for the same seed and
+//! actions, tool errors (not a dead server) for malformed and out-of-limit calls, the record.
+
+use rmcp::model::{CallToolRequestParams, CallToolResult, ContentBlock};
+use rmcp::service::RunningService;
+use rmcp::transport::TokioChildProcess;
+use rmcp::{RoleClient, ServiceExt};
+use scopegym_agents::bench::run::{BuildInfo, RunResults, episode_seed};
+use scopegym_agents::bench::suite::{Selection, SuiteFile, plan};
+use scopegym_envs::space::Value;
+use serde_json::{Value as Json, json};
+use std::path::Path;
+
+type Client = RunningService<RoleClient, ()>;
+
+/// The suite's task config for `id` (what the server uses), with `extra` merged over it.
+fn suite_config(id: &str, extra: &[(&str, toml::Value)]) -> toml::Value {
+    let sel = Selection {
+        budget: "full".into(),
+        agents: Vec::new(),
+        tasks: vec![id.into()],
+        seeds: None,
+    };
+    let jobs = plan(&SuiteFile::embedded(), &sel, &BuildInfo::default()).unwrap();
+    let mut t = match jobs[0].spec.env_table(&jobs[0].spec.split).unwrap() {
+        toml::Value::Table(t) => t,
+        _ => unreachable!(),
+    };
+    for (k, v) in extra {
+        t.insert((*k).into(), v.clone());
+    }
+    toml::Value::Table(t)
+}
+
+async fn serve(id: &str, seed: u64, record: &Path, extra: &[&str]) -> Client {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_scopegym"));
+    cmd.args(["mcp", "--task", id, "--seed", &seed.to_string(), "--record"])
+        .arg(record)
+        .args(extra);
+    let transport = TokioChildProcess::new(cmd).unwrap();
+    ().serve(transport).await.unwrap()
+}
+
+async fn call(c: &Client, name: &str, args: Json) -> CallToolResult {
+    let Json::Object(args) = args else {
+        panic!("arguments must be an object")
+    };
+    c.call_tool(CallToolRequestParams::new(name.to_owned()).with_arguments(args))
+        .await
+        .unwrap_or_else(|e| panic!("{name}: protocol error {e}"))
+}
+
+fn ok(r: &CallToolResult, what: &str) -> Json {
+    assert_ne!(r.is_error, Some(true), "{what}: {:?}", r.content);
+    r.structured_content.clone().expect("structured content")
+}
+
+fn error_text(r: &CallToolResult, what: &str) -> String {
+    assert_eq!(
+        r.is_error,
+        Some(true),
+        "{what} should fail: {:?}",
+        r.content
+    );
+    match &r.content[0] {
+        ContentBlock::Text(t) => t.text.clone(),
+        c => panic!("{what}: expected text, got {c:?}"),
+    }
+}
+
+fn has_png(r: &CallToolResult) -> bool {
+    r.content
+        .iter()
+        .any(|c| matches!(c, ContentBlock::Image(i) if i.mime_type == "image/png"))
+}
+
+/// The observation the server returned, as the native env's flat Box value.
+fn obs(j: &Json) -> Value {
+    let a = j["observation"].as_array().expect("observation array");
+    Value::Box(a.iter().map(|x| x.as_f64().unwrap() as f32).collect())
+}
+
+fn action_json(a: &Value) -> Json {
+    match a {
+        Value::Discrete(d) => json!(d),
+        Value::Box(x) => json!(x.iter().map(|&v| f64::from(v)).collect::<Vec<_>>()),
+        v => panic!("unexpected action {v:?}"),
+    }
+}
+
+/// Runs one episode of `steps` heuristic actions through the server and the native env side by
+/// side; returns the native return and steps.
+async fn episode_matches(
+    c: &Client,
+    id: &str,
+    config: &toml::Value,
+    seed: u64,
+    steps: usize,
+) -> (f64, usize, bool) {
+    let mut native = scopegym_envs::registry::make(id, Some(config)).unwrap();
+    let (mut o, _) = native.reset(Some(seed)).unwrap();
+    let r = call(c, "reset", json!({"include_observation": true})).await;
+    let j = ok(&r, "reset");
+    assert!(has_png(&r), "reset returns a PNG");
+    assert_eq!(j["seed"], json!(seed), "{id}: the suite's episode seed");
+    assert_eq!(obs(&j), o, "{id}: reset observation");
+    let (mut ret, mut n, mut done) = (0.0, 0, false);
+    for t in 0..steps {
+        let a = native.heuristic_action(&o);
+        let s = native.step(&a).unwrap();
+        let r = call(
+            c,
+            "step",
+            json!({"action": action_json(&a), "include_observation": true}),
+        )
+        .await;
+        let j = ok(&r, "step");
+        assert!(j.get("refused").is_none(), "{id} step {t}: {j}");
+        assert_eq!(
+            j["reward"].as_f64().unwrap(),
+            s.reward,
+            "{id} step {t}: reward"
+        );
+        assert_eq!(obs(&j), s.obs, "{id} step {t}: observation");
+        assert_eq!(j["terminated"], json!(s.terminated), "{id} step {t}");
+        assert_eq!(j["truncated"], json!(s.truncated), "{id} step {t}");
+        ret += s.reward;
+        n += 1;
+        o = s.obs;
+        if s.terminated || s.truncated {
+            done = true;
+            break;
+        }
+    }
+    (ret, n, done)
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn mcp_episodes_equal_the_native_env_and_bad_calls_are_tool_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let env_cfg = dir.path().join("short.toml");
+    std::fs::write(&env_cfg, "max_steps = 4\n").unwrap();
+    let cases = [
+        ("scopegym/SpmTipConditioning-v2", 3_u64, false),
+        ("scopegym/StemAutofocus-v2", 5, true),
+    ];
+    for (id, run_seed, short) in cases {
+        let rec = dir.path().join(id.rsplit('/').next().unwrap());
+        let extra: Vec<&str> = if short {
+            vec!["--env-config", env_cfg.to_str().unwrap()]
+        } else {
+            Vec::new()
+        };
+        let c = serve(id, run_seed, &rec, &extra).await;
+
+        let names: Vec<String> = c
+            .list_all_tools()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|t| t.name.to_string())
+            .collect();
+        for want in [
+            "list_tasks",
+            "reset",
+            "step",
+            "episode_score",
+            "instrument_status",
+            "acquire_frame",
+            "move_probe",
+            "point_spectroscopy",
+            "make_safe",
+        ] {
+            assert!(
+                names.iter().any(|n| n == want),
+                "{id}: no {want} in {names:?}"
+            );
+        }
+
+        let config = if short {
+            suite_config(id, &[("max_steps", toml::Value::Integer(4))])
+        } else {
+            suite_config(id, &[])
+        };
+        // Episode 0: 5 scripted steps (4 and truncation for the short config).
+        let (ret0, n0, done0) =
+            episode_matches(&c, id, &config, episode_seed(run_seed, 0), 5).await;
+        // The short config (max_steps = 4) ends the episode by step 4 at the latest.
+        assert!(
+            if short { done0 && n0 <= 4 } else { n0 == 5 },
+            "{id}: {n0} steps"
+        );
+        let score = ok(&call(&c, "episode_score", json!({})).await, "score");
+        assert_eq!(score["return"].as_f64().unwrap(), ret0, "{id}: score");
+        assert_eq!(score["steps"], json!(n0));
+
+        // Malformed and out-of-limit calls: tool errors naming the field.
+        if !short {
+            let bad_nan = call(&c, "step", json!({"action": f64::NAN})).await;
+            let e = error_text(&bad_nan, "NaN action");
+            assert!(e.contains("action"), "{e}");
+            let e = error_text(
+                &call(&c, "step", json!({"action": [1, 2]})).await,
+                "wrong-shape action",
+            );
+            assert!(e.contains("action") && e.contains("integer"), "{e}");
+        } else {
+            let e = error_text(
+                &call(&c, "step", json!({"action": [0.1, null, 0.0]})).await,
+                "NaN action",
+            );
+            assert!(e.contains("action[1]") && e.contains("finite"), "{e}");
+            let e = error_text(
+                &call(&c, "step", json!({"action": [0.1, 0.2]})).await,
+                "wrong-shape action",
+            );
+            assert!(e.contains("action") && e.contains("shape"), "{e}");
+        }
+        let e = error_text(
+            &call(&c, "reset", json!({"task": "scopegym/NoSuchTask-v1"})).await,
+            "unknown task",
+        );
+        assert!(e.contains("task") && e.contains("NoSuchTask"), "{e}");
+        let e = error_text(
+            &call(&c, "move_probe", json!({"x_m": 1.0, "y_m": 0.0})).await,
+            "out-of-limit move",
+        );
+        // SPM: the guard's scanner range; STEM: the simulator's deflection range.
+        assert!(
+            e.contains("limit `spm.scanner_range") || e.contains("position"),
+            "{e}"
+        );
+        let (tool, args, limit) = if short {
+            (
+                "set_defocus",
+                json!({"defocus_m": 1.0}),
+                "stem.aberration_step_max.c10",
+            )
+        } else {
+            ("set_bias", json!({"bias_v": 100.0}), "spm.bias_window")
+        };
+        let e = error_text(&call(&c, tool, args).await, "out-of-limit command");
+        assert!(e.contains(limit), "{e}");
+        let e = error_text(
+            &call(&c, "move_probe", json!({"x_m": 0.0})).await,
+            "missing y_m",
+        );
+        assert!(e.contains("y_m"), "{e}");
+        let e = error_text(&call(&c, "no_such_tool", json!({})).await, "unknown tool");
+        assert!(e.contains("no_such_tool"), "{e}");
+
+        // Still serving: a frame from the instrument, then episode 1 with the next suite seed.
+        let r = call(&c, "acquire_frame", json!({})).await;
+        let f = ok(&r, "acquire_frame");
+        assert!(has_png(&r) && f["rows"].as_u64().unwrap() > 0, "{f}");
+        ok(
+            &call(&c, "instrument_status", json!({})).await,
+            "instrument_status",
+        );
+        let (ret1, n1, _) = episode_matches(&c, id, &config, episode_seed(run_seed, 1), 2).await;
+        // A new episode scores the one in progress.
+        let j = ok(&call(&c, "reset", json!({"seed": 77})).await, "reset");
+        assert_eq!(j["seed"], json!(77));
+
+        // The record: every call, and both episodes scored in results.json.
+        let calls = std::fs::read_to_string(rec.join("calls.jsonl")).unwrap();
+        let lines: Vec<Json> = calls
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert!(lines.iter().any(|l| l["tool"] == "step" && l["ok"] == true));
+        assert!(
+            lines
+                .iter()
+                .any(|l| l["tool"] == "move_probe" && l["ok"] == false)
+        );
+        let res: RunResults =
+            serde_json::from_str(&std::fs::read_to_string(rec.join("results.json")).unwrap())
+                .unwrap();
+        assert_eq!(res.agent, "llm");
+        assert_eq!(res.env_id, id);
+        let eps = &res.per_seed[0].episodes;
+        assert_eq!(eps.len(), 2, "{id}: both episodes scored");
+        assert_eq!((eps[0].ret, eps[0].steps), (ret0, n0));
+        assert_eq!((eps[1].ret, eps[1].steps), (ret1, n1));
+        assert_eq!(eps[1].seed, episode_seed(run_seed, 1));
+        assert!(rec.join("audit.jsonl").exists(), "the guard's audit log");
+        c.cancel().await.unwrap();
+    }
+}
