@@ -18,9 +18,9 @@ use scopegym_physics::instrument::SpmMode;
 use scopegym_physics::param::{Param, Region};
 use scopegym_physics::spm::sim::{SpmConfig, SpmFidelity, SpmSimulator};
 use scopegym_physics::spm::surface::SurfaceKind;
+use scopegym_physics::stem::StemSimulator;
 use scopegym_physics::stem::dopant::DopantSimulator;
 use scopegym_physics::stem::lattice::LatticeSimulator;
-use scopegym_physics::stem::{StemFidelity, StemSimulator};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
@@ -186,17 +186,6 @@ impl Fidelity {
         match self {
             Self::Fast => SpmFidelity::Fast,
             Self::Full => SpmFidelity::Full,
-        }
-    }
-}
-
-impl Fidelity {
-    /// The STEM simulator's setting for this fidelity: `"full"` runs [`StemSimulator`] as
-    /// documented, `"fast"` its lighter stages ([`StemFidelity::Fast`]).
-    pub fn stem(self) -> StemFidelity {
-        match self {
-            Self::Fast => StemFidelity::Fast,
-            Self::Full => StemFidelity::Full,
         }
     }
 }

@@ -84,23 +84,12 @@
 //! | EELS t/λ | 0.3 | 0.2-0.4 | 0.2-0.6 |
 //! | Si-L cross-section (`edge_scale`) | 2.0e-4 | 1.7-2.3e-4 | 1.4-2.6e-4 |
 //! | EELS camera read noise (counts/channel) | 0 | 0-10 | 5-30 |
-//!
-//! # Fidelity
-//!
-//! `fidelity = "full"` (the default) runs [`StemSimulator`] as documented. `fidelity = "fast"`
-//! runs its lighter stages
-//! ([`StemFidelity::Fast`](scopegym_physics::stem::StemFidelity::Fast)): the overview is formed
-//! in real space with the round Gaussian probe of the light models (no padded-grid FFT, no scan
-//! noise), and a spectrum's large channel counts are drawn from the normal distribution with
-//! the Poisson mean and variance. Point exposures (the composition under the probe, the dose)
-//! and the ground truth are the same. The tests compare the two over seeds: the overview's
-//! variance and radially averaged power spectrum, and the mean and spread of the values.
 
 use crate::env::{Info, InfoValue, RgbImage, Task, TaskStep};
 use crate::error::{EnvError, Result};
 use crate::level::{Difficulty, Split};
 use crate::space::{Space, Value};
-use crate::tasks::{Fidelity, NewEpisode, TaskConfig, config_from_toml};
+use crate::tasks::{NewEpisode, TaskConfig, config_from_toml};
 use scopegym_physics::constants::ELEMENTARY_CHARGE;
 use scopegym_physics::instrument::{ScanSettings, StemInstrument};
 use scopegym_physics::param::{Dim, Param};
@@ -160,9 +149,6 @@ pub struct Config {
     pub success_tolerance: f64,
     /// Reward per unit of posterior value gained. Default 10.
     pub reward_scale: f64,
-    /// Which simulator stages run (`"full"` or `"fast"`, [`Fidelity`]; module docs). Default
-    /// `"full"`.
-    pub fidelity: Fidelity,
 }
 
 /// A uniform distribution on `[a, b]`.
@@ -259,7 +245,6 @@ impl TaskConfig for Config {
             noise_sd: 0.05,
             success_tolerance: 0.1,
             reward_scale: 10.0,
-            fidelity: Fidelity::Full,
         }
     }
 }
@@ -273,7 +258,6 @@ impl Config {
         c.scan.pixel_size = Param::fixed(self.pixel_size);
         c.scan.dwell_time = Param::fixed(self.dwell_time);
         c.scan.dose = None;
-        c.fidelity = self.fidelity.stem();
         c
     }
 
@@ -524,7 +508,7 @@ pub struct SpectrumScratch {
     model: Option<(EelsConfig, EelsModel)>,
     composition: Vec<(u8, f64)>,
     kernel: Vec<f64>,
-    /// The atoms near a position ([`StemSimulator::atom_candidates`]).
+    /// The atoms near a position ([`StemSimulator::indexed_specimen`]).
     near: Vec<u32>,
 }
 
@@ -1103,138 +1087,6 @@ mod tests {
                 ("nope = 1", "nope"),
             ],
         );
-    }
-
-    /// Per episode `0..seeds` at `fidelity`: the overview, and the values of `repeats` spectra
-    /// at the truly best cell and at the truly worst one.
-    fn fidelity_run(fidelity: Fidelity, seeds: u64, repeats: usize) -> Vec<(Vec<f32>, Vec<f64>)> {
-        let cfg = Config {
-            fidelity,
-            ..Config::default()
-        };
-        let inst = StemSimulator::new(cfg.instrument_config(), 0).unwrap();
-        let mut task = StemEelsExplore::new(cfg, inst);
-        let mut info = Info::new();
-        (0..seeds)
-            .map(|seed| {
-                task.reset(seed, &mut info).unwrap();
-                let t = task.truth.clone().unwrap();
-                let best = (0..t.len()).max_by(|&a, &b| t[a].total_cmp(&t[b])).unwrap();
-                let worst = (0..t.len()).min_by(|&a, &b| t[a].total_cmp(&t[b])).unwrap();
-                let mut values = Vec::new();
-                for k in [best, worst] {
-                    for _ in 0..repeats {
-                        task.step(&Value::Discrete(k as i64), &mut info).unwrap();
-                        values.push(f(&info, "value"));
-                    }
-                }
-                (task.overview.clone(), values)
-            })
-            .collect()
-    }
-
-    #[test]
-    fn fast_fidelity_observes_the_full_statistics() {
-        // Paired episodes: the same seeds build the same specimens and the point exposures are
-        // the same; the overview (Gaussian probe in real space) and the spectra's noise (normal
-        // for large counts) differ.
-        let (seeds, repeats) = (5, 20);
-        let fast = fidelity_run(Fidelity::Fast, seeds, repeats);
-        let full = fidelity_run(Fidelity::Full, seeds, repeats);
-        let p = Config::default().pixels;
-        let (mut var_fast, mut var_full) = (0.0, 0.0);
-        let (mut bands_fast, mut bands_full) = ([0.0; 4], [0.0; 4]);
-        let (mut dmean, mut se2, mut res_fast, mut res_full, mut n_res) = (0.0, 0.0, 0.0, 0.0, 0.0);
-        for ((oa, va), (ob, vb)) in fast.iter().zip(&full) {
-            let var = |x: &[f32]| {
-                let m = x.iter().map(|&v| f64::from(v)).sum::<f64>() / x.len() as f64;
-                x.iter().map(|&v| (f64::from(v) - m).powi(2)).sum::<f64>() / x.len() as f64
-            };
-            var_fast += var(oa);
-            var_full += var(ob);
-            for (s, x) in bands_fast.iter_mut().zip(power_bands(oa, p)) {
-                *s += x;
-            }
-            for (s, x) in bands_full.iter_mut().zip(power_bands(ob, p)) {
-                *s += x;
-            }
-            // Values per cell: the mean (paired) and the shot-noise residuals.
-            for (ca, cb) in va.chunks(repeats).zip(vb.chunks(repeats)) {
-                let n = repeats as f64;
-                let (ma, mb) = (ca.iter().sum::<f64>() / n, cb.iter().sum::<f64>() / n);
-                dmean += ma - mb;
-                let ra: f64 = ca.iter().map(|v| (v - ma).powi(2)).sum();
-                let rb: f64 = cb.iter().map(|v| (v - mb).powi(2)).sum();
-                res_fast += ra;
-                res_full += rb;
-                se2 += (ra + rb) / (n - 1.0) / n;
-                n_res += n - 1.0;
-            }
-        }
-        let cells = (2 * seeds) as f64;
-        let dmean = dmean / cells;
-        let se = se2.sqrt() / cells;
-        let (sd_fast, sd_full) = ((res_fast / n_res).sqrt(), (res_full / n_res).sqrt());
-        let band_ratio = [0, 1, 2, 3].map(|k| bands_fast[k] / bands_full[k]);
-        eprintln!(
-            "fast - full value mean {dmean:.4} (s.e. {se:.4}); value sd fast {sd_fast:.4} \
-             full {sd_full:.4}; overview variance ratio {:.3}; power bands {band_ratio:.3?}",
-            var_fast / var_full
-        );
-        assert!(
-            dmean.abs() < 3.0 * se + 0.002,
-            "value means differ by {dmean}"
-        );
-        assert!(
-            (sd_fast / sd_full - 1.0).abs() < 0.15,
-            "value sd {sd_fast} vs {sd_full}"
-        );
-        assert!((var_fast / var_full - 1.0).abs() < 0.1, "overview variance");
-        for (k, r) in band_ratio.iter().enumerate() {
-            assert!((r - 1.0).abs() < 0.2, "overview power band {k}: ratio {r}");
-        }
-        // Fast is deterministic per seed.
-        let again = fidelity_run(Fidelity::Fast, 1, repeats);
-        assert_eq!(again[0], fast[0]);
-    }
-
-    /// Power of a `p × p` image (mean removed) in four radial bands of the spatial frequency
-    /// (up to the row Nyquist frequency), from the 2-D DFT.
-    fn power_bands(x: &[f32], p: usize) -> [f64; 4] {
-        let m = x.iter().map(|&v| f64::from(v)).sum::<f64>() / x.len() as f64;
-        let mut bands = [0.0; 4];
-        // Rows first (DFT along x for every row), then along y.
-        let tau = std::f64::consts::TAU;
-        let mut rows = vec![(0.0f64, 0.0f64); p * p];
-        for (i, row) in x.chunks_exact(p).enumerate() {
-            for k in 0..p {
-                let (mut re, mut im) = (0.0, 0.0);
-                for (j, &v) in row.iter().enumerate() {
-                    let ph = tau * (k * j) as f64 / p as f64;
-                    re += (f64::from(v) - m) * ph.cos();
-                    im -= (f64::from(v) - m) * ph.sin();
-                }
-                rows[i * p + k] = (re, im);
-            }
-        }
-        for kx in 0..p {
-            for ky in 0..p {
-                let (mut re, mut im) = (0.0, 0.0);
-                for i in 0..p {
-                    let (a, b) = rows[i * p + kx];
-                    let (s, c) = (tau * (ky * i) as f64 / p as f64).sin_cos();
-                    re += a * c + b * s;
-                    im += b * c - a * s;
-                }
-                let fx = kx.min(p - kx) as f64;
-                let fy = ky.min(p - ky) as f64;
-                let f = fx.hypot(fy) / (p / 2) as f64;
-                if f > 0.0 && f <= 1.0 {
-                    bands[((f * 4.0).ceil() as usize).clamp(1, 4) - 1] += re * re + im * im;
-                }
-            }
-        }
-        bands
     }
 
     #[test]

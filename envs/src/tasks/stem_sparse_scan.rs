@@ -78,30 +78,18 @@
 //! | scan jitter, pixels | 0-0.02 | 0-0.05 | 0-0.2 |
 //! | scan noise r.m.s., pm | 0-2 | 0-5 | 0-20 |
 //! | mains pickup, pm | 0-1 | 0-3 | 0-10 |
-//!
-//! # Fidelity
-//!
-//! `fidelity = "full"` (the default) runs [`StemSimulator`] as documented. `fidelity = "fast"`
-//! runs its lighter stages
-//! ([`StemFidelity::Fast`](scopegym_physics::stem::StemFidelity::Fast)): a tile is formed in
-//! real space on its own pixels with the round Gaussian probe of the light models (no
-//! padded-grid FFT, no scan noise), and the noiseless field (the ground truth) is the same
-//! Gaussian image of the whole field. The tests compare the two over seeds: the mean and
-//! variance of the observed image, its row power spectrum, and the tile means.
 
 use crate::env::{Info, InfoValue, RgbImage, Task, TaskStep};
 use crate::error::{EnvError, Result};
 use crate::level::{Difficulty, Split};
 use crate::space::{Space, Value};
-use crate::tasks::{
-    Fidelity, NewEpisode, TaskConfig, check_nonnegative, check_positive, config_from_toml,
-};
+use crate::tasks::{NewEpisode, TaskConfig, check_nonnegative, check_positive, config_from_toml};
 use scopegym_physics::constants::ELEMENTARY_CHARGE;
 use scopegym_physics::instrument::{ScanSettings, StemInstrument};
 use scopegym_physics::param::Param;
-use scopegym_physics::stem::haadf::{GaussianFrameScratch, HaadfRenderer, render_gaussian_frame};
+use scopegym_physics::stem::haadf::HaadfRenderer;
 use scopegym_physics::stem::specimen::{ContaminationConfig, DopantConfig};
-use scopegym_physics::stem::{StemConfig, StemFidelity, StemSimulator};
+use scopegym_physics::stem::{StemConfig, StemSimulator};
 use serde::{Deserialize, Serialize};
 
 /// Task settings (`config = {...}` or a scenario's `[task]`).
@@ -149,9 +137,6 @@ pub struct Config {
     pub success_error: f64,
     /// Whether to render the noiseless field at reset for `recon_error` (simulator). Default true.
     pub truth: bool,
-    /// Which simulator stages run (`"full"` or `"fast"`, [`Fidelity`]; module docs). Default
-    /// `"full"`.
-    pub fidelity: Fidelity,
 }
 
 impl Default for Config {
@@ -241,7 +226,6 @@ impl TaskConfig for Config {
             image_scale: 0.01,
             success_error: 0.4,
             truth: true,
-            fidelity: Fidelity::Full,
         }
     }
 }
@@ -317,7 +301,6 @@ impl Config {
         c.scan.pixel_size = Param::fixed(self.pixel_size);
         c.scan.dwell_time = Param::fixed(self.dwell_time);
         c.scan.dose = None;
-        c.fidelity = self.fidelity.stem();
         c
     }
 
@@ -339,9 +322,6 @@ pub struct TruthScratch {
     renderer: HaadfRenderer,
     /// The probe kernel and frame geometry installed in the renderer.
     key: Option<(Vec<f64>, usize, usize, u64, u64)>,
-    /// Buffers of the fast field ([`StemFidelity::Fast`]).
-    gauss: GaussianFrameScratch,
-    fast: Vec<f32>,
 }
 
 /// The noiseless field: ground truth a simulator can give without exposing the specimen.
@@ -364,9 +344,6 @@ impl FieldTruth for StemSimulator {
         scratch: &mut TruthScratch,
         out: &mut Vec<f64>,
     ) -> bool {
-        if self.config().fidelity == StemFidelity::Fast {
-            return fast_field(self, s, scratch, out);
-        }
         let src = self.config().optics.source_size.get();
         let (side, kernel) = self.probe_kernel();
         let key = (
@@ -405,39 +382,6 @@ impl FieldTruth for StemSimulator {
         }
         true
     }
-}
-
-/// The noiseless field of the fast simulator ([`StemFidelity::Fast`]): its Gaussian-probe
-/// image of the frame `s`, whose crops are the expected counts of its tiles.
-fn fast_field(
-    sim: &mut StemSimulator,
-    s: &ScanSettings,
-    scratch: &mut TruthScratch,
-    out: &mut Vec<f64>,
-) -> bool {
-    let sigma = sim.probe_model().gaussian_sigma();
-    let det = &sim.config().detector;
-    let sigma_z = det.cross_sections();
-    let (gain, offset) = (det.gain.get(), det.offset.get());
-    let epp = sim.beam_current() * s.dwell_time / ELEMENTARY_CHARGE;
-    let shift = sim.drift_offset();
-    let (specimen, index) = sim.indexed_specimen();
-    scratch.fast.resize(s.rows * s.cols, 0.0);
-    render_gaussian_frame(
-        specimen,
-        Some(index),
-        &sigma_z,
-        epp,
-        shift,
-        s.center,
-        (s.rows, s.cols, s.pixel_size),
-        sigma,
-        &mut scratch.gauss,
-        &mut scratch.fast,
-    );
-    out.clear();
-    out.extend(scratch.fast.iter().map(|&v| gain * f64::from(v) + offset));
-    true
 }
 
 /// The task over any STEM instrument `I` that may know the noiseless field.
@@ -1041,117 +985,6 @@ mod tests {
                 ("nope = 1", "nope"),
             ],
         );
-    }
-
-    /// The observed image with every tile scanned once, per episode `0..seeds`, at `fidelity`.
-    fn observed_fields(fidelity: Fidelity, seeds: u64) -> Vec<Vec<f32>> {
-        let cfg = Config {
-            budget_fraction: 1.0,
-            fidelity,
-            ..Config::default()
-        };
-        let inst = StemSimulator::new(cfg.instrument_config(), 0).unwrap();
-        let mut task = StemSparseScan::new(cfg, inst);
-        let mut info = Info::new();
-        (0..seeds)
-            .map(|seed| {
-                task.reset(seed, &mut info).unwrap();
-                for t in 0..task.n_tiles() {
-                    task.step(&Value::Discrete(t as i64), &mut info).unwrap();
-                }
-                task.obs_image.clone()
-            })
-            .collect()
-    }
-
-    /// Mean and variance of an image.
-    fn mean_var(x: &[f32]) -> (f64, f64) {
-        let n = x.len() as f64;
-        let m = x.iter().map(|&v| f64::from(v)).sum::<f64>() / n;
-        let v = x.iter().map(|&v| (f64::from(v) - m).powi(2)).sum::<f64>() / n;
-        (m, v)
-    }
-
-    /// Power of the rows of a `p × p` image (mean removed per row) in four bands of the
-    /// frequencies `1..=p/2`, summed over the rows.
-    fn row_power_bands(x: &[f32], p: usize) -> [f64; 4] {
-        let mut bands = [0.0; 4];
-        for row in x.chunks_exact(p) {
-            let m = row.iter().map(|&v| f64::from(v)).sum::<f64>() / p as f64;
-            for k in 1..=p / 2 {
-                let (mut re, mut im) = (0.0, 0.0);
-                for (j, &v) in row.iter().enumerate() {
-                    let ph = std::f64::consts::TAU * (k * j) as f64 / p as f64;
-                    re += (f64::from(v) - m) * ph.cos();
-                    im -= (f64::from(v) - m) * ph.sin();
-                }
-                bands[((k - 1) * 4 / (p / 2)).min(3)] += re * re + im * im;
-            }
-        }
-        bands
-    }
-
-    #[test]
-    fn fast_fidelity_observes_the_full_statistics() {
-        // Paired episodes: the same seeds build the same specimens; only the image formation
-        // (Gaussian probe in real space vs the full probe by FFT, no scan noise) differs.
-        let seeds = 6;
-        let (fast, full) = (
-            observed_fields(Fidelity::Fast, seeds),
-            observed_fields(Fidelity::Full, seeds),
-        );
-        let p = Config::default().pixels;
-        let cfg = Config::default();
-        let [gr, gc] = cfg.tile_grid();
-        let (mut dmean, mut var_ratio, mut map_err) = (0.0f64, 0.0, 0.0);
-        let (mut bands_fast, mut bands_full) = ([0.0; 4], [0.0; 4]);
-        for (a, b) in fast.iter().zip(&full) {
-            let ((ma, va), (mb, vb)) = (mean_var(a), mean_var(b));
-            // The field's mean: the detected fraction of the beam (both probes integrate to 1).
-            dmean = dmean.max((ma / mb - 1.0).abs());
-            var_ratio += va / vb / seeds as f64;
-            for (s, x) in bands_fast.iter_mut().zip(row_power_bands(a, p)) {
-                *s += x;
-            }
-            for (s, x) in bands_full.iter_mut().zip(row_power_bands(b, p)) {
-                *s += x;
-            }
-            // The tile means (what the reward and the map use): fast vs full relative to their
-            // spread over the field.
-            let tile_means = |img: &[f32]| -> Vec<f64> {
-                (0..gr * gc)
-                    .map(|t| {
-                        let (r0, c0) = ((t / gc) * cfg.tile[0], (t % gc) * cfg.tile[1]);
-                        (r0..r0 + cfg.tile[0])
-                            .flat_map(|i| &img[i * p + c0..i * p + c0 + cfg.tile[1]])
-                            .map(|&v| f64::from(v))
-                            .sum::<f64>()
-                            / (cfg.tile[0] * cfg.tile[1]) as f64
-                    })
-                    .collect()
-            };
-            let (ta, tb) = (tile_means(a), tile_means(b));
-            let mb_t = tb.iter().sum::<f64>() / tb.len() as f64;
-            let spread: f64 = tb.iter().map(|v| (v - mb_t).powi(2)).sum();
-            let err: f64 = ta.iter().zip(&tb).map(|(x, y)| (x - y).powi(2)).sum();
-            map_err = f64::max(map_err, err / spread);
-        }
-        let band_ratio = [0, 1, 2, 3].map(|k| bands_fast[k] / bands_full[k]);
-        eprintln!(
-            "fast/full: max |mean ratio - 1| {dmean:.4}, variance ratio {var_ratio:.3}, \
-             tile-map error {map_err:.4}, row power bands {band_ratio:.3?}"
-        );
-        assert!(dmean < 0.01, "field means differ by {dmean}");
-        assert!((var_ratio - 1.0).abs() < 0.1, "variance ratio {var_ratio}");
-        assert!(
-            map_err < 0.05,
-            "tile means differ: {map_err} of their spread"
-        );
-        for (k, r) in band_ratio.iter().enumerate() {
-            assert!((r - 1.0).abs() < 0.2, "row power band {k}: ratio {r}");
-        }
-        // Fast is deterministic per seed.
-        assert_eq!(observed_fields(Fidelity::Fast, 2), fast[..2].to_vec());
     }
 
     #[test]

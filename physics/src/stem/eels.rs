@@ -626,40 +626,6 @@ impl EelsModel {
         for o in out.iter_mut() {
             *o = poisson(rng, f64::from(*o)) as f32;
         }
-        self.add_read_noise(rng, out);
-    }
-
-    /// [`Self::sample`] with the normal approximation for large counts: a channel whose expected
-    /// count `λ` is at least `normal_from` is drawn as `round(λ + √λ·N(0, 1))` (at least 0), the
-    /// Poisson mean and variance (its skewness `λ^-1/2` is 1 % at 10⁴); smaller ones are Poisson.
-    /// The light spectra of `fidelity = "fast"` ([`crate::stem::StemFidelity`]).
-    pub fn sample_normal_approx(
-        &self,
-        composition: &[(u8, f64)],
-        electrons: f64,
-        normal_from: f64,
-        rng: &mut SimRng,
-        out: &mut [f32],
-    ) {
-        out.fill(0.0);
-        self.accumulate(composition, electrons, |i, v| {
-            if let Some(o) = out.get_mut(i) {
-                *o += v as f32;
-            }
-        });
-        for o in out.iter_mut() {
-            let lam = f64::from(*o);
-            *o = if lam >= normal_from {
-                (lam + lam.sqrt() * normal(rng)).round().max(0.0) as f32
-            } else {
-                poisson(rng, lam) as f32
-            };
-        }
-        self.add_read_noise(rng, out);
-    }
-
-    /// Gaussian read noise of [`EelsConfig::read_noise`] on every channel.
-    fn add_read_noise(&self, rng: &mut SimRng, out: &mut [f32]) {
         if self.read_noise > 0.0 {
             for o in out.iter_mut() {
                 *o += (self.read_noise * normal(rng)) as f32;

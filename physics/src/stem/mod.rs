@@ -16,4 +16,4 @@ pub mod settings;
 pub mod sim;
 pub mod specimen;
 
-pub use sim::{BeamConfig, DamageReport, StemConfig, StemFidelity, StemSimulator};
+pub use sim::{BeamConfig, DamageReport, StemConfig, StemSimulator};

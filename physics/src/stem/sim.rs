@@ -26,9 +26,7 @@ use crate::stem::damage::{
     sputter_with,
 };
 use crate::stem::eels::{EelsConfig, EelsModel};
-use crate::stem::haadf::{
-    DetectorConfig, GaussianFrameScratch, HaadfRenderer, render_gaussian_frame,
-};
+use crate::stem::haadf::{DetectorConfig, HaadfRenderer};
 use crate::stem::optics::{Aberrations, OpticsConfig, ProbeCalculator, ProbeSpec};
 use crate::stem::probe::ProbeModel;
 use crate::stem::scan::{
@@ -126,42 +124,7 @@ pub struct StemConfig {
     pub aberration_drift: AberrationDriftConfig,
     /// Depth of focus from the atoms' heights. Default: off.
     pub depth_of_focus: DepthOfFocusConfig,
-    /// Which stages run ([`StemFidelity`]). Default `"full"`.
-    pub fidelity: StemFidelity,
 }
-
-/// Which stages of [`StemSimulator`] run (`fidelity = "full" | "fast"`).
-///
-/// `"full"` runs every model as documented. `"fast"` replaces two stages by lighter ones that
-/// keep the statistics of what is recorded (the tasks' tests compare the two):
-///
-/// - **Frames** without the opt-in effects ([`OptInEffect`]): the ideal image is formed in real
-///   space on the frame's own pixels with the round Gaussian probe of the light models
-///   ([`ProbeModel::gaussian_sigma`]: the focused FWHM, source blur included, widened by the
-///   geometric blur of defocus and astigmatism), each atom adding `n_e·σ_Z` times the
-///   Gaussian's pixel weights normalized to sum to 1 over its ±4σ reach (so a region's mean
-///   counts are the full model's, whose probe also integrates to 1); no padded grid, no FFT.
-///   The scan noise (line jitter, noise nodes, mains pickup) is left out (tens of pm, far below
-///   the pixel sizes the tasks use); drift moves each frame rigidly by the offset at its start.
-///   Counts, gain, offset, read noise and salt as in full. Frames with an opt-in effect run the
-///   full path.
-/// - **Spectra**: a channel whose expected count is at least [`FAST_NORMAL_COUNTS`] is drawn
-///   from the normal distribution with the Poisson mean and variance (rounded, at least 0);
-///   smaller means are Poisson as in full (at 10⁴ counts the Poisson skewness is 1 %).
-///
-/// Point exposures, dose, damage, drift and the clock are the same in both.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum StemFidelity {
-    /// Every model as documented.
-    #[default]
-    Full,
-    /// The lighter stages above.
-    Fast,
-}
-
-/// Expected channel counts from which a fast spectrum draws normal instead of Poisson counts.
-pub const FAST_NORMAL_COUNTS: f64 = 1e4;
 
 /// An opt-in effect of the full simulator (off by default), which the light lattice model
 /// cannot represent and which takes frames off their plain render-and-count path.
@@ -362,8 +325,6 @@ pub struct StemSimulator {
     index_valid: bool,
     /// Scratch: the atoms near a point exposure.
     index_scratch: Vec<u32>,
-    /// Buffers of the fast frames.
-    gauss_scratch: GaussianFrameScratch,
     /// The drift offset the ideal image was rendered with, m.
     ideal_shift: [f64; 2],
     /// Electrons per pixel the ideal image was rendered with.
@@ -499,7 +460,6 @@ impl StemSimulator {
             ideal_valid: false,
             atom_index: AtomIndex::default(),
             index_valid: false,
-            gauss_scratch: GaussianFrameScratch::default(),
             index_scratch: Vec::new(),
             ideal_shift: [0.0, 0.0],
             rendered_electrons: 0.0,
@@ -748,6 +708,23 @@ impl StemSimulator {
         self.eff_dirty = true;
         self.ideal_valid = false;
         self.probe_generation += 1;
+    }
+
+    /// Whether a frame uses the atom index (brought up to date). A rebuild is a pass over every
+    /// atom, so a stale index is rebuilt only when the frame sees under a quarter of a periodic
+    /// specimen's cell (an auto-sized cell is barely larger than the frame, and its index would
+    /// be rebuilt after every edit of the atoms for nothing).
+    fn frame_index(&mut self) -> bool {
+        let [w, h] = self.scan.field_of_view();
+        let pays = match &self.specimen.cell {
+            Some(c) => 4.0 * w * h < c.area(),
+            None => true,
+        };
+        let current = self.index_valid && self.atom_index.covers(self.specimen.atoms.len());
+        if current || pays {
+            self.ensure_index();
+        }
+        current || pays
     }
 
     /// Builds the atom index if the atoms changed since it was built.
@@ -1253,37 +1230,7 @@ fn check_distortion(sd: &ScanDistortion, rows: usize, cols: usize, pixel_size: f
 }
 
 impl StemSimulator {
-    /// The fast frame ([`StemFidelity::Fast`]): the Gaussian-probe ideal image on the frame's
-    /// pixels, counted; the drift advanced over the frame time.
-    fn fast_frame(&mut self, epp: f64, shift: [f64; 2]) {
-        let sc = self.scan;
-        let n = sc.rows * sc.cols;
-        let sigma = self.probe_model().gaussian_sigma();
-        self.ensure_index();
-        render_gaussian_frame(
-            &self.specimen,
-            Some(&self.atom_index),
-            &self.sigma_haadf,
-            epp,
-            shift,
-            sc.center,
-            (sc.rows, sc.cols, sc.pixel_size),
-            sigma,
-            &mut self.gauss_scratch,
-            &mut self.renderer.noiseless[..n],
-        );
-        let det = &self.cfg.detector;
-        det.count(
-            &mut self.rng_noise,
-            &mut self.renderer.noiseless[..n],
-            &mut self.renderer.frame[..n],
-            &mut self.poisson,
-        );
-        det.add_read_noise_and_salt(&mut self.rng_noise, &mut self.renderer.frame[..n]);
-        self.drift.advance(sc.frame_time(), &mut self.rng_scan);
-    }
-
-    /// The full frame: the ideal image (re-formed when needed), resampled along the distorted
+    /// The frame: the ideal image (re-formed when needed), resampled along the distorted
     /// scan path and counted.
     fn full_frame(&mut self, epp: f64, shift: [f64; 2], depth: bool) -> Result<()> {
         let sc = self.scan;
@@ -1308,10 +1255,10 @@ impl StemSimulator {
                         &self.slice_of,
                     )?;
                 } else {
-                    self.ensure_index();
+                    let index = self.frame_index();
                     self.renderer.render_ideal_indexed(
                         &self.specimen,
-                        Some(&self.atom_index),
+                        index.then_some(&self.atom_index),
                         &self.sigma_haadf,
                         epp,
                         shift,
@@ -1556,14 +1503,7 @@ impl StemInstrument for StemSimulator {
         let sc = self.scan;
         let epp = self.electrons(sc.dwell_time);
         let shift = self.drift.offset;
-        let fast = self.cfg.fidelity == StemFidelity::Fast
-            && !depth
-            && self.cfg.opt_in_effects().is_empty();
-        if fast {
-            self.fast_frame(epp, shift);
-        } else {
-            self.full_frame(epp, shift, depth)?;
-        }
+        self.full_frame(epp, shift, depth)?;
         self.finish_frame(epp, shift)
     }
 
@@ -1616,21 +1556,12 @@ impl StemInstrument for StemSimulator {
         }
         self.expose_point(exposure)?;
         let n_e = self.electrons(exposure);
-        match self.cfg.fidelity {
-            StemFidelity::Full => self.eels.sample(
-                &self.composition,
-                n_e,
-                &mut self.rng_noise,
-                &mut self.spectrum,
-            ),
-            StemFidelity::Fast => self.eels.sample_normal_approx(
-                &self.composition,
-                n_e,
-                FAST_NORMAL_COUNTS,
-                &mut self.rng_noise,
-                &mut self.spectrum,
-            ),
-        }
+        self.eels.sample(
+            &self.composition,
+            n_e,
+            &mut self.rng_noise,
+            &mut self.spectrum,
+        );
         Ok(Spectrum {
             energy: self.eels.energy_axis(),
             counts: &self.spectrum,
