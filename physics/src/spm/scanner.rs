@@ -128,6 +128,13 @@ pub const PINK_HIGH: f64 = 1000.0;
 /// Number of AR(1) processes summed into the 1/f noise (corners ≈ one octave apart).
 pub const PINK_COMPONENTS: usize = 18;
 
+/// Most pixels between the nodes at which [`Scanner::line_positions`] evaluates the
+/// deterministic drift and the creep when they are interpolated
+/// ([`Scanner::set_interpolated_drift`]) ...
+pub const DRIFT_NODE_PIXELS: usize = 8;
+/// ... fewer where the interpolation error bound would exceed this fraction of a pixel.
+pub const DRIFT_NODE_TOLERANCE: f64 = 1e-3;
+
 /// Decay `2π f_k m Δt` between the nodes of a slowly varying 1/f process.
 const NODE_DECAY: f64 = 0.05;
 
@@ -339,6 +346,9 @@ pub struct Scanner {
     /// Detector noise before the loop: white density, m/√Hz, and the 1/f bank.
     detector: f64,
     detector_pink: Vec<PinkProcess>,
+    /// Interpolate the drift and creep along a line between nodes
+    /// ([`Scanner::set_interpolated_drift`]).
+    interpolated_drift: bool,
 }
 
 /// The AR(1) bank of a 1/f noise of r.m.s. `rms` from `n` processes, corners log-spaced from
@@ -544,7 +554,44 @@ impl Scanner {
             z_span: (0.0, 0.0, 0.0, 0.0),
             detector: cfg.detector_noise.get(),
             detector_pink,
+            interpolated_drift: false,
         })
+    }
+
+    /// With `on`, [`Scanner::line_positions`] evaluates the deterministic drift and the creep
+    /// (an `expm1` and a `ln_1p` per creep event) only at nodes up to [`DRIFT_NODE_PIXELS`]
+    /// pixels apart (and at the line's ends) and interpolates linearly in between (the fast
+    /// SPM model, [`crate::spm::sim::SpmFidelity::Fast`]). Both are smooth in time: the error
+    /// is at most `h²/8` times their largest second time derivative, `Σ|D|/(t₀² ln 101)` over
+    /// the creep deficits `D` (`t₀` = `creep_time`) plus `|v₀ − v_s|/τ` for the drift
+    /// (`τ` = `drift_settle_time`), over a node interval `h`; the node interval is shortened
+    /// so that this bound stays below [`DRIFT_NODE_TOLERANCE`] of a pixel (exact pixels where
+    /// it would be under 2). The random walk was already interpolated linearly. Default off
+    /// (exact at every pixel).
+    pub fn set_interpolated_drift(&mut self, on: bool) {
+        self.interpolated_drift = on;
+    }
+
+    /// A bound on the second time derivative of [`Self::slow_offset`] (either axis), m/s².
+    fn slow_curvature(&self) -> f64 {
+        let norm = 1.0 / CREEP_SETTLE_RATIO.ln_1p();
+        let creep: f64 = self
+            .creep
+            .iter()
+            .map(|e| e.deficit[0].hypot(e.deficit[1]))
+            .sum::<f64>()
+            * norm
+            / (self.creep_time * self.creep_time);
+        creep + (self.v_initial - self.v_settled).abs() / self.settle_time
+    }
+
+    /// The deterministic drift plus the creep deficit at time `t` (s), m: what
+    /// [`Scanner::line_positions`] subtracts from the command besides the random walk.
+    #[inline]
+    fn slow_offset(&self, t: f64) -> [f64; 2] {
+        let det = self.deterministic_drift(t);
+        let creep = self.creep_deficit(t);
+        [creep[0] + det[0], creep[1] + det[1]]
     }
 
     /// The scanner's clock: s since the engage.
@@ -711,6 +758,52 @@ impl Scanner {
         self.forget_settled(t_start);
         let geometry = LineGeometry::new(settings, self.hysteresis, row, t_start, reverse);
         let y_cmd = geometry.y_cmd;
+        // Node interval (pixels) of the interpolated drift: the bound h²/8·f'' under the
+        // tolerance.
+        let step = if self.interpolated_drift {
+            let curv = self.slow_curvature();
+            let h = (8.0 * DRIFT_NODE_TOLERANCE * p / curv).sqrt() / dwell;
+            if h.is_nan() {
+                0
+            } else {
+                h.min(DRIFT_NODE_PIXELS as f64) as usize
+            }
+        } else {
+            0
+        };
+        if step >= 2 && cols > step {
+            // Pixels in scan order k (column j = k, or cols − 1 − k on the retrace), the slow
+            // offsets exact at k = 0, N, 2N, … and cols − 1, linear in k in between.
+            let walk = |t: f64, c: usize| {
+                let frac = if tb > ta {
+                    ((t - ta) / (tb - ta)).clamp(0.0, 1.0)
+                } else {
+                    1.0
+                };
+                wa[c] + (wb[c] - wa[c]) * frac
+            };
+            let time = |k: usize| t_start + (k as f64 + 0.5) * dwell;
+            let mut k0 = 0;
+            let mut o0 = self.slow_offset(time(0));
+            loop {
+                let k1 = (k0 + step).min(cols - 1);
+                let o1 = self.slow_offset(time(k1));
+                let inv = 1.0 / (k1 - k0) as f64;
+                let last = if k1 == cols - 1 { k1 + 1 } else { k1 };
+                for k in k0..last {
+                    let j = if reverse { cols - 1 - k } else { k };
+                    let (x_cmd, t) = geometry.pixel(j);
+                    let s = (k - k0) as f64 * inv;
+                    xs[j] = x_cmd - (o0[0] + (o1[0] - o0[0]) * s) - walk(t, 0);
+                    ys[j] = y_cmd - (o0[1] + (o1[1] - o0[1]) * s) - walk(t, 1);
+                }
+                if k1 == cols - 1 {
+                    break;
+                }
+                (k0, o0) = (k1, o1);
+            }
+            return Ok(());
+        }
         for (j, (x, y)) in xs.iter_mut().zip(ys.iter_mut()).enumerate() {
             let (x_cmd, t) = geometry.pixel(j);
             let frac = if tb > ta {
@@ -911,6 +1004,82 @@ mod tests {
             s.center[0] + (j as f64 - 0.5 * (s.cols as f64 - 1.0)) * s.pixel_size,
             s.center[1] + (row as f64 - 0.5 * (s.rows as f64 - 1.0)) * s.pixel_size,
         ]
+    }
+
+    /// The fast model's interpolated drift and creep ([`Scanner::set_interpolated_drift`])
+    /// stay within the documented interpolation bound `h²/8 · max|f''|` of the exact
+    /// positions, with `f''` from the closed forms: creep `D·/((t₀)² ln 101)` for a jump's
+    /// deficit `D` (largest right after the jump, where this line starts), drift
+    /// `|v₀ − v_s|/τ`; trace and retrace, lines of 64 and 61 pixels (a partial last node
+    /// interval), and the random walk on. The bound is far below a pixel (1 nm): the image
+    /// cannot tell the two apart.
+    #[test]
+    fn interpolated_drift_and_creep_stay_within_the_interpolation_bound() {
+        let cfg = ScannerConfig {
+            drift_initial: Param::fixed(20e-9 / 60.0),
+            drift_settled: Param::fixed(1e-9 / 60.0),
+            drift_settle_time: Param::fixed(30.0),
+            creep_fraction: Param::fixed(0.3),
+            creep_time: Param::fixed(0.05),
+            drift_diffusivity: Param::fixed(1e-20),
+            ..quiet()
+        };
+        let jump: f64 = 400e-9;
+        let tau = 30.0;
+        // A slow creep (nodes 8 pixels apart) and a fast one (nodes closer, to the tolerance).
+        let cases = [
+            (1.0, 64, false),
+            (1.0, 64, true),
+            (1.0, 61, true),
+            (0.05, 61, false),
+        ];
+        for (t0, cols, reverse) in cases {
+            let cfg = ScannerConfig {
+                creep_time: Param::fixed(t0),
+                ..cfg.clone()
+            };
+            let s = settings(8, cols, 1e-9, 2e-3);
+            let creep_f2 = 0.3 * jump.hypot(0.5 * jump) / (t0 * t0 * CREEP_SETTLE_RATIO.ln_1p());
+            let drift_f2 = (20e-9 - 1e-9) / 60.0 / tau;
+            let f2 = creep_f2 + drift_f2;
+            let h = (DRIFT_NODE_PIXELS as f64 * s.dwell_time)
+                .min((8.0 * DRIFT_NODE_TOLERANCE * s.pixel_size / f2).sqrt());
+            let bound = h * h / 8.0 * f2 + 1e-17;
+            let run = |interpolated: bool| {
+                let mut sc = Scanner::new(&cfg, &mut seeded(4)).unwrap();
+                sc.set_interpolated_drift(interpolated);
+                sc.move_center([0.0, 0.0], [jump, 0.5 * jump], 1.0);
+                let mut rng = seeded(5);
+                let (mut xs, mut ys) = (vec![0.0; cols], vec![0.0; cols]);
+                sc.line_positions(&s, 3, 1.0 + 1e-4, reverse, &mut rng, &mut xs, &mut ys)
+                    .unwrap();
+                (xs, ys)
+            };
+            let (exact, fast) = (run(false), run(true));
+            let worst = exact
+                .0
+                .iter()
+                .zip(&fast.0)
+                .chain(exact.1.iter().zip(&fast.1))
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0, f64::max);
+            assert!(
+                worst <= bound,
+                "t0 {t0} cols {cols} reverse {reverse}: {worst:e} m > bound {bound:e} m"
+            );
+            // The bound is at most the tolerance; with the slow creep, interpolation acts (8
+            // pixels apart, the creep curved), with the fast one nodes are closer (here every
+            // pixel: exact).
+            assert!(
+                bound <= DRIFT_NODE_TOLERANCE * s.pixel_size + 2e-17,
+                "{bound:e}"
+            );
+            assert_eq!(worst > 0.0, t0 == 1.0, "t0 {t0}: {worst:e}");
+            // Both ends of the line are exact nodes.
+            for j in [0, cols - 1] {
+                assert!((exact.0[j] - fast.0[j]).abs() < 1e-18, "pixel {j}");
+            }
+        }
     }
 
     #[test]

@@ -254,6 +254,12 @@ impl PfmConfig {
 ///   edge band, the periodic one: the image values are the same, one dilation is saved;
 /// - the z feedback evaluates runs of controller samples in closed form where no limit acts
 ///   ([`ZFeedback::set_closed_form`]): the same values up to rounding;
+/// - the deterministic drift and the creep are evaluated every few pixels of a line and
+///   interpolated linearly in between ([`Scanner::set_interpolated_drift`]): positions within
+///   [`crate::spm::scanner::DRIFT_NODE_TOLERANCE`] (10⁻³) of a pixel of the exact ones;
+/// - a changed image is dilated lazily, only over a window around the frame being scanned
+///   (the same values there) when the frame covers part of the sample; anything else that
+///   reads the image (manipulation) gets the whole grid;
 /// - PFM: the film's TDGL equation is integrated with a time step 2.5 times longer (at most
 ///   0.7 of the explicit scheme's stability limit; its fixed points, the states a pulse
 ///   leaves, are the equation's whatever the step), under the tip only where the field reaches
@@ -272,6 +278,12 @@ pub enum SpmFidelity {
     /// The cheaper stages above.
     Fast,
 }
+
+/// The fast model's lazily dilated window ([`SpmSimulator::dilate_scan_window`]): nodes added
+/// on every side of the frame's extent (for drift during the frame) ...
+const SCAN_WINDOW_MARGIN: f64 = 3.0;
+/// ... and the largest fraction of the grid's area it covers (beyond it, the whole grid).
+const SCAN_WINDOW_MAX_AREA: f64 = 0.8;
 
 /// Number of 1/f processes in the fast model.
 const FAST_PINK_COMPONENTS: usize = 9;
@@ -525,6 +537,12 @@ pub struct SpmSimulator {
     /// Whether `dilated` is exact up to the grid's edge (the periodic dilation), not only at
     /// least the kernel's half width inside it.
     dilated_edges: bool,
+    /// The fast model's scans: `Some([i0, i1, j0, j1])` while `dilated` is exact only on the
+    /// nodes `i0..i1 × j0..j1` (a window around the frame, [`Self::dilate_scan_window`]);
+    /// `None` when it is exact everywhere [`Self::dilated_edges`] says.
+    dilated_window: Option<[usize; 4]>,
+    /// Scratch: the dilation of the window's block.
+    window_dilated: Array2<f32>,
     /// The truth extended periodically by the kernel's half width, and its dilation (scratch).
     padded: Array2<f32>,
     padded_dilated: Array2<f32>,
@@ -616,6 +634,8 @@ impl SpmSimulator {
             dilated: Array2::zeros((1, 1)),
             dilated_valid: false,
             dilated_edges: false,
+            dilated_window: None,
+            window_dilated: Array2::zeros((1, 1)),
             padded: Array2::zeros((1, 1)),
             padded_dilated: Array2::zeros((1, 1)),
             drag_events: Vec::new(),
@@ -687,6 +707,8 @@ impl SpmSimulator {
         self.feedback = ZFeedback::new(&Self::loop_settings(&cfg)?)?;
         self.feedback
             .set_closed_form(cfg.fidelity == SpmFidelity::Fast);
+        self.scanner
+            .set_interpolated_drift(cfg.fidelity == SpmFidelity::Fast);
         self.tip = TipState::new(&cfg.tip, &mut seeded(derive_seed(seed, "tip_init")))?;
         let n = cfg.sample.pixels;
         self.cell = cfg.sample.size.get() / n as f64;
@@ -941,6 +963,10 @@ impl SpmSimulator {
     /// cell at least the kernel's half width from the edge ([`Self::dilate_to_edges`] finishes
     /// the band along the edge when a scan reaches it).
     fn ensure_dilated(&mut self) -> Result<()> {
+        if self.dilated_window.is_some() {
+            // Exact only around the last scan: the whole grid now.
+            return self.dilate_to_edges();
+        }
         if !self.dilated_valid && self.cfg.fidelity == SpmFidelity::Fast {
             // The fast model dilates periodically at once (the same values, one pass).
             return self.dilate_to_edges();
@@ -955,6 +981,91 @@ impl SpmSimulator {
             self.dilated_valid = true;
             self.dilated_edges = self.kernel.half_width() == 0;
         }
+        Ok(())
+    }
+
+    /// Before each line of a frame: [`Self::ensure_dilated`], except in the fast model, where
+    /// a changed image is dilated lazily, only over the window the scan reads
+    /// ([`Self::dilate_scan_window`], from [`Self::pass_positions`]): the same values there, a
+    /// fraction of the work when the frame covers a part of the sample.
+    fn ensure_dilated_for_scan(&mut self) -> Result<()> {
+        if self.cfg.fidelity != SpmFidelity::Fast {
+            return self.ensure_dilated();
+        }
+        if !self.dilated_valid {
+            let (ny, nx) = self.truth.dim();
+            if self.dilated.dim() != (ny, nx) {
+                self.dilated = Array2::zeros((ny, nx));
+            }
+            self.dilated_valid = true;
+            self.dilated_edges = true;
+            self.dilated_window = Some([0, 0, 0, 0]);
+        }
+        Ok(())
+    }
+
+    /// The fast model's scans: makes `dilated` exact on the nodes that bilinear sampling at the
+    /// pass positions `xs`, `ys` (line `r` of the frame) reads, if the current window does not
+    /// hold them: the periodic dilation (as [`Self::dilate_to_edges`], the same values)
+    /// computed only on a window over the whole frame (the pass's extent along x, and along y
+    /// stretched by the frame's remaining lines each way) plus [`SCAN_WINDOW_MARGIN`] nodes.
+    /// Falls back to the whole grid when the window would wrap around the grid's edge or
+    /// cover most of it.
+    fn dilate_scan_window(&mut self, r: usize) -> Result<()> {
+        let Some(w) = self.dilated_window else {
+            return Ok(());
+        };
+        let n = self.cfg.sample.pixels;
+        let node = |x: f64| (x / self.cell + 0.5 * n as f64 - 0.5).floor();
+        let range = |v: &[f64]| {
+            v.iter()
+                .fold((f64::MAX, f64::MIN), |(a, b), &x| (a.min(x), b.max(x)))
+        };
+        let ((x0, x1), (y0, y1)) = (range(&self.xs), range(&self.ys));
+        // Nodes read: floor(u) and floor(u) + 1.
+        let (j0, j1, i0, i1) = (node(x0), node(x1) + 2.0, node(y0), node(y1) + 2.0);
+        let inside = |lo: f64, hi: f64, a: usize, b: usize| lo >= a as f64 && hi <= b as f64;
+        if inside(i0, i1, w[0], w[1]) && inside(j0, j1, w[2], w[3]) {
+            return Ok(());
+        }
+        let s = self.scan;
+        let lines = s.pixel_size / self.cell;
+        let m = SCAN_WINDOW_MARGIN;
+        let (i0, i1) = (
+            i0 - (r as f64 * lines).ceil() - m,
+            i1 + ((s.rows - 1 - r) as f64 * lines).ceil() + m,
+        );
+        let (j0, j1) = (j0 - m, j1 + m);
+        let h = self.kernel.half_width();
+        let nf = n as f64;
+        let fits = i0 >= 0.0 && j0 >= 0.0 && i1 <= nf && j1 <= nf;
+        if h == 0 || !fits || (i1 - i0) * (j1 - j0) > SCAN_WINDOW_MAX_AREA * nf * nf {
+            return self.dilate_to_edges();
+        }
+        let (i0, i1, j0, j1) = (i0 as usize, i1 as usize, j0 as usize, j1 as usize);
+        let shape = (n + 2 * h, n + 2 * h);
+        if self.padded.dim() != shape {
+            self.padded = Array2::zeros(shape);
+            self.padded_dilated = Array2::zeros(shape);
+        }
+        pad_periodic(self.truth.view(), self.rise, h, self.padded.view_mut())?;
+        // Node i sits at padded row i + h: nodes i0..i1 need rows i0..i1 + 2h.
+        let (bi, bj) = (i1 - i0 + 2 * h, j1 - j0 + 2 * h);
+        if self.window_dilated.dim() != (bi, bj) {
+            self.window_dilated = Array2::zeros((bi, bj));
+        }
+        self.dilator.dilate(
+            self.padded
+                .slice(ndarray::s![i0..i1 + 2 * h, j0..j1 + 2 * h]),
+            &self.kernel,
+            self.window_dilated.view_mut(),
+        )?;
+        self.dilated.slice_mut(ndarray::s![i0..i1, j0..j1]).assign(
+            &self
+                .window_dilated
+                .slice(ndarray::s![h..h + i1 - i0, h..h + j1 - j0]),
+        );
+        self.dilated_window = Some([i0, i1, j0, j1]);
         Ok(())
     }
 
@@ -1007,6 +1118,7 @@ impl SpmSimulator {
         }
         self.dilated_valid = true;
         self.dilated_edges = true;
+        self.dilated_window = None;
         Ok(())
     }
 
@@ -1234,7 +1346,7 @@ impl SpmSimulator {
             .map(|film| pfm_response(film, self.cfg.pfm.transfer_sigma.get() / self.cell));
         let mut engaged = false;
         for r in 0..s.rows {
-            self.ensure_dilated()?;
+            self.ensure_dilated_for_scan()?;
             let t_line = self.clock;
             for (pass, reverse) in [(0usize, false), (1, true)] {
                 let t0 = t_line + pass as f64 * s.cols as f64 * s.dwell_time;
@@ -1287,7 +1399,9 @@ impl SpmSimulator {
             &mut self.xs,
             &mut self.ys,
         )?;
-        if !self.dilated_edges {
+        if self.dilated_window.is_some() {
+            self.dilate_scan_window(r)?;
+        } else if !self.dilated_edges {
             let range = |v: &[f64]| {
                 v.iter()
                     .fold((f64::MAX, f64::MIN), |(a, b), &x| (a.min(x), b.max(x)))
@@ -2307,6 +2421,56 @@ mod tests {
             for r in [10e-9, 25e-9] {
                 sim.set_tip_state(TipState::sharp(r).unwrap()).unwrap();
                 out.push(sim.acquire_frame().unwrap().main().image.clone());
+            }
+            out
+        };
+        assert_eq!(frames(SpmFidelity::Fast), frames(SpmFidelity::Full));
+    }
+
+    /// The fast model's lazy window (a frame over part of the sample dilates only around it,
+    /// [`SpmSimulator::dilate_scan_window`]) images exactly what the full model does without
+    /// noise, over three tips (sharp, blunt, double) and a scan moved between frames; the window
+    /// is in use (smaller than the grid) after each frame.
+    #[test]
+    fn fast_model_window_images_exactly_what_the_full_one_does() {
+        let frames = |fidelity: SpmFidelity| {
+            let mut c = SpmConfig::default().without_scanner_imperfections();
+            c.fidelity = fidelity;
+            c.sample.pixels = 48;
+            c.sample.size = Param::fixed(0.24e-6);
+            c.scan.pixels = [12, 12];
+            c.scan.size = Param::fixed(0.08e-6);
+            c.surface.kind = SurfaceKind::Mixed;
+            c.surface.particle_density = Param::fixed(1e15);
+            c.surface.terrace_width = Param::fixed(30e-9);
+            let mut sim = SpmSimulator::new(c, 9).unwrap();
+            let double = TipState::sharp(15e-9)
+                .unwrap()
+                .with_second_apex(Some(SecondApex {
+                    offset: [9e-9, -5e-9],
+                    dz: 0.4e-9,
+                }))
+                .unwrap();
+            let tips = [
+                TipState::sharp(8e-9).unwrap(),
+                TipState::sharp(30e-9).unwrap(),
+                double,
+            ];
+            let mut out = Vec::new();
+            for (k, tip) in tips.into_iter().enumerate() {
+                sim.set_tip_state(tip).unwrap();
+                let mut s = sim.scan_settings();
+                s.center = [(k as f64 - 1.0) * 30e-9, (1.0 - k as f64) * 20e-9];
+                sim.configure_scan(&s).unwrap();
+                out.push(sim.acquire_frame().unwrap().main().image.clone());
+                if fidelity == SpmFidelity::Fast {
+                    let [i0, i1, j0, j1] = sim.dilated_window.expect("a window");
+                    assert!(
+                        (i1 - i0) * (j1 - j0) < 48 * 48 / 2,
+                        "window {:?}",
+                        [i0, i1, j0, j1]
+                    );
+                }
             }
             out
         };

@@ -330,15 +330,28 @@ pub fn bilinear_nodes(
     y: f64,
     mut node: impl FnMut(i64, i64) -> f64,
 ) -> f64 {
+    let ((i, j), w) = bilinear_cell([ny, nx], cell, x, y);
+    let (j1, i1) = (j.saturating_add(1), i.saturating_add(1));
+    bilinear_mix([node(i, j), node(i, j1), node(i1, j), node(i1, j1)], w)
+}
+
+/// The node `(i, j)` below and left of `(x, y)` on the grid of [`bilinear_nodes`] and the
+/// fractions `(fu, fv)` of the way to the next nodes.
+#[inline(always)]
+fn bilinear_cell([ny, nx]: [usize; 2], cell: f64, x: f64, y: f64) -> ((i64, i64), (f64, f64)) {
     let u = x / cell + 0.5 * nx as f64 - 0.5;
     let v = y / cell + 0.5 * ny as f64 - 0.5;
-    let (uf, vf) = (u.floor(), v.floor());
-    let (fu, fv) = (u - uf, v - vf);
+    let (uf, vf) = (floor(u), floor(v));
     // Saturating casts (NaN → 0): a non-finite position gives a non-finite value, never a panic.
-    let (j, i) = (uf as i64, vf as i64);
-    let (j1, i1) = (j.saturating_add(1), i.saturating_add(1));
-    let top = node(i, j) * (1.0 - fu) + node(i, j1) * fu;
-    let bottom = node(i1, j) * (1.0 - fu) + node(i1, j1) * fu;
+    ((vf as i64, uf as i64), (u - uf, v - vf))
+}
+
+/// The bilinear mix of the nodes `[(i, j), (i, j + 1), (i + 1, j), (i + 1, j + 1)]` at the
+/// fractions `(fu, fv)`.
+#[inline(always)]
+fn bilinear_mix([n00, n01, n10, n11]: [f64; 4], (fu, fv): (f64, f64)) -> f64 {
+    let top = n00 * (1.0 - fu) + n01 * fu;
+    let bottom = n10 * (1.0 - fu) + n11 * fu;
     top * (1.0 - fv) + bottom * fv
 }
 
@@ -362,6 +375,24 @@ pub fn periodic_node<T: Copy + Into<f64>>(
     v + (kx * rise[0] + ky * rise[1])
 }
 
+/// `⌊v⌋`, bit for bit as `f64::floor`, without the library call that baseline x86-64 (no
+/// rounding instruction) makes for it: truncation where `|v| < 2⁵²`, the library elsewhere
+/// (and for NaN and ±∞).
+#[inline(always)]
+fn floor(v: f64) -> f64 {
+    if !(v.abs() < 4_503_599_627_370_496.0) {
+        return v.floor();
+    }
+    let t = v as i64 as f64; // toward zero, exact here
+    if t > v {
+        t - 1.0
+    } else if t == v {
+        v // keeps the sign of −0
+    } else {
+        t
+    }
+}
+
 /// Bilinear interpolation of the periodic grid `grid` (cell `cell`, m, centred on the origin as
 /// in [`bilinear_nodes`]; rise `rise` per period, m) at `(x, y)` (m). Positions outside the grid
 /// see the sample continued periodically (module docs), never a repeated edge value.
@@ -374,6 +405,21 @@ pub fn bilinear<T: Copy + Into<f64>>(
     y: f64,
 ) -> f64 {
     let (ny, nx) = grid.dim();
+    // With all four nodes on the grid, direct reads (the periodic continuation adds nothing).
+    let ((i, j), w) = bilinear_cell([ny, nx], cell, x, y);
+    if j >= 0 && i >= 0 && j + 1 < nx as i64 && i + 1 < ny as i64 {
+        let (i, j) = (i as usize, j as usize);
+        let node = |i: usize, j: usize| -> f64 { grid[[i, j]].into() };
+        return bilinear_mix(
+            [
+                node(i, j),
+                node(i, j + 1),
+                node(i + 1, j),
+                node(i + 1, j + 1),
+            ],
+            w,
+        );
+    }
     bilinear_nodes([ny, nx], cell, x, y, |i, j| periodic_node(grid, rise, i, j))
 }
 
