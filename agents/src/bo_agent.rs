@@ -710,11 +710,15 @@ impl Agent for BoAgent {
                 let a = Acquisition::parse(s).ok_or_else(|| {
                     AgentError::config(
                         "acquisition",
-                        format!("unknown {s:?}; known: ei, logei, ucb, pi, maxuncertainty, thompson"),
+                        format!(
+                            "unknown {s:?}; known: ei, logei, ucb, pi, maxuncertainty, thompson"
+                        ),
                     )
                 })?;
                 cfg.acquisition = match (a, cfg.acquisition) {
-                    (Acquisition::Ucb { .. }, Acquisition::Ucb { beta }) => Acquisition::Ucb { beta },
+                    (Acquisition::Ucb { .. }, Acquisition::Ucb { beta }) => {
+                        Acquisition::Ucb { beta }
+                    }
                     (a, _) => a,
                 };
             }
@@ -770,7 +774,10 @@ impl Agent for BoAgent {
                 "the agent marks cells off-limits on grid tasks only",
             ));
         };
-        for (field, [a, b]) in [("off_limits.rows", region.rows), ("off_limits.cols", region.cols)] {
+        for (field, [a, b]) in [
+            ("off_limits.rows", region.rows),
+            ("off_limits.cols", region.cols),
+        ] {
             if a > b || b >= g {
                 return Err(AgentError::arg(
                     field,
@@ -1003,7 +1010,12 @@ mod tests {
         assert!(e.to_string().contains("beta"), "{e}");
         let e = a.set_control("gamma", &serde_json::json!(1)).unwrap_err();
         assert!(e.to_string().contains("gamma"), "{e}");
-        let e = a.forbid(&Region { rows: [3, 40], cols: [0, 0] }).unwrap_err();
+        let e = a
+            .forbid(&Region {
+                rows: [3, 40],
+                cols: [0, 0],
+            })
+            .unwrap_err();
         assert!(e.to_string().contains("off_limits.rows"), "{e}");
         assert_eq!(a.insight().unwrap().controls["beta"], 9.0);
     }
