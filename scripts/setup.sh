@@ -11,10 +11,17 @@ if ! pkg-config --exists hdf5 2>/dev/null && [ ! -e /usr/include/hdf5/serial/hdf
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq libhdf5-dev pkg-config >/dev/null
 fi
+# Headless Chromium and its WebDriver for the dashboard's browser test (tests/python/test_serve.py).
+if ! command -v chromedriver >/dev/null 2>&1; then
+    SUDO=""
+    [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium chromium-driver >/dev/null
+fi
 
 if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
 fi
-if ! .venv/bin/python -c "import numpy, scipy, h5py, pytest, gymnasium, stable_baselines3, minari, mypy, maturin, PIL, torch, botorch, ray, mcp" 2>/dev/null; then
+if ! .venv/bin/python -c "import numpy, scipy, h5py, pytest, gymnasium, stable_baselines3, minari, mypy, maturin, PIL, torch, botorch, ray, mcp, selenium" 2>/dev/null; then
     .venv/bin/pip install -q --disable-pip-version-check -r requirements-dev.txt
 fi

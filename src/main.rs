@@ -16,6 +16,7 @@ mod deploy_cli;
 mod env_cli;
 mod mcp_cli;
 mod plots;
+mod serve;
 mod spm_cli;
 use spm_cli::{perf_spm, simulate_spm};
 use std::path::PathBuf;
@@ -337,6 +338,67 @@ enum Command {
         #[arg(long, default_value = "llm")]
         agent: String,
     },
+    /// Run an agent on a task (through the guard, as `deploy`) and serve a live operator
+    /// dashboard on 127.0.0.1: the frame with the proposed point, the agent's maps, curves,
+    /// budget and audit log; pause, resume, veto, off-limits regions and agent controls, each
+    /// recorded in OUT/interventions.jsonl and OUT/results.json.
+    Serve {
+        /// Environment id, e.g. scopegym/StemEelsExplore-v2.
+        env_id: String,
+        /// The agent (random, raster, heuristic, bo, sgp, dkl, ppo, reinforce).
+        #[arg(long)]
+        agent: String,
+        /// The instrument: sim, nanonis://HOST:PORT, stem-gateway://HOST:PORT or replay:FILE.
+        #[arg(long, default_value = "sim")]
+        driver: String,
+        /// The checkpoint of a learning agent.
+        #[arg(long)]
+        checkpoint: Option<PathBuf>,
+        /// Agent config (TOML table).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Task config overrides (TOML table).
+        #[arg(long)]
+        env_config: Option<PathBuf>,
+        /// Difficulty level: easy, medium or hard.
+        #[arg(long, default_value = "medium")]
+        difficulty: String,
+        /// Parameter split (matters on the simulator only).
+        #[arg(long, default_value = "test")]
+        split: String,
+        /// Safety limits (TOML with units; required for real instruments).
+        #[arg(long)]
+        limits: Option<PathBuf>,
+        /// Run seed: episode i resets with seed * 1000000 + i.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Episodes to run.
+        #[arg(long, default_value_t = 1)]
+        episodes: usize,
+        /// Port on 127.0.0.1 (0: any free port; the URL is printed on stdout's first line).
+        #[arg(long, default_value_t = 8765)]
+        port: u16,
+        /// Where the record goes (results.json, interventions.jsonl, audit.jsonl).
+        #[arg(long, default_value = "serve-out")]
+        out: PathBuf,
+        /// The audit log (JSON lines, appended; default OUT/audit.jsonl).
+        #[arg(long)]
+        log: Option<PathBuf>,
+        /// Apply the vetoes, regions and controls of an interventions.jsonl at the same step
+        /// indices (pauses are not replayed).
+        #[arg(long)]
+        replay: Option<PathBuf>,
+        /// Start paused (the first action is proposed, not taken).
+        #[arg(long)]
+        start_paused: bool,
+        /// Exit when the run ends (default: keep serving until Ctrl-C).
+        #[arg(long)]
+        exit: bool,
+        /// The least wall time between steps, s (to follow a fast simulator; 0: as fast as
+        /// it runs).
+        #[arg(long, default_value_t = 0.0)]
+        pace: f64,
+    },
     /// Reset an environment and save its render as a PNG.
     Render {
         /// Environment id.
@@ -494,6 +556,45 @@ fn main() -> ExitCode {
             budget: &budget,
             reference: reference.as_deref(),
             agent: &agent,
+        }),
+        Command::Serve {
+            env_id,
+            agent,
+            driver,
+            checkpoint,
+            config,
+            env_config,
+            difficulty,
+            split,
+            limits,
+            seed,
+            episodes,
+            port,
+            out,
+            log,
+            replay,
+            start_paused,
+            exit,
+            pace,
+        } => serve::serve(&serve::ServeArgs {
+            env_id: &env_id,
+            agent: &agent,
+            driver: &driver,
+            checkpoint: checkpoint.as_deref(),
+            config: config.as_deref(),
+            env_config: env_config.as_deref(),
+            difficulty: &difficulty,
+            split: &split,
+            limits: limits.as_deref(),
+            seed,
+            episodes,
+            port,
+            out: &out,
+            log: log.as_deref(),
+            replay: replay.as_deref(),
+            start_paused,
+            exit,
+            pace,
         }),
         Command::Render { env_id, seed, out } => env_cli::render(&env_id, seed, &out),
         Command::FakeNanonis {

@@ -297,7 +297,7 @@ fn action_schema(space: &Space) -> Json {
 }
 
 /// A value as JSON (Box elements as numbers, exact: f32 → f64 is lossless).
-fn value_json(v: &Value) -> Json {
+pub(crate) fn value_json(v: &Value) -> Json {
     match v {
         Value::Box(x) => Json::Array(x.iter().map(|&f| json!(f64::from(f))).collect()),
         Value::Discrete(d) => json!(d),
@@ -410,7 +410,7 @@ fn grey_png(values: &[f32], rows: usize, cols: usize) -> Result<Vec<u8>, ToolErr
 /// stack, its first plane), if it has one. Built from the observation, never from the task's
 /// `render()`, which may draw ground truth (e.g. StemSparseScan's noiseless field) that the
 /// agent must not see.
-fn observation_png(v: &Value, space: &Space) -> Option<Vec<u8>> {
+pub(crate) fn observation_png(v: &Value, space: &Space) -> Option<Vec<u8>> {
     match (v, space) {
         (Value::Box(x), Space::Box { shape, .. }) => {
             let (rows, cols, stride) = match shape.as_slice() {

@@ -5,8 +5,9 @@
 //! Ground truth in `info` (`is_success`, `regret`, ...) is recorded by the harness for scoring
 //! and never handed to [`Agent::act`]; [`Agent::observe`] gets the step without its `info`.
 
-use crate::error::Result;
+use crate::error::{AgentError, Result};
 use scopegym_envs::{Env, InfoValue, Value};
+use serde::{Deserialize, Serialize};
 
 /// What a learning agent trains on.
 #[derive(Debug, Clone)]
@@ -29,6 +30,54 @@ pub struct CurvePoint {
     pub step: u64,
     /// Mean undiscounted return of the episodes that ended since the previous point.
     pub value: f64,
+}
+
+/// What an agent shows an operator about its next choice (the `scopegym serve` dashboard).
+/// Built from what the agent knows (observations and rewards), never from ground truth.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Insight {
+    /// The proposed point as fractions (row, column) of the task's grid, which spans the
+    /// frame, where the action is a grid cell (cell centres: `(i + 0.5) / g`).
+    pub point: Option<[f64; 2]>,
+    /// Posterior and acquisition maps over the candidate grid (BO and DKL grid agents).
+    pub maps: Option<GridMaps>,
+    /// The embedding of the measured points, `[e₀, e₁, measured value]` (DKL), if cheap.
+    pub scatter: Vec<[f64; 3]>,
+    /// The probabilities of the actions (RL agents on discrete actions), if cheap.
+    pub action_probs: Vec<f64>,
+    /// The value estimate of the observation (RL agents), if cheap.
+    pub value: Option<f64>,
+    /// The settings [`Agent::set_control`] takes, with their current values.
+    pub controls: serde_json::Value,
+}
+
+/// Maps over a `rows × cols` grid of candidates, row-major; non-finite entries (a cell that is
+/// measured, vetoed or off-limits for the acquisition) serialize as `null`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct GridMaps {
+    /// Grid rows.
+    pub rows: usize,
+    /// Grid columns.
+    pub cols: usize,
+    /// The posterior mean of the modelled quantity, in its units.
+    pub mean: Vec<f64>,
+    /// The posterior standard deviation, in the same units.
+    pub sd: Vec<f64>,
+    /// The acquisition score (−∞, `null` in JSON, where the cell may not be chosen).
+    pub acquisition: Vec<f64>,
+    /// The cells the operator vetoed or marked off-limits.
+    pub forbidden: Vec<bool>,
+}
+
+/// A rectangle of grid cells, both ends included (cell indices, row `rows[0]..=rows[1]`,
+/// column `cols[0]..=cols[1]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Region {
+    /// First and last row.
+    pub rows: [usize; 2],
+    /// First and last column.
+    pub cols: [usize; 2],
 }
 
 /// A baseline agent.
@@ -77,6 +126,43 @@ pub trait Agent: Send {
     fn save(&self, dir: &std::path::Path) -> Result<Vec<std::path::PathBuf>> {
         let _ = dir;
         Ok(Vec::new())
+    }
+
+    /// What the agent shows an operator about the action [`Agent::act`] returned last. The
+    /// default shows nothing.
+    fn insight(&self) -> Option<Insight> {
+        None
+    }
+
+    /// Changes a setting mid-run (an operator's intervention: the acquisition function, β,
+    /// ξ, ...). The default has none; an unknown name or a bad value is an error naming it.
+    fn set_control(&mut self, name: &str, value: &serde_json::Value) -> Result<()> {
+        let _ = value;
+        Err(AgentError::config(
+            name,
+            format!("the {} agent has no control {name:?}", self.name()),
+        ))
+    }
+
+    /// Vetoes `action`, the action [`Agent::act`] returned last: the agent must not propose
+    /// it again (the harness then calls [`Agent::act`] again for the same observation). The
+    /// default cannot take a veto.
+    fn veto(&mut self, action: &Value) -> Result<()> {
+        let _ = action;
+        Err(AgentError::arg(
+            "veto",
+            format!("the {} agent cannot take a veto", self.name()),
+        ))
+    }
+
+    /// Marks the grid cells of `region` off-limits: the agent must not propose them. The
+    /// default has no grid.
+    fn forbid(&mut self, region: &Region) -> Result<()> {
+        let _ = region;
+        Err(AgentError::arg(
+            "off_limits",
+            format!("the {} agent does not choose grid cells", self.name()),
+        ))
     }
 }
 

@@ -36,7 +36,7 @@
 //! a real instrument as on the simulator.
 
 use crate::acquisition::Acquisition;
-use crate::agent::Agent;
+use crate::agent::{Agent, GridMaps, Insight, Region};
 use crate::error::{AgentError, Result};
 use crate::gp::{Constant, GaussianPeak, Gp, GpConfig, Kernel, MeanFunction, Refitter};
 use rand::Rng;
@@ -325,6 +325,8 @@ pub struct BoAgent {
     ratios: [Vec<f64>; 3],
     last_action: Vec<f64>,
     factory: ModelFactory,
+    /// Grid cells the operator vetoed or marked off-limits (kept for the whole run).
+    forbidden: std::collections::BTreeSet<usize>,
 }
 
 /// Builds the surrogate for inputs of dimension `dim`; `structured` asks for the physical
@@ -358,6 +360,7 @@ impl BoAgent {
             ratios: Default::default(),
             last_action: Vec::new(),
             factory,
+            forbidden: Default::default(),
         })
     }
 
@@ -427,15 +430,23 @@ impl BoAgent {
         } else {
             None
         };
+        let allowed = |k: &usize| !self.forbidden.contains(k);
         let free = |k: usize| count[k] == 0.0;
         let mut cells: Vec<usize> = (0..g * g)
             .filter(|&k| free(k) && pristine.is_none_or(|p| p[k] > 0.5))
+            .filter(allowed)
             .collect();
         if cells.is_empty() {
-            cells = (0..g * g).filter(|&k| free(k)).collect();
+            cells = (0..g * g).filter(|&k| free(k)).filter(allowed).collect();
         }
         if cells.is_empty() {
-            cells = (0..g * g).collect();
+            cells = (0..g * g).filter(allowed).collect();
+        }
+        if cells.is_empty() {
+            return Err(AgentError::arg(
+                "off_limits",
+                "every grid cell is vetoed or off-limits",
+            ));
         }
         let scale = (g.max(2) - 1) as f64;
         let cand: Vec<Vec<f64>> = cells
@@ -618,6 +629,170 @@ impl Agent for BoAgent {
         a
     }
 
+    fn insight(&self) -> Option<Insight> {
+        let mut controls = serde_json::json!({
+            "acquisition": match self.cfg.acquisition {
+                Acquisition::Ei => "ei",
+                Acquisition::LogEi => "logei",
+                Acquisition::Ucb { .. } => "ucb",
+                Acquisition::Pi => "pi",
+                Acquisition::MaxUncertainty => "maxuncertainty",
+                Acquisition::Thompson => "thompson",
+            },
+            "xi": self.cfg.xi,
+        });
+        if let Acquisition::Ucb { beta } = self.cfg.acquisition {
+            controls["beta"] = serde_json::json!(beta);
+        }
+        let mut ins = Insight {
+            controls,
+            ..Insight::default()
+        };
+        let Some(Mode::Grid { g, .. }) = self.mode else {
+            return Some(ins);
+        };
+        if let Some((k, _)) = self.pending {
+            let gf = g as f64;
+            ins.point = Some([((k / g) as f64 + 0.5) / gf, ((k % g) as f64 + 0.5) / gf]);
+        }
+        let scale = (g.max(2) - 1) as f64;
+        let cells: Vec<Vec<f64>> = (0..g * g)
+            .map(|k| vec![(k / g) as f64 / scale, (k % g) as f64 / scale])
+            .collect();
+        let forbidden: Vec<bool> = (0..g * g).map(|k| self.forbidden.contains(&k)).collect();
+        // The model as last fitted (it is fitted once the random initial points are taken).
+        if self.xs.len() >= 2
+            && let Some(model) = self.model.as_deref()
+            && let Ok((mean, sd)) = model.predict(&cells)
+        {
+            let best = self.ys.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let acquisition = (0..g * g)
+                .map(|k| match self.cfg.acquisition {
+                    _ if forbidden[k] => f64::NEG_INFINITY,
+                    // A draw is not a map: show the mean it is drawn around.
+                    Acquisition::Thompson => mean[k],
+                    a => a
+                        .score(mean[k], sd[k], best, self.cfg.xi)
+                        .unwrap_or(f64::NEG_INFINITY),
+                })
+                .collect();
+            ins.maps = Some(GridMaps {
+                rows: g,
+                cols: g,
+                mean,
+                sd,
+                acquisition,
+                forbidden,
+            });
+        } else {
+            ins.maps = Some(GridMaps {
+                rows: g,
+                cols: g,
+                mean: vec![f64::NAN; g * g],
+                sd: vec![f64::NAN; g * g],
+                acquisition: vec![f64::NAN; g * g],
+                forbidden,
+            });
+        }
+        Some(ins)
+    }
+
+    /// `acquisition` (a name [`Acquisition::parse`] takes; `ucb` keeps the current β),
+    /// `beta` (UCB's β ≥ 0; switches the acquisition to UCB) and `xi` (ξ of EI, LogEI, PI, in
+    /// the units of the modelled quantity).
+    fn set_control(&mut self, name: &str, value: &serde_json::Value) -> Result<()> {
+        let mut cfg = self.cfg.clone();
+        match name {
+            "acquisition" => {
+                let s = value
+                    .as_str()
+                    .ok_or_else(|| AgentError::config("acquisition", "must be a name (string)"))?;
+                let a = Acquisition::parse(s).ok_or_else(|| {
+                    AgentError::config(
+                        "acquisition",
+                        format!(
+                            "unknown {s:?}; known: ei, logei, ucb, pi, maxuncertainty, thompson"
+                        ),
+                    )
+                })?;
+                cfg.acquisition = match (a, cfg.acquisition) {
+                    (Acquisition::Ucb { .. }, Acquisition::Ucb { beta }) => {
+                        Acquisition::Ucb { beta }
+                    }
+                    (a, _) => a,
+                };
+            }
+            "beta" => {
+                let beta = value
+                    .as_f64()
+                    .ok_or_else(|| AgentError::config("beta", "must be a number"))?;
+                cfg.acquisition = Acquisition::Ucb { beta };
+            }
+            "xi" => {
+                cfg.xi = value
+                    .as_f64()
+                    .ok_or_else(|| AgentError::config("xi", "must be a number"))?;
+            }
+            _ => {
+                return Err(AgentError::config(
+                    name,
+                    format!(
+                        "the {} agent has no control {name:?}; it has acquisition, beta, xi",
+                        self.name()
+                    ),
+                ));
+            }
+        }
+        cfg.validate()?;
+        self.cfg = cfg;
+        Ok(())
+    }
+
+    fn veto(&mut self, action: &Value) -> Result<()> {
+        let Some(Mode::Grid { g, .. }) = self.mode else {
+            return Err(AgentError::arg(
+                "veto",
+                "the agent takes a veto on grid tasks only",
+            ));
+        };
+        match action {
+            Value::Discrete(k) if (0..(g * g) as i64).contains(k) => {
+                self.forbidden.insert(*k as usize);
+                Ok(())
+            }
+            _ => Err(AgentError::arg(
+                "veto",
+                format!("{action:?} is not a cell of the {g} × {g} grid"),
+            )),
+        }
+    }
+
+    fn forbid(&mut self, region: &Region) -> Result<()> {
+        let Some(Mode::Grid { g, .. }) = self.mode else {
+            return Err(AgentError::arg(
+                "off_limits",
+                "the agent marks cells off-limits on grid tasks only",
+            ));
+        };
+        for (field, [a, b]) in [
+            ("off_limits.rows", region.rows),
+            ("off_limits.cols", region.cols),
+        ] {
+            if a > b || b >= g {
+                return Err(AgentError::arg(
+                    field,
+                    format!("[{a}, {b}] must be first ≤ last < {g}"),
+                ));
+            }
+        }
+        for r in region.rows[0]..=region.rows[1] {
+            for c in region.cols[0]..=region.cols[1] {
+                self.forbidden.insert(r * g + c);
+            }
+        }
+        Ok(())
+    }
+
     fn observe(&mut self, _action: &Value, reward: f64, next_obs: &Value) -> Result<()> {
         match self.mode {
             Some(Mode::Grid { g, .. }) => {
@@ -784,6 +959,65 @@ mod tests {
         seen.sort_by(|p, q| p.partial_cmp(q).unwrap());
         seen.dedup();
         assert_eq!(seen.len(), rec.steps);
+    }
+
+    /// The operator's veto and off-limits region: the agent never proposes those cells again
+    /// (asked again after each veto, as `scopegym serve` does), and controls are checked.
+    #[test]
+    fn vetoed_and_off_limits_cells_are_never_proposed() {
+        let mut env = make("scopegym/StemEelsExplore-v2", None).unwrap();
+        let mut a = BoAgent::new(BoAgentConfig::default(), false, 3, idw).unwrap();
+        let (mut obs, _) = env.reset(Some(5)).unwrap();
+        a.begin_episode(env.as_ref(), &obs, 5).unwrap();
+        a.forbid(&Region {
+            rows: [0, 15],
+            cols: [0, 31],
+        })
+        .unwrap();
+        let mut vetoed = Vec::new();
+        let mut taken = Vec::new();
+        for step in 0..30 {
+            let mut action = a.act(env.as_mut(), &obs).unwrap();
+            if step % 3 == 0 {
+                a.veto(&action).unwrap();
+                vetoed.push(action.clone());
+                action = a.act(env.as_mut(), &obs).unwrap();
+            }
+            if step == 12 {
+                a.set_control("beta", &serde_json::json!(9.0)).unwrap();
+            }
+            let s = env.step(&action).unwrap();
+            a.observe(&action, s.reward, &s.obs).unwrap();
+            taken.push(action);
+            obs = s.obs;
+        }
+        for v in &taken {
+            let Value::Discrete(k) = v else { panic!() };
+            assert!(*k >= 16 * 32, "cell {k} is in the off-limits rows 0..=15");
+            assert!(!vetoed.contains(v), "vetoed {v:?} was proposed again");
+        }
+        assert_eq!(vetoed.len(), 10);
+        let ins = a.insight().unwrap();
+        assert_eq!(ins.controls["acquisition"], "ucb");
+        assert_eq!(ins.controls["beta"], 9.0);
+        let maps = ins.maps.unwrap();
+        assert_eq!(maps.forbidden.iter().filter(|f| **f).count(), 16 * 32 + 10);
+        assert!(maps.acquisition[0] == f64::NEG_INFINITY);
+        // Bad controls name the field; the agent keeps its settings.
+        let e = a.set_control("beta", &serde_json::json!(-1.0)).unwrap_err();
+        assert!(e.to_string().contains("beta"), "{e}");
+        let e = a.set_control("beta", &serde_json::json!("x")).unwrap_err();
+        assert!(e.to_string().contains("beta"), "{e}");
+        let e = a.set_control("gamma", &serde_json::json!(1)).unwrap_err();
+        assert!(e.to_string().contains("gamma"), "{e}");
+        let e = a
+            .forbid(&Region {
+                rows: [3, 40],
+                cols: [0, 0],
+            })
+            .unwrap_err();
+        assert!(e.to_string().contains("off_limits.rows"), "{e}");
+        assert_eq!(a.insight().unwrap().controls["beta"], 9.0);
     }
 
     #[test]
