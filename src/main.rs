@@ -305,9 +305,14 @@ enum Command {
         #[arg(long)]
         task: String,
         /// Where the instrument is: sim, nanonis://HOST:PORT, stem-gateway://HOST:PORT or
-        /// replay:FILE (the instrument tools run on sim only).
+        /// replay:FILE.
         #[arg(long, default_value = "sim")]
         driver: String,
+        /// Where the instrument tools connect, if not to --driver (e.g. a second port of a
+        /// Nanonis controller, which serves one client per port). On sim they get a simulator
+        /// of their own either way.
+        #[arg(long, value_name = "URL")]
+        instrument_driver: Option<String>,
         /// Run seed: episode i resets with seed * 1000000 + i, as in the benchmark suite.
         #[arg(long, default_value_t = 0)]
         seed: u64,
@@ -544,9 +549,11 @@ fn main() -> ExitCode {
             budget,
             reference,
             agent,
+            instrument_driver,
         } => mcp_cli::mcp(&mcp_cli::McpArgs {
             task: &task,
             driver: &driver,
+            instrument_driver: instrument_driver.as_deref(),
             seed,
             record: record.as_deref(),
             http: http.as_deref(),

@@ -9,8 +9,11 @@
 //!   `seed · 1 000 000 + i`, so an agent meets the scenarios the suite's agents met;
 //! - instrument tools on the task's instrument, a second simulator of it behind the same guard
 //!   (limits and audit log): `instrument_status`, `acquire_frame`, `move_probe`, `set_bias` /
-//!   `set_withdrawn` (SPM), `set_defocus` (STEM), `point_spectroscopy`, `make_safe`. Only on
-//!   `--driver sim` for now; they never change the task's episode.
+//!   `set_withdrawn` (SPM), `set_defocus` (STEM), `point_spectroscopy`, `make_safe`. On `sim`
+//!   they drive a second simulator and never change the task's episode; on a real driver they
+//!   open a connection of their own to the same instrument (`--instrument-driver` names another
+//!   address, such as a second port of a Nanonis controller) behind the same limits and audit
+//!   log, so what they do acts on the instrument the task runs on.
 //!
 //! A malformed or refused call is a tool error (`isError`, the message names the field or the
 //! limit), never a protocol error or a dead server. `step` returns what an instrument measures
@@ -37,6 +40,8 @@ use scopegym_drivers::audit::AuditLog;
 use scopegym_drivers::connect::{DeployOptions, Deployment, DriverUrl, limits_for, make_env};
 use scopegym_drivers::guard::Guarded;
 use scopegym_drivers::limits::Limits;
+use scopegym_drivers::nanonis::{NanonisClient, NanonisOptions};
+use scopegym_drivers::{ReplayOptions, ReplaySpm, StemGatewayClient, StemGatewayOptions};
 use scopegym_envs::env::{Env, Info, InfoValue};
 use scopegym_envs::space::{Space, Value};
 use scopegym_envs::tasks::config_from_toml;
@@ -59,6 +64,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 pub(crate) struct McpArgs<'a> {
     pub task: &'a str,
     pub driver: &'a str,
+    pub instrument_driver: Option<&'a str>,
     pub seed: u64,
     pub record: Option<&'a Path>,
     pub http: Option<&'a str>,
@@ -440,14 +446,18 @@ pub(crate) fn observation_png(v: &Value, space: &Space) -> Option<Vec<u8>> {
 // ---------------------------------------------------------------------------------------------
 // The instrument tools
 
-/// The task's instrument behind the guard (a simulator of it).
+/// The task's instrument behind the guard: a simulator of it, or a connection of its own to
+/// the driver's instrument (Nanonis, STEM gateway, replay).
 // One per server: the size of the variants does not matter.
 #[allow(clippy::large_enum_variant)]
 enum Instrument {
     Spm(Guarded<SpmSimulator>),
+    Nanonis(Guarded<NanonisClient>),
+    Replay(Guarded<ReplaySpm>),
     Lattice(Guarded<LatticeSimulator>),
     Dopant(Guarded<DopantSimulator>),
     Stem(Guarded<StemSimulator>),
+    Gateway(Guarded<StemGatewayClient>),
 }
 
 /// Runs `$body` with `$g` bound to the guarded STEM instrument, or `$spm` on an SPM.
@@ -457,7 +467,23 @@ macro_rules! stem {
             Instrument::Lattice($g) => $body,
             Instrument::Dopant($g) => $body,
             Instrument::Stem($g) => $body,
-            Instrument::Spm(_) => $spm,
+            Instrument::Gateway($g) => $body,
+            Instrument::Spm(_) | Instrument::Nanonis(_) | Instrument::Replay(_) => $spm,
+        }
+    };
+}
+
+/// Runs `$body` with `$g` bound to the guarded SPM instrument, or `$stem` on a STEM.
+macro_rules! spm {
+    ($inst:expr, $g:ident => $body:expr, stem => $stem:expr) => {
+        match $inst {
+            Instrument::Spm($g) => $body,
+            Instrument::Nanonis($g) => $body,
+            Instrument::Replay($g) => $body,
+            Instrument::Lattice(_)
+            | Instrument::Dopant(_)
+            | Instrument::Stem(_)
+            | Instrument::Gateway(_) => $stem,
         }
     };
 }
@@ -481,11 +507,15 @@ fn settings_json(s: &ScanSettings) -> Json {
 }
 
 impl Instrument {
-    /// A simulator of task `id`'s instrument from the task's `config`, behind `limits`.
+    /// Task `id`'s instrument behind `limits`: on `url` = `sim` a simulator of it from the
+    /// task's `config` (its own, apart from the task's episode); on a real driver a connection
+    /// of its own to that instrument (a Nanonis controller serves each client on its own port:
+    /// `--instrument-driver` names another one), or the replay file opened again.
     fn open(
         id: &str,
         config: &toml::Value,
         seed: u64,
+        url: &DriverUrl,
         limits: &Limits,
         audit: Option<&Path>,
     ) -> Result<Self, CliError> {
@@ -505,9 +535,11 @@ impl Instrument {
             };
             Ok(Guarded::new(inst, limits.clone())?.with_audit(log))
         }
+        let wrong = |family: &str| CliError::Argument {
+            argument: "--instrument-driver".into(),
+            message: format!("{id} runs on {family}; {url} is not one"),
+        };
         let c = Some(config);
-        let guard_lattice = |inst| guarded(inst, limits, audit);
-        let guard_dopant = |inst| guarded(inst, limits, audit);
         macro_rules! cfg {
             ($m:ident) => {{
                 let c: $m::Config = config_from_toml(c)?;
@@ -516,12 +548,35 @@ impl Instrument {
             }};
         }
         let spm = |c: scopegym_physics::spm::sim::SpmConfig| -> Result<Self, CliError> {
-            Ok(Self::Spm(guarded(
-                SpmSimulator::new(c, seed)?,
-                limits,
-                audit,
-            )?))
+            Ok(match url {
+                DriverUrl::Sim => Self::Spm(guarded(SpmSimulator::new(c, seed)?, limits, audit)?),
+                DriverUrl::Nanonis(a) => Self::Nanonis(guarded(
+                    NanonisClient::connect(a, NanonisOptions::for_mode(c.mode))?,
+                    limits,
+                    audit,
+                )?),
+                DriverUrl::Replay(p) => Self::Replay(guarded(
+                    ReplaySpm::open(p, ReplayOptions::default())?,
+                    limits,
+                    audit,
+                )?),
+                DriverUrl::StemGateway(_) => return Err(wrong("an SPM (sim, nanonis, replay)")),
+            })
         };
+        // The STEM tasks: `$sim` on `sim`, the gateway's instrument on a gateway.
+        macro_rules! stem_on {
+            ($variant:ident, $sim:expr) => {
+                match url {
+                    DriverUrl::Sim => Ok(Self::$variant(guarded($sim?, limits, audit)?)),
+                    DriverUrl::StemGateway(a) => Ok(Self::Gateway(guarded(
+                        StemGatewayClient::connect(a, StemGatewayOptions::default())?,
+                        limits,
+                        audit,
+                    )?)),
+                    _ => Err(wrong("a STEM (sim, stem-gateway)")),
+                }
+            };
+        }
         match id {
             "scopegym/AfmFeedbackTuning-v2" => spm(cfg!(afm).instrument),
             "scopegym/PfmDomainWriting-v1" => spm(cfg!(pdw).instrument),
@@ -529,28 +584,22 @@ impl Instrument {
             "scopegym/SpmAtomManipulation-v2" => spm(cfg!(sam).instrument),
             "scopegym/SpmTipConditioning-v2" => spm(cfg!(stc).instrument),
             "scopegym/StemAutofocus-v2" => {
-                let g = guard_lattice(LatticeSimulator::new(cfg!(saf).instrument, seed)?)?;
-                Ok(Self::Lattice(g))
+                stem_on!(Lattice, LatticeSimulator::new(cfg!(saf).instrument, seed))
             }
             "scopegym/StemDopantSteer-v1" => {
-                let g = guard_dopant(DopantSimulator::new(cfg!(sds).instrument, seed)?)?;
-                Ok(Self::Dopant(g))
+                stem_on!(Dopant, DopantSimulator::new(cfg!(sds).instrument, seed))
             }
             "scopegym/StemEelsExplore-v2" => {
-                let g = guarded(
-                    StemSimulator::new(cfg!(see).instrument_config(), seed)?,
-                    limits,
-                    audit,
-                )?;
-                Ok(Self::Stem(g))
+                stem_on!(
+                    Stem,
+                    StemSimulator::new(cfg!(see).instrument_config(), seed)
+                )
             }
             "scopegym/StemSparseScan-v2" => {
-                let g = guarded(
-                    StemSimulator::new(cfg!(sss).instrument_config(), seed)?,
-                    limits,
-                    audit,
-                )?;
-                Ok(Self::Stem(g))
+                stem_on!(
+                    Stem,
+                    StemSimulator::new(cfg!(sss).instrument_config(), seed)
+                )
             }
             _ => Err(CliError::Argument {
                 argument: "--task".into(),
@@ -561,14 +610,13 @@ impl Instrument {
 
     fn family(&self) -> &'static str {
         match self {
-            Self::Spm(_) => "spm",
+            Self::Spm(_) | Self::Nanonis(_) | Self::Replay(_) => "spm",
             _ => "stem",
         }
     }
 
     fn status(&self) -> Json {
-        match self {
-            Self::Spm(g) => {
+        spm!(self, g => {
                 let (p, i) = g.feedback_gains();
                 json!({
                     "instrument": g.info().name, "simulated": g.info().simulated,
@@ -579,8 +627,7 @@ impl Instrument {
                     "guard_tripped": g.tripped().map(|r| format!("{}: {}", r.limit, r.reason)),
                     "dry_run": g.is_dry_run(),
                 })
-            }
-            _ => stem!(self, g => {
+            }, stem => stem!(self, g => {
                 let a = g.aberrations();
                 json!({
                     "instrument": g.info().name, "simulated": g.info().simulated,
@@ -594,8 +641,7 @@ impl Instrument {
                     "dose_budget_e_per_m2": g.limits().stem.dose_budget,
                     "dry_run": g.is_dry_run(),
                 })
-            }, spm => unreachable!()),
-        }
+            }, spm => unreachable!()))
     }
 
     /// The scan settings with the overrides in `a`.
@@ -629,8 +675,7 @@ impl Instrument {
     }
 
     fn acquire_frame(&mut self, a: &Args<'_>) -> ToolResult {
-        match self {
-            Self::Spm(g) => {
+        spm!(self, g => {
                 if let Some(s) = Self::request(g.scan_settings(), a)? {
                     g.configure_scan(&s).map_err(te)?;
                 }
@@ -661,8 +706,7 @@ impl Instrument {
                     json: j,
                     png: Some(png),
                 })
-            }
-            _ => stem!(self, g => {
+            }, stem => stem!(self, g => {
                 if a.str_opt("channel")?.is_some() {
                     return Err(ToolError("channel: a STEM frame has one channel (HAADF)".into()));
                 }
@@ -685,41 +729,36 @@ impl Instrument {
                 let png = grey_png(&values, rows, cols)?;
                 j["scan"] = settings_json(&g.scan_settings());
                 Ok(Out { json: j, png: Some(png) })
-            }, spm => unreachable!()),
-        }
+            }, spm => unreachable!()))
     }
 
     fn move_probe(&mut self, a: &Args<'_>) -> ToolResult {
         let p = [a.f64("x_m")?, a.f64("y_m")?];
-        match self {
-            Self::Spm(g) => {
+        spm!(self, g => {
                 g.move_probe(p).map_err(te)?;
                 Ok(Out::json(json!({"probe_position_m": g.probe_position()})))
-            }
-            _ => stem!(self, g => {
+            }, stem => stem!(self, g => {
                 g.move_probe(p).map_err(te)?;
                 Ok(Out::json(json!({"probe_position_m": g.probe_position()})))
-            }, spm => unreachable!()),
-        }
+            }, spm => unreachable!()))
     }
 
     fn set_bias(&mut self, a: &Args<'_>) -> ToolResult {
-        let Self::Spm(g) = self else {
-            return Err(spm_only("set_bias"));
-        };
-        let b = g.set_bias(a.f64("bias_v")?).map_err(te)?;
-        Ok(Out::json(json!({"bias_v": b})))
+        let bias = a.f64("bias_v")?;
+        spm!(self, g => {
+            let b = g.set_bias(bias).map_err(te)?;
+            Ok(Out::json(json!({"bias_v": b})))
+        }, stem => Err(spm_only("set_bias")))
     }
 
     fn set_withdrawn(&mut self, a: &Args<'_>) -> ToolResult {
-        let Self::Spm(g) = self else {
-            return Err(spm_only("set_withdrawn"));
-        };
         let w = a
             .bool_opt("withdrawn")?
             .ok_or_else(|| ToolError("withdrawn: required".into()))?;
-        g.set_withdrawn(w).map_err(te)?;
-        Ok(Out::json(json!({"withdrawn": g.is_withdrawn()})))
+        spm!(self, g => {
+            g.set_withdrawn(w).map_err(te)?;
+            Ok(Out::json(json!({"withdrawn": g.is_withdrawn()})))
+        }, stem => Err(spm_only("set_withdrawn")))
     }
 
     fn set_defocus(&mut self, a: &Args<'_>) -> ToolResult {
@@ -734,8 +773,7 @@ impl Instrument {
 
     fn point_spectroscopy(&mut self, a: &Args<'_>) -> ToolResult {
         let p = [a.f64("x_m")?, a.f64("y_m")?];
-        match self {
-            Self::Spm(g) => {
+        spm!(self, g => {
                 if a.get("exposure_s").is_some() {
                     return Err(ToolError(
                         "exposure_s: an SPM takes waveform_v (the bias at each point, V)".into(),
@@ -750,8 +788,7 @@ impl Instrument {
                     "position_m": p, "waveform_v": w, "response": r,
                     "response_units": "instrument units (PFM: piezoresponse, a.u.)",
                 })))
-            }
-            _ => stem!(self, g => {
+            }, stem => stem!(self, g => {
                 if a.get("waveform_v").is_some() {
                     return Err(ToolError(
                         "waveform_v: a STEM takes exposure_s (the EELS exposure, s)".into(),
@@ -765,23 +802,19 @@ impl Instrument {
                     "position_m": p, "exposure_s": t, "energy_loss_ev": s.energy,
                     "counts": counts,
                 })))
-            }, spm => unreachable!()),
-        }
+            }, spm => unreachable!()))
     }
 
     fn make_safe(&mut self) -> ToolResult {
-        match self {
-            Self::Spm(g) => {
+        spm!(self, g => {
                 SpmInstrument::make_safe(g).map_err(te)?;
                 Ok(Out::json(
                     json!({"withdrawn": g.is_withdrawn(), "bias_v": g.bias()}),
                 ))
-            }
-            _ => stem!(self, g => {
+            }, stem => stem!(self, g => {
                 StemInstrument::make_safe(g).map_err(te)?;
                 Ok(Out::json(json!({"blanked": g.is_blanked()})))
-            }, spm => unreachable!()),
-        }
+            }, spm => unreachable!()))
     }
 }
 
@@ -914,19 +947,33 @@ impl Session {
             watchdog: None,
         };
         let env = make_env(spec.id, &url, opts)?;
-        let (instrument, instrument_error) = if url == DriverUrl::Sim {
-            match Instrument::open(spec.id, &env_config, a.seed, &limits, audit.as_deref()) {
-                Ok(i) => (Some(i), None),
-                Err(e) => (None, Some(e.to_string())),
-            }
+        // The instrument tools' own instrument: a second simulator on `sim`, else a connection
+        // of their own (to --instrument-driver where the controller wants another port).
+        let iurl: DriverUrl = match a.instrument_driver {
+            Some(u) => u.parse()?,
+            None => url.clone(),
+        };
+        let ilimits = if iurl == url {
+            limits.clone()
         } else {
-            (
-                None,
-                Some(format!(
-                    "the instrument tools run on --driver sim only for now (this server drives \
-                     {url}); use the task tools"
-                )),
-            )
+            limits_for(&iurl, a.limits)?
+        };
+        let (instrument, instrument_error) = match Instrument::open(
+            spec.id,
+            &env_config,
+            a.seed,
+            &iurl,
+            &ilimits,
+            audit.as_deref(),
+        ) {
+            Ok(i) => (Some(i), None),
+            Err(e) => {
+                let why = format!("the instrument tools have no instrument ({iurl}): {e}");
+                if iurl.is_hardware() {
+                    eprintln!("scopegym mcp: {why}");
+                }
+                (None, Some(why))
+            }
         };
         let reference = match a.reference {
             None => None,

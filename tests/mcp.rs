@@ -289,3 +289,148 @@ async fn mcp_episodes_equal_the_native_env_and_bad_calls_are_tool_errors() {
         c.cancel().await.unwrap();
     }
 }
+
+#[path = "../drivers/tests/support/stem_server.rs"]
+mod stem_server;
+
+/// Limits wide enough for the instrument tools' calls below.
+const WIDE_SPM: &str = "[spm]\nbias_window = [\"-10 V\", \"10 V\"]\npulse_bias_max = \"9 V\"\n\
+                        pulse_width_max = \"100 ms\"\nscanner_range = [\"10 µm\", \"10 µm\"]\n";
+
+#[tokio::test(flavor = "current_thread")]
+async fn instrument_tools_drive_a_nanonis_controller_through_the_guard() {
+    use scopegym_drivers::nanonis::FakeNanonis;
+    use scopegym_envs::tasks::TaskConfig;
+    use scopegym_envs::tasks::pfm_domain_writing::Config;
+    use scopegym_physics::instrument::SpmInstrument;
+
+    let id = "scopegym/PfmDomainWriting-v1";
+    let cfg = Config::at_level(Default::default());
+    let server = FakeNanonis::from_config(cfg.instrument.clone(), cfg.split.region()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let limits = dir.path().join("limits.toml");
+    std::fs::write(&limits, WIDE_SPM).unwrap();
+    let rec = dir.path().join("rec");
+    let url = server.url();
+    let c = serve(
+        id,
+        0,
+        &rec,
+        &["--driver", &url, "--limits", limits.to_str().unwrap()],
+    )
+    .await;
+
+    // The tools reach the controller, not a simulator of the CLI's own.
+    let s = ok(&call(&c, "instrument_status", json!({})).await, "status");
+    assert_eq!(s["simulated"], json!(false), "{s}");
+    assert!(s["instrument"].as_str().unwrap().contains("Nanonis"), "{s}");
+    assert_eq!(
+        server.connections(),
+        2,
+        "the task's connection and the tools' own"
+    );
+
+    let b = ok(
+        &call(&c, "set_bias", json!({"bias_v": 2.5})).await,
+        "set_bias",
+    );
+    assert_eq!(b["bias_v"].as_f64().unwrap(), 2.5);
+    assert_eq!(server.with_sim(|s| s.bias()), 2.5, "the controller's bias");
+    // Out of the limits: refused by the guard, never sent.
+    let e = error_text(
+        &call(&c, "set_bias", json!({"bias_v": 50.0})).await,
+        "bias beyond the window",
+    );
+    assert!(e.contains("spm.bias_window"), "{e}");
+    assert_eq!(server.with_sim(|s| s.bias()), 2.5, "the refused bias");
+    let e = error_text(
+        &call(&c, "move_probe", json!({"x_m": 1e-3, "y_m": 0.0})).await,
+        "move beyond the scanner",
+    );
+    assert!(e.contains("spm.scan_area_fraction"), "{e}");
+
+    // A frame over TCP, the size the controller scans.
+    let r = call(&c, "acquire_frame", json!({"rows": 16, "cols": 16})).await;
+    let f = ok(&r, "acquire_frame");
+    assert!(has_png(&r), "{f}");
+    assert_eq!(
+        (f["rows"].as_u64(), f["cols"].as_u64()),
+        (Some(16), Some(16))
+    );
+    assert_eq!(server.with_sim(|s| s.scan_settings().rows), 16);
+
+    // make_safe withdraws the controller's tip.
+    assert!(!server.with_sim(|s| s.is_withdrawn()));
+    ok(&call(&c, "make_safe", json!({})).await, "make_safe");
+    assert!(
+        server.with_sim(|s| s.is_withdrawn()),
+        "withdrawn by make_safe"
+    );
+
+    // Every command of the tools is in the guard's audit log, the refusals too.
+    let audit = std::fs::read_to_string(rec.join("audit.jsonl")).unwrap();
+    assert!(audit.contains("set_bias"), "{audit}");
+    assert!(audit.contains("spm.bias_window"), "the refusal is audited");
+    c.cancel().await.unwrap();
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn instrument_tools_drive_a_stem_gateway_through_the_guard() {
+    use scopegym_envs::tasks::TaskConfig;
+    use scopegym_envs::tasks::stem_autofocus::Config;
+    use scopegym_physics::stem::lattice::LatticeSimulator;
+
+    let id = "scopegym/StemAutofocus-v2";
+    let cfg = Config::at_level(Default::default());
+    let server = stem_server::serve(LatticeSimulator::new(cfg.instrument.clone(), 0).unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let limits = dir.path().join("limits.toml");
+    std::fs::write(
+        &limits,
+        "[stem]\ndose_budget = \"1e30 e/Å^2\"\nmax_frame_time = \"1000 s\"\n",
+    )
+    .unwrap();
+    let rec = dir.path().join("rec");
+    let url = format!("stem-gateway://{}", server.address());
+    let c = serve(
+        id,
+        0,
+        &rec,
+        &["--driver", &url, "--limits", limits.to_str().unwrap()],
+    )
+    .await;
+    let methods = || server.shared.log.lock().unwrap().methods.clone();
+
+    let s = ok(&call(&c, "instrument_status", json!({})).await, "status");
+    let c10 = s["defocus_c10_m"].as_f64().unwrap();
+    assert_eq!(
+        server.shared.connections(),
+        2,
+        "the task's and the tools' own"
+    );
+
+    // A small defocus step reaches the gateway; a large one is refused before it.
+    let d = ok(
+        &call(&c, "set_defocus", json!({"defocus_m": c10 + 5e-9})).await,
+        "set_defocus",
+    );
+    assert!((d["defocus_c10_m"].as_f64().unwrap() - (c10 + 5e-9)).abs() < 1e-12);
+    let sent = methods().iter().filter(|m| *m == "set_aberrations").count();
+    assert_eq!(sent, 1, "{:?}", methods());
+    let e = error_text(
+        &call(&c, "set_defocus", json!({"defocus_m": 1.0})).await,
+        "defocus step beyond the limit",
+    );
+    assert!(e.contains("stem.aberration_step_max.c10"), "{e}");
+    let after = methods().iter().filter(|m| *m == "set_aberrations").count();
+    assert_eq!(after, 1, "the refused step never reached the gateway");
+
+    let r = call(&c, "acquire_frame", json!({})).await;
+    let f = ok(&r, "acquire_frame");
+    assert!(has_png(&r) && f["rows"].as_u64().unwrap() > 0, "{f}");
+    assert!(methods().iter().any(|m| m == "acquire_frame"));
+    let before = server.shared.make_safe_count();
+    ok(&call(&c, "make_safe", json!({})).await, "make_safe");
+    assert_eq!(server.shared.make_safe_count(), before + 1);
+    c.cancel().await.unwrap();
+}
