@@ -75,7 +75,9 @@ impl Default for BeamConfig {
 /// the probe at the defocus of its atoms' mean height, so single atoms and flat layers are
 /// exact; a column through a thick crystal is the sum of its slices' probes, which sets the
 /// depth of field ≈ 1.77 λ/α² (Born & Wolf §8.8: the on-axis intensity of an aberration-free
-/// probe, `[sin x / x]²` with `x = π Δf α² / (2λ)`, falls to half at Δf = ±0.886 λ/α²). Frames only: point exposures, spectra and damage
+/// probe, `[sin x / x]²` with `x = π Δf α² / (2λ)`, falls to half at Δf = ±0.886 λ/α²). Point
+/// exposures (counts, the EELS composition and the knock-on dose) see each atom through its
+/// slice's probe too, with the frames' source blur; the contamination signal and the dose map
 /// use the probe at C10. The probes are recomputed when the aberrations or the set of slice
 /// heights change.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -306,6 +308,16 @@ pub struct StemSimulator {
     /// heights' bits) their installed probes were built for.
     slice_of: Vec<usize>,
     slice_key: Option<(u64, Vec<u64>)>,
+    /// The slicing for point exposures: the lowest atom height (m), the slice thickness (m)
+    /// and the occupied slice numbers in height order (an atom's slice from its height).
+    slice_lo: f64,
+    slice_thick: f64,
+    slice_occupied: Vec<usize>,
+    /// Each slice's binned probe (values, side) and effective probe (with the source blur,
+    /// computed when a point exposure needs it: `slice_eff_valid`).
+    slice_raw: Vec<(Vec<f64>, usize)>,
+    slice_eff: Vec<(Vec<f64>, usize)>,
+    slice_eff_valid: bool,
     scan: ScanSettings,
     probe_calc: ProbeCalculator,
     kernel: Vec<f64>,
@@ -431,6 +443,12 @@ impl StemSimulator {
             probe_generation: 0,
             slice_of: Vec::new(),
             slice_key: None,
+            slice_lo: 0.0,
+            slice_thick: 1.0,
+            slice_occupied: Vec::new(),
+            slice_raw: Vec::new(),
+            slice_eff: Vec::new(),
+            slice_eff_valid: false,
             sigma_haadf: cfg.detector.cross_sections(),
             knock: cfg.damage.knock_on(cfg.optics.energy.get()),
             any_knock: false,
@@ -759,6 +777,8 @@ impl StemSimulator {
             self.slice_of.push(k);
         }
         let heights: Vec<f64> = sums.iter().map(|(s, n)| s / *n as f64).collect();
+        (self.slice_lo, self.slice_thick) = (lo, thick);
+        self.slice_occupied = occupied;
         let key = (
             self.probe_generation,
             heights.iter().map(|h| h.to_bits()).collect(),
@@ -789,10 +809,33 @@ impl StemSimulator {
             dx,
             src,
         );
-        let kernels: Vec<Vec<f64>> = kernels.iter().map(|(k, s)| padded(k, *s)).collect();
-        self.renderer.set_slice_probes(&kernels, side)?;
+        let padded_kernels: Vec<Vec<f64>> = kernels.iter().map(|(k, s)| padded(k, *s)).collect();
+        self.renderer.set_slice_probes(&padded_kernels, side)?;
+        self.slice_raw = kernels;
+        self.slice_eff_valid = false;
         self.slice_key = Some(key);
         self.ideal_valid = false;
+        Ok(())
+    }
+
+    /// Depth of focus for point exposures: the depth slices ([`Self::prepare_depth_slices`])
+    /// and each slice's effective probe (its binned probe with the frames' source blur), so a
+    /// point sees each atom through the probe at the defocus of its slice, as frames do.
+    fn prepare_point_slices(&mut self) -> Result<()> {
+        self.prepare_depth_slices()?;
+        if !self.slice_eff_valid {
+            let src = self.probe_model().source_sigma;
+            self.slice_eff = self
+                .slice_raw
+                .iter()
+                .map(|(k, side)| {
+                    let mut out = Vec::new();
+                    let s = self.renderer.effective_probe(k, *side, src, &mut out);
+                    (out, s)
+                })
+                .collect();
+            self.slice_eff_valid = true;
+        }
         Ok(())
     }
 
@@ -990,6 +1033,10 @@ impl StemSimulator {
     fn expose_point(&mut self, time: f64) -> Result<f64> {
         self.follow_aberration_drift();
         self.effective_probe();
+        let depth = self.cfg.depth_of_focus.enabled && !self.specimen.atoms.is_empty();
+        if depth {
+            self.prepare_point_slices()?;
+        }
         // A fluctuating current: one factor for the exposure, correlated with the last draw.
         let f = if self.fluct.is_on() {
             let f = self
@@ -1008,15 +1055,26 @@ impl StemSimulator {
         // each atom within the kernel's reach (periodic specimen).
         let mut signal = 0.0;
         self.composition.clear();
-        let reach = self.eff_side as f64 * 0.5 * self.scan.pixel_size;
+        // With depth of focus, each atom is seen through its slice's effective probe.
+        let widest = if depth {
+            self.slice_eff.iter().map(|e| e.1).max().unwrap_or(0)
+        } else {
+            0
+        };
+        let reach = self.eff_side.max(widest) as f64 * 0.5 * self.scan.pixel_size;
         let window = self.specimen.window([-b[0], -b[1]], [reach, reach]);
         self.ensure_index();
         // The atoms near the probe, in atom order (the same sums as over every atom).
         let indexed = self.atom_index.candidates(&window, &mut self.index_scratch);
+        let slices = depth.then_some((&self.slice_of[..], &self.slice_eff[..]));
         let (kernel, side, px) = (&self.eff_kernel, self.eff_side, self.scan.pixel_size);
         let (sigma_haadf, composition) = (&self.sigma_haadf, &mut self.composition);
         let atoms = &self.specimen.atoms;
-        let mut visit = |a: &Atom| {
+        let mut visit = |i: usize, a: &Atom| {
+            let (kernel, side) = match slices {
+                Some((of, eff)) => (&eff[of[i]].0, eff[of[i]].1),
+                None => (kernel, side),
+            };
             window.for_each_image([a.x, a.y], |[ox, oy]| {
                 let p = kernel_density(kernel, side, px, ox, oy);
                 if p <= 0.0 {
@@ -1033,10 +1091,12 @@ impl StemSimulator {
         };
         if indexed {
             for &i in &self.index_scratch {
-                visit(&atoms[i as usize]);
+                visit(i as usize, &atoms[i as usize]);
             }
         } else {
-            atoms.iter().for_each(visit);
+            for (i, a) in atoms.iter().enumerate() {
+                visit(i, a);
+            }
         }
         // The contamination deposited so far adds its atoms' signal.
         signal += self.contamination_signal(self.dose_map.at(b[0], b[1]));
@@ -1050,7 +1110,21 @@ impl StemSimulator {
             let window = self
                 .specimen
                 .window([-b[0], -b[1]], [kernel_reach, kernel_reach]);
+            // With depth of focus, the kernel of the atom's slice (found from its height).
+            let (lo, thick, occupied, eff) = (
+                self.slice_lo,
+                self.slice_thick,
+                &self.slice_occupied,
+                &self.slice_eff,
+            );
             let probe = |a: &Atom| -> f64 {
+                let slice = depth
+                    .then(|| occupied.binary_search(&(((a.height - lo) / thick).floor() as usize)))
+                    .and_then(|r| r.ok());
+                let (kernel, side) = match slice {
+                    Some(k) => (&eff[k].0, eff[k].1),
+                    None => (kernel, side),
+                };
                 let mut dose = 0.0;
                 window.for_each_image([a.x, a.y], |[ox, oy]| {
                     dose += n_e * kernel_density(kernel, side, px, ox, oy);
