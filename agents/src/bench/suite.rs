@@ -781,13 +781,16 @@ fn json_diff(ours: &serde_json::Value, theirs: &serde_json::Value) -> String {
     }
 }
 
+/// (agent, file) of each outside results file.
+type AgentFiles = Vec<(String, String)>;
+
 /// Checks `ext` against the suite's runs and merges each (agent, task)'s files into one
 /// [`RunResults`] over the suite's run seeds (in the suite's order).
 fn external_runs(
     file: &SuiteFile,
     results: &[RunResults],
     ext: Vec<ExternalResults>,
-) -> Result<(Vec<RunResults>, Vec<(String, String)>)> {
+) -> Result<(Vec<RunResults>, AgentFiles)> {
     let bad = |f: &str, why: String| AgentError::arg("add-results", format!("{f}: {why}"));
     let suite_agents: Vec<&str> = file
         .tasks
@@ -805,7 +808,7 @@ fn external_runs(
         RunResults,
     );
     let mut groups: Vec<Group<'_>> = Vec::new();
-    let mut files: Vec<(String, String)> = Vec::new();
+    let mut files: AgentFiles = Vec::new();
     for e in ext {
         let (f, r) = (e.file, e.results);
         if suite_agents.contains(&r.agent.as_str()) {
@@ -1222,6 +1225,60 @@ mod tests {
             vec![],
         );
         assert!(e.unwrap_err().to_string().contains("reference"));
+    }
+
+    #[test]
+    fn outside_results_merge_per_seed_and_score_as_the_suites_own() {
+        // Task A: random 0, 2 (mean 1), heuristic 5, 5: span 4. The outside agent's run seeds
+        // come in two files, seed 1 first: 9 → (9 − 1)/4 = 2, seed 0: 3 → 0.5.
+        let results = vec![
+            fake("A", "random", &[0.0, 2.0]),
+            fake("A", "heuristic", &[5.0, 5.0]),
+            fake("B", "random", &[0.0, 0.0]),
+            fake("B", "heuristic", &[1.0, 1.0]),
+        ];
+        let one = |seed: u64, m: f64, file: &str| {
+            let mut r = fake("A", "llm", &[m]);
+            r.seeds = vec![seed];
+            r.per_seed[0].seed = seed;
+            ExternalResults {
+                file: file.into(),
+                results: r,
+            }
+        };
+        let file = SuiteFile::embedded();
+        let sel = Selection {
+            budget: "small".into(),
+            ..Default::default()
+        };
+        let b = BuildInfo::default();
+        let go = |ext: Vec<ExternalResults>| {
+            score_with(&file, &sel, "", &b, results.clone(), vec![], ext)
+        };
+        let r = go(vec![one(1, 9.0, "s1.json"), one(0, 3.0, "s0.json")]).unwrap();
+        let llm = r.tasks[0].agents.iter().find(|a| a.agent == "llm").unwrap();
+        assert_eq!(llm.results.seeds, [0, 1]);
+        assert_eq!(llm.normalized, [0.5, 2.0]);
+        assert_eq!(llm.results.summary.return_mean, 6.0);
+        assert!(r.tasks[1].agents.iter().all(|a| a.agent != "llm"));
+        let e = &r.external[0];
+        assert_eq!(e.files, ["s1.json", "s0.json"]);
+        assert_eq!(e.tasks, ["A"]);
+        // It covers 1 of 2 tasks: every agent's aggregate on task A alone.
+        let names: Vec<&str> = e.same_tasks.iter().map(|a| a.agent.as_str()).collect();
+        assert_eq!(names, ["random", "heuristic", "llm"]);
+        assert_eq!(e.same_tasks[0].runs, 2);
+        assert_eq!(e.same_tasks[2].mean, 1.25);
+        // A seed in two files, a missing seed, and a suite agent's name are refused.
+        let err = |ext| go(ext).unwrap_err().to_string();
+        let e = err(vec![one(0, 3.0, "a.json"), one(0, 4.0, "b.json")]);
+        assert!(e.contains("b.json") && e.contains("also in a.json"), "{e}");
+        let e = err(vec![one(1, 3.0, "a.json")]);
+        assert!(e.contains("a.json") && e.contains("run seeds [1]"), "{e}");
+        let mut x = one(0, 3.0, "x.json");
+        x.results.agent = "ppo".into();
+        let e = err(vec![x]);
+        assert!(e.contains("x.json") && e.contains("\"ppo\""), "{e}");
     }
 
     #[test]
