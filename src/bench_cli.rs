@@ -455,6 +455,8 @@ pub fn suite(o: &SuiteOptions<'_>) -> Result<(), CliError> {
     let build = build();
     let jobs = suite_mod::plan(&file, &sel, &build)?;
     let external = read_external(o.add_results)?;
+    let ids: Vec<&str> = jobs.iter().map(|j| j.spec.env_id.as_str()).collect();
+    suite_mod::check_external(&file, &ids, &external)?;
     make_dir(o.out)?;
     let dir = o.out.join("jobs");
     if o.restart && dir.exists() {

@@ -368,7 +368,7 @@ fn suite_scores_outside_results_beside_its_agents_and_refuses_other_scenarios() 
         (&hard, "difficulty = \"hard\" (suite: \"medium\")"),
         (
             &other,
-            "task scopegym/StemEelsExplore-v2 is not in this suite run",
+            "task scopegym/StemEelsExplore-v2 is not in this suite run (it runs: scopegym/StemAutofocus-v2, scopegym/StemSparseScan-v2)",
         ),
     ] {
         let r = suite(&["--add-results", f.to_str().unwrap()]);

@@ -781,6 +781,45 @@ fn json_diff(ours: &serde_json::Value, theirs: &serde_json::Value) -> String {
     }
 }
 
+/// Checks what can be checked of outside results before the suite runs: each is for one of
+/// `tasks` (the task ids the suite runs) and its agent is not named as one of the suite's.
+pub fn check_external(file: &SuiteFile, tasks: &[&str], ext: &[ExternalResults]) -> Result<()> {
+    let bad = |f: &str, why: String| AgentError::arg("add-results", format!("{f}: {why}"));
+    let suite_agents: Vec<&str> = file
+        .tasks
+        .iter()
+        .flat_map(|t| &t.agents)
+        .map(String::as_str)
+        .chain([file.reference_low.as_str(), file.reference_high.as_str()])
+        .collect();
+    for e in ext {
+        let r = &e.results;
+        if suite_agents.contains(&r.agent.as_str()) {
+            return Err(bad(
+                &e.file,
+                format!(
+                    "agent {:?} is an agent of the suite; give the outside results another name \
+                     (scopegym mcp --agent NAME, or the file's \"agent\")",
+                    r.agent
+                ),
+            ));
+        }
+        if !tasks.contains(&r.env_id.as_str()) {
+            let mut ids = tasks.to_vec();
+            ids.dedup();
+            return Err(bad(
+                &e.file,
+                format!(
+                    "task {} is not in this suite run (it runs: {})",
+                    r.env_id,
+                    ids.join(", ")
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// (agent, file) of each outside results file.
 type AgentFiles = Vec<(String, String)>;
 
@@ -792,13 +831,8 @@ fn external_runs(
     ext: Vec<ExternalResults>,
 ) -> Result<(Vec<RunResults>, AgentFiles)> {
     let bad = |f: &str, why: String| AgentError::arg("add-results", format!("{f}: {why}"));
-    let suite_agents: Vec<&str> = file
-        .tasks
-        .iter()
-        .flat_map(|t| &t.agents)
-        .map(String::as_str)
-        .chain([file.reference_low.as_str(), file.reference_high.as_str()])
-        .collect();
+    let tasks: Vec<&str> = results.iter().map(|x| x.env_id.as_str()).collect();
+    check_external(file, &tasks, &ext)?;
     // Per (agent, task): the reference run it is checked against, and (file, seed result)s.
     type Group<'r> = (
         String,
@@ -811,31 +845,10 @@ fn external_runs(
     let mut files: AgentFiles = Vec::new();
     for e in ext {
         let (f, r) = (e.file, e.results);
-        if suite_agents.contains(&r.agent.as_str()) {
-            return Err(bad(
-                &f,
-                format!(
-                    "agent {:?} is an agent of the suite; give the outside results another name \
-                     (scopegym mcp --agent NAME, or the file's \"agent\")",
-                    r.agent
-                ),
-            ));
-        }
-        let Some(reference) = results
+        let reference = results
             .iter()
             .find(|x| x.env_id == r.env_id && x.agent == file.reference_low)
-        else {
-            let mut ids: Vec<&str> = results.iter().map(|x| x.env_id.as_str()).collect();
-            ids.dedup();
-            return Err(bad(
-                &f,
-                format!(
-                    "task {} is not in this suite run (it scored: {})",
-                    r.env_id,
-                    ids.join(", ")
-                ),
-            ));
-        };
+            .ok_or_else(|| bad(&f, format!("no {} run on {}", file.reference_low, r.env_id)))?;
         let (p, q) = (&reference.provenance, &r.provenance);
         if q.env_config != p.env_config {
             return Err(bad(
