@@ -12,7 +12,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use scopegym::error::CliError;
 use scopegym_agents::bench::jobs::{self, JobRecord, JobSpec};
 use scopegym_agents::bench::suite::{
-    self as suite_mod, Job, SUITE_V2, Selection, Skipped, SuiteFile, SuiteProgress, SuiteResults,
+    self as suite_mod, Aggregate, ExternalResults, Job, SUITE_V2, Selection, Skipped, SuiteFile,
+    SuiteProgress, SuiteResults,
 };
 use scopegym_agents::bench::{BuildInfo, RunProgress, RunResults, RunSpec, run_agent};
 use std::path::{Path, PathBuf};
@@ -401,6 +402,38 @@ pub struct SuiteOptions<'a> {
     pub ray: Option<RayOptions>,
     /// Discard the saved jobs first.
     pub restart: bool,
+    /// Results made outside the suite to score beside it (results.json, or a folder with one).
+    pub add_results: &'a [PathBuf],
+}
+
+/// Reads the `--add-results` files (a folder stands for its `results.json`).
+fn read_external(paths: &[PathBuf]) -> Result<Vec<ExternalResults>, CliError> {
+    paths
+        .iter()
+        .map(|p| {
+            let path = if p.is_dir() {
+                p.join("results.json")
+            } else {
+                p.clone()
+            };
+            let text = std::fs::read_to_string(&path).map_err(|source| CliError::Io {
+                path: path.clone(),
+                source,
+            })?;
+            let results: RunResults =
+                serde_json::from_str(&text).map_err(|e| CliError::Argument {
+                    argument: "--add-results".into(),
+                    message: format!(
+                        "{}: not a results.json of scopegym run or mcp: {e}",
+                        path.display()
+                    ),
+                })?;
+            Ok(ExternalResults {
+                file: path.display().to_string(),
+                results,
+            })
+        })
+        .collect()
 }
 
 /// `scopegym suite --budget <b> --out <dir>`.
@@ -421,6 +454,9 @@ pub fn suite(o: &SuiteOptions<'_>) -> Result<(), CliError> {
     let file = SuiteFile::parse(&text)?;
     let build = build();
     let jobs = suite_mod::plan(&file, &sel, &build)?;
+    let external = read_external(o.add_results)?;
+    let ids: Vec<&str> = jobs.iter().map(|j| j.spec.env_id.as_str()).collect();
+    suite_mod::check_external(&file, &ids, &external)?;
     make_dir(o.out)?;
     let dir = o.out.join("jobs");
     if o.restart && dir.exists() {
@@ -474,7 +510,7 @@ pub fn suite(o: &SuiteOptions<'_>) -> Result<(), CliError> {
             r
         }
     };
-    let res = suite_mod::score(&file, &sel, &text, &build, results, skipped)?;
+    let res = suite_mod::score_with(&file, &sel, &text, &build, results, skipped, external)?;
     let json = o.out.join("suite.json");
     write_json(&json, &res)?;
     let png = o.out.join("suite.png");
@@ -517,16 +553,35 @@ fn print_suite(s: &SuiteResults) {
         "{:<12} {:>6} {:>6} {:>8} {:>22} {:>8}",
         "agent", "tasks", "runs", "IQM", "95 % CI (bootstrap)", "mean"
     );
-    for a in &s.aggregate {
+    let row = |a: &Aggregate, of: usize| {
         println!(
             "{:<12} {:>6} {:>6} {:>8.3} {:>22} {:>8.3}",
             a.agent,
-            a.tasks.len(),
+            format!("{}/{of}", a.tasks.len()),
             a.runs,
             a.iqm,
             format!("[{:.3}, {:.3}]", a.iqm_ci[0], a.iqm_ci[1]),
             a.mean
         );
+    };
+    for a in &s.aggregate {
+        row(a, s.tasks.len());
+    }
+    for e in &s.external {
+        println!("{} from outside the suite: {}", e.agent, e.files.join(", "));
+        if !e.same_tasks.is_empty() {
+            println!(
+                "{} covers {} of {} tasks; its aggregate pools those only. Every agent on the \
+                 same {} tasks:",
+                e.agent,
+                e.tasks.len(),
+                s.tasks.len(),
+                e.tasks.len()
+            );
+            for a in &e.same_tasks {
+                row(a, e.tasks.len());
+            }
+        }
     }
     for k in &s.skipped {
         println!("skipped: {} on {}: {}", k.agent, k.task, k.reason);

@@ -221,6 +221,12 @@ enum Command {
         /// were made by another build or with other settings).
         #[arg(long)]
         restart: bool,
+        /// Score results made outside the suite beside its agents: results.json files (or
+        /// folders holding one) of `scopegym mcp --record` or `scopegym run`, comma-separated
+        /// or repeated. Each must be for a task of this run, with its config and the same run
+        /// and episode seeds; an agent's files for one task merge (one per run seed).
+        #[arg(long, value_delimiter = ',', value_name = "PATH")]
+        add_results: Vec<PathBuf>,
     },
     /// Run one saved job (one task, agent and seed) and write its record (used by --ray).
     #[command(hide = true)]
@@ -523,6 +529,7 @@ fn main() -> ExitCode {
             ray,
             ray_cpus,
             restart,
+            add_results,
         } => bench_cli::suite(&bench_cli::SuiteOptions {
             budget: &budget,
             out: &out,
@@ -535,6 +542,7 @@ fn main() -> ExitCode {
                 cpus: ray_cpus,
             }),
             restart,
+            add_results: &add_results,
         }),
         Command::Job { spec, out } => bench_cli::job(&spec, &out),
         Command::Mcp {

@@ -265,3 +265,192 @@ fn suite_small_on_two_tasks_writes_scores_and_figure() {
     }
     assert_png(&out.join("suite.png"), 1000);
 }
+
+/// Rewrites the JSON file at `path` with `edit` applied.
+fn edit_json(path: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let mut v = json(path);
+    edit(&mut v);
+    std::fs::write(path, serde_json::to_string_pretty(&v).unwrap()).unwrap();
+}
+
+/// The suite agent `agent`'s entry on task `t` of a suite.json.
+fn on_task<'a>(t: &'a serde_json::Value, agent: &str) -> Option<&'a serde_json::Value> {
+    t["agents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["agent"] == agent)
+}
+
+#[test]
+fn suite_scores_outside_results_beside_its_agents_and_refuses_other_scenarios() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |name: &str| dir.path().join(name);
+    let out = p("suite");
+    let o = out.to_str().unwrap();
+    // Outside runs of raster on StemAutofocus: the suite's scenarios (run seed 0, the small
+    // budget's 4 episodes), and two that are not (3 episodes; run seeds 0 and 1).
+    let id = "scopegym/StemAutofocus-v2";
+    for (name, seeds, episodes) in [("same", "1", "4"), ("fewer", "1", "3"), ("two", "2", "4")] {
+        ok(&run(&[
+            "run",
+            id,
+            "--agent",
+            "raster",
+            "--seeds",
+            seeds,
+            "--episodes",
+            episodes,
+            "--out",
+            p(name).to_str().unwrap(),
+        ]));
+    }
+    let same = p("same").join("results.json");
+    let suite = |extra: &[&str]| {
+        let mut args = vec![
+            "suite",
+            "--budget",
+            "small",
+            "--tasks",
+            "StemAutofocus,StemSparseScan",
+            "--agents",
+            "raster",
+            "--seeds",
+            "1",
+            "--out",
+            o,
+        ];
+        args.extend_from_slice(extra);
+        run(&args)
+    };
+    // Named as a suite agent: refused, naming the file.
+    let r = suite(&["--add-results", same.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert_eq!(r.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains(same.to_str().unwrap()) && err.contains("\"raster\""),
+        "{err}"
+    );
+    edit_json(&same, |v| v["agent"] = "outside".into());
+    // Other scenarios: refused, naming the file and the mismatch.
+    for (name, agent, needle) in [
+        (
+            "fewer",
+            "fewer",
+            "episode seeds [0, 1, 2], but the suite's are [0, 1, 2, 3]",
+        ),
+        ("two", "two", "run seeds [0, 1], but the suite ran [0]"),
+    ] {
+        let f = p(name).join("results.json");
+        edit_json(&f, |v| v["agent"] = agent.into());
+        let r = suite(&["--add-results", p(name).to_str().unwrap()]);
+        let err = String::from_utf8_lossy(&r.stderr);
+        assert_eq!(r.status.code(), Some(2), "{err}");
+        assert!(
+            err.contains(f.to_str().unwrap()) && err.contains(needle),
+            "{name}: {err}"
+        );
+    }
+    // Another difficulty or a task the suite did not run: refused.
+    let hard = p("hard.json");
+    std::fs::copy(&same, &hard).unwrap();
+    edit_json(&hard, |v| {
+        v["agent"] = "hard".into();
+        v["provenance"]["env_config"]["difficulty"] = "hard".into();
+    });
+    let other = p("other.json");
+    std::fs::copy(&same, &other).unwrap();
+    edit_json(&other, |v| {
+        v["agent"] = "other".into();
+        v["env_id"] = "scopegym/StemEelsExplore-v2".into();
+    });
+    for (f, needle) in [
+        (&hard, "difficulty = \"hard\" (suite: \"medium\")"),
+        (
+            &other,
+            "task scopegym/StemEelsExplore-v2 is not in this suite run (it runs: scopegym/StemAutofocus-v2, scopegym/StemSparseScan-v2)",
+        ),
+    ] {
+        let r = suite(&["--add-results", f.to_str().unwrap()]);
+        let err = String::from_utf8_lossy(&r.stderr);
+        assert_eq!(r.status.code(), Some(2), "{err}");
+        assert!(
+            err.contains(f.to_str().unwrap()) && err.contains(needle),
+            "{err}"
+        );
+    }
+
+    // The suite's scenarios: an `outside` row beside the suite's agents.
+    let r = suite(&["--add-results", same.to_str().unwrap()]);
+    let text = ok(&r);
+    println!("{text}");
+    let s = json(&out.join("suite.json"));
+    let t = s["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["id"] == id)
+        .unwrap();
+    let mean = |a: &serde_json::Value| {
+        let ps = a["results"]["per_seed"].as_array().unwrap();
+        ps.iter()
+            .map(|x| x["return_mean"].as_f64().unwrap())
+            .sum::<f64>()
+            / ps.len() as f64
+    };
+    let lo = mean(on_task(t, "random").unwrap());
+    let hi = mean(on_task(t, "heuristic").unwrap());
+    let raw = json(&same)["per_seed"][0]["return_mean"].as_f64().unwrap();
+    let want = (raw - lo) / (hi - lo);
+    let got = on_task(t, "outside").unwrap();
+    let norm = got["normalized"][0].as_f64().unwrap();
+    println!("outside: return {raw}, random {lo}, heuristic {hi}: normalized {norm} (want {want})");
+    assert!(
+        (norm - want).abs() <= 1e-12 * want.abs().max(1.0),
+        "{norm} vs {want}"
+    );
+    // The same agent on the same scenarios scores exactly as the suite's own raster.
+    assert_eq!(
+        got["normalized"],
+        on_task(t, "raster").unwrap()["normalized"]
+    );
+    // It covers 1 of the 2 tasks: "-" in the other's column, and every agent's aggregate
+    // over that one task beside its own.
+    let sparse = s["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["id"] != id)
+        .unwrap();
+    assert!(on_task(sparse, "outside").is_none());
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("StemSparseScan"))
+        .unwrap();
+    assert!(line.trim_end().ends_with('-'), "{line}");
+    let agg = s["aggregate"].as_array().unwrap();
+    let outside = agg.iter().find(|a| a["agent"] == "outside").unwrap();
+    assert_eq!(outside["tasks"], serde_json::json!([id]));
+    assert_eq!(outside["runs"], 1);
+    assert_eq!(outside["iqm"].as_f64().unwrap(), norm);
+    let ext = &s["external"][0];
+    assert_eq!(ext["agent"], "outside");
+    assert_eq!(ext["files"], serde_json::json!([same.to_str().unwrap()]));
+    let same_tasks = ext["same_tasks"].as_array().unwrap();
+    let raster_1 = same_tasks.iter().find(|a| a["agent"] == "raster").unwrap();
+    assert_eq!(raster_1["tasks"], serde_json::json!([id]));
+    assert_eq!(raster_1["iqm"].as_f64().unwrap(), norm);
+    let heur_1 = same_tasks
+        .iter()
+        .find(|a| a["agent"] == "heuristic")
+        .unwrap();
+    assert!((heur_1["iqm"].as_f64().unwrap() - 1.0).abs() < 1e-12);
+    assert!(text.contains("outside covers 1 of 2 tasks"), "{text}");
+    assert!(text.contains("1/2"), "{text}");
+    // The suite's jobs were reused on the reruns.
+    assert!(
+        String::from_utf8_lossy(&r.stderr).contains("reusing 6 of 6"),
+        "{}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+}

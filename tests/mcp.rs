@@ -434,3 +434,144 @@ async fn instrument_tools_drive_a_stem_gateway_through_the_guard() {
     assert_eq!(server.shared.make_safe_count(), before + 1);
     c.cancel().await.unwrap();
 }
+
+/// Runs `scopegym` with `args` (stdin closed) and returns its exit code and stderr.
+fn cli(args: &[&str]) -> (Option<i32>, String, String) {
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_scopegym"))
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    (
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+fn read_json(path: &Path) -> Json {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// The mean of the per-seed scores of `agent` on the only task of a suite.json.
+fn suite_mean(s: &Json, agent: &str) -> f64 {
+    let a = s["tasks"][0]["agents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["agent"] == agent)
+        .unwrap_or_else(|| panic!("no {agent} in the suite"));
+    let ps = a["results"]["per_seed"].as_array().unwrap();
+    ps.iter()
+        .map(|x| x["return_mean"].as_f64().unwrap())
+        .sum::<f64>()
+        / ps.len() as f64
+}
+
+/// A tiny suite (StemAutofocus, the small budget's run seed 0 and its 4 episodes) gives the
+/// references; `scopegym mcp --reference` normalizes each episode with them, and the recorded
+/// results.json of a scripted session on the suite's seeds goes into the suite's table as an
+/// `llm` row with the same normalization.
+#[tokio::test(flavor = "current_thread")]
+async fn mcp_scores_normalize_with_the_suite_and_the_record_joins_its_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let id = "scopegym/StemAutofocus-v2";
+    let out = dir.path().join("suite");
+    let o = out.to_str().unwrap();
+    let base = [
+        "suite",
+        "--budget",
+        "small",
+        "--tasks",
+        "StemAutofocus",
+        "--seeds",
+        "1",
+        "--agents",
+        "heuristic",
+        "--out",
+        o,
+    ];
+    let (code, _, err) = cli(&base);
+    assert_eq!(code, Some(0), "{err}");
+    let suite_json = out.join("suite.json");
+    let s = read_json(&suite_json);
+    let (lo, hi) = (suite_mean(&s, "random"), suite_mean(&s, "heuristic"));
+    println!("references of {id}: random {lo}, heuristic {hi}");
+    assert!(hi > lo, "the heuristic beats random");
+
+    // A session on the suite's scenarios, its 4 episodes played by the heuristic. The default
+    // limits' dose budget (1e5 e/Å² per nm² cell) refuses the heuristic's 6th frame, which ends
+    // the episode: a budget the suite's agents do not have, so it is raised here.
+    let rec = dir.path().join("llm");
+    let limits = dir.path().join("limits.toml");
+    std::fs::write(&limits, "[stem]\ndose_budget = \"1e12 e/Å^2\"\n").unwrap();
+    let c = serve(
+        id,
+        0,
+        &rec,
+        &[
+            "--budget",
+            "small",
+            "--limits",
+            limits.to_str().unwrap(),
+            "--reference",
+            suite_json.to_str().unwrap(),
+        ],
+    )
+    .await;
+    let config = suite_config(id, &[]);
+    let mut rets = Vec::new();
+    for i in 0..4 {
+        let (ret, n, done) = episode_matches(&c, id, &config, episode_seed(0, i), 1000).await;
+        assert!(done, "episode {i} ended ({n} steps)");
+        let sc = ok(&call(&c, "episode_score", json!({})).await, "score");
+        let want = (ret - lo) / (hi - lo);
+        let got = sc["normalized_score"].as_f64().unwrap();
+        println!("episode {i}: return {ret}, {n} steps, normalized {got} (want {want})");
+        assert!((got - want).abs() <= 1e-12 * want.abs().max(1.0), "{sc}");
+        assert_eq!(sc["normalization"]["random"].as_f64().unwrap(), lo);
+        assert_eq!(sc["normalization"]["heuristic"].as_f64().unwrap(), hi);
+        rets.push(ret);
+    }
+    c.cancel().await.unwrap();
+
+    // The record joins the suite: an `llm` row normalized with the same references. The
+    // session played the heuristic's actions, so its score is the heuristic's: exactly 1.
+    let mut args = base.to_vec();
+    let results = rec.join("results.json");
+    args.extend(["--add-results", results.to_str().unwrap()]);
+    let (code, table, err) = cli(&args);
+    assert_eq!(code, Some(0), "{err}");
+    println!("{table}");
+    let s = read_json(&suite_json);
+    let mean = rets.iter().sum::<f64>() / rets.len() as f64;
+    let llm = s["tasks"][0]["agents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["agent"] == "llm")
+        .expect("an llm row");
+    let norm = llm["normalized"][0].as_f64().unwrap();
+    let want = (mean - lo) / (hi - lo);
+    println!("llm: mean return {mean}, normalized {norm} (want {want})");
+    assert!((norm - want).abs() <= 1e-12, "{norm} vs {want}");
+    assert!((norm - 1.0).abs() <= 1e-12, "{norm}");
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("llm ") && l.contains("1/1")),
+        "{table}"
+    );
+
+    // A suite.json without the task: --reference is refused before serving.
+    let mut other = s.clone();
+    other["tasks"][0]["id"] = json!("scopegym/StemSparseScan-v2");
+    let bad = dir.path().join("other.json");
+    std::fs::write(&bad, other.to_string()).unwrap();
+    let (code, _, err) = cli(&["mcp", "--task", id, "--reference", bad.to_str().unwrap()]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("--reference") && err.contains("has no results for") && err.contains(id),
+        "{err}"
+    );
+}

@@ -14,11 +14,15 @@
 //!   the agent's name, [`agent_seed`]) and the performance profile on the `τ` grid
 //!   ([`stats::performance_profile`]).
 //!
+//! Results made outside the suite (a language-model agent's `scopegym mcp --record`, any
+//! `scopegym run`) are scored beside its agents by [`score_with`], the same way, after checks
+//! that they played the suite's scenarios (task config, run and episode seeds).
+//!
 //! Agents this build cannot run (not registered, a missing cargo feature, or not applicable to
 //! the task) are skipped and listed in [`SuiteResults::skipped`], never silently.
 
 use super::jobs::{self, JobRecord, JobSpec, Outcome};
-use super::run::{BuildInfo, RunProgress, RunResults, RunSpec};
+use super::run::{BuildInfo, RunProgress, RunResults, RunSpec, SeedResult};
 use super::stats;
 use crate::error::{AgentError, Result};
 use crate::registry;
@@ -584,6 +588,34 @@ pub struct SuiteResults {
     pub aggregate: Vec<Aggregate>,
     /// Agents listed that did not run, with the reason.
     pub skipped: Vec<Skipped>,
+    /// Agents scored from results made outside the suite ([`score_with`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub external: Vec<ExternalAgent>,
+}
+
+/// Results made outside the suite for one of its tasks (a `results.json` of `scopegym mcp
+/// --record` or `scopegym run`), to score beside the suite's agents ([`score_with`]).
+#[derive(Debug, Clone)]
+pub struct ExternalResults {
+    /// Where they came from (named in errors and in [`ExternalAgent::files`]).
+    pub file: String,
+    /// The results.
+    pub results: RunResults,
+}
+
+/// An agent scored from [`ExternalResults`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExternalAgent {
+    /// The agent.
+    pub agent: String,
+    /// The files its results came from.
+    pub files: Vec<String>,
+    /// The tasks it covers (its [`Aggregate`] pools these only).
+    pub tasks: Vec<String>,
+    /// When it covers fewer tasks than the suite scored: every agent's aggregate over the same
+    /// tasks (in [`SuiteResults::aggregate`]'s order), for a like-for-like comparison; empty
+    /// when it covers them all.
+    pub same_tasks: Vec<Aggregate>,
 }
 
 /// The bootstrap seed of `agent`: `base` plus the 64-bit FNV-1a hash of its name (wrapping), so
@@ -595,6 +627,37 @@ pub fn agent_seed(base: u64, agent: &str) -> u64 {
         h = h.wrapping_mul(0x0000_0100_0000_01b3);
     }
     base.wrapping_add(h)
+}
+
+/// The aggregate of `agent` over the tasks of `by_task` it ran on.
+fn aggregate_of(file: &SuiteFile, by_task: &[TaskResults], name: &str, taus: &[f64]) -> Aggregate {
+    let sc = &file.scoring;
+    let mut tasks = Vec::new();
+    let mut per_task = Vec::new();
+    for t in by_task {
+        if let Some(a) = t.agents.iter().find(|a| a.agent == name) {
+            tasks.push(t.id.clone());
+            per_task.push(a.normalized.clone());
+        }
+    }
+    let seed = agent_seed(sc.bootstrap_seed, name);
+    let all: Vec<f64> = per_task.iter().flatten().copied().collect();
+    Aggregate {
+        agent: name.to_owned(),
+        tasks,
+        runs: all.len(),
+        iqm: stats::pooled_iqm(&per_task).unwrap_or(f64::NAN),
+        iqm_ci: stats::stratified_bootstrap_iqm(
+            &per_task,
+            sc.bootstrap_resamples,
+            sc.confidence,
+            seed,
+        )
+        .unwrap_or([f64::NAN; 2]),
+        mean: stats::mean_ci95(&all).0,
+        profile: stats::performance_profile(&per_task, taus),
+        bootstrap_seed: seed,
+    }
 }
 
 /// Scores the results of a suite run: normalized scores per task, IQM with bootstrap interval
@@ -670,37 +733,9 @@ pub fn score(
             names.push(r.agent.clone());
         }
     }
-    let sc = &file.scoring;
     let aggregate = names
         .iter()
-        .map(|name| {
-            let mut tasks = Vec::new();
-            let mut per_task = Vec::new();
-            for t in &by_task {
-                if let Some(a) = t.agents.iter().find(|a| &a.agent == name) {
-                    tasks.push(t.id.clone());
-                    per_task.push(a.normalized.clone());
-                }
-            }
-            let seed = agent_seed(sc.bootstrap_seed, name);
-            let all: Vec<f64> = per_task.iter().flatten().copied().collect();
-            Aggregate {
-                agent: name.clone(),
-                tasks,
-                runs: all.len(),
-                iqm: stats::pooled_iqm(&per_task).unwrap_or(f64::NAN),
-                iqm_ci: stats::stratified_bootstrap_iqm(
-                    &per_task,
-                    sc.bootstrap_resamples,
-                    sc.confidence,
-                    seed,
-                )
-                .unwrap_or([f64::NAN; 2]),
-                mean: stats::mean_ci95(&all).0,
-                profile: stats::performance_profile(&per_task, &taus),
-                bootstrap_seed: seed,
-            }
-        })
+        .map(|name| aggregate_of(file, &by_task, name, &taus))
         .collect();
     Ok(SuiteResults {
         suite: SuiteMeta {
@@ -720,7 +755,273 @@ pub fn score(
         taus,
         aggregate,
         skipped,
+        external: Vec::new(),
     })
+}
+
+/// The keys at which two JSON objects differ (their values shown), or the two values.
+fn json_diff(ours: &serde_json::Value, theirs: &serde_json::Value) -> String {
+    match (ours.as_object(), theirs.as_object()) {
+        (Some(a), Some(b)) => {
+            let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
+            keys.sort();
+            keys.dedup();
+            keys.into_iter()
+                .filter(|k| a.get(*k) != b.get(*k))
+                .map(|k| {
+                    let show = |v: Option<&serde_json::Value>| {
+                        v.map_or_else(|| "absent".to_string(), ToString::to_string)
+                    };
+                    format!("{k} = {} (suite: {})", show(b.get(k)), show(a.get(k)))
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        }
+        _ => format!("{theirs} (suite: {ours})"),
+    }
+}
+
+/// Checks what can be checked of outside results before the suite runs: each is for one of
+/// `tasks` (the task ids the suite runs) and its agent is not named as one of the suite's.
+pub fn check_external(file: &SuiteFile, tasks: &[&str], ext: &[ExternalResults]) -> Result<()> {
+    let bad = |f: &str, why: String| AgentError::arg("add-results", format!("{f}: {why}"));
+    let suite_agents: Vec<&str> = file
+        .tasks
+        .iter()
+        .flat_map(|t| &t.agents)
+        .map(String::as_str)
+        .chain([file.reference_low.as_str(), file.reference_high.as_str()])
+        .collect();
+    for e in ext {
+        let r = &e.results;
+        if suite_agents.contains(&r.agent.as_str()) {
+            return Err(bad(
+                &e.file,
+                format!(
+                    "agent {:?} is an agent of the suite; give the outside results another name \
+                     (scopegym mcp --agent NAME, or the file's \"agent\")",
+                    r.agent
+                ),
+            ));
+        }
+        if !tasks.contains(&r.env_id.as_str()) {
+            let mut ids = tasks.to_vec();
+            ids.dedup();
+            return Err(bad(
+                &e.file,
+                format!(
+                    "task {} is not in this suite run (it runs: {})",
+                    r.env_id,
+                    ids.join(", ")
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// (agent, file) of each outside results file.
+type AgentFiles = Vec<(String, String)>;
+
+/// Checks `ext` against the suite's runs and merges each (agent, task)'s files into one
+/// [`RunResults`] over the suite's run seeds (in the suite's order).
+fn external_runs(
+    file: &SuiteFile,
+    results: &[RunResults],
+    ext: Vec<ExternalResults>,
+) -> Result<(Vec<RunResults>, AgentFiles)> {
+    let bad = |f: &str, why: String| AgentError::arg("add-results", format!("{f}: {why}"));
+    let tasks: Vec<&str> = results.iter().map(|x| x.env_id.as_str()).collect();
+    check_external(file, &tasks, &ext)?;
+    // Per (agent, task): the reference run it is checked against, and (file, seed result)s.
+    type Group<'r> = (
+        String,
+        String,
+        &'r RunResults,
+        Vec<(String, SeedResult)>,
+        RunResults,
+    );
+    let mut groups: Vec<Group<'_>> = Vec::new();
+    let mut files: AgentFiles = Vec::new();
+    for e in ext {
+        let (f, r) = (e.file, e.results);
+        let reference = results
+            .iter()
+            .find(|x| x.env_id == r.env_id && x.agent == file.reference_low)
+            .ok_or_else(|| bad(&f, format!("no {} run on {}", file.reference_low, r.env_id)))?;
+        let (p, q) = (&reference.provenance, &r.provenance);
+        if q.env_config != p.env_config {
+            return Err(bad(
+                &f,
+                format!(
+                    "its task config differs from the suite's for {}: {}; a score under \
+                     another config is not comparable",
+                    r.env_id,
+                    json_diff(&p.env_config, &q.env_config)
+                ),
+            ));
+        }
+        for (field, ours, theirs) in [
+            ("difficulty", &p.difficulty, &q.difficulty),
+            ("split", &p.split, &q.split),
+        ] {
+            if ours != theirs {
+                return Err(bad(
+                    &f,
+                    format!("{field} {theirs:?}, but the suite's is {ours:?}"),
+                ));
+            }
+        }
+        if q.max_episode_steps != p.max_episode_steps {
+            return Err(bad(
+                &f,
+                format!(
+                    "max_episode_steps {}, but the suite's {} has {}",
+                    q.max_episode_steps, r.env_id, p.max_episode_steps
+                ),
+            ));
+        }
+        if let Some(s) = r.per_seed.iter().find(|s| !s.return_mean.is_finite()) {
+            return Err(bad(&f, format!("run seed {} has no finite score", s.seed)));
+        }
+        let at = match groups
+            .iter()
+            .position(|g| g.0 == r.agent && g.1 == r.env_id)
+        {
+            Some(i) => i,
+            None => {
+                groups.push((
+                    r.agent.clone(),
+                    r.env_id.clone(),
+                    reference,
+                    Vec::new(),
+                    r.clone(),
+                ));
+                groups.len() - 1
+            }
+        };
+        for s in &r.per_seed {
+            if let Some((g, _)) = groups[at].3.iter().find(|(_, x)| x.seed == s.seed) {
+                return Err(bad(
+                    &f,
+                    format!(
+                        "run seed {} of {} on {} is also in {g}",
+                        s.seed, r.agent, r.env_id
+                    ),
+                ));
+            }
+            groups[at].3.push((f.clone(), s.clone()));
+        }
+        files.push((r.agent.clone(), f));
+    }
+    let mut out = Vec::new();
+    for (agent, task, reference, mut seeds, mut merged) in groups {
+        let names = || {
+            let mut n: Vec<&str> = seeds.iter().map(|(f, _)| f.as_str()).collect();
+            n.dedup();
+            n.join(", ")
+        };
+        let have: Vec<u64> = seeds.iter().map(|(_, s)| s.seed).collect();
+        let mut want = reference.seeds.clone();
+        let (mut a, mut b) = (have.clone(), want.clone());
+        a.sort_unstable();
+        b.sort_unstable();
+        if a != b {
+            return Err(bad(
+                &names(),
+                format!(
+                    "{agent} on {task} has run seeds {have:?}, but the suite ran {want:?}: its \
+                     score must cover the same scenarios (run the suite with --seeds N, or play \
+                     the missing run seeds)"
+                ),
+            ));
+        }
+        seeds.sort_by_key(|(_, s)| want.iter().position(|&w| w == s.seed));
+        for ((f, s), r) in seeds.iter().zip(&reference.per_seed) {
+            let theirs: Vec<u64> = s.episodes.iter().map(|e| e.seed).collect();
+            let ours: Vec<u64> = r.episodes.iter().map(|e| e.seed).collect();
+            if theirs != ours {
+                return Err(bad(
+                    f,
+                    format!(
+                        "run seed {} of {agent} on {task} played episode seeds {theirs:?}, but \
+                         the suite's are {ours:?}: a score on other scenarios is not comparable",
+                        s.seed
+                    ),
+                ));
+            }
+        }
+        merged.seeds = std::mem::take(&mut want);
+        merged.per_seed = seeds.into_iter().map(|(_, s)| s).collect();
+        merged.summary = super::run::summarize(&merged.per_seed);
+        out.push(merged);
+    }
+    Ok((out, files))
+}
+
+/// [`score`] with results made outside the suite scored beside its agents, exactly as they
+/// are: normalized with the task's references, pooled into an [`Aggregate`] over the tasks the
+/// agent covers, and listed in [`SuiteResults::external`] (with every agent's aggregate over
+/// the same tasks when it covers fewer than the suite scored).
+///
+/// Errors, naming the file: a task the suite did not score; an agent name the suite file lists;
+/// a task config, difficulty, split or step limit other than the suite's for the task; run
+/// seeds other than the suite's for the task (several files of one agent and task are merged
+/// first; a run seed in two of them is an error); per run seed, episode seeds other than the
+/// suite's.
+pub fn score_with(
+    file: &SuiteFile,
+    sel: &Selection,
+    text: &str,
+    build: &BuildInfo,
+    mut results: Vec<RunResults>,
+    skipped: Vec<Skipped>,
+    external: Vec<ExternalResults>,
+) -> Result<SuiteResults> {
+    let (ext, files) = external_runs(file, &results, external)?;
+    let mut names: Vec<String> = Vec::new();
+    for r in &ext {
+        if !names.contains(&r.agent) {
+            names.push(r.agent.clone());
+        }
+    }
+    results.extend(ext);
+    let mut s = score(file, sel, text, build, results, skipped)?;
+    let taus = s.taus.clone();
+    for name in names {
+        let tasks: Vec<String> = s
+            .tasks
+            .iter()
+            .filter(|t| t.agents.iter().any(|a| a.agent == name))
+            .map(|t| t.id.clone())
+            .collect();
+        let same_tasks = if tasks.len() < s.tasks.len() {
+            let sub: Vec<TaskResults> = s
+                .tasks
+                .iter()
+                .filter(|t| tasks.contains(&t.id))
+                .cloned()
+                .collect();
+            s.aggregate
+                .iter()
+                .filter(|a| a.tasks.iter().any(|t| tasks.contains(t)))
+                .map(|a| aggregate_of(file, &sub, &a.agent, &taus))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        s.external.push(ExternalAgent {
+            files: files
+                .iter()
+                .filter(|(a, _)| *a == name)
+                .map(|(_, f)| f.clone())
+                .collect(),
+            agent: name,
+            tasks,
+            same_tasks,
+        });
+    }
+    Ok(s)
 }
 
 /// Plans, runs and scores the suite in `text` (a suite file): [`plan`], [`run_jobs`], [`score`].
@@ -937,6 +1238,60 @@ mod tests {
             vec![],
         );
         assert!(e.unwrap_err().to_string().contains("reference"));
+    }
+
+    #[test]
+    fn outside_results_merge_per_seed_and_score_as_the_suites_own() {
+        // Task A: random 0, 2 (mean 1), heuristic 5, 5: span 4. The outside agent's run seeds
+        // come in two files, seed 1 first: 9 → (9 − 1)/4 = 2, seed 0: 3 → 0.5.
+        let results = vec![
+            fake("A", "random", &[0.0, 2.0]),
+            fake("A", "heuristic", &[5.0, 5.0]),
+            fake("B", "random", &[0.0, 0.0]),
+            fake("B", "heuristic", &[1.0, 1.0]),
+        ];
+        let one = |seed: u64, m: f64, file: &str| {
+            let mut r = fake("A", "llm", &[m]);
+            r.seeds = vec![seed];
+            r.per_seed[0].seed = seed;
+            ExternalResults {
+                file: file.into(),
+                results: r,
+            }
+        };
+        let file = SuiteFile::embedded();
+        let sel = Selection {
+            budget: "small".into(),
+            ..Default::default()
+        };
+        let b = BuildInfo::default();
+        let go = |ext: Vec<ExternalResults>| {
+            score_with(&file, &sel, "", &b, results.clone(), vec![], ext)
+        };
+        let r = go(vec![one(1, 9.0, "s1.json"), one(0, 3.0, "s0.json")]).unwrap();
+        let llm = r.tasks[0].agents.iter().find(|a| a.agent == "llm").unwrap();
+        assert_eq!(llm.results.seeds, [0, 1]);
+        assert_eq!(llm.normalized, [0.5, 2.0]);
+        assert_eq!(llm.results.summary.return_mean, 6.0);
+        assert!(r.tasks[1].agents.iter().all(|a| a.agent != "llm"));
+        let e = &r.external[0];
+        assert_eq!(e.files, ["s1.json", "s0.json"]);
+        assert_eq!(e.tasks, ["A"]);
+        // It covers 1 of 2 tasks: every agent's aggregate on task A alone.
+        let names: Vec<&str> = e.same_tasks.iter().map(|a| a.agent.as_str()).collect();
+        assert_eq!(names, ["random", "heuristic", "llm"]);
+        assert_eq!(e.same_tasks[0].runs, 2);
+        assert_eq!(e.same_tasks[2].mean, 1.25);
+        // A seed in two files, a missing seed, and a suite agent's name are refused.
+        let err = |ext| go(ext).unwrap_err().to_string();
+        let e = err(vec![one(0, 3.0, "a.json"), one(0, 4.0, "b.json")]);
+        assert!(e.contains("b.json") && e.contains("also in a.json"), "{e}");
+        let e = err(vec![one(1, 3.0, "a.json")]);
+        assert!(e.contains("a.json") && e.contains("run seeds [1]"), "{e}");
+        let mut x = one(0, 3.0, "x.json");
+        x.results.agent = "ppo".into();
+        let e = err(vec![x]);
+        assert!(e.contains("x.json") && e.contains("\"ppo\""), "{e}");
     }
 
     #[test]
