@@ -569,6 +569,9 @@ fn print_suite(s: &SuiteResults) {
     }
     for e in &s.external {
         println!("{} from outside the suite: {}", e.agent, e.files.join(", "));
+        for n in &e.notes {
+            println!("  {n}");
+        }
         if !e.same_tasks.is_empty() {
             println!(
                 "{} covers {} of {} tasks; its aggregate pools those only. Every agent on the \

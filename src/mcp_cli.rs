@@ -884,6 +884,10 @@ struct Session {
     reference: Option<(f64, f64, String)>,
     recorder: Option<Recorder>,
     agent: String,
+    /// The driver and the guard's limits the task runs under (recorded in the provenance).
+    guard: Json,
+    /// Steps the guard refused in this session.
+    refused_steps: u64,
 }
 
 impl Session {
@@ -1014,6 +1018,9 @@ impl Session {
             reference,
             recorder,
             agent: a.agent.into(),
+            guard: json!({"driver": url.to_string(),
+                          "limits": serde_json::to_value(&limits).unwrap_or(Json::Null)}),
+            refused_steps: 0,
         })
     }
 
@@ -1107,7 +1114,10 @@ impl Session {
                 env_config: serde_json::to_value(&self.env_config).unwrap_or(Json::Null),
                 train_env_config: Json::Null,
                 agent_config: json!({"served_by": "scopegym mcp",
-                                     "suite_config": self.suite_config}),
+                                     "suite_config": self.suite_config,
+                                     "guard": {"driver": self.guard["driver"],
+                                               "limits": self.guard["limits"],
+                                               "refused_steps": self.refused_steps}}),
                 difficulty: get("difficulty"),
                 split: get("split"),
                 learns: false,
@@ -1199,6 +1209,9 @@ impl Session {
         ep.rewards.push(s.reward);
         ep.success = matches!(s.info.get("is_success"), Some(InfoValue::Bool(true)));
         ep.done = s.terminated || s.truncated;
+        if matches!(s.info.get("refused"), Some(InfoValue::Bool(true))) {
+            self.refused_steps += 1;
+        }
         let mut j = json!({
             "reward": s.reward, "terminated": s.terminated, "truncated": s.truncated,
             "return_so_far": ep.ret, "steps": ep.steps,

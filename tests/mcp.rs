@@ -562,6 +562,21 @@ async fn mcp_scores_normalize_with_the_suite_and_the_record_joins_its_table() {
             .any(|l| l.starts_with("llm ") && l.contains("1/1")),
         "{table}"
     );
+    // The record says the episodes ran through the guard, with its limits (1e12 e/Å² is
+    // 1e32 e/m²) and no refused step; the suite names that beside the row.
+    let guard = &read_json(&results)["provenance"]["agent_config"]["guard"];
+    assert_eq!(guard["driver"], json!("sim"), "{guard}");
+    let budget = guard["limits"]["stem"]["dose_budget"].as_f64().unwrap();
+    assert!((budget / 1e32 - 1.0).abs() < 1e-9, "{guard}");
+    assert_eq!(guard["refused_steps"], json!(0), "{guard}");
+    let notes = &s["external"][0]["notes"];
+    assert_eq!(notes.as_array().map(Vec::len), Some(1), "{notes}");
+    let note = notes[0].as_str().unwrap();
+    assert!(
+        note.contains("safety guard on sim") && note.contains("0 refused step"),
+        "{note}"
+    );
+    assert!(table.contains(note), "{table}");
 
     // A suite.json without the task: --reference is refused before serving.
     let mut other = s.clone();

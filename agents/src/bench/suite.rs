@@ -616,6 +616,11 @@ pub struct ExternalAgent {
     /// tasks (in [`SuiteResults::aggregate`]'s order), for a like-for-like comparison; empty
     /// when it covers them all.
     pub same_tasks: Vec<Aggregate>,
+    /// How its episodes ran where that differs from the suite's agents, which play the bare
+    /// simulator: through the safety guard (`scopegym mcp`), with its driver and the steps the
+    /// guard refused, per file.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
 }
 
 /// The bootstrap seed of `agent`: `base` plus the 64-bit FNV-1a hash of its name (wrapping), so
@@ -978,6 +983,24 @@ pub fn score_with(
     skipped: Vec<Skipped>,
     external: Vec<ExternalResults>,
 ) -> Result<SuiteResults> {
+    // What the files' provenance says of the guard (`scopegym mcp` records it), per agent.
+    let mut notes: Vec<(String, String)> = Vec::new();
+    for e in &external {
+        let g = &e.results.provenance.agent_config["guard"];
+        if g.is_object() {
+            notes.push((
+                e.results.agent.clone(),
+                format!(
+                    "{}: {} ran through the safety guard on {} ({} refused step(s); the limits are \
+                     in the file's provenance), the suite's agents without it",
+                    e.file,
+                    e.results.env_id,
+                    g["driver"].as_str().unwrap_or("?"),
+                    g["refused_steps"].as_u64().unwrap_or(0)
+                ),
+            ));
+        }
+    }
     let (ext, files) = external_runs(file, &results, external)?;
     let mut names: Vec<String> = Vec::new();
     for r in &ext {
@@ -1015,6 +1038,11 @@ pub fn score_with(
                 .iter()
                 .filter(|(a, _)| *a == name)
                 .map(|(_, f)| f.clone())
+                .collect(),
+            notes: notes
+                .iter()
+                .filter(|(a, _)| *a == name)
+                .map(|(_, n)| n.clone())
                 .collect(),
             agent: name,
             tasks,
