@@ -445,7 +445,7 @@ impl DklModel {
 /// (centred; each component's sign set so that its largest-magnitude loading is positive).
 /// Returns the points and whether they were projected.
 fn project_2d(z: &[f64], f: usize) -> Result<(Vec<[f64; 2]>, bool)> {
-    let m = if f == 0 { 0 } else { z.len() / f };
+    let m = z.len().checked_div(f).unwrap_or(0);
     if f <= 2 {
         let pts = (0..m)
             .map(|i| [z[i * f], if f == 2 { z[i * f + 1] } else { 0.0 }])
@@ -1229,8 +1229,8 @@ mod tests {
                 );
                 if measured.len() >= 4 {
                     assert!(maps.mean.iter().chain(&maps.sd).all(|v| v.is_finite()));
-                    for j in 0..n {
-                        let cand = count[j] <= 0.0 && !maps.forbidden[j];
+                    for (j, &c) in count.iter().enumerate() {
+                        let cand = c <= 0.0 && !maps.forbidden[j];
                         assert_eq!(maps.acquisition[j].is_finite(), cand, "cell {j}");
                     }
                     let best = (0..n)
