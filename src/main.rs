@@ -350,8 +350,9 @@ enum Command {
         agent: String,
     },
     /// Run an agent on a task (through the guard, as `deploy`) and serve a live operator
-    /// dashboard on 127.0.0.1: the frame with the proposed point, the agent's maps, curves,
-    /// budget and audit log; pause, resume, veto, off-limits regions and agent controls, each
+    /// dashboard on 127.0.0.1: the frame with the proposed point, the agent's maps (BO, DKL),
+    /// embedding scatter (DKL), action distribution and value estimate (RL), curves, budget
+    /// and audit log; pause, resume, veto, off-limits regions and agent controls, each
     /// recorded in OUT/interventions.jsonl and OUT/results.json.
     Serve {
         /// Environment id, e.g. scopegym/StemEelsExplore-v2.

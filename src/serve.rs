@@ -9,6 +9,11 @@
 //! `<out>/results.json`; `--replay FILE` applies a record's vetoes, regions and controls at the
 //! same step indices (pauses only take time), which gives the same run. `<out>/steps.jsonl`
 //! holds every step's action and reward.
+//!
+//! The state (`GET /api/state`, each event) carries the agent's [`Insight`] about its current
+//! proposal (asked once per proposal): maps, embedding scatter, action distribution, value.
+//! Each `curve` entry has the step's reward, return and `value`, the agent's value estimate of
+//! the state the step started from (`null` for agents without a critic).
 
 use crate::bench_cli::read_toml;
 use crate::mcp_cli::{observation_png, value_json};
@@ -20,7 +25,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use base64::Engine as _;
 use scopegym::error::CliError;
-use scopegym_agents::agent::{Agent, Region};
+use scopegym_agents::agent::{Agent, Insight, Region};
 use scopegym_agents::bench::run::{
     Budget, EPISODE_STRIDE, EpisodeResult, Provenance, RunResults, SeedResult, episode_seed,
     summarize,
@@ -121,6 +126,8 @@ struct Run {
     episode_step: usize,
     obs: Option<Value>,
     proposal: Option<Value>,
+    /// What the agent showed about its last proposal (asked once per proposal).
+    insight: Option<Insight>,
     /// The observation's images as PNG data URLs, named by their key.
     frames: Vec<(String, String)>,
     finished: Vec<EpisodeResult>,
@@ -216,7 +223,7 @@ impl Run {
     }
 
     fn publish(&self) {
-        let insight = self.agent.insight();
+        let insight = &self.insight;
         let s = json!({
             "env_id": self.a.env_id,
             "agent": self.a.agent,
@@ -317,6 +324,7 @@ impl Run {
             .act(&mut self.env, obs)
             .map_err(|e| e.to_string())?;
         self.proposal = Some(a);
+        self.insight = self.agent.insight();
         Ok(())
     }
 
@@ -482,6 +490,8 @@ impl Run {
                     return Ok(());
                 }
                 let action = self.proposal.take().ok_or("no action")?;
+                // The value estimate of the state this step starts from (RL agents).
+                let value = self.insight.as_ref().and_then(|i| i.value);
                 self.stepped = std::time::Instant::now();
                 let s = self.env.step(&action).map_err(|e| e.to_string())?;
                 self.agent
@@ -515,7 +525,7 @@ impl Run {
                 self.curve.push(json!({
                     "step": self.step, "episode": i, "reward": s.reward,
                     "return": self.current.ret, "success": success, "budget": budget,
-                    "action": value_json(&action),
+                    "action": value_json(&action), "value": value,
                 }));
                 self.step += 1;
                 self.episode_step += 1;
@@ -754,6 +764,7 @@ pub(crate) fn serve(a: &ServeArgs<'_>) -> Result<(), CliError> {
         episode_step: 0,
         obs: None,
         proposal: None,
+        insight: None,
         frames: Vec::new(),
         finished: Vec::new(),
         current: empty_episode(0),

@@ -29,8 +29,8 @@ fn start(out: &Path, extra: &[&str]) -> (Server, String) {
     // steps and ends the episode: this test is about the dashboard, not the guard.
     let limits = out.with_extension("limits.toml");
     std::fs::write(&limits, "[stem]\ndose_budget = \"1e9 e/Å^2\"\n").unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_scopegym"))
-        .args(["serve", TASK, "--agent", "bo", "--port", "0", "--seed", "3"])
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_scopegym"));
+    cmd.args(["serve", TASK, "--agent", "bo", "--port", "0", "--seed", "3"])
         .arg("--out")
         .arg(out)
         .arg("--env-config")
@@ -38,7 +38,13 @@ fn start(out: &Path, extra: &[&str]) -> (Server, String) {
         .arg("--limits")
         .arg(&limits)
         .args(["--exit"])
-        .args(extra)
+        .args(extra);
+    spawn(cmd)
+}
+
+/// Starts the server and reads its address from the first line of its stdout.
+fn spawn(mut cmd: Command) -> (Server, String) {
+    let mut child = cmd
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -288,5 +294,169 @@ fn bad_replay_file_is_a_clear_error() {
     assert!(
         err.contains("--replay") && err.contains("bad.jsonl:1"),
         "{err}"
+    );
+}
+
+/// Polls the state until the run is done (a server without `--exit` keeps serving it).
+#[cfg(feature = "torch")]
+fn wait_done(addr: &str) -> Json {
+    let t0 = Instant::now();
+    loop {
+        let (code, s) = http(addr, "GET", "/api/state", None);
+        assert_eq!(code, 200);
+        if s["done"] == true {
+            return s;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(600),
+            "the run did not finish: {s}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The agent's feature space on the page's state: a DKL run shows its maps and the embedding
+/// scatter of the measured points; a PPO run (a checkpoint of one short training iteration on
+/// PfmDomainWriting, Box actions) the Gaussian's mean and sd per action component and the
+/// critic's value at every step, equal to the checkpoint's own critic on the first observation.
+#[cfg(feature = "torch")]
+#[test]
+fn dkl_and_ppo_runs_show_their_feature_space() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |name: &str| dir.path().join(name);
+
+    // DKL on StemEelsExplore: 8 measurements, the model from the 3rd.
+    let budget = 8;
+    std::fs::write(p("eels.toml"), format!("budget = {budget}\n")).unwrap();
+    std::fs::write(p("stem.toml"), "[stem]\ndose_budget = \"1e9 e/Å^2\"\n").unwrap();
+    std::fs::write(
+        p("dkl.toml"),
+        "n_initial = 3\nhidden = 16\nepochs_initial = 30\nepochs_step = 5\n",
+    )
+    .unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_scopegym"));
+    cmd.args([
+        "serve", TASK, "--agent", "dkl", "--port", "0", "--seed", "2",
+    ])
+    .arg("--out")
+    .arg(p("dkl"))
+    .arg("--env-config")
+    .arg(p("eels.toml"))
+    .arg("--config")
+    .arg(p("dkl.toml"))
+    .arg("--limits")
+    .arg(p("stem.toml"));
+    let (server, addr) = spawn(cmd);
+    let s = wait_done(&addr);
+    drop(server);
+    assert!(s["error"].is_null(), "{}", s["error"]);
+    assert_eq!(s["curve"].as_array().unwrap().len(), budget);
+    let ins = &s["insight"];
+    // The last proposal was made with budget − 1 cells measured: one row each.
+    let scatter = ins["scatter"].as_array().unwrap();
+    assert_eq!(scatter.len(), budget - 1, "{ins}");
+    for row in scatter {
+        let r = row.as_array().unwrap();
+        assert_eq!(r.len(), 3);
+        assert!(
+            r.iter().all(|v| v.as_f64().is_some_and(f64::is_finite)),
+            "{row}"
+        );
+    }
+    assert_eq!(ins["scatter_axes"], json!(["z0", "z1"]));
+    let maps = &ins["maps"];
+    assert_eq!(maps["rows"], 32);
+    let count = |k: &str| {
+        maps[k]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|v| v.is_number())
+            .count()
+    };
+    assert_eq!(count("mean"), 32 * 32);
+    assert_eq!(count("sd"), 32 * 32);
+    assert_eq!(count("acquisition"), 32 * 32 - (budget - 1));
+    assert!(ins["point"].is_array());
+    assert!(ins["value"].is_null() && ins["action_probs"] == json!([]));
+
+    // PPO: one training iteration (2 envs × 16 steps), then served from its checkpoint.
+    let task = "scopegym/PfmDomainWriting-v1";
+    std::fs::write(
+        p("ppo.toml"),
+        "num_envs = 2\nnum_steps = 16\nnum_minibatches = 2\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_scopegym"))
+        .args([
+            "run", task, "--agent", "ppo", "--steps", "32", "--seeds", "1",
+        ])
+        .args(["--episodes", "1", "--config"])
+        .arg(p("ppo.toml"))
+        .arg("--out")
+        .arg(p("train"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let ck = p("train/checkpoints/seed0/ppo.safetensors");
+    // Pulses within the limits' 9 V; a short episode.
+    std::fs::write(p("pfm.toml"), "max_steps = 5\nbias_range = [-8.0, 8.0]\n").unwrap();
+    std::fs::write(
+        p("wide.toml"),
+        "[spm]\nbias_window = [\"-10 V\", \"10 V\"]\npulse_bias_max = \"9 V\"\n\
+         pulse_width_max = \"100 ms\"\nscanner_range = [\"10 µm\", \"10 µm\"]\n",
+    )
+    .unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_scopegym"));
+    cmd.args([
+        "serve", task, "--agent", "ppo", "--port", "0", "--seed", "4",
+    ])
+    .arg("--checkpoint")
+    .arg(&ck)
+    .arg("--out")
+    .arg(p("ppo"))
+    .arg("--env-config")
+    .arg(p("pfm.toml"))
+    .arg("--limits")
+    .arg(p("wide.toml"));
+    let (server, addr) = spawn(cmd);
+    let s = wait_done(&addr);
+    drop(server);
+    assert!(s["error"].is_null(), "{}", s["error"]);
+    let curve = s["curve"].as_array().unwrap();
+    assert!(!curve.is_empty());
+    let values: Vec<f64> = curve.iter().map(|c| c["value"].as_f64().unwrap()).collect();
+    assert!(values.iter().all(|v| v.is_finite()), "{values:?}");
+    let ins = &s["insight"];
+    let dims = |k: &str| ins[k].as_array().unwrap().len();
+    assert!(dims("action_mean") >= 1);
+    assert_eq!(dims("action_sd"), dims("action_mean"));
+    assert_eq!(dims("action_bounds"), dims("action_mean"));
+    assert!(
+        ins["action_sd"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|v| v.as_f64().unwrap() > 0.0)
+    );
+    assert!(ins["value"].as_f64().unwrap().is_finite());
+    assert_eq!(ins["action_probs"], json!([]));
+    assert_eq!(ins["scatter"], json!([]));
+    // The first step's value is the checkpoint's critic on the first observation.
+    let cfg: toml::Value = toml::from_str(
+        "max_steps = 5\nbias_range = [-8.0, 8.0]\ndifficulty = \"medium\"\nsplit = \"test\"\n",
+    )
+    .unwrap();
+    let mut env = scopegym_envs::registry::make(task, Some(&cfg)).unwrap();
+    let mut agent = scopegym_agents::registry::load("ppo", &ck, env.as_ref()).unwrap();
+    let seed = 4 * 1_000_000;
+    let (obs, _) = env.reset(Some(seed)).unwrap();
+    agent.begin_episode(env.as_ref(), &obs, seed).unwrap();
+    agent.act(env.as_mut(), &obs).unwrap();
+    let v0 = agent.insight().unwrap().value.unwrap();
+    assert!(
+        (v0 - values[0]).abs() <= 1e-9 * v0.abs().max(1.0),
+        "{v0} vs {}",
+        values[0]
     );
 }

@@ -41,11 +41,28 @@ pub struct Insight {
     pub point: Option<[f64; 2]>,
     /// Posterior and acquisition maps over the candidate grid (BO and DKL grid agents).
     pub maps: Option<GridMaps>,
-    /// The embedding of the measured points, `[e₀, e₁, measured value]` (DKL), if cheap.
+    /// The embedding of the measured points, `[e₀, e₁, measured value]` (DKL: the network's
+    /// features of each measured point's input, projected to 2-D; the value in the units the
+    /// observation reports it), one row per measured point.
     pub scatter: Vec<[f64; 3]>,
-    /// The probabilities of the actions (RL agents on discrete actions), if cheap.
+    /// What the two embedding axes of `scatter` are (e.g. `["z0", "z1"]`, `["PC1", "PC2"]`);
+    /// empty without a scatter.
+    pub scatter_axes: Vec<String>,
+    /// The probabilities of the actions of a Discrete action space (RL agents: the softmax of
+    /// the policy's logits for the observation [`Agent::act`] saw last); entry `i` is action
+    /// `start + i`. Empty otherwise.
     pub action_probs: Vec<f64>,
-    /// The value estimate of the observation (RL agents), if cheap.
+    /// The mean of a Gaussian policy on a Box action space, per action component, in the
+    /// action's own units (unclipped; the deterministic action is this mean clipped into the
+    /// bounds). Empty otherwise.
+    pub action_mean: Vec<f64>,
+    /// The standard deviation of the Gaussian policy, per action component, in the action's
+    /// units (empty where the policy has none, e.g. a TorchScript policy).
+    pub action_sd: Vec<f64>,
+    /// The bounds `[low, high]` of each Box action component (for drawing `action_mean`).
+    pub action_bounds: Vec<[f64; 2]>,
+    /// The critic's value estimate `V(obs)` of the observation [`Agent::act`] saw last, in
+    /// units of the task's reward (a discounted return); `None` without a critic.
     pub value: Option<f64>,
     /// The settings [`Agent::set_control`] takes, with their current values.
     pub controls: serde_json::Value,

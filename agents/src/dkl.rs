@@ -37,6 +37,19 @@
 //! matters for the score). Every measured point enters the fit, counted or not (the
 //! observation does not say which counted).
 //!
+//! **Operator** (`scopegym serve`): [`Agent::veto`] and [`Agent::forbid`] take cells out of the
+//! candidates for the rest of the run (as the `bo` agent does: they are never proposed);
+//! [`Agent::set_control`] changes `acquisition`, `beta` (UCB's β) and `xi` (ξ, standardized
+//! output units). Asked again for the same measurements (after an intervention), the agent
+//! rescores without refitting. [`Agent::insight`] shows what the last [`Agent::act`] computed:
+//! the posterior mean and standard deviation over the whole grid (in the units of
+//! `measured_value`), the acquisition (−∞ where a cell is not a candidate: measured, not
+//! pristine while pristine cells remain, vetoed or off-limits), and the embedding scatter:
+//! the learned features `z = g(x)` of each measured point's input, as they are where
+//! `feature_dim ≤ 2` (a zero second axis for 1), else projected onto their first two principal
+//! components (over the measured points), each row with the `measured_value` the agent read.
+//! With `inputs = "coordinates"` the scatter axes are the grid row and column (fractions).
+//!
 //! ```
 //! use scopegym_agents::dkl::DklConfig;
 //! let cfg: DklConfig = toml::from_str("n_initial = 5\nacquisition = \"ei\"").unwrap();
@@ -46,7 +59,7 @@
 //! ```
 
 use crate::acquisition::Acquisition;
-use crate::agent::Agent;
+use crate::agent::{Agent, GridMaps, Insight, Region};
 use crate::error::{AgentError, Result};
 use rand::Rng;
 use scopegym_envs::rng::{SimRng, seeded};
@@ -410,6 +423,66 @@ impl DklModel {
     }
 }
 
+impl DklModel {
+    /// The learned features `z = g(x)` of the rows of `x` (`m × d`, row-major) and their
+    /// dimension (the MLP's `feature_dim`, or `d` for the identity).
+    pub fn embedding(&self, x: &[f64], d: usize) -> Result<(Vec<f64>, usize)> {
+        if d == 0 || x.len() % d != 0 {
+            return Err(AgentError::arg(
+                "x",
+                format!("length {} is not a multiple of {d}", x.len()),
+            ));
+        }
+        let t = Tensor::from_slice(x).reshape([-1, d as i64]);
+        let z = tch::no_grad(|| self.features(&t));
+        let f = z.size().get(1).copied().unwrap_or(0) as usize;
+        Ok((values(&z)?, f))
+    }
+}
+
+/// The rows of `z` (`m × f`, row-major) in 2-D: as they are for `f ≤ 2` (a zero second
+/// coordinate for `f = 1`), else their coordinates along the first two principal components
+/// (centred; each component's sign set so that its largest-magnitude loading is positive).
+/// Returns the points and whether they were projected.
+fn project_2d(z: &[f64], f: usize) -> Result<(Vec<[f64; 2]>, bool)> {
+    let m = z.len().checked_div(f).unwrap_or(0);
+    if f <= 2 {
+        let pts = (0..m)
+            .map(|i| [z[i * f], if f == 2 { z[i * f + 1] } else { 0.0 }])
+            .collect();
+        return Ok((pts, false));
+    }
+    let mean: Vec<f64> = (0..f)
+        .map(|j| (0..m).map(|i| z[i * f + j]).sum::<f64>() / m.max(1) as f64)
+        .collect();
+    let c: Vec<f64> = (0..m)
+        .flat_map(|i| (0..f).map(|j| z[i * f + j] - mean[j]).collect::<Vec<_>>())
+        .collect();
+    let ct = Tensor::from_slice(&c).reshape([m as i64, f as i64]);
+    let cov = ct.tr().matmul(&ct) / m.max(1) as f64;
+    let (_, vecs) = cov.f_linalg_eigh("L")?;
+    // Eigenvalues ascending: the last two columns.
+    let v = values(&vecs)?;
+    let comp = |col: usize| -> Vec<f64> {
+        let mut u: Vec<f64> = (0..f).map(|r| v[r * f + col]).collect();
+        let big = u
+            .iter()
+            .copied()
+            .fold(0.0f64, |a, b| if b.abs() > a.abs() { b } else { a });
+        if big < 0.0 {
+            u.iter_mut().for_each(|x| *x = -*x);
+        }
+        u
+    };
+    let (u0, u1) = (comp(f - 1), comp(f - 2));
+    let dot = |row: &[f64], u: &[f64]| row.iter().zip(u).map(|(a, b)| a * b).sum::<f64>();
+    let pts = c
+        .chunks(f)
+        .map(|row| [dot(row, &u0), dot(row, &u1)])
+        .collect();
+    Ok((pts, true))
+}
+
 /// `x` (`n × d` with `n = y.len()`) and `y` as tensors.
 fn tensors(x: &[f64], y: &[f64]) -> Result<(Tensor, Tensor)> {
     let n = y.len();
@@ -440,6 +513,24 @@ pub struct DklAgent {
     n: usize,
     model: Option<DklModel>,
     rng: SimRng,
+    /// Grid cells the operator vetoed or marked off-limits (kept for the whole run).
+    forbidden: std::collections::BTreeSet<usize>,
+    /// The measured cells and values the model was last fitted to (no refit for the same).
+    fitted_on: Option<(Vec<usize>, Vec<f64>)>,
+    /// What the last [`Agent::act`] computed, for [`Agent::insight`].
+    view: View,
+}
+
+/// What [`DklAgent::act`] computed last (the operator's view).
+#[derive(Debug, Clone, Default)]
+struct View {
+    /// The proposed cell.
+    pick: Option<usize>,
+    /// Posterior mean and sd (units of `measured_value`) and acquisition, over every cell.
+    maps: Option<(Vec<f64>, Vec<f64>, Vec<f64>)>,
+    /// `[e₀, e₁, measured value]` of the measured points.
+    scatter: Vec<[f64; 3]>,
+    axes: Vec<String>,
 }
 
 /// A `Box` entry of a Dict observation.
@@ -459,6 +550,9 @@ impl DklAgent {
             n: 0,
             model: None,
             rng: seeded(seed),
+            forbidden: Default::default(),
+            fitted_on: None,
+            view: View::default(),
         })
     }
 
@@ -569,6 +663,8 @@ impl Agent for DklAgent {
         self.rng = seeded(s ^ 0x0d41_a9e1_7000_0001);
         (self.x, self.d) = self.inputs(obs)?;
         self.model = None;
+        self.fitted_on = None;
+        self.view = View::default();
         Ok(())
     }
 
@@ -600,19 +696,32 @@ impl Agent for DklAgent {
             Some(p) if p.len() == n => p.iter().map(|&v| v > 0.5).collect(),
             _ => vec![true; n],
         };
+        let allowed = |k: &usize| !self.forbidden.contains(k);
         let measured: Vec<usize> = (0..n).filter(|&k| count[k] > 0.0).collect();
-        let fresh: Vec<usize> = (0..n).filter(|&k| count[k] <= 0.0 && pristine[k]).collect();
+        let fresh: Vec<usize> = (0..n)
+            .filter(|&k| count[k] <= 0.0 && pristine[k])
+            .filter(allowed)
+            .collect();
         let cands: Vec<usize> = if fresh.is_empty() {
-            (0..n).filter(|&k| count[k] <= 0.0).collect()
+            (0..n)
+                .filter(|&k| count[k] <= 0.0)
+                .filter(allowed)
+                .collect()
         } else {
             fresh
         };
+        self.view.pick = None;
         if cands.is_empty() {
-            // Everything measured: measure the first point again.
-            return Ok(Value::Discrete(0));
+            // Everything measured: measure the first allowed point again.
+            let k = (0..n).find(allowed).ok_or_else(|| {
+                AgentError::arg("off_limits", "every grid cell is vetoed or off-limits")
+            })?;
+            self.view.pick = Some(k);
+            return Ok(Value::Discrete(k as i64));
         }
         if measured.len() < self.cfg.n_initial.max(2) {
             let k = cands[self.rng.random_range(0..cands.len())];
+            self.view.pick = Some(k);
             return Ok(Value::Discrete(k as i64));
         }
         // Standardized outputs.
@@ -652,25 +761,208 @@ impl Agent for DklAgent {
         } else {
             self.cfg.epochs_step
         };
-        model.fit(&xm, &y, epochs, self.cfg.lr)?;
-        let xs: Vec<f64> = cands
-            .iter()
-            .flat_map(|&k| self.x[k * d..(k + 1) * d].iter().copied())
-            .collect();
+        // Asked again for the same measurements (after a veto or a control): no refit.
+        let key = (measured.clone(), raw.clone());
+        if self.fitted_on.as_ref() != Some(&key) {
+            model.fit(&xm, &y, epochs, self.cfg.lr)?;
+            self.fitted_on = Some(key);
+        }
+        let rows = |ks: &[usize]| -> Vec<f64> {
+            ks.iter()
+                .flat_map(|&k| self.x[k * d..(k + 1) * d].iter().copied())
+                .collect()
+        };
+        let xs = rows(&cands);
         let (mu, var) = model.posterior(&xm, &y, &xs)?;
         let best = y.iter().copied().fold(f64::MIN, f64::max);
         let mut pick = (f64::NEG_INFINITY, cands[0]);
+        let mut acq = vec![f64::NEG_INFINITY; n];
         for (i, &k) in cands.iter().enumerate() {
             let a = self
                 .cfg
                 .acquisition
                 .score(mu[i], var[i].sqrt(), best, self.cfg.xi)
                 .unwrap_or(f64::NEG_INFINITY);
+            acq[k] = a;
             if a > pick.0 {
                 pick = (a, k);
             }
         }
+        // The operator's view: the posterior over the other cells too, and the embedding.
+        let (mut m_all, mut v_all) = (vec![0.0; n], vec![0.0; n]);
+        for (i, &k) in cands.iter().enumerate() {
+            (m_all[k], v_all[k]) = (mu[i], var[i]);
+        }
+        let mut is_cand = vec![false; n];
+        cands.iter().for_each(|&k| is_cand[k] = true);
+        let others: Vec<usize> = (0..n).filter(|&k| !is_cand[k]).collect();
+        if !others.is_empty() {
+            let (mo, vo) = model.posterior(&xm, &y, &rows(&others))?;
+            for (i, &k) in others.iter().enumerate() {
+                (m_all[k], v_all[k]) = (mo[i], vo[i]);
+            }
+        }
+        let mean_map = m_all.iter().map(|v| v * sd + mean).collect();
+        let sd_map = v_all.iter().map(|v| v.sqrt() * sd).collect();
+        let (z, f) = model.embedding(&xm, d)?;
+        let (pts, projected) = project_2d(&z, f)?;
+        self.view = View {
+            pick: Some(pick.1),
+            maps: Some((mean_map, sd_map, acq)),
+            scatter: pts
+                .iter()
+                .zip(&raw)
+                .map(|(p, &v)| [p[0], p[1], v])
+                .collect(),
+            axes: match (self.cfg.inputs, projected, f) {
+                (Inputs::Coordinates, ..) => vec!["row".into(), "column".into()],
+                (_, true, _) => vec!["PC1 of z".into(), "PC2 of z".into()],
+                (_, false, 1) => vec!["z0".into(), "-".into()],
+                _ => vec!["z0".into(), "z1".into()],
+            },
+        };
         Ok(Value::Discrete(pick.1 as i64))
+    }
+
+    fn insight(&self) -> Option<Insight> {
+        let mut controls = serde_json::json!({
+            "acquisition": self.cfg.acquisition.name(),
+            "xi": self.cfg.xi,
+        });
+        if let Acquisition::Ucb { beta } = self.cfg.acquisition {
+            controls["beta"] = serde_json::json!(beta);
+        }
+        let mut ins = Insight {
+            controls,
+            ..Insight::default()
+        };
+        let n = self.n;
+        if n == 0 {
+            return Some(ins);
+        }
+        let g = (n as f64).sqrt().round() as usize;
+        let gf = g as f64;
+        ins.point = self
+            .view
+            .pick
+            .map(|k| [((k / g) as f64 + 0.5) / gf, ((k % g) as f64 + 0.5) / gf]);
+        let forbidden: Vec<bool> = (0..n).map(|k| self.forbidden.contains(&k)).collect();
+        ins.maps = Some(match &self.view.maps {
+            Some((mean, sd, acq)) => GridMaps {
+                rows: g,
+                cols: g,
+                mean: mean.clone(),
+                sd: sd.clone(),
+                // Cells forbidden since the last act are not candidates any more.
+                acquisition: acq
+                    .iter()
+                    .zip(&forbidden)
+                    .map(|(&a, &f)| if f { f64::NEG_INFINITY } else { a })
+                    .collect(),
+                forbidden,
+            },
+            None => GridMaps {
+                rows: g,
+                cols: g,
+                mean: vec![f64::NAN; n],
+                sd: vec![f64::NAN; n],
+                acquisition: vec![f64::NAN; n],
+                forbidden,
+            },
+        });
+        ins.scatter = self.view.scatter.clone();
+        ins.scatter_axes = self.view.axes.clone();
+        Some(ins)
+    }
+
+    /// `acquisition` (a name [`Acquisition::parse`] takes, not Thompson; `ucb` keeps the
+    /// current β), `beta` (UCB's β ≥ 0; switches the acquisition to UCB) and `xi` (ξ ≥ 0 of EI,
+    /// LogEI, PI, in standardized output units).
+    fn set_control(&mut self, name: &str, value: &serde_json::Value) -> Result<()> {
+        let mut cfg = self.cfg.clone();
+        match name {
+            "acquisition" => {
+                let s = value
+                    .as_str()
+                    .ok_or_else(|| AgentError::config("acquisition", "must be a name (string)"))?;
+                let a = Acquisition::parse(s).ok_or_else(|| {
+                    AgentError::config(
+                        "acquisition",
+                        format!("unknown {s:?}; known: ei, logei, ucb, pi, maxuncertainty"),
+                    )
+                })?;
+                cfg.acquisition = match (a, cfg.acquisition) {
+                    (Acquisition::Ucb { .. }, Acquisition::Ucb { beta }) => {
+                        Acquisition::Ucb { beta }
+                    }
+                    (a, _) => a,
+                };
+            }
+            "beta" => {
+                let beta = value
+                    .as_f64()
+                    .ok_or_else(|| AgentError::config("beta", "must be a number"))?;
+                if !(beta.is_finite() && beta >= 0.0) {
+                    return Err(AgentError::config("beta", "must be finite and >= 0"));
+                }
+                cfg.acquisition = Acquisition::Ucb { beta };
+            }
+            "xi" => {
+                cfg.xi = value
+                    .as_f64()
+                    .ok_or_else(|| AgentError::config("xi", "must be a number"))?;
+            }
+            _ => {
+                return Err(AgentError::config(
+                    name,
+                    format!("the dkl agent has no control {name:?}; it has acquisition, beta, xi"),
+                ));
+            }
+        }
+        cfg.validate()?;
+        self.cfg = cfg;
+        Ok(())
+    }
+
+    fn veto(&mut self, action: &Value) -> Result<()> {
+        let n = self.n as i64;
+        match action {
+            Value::Discrete(k) if (0..n).contains(k) => {
+                self.forbidden.insert(*k as usize);
+                Ok(())
+            }
+            _ => Err(AgentError::arg(
+                "veto",
+                format!("{action:?} is not a cell of the grid of {n} candidates"),
+            )),
+        }
+    }
+
+    fn forbid(&mut self, region: &Region) -> Result<()> {
+        if self.n == 0 {
+            return Err(AgentError::arg(
+                "off_limits",
+                "the dkl agent has no grid before its first episode",
+            ));
+        }
+        let g = (self.n as f64).sqrt().round() as usize;
+        for (field, [a, b]) in [
+            ("off_limits.rows", region.rows),
+            ("off_limits.cols", region.cols),
+        ] {
+            if a > b || b >= g {
+                return Err(AgentError::arg(
+                    field,
+                    format!("[{a}, {b}] must be first ≤ last < {g}"),
+                ));
+            }
+        }
+        for r in region.rows[0]..=region.rows[1] {
+            for c in region.cols[0]..=region.cols[1] {
+                self.forbidden.insert(r * g + c);
+            }
+        }
+        Ok(())
     }
 }
 
@@ -883,6 +1175,163 @@ mod tests {
         let mut again = DklModel::new(d, 64, 2, h, 1e-6, 5);
         again.fit(&x, &y, 300, 0.01).unwrap();
         assert_eq!(again.nll(&x, &y).unwrap(), after);
+    }
+
+    /// The operator's view and interventions on StemEelsExplore: maps over the whole grid
+    /// (finite mean and sd, −∞ acquisition exactly off the candidates), the proposed cell the
+    /// acquisition's argmax, one scatter row per measured cell carrying the value the
+    /// observation reported there, the embedding as the network computes it (`feature_dim =
+    /// 2`) or its principal-component projection (`feature_dim = 3`); vetoed and off-limits
+    /// cells never proposed.
+    #[test]
+    fn insight_shows_what_act_computed_and_interventions_are_honoured() {
+        use scopegym_envs::registry::make;
+        let text = "n_initial = 4\nhidden = 16\nepochs_initial = 30\nepochs_step = 5";
+        for feature_dim in [2, 3] {
+            let mut env = make("scopegym/StemEelsExplore-v2", None).unwrap();
+            let cfg: DklConfig =
+                toml::from_str(&format!("{text}\nfeature_dim = {feature_dim}")).unwrap();
+            let mut a = DklAgent::new(cfg, 1).unwrap();
+            let (mut obs, _) = env.reset(Some(4)).unwrap();
+            a.begin_episode(env.as_ref(), &obs, 4).unwrap();
+            let n = 32 * 32;
+            a.forbid(&Region {
+                rows: [0, 7],
+                cols: [0, 31],
+            })
+            .unwrap();
+            let (mut vetoed, mut taken) = (Vec::new(), Vec::new());
+            for step in 0..12 {
+                let mut action = a.act(env.as_mut(), &obs).unwrap();
+                if step % 4 == 3 {
+                    a.veto(&action).unwrap();
+                    vetoed.push(action.clone());
+                    action = a.act(env.as_mut(), &obs).unwrap();
+                }
+                if step == 6 {
+                    a.set_control("beta", &serde_json::json!(1.0)).unwrap();
+                    action = a.act(env.as_mut(), &obs).unwrap();
+                }
+                let k = action.as_discrete().unwrap() as usize;
+                let ins = a.insight().unwrap();
+                let g = 32.0;
+                assert_eq!(
+                    ins.point,
+                    Some([((k / 32) as f64 + 0.5) / g, ((k % 32) as f64 + 0.5) / g])
+                );
+                let value = obs_box(&obs, "measured_value").unwrap();
+                let count = obs_box(&obs, "measured_count").unwrap();
+                let measured: Vec<usize> = (0..n).filter(|&j| count[j] > 0.0).collect();
+                let maps = ins.maps.as_ref().unwrap();
+                assert_eq!(
+                    maps.forbidden.iter().filter(|f| **f).count(),
+                    8 * 32 + vetoed.len()
+                );
+                if measured.len() >= 4 {
+                    assert!(maps.mean.iter().chain(&maps.sd).all(|v| v.is_finite()));
+                    for (j, &c) in count.iter().enumerate() {
+                        let cand = c <= 0.0 && !maps.forbidden[j];
+                        assert_eq!(maps.acquisition[j].is_finite(), cand, "cell {j}");
+                    }
+                    let best = (0..n)
+                        .max_by(|&i, &j| maps.acquisition[i].total_cmp(&maps.acquisition[j]))
+                        .unwrap();
+                    assert_eq!(maps.acquisition[best], maps.acquisition[k]);
+                    // One row per measured cell, its value as the observation reports it.
+                    assert_eq!(ins.scatter.len(), measured.len());
+                    for (row, &j) in ins.scatter.iter().zip(&measured) {
+                        assert_eq!(row[2], f64::from(value[j]), "cell {j}");
+                    }
+                    // The embedding: the network's features of the measured patches, by hand.
+                    let w = a.model().unwrap().mlp_weights().unwrap();
+                    let d = a.d;
+                    let z: Vec<Vec<f64>> = measured
+                        .iter()
+                        .map(|&j| mlp(&w, &a.x[j * d..(j + 1) * d]))
+                        .collect();
+                    let e: Vec<[f64; 2]> = ins.scatter.iter().map(|r| [r[0], r[1]]).collect();
+                    if feature_dim == 2 {
+                        assert_eq!(ins.scatter_axes, ["z0", "z1"]);
+                        for (p, q) in e.iter().zip(&z) {
+                            assert!((p[0] - q[0]).abs() < 1e-9 && (p[1] - q[1]).abs() < 1e-9);
+                        }
+                    } else {
+                        assert_eq!(ins.scatter_axes, ["PC1 of z", "PC2 of z"]);
+                        check_principal_components(&z, &e);
+                    }
+                } else {
+                    assert!(ins.scatter.is_empty());
+                }
+                let s = env.step(&action).unwrap();
+                a.observe(&action, s.reward, &s.obs).unwrap();
+                taken.push(k);
+                obs = s.obs;
+            }
+            for &k in &taken {
+                assert!(k >= 8 * 32, "cell {k} is in the off-limits rows 0..=7");
+                assert!(
+                    !vetoed.contains(&Value::Discrete(k as i64)),
+                    "vetoed {k} taken"
+                );
+            }
+            assert_eq!(vetoed.len(), 3);
+            println!("feature_dim {feature_dim}: cells taken {taken:?}, vetoed {vetoed:?}");
+            let ins = a.insight().unwrap();
+            assert_eq!(ins.controls["acquisition"], "ucb");
+            assert_eq!(ins.controls["beta"], 1.0);
+            for (name, v) in [
+                ("beta", serde_json::json!(-1.0)),
+                ("acquisition", serde_json::json!("thompson")),
+                ("xi", serde_json::json!("x")),
+                ("gamma", serde_json::json!(1.0)),
+            ] {
+                let e = a.set_control(name, &v).unwrap_err().to_string();
+                assert!(e.contains(name), "{e}");
+            }
+            let e = a
+                .forbid(&Region {
+                    rows: [0, 32],
+                    cols: [0, 0],
+                })
+                .unwrap_err();
+            assert!(e.to_string().contains("off_limits.rows"), "{e}");
+        }
+    }
+
+    /// `e` is the centred projection of `z` onto its first two principal components: the two
+    /// coordinates uncorrelated, the first the wider, together at least as much variance as any
+    /// two of the original axes and no more than all, and no pairwise distance grown.
+    fn check_principal_components(z: &[Vec<f64>], e: &[[f64; 2]]) {
+        let m = z.len() as f64;
+        let col = |f: &dyn Fn(usize) -> f64| (0..z.len()).map(f).collect::<Vec<f64>>();
+        let var = |v: &[f64]| {
+            let mu = v.iter().sum::<f64>() / m;
+            v.iter().map(|x| (x - mu).powi(2)).sum::<f64>() / m
+        };
+        let (e0, e1) = (col(&|i| e[i][0]), col(&|i| e[i][1]));
+        let mean0 = e0.iter().sum::<f64>() / m;
+        assert!(mean0.abs() < 1e-9, "not centred: {mean0}");
+        let cov: f64 = e0.iter().zip(&e1).map(|(a, b)| a * b).sum::<f64>() / m;
+        let (v0, v1) = (var(&e0), var(&e1));
+        println!("PC variances {v0:.4e}, {v1:.4e}; cov {cov:.1e}");
+        assert!(cov.abs() <= 1e-9 * (v0 + 1e-12), "cov {cov}, var {v0}");
+        assert!(v0 >= v1 - 1e-12);
+        let axis: Vec<f64> = (0..3).map(|j| var(&col(&|i| z[i][j]))).collect();
+        let total: f64 = axis.iter().sum();
+        let mut sorted = axis.clone();
+        sorted.sort_by(f64::total_cmp);
+        assert!(
+            v0 + v1 >= sorted[1] + sorted[2] - 1e-9,
+            "{v0} + {v1} < {sorted:?}"
+        );
+        assert!(v0 + v1 <= total + 1e-9);
+        for i in 0..z.len() {
+            for j in 0..i {
+                let dz: f64 = (0..3).map(|k| (z[i][k] - z[j][k]).powi(2)).sum();
+                let de = (e[i][0] - e[j][0]).powi(2) + (e[i][1] - e[j][1]).powi(2);
+                assert!(de <= dz + 1e-9);
+            }
+        }
     }
 
     #[test]

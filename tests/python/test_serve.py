@@ -154,3 +154,53 @@ def test_dashboard_in_headless_chromium(tmp_path: Path):
             proc.communicate(timeout=30)
         except subprocess.TimeoutExpired:
             pass
+
+
+def test_dkl_embedding_scatter_is_drawn(tmp_path: Path):
+    """A DKL run: once the model takes over, the page shows the embedding scatter of the
+    measured points (coloured pixels on its canvas) beside the maps."""
+    if not Path(BIN).exists():
+        pytest.skip(f"build the CLI first (cargo build): {BIN}")
+    cfg = tmp_path / "env.toml"
+    cfg.write_text("budget = 12\n")
+    limits = tmp_path / "limits.toml"
+    limits.write_text('[stem]\ndose_budget = "1e9 e/Å^2"\n')
+    agent_cfg = tmp_path / "dkl.toml"
+    agent_cfg.write_text("n_initial = 3\nhidden = 16\nepochs_initial = 30\nepochs_step = 5\n")
+    proc = subprocess.Popen(
+        [BIN, "serve", TASK, "--agent", "dkl", "--port", "0", "--seed", "1", "--out", str(tmp_path / "run"),
+         "--env-config", str(cfg), "--config", str(agent_cfg), "--pace", "0.1", "--limits", str(limits)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    b = None
+    try:
+        url = proc.stdout.readline().strip()
+        if not url.startswith("http://"):
+            err = proc.stderr.read() if proc.wait(timeout=60) is not None else ""
+            if "torch" in err:
+                pytest.skip("the CLI was built without the torch feature")
+            raise AssertionError(err)
+        b = _browser()
+        b.get(url)
+        _wait(b, lambda: b.execute_script("return !document.getElementById('fig-scatter').hidden"),
+              "no embedding scatter", timeout=120)
+        # Pixels that are neither white nor grey inside the plot (left of the colour bar): the
+        # points.
+        coloured = b.execute_script(
+            "const c = document.getElementById('scatter'), d = c.getContext('2d')"
+            ".getImageData(0, 0, c.width - 62, c.height).data; let n = 0;"
+            "for (let i = 0; i < d.length; i += 4) {"
+            "  const r = d[i], g = d[i + 1], bl = d[i + 2];"
+            "  if (Math.max(r, g, bl) - Math.min(r, g, bl) > 40) n++; }"
+            "return n;")
+        assert coloured > 100, coloured
+        assert "z0" in _text(b, "scatter-axes")
+        assert b.execute_script("return !document.getElementById('fig-acq').hidden")
+    finally:
+        if b is not None:
+            b.quit()
+        proc.kill()
+        try:
+            proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass

@@ -179,11 +179,14 @@ pub(crate) fn sample_batch(
 }
 
 /// Evaluation-time acting: the deterministic action (most probable, or the mean, clipped) or a
-/// sample from the policy.
+/// sample from the policy. It keeps the policy's output and the critic's value of the last
+/// observation it acted on ([`Actor::insight`]).
 #[derive(Debug)]
 pub(crate) struct Actor {
     rng: SimRng,
     buf: Vec<f32>,
+    /// The policy output row (logits or Gaussian means) and the value of the last observation.
+    last: Option<(Vec<f32>, f32)>,
 }
 
 impl Actor {
@@ -191,11 +194,39 @@ impl Actor {
         Self {
             rng: seeded(seed),
             buf: Vec::new(),
+            last: None,
         }
     }
 
     pub(crate) fn begin(&mut self, seed: u64) {
         self.rng = seeded(seed ^ 0x5eed_ac70_0000_0001);
+        self.last = None;
+    }
+
+    /// The action distribution and value of the observation acted on last: the softmax of the
+    /// logits (Discrete), or the Gaussian's mean, standard deviation and the bounds (Box, in
+    /// the action's units), and the critic's `V(obs)`.
+    pub(crate) fn insight(&self, net: &ActorCritic) -> crate::agent::Insight {
+        let mut ins = crate::agent::Insight::default();
+        let Some((out, value)) = &self.last else {
+            return ins;
+        };
+        ins.value = Some(f64::from(*value));
+        match &net.spec.action {
+            super::net::ActionKind::Discrete { .. } => ins.action_probs = softmax(out),
+            super::net::ActionKind::Gaussian { low, high } => {
+                ins.action_mean = out.iter().map(|&v| f64::from(v)).collect();
+                if let Ok((std, _)) = stds(net) {
+                    ins.action_sd = std.iter().map(|&v| f64::from(v)).collect();
+                }
+                ins.action_bounds = low
+                    .iter()
+                    .zip(high)
+                    .map(|(&l, &h)| [f64::from(l), f64::from(h)])
+                    .collect();
+            }
+        }
+        ins
     }
 
     pub(crate) fn act(
@@ -207,10 +238,14 @@ impl Actor {
         self.buf.resize(net.spec.obs.len, 0.0);
         net.spec.obs.normalize_into(obs, &mut self.buf)?;
         let t = Tensor::from_slice(&self.buf).view([1, net.spec.obs.len as i64]);
-        let out = to_vec(&tch::no_grad(|| net.policy(&t)))?;
+        // The policy and the value in one pass over the shared features.
+        let (out, value) = tch::no_grad(|| net.forward(&t));
+        let (out, value) = (to_vec(&out)?, to_vec(&value)?);
+        self.last = None;
         if out.iter().any(|v| !v.is_finite()) {
             return Err(AgentError::numerical("policy", "non-finite policy output"));
         }
+        self.last = Some((out.clone(), value.first().copied().unwrap_or(f32::NAN)));
         let kind = &net.spec.action;
         let stored = if deterministic {
             kind.mode(&out)
@@ -222,6 +257,14 @@ impl Actor {
         };
         Ok(kind.to_value(&stored))
     }
+}
+
+/// The softmax of logits, in f64 (sums to 1 up to rounding).
+pub(crate) fn softmax(logits: &[f32]) -> Vec<f64> {
+    let m = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let e: Vec<f64> = logits.iter().map(|&v| f64::from(v - m).exp()).collect();
+    let z: f64 = e.iter().sum();
+    e.iter().map(|v| v / z).collect()
 }
 
 /// The JSON written beside a checkpoint's weights (`<path>.json`).

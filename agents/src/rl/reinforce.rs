@@ -359,4 +359,11 @@ impl Agent for ReinforceAgent {
     fn act(&mut self, _env: &mut dyn Env, obs: &Value) -> Result<Value> {
         self.actor.act(&self.net, obs, self.cfg.deterministic_eval)
     }
+
+    /// The action distribution of the observation [`Agent::act`] saw last (the softmax of the
+    /// logits, or the Gaussian's mean and standard deviation in the action's units) and the
+    /// critic's value `V(obs)`, kept from that forward pass.
+    fn insight(&self) -> Option<crate::agent::Insight> {
+        Some(self.actor.insight(&self.net))
+    }
 }

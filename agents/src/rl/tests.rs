@@ -1021,3 +1021,105 @@ fn explore_dopant_resets() {
         &bad[..bad.len().min(5)]
     );
 }
+
+/// The operator's view of a policy ([`Agent::insight`]): on the discrete corridor the action
+/// probabilities sum to 1 and the deterministic action is their argmax; on the continuous
+/// point mass the deterministic action is the Gaussian mean clipped, the sd its exp(log std);
+/// the value is the critic's forward on the same observation; a TorchScript export gives the
+/// same probabilities and no value.
+#[test]
+fn insight_shows_the_action_distribution_and_the_critics_value() {
+    let critic = |net: &ActorCritic, obs: &Value| -> f64 {
+        let mut x = vec![0.0; net.spec.obs.len];
+        net.spec.obs.normalize_into(obs, &mut x).unwrap();
+        let t = tch::Tensor::from_slice(&x).view([1, x.len() as i64]);
+        f64::from(common::to_vec(&tch::no_grad(|| net.value(&t))).unwrap()[0])
+    };
+    // Discrete: after one short training iteration, probabilities are no longer uniform.
+    let mut env = Corridor::boxed();
+    let mut agent = PpoAgent::new(
+        NetSpec::for_env(env.as_ref()).unwrap(),
+        PpoConfig::default(),
+        3,
+    )
+    .unwrap();
+    agent
+        .train_envs(envs(Corridor::boxed, 8), 2048, 3, &mut |_| {})
+        .unwrap();
+    assert!(
+        agent.insight().unwrap().value.is_none(),
+        "nothing acted on yet"
+    );
+    let path = tmp("insight.pt");
+    agent.export_torchscript(&path).unwrap();
+    let cfg: toml::Value =
+        toml::from_str(&format!("policy = {:?}", path.display().to_string())).unwrap();
+    let mut ts = crate::registry::make("torchscript", env.as_ref(), Some(&cfg), 0).unwrap();
+    let mut spread = 0.0f64;
+    for k in 0..9 {
+        let obs = Value::Box(vec![k as f32]);
+        let a = agent
+            .act(env.as_mut(), &obs)
+            .unwrap()
+            .as_discrete()
+            .unwrap();
+        let ins = agent.insight().unwrap();
+        let p = &ins.action_probs;
+        assert_eq!(p.len(), 3);
+        assert!((p.iter().sum::<f64>() - 1.0).abs() < 1e-6, "{p:?}");
+        assert!(p.iter().all(|&v| v > 0.0));
+        let best = (0..3).max_by(|&i, &j| p[i].total_cmp(&p[j])).unwrap();
+        assert_eq!(a as usize, best, "cell {k}: {p:?}");
+        let v = ins.value.unwrap();
+        assert!(
+            (v - critic(agent.net(), &obs)).abs() < 1e-6,
+            "cell {k}: {v}"
+        );
+        assert!(ins.action_mean.is_empty() && ins.action_sd.is_empty());
+        spread = spread.max(p[best] - 1.0 / 3.0);
+        ts.act(env.as_mut(), &obs).unwrap();
+        let t = ts.insight().unwrap();
+        assert!(t.value.is_none());
+        for (x, y) in t.action_probs.iter().zip(p) {
+            assert!((x - y).abs() < 1e-5, "{:?} vs {p:?}", t.action_probs);
+        }
+    }
+    println!("corridor: largest excess of the top probability over 1/3: {spread:.4}");
+    assert!(spread > 0.01, "training moved no probability ({spread})");
+
+    // Box: the deterministic action is the mean clipped into [-1, 1].
+    let mut env = PointMass::boxed();
+    let mut agent = PpoAgent::new(
+        NetSpec::for_env(env.as_ref()).unwrap(),
+        PpoConfig::default(),
+        4,
+    )
+    .unwrap();
+    agent
+        .train_envs(envs(PointMass::boxed, 8), 1024, 4, &mut |_| {})
+        .unwrap();
+    let sd = agent.net().log_std().unwrap().double_value(&[0]).exp();
+    for obs in line_obs() {
+        let a = agent.act(env.as_mut(), &obs).unwrap();
+        let ins = agent.insight().unwrap();
+        assert_eq!(ins.action_mean.len(), 1);
+        assert!(ins.action_probs.is_empty());
+        assert_eq!(ins.action_bounds, [[-1.0, 1.0]]);
+        let mean = ins.action_mean[0];
+        assert_eq!(f64::from(a.as_box().unwrap()[0]), mean.clamp(-1.0, 1.0));
+        assert!((ins.action_sd[0] - sd).abs() < 1e-6 * sd);
+        let v = ins.value.unwrap();
+        assert!((v - critic(agent.net(), &obs)).abs() < 1e-6, "{v}");
+    }
+    // REINFORCE has a critic too.
+    let mut rf = ReinforceAgent::new(
+        NetSpec::for_env(env.as_ref()).unwrap(),
+        ReinforceConfig::default(),
+        5,
+    )
+    .unwrap();
+    let obs = Value::Box(vec![0.7]);
+    rf.act(env.as_mut(), &obs).unwrap();
+    let v = rf.insight().unwrap().value.unwrap();
+    assert!((v - critic(rf.net(), &obs)).abs() < 1e-6);
+}

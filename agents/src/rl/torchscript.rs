@@ -39,6 +39,8 @@ pub struct TorchScriptAgent {
     raw: bool,
     buf: Vec<f32>,
     cfg: TorchScriptConfig,
+    /// The module's output for the observation acted on last.
+    last: Vec<f32>,
 }
 
 impl TorchScriptAgent {
@@ -62,6 +64,7 @@ impl TorchScriptAgent {
             raw: cfg.raw_observations,
             buf: Vec::new(),
             cfg: cfg.clone(),
+            last: Vec::new(),
         })
     }
 
@@ -96,14 +99,40 @@ impl Agent for TorchScriptAgent {
     }
 
     fn begin_episode(&mut self, _env: &dyn Env, _obs: &Value, _seed: u64) -> Result<()> {
+        self.last.clear();
         Ok(())
     }
 
+    /// What the module gave for the observation [`Agent::act`] saw last: on a Discrete space
+    /// with one output per action, their softmax (the outputs read as logits, as a policy
+    /// exported by PPO gives them); on a Box space, the action it gave (`action_mean`,
+    /// unclipped, no spread). No value: the module has no critic.
+    fn insight(&self) -> Option<crate::agent::Insight> {
+        let mut ins = crate::agent::Insight::default();
+        match &self.action {
+            ActionKind::Discrete { n, .. } if self.last.len() == *n as usize && *n > 1 => {
+                ins.action_probs = super::common::softmax(&self.last);
+            }
+            ActionKind::Gaussian { low, high } if self.last.len() == low.len() => {
+                ins.action_mean = self.last.iter().map(|&v| f64::from(v)).collect();
+                ins.action_bounds = low
+                    .iter()
+                    .zip(high)
+                    .map(|(&l, &h)| [f64::from(l), f64::from(h)])
+                    .collect();
+            }
+            _ => {}
+        }
+        Some(ins)
+    }
+
     fn act(&mut self, _env: &mut dyn Env, obs: &Value) -> Result<Value> {
+        self.last.clear();
         let y = self.forward(obs)?;
         if y.iter().any(|v| v.is_nan()) {
             return Err(AgentError::numerical("torchscript policy", "NaN output"));
         }
+        self.last.clone_from(&y);
         match &self.action {
             ActionKind::Discrete { n, start } => {
                 let k = if y.len() == *n as usize && *n > 1 {

@@ -101,13 +101,125 @@ function drawLines(canvas, series, colours, band) {
   series.forEach((s, k) => {
     ctx.strokeStyle = colours[k];
     ctx.beginPath();
-    s.forEach((v, i) => (i ? ctx.lineTo(X(i), Y(v)) : ctx.moveTo(X(i), Y(v))));
+    let up = true; // a missing value breaks the line
+    s.forEach((v, i) => {
+      if (v === null || v === undefined || !isFinite(v)) { up = true; return; }
+      if (up) ctx.moveTo(X(i), Y(v)); else ctx.lineTo(X(i), Y(v));
+      up = false;
+    });
     ctx.stroke();
   });
   ctx.fillStyle = "#000";
   ctx.font = "11px sans-serif";
   ctx.fillText(hi.toPrecision(3), 2, 12);
   ctx.fillText(lo.toPrecision(3), 2, H - 16);
+}
+
+function range(v) {
+  let lo = Math.min(...v), hi = Math.max(...v);
+  if (!(hi > lo)) { lo -= 0.5; hi += 0.5; }
+  const m = 0.05 * (hi - lo);
+  return [lo - m, hi + m];
+}
+
+// The embedding scatter: [e0, e1, measured value] rows, coloured by value, with a colour bar.
+function drawScatter(canvas, pts, axes) {
+  const ctx = canvas.getContext("2d");
+  const W = canvas.width, H = canvas.height;
+  ctx.fillStyle = "#fff";
+  ctx.fillRect(0, 0, W, H);
+  if (!pts.length) return;
+  const L = 40, R = W - 62, T = 10, B = H - 32;
+  const [x0, x1] = range(pts.map((p) => p[0])), [y0, y1] = range(pts.map((p) => p[1]));
+  const vals = pts.map((p) => p[2]);
+  const vlo = Math.min(...vals), vhi = Math.max(...vals);
+  const X = (x) => L + ((x - x0) / (x1 - x0)) * (R - L);
+  const Y = (y) => B - ((y - y0) / (y1 - y0)) * (B - T);
+  ctx.strokeStyle = "#999";
+  ctx.strokeRect(L, T, R - L, B - T);
+  for (const p of pts) {
+    const [r, g, b] = colour(vhi > vlo ? (p[2] - vlo) / (vhi - vlo) : 0.5);
+    ctx.fillStyle = `rgb(${r},${g},${b})`;
+    ctx.beginPath();
+    ctx.arc(X(p[0]), Y(p[1]), 4, 0, 2 * Math.PI);
+    ctx.fill();
+    ctx.strokeStyle = "rgba(0,0,0,0.5)";
+    ctx.stroke();
+  }
+  // Colour bar: measured value, low (bottom) to high (top), labelled at both ends.
+  const cx = R + 6;
+  for (let i = 0; i < B - T; i++) {
+    const [r, g, b] = colour(1 - i / (B - T));
+    ctx.fillStyle = `rgb(${r},${g},${b})`;
+    ctx.fillRect(cx, T + i, 10, 1);
+  }
+  ctx.fillStyle = "#000";
+  ctx.font = "11px sans-serif";
+  ctx.fillText(vhi.toPrecision(3), cx + 13, T + 9);
+  ctx.fillText(vlo.toPrecision(3), cx + 13, B);
+  ctx.fillText(x0.toPrecision(3), L, B + 12);
+  ctx.textAlign = "right";
+  ctx.fillText(x1.toPrecision(3), R, B + 12);
+  ctx.fillText(y1.toPrecision(3), L - 2, T + 10);
+  ctx.fillText(y0.toPrecision(3), L - 2, B);
+  ctx.textAlign = "center";
+  ctx.fillText(axes[0] || "e0", (L + R) / 2, H - 6);
+  ctx.save();
+  ctx.translate(12, (T + B) / 2);
+  ctx.rotate(-Math.PI / 2);
+  ctx.fillText(axes[1] || "e1", 0, 0);
+  ctx.restore();
+  ctx.textAlign = "left";
+}
+
+// The policy: a bar per action (Discrete probabilities), or per component the Gaussian's mean
+// ± sd inside the action bounds (Box).
+function drawActions(canvas, ins) {
+  const ctx = canvas.getContext("2d");
+  const W = canvas.width, H = canvas.height;
+  ctx.fillStyle = "#fff";
+  ctx.fillRect(0, 0, W, H);
+  ctx.font = "11px sans-serif";
+  const p = ins.action_probs || [], mean = ins.action_mean || [];
+  if (p.length) {
+    const L = 34, R = W - 6, T = 8, B = H - 20, n = p.length;
+    const top = Math.max(...p), best = p.indexOf(top);
+    const w = (R - L) / n;
+    p.forEach((v, i) => {
+      ctx.fillStyle = i === best ? "#e70" : "#27c";
+      const h = (v / top) * (B - T);
+      ctx.fillRect(L + i * w + (w > 4 ? 1 : 0), B - h, Math.max(1, w - (w > 4 ? 2 : 0)), h);
+      if (n <= 24) {
+        ctx.fillStyle = "#000";
+        ctx.textAlign = "center";
+        ctx.fillText(String(i), L + (i + 0.5) * w, H - 6);
+      }
+    });
+    ctx.textAlign = "right";
+    ctx.fillStyle = "#000";
+    ctx.fillText(top.toPrecision(3), L - 2, T + 8);
+    ctx.fillText("0", L - 2, B);
+    ctx.textAlign = "left";
+    return;
+  }
+  if (!mean.length) return;
+  const sd = ins.action_sd || [], bounds = ins.action_bounds || [];
+  const L = 34, R = W - 8, d = mean.length, rowH = Math.min(40, (H - 10) / d);
+  mean.forEach((m, i) => {
+    const s = sd[i] ?? 0;
+    const [blo, bhi] = bounds[i] || [m - 2 * s - 1, m + 2 * s + 1];
+    const lo = Math.min(blo, m - s), hi = Math.max(bhi, m + s);
+    const X = (x) => L + ((x - lo) / (hi - lo || 1)) * (R - L);
+    const y = 6 + i * rowH, h = rowH - 14;
+    ctx.fillStyle = "#e4e4e4";
+    ctx.fillRect(X(blo), y, X(bhi) - X(blo), h);
+    ctx.fillStyle = "rgba(34,119,204,0.5)";
+    ctx.fillRect(X(m - s), y + 2, X(m + s) - X(m - s), h - 4);
+    ctx.fillStyle = "#000";
+    ctx.fillRect(X(Math.min(bhi, Math.max(blo, m))) - 1, y - 1, 3, h + 2);
+    ctx.fillText(`a${i}`, 4, y + h - 2);
+    ctx.fillText(`${m.toPrecision(3)} ± ${s.toPrecision(2)}  [${blo}, ${bhi}]`, L, y + h + 11);
+  });
 }
 
 function render(s) {
@@ -141,6 +253,7 @@ function render(s) {
   const ov = $("overlay"), octx = ov.getContext("2d");
   octx.clearRect(0, 0, ov.width, ov.height);
   marker(octx, s.done ? null : ins.point, ov.width, ov.height);
+  for (const f of ["fig-mean", "fig-sd", "fig-acq"]) $(f).hidden = !ins.maps;
   drawMap($("map-mean"), ins.maps, "mean", ins.point);
   drawMap($("map-sd"), ins.maps, "sd", ins.point);
   drawMap($("map-acq"), ins.maps, "acquisition", ins.point);
@@ -150,10 +263,24 @@ function render(s) {
   $("budget-keys").textContent = keys.length ? keys.join(", ") : "none reported";
   const pal = ["#c50", "#07a", "#a0a", "#080"];
   drawLines($("budget"), keys.map((k) => c.map((p) => (p.budget || {})[k] ?? null)), keys.map((_, i) => pal[i % 4]));
+  const scatter = ins.scatter || [];
+  $("fig-scatter").hidden = !scatter.length;
+  $("scatter-axes").textContent = (ins.scatter_axes || []).join(", ") || "-";
+  drawScatter($("scatter"), scatter, ins.scatter_axes || []);
+  const probs = ins.action_probs || [], means = ins.action_mean || [];
+  $("fig-actions").hidden = !(probs.length || means.length);
+  $("actions-kind").textContent = probs.length
+    ? `action probabilities (orange: the most probable of ${probs.length})`
+    : "Gaussian mean ± sd per action component, in the bounds (grey)";
+  drawActions($("actions"), ins);
+  const values = c.map((p) => p.value ?? null);
+  const hasValue = values.some((v) => v !== null) || (ins.value !== undefined && ins.value !== null);
+  $("fig-value").hidden = !hasValue;
+  $("value-now").textContent = ins.value === undefined || ins.value === null ? "-" : Number(ins.value).toPrecision(4);
+  if (hasValue) drawLines($("value-curve"), [values], ["#a0a"]);
   const extra = { controls: ins.controls };
   if (ins.value !== undefined && ins.value !== null) extra.value = ins.value;
-  if (ins.action_probs && ins.action_probs.length) extra.action_probs = ins.action_probs;
-  if (ins.scatter && ins.scatter.length) extra.embedding_points = ins.scatter.length;
+  if (scatter.length) extra.embedding_points = scatter.length;
   extra.episode_returns = s.returns;
   $("agent-extra").textContent = JSON.stringify(extra, null, 1);
   const ctl = ins.controls || {};
