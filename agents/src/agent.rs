@@ -97,6 +97,76 @@ pub struct Region {
     pub cols: [usize; 2],
 }
 
+impl Region {
+    /// The cells (row-major indices `r · g + c`) of the region on a `g × g` grid; an error
+    /// naming `off_limits.rows` or `off_limits.cols` where the region is not on the grid.
+    pub fn cells(&self, g: usize) -> Result<Vec<usize>> {
+        for (field, [a, b]) in [
+            ("off_limits.rows", self.rows),
+            ("off_limits.cols", self.cols),
+        ] {
+            if a > b || b >= g {
+                return Err(AgentError::arg(
+                    field,
+                    format!("[{a}, {b}] must be first ≤ last < {g}"),
+                ));
+            }
+        }
+        Ok((self.rows[0]..=self.rows[1])
+            .flat_map(|r| (self.cols[0]..=self.cols[1]).map(move |c| r * g + c))
+            .collect())
+    }
+}
+
+/// An operator's change of an acquisition setting ([`Agent::set_control`] of the grid agents):
+/// `acquisition` (a name [`crate::acquisition::Acquisition::parse`] takes; `ucb` keeps the
+/// current β), `beta` (UCB's β ≥ 0; switches to UCB) or `xi` (ξ of EI, LogEI, PI). Returns the
+/// new `(acquisition, ξ)` for the agent's own validation; errors name the control (`known`
+/// lists the acquisition names the agent takes).
+pub fn acquisition_control(
+    agent: &str,
+    name: &str,
+    value: &serde_json::Value,
+    (acquisition, xi): (crate::acquisition::Acquisition, f64),
+    known: &str,
+) -> Result<(crate::acquisition::Acquisition, f64)> {
+    use crate::acquisition::Acquisition;
+    match name {
+        "acquisition" => {
+            let s = value
+                .as_str()
+                .ok_or_else(|| AgentError::config("acquisition", "must be a name (string)"))?;
+            let a = Acquisition::parse(s).ok_or_else(|| {
+                AgentError::config("acquisition", format!("unknown {s:?}; known: {known}"))
+            })?;
+            let a = match (a, acquisition) {
+                (Acquisition::Ucb { .. }, Acquisition::Ucb { beta }) => Acquisition::Ucb { beta },
+                (a, _) => a,
+            };
+            Ok((a, xi))
+        }
+        "beta" => {
+            let beta = value
+                .as_f64()
+                .ok_or_else(|| AgentError::config("beta", "must be a number"))?;
+            if !(beta.is_finite() && beta >= 0.0) {
+                return Err(AgentError::config("beta", "must be finite and >= 0"));
+            }
+            Ok((Acquisition::Ucb { beta }, xi))
+        }
+        "xi" => {
+            let xi = value
+                .as_f64()
+                .ok_or_else(|| AgentError::config("xi", "must be a number"))?;
+            Ok((acquisition, xi))
+        }
+        _ => Err(AgentError::config(
+            name,
+            format!("the {agent} agent has no control {name:?}; it has acquisition, beta, xi"),
+        )),
+    }
+}
+
 /// A baseline agent.
 ///
 /// The harness calls, per seed: [`Agent::train`] once (learning agents train; the others do

@@ -36,7 +36,7 @@
 //! a real instrument as on the simulator.
 
 use crate::acquisition::Acquisition;
-use crate::agent::{Agent, GridMaps, Insight, Region};
+use crate::agent::{Agent, GridMaps, Insight, Region, acquisition_control};
 use crate::error::{AgentError, Result};
 use crate::gp::{Constant, GaussianPeak, Gp, GpConfig, Kernel, MeanFunction, Refitter};
 use rand::Rng;
@@ -702,47 +702,13 @@ impl Agent for BoAgent {
     /// the units of the modelled quantity).
     fn set_control(&mut self, name: &str, value: &serde_json::Value) -> Result<()> {
         let mut cfg = self.cfg.clone();
-        match name {
-            "acquisition" => {
-                let s = value
-                    .as_str()
-                    .ok_or_else(|| AgentError::config("acquisition", "must be a name (string)"))?;
-                let a = Acquisition::parse(s).ok_or_else(|| {
-                    AgentError::config(
-                        "acquisition",
-                        format!(
-                            "unknown {s:?}; known: ei, logei, ucb, pi, maxuncertainty, thompson"
-                        ),
-                    )
-                })?;
-                cfg.acquisition = match (a, cfg.acquisition) {
-                    (Acquisition::Ucb { .. }, Acquisition::Ucb { beta }) => {
-                        Acquisition::Ucb { beta }
-                    }
-                    (a, _) => a,
-                };
-            }
-            "beta" => {
-                let beta = value
-                    .as_f64()
-                    .ok_or_else(|| AgentError::config("beta", "must be a number"))?;
-                cfg.acquisition = Acquisition::Ucb { beta };
-            }
-            "xi" => {
-                cfg.xi = value
-                    .as_f64()
-                    .ok_or_else(|| AgentError::config("xi", "must be a number"))?;
-            }
-            _ => {
-                return Err(AgentError::config(
-                    name,
-                    format!(
-                        "the {} agent has no control {name:?}; it has acquisition, beta, xi",
-                        self.name()
-                    ),
-                ));
-            }
-        }
+        (cfg.acquisition, cfg.xi) = acquisition_control(
+            self.name(),
+            name,
+            value,
+            (cfg.acquisition, cfg.xi),
+            "ei, logei, ucb, pi, maxuncertainty, thompson",
+        )?;
         cfg.validate()?;
         self.cfg = cfg;
         Ok(())
@@ -774,22 +740,7 @@ impl Agent for BoAgent {
                 "the agent marks cells off-limits on grid tasks only",
             ));
         };
-        for (field, [a, b]) in [
-            ("off_limits.rows", region.rows),
-            ("off_limits.cols", region.cols),
-        ] {
-            if a > b || b >= g {
-                return Err(AgentError::arg(
-                    field,
-                    format!("[{a}, {b}] must be first ≤ last < {g}"),
-                ));
-            }
-        }
-        for r in region.rows[0]..=region.rows[1] {
-            for c in region.cols[0]..=region.cols[1] {
-                self.forbidden.insert(r * g + c);
-            }
-        }
+        self.forbidden.extend(region.cells(g)?);
         Ok(())
     }
 

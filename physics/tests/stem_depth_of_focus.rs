@@ -24,19 +24,7 @@ fn quiet(n: usize, dx: f64) -> StemConfig {
 
 /// The noiseless frame of a finite specimen of `atoms` (Z = 79).
 fn image(cfg: &StemConfig, atoms: &[[f64; 3]]) -> Vec<f32> {
-    let mut sim = StemSimulator::new(cfg.clone(), 0).unwrap();
-    *sim.specimen_mut() = Specimen {
-        atoms: atoms
-            .iter()
-            .map(|&[x, y, height]| Atom {
-                x,
-                y,
-                height,
-                z: 79,
-            })
-            .collect(),
-        cell: None,
-    };
+    let mut sim = with_atoms(cfg, atoms);
     sim.acquire_frame().unwrap();
     sim.last_noiseless().iter().copied().collect()
 }
