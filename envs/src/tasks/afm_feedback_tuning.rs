@@ -66,7 +66,7 @@
 //! where no limit acts), with the same spaces, reward
 //! and info. The test `fast_and_full_observe_the_same_statistics` compares what the task
 //! observes under both (means and variances of `e`, `d`, the ringing fraction, the relief and
-//! the reward, within 4%, on seeds 0..6). The fast model is about 1.2× faster, not the 10,000
+//! the reward, within 4%, on seeds 0..6). The fast model is about 1.3× faster, not the 10,000
 //! steps/s of the target: the per-sample PI loop and the per-pixel noise draws that
 //! remain dominate a step.
 //!

@@ -52,7 +52,7 @@
 //! where no limit acts), with the same spaces, reward
 //! and info. The test `fast_and_full_observe_the_same_statistics` compares what the task
 //! observes under both (the levelled frames the detector reads, within 3%, and the detected
-//! distance to the goal, within 10%, on seeds 0..8). The fast model is about 1.2× faster, not
+//! distance to the goal, within 10%, on seeds 0..8). The fast model is about 1.25× faster, not
 //! the 10,000 steps/s of the target: the per-sample PI loop and the per-pixel noise
 //! draws that remain dominate a step.
 //!

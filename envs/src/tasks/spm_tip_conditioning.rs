@@ -50,7 +50,7 @@
 //! where no limit acts), with the same spaces, reward
 //! and info. The test `fast_and_full_observe_the_same_statistics` compares what the task
 //! observes under both (mean, variance and three radial band powers of the observed frames,
-//! within 4% on seeds 0..8). The fast model is about 1.2× faster, not the 10,000 steps/s of the
+//! within 4% on seeds 0..8). The fast model is about 1.45× faster, not the 10,000 steps/s of the
 //! issue's target: the per-sample PI loop and the per-pixel noise draws that remain dominate a
 //! step.
 //!
