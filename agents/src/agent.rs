@@ -167,6 +167,20 @@ pub fn acquisition_control(
     }
 }
 
+/// The acquisition settings a grid agent shows the operator ([`Insight::controls`]):
+/// `{"acquisition": name, "xi": ξ}`, plus `"beta"` for UCB. The names are the ones
+/// [`acquisition_control`] takes back.
+pub fn acquisition_controls(
+    acquisition: crate::acquisition::Acquisition,
+    xi: f64,
+) -> serde_json::Value {
+    let mut controls = serde_json::json!({ "acquisition": acquisition.name(), "xi": xi });
+    if let crate::acquisition::Acquisition::Ucb { beta } = acquisition {
+        controls["beta"] = serde_json::json!(beta);
+    }
+    controls
+}
+
 /// A baseline agent.
 ///
 /// The harness calls, per seed: [`Agent::train`] once (learning agents train; the others do

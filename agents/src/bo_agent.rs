@@ -36,7 +36,7 @@
 //! a real instrument as on the simulator.
 
 use crate::acquisition::Acquisition;
-use crate::agent::{Agent, GridMaps, Insight, Region, acquisition_control};
+use crate::agent::{Agent, GridMaps, Insight, Region, acquisition_control, acquisition_controls};
 use crate::error::{AgentError, Result};
 use crate::gp::{Constant, GaussianPeak, Gp, GpConfig, Kernel, MeanFunction, Refitter};
 use rand::Rng;
@@ -630,22 +630,8 @@ impl Agent for BoAgent {
     }
 
     fn insight(&self) -> Option<Insight> {
-        let mut controls = serde_json::json!({
-            "acquisition": match self.cfg.acquisition {
-                Acquisition::Ei => "ei",
-                Acquisition::LogEi => "logei",
-                Acquisition::Ucb { .. } => "ucb",
-                Acquisition::Pi => "pi",
-                Acquisition::MaxUncertainty => "maxuncertainty",
-                Acquisition::Thompson => "thompson",
-            },
-            "xi": self.cfg.xi,
-        });
-        if let Acquisition::Ucb { beta } = self.cfg.acquisition {
-            controls["beta"] = serde_json::json!(beta);
-        }
         let mut ins = Insight {
-            controls,
+            controls: acquisition_controls(self.cfg.acquisition, self.cfg.xi),
             ..Insight::default()
         };
         let Some(Mode::Grid { g, .. }) = self.mode else {

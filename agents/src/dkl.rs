@@ -59,7 +59,7 @@
 //! ```
 
 use crate::acquisition::Acquisition;
-use crate::agent::{Agent, GridMaps, Insight, Region, acquisition_control};
+use crate::agent::{Agent, GridMaps, Insight, Region, acquisition_control, acquisition_controls};
 use crate::error::{AgentError, Result};
 use rand::Rng;
 use scopegym_envs::rng::{SimRng, seeded};
@@ -825,15 +825,8 @@ impl Agent for DklAgent {
     }
 
     fn insight(&self) -> Option<Insight> {
-        let mut controls = serde_json::json!({
-            "acquisition": self.cfg.acquisition.name(),
-            "xi": self.cfg.xi,
-        });
-        if let Acquisition::Ucb { beta } = self.cfg.acquisition {
-            controls["beta"] = serde_json::json!(beta);
-        }
         let mut ins = Insight {
-            controls,
+            controls: acquisition_controls(self.cfg.acquisition, self.cfg.xi),
             ..Insight::default()
         };
         let n = self.n;

@@ -96,6 +96,18 @@ fn a_flat_specimen_is_unchanged_by_depth_of_focus() {
     }
 }
 
+/// The quiet set-up of [`quiet`] with an aberration-free probe (C30 = C50 = 0 at the default
+/// C10 = 0, no source or chromatic blur) and depth of focus on: the closed form's conditions.
+fn aberration_free_with_depth(n: usize, dx: f64) -> StemConfig {
+    let mut cfg = quiet(n, dx);
+    cfg.optics.c30 = Param::fixed(0.0);
+    cfg.optics.c50 = Param::fixed(0.0);
+    cfg.optics.source_size = Param::fixed(0.0);
+    cfg.optics.energy_spread = Param::fixed(0.0);
+    cfg.depth_of_focus.enabled = true;
+    cfg
+}
+
 /// Born & Wolf §8.8: the on-axis intensity of an aberration-free probe of semi-angle α at defocus
 /// Δf is I₀ [sin(x)/x]², x = π Δf α² / (2λ): half at Δf = ±0.886 λ/α², the depth of field
 /// 1.77 λ/α². An atom at height ±0.886 λ/α² under C10 = 0 (no C30, C50, source or chromatic
@@ -103,13 +115,7 @@ fn a_flat_specimen_is_unchanged_by_depth_of_focus() {
 /// peaks at half the in-focus atom's peak within 3 % (measured 0.497).
 #[test]
 fn depth_of_field_is_the_closed_form() {
-    let (n, dx) = (256, 0.05e-10);
-    let mut cfg = quiet(n, dx);
-    cfg.optics.c30 = Param::fixed(0.0);
-    cfg.optics.c50 = Param::fixed(0.0);
-    cfg.optics.source_size = Param::fixed(0.0);
-    cfg.optics.energy_spread = Param::fixed(0.0);
-    cfg.depth_of_focus.enabled = true;
+    let cfg = aberration_free_with_depth(256, 0.05e-10);
     let lambda = electron_wavelength(cfg.optics.energy.get());
     let alpha = cfg.optics.convergence_angle.get();
     let x: f64 = 1.391_557_4; // sin(x)/x = 1/√2
@@ -219,13 +225,7 @@ fn with_atoms(cfg: &StemConfig, atoms: &[[f64; 3]]) -> StemSimulator {
 /// at ±0.886 λ/α², within 3 %), measured above the counts of an empty specimen.
 #[test]
 fn point_exposures_have_the_same_depth_of_field() {
-    let (n, dx) = (256, 0.05e-10);
-    let mut cfg = quiet(n, dx);
-    cfg.optics.c30 = Param::fixed(0.0);
-    cfg.optics.c50 = Param::fixed(0.0);
-    cfg.optics.source_size = Param::fixed(0.0);
-    cfg.optics.energy_spread = Param::fixed(0.0);
-    cfg.depth_of_focus.enabled = true;
+    let cfg = aberration_free_with_depth(256, 0.05e-10);
     let lambda = electron_wavelength(cfg.optics.energy.get());
     let alpha = cfg.optics.convergence_angle.get();
     let half = 0.886 * lambda / (alpha * alpha);

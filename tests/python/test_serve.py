@@ -86,6 +86,7 @@ def test_dashboard_in_headless_chromium(tmp_path: Path):
 
         # Frames and maps update while the run goes.
         _wait(b, lambda: step() >= 3, "the run does not advance")
+        assert b.find_element(By.ID, "acq-controls").is_displayed(), "BO's acquisition controls are hidden"
         src1 = _frames(b)
         map1 = _canvas(b, "map-acq")
         s1 = step()
@@ -196,6 +197,39 @@ def test_dkl_embedding_scatter_is_drawn(tmp_path: Path):
         assert coloured > 100, coloured
         assert "z0" in _text(b, "scatter-axes")
         assert b.execute_script("return !document.getElementById('fig-acq').hidden")
+    finally:
+        if b is not None:
+            b.quit()
+        proc.kill()
+        try:
+            proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def test_agents_without_acquisition_settings_show_no_such_controls(tmp_path: Path):
+    """The heuristic has no acquisition, β or ξ: the page hides those controls (BO shows them,
+    see the first test)."""
+    if not Path(BIN).exists():
+        pytest.skip(f"build the CLI first (cargo build): {BIN}")
+    cfg = tmp_path / "env.toml"
+    cfg.write_text(f"budget = {BUDGET}\n")
+    limits = tmp_path / "limits.toml"
+    limits.write_text('[stem]\ndose_budget = "1e9 e/Å^2"\n')
+    proc = subprocess.Popen(
+        [BIN, "serve", TASK, "--agent", "heuristic", "--port", "0", "--seed", "1", "--out", str(tmp_path / "run"),
+         "--env-config", str(cfg), "--pace", "0.1", "--limits", str(limits)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    b = None
+    try:
+        url = proc.stdout.readline().strip()
+        assert url.startswith("http://127.0.0.1:"), (url, proc.stderr.read() if proc.poll() is not None else "")
+        b = _browser()
+        b.get(url)
+        _wait(b, lambda: int(_text(b, "runstep")) >= 2, "the run does not advance")
+        assert not b.find_element(By.ID, "acq-controls").is_displayed()
+        assert b.find_element(By.ID, "pause").is_displayed()
     finally:
         if b is not None:
             b.quit()

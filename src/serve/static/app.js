@@ -284,6 +284,8 @@ function render(s) {
   extra.episode_returns = s.returns;
   $("agent-extra").textContent = JSON.stringify(extra, null, 1);
   const ctl = ins.controls || {};
+  // Only agents with acquisition settings (BO, DKL) show and take them.
+  $("acq-controls").hidden = ctl.acquisition === undefined;
   if (document.activeElement !== $("acq") && ctl.acquisition) $("acq").value = ctl.acquisition;
   $("audit").textContent = (s.audit_tail || []).join("\n");
   $("interventions").textContent = (s.interventions || []).map((i) => `step ${i.step}: ${i.kind} ${JSON.stringify(i.value)}`).join("\n");
