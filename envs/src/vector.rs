@@ -150,8 +150,13 @@ const SHARE_MIN_WORK_NS: u64 = 50_000;
 /// How long the calling thread waits awake for the others to finish their blocks.
 const SPIN_MAX: std::time::Duration = std::time::Duration::from_micros(500);
 
-/// Contiguous blocks of envs per thread when shared.
+/// Contiguous blocks of envs per thread when shared ...
 const SHARE_BLOCKS: usize = 2;
+
+/// ... unless an env's step took at least this long on average (thread time, nanoseconds):
+/// then every env is a block of its own, so the threads balance steps of unequal cost (a
+/// reset, a re-dilated tip) env by env; a block's hand-off costs well under a microsecond.
+const ENV_BLOCK_MIN_NS: u64 = 10_000;
 
 /// Nanoseconds since `start` (saturating; a call never takes 584 years).
 fn nanos(start: std::time::Instant) -> u64 {
@@ -335,7 +340,8 @@ impl VectorEnv {
     /// the envs among the threads only if that work reached `SHARE_MIN_WORK_NS`. Shared, the
     /// envs go out in contiguous blocks, `SHARE_BLOCKS` per thread: few enough that a block
     /// costs one timer read and one hand-off, enough that a thread left with cheap envs
-    /// (steps) takes blocks from one held up by costly ones (resets). Each env owns its state
+    /// (steps) takes blocks from one held up by costly ones (resets). When an env's step cost
+    /// `ENV_BLOCK_MIN_NS` or more on average, every env is its own block. Each env owns its state
     /// and random streams, so the results are the same either way.
     fn run_slots_into(
         &mut self,
@@ -379,8 +385,13 @@ impl VectorEnv {
         // The calling thread is member 0, the pool's threads the others; member `p` runs its
         // own blocks `p * per..(p + 1) * per` in order (the same envs each call, so they stay
         // in its cache), then takes what is left of the others'.
-        let (members, per) = (self.threads, SHARE_BLOCKS);
-        let len = n.div_ceil(members * per);
+        let members = self.threads;
+        let len = if self.work_ns >= ENV_BLOCK_MIN_NS.saturating_mul(n as u64) {
+            1
+        } else {
+            n.div_ceil(members * SHARE_BLOCKS)
+        };
+        let per = n.div_ceil(len).div_ceil(members);
         let mut blocks = Vec::with_capacity(n.div_ceil(len));
         let (mut slots, mut rest) = (&mut self.slots[..], out);
         while !slots.is_empty() {
