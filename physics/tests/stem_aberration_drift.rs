@@ -1,7 +1,8 @@
 //! Aberrations that drift in time (issue 15 §2, `[aberration_drift]`): the defocus follows
 //! `C10(t) = C10₀ + r t` exactly at the start of every frame and point exposure, a later frame
 //! equals the frame of a static instrument at the closed-form defocus (and is blurrier), the
-//! random walk is deterministic per seed, and a drift that is off leaves frames bit for bit.
+//! random walk is deterministic per seed, a drift that is off leaves frames bit for bit, and
+//! with `within_frame` each part of a frame equals the static frame at its own defocus.
 
 use scopegym_physics::instrument::StemInstrument;
 use scopegym_physics::param::Param;
@@ -128,4 +129,114 @@ fn the_random_walk_is_deterministic_per_seed_and_off_is_bit_identical() {
     let (p, _) = frames(plain, 4);
     let (q, _) = frames(off, 4);
     assert!(p.iter().zip(&q).all(|(x, y)| x.to_bits() == y.to_bits()));
+}
+
+/// With `within_frame`, each row is imaged with the aberrations at its start floored to the
+/// update interval: the rows of each part of a frame equal (to rounding) the same rows of a
+/// static instrument at the closed-form defocus C10₀ + r t_k of that part, and the last part
+/// differs visibly from the frame-start probe's image.
+#[test]
+fn within_a_frame_each_part_is_the_static_frame_at_its_defocus() {
+    let n = 48;
+    let base = quiet(n);
+    let c0 = base.optics.c10.get();
+    let settings = StemSimulator::new(base.clone(), 1).unwrap().scan_settings();
+    let (frame_time, line) = (
+        settings.frame_time(),
+        settings.cols as f64 * settings.dwell_time + settings.flyback_time,
+    );
+    // 8 nm of defocus over the frame, followed every quarter of it.
+    let r = 8e-9 / frame_time;
+    let interval = frame_time / 4.0;
+    let mut cfg = base.clone();
+    cfg.aberration_drift.rates.c10 = r;
+    cfg.aberration_drift.update_interval = Param::fixed(interval);
+    cfg.aberration_drift.within_frame = true;
+    let mut sim = StemSimulator::new(cfg, 1).unwrap();
+    sim.acquire_frame().unwrap();
+    let got = sim.last_noiseless().to_owned();
+    let static_frame = |c10: f64| {
+        let mut fixed = base.clone();
+        fixed.optics.c10 = Param::fixed(c10);
+        let mut s = StemSimulator::new(fixed, 1).unwrap();
+        s.acquire_frame().unwrap();
+        s.last_noiseless().to_owned()
+    };
+    let start = static_frame(c0);
+    let max = start.iter().fold(0.0f32, |m, &v| m.max(v));
+    let mut parts = 0;
+    let mut row = 0;
+    while row < n {
+        let tq = ((row as f64 * line) / interval).floor() * interval;
+        let end = (row..n)
+            .find(|&k| ((k as f64 * line) / interval).floor() * interval != tq)
+            .unwrap_or(n);
+        let want = static_frame(c0 + r * tq);
+        for i in row..end {
+            for j in 0..n {
+                let (a, b) = (got[[i, j]], want[[i, j]]);
+                assert!((a - b).abs() <= 1e-6 * max, "row {i} col {j}: {a} vs {b}");
+            }
+        }
+        parts += 1;
+        row = end;
+    }
+    assert!(parts >= 4, "{parts} parts");
+    let last = n - 1;
+    let gap = (0..n)
+        .map(|j| (got[[last, j]] - start[[last, j]]).abs())
+        .fold(0.0f32, f32::max);
+    assert!(
+        gap > 0.05 * max,
+        "the last row barely changed: {gap} of {max}"
+    );
+    // The frame-start probe is the one in force at the start, and the last part's after it.
+    assert_eq!(
+        sim.aberrations_in_force().c10,
+        c0 + r * (((last as f64 * line) / interval).floor() * interval)
+    );
+}
+
+/// `within_frame` needs an update interval, and a frame may be imaged by at most 64 probes;
+/// a frame inside one interval is bit for bit the frame without `within_frame` (shot noise on).
+#[test]
+fn within_frame_checks_its_interval_and_changes_nothing_within_one() {
+    let mut cfg = quiet(16);
+    cfg.aberration_drift.rates.c10 = 1e-7;
+    cfg.aberration_drift.within_frame = true;
+    let e = StemSimulator::new(cfg.clone(), 1).unwrap_err().to_string();
+    assert!(e.contains("aberration_drift.update_interval"), "{e}");
+    // 128 rows over 100 intervals: 100 probes.
+    let mut many = cfg.clone();
+    many.scan.pixels = [128, 128];
+    let frame_time = StemSimulator::new(quiet(128), 1)
+        .unwrap()
+        .scan_settings()
+        .frame_time();
+    many.aberration_drift.update_interval = Param::fixed(frame_time / 100.0);
+    let mut sim = StemSimulator::new(many, 1).unwrap();
+    let e = sim.acquire_frame().unwrap_err().to_string();
+    assert!(
+        e.contains("aberration_drift.update_interval") && e.contains("100 probes"),
+        "{e}"
+    );
+    // One interval longer than every frame (and frames that start on its multiples).
+    cfg.detector.shot_noise = true;
+    cfg.aberration_drift.update_interval = Param::fixed(1e3);
+    let frames = |within: bool| {
+        let mut c = cfg.clone();
+        c.aberration_drift.within_frame = within;
+        let mut sim = StemSimulator::new(c, 7).unwrap();
+        (0..2)
+            .flat_map(|_| {
+                sim.acquire_frame()
+                    .unwrap()
+                    .image
+                    .iter()
+                    .map(|v| v.to_bits())
+                    .collect::<Vec<_>>()
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(frames(true), frames(false));
 }

@@ -225,7 +225,7 @@ fn with_atoms(cfg: &StemConfig, atoms: &[[f64; 3]]) -> StemSimulator {
 /// at ±0.886 λ/α², within 3 %), measured above the counts of an empty specimen.
 #[test]
 fn point_exposures_have_the_same_depth_of_field() {
-    let cfg = aberration_free_with_depth(256, 0.05e-10);
+    let mut cfg = aberration_free_with_depth(256, 0.05e-10);
     let lambda = electron_wavelength(cfg.optics.energy.get());
     let alpha = cfg.optics.convergence_angle.get();
     let half = 0.886 * lambda / (alpha * alpha);

@@ -16,7 +16,10 @@
 //!
 //! The probe sees `C_set + offset(t)` at the **start of each exposure**: a frame is imaged with
 //! the aberrations at its first pixel (one probe per frame; the drift within a frame, ~ r × the
-//! frame time, is neglected), a point exposure or spectrum with those at its start. A probe is
+//! frame time, is neglected), a point exposure or spectrum with those at its start. With
+//! `within_frame`, each row of a frame is imaged with the aberrations at its own start, floored
+//! to `update_interval` (the drift along one row is neglected), so a slow frame's first and last
+//! rows see different defocus, as on a real column. A probe is
 //! rebuilt only when the aberrations changed, and `update_interval` (s) coarsens the clock
 //! further (times are floored to a multiple of it) so that fast point sequences reuse one probe.
 //! A magnitude that drifts through zero turns into its positive value with the azimuth turned
@@ -46,7 +49,16 @@ pub struct AberrationDriftConfig {
     /// The probe follows the drift at instrument times floored to a multiple of this, s
     /// (0: at the start of every frame and point exposure). Default 0.
     pub update_interval: Param<Time>,
+    /// Follow the drift within a frame too: each row is imaged with the aberrations at its
+    /// start (floored to `update_interval`, which must then be > 0), so a frame longer than
+    /// the interval is imaged by one probe per interval, at most [`MAX_FRAME_PROBES`]. Off
+    /// (default): one probe per frame, at its first pixel.
+    pub within_frame: bool,
 }
+
+/// The most probes one frame may be imaged with when the drift is followed within frames
+/// (each is a probe computation and a render of the frame).
+pub const MAX_FRAME_PROBES: usize = 64;
 
 impl Default for AberrationDriftConfig {
     fn default() -> Self {
@@ -55,6 +67,7 @@ impl Default for AberrationDriftConfig {
             c10_diffusivity: Param::fixed(0.0),
             c12_diffusivity: Param::fixed(0.0),
             update_interval: Param::fixed(0.0),
+            within_frame: false,
         }
     }
 }
@@ -86,6 +99,13 @@ impl AberrationDriftConfig {
             return Err(PhysicsError::param(
                 format!("{prefix}update_interval"),
                 format!("must be a finite time >= 0, got {u} s"),
+            ));
+        }
+        if self.within_frame && u <= 0.0 {
+            return Err(PhysicsError::param(
+                format!("{prefix}update_interval"),
+                "must be > 0 with within_frame = true (the probe is recomputed once per \
+                 interval within a frame)",
             ));
         }
         Ok(())

@@ -745,6 +745,43 @@ impl HaadfRenderer {
     pub fn record(&mut self, dist: &Distortion, det: &DetectorConfig, rng: &mut SimRng) {
         let Some(g) = self.geom else { return };
         let (rows, cols) = (g.rows, g.cols);
+        for i in 0..rows {
+            self.expect_rows(dist, i..i + 1);
+            // Counts for this row while its expectation is in cache.
+            self.count_row(det, rng, i, cols);
+        }
+        det.add_read_noise_and_salt(rng, &mut self.frame[..rows * cols]);
+    }
+
+    /// Counts, gain and offset of row `i` (`cols` pixels) from its expected counts.
+    fn count_row(&mut self, det: &DetectorConfig, rng: &mut SimRng, i: usize, cols: usize) {
+        det.count(
+            rng,
+            &mut self.noiseless[i * cols..(i + 1) * cols],
+            &mut self.frame[i * cols..(i + 1) * cols],
+            &mut self.poisson,
+        );
+    }
+
+    /// Draws the recorded `frame` from the expected counts in `noiseless` (all rows, filled by
+    /// [`HaadfRenderer::expect_rows`]): what [`HaadfRenderer::record`] does after sampling.
+    pub fn count_rows(&mut self, det: &DetectorConfig, rng: &mut SimRng) {
+        let Some(g) = self.geom else { return };
+        let (rows, cols) = (g.rows, g.cols);
+        for i in 0..rows {
+            self.count_row(det, rng, i, cols);
+        }
+        det.add_read_noise_and_salt(rng, &mut self.frame[..rows * cols]);
+    }
+
+    /// Samples the ideal image along the distorted scan path into rows `range` of `noiseless`
+    /// (expected counts, before the detector): the first stage of [`HaadfRenderer::record`].
+    /// A frame whose probe changes between rows renders each part's ideal image and samples
+    /// its rows, then draws the counts with [`HaadfRenderer::count_rows`].
+    pub fn expect_rows(&mut self, dist: &Distortion, range: std::ops::Range<usize>) {
+        let Some(g) = self.geom else { return };
+        let (rows, cols) = (g.rows, g.cols);
+        let range = range.start.min(rows)..range.end.min(rows);
         let node = dist.node.max(1);
         let npr = Distortion::nodes_per_row(cols, node);
         let inv_dx = 1.0 / g.dx;
@@ -755,8 +792,8 @@ impl HaadfRenderer {
         } else {
             0.0
         };
-        // Row by row: expected counts λ along the scan path, counts, gain and offset.
-        for i in 0..rows {
+        // Row by row: expected counts λ along the scan path.
+        for i in range {
             let d0 = dist.row_drift_start.get(i).copied().unwrap_or([0.0; 2]);
             let d1 = dist.row_drift_end.get(i).copied().unwrap_or([0.0; 2]);
             let jit = dist.row_jitter.get(i).copied().unwrap_or(0.0);
@@ -825,15 +862,7 @@ impl HaadfRenderer {
                     }
                 }
             }
-            // Counts for this row while its expectation is in cache.
-            det.count(
-                rng,
-                &mut self.noiseless[i * cols..(i + 1) * cols],
-                &mut self.frame[i * cols..(i + 1) * cols],
-                &mut self.poisson,
-            );
         }
-        det.add_read_noise_and_salt(rng, &mut self.frame[..rows * cols]);
     }
 }
 

@@ -19,7 +19,7 @@ use crate::instrument::{
 use crate::param::dims::{Current, Length, Time, Unitless};
 use crate::param::{Param, Randomizer, Region};
 use crate::rng::{PoissonScratch, SimRng, derive_seed, poisson, seeded};
-use crate::stem::aberration_drift::{AberrationDrift, AberrationDriftConfig};
+use crate::stem::aberration_drift::{AberrationDrift, AberrationDriftConfig, MAX_FRAME_PROBES};
 use crate::stem::coherent::{AnnularDetector, CoherentGrid};
 use crate::stem::damage::{
     CurrentFluctuation, DamageConfig, DoseMap, Hop, HopModel, KnockOn, Raster, RasterPath,
@@ -884,8 +884,6 @@ impl StemSimulator {
     /// background at each pixel's specimen position (dose map as the scan begins), each pixel
     /// times its current factor (an AR(1) in the pixel times), then counted by the detector.
     fn record_with_beam_effects(&mut self, epp: f64, shift: [f64; 2]) {
-        let sc = self.scan;
-        let (rows, cols) = (sc.rows, sc.cols);
         let bare = DetectorConfig {
             shot_noise: false,
             gain: Param::fixed(1.0),
@@ -895,6 +893,15 @@ impl StemSimulator {
             ..self.cfg.detector.clone()
         };
         self.renderer.record(&self.dist, &bare, &mut self.rng_noise);
+        self.beam_effects_and_count(epp, shift);
+    }
+
+    /// The beam effects over a frame whose expected counts are in the renderer's `noiseless`
+    /// (before the detector): current fluctuation and the contamination background, then the
+    /// detector's counts, read noise and salt.
+    fn beam_effects_and_count(&mut self, epp: f64, shift: [f64; 2]) {
+        let sc = self.scan;
+        let (rows, cols) = (sc.rows, sc.cols);
         let n = rows * cols;
         self.fluct_buf.clear();
         self.fluct_buf.resize(n, 1.0);
@@ -1319,40 +1326,34 @@ impl StemSimulator {
         let stale = !self.ideal_valid || epp != self.rendered_electrons;
         if stale || moved > RERENDER_DRIFT * sc.pixel_size {
             if stale || !self.renderer.shift_ideal(shift) {
-                if depth {
-                    self.renderer.render_ideal_sliced(
-                        &self.specimen,
-                        &self.sigma_haadf,
-                        epp,
-                        shift,
-                        sc.center,
-                        &self.slice_of,
-                    )?;
-                } else {
-                    let index = self.frame_index();
-                    self.renderer.render_ideal_indexed(
-                        &self.specimen,
-                        index.then_some(&self.atom_index),
-                        &self.sigma_haadf,
-                        epp,
-                        shift,
-                        sc.center,
-                    )?;
-                }
+                self.render_ideal(epp, shift, depth)?;
             }
             self.ideal_shift = shift;
             self.rendered_electrons = epp;
             self.ideal_valid = true;
         }
-        let t0 = self.clock;
+        self.scan_path(self.ideal_shift);
+        if self.beam_effects_on() {
+            self.record_with_beam_effects(epp, shift);
+        } else {
+            self.renderer
+                .record(&self.dist, &self.cfg.detector, &mut self.rng_noise);
+        }
+        Ok(())
+    }
+
+    /// The positions the next frame's pixels visit (drift from the clock on, scan noise, scan
+    /// distortions) on an ideal image rendered with the specimen shifted by `shift` (m).
+    fn scan_path(&mut self, shift: [f64; 2]) {
+        let sc = self.scan;
         self.dist.generate(
             &self.cfg.scan_noise,
             sc.rows,
             sc.cols,
             sc.dwell_time,
             sc.flyback_time,
-            t0,
-            self.ideal_shift,
+            self.clock,
+            shift,
             &mut self.drift,
             &mut self.rng_scan,
         );
@@ -1363,18 +1364,111 @@ impl StemSimulator {
             sc.pixel_size,
             sc.dwell_time,
         );
-        if self
-            .cfg
+    }
+
+    /// Renders the ideal image of the frame (`epp` electrons per pixel, specimen shifted by
+    /// `shift`, m) with the current probe: through the depth slices' probes with `depth`.
+    fn render_ideal(&mut self, epp: f64, shift: [f64; 2], depth: bool) -> Result<()> {
+        let center = self.scan.center;
+        if depth {
+            self.renderer.render_ideal_sliced(
+                &self.specimen,
+                &self.sigma_haadf,
+                epp,
+                shift,
+                center,
+                &self.slice_of,
+            )
+        } else {
+            let index = self.frame_index();
+            self.renderer.render_ideal_indexed(
+                &self.specimen,
+                index.then_some(&self.atom_index),
+                &self.sigma_haadf,
+                epp,
+                shift,
+                center,
+            )
+        }
+    }
+
+    /// The parts of the next frame imaged by one probe when the aberration drift is followed
+    /// within frames (`aberration_drift.within_frame`): the first row of each and the time
+    /// (s, floored to the update interval) whose aberrations image it. Empty otherwise.
+    fn frame_probe_parts(&self) -> Result<Vec<(usize, f64)>> {
+        if !(self.cfg.aberration_drift.within_frame && self.ab_drift.is_on()) {
+            return Ok(Vec::new());
+        }
+        let sc = self.scan;
+        let line = sc.cols as f64 * sc.dwell_time + sc.flyback_time;
+        let mut parts: Vec<(usize, f64)> = Vec::new();
+        for r in 0..sc.rows {
+            let t = self.ab_drift.quantized(self.clock + r as f64 * line);
+            if parts.last().is_none_or(|p| p.1 != t) {
+                parts.push((r, t));
+            }
+        }
+        if parts.len() > MAX_FRAME_PROBES {
+            return Err(PhysicsError::param(
+                "aberration_drift.update_interval",
+                format!(
+                    "a frame of {:.3} s would be imaged by {} probes at {} s each; at most \
+                     {MAX_FRAME_PROBES}: raise the interval or shorten the frame",
+                    sc.rows as f64 * line,
+                    parts.len(),
+                    self.cfg.aberration_drift.update_interval.get()
+                ),
+            ));
+        }
+        Ok(parts)
+    }
+
+    /// A frame whose rows follow the aberration drift (`parts` from
+    /// [`Self::frame_probe_parts`]): the scan path as for one probe, then per part the probe
+    /// of its aberrations, its ideal image and its rows' expected counts, then the detector
+    /// over the whole frame (the same draws, in the same order, as with one probe).
+    fn frame_with_drifting_probe(
+        &mut self,
+        epp: f64,
+        shift: [f64; 2],
+        depth: bool,
+        parts: &[(usize, f64)],
+    ) -> Result<()> {
+        let rows = self.scan.rows;
+        self.scan_path(shift);
+        for (k, &(r0, t)) in parts.iter().enumerate() {
+            let r1 = parts.get(k + 1).map_or(rows, |p| p.0);
+            let a = self.ab_drift.at(&self.aberrations, t, &mut self.rng_optics);
+            if a != self.probe_ab {
+                self.probe_ab = a;
+                self.probe_dirty = true;
+            }
+            self.ensure_probe();
+            if depth {
+                self.prepare_depth_slices()?;
+            }
+            self.render_ideal(epp, shift, depth)?;
+            self.renderer.expect_rows(&self.dist, r0..r1);
+        }
+        self.ideal_shift = shift;
+        self.rendered_electrons = epp;
+        self.ideal_valid = true;
+        if self.beam_effects_on() {
+            self.beam_effects_and_count(epp, shift);
+        } else {
+            self.renderer
+                .count_rows(&self.cfg.detector, &mut self.rng_noise);
+        }
+        Ok(())
+    }
+
+    /// Whether an opt-in effect acts on the beam during a frame (then
+    /// [`Self::beam_effects_and_count`] draws the frame).
+    fn beam_effects_on(&self) -> bool {
+        self.cfg
             .opt_in_effects()
             .iter()
             .any(|e| e.acts_on_the_beam())
-        {
-            self.record_with_beam_effects(epp, shift);
-        } else {
-            self.renderer
-                .record(&self.dist, &self.cfg.detector, &mut self.rng_noise);
-        }
-        Ok(())
     }
 
     /// Dose, damage, clock and the frame after its image is recorded (both fidelities).
@@ -1568,6 +1662,7 @@ impl StemInstrument for StemSimulator {
 
     fn acquire_frame(&mut self) -> Result<Frame<'_>> {
         self.check_beam("acquire_frame")?;
+        let parts = self.frame_probe_parts()?;
         self.follow_aberration_drift();
         self.ensure_probe();
         let depth = self.cfg.depth_of_focus.enabled && !self.specimen.atoms.is_empty();
@@ -1577,7 +1672,11 @@ impl StemInstrument for StemSimulator {
         let sc = self.scan;
         let epp = self.electrons(sc.dwell_time);
         let shift = self.drift.offset;
-        self.full_frame(epp, shift, depth)?;
+        if parts.len() > 1 {
+            self.frame_with_drifting_probe(epp, shift, depth, &parts)?;
+        } else {
+            self.full_frame(epp, shift, depth)?;
+        }
         self.finish_frame(epp, shift)
     }
 
