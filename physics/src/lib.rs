@@ -5,7 +5,8 @@
 //!
 //! - [`stem`]: the scanning transmission electron microscope (aberrated probe with the
 //!   non-round aberrations up to fifth order, HAADF imaging, opt-in Ronchigram and BF/ABF
-//!   signals, scan distortions, beam-current fluctuation, contamination build-up, knock-on
+//!   signals, aberrations and defocus that drift between and within frames, depth of focus,
+//!   scan distortions, beam-current fluctuation, contamination build-up, knock-on
 //!   damage with lower thresholds at edges and vacancies, dopant hops, EELS with collection-angle
 //!   and beam-energy dependent cross-sections), with three simulators
 //!   (full, light dopant, lattice) sharing one scan-settings check ([`stem::settings`]) and one
