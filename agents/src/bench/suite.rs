@@ -618,7 +618,7 @@ pub struct ExternalAgent {
     pub same_tasks: Vec<Aggregate>,
     /// How its episodes ran where that differs from the suite's agents, which play the bare
     /// simulator: through the safety guard (`scopegym mcp`), with its driver and the steps the
-    /// guard refused, per file.
+    /// guard refused, per file; and the build that made a file when it is not the suite's.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub notes: Vec<String>,
 }
@@ -1001,6 +1001,31 @@ pub fn score_with(
             ));
         }
     }
+    // A build other than the suite's: the task ids, configs and seeds match (checked below),
+    // but a fix between builds that kept the ids could still move the scores.
+    for e in &external {
+        let p = &e.results.provenance;
+        let commits_differ =
+            !p.commit.is_empty() && !build.commit.is_empty() && p.commit != build.commit;
+        if p.version != build.version || commits_differ {
+            let describe = |v: &str, c: &str| {
+                if c.is_empty() {
+                    format!("scopegym {v}")
+                } else {
+                    format!("scopegym {v} ({c})")
+                }
+            };
+            notes.push((
+                e.results.agent.clone(),
+                format!(
+                    "{}: made by {}, the suite by {}",
+                    e.file,
+                    describe(&p.version, &p.commit),
+                    describe(&build.version, &build.commit)
+                ),
+            ));
+        }
+    }
     let (ext, files) = external_runs(file, &results, external)?;
     let mut names: Vec<String> = Vec::new();
     for r in &ext {
@@ -1310,6 +1335,18 @@ mod tests {
         assert_eq!(names, ["random", "heuristic", "llm"]);
         assert_eq!(e.same_tasks[0].runs, 2);
         assert_eq!(e.same_tasks[2].mean, 1.25);
+        assert!(e.notes.is_empty(), "{:?}", e.notes);
+        // Made by another build: scored, with a note naming both builds.
+        let mut other = one(0, 3.0, "o.json");
+        other.results.provenance.version = "0.0.9".into();
+        other.results.provenance.commit = "abc123".into();
+        let r = go(vec![one(1, 9.0, "s1.json"), other]).unwrap();
+        let notes = &r.external[0].notes;
+        assert_eq!(notes.len(), 1, "{notes:?}");
+        assert!(
+            notes[0].starts_with("o.json: made by") && notes[0].contains("(abc123)"),
+            "{notes:?}"
+        );
         // A seed in two files, a missing seed, and a suite agent's name are refused.
         let err = |ext| go(ext).unwrap_err().to_string();
         let e = err(vec![one(0, 3.0, "a.json"), one(0, 4.0, "b.json")]);
