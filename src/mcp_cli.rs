@@ -139,31 +139,29 @@ impl<'a> Args<'a> {
             .ok_or_else(|| ToolError(format!("{k}: required")))
     }
 
-    fn u64_opt(&self, k: &str) -> Result<Option<u64>, ToolError> {
+    /// Argument `k` read by `read` (absent: `None`); a value it cannot read is an error naming
+    /// `k`, what was `expected` and the value.
+    fn opt<T>(
+        &self,
+        k: &str,
+        expected: &str,
+        read: impl Fn(&'a serde_json::Value) -> Option<T>,
+    ) -> Result<Option<T>, ToolError> {
         self.get(k)
-            .map(|v| {
-                v.as_u64()
-                    .ok_or_else(|| ToolError(format!("{k}: expected an integer ≥ 0, got {v}")))
-            })
+            .map(|v| read(v).ok_or_else(|| ToolError(format!("{k}: expected {expected}, got {v}"))))
             .transpose()
+    }
+
+    fn u64_opt(&self, k: &str) -> Result<Option<u64>, ToolError> {
+        self.opt(k, "an integer ≥ 0", serde_json::Value::as_u64)
     }
 
     fn bool_opt(&self, k: &str) -> Result<Option<bool>, ToolError> {
-        self.get(k)
-            .map(|v| {
-                v.as_bool()
-                    .ok_or_else(|| ToolError(format!("{k}: expected true or false, got {v}")))
-            })
-            .transpose()
+        self.opt(k, "true or false", serde_json::Value::as_bool)
     }
 
     fn str_opt(&self, k: &str) -> Result<Option<&'a str>, ToolError> {
-        self.get(k)
-            .map(|v| {
-                v.as_str()
-                    .ok_or_else(|| ToolError(format!("{k}: expected a string, got {v}")))
-            })
-            .transpose()
+        self.opt(k, "a string", serde_json::Value::as_str)
     }
 
     fn f64s(&self, k: &str) -> Result<Vec<f64>, ToolError> {
