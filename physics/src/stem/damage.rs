@@ -417,6 +417,42 @@ impl KnockOn {
     }
 }
 
+/// [`KnockOn::coordination_of`] kept for the specimen it was counted on: an exposure that
+/// finds the same atoms (positions, heights, elements), cell and bond length reuses the counts
+/// instead of counting every atom's neighbours again.
+#[derive(Debug, Clone, Default)]
+pub struct CoordinationCache {
+    /// The specimen and bond length (m) the counts belong to (`None`: nothing counted yet).
+    of: Option<(Specimen, f64)>,
+    /// The counts.
+    bonds: Option<Vec<u32>>,
+}
+
+impl CoordinationCache {
+    /// The counts of [`KnockOn::coordination_of`] for `specimen`, counted again only when its
+    /// atoms or cell differ from the last call's.
+    pub fn get(&mut self, knock: &KnockOn, specimen: &Specimen) -> &Option<Vec<u32>> {
+        if knock.under.is_empty() {
+            self.of = None;
+            self.bonds = None;
+        } else if self
+            .of
+            .as_ref()
+            .is_none_or(|(s, bond)| s != specimen || *bond != knock.bond)
+        {
+            self.bonds = knock.coordination_of(specimen);
+            match &mut self.of {
+                Some((s, bond)) => {
+                    s.clone_from(specimen);
+                    *bond = knock.bond;
+                }
+                None => self.of = Some((specimen.clone(), knock.bond)),
+            }
+        }
+        &self.bonds
+    }
+}
+
 /// Number of bonded neighbours of each atom: atoms within `bond` (m) in projection
 /// (minimum-image distance in a periodic specimen) and at the same height within 1 Å, as
 /// [`Specimen::neighbors`] counts them. Linear in the number of atoms (a cell list) for periodic
@@ -1643,6 +1679,16 @@ mod tests {
                 );
             }
         }
+        // The cache counts what `coordination` counts, again after an atom leaves.
+        let knock = cfg.knock_on(80e3);
+        let mut cache = CoordinationCache::default();
+        let mut t = s.clone();
+        assert_eq!(cache.get(&knock, &t), &Some(coordination(&t, knock.bond)));
+        assert_eq!(cache.get(&knock, &t), &Some(coordination(&t, knock.bond)));
+        t.atoms.remove(beside[0]);
+        let fresh = coordination(&t, knock.bond);
+        assert_ne!(Some(&fresh), knock.coordination_of(&s).as_ref());
+        assert_eq!(cache.get(&knock, &t), &Some(fresh));
         // Thresholds never fall below 1 eV; elements not listed keep theirs.
         cfg.under_coordinated.insert(
             "C".into(),

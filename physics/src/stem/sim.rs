@@ -22,8 +22,8 @@ use crate::rng::{PoissonScratch, SimRng, derive_seed, poisson, seeded};
 use crate::stem::aberration_drift::{AberrationDrift, AberrationDriftConfig, MAX_FRAME_PROBES};
 use crate::stem::coherent::{AnnularDetector, CoherentGrid};
 use crate::stem::damage::{
-    CurrentFluctuation, DamageConfig, DoseMap, Hop, HopModel, KnockOn, Raster, RasterPath,
-    sputter_with,
+    CoordinationCache, CurrentFluctuation, DamageConfig, DoseMap, Hop, HopModel, KnockOn, Raster,
+    RasterPath, sputter_with,
 };
 use crate::stem::eels::{EelsConfig, EelsModel};
 use crate::stem::haadf::{DetectorConfig, HaadfRenderer};
@@ -351,6 +351,8 @@ pub struct StemSimulator {
     frames: u64,
     sigma_haadf: [f64; 93],
     knock: KnockOn,
+    /// Bonded-neighbour counts of the specimen, kept while it is unchanged.
+    bonds: CoordinationCache,
     any_knock: bool,
     /// The current's fluctuation and the time of its last draw, s.
     fluct: CurrentFluctuation,
@@ -451,6 +453,7 @@ impl StemSimulator {
             slice_eff_valid: false,
             sigma_haadf: cfg.detector.cross_sections(),
             knock: cfg.damage.knock_on(cfg.optics.energy.get()),
+            bonds: CoordinationCache::default(),
             any_knock: false,
             fluct: CurrentFluctuation::new(0.0, 1.0),
             fluct_time: 0.0,
@@ -1138,7 +1141,7 @@ impl StemSimulator {
                 });
                 dose
             };
-            let bonds = self.knock.coordination_of(&self.specimen);
+            let bonds = self.bonds.get(&self.knock, &self.specimen);
             report.sputtered = sputter_with(
                 &mut self.specimen,
                 self.knock.sigma_of(&bonds),
@@ -1501,7 +1504,7 @@ impl StemSimulator {
             // Each image of an atom inside the scanned footprint receives the frame's dose
             // there: the rectangle, or the distorted scan's pieces (as the dose map).
             let (cx, cy) = (x0 + 0.5 * w, y0 + 0.5 * h);
-            let bonds = self.knock.coordination_of(&self.specimen);
+            let bonds = self.bonds.get(&self.knock, &self.specimen);
             let sigma = self.knock.sigma_of(&bonds);
             report.sputtered = if self.cfg.scan_distortion.is_identity() {
                 let window = self.specimen.window([-cx, -cy], [0.5 * w, 0.5 * h]);
