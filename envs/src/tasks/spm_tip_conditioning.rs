@@ -46,7 +46,8 @@
 //! `fidelity = "full"` (the default) runs [`SpmSimulator`] as documented; `fidelity = "fast"`
 //! runs its cheaper stages
 //! ([`SpmFidelity::Fast`](scopegym_physics::spm::sim::SpmFidelity::Fast): a 1/f noise bank of 9
-//! processes instead of 18, one periodic dilation per tip change, the PI loop in closed form
+//! processes instead of 18, those nearly uncorrelated from pixel to pixel drawn as white noise,
+//! one periodic dilation per tip change, the PI loop in closed form
 //! where no limit acts), with the same spaces, reward
 //! and info. The test `fast_and_full_observe_the_same_statistics` compares what the task
 //! observes under both (mean, variance and three radial band powers of the observed frames,
@@ -359,17 +360,24 @@ pub fn align_and_average(
     }
     // Cross-correlation of the mean-free rows at lag k: Σ t(j)·r(j − k).
     let mut corr = [0.0f64; (2 * MAX_SHIFT + 1) as usize];
+    let (mut tc, mut rc) = (vec![0.0f64; n], vec![0.0f64; n]);
     for (t, r) in trace.chunks_exact(n).zip(retrace.chunks_exact(n)) {
         let mt = t.iter().map(|&v| f64::from(v)).sum::<f64>() / n as f64;
         let mr = r.iter().map(|&v| f64::from(v)).sum::<f64>() / n as f64;
-        for (c, k) in corr.iter_mut().zip(-MAX_SHIFT..=MAX_SHIFT) {
-            let mut sum = 0.0;
-            for j in 0..n as i64 {
-                let i = j - k;
-                if (0..n as i64).contains(&i) {
-                    sum += (f64::from(t[j as usize]) - mt) * (f64::from(r[i as usize]) - mr);
-                }
+        for ((a, b), (&x, &y)) in tc.iter_mut().zip(rc.iter_mut()).zip(t.iter().zip(r)) {
+            (*a, *b) = (f64::from(x) - mt, f64::from(y) - mr);
+        }
+        // The lags' sums side by side, each in the order of j.
+        let mut sums = [0.0f64; (2 * MAX_SHIFT + 1) as usize];
+        for (j, &tj) in tc.iter().enumerate() {
+            let j = j as i64;
+            // Lags k with 0 ≤ j − k < n.
+            let (k0, k1) = ((j - n as i64 + 1).max(-MAX_SHIFT), j.min(MAX_SHIFT));
+            for k in k0..=k1 {
+                sums[(k + MAX_SHIFT) as usize] += tj * rc[(j - k) as usize];
             }
+        }
+        for ((c, k), sum) in corr.iter_mut().zip(-MAX_SHIFT..=MAX_SHIFT).zip(sums) {
             *c += sum / (n as i64 - k.abs()).max(1) as f64;
         }
     }

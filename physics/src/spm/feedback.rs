@@ -215,6 +215,8 @@ pub struct ZFeedback {
     /// The closed-form tables when the closed-form path is on and the loop is stable.
     closed: Option<Box<ClosedForm>>,
     closed_form: bool,
+    /// Tests: run every sample with the limits (no optimistic pass, [`Run::piece`]).
+    limited_only: bool,
 }
 
 /// Longest run of samples one closed-form evaluation covers; longer runs are split.
@@ -379,13 +381,22 @@ struct Run<'a> {
     n_lost: usize,
     n_clip: usize,
     n_closed: usize,
+    /// Only the sample-by-sample loop with the limits (tests: the reference of [`Self::piece`]).
+    limited_only: bool,
+    /// Samples before this index go straight to the loop with the limits: one acted lately
+    /// ([`Self::piece`]), so an optimistic pass would likely be wasted.
+    skip_until: usize,
 }
 
-/// Sums of one pixel's samples and its last sample.
+/// Samples after a piece where a limit acted that [`Run::piece`] runs with the limits at once.
+const LIMITED_COOLDOWN: usize = 32;
+
+/// Sums of one pixel's samples, its first sample (if any yet) and its last.
 #[derive(Clone, Copy)]
 struct PixelSums {
     z: f64,
     e: f64,
+    first: Option<(f64, f64)>,
     last: (f64, f64),
 }
 
@@ -425,8 +436,72 @@ impl Run<'_> {
 
     /// Runs the samples `k ∈ [from, to)` (at positions `u = (k + ½)·r`) over one linear piece
     /// of the profile, `h = h0 + (u − u0)·slope`, adding them to `acc`.
+    ///
+    /// First optimistically, as if no limit acted (`e_k = h_k − z_k`, `z_{k+1} = y_k`: a shorter
+    /// dependent chain per sample), noting whether one could have (saturation, or the update
+    /// `y_k` not strictly inside the speed and range interval). Where none did, these are exactly the
+    /// operations of [`Law::tick`] (its `max` and clamp return their argument unchanged, and
+    /// nothing counts as lost or clipped): bit for bit the same result. Otherwise the piece is
+    /// rerun from its start sample by sample with the limits, as are the pieces of the next
+    /// [`LIMITED_COOLDOWN`] samples.
     #[inline(always)]
     fn piece(&mut self, from: usize, to: usize, h0: f64, u0: f64, slope: f64, acc: &mut PixelSums) {
+        if from >= to {
+            return;
+        }
+        if self.limited_only || from < self.skip_until {
+            return self.piece_limited(from, to, h0, u0, slope, acc);
+        }
+        let law = self.law;
+        let (mut z, mut ep) = (self.z, self.ep);
+        let (mut sum_e2, mut max_abs) = (self.sum_e2, self.max_abs);
+        let mut a = *acc;
+        let mut limited = false;
+        let mut kf = from as f64 + 0.5;
+        for k in from..to {
+            let mut h = h0 + (kf * self.r - u0) * slope;
+            if !self.noise.is_empty() {
+                h += self.noise[k];
+            }
+            let e = h - z;
+            let y = (z - law.kp * ep) + law.a * e;
+            let lo = fmax(z - law.vt, -law.r);
+            let hi = fmin(z + law.vt, law.r);
+            // Strict, and negated so that a NaN counts as limited: at equality the exact
+            // path decides (the sign of a zero included).
+            limited |= !(e > -law.c) | !(y > lo) | !(y < hi);
+            sum_e2 += e * e;
+            max_abs = fmax(max_abs, e.abs());
+            a.z += z;
+            a.e += e;
+            if k == from {
+                a.first.get_or_insert((z, e));
+            }
+            a.last = (z, e);
+            z = y;
+            ep = e;
+            kf += 1.0;
+        }
+        if !limited {
+            (self.z, self.ep, self.sum_e2, self.max_abs) = (z, ep, sum_e2, max_abs);
+            *acc = a;
+            return;
+        }
+        self.skip_until = to + LIMITED_COOLDOWN;
+        self.piece_limited(from, to, h0, u0, slope, acc);
+    }
+
+    /// [`Self::piece`] sample by sample with the limits ([`Law::tick`]).
+    #[inline(never)]
+    fn piece_limited(
+        &mut self,
+        from: usize,
+        to: usize,
+        h0: f64,
+        u0: f64,
+        slope: f64,
+        acc: &mut PixelSums,
+    ) {
         let mut kf = from as f64 + 0.5;
         for k in from..to {
             let mut h = h0 + (kf * self.r - u0) * slope;
@@ -437,14 +512,16 @@ impl Run<'_> {
             let (z, e) = self.sample(h);
             acc.z += z;
             acc.e += e;
+            if k == from {
+                acc.first.get_or_insert((z, e));
+            }
             acc.last = (z, e);
             kf += 1.0;
         }
     }
 
     /// The samples `k ∈ [from, to)` of one linear piece (as [`Self::piece`]) in closed form
-    /// wherever a bound proves that no limit acts, else sample by sample; returns the first
-    /// sample `(z, e)` when `from < to`.
+    /// wherever a bound proves that no limit acts, else sample by sample.
     #[inline(always)]
     fn piece_closed(
         &mut self,
@@ -453,8 +530,7 @@ impl Run<'_> {
         to: usize,
         (h0, u0, slope): (f64, f64, f64),
         acc: &mut PixelSums,
-    ) -> Option<(f64, f64)> {
-        let mut first = None;
+    ) {
         let mut k = from;
         while k < to {
             let m = (to - k).min(CLOSED_MAX);
@@ -463,19 +539,13 @@ impl Run<'_> {
             } else {
                 None
             };
-            match closed {
-                Some(f) => {
-                    first.get_or_insert(f);
-                }
-                None => {
-                    self.piece(k, k + 1, h0, u0, slope, acc);
-                    first.get_or_insert(acc.last);
-                    self.piece(k + 1, k + m, h0, u0, slope, acc);
-                }
+            if let Some(f) = closed {
+                acc.first.get_or_insert(f);
+            } else {
+                self.piece(k, k + m, h0, u0, slope, acc);
             }
             k += m;
         }
-        first
     }
 
     /// `m ∈ [1, CLOSED_MAX]` samples from `k` in closed form ([`ClosedForm`]); `None` (nothing
@@ -562,6 +632,7 @@ impl ZFeedback {
             prev_error: 0.0,
             closed: None,
             closed_form: false,
+            limited_only: false,
         })
     }
 
@@ -835,6 +906,8 @@ impl ZFeedback {
             n_lost: 0,
             n_clip: 0,
             n_closed: 0,
+            limited_only: self.limited_only,
+            skip_until: 0,
         };
         // First sample not yet run.
         let mut k = 0usize;
@@ -874,22 +947,19 @@ impl ZFeedback {
             let mut acc = PixelSums {
                 z: 0.0,
                 e: 0.0,
+                first: None,
                 last: (0.0, 0.0),
             };
-            let first = if let Some(cf) = closed {
-                // Closed form: pieces [k, k_mid) and [k_mid, k_end).
-                let f1 = run.piece_closed(cf, k, k_mid, (pp, u1, b1), &mut acc);
-                let f2 = run.piece_closed(cf, k_mid, k_end, (pm, u2, b2), &mut acc);
-                f1.or(f2).unwrap_or(acc.last)
+            // Pieces [k, k_mid) and [k_mid, k_end).
+            if let Some(cf) = closed {
+                run.piece_closed(cf, k, k_mid, (pp, u1, b1), &mut acc);
+                run.piece_closed(cf, k_mid, k_end, (pm, u2, b2), &mut acc);
             } else {
-                // The first sample, which empty pixels before this one may need.
-                if k < k_mid {
-                    run.piece(k, k + 1, pp, u1, b1, &mut acc);
-                } else {
-                    run.piece(k, k + 1, pm, u2, b2, &mut acc);
-                }
-                acc.last
-            };
+                run.piece(k, k_mid, pp, u1, b1, &mut acc);
+                run.piece(k_mid, k_end, pm, u2, b2, &mut acc);
+            }
+            // The first sample, which empty pixels before this one may need.
+            let first = acc.first.unwrap_or(acc.last);
             // Empty pixels before this one: the nearest of the previous and this sample.
             // Sample times in units of T are k − ½ and k + ½; pixel q's centre is (q + ½)·s.
             for q in pending..m {
@@ -899,11 +969,6 @@ impl ZFeedback {
                 };
                 height[idx(q)] = T::from_f64(zq);
                 error[idx(q)] = T::from_f64(eq);
-            }
-            if closed.is_none() {
-                let mid = k_mid.max(k + 1);
-                run.piece(k + 1, mid, pp, u1, b1, &mut acc);
-                run.piece(mid, k_end, pm, u2, b2, &mut acc);
             }
             let cnt = (k_end - k) as f64;
             height[idx(m)] = T::from_f64(acc.z / cnt);
@@ -1550,6 +1615,76 @@ mod tests {
             let scale = relief.max(offset.abs());
             let (rel, _, _) = closed_vs_loop(&fb, &profile, samples_per_pixel * T, lines, scale);
             prop_assert!(rel <= 1e-12, "{:e}", rel);
+        }
+    }
+
+    /// Scans `lines` lines (alternating direction) with `fb` and with a copy that runs every
+    /// sample with the limits; asserts the pixels, the statistics and the final state equal bit
+    /// for bit, and returns the fractions of samples with lost contact and clipped z.
+    fn optimistic_vs_limited(fb: &ZFeedback, profile: &[f32], tp: f64, lines: usize) -> f64 {
+        let (mut a, mut b) = (fb.clone(), fb.clone());
+        b.limited_only = true;
+        let n = profile.len();
+        let mut limited = 0.0;
+        for line in 0..lines {
+            let rev = line % 2 == 1;
+            let (mut ha, mut ea, mut hb, mut eb) =
+                (vec![0.0; n], vec![0.0; n], vec![0.0; n], vec![0.0; n]);
+            let sa = a.scan_line_f64(profile, tp, rev, &mut ha, &mut ea).unwrap();
+            let sb = b.scan_line_f64(profile, tp, rev, &mut hb, &mut eb).unwrap();
+            let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&ha), bits(&hb), "height, line {line}");
+            assert_eq!(bits(&ea), bits(&eb), "error, line {line}");
+            assert_eq!(sa, sb);
+            assert_eq!(
+                (a.z.to_bits(), a.prev_error.to_bits()),
+                (b.z.to_bits(), b.prev_error.to_bits())
+            );
+            limited += sa.lost_contact_fraction + sa.z_clipped_fraction;
+        }
+        limited
+    }
+
+    #[test]
+    fn optimistic_samples_equal_the_limited_loop_bit_for_bit() {
+        // Without limits acting (0.39 nm terraces), and with each limit acting: saturation and
+        // the speed limit behind a 50 nm block, the z range on a 1.5 µm step.
+        let terraces: Vec<f32> = (0..256).map(|j| ((j / 32) as f32) * 0.39e-9).collect();
+        let block: Vec<f32> = (0..220)
+            .map(|j| if (20..100).contains(&j) { 50e-9 } else { 0.0 })
+            .collect();
+        let tall: Vec<f32> = (0..64).map(|j| if j < 32 { 0.0 } else { 1.5e-6 }).collect();
+        let mut fb = ZFeedback::new(&FeedbackConfig::default()).unwrap();
+        fb.engage(0.0);
+        assert_eq!(optimistic_vs_limited(&fb, &terraces, 1.0 / 256.0, 4), 0.0);
+        for (profile, v) in [(&block, 1e-6), (&block, 1.0), (&tall, 1.0)] {
+            let mut fb = controller(0.1, 1000.0, v, 5e-9);
+            fb.engage(0.0);
+            for spp in [0.5, 1.0, 3.125, 8.0] {
+                assert!(
+                    optimistic_vs_limited(&fb, profile, spp * T, 3) > 0.0,
+                    "limits act"
+                );
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        #[test]
+        fn optimistic_samples_equal_the_limited_loop_on_random_lines(
+            profile in proptest::collection::vec(-60e-9f32..60e-9, 1..80),
+            kp in 0.0f64..1.2,
+            frac in 0.01f64..1.3,
+            spp in prop_oneof![0.3f64..1.0, 1.0f64..5.0, 5.0f64..40.0],
+            v_max in prop_oneof![Just(1e-7), Just(1e-5), Just(1.0)],
+            c in prop_oneof![Just(1e-9), Just(5e-9), Just(1e-7)],
+            z0 in -1e-7f64..1e-7,
+        ) {
+            let ki = frac * 2.0 * (1.0 - kp).abs().max(0.05) / T;
+            let mut fb = controller(kp, ki, v_max, c);
+            fb.engage(z0);
+            optimistic_vs_limited(&fb, &profile, spp * T, 3);
         }
     }
 

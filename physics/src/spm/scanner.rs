@@ -138,8 +138,9 @@ pub const DRIFT_NODE_TOLERANCE: f64 = 1e-3;
 /// Decay `2π f_k m Δt` between the nodes of a slowly varying 1/f process.
 const NODE_DECAY: f64 = 0.05;
 
-/// Decay per pixel above which a 1/f process is drawn as white noise (`e^{-6} ≈ 0.0025`).
-const WHITE_DECAY: f64 = 6.0;
+/// Decay per pixel above which a 1/f process is drawn as white noise (`e^{-6} ≈ 0.0025`), by
+/// default ([`Scanner::set_white_decay`]).
+pub const WHITE_DECAY: f64 = 6.0;
 
 /// Scanner imperfections (`[scanner]`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -349,6 +350,9 @@ pub struct Scanner {
     /// Interpolate the drift and creep along a line between nodes
     /// ([`Scanner::set_interpolated_drift`]).
     interpolated_drift: bool,
+    /// Decay per pixel above which a 1/f process is drawn as white noise
+    /// ([`Scanner::set_white_decay`]).
+    white_decay: f64,
 }
 
 /// The AR(1) bank of a 1/f noise of r.m.s. `rms` from `n` processes, corners log-spaced from
@@ -380,14 +384,14 @@ fn add_pink(
     pink: &mut [PinkProcess],
     line: &mut [f32],
     pixel_time: f64,
-    mut white_var: f64,
+    (mut white_var, white_decay): (f64, f64),
     rng: &mut SimRng,
 ) -> f64 {
     let valid_dt = pixel_time > 0.0 && pixel_time.is_finite();
     let n = line.len();
     for c in pink {
         let r = 2.0 * PI * c.corner * pixel_time;
-        if !valid_dt || r > WHITE_DECAY {
+        if !valid_dt || r > white_decay {
             white_var += c.sd * c.sd;
             continue;
         }
@@ -555,6 +559,7 @@ impl Scanner {
             detector: cfg.detector_noise.get(),
             detector_pink,
             interpolated_drift: false,
+            white_decay: WHITE_DECAY,
         })
     }
 
@@ -570,6 +575,23 @@ impl Scanner {
     /// (exact at every pixel).
     pub fn set_interpolated_drift(&mut self, on: bool) {
         self.interpolated_drift = on;
+    }
+
+    /// Draws the 1/f processes whose decay per pixel `2π f_k Δt` exceeds `decay` as white noise
+    /// of their variance (default [`WHITE_DECAY`], 6: a correlation `e^{−6}` between pixels).
+    /// The total variance stays `pink_noise²`; a lower threshold whitens processes whose
+    /// pixel-to-pixel correlation `e^{−decay}` is small and saves their normal draws (the fast
+    /// SPM model, [`crate::spm::sim::SpmFidelity::Fast`], uses 2: correlations below 0.14).
+    /// Errors unless `decay` is positive and finite.
+    pub fn set_white_decay(&mut self, decay: f64) -> Result<()> {
+        if !(decay > 0.0 && decay.is_finite()) {
+            return Err(PhysicsError::arg(
+                "decay",
+                format!("must be positive and finite, got {decay}"),
+            ));
+        }
+        self.white_decay = decay;
+        Ok(())
     }
 
     /// A bound on the second time derivative of [`Self::slow_offset`] (either axis), m/s².
@@ -838,7 +860,7 @@ impl Scanner {
             &mut self.pink,
             line,
             pixel_time,
-            self.white * self.white,
+            (self.white * self.white, self.white_decay),
             rng,
         );
         let sd_white = white_var.sqrt();
@@ -951,7 +973,10 @@ impl Scanner {
             &mut self.detector_pink,
             line,
             pixel_time,
-            self.detector * self.detector / (2.0 * pixel_time),
+            (
+                self.detector * self.detector / (2.0 * pixel_time),
+                self.white_decay,
+            ),
             rng,
         );
         if var > 0.0 {
@@ -1552,9 +1577,19 @@ mod tests {
         for bad in [1, PINK_COMPONENTS + 1] {
             assert!(Scanner::with_pink_components(&cfg, bad, &mut rng).is_err());
         }
-        for components in [PINK_COMPONENTS, 9] {
+        // The full bank, the fast model's 9 processes, and those with the fast model's
+        // whitening at its tip-conditioning dwell (the 237 Hz process, 2.3 decays per pixel,
+        // drawn white).
+        for (components, decay, dt) in [
+            (PINK_COMPONENTS, WHITE_DECAY, 1e-3),
+            (9, WHITE_DECAY, 1e-3),
+            (9, 2.0, 1.5625e-3),
+        ] {
             let mut sc = Scanner::with_pink_components(&cfg, components, &mut rng).unwrap();
-            let dt = 1e-3;
+            for bad in [0.0, -1.0, f64::NAN, f64::INFINITY] {
+                assert!(sc.set_white_decay(bad).is_err());
+            }
+            sc.set_white_decay(decay).unwrap();
             let mut x = Vec::with_capacity(1 << 20);
             let mut line = vec![0.0f32; 1024];
             for _ in 0..1024 {
@@ -1598,7 +1633,7 @@ mod tests {
                 / pts.iter().map(|p| (p.0 - mx).powi(2)).sum::<f64>();
             assert!((-1.3..=-0.7).contains(&slope), "slope {slope}");
 
-            eprintln!("{components} processes: rms {r:e}, slope {slope}");
+            eprintln!("{components} processes, white above {decay}: rms {r:e}, slope {slope}");
         }
     }
 

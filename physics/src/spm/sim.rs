@@ -62,7 +62,7 @@ use crate::spm::ferro::{
 use crate::spm::manipulation::{DragEvent, ManipulationConfig, Outcome, drag};
 use crate::spm::scanner::{Scanner, ScannerConfig};
 use crate::spm::surface::{
-    SurfaceConfig, bilinear, bilinear_nodes, generate, pad_periodic, periodic_node,
+    SurfaceConfig, bilinear, bilinear_into, bilinear_nodes, generate, pad_periodic, periodic_node,
 };
 use crate::spm::tapping::AfmConfig;
 use crate::spm::tip::{Conditioning, TipConfig, TipState, WearModel};
@@ -248,7 +248,9 @@ impl PfmConfig {
 ///
 /// - the 1/f height noise is summed from 9 AR(1) processes a factor 4.2 apart in corner
 ///   frequency instead of 18 a factor 2 apart ([`Scanner::with_pink_components`]): the same
-///   variance and band, half the normal draws per pixel;
+///   variance and band, half the normal draws per pixel; and those whose correlation from one
+///   pixel to the next is below `e^{−2}` ≈ 0.14 are drawn as white noise of their variance
+///   ([`Scanner::set_white_decay`]), one normal draw per pixel for all of them;
 /// - a changed tip re-images the sample with the periodic dilation at once (exact up to the
 ///   grid's edge), instead of first the interior dilation and then, when a scan reaches the
 ///   edge band, the periodic one: the image values are the same, one dilation is saved;
@@ -287,6 +289,9 @@ const SCAN_WINDOW_MAX_AREA: f64 = 0.8;
 
 /// Number of 1/f processes in the fast model.
 const FAST_PINK_COMPONENTS: usize = 9;
+/// The fast model draws 1/f processes that decay by more than this per pixel as white noise
+/// ([`Scanner::set_white_decay`]).
+const FAST_WHITE_DECAY: f64 = 2.0;
 
 /// The fast model's film time step: `FAST_DT_FACTOR` times the configured one, at most
 /// `FAST_DT_STABILITY` of the explicit scheme's stability limit.
@@ -526,6 +531,10 @@ pub struct SpmSimulator {
     /// STM with adatoms: `base_topography` plus the terrace's atomic corrugation (computed once
     /// per sample).
     terrace: Option<Array2<f32>>,
+    /// The terrace's atomic corrugation last computed and what it depends on (lattice
+    /// constant, corrugation, cell, grid side), reused by a reset with the same ones (the same
+    /// values; the settings were validated with the config).
+    corrugation: Option<([f64; 3], usize, Array2<f32>)>,
     /// The true surface the tip meets (topography plus adatoms), m.
     truth: Array2<f32>,
     /// Tapping mode: the surface's material map (1 on features, 0 on the substrate,
@@ -635,6 +644,7 @@ impl SpmSimulator {
             dilated_valid: false,
             dilated_edges: false,
             dilated_window: None,
+            corrugation: None,
             window_dilated: Array2::zeros((1, 1)),
             padded: Array2::zeros((1, 1)),
             padded_dilated: Array2::zeros((1, 1)),
@@ -709,6 +719,9 @@ impl SpmSimulator {
             .set_closed_form(cfg.fidelity == SpmFidelity::Fast);
         self.scanner
             .set_interpolated_drift(cfg.fidelity == SpmFidelity::Fast);
+        if cfg.fidelity == SpmFidelity::Fast {
+            self.scanner.set_white_decay(FAST_WHITE_DECAY)?;
+        }
         self.tip = TipState::new(&cfg.tip, &mut seeded(derive_seed(seed, "tip_init")))?;
         let n = cfg.sample.pixels;
         self.cell = cfg.sample.size.get() / n as f64;
@@ -767,7 +780,14 @@ impl SpmSimulator {
         self.terrace = if self.adatoms.is_empty() {
             None
         } else {
-            Some(&topo.heights + &corrugation(&self.cfg.adatoms, [n, n], self.cell)?)
+            let ad = &self.cfg.adatoms;
+            let key = [ad.lattice_constant.get(), ad.corrugation.get(), self.cell];
+            if !matches!(&self.corrugation, Some((k, m, _)) if *k == key && *m == n) {
+                let h = corrugation(ad, [n, n], self.cell)?;
+                self.corrugation = Some((key, n, h));
+            }
+            let h = &self.corrugation.as_ref().expect("computed above").2;
+            Some(&topo.heights + h)
         };
         self.feature = if self.cfg.afm.is_tapping() {
             Some(topo.feature)
@@ -1415,9 +1435,14 @@ impl SpmSimulator {
     /// Stage 2 of a pass: the tip-dilated surface (m) at the pass's positions, into `profile`,
     /// by the crate's one bilinear sampler over the periodic sample.
     fn sample_dilated_profile(&mut self) {
-        for ((p, &x), &y) in self.profile.iter_mut().zip(&self.xs).zip(&self.ys) {
-            *p = bilinear(self.dilated.view(), self.cell, self.rise, x, y) as f32;
-        }
+        bilinear_into(
+            self.dilated.view(),
+            self.cell,
+            self.rise,
+            &self.xs,
+            &self.ys,
+            &mut self.profile,
+        );
     }
 
     /// Stage 2b of a pass, before the loop: when the scanner adds height errors (plane tilt,

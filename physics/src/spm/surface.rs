@@ -423,6 +423,43 @@ pub fn bilinear<T: Copy + Into<f64>>(
     bilinear_nodes([ny, nx], cell, x, y, |i, j| periodic_node(grid, rise, i, j))
 }
 
+/// [`bilinear`] at every position `(xs[k], ys[k])` into `out[k]` (as `f32`), the same values:
+/// reads a contiguous grid's nodes straight from its slice.
+pub fn bilinear_into<T: Copy + Into<f64>>(
+    grid: ArrayView2<'_, T>,
+    cell: f64,
+    rise: [f64; 2],
+    xs: &[f64],
+    ys: &[f64],
+    out: &mut [f32],
+) {
+    let (ny, nx) = grid.dim();
+    let Some(g) = grid.as_slice() else {
+        for ((o, &x), &y) in out.iter_mut().zip(xs).zip(ys) {
+            *o = bilinear(grid, cell, rise, x, y) as f32;
+        }
+        return;
+    };
+    for ((o, &x), &y) in out.iter_mut().zip(xs).zip(ys) {
+        let ((i, j), w) = bilinear_cell([ny, nx], cell, x, y);
+        *o = if j >= 0 && i >= 0 && j + 1 < nx as i64 && i + 1 < ny as i64 {
+            let a = i as usize * nx + j as usize;
+            let (top, bottom) = (&g[a..a + 2], &g[a + nx..a + nx + 2]);
+            bilinear_mix(
+                [
+                    top[0].into(),
+                    top[1].into(),
+                    bottom[0].into(),
+                    bottom[1].into(),
+                ],
+                w,
+            )
+        } else {
+            bilinear_nodes([ny, nx], cell, x, y, |i, j| periodic_node(grid, rise, i, j))
+        } as f32;
+    }
+}
+
 /// Writes the periodic grid `src` (rise `rise` per period, m) extended by `pad` cells on every
 /// side into `dst`, which must be `(rows + 2·pad) × (cols + 2·pad)`: `dst[i][j]` is node
 /// `(i − pad, j − pad)` of the periodic sample.
