@@ -280,19 +280,21 @@ impl DopantTruth for StemSimulator {
         let d = self.drift_offset();
         let sp = self.specimen();
         let near_s = [near[0] - d[0], near[1] - d[1]];
-        let (best, img) = sp
+        let (bi, best, img) = sp
             .atoms
             .iter()
-            .filter(|a| a.z == dz)
-            .map(|a| (a, sp.image_near([a.x, a.y], near_s)))
+            .enumerate()
+            .filter(|(_, a)| a.z == dz)
+            .map(|(i, a)| (i, a, sp.image_near([a.x, a.y], near_s)))
             .min_by(|a, b| {
                 let r = |p: [f64; 2]| (p[0] - near_s[0]).hypot(p[1] - near_s[1]);
-                r(a.1).total_cmp(&r(b.1))
+                r(a.2).total_cmp(&r(b.2))
             })?;
-        for a in &sp.atoms {
+        // The host atoms among its neighbours (the simulator's atom index finds them).
+        for j in self.specimen_neighbors(bi, BOND_SEARCH) {
+            let a = sp.atoms[j];
             let [sx, sy] = sp.separation([best.x, best.y], [a.x, a.y]);
-            let r = sx.hypot(sy);
-            if a.z == hz && r > 0.0 && r <= BOND_SEARCH && (a.height - best.height).abs() < 1e-10 {
+            if a.z == hz && sx.hypot(sy) > 0.0 {
                 neighbours.push([img[0] + sx + d[0], img[1] + sy + d[1]]);
             }
         }

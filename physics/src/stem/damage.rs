@@ -51,7 +51,7 @@ use crate::param::Param;
 use crate::param::dims::{Area, Current, Energy, Frequency, Length, Temperature, Unitless};
 use crate::rng::{SimRng, normal};
 use crate::stem::optics::{electron_beta, electron_momentum_ev};
-use crate::stem::specimen::{Atom, Specimen, Supercell};
+use crate::stem::specimen::{Atom, AtomIndex, Specimen, Supercell};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -1063,7 +1063,9 @@ impl HopModel {
 
     /// Runs the chain for `duration` seconds with the beam at `beam` (specimen coordinates, m;
     /// any image of it in a periodic specimen). Each dopant's neighbours are the host atoms
-    /// within `bond` (m, minimum-image distance). Returns the hops in order.
+    /// within `bond` (m, minimum-image distance), found through `index` when it is given
+    /// (built for the specimen's positions; hops move no atom, they swap elements). Returns the
+    /// hops in order.
     pub fn dwell(
         &self,
         specimen: &mut Specimen,
@@ -1071,6 +1073,7 @@ impl HopModel {
         current: f64,
         duration: f64,
         bond: f64,
+        index: Option<&AtomIndex>,
         rng: &mut SimRng,
     ) -> Vec<Hop> {
         let mut hops = Vec::new();
@@ -1088,7 +1091,7 @@ impl HopModel {
                 if (a.x - b[0]).hypot(a.y - b[1]) > reach {
                     continue;
                 }
-                for j in specimen.neighbors(i, bond) {
+                for j in specimen.neighbors_indexed(index, i, bond) {
                     let n = specimen.atoms[j];
                     if n.z == self.host_z {
                         let n = specimen.image_near([n.x, n.y], [a.x, a.y]);
@@ -1610,7 +1613,7 @@ mod tests {
         let h = HopModel::from_config(&DamageConfig::default());
         let mut rng = seeded(3);
         // Mean waiting time 3/ln2 ≈ 4.3 s: over 100 s the dopant hops at least once.
-        let hops = h.dwell(&mut s, beam, 100e-12, 100.0, 1.6e-10, &mut rng);
+        let hops = h.dwell(&mut s, beam, 100e-12, 100.0, 1.6e-10, None, &mut rng);
         assert!(!hops.is_empty());
         assert_eq!(hops[0].to, [q.x, q.y]);
         assert_eq!(s.atoms.len(), n_before);

@@ -709,6 +709,14 @@ impl StemSimulator {
         }
     }
 
+    /// Indices of the specimen's atoms within `radius` (m) of atom `i`, as
+    /// [`Specimen::neighbors`] finds them (same order), through the atom index when it is up to
+    /// date (ground truth, for scoring: a real instrument has no such handle).
+    pub fn specimen_neighbors(&self, i: usize, radius: f64) -> Vec<usize> {
+        let index = self.index_valid.then_some(&self.atom_index);
+        self.specimen.neighbors_indexed(index, i, radius)
+    }
+
     /// Recomputes the probe if the optics or scan geometry changed.
     pub fn ensure_probe(&mut self) {
         if !self.probe_dirty {
@@ -1144,18 +1152,23 @@ impl StemSimulator {
             let bonds = self.bonds.get(&self.knock, &self.specimen);
             report.sputtered = sputter_with(
                 &mut self.specimen,
-                self.knock.sigma_of(&bonds),
+                self.knock.sigma_of(bonds),
                 &mut self.rng_damage,
                 probe,
             );
         }
         if self.cfg.damage.dopant_hops {
+            if !report.sputtered.is_empty() {
+                self.index_valid = false;
+            }
+            self.ensure_index();
             report.hops = self.hop.dwell(
                 &mut self.specimen,
                 b,
                 current,
                 time,
                 HOP_BOND,
+                Some(&self.atom_index),
                 &mut self.rng_damage,
             );
         }
@@ -1505,7 +1518,7 @@ impl StemSimulator {
             // there: the rectangle, or the distorted scan's pieces (as the dose map).
             let (cx, cy) = (x0 + 0.5 * w, y0 + 0.5 * h);
             let bonds = self.bonds.get(&self.knock, &self.specimen);
-            let sigma = self.knock.sigma_of(&bonds);
+            let sigma = self.knock.sigma_of(bonds);
             report.sputtered = if self.cfg.scan_distortion.is_identity() {
                 let window = self.specimen.window([-cx, -cy], [0.5 * w, 0.5 * h]);
                 sputter_with(&mut self.specimen, sigma, &mut self.rng_damage, |a| {

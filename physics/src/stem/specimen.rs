@@ -1237,19 +1237,40 @@ impl Specimen {
     /// Indices of atoms within `radius` (m) of atom `i` in projection (minimum-image distance
     /// in a periodic specimen), at the same height within 1 Å, excluding `i`.
     pub fn neighbors(&self, i: usize, radius: f64) -> Vec<usize> {
+        self.neighbors_indexed(None, i, radius)
+    }
+
+    /// [`Self::neighbors`], the same indices in the same (ascending) order, looking only at
+    /// the atoms `index` lists near atom `i` when it is given and built for these atoms
+    /// ([`AtomIndex::covers`]; the caller keeps it up to date with their positions).
+    pub fn neighbors_indexed(
+        &self,
+        index: Option<&AtomIndex>,
+        i: usize,
+        radius: f64,
+    ) -> Vec<usize> {
         let p = self.atoms[i];
-        self.atoms
-            .iter()
-            .enumerate()
-            .filter(|&(j, q)| {
-                if j == i || (q.height - p.height).abs() >= 1e-10 {
-                    return false;
-                }
-                let [dx, dy] = self.separation([p.x, p.y], [q.x, q.y]);
-                dx.hypot(dy) <= radius
-            })
-            .map(|(j, _)| j)
-            .collect()
+        let near = |j: usize| {
+            let q = self.atoms[j];
+            if j == i || (q.height - p.height).abs() >= 1e-10 {
+                return false;
+            }
+            let [dx, dy] = self.separation([p.x, p.y], [q.x, q.y]);
+            dx.hypot(dy) <= radius
+        };
+        let mut ids = Vec::new();
+        let indexed = index.is_some_and(|idx| {
+            idx.covers(self.atoms.len())
+                && idx.candidates(&self.window([-p.x, -p.y], [radius, radius]), &mut ids)
+        });
+        if indexed {
+            ids.into_iter()
+                .map(|j| j as usize)
+                .filter(|&j| near(j))
+                .collect()
+        } else {
+            (0..self.atoms.len()).filter(|&j| near(j)).collect()
+        }
     }
 
     /// The projected vector `to − from` (m, lab frame); in a periodic specimen the shortest of
@@ -1308,6 +1329,36 @@ mod tests {
 
     fn nearest_distance(s: &Specimen, i: usize) -> f64 {
         distances(s, i).into_iter().fold(f64::INFINITY, f64::min)
+    }
+
+    /// The indexed neighbour search finds exactly what the scan over every atom finds, in the
+    /// same order, for every atom of rotated periodic cells (across their edges too), and falls
+    /// back to the scan with a stale index.
+    #[test]
+    fn indexed_neighbours_equal_the_full_scan() {
+        for rotation in [0.0, 0.4, 1.0] {
+            let cfg = SpecimenConfig {
+                rotation: Param::fixed(rotation),
+                ..Default::default()
+            };
+            let s = cfg.build([3e-9, 2.5e-9], &mut seeded(1)).unwrap();
+            let index = AtomIndex::build(&s, 4e-10);
+            for radius in [1.5e-10, 1.7e-10, 3e-10] {
+                let mut found = 0;
+                for i in 0..s.atoms.len() {
+                    let want = s.neighbors(i, radius);
+                    assert_eq!(s.neighbors_indexed(Some(&index), i, radius), want, "atom {i}");
+                    found += want.len();
+                }
+                assert!(found >= 3 * s.atoms.len(), "{found} neighbours of {}", s.atoms.len());
+            }
+            let mut fewer = s.clone();
+            fewer.atoms.pop();
+            assert_eq!(
+                fewer.neighbors_indexed(Some(&index), 0, 1.7e-10),
+                fewer.neighbors(0, 1.7e-10)
+            );
+        }
     }
 
     #[test]
