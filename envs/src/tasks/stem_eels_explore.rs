@@ -98,7 +98,11 @@
 //! episodes) compares the overview statistics, the spectra's values, binned-spectrum bands and
 //! shot noise, and the reward, with the tolerances of its table, and rejects a model with a
 //! sharper probe (as it would the Gaussian probe of an earlier attempt: overview variance
-//! 1.49×). SPEEDUP_EELS
+//! 1.49×). Measured (`scopegym bench --num-envs 16 --threads 1`,
+//! callgrind over 150 steps with one reset per env): 1.50× fewer instructions than full, nearly
+//! all from the truth at reset; the normal draws change little with the defaults (most
+//! channels expect under 10³ counts). What remains per step is copying the 22.6 k-float
+//! observation (half the instructions) and the spectrum's exposure and draws.
 
 use crate::env::{Info, InfoValue, RgbImage, Task, TaskStep};
 use crate::error::{EnvError, Result};
