@@ -86,11 +86,13 @@ fn floors_score_random_and_heuristic_on_the_test_split() {
 
 #[test]
 fn bench_prints_the_documented_json() {
-    // A task without the fidelity knob (the SPM and PFM tasks have it).
+    // One fidelity asked for: one JSON object (every task has the knob now).
     let plain = "scopegym/StemEelsExplore-v2";
     let out = ok(&run(&[
         "bench",
         plain,
+        "--fidelity",
+        "full",
         "--num-envs",
         "3",
         "--threads",
@@ -116,10 +118,7 @@ fn bench_prints_the_documented_json() {
     assert!(s > 0.0 && (sps - 12.0 / s).abs() < 1e-6 * sps);
     // At most one ended episode per env and step.
     assert!(j["episodes"].as_u64().is_some_and(|e| e <= 12), "{j}");
-    assert_eq!(
-        j["fidelity"], "full",
-        "a task without the knob runs its full model"
-    );
+    assert_eq!(j["fidelity"], "full");
     // A task with the fidelity knob is timed at both, a JSON line each.
     let af = "scopegym/StemAutofocus-v2";
     let af_bench = |extra: &[&str]| {
@@ -142,9 +141,9 @@ fn bench_prints_the_documented_json() {
     assert_eq!(names, ["fast", "full"]);
     let one = af_bench(&["--fidelity", "full"]);
     assert_eq!(one.lines().count(), 1);
-    let no_knob = run(&["bench", plain, "--fidelity", "fast"]);
-    assert_eq!(no_knob.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&no_knob.stderr).contains("fidelity"));
+    let bad_fidelity = run(&["bench", plain, "--fidelity", "medium"]);
+    assert_eq!(bad_fidelity.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad_fidelity.stderr).contains("fidelity"));
     let bad = run(&["bench", "scopegym/Nope-v1"]);
     assert_eq!(bad.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("unknown task id"));

@@ -48,8 +48,8 @@ pub const TASKS: &[TaskSpec] = &[
     TaskSpec { id: "scopegym/SpmAtomManipulation-v2", instrument: "stm", description: "drag an adatom to a goal site by lateral manipulation", make: |id, c| Ok(Box::new(TaskEnv::new(id, SpmAtomManipulation::from_config(c)?))), fidelity: true },
     TaskSpec { id: "scopegym/StemAutofocus-v2", instrument: "stem", description: "correct defocus and two-fold astigmatism from HAADF image sharpness", make: crate::tasks::stem_autofocus::make_env, fidelity: true },
     TaskSpec { id: "scopegym/StemDopantSteer-v1", instrument: "stem", description: "steer a Si dopant in graphene to a goal site by parking the beam beside it", make: crate::tasks::stem_dopant_steer::make_env, fidelity: true },
-    TaskSpec { id: "scopegym/StemEelsExplore-v2", instrument: "stem", description: "choose where to take EELS spectra to find the strongest Si-L edge within a budget", make: |id, c| Ok(Box::new(TaskEnv::new(id, StemEelsExplore::from_config(c)?))), fidelity: false },
-    TaskSpec { id: "scopegym/StemSparseScan-v2", instrument: "stem", description: "choose which tiles of a field to scan to image it well within a dose budget", make: |id, c| Ok(Box::new(TaskEnv::new(id, StemSparseScan::from_config(c)?))), fidelity: false },
+    TaskSpec { id: "scopegym/StemEelsExplore-v2", instrument: "stem", description: "choose where to take EELS spectra to find the strongest Si-L edge within a budget", make: |id, c| Ok(Box::new(TaskEnv::new(id, StemEelsExplore::from_config(c)?))), fidelity: true },
+    TaskSpec { id: "scopegym/StemSparseScan-v2", instrument: "stem", description: "choose which tiles of a field to scan to image it well within a dose budget", make: |id, c| Ok(Box::new(TaskEnv::new(id, StemSparseScan::from_config(c)?))), fidelity: true },
 ];
 
 /// Retired ids: `(old id, current id, what changed)`. Asking for an old id is an

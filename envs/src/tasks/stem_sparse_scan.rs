@@ -78,12 +78,37 @@
 //! | scan jitter, pixels | 0-0.02 | 0-0.05 | 0-0.2 |
 //! | scan noise r.m.s., pm | 0-2 | 0-5 | 0-20 |
 //! | mains pickup, pm | 0-1 | 0-3 | 0-10 |
+//!
+//! # Fidelity
+//!
+//! `fidelity = "full"` (the default) renders each tile's frame on its own padded grid (a splat
+//! of the atoms near it and two FFTs), and the ground truth at reset in a renderer of the
+//! task's. `fidelity = "fast"` renders the whole field once per episode with the same probe
+//! kernel ([`StemSimulator::set_tile_field`]) and cuts each tile's ideal image from it; scan
+//! distortions, drift (resampled below half a pixel, re-rendered beyond), the detector's noise,
+//! dose and hops are the full model's, and the field is rendered again whenever the specimen
+//! or probe changes. The ground truth is that same render: equal to the full model's bit for
+//! bit (`fast_truth_is_the_full_truth`). A cut tile differs from its own render only by the
+//! circular convolution's wrap-around (under 1e-3 of the peak). The test
+//! `fast_and_full_observe_the_same_statistics` (seeds 0..8, medium) compares the whole field
+//! scanned tile by tile (mean, pixel variance, three band powers: within 5 %, measured 0.03 %,
+//! 0.4 %, 0.2 %, 0.9 %, 0.8 %) and heuristic episodes (reward mean and variance within 10 %,
+//! measured 1.2 % and 1.6 %; success rate equal); it rejects a model with a sharper probe (the
+//! source blur at a third: variance 1.11×, high band 1.46×), as it would the Gaussian probe of
+//! an earlier attempt (variance 1.29×). Measured
+//! speed-up (`scopegym bench --num-envs 16 --threads 1`): 1.54× fewer instructions (callgrind,
+//! 100 steps with resets; 1.3-1.9× in wall-clock runs on a loaded machine), short of the
+//! issue's 10,000 steps/s. Shares of the fast model's time (perf): the full model's per-frame
+//! dose map 13 % and beam-driven hop raster 9 %, the field render at reset 14 %, the
+//! specimen's build at reset 8 %, copying observations 8 %.
 
 use crate::env::{Info, InfoValue, RgbImage, Task, TaskStep};
 use crate::error::{EnvError, Result};
 use crate::level::{Difficulty, Split};
 use crate::space::{Space, Value};
-use crate::tasks::{NewEpisode, TaskConfig, check_nonnegative, check_positive, config_from_toml};
+use crate::tasks::{
+    Fidelity, NewEpisode, TaskConfig, check_nonnegative, check_positive, config_from_toml,
+};
 use scopegym_physics::constants::ELEMENTARY_CHARGE;
 use scopegym_physics::instrument::{ScanSettings, StemInstrument};
 use scopegym_physics::param::Param;
@@ -137,6 +162,9 @@ pub struct Config {
     pub success_error: f64,
     /// Whether to render the noiseless field at reset for `recon_error` (simulator). Default true.
     pub truth: bool,
+    /// `"full"` (the default) renders every tile's frame; `"fast"` cuts the tiles' ideal
+    /// images from one render of the whole field per episode (module docs, `# Fidelity`).
+    pub fidelity: Fidelity,
 }
 
 impl Default for Config {
@@ -226,6 +254,7 @@ impl TaskConfig for Config {
             image_scale: 0.01,
             success_error: 0.4,
             truth: true,
+            fidelity: Fidelity::Full,
         }
     }
 }
@@ -335,6 +364,15 @@ pub trait FieldTruth {
         scratch: &mut TruthScratch,
         out: &mut Vec<f64>,
     ) -> bool;
+
+    /// Fast frames: with `Some(field)`, tile frames are cut from one render of the whole
+    /// `field` ([`StemSimulator::set_tile_field`]), and [`Self::noiseless_field`] of that field
+    /// is that render; returns false where the instrument has no such mode (then every frame
+    /// is its own, as on a real instrument).
+    fn use_tile_field(&mut self, field: Option<ScanSettings>) -> bool {
+        let _ = field;
+        false
+    }
 }
 
 impl FieldTruth for StemSimulator {
@@ -344,6 +382,17 @@ impl FieldTruth for StemSimulator {
         scratch: &mut TruthScratch,
         out: &mut Vec<f64>,
     ) -> bool {
+        // The fast frames' field render is the same image (the same kernel, geometry, atoms
+        // and dose per pixel; the atom index visits the same atoms in the same order).
+        if let Some(f) = self.tile_field()
+            && (f.rows, f.cols, f.center) == (s.rows, s.cols, s.center)
+            && (
+                self.scan_settings().pixel_size,
+                self.scan_settings().dwell_time,
+            ) == (s.pixel_size, s.dwell_time)
+        {
+            return self.tile_field_noiseless(out).unwrap_or(false);
+        }
         let src = self.config().optics.source_size.get();
         let (side, kernel) = self.probe_kernel();
         let key = (
@@ -380,6 +429,11 @@ impl FieldTruth for StemSimulator {
                     .map(|&v| gain * f64::from(v) + offset),
             );
         }
+        true
+    }
+
+    fn use_tile_field(&mut self, field: Option<ScanSettings>) -> bool {
+        self.set_tile_field(field);
         true
     }
 }
@@ -470,6 +524,17 @@ impl<I: StemInstrument + FieldTruth + NewEpisode + Send> StemSparseScan<I> {
     /// The task on `inst` with `cfg`.
     pub fn new(cfg: Config, mut inst: I) -> Self {
         inst.set_region(cfg.split.region());
+        if cfg.fidelity == Fidelity::Fast {
+            let p = cfg.pixels;
+            inst.use_tile_field(Some(ScanSettings {
+                rows: p,
+                cols: p,
+                pixel_size: cfg.pixel_size,
+                dwell_time: cfg.dwell_time,
+                flyback_time: 0.0,
+                center: [0.0, 0.0],
+            }));
+        }
         let n = cfg.pixels * cfg.pixels;
         let [a, b] = cfg.tile_grid();
         Self {
@@ -956,8 +1021,12 @@ mod tests {
     use crate::tasks::testing::assert_config_errors_name_fields;
 
     fn env(toml: &str) -> TaskEnv<StemSparseScan<StemSimulator>> {
+        TaskEnv::new("t", task(toml))
+    }
+
+    fn task(toml: &str) -> StemSparseScan<StemSimulator> {
         let v: toml::Value = toml::from_str(toml).unwrap();
-        TaskEnv::new("t", StemSparseScan::from_config(Some(&v)).unwrap())
+        StemSparseScan::from_config(Some(&v)).unwrap()
     }
 
     /// The task with the detector as the task assumes it and no scan distortions (for exact
@@ -1114,6 +1183,126 @@ mod tests {
         // exceeds random's by more than 1.0, its success rate by at least 0.2.
         let mut e = env("split = \"test\"");
         assert_heuristic_beats_random("StemSparseScan-v2", &mut e, 0..30, 1.0, 0.2);
+    }
+
+    /// What the task observes at each fidelity, over seeds `0..8` at medium: each seed's
+    /// whole field (all 32 tiles scanned once, in order) through [`image_statistics`] (mean,
+    /// pixel variance, power in three bands of spatial frequency), then one heuristic episode
+    /// per seed: the mean reward per step and its variance, and the success rate.
+    ///
+    /// [`image_statistics`]: crate::tasks::testing::image_statistics
+    fn observed_statistics(toml: &str) -> ([f64; 5], [f64; 3]) {
+        use crate::tasks::testing::{image_statistics, roll_out};
+        let mut e = env(toml);
+        let p = e.task().cfg.pixels;
+        let n = e.task().n_tiles();
+        let mut images = Vec::new();
+        let mut info = Info::new();
+        let mut task = task(toml);
+        for seed in 0..8 {
+            task.reset(seed, &mut info).unwrap();
+            let mut obs = Value::Discrete(0);
+            for t in 0..n {
+                obs = task
+                    .step(&Value::Discrete(t as i64), &mut info)
+                    .unwrap()
+                    .obs;
+            }
+            images.push(obs.get("image").unwrap().as_box().unwrap().to_vec());
+        }
+        let (mut rewards, mut successes, mut episodes) = (Vec::new(), 0, 0);
+        let budget = e.task().cfg.budget();
+        roll_out(
+            &mut e,
+            0..8,
+            budget,
+            |e, _, obs| e.heuristic_action(obs),
+            |_, _, s| {
+                if let Some(s) = s {
+                    rewards.push(s.reward);
+                    if s.truncated {
+                        episodes += 1;
+                        successes +=
+                            usize::from(s.info.get("is_success") == Some(&InfoValue::Bool(true)));
+                    }
+                }
+            },
+        );
+        let k = rewards.len() as f64;
+        let rm = rewards.iter().sum::<f64>() / k;
+        let rv = rewards.iter().map(|r| (r - rm).powi(2)).sum::<f64>() / k;
+        (
+            image_statistics(&images, p),
+            [rm, rv, successes as f64 / episodes as f64],
+        )
+    }
+
+    /// Fast vs full: the image statistics within `FIDELITY_IMAGE_TOL` (relative), the reward's
+    /// mean and variance within `FIDELITY_REWARD_TOL`, the success rate within 1/8 (one
+    /// episode of 8); `Err` names the first statistic out of tolerance.
+    fn compare_fidelities(
+        fast: &([f64; 5], [f64; 3]),
+        full: &([f64; 5], [f64; 3]),
+    ) -> std::result::Result<(), String> {
+        use crate::tasks::testing::relative_differences;
+        let names = ["mean", "variance", "low band", "mid band", "high band"];
+        for (k, r) in relative_differences(&fast.0, &full.0)
+            .into_iter()
+            .enumerate()
+        {
+            if !(r < FIDELITY_IMAGE_TOL) {
+                return Err(format!(
+                    "{}: {} vs {} ({r})",
+                    names[k], fast.0[k], full.0[k]
+                ));
+            }
+        }
+        for (k, name) in ["reward mean", "reward variance"].into_iter().enumerate() {
+            let r = (fast.1[k] - full.1[k]).abs() / full.1[k].abs();
+            if !(r < FIDELITY_REWARD_TOL) {
+                return Err(format!("{name}: {} vs {} ({r})", fast.1[k], full.1[k]));
+            }
+        }
+        if (fast.1[2] - full.1[2]).abs() > 0.125 + 1e-9 {
+            return Err(format!("success rate: {} vs {}", fast.1[2], full.1[2]));
+        }
+        Ok(())
+    }
+
+    /// Tolerances of the fidelity comparison (module docs, `# Fidelity`).
+    const FIDELITY_IMAGE_TOL: f64 = 0.05;
+    const FIDELITY_REWARD_TOL: f64 = 0.1;
+
+    /// Issue 15 §3: `fidelity = "fast"` observes what `"full"` does (image mean, variance and
+    /// band powers within 5 %, reward mean and variance within 10 %, success rate within one
+    /// episode of 8), and the comparison rejects a model whose probe lacks the real one's
+    /// tails (a sharper probe: the source blur cut to a third, which raises the image variance
+    /// as the rejected Gaussian-probe model did, by 1.29×).
+    #[test]
+    fn fast_and_full_observe_the_same_statistics() {
+        let fast = observed_statistics("fidelity = \"fast\"");
+        let full = observed_statistics("fidelity = \"full\"");
+        let sharp =
+            observed_statistics("fidelity = \"fast\"\n[instrument.optics]\nsource_size = 0.12e-10");
+        let rel = crate::tasks::testing::relative_differences(&fast.0, &full.0);
+        println!("fast {fast:?}\nfull {full:?}\nsharp {sharp:?}\nrelative (image) {rel:?}");
+        compare_fidelities(&fast, &full).unwrap();
+        let e = compare_fidelities(&sharp, &full).unwrap_err();
+        println!("sharper probe rejected: {e}");
+    }
+
+    /// The fast model's ground truth is the full model's, bit for bit: the field render the
+    /// tiles are cut from is the render the full task makes for `info`.
+    #[test]
+    fn fast_truth_is_the_full_truth() {
+        let mut info = Info::new();
+        let (mut fast, mut full) = (task("fidelity = \"fast\""), task(""));
+        for seed in [1, 7] {
+            fast.reset(seed, &mut info).unwrap();
+            full.reset(seed, &mut info).unwrap();
+            let (a, b) = (fast.truth.clone(), full.truth.clone());
+            assert!(a.is_some() && a == b, "seed {seed}");
+        }
     }
 
     #[test]

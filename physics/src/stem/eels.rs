@@ -632,6 +632,39 @@ impl EelsModel {
             }
         }
     }
+
+    /// [`Self::sample`] with the normal approximation of the Poisson draw where a channel
+    /// expects at least `normal_above` counts: `round(λ + √λ·z)`, `z` standard normal (the
+    /// same mean and variance; the skewness `1/√λ` is about 3 % at 10³ counts), cheaper
+    /// than the exact draw. Channels below it are drawn exactly; read noise as in `sample`.
+    pub fn sample_normal_above(
+        &self,
+        composition: &[(u8, f64)],
+        electrons: f64,
+        normal_above: f64,
+        rng: &mut SimRng,
+        out: &mut [f32],
+    ) {
+        out.fill(0.0);
+        self.accumulate(composition, electrons, |i, v| {
+            if let Some(o) = out.get_mut(i) {
+                *o += v as f32;
+            }
+        });
+        for o in out.iter_mut() {
+            let lambda = f64::from(*o);
+            *o = if lambda >= normal_above {
+                (lambda + lambda.sqrt() * normal(rng)).round().max(0.0) as f32
+            } else {
+                poisson(rng, lambda) as f32
+            };
+        }
+        if self.read_noise > 0.0 {
+            for o in out.iter_mut() {
+                *o += (self.read_noise * normal(rng)) as f32;
+            }
+        }
+    }
 }
 
 #[cfg(test)]

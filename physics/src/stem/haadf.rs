@@ -523,6 +523,37 @@ impl HaadfRenderer {
         Ok(())
     }
 
+    /// Loads the ideal image of the installed frame geometry from a larger one: `src` is the
+    /// ideal image (padded grid `src_geom`) of a field rendered with the same probe and pixel
+    /// size, and this frame's padded grid starts at its row `row0`, column `col0` (the frame's
+    /// first pixel lies `row0`, `col0` pixels after the field's). Returns false (and changes
+    /// nothing) without an installed geometry, with another pixel size or margin, or when the
+    /// window is not inside `src`.
+    pub fn load_ideal_window(
+        &mut self,
+        src: &[f32],
+        src_geom: &FrameGeometry,
+        row0: usize,
+        col0: usize,
+    ) -> bool {
+        let Some(g) = self.geom else { return false };
+        if g.dx != src_geom.dx
+            || g.margin != src_geom.margin
+            || row0 + g.prows > src_geom.prows
+            || col0 + g.pcols > src_geom.pcols
+            || src.len() < src_geom.prows * src_geom.pcols
+        {
+            return false;
+        }
+        for (i, dst) in self.ideal.chunks_exact_mut(g.pcols).enumerate() {
+            let s = (row0 + i) * src_geom.pcols + col0;
+            dst.copy_from_slice(&src[s..s + g.pcols]);
+        }
+        // The spectrum of the last render no longer matches the ideal image.
+        self.base_shift = None;
+        true
+    }
+
     /// Installs the probes of depth slices for [`Self::render_ideal_sliced`]: `kernels[k]` is
     /// the binned probe of slice k (`side × side`, centred at `side/2`, summing to 1), each with
     /// the installed probe's source blur. `side` must not exceed the side the installed probe

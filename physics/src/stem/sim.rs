@@ -26,7 +26,7 @@ use crate::stem::damage::{
     RasterPath, sputter_with,
 };
 use crate::stem::eels::{EelsConfig, EelsModel};
-use crate::stem::haadf::{DetectorConfig, HaadfRenderer};
+use crate::stem::haadf::{DetectorConfig, FrameGeometry, HaadfRenderer};
 use crate::stem::optics::{Aberrations, OpticsConfig, ProbeCalculator, ProbeSpec};
 use crate::stem::probe::ProbeModel;
 use crate::stem::scan::{
@@ -342,6 +342,9 @@ pub struct StemSimulator {
     /// Electrons per pixel the ideal image was rendered with.
     rendered_electrons: f64,
     renderer: HaadfRenderer,
+    /// Tile frames from a prerendered field ([`Self::set_tile_field`]; opt-in, off by default).
+    field: Option<TileField>,
+    field_renderer: HaadfRenderer,
     dist: Distortion,
     drift: DriftState,
     dose_map: DoseMap,
@@ -362,6 +365,9 @@ pub struct StemSimulator {
     poisson: PoissonScratch,
     hop: HopModel,
     eels: EelsModel,
+    /// Spectrum channels expecting at least this many counts are drawn from the normal
+    /// approximation ([`Self::set_eels_normal_above`]); infinite (exact draws) by default.
+    eels_normal_above: f64,
     spectrum: Vec<f32>,
     composition: Vec<(u8, f64)>,
     last_damage: DamageReport,
@@ -409,6 +415,22 @@ fn kernel_density(k: &[f64], s: usize, px: f64, ox: f64, oy: f64) -> f64 {
 
 /// Drift (pixels) after which the cached ideal image is re-rendered rather than shifted.
 const RERENDER_DRIFT: f64 = 0.1;
+
+/// Drift (pixels) after which a prerendered tile field ([`StemSimulator::set_tile_field`]) is
+/// rendered again rather than resampled.
+const FIELD_RERENDER_DRIFT: f64 = 0.5;
+
+/// A prerendered field that tile frames are cut from ([`StemSimulator::set_tile_field`]).
+#[derive(Debug, Clone)]
+struct TileField {
+    /// The field's scan grid (its rows, columns and centre; the pixel size of the tiles).
+    scan: ScanSettings,
+    /// What the rendered ideal image was made with: probe generation, electrons per pixel and
+    /// drift offset (m); `None` until rendered or after the specimen changed.
+    rendered: Option<(u64, f64, [f64; 2])>,
+    /// The probe generation installed in the field's renderer.
+    installed: Option<u64>,
+}
 
 /// Bond length used to find a dopant's neighbours, m (graphene C-C 1.42 Å plus tolerance).
 const HOP_BOND: f64 = 1.7e-10;
@@ -464,6 +486,7 @@ impl StemSimulator {
             dose_map: DoseMap::new(Supercell::new([1e-9, 1e-9], 0.0), 1e-10),
             spectrum: vec![0.0; eels.energy_axis().len()],
             eels,
+            eels_normal_above: f64::INFINITY,
             cfg,
             seed,
             rng_noise: seeded(derive_seed(seed, "noise")),
@@ -485,6 +508,8 @@ impl StemSimulator {
             ideal_shift: [0.0, 0.0],
             rendered_electrons: 0.0,
             renderer: HaadfRenderer::default(),
+            field: None,
+            field_renderer: HaadfRenderer::default(),
             dist: Distortion::default(),
             clock: 0.0,
             probe_pos: [0.0, 0.0],
@@ -581,6 +606,7 @@ impl StemSimulator {
         self.cfg = cfg;
         self.drawn = drawn;
         self.ideal_valid = false;
+        self.invalidate_field();
         self.index_valid = false;
         self.clock = 0.0;
         self.frames = 0;
@@ -630,6 +656,7 @@ impl StemSimulator {
     /// (simulation only: a real instrument has no such handle).
     pub fn specimen_mut(&mut self) -> &mut Specimen {
         self.ideal_valid = false;
+        self.invalidate_field();
         self.index_valid = false;
         &mut self.specimen
     }
@@ -1174,6 +1201,7 @@ impl StemSimulator {
         }
         if !report.sputtered.is_empty() || !report.hops.is_empty() {
             self.ideal_valid = false;
+            self.invalidate_field();
         }
         if !report.sputtered.is_empty() {
             self.index_valid = false;
@@ -1327,6 +1355,162 @@ fn check_distortion(sd: &ScanDistortion, rows: usize, cols: usize, pixel_size: f
 }
 
 impl StemSimulator {
+    /// Tile frames (opt-in, the `fidelity = "fast"` of tasks that scan tiles of one field):
+    /// with `Some(field)`, the ideal image of the whole `field` (its rows, columns and centre;
+    /// the pixel size and probe of the scan grid in force when it is rendered) is rendered once,
+    /// and every later frame whose padded grid lies inside it, on the same pixel lattice, with
+    /// the same probe and electrons per pixel, copies its window instead of rendering (a splat
+    /// and two FFTs per frame). The field is rendered again when the specimen changes (hops,
+    /// sputtering, a new episode), the probe or the dose per pixel changes, or the specimen
+    /// drifted by more than half a pixel since; a smaller drift is applied by the frame's
+    /// bilinear resampling, as full frames do below 0.1 pixel. A window equals a frame's own
+    /// render up to the circular convolution's wrap-around on the frame's smaller padded grid
+    /// (under 1e-3 of the peak with the default optics). `None` (the default) renders every
+    /// frame itself.
+    pub fn set_tile_field(&mut self, field: Option<ScanSettings>) {
+        self.field = field.map(|scan| TileField {
+            scan,
+            rendered: None,
+            installed: None,
+        });
+    }
+
+    /// Spectra (opt-in, the `fidelity = "fast"` of EELS tasks): channels expecting at least
+    /// `counts` are drawn from the normal approximation of the Poisson distribution
+    /// ([`EelsModel::sample_normal_above`]); `f64::INFINITY` (the default) draws every
+    /// channel exactly. A NaN or a value below 1 is taken as infinite.
+    pub fn set_eels_normal_above(&mut self, counts: f64) {
+        self.eels_normal_above = if counts >= 1.0 { counts } else { f64::INFINITY };
+    }
+
+    /// The field of [`Self::set_tile_field`], if set.
+    pub fn tile_field(&self) -> Option<ScanSettings> {
+        self.field.as_ref().map(|f| f.scan)
+    }
+
+    fn invalidate_field(&mut self) {
+        if let Some(f) = &mut self.field {
+            f.rendered = None;
+        }
+    }
+
+    /// Renders the tile field if it is stale for a frame with `epp` electrons per pixel and
+    /// drift `shift`; false without a field or a probe.
+    fn ensure_field(&mut self, epp: f64, shift: [f64; 2]) -> Result<bool> {
+        self.ensure_probe();
+        let Some(field) = &self.field else {
+            return Ok(false);
+        };
+        let fs = field.scan;
+        let dx = self.scan.pixel_size;
+        let fresh = field.rendered.is_some_and(|(pg, e, s)| {
+            pg == self.probe_generation
+                && e == epp
+                && (shift[0] - s[0]).abs().max((shift[1] - s[1]).abs()) <= FIELD_RERENDER_DRIFT * dx
+        });
+        if fresh {
+            return Ok(true);
+        }
+        let src = self.probe_model().source_sigma;
+        let want = FrameGeometry::new(fs.rows, fs.cols, dx, self.kernel_side);
+        let r = &mut self.field_renderer;
+        // A new probe (generation) or grid: install it.
+        let installed =
+            field.installed == Some(self.probe_generation) && r.geometry() == Some(want);
+        if !installed {
+            r.set_probe(&self.kernel, self.kernel_side, fs.rows, fs.cols, dx, src);
+        }
+        // The field's grid is larger than a quarter of a small cell: decide as frames do.
+        let [w, h] = [fs.cols as f64 * dx, fs.rows as f64 * dx];
+        let pays = match &self.specimen.cell {
+            Some(c) => 4.0 * w * h < c.area(),
+            None => true,
+        };
+        let current = self.index_valid && self.atom_index.covers(self.specimen.atoms.len());
+        if current || pays {
+            self.ensure_index();
+        }
+        let index = (current || pays).then_some(&self.atom_index);
+        self.field_renderer.render_ideal_indexed(
+            &self.specimen,
+            index,
+            &self.sigma_haadf,
+            epp,
+            shift,
+            fs.center,
+        )?;
+        if let Some(f) = &mut self.field {
+            f.rendered = Some((self.probe_generation, epp, shift));
+            f.installed = Some(self.probe_generation);
+        }
+        Ok(true)
+    }
+
+    /// Loads the frame's ideal image from the tile field when the frame lies inside it on its
+    /// pixel lattice; false (nothing loaded) otherwise.
+    fn frame_from_field(&mut self, epp: f64, shift: [f64; 2]) -> Result<bool> {
+        if !self.ensure_field(epp, shift)? {
+            return Ok(false);
+        }
+        let (Some(field), Some(fg)) = (&self.field, self.field_renderer.geometry()) else {
+            return Ok(false);
+        };
+        let sc = self.scan;
+        let fs = field.scan;
+        // The frame's first pixel, in field pixels from the field's first.
+        let off = |c: f64, fc: f64, n: usize, fnn: usize| {
+            (c - fc) / sc.pixel_size + 0.5 * (fnn as f64 - n as f64)
+        };
+        let (oc, or) = (
+            off(sc.center[0], fs.center[0], sc.cols, fs.cols),
+            off(sc.center[1], fs.center[1], sc.rows, fs.rows),
+        );
+        let lattice = |o: f64| o >= -1e-6 && (o - o.round()).abs() < 1e-6;
+        if !(lattice(oc) && lattice(or)) {
+            return Ok(false);
+        }
+        let Some(rendered_shift) = field.rendered.map(|r| r.2) else {
+            return Ok(false);
+        };
+        let loaded = self.renderer.load_ideal_window(
+            &self.field_renderer.ideal,
+            &fg,
+            or.round() as usize,
+            oc.round() as usize,
+        );
+        if loaded {
+            self.ideal_shift = rendered_shift;
+        }
+        Ok(loaded)
+    }
+
+    /// The noiseless field of [`Self::set_tile_field`] (rendered if stale) as a frame would
+    /// see it without scan distortions: expected counts times the detector gain plus its
+    /// offset, `rows × cols` row-major, at the current drift and with the probe of the scan
+    /// grid in force; false without a field.
+    pub fn tile_field_noiseless(&mut self, out: &mut Vec<f64>) -> Result<bool> {
+        let epp = self.electrons(self.scan.dwell_time);
+        let shift = self.drift.offset;
+        if !self.ensure_field(epp, shift)? {
+            return Ok(false);
+        }
+        let Some(g) = self.field_renderer.geometry() else {
+            return Ok(false);
+        };
+        let det = &self.cfg.detector;
+        let (gain, offset) = (det.gain.get(), det.offset.get());
+        out.clear();
+        for i in 0..g.rows {
+            let row = (i + g.margin) * g.pcols + g.margin;
+            out.extend(
+                self.field_renderer.ideal[row..row + g.cols]
+                    .iter()
+                    .map(|&v| gain * f64::from(v) + offset),
+            );
+        }
+        Ok(true)
+    }
+
     /// The frame: the ideal image (re-formed when needed), resampled along the distorted
     /// scan path and counted.
     fn full_frame(&mut self, epp: f64, shift: [f64; 2], depth: bool) -> Result<()> {
@@ -1340,7 +1524,11 @@ impl StemSimulator {
             .abs()
             .max((shift[1] - self.ideal_shift[1]).abs());
         let stale = !self.ideal_valid || epp != self.rendered_electrons;
-        if stale || moved > RERENDER_DRIFT * sc.pixel_size {
+        if !depth && self.field.is_some() && self.frame_from_field(epp, shift)? {
+            // Cut from the prerendered field (`set_tile_field`): the ideal image is the
+            // field's window, rendered at the field's drift offset.
+            self.ideal_valid = false;
+        } else if stale || moved > RERENDER_DRIFT * sc.pixel_size {
             if stale || !self.renderer.shift_ideal(shift) {
                 self.render_ideal(epp, shift, depth)?;
             }
@@ -1608,6 +1796,7 @@ impl StemSimulator {
         }
         if !report.sputtered.is_empty() || !report.hops.is_empty() {
             self.ideal_valid = false;
+            self.invalidate_field();
         }
         if !report.sputtered.is_empty() {
             self.index_valid = false;
@@ -1745,12 +1934,22 @@ impl StemInstrument for StemSimulator {
         }
         self.expose_point(exposure)?;
         let n_e = self.electrons(exposure);
-        self.eels.sample(
-            &self.composition,
-            n_e,
-            &mut self.rng_noise,
-            &mut self.spectrum,
-        );
+        if self.eels_normal_above.is_finite() {
+            self.eels.sample_normal_above(
+                &self.composition,
+                n_e,
+                self.eels_normal_above,
+                &mut self.rng_noise,
+                &mut self.spectrum,
+            );
+        } else {
+            self.eels.sample(
+                &self.composition,
+                n_e,
+                &mut self.rng_noise,
+                &mut self.spectrum,
+            );
+        }
         Ok(Spectrum {
             energy: self.eels.energy_axis(),
             counts: &self.spectrum,
