@@ -595,6 +595,11 @@ impl SpectrumTruth for StemSimulator {
                 Err(_) => return false,
             }
         }
+        // The edge probabilities at this beam energy, as the simulator's own model has them.
+        let energy = self.config().optics.energy.get();
+        if let Some((_, m)) = &mut scratch.model {
+            m.set_beam_energy(energy);
+        }
         let px = self.scan_settings().pixel_size;
         // The probe a point exposure sees (source blur included).
         let (side, k) = self.effective_probe();
@@ -1384,6 +1389,36 @@ mod tests {
             );
         }
         assert!(truth[kbest] > 4.0 * truth[kmin].abs().max(0.05));
+    }
+
+    /// With a collection angle, the edge probabilities depend on the beam energy: the truth
+    /// uses the beam's (60 kV), as the spectra do, not the cross-sections' reference energy
+    /// (here 200 kV, which would scale the Si edge by about 0.6).
+    #[test]
+    fn truth_follows_the_beam_energy_of_the_spectra() {
+        let mut e = env(
+            "[instrument.eels]\ncollection_angle = \"20 mrad\"\nreference_energy = \"200 keV\"\n",
+        );
+        e.reset(Some(4)).unwrap();
+        let truth = e.task().truth.clone().unwrap();
+        let k = (0..truth.len())
+            .max_by(|&a, &b| truth[a].total_cmp(&truth[b]))
+            .unwrap();
+        let n = 100;
+        let v: Vec<f64> = (0..n)
+            .map(|_| f(&e.step(&Value::Discrete(k as i64)).unwrap().info, "value"))
+            .collect();
+        let mean = v.iter().sum::<f64>() / n as f64;
+        let sd = (v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n as f64).sqrt();
+        println!(
+            "cell {k}: truth {:.4}, measured {mean:.4} ± {sd:.4}",
+            truth[k]
+        );
+        assert!(
+            (mean - truth[k]).abs() < 4.0 * sd / (n as f64).sqrt() + 0.03 * truth[k],
+            "cell {k}: {mean} vs {}",
+            truth[k]
+        );
     }
 
     #[test]

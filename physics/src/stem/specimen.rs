@@ -1347,10 +1347,18 @@ mod tests {
                 let mut found = 0;
                 for i in 0..s.atoms.len() {
                     let want = s.neighbors(i, radius);
-                    assert_eq!(s.neighbors_indexed(Some(&index), i, radius), want, "atom {i}");
+                    assert_eq!(
+                        s.neighbors_indexed(Some(&index), i, radius),
+                        want,
+                        "atom {i}"
+                    );
                     found += want.len();
                 }
-                assert!(found >= 3 * s.atoms.len(), "{found} neighbours of {}", s.atoms.len());
+                assert!(
+                    found >= 3 * s.atoms.len(),
+                    "{found} neighbours of {}",
+                    s.atoms.len()
+                );
             }
             let mut fewer = s.clone();
             fewer.atoms.pop();
