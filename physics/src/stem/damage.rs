@@ -1066,6 +1066,7 @@ impl HopModel {
     /// within `bond` (m, minimum-image distance), found through `index` when it is given
     /// (built for the specimen's positions; hops move no atom, they swap elements). Returns the
     /// hops in order.
+    #[allow(clippy::too_many_arguments)] // the beam's dwell, the specimen and its index, the stream
     pub fn dwell(
         &self,
         specimen: &mut Specimen,
