@@ -158,6 +158,61 @@ const SHARE_BLOCKS: usize = 2;
 /// reset, a re-dilated tip) env by env; a block's hand-off costs well under a microsecond.
 const ENV_BLOCK_MIN_NS: u64 = 10_000;
 
+/// Chooses, call by call, whether sharing the envs among the threads pays, from the wall time
+/// per env of recent calls made each way. On a busy machine (the other core taken by another
+/// process) waiting for a helper thread can cost more than it gains, even for steps long
+/// enough to share; measuring both ways keeps the vector env never slower than one thread.
+/// The choice changes only the timing: every env's results are the same either way.
+#[derive(Debug, Clone, Default)]
+struct ShareChooser {
+    /// Exponential means of wall nanoseconds per env, `[unshared, shared]` (`None` until a
+    /// call was made that way).
+    mean: [Option<f64>; 2],
+    /// Calls decided so far.
+    calls: u64,
+}
+
+impl ShareChooser {
+    /// Weight of the newest call in a mean.
+    const WEIGHT: f64 = 0.125;
+    /// Calls between two tries of the slower way while the two are within `CLOSE` of each
+    /// other ...
+    const PROBE_NEAR: u64 = 16;
+    /// ... and while one is clearly faster (a try costs the difference once).
+    const PROBE_FAR: u64 = 256;
+    /// Ratio of the means under which the two ways count as close.
+    const CLOSE: f64 = 1.3;
+
+    /// Whether the next call shares the envs.
+    fn share(&mut self) -> bool {
+        self.calls += 1;
+        let [alone, shared] = self.mean;
+        let (Some(alone), Some(shared)) = (alone, shared) else {
+            // Measure sharing first, then one call alone.
+            return shared.is_none() || self.calls < 2;
+        };
+        let faster_shared = shared < alone;
+        let ratio = alone.max(shared) / alone.min(shared).max(1.0);
+        let every = if ratio < Self::CLOSE {
+            Self::PROBE_NEAR
+        } else {
+            Self::PROBE_FAR
+        };
+        // Now and then the other way, so that a change of load is noticed.
+        faster_shared != self.calls.is_multiple_of(every)
+    }
+
+    /// Records a call made `shared` or not that took `wall_ns` for `n` envs.
+    fn record(&mut self, shared: bool, wall_ns: u64, n: usize) {
+        let per_env = wall_ns as f64 / n.max(1) as f64;
+        let m = &mut self.mean[usize::from(shared)];
+        *m = Some(match *m {
+            Some(old) => old + Self::WEIGHT * (per_env - old),
+            None => per_env,
+        });
+    }
+}
+
 /// Nanoseconds since `start` (saturating; a call never takes 584 years).
 fn nanos(start: std::time::Instant) -> u64 {
     u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX)
@@ -176,6 +231,8 @@ pub struct VectorEnv {
     /// Work of the last [`VectorEnv::run_slots_into`] call, nanoseconds of thread time (the
     /// next call shares the envs among the threads if it reached `SHARE_MIN_WORK_NS`).
     work_ns: u64,
+    /// Whether sharing has paid lately (wall time per env each way).
+    chooser: ShareChooser,
     obs: Vec<f32>,
     rewards: Vec<f64>,
     terminated: Vec<bool>,
@@ -243,6 +300,7 @@ impl VectorEnv {
             obs_len,
             action_len: acts.flat_len(),
             work_ns: u64::MAX,
+            chooser: ShareChooser::default(),
             obs: vec![0.0; n * obs_len],
             rewards: vec![0.0; n],
             terminated: vec![false; n],
@@ -341,8 +399,10 @@ impl VectorEnv {
     /// envs go out in contiguous blocks, `SHARE_BLOCKS` per thread: few enough that a block
     /// costs one timer read and one hand-off, enough that a thread left with cheap envs
     /// (steps) takes blocks from one held up by costly ones (resets). When an env's step cost
-    /// `ENV_BLOCK_MIN_NS` or more on average, every env is its own block. Each env owns its state
-    /// and random streams, so the results are the same either way.
+    /// `ENV_BLOCK_MIN_NS` or more on average, every env is its own block. A call that could
+    /// share still runs on the calling thread alone when that has been faster lately
+    /// ([`ShareChooser`]: on a busy machine waiting for a helper can cost more than it gains).
+    /// Each env owns its state and random streams, so the results are the same either way.
     fn run_slots_into(
         &mut self,
         f: impl Fn(usize, &mut Slot) -> Result<()> + Sync + Send,
@@ -369,12 +429,17 @@ impl VectorEnv {
             }
         };
         let n = self.slots.len();
+        // Enough work to share at all; then whether sharing has paid lately.
+        let eligible = n > 1 && self.work_ns >= SHARE_MIN_WORK_NS;
         let pool = match &self.pool {
-            Some(pool) if n > 1 && self.work_ns >= SHARE_MIN_WORK_NS => pool,
+            Some(pool) if eligible && self.chooser.share() => pool,
             Some(_) if n > 1 => {
                 let start = Instant::now();
                 run_block(0, &mut self.slots, out);
                 self.work_ns = nanos(start);
+                if eligible {
+                    self.chooser.record(false, self.work_ns, n);
+                }
                 return self.take_errors(failed.into_inner());
             }
             _ => {
@@ -438,6 +503,7 @@ impl VectorEnv {
             done.fetch_add(1, Ordering::Release);
         };
         let member = &member;
+        let wall = Instant::now();
         pool.in_place_scope(|scope| {
             for p in 1..members {
                 scope.spawn(move |_| member(p));
@@ -450,6 +516,7 @@ impl VectorEnv {
                 std::hint::spin_loop();
             }
         });
+        self.chooser.record(true, nanos(wall), n);
         self.work_ns = work.into_inner();
         self.take_errors(failed.into_inner())
     }
@@ -663,6 +730,40 @@ mod tests {
             .map(|_| make("scopegym/StemDopantSteer-v1", None).unwrap())
             .collect();
         VectorEnv::new(envs, AutoReset::NextStep, 1).unwrap()
+    }
+
+    /// Runs `calls` calls of 16 envs through the chooser, each costing `cost(shared)` ns per
+    /// env; returns how many shared.
+    fn choose(c: &mut ShareChooser, calls: usize, cost: impl Fn(bool) -> u64) -> usize {
+        (0..calls)
+            .filter(|_| {
+                let shared = c.share();
+                c.record(shared, 16 * cost(shared), 16);
+                shared
+            })
+            .count()
+    }
+
+    /// The chooser keeps the faster way, tries the other now and then, and follows a change
+    /// of load: sharing twice as fast is kept on all but the tries (one in 256 calls), sharing
+    /// that loses (a busy second core) is dropped, and when the load goes away sharing comes
+    /// back within the next tries.
+    #[test]
+    fn share_chooser_keeps_the_faster_way_and_follows_the_load() {
+        let mut c = ShareChooser::default();
+        let shared = choose(&mut c, 1024, |s| if s { 5_000 } else { 10_000 });
+        assert!((1018..1024).contains(&shared), "{shared} of 1024 shared");
+        // The second core gets busy: sharing now takes 1.5 times as long as one thread.
+        let shared = choose(&mut c, 1024, |s| if s { 15_000 } else { 10_000 });
+        assert!(shared < 40, "{shared} of 1024 still shared");
+        assert!(shared > 0, "sharing was never tried again");
+        // Nearly equal: once the means are close, sharing is tried every 16 calls, and the
+        // faster way (alone) is kept.
+        let shared = choose(&mut c, 1024, |s| if s { 10_500 } else { 10_000 });
+        assert!((10..=80).contains(&shared), "{shared} of 1024 shared");
+        // The load goes away: sharing wins again within a few tries.
+        let shared = choose(&mut c, 1024, |s| if s { 5_000 } else { 10_000 });
+        assert!(shared > 950, "{shared} of 1024 shared");
     }
 
     #[test]

@@ -1350,6 +1350,21 @@ mod tests {
         assert!((v - 3050.0).abs() < 1.0, "{v}");
     }
 
+    /// Mean and standard deviation of the measured value (`info["value"]`) over `n` spectra
+    /// at cell `k`.
+    fn measured_mean_sd(
+        e: &mut TaskEnv<StemEelsExplore<StemSimulator>>,
+        k: usize,
+        n: usize,
+    ) -> (f64, f64) {
+        let v: Vec<f64> = (0..n)
+            .map(|_| f(&e.step(&Value::Discrete(k as i64)).unwrap().info, "value"))
+            .collect();
+        let mean = v.iter().sum::<f64>() / n as f64;
+        let sd = (v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n as f64).sqrt();
+        (mean, sd)
+    }
+
     #[test]
     fn truth_matches_the_measured_mean_and_the_noise_calibration() {
         // The expected value at a cell (from the specimen) agrees with the mean of many noisy
@@ -1367,11 +1382,7 @@ mod tests {
         for k in [kbest, kmin] {
             e.reset(Some(4)).unwrap();
             let n = 100;
-            let v: Vec<f64> = (0..n)
-                .map(|_| f(&e.step(&Value::Discrete(k as i64)).unwrap().info, "value"))
-                .collect();
-            let mean = v.iter().sum::<f64>() / n as f64;
-            let sd = (v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n as f64).sqrt();
+            let (mean, sd) = measured_mean_sd(&mut e, k, n);
             println!(
                 "cell {k}: truth {:.4}, measured {mean:.4} ± {sd:.4}",
                 truth[k]
@@ -1405,11 +1416,7 @@ mod tests {
             .max_by(|&a, &b| truth[a].total_cmp(&truth[b]))
             .unwrap();
         let n = 100;
-        let v: Vec<f64> = (0..n)
-            .map(|_| f(&e.step(&Value::Discrete(k as i64)).unwrap().info, "value"))
-            .collect();
-        let mean = v.iter().sum::<f64>() / n as f64;
-        let sd = (v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n as f64).sqrt();
+        let (mean, sd) = measured_mean_sd(&mut e, k, n);
         println!(
             "cell {k}: truth {:.4}, measured {mean:.4} ± {sd:.4}",
             truth[k]

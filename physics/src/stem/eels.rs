@@ -617,20 +617,8 @@ impl EelsModel {
         rng: &mut SimRng,
         out: &mut [f32],
     ) {
-        out.fill(0.0);
-        self.accumulate(composition, electrons, |i, v| {
-            if let Some(o) = out.get_mut(i) {
-                *o += v as f32;
-            }
-        });
-        for o in out.iter_mut() {
-            *o = poisson(rng, f64::from(*o)) as f32;
-        }
-        if self.read_noise > 0.0 {
-            for o in out.iter_mut() {
-                *o += (self.read_noise * normal(rng)) as f32;
-            }
-        }
+        // No finite mean reaches the threshold: every channel is drawn exactly.
+        self.sample_normal_above(composition, electrons, f64::INFINITY, rng, out);
     }
 
     /// [`Self::sample`] with the normal approximation of the Poisson draw where a channel

@@ -771,7 +771,14 @@ impl StemSimulator {
     /// specimen's cell (an auto-sized cell is barely larger than the frame, and its index would
     /// be rebuilt after every edit of the atoms for nothing).
     fn frame_index(&mut self) -> bool {
-        let [w, h] = self.scan.field_of_view();
+        let fov = self.scan.field_of_view();
+        self.index_for(fov)
+    }
+
+    /// Whether a grid of `[w, h]` (m) is rendered through the atom index, as [`Self::frame_index`]
+    /// decides for the frame: the index is used when it is current, or when the grid covers
+    /// under a quarter of the specimen's cell (then it is rebuilt if stale).
+    fn index_for(&mut self, [w, h]: [f64; 2]) -> bool {
         let pays = match &self.specimen.cell {
             Some(c) => 4.0 * w * h < c.area(),
             None => true,
@@ -1420,17 +1427,9 @@ impl StemSimulator {
         if !installed {
             r.set_probe(&self.kernel, self.kernel_side, fs.rows, fs.cols, dx, src);
         }
-        // The field's grid is larger than a quarter of a small cell: decide as frames do.
-        let [w, h] = [fs.cols as f64 * dx, fs.rows as f64 * dx];
-        let pays = match &self.specimen.cell {
-            Some(c) => 4.0 * w * h < c.area(),
-            None => true,
-        };
-        let current = self.index_valid && self.atom_index.covers(self.specimen.atoms.len());
-        if current || pays {
-            self.ensure_index();
-        }
-        let index = (current || pays).then_some(&self.atom_index);
+        // The field's grid may be larger than a quarter of a small cell: decide as frames do.
+        let use_index = self.index_for([fs.cols as f64 * dx, fs.rows as f64 * dx]);
+        let index = use_index.then_some(&self.atom_index);
         self.field_renderer.render_ideal_indexed(
             &self.specimen,
             index,
