@@ -76,10 +76,10 @@ proptest! {
                 1 => { sim.move_probe([fx * fov[0], fy * fov[1]]).unwrap(); sim.acquire_point(t).unwrap(); }
                 _ => { sim.move_probe([fx * fov[0], fy * fov[1]]).unwrap(); sim.acquire_spectrum(t).unwrap(); }
             }
-            let now = &sim.dose_map().dose;
-            prop_assert!(now.iter().zip(&dose).all(|(a, b)| a >= b));
-            prop_assert!(sim.dose_map().total_electrons() > 0.0);
-            dose = now.clone();
+            let map = sim.dose_map();
+            prop_assert!(map.dose.iter().zip(&dose).all(|(a, b)| a >= b));
+            prop_assert!(map.total_electrons() > 0.0);
+            dose = map.dose.clone();
             prop_assert!(sim.specimen().atoms.len() <= count);
             count = sim.specimen().atoms.len();
             prop_assert!(sim.clock() > clock);

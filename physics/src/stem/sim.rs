@@ -348,6 +348,11 @@ pub struct StemSimulator {
     dist: Distortion,
     drift: DriftState,
     dose_map: DoseMap,
+    /// Frame footprints `[x0, x1, y0, y1, dose]` (m, e⁻/m²) not yet added to `dose_map`, in
+    /// order. The bins are read only by contamination, point exposures and callers of
+    /// [`Self::dose_map`], so frames defer their footprints until then ([`Self::flush_dose`]:
+    /// the same additions in the same order, so the same bins bit for bit).
+    pending_dose: Vec<[f64; 5]>,
     clock: f64,
     probe_pos: [f64; 2],
     blanked: bool,
@@ -438,6 +443,9 @@ const HOP_BOND: f64 = 1.7e-10;
 /// Bucket side of the atom index, m (a few atoms per bucket in graphene).
 const INDEX_BUCKET: f64 = 4e-10;
 
+/// Deferred frame footprints ([`StemSimulator::flush_dose`]) kept at most (160 kB).
+const MAX_PENDING_DOSE: usize = 4096;
+
 /// Added to the frame's diagonal for the side of an auto-sized specimen cell, m.
 const AUTO_CELL_MARGIN: f64 = 2e-9;
 
@@ -484,6 +492,7 @@ impl StemSimulator {
             hop: HopModel::from_config(&cfg.damage),
             drift: DriftState::new(&cfg.drift),
             dose_map: DoseMap::new(Supercell::new([1e-9, 1e-9], 0.0), 1e-10),
+            pending_dose: Vec::new(),
             spectrum: vec![0.0; eels.energy_axis().len()],
             eels,
             eels_normal_above: f64::INFINITY,
@@ -603,6 +612,7 @@ impl StemSimulator {
             .cell
             .unwrap_or_else(|| Supercell::new(size, 0.0));
         self.dose_map = DoseMap::new(period, cfg.damage.dose_map_cell.get());
+        self.pending_dose.clear();
         self.cfg = cfg;
         self.drawn = drawn;
         self.ideal_valid = false;
@@ -679,8 +689,17 @@ impl StemSimulator {
     }
 
     /// The cumulative dose map (specimen coordinates, periodic on the specimen's cell).
-    pub fn dose_map(&self) -> &DoseMap {
+    pub fn dose_map(&mut self) -> &DoseMap {
+        self.flush_dose();
         &self.dose_map
+    }
+
+    /// Adds the deferred frame footprints to the dose map, in order.
+    fn flush_dose(&mut self) {
+        for &[x0, x1, y0, y1, dose] in &self.pending_dose {
+            self.dose_map.add_rect(x0, x1, y0, y1, dose);
+        }
+        self.pending_dose.clear();
     }
 
     /// What the last exposure did to the specimen.
@@ -907,7 +926,8 @@ impl StemSimulator {
     /// Thickness of the contamination deposit at specimen position `(x, y)` (m): the growth
     /// rate ([`DamageConfig::contamination_rate`]) times the dose delivered there so far
     /// ([`Self::dose_map`]), m.
-    pub fn contamination_thickness(&self, x: f64, y: f64) -> f64 {
+    pub fn contamination_thickness(&mut self, x: f64, y: f64) -> f64 {
+        self.flush_dose();
         self.cfg.damage.contamination_rate.get() * self.dose_map.at(x, y)
     }
 
@@ -960,6 +980,9 @@ impl StemSimulator {
             }
         }
         let per_dose = self.contamination_signal(1.0) * epp;
+        if per_dose > 0.0 {
+            self.flush_dose();
+        }
         let dx = sc.pixel_size;
         for i in 0..rows {
             let y = sc.center[1] + (i as f64 - 0.5 * (rows as f64 - 1.0)) * dx - shift[1];
@@ -1151,6 +1174,7 @@ impl StemSimulator {
             }
         }
         // The contamination deposited so far adds its atoms' signal.
+        self.flush_dose();
         signal += self.contamination_signal(self.dose_map.at(b[0], b[1]));
         self.dose_map
             .add_gaussian(b[0], b[1], self.probe_sigma, n_e);
@@ -1686,8 +1710,12 @@ impl StemSimulator {
             sc.center[1] - 0.5 * h - shift[1],
         );
         if self.cfg.scan_distortion.is_identity() {
-            self.dose_map.add_rect(x0, x0 + w, y0, y0 + h, dose);
+            self.pending_dose.push([x0, x0 + w, y0, y0 + h, dose]);
+            if self.pending_dose.len() >= MAX_PENDING_DOSE {
+                self.flush_dose();
+            }
         } else {
+            self.flush_dose();
             let centre = [x0 + 0.5 * w, y0 + 0.5 * h];
             add_distorted_dose(
                 &mut self.dose_map,
