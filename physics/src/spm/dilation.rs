@@ -798,6 +798,46 @@ fn disc_max_filter(
     }
 }
 
+/// [`disc_max_filter`] in valid mode: the maximum of `src` (`rows × cols`) over the flat disc
+/// (rows `-r..=r` of half-widths `disc`) on the interior only, `g[(y, x)] = max src[(y + r +
+/// dy, x + r + dx)]` over `|dx| ≤ disc[dy + r]`, row-major `(rows − 2r) × (cols − 2r)`: every
+/// window lies inside its row, so no padding. `bufs` are scratch.
+fn disc_max_valid(
+    src: &ArrayView2<'_, f32>,
+    disc: &[usize],
+    bufs: [&mut Vec<f32>; 3],
+    g: &mut Vec<f32>,
+) {
+    let [flat, maxima, tmp] = bufs;
+    let (rows, cols) = src.dim();
+    let r = disc.len() / 2;
+    let (gr, gc) = (rows - 2 * r, cols - 2 * r);
+    flat.clear();
+    flat.extend(src.iter());
+    g.clear();
+    g.resize(gr * gc, f32::NEG_INFINITY);
+    let mut last = None;
+    for k in 0..=r {
+        let w = disc[r + k];
+        // maxima[y·cols + a] = max of row y over columns a..a + 2w + 1 (inside the row for
+        // a ≤ cols − 2w − 1, which every read below is); rows of the disc with the same
+        // half-width share them.
+        if last != Some(w) {
+            window_max(flat, 2 * w + 1, maxima, tmp);
+            last = Some(w);
+        }
+        let dys: &[isize] = if k == 0 { &[0] } else { &[-1, 1] };
+        for &sign in dys {
+            let dy = sign * k as isize;
+            for q in 0..gr {
+                let y = (q as isize + r as isize + dy) as usize;
+                let start = y * cols + r - w;
+                max_into(&mut g[q * gc..(q + 1) * gc], &maxima[start..start + gc]);
+            }
+        }
+    }
+}
+
 /// `dst[a] = max(dst[a], src[a])`.
 #[multiversion::multiversion(targets("x86_64+avx2+fma"))]
 fn max_into(dst: &mut [f32], src: &[f32]) {
@@ -1054,6 +1094,140 @@ impl Dilator {
         self.separable_parts(surface, &tip.parts, tip.side / 2, out)
     }
 
+    /// The interior of the dilation ("valid" mode): with `h` the tip's half width, `out`
+    /// (`(rows − 2h) × (cols − 2h)`) gets the image on the cells of `surface` at least `h` from
+    /// its edge, whose tip window lies inside it: `out[(y, x)] = img[(y + h, x + h)]` of
+    /// [`Dilator::dilate`], bit for bit, without computing the band along the edge (e.g. a
+    /// periodically padded window, where the band is discarded). Worn and separable tips run
+    /// their passes on the interior only; other tips dilate the whole surface and crop. Errors
+    /// if `out`'s shape is not the interior's.
+    pub fn dilate_valid(
+        &mut self,
+        surface: ArrayView2<'_, f32>,
+        tip: &Tip,
+        mut out: ArrayViewMut2<'_, f32>,
+    ) -> Result<()> {
+        let h = tip.side / 2;
+        let (rows, cols) = surface.dim();
+        if rows < 2 * h || cols < 2 * h || out.dim() != (rows - 2 * h, cols - 2 * h) {
+            return Err(PhysicsError::arg(
+                "out",
+                format!(
+                    "shape {:?} must be the surface's {:?} less twice the tip's half width {h}",
+                    out.dim(),
+                    surface.dim()
+                ),
+            ));
+        }
+        if out.is_empty() {
+            return Ok(());
+        }
+        if !tip.disc.is_empty() {
+            let r = tip.disc.len() / 2;
+            let mut grown = std::mem::take(&mut self.grown);
+            disc_max_valid(
+                &surface,
+                &tip.disc,
+                [&mut self.disc_rows, &mut self.disc_max, &mut self.disc_tmp],
+                &mut grown,
+            );
+            let result = {
+                let g = ArrayView2::from_shape((rows - 2 * r, cols - 2 * r), &grown[..])
+                    .expect("interior rows × columns");
+                self.separable_valid(g, &tip.parts, h - r, out)
+            };
+            self.grown = grown;
+            result
+        } else if tip.is_separable() {
+            self.separable_valid(surface, &tip.parts, h, out)
+        } else {
+            let mut full = std::mem::take(&mut self.grown_out);
+            full.clear();
+            full.resize(rows * cols, 0.0);
+            let result = {
+                let f =
+                    ArrayViewMut2::from_shape((rows, cols), &mut full[..]).expect("rows × columns");
+                self.dilate_general(surface, tip, f)
+            };
+            if result.is_ok() {
+                let f = ArrayView2::from_shape((rows, cols), &full[..]).expect("rows × columns");
+                out.assign(&f.slice(ndarray::s![h..rows - h, h..cols - h]));
+            }
+            self.grown_out = full;
+            result
+        }
+    }
+
+    /// [`Dilator::separable_parts`] in valid mode ([`Dilator::dilate_valid`]): `out` is
+    /// `(rows − 2c) × (cols − 2c)`, the image on the interior of `surface`. Pass 1 along `x` runs
+    /// on every row but only the interior columns, pass 2 along `y` only on the interior rows;
+    /// each output is the maximum over the same `f32` sums as in the full pass.
+    fn separable_valid(
+        &mut self,
+        surface: ArrayView2<'_, f32>,
+        parts: &[SeparablePart],
+        c: usize,
+        mut out: ArrayViewMut2<'_, f32>,
+    ) -> Result<()> {
+        let (rows_in, cols_in) = surface.dim();
+        let (rows, width) = (rows_in - 2 * c, cols_in - 2 * c);
+        let Self {
+            padded,
+            mid,
+            scratch,
+            taps,
+            ..
+        } = self;
+        let w8 = round_up(width, LANE);
+        // Output column x reads input columns x..=x + 2c: rows of w8 + 2c, -∞ past the input.
+        let stride = w8 + 2 * c;
+        let (lo, hi) = pad_into(padded, &surface, 0, 0, rows_in, stride);
+        let threshold = skip_threshold(lo, hi);
+        // The intermediate g on every input row, stride w8; output row y reads rows y..=y + 2c.
+        let n = rows_in * w8;
+        if mid.len() != n {
+            mid.clear();
+            mid.resize(n, f32::NEG_INFINITY);
+        }
+        let padded = &padded[..];
+        with_out(&mut out, scratch, |dst| {
+            let mut first = true;
+            for part in parts {
+                let (rmax, cmax) = (profile_max(&part.rows), profile_max(&part.cols));
+                // As in `separable_parts`.
+                let margin = 4e-6
+                    * (f64::from(lo).abs()
+                        + f64::from(hi).abs()
+                        + f64::from(rmax).abs()
+                        + f64::from(cmax).abs());
+                let col_threshold = threshold - margin - f64::from(rmax);
+                let row_threshold = threshold - margin - f64::from(cmax);
+                if !is_live(cmax, col_threshold) || !is_live(rmax, row_threshold) {
+                    continue;
+                }
+                taps.clear();
+                taps.push_row(0, part.cols.len(), col_threshold, |k| part.cols[2 * c - k]);
+                max_plus_pass(
+                    padded,
+                    stride,
+                    taps,
+                    rows_in,
+                    width,
+                    &mut mid[..],
+                    w8,
+                    false,
+                );
+                taps.clear();
+                for (i, &w) in part.rows.iter().enumerate() {
+                    taps.push_row((2 * c - i) * w8, 1, row_threshold, |_| w);
+                }
+                max_plus_pass(mid, w8, taps, rows, width, dst, width, !first);
+                first = false;
+            }
+        });
+        Ok(())
+    }
+
     /// [`Dilator::dilate_separable`] for `parts` whose profiles have `2c + 1` entries.
     fn separable_parts(
         &mut self,
@@ -1168,6 +1342,59 @@ mod tests {
     fn random_surface(rows: usize, cols: usize, seed: u64) -> Array2<f32> {
         let mut rng = seeded(seed);
         Array2::from_shape_fn((rows, cols), |_| rng.random::<f32>() * 5e-9)
+    }
+
+    /// Valid mode is the interior of the full dilation bit for bit: worn (with and without a
+    /// second apex), paraboloid, double and general tips, on a rough surface (no tap skipped) and
+    /// a low one (most taps skipped), odd sizes; a wrong output shape is an error.
+    #[test]
+    fn valid_mode_is_the_interior_of_the_full_dilation_bit_for_bit() {
+        let px = 0.5e-9;
+        let mut general = Tip::paraboloid(4e-9, px, 9).unwrap().heights().to_vec();
+        general[3] = -0.1e-9;
+        let tips = [
+            Tip::worn(5e-9, 1e-9, px, 15, None).unwrap(),
+            Tip::worn(3e-9, 1.6e-9, px, 21, Some(([1e-9, -0.5e-9], 0.05e-9))).unwrap(),
+            Tip::paraboloid(5e-9, px, 13).unwrap(),
+            Tip::double(5e-9, px, 11, [1e-9, 0.5e-9], 0.1e-9).unwrap(),
+            Tip::from_heights(9, px, general).unwrap(),
+        ];
+        let mut dil = Dilator::new();
+        let mut checked = 0;
+        for (k, tip) in tips.iter().enumerate() {
+            assert!(k == 4 || tip.is_separable());
+            let h = tip.half_width();
+            for (rows, cols, relief) in [(37, 45, 1.0), (50, 29, 0.05)] {
+                let s = random_surface(rows, cols, 10 + k as u64).mapv(|v| v * relief);
+                let mut full = Array2::zeros((rows, cols));
+                dil.dilate(s.view(), tip, full.view_mut()).unwrap();
+                let mut valid = Array2::from_elem((rows - 2 * h, cols - 2 * h), f32::NAN);
+                dil.dilate_valid(s.view(), tip, valid.view_mut()).unwrap();
+                let inner = full.slice(ndarray::s![h..rows - h, h..cols - h]);
+                assert_eq!(
+                    valid.view(),
+                    inner,
+                    "tip {k}, {rows}×{cols}, relief {relief}"
+                );
+                // Into a strided view of a larger array, too.
+                let mut big = Array2::from_elem((rows, cols + 3), f32::NAN);
+                dil.dilate_valid(
+                    s.view(),
+                    tip,
+                    big.slice_mut(ndarray::s![..rows - 2 * h, 1..cols + 1 - 2 * h]),
+                )
+                .unwrap();
+                assert_eq!(
+                    big.slice(ndarray::s![..rows - 2 * h, 1..cols + 1 - 2 * h]),
+                    inner
+                );
+                checked += 1;
+            }
+            let s = random_surface(30, 30, 1);
+            let mut wrong = Array2::zeros((30, 30));
+            assert!(dil.dilate_valid(s.view(), tip, wrong.view_mut()).is_err());
+        }
+        assert_eq!(checked, 10);
     }
 
     #[test]

@@ -226,6 +226,11 @@ const CLOSED_MAX: usize = 32;
 /// shorter runs go sample by sample.
 const CLOSED_MIN: usize = 3;
 
+/// Below this many samples per pixel (and from one) the closed-form path runs a line in one
+/// pass instead ([`ZFeedback::line_one_pass`]): its pieces hold fewer than [`CLOSED_MIN`]
+/// samples on average, too short for the closed form.
+const ONE_PASS_MAX_SPP: f64 = 2.0 * CLOSED_MIN as f64;
+
 /// Relative margin by which the closed-form path must clear every limit (far above the
 /// rounding of either computation, ≈ 1e-16 relative).
 const CLOSED_MARGIN: f64 = 1e-12;
@@ -644,7 +649,9 @@ impl ZFeedback {
     /// equal the per-sample loop up to rounding (≈ 1e-15 relative to the relief in the tests;
     /// the f32 outputs may differ in their last bit). One run costs about as much as a few
     /// samples of the loop, so it pays only at several samples per pixel
-    /// (`benches/spm_feedback.rs` times both).
+    /// (`benches/spm_feedback.rs` times both). Below 6 samples per pixel (from 1), where the
+    /// pieces are too short for it, a line instead runs in one pass sample by sample without
+    /// the per-piece set-up, bit for bit the loop, unless a limit could act (then as above).
     pub fn set_closed_form(&mut self, on: bool) {
         self.closed_form = on;
         self.refresh_closed();
@@ -890,6 +897,15 @@ impl ZFeedback {
         let total_f = ceil(span - 0.5);
         let total = (total_f as usize).max(1);
         let idx = |m: usize| if reverse { n - 1 - m } else { m };
+        if noise.is_empty()
+            && self.closed.is_some()
+            && !self.limited_only
+            && (1.0..ONE_PASS_MAX_SPP).contains(&s)
+            && let Some(st) =
+                self.line_one_pass(profile, pixel_time, s, total, reverse, height, error)
+        {
+            return Ok(st);
+        }
         let closed = if noise.is_empty() {
             self.closed.as_deref()
         } else {
@@ -994,6 +1010,103 @@ impl ZFeedback {
             z_clipped_fraction: run.n_clip as f64 / nk,
             samples: total,
             closed_form_samples: run.n_closed,
+        })
+    }
+}
+
+impl ZFeedback {
+    /// The closed-form path's line at `s ∈ [1, ONE_PASS_MAX_SPP)` samples per pixel (every pixel
+    /// holds a sample): the optimistic samples of [`Run::piece`] over the whole line in one loop,
+    /// without the per-piece set-up, the same operations in the same order (so bit for bit the
+    /// sample loop's pixels, statistics and state). `None`, with nothing changed but the outputs
+    /// (which the caller then rewrites), as soon as a limit could act: the caller runs the line
+    /// piece by piece.
+    #[allow(clippy::too_many_arguments)]
+    fn line_one_pass<T: Out>(
+        &mut self,
+        profile: &[f32],
+        pixel_time: f64,
+        s: f64,
+        total: usize,
+        reverse: bool,
+        height: &mut [T],
+        error: &mut [T],
+    ) -> Option<LineStats> {
+        let n = profile.len();
+        let law = self.law();
+        let r = self.period / pixel_time;
+        let idx = |m: usize| if reverse { n - 1 - m } else { m };
+        let (mut z, mut ep) = (self.z, self.prev_error);
+        let (mut sum_e2, mut max_abs) = (0.0f64, 0.0f64);
+        let mut k = 0usize;
+        // k + ½, exact.
+        let mut kf = 0.5f64;
+        for m in 0..n {
+            // The pixel's samples and its two pieces, as in `scan_line_inner`.
+            let k_end = if m + 1 == n {
+                total
+            } else {
+                (ceil((m + 1) as f64 * s - 0.5).max(0.0) as usize).min(total)
+            };
+            if k_end <= k {
+                return None;
+            }
+            let mf = m as f64;
+            let pm = f64::from(profile[idx(m)]);
+            let pp = if m > 0 {
+                f64::from(profile[idx(m - 1)])
+            } else {
+                pm
+            };
+            let pn = if m + 1 < n {
+                f64::from(profile[idx(m + 1)])
+            } else {
+                pm
+            };
+            let k_mid = (ceil((mf + 0.5) * s - 0.5).max(0.0) as usize).clamp(k, k_end);
+            let k_start = k;
+            let (mut az, mut ae) = (0.0f64, 0.0f64);
+            let mut limited = false;
+            let pieces = [
+                (k_mid, pp, mf - 0.5, pm - pp),
+                (k_end, pm, mf + 0.5, pn - pm),
+            ];
+            for (stop, h0, u0, slope) in pieces {
+                while k < stop {
+                    // The operations of `Run::piece`'s optimistic pass.
+                    let h = h0 + (kf * r - u0) * slope;
+                    let e = h - z;
+                    let y = (z - law.kp * ep) + law.a * e;
+                    let lo = fmax(z - law.vt, -law.r);
+                    let hi = fmin(z + law.vt, law.r);
+                    limited |= !(e > -law.c) | !(y > lo) | !(y < hi);
+                    sum_e2 += e * e;
+                    max_abs = fmax(max_abs, e.abs());
+                    az += z;
+                    ae += e;
+                    z = y;
+                    ep = e;
+                    kf += 1.0;
+                    k += 1;
+                }
+            }
+            if limited {
+                return None;
+            }
+            let cnt = (k_end - k_start) as f64;
+            height[idx(m)] = T::from_f64(az / cnt);
+            error[idx(m)] = T::from_f64(ae / cnt);
+        }
+        self.z = z;
+        self.prev_error = ep;
+        let nk = total as f64;
+        Some(LineStats {
+            rms_error: (fmax(sum_e2, 0.0) / nk).sqrt(),
+            max_abs_error: max_abs,
+            lost_contact_fraction: 0.0,
+            z_clipped_fraction: 0.0,
+            samples: total,
+            closed_form_samples: 0,
         })
     }
 }
@@ -1542,6 +1655,65 @@ mod tests {
         // Nearly all samples in closed form: not the speed limit (0.5 pm per sample) nor
         // saturation acts on 0.39 nm steps.
         assert!(closed as f64 >= 0.99 * total as f64, "{closed} of {total}");
+    }
+
+    /// Below 6 samples per pixel the closed-form path runs each line in one pass: bit for bit
+    /// the sample loop (pixels at f64, statistics, final state) on piecewise-linear lines where
+    /// no limit acts (and no closed-form run at all, though pieces of 3 samples would take
+    /// one); where saturation and the speed limit act, the line falls back to the pieces and
+    /// matches the loop to rounding (1e-12 of the relief).
+    #[test]
+    fn one_pass_lines_equal_the_sample_loop_bit_for_bit() {
+        let n = 64;
+        // Linear between knots, with a 0.3 nm step and a 40 nm block (the parachute).
+        let knots = [0.0, 0.8, -0.5, 0.3, 1.0, -0.2];
+        let line = |relief: f64, block: f64| -> Vec<f32> {
+            (0..n)
+                .map(|j| {
+                    let x = j as f64 / n as f64 * (knots.len() - 1) as f64;
+                    let i = x as usize;
+                    let v = knots[i] * (1.0 - (x - i as f64)) + knots[i + 1] * (x - i as f64);
+                    let step = if j > n / 2 { 0.3e-9 } else { 0.0 };
+                    let b = if (40..48).contains(&j) { block } else { 0.0 };
+                    (relief * v + step + b) as f32
+                })
+                .collect()
+        };
+        for (spp, relief) in [(1.0, 0.4e-9), (3.125, 0.4e-9), (5.5, 1e-9)] {
+            let profile = line(relief, 0.0);
+            let mut a = controller(0.1, 600.0, 1.0, 5e-9);
+            a.engage(0.2e-9);
+            let mut b = a.clone();
+            b.set_closed_form(true);
+            for l in 0..6 {
+                let rev = l % 2 == 1;
+                let (mut ha, mut ea, mut hb, mut eb) =
+                    (vec![0.0; n], vec![0.0; n], vec![0.0; n], vec![0.0; n]);
+                let sa = a
+                    .scan_line_f64(&profile, spp * T, rev, &mut ha, &mut ea)
+                    .unwrap();
+                let sb = b
+                    .scan_line_f64(&profile, spp * T, rev, &mut hb, &mut eb)
+                    .unwrap();
+                assert_eq!(
+                    (ha, ea, sa),
+                    (hb, eb, sb),
+                    "{spp} samples per pixel, line {l}"
+                );
+                assert_eq!((a.z(), a.prev_error), (b.z(), b.prev_error));
+            }
+        }
+        for spp in [2.3, 5.9] {
+            let mut a = controller(0.1, 600.0, 1e-3, 5e-9);
+            a.engage(0.2e-9);
+            let profile = line(0.4e-9, 40e-9);
+            let (rel, _, total) = closed_vs_loop(&a, &profile, spp * T, 6, 40e-9);
+            assert!(rel <= 1e-12, "{rel:e}");
+            let st = a
+                .scan_line(&profile, spp * T, false, &mut [0.0; 64], &mut [0.0; 64])
+                .unwrap();
+            assert!(st.lost_contact_fraction > 0.02 && total > 6 * 64, "{st:?}");
+        }
     }
 
     #[test]

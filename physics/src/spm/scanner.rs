@@ -852,6 +852,21 @@ impl Scanner {
         reverse: bool,
         rng: &mut SimRng,
     ) {
+        self.add_line_noise_with_white(line, pixel_time, reverse, 0.0, rng);
+    }
+
+    /// [`Scanner::add_line_noise`] plus white noise of standard deviation `extra` (m) per
+    /// pixel, drawn together with the scanner's own white noise: one normal draw per pixel of
+    /// the summed variance, the same distribution as two independent draws (the fast model's
+    /// adsorbate noise). `extra = 0` is [`Scanner::add_line_noise`] bit for bit.
+    pub fn add_line_noise_with_white(
+        &mut self,
+        line: &mut [f32],
+        pixel_time: f64,
+        reverse: bool,
+        extra: f64,
+        rng: &mut SimRng,
+    ) {
         if reverse {
             line.reverse();
         }
@@ -863,7 +878,7 @@ impl Scanner {
             (self.white * self.white, self.white_decay),
             rng,
         );
-        let sd_white = white_var.sqrt();
+        let sd_white = (white_var + extra * extra).sqrt();
         if sd_white > 0.0 {
             for v in line.iter_mut() {
                 *v += (sd_white * normal(rng)) as f32;
@@ -1563,6 +1578,46 @@ mod tests {
         (1..seg / 2)
             .map(|k| (k as f64 / (seg as f64 * dt), acc[k]))
             .collect()
+    }
+
+    /// Extra white noise drawn with the scanner's: the rms is `√(white² + extra² + pink²)`
+    /// (independent variances add) and neighbouring pixels stay uncorrelated; with `extra = 0`
+    /// the line and the stream are those of `add_line_noise` bit for bit.
+    #[test]
+    fn extra_white_noise_adds_its_variance() {
+        let cfg = ScannerConfig {
+            white_noise: Param::fixed(3e-12),
+            ..quiet()
+        };
+        let mut sc = Scanner::new(&cfg, &mut seeded(1)).unwrap();
+        let (mut rng, mut x) = (seeded(2), Vec::new());
+        let mut line = vec![0.0f32; 1000];
+        for l in 0..200 {
+            line.fill(0.0);
+            sc.add_line_noise_with_white(&mut line, 1e-3, l % 2 == 1, 4e-12, &mut rng);
+            x.extend(line.iter().map(|&v| f64::from(v)));
+        }
+        let r = rms(x.iter().copied());
+        assert!((r / 5e-12 - 1.0).abs() < 0.01, "{r:e}");
+        let lag1 = x.windows(2).map(|w| w[0] * w[1]).sum::<f64>() / (x.len() - 1) as f64;
+        assert!((lag1 / (r * r)).abs() < 0.01, "{}", lag1 / (r * r));
+        let cfg = ScannerConfig {
+            pink_noise: Param::fixed(20e-12),
+            line_offset: Param::fixed(1e-12),
+            ..cfg
+        };
+        let (mut a, mut b) = (
+            Scanner::new(&cfg, &mut seeded(3)).unwrap(),
+            Scanner::new(&cfg, &mut seeded(3)).unwrap(),
+        );
+        let (mut ra, mut rb) = (seeded(4), seeded(4));
+        let (mut la, mut lb) = (vec![0.0f32; 64], vec![0.0f32; 64]);
+        for l in 0..20 {
+            a.add_line_noise(&mut la, 1e-3, l % 2 == 1, &mut ra);
+            b.add_line_noise_with_white(&mut lb, 1e-3, l % 2 == 1, 0.0, &mut rb);
+        }
+        assert_eq!(la, lb);
+        assert_eq!(ra.random::<u64>(), rb.random::<u64>());
     }
 
     #[test]

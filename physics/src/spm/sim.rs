@@ -250,18 +250,22 @@ impl PfmConfig {
 ///   frequency instead of 18 a factor 2 apart ([`Scanner::with_pink_components`]): the same
 ///   variance and band, half the normal draws per pixel; and those whose correlation from one
 ///   pixel to the next is below `e^{−2}` ≈ 0.14 are drawn as white noise of their variance
-///   ([`Scanner::set_white_decay`]), one normal draw per pixel for all of them;
+///   ([`Scanner::set_white_decay`]), one normal draw per pixel for all of them and for an
+///   adsorbate's extra white noise ([`Scanner::add_line_noise_with_white`]);
 /// - a changed tip re-images the sample with the periodic dilation at once (exact up to the
 ///   grid's edge), instead of first the interior dilation and then, when a scan reaches the
 ///   edge band, the periodic one: the image values are the same, one dilation is saved;
 /// - the z feedback evaluates runs of controller samples in closed form where no limit acts
-///   ([`ZFeedback::set_closed_form`]): the same values up to rounding;
+///   ([`ZFeedback::set_closed_form`]): the same values up to rounding; below 6 samples per
+///   pixel it runs a line in one pass without the per-piece set-up where no limit acts (bit
+///   for bit the sample loop);
 /// - the deterministic drift and the creep are evaluated every few pixels of a line and
 ///   interpolated linearly in between ([`Scanner::set_interpolated_drift`]): positions within
 ///   [`crate::spm::scanner::DRIFT_NODE_TOLERANCE`] (10⁻³) of a pixel of the exact ones;
 /// - a changed image is dilated lazily, only over a window around the frame being scanned
 ///   (the same values there) when the frame covers part of the sample; anything else that
-///   reads the image (manipulation) gets the whole grid;
+///   reads the image (manipulation) gets the whole grid; the periodic dilations compute only
+///   the cells they keep, not the padding band ([`Dilator::dilate_valid`], the same values);
 /// - PFM: the film's TDGL equation is integrated with a time step 2.5 times longer (at most
 ///   0.7 of the explicit scheme's stability limit; its fixed points, the states a pulse
 ///   leaves, are the equation's whatever the step), under the tip only where the field reaches
@@ -550,8 +554,6 @@ pub struct SpmSimulator {
     /// nodes `i0..i1 × j0..j1` (a window around the frame, [`Self::dilate_scan_window`]);
     /// `None` when it is exact everywhere [`Self::dilated_edges`] says.
     dilated_window: Option<[usize; 4]>,
-    /// Scratch: the dilation of the window's block.
-    window_dilated: Array2<f32>,
     /// The truth extended periodically by the kernel's half width, and its dilation (scratch).
     padded: Array2<f32>,
     padded_dilated: Array2<f32>,
@@ -645,7 +647,6 @@ impl SpmSimulator {
             dilated_edges: false,
             dilated_window: None,
             corrugation: None,
-            window_dilated: Array2::zeros((1, 1)),
             padded: Array2::zeros((1, 1)),
             padded_dilated: Array2::zeros((1, 1)),
             drag_events: Vec::new(),
@@ -1069,22 +1070,14 @@ impl SpmSimulator {
             self.padded_dilated = Array2::zeros(shape);
         }
         pad_periodic(self.truth.view(), self.rise, h, self.padded.view_mut())?;
-        // Node i sits at padded row i + h: nodes i0..i1 need rows i0..i1 + 2h.
-        let (bi, bj) = (i1 - i0 + 2 * h, j1 - j0 + 2 * h);
-        if self.window_dilated.dim() != (bi, bj) {
-            self.window_dilated = Array2::zeros((bi, bj));
-        }
-        self.dilator.dilate(
+        // Node i sits at padded row i + h: nodes i0..i1 need rows i0..i1 + 2h, and are the
+        // interior of that block ([`Dilator::dilate_valid`]: the band is not computed).
+        self.dilator.dilate_valid(
             self.padded
                 .slice(ndarray::s![i0..i1 + 2 * h, j0..j1 + 2 * h]),
             &self.kernel,
-            self.window_dilated.view_mut(),
+            self.dilated.slice_mut(ndarray::s![i0..i1, j0..j1]),
         )?;
-        self.dilated.slice_mut(ndarray::s![i0..i1, j0..j1]).assign(
-            &self
-                .window_dilated
-                .slice(ndarray::s![h..h + i1 - i0, h..h + j1 - j0]),
-        );
         self.dilated_window = Some([i0, i1, j0, j1]);
         Ok(())
     }
@@ -1128,13 +1121,22 @@ impl SpmSimulator {
                 self.padded_dilated = Array2::zeros(shape);
             }
             pad_periodic(self.truth.view(), self.rise, h, self.padded.view_mut())?;
-            self.dilator.dilate(
-                self.padded.view(),
-                &self.kernel,
-                self.padded_dilated.view_mut(),
-            )?;
-            self.dilated
-                .assign(&self.padded_dilated.slice(ndarray::s![h..h + ny, h..h + nx]));
+            if self.cfg.fidelity == SpmFidelity::Fast {
+                // The same values without the discarded band ([`Dilator::dilate_valid`]).
+                self.dilator.dilate_valid(
+                    self.padded.view(),
+                    &self.kernel,
+                    self.dilated.view_mut(),
+                )?;
+            } else {
+                self.dilator.dilate(
+                    self.padded.view(),
+                    &self.kernel,
+                    self.padded_dilated.view_mut(),
+                )?;
+                self.dilated
+                    .assign(&self.padded_dilated.slice(ndarray::s![h..h + ny, h..h + nx]));
+            }
         }
         self.dilated_valid = true;
         self.dilated_edges = true;
@@ -1489,13 +1491,24 @@ impl SpmSimulator {
     fn add_pass_noise(&mut self, reverse: bool) {
         let cols = self.scan.cols;
         let dwell = self.scan.dwell_time;
-        self.scanner
-            .add_line_noise(&mut self.zbuf, dwell, reverse, &mut self.rng_noise);
         let white = self.cfg.scanner.white_noise.get();
         let extra = (self.tip.noise_factor() - 1.0).max(0.0) * white.max(5e-12);
-        if extra > 0.0 {
-            for z in self.zbuf.iter_mut() {
-                *z += (extra * normal(&mut self.rng_noise)) as f32;
+        if self.cfg.fidelity == SpmFidelity::Fast {
+            // One draw per pixel for both white noises (the same distribution).
+            self.scanner.add_line_noise_with_white(
+                &mut self.zbuf,
+                dwell,
+                reverse,
+                extra,
+                &mut self.rng_noise,
+            );
+        } else {
+            self.scanner
+                .add_line_noise(&mut self.zbuf, dwell, reverse, &mut self.rng_noise);
+            if extra > 0.0 {
+                for z in self.zbuf.iter_mut() {
+                    *z += (extra * normal(&mut self.rng_noise)) as f32;
+                }
             }
         }
         if self.rng_noise.random::<f64>() < self.tip.glitch_probability() {
