@@ -197,6 +197,18 @@ pub(crate) fn spm_simulator(instrument: &SpmConfig, fidelity: Fidelity) -> Resul
     Ok(SpmSimulator::new(cfg, 0)?)
 }
 
+/// The simulator of a PFM task, which observes the PFM channels only: [`spm_simulator`], and at
+/// `fidelity = "fast"` with `pfm.topography` off (frames without the topography channels, no z
+/// feedback run: the PFM channels' model and statistics are unchanged).
+pub(crate) fn pfm_simulator(instrument: &SpmConfig, fidelity: Fidelity) -> Result<SpmSimulator> {
+    let mut cfg = instrument.clone();
+    cfg.fidelity = fidelity.spm();
+    if fidelity == Fidelity::Fast {
+        cfg.pfm.topography = false;
+    }
+    Ok(SpmSimulator::new(cfg, 0)?)
+}
+
 /// A task's config: serde, with defaults per [`Difficulty`] level.
 pub trait TaskConfig: Serialize + DeserializeOwned {
     /// The defaults at `difficulty` (its `difficulty` field set to it): the ranges the task's

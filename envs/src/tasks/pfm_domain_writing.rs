@@ -48,8 +48,11 @@
 //! `fidelity = "full"` (the default) runs [`SpmSimulator`] as documented; `fidelity = "fast"`
 //! runs its cheaper stages ([`SpmFidelity::Fast`](scopegym_physics::spm::sim::SpmFidelity::Fast)):
 //! the same TDGL film, integrated with a 2.5× longer time step, under the tip only where the
-//! pulse's field reaches 0.1 (reduced) plus 4 cells, and only until the film has settled; the
-//! SPM frame's cheaper noise and feedback stages. Same spaces, reward and info. The test
+//! pulse's field reaches 0.1 (reduced) plus 4 cells, and only until the film has settled;
+//! frames without
+//! the topography channels, so without the z feedback and tip dilation (`pfm.topography` off:
+//! the same PFM phase and amplitude model at the same drifted positions, the only channels
+//! the task reads). Same spaces, reward and info. The test
 //! `fast_and_full_observe_the_same_statistics` compares the written domain's area (mean and
 //! spread over seeds) for four pulses, and the heuristic's rewards, observed IoU and phase
 //! images (means, variances and power spectra) under both.
@@ -73,7 +76,7 @@ use crate::error::{EnvError, Result};
 use crate::level::{Difficulty, Split};
 use crate::space::{Dtype, Space, Value};
 use crate::tasks::{
-    Fidelity, NewEpisode, TaskConfig, check_nonnegative, config_from_toml, spm_simulator,
+    Fidelity, NewEpisode, TaskConfig, check_nonnegative, config_from_toml, pfm_simulator,
 };
 use rand::Rng;
 use scopegym_physics::instrument::{BiasWriting, ScanSettings, SpmInstrument, SpmMode};
@@ -441,7 +444,7 @@ impl PfmDomainWriting<SpmSimulator> {
     pub fn from_config(config: Option<&toml::Value>) -> Result<Self> {
         let cfg: Config = config_from_toml(config)?;
         cfg.validate()?;
-        let inst = spm_simulator(&cfg.instrument, cfg.fidelity)?;
+        let inst = pfm_simulator(&cfg.instrument, cfg.fidelity)?;
         Ok(Self::new(cfg, inst))
     }
 }

@@ -111,7 +111,9 @@
 //! ([`SpmFidelity::Fast`](scopegym_physics::spm::sim::SpmFidelity::Fast)): the same TDGL film,
 //! with a time step 0.7 of the explicit scheme's stability limit (against 0.04), integrated
 //! under the tip only where the waveform's peak field reaches 0.1 (reduced) plus 4 cells and
-//! until the film settles; the ground truth uses the same model ([`LoopOracle`] replays the
+//! until the film settles; the overview frame without the topography channels and the z feedback
+//! (`pfm.topography` off: the same PFM phase and amplitude model at the same drifted
+//! positions); the ground truth uses the same model ([`LoopOracle`] replays the
 //! simulator's spectroscopy bit for bit at either fidelity). The test
 //! `fast_and_full_observe_the_same_statistics` compares loop areas, coercive biases, rewards,
 //! the true best area and the overview images under both.
@@ -125,7 +127,7 @@ use crate::error::{EnvError, Result};
 use crate::level::{Difficulty, Split};
 use crate::space::{Space, Value};
 use crate::tasks::stem_eels_explore::{CellPosterior, cell_patches, check_posterior, f, u};
-use crate::tasks::{Fidelity, NewEpisode, TaskConfig, config_from_toml, spm_simulator};
+use crate::tasks::{Fidelity, NewEpisode, TaskConfig, config_from_toml, pfm_simulator};
 use rayon::prelude::*;
 use scopegym_physics::instrument::{PointSpectroscopy, ScanSettings, SpmInstrument, SpmMode};
 use scopegym_physics::spm::ferro::{FerroFilm, TipProtocol, loop_coercive, triangle_waveform};
@@ -753,7 +755,7 @@ impl PfmSpectroscopyExplore<SpmSimulator> {
         let source = match &cfg.real_data {
             Some(path) => Source::Recorded(RecordedLoops::open(path)?),
             None => {
-                let mut sim = spm_simulator(&cfg.instrument, cfg.fidelity)?;
+                let mut sim = pfm_simulator(&cfg.instrument, cfg.fidelity)?;
                 sim.set_region(cfg.split.region());
                 Source::Instrument(sim)
             }
@@ -1359,7 +1361,7 @@ mod tests {
         ] {
             let cfg = Config::at_level(level);
             let w = poled_waveform(cfg.loop_amplitude, cfg.loop_points, cfg.prepole_points);
-            let mut sim = crate::tasks::spm_simulator(&cfg.instrument, fidelity).unwrap();
+            let mut sim = crate::tasks::pfm_simulator(&cfg.instrument, fidelity).unwrap();
             for (seed, p) in [
                 (3u64, [0.0, 0.0]),
                 (4, [-0.61e-6, 0.37e-6]),

@@ -163,6 +163,12 @@ pub struct PfmConfig {
     pub loop_points: usize,
     /// Waveform cycles (the last one is the steady loop). Default 2.
     pub loop_cycles: usize,
+    /// Whether a PFM frame also records the topography channels (`height`, `height_retrace`,
+    /// `error`) through the z feedback. `false`: the frame has the `phase` and `amplitude`
+    /// channels only, imaged at the same drifted positions with the same noise (they do not
+    /// read the feedback), and the loop, the tip dilation and the tip's evolution along the
+    /// passes (which only the topography sees) are not run. Default `true`.
+    pub topography: bool,
 }
 
 impl Default for PfmConfig {
@@ -183,6 +189,7 @@ impl Default for PfmConfig {
             loop_amplitude: Param::fixed(8.5),
             loop_points: 64,
             loop_cycles: 2,
+            topography: true,
         }
     }
 }
@@ -1151,6 +1158,14 @@ impl SpmSimulator {
             ch.push(channel("phase", "deg", "PFM phase", shape));
             ch.push(channel("amplitude", "a.u.", "PFM amplitude", shape));
         }
+        if !self.records_topography() {
+            self.channels = ch;
+            self.noiseless = Array2::zeros(shape);
+            let c = self.scan.cols;
+            self.xs.resize(c, 0.0);
+            self.ys.resize(c, 0.0);
+            return;
+        }
         ch.push(channel("height", "m", "topography (z piezo), trace", shape));
         ch.push(channel(
             "height_retrace",
@@ -1366,6 +1381,37 @@ impl SpmSimulator {
             .film
             .as_ref()
             .map(|film| pfm_response(film, self.cfg.pfm.transfer_sigma.get() / self.cell));
+        if let (Some(resp), false) = (pfm.as_ref(), self.records_topography()) {
+            // PFM channels only: the scanner's positions of both passes (its state and streams
+            // advance as in a full frame), the trace imaged.
+            for r in 0..s.rows {
+                let t_line = self.clock;
+                for (pass, reverse) in [(0usize, false), (1, true)] {
+                    let t0 = t_line + pass as f64 * s.cols as f64 * s.dwell_time;
+                    self.scanner.line_positions(
+                        &s,
+                        r,
+                        t0,
+                        reverse,
+                        &mut self.rng_scan,
+                        &mut self.xs,
+                        &mut self.ys,
+                    )?;
+                    if !reverse {
+                        self.record_pfm_row(r, resp);
+                    }
+                }
+                self.clock = t_line + line_time;
+                self.scanner.advance(self.clock, &mut self.rng_scan);
+            }
+            let meta = SpmFrameMeta {
+                index: self.frames,
+                t_start,
+                duration: self.clock - t_start,
+            };
+            self.frames += 1;
+            return Ok(meta);
+        }
         let mut engaged = false;
         for r in 0..s.rows {
             self.ensure_dilated_for_scan()?;
@@ -1550,21 +1596,7 @@ impl SpmSimulator {
             .zip(&self.ebuf)
             .for_each(|(d, v)| *d = *v);
         if let Some(resp) = pfm {
-            let (gain, amp_noise, phase_noise) = (
-                self.cfg.pfm.gain.get(),
-                self.cfg.pfm.amplitude_noise.get(),
-                self.cfg.pfm.phase_noise.get().to_degrees(),
-            );
-            // The main channel is the phase: its noiseless value is 0° or 180°.
-            for j in 0..self.scan.cols {
-                // The film is periodic without rise.
-                let v = bilinear(resp.view(), self.cell, [0.0, 0.0], self.xs[j], self.ys[j]) as f32;
-                let v = f64::from(v);
-                let (a, ph) = pfm_signal(v, gain, amp_noise, phase_noise, &mut self.rng_noise);
-                self.channels[0].image[[r, j]] = ph;
-                self.channels[1].image[[r, j]] = a;
-                self.noiseless[[r, j]] = if v >= 0.0 { 0.0 } else { 180.0 };
-            }
+            self.record_pfm_row(r, resp);
         } else {
             self.noiseless
                 .row_mut(r)
@@ -1572,6 +1604,32 @@ impl SpmSimulator {
                 .zip(&self.profile)
                 .for_each(|(d, v)| *d = *v);
         }
+    }
+
+    /// Row `r` of the PFM phase and amplitude channels ([`pfm_signal`] of the response map
+    /// `resp` at the pass's positions) and of the noiseless phase (0° or 180°).
+    fn record_pfm_row(&mut self, r: usize, resp: &Array2<f64>) {
+        let (gain, amp_noise, phase_noise) = (
+            self.cfg.pfm.gain.get(),
+            self.cfg.pfm.amplitude_noise.get(),
+            self.cfg.pfm.phase_noise.get().to_degrees(),
+        );
+        // The main channel is the phase: its noiseless value is 0° or 180°.
+        for j in 0..self.scan.cols {
+            // The film is periodic without rise.
+            let v = bilinear(resp.view(), self.cell, [0.0, 0.0], self.xs[j], self.ys[j]) as f32;
+            let v = f64::from(v);
+            let (a, ph) = pfm_signal(v, gain, amp_noise, phase_noise, &mut self.rng_noise);
+            self.channels[0].image[[r, j]] = ph;
+            self.channels[1].image[[r, j]] = a;
+            self.noiseless[[r, j]] = if v >= 0.0 { 0.0 } else { 180.0 };
+        }
+    }
+
+    /// Whether frames record the topography channels: always outside PFM mode, in PFM mode
+    /// unless `pfm.topography` is off.
+    fn records_topography(&self) -> bool {
+        self.film.is_none() || self.cfg.pfm.topography
     }
 
     /// Stage 5b of a pass, tapping mode only (AFM): the trace's amplitude and phase channels
@@ -2397,6 +2455,71 @@ mod tests {
         Array2::from_shape_fn((ny * tiles, nx * tiles), |(i, j)| {
             periodic_node(g, rise, i as i64 - o * ny as i64, j as i64 - o * nx as i64) as f32
         })
+    }
+
+    /// `pfm.topography = false`: the frame has the phase and amplitude channels only, and
+    /// without PFM noise they equal the full frame's bit for bit (the same drifted positions,
+    /// the loop skipped), at either fidelity, with drift, creep and hysteresis on; the noiseless
+    /// phase too. With the noise on, the phase keeps its spread (`phase_noise`, 5°, within 10 %).
+    #[test]
+    fn pfm_frame_without_topography_images_the_same_pfm_channels() {
+        for fidelity in [SpmFidelity::Full, SpmFidelity::Fast] {
+            let mut c = SpmConfig {
+                mode: SpmMode::Pfm,
+                fidelity,
+                ..Default::default()
+            };
+            c.sample.pixels = 64;
+            c.scan.pixels = [24, 24];
+            c.pfm.amplitude_noise = Param::fixed(0.0);
+            c.pfm.phase_noise = Param::fixed(0.0);
+            let frame = |topography: bool, c: &SpmConfig| {
+                let mut c = c.clone();
+                c.pfm.topography = topography;
+                let mut sim = SpmSimulator::new(c, 7).unwrap();
+                let f = sim.acquire_frame().unwrap();
+                let names: Vec<String> = f.channels.iter().map(|ch| ch.name.clone()).collect();
+                let bits = |n: &str| -> Vec<u32> {
+                    f.channel(n)
+                        .unwrap()
+                        .image
+                        .iter()
+                        .map(|v| v.to_bits())
+                        .collect()
+                };
+                let (ph, amp) = (bits("phase"), bits("amplitude"));
+                let clean: Vec<u32> = sim.last_noiseless().iter().map(|v| v.to_bits()).collect();
+                (names, ph, amp, clean)
+            };
+            let (n_on, ph_on, amp_on, cl_on) = frame(true, &c);
+            let (n_off, ph_off, amp_off, cl_off) = frame(false, &c);
+            assert_eq!(n_on.len(), 5);
+            assert_eq!(n_off, ["phase", "amplitude"]);
+            assert!(ph_on == ph_off && amp_on == amp_off && cl_on == cl_off);
+            assert!(ph_off.iter().any(|&b| f32::from_bits(b) == 180.0));
+            assert!(ph_off.iter().any(|&b| f32::from_bits(b) == 0.0));
+            // The noise model is untouched: the phase's spread about 0° / 180° is phase_noise.
+            c.pfm.phase_noise = Param::fixed(5f64.to_radians());
+            c.pfm.topography = false;
+            let mut sim = SpmSimulator::new(c, 7).unwrap();
+            let f = sim.acquire_frame().unwrap();
+            let ph: Vec<f64> = f
+                .channel("phase")
+                .unwrap()
+                .image
+                .iter()
+                .map(|&v| f64::from(v))
+                .collect();
+            let clean = sim.last_noiseless();
+            let rms = (ph
+                .iter()
+                .zip(clean.iter())
+                .map(|(p, &q)| (p - f64::from(q)).powi(2))
+                .sum::<f64>()
+                / ph.len() as f64)
+                .sqrt();
+            assert!((rms - 5.0).abs() < 0.5, "phase noise {rms}°");
+        }
     }
 
     /// The dilation is periodic: the simulator's image of the truth equals the brute-force
