@@ -199,7 +199,7 @@ impl ShareChooser {
             Self::PROBE_FAR
         };
         // Now and then the other way, so that a change of load is noticed.
-        faster_shared != self.calls.is_multiple_of(every)
+        faster_shared != (self.calls % every == 0)
     }
 
     /// Records a call made `shared` or not that took `wall_ns` for `n` envs.

@@ -202,11 +202,8 @@ pub(crate) fn spm_simulator(instrument: &SpmConfig, fidelity: Fidelity) -> Resul
 /// feedback run: the PFM channels' model and statistics are unchanged).
 pub(crate) fn pfm_simulator(instrument: &SpmConfig, fidelity: Fidelity) -> Result<SpmSimulator> {
     let mut cfg = instrument.clone();
-    cfg.fidelity = fidelity.spm();
-    if fidelity == Fidelity::Fast {
-        cfg.pfm.topography = false;
-    }
-    Ok(SpmSimulator::new(cfg, 0)?)
+    cfg.pfm.topography &= fidelity != Fidelity::Fast;
+    spm_simulator(&cfg, fidelity)
 }
 
 /// A task's config: serde, with defaults per [`Difficulty`] level.

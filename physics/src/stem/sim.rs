@@ -443,8 +443,9 @@ const HOP_BOND: f64 = 1.7e-10;
 /// Bucket side of the atom index, m (a few atoms per bucket in graphene).
 const INDEX_BUCKET: f64 = 4e-10;
 
-/// Deferred frame footprints ([`StemSimulator::flush_dose`]) kept at most (160 kB).
-const MAX_PENDING_DOSE: usize = 4096;
+/// Deferred frame footprints ([`StemSimulator::flush_dose`]) kept at most (10 kB, reserved
+/// once, so that frames allocate nothing).
+const MAX_PENDING_DOSE: usize = 256;
 
 /// Added to the frame's diagonal for the side of an auto-sized specimen cell, m.
 const AUTO_CELL_MARGIN: f64 = 2e-9;
@@ -492,7 +493,7 @@ impl StemSimulator {
             hop: HopModel::from_config(&cfg.damage),
             drift: DriftState::new(&cfg.drift),
             dose_map: DoseMap::new(Supercell::new([1e-9, 1e-9], 0.0), 1e-10),
-            pending_dose: Vec::new(),
+            pending_dose: Vec::with_capacity(MAX_PENDING_DOSE),
             spectrum: vec![0.0; eels.energy_axis().len()],
             eels,
             eels_normal_above: f64::INFINITY,
