@@ -561,9 +561,8 @@ pub struct SpmSimulator {
     /// nodes `i0..i1 × j0..j1` (a window around the frame, [`Self::dilate_scan_window`]);
     /// `None` when it is exact everywhere [`Self::dilated_edges`] says.
     dilated_window: Option<[usize; 4]>,
-    /// The truth extended periodically by the kernel's half width, and its dilation (scratch).
+    /// The truth extended periodically by the kernel's half width (scratch).
     padded: Array2<f32>,
-    padded_dilated: Array2<f32>,
     /// Scratch for a drag: its events, and a block of the truth and of its dilation.
     drag_events: Vec<DragEvent>,
     block: Array2<f32>,
@@ -655,7 +654,6 @@ impl SpmSimulator {
             dilated_window: None,
             corrugation: None,
             padded: Array2::zeros((1, 1)),
-            padded_dilated: Array2::zeros((1, 1)),
             drag_events: Vec::new(),
             block: Array2::zeros((1, 1)),
             block_dilated: Array2::zeros((1, 1)),
@@ -1074,7 +1072,6 @@ impl SpmSimulator {
         let shape = (n + 2 * h, n + 2 * h);
         if self.padded.dim() != shape {
             self.padded = Array2::zeros(shape);
-            self.padded_dilated = Array2::zeros(shape);
         }
         pad_periodic(self.truth.view(), self.rise, h, self.padded.view_mut())?;
         // Node i sits at padded row i + h: nodes i0..i1 need rows i0..i1 + 2h, and are the
@@ -1125,25 +1122,12 @@ impl SpmSimulator {
             let shape = (ny + 2 * h, nx + 2 * h);
             if self.padded.dim() != shape {
                 self.padded = Array2::zeros(shape);
-                self.padded_dilated = Array2::zeros(shape);
             }
             pad_periodic(self.truth.view(), self.rise, h, self.padded.view_mut())?;
-            if self.cfg.fidelity == SpmFidelity::Fast {
-                // The same values without the discarded band ([`Dilator::dilate_valid`]).
-                self.dilator.dilate_valid(
-                    self.padded.view(),
-                    &self.kernel,
-                    self.dilated.view_mut(),
-                )?;
-            } else {
-                self.dilator.dilate(
-                    self.padded.view(),
-                    &self.kernel,
-                    self.padded_dilated.view_mut(),
-                )?;
-                self.dilated
-                    .assign(&self.padded_dilated.slice(ndarray::s![h..h + ny, h..h + nx]));
-            }
+            // The interior only: the values `dilate` gives there, bit for bit
+            // ([`Dilator::dilate_valid`]), without the discarded band.
+            self.dilator
+                .dilate_valid(self.padded.view(), &self.kernel, self.dilated.view_mut())?;
         }
         self.dilated_valid = true;
         self.dilated_edges = true;
