@@ -949,6 +949,23 @@ fn with_out(out: &mut ArrayViewMut2<'_, f32>, scratch: &mut Vec<f32>, f: impl Fn
     out.assign(&view);
 }
 
+/// The skip thresholds `(columns, rows)` of a separable `part` over a surface spanning
+/// `lo..=hi` with skip `threshold`, or `None` when the part cannot win anywhere. A term
+/// `s + cols(j) + rows(i)` below min `s` loses to the apex term `s(x)`, which the part holding
+/// the apex contributes exactly; the margin covers the two f32 roundings of the split sum.
+fn part_thresholds(part: &SeparablePart, lo: f32, hi: f32, threshold: f64) -> Option<(f64, f64)> {
+    let (rmax, cmax) = (profile_max(&part.rows), profile_max(&part.cols));
+    let margin = 4e-6
+        * (f64::from(lo).abs()
+            + f64::from(hi).abs()
+            + f64::from(rmax).abs()
+            + f64::from(cmax).abs());
+    let col_threshold = threshold - margin - f64::from(rmax);
+    let row_threshold = threshold - margin - f64::from(cmax);
+    (is_live(cmax, col_threshold) && is_live(rmax, row_threshold))
+        .then_some((col_threshold, row_threshold))
+}
+
 /// The largest finite-or-not value of a profile (`-∞` for an all-`-∞` one).
 fn profile_max(p: &[f32]) -> f32 {
     p.iter()
@@ -1193,18 +1210,10 @@ impl Dilator {
         with_out(&mut out, scratch, |dst| {
             let mut first = true;
             for part in parts {
-                let (rmax, cmax) = (profile_max(&part.rows), profile_max(&part.cols));
-                // As in `separable_parts`.
-                let margin = 4e-6
-                    * (f64::from(lo).abs()
-                        + f64::from(hi).abs()
-                        + f64::from(rmax).abs()
-                        + f64::from(cmax).abs());
-                let col_threshold = threshold - margin - f64::from(rmax);
-                let row_threshold = threshold - margin - f64::from(cmax);
-                if !is_live(cmax, col_threshold) || !is_live(rmax, row_threshold) {
+                let Some((col_threshold, row_threshold)) = part_thresholds(part, lo, hi, threshold)
+                else {
                     continue;
-                }
+                };
                 taps.clear();
                 taps.push_row(0, part.cols.len(), col_threshold, |k| part.cols[2 * c - k]);
                 max_plus_pass(
@@ -1266,20 +1275,10 @@ impl Dilator {
         with_out(&mut out, scratch, |dst| {
             let mut first = true;
             for part in parts {
-                let (rmax, cmax) = (profile_max(&part.rows), profile_max(&part.cols));
-                // Skipping: a term s + cols(j) + rows(i) below min s loses to the apex term s(x),
-                // which the part holding the apex contributes exactly. The margin covers the two
-                // f32 roundings of the split sum.
-                let margin = 4e-6
-                    * (f64::from(lo).abs()
-                        + f64::from(hi).abs()
-                        + f64::from(rmax).abs()
-                        + f64::from(cmax).abs());
-                let col_threshold = threshold - margin - f64::from(rmax);
-                let row_threshold = threshold - margin - f64::from(cmax);
-                if !is_live(cmax, col_threshold) || !is_live(rmax, row_threshold) {
+                let Some((col_threshold, row_threshold)) = part_thresholds(part, lo, hi, threshold)
+                else {
                     continue;
-                }
+                };
                 taps.clear();
                 taps.push_row(0, part.cols.len(), col_threshold, |k| part.cols[2 * c - k]);
                 let mid_rows = &mut mid[c * w8..(rows + c) * w8];

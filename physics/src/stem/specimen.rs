@@ -220,6 +220,8 @@ pub struct Window {
     offset: [f64; 2],
     half: [f64; 2],
     direct: bool,
+    /// The cell's [`Supercell::image_range`] for `half` (`[0, 0]` when direct).
+    range: [i64; 2],
 }
 
 impl Window {
@@ -233,6 +235,7 @@ impl Window {
                 offset: c,
                 half,
                 direct: true,
+                range: [0, 0],
             },
             Some(cell) => match cell.interior_offset(c, half) {
                 Some(w) => Self {
@@ -240,12 +243,14 @@ impl Window {
                     offset: w,
                     half,
                     direct: true,
+                    range: [0, 0],
                 },
                 None => Self {
                     cell: Some(*cell),
                     offset: c,
                     half,
                     direct: false,
+                    range: cell.image_range(half),
                 },
             },
         }
@@ -268,7 +273,25 @@ impl Window {
     pub fn for_each_image(&self, p: [f64; 2], mut f: impl FnMut([f64; 2])) {
         let q = [p[0] + self.offset[0], p[1] + self.offset[1]];
         match (&self.cell, self.direct) {
-            (Some(c), false) => c.images(q, self.half).for_each(f),
+            (Some(c), false) => {
+                // `c.images(q, half)` unrolled, with the range computed once per window: the
+                // same images in the same order, each by the same arithmetic
+                // (`q + i·a + j·b`, left to right).
+                let w = c.wrap(q);
+                let [a, b] = c.periods;
+                let [n1, n2] = self.range;
+                for i in -n1..=n1 {
+                    let fi = i as f64;
+                    let base = [w[0] + fi * a[0], w[1] + fi * a[1]];
+                    for j in -n2..=n2 {
+                        let fj = j as f64;
+                        let r = [base[0] + fj * b[0], base[1] + fj * b[1]];
+                        if r[0].abs() <= self.half[0] && r[1].abs() <= self.half[1] {
+                            f(r);
+                        }
+                    }
+                }
+            }
             _ => {
                 if q[0].abs() <= self.half[0] && q[1].abs() <= self.half[1] {
                     f(q);
@@ -282,7 +305,7 @@ impl Window {
     pub fn images(&self, p: [f64; 2]) -> Images {
         let q = [p[0] + self.offset[0], p[1] + self.offset[1]];
         match (&self.cell, self.direct) {
-            (Some(c), false) => c.images(q, self.half),
+            (Some(c), false) => Images::new(c.wrap(q), c.periods, self.range, self.half),
             _ => Images::new(q, [[0.0; 2]; 2], [0, 0], self.half),
         }
     }
@@ -833,13 +856,26 @@ impl SpecimenConfig {
             let n_atoms = (c.density.get() * area).round() as usize;
             // Squared distances: this loop runs for every candidate atom of every patch.
             let r2 = r * r;
-            let min_image = |d: f64, l: f64| d - l * (d / l).round();
+            // Within 0.49 of a period `d/l` rounds to ±0, so `d` is already the minimum image
+            // (the square is the same to the bit); the rounding is the costly part.
+            let min_image = |d: f64, l: f64| {
+                if d.abs() < 0.49 * l {
+                    d
+                } else {
+                    d - l * (d / l).round()
+                }
+            };
             for _ in 0..n_atoms {
                 let x = rng.random_range(-0.5 * l1..0.5 * l1);
                 let y = rng.random_range(-0.5 * l2..0.5 * l2);
                 if centres.iter().any(|&(cx, cy)| {
-                    let (dx, dy) = (min_image(x - cx, l1), min_image(y - cy, l2));
-                    dx * dx + dy * dy < r2
+                    // dx² alone already at r² decides (adding dy² ≥ 0 cannot lower the sum).
+                    let dx = min_image(x - cx, l1);
+                    let dx2 = dx * dx;
+                    dx2 < r2 && {
+                        let dy = min_image(y - cy, l2);
+                        dx2 + dy * dy < r2
+                    }
                 }) {
                     let h = 3.4e-10 + rng.random::<f64>() * 10e-10;
                     atoms.push(cell_atom(&cell, [x, y], h, ez));
@@ -1367,6 +1403,53 @@ mod tests {
                 fewer.neighbors(0, 1.7e-10)
             );
         }
+    }
+
+    #[test]
+    fn window_images_are_the_cells_images_bit_for_bit() {
+        // `Window::for_each_image` and `Window::images` (range computed once per window)
+        // against `Supercell::images` of the offset point (range computed per call): the same
+        // images, in the same order, to the bit; windows inside one cell, across its edges and
+        // larger than the cell (several images per atom).
+        let mut rng = seeded(5);
+        let (mut wrapped, mut several) = (0, 0);
+        for rotation in [0.0, 0.4, 1.0, -2.2] {
+            let cell = Supercell::new([3e-9, 2.5e-9], rotation);
+            for _ in 0..200 {
+                let c = [
+                    (rng.random::<f64>() - 0.5) * 8e-9,
+                    (rng.random::<f64>() - 0.5) * 8e-9,
+                ];
+                let h = rng.random::<f64>() * 4e-9 + 1e-11;
+                let half = [h, h * (0.5 + rng.random::<f64>())];
+                let w = Window::new(Some(&cell), c, half);
+                for _ in 0..20 {
+                    let p = cell.wrap([
+                        (rng.random::<f64>() - 0.5) * 3e-9,
+                        (rng.random::<f64>() - 0.5) * 3e-9,
+                    ]);
+                    let mut got = Vec::new();
+                    w.for_each_image(p, |r| got.push(r.map(f64::to_bits)));
+                    let via_iter: Vec<_> = w.images(p).map(|r| r.map(f64::to_bits)).collect();
+                    assert_eq!(got, via_iter);
+                    if w.is_direct() {
+                        continue;
+                    }
+                    wrapped += 1;
+                    several += usize::from(got.len() > 1);
+                    let q = [p[0] + c[0], p[1] + c[1]];
+                    let want: Vec<_> = cell.images(q, half).map(|r| r.map(f64::to_bits)).collect();
+                    assert_eq!(
+                        got, want,
+                        "rotation {rotation}, c {c:?}, half {half:?}, p {p:?}"
+                    );
+                }
+            }
+        }
+        assert!(
+            wrapped > 1000 && several > 200,
+            "{wrapped} wrapped, {several} with several"
+        );
     }
 
     #[test]
