@@ -1405,6 +1405,17 @@ mod tests {
         }
     }
 
+    /// A window centre within ±4 nm and half-sides `[h, h·(0.5..1.5)]`, `h` up to `max_half`
+    /// (m).
+    fn random_window(rng: &mut SimRng, max_half: f64) -> ([f64; 2], [f64; 2]) {
+        let c = [
+            (rng.random::<f64>() - 0.5) * 8e-9,
+            (rng.random::<f64>() - 0.5) * 8e-9,
+        ];
+        let h = rng.random::<f64>() * max_half + 1e-11;
+        (c, [h, h * (0.5 + rng.random::<f64>())])
+    }
+
     #[test]
     fn window_images_are_the_cells_images_bit_for_bit() {
         // `Window::for_each_image` and `Window::images` (range computed once per window)
@@ -1416,12 +1427,7 @@ mod tests {
         for rotation in [0.0, 0.4, 1.0, -2.2] {
             let cell = Supercell::new([3e-9, 2.5e-9], rotation);
             for _ in 0..200 {
-                let c = [
-                    (rng.random::<f64>() - 0.5) * 8e-9,
-                    (rng.random::<f64>() - 0.5) * 8e-9,
-                ];
-                let h = rng.random::<f64>() * 4e-9 + 1e-11;
-                let half = [h, h * (0.5 + rng.random::<f64>())];
+                let (c, half) = random_window(&mut rng, 4e-9);
                 let w = Window::new(Some(&cell), c, half);
                 for _ in 0..20 {
                     let p = cell.wrap([
@@ -1468,12 +1474,7 @@ mod tests {
             let mut out = Vec::new();
             let (mut direct, mut wrapped, mut indexed) = (0, 0, 0);
             for _ in 0..300 {
-                let c = [
-                    (rng.random::<f64>() - 0.5) * 8e-9,
-                    (rng.random::<f64>() - 0.5) * 8e-9,
-                ];
-                let h = rng.random::<f64>() * 1.5e-9 + 1e-11;
-                let half = [h, h * (0.5 + rng.random::<f64>())];
+                let (c, half) = random_window(&mut rng, 1.5e-9);
                 let w = s.window(c, half);
                 let truth: Vec<u32> = (0..s.atoms.len() as u32)
                     .filter(|&i| {
