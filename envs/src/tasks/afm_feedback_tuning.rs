@@ -63,7 +63,8 @@
 //! runs its cheaper stages
 //! ([`SpmFidelity::Fast`](scopegym_physics::spm::sim::SpmFidelity::Fast): a 1/f noise bank of 9
 //! processes instead of 18, those nearly uncorrelated from pixel to pixel drawn as white noise,
-//! one periodic dilation per tip change, the PI loop in closed form
+//! the processes with a node every pixel and the white noise drawn as one Gaussian process of
+//! their summed covariance (one normal draw per pixel), one periodic dilation per tip change, the PI loop in closed form
 //! where no limit acts), with the same spaces, reward
 //! and info. The test `fast_and_full_observe_the_same_statistics` compares what the task
 //! observes under both (means and variances of `e`, `d`, the ringing fraction, the relief and
