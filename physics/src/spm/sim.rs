@@ -257,8 +257,10 @@ impl PfmConfig {
 ///   frequency instead of 18 a factor 2 apart ([`Scanner::with_pink_components`]): the same
 ///   variance and band, half the normal draws per pixel; and those whose correlation from one
 ///   pixel to the next is below `e^{−2}` ≈ 0.14 are drawn as white noise of their variance
-///   ([`Scanner::set_white_decay`]), one normal draw per pixel for all of them and for an
-///   adsorbate's extra white noise ([`Scanner::add_line_noise_with_white`]);
+///   ([`Scanner::set_white_decay`]); the processes with a node every pixel, the white noise
+///   and an adsorbate's extra white noise are drawn together as one Gaussian process with
+///   their summed covariance, one normal draw per pixel ([`Scanner::set_single_innovation`],
+///   [`Scanner::add_line_noise_with_white`]);
 /// - a changed tip re-images the sample with the periodic dilation at once (exact up to the
 ///   grid's edge), instead of first the interior dilation and then, when a scan reaches the
 ///   edge band, the periodic one: the image values are the same, one dilation is saved;
@@ -727,6 +729,7 @@ impl SpmSimulator {
             .set_interpolated_drift(cfg.fidelity == SpmFidelity::Fast);
         if cfg.fidelity == SpmFidelity::Fast {
             self.scanner.set_white_decay(FAST_WHITE_DECAY)?;
+            self.scanner.set_single_innovation(true);
         }
         self.tip = TipState::new(&cfg.tip, &mut seeded(derive_seed(seed, "tip_init")))?;
         let n = cfg.sample.pixels;
