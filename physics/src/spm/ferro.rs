@@ -217,6 +217,29 @@ pub struct LightTdgl {
     pub tol: f32,
 }
 
+/// The constants of the light switching model of a bias pulse ([`FerroFilm::switch_pulse`]),
+/// calibrated against the TDGL integration (test
+/// `light_switching_writes_the_domains_of_the_tdgl`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LightSwitching {
+    /// `c_n`, cells: the nucleation threshold under a tip of width `w` is
+    /// `E_c·s^{3/2}·(1 + c_n/w)` (s the pinning factor): the gradient term resists a nucleus
+    /// as narrow as the field (the form fitted to the TDGL).
+    pub nucleation_gradient: f64,
+    /// `t_0`, reduced time: a drive `D` above the threshold `E_n` nucleates after
+    /// `t_0 / sqrt(D/E_n − 1)` (the saddle-node slowing of Landau-Khalatnikov switching).
+    pub nucleation_time: f64,
+    /// Factor on the Allen-Cahn curvature term `γk/r` of the wall velocity (1: the continuum
+    /// value; the lattice resists it).
+    pub curvature: f64,
+    /// Field a wall needs before it moves (lattice pinning), reduced field units.
+    pub depinning: f64,
+    /// Factor on the closed-form wall mobility (1: the TDGL kink's).
+    pub mobility: f64,
+    /// Cells where the tip field is weaker than this (reduced field units) stay frozen.
+    pub reach_level: f64,
+}
+
 /// How a tip writes and probes a [`FerroFilm`]: the Lorentzian field profile of a biased tip
 /// in film units and how the TDGL equation is integrated under it.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -232,6 +255,9 @@ pub struct TipProtocol {
     pub bias_offset: f64,
     /// `None`: integrate every step in the full window; `Some`: the light integration.
     pub light: Option<LightTdgl>,
+    /// `Some`: bias pulses ([`FerroFilm::tip_pulse`]) run the light switching model
+    /// ([`FerroFilm::switch_pulse`]) instead of the TDGL integration.
+    pub switching: Option<LightSwitching>,
 }
 
 impl TipProtocol {
@@ -279,6 +305,12 @@ pub struct FerroFilm {
     field: Vec<f32>,
     /// Squared column distances of [`FerroFilm::set_tip_field`] (scratch).
     dx2: Vec<f64>,
+    /// Arrival times of [`FerroFilm::switch_pulse`] (scratch, infinite between calls).
+    arrival: Vec<f32>,
+    /// The front of [`FerroFilm::switch_pulse`]: (arrival time bits, cell), earliest first.
+    front: std::collections::BinaryHeap<std::cmp::Reverse<(u32, u32)>>,
+    /// Cells [`FerroFilm::switch_pulse`] touched, with their polarization before (scratch).
+    touched: Vec<(u32, f32)>,
     alpha: f32,
     gamma: f32,
     gradient: f32,
@@ -338,6 +370,9 @@ impl FerroFilm {
             well,
             field: vec![0.0; n],
             dx2: Vec::with_capacity(nx),
+            arrival: vec![f32::INFINITY; n],
+            front: std::collections::BinaryHeap::new(),
+            touched: Vec::new(),
             alpha: alpha as f32,
             gamma: cfg.gamma.get() as f32,
             gradient: cfg.gradient.get() as f32,
@@ -378,6 +413,11 @@ impl FerroFilm {
         tip: &TipProtocol,
     ) {
         let a = (bias + tip.bias_offset) * tip.field_per_volt;
+        if let Some(m) = tip.switching {
+            let dt = f64::from(self.dt);
+            self.switch_pulse(x, y, a, tip.width, steps as f64 * dt, relax, &m);
+            return;
+        }
         let half = tip.window(a);
         tip.set_field(self, x, y, a, half);
         tip.run(self, steps, x, y, half);
@@ -409,6 +449,215 @@ impl FerroFilm {
                 self.local_response(x, y, tip.width)
             })
             .collect()
+    }
+
+    /// The light switching model of a bias pulse: apex field `amplitude` (reduced, signed) of
+    /// a Lorentzian tip of `width` cells at `(x, y)` for `duration` (reduced time), then
+    /// `relax` TDGL steps at zero field. The sharp-wall (nucleation-and-growth) limit of the TDGL film:
+    ///
+    /// - **Nucleation**: a cell against the field switches by itself when the drive `D` (the
+    ///   tip field plus the random field and imprint averaged over the cell and its four
+    ///   neighbours, and the depolarizing field, along the pulse) exceeds
+    ///   `E_n = E_c·s^{3/2}·(1 + c_n/w)` (E_c the homogeneous coercive field, s the mean
+    ///   pinning factor of the five cells), after `t_n = t_0/sqrt(D/E_n − 1)`
+    ///   ([`LightSwitching`]).
+    /// - **Growth**: walls move at the velocity of the planar TDGL front less the
+    ///   Allen-Cahn curvature term, `v = μ·γ·sqrt(|α|s·k/2)·K(ε) − γk/r`: with
+    ///   `ε = (E_loc − E_p)/(P_s·|α|s)` the reduced drive ([`kink_asymmetry`] `K`, ≈ 3ε, the
+    ///   exact front speed of `dp/dt = -γ(αs(p − p³) − k∇²p − E/P_s)`; μ = 1 is that closed
+    ///   form), `E_loc` the tip field plus the cell's frozen field, `E_p` the lattice
+    ///   depinning field, `s` the cell's pinning factor and `r` the distance from the tip (a
+    ///   domain's radius, at least 1). The
+    ///   wall spreads from the nucleus and from walls of domains already along the field,
+    ///   over the 8-connected grid (Dijkstra arrival times); cells reached within `duration`
+    ///   switch (to ±1). Only cells where the tip field is at least `reach_level` move.
+    /// - **Relaxation**: `relax` explicit TDGL steps at zero field in a window around the
+    ///   cells the front reached, as after the TDGL pulse (walls take their profile, rough
+    ///   edges and small nuclei shrink).
+    ///
+    /// Deterministic: no random draws. The film's time advances by `duration` and the
+    /// relaxation's steps.
+    #[allow(clippy::too_many_arguments)]
+    pub fn switch_pulse(
+        &mut self,
+        x: f64,
+        y: f64,
+        amplitude: f64,
+        width: f64,
+        duration: f64,
+        relax: usize,
+        m: &LightSwitching,
+    ) {
+        use std::cmp::Reverse;
+        self.time += duration;
+        if amplitude == 0.0 || !amplitude.is_finite() || duration <= 0.0 {
+            return;
+        }
+        let [ny, nx] = self.shape;
+        let s = amplitude.signum();
+        let sf = s as f32;
+        let amp = amplitude.abs();
+        let (alpha, gamma, k) = (
+            f64::from(self.alpha).abs(),
+            f64::from(self.gamma),
+            f64::from(self.gradient),
+        );
+        let ps = f64::from(self.ps);
+        let e_c = 2.0 * alpha / 3.0 * ps / 3f64.sqrt();
+        let depol = if self.depol == 0.0 {
+            0.0
+        } else {
+            -f64::from(self.depol) * self.p.iter().map(|&v| f64::from(v)).sum::<f64>()
+                / self.p.len() as f64
+        };
+        let w2 = width * width;
+        let curv = m.curvature * gamma * k;
+        let min_image = |d: f64, n: usize| {
+            let d = d.rem_euclid(n as f64);
+            d.min(n as f64 - d)
+        };
+        // Tip field and wall velocity at a cell (None: frozen, or the wall cannot enter).
+        let (bias, well) = (&self.bias, &self.well);
+        let speed = |i: usize, j: usize| -> Option<f64> {
+            let (dy, dx) = (min_image(i as f64 - y, ny), min_image(j as f64 - x, nx));
+            let r2 = dx * dx + dy * dy;
+            let e_tip = amp / (1.0 + r2 / w2);
+            if e_tip < m.reach_level {
+                return None;
+            }
+            let c = i * nx + j;
+            let drive = e_tip + s * (ps * f64::from(bias[c]) + depol) - m.depinning;
+            if drive <= 0.0 {
+                return None;
+            }
+            let a_c = alpha * f64::from(well[c]);
+            let v =
+                m.mobility * (0.5 * a_c * k).sqrt() * gamma * kink_asymmetry(drive / (ps * a_c))
+                    - curv / r2.sqrt().max(1.0);
+            (v > 0.0).then_some(v)
+        };
+        // The window: every cell within the reach (at most once on the periodic film).
+        let reach = tip_field_reach(amp, width, m.reach_level).ceil() as i64;
+        let (hy, hx) = (
+            reach.min((ny as i64 - 1) / 2),
+            reach.min((nx as i64 - 1) / 2),
+        );
+        let (ci, cj) = (y.round() as i64, x.round() as i64);
+        let wrap = |i: i64, n: usize| i.rem_euclid(n as i64) as usize;
+        let along = |v: f32| v * sf > 0.0;
+        self.touched.clear();
+        // Walls of domains already along the field start at time 0.
+        for di in -hy..=hy {
+            let i = wrap(ci + di, ny);
+            let (up, dn) = (wrap(ci + di - 1, ny), wrap(ci + di + 1, ny));
+            for dj in -hx..=hx {
+                let j = wrap(cj + dj, nx);
+                if !along(self.p[i * nx + j]) {
+                    continue;
+                }
+                let (l, r) = (wrap(cj + dj - 1, nx), wrap(cj + dj + 1, nx));
+                let against = [up, i, dn]
+                    .iter()
+                    .any(|&ii| [l, j, r].iter().any(|&jj| !along(self.p[ii * nx + jj])));
+                if against {
+                    let c = i * nx + j;
+                    self.arrival[c] = 0.0;
+                    self.touched.push((c as u32, self.p[c]));
+                    self.front.push(Reverse((0, c as u32)));
+                }
+            }
+        }
+        // Nucleation: every cell against the field whose drive beats its threshold switches
+        // by itself after its incubation time (the random field and the well depth averaged
+        // over the cell and its four neighbours, the smallest nucleus).
+        let e_n0 = e_c * (1.0 + m.nucleation_gradient / width);
+        let hn = tip_field_reach(amp, width, 0.5 * e_n0).ceil() as i64;
+        let (ny_h, nx_h) = (hn.min((ny as i64 - 1) / 2), hn.min((nx as i64 - 1) / 2));
+        for di in -ny_h..=ny_h {
+            let i = wrap(ci + di, ny);
+            let (up, dn) = (wrap(ci + di - 1, ny), wrap(ci + di + 1, ny));
+            let dy = min_image(i as f64 - y, ny);
+            for dj in -nx_h..=nx_h {
+                let j = wrap(cj + dj, nx);
+                let c = i * nx + j;
+                if along(self.p[c]) {
+                    continue;
+                }
+                let dx = min_image(j as f64 - x, nx);
+                let e_tip = amp / (1.0 + (dx * dx + dy * dy) / w2);
+                if e_tip < 0.5 * e_n0 {
+                    continue;
+                }
+                let (l, r) = (
+                    i * nx + wrap(cj + dj - 1, nx),
+                    i * nx + wrap(cj + dj + 1, nx),
+                );
+                let five = [c, l, r, up * nx + j, dn * nx + j];
+                let h = five.iter().map(|&q| f64::from(self.bias[q])).sum::<f64>() / 5.0;
+                let sw = five.iter().map(|&q| f64::from(self.well[q])).sum::<f64>() / 5.0;
+                let drive = e_tip + s * (ps * h + depol);
+                let e_n = e_n0 * sw.powf(1.5);
+                if drive > e_n {
+                    let t = (m.nucleation_time / (drive / e_n - 1.0).sqrt()) as f32;
+                    if f64::from(t) <= duration && t < self.arrival[c] {
+                        if self.arrival[c].is_infinite() {
+                            self.touched.push((c as u32, self.p[c]));
+                        }
+                        self.arrival[c] = t;
+                        self.front.push(Reverse((t.to_bits(), c as u32)));
+                    }
+                }
+            }
+        }
+        while let Some(Reverse((tb, c))) = self.front.pop() {
+            let t = f32::from_bits(tb);
+            let c = c as usize;
+            if t > self.arrival[c] {
+                continue;
+            }
+            if f64::from(t) > duration {
+                break;
+            }
+            if !along(self.p[c]) {
+                self.p[c] = sf;
+            }
+            let (i, j) = (c / nx, c % nx);
+            for &(di, dj) in &STENCIL {
+                let (ii, jj) = (wrap(i as i64 + di, ny), wrap(j as i64 + dj, nx));
+                let nb = ii * nx + jj;
+                if along(self.p[nb]) {
+                    continue;
+                }
+                let Some(v) = speed(ii, jj) else { continue };
+                let d = ((di * di + dj * dj) as f64).sqrt();
+                let tn = (f64::from(t) + d / v) as f32;
+                if tn < self.arrival[nb] && f64::from(tn) <= duration {
+                    if self.arrival[nb].is_infinite() {
+                        self.touched.push((nb as u32, self.p[nb]));
+                    }
+                    self.arrival[nb] = tn;
+                    self.front.push(Reverse((tn.to_bits(), nb as u32)));
+                }
+            }
+        }
+        self.front.clear();
+        // The zero-field relaxation: `relax` TDGL steps in a window around every cell the
+        // front touched (walls take their profile, rough edges and small nuclei shrink).
+        let mut reach = 0usize;
+        for &(c, _) in &self.touched {
+            let c = c as usize;
+            self.arrival[c] = f32::INFINITY;
+            let (dy, dx) = (
+                min_image((c / nx) as f64 - y.round(), ny),
+                min_image((c % nx) as f64 - x.round(), nx),
+            );
+            reach = reach.max(dy.max(dx) as usize);
+        }
+        if relax > 0 && !self.touched.is_empty() {
+            self.set_uniform_field(0.0);
+            self.run_window(relax, x.round(), y.round(), reach + 2);
+        }
+        self.touched.clear();
     }
 
     /// Sets every cell to `p` (clamped to [-1, 1]).
@@ -994,6 +1243,46 @@ pub fn tip_field_reach(amplitude: f64, width: f64, level: f64) -> f64 {
     }
 }
 
+/// The moves of the switching front ([`FerroFilm::switch_pulse`]): the 16 neighbours up to
+/// knight's moves, so that arrival times over the grid follow Euclidean distance within 3 %.
+const STENCIL: [(i64, i64); 16] = [
+    (-1, -1),
+    (-1, 0),
+    (-1, 1),
+    (0, -1),
+    (0, 1),
+    (1, -1),
+    (1, 0),
+    (1, 1),
+    (-2, -1),
+    (-2, 1),
+    (-1, -2),
+    (-1, 2),
+    (1, -2),
+    (1, 2),
+    (2, -1),
+    (2, 1),
+];
+
+/// `p₁ + p₃ − 2p₂` for the roots `p₁ < p₂ < p₃` of `p³ − p − ε = 0`, `ε ≥ 0`: with it the
+/// planar front of `∂p/∂t = D∇²p − A(p − p₁)(p − p₂)(p − p₃)` moves at
+/// `sqrt(AD/2)·(p₁ + p₃ − 2p₂)` (the exact travelling wave of the cubic reaction-diffusion
+/// equation; ≈ 3ε for small ε). Beyond the fold `ε = 2/(3√3)`, where `p₁` and `p₂` merge,
+/// its value there (√3).
+pub fn kink_asymmetry(eps: f64) -> f64 {
+    let fold = 2.0 / (3.0 * 3f64.sqrt());
+    let e = eps.clamp(0.0, fold);
+    // Trigonometric roots: p = (2/√3)·cos(θ/3 − 2πk/3), cos θ = ε·3√3/2.
+    let theta = (e / fold).clamp(-1.0, 1.0).acos();
+    let r = 2.0 / 3f64.sqrt();
+    let tau = 2.0 * std::f64::consts::PI / 3.0;
+    let p3 = r * (theta / 3.0).cos();
+    let p2 = r * (theta / 3.0 + tau).cos();
+    let p1 = r * (theta / 3.0 - tau).cos();
+    let (lo, mid) = (p1.min(p2), p1.max(p2));
+    lo + p3 - 2.0 * mid
+}
+
 /// The constants of one explicit TDGL step (see [`FerroFilm::run`]).
 #[derive(Debug, Clone, Copy)]
 struct TdglConsts {
@@ -1460,6 +1749,7 @@ mod tests {
             field_per_volt: 0.25,
             bias_offset: 0.0,
             light: None,
+            switching: None,
         };
         let light = TipProtocol {
             light: Some(LightTdgl {
@@ -1506,5 +1796,92 @@ mod tests {
         let r = tip_field_reach(2.0, 3.0, 0.1);
         assert!((2.0 / (1.0 + r * r / 9.0) - 0.1).abs() < 1e-12);
         assert_eq!(tip_field_reach(0.05, 3.0, 0.1), 0.0);
+    }
+
+    /// The light switching model against the TDGL it replaces, on the default film (random
+    /// field 0.1, 5 % pinning sites) under a tip 6.4 cells wide: written-domain area (cells)
+    /// for apex fields 1.5, 2 and 3 (reduced) × pulses of 1, 3.16 and 10 time units,
+    /// writing (on a film poled down) and erasing (poled up), mean and spread over 4 seeds.
+    /// The TDGL runs its time step 0.02; the light model the fast model's 0.05
+    /// (`FAST_DT_FACTOR`). Tolerance: the mean within 25 % + 8 cells, the spread within
+    /// 8 cells + 50 %.
+    #[test]
+    fn light_switching_writes_the_domains_of_the_tdgl() {
+        let full = TipProtocol {
+            width: 6.4,
+            half: 26,
+            field_per_volt: 1.0,
+            bias_offset: 0.0,
+            light: None,
+            switching: None,
+        };
+        let light = TipProtocol {
+            switching: Some(crate::spm::sim::FAST_SWITCHING),
+            ..full
+        };
+        let stats = |v: &[f64]| {
+            let m = v.iter().sum::<f64>() / v.len() as f64;
+            let sd = (v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / v.len() as f64).sqrt();
+            (m, sd)
+        };
+        let mut ok = true;
+        for sign in [1.0f64, -1.0] {
+            for a in [1.5, 2.0, 3.0] {
+                for tau in [1.0, 3.16, 10.0] {
+                    let (mut af, mut al) = (vec![], vec![]);
+                    for seed in 0..4 {
+                        let mut base =
+                            FerroFilm::new(&FerroConfig::default(), [64, 64], seed).unwrap();
+                        base.fill(-sign as f32);
+                        base.relax(100, 0.0);
+                        let written = |f: &FerroFilm| {
+                            f.p.iter().filter(|&&v| f64::from(v) * sign > 0.0).count() as f64
+                        };
+                        let mut f = base.clone();
+                        let steps = (tau / 0.02f64).round() as usize;
+                        f.tip_pulse(32.0, 31.0, sign * a, steps, steps / 10, &full);
+                        af.push(written(&f));
+                        let mut l = base.clone();
+                        l.set_time_step(0.05).unwrap();
+                        let steps = (tau / 0.05f64).round() as usize;
+                        l.tip_pulse(32.0, 31.0, sign * a, steps, steps / 10, &light);
+                        al.push(written(&l));
+                    }
+                    let ((mf, sf), (ml, sl)) = (stats(&af), stats(&al));
+                    eprintln!(
+                        "sign {sign} E {a} t {tau}: TDGL {mf:.1} ± {sf:.1}, light {ml:.1} ± {sl:.1}"
+                    );
+                    ok &= mf > 10.0
+                        && (ml - mf).abs() <= 0.25 * mf + 8.0
+                        && (sl - sf).abs() <= 8.0 + 0.5 * sf;
+                }
+            }
+        }
+        assert!(ok, "see the table above");
+    }
+
+    #[test]
+    fn kink_asymmetry_is_the_cubic_front_speed() {
+        // Small drive: 3ε (the linear mobility of the TDGL kink).
+        assert!((kink_asymmetry(1e-4) / 3e-4 - 1.0).abs() < 1e-3);
+        // At the fold the two lower roots merge at -1/√3 and the upper one is 2/√3: √3.
+        let fold = 2.0 / (3.0 * 3f64.sqrt());
+        assert!((kink_asymmetry(fold) - 3f64.sqrt()).abs() < 1e-9);
+        assert_eq!(kink_asymmetry(1.0), kink_asymmetry(fold));
+        // ε = 0.2: roots of p³ − p − 0.2 found by bisection.
+        let root = |mut lo: f64, mut hi: f64| {
+            for _ in 0..100 {
+                let mid = 0.5 * (lo + hi);
+                let f = |p: f64| p * p * p - p - 0.2;
+                if f(lo) * f(mid) <= 0.0 {
+                    hi = mid
+                } else {
+                    lo = mid
+                }
+            }
+            lo
+        };
+        let (p1, p2, p3) = (root(-1.2, -0.6), root(-0.5, 0.3), root(0.8, 1.5));
+        assert!((kink_asymmetry(0.2) - (p1 + p3 - 2.0 * p2)).abs() < 1e-9);
     }
 }
