@@ -233,6 +233,11 @@ impl Env for Deployment {
         self.env.step(action)
     }
 
+    fn step_into(&mut self, action: &Value, obs: &mut Value) -> scopegym_envs::Result<Step> {
+        let _busy = self.watchdog.as_ref().map(Watchdog::busy);
+        self.env.step_into(action, obs)
+    }
+
     fn render(&self) -> RgbImage {
         self.env.render()
     }

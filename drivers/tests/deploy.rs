@@ -84,6 +84,38 @@ fn a_refused_pulse_ends_the_episode_with_the_reason_and_is_audited() {
 }
 
 #[test]
+fn a_refused_step_into_leaves_the_callers_observation() {
+    let opts = || DeployOptions {
+        limits: limits("[spm]\npulse_bias_max = \"4 V\"\nscanner_range = [\"10 µm\", \"10 µm\"]"),
+        ..DeployOptions::default()
+    };
+    let mut env = make_env(WRITING, &"sim".parse().unwrap(), opts()).unwrap();
+    let (mut obs, _) = env.reset(Some(3)).unwrap();
+    let obs0 = obs.clone();
+    let ok = env.step_into(&pulse(0.2), &mut obs).unwrap();
+    assert!(!ok.info.contains_key("refused"), "{:?}", ok.info);
+    assert_ne!(
+        obs, obs0,
+        "the step's observation went into the caller's buffer"
+    );
+    let after_ok = obs.clone();
+    let s = env.step_into(&pulse(0.5), &mut obs).unwrap();
+    assert_eq!(s.info.get("refused"), Some(&InfoValue::Bool(true)));
+    assert!(s.terminated);
+    assert_eq!(
+        obs, after_ok,
+        "a refused step leaves the previous observation"
+    );
+    // A plain step refused after step_into handed the observation out: a clear error, not an
+    // empty or stale observation.
+    let mut env = make_env(WRITING, &"sim".parse().unwrap(), opts()).unwrap();
+    let (mut obs, _) = env.reset(Some(3)).unwrap();
+    env.step_into(&pulse(0.2), &mut obs).unwrap();
+    let e = env.step(&pulse(0.5)).unwrap_err().to_string();
+    assert!(e.contains("step_into"), "{e}");
+}
+
+#[test]
 fn the_same_pulse_passes_under_wider_limits() {
     let opts = DeployOptions {
         limits: limits("[spm]\npulse_bias_max = \"9 V\"\nscanner_range = [\"10 µm\", \"10 µm\"]"),

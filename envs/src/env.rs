@@ -96,6 +96,16 @@ pub trait Env: Send {
     /// Advances one step. Errors on invalid actions and when called before `reset` or after the
     /// episode ended.
     fn step(&mut self, action: &Value) -> Result<Step>;
+    /// [`Env::step`] with the observation written into `obs` instead of returned (the returned
+    /// step's `obs` is an empty Box). `obs` must hold this env's latest observation, from its
+    /// last reset or step: a step refused by a safety guard leaves it as it is. A caller that
+    /// keeps the latest observation anyway (the vector env) spares the env a copy of its own.
+    /// The default steps and moves the observation over.
+    fn step_into(&mut self, action: &Value, obs: &mut Value) -> Result<Step> {
+        let mut st = self.step(action)?;
+        *obs = std::mem::replace(&mut st.obs, Value::Box(Vec::new()));
+        Ok(st)
+    }
     /// An RGB picture of the current state.
     fn render(&self) -> RgbImage;
     /// The task's expert rule of thumb for the current observation.
@@ -154,8 +164,15 @@ pub struct TaskEnv<T: Task> {
     steps: usize,
     phase: Phase,
     seeds: Option<SimRng>,
-    /// The latest observation, returned again when a step is refused by a safety guard.
+    /// The latest observation, returned again when a step is refused by a safety guard (`None`
+    /// while the caller of [`Env::step_into`] holds it).
     last_obs: Option<Value>,
+}
+
+/// A step taken, or refused by a safety guard (its `obs` still to be filled in).
+enum Outcome {
+    Stepped(Step),
+    Refused(Step),
 }
 
 fn entropy_seed() -> u64 {
@@ -219,10 +236,9 @@ impl<T: Task> TaskEnv<T> {
         info.insert("is_success".into(), InfoValue::Bool(false));
         self.steps += 1;
         self.phase = Phase::Done;
-        // `last_obs` is set by every reset, so a running episode always has one.
-        let obs = self.last_obs.clone().unwrap_or(Value::Box(Vec::new()));
+        // The observation (the previous one) is filled in by the caller.
         Step {
-            obs,
+            obs: Value::Box(Vec::new()),
             reward: 0.0,
             terminated: true,
             truncated: false,
@@ -267,6 +283,50 @@ impl<T: Task> Env for TaskEnv<T> {
     }
 
     fn step(&mut self, action: &Value) -> Result<Step> {
+        match self.advance(action)? {
+            Outcome::Stepped(st) => {
+                self.keep(&st.obs);
+                Ok(st)
+            }
+            Outcome::Refused(mut st) => {
+                // `last_obs` is set by every reset and step, so a running episode has one,
+                // unless the caller of `step_into` holds it.
+                st.obs = self.last_obs.clone().ok_or_else(|| {
+                    EnvError::NeedsReset(format!(
+                        "{}: a safety guard refused the step, and the latest observation went \
+                         to the caller of step_into; call reset",
+                        self.id
+                    ))
+                })?;
+                Ok(st)
+            }
+        }
+    }
+
+    fn step_into(&mut self, action: &Value, obs: &mut Value) -> Result<Step> {
+        match self.advance(action)? {
+            Outcome::Stepped(mut st) => {
+                // The caller keeps it: no copy of our own.
+                self.last_obs = None;
+                *obs = std::mem::replace(&mut st.obs, Value::Box(Vec::new()));
+                Ok(st)
+            }
+            Outcome::Refused(st) => Ok(st),
+        }
+    }
+
+    fn render(&self) -> RgbImage {
+        self.task.render()
+    }
+
+    fn heuristic_action(&mut self, obs: &Value) -> Value {
+        self.task.heuristic_action(obs)
+    }
+}
+
+impl<T: Task> TaskEnv<T> {
+    /// One step, its observation not yet kept; a refused step's observation not yet filled in.
+    fn advance(&mut self, action: &Value) -> Result<Outcome> {
         match self.phase {
             Phase::NeedsReset => {
                 return Err(EnvError::NeedsReset(format!(
@@ -290,7 +350,7 @@ impl<T: Task> Env for TaskEnv<T> {
         let s = match self.task.step(&action, &mut info) {
             Ok(s) => s,
             Err(EnvError::Physics(e)) if e.guard_limit().is_some() => {
-                return Ok(self.refused(&e, info));
+                return Ok(Outcome::Refused(self.refused(&e, info)));
             }
             Err(e) => return Err(e),
         };
@@ -306,21 +366,46 @@ impl<T: Task> Env for TaskEnv<T> {
                 format!("{}: the task produced a non-finite reward", self.id),
             )));
         }
-        self.keep(&s.obs);
-        Ok(Step {
+        Ok(Outcome::Stepped(Step {
             obs: s.obs,
             reward: s.reward,
             terminated: s.terminated,
             truncated,
             info,
-        })
+        }))
     }
+}
 
-    fn render(&self) -> RgbImage {
-        self.task.render()
-    }
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::make;
 
-    fn heuristic_action(&mut self, obs: &Value) -> Value {
-        self.task.heuristic_action(obs)
+    /// `step_into` gives what `step` gives (the observation in the caller's buffer), step after
+    /// step, for a task env with a Dict observation and one with a Box.
+    #[test]
+    fn step_into_equals_step() {
+        for id in ["scopegym/StemEelsExplore-v2", "scopegym/StemDopantSteer-v1"] {
+            let (mut a, mut b) = (make(id, None).unwrap(), make(id, None).unwrap());
+            let (oa, _) = a.reset(Some(5)).unwrap();
+            let (mut ob, _) = b.reset(Some(5)).unwrap();
+            assert_eq!(oa, ob);
+            let mut rng = seeded(9);
+            for k in 0..6 {
+                let act = a.action_space().sample(&mut rng);
+                let sa = a.step(&act).unwrap();
+                let sb = b.step_into(&act, &mut ob).unwrap();
+                assert_eq!(sa.obs, ob, "{id} step {k}");
+                assert_eq!(sb.obs, Value::Box(Vec::new()));
+                assert_eq!(
+                    (sa.reward, sa.terminated, sa.truncated),
+                    (sb.reward, sb.terminated, sb.truncated)
+                );
+                assert_eq!(sa.info, sb.info);
+                if sa.terminated || sa.truncated {
+                    break;
+                }
+            }
+        }
     }
 }

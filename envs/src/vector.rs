@@ -693,13 +693,13 @@ fn step_slot(s: &mut Slot, action: &Value, mode: AutoReset) -> Result<()> {
     if s.needs_reset && mode == AutoReset::NextStep {
         return s.reset(None);
     }
-    match s.env.step(action) {
+    // `s.obs` holds the env's latest observation (the vector env keeps it anyway).
+    match s.env.step_into(action, &mut s.obs) {
         Ok(st) => {
             s.reward = st.reward;
             s.terminated = st.terminated;
             s.truncated = st.truncated;
             s.info = st.info;
-            s.obs = st.obs;
         }
         Err(e) => {
             s.reward = 0.0;

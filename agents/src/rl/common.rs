@@ -79,6 +79,13 @@ impl Env for RetryReset {
     fn step(&mut self, action: &Value) -> scopegym_envs::Result<scopegym_envs::Step> {
         self.inner.step(action)
     }
+    fn step_into(
+        &mut self,
+        action: &Value,
+        obs: &mut Value,
+    ) -> scopegym_envs::Result<scopegym_envs::Step> {
+        self.inner.step_into(action, obs)
+    }
     fn render(&self) -> scopegym_envs::RgbImage {
         self.inner.render()
     }
