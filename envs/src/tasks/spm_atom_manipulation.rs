@@ -49,8 +49,9 @@
 //! its cheaper stages ([`SpmFidelity::Fast`](scopegym_physics::spm::sim::SpmFidelity::Fast): a 1/f
 //! noise bank of 9 processes instead of 18, those nearly uncorrelated from pixel to pixel drawn as
 //! white noise, the processes with a node every pixel and the white noise drawn as one Gaussian
-//! process of their summed covariance (one normal draw per pixel), one periodic dilation per tip
-//! change, the PI loop in closed form where no limit acts), with the same spaces, reward and info.
+//! process of their summed covariance (one normal draw per pixel), the slower processes summed in
+//! one pass, one periodic dilation per tip change, the PI loop in closed form where no limit
+//! acts), with the same spaces, reward and info.
 //! The test `fast_and_full_observe_the_same_statistics` compares what the task observes under both
 //! (the levelled frames the detector reads, within 3%, and the detected distance to the goal,
 //! within 10%, on seeds 0..8). The fast model takes about 1.65× fewer instructions per step

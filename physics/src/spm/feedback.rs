@@ -1032,38 +1032,60 @@ impl ZFeedback {
         height: &mut [T],
         error: &mut [T],
     ) -> Option<LineStats> {
+        if reverse {
+            self.line_one_pass_dir::<T, true>(profile, pixel_time, s, total, height, error)
+        } else {
+            self.line_one_pass_dir::<T, false>(profile, pixel_time, s, total, height, error)
+        }
+    }
+
+    /// [`Self::line_one_pass`] in one scan direction (`REVERSE`: the retrace). The pixel's
+    /// sample range is `ceil_index` of the same products as in `scan_line_inner` (its integer
+    /// form, the same numbers), and the neighbouring profile values are carried from pixel to
+    /// pixel instead of read again.
+    fn line_one_pass_dir<T: Out, const REVERSE: bool>(
+        &mut self,
+        profile: &[f32],
+        pixel_time: f64,
+        s: f64,
+        total: usize,
+        height: &mut [T],
+        error: &mut [T],
+    ) -> Option<LineStats> {
         let n = profile.len();
+        if n == 0 || height.len() != n || error.len() != n {
+            return None;
+        }
         let law = self.law();
         let r = self.period / pixel_time;
-        let idx = |m: usize| if reverse { n - 1 - m } else { m };
+        let idx = |m: usize| if REVERSE { n - 1 - m } else { m };
         let (mut z, mut ep) = (self.z, self.prev_error);
         let (mut sum_e2, mut max_abs) = (0.0f64, 0.0f64);
         let mut k = 0usize;
         // k + ½, exact.
         let mut kf = 0.5f64;
+        let (neg_c, neg_r) = (-law.c, -law.r);
+        // The profile at pixels m − 1, m and m + 1 (clamped at the ends).
+        let mut pm = f64::from(profile[idx(0)]);
+        let mut pp = pm;
+        let mut pn = if n > 1 {
+            f64::from(profile[idx(1)])
+        } else {
+            pm
+        };
+        // `m` as `f64`, counted (exact integers).
+        let mut mf = 0.0f64;
         for m in 0..n {
             // The pixel's samples and its two pieces, as in `scan_line_inner`.
             let k_end = if m + 1 == n {
                 total
             } else {
-                (ceil((m + 1) as f64 * s - 0.5).max(0.0) as usize).min(total)
+                ceil_index((mf + 1.0) * s - 0.5, total)
             };
             if k_end <= k {
                 return None;
             }
-            let mf = m as f64;
-            let pm = f64::from(profile[idx(m)]);
-            let pp = if m > 0 {
-                f64::from(profile[idx(m - 1)])
-            } else {
-                pm
-            };
-            let pn = if m + 1 < n {
-                f64::from(profile[idx(m + 1)])
-            } else {
-                pm
-            };
-            let k_mid = (ceil((mf + 0.5) * s - 0.5).max(0.0) as usize).clamp(k, k_end);
+            let k_mid = ceil_index((mf + 0.5) * s - 0.5, total).clamp(k, k_end);
             let k_start = k;
             let (mut az, mut ae) = (0.0f64, 0.0f64);
             let mut limited = false;
@@ -1073,13 +1095,16 @@ impl ZFeedback {
             ];
             for (stop, h0, u0, slope) in pieces {
                 while k < stop {
-                    // The operations of `Run::piece`'s optimistic pass.
+                    // The operations of `Run::piece`'s optimistic pass; `y` inside
+                    // `(max(z − v_max T, −R), min(z + v_max T, R))` as four comparisons.
                     let h = h0 + (kf * r - u0) * slope;
                     let e = h - z;
                     let y = (z - law.kp * ep) + law.a * e;
-                    let lo = fmax(z - law.vt, -law.r);
-                    let hi = fmin(z + law.vt, law.r);
-                    limited |= !(e > -law.c) | !(y > lo) | !(y < hi);
+                    limited |= !(e > neg_c)
+                        | !(y > z - law.vt)
+                        | !(y < z + law.vt)
+                        | !(y > neg_r)
+                        | !(y < law.r);
                     sum_e2 += e * e;
                     max_abs = fmax(max_abs, e.abs());
                     az += z;
@@ -1094,8 +1119,15 @@ impl ZFeedback {
                 return None;
             }
             let cnt = (k_end - k_start) as f64;
-            height[idx(m)] = T::from_f64(az / cnt);
-            error[idx(m)] = T::from_f64(ae / cnt);
+            let at = idx(m);
+            height[at] = T::from_f64(az / cnt);
+            error[at] = T::from_f64(ae / cnt);
+            pp = pm;
+            pm = pn;
+            mf += 1.0;
+            if m + 2 < n {
+                pn = f64::from(profile[idx(m + 2)]);
+            }
         }
         self.z = z;
         self.prev_error = ep;
@@ -1109,6 +1141,15 @@ impl ZFeedback {
             closed_form_samples: 0,
         })
     }
+}
+
+/// `(⌈x⌉ clamped at 0 as usize).min(total)` for `|x| < 2⁵³`, in integers: the same number as
+/// `(ceil(x).max(0.0) as usize).min(total)` (NaN gives 0 either way) with one conversion.
+#[inline(always)]
+fn ceil_index(x: f64, total: usize) -> usize {
+    let t = x as i64; // truncation toward zero
+    let c = if (t as f64) < x { t + 1 } else { t };
+    (c.max(0) as usize).min(total)
 }
 
 #[cfg(test)]

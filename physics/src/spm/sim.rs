@@ -261,7 +261,9 @@ impl PfmConfig {
 ///   ([`Scanner::set_white_decay`]); the processes with a node every pixel, the white noise
 ///   and an adsorbate's extra white noise are drawn together as one Gaussian process with
 ///   their summed covariance, one normal draw per pixel ([`Scanner::set_single_innovation`],
-///   [`Scanner::add_line_noise_with_white`]);
+///   [`Scanner::add_line_noise_with_white`]); the slower processes (linear between their
+///   nodes) are summed in one pass, one `f32` rounding per pixel instead of one per process
+///   (the same draws);
 /// - a changed tip re-images the sample with the periodic dilation at once (exact up to the
 ///   grid's edge), instead of first the interior dilation and then, when a scan reaches the
 ///   edge band, the periodic one: the image values are the same, one dilation is saved;
