@@ -332,6 +332,10 @@ pub struct AtomIndex {
     n_atoms: usize,
 }
 
+/// Up to this many candidates (with repeats) [`AtomIndex::candidates`] sorts them; beyond it
+/// a bitmap over the atoms orders them in linear time.
+const SORT_MAX_VISITS: usize = 48;
+
 impl AtomIndex {
     /// Indexes `specimen`'s atoms in square buckets of side `bucket` (m, > 0; larger where
     /// that would give more than one bucket per atom).
@@ -467,15 +471,36 @@ impl AtomIndex {
         if 2 * visits > self.n_atoms {
             return false;
         }
-        for r in &ranges[..n_ranges] {
-            for j in r[2]..=r[3] {
+        let runs = ranges[..n_ranges].iter().flat_map(|r| {
+            (r[2]..=r[3]).map(move |j| {
                 let row = j * self.dims[0];
                 let (s, e) = (self.start[row + r[0]], self.start[row + r[1] + 1]);
-                out.extend_from_slice(&self.ids[s as usize..e as usize]);
+                &self.ids[s as usize..e as usize]
+            })
+        });
+        if visits <= SORT_MAX_VISITS {
+            for ids in runs {
+                out.extend_from_slice(ids);
+            }
+            out.sort_unstable();
+            out.dedup();
+        } else {
+            // Many candidates: mark them in a bitmap over the atoms and read it in order, the
+            // same ascending list without duplicates as sorting gives, in linear time.
+            let mut bits = vec![0u64; self.n_atoms.div_ceil(64)];
+            for ids in runs {
+                for &i in ids {
+                    bits[i as usize / 64] |= 1 << (i % 64);
+                }
+            }
+            for (w, &word) in bits.iter().enumerate() {
+                let mut x = word;
+                while x != 0 {
+                    out.push((w * 64) as u32 + x.trailing_zeros());
+                    x &= x - 1;
+                }
             }
         }
-        out.sort_unstable();
-        out.dedup();
         true
     }
 }
