@@ -47,8 +47,12 @@
 //!
 //! `fidelity = "full"` (the default) runs [`SpmSimulator`] as documented; `fidelity = "fast"`
 //! runs its cheaper stages ([`SpmFidelity::Fast`](scopegym_physics::spm::sim::SpmFidelity::Fast)):
-//! the same TDGL film, integrated with a 2.5× longer time step, under the tip only where the
-//! pulse's field reaches 0.1 (reduced) plus 4 cells, and only until the film has settled;
+//! the same film, but a bias pulse runs the light switching model
+//! ([`FerroFilm::switch_pulse`](scopegym_physics::spm::ferro::FerroFilm::switch_pulse) with
+//! [`FAST_SWITCHING`](scopegym_physics::spm::sim::FAST_SWITCHING): nucleation where the tip
+//! field beats the coercive threshold, walls moving at the closed-form TDGL front speed over
+//! the cells where the field reaches 0.1 (reduced), one area-conserving smoothing step for the
+//! walls' line tension, then the zero-field TDGL relaxation) with a 2.5× longer time step;
 //! frames without
 //! the topography channels, so without the z feedback and tip dilation (`pfm.topography` off:
 //! the same PFM phase and amplitude model at the same drifted positions, the only channels

@@ -326,9 +326,9 @@ const FAST_SETTLED: f32 = 1e-5;
 
 /// The light switching model's constants ([`FerroFilm::switch_pulse`]), fitted to the TDGL
 /// integration (test `light_switching_writes_the_domains_of_the_tdgl` in [`super::ferro`]).
-/// Not yet selected by [`SpmFidelity::Fast`]: with it the domain-writing task's written areas
-/// match the full model's, but its phase images carry about a third more power at the
-/// highest spatial frequencies than the TDGL's (rougher domain walls).
+/// Selected by [`SpmFidelity::Fast`] for every bias pulse. `wall_smoothing` (1.5 cells) is
+/// fitted so that the domain-writing task's phase images carry the TDGL's power at high
+/// spatial frequencies (without it, about a third more: rougher walls).
 pub const FAST_SWITCHING: LightSwitching = LightSwitching {
     nucleation_gradient: 1.4,
     nucleation_time: 0.5,
@@ -336,6 +336,7 @@ pub const FAST_SWITCHING: LightSwitching = LightSwitching {
     depinning: 0.04,
     mobility: 1.0,
     reach_level: 0.1,
+    wall_smoothing: 1.5,
 };
 
 /// The film's time step: `ferroelectric.dt`, or in the fast model [`FAST_DT_FACTOR`] times
@@ -1725,7 +1726,8 @@ impl SpmSimulator {
     /// of `pfm.tip_width` in cells, integrated in a window of `max(4·width, 12)` cells around
     /// the tip; in the fast model ([`SpmFidelity::Fast`]) the light integration
     /// ([`LightTdgl`]: the window fitted to where the field exceeds [`FAST_REACH_LEVEL`], an
-    /// early stop once the film has settled).
+    /// early stop once the film has settled) and, for bias pulses, the light switching model
+    /// ([`FAST_SWITCHING`]).
     pub fn tip_protocol(&self) -> Option<TipProtocol> {
         self.film.as_ref()?;
         let width = self.cfg.pfm.tip_width.get() / self.cell;
@@ -1739,9 +1741,7 @@ impl SpmSimulator {
                 margin: FAST_WINDOW_MARGIN,
                 tol: FAST_SETTLED,
             }),
-            // The light switching model (FAST_SWITCHING) is not used yet: the PFM tasks' fast
-            // statistics tests do not pass with it (finer texture of the written domains).
-            switching: None,
+            switching: (self.cfg.fidelity == SpmFidelity::Fast).then_some(FAST_SWITCHING),
         })
     }
 
