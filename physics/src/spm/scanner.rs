@@ -312,6 +312,21 @@ struct PinkProcess {
 }
 
 impl PinkProcess {
+    /// Draws the next node when the current segment is finished (nodes `m` pixels apart, AR(1)
+    /// coefficients `(a, b)` per node); returns the segment's slope per pixel, m.
+    #[inline]
+    fn segment(&mut self, (m, a, b): (usize, f64, f64), rng: &mut SimRng) -> f64 {
+        if self.pos >= self.len {
+            if self.len > 0 {
+                self.v0 = self.v1;
+            }
+            self.len = m;
+            self.v1 = a * self.v0 + b * normal(rng);
+            self.pos = 0;
+        }
+        (self.v1 - self.v0) / self.len as f64
+    }
+
     /// The node step `m` and the AR(1) coefficients `(a, sd·sqrt(1 − a²))` per node at pixel
     /// period `pixel_time` (s), `r = 2π f_k · pixel_time`; cached.
     #[inline]
@@ -591,16 +606,8 @@ fn add_interpolated(
     let n = line.len();
     let mut i = 0;
     while i < n {
-        if c.pos >= c.len {
-            if c.len > 0 {
-                c.v0 = c.v1;
-            }
-            c.len = m;
-            c.v1 = a * c.v0 + b * normal(rng);
-            c.pos = 0;
-        }
+        let slope = c.segment((m, a, b), rng);
         let k = (c.len - c.pos).min(n - i);
-        let slope = (c.v1 - c.v0) / c.len as f64;
         let base = c.v0 + slope * c.pos as f64;
         for (s, v) in line[i..i + k].iter_mut().enumerate() {
             *v += (base + slope * s as f64) as f32;
@@ -632,16 +639,8 @@ fn add_interpolated_sum<'a>(
     for (c, (m, a, b)) in procs {
         let mut i = 0;
         while i < n {
-            if c.pos >= c.len {
-                if c.len > 0 {
-                    c.v0 = c.v1;
-                }
-                c.len = m;
-                c.v1 = a * c.v0 + b * normal(rng);
-                c.pos = 0;
-            }
+            let slope = c.segment((m, a, b), rng);
             let k = (c.len - c.pos).min(n - i);
-            let slope = (c.v1 - c.v0) / c.len as f64;
             if i == 0 {
                 start += c.v0 + slope * c.pos as f64;
             }
