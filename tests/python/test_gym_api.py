@@ -277,8 +277,10 @@ def test_gil_is_released_while_stepping():
         while not stop.is_set():
             ticks.append(time.perf_counter())
 
-    # One long native call: a batch of envs at one step each is fast, so step a slow task.
-    slow = scopegym.make_vec("scopegym/StemAutofocus-v2", 64)
+    # One long native call: a batch of envs at one step each is fast, so step a slow task (64
+    # full-fidelity PFM steps take about 0.1 s on two threads here, ten times the floor below;
+    # 64 StemAutofocus steps took 4-6 ms, under it).
+    slow = scopegym.make_vec("scopegym/PfmDomainWriting-v1", 64)
     slow.reset(seed=0)
     t = threading.Thread(target=spin)
     t.start()
