@@ -654,23 +654,7 @@ impl FerroFilm {
             }
         }
         self.front.clear();
-        // Line tension: one area-conserving threshold-dynamics step over the cells the front
-        // reached (the Dijkstra front on a disordered grid leaves walls rougher than the
-        // TDGL's, whose gradient term smooths them while they move).
-        if m.wall_smoothing > 0.0 && !self.touched.is_empty() {
-            let mut reach = 0usize;
-            for &(c, _) in &self.touched {
-                let c = c as usize;
-                let (dy, dx) = (
-                    min_image((c / nx) as f64 - y.round(), ny),
-                    min_image((c % nx) as f64 - x.round(), nx),
-                );
-                reach = reach.max(dy.max(dx) as usize);
-            }
-            self.smooth_walls(ci, cj, reach + 2, sf, m.wall_smoothing);
-        }
-        // The zero-field relaxation: `relax` TDGL steps in a window around every cell the
-        // front touched (walls take their profile, rough edges and small nuclei shrink).
+        // How far from the tip the front reached (cells), for the two stages below.
         let mut reach = 0usize;
         for &(c, _) in &self.touched {
             let c = c as usize;
@@ -681,6 +665,14 @@ impl FerroFilm {
             );
             reach = reach.max(dy.max(dx) as usize);
         }
+        // Line tension: one area-conserving threshold-dynamics step over the cells the front
+        // reached (the Dijkstra front on a disordered grid leaves walls rougher than the
+        // TDGL's, whose gradient term smooths them while they move).
+        if m.wall_smoothing > 0.0 && !self.touched.is_empty() {
+            self.smooth_walls(ci, cj, reach + 2, sf, m.wall_smoothing);
+        }
+        // The zero-field relaxation: `relax` TDGL steps in a window around every cell the
+        // front touched (walls take their profile, rough edges and small nuclei shrink).
         if relax > 0 && !self.touched.is_empty() {
             self.set_uniform_field(0.0);
             self.run_window(relax, x.round(), y.round(), reach + 2);
