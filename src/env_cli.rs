@@ -135,35 +135,68 @@ fn positive(name: &str, v: usize, max: usize) -> Result<(), CliError> {
     Ok(())
 }
 
-/// Steps per second of the vector env with random actions.
-pub fn bench(
-    id: &str,
-    num_envs: usize,
-    threads: usize,
-    steps: usize,
-    fidelity: Option<&str>,
-    json: bool,
-) -> Result<(), CliError> {
-    positive("--num-envs", num_envs, 65_536)?;
-    positive("--threads", threads, 1024)?;
-    positive("--steps", steps, 100_000_000)?;
+/// What `scopegym bench` times.
+pub struct BenchOptions<'a> {
+    /// Envs in the vector env.
+    pub num_envs: usize,
+    /// Worker threads.
+    pub threads: usize,
+    /// Vector steps timed.
+    pub steps: usize,
+    /// Only this fidelity (`fast` or `full`).
+    pub fidelity: Option<&'a str>,
+    /// The task's configuration (a TOML file).
+    pub env_config: Option<&'a Path>,
+    /// One JSON line per timed fidelity instead of text.
+    pub json: bool,
+}
+
+/// Steps per second of the vector env with random actions: at the fidelity asked for, else at
+/// the one the env config names, else at both where the task has the knob.
+pub fn bench(id: &str, o: &BenchOptions<'_>) -> Result<(), CliError> {
+    positive("--num-envs", o.num_envs, 65_536)?;
+    positive("--threads", o.threads, 1024)?;
+    positive("--steps", o.steps, 100_000_000)?;
     let spec = scopegym_envs::registry::spec(id)?;
+    let mut table = match o.env_config {
+        Some(p) => match crate::bench_cli::read_toml(p, "--env-config")? {
+            toml::Value::Table(t) => t,
+            other => {
+                return Err(CliError::Argument {
+                    argument: "--env-config".into(),
+                    message: format!("expected a table, got {other}"),
+                });
+            }
+        },
+        None => toml::Table::new(),
+    };
+    let requested = match (o.fidelity, table.get("fidelity")) {
+        (Some(f), _) => Some((f.to_string(), "--fidelity")),
+        (None, Some(toml::Value::String(f))) => Some((f.clone(), "--env-config")),
+        (None, Some(other)) => {
+            return Err(CliError::Argument {
+                argument: "--env-config".into(),
+                message: format!("fidelity must be \"fast\" or \"full\", got {other}"),
+            });
+        }
+        (None, None) => None,
+    };
     // The fidelities to time: the one asked for, else both where the task has the knob.
-    let fidelities: Vec<Option<Fidelity>> = match fidelity {
-        Some(f) => {
-            let f = match f {
+    let fidelities: Vec<Option<Fidelity>> = match requested {
+        Some((f, argument)) => {
+            let f = match f.as_str() {
                 "fast" => Fidelity::Fast,
                 "full" => Fidelity::Full,
                 other => {
                     return Err(CliError::Argument {
-                        argument: "--fidelity".into(),
+                        argument: argument.into(),
                         message: format!("expected fast or full, got {other:?}"),
                     });
                 }
             };
             if !spec.fidelity {
                 return Err(CliError::Argument {
-                    argument: "--fidelity".into(),
+                    argument: argument.into(),
                     message: format!("{id} has one model and no fidelity knob"),
                 });
             }
@@ -173,7 +206,11 @@ pub fn bench(
         None => vec![None],
     };
     for f in fidelities {
-        bench_one(id, f, num_envs, threads, steps, json)?;
+        if let Some(f) = f {
+            table.insert("fidelity".into(), toml::Value::String(f.name().into()));
+        }
+        let config = (!table.is_empty()).then(|| toml::Value::Table(table.clone()));
+        bench_one(id, f, config.as_ref(), o)?;
     }
     Ok(())
 }
@@ -181,18 +218,18 @@ pub fn bench(
 fn bench_one(
     id: &str,
     fidelity: Option<Fidelity>,
-    num_envs: usize,
-    threads: usize,
-    steps: usize,
-    json: bool,
+    config: Option<&toml::Value>,
+    o: &BenchOptions<'_>,
 ) -> Result<(), CliError> {
-    let config = fidelity.map(|f| {
-        let mut t = toml::Table::new();
-        t.insert("fidelity".into(), toml::Value::String(f.name().into()));
-        toml::Value::Table(t)
-    });
+    let BenchOptions {
+        num_envs,
+        threads,
+        steps,
+        json,
+        ..
+    } = *o;
     let envs = (0..num_envs)
-        .map(|_| make(id, config.as_ref()))
+        .map(|_| make(id, config))
         .collect::<Result<Vec<_>, _>>()?;
     let mut v = VectorEnv::new(envs, AutoReset::NextStep, threads)?;
     v.reset(Some(0))?;
@@ -243,6 +280,7 @@ fn bench_one(
                 "seconds": seconds,
                 "steps_per_second": sps,
                 "episodes": episodes,
+                "env_config": o.env_config.map(|p| p.display().to_string()),
             })
         );
     } else {

@@ -95,6 +95,10 @@ enum Command {
         /// fidelity knob.
         #[arg(long)]
         fidelity: Option<String>,
+        /// The task's configuration (TOML), e.g. an observation mode or a difficulty; a
+        /// `fidelity` in it is overridden by `--fidelity` and, without that, timed alone.
+        #[arg(long)]
+        env_config: Option<PathBuf>,
         /// Print one JSON object per timed fidelity (a line each) instead of text.
         #[arg(long)]
         json: bool,
@@ -484,8 +488,19 @@ fn main() -> ExitCode {
             threads,
             steps,
             fidelity,
+            env_config,
             json,
-        } => env_cli::bench(&env_id, num_envs, threads, steps, fidelity.as_deref(), json),
+        } => env_cli::bench(
+            &env_id,
+            &env_cli::BenchOptions {
+                num_envs,
+                threads,
+                steps,
+                fidelity: fidelity.as_deref(),
+                env_config: env_config.as_deref(),
+                json,
+            },
+        ),
         Command::Run { compare, out, .. } if !compare.is_empty() => bench_cli::compare(
             &compare,
             out.as_deref().unwrap_or(std::path::Path::new(".")),

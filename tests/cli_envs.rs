@@ -141,6 +141,30 @@ fn bench_prints_the_documented_json() {
     assert_eq!(names, ["fast", "full"]);
     let one = af_bench(&["--fidelity", "full"]);
     assert_eq!(one.lines().count(), 1);
+    // An env config: its fidelity is timed alone, `--fidelity` overrides it, and its other
+    // settings reach the task (a bad value fails with the task's error).
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("env.toml");
+    std::fs::write(&cfg, "fidelity = \"full\"\nmax_steps = 3\n").unwrap();
+    let cfg_arg = cfg.to_str().unwrap();
+    let fid = |out: &str| -> Vec<String> {
+        out.lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["fidelity"].to_string())
+            .collect()
+    };
+    assert_eq!(fid(&af_bench(&["--env-config", cfg_arg])), ["\"full\""]);
+    assert_eq!(
+        fid(&af_bench(&["--env-config", cfg_arg, "--fidelity", "fast"])),
+        ["\"fast\""]
+    );
+    std::fs::write(&cfg, "max_steps = 0\n").unwrap();
+    let bad_cfg = run(&["bench", af, "--env-config", cfg_arg]);
+    assert_eq!(bad_cfg.status.code(), Some(2), "{bad_cfg:?}");
+    assert!(String::from_utf8_lossy(&bad_cfg.stderr).contains("max_steps"));
+    std::fs::write(&cfg, "fidelity = 3\n").unwrap();
+    let bad_fid = run(&["bench", af, "--env-config", cfg_arg]);
+    assert_eq!(bad_fid.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad_fid.stderr).contains("fidelity"));
     let bad_fidelity = run(&["bench", plain, "--fidelity", "medium"]);
     assert_eq!(bad_fidelity.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&bad_fidelity.stderr).contains("fidelity"));

@@ -14,7 +14,7 @@
 use crate::error::{PhysicsError, Result};
 use crate::param::Param;
 use crate::param::dims::{Area, Unitless};
-use crate::rng::{PoissonScratch, SimRng, normal, poisson_fill};
+use crate::rng::{PoissonScratch, SimRng, normal, poisson_fill_approx};
 use crate::stem::fft2::Fft2;
 use crate::stem::optics::next_fast_len;
 use crate::stem::probe::source_transfer;
@@ -75,8 +75,22 @@ impl DetectorConfig {
         out: &mut [f32],
         scratch: &mut PoissonScratch,
     ) {
+        self.count_approx_from(rng, lam, out, scratch, f32::INFINITY);
+    }
+
+    /// [`Self::count`] with the shot noise of means of `approx_from` counts or more drawn from
+    /// the rounded Cornish-Fisher approximation of [`poisson_fill_approx`] (a light model:
+    /// `f32::INFINITY` draws every count exactly, as `count` does).
+    pub fn count_approx_from(
+        &self,
+        rng: &mut SimRng,
+        lam: &mut [f32],
+        out: &mut [f32],
+        scratch: &mut PoissonScratch,
+        approx_from: f32,
+    ) {
         if self.shot_noise {
-            poisson_fill(rng, lam, out, scratch);
+            poisson_fill_approx(rng, lam, out, scratch, approx_from);
         } else {
             out.copy_from_slice(lam);
         }
