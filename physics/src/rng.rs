@@ -155,6 +155,13 @@ pub struct PoissonScratch {
     mid_uniform: Vec<f32>,
     mid_out: Vec<f32>,
     mid_index: Vec<u32>,
+    /// [`poisson_fill_batched`]: the means of 64 and more, their positions, uniform pairs and
+    /// squeeze results.
+    large_index: Vec<u32>,
+    large_lambda: Vec<f64>,
+    large_u: Vec<f64>,
+    large_v: Vec<f64>,
+    large_k: Vec<f64>,
 }
 
 /// Draws Poisson counts for every mean in `lambda` into `out` (as `f32`).
@@ -176,6 +183,34 @@ pub fn poisson_fill<R: Rng + ?Sized>(
     lambda: &[f32],
     out: &mut [f32],
     scratch: &mut PoissonScratch,
+) {
+    fill(rng, lambda, out, scratch, false);
+}
+
+/// [`poisson_fill`] with the means of 64 and more drawn by a batched PTRS instead of one at a
+/// time: every such mean first gets a uniform pair (two 53-bit uniforms, in order, after the
+/// 24-bit uniforms of every mean), whose squeeze test (most pairs end there) runs over all of
+/// them at once, vectorized; a pair that fails the squeeze goes on through PTRS's full
+/// acceptance test and, if rejected, its further pairs, one mean at a time in order
+/// ([`poisson`]'s algorithm from that pair on). The counts follow the same distribution as
+/// [`poisson_fill`]'s (those below 64 are the same counts for the same stream), from a
+/// different stream of random numbers; the stream depends only on the inputs, not on the CPU.
+pub fn poisson_fill_batched<R: Rng + ?Sized>(
+    rng: &mut R,
+    lambda: &[f32],
+    out: &mut [f32],
+    scratch: &mut PoissonScratch,
+) {
+    fill(rng, lambda, out, scratch, true);
+}
+
+/// [`poisson_fill`] (`batched_large` false) or [`poisson_fill_batched`] (true).
+fn fill<R: Rng + ?Sized>(
+    rng: &mut R,
+    lambda: &[f32],
+    out: &mut [f32],
+    scratch: &mut PoissonScratch,
+    batched_large: bool,
 ) {
     let n = lambda.len().min(out.len());
     let (lambda, out) = (&lambda[..n], &mut out[..n]);
@@ -230,11 +265,70 @@ pub fn poisson_fill<R: Rng + ?Sized>(
             return;
         }
     }
-    // Large means and unfinished searches (marked -1): the exact scalar sampler, in order.
+    if batched_large {
+        ptrs_batched(rng, lambda, out, scratch);
+    }
+    // Large means (unless batched) and unfinished searches (marked -1): the exact scalar
+    // sampler, in order.
     for (o, &v) in out.iter_mut().zip(lambda) {
-        if v >= MID_MAX || *o < 0.0 {
+        if (v >= MID_MAX && !(batched_large && batched_ptrs_mean(v))) || *o < 0.0 {
             *o = poisson(rng, f64::from(v)) as f32;
         }
+    }
+}
+
+/// Whether [`ptrs_batched`] draws a mean: finite and at least [`MID_MAX`].
+#[inline]
+fn batched_ptrs_mean(v: f32) -> bool {
+    v >= MID_MAX && v.is_finite()
+}
+
+/// The batched PTRS of [`poisson_fill_batched`]: writes a count into `out` for every mean
+/// that [`batched_ptrs_mean`] takes.
+fn ptrs_batched<R: Rng + ?Sized>(
+    rng: &mut R,
+    lambda: &[f32],
+    out: &mut [f32],
+    scratch: &mut PoissonScratch,
+) {
+    let s = scratch;
+    s.large_index.clear();
+    s.large_lambda.clear();
+    s.large_u.clear();
+    s.large_v.clear();
+    for (i, &v) in lambda.iter().enumerate() {
+        if batched_ptrs_mean(v) {
+            s.large_index.push(i as u32);
+            s.large_lambda.push(f64::from(v));
+            s.large_u.push(rng.random::<f64>() - 0.5);
+            s.large_v.push(rng.random::<f64>());
+        }
+    }
+    if s.large_index.is_empty() {
+        return;
+    }
+    s.large_k.resize(s.large_index.len(), 0.0);
+    ptrs_squeeze(&s.large_lambda, &s.large_u, &s.large_v, &mut s.large_k);
+    for (j, &i) in s.large_index.iter().enumerate() {
+        let k = s.large_k[j];
+        out[i as usize] = if k >= 0.0 {
+            k
+        } else {
+            ptrs_from(rng, s.large_lambda[j], s.large_u[j], s.large_v[j])
+        } as f32;
+    }
+}
+
+/// PTRS's squeeze for each mean (≥ 10) with its pair `(u − ½, v)`: the count where the pair
+/// is accepted by the squeeze, -1 where it is not (the count is then not decided). The same
+/// arithmetic as [`Ptrs::try_pair`]'s squeeze, branch-free so that it vectorizes.
+#[multiversion::multiversion(targets("x86_64+avx2+fma"))]
+fn ptrs_squeeze(lambda: &[f64], u: &[f64], v: &[f64], k: &mut [f64]) {
+    for (((k, &lam), &u), &v) in k.iter_mut().zip(lambda).zip(u).zip(v) {
+        let p = Ptrs::new(lam);
+        let us = 0.5 - u.abs();
+        let count = ((2.0 * p.a / us + p.b) * u + lam + 0.43).floor();
+        *k = if us >= 0.07 && v <= p.vr { count } else { -1.0 };
     }
 }
 
@@ -351,24 +445,37 @@ fn log_pmf_large(k: f64, lambda: f64) -> f64 {
     -lambda * g - 0.5 * (std::f64::consts::TAU * k).ln() - inv * (1.0 / 12.0 - inv * inv / 360.0)
 }
 
-fn ptrs<R: Rng + ?Sized>(rng: &mut R, lambda: f64) -> f64 {
-    let slam = lambda.sqrt();
-    let b = 0.931 + 2.53 * slam;
-    let a = -0.059 + 0.02483 * b;
-    let vr = 0.9277 - 3.6224 / (b - 2.0);
-    // Only the rejection test needs these logarithms; most draws end at the squeeze, so they
-    // are computed on first use (the draws are the same either way).
-    let mut logs: Option<(f64, f64)> = None;
-    loop {
-        let u: f64 = rng.random::<f64>() - 0.5;
-        let v: f64 = rng.random();
+/// PTRS's constants for a mean (Hörmann 1993).
+#[derive(Debug, Clone, Copy)]
+struct Ptrs {
+    b: f64,
+    a: f64,
+    vr: f64,
+}
+
+impl Ptrs {
+    #[inline(always)]
+    fn new(lambda: f64) -> Self {
+        let slam = lambda.sqrt();
+        let b = 0.931 + 2.53 * slam;
+        let a = -0.059 + 0.02483 * b;
+        let vr = 0.9277 - 3.6224 / (b - 2.0);
+        Self { b, a, vr }
+    }
+
+    /// The count if the pair `(u − ½, v)` is accepted for `lambda`, `None` if rejected. Only
+    /// the full test needs the logarithms in `logs`; most pairs end at the squeeze, so they
+    /// are computed on first use (the draws are the same either way).
+    #[inline(always)]
+    fn try_pair(&self, lambda: f64, u: f64, v: f64, logs: &mut Option<(f64, f64)>) -> Option<f64> {
+        let Self { b, a, vr } = *self;
         let us = 0.5 - u.abs();
         let k = ((2.0 * a / us + b) * u + lambda + 0.43).floor();
         if us >= 0.07 && v <= vr {
-            return k;
+            return Some(k);
         }
         if k < 0.0 || (us < 0.013 && v > us) {
-            continue;
+            return None;
         }
         let (loglam, log_inv_alpha) =
             *logs.get_or_insert_with(|| (lambda.ln(), (1.1239 + 1.1328 / (b - 3.4)).ln()));
@@ -377,7 +484,34 @@ fn ptrs<R: Rng + ?Sized>(rng: &mut R, lambda: f64) -> f64 {
         } else {
             log_pmf_large(k, lambda)
         };
-        if v.ln() + log_inv_alpha - (a / (us * us) + b).ln() <= log_pmf {
+        (v.ln() + log_inv_alpha - (a / (us * us) + b).ln() <= log_pmf).then_some(k)
+    }
+}
+
+fn ptrs<R: Rng + ?Sized>(rng: &mut R, lambda: f64) -> f64 {
+    let p = Ptrs::new(lambda);
+    let mut logs: Option<(f64, f64)> = None;
+    loop {
+        let u: f64 = rng.random::<f64>() - 0.5;
+        let v: f64 = rng.random();
+        if let Some(k) = p.try_pair(lambda, u, v, &mut logs) {
+            return k;
+        }
+    }
+}
+
+/// PTRS for `lambda` (≥ 10) from its first pair `(u − ½, v)` on: the count of that pair if
+/// accepted, else of the first accepted pair drawn after it.
+fn ptrs_from<R: Rng + ?Sized>(rng: &mut R, lambda: f64, u: f64, v: f64) -> f64 {
+    let p = Ptrs::new(lambda);
+    let mut logs: Option<(f64, f64)> = None;
+    if let Some(k) = p.try_pair(lambda, u, v, &mut logs) {
+        return k;
+    }
+    loop {
+        let u: f64 = rng.random::<f64>() - 0.5;
+        let v: f64 = rng.random();
+        if let Some(k) = p.try_pair(lambda, u, v, &mut logs) {
             return k;
         }
     }
@@ -911,6 +1045,121 @@ mod tests {
                 assert_eq!(out[i], alone[0], "mean {v} at {i}");
             }
         }
+    }
+
+    /// `ln k!` for `k ≤ max` by summing logarithms (independent of [`ln_factorial`]).
+    fn ln_factorials(max: usize) -> Vec<f64> {
+        let mut t = vec![0.0f64; max + 1];
+        for k in 1..=max {
+            t[k] = t[k - 1] + (k as f64).ln();
+        }
+        t
+    }
+
+    #[test]
+    fn batched_ptrs_matches_the_poisson_pmf() {
+        // Means from the batch's lower end to far beyond it: the histogram within 5σ of the
+        // pmf over ±3 standard deviations, and the mean and variance.
+        let mut rng = seeded(13);
+        let mut scratch = PoissonScratch::default();
+        for &lam in &[64.0f32, 64.5, 100.0, 700.0, 3000.0, 2.5e5] {
+            let n = 200_000;
+            let means = vec![lam; n];
+            let mut out = vec![-1.0f32; n];
+            poisson_fill_batched(&mut rng, &means, &mut out, &mut scratch);
+            assert!(out.iter().all(|v| *v >= 0.0 && v.fract() == 0.0), "λ={lam}");
+            let l = f64::from(lam);
+            let m = out.iter().map(|&v| f64::from(v)).sum::<f64>() / n as f64;
+            let v = out.iter().map(|&x| (f64::from(x) - m).powi(2)).sum::<f64>() / n as f64;
+            assert!(
+                (m - l).abs() < 5.0 * (l / n as f64).sqrt(),
+                "λ={lam} mean {m}"
+            );
+            assert!(
+                (v - l).abs() < 5.0 * ((2.0 * l * l + l) / n as f64).sqrt(),
+                "λ={lam} var {v}"
+            );
+            let (lo, hi) = ((l - 3.0 * l.sqrt()) as usize, (l + 3.0 * l.sqrt()) as usize);
+            let lf = ln_factorials(hi + 1);
+            // Histogram bins of one count up to λ = 3000, of 40 counts beyond.
+            let width = if l > 5000.0 { 40 } else { 1 };
+            let mut hist = vec![0usize; hi - lo + 1];
+            for &x in &out {
+                if let Some(h) = (x as usize).checked_sub(lo).and_then(|j| hist.get_mut(j)) {
+                    *h += 1;
+                }
+            }
+            let mut k = lo;
+            while k + width <= hi {
+                let count = hist[k - lo..k - lo + width].iter().sum::<usize>() as f64;
+                let expected: f64 = (k..k + width)
+                    .map(|j| (-l + j as f64 * l.ln() - lf[j]).exp())
+                    .sum::<f64>()
+                    * n as f64;
+                assert!(
+                    (count - expected).abs() < 5.0 * expected.sqrt() + 1.0,
+                    "λ={lam} k={k}: {count} vs {expected}"
+                );
+                k += width;
+            }
+        }
+    }
+
+    #[test]
+    fn batched_fill_keeps_the_counts_below_64_and_handles_odd_means() {
+        // The same stream of uniforms: every count of a mean below 64 is poisson_fill's.
+        let mut rng = seeded(17);
+        let means: Vec<f32> = (0..5000)
+            .map(|i| match i % 7 {
+                0 => 500.0 * uniform(&mut rng) as f32 + 64.0,
+                1 => 64.0 * uniform(&mut rng) as f32,
+                _ => 9.0 * uniform(&mut rng) as f32,
+            })
+            .collect();
+        let (mut a, mut b) = (vec![0.0f32; 5000], vec![0.0f32; 5000]);
+        let mut scratch = PoissonScratch::default();
+        poisson_fill(&mut seeded(2), &means, &mut a, &mut scratch);
+        poisson_fill_batched(&mut seeded(2), &means, &mut b, &mut scratch);
+        for (i, &m) in means.iter().enumerate() {
+            if m < MID_MAX {
+                assert_eq!(a[i], b[i], "mean {m} at {i}");
+            }
+        }
+        // Zero, negative, NaN, infinite and huge means.
+        let means = [0.0f32, -3.0, f32::NAN, f32::INFINITY, 2e10, 64.0];
+        let mut out = [7.0f32; 6];
+        poisson_fill_batched(&mut rng, &means, &mut out, &mut scratch);
+        assert_eq!(&out[..3], &[0.0, 0.0, 0.0]);
+        assert_eq!(out[3], f32::INFINITY);
+        assert!((f64::from(out[4]) / 2e10 - 1.0).abs() < 1e-3, "{}", out[4]);
+        assert!(out[5] >= 0.0 && out[5].fract() == 0.0);
+    }
+
+    #[test]
+    fn vectorized_squeeze_is_the_scalar_squeeze() {
+        // Where the batched squeeze accepts a pair, the scalar PTRS step accepts it with the
+        // same count; where it does not, the squeeze's condition fails.
+        let mut rng = seeded(23);
+        let n = 20_000;
+        let lam: Vec<f64> = (0..n)
+            .map(|_| 64.0 * (1e4f64).powf(uniform(&mut rng)))
+            .collect();
+        let u: Vec<f64> = (0..n).map(|_| uniform(&mut rng) - 0.5).collect();
+        let v: Vec<f64> = (0..n).map(|_| uniform(&mut rng)).collect();
+        let mut k = vec![0.0; n];
+        ptrs_squeeze(&lam, &u, &v, &mut k);
+        let mut accepted = 0;
+        for i in 0..n {
+            let p = Ptrs::new(lam[i]);
+            let us = 0.5 - u[i].abs();
+            if k[i] >= 0.0 {
+                accepted += 1;
+                assert_eq!(p.try_pair(lam[i], u[i], v[i], &mut None), Some(k[i]));
+            } else {
+                assert!(k[i] == -1.0 && !(us >= 0.07 && v[i] <= p.vr));
+            }
+        }
+        assert!(accepted > n / 2 && accepted < n, "{accepted}");
     }
 
     #[test]

@@ -703,3 +703,59 @@ fn frames_at_80_kv_sputter_only_atoms_beside_vacancies() {
         "{removed} vs {expected}"
     );
 }
+
+/// Point exposures, spectra and frames defer their dose until the dose map is read: the map
+/// after many exposures (past the cap of deferred ones) equals, bit for bit, the one read after
+/// every exposure (each added at once), and holds every electron delivered (frames:
+/// electrons per pixel × pixels; points: I·t/e). With a contamination growth rate, a point's
+/// counts see the deposit of every earlier exposure either way.
+#[test]
+fn deferred_doses_give_the_dose_map_of_immediate_ones() {
+    for rate in [0.0, 1e-34] {
+        let mut cfg = quiet(32, 0.2 * ANGSTROM);
+        cfg.damage.contamination_rate = Param::fixed(rate);
+        let run = |read_each: bool| {
+            let mut sim = StemSimulator::new(cfg.clone(), 5).unwrap();
+            let (mut electrons, mut counts) = (0.0, Vec::new());
+            let mut rng = seeded(1);
+            for i in 0..600 {
+                if i % 100 == 0 {
+                    let f = sim.acquire_frame().unwrap();
+                    electrons += f.meta.electrons_per_pixel * f.image.len() as f64;
+                } else {
+                    let p = [
+                        (rng.random::<f64>() - 0.5) * 6.0 * ANGSTROM,
+                        (rng.random::<f64>() - 0.5) * 6.0 * ANGSTROM,
+                    ];
+                    sim.move_probe(p).unwrap();
+                    let t = 1e-4 * (1.0 + (i % 3) as f64);
+                    if i % 2 == 0 {
+                        counts.push(sim.acquire_point(t).unwrap());
+                    } else {
+                        sim.acquire_spectrum(t).unwrap();
+                    }
+                    electrons += sim.beam_current() * t / ELEMENTARY_CHARGE;
+                }
+                if read_each {
+                    sim.dose_map();
+                }
+            }
+            (sim.dose_map().clone(), electrons, counts)
+        };
+        let ((deferred, electrons, c1), (immediate, _, c2)) = (run(false), run(true));
+        assert!(
+            deferred
+                .dose
+                .iter()
+                .zip(&immediate.dose)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "rate {rate}"
+        );
+        assert_eq!(c1, c2, "rate {rate}");
+        let total = deferred.total_electrons();
+        assert!(
+            (total / electrons - 1.0).abs() < 1e-9,
+            "rate {rate}: {total} vs {electrons}"
+        );
+    }
+}

@@ -93,16 +93,18 @@
 //! nothing to the expected spectrum, so the values are the full model's bit for bit:
 //! `fast_truth_is_the_full_truth`), and spectrum channels expecting at least
 //! [`FAST_NORMAL_COUNTS`] (10³) counts are drawn from the normal distribution of the same mean
-//! and variance ([`StemSimulator::set_eels_normal_above`]). The overview frame is the full
+//! and variance, the others exactly but in a batch ([`StemSimulator::set_eels_normal_above`]:
+//! the same Poisson distribution from other random numbers). The overview frame is the full
 //! model's. The test `fast_and_full_observe_the_same_statistics` (seeds 0..6, medium, heuristic
 //! episodes) compares the overview statistics, the spectra's values, binned-spectrum bands and
 //! shot noise, and the reward, with the tolerances of its table, and rejects a model with a
 //! sharper probe (as it would the Gaussian probe of an earlier attempt: overview variance
-//! 1.49×). Measured (`scopegym bench --num-envs 16 --threads 1`,
-//! callgrind over 150 steps with one reset per env): 1.50× fewer instructions than full, nearly
-//! all from the truth at reset; the normal draws change little with the defaults (most
-//! channels expect under 10³ counts). What remains per step is copying the 22.6 k-float
-//! observation (half the instructions) and the spectrum's exposure and draws.
+//! 1.49×). Measured per step (callgrind of `scopegym bench --num-envs 16 --threads 1 --steps
+//! 20`, the steps only): 0.20 M instructions per env step at fast, 0.24 M at full (0.45 M at
+//! both before the batched draws, the spectrum-only point exposure and the deferred dose map);
+//! 0.08 M of it is the vector env's copy of the 22.6 k-float observation into its batch (a
+//! step itself writes only the entries a spectrum changes, [`Task::step_into`]). At reset the
+//! fast truth saves most of the full model's time.
 
 use crate::env::{Info, InfoValue, RgbImage, Task, TaskStep};
 use crate::error::{EnvError, Result};
@@ -170,8 +172,9 @@ pub struct Config {
     pub reward_scale: f64,
     /// `"full"` (the default) or `"fast"`: the fast model computes the ground truth at reset
     /// from the atoms whose elements have an edge in the spectrometer's window only (the same
-    /// values, bit for bit) and draws channels with at least 10³ expected counts from the
-    /// normal distribution of the same mean and variance (module docs, `# Fidelity`).
+    /// values, bit for bit), draws channels with at least 10³ expected counts from the normal
+    /// distribution of the same mean and variance and the others exactly, in a batch (module
+    /// docs, `# Fidelity`).
     pub fidelity: Fidelity,
 }
 
@@ -498,10 +501,22 @@ impl CellPosterior {
 /// with no counts are left out of the fit; with fewer than 3 usable channels the background is
 /// 0. Returns counts.
 pub fn edge_integral(energy: &[f64], counts: &[f64], pre_edge: [f64; 2], signal: [f64; 2]) -> f64 {
+    edge_integral_by(energy, counts, pre_edge, signal, |_, e| e.ln())
+}
+
+/// [`edge_integral`] with `ln_energy(channel, energy)` giving `energy.ln()` (from a table of
+/// the axis's logarithms: the same value).
+fn edge_integral_by(
+    energy: &[f64],
+    counts: &[f64],
+    pre_edge: [f64; 2],
+    signal: [f64; 2],
+    ln_energy: impl Fn(usize, f64) -> f64,
+) -> f64 {
     let (mut sw, mut sx, mut sy, mut sxx, mut sxy, mut n) = (0.0, 0.0, 0.0, 0.0, 0.0, 0);
-    for (&e, &c) in energy.iter().zip(counts) {
+    for (i, (&e, &c)) in energy.iter().zip(counts).enumerate() {
         if e >= pre_edge[0] && e <= pre_edge[1] && c > 0.0 && e > 0.0 {
-            let (x, y, w) = (e.ln(), c.ln(), c);
+            let (x, y, w) = (ln_energy(i, e), c.ln(), c);
             sw += w;
             sx += w * x;
             sy += w * y;
@@ -519,9 +534,10 @@ pub fn edge_integral(energy: &[f64], counts: &[f64], pre_edge: [f64; 2], signal:
     energy
         .iter()
         .zip(counts)
-        .filter(|(e, _)| **e >= signal[0] && **e <= signal[1])
-        .map(|(&e, &c)| {
-            let bg = fit.map_or(0.0, |(a, b)| (a + b * e.ln()).exp());
+        .enumerate()
+        .filter(|(_, (e, _))| **e >= signal[0] && **e <= signal[1])
+        .map(|(i, (&e, &c))| {
+            let bg = fit.map_or(0.0, |(a, b)| (a + b * ln_energy(i, e)).exp());
             c - bg
         })
         .sum()
@@ -708,6 +724,8 @@ pub struct StemEelsExplore<I> {
     measured_count: Vec<f32>,
     spectrum: Vec<f32>,
     energy: Vec<f64>,
+    /// `ln` of each channel's energy in `energy` (the scalarization's fit).
+    ln_energy: Vec<f64>,
     counts: Vec<f64>,
     /// The score `S` after the last step.
     score: f64,
@@ -787,6 +805,7 @@ impl<I: StemInstrument + SpectrumTruth + NewEpisode + Send> StemEelsExplore<I> {
             measured_count: vec![0.0; g * g],
             spectrum: vec![0.0; BINS],
             energy: Vec::new(),
+            ln_energy: Vec::new(),
             counts: Vec::new(),
             score: cfg.prior_mean,
             truth: None,
@@ -809,12 +828,19 @@ impl<I: StemInstrument + SpectrumTruth + NewEpisode + Send> StemEelsExplore<I> {
         ]
     }
 
-    /// The value of a spectrum: the background-subtracted edge integral per 10³ incident
-    /// electrons.
-    fn scalarize(&self, energy: &[f64], counts: &[f64]) -> f64 {
+    /// The value of the last spectrum (`energy`, `counts`): the background-subtracted edge
+    /// integral per 10³ incident electrons.
+    fn scalarize(&self) -> f64 {
         let n_e = self.inst.beam_current() * self.cfg.exposure / ELEMENTARY_CHARGE;
-        let v = edge_integral(energy, counts, self.cfg.pre_edge, self.cfg.signal) * VALUE_ELECTRONS
-            / n_e;
+        let ln = &self.ln_energy;
+        let integral = edge_integral_by(
+            &self.energy,
+            &self.counts,
+            self.cfg.pre_edge,
+            self.cfg.signal,
+            |i, _| ln[i],
+        );
+        let v = integral * VALUE_ELECTRONS / n_e;
         if v.is_finite() { v } else { 0.0 }
     }
 
@@ -834,6 +860,125 @@ impl<I: StemInstrument + SpectrumTruth + NewEpisode + Send> StemEelsExplore<I> {
         ));
         d.push(("spectrum".into(), Value::Box(self.spectrum.clone())));
         Value::Dict(d)
+    }
+
+    /// Writes the observation after a spectrum of cell `k` into `obs`, which holds the
+    /// observation before it ([`Task::step_into`]): the overview and patches are unchanged
+    /// since the reset and the measured maps changed only at cell `k`, so only those entries
+    /// and the binned spectrum are written. An `obs` of another layout (keys, lengths) receives
+    /// the whole observation.
+    fn update_observation(&self, k: usize, obs: &mut Value) {
+        let (g2, p2) = (
+            self.cfg.grid * self.cfg.grid,
+            self.cfg.pixels * self.cfg.pixels,
+        );
+        let mut want: Vec<(&str, usize)> = vec![("overview", p2)];
+        if self.cfg.patch > 0 {
+            want.push(("patches", self.patches.len()));
+        }
+        want.extend([
+            ("measured_value", g2),
+            ("measured_count", g2),
+            ("spectrum", BINS),
+        ]);
+        let same_layout = match &*obs {
+            Value::Dict(items) => {
+                items.len() == want.len()
+                    && items.iter().zip(&want).all(|((key, v), (name, len))| {
+                        key == name && matches!(v, Value::Box(x) if x.len() == *len)
+                    })
+            }
+            _ => false,
+        };
+        let Value::Dict(items) = obs else {
+            *obs = self.observation();
+            return;
+        };
+        if !same_layout {
+            *obs = self.observation();
+            return;
+        }
+        for (key, v) in items.iter_mut() {
+            let Value::Box(x) = v else { continue };
+            match key.as_str() {
+                "measured_value" => x[k] = self.measured_value[k],
+                "measured_count" => x[k] = self.measured_count[k],
+                "spectrum" => x.copy_from_slice(&self.spectrum),
+                _ => {}
+            }
+        }
+    }
+
+    /// A step's transition: the spectrum at the chosen cell, the posterior, reward and `info`;
+    /// returns the cell and the step without its observation (an empty Box).
+    fn transition(&mut self, action: &Value, info: &mut Info) -> Result<(usize, TaskStep)> {
+        let k = action
+            .as_discrete()
+            .ok_or_else(|| EnvError::action("action", "expected a Discrete value"))?;
+        let n = self.cfg.grid * self.cfg.grid;
+        let k = usize::try_from(k)
+            .ok()
+            .filter(|&k| k < n)
+            .ok_or_else(|| EnvError::action("action", format!("cell must be 0..{n}")))?;
+        self.inst.move_probe(self.position(k))?;
+        {
+            let s = self.inst.acquire_spectrum(self.cfg.exposure)?;
+            self.counts.clear();
+            self.counts.extend(s.counts.iter().map(|&v| {
+                let v = f64::from(v);
+                if v.is_finite() { v.max(0.0) } else { 0.0 }
+            }));
+            if self.energy != s.energy {
+                self.energy.clear();
+                self.energy.extend_from_slice(s.energy);
+                self.ln_energy.clear();
+                self.ln_energy.extend(s.energy.iter().map(|e| e.ln()));
+            }
+        }
+        let v = self.scalarize();
+        // The binned spectrum: each bin's share of the counts, times BINS.
+        let total: f64 = self.counts.iter().sum();
+        let per = self.counts.len().div_ceil(BINS).max(1);
+        for (b, o) in self.spectrum.iter_mut().enumerate() {
+            let s: f64 = self.counts.iter().skip(b * per).take(per).sum();
+            let x = if total > 0.0 {
+                (s / total * BINS as f64) as f32
+            } else {
+                0.0
+            };
+            *o = if x.is_finite() {
+                x.clamp(0.0, BINS as f32)
+            } else {
+                0.0
+            };
+        }
+        self.post.add(k, v);
+        self.measured_value[k] =
+            (self.post.sample_mean(k) as f32).clamp(VALUE_RANGE[0], VALUE_RANGE[1]);
+        self.measured_count[k] = (self.post.count(k) as f32 / self.cfg.budget as f32).min(1.0);
+        let score = self.post.score();
+        let reward = self.cfg.reward_scale * (score - self.score);
+        self.score = score;
+        info.insert("value".into(), InfoValue::F64(v));
+        info.insert("posterior_best".into(), InfoValue::F64(score));
+        if let Some(r) = self.post.recommended() {
+            info.insert("recommended".into(), InfoValue::I64(r as i64));
+        }
+        info.insert(
+            "dose".into(),
+            InfoValue::F64(self.inst.beam_current() * self.cfg.exposure / ELEMENTARY_CHARGE),
+        );
+        if let Some(t) = &self.truth {
+            info.insert("true_value".into(), InfoValue::F64(t[k]));
+        }
+        let success = self.truth_info(info);
+        let st = TaskStep {
+            obs: Value::Box(Vec::new()),
+            reward: if reward.is_finite() { reward } else { 0.0 },
+            terminated: false,
+            success,
+        };
+        Ok((k, st))
     }
 
     /// Ground-truth entries of `info` for the current recommendation; whether it succeeds.
@@ -963,68 +1108,15 @@ impl<I: StemInstrument + SpectrumTruth + NewEpisode + Send> Task for StemEelsExp
     }
 
     fn step(&mut self, action: &Value, info: &mut Info) -> Result<TaskStep> {
-        let k = action
-            .as_discrete()
-            .ok_or_else(|| EnvError::action("action", "expected a Discrete value"))?;
-        let n = self.cfg.grid * self.cfg.grid;
-        let k = usize::try_from(k)
-            .ok()
-            .filter(|&k| k < n)
-            .ok_or_else(|| EnvError::action("action", format!("cell must be 0..{n}")))?;
-        self.inst.move_probe(self.position(k))?;
-        {
-            let s = self.inst.acquire_spectrum(self.cfg.exposure)?;
-            self.counts.clear();
-            self.counts.extend(s.counts.iter().map(|&v| {
-                let v = f64::from(v);
-                if v.is_finite() { v.max(0.0) } else { 0.0 }
-            }));
-            self.energy.clear();
-            self.energy.extend_from_slice(s.energy);
-        }
-        let v = self.scalarize(&self.energy, &self.counts);
-        // The binned spectrum: each bin's share of the counts, times BINS.
-        let total: f64 = self.counts.iter().sum();
-        let per = self.counts.len().div_ceil(BINS).max(1);
-        for (b, o) in self.spectrum.iter_mut().enumerate() {
-            let s: f64 = self.counts.iter().skip(b * per).take(per).sum();
-            let x = if total > 0.0 {
-                (s / total * BINS as f64) as f32
-            } else {
-                0.0
-            };
-            *o = if x.is_finite() {
-                x.clamp(0.0, BINS as f32)
-            } else {
-                0.0
-            };
-        }
-        self.post.add(k, v);
-        self.measured_value[k] =
-            (self.post.sample_mean(k) as f32).clamp(VALUE_RANGE[0], VALUE_RANGE[1]);
-        self.measured_count[k] = (self.post.count(k) as f32 / self.cfg.budget as f32).min(1.0);
-        let score = self.post.score();
-        let reward = self.cfg.reward_scale * (score - self.score);
-        self.score = score;
-        info.insert("value".into(), InfoValue::F64(v));
-        info.insert("posterior_best".into(), InfoValue::F64(score));
-        if let Some(r) = self.post.recommended() {
-            info.insert("recommended".into(), InfoValue::I64(r as i64));
-        }
-        info.insert(
-            "dose".into(),
-            InfoValue::F64(self.inst.beam_current() * self.cfg.exposure / ELEMENTARY_CHARGE),
-        );
-        if let Some(t) = &self.truth {
-            info.insert("true_value".into(), InfoValue::F64(t[k]));
-        }
-        let success = self.truth_info(info);
-        Ok(TaskStep {
-            obs: self.observation(),
-            reward: if reward.is_finite() { reward } else { 0.0 },
-            terminated: false,
-            success,
-        })
+        let (_, mut st) = self.transition(action, info)?;
+        st.obs = self.observation();
+        Ok(st)
+    }
+
+    fn step_into(&mut self, action: &Value, info: &mut Info, obs: &mut Value) -> Result<TaskStep> {
+        let (k, st) = self.transition(action, info)?;
+        self.update_observation(k, obs);
+        Ok(st)
     }
 
     fn render(&self) -> RgbImage {
@@ -1283,6 +1375,44 @@ mod tests {
             let (a, b) = (&fast.task().truth, &full.task().truth);
             assert!(a.is_some() && a == b, "seed {seed}");
         }
+    }
+
+    /// `step_into` (which writes only the entries a spectrum changes) gives `step`'s
+    /// observations over whole episodes and across resets, with and without patches, and an
+    /// observation of another layout gets the whole observation.
+    #[test]
+    fn step_into_writes_the_observation_step_returns() {
+        use scopegym_physics::rng::seeded;
+        for extra in ["budget = 40", "budget = 40\npatch = 0\nfidelity = \"fast\""] {
+            let (mut a, mut b) = (env(extra), env(extra));
+            let mut rng = seeded(3);
+            for seed in [4, 9] {
+                let (oa, _) = a.reset(Some(seed)).unwrap();
+                let (mut ob, _) = b.reset(Some(seed)).unwrap();
+                assert_eq!(oa, ob);
+                for k in 0..40 {
+                    // Repeated cells too: the heuristic re-measures.
+                    let act = if k % 3 == 0 {
+                        a.heuristic_action(&ob)
+                    } else {
+                        a.action_space().sample(&mut rng)
+                    };
+                    let sa = a.step(&act).unwrap();
+                    let sb = b.step_into(&act, &mut ob).unwrap();
+                    assert_eq!(sa.obs, ob, "{extra}: seed {seed} step {k}");
+                    assert_eq!((sa.reward, sa.truncated), (sb.reward, sb.truncated));
+                }
+            }
+        }
+        let cfg: toml::Value = toml::from_str("budget = 5").unwrap();
+        let mut t = StemEelsExplore::from_config(Some(&cfg)).unwrap();
+        t.reset(1, &mut Info::new()).unwrap();
+        let mut obs = Value::Box(vec![1.0; 3]);
+        let st = t
+            .step_into(&Value::Discrete(7), &mut Info::new(), &mut obs)
+            .unwrap();
+        assert_eq!(st.obs, Value::Box(Vec::new()));
+        assert_eq!(obs, t.observation());
     }
 
     #[test]

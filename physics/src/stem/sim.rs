@@ -25,7 +25,7 @@ use crate::stem::damage::{
     CoordinationCache, CurrentFluctuation, DamageConfig, DoseMap, Hop, HopModel, KnockOn, Raster,
     RasterPath, sputter_with,
 };
-use crate::stem::eels::{EelsConfig, EelsModel};
+use crate::stem::eels::{EelsConfig, EelsModel, SampleScratch};
 use crate::stem::haadf::{DetectorConfig, FrameGeometry, HaadfRenderer};
 use crate::stem::optics::{Aberrations, OpticsConfig, ProbeCalculator, ProbeSpec};
 use crate::stem::probe::ProbeModel;
@@ -348,11 +348,12 @@ pub struct StemSimulator {
     dist: Distortion,
     drift: DriftState,
     dose_map: DoseMap,
-    /// Frame footprints `[x0, x1, y0, y1, dose]` (m, e⁻/m²) not yet added to `dose_map`, in
-    /// order. The bins are read only by contamination, point exposures and callers of
-    /// [`Self::dose_map`], so frames defer their footprints until then ([`Self::flush_dose`]:
-    /// the same additions in the same order, so the same bins bit for bit).
-    pending_dose: Vec<[f64; 5]>,
+    /// Frame footprints and point exposures not yet added to `dose_map`, in order. The bins
+    /// are read only by contamination (frames and point exposures with a growth rate) and
+    /// callers of [`Self::dose_map`], so exposures defer their dose until then
+    /// ([`Self::flush_dose`]: the same additions in the same order, so the same bins bit for
+    /// bit).
+    pending_dose: Vec<PendingDose>,
     clock: f64,
     probe_pos: [f64; 2],
     blanked: bool,
@@ -373,6 +374,8 @@ pub struct StemSimulator {
     /// Spectrum channels expecting at least this many counts are drawn from the normal
     /// approximation ([`Self::set_eels_normal_above`]); infinite (exact draws) by default.
     eels_normal_above: f64,
+    /// Buffers of the batched spectrum draws (with [`Self::set_eels_normal_above`]).
+    eels_scratch: SampleScratch,
     spectrum: Vec<f32>,
     composition: Vec<(u8, f64)>,
     last_damage: DamageReport,
@@ -443,9 +446,18 @@ const HOP_BOND: f64 = 1.7e-10;
 /// Bucket side of the atom index, m (a few atoms per bucket in graphene).
 const INDEX_BUCKET: f64 = 4e-10;
 
-/// Deferred frame footprints ([`StemSimulator::flush_dose`]) kept at most (10 kB, reserved
-/// once, so that frames allocate nothing).
+/// Deferred exposures ([`StemSimulator::flush_dose`]) kept at most (12 kB, reserved once, so
+/// that exposures allocate nothing).
 const MAX_PENDING_DOSE: usize = 256;
+
+/// An exposure whose dose is not yet in the dose map ([`StemSimulator::flush_dose`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum PendingDose {
+    /// A frame's footprint `[x0, x1, y0, y1, dose]` ([`DoseMap::add_rect`]; m, e⁻/m²).
+    Rect([f64; 5]),
+    /// A point exposure `[x, y, sigma, electrons]` ([`DoseMap::add_gaussian`]; m, m).
+    Gaussian([f64; 4]),
+}
 
 /// Added to the frame's diagonal for the side of an auto-sized specimen cell, m.
 const AUTO_CELL_MARGIN: f64 = 2e-9;
@@ -497,6 +509,7 @@ impl StemSimulator {
             spectrum: vec![0.0; eels.energy_axis().len()],
             eels,
             eels_normal_above: f64::INFINITY,
+            eels_scratch: SampleScratch::default(),
             cfg,
             seed,
             rng_noise: seeded(derive_seed(seed, "noise")),
@@ -695,12 +708,28 @@ impl StemSimulator {
         &self.dose_map
     }
 
-    /// Adds the deferred frame footprints to the dose map, in order.
+    /// Adds the deferred exposures to the dose map, in order.
     fn flush_dose(&mut self) {
-        for &[x0, x1, y0, y1, dose] in &self.pending_dose {
-            self.dose_map.add_rect(x0, x1, y0, y1, dose);
+        for p in &self.pending_dose {
+            match *p {
+                PendingDose::Rect([x0, x1, y0, y1, dose]) => {
+                    self.dose_map.add_rect(x0, x1, y0, y1, dose)
+                }
+                PendingDose::Gaussian([x, y, sigma, electrons]) => {
+                    self.dose_map.add_gaussian(x, y, sigma, electrons)
+                }
+            }
         }
         self.pending_dose.clear();
+    }
+
+    /// Defers an exposure's dose ([`Self::flush_dose`]), adding every deferred one when
+    /// [`MAX_PENDING_DOSE`] are waiting.
+    fn defer_dose(&mut self, p: PendingDose) {
+        self.pending_dose.push(p);
+        if self.pending_dose.len() >= MAX_PENDING_DOSE {
+            self.flush_dose();
+        }
     }
 
     /// What the last exposure did to the specimen.
@@ -1106,7 +1135,12 @@ impl StemSimulator {
     /// drift and clock. Returns the expected HAADF counts at the probe. Counts, composition and
     /// knock-on dose all use the effective probe of the frames ([`Self::effective_probe`]), so a
     /// point's expected counts equal the noiseless frame's at the same position.
-    fn expose_point(&mut self, time: f64) -> Result<f64> {
+    ///
+    /// With `spectrum_only`, only what a spectrum needs: the composition of the elements the
+    /// EELS model has an edge of (the others add nothing to its spectrum; each element's sum
+    /// is over the same atoms in the same order, so bit for bit the same), no HAADF counts
+    /// (0 is returned).
+    fn expose_point(&mut self, time: f64, spectrum_only: bool) -> Result<f64> {
         self.follow_aberration_drift();
         self.effective_probe();
         let depth = self.cfg.depth_of_focus.enabled && !self.specimen.atoms.is_empty();
@@ -1146,7 +1180,18 @@ impl StemSimulator {
         let (kernel, side, px) = (&self.eff_kernel, self.eff_side, self.scan.pixel_size);
         let (sigma_haadf, composition) = (&self.sigma_haadf, &mut self.composition);
         let atoms = &self.specimen.atoms;
+        // The elements whose atoms are visited.
+        let mut wanted = [true; 256];
+        if spectrum_only {
+            wanted = [false; 256];
+            for (_, z, _) in self.eels.edge_probabilities() {
+                wanted[usize::from(z)] = true;
+            }
+        }
         let mut visit = |i: usize, a: &Atom| {
+            if !wanted[usize::from(a.z)] {
+                return;
+            }
             let (kernel, side) = match slices {
                 Some((of, eff)) => (&eff[of[i]].0, eff[of[i]].1),
                 None => (kernel, side),
@@ -1174,11 +1219,18 @@ impl StemSimulator {
                 visit(i, a);
             }
         }
-        // The contamination deposited so far adds its atoms' signal.
-        self.flush_dose();
-        signal += self.contamination_signal(self.dose_map.at(b[0], b[1]));
-        self.dose_map
-            .add_gaussian(b[0], b[1], self.probe_sigma, n_e);
+        // The contamination deposited so far adds its atoms' signal (none without a growth
+        // rate: the dose map is then not read).
+        if !spectrum_only {
+            let deposited = if self.cfg.damage.contamination_rate.get() > 0.0 {
+                self.flush_dose();
+                self.dose_map.at(b[0], b[1])
+            } else {
+                0.0
+            };
+            signal += self.contamination_signal(deposited);
+        }
+        self.defer_dose(PendingDose::Gaussian([b[0], b[1], self.probe_sigma, n_e]));
         let mut report = DamageReport::default();
         if self.any_knock {
             let kernel_reach = reach;
@@ -1408,9 +1460,10 @@ impl StemSimulator {
     }
 
     /// Spectra (opt-in, the `fidelity = "fast"` of EELS tasks): channels expecting at least
-    /// `counts` are drawn from the normal approximation of the Poisson distribution
-    /// ([`EelsModel::sample_normal_above`]); `f64::INFINITY` (the default) draws every
-    /// channel exactly. A NaN or a value below 1 is taken as infinite.
+    /// `counts` are drawn from the normal approximation of the Poisson distribution, the
+    /// others exactly but batched ([`EelsModel::sample_batched`]: the same distribution, other
+    /// random numbers); `f64::INFINITY` (the default) draws every channel exactly, one at a
+    /// time ([`EelsModel::sample`]). A NaN or a value below 1 is taken as infinite.
     pub fn set_eels_normal_above(&mut self, counts: f64) {
         self.eels_normal_above = if counts >= 1.0 { counts } else { f64::INFINITY };
     }
@@ -1711,10 +1764,7 @@ impl StemSimulator {
             sc.center[1] - 0.5 * h - shift[1],
         );
         if self.cfg.scan_distortion.is_identity() {
-            self.pending_dose.push([x0, x0 + w, y0, y0 + h, dose]);
-            if self.pending_dose.len() >= MAX_PENDING_DOSE {
-                self.flush_dose();
-            }
+            self.defer_dose(PendingDose::Rect([x0, x0 + w, y0, y0 + h, dose]));
         } else {
             self.flush_dose();
             let centre = [x0 + 0.5 * w, y0 + 0.5 * h];
@@ -1942,7 +1992,7 @@ impl StemInstrument for StemSimulator {
                 format!("must be in (0, 1000] s, got {dwell_time}"),
             ));
         }
-        let expected = self.expose_point(dwell_time)?;
+        let expected = self.expose_point(dwell_time, false)?;
         let gain = self.cfg.detector.gain.get();
         let counts = if self.cfg.detector.shot_noise {
             poisson(&mut self.rng_noise, expected)
@@ -1960,14 +2010,15 @@ impl StemInstrument for StemSimulator {
                 format!("must be in (0, 1000] s, got {exposure}"),
             ));
         }
-        self.expose_point(exposure)?;
+        self.expose_point(exposure, true)?;
         let n_e = self.electrons(exposure);
         if self.eels_normal_above.is_finite() {
-            self.eels.sample_normal_above(
+            self.eels.sample_batched(
                 &self.composition,
                 n_e,
                 self.eels_normal_above,
                 &mut self.rng_noise,
+                &mut self.eels_scratch,
                 &mut self.spectrum,
             );
         } else {
