@@ -467,6 +467,12 @@ pub struct StemSparseScan<I> {
     dose: f64,
     obs_image: Vec<f32>,
     obs_mask: Vec<f32>,
+    /// Inverse-square-distance weights of the tiles' predictions, `weights[u · n + t]` the
+    /// weight of tile `t`'s mean in tile `u`'s ([`predict`]'s, computed once).
+    weights: Vec<f64>,
+    /// The scanned tiles and their means, ascending (what [`Self::scanned_means`] lists), kept
+    /// in step with `tile_mean` and `tile_scans`.
+    scanned: Vec<(usize, f64)>,
 }
 
 impl StemSparseScan<StemSimulator> {
@@ -485,6 +491,27 @@ const HEURISTIC_PRIOR_CV: f64 = 0.1;
 
 /// Upper bound of the observed signal, in units of `image_scale`.
 const IMG_MAX: f32 = 5.0;
+
+/// The weight of tile `t`'s mean in the prediction of tile `u` ([`predict`]): one over the
+/// squared distance between their centres (pixels², at least 1).
+fn tile_weight(u: usize, t: usize, grid: [usize; 2], tile: [usize; 2]) -> f64 {
+    let dy = (t / grid[1]) as f64 - (u / grid[1]) as f64;
+    let dx = (t % grid[1]) as f64 - (u % grid[1]) as f64;
+    let d2 = (dy * tile[0] as f64).powi(2) + (dx * tile[1] as f64).powi(2);
+    1.0 / d2.max(1.0)
+}
+
+/// [`predict`]'s prediction alone, from the weights of [`tile_weight`] (`row[t]` for tile `t`):
+/// the same sums in the same order, so the same value to the bit.
+fn predict_mean(row: &[f64], means: &[(usize, f64)]) -> Option<f64> {
+    let (mut sw, mut swm) = (0.0, 0.0);
+    for &(t, m) in means {
+        let w = row[t];
+        sw += w;
+        swm += w * m;
+    }
+    (sw != 0.0).then(|| swm / sw)
+}
 
 /// Inverse-square-distance prediction of tile `u` from the scanned tiles' means:
 /// `(prediction, weighted spread of the means around it, distance to the nearest scanned tile)`
@@ -537,7 +564,13 @@ impl<I: StemInstrument + FieldTruth + NewEpisode + Send> StemSparseScan<I> {
         }
         let n = cfg.pixels * cfg.pixels;
         let [a, b] = cfg.tile_grid();
+        let nt = a * b;
+        let weights = (0..nt * nt)
+            .map(|k| tile_weight(k / nt, k % nt, [a, b], cfg.tile))
+            .collect();
         Self {
+            weights,
+            scanned: Vec::with_capacity(nt),
             sum: vec![0.0; n],
             scans: vec![0; n],
             tile_mean: vec![0.0; a * b],
@@ -634,17 +667,18 @@ impl<I: StemInstrument + FieldTruth + NewEpisode + Send> StemSparseScan<I> {
         if self.truth.is_none() {
             return (0.0, 0.0);
         }
-        let grid = self.cfg.tile_grid();
         let tile = self.cfg.tile;
         let n = (tile[0] * tile[1]) as f64;
+        let nt = self.n_tiles();
         let (mut px, mut map) = (0.0, 0.0);
-        for t in 0..self.n_tiles() {
+        for t in 0..nt {
             let xm = self.truth_s1[t] / n;
             if self.tile_scans[t] > 0 {
                 px += self.tile_err[t];
                 map += (xm - self.tile_mean[t]).powi(2);
             } else {
-                let y = predict(t, grid, tile, self.scanned_means()).map_or(0.0, |x| x.0);
+                let row = &self.weights[t * nt..(t + 1) * nt];
+                let y = predict_mean(row, &self.scanned).unwrap_or(0.0);
                 px += (self.truth_s2[t] - 2.0 * y * self.truth_s1[t] + n * y * y).max(0.0);
                 map += (xm - y).powi(2);
             }
@@ -734,6 +768,7 @@ impl<I: StemInstrument + FieldTruth + NewEpisode + Send> Task for StemSparseScan
         self.scans.fill(0);
         self.tile_mean.fill(0.0);
         self.tile_scans.fill(0);
+        self.scanned.clear();
         self.tile_err.fill(0.0);
         self.obs_image.fill(0.0);
         self.obs_mask.fill(0.0);
@@ -831,6 +866,12 @@ impl<I: StemInstrument + FieldTruth + NewEpisode + Send> Task for StemSparseScan
         }
         self.tile_scans[t] = k_old + 1;
         self.tile_mean[t] = total / n_px;
+        self.scanned.clear();
+        for (u, (&m, &k)) in self.tile_mean.iter().zip(&self.tile_scans).enumerate() {
+            if k > 0 {
+                self.scanned.push((u, m));
+            }
+        }
         if let Some(x) = &self.truth {
             let mut e = 0.0;
             for i in r0..r0 + tr {
@@ -1089,6 +1130,38 @@ mod tests {
             "{direct} vs {}",
             task.truth_err
         );
+    }
+
+    /// The prediction from the table of weights (`predict_mean`, what the true errors use)
+    /// is `predict`'s to the bit, over random sets of scanned tiles and means, on the default
+    /// grid and on one with square tiles.
+    #[test]
+    fn tabulated_prediction_is_predict_bit_for_bit() {
+        let mut rng = seeded(9);
+        for (grid, tile) in [([8, 4], [8, 16]), ([5, 7], [16, 16])] {
+            let n = grid[0] * grid[1];
+            let weights: Vec<f64> = (0..n * n)
+                .map(|k| tile_weight(k / n, k % n, grid, tile))
+                .collect();
+            for _ in 0..200 {
+                let p = rng.random::<f64>();
+                let mut means: Vec<(usize, f64)> = Vec::new();
+                for t in 0..n {
+                    if rng.random::<f64>() < p {
+                        means.push((t, rng.random_range(-5.0..50.0)));
+                    }
+                }
+                for u in 0..n {
+                    let want = predict(u, grid, tile, means.iter().copied()).map(|x| x.0);
+                    let got = predict_mean(&weights[u * n..(u + 1) * n], &means);
+                    assert_eq!(
+                        got.map(f64::to_bits),
+                        want.map(f64::to_bits),
+                        "{u} {means:?}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]
