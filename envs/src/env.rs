@@ -140,6 +140,16 @@ pub trait Task: Send {
     fn reset(&mut self, seed: u64, info: &mut Info) -> Result<Value>;
     /// One transition with an action already checked (and clipped) against the action space.
     fn step(&mut self, action: &Value, info: &mut Info) -> Result<TaskStep>;
+    /// [`Task::step`] with the observation written into `obs` (the returned step's `obs` is an
+    /// empty Box), which holds this task's latest observation, from its last reset or step
+    /// ([`Env::step_into`]'s contract): a task whose step changes a small part of a large
+    /// observation may write only that part. An error leaves `obs` as it is. The default steps
+    /// and moves the observation over.
+    fn step_into(&mut self, action: &Value, info: &mut Info, obs: &mut Value) -> Result<TaskStep> {
+        let mut st = self.step(action, info)?;
+        *obs = std::mem::replace(&mut st.obs, Value::Box(Vec::new()));
+        Ok(st)
+    }
     /// An RGB picture of the current state.
     fn render(&self) -> RgbImage;
     /// The expert's rule of thumb.
@@ -283,7 +293,7 @@ impl<T: Task> Env for TaskEnv<T> {
     }
 
     fn step(&mut self, action: &Value) -> Result<Step> {
-        match self.advance(action)? {
+        match self.advance(action, None)? {
             Outcome::Stepped(st) => {
                 self.keep(&st.obs);
                 Ok(st)
@@ -304,11 +314,10 @@ impl<T: Task> Env for TaskEnv<T> {
     }
 
     fn step_into(&mut self, action: &Value, obs: &mut Value) -> Result<Step> {
-        match self.advance(action)? {
-            Outcome::Stepped(mut st) => {
-                // The caller keeps it: no copy of our own.
+        match self.advance(action, Some(obs))? {
+            Outcome::Stepped(st) => {
+                // The task wrote it into the caller's buffer, which keeps it: no copy of our own.
                 self.last_obs = None;
-                *obs = std::mem::replace(&mut st.obs, Value::Box(Vec::new()));
                 Ok(st)
             }
             Outcome::Refused(st) => Ok(st),
@@ -325,8 +334,9 @@ impl<T: Task> Env for TaskEnv<T> {
 }
 
 impl<T: Task> TaskEnv<T> {
-    /// One step, its observation not yet kept; a refused step's observation not yet filled in.
-    fn advance(&mut self, action: &Value) -> Result<Outcome> {
+    /// One step, its observation not yet kept (written into `into` when given, else in the
+    /// step); a refused step's observation not yet filled in.
+    fn advance(&mut self, action: &Value, into: Option<&mut Value>) -> Result<Outcome> {
         match self.phase {
             Phase::NeedsReset => {
                 return Err(EnvError::NeedsReset(format!(
@@ -347,7 +357,11 @@ impl<T: Task> TaskEnv<T> {
         if clipped {
             info.insert("action_clipped".into(), InfoValue::Bool(true));
         }
-        let s = match self.task.step(&action, &mut info) {
+        let stepped = match into {
+            Some(obs) => self.task.step_into(&action, &mut info, obs),
+            None => self.task.step(&action, &mut info),
+        };
+        let s = match stepped {
             Ok(s) => s,
             Err(EnvError::Physics(e)) if e.guard_limit().is_some() => {
                 return Ok(Outcome::Refused(self.refused(&e, info)));
@@ -385,7 +399,11 @@ mod tests {
     /// step, for a task env with a Dict observation and one with a Box.
     #[test]
     fn step_into_equals_step() {
-        for id in ["scopegym/StemEelsExplore-v2", "scopegym/StemDopantSteer-v1"] {
+        for id in [
+            "scopegym/StemEelsExplore-v2",
+            "scopegym/StemDopantSteer-v1",
+            "scopegym/StemSparseScan-v2",
+        ] {
             let (mut a, mut b) = (make(id, None).unwrap(), make(id, None).unwrap());
             let (oa, _) = a.reset(Some(5)).unwrap();
             let (mut ob, _) = b.reset(Some(5)).unwrap();
