@@ -1207,7 +1207,7 @@ fn fill_grain(
     let ((i0, i1), (j0, j1)) = (span(0), span(1));
     let [l1, l2] = cell.size();
     let df = d as f64;
-    let centred = |t: f64| t - (t + 0.5).floor();
+    let centred = |t: f64| t - floor_exact(t + 0.5);
     for i in i0..=i1 {
         for j in j0..=j1 {
             let nu = p2[1] * i - p2[0] * j;
