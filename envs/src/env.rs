@@ -400,7 +400,11 @@ mod tests {
     /// step, for a task env with a Dict observation and one with a Box.
     #[test]
     fn step_into_equals_step() {
-        for id in ["scopegym/StemEelsExplore-v2", "scopegym/StemDopantSteer-v1"] {
+        for id in [
+            "scopegym/StemEelsExplore-v2",
+            "scopegym/StemDopantSteer-v1",
+            "scopegym/StemSparseScan-v2",
+        ] {
             let (mut a, mut b) = (make(id, None).unwrap(), make(id, None).unwrap());
             let (oa, _) = a.reset(Some(5)).unwrap();
             let (mut ob, _) = b.reset(Some(5)).unwrap();

@@ -100,7 +100,12 @@
 //! 100 steps with resets; 1.3-1.9× in wall-clock runs on a loaded machine), short of the
 //! issue's 10,000 steps/s. Shares of the fast model's time (perf): the full model's per-frame
 //! dose map 13 % and beam-driven hop raster 9 %, the field render at reset 14 %, the
-//! specimen's build at reset 8 %, copying observations 8 %.
+//! specimen's build at reset 8 %, copying observations 8 %. Later (same results, bit for bit):
+//! 163.0 → 127.3 M instructions for 20 steps of 16 envs (callgrind, `--fidelity fast`; 0.40 M
+//! per env step) from the hop raster's cached dopant pairs, the field splat's pruned periodic
+//! images, the vector env's step writing only the scanned tile into its observation, and
+//! tabulated predictions; resets (the field render, about 2.9 M instructions, and the
+//! specimen's build, 1.8 M) are now over 60 % of it.
 
 use crate::env::{Info, InfoValue, RgbImage, Task, TaskStep};
 use crate::error::{EnvError, Result};
@@ -467,6 +472,12 @@ pub struct StemSparseScan<I> {
     dose: f64,
     obs_image: Vec<f32>,
     obs_mask: Vec<f32>,
+    /// Inverse-square-distance weights of the tiles' predictions, `weights[u · n + t]` the
+    /// weight of tile `t`'s mean in tile `u`'s ([`predict`]'s, computed once).
+    weights: Vec<f64>,
+    /// The scanned tiles and their means, ascending (what [`Self::scanned_means`] lists), kept
+    /// in step with `tile_mean` and `tile_scans`.
+    scanned: Vec<(usize, f64)>,
 }
 
 impl StemSparseScan<StemSimulator> {
@@ -485,6 +496,27 @@ const HEURISTIC_PRIOR_CV: f64 = 0.1;
 
 /// Upper bound of the observed signal, in units of `image_scale`.
 const IMG_MAX: f32 = 5.0;
+
+/// The weight of tile `t`'s mean in the prediction of tile `u` ([`predict`]): one over the
+/// squared distance between their centres (pixels², at least 1).
+fn tile_weight(u: usize, t: usize, grid: [usize; 2], tile: [usize; 2]) -> f64 {
+    let dy = (t / grid[1]) as f64 - (u / grid[1]) as f64;
+    let dx = (t % grid[1]) as f64 - (u % grid[1]) as f64;
+    let d2 = (dy * tile[0] as f64).powi(2) + (dx * tile[1] as f64).powi(2);
+    1.0 / d2.max(1.0)
+}
+
+/// [`predict`]'s prediction alone, from the weights of [`tile_weight`] (`row[t]` for tile `t`):
+/// the same sums in the same order, so the same value to the bit.
+fn predict_mean(row: &[f64], means: &[(usize, f64)]) -> Option<f64> {
+    let (mut sw, mut swm) = (0.0, 0.0);
+    for &(t, m) in means {
+        let w = row[t];
+        sw += w;
+        swm += w * m;
+    }
+    (sw != 0.0).then(|| swm / sw)
+}
 
 /// Inverse-square-distance prediction of tile `u` from the scanned tiles' means:
 /// `(prediction, weighted spread of the means around it, distance to the nearest scanned tile)`
@@ -537,7 +569,13 @@ impl<I: StemInstrument + FieldTruth + NewEpisode + Send> StemSparseScan<I> {
         }
         let n = cfg.pixels * cfg.pixels;
         let [a, b] = cfg.tile_grid();
+        let nt = a * b;
+        let weights = (0..nt * nt)
+            .map(|k| tile_weight(k / nt, k % nt, [a, b], cfg.tile))
+            .collect();
         Self {
+            weights,
+            scanned: Vec::with_capacity(nt),
             sum: vec![0.0; n],
             scans: vec![0; n],
             tile_mean: vec![0.0; a * b],
@@ -634,17 +672,18 @@ impl<I: StemInstrument + FieldTruth + NewEpisode + Send> StemSparseScan<I> {
         if self.truth.is_none() {
             return (0.0, 0.0);
         }
-        let grid = self.cfg.tile_grid();
         let tile = self.cfg.tile;
         let n = (tile[0] * tile[1]) as f64;
+        let nt = self.n_tiles();
         let (mut px, mut map) = (0.0, 0.0);
-        for t in 0..self.n_tiles() {
+        for t in 0..nt {
             let xm = self.truth_s1[t] / n;
             if self.tile_scans[t] > 0 {
                 px += self.tile_err[t];
                 map += (xm - self.tile_mean[t]).powi(2);
             } else {
-                let y = predict(t, grid, tile, self.scanned_means()).map_or(0.0, |x| x.0);
+                let row = &self.weights[t * nt..(t + 1) * nt];
+                let y = predict_mean(row, &self.scanned).unwrap_or(0.0);
                 px += (self.truth_s2[t] - 2.0 * y * self.truth_s1[t] + n * y * y).max(0.0);
                 map += (xm - y).powi(2);
             }
@@ -690,100 +729,9 @@ impl<I: StemInstrument + FieldTruth + NewEpisode + Send> StemSparseScan<I> {
         ])
     }
 
-    fn truth_info(&self, info: &mut Info) {
-        if self.truth.is_some() && self.truth_norm > 0.0 {
-            info.insert(
-                "recon_error".into(),
-                InfoValue::F64(self.truth_err / self.truth_norm),
-            );
-        }
-        if self.truth.is_some() && self.truth_map_norm > 0.0 {
-            info.insert(
-                "map_error".into(),
-                InfoValue::F64(self.map_err / self.truth_map_norm),
-            );
-        }
-        info.insert("dose".into(), InfoValue::F64(self.dose));
-    }
-}
-
-impl<I: StemInstrument + FieldTruth + NewEpisode + Send> Task for StemSparseScan<I> {
-    fn observation_space(&self) -> Space {
-        let p = self.cfg.pixels;
-        Space::Dict(vec![
-            ("image".into(), Space::uniform_box(&[p, p], 0.0, IMG_MAX)),
-            ("mask".into(), Space::uniform_box(&[p, p], 0.0, 1.0)),
-        ])
-    }
-
-    fn action_space(&self) -> Space {
-        Space::Discrete {
-            n: self.n_tiles() as i64,
-            start: 0,
-        }
-    }
-
-    fn max_episode_steps(&self) -> usize {
-        self.cfg.budget()
-    }
-
-    fn reset(&mut self, seed: u64, info: &mut Info) -> Result<Value> {
-        self.inst.new_episode(seed, info)?;
-        self.inst.set_blanked(false)?;
-        self.sum.fill(0.0);
-        self.scans.fill(0);
-        self.tile_mean.fill(0.0);
-        self.tile_scans.fill(0);
-        self.tile_err.fill(0.0);
-        self.obs_image.fill(0.0);
-        self.obs_mask.fill(0.0);
-        self.steps = 0;
-        self.dose = 0.0;
-        // Set the tile scan grid (the probe kernel is computed for it), then the truth with it.
-        let s = self.tile_scan(0);
-        let accepted = self.inst.configure_scan(&s)?;
-        self.electrons_per_pixel =
-            self.inst.beam_current() * accepted.dwell_time / ELEMENTARY_CHARGE;
-        self.truth = None;
-        if self.cfg.truth {
-            let p = self.cfg.pixels;
-            let field = ScanSettings {
-                rows: p,
-                cols: p,
-                center: [0.0, 0.0],
-                ..accepted
-            };
-            let mut buf = Vec::with_capacity(p * p);
-            if self
-                .inst
-                .noiseless_field(&field, &mut self.scratch, &mut buf)
-            {
-                self.truth_norm = buf.iter().map(|v| v * v).sum();
-                for t in 0..self.n_tiles() {
-                    let (r0, c0) = self.tile_origin(t);
-                    let (mut s1, mut s2) = (0.0, 0.0);
-                    for i in r0..r0 + self.cfg.tile[0] {
-                        for &x in &buf[i * p + c0..i * p + c0 + self.cfg.tile[1]] {
-                            s1 += x;
-                            s2 += x * x;
-                        }
-                    }
-                    self.truth_s1[t] = s1;
-                    self.truth_s2[t] = s2;
-                }
-                let nt = self.n_tiles() as f64;
-                let n = (self.cfg.tile[0] * self.cfg.tile[1]) as f64;
-                let mean = self.truth_s1.iter().sum::<f64>() / (nt * n);
-                self.truth_map_norm = self.truth_s1.iter().map(|s1| (s1 / n - mean).powi(2)).sum();
-                self.truth = Some(buf);
-            }
-        }
-        (self.truth_err, self.map_err) = self.truth_errors();
-        self.truth_info(info);
-        Ok(self.observation())
-    }
-
-    fn step(&mut self, action: &Value, info: &mut Info) -> Result<TaskStep> {
+    /// The step's transition (tile `t` scanned, the observation's buffers updated), its
+    /// observation left to the caller (an empty Box).
+    fn scan_tile(&mut self, action: &Value, info: &mut Info) -> Result<(usize, TaskStep)> {
         let t = action
             .as_discrete()
             .ok_or_else(|| EnvError::action("action", "expected a Discrete value"))?;
@@ -831,6 +779,12 @@ impl<I: StemInstrument + FieldTruth + NewEpisode + Send> Task for StemSparseScan
         }
         self.tile_scans[t] = k_old + 1;
         self.tile_mean[t] = total / n_px;
+        self.scanned.clear();
+        for (u, (&m, &k)) in self.tile_mean.iter().zip(&self.tile_scans).enumerate() {
+            if k > 0 {
+                self.scanned.push((u, m));
+            }
+        }
         if let Some(x) = &self.truth {
             let mut e = 0.0;
             for i in r0..r0 + tr {
@@ -892,12 +846,157 @@ impl<I: StemInstrument + FieldTruth + NewEpisode + Send> Task for StemSparseScan
         self.truth_info(info);
         let reward = self.cfg.reward_scale * gain;
         // The budget ends the episode by truncation (max_episode_steps = budget).
-        Ok(TaskStep {
-            obs: self.observation(),
-            reward: if reward.is_finite() { reward } else { 0.0 },
-            terminated: false,
-            success,
-        })
+        Ok((
+            t,
+            TaskStep {
+                obs: Value::Box(Vec::new()),
+                reward: if reward.is_finite() { reward } else { 0.0 },
+                terminated: false,
+                success,
+            },
+        ))
+    }
+
+    /// Writes tile `t` of the observation into `obs`, which holds the observation before
+    /// tile `t` was scanned (the other pixels are the same); the whole observation when `obs`
+    /// is not a Dict of this task's `image` and `mask`.
+    fn write_tile(&self, t: usize, obs: &mut Value) {
+        let n = self.obs_image.len();
+        let ours = match obs {
+            Value::Dict(items) => matches!(
+                items.as_slice(),
+                [(ki, Value::Box(img)), (km, Value::Box(mask))]
+                    if ki == "image" && km == "mask" && img.len() == n && mask.len() == n
+            ),
+            _ => false,
+        };
+        let Value::Dict(items) = obs else {
+            *obs = self.observation();
+            return;
+        };
+        if !ours {
+            *obs = self.observation();
+            return;
+        }
+        let (r0, c0) = self.tile_origin(t);
+        let p = self.cfg.pixels;
+        for (item, src) in items.iter_mut().zip([&self.obs_image, &self.obs_mask]) {
+            if let (_, Value::Box(dst)) = item {
+                for i in r0..r0 + self.cfg.tile[0] {
+                    let row = i * p + c0..i * p + c0 + self.cfg.tile[1];
+                    dst[row.clone()].copy_from_slice(&src[row]);
+                }
+            }
+        }
+    }
+
+    fn truth_info(&self, info: &mut Info) {
+        if self.truth.is_some() && self.truth_norm > 0.0 {
+            info.insert(
+                "recon_error".into(),
+                InfoValue::F64(self.truth_err / self.truth_norm),
+            );
+        }
+        if self.truth.is_some() && self.truth_map_norm > 0.0 {
+            info.insert(
+                "map_error".into(),
+                InfoValue::F64(self.map_err / self.truth_map_norm),
+            );
+        }
+        info.insert("dose".into(), InfoValue::F64(self.dose));
+    }
+}
+
+impl<I: StemInstrument + FieldTruth + NewEpisode + Send> Task for StemSparseScan<I> {
+    fn observation_space(&self) -> Space {
+        let p = self.cfg.pixels;
+        Space::Dict(vec![
+            ("image".into(), Space::uniform_box(&[p, p], 0.0, IMG_MAX)),
+            ("mask".into(), Space::uniform_box(&[p, p], 0.0, 1.0)),
+        ])
+    }
+
+    fn action_space(&self) -> Space {
+        Space::Discrete {
+            n: self.n_tiles() as i64,
+            start: 0,
+        }
+    }
+
+    fn max_episode_steps(&self) -> usize {
+        self.cfg.budget()
+    }
+
+    fn reset(&mut self, seed: u64, info: &mut Info) -> Result<Value> {
+        self.inst.new_episode(seed, info)?;
+        self.inst.set_blanked(false)?;
+        self.sum.fill(0.0);
+        self.scans.fill(0);
+        self.tile_mean.fill(0.0);
+        self.tile_scans.fill(0);
+        self.scanned.clear();
+        self.tile_err.fill(0.0);
+        self.obs_image.fill(0.0);
+        self.obs_mask.fill(0.0);
+        self.steps = 0;
+        self.dose = 0.0;
+        // Set the tile scan grid (the probe kernel is computed for it), then the truth with it.
+        let s = self.tile_scan(0);
+        let accepted = self.inst.configure_scan(&s)?;
+        self.electrons_per_pixel =
+            self.inst.beam_current() * accepted.dwell_time / ELEMENTARY_CHARGE;
+        self.truth = None;
+        if self.cfg.truth {
+            let p = self.cfg.pixels;
+            let field = ScanSettings {
+                rows: p,
+                cols: p,
+                center: [0.0, 0.0],
+                ..accepted
+            };
+            let mut buf = Vec::with_capacity(p * p);
+            if self
+                .inst
+                .noiseless_field(&field, &mut self.scratch, &mut buf)
+            {
+                self.truth_norm = buf.iter().map(|v| v * v).sum();
+                for t in 0..self.n_tiles() {
+                    let (r0, c0) = self.tile_origin(t);
+                    let (mut s1, mut s2) = (0.0, 0.0);
+                    for i in r0..r0 + self.cfg.tile[0] {
+                        for &x in &buf[i * p + c0..i * p + c0 + self.cfg.tile[1]] {
+                            s1 += x;
+                            s2 += x * x;
+                        }
+                    }
+                    self.truth_s1[t] = s1;
+                    self.truth_s2[t] = s2;
+                }
+                let nt = self.n_tiles() as f64;
+                let n = (self.cfg.tile[0] * self.cfg.tile[1]) as f64;
+                let mean = self.truth_s1.iter().sum::<f64>() / (nt * n);
+                self.truth_map_norm = self.truth_s1.iter().map(|s1| (s1 / n - mean).powi(2)).sum();
+                self.truth = Some(buf);
+            }
+        }
+        (self.truth_err, self.map_err) = self.truth_errors();
+        self.truth_info(info);
+        Ok(self.observation())
+    }
+
+    fn step(&mut self, action: &Value, info: &mut Info) -> Result<TaskStep> {
+        let (_, mut st) = self.scan_tile(action, info)?;
+        st.obs = self.observation();
+        Ok(st)
+    }
+
+    /// The step with only the scanned tile's pixels written into `obs` (which holds the latest
+    /// observation: the rest of it is unchanged), or the whole observation when `obs` is not
+    /// one of this task's.
+    fn step_into(&mut self, action: &Value, info: &mut Info, obs: &mut Value) -> Result<TaskStep> {
+        let (t, st) = self.scan_tile(action, info)?;
+        self.write_tile(t, obs);
+        Ok(st)
     }
 
     fn render(&self) -> RgbImage {
@@ -1089,6 +1188,84 @@ mod tests {
             "{direct} vs {}",
             task.truth_err
         );
+    }
+
+    /// The vector env (which steps through `step_into`: only the scanned tile is written into
+    /// the observation it keeps) observes what envs stepped through `step` do, across
+    /// autoresets, at both fidelities.
+    #[test]
+    fn vector_env_observes_what_step_returns() {
+        use crate::registry::make;
+        use crate::space::Value;
+        use crate::vector::{AutoReset, VectorEnv, flatten_into};
+        for fidelity in ["fast", "full"] {
+            let cfg: toml::Value = toml::from_str(&format!("fidelity = \"{fidelity}\"")).unwrap();
+            let id = "scopegym/StemSparseScan-v2";
+            let envs = (0..2).map(|_| make(id, Some(&cfg)).unwrap()).collect();
+            let mut v = VectorEnv::new(envs, AutoReset::NextStep, 1).unwrap();
+            let mut refs: Vec<_> = (0..2).map(|_| make(id, Some(&cfg)).unwrap()).collect();
+            v.reset(Some(3)).unwrap();
+            let mut done = [false; 2];
+            for (i, e) in refs.iter_mut().enumerate() {
+                e.reset(Some(3 + i as u64)).unwrap();
+            }
+            let len = v.observations().len() / 2;
+            let mut rng = seeded(4);
+            let mut flat = vec![0.0f32; len];
+            for k in 0..30 {
+                let actions: Vec<Value> = (0..2)
+                    .map(|_| Value::Discrete(rng.random_range(0..32)))
+                    .collect();
+                v.step(&actions).unwrap();
+                for (i, e) in refs.iter_mut().enumerate() {
+                    let obs = if done[i] {
+                        done[i] = false;
+                        e.reset(None).unwrap().0
+                    } else {
+                        let s = e.step(&actions[i]).unwrap();
+                        done[i] = s.terminated || s.truncated;
+                        s.obs
+                    };
+                    flatten_into(&obs, &mut flat);
+                    assert!(
+                        flat == v.observations()[i * len..(i + 1) * len],
+                        "{fidelity}: env {i}, step {k}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// The prediction from the table of weights (`predict_mean`, what the true errors use)
+    /// is `predict`'s to the bit, over random sets of scanned tiles and means, on the default
+    /// grid and on one with square tiles.
+    #[test]
+    fn tabulated_prediction_is_predict_bit_for_bit() {
+        let mut rng = seeded(9);
+        for (grid, tile) in [([8, 4], [8, 16]), ([5, 7], [16, 16])] {
+            let n = grid[0] * grid[1];
+            let weights: Vec<f64> = (0..n * n)
+                .map(|k| tile_weight(k / n, k % n, grid, tile))
+                .collect();
+            for _ in 0..200 {
+                let p = rng.random::<f64>();
+                let mut means: Vec<(usize, f64)> = Vec::new();
+                for t in 0..n {
+                    if rng.random::<f64>() < p {
+                        means.push((t, rng.random_range(-5.0..50.0)));
+                    }
+                }
+                for u in 0..n {
+                    let want = predict(u, grid, tile, means.iter().copied()).map(|x| x.0);
+                    let got = predict_mean(&weights[u * n..(u + 1) * n], &means);
+                    assert_eq!(
+                        got.map(f64::to_bits),
+                        want.map(f64::to_bits),
+                        "{u} {means:?}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

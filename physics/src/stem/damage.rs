@@ -1138,6 +1138,73 @@ impl HopModel {
         bond: f64,
         rng: &mut SimRng,
     ) -> Vec<Hop> {
+        self.raster_with(specimen, raster, current, bond, None, rng)
+    }
+
+    /// [`Self::raster`] with the specimen's dopant-host pairs taken from `pairs` (listed once
+    /// while the specimen stays as it is, instead of by a pass over every atom per frame): the
+    /// same pairs in the same order, so the same hops and draws, bit for bit. `pairs` must have
+    /// been invalidated ([`HopPairs::invalidate`]) since the specimen last changed outside this
+    /// call (and since this model or `bond` changed); the hops of this call keep it up to date.
+    pub fn raster_cached(
+        &self,
+        specimen: &mut Specimen,
+        raster: &Raster,
+        current: f64,
+        bond: f64,
+        pairs: &mut HopPairs,
+        rng: &mut SimRng,
+    ) -> Vec<Hop> {
+        self.raster_with(specimen, raster, current, bond, Some(pairs), rng)
+    }
+
+    /// The pairs of [`Self::each_pair`] in `window`, from `cache` when given.
+    fn pairs_in(
+        &self,
+        atoms: &[Atom],
+        bond: f64,
+        window: [f64; 4],
+        cache: &mut Option<&mut HopPairs>,
+        mut f: impl FnMut(usize, usize, [f64; 2]),
+    ) {
+        match cache {
+            Some(c) => {
+                c.refresh(self, atoms);
+                for k in 0..c.dopants.len() {
+                    let d = c.dopants[k];
+                    if !in_window(window, d.at) {
+                        continue;
+                    }
+                    let (start, end) = match d.pairs {
+                        Some(r) => r,
+                        None => {
+                            // First time in a window: its pairs, listed once.
+                            let start = c.pairs.len();
+                            let pairs = &mut c.pairs;
+                            self.hosts_of(atoms, bond, d.atom, |j, mu| pairs.push((j, mu)));
+                            let r = (start, c.pairs.len());
+                            c.dopants[k].pairs = Some(r);
+                            r
+                        }
+                    };
+                    for &(j, mu) in &c.pairs[start..end] {
+                        f(d.atom, j, mu);
+                    }
+                }
+            }
+            None => self.each_pair(atoms, bond, window, f),
+        }
+    }
+
+    fn raster_with(
+        &self,
+        specimen: &mut Specimen,
+        raster: &Raster,
+        current: f64,
+        bond: f64,
+        mut cache: Option<&mut HopPairs>,
+        rng: &mut SimRng,
+    ) -> Vec<Hop> {
         let mut hops = Vec::new();
         let Raster {
             origin,
@@ -1203,7 +1270,7 @@ impl HopModel {
             // Hazard of the rest of the raster: the rest of the current pixel and row, then the
             // rows below (nothing is stored: a frame without a hop allocates nothing).
             let mut hazard = 0.0;
-            self.each_pair(&specimen.atoms, bond, window, |_, _, mu| {
+            self.pairs_in(&specimen.atoms, bond, window, &mut cache, |_, _, mu| {
                 let sx = sum_x(mu[0], 0);
                 if sx > 0.0 {
                     hazard += gy(mu[1], r0) * ((1.0 - frac) * gx(mu[0], c0) + sum_x(mu[0], c0 + 1))
@@ -1215,7 +1282,7 @@ impl HopModel {
                 break;
             };
             pairs.clear();
-            self.each_pair(&specimen.atoms, bond, window, |i, j, mu| {
+            self.pairs_in(&specimen.atoms, bond, window, &mut cache, |i, j, mu| {
                 let sx = sum_x(mu[0], 0);
                 if sx > 0.0 {
                     pairs.push((i, j, mu, sx));
@@ -1262,6 +1329,9 @@ impl HopModel {
             );
             let time = r as f64 * line + (c as f64 + f) * dwell;
             hops.push(swap_dopant(specimen, chosen.0, chosen.1, time));
+            if let Some(c) = cache.as_deref_mut() {
+                c.invalidate();
+            }
             (pos, frac) = (r * cols + c, f);
         }
         hops
@@ -1370,27 +1440,86 @@ impl HopModel {
         window: [f64; 4],
         mut f: impl FnMut(usize, usize, [f64; 2]),
     ) {
-        let [x_lo, x_hi, y_lo, y_hi] = window;
         for (i, a) in atoms.iter().enumerate() {
-            if a.z != self.dopant_z || a.x < x_lo || a.x > x_hi || a.y < y_lo || a.y > y_hi {
+            if a.z != self.dopant_z || !in_window(window, [a.x, a.y]) {
                 continue;
             }
-            for (j, n) in atoms.iter().enumerate() {
-                let (ux, uy) = (n.x - a.x, n.y - a.y);
-                if n.z != self.host_z || ux.abs() > bond || uy.abs() > bond || j == i {
-                    continue;
-                }
-                let len = (ux * ux + uy * uy).sqrt();
-                if len == 0.0 || len > bond || (n.height - a.height).abs() >= 1e-10 {
-                    continue;
-                }
-                f(
-                    i,
-                    j,
-                    [a.x + self.offset * ux / len, a.y + self.offset * uy / len],
-                );
+            self.hosts_of(atoms, bond, i, |j, mu| f(i, j, mu));
+        }
+    }
+
+    /// The host neighbours `j` of atom `i` (ascending) within `bond` (m, raw positions), with
+    /// the rate maximum `μ` of each: [`Self::each_pair`]'s pairs of one dopant.
+    fn hosts_of(&self, atoms: &[Atom], bond: f64, i: usize, mut f: impl FnMut(usize, [f64; 2])) {
+        let a = atoms[i];
+        for (j, n) in atoms.iter().enumerate() {
+            let (ux, uy) = (n.x - a.x, n.y - a.y);
+            if n.z != self.host_z || ux.abs() > bond || uy.abs() > bond || j == i {
+                continue;
+            }
+            let len = (ux * ux + uy * uy).sqrt();
+            if len == 0.0 || len > bond || (n.height - a.height).abs() >= 1e-10 {
+                continue;
+            }
+            f(
+                j,
+                [a.x + self.offset * ux / len, a.y + self.offset * uy / len],
+            );
+        }
+    }
+}
+
+/// Whether `p` lies in `[x_lo, x_hi] × [y_lo, y_hi]` (`window`, m; a NaN coordinate counts
+/// as inside, as the comparisons go).
+fn in_window(window: [f64; 4], p: [f64; 2]) -> bool {
+    let [x_lo, x_hi, y_lo, y_hi] = window;
+    !(p[0] < x_lo || p[0] > x_hi || p[1] < y_lo || p[1] > y_hi)
+}
+
+/// The dopant-host pairs of a specimen as [`HopModel::raster`] finds them: the dopants in atom
+/// order (listed once), and each one's host neighbours in atom order with the rate maximum `μ`
+/// of each pair (listed the first time the dopant is within reach of a frame), kept until
+/// invalidated ([`HopModel::raster_cached`]).
+#[derive(Debug, Clone, Default)]
+pub struct HopPairs {
+    dopants: Vec<CachedDopant>,
+    /// `(host, μ)` (m), each dopant's in a range of its own.
+    pairs: Vec<(usize, [f64; 2])>,
+    valid: bool,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct CachedDopant {
+    atom: usize,
+    /// The dopant's position, m.
+    at: [f64; 2],
+    /// Its pairs' range in [`HopPairs::pairs`], once listed.
+    pairs: Option<(usize, usize)>,
+}
+
+impl HopPairs {
+    /// Marks the lists stale: the specimen or the hop model changed.
+    pub fn invalidate(&mut self) {
+        self.valid = false;
+    }
+
+    /// Lists the dopants of `atoms` for `model` if stale (their pairs to be listed when needed).
+    fn refresh(&mut self, model: &HopModel, atoms: &[Atom]) {
+        if self.valid {
+            return;
+        }
+        self.pairs.clear();
+        self.dopants.clear();
+        for (i, a) in atoms.iter().enumerate() {
+            if a.z == model.dopant_z {
+                self.dopants.push(CachedDopant {
+                    atom: i,
+                    at: [a.x, a.y],
+                    pairs: None,
+                });
             }
         }
+        self.valid = true;
     }
 }
 
@@ -1581,6 +1710,67 @@ mod tests {
         }
         // The frames hop often enough for the comparison to mean something.
         assert!(total > 100, "{total}");
+    }
+
+    /// `raster_cached` against `raster`: the same hops, the same specimen and the same draws,
+    /// bit for bit, over runs of frames that share one pair list (kept across frames while the
+    /// specimen is unchanged, brought up to date by the hops inside a frame), with several
+    /// dopants (some outside each frame's reach) and frames long enough to hop several times.
+    #[test]
+    fn cached_pairs_reproduce_the_raster_bit_for_bit() {
+        use rand::Rng;
+        let cfg = SpecimenConfig {
+            dopants: vec![DopantConfig {
+                count: 8,
+                placement: "random".into(),
+                ..Default::default()
+            }],
+            rotation: Param::fixed(0.3),
+            ..Default::default()
+        };
+        let h = HopModel::from_config(&DamageConfig::default());
+        let (rows, cols, dx) = (12, 16, 0.4e-10);
+        let (mut hops, mut frames_with_several) = (0, 0);
+        for seed in 0..30 {
+            let s0 = cfg.build([2e-9, 2e-9], &mut seeded(seed)).unwrap();
+            let (mut a, mut b) = (s0.clone(), s0.clone());
+            let (mut ra, mut rb) = (seeded(100 + seed), seeded(100 + seed));
+            let mut pairs = HopPairs::default();
+            let mut place = seeded(200 + seed);
+            for _ in 0..20 {
+                let raster = Raster {
+                    origin: [
+                        place.random_range(-1.2e-9..0.6e-9),
+                        place.random_range(-1.2e-9..0.6e-9),
+                    ],
+                    pixel_size: dx,
+                    rows,
+                    cols,
+                    dwell: 0.1,
+                    flyback: 0.01,
+                };
+                // 1 nA: a few hops per frame near a dopant.
+                let ha = h.raster(&mut a, &raster, 1e-9, 1.7e-10, &mut ra);
+                let hb = h.raster_cached(&mut b, &raster, 1e-9, 1.7e-10, &mut pairs, &mut rb);
+                assert_eq!(ha.len(), hb.len(), "seed {seed}");
+                for (p, q) in ha.iter().zip(&hb) {
+                    assert_eq!(
+                        (p.atom, p.from, p.to, p.time.to_bits()),
+                        (q.atom, q.from, q.to, q.time.to_bits()),
+                        "seed {seed}"
+                    );
+                }
+                assert_eq!(a, b, "seed {seed}");
+                assert_eq!(ra.random::<u64>(), rb.random::<u64>(), "seed {seed}");
+                hops += ha.len();
+                frames_with_several += usize::from(ha.len() > 1);
+            }
+        }
+        // Enough hops (several within one frame, too) for the comparison to mean something.
+        assert!(
+            hops > 100 && frames_with_several > 10,
+            "{hops}, {frames_with_several}"
+        );
     }
 
     #[test]

@@ -22,8 +22,8 @@ use crate::rng::{PoissonScratch, SimRng, derive_seed, poisson, seeded};
 use crate::stem::aberration_drift::{AberrationDrift, AberrationDriftConfig, MAX_FRAME_PROBES};
 use crate::stem::coherent::{AnnularDetector, CoherentGrid};
 use crate::stem::damage::{
-    CoordinationCache, CurrentFluctuation, DamageConfig, DoseMap, Hop, HopModel, KnockOn, Raster,
-    RasterPath, sputter_with,
+    CoordinationCache, CurrentFluctuation, DamageConfig, DoseMap, Hop, HopModel, HopPairs, KnockOn,
+    Raster, RasterPath, sputter_with,
 };
 use crate::stem::eels::{EelsConfig, EelsModel, SampleScratch};
 use crate::stem::haadf::{DetectorConfig, FrameGeometry, HaadfRenderer};
@@ -370,6 +370,9 @@ pub struct StemSimulator {
     fluct_buf: Vec<f32>,
     poisson: PoissonScratch,
     hop: HopModel,
+    /// The specimen's dopant-host pairs for frames' hops (invalidated with the tile field:
+    /// whenever the specimen or the hop model changes).
+    hop_pairs: HopPairs,
     eels: EelsModel,
     /// Spectrum channels expecting at least this many counts are drawn from the normal
     /// approximation ([`Self::set_eels_normal_above`]); infinite (exact draws) by default.
@@ -503,6 +506,7 @@ impl StemSimulator {
             fluct_buf: Vec::new(),
             poisson: PoissonScratch::default(),
             hop: HopModel::from_config(&cfg.damage),
+            hop_pairs: HopPairs::default(),
             drift: DriftState::new(&cfg.drift),
             dose_map: DoseMap::new(Supercell::new([1e-9, 1e-9], 0.0), 1e-10),
             pending_dose: Vec::with_capacity(MAX_PENDING_DOSE),
@@ -1473,7 +1477,10 @@ impl StemSimulator {
         self.field.as_ref().map(|f| f.scan)
     }
 
+    /// The specimen (or the hop model, at a reset) changed: the tile field must be rendered
+    /// again and the hop pairs listed again.
     fn invalidate_field(&mut self) {
+        self.hop_pairs.invalidate();
         if let Some(f) = &mut self.field {
             f.rendered = None;
         }
@@ -1847,11 +1854,12 @@ impl StemSimulator {
                     dwell: sc.dwell_time,
                     flyback: sc.flyback_time,
                 };
-                report.hops = self.hop.raster(
+                report.hops = self.hop.raster_cached(
                     &mut self.specimen,
                     &raster,
                     self.cfg.beam.current.get(),
                     HOP_BOND,
+                    &mut self.hop_pairs,
                     &mut self.rng_damage,
                 );
             } else {

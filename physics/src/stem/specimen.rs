@@ -63,6 +63,23 @@ pub struct Supercell {
     periods: [[f64; 2]; 2],
 }
 
+/// `x.floor()`, bit for bit, without the library call that `f64::floor` compiles to on the
+/// x86-64 baseline (no SSE4.1 rounding instruction): the nearest integer (by the rounding of
+/// an addition), one down when above `x`, the sign of `x` kept for a zero result
+/// (`floor(−0.0) = −0.0`). Magnitudes of `2⁵¹` and beyond, infinities and NaN go to
+/// `f64::floor`.
+#[inline]
+pub(crate) fn floor_exact(x: f64) -> f64 {
+    // Adding and subtracting 1.5·2⁵² rounds to the nearest integer (exactly, below 2⁵¹).
+    const ROUND: f64 = 6_755_399_441_055_744.0;
+    if x.abs() < 2_251_799_813_685_248.0 {
+        let t = (x + ROUND) - ROUND;
+        if t > x { t - 1.0 } else { t.copysign(x) }
+    } else {
+        x.floor()
+    }
+}
+
 impl Supercell {
     /// A cell of sides `size` (m, each > 0) along axes rotated by `rotation` (rad) from the lab
     /// axes.
@@ -122,8 +139,8 @@ impl Supercell {
     /// when it is already inside.
     pub fn wrap(&self, p: [f64; 2]) -> [f64; 2] {
         let q = self.to_cell(p);
-        let k1 = (q[0] / self.size[0] + 0.5).floor();
-        let k2 = (q[1] / self.size[1] + 0.5).floor();
+        let k1 = floor_exact(q[0] / self.size[0] + 0.5);
+        let k2 = floor_exact(q[1] / self.size[1] + 0.5);
         if k1 == 0.0 && k2 == 0.0 {
             return p;
         }
@@ -222,7 +239,16 @@ pub struct Window {
     direct: bool,
     /// The cell's [`Supercell::image_range`] for `half` (`[0, 0]` when direct).
     range: [i64; 2],
+    /// Half-extents of the rectangle along the cell's axes (`[|cos|·h₀ + |sin|·h₁,
+    /// |sin|·h₀ + |cos|·h₁]`, m) plus a margin far above rounding: an image `w + i·period₁ +
+    /// j·period₂` in the rectangle has cell coordinates `ξ(w) + i·size₀` and `η(w) + j·size₁`
+    /// within them, which bounds `i` and `j` per atom ([`Self::for_each_image`]).
+    ext: [f64; 2],
 }
+
+/// Margin of [`Window`]'s bounds along the cell's axes, in cell sides (8 fm on an 8 nm cell:
+/// rounding is about 1e-16 of the cell).
+const WINDOW_MARGIN: f64 = 1e-6;
 
 impl Window {
     /// The rectangle `[−half[0], half[0]] × [−half[1], half[1]]` (m, lab) and the offset `c`
@@ -236,6 +262,7 @@ impl Window {
                 half,
                 direct: true,
                 range: [0, 0],
+                ext: [0.0, 0.0],
             },
             Some(cell) => match cell.interior_offset(c, half) {
                 Some(w) => Self {
@@ -244,14 +271,23 @@ impl Window {
                     half,
                     direct: true,
                     range: [0, 0],
+                    ext: [0.0, 0.0],
                 },
-                None => Self {
-                    cell: Some(*cell),
-                    offset: c,
-                    half,
-                    direct: false,
-                    range: cell.image_range(half),
-                },
+                None => {
+                    let (cs, sn) = (cell.cos.abs(), cell.sin.abs());
+                    let [l1, l2] = cell.size;
+                    Self {
+                        cell: Some(*cell),
+                        offset: c,
+                        half,
+                        direct: false,
+                        range: cell.image_range(half),
+                        ext: [
+                            cs * half[0] + sn * half[1] + WINDOW_MARGIN * l1,
+                            sn * half[0] + cs * half[1] + WINDOW_MARGIN * l2,
+                        ],
+                    }
+                }
             },
         }
     }
@@ -277,14 +313,24 @@ impl Window {
                 // `c.images(q, half)` unrolled, with the range computed once per window: the
                 // same images in the same order, each by the same arithmetic
                 // (`q + i·a + j·b`, left to right).
+                // Only the translations whose image can reach the rectangle (bounded along
+                // the cell's axes, `ext`) are tried: the others fail the test below anyway.
                 let w = c.wrap(q);
                 let [a, b] = c.periods;
                 let [n1, n2] = self.range;
+                let cw = c.to_cell(w);
+                let [l1, l2] = c.size;
                 for i in -n1..=n1 {
                     let fi = i as f64;
+                    if (cw[0] + fi * l1).abs() > self.ext[0] {
+                        continue;
+                    }
                     let base = [w[0] + fi * a[0], w[1] + fi * a[1]];
                     for j in -n2..=n2 {
                         let fj = j as f64;
+                        if (cw[1] + fj * l2).abs() > self.ext[1] {
+                            continue;
+                        }
                         let r = [base[0] + fj * b[0], base[1] + fj * b[1]];
                         if r[0].abs() <= self.half[0] && r[1].abs() <= self.half[1] {
                             f(r);
@@ -807,7 +853,14 @@ impl SpecimenConfig {
                             [k[0] as f64 * lat.len(p), k[1] as f64 * lat.len(t)],
                             rot,
                         );
-                        let mut pts = Vec::new();
+                        // `fill_grain` gives one point per basis atom per lattice point.
+                        let d = (p[0] * t[1] - t[0] * p[1])
+                            .saturating_mul(k[0])
+                            .saturating_mul(k[1]);
+                        let n_pts = usize::try_from(d)
+                            .unwrap_or(0)
+                            .saturating_mul(uc.basis.len());
+                        let mut pts = Vec::with_capacity(n_pts);
                         fill_grain(&uc.basis, scale(p, k[0]), scale(t, k[1]), &cell, &mut pts);
                         let atoms = pts.into_iter().map(|(q, h, z)| cell_atom(&cell, q, h, z));
                         (cell, atoms.collect())
@@ -825,13 +878,21 @@ impl SpecimenConfig {
         for d in &self.dopants {
             let dz = element(&d.element, "dopants.element")?;
             let host = element(&d.replaces, "dopants.replaces")?;
+            // The host atoms in atom order, listed once: a replaced one leaves the list (unless
+            // the dopant is of the host's element), so each draw sees the list a fresh filter
+            // of the atoms would give.
+            let mut hosts: Vec<usize> = Vec::new();
+            if d.count > 0 {
+                hosts.reserve(atoms.len());
+                hosts.extend(
+                    atoms
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, p)| p.z == host)
+                        .map(|(i, _)| i),
+                );
+            }
             for k in 0..d.count {
-                let hosts: Vec<usize> = atoms
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, p)| p.z == host)
-                    .map(|(i, _)| i)
-                    .collect();
                 if hosts.is_empty() {
                     return Err(PhysicsError::param(
                         "specimen.dopants",
@@ -841,19 +902,25 @@ impl SpecimenConfig {
                         ),
                     ));
                 }
-                let pick = if k == 0 && d.placement == "center" {
-                    *hosts
+                let at = if k == 0 && d.placement == "center" {
+                    hosts
                         .iter()
-                        .min_by(|&&i, &&j| {
+                        .enumerate()
+                        .min_by(|&(_, &i), &(_, &j)| {
                             let ri = atoms[i].x.hypot(atoms[i].y);
                             let rj = atoms[j].x.hypot(atoms[j].y);
                             ri.total_cmp(&rj)
                         })
                         .expect("non-empty")
+                        .0
                 } else {
-                    hosts[rng.random_range(0..hosts.len())]
+                    rng.random_range(0..hosts.len())
                 };
+                let pick = hosts[at];
                 atoms[pick].z = dz;
+                if dz != host {
+                    hosts.remove(at);
+                }
             }
         }
         // Contamination: patch centres and atoms uniform over the cell, membership by the
@@ -879,6 +946,8 @@ impl SpecimenConfig {
                 })
                 .collect();
             let n_atoms = (c.density.get() * area).round() as usize;
+            // At most `n_atoms` join (about the coverage's share of them).
+            atoms.reserve(n_atoms);
             // Squared distances: this loop runs for every candidate atom of every patch.
             let r2 = r * r;
             // Within 0.49 of a period `d/l` rounds to ±0, so `d` is already the minimum image
@@ -1138,7 +1207,7 @@ fn fill_grain(
     let ((i0, i1), (j0, j1)) = (span(0), span(1));
     let [l1, l2] = cell.size();
     let df = d as f64;
-    let centred = |t: f64| t - (t + 0.5).floor();
+    let centred = |t: f64| t - floor_exact(t + 0.5);
     for i in i0..=i1 {
         for j in j0..=j1 {
             let nu = p2[1] * i - p2[0] * j;
@@ -1439,6 +1508,112 @@ mod tests {
         ];
         let h = rng.random::<f64>() * max_half + 1e-11;
         (c, [h, h * (0.5 + rng.random::<f64>())])
+    }
+
+    /// `floor_exact` is `f64::floor` to the bit: around integers and half-integers, at zero
+    /// of both signs, near the cut-over at 2⁵¹ and beyond it, at random values of every scale,
+    /// and for infinities and NaN.
+    #[test]
+    fn floor_exact_is_floor_bit_for_bit() {
+        let mut xs = vec![
+            0.0,
+            -0.0,
+            0.5,
+            -0.5,
+            1.0 - f64::EPSILON,
+            -f64::MIN_POSITIVE,
+            f64::MIN_POSITIVE,
+            2_251_799_813_685_247.5,
+            -2_251_799_813_685_247.5,
+            2_251_799_813_685_248.0,
+            4_503_599_627_370_497.0,
+            -1e300,
+            f64::INFINITY,
+            f64::NEG_INFINITY,
+        ];
+        for k in -40..=40 {
+            let k = f64::from(k);
+            for d in [0.0, 0.5, 1e-12, -1e-12, 0.25, 0.75] {
+                xs.push(k + d);
+                xs.push(k - d);
+            }
+            xs.push(k.next_up());
+            xs.push(k.next_down());
+        }
+        let mut rng = seeded(3);
+        for _ in 0..20_000 {
+            let e = rng.random_range(-60.0..60.0f64);
+            let sign = if rng.random::<bool>() { 1.0 } else { -1.0 };
+            xs.push(sign * rng.random::<f64>() * e.exp2());
+        }
+        for x in xs {
+            assert_eq!(floor_exact(x).to_bits(), x.floor().to_bits(), "{x:e}");
+        }
+        assert!(floor_exact(f64::NAN).is_nan());
+    }
+
+    /// Dopants are placed as the list of hosts refiltered from the atoms before every draw
+    /// places them (the builder now lists them once and removes each replaced host): the same
+    /// atoms, to the bit, for random and centred placements, several configs, and a dopant of
+    /// the host's own element (a replaced atom stays a host).
+    #[test]
+    fn dopants_land_where_a_fresh_host_list_puts_them() {
+        let reference = |atoms: &mut Vec<Atom>, dopants: &[DopantConfig], rng: &mut SimRng| {
+            for d in dopants {
+                let dz = element(&d.element, "").unwrap();
+                let host = element(&d.replaces, "").unwrap();
+                for k in 0..d.count {
+                    let hosts: Vec<usize> =
+                        (0..atoms.len()).filter(|&i| atoms[i].z == host).collect();
+                    let pick = if k == 0 && d.placement == "center" {
+                        *hosts
+                            .iter()
+                            .min_by(|&&i, &&j| {
+                                let ri = atoms[i].x.hypot(atoms[i].y);
+                                let rj = atoms[j].x.hypot(atoms[j].y);
+                                ri.total_cmp(&rj)
+                            })
+                            .unwrap()
+                    } else {
+                        hosts[rng.random_range(0..hosts.len())]
+                    };
+                    atoms[pick].z = dz;
+                }
+            }
+        };
+        let dopant = |element: &str, replaces: &str, count, placement: &str| DopantConfig {
+            element: element.into(),
+            replaces: replaces.into(),
+            count,
+            placement: placement.into(),
+        };
+        let sets = [
+            vec![dopant("Si", "C", 6, "random")],
+            vec![dopant("Si", "C", 3, "center")],
+            vec![
+                dopant("N", "C", 4, "center"),
+                dopant("Si", "C", 5, "random"),
+                dopant("C", "C", 3, "random"),
+                dopant("B", "N", 2, "random"),
+            ],
+        ];
+        for (k, dopants) in sets.iter().enumerate() {
+            for seed in 0..10 {
+                let base = SpecimenConfig {
+                    rotation: Param::fixed(0.2 * seed as f64),
+                    ..Default::default()
+                };
+                let doped = SpecimenConfig {
+                    dopants: dopants.clone(),
+                    ..base.clone()
+                };
+                let got = doped.build([3e-9, 2.5e-9], &mut seeded(seed)).unwrap();
+                // No vacancies or contamination: the dopants' draws come first.
+                let mut want = base.build([3e-9, 2.5e-9], &mut seeded(seed)).unwrap();
+                reference(&mut want.atoms, dopants, &mut seeded(seed));
+                assert_eq!(got, want, "set {k}, seed {seed}");
+            }
+        }
     }
 
     #[test]
