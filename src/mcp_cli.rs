@@ -582,16 +582,13 @@ impl Instrument {
             "scopegym/SpmAtomManipulation-v2" => spm(cfg!(sam).instrument),
             "scopegym/SpmTipConditioning-v2" => spm(cfg!(stc).instrument),
             "scopegym/StemAutofocus-v2" => {
-                stem_on!(Lattice, LatticeSimulator::new(cfg!(saf).instrument, seed))
+                stem_on!(Lattice, saf::simulator(&cfg!(saf), seed))
             }
             "scopegym/StemDopantSteer-v1" => {
                 stem_on!(Dopant, DopantSimulator::new(cfg!(sds).instrument, seed))
             }
             "scopegym/StemEelsExplore-v2" => {
-                stem_on!(
-                    Stem,
-                    StemSimulator::new(cfg!(see).instrument_config(), seed)
-                )
+                stem_on!(Stem, see::simulator(&cfg!(see), seed))
             }
             "scopegym/StemSparseScan-v2" => {
                 stem_on!(

@@ -16,7 +16,6 @@ use scopegym_physics::PhysicsError;
 use scopegym_physics::instrument::{FrameMeta, ScanSettings, StemInstrument};
 use scopegym_physics::stem::StemSimulator;
 use scopegym_physics::stem::dopant::DopantSimulator;
-use scopegym_physics::stem::lattice::LatticeSimulator;
 use scopegym_physics::stem::optics::Aberrations;
 use std::path::PathBuf;
 use std::sync::Mutex;
@@ -39,7 +38,7 @@ fn task_instrument(
         "scopegym/StemAutofocus-v2" => {
             let c: stem_autofocus::Config = read(config)?;
             c.validate()?;
-            let mut s = LatticeSimulator::new(c.instrument.clone(), 0).map_err(inst)?;
+            let mut s = stem_autofocus::simulator(&c, 0).map_err(inst)?;
             NewEpisode::set_region(&mut s, c.split.region());
             Box::new(s)
         }
@@ -53,7 +52,7 @@ fn task_instrument(
         "scopegym/StemEelsExplore-v2" => {
             let c: stem_eels_explore::Config = read(config)?;
             c.validate()?;
-            let mut s = StemSimulator::new(c.instrument_config(), 0).map_err(inst)?;
+            let mut s = stem_eels_explore::simulator(&c, 0).map_err(inst)?;
             NewEpisode::set_region(&mut s, c.split.region());
             Box::new(s)
         }

@@ -40,7 +40,6 @@ use scopegym_envs::tasks::{
 use scopegym_physics::spm::sim::SpmSimulator;
 use scopegym_physics::stem::StemSimulator;
 use scopegym_physics::stem::dopant::DopantSimulator;
-use scopegym_physics::stem::lattice::LatticeSimulator;
 use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
@@ -448,8 +447,8 @@ pub fn make_env(id: &str, url: &DriverUrl, opts: DeployOptions) -> Result<Deploy
             let cfg = config!(stem_autofocus);
             match u {
                 DriverUrl::Sim => {
-                    let inst =
-                        LatticeSimulator::new(cfg.instrument.clone(), 0).map_err(phys_err)?;
+                    let inst = scopegym_envs::tasks::stem_autofocus::simulator(&cfg, 0)
+                        .map_err(phys_err)?;
                     on!(cfg, StemAutofocus, inst, sim)
                 }
                 DriverUrl::StemGateway(a) => on!(cfg, StemAutofocus, connect_gateway(a)?, gateway),
@@ -473,7 +472,8 @@ pub fn make_env(id: &str, url: &DriverUrl, opts: DeployOptions) -> Result<Deploy
             let cfg = config!(stem_eels_explore);
             match u {
                 DriverUrl::Sim => {
-                    let inst = StemSimulator::new(cfg.instrument_config(), 0).map_err(phys_err)?;
+                    let inst = scopegym_envs::tasks::stem_eels_explore::simulator(&cfg, 0)
+                        .map_err(phys_err)?;
                     on!(cfg, StemEelsExplore, inst, sim)
                 }
                 DriverUrl::StemGateway(a) => {

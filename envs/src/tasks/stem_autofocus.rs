@@ -484,8 +484,7 @@ impl StemAutofocus<LatticeSimulator> {
     pub fn from_config(config: Option<&toml::Value>) -> Result<Self> {
         let cfg: Config = config_from_toml(config)?;
         cfg.validate()?;
-        let inst =
-            fast_simulator(&cfg).map_err(|e| EnvError::config("instrument", e.to_string()))?;
+        let inst = simulator(&cfg, 0).map_err(|e| EnvError::config("instrument", e.to_string()))?;
         Ok(Self::new(cfg, inst))
     }
 }
@@ -495,9 +494,11 @@ impl StemAutofocus<LatticeSimulator> {
 /// [`LatticeSimulator::set_shot_noise_approx_from`]): the lowest the approximation allows.
 pub const FAST_SHOT_NOISE_APPROX_FROM: f64 = 10.0;
 
-/// The fast model of `cfg`'s instrument: the lattice simulator with approximate shot noise.
-fn fast_simulator(cfg: &Config) -> scopegym_physics::Result<LatticeSimulator> {
-    let mut sim = LatticeSimulator::new(cfg.instrument.clone(), 0)?;
+/// The fast model of `cfg`'s instrument, seeded with `seed`, as the task runs it: the lattice
+/// simulator with approximate shot noise. Whoever serves the task on the simulator (the MCP
+/// server, deployments, the Python instrument) builds it here.
+pub fn simulator(cfg: &Config, seed: u64) -> scopegym_physics::Result<LatticeSimulator> {
+    let mut sim = LatticeSimulator::new(cfg.instrument.clone(), seed)?;
     sim.set_shot_noise_approx_from(FAST_SHOT_NOISE_APPROX_FROM);
     Ok(sim)
 }
@@ -509,7 +510,7 @@ pub fn make_env(id: &'static str, config: Option<&toml::Value>) -> Result<Box<dy
     let inst = |e: scopegym_physics::PhysicsError| EnvError::config("instrument", e.to_string());
     Ok(match cfg.fidelity {
         Fidelity::Fast => {
-            let sim = fast_simulator(&cfg).map_err(inst)?;
+            let sim = simulator(&cfg, 0).map_err(inst)?;
             Box::new(TaskEnv::new(id, StemAutofocus::new(cfg, sim)))
         }
         Fidelity::Full => {

@@ -740,12 +740,20 @@ impl StemEelsExplore<StemSimulator> {
     pub fn from_config(config: Option<&toml::Value>) -> Result<Self> {
         let cfg: Config = config_from_toml(config)?;
         cfg.validate()?;
-        let mut inst = StemSimulator::new(cfg.instrument_config(), 0)?;
-        if cfg.fidelity == Fidelity::Fast {
-            inst.set_eels_normal_above(FAST_NORMAL_COUNTS);
-        }
+        let inst = simulator(&cfg, 0)?;
         Ok(Self::new(cfg, inst))
     }
+}
+
+/// The simulator of `cfg`'s instrument, seeded with `seed`, as the task runs it at its
+/// fidelity (at `"fast"` with the spectra's normal approximation). Whoever serves the task on
+/// the simulator (the MCP server, deployments, the Python instrument) builds it here.
+pub fn simulator(cfg: &Config, seed: u64) -> scopegym_physics::Result<StemSimulator> {
+    let mut inst = StemSimulator::new(cfg.instrument_config(), seed)?;
+    if cfg.fidelity == Fidelity::Fast {
+        inst.set_eels_normal_above(FAST_NORMAL_COUNTS);
+    }
+    Ok(inst)
 }
 
 /// The fast model draws spectrum channels expecting at least this many counts from the normal
