@@ -439,8 +439,9 @@ fn the_python_gateway_serves_an_episode() {
     let result = std::panic::catch_unwind(|| {
         let client =
             StemGatewayClient::connect(&format!("127.0.0.1:{port}"), opts(10_000)).unwrap();
+        // The Python gateway serves the task's simulator (with its fast-fidelity settings).
         let cfg = AutofocusConfig::default();
-        let mut direct = LatticeSimulator::new(cfg.instrument.clone(), 0).unwrap();
+        let mut direct = scopegym_envs::tasks::stem_autofocus::simulator(&cfg, 0).unwrap();
         direct.set_region(cfg.split.region());
         let remote = autofocus_episode(client, 5);
         let local = autofocus_episode(direct, 5);
