@@ -46,7 +46,7 @@ use scopegym_envs::env::{Env, Info, InfoValue};
 use scopegym_envs::space::{Space, Value};
 use scopegym_envs::tasks::config_from_toml;
 use scopegym_physics::instrument::{
-    PointSpectroscopy, ScanSettings, SpmInstrument, StemInstrument,
+    PointSpectroscopy, ScanSettings, SpmInstrument, SpmMode, StemInstrument,
 };
 use scopegym_physics::spm::sim::SpmSimulator;
 use scopegym_physics::stem::StemSimulator;
@@ -545,11 +545,14 @@ impl Instrument {
                 c
             }};
         }
-        let spm = |c: scopegym_physics::spm::sim::SpmConfig| -> Result<Self, CliError> {
+        // The SPM tasks: the task's simulator (`sim(seed)`, at its fidelity) on `sim`.
+        let spm = |mode: SpmMode,
+                   sim: &dyn Fn(u64) -> scopegym_physics::Result<SpmSimulator>|
+         -> Result<Self, CliError> {
             Ok(match url {
-                DriverUrl::Sim => Self::Spm(guarded(SpmSimulator::new(c, seed)?, limits, audit)?),
+                DriverUrl::Sim => Self::Spm(guarded(sim(seed)?, limits, audit)?),
                 DriverUrl::Nanonis(a) => Self::Nanonis(guarded(
-                    NanonisClient::connect(a, NanonisOptions::for_mode(c.mode))?,
+                    NanonisClient::connect(a, NanonisOptions::for_mode(mode))?,
                     limits,
                     audit,
                 )?),
@@ -576,11 +579,26 @@ impl Instrument {
             };
         }
         match id {
-            "scopegym/AfmFeedbackTuning-v2" => spm(cfg!(afm).instrument),
-            "scopegym/PfmDomainWriting-v1" => spm(cfg!(pdw).instrument),
-            "scopegym/PfmSpectroscopyExplore-v1" => spm(cfg!(pse).instrument),
-            "scopegym/SpmAtomManipulation-v2" => spm(cfg!(sam).instrument),
-            "scopegym/SpmTipConditioning-v2" => spm(cfg!(stc).instrument),
+            "scopegym/AfmFeedbackTuning-v2" => {
+                let c = cfg!(afm);
+                spm(c.instrument.mode, &|seed| afm::simulator(&c, seed))
+            }
+            "scopegym/PfmDomainWriting-v1" => {
+                let c = cfg!(pdw);
+                spm(c.instrument.mode, &|seed| pdw::simulator(&c, seed))
+            }
+            "scopegym/PfmSpectroscopyExplore-v1" => {
+                let c = cfg!(pse);
+                spm(c.instrument.mode, &|seed| pse::simulator(&c, seed))
+            }
+            "scopegym/SpmAtomManipulation-v2" => {
+                let c = cfg!(sam);
+                spm(c.instrument.mode, &|seed| sam::simulator(&c, seed))
+            }
+            "scopegym/SpmTipConditioning-v2" => {
+                let c = cfg!(stc);
+                spm(c.instrument.mode, &|seed| stc::simulator(&c, seed))
+            }
             "scopegym/StemAutofocus-v2" => {
                 stem_on!(Lattice, saf::simulator(&cfg!(saf), seed))
             }

@@ -290,6 +290,44 @@ async fn mcp_episodes_equal_the_native_env_and_bad_calls_are_tool_errors() {
     }
 }
 
+/// The instrument tools of an SPM task run the task's own model at the task's fidelity: at
+/// `fidelity = "fast"` a PFM task's frames come without the topography channels (the task's
+/// fast model), and equal those of the task's simulator for the same seed.
+#[tokio::test(flavor = "current_thread")]
+async fn instrument_tools_run_the_tasks_model_at_its_fidelity() {
+    use scopegym_envs::tasks::{config_from_toml, pfm_domain_writing as pdw};
+    use scopegym_physics::instrument::SpmInstrument;
+    let dir = tempfile::tempdir().unwrap();
+    let fast = dir.path().join("fast.toml");
+    std::fs::write(&fast, "fidelity = \"fast\"\n").unwrap();
+    let id = "scopegym/PfmDomainWriting-v1";
+    let c = serve(
+        id,
+        9,
+        &dir.path().join("rec"),
+        &["--env-config", fast.to_str().unwrap()],
+    )
+    .await;
+    let f = ok(&call(&c, "acquire_frame", json!({})).await, "acquire_frame");
+    c.cancel().await.unwrap();
+
+    let table = suite_config(id, &[("fidelity", toml::Value::String("fast".into()))]);
+    let cfg: pdw::Config = config_from_toml(Some(&table)).unwrap();
+    let mut sim = pdw::simulator(&cfg, 9).unwrap();
+    let frame = sim.acquire_frame().unwrap();
+    let names: Vec<&str> = frame.channels.iter().map(|c| c.name.as_str()).collect();
+    assert!(!names.iter().any(|n| n.contains("topo")), "{names:?}");
+    assert_eq!(f["channels"], json!(names), "{f}");
+    let img = &frame.main().image;
+    let mean = img.iter().map(|&v| f64::from(v)).sum::<f64>() / img.len() as f64;
+    assert_eq!(f["rows"], json!(img.nrows()));
+    let served = f["mean"].as_f64().unwrap();
+    assert!(
+        (served - mean).abs() <= 1e-9 * mean.abs().max(1e-300),
+        "{served} != {mean}"
+    );
+}
+
 #[path = "../drivers/tests/support/stem_server.rs"]
 mod stem_server;
 

@@ -37,7 +37,6 @@ use scopegym_envs::tasks::{
     afm_feedback_tuning, pfm_domain_writing, pfm_spectroscopy_explore, spm_atom_manipulation,
     spm_tip_conditioning, stem_autofocus, stem_dopant_steer, stem_eels_explore, stem_sparse_scan,
 };
-use scopegym_physics::spm::sim::SpmSimulator;
 use scopegym_physics::stem::StemSimulator;
 use scopegym_physics::stem::dopant::DopantSimulator;
 use std::fmt;
@@ -368,14 +367,16 @@ pub fn make_env(id: &str, url: &DriverUrl, opts: DeployOptions) -> Result<Deploy
     let connect_gateway =
         |addr: &str| StemGatewayClient::connect(addr, StemGatewayOptions::default());
     let open_replay = |p: &PathBuf| ReplaySpm::open(p, ReplayOptions::default());
-    let spm_sim = |c: &scopegym_physics::spm::sim::SpmConfig| {
-        SpmSimulator::new(c.clone(), 0).map_err(phys_err)
-    };
     match (id, url) {
         ("scopegym/AfmFeedbackTuning-v2", u) => {
             let cfg = config!(afm_feedback_tuning);
             match u {
-                DriverUrl::Sim => on!(cfg, AfmFeedbackTuning, spm_sim(&cfg.instrument)?, sim),
+                DriverUrl::Sim => on!(
+                    cfg,
+                    AfmFeedbackTuning,
+                    afm_feedback_tuning::simulator(&cfg, 0).map_err(phys_err)?,
+                    sim
+                ),
                 DriverUrl::Nanonis(a) => on!(
                     cfg,
                     AfmFeedbackTuning,
@@ -390,7 +391,12 @@ pub fn make_env(id: &str, url: &DriverUrl, opts: DeployOptions) -> Result<Deploy
             let cfg = config!(pfm_spectroscopy_explore);
             match u {
                 DriverUrl::Sim => {
-                    on!(cfg, PfmSpectroscopyExplore, spm_sim(&cfg.instrument)?, sim)
+                    on!(
+                        cfg,
+                        PfmSpectroscopyExplore,
+                        pfm_spectroscopy_explore::simulator(&cfg, 0).map_err(phys_err)?,
+                        sim
+                    )
                 }
                 DriverUrl::Nanonis(a) => on!(
                     cfg,
@@ -407,7 +413,12 @@ pub fn make_env(id: &str, url: &DriverUrl, opts: DeployOptions) -> Result<Deploy
         ("scopegym/PfmDomainWriting-v1", u) => {
             let cfg = config!(pfm_domain_writing);
             match u {
-                DriverUrl::Sim => on!(cfg, PfmDomainWriting, spm_sim(&cfg.instrument)?, sim),
+                DriverUrl::Sim => on!(
+                    cfg,
+                    PfmDomainWriting,
+                    pfm_domain_writing::simulator(&cfg, 0).map_err(phys_err)?,
+                    sim
+                ),
                 DriverUrl::Nanonis(a) => on!(
                     cfg,
                     PfmDomainWriting,
@@ -420,7 +431,12 @@ pub fn make_env(id: &str, url: &DriverUrl, opts: DeployOptions) -> Result<Deploy
         ("scopegym/SpmTipConditioning-v2", u) => {
             let cfg = config!(spm_tip_conditioning);
             match u {
-                DriverUrl::Sim => on!(cfg, SpmTipConditioning, spm_sim(&cfg.instrument)?, sim),
+                DriverUrl::Sim => on!(
+                    cfg,
+                    SpmTipConditioning,
+                    spm_tip_conditioning::simulator(&cfg, 0).map_err(phys_err)?,
+                    sim
+                ),
                 DriverUrl::Nanonis(a) => on!(
                     cfg,
                     SpmTipConditioning,
@@ -433,7 +449,12 @@ pub fn make_env(id: &str, url: &DriverUrl, opts: DeployOptions) -> Result<Deploy
         ("scopegym/SpmAtomManipulation-v2", u) => {
             let cfg = config!(spm_atom_manipulation);
             match u {
-                DriverUrl::Sim => on!(cfg, SpmAtomManipulation, spm_sim(&cfg.instrument)?, sim),
+                DriverUrl::Sim => on!(
+                    cfg,
+                    SpmAtomManipulation,
+                    spm_atom_manipulation::simulator(&cfg, 0).map_err(phys_err)?,
+                    sim
+                ),
                 DriverUrl::Nanonis(a) => on!(
                     cfg,
                     SpmAtomManipulation,

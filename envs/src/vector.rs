@@ -744,9 +744,11 @@ impl VectorEnv {
         }
         let mode = self.mode;
         for (i, (s, a)) in self.slots.iter().zip(actions).enumerate() {
-            s.env
-                .action_space()
-                .validate_action(a, &format!("actions[{i}]"))?;
+            let space = s.env.action_space();
+            // The field name is formatted only for an error (this runs every step).
+            if space.validate_action(a, "actions").is_err() {
+                space.validate_action(a, &format!("actions[{i}]"))?;
+            }
             s.check_steppable(i, mode)?;
         }
         self.run_slots(|i, s| step_slot(s, &actions[i], mode), None)

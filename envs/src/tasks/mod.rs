@@ -191,19 +191,27 @@ impl Fidelity {
 }
 
 /// The SPM simulator of an SPM task: `instrument` with its `fidelity` set from the task's.
-pub(crate) fn spm_simulator(instrument: &SpmConfig, fidelity: Fidelity) -> Result<SpmSimulator> {
+pub(crate) fn spm_simulator(
+    instrument: &SpmConfig,
+    fidelity: Fidelity,
+    seed: u64,
+) -> scopegym_physics::Result<SpmSimulator> {
     let mut cfg = instrument.clone();
     cfg.fidelity = fidelity.spm();
-    Ok(SpmSimulator::new(cfg, 0)?)
+    SpmSimulator::new(cfg, seed)
 }
 
 /// The simulator of a PFM task, which observes the PFM channels only: [`spm_simulator`], and at
 /// `fidelity = "fast"` with `pfm.topography` off (frames without the topography channels, no z
 /// feedback run: the PFM channels' model and statistics are unchanged).
-pub(crate) fn pfm_simulator(instrument: &SpmConfig, fidelity: Fidelity) -> Result<SpmSimulator> {
+pub(crate) fn pfm_simulator(
+    instrument: &SpmConfig,
+    fidelity: Fidelity,
+    seed: u64,
+) -> scopegym_physics::Result<SpmSimulator> {
     let mut cfg = instrument.clone();
     cfg.pfm.topography &= fidelity != Fidelity::Fast;
-    spm_simulator(&cfg, fidelity)
+    spm_simulator(&cfg, fidelity, seed)
 }
 
 /// A task's config: serde, with defaults per [`Difficulty`] level.

@@ -747,6 +747,12 @@ pub struct PfmSpectroscopyExplore<I> {
     true_best: Option<f64>,
 }
 
+/// The model of `cfg`'s instrument at its `fidelity`, seeded with `seed`, as the task runs it.
+/// Whoever serves the task on the simulator (the MCP server, deployments) builds it here.
+pub fn simulator(cfg: &Config, seed: u64) -> scopegym_physics::Result<SpmSimulator> {
+    pfm_simulator(&cfg.instrument, cfg.fidelity, seed)
+}
+
 impl PfmSpectroscopyExplore<SpmSimulator> {
     /// The task on the simulator, or on recorded loops when `real_data` is set, from an optional
     /// TOML config.
@@ -756,7 +762,7 @@ impl PfmSpectroscopyExplore<SpmSimulator> {
         let source = match &cfg.real_data {
             Some(path) => Source::Recorded(RecordedLoops::open(path)?),
             None => {
-                let mut sim = pfm_simulator(&cfg.instrument, cfg.fidelity)?;
+                let mut sim = simulator(&cfg, 0)?;
                 sim.set_region(cfg.split.region());
                 Source::Instrument(sim)
             }
@@ -1362,7 +1368,7 @@ mod tests {
         ] {
             let cfg = Config::at_level(level);
             let w = poled_waveform(cfg.loop_amplitude, cfg.loop_points, cfg.prepole_points);
-            let mut sim = crate::tasks::pfm_simulator(&cfg.instrument, fidelity).unwrap();
+            let mut sim = crate::tasks::pfm_simulator(&cfg.instrument, fidelity, 0).unwrap();
             for (seed, p) in [
                 (3u64, [0.0, 0.0]),
                 (4, [-0.61e-6, 0.37e-6]),

@@ -592,12 +592,18 @@ pub struct SpmTipConditioning<I> {
     last_looks_good: bool,
 }
 
+/// The model of `cfg`'s instrument at its `fidelity`, seeded with `seed`, as the task runs it.
+/// Whoever serves the task on the simulator (the MCP server, deployments) builds it here.
+pub fn simulator(cfg: &Config, seed: u64) -> scopegym_physics::Result<SpmSimulator> {
+    spm_simulator(&cfg.instrument, cfg.fidelity, seed)
+}
+
 impl SpmTipConditioning<SpmSimulator> {
     /// The task on the simulator, from an optional TOML config.
     pub fn from_config(config: Option<&toml::Value>) -> Result<Self> {
         let cfg: Config = config_from_toml(config)?;
         cfg.validate()?;
-        let inst = spm_simulator(&cfg.instrument, cfg.fidelity)?;
+        let inst = simulator(&cfg, 0)?;
         Ok(Self::new(cfg, inst))
     }
 }
