@@ -161,16 +161,21 @@ fn bar(total: u64, what: &str) -> ProgressBar {
     b
 }
 
+/// The TOML file `path` (given as `argument`) as a table value.
 pub(crate) fn read_toml(path: &Path, argument: &str) -> Result<toml::Value, CliError> {
+    read_toml_table(path, argument).map(toml::Value::Table)
+}
+
+/// The TOML file `path` (given as `argument`): a document is always a table.
+pub(crate) fn read_toml_table(path: &Path, argument: &str) -> Result<toml::Table, CliError> {
     let text = std::fs::read_to_string(path).map_err(|source| CliError::Io {
         path: path.into(),
         source,
     })?;
-    let v: toml::Table = toml::from_str(&text).map_err(|e| CliError::Argument {
+    toml::from_str(&text).map_err(|e| CliError::Argument {
         argument: argument.into(),
         message: format!("{}: {e}", path.display()),
-    })?;
-    Ok(toml::Value::Table(v))
+    })
 }
 
 pub(crate) fn make_dir(dir: &Path) -> Result<(), CliError> {

@@ -159,15 +159,7 @@ pub fn bench(id: &str, o: &BenchOptions<'_>) -> Result<(), CliError> {
     positive("--steps", o.steps, 100_000_000)?;
     let spec = scopegym_envs::registry::spec(id)?;
     let mut table = match o.env_config {
-        Some(p) => match crate::bench_cli::read_toml(p, "--env-config")? {
-            toml::Value::Table(t) => t,
-            other => {
-                return Err(CliError::Argument {
-                    argument: "--env-config".into(),
-                    message: format!("expected a table, got {other}"),
-                });
-            }
-        },
+        Some(p) => crate::bench_cli::read_toml_table(p, "--env-config")?,
         None => toml::Table::new(),
     };
     let requested = match (o.fidelity, table.get("fidelity")) {

@@ -22,7 +22,7 @@
 //! `DIR/results.json` the episodes scored so far, in the shape `scopegym run` writes (agent
 //! `llm`), rewritten after every episode.
 
-use crate::bench_cli::read_toml;
+use crate::bench_cli::read_toml_table;
 use base64::Engine as _;
 use rmcp::model::{
     CallToolRequestParams, CallToolResponse, CallToolResult, ContentBlock, Implementation,
@@ -941,10 +941,8 @@ impl Session {
             table.insert("split".into(), "test".into());
         }
         let mut suite_config = suite_config;
-        if let Some(p) = a.env_config
-            && let toml::Value::Table(t) = read_toml(p, "--env-config")?
-        {
-            for (k, v) in t {
+        if let Some(p) = a.env_config {
+            for (k, v) in read_toml_table(p, "--env-config")? {
                 table.insert(k, v);
             }
             suite_config = false;

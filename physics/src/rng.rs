@@ -574,9 +574,7 @@ pub fn poisson_fill_approx<R: Rng + ?Sized>(
     let uni = &mut scratch.approx_lambda;
     uni.resize(n.next_multiple_of(2), 0.0);
     for pair in uni.chunks_exact_mut(2) {
-        let r = rng.next_u64();
-        pair[0] = ((r >> 32) as f32 + 0.5) * (1.0 / 4_294_967_296.0);
-        pair[1] = (r & 0xFFFF_FFFF) as f32 * (1.0 / 4_294_967_296.0);
+        pair.copy_from_slice(&uniform_pair(rng.next_u64()));
     }
     let z = &mut scratch.uniforms;
     z.resize(uni.len(), 0.0);
@@ -591,6 +589,17 @@ pub fn poisson_fill_approx<R: Rng + ?Sized>(
         scratch.approx_index,
         scratch.approx_out,
     ) = (exact, index, counts);
+}
+
+/// Two 32-bit uniforms from one 64-bit draw, as Box-Muller takes them: the high half in
+/// (0, 1] (its logarithm is finite), the low half in [0, 1] (1 only where rounding to `f32`
+/// takes it there, an angle of 2π, the same as 0).
+fn uniform_pair(r: u64) -> [f32; 2] {
+    const SCALE: f32 = 1.0 / 4_294_967_296.0;
+    [
+        ((r >> 32) as f32 + 0.5) * SCALE,
+        (r & 0xFFFF_FFFF) as f32 * SCALE,
+    ]
 }
 
 /// Standard normals from uniform pairs `(u₁ ∈ (0, 1], u₂ ∈ [0, 1))`, two per pair:
@@ -765,13 +774,7 @@ mod tests {
         let mut rng = seeded(31);
         let n = 200_000;
         let uni: Vec<f32> = (0..n / 2)
-            .flat_map(|_| {
-                let r = rng.next_u64();
-                [
-                    ((r >> 32) as f32 + 0.5) * (1.0 / 4_294_967_296.0),
-                    (r & 0xFFFF_FFFF) as f32 * (1.0 / 4_294_967_296.0),
-                ]
-            })
+            .flat_map(|_| uniform_pair(rng.next_u64()))
             .collect();
         let mut z = vec![0.0f32; n];
         box_muller_pairs(&uni, &mut z);
