@@ -564,6 +564,13 @@ impl Instrument {
                 DriverUrl::StemGateway(_) => return Err(wrong("an SPM (sim, nanonis, replay)")),
             })
         };
+        // The SPM task of module `$m`: its simulator on `sim`.
+        macro_rules! spm_on {
+            ($m:ident) => {{
+                let c = cfg!($m);
+                spm(c.instrument.mode, &|seed| $m::simulator(&c, seed))
+            }};
+        }
         // The STEM tasks: `$sim` on `sim`, the gateway's instrument on a gateway.
         macro_rules! stem_on {
             ($variant:ident, $sim:expr) => {
@@ -579,26 +586,11 @@ impl Instrument {
             };
         }
         match id {
-            "scopegym/AfmFeedbackTuning-v2" => {
-                let c = cfg!(afm);
-                spm(c.instrument.mode, &|seed| afm::simulator(&c, seed))
-            }
-            "scopegym/PfmDomainWriting-v1" => {
-                let c = cfg!(pdw);
-                spm(c.instrument.mode, &|seed| pdw::simulator(&c, seed))
-            }
-            "scopegym/PfmSpectroscopyExplore-v1" => {
-                let c = cfg!(pse);
-                spm(c.instrument.mode, &|seed| pse::simulator(&c, seed))
-            }
-            "scopegym/SpmAtomManipulation-v2" => {
-                let c = cfg!(sam);
-                spm(c.instrument.mode, &|seed| sam::simulator(&c, seed))
-            }
-            "scopegym/SpmTipConditioning-v2" => {
-                let c = cfg!(stc);
-                spm(c.instrument.mode, &|seed| stc::simulator(&c, seed))
-            }
+            "scopegym/AfmFeedbackTuning-v2" => spm_on!(afm),
+            "scopegym/PfmDomainWriting-v1" => spm_on!(pdw),
+            "scopegym/PfmSpectroscopyExplore-v1" => spm_on!(pse),
+            "scopegym/SpmAtomManipulation-v2" => spm_on!(sam),
+            "scopegym/SpmTipConditioning-v2" => spm_on!(stc),
             "scopegym/StemAutofocus-v2" => {
                 stem_on!(Lattice, saf::simulator(&cfg!(saf), seed))
             }

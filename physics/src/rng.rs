@@ -664,12 +664,19 @@ mod tests {
     use super::*;
     use rand::RngCore;
 
+    /// Mean and (biased) variance of `xs`.
+    fn mean_var(xs: impl IntoIterator<Item = f64> + Clone) -> (f64, f64) {
+        let n = xs.clone().into_iter().count() as f64;
+        let m = xs.clone().into_iter().sum::<f64>() / n;
+        let v = xs.into_iter().map(|x| (x - m).powi(2)).sum::<f64>() / n;
+        (m, v)
+    }
+
     /// `n` Poisson draws of mean `lam` and their (biased) sample variance;
     /// asserts the mean within 5 standard errors `sqrt(λ/n)` of `lam`.
     fn poisson_sample(rng: &mut SimRng, lam: f64, n: usize) -> (Vec<f64>, f64) {
         let xs: Vec<f64> = (0..n).map(|_| poisson(rng, lam)).collect();
-        let m = xs.iter().sum::<f64>() / n as f64;
-        let v = xs.iter().map(|x| (x - m).powi(2)).sum::<f64>() / n as f64;
+        let (m, v) = mean_var(xs.iter().copied());
         assert!(
             (m - lam).abs() < 5.0 * (lam / n as f64).sqrt(),
             "λ={lam} mean {m}"
@@ -779,8 +786,7 @@ mod tests {
         let mut z = vec![0.0f32; n];
         box_muller_pairs(&uni, &mut z);
         let zd: Vec<f64> = z.iter().map(|&v| f64::from(v)).collect();
-        let m = zd.iter().sum::<f64>() / n as f64;
-        let v = zd.iter().map(|x| (x - m).powi(2)).sum::<f64>() / n as f64;
+        let (m, v) = mean_var(zd.iter().copied());
         let k4 = zd.iter().map(|x| (x - m).powi(4)).sum::<f64>() / n as f64 / (v * v);
         assert!(m.abs() < 5.0 / (n as f64).sqrt(), "mean {m}");
         assert!(
@@ -863,8 +869,7 @@ mod tests {
             let mut out = vec![0.0f32; n];
             poisson_fill_approx(&mut seeded(77), &vec![l; n], &mut out, &mut sc, 10.0);
             let xs: Vec<f64> = out.iter().map(|&v| f64::from(v)).collect();
-            let m = xs.iter().sum::<f64>() / n as f64;
-            let v = xs.iter().map(|x| (x - m).powi(2)).sum::<f64>() / n as f64;
+            let (m, v) = mean_var(xs.iter().copied());
             let l = f64::from(l);
             assert!(
                 (m - l).abs() < 5.0 * (l / n as f64).sqrt(),
@@ -940,8 +945,7 @@ mod tests {
             let mut out = vec![0.0f32; n];
             poisson_fill(&mut rng, &means, &mut out, &mut PoissonScratch::default());
             assert!(out.iter().all(|v| *v >= 0.0 && v.fract() == 0.0));
-            let m = out.iter().map(|&v| f64::from(v)).sum::<f64>() / n as f64;
-            let v = out.iter().map(|&x| (f64::from(x) - m).powi(2)).sum::<f64>() / n as f64;
+            let (m, v) = mean_var(out.iter().map(|&v| f64::from(v)));
             let l = f64::from(lam);
             assert!(
                 (m - l).abs() < 5.0 * (l / n as f64).sqrt(),
@@ -1072,8 +1076,7 @@ mod tests {
             poisson_fill_batched(&mut rng, &means, &mut out, &mut scratch);
             assert!(out.iter().all(|v| *v >= 0.0 && v.fract() == 0.0), "λ={lam}");
             let l = f64::from(lam);
-            let m = out.iter().map(|&v| f64::from(v)).sum::<f64>() / n as f64;
-            let v = out.iter().map(|&x| (f64::from(x) - m).powi(2)).sum::<f64>() / n as f64;
+            let (m, v) = mean_var(out.iter().map(|&v| f64::from(v)));
             assert!(
                 (m - l).abs() < 5.0 * (l / n as f64).sqrt(),
                 "λ={lam} mean {m}"
