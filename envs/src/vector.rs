@@ -280,6 +280,34 @@ fn block_order(cost: &[u64], per: usize, members: usize) -> Vec<Vec<usize>> {
         .collect()
 }
 
+thread_local! {
+    /// Whether this thread is stepping envs of a [`VectorEnv`] right now.
+    static IN_VECTOR_ENV: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether the calling thread is stepping (or resetting) envs of a [`VectorEnv`]. The vector
+/// env shares its envs among the threads it was given, so an env should then not spread work
+/// of its own over more threads (a lone env may: a task's ground truth at reset, say). Either
+/// way the results are the same.
+pub fn in_vector_env() -> bool {
+    IN_VECTOR_ENV.with(std::cell::Cell::get)
+}
+
+/// Marks this thread as stepping a vector env's envs until dropped (then restores the mark).
+struct InVectorEnv(bool);
+
+impl InVectorEnv {
+    fn enter() -> Self {
+        Self(IN_VECTOR_ENV.with(|c| c.replace(true)))
+    }
+}
+
+impl Drop for InVectorEnv {
+    fn drop(&mut self) {
+        IN_VECTOR_ENV.with(|c| c.set(self.0));
+    }
+}
+
 /// Nanoseconds since `start` (saturating; a call never takes 584 years).
 fn nanos(start: std::time::Instant) -> u64 {
     u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX)
@@ -483,6 +511,7 @@ impl VectorEnv {
         let failed = AtomicBool::new(false);
         // `timed`: each env's time goes into its `cost` (the shared calls order blocks by it).
         let run_block = |first: usize, block: &mut [Slot], out: Outputs<'_>, timed: bool| {
+            let _mark = InVectorEnv::enter();
             for (k, s) in block.iter_mut().enumerate() {
                 let (start, resetting) = (timed.then(Instant::now), s.needs_reset);
                 if let Err(e) = f(first + k, s) {
@@ -852,6 +881,80 @@ mod tests {
         // Sharing that barely gains (1.05: two threads slowing each other) is not kept.
         let shared = choose(&mut c, 1024, |_| 1.05);
         assert!(shared <= 20, "{shared} of 1024 shared at a gain of 1.05");
+    }
+
+    /// The mark is set while a vector env steps its envs, on every thread, and only then.
+    #[test]
+    fn envs_know_when_a_vector_env_steps_them() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        static MARKED: AtomicUsize = AtomicUsize::new(0);
+        static CALLS: AtomicUsize = AtomicUsize::new(0);
+        struct Probe(Box<dyn Env>);
+        impl Env for Probe {
+            fn id(&self) -> &str {
+                self.0.id()
+            }
+            fn observation_space(&self) -> &Space {
+                self.0.observation_space()
+            }
+            fn action_space(&self) -> &Space {
+                self.0.action_space()
+            }
+            fn max_episode_steps(&self) -> usize {
+                self.0.max_episode_steps()
+            }
+            fn reset(&mut self, seed: Option<u64>) -> Result<(Value, Info)> {
+                CALLS.fetch_add(1, Ordering::Relaxed);
+                MARKED.fetch_add(usize::from(in_vector_env()), Ordering::Relaxed);
+                self.0.reset(seed)
+            }
+            fn step(&mut self, action: &Value) -> Result<crate::env::Step> {
+                CALLS.fetch_add(1, Ordering::Relaxed);
+                MARKED.fetch_add(usize::from(in_vector_env()), Ordering::Relaxed);
+                self.0.step(action)
+            }
+            fn render(&self) -> crate::env::RgbImage {
+                self.0.render()
+            }
+            fn heuristic_action(&mut self, obs: &Value) -> Value {
+                self.0.heuristic_action(obs)
+            }
+        }
+        for threads in [1, 2] {
+            let envs = (0..4)
+                .map(|_| {
+                    let e = make("scopegym/StemDopantSteer-v1", None).unwrap();
+                    Box::new(Probe(e)) as Box<dyn Env>
+                })
+                .collect();
+            let mut v = VectorEnv::new(envs, AutoReset::NextStep, threads).unwrap();
+            assert!(!in_vector_env());
+            let mut probe = Probe(make("scopegym/StemDopantSteer-v1", None).unwrap());
+            probe.reset(Some(1)).unwrap();
+            assert_eq!(
+                MARKED.swap(0, Ordering::Relaxed),
+                0,
+                "a lone env was marked"
+            );
+            CALLS.store(0, Ordering::Relaxed);
+            v.reset(Some(0)).unwrap();
+            let actions: Vec<Value> = (0..4)
+                .map(|_| {
+                    v.env(0)
+                        .action_space()
+                        .sample(&mut scopegym_physics::rng::seeded(3))
+                })
+                .collect();
+            for _ in 0..3 {
+                v.step(&actions).unwrap();
+            }
+            let (marked, calls) = (
+                MARKED.swap(0, Ordering::Relaxed),
+                CALLS.swap(0, Ordering::Relaxed),
+            );
+            assert_eq!((marked, calls), (16, 16), "{threads} thread(s)");
+            assert!(!in_vector_env(), "the mark outlived the call");
+        }
     }
 
     /// Every block goes to exactly one member, in its own range, the costliest first.

@@ -128,6 +128,7 @@ use crate::level::{Difficulty, Split};
 use crate::space::{Space, Value};
 use crate::tasks::stem_eels_explore::{CellPosterior, cell_patches, check_posterior, f, u};
 use crate::tasks::{Fidelity, NewEpisode, TaskConfig, config_from_toml, pfm_simulator};
+use rayon::prelude::*;
 use scopegym_physics::instrument::{PointSpectroscopy, ScanSettings, SpmInstrument, SpmMode};
 use scopegym_physics::spm::ferro::{FerroFilm, TipProtocol, loop_coercive, triangle_waveform};
 use scopegym_physics::spm::sim::{SpmConfig, SpmSimulator};
@@ -613,9 +614,9 @@ impl LoopOracle {
     }
 
     /// Normalized loop areas ([`loop_area`] with `span`, over the waveform from `loop_start`)
-    /// at `positions`, each on a fresh copy, in order on the calling thread (the vector env
-    /// shares the envs among its threads; a pool of the task's own would take the cores
-    /// beside them, so `--threads 1` would not mean one).
+    /// at `positions`, each on a fresh copy: in parallel on rayon's global pool for a lone env,
+    /// in order on the calling thread inside a vector env (which shares the envs among the
+    /// threads it was given: `--threads 1` means one). The areas are the same either way.
     pub fn areas(
         &self,
         positions: &[[f64; 2]],
@@ -624,10 +625,14 @@ impl LoopOracle {
         span: f64,
     ) -> Vec<f64> {
         let s = loop_start.min(waveform.len());
-        positions
-            .iter()
-            .map(|&p| despiked_loop_area(&waveform[s..], &self.response(p, waveform)[s..], span))
-            .collect()
+        let area = |&p: &[f64; 2]| {
+            despiked_loop_area(&waveform[s..], &self.response(p, waveform)[s..], span)
+        };
+        if crate::vector::in_vector_env() {
+            positions.iter().map(area).collect()
+        } else {
+            positions.par_iter().map(area).collect()
+        }
     }
 }
 
