@@ -181,8 +181,9 @@ struct ShareChooser {
     /// Whether the mean started at the first measured call (not at a try after a spell
     /// alone): the first `FIRST_SAMPLES` calls of a vector env all share, whatever they gain.
     first: bool,
-    /// Shared calls made (the first is not measured: the helper threads start then).
-    shared: u64,
+    /// Whether a shared call was made (the first is not measured: the helper threads start
+    /// then).
+    warm: bool,
     /// Calls made alone since the last try.
     alone: u64,
     /// Calls alone between two tries.
@@ -195,7 +196,7 @@ impl Default for ShareChooser {
             gain: None,
             samples: 0,
             first: true,
-            shared: 0,
+            warm: false,
             alone: 0,
             every: Self::PROBE_MIN,
         }
@@ -242,8 +243,7 @@ impl ShareChooser {
     /// A try after a spell alone replaces the mean (the old one is stale: the load may have
     /// changed since).
     fn record(&mut self, cpu_ns: u64, wall_ns: u64) {
-        self.shared += 1;
-        if self.shared == 1 {
+        if !std::mem::replace(&mut self.warm, true) {
             return;
         }
         let g = cpu_ns as f64 / wall_ns.max(1) as f64;

@@ -672,15 +672,29 @@ mod tests {
         (m, v)
     }
 
+    /// Mean and (biased) variance of `n` Poisson draws `xs` of mean `lam`; asserts the mean
+    /// within 5 standard errors `sqrt(λ/n)` of `lam`.
+    fn poisson_mean_var(xs: impl IntoIterator<Item = f64> + Clone, lam: f64) -> (f64, f64) {
+        let n = xs.clone().into_iter().count() as f64;
+        let (m, v) = mean_var(xs);
+        assert!((m - lam).abs() < 5.0 * (lam / n).sqrt(), "λ={lam} mean {m}");
+        (m, v)
+    }
+
+    /// Asserts the (biased) variance `v` of `n` Poisson draws of mean `lam` within 5 standard
+    /// errors of `lam` (the sample variance's variance is about `(2λ² + λ)/n`).
+    fn assert_poisson_var(v: f64, lam: f64, n: usize) {
+        assert!(
+            (v - lam).abs() < 5.0 * ((2.0 * lam * lam + lam) / n as f64).sqrt(),
+            "λ={lam} var {v}"
+        );
+    }
+
     /// `n` Poisson draws of mean `lam` and their (biased) sample variance;
     /// asserts the mean within 5 standard errors `sqrt(λ/n)` of `lam`.
     fn poisson_sample(rng: &mut SimRng, lam: f64, n: usize) -> (Vec<f64>, f64) {
         let xs: Vec<f64> = (0..n).map(|_| poisson(rng, lam)).collect();
-        let (m, v) = mean_var(xs.iter().copied());
-        assert!(
-            (m - lam).abs() < 5.0 * (lam / n as f64).sqrt(),
-            "λ={lam} mean {m}"
-        );
+        let (_, v) = poisson_mean_var(xs.iter().copied(), lam);
         (xs, v)
     }
 
@@ -869,12 +883,8 @@ mod tests {
             let mut out = vec![0.0f32; n];
             poisson_fill_approx(&mut seeded(77), &vec![l; n], &mut out, &mut sc, 10.0);
             let xs: Vec<f64> = out.iter().map(|&v| f64::from(v)).collect();
-            let (m, v) = mean_var(xs.iter().copied());
             let l = f64::from(l);
-            assert!(
-                (m - l).abs() < 5.0 * (l / n as f64).sqrt(),
-                "λ={l}: mean {m}"
-            );
+            let (m, v) = poisson_mean_var(xs.iter().copied(), l);
             assert!((v / l - 1.0).abs() < 0.02, "λ={l}: variance {v}");
             // Neighbouring pixels are independent.
             let c = xs.windows(2).map(|w| (w[0] - m) * (w[1] - m)).sum::<f64>() / (n as f64 * v);
@@ -891,11 +901,7 @@ mod tests {
         for &lam in &[0.3, 2.5, 9.9, 10.0, 25.0, 2500.0] {
             let n = 200_000;
             let (_, v) = poisson_sample(&mut rng, lam, n);
-            // Variance of the sample variance ~ (2λ² + λ)/n.
-            assert!(
-                (v - lam).abs() < 5.0 * ((2.0 * lam * lam + lam) / n as f64).sqrt(),
-                "λ={lam} var {v}"
-            );
+            assert_poisson_var(v, lam, n);
         }
     }
 
@@ -945,16 +951,9 @@ mod tests {
             let mut out = vec![0.0f32; n];
             poisson_fill(&mut rng, &means, &mut out, &mut PoissonScratch::default());
             assert!(out.iter().all(|v| *v >= 0.0 && v.fract() == 0.0));
-            let (m, v) = mean_var(out.iter().map(|&v| f64::from(v)));
             let l = f64::from(lam);
-            assert!(
-                (m - l).abs() < 5.0 * (l / n as f64).sqrt(),
-                "λ={lam} mean {m}"
-            );
-            assert!(
-                (v - l).abs() < 5.0 * ((2.0 * l * l + l) / n as f64).sqrt(),
-                "λ={lam} var {v}"
-            );
+            let (_, v) = poisson_mean_var(out.iter().map(|&v| f64::from(v)), l);
+            assert_poisson_var(v, l, n);
             // P(0) = e^{-λ}.
             let p0 = out.iter().filter(|&&v| v == 0.0).count() as f64 / n as f64;
             let e0 = (-l).exp();
@@ -1076,15 +1075,8 @@ mod tests {
             poisson_fill_batched(&mut rng, &means, &mut out, &mut scratch);
             assert!(out.iter().all(|v| *v >= 0.0 && v.fract() == 0.0), "λ={lam}");
             let l = f64::from(lam);
-            let (m, v) = mean_var(out.iter().map(|&v| f64::from(v)));
-            assert!(
-                (m - l).abs() < 5.0 * (l / n as f64).sqrt(),
-                "λ={lam} mean {m}"
-            );
-            assert!(
-                (v - l).abs() < 5.0 * ((2.0 * l * l + l) / n as f64).sqrt(),
-                "λ={lam} var {v}"
-            );
+            let (_, v) = poisson_mean_var(out.iter().map(|&v| f64::from(v)), l);
+            assert_poisson_var(v, l, n);
             let (lo, hi) = ((l - 3.0 * l.sqrt()) as usize, (l + 3.0 * l.sqrt()) as usize);
             let lf = ln_factorials(hi + 1);
             // Histogram bins of one count up to λ = 3000, of 40 counts beyond.
