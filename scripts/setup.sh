@@ -22,6 +22,8 @@ fi
 if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
 fi
+# No pip cache: PyTorch's wheels with their CUDA libraries take about 3.5 GB, and a cached copy
+# beside the installed 5.7 GB fills small CI disks.
 if ! .venv/bin/python -c "import numpy, scipy, h5py, pytest, gymnasium, stable_baselines3, minari, mypy, maturin, PIL, torch, botorch, ray, mcp, selenium" 2>/dev/null; then
-    .venv/bin/pip install -q --disable-pip-version-check -r requirements-dev.txt
+    .venv/bin/pip install -q --disable-pip-version-check --no-cache-dir -r requirements-dev.txt
 fi

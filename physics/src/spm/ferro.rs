@@ -525,10 +525,6 @@ impl FerroFilm {
         };
         let w2 = width * width;
         let curv = m.curvature * gamma * k;
-        let min_image = |d: f64, n: usize| {
-            let d = d.rem_euclid(n as f64);
-            d.min(n as f64 - d)
-        };
         // Tip field and wall velocity at a cell (None: frozen, or the wall cannot enter).
         let (bias, well) = (&self.bias, &self.well);
         let speed = |i: usize, j: usize| -> Option<f64> {
@@ -556,19 +552,18 @@ impl FerroFilm {
             reach.min((nx as i64 - 1) / 2),
         );
         let (ci, cj) = (y.round() as i64, x.round() as i64);
-        let wrap = |i: i64, n: usize| i.rem_euclid(n as i64) as usize;
         let along = |v: f32| v * sf > 0.0;
         self.touched.clear();
         // Walls of domains already along the field start at time 0.
         for di in -hy..=hy {
-            let i = wrap(ci + di, ny);
-            let (up, dn) = (wrap(ci + di - 1, ny), wrap(ci + di + 1, ny));
+            let i = wrap_index(ci + di, ny);
+            let (up, dn) = (wrap_index(ci + di - 1, ny), wrap_index(ci + di + 1, ny));
             for dj in -hx..=hx {
-                let j = wrap(cj + dj, nx);
+                let j = wrap_index(cj + dj, nx);
                 if !along(self.p[i * nx + j]) {
                     continue;
                 }
-                let (l, r) = (wrap(cj + dj - 1, nx), wrap(cj + dj + 1, nx));
+                let (l, r) = (wrap_index(cj + dj - 1, nx), wrap_index(cj + dj + 1, nx));
                 let against = [up, i, dn]
                     .iter()
                     .any(|&ii| [l, j, r].iter().any(|&jj| !along(self.p[ii * nx + jj])));
@@ -587,11 +582,11 @@ impl FerroFilm {
         let hn = tip_field_reach(amp, width, 0.5 * e_n0).ceil() as i64;
         let (ny_h, nx_h) = (hn.min((ny as i64 - 1) / 2), hn.min((nx as i64 - 1) / 2));
         for di in -ny_h..=ny_h {
-            let i = wrap(ci + di, ny);
-            let (up, dn) = (wrap(ci + di - 1, ny), wrap(ci + di + 1, ny));
+            let i = wrap_index(ci + di, ny);
+            let (up, dn) = (wrap_index(ci + di - 1, ny), wrap_index(ci + di + 1, ny));
             let dy = min_image(i as f64 - y, ny);
             for dj in -nx_h..=nx_h {
-                let j = wrap(cj + dj, nx);
+                let j = wrap_index(cj + dj, nx);
                 let c = i * nx + j;
                 if along(self.p[c]) {
                     continue;
@@ -602,8 +597,8 @@ impl FerroFilm {
                     continue;
                 }
                 let (l, r) = (
-                    i * nx + wrap(cj + dj - 1, nx),
-                    i * nx + wrap(cj + dj + 1, nx),
+                    i * nx + wrap_index(cj + dj - 1, nx),
+                    i * nx + wrap_index(cj + dj + 1, nx),
                 );
                 let five = [c, l, r, up * nx + j, dn * nx + j];
                 let h = five.iter().map(|&q| f64::from(self.bias[q])).sum::<f64>() / 5.0;
@@ -636,7 +631,7 @@ impl FerroFilm {
             }
             let (i, j) = (c / nx, c % nx);
             for &(di, dj) in &STENCIL {
-                let (ii, jj) = (wrap(i as i64 + di, ny), wrap(j as i64 + dj, nx));
+                let (ii, jj) = (wrap_index(i as i64 + di, ny), wrap_index(j as i64 + dj, nx));
                 let nb = ii * nx + jj;
                 if along(self.p[nb]) {
                     continue;
@@ -692,7 +687,6 @@ impl FerroFilm {
             (half as i64).min((ny as i64 - 1) / 2),
             (half as i64).min((nx as i64 - 1) / 2),
         );
-        let wrap = |i: i64, n: usize| i.rem_euclid(n as i64) as usize;
         let kernel: Vec<f32> = {
             let k: Vec<f64> = (-r..=r)
                 .map(|d| (-0.5 * (d * d) as f64 / (sigma * sigma)).exp())
@@ -706,9 +700,9 @@ impl FerroFilm {
         let ey = wy + 2 * r as usize;
         let mut ind = vec![0f32; ey * ex];
         for a in 0..ey {
-            let i = wrap(ci - hy - r + a as i64, ny);
+            let i = wrap_index(ci - hy - r + a as i64, ny);
             for b in 0..ex {
-                let j = wrap(cj - hx - r + b as i64, nx);
+                let j = wrap_index(cj - hx - r + b as i64, nx);
                 ind[a * ex + b] = if self.p[i * nx + j] * sf > 0.0 {
                     1.0
                 } else {
@@ -729,9 +723,9 @@ impl FerroFilm {
         let mut cells: Vec<(f32, u32)> = Vec::with_capacity(wy * wx);
         let mut area = 0usize;
         for a in 0..wy {
-            let i = wrap(ci - hy + a as i64, ny);
+            let i = wrap_index(ci - hy + a as i64, ny);
             for b in 0..wx {
-                let j = wrap(cj - hx + b as i64, nx);
+                let j = wrap_index(cj - hx + b as i64, nx);
                 let u: f32 = kernel
                     .iter()
                     .enumerate()
@@ -742,8 +736,7 @@ impl FerroFilm {
                 cells.push((u, c as u32));
             }
         }
-        // The `area` cells of the largest blurred indicator (ties: the lower index first).
-        cells.sort_unstable_by(|x, y| y.0.total_cmp(&x.0).then(x.1.cmp(&y.1)));
+        largest_first(&mut cells, area);
         for (k, &(_, c)) in cells.iter().enumerate() {
             let c = c as usize;
             let along = self.p[c] * sf > 0.0;
@@ -776,10 +769,6 @@ impl FerroFilm {
         let [ny, nx] = self.shape;
         let w2 = width * width;
         // Periodic minimum-image distances: x² per column once, y² per row.
-        let min_image = |d: f64, n: usize| {
-            let d = d.rem_euclid(n as f64);
-            d.min(n as f64 - d)
-        };
         self.dx2.clear();
         self.dx2.extend((0..nx).map(|j| {
             let dx = min_image(j as f64 - x, nx);
@@ -811,23 +800,19 @@ impl FerroFilm {
             return;
         }
         let w2 = width * width;
-        let min_image = |d: f64, n: usize| {
-            let d = d.rem_euclid(n as f64);
-            d.min(n as f64 - d)
-        };
         let (ci, cj, h) = (y.round() as i64, x.round() as i64, half as i64);
         self.dx2.clear();
         self.dx2.extend((-h..=h).map(|d| {
-            let j = (cj + d).rem_euclid(nx as i64) as f64;
+            let j = wrap_index(cj + d, nx) as f64;
             let dx = min_image(j - x, nx);
             dx * dx
         }));
         for di in -h..=h {
-            let i = (ci + di).rem_euclid(ny as i64) as usize;
+            let i = wrap_index(ci + di, ny);
             let dy = min_image(i as f64 - y, ny);
             let dy2 = dy * dy;
             for (dj, &dx2) in (-h..=h).zip(&self.dx2) {
-                let j = (cj + dj).rem_euclid(nx as i64) as usize;
+                let j = wrap_index(cj + dj, nx);
                 self.field[i * nx + j] = (amplitude / (1.0 + (dx2 + dy2) / w2)) as f32;
             }
         }
@@ -1099,40 +1084,43 @@ pub fn pfm_response(film: &FerroFilm, tip_sigma: f64) -> ndarray::Array2<f64> {
         .map(|k| (-(k * k) as f64 / (2.0 * tip_sigma.max(1e-6).powi(2))).exp())
         .collect();
     let norm: f64 = w.iter().sum();
-    // Each pass sums its taps in the order of `w` (offset -r first), so the result does not
-    // depend on how the periodic indices are found: they are tabulated once per axis.
-    let taps = |n: usize| -> Vec<usize> {
-        (0..n as i64)
-            .flat_map(|i| (-r..=r).map(move |k| (i + k).rem_euclid(n as i64) as usize))
-            .collect()
-    };
-    let tw = w.len();
+    // Each pass sums its taps in the order of `w` (offset -r first) for every output value,
+    // so the result does not depend on how the periodic indices are found; the passes run tap
+    // by tap over whole rows, so the inner loops vectorize.
+    let tw = w.len() as i64;
     let src: Vec<f64> = p.iter().map(|&v| f64::from(v)).collect();
-    // Along the rows (axis 0) ...
-    let rows = taps(ny);
+    // Along the rows (axis 0): row i gathers rows (i + t − r) mod ny ...
     let mut mid = vec![0.0f64; ny * nx];
-    for i in 0..ny {
-        let idx = &rows[i * tw..(i + 1) * tw];
-        let out = &mut mid[i * nx..(i + 1) * nx];
-        for (j, o) in out.iter_mut().enumerate() {
-            let mut acc = 0.0;
-            for (&ii, &wk) in idx.iter().zip(&w) {
-                acc += wk * src[ii * nx + j];
+    for (i, out) in mid.chunks_exact_mut(nx.max(1)).enumerate() {
+        for (t, &wk) in w.iter().enumerate() {
+            let ii = (i as i64 + t as i64 - r).rem_euclid(ny as i64) as usize;
+            for (o, &v) in out.iter_mut().zip(&src[ii * nx..(ii + 1) * nx]) {
+                *o += wk * v;
             }
-            *o = acc / norm;
         }
+        out.iter_mut().for_each(|o| *o /= norm);
     }
-    // ... then along the columns (axis 1).
-    let cols = taps(nx);
+    // ... then along the columns (axis 1), over each row extended periodically by r on both
+    // sides: column j's tap t is the extended row's value j + t.
+    let ext_idx: Vec<usize> = (0..nx as i64 + tw - 1)
+        .map(|q| (q - r).rem_euclid(nx as i64) as usize)
+        .collect();
+    let mut ext = vec![0.0f64; ext_idx.len()];
+    let mut acc = vec![0.0f64; nx];
     let mut out = ndarray::Array2::<f64>::zeros((ny, nx));
     for (i, mut orow) in out.rows_mut().into_iter().enumerate() {
         let row = &mid[i * nx..(i + 1) * nx];
-        for (j, o) in orow.iter_mut().enumerate() {
-            let mut acc = 0.0;
-            for (&jj, &wk) in cols[j * tw..(j + 1) * tw].iter().zip(&w) {
-                acc += wk * row[jj];
+        for (e, &q) in ext.iter_mut().zip(&ext_idx) {
+            *e = row[q];
+        }
+        acc.fill(0.0);
+        for (t, &wk) in w.iter().enumerate() {
+            for (a, &v) in acc.iter_mut().zip(&ext[t..t + nx]) {
+                *a += wk * v;
             }
-            *o = acc / norm;
+        }
+        for (o, &a) in orow.iter_mut().zip(&acc) {
+            *o = a / norm;
         }
     }
     out
@@ -1359,6 +1347,47 @@ const STENCIL: [(i64, i64); 16] = [
     (2, 1),
 ];
 
+/// `i mod n` in `0..n` (`i.rem_euclid(n)`), without a division for `i` in `-n..2n`.
+#[inline]
+fn wrap_index(i: i64, n: usize) -> usize {
+    let n = n as i64;
+    if (0..n).contains(&i) {
+        i as usize
+    } else if (-n..0).contains(&i) {
+        (i + n) as usize
+    } else if (n..2 * n).contains(&i) {
+        (i - n) as usize
+    } else {
+        i.rem_euclid(n) as usize
+    }
+}
+
+/// The periodic minimum-image distance of a displacement `d` on a ring of `n` cells:
+/// `d.rem_euclid(n)`, then the smaller of that and `n` minus it. The same operations as
+/// `rem_euclid` for `d` in `(-n, n)`, without its `fmod`.
+#[inline]
+fn min_image(d: f64, n: usize) -> f64 {
+    let nf = n as f64;
+    let d = if (0.0..nf).contains(&d) {
+        d
+    } else if d < 0.0 && d > -nf {
+        d + nf
+    } else {
+        d.rem_euclid(nf)
+    };
+    d.min(nf - d)
+}
+
+/// Moves the `area` entries `(value, index)` of the largest values (ties: the lower index
+/// first) to the front of `cells`, in no particular order. The order is strict, so which
+/// entries those are does not depend on how they are found: a selection finds the same ones
+/// as a full sort, in linear time.
+fn largest_first(cells: &mut [(f32, u32)], area: usize) {
+    if area < cells.len() {
+        cells.select_nth_unstable_by(area, |x, y| y.0.total_cmp(&x.0).then(x.1.cmp(&y.1)));
+    }
+}
+
 /// `p₁ + p₃ − 2p₂` for the roots `p₁ < p₂ < p₃` of `p³ − p − ε = 0`, `ε ≥ 0`: with it the
 /// planar front of `∂p/∂t = D∇²p − A(p − p₁)(p − p₂)(p − p₃)` moves at
 /// `sqrt(AD/2)·(p₁ + p₃ − 2p₂)` (the exact travelling wave of the cubic reaction-diffusion
@@ -1367,15 +1396,13 @@ const STENCIL: [(i64, i64); 16] = [
 pub fn kink_asymmetry(eps: f64) -> f64 {
     let fold = 2.0 / (3.0 * 3f64.sqrt());
     let e = eps.clamp(0.0, fold);
-    // Trigonometric roots: p = (2/√3)·cos(θ/3 − 2πk/3), cos θ = ε·3√3/2.
+    // Trigonometric roots: p = (2/√3)·cos(θ/3 − 2πk/3), cos θ = ε·3√3/2, θ ∈ [0, π/2]. So
+    // p₃ = r·cos(θ/3) ≥ p₂ = r·cos(θ/3 − 2π/3) ≥ p₁ = r·cos(θ/3 + 2π/3), and the three sum to
+    // zero (the cubic has no p² term): p₁ + p₃ − 2p₂ = −3p₂.
     let theta = (e / fold).clamp(-1.0, 1.0).acos();
     let r = 2.0 / 3f64.sqrt();
     let tau = 2.0 * std::f64::consts::PI / 3.0;
-    let p3 = r * (theta / 3.0).cos();
-    let p2 = r * (theta / 3.0 + tau).cos();
-    let p1 = r * (theta / 3.0 - tau).cos();
-    let (lo, mid) = (p1.min(p2), p1.max(p2));
-    lo + p3 - 2.0 * mid
+    -3.0 * r * (theta / 3.0 - tau).cos()
 }
 
 /// The constants of one explicit TDGL step (see [`FerroFilm::run`]).
@@ -1589,6 +1616,59 @@ mod tests {
     /// The tabulated [`pfm_response`] against the plain periodic convolution (rows, then
     /// columns, taps summed from offset -r), bit for bit, for several widths and a film that is
     /// not square.
+    #[test]
+    fn periodic_helpers_equal_rem_euclid() {
+        for n in [1usize, 2, 5, 64] {
+            let ni = n as i64;
+            for i in -3 * ni..3 * ni {
+                assert_eq!(wrap_index(i, n), i.rem_euclid(ni) as usize, "{i} mod {n}");
+            }
+            let nf = n as f64;
+            let mut rng = seeded(n as u64);
+            let edges = [
+                0.0,
+                -0.0,
+                nf,
+                -nf,
+                2.0 * nf,
+                -2.0 * nf,
+                0.5,
+                -0.5,
+                nf - 1e-12,
+            ];
+            let draws: Vec<f64> = (0..2000)
+                .map(|_| rng.random_range(-3.0 * nf..3.0 * nf))
+                .collect();
+            for d in edges.into_iter().chain(draws) {
+                let r = d.rem_euclid(nf);
+                let want = r.min(nf - r);
+                assert_eq!(min_image(d, n).to_bits(), want.to_bits(), "{d} on {n}");
+            }
+        }
+    }
+
+    #[test]
+    fn largest_first_selects_what_a_full_sort_puts_first() {
+        let mut rng = seeded(4);
+        for n in [0usize, 1, 2, 7, 64, 1000] {
+            // Values on a coarse grid, so that many tie and the index decides.
+            let cells: Vec<(f32, u32)> = (0..n as u32)
+                .map(|c| ((rng.random_range(0..6) as f32) * 0.25, c * 7 % 1009))
+                .collect();
+            let mut sorted = cells.clone();
+            sorted.sort_unstable_by(|x, y| y.0.total_cmp(&x.0).then(x.1.cmp(&y.1)));
+            for area in [0, n / 3, n / 2, n.saturating_sub(1), n] {
+                let mut got = cells.clone();
+                largest_first(&mut got, area);
+                let mut front: Vec<u32> = got[..area].iter().map(|c| c.1).collect();
+                let mut want: Vec<u32> = sorted[..area].iter().map(|c| c.1).collect();
+                front.sort_unstable();
+                want.sort_unstable();
+                assert_eq!(front, want, "n {n}, area {area}");
+            }
+        }
+    }
+
     #[test]
     fn pfm_response_is_the_plain_periodic_blur_bit_for_bit() {
         let mut film = FerroFilm::new(&FerroConfig::default(), [24, 40], 5).unwrap();
