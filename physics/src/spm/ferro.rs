@@ -309,7 +309,8 @@ pub struct FerroFilm {
     field: Vec<f32>,
     /// Squared column distances of [`FerroFilm::set_tip_field`] (scratch).
     dx2: Vec<f64>,
-    /// The window of [`FerroFilm::run_window`] with its halo, two copies (scratch).
+    /// The window of [`FerroFilm::run_window`]: its polarization with a one-cell halo, twice,
+    /// then its field, bias and well (scratch).
     window: Vec<f32>,
     /// Arrival times of [`FerroFilm::switch_pulse`] (scratch, infinite between calls).
     arrival: Vec<f32>,
