@@ -812,18 +812,14 @@ impl FerroFilm {
             dx * dx
         }));
         // The window's columns as at most two contiguous runs of the film's row.
-        let w = 2 * half + 1;
-        let j0 = wrap_index(cj - h, nx);
-        let first = w.min(nx - j0);
+        let runs = column_runs(cj - h, 2 * half + 1, nx);
         for di in -h..=h {
             let i = wrap_index(ci + di, ny);
             let dy = min_image(i as f64 - y, ny);
             let dy2 = dy * dy;
-            // (`w − first ≤ j0`: the window is narrower than the film.)
-            let (lo, hi) = self.field[i * nx..(i + 1) * nx].split_at_mut(j0);
-            let (a, b) = self.dx2.split_at(first);
-            for (out, dx2) in [(&mut hi[..first], a), (&mut lo[..w - first], b)] {
-                for (f, &dx2) in out.iter_mut().zip(dx2) {
+            let row = &mut self.field[i * nx..(i + 1) * nx];
+            for &(o, j, len) in &runs {
+                for (f, &dx2) in row[j..j + len].iter_mut().zip(&self.dx2[o..o + len]) {
                     *f = (amplitude / (1.0 + (dx2 + dy2) / w2)) as f32;
                 }
             }
@@ -941,20 +937,15 @@ impl FerroFilm {
         // the film map onto the local ones as at most two contiguous runs `(local column,
         // film column, length)` (the window may wrap across the film's edge).
         let wp = w + 2;
-        let runs = |from: i64, len: usize| {
-            let j0 = wrap_index(from, nx);
-            let first = len.min(nx - j0);
-            [(0, j0, first), (first, 0, len - first)]
-        };
-        let (halo_runs, inner_runs) = (runs(cj - h - 1, wp), runs(cj - h, w));
+        let (halo_runs, inner_runs) = (column_runs(cj - h - 1, wp, nx), column_runs(cj - h, w, nx));
         let mut buf = std::mem::take(&mut self.window);
         let need = 2 * wp * wp + 3 * w * w;
         if buf.len() < need {
             buf.resize(need, 0.0);
         }
         // (Every value used is written below.)
-        let (cur, rest) = buf[..need].split_at_mut(wp * wp);
-        let (next, rest) = rest.split_at_mut(wp * wp);
+        let (mut cur, rest) = buf[..need].split_at_mut(wp * wp);
+        let (mut next, rest) = rest.split_at_mut(wp * wp);
         let (field, rest) = rest.split_at_mut(w * w);
         let (bias, well) = rest.split_at_mut(w * w);
         for a in 0..wp {
@@ -974,7 +965,6 @@ impl FerroFilm {
             }
         }
         next.copy_from_slice(cur);
-        let (mut cur, mut next) = (cur, next);
         let mut ran = steps;
         for step in 0..steps {
             tdgl_window(cur, next, field, bias, well, w, c);
@@ -1136,7 +1126,7 @@ pub fn pfm_response(film: &FerroFilm, tip_sigma: f64) -> ndarray::Array2<f64> {
     let mut mid = vec![0.0f64; ny * nx];
     for (i, out) in mid.chunks_exact_mut(nx.max(1)).enumerate() {
         for (t, &wk) in w.iter().enumerate() {
-            let ii = (i as i64 + t as i64 - r).rem_euclid(ny as i64) as usize;
+            let ii = wrap_index(i as i64 + t as i64 - r, ny);
             for (o, &v) in out.iter_mut().zip(&src[ii * nx..(ii + 1) * nx]) {
                 *o += wk * v;
             }
@@ -1146,7 +1136,7 @@ pub fn pfm_response(film: &FerroFilm, tip_sigma: f64) -> ndarray::Array2<f64> {
     // ... then along the columns (axis 1), over each row extended periodically by r on both
     // sides: column j's tap t is the extended row's value j + t.
     let ext_idx: Vec<usize> = (0..nx as i64 + tw - 1)
-        .map(|q| (q - r).rem_euclid(nx as i64) as usize)
+        .map(|q| wrap_index(q - r, nx))
         .collect();
     let mut ext = vec![0.0f64; ext_idx.len()];
     let mut acc = vec![0.0f64; nx];
@@ -1436,6 +1426,15 @@ fn min_image(d: f64, n: usize) -> f64 {
     d.min(nf - d)
 }
 
+/// Columns `from..from + len` of a periodic row of `nx` cells (`len ≤ nx`) as at most two
+/// contiguous runs `(local column, film column, length)`: the part up to the row's end, then
+/// the part wrapped to its start (empty when the window does not wrap).
+fn column_runs(from: i64, len: usize, nx: usize) -> [(usize, usize, usize); 2] {
+    let j0 = wrap_index(from, nx);
+    let first = len.min(nx - j0);
+    [(0, j0, first), (first, 0, len - first)]
+}
+
 /// Moves the `area` entries `(value, index)` of the largest values (ties: the lower index
 /// first) to the front of `cells`, in no particular order. The order is strict, so which
 /// entries those are does not depend on how they are found: a selection finds the same ones
@@ -1705,6 +1704,28 @@ mod tests {
                     }
                     let want: f64 = acc / norm;
                     assert_eq!(got[i * nx + j].to_bits(), want.to_bits(), "sigma {sigma}");
+                }
+            }
+        }
+    }
+
+    /// `column_runs` lists the columns `(from + k) mod nx`, `k < len`, in order, as two
+    /// contiguous runs whose local columns follow on: every start within three periods, every
+    /// length up to the row's.
+    #[test]
+    fn column_runs_cover_the_window_in_order() {
+        for nx in 1..12usize {
+            for from in -3 * nx as i64..3 * nx as i64 {
+                for len in 0..=nx {
+                    let runs = column_runs(from, len, nx);
+                    let listed: Vec<(usize, usize)> = runs
+                        .iter()
+                        .flat_map(|&(o, j, n)| (0..n).map(move |k| (o + k, j + k)))
+                        .collect();
+                    let want: Vec<(usize, usize)> = (0..len)
+                        .map(|k| (k, (from + k as i64).rem_euclid(nx as i64) as usize))
+                        .collect();
+                    assert_eq!(listed, want, "nx {nx}, from {from}, len {len}");
                 }
             }
         }

@@ -407,7 +407,8 @@ pub fn bilinear<T: Copy + Into<f64>>(
     let (ny, nx) = grid.dim();
     // With all four nodes on the grid, direct reads (the periodic continuation adds nothing).
     let ((i, j), w) = bilinear_cell([ny, nx], cell, x, y);
-    if j >= 0 && i >= 0 && j + 1 < nx as i64 && i + 1 < ny as i64 {
+    // `j < nx − 1`, not `j + 1 < nx`: a saturated index (an infinite position) must not wrap.
+    if j >= 0 && i >= 0 && j < nx as i64 - 1 && i < ny as i64 - 1 {
         let (i, j) = (i as usize, j as usize);
         let node = |i: usize, j: usize| -> f64 { grid[[i, j]].into() };
         return bilinear_mix(
@@ -442,7 +443,8 @@ pub fn bilinear_into<T: Copy + Into<f64>>(
     };
     for ((o, &x), &y) in out.iter_mut().zip(xs).zip(ys) {
         let ((i, j), w) = bilinear_cell([ny, nx], cell, x, y);
-        *o = if j >= 0 && i >= 0 && j + 1 < nx as i64 && i + 1 < ny as i64 {
+        // As in `bilinear`.
+        *o = if j >= 0 && i >= 0 && j < nx as i64 - 1 && i < ny as i64 - 1 {
             let a = i as usize * nx + j as usize;
             let (top, bottom) = (&g[a..a + 2], &g[a + nx..a + nx + 2]);
             bilinear_mix(
@@ -765,5 +767,59 @@ mod tests {
             assert!((f64::from(v) - (a * x + b * y)).abs() < 1e-5, "({i}, {j})");
         }
         assert!(pad_periodic(f32grid.view(), rise, 2, padded.view_mut()).is_err());
+    }
+
+    /// `bilinear_into` gives `bilinear`'s value, as `f32`, bit for bit: random positions inside
+    /// the grid, past its edges and several periods away, on its nodes and edges, and NaN and
+    /// ±∞, which give a non-finite value (before, an infinite position overflowed the index
+    /// check: a panic in debug builds, an out-of-range slice in release).
+    #[test]
+    fn bilinear_into_equals_the_pointwise_sampler() {
+        let (ny, nx, cell) = (7usize, 11usize, 0.37);
+        let mut rng = seeded(3);
+        let grid = Array2::from_shape_fn((ny, nx), |_| (normal(&mut rng) * 1e-9) as f32);
+        let rise = [0.2e-9, -0.1e-9];
+        let (lx, ly) = (nx as f64 * cell, ny as f64 * cell);
+        for n in [0usize, 1, 5, 63, 64, 65, 130, 200] {
+            let mut xs: Vec<f64> = (0..n)
+                .map(|_| (rng.random::<f64>() - 0.5) * 3.0 * lx)
+                .collect();
+            let mut ys: Vec<f64> = (0..n)
+                .map(|_| (rng.random::<f64>() - 0.5) * 3.0 * ly)
+                .collect();
+            let specials = [
+                (0.0, 0.0),
+                (0.5 * lx, -0.5 * ly),
+                (-0.5 * lx + 0.5 * cell, 0.5 * ly - 0.5 * cell),
+                (f64::NAN, 0.1),
+                (0.1, f64::INFINITY),
+                (f64::NEG_INFINITY, f64::NAN),
+                (-7.0 * lx, 5.0 * ly),
+            ];
+            for (k, &(x, y)) in specials.iter().enumerate().take(n) {
+                (xs[k * n / specials.len()], ys[k * n / specials.len()]) = (x, y);
+            }
+            let mut out = vec![0.0f32; n];
+            bilinear_into(grid.view(), cell, rise, &xs, &ys, &mut out);
+            for k in 0..n {
+                let want = bilinear(grid.view(), cell, rise, xs[k], ys[k]) as f32;
+                assert_eq!(
+                    out[k].to_bits(),
+                    want.to_bits(),
+                    "n {n}, k {k}: ({}, {})",
+                    xs[k],
+                    ys[k]
+                );
+                if !(xs[k].is_finite() && ys[k].is_finite()) {
+                    assert!(
+                        !out[k].is_finite(),
+                        "({}, {}) gave {}",
+                        xs[k],
+                        ys[k],
+                        out[k]
+                    );
+                }
+            }
+        }
     }
 }
