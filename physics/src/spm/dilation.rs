@@ -737,23 +737,25 @@ fn max_plus_chunk_bounded<const N: usize>(
 }
 
 /// `out[a] = max src[a..a + n]` over the part of that window inside `src` (`n ≥ 1`): windows of
-/// doubling length up to the largest power of two `p ≤ n` (`log2 p` vectorized passes,
-/// ping-ponging with `tmp`), then `max(W_p[a], W_p[a + n - p])`.
+/// doubling length up to the largest power of two `p ≤ n` (`log2 p` vectorized passes, the
+/// first from `src` itself, then ping-ponging with `tmp`), then `max(W_p[a], W_p[a + n - p])`.
+/// Every pass writes its whole output, so the buffers are only sized, never cleared.
 fn window_max(src: &[f32], n: usize, out: &mut Vec<f32>, tmp: &mut Vec<f32>) {
     let len = src.len();
-    out.clear();
-    out.extend_from_slice(src);
-    tmp.clear();
-    tmp.resize(len, f32::NEG_INFINITY);
     let p = 1usize << (usize::BITS - 1 - n.max(1).leading_zeros());
-    let mut k = 1;
-    while k < p {
+    // The passes' offsets: 1, 2, 4, … below p, then n − p when p < n.
+    let mut ks = std::iter::successors(Some(1usize), |k| Some(k * 2))
+        .take_while(|&k| k < p)
+        .chain((p < n).then_some(n - p));
+    out.resize(len, 0.0);
+    let Some(first) = ks.next() else {
+        out.copy_from_slice(src);
+        return;
+    };
+    window_max_step(src, out, first);
+    tmp.resize(len, 0.0);
+    for k in ks {
         window_max_step(out, tmp, k);
-        std::mem::swap(out, tmp);
-        k *= 2;
-    }
-    if p < n {
-        window_max_step(out, tmp, n - p);
         std::mem::swap(out, tmp);
     }
 }
@@ -1488,6 +1490,30 @@ mod tests {
                 dilate_brute_force(s.view(), &tip),
                 "{r}×{c}, side {side}"
             );
+        }
+    }
+
+    /// `window_max` is the plain window maximum over the part of each window inside the input,
+    /// for every length up to 40 and window up to 45, with its buffers reused from calls of
+    /// other sizes (shorter and longer, holding stale values).
+    #[test]
+    fn window_max_is_the_plain_window_maximum() {
+        let mut rng = seeded(4);
+        let (mut out, mut tmp) = (vec![9.0f32; 3], vec![-9.0f32; 70]);
+        for len in 0..40usize {
+            let src: Vec<f32> = (0..len).map(|_| rng.random::<f32>() - 0.5).collect();
+            for n in 1..45usize {
+                window_max(&src, n, &mut out, &mut tmp);
+                let want: Vec<f32> = (0..len)
+                    .map(|a| {
+                        src[a..(a + n).min(len)]
+                            .iter()
+                            .copied()
+                            .fold(f32::MIN, f32::max)
+                    })
+                    .collect();
+                assert_eq!(out, want, "len {len}, n {n}");
+            }
         }
     }
 }

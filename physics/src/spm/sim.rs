@@ -63,7 +63,8 @@ use crate::spm::ferro::{
 use crate::spm::manipulation::{DragEvent, ManipulationConfig, Outcome, drag};
 use crate::spm::scanner::{Scanner, ScannerConfig};
 use crate::spm::surface::{
-    SurfaceConfig, bilinear, bilinear_into, bilinear_nodes, generate, pad_periodic, periodic_node,
+    SurfaceConfig, bilinear, bilinear_into, bilinear_nodes, generate, pad_periodic,
+    pad_periodic_rows, periodic_node,
 };
 use crate::spm::tapping::AfmConfig;
 use crate::spm::tip::{Conditioning, TipConfig, TipState, WearModel};
@@ -1094,9 +1095,16 @@ impl SpmSimulator {
         if self.padded.dim() != shape {
             self.padded = Array2::zeros(shape);
         }
-        pad_periodic(self.truth.view(), self.rise, h, self.padded.view_mut())?;
-        // Node i sits at padded row i + h: nodes i0..i1 need rows i0..i1 + 2h, and are the
-        // interior of that block ([`Dilator::dilate_valid`]: the band is not computed).
+        // Node i sits at padded row i + h: nodes i0..i1 need rows i0..i1 + 2h (only those are
+        // padded), and are the interior of that block ([`Dilator::dilate_valid`]: the band is
+        // not computed).
+        pad_periodic_rows(
+            self.truth.view(),
+            self.rise,
+            h,
+            self.padded.view_mut(),
+            i0..i1 + 2 * h,
+        )?;
         self.dilator.dilate_valid(
             self.padded
                 .slice(ndarray::s![i0..i1 + 2 * h, j0..j1 + 2 * h]),

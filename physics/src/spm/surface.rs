@@ -469,7 +469,20 @@ pub fn pad_periodic(
     src: ArrayView2<'_, f32>,
     rise: [f64; 2],
     pad: usize,
+    dst: ArrayViewMut2<'_, f32>,
+) -> Result<()> {
+    let rows = dst.nrows();
+    pad_periodic_rows(src, rise, pad, dst, 0..rows)
+}
+
+/// [`pad_periodic`] on the rows `rows` of `dst` only (the others are left as they are): the
+/// same values there.
+pub fn pad_periodic_rows(
+    src: ArrayView2<'_, f32>,
+    rise: [f64; 2],
+    pad: usize,
     mut dst: ArrayViewMut2<'_, f32>,
+    rows: std::ops::Range<usize>,
 ) -> Result<()> {
     let (ny, nx) = src.dim();
     if dst.dim() != (ny + 2 * pad, nx + 2 * pad) {
@@ -483,36 +496,48 @@ pub fn pad_periodic(
             ),
         ));
     }
+    if rows.end > dst.nrows() {
+        return Err(PhysicsError::arg(
+            "rows",
+            format!("must end by row {}, got {rows:?}", dst.nrows()),
+        ));
+    }
     let p = pad as i64;
-    if pad > nx || pad > ny {
-        // The margin wraps more than once: node by node.
+    let contiguous = src.is_standard_layout() && dst.is_standard_layout();
+    if pad > nx || pad > ny || !contiguous {
+        // The margin wraps more than once (or a strided view): node by node.
         for ((i, j), d) in dst.indexed_iter_mut() {
-            *d = periodic_node(src, rise, i as i64 - p, j as i64 - p) as f32;
+            if rows.contains(&i) {
+                *d = periodic_node(src, rise, i as i64 - p, j as i64 - p) as f32;
+            }
         }
         return Ok(());
     }
+    let width = nx + 2 * pad;
+    let (Some(src), Some(dst)) = (src.as_slice(), dst.as_slice_mut()) else {
+        unreachable!("standard layout is contiguous");
+    };
     // Row by row: the left margin is the row's last `pad` cells one period down (−rise[0]), the
     // middle the row itself, the right margin its first `pad` cells one period up.
-    for (pi, mut out) in dst.rows_mut().into_iter().enumerate() {
+    for pi in rows {
+        let out = &mut dst[pi * width..(pi + 1) * width];
         let i = pi as i64 - p;
         let (iw, ky) = (i.rem_euclid(ny as i64) as usize, i.div_euclid(ny as i64));
-        let row = src.row(iw);
+        let row = &src[iw * nx..(iw + 1) * nx];
         let dy = ky as f64 * rise[1];
-        let parts = [
-            (0..pad, nx - pad, dy - rise[0]),
-            (pad..pad + nx, 0, dy),
-            (pad + nx..nx + 2 * pad, 0, dy + rise[0]),
+        let (left, rest) = out.split_at_mut(pad);
+        let (middle, right) = rest.split_at_mut(nx);
+        let parts: [(&mut [f32], &[f32], f64); 3] = [
+            (left, &row[nx - pad..], dy - rise[0]),
+            (middle, row, dy),
+            (right, &row[..pad], dy + rise[0]),
         ];
-        for (range, from, offset) in parts {
-            let n = range.len();
-            let mut dst_part = out.slice_mut(ndarray::s![range]);
-            let src_part = row.slice(ndarray::s![from..from + n]);
+        for (d, s, offset) in parts {
             if offset == 0.0 {
-                dst_part.assign(&src_part);
+                d.copy_from_slice(s);
             } else {
-                dst_part
-                    .into_iter()
-                    .zip(src_part)
+                d.iter_mut()
+                    .zip(s)
                     .for_each(|(d, &v)| *d = (f64::from(v) + offset) as f32);
             }
         }
@@ -819,6 +844,40 @@ mod tests {
                         out[k]
                     );
                 }
+            }
+        }
+    }
+
+    /// `pad_periodic` writes `periodic_node`'s value (as `f32`) at every padded node, bit for
+    /// bit, on the row path (a margin narrower than the grid), the node-by-node path (wider)
+    /// and a strided (transposed) grid; `pad_periodic_rows` writes the same on its rows and
+    /// leaves the others alone, and refuses rows past the end.
+    #[test]
+    fn padding_equals_the_periodic_nodes_row_by_row_or_node_by_node() {
+        let mut rng = seeded(8);
+        let grid = Array2::from_shape_fn((5, 7), |_| (normal(&mut rng) * 1e-9) as f32);
+        let rise = [0.3e-9, -0.2e-9];
+        let transposed = grid.t();
+        for g in [grid.view(), transposed] {
+            let (ny, nx) = g.dim();
+            for pad in 0..=9 {
+                let shape = (ny + 2 * pad, nx + 2 * pad);
+                let want = Array2::from_shape_fn(shape, |(i, j)| {
+                    periodic_node(g, rise, i as i64 - pad as i64, j as i64 - pad as i64) as f32
+                });
+                let mut all = Array2::<f32>::from_elem(shape, f32::NAN);
+                pad_periodic(g, rise, pad, all.view_mut()).unwrap();
+                let bits = |a: &Array2<f32>| a.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&all), bits(&want), "{ny}x{nx}, pad {pad}");
+                let rows = 1..shape.0.min(pad + 3);
+                let mut some = Array2::<f32>::from_elem(shape, 7.0);
+                pad_periodic_rows(g, rise, pad, some.view_mut(), rows.clone()).unwrap();
+                for ((i, j), &v) in some.indexed_iter() {
+                    let expected = if rows.contains(&i) { want[[i, j]] } else { 7.0 };
+                    assert_eq!(v.to_bits(), expected.to_bits(), "pad {pad}, ({i}, {j})");
+                }
+                let past = 0..shape.0 + 1;
+                assert!(pad_periodic_rows(g, rise, pad, some.view_mut(), past).is_err());
             }
         }
     }
