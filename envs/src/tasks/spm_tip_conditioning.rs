@@ -359,18 +359,28 @@ pub fn align_and_average(
         for ((a, b), (&x, &y)) in tc.iter_mut().zip(rc.iter_mut()).zip(t.iter().zip(r)) {
             (*a, *b) = (f64::from(x) - mt, f64::from(y) - mr);
         }
-        for (c, k) in corr.iter_mut().zip(-MAX_SHIFT..=MAX_SHIFT) {
-            // Terms j with 0 ≤ j − k < n.
-            let (lo, hi) = (k.max(0), n as i64 + k.min(0));
-            let sum = if lo < hi {
-                let (lo, hi) = (lo as usize, hi as usize);
-                tc[lo..hi]
-                    .iter()
-                    .zip(&rc[(lo as i64 - k) as usize..])
-                    .fold(0.0f64, |s, (&x, &y)| s + x * y)
+        // The lags' sums side by side (independent chains, so they overlap), each in the order
+        // of j: where every lag has a term (j in m..n − m) a fixed-size step over all of them,
+        // at the ends the lags k with 0 ≤ j − k < n.
+        let m = MAX_SHIFT as usize;
+        let mut sums = [0.0f64; (2 * MAX_SHIFT + 1) as usize];
+        for (j, &tj) in tc.iter().enumerate() {
+            if j >= m && j + m < n {
+                // Lag index l (k = l − m) reads rc[j − k] = w[2m − l].
+                let w: &[f64; (2 * MAX_SHIFT + 1) as usize] =
+                    rc[j - m..=j + m].try_into().expect("2m + 1 values");
+                for (s, &r) in sums.iter_mut().zip(w.iter().rev()) {
+                    *s += tj * r;
+                }
             } else {
-                0.0
-            };
+                let ji = j as i64;
+                let (k0, k1) = ((ji - n as i64 + 1).max(-MAX_SHIFT), ji.min(MAX_SHIFT));
+                for k in k0..=k1 {
+                    sums[(k + MAX_SHIFT) as usize] += tj * rc[(ji - k) as usize];
+                }
+            }
+        }
+        for ((c, k), sum) in corr.iter_mut().zip(-MAX_SHIFT..=MAX_SHIFT).zip(sums) {
             *c += sum / (n as i64 - k.abs()).max(1) as f64;
         }
     }
