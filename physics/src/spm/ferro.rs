@@ -1426,9 +1426,10 @@ fn min_image(d: f64, n: usize) -> f64 {
     d.min(nf - d)
 }
 
-/// Columns `from..from + len` of a periodic row of `nx` cells (`len ≤ nx`) as at most two
-/// contiguous runs `(local column, film column, length)`: the part up to the row's end, then
-/// the part wrapped to its start (empty when the window does not wrap).
+/// Columns `from..from + len` of a periodic row of `nx` cells (`len ≤ nx + 1`: the halo of a
+/// window one narrower than the film meets itself) as at most two contiguous runs `(local
+/// column, film column, length)`: the part up to the row's end, then the part wrapped to its
+/// start (empty when the window does not wrap).
 fn column_runs(from: i64, len: usize, nx: usize) -> [(usize, usize, usize); 2] {
     let j0 = wrap_index(from, nx);
     let first = len.min(nx - j0);
@@ -1711,12 +1712,12 @@ mod tests {
 
     /// `column_runs` lists the columns `(from + k) mod nx`, `k < len`, in order, as two
     /// contiguous runs whose local columns follow on: every start within three periods, every
-    /// length up to the row's.
+    /// length up to the row's plus one.
     #[test]
     fn column_runs_cover_the_window_in_order() {
         for nx in 1..12usize {
             for from in -3 * nx as i64..3 * nx as i64 {
-                for len in 0..=nx {
+                for len in 0..=nx + 1 {
                     let runs = column_runs(from, len, nx);
                     let listed: Vec<(usize, usize)> = runs
                         .iter()
