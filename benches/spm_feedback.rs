@@ -7,6 +7,10 @@
 //! - `spm_feedback_line_256/closed_form`: runs of samples along the profile's linear pieces in
 //!   closed form where no limit acts.
 //!
+//! - `spm_feedback_line_40/one_pass`: a 40-pixel line at 2.5 samples per pixel (the
+//!   atom-manipulation task's frame: 10 lines/s), where the closed-form path runs each line in
+//!   one pass ([`ZFeedback::set_closed_form`]).
+//!
 //! The profile: 0.39 nm terraces every 32 pixels with 20 pm of pixel-to-pixel roughness.
 
 use criterion::{Criterion, criterion_group, criterion_main};
@@ -14,11 +18,16 @@ use scopegym_physics::spm::feedback::{FeedbackConfig, ZFeedback};
 use std::hint::black_box;
 use std::time::Duration;
 
+/// `n` pixels of the benchmark profile: terraces and roughness (module docs), m.
+fn terraces(n: usize) -> Vec<f32> {
+    (0..n)
+        .map(|j| (j / 32) as f32 * 0.39e-9 + 20e-12 * ((j as f32) * 2.3).sin())
+        .collect()
+}
+
 fn line(c: &mut Criterion) {
     let n = 256;
-    let profile: Vec<f32> = (0..n)
-        .map(|j| (j / 32) as f32 * 0.39e-9 + 20e-12 * ((j as f32) * 2.3).sin())
-        .collect();
+    let profile = terraces(n);
     let (mut h, mut e) = (vec![0f32; n], vec![0f32; n]);
     let mut g = c.benchmark_group("spm_feedback_line_256");
     g.sample_size(50).measurement_time(Duration::from_secs(4));
@@ -52,5 +61,28 @@ fn line(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, line);
+fn short_line(c: &mut Criterion) {
+    let n = 40;
+    let profile = terraces(n);
+    let (mut h, mut e) = (vec![0f32; n], vec![0f32; n]);
+    let mut g = c.benchmark_group("spm_feedback_line_40");
+    g.sample_size(50).measurement_time(Duration::from_secs(4));
+    let mut fb = ZFeedback::new(&FeedbackConfig::default()).expect("defaults");
+    fb.set_closed_form(true);
+    fb.engage(0.0);
+    let pixel_time = 2.5 / 2e3;
+    g.bench_function("one_pass", |b| {
+        b.iter(|| {
+            for rev in [false, true] {
+                let st = fb
+                    .scan_line(black_box(&profile), pixel_time, rev, &mut h, &mut e)
+                    .unwrap();
+                black_box(st.rms_error);
+            }
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, line, short_line);
 criterion_main!(benches);

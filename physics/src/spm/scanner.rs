@@ -717,8 +717,20 @@ impl LineGeometry {
     /// [`Self::pixel`] of column `jf` visited `kf`-th (both integers, as `f64`).
     #[inline(always)]
     fn pixel_at(&self, jf: f64, kf: f64) -> (f64, f64) {
+        self.command(jf, kf, (jf + 0.5) / self.cols as f64)
+    }
+
+    /// [`Self::pixel_at`] with the column's fraction of the line `(jf + ½)/cols` taken as
+    /// `(jf + ½)·inv_cols` (`inv_cols = 1/cols`): no division, the same values up to rounding.
+    #[inline(always)]
+    fn pixel_scaled(&self, jf: f64, kf: f64, inv_cols: f64) -> (f64, f64) {
+        self.command(jf, kf, (jf + 0.5) * inv_cols)
+    }
+
+    /// The command and time of column `jf` visited `kf`-th, at the fraction `u` of the line.
+    #[inline(always)]
+    fn command(&self, jf: f64, kf: f64, u: f64) -> (f64, f64) {
         let t = self.t_start + (kf + 0.5) * self.dwell;
-        let u = (jf + 0.5) / self.cols as f64;
         let x_cmd = self.center_x
             + (jf - self.mid_col) * self.p
             + self.bow * (1.0 - (2.0 * u - 1.0).powi(2));
@@ -799,8 +811,10 @@ impl Scanner {
     /// the creep deficits `D` (`t₀` = `creep_time`) plus `|v₀ − v_s|/τ` for the drift
     /// (`τ` = `drift_settle_time`), over a node interval `h`; the node interval is shortened
     /// so that this bound stays below [`DRIFT_NODE_TOLERANCE`] of a pixel (exact pixels where
-    /// it would be under 2). The random walk was already interpolated linearly. Default off
-    /// (exact at every pixel).
+    /// it would be under 2). The random walk was already interpolated linearly; on this path its
+    /// fraction of the line and the hysteresis' position along it are taken with reciprocals
+    /// instead of a division per pixel (rounding apart, the same). Default off (exact at every
+    /// pixel).
     pub fn set_interpolated_drift(&mut self, on: bool) {
         self.interpolated_drift = on;
     }
@@ -1125,15 +1139,19 @@ impl Scanner {
         };
         if step >= 2 && cols > step {
             // Pixels in scan order k (column j = k, or cols − 1 − k on the retrace), the slow
-            // offsets exact at k = 0, N, 2N, … and cols − 1, linear in k in between.
+            // offsets exact at k = 0, N, 2N, … and cols − 1, linear in k in between. The walk's
+            // fraction of the line and the hysteresis' position along it are taken with
+            // reciprocals instead of a division per pixel (rounding apart, the same values).
+            let inv_span = if tb > ta { 1.0 / (tb - ta) } else { 0.0 };
             let walk = |t: f64, c: usize| {
                 let frac = if tb > ta {
-                    ((t - ta) / (tb - ta)).clamp(0.0, 1.0)
+                    ((t - ta) * inv_span).clamp(0.0, 1.0)
                 } else {
                     1.0
                 };
                 wa[c] + (wb[c] - wa[c]) * frac
             };
+            let inv_cols = 1.0 / cols as f64;
             let time = |k: usize| t_start + (k as f64 + 0.5) * dwell;
             let mut k0 = 0;
             let mut o0 = self.slow_offset(time(0));
@@ -1150,7 +1168,7 @@ impl Scanner {
                 for k in k0..last {
                     let j = if reverse { cols - 1 - k } else { k };
                     let jf = if reverse { last_col - kf } else { kf };
-                    let (x_cmd, t) = geometry.pixel_at(jf, kf);
+                    let (x_cmd, t) = geometry.pixel_scaled(jf, kf, inv_cols);
                     let s = sk * inv;
                     kf += 1.0;
                     sk += 1.0;
@@ -1453,8 +1471,9 @@ mod tests {
     /// positions, with `f''` from the closed forms: creep `D·/((t₀)² ln 101)` for a jump's
     /// deficit `D` (largest right after the jump, where this line starts), drift
     /// `|v₀ − v_s|/τ`; trace and retrace, lines of 64 and 61 pixels (a partial last node
-    /// interval), and the random walk on. The bound is far below a pixel (1 nm): the image
-    /// cannot tell the two apart.
+    /// interval), the random walk and the hysteresis on (the fast path takes the hysteresis'
+    /// position along the line and the walk's fraction with reciprocals: rounding). The bound
+    /// is far below a pixel (1 nm): the image cannot tell the two apart.
     #[test]
     fn interpolated_drift_and_creep_stay_within_the_interpolation_bound() {
         let cfg = ScannerConfig {
@@ -1464,6 +1483,7 @@ mod tests {
             creep_fraction: Param::fixed(0.3),
             creep_time: Param::fixed(0.05),
             drift_diffusivity: Param::fixed(1e-20),
+            hysteresis: Param::fixed(0.02),
             ..quiet()
         };
         let jump: f64 = 400e-9;
