@@ -25,33 +25,34 @@ fn terraces(n: usize) -> Vec<f32> {
         .collect()
 }
 
-fn line(c: &mut Criterion) {
-    let n = 256;
+/// Group `spm_feedback_line_<n>`: trace and retrace of an `n`-pixel line at `pixel_time` (s)
+/// per pixel, one benchmark per `(name, closed-form path on)` case.
+fn lines(c: &mut Criterion, n: usize, pixel_time: f64, cases: &[(&str, bool)]) {
     let profile = terraces(n);
     let (mut h, mut e) = (vec![0f32; n], vec![0f32; n]);
-    let mut g = c.benchmark_group("spm_feedback_line_256");
+    let mut g = c.benchmark_group(format!("spm_feedback_line_{n}"));
     g.sample_size(50).measurement_time(Duration::from_secs(4));
-    for (name, closed) in [("per_sample", false), ("closed_form", true)] {
+    for &(name, closed) in cases {
         let mut fb = ZFeedback::new(&FeedbackConfig::default()).expect("defaults");
         fb.set_closed_form(closed);
         fb.engage(0.0);
         let mut covered = (0, 0);
         for rev in [false, true] {
             let st = fb
-                .scan_line(&profile, 1.0 / 256.0, rev, &mut h, &mut e)
+                .scan_line(&profile, pixel_time, rev, &mut h, &mut e)
                 .unwrap();
             covered.0 += st.closed_form_samples;
             covered.1 += st.samples;
         }
         eprintln!(
-            "{name}: {} of {} samples in closed form",
+            "{n} pixels, {name}: {} of {} samples in closed form",
             covered.0, covered.1
         );
         g.bench_function(name, |b| {
             b.iter(|| {
                 for rev in [false, true] {
                     let st = fb
-                        .scan_line(black_box(&profile), 1.0 / 256.0, rev, &mut h, &mut e)
+                        .scan_line(black_box(&profile), pixel_time, rev, &mut h, &mut e)
                         .unwrap();
                     black_box(st.rms_error);
                 }
@@ -61,27 +62,18 @@ fn line(c: &mut Criterion) {
     g.finish();
 }
 
+fn line(c: &mut Criterion) {
+    lines(
+        c,
+        256,
+        1.0 / 256.0,
+        &[("per_sample", false), ("closed_form", true)],
+    );
+}
+
+/// 2.5 samples per pixel at the default 2 kHz.
 fn short_line(c: &mut Criterion) {
-    let n = 40;
-    let profile = terraces(n);
-    let (mut h, mut e) = (vec![0f32; n], vec![0f32; n]);
-    let mut g = c.benchmark_group("spm_feedback_line_40");
-    g.sample_size(50).measurement_time(Duration::from_secs(4));
-    let mut fb = ZFeedback::new(&FeedbackConfig::default()).expect("defaults");
-    fb.set_closed_form(true);
-    fb.engage(0.0);
-    let pixel_time = 2.5 / 2e3;
-    g.bench_function("one_pass", |b| {
-        b.iter(|| {
-            for rev in [false, true] {
-                let st = fb
-                    .scan_line(black_box(&profile), pixel_time, rev, &mut h, &mut e)
-                    .unwrap();
-                black_box(st.rms_error);
-            }
-        })
-    });
-    g.finish();
+    lines(c, 40, 2.5 / 2e3, &[("one_pass", true)]);
 }
 
 criterion_group!(benches, line, short_line);
