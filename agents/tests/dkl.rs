@@ -85,22 +85,30 @@ mod torch {
 
     /// Issue 13: DKL finds the top-1 % loop of the real BEPS map (PfmSpectroscopyExplore in
     /// real-data mode, the full 50 × 50 grid, 4 × 4-pixel patches of the overview = the
-    /// recorded response at the first bias point) in fewer measurements than random sampling
-    /// and than a plain GP on the grid coordinates (the same agent with `inputs =
-    /// "coordinates"`: the MLP replaced by the identity on the two coordinates), median over 20
-    /// seeds, each capped at 150 measurements. Both use the agent's defaults (UCB, β = 4).
+    /// recorded response at the first bias point) in fewer measurements than random sampling,
+    /// median over 60 seeds, each capped at 150 measurements, with the agent's defaults (UCB,
+    /// β = 4). A plain GP on the grid coordinates (the same agent with `inputs =
+    /// "coordinates"`: the MLP replaced by the identity on the two coordinates) runs on the same
+    /// seeds and is reported beside it, not asserted against (below).
     ///
     /// "Measurements to find": the number of measurements until a point whose true loop area
     /// (read from the file here, with the task's own `despiked_loop_area` and `R_span`) is
     /// among the 25 largest of the 2500 has been measured. Random sampling is sampling without
     /// replacement: its exact median is the smallest `t` with `P(found by t) ≥ ½`, `P(not found
-    /// by t) = C(2475, t) / C(2500, t)`, 68; the test also runs it on the same seeds.
+    /// by t) = C(2475, t) / C(2500, t)`, 69; the test also runs it on the same seeds.
     ///
-    /// Measured (dev profile): DKL median 19, plain GP 23.5, random 51.5 on these seeds (exact
-    /// 69); with LogEI instead of UCB the two GPs are level (25.5 and 26.5). About 50 s in the
-    /// dev profile on one core.
+    /// DKL against the plain GP is not asserted: it does not hold. Over seeds 0..100 (dev
+    /// profile, one thread) the medians were DKL 33.5, plain GP 27.5 and random's exact 69. On
+    /// the 60 seeds here DKL was sooner than the GP on 23 seeds and later on 28. DKL's
+    /// trajectories also depend on the rounding of libtorch's MKL kernels, which differs between
+    /// CPUs. With MKL's native, `MKL_CBWR=AVX2` and `MKL_CBWR=COMPATIBLE` code paths, the same
+    /// 100 seeds gave DKL medians of 33.5, 32.5 and 37. On the first 20 seeds alone the DKL
+    /// median was 19 on two machines and 32.5 on a third, against the GP's 23.5; this is why
+    /// an earlier 20-seed version of this test passed on some machines and failed on others.
+    /// DKL's margin over random (about 2×) holds on every path measured. About 3 min in the dev
+    /// profile on one core.
     #[test]
-    fn dkl_finds_the_top_loop_of_real_beps_data_sooner_than_gp_and_random() {
+    fn dkl_finds_the_top_loop_of_real_beps_data_sooner_than_random() {
         let Some(path) = data_file() else { return };
         let t0 = Instant::now();
         let rec = RecordedLoops::open(path.to_str().unwrap()).unwrap();
@@ -125,7 +133,7 @@ mod torch {
                 break;
             }
         }
-        let (cap, seeds) = (150usize, 0..20u64);
+        let (cap, seeds) = (150usize, 0..60u64);
         let cfg: toml::Value = toml::from_str(&format!(
             "real_data = {:?}\nprior_mean = 0.01\nprior_sd = 0.03\nnoise_sd = 0.005\nbudget = {cap}",
             path.to_str().unwrap()
@@ -167,7 +175,9 @@ mod torch {
             "time: DKL {t_dkl:.1} s, total {:.1} s",
             t0.elapsed().as_secs_f64()
         );
-        assert!(m_dkl < m_gp, "DKL median {m_dkl} vs plain GP {m_gp}");
+        let dkl_sooner = dkl.iter().zip(&gp).filter(|(d, g)| d < g).count();
+        let gp_sooner = dkl.iter().zip(&gp).filter(|(d, g)| g < d).count();
+        println!("DKL sooner than the plain GP on {dkl_sooner} seeds, later on {gp_sooner}");
         assert!(m_dkl < m_rand, "DKL median {m_dkl} vs random {m_rand}");
         assert!(
             m_dkl < random_exact as f64,
